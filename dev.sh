@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up .venv and then runs the demo or the tests.
+#   ./dev.sh demo [hydravision demo options]   no GPU, no Redis server, no camera needed
+#   ./dev.sh test [pytest options]             also installs the test servers (redis-server, GStreamer RTSP)
+#   ./dev.sh setup | system-deps               only the set-up steps
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build on this project's machines; see README
+APT_PACKAGES="redis-server ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools \
+gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+gstreamer1.0-plugins-ugly gstreamer1.0-libav"
+
+system_deps() {
+    # Test-only servers. Skipped when they are already there.
+    if command -v redis-server >/dev/null && command -v ffmpeg >/dev/null \
+        && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
+        && gst-inspect-1.0 x264enc >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    if ! command -v apt-get >/dev/null; then
+        echo "dev.sh: apt-get not found; install these by hand: $APT_PACKAGES" >&2
+        return 1
+    fi
+    echo "dev.sh: installing test servers with apt-get: $APT_PACKAGES"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $APT_PACKAGES >/dev/null
+}
+
+python_deps() {
+    local stamp="$VENV/.hv-installed"
+    local want
+    want="$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    [ -d "$VENV" ] || "$PY" -m venv "$VENV"
+    echo "dev.sh: installing Python packages into $VENV (first time takes a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch first, pinned: any looser spec pulls a multi-GB CUDA build on machines without the local CPU wheel.
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    system-deps) system_deps ;;
+    setup) python_deps ;;
+    demo) python_deps; exec "$VENV/bin/hydravision" demo "$@" ;;
+    test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest "$@" ;;
+    *) sed -n '2,6p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,143 @@
+"""Self-describing checkpoints: safetensors weights plus the architecture and training metadata.
+
+A checkpoint stores, in the safetensors header metadata (strings only):
+  format          "hydravision-checkpoint"
+  format_version  "1"
+  config          JSON of HydraNetConfig (input size, backbone, neck, heads with class names)
+  training        JSON of free-form training metadata (steps, seeds, data, per-head history)
+Loading rebuilds the model from ``config`` and checks every tensor's name and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.hydranet import ConfigError, HydraNet, HydraNetConfig
+
+FORMAT = "hydravision-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a hydravision checkpoint; the message names the file and why."""
+
+
+def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "training": json.dumps(training or {}),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded metadata of a checkpoint (config and training), without loading weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file but not a hydravision checkpoint (no format={FORMAT!r} metadata)")
+    version = meta.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    try:
+        return {"config": json.loads(meta["config"]), "training": json.loads(meta.get("training", "{}"))}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[HydraNet, dict[str, Any]]:
+    """Rebuilds the model a checkpoint describes and loads its weights; returns (model in eval mode, training meta)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        config = HydraNetConfig.from_dict(meta["config"])
+        model = HydraNet(config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot build the architecture it describes: {e}") from None
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    problems = compare_state_dict(model.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the architecture it describes: {problems}")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta["training"]
+
+
+def compare_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """'' when names and shapes agree, else a short description of the first differences."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(found[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:limit]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:limit]})")
+    if shapes:
+        parts.append(f"{len(shapes)} with wrong shape ({'; '.join(shapes[:limit])})")
+    return "; ".join(parts)
+
+
+def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
+    """Loads a plain PyTorch ResNet state dict (e.g. torchvision's ImageNet weights) into the backbone.
+
+    Uses ``torch.load(weights_only=True)``, so a pickle that carries code is refused. Keys may
+    carry a ``backbone.`` or ``module.`` prefix; the classifier (``fc.*``) is ignored. Returns the
+    keys that were loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors{what}, "
+                              "and loading them could run code from the file") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for files that are not torch.save output
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a PyTorch weights file ({first})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    cleaned = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone.", "body."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if not k.startswith("fc."):
+            cleaned[k] = v
+    expected = model.backbone.state_dict()
+    problems = compare_state_dict(expected, cleaned)
+    if problems:
+        raise CheckpointError(f"{path}: does not fit this backbone ({model.config.backbone}): {problems}")
+    model.backbone.load_state_dict(cleaned)
+    return sorted(cleaned)

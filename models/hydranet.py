@@ -1,0 +1,182 @@
+"""HydraNet: one backbone and neck run once per frame, several named detection heads on the shared features."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from models.fpn import FPN, FPNConfig
+from models.heads import DetectionHead, HeadConfig
+from models.postprocess import HeadDetections, make_points, postprocess
+from models.resnet import ResNet, ResNetConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Architecture registries: a checkpoint names its parts by these keys. New backbones (ViT,
+# efficient CNNs) and head kinds (classification, re-ID) register here.
+BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet)}
+NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN)}
+HEADS: dict[str, tuple[type, type]] = {"fcos": (HeadConfig, DetectionHead)}
+
+
+class ConfigError(ValueError):
+    """A model config that cannot be built; the message names the field and the value."""
+
+
+def _build_part_config(kind: str, spec: dict, registry: dict[str, tuple[type, type]]) -> tuple[str, Any]:
+    spec = dict(spec)
+    type_name = spec.pop("type", None)
+    if type_name not in registry:
+        raise ConfigError(f"unknown {kind} type {type_name!r} (known: {', '.join(sorted(registry))})")
+    cfg_cls = registry[type_name][0]
+    try:
+        return type_name, cfg_cls(**spec)
+    except TypeError as e:  # unexpected or missing keyword
+        raise ConfigError(f"bad {kind} config {spec}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"bad {kind} config: {e}") from None
+
+
+@dataclass
+class HydraNetConfig:
+    input_size: tuple[int, int] = (192, 320)  # (height, width) of the letterboxed model input
+    backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 24})
+    neck: dict = field(default_factory=lambda: {"type": "fpn", "channels": 64})
+    heads: dict[str, dict] = field(default_factory=dict)  # name -> {"type": "fcos", "classes": [...], ...}
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)
+        if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
+            raise ConfigError(f"input_size must be (height, width), each a positive multiple of 32, got {self.input_size}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        _build_part_config("backbone", self.backbone, BACKBONES)
+        _build_part_config("neck", self.neck, NECKS)
+        for name, spec in self.heads.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ConfigError(f"head name must be an identifier-like string, got {name!r}")
+            _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HydraNetConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config fields {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**d)
+
+
+class HydraNet(nn.Module):
+    def __init__(self, config: HydraNetConfig):
+        super().__init__()
+        self.config = config
+        btype, bcfg = _build_part_config("backbone", config.backbone, BACKBONES)
+        self.backbone = BACKBONES[btype][1](bcfg)
+        ntype, ncfg = _build_part_config("neck", config.neck, NECKS)
+        self.neck = NECKS[ntype][1](self.backbone.out_channels, ncfg)
+        self.heads = nn.ModuleDict()
+        for name, spec in config.heads.items():
+            self._attach_head(name, spec)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self._points: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def head_names(self) -> list[str]:
+        return list(self.heads)
+
+    def head_classes(self, name: str) -> list[str]:
+        return list(self.heads[name].config.classes)
+
+    def _attach_head(self, name: str, spec: dict) -> None:
+        htype, hcfg = _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
+        self.heads[name] = HEADS[htype][1](self.neck.out_channels, self.backbone.strides, hcfg)
+
+    def add_head(self, name: str, classes: Sequence[str], **options: Any) -> DetectionHead:
+        """Adds a new, randomly initialised head (transfer learning: train it on frozen features)."""
+        if name in self.heads:
+            raise ConfigError(f"head {name!r} already exists (heads: {self.head_names})")
+        spec = {"classes": list(classes), **options}
+        self.config.heads[name] = spec
+        self._attach_head(name, spec)
+        device = next(self.parameters()).device
+        self.heads[name].to(device)
+        return self.heads[name]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) RGB -> normalized float; done on the model's device so frames travel as uint8."""
+        return (images.float() - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone + neck, once per batch: pyramid maps at strides 8, 16, 32."""
+        return self.neck(self.backbone(x))
+
+    def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Normalized images -> raw outputs of the requested heads (all heads when None)."""
+        names = self._check_heads(heads)
+        feats = self.features(x)
+        return {name: self.heads[name](feats) for name in names}
+
+    def _check_heads(self, heads: Sequence[str] | None) -> list[str]:
+        if heads is None:
+            return self.head_names
+        unknown = [h for h in heads if h not in self.heads]
+        if unknown:
+            raise KeyError(f"unknown heads {unknown} (this model has {self.head_names})")
+        return list(heads)
+
+    def points(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        sizes = tuple(tuple(f.shape[-2:]) for f in feats)
+        key = (sizes, feats[0].device)
+        if key not in self._points:
+            self._points[key] = make_points(list(sizes), self.backbone.strides, feats[0].device)
+        return self._points[key]
+
+    @torch.inference_mode()
+    def detect(
+        self,
+        images: torch.Tensor,
+        heads_per_image: Sequence[Sequence[str] | None] | None = None,
+        score_threshold: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> list[dict[str, HeadDetections]]:
+        """Runs the backbone once on the batch and each head only on the images that asked for it.
+
+        images: uint8 (N, 3, H, W) letterboxed RGB. heads_per_image: per image the head names
+        (None = every head). Returns per image {head: detections in model-input pixels}.
+        """
+        n = images.shape[0]
+        wanted = [self._check_heads(h) for h in (heads_per_image or [None] * n)]
+        if len(wanted) != n:
+            raise ValueError(f"expected {n} head lists (one per image), got {len(wanted)}")
+        device = self.mean.device
+        x = self.normalize(images.to(device, non_blocking=True))
+        results: list[dict[str, HeadDetections]] = [{} for _ in range(n)]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            feats = self.features(x)
+            points = self.points(feats)
+            for name, head in self.heads.items():
+                idx = [i for i, w in enumerate(wanted) if name in w]
+                if not idx:
+                    continue
+                sub = feats if len(idx) == n else [f[torch.tensor(idx, device=device)] for f in feats]
+                cfg = head.config
+                dets = postprocess(
+                    head(sub),
+                    points,
+                    tuple(images.shape[-2:]),
+                    score_threshold=cfg.score_threshold if score_threshold is None else score_threshold,
+                    nms_iou=cfg.nms_iou,
+                    max_detections=cfg.max_detections,
+                )
+                for i, d in zip(idx, dets):
+                    results[i][name] = d
+        return results

@@ -1,0 +1,88 @@
+"""Letterbox pre-processing and the inverse mapping of boxes, as pure functions.
+
+Training and serving both call these, so a model sees exactly the same pixels in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114  # mid-grey padding, the usual choice for letterboxed detectors
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a source image of ``src_size`` was placed into a model input of ``dst_size``.
+
+    Sizes are (height, width). A source pixel (x, y) lands at (x * scale + pad_x, y * scale + pad_y).
+    """
+
+    src_size: tuple[int, int]
+    dst_size: tuple[int, int]
+    scale: float
+    pad_x: int
+    pad_y: int
+
+    @classmethod
+    def fit(cls, src_size: tuple[int, int], dst_size: tuple[int, int]) -> "Letterbox":
+        (sh, sw), (dh, dw) = src_size, dst_size
+        if min(sh, sw, dh, dw) <= 0:
+            raise ValueError(f"letterbox sizes must be positive, got src={src_size} dst={dst_size}")
+        scale = min(dw / sw, dh / sh)
+        nw, nh = round(sw * scale), round(sh * scale)
+        return cls(src_size=(sh, sw), dst_size=(dh, dw), scale=scale, pad_x=(dw - nw) // 2, pad_y=(dh - nh) // 2)
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        sh, sw = self.src_size
+        return round(sh * self.scale), round(sw * self.scale)
+
+    def to_list(self) -> list:
+        return [list(self.src_size), list(self.dst_size), self.scale, self.pad_x, self.pad_y]
+
+
+def letterbox(image: np.ndarray, dst_size: tuple[int, int], chw: bool = True) -> tuple[np.ndarray, Letterbox]:
+    """Resizes an (H, W, 3) uint8 image into ``dst_size`` keeping its aspect ratio, grey padding.
+
+    Returns a C-contiguous uint8 array, (3, H, W) when ``chw`` else (H, W, 3), and the transform.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    lb = Letterbox.fit(image.shape[:2], dst_size)
+    nh, nw = lb.resized_size
+    dh, dw = lb.dst_size
+    out = np.full((dh, dw, 3), PAD_VALUE, dtype=np.uint8)
+    if (nh, nw) == image.shape[:2]:
+        resized = image
+    else:
+        # INTER_AREA averages when shrinking (no aliasing on fine texture); LINEAR when growing.
+        interp = cv2.INTER_AREA if lb.scale < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    out[lb.pad_y : lb.pad_y + nh, lb.pad_x : lb.pad_x + nw] = resized
+    if chw:
+        out = np.ascontiguousarray(out.transpose(2, 0, 1))
+    return out, lb
+
+
+def boxes_to_source(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Maps (N, 4) xyxy boxes from model-input pixels back to source pixels, clipped to the image."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    out = np.empty_like(boxes)
+    out[:, 0::2] = (boxes[:, 0::2] - lb.pad_x) / lb.scale
+    out[:, 1::2] = (boxes[:, 1::2] - lb.pad_y) / lb.scale
+    sh, sw = lb.src_size
+    np.clip(out[:, 0::2], 0, sw, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, sh, out=out[:, 1::2])
+    return out
+
+
+def boxes_to_model(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Maps (N, 4) xyxy boxes from source pixels into model-input pixels."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    out = np.empty_like(boxes)
+    out[:, 0::2] = boxes[:, 0::2] * lb.scale + lb.pad_x
+    out[:, 1::2] = boxes[:, 1::2] * lb.scale + lb.pad_y
+    return out

@@ -1,0 +1,121 @@
+"""Box decoding and class-aware NMS in torch, on whatever device the head ran on.
+
+Written by hand because torchvision (which has ``batched_nms``) is not a dependency here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HeadDetections:
+    """Detections of one head for one image, in model-input pixels (xyxy)."""
+
+    boxes: torch.Tensor  # (K, 4) float
+    scores: torch.Tensor  # (K,) float
+    class_ids: torch.Tensor  # (K,) int64
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def numpy(self) -> dict:
+        return {
+            "boxes": self.boxes.float().cpu().numpy(),
+            "scores": self.scores.float().cpu().numpy(),
+            "class_ids": self.class_ids.cpu().numpy(),
+        }
+
+
+def make_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Centres of every feature-map cell in input pixels, levels concatenated: (P, 2) as (x, y)."""
+    pts = []
+    for (h, w), s in zip(sizes, strides):
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        pts.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
+    return torch.cat(pts, 0)
+
+
+def decode_boxes(points: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
+    """(P, 2) points and (..., P, 4) distances -> (..., P, 4) xyxy boxes."""
+    x, y = points[:, 0], points[:, 1]
+    return torch.stack([x - ltrb[..., 0], y - ltrb[..., 1], x + ltrb[..., 2], y + ltrb[..., 3]], -1)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of (..., N, 4) and (..., M, 4) xyxy boxes -> (..., N, M)."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=1e-6)
+
+
+def nms_keep(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Exact greedy class-aware NMS for a batch of score-sorted candidates, without a Python loop per box.
+
+    boxes (B, K, 4), labels (B, K), valid (B, K) bool, each row sorted by descending score.
+    Returns the kept mask (B, K). Box i is kept iff it is valid and no KEPT box j < i of the same
+    class overlaps it above the threshold; iterating that rule from "all kept" fixes one more
+    position per pass, and in practice converges after as many passes as the longest chain of
+    suppressions (a handful), each pass one batched matrix op.
+    """
+    k = boxes.shape[1]
+    if k == 0:
+        return valid
+    iou = box_iou(boxes, boxes)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
+    suppresses = (iou > iou_threshold) & (labels[:, :, None] == labels[:, None, :]) & earlier
+    suppresses &= valid[:, :, None]
+    keep = valid.clone()
+    for _ in range(k):
+        new_keep = valid & ~(suppresses & keep[:, :, None]).any(1)
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return keep
+
+
+def postprocess(
+    out: dict[str, torch.Tensor],
+    points: torch.Tensor,
+    image_size: tuple[int, int],
+    score_threshold: float = 0.25,
+    nms_iou: float = 0.6,
+    max_detections: int = 100,
+    pre_nms_topk: int = 300,
+) -> list[HeadDetections]:
+    """Turns one head's raw output for a batch into per-image detections (model-input pixels).
+
+    Score = sqrt(sigmoid(class) * sigmoid(centerness)), as in FCOS. The top ``pre_nms_topk``
+    (location, class) pairs above the threshold go through class-aware NMS.
+    """
+    cls, ltrb, ctr = out["cls_logits"], out["box_ltrb"], out["centerness"]
+    n, p, c = cls.shape
+    scores = torch.sqrt(torch.sigmoid(cls.float()) * torch.sigmoid(ctr.float())[..., None]).reshape(n, p * c)
+    above = scores > score_threshold
+    # Trim K to what any image really has: the NMS cost is quadratic in K.
+    k = min(pre_nms_topk, int(above.sum(1).max().item()) if n else 0)
+    if k == 0:
+        empty = HeadDetections(cls.new_zeros((0, 4)), cls.new_zeros((0,)), torch.zeros(0, dtype=torch.long, device=cls.device))
+        return [empty for _ in range(n)]
+    top_scores, top_idx = scores.topk(k, dim=1)  # sorted descending
+    loc, labels = top_idx // c, top_idx % c
+    sel_ltrb = torch.gather(ltrb.float(), 1, loc[..., None].expand(n, k, 4))
+    boxes = decode_boxes(points[loc.reshape(-1)].reshape(n * k, 2), sel_ltrb.reshape(n * k, 4)).reshape(n, k, 4)
+    h, w = image_size
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+    valid = top_scores > score_threshold
+    keep = nms_keep(boxes, labels, valid, nms_iou)
+    results = []
+    for i in range(n):
+        idx = keep[i].nonzero().squeeze(1)[:max_detections]
+        results.append(HeadDetections(boxes[i, idx], top_scores[i, idx], labels[i, idx]))
+    return results

@@ -1,0 +1,58 @@
+"""Letterbox pre-processing and the inverse box mapping."""
+
+import numpy as np
+import pytest
+
+from models.letterbox import PAD_VALUE, Letterbox, boxes_to_model, boxes_to_source, letterbox
+
+
+@pytest.mark.parametrize(
+    "src, dst, scale, pad_x, pad_y",
+    [
+        ((360, 640), (192, 320), 0.5, 0, 6),
+        ((272, 640), (192, 320), 0.5, 0, 28),
+        ((720, 1280), (192, 320), 0.25, 0, 6),
+        ((480, 480), (192, 320), 0.4, 64, 0),
+        ((96, 160), (192, 320), 2.0, 0, 0),
+    ],
+)
+def test_fit(src, dst, scale, pad_x, pad_y):
+    lb = Letterbox.fit(src, dst)
+    assert (lb.scale, lb.pad_x, lb.pad_y) == (pytest.approx(scale), pad_x, pad_y)
+
+
+@pytest.mark.parametrize("src", [(360, 640), (272, 640), (1080, 1920), (500, 333)])
+def test_roundtrip_boxes(src):
+    lb = Letterbox.fit(src, (192, 320))
+    boxes = np.array([[10, 20, 100, 200], [0, 0, src[1], src[0]]], np.float32)
+    back = boxes_to_source(boxes_to_model(boxes, lb), lb)
+    np.testing.assert_allclose(back, boxes, atol=1e-3)
+
+
+def test_letterbox_image_layout_and_padding():
+    img = np.full((272, 640, 3), 200, np.uint8)
+    out, lb = letterbox(img, (192, 320))
+    assert out.shape == (3, 192, 320) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert (out[:, : lb.pad_y] == PAD_VALUE).all() and (out[:, -lb.pad_y :] == PAD_VALUE).all()
+    assert (out[:, lb.pad_y : 192 - lb.pad_y] == 200).all()
+
+
+def test_a_marked_pixel_lands_where_the_transform_says():
+    img = np.zeros((360, 640, 3), np.uint8)
+    img[100:120, 300:340] = 255
+    out, lb = letterbox(img, (192, 320), chw=False)
+    x1, y1, x2, y2 = boxes_to_model(np.array([[300, 100, 340, 120]]), lb)[0]
+    assert out[int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2].min() == 255
+    assert out[int(y2) + 2 :].max() < 255 or int(y2) + 2 >= 192
+
+
+def test_boxes_to_source_clips():
+    lb = Letterbox.fit((360, 640), (192, 320))
+    out = boxes_to_source(np.array([[-10, -10, 400, 400]]), lb)
+    assert out.tolist() == [[0, 0, 640, 360]]
+
+
+@pytest.mark.parametrize("shape", [(10, 10), (10, 10, 4), (3, 10, 10)])
+def test_bad_image_shape(shape):
+    with pytest.raises(ValueError, match="expected an \\(H, W, 3\\) image"):
+        letterbox(np.zeros(shape, np.uint8), (192, 320))

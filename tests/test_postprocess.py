@@ -1,0 +1,97 @@
+"""Box decoding, IoU and the batched greedy NMS against a plain reference implementation."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.postprocess import box_iou, decode_boxes, make_points, nms_keep, postprocess
+
+
+def reference_nms(boxes: np.ndarray, labels: np.ndarray, iou_threshold: float) -> list[int]:
+    """Textbook greedy NMS, per class, boxes already sorted by score."""
+    keep: list[int] = []
+    for i in range(len(boxes)):
+        ok = True
+        for j in keep:
+            if labels[j] != labels[i]:
+                continue
+            iou = box_iou(torch.tensor(boxes[j : j + 1]), torch.tensor(boxes[i : i + 1]))[0, 0].item()
+            if iou > iou_threshold:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    xy = rng.uniform(0, 80, (n, 2))
+    wh = rng.uniform(5, 40, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_matches_reference(seed, threshold):
+    rng = np.random.default_rng(seed)
+    boxes = random_boxes(rng, 60)
+    labels = rng.integers(0, 3, 60)
+    keep = nms_keep(torch.tensor(boxes)[None], torch.tensor(labels)[None], torch.ones(1, 60, dtype=torch.bool), threshold)
+    assert keep[0].nonzero().squeeze(1).tolist() == reference_nms(boxes, labels, threshold)
+
+
+def test_nms_chain_keeps_third_box():
+    """A suppressed box must not suppress others: A kills B, so C (overlapping only B) survives."""
+    boxes = torch.tensor([[[0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10.0]]])
+    keep = nms_keep(boxes, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), 0.3)
+    assert keep.tolist() == [[True, False, True]]
+
+
+def test_nms_is_class_aware_and_respects_valid():
+    boxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10.0]]])
+    labels = torch.tensor([[0, 1, 0]])
+    valid = torch.tensor([[False, True, True]])
+    keep = nms_keep(boxes, labels, valid, 0.5)
+    assert keep.tolist() == [[False, True, True]]
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 10], [5, 0, 15, 10], 50 / 150),
+        ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),
+        ([0, 0, 0, 0], [0, 0, 0, 0], 0.0),
+    ],
+)
+def test_box_iou(a, b, expected):
+    assert box_iou(torch.tensor([a], dtype=torch.float32), torch.tensor([b], dtype=torch.float32))[0, 0].item() == pytest.approx(expected)
+
+
+def test_points_and_decoding():
+    pts = make_points([(2, 3), (1, 1)], (8, 16), torch.device("cpu"))
+    assert pts.tolist() == [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12], [8, 8]]
+    boxes = decode_boxes(pts[:1], torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert boxes.tolist() == [[3, 2, 7, 8]]
+
+
+def test_postprocess_decodes_a_planted_detection():
+    pts = make_points([(4, 4)], (8,), torch.device("cpu"))
+    p = len(pts)
+    cls = torch.full((1, p, 2), -10.0)
+    ctr = torch.full((1, p), 10.0)
+    ltrb = torch.full((1, p, 4), 4.0)
+    cls[0, 5, 1] = 10.0  # point 5 is (12, 12)
+    dets = postprocess({"cls_logits": cls, "box_ltrb": ltrb, "centerness": ctr}, pts, (32, 32), score_threshold=0.5)
+    assert len(dets) == 1 and len(dets[0]) == 1
+    assert dets[0].boxes.tolist() == [[8, 8, 16, 16]]
+    assert dets[0].class_ids.tolist() == [1]
+    assert dets[0].scores.item() > 0.99
+
+
+def test_postprocess_empty_batch_member():
+    pts = make_points([(2, 2)], (8,), torch.device("cpu"))
+    out = {"cls_logits": torch.full((2, 4, 1), -10.0), "box_ltrb": torch.ones(2, 4, 4), "centerness": torch.zeros(2, 4)}
+    dets = postprocess(out, pts, (16, 16), score_threshold=0.5)
+    assert [len(d) for d in dets] == [0, 0]
+    assert dets[0].numpy()["boxes"].shape == (0, 4)
