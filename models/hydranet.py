@@ -43,8 +43,8 @@ def _build_part_config(kind: str, spec: dict, registry: dict[str, tuple[type, ty
 
 @dataclass
 class HydraNetConfig:
-    input_size: tuple[int, int] = (192, 320)  # (height, width) of the letterboxed model input
-    backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 24})
+    input_size: tuple[int, int] = (256, 448)  # (height, width) of the letterboxed model input
+    backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 16})
     neck: dict = field(default_factory=lambda: {"type": "fpn", "channels": 64})
     heads: dict[str, dict] = field(default_factory=dict)  # name -> {"type": "fcos", "classes": [...], ...}
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -1,0 +1,223 @@
+"""Training data: endless synthetic street scenes, or a YOLO-format folder (images/ + labels/)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from models.letterbox import PAD_VALUE, boxes_to_model, letterbox
+from models.synthetic import CLASS_NAMES, StreetScene
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED_LIMIT = 1_000_000  # training scenes use seeds below this; evaluation uses seeds above
+MIN_VISIBILITY = 0.5  # objects less visible than this are neither targets nor background ("ignore")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class DatasetError(ValueError):
+    """Bad training data; the message names the file (and line) and the problem."""
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (3, H, W) uint8, letterboxed
+    boxes: np.ndarray  # (G, 4) float32 xyxy, model-input pixels
+    labels: np.ndarray  # (G,) int64 index into the dataset's class names
+    ignore: np.ndarray  # (I, 4) float32 regions that are neither positives nor negatives
+
+
+def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, list[Sample]]:
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    return images, list(samples)
+
+
+def place(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, dst_size: tuple[int, int],
+          rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Letterboxes an image; with ``rng`` also jitters scale/position and flips (training augmentation).
+
+    Returns (image CHW uint8, boxes, kept-box mask, ignore) with boxes in model-input pixels.
+    """
+    if rng is None or rng.random() < 0.3:
+        out, lb = letterbox(image, dst_size)
+        b, ig = boxes_to_model(boxes, lb), boxes_to_model(ignore, lb)
+        return out, b, np.ones(len(b), bool), ig
+    dh, dw = dst_size
+    sh, sw = image.shape[:2]
+    scale = min(dw / sw, dh / sh) * rng.uniform(0.75, 1.3)
+    nw, nh = max(1, round(sw * scale)), max(1, round(sh * scale))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    ox = int(rng.integers(min(0, dw - nw), max(0, dw - nw) + 1))
+    oy = int(rng.integers(min(0, dh - nh), max(0, dh - nh) + 1))
+    canvas = np.full((dh, dw, 3), PAD_VALUE, np.uint8)
+    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + nw, dw), min(oy + nh, dh)
+    canvas[y0:y1, x0:x1] = resized[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+
+    def move(bx: np.ndarray) -> np.ndarray:
+        bx = bx.reshape(-1, 4) * scale + np.array([ox, oy, ox, oy], np.float32)
+        return np.clip(bx, [0, 0, 0, 0], [dw, dh, dw, dh]).astype(np.float32)
+
+    b, ig = move(boxes), move(ignore)
+    before = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * scale**2
+    after = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep = after > 0.5 * np.maximum(before, 1e-6)  # cut more than half away: no longer a fair target
+    ig = np.concatenate([ig, b[~keep & (after > 0)]])
+    if rng.random() < 0.5:
+        canvas = canvas[:, ::-1]
+        b[:, [0, 2]] = dw - b[:, [2, 0]]
+        ig[:, [0, 2]] = dw - ig[:, [2, 0]]
+    if rng.random() < 0.8:  # photometric jitter: gain, bias and a per-channel tint
+        gain = rng.uniform(0.7, 1.3) * rng.uniform(0.9, 1.1, 3)
+        canvas = np.clip(canvas.astype(np.float32) * gain + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(canvas.transpose(2, 0, 1)), b, keep, ig
+
+
+class SyntheticFrames(IterableDataset):
+    """Endless frames from a rotating pool of seeded street scenes (seeds below TRAIN_SEED_LIMIT)."""
+
+    classes = CLASS_NAMES
+
+    def __init__(self, input_size: tuple[int, int], seed: int = 0, augment: bool = True,
+                 pool: int = 6, frames_per_scene: int = 150, frame_stride: int = 4,
+                 scene_size: tuple[int, int] = (360, 640)):
+        self.input_size, self.seed, self.augment = input_size, seed, augment
+        self.pool, self.frames_per_scene, self.frame_stride = pool, frames_per_scene, frame_stride
+        self.scene_size = scene_size
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        h, w = self.scene_size
+
+        def new_scene() -> list:
+            scene = StreetScene(int(rng.integers(TRAIN_SEED_LIMIT)), width=w, height=h,
+                                density=float(rng.uniform(0.6, 1.6)))
+            return [scene, 0]
+
+        scenes = [new_scene() for _ in range(self.pool)]
+        while True:
+            slot = int(rng.integers(len(scenes)))
+            scene, used = scenes[slot]
+            for _ in range(int(rng.integers(1, 2 * self.frame_stride))):
+                frame, truth = scene.step()
+            scenes[slot][1] = used + 1
+            if used + 1 >= self.frames_per_scene // self.frame_stride:
+                scenes[slot] = new_scene()
+            good = truth.visibility >= MIN_VISIBILITY
+            hidden = ~good & (truth.visibility > 0)
+            image, boxes, keep, ignore = place(frame, truth.boxes[good], truth.boxes[hidden], self.input_size,
+                                               rng if self.augment else None)
+            yield Sample(image, boxes[keep], truth.class_ids[good][keep].astype(np.int64), ignore)
+
+
+def read_class_names(root: Path) -> list[str] | None:
+    """Class names from data.yaml (``names`` list or {id: name}) or classes.txt, if present."""
+    for name in ("data.yaml", "dataset.yaml"):
+        p = root / name
+        if p.is_file():
+            try:
+                names = (yaml.safe_load(p.read_text()) or {}).get("names")
+            except yaml.YAMLError as e:
+                raise DatasetError(f"{p}: not valid YAML ({e})") from None
+            if isinstance(names, dict):
+                names = [names[k] for k in sorted(names)]
+            if not isinstance(names, list) or not names:
+                raise DatasetError(f"{p}: expected 'names' to be a non-empty list or mapping of class names")
+            return [str(n) for n in names]
+    p = root / "classes.txt"
+    if p.is_file():
+        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    return None
+
+
+def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
+    """Rows of (class, cx, cy, w, h), normalized; raises DatasetError naming file:line on any bad row."""
+    rows = []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a text label file") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 5:
+            raise DatasetError(f"{path}:{n}: expected 5 values 'class cx cy w h', got {len(parts)}: {line.strip()!r}")
+        try:
+            cls, *vals = int(parts[0]), *map(float, parts[1:])
+        except ValueError:
+            raise DatasetError(f"{path}:{n}: not numbers: {line.strip()!r}") from None
+        if not 0 <= cls < num_classes:
+            raise DatasetError(f"{path}:{n}: class {cls} out of range, the dataset has {num_classes} classes")
+        if not all(0.0 <= v <= 1.0 for v in vals) or vals[2] <= 0 or vals[3] <= 0:
+            raise DatasetError(f"{path}:{n}: box values must be normalized to [0, 1] with positive size: {line.strip()!r}")
+        rows.append([cls, *vals])
+    return np.array(rows, np.float64).reshape(-1, 5)
+
+
+class YoloFolder(Dataset):
+    """A folder with images/ and labels/ (same relative paths, .txt), plus data.yaml or classes.txt."""
+
+    def __init__(self, root: str | Path, input_size: tuple[int, int], augment: bool = True,
+                 class_names: Sequence[str] | None = None, seed: int = 0):
+        self.root = Path(root)
+        self.input_size, self.augment = input_size, augment
+        self.rng = np.random.default_rng(seed)
+        images_dir, labels_dir = self.root / "images", self.root / "labels"
+        if not images_dir.is_dir() or not labels_dir.is_dir():
+            raise DatasetError(f"{self.root}: a YOLO dataset needs images/ and labels/ folders")
+        names = list(class_names) if class_names else read_class_names(self.root)
+        if not names:
+            raise DatasetError(f"{self.root}: no class names: add data.yaml with 'names: [...]' or classes.txt")
+        self.classes = names
+        self.items: list[tuple[Path, np.ndarray]] = []
+        empty = []
+        for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            label = labels_dir / img.relative_to(images_dir).with_suffix(".txt")
+            if not label.is_file():
+                raise DatasetError(f"{img}: no label file (expected {label})")
+            rows = parse_yolo_labels(label, len(names))
+            if len(rows) == 0:
+                empty.append(label)
+            check_image(img)
+            self.items.append((img, rows))
+        if not self.items:
+            raise DatasetError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if len(empty) == len(self.items):
+            raise DatasetError(f"{labels_dir}: every label file is empty, nothing to learn from")
+        if empty:  # YOLO's convention: an empty label file is a background image. Say so, since it may be a mistake.
+            log.warning("%d of %d label files are empty and used as background images, e.g. %s",
+                        len(empty), len(self.items), empty[0])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        path, rows = self.items[i]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise DatasetError(f"{path}: cannot be decoded as an image")
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        h, w = image.shape[:2]
+        cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+        out, b, keep, ignore = place(image, boxes, np.zeros((0, 4), np.float32), self.input_size,
+                                     self.rng if self.augment else None)
+        return Sample(out, b[keep], rows[keep, 0].astype(np.int64), ignore)
+
+
+def check_image(path: Path) -> None:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: not an image ({e})") from None

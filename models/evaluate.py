@@ -1,0 +1,101 @@
+"""Scores every head of a model on held-out synthetic scenes with supervision's mAP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import supervision as sv
+import torch
+from supervision.metrics import MeanAveragePrecision
+from tqdm import tqdm
+
+from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT
+from models.hydranet import HydraNet
+from models.letterbox import boxes_to_source, letterbox
+from models.postprocess import box_iou
+from models.synthetic import CLASS_NAMES, StreetScene
+
+EVAL_SEED_BASE = TRAIN_SEED_LIMIT + 1  # never used for training
+
+
+@dataclass
+class EvalConfig:
+    scenes: int = 8
+    frames_per_scene: int = 40
+    frame_stride: int = 5  # frames apart, so samples are not near-duplicates
+    batch_size: int = 8
+    score_threshold: float = 0.05  # low, so the precision-recall curve is complete
+    seed_base: int = EVAL_SEED_BASE
+
+
+def held_out_frames(cfg: EvalConfig):
+    """Yields (image RGB, truth) from scenes whose seeds training never uses."""
+    for s in range(cfg.scenes):
+        scene = StreetScene(cfg.seed_base + s)
+        for i in range(cfg.frames_per_scene * cfg.frame_stride):
+            frame, truth = scene.step()
+            if i % cfg.frame_stride == cfg.frame_stride - 1:
+                yield frame, truth
+
+
+def drop_ignored(pred: sv.Detections, ignored: np.ndarray, targets: sv.Detections) -> sv.Detections:
+    """Removes predictions on mostly hidden objects (not in the targets), as MOT benchmarks do with distractors."""
+    if len(pred) == 0 or len(ignored) == 0:
+        return pred
+    p = torch.from_numpy(pred.xyxy).float()
+    on_ignored = box_iou(p, torch.from_numpy(ignored).float()).max(1).values >= 0.5
+    if len(targets):
+        on_target = box_iou(p, torch.from_numpy(targets.xyxy).float()).max(1).values >= 0.5
+        on_ignored &= ~on_target
+    return pred[~on_ignored.numpy()]
+
+
+def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = False) -> dict:
+    """Per head: mAP@0.5, mAP@0.5:0.95 and AP@0.5 per class, on held-out synthetic scenes."""
+    cfg = cfg or EvalConfig()
+    heads = {}
+    skipped = {}
+    for name in model.head_names:
+        classes = model.head_classes(name)
+        unknown = [c for c in classes if c not in CLASS_NAMES]
+        if unknown:
+            skipped[name] = f"classes {unknown} do not occur in synthetic scenes"
+            continue
+        # synthetic class id -> head class id (-1: not this head's class)
+        cmap = np.array([classes.index(c) if c in classes else -1 for c in CLASS_NAMES])
+        heads[name] = (cmap, MeanAveragePrecision())
+    device = model.mean.device
+    frames = list(held_out_frames(cfg))
+    bar = tqdm(total=len(frames), desc="eval", unit="frame", disable=not progress)
+    for start in range(0, len(frames), cfg.batch_size):
+        chunk = frames[start : start + cfg.batch_size]
+        boxed = [letterbox(img, model.config.input_size) for img, _ in chunk]
+        images = torch.from_numpy(np.stack([b for b, _ in boxed]))
+        results = model.detect(images.to(device), [list(heads)] * len(chunk), score_threshold=cfg.score_threshold)
+        for (img, truth), (_, lb), res in zip(chunk, boxed, results):
+            good = truth.visibility >= MIN_VISIBILITY
+            hidden = ~good & (truth.visibility > 0)
+            for name, (cmap, metric) in heads.items():
+                d = res[name].numpy()
+                pred = sv.Detections(xyxy=boxes_to_source(d["boxes"], lb), confidence=d["scores"],
+                                     class_id=d["class_ids"].astype(int))
+                tcls = cmap[truth.class_ids]
+                mine = good & (tcls >= 0)
+                target = sv.Detections(xyxy=truth.boxes[mine].astype(np.float32), class_id=tcls[mine].astype(int))
+                ignored = truth.boxes[hidden & (tcls >= 0)].astype(np.float32)
+                metric.update(drop_ignored(pred, ignored, target), target)
+        bar.update(len(chunk))
+    bar.close()
+    report = {"frames": len(frames), "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
+    for name, (cmap, metric) in heads.items():
+        r = metric.compute()
+        classes = model.head_classes(name)
+        per_class = {}
+        for cid, ap in zip(r.matched_classes, r.ap_per_class):
+            per_class[classes[int(cid)]] = round(float(ap[0]), 4)  # column 0 is IoU 0.5
+        report["heads"][name] = {"map50": round(float(r.map50), 4), "map50_95": round(float(r.map50_95), 4),
+                                 "ap50_per_class": per_class}
+    if skipped:
+        report["skipped"] = skipped
+    return report

@@ -1,0 +1,240 @@
+"""Training: a backbone with heads from scratch, or new heads on a frozen backbone (transfer learning).
+
+Resumable: every ``checkpoint_every`` steps the full state (weights, optimizer, schedule, step)
+is written next to the output, and a rerun of the same command continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
+from models.hydranet import HydraNet, HydraNetConfig
+from models.losses import assign_targets, fcos_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    heads: dict[str, list[str]]  # head name -> class names (a subset of the data's classes)
+    data: str = "synthetic"  # "synthetic" or a YOLO dataset folder
+    init: Path | None = None  # start from this checkpoint
+    freeze_shared: bool = False  # train only heads not already in `init`; everything else stays bit-identical
+    input_size: tuple[int, int] = (256, 448)
+    backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 16})
+    neck: dict = field(default_factory=lambda: {"type": "fpn", "channels": 64})
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    seed: int = 0
+    checkpoint_every: int = 250
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.init = Path(self.init) if self.init else None
+        if not self.heads:
+            raise ValueError("train needs at least one head, e.g. --head people=person")
+        if self.freeze_shared and self.init is None:
+            raise ValueError("freeze_shared (training a new head on a frozen backbone) needs an init checkpoint")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+
+    @property
+    def state_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".train-state.pt")
+
+
+def build_data(cfg: TrainConfig, input_size: tuple[int, int], seed: int) -> tuple[Any, list[str]]:
+    if cfg.data == "synthetic":
+        ds = SyntheticFrames(input_size, seed=seed)
+        return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers,
+                          persistent_workers=cfg.workers > 0), list(ds.classes)
+    ds = YoloFolder(cfg.data, input_size, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                        num_workers=0, generator=gen)
+    return loader, list(ds.classes)
+
+
+def endless(loader: Any):
+    while True:
+        yield from loader
+
+
+def class_maps(heads: dict[str, list[str]], data_classes: list[str]) -> dict[str, np.ndarray]:
+    """Per head: data class index -> head class index, or -1 for classes the head treats as background."""
+    maps = {}
+    for head, classes in heads.items():
+        missing = [c for c in classes if c not in data_classes]
+        if missing:
+            raise DatasetError(f"head {head!r}: classes {missing} are not in the data's classes {data_classes}")
+        m = np.full(len(data_classes), -1, np.int64)
+        for i, c in enumerate(classes):
+            m[data_classes.index(c)] = i
+        maps[head] = m
+    return maps
+
+
+def build_model(cfg: TrainConfig) -> tuple[HydraNet, dict, list[str]]:
+    """The model to train, its prior training history, and the names of the heads to train."""
+    if cfg.init is None:
+        heads = {name: {"classes": classes} for name, classes in cfg.heads.items()}
+        config = HydraNetConfig(input_size=cfg.input_size, backbone=cfg.backbone, neck=cfg.neck, heads=heads)
+        return HydraNet(config), {}, list(cfg.heads)
+    model, history = load_checkpoint(cfg.init)
+    new = [h for h in cfg.heads if h not in model.heads]
+    for name in new:
+        model.add_head(name, cfg.heads[name])
+    for name in cfg.heads:
+        if name not in new and model.head_classes(name) != cfg.heads[name]:
+            raise ValueError(f"head {name!r} in {cfg.init} has classes {model.head_classes(name)}, not {cfg.heads[name]}")
+    if cfg.freeze_shared and not new:
+        raise ValueError(f"freeze_shared trains new heads only, but every head in {list(cfg.heads)} is already in {cfg.init}")
+    return model, history, (new if cfg.freeze_shared else list(cfg.heads))
+
+
+def freeze_all_but(model: HydraNet, trainable: list[str]) -> list[torch.nn.Parameter]:
+    """requires_grad only for the given heads; frozen parts also stay in eval mode so BN statistics never move."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name in trainable:
+        for p in model.heads[name].parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def set_train_mode(model: HydraNet, trainable: list[str], frozen_shared: bool) -> None:
+    model.eval()
+    if not frozen_shared:
+        model.train()
+    for name in trainable:
+        model.heads[name].train()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def batch_targets(model: HydraNet, feats_shapes: list[tuple[int, int]], samples: list[Sample],
+                  cmap: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    strides = model.backbone.strides
+    pts = model.points([torch.empty(1, 1, h, w, device=device) for h, w in feats_shapes])
+    pstr = torch.cat([torch.full((h * w,), float(s), device=device) for (h, w), s in zip(feats_shapes, strides)])
+    plev = torch.cat([torch.full((h * w,), i, dtype=torch.long, device=device) for i, (h, w) in enumerate(feats_shapes)])
+    cls_t, box_t = [], []
+    for s in samples:
+        labels = cmap[s.labels] if len(s.labels) else s.labels
+        mine = labels >= 0
+        c, b = assign_targets(pts, pstr, plev, torch.from_numpy(s.boxes[mine]).to(device),
+                              torch.from_numpy(labels[mine]).to(device), torch.from_numpy(s.ignore).to(device))
+        cls_t.append(c)
+        box_t.append(b)
+    return torch.stack(cls_t), torch.stack(box_t)
+
+
+def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, history, trainable = build_model(cfg)
+    model.to(device, memory_format=torch.channels_last)  # oneDNN/cuDNN convs are faster in NHWC
+    params = freeze_all_but(model, trainable) if cfg.freeze_shared else list(model.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    start = 0
+    if cfg.state_path.is_file():
+        state = torch.load(cfg.state_path, map_location=device, weights_only=True)
+        if state.get("train_config") != _jsonable(cfg):
+            raise ValueError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        log.info("resuming %s from step %d", cfg.out, start)
+    loader, data_classes = build_data(cfg, model.config.input_size, seed=cfg.seed * 1000 + start)
+    cmaps = class_maps(cfg.heads, data_classes)
+    batches = endless(loader)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc=f"train {'+'.join(trainable)}", unit="step", dynamic_ncols=True)
+    t0, smooth = time.time(), None
+    for step in bar:
+        set_train_mode(model, trainable, cfg.freeze_shared)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        images, samples = next(batches)
+        x = model.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        if cfg.freeze_shared:
+            with torch.no_grad():
+                feats = model.features(x)
+        else:
+            feats = model.features(x)
+        shapes = [tuple(f.shape[-2:]) for f in feats]
+        points = model.points(feats)
+        losses: dict[str, torch.Tensor] = {}
+        for name in trainable:
+            cls_t, box_t = batch_targets(model, shapes, samples, cmaps[name], device)
+            for k, v in fcos_loss(model.heads[name](feats), points, cls_t, box_t).items():
+                losses[f"{name}/{k}"] = v
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at step {step}: {_fmt(losses)}")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        vals = {k: v.item() for k, v in losses.items()}
+        smooth = vals if smooth is None else {k: 0.95 * smooth[k] + 0.05 * v for k, v in vals.items()}
+        bar.set_postfix_str(f"loss {sum(smooth.values()):.3f} lr {lr_at(step, cfg):.1e}")
+        if on_step:
+            on_step(step, vals)
+        if not progress and (step + 1) % 100 == 0:  # progress for logs and pipes, where the bar is off
+            rate = (step + 1 - start) / max(1e-6, time.time() - t0)
+            log.info("step %d/%d loss %.3f (%s) %.2f steps/s", step + 1, cfg.steps, sum(smooth.values()),
+                     ", ".join(f"{k} {v:.3f}" for k, v in smooth.items()), rate)
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "train_config": _jsonable(cfg)}, cfg.state_path)
+    bar.close()
+    record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
+              "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
+              "seconds": round(time.time() - t0, 1), "final_loss": smooth}
+    training = {"history": list(history.get("history", [])) + [record]}
+    save_checkpoint(model, cfg.out, training)
+    cfg.state_path.unlink(missing_ok=True)
+    return cfg.out
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["out"], d["init"] = str(cfg.out), (str(cfg.init) if cfg.init else None)
+    d["input_size"] = list(cfg.input_size)
+    d.pop("checkpoint_every")
+    d.pop("workers")
+    return d
+
+
+def _fmt(losses: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={float(v):.4f}" for k, v in losses.items())

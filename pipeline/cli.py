@@ -1,0 +1,134 @@
+"""The `hydravision` command: run the pipeline, tail its output, train and evaluate models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import model_commands
+from pipeline.config import ConfigError
+
+log = logging.getLogger("hydravision")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'192x320' -> (192, 320) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH like 192x320, got {text!r}") from None
+    return h, w
+
+
+def parse_head(text: str) -> tuple[str, list[str]]:
+    """'vehicles=car,bicycle' -> ('vehicles', ['car', 'bicycle'])."""
+    name, sep, classes = text.partition("=")
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if not sep or not name.strip() or not names:
+        raise argparse.ArgumentTypeError(f"expected NAME=CLASS[,CLASS...] like people=person, got {text!r}")
+    return name.strip(), names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hydravision", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a backbone with heads, or new heads on a frozen backbone")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    t.add_argument("--head", dest="heads", type=parse_head, action="append", required=True,
+                   metavar="NAME=CLASSES", help="a head and its classes, e.g. people=person (repeatable)")
+    t.add_argument("--data", default="synthetic", help="'synthetic' or a YOLO folder with images/ and labels/")
+    t.add_argument("--from", dest="init", type=Path, help="start from this checkpoint")
+    t.add_argument("--freeze-shared", action="store_true",
+                   help="train only the new heads; backbone, neck and other heads stay bit-identical")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--input-size", type=parse_size, default=(256, 448), metavar="HxW")
+    t.add_argument("--depth", type=int, default=18, help="ResNet depth (10, 18, 34, 50, 101)")
+    t.add_argument("--width", type=int, default=16, help="ResNet base width (torchvision: 64)")
+    t.add_argument("--fpn-channels", type=int, default=64)
+    t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth state dict")
+    t.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (two stages, seeded)")
+    d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
+    d.add_argument("--steps", type=int, nargs=2, default=None, metavar=("BASE", "HEAD"),
+                   help="training steps of the two stages")
+    d.add_argument("--no-progress", action="store_true")
+
+    def run_options(r: argparse.ArgumentParser) -> None:
+        r.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+        r.add_argument("--redis-url", default=None,
+                       help="Redis to publish to (overrides the config and $HYDRAVISION_REDIS_URL)")
+        r.add_argument("--plain", action="store_true", help="log status lines instead of the live table")
+        r.add_argument("--log-every", type=float, default=5.0, metavar="S", help="with --plain: a status line every S seconds")
+        r.add_argument("--summary-json", type=Path, default=None, help="write the final per-camera stats here")
+
+    r = sub.add_parser("run", help="run the pipeline described by a config file")
+    r.add_argument("config", type=Path)
+    run_options(r)
+    dm = sub.add_parser("demo", help="run configs/demo.yaml: synthetic cameras, embedded Redis, CPU")
+    run_options(dm)
+
+    tl = sub.add_parser("tail", help="print a camera's messages from Redis as they arrive")
+    tl.add_argument("camera", nargs="?", default=None)
+    tl.add_argument("--events", action="store_true", help="tail the events stream instead of a camera")
+    tl.add_argument("--redis-url", default=None)
+    tl.add_argument("--prefix", default="hv")
+    tl.add_argument("--from-start", action="store_true", help="start at the oldest message kept")
+    tl.add_argument("--count", type=int, default=None, help="stop after N messages")
+    tl.add_argument("--json", action="store_true", help="print raw JSON messages")
+
+    e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
+    e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--scenes", type=int, default=8)
+    e.add_argument("--frames", type=int, default=40, help="frames scored per scene")
+    e.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command in ("run", "demo"):
+            from pipeline import run_commands  # imports Ray; keep `train`/`eval` start-up fast
+
+            return run_commands.run(args) if args.command == "run" else run_commands.demo(args)
+        if args.command == "tail":
+            from pipeline import run_commands
+
+            if not args.events and not args.camera:
+                raise ConfigError("tail needs a CAMERA id, or --events")
+            return run_commands.tail(args)
+        if args.command == "train":
+            path = model_commands.train(args)
+            print(f"wrote {path}")
+        elif args.command == "train-demo":
+            print(json.dumps(model_commands.train_demo(args), indent=2))
+        elif args.command == "eval":
+            report = model_commands.evaluate(args)
+            print(json.dumps(report, indent=2) if args.json else model_commands.format_report(report))
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, *model_commands.EXPECTED_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`hydravision train / train-demo / eval`: thin glue between the CLI and models/."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, save_checkpoint
+from models.datasets import DatasetError
+from models.evaluate import EvalConfig, evaluate as evaluate_model
+from models.hydranet import ConfigError
+from models.train import TrainConfig, build_model, train as train_model
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+EXPECTED_ERRORS = (CheckpointError, DatasetError, ConfigError, ValueError, FileNotFoundError)
+
+# The demo recipe, as a user would do it: a people detector trained with the backbone, then a
+# vehicles head added on the frozen backbone (which leaves the people head bit-identical).
+DEMO_BASE_STEPS, DEMO_HEAD_STEPS = 5000, 2500
+
+
+def train(args: argparse.Namespace) -> Path:
+    cfg = TrainConfig(
+        out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
+        input_size=args.input_size, backbone={"type": "resnet", "depth": args.depth, "width": args.width},
+        neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed,
+    )
+    if args.import_backbone:
+        if cfg.init is not None:
+            raise ValueError("--import-backbone starts a new model; it cannot be combined with --from")
+        model, _, _ = build_model(cfg)
+        loaded = import_backbone_weights(model, args.import_backbone)
+        cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
+        save_checkpoint(model, cfg.init, {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
+    return train_model(cfg, progress=not args.no_progress)
+
+
+def train_demo(args: argparse.Namespace) -> dict:
+    base_steps, head_steps = args.steps or (DEMO_BASE_STEPS, DEMO_HEAD_STEPS)
+    out = Path(args.out)
+    base = out.with_name(out.stem + ".base.safetensors")
+    t0 = time.time()
+    train_model(TrainConfig(out=base, heads={"people": ["person"]}, steps=base_steps, seed=0),
+                progress=not args.no_progress)
+    train_model(TrainConfig(out=out, heads={"vehicles": ["car", "bicycle"]}, init=base, freeze_shared=True,
+                            steps=head_steps, seed=1), progress=not args.no_progress)
+    base.unlink()
+    model, _ = load_checkpoint(out)
+    report = evaluate_model(model, EvalConfig(), progress=not args.no_progress)
+    report["checkpoint"] = str(out)
+    report["train_minutes"] = round((time.time() - t0) / 60, 1)
+    return report
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    path = args.checkpoint or DEMO_CHECKPOINT
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_checkpoint(path, device=device)
+    report = evaluate_model(model, EvalConfig(scenes=args.scenes, frames_per_scene=args.frames),
+                            progress=not args.no_progress)
+    report["checkpoint"] = str(path)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['checkpoint']}: {report['frames']} held-out frames from {report['scenes']} scenes"]
+    lines.append(f"{'head':<12} {'mAP@0.5':>8} {'mAP@.5:.95':>10}  AP@0.5 per class")
+    for name, r in report["heads"].items():
+        per = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50_per_class"].items())
+        lines.append(f"{name:<12} {r['map50']:>8.3f} {r['map50_95']:>10.3f}  {per}")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"{name:<12} not scored: {why}")
+    return "\n".join(lines)
