@@ -1,0 +1,77 @@
+"""Shared fixtures. The logic lives in tests/servers.py; fixtures only tie it to pytest's lifetimes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from servers import RedisServer, RtspServer, require_binary, skip_or_fail
+from servers import bikes_mp4 as _bikes_mp4
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server on a free port, no persistence; stopped after the test."""
+    require_binary("redis-server")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def rtsp_server() -> Iterator[Callable[..., RtspServer]]:
+    """Factory: ``rtsp_server(source, **RtspServer options)`` starts a server; all are stopped at teardown."""
+    require_binary("gst-rtsp-server")
+    made: list[RtspServer] = []
+
+    def start(source: Path | str, **kwargs: object) -> RtspServer:
+        server = RtspServer(source, **kwargs)  # type: ignore[arg-type]
+        made.append(server)
+        return server.start()
+
+    yield start
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def bikes_mp4() -> Path:
+    try:
+        return _bikes_mp4()
+    except FileNotFoundError as exc:
+        skip_or_fail(str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small random-weight HydraNet with the demo's heads: fast, for plumbing tests."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.hydranet import HydraNet, HydraNetConfig
+
+    cfg = HydraNetConfig(input_size=(192, 320), backbone={"type": "resnet", "depth": 10, "width": 8},
+                         neck={"type": "fpn", "channels": 16},
+                         heads={"people": {"classes": ["person"], "score_threshold": 0.05},
+                                "vehicles": {"classes": ["car", "bicycle"], "score_threshold": 0.05}})
+    torch.manual_seed(0)
+    return save_checkpoint(HydraNet(cfg), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the whole session (starting one takes seconds), on loopback only."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    yield
+    ray.shutdown()
