@@ -1,0 +1,238 @@
+"""Sources that PyAV (FFmpeg) demuxes and decodes: RTSP/RTSPS cameras, files, V4L2 devices, http(s) streams.
+
+FFmpeg reports failures as a handful of errno-like exceptions whose text embeds the URL (credentials
+included); ``classify`` turns them into a SourceError kind and a plain-words cause without the URL.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import av
+
+from workers.redact import redact_url
+from workers.sources import Pacer, PtsClock, Source, SourceError, SourceFrame
+
+T = TypeVar("T")
+DECODER_THREADS = 2  # the box decoding many cameras has few cores: more threads per camera only contend
+MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
+_NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EIO,
+                   errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
+
+
+def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: float,
+             device: bool = False) -> tuple[str, str]:
+    """(kind, cause) for an exception PyAV raised; ``elapsed_s`` is how long the failed call took, because a
+    timeout on open surfaces as InvalidDataError, told apart from a garbled answer only by the time it took."""
+    strerror = getattr(exc, "strerror", None) or type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, av.HTTPUnauthorizedError):
+        return "auth", "not authorized (401): wrong or missing user name or password"
+    if isinstance(exc, av.HTTPForbiddenError):
+        return "auth", "access forbidden (403)"
+    if isinstance(exc, av.HTTPNotFoundError):
+        return "not_found", "no such stream on the server (404): check the path"
+    if isinstance(exc, av.HTTPError):
+        return "unreachable", f"the server answered with an error: {strerror}"
+    if isinstance(exc, (av.ExitError, TimeoutError)):  # ExitError: PyAV's own timeout interrupted FFmpeg
+        return "timeout", f"no answer within {timeout_s:g} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", "connection refused (nothing listens on that port)"
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", "no such device" if device else "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "not_video", "is a directory, not a video"
+    if isinstance(exc, PermissionError):
+        return "auth", "permission denied"
+    if isinstance(exc, (av.InvalidDataError, av.EOFError)):
+        if network and elapsed_s >= 0.9 * timeout_s:
+            return "timeout", f"no answer within {timeout_s:g} s"
+        if network:
+            return "unreachable", "the server closed the connection or did not answer as a video server"
+        return "not_video", "not a video FFmpeg can read (or truncated before its first picture)"
+    if isinstance(exc, av.ProtocolNotFoundError):
+        return "unsupported", "FFmpeg in this build does not support that protocol"
+    if device and code == errno.ENOTTY:
+        return "not_video", "not a video capture device"
+    if network and (code in _NETWORK_ERRNOS or isinstance(exc, ConnectionError)):
+        # FFmpeg reports an unknown host name, and an http body cut short, as EIO; details only in its log.
+        return "unreachable", f"connection failed: host unknown or unreachable, or it hung up ({strerror})"
+    return ("unreachable" if network else "decode"), strerror
+
+
+class AVSource(Source):
+    """One PyAV container; ``kind`` is "rtsp", "http", "file" or "device" (``path`` for the last two)."""
+
+    def __init__(self, url: str, kind: str, *, path: str | None = None, transport: str = "tcp",
+                 open_timeout_s: float = 10, read_timeout_s: float = 10, realtime: bool = True, loop: bool = False,
+                 threads: str = "AUTO", ffmpeg_options: Mapping[str, str] | None = None) -> None:
+        self._raw_url, self._kind, self._path = url, kind, path
+        self.url = redact_url(url)
+        self.live = kind != "file"
+        self.nominal_fps: float | None = None
+        self._network = kind in ("rtsp", "http")
+        self._transport, self._threads = transport, threads
+        self.open_timeout_s, self.read_timeout_s = float(open_timeout_s), float(read_timeout_s)
+        # Devices and RTSP cameras deliver at their own rate; pacing them would only add latency.
+        self._pace = realtime and kind in ("file", "http")
+        self._loop = loop and kind == "file"
+        self._extra = dict(ffmpeg_options or {})
+        self.decode_errors = 0
+        self._container: av.container.InputContainer | None = None
+        self._closed = False
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._stream: av.VideoStream | None = None
+        self._packets: Iterator[av.Packet] | None = None
+        self._pending: deque[av.VideoFrame] = deque()
+        self._eof = False
+        self._index = 0
+        self._since_seek = 0  # frames decoded since the last (re)start: a file without frames must not loop
+        self._consecutive_errors = 0
+        self._clock = PtsClock(None)
+        self._pacer = Pacer()
+
+    def _error(self, kind: str, cause: str) -> SourceError:
+        return SourceError.for_url(kind, self._raw_url, cause)
+
+    def _call(self, fn: Callable[..., T], timeout_s: float, *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs), with FFmpeg's exceptions turned into SourceError."""
+        started = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        except (av.FFmpegError, OSError) as exc:
+            kind, cause = classify(exc, network=self._network, elapsed_s=time.monotonic() - started,
+                                   timeout_s=timeout_s, device=self._kind == "device")
+        # Raised outside the except block, so the FFmpeg exception (its text holds the raw URL, credentials
+        # included) is neither the cause nor the context of ours and no traceback can print it.
+        raise self._error(kind, cause)
+
+    def _options(self) -> tuple[str, str | None, dict[str, str]]:
+        """(what to open, FFmpeg format or None, demuxer options)."""
+        if self._kind == "rtsp":
+            opts = {
+                "rtsp_transport": self._transport,
+                "timeout": str(int(self.read_timeout_s * 1e6)),  # socket I/O timeout, microseconds
+                "fflags": "+genpts+discardcorrupt",
+                "allowed_media_types": "video",  # no audio SETUP: less traffic, no packets to skip
+                "analyzeduration": "500000",  # 0.5 s probing instead of up to 5 s: opens ~2x faster
+            }
+            return self._raw_url, None, {**opts, **self._extra}
+        if self._kind == "http":
+            opts = {"timeout": str(int(self.read_timeout_s * 1e6)), "fflags": "+genpts+discardcorrupt"}
+            return self._raw_url, None, {**opts, **self._extra}
+        assert self._path is not None
+        if self._kind == "device":
+            return self._path, "v4l2", dict(self._extra)
+        # "file:" keeps FFmpeg from reading "name:with:colons.mp4" as a protocol.
+        return "file:" + os.path.abspath(self._path), None, {"fflags": "+genpts", **self._extra}
+
+    def open(self) -> None:
+        """Opens (or reopens) the container; raises SourceError within the open timeout."""
+        self.close()
+        self._closed = False
+        self._reset_state()
+        target, fmt, options = self._options()
+        # The timeout that fires first: PyAV's open timeout, or FFmpeg's socket timeout (read_timeout_s).
+        limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
+        container = self._call(av.open, limit, target, format=fmt, options=options,
+                               timeout=(self.open_timeout_s, self.read_timeout_s))
+        try:
+            if not container.streams.video:
+                raise self._error("not_video", "has no video stream")
+            stream = container.streams.video[0]
+            # PyAV has segfaulted decoding streams it found no codec for (truncated files): never try.
+            if stream.codec_context is None:
+                raise self._error("unsupported", "no decoder for its video stream (unknown codec or damaged)")
+            stream.thread_type = self._threads
+            stream.thread_count = DECODER_THREADS
+        except BaseException:
+            container.close()
+            raise
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        self.nominal_fps = float(rate) if rate else None
+        self._container, self._stream = container, stream
+        self._clock = PtsClock(self.nominal_fps)
+        self._pacer = Pacer(self.nominal_fps)
+        self._packets = container.demux()  # every stream: a video-less flood still reaches our deadline check
+
+    def read(self) -> SourceFrame | None:
+        """Next frame, None at the end; raises SourceError (no frame within the read timeout, a broken
+        stream, a closed source)."""
+        if self._container is None:
+            raise self._error("ended", "the source is closed" if self._closed else "the source is not open")
+        deadline = time.monotonic() + self.read_timeout_s
+        while not self._pending:
+            if self._eof:
+                return None
+            if time.monotonic() > deadline:
+                raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
+            self._decode_next_packet()
+        frame = self._pending.popleft()
+        wall = time.time()
+        pts = self._clock(frame.time)
+        if self._pace:
+            self._pacer.wait(pts)
+        out = SourceFrame(self._index, pts, wall, (frame.height, frame.width), frame)
+        self._index += 1
+        return out
+
+    def _decode_next_packet(self) -> None:
+        assert self._container is not None and self._stream is not None and self._packets is not None
+        packet = self._call(next, self.read_timeout_s, self._packets, None)
+        if packet is None:
+            self._at_end()
+            return
+        if packet.stream_index != self._stream.index:
+            return
+        cause = None
+        try:
+            frames = self._stream.decode(packet)  # the empty packet at the end flushes the decoder
+        except av.FFmpegError as exc:
+            # A corrupt packet (lost RTP packets, a damaged file): skip it, as ffmpeg does, unless the stream
+            # is broken for good.
+            self.decode_errors += 1
+            self._consecutive_errors += 1
+            if self._consecutive_errors < MAX_CONSECUTIVE_DECODE_ERRORS:
+                return
+            cause = (f"{self._consecutive_errors} packets in a row failed to decode "
+                     f"({getattr(exc, 'strerror', None) or type(exc).__name__})")
+        if cause is not None:
+            raise self._error("decode", cause)
+        if frames:
+            self._consecutive_errors = 0
+            self._since_seek += len(frames)
+            self._pending.extend(frames)
+
+    def _at_end(self) -> None:
+        assert self._container is not None and self._stream is not None
+        if not (self._loop and self._since_seek):
+            self._eof = True
+            return
+        try:
+            # seek() also flushes the decoder, which the end-of-file flush left draining.
+            self._container.seek(0, backward=True, any_frame=False, stream=self._stream)
+        except (av.FFmpegError, OSError):
+            self._eof = True  # not seekable (a pipe, a still image format): a normal end
+            return
+        self._since_seek = 0
+        self._clock.restart()
+        self._packets = self._container.demux()
+
+    def close(self) -> None:
+        container, self._container = self._container, None
+        self._closed = True
+        self._pending.clear()
+        self._packets = None
+        self._stream = None
+        if container is not None:
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - close must never raise; the container is gone either way
+                pass
