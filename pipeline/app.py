@@ -1,0 +1,190 @@
+"""The controller: Redis (or an embedded one), Ray, the inference replicas and one StreamActor per camera;
+watches them, shows status, and shuts everything down cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from models.checkpoint import CheckpointError, read_metadata
+from pipeline.config import Config, ConfigError
+from pipeline.embedded_redis import EmbeddedRedis, reachable
+from workers.inference import InferenceActor
+from workers.redact import redact_url
+from workers.stream import StreamActor
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
+
+
+@dataclass
+class CameraHandle:
+    id: str
+    config: dict
+    actor: Any
+    done: Any = None  # ObjectRef of actor.wait(), ready when the camera's source has ended
+    final: dict | None = None
+
+
+@dataclass
+class App:
+    config: Config
+    redis_url: str | None = None  # overrides config and environment
+    say: Callable[[str], None] = print
+    cameras: dict[str, CameraHandle] = field(default_factory=dict)
+    inference: list = field(default_factory=list)
+    model_info: dict = field(default_factory=dict)
+    embedded: EmbeddedRedis | None = None
+    started_ray: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    # -- start -------------------------------------------------------------------------------
+    def resolve_redis(self) -> str:
+        url = self.redis_url or os.environ.get(REDIS_URL_ENV) or self.config.redis.url
+        if url is None:
+            self.embedded = EmbeddedRedis().start()
+            self.say(f"Redis: no URL configured, started an embedded redis-server at {self.embedded.url} "
+                     f"(read it with: hydravision tail CAMERA --redis-url {self.embedded.url})")
+            return self.embedded.url
+        if not reachable(url):
+            self.say(f"Redis at {redact_url(url)} is not reachable yet; publishers will retry and buffer "
+                     f"up to {self.config.redis.buffer} messages per camera")
+        else:
+            self.say(f"Redis: {redact_url(url)}")
+        return url
+
+    def check_model(self) -> dict:
+        path = self.config.model.checkpoint_path()
+        try:
+            meta = read_metadata(path)
+        except CheckpointError as e:
+            raise ConfigError(f"model.checkpoint: {e}") from None
+        heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
+        for i, cam in enumerate(self.config.cameras):
+            unknown = [h for h in (cam.heads or []) if h not in heads]
+            if unknown:
+                raise ConfigError(f"cameras[{i}].heads: unknown heads {unknown} for camera {cam.id!r} "
+                                  f"(the model {path.name} has {list(heads)})")
+        return heads
+
+    def start_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from an offline service
+        rc = self.config.ray
+        if rc.address == "local":
+            ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False,
+                     object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+        else:
+            ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=True)
+        self.started_ray = True
+
+    def start(self) -> None:
+        if not self.config.cameras:
+            raise ConfigError("cameras: no cameras configured")
+        self.check_model()
+        redis_url = self.resolve_redis()
+        self.start_ray()
+        ic, mc = self.config.inference, self.config.model
+        gpus = ic.num_gpus if ic.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+        for i in range(ic.replicas):
+            actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=f"hv-inference-{i}",
+                                           lifetime=None).remote(
+                str(mc.checkpoint_path()), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
+                mc.score_threshold)
+            self.inference.append(actor)
+        self.model_info = ray.get(self.inference[0].info.remote(), timeout=120)
+        self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
+                 f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
+                 f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
+        redis_cfg = {"url": redis_url, "prefix": self.config.redis.prefix, "maxlen": self.config.redis.maxlen,
+                     "buffer": self.config.redis.buffer}
+        self.redis_cfg = redis_cfg
+        for cam in self.config.cameras:
+            self.add_camera(cam.model_dump())
+
+    def add_camera(self, cam: dict) -> None:
+        actor = StreamActor.options(name=f"hv-camera-{cam['id']}").remote(
+            cam, self.inference, self.model_info, self.redis_cfg)
+        ray.get(actor.start.remote(), timeout=60)
+        self.cameras[cam["id"]] = CameraHandle(cam["id"], cam, actor, actor.wait.remote())
+        self.say(f"Camera {cam['id']}: {redact_url(cam['url'])} heads={cam.get('heads') or list(self.model_info['heads'])}")
+
+    # -- run ---------------------------------------------------------------------------------
+    def stats(self, timeout: float = 5.0) -> list[dict]:
+        refs = {cid: h.actor.stats.remote() for cid, h in self.cameras.items()}
+        out = []
+        for cid, ref in refs.items():
+            try:
+                out.append(ray.get(ref, timeout=timeout))
+            except Exception as e:  # an actor being restarted: show it, don't stop the loop
+                out.append({"camera": cid, "state": "unavailable", "last_error": f"{type(e).__name__}"})
+        return out
+
+    def finished(self) -> bool:
+        pending = [h.done for h in self.cameras.values() if h.done is not None]
+        if not pending:
+            return True
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+        return len(ready) == len(pending)
+
+    def run(self, duration: float | None = None, on_tick: Callable[[list[dict]], None] | None = None,
+            interval: float | None = None) -> list[dict]:
+        """Runs until ``duration`` seconds pass, every camera's source has ended, or stop() is called."""
+        interval = interval or self.config.status.interval_s
+        deadline = time.monotonic() + duration if duration else None
+        while not self._stop.is_set():
+            if deadline and time.monotonic() >= deadline:
+                break
+            if self.finished():
+                break
+            if on_tick:
+                on_tick(self.stats())
+            wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
+            self._stop.wait(wait)
+        return self.stats()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stop.is_set():
+                os._exit(128 + signum)
+            self.say(f"{signal.Signals(signum).name}: draining in-flight frames and flushing Redis "
+                     "(send it again to exit at once)")
+            self._stop.set()
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    # -- stop --------------------------------------------------------------------------------
+    def shutdown(self, drain: bool = True, timeout: float = 20.0) -> list[dict]:
+        finals = []
+        refs = {cid: h.actor.stop.remote(drain=drain) for cid, h in self.cameras.items()}
+        for cid, ref in refs.items():
+            try:
+                final = ray.get(ref, timeout=timeout)
+            except Exception as e:
+                final = {"camera": cid, "state": "unavailable", "last_error": type(e).__name__}
+            self.cameras[cid].final = final
+            finals.append(final)
+        for h in self.cameras.values():
+            ray.kill(h.actor, no_restart=True)
+        for actor in self.inference:
+            ray.kill(actor, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()
+        if self.embedded:
+            self.embedded.stop()
+        return finals

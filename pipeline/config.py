@@ -1,0 +1,205 @@
+"""The YAML config, validated by pydantic. Every error names the field path and the offending value.
+
+Strings may use ``${VAR}`` or ``${VAR:-default}``; secrets (camera passwords, Redis passwords)
+come from the environment this way and never need to sit in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.redact import redact_url
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; one line per problem, each naming the field path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisConfig(Strict):
+    url: str | None = Field(None, description="redis:// or rediss:// URL; None: start an embedded server")
+    prefix: str = Field("hv", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each camera's detection stream")
+    buffer: int = Field(2_000, ge=10, description="messages kept per camera while Redis is unreachable")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {redact_url(v)!r}")
+        return v
+
+
+class RayConfig(Strict):
+    address: str = Field("local", description="'local' starts Ray in-process; 'auto' or ray://host:10001 joins a cluster")
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int = Field(512, ge=64)
+
+
+class ModelConfig(Strict):
+    checkpoint: str = Field("demo", description="'demo' (bundled) or a path to a .safetensors checkpoint")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
+
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint == "demo":
+            return Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+        return Path(self.checkpoint).expanduser()
+
+
+class InferenceConfig(Strict):
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    replicas: int = Field(1, ge=1, le=64)
+    num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: all cores)")
+
+
+class TrackerConfig(Strict):
+    enabled: bool = True
+    lost_track_buffer: int = Field(30, ge=0)
+    track_activation_threshold: float = Field(0.5, ge=0, le=1)
+    minimum_consecutive_frames: int = Field(2, ge=1)
+    minimum_iou_threshold: float = Field(0.1, ge=0, le=1)
+    high_conf_det_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class CameraConfig(Strict):
+    id: str
+    url: str
+    fps: float | None = Field(None, gt=0, le=240, description="frames per second to analyse; None: every frame")
+    heads: list[str] | None = Field(None, description="heads to run; None: all heads of the model")
+    tracker: TrackerConfig = TrackerConfig()
+    transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
+    loop: bool = Field(False, description="files: start again at the end")
+    max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not CAMERA_ID.match(v):
+            raise ValueError(f"must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; got {v!r}")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme and scheme not in URL_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme!r} in {redact_url(v)!r} (use one of {', '.join(URL_SCHEMES)} or a file path)")
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("must name at least one head (or be omitted for all heads)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"lists a head twice: {v}")
+        return v
+
+
+class StatusConfig(Strict):
+    interval_s: float = Field(1.0, gt=0)
+    table: bool = True
+
+
+class Config(Strict):
+    redis: RedisConfig = RedisConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    status: StatusConfig = StatusConfig()
+    cameras: list[CameraConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "Config":
+        seen: dict[str, int] = {}
+        for i, cam in enumerate(self.cameras):
+            if cam.id in seen:
+                raise ValueError(f"cameras[{i}].id: duplicate camera id {cam.id!r} (also cameras[{seen[cam.id]}])")
+            seen[cam.id] = i
+        return self
+
+
+def interpolate_env(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
+    """Replaces ${VAR} / ${VAR:-default} in every string of a parsed YAML tree."""
+    env = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable ${{{name}}} is not set (use ${{{name}:-default}} for a default)")
+
+    return _ENV.sub(sub, value)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        value = e.get("input")
+        shown = redact_url(value) if isinstance(value, str) else value
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        if isinstance(value, dict) or e["type"] == "missing":
+            lines.append(f"{loc or 'config'}: {msg}")
+        else:
+            lines.append(f"{loc or 'config'}: {msg} (got {shown!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = interpolate_env(data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid config:\n{_format_errors(e)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,100 @@
+"""`hydravision run / demo / tail`: the long-running service and a Redis reader."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import redis
+from rich.console import Console
+from rich.live import Live
+
+from pipeline.app import REDIS_URL_ENV, App
+from pipeline.config import load_config
+from pipeline.status import status_line, status_table
+from workers.publish import keys
+from workers.redact import redact_url
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    console = Console(stderr=False)
+    interactive = console.is_terminal and config.status.table and not args.plain
+    app = App(config, redis_url=args.redis_url, say=lambda m: console.print(m, highlight=False, markup=False))
+    app.install_signal_handlers()
+    app.start()
+    console.print(f"Running {len(app.cameras)} camera(s)"
+                  + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.", highlight=False)
+    try:
+        if interactive:
+            with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live:
+                app.run(args.duration, on_tick=lambda s: live.update(status_table(s)))
+        else:
+            last = [0.0]
+
+            def tick(stats: list[dict]) -> None:
+                if time.monotonic() - last[0] >= args.log_every:
+                    last[0] = time.monotonic()
+                    console.print(status_line(stats), highlight=False, markup=False)
+            app.run(args.duration, on_tick=tick)
+    finally:
+        console.print("Stopping: draining in-flight frames, flushing Redis ...", highlight=False)
+        finals = app.shutdown(drain=True)
+    console.print(status_table(finals, title="final"))
+    failed = [f["camera"] for f in finals if f.get("state") == "failed"]
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))
+    return 1 if failed and len(failed) == len(finals) else 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    args.config = DEMO_CONFIG
+    return run(args)
+
+
+def tail(args: argparse.Namespace) -> int:
+    """Prints messages of one camera (or the events stream) as they arrive in Redis."""
+    import os
+
+    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    k = keys(args.prefix)
+    stream = k.events if args.events else k.detections(args.camera)
+    last = "0-0" if args.from_start else "$"
+    count = 0
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as e:
+        print(f"error: cannot reach Redis at {redact_url(url)}: {type(e).__name__}", file=sys.stderr)
+        return 2
+    print(f"tailing {stream} at {redact_url(url)} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while args.count is None or count < args.count:
+            reply = client.xread({stream: last}, block=5000, count=100)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    msg = json.loads(fields[b"data"])
+                    print(json.dumps(msg) if args.json else _summarize(msg), flush=True)
+                    count += 1
+                    if args.count is not None and count >= args.count:
+                        break
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _summarize(msg: dict) -> str:
+    if "type" in msg:
+        extra = {k: v for k, v in msg.items() if k not in ("v", "type", "camera", "ts")}
+        return f"{msg['ts']:.3f} {msg['camera']} {msg['type']} {json.dumps(extra)}"
+    dets = ", ".join(
+        f"{d['head']}/{d['class']}#{d['track_id'] if d['track_id'] is not None else '-'} {d['conf']:.2f}"
+        for d in msg["detections"]
+    )
+    return f"{msg['camera']} frame {msg['frame']} pts {msg['pts']:.2f} latency {msg['latency_ms']:.0f} ms: {dets or 'nothing'}"

@@ -1,0 +1,92 @@
+"""Config: defaults, ${ENV} interpolation, and errors that name the field path and the value."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, interpolate_env, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cam(**kw):
+    return {"id": "c1", "url": "synthetic://street", **kw}
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "rtsp-example.yaml"])
+def test_shipped_configs_are_valid(name, monkeypatch):
+    monkeypatch.setenv("CAM_PASSWORD", "x")
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.cameras
+
+
+def test_demo_defaults_need_no_setup(monkeypatch):
+    monkeypatch.delenv("HYDRAVISION_REDIS_URL", raising=False)
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.redis.url is None  # embedded Redis
+    assert cfg.ray.address == "local" and cfg.model.device == "auto"
+    assert all(c.url.startswith("synthetic://") for c in cfg.cameras)
+    assert cfg.model.checkpoint_path().is_file()
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"cameras": [cam(fps=-5)]}, r"cameras\[0\]\.fps: Input should be greater than 0 \(got -5\)"),
+        ({"cameras": [cam(), cam()]}, r"cameras\[1\]\.id: duplicate camera id 'c1' \(also cameras\[0\]\)"),
+        ({"cameras": [cam(colour="red")]}, r"cameras\[0\]\.colour: unknown field"),
+        ({"camera": []}, r"camera: unknown field"),
+        ({"cameras": [cam(url="ftp://x/y")]}, r"cameras\[0\]\.url: unsupported scheme 'ftp'"),
+        ({"cameras": [cam(id="bad id!")]}, r"cameras\[0\]\.id: must be 1-64 letters"),
+        ({"cameras": [cam(heads=[])]}, r"cameras\[0\]\.heads: must name at least one head"),
+        ({"cameras": [cam(transport="quic")]}, r"cameras\[0\]\.transport: Input should be 'tcp' or 'udp'"),
+        ({"cameras": [cam(tracker={"lost_track_buffer": "long"})]}, r"cameras\[0\]\.tracker\.lost_track_buffer"),
+        ({"inference": {"max_batch": 0}}, r"inference\.max_batch: Input should be greater than or equal to 1 \(got 0\)"),
+        ({"redis": {"url": "http://x"}}, r"redis\.url: must start with redis://"),
+        ({"model": {"device": "tpu"}}, r"model\.device: String should match pattern"),
+        ({"cameras": "lobby"}, r"cameras: Input should be a valid list"),
+        ([1, 2], r"expected a mapping at the top level"),
+    ],
+)
+def test_errors_name_field_path_and_value(data, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(data)
+
+
+def test_env_interpolation_with_defaults(monkeypatch):
+    monkeypatch.setenv("CAM_PW", "s3cret")
+    monkeypatch.delenv("MISSING", raising=False)
+    out = interpolate_env({"a": ["rtsp://u:${CAM_PW}@h/x", "${MISSING:-fallback}", 3]})
+    assert out == {"a": ["rtsp://u:s3cret@h/x", "fallback", 3]}
+
+
+def test_missing_env_var_names_field(monkeypatch):
+    monkeypatch.delenv("NOPE", raising=False)
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.url: environment variable \$\{NOPE\} is not set"):
+        parse_config({"cameras": [cam(url="rtsp://u:${NOPE}@h/x")]})
+
+
+def test_secrets_in_bad_values_are_redacted(monkeypatch):
+    monkeypatch.setenv("CAM_PW", "hunter2")
+    with pytest.raises(ConfigError) as err:
+        parse_config({"cameras": [cam(url="ftp://admin:${CAM_PW}@cam/x")]})
+    assert "hunter2" not in str(err.value) and "ftp://***@cam/x" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("cameras: [", "not valid YAML"), ("", "no cameras"), ("42", "expected a mapping")],
+)
+def test_bad_files(tmp_path, text, expected):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    if expected == "no cameras":
+        assert load_config(p).cameras == []
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

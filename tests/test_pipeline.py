@@ -1,0 +1,108 @@
+"""CameraPipeline without Ray: real sources, a real model (random weights), real Redis."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from mot import read_stream
+from workers.inference import InferenceService
+from workers.publish import Publisher, keys, validate
+from workers.stream import CameraPipeline
+
+MODEL_INFO = {"input_size": [192, 320], "heads": {"people": ["person"], "vehicles": ["car", "bicycle"]}}
+
+
+def empty_result(heads):
+    return {h: {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                "class_ids": np.zeros(0, np.int64)} for h in heads}
+
+
+def assert_counters_add_up(s):
+    """Nothing decoded is ever unaccounted for (here without stops that abandon frames)."""
+    d = s["dropped"]
+    assert d["shutdown"] == 0
+    assert s["decoded"] == d["rate"] + d["overload"] + s["submitted"] + s["in_slot"]
+    assert s["submitted"] == s["published"] + d["error"] + s["in_flight"]
+    assert s["decoded"] == s["published"] + sum(d.values()) + s["in_slot"] + s["in_flight"]
+
+
+@pytest.mark.timeout(60)
+def test_unpaced_source_publishes_every_frame(tiny_checkpoint, redis_server):
+    service = InferenceService(tiny_checkpoint, device="cpu", max_batch=4, max_wait_ms=2)
+    camera = {"id": "cam-a", "url": "synthetic://street?seed=3&frames=40", "realtime": False, "heads": ["people"]}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, service.infer, service.info(), pub)
+            stats = await pipe.run()
+            assert pub.flush(5)
+            return stats
+
+    stats = asyncio.run(main())
+    assert stats["state"] == "ended"
+    assert stats["decoded"] == stats["published"] == 40
+    assert_counters_add_up(stats)
+    client = redis_server.client()
+    messages = read_stream(client, keys("hv").detections("cam-a"))
+    assert [m["frame"] for m in messages] == list(range(40))
+    for m in messages:
+        validate(m, "detection")
+        assert m["heads"] == ["people"] and all(d["head"] == "people" for d in m["detections"])
+        assert m["size"] == [640, 360]
+    assert client.hget("hv:cameras", "cam-a") is not None
+    assert service.stats()["head_frames"] == {"people": 40}
+
+
+@pytest.mark.timeout(60)
+def test_overloaded_live_camera_drops_newest_wins_and_counts_add_up(redis_server):
+    """Inference 10x slower than the camera: frames are dropped, none silently, latency stays bounded."""
+    async def slow_infer(request):
+        await asyncio.sleep(0.1)
+        return empty_result(request.heads)
+
+    camera = {"id": "cam-b", "url": "synthetic://street?seed=4&fps=100", "realtime": True, "max_inflight": 1}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, slow_infer, MODEL_INFO, pub)
+            task = asyncio.create_task(pipe.run())
+            await asyncio.sleep(2.0)
+            mid = pipe.stats()
+            pipe.stop(drain=True)
+            return mid, await task
+
+    mid, final = asyncio.run(main())
+    assert_counters_add_up(mid)
+    assert_counters_add_up(final)
+    assert final["in_flight"] == 0 and final["in_slot"] == 0
+    assert final["dropped"]["overload"] > 50
+    assert 10 <= final["published"] <= 25
+    assert final["latency_ms_p95"] < 300  # newest frame wins: latency is one inference, not a growing queue
+
+
+@pytest.mark.timeout(60)
+def test_inference_errors_are_counted_and_the_camera_goes_on(redis_server):
+    calls = {"n": 0}
+
+    async def flaky_infer(request):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("replica exploded")
+        return empty_result(request.heads)
+
+    camera = {"id": "cam-c", "url": "synthetic://street?seed=5&frames=30", "realtime": False}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            return await CameraPipeline(camera, flaky_infer, MODEL_INFO, pub).run()
+
+    stats = asyncio.run(main())
+    assert stats["decoded"] == 30
+    assert stats["dropped"]["error"] == 10 and stats["published"] == 20
+    assert "replica exploded" in stats["last_error"]
+    assert_counters_add_up(stats)
+
+
+def test_unknown_head_for_camera_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"camera 'x': unknown heads \['faces'\]"):
+        CameraPipeline({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, None, MODEL_INFO, None)

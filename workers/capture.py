@@ -1,0 +1,230 @@
+"""The decode thread of one camera: read frames, keep the ones the target rate wants, letterbox them,
+hand them to the asyncio side through a one-frame slot; reconnect live sources with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from models.letterbox import Letterbox
+from workers.redact import redact_text, redact_url
+from workers.sources import Source, SourceError, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CapturedFrame:
+    index: int  # position in this camera's decoded stream (keeps counting across reconnects)
+    pts: float
+    wall: float
+    size: tuple[int, int]  # source (height, width)
+    image: np.ndarray  # (3, H, W) uint8 letterboxed
+    letterbox: Letterbox
+    truth: Any = None
+
+
+class FrameSlot:
+    """Hand-off between the decode thread and the event loop, and the decode-side counters.
+
+    Live sources: newest frame wins, a frame replaced before it was taken is counted in
+    ``replaced`` (a drop). Lossless mode (unpaced files): ``put`` waits until the frame was
+    taken, so nothing is dropped and decoding runs at the pipeline's pace. Counters change under
+    one lock, so ``snapshot()`` always adds up: decoded = dropped_rate + replaced + taken + pending.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False):
+        self.loop, self.lossless = loop, lossless
+        self.decoded = self.dropped_rate = self.replaced = self.taken = 0
+        self._item: CapturedFrame | None = None
+        self._waiting = 0  # frames decoded and blocked in put() (lossless mode)
+        self._closed = False
+        self._cond = threading.Condition()
+        self._ready = asyncio.Event()
+
+    def skip(self) -> None:
+        """From the decode thread: a decoded frame the rate gate does not want."""
+        with self._cond:
+            self.decoded += 1
+            self.dropped_rate += 1
+
+    def put(self, item: CapturedFrame) -> bool:
+        """From the decode thread. False when the slot was closed (stop requested)."""
+        with self._cond:
+            self.decoded += 1
+            if self.lossless:
+                self._waiting += 1
+                while self._item is not None and not self._closed:
+                    self._cond.wait(0.5)
+                self._waiting -= 1
+            if self._closed:
+                self.replaced += 1  # decoded but never analysed: counted as a drop, not lost
+                return False
+            if self._item is not None:
+                self.replaced += 1
+            self._item = item
+        self.loop.call_soon_threadsafe(self._ready.set)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        try:
+            self.loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # loop already closed: nobody is waiting any more
+            pass
+
+    def snapshot(self) -> dict[str, int]:
+        with self._cond:
+            return {"decoded": self.decoded, "dropped_rate": self.dropped_rate, "replaced": self.replaced,
+                    "taken": self.taken, "pending": int(self._item is not None) + self._waiting}
+
+    def drop_pending(self) -> int:
+        """Counts a frame left in the slot at shutdown as dropped; returns how many."""
+        with self._cond:
+            n = int(self._item is not None)
+            self._item = None
+            self.replaced += n
+            return n
+
+    async def get(self) -> CapturedFrame | None:
+        """Next frame, or None once closed and empty."""
+        while True:
+            with self._cond:
+                if self._item is not None:
+                    item, self._item = self._item, None
+                    self.taken += 1
+                    self._cond.notify_all()
+                    return item
+                if self._closed:
+                    return None
+                self._ready.clear()
+            await self._ready.wait()
+
+
+@dataclass
+class CaptureSettings:
+    url: str
+    input_size: tuple[int, int]
+    fps: float | None = None  # analyse at most this many frames per second of stream time
+    transport: str = "tcp"
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    realtime: bool = True
+    loop: bool = False
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 15.0
+
+
+class Capture:
+    """Runs the decode loop in a daemon thread. ``on_event(type, fields)`` is called from that thread."""
+
+    def __init__(self, settings: CaptureSettings, slot: FrameSlot, on_event: Callable[[str, dict], None]):
+        self.s, self.slot, self.on_event = settings, slot, on_event
+        self.decoded = 0  # frames read from the source (the slot keeps the authoritative counters)
+        self.reconnects = 0
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_frame_wall: float | None = None
+        self.source_fps: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(settings.url)}", daemon=True)
+        self._source: Source | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.slot.close()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        attempt = 0
+        next_due: float | None = None  # stream time of the next frame the rate gate lets through
+        pts_offset = 0.0  # keeps pts increasing across reconnects
+        last_pts = 0.0
+        try:
+            while not self._stop.is_set():
+                source: Source | None = None
+                try:
+                    source = open_source(self.s.url, transport=self.s.transport, open_timeout_s=self.s.open_timeout_s,
+                                         read_timeout_s=self.s.read_timeout_s, realtime=self.s.realtime,
+                                         loop=self.s.loop)
+                    self._source = source
+                    source.open()
+                    self.source_fps = source.nominal_fps
+                    self.state = "running"
+                    self.on_event("stream_up", {"attempt": attempt} if attempt else {})
+                    attempt = 0
+                    base = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
+                    pts_offset = base
+                    while not self._stop.is_set():
+                        frame = source.read()
+                        if frame is None:
+                            break
+                        self.decoded += 1
+                        self.last_frame_wall = time.time()
+                        pts = pts_offset + frame.pts
+                        last_pts = pts
+                        if self.s.fps:
+                            if next_due is not None and pts + 1e-6 < next_due:
+                                self.slot.skip()
+                                continue
+                            period = 1.0 / self.s.fps
+                            next_due = pts + period if next_due is None or pts - next_due > period else next_due + period
+                        image, lb = frame.to_model_input(self.s.input_size)
+                        item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
+                                             getattr(frame, "truth", None))
+                        if not self.slot.put(item):
+                            return
+                    if self._stop.is_set():
+                        return
+                    if not source.live:
+                        self.state = "ended"
+                        self.on_event("stream_down", {"reason": "end of file"})
+                        return
+                    reason = "end of stream"
+                except SourceError as e:
+                    reason = redact_text(str(e), [self.s.url])
+                    self.last_error = reason
+                    if source is None or not source.live or e.kind in ("unsupported", "not_video"):
+                        self.state = "failed"
+                        self.on_event("stream_down", {"reason": reason, "final": True})
+                        return
+                finally:
+                    if source is not None:
+                        source.close()
+                    self._source = None
+                # A live camera that dropped or never answered: back off, then try again, forever.
+                attempt += 1
+                self.reconnects += 1
+                self.state = "reconnecting"
+                delay = min(self.s.backoff_max_s, self.s.backoff_initial_s * 2 ** (attempt - 1))
+                delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
+                self.on_event("stream_down", {"reason": reason})
+                self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
+                if self._stop.wait(delay):
+                    return
+        except Exception as e:  # a bug here must not kill the actor silently
+            self.state = "failed"
+            self.last_error = redact_text(f"{type(e).__name__}: {e}", [self.s.url])
+            log.exception("capture of %s crashed", redact_url(self.s.url))
+            self.on_event("stream_down", {"reason": self.last_error, "final": True})
+        finally:
+            if self.state not in ("ended", "failed"):
+                self.state = "stopped"
+            self.slot.close()

@@ -1,0 +1,67 @@
+"""What crosses between actors: a letterboxed frame going to inference, small arrays coming back.
+
+Model output becomes ``supervision.Detections`` here and only here (``to_detections``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import supervision as sv
+
+from models.letterbox import Letterbox, boxes_to_source
+
+# One head's result for one frame, as the InferenceActor returns it (model-input pixels):
+# {"boxes": (K, 4) float32 xyxy, "scores": (K,) float32, "class_ids": (K,) int64}
+HeadArrays = dict[str, np.ndarray]
+
+
+@dataclass
+class FrameRequest:
+    """A frame on its way to inference. Only the small letterboxed image travels, never full resolution."""
+
+    camera: str
+    frame: int  # index of the frame in this camera's decoded stream
+    pts: float  # source timestamp, seconds
+    wall: float  # capture wall time (time.time()), for latency
+    size: tuple[int, int]  # source (height, width)
+    letterbox: Letterbox
+    image: np.ndarray  # (3, H, W) uint8, C-contiguous
+    heads: list[str] | None = None  # None: every head of the model
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[0] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"expected a (3, H, W) uint8 image, got {self.image.shape} {self.image.dtype}")
+        if tuple(self.image.shape[1:]) != tuple(self.letterbox.dst_size):
+            raise ValueError(f"image size {tuple(self.image.shape[1:])} does not match letterbox {self.letterbox.dst_size}")
+
+
+def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> sv.Detections:
+    """One head's arrays (model-input pixels) -> sv.Detections in source pixels, with class names in data."""
+    boxes = np.asarray(arrays["boxes"], np.float32).reshape(-1, 4)
+    class_ids = np.asarray(arrays["class_ids"]).astype(int).reshape(-1)
+    if len(boxes) == 0:
+        det = sv.Detections.empty()
+        det.data["class_name"] = np.array([], dtype=str)
+        return det
+    names = np.array([class_names[i] for i in class_ids])
+    return sv.Detections(
+        xyxy=boxes_to_source(boxes, lb),
+        confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),
+        class_id=class_ids,
+        data={"class_name": names},
+    )
+
+
+def detection_records(head: str, det: sv.Detections, track_ids: np.ndarray | None) -> list[dict]:
+    """sv.Detections -> the per-detection dicts of the schema v1 message."""
+    out = []
+    names = det.data.get("class_name", [""] * len(det))
+    for i in range(len(det)):
+        tid = None if track_ids is None or track_ids[i] < 0 else int(track_ids[i])
+        x1, y1, x2, y2 = (round(float(v), 1) for v in det.xyxy[i])
+        out.append({"head": head, "track_id": tid, "class": str(names[i]), "class_id": int(det.class_id[i]),
+                    "conf": round(float(det.confidence[i]), 4), "box": [x1, y1, x2, y2]})
+    return out

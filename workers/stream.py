@@ -1,0 +1,282 @@
+"""One camera, end to end: decode thread -> newest-frame slot -> inference (bounded in flight) ->
+boxes back to source pixels -> trackers -> Redis. ``CameraPipeline`` is plain asyncio that tests
+run without Ray; ``StreamActor`` is the thin Ray actor that hosts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import zlib
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import ray
+
+from workers.capture import Capture, CapturedFrame, CaptureSettings, FrameSlot
+from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
+from workers.publish import Publisher, detection_message, event_message
+from workers.redact import redact_text, redact_url
+from workers.tracking import CameraTracker, TrackerSettings
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]
+
+
+class CameraPipeline:
+    """Runs one camera until its source ends or ``stop()``; all per-camera state lives here.
+
+    Counters add up at all times: decoded = published + sum(dropped) + in_slot + in_flight, where
+    dropped counts by reason: rate (target fps), overload (a newer frame replaced it), error
+    (inference failed) and shutdown (abandoned by a stop without drain).
+    """
+
+    def __init__(self, camera: dict, infer: InferFn, model_info: dict, publisher: Publisher,
+                 infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None):
+        self.camera = camera
+        self.id = camera["id"]
+        self.infer = infer
+        self.publisher = publisher
+        self.infer_timeout_s = infer_timeout_s
+        model_heads: dict[str, list[str]] = model_info["heads"]
+        self.heads = camera.get("heads") or list(model_heads)
+        unknown = [h for h in self.heads if h not in model_heads]
+        if unknown:
+            raise ValueError(f"camera {self.id!r}: unknown heads {unknown} (the model has {list(model_heads)})")
+        self.classes = {h: model_heads[h] for h in self.heads}
+        self.input_size = tuple(model_info["input_size"])
+        self.tracker_cfg = camera.get("tracker") or {}
+        self.tracking = self.tracker_cfg.get("enabled", True)
+        self.tracker: CameraTracker | None = None
+        self.track_id_base = track_id_base or {}
+        self.submitted = self.published = self.dropped_error = 0
+        self.shutdown_held = self.shutdown_inflight = 0  # frames abandoned by a stop without drain
+        self._holding = 0  # a frame taken from the slot, waiting for a free inference slot
+        self.latencies: collections.deque[float] = collections.deque(maxlen=300)
+        self.publish_times: collections.deque[float] = collections.deque(maxlen=300)
+        self.last_error: str | None = None
+        self.state = "created"
+        self.started_at: float | None = None
+        self._stopping = False
+        self._drain = True
+        self._inflight: asyncio.Semaphore | None = None
+        self._capture: Capture | None = None
+        self._slot: FrameSlot | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> dict:
+        loop = asyncio.get_running_loop()
+        self.started_at = time.time()
+        self.state = "starting"
+        lossless = not self.camera.get("realtime", True) and not _is_live(self.camera["url"])
+        self._slot = FrameSlot(loop, lossless=lossless)
+        settings = CaptureSettings(
+            url=self.camera["url"], input_size=self.input_size, fps=self.camera.get("fps"),
+            transport=self.camera.get("transport", "tcp"), open_timeout_s=self.camera.get("open_timeout_s", 10.0),
+            read_timeout_s=self.camera.get("read_timeout_s", 10.0), realtime=self.camera.get("realtime", True),
+            loop=self.camera.get("loop", False),
+        )
+        self._capture = Capture(settings, self._slot, self._on_capture_event)
+        self._inflight = asyncio.Semaphore(self.camera.get("max_inflight", 2))
+        results: asyncio.Queue = asyncio.Queue()
+        finisher = asyncio.create_task(self._finish_loop(results))
+        self._capture.start()
+        self.state = "running"
+        try:
+            while not self._stopping:
+                item = await self._slot.get()
+                if item is None:
+                    break
+                self._holding = 1
+                await self._inflight.acquire()
+                if self._stopping and not self._drain:
+                    self._inflight.release()
+                    self._holding, self.shutdown_held = 0, self.shutdown_held + 1
+                    break
+                request = FrameRequest(self.id, item.index, item.pts, item.wall, item.size, item.letterbox,
+                                       item.image, self.heads)
+                self._holding = 0
+                self.submitted += 1
+                results.put_nowait((item, asyncio.ensure_future(self._call(request))))
+        finally:
+            results.put_nowait(None)
+            await finisher
+            self._capture.stop()
+            self._slot.drop_pending()  # a frame still waiting at shutdown counts as dropped, not lost
+            if self.tracker:
+                for ev in self.tracker.finish():
+                    self._event(ev.pop("type"), ev)
+            self.state = self._capture.state if self._capture.state in ("ended", "failed") else "stopped"
+            self.publish_status()
+        return self.stats()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stops reading; with ``drain`` the frames already in inference are still tracked and published."""
+        self._stopping, self._drain = True, drain
+        if self._slot:
+            self._slot.close()
+
+    async def _call(self, request: FrameRequest) -> dict[str, HeadArrays]:
+        return await asyncio.wait_for(self.infer(request), self.infer_timeout_s)
+
+    # -- results, in frame order ---------------------------------------------------------------
+    async def _finish_loop(self, results: asyncio.Queue) -> None:
+        while True:
+            entry = await results.get()
+            if entry is None:
+                return
+            item, fut = entry
+            try:
+                arrays = await fut
+            except Exception as e:  # inference failed or timed out: count it, keep the camera going
+                self.dropped_error += 1
+                self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera["url"]])
+                log.warning("camera %s frame %d: %s", self.id, item.index, self.last_error)
+                continue
+            finally:
+                assert self._inflight is not None
+                self._inflight.release()
+            if self._stopping and not self._drain:
+                self.shutdown_inflight += 1
+                continue
+            self._publish_frame(item, arrays)
+
+    def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
+        if self.tracking and self.tracker is None:
+            fps = self.camera.get("fps") or (self._capture.source_fps if self._capture else None) or 25.0
+            self.tracker = CameraTracker(self.heads, _tracker_settings(self.tracker_cfg), fps, self.track_id_base)
+        records: list[dict] = []
+        for head in self.heads:
+            if head not in arrays:
+                continue
+            det = to_detections(arrays[head], item.letterbox, self.classes[head])
+            ids = None
+            if self.tracker is not None:
+                det, events = self.tracker.update(head, det, item.index, item.pts)
+                ids = det.tracker_id
+                for ev in events:
+                    self._event(ev.pop("type"), ev)
+            records += detection_records(head, det, ids)
+        now = time.time()
+        latency_ms = (now - item.wall) * 1000
+        h, w = item.size
+        msg = detection_message(self.id, item.index, item.pts, item.wall, latency_ms, (w, h), records, self.heads)
+        self.publisher.publish_detections(msg)
+        self.published += 1
+        self.latencies.append(latency_ms)
+        self.publish_times.append(now)
+
+    # -- events, status, stats -----------------------------------------------------------------
+    def _event(self, type_: str, fields: dict) -> None:
+        self.publisher.publish_event(event_message(type_, self.id, **fields))
+
+    def _on_capture_event(self, type_: str, fields: dict) -> None:
+        """Called from the decode thread; the publisher queue is thread-safe."""
+        if "reason" in fields:
+            self.last_error = fields["reason"]
+        self._event(type_, dict(fields))
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        s = self.stats()
+        self.publisher.set_status(self.id, {k: s[k] for k in (
+            "state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded", "published",
+            "dropped", "reconnects", "last_frame_ts", "last_error")})
+
+    def stats(self) -> dict[str, Any]:
+        cap, slot = self._capture, self._slot
+        now = time.time()
+        recent = [t for t in self.publish_times if now - t <= 5.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        lat = np.array(self.latencies) if self.latencies else None
+        state = self.state
+        if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed"):
+            state = cap.state
+        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "pending": 0}
+        dropped = {"rate": snap["dropped_rate"], "overload": snap["replaced"], "error": self.dropped_error,
+                   "shutdown": self.shutdown_held + self.shutdown_inflight}
+        decoded = snap["decoded"]
+        return {
+            "camera": self.id, "url": redact_url(self.camera["url"]), "state": state, "heads": self.heads,
+            "decoded": decoded, "submitted": self.submitted, "published": self.published, "dropped": dropped,
+            "in_slot": snap["pending"] + self._holding,
+            "in_flight": self.submitted - self.published - self.dropped_error - self.shutdown_inflight,
+            "fps": round(fps, 2), "decode_fps": round(decoded / max(1e-6, now - self.started_at), 2) if self.started_at else 0.0,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat is not None else None,
+            "reconnects": cap.reconnects if cap else 0,
+            "last_frame_ts": cap.last_frame_wall if cap else None,
+            "last_error": self.last_error,
+            "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
+        }
+
+
+def _is_live(url: str) -> bool:
+    """Sources that never end by themselves: end of stream there means a disconnect."""
+    return url.split("://", 1)[0].lower() in ("rtsp", "rtsps", "http", "https", "device") or url.startswith("/dev/video")
+
+
+def _tracker_settings(cfg: dict) -> TrackerSettings:
+    fields = TrackerSettings.__dataclass_fields__
+    return TrackerSettings(**{k: v for k, v in cfg.items() if k in fields})
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class StreamActor:
+    """Ray shell around CameraPipeline and its Publisher. One per camera."""
+
+    def __init__(self, camera: dict, inference: list, model_info: dict, redis: dict):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.camera, self.inference, self.model_info, self.redis = camera, inference, model_info, redis
+        self.pipeline: CameraPipeline | None = None
+        self.task: asyncio.Task | None = None
+        self.publisher: Publisher | None = None
+        self.status_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Starts the camera and returns at once; ``wait`` returns when it ends."""
+        if self.task is not None:
+            return
+        self.publisher = Publisher(self.redis["url"], prefix=self.redis.get("prefix", "hv"),
+                                   maxlen=self.redis.get("maxlen", 10_000), buffer=self.redis.get("buffer", 2_000),
+                                   name=f"hydravision-{self.camera['id']}").start()
+        # Stable spread of cameras over replicas (str hash() differs per process).
+        replica = self.inference[zlib.crc32(self.camera["id"].encode()) % len(self.inference)]
+        self.pipeline = CameraPipeline(self.camera, lambda r: replica.infer.remote(r), self.model_info, self.publisher)
+        self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
+        self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.pipeline:
+                self.pipeline.publish_status()
+
+    async def wait(self) -> dict:
+        assert self.task is not None
+        return await asyncio.shield(self.task)
+
+    async def stop(self, drain: bool = True, timeout: float = 10.0) -> dict:
+        if self.pipeline is None or self.task is None:
+            return {}
+        self.pipeline.stop(drain)
+        try:
+            stats = await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except asyncio.TimeoutError:
+            stats = self.pipeline.stats()
+        if self.status_task:
+            self.status_task.cancel()
+        self.pipeline.publish_status()
+        if self.publisher:
+            await asyncio.get_running_loop().run_in_executor(None, self.publisher.close, 5.0)
+            stats["publisher"] = self.publisher.stats()
+        return stats
+
+    async def stats(self) -> dict:
+        s = self.pipeline.stats() if self.pipeline else {"camera": self.camera["id"], "state": "created"}
+        if self.publisher:
+            s["publisher"] = self.publisher.stats()
+        return s

@@ -1,0 +1,107 @@
+"""Per-camera tracking: one ByteTrack tracker per head (Roboflow's `trackers`), plus track lifecycle events.
+
+Track ids are namespaced per (camera, head) and offset by ``id_base``, so a tracker that is
+restarted (a new actor after a crash) continues numbering instead of reusing ids that
+consumers have already seen for other objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import supervision as sv
+from trackers import ByteTrackTracker
+
+
+@dataclass
+class TrackState:
+    head: str
+    track_id: int
+    class_name: str
+    first_frame: int
+    first_pts: float
+    last_frame: int
+    last_pts: float
+    frames: int = 1
+
+
+@dataclass
+class TrackerSettings:
+    lost_track_buffer: int = 30
+    track_activation_threshold: float = 0.5
+    minimum_consecutive_frames: int = 2
+    minimum_iou_threshold: float = 0.1
+    high_conf_det_threshold: float = 0.5
+
+
+@dataclass
+class HeadTracker:
+    head: str
+    tracker: ByteTrackTracker
+    id_base: int = 0
+    next_id: int = 0  # first id not handed out yet (absolute, id_base included)
+    active: dict[int, TrackState] = field(default_factory=dict)
+
+
+class CameraTracker:
+    """Tracks every head of one camera. ``update`` returns tracked detections and lifecycle events."""
+
+    def __init__(self, heads: list[str], settings: TrackerSettings, frame_rate: float,
+                 id_base: dict[str, int] | None = None):
+        id_base = id_base or {}
+        self.settings, self.frame_rate = settings, frame_rate
+        self.heads = {h: HeadTracker(h, self._new_tracker(), id_base.get(h, 0), id_base.get(h, 0)) for h in heads}
+
+    def _new_tracker(self) -> ByteTrackTracker:
+        s = self.settings
+        return ByteTrackTracker(
+            lost_track_buffer=s.lost_track_buffer, frame_rate=self.frame_rate,
+            track_activation_threshold=s.track_activation_threshold,
+            minimum_consecutive_frames=s.minimum_consecutive_frames,
+            minimum_iou_threshold=s.minimum_iou_threshold, high_conf_det_threshold=s.high_conf_det_threshold,
+        )
+
+    def next_ids(self) -> dict[str, int]:
+        """Per head, the first id not yet handed out (persist it; pass it back as ``id_base`` on restart)."""
+        return {h: ht.next_id for h, ht in self.heads.items()}
+
+    def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> tuple[sv.Detections, list[dict]]:
+        """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts
+        (``type`` track_started / track_ended with head, track_id, class and timing)."""
+        ht = self.heads[head]
+        tracked = ht.tracker.update(det)
+        ids = np.asarray(tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1))
+        ids = np.where(ids >= 0, ids + ht.id_base, -1)
+        tracked.tracker_id = ids
+        events: list[dict] = []
+        names = tracked.data.get("class_name", np.array([""] * len(tracked)))
+        for tid, name in zip(ids.tolist(), names):
+            if tid < 0:
+                continue
+            st = ht.active.get(tid)
+            ht.next_id = max(ht.next_id, tid + 1)
+            if st is None:
+                ht.active[tid] = TrackState(head, tid, str(name), frame, pts, frame, pts)
+                events.append({"type": "track_started", "head": head, "track_id": tid, "class": str(name),
+                               "frame": frame, "pts": round(pts, 3)})
+            else:
+                st.last_frame, st.last_pts, st.frames = frame, pts, st.frames + 1
+        alive = {t.tracker_id + ht.id_base for t in ht.tracker.tracks if t.tracker_id >= 0}
+        for tid in [t for t in ht.active if t not in alive]:
+            events.append(self._ended(ht.active.pop(tid)))
+        return tracked, events
+
+    def finish(self) -> list[dict]:
+        """track_ended for every open track (camera stopping or removed)."""
+        events = []
+        for ht in self.heads.values():
+            events += [self._ended(st) for st in ht.active.values()]
+            ht.active.clear()
+        return events
+
+    @staticmethod
+    def _ended(st: TrackState) -> dict:
+        return {"type": "track_ended", "head": st.head, "track_id": st.track_id, "class": st.class_name,
+                "frames": st.frames, "duration_s": round(max(0.0, st.last_pts - st.first_pts), 3),
+                "first_frame": st.first_frame, "last_frame": st.last_frame}
