@@ -1,0 +1,45 @@
+"""Inference-only rewrite: fold each BatchNorm into the convolution before it (one op instead of two).
+
+In eval mode BN is an affine map per channel, so ``bn(conv(x)) == conv'(x)`` with
+``w' = w * g / sqrt(var + eps)`` and ``b' = (b - mean) * g / sqrt(var + eps) + beta``. Applied to a copy
+used for serving; checkpoints keep the original layout (and torchvision's keys).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# (conv attribute, bn attribute) pairs inside torchvision-layout ResNet modules.
+_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def fuse_conv_bn(module: nn.Module) -> int:
+    """Folds every conv->BN pair of a (ResNet) module in place; the module must be in eval mode.
+    Returns how many pairs were folded."""
+    if module.training:
+        raise ValueError("fold BatchNorm only in eval mode (training updates its statistics)")
+    count = 0
+    for m in module.modules():
+        for conv_name, bn_name in _PAIRS:
+            conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(m, conv_name, fold_bn(conv, bn))
+                setattr(m, bn_name, nn.Identity())
+                count += 1
+        downsample = getattr(m, "downsample", None)
+        if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[1], nn.BatchNorm2d):
+            m.downsample = nn.Sequential(fold_bn(downsample[0], downsample[1]), nn.Identity())
+            count += 1
+    return count

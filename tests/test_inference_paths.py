@@ -1,0 +1,101 @@
+"""The GPU-oriented inference paths, exercised as far as a CPU can: BN folding, autocast, staging copies, compile."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from models.fuse import fuse_conv_bn
+from models.hydranet import HydraNet, HydraNetConfig
+from workers.inference import ModelRunner, pick_autocast, pick_device
+
+
+def model_with_real_bn_stats(depth: int = 18) -> HydraNet:
+    cfg = HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": depth, "width": 8},
+                         neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}})
+    torch.manual_seed(0)
+    m = HydraNet(cfg)
+    for mod in m.modules():  # untrained BN is the identity; make the folding test meaningful
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("depth, pairs", [(10, 12), (18, 20), (50, 53)])
+def test_bn_folding_gives_the_same_features(depth, pairs):
+    model = model_with_real_bn_stats(depth)
+    fused = copy.deepcopy(model)
+    assert fuse_conv_bn(fused.backbone) == pairs
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        for a, b in zip(model.features(x), fused.features(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bn_folding_refuses_training_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_bn(model_with_real_bn_stats().train().backbone)
+
+
+@pytest.mark.parametrize(
+    "precision, device, expected",
+    [("auto", "cpu", None), ("fp32", "cuda", None), ("auto", "cuda", torch.float16), ("fp16", "cpu", torch.float16),
+     ("bf16", "cpu", torch.bfloat16), ("bf16", "cuda", torch.bfloat16)],
+)
+def test_autocast_choice(precision, device, expected):
+    assert pick_autocast(precision, torch.device(device)) == expected
+
+
+def test_device_choice_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert pick_device("auto").type == "cpu"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from models.checkpoint import save_checkpoint
+
+    return save_checkpoint(model_with_real_bn_stats(), tmp_path / "m.safetensors")
+
+
+def test_runner_bf16_autocast_on_cpu_close_to_fp32(checkpoint):
+    """The mixed-precision path (fp16 on GPU) runs the same code; on CPU bf16 exercises it."""
+    images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(3)]
+    full = ModelRunner(checkpoint, device="cpu", precision="fp32", score_threshold=0.01)
+    half = ModelRunner(checkpoint, device="cpu", precision="bf16", score_threshold=0.01)
+    x = torch.from_numpy(np.stack(images)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a = full.model(full.model.normalize(x))["people"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = half.model(half.model.normalize(x))["people"]
+    for k in a:
+        assert b[k].dtype == torch.bfloat16 or k == "box_ltrb"
+        torch.testing.assert_close(b[k].float(), a[k], atol=0.15, rtol=0.1)
+    out = half.run(images, [None] * 3)
+    assert all(np.isfinite(r["people"]["boxes"]).all() and r["people"]["boxes"].dtype == np.float32 for r in out)
+
+
+def test_staging_buffer_copy_gives_the_same_results(checkpoint):
+    """On CUDA frames go through a pinned staging buffer; the same copy code runs here unpinned."""
+    images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(4)]
+    direct = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
+    staged = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
+    staged._staging = torch.empty((8, 3, 64, 96), dtype=torch.uint8)
+    a, b = direct.run(images, [None] * 4), staged.run(images, [None] * 4)
+    for ra, rb in zip(a, b):
+        np.testing.assert_array_equal(ra["people"]["boxes"], rb["people"]["boxes"])
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager(checkpoint):
+    images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(2)]
+    eager = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
+    compiled = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, compile=True)
+    for ra, rb in zip(eager.run(images, [None] * 2), compiled.run(images, [None] * 2)):
+        np.testing.assert_allclose(ra["people"]["scores"], rb["people"]["scores"], atol=1e-3)
