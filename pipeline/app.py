@@ -18,6 +18,7 @@ from models.checkpoint import CheckpointError, read_metadata
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
 from workers.inference import InferenceActor
+from workers.publish import Publisher, event_message
 from workers.redact import redact_url
 from workers.stream import StreamActor
 
@@ -33,6 +34,7 @@ class CameraHandle:
     actor: Any
     done: Any = None  # ObjectRef of actor.wait(), ready when the camera's source has ended
     final: dict | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -45,6 +47,8 @@ class App:
     model_info: dict = field(default_factory=dict)
     embedded: EmbeddedRedis | None = None
     started_ray: bool = False
+    events: Publisher | None = None  # the controller's own events (worker_restarted)
+    inference_pids: list = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     # -- start -------------------------------------------------------------------------------
@@ -101,15 +105,18 @@ class App:
             actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=f"hv-inference-{i}",
                                            lifetime=None).remote(
                 str(mc.checkpoint_path()), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
-                mc.score_threshold)
+                mc.score_threshold, mc.compile)
             self.inference.append(actor)
         self.model_info = ray.get(self.inference[0].info.remote(), timeout=120)
+        self.inference_pids = ray.get([a.ping.remote() for a in self.inference], timeout=120)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
         redis_cfg = {"url": redis_url, "prefix": self.config.redis.prefix, "maxlen": self.config.redis.maxlen,
                      "buffer": self.config.redis.buffer}
         self.redis_cfg = redis_cfg
+        self.events = Publisher(redis_url, prefix=self.config.redis.prefix, maxlen=self.config.redis.maxlen,
+                                name="hydravision-controller").start()
         for cam in self.config.cameras:
             self.add_camera(cam.model_dump())
 
@@ -122,21 +129,63 @@ class App:
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
+        """Per-camera stats; also restarts cameras whose actor Ray has restarted, and reports restarts."""
         refs = {cid: h.actor.stats.remote() for cid, h in self.cameras.items()}
         out = []
         for cid, ref in refs.items():
             try:
-                out.append(ray.get(ref, timeout=timeout))
+                s = ray.get(ref, timeout=timeout)
             except Exception as e:  # an actor being restarted: show it, don't stop the loop
                 out.append({"camera": cid, "state": "unavailable", "last_error": f"{type(e).__name__}"})
+                continue
+            if s.get("state") == "created" and not self._stop.is_set():
+                s = self._restart_camera(self.cameras[cid]) or s
+            out.append(s)
+        self._check_inference()
         return out
 
+    def _restart_camera(self, h: CameraHandle) -> dict | None:
+        """Ray re-ran the actor's constructor after a crash; give it its camera again."""
+        try:
+            ray.get(h.actor.start.remote(), timeout=30)
+        except Exception as e:
+            log.warning("camera %s: restart failed: %s", h.id, type(e).__name__)
+            return None
+        h.restarts += 1
+        h.done = h.actor.wait.remote()
+        self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted")
+        return ray.get(h.actor.stats.remote(), timeout=10)
+
+    def _check_inference(self) -> None:
+        for i, actor in enumerate(self.inference):
+            try:
+                pid = ray.get(actor.ping.remote(), timeout=2)
+            except Exception:  # restarting right now; the next tick will see the new process
+                continue
+            if i < len(self.inference_pids) and pid != self.inference_pids[i]:
+                self.inference_pids[i] = pid
+                self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted")
+
+    def _report_restart(self, worker: str, camera: str, reason: str) -> None:
+        self.say(f"{reason}")
+        if self.events:
+            self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason))
+
     def finished(self) -> bool:
-        pending = [h.done for h in self.cameras.values() if h.done is not None]
+        """True when every camera's source has ended (files); a crashed actor is not an ended camera."""
+        pending = [h for h in self.cameras.values() if h.done is not None]
         if not pending:
-            return True
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-        return len(ready) == len(pending)
+            return False
+        ready, _ = ray.wait([h.done for h in pending], num_returns=len(pending), timeout=0)
+        if len(ready) < len(pending):
+            return False
+        for h in pending:
+            try:
+                ray.get(h.done, timeout=0)
+            except Exception:  # the actor died; Ray restarts it and stats() re-arms it
+                h.done = None
+                return False
+        return True
 
     def run(self, duration: float | None = None, on_tick: Callable[[list[dict]], None] | None = None,
             interval: float | None = None) -> list[dict]:
@@ -148,8 +197,9 @@ class App:
                 break
             if self.finished():
                 break
+            stats = self.stats()
             if on_tick:
-                on_tick(self.stats())
+                on_tick(stats)
             wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
             self._stop.wait(wait)
         return self.stats()
@@ -183,6 +233,8 @@ class App:
             ray.kill(h.actor, no_restart=True)
         for actor in self.inference:
             ray.kill(actor, no_restart=True)
+        if self.events:
+            self.events.close(5.0)
         if self.started_ray:
             ray.shutdown()
         if self.embedded:

@@ -56,6 +56,7 @@ class ModelConfig(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
+    compile: bool = Field(False, description="torch.compile the backbone and neck (slow start; mostly a GPU win)")
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint == "demo":
@@ -92,6 +93,8 @@ class CameraConfig(Strict):
     realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
+    stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
+                                          "without progress; default 3 x read_timeout_s + open_timeout_s")
 
     @field_validator("id")
     @classmethod

@@ -128,15 +128,19 @@ class CaptureSettings:
 class Capture:
     """Runs the decode loop in a daemon thread. ``on_event(type, fields)`` is called from that thread."""
 
-    def __init__(self, settings: CaptureSettings, slot: FrameSlot, on_event: Callable[[str, dict], None]):
+    def __init__(self, settings: CaptureSettings, slot: FrameSlot, on_event: Callable[[str, dict], None],
+                 first_index: int = 0, first_pts: float = 0.0):
         self.s, self.slot, self.on_event = settings, slot, on_event
-        self.decoded = 0  # frames read from the source (the slot keeps the authoritative counters)
+        self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
+        self.last_pts = first_pts
+        self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
         self.state = "starting"
         self.last_error: str | None = None
         self.last_frame_wall: float | None = None
         self.source_fps: float | None = None
         self._stop = threading.Event()
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(settings.url)}", daemon=True)
         self._source: Source | None = None
 
@@ -148,6 +152,15 @@ class Capture:
         self.slot.close()
         self._thread.join(timeout)
 
+    def abandon(self) -> None:
+        """Tells a stuck thread to exit whenever it wakes, without closing the shared slot."""
+        self._abandoned = True
+        self._stop.set()
+
+    def silent_for(self) -> float:
+        """Seconds since the thread last showed progress (a frame, an open attempt, a retry)."""
+        return time.monotonic() - self.heartbeat
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -156,10 +169,11 @@ class Capture:
         attempt = 0
         next_due: float | None = None  # stream time of the next frame the rate gate lets through
         pts_offset = 0.0  # keeps pts increasing across reconnects
-        last_pts = 0.0
+        last_pts = self.last_pts
         try:
             while not self._stop.is_set():
                 source: Source | None = None
+                self.heartbeat = time.monotonic()
                 try:
                     source = open_source(self.s.url, transport=self.s.transport, open_timeout_s=self.s.open_timeout_s,
                                          read_timeout_s=self.s.read_timeout_s, realtime=self.s.realtime,
@@ -174,12 +188,13 @@ class Capture:
                     pts_offset = base
                     while not self._stop.is_set():
                         frame = source.read()
-                        if frame is None:
+                        self.heartbeat = time.monotonic()
+                        if frame is None or self._stop.is_set():
                             break
                         self.decoded += 1
                         self.last_frame_wall = time.time()
                         pts = pts_offset + frame.pts
-                        last_pts = pts
+                        last_pts = self.last_pts = pts
                         if self.s.fps:
                             if next_due is not None and pts + 1e-6 < next_due:
                                 self.slot.skip()
@@ -219,6 +234,7 @@ class Capture:
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
                 if self._stop.wait(delay):
                     return
+                self.heartbeat = time.monotonic()
         except Exception as e:  # a bug here must not kill the actor silently
             self.state = "failed"
             self.last_error = redact_text(f"{type(e).__name__}: {e}", [self.s.url])
@@ -227,4 +243,5 @@ class Capture:
         finally:
             if self.state not in ("ended", "failed"):
                 self.state = "stopped"
-            self.slot.close()
+            if not self._abandoned:  # a replacement capture owns the slot now
+                self.slot.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 import zlib
@@ -14,10 +15,11 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 import ray
+import redis
 
 from workers.capture import Capture, CapturedFrame, CaptureSettings, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
-from workers.publish import Publisher, detection_message, event_message
+from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.tracking import CameraTracker, TrackerSettings
 
@@ -58,6 +60,7 @@ class CameraPipeline:
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.publish_times: collections.deque[float] = collections.deque(maxlen=300)
         self.last_error: str | None = None
+        self.watchdog_restarts = self.past_reconnects = 0
         self.state = "created"
         self.started_at: float | None = None
         self._stopping = False
@@ -83,6 +86,7 @@ class CameraPipeline:
         self._inflight = asyncio.Semaphore(self.camera.get("max_inflight", 2))
         results: asyncio.Queue = asyncio.Queue()
         finisher = asyncio.create_task(self._finish_loop(results))
+        watchdog = asyncio.create_task(self._watchdog(settings))
         self._capture.start()
         self.state = "running"
         try:
@@ -102,6 +106,7 @@ class CameraPipeline:
                 self.submitted += 1
                 results.put_nowait((item, asyncio.ensure_future(self._call(request))))
         finally:
+            watchdog.cancel()
             results.put_nowait(None)
             await finisher
             self._capture.stop()
@@ -112,6 +117,26 @@ class CameraPipeline:
             self.state = self._capture.state if self._capture.state in ("ended", "failed") else "stopped"
             self.publish_status()
         return self.stats()
+
+    async def _watchdog(self, settings: CaptureSettings) -> None:
+        """Backstop for a decoder stuck beyond its own timeouts (e.g. a hung DNS lookup inside FFmpeg):
+        abandon the thread and start a fresh capture that continues the frame numbering."""
+        stall_s = self.camera.get("stall_timeout_s") or 3 * settings.read_timeout_s + settings.open_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, stall_s / 4))
+            cap = self._capture
+            if cap is None or not cap.alive or cap.silent_for() <= stall_s:
+                continue
+            self.watchdog_restarts += 1
+            reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
+            log.warning("camera %s: %s", self.id, reason)
+            self.last_error = reason
+            self._event("stream_down", {"reason": reason})
+            cap.abandon()
+            self.past_reconnects += cap.reconnects
+            self._capture = Capture(settings, self._slot, self._on_capture_event,
+                                    first_index=cap.decoded, first_pts=cap.last_pts)
+            self._capture.start()
 
     def stop(self, drain: bool = True) -> None:
         """Stops reading; with ``drain`` the frames already in inference are still tracked and published."""
@@ -158,7 +183,12 @@ class CameraPipeline:
                 det, events = self.tracker.update(head, det, item.index, item.pts)
                 ids = det.tracker_id
                 for ev in events:
+                    started = ev["type"] == "track_started"
                     self._event(ev.pop("type"), ev)
+                    if started:
+                        # Persist the next free id with this frame (same Redis round trip), so a
+                        # restarted camera never hands out an id consumers have already seen.
+                        self.publish_status()
             records += detection_records(head, det, ids)
         now = time.time()
         latency_ms = (now - item.wall) * 1000
@@ -184,7 +214,7 @@ class CameraPipeline:
         s = self.stats()
         self.publisher.set_status(self.id, {k: s[k] for k in (
             "state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded", "published",
-            "dropped", "reconnects", "last_frame_ts", "last_error")})
+            "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next")})
 
     def stats(self) -> dict[str, Any]:
         cap, slot = self._capture, self._slot
@@ -207,7 +237,7 @@ class CameraPipeline:
             "fps": round(fps, 2), "decode_fps": round(decoded / max(1e-6, now - self.started_at), 2) if self.started_at else 0.0,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat is not None else None,
-            "reconnects": cap.reconnects if cap else 0,
+            "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts,
             "last_frame_ts": cap.last_frame_wall if cap else None,
             "last_error": self.last_error,
             "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
@@ -245,9 +275,25 @@ class StreamActor:
                                    name=f"hydravision-{self.camera['id']}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
         replica = self.inference[zlib.crc32(self.camera["id"].encode()) % len(self.inference)]
-        self.pipeline = CameraPipeline(self.camera, lambda r: replica.infer.remote(r), self.model_info, self.publisher)
+        id_base = await asyncio.get_running_loop().run_in_executor(None, self._previous_track_ids)
+        self.pipeline = CameraPipeline(self.camera, lambda r: replica.infer.remote(r), self.model_info, self.publisher,
+                                       track_id_base=id_base)
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
+
+    def _previous_track_ids(self) -> dict[str, int]:
+        """Next free track id per head from this camera's last status in Redis (after a restart or a new
+        run), so consumers never see an id reused for another object. {} when there is none."""
+        try:
+            client = redis.Redis.from_url(self.redis["url"], socket_connect_timeout=2, socket_timeout=2)
+            raw = client.hget(keys(self.redis.get("prefix", "hv")).cameras, self.camera["id"])
+            client.close()
+            ids = json.loads(raw).get("track_ids_next") if raw else None
+            return {str(k): int(v) for k, v in (ids or {}).items()}
+        except (redis.RedisError, OSError, ValueError, AttributeError) as e:
+            log.warning("camera %s: could not read previous track ids (%s); numbering from 0",
+                        self.camera["id"], type(e).__name__)
+            return {}
 
     async def _status_loop(self) -> None:
         while True:

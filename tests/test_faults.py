@@ -1,0 +1,197 @@
+"""Faults the running pipeline survives, each injected for real: servers killed, frozen, restarted; actors killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from models.synthetic import StreetScene
+from running import RunningApp, events, messages, wait_for
+from servers import encode_mp4
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+FAST_TIMEOUTS = {"open_timeout_s": 2, "read_timeout_s": 2}
+
+
+@pytest.fixture(scope="module")
+def street_clip(tmp_path_factory) -> Path:
+    """8 s of synthetic street at 25 fps, for an RTSP camera that loops it."""
+    scene = StreetScene(21)
+    return encode_mp4(tmp_path_factory.mktemp("clips") / "loop.mp4", (scene.step()[0] for _ in range(200)), fps=25)
+
+
+def rate(msgs: list[dict], start: float, end: float) -> float:
+    return sum(1 for m in msgs if start <= m["ts"] < end) / (end - start)
+
+
+@pytest.mark.timeout(150)
+def test_camera_killed_and_restarted_reconnects_and_others_keep_their_rate(ray_local, redis_server, rtsp_server,
+                                                                          street_clip):
+    server = rtsp_server(street_clip, loop=True)
+    cams = [{"id": "gate", "url": server.url, **FAST_TIMEOUTS},
+            {"id": "steady", "url": "synthetic://street?seed=2&fps=10"}]
+    client = redis_server.client()
+    with RunningApp(redis_server.url, DEMO, cams):
+        wait_for(lambda: events(client, "gate", "track_started"), 40, "tracks on the RTSP camera")
+        time.sleep(3)
+        t_kill = time.time()
+        server.kill()
+        wait_for(lambda: events(client, "gate", "stream_reconnecting"), 20, "stream_reconnecting")
+        time.sleep(3)
+        server.start()
+        t_back = time.time()
+        up = wait_for(lambda: [e for e in events(client, "gate", "stream_up") if e["ts"] > t_back], 40,
+                      "stream_up after the server came back")
+        wait_for(lambda: [e for e in events(client, "gate", "track_started") if e["ts"] > up[0]["ts"]], 30,
+                 "tracks after the reconnect")
+        t_end = time.time()
+    down = events(client, "gate", "stream_down")
+    assert down and all(e["reason"] for e in down)
+    reconnecting = events(client, "gate", "stream_reconnecting")
+    delays = [e["delay_s"] for e in reconnecting]
+    assert len(delays) >= 2 and max(delays) <= 15  # backoff grows, capped
+    steady = messages(client, "steady")
+    before, during = rate(steady, t_kill - 5, t_kill), rate(steady, t_kill, t_end)
+    print(f"steady camera: {before:.2f} fps before, {during:.2f} fps while the other camera was down")
+    assert during >= 0.9 * before
+
+
+@pytest.mark.timeout(120)
+def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp_server, street_clip, tiny_checkpoint):
+    server = rtsp_server(street_clip, loop=True)
+    client = redis_server.client()
+    with RunningApp(redis_server.url, tiny_checkpoint, [{"id": "frozen", "url": server.url, **FAST_TIMEOUTS}]):
+        wait_for(lambda: len(messages(client, "frozen")) > 20, 30, "frames")
+        server.pause()  # connection stays open, nothing arrives
+        t_pause = time.time()
+        down = wait_for(lambda: [e for e in events(client, "frozen", "stream_down") if e["ts"] > t_pause], 15,
+                        "stream_down for the stalled camera")
+        noticed = down[0]["ts"] - t_pause
+        server.resume()
+        t_resume = time.time()
+        wait_for(lambda: [e for e in events(client, "frozen", "stream_up") if e["ts"] > t_resume], 30,
+                 "stream_up after the server resumed")
+    print(f"stall noticed after {noticed:.1f} s (read timeout 2 s)")
+    assert noticed <= 3 * FAST_TIMEOUTS["read_timeout_s"] + 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("buffer, outage_s", [(2000, 3.0), (10, 4.0)])
+def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, outage_s):
+    """Within the buffer bound nothing is lost and order holds; beyond it the oldest go, counted and reported."""
+    cams = [{"id": "cam", "url": "synthetic://street?seed=3&fps=10"}]
+    with RunningApp(redis_server.url, tiny_checkpoint, cams, redis={"buffer": buffer}) as run:
+        wait_for(lambda: len(messages(redis_server.client(), "cam")) > 10, 30, "first messages")
+        t_kill = time.time()
+        redis_server.kill()  # no persistence: Redis comes back empty, so what it holds was sent afterwards
+        time.sleep(outage_s)
+        redis_server.start()
+        t_back = time.time()
+        client = redis_server.client()
+        wait_for(lambda: len(messages(client, "cam")) > 30, 30, "messages after Redis came back")
+        finals = run.stop()
+    final = finals[0]
+    msgs = messages(client, "cam")
+    frames = [m["frame"] for m in msgs]
+    assert frames == sorted(frames)  # in order (at-least-once: a resent batch may repeat a frame)
+    unique = sorted(set(frames))
+    reported = sum(e["dropped"] for e in events(client, type_="publisher_dropped"))
+    assert final["publisher"]["dropped"] == reported
+    pipeline_drops = sum(final["dropped"].values())
+    if buffer >= 2000:
+        assert reported == 0
+        # every frame between the first and the last is there, except frames the pipeline itself dropped
+        missing = (unique[-1] - unique[0] + 1) - len(unique)
+        assert missing <= pipeline_drops
+        # frames captured during the outage arrived, at the rate of the rest of the run
+        during = rate(msgs, t_kill + 0.5, t_back - 0.5)
+        after = rate(msgs, t_back, msgs[-1]["ts"])
+        assert during >= 0.7 * after, (during, after)
+    else:
+        assert reported > 0 and events(client, "cam", "publisher_dropped")
+        # what survived the outage fits the buffer, and it is the NEWEST part: it runs up to the first
+        # frame sent after Redis came back, with no gap other than frames the pipeline itself dropped
+        kept = [m for m in msgs if m["ts"] < t_back - 0.2]
+        assert 0 < len(kept) <= buffer + 2
+        first_after = next(m["frame"] for m in msgs if m["ts"] >= t_back - 0.2)
+        assert first_after - kept[-1]["frame"] <= 1 + pipeline_drops
+
+
+@pytest.mark.timeout(150)
+def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_server):
+    cams = [{"id": "cam", "url": "synthetic://street?seed=4&fps=10"}]
+    client = redis_server.client()
+    with RunningApp(redis_server.url, DEMO, cams) as run:
+        wait_for(lambda: events(client, "cam", "track_started"), 40, "tracks")
+        # 1. the inference replica dies
+        n = len(messages(client, "cam"))
+        t0 = time.time()
+        ray.kill(run.app.inference[0], no_restart=False)
+        wait_for(lambda: len(messages(client, "cam")) > n + 10, 15, "frames after the inference replica crashed")
+        inference_resumed = time.time() - t0
+        wait_for(lambda: events(client, "*", "worker_restarted"), 15, "worker_restarted for inference")
+        # 2. the camera's stream actor dies
+        ids_before = {e["track_id"] for e in events(client, "cam", "track_started")}
+        n = len(messages(client, "cam"))
+        t1 = time.time()
+        ray.kill(run.app.cameras["cam"].actor, no_restart=False)
+        wait_for(lambda: len(messages(client, "cam")) > n + 10, 15, "frames after the stream actor crashed")
+        stream_resumed = time.time() - t1
+        wait_for(lambda: events(client, "cam", "worker_restarted"), 10, "worker_restarted for the camera")
+        wait_for(lambda: [e for e in events(client, "cam", "track_started") if e["ts"] > t1], 30, "new tracks")
+    print(f"resumed after inference crash in {inference_resumed:.1f} s, after stream crash in {stream_resumed:.1f} s")
+    assert inference_resumed <= 10 and stream_resumed <= 10
+    after = [e for e in events(client, "cam", "track_started") if e["ts"] > t1]
+    assert min(e["track_id"] for e in after) > max(ids_before)  # the restarted tracker reused no id
+
+
+def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path) -> tuple[subprocess.Popen, Path]:
+    cfg = {"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)},
+           "cameras": [{"id": "cam", "url": "synthetic://street?seed=6&fps=10"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "c.yaml"), "--plain",
+                             "--summary-json", str(summary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 90
+    for line in proc.stdout:  # wait until it says it is running
+        if line.startswith("Running") or time.monotonic() > deadline:
+            break
+    return proc, summary
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_drains_and_flushes_then_exits_cleanly(tmp_path, redis_server, tiny_checkpoint):
+    import json
+
+    proc, summary = run_cli(tmp_path, redis_server.url, tiny_checkpoint)
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "draining in-flight frames" in out
+    final = json.loads(summary.read_text())[0]
+    assert final["in_flight"] == 0 and final["published"] > 0
+    # everything published reached Redis before the process exited
+    assert len(messages(redis_server.client(), "cam")) == final["published"]
+
+
+@pytest.mark.timeout(150)
+def test_second_sigterm_exits_at_once(tmp_path, redis_server, tiny_checkpoint):
+    proc, _ = run_cli(tmp_path, redis_server.url, tiny_checkpoint)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode == 128 + signal.SIGTERM
