@@ -95,6 +95,9 @@ class AVSource(Source):
         self._index = 0
         self._since_seek = 0  # frames decoded since the last (re)start: a file without frames must not loop
         self._consecutive_errors = 0
+        self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
+        self._last_packet_corrupt = False  # FFmpeg flags a packet cut short by the end of the file
+        self._end_error: SourceError | None = None  # raised instead of the normal end (a broken file)
         self._clock = PtsClock(None)
         self._pacer = Pacer()
 
@@ -141,8 +144,10 @@ class AVSource(Source):
         target, fmt, options = self._options()
         # The timeout that fires first: PyAV's open timeout, or FFmpeg's socket timeout (read_timeout_s).
         limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
+        # metadata_errors="replace": tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or
+        # Latin-1), and PyAV's default "strict" would raise UnicodeDecodeError out of av.open.
         container = self._call(av.open, limit, target, format=fmt, options=options,
-                               timeout=(self.open_timeout_s, self.read_timeout_s))
+                               timeout=(self.open_timeout_s, self.read_timeout_s), metadata_errors="replace")
         try:
             if not container.streams.video:
                 raise self._error("not_video", "has no video stream")
@@ -170,6 +175,8 @@ class AVSource(Source):
         deadline = time.monotonic() + self.read_timeout_s
         while not self._pending:
             if self._eof:
+                if self._end_error is not None:
+                    raise self._end_error
                 return None
             if time.monotonic() > deadline:
                 raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
@@ -191,6 +198,9 @@ class AVSource(Source):
             return
         if packet.stream_index != self._stream.index:
             return
+        if packet.size:
+            self._video_packets += 1
+            self._last_packet_corrupt = packet.is_corrupt
         cause = None
         try:
             frames = self._stream.decode(packet)  # the empty packet at the end flushes the decoder
@@ -214,6 +224,8 @@ class AVSource(Source):
         assert self._container is not None and self._stream is not None
         if not (self._loop and self._since_seek):
             self._eof = True
+            if self._kind == "file":
+                self._end_error = self._broken_file()
             return
         try:
             # seek() also flushes the decoder, which the end-of-file flush left draining.
@@ -224,6 +236,23 @@ class AVSource(Source):
         self._since_seek = 0
         self._clock.restart()
         self._packets = self._container.demux()
+
+    def _broken_file(self) -> SourceError | None:
+        """At the end of a file: the error that says why it ended early, None for a normal end.
+
+        Without this a file whose every packet fails to decode, or a recording cut mid-write (the frames
+        before the cut decode fine), would end like a complete one and nobody would learn why."""
+        assert self._stream is not None
+        if not self._since_seek:
+            if self._consecutive_errors:
+                return self._error("decode", f"none of its {self._video_packets} video packets could be decoded "
+                                   "(damaged, or not the codec it claims)")
+            return self._error("not_video", "its video stream holds no pictures")
+        listed = self._stream.frames or 0  # from the container's index; 0 when it has none (TS, raw, fragmented)
+        if listed > self._video_packets or self._last_packet_corrupt:
+            of = f" of the {listed} its index lists" if listed > self._video_packets else ""
+            return self._error("decode", f"the file is truncated: it ends after {self._since_seek} frames{of}")
+        return None
 
     def close(self) -> None:
         container, self._container = self._container, None

@@ -97,7 +97,9 @@ class SourceFrame:
         if isinstance(self.image, np.ndarray):
             return letterbox(self.image, dst_size)
         lb = Letterbox.fit(self.size, dst_size)
-        nh, nw = lb.resized_size
+        # A sliver such as 4096x2 rounds to 0 rows at model scale, and swscale refuses a 0-pixel target
+        # (OSError EOPNOTSUPP): keep at least one row/column; the padding offsets still leave room for it.
+        nh, nw = (max(1, n) for n in lb.resized_size)
         dh, dw = lb.dst_size
         # AREA averages when shrinking (no aliasing), BILINEAR when growing: what letterbox() does with cv2.
         interpolation = "AREA" if lb.scale < 1 else "BILINEAR"
