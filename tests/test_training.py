@@ -1,0 +1,172 @@
+"""Training: frozen-backbone heads stay bit-identical, resume works, YOLO folders and their errors, eval CLI."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.datasets import DatasetError, YoloFolder
+from models.synthetic import StreetScene
+from models.train import TrainConfig, train
+from pipeline.cli import main as cli_main
+
+TINY = {"input_size": (64, 96), "backbone": {"type": "resnet", "depth": 10, "width": 8},
+        "neck": {"type": "fpn", "channels": 16}, "batch_size": 2, "workers": 0, "warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "base.safetensors"
+    return train(TrainConfig(out=out, heads={"people": ["person"]}, steps=3, **TINY), progress=False)
+
+
+def test_new_head_on_frozen_backbone_leaves_everything_else_bit_identical(base_checkpoint, tmp_path):
+    before, _ = load_checkpoint(base_checkpoint)
+    out = train(TrainConfig(out=tmp_path / "plus.safetensors", heads={"vehicles": ["car", "bicycle"]},
+                            init=base_checkpoint, freeze_shared=True, steps=3, lr=0.05, **TINY), progress=False)
+    after, meta = load_checkpoint(out)
+    assert after.head_names == ["people", "vehicles"]
+    old, new = before.state_dict(), after.state_dict()
+    for k, v in old.items():  # weights AND BatchNorm running statistics
+        assert torch.equal(v, new[k]), f"{k} changed"
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in new.items() if k.startswith("heads.vehicles."))
+    x = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
+    a = before.detect(x, score_threshold=0.0)
+    b = after.detect(x, [["people"], ["people", "vehicles"]], score_threshold=0.0)
+    for i in range(2):
+        assert torch.equal(a[i]["people"].boxes, b[i]["people"].boxes)
+        assert torch.equal(a[i]["people"].scores, b[i]["people"].scores)
+    assert [h["frozen_shared"] for h in meta["history"]] == [False, True]
+
+
+def test_training_without_freeze_changes_the_backbone(base_checkpoint, tmp_path):
+    before, _ = load_checkpoint(base_checkpoint)
+    out = train(TrainConfig(out=tmp_path / "ft.safetensors", heads={"people": ["person"]}, init=base_checkpoint,
+                            steps=2, lr=0.05, **TINY), progress=False)
+    after, _ = load_checkpoint(out)
+    assert not torch.equal(before.backbone.conv1.weight, after.backbone.conv1.weight)
+
+
+def test_interrupted_training_resumes_where_it_stopped(tmp_path):
+    cfg = TrainConfig(out=tmp_path / "r.safetensors", heads={"people": ["person"]}, steps=4, checkpoint_every=2, **TINY)
+    seen = []
+
+    def interrupt_after_two_steps(step, losses):
+        seen.append(step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, on_step=interrupt_after_two_steps)
+    assert cfg.state_path.is_file() and not cfg.out.exists()
+    resumed = []
+    train(cfg, progress=False, on_step=lambda step, losses: resumed.append(step))
+    assert seen == [0, 1, 2] and resumed == [2, 3]
+    assert cfg.out.is_file() and not cfg.state_path.exists()
+
+
+def write_yolo(root, n=4, labels=None, names=("person", "car", "bicycle")):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "data.yaml").write_text("names: [" + ", ".join(names) + "]\n")
+    scene = StreetScene(5)
+    for i in range(n):
+        frame, truth = scene.step()
+        cv2.imwrite(str(root / "images" / f"{i}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        if labels is not None:
+            text = labels
+        else:
+            v = truth.visible(0.5)
+            h, w = frame.shape[:2]
+            rows = [f"{c} {(b[0]+b[2])/2/w:.5f} {(b[1]+b[3])/2/h:.5f} {(b[2]-b[0])/w:.5f} {(b[3]-b[1])/h:.5f}"
+                    for b, c in zip(v.boxes, v.class_ids)]
+            text = "\n".join(rows)
+        (root / "labels" / f"{i}.txt").write_text(text)
+    return root
+
+
+def test_train_on_a_yolo_folder(tmp_path):
+    data = write_yolo(tmp_path / "ds")
+    ds = YoloFolder(data, (64, 96), augment=False)
+    assert ds.classes == ["person", "car", "bicycle"] and len(ds) == 4
+    sample = ds[0]
+    assert sample.image.shape == (3, 64, 96) and len(sample.boxes) == len(sample.labels) > 0
+    out = train(TrainConfig(out=tmp_path / "y.safetensors", heads={"vehicles": ["car"]}, data=str(data), steps=2,
+                            **TINY), progress=False)
+    assert load_checkpoint(out)[0].head_classes("vehicles") == ["car"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("four_values", r"0\.txt:1: expected 5 values 'class cx cy w h', got 4"),
+        ("not_numbers", r"0\.txt:1: not numbers"),
+        ("class_out_of_range", r"0\.txt:1: class 7 out of range, the dataset has 3 classes"),
+        ("not_normalized", r"0\.txt:1: box values must be normalized"),
+        ("binary_label", r"0\.txt: not a text label file"),
+        ("all_empty", r"every label file is empty"),
+        ("missing_label", r"3\.png: no label file"),
+        ("not_an_image", r"3\.png: not an image"),
+        ("no_images", r"no images"),
+        ("no_names", r"no class names"),
+        ("no_labels_dir", r"needs images/ and labels/ folders"),
+    ],
+)
+def test_bad_yolo_datasets_name_the_file_and_problem(case, message, tmp_path):
+    root = tmp_path / "ds"
+    labels = {"four_values": "0 0.5 0.5 0.1", "not_numbers": "person 0.5 0.5 0.1 0.1",
+              "class_out_of_range": "7 0.5 0.5 0.1 0.1", "not_normalized": "0 1.5 0.5 0.1 0.1",
+              "all_empty": ""}.get(case)
+    write_yolo(root, labels=labels)
+    if case == "binary_label":
+        (root / "labels" / "0.txt").write_bytes(b"\xff\xfe\x00\x81")
+    elif case == "missing_label":
+        (root / "labels" / "3.txt").unlink()
+    elif case == "not_an_image":
+        (root / "images" / "3.png").write_text("I am a text file")
+    elif case == "no_images":
+        for p in (root / "images").iterdir():
+            p.unlink()
+    elif case == "no_names":
+        (root / "data.yaml").unlink()
+    elif case == "no_labels_dir":
+        for p in (root / "labels").iterdir():
+            p.unlink()
+        (root / "labels").rmdir()
+    with pytest.raises(DatasetError, match=message):
+        YoloFolder(root, (64, 96))
+
+
+def test_empty_label_files_are_background_images(tmp_path, caplog):
+    root = write_yolo(tmp_path / "ds")
+    (root / "labels" / "1.txt").write_text("")
+    ds = YoloFolder(root, (64, 96), augment=False)
+    assert len(ds[1].boxes) == 0
+    assert "used as background images" in caplog.text
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("nope")
+    assert cli_main(["eval", "--checkpoint", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a safetensors file" in err and "Traceback" not in err
+    assert cli_main(["train", "--out", str(tmp_path / "o.safetensors"), "--head", "people=person", "--data",
+                     str(tmp_path / "missing"), "--steps", "1", "--no-progress"]) == 2
+    assert "needs images/ and labels/ folders" in capsys.readouterr().err
+
+
+def test_eval_cli_prints_json(base_checkpoint):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--checkpoint", str(base_checkpoint),
+                          "--json", "--scenes", "1", "--frames", "4", "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["heads"]) == {"people"}
+    assert 0.0 <= report["heads"]["people"]["map50"] <= 1.0
+    assert report["frames"] == 4
