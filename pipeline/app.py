@@ -117,15 +117,29 @@ class App:
         self.redis_cfg = redis_cfg
         self.events = Publisher(redis_url, prefix=self.config.redis.prefix, maxlen=self.config.redis.maxlen,
                                 name="hydravision-controller").start()
-        for cam in self.config.cameras:
-            self.add_camera(cam.model_dump())
+        self.add_cameras([cam.model_dump() for cam in self.config.cameras])
+
+    def add_cameras(self, cams: list[dict]) -> None:
+        """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
+        after the other takes minutes on a small machine; together they overlap their imports."""
+        spawned = []
+        for cam in cams:
+            actor = StreamActor.options(name=f"hv-camera-{cam['id']}").remote(
+                cam, self.inference, self.model_info, self.redis_cfg)
+            spawned.append((cam, actor, actor.start.remote()))
+        deadline = time.monotonic() + 60 + 5 * len(cams)
+        for cam, actor, started in spawned:
+            try:
+                ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"camera {cam['id']}: its stream actor did not start within "
+                                   f"{60 + 5 * len(cams)} s (is the Ray cluster short of CPUs or memory?)") from None
+            self.cameras[cam["id"]] = CameraHandle(cam["id"], cam, actor, actor.wait.remote())
+            self.say(f"Camera {cam['id']}: {redact_url(cam['url'])} "
+                     f"heads={cam.get('heads') or list(self.model_info['heads'])}")
 
     def add_camera(self, cam: dict) -> None:
-        actor = StreamActor.options(name=f"hv-camera-{cam['id']}").remote(
-            cam, self.inference, self.model_info, self.redis_cfg)
-        ray.get(actor.start.remote(), timeout=60)
-        self.cameras[cam["id"]] = CameraHandle(cam["id"], cam, actor, actor.wait.remote())
-        self.say(f"Camera {cam['id']}: {redact_url(cam['url'])} heads={cam.get('heads') or list(self.model_info['heads'])}")
+        self.add_cameras([cam])
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:

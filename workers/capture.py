@@ -232,6 +232,8 @@ class Capture:
                 delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
                 self.on_event("stream_down", {"reason": reason})
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
+                # Waiting out the backoff is not a stall: the thread promises its next sign of life by then.
+                self.heartbeat = time.monotonic() + delay
                 if self._stop.wait(delay):
                     return
                 self.heartbeat = time.monotonic()
