@@ -95,6 +95,17 @@ class CameraConfig(Strict):
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
     stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
                                           "without progress; default 3 x read_timeout_s + open_timeout_s")
+    hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
+                                "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
+
+    @field_validator("hwaccel")
+    @classmethod
+    def _hwaccel(cls, v: str | None) -> str | None:
+        from av.codec.hwaccel import hwdevices_available
+
+        if v is not None and v not in hwdevices_available():
+            raise ValueError(f"not a hardware decoder this FFmpeg supports ({', '.join(hwdevices_available())})")
+        return v
 
     @field_validator("id")
     @classmethod

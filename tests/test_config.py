@@ -45,6 +45,7 @@ def test_demo_defaults_need_no_setup(monkeypatch):
         ({"redis": {"url": "http://x"}}, r"redis\.url: must start with redis://"),
         ({"model": {"device": "tpu"}}, r"model\.device: String should match pattern"),
         ({"cameras": "lobby"}, r"cameras: Input should be a valid list"),
+        ({"cameras": [cam(hwaccel="nvdecc")]}, r"cameras\[0\]\.hwaccel: not a hardware decoder this FFmpeg supports"),
         ([1, 2], r"expected a mapping at the top level"),
     ],
 )

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from models.synthetic import StreetScene
 from running import RunningApp, events, messages, wait_for
@@ -493,6 +494,14 @@ CLI_CASES = {
                      "cameras[0].fps"),
     "unknown-field": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'synthetic://street', fsp: 5}\n"))],
                       "cameras[0].fsp: unknown field"),
+    "wrong-type": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'synthetic://street', fps: fast}\n"))],
+                   "cameras[0].fps"),
+    "duplicate-ids": (lambda tmp: ["run", str(_config(
+        tmp, "cameras:\n  - {id: a, url: 'synthetic://street'}\n  - {id: a, url: 'synthetic://street?seed=2'}\n"))],
+        "duplicate camera id"),
+    "checkpoint-not-ours": (lambda tmp: ["run", str(_config(
+        tmp, f"model: {{checkpoint: '{tmp / 'other.safetensors'}'}}\ncameras:\n  - {{id: a, url: 'synthetic://street'}}\n"))],
+        "not a hydravision checkpoint"),
     "unset-env": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'rtsp://u:${HV_TEST_UNSET}@h/x'}\n"))],
                   "hv_test_unset"),
     "bad-scheme-secret": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'ftp://admin:s3cret@cam/x'}\n"))],
@@ -512,6 +521,7 @@ CLI_CASES = {
 def test_cli_refuses_bad_input_with_exit_2_and_a_plain_error(tmp_path: Path, case: str) -> None:
     marker = tmp_path / "pwned"
     torch.save({"weights": _Evil(marker)}, tmp_path / "evil.pt")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))  # valid safetensors, someone else's
     argv, fragment = CLI_CASES[case]
     result = _cli(*argv(tmp_path), cwd=REPO)
     err = result.stderr.strip()

@@ -98,6 +98,20 @@ def test_file_unpaced_decodes_every_frame(bikes_mp4: Path) -> None:
     assert frames[10].to_rgb().shape == (272, 640, 3)
 
 
+def test_hwaccel_without_the_device_falls_back_to_the_cpu_decoder(bikes_mp4: Path, caplog) -> None:
+    """On a machine without the device (no GPU here) hwaccel="cuda" must still decode, the same frames."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the fallback path is not taken")
+    plain, _ = read_all(open_source(str(bikes_mp4), realtime=False), limit=20)
+    source = open_source(str(bikes_mp4), realtime=False, hwaccel="cuda")
+    frames, error = read_all(source, limit=20)
+    assert error is None and len(frames) == 20
+    assert source.hwaccel is None and "decoding on the CPU" in caplog.text
+    assert all(np.array_equal(a.to_rgb(), b.to_rgb()) for a, b in zip(plain, frames))
+
+
 def test_file_paced_at_native_rate(bikes_mp4: Path) -> None:
     source = open_source(f"file://{bikes_mp4}", realtime=True)
     source.open()

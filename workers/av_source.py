@@ -7,6 +7,7 @@ included); ``classify`` turns them into a SourceError kind and a plain-words cau
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from workers.redact import redact_url
 from workers.sources import Pacer, PtsClock, Source, SourceError, SourceFrame
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DECODER_THREADS = 2  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
 _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EIO,
@@ -70,8 +72,10 @@ class AVSource(Source):
 
     def __init__(self, url: str, kind: str, *, path: str | None = None, transport: str = "tcp",
                  open_timeout_s: float = 10, read_timeout_s: float = 10, realtime: bool = True, loop: bool = False,
-                 threads: str = "AUTO", ffmpeg_options: Mapping[str, str] | None = None) -> None:
+                 threads: str = "AUTO", ffmpeg_options: Mapping[str, str] | None = None,
+                 hwaccel: str | None = None) -> None:
         self._raw_url, self._kind, self._path = url, kind, path
+        self.hwaccel = hwaccel  # FFmpeg hardware device type ("cuda", "vaapi", ...); None after a fallback
         self.url = redact_url(url)
         self.live = kind != "file"
         self.nominal_fps: float | None = None
@@ -146,8 +150,25 @@ class AVSource(Source):
         limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
         # metadata_errors="replace": tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or
         # Latin-1), and PyAV's default "strict" would raise UnicodeDecodeError out of av.open.
-        container = self._call(av.open, limit, target, format=fmt, options=options,
-                               timeout=(self.open_timeout_s, self.read_timeout_s), metadata_errors="replace")
+        common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s),
+                      metadata_errors="replace")
+        container = None
+        if self.hwaccel:
+            from av.codec.hwaccel import HWAccel
+
+            # Any failure falls through to the plain open below, which classifies the URL's own problems (a
+            # bad URL is thus tried twice; only cameras with hwaccel set pay that).
+            try:
+                container = av.open(target, hwaccel=HWAccel(self.hwaccel, allow_software_fallback=True), **common)
+            except OSError as e:
+                if e.errno == errno.EPERM:  # FFmpeg could not create the device (no GPU, no driver)
+                    log.warning("%s: hardware decoding with %s is unavailable (%s); decoding on the CPU",
+                                self.url, self.hwaccel, e.strerror)
+                    self.hwaccel = None
+            except av.FFmpegError:
+                pass
+        if container is None:
+            container = self._call(av.open, limit, target, **common)
         try:
             if not container.streams.video:
                 raise self._error("not_video", "has no video stream")

@@ -121,6 +121,7 @@ class CaptureSettings:
     read_timeout_s: float = 10.0
     realtime: bool = True
     loop: bool = False
+    hwaccel: str | None = None  # FFmpeg hardware decoder device type, e.g. "cuda"
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 15.0
 
@@ -177,7 +178,7 @@ class Capture:
                 try:
                     source = open_source(self.s.url, transport=self.s.transport, open_timeout_s=self.s.open_timeout_s,
                                          read_timeout_s=self.s.read_timeout_s, realtime=self.s.realtime,
-                                         loop=self.s.loop)
+                                         loop=self.s.loop, hwaccel=self.s.hwaccel)
                     self._source = source
                     source.open()
                     self.source_fps = source.nominal_fps

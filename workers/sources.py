@@ -206,6 +206,7 @@ def open_source(
     loop: bool = False,
     threads: str = "AUTO",
     ffmpeg_options: Mapping[str, str] | None = None,
+    hwaccel: str | None = None,
 ) -> Source:
     """Picks the Source for ``url`` without opening it.
 
@@ -214,6 +215,8 @@ def open_source(
     ``loop``: files seek back to the start at their end. ``threads``: decoder threading, "AUTO"/"FRAME"
     (fastest, a few frames of delay), "SLICE" (lowest latency) or "NONE". ``ffmpeg_options`` override the
     demuxer options (e.g. {"fflags": "nobuffer"} for latency, "buffer_size" for UDP at high bitrates).
+    ``hwaccel``: decode on an FFmpeg hardware device ("cuda" for NVDEC, "vaapi", "qsv", ...); a device that
+    cannot be created falls back to the CPU decoder with a warning. Ignored by synthetic sources.
     Raises SourceError("unsupported") for an unknown scheme or bad synthetic parameters, ValueError for a
     bad argument.
     """
@@ -236,7 +239,7 @@ def open_source(
     from workers.av_source import AVSource
 
     common: dict[str, Any] = dict(open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, threads=threads,
-                                  ffmpeg_options=ffmpeg_options)
+                                  ffmpeg_options=ffmpeg_options, hwaccel=hwaccel)
     if scheme in ("rtsp", "rtsps"):
         return AVSource(url, "rtsp", transport=transport, **common)
     if scheme in ("http", "https"):

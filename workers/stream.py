@@ -80,7 +80,7 @@ class CameraPipeline:
             url=self.camera["url"], input_size=self.input_size, fps=self.camera.get("fps"),
             transport=self.camera.get("transport", "tcp"), open_timeout_s=self.camera.get("open_timeout_s", 10.0),
             read_timeout_s=self.camera.get("read_timeout_s", 10.0), realtime=self.camera.get("realtime", True),
-            loop=self.camera.get("loop", False),
+            loop=self.camera.get("loop", False), hwaccel=self.camera.get("hwaccel"),
         )
         self._capture = Capture(settings, self._slot, self._on_capture_event)
         self._inflight = asyncio.Semaphore(self.camera.get("max_inflight", 2))
