@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -399,3 +400,33 @@ class RtspServer(ManagedProcess):
 
     def is_ready(self, log: str) -> bool:
         return any(line.startswith("READY ") for line in log.splitlines())
+
+
+class BlackHole:
+    """A port that accepts TCP connections and never says a word, like a hung camera or a dead NAT."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind((HOST, 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        self._accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self._accepted.append(self._listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._accepted:
+            conn.close()
+
+    def __enter__(self) -> "BlackHole":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

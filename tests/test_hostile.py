@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 import wave
 from dataclasses import dataclass, field
@@ -30,12 +27,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from models.synthetic import StreetScene
 from running import RunningApp, events, messages, wait_for
-from servers import HOST, RedisServer, RtspServer, encode_mp4, free_port, require_binary
+from servers import HOST, BlackHole, RedisServer, RtspServer, encode_mp4, free_port, require_binary
 from workers.publish import keys
 from workers.sources import SourceError, open_source
 
@@ -209,24 +205,6 @@ BY_ID = {c.id: c for c in CASES}
 # ------------------------------------------------------------------------------------------ the run
 
 
-def blackhole_listener() -> tuple[socket.socket, list[socket.socket]]:
-    """A port that accepts TCP connections and never says a word, like a hung camera or a dead NAT."""
-    listener = socket.socket()
-    listener.bind((HOST, 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener, accepted
-
-
 @dataclass
 class HostileRun:
     env: Env
@@ -258,9 +236,9 @@ def _statuses(client) -> dict[str, dict]:
 def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint) -> Iterator[HostileRun]:
     require_binary("redis-server")
     require_binary("gst-rtsp-server")
-    listener, accepted = blackhole_listener()
-    with RedisServer() as redis_server, RtspServer("pattern", pattern_size=(320, 192), fps=10) as rtsp:
-        env = Env(clips, listener.getsockname()[1], rtsp, tmp_path_factory.mktemp("missing"))
+    with BlackHole() as hole, RedisServer() as redis_server, \
+            RtspServer("pattern", pattern_size=(320, 192), fps=10) as rtsp:
+        env = Env(clips, hole.port, rtsp, tmp_path_factory.mktemp("missing"))
         cameras = [{"id": GOOD, "url": f"synthetic://street?seed=1&fps={GOOD_FPS}"}]
         cameras += [{"id": c.id, "url": c.url(env), **FAST, **c.extra} for c in CASES]
         client = redis_server.client()
@@ -291,9 +269,6 @@ def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint) -> Iterator
         yield HostileRun(env, {c["id"]: events(client, c["id"]) for c in cameras},
                          {c["id"]: messages(client, c["id"]) for c in cameras}, status_live, _statuses(client),
                          finals, run.log, started, stopped, waited)
-    listener.close()
-    for conn in accepted:
-        conn.close()
 
 
 def _plain(reason: str) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from models.letterbox import letterbox
 from models.synthetic import StreetScene
-from servers import HOST, encode_mp4, free_port, skip_or_fail
+from servers import HOST, BlackHole, encode_mp4, free_port, skip_or_fail
 from workers.redact import redact_url
 from workers.sources import PtsClock, SourceError, SourceFrame, open_source
 
@@ -304,24 +304,8 @@ def test_http_file(http_server: int) -> None:
 
 @pytest.fixture
 def blackhole() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word, like a hung camera."""
-    listener = socket.socket()
-    listener.bind((HOST, 0))
-    listener.listen(8)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield listener.getsockname()[1]
-    listener.close()
-    for conn in accepted:
-        conn.close()
+    with BlackHole() as hole:
+        yield hole.port
 
 
 @pytest.fixture

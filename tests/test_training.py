@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint
 from models.datasets import DatasetError, YoloFolder
 from models.synthetic import StreetScene
 from models.train import TrainConfig, train

@@ -1,0 +1,286 @@
+"""Throughput, latency and memory of hydravision against the baselines a user would pick, in ONE run.
+
+    python benchmarks/bench_pipeline.py                 # full run, ~6 min on 2 cores; prints a table
+    python benchmarks/bench_pipeline.py --json out.json # also write every figure
+    python benchmarks/bench_pipeline.py --quick         # shorter windows, fewer configurations
+
+1. ceiling: the model alone (HydraNet + post-processing on pre-decoded frames) at each batch size, and
+   decode alone (PyAV + letterbox) in one process;
+2. naive: the loop a user writes by hand in one process: for each camera in turn decode a frame, run
+   the model at batch 1, track, XADD to Redis;
+3. hydravision with N file cameras unpaced (throughput), and RTSP cameras at their real rate: at ~80% of
+   the sustainable load (latency, drops, fairness) and overloaded at ~150%.
+Ratios (efficiency = hydravision / ceiling, speedup = hydravision / naive) are what to compare across
+machines; absolute numbers depend on the box and what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import redis
+import torch
+
+from measure import DEMO, make_clips, pct, ray_processes, save_json, usage
+from pipeline.app import App
+from pipeline.config import parse_config
+from pipeline.embedded_redis import EmbeddedRedis
+from servers import RtspServer
+from workers.frames import detection_records, to_detections
+from workers.inference import ModelRunner
+from workers.publish import detection_message, encode, keys
+from workers.sources import open_source
+from workers.tracking import CameraTracker, TrackerSettings
+
+log = logging.getLogger("bench")
+
+
+# -- 1. ceilings -------------------------------------------------------------------------------------
+def decoded_inputs(clips: list[Path], input_size: tuple[int, int], per_clip: int = 16) -> list[np.ndarray]:
+    """Letterboxed frames decoded up front, so the model ceiling measures the model only."""
+    out = []
+    for clip in clips:
+        src = open_source(str(clip), realtime=False)
+        src.open()
+        for _ in range(per_clip):
+            frame = src.read()
+            if frame is None:
+                break
+            out.append(frame.to_model_input(input_size)[0])
+        src.close()
+    return out
+
+
+def bench_model(checkpoint: Path, clips: list[Path], seconds: float) -> dict:
+    runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count(), max_batch=32)
+    images = decoded_inputs(clips, runner.input_size)
+    heads = list(runner.heads)
+    fps, latency = {}, {}
+    for b in (1, 2, 4, 8, 16):
+        batch = [images[i % len(images)] for i in range(b)]
+        runner.run(batch, [None] * b)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            runner.run(batch, [None] * b)
+            n += b
+        dt = time.perf_counter() - t0
+        fps[b], latency[b] = round(n / dt, 1), round(dt / (n / b) * 1000, 1)
+    best = max(fps, key=fps.get)
+    return {"fps_by_batch": fps, "batch_latency_ms": latency, "best_batch": best, "best_fps": fps[best],
+            "split_ms_per_batch8": split_times(runner, images[:8], heads)}
+
+
+def split_times(runner: ModelRunner, images: list[np.ndarray], heads: list[str], reps: int = 10) -> dict:
+    """How a batch of 8 splits between backbone+neck and each head (forward only, plus post-processing)."""
+    model = runner.model
+    x = torch.from_numpy(np.stack(images)).to(runner.device).contiguous(memory_format=torch.channels_last)
+    out = {}
+    with torch.inference_mode():
+        xn = model.normalize(x)
+        feats = model.features(xn)
+
+        def timed(fn) -> float:
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - t0) / reps * 1000
+
+        out["backbone+neck"] = round(timed(lambda: model.features(xn)), 2)
+        for h in heads:
+            out[f"head {h}"] = round(timed(lambda h=h: model.heads[h](feats)), 2)
+        out["detect (all, incl. NMS)"] = round(timed(lambda: model.detect(x)), 2)
+    return out
+
+
+def bench_decode(clips: list[Path], seconds: float, input_size: tuple[int, int]) -> dict:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        src = open_source(str(clips[n % len(clips)]), realtime=False)
+        src.open()
+        while (f := src.read()) is not None and time.perf_counter() - t0 < seconds:
+            f.to_model_input(input_size)
+            n += 1
+        src.close()
+    return {"fps_one_process": round(n / (time.perf_counter() - t0), 1)}
+
+
+# -- 2. the naive loop ------------------------------------------------------------------------------
+def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float) -> dict:
+    runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count())
+    sources = [open_source(str(clips[i % len(clips)]), realtime=False, loop=True) for i in range(cameras)]
+    for s in sources:
+        s.open()
+    trackers = [CameraTracker(list(runner.heads), TrackerSettings(), 25.0) for _ in sources]
+    client = redis.Redis.from_url(redis_url)
+    k = keys("naive")
+    n, latencies, t0 = 0, [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for i, src in enumerate(sources):
+            frame = src.read()
+            image, lb = frame.to_model_input(runner.input_size)
+            arrays = runner.run([image], [None])[0]
+            records = []
+            for head, classes in runner.heads.items():
+                det, _ = trackers[i].update(head, to_detections(arrays[head], lb, classes), frame.index, frame.pts)
+                records += detection_records(head, det, det.tracker_id)
+            msg = detection_message(f"cam{i}", frame.index, frame.pts, frame.wall, (time.time() - frame.wall) * 1000,
+                                    (frame.size[1], frame.size[0]), records, list(runner.heads))
+            client.xadd(k.detections(f"cam{i}"), {"data": encode(msg)}, maxlen=10_000, approximate=True)
+            latencies.append(msg["latency_ms"])
+            n += 1
+    for s in sources:
+        s.close()
+    return {"cameras": cameras, "fps": round(n / (time.perf_counter() - t0), 1), "latency_ms_p50": pct(latencies, 50)}
+
+
+# -- 3. hydravision ---------------------------------------------------------------------------------
+def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmup: float, seconds: float,
+                    max_batch: int = 8, max_wait_ms: float = 10) -> dict:
+    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)},
+                           "inference": {"max_batch": max_batch, "max_wait_ms": max_wait_ms},
+                           "cameras": cameras})
+    app = App(config, say=lambda m: None)
+    app.start()
+    time.sleep(warmup)
+    procs = ray_processes()
+    u0, s0 = usage(procs), {s["camera"]: s for s in app.stats()}
+    i0 = ray.get(app.inference[0].stats.remote())
+    t0 = time.time()
+    time.sleep(seconds)
+    u1, s1 = usage(procs), {s["camera"]: s for s in app.stats()}
+    i1 = ray.get(app.inference[0].stats.remote())
+    t1 = time.time()
+    app.shutdown()
+    dt = t1 - t0
+    per_cam = {c: (s1[c]["published"] - s0[c]["published"]) / dt for c in s1}
+    decoded = sum(s1[c]["decoded"] - s0[c]["decoded"] for c in s1)
+    dropped = sum(sum(s1[c]["dropped"].values()) - sum(s0[c]["dropped"].values()) for c in s1)
+    drop_rate_cam = {c: (sum(s1[c]["dropped"].values()) - sum(s0[c]["dropped"].values()))
+                     / max(1, s1[c]["decoded"] - s0[c]["decoded"]) for c in s1}
+    frames = sum(per_cam.values()) * dt
+    client = redis.Redis.from_url(redis_url)
+    lat, lat_first, lat_last = [], [], []
+    for c in s1:
+        for _, f in client.xrange(keys("hv").detections(c), min=f"{int(t0 * 1000)}-0", max=f"{int(t1 * 1000)}-0"):
+            m = json.loads(f[b"data"])
+            lat.append(m["latency_ms"])
+            (lat_first if m["ts"] < t0 + dt / 3 else lat_last if m["ts"] > t1 - dt / 3 else []).append(m["latency_ms"])
+    cpu = {r: u1.cpu.get(r, 0) - u0.cpu.get(r, 0) for r in u1.cpu}
+    model_cpu = i1["cpu_seconds"] - i0["cpu_seconds"]
+    batches = i1["batches"] - i0["batches"]
+    client.flushall()
+    return {
+        "cameras": len(cameras), "fps": round(sum(per_cam.values()), 1),
+        "fps_per_camera_min": round(min(per_cam.values()), 1), "fps_per_camera_max": round(max(per_cam.values()), 1),
+        "fairness": round(min(per_cam.values()) / max(max(per_cam.values()), 1e-9), 3),
+        "drop_rate": round(dropped / max(1, decoded), 4),
+        "drop_rate_per_camera_min_max": [round(min(drop_rate_cam.values()), 3), round(max(drop_rate_cam.values()), 3)],
+        "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
+        "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
+        "mean_batch": round((i1["frames"] - i0["frames"]) / max(1, batches), 2),
+        "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
+        "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
+        "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
+        "cpu_ms_per_frame_by_role": {r: round(v / max(1, frames) * 1000, 2) for r, v in cpu.items()},
+        "pss_mb": {r: round(v, 1) for r, v in u1.pss_mb.items()}, "rss_mb": {r: round(v, 1) for r, v in u1.rss_mb.items()},
+        "pss_mb_total": round(sum(u1.pss_mb.values()), 1), "rss_mb_total": round(sum(u1.rss_mb.values()), 1),
+    }
+
+
+def file_cameras(clips: list[Path], n: int) -> list[dict]:
+    return [{"id": f"file{i}", "url": str(clips[i % len(clips)]), "realtime": False, "loop": True} for i in range(n)]
+
+
+def rtsp_cameras(server: RtspServer, n: int) -> list[dict]:
+    return [{"id": f"rtsp{i}", "url": server.url_for(f"/cam{i}"), "read_timeout_s": 5} for i in range(n)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEMO)
+    p.add_argument("--cameras", default="1,4,8,16", help="file-camera counts to run")
+    p.add_argument("--seconds", type=float, default=20.0, help="measurement window per run")
+    p.add_argument("--warmup", type=float, default=6.0)
+    p.add_argument("--quick", action="store_true", help="short windows, cameras 1,8")
+    p.add_argument("--skip-rtsp", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.seconds, args.warmup, args.cameras = 8.0, 4.0, "1,8"
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    counts = [int(c) for c in args.cameras.split(",")]
+    clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    redis_server = EmbeddedRedis().start()
+    try:
+        print("ceiling: model alone ...", flush=True)
+        results["model"] = bench_model(args.checkpoint, clips, seconds=args.seconds / 4)
+        input_size = tuple(ModelRunner(args.checkpoint, device="cpu").input_size)
+        print("ceiling: decode alone ...", flush=True)
+        results["decode"] = bench_decode(clips, args.seconds / 4, input_size)
+        print("naive loop, 8 cameras ...", flush=True)
+        results["naive"] = bench_naive(args.checkpoint, clips, 8, redis_server.url, args.seconds / 2)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+        results["files"] = {}
+        for n in counts:
+            print(f"hydravision, {n} file cameras unpaced ...", flush=True)
+            results["files"][n] = run_hydravision(args.checkpoint, file_cameras(clips, n), redis_server.url,
+                                                  args.warmup, args.seconds)
+        if not args.skip_rtsp:
+            ref = results["files"].get(8) or results["files"][max(results["files"])]
+            sustainable = ref["fps"]
+            for label, load in (("rtsp_80", 0.8), ("rtsp_overload", 1.5)):
+                n = max(1, round(load * sustainable / 25))
+                print(f"hydravision, {n} RTSP cameras at 25 fps ({label}) ...", flush=True)
+                mounts = {f"/cam{i}": clips[i % len(clips)] for i in range(1, n)}
+                with RtspServer(clips[0], mount="/cam0", loop=True, extra_mounts=mounts) as server:
+                    results[label] = run_hydravision(args.checkpoint, rtsp_cameras(server, n), redis_server.url,
+                                                     args.warmup, args.seconds)
+                results[label]["offered_fps"] = n * 25
+        ray.shutdown()
+    finally:
+        redis_server.stop()
+    summarize(results)
+    save_json(args.json, results)
+
+
+def summarize(r: dict) -> None:
+    ceiling = r["model"]["best_fps"]
+    naive = r["naive"]["fps"]
+    print(f"\nmodel ceiling: {ceiling} frames/s at batch {r['model']['best_batch']} "
+          f"(by batch: {r['model']['fps_by_batch']}); one batch of 8: {r['model']['batch_latency_ms'][8]} ms")
+    print(f"split of a batch of 8 (ms): {r['model']['split_ms_per_batch8']}")
+    print(f"decode + letterbox alone, one process: {r['decode']['fps_one_process']} frames/s")
+    print(f"naive loop, {r['naive']['cameras']} cameras: {naive} frames/s\n")
+    rows = [(f"files x{n}", v) for n, v in r["files"].items()]
+    rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
+    hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
+           f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")
+    print(hdr)
+    for name, v in rows:
+        print(f"{name:<15}{v['fps']:>7}{v['fps'] / ceiling:>8.2f}{v['fps'] / naive:>8.2f}{v['latency_ms_p50']:>7}"
+              f"{v['latency_ms_p95']:>7}{v['latency_ms_p99']:>7}{v['drop_rate']:>7.3f}{v['fairness']:>6.2f}"
+              f"{v['mean_batch']:>6}{v['cpu_ms_per_frame_outside_model']:>10}{v['pss_mb_total']:>8}")
+    files = r["files"]
+    if len(files) >= 2:
+        lo, hi = min(files), max(files)
+        per_cam_pss = (files[hi]["pss_mb_total"] - files[lo]["pss_mb_total"]) / (hi - lo)
+        per_cam_rss = (files[hi]["rss_mb_total"] - files[lo]["rss_mb_total"]) / (hi - lo)
+        r["memory_per_added_camera_mb"] = {"pss": round(per_cam_pss, 1), "rss": round(per_cam_rss, 1)}
+        print(f"\nmemory per added camera ({lo}->{hi} cameras): PSS {per_cam_pss:.0f} MB, RSS {per_cam_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Measurement helpers for the benchmarks: clips, CPU and memory of the processes involved, percentiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test servers (redis-server, GStreamer RTSP) and clip encoder
+
+from servers import encode_mp4  # noqa: E402
+
+from models.synthetic import StreetScene  # noqa: E402
+
+DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
+
+
+def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 25.0) -> list[Path]:
+    """Synthetic street clips (640x360 H.264), one per seed; cached in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for seed in range(count):
+        path = folder / f"street-{seed}.mp4"
+        if not path.is_file():
+            scene = StreetScene(100 + seed, fps=fps)
+            encode_mp4(path, (scene.step()[0] for _ in range(int(seconds * fps))), fps=fps, crf=20)
+        clips.append(path)
+    return clips
+
+
+def ray_processes() -> list[psutil.Process]:
+    """This machine's Ray processes (raylet, GCS, workers) plus this process."""
+    procs = [psutil.Process()]
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            name = p.info["name"] or ""
+            if p.pid != os.getpid() and ("ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server")
+                                         or "ray/_private" in cmd or "ray/dashboard" in cmd):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return procs
+
+
+def role(p: psutil.Process) -> str:
+    try:
+        title = " ".join(p.cmdline()) + " " + p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "gone"
+    if p.pid == os.getpid():
+        return "driver"
+    if "StreamActor" in title:
+        return "stream"
+    if "InferenceActor" in title:
+        return "inference"
+    return "ray-core"
+
+
+@dataclass
+class Usage:
+    cpu: dict[str, float]  # cpu seconds by role
+    pss_mb: dict[str, float]
+    rss_mb: dict[str, float]
+    count: dict[str, int]
+
+
+def usage(procs: list[psutil.Process]) -> Usage:
+    cpu: dict[str, float] = {}
+    pss: dict[str, float] = {}
+    rss: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for p in procs:
+        try:
+            r = role(p)
+            t = p.cpu_times()
+            mem = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        cpu[r] = cpu.get(r, 0.0) + t.user + t.system
+        pss[r] = pss.get(r, 0.0) + mem.pss / 2**20
+        rss[r] = rss.get(r, 0.0) + mem.rss / 2**20
+        count[r] = count.get(r, 0) + 1
+    return Usage(cpu, pss, rss, count)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def save_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+        print(f"wrote {path}")
