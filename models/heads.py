@@ -20,7 +20,7 @@ class HeadConfig:
     tower_convs: int = 2
     prior_prob: float = 0.01  # initial foreground probability, keeps early focal loss stable
     # Inference defaults; callers can override per call.
-    score_threshold: float = 0.25
+    score_threshold: float = 0.35  # chosen for ByteTrack: lower-scored boxes joined tracks as false positives
     nms_iou: float = 0.6
     max_detections: int = 100
     meta: dict = field(default_factory=dict)  # free-form: who trained it, on what

@@ -30,18 +30,20 @@ def scene_truth(seed: int, frames: int, width: int = 640, height: int = 360, fps
     return [scene.step()[1] for _ in range(frames)]
 
 
-def mot_scores(messages: list[dict], truths: list, min_visibility: float = 0.5) -> dict:
+def mot_scores(messages: list[dict], truths: list, min_visibility: float = 0.5, start: int = 0) -> dict:
     """MOTA / IDF1 (trackers.eval, IoU 0.5) of the published tracks against the scene's truth.
 
     A track is identified by (head, track_id); a detection may only match a truth box of the same
     class. Frames without a message count as frames where nothing was found. Predictions on mostly
-    hidden objects are ignored, as MOT benchmarks do with distractors.
+    hidden objects are ignored, as MOT benchmarks do with distractors. Frames before ``start`` are not scored.
     """
     by_frame = {m["frame"]: m for m in messages}
     ids: dict[tuple[str, int], int] = {}
     gt_ids, tr_ids, sims = [], [], []
     missing = 0
     for f, truth in enumerate(truths):
+        if f < start:
+            continue
         good = truth.visibility >= min_visibility
         hidden = (truth.visibility > 0) & ~good
         gt_boxes = torch.tensor(truth.boxes[good], dtype=torch.float32).reshape(-1, 4)
@@ -67,4 +69,4 @@ def mot_scores(messages: list[dict], truths: list, min_visibility: float = 0.5) 
     ident = compute_identity_metrics(gt_ids, tr_ids, sims, threshold=0.5)
     return {"MOTA": float(clear["MOTA"]), "IDF1": float(ident["IDF1"]), "IDSW": int(clear["IDSW"]),
             "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]), "TP": int(clear["CLR_TP"]),
-            "frames": len(truths), "frames_without_message": missing, "tracks": len(ids)}
+            "frames": len(truths) - start, "frames_without_message": missing, "tracks": len(ids)}

@@ -20,6 +20,7 @@ from workers.publish import keys, validate
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 SCENE_SEED, SCENE_FRAMES, FPS = 7, 250, 25.0
+CATCH_UP = 25  # frames: the first second
 
 
 def make_app(redis_url: str, checkpoint: Path, cameras: list[dict], **inference) -> App:
@@ -65,8 +66,13 @@ def test_synthetic_scene_over_rtsp_is_tracked_well(ray_local, redis_server, rtsp
     final = app.shutdown()[0]
     client = redis_server.client()
     messages = [m for m in validate_all(client, ["street"])["street"] if m["frame"] < SCENE_FRAMES]
-    scores = mot_scores(messages, scene_truth(SCENE_SEED, SCENE_FRAMES, fps=FPS))
-    print("MOT over RTSP:", scores, "camera:", {k: final[k] for k in ("decoded", "published", "dropped")})
+    # The server sends its first frames in a burst on PLAY and a live camera keeps only the newest of a
+    # burst (catching up to live, by design): tracking is scored from frame CATCH_UP on, where every
+    # frame must have been analysed.
+    scores = mot_scores(messages, scene_truth(SCENE_SEED, SCENE_FRAMES, fps=FPS), start=CATCH_UP)
+    print("MOT over RTSP:", scores, "camera:", {k: final[k] for k in ("decoded", "published", "dropped")},
+          "frames missing:", sorted(set(range(SCENE_FRAMES)) - {m["frame"] for m in messages}))
+    assert scores["frames_without_message"] <= 0.02 * scores["frames"]
     assert scores["MOTA"] >= 0.80
     assert scores["IDF1"] >= 0.75
     events = read_stream(client, keys("hv").events)
