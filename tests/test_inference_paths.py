@@ -8,7 +8,7 @@ import torch
 
 from models.fuse import fuse_conv_bn
 from models.hydranet import HydraNet, HydraNetConfig
-from workers.inference import ModelRunner, pick_autocast, pick_device
+from workers.model_runner import ModelRunner, pick_autocast, pick_device
 
 
 def model_with_real_bn_stats(depth: int = 18) -> HydraNet:

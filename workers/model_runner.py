@@ -1,0 +1,94 @@
+"""ModelRunner: a HydraNet checkpoint loaded once, run on batches of letterboxed uint8 frames.
+
+Kept apart from workers/inference.py so that the Ray actor classes there import without torch: every
+StreamActor deserializes an InferenceActor handle, which imports the actor's module, and torch alone
+would add ~190 MB to each camera's process.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.fuse import fuse_conv_bn
+from workers.frames import HeadArrays
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """fp16 on CUDA by default (tensor cores); full precision on CPU, where half is slower."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.float16
+
+
+class ModelRunner:
+    """Loads a checkpoint once and runs batches: backbone once, each head on the frames that want it."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, score_threshold: float | None = None, max_batch: int = 8,
+                 fuse_bn: bool = True, compile: bool = False):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        self.autocast = pick_autocast(precision, self.device)
+        self.model, _ = load_checkpoint(checkpoint, device=self.device)
+        if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
+            fuse_conv_bn(self.model.backbone)
+        self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
+        if compile:  # optional: minutes of compilation at start, then fewer kernel launches (mostly a GPU win)
+            self.model.backbone = torch.compile(self.model.backbone, dynamic=True)
+            self.model.neck = torch.compile(self.model.neck, dynamic=True)
+        self.score_threshold = score_threshold
+        self.input_size = tuple(self.model.config.input_size)
+        self.heads = {name: self.model.head_classes(name) for name in self.model.head_names}
+        # Page-locked staging buffer: host->GPU copies can then run asynchronously (non_blocking).
+        self._staging = None
+        if self.device.type == "cuda":
+            self._staging = torch.empty((max_batch, 3, *self.input_size), dtype=torch.uint8).pin_memory()
+        self.stats = {"batches": 0, "frames": 0, "backbone_frames": 0, "head_frames": collections.Counter(),
+                      "seconds": 0.0, "cpu_seconds": 0.0, "batch_sizes": collections.Counter()}
+
+    def info(self) -> dict:
+        return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
+                "autocast": str(self.autocast) if self.autocast else "fp32"}
+
+    def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        n = len(images)
+        if self._staging is not None and n <= self._staging.shape[0]:
+            staged = self._staging[:n]
+            for i, img in enumerate(images):
+                staged[i].copy_(torch.from_numpy(img))
+            return staged.to(self.device, non_blocking=True)
+        return torch.from_numpy(np.stack(images)).to(self.device)
+
+    def run(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> list[dict[str, HeadArrays]]:
+        """images: (3, H, W) uint8 letterboxed; heads: per image (None = all). Per image {head: arrays}."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        x = self._to_device(images).contiguous(memory_format=torch.channels_last)
+        results = self.model.detect(x, heads, score_threshold=self.score_threshold, autocast_dtype=self.autocast)
+        out = [{name: det.numpy() for name, det in r.items()} for r in results]
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["cpu_seconds"] += time.process_time() - c0  # all threads of this process, torch's included
+        self.stats["batches"] += 1
+        self.stats["frames"] += len(images)
+        self.stats["backbone_frames"] += int(x.shape[0])
+        self.stats["batch_sizes"][len(images)] += 1
+        for r in results:
+            self.stats["head_frames"].update(r.keys())
+        return out
