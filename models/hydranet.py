@@ -113,7 +113,8 @@ class HydraNet(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) RGB -> normalized float; done on the model's device so frames travel as uint8."""
-        return (images.float() - self.mean) / self.std
+        # One fused multiply-add instead of a subtract and a divide: half the passes over the batch.
+        return torch.addcmul(-self.mean / self.std, images.float(), 1.0 / self.std)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Backbone + neck, once per batch: pyramid maps at strides 8, 16, 32."""
