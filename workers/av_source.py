@@ -21,7 +21,7 @@ from workers.sources import Pacer, PtsClock, Source, SourceError, SourceFrame
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-DECODER_THREADS = 2  # the box decoding many cameras has few cores: more threads per camera only contend
+DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
 _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EIO,
                    errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
