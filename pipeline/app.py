@@ -22,6 +22,11 @@ from workers.publish import Publisher, event_message
 from workers.redact import redact_url
 from workers.stream import StreamActor
 
+# A letterboxed frame (3x256x448 uint8, 344 KB) travels inside the actor call instead of through the
+# object store (Ray's default limit is 100 KB): measured 1.4 -> 0.3 ms of raylet/GCS CPU per frame and +4%
+# frames/s with 8 cameras on 2 cores (benchmarks/README.md). A Ray cluster needs the same setting at `ray start`.
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 2 * 2**20}
+
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
@@ -88,7 +93,8 @@ class App:
         if rc.address == "local":
             ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                     _system_config=RAY_SYSTEM_CONFIG)
         else:
             ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=True)
         self.started_ray = True

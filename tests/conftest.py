@@ -71,7 +71,10 @@ def ray_local() -> Iterator[None]:
 
     import ray
 
+    from pipeline.app import RAY_SYSTEM_CONFIG
+
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False)
+             logging_level=logging.WARNING, log_to_driver=False,
+             _system_config=RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
