@@ -19,6 +19,7 @@ import redis
 
 from workers.capture import Capture, CapturedFrame, CaptureSettings, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
+from workers.inference import service_call
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.tracking import CameraTracker, TrackerSettings
@@ -276,7 +277,7 @@ class StreamActor:
         # Stable spread of cameras over replicas (str hash() differs per process).
         replica = self.inference[zlib.crc32(self.camera["id"].encode()) % len(self.inference)]
         id_base = await asyncio.get_running_loop().run_in_executor(None, self._previous_track_ids)
-        self.pipeline = CameraPipeline(self.camera, lambda r: replica.infer.remote(r), self.model_info, self.publisher,
+        self.pipeline = CameraPipeline(self.camera, service_call(replica), self.model_info, self.publisher,
                                        track_id_base=id_base)
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
