@@ -55,6 +55,7 @@ class App:
     events: Publisher | None = None  # the controller's own events (worker_restarted)
     inference_pids: list = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _signals_installed: bool = False
 
     # -- start -------------------------------------------------------------------------------
     def resolve_redis(self) -> str:
@@ -237,6 +238,7 @@ class App:
             self._stop.set()
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        self._signals_installed = True
 
     # -- stop --------------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float = 20.0) -> list[dict]:
@@ -257,6 +259,8 @@ class App:
             self.events.close(5.0)
         if self.started_ray:
             ray.shutdown()
+            if self._signals_installed:  # ray.shutdown() puts SIGTERM back to the default action
+                self.install_signal_handlers()
         if self.embedded:
             self.embedded.stop()
         return finals

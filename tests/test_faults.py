@@ -60,7 +60,8 @@ def test_camera_killed_and_restarted_reconnects_and_others_keep_their_rate(ray_l
     assert len(delays) >= 2 and max(delays) <= 15  # backoff grows, capped
     steady = messages(client, "steady")
     before, during = rate(steady, t_kill - 5, t_kill), rate(steady, t_kill, t_end)
-    print(f"steady camera: {before:.2f} fps before, {during:.2f} fps while the other camera was down")
+    print(f"camera back {up[0]['ts'] - t_back:.1f} s after its server; steady camera: {before:.2f} fps before, "
+          f"{during:.2f} fps while the other camera was down")
     assert during >= 0.9 * before
 
 
@@ -77,9 +78,9 @@ def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp
         noticed = down[0]["ts"] - t_pause
         server.resume()
         t_resume = time.time()
-        wait_for(lambda: [e for e in events(client, "frozen", "stream_up") if e["ts"] > t_resume], 30,
-                 "stream_up after the server resumed")
-    print(f"stall noticed after {noticed:.1f} s (read timeout 2 s)")
+        back = wait_for(lambda: [e for e in events(client, "frozen", "stream_up") if e["ts"] > t_resume], 30,
+                        "stream_up after the server resumed")
+    print(f"stall noticed after {noticed:.1f} s (read timeout 2 s); back {back[0]['ts'] - t_resume:.1f} s after resume")
     assert noticed <= 3 * FAST_TIMEOUTS["read_timeout_s"] + 1
 
 
@@ -96,10 +97,14 @@ def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, o
         redis_server.start()
         t_back = time.time()
         client = redis_server.client()
+        wait_for(lambda: messages(client, "cam"), 30, "the first message after Redis came back")
+        recovered = time.time() - t_back
         wait_for(lambda: len(messages(client, "cam")) > 30, 30, "messages after Redis came back")
         finals = run.stop()
     final = finals[0]
     msgs = messages(client, "cam")
+    print(f"Redis outage {outage_s} s, buffer {buffer}: delivering again {recovered:.1f} s after the restart; "
+          f"publisher dropped {final['publisher']['dropped']}, pipeline dropped {final['dropped']}")
     frames = [m["frame"] for m in msgs]
     assert frames == sorted(frames)  # in order (at-least-once: a resent batch may repeat a frame)
     unique = sorted(set(frames))
