@@ -97,11 +97,11 @@ class SyntheticSource(Source):
         frames = self.params["frames"]
         if frames is not None and self._index >= frames:
             return None
+        pts = self._index / self.nominal_fps
+        if self._realtime:  # wait first: the picture is taken when it is due, as a camera's would be
+            self._pacer.wait(pts)
         image, truth = self._scene.step()
         wall = time.time()
-        pts = self._index / self.nominal_fps
-        if self._realtime:
-            self._pacer.wait(pts)
         out = SourceFrame(self._index, pts, wall, image.shape[:2], image, truth)
         self._index += 1
         return out
