@@ -99,6 +99,7 @@ class App:
         else:
             ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=True)
         self.started_ray = True
+        self._reinstall_signal_handlers()
 
     def start(self) -> None:
         if not self.config.cameras:
@@ -119,11 +120,9 @@ class App:
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
-        redis_cfg = {"url": redis_url, "prefix": self.config.redis.prefix, "maxlen": self.config.redis.maxlen,
-                     "buffer": self.config.redis.buffer}
-        self.redis_cfg = redis_cfg
-        self.events = Publisher(redis_url, prefix=self.config.redis.prefix, maxlen=self.config.redis.maxlen,
-                                name="hydravision-controller").start()
+        self.redis_cfg = {"url": redis_url, "prefix": self.config.redis.prefix, "maxlen": self.config.redis.maxlen,
+                          "buffer": self.config.redis.buffer}
+        self.events = Publisher(**self.redis_cfg, name="hydravision-controller").start()
         self.add_cameras([cam.model_dump() for cam in self.config.cameras])
 
     def add_cameras(self, cams: list[dict]) -> None:
@@ -134,19 +133,17 @@ class App:
             actor = StreamActor.options(name=f"hv-camera-{cam['id']}").remote(
                 cam, self.inference, self.model_info, self.redis_cfg)
             spawned.append((cam, actor, actor.start.remote()))
-        deadline = time.monotonic() + 60 + 5 * len(cams)
+        budget_s = 60 + 5 * len(cams)
+        deadline = time.monotonic() + budget_s
         for cam, actor, started in spawned:
             try:
                 ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(f"camera {cam['id']}: its stream actor did not start within "
-                                   f"{60 + 5 * len(cams)} s (is the Ray cluster short of CPUs or memory?)") from None
+                                   f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
             self.cameras[cam["id"]] = CameraHandle(cam["id"], cam, actor, actor.wait.remote())
             self.say(f"Camera {cam['id']}: {redact_url(cam['url'])} "
                      f"heads={cam.get('heads') or list(self.model_info['heads'])}")
-
-    def add_camera(self, cam: dict) -> None:
-        self.add_cameras([cam])
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
@@ -240,6 +237,12 @@ class App:
         signal.signal(signal.SIGTERM, handler)
         self._signals_installed = True
 
+    def _reinstall_signal_handlers(self) -> None:
+        """ray.init() replaces the SIGTERM handler with one that aborts and ray.shutdown() puts the default
+        action back: after either, ours go back in (if they were installed)."""
+        if self._signals_installed:
+            self.install_signal_handlers()
+
     # -- stop --------------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float = 20.0) -> list[dict]:
         finals = []
@@ -259,8 +262,7 @@ class App:
             self.events.close(5.0)
         if self.started_ray:
             ray.shutdown()
-            if self._signals_installed:  # ray.shutdown() puts SIGTERM back to the default action
-                self.install_signal_handlers()
+            self._reinstall_signal_handlers()
         if self.embedded:
             self.embedded.stop()
         return finals

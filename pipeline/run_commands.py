@@ -26,9 +26,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=False)
     interactive = console.is_terminal and config.status.table and not args.plain
     app = App(config, redis_url=args.redis_url, say=lambda m: console.print(m, highlight=False, markup=False))
-    app.install_signal_handlers()
+    app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
     app.start()
-    app.install_signal_handlers()  # again: ray.init() replaces the SIGTERM handler with one that aborts
     console.print(f"Running {len(app.cameras)} camera(s)"
                   + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.", highlight=False)
     try:
