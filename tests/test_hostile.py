@@ -442,7 +442,7 @@ def test_fuzzed_files_end_in_frames_or_a_source_error(clips, tmp_path: Path, bas
 
 
 class _Evil:
-    """Unpickling this runs a shell command: what a hostile .pt file does to torch.load(weights_only=False)."""
+    """Unpickling this runs a shell command: what a hostile .pt file does to any loader that unpickles freely."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -451,39 +451,36 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+                          timeout=120)
 
 
-def _config(tmp: Path, text: str) -> Path:
-    path = tmp / "cfg.yaml"
-    path.write_text(text)
-    return path
+ONE_CAMERA = "cameras:\n  - {id: a, url: 'synthetic://street'}\n"
+
+
+def _run(config: str) -> Callable[[Path], list[str]]:
+    """argv of `hydravision run` on a config file with this text; TMP in it becomes the test's folder."""
+    def argv(tmp: Path) -> list[str]:
+        path = tmp / "cfg.yaml"
+        path.write_text(config.replace("TMP", str(tmp)))
+        return ["run", str(path)]
+    return argv
 
 
 CLI_CASES = {
     "missing-config": (lambda tmp: ["run", str(tmp / "nope.yaml")], "config file not found"),
-    "bad-yaml": (lambda tmp: ["run", str(_config(tmp, "cameras: [\n  - id: a\n    url: [x"))], "not valid yaml"),
-    "negative-fps": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'synthetic://street', fps: -5}\n"))],
-                     "cameras[0].fps"),
-    "unknown-field": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'synthetic://street', fsp: 5}\n"))],
+    "bad-yaml": (_run("cameras: [\n  - id: a\n    url: [x"), "not valid yaml"),
+    "negative-fps": (_run("cameras:\n  - {id: a, url: 'synthetic://street', fps: -5}\n"), "cameras[0].fps"),
+    "unknown-field": (_run("cameras:\n  - {id: a, url: 'synthetic://street', fsp: 5}\n"),
                       "cameras[0].fsp: unknown field"),
-    "wrong-type": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'synthetic://street', fps: fast}\n"))],
-                   "cameras[0].fps"),
-    "duplicate-ids": (lambda tmp: ["run", str(_config(
-        tmp, "cameras:\n  - {id: a, url: 'synthetic://street'}\n  - {id: a, url: 'synthetic://street?seed=2'}\n"))],
-        "duplicate camera id"),
-    "checkpoint-not-ours": (lambda tmp: ["run", str(_config(
-        tmp, f"model: {{checkpoint: '{tmp / 'other.safetensors'}'}}\ncameras:\n  - {{id: a, url: 'synthetic://street'}}\n"))],
-        "not a hydravision checkpoint"),
-    "unset-env": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'rtsp://u:${HV_TEST_UNSET}@h/x'}\n"))],
-                  "hv_test_unset"),
-    "bad-scheme-secret": (lambda tmp: ["run", str(_config(tmp, "cameras:\n  - {id: a, url: 'ftp://admin:s3cret@cam/x'}\n"))],
-                          "unsupported scheme"),
-    "checkpoint-is-pickle": (lambda tmp: ["run", str(_config(
-        tmp, f"model: {{checkpoint: '{tmp / 'evil.pt'}'}}\ncameras:\n  - {{id: a, url: 'synthetic://street'}}\n"))],
-        "not a safetensors file"),
+    "wrong-type": (_run("cameras:\n  - {id: a, url: 'synthetic://street', fps: fast}\n"), "cameras[0].fps"),
+    "duplicate-ids": (_run(ONE_CAMERA + "  - {id: a, url: 'synthetic://street?seed=2'}\n"), "duplicate camera id"),
+    "checkpoint-not-ours": (_run("model: {checkpoint: 'TMP/other.safetensors'}\n" + ONE_CAMERA),
+                            "not a hydravision checkpoint"),
+    "unset-env": (_run("cameras:\n  - {id: a, url: 'rtsp://u:${HV_TEST_UNSET}@h/x'}\n"), "hv_test_unset"),
+    "bad-scheme-secret": (_run("cameras:\n  - {id: a, url: 'ftp://admin:s3cret@cam/x'}\n"), "unsupported scheme"),
+    "checkpoint-is-pickle": (_run("model: {checkpoint: 'TMP/evil.pt'}\n" + ONE_CAMERA), "not a safetensors file"),
     "eval-pickle": (lambda tmp: ["eval", "--checkpoint", str(tmp / "evil.pt"), "--no-progress"], "not a safetensors file"),
     "import-pickle-backbone": (lambda tmp: ["train", "--out", str(tmp / "o.safetensors"), "--head", "p=person",
                                             "--steps", "1", "--import-backbone", str(tmp / "evil.pt"), "--no-progress"],
