@@ -203,11 +203,10 @@ class AVSource(Source):
                 raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
             self._decode_next_packet()
         frame = self._pending.popleft()
-        wall = time.time()
         pts = self._clock(frame.time)
-        if self._pace:
+        if self._pace:  # a paced file's picture is "taken" when it is due, not when it was decoded ahead
             self._pacer.wait(pts)
-        out = SourceFrame(self._index, pts, wall, (frame.height, frame.width), frame)
+        out = SourceFrame(self._index, pts, time.time(), (frame.height, frame.width), frame)
         self._index += 1
         return out
 
