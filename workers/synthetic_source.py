@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from models.synthetic import StreetScene
 from workers.redact import redact_url
-from workers.sources import Pacer, Source, SourceError, SourceFrame
+from workers.source_base import Pacer, Source, SourceError, SourceFrame
 
 SCENES = ("street",)
 PARAMS = ("seed", "fps", "size", "density", "frames")
