@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.letterbox import PAD_VALUE, Letterbox, letterbox
+from models.letterbox import Letterbox, letterbox, paste
 from workers.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -88,25 +88,20 @@ class SourceFrame:
     def to_model_input(self, dst_size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
         """Letterboxed (3, H, W) uint8 C-contiguous image of ``dst_size`` (height, width), and its transform.
 
-        Same geometry as ``models.letterbox.letterbox``. A PyAV frame is scaled and converted to RGB in one
-        swscale call at the letterbox's resized size: converting a 1080p frame to RGB first and then
+        Same geometry and padding as ``models.letterbox.letterbox``. A PyAV frame is scaled and converted to RGB
+        in one swscale call at the letterbox's resized size: converting a 1080p frame to RGB first and then
         shrinking it costs several times more. Pixels differ slightly from cv2's resize (a different filter).
         """
         if isinstance(self.image, np.ndarray):
             return letterbox(self.image, dst_size)
         lb = Letterbox.fit(self.size, dst_size)
-        # A sliver such as 4096x2 rounds to 0 rows at model scale, and swscale refuses a 0-pixel target
-        # (OSError EOPNOTSUPP): keep at least one row/column; the padding offsets still leave room for it.
-        nh, nw = (max(1, n) for n in lb.resized_size)
-        dh, dw = lb.dst_size
-        # AREA averages when shrinking (no aliasing), BILINEAR when growing: what letterbox() does with cv2.
+        nh, nw = lb.resized_size
+        # AREA averages when shrinking (no aliasing), BILINEAR when growing: what letterbox.resize does with cv2.
         interpolation = "AREA" if lb.scale < 1 else "BILINEAR"
         # threads=1: swscale's default spawns a thread per core, which only contends when many cameras decode.
         rgb = _reformatter().reformat(self.image, width=nw, height=nh, format="rgb24",
                                       interpolation=interpolation, threads=1).to_ndarray()
-        out = np.full((3, dh, dw), PAD_VALUE, dtype=np.uint8)
-        out[:, lb.pad_y : lb.pad_y + nh, lb.pad_x : lb.pad_x + nw] = rgb.transpose(2, 0, 1)
-        return out, lb
+        return paste(rgb, lb.dst_size, (lb.pad_x, lb.pad_y)), lb
 
 
 class Source:
