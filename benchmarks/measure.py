@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test servers (redis-server, GStre
 
 from servers import encode_mp4  # noqa: E402
 
-from models.synthetic import StreetScene  # noqa: E402
+from synthetic.scene import StreetScene  # noqa: E402
 
 DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from models.letterbox import boxes_to_model, letterbox, paste, resize
-from models.synthetic import CLASS_NAMES, StreetScene
+from synthetic.scene import CLASS_NAMES, StreetScene
 
 log = logging.getLogger(__name__)
 

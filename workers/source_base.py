@@ -24,7 +24,7 @@ from workers.redact import redact_text, redact_url
 if TYPE_CHECKING:
     import av
 
-    from models.synthetic import FrameTruth
+    from synthetic.scene import FrameTruth
 
 ERROR_KINDS = ("not_found", "refused", "unreachable", "timeout", "auth", "not_video", "decode", "unsupported", "ended")
 

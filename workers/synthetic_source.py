@@ -8,7 +8,7 @@ import math
 import time
 from urllib.parse import parse_qsl, urlsplit
 
-from models.synthetic import StreetScene
+from synthetic.scene import StreetScene
 from workers.redact import redact_url
 from workers.source_base import Pacer, Source, SourceError, SourceFrame
 
