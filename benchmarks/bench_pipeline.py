@@ -33,7 +33,7 @@ from measure import DEMO, make_clips, pct, ray_processes, save_json, usage
 from pipeline.app import RAY_SYSTEM_CONFIG, App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
-from servers import RtspServer
+from pipeline.testbed import RtspServer
 from workers.frames import detection_records, to_detections
 from workers.model_runner import ModelRunner
 from workers.publish import detection_message, encode, keys

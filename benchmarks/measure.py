@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 
+from synthetic.clips import encode_mp4
+from synthetic.scene import StreetScene
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test servers (redis-server, GStreamer RTSP) and clip encoder
-
-from servers import encode_mp4  # noqa: E402
-
-from models.synthetic import StreetScene  # noqa: E402
-
 DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
 
 

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from models.letterbox import PAD_VALUE, boxes_to_model, letterbox
-from models.synthetic import CLASS_NAMES, StreetScene
+from models.letterbox import boxes_to_model, letterbox, paste, resize
+from synthetic.scene import CLASS_NAMES, StreetScene
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,10 @@ def place(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, dst_size: tu
     sh, sw = image.shape[:2]
     scale = min(dw / sw, dh / sh) * rng.uniform(0.75, 1.3)
     nw, nh = max(1, round(sw * scale)), max(1, round(sh * scale))
-    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    resized = resize(image, (nh, nw))
     ox = int(rng.integers(min(0, dw - nw), max(0, dw - nw) + 1))
     oy = int(rng.integers(min(0, dh - nh), max(0, dh - nh) + 1))
-    canvas = np.full((dh, dw, 3), PAD_VALUE, np.uint8)
-    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + nw, dw), min(oy + nh, dh)
-    canvas[y0:y1, x0:x1] = resized[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    canvas = paste(resized, dst_size, (ox, oy), chw=False)  # a jittered letterbox: may cut the picture
 
     def move(bx: np.ndarray) -> np.ndarray:
         bx = bx.reshape(-1, 4) * scale + np.array([ox, oy, ox, oy], np.float32)

@@ -14,7 +14,7 @@ from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT
 from models.hydranet import HydraNet
 from models.letterbox import boxes_to_source, letterbox
 from models.postprocess import box_iou
-from models.synthetic import CLASS_NAMES, StreetScene
+from synthetic.scene import CLASS_NAMES, StreetScene
 
 EVAL_SEED_BASE = TRAIN_SEED_LIMIT + 1  # never used for training
 

@@ -1,6 +1,9 @@
 """Letterbox pre-processing and the inverse mapping of boxes, as pure functions.
 
-Training and serving both call these, so a model sees exactly the same pixels in both.
+Training and serving both call these, so a model sees exactly the same pixels in both. This is the one place
+that decides the geometry (``Letterbox.fit``), the resize filter (``resize``) and the padding (``paste``):
+the PyAV decode path (``SourceFrame.to_model_input``, which resizes with swscale) and the training
+augmentation (``models.datasets.place``, which jitters scale and position) call them too.
 """
 
 from __future__ import annotations
@@ -37,11 +40,45 @@ class Letterbox:
 
     @property
     def resized_size(self) -> tuple[int, int]:
+        """(height, width) of the picture inside the padding, at least 1 x 1: a sliver such as 4096x2 rounds
+        to 0 rows at model scale, and neither cv2 nor swscale (OSError EOPNOTSUPP) resize to 0 pixels; the
+        padding offsets still leave room for that one row."""
         sh, sw = self.src_size
-        return round(sh * self.scale), round(sw * self.scale)
+        return max(1, round(sh * self.scale)), max(1, round(sw * self.scale))
 
     def to_list(self) -> list:
         return [list(self.src_size), list(self.dst_size), self.scale, self.pad_x, self.pad_y]
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, 3) image resized to ``size`` (height, width); the image itself when it already has that size."""
+    if tuple(size) == image.shape[:2]:
+        return image
+    nh, nw = size
+    # INTER_AREA averages when shrinking (no aliasing on fine texture); LINEAR when growing.
+    interp = cv2.INTER_AREA if nh < image.shape[0] or nw < image.shape[1] else cv2.INTER_LINEAR
+    return cv2.resize(image, (nw, nh), interpolation=interp)
+
+
+def paste(image: np.ndarray, dst_size: tuple[int, int], at: tuple[int, int], chw: bool = True) -> np.ndarray:
+    """A ``dst_size`` (height, width) canvas of PAD_VALUE grey with the (H, W, 3) ``image`` placed with its
+    top-left corner at ``at`` (x, y); whatever falls outside the canvas is cut off.
+
+    Returns a C-contiguous uint8 array, (3, H, W) when ``chw`` else (H, W, 3). Writing straight into a CHW
+    canvas transposes only the picture, not the padding.
+    """
+    (dh, dw), (x, y) = dst_size, at
+    h, w = image.shape[:2]
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = max(min(x + w, dw), x0), max(min(y + h, dh), y0)
+    part = image[y0 - y : y1 - y, x0 - x : x1 - x]
+    if chw:
+        out = np.full((3, dh, dw), PAD_VALUE, dtype=np.uint8)
+        out[:, y0:y1, x0:x1] = part.transpose(2, 0, 1)
+    else:
+        out = np.full((dh, dw, 3), PAD_VALUE, dtype=np.uint8)
+        out[y0:y1, x0:x1] = part
+    return out
 
 
 def letterbox(image: np.ndarray, dst_size: tuple[int, int], chw: bool = True) -> tuple[np.ndarray, Letterbox]:
@@ -52,19 +89,7 @@ def letterbox(image: np.ndarray, dst_size: tuple[int, int], chw: bool = True) ->
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     lb = Letterbox.fit(image.shape[:2], dst_size)
-    nh, nw = lb.resized_size
-    dh, dw = lb.dst_size
-    out = np.full((dh, dw, 3), PAD_VALUE, dtype=np.uint8)
-    if (nh, nw) == image.shape[:2]:
-        resized = image
-    else:
-        # INTER_AREA averages when shrinking (no aliasing on fine texture); LINEAR when growing.
-        interp = cv2.INTER_AREA if lb.scale < 1 else cv2.INTER_LINEAR
-        resized = cv2.resize(image, (nw, nh), interpolation=interp)
-    out[lb.pad_y : lb.pad_y + nh, lb.pad_x : lb.pad_x + nw] = resized
-    if chw:
-        out = np.ascontiguousarray(out.transpose(2, 0, 1))
-    return out, lb
+    return paste(resize(image, lb.resized_size), lb.dst_size, (lb.pad_x, lb.pad_y), chw), lb
 
 
 def boxes_to_source(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Shared fixtures. The logic lives in tests/servers.py; fixtures only tie it to pytest's lifetimes."""
+"""Shared fixtures. The logic lives in pipeline/testbed.py, synthetic/clips.py and tests/servers.py; fixtures
+only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from servers import RedisServer, RtspServer, require_binary, skip_or_fail
-from servers import bikes_mp4 as _bikes_mp4
+from pipeline.testbed import RedisServer, RtspServer
+from servers import require_binary, skip_or_fail
+from synthetic.clips import bikes_mp4 as _bikes_mp4
 
 
 @pytest.fixture

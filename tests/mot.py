@@ -13,7 +13,7 @@ import torch
 from trackers.eval import compute_clear_metrics, compute_identity_metrics
 
 from models.postprocess import box_iou
-from models.synthetic import CLASS_NAMES, StreetScene
+from synthetic.scene import CLASS_NAMES, StreetScene
 
 
 def read_stream(client: redis.Redis, key: str) -> list[dict]:

@@ -11,11 +11,11 @@ import av
 import pytest
 import ray
 
-from models.synthetic import StreetScene
 from mot import mot_scores, read_stream, scene_truth
 from pipeline.app import App
 from pipeline.config import parse_config
 from servers import encode_mp4
+from synthetic.scene import StreetScene
 from workers.publish import keys, validate
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"

@@ -13,9 +13,9 @@ import pytest
 import ray
 import yaml
 
-from models.synthetic import StreetScene
 from running import RunningApp, events, messages, wait_for
 from servers import encode_mp4
+from synthetic.scene import StreetScene
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 FAST_TIMEOUTS = {"open_timeout_s": 2, "read_timeout_s": 2}

@@ -29,9 +29,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.synthetic import StreetScene
 from running import RunningApp, events, messages, wait_for
 from servers import HOST, BlackHole, RedisServer, RtspServer, encode_mp4, free_port, require_binary
+from synthetic.scene import StreetScene
 from workers.publish import keys
 from workers.sources import SourceError, open_source
 

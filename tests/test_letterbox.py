@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.letterbox import PAD_VALUE, Letterbox, boxes_to_model, boxes_to_source, letterbox
+from models.letterbox import PAD_VALUE, Letterbox, boxes_to_model, boxes_to_source, letterbox, paste, resize
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,42 @@ def test_boxes_to_source_clips():
 def test_bad_image_shape(shape):
     with pytest.raises(ValueError, match="expected an \\(H, W, 3\\) image"):
         letterbox(np.zeros(shape, np.uint8), (192, 320))
+
+
+@pytest.mark.parametrize("src, dst, rows, cols", [((2, 4096), (256, 448), 1, 448), ((4096, 2), (256, 448), 256, 1)])
+def test_a_sliver_keeps_one_row_or_column(src, dst, rows, cols):
+    out, lb = letterbox(np.full((*src, 3), 200, np.uint8), dst)
+    assert lb.resized_size == (rows, cols)
+    picture = out[0] != PAD_VALUE
+    assert picture.sum() == rows * cols and (out[:, picture] == 200).all()
+
+
+# at (x, y) -> the canvas rows/columns [y0, y1) x [x0, x1) the 4x6 picture covers; outside nothing
+@pytest.mark.parametrize(
+    "at, covered",
+    [
+        ((2, 1), (1, 5, 2, 8)),  # inside
+        ((-3, -2), (0, 2, 0, 3)),  # cut at the top left
+        ((7, 8), (8, 10, 7, 10)),  # cut at the bottom right
+        ((10, 0), None),  # entirely outside
+        ((-6, -4), None),
+    ],
+)
+@pytest.mark.parametrize("chw", [True, False])
+def test_paste_places_and_cuts(at, covered, chw):
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    out = paste(image, (10, 10), at, chw=chw)
+    hwc = out.transpose(1, 2, 0) if chw else out
+    assert out.shape == ((3, 10, 10) if chw else (10, 10, 3)) and out.flags.c_contiguous
+    expected = np.full((10, 10, 3), PAD_VALUE, np.uint8)
+    if covered is not None:
+        y0, y1, x0, x1 = covered
+        x, y = at
+        expected[y0:y1, x0:x1] = image[y0 - y : y1 - y, x0 - x : x1 - x]
+    np.testing.assert_array_equal(hwc, expected)
+
+
+def test_resize_is_a_no_op_at_the_same_size():
+    image = np.zeros((6, 8, 3), np.uint8)
+    assert resize(image, (6, 8)) is image
+    assert resize(image, (3, 4)).shape == (3, 4, 3) and resize(image, (12, 16)).shape == (12, 16, 3)

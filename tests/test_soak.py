@@ -14,9 +14,9 @@ import numpy as np
 import psutil
 import pytest
 
-from models.synthetic import StreetScene
 from running import RunningApp, messages, wait_for
 from servers import encode_mp4
+from synthetic.scene import StreetScene
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 MINUTES = float(os.environ.get("HV_SOAK_MINUTES", "20"))

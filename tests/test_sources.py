@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from models.letterbox import letterbox
-from models.synthetic import StreetScene
 from servers import HOST, BlackHole, encode_mp4, free_port, skip_or_fail
+from synthetic.scene import StreetScene
 from workers.redact import redact_url
 from workers.sources import PtsClock, SourceError, SourceFrame, open_source
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from models import sprites
-from models.sprites import Sprite
-from models.synthetic import CLASS_NAMES, FrameTruth, StreetScene, composite
+from synthetic import sprites
+from synthetic.scene import CLASS_NAMES, FrameTruth, StreetScene, composite
+from synthetic.sprites import Sprite
 
 
 def run(scene: StreetScene, n: int) -> list[tuple[np.ndarray, FrameTruth]]:
@@ -232,3 +234,11 @@ def test_long_run_stays_bounded():
     counts = [len(scene.step()[1]) for _ in range(3000)]  # keep no frames: 3000 of them are 2 GB
     assert max(counts[-500:]) <= 2 * max(counts[:500]) and min(counts[-500:]) >= 1
     assert timed_steps(scene, 100).mean() < 15.0
+
+
+def test_the_package_stands_alone():
+    """synthetic/ feeds models/, workers/, the tests and the benchmarks, so it must import none of them, nor torch."""
+    code = ("import sys, synthetic.scene, synthetic.sprites; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'models', 'workers', 'pipeline'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

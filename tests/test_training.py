@@ -10,9 +10,9 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.datasets import DatasetError, YoloFolder
-from models.synthetic import StreetScene
 from models.train import TrainConfig, train
 from pipeline.cli import main as cli_main
+from synthetic.scene import StreetScene
 
 TINY = {"input_size": (64, 96), "backbone": {"type": "resnet", "depth": 10, "width": 8},
         "neck": {"type": "fpn", "channels": 16}, "batch_size": 2, "workers": 0, "warmup_steps": 1}

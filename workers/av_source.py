@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import av
 
 from workers.redact import redact_url
-from workers.sources import Pacer, PtsClock, Source, SourceError, SourceFrame
+from workers.source_base import Pacer, PtsClock, Source, SourceError, SourceFrame
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

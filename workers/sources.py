@@ -1,199 +1,23 @@
 """Frame sources a camera's decode thread reads from: RTSP/RTSPS, files, local V4L2 devices, http(s) and
 ``synthetic://`` scenes, behind one small interface (``open`` / ``read`` / ``close``).
 
-Every call is bounded: ``open`` by the open timeout, ``read`` by the read timeout (network sources) or by
-the file itself; nothing here blocks forever. Failures are ``SourceError`` with a ``kind`` the caller can
-act on (retry a refused camera, give up on a wrong path) and a message that names the URL with its
-credentials redacted. PyAV sources live in ``workers.av_source``, synthetic ones in
-``workers.synthetic_source``; ``open_source`` picks one by URL.
+This is the module callers use: ``open_source`` picks the Source for a URL, and the types it returns and
+raises are re-exported from ``workers.source_base``. The dependency runs one way: this factory imports the
+PyAV sources (``workers.av_source``) and the synthetic ones (``workers.synthetic_source``); they import only
+``workers.source_base``, never this module.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+from workers.source_base import ERROR_KINDS, Pacer, PtsClock, Source, SourceError, SourceFrame
 
-from models.letterbox import PAD_VALUE, Letterbox, letterbox
-from workers.redact import redact_text, redact_url
+__all__ = ["ERROR_KINDS", "Pacer", "PtsClock", "Source", "SourceError", "SourceFrame", "open_source"]
 
-if TYPE_CHECKING:
-    import av
-
-    from models.synthetic import FrameTruth
-
-ERROR_KINDS = ("not_found", "refused", "unreachable", "timeout", "auth", "not_video", "decode", "unsupported", "ended")
 TRANSPORTS = ("tcp", "udp", "udp_multicast", "http", "https")  # FFmpeg's rtsp_transport values
 THREAD_TYPES = ("AUTO", "FRAME", "SLICE", "NONE")
-
-# frame.reformat()/to_ndarray() build a new swscale context on every call, and initialising its scaling
-# filters costs 5-10x the conversion itself (1.3 ms vs 0.19 ms for 640x272 -> 320x136 AREA). A reformatter
-# kept per thread reuses its context while the sizes stay the same, which they do for a camera's thread.
-_reformatters = threading.local()
-
-
-def _reformatter() -> "av.video.reformatter.VideoReformatter":
-    r = getattr(_reformatters, "r", None)
-    if r is None:
-        from av.video.reformatter import VideoReformatter
-
-        r = _reformatters.r = VideoReformatter()
-    return r
-
-
-class SourceError(Exception):
-    """A source could not be opened or read. ``kind`` is one of ERROR_KINDS; ``str(e)`` is
-    "<redacted url>: <cause in plain words>" and never holds credentials.
-
-    For a live camera refused / unreachable / timeout / decode are worth retrying with backoff, and so is
-    not_found (RTSP relays such as MediaMTX answer 404 until the camera has connected to them); auth,
-    not_video and unsupported need a config change. "ended": read() on a source that is closed or not open.
-    """
-
-    def __init__(self, kind: str, message: str) -> None:
-        if kind not in ERROR_KINDS:
-            raise ValueError(f"unknown SourceError kind {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-
-    @classmethod
-    def for_url(cls, kind: str, url: str, cause: str) -> "SourceError":
-        """The error for ``url`` (raw, may hold credentials): both the URL and the cause are redacted."""
-        return cls(kind, f"{redact_url(url)}: {redact_text(cause, [url])}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Ray pickles exceptions across actors; the default would call __init__(message) without kind.
-        return (type(self), (self.kind, self.args[0]))
-
-
-@dataclass
-class SourceFrame:
-    """One decoded picture and where it sits in its stream."""
-
-    index: int  # 0-based count of frames this Source object has returned since open()
-    pts: float  # seconds from the start of the stream; never decreases, keeps increasing when a file loops
-    wall: float  # time.time() when it was decoded
-    size: tuple[int, int]  # (height, width) of the source picture
-    image: "av.VideoFrame | np.ndarray"  # decoded PyAV frame (not converted), or RGB uint8 HWC (synthetic)
-    truth: "FrameTruth | None" = None  # synthetic sources only
-
-    def to_rgb(self) -> np.ndarray:
-        """The full-size picture as RGB uint8 (H, W, 3)."""
-        if isinstance(self.image, np.ndarray):
-            return self.image
-        return _reformatter().reformat(self.image, format="rgb24", threads=1).to_ndarray()
-
-    def to_model_input(self, dst_size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
-        """Letterboxed (3, H, W) uint8 C-contiguous image of ``dst_size`` (height, width), and its transform.
-
-        Same geometry as ``models.letterbox.letterbox``. A PyAV frame is scaled and converted to RGB in one
-        swscale call at the letterbox's resized size: converting a 1080p frame to RGB first and then
-        shrinking it costs several times more. Pixels differ slightly from cv2's resize (a different filter).
-        """
-        if isinstance(self.image, np.ndarray):
-            return letterbox(self.image, dst_size)
-        lb = Letterbox.fit(self.size, dst_size)
-        # A sliver such as 4096x2 rounds to 0 rows at model scale, and swscale refuses a 0-pixel target
-        # (OSError EOPNOTSUPP): keep at least one row/column; the padding offsets still leave room for it.
-        nh, nw = (max(1, n) for n in lb.resized_size)
-        dh, dw = lb.dst_size
-        # AREA averages when shrinking (no aliasing), BILINEAR when growing: what letterbox() does with cv2.
-        interpolation = "AREA" if lb.scale < 1 else "BILINEAR"
-        # threads=1: swscale's default spawns a thread per core, which only contends when many cameras decode.
-        rgb = _reformatter().reformat(self.image, width=nw, height=nh, format="rgb24",
-                                      interpolation=interpolation, threads=1).to_ndarray()
-        out = np.full((3, dh, dw), PAD_VALUE, dtype=np.uint8)
-        out[:, lb.pad_y : lb.pad_y + nh, lb.pad_x : lb.pad_x + nw] = rgb.transpose(2, 0, 1)
-        return out, lb
-
-
-class Source:
-    """A stream of frames. Not thread-safe: one thread opens, reads and closes it (close() while another
-    thread is inside read() would free FFmpeg state under it; reads are bounded, so stop between them)."""
-
-    url: str  # redacted, for display
-    live: bool  # True for cameras, devices, http(s) and realtime synthetic scenes; False for files
-    nominal_fps: float | None  # frames per second the stream announces; None until known
-    decode_errors: int = 0  # packets that failed to decode and were skipped (for metrics)
-
-    def open(self) -> None:
-        """Connects / opens; raises SourceError within the open timeout."""
-        raise NotImplementedError
-
-    def read(self) -> SourceFrame | None:
-        """The next frame; None at a normal end of stream (for a live source: it disconnected).
-        Raises SourceError within the read timeout."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Releases everything; idempotent, never raises."""
-        raise NotImplementedError
-
-    def __enter__(self) -> "Source":
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
-
-
-class PtsClock:
-    """Maps decoder timestamps (seconds, or None when a frame has none) to stream time that starts at 0 and
-    never goes backwards. A backward jump (a camera restarting its clock, a file looping) re-anchors the
-    clock so the next frame comes one frame period after the previous one."""
-
-    def __init__(self, fps: float | None) -> None:
-        self.period = 1.0 / fps if fps and fps > 0 else 0.04  # 25 fps when the stream does not say
-        self.origin: float | None = None  # decoder time that maps to the current anchor
-        self.last: float | None = None
-
-    def restart(self) -> None:
-        """The decoder's timestamps start over (a seek back to the start): re-anchor at the next frame."""
-        self.origin = None
-
-    def __call__(self, t: float | None) -> float:
-        expected = 0.0 if self.last is None else self.last + self.period
-        if t is None:
-            pts = expected
-        else:
-            if self.origin is None:
-                self.origin = t - expected
-            pts = t - self.origin
-            if self.last is not None and pts < self.last:
-                self.origin, pts = t - expected, expected
-        self.last = pts
-        return pts
-
-
-class Pacer:
-    """Sleeps so that frames go out at their stream time (realtime playback of files and synthetic scenes).
-
-    When the consumer falls behind by more than ``max_lag_s`` it re-anchors instead of bursting to catch up;
-    a forward jump in pts longer than ``max_gap_s`` (or two frame periods of a slow stream) is skipped over
-    rather than slept through, so a gap in a file cannot stall read() for minutes.
-    """
-
-    def __init__(self, fps: float | None = None, max_lag_s: float = 1.0, max_gap_s: float = 2.0) -> None:
-        self.max_lag_s = max_lag_s
-        self.max_gap_s = max(max_gap_s, 2.0 / fps) if fps and fps > 0 else max_gap_s
-        self._start: float | None = None  # time.monotonic() at which pts 0 is due
-
-    def wait(self, pts: float) -> None:
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now - pts
-        delay = self._start + pts - now
-        if delay < -self.max_lag_s or delay > self.max_gap_s:
-            self._start, delay = now - pts, 0.0
-        if delay > 0:
-            time.sleep(delay)
 
 
 def open_source(
@@ -231,6 +55,8 @@ def open_source(
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower() if sep else ""
+    # Imported here, not at the top: the controller imports this module (through workers.stream) but never
+    # decodes, and PyAV would cost it 16 MB and a few hundred ms at start-up.
     if scheme == "synthetic":
         from workers.synthetic_source import SyntheticSource
 

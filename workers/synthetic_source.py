@@ -8,9 +8,9 @@ import math
 import time
 from urllib.parse import parse_qsl, urlsplit
 
-from models.synthetic import StreetScene
+from synthetic.scene import StreetScene
 from workers.redact import redact_url
-from workers.sources import Pacer, Source, SourceError, SourceFrame
+from workers.source_base import Pacer, Source, SourceError, SourceFrame
 
 SCENES = ("street",)
 PARAMS = ("seed", "fps", "size", "density", "frames")

@@ -17,8 +17,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from models import sprites
-from models.sprites import Sprite
+from synthetic import sprites
+from synthetic.sprites import Sprite
 
 CLASS_NAMES: tuple[str, ...] = ("person", "car", "bicycle")
 

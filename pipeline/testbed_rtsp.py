@@ -1,11 +1,11 @@
 #!/usr/bin/python3
-"""A small GStreamer RTSP server that integration tests start on a free port.
+"""A small GStreamer RTSP server that the tests and benchmarks start on a free port (``pipeline.testbed.RtspServer``).
 
 Run it with Debian's interpreter (it needs the ``gi`` bindings, the project venv has none):
 
-    /usr/bin/python3 tests/rtsp_server.py --port 8554 --file clip.mp4 [--loop]
-    /usr/bin/python3 tests/rtsp_server.py --port 8554 --pattern --width 640 --height 360 --fps 25
-    /usr/bin/python3 tests/rtsp_server.py --port 8554 --mount /a --file a.mp4 --mount /b --pattern
+    /usr/bin/python3 pipeline/testbed_rtsp.py --port 8554 --file clip.mp4 [--loop]
+    /usr/bin/python3 pipeline/testbed_rtsp.py --port 8554 --pattern --width 640 --height 360 --fps 25
+    /usr/bin/python3 pipeline/testbed_rtsp.py --port 8554 --mount /a --file a.mp4 --mount /b --pattern
 
 Each ``--mount`` is paired, in order, with the next ``--file``/``--pattern``. Once listening it prints
 exactly one line, ``READY rtsp://127.0.0.1:PORT/mount`` (several URLs on that line when there are several
@@ -227,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         add_mounts(server, args)
     except RuntimeError as exc:
-        print(f"rtsp_server: {exc}", file=sys.stderr, flush=True)
+        print(f"testbed_rtsp: {exc}", file=sys.stderr, flush=True)
         return 2
     # attach() binds and listens at once, so READY after it is true; 0 means the bind failed.
     if server.attach(None) == 0:
-        print(f"rtsp_server: cannot listen on {HOST}:{args.port} (address in use?)", file=sys.stderr)
+        print(f"testbed_rtsp: cannot listen on {HOST}:{args.port} (address in use?)", file=sys.stderr)
         return 1
     loop = GLib.MainLoop()
     quit_on_signals_and_orphaning(loop, args.exit_with_parent)

