@@ -101,3 +101,38 @@ def test_every_form_of_a_hard_password_is_hidden() -> None:
         for piece in ("b:c", "d%e", "c/d", "f?g", written, quote(raw, safe=""), "zz9"):
             assert piece not in text, (written, text)
         assert "cam:554/x" in text  # the host and path stay readable
+
+
+# ------------------------------------------------------------------------------------------ config errors
+
+CONFIG_PASSWORD = "p@ss:w%40rd/x"  # as it would come from ${CAM_PW}: '@', ':', '/', and a %-encoded '@'
+
+
+@pytest.mark.parametrize("config", [
+    {"cameras": [{"id": "a", "url": "ftp://admin:${CAM_PW}@cam/x"}]},  # the url validator echoes it
+    {"cameras": [{"id": "a", "url": ["rtsp://admin:${CAM_PW}@cam/x"]}]},  # a list's repr
+    {"cameras": ["rtsp://admin:${CAM_PW}@cam/x"]},
+    {"cameras": [{"id": "rtsp://admin:${CAM_PW}@cam/x", "url": "synthetic://street"}]},  # the id validator echoes it
+    {"redis": {"url": "http://hv:${CAM_PW}@127.0.0.1:6380/0"}},
+], ids=["bad-scheme", "url-as-list", "camera-as-string", "url-as-id", "redis-scheme"])
+def test_config_errors_show_no_part_of_the_password(monkeypatch: pytest.MonkeyPatch, config: dict) -> None:
+    from pipeline.config import ConfigError, parse_config
+
+    monkeypatch.setenv("CAM_PW", CONFIG_PASSWORD)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config)
+    message = str(err.value)
+    for piece in ("ss:w", "40rd", "w@rd", "rd/x"):
+        assert piece not in message, message
+    assert "***@" in message
+
+
+def test_yaml_errors_do_not_quote_the_file(tmp_path) -> None:
+    """PyYAML's message quotes the offending line, cut short: it can end inside a password."""
+    from pipeline.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("cameras:\n  - {id: a, url: 'rtsp://admin:p@ss:w0rd@cam/x'\n  oops: [\n")
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML.*line 3, column 3") as err:
+        load_config(path)
+    assert "ss:w0rd" not in str(err.value) and "p@ss" not in str(err.value), err.value
