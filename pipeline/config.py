@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -21,8 +22,9 @@ CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; one line per problem, each naming the field path."""
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; one line per problem, each naming the field path.
+    (Still a ValueError, for callers that caught it as one before UserError existed.)"""
 
 
 class Strict(BaseModel):
