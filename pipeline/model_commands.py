@@ -55,7 +55,8 @@ def train(args: argparse.Namespace) -> Path:
             model, _, _ = build_model(cfg)
             loaded = import_backbone_weights(model, args.import_backbone)
             cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
-            save_checkpoint(model, cfg.init, {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
+            save_checkpoint(model, cfg.init,
+                            {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
         return train_model(cfg, progress=not args.no_progress)
 
 
