@@ -6,16 +6,14 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline import model_commands
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
+from workers.redact import redact_text
 
 log = logging.getLogger("hydravision")
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, no traceback."""
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -25,6 +23,16 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH like 192x320, got {text!r}") from None
     return h, w
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def parse_head(text: str) -> tuple[str, list[str]]:
@@ -49,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="init", type=Path, help="start from this checkpoint")
     t.add_argument("--freeze-shared", action="store_true",
                    help="train only the new heads; backbone, neck and other heads stay bit-identical")
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--steps", type=positive_int, default=3000)
+    t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-size", type=parse_size, default=(256, 448), metavar="HxW")
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (two stages, seeded)")
     d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
-    d.add_argument("--steps", type=int, nargs=2, default=None, metavar=("BASE", "HEAD"),
+    d.add_argument("--steps", type=positive_int, nargs=2, default=None, metavar=("BASE", "HEAD"),
                    help="training steps of the two stages")
     d.add_argument("--no-progress", action="store_true")
 
@@ -92,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--scenes", type=int, default=8)
-    e.add_argument("--frames", type=int, default=40, help="frames scored per scene")
+    e.add_argument("--scenes", type=positive_int, default=8)
+    e.add_argument("--frames", type=positive_int, default=40, help="frames scored per scene")
     e.add_argument("--no-progress", action="store_true")
     return p
 
@@ -102,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # basicConfig does nothing where logging is already set up (pytest, a program calling main()): -v must
+    # still show this module's debug lines (a user error's traceback)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command in ("run", "demo"):
             from pipeline import run_commands  # imports Ray; keep `train`/`eval` start-up fast
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import run_commands
 
             if not args.events and not args.camera:
-                raise ConfigError("tail needs a CAMERA id, or --events")
+                raise UserError("tail needs a CAMERA id, or --events")
             return run_commands.tail(args)
         if args.command == "train":
             path = model_commands.train(args)
@@ -125,9 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, *model_commands.EXPECTED_ERRORS) as e:
+    except UserError as e:  # ConfigError and the model commands' translated errors among them
+        log.debug("where the error was raised:\n%s", _traceback())
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, whatever its type: a ValueError here is not the user's bad input
+        log.error("%s failed:\n%s", args.command, _traceback())
+        print(f"error: {redact_text(f'{type(e).__name__}: {e}', [])}\n"
+              "This is a bug in hydravision, not a problem with your input: the traceback is above "
+              "(run with -v for debug logs too); please report it.", file=sys.stderr)
+        return 1
+
+
+def _traceback() -> str:
+    """The exception being handled, formatted, with the credentials of any URL in it hidden."""
+    return redact_text(traceback.format_exc().rstrip(), [])
 
 
 if __name__ == "__main__":

@@ -14,15 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.redact import redact_url
+from pipeline.errors import UserError
+from workers.redact import redact_text, redact_url
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; one line per problem, each naming the field path."""
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; one line per problem, each naming the field path.
+    (Still a ValueError, for callers that caught it as one before UserError existed.)"""
 
 
 class Strict(BaseModel):
@@ -178,7 +180,16 @@ def interpolate_env(value: Any, path: str = "", env: dict[str, str] | None = Non
     return _ENV.sub(sub, value)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _urls_in(value: Any) -> list[str]:
+    """Every URL-like string of a parsed YAML tree: the credentials an error message might echo."""
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in _urls_in(v)]
+    if isinstance(value, list):
+        return [u for v in value for u in _urls_in(v)]
+    return [value] if isinstance(value, str) and "://" in value else []
+
+
+def _format_errors(err: ValidationError, urls: list[str]) -> str:
     lines = []
     for e in err.errors():
         loc = ""
@@ -193,7 +204,17 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{loc or 'config'}: {msg}")
         else:
             lines.append(f"{loc or 'config'}: {msg} (got {shown!r})")
-    return "\n".join(lines)
+    # a validator may echo a value, a list's repr may hold a URL: nothing of the input leaves unredacted
+    return redact_text("\n".join(lines), urls)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's message with line and column but without its snippet of the file, which can show a
+    password written there (a snippet cut short can even end inside it, past any redaction rule)."""
+    for mark in (getattr(err, "context_mark", None), getattr(err, "problem_mark", None)):
+        if mark is not None:
+            mark.buffer = None
+    return str(err)
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
@@ -205,7 +226,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: invalid config:\n{_format_errors(e)}") from None
+        raise ConfigError(f"{source}: invalid config:\n{_format_errors(e, _urls_in(data))}") from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -215,5 +236,5 @@ def load_config(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     return parse_config(data, str(path))

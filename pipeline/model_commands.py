@@ -4,41 +4,63 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, save_checkpoint
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
-from models.hydranet import ConfigError
+from models.hydranet import ConfigError as ModelConfigError
 from models.train import TrainConfig, build_model, train as train_model
+from pipeline.errors import UserError
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
-EXPECTED_ERRORS = (CheckpointError, DatasetError, ConfigError, ValueError, FileNotFoundError)
+# What models/ raises for input the user gave (a file they named, their data, the architecture they asked
+# for). models/ cannot import pipeline.errors, so these become UserErrors here. Not ValueError as such,
+# nor FileNotFoundError: a bug raises those too, and every missing user file is a CheckpointError or
+# DatasetError naming it.
+MODEL_INPUT_ERRORS = (CheckpointError, DatasetError, ModelConfigError)
 
 # The demo recipe, as a user would do it: a people detector trained with the backbone, then a
 # vehicles head added on the frozen backbone (which leaves the people head bit-identical).
 DEMO_BASE_STEPS, DEMO_HEAD_STEPS = 5000, 2500
 
 
+@contextmanager
+def _user_input_errors() -> Iterator[None]:
+    """Re-raises models/'s bad-input errors as UserError, the original chained (shown with -v)."""
+    try:
+        yield
+    except MODEL_INPUT_ERRORS as e:
+        raise UserError(str(e)) from e
+
+
 def train(args: argparse.Namespace) -> Path:
-    cfg = TrainConfig(
-        out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
-        input_size=args.input_size, backbone={"type": "resnet", "depth": args.depth, "width": args.width},
-        neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed,
-    )
-    if args.import_backbone:
-        if cfg.init is not None:
-            raise ValueError("--import-backbone starts a new model; it cannot be combined with --from")
-        model, _, _ = build_model(cfg)
-        loaded = import_backbone_weights(model, args.import_backbone)
-        cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
-        save_checkpoint(model, cfg.init, {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
-    return train_model(cfg, progress=not args.no_progress)
+    try:  # TrainConfig's constructor only checks the arguments: any ValueError from it is about them
+        cfg = TrainConfig(
+            out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
+            input_size=args.input_size, backbone={"type": "resnet", "depth": args.depth, "width": args.width},
+            neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    with _user_input_errors():
+        if args.import_backbone:
+            if cfg.init is not None:
+                raise UserError("--import-backbone starts a new model; it cannot be combined with --from")
+            model, _, _ = build_model(cfg)
+            loaded = import_backbone_weights(model, args.import_backbone)
+            cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
+            save_checkpoint(model, cfg.init,
+                            {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
+        return train_model(cfg, progress=not args.no_progress)
 
 
+@_user_input_errors()
 def train_demo(args: argparse.Namespace) -> dict:
     base_steps, head_steps = args.steps or (DEMO_BASE_STEPS, DEMO_HEAD_STEPS)
     out = Path(args.out)
@@ -56,6 +78,7 @@ def train_demo(args: argparse.Namespace) -> dict:
     return report
 
 
+@_user_input_errors()
 def evaluate(args: argparse.Namespace) -> dict:
     path = args.checkpoint or DEMO_CHECKPOINT
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Iterator
 
 import pytest
@@ -22,7 +23,10 @@ from servers import HOST, RedisServer, free_port, require_binary
 from workers.publish import Publisher, detection_message, keys
 
 REDIS_SECRET = "rpw-Zq81xK"  # distinctive, so a grep cannot confuse it with anything else
-CAMERA_SECRET = "cam-Pw77vT"
+# '@', ':' and a %-encoded '@', written as users do and FFmpeg accepts (it takes the userinfo up to the last '@')
+CAMERA_SECRET = "cam-Pw77vT@Kq:Zt%40Lx"
+# and what would show through a redactor stopping at the first '@', or a message decoding the password
+CAMERA_SECRET_FORMS = [CAMERA_SECRET, unquote(CAMERA_SECRET), "Kq:Zt%40Lx", "Kq:Zt@Lx"]
 ACL_USER = "hvwriter"
 
 
@@ -84,7 +88,7 @@ def test_pipeline_publishes_through_an_acl_user(secured_run: dict) -> None:
     assert {b"good", b"locked"} <= set(statuses)
 
 
-@pytest.mark.parametrize("secret", [REDIS_SECRET, CAMERA_SECRET])
+@pytest.mark.parametrize("secret", [REDIS_SECRET, *CAMERA_SECRET_FORMS])
 def test_no_credential_in_logs_redis_or_ray_files(secured_run: dict, secret: str) -> None:
     needle = secret.encode()
     assert secret not in "\n".join(secured_run["log"])

@@ -1,31 +1,102 @@
-"""Credentials in URLs never reach logs, Redis, metrics or error messages: everything goes through here."""
+"""Credentials in URLs never reach logs, Redis, metrics or error messages: everything goes through here.
+
+Where the userinfo of ``scheme://userinfo@host/path`` ends
+---------------------------------------------------------
+RFC 3986 forbids raw ``@ / ? #`` in a password, but users type them (``rtsp://admin:p@ss@cam/x``) and
+FFmpeg accepts raw ``@``: it ends the authority at the first ``/ ? #`` after ``scheme://`` and takes the
+userinfo up to the LAST ``@`` before that. A password holding a raw ``/ ? #`` does not work with FFmpeg,
+but it is still typed, and then printed in the error that follows; the redactor must not lean on the
+parse that failed. So the rule here is the most cautious one:
+
+    the userinfo is everything between ``scheme://`` and the LAST ``@`` of the URL,
+    unless the URL has no authority (``file:///path@x.mp4``: ``/`` right after ``://``).
+
+Every ``@`` a host can be preceded by is therefore inside the hidden part. The price: a URL without
+credentials whose path or query holds an ``@`` (``rtsp://cam/stream@main``) shows as ``rtsp://***@main``.
+Hiding too much is the side to err on: ``rtsp://u:a@b/c@cam/x`` (password ``a@b/c``) and
+``rtsp://cam/stream@main`` cannot be told apart.
+
+Secret-looking query parameters (``?token=...``, ``&api_key=...``) are hidden up to the next ``&``
+(a raw ``#`` in the value is hidden too). Both rules mark spans of the ORIGINAL string and the union is
+hidden, so a password holding ``&key=`` or a query value holding ``@`` cannot make one rule expose
+what the other one hid.
+"""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import quote, unquote
 
-# scheme://user:password@host  or  scheme://token@host ; the query string may hold secrets too.
-_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/?#]*)@")
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig)=)[^&#]*")
+MASK = "***"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_PARAMS = re.compile(
+    r"(?i)[?&][\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)=(?P<value>[^&]*)")
+# A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
+# can only make the hidden part larger.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def _userinfo_span(url: str) -> tuple[int, int] | None:
+    """(start, end) of the userinfo by the rule above, None when the URL has none (or an empty one)."""
+    m = _SCHEME.match(url)
+    if not m or url.startswith("/", m.end()):
+        return None
+    at = url.rfind("@", m.end())
+    return (m.end(), at) if at > m.end() else None
+
+
+def _hidden_spans(url: str) -> list[tuple[int, int]]:
+    spans = [m.span("value") for m in _SECRET_PARAMS.finditer(url) if m.group("value")]
+    userinfo = _userinfo_span(url)
+    if userinfo:
+        spans.append(userinfo)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def redact_url(url: str) -> str:
-    """rtsp://admin:hunter2@cam/stream -> rtsp://***@cam/stream (also secret-looking query params)."""
+    """rtsp://admin:p@ss@cam/stream -> rtsp://***@cam/stream (also secret-looking query params)."""
     if not isinstance(url, str):
         return url
-    out = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", url)
-    return _SECRET_PARAMS.sub(lambda m: f"{m.group(1)}***", out)
+    out, pos = [], 0
+    for start, end in _hidden_spans(url):
+        out += [url[pos:start], MASK]
+        pos = end
+    out.append(url[pos:])
+    return "".join(out)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets of ``url`` in every form a message may print them: as written, %-decoded, %-encoded
+    (upper- and lower-case hex); longest first. The password of ``user:password`` (not the user name),
+    a whole userinfo without ``:`` (a token), and the values of secret-looking query parameters."""
+    found = [m.group("value") for m in _SECRET_PARAMS.finditer(url)]
+    userinfo = _userinfo_span(url)
+    if userinfo:
+        user, colon, password = url[userinfo[0]:userinfo[1]].partition(":")
+        found.append(password if colon else user)
+    forms: set[str] = set()
+    for secret in filter(None, found):
+        decoded = unquote(secret)
+        for form in (secret, decoded, quote(decoded, safe="")):
+            forms |= {form, _PERCENT.sub(lambda m: m.group().lower(), form)}
+    return sorted(forms, key=len, reverse=True)
 
 
 def redact_text(text: str, urls: list[str]) -> str:
-    """Replaces every given URL (and its password alone) inside free text, e.g. an FFmpeg error message."""
+    """Hides the credentials of the given URLs inside free text, e.g. an FFmpeg error message: each URL as
+    a whole, then its secrets alone in any form (FFmpeg may echo a decoded password), then the userinfo of
+    any other URL in the text."""
     for url in urls:
         if not url:
             continue
         text = text.replace(url, redact_url(url))
-        m = _USERINFO.match(url)
-        if m and ":" in m.group("userinfo"):
-            password = m.group("userinfo").split(":", 1)[1]
-            if password:
-                text = text.replace(password, "***")
-    return text
+        for secret in url_secrets(url):
+            text = text.replace(secret, MASK)
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group()), text)

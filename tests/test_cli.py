@@ -1,0 +1,123 @@
+"""The CLI tells the user's mistakes from hydravision's bugs (issue 12, defect 8).
+
+A UserError (ConfigError, models/'s bad-input errors translated by pipeline/model_commands.py) is one
+`error:` line and exit 2; with -v its traceback is logged too. Anything else is a bug whatever its type,
+ValueError included: its traceback is logged, exit 1, and the last line says it is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET_URL = "rtsp://admin:p@ss:w0rd@cam/x"
+
+
+def _deep_bug(*args: object, **kwargs: object) -> None:
+    raise ValueError("operands could not be broadcast together with shapes (3,4) (5,)")
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+# command, where the bug is planted (module, name), the exception it raises
+BUGS = {
+    "eval-valueerror": (["eval", "--no-progress"], ("pipeline.model_commands", "load_checkpoint"), _deep_bug),
+    "train-filenotfound": (["train", "--out", "TMP/o.safetensors", "--head", "people=person", "--steps", "1",
+                            "--no-progress"], ("pipeline.model_commands", "train_model"),
+                           lambda *a, **k: open("/nonexistent/hydravision/internal.json")),
+    "run-valueerror": (["run", "TMP/c.yaml"], ("pipeline.run_commands", "load_config"), _deep_bug),
+    "eval-keyerror": (["eval", "--no-progress"], ("pipeline.model_commands", "evaluate_model"),
+                      lambda *a, **k: {}["heads"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BUGS))
+def test_a_bug_keeps_its_traceback_and_exits_1(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    argv, (module, name), bug = BUGS[case]
+    monkeypatch.setattr(f"{module}.{name}", bug)
+    code = main([a.replace("TMP", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback (most recent call last)" in caplog.text, caplog.text
+    assert f", in {getattr(bug, '__name__', '<lambda>')}" in caplog.text  # the frame where it was raised
+    assert "This is a bug in hydravision" in err.splitlines()[-1], err
+
+
+def test_a_bugs_output_hides_credentials(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"could not reopen {SECRET_URL}")
+
+    monkeypatch.setattr("pipeline.model_commands.load_checkpoint", bug)
+    assert main(["eval", "--no-progress"]) == 1
+    out = capsys.readouterr().err + caplog.text
+    assert "rtsp://***@cam/x" in out and "ss:w0rd" not in out, out
+
+
+USER_ERRORS = {
+    "missing-config": (["run", "TMP/nope.yaml"], "config file not found"),
+    "missing-checkpoint": (["eval", "--checkpoint", "TMP/nope.safetensors", "--no-progress"], "no such checkpoint"),
+    "freeze-without-from": (["train", "--out", "TMP/o.safetensors", "--head", "p=person", "--freeze-shared",
+                             "--no-progress"], "needs an init checkpoint"),
+    "bad-depth": (["train", "--out", "TMP/o.safetensors", "--head", "p=person", "--depth", "7", "--steps", "1",
+                   "--no-progress"], "resnet depth must be one of"),
+    "tail-without-camera": (["tail"], "tail needs a camera id"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_a_user_error_is_one_line_and_exits_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    argv, fragment = USER_ERRORS[case]
+    code = main([a.replace("TMP", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(_error_lines(err)) == 1 and fragment in err.lower(), err
+    assert "Traceback" not in err + caplog.text
+    assert "bug" not in err
+
+
+def test_with_v_a_user_error_shows_its_traceback(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    code = main(["-v", "eval", "--checkpoint", str(tmp_path / "nope.safetensors"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(_error_lines(err)) == 1, err
+    assert "Traceback (most recent call last)" in caplog.text
+    assert "CheckpointError" in caplog.text  # models/'s original error, chained to the UserError
+
+
+def test_arguments_that_can_only_be_wrong_are_refused_by_the_parser(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--out", "o.safetensors", "--head", "p=person", "--steps", "0"])
+    assert exit_.value.code == 2
+    assert "expected a positive whole number, got '0'" in capsys.readouterr().err
+
+
+def _console_script() -> list[str]:
+    """The installed `hydravision` entry point of this interpreter's environment, else the module."""
+    script = Path(sys.executable).with_name("hydravision")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def test_console_script_with_v_shows_a_user_errors_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    missing = tmp_path / "nope.safetensors"
+    quiet = subprocess.run([*_console_script(), "eval", "--checkpoint", str(missing), "--no-progress"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    loud = subprocess.run([*_console_script(), "-v", "eval", "--checkpoint", str(missing), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    for result in (quiet, loud):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert _error_lines(result.stderr) == [f"error: {missing}: no such checkpoint file"], result.stderr
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback (most recent call last)" in loud.stderr and "CheckpointError" in loud.stderr, loud.stderr
