@@ -22,9 +22,16 @@ from workers.redact import redact_url
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+def _console() -> Console:
+    """A terminal gets rich's own width; logs and pipes (docker logs, the journal, tests) get long lines,
+    never an address wrapped in two or a table cut to 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=250, soft_wrap=True)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    console = Console(stderr=False)
+    console = _console()
     interactive = console.is_terminal and config.status.table and not args.plain
     app = App(config, redis_url=args.redis_url, say=lambda m: console.print(m, highlight=False, markup=False))
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
@@ -79,9 +86,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(statuses, indent=2))
         return 0
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: full-width lines, never a table cut to 80 columns
-        console = Console(width=250)
+    console = _console()
     console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}"))
     return 0
 
