@@ -38,7 +38,8 @@ from workers.frames import detection_records, to_detections
 from workers.model_runner import ModelRunner
 from workers.publish import detection_message, encode, keys
 from workers.sources import open_source
-from workers.tracking import CameraTracker, TrackerSettings
+from workers.settings import TrackerConfig
+from workers.tracking import CameraTracker
 
 log = logging.getLogger("bench")
 
@@ -119,7 +120,7 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
     sources = [open_source(str(clips[i % len(clips)]), realtime=False, loop=True) for i in range(cameras)]
     for s in sources:
         s.open()
-    trackers = [CameraTracker(list(runner.heads), TrackerSettings(), 25.0) for _ in sources]
+    trackers = [CameraTracker(list(runner.heads), TrackerConfig(), 25.0) for _ in sources]
     client = redis.Redis.from_url(redis_url)
     k = keys("naive")
     n, latencies, t0 = 0, [], time.perf_counter()

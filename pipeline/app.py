@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,10 +18,12 @@ import ray
 from models.checkpoint import CheckpointError, read_metadata
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
+from pipeline.reaper import Reaper
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
-from workers.redact import redact_url
-from workers.stream import StreamActor
+from workers.redact import redact_text, redact_url
+from workers.settings import CameraConfig, RedisConfig
+from workers.stream import StreamActor, publisher_for
 
 # A letterboxed frame (3x256x448 uint8, 344 KB) travels inside the actor call instead of through the
 # object store (Ray's default limit is 100 KB): measured 1.4 -> 0.3 ms of raylet/GCS CPU per frame and +4%
@@ -35,7 +38,7 @@ REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
 @dataclass
 class CameraHandle:
     id: str
-    config: dict
+    config: CameraConfig
     actor: Any
     done: Any = None  # ObjectRef of actor.wait(), ready when the camera's source has ended
     final: dict | None = None
@@ -54,6 +57,10 @@ class App:
     started_ray: bool = False
     events: Publisher | None = None  # the controller's own events (worker_restarted)
     inference_pids: list = field(default_factory=list)
+    # Names this run in every camera status it writes, so readers can tell its entries from a dead run's.
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
+    reaper: Reaper | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -105,6 +112,8 @@ class App:
         if not self.config.cameras:
             raise ConfigError("cameras: no cameras configured")
         self.check_model()
+        # First, before any child process exists: whatever this run starts dies with it, even on SIGKILL.
+        self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
         self.start_ray()
         ic, mc = self.config.inference, self.config.model
@@ -120,18 +129,17 @@ class App:
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
-        self.redis_cfg = {"url": redis_url, "prefix": self.config.redis.prefix, "maxlen": self.config.redis.maxlen,
-                          "buffer": self.config.redis.buffer}
-        self.events = Publisher(**self.redis_cfg, name="hydravision-controller").start()
-        self.add_cameras([cam.model_dump() for cam in self.config.cameras])
+        self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
+        self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
+        self.add_cameras(self.config.cameras)
 
-    def add_cameras(self, cams: list[dict]) -> None:
+    def add_cameras(self, cams: list[CameraConfig]) -> None:
         """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
         after the other takes minutes on a small machine; together they overlap their imports."""
         spawned = []
         for cam in cams:
-            actor = StreamActor.options(name=f"hv-camera-{cam['id']}").remote(
-                cam, self.inference, self.model_info, self.redis_cfg)
+            actor = StreamActor.options(name=f"hv-camera-{cam.id}").remote(
+                cam, self.inference, self.model_info, self.redis_settings, self.instance)
             spawned.append((cam, actor, actor.start.remote()))
         budget_s = 60 + 5 * len(cams)
         deadline = time.monotonic() + budget_s
@@ -139,11 +147,10 @@ class App:
             try:
                 ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"camera {cam['id']}: its stream actor did not start within "
+                raise RuntimeError(f"camera {cam.id}: its stream actor did not start within "
                                    f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
-            self.cameras[cam["id"]] = CameraHandle(cam["id"], cam, actor, actor.wait.remote())
-            self.say(f"Camera {cam['id']}: {redact_url(cam['url'])} "
-                     f"heads={cam.get('heads') or list(self.model_info['heads'])}")
+            self.cameras[cam.id] = CameraHandle(cam.id, cam, actor, actor.wait.remote())
+            self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
@@ -154,7 +161,8 @@ class App:
             try:
                 s = ray.get(ref, timeout=timeout)
             except Exception as e:  # an actor being restarted: show it, don't stop the loop
-                out.append({"camera": cid, "state": "unavailable", "last_error": f"{type(e).__name__}"})
+                out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)})
+                log.debug("camera %s: stats unavailable", cid, exc_info=True)
                 continue
             if s.get("state") == "created" and not self._stop.is_set():
                 s = self._restart_camera(self.cameras[cid]) or s
@@ -167,7 +175,7 @@ class App:
         try:
             ray.get(h.actor.start.remote(), timeout=30)
         except Exception as e:
-            log.warning("camera %s: restart failed: %s", h.id, type(e).__name__)
+            log.warning("camera %s: restart failed: %s", h.id, self._describe(e, h.id), exc_info=True)
             return None
         h.restarts += 1
         h.done = h.actor.wait.remote()
@@ -183,6 +191,12 @@ class App:
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted")
+
+    def _describe(self, exc: BaseException, camera: str) -> str:
+        """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""
+        cause = getattr(exc, "cause", None) or exc
+        text = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
+        return redact_text(text, [self.cameras[camera].config.url] if camera in self.cameras else [])
 
     def _report_restart(self, worker: str, camera: str, reason: str) -> None:
         self.say(f"{reason}")
@@ -251,7 +265,8 @@ class App:
             try:
                 final = ray.get(ref, timeout=timeout)
             except Exception as e:
-                final = {"camera": cid, "state": "unavailable", "last_error": type(e).__name__}
+                final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
+                log.warning("camera %s: no final stats", cid, exc_info=True)
             self.cameras[cid].final = final
             finals.append(final)
         for h in self.cameras.values():
@@ -265,4 +280,6 @@ class App:
             self._reinstall_signal_handlers()
         if self.embedded:
             self.embedded.stop()
+        if self.reaper:
+            self.reaper.release()  # everything is down: nothing left for it to clean up
         return finals

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--count", type=int, default=None, help="stop after N messages")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
 
+    st = sub.add_parser("status", help="the cameras table from Redis (stale entries marked), from any machine")
+    st.add_argument("--redis-url", default=None)
+    st.add_argument("--prefix", default="hv")
+    st.add_argument("--json", action="store_true", help="print the statuses as JSON")
+
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -124,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.events and not args.camera:
                 raise UserError("tail needs a CAMERA id, or --events")
             return run_commands.tail(args)
+        if args.command == "status":
+            from pipeline import run_commands
+
+            return run_commands.status(args)
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")

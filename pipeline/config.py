@@ -12,39 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
+from workers.settings import CameraConfig, RedisConfig, Strict, TrackerConfig
+
+__all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 
 
 class ConfigError(UserError, ValueError):
     """A config that cannot be used; one line per problem, each naming the field path.
     (Still a ValueError, for callers that caught it as one before UserError existed.)"""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RedisConfig(Strict):
-    url: str | None = Field(None, description="redis:// or rediss:// URL; None: start an embedded server")
-    prefix: str = Field("hv", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each camera's detection stream")
-    buffer: int = Field(2_000, ge=10, description="messages kept per camera while Redis is unreachable")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v in (None, ""):
-            return None
-        if not re.match(r"^(redis|rediss|unix)://", v):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, got {redact_url(v)!r}")
-        return v
 
 
 class RayConfig(Strict):
@@ -72,68 +53,6 @@ class InferenceConfig(Strict):
     replicas: int = Field(1, ge=1, le=64)
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: all cores)")
-
-
-class TrackerConfig(Strict):
-    enabled: bool = True
-    lost_track_buffer: int = Field(30, ge=0)
-    track_activation_threshold: float = Field(0.5, ge=0, le=1)
-    minimum_consecutive_frames: int = Field(2, ge=1)
-    minimum_iou_threshold: float = Field(0.1, ge=0, le=1)
-    high_conf_det_threshold: float = Field(0.5, ge=0, le=1)
-
-
-class CameraConfig(Strict):
-    id: str
-    url: str
-    fps: float | None = Field(None, gt=0, le=240, description="frames per second to analyse; None: every frame")
-    heads: list[str] | None = Field(None, description="heads to run; None: all heads of the model")
-    tracker: TrackerConfig = TrackerConfig()
-    transport: Literal["tcp", "udp"] = "tcp"
-    open_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(10.0, gt=0)
-    realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
-    loop: bool = Field(False, description="files: start again at the end")
-    max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
-    stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
-                                          "without progress; default 3 x read_timeout_s + open_timeout_s")
-    hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
-                                "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
-
-    @field_validator("hwaccel")
-    @classmethod
-    def _hwaccel(cls, v: str | None) -> str | None:
-        from av.codec.hwaccel import hwdevices_available
-
-        if v is not None and v not in hwdevices_available():
-            raise ValueError(f"not a hardware decoder this FFmpeg supports ({', '.join(hwdevices_available())})")
-        return v
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not CAMERA_ID.match(v):
-            raise ValueError(f"must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; got {v!r}")
-        return v
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-        if scheme and scheme not in URL_SCHEMES:
-            raise ValueError(f"unsupported scheme {scheme!r} in {redact_url(v)!r} (use one of {', '.join(URL_SCHEMES)} or a file path)")
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
-
-    @field_validator("heads")
-    @classmethod
-    def _heads(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and not v:
-            raise ValueError("must name at least one head (or be omitted for all heads)")
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"lists a head twice: {v}")
-        return v
 
 
 class StatusConfig(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,16 +15,23 @@ from rich.live import Live
 
 from pipeline.app import REDIS_URL_ENV, App
 from pipeline.config import load_config
-from pipeline.status import status_line, status_table
+from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_url
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+def _console() -> Console:
+    """A terminal gets rich's own width; logs and pipes (docker logs, the journal, tests) get long lines,
+    never an address wrapped in two or a table cut to 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=250, soft_wrap=True)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    console = Console(stderr=False)
+    console = _console()
     interactive = console.is_terminal and config.status.table and not args.plain
     app = App(config, redis_url=args.redis_url, say=lambda m: console.print(m, highlight=False, markup=False))
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
@@ -57,21 +65,49 @@ def demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def tail(args: argparse.Namespace) -> int:
-    """Prints messages of one camera (or the events stream) as they arrive in Redis."""
-    import os
-
+def _connect(args: argparse.Namespace) -> tuple[redis.Redis | None, str]:
+    """A client for --redis-url / $HYDRAVISION_REDIS_URL (default: local Redis), or None after saying why."""
     url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
-    k = keys(args.prefix)
-    stream = k.events if args.events else k.detections(args.camera)
-    last = "0-0" if args.from_start else "$"
-    count = 0
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
         print(f"error: cannot reach Redis at {redact_url(url)}: {type(e).__name__}", file=sys.stderr)
+        return None, url
+    return client, url
+
+
+def status(args: argparse.Namespace) -> int:
+    """The cameras table from Redis, from any machine; entries no service refreshes any more show as stale."""
+    client, _ = _connect(args)
+    if client is None:
         return 2
+    statuses = read_camera_statuses(client, args.prefix)
+    if args.json:
+        print(json.dumps(statuses, indent=2))
+        return 0
+    console = _console()
+    console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}"))
+    return 0
+
+
+def tail(args: argparse.Namespace) -> int:
+    """Prints messages of one camera (or the events stream) as they arrive in Redis."""
+    client, url = _connect(args)
+    if client is None:
+        return 2
+    k = keys(args.prefix)
+    stream = k.events if args.events else k.detections(args.camera)
+    last = "0-0" if args.from_start else "$"
+    count = 0
+    if args.camera:
+        known = {s["camera"]: s for s in read_camera_statuses(client, args.prefix)}
+        s = known.get(args.camera)
+        if s and s["stale"]:
+            age = s["heartbeat_age_s"]
+            print(f"note: camera {args.camera}'s status is stale (last heartbeat "
+                  f"{'never' if age is None else f'{age:.0f} s ago'}, state {s.get('reported_state')!r}): "
+                  "no running service publishes it", file=sys.stderr)
     print(f"tailing {stream} at {redact_url(url)} (Ctrl-C to stop)", file=sys.stderr)
     try:
         while args.count is None or count < args.count:

@@ -25,7 +25,8 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
         table.add_column(col, justify=just, no_wrap=col != "last error", overflow="fold")
     for s in stats:
         state = s.get("state", "?")
-        style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red"}.get(state, "")
+        style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
+                 "stale": "red"}.get(state, "")
         table.add_row(
             s.get("camera", "?"), f"[{style}]{state}[/]" if style else state, f"{s.get('fps', 0):.1f}",
             f"{s.get('decode_fps', 0):.1f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
@@ -41,3 +42,45 @@ def status_line(stats: list[dict]) -> str:
         parts.append(f"{s.get('camera')}: {s.get('state')} {s.get('fps', 0):.1f} fps "
                      f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}")
     return " | ".join(parts)
+
+
+# --- camera statuses as stored in Redis ({prefix}:cameras), for readers on any machine ------------------------
+
+STALE_AFTER_S = 10.0  # cameras refresh their status every second; ten missed refreshes means nobody runs it
+FINAL_STATES = ("stopped", "ended", "failed")  # written once by a camera that finished: never stale
+
+
+def mark_stale(status: dict, now: float, stale_after_s: float = STALE_AFTER_S) -> dict:
+    """A copy of a stored status with ``stale`` set, and state "stale" when its service stopped refreshing it
+    without a final word (the driver was killed, the machine died). Statuses without a heartbeat come from
+    a version that wrote none: stale too, as nothing refreshes them."""
+    out = dict(status)
+    beat = status.get("heartbeat_ts")
+    final = status.get("state") in FINAL_STATES
+    out["heartbeat_age_s"] = None if beat is None else round(max(0.0, now - float(beat)), 1)
+    out["stale"] = not final and (beat is None or now - float(beat) > stale_after_s)
+    if out["stale"]:
+        out["reported_state"], out["state"] = status.get("state"), "stale"
+    return out
+
+
+def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[dict]:
+    """Every camera entry of {prefix}:cameras, sorted by camera id, each passed through ``mark_stale``.
+    Entries that are not JSON objects are reported as such instead of failing the whole read."""
+    import json
+    import time
+
+    from workers.publish import keys
+
+    now = time.time() if now is None else now
+    out = []
+    for cam, raw in sorted(client.hgetall(keys(prefix).cameras).items()):
+        cam = cam.decode() if isinstance(cam, bytes) else cam
+        try:
+            status = json.loads(raw)
+            if not isinstance(status, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            status = {"state": "unreadable", "last_error": f"status is not valid JSON: {e}"}
+        out.append({"camera": cam, **mark_stale(status, now)})
+    return out

@@ -3,7 +3,8 @@
 import numpy as np
 import supervision as sv
 
-from workers.tracking import CameraTracker, TrackerSettings
+from workers.settings import TrackerConfig
+from workers.tracking import CameraTracker
 
 
 def dets(boxes, conf=0.9, cls=0, name="person"):
@@ -27,7 +28,7 @@ def run_track(tracker, head, frames, boxes_at):
 
 
 def test_one_object_gets_one_track_with_start_and_end_events():
-    t = CameraTracker(["people"], TrackerSettings(lost_track_buffer=5, minimum_consecutive_frames=2), frame_rate=10)
+    t = CameraTracker(["people"], TrackerConfig(lost_track_buffer=5, minimum_consecutive_frames=2), frame_rate=10)
     events, ids = run_track(t, "people", 40, lambda f: [moving(f)] if f < 20 else [])
     confirmed = {i for frame in ids for i in frame if i >= 0}
     assert len(confirmed) == 1
@@ -38,7 +39,7 @@ def test_one_object_gets_one_track_with_start_and_end_events():
 
 
 def test_heads_track_independently():
-    t = CameraTracker(["people", "vehicles"], TrackerSettings(), frame_rate=10)
+    t = CameraTracker(["people", "vehicles"], TrackerConfig(), frame_rate=10)
     for f in range(5):
         a, _ = t.update("people", dets([moving(f)]), f, f / 10)
         b, _ = t.update("vehicles", dets([moving(f, y=200)], cls=0, name="car"), f, f / 10)
@@ -46,17 +47,17 @@ def test_heads_track_independently():
 
 
 def test_restart_continues_ids_instead_of_reusing_them():
-    first = CameraTracker(["people"], TrackerSettings(), frame_rate=10)
+    first = CameraTracker(["people"], TrackerConfig(), frame_rate=10)
     run_track(first, "people", 10, lambda f: [moving(f), moving(f, y=200)])
     base = first.next_ids()
     assert base == {"people": 2}
-    second = CameraTracker(["people"], TrackerSettings(), frame_rate=10, id_base=base)
+    second = CameraTracker(["people"], TrackerConfig(), frame_rate=10, id_base=base)
     _, ids = run_track(second, "people", 10, lambda f: [moving(f)])
     assert {i for frame in ids for i in frame if i >= 0} == {2}
 
 
 def test_finish_ends_open_tracks():
-    t = CameraTracker(["people"], TrackerSettings(), frame_rate=10)
+    t = CameraTracker(["people"], TrackerConfig(), frame_rate=10)
     run_track(t, "people", 5, lambda f: [moving(f)])
     ended = t.finish()
     assert [e["type"] for e in ended] == ["track_ended"]
@@ -64,6 +65,6 @@ def test_finish_ends_open_tracks():
 
 
 def test_unconfirmed_detections_have_no_id():
-    t = CameraTracker(["people"], TrackerSettings(minimum_consecutive_frames=3), frame_rate=10)
+    t = CameraTracker(["people"], TrackerConfig(minimum_consecutive_frames=3), frame_rate=10)
     out, events = t.update("people", dets([moving(0)]), 0, 0.0)
     assert out.tracker_id.tolist() == [-1] and events == []

@@ -16,9 +16,12 @@ import numpy as np
 
 from models.letterbox import Letterbox
 from workers.redact import redact_text, redact_url
+from workers.settings import CameraConfig
 from workers.sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
+
+END_OF_FILE = "end of file"  # the reason of a file's last stream_down: the normal end, not an error
 
 
 @dataclass
@@ -44,28 +47,43 @@ class FrameSlot:
     def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False):
         self.loop, self.lossless = loop, lossless
         self.decoded = self.dropped_rate = self.replaced = self.taken = 0
+        # Which capture owns the slot: a capture abandoned by the watchdog may wake up later, and its
+        # frames (already re-read by its replacement) must neither count nor reach the pipeline.
+        self.generation = 0
         self._item: CapturedFrame | None = None
         self._waiting = 0  # frames decoded and blocked in put() (lossless mode)
         self._closed = False
         self._cond = threading.Condition()
         self._ready = asyncio.Event()
 
-    def skip(self) -> None:
-        """From the decode thread: a decoded frame the rate gate does not want."""
+    def new_generation(self) -> int:
+        """Hands the slot to a new capture; the previous one's puts are refused from now on."""
         with self._cond:
+            self.generation += 1
+            self._cond.notify_all()  # a retired capture blocked in put() wakes and leaves
+            return self.generation
+
+    def skip(self, generation: int = 0) -> bool:
+        """From the decode thread: a decoded frame the rate gate does not want. False: retired capture."""
+        with self._cond:
+            if generation != self.generation:
+                return False
             self.decoded += 1
             self.dropped_rate += 1
+            return True
 
-    def put(self, item: CapturedFrame) -> bool:
-        """From the decode thread. False when the slot was closed (stop requested)."""
+    def put(self, item: CapturedFrame, generation: int = 0) -> bool:
+        """From the decode thread. False when the slot was closed (stop requested) or the capture retired."""
         with self._cond:
+            if generation != self.generation:
+                return False
             self.decoded += 1
             if self.lossless:
                 self._waiting += 1
-                while self._item is not None and not self._closed:
+                while self._item is not None and not self._closed and generation == self.generation:
                     self._cond.wait(0.5)
                 self._waiting -= 1
-            if self._closed:
+            if self._closed or generation != self.generation:
                 self.replaced += 1  # decoded but never analysed: counted as a drop, not lost
                 return False
             if self._item is not None:
@@ -111,28 +129,25 @@ class FrameSlot:
             await self._ready.wait()
 
 
-@dataclass
-class CaptureSettings:
-    url: str
-    input_size: tuple[int, int]
-    fps: float | None = None  # analyse at most this many frames per second of stream time
-    transport: str = "tcp"
-    open_timeout_s: float = 10.0
-    read_timeout_s: float = 10.0
-    realtime: bool = True
-    loop: bool = False
-    hwaccel: str | None = None  # FFmpeg hardware decoder device type, e.g. "cuda"
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 15.0
-
-
 class Capture:
-    """Runs the decode loop in a daemon thread. ``on_event(type, fields)`` is called from that thread."""
+    """Runs the decode loop of one camera in a daemon thread.
 
-    def __init__(self, settings: CaptureSettings, slot: FrameSlot, on_event: Callable[[str, dict], None],
-                 first_index: int = 0, first_pts: float = 0.0):
-        self.s, self.slot, self.on_event = settings, slot, on_event
+    ``on_event(type, fields)`` is called from that thread (never after the capture was abandoned). A
+    replacement capture (``first_index`` > 0) continues the frame numbering; on a source that is not live
+    it first skips the frames its predecessor already handed over, so nothing is analysed twice.
+    States: starting, running, reconnecting, then ended (file done), failed (gave up: bad file, bad URL),
+    stopped (asked to), or crashed (a bug in this loop: the owner restarts it, see CameraPipeline).
+    """
+
+    BACKOFF_INITIAL_S = 0.5
+    BACKOFF_MAX_S = 15.0
+
+    def __init__(self, camera: CameraConfig, input_size: tuple[int, int], slot: FrameSlot,
+                 on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0):
+        self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
+        self.generation = slot.new_generation()
         self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
+        self.resume_at = first_index if not camera.is_live else 0  # frames to skip after opening a file
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
@@ -140,9 +155,11 @@ class Capture:
         self.last_error: str | None = None
         self.last_frame_wall: float | None = None
         self.source_fps: float | None = None
+        self.ended_at: float | None = None  # time.monotonic() when the thread finished
+        self._in_put = False  # blocked handing a frame to a busy pipeline (lossless): alive, not stalled
         self._stop = threading.Event()
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(settings.url)}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(camera.url)}", daemon=True)
         self._source: Source | None = None
 
     def start(self) -> None:
@@ -159,8 +176,13 @@ class Capture:
         self._stop.set()
 
     def silent_for(self) -> float:
-        """Seconds since the thread last showed progress (a frame, an open attempt, a retry)."""
-        return time.monotonic() - self.heartbeat
+        """Seconds since the thread last showed progress (a frame, an open attempt, a retry). Waiting for
+        the pipeline to take a frame (lossless sources under a slow model) is progress deferred, not a stall."""
+        return 0.0 if self._in_put else time.monotonic() - self.heartbeat
+
+    def on_event(self, type_: str, fields: dict) -> None:
+        if not self._abandoned:  # a thread the watchdog gave up on speaks no more
+            self._on_event(type_, fields)
 
     @property
     def alive(self) -> bool:
@@ -176,46 +198,57 @@ class Capture:
                 source: Source | None = None
                 self.heartbeat = time.monotonic()
                 try:
-                    source = open_source(self.s.url, transport=self.s.transport, open_timeout_s=self.s.open_timeout_s,
-                                         read_timeout_s=self.s.read_timeout_s, realtime=self.s.realtime,
-                                         loop=self.s.loop, hwaccel=self.s.hwaccel)
+                    cam = self.camera
+                    source = open_source(cam.url, transport=cam.transport, open_timeout_s=cam.open_timeout_s,
+                                         read_timeout_s=cam.read_timeout_s, realtime=cam.realtime,
+                                         loop=cam.loop, hwaccel=cam.hwaccel)
                     self._source = source
                     source.open()
                     self.source_fps = source.nominal_fps
                     self.state = "running"
                     self.on_event("stream_up", {"attempt": attempt} if attempt else {})
                     attempt = 0
-                    base = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
-                    pts_offset = base
+                    if self.resume_at:  # a file's own timestamps are right for the frames we resume at
+                        pts_offset = 0.0
+                    else:
+                        pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
                     while not self._stop.is_set():
                         frame = source.read()
                         self.heartbeat = time.monotonic()
                         if frame is None or self._stop.is_set():
                             break
+                        if frame.index < self.resume_at:  # handed over by the capture this one replaced
+                            continue
                         self.decoded += 1
                         self.last_frame_wall = time.time()
                         pts = pts_offset + frame.pts
                         last_pts = self.last_pts = pts
-                        if self.s.fps:
+                        if cam.fps:
                             if next_due is not None and pts + 1e-6 < next_due:
-                                self.slot.skip()
+                                if not self.slot.skip(self.generation):
+                                    return
                                 continue
-                            period = 1.0 / self.s.fps
+                            period = 1.0 / cam.fps
                             next_due = pts + period if next_due is None or pts - next_due > period else next_due + period
-                        image, lb = frame.to_model_input(self.s.input_size)
+                        image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))
-                        if not self.slot.put(item):
-                            return
+                        self._in_put = True
+                        try:
+                            if not self.slot.put(item, self.generation):
+                                return
+                        finally:
+                            self._in_put = False
+                            self.heartbeat = time.monotonic()
                     if self._stop.is_set():
                         return
                     if not source.live:
                         self.state = "ended"
-                        self.on_event("stream_down", {"reason": "end of file"})
+                        self.on_event("stream_down", {"reason": END_OF_FILE})
                         return
                     reason = "end of stream"
                 except SourceError as e:
-                    reason = redact_text(str(e), [self.s.url])
+                    reason = redact_text(str(e), [cam.url])
                     self.last_error = reason
                     if source is None or not source.live or e.kind in ("unsupported", "not_video"):
                         self.state = "failed"
@@ -229,7 +262,7 @@ class Capture:
                 attempt += 1
                 self.reconnects += 1
                 self.state = "reconnecting"
-                delay = min(self.s.backoff_max_s, self.s.backoff_initial_s * 2 ** (attempt - 1))
+                delay = min(self.BACKOFF_MAX_S, self.BACKOFF_INITIAL_S * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
                 self.on_event("stream_down", {"reason": reason})
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
@@ -238,13 +271,15 @@ class Capture:
                 if self._stop.wait(delay):
                     return
                 self.heartbeat = time.monotonic()
-        except Exception as e:  # a bug here must not kill the actor silently
-            self.state = "failed"
-            self.last_error = redact_text(f"{type(e).__name__}: {e}", [self.s.url])
-            log.exception("capture of %s crashed", redact_url(self.s.url))
-            self.on_event("stream_down", {"reason": self.last_error, "final": True})
+        except Exception as e:  # a bug here must not kill the camera for good: the owner restarts us
+            self.state = "crashed"
+            self.last_error = redact_text(f"decoder thread crashed: {type(e).__name__}: {e}", [self.camera.url])
+            log.exception("capture of %s crashed", redact_url(self.camera.url))
+            self.on_event("stream_down", {"reason": self.last_error})
         finally:
-            if self.state not in ("ended", "failed"):
+            self.ended_at = time.monotonic()
+            if self.state not in ("ended", "failed", "crashed"):
                 self.state = "stopped"
-            if not self._abandoned:  # a replacement capture owns the slot now
+            # A crashed capture leaves the slot open for its replacement; so does an abandoned one.
+            if self.state != "crashed" and not self._abandoned:
                 self.slot.close()

@@ -17,12 +17,13 @@ import numpy as np
 import ray
 import redis
 
-from workers.capture import Capture, CapturedFrame, CaptureSettings, FrameSlot
+from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.inference import service_call
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
-from workers.tracking import CameraTracker, TrackerSettings
+from workers.settings import CameraConfig, RedisConfig
+from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,22 @@ class CameraPipeline:
     (inference failed) and shutdown (abandoned by a stop without drain).
     """
 
-    def __init__(self, camera: dict, infer: InferFn, model_info: dict, publisher: Publisher,
-                 infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None):
-        self.camera = camera
-        self.id = camera["id"]
+    def __init__(self, camera: CameraConfig | dict, infer: InferFn, model_info: dict, publisher: Publisher,
+                 infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None,
+                 instance: str | None = None):
+        self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
+        self.id = self.camera.id
+        self.instance = instance  # the service run this camera belongs to, written with its status
         self.infer = infer
         self.publisher = publisher
         self.infer_timeout_s = infer_timeout_s
         model_heads: dict[str, list[str]] = model_info["heads"]
-        self.heads = camera.get("heads") or list(model_heads)
+        self.heads = self.camera.heads or list(model_heads)
         unknown = [h for h in self.heads if h not in model_heads]
         if unknown:
             raise ValueError(f"camera {self.id!r}: unknown heads {unknown} (the model has {list(model_heads)})")
         self.classes = {h: model_heads[h] for h in self.heads}
         self.input_size = tuple(model_info["input_size"])
-        self.tracker_cfg = camera.get("tracker") or {}
-        self.tracking = self.tracker_cfg.get("enabled", True)
         self.tracker: CameraTracker | None = None
         self.track_id_base = track_id_base or {}
         self.submitted = self.published = self.dropped_error = 0
@@ -61,7 +62,7 @@ class CameraPipeline:
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.publish_times: collections.deque[float] = collections.deque(maxlen=300)
         self.last_error: str | None = None
-        self.watchdog_restarts = self.past_reconnects = 0
+        self.watchdog_restarts = self.capture_crashes = self.past_reconnects = 0
         self.state = "created"
         self.started_at: float | None = None
         self._stopping = False
@@ -69,25 +70,19 @@ class CameraPipeline:
         self._inflight: asyncio.Semaphore | None = None
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self.started_at = time.time()
         self.state = "starting"
-        lossless = not self.camera.get("realtime", True) and not _is_live(self.camera["url"])
-        self._slot = FrameSlot(loop, lossless=lossless)
-        settings = CaptureSettings(
-            url=self.camera["url"], input_size=self.input_size, fps=self.camera.get("fps"),
-            transport=self.camera.get("transport", "tcp"), open_timeout_s=self.camera.get("open_timeout_s", 10.0),
-            read_timeout_s=self.camera.get("read_timeout_s", 10.0), realtime=self.camera.get("realtime", True),
-            loop=self.camera.get("loop", False), hwaccel=self.camera.get("hwaccel"),
-        )
-        self._capture = Capture(settings, self._slot, self._on_capture_event)
-        self._inflight = asyncio.Semaphore(self.camera.get("max_inflight", 2))
+        self._slot = FrameSlot(loop, lossless=self.camera.lossless)
+        self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event)
+        self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
         finisher = asyncio.create_task(self._finish_loop(results))
-        watchdog = asyncio.create_task(self._watchdog(settings))
+        watchdog = asyncio.create_task(self._watchdog())
         self._capture.start()
         self.state = "running"
         try:
@@ -119,23 +114,34 @@ class CameraPipeline:
             self.publish_status()
         return self.stats()
 
-    async def _watchdog(self, settings: CaptureSettings) -> None:
-        """Backstop for a decoder stuck beyond its own timeouts (e.g. a hung DNS lookup inside FFmpeg):
-        abandon the thread and start a fresh capture that continues the frame numbering."""
-        stall_s = self.camera.get("stall_timeout_s") or 3 * settings.read_timeout_s + settings.open_timeout_s
+    async def _watchdog(self) -> None:
+        """Brings the decoder back whatever stopped it: a thread stuck beyond its own timeouts (e.g. a hung
+        DNS lookup inside FFmpeg) is abandoned, a thread that crashed on a bug is restarted after a backoff.
+        The new capture continues the frame numbering (and, for files, the position)."""
+        stall_s = self.camera.stall_timeout
         while True:
             await asyncio.sleep(min(1.0, stall_s / 4))
             cap = self._capture
-            if cap is None or not cap.alive or cap.silent_for() <= stall_s:
+            if cap is None or self._stopping:
                 continue
-            self.watchdog_restarts += 1
-            reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
+            if cap.alive and cap.silent_for() > stall_s:
+                self.watchdog_restarts += 1
+                reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
+                self._event("stream_down", {"reason": reason})
+                cap.abandon()
+            elif not cap.alive and cap.state == "crashed":
+                # Crashing again and again (a bug tied to this stream) must not spin: back off like a reconnect.
+                delay = min(Capture.BACKOFF_MAX_S, Capture.BACKOFF_INITIAL_S * 2 ** min(self.capture_crashes, 5))
+                if time.monotonic() - (cap.ended_at or 0.0) < delay:
+                    continue
+                self.capture_crashes += 1
+                reason = f"{cap.last_error}; decoder restarted"
+            else:
+                continue
             log.warning("camera %s: %s", self.id, reason)
             self.last_error = reason
-            self._event("stream_down", {"reason": reason})
-            cap.abandon()
             self.past_reconnects += cap.reconnects
-            self._capture = Capture(settings, self._slot, self._on_capture_event,
+            self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                     first_index=cap.decoded, first_pts=cap.last_pts)
             self._capture.start()
 
@@ -159,7 +165,7 @@ class CameraPipeline:
                 arrays = await fut
             except Exception as e:  # inference failed or timed out: count it, keep the camera going
                 self.dropped_error += 1
-                self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera["url"]])
+                self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera.url])
                 log.warning("camera %s frame %d: %s", self.id, item.index, self.last_error)
                 continue
             finally:
@@ -171,9 +177,9 @@ class CameraPipeline:
             self._publish_frame(item, arrays)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
-        if self.tracking and self.tracker is None:
-            fps = self.camera.get("fps") or (self._capture.source_fps if self._capture else None) or 25.0
-            self.tracker = CameraTracker(self.heads, _tracker_settings(self.tracker_cfg), fps, self.track_id_base)
+        if self.camera.tracker.enabled and self.tracker is None:
+            fps = self.camera.fps or (self._capture.source_fps if self._capture else None) or 25.0
+            self.tracker = CameraTracker(self.heads, self.camera.tracker, fps, self.track_id_base)
         records: list[dict] = []
         for head in self.heads:
             if head not in arrays:
@@ -205,17 +211,33 @@ class CameraPipeline:
         self.publisher.publish_event(event_message(type_, self.id, **fields))
 
     def _on_capture_event(self, type_: str, fields: dict) -> None:
-        """Called from the decode thread; the publisher queue is thread-safe."""
-        if "reason" in fields:
-            self.last_error = fields["reason"]
+        """Called from the decode thread. The event goes out at once (the publisher is thread-safe, and this
+        keeps the thread's events in order); everything that reads pipeline state runs on the event loop,
+        which owns it (stats() iterating deques the loop appends to once killed the decode thread)."""
         self._event(type_, dict(fields))
+        try:
+            assert self._loop is not None
+            reason = fields.get("reason")
+            self._loop.call_soon_threadsafe(self._after_capture_event, None if reason == END_OF_FILE else reason)
+        except RuntimeError:  # the loop is closed: the camera is gone, nobody reads its status any more
+            pass
+
+    def _after_capture_event(self, reason: str | None) -> None:
+        if reason:
+            self.last_error = reason
         self.publish_status()
 
+    STATUS_FIELDS = ("state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded",
+                     "published", "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next",
+                     "redis_error")
+
     def publish_status(self) -> None:
+        """The camera's entry in {prefix}:cameras. ``heartbeat_ts`` and ``instance`` let readers tell a live
+        entry from one left behind by a service that died (see pipeline/status.py)."""
         s = self.stats()
-        self.publisher.set_status(self.id, {k: s[k] for k in (
-            "state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded", "published",
-            "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next")})
+        status = {k: s[k] for k in self.STATUS_FIELDS}
+        status.update(heartbeat_ts=round(time.time(), 3), instance=self.instance)
+        self.publisher.set_status(self.id, status)
 
     def stats(self) -> dict[str, Any]:
         cap, slot = self._capture, self._slot
@@ -224,44 +246,48 @@ class CameraPipeline:
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
         lat = np.array(self.latencies) if self.latencies else None
         state = self.state
-        if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed"):
-            state = cap.state
+        if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
+            state = "reconnecting" if cap.state == "crashed" else cap.state
         snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "pending": 0}
         dropped = {"rate": snap["dropped_rate"], "overload": snap["replaced"], "error": self.dropped_error,
                    "shutdown": self.shutdown_held + self.shutdown_inflight}
         decoded = snap["decoded"]
+        pub = self.publisher.stats()
         return {
-            "camera": self.id, "url": redact_url(self.camera["url"]), "state": state, "heads": self.heads,
+            "camera": self.id, "url": redact_url(self.camera.url), "state": state, "heads": self.heads,
             "decoded": decoded, "submitted": self.submitted, "published": self.published, "dropped": dropped,
             "in_slot": snap["pending"] + self._holding,
             "in_flight": self.submitted - self.published - self.dropped_error - self.shutdown_inflight,
             "fps": round(fps, 2), "decode_fps": round(decoded / max(1e-6, now - self.started_at), 2) if self.started_at else 0.0,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat is not None else None,
-            "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts,
+            "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts
+            + self.capture_crashes,
+            "watchdog_restarts": self.watchdog_restarts, "capture_crashes": self.capture_crashes,
             "last_frame_ts": cap.last_frame_wall if cap else None,
             "last_error": self.last_error,
             "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
+            # Why messages are not reaching Redis right now (out of memory, unreachable, ...), else None.
+            "redis_error": None if pub.get("connected", True) else pub.get("last_error"),
         }
 
 
-def _is_live(url: str) -> bool:
-    """Sources that never end by themselves: end of stream there means a disconnect."""
-    return url.split("://", 1)[0].lower() in ("rtsp", "rtsps", "http", "https", "device") or url.startswith("/dev/video")
-
-
-def _tracker_settings(cfg: dict) -> TrackerSettings:
-    fields = TrackerSettings.__dataclass_fields__
-    return TrackerSettings(**{k: v for k, v in cfg.items() if k in fields})
+def publisher_for(settings: RedisConfig, name: str) -> Publisher:
+    """A (not yet started) Publisher for resolved Redis settings: the cameras' and the controller's."""
+    assert settings.url, "the controller resolves the Redis URL before anything publishes"
+    return Publisher(settings.url, prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer, name=name)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StreamActor:
     """Ray shell around CameraPipeline and its Publisher. One per camera."""
 
-    def __init__(self, camera: dict, inference: list, model_info: dict, redis: dict):
+    def __init__(self, camera: CameraConfig, inference: list, model_info: dict, redis: RedisConfig,
+                 instance: str | None = None):
+        """``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.camera, self.inference, self.model_info, self.redis = camera, inference, model_info, redis
+        self.instance = instance
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
         self.publisher: Publisher | None = None
@@ -271,30 +297,38 @@ class StreamActor:
         """Starts the camera and returns at once; ``wait`` returns when it ends."""
         if self.task is not None:
             return
-        self.publisher = Publisher(self.redis["url"], prefix=self.redis.get("prefix", "hv"),
-                                   maxlen=self.redis.get("maxlen", 10_000), buffer=self.redis.get("buffer", 2_000),
-                                   name=f"hydravision-{self.camera['id']}").start()
+        self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
-        replica = self.inference[zlib.crc32(self.camera["id"].encode()) % len(self.inference)]
+        replica = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
         id_base = await asyncio.get_running_loop().run_in_executor(None, self._previous_track_ids)
         self.pipeline = CameraPipeline(self.camera, service_call(replica), self.model_info, self.publisher,
-                                       track_id_base=id_base)
+                                       track_id_base=id_base, instance=self.instance)
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
 
-    def _previous_track_ids(self) -> dict[str, int]:
+    def _previous_track_ids(self, attempts: int = 3) -> dict[str, int]:
         """Next free track id per head from this camera's last status in Redis (after a restart or a new
-        run), so consumers never see an id reused for another object. {} when there is none."""
-        try:
-            client = redis.Redis.from_url(self.redis["url"], socket_connect_timeout=2, socket_timeout=2)
-            raw = client.hget(keys(self.redis.get("prefix", "hv")).cameras, self.camera["id"])
-            client.close()
-            ids = json.loads(raw).get("track_ids_next") if raw else None
-            return {str(k): int(v) for k, v in (ids or {}).items()}
-        except (redis.RedisError, OSError, ValueError, AttributeError) as e:
-            log.warning("camera %s: could not read previous track ids (%s); numbering from 0",
-                        self.camera["id"], type(e).__name__)
-            return {}
+        run), so consumers never see an id reused for another object. {} when there is none.
+
+        When Redis cannot be read, numbering from 0 could reuse ids consumers have already seen, so every
+        head starts above any id a previous run can have handed out (ids from the clock, in ms)."""
+        for attempt in range(attempts):
+            try:
+                client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2, socket_timeout=2)
+                try:
+                    raw = client.hget(keys(self.redis.prefix).cameras, self.camera.id)
+                finally:
+                    client.close()
+                ids = json.loads(raw).get("track_ids_next") if raw else None
+                return {str(k): int(v) for k, v in (ids or {}).items()}
+            except (redis.RedisError, OSError, ValueError, AttributeError) as e:
+                error = e
+                time.sleep(0.5 * (attempt + 1))
+        base = int(time.time() * 1000)
+        log.warning("camera %s: could not read previous track ids (%s: %s); numbering from %d so that no "
+                    "id is reused", self.camera.id, type(error).__name__,
+                    redact_text(str(error), [self.redis.url or ""]), base)
+        return {head: base for head in (self.camera.heads or self.model_info["heads"])}
 
     async def _status_loop(self) -> None:
         while True:
@@ -323,7 +357,7 @@ class StreamActor:
         return stats
 
     async def stats(self) -> dict:
-        s = self.pipeline.stats() if self.pipeline else {"camera": self.camera["id"], "state": "created"}
+        s = self.pipeline.stats() if self.pipeline else {"camera": self.camera.id, "state": "created"}
         if self.publisher:
             s["publisher"] = self.publisher.stats()
         return s

@@ -13,6 +13,8 @@ import numpy as np
 import supervision as sv
 from trackers import ByteTrackTracker
 
+from workers.settings import TrackerConfig
+
 
 @dataclass
 class TrackState:
@@ -27,15 +29,6 @@ class TrackState:
 
 
 @dataclass
-class TrackerSettings:
-    lost_track_buffer: int = 30
-    track_activation_threshold: float = 0.5
-    minimum_consecutive_frames: int = 2
-    minimum_iou_threshold: float = 0.1
-    high_conf_det_threshold: float = 0.5
-
-
-@dataclass
 class HeadTracker:
     head: str
     tracker: ByteTrackTracker
@@ -47,7 +40,7 @@ class HeadTracker:
 class CameraTracker:
     """Tracks every head of one camera. ``update`` returns tracked detections and lifecycle events."""
 
-    def __init__(self, heads: list[str], settings: TrackerSettings, frame_rate: float,
+    def __init__(self, heads: list[str], settings: TrackerConfig, frame_rate: float,
                  id_base: dict[str, int] | None = None):
         id_base = id_base or {}
         self.settings, self.frame_rate = settings, frame_rate

@@ -1,0 +1,131 @@
+"""Ties every process `hydravision run` starts to the life of the run, also when it is killed with SIGKILL.
+
+A clean stop shuts Ray and the embedded Redis down itself. A SIGKILL (the OOM killer, `kill -9`, a crashed
+interpreter) runs no handler: Ray's GCS and raylet notice within seconds, but its agents linger about a
+minute and an embedded redis-server would answer forever. So `App.start()` first starts this reaper, a
+small process in its own session that watches the run: every half second it notes the run's descendants
+(redis-server, Ray's GCS, raylet, workers, agents), and once the run is gone (the pipe it holds closes,
+or its process disappears) it sends them SIGTERM, then SIGKILL to those still alive 3 s later.
+
+Written by hand: `prctl(PR_SET_PDEATHSIG)` reaches only direct children (not Ray's workers and agents,
+whose parent is the raylet), and nothing in Ray ties a local cluster to its driver's life.
+Under systemd (KillMode=control-group, the default) or as a container's main process, the service
+manager does the same job; the reaper is for everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+POLL_S = 0.5
+GRACE_S = 3.0
+_RELEASE = b"release\n"
+
+
+class Reaper:
+    """The run's side: start the watcher, and ``release()`` it after a clean shutdown."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    @classmethod
+    def start(cls) -> "Reaper":
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())],
+                                stdin=subprocess.PIPE, start_new_session=True)  # Ctrl-C reaches the run, not it
+        return cls(proc)
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Everything was shut down cleanly: the watcher exits without killing anything."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(_RELEASE)
+            self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def _descendants(root: psutil.Process) -> dict[int, float]:
+    """pid -> create time of every process below root (the create time tells a reused pid apart)."""
+    me = os.getpid()
+    out = {}
+    for p in root.children(recursive=True):
+        try:
+            if p.pid != me:
+                out[p.pid] = p.create_time()
+        except psutil.Error:
+            continue
+    return out
+
+
+def _alive(pids: dict[int, float]) -> list[psutil.Process]:
+    procs = []
+    for pid, created in pids.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                procs.append(p)
+        except psutil.Error:
+            continue
+    return procs
+
+
+def reap(pids: dict[int, float], grace_s: float = GRACE_S) -> int:
+    """SIGTERM, then SIGKILL after ``grace_s``; returns how many were still running."""
+    procs = _alive(pids)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(procs, timeout=grace_s)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+def watch(parent_pid: int) -> int:
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        return 0
+    seen: dict[int, float] = {}  # every descendant noticed, pruned of those that ended
+    stdin = sys.stdin.buffer
+    for tick in range(sys.maxsize):
+        ready, _, _ = select.select([stdin], [], [], POLL_S)
+        if ready:
+            line = stdin.readline()
+            if line == _RELEASE:
+                return 0
+            if not line:  # the pipe closed without a release: the run died
+                break
+        if not parent.is_running():
+            break
+        try:
+            if tick % 20 == 0:  # a long-running service restarts workers: forget the pids that are gone
+                seen = {p.pid: p.create_time() for p in _alive(seen)}
+            seen.update(_descendants(parent))
+        except psutil.Error:
+            break
+    killed = reap(seen)
+    if killed:
+        print(f"hydravision reaper: the run (pid {parent_pid}) died; stopped {killed} process(es) it had started",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(watch(int(sys.argv[1])))

@@ -1,0 +1,116 @@
+"""The settings the workers run on, validated by pydantic: one camera, its tracker, and the Redis it publishes to.
+
+They live here, beside the code that reads them, because `workers/` must not import `pipeline/`;
+`pipeline/config.py` composes them into the whole YAML config. The actors receive these validated models
+(they pickle), never dicts with defaults re-applied by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from workers.redact import redact_url
+
+CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
+LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisConfig(Strict):
+    url: str | None = Field(None, description="redis:// or rediss:// URL; None: start an embedded server")
+    prefix: str = Field("hv", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each camera's detection stream")
+    buffer: int = Field(2_000, ge=10, description="messages kept per camera while Redis is unreachable")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {redact_url(v)!r}")
+        return v
+
+
+class TrackerConfig(Strict):
+    enabled: bool = True
+    lost_track_buffer: int = Field(30, ge=0)
+    track_activation_threshold: float = Field(0.5, ge=0, le=1)
+    minimum_consecutive_frames: int = Field(2, ge=1)
+    minimum_iou_threshold: float = Field(0.1, ge=0, le=1)
+    high_conf_det_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class CameraConfig(Strict):
+    id: str
+    url: str
+    fps: float | None = Field(None, gt=0, le=240, description="frames per second to analyse; None: every frame")
+    heads: list[str] | None = Field(None, description="heads to run; None: all heads of the model")
+    tracker: TrackerConfig = TrackerConfig()
+    transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
+    loop: bool = Field(False, description="files: start again at the end")
+    max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
+    stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
+                                          "without progress; default 3 x read_timeout_s + open_timeout_s")
+    hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
+                                "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
+
+    @field_validator("hwaccel")
+    @classmethod
+    def _hwaccel(cls, v: str | None) -> str | None:
+        from av.codec.hwaccel import hwdevices_available
+
+        if v is not None and v not in hwdevices_available():
+            raise ValueError(f"not a hardware decoder this FFmpeg supports ({', '.join(hwdevices_available())})")
+        return v
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not CAMERA_ID.match(v):
+            raise ValueError(f"must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; got {v!r}")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme and scheme not in URL_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme!r} in {redact_url(v)!r} (use one of {', '.join(URL_SCHEMES)} or a file path)")
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("must name at least one head (or be omitted for all heads)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"lists a head twice: {v}")
+        return v
+
+    @property
+    def is_live(self) -> bool:
+        """A camera, device or stream: its end of stream means a disconnect, so it reconnects forever."""
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        return scheme in LIVE_SCHEMES or self.url.startswith("/dev/video")
+
+    @property
+    def lossless(self) -> bool:
+        """Unpaced files and scenes: decoding waits for the pipeline instead of dropping frames."""
+        return not self.realtime and not self.is_live
+
+    @property
+    def stall_timeout(self) -> float:
+        return self.stall_timeout_s or 3 * self.read_timeout_s + self.open_timeout_s
