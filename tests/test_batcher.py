@@ -352,3 +352,15 @@ def test_rejections_pickle_with_their_camera(cls):
 def test_bad_bounds_are_refused(kwargs, error):
     with pytest.raises(ValueError, match=error):
         Batcher(lambda items: items, **kwargs)
+
+
+def test_a_failing_batcher_answers_its_waiting_callers(monkeypatch):
+    """A bug in the batching loop itself must not leave callers waiting forever."""
+    async def main():
+        b = Batcher(lambda items: items, max_batch=8, max_wait_ms=0)
+        monkeypatch.setattr(b, "_take_batch", lambda: 1 / 0)
+        return await asyncio.wait_for(asyncio.gather(*[b.submit(i, "cam") for i in range(3)],
+                                                     return_exceptions=True), 10)
+
+    results = run(main())
+    assert all(isinstance(r, BatcherClosed) and "ZeroDivisionError" in str(r) for r in results)

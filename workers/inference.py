@@ -1,5 +1,8 @@
 """Batched HydraNet inference: the Batcher, InferenceService (ModelRunner + Batcher) and the thin InferenceActor.
 
+The Batcher's queue is bounded and fair across cameras; a request is never computed once its caller has
+given up. Requests it answers without computing raise an ``InferenceRejected`` subclass, counted in stats().
+
 The actor holds no per-camera state, so any replica can serve any camera and a restarted
 replica loses nothing.
 """
@@ -103,6 +106,7 @@ class Batcher(Generic[T, R]):
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._collect())
+            self._task.add_done_callback(self._collector_ended)
         if len(self._queues.get(camera, ())) >= self.max_pending_per_camera:
             self._shed(camera)
         elif self.depth >= self.max_pending:
@@ -178,8 +182,9 @@ class Batcher(Generic[T, R]):
                 elif p.deadline is not None and p.deadline <= now:
                     self._expire(p)
         batch: list[_Pending[T]] = []
-        while self._queues and len(batch) < self.max_batch:
-            for camera in sorted(self._queues, key=lambda c: self._queues[c][0].arrived)[:self.max_batch - len(batch)]:
+        while self._queues and len(batch) < self.max_batch:  # one round: each camera's oldest request
+            in_turn = sorted(self._queues, key=lambda c: self._queues[c][0].arrived)
+            for camera in in_turn[:self.max_batch - len(batch)]:
                 p = self._queues[camera][0]
                 self._unqueue(p)
                 batch.append(p)
@@ -224,15 +229,23 @@ class Batcher(Generic[T, R]):
             if not p.future.done():
                 p.future.set_result(r)
 
-    def close(self) -> None:
-        """Stops batching; every request still waiting gets BatcherClosed."""
-        if self._task:
-            self._task.cancel()
+    def _fail_waiting(self, why: str) -> None:
         for queue in list(self._queues.values()):
             for p in list(queue):
                 self._unqueue(p)
                 if not p.future.done():
-                    p.future.set_exception(BatcherClosed(p.camera, "inference service closed"))
+                    p.future.set_exception(BatcherClosed(p.camera, why))
+
+    def _collector_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug here must not leave callers hanging
+            log.error("batcher stopped: %r", task.exception())
+            self._fail_waiting(f"inference batcher failed: {task.exception()!r}")
+
+    def close(self) -> None:
+        """Stops batching; every request still waiting gets BatcherClosed."""
+        if self._task:
+            self._task.cancel()
+        self._fail_waiting("inference service closed")
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
