@@ -1,5 +1,8 @@
 """Batched HydraNet inference: the Batcher, InferenceService (ModelRunner + Batcher) and the thin InferenceActor.
 
+The Batcher's queue is bounded and fair across cameras; a request is never computed once its caller has
+given up. Requests it answers without computing raise an ``InferenceRejected`` subclass, counted in stats().
+
 The actor holds no per-camera state, so any replica can serve any camera and a restarted
 replica loses nothing.
 """
@@ -27,11 +30,39 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
+class InferenceRejected(Exception):
+    """A request the batcher answered without computing it; ``camera`` is the caller's camera id."""
+
+    def __init__(self, camera: str, message: str) -> None:
+        super().__init__(message)
+        self.camera = camera
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles exceptions across actors; the default would call __init__(message) without camera.
+        return (type(self), (self.camera, self.args[0]))
+
+
+class InferenceOverloaded(InferenceRejected):
+    """Shed to keep the queue within its bound: the oldest request of the camera holding the most."""
+
+
+class InferenceExpired(InferenceRejected, TimeoutError):
+    """Its caller's timeout passed before a batch could take it; a TimeoutError, as the caller's own would be."""
+
+
+class BatcherClosed(InferenceRejected):
+    """The batcher was closed while the request waited or ran."""
+
+
+@dataclass(eq=False)  # identity, not field equality: requests are removed from queues by identity
 class _Pending(Generic[T]):
     item: T
     future: asyncio.Future
+    camera: str
+    deadline: float | None  # time.monotonic() of this process; None: the caller waits forever
     arrived: float = field(default_factory=time.monotonic)
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = None
 
 
 class Batcher(Generic[T, R]):
@@ -39,41 +70,144 @@ class Batcher(Generic[T, R]):
     ``max_wait_ms`` after the oldest arrival, and runs ``handler`` on a worker thread.
 
     Written by hand because Ray Serve's ``@serve.batch`` only works inside a Serve deployment.
-    Every caller gets exactly one result or the batch's exception; none hangs. While a batch
-    runs, the next one fills, so the model is never idle when work is waiting.
+    Every caller gets exactly one result or exception; none hangs. While a batch runs, the next one
+    fills, so the model is never idle when work is waiting.
+
+    Fair and bounded across cameras (``submit``'s ``camera``): a batch takes requests round-robin by
+    camera, cameras in order of their oldest waiting request, oldest first within a camera, so one
+    chatty camera cannot fill batches while others wait. At most ``max_pending`` requests wait, at most
+    ``max_pending_per_camera`` of one camera; beyond that the oldest request of the camera holding the
+    most is shed (``InferenceOverloaded``), so a camera with few waiting is never the one shed. A request
+    whose caller's timeout has passed (``InferenceExpired``) or whose caller cancelled is dropped
+    without being computed. Everything runs on the event loop's thread except ``handler``.
     """
 
-    def __init__(self, handler: Callable[[list[T]], list[R]], max_batch: int = 8, max_wait_ms: float = 5.0):
+    def __init__(self, handler: Callable[[list[T]], list[R]], max_batch: int = 8, max_wait_ms: float = 5.0,
+                 max_pending: int | None = None, max_pending_per_camera: int | None = None):
         self.handler, self.max_batch, self.max_wait = handler, max_batch, max_wait_ms / 1000
-        self._pending: collections.deque[_Pending[T]] = collections.deque()
+        # Defaults: a camera may have up to 16 frames in flight (the config's max_inflight ceiling), so a
+        # well-behaved camera never hits its own cap; the total stays within a few batches of work.
+        self.max_pending_per_camera = max(16, max_batch) if max_pending_per_camera is None else max_pending_per_camera
+        self.max_pending = max(8 * max_batch, self.max_pending_per_camera) if max_pending is None else max_pending
+        if self.max_pending < 1 or self.max_pending_per_camera < 1:
+            raise ValueError(f"max_pending and max_pending_per_camera must be >= 1, got "
+                             f"{self.max_pending} and {self.max_pending_per_camera}")
+        self._queues: dict[str, collections.deque[_Pending[T]]] = {}  # only cameras with requests waiting
+        self.depth = self.depth_max = 0
+        self.counts = {"shed": 0, "expired": 0, "cancelled": 0}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, camera: str = "", timeout_s: float | None = None) -> R:
+        """``item``'s result. ``timeout_s``: how long the caller waits, from now; after that the request
+        is dropped unless its batch has already started. Raises InferenceOverloaded / InferenceExpired."""
+        loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._collect())
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(item, fut))
+            self._task = loop.create_task(self._collect())
+            self._task.add_done_callback(self._collector_ended)
+        if len(self._queues.get(camera, ())) >= self.max_pending_per_camera:
+            self._shed(camera)
+        elif self.depth >= self.max_pending:
+            self._shed(self._fullest(camera))
+        now = time.monotonic()
+        p = _Pending(item, loop.create_future(), camera, None if timeout_s is None else now + timeout_s, now)
+        if timeout_s is not None:
+            p.timer = loop.call_later(max(0.0, timeout_s), self._expire, p)
+        p.future.add_done_callback(lambda _, p=p: self._cancelled(p))
+        self._queues.setdefault(camera, collections.deque()).append(p)
+        self.depth += 1
+        self.depth_max = max(self.depth_max, self.depth)
+        assert self._wake is not None
         self._wake.set()
-        return await fut
+        return await p.future
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: requests shed (queue full), expired (caller's timeout passed while waiting),
+        cancelled (by the caller while waiting); none of them was computed. And the queue's depth now / max."""
+        return {**self.counts, "queue_depth": self.depth, "queue_depth_max": self.depth_max,
+                "queue_limit": self.max_pending, "queue_limit_per_camera": self.max_pending_per_camera}
+
+    # -- the queue: every removal goes through _unqueue ----------------------------------------
+    def _unqueue(self, p: _Pending[T]) -> None:
+        queue = self._queues[p.camera]
+        if queue[0] is p:
+            queue.popleft()
+        else:
+            queue.remove(p)
+        if not queue:
+            del self._queues[p.camera]
+        p.queued = False
+        self.depth -= 1
+        if p.timer:
+            p.timer.cancel()
+
+    def _drop(self, p: _Pending[T], counter: str, error: InferenceRejected | None) -> None:
+        self._unqueue(p)
+        self.counts[counter] += 1
+        if error is not None and not p.future.done():
+            p.future.set_exception(error)
+
+    def _fullest(self, arriving: str) -> str:
+        """The camera to shed from: the most requests waiting; on a tie the arriving camera, then the
+        camera whose oldest request is oldest."""
+        return max(self._queues, key=lambda c: (len(self._queues[c]), c == arriving, -self._queues[c][0].arrived))
+
+    def _shed(self, camera: str) -> None:
+        p = self._queues[camera][0]
+        self._drop(p, "shed", InferenceOverloaded(camera, (
+            f"inference queue full ({self.depth} waiting, limits {self.max_pending} in all and "
+            f"{self.max_pending_per_camera} per camera): dropped the oldest of camera {camera!r}'s "
+            f"{len(self._queues[camera])} waiting requests")))
+
+    def _expire(self, p: _Pending[T]) -> None:
+        if p.queued:
+            self._drop(p, "expired", InferenceExpired(p.camera, (
+                f"camera {p.camera!r}: the caller's timeout passed after "
+                f"{time.monotonic() - p.arrived:.3f} s in the inference queue; not computed")))
+
+    def _cancelled(self, p: _Pending[T]) -> None:
+        if p.queued and p.future.cancelled():
+            self._drop(p, "cancelled", None)
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Pending[T]]:
+        """Round-robin by camera (cameras in order of their oldest request), oldest first within each."""
+        now = time.monotonic()
+        for queue in list(self._queues.values()):  # callbacks not run yet must not let such a request run
+            for p in list(queue):
+                if p.future.cancelled():
+                    self._drop(p, "cancelled", None)
+                elif p.deadline is not None and p.deadline <= now:
+                    self._expire(p)
+        batch: list[_Pending[T]] = []
+        while self._queues and len(batch) < self.max_batch:  # one round: each camera's oldest request
+            in_turn = sorted(self._queues, key=lambda c: self._queues[c][0].arrived)
+            for camera in in_turn[:self.max_batch - len(batch)]:
+                p = self._queues[camera][0]
+                self._unqueue(p)
+                batch.append(p)
+        return batch
+
+    def _oldest(self) -> float:
+        return min(queue[0].arrived for queue in self._queues.values())
 
     async def _collect(self) -> None:
         assert self._wake is not None
         while True:
-            while not self._pending:
+            while not self.depth:
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = self._pending[0].arrived + self.max_wait
-            while len(self._pending) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+            while 0 < self.depth < self.max_batch and (remaining := self._oldest() + self.max_wait - time.monotonic()) > 0:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-            await self._run(batch)
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
 
     async def _run(self, batch: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
@@ -81,6 +215,11 @@ class Batcher(Generic[T, R]):
             results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:  # close() while the batch ran: its callers must not hang
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed(p.camera, "inference service closed while the batch ran"))
+            raise
         except Exception as e:  # every waiting caller gets the error; none is left hanging
             for p in batch:
                 if not p.future.done():
@@ -90,9 +229,23 @@ class Batcher(Generic[T, R]):
             if not p.future.done():
                 p.future.set_result(r)
 
+    def _fail_waiting(self, why: str) -> None:
+        for queue in list(self._queues.values()):
+            for p in list(queue):
+                self._unqueue(p)
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed(p.camera, why))
+
+    def _collector_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # a bug here must not leave callers hanging
+            log.error("batcher stopped: %r", task.exception())
+            self._fail_waiting(f"inference batcher failed: {task.exception()!r}")
+
     def close(self) -> None:
+        """Stops batching; every request still waiting gets BatcherClosed."""
         if self._task:
             self._task.cancel()
+        self._fail_waiting("inference service closed")
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -101,21 +254,23 @@ class InferenceService:
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
-                 score_threshold: float | None = None, compile: bool = False):
+                 score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
+                 max_pending_per_camera: int | None = None):
         from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
 
         self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch, compile=compile)
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
-            self._run_batch, max_batch, max_wait_ms)
+            self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera)
 
     def _run_batch(self, items: list[tuple[np.ndarray, list[str] | None]]) -> list[dict[str, HeadArrays]]:
         return self.runner.run([image for image, _ in items], [heads for _, heads in items])
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
-        return await self.batcher.submit((request.image, request.heads))
+        return await self.batcher.submit((request.image, request.heads), request.camera, request.timeout_s)
 
-    async def infer_image(self, image: np.ndarray, heads: list[str] | None) -> dict[str, HeadArrays]:
-        return await self.batcher.submit((image, heads))
+    async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
+                          timeout_s: float | None = None) -> dict[str, HeadArrays]:
+        return await self.batcher.submit((image, heads), camera, timeout_s)
 
     def info(self) -> dict:
         return self.runner.info()
@@ -125,6 +280,7 @@ class InferenceService:
         s["head_frames"] = dict(s["head_frames"])
         s["batch_sizes"] = {int(k): v for k, v in s["batch_sizes"].items()}
         s["pid"] = os.getpid()
+        s.update(self.batcher.stats())  # shed / expired / cancelled requests, queue_depth(_max)
         return s
 
 
@@ -134,18 +290,22 @@ class InferenceActor:
 
     def __init__(self, checkpoint: str, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
-                 compile: bool = False):
+                 compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
-                                        threads or os.cpu_count(), score_threshold, compile)
+                                        threads or os.cpu_count(), score_threshold, compile,
+                                        max_pending, max_pending_per_camera)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)
 
-    async def infer_image(self, image: np.ndarray, heads: list[str] | None) -> dict[str, HeadArrays]:
-        """What StreamActors call: only the image (a Ray-serialized array, no pickled objects) and the heads
-        cross the process boundary; a round trip is ~1.6 ms shorter than with the whole FrameRequest."""
-        return await self.service.infer_image(image, heads)
+    async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
+                          timeout_s: float | None = None) -> dict[str, HeadArrays]:
+        """What StreamActors call: only the image (a Ray-serialized array, no pickled objects), the heads and
+        two scalars cross the process boundary; a round trip is ~1.6 ms shorter than with the whole
+        FrameRequest. ``timeout_s`` is relative: the deadline is taken on this process's monotonic clock on
+        arrival, never compared with another machine's clock."""
+        return await self.service.infer_image(image, heads, camera, timeout_s)
 
     async def info(self) -> dict:
         return self.service.info()
@@ -161,4 +321,5 @@ def service_call(service: Any) -> Callable[[FrameRequest], Awaitable[dict[str, H
     """An awaitable infer function for either an actor handle or an in-process InferenceService."""
     if isinstance(service, InferenceService):
         return service.infer
-    return lambda request: service.infer_image.remote(request.image, request.heads)
+    return lambda request: service.infer_image.remote(request.image, request.heads, request.camera,
+                                                      request.timeout_s)

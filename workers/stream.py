@@ -152,6 +152,7 @@ class CameraPipeline:
             self._slot.close()
 
     async def _call(self, request: FrameRequest) -> dict[str, HeadArrays]:
+        request.timeout_s = self.infer_timeout_s  # inference drops the request unserved once we stop waiting
         return await asyncio.wait_for(self.infer(request), self.infer_timeout_s)
 
     # -- results, in frame order ---------------------------------------------------------------
