@@ -123,7 +123,7 @@ class App:
             actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=f"hv-inference-{i}",
                                            lifetime=None).remote(
                 str(mc.checkpoint_path()), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
-                mc.score_threshold, mc.compile)
+                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera)
             self.inference.append(actor)
         self.model_info = ray.get(self.inference[0].info.remote(), timeout=120)
         self.inference_pids = ray.get([a.ping.remote() for a in self.inference], timeout=120)

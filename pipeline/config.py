@@ -53,6 +53,10 @@ class InferenceConfig(Strict):
     replicas: int = Field(1, ge=1, le=64)
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: all cores)")
+    max_pending: int | None = Field(None, ge=1, description="requests waiting per replica; beyond it the oldest of "
+                                    "the camera holding the most is shed (default: 8 x max_batch)")
+    max_pending_per_camera: int | None = Field(None, ge=1, description="requests of one camera waiting per replica "
+                                               "(default: max(16, max_batch))")
 
 
 class StatusConfig(Strict):
