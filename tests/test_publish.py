@@ -412,3 +412,123 @@ def test_tls_url(publisher) -> None:
         pub.publish_detections(det())
         assert pub.flush()
         assert server.client().xlen(keys("hv").detections("lobby")) == 1
+
+
+# --- Redis out of memory or frozen (issue 12) -----------------------------------------------------------
+
+@pytest.fixture
+def debug_redis() -> Iterator[RedisServer]:
+    """A redis-server that accepts DEBUG from loopback (Redis 7 refuses it by default)."""
+    require_binary("redis-server")
+    with RedisServer(extra_args=["--enable-debug-command", "local"]) as server:
+        yield server
+
+
+def stream_memory(client, messages: list[dict]) -> int:
+    """Bytes Redis needs to hold these messages as stream entries (measured on a scratch key, then freed)."""
+    before = client.info("memory")["used_memory"]
+    pipe = client.pipeline(transaction=False)
+    for m in messages:
+        pipe.xadd("scratch", {"data": encode(m)})
+    pipe.execute()
+    used = client.info("memory")["used_memory"] - before
+    client.delete("scratch")
+    return used
+
+
+def frames_of(client, camera: str = "lobby") -> list[int]:
+    return [m["frame"] for m in stream_json(client, keys("hv").detections(camera))]
+
+
+@pytest.mark.timeout(60)
+def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(redis_server: RedisServer, publisher) -> None:
+    """Issue 12: with maxmemory reached mid-batch, a pipeline was partly applied, then sent again whole."""
+    client = redis_server.client()
+    messages = [det(frame=i, n=3) for i in range(2000)]
+    # The limit is what Redis uses now plus the room of 1250 stored messages, 2.5 batches (MAX_BATCH is 500):
+    # the old pipeline crossed it inside its third batch. A script call's arguments take about as much memory
+    # as the entries it writes, so the script's second batch is refused whole.
+    room = stream_memory(client, messages[:1250])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + room)
+    pub = publisher(redis_server.url, start=False)
+    for m in messages[:1500]:
+        pub.publish_detections(m)
+    pub.start()
+    wait_until(lambda: "OutOfMemoryError" in (pub.stats()["last_error"] or "") and pub.stats()["retries"] >= 3,
+               timeout=10)
+    for m in messages[1500:]:  # kept while Redis refuses
+        pub.publish_detections(m)
+    before_limit = frames_of(client)
+    client.config_set("maxmemory", 0)
+    assert pub.flush(timeout=10)
+    frames = frames_of(client)
+    stats = pub.stats()
+    print(f"out of memory after {len(before_limit)} of 2000 messages; then {stats['retries']} refused "
+          f"attempts; finally {len(frames)} in the stream, {stats['dropped']} dropped")
+    assert before_limit == list(range(len(before_limit))) and 0 < len(before_limit) < 1500
+    assert frames == list(range(2000))  # the old pipeline gave 0..~1200, then 1000.. again
+    assert stats["sent"] == 2000 and stats["dropped"] == stats["rejected"] == 0 and stats["queued"] == 0
+    errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
+    assert len(errors) == 1 and errors[0]["reason"].startswith("OutOfMemoryError: command not allowed")
+    assert errors[0]["retries"] == stats["retries"] and errors[0]["camera"] == "lobby"
+    validate(errors[0], "event")
+
+
+def test_camera_status_is_written_while_redis_is_out_of_memory(redis_server: RedisServer, publisher) -> None:
+    client, k = redis_server.client(), keys("hv")
+    pub = publisher(redis_server.url)
+    pub.publish_detections(det(frame=0))
+    assert pub.flush()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # any write that needs memory is refused from now on
+    pub.publish_detections(det(frame=1))
+    wait_until(lambda: pub.stats()["failing"])
+    stats = pub.stats()
+    pub.set_status("lobby", {"state": "up", "publisher": {f: stats[f] for f in ("failing", "failing_since",
+                                                                                 "last_error")}})
+    wait_until(lambda: client.hget(k.cameras, "lobby"))
+    status = json.loads(client.hget(k.cameras, "lobby"))["publisher"]
+    assert status["failing"] and status["failing_since"] <= time.time()
+    assert status["last_error"].startswith("OutOfMemoryError")
+    assert frames_of(client) == [0] and pub.stats()["failing"]  # the message still waits
+    client.config_set("maxmemory", 0)
+    assert pub.flush()
+    assert frames_of(client) == [0, 1] and not pub.stats()["failing"]
+
+
+@pytest.mark.timeout(60)
+def test_frozen_redis_neither_duplicates_nor_loses(debug_redis: RedisServer, publisher) -> None:
+    """Issue 12: a send whose reply timed out on a frozen Redis (DEBUG SLEEP) is applied when it wakes up;
+    sending it again wrote it twice."""
+    pub = publisher(debug_redis.url)  # socket timeout 0.5 s: shorter than the freeze
+    stop, published = threading.Event(), [0]
+
+    def produce() -> None:  # a camera at ~100 fps
+        while not stop.is_set():
+            pub.publish_detections(det(frame=published[0]))
+            published[0] += 1
+            time.sleep(0.01)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_until(lambda: pub.stats()["sent"] >= 20)
+        with debug_redis.client(socket_timeout=30) as client:
+            client.execute_command("DEBUG", "SLEEP", 3)
+        at_wake = published[0]
+        wait_until(lambda: pub.stats()["retries"] >= 1 and pub.stats()["connected"]
+                   and pub.stats()["sent"] >= at_wake, timeout=15)
+    finally:
+        stop.set()
+        producer.join()
+    assert pub.flush(timeout=10)
+    client = debug_redis.client()
+    frames, stats = frames_of(client), pub.stats()
+    print(f"frozen 3 s: {published[0]} published, {len(frames)} in the stream, {stats['retries']} failed "
+          f"attempts, {stats['dropped']} dropped")
+    assert frames == list(range(published[0]))  # the old pipeline repeated the batch sent during the freeze
+    assert stats["dropped"] == 0 and stats["retries"] >= 1
+    errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
+    assert len(errors) == 1 and errors[0]["reason"].startswith("TimeoutError")
+    assert errors[0]["duration_s"] >= 2.0
