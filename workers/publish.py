@@ -169,8 +169,8 @@ class _Entry(NamedTuple):
 @dataclass
 class _Episode:
     """A run of failed writes, from the first failure to the next success."""
-    since: float  # unix seconds
-    start: float  # monotonic
+    since: float  # unix seconds when the first failed attempt began
+    start: float  # the same, monotonic
     reason: str  # the first error, redacted
     failures: int = 0
     cameras: set[str] = field(default_factory=set)
@@ -339,6 +339,7 @@ class Publisher:
             # When idle, a PING now and then keeps stats()["connected"] true to what a send would find.
             if idle and self._connected and time.monotonic() - last_ok < IDLE_PING_S:
                 continue
+            began = time.monotonic()
             try:
                 result = None if idle else self._writer.write(trip, batch, statuses)
                 if idle:
@@ -348,7 +349,7 @@ class Publisher:
                 left = statuses
                 if statuses and isinstance(exc, redis.exceptions.OutOfMemoryError):
                     left = self._write_statuses_despite_oom(statuses)
-                self._failed(exc, batch, statuses, left, status_gen)
+                self._failed(exc, began, batch, statuses, left, status_gen)
                 self._stop.wait(self._backoff.compute(failures))
                 continue
             failures, last_ok = 0, time.monotonic()
@@ -430,8 +431,9 @@ class Publisher:
         log.warning("publisher writes to Redis again after %.1f s and %d failed attempts (first error: %s)",
                     duration, episode.failures, episode.reason)
 
-    def _failed(self, exc: Exception, batch: Sequence[_Entry], statuses: dict[str, str | None],
+    def _failed(self, exc: Exception, began: float, batch: Sequence[_Entry], statuses: dict[str, str | None],
                 left: dict[str, str | None], status_gen: int) -> None:
+        """began: monotonic time the failed attempt started (a timeout is noticed seconds later)."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._cond:
             for camera, data in left.items():  # put back unless a newer status came meanwhile
@@ -442,7 +444,7 @@ class Publisher:
             was_connected, self._connected, self._last_error = self._connected, False, text
             first = self._episode is None
             if first:
-                self._episode = _Episode(since=time.time(), start=time.monotonic(), reason=text)
+                self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text)
             self._episode.failures += 1
             self._episode.cameras.update([e.camera for e in batch if e.own is None] + list(statuses))
         if was_connected or first:
