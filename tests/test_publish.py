@@ -6,7 +6,7 @@ import logging
 import subprocess
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import jsonschema
 import numpy as np
@@ -16,7 +16,7 @@ import redis
 from servers import HOST, RedisServer, require_binary
 from workers.publish import (EVENT_TYPES, Publisher, detection_message, encode, event_message, keys, load_schema,
                              validate)
-from workers.redis_writer import BatchWriter
+from workers.redis_writer import BatchWriter, StaleWrite
 
 pytestmark = pytest.mark.timeout(30)
 PASSWORD = "s3cret-Pa55"
@@ -532,3 +532,53 @@ def test_frozen_redis_neither_duplicates_nor_loses(debug_redis: RedisServer, pub
     errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
     assert len(errors) == 1 and errors[0]["reason"].startswith("TimeoutError")
     assert errors[0]["duration_s"] >= 2.7  # from the send that began during the 3 s freeze, not 0.5 s later
+
+
+class _Msg(NamedTuple):
+    seq: int
+    stream: str
+    live: str | None
+    data: str
+
+
+def test_batch_script_skips_what_it_applied_and_refuses_older_sends(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    writer = BatchWriter(client, "hv:publisher:test", "hv:cameras", maxlen=100)
+    msgs = [_Msg(seq, "hv:s", None, f"m{seq}") for seq in range(1, 6)]
+    assert writer.write(trip=2, entries=msgs[:3], statuses={"c": "up"}) == (0, [], [])
+    # the same messages again, and newer ones: only the newer ones are written
+    assert writer.write(trip=3, entries=msgs[1:], statuses={}) == (3, [], [])
+    with pytest.raises(StaleWrite):  # an older send that reached Redis late: nothing of it is applied
+        writer.write(trip=1, entries=msgs[:1], statuses={"c": "stale"})
+    assert [f[b"data"] for _, f in client.xrange("hv:s")] == [b"m1", b"m2", b"m3", b"m4", b"m5"]
+    assert client.hgetall("hv:cameras") == {b"c": b"up"}
+    assert 86_000 < client.ttl("hv:publisher:test") <= 86_400
+
+
+@pytest.mark.timeout(60)
+def test_frozen_redis_with_a_full_buffer_counts_each_message_once(debug_redis: RedisServer, publisher) -> None:
+    """The send in flight when Redis froze is applied when it wakes; its messages, dropped from the full
+    buffer meanwhile, count as sent, and every other message as sent or dropped: never both."""
+    pub = publisher(debug_redis.url, buffer=50)
+    for i in range(10):
+        pub.publish_detections(det(frame=i))
+    assert pub.flush()
+    published = 10
+    with debug_redis.client(socket_timeout=30) as client:
+        client.execute_command("DEBUG", "SLEEP", 0)  # the command works: DEBUG is enabled
+        frozen = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", 3))
+        frozen.start()
+        while frozen.is_alive():  # ~100 fps all through the freeze: the buffer of 50 overflows
+            pub.publish_detections(det(frame=published))
+            published += 1
+            time.sleep(0.01)
+        frozen.join()
+    assert pub.flush(timeout=15)
+    client = debug_redis.client()
+    frames, stats = frames_of(client), pub.stats()
+    reported = sum(e["dropped"] for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_dropped")
+    print(f"frozen 3 s with a buffer of 50: {published} published, {len(frames)} in the stream, "
+          f"{stats['dropped']} dropped (reported {reported}), {stats['sent']} sent")
+    assert all(b > a for a, b in zip(frames, frames[1:]))
+    assert stats["dropped"] > 0 and len(frames) == stats["sent"] == published - stats["dropped"]
+    assert reported == stats["dropped"]
