@@ -6,7 +6,7 @@ import logging
 import subprocess
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import jsonschema
 import numpy as np
@@ -16,6 +16,7 @@ import redis
 from servers import HOST, RedisServer, require_binary
 from workers.publish import (EVENT_TYPES, Publisher, detection_message, encode, event_message, keys, load_schema,
                              validate)
+from workers.redis_writer import BatchWriter, StaleWrite
 
 pytestmark = pytest.mark.timeout(30)
 PASSWORD = "s3cret-Pa55"
@@ -41,6 +42,8 @@ EVENTS = [  # one valid message per type, the fields a producer is expected to s
     event_message("camera_removed", "lobby"),
     event_message("publisher_dropped", "*", dropped=12),
     event_message("worker_restarted", "*", worker="inference-0"),
+    event_message("publisher_error", "lobby", reason="OutOfMemoryError: command not allowed", duration_s=3.2,
+                  retries=4),
 ]
 
 
@@ -135,6 +138,8 @@ INVALID = [  # (valid message, new value or DELETE, path of the field): each edi
     (EVENTS[6], DELETE, ("reason",)),
     (EVENTS[7], "2", ("attempt",)),
     (EVENTS[10], 0, ("dropped",)),
+    (EVENTS[12], DELETE, ("retries",)),
+    (EVENTS[12], DELETE, ("reason",)),
     (TRACK, "track_moved", ("type",)),
     (TRACK, DELETE, ("ts",)),
     (TRACK, "", ("camera",)),
@@ -183,7 +188,8 @@ def test_messages_land_in_stream_channel_and_hash(redis_server: RedisServer, pub
     for e in stream_json(client, k.events):
         validate(e, "event")
     assert client.hgetall(k.cameras) == {b"lobby": b'{"state":"up","fps":29}'}
-    assert client.info("commandstats")["cmdstat_hset"]["calls"] == 1
+    # one HSET for all statuses, one for the Publisher's own state (workers/redis_writer.py)
+    assert client.info("commandstats")["cmdstat_hset"]["calls"] == 2
     live = []
     deadline = time.monotonic() + 5
     while len(live) < 3 and time.monotonic() < deadline:
@@ -204,15 +210,7 @@ def test_maxlen_keeps_stream_bounded(redis_server: RedisServer, publisher) -> No
     assert stream_json(client, keys("hv").detections("lobby"))[-1]["frame"] == 999
 
 
-def test_many_messages_take_few_round_trips(redis_server: RedisServer, publisher, monkeypatch) -> None:
-    executed: list[int] = []  # commands per pipeline execute(), i.e. per round trip
-    real_execute = redis.client.Pipeline.execute
-
-    def counting_execute(self, *args, **kwargs):
-        executed.append(len(self.command_stack))
-        return real_execute(self, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
+def test_many_messages_take_few_round_trips(redis_server: RedisServer, publisher) -> None:
     client = redis_server.client()
     reads_before = client.info("stats")["total_reads_processed"]
     pub = publisher(redis_server.url, start=False)
@@ -221,10 +219,13 @@ def test_many_messages_take_few_round_trips(redis_server: RedisServer, publisher
     pub.start()
     assert pub.flush()
     reads = client.info("stats")["total_reads_processed"] - reads_before
-    calls = {k: v["calls"] for k, v in client.info("commandstats").items()}
+    stats = client.info("commandstats")
+    calls = {k: v["calls"] for k, v in stats.items()}
     assert calls["cmdstat_xadd"] == calls["cmdstat_publish"] == 1000
-    assert "cmdstat_multi" not in calls  # pipelined, not a MULTI/EXEC transaction
-    assert executed == [1000, 1000] and pub.stats()["round_trips"] == 2  # MAX_BATCH is 500 messages
+    # One script call per batch of MAX_BATCH = 500 messages; the very first call also misses the script
+    # cache (NOSCRIPT, counted as a failed EVALSHA) and loads it once.
+    assert calls["cmdstat_evalsha"] - stats["cmdstat_evalsha"]["failed_calls"] == 2
+    assert calls["cmdstat_script|load"] == 1 and pub.stats()["round_trips"] == 2
     # The server's count of socket reads agrees (40-100 seen: reads of up to 16 KiB, the handshake, our INFO
     # calls); one round trip per command would need at least 2000.
     assert reads < 400, reads
@@ -274,8 +275,8 @@ def test_outage_delivers_in_order_without_blocking_callers(redis_server: RedisSe
         producer.join()
     assert pub.flush(timeout=10)
     frames = [m["frame"] for m in stream_json(redis_server.client(), keys("hv").detections("lobby"))]
-    # The new server starts empty; a batch in flight at the kill may be sent again (at-least-once), so the
-    # stream may begin a little before first_lost, but never skips, repeats or reorders.
+    # The new server starts empty: it holds what was not yet written at the kill, so the stream may begin
+    # a little before first_lost, but never skips, repeats or reorders.
     assert frames == list(range(frames[0], published[0]))
     assert frames[0] <= first_lost and outage_end - first_lost > 50
     stats = pub.stats()
@@ -299,6 +300,8 @@ def test_overflow_keeps_newest_and_reports_drops(redis_server: RedisServer, publ
     assert pub.stats()["queued"] == 50
     pub.set_status("lobby", {"state": "up"})
     time.sleep(0.5)  # a few failed attempts that carried the status: it must survive them
+    stats_before = pub.stats()
+    assert stats_before["failing"] and stats_before["failing_since"] > time.time() - 5
     redis_server.start()
     assert pub.flush(timeout=10)
     client = redis_server.client()
@@ -308,12 +311,18 @@ def test_overflow_keeps_newest_and_reports_drops(redis_server: RedisServer, publ
         frames = [m["frame"] for m in stream_json(client, keys("hv").detections(c))]
         assert frames == sorted(frames)
     events = stream_json(client, keys("hv").events)
-    assert events == [{"v": 1, "type": "publisher_dropped", "camera": expected_camera, "ts": events[0]["ts"],
-                       "dropped": 150}]
-    validate(events[0], "event")
+    for e in events:
+        validate(e, "event")
+    assert [e["type"] for e in events] == ["publisher_error", "publisher_dropped"]
+    assert events[1] == {"v": 1, "type": "publisher_dropped", "camera": expected_camera, "ts": events[1]["ts"],
+                         "dropped": 150}
+    assert events[0]["camera"] == expected_camera and events[0]["reason"].startswith("ConnectionError")
+    assert events[0]["duration_s"] >= 0.5
     assert client.hgetall(keys("hv").cameras) == {b"lobby": b'{"state":"up"}'}
     stats = pub.stats()
     assert stats["dropped"] == 150 and stats["queued"] == 0 and stats["sent"] == 1 + 50
+    assert not stats["failing"] and stats["failing_since"] is None
+    assert events[0]["retries"] == stats["retries"] >= stats_before["retries"]  # one episode: all the retries
 
 
 @pytest.mark.parametrize("outage", ["killed", "paused"])
@@ -365,7 +374,7 @@ def test_errors_never_show_the_password(password_server: RedisServer, publisher,
         def fail(self, *args, **kwargs):
             raise redis.ConnectionError(f"cannot reach {url}")
 
-        monkeypatch.setattr(redis.client.Pipeline, "execute", fail)
+        monkeypatch.setattr(BatchWriter, "write", fail)
     pub = publisher(url)
     pub.publish_detections(det())
     assert not pub.flush(timeout=1.0)
@@ -403,3 +412,173 @@ def test_tls_url(publisher) -> None:
         pub.publish_detections(det())
         assert pub.flush()
         assert server.client().xlen(keys("hv").detections("lobby")) == 1
+
+
+# --- Redis out of memory or frozen (issue 12) -----------------------------------------------------------
+
+@pytest.fixture
+def debug_redis() -> Iterator[RedisServer]:
+    """A redis-server that accepts DEBUG from loopback (Redis 7 refuses it by default)."""
+    require_binary("redis-server")
+    with RedisServer(extra_args=["--enable-debug-command", "local"]) as server:
+        yield server
+
+
+def stream_memory(client, messages: list[dict]) -> int:
+    """Bytes Redis needs to hold these messages as stream entries (measured on a scratch key, then freed)."""
+    before = client.info("memory")["used_memory"]
+    pipe = client.pipeline(transaction=False)
+    for m in messages:
+        pipe.xadd("scratch", {"data": encode(m)})
+    pipe.execute()
+    used = client.info("memory")["used_memory"] - before
+    client.delete("scratch")
+    return used
+
+
+def frames_of(client, camera: str = "lobby") -> list[int]:
+    return [m["frame"] for m in stream_json(client, keys("hv").detections(camera))]
+
+
+@pytest.mark.timeout(60)
+def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(redis_server: RedisServer, publisher) -> None:
+    """Issue 12: with maxmemory reached mid-batch, a pipeline was partly applied, then sent again whole."""
+    client = redis_server.client()
+    messages = [det(frame=i, n=3) for i in range(2000)]
+    # The limit is what Redis uses now plus the room of 1250 stored messages, 2.5 batches (MAX_BATCH is 500):
+    # the old pipeline crossed it inside its third batch. A script call's arguments take about as much memory
+    # as the entries it writes, so the script's second batch is refused whole.
+    room = stream_memory(client, messages[:1250])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + room)
+    pub = publisher(redis_server.url, start=False)
+    for m in messages[:1500]:
+        pub.publish_detections(m)
+    pub.start()
+    wait_until(lambda: "OutOfMemoryError" in (pub.stats()["last_error"] or "") and pub.stats()["retries"] >= 3,
+               timeout=10)
+    for m in messages[1500:]:  # kept while Redis refuses
+        pub.publish_detections(m)
+    before_limit = frames_of(client)
+    client.config_set("maxmemory", 0)
+    assert pub.flush(timeout=10)
+    frames = frames_of(client)
+    stats = pub.stats()
+    print(f"out of memory after {len(before_limit)} of 2000 messages; then {stats['retries']} refused "
+          f"attempts; finally {len(frames)} in the stream, {stats['dropped']} dropped")
+    assert before_limit == list(range(len(before_limit))) and 0 < len(before_limit) < 1500
+    assert frames == list(range(2000))  # the old pipeline gave 0..~1200, then 1000.. again
+    assert stats["sent"] == 2000 and stats["dropped"] == stats["rejected"] == 0 and stats["queued"] == 0
+    errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
+    assert len(errors) == 1 and errors[0]["reason"].startswith("OutOfMemoryError: command not allowed")
+    assert errors[0]["retries"] == stats["retries"] and errors[0]["camera"] == "lobby"
+    validate(errors[0], "event")
+
+
+def test_camera_status_is_written_while_redis_is_out_of_memory(redis_server: RedisServer, publisher) -> None:
+    client, k = redis_server.client(), keys("hv")
+    pub = publisher(redis_server.url)
+    pub.publish_detections(det(frame=0))
+    assert pub.flush()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # any write that needs memory is refused from now on
+    pub.publish_detections(det(frame=1))
+    wait_until(lambda: pub.stats()["failing"])
+    stats = pub.stats()
+    pub.set_status("lobby", {"state": "up", "publisher": {f: stats[f] for f in ("failing", "failing_since",
+                                                                                 "last_error")}})
+    wait_until(lambda: client.hget(k.cameras, "lobby"))
+    status = json.loads(client.hget(k.cameras, "lobby"))["publisher"]
+    assert status["failing"] and status["failing_since"] <= time.time()
+    assert status["last_error"].startswith("OutOfMemoryError")
+    assert frames_of(client) == [0] and pub.stats()["failing"]  # the message still waits
+    client.config_set("maxmemory", 0)
+    assert pub.flush()
+    assert frames_of(client) == [0, 1] and not pub.stats()["failing"]
+
+
+@pytest.mark.timeout(60)
+def test_frozen_redis_neither_duplicates_nor_loses(debug_redis: RedisServer, publisher) -> None:
+    """Issue 12: a send whose reply timed out on a frozen Redis (DEBUG SLEEP) is applied when it wakes up;
+    sending it again wrote it twice."""
+    pub = publisher(debug_redis.url)  # socket timeout 0.5 s: shorter than the freeze
+    stop, published = threading.Event(), [0]
+
+    def produce() -> None:  # a camera at ~100 fps
+        while not stop.is_set():
+            pub.publish_detections(det(frame=published[0]))
+            published[0] += 1
+            time.sleep(0.01)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_until(lambda: pub.stats()["sent"] >= 20)
+        with debug_redis.client(socket_timeout=30) as client:
+            client.execute_command("DEBUG", "SLEEP", 3)
+        at_wake = published[0]
+        wait_until(lambda: pub.stats()["retries"] >= 1 and pub.stats()["connected"]
+                   and pub.stats()["sent"] >= at_wake, timeout=15)
+    finally:
+        stop.set()
+        producer.join()
+    assert pub.flush(timeout=10)
+    client = debug_redis.client()
+    frames, stats = frames_of(client), pub.stats()
+    print(f"frozen 3 s: {published[0]} published, {len(frames)} in the stream, {stats['retries']} failed "
+          f"attempts, {stats['dropped']} dropped")
+    assert frames == list(range(published[0]))  # the old pipeline repeated the batch sent during the freeze
+    assert stats["dropped"] == 0 and stats["retries"] >= 1
+    errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
+    assert len(errors) == 1 and errors[0]["reason"].startswith("TimeoutError")
+    assert errors[0]["duration_s"] >= 2.7  # from the send that began during the 3 s freeze, not 0.5 s later
+
+
+class _Msg(NamedTuple):
+    seq: int
+    stream: str
+    live: str | None
+    data: str
+
+
+def test_batch_script_skips_what_it_applied_and_refuses_older_sends(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    writer = BatchWriter(client, "hv:publisher:test", "hv:cameras", maxlen=100)
+    msgs = [_Msg(seq, "hv:s", None, f"m{seq}") for seq in range(1, 6)]
+    assert writer.write(trip=2, entries=msgs[:3], statuses={"c": "up"}) == (0, [], [])
+    # the same messages again, and newer ones: only the newer ones are written
+    assert writer.write(trip=3, entries=msgs[1:], statuses={}) == (3, [], [])
+    with pytest.raises(StaleWrite):  # an older send that reached Redis late: nothing of it is applied
+        writer.write(trip=1, entries=msgs[:1], statuses={"c": "stale"})
+    assert [f[b"data"] for _, f in client.xrange("hv:s")] == [b"m1", b"m2", b"m3", b"m4", b"m5"]
+    assert client.hgetall("hv:cameras") == {b"c": b"up"}
+    assert 86_000 < client.ttl("hv:publisher:test") <= 86_400
+
+
+@pytest.mark.timeout(60)
+def test_frozen_redis_with_a_full_buffer_counts_each_message_once(debug_redis: RedisServer, publisher) -> None:
+    """The send in flight when Redis froze is applied when it wakes; its messages, dropped from the full
+    buffer meanwhile, count as sent, and every other message as sent or dropped: never both."""
+    pub = publisher(debug_redis.url, buffer=50)
+    for i in range(10):
+        pub.publish_detections(det(frame=i))
+    assert pub.flush()
+    published = 10
+    with debug_redis.client(socket_timeout=30) as client:
+        client.execute_command("DEBUG", "SLEEP", 0)  # the command works: DEBUG is enabled
+        frozen = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", 3))
+        frozen.start()
+        while frozen.is_alive():  # ~100 fps all through the freeze: the buffer of 50 overflows
+            pub.publish_detections(det(frame=published))
+            published += 1
+            time.sleep(0.01)
+        frozen.join()
+    assert pub.flush(timeout=15)
+    client = debug_redis.client()
+    frames, stats = frames_of(client), pub.stats()
+    reported = sum(e["dropped"] for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_dropped")
+    print(f"frozen 3 s with a buffer of 50: {published} published, {len(frames)} in the stream, "
+          f"{stats['dropped']} dropped (reported {reported}), {stats['sent']} sent")
+    assert all(b > a for a, b in zip(frames, frames[1:]))
+    assert stats["dropped"] > 0 and len(frames) == stats["sent"] == published - stats["dropped"]
+    assert reported == stats["dropped"]

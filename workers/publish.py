@@ -1,16 +1,21 @@
 """Versioned JSON messages (schema v1, see DESIGN.md "Redis output") and the Publisher that writes them to Redis.
 
-Delivery guarantees of Publisher, per process:
+Delivery guarantees of one Publisher instance (a restarted StreamActor has a new one):
 - Order: messages reach Redis in the order publish_* was called, also across outages (one FIFO queue, one
   writer thread, and a batch is retried from its first message).
-- At-least-once: if a pipeline fails after Redis applied part of it (e.g. a socket timeout on the reply), the
-  whole batch is sent again, so consumers may see a message twice (same `camera`/`frame`, or same event
-  fields and `ts`); dedupe on those if it matters. A message Redis itself rejects for good (e.g. WRONGTYPE on
-  the key) is lost and counted in stats()["rejected"], as retrying cannot fix it and would block the rest.
+- Exactly once: each batch is one Lua script call (workers/redis_writer.py) that Redis runs whole or not at
+  all (out of memory refuses the whole call), and that skips what this instance already wrote, so a batch
+  sent again after a lost reply (a socket timeout on a frozen Redis) writes nothing twice. Every message
+  ends in exactly one of stats()["sent"], ["rejected"] (Redis refused it for good, e.g. WRONGTYPE on its
+  key: retrying cannot fix that and would block the rest), ["dropped"] or ["queued"]. Not covered: a
+  Redis that loses what it acknowledged (a restart without persistence, a failover to a lagging replica).
 - Bounded: at most `buffer` detection+event messages wait; when full the OLDEST is dropped and counted. Once
   the backlog is delivered, a `publisher_dropped` event says how many were lost. Its camera is the camera of
-  all dropped messages, or "*" if they came from several. Camera status is not buffered: the latest value
-  per camera wins.
+  all dropped messages, or "*" if they came from several. A message dropped after a send that may have
+  reached Redis is counted once the next write tells whether it did (at close, as dropped). Camera status is
+  not buffered: the latest value per camera wins, and it is written even while Redis is out of memory.
+- Failures are visible: stats() has failing / failing_since / last_error while writes fail, and when they
+  succeed again one `publisher_error` event gives the first error (redacted), duration_s and retries.
 - publish_*/set_status never block on Redis: they encode JSON and append under a lock held only for
   microseconds; all I/O happens in a daemon thread.
 """
@@ -20,10 +25,11 @@ import itertools
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -33,6 +39,7 @@ from redis.backoff import FullJitterBackoff
 from redis.retry import Retry
 
 from workers.redact import redact_text
+from workers.redis_writer import BatchWriter, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +47,11 @@ SCHEMA_VERSION = 1
 EVENT_TYPES = (
     "track_started", "track_ended", "line_crossed", "zone_entered", "zone_left",
     "stream_up", "stream_down", "stream_reconnecting", "camera_added", "camera_removed",
-    "publisher_dropped", "worker_restarted",
+    "publisher_dropped", "worker_restarted", "publisher_error",
 )
 MAX_BATCH = 500  # messages per pipeline: one round trip, yet small enough that a retry is cheap
 ALL_CAMERAS = "*"
 IDLE_PING_S = 10.0  # with nothing to send, check the connection this often
-# Error replies that mean "try again later" (full memory, failover, loading, an ACL being fixed) rather than
-# "this command can never succeed". redis-py strips these codes from the text and maps them to classes.
-_TRANSIENT_ERRORS = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
-                     redis.exceptions.BusyLoadingError, redis.exceptions.TryAgainError,
-                     redis.exceptions.MasterDownError, redis.exceptions.ClusterDownError,
-                     redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError)
 SchemaKind = Literal["detection", "event"]
 
 
@@ -145,6 +146,10 @@ class Keys:
     def cameras(self) -> str:
         return f"{self.prefix}:cameras"
 
+    def publisher(self, publisher_id: str) -> str:
+        """Hash of one Publisher's last applied seq and trip (workers/redis_writer.py); expires after a day."""
+        return f"{self.prefix}:publisher:{publisher_id}"
+
 
 def keys(prefix: str) -> Keys:
     return Keys(prefix)
@@ -158,6 +163,17 @@ class _Entry(NamedTuple):
     stream: str
     live: str | None  # channel for detection messages, None for events
     data: str
+    own: dict[str, int] | None = None  # set for the Publisher's own events; a drop report holds its counts
+
+
+@dataclass
+class _Episode:
+    """A run of failed writes, from the first failure to the next success."""
+    since: float  # unix seconds when the first failed attempt began
+    start: float  # the same, monotonic
+    reason: str  # the first error, redacted
+    failures: int = 0
+    cameras: set[str] = field(default_factory=set)
 
 
 class Publisher:
@@ -178,15 +194,18 @@ class Publisher:
                 **redis_kwargs)
         except ValueError as exc:
             raise ValueError(self._redact(str(exc))) from None
+        self.id = secrets.token_hex(8)  # names this instance's dedup state in Redis (workers/redis_writer.py)
+        self._writer = BatchWriter(self._client, self.keys.publisher(self.id), self.keys.cameras, maxlen)
         self._backoff = FullJitterBackoff(cap=max_backoff_s, base=0.05)
         self._cond = threading.Condition()  # guards everything below; never held during I/O
         self._queue: deque[_Entry] = deque()
         self._status: dict[str, str | None] = {}  # camera -> JSON, or None to delete
         self._status_gen = self._status_done = 0
-        self._seq = self._acked = 0
-        self._inflight_max = 0  # highest seq of the batch being sent, 0 when none
-        self._dropped_inflight: list[str] = []  # cameras of in-flight entries dropped meanwhile
+        self._seq = self._acked = self._own_seq = self._trip = 0
+        self._sent_max = 0  # highest seq any send carried: an entry dropped at or below it may be in Redis
+        self._undecided: list[_Entry] = []  # such entries, until the next write tells which reached Redis
         self._unreported: dict[str, int] = {}  # camera -> drops not yet announced by publisher_dropped
+        self._episode: _Episode | None = None
         self._stats = {"sent": 0, "dropped": 0, "rejected": 0, "retries": 0, "reconnects": 0,
                        "round_trips": 0}
         self._connected, self._last_error = False, None
@@ -233,15 +252,31 @@ class Publisher:
             if self._closed:
                 self._drop(camera)  # a late publish during shutdown is counted, not raised
                 return
-            self._seq += 1
-            self._queue.append(_Entry(self._seq, camera, stream, live, data))
-            while len(self._queue) > self.buffer:
-                oldest = self._queue.popleft()
-                if oldest.seq <= self._inflight_max:  # its fate depends on the send now in progress
-                    self._dropped_inflight.append(oldest.camera)
-                else:
-                    self._drop(oldest.camera)
-            self._cond.notify()
+            self._append(camera, stream, live, data)
+
+    def _append(self, camera: str, stream: str, live: str | None, data: str,
+                own: dict[str, int] | None = None) -> None:
+        self._seq += 1
+        self._queue.append(_Entry(self._seq, camera, stream, live, data, own))
+        while len(self._queue) > self.buffer:
+            oldest = self._queue.popleft()
+            if oldest.seq <= self._sent_max:  # a send that may have reached Redis carried it
+                self._undecided.append(oldest)
+            else:
+                self._lost(oldest)
+        self._cond.notify()
+
+    def _publish_own(self, event: dict, drops: dict[str, int] | None = None) -> None:
+        """Queue one of the Publisher's own events; flush() waits for it too. Call with the lock held."""
+        self._append(event["camera"], self.keys.events, None, encode(event), drops or {})
+        self._own_seq = self._seq
+
+    def _lost(self, entry: _Entry) -> None:
+        if entry.own is None:
+            self._drop(entry.camera)
+            return
+        for camera, count in entry.own.items():  # a lost drop report: its drops go into the next one
+            self._unreported[camera] = self._unreported.get(camera, 0) + count
 
     def _drop(self, camera: str) -> None:
         self._stats["dropped"] += 1
@@ -249,11 +284,12 @@ class Publisher:
 
     # --- flushing and shutdown
     def flush(self, timeout: float = 5.0) -> bool:
-        """True when everything queued before this call has reached Redis (or was dropped, see stats)."""
+        """True when everything queued before this call has reached Redis (or was dropped, see stats), and so
+        have the publisher_dropped / publisher_error events that the delivery itself caused."""
         with self._cond:
             target, status_target = self._seq, self._status_gen
             return self._cond.wait_for(  # no writer thread (not started, or closed): nothing will change
-                lambda: self._acked >= target and self._status_done >= status_target,
+                lambda: self._acked >= max(target, self._own_seq) and self._status_done >= status_target,
                 timeout if self._thread.is_alive() else 0)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -276,8 +312,12 @@ class Publisher:
             self._client.close()
 
     def stats(self) -> dict:
+        """Counters, plus what a camera status needs: failing (writes fail now), failing_since (unix seconds of
+        the first failure of this episode, else None), last_error (redacted; kept after recovery)."""
         with self._cond:
             return {**self._stats, "connected": self._connected, "last_error": self._last_error,
+                    "failing": self._episode is not None,
+                    "failing_since": self._episode.since if self._episode else None,
                     "queued": len(self._queue), "statuses_pending": len(self._status)}
 
     # --- the writer thread
@@ -292,99 +332,122 @@ class Publisher:
                 batch = list(itertools.islice(self._queue, MAX_BATCH))
                 statuses, status_gen = dict(self._status), self._status_gen
                 self._status.clear()
-                self._inflight_max = batch[-1].seq if batch else 0
-                # Announce drops with the batch that empties the backlog: after what was kept, same trip.
-                report = dict(self._unreported) if len(batch) == len(self._queue) else {}
-                idle = not (batch or statuses or report)
+                drained = len(batch) == len(self._queue)  # after this batch, the backlog is delivered
+                self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
+                self._trip += 1
+                trip, idle = self._trip, not (batch or statuses)
             # When idle, a PING now and then keeps stats()["connected"] true to what a send would find.
             if idle and self._connected and time.monotonic() - last_ok < IDLE_PING_S:
                 continue
+            began = time.monotonic()
             try:
-                rejected = self._send(batch, statuses, report)
+                result = None if idle else self._writer.write(trip, batch, statuses)
+                if idle:
+                    self._writer.ping()
             except Exception as exc:  # noqa: BLE001 - any failure means "retry later"; the thread must not die
                 failures += 1
-                self._failed(exc, statuses, failures)
+                left = statuses
+                if statuses and isinstance(exc, redis.exceptions.OutOfMemoryError):
+                    left = self._write_statuses_despite_oom(statuses)
+                self._failed(exc, began, batch, statuses, left, status_gen)
                 self._stop.wait(self._backoff.compute(failures))
                 continue
             failures, last_ok = 0, time.monotonic()
-            self._succeeded(batch, rejected, status_gen, report)
+            self._succeeded(batch, result, status_gen, drained)
         with self._cond:
             self._connected = False
+            for entry in self._undecided:  # never to be known: count them lost rather than claim them sent
+                self._lost(entry)
+            self._undecided.clear()
         self._client.close()
 
-    def _send(self, batch: Sequence[_Entry], statuses: dict[str, str | None], report: dict[str, int]) -> int:
-        """One pipelined round trip for the whole batch; returns how many entries Redis rejected for good."""
-        pipe = self._client.pipeline(transaction=False)
-        owner: list[int] = []  # command index -> batch index, to map a failed reply back to its message
-        for i, e in enumerate(batch):
-            pipe.xadd(e.stream, {"data": e.data}, maxlen=self.maxlen, approximate=True)
-            owner.append(i)
-            if e.live is not None:
-                pipe.publish(e.live, e.data)
-                owner.append(i)
-        if report:
-            camera = next(iter(report)) if len(report) == 1 else ALL_CAMERAS
-            event = event_message("publisher_dropped", camera, dropped=sum(report.values()))
-            pipe.xadd(self.keys.events, {"data": encode(event)}, maxlen=self.maxlen, approximate=True)
-        sets = {cam: data for cam, data in statuses.items() if data is not None}
-        if sets:
-            pipe.hset(self.keys.cameras, mapping=sets)
-        if deletes := [cam for cam, data in statuses.items() if data is None]:
-            pipe.hdel(self.keys.cameras, *deletes)
-        if not len(pipe):
-            pipe.ping()
-        replies = pipe.execute(raise_on_error=False)
+    def _write_statuses_despite_oom(self, statuses: dict[str, str | None]) -> dict[str, str | None]:
+        """Redis is out of memory: write the statuses alone (they say why nothing else arrives). Returns
+        those still to write: none, or all of them if this failed too."""
+        with self._cond:
+            self._trip += 1
+            trip = self._trip
+        try:
+            errors = self._writer.write_statuses(trip, statuses)
+        except Exception as exc:  # noqa: BLE001 - they stay pending, like the batch
+            log.debug("camera statuses not written either: %s", self._redact(f"{type(exc).__name__}: {exc}"))
+            return statuses
+        if errors:
+            log.error("Redis rejected a camera status write: %s", self._redact(errors[0]))
+        return {}
+
+    def _succeeded(self, batch: Sequence[_Entry], result: WriteResult | None, status_gen: int,
+                   drained: bool) -> None:
         with self._cond:
             self._stats["round_trips"] += 1
-        errors = [(i, r) for i, r in enumerate(replies) if isinstance(r, redis.ResponseError)]
-        if not errors:
-            return 0
-        texts = [self._redact(f"{type(reply).__name__}: {reply}") for _, reply in errors]
-        for _, reply in errors:
-            if isinstance(reply, _TRANSIENT_ERRORS) or str(reply).startswith("BUSY "):
-                raise reply  # the whole batch is tried again
-        # Permanent (wrong key type, bad argument): retrying cannot help and would block everything behind
-        # it, so those messages (or that status write) are lost, counted and logged.
-        rejected = {owner[i] for i, _ in errors if i < len(owner)}
-        with self._cond:
-            self._last_error = texts[0]
-        log.error("Redis rejected %d message(s) and %d other write(s) of a batch: %s",
-                  len(rejected), sum(i >= len(owner) for i, _ in errors), texts[0])
-        return len(rejected)
-
-    def _succeeded(self, batch: Sequence[_Entry], rejected: int, status_gen: int, report: dict[str, int]) -> None:
-        with self._cond:
             if not self._connected and self._stats["retries"]:
                 self._stats["reconnects"] += 1
                 log.warning("publisher reconnected to Redis")
             self._connected = True
-            if batch:
-                while self._queue and self._queue[0].seq <= batch[-1].seq:
-                    self._queue.popleft()
-                self._stats["sent"] += len(batch) - rejected
-                self._stats["rejected"] += rejected
-                self._acked = max(self._acked, batch[-1].seq)
-            self._dropped_inflight.clear()  # they were sent after all
-            self._inflight_max = 0
-            for camera, count in report.items():  # drops that came during this send stay unreported
-                left = self._unreported.pop(camera, 0) - count
-                if left > 0:
-                    self._unreported[camera] = left
+            if result is not None:
+                self._settle(batch, result)
             self._status_done = max(self._status_done, status_gen)
+            if self._episode is not None:
+                self._end_episode()
+            if drained and self._unreported:  # announce drops after what was kept
+                report, self._unreported = self._unreported, {}
+                camera = next(iter(report)) if len(report) == 1 else ALL_CAMERAS
+                self._publish_own(event_message("publisher_dropped", camera, dropped=sum(report.values())), report)
             self._cond.notify_all()
 
-    def _failed(self, exc: Exception, statuses: dict[str, str | None], failures: int) -> None:
+    def _settle(self, batch: Sequence[_Entry], result: WriteResult) -> None:
+        """Count a written batch, and decide the fate of entries dropped after an earlier send carried them."""
+        rejected = {i for i, _ in result.rejected}
+        if batch:
+            while self._queue and self._queue[0].seq <= batch[-1].seq:
+                self._queue.popleft()
+            self._acked = max(self._acked, batch[-1].seq)
+            mine = [i not in rejected for i, e in enumerate(batch) if e.own is None]
+            self._stats["sent"] += sum(mine)
+            self._stats["rejected"] += len(mine) - sum(mine)
+        for entry in self._undecided:
+            if batch and batch[0].seq <= entry.seq <= batch[-1].seq:
+                continue  # this very send carried it: counted above
+            if entry.seq <= result.prior_seq:  # an earlier send reached Redis after all
+                self._stats["sent"] += int(entry.own is None)
+            else:  # no send applied it, and none older can now (they are stale): lost
+                self._lost(entry)
+        self._undecided.clear()
+        if result.rejected or result.errors:
+            # Permanent (wrong key type): retrying cannot help and would block everything behind it, so
+            # those messages are lost, counted and logged. A failed PUBLISH or status write is logged.
+            texts = [self._redact(t) for t in [r for _, r in result.rejected] + result.errors]
+            self._last_error = texts[0]
+            log.error("Redis rejected %d message(s) and %d other write(s) of a batch: %s",
+                      len(result.rejected), len(result.errors), texts[0])
+
+    def _end_episode(self) -> None:
+        episode, self._episode = self._episode, None
+        assert episode is not None
+        duration = round(time.monotonic() - episode.start, 3)
+        camera = next(iter(episode.cameras)) if len(episode.cameras) == 1 else ALL_CAMERAS
+        self._publish_own(event_message("publisher_error", camera, reason=episode.reason, duration_s=duration,
+                                        retries=episode.failures))
+        log.warning("publisher writes to Redis again after %.1f s and %d failed attempts (first error: %s)",
+                    duration, episode.failures, episode.reason)
+
+    def _failed(self, exc: Exception, began: float, batch: Sequence[_Entry], statuses: dict[str, str | None],
+                left: dict[str, str | None], status_gen: int) -> None:
+        """began: monotonic time the failed attempt started (a timeout is noticed seconds later)."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._cond:
-            for camera in self._dropped_inflight:  # dropped while in flight and the send failed: truly lost
-                self._drop(camera)
-            self._dropped_inflight.clear()
-            self._inflight_max = 0
-            for camera, data in statuses.items():  # put back unless a newer status came meanwhile
+            for camera, data in left.items():  # put back unless a newer status came meanwhile
                 self._status.setdefault(camera, data)
+            if statuses and not left:  # written despite the error (out of memory)
+                self._status_done = max(self._status_done, status_gen)
             self._stats["retries"] += 1
             was_connected, self._connected, self._last_error = self._connected, False, text
-        if was_connected or failures == 1:
+            first = self._episode is None
+            if first:
+                self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text)
+            self._episode.failures += 1
+            self._episode.cameras.update([e.camera for e in batch if e.own is None] + list(statuses))
+        if was_connected or first:
             log.warning("publisher cannot write to Redis (%s); keeping up to %d messages, retrying",
                         text, self.buffer)
 

@@ -1,0 +1,144 @@
+"""How a Publisher's batch reaches Redis: one Lua script call per batch, all-or-nothing and idempotent.
+
+Why a script and not a pipeline: Redis judges each command of a pipeline (even a MULTI/EXEC one for a
+socket timeout) on its own, so with `maxmemory` reached, or a reply lost to a socket timeout on a frozen
+server, part of a batch is applied and the retry writes it again (issue 12: duplicated and reordered
+frames). A script runs atomically, and one declared with a `#!lua` shebang and no `allow-oom` flag is
+refused as a whole, before it starts, when Redis is over `maxmemory` (checked on redis-server 7.0.15).
+Key ACLs are checked up front on the declared KEYS as well.
+
+Idempotence: each Publisher has a random id and a state hash `{prefix}:publisher:{id}` holding the highest
+entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or below `seq` are skipped, and
+a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
+a newer one, and the newer one carried everything it had (the queue is re-sent from its head, and
+statuses that failed are put back unless a newer one came). The hash expires a day after its last write.
+
+Errors inside a running script do not roll back what it wrote, so every write in it goes through
+redis.pcall: an entry whose XADD fails (WRONGTYPE on its key) is rejected for good and the batch goes on; a
+failed PUBLISH (pub/sub is best effort) or status write is reported.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Sequence
+
+import redis
+
+STATE_TTL_S = 86_400  # a send older than this cannot still be on its way
+
+# Status writes, shared by both scripts. ARGV from index `first` on: camera, status pairs ('' deletes).
+_STATUSES_LUA = """
+local function write_statuses(first)
+  local sets, dels, errors = {}, {}, {}
+  for j = first, #ARGV, 2 do
+    if ARGV[j + 1] == '' then dels[#dels + 1] = ARGV[j]
+    else sets[#sets + 1] = ARGV[j]; sets[#sets + 1] = ARGV[j + 1] end
+  end
+  if #sets > 0 then errors[#errors + 1] = failed(redis.pcall('HSET', KEYS[2], unpack(sets))) end
+  if #dels > 0 then errors[#errors + 1] = failed(redis.pcall('HDEL', KEYS[2], unpack(dels))) end
+  return errors
+end
+"""
+_COMMON_LUA = """
+local function failed(reply)
+  if type(reply) == 'table' and reply.err then return reply.err end
+  return nil
+end
+local state, trip = KEYS[1], tonumber(ARGV[1])
+local prior = tonumber(redis.call('HGET', state, 'seq') or '0')
+local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
+""" + _STATUSES_LUA
+
+# KEYS: state hash, camera status hash, then the stream of each entry.
+# ARGV: trip, maxlen, ttl_s, then seq, channel ('' = none), data per entry, then status pairs.
+BATCH_LUA = "#!lua\n" + _COMMON_LUA + """
+if stale then return {prior, 1, {}, {}, {}} end
+local applied, rejected, reasons, errors = prior, {}, {}, {}
+local n = #KEYS - 2
+for i = 1, n do
+  local seq, channel, data = tonumber(ARGV[3 * i + 1]), ARGV[3 * i + 2], ARGV[3 * i + 3]
+  if seq > applied then
+    local err = failed(redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV[2], '*', 'data', data))
+    if err then
+      rejected[#rejected + 1] = i - 1
+      reasons[#reasons + 1] = err
+    elseif channel ~= '' then
+      errors[#errors + 1] = failed(redis.pcall('PUBLISH', channel, data))
+    end
+    applied = seq
+  end
+end
+for _, err in ipairs(write_statuses(3 * n + 4)) do errors[#errors + 1] = err end
+redis.call('HSET', state, 'seq', applied, 'trip', trip)
+redis.call('EXPIRE', state, ARGV[3])
+return {prior, 0, rejected, reasons, errors}
+"""
+
+# Statuses only, allowed while Redis is out of memory: a status replaces its hash field, so it needs next to
+# no memory, and it is where operators look to learn why a camera's stream went quiet.
+# KEYS: state hash, camera status hash. ARGV: trip, ttl_s, then status pairs.
+STATUS_LUA = "#!lua flags=allow-oom\n" + _COMMON_LUA + """
+if stale then return {1, {}} end
+local errors = write_statuses(3)
+redis.call('HSET', state, 'trip', trip)
+redis.call('EXPIRE', state, ARGV[2])
+return {0, errors}
+"""
+
+
+class StreamEntry(Protocol):
+    seq: int  # increasing per Publisher
+    stream: str
+    live: str | None  # channel to PUBLISH the same data on, if any
+    data: str
+
+
+class WriteResult(NamedTuple):
+    prior_seq: int  # the highest seq this Publisher had applied before this call
+    rejected: list[tuple[int, str]]  # (index in the batch, error) of entries Redis refused for good
+    errors: list[str]  # other writes that failed: a PUBLISH, a status HSET/HDEL
+
+
+class StaleWrite(Exception):
+    """Redis already holds a newer send of this Publisher; only a clash of Publisher ids can cause this."""
+
+
+class BatchWriter:
+    """Writes batches for one Publisher id; one round trip per call once Redis has cached the script."""
+
+    def __init__(self, client: redis.Redis, state_key: str, cameras_key: str, maxlen: int) -> None:
+        self._client, self.state_key, self.cameras_key, self.maxlen = client, state_key, cameras_key, maxlen
+        # register_script sends EVALSHA and loads the script on NOSCRIPT (first call, or a restarted Redis).
+        self._batch = client.register_script(BATCH_LUA)
+        self._statuses = client.register_script(STATUS_LUA)
+
+    def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None]) -> WriteResult:
+        """XADD (+ PUBLISH) every entry not yet applied, then the statuses; raises what Redis refused it for."""
+        args: list[str | int] = [trip, self.maxlen, STATE_TTL_S]
+        for e in entries:
+            args += [e.seq, e.live or "", e.data]
+        reply = self._batch(keys=[self.state_key, self.cameras_key, *(e.stream for e in entries)],
+                            args=args + _status_args(statuses))
+        prior, stale, rejected, reasons, errors = reply
+        if stale:
+            raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
+        return WriteResult(int(prior), [(int(i), _text(r)) for i, r in zip(rejected, reasons)],
+                           [_text(e) for e in errors])
+
+    def write_statuses(self, trip: int, statuses: dict[str, str | None]) -> list[str]:
+        """Only the statuses, also while Redis is over maxmemory; returns the errors of writes that failed."""
+        stale, errors = self._statuses(keys=[self.state_key, self.cameras_key],
+                                       args=[trip, STATE_TTL_S, *_status_args(statuses)])
+        if stale:
+            raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
+        return [_text(e) for e in errors]
+
+    def ping(self) -> None:
+        self._client.ping()
+
+
+def _status_args(statuses: dict[str, str | None]) -> list[str]:
+    return [x for camera, data in statuses.items() for x in (camera, data or "")]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
