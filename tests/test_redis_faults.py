@@ -52,6 +52,8 @@ def test_four_cameras_keep_order_through_out_of_memory_and_a_freeze(ray_local, d
         wait_for(lambda: all(run.camera(cid).get("publisher", {}).get("failing") for cid in IDS), 30,
                  "every camera's publisher to fail for lack of memory")
         oom_status = {cid: run.camera(cid)["publisher"] for cid in IDS}
+        wait_for(lambda: all((run.camera(cid).get("redis_error") or "").startswith("OutOfMemoryError") for cid in IDS),
+                 10, "the camera status to name the Redis error")
         time.sleep(2.0)  # the outage itself: cameras keep publishing into their buffers
         client.config_set("maxmemory", 0)
         oom = wait_for(lambda: (e := publisher_errors(client, t_oom, "OutOfMemoryError")).keys() >= set(IDS) and e,

@@ -230,7 +230,7 @@ class CameraPipeline:
 
     STATUS_FIELDS = ("state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded",
                      "published", "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next",
-                     "redis_error")
+                     "redis_error", "redis_failing_since")
 
     def publish_status(self) -> None:
         """The camera's entry in {prefix}:cameras. ``heartbeat_ts`` and ``instance`` let readers tell a live
@@ -269,7 +269,8 @@ class CameraPipeline:
             "last_error": self.last_error,
             "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
             # Why messages are not reaching Redis right now (out of memory, unreachable, ...), else None.
-            "redis_error": None if pub.get("connected", True) else pub.get("last_error"),
+            "redis_error": pub.get("last_error") if pub.get("failing") else None,
+            "redis_failing_since": pub.get("failing_since"),
         }
 
 
