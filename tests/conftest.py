@@ -78,3 +78,18 @@ def ray_local() -> Iterator[None]:
              _system_config=RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def machine(request, tiny_checkpoint):
+    """How fast this machine runs the demo and tiny models (tests/machine.py), measured once per session;
+    tests size their frame rates and deadlines from it. The figures are printed with the test output."""
+    from machine import measure
+
+    demo = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+    figures = measure(demo, tiny_checkpoint)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"machine: {figures}")
+    return figures
