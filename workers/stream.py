@@ -249,9 +249,10 @@ class CameraPipeline:
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
             state = "reconnecting" if cap.state == "crashed" else cap.state
-        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "pending": 0}
+        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "abandoned": 0,
+                                             "pending": 0}
         dropped = {"rate": snap["dropped_rate"], "overload": snap["replaced"], "error": self.dropped_error,
-                   "shutdown": self.shutdown_held + self.shutdown_inflight}
+                   "shutdown": self.shutdown_held + self.shutdown_inflight + snap["abandoned"]}
         decoded = snap["decoded"]
         pub = self.publisher.stats()
         return {
@@ -288,8 +289,10 @@ class StreamActor:
                  instance: str | None = None):
         """``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.camera, self.inference, self.model_info, self.redis = camera, inference, model_info, redis
-        self.instance = instance
+        # Validated once more where they arrive: a model passes through unchanged, a dict is checked.
+        self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
+        self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
+        self.inference, self.model_info, self.instance = inference, model_info, instance
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
         self.publisher: Publisher | None = None
