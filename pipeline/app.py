@@ -305,6 +305,7 @@ class App(LiveControl):
 
     # -- stop --------------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float = 20.0) -> list[dict]:
+        self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
         refs = {cid: h.actor.stop.remote(drain=drain) for cid, h in self.cameras.items()}

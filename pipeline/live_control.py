@@ -143,7 +143,12 @@ class LiveControl:
             self._release(cam.id)
         handle.added_by = by
         with self._lock:
-            self.cameras[cam.id] = handle
+            stopping = self._stop.is_set()
+            if not stopping:
+                self.cameras[cam.id] = handle
+        if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
+            ray.kill(handle.actor, no_restart=True)
+            raise CommandRejected("the service is shutting down", 503)
         self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
 

@@ -83,13 +83,17 @@ def json_worker_logs() -> bool:
     public API: when it is missing, Ray's own printing stays and False is returned."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import filter_autoscaler_events
     except ImportError:
         return False
 
     def emit(batch: dict) -> None:
-        who = batch.get("actor_name") or batch.get("task_name") or "ray-worker"
+        lines = batch.get("lines", [])
+        if batch.get("pid") == "autoscaler":  # cluster status every few seconds: only its events, as Ray does
+            lines = list(filter_autoscaler_events(lines))
+        who = batch.get("actor_name") or batch.get("task_name") or batch.get("pid") or "ray-worker"
         stream = "stderr" if batch.get("is_err") else "stdout"
-        for line in batch.get("lines", []):
+        for line in lines:
             m = _WORKER_LEVEL.match(line)
             level = m.group(1).lower() if m else ("warning" if stream == "stderr" else "info")
             record = {"ts": round(time.time(), 3), "level": level, "logger": f"ray.worker.{who}",
