@@ -69,7 +69,8 @@ def merge_changes(current: CameraConfig, changes: Any) -> CameraConfig:
         raise CommandRejected(f"camera.id: cannot change (remove {current.id!r} and add a camera instead)")
     merged = current.model_dump()
     for field, value in changes.items():  # a nested object (tracker) is changed field by field too
-        merged[field] = {**merged[field], **value} if isinstance(merged.get(field), dict) and isinstance(value, dict) else value
+        nested = isinstance(merged.get(field), dict) and isinstance(value, dict)
+        merged[field] = {**merged[field], **value} if nested else value
     urls = [current.url] + ([changes["url"]] if isinstance(changes.get("url"), str) else [])
     return _validated(merged, urls)
 

@@ -38,11 +38,12 @@ def add_parser(sub: Any) -> None:
     output.add_argument("--json", dest="as_json", action="store_true", help="print the service's answer as JSON")
 
     fields = argparse.ArgumentParser(add_help=False)
-    fields.add_argument("--url", help="rtsp://..., a file under the service's media roots, /dev/videoN, synthetic://...")
+    fields.add_argument("--url", help="rtsp://..., a file under the media roots, /dev/videoN, synthetic://...")
     fields.add_argument("--fps", type=float, help="frames per second to analyse")
     fields.add_argument("--heads", type=lambda t: [h.strip() for h in t.split(",") if h.strip()],
                         metavar="A,B", help="heads to run (default: all)")
-    fields.add_argument("--json", dest="camera_json", metavar="JSON", help="the camera (or the changes) as a JSON object")
+    fields.add_argument("--json", dest="camera_json", metavar="JSON",
+                        help="the camera (or the changes) as a JSON object")
     fields.add_argument("--yaml", type=Path, metavar="FILE", help="the camera as YAML ('-': stdin)")
 
     c = sub.add_parser("cameras", help="list, add, update, remove or export the cameras of a running service")

@@ -71,7 +71,8 @@ class ApiConfig(Strict):
     port: int | None = Field(None, ge=0, le=65535,
                              description="HTTP API port; None: no HTTP API; 0: a free port (printed at start)")
     tokens: dict[str, str] = Field(default_factory=dict, description=(
-        "bearer tokens by name, e.g. {ops: ${HV_OPS_TOKEN}}; the name is recorded as who sent a command. "
+        "bearer tokens by name, e.g. {ops: ${HV_OPS_TOKEN}}; the name is recorded as who sent a command; "
+        "an empty one (${VAR:-} unset) is no token. "
         f"${API_TOKEN_ENV}, when set, adds a token named 'env'. With any token, every request needs one"))
     media_roots: list[str] = Field(default_factory=list, description=(
         "folders whose files a camera added at run time may read (symlinks resolved); none: no files"))
@@ -82,6 +83,7 @@ class ApiConfig(Strict):
     @field_validator("tokens")
     @classmethod
     def _tokens(cls, v: dict[str, str]) -> dict[str, str]:
+        v = {name: token for name, token in v.items() if token}  # ${VAR:-} left empty: no such token
         for name, token in v.items():
             if not re.match(r"^[A-Za-z0-9_.-]{1,32}$", name):
                 raise ValueError(f"token name {name!r}: 1-32 letters, digits, '_', '-' or '.'")

@@ -4,11 +4,12 @@
 
 Each command is answered on ``{prefix}:control:results`` (field ``data``, JSON): ``status`` accepted or
 rejected, ``reason`` naming the field, the command's stream ``command`` id and its ``request_id``, ``by``.
-Commands are read through a consumer group, and each one's result is written and the command acknowledged
-and deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC: a command is applied once, also across a controller restart (the group remembers what it
-acknowledged; a command a crashed controller took but never acknowledged is applied by the next one, as the
-cameras it started died with it). Commands sent while no controller runs wait for the next one, unless
-they carry ``expires`` (unix seconds): `hydravision cameras` sets it to its own timeout.
+Commands are read through a consumer group; each one's result is written and the command acknowledged and
+deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC. So a command is applied once,
+also across a controller restart: the group remembers what it acknowledged, and a command a crashed
+controller took but never acknowledged is applied by the next one (the cameras it started died with it).
+Commands sent while no controller runs wait for the next one, unless they carry ``expires`` (unix
+seconds): `hydravision cameras` sets it to its own timeout.
 
 Who may send commands is Redis's to decide (ACLs on the key); ``user`` is declared by the sender (the
 CLI sends its ``ACL WHOAMI``) and recorded as ``by: redis:<user>`` in the result and the audit event.

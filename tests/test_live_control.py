@@ -172,7 +172,8 @@ def test_bad_and_hostile_commands_are_rejected_naming_the_field_and_change_nothi
             ({"op": "add"}, "data.camera: required for op 'add'"),
             ({"op": "remove", "id": "ghost"}, "camera.id: no camera 'ghost' is running"),
             ({"op": "add", "camera": {"id": "x", "url": own_redis}}, "camera.url: localhost:"),
-            ({"op": "update", "id": "steady", "changes": {"fps": "fast"}}, "camera.fps: Input should be a valid number"),
+            ({"op": "update", "id": "steady", "changes": {"fps": "fast"}},
+             "camera.fps: Input should be a valid number"),
             ({"op": "add", "camera": cam("late", 4), "expires": time.time() - 5}, "data.expires: the command expired"),
         ]
         for i, (data, reason) in enumerate(redis_cases):
