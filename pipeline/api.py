@@ -138,9 +138,24 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     return api
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound at once: a port in use fails before anything starts, and port 0
+    gets a free port. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"api: cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 class ApiServer:
-    """uvicorn serving an app in a daemon thread, on a socket bound before the thread starts (so that a port
-    in use fails at start, and port 0 gets a free port that ``port`` then tells)."""
+    """uvicorn serving an app in a daemon thread, on a socket from ``bind``."""
 
     def __init__(self, app: FastAPI):
         self.app = app
@@ -148,18 +163,9 @@ class ApiServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, host: str, port: int, timeout_s: float = 10.0) -> "ApiServer":
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            from pipeline.config import ConfigError
-
-            raise ConfigError(f"api: cannot listen on {host}:{port}: {e.strerror}") from None
-        self.host, self.port = host, sock.getsockname()[1]
+    def start(self, sock: socket.socket, timeout_s: float = 10.0) -> "ApiServer":
+        host, self.port = sock.getsockname()[:2]
+        self.host = host
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
@@ -170,7 +176,7 @@ class ApiServer:
         while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self._server.started:
-            raise RuntimeError(f"the HTTP API did not start on {host}:{self.port} within {timeout_s:g} s")
+            raise RuntimeError(f"the HTTP API did not start on {self.url} within {timeout_s:g} s")
         return self
 
     @property

@@ -71,6 +71,7 @@ class App(LiveControl):
     on_ray_started: Callable[[], None] | None = None  # e.g. route Ray's worker output (pipeline/logs.py)
     api_server: Any = None  # pipeline.api.ApiServer while the HTTP API runs
     control: Any = None  # pipeline.control.ControlConsumer while the Redis control stream is read
+    _api_socket: Any = None  # bound at start, served once the config's cameras run
     admission: Any = None  # pipeline.admission.Admission: the run-time checks of cameras
     # Guards ``cameras`` and ``_busy`` (ids being added, removed or updated): held for dict operations
     # only, never across a Ray call, so the control loop's ticks never wait for a camera to start.

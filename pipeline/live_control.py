@@ -46,13 +46,17 @@ class LiveControl:
 
     # -- the control channels ------------------------------------------------------------------------------
     def check_api_settings(self) -> None:
-        """Before anything starts: an API reachable from other machines must demand a token."""
+        """Before anything starts: an API reachable from other machines must demand a token, and its port
+        must be free (it is bound here, and served once the config's cameras run)."""
         api = self.config.api
         if api.port is None:
             return
         if not api.loopback and not api.all_tokens():
             raise ConfigError(f"api.host: {api.host} is reachable from other machines: configure a token "
                               f"(api.tokens, or ${API_TOKEN_ENV}) or bind 127.0.0.1")
+        from pipeline.api import bind
+
+        self._api_socket = bind(api.host, api.port)
 
     def _own_endpoints(self) -> dict[str, tuple[str, int]]:
         own = {}
@@ -74,7 +78,8 @@ class LiveControl:
             from pipeline.api import ApiServer, build_api  # FastAPI and uvicorn load only when the API is on
 
             tokens = api.all_tokens()
-            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(api.host, api.port)
+            sock, self._api_socket = self._api_socket, None
+            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
             self.admission.forbid("HTTP API", api.host, self.api_server.port)
             auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
             self.say(f"HTTP API: {self.api_server.url} (OpenAPI at {self.api_server.url}/docs; {auth})")
@@ -87,6 +92,9 @@ class LiveControl:
             self.say(f"Control stream: {control_key(prefix)} (answers on {results_key(prefix)})")
 
     def stop_control(self) -> None:
+        if self._api_socket is not None:  # bound, never served (the start failed on the way)
+            self._api_socket.close()
+            self._api_socket = None
         if self.api_server is not None:
             self.api_server.stop()
             self.api_server = None

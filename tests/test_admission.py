@@ -165,6 +165,25 @@ def test_api_settings_refuse_weak_tokens(monkeypatch):
     assert ApiConfig(tokens={"ops": "b" * 20}).all_tokens() == {"ops": "b" * 20, "env": "a" * 16}
 
 
+def test_an_api_beyond_loopback_needs_a_token_and_a_port_in_use_fails_before_anything_starts(monkeypatch):
+    from pipeline.app import App
+
+    monkeypatch.delenv("HYDRAVISION_API_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"api.host: 0.0.0.0 is reachable from other machines"):
+        App(parse_config({"api": {"host": "0.0.0.0", "port": 0}})).check_api_settings()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        app = App(parse_config({"api": {"port": taken.getsockname()[1]}}))
+        with pytest.raises(ConfigError, match=r"api: cannot listen on 127.0.0.1:\d+: Address already in use"):
+            app.check_api_settings()
+    app = App(parse_config({"api": {"host": "0.0.0.0", "port": 0, "tokens": {"ops": "t" * 16}}}))
+    app.check_api_settings()  # with a token: fine, and the port is held from now on
+    assert app._api_socket.getsockname()[1] > 0
+    app.stop_control()
+    assert app._api_socket is None
+
+
 def test_export_writes_placeholders_never_a_password(monkeypatch, tmp_path):
     monkeypatch.setenv("CAM_PW", SECRET)
     config = parse_config({"cameras": [
