@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from pipeline.admission import CommandRejected
+from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     @api.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
         return _rejected(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return _rejected(500, redact_text(f"internal error: {type(exc).__name__}: {exc}", []).splitlines()[0])
 
     def accepted(op: str, camera: str | None, by: str, result: Any) -> dict:
         return {"status": "accepted", "op": op, "camera": camera, "by": by, "result": result}

@@ -181,15 +181,18 @@ class App(LiveControl):
         budget_s = 60 + 5 * len(cams)
         deadline = time.monotonic() + budget_s
         handles = []
-        for cam, actor, started in spawned:
-            try:
-                ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
-                for _, other, _ in spawned:
-                    ray.kill(other, no_restart=True)
-                raise UserError(f"camera {cam.id}: its stream actor did not start within "
-                                   f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
-            handles.append(CameraHandle(cam.id, cam, actor, actor.wait.remote()))
+        try:
+            for cam, actor, started in spawned:
+                try:
+                    ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
+                except ray.exceptions.GetTimeoutError:
+                    raise UserError(f"camera {cam.id}: its stream actor did not start within "
+                                    f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
+                handles.append(CameraHandle(cam.id, cam, actor, actor.wait.remote()))
+        except BaseException:  # none of them runs half-started
+            for _, actor, _ in spawned:
+                ray.kill(actor, no_restart=True)
+            raise
         return handles
 
     # -- run ---------------------------------------------------------------------------------

@@ -144,9 +144,11 @@ class LiveControl:
         started = time.monotonic()
         try:
             handle = self._spawn([cam])[0]
-        except UserError as e:
-            self.note_rejected("add", by, str(e))
-            raise CommandRejected(f"camera: {e}", 503) from None
+        except (UserError, ray.exceptions.RayError) as e:
+            reason = f"camera: {e}" if isinstance(e, UserError) else \
+                f"camera: its stream actor failed to start: {self._describe(e, cam.id)}"
+            self.note_rejected("add", by, reason)
+            raise CommandRejected(reason, 503) from None
         finally:
             self._release(cam.id)
         handle.added_by = by
@@ -205,8 +207,11 @@ class LiveControl:
             if new != old:
                 try:
                     result = ray.get(handle.actor.update.remote(new), timeout=STOP_TIMEOUT_S)
-                except ray.exceptions.RayTaskError as e:
+                except ray.exceptions.RayTaskError as e:  # the camera refused the change
                     raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
+                except ray.exceptions.RayError as e:  # its actor is gone or hangs: nothing was changed
+                    raise CommandRejected(f"camera: its stream actor did not answer: "
+                                          f"{self._describe(e, camera_id)}", 503) from None
                 handle.config = new
                 if result["restarted"]:
                     handle.done = handle.actor.wait.remote()
