@@ -97,14 +97,22 @@ class RedisChannel:
         self.key, self.results = control_key(prefix), results_key(prefix)
         self.client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         try:
-            self.user = self.client.acl_whoami()
+            user = self.client.acl_whoami()
+        except redis.ResponseError:
+            user = "unknown"  # a Redis without ACLs
         except (redis.RedisError, OSError) as e:
-            if isinstance(e, redis.ConnectionError) or isinstance(e, OSError):
-                raise UserError(f"cannot reach Redis at {redact_url(url)}: {type(e).__name__}") from None
-            self.user = "unknown"  # a Redis without ACLs
-        self.user = self.user.decode() if isinstance(self.user, bytes) else str(self.user)
+            raise UserError(f"cannot reach Redis at {redact_url(url)}: {type(e).__name__}") from None
+        self.user = user.decode() if isinstance(user, bytes) else str(user)
 
     def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        import redis
+
+        try:
+            return self._send(op, camera_id, body)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise UserError(f"lost Redis at {redact_url(self.url)}: {type(e).__name__}") from None
+
+    def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
                                    "expires": time.time() + self.timeout}
         if op == "add":

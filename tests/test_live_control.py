@@ -283,3 +283,14 @@ def test_update_over_the_cli_heads_from_the_next_frame_url_reconnects_that_camer
     assert started and started == ended and all(e["ts"] <= heads_at for e in vehicles)
     gap = longest_gap(arrivals(client, "bystander"), window_start, window_end)
     assert gap < MAX_GAP_S, gap
+
+
+def test_the_cli_without_a_service_says_so_and_its_command_expires_unapplied(redis_server, capsys):
+    client = redis_server.client()
+    started = time.time()
+    assert cli(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "1"]) == 2
+    assert "no answer on hv:control:results within 1 s" in capsys.readouterr().err
+    (_, fields), = client.xrange("hv:control")
+    command = json.loads(fields[b"data"])
+    assert command["op"] == "remove" and command["id"] == "lobby" and command["user"] == "default"
+    assert started < command["expires"] <= time.time()  # a controller starting later rejects it unapplied
