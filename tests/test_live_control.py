@@ -294,3 +294,19 @@ def test_the_cli_without_a_service_says_so_and_its_command_expires_unapplied(red
     command = json.loads(fields[b"data"])
     assert command["op"] == "remove" and command["id"] == "lobby" and command["user"] == "default"
     assert started < command["expires"] <= time.time()  # a controller starting later rejects it unapplied
+
+
+@pytest.mark.timeout(180)
+def test_a_file_camera_that_ended_starts_again_when_updated(redis_server, ray_local):
+    client = redis_server.client()
+    clip = {"id": "clip", "url": "synthetic://street?seed=1&frames=15", "realtime": False}
+    with RunningApp(redis_server.url, DEMO, [cam("steady", 1), clip]) as run:
+        wait_for(lambda: run.camera("clip").get("state") == "ended", 60, "the clip to end")
+        send(client, {"op": "update", "id": "clip", "changes": {"url": "synthetic://street?seed=2&frames=10"}}, "u1")
+        result = wait_for(lambda: answer(client, "u1"), 60, "the answer")
+        assert result["status"] == "accepted" and result["result"]["restarted"] is True, result
+        wait_for(lambda: len(messages(client, "clip")) >= 25, 60, "the new clip's frames")
+        wait_for(lambda: run.camera("clip").get("state") == "ended", 60, "the new clip to end")
+        assert run.camera("steady")["state"] == "running"
+    assert [m["frame"] for m in messages(client, "clip")] == list(range(15)) + list(range(10))
+    assert len(events(client, "clip", "stream_up")) == 2
