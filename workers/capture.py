@@ -149,11 +149,16 @@ class Capture:
     BACKOFF_MAX_S = 15.0
 
     def __init__(self, camera: CameraConfig, input_size: tuple[int, int], slot: FrameSlot,
-                 on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0):
+                 on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0,
+                 resume: bool = True):
+        """``resume=False``: a new source (the camera's URL changed) starts at its beginning; the frame
+        numbering and pts still continue. ``camera`` may be replaced while running: its ``fps`` applies
+        from the next frame, everything else at the next (re)open."""
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
         self.generation = slot.new_generation()
         self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
-        self.resume_at = first_index if not camera.is_live else 0  # frames to skip after opening a file
+        # frames to skip after opening a file: those its predecessor already handed over
+        self.resume_at = first_index if resume and not camera.is_live else 0
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
@@ -229,12 +234,13 @@ class Capture:
                         self.last_frame_wall = time.time()
                         pts = pts_offset + frame.pts
                         last_pts = self.last_pts = pts
-                        if cam.fps:
+                        fps = self.camera.fps  # read per frame: a live update applies from the next one
+                        if fps:
                             if next_due is not None and pts + 1e-6 < next_due:
                                 if not self.slot.skip(self.generation):
                                     return
                                 continue
-                            period = 1.0 / cam.fps
+                            period = 1.0 / fps
                             next_due = pts + period if next_due is None or pts - next_due > period else next_due + period
                         image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
