@@ -206,20 +206,21 @@ class NodeWatch:
                                                         cameras=cameras, inference=replicas))
 
     def moved(self, key: tuple[str, Any]) -> dict[str, str]:
-        """For a ``worker_restarted`` event: the node the worker runs on now and, if it left a lost node, that
-        node. Asks the (just restarted, so answering) actor where it is."""
+        """For a ``worker_restarted`` event: the node the worker runs on now and, if it ran elsewhere before
+        (it left a lost node), that node. Asks the (just restarted, so answering) actor where it is."""
+        lost = self.lost_from.pop(key, None)
+        previous = lost or self.where.get(key)
         actor = self._actors().get(key)
-        out: dict[str, str] = {}
-        if actor is None:
-            return out
+        here = None
         try:
-            here = ray.get(actor.where.remote(), timeout=5)["node"]
-        except Exception:
-            return out
-        previous = self.lost_from.pop(key, None) or self.where.get(key)
-        self.where[key] = here
-        self._asked.pop(key, None)
-        out["node"] = here
-        if previous and previous != here:
+            here = ray.get(actor.where.remote(), timeout=5)["node"] if actor is not None else None
+        except Exception:  # busy or gone again: report what is known
+            log.debug("where() of %s did not answer", key, exc_info=True)
+        out: dict[str, str] = {}
+        if here:
+            self.where[key] = here
+            self._asked.pop(key, None)
+            out["node"] = here
+        if previous and (previous != here if here else lost):  # unknown now, but it surely left a lost node
             out["from_node"] = previous
         return out
