@@ -70,12 +70,35 @@ def redis_warning(url: str, nodes: list[Node]) -> str | None:
     return None
 
 
+def wait_for_resources(wanted: dict[str, float], timeout: float, say: Callable[[str], None]) -> None:
+    """Waits until the cluster's totals reach ``wanted`` (nodes of a stack that starts together join after the
+    head): the placement rules look at the nodes alive at start, and inference must not settle on a node
+    without a GPU because the GPU node was a second late."""
+    wanted = {k: v for k, v in wanted.items() if v > 0}
+
+    def missing() -> dict[str, str]:
+        have = ray.cluster_resources()
+        return {k: f"{have.get(k, 0):g}/{v:g}" for k, v in wanted.items() if have.get(k, 0) + 1e-9 < v}
+
+    if not missing():
+        return
+    say(f"Waiting up to {timeout:g} s for the Ray cluster to offer " + ", ".join(f"{k}={v:g}" for k, v in wanted.items()))
+    deadline = time.monotonic() + timeout
+    while (short := missing()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if short:
+        nodes = "\n  ".join(n.describe() for n in alive_nodes(ray.nodes())) or "(no alive node)"
+        raise UserError(f"ray.wait_for_resources: after {timeout:g} s the cluster offers only "
+                        + ", ".join(f"{k} {v}" for k, v in short.items()) + f". Nodes:\n  {nodes}")
+
+
 class Placement:
     """The placement of one pipeline's actors on the Ray this process is connected to."""
 
     def __init__(self, config: Any, say: Callable[[str], None] = print) -> None:
         self.config, self.say = config, say
         self.namespace = namespace_for(config.ray.namespace, config.redis.prefix)
+        wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
         self.nodes = alive_nodes(ray.nodes())
         self.assigner = ReplicaAssigner(config.inference.replicas)
         self._checkpoint_ref: Any = None

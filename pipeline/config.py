@@ -43,6 +43,9 @@ class RayConfig(Strict):
                                     description="custom resource of the nodes that can run inference (torch, the "
                                     "model); when any node advertises it, each replica reserves 1 of it")
     placement_timeout_s: float = Field(120, gt=0, description="how long actors may wait for a node to take them")
+    wait_for_resources: dict[str, float] = Field(default_factory=dict, description="before placing anything, wait "
+                                                 "(up to placement_timeout_s) until the cluster offers these totals, "
+                                                 "e.g. {hydravision_inference: 1, GPU: 1}: nodes still joining")
 
     def resolved_address(self) -> str:
         """'local', or the cluster to join: the config's address, else $RAY_ADDRESS."""

@@ -240,5 +240,30 @@ def test_two_pipelines_on_one_cluster_do_not_collide(ray_local, redis_server, ti
         assert client.hexists(keys(prefix).cameras, "lobby")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("inference, placement, error", [
+    ({"num_gpus": 1}, None, "inference replica 0 cannot be placed: it needs GPU=1"),
+    ({}, {"resources": {"site_x": 1}}, "camera lobby cannot be placed: it needs CPU=0.1, site_x=1"),
+    ({}, {"labels": {"zone": "x"}}, "camera lobby cannot be placed: it needs CPU=0.1; labels zone=x"),
+])
+def test_a_placement_no_node_can_take_is_refused_at_once(ray_local, redis_server, tiny_checkpoint, inference,
+                                                         placement, error):
+    config = parse_config({
+        "redis": {"url": redis_server.url},
+        "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+        "inference": {"threads": 1, **inference},
+        "cameras": [{"id": "lobby", "url": "synthetic://street?seed=5", "placement": placement}],
+    })
+    app = App(config, say=lambda m: None)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(UserError) as info:
+            app.start()
+    finally:
+        app.shutdown()
+    assert error in str(info.value) and "Nodes:" in str(info.value)
+    assert time.monotonic() - t0 < 60  # refused, not left waiting for a node that will never come
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "slow", "-s", "-q"]))
