@@ -265,5 +265,19 @@ def test_a_placement_no_node_can_take_is_refused_at_once(ray_local, redis_server
     assert time.monotonic() - t0 < 60  # refused, not left waiting for a node that will never come
 
 
+@pytest.mark.timeout(60)
+def test_waiting_for_nodes_that_do_not_come_is_a_clear_error(ray_local):
+    from pipeline.cluster import wait_for_resources
+
+    said: list[str] = []
+    wait_for_resources({"CPU": 1, "GPU": 0}, 1.0, said.append)  # there already: no wait, nothing said
+    assert said == []
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"after 1 s the cluster offers only hydravision_inference 0/1\. Nodes:"):
+        wait_for_resources({"hydravision_inference": 1, "CPU": 1}, 1.0, said.append)
+    assert 1.0 <= time.monotonic() - t0 < 10 and said == ["Waiting up to 1 s for the Ray cluster to offer "
+                                                           "hydravision_inference=1, CPU=1"]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "slow", "-s", "-q"]))
