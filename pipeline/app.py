@@ -204,7 +204,7 @@ class App:
 
     def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None) -> None:
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
-        self.say(f"{reason}" + (f" on node {moved['node'][:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
+        self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
         if self.events:
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 

@@ -39,7 +39,7 @@ def init_ray(config: Any, system_config: dict) -> None:
         ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
                  object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                 _system_config=system_config)
+                 _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
         return
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)

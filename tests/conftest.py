@@ -77,7 +77,7 @@ def start_local_ray() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
              _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
-             _system_config=RAY_SYSTEM_CONFIG)
+             _system_config=dict(RAY_SYSTEM_CONFIG))  # a copy: ray.init adds its own keys to the dict
 
 
 @pytest.fixture(scope="session")
