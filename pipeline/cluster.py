@@ -236,7 +236,7 @@ class NodeWatch:
         actor = self._actors().get(key)
         here = None
         try:
-            here = ray.get(actor.where.remote(), timeout=5)["node"] if actor is not None else None
+            here = ray.get(actor.where.remote(), timeout=10)["node"] if actor is not None else None
         except Exception:  # busy or gone again: report what is known
             log.debug("where() of %s did not answer", key, exc_info=True)
         out: dict[str, str] = {}
@@ -244,6 +244,11 @@ class NodeWatch:
             self.where[key] = here
             self._asked.pop(key, None)
             out["node"] = here
-        if previous and (previous != here if here else lost):  # unknown now, but it surely left a lost node
+        # Unknown now, but it surely moved if its node is gone (the node poll may not have seen it yet).
+        if previous and previous != here and (here or lost or not _alive(previous)):
             out["from_node"] = previous
         return out
+
+
+def _alive(node_id: str) -> bool:
+    return any(n.id == node_id for n in alive_nodes(ray.nodes()))
