@@ -166,3 +166,73 @@ def test_prometheus_scrapes_a_service_of_the_stack():
             assert target.split(":")[0] in SERVICES, target
     source = SERVICES["prometheus"]["volumes"][0].split(":")[0]
     assert (ROOT / source).resolve() == (ROOT / "configs" / "prometheus.yml").resolve()
+
+
+def _with_free_agent_ports(argv: list[str]) -> list[str]:
+    """In the stack every node is its own container; here they share one host, so each node's agents need
+    ports of their own (Ray's defaults are fixed numbers)."""
+    from pipeline.embedded_redis import free_port
+
+    return argv + [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}"]
+
+
+def _kill_ray_under(tmp: Path) -> None:
+    """Ray processes started by `ray start` daemonize; this test's are the ones whose command line names its
+    temp dir (never `ray stop`: it stops every Ray on the machine)."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != __import__("os").getpid() and str(tmp) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except psutil.Error:
+            continue
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_stacks_ray_and_controller_commands_run_natively():
+    """The ray-head and ray-worker commands of docker-compose.yml (flags, --system-config, labels, resources,
+    token auth) and the controller on configs/compose.yaml, run on this machine: only the hosts differ (no
+    container network here: `redis` and `rtsp` do not resolve, so the RTSP camera keeps reconnecting)."""
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.embedded_redis import free_port
+    from pipeline.testbed import RedisServer
+    from running import messages
+
+    tmp = Path(tempfile.mkdtemp(prefix="hvn", dir="/tmp"))  # short: Ray's socket paths
+    (tmp / "ray").mkdir()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "REDIS_PASSWORD": "b" * 32,
+           "HV_GPUS": "0", "HV_INFERENCE_REPLICAS": "1"}
+    head = next(c for c in commands("ray-head") if c[:2] == ["ray", "start"])
+    head = [ray_bin, "start", *(f"--port={port}" if w.startswith("--port=") else interpolated(w) for w in head[2:])]
+    worker = [ray_bin, "start", *(f"--address=127.0.0.1:{port}" if w.startswith("--address=") else interpolated(w)
+                                  for w in words("ray-worker")[2:] if w != "--block")]
+    try:
+        with RedisServer(password=env["REDIS_PASSWORD"]) as redis_server:
+            for argv in (head, worker):
+                out = subprocess.run(_with_free_agent_ports(argv), env=env, capture_output=True, text=True,
+                                     timeout=180)
+                assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+            run = next(c for c in commands("ray-head") if c[:2] == ["hydravision", "run"])
+            config = ROOT / Path(run[2]).relative_to(IMAGE_ROOT)
+            url = f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{redis_server.port}/0"
+            out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), *run[3:],
+                                  "--redis-url", url, "--duration", "30"], env=env, cwd=ROOT, capture_output=True,
+                                 text=True, timeout=300)
+            text = out.stdout + out.stderr
+            assert out.returncode == 0, text[-3000:]
+            assert "Ray cluster: 2 node(s), namespace hydravision-hv" in text and "hydravision_inference=1" in text
+            published = messages(redis_server.client(), "street-synthetic")
+            assert len(published) >= 20, text[-3000:]
+            assert env["REDIS_PASSWORD"] not in text
+    finally:
+        _kill_ray_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
