@@ -123,7 +123,7 @@ def test_actors_land_where_configured_and_move_when_a_node_dies(ray_cluster, red
     ticker = threading.Thread(target=app.run, daemon=True)  # the controller's status loop, as `hydravision run`
     try:
         app.start()
-        ns = app.placement.namespace
+        assert app.placement.namespace == "hydravision-hv"
         t_started = time.monotonic()
         assert ray.get(imports_torch.options(resources={"site_c": 0.01}).remote(), timeout=60).startswith("no torch")
         assert ray.get(imports_torch.options(resources={"hydravision_inference": 0.01}).remote(), timeout=60) == "torch"
