@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: sets up .venv and then runs the demo or the tests.
 #   ./dev.sh demo [hydravision demo options]   no GPU, no Redis server, no camera needed
 #   ./dev.sh test [pytest options]             also installs the test servers (redis-server, GStreamer RTSP)
+#   ./dev.sh up [docker compose up options]    the docker-compose.yml stack; writes .env with fresh secrets first
 #   ./dev.sh setup | system-deps               only the set-up steps
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,6 +48,18 @@ python_deps() {
     echo "$want" > "$stamp"
 }
 
+compose_up() {
+    # The stack's secrets, once: random hex (the Redis password sits in a URL), readable by this user only.
+    if [ ! -f .env ]; then
+        umask 077
+        sed -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')/" \
+            -e "s/^RAY_AUTH_TOKEN=.*/RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')/" \
+            .env.example > .env
+        echo "dev.sh: wrote .env with fresh secrets (REDIS_PASSWORD, RAY_AUTH_TOKEN)"
+    fi
+    exec docker compose up --build "$@"
+}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -54,5 +67,6 @@ case "$cmd" in
     setup) python_deps ;;
     demo) python_deps; exec "$VENV/bin/hydravision" demo "$@" ;;
     test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest "$@" ;;
-    *) sed -n '2,6p' "$0"; exit 2 ;;
+    up) compose_up "$@" ;;
+    *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

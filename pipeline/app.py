@@ -16,10 +16,11 @@ from typing import Any, Callable
 import ray
 
 from models.checkpoint import CheckpointError, read_metadata
+from pipeline import cluster
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
-from pipeline.live_control import LiveControl, camera_actor_name
+from pipeline.live_control import LiveControl
 from pipeline.reaper import Reaper
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
@@ -78,6 +79,8 @@ class App(LiveControl):
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _busy: set = field(default_factory=set)
     _last_stats: dict = field(default_factory=dict)
+    placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
+    node_watch: cluster.NodeWatch | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -85,6 +88,7 @@ class App(LiveControl):
     def resolve_redis(self) -> str:
         url = self.redis_url or os.environ.get(REDIS_URL_ENV) or self.config.redis.url
         if url is None:
+            cluster.require_redis_url(self.config)
             self.embedded = EmbeddedRedis().start()
             self.say(f"Redis: no URL configured, started an embedded redis-server at {self.embedded.url} "
                      f"(read it with: hydravision tail CAMERA --redis-url {self.embedded.url})")
@@ -114,14 +118,7 @@ class App(LiveControl):
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from an offline service
-        rc = self.config.ray
-        if rc.address == "local":
-            ray.init(num_cpus=rc.num_cpus or os.cpu_count(), include_dashboard=False,
-                     object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                     _system_config=RAY_SYSTEM_CONFIG)
-        else:
-            ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=True)
+        cluster.init_ray(self.config, RAY_SYSTEM_CONFIG)
         self.started_ray = True
         if self.on_ray_started:
             self.on_ray_started()
@@ -137,16 +134,18 @@ class App(LiveControl):
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
         self.start_ray()
+        self.placement = cluster.Placement(self.config, self.say)
+        if warning := cluster.redis_warning(redis_url, self.placement.nodes):
+            self.say(warning)
         ic, mc = self.config.inference, self.config.model
-        gpus = ic.num_gpus if ic.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
         for i in range(ic.replicas):
-            actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=self._inference_name(i),
-                                           lifetime=None).remote(
-                str(mc.checkpoint_path()), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
+            actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
+                self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
                 mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera)
             self.inference.append(actor)
-        self.model_info = ray.get(self.inference[0].info.remote(), timeout=120)
-        self.inference_pids = ray.get([a.ping.remote() for a in self.inference], timeout=120)
+        self.model_info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
+        self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference], "the inference replicas")
+        self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
@@ -156,10 +155,6 @@ class App(LiveControl):
         self.start_control()
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
-
-    def _inference_name(self, i: int) -> str:
-        # StreamActors find their replica by name; the run's id keeps two runs on one cluster apart.
-        return f"hv-inference-{self.instance}-{i}"
 
     def add_cameras(self, cams: list[CameraConfig]) -> None:
         """The config's cameras, at start."""
@@ -173,10 +168,13 @@ class App(LiveControl):
         """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
         after the other takes minutes on a small machine; together they overlap their imports."""
         spawned = []
-        names = [self._inference_name(i) for i in range(len(self.inference))]
         for cam in cams:
-            actor = StreamActor.options(name=camera_actor_name(cam.id)).remote(
-                cam, names, self.model_info, self.redis_settings, self.instance)
+            # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
+            # object store for the actor's restarts (Ray warns about it).
+            index = self.placement.replica_index(cam.id, [*self.cameras, *(c.id for c in cams)])
+            actor = self.placement.spawn(StreamActor, self.placement.stream_options(cam), cam,
+                                         [(self.placement.namespace, cluster.inference_name(index))],
+                                         self.model_info, self.redis_settings, self.instance)
             spawned.append((cam, actor, actor.start.remote()))
         budget_s = 60 + 5 * len(cams)
         deadline = time.monotonic() + budget_s
@@ -216,6 +214,8 @@ class App(LiveControl):
             out.append(s)
         self._last_stats = {s["camera"]: s for s in out}
         self._check_inference()
+        if self.node_watch:
+            self.node_watch.tick()
         return out
 
     def _restart_camera(self, h: CameraHandle) -> dict | None:
@@ -227,7 +227,7 @@ class App(LiveControl):
             return None
         h.restarts += 1
         h.done = h.actor.wait.remote()
-        self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted")
+        self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id))
         return ray.get(h.actor.stats.remote(), timeout=10)
 
     def _check_inference(self) -> None:
@@ -238,7 +238,8 @@ class App(LiveControl):
                 continue
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid
-                self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted")
+                self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted",
+                                     ("inference", i))
 
     def _describe(self, exc: BaseException, camera: str) -> str:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""
@@ -247,10 +248,11 @@ class App(LiveControl):
         handle = self.cameras.get(camera)
         return redact_text(text, [handle.config.url] if handle else [])
 
-    def _report_restart(self, worker: str, camera: str, reason: str) -> None:
-        self.say(f"{reason}")
+    def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None) -> None:
+        moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
+        self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
         if self.events:
-            self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason))
+            self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 
     def finished(self) -> bool:
         """True when every camera's source has ended (files); a crashed actor is not an ended camera."""

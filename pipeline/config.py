@@ -29,9 +29,31 @@ class ConfigError(UserError, ValueError):
 
 
 class RayConfig(Strict):
-    address: str = Field("local", description="'local' starts Ray in-process; 'auto' or ray://host:10001 joins a cluster")
-    num_cpus: int | None = Field(None, ge=1)
+    address: str | None = Field(None, description="'local' starts Ray in-process; 'auto', host:port or "
+                                "ray://host:10001 joins a cluster; None: $RAY_ADDRESS when set, else 'local'")
+    namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Ray namespace of this "
+                                  "pipeline's named actors; default hydravision-{redis.prefix}")
+    num_cpus: int | None = Field(None, ge=1, description="local mode: logical CPUs of the Ray it starts")
     object_store_mb: int = Field(512, ge=64)
+    stream_cpus: float = Field(0.1, ge=0, le=64, description="CPU each camera's StreamActor reserves "
+                               "(~0.06 measured for 640x360 at 10 fps; more for 1080p or high fps)")
+    inference_cpus: float = Field(0, ge=0, le=256, description="CPU each inference replica reserves besides its "
+                                  "GPU or inference resource")
+    inference_resource: str = Field("hydravision_inference", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                    description="custom resource of the nodes that can run inference (torch, the "
+                                    "model); when any node advertises it, each replica reserves 1 of it")
+    placement_timeout_s: float = Field(120, gt=0, description="how long actors may wait for a node to take them")
+    wait_for_resources: dict[str, float] = Field(default_factory=dict, description="before placing anything, wait "
+                                                 "(up to placement_timeout_s) until the cluster offers these totals, "
+                                                 "e.g. {hydravision_inference: 1, GPU: 1}: nodes still joining")
+
+    def resolved_address(self) -> str:
+        """'local', or the cluster to join: the config's address, else $RAY_ADDRESS."""
+        return self.address or os.environ.get("RAY_ADDRESS") or "local"
+
+    @property
+    def cluster(self) -> bool:
+        return self.resolved_address() != "local"
 
 
 class ModelConfig(Strict):
@@ -40,6 +62,10 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
     compile: bool = Field(False, description="torch.compile the backbone and neck (slow start; mostly a GPU win)")
+    distribute: Literal["auto", "object_store", "path"] = Field(
+        "auto", description="how inference replicas get the checkpoint: 'object_store' (the controller reads it and "
+        "Ray copies it to each node), 'path' (every node reads the same path: shared storage or baked into the "
+        "image); 'auto': object_store on a cluster, path locally")
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint == "demo":

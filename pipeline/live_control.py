@@ -273,7 +273,7 @@ class LiveControl:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(camera_actor_name(handle.id))
+                ray.get_actor(camera_actor_name(handle.id), namespace=self.placement.namespace if self.placement else None)
             except ValueError:
                 return
             time.sleep(0.05)

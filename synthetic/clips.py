@@ -67,3 +67,20 @@ def encode_mp4(
             raise ValueError("no frames to encode")
         out.mux(stream.encode(None))  # flush the encoder
     return path
+
+
+def street_mp4(path: Path | str, seconds: float = 20.0, fps: float = 25.0, seed: int = 7,
+               size: tuple[int, int] = (640, 360)) -> Path:
+    """A StreetScene clip: the sample camera of docker-compose.yml (an RTSP server replays it in a loop)."""
+    from synthetic.scene import StreetScene
+
+    scene = StreetScene(seed, width=size[0], height=size[1], fps=fps)
+    return encode_mp4(path, (scene.step()[0] for _ in range(max(1, round(seconds * fps)))), fps)
+
+
+if __name__ == "__main__":  # python -m synthetic.clips OUT.mp4 [SECONDS]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m synthetic.clips OUT.mp4 [SECONDS]")
+    print(street_mp4(sys.argv[1], float(sys.argv[2]) if len(sys.argv) == 3 else 20.0))

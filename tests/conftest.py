@@ -66,18 +66,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(HydraNet(cfg), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray for the whole session (starting one takes seconds), on loopback only."""
+def start_local_ray() -> None:
+    """A private local Ray on loopback. address="local": never join a cluster that some `ray start` on this
+    machine recorded in /tmp/ray (a plain ray.init() would)."""
     import logging
 
     import ray
 
     from pipeline.app import RAY_SYSTEM_CONFIG
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, log_to_driver=False,
-             _system_config=RAY_SYSTEM_CONFIG)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
+             _system_config=dict(RAY_SYSTEM_CONFIG))  # a copy: ray.init adds its own keys to the dict
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the whole session (starting one takes seconds), on loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
     yield
     ray.shutdown()
 
@@ -100,3 +109,17 @@ _MACHINE = pytest.StashKey[object]()
 def pytest_terminal_summary(terminalreporter, config) -> None:
     if _MACHINE in config.stash:
         terminalreporter.write_line(f"machine (measured for sizing tests): {config.stash[_MACHINE]}")
+
+
+@pytest.fixture
+def ray_free() -> Iterator[None]:
+    """No Ray connection in this process during the test (it connects to a cluster of its own); the session's
+    local Ray, if there was one, is started again afterwards for the tests that follow."""
+    import ray
+
+    had_local = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if had_local:
+        start_local_ray()

@@ -215,6 +215,8 @@ class Capture:
                                          loop=cam.loop, hwaccel=cam.hwaccel)
                     self._source = source
                     source.open()
+                    if source.live:  # a camera (or a paced scene) shows what it shows now: skip nothing, only
+                        self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
                     self.source_fps = source.nominal_fps
                     self.state = "running"
                     self.on_event("stream_up", {"attempt": attempt} if attempt else {})

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -288,10 +290,14 @@ class InferenceService:
 class InferenceActor:
     """Ray shell around InferenceService. Async, so many cameras' calls wait in one batch at once."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", precision: str = "auto", max_batch: int = 8,
+    def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
                  compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None):
+        """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
+        Ray's object store, which copies them to whichever node runs this replica, also after a restart)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if isinstance(checkpoint, bytes):
+            checkpoint = str(local_copy(checkpoint))
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or os.cpu_count(), score_threshold, compile,
                                         max_pending, max_pending_per_camera)
@@ -315,6 +321,23 @@ class InferenceActor:
 
     async def ping(self) -> int:
         return os.getpid()
+
+    async def where(self) -> dict:
+        """The node and process this replica runs in (it moves when its node dies)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+
+def local_copy(data: bytes) -> Path:
+    """The checkpoint's bytes as a file of this node's temp dir, named by content: replicas and restarts on one
+    node share it, and a half-written file is never read (written aside, then renamed)."""
+    path = Path(tempfile.gettempdir()) / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
+    if not path.is_file() or path.stat().st_size != len(data):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
 
 
 def service_call(service: Any) -> Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]:

@@ -48,6 +48,30 @@ class TrackerConfig(Strict):
     high_conf_det_threshold: float = Field(0.5, ge=0, le=1)
 
 
+class CameraPlacement(Strict):
+    """Where a camera's StreamActor (its decoder) may run on a Ray cluster, e.g. on the node beside the camera.
+
+    ``labels`` are node labels (``ray start --labels``), matched by equality; ``resources`` are custom Ray
+    resources the actor reserves on its node (``ray start --resources``). With ``strict: false`` the labels
+    are a preference: the actor runs elsewhere when no such node is alive (resources are always required).
+    """
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    resources: dict[str, float] = Field(default_factory=dict)
+    strict: bool = True
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(v)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by ray.stream_cpus, not per camera")
+        bad = {k: n for k, n in v.items() if not n > 0}
+        if bad:
+            raise ValueError(f"amounts must be > 0, got {bad}")
+        return v
+
+
 class CameraConfig(Strict):
     id: str
     url: str
@@ -64,6 +88,7 @@ class CameraConfig(Strict):
                                           "without progress; default 3 x read_timeout_s + open_timeout_s")
     hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
                                 "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
+    placement: CameraPlacement | None = Field(None, description="cluster mode: the nodes this camera's decoder may run on")
 
     @field_validator("hwaccel")
     @classmethod

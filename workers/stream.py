@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -32,6 +33,18 @@ log = logging.getLogger(__name__)
 InferFn = Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a camera's pipeline starts. A restarted StreamActor (after a crash, or on another node after its
+    node died) continues this run's frame numbering after the last frame it published, so no (camera, frame)
+    is published twice; a file also continues from there. ``stream_mark`` is the id of the last entry of the
+    camera's detection stream before this run first published to it: entries after it are this run's."""
+
+    first_index: int = 0
+    first_pts: float = 0.0
+    stream_mark: str = "0-0"
+
+
 class CameraPipeline:
     """Runs one camera until its source ends or ``stop()``; all per-camera state lives here.
 
@@ -42,7 +55,7 @@ class CameraPipeline:
 
     def __init__(self, camera: CameraConfig | dict, infer: InferFn, model_info: dict, publisher: Publisher,
                  infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None,
-                 instance: str | None = None):
+                 instance: str | None = None, resume: Resume | None = None):
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.id = self.camera.id
         self.instance = instance  # the service run this camera belongs to, written with its status
@@ -54,6 +67,7 @@ class CameraPipeline:
         self.input_size = tuple(model_info["input_size"])
         self.tracker: CameraTracker | None = None
         self.track_id_base = track_id_base or {}
+        self.resume = resume or Resume()
         self.submitted = self.published = self.dropped_error = 0
         self.shutdown_held = self.shutdown_inflight = 0  # frames abandoned by a stop without drain
         self._holding = 0  # a frame taken from the slot, waiting for a free inference slot
@@ -83,7 +97,8 @@ class CameraPipeline:
         self.started_at = time.time()
         self.state = "starting"
         self._slot = FrameSlot(loop, lossless=self.camera.lossless)
-        self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event)
+        self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
+                                first_index=self.resume.first_index, first_pts=self.resume.first_pts)
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
         finisher = asyncio.create_task(self._finish_loop(results))
@@ -291,7 +306,7 @@ class CameraPipeline:
         entry from one left behind by a service that died (see pipeline/status.py)."""
         s = self.stats()
         status = {k: s[k] for k in self.STATUS_FIELDS}
-        status.update(heartbeat_ts=round(time.time(), 3), instance=self.instance)
+        status.update(heartbeat_ts=round(time.time(), 3), instance=self.instance, stream_mark=self.resume.stream_mark)
         self.publisher.set_status(self.id, status)
 
     def stats(self) -> dict[str, Any]:
@@ -370,34 +385,43 @@ class StreamActor:
         if self.publisher is None:
             self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
-        name = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
-        replica = ray.get_actor(name)
-        id_base = await asyncio.get_running_loop().run_in_executor(None, self._previous_track_ids)
+        replica = _replica(self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)])
+        id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
+        if resume.first_index:
+            log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
         self.pipeline = CameraPipeline(self.camera, service_call(replica), self.model_info, self.publisher,
-                                       track_id_base=id_base, instance=self.instance)
+                                       track_id_base=id_base, instance=self.instance, resume=resume)
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
 
-    def _previous_track_ids(self, attempts: int = 3) -> dict[str, int]:
+    def _previous_state(self, attempts: int = 3) -> tuple[dict[str, int], Resume]:
         """Next free track id per head from this camera's last status in Redis (after a restart or a new
-        run), so consumers never see an id reused for another object. {} when there is none.
+        run), so consumers never see an id reused for another object ({} when there is none); and, when that
+        status is this run's own (the actor was restarted, on this node or another), where to resume.
 
         When Redis cannot be read, numbering from 0 could reuse ids consumers have already seen, so every
         head starts above any id a previous run can have handed out (ids from the clock, in ms)."""
+        names = keys(self.redis.prefix)
         for attempt in range(attempts):
             try:
                 client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2, socket_timeout=2)
                 try:
-                    raw = client.hget(keys(self.redis.prefix).cameras, self.camera.id)
-                    ids = json.loads(raw).get("track_ids_next") if raw else None
+                    raw = client.hget(names.cameras, self.camera.id)
+                    last = client.xrevrange(names.detections(self.camera.id), count=1)
+                    status = json.loads(raw) if raw else {}
+                    ids = status.get("track_ids_next")
                     if pipeline := self.pipeline:  # restarted by an update: this process knows best
                         ids = pipeline.tracker.next_ids() if pipeline.tracker else pipeline.track_id_base
                     elif ids is None:  # removed earlier in this or a previous run, now added again
-                        raw = client.hget(retired_track_ids_key(self.redis.prefix), self.camera.id)
-                        ids = json.loads(raw) if raw else None
+                        retired = client.hget(retired_track_ids_key(self.redis.prefix), self.camera.id)
+                        ids = json.loads(retired) if retired else None
                 finally:
                     client.close()
-                return {str(k): int(v) for k, v in (ids or {}).items()}
+                if self.pipeline:  # an update restarts the source: a new playback, numbered afresh
+                    resume = Resume(stream_mark=last[0][0].decode() if last else "0-0")
+                else:  # a crash or a lost node: continue after this run's own last frame
+                    resume = resume_point(self.instance, status, last)
+                return {str(k): int(v) for k, v in (ids or {}).items()}, resume
             except (redis.RedisError, OSError, ValueError, AttributeError) as e:
                 error = e
                 time.sleep(0.5 * (attempt + 1))
@@ -405,7 +429,7 @@ class StreamActor:
         log.warning("camera %s: could not read previous track ids (%s: %s); numbering from %d so that no "
                     "id is reused", self.camera.id, type(error).__name__,
                     redact_text(str(error), [self.redis.url or ""]), base)
-        return {head: base for head in (self.camera.heads or self.model_info["heads"])}
+        return {head: base for head in (self.camera.heads or self.model_info["heads"])}, Resume()
 
     async def _status_loop(self) -> None:
         while True:
@@ -459,3 +483,37 @@ class StreamActor:
             s["publisher"] = self.publisher.stats()
         s["pid"] = os.getpid()
         return s
+
+    async def where(self) -> dict:
+        """The node and process this actor runs in (it moves when its node dies)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+
+def _replica(ref: Any) -> Any:
+    """An inference replica from what the controller passed: (namespace, name) of a named actor, looked up
+    here (an ActorHandle as a constructor argument makes Ray keep it in the object store and warn), or a
+    handle / in-process service as tests pass it."""
+    if isinstance(ref, (tuple, list)):
+        namespace, name = ref
+        return ray.get_actor(name, namespace=namespace)
+    return ref
+
+
+def resume_point(instance: str | None, status: dict, last: list) -> Resume:
+    """Where a camera starts, from its status in Redis and the last entry of its detection stream
+    (``XREVRANGE ... COUNT 1``): fresh on this run's first start; after this run's own last frame when the
+    status is this run's and the stream holds frames published since this run's mark."""
+    last_id = last[0][0].decode() if last else "0-0"
+    if not instance or status.get("instance") != instance:
+        return Resume(stream_mark=last_id)  # this run's first start: every entry after last_id is ours
+    mark = str(status.get("stream_mark") or "0-0")
+    if not last or _entry_id(last_id) <= _entry_id(mark):
+        return Resume(stream_mark=mark)  # started before, published nothing yet
+    message = json.loads(last[0][1][b"data"])
+    return Resume(int(message["frame"]) + 1, float(message["pts"]), mark)
+
+
+def _entry_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

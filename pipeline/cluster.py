@@ -1,0 +1,259 @@
+"""Ray for the controller: start a local Ray or join a cluster, create the actors where ``pipeline/placement.py``
+says, ship the checkpoint to the nodes, and notice lost nodes (``node_lost`` events; ``worker_restarted``
+says where a worker moved).
+
+``pipeline/app.py`` calls into this module only where it starts Ray and creates actors, so the controller's
+lifecycle code stays the same on one machine and on a cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import ray
+
+from pipeline.errors import UserError
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, inference_options, local_cpus,
+                                namespace_for, stream_options)
+from workers.publish import event_message
+from workers.redact import redact_url
+from workers.settings import CameraConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: Any, system_config: dict) -> None:
+    """Starts a private local Ray (``ray.address: local``) or joins the cluster at ``ray.address`` /
+    ``$RAY_ADDRESS``; the pipeline's namespace becomes the driver's."""
+    rc = config.ray
+    address = rc.resolved_address()
+    namespace = namespace_for(rc.namespace, config.redis.prefix)
+    if address == "local":
+        cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, config.inference.replicas, len(config.cameras)))
+        # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
+        ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
+                 object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                 _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+        return
+    try:
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"ray.address: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+
+
+def require_redis_url(config: Any) -> None:
+    """On a cluster the cameras' actors run on other machines and outlive nobody: an embedded Redis on the
+    controller's loopback would be unreachable for them and die with the controller."""
+    if config.ray.cluster:
+        raise UserError("redis.url: required when joining a Ray cluster (ray.address or $RAY_ADDRESS): the embedded "
+                        "Redis serves one machine only. Run a Redis every node can reach (docker-compose.yml has "
+                        "one) and set redis.url, $HYDRAVISION_REDIS_URL or --redis-url")
+
+
+def redis_warning(url: str, nodes: list[Node]) -> str | None:
+    """A loopback Redis URL on a cluster whose nodes have several addresses: actors elsewhere cannot reach it."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    ips = sorted({n.ip for n in nodes})
+    if loopback and len(ips) > 1:
+        return (f"Redis at {redact_url(url)} is on loopback, but the Ray nodes are at {', '.join(ips)}: actors on "
+                "other machines cannot reach it; use an address all nodes can reach")
+    return None
+
+
+def wait_for_resources(wanted: dict[str, float], timeout: float, say: Callable[[str], None]) -> None:
+    """Waits until the cluster's totals reach ``wanted`` (nodes of a stack that starts together join after the
+    head): the placement rules look at the nodes alive at start, and inference must not settle on a node
+    without a GPU because the GPU node was a second late."""
+    wanted = {k: v for k, v in wanted.items() if v > 0}
+
+    def missing() -> dict[str, str]:
+        have = ray.cluster_resources()
+        return {k: f"{have.get(k, 0):g}/{v:g}" for k, v in wanted.items() if have.get(k, 0) + 1e-9 < v}
+
+    if not missing():
+        return
+    say(f"Waiting up to {timeout:g} s for the Ray cluster to offer " + ", ".join(f"{k}={v:g}" for k, v in wanted.items()))
+    deadline = time.monotonic() + timeout
+    while (short := missing()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if short:
+        nodes = "\n  ".join(n.describe() for n in alive_nodes(ray.nodes())) or "(no alive node)"
+        raise UserError(f"ray.wait_for_resources: after {timeout:g} s the cluster offers only "
+                        + ", ".join(f"{k} {v}" for k, v in short.items()) + f". Nodes:\n  {nodes}")
+
+
+def inference_name(index: int) -> str:
+    """A replica's actor name, unique within the pipeline's Ray namespace; StreamActors look it up by it."""
+    return f"hv-inference-{index}"
+
+
+class Placement:
+    """The placement of one pipeline's actors on the Ray this process is connected to."""
+
+    def __init__(self, config: Any, say: Callable[[str], None] = print) -> None:
+        self.config, self.say = config, say
+        self.namespace = namespace_for(config.ray.namespace, config.redis.prefix)
+        wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
+        self.nodes = alive_nodes(ray.nodes())
+        self.assigner = ReplicaAssigner(config.inference.replicas)
+        self._checkpoint_ref: Any = None
+        if len(self.nodes) > 1 or config.ray.cluster:
+            self.say(f"Ray cluster: {len(self.nodes)} node(s), namespace {self.namespace}\n  "
+                     + "\n  ".join(n.describe() for n in self.nodes))
+
+    # -- options -----------------------------------------------------------------------------
+    def inference_options(self, index: int) -> dict[str, Any]:
+        opts = inference_options(self.config.ray, self.config.inference.num_gpus, self.nodes)
+        check_placeable(f"inference replica {index}", opts, self.nodes)
+        return {**opts, "name": inference_name(index), "namespace": self.namespace, "lifetime": None}
+
+    def stream_options(self, camera: CameraConfig) -> dict[str, Any]:
+        opts = stream_options(self.config.ray, camera)
+        check_placeable(f"camera {camera.id}", opts, self.nodes)
+        return {**opts, "name": f"hv-camera-{camera.id}", "namespace": self.namespace}
+
+    def replica_index(self, camera: str, live: Any = ()) -> int:
+        """The replica a camera sends its frames to: the one serving the fewest of the ``live`` cameras."""
+        return self.assigner.assign(camera, live)
+
+    def checkpoint_arg(self) -> str | Any:
+        """What InferenceActor gets as its checkpoint: a path every node reads, or an ObjectRef of its bytes."""
+        mc = self.config.model
+        mode = mc.distribute if mc.distribute != "auto" else ("object_store" if self.config.ray.cluster else "path")
+        if mode == "path":
+            return str(mc.checkpoint_path())
+        if self._checkpoint_ref is None:  # held here for the run: restarted replicas read it again
+            self._checkpoint_ref = ray.put(mc.checkpoint_path().read_bytes())
+        return self._checkpoint_ref
+
+    def spawn(self, actor_class: Any, options: dict[str, Any], *args: Any) -> Any:
+        """``actor_class.options(**options).remote(*args)``; a name another pipeline holds is a UserError."""
+        try:
+            return actor_class.options(**options).remote(*args)
+        except ValueError as e:
+            if "already taken" not in str(e):
+                raise
+            raise UserError(f"actor {options.get('name')} already exists in Ray namespace {self.namespace}: another "
+                            f"pipeline with Redis prefix {self.config.redis.prefix!r} runs on this cluster. Give "
+                            "this one its own redis.prefix (or ray.namespace)") from None
+
+    def ready(self, ref: Any, what: str) -> Any:
+        """``ray.get`` within ``ray.placement_timeout_s``; a timeout becomes a UserError that says whether the
+        nodes are full or gone."""
+        timeout = self.config.ray.placement_timeout_s
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            nodes = "\n  ".join(n.describe() for n in alive_nodes(ray.nodes())) or "(no alive node)"
+            raise UserError(f"{what} did not start within {timeout:g} s (ray.placement_timeout_s): the nodes "
+                            f"that could host it may be full. Free resources now:\n  {_free()}\nNodes:\n  {nodes}") from None
+
+    def watch(self, app: Any) -> "NodeWatch | None":
+        """A NodeWatch on a cluster (one node cannot lose another)."""
+        if len(self.nodes) > 1 or self.config.ray.cluster:
+            return NodeWatch(app, self.nodes)
+        return None
+
+
+def _free() -> str:
+    free = ray.available_resources()
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if not k.startswith(("node:", "memory", "object_")))
+
+
+class NodeWatch:
+    """Follows where each actor runs and which nodes are alive. When a node dies it says which cameras and
+    replicas were on it (a ``node_lost`` event; Ray restarts them on the nodes that remain), and once a worker
+    answers again ``moved()`` says from where to where."""
+
+    def __init__(self, app: Any, nodes: list[Node], poll_s: float = 1.0) -> None:
+        self.app = app
+        self.nodes = {n.id: n for n in nodes}
+        self.where: dict[tuple[str, Any], str] = {}  # (kind, camera id / replica index) -> node id
+        self.lost_from: dict[tuple[str, Any], str] = {}  # moved off a lost node, not yet seen elsewhere
+        self._asked: dict[tuple[str, Any], Any] = {}
+        self.poll_s, self._last_poll = poll_s, 0.0
+
+    def _actors(self) -> dict[tuple[str, Any], Any]:
+        out: dict[tuple[str, Any], Any] = {("camera", cid): h.actor for cid, h in self.app.cameras.items()}
+        out.update({("inference", i): a for i, a in enumerate(self.app.inference)})
+        return out
+
+    def tick(self) -> None:
+        """Called from the controller's status loop; never blocks for long."""
+        actors = self._actors()
+        self._learn_locations(actors)
+        if time.monotonic() - self._last_poll < self.poll_s:
+            return
+        self._last_poll = time.monotonic()
+        alive = {n.id: n for n in alive_nodes(ray.nodes())}
+        for node_id in [n for n in self.nodes if n not in alive]:
+            self._lost(self.nodes.pop(node_id), actors)
+        for node_id, node in alive.items():
+            if node_id not in self.nodes:
+                self.nodes[node_id] = node
+                self.app.say(f"Ray node joined: {node.describe()}")
+
+    def _learn_locations(self, actors: dict) -> None:
+        for key, actor in actors.items():
+            if key not in self.where and key not in self._asked:
+                self._asked[key] = actor.where.remote()
+        if not self._asked:
+            return
+        ready, _ = ray.wait(list(self._asked.values()), num_returns=len(self._asked), timeout=0)
+        ready_set = set(ready)
+        for key, ref in list(self._asked.items()):
+            if ref not in ready_set:
+                continue
+            del self._asked[key]
+            try:
+                self.where[key] = ray.get(ref, timeout=0)["node"]
+            except Exception:  # died before answering: ask again next tick
+                continue
+
+    def _lost(self, node: Node, actors: dict) -> None:
+        on_it = sorted((k for k, n in self.where.items() if n == node.id and k in actors), key=str)
+        for key in on_it:
+            self.lost_from[key] = self.where.pop(key)
+            self._asked.pop(key, None)
+        cameras = [k[1] for k in on_it if k[0] == "camera"]
+        replicas = [k[1] for k in on_it if k[0] == "inference"]
+        self.app.say(f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference replicas "
+                     f"{replicas or 'none'}; Ray restarts them on the remaining nodes")
+        if self.app.events:
+            self.app.events.publish_event(event_message("node_lost", "*", node=node.id, ip=node.ip,
+                                                        cameras=cameras, inference=replicas))
+
+    def moved(self, key: tuple[str, Any]) -> dict[str, str]:
+        """For a ``worker_restarted`` event: the node the worker runs on now and, if it ran elsewhere before
+        (it left a lost node), that node. Asks the (just restarted, so answering) actor where it is."""
+        lost = self.lost_from.pop(key, None)
+        previous = lost or self.where.get(key)
+        actor = self._actors().get(key)
+        here = None
+        try:
+            here = ray.get(actor.where.remote(), timeout=10)["node"] if actor is not None else None
+        except Exception:  # busy or gone again: report what is known
+            log.debug("where() of %s did not answer", key, exc_info=True)
+        out: dict[str, str] = {}
+        if here:
+            self.where[key] = here
+            self._asked.pop(key, None)
+            out["node"] = here
+        # Unknown now, but it surely moved if its node is gone (the node poll may not have seen it yet).
+        if previous and previous != here and (here or lost or not _alive(previous)):
+            out["from_node"] = previous
+        return out
+
+
+def _alive(node_id: str) -> bool:
+    return any(n.id == node_id for n in alive_nodes(ray.nodes()))

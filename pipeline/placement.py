@@ -1,0 +1,141 @@
+"""Where the pipeline's actors run on a Ray cluster: the ``.options(...)`` of each InferenceActor replica and
+each camera's StreamActor, checked against the nodes alive before anything is created, and the namespace that
+keeps two pipelines on one cluster apart.
+
+Pure functions over a snapshot of the nodes (``Node``), so the unit tests need no Ray. The rules:
+
+- inference replicas reserve a GPU when the cluster has one (or ``inference.num_gpus``), one unit of the
+  custom resource ``ray.inference_resource`` when any node advertises it (nodes without torch simply do
+  not), and ``ray.inference_cpus``; they are spread over the nodes that qualify;
+- a camera's StreamActor reserves ``ray.stream_cpus`` and whatever its ``placement`` asks (node labels, hard
+  or preferred; custom resources); cameras without a placement are spread over the cluster;
+- each camera is served by the replica with the fewest cameras (stable: a camera keeps its replica);
+- a demand that no alive node could ever meet is refused at once with a ``UserError`` naming the nodes,
+  instead of an actor that waits forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from pipeline.errors import UserError
+from workers.settings import CameraConfig
+
+# Ray's own resources, not worth showing in an error about what a node offers.
+_HIDDEN = ("memory", "object_store_memory", "node:")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive Ray node as placement sees it: total resources and labels."""
+
+    id: str
+    ip: str
+    resources: Mapping[str, float]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_ray(cls, entry: Mapping[str, Any]) -> "Node":
+        """From one entry of ``ray.nodes()``."""
+        labels = {k: v for k, v in (entry.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+        return cls(entry["NodeID"], entry.get("NodeManagerAddress", "?"), dict(entry.get("Resources") or {}), labels)
+
+    def describe(self) -> str:
+        shown = {k: v for k, v in self.resources.items() if not k.startswith(_HIDDEN)}
+        text = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"
+        if self.labels:
+            text += "; labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        return f"{self.id[:8]} ({self.ip}): {text}"
+
+
+def alive_nodes(entries: Iterable[Mapping[str, Any]]) -> list[Node]:
+    return [Node.from_ray(e) for e in entries if e.get("Alive")]
+
+
+def namespace_for(ray_namespace: str | None, redis_prefix: str) -> str:
+    """The Ray namespace of one pipeline's named actors: two pipelines with different Redis prefixes never
+    share actor names; two with the same prefix would also share Redis keys, so they collide on purpose."""
+    return ray_namespace or f"hydravision-{redis_prefix}"
+
+
+def demand(options: Mapping[str, Any]) -> dict[str, float]:
+    """The resources an actor's options reserve, by Ray resource name (amounts of 0 left out)."""
+    out = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
+    out.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def fits(node: Node, options: Mapping[str, Any]) -> bool:
+    """Could this node ever host the actor (its totals, not what is free now; hard labels only)?"""
+    if any(node.resources.get(k, 0.0) + 1e-9 < v for k, v in demand(options).items()):
+        return False
+    if options.get("fallback_strategy"):  # labels are a preference: any node will do
+        return True
+    return all(node.labels.get(k) == v for k, v in (options.get("label_selector") or {}).items())
+
+
+def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) -> None:
+    """Raises a UserError when no alive node could host the actor: Ray would keep it pending forever."""
+    if any(fits(n, options) for n in nodes):
+        return
+    wants = ", ".join(f"{k}={v:g}" for k, v in demand(options).items()) or "nothing"
+    if options.get("label_selector") and not options.get("fallback_strategy"):
+        wants += "; labels " + ", ".join(f"{k}={v}" for k, v in options["label_selector"].items())
+    listing = "\n  ".join(n.describe() for n in nodes) or "(no alive node)"
+    raise UserError(f"{what} cannot be placed: it needs {wants}, and no node of the Ray cluster has that.\n"
+                    f"Nodes:\n  {listing}\n(start a node that offers it, e.g. `ray start --address ... "
+                    f"--resources '{{\"NAME\": 1}}'`, or change the config)")
+
+
+def inference_options(ray_cfg: Any, num_gpus: float | None, nodes: list[Node]) -> dict[str, Any]:
+    """Options for every InferenceActor replica (``ray_cfg``: the config's RayConfig)."""
+    gpus = num_gpus if num_gpus is not None else (1.0 if sum(n.resources.get("GPU", 0) for n in nodes) >= 1 else 0.0)
+    opts: dict[str, Any] = {"num_cpus": ray_cfg.inference_cpus, "num_gpus": gpus}
+    if any(n.resources.get(ray_cfg.inference_resource, 0) > 0 for n in nodes):
+        opts["resources"] = {ray_cfg.inference_resource: 1.0}
+    if len(nodes) > 1:
+        opts["scheduling_strategy"] = "SPREAD"  # replicas on different nodes: losing one node loses one replica
+    return opts
+
+
+def stream_options(ray_cfg: Any, camera: CameraConfig) -> dict[str, Any]:
+    """Options for one camera's StreamActor."""
+    opts: dict[str, Any] = {"num_cpus": ray_cfg.stream_cpus}
+    place = camera.placement
+    if place and place.resources:
+        opts["resources"] = dict(place.resources)
+    if place and place.labels:
+        opts["label_selector"] = dict(place.labels)
+        if not place.strict:
+            opts["fallback_strategy"] = [{"label_selector": {}}]  # then: any node
+    if not (place and (place.resources or place.labels)):
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
+
+
+def local_cpus(ray_cfg: Any, replicas: int, cameras: int, spare_cameras: int = 16) -> int:
+    """Logical CPUs for a Ray this process starts itself: the machine's cores, or more when the reservations
+    need it (on one machine the OS shares the cores anyway; Ray's count is only a budget), with room for
+    cameras added at run time."""
+    need = replicas * ray_cfg.inference_cpus + (cameras + spare_cameras) * ray_cfg.stream_cpus
+    return max(1, math.ceil(need - 1e-9))
+
+
+class ReplicaAssigner:
+    """Which inference replica serves which camera: the one with the fewest cameras, lowest index on a tie.
+    A camera keeps its replica while it exists; cameras no longer in ``live`` free their place."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+        self.of: dict[str, int] = {}
+
+    def assign(self, camera: str, live: Iterable[str] = ()) -> int:
+        keep = set(live) | {camera}
+        self.of = {c: r for c, r in self.of.items() if c in keep}
+        if camera not in self.of:
+            load = collections.Counter(self.of.values())
+            self.of[camera] = min(range(self.replicas), key=lambda r: (load[r], r))
+        return self.of[camera]

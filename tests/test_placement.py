@@ -1,0 +1,163 @@
+"""Placement rules without Ray (issue 16): which options each actor gets, what is refused at once, how cameras
+spread over replicas, how pipelines are namespaced, where a restarted camera resumes. The multi-node run is
+tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cluster import redis_warning, require_redis_url
+from pipeline.config import ConfigError, RayConfig, parse_config
+from pipeline.errors import UserError
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, inference_options,
+                                local_cpus, namespace_for, stream_options)
+from workers.settings import CameraConfig
+from workers.stream import Resume, resume_point
+
+HEAD = Node("h" * 56, "10.0.0.1", {"CPU": 2, "memory": 1e9})
+CPU_INF = Node("a" * 56, "10.0.0.2", {"CPU": 8, "hydravision_inference": 2}, {"zone": "a"})
+NO_TORCH = Node("c" * 56, "10.0.0.3", {"CPU": 4, "site_c": 10}, {"zone": "c"})
+GPU = Node("g" * 56, "10.0.0.4", {"CPU": 16, "GPU": 2, "hydravision_inference": 4}, {"zone": "g"})
+
+
+def cam(**placement) -> CameraConfig:
+    return CameraConfig(id="lobby", url="synthetic://street", placement=placement or None)
+
+
+@pytest.mark.parametrize("nodes, num_gpus, expected", [
+    ([HEAD], None, {"num_cpus": 0, "num_gpus": 0.0}),  # one machine: nothing to steer
+    ([HEAD, NO_TORCH], None, {"num_cpus": 0, "num_gpus": 0.0, "scheduling_strategy": "SPREAD"}),
+    ([HEAD, CPU_INF, NO_TORCH], None, {"num_cpus": 0, "num_gpus": 0.0, "scheduling_strategy": "SPREAD",
+                                       "resources": {"hydravision_inference": 1.0}}),
+    ([HEAD, GPU, NO_TORCH], None, {"num_cpus": 0, "num_gpus": 1.0, "scheduling_strategy": "SPREAD",
+                                   "resources": {"hydravision_inference": 1.0}}),
+    ([HEAD, GPU], 0.5, {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": "SPREAD",
+                        "resources": {"hydravision_inference": 1.0}}),  # inference.num_gpus wins
+])
+def test_inference_options(nodes, num_gpus, expected):
+    assert inference_options(RayConfig(), num_gpus, nodes) == expected
+
+
+def test_inference_never_fits_a_node_without_the_inference_resource():
+    """A node started without torch does not advertise hydravision_inference: no replica can land there."""
+    opts = inference_options(RayConfig(), None, [HEAD, CPU_INF, NO_TORCH])
+    assert [n.id[0] for n in (HEAD, CPU_INF, NO_TORCH) if fits(n, opts)] == ["a"]
+
+
+@pytest.mark.parametrize("placement, expected", [
+    ({}, {"num_cpus": 0.1, "scheduling_strategy": "SPREAD"}),
+    ({"labels": {"zone": "a"}}, {"num_cpus": 0.1, "label_selector": {"zone": "a"}}),
+    ({"labels": {"zone": "a"}, "strict": False},
+     {"num_cpus": 0.1, "label_selector": {"zone": "a"}, "fallback_strategy": [{"label_selector": {}}]}),
+    ({"resources": {"site_c": 1}}, {"num_cpus": 0.1, "resources": {"site_c": 1.0}}),
+])
+def test_stream_options(placement, expected):
+    assert stream_options(RayConfig(), cam(**placement)) == expected
+
+
+@pytest.mark.parametrize("what, opts, nodes, ok", [
+    ("camera on zone a", {"num_cpus": 0.1, "label_selector": {"zone": "a"}}, [HEAD, CPU_INF], True),
+    ("camera on a missing zone", {"num_cpus": 0.1, "label_selector": {"zone": "x"}}, [HEAD, CPU_INF], False),
+    ("camera preferring a missing zone", {"num_cpus": 0.1, "label_selector": {"zone": "x"},
+                                          "fallback_strategy": [{"label_selector": {}}]}, [HEAD], True),
+    ("camera needing a missing resource", {"num_cpus": 0.1, "resources": {"site_b": 1}}, [HEAD, NO_TORCH], False),
+    ("a GPU on a CPU cluster", {"num_gpus": 1}, [HEAD, CPU_INF], False),
+    ("more CPU than any one node has", {"num_cpus": 9}, [HEAD, CPU_INF, NO_TORCH], False),
+    ("a fractional GPU", {"num_gpus": 0.25, "resources": {"hydravision_inference": 1}}, [GPU], True),
+    ("anything, no nodes", {"num_cpus": 0.1}, [], False),
+])
+def test_check_placeable(what, opts, nodes, ok):
+    if ok:
+        check_placeable(what, opts, nodes)
+        return
+    with pytest.raises(UserError) as info:
+        check_placeable(what, opts, nodes)
+    text = str(info.value)
+    assert text.startswith(f"{what} cannot be placed: it needs ") and "no node of the Ray cluster has that" in text
+    for n in nodes:  # the error lists what every node offers, so the user sees what is missing
+        assert n.describe() in text
+
+
+def test_node_from_ray_entry_and_describe():
+    entry = {"NodeID": "ab" * 28, "Alive": True, "NodeManagerAddress": "10.1.2.3",
+             "Resources": {"CPU": 4.0, "memory": 1e9, "node:10.1.2.3": 1.0, "site_a": 10.0},
+             "Labels": {"ray.io/node-id": "ab" * 28, "zone": "a"}}
+    dead = {**entry, "NodeID": "cd" * 28, "Alive": False}
+    nodes = alive_nodes([entry, dead])
+    assert [n.id for n in nodes] == ["ab" * 28]
+    assert nodes[0].labels == {"zone": "a"}
+    assert nodes[0].describe() == "abababab (10.1.2.3): CPU=4, site_a=10; labels zone=a"
+
+
+def test_pipelines_get_their_own_namespace():
+    assert namespace_for(None, "hv") != namespace_for(None, "shop2")
+    assert namespace_for("site-7", "hv") == "site-7"
+
+
+def test_cameras_spread_evenly_over_replicas_and_keep_theirs():
+    a = ReplicaAssigner(3)
+    first = [a.assign(c, ["c0", "c1", "c2", "c3", "c4"]) for c in ["c0", "c1", "c2", "c3", "c4"]]
+    assert first == [0, 1, 2, 0, 1]
+    assert a.assign("c3", ["c0", "c1", "c2", "c3", "c4"]) == 0  # a camera keeps its replica
+    # c0 and c3 were removed: replica 0 is now the emptiest, the next camera goes there
+    assert a.assign("c5", ["c1", "c2", "c4"]) == 0
+    assert sorted(a.of) == ["c1", "c2", "c4", "c5"]
+
+
+def test_local_ray_gets_enough_logical_cpus():
+    rc = RayConfig(stream_cpus=0.25, inference_cpus=1)
+    assert local_cpus(rc, replicas=2, cameras=40, spare_cameras=0) == 12
+    assert local_cpus(RayConfig(), replicas=1, cameras=3) == 2  # (3 + 16) x 0.1 -> 2
+
+
+@pytest.mark.parametrize("url, nodes, warns", [
+    ("redis://127.0.0.1:6379/0", [HEAD, CPU_INF], True),
+    ("redis://localhost:6379/0", [HEAD, CPU_INF], True),
+    ("redis://127.0.0.1:6379/0", [HEAD], False),  # one machine: loopback is right
+    ("redis://redis:6379/0", [HEAD, CPU_INF], False),
+    ("redis://:secret@10.0.0.9:6379/0", [HEAD, CPU_INF], False),
+])
+def test_loopback_redis_on_a_cluster_is_pointed_out(url, nodes, warns):
+    assert (redis_warning(url, nodes) is not None) == warns
+
+
+def test_cluster_mode_needs_a_redis_url(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    require_redis_url(parse_config({}))  # local: the embedded Redis is fine
+    with pytest.raises(UserError, match="redis.url: required when joining a Ray cluster"):
+        require_redis_url(parse_config({"ray": {"address": "10.0.0.1:6380"}}))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6380")
+    assert parse_config({}).ray.cluster
+    with pytest.raises(UserError):
+        require_redis_url(parse_config({}))
+    assert not parse_config({"ray": {"address": "local"}}).ray.cluster  # the config wins over the environment
+
+
+@pytest.mark.parametrize("placement, error", [
+    ({"resources": {"CPU": 1}}, "set by ray.stream_cpus"),
+    ({"resources": {"site_a": 0}}, "amounts must be > 0"),
+    ({"labels": {"zone": "a"}, "strict": "maybe"}, "strict"),
+    ({"nodes": ["a"]}, "unknown field"),
+])
+def test_bad_camera_placement_names_the_field(placement, error):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"cameras": [{"id": "c", "url": "synthetic://street", "placement": placement}]})
+    assert "cameras[0].placement" in str(info.value) and error in str(info.value)
+
+
+def _entry(entry_id: str, frame: int, pts: float) -> list:
+    return [(entry_id.encode(), {b"data": json.dumps({"frame": frame, "pts": pts}).encode()})]
+
+
+@pytest.mark.parametrize("status, last, expected", [
+    ({}, [], Resume(0, 0.0, "0-0")),  # a camera never seen
+    ({"instance": "old", "stream_mark": "5-0"}, _entry("90-0", 41, 4.1), Resume(0, 0.0, "90-0")),  # new run
+    ({"instance": "run", "stream_mark": "90-0"}, _entry("95-3", 12, 1.2), Resume(13, 1.2, "90-0")),  # restarted
+    ({"instance": "run", "stream_mark": "90-0"}, _entry("90-0", 41, 4.1), Resume(0, 0.0, "90-0")),  # none yet
+    ({"instance": "run", "stream_mark": "100-0"}, _entry("99-7", 41, 4.1), Resume(0, 0.0, "100-0")),
+])
+def test_resume_point(status, last, expected):
+    """A restarted camera continues after the last frame this run published: no (camera, frame) twice."""
+    assert resume_point("run", status, last) == expected
