@@ -92,6 +92,11 @@ def wait_for_resources(wanted: dict[str, float], timeout: float, say: Callable[[
                         + ", ".join(f"{k} {v}" for k, v in short.items()) + f". Nodes:\n  {nodes}")
 
 
+def camera_actor_name(camera_id: str) -> str:
+    """A camera's StreamActor name, unique within the pipeline's Ray namespace."""
+    return f"hv-camera-{camera_id}"
+
+
 def inference_name(index: int) -> str:
     """A replica's actor name, unique within the pipeline's Ray namespace; StreamActors look it up by it."""
     return f"hv-inference-{index}"
@@ -120,7 +125,7 @@ class Placement:
     def stream_options(self, camera: CameraConfig) -> dict[str, Any]:
         opts = stream_options(self.config.ray, camera)
         check_placeable(f"camera {camera.id}", opts, self.nodes)
-        return {**opts, "name": f"hv-camera-{camera.id}", "namespace": self.namespace}
+        return {**opts, "name": camera_actor_name(camera.id), "namespace": self.namespace}
 
     def replica_index(self, camera: str, live: Any = ()) -> int:
         """The replica a camera sends its frames to: the one serving the fewest of the ``live`` cameras."""

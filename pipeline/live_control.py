@@ -25,6 +25,7 @@ import redis
 
 from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
 from pipeline.camera_export import export_cameras, export_yaml
+from pipeline.cluster import camera_actor_name
 from pipeline.config import API_TOKEN_ENV, ConfigError
 from pipeline.errors import UserError
 from workers.publish import event_message
@@ -35,10 +36,6 @@ from workers.stream import retired_track_ids_key
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
-
-
-def camera_actor_name(camera_id: str) -> str:
-    return f"hv-camera-{camera_id}"
 
 
 class LiveControl:
