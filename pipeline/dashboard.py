@@ -1,0 +1,428 @@
+"""`hydravision dashboard`: a live web page of the cameras, fed from Redis alone, so it runs wherever a consumer
+can (and inside the controller, see ``DashboardServer``).
+
+Data flow: two threads read Redis (``Hub``): a poller every ``interval_s`` (camera statuses, each camera's
+latest detection message, counts and snapshot) and an events reader blocked on ``XREAD {prefix}:events``
+(an event reaches the page within a round trip of its XADD). What they read is shaped by
+pipeline/dashboard_data.py, scrubbed of credentials, encoded once, and handed to the web server's event loop
+(``loop.call_soon_threadsafe``), which pushes it to every open page over Server-Sent Events. Pages never
+poll: the JPEG of a snapshot is fetched when a pushed tile names a new one, from the Hub's copy (one Redis
+read per snapshot, whatever the number of pages). A page that falls behind is disconnected and, as
+EventSource does, reconnects and starts again from a fresh ``hello``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+from pydantic import Field
+
+from pipeline import dashboard_data as data
+from pipeline.status import read_camera_statuses
+from workers.publish import keys
+from workers.redact import redact_text, redact_url
+from workers.settings import Strict
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().with_name("dashboard_static")
+EVENTS_BACKLOG = 300  # events a page gets when it opens
+CLIENT_QUEUE = 256  # messages waiting for one page; more and it is disconnected (it reconnects afresh)
+KEEPALIVE_S = 15.0
+REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"  # as in pipeline/app.py, not imported from there: it imports Ray
+
+
+class DashboardConfig(Strict):
+    """The ``dashboard:`` section a controller config can carry (the controller serves the page when enabled)."""
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="address to bind; the page has no login, keep it on loopback "
+                      "or behind a proxy that has one")
+    port: int = Field(8765, ge=0, le=65535, description="0: a free port")
+    interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
+
+
+def _sse(kind: str, payload: str) -> str:
+    return f"event: {kind}\ndata: {payload}\n\n"
+
+
+class Hub:
+    """Reads Redis in two threads and fans what it read out to the pages' queues on the web server's loop."""
+
+    def __init__(self, redis_url: str, prefix: str = "hv", interval_s: float = 1.0, history_s: float = 300.0,
+                 events_backlog: int = EVENTS_BACKLOG):
+        self.url, self.prefix, self.interval_s = redis_url, prefix, interval_s
+        self.keys = keys(prefix)
+        self.board = data.Board(history_s)
+        self.events: deque[dict] = deque(maxlen=events_backlog)
+        self.snapshots: dict[str, tuple[str, bytes]] = {}  # camera -> (version, jpeg)
+        self.redis: dict[str, Any] = {"ok": None, "error": None, "since": None}
+        self._lock = threading.Lock()  # guards board, events, snapshots, redis
+        self._queues: set[asyncio.Queue] = set()  # touched on the loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.polls = 0
+
+    # --- lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> "Hub":
+        self._loop = loop
+        for target, name in ((self._poll_loop, "dashboard-poll"), (self._events_loop, "dashboard-events")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self.close_pages()
+
+    def close_pages(self) -> None:
+        """Ends every page's stream (from any thread); their EventSource reconnects to whoever serves next."""
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fanout, None)
+            except RuntimeError:  # the loop closed in between
+                pass
+
+    def _client(self) -> redis.Redis:
+        # The events reader blocks 1 s in XREAD: the socket timeout must be longer.
+        return redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5,
+                                    client_name="hydravision-dashboard")
+
+    def _describe(self, exc: BaseException) -> str:
+        return redact_text(f"{type(exc).__name__}: {exc}", [self.url])[:300]
+
+    # --- pages (on the loop)
+    def subscribe(self) -> tuple[asyncio.Queue, str]:
+        """A queue for a new page and the ``hello`` it starts from; call on the loop, with no await between
+        the two (the fan-out also runs on the loop, so nothing falls between them; events may come twice and
+        the page drops repeats by their stream id)."""
+        q: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        self._queues.add(q)
+        return q, self.hello_text()
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._queues.discard(q)
+
+    def hello(self) -> dict:
+        with self._lock:
+            return {"prefix": self.prefix, "interval_s": self.interval_s, "redis": dict(self.redis),
+                    "cameras": self.board.all(), "history": self.board.histories(), "events": list(self.events),
+                    "now": time.time()}
+
+    def hello_text(self) -> str:
+        return self._encode(self.hello())
+
+    def snapshot(self, camera: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            return self.snapshots.get(camera)
+
+    def _fanout(self, message: str | None) -> None:
+        for q in list(self._queues):
+            try:
+                q.put_nowait(message)
+            except asyncio.QueueFull:  # a page that cannot keep up starts again from a fresh hello
+                self._queues.discard(q)
+                q.get_nowait()
+                q.put_nowait(None)
+
+    def _publish(self, kind: str, payload: Any) -> None:
+        """From a reader thread: encode once, scrubbed, and queue for every page."""
+        message = _sse(kind, self._encode(payload))
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fanout, message)
+            except RuntimeError:
+                pass
+
+    def _encode(self, payload: Any) -> str:
+        return json.dumps(data.scrub(payload, [self.url]), separators=(",", ":"), allow_nan=False, default=str)
+
+    def _redis_state(self, ok: bool, error: str | None = None) -> None:
+        """The poller's view of Redis; a change is pushed to the pages (they show a notice)."""
+        with self._lock:
+            if self.redis["ok"] == ok:
+                return
+            self.redis = {"ok": ok, "error": error, "since": round(time.time(), 3)}
+            state = dict(self.redis)
+        (log.info if ok else log.warning)("dashboard: Redis %s", "reachable" if ok else f"unreachable: {error}")
+        self._publish("redis", state)
+
+    # --- the poller
+    def _poll_loop(self) -> None:
+        client, failures = self._client(), 0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self.poll(client)
+                failures = 0
+                self._redis_state(True)
+            except (redis.RedisError, OSError) as e:
+                failures += 1
+                self._redis_state(False, self._describe(e))
+            except Exception:  # a bug must not end the page's data: log it, keep polling
+                log.exception("dashboard: poll failed")
+            wait = self.interval_s if not failures else min(2.0, 0.25 * 2 ** failures)
+            self._stop.wait(max(0.0, wait - (time.monotonic() - began)))
+        client.close()
+
+    def poll(self, client: redis.Redis) -> list[dict]:
+        """One read of every camera; pushes the tiles (and returns them)."""
+        now = time.time()
+        statuses = read_camera_statuses(client, self.prefix, now)
+        pipe = client.pipeline(transaction=False)
+        for s in statuses:
+            pipe.xrevrange(self.keys.detections(s["camera"]), count=1)
+            pipe.hgetall(data.counts_key(self.prefix, s["camera"]))
+        replies = pipe.execute(raise_on_error=False) if statuses else []
+        tiles, pictures = [], {}
+        for i, s in enumerate(statuses):
+            cam = s["camera"]
+            latest, counts = replies[2 * i], replies[2 * i + 1]
+            detection = None
+            if isinstance(latest, list) and latest:
+                try:
+                    detection = json.loads(latest[0][1][b"data"])
+                except (KeyError, ValueError, IndexError):
+                    detection = None
+            snap = data.read_snapshot(client, self.prefix, cam)
+            meta = None
+            if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
+                version = data.snapshot_version(snap[0], snap[1])
+                pictures[cam] = (version, snap[0])
+                meta = (version, snap[1], snap[2])
+            tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
+                                        data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+        with self._lock:
+            shown = self.board.update(tiles, now)
+            self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
+                              if c in pictures or c in self.snapshots}
+            self.polls += 1
+        self._publish("tick", {"cameras": shown, "now": now})
+        return shown
+
+    # --- the events reader
+    def _events_loop(self) -> None:
+        client, last, failures = self._client(), None, 0
+        while not self._stop.is_set():
+            try:
+                if last is None:
+                    last = self._backlog(client)
+                elif failures:
+                    last = self._resume_after(client, last)
+                reply = client.xread({self.keys.events: last}, block=1000, count=500)
+                failures = 0
+            except (redis.RedisError, OSError):
+                failures += 1  # the poller tells the pages; this one just comes back
+                self._stop.wait(min(2.0, 0.25 * 2 ** failures))
+                continue
+            batch = []
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = self._event(entry_id, fields)
+                    if event is not None:
+                        batch.append(event)
+            if batch:
+                self._take_events(batch)
+        client.close()
+
+    def _backlog(self, client: redis.Redis) -> bytes | str:
+        entries = client.xrevrange(self.keys.events, count=self.events.maxlen)
+        events = [e for e in (self._event(i, f) for i, f in reversed(entries)) if e is not None]
+        with self._lock:
+            self.events.extend(events)
+        if events:
+            self._publish("events", {"events": events})
+        return entries[0][0] if entries else "0-0"
+
+    def _resume_after(self, client: redis.Redis, last: bytes | str) -> bytes | str:
+        """After an outage: a Redis that restarted empty has a new stream whose ids may lie below ours."""
+        top = client.xrevrange(self.keys.events, count=1)
+        if not top or _stream_id(top[0][0]) < _stream_id(last):
+            return "0-0"
+        return last
+
+    def _event(self, entry_id: bytes | str, fields: dict) -> dict | None:
+        try:
+            event = json.loads(fields[b"data"])
+            if not isinstance(event, dict):
+                return None
+        except (KeyError, ValueError):
+            return None
+        event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return {**event, "id": event_id, "group": data.event_group(str(event.get("type")))}
+
+    def _take_events(self, events: list[dict]) -> None:
+        with self._lock:
+            self.events.extend(events)
+            removed = [e["camera"] for e in events if e.get("type") == "camera_removed"]
+            for cam in removed:  # removed for good: no need to wait for its status to age out
+                self.board.remove(cam)
+                self.snapshots.pop(cam, None)
+        self._publish("events", {"events": events})
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# --- the web app -------------------------------------------------------------------------------------------
+
+def create_app(hub: Hub):
+    """The Starlette app: the page, its static files, the SSE stream, the JSON state and the snapshots."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def stream(request):
+        q, hello = hub.subscribe()
+
+        async def events():
+            try:
+                yield "retry: 1000\n\n" + _sse("hello", hello)
+                while True:
+                    try:
+                        item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    if item is None:
+                        return
+                    yield item
+            finally:
+                hub.unsubscribe(q)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def state(request):
+        return Response(hub.hello_text(), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def snapshot(request):
+        found = hub.snapshot(request.path_params["camera"])
+        if found is None:
+            return JSONResponse({"error": "no snapshot for this camera yet"}, status_code=404)
+        version, jpeg = found
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": "no-cache", "ETag": f'"{version}"', "X-Snapshot": version})
+
+    async def health(request):
+        with hub._lock:
+            ok = bool(hub.redis["ok"])
+        return JSONResponse({"redis": ok}, status_code=200 if ok else 503)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        hub.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, hub.stop)
+
+    routes = [Route("/", index), Route("/api/stream", stream), Route("/api/state", state),
+              Route("/api/cameras/{camera}/snapshot.jpg", snapshot), Route("/healthz", health),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+class DashboardServer:
+    """The dashboard on uvicorn in a thread of its own: for the controller (``dashboard:`` enabled) and tests."""
+
+    def __init__(self, redis_url: str, prefix: str = "hv", host: str = "127.0.0.1", port: int = 0,
+                 interval_s: float = 1.0):
+        import uvicorn
+
+        self.hub = Hub(redis_url, prefix, interval_s)
+        self.socket = _listen(host, port)  # bound now: port 0 tells its real port at once
+        self.host, self.port = host, self.socket.getsockname()[1]
+        config = uvicorn.Config(create_app(self.hub), log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                        name="dashboard", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 10.0) -> "DashboardServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.hub.close_pages()  # open SSE streams would hold uvicorn's shutdown up
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self.socket.close()
+
+    def __enter__(self) -> "DashboardServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def command(args: Any) -> int:
+    """`hydravision dashboard --redis-url ... [--prefix --host --port --interval]`."""
+    from pipeline.errors import UserError
+
+    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    if args.interval <= 0:
+        raise UserError(f"--interval must be > 0, got {args.interval:g}")
+    try:
+        return serve(url, args.prefix, args.host, args.port, args.interval,
+                     say=lambda m: print(m, file=sys.stderr, flush=True))
+    except OSError as e:  # the port is taken, the address is not ours
+        raise UserError(f"cannot serve the dashboard on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float,
+          say: Callable[[str], None] = print) -> int:
+    """`hydravision dashboard`: serves until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    hub = Hub(redis_url, prefix, interval_s)
+    sock = _listen(host, port)
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
+    say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")
+    server = uvicorn.Server(uvicorn.Config(create_app(hub), log_level="warning", access_log=False,
+                                           lifespan="on", timeout_graceful_shutdown=2))
+    original = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        hub.close_pages()
+        original(sig, frame)
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run(sockets=[sock])
+    return 0
