@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "or behind a proxy that has one)")
     db.add_argument("--port", type=int, default=8765)
     db.add_argument("--interval", type=float, default=1.0, metavar="S", help="read and push camera tiles every S seconds")
+    db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
+                    "the service's Redis control stream; anyone who reaches the page can)")
 
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")

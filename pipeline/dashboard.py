@@ -14,6 +14,7 @@ EventSource does, reconnects and starts again from a fresh ``hello``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import redis
 from pydantic import Field
 
 from pipeline import dashboard_data as data
+from pipeline.dashboard_control import add_command, control_reachable, remove_command, send_command
 from pipeline.status import read_camera_statuses
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
@@ -50,6 +52,8 @@ class DashboardConfig(Strict):
                       "or behind a proxy that has one")
     port: int = Field(8765, ge=0, le=65535, description="0: a free port")
     interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
+    allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
+                                "control stream); anyone who reaches the page can then use them")
 
 
 def _sse(kind: str, payload: str) -> str:
@@ -60,8 +64,10 @@ class Hub:
     """Reads Redis in two threads and fans what it read out to the pages' queues on the web server's loop."""
 
     def __init__(self, redis_url: str, prefix: str = "hv", interval_s: float = 1.0, history_s: float = 300.0,
-                 events_backlog: int = EVENTS_BACKLOG):
+                 events_backlog: int = EVENTS_BACKLOG, allow_control: bool = False):
         self.url, self.prefix, self.interval_s = redis_url, prefix, interval_s
+        self.allow_control = allow_control
+        self.control = False  # a controller reads the control stream now (only looked at when allowed)
         self.keys = keys(prefix)
         self.board = data.Board(history_s)
         self.events: deque[dict] = deque(maxlen=events_backlog)
@@ -120,11 +126,22 @@ class Hub:
     def hello(self) -> dict:
         with self._lock:
             return {"prefix": self.prefix, "interval_s": self.interval_s, "redis": dict(self.redis),
+                    "control": self.control,
                     "cameras": self.board.all(), "history": self.board.histories(), "events": list(self.events),
                     "now": time.time()}
 
-    def hello_text(self) -> str:
-        return self._encode(self.hello())
+    def hello_text(self, pictures: bool = True) -> str:
+        """The hello, with every camera's current picture inline (as a data: URL): a page opening on 32
+        cameras draws them all from this one response instead of 32 requests queued behind the browser's
+        six connections per host (one of them held by the stream)."""
+        text = self._encode(self.hello())
+        if not pictures:
+            return text
+        with self._lock:
+            inline = {c: (v, base64.b64encode(jpeg).decode()) for c, (v, jpeg) in self.snapshots.items()}
+        extra = json.dumps({c: {"v": v, "data": f"data:image/jpeg;base64,{b64}"} for c, (v, b64) in inline.items()},
+                           separators=(",", ":"))
+        return f'{text[:-1]},"pictures":{extra}}}'
 
     def snapshot(self, camera: str) -> tuple[str, bytes] | None:
         with self._lock:
@@ -206,12 +223,14 @@ class Hub:
                 meta = (version, snap[1], snap[2])
             tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
                                         data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+        control = self.allow_control and control_reachable(client, self.prefix)
         with self._lock:
+            self.control = control
             shown = self.board.update(tiles, now)
             self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
                               if c in pictures or c in self.snapshots}
             self.polls += 1
-        self._publish("tick", {"cameras": shown, "now": now})
+        self._publish("tick", {"cameras": shown, "now": now, "control": control})
         return shown
 
     # --- the events reader
@@ -317,7 +336,7 @@ def create_app(hub: Hub):
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def state(request):
-        return Response(hub.hello_text(), media_type="application/json", headers={"Cache-Control": "no-store"})
+        return Response(hub.hello_text(pictures=False), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def snapshot(request):
         found = hub.snapshot(request.path_params["camera"])
@@ -326,6 +345,42 @@ def create_app(hub: Hub):
         version, jpeg = found
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": "no-cache", "ETag": f'"{version}"', "X-Snapshot": version})
+
+    async def control(request, command: dict, urls: list[str]):
+        """Runs one control command (in a thread: it waits for the controller's answer)."""
+        if not hub.allow_control:
+            return JSONResponse({"status": "rejected", "reason": "control is off: start the dashboard with "
+                                 "--allow-control"}, status_code=403)
+        origin = request.headers.get("origin")
+        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return JSONResponse({"status": "rejected", "reason": "cross-origin request"}, status_code=403)
+
+        def send() -> dict:
+            with redis.Redis.from_url(hub.url, socket_connect_timeout=2, socket_timeout=5) as client:
+                return send_command(client, hub.prefix, command)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, send)
+        except (redis.RedisError, OSError) as e:
+            result = {"status": "rejected", "reason": f"Redis: {hub._describe(e)}"}
+        code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
+        return JSONResponse(data.scrub(result, [hub.url, *urls]), status_code=code)
+
+    async def add_camera(request):
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"status": "rejected", "reason": "send the camera as application/json"},
+                                status_code=415)
+        try:
+            camera = await request.json()
+        except ValueError:
+            camera = None
+        if not isinstance(camera, dict) or not isinstance(camera.get("id"), str) or \
+                not isinstance(camera.get("url"), str):
+            return JSONResponse({"status": "rejected", "reason": "expected a JSON object with id and url"},
+                                status_code=400)
+        return await control(request, add_command(camera), [camera["url"]])
+
+    async def remove_camera(request):
+        return await control(request, remove_command(request.path_params["camera"]), [])
 
     async def health(request):
         with hub._lock:
@@ -341,6 +396,8 @@ def create_app(hub: Hub):
             await asyncio.get_running_loop().run_in_executor(None, hub.stop)
 
     routes = [Route("/", index), Route("/api/stream", stream), Route("/api/state", state),
+              Route("/api/cameras", add_camera, methods=["POST"]),
+              Route("/api/cameras/{camera}", remove_camera, methods=["DELETE"]),
               Route("/api/cameras/{camera}/snapshot.jpg", snapshot), Route("/healthz", health),
               Mount("/static", StaticFiles(directory=STATIC), name="static")]
     return Starlette(routes=routes, lifespan=lifespan)
@@ -354,10 +411,10 @@ class DashboardServer:
     """The dashboard on uvicorn in a thread of its own: for the controller (``dashboard:`` enabled) and tests."""
 
     def __init__(self, redis_url: str, prefix: str = "hv", host: str = "127.0.0.1", port: int = 0,
-                 interval_s: float = 1.0):
+                 interval_s: float = 1.0, allow_control: bool = False):
         import uvicorn
 
-        self.hub = Hub(redis_url, prefix, interval_s)
+        self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
         self.socket = _listen(host, port)  # bound now: port 0 tells its real port at once
         self.host, self.port = host, self.socket.getsockname()[1]
         config = uvicorn.Config(create_app(self.hub), log_level="warning", access_log=False, lifespan="on",
@@ -401,18 +458,18 @@ def command(args: Any) -> int:
     if args.interval <= 0:
         raise UserError(f"--interval must be > 0, got {args.interval:g}")
     try:
-        return serve(url, args.prefix, args.host, args.port, args.interval,
+        return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
                      say=lambda m: print(m, file=sys.stderr, flush=True))
     except OSError as e:  # the port is taken, the address is not ours
         raise UserError(f"cannot serve the dashboard on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
-def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float,
+def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, allow_control: bool = False,
           say: Callable[[str], None] = print) -> int:
     """`hydravision dashboard`: serves until Ctrl-C / SIGTERM."""
     import uvicorn
 
-    hub = Hub(redis_url, prefix, interval_s)
+    hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
     sock = _listen(host, port)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
     say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from workers.redact import redact_text
+from workers.redact import redact_text, url_secrets
 
 # A tile's state, as an operator reads it; the camera's own state stays in the tile as ``detail``.
 UP, RECONNECTING, DOWN = "up", "reconnecting", "down"
@@ -138,13 +138,18 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
 def scrub(value: Any, urls: list[str]) -> Any:
     """A copy of a JSON-able value with the credentials of ``urls`` (and of any URL) hidden in every string:
     string by string, so that a URL in one field cannot swallow the JSON around it."""
-    if isinstance(value, str):
-        return redact_text(value, urls)
-    if isinstance(value, dict):
-        return {scrub(k, urls): scrub(v, urls) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub(v, urls) for v in value]
-    return value
+    # redact_text changes only strings holding one of these or a "://": the others (nearly all) skip it
+    needles = [u for u in urls if u] + [x for u in urls if u for x in url_secrets(u)]
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_text(v, urls) if "://" in v or any(n in v for n in needles) else v
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+    return walk(value)
 
 
 class Board:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
 
@@ -17,6 +18,7 @@ import numpy as np
 import redis
 
 from pipeline.dashboard_data import counts_key, snapshot_key
+from pipeline.testbed import HOST, ManagedProcess
 from synthetic.scene import CLASS_NAMES, StreetScene
 from workers.publish import detection_message, encode, event_message, keys
 
@@ -239,3 +241,90 @@ class SnapshotMirror:
         jpeg = annotate(image, msg["detections"], caption=f"{cid} frame {msg['frame']}")
         write_snapshot(self.client, self.prefix, cid, jpeg, msg["frame"], msg["ts"], (w, h))
         self.written[cid] = msg["frame"]
+
+
+class DashboardProcess(ManagedProcess):
+    """`hydravision dashboard` in a process of its own, as users run it (its CPU can be measured alone)."""
+
+    name = "dashboard"
+
+    def __init__(self, redis_url: str, prefix: str = "hv", interval_s: float = 1.0, port: int | None = None,
+                 allow_control: bool = False):
+        self.redis_url, self.prefix, self.interval_s, self.allow_control = redis_url, prefix, interval_s, allow_control
+        super().__init__(port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", self.redis_url, "--prefix",
+                self.prefix, "--host", HOST, "--port", str(self.port), "--interval", str(self.interval_s)] + \
+            (["--allow-control"] if self.allow_control else [])
+
+    def is_ready(self, log: str) -> bool:
+        # printed once the socket listens: a request made from now on waits for the server, never fails (a
+        # taken port ends the process with "Address already in use", and start() tries another port)
+        return "Dashboard of " in log
+
+
+class FakeController:
+    """Answers the Redis control stream as the service's controller does (pipeline/dashboard_control.py has the
+    protocol): ``add`` starts a FakeCameras for the camera, ``remove`` stops it, deletes its status and sends
+    camera_removed. Every command it received is kept in ``received`` (a test checks what was sent)."""
+
+    def __init__(self, url: str, prefix: str = "hv", group: str = "hydravision"):
+        from pipeline.dashboard_control import CONSUMER_NAME, control_key, results_key
+
+        self.url, self.prefix, self.group = url, prefix, group
+        self.key, self.results = control_key(prefix), results_key(prefix)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                           client_name=CONSUMER_NAME)
+        self.cameras: dict[str, FakeCameras] = {}
+        self.received: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-controller", daemon=True)
+
+    def __enter__(self) -> "FakeController":
+        try:
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError:
+            pass
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for cams in self.cameras.values():
+            cams.stop()
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            reply = self.client.xreadgroup(self.group, "controller", {self.key: ">"}, count=10, block=500)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    cmd = json.loads(fields[b"data"])
+                    self.received.append(cmd)
+                    result = {"v": 1, "command": entry_id.decode(), "request_id": cmd.get("request_id"),
+                              "op": cmd.get("op"), "by": f"redis:{cmd.get('user')}", "ts": time.time()}
+                    result.update(self._apply(cmd))
+                    self.client.xadd(self.results, {"data": json.dumps(result)})
+                    self.client.xack(self.key, self.group, entry_id)
+                    self.client.xdel(self.key, entry_id)
+
+    def _apply(self, cmd: dict) -> dict:
+        if cmd.get("op") == "add":
+            cid = cmd["camera"]["id"]
+            if cid in self.cameras:
+                return {"status": "rejected", "reason": f"camera.id: {cid!r} exists already"}
+            self.cameras[cid] = FakeCameras(self.url, 1, prefix=self.prefix, names=cid).start()
+            return {"status": "accepted", "camera": cid}
+        if cmd.get("op") == "remove" and cmd.get("id") in self.cameras:
+            self.cameras.pop(cmd["id"]).stop()
+            k = keys(self.prefix)
+            self.client.hdel(k.cameras, cmd["id"])
+            self.client.xadd(k.events, {"data": encode(event_message("camera_removed", cmd["id"]))})
+            return {"status": "accepted", "camera": cmd["id"]}
+        return {"status": "rejected", "reason": f"id: no camera {cmd.get('id')!r}"}

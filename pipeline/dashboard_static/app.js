@@ -9,6 +9,8 @@ const state = {
   events: [],           // newest last, at most MAX_EVENTS
   eventIds: new Set(),
   redis: { ok: null },
+  pictures: new Map(),
+  control: false,       // a controller listens and this dashboard may send it commands  // camera -> {v, data}: the pictures inlined in the last hello
   historyS: 300,
   reconnectedTimer: null,
 };
@@ -95,6 +97,21 @@ function drawChart(canvas, points) {
   }
 }
 
+// Charts are drawn in one pass after the DOM is updated: a chart reads its size, and a read between writes
+// would force the browser to lay the page out once per tile.
+let chartsPending = false;
+function scheduleCharts() {
+  if (chartsPending) return;
+  chartsPending = true;
+  requestAnimationFrame(() => {
+    chartsPending = false;
+    for (const canvas of document.querySelectorAll("#grid canvas.chart, #detail canvas.chart")) {
+      const camera = canvas.closest("[data-camera]").dataset.camera;
+      drawChart(canvas, state.history.get(camera) || []);
+    }
+  });
+}
+
 // --- tiles ---------------------------------------------------------------------------------------------------
 function makeTile(camera) {
   const img = el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" });
@@ -124,6 +141,14 @@ function showPicture(container, camera, snapshot) {
     return;
   }
   if (img.dataset.v === snapshot.v || img.dataset.loading === snapshot.v) return;
+  const inline = state.pictures.get(camera);
+  if (inline && inline.v === snapshot.v) {  // came with the hello: no request
+    img.src = inline.data;
+    img.dataset.v = snapshot.v;
+    img.dataset.frame = snapshot.frame ?? "";
+    img.hidden = false; placeholder.hidden = true;
+    return;
+  }
   img.dataset.loading = snapshot.v;
   const next = new Image();  // decode first, then swap: no flicker
   next.onload = () => {
@@ -139,6 +164,7 @@ function showPicture(container, camera, snapshot) {
 
 function fillStats(root, tile) {
   root.dataset.state = tile.state;
+  root.dataset.fps = tile.fps;
   root.querySelector(".state").textContent = stateLabel(tile);
   root.querySelector(".state").title = tile.detail || "";
   const error = root.querySelector(".error");
@@ -163,8 +189,8 @@ function renderTiles() {
     grid.append(node);  // keeps the order sorted as cameras come and go
     fillStats(node, tile);
     showPicture(node, camera, tile.snapshot);
-    drawChart(node.querySelector("canvas"), state.history.get(camera) || []);
   }
+  scheduleCharts();
   for (const node of [...grid.children]) if (!seen.has(node.dataset.camera)) node.remove();
   $("#empty").hidden = state.cameras.size > 0;
   const by = { up: 0, reconnecting: 0, down: 0 };
@@ -279,9 +305,13 @@ function renderDetail() {
             el("dt", {}, "reconnects"), el("dd", { class: "reconnects" })),
           el("h2", {}, "Heads"), el("table", { class: "heads" }),
           el("h2", { class: "counts-row" }, "Zones and lines"), el("table", { class: "zones counts-row" }),
+          el("p", {}, el("button", { type: "button", class: "remove", hidden: "" }, "Remove camera"), " ",
+            el("span", { class: "result", role: "status" })),
           el("h2", {}, "Recent events"), el("ol", { class: "events recent" }))));
+    root.querySelector("button.remove").addEventListener("click", () => removeCamera(camera, root.querySelector(".result")));
   }
   const tile = state.cameras.get(camera);
+  root.querySelector("button.remove").hidden = !state.control || !tile;
   root.dataset.state = tile ? tile.state : "down";
   if (!tile) {
     root.querySelector(".state").textContent = "not in Redis (removed?)";
@@ -300,7 +330,7 @@ function renderDetail() {
       ...tile.counts.lines.map((l) => el("tr", {}, el("td", {}, `line ${l.line}`), el("td", {}, l.head), el("td", {}, l["class"]), el("td", {}, `${l["in"]} in / ${l["out"]} out`))));
   }
   showPicture(root, camera, tile.snapshot);
-  drawChart(root.querySelector("canvas"), state.history.get(camera) || []);
+  scheduleCharts();
   renderDetailEvents();
 }
 
@@ -356,12 +386,15 @@ function takeTiles(tiles) {
 function connect() {
   const source = new EventSource("api/stream");
   source.addEventListener("hello", (m) => {
+    window.hvHelloAt = window.hvHelloAt || performance.now();  // for load-time measurements
     const hello = JSON.parse(m.data);
     state.historyS = 300;
-    $("#source").textContent = `Redis prefix ${hello.prefix}: · pushed every ${hello.interval_s} s`;
+    $("#source").textContent = `Redis keys ${hello.prefix}:* · pushed every ${hello.interval_s} s`;
     state.cameras.clear();
     state.history.clear();
     for (const t of hello.cameras) state.cameras.set(t.camera, t);
+    state.pictures = new Map(Object.entries(hello.pictures || {}));
+    setControl(hello.control);
     const offset = Date.now() / 1000 - hello.now;  // history is on the server's clock
     for (const [camera, points] of Object.entries(hello.history)) {
       state.history.set(camera, points.map(([t, ...rest]) => [t + offset, ...rest]));
@@ -373,7 +406,13 @@ function connect() {
     renderDetail();
     window.hvLoaded = window.hvLoaded || performance.now();
   });
-  source.addEventListener("tick", (m) => { takeTiles(JSON.parse(m.data).cameras); renderTiles(); });
+  source.addEventListener("tick", (m) => {
+    state.pictures.clear();  // newer pictures are fetched as the tiles name them
+    const tick = JSON.parse(m.data);
+    setControl(tick.control);
+    takeTiles(tick.cameras);
+    renderTiles();
+  });
   source.addEventListener("events", (m) => addEvents(JSON.parse(m.data).events));
   source.addEventListener("redis", (m) => setRedis(JSON.parse(m.data)));
   source.onerror = () => {
@@ -381,7 +420,50 @@ function connect() {
   };
 }
 
+// --- add and remove cameras (only when the dashboard allows it and a controller listens) -------------------------
+function setControl(on) {
+  state.control = !!on;
+  $("#add-open").hidden = !state.control;
+  if (!state.control) $("#add-camera").hidden = true;
+}
+
+async function command(method, path, body, output) {
+  output.dataset.status = "sending";
+  output.textContent = "sending…";
+  try {
+    const response = await fetch(path, { method, headers: { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body) });
+    const result = await response.json();
+    output.dataset.status = result.status;
+    output.textContent = result.status === "accepted" ? "accepted" : `${result.status}: ${result.reason || ""}`;
+    return result;
+  } catch (err) {
+    output.dataset.status = "rejected";
+    output.textContent = `failed: ${err}`;
+    return null;
+  }
+}
+
+async function addCamera(event) {
+  event.preventDefault();
+  const field = (name) => event.target.elements.namedItem(name);
+  const camera = { id: field("id").value.trim(), url: field("url").value.trim() };
+  if (field("fps").value) camera.fps = Number(field("fps").value);
+  const heads = field("heads").value.split(",").map((h) => h.trim()).filter(Boolean);
+  if (heads.length) camera.heads = heads;
+  const result = await command("POST", "api/cameras", camera, $("#control-result"));
+  if (result && result.status === "accepted") field("url").value = "";  // it may hold a password
+}
+
+function removeCamera(camera, output) {
+  if (!confirm(`Remove camera ${camera}? Its pipeline stops; its data stays in Redis.`)) return;
+  command("DELETE", `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  $("#add-open").addEventListener("click", () => { $("#add-camera").hidden = false; $("#add-camera").elements.namedItem("id").focus(); });
+  $("#add-cancel").addEventListener("click", () => { $("#add-camera").hidden = true; });
+  $("#add-camera").addEventListener("submit", addCamera);
   $("#filter-camera").addEventListener("change", applyFilters);
   $("#filter-types").addEventListener("change", applyFilters);
   window.addEventListener("hashchange", renderDetail);
