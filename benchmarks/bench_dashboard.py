@@ -50,23 +50,26 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 def measure(browser, redis_url: str, cameras: int, seconds: float, loads: int) -> dict:
     prefix = f"bench{cameras}"
-    with FakeCameras(redis_url, cameras, prefix=prefix, interval_s=1.0, snapshot_every=1), \
+    with FakeCameras(redis_url, cameras, prefix=prefix, interval_s=1.0, snapshot_every=1) as fake, \
             DashboardProcess(redis_url, prefix=prefix) as dashboard:
         proc = psutil.Process(dashboard.process.pid)
         times = [page_load_s(browser, dashboard.url, cameras) for _ in range(loads)]
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        fetched = []
+        page.on("response", lambda r: fetched.append(time.monotonic()) if "snapshot.jpg" in r.url else None)
         page.goto(dashboard.url)
         page.wait_for_function(READY, arg=cameras, timeout=30_000)
-        time.sleep(3)  # past the page's first requests
-        cpu0, wall0 = cpu_seconds(proc), time.monotonic()
-        time.sleep(seconds)
-        cpu1, wall1 = cpu_seconds(proc), time.monotonic()
-        pictures = page.evaluate("performance.getEntriesByType('resource').filter(r => r.name.includes('snapshot')).length")
+        page.wait_for_timeout(3000)  # past the page's first requests (sleeping so lets Playwright see responses)
+        cpu0, wall0, ticks0 = cpu_seconds(proc), time.monotonic(), fake.ticks
+        page.wait_for_timeout(seconds * 1000)
+        cpu1, wall1, ticks1 = cpu_seconds(proc), time.monotonic(), fake.ticks
+        pictures = sum(1 for t in fetched if wall0 <= t <= wall1)
         page.close()
     share = (cpu1 - cpu0) / (wall1 - wall0)
     return {"cameras": cameras, "load_s": [round(t, 3) for t in times], "load_s_median": round(statistics.median(times), 3),
             "cpu_core_share": round(share, 4), "cpu_share_per_10_cameras": round(share * 10 / cameras, 4),
-            "pictures_fetched_by_page": pictures, "seconds": round(wall1 - wall0, 1),
+            "snapshots_written_per_camera_s": round((ticks1 - ticks0) / (wall1 - wall0), 2),
+            "pictures_fetched_by_page_per_s": round(pictures / (wall1 - wall0), 1), "seconds": round(wall1 - wall0, 1),
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -85,7 +88,8 @@ def main() -> None:
             results.append(r)
             print(f"{n:3d} cameras: page load {r['load_s_median']:.3f} s median of {r['load_s']}; dashboard CPU "
                   f"{100 * r['cpu_core_share']:.2f}% of one core = {100 * r['cpu_share_per_10_cameras']:.2f}% per 10 "
-                  f"cameras over {r['seconds']} s ({r['pictures_fetched_by_page']} pictures fetched); load average "
+                  f"cameras over {r['seconds']} s (new pictures: {r['snapshots_written_per_camera_s']}/s per camera "
+                  f"written, {r['pictures_fetched_by_page_per_s']}/s fetched by the page); load average "
                   f"{r['load_average']}", flush=True)
         browser.close()
     if args.json:

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote
 
+import psutil
 import pytest
 
 from pipeline.dashboard import DashboardServer
@@ -267,6 +268,17 @@ def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser):
         times = [load_time(browser, many.url, 32) for _ in range(3)]
         print(f"page load with 32 cameras (to every tile with its picture): {', '.join(f'{t:.3f}' for t in times)} s")
         assert min(times) < 1.0
+        # CPU of the dashboard's process with a page open (budget: 5% of a core per 10 cameras at 1 picture/s)
+        page = new_page(browser)
+        page.goto(many.url)
+        page.wait_for_selector(".tile img.snap:not([hidden])")
+        proc = psutil.Process(many.process.pid)
+        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        page.wait_for_timeout(10_000)
+        share = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        page.close()
+        print(f"dashboard CPU with 32 cameras and a page open: {100 * share:.2f}% of one core")
+        assert share * 10 / 32 < 0.05
 
 
 def state(url: str) -> dict:

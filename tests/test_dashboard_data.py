@@ -211,3 +211,25 @@ def test_control_commands_round_trip_through_the_redis_control_stream(redis_serv
         first = controller.received[0]
         assert first["op"] == "remove" and first["expires"] < time.time() and first["user"] == "dashboard"
     assert not control_reachable(client, "hv")
+
+
+def test_dashboard_command_serves_and_says_where_without_the_password(tmp_path):
+    """`hydravision dashboard` as users run it: it serves the page and its API against a Redis with a
+    password, prints where without that password, and a port already taken is a one-line error, exit 2."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from pipeline.testbed_dashboard import DashboardProcess
+
+    require_binary("redis-server")
+    with RedisServer(password="rpw-Cli5Zk") as server, DashboardProcess(server.url) as dashboard:
+        for path in ("", "api/state", "healthz", "static/app.js"):
+            with urllib.request.urlopen(dashboard.url + path, timeout=10) as resp:
+                assert resp.status == 200 and b"rpw-Cli5Zk" not in resp.read()
+        log = dashboard.log_tail()
+        assert f"redis://***@127.0.0.1:{server.port}/0" in log and "rpw-Cli5Zk" not in log
+        taken = subprocess.run([sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", server.url,
+                                "--port", str(dashboard.port)], capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 2 and taken.stderr.strip().splitlines()[-1].startswith("error: cannot serve")
+    assert "rpw-Cli5Zk" not in taken.stderr
