@@ -9,7 +9,6 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline import model_commands
 from pipeline.errors import UserError
 from workers.redact import redact_text
 
@@ -147,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import dashboard  # no Ray in the dashboard's process
 
             return dashboard.command(args)
+        # torch is imported here only: `dashboard`, `status` and `tail` run where it is not wanted
+        from pipeline import model_commands
+
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")

@@ -247,6 +247,7 @@ class DashboardProcess(ManagedProcess):
     """`hydravision dashboard` in a process of its own, as users run it (its CPU can be measured alone)."""
 
     name = "dashboard"
+    ready_timeout = 60.0  # a Python start on a busy machine
 
     def __init__(self, redis_url: str, prefix: str = "hv", interval_s: float = 1.0, port: int | None = None,
                  allow_control: bool = False):

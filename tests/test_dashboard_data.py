@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from pipeline.dashboard import Hub
+from pipeline.dashboard_hub import Hub
 from pipeline.dashboard_data import (Board, counts_key, event_group, make_tile, parse_counts, read_snapshot, scrub,
                                      snapshot_key, snapshot_version, tracks_by_head)
-from pipeline.status import read_camera_statuses
 from pipeline.testbed_dashboard import write_snapshot
 from servers import RedisServer, require_binary
 from workers.publish import detection_message, encode, event_message, keys
