@@ -64,11 +64,12 @@ def measure(browser, redis_url: str, cameras: int, seconds: float, loads: int) -
         page.wait_for_timeout(seconds * 1000)
         cpu1, wall1, ticks1 = cpu_seconds(proc), time.monotonic(), fake.ticks
         pictures = sum(1 for t in fetched if wall0 <= t <= wall1)
+        rss_mb = proc.memory_info().rss / 2**20
         page.close()
     share = (cpu1 - cpu0) / (wall1 - wall0)
     return {"cameras": cameras, "load_s": [round(t, 3) for t in times], "load_s_median": round(statistics.median(times), 3),
             "cpu_core_share": round(share, 4), "cpu_share_per_10_cameras": round(share * 10 / cameras, 4),
-            "snapshots_written_per_camera_s": round((ticks1 - ticks0) / (wall1 - wall0), 2),
+            "rss_mb": round(rss_mb, 1), "snapshots_written_per_camera_s": round((ticks1 - ticks0) / (wall1 - wall0), 2),
             "pictures_fetched_by_page_per_s": round(pictures / (wall1 - wall0), 1), "seconds": round(wall1 - wall0, 1),
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 
@@ -89,7 +90,8 @@ def main() -> None:
             print(f"{n:3d} cameras: page load {r['load_s_median']:.3f} s median of {r['load_s']}; dashboard CPU "
                   f"{100 * r['cpu_core_share']:.2f}% of one core = {100 * r['cpu_share_per_10_cameras']:.2f}% per 10 "
                   f"cameras over {r['seconds']} s (new pictures: {r['snapshots_written_per_camera_s']}/s per camera "
-                  f"written, {r['pictures_fetched_by_page_per_s']}/s fetched by the page); load average "
+                  f"written, {r['pictures_fetched_by_page_per_s']}/s fetched by the page); RSS {r['rss_mb']} MB; "
+                  "load average "
                   f"{r['load_average']}", flush=True)
         browser.close()
     if args.json:

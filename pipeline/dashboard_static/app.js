@@ -119,7 +119,7 @@ function makeTile(camera) {
     el("header", {}, el("a", { class: "name", href: `#/camera/${encodeURIComponent(camera)}` }, camera),
       el("span", { class: "state" }, "")),
     el("a", { class: "pic", href: `#/camera/${encodeURIComponent(camera)}` }, img,
-      el("div", { class: "placeholder" }, "no snapshot yet")),
+      el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
     el("div", { class: "error", hidden: "" }),
     el("dl", { class: "stats" },
       el("dt", {}, "fps"), el("dd", { class: "fps" }),
@@ -174,6 +174,9 @@ function fillStats(root, tile) {
   root.querySelector("dd.fps").textContent = `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`;
   root.querySelector("dd.age").textContent = `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`;
   root.querySelector("dd.drops").textContent = drops(tile);
+  const when = root.querySelector(".pic .when");  // a camera not up shows its last picture, dated
+  when.hidden = tile.state === "up" || !tile.snapshot || !tile.snapshot.ts;
+  if (!when.hidden) when.textContent = `last picture ${fmt.time(tile.snapshot.ts)}`;
   root.querySelector("dd.tracks").textContent = tile.tracks ? fmt.pairs(tile.tracks) : "–";
   for (const node of root.querySelectorAll(".counts-row")) node.hidden = !tile.counts;
   if (tile.counts) root.querySelector("dd.counts").textContent = countsText(tile.counts);
@@ -290,7 +293,7 @@ function renderDetail() {
       el("h2", {}, camera, " ", el("span", { class: "state" })),
       el("div", { class: "cols" },
         el("div", {}, el("div", { class: "pic" }, el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" }),
-          el("div", { class: "placeholder" }, "no snapshot yet")),
+          el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
           el("canvas", { class: "chart" }),
           el("div", { class: "legend" }, el("span", { class: "fps" }, "— fps"), "  ", el("span", { class: "age" }, "— frame age p50"))),
         el("div", {},
