@@ -19,6 +19,7 @@ from models.checkpoint import CheckpointError, read_metadata
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
+from pipeline.live_control import LiveControl, camera_actor_name
 from pipeline.reaper import Reaper
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
@@ -44,10 +45,12 @@ class CameraHandle:
     done: Any = None  # ObjectRef of actor.wait(), ready when the camera's source has ended
     final: dict | None = None
     restarts: int = 0
+    added_by: str | None = None  # who added it at run time (None: from the config)
 
 
 @dataclass
-class App:
+class App(LiveControl):
+    """Lifecycle here (start, watch, shut down); changes to the running set at run time in LiveControl."""
     config: Config
     redis_url: str | None = None  # overrides config and environment
     say: Callable[[str], None] = print
@@ -62,6 +65,19 @@ class App:
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
+    model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
+    # Called with (FastAPI app, this App) when the HTTP API is built: more routes (metrics, health).
+    api_extensions: list = field(default_factory=list)
+    on_ray_started: Callable[[], None] | None = None  # e.g. route Ray's worker output (pipeline/logs.py)
+    api_server: Any = None  # pipeline.api.ApiServer while the HTTP API runs
+    control: Any = None  # pipeline.control.ControlConsumer while the Redis control stream is read
+    _api_socket: Any = None  # bound at start, served once the config's cameras run
+    admission: Any = None  # pipeline.admission.Admission: the run-time checks of cameras
+    # Guards ``cameras`` and ``_busy`` (ids being added, removed or updated): held for dict operations
+    # only, never across a Ray call, so the control loop's ticks never wait for a camera to start.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _busy: set = field(default_factory=set)
+    _last_stats: dict = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -107,12 +123,16 @@ class App:
         else:
             ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=True)
         self.started_ray = True
+        if self.on_ray_started:
+            self.on_ray_started()
         self._reinstall_signal_handlers()
 
     def start(self) -> None:
-        if not self.config.cameras:
-            raise ConfigError("cameras: no cameras configured")
-        self.check_model()
+        controllable = self.config.control.enabled or self.config.api.port is not None
+        if not self.config.cameras and not controllable:
+            raise ConfigError("cameras: no cameras configured (and no control channel to add one: api, control)")
+        self.model_heads = self.check_model()
+        self.check_api_settings()
         # First, before any child process exists: whatever this run starts dies with it, even on SIGKILL.
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
@@ -120,7 +140,7 @@ class App:
         ic, mc = self.config.inference, self.config.model
         gpus = ic.num_gpus if ic.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
         for i in range(ic.replicas):
-            actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=f"hv-inference-{i}",
+            actor = InferenceActor.options(num_cpus=0, num_gpus=gpus, name=self._inference_name(i),
                                            lifetime=None).remote(
                 str(mc.checkpoint_path()), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
                 mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera)
@@ -133,48 +153,75 @@ class App:
         self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
         self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
         self.add_cameras(self.config.cameras)
+        self.start_control()
+        if not self.cameras:
+            self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
+
+    def _inference_name(self, i: int) -> str:
+        # StreamActors find their replica by name; the run's id keeps two runs on one cluster apart.
+        return f"hv-inference-{self.instance}-{i}"
 
     def add_cameras(self, cams: list[CameraConfig]) -> None:
+        """The config's cameras, at start."""
+        for handle in self._spawn(cams):
+            with self._lock:
+                self.cameras[handle.id] = handle
+            cam = handle.config
+            self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")
+
+    def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
         """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
         after the other takes minutes on a small machine; together they overlap their imports."""
         spawned = []
+        names = [self._inference_name(i) for i in range(len(self.inference))]
         for cam in cams:
-            actor = StreamActor.options(name=f"hv-camera-{cam.id}").remote(
-                cam, self.inference, self.model_info, self.redis_settings, self.instance)
+            actor = StreamActor.options(name=camera_actor_name(cam.id)).remote(
+                cam, names, self.model_info, self.redis_settings, self.instance)
             spawned.append((cam, actor, actor.start.remote()))
         budget_s = 60 + 5 * len(cams)
         deadline = time.monotonic() + budget_s
-        for cam, actor, started in spawned:
-            try:
-                ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
-                raise UserError(f"camera {cam.id}: its stream actor did not start within "
-                                   f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
-            self.cameras[cam.id] = CameraHandle(cam.id, cam, actor, actor.wait.remote())
-            self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")
+        handles = []
+        try:
+            for cam, actor, started in spawned:
+                try:
+                    ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
+                except ray.exceptions.GetTimeoutError:
+                    raise UserError(f"camera {cam.id}: its stream actor did not start within "
+                                    f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
+                handles.append(CameraHandle(cam.id, cam, actor, actor.wait.remote()))
+        except BaseException:  # none of them runs half-started
+            for _, actor, _ in spawned:
+                ray.kill(actor, no_restart=True)
+            raise
+        return handles
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
         """Per-camera stats; also restarts cameras whose actor Ray has restarted, and reports restarts."""
-        refs = {cid: h.actor.stats.remote() for cid, h in self.cameras.items()}
+        with self._lock:
+            handles = dict(self.cameras)
+        refs = {cid: h.actor.stats.remote() for cid, h in handles.items()}
         out = []
         for cid, ref in refs.items():
             try:
                 s = ray.get(ref, timeout=timeout)
-            except Exception as e:  # an actor being restarted: show it, don't stop the loop
+            except Exception as e:  # an actor being restarted (or removed right now): show it, go on
                 out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)})
                 log.debug("camera %s: stats unavailable", cid, exc_info=True)
                 continue
-            if s.get("state") == "created" and not self._stop.is_set():
-                s = self._restart_camera(self.cameras[cid]) or s
+            with self._lock:
+                busy = cid in self._busy
+            if s.get("state") == "created" and not self._stop.is_set() and not busy:
+                s = self._restart_camera(handles[cid]) or s
             out.append(s)
+        self._last_stats = {s["camera"]: s for s in out}
         self._check_inference()
         return out
 
     def _restart_camera(self, h: CameraHandle) -> dict | None:
-        """Ray re-ran the actor's constructor after a crash; give it its camera again."""
+        """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again."""
         try:
-            ray.get(h.actor.start.remote(), timeout=30)
+            ray.get(h.actor.start.remote(h.config), timeout=30)
         except Exception as e:
             log.warning("camera %s: restart failed: %s", h.id, self._describe(e, h.id), exc_info=True)
             return None
@@ -197,7 +244,8 @@ class App:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""
         cause = getattr(exc, "cause", None) or exc
         text = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
-        return redact_text(text, [self.cameras[camera].config.url] if camera in self.cameras else [])
+        handle = self.cameras.get(camera)
+        return redact_text(text, [handle.config.url] if handle else [])
 
     def _report_restart(self, worker: str, camera: str, reason: str) -> None:
         self.say(f"{reason}")
@@ -206,7 +254,8 @@ class App:
 
     def finished(self) -> bool:
         """True when every camera's source has ended (files); a crashed actor is not an ended camera."""
-        pending = [h for h in self.cameras.values() if h.done is not None]
+        with self._lock:
+            pending = [h for h in self.cameras.values() if h.done is not None]
         if not pending:
             return False
         ready, _ = ray.wait([h.done for h in pending], num_returns=len(pending), timeout=0)
@@ -260,6 +309,8 @@ class App:
 
     # -- stop --------------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float = 20.0) -> list[dict]:
+        self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
+        self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
         refs = {cid: h.actor.stop.remote(drain=drain) for cid, h in self.cameras.items()}
         for cid, ref in refs.items():

@@ -1,4 +1,4 @@
-"""The `hydravision` command: run the pipeline, tail its output, train and evaluate models."""
+"""The `hydravision` command: run the pipeline, change its cameras live, tail its output, train and evaluate models."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.logs import FORMATS, setup_logging
 from workers.redact import redact_text
 
 log = logging.getLogger("hydravision")
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--plain", action="store_true", help="log status lines instead of the live table")
         r.add_argument("--log-every", type=float, default=5.0, metavar="S", help="with --plain: a status line every S seconds")
         r.add_argument("--summary-json", type=Path, default=None, help="write the final per-camera stats here")
+        r.add_argument("--log-format", choices=FORMATS, default="text",
+                       help="json: one JSON object per line (log records, status lines, the final stats) on stdout")
+        r.add_argument("--api-port", type=int, default=None, metavar="PORT",
+                       help="serve the HTTP control API on this port (0: a free one); overrides api.port")
 
     r = sub.add_parser("run", help="run the pipeline described by a config file")
     r.add_argument("config", type=Path)
@@ -100,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--redis-url", default=None)
     st.add_argument("--prefix", default="hv")
     st.add_argument("--json", action="store_true", help="print the statuses as JSON")
+
+    from pipeline.camera_commands import add_parser as add_cameras_parser  # no heavy imports in there
+
+    add_cameras_parser(sub)
 
     db = sub.add_parser("dashboard", help="a live web page of the cameras and events, read from Redis alone")
     db.add_argument("--redis-url", default=None, help="default: $HYDRAVISION_REDIS_URL, else redis://127.0.0.1:6379/0")
@@ -122,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
     # basicConfig does nothing where logging is already set up (pytest, a program calling main()): -v must
     # still show this module's debug lines (a user error's traceback)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import run_commands
 
             return run_commands.status(args)
+        if args.command == "cameras":
+            from pipeline import camera_commands
+
+            return camera_commands.main(args)
         if args.command == "dashboard":
             from pipeline import dashboard  # no Ray in the dashboard's process
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
@@ -64,13 +64,71 @@ class StatusConfig(Strict):
     table: bool = True
 
 
+API_TOKEN_ENV = "HYDRAVISION_API_TOKEN"
+MIN_TOKEN_LENGTH = 16
+
+
+class ApiConfig(Strict):
+    """Live control: the HTTP API, and what a camera added or changed at run time (over HTTP or the Redis
+    control stream) may read. Cameras from this file are trusted; those from a control channel are not."""
+    host: str = Field("127.0.0.1", description="address the HTTP API binds; anything but loopback needs a token")
+    port: int | None = Field(None, ge=0, le=65535,
+                             description="HTTP API port; None: no HTTP API; 0: a free port (printed at start)")
+    tokens: dict[str, str] = Field(default_factory=dict, description=(
+        "bearer tokens by name, e.g. {ops: ${HV_OPS_TOKEN}}; the name is recorded as who sent a command; "
+        "an empty one (${VAR:-} unset) is no token. "
+        f"${API_TOKEN_ENV}, when set, adds a token named 'env'. With any token, every request needs one"))
+    media_roots: list[str] = Field(default_factory=list, description=(
+        "folders whose files a camera added at run time may read (symlinks resolved); none: no files"))
+    devices: list[str] = Field(default_factory=list, description=(
+        "capture devices a camera added at run time may open, e.g. [/dev/video0]; none: no devices"))
+    max_cameras: int = Field(64, ge=1, description="a control channel cannot add cameras beyond this many")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: dict[str, str]) -> dict[str, str]:
+        v = {name: token for name, token in v.items() if token}  # ${VAR:-} left empty: no such token
+        for name, token in v.items():
+            if not re.match(r"^[A-Za-z0-9_.-]{1,32}$", name):
+                raise ValueError(f"token name {name!r}: 1-32 letters, digits, '_', '-' or '.'")
+            if len(token) < MIN_TOKEN_LENGTH:  # the value itself is never shown
+                raise ValueError(f"token {name!r} is shorter than {MIN_TOKEN_LENGTH} characters")
+        return v
+
+    def all_tokens(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """Configured tokens plus $HYDRAVISION_API_TOKEN as 'env'; raises ConfigError on a weak one."""
+        env = os.environ if env is None else env
+        tokens = dict(self.tokens)
+        if value := env.get(API_TOKEN_ENV):
+            if len(value) < MIN_TOKEN_LENGTH:
+                raise ConfigError(f"${API_TOKEN_ENV}: the token is shorter than {MIN_TOKEN_LENGTH} characters")
+            tokens["env"] = value
+        return tokens
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+
+class ControlConfig(Strict):
+    """The Redis control stream {prefix}:control: any Redis client can add, remove or update cameras."""
+    enabled: bool = Field(True, description="read commands from {prefix}:control (Redis ACLs decide who may write it)")
+    group: str = Field("hydravision", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                       description="consumer group: commands acknowledged by it are never applied again")
+    results_maxlen: int = Field(1000, ge=10, description="approximate MAXLEN of {prefix}:control:results")
+
+
 class Config(Strict):
     redis: RedisConfig = RedisConfig()
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     status: StatusConfig = StatusConfig()
+    api: ApiConfig = ApiConfig()
+    control: ControlConfig = ControlConfig()
     cameras: list[CameraConfig] = Field(default_factory=list)
+    # Camera id -> its url as written in the file (with its ${VAR}s), for `hydravision cameras export`.
+    _written_urls: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "Config":
@@ -112,10 +170,11 @@ def _urls_in(value: Any) -> list[str]:
     return [value] if isinstance(value, str) and "://" in value else []
 
 
-def _format_errors(err: ValidationError, urls: list[str]) -> str:
+def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str:
+    """One line per error, each starting with the field path (under ``root``, e.g. "camera" -> camera.fps)."""
     lines = []
     for e in err.errors():
-        loc = ""
+        loc = root
         for part in e["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         value = e.get("input")
@@ -145,11 +204,16 @@ def parse_config(data: Any, source: str = "config") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    written = data.get("cameras")
     data = interpolate_env(data)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: invalid config:\n{_format_errors(e, _urls_in(data))}") from None
+    if isinstance(written, list):
+        config._written_urls = {cam.id: raw["url"] for cam, raw in zip(config.cameras, written)
+                                if isinstance(raw, dict) and isinstance(raw.get("url"), str)}
+    return config
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,7 +1,7 @@
 """Adding and removing cameras from the dashboard, through the service's Redis control stream, so the dashboard
 still needs nothing but Redis.
 
-The protocol is the controller's (pipeline/control.py on the live-control branch): a command is
+The protocol is the controller's (pipeline/control.py): a command is
 ``XADD {prefix}:control * data <JSON {op, camera | id, request_id, user, expires}>``, answered on
 ``{prefix}:control:results`` (field ``data``: JSON with the same ``request_id``, ``status`` accepted or
 rejected, ``reason``). "Reachable" here means a controller reads that stream now: a Redis client named
@@ -20,17 +20,11 @@ import uuid
 
 import redis
 
+from pipeline.control import control_key, results_key
+
 ALIVE_MS = 5000
 USER = "dashboard"
-CONSUMER_NAME = "hydravision-control"  # client_name of the controller's control-stream reader
-
-
-def control_key(prefix: str) -> str:
-    return f"{prefix}:control"
-
-
-def results_key(prefix: str) -> str:
-    return f"{prefix}:control:results"
+CONSUMER_NAME = "hydravision-control"  # client_name of ControlConsumer's connection (pipeline/control.py)
 
 
 def _text(v) -> str:
@@ -55,9 +49,10 @@ def control_reachable(client: redis.Redis, prefix: str) -> bool:
     return False
 
 
-def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: float = 10.0) -> dict:
+def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: float = 30.0) -> dict:
     """Sends one command and waits for its answer; {"status": "timeout", ...} when none comes in time (the
-    command then expires unapplied: it carries ``expires``)."""
+    command then expires unapplied: it carries ``expires``). Starting a camera's actor takes seconds, more on
+    a busy machine: hence the long default."""
     request_id = f"dashboard-{uuid.uuid4().hex[:12]}"
     top = client.xrevrange(results_key(prefix), count=1)
     last = top[0][0] if top else "0-0"

@@ -20,7 +20,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from rich.live import Live
 
 from pipeline.app import REDIS_URL_ENV, App
 from pipeline.config import load_config
+from pipeline.logs import json_worker_logs, quiet_ray
 from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_url
@@ -29,15 +31,53 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=250, soft_wrap=True)
 
 
+class Output:
+    """What `run` tells the operator: messages, status lines, the final table; or, with ``--log-format
+    json``, the same as JSON records through logging (pipeline/logs.py), the stats as fields."""
+
+    def __init__(self, console: Console, json_mode: bool):
+        self.console, self.json_mode = console, json_mode
+        self.log = logging.getLogger("hydravision")
+
+    def say(self, message: str) -> None:
+        if self.json_mode:
+            self.log.info(message)
+        else:
+            self.console.print(message, highlight=False, markup=False)
+
+    def status(self, stats: list[dict]) -> None:
+        if self.json_mode:
+            self.log.info(status_line(stats), extra={"data": {"event": "status", "cameras": _compact(stats)}})
+        else:
+            self.console.print(status_line(stats), highlight=False, markup=False)
+
+    def final(self, finals: list[dict]) -> None:
+        if self.json_mode:
+            self.log.info("final", extra={"data": {"event": "final", "cameras": finals}})
+        else:
+            self.console.print(status_table(finals, title="final"))
+
+
+def _compact(stats: list[dict]) -> list[dict]:
+    keep = ("camera", "state", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded", "published",
+            "dropped", "reconnects", "last_error")
+    return [{k: s.get(k) for k in keep if k in s} for s in stats]
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if getattr(args, "api_port", None) is not None:
+        config.api.port = args.api_port
+    json_mode = getattr(args, "log_format", "text") == "json"
     console = _console()
-    interactive = console.is_terminal and config.status.table and not args.plain
-    app = App(config, redis_url=args.redis_url, say=lambda m: console.print(m, highlight=False, markup=False))
+    interactive = not json_mode and console.is_terminal and config.status.table and not args.plain
+    out = Output(console, json_mode)
+    quiet_ray(getattr(args, "verbose", False))
+    app = App(config, redis_url=args.redis_url, say=out.say, on_ray_started=json_worker_logs if json_mode else None)
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
     app.start()
-    console.print(f"Running {len(app.cameras)} camera(s)"
-                  + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.", highlight=False)
+    out.say(f"Running {len(app.cameras)} camera(s)" + (f" for {args.duration:g} s" if args.duration else "")
+            + "; Ctrl-C to stop.")
     try:
         if interactive:
             with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live:
@@ -48,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
             def tick(stats: list[dict]) -> None:
                 if time.monotonic() - last[0] >= args.log_every:
                     last[0] = time.monotonic()
-                    console.print(status_line(stats), highlight=False, markup=False)
+                    out.status(stats)
             app.run(args.duration, on_tick=tick)
     finally:
-        console.print("Stopping: draining in-flight frames, flushing Redis ...", highlight=False)
+        out.say("Stopping: draining in-flight frames, flushing Redis ...")
         finals = app.shutdown(drain=True)
-    console.print(status_table(finals, title="final"))
+    out.final(finals)
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))

@@ -270,62 +270,51 @@ class DashboardProcess(ManagedProcess):
 
 
 class FakeController:
-    """Answers the Redis control stream as the service's controller does (pipeline/dashboard_control.py has the
-    protocol): ``add`` starts a FakeCameras for the camera, ``remove`` stops it, deletes its status and sends
-    camera_removed. Every command it received is kept in ``received`` (a test checks what was sent)."""
+    """The service's own Redis control-stream reader (pipeline/control.py's ControlConsumer) in front of a
+    stand-in for the App: ``add`` starts a FakeCameras for the camera, ``remove`` stops it, deletes its status
+    and sends camera_removed, as the App does. Every command applied is kept in ``received``."""
 
-    def __init__(self, url: str, prefix: str = "hv", group: str = "hydravision"):
-        from pipeline.dashboard_control import CONSUMER_NAME, control_key, results_key
+    def __init__(self, url: str, prefix: str = "hv"):
+        from pipeline.control import ControlConsumer
 
-        self.url, self.prefix, self.group = url, prefix, group
-        self.key, self.results = control_key(prefix), results_key(prefix)
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
-                                           client_name=CONSUMER_NAME)
+        self.url, self.prefix = url, prefix
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         self.cameras: dict[str, FakeCameras] = {}
-        self.received: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fake-controller", daemon=True)
+        self.received: list[tuple[str, object, str]] = []  # (op, camera dict or id, by)
+        self.rejected: list[str] = []
+        self.consumer = ControlConsumer(self, url, prefix, block_ms=500)
 
     def __enter__(self) -> "FakeController":
-        try:
-            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
-        except redis.ResponseError:
-            pass
-        self._thread.start()
+        self.consumer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        self.consumer.stop()
         for cams in self.cameras.values():
             cams.stop()
         self.client.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            reply = self.client.xreadgroup(self.group, "controller", {self.key: ">"}, count=10, block=500)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    cmd = json.loads(fields[b"data"])
-                    self.received.append(cmd)
-                    result = {"v": 1, "command": entry_id.decode(), "request_id": cmd.get("request_id"),
-                              "op": cmd.get("op"), "by": f"redis:{cmd.get('user')}", "ts": time.time()}
-                    result.update(self._apply(cmd))
-                    self.client.xadd(self.results, {"data": json.dumps(result)})
-                    self.client.xack(self.key, self.group, entry_id)
-                    self.client.xdel(self.key, entry_id)
+    # --- what ControlConsumer calls on the App
+    def add_camera(self, camera: dict, by: str) -> dict:
+        from pipeline.admission import CommandRejected
 
-    def _apply(self, cmd: dict) -> dict:
-        if cmd.get("op") == "add":
-            cid = cmd["camera"]["id"]
-            if cid in self.cameras:
-                return {"status": "rejected", "reason": f"camera.id: {cid!r} exists already"}
-            self.cameras[cid] = FakeCameras(self.url, 1, prefix=self.prefix, names=cid).start()
-            return {"status": "accepted", "camera": cid}
-        if cmd.get("op") == "remove" and cmd.get("id") in self.cameras:
-            self.cameras.pop(cmd["id"]).stop()
-            k = keys(self.prefix)
-            self.client.hdel(k.cameras, cmd["id"])
-            self.client.xadd(k.events, {"data": encode(event_message("camera_removed", cmd["id"]))})
-            return {"status": "accepted", "camera": cmd["id"]}
-        return {"status": "rejected", "reason": f"id: no camera {cmd.get('id')!r}"}
+        self.received.append(("add", camera, by))
+        if camera["id"] in self.cameras:
+            raise CommandRejected(f"camera.id: {camera['id']!r} exists already")
+        self.cameras[camera["id"]] = FakeCameras(self.url, 1, prefix=self.prefix, names=camera["id"]).start()
+        return {"id": camera["id"]}
+
+    def remove_camera(self, camera_id: str, by: str) -> dict:
+        from pipeline.admission import CommandRejected
+
+        self.received.append(("remove", camera_id, by))
+        if camera_id not in self.cameras:
+            raise CommandRejected(f"id: no camera {camera_id!r}", status=404)
+        self.cameras.pop(camera_id).stop()
+        k = keys(self.prefix)
+        self.client.hdel(k.cameras, camera_id)
+        self.client.xadd(k.events, {"data": encode(event_message("camera_removed", camera_id))})
+        return {"id": camera_id}
+
+    def note_rejected(self, op: str, by: str, reason: str) -> None:
+        self.rejected.append(reason)

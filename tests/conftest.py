@@ -80,3 +80,23 @@ def ray_local() -> Iterator[None]:
              _system_config=RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def machine(request, tiny_checkpoint):
+    """How fast this machine runs the demo and tiny models (tests/machine.py), measured once per session;
+    tests size their frame rates and deadlines from it. The figures are printed in the session's summary."""
+    from machine import measure
+
+    demo = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+    figures = measure(demo, tiny_checkpoint)
+    request.config.stash[_MACHINE] = figures
+    return figures
+
+
+_MACHINE = pytest.StashKey[object]()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    if _MACHINE in config.stash:
+        terminalreporter.write_line(f"machine (measured for sizing tests): {config.stash[_MACHINE]}")

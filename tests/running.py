@@ -17,12 +17,14 @@ class RunningApp:
     """Starts an App, runs its control loop in a thread (as `hydravision run` does), stops it on exit."""
 
     def __init__(self, redis_url: str, checkpoint: Path, cameras: list[dict], redis: dict | None = None,
-                 interval: float = 0.5, **inference):
+                 interval: float = 0.5, api: dict | None = None, control: dict | None = None, **inference):
         config = parse_config({
             "redis": {"url": redis_url, **(redis or {})},
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},
             "inference": {"max_batch": 8, "max_wait_ms": 5, **inference},
             "status": {"interval_s": interval},
+            "api": api or {},
+            "control": control or {},
             "cameras": cameras,
         })
         self.log: list[str] = []

@@ -2,8 +2,9 @@
 
 One browser for the module. The first test runs a real pipeline (a synthetic camera, an RTSP camera, a camera
 behind a password that never answers) against a Redis with a password; the page must show changing pictures
-and fps > 0, a new event within 2 s, a stopped source as reconnecting/down, a Redis restart as a notice and
-then live data again, and no credential anywhere. The second drives the page with fake cameras written
+and fps > 0, a new event within 2 s, a camera added and removed from the page by the service's controller,
+a stopped source as reconnecting/down, a Redis restart as a notice and then live data again, and no
+credential anywhere. The second drives the page with fake cameras written
 straight into Redis (the page reads nothing else): 1 and 12 cameras for screenshots, 32 for the load time,
 cameras appearing and disappearing.
 
@@ -131,7 +132,7 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
     with RedisServer(password=REDIS_SECRET) as redis_server:
         url = redis_server.url
         mirror = SnapshotMirror(url, {c["id"]: c["url"] for c in cameras[:2]}).start()
-        with RunningApp(url, DEMO, cameras, interval=0.5), DashboardServer(url) as dashboard:
+        with RunningApp(url, DEMO, cameras, interval=0.5), DashboardServer(url, allow_control=True) as dashboard:
             recorder = StreamRecorder(dashboard.url)
             page = new_page(browser)
             page.goto(dashboard.url)
@@ -164,6 +165,21 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
             page.screenshot(path=ARTIFACTS / "pipeline-detail.png")
             page.go_back()
             page.wait_for_selector("#grid-view:not([hidden])")
+
+            # the service's own controller adds a camera sent from the page, then removes it
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.click("#add-open")
+            page.fill('#add-camera input[name="id"]', "extra")
+            page.fill('#add-camera input[name="url"]', "synthetic://street?seed=8&fps=2")
+            page.click('#add-camera button[type="submit"]')
+            page.wait_for_selector('#control-result[data-status="accepted"]', timeout=60_000)
+            page.wait_for_selector('.tile[data-camera="extra"][data-state="up"]', timeout=30_000)
+            page.goto(dashboard.url + "#/camera/extra")
+            page.click("#detail button.remove")
+            page.wait_for_selector('#detail .result[data-status="accepted"]', timeout=60_000)
+            page.goto(dashboard.url)
+            page.wait_for_selector('.tile[data-camera="gate"]')
+            assert not page.locator('.tile[data-camera="extra"]').count()
 
             camera.kill()  # the RTSP camera's source stops
             wait_for(lambda: tile(page, "gate")["state"] in ("reconnecting", "down"), 30, "gate reconnecting/down")
@@ -239,7 +255,7 @@ def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser):
         page.click('#add-camera button[type="submit"]')
         page.wait_for_selector('#control-result[data-status="accepted"]', timeout=15_000)
         page.wait_for_selector('.tile[data-camera="new-01"]', timeout=10_000)
-        assert controller.received[-1]["camera"] == {"id": "new-01", "url": secret_url, "fps": 5}
+        assert controller.received[-1] == ("add", {"id": "new-01", "url": secret_url, "fps": 5}, "redis:dashboard")
         added_page = page.content()
         page.on("dialog", lambda dialog: dialog.accept())
         page.goto(twelve.url + "#/camera/new-01")

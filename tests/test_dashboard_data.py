@@ -188,9 +188,9 @@ def test_hub_pushes_events_and_says_when_redis_goes_and_comes_back(redis_server)
 
 
 def test_control_commands_round_trip_through_the_redis_control_stream(redis_server):
-    """The dashboard's side of the control protocol, against a stand-in controller: reachable only while one
-    reads the stream; a command gets its own answer; with nobody answering, a timeout (and the command
-    carries ``expires``, so a controller starting later does not apply it)."""
+    """The dashboard's side of the control protocol against the service's own reader (ControlConsumer, in
+    front of a stand-in App): reachable only while it reads; each command gets its own answer; with nobody
+    answering, a timeout, and the command carries ``expires``, so a controller starting later rejects it."""
     from pipeline.dashboard_control import control_reachable, send_command
     from pipeline.testbed_dashboard import FakeController
 
@@ -199,16 +199,16 @@ def test_control_commands_round_trip_through_the_redis_control_stream(redis_serv
     late = send_command(client, "hv", {"op": "remove", "id": "x"}, timeout_s=0.5)
     assert late["status"] == "timeout"
     with FakeController(redis_server.url) as controller:
-        wait = time.monotonic() + 10
-        while not control_reachable(client, "hv") and time.monotonic() < wait:
+        deadline = time.monotonic() + 10
+        while not control_reachable(client, "hv") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert control_reachable(client, "hv")
         added = send_command(client, "hv", {"op": "add", "camera": {"id": "lobby", "url": "synthetic://street"}})
         again = send_command(client, "hv", {"op": "add", "camera": {"id": "lobby", "url": "synthetic://street"}})
         assert (added["status"], again["status"]) == ("accepted", "rejected")
         assert added["request_id"] != again["request_id"] and "exists" in again["reason"]
-        first = controller.received[0]
-        assert first["op"] == "remove" and first["expires"] < time.time() and first["user"] == "dashboard"
+        assert controller.received[0] == ("add", {"id": "lobby", "url": "synthetic://street"}, "redis:dashboard")
+        assert any("expired" in r for r in controller.rejected)  # the late remove, never applied
     assert not control_reachable(client, "hv")
 
 

@@ -32,26 +32,35 @@ def rate(msgs: list[dict], start: float, end: float) -> float:
     return sum(1 for m in msgs if start <= m["ts"] < end) / (end - start)
 
 
-@pytest.mark.timeout(150)
+def publishing_since(client, camera: str, seconds: float) -> bool:
+    """The camera published its first message at least ``seconds`` ago."""
+    published = messages(client, camera)
+    return bool(published) and published[0]["ts"] <= time.time() - seconds
+
+
+@pytest.mark.timeout(600)  # a hang guard; the waits inside are sized to the machine
 def test_camera_killed_and_restarted_reconnects_and_others_keep_their_rate(ray_local, redis_server, rtsp_server,
-                                                                          street_clip):
+                                                                          street_clip, machine):
     server = rtsp_server(street_clip, loop=True)
     cams = [{"id": "gate", "url": server.url, **FAST_TIMEOUTS},
             {"id": "steady", "url": "synthetic://street?seed=2&fps=10"}]
     client = redis_server.client()
     with RunningApp(redis_server.url, DEMO, cams):
-        wait_for(lambda: events(client, "gate", "track_started"), 40, "tracks on the RTSP camera")
-        time.sleep(3)
+        wait_for(lambda: events(client, "gate", "track_started"), machine.deadline(40), "tracks on the RTSP camera")
+        # the steady camera's rate is compared over the 5 s before the kill, with both cameras running
+        wait_for(lambda: publishing_since(client, "gate", 5) and publishing_since(client, "steady", 5),
+                 machine.deadline(20), "5 s of frames from both cameras")
         t_kill = time.time()
         server.kill()
-        wait_for(lambda: events(client, "gate", "stream_reconnecting"), 20, "stream_reconnecting")
-        time.sleep(3)
+        # down long enough for the backoff to grow: two attempts refused
+        wait_for(lambda: len(events(client, "gate", "stream_reconnecting")) >= 2, machine.deadline(20),
+                 "two stream_reconnecting")
         server.start()
         t_back = time.time()
-        up = wait_for(lambda: [e for e in events(client, "gate", "stream_up") if e["ts"] > t_back], 40,
-                      "stream_up after the server came back")
-        wait_for(lambda: [e for e in events(client, "gate", "track_started") if e["ts"] > up[0]["ts"]], 30,
-                 "tracks after the reconnect")
+        up = wait_for(lambda: [e for e in events(client, "gate", "stream_up") if e["ts"] > t_back],
+                      machine.deadline(40), "stream_up after the server came back")
+        wait_for(lambda: [e for e in events(client, "gate", "track_started") if e["ts"] > up[0]["ts"]],
+                 machine.deadline(30), "tracks after the reconnect")
         t_end = time.time()
     down = events(client, "gate", "stream_down")
     assert down and all(e["reason"] for e in down)
@@ -65,12 +74,13 @@ def test_camera_killed_and_restarted_reconnects_and_others_keep_their_rate(ray_l
     assert during >= 0.9 * before
 
 
-@pytest.mark.timeout(120)
-def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp_server, street_clip, tiny_checkpoint):
+@pytest.mark.timeout(600)
+def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp_server, street_clip, tiny_checkpoint,
+                                                   machine):
     server = rtsp_server(street_clip, loop=True)
     client = redis_server.client()
     with RunningApp(redis_server.url, tiny_checkpoint, [{"id": "frozen", "url": server.url, **FAST_TIMEOUTS}]):
-        wait_for(lambda: len(messages(client, "frozen")) > 20, 30, "frames")
+        wait_for(lambda: len(messages(client, "frozen")) > 20, machine.deadline(30), "frames")
         server.pause()  # connection stays open, nothing arrives
         t_pause = time.time()
         down = wait_for(lambda: [e for e in events(client, "frozen", "stream_down") if e["ts"] > t_pause], 15,
@@ -78,28 +88,28 @@ def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp
         noticed = down[0]["ts"] - t_pause
         server.resume()
         t_resume = time.time()
-        back = wait_for(lambda: [e for e in events(client, "frozen", "stream_up") if e["ts"] > t_resume], 30,
-                        "stream_up after the server resumed")
+        back = wait_for(lambda: [e for e in events(client, "frozen", "stream_up") if e["ts"] > t_resume],
+                        machine.deadline(30), "stream_up after the server resumed")
     print(f"stall noticed after {noticed:.1f} s (read timeout 2 s); back {back[0]['ts'] - t_resume:.1f} s after resume")
     assert noticed <= 3 * FAST_TIMEOUTS["read_timeout_s"] + 1
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("buffer, outage_s", [(2000, 3.0), (10, 4.0)])
-def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, outage_s):
+def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, outage_s, machine):
     """Within the buffer bound nothing is lost and order holds; beyond it the oldest go, counted and reported."""
     cams = [{"id": "cam", "url": "synthetic://street?seed=3&fps=10"}]
     with RunningApp(redis_server.url, tiny_checkpoint, cams, redis={"buffer": buffer}) as run:
-        wait_for(lambda: len(messages(redis_server.client(), "cam")) > 10, 30, "first messages")
+        wait_for(lambda: len(messages(redis_server.client(), "cam")) > 10, machine.deadline(30), "first messages")
         t_kill = time.time()
         redis_server.kill()  # no persistence: Redis comes back empty, so what it holds was sent afterwards
-        time.sleep(outage_s)
+        time.sleep(outage_s)  # the outage itself: a fault of a set length, not a wait for something to happen
         redis_server.start()
         t_back = time.time()
         client = redis_server.client()
-        wait_for(lambda: messages(client, "cam"), 30, "the first message after Redis came back")
+        wait_for(lambda: messages(client, "cam"), machine.deadline(30), "the first message after Redis came back")
         recovered = time.time() - t_back
-        wait_for(lambda: len(messages(client, "cam")) > 30, 30, "messages after Redis came back")
+        wait_for(lambda: len(messages(client, "cam")) > 30, machine.deadline(30), "messages after Redis came back")
         finals = run.stop()
     final = finals[0]
     msgs = messages(client, "cam")
@@ -133,37 +143,43 @@ def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, o
         assert first_after - kept[-1]["frame"] <= 1 + pipeline_drops
 
 
-@pytest.mark.timeout(150)
-def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_server):
+@pytest.mark.timeout(600)
+def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_server, machine):
     cams = [{"id": "cam", "url": "synthetic://street?seed=4&fps=10"}]
     client = redis_server.client()
+    resume_s = machine.deadline(10)  # a new process that imports torch and loads the model: slower on a slow machine
     with RunningApp(redis_server.url, DEMO, cams) as run:
-        wait_for(lambda: events(client, "cam", "track_started"), 40, "tracks")
+        wait_for(lambda: events(client, "cam", "track_started"), machine.deadline(40), "tracks")
         # 1. the inference replica dies
         n = len(messages(client, "cam"))
         t0 = time.time()
         ray.kill(run.app.inference[0], no_restart=False)
-        wait_for(lambda: len(messages(client, "cam")) > n + 10, 15, "frames after the inference replica crashed")
+        wait_for(lambda: len(messages(client, "cam")) > n + 10, resume_s + 5,
+                 "frames after the inference replica crashed")
         inference_resumed = time.time() - t0
-        wait_for(lambda: events(client, "*", "worker_restarted"), 15, "worker_restarted for inference")
+        wait_for(lambda: events(client, "*", "worker_restarted"), machine.deadline(15),
+                 "worker_restarted for inference")
         # 2. the camera's stream actor dies
         ids_before = {(e["head"], e["track_id"]) for e in events(client, "cam", "track_started")}
         n = len(messages(client, "cam"))
         t1 = time.time()
         ray.kill(run.app.cameras["cam"].actor, no_restart=False)
-        wait_for(lambda: len(messages(client, "cam")) > n + 10, 15, "frames after the stream actor crashed")
+        wait_for(lambda: len(messages(client, "cam")) > n + 10, resume_s + 5, "frames after the stream actor crashed")
         stream_resumed = time.time() - t1
-        wait_for(lambda: events(client, "cam", "worker_restarted"), 10, "worker_restarted for the camera")
-        wait_for(lambda: [e for e in events(client, "cam", "track_started") if e["ts"] > t1], 30, "new tracks")
-    print(f"resumed after inference crash in {inference_resumed:.1f} s, after stream crash in {stream_resumed:.1f} s")
-    assert inference_resumed <= 10 and stream_resumed <= 10
+        wait_for(lambda: events(client, "cam", "worker_restarted"), machine.deadline(10),
+                 "worker_restarted for the camera")
+        wait_for(lambda: [e for e in events(client, "cam", "track_started") if e["ts"] > t1], machine.deadline(30),
+                 "new tracks")
+    print(f"resumed after inference crash in {inference_resumed:.1f} s, after stream crash in {stream_resumed:.1f} s "
+          f"(allowed {resume_s:.0f} s on this machine)")
+    assert inference_resumed <= resume_s and stream_resumed <= resume_s
     after = [e for e in events(client, "cam", "track_started") if e["ts"] > t1]
     for head in {h for h, _ in ids_before}:  # ids are per (camera, head): the restarted tracker reused none
         new_ids = [e["track_id"] for e in after if e["head"] == head]
         assert not new_ids or min(new_ids) > max(i for h, i in ids_before if h == head), (head, new_ids, ids_before)
 
 
-def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path) -> tuple[subprocess.Popen, Path]:
+def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path, start_s: float = 90) -> tuple[subprocess.Popen, Path]:
     cfg = {"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)},
            "cameras": [{"id": "cam", "url": "synthetic://street?seed=6&fps=10"}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -171,19 +187,20 @@ def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path) -> tuple[subproces
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "c.yaml"), "--plain",
                              "--summary-json", str(summary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + start_s
     for line in proc.stdout:  # wait until it says it is running
         if line.startswith("Running") or time.monotonic() > deadline:
             break
     return proc, summary
 
 
-@pytest.mark.timeout(150)
-def test_sigterm_drains_and_flushes_then_exits_cleanly(tmp_path, redis_server, tiny_checkpoint):
+@pytest.mark.timeout(600)
+def test_sigterm_drains_and_flushes_then_exits_cleanly(tmp_path, redis_server, tiny_checkpoint, machine):
     import json
 
-    proc, summary = run_cli(tmp_path, redis_server.url, tiny_checkpoint)
-    time.sleep(4)
+    proc, summary = run_cli(tmp_path, redis_server.url, tiny_checkpoint, machine.deadline(90))
+    client = redis_server.client()
+    wait_for(lambda: len(messages(client, "cam")) >= 10, machine.deadline(30), "frames in Redis")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -194,14 +211,25 @@ def test_sigterm_drains_and_flushes_then_exits_cleanly(tmp_path, redis_server, t
     assert len(messages(redis_server.client(), "cam")) == final["published"]
 
 
-@pytest.mark.timeout(150)
-def test_second_sigterm_exits_at_once(tmp_path, redis_server, tiny_checkpoint):
-    proc, _ = run_cli(tmp_path, redis_server.url, tiny_checkpoint)
-    time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
-    assert time.monotonic() - t0 < 5
+@pytest.mark.timeout(600)
+def test_second_sigterm_exits_at_once(tmp_path, redis_server, tiny_checkpoint, machine):
+    proc, _ = run_cli(tmp_path, redis_server.url, tiny_checkpoint, machine.deadline(90))
+    client = redis_server.client()
+    wait_for(lambda: messages(client, "cam"), machine.deadline(30), "frames in Redis")
+    # A frozen Redis keeps the drain from finishing (the flush waits out its timeouts): the second signal
+    # surely comes while the first is still being handled, as when a user presses Ctrl-C again on a hung stop.
+    redis_server.pause()
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + machine.deadline(10)
+        for line in proc.stdout:  # the first signal has been handled once the run says it is draining
+            if "draining in-flight frames" in line or time.monotonic() > deadline:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        redis_server.resume()
     assert proc.returncode == 128 + signal.SIGTERM
+    assert took < 5

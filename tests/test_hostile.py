@@ -36,7 +36,7 @@ from workers.publish import keys
 from workers.sources import SourceError, open_source
 
 REPO = Path(__file__).resolve().parent.parent
-GOOD, GOOD_FPS = "good", 10
+GOOD, GOOD_FPS = "good", 10  # the good camera's rate on a machine that runs the tiny model at >= 25 fps
 FAST = {"open_timeout_s": 2, "read_timeout_s": 2}
 CLIP_FPS = 10
 # What a reason must never look like: a Python exception dump instead of plain words.
@@ -217,6 +217,7 @@ class HostileRun:
     started: float  # wall time when every camera was running
     stopped: float
     waited_s: float
+    good_fps: int
 
 
 def _done(case: Case, evs: list[dict], status: dict | None) -> bool:
@@ -228,18 +229,25 @@ def _done(case: Case, evs: list[dict], status: dict | None) -> bool:
     return status is not None and status.get("state") in ("ended", "failed") and "stream_down" in types
 
 
+def _last_ts(client, camera: str) -> float:
+    """Wall time of the newest message of a camera (0 if none)."""
+    newest = client.xrevrange(keys("hv").detections(camera), count=1)
+    return json.loads(newest[0][1][b"data"])["ts"] if newest else 0.0
+
+
 def _statuses(client) -> dict[str, dict]:
     return {k.decode(): json.loads(v) for k, v in client.hgetall(keys("hv").cameras).items()}
 
 
 @pytest.fixture(scope="module")
-def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint) -> Iterator[HostileRun]:
+def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint, machine) -> Iterator[HostileRun]:
     require_binary("redis-server")
     require_binary("gst-rtsp-server")
+    good_fps = min(GOOD_FPS, machine.live_fps(machine.tiny))
     with BlackHole() as hole, RedisServer() as redis_server, \
             RtspServer("pattern", pattern_size=(320, 192), fps=10) as rtsp:
         env = Env(clips, hole.port, rtsp, tmp_path_factory.mktemp("missing"))
-        cameras = [{"id": GOOD, "url": f"synthetic://street?seed=1&fps={GOOD_FPS}"}]
+        cameras = [{"id": GOOD, "url": f"synthetic://street?seed=1&fps={good_fps}"}]
         cameras += [{"id": c.id, "url": c.url(env), **FAST, **c.extra} for c in CASES]
         client = redis_server.client()
         t0 = time.monotonic()
@@ -256,11 +264,15 @@ def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint) -> Iterator
                 return not pending
 
             try:
-                wait_for(settled, 45, "every hostile camera to show its outcome")
+                wait_for(settled, machine.deadline(45), "every hostile camera to show its outcome")
             except AssertionError:
                 pass  # the per-case tests say which ones did not get there
             # Measure the good camera over at least 10 s of the bad ones failing and retrying beside it.
-            time.sleep(max(0.0, started + 10 - time.time()))
+            try:
+                wait_for(lambda: _last_ts(client, GOOD) >= started + 10, machine.deadline(30),
+                         "the good camera's frames 10 s into the run")
+            except AssertionError:
+                pass  # test_good_camera_keeps_its_rate_beside_the_bad_ones says so
             status_live = _statuses(client)
             print(f"hostile run: settled after {time.time() - started:.1f} s, still pending: {sorted(pending)}")
             stopped = time.time()
@@ -268,7 +280,7 @@ def hostile_run(ray_local, clips, tmp_path_factory, tiny_checkpoint) -> Iterator
         waited = time.monotonic() - t0
         yield HostileRun(env, {c["id"]: events(client, c["id"]) for c in cameras},
                          {c["id"]: messages(client, c["id"]) for c in cameras}, status_live, _statuses(client),
-                         finals, run.log, started, stopped, waited)
+                         finals, run.log, started, stopped, waited, good_fps)
 
 
 def _plain(reason: str) -> None:
@@ -375,8 +387,8 @@ def test_good_camera_keeps_its_rate_beside_the_bad_ones(hostile_run: HostileRun)
     windows = np.histogram(ts, bins=np.arange(start, end, 2.0))[0] / 2.0
     print(f"good camera: {rate:.1f} fps over {span:.0f} s; 2 s windows: {windows.tolist()}; "
           f"whole run took {run.waited_s:.0f} s")
-    assert rate >= 0.7 * GOOD_FPS, rate
-    assert windows.min() >= 0.3 * GOOD_FPS, windows
+    assert rate >= 0.7 * run.good_fps, rate
+    assert windows.min() >= 0.3 * run.good_fps, windows
     assert not run.events[GOOD] or all(e["type"] in ("stream_up", "track_started", "track_ended")
                                        for e in run.events[GOOD])
 
@@ -392,9 +404,12 @@ def test_controller_log_names_every_camera_without_tracebacks(hostile_run: Hosti
 # ------------------------------------------------------------------------------------------ source fuzz
 
 FUZZ_SEEDS = 40
+FUZZ_BUDGET_S = 10.0  # per file, opening included; a fuzzed file takes ~0.05 s on a quiet 2-core machine
+# What a broken local file may end in. Never not_found, timeout, ... (those are about reaching a source).
+FILE_ERROR_KINDS = ("not_video", "decode", "unsupported")
 
 
-def _drain(path: Path, budget_s: float = 10.0) -> tuple[int, SourceError | None]:
+def _drain(path: Path, budget_s: float = FUZZ_BUDGET_S) -> tuple[int, SourceError | None]:
     """Frames read from ``path`` until the end, and the SourceError it ended with (None for a clean end)."""
     t0 = time.monotonic()
     source = open_source(str(path), realtime=False, open_timeout_s=2, read_timeout_s=2)
@@ -415,7 +430,8 @@ def _drain(path: Path, budget_s: float = 10.0) -> tuple[int, SourceError | None]
 @pytest.mark.parametrize("base", ["faststart", "fragmented", "change"])
 def test_fuzzed_files_end_in_frames_or_a_source_error(clips, tmp_path: Path, base: str) -> None:
     """Flipped bytes anywhere (header included) and cuts at random places: each file ends in a bounded time
-    with frames then a clean end, or a SourceError whose message names the file; never another exception."""
+    with frames then a clean end, or a SourceError of a file's kind whose message names the file in plain
+    words; never another exception, never a clean end without a single frame."""
     src = clips[base]
     data = np.frombuffer(src.read_bytes(), np.uint8)
     outcomes: dict[str, int] = {}
@@ -429,13 +445,23 @@ def test_fuzzed_files_end_in_frames_or_a_source_error(clips, tmp_path: Path, bas
             broken = broken[: int(rng.integers(16, len(broken)))]
         path = tmp_path / f"{base}-{seed}{src.suffix}"
         path.write_bytes(broken.tobytes())
+        started = time.monotonic()
         frames, error = _drain(path)
-        key = "clean end" if error is None else error.kind
-        outcomes[key] = outcomes.get(key, 0) + 1
-        if error is not None:
-            assert str(error).startswith(str(path)), error
+        took = time.monotonic() - started
+        case = f"{path.name}: {frames} frames then {error!r}"
+        assert took < FUZZ_BUDGET_S, f"{case} after {took:.1f} s"
+        if error is None:
+            assert frames >= 1, f"{case}: a clean end without a single frame"
+            key = "clean end"
+        else:
+            assert error.kind in FILE_ERROR_KINDS, case
+            assert str(error).startswith(str(path) + ": "), case
             _plain(str(error).split(": ", 1)[1])
+            key = error.kind
+        outcomes[key] = outcomes.get(key, 0) + 1
     print(f"{base}: {FUZZ_SEEDS} fuzzed files -> {outcomes}")
+    # The fuzz damages files without destroying every one: some still play to their end.
+    assert outcomes.get("clean end", 0) >= FUZZ_SEEDS // 4, outcomes
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -51,14 +51,6 @@ def read_frames(url: str, count: int, transport: str = "tcp") -> tuple[list[av.V
 # --- Redis
 
 
-def test_redis_ping_set_get(redis_server: RedisServer, redis_url: str) -> None:
-    assert redis_url == f"redis://127.0.0.1:{redis_server.port}/0"
-    with redis.Redis.from_url(redis_url) as client:
-        assert client.ping()
-        client.set("hv:test", b"\x00\xffbytes")
-        assert client.get("hv:test") == b"\x00\xffbytes"  # decode_responses=False: bytes round-trip
-
-
 def test_redis_kill_and_restart_on_same_port(redis_server: RedisServer) -> None:
     port = redis_server.port
     with redis_server.client() as client:

@@ -40,13 +40,15 @@ class FrameSlot:
 
     Live sources: newest frame wins, a frame replaced before it was taken is counted in
     ``replaced`` (a drop). Lossless mode (unpaced files): ``put`` waits until the frame was
-    taken, so nothing is dropped and decoding runs at the pipeline's pace. Counters change under
-    one lock, so ``snapshot()`` always adds up: decoded = dropped_rate + replaced + taken + pending.
+    taken, so nothing is dropped and decoding runs at the pipeline's pace. A frame decoded after a stop,
+    or left in the slot by it, is counted in ``abandoned`` (dropped by the shutdown, not by overload).
+    Counters change under one lock, so ``snapshot()`` always adds up:
+    decoded = dropped_rate + replaced + abandoned + taken + pending.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False):
         self.loop, self.lossless = loop, lossless
-        self.decoded = self.dropped_rate = self.replaced = self.taken = 0
+        self.decoded = self.dropped_rate = self.replaced = self.abandoned = self.taken = 0
         # Which capture owns the slot: a capture abandoned by the watchdog may wake up later, and its
         # frames (already re-read by its replacement) must neither count nor reach the pipeline.
         self.generation = 0
@@ -83,8 +85,11 @@ class FrameSlot:
                 while self._item is not None and not self._closed and generation == self.generation:
                     self._cond.wait(0.5)
                 self._waiting -= 1
-            if self._closed or generation != self.generation:
-                self.replaced += 1  # decoded but never analysed: counted as a drop, not lost
+            if self._closed:
+                self.abandoned += 1  # decoded but never analysed: counted as a drop, not lost
+                return False
+            if generation != self.generation:
+                self.replaced += 1
                 return False
             if self._item is not None:
                 self.replaced += 1
@@ -104,14 +109,15 @@ class FrameSlot:
     def snapshot(self) -> dict[str, int]:
         with self._cond:
             return {"decoded": self.decoded, "dropped_rate": self.dropped_rate, "replaced": self.replaced,
-                    "taken": self.taken, "pending": int(self._item is not None) + self._waiting}
+                    "abandoned": self.abandoned, "taken": self.taken,
+                    "pending": int(self._item is not None) + self._waiting}
 
     def drop_pending(self) -> int:
-        """Counts a frame left in the slot at shutdown as dropped; returns how many."""
+        """Counts a frame left in the slot at shutdown as dropped by the shutdown; returns how many."""
         with self._cond:
             n = int(self._item is not None)
             self._item = None
-            self.replaced += n
+            self.abandoned += n
             return n
 
     async def get(self) -> CapturedFrame | None:
@@ -143,11 +149,16 @@ class Capture:
     BACKOFF_MAX_S = 15.0
 
     def __init__(self, camera: CameraConfig, input_size: tuple[int, int], slot: FrameSlot,
-                 on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0):
+                 on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0,
+                 resume: bool = True):
+        """``resume=False``: a new source (the camera's URL changed) starts at its beginning; the frame
+        numbering and pts still continue. ``camera`` may be replaced while running: its ``fps`` applies
+        from the next frame, everything else at the next (re)open."""
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
         self.generation = slot.new_generation()
         self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
-        self.resume_at = first_index if not camera.is_live else 0  # frames to skip after opening a file
+        # frames to skip after opening a file: those its predecessor already handed over
+        self.resume_at = first_index if resume and not camera.is_live else 0
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
@@ -223,12 +234,13 @@ class Capture:
                         self.last_frame_wall = time.time()
                         pts = pts_offset + frame.pts
                         last_pts = self.last_pts = pts
-                        if cam.fps:
+                        fps = self.camera.fps  # read per frame: a live update applies from the next one
+                        if fps:
                             if next_due is not None and pts + 1e-6 < next_due:
                                 if not self.slot.skip(self.generation):
                                     return
                                 continue
-                            period = 1.0 / cam.fps
+                            period = 1.0 / fps
                             next_due = pts + period if next_due is None or pts - next_due > period else next_due + period
                         image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,

@@ -9,6 +9,8 @@ import asyncio
 import collections
 import json
 import logging
+import os
+import threading
 import time
 import zlib
 from typing import Any, Awaitable, Callable
@@ -47,12 +49,8 @@ class CameraPipeline:
         self.infer = infer
         self.publisher = publisher
         self.infer_timeout_s = infer_timeout_s
-        model_heads: dict[str, list[str]] = model_info["heads"]
-        self.heads = self.camera.heads or list(model_heads)
-        unknown = [h for h in self.heads if h not in model_heads]
-        if unknown:
-            raise ValueError(f"camera {self.id!r}: unknown heads {unknown} (the model has {list(model_heads)})")
-        self.classes = {h: model_heads[h] for h in self.heads}
+        self.model_heads: dict[str, list[str]] = model_info["heads"]
+        self.heads, self.classes = self._heads_of(self.camera)
         self.input_size = tuple(model_info["input_size"])
         self.tracker: CameraTracker | None = None
         self.track_id_base = track_id_base or {}
@@ -71,6 +69,13 @@ class CameraPipeline:
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _heads_of(self, camera: CameraConfig) -> tuple[list[str], dict[str, list[str]]]:
+        heads = camera.heads or list(self.model_heads)
+        unknown = [h for h in heads if h not in self.model_heads]
+        if unknown:
+            raise ValueError(f"camera {camera.id!r}: unknown heads {unknown} (the model has {list(self.model_heads)})")
+        return heads, {h: self.model_heads[h] for h in heads}
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -140,10 +145,59 @@ class CameraPipeline:
                 continue
             log.warning("camera %s: %s", self.id, reason)
             self.last_error = reason
-            self.past_reconnects += cap.reconnects
-            self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
-                                    first_index=cap.decoded, first_pts=cap.last_pts)
-            self._capture.start()
+            self._replace_capture(resume=True)
+
+    def _replace_capture(self, resume: bool) -> None:
+        """A fresh decode thread continuing the frame numbering and pts; ``resume``: a file goes on where
+        the old thread was (the watchdog), else the (new) source starts at its beginning (a URL change).
+        The old thread is abandoned: it exits whenever it wakes, and its frames no longer count."""
+        cap = self._capture
+        assert cap is not None and self._slot is not None
+        cap.abandon()
+        self.past_reconnects += cap.reconnects
+        self._slot.lossless = self.camera.lossless
+        self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
+                                first_index=cap.decoded, first_pts=cap.last_pts, resume=resume)
+        self._capture.start()
+
+    # Fields whose change needs a new decode thread (at the next open): the source and how it is read.
+    # fps is read by the running thread per frame; heads and tracker only concern this side.
+    CAPTURE_FIELDS = ("url", "transport", "open_timeout_s", "read_timeout_s", "realtime", "loop",
+                      "stall_timeout_s", "hwaccel")
+
+    def update(self, camera: CameraConfig) -> list[str]:
+        """Applies a changed config of this camera while it runs (called on the event loop, which owns the
+        state); returns the fields that changed. Heads apply from the next frame sent to inference (frames
+        already there finish with the heads they were sent with); a dropped head's tracks end. A new URL
+        ends every track and restarts only the decoder; fps applies from the next decoded frame."""
+        old = self.camera
+        if camera.id != old.id:
+            raise ValueError(f"camera id cannot change ({old.id!r} -> {camera.id!r})")
+        if camera.max_inflight != old.max_inflight:
+            raise ValueError("max_inflight cannot change while the camera runs: remove and add it again")
+        heads, classes = self._heads_of(camera)  # raises before anything changed
+        changed = [f for f in CameraConfig.model_fields if getattr(camera, f) != getattr(old, f)]
+        self.camera = camera
+        ended: list[dict] = []
+        if self.tracker is not None and ("url" in changed or "tracker" in changed or not camera.tracker.enabled):
+            # Another scene, or other tracker settings: tracks end; the next tracker continues the numbering.
+            ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
+        elif self.tracker is not None and heads != self.heads:
+            ended = self.tracker.set_heads(heads)
+        self.heads, self.classes = heads, classes
+        for ev in ended:
+            self._event(ev.pop("type"), ev)
+        if self._capture is not None:
+            if any(f in changed for f in self.CAPTURE_FIELDS):
+                self._replace_capture(resume="url" not in changed)
+            else:
+                self._capture.camera = camera  # fps: from the next frame
+        if changed:
+            self.publish_status()
+        return changed
+
+    def open_tracks(self) -> int:
+        return self.tracker.open_tracks() if self.tracker else 0
 
     def stop(self, drain: bool = True) -> None:
         """Stops reading; with ``drain`` the frames already in inference are still tracked and published."""
@@ -182,9 +236,9 @@ class CameraPipeline:
             fps = self.camera.fps or (self._capture.source_fps if self._capture else None) or 25.0
             self.tracker = CameraTracker(self.heads, self.camera.tracker, fps, self.track_id_base)
         records: list[dict] = []
-        for head in self.heads:
-            if head not in arrays:
-                continue
+        # The heads asked for now that ran on this frame (it may have been sent before an update of heads).
+        ran = [h for h in self.heads if h in arrays]
+        for head in ran:
             det = to_detections(arrays[head], item.letterbox, self.classes[head])
             ids = None
             if self.tracker is not None:
@@ -201,7 +255,7 @@ class CameraPipeline:
         now = time.time()
         latency_ms = (now - item.wall) * 1000
         h, w = item.size
-        msg = detection_message(self.id, item.index, item.pts, item.wall, latency_ms, (w, h), records, self.heads)
+        msg = detection_message(self.id, item.index, item.pts, item.wall, latency_ms, (w, h), records, ran)
         self.publisher.publish_detections(msg)
         self.published += 1
         self.latencies.append(latency_ms)
@@ -249,9 +303,10 @@ class CameraPipeline:
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
             state = "reconnecting" if cap.state == "crashed" else cap.state
-        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "pending": 0}
+        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "abandoned": 0,
+                                             "pending": 0}
         dropped = {"rate": snap["dropped_rate"], "overload": snap["replaced"], "error": self.dropped_error,
-                   "shutdown": self.shutdown_held + self.shutdown_inflight}
+                   "shutdown": self.shutdown_held + self.shutdown_inflight + snap["abandoned"]}
         decoded = snap["decoded"]
         pub = self.publisher.stats()
         return {
@@ -274,6 +329,12 @@ class CameraPipeline:
         }
 
 
+def retired_track_ids_key(prefix: str) -> str:
+    """Hash camera id -> JSON next free track id per head, of cameras removed at run time: their status entry
+    is gone, and a camera added again under the same id must not hand out ids consumers have seen."""
+    return f"{prefix}:track_ids"
+
+
 def publisher_for(settings: RedisConfig, name: str) -> Publisher:
     """A (not yet started) Publisher for resolved Redis settings: the cameras' and the controller's."""
     assert settings.url, "the controller resolves the Redis URL before anything publishes"
@@ -284,24 +345,33 @@ def publisher_for(settings: RedisConfig, name: str) -> Publisher:
 class StreamActor:
     """Ray shell around CameraPipeline and its Publisher. One per camera."""
 
-    def __init__(self, camera: CameraConfig, inference: list, model_info: dict, redis: RedisConfig,
+    def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
                  instance: str | None = None):
-        """``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
+        """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
+        of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
+        ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.camera, self.inference, self.model_info, self.redis = camera, inference, model_info, redis
-        self.instance = instance
+        # Validated once more where they arrive: a model passes through unchanged, a dict is checked.
+        self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
+        self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
+        self.inference, self.model_info, self.instance = inference, model_info, instance
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
         self.publisher: Publisher | None = None
         self.status_task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        """Starts the camera and returns at once; ``wait`` returns when it ends."""
+    async def start(self, camera: CameraConfig | None = None) -> None:
+        """Starts the camera and returns at once; ``wait`` returns when it ends. ``camera``: its current
+        config, when the controller restarts an actor Ray re-created with the constructor's (older) one."""
         if self.task is not None:
             return
-        self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
+        if camera is not None:
+            self.camera = camera
+        if self.publisher is None:
+            self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
-        replica = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
+        name = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
+        replica = ray.get_actor(name)
         id_base = await asyncio.get_running_loop().run_in_executor(None, self._previous_track_ids)
         self.pipeline = CameraPipeline(self.camera, service_call(replica), self.model_info, self.publisher,
                                        track_id_base=id_base, instance=self.instance)
@@ -319,9 +389,14 @@ class StreamActor:
                 client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2, socket_timeout=2)
                 try:
                     raw = client.hget(keys(self.redis.prefix).cameras, self.camera.id)
+                    ids = json.loads(raw).get("track_ids_next") if raw else None
+                    if pipeline := self.pipeline:  # restarted by an update: this process knows best
+                        ids = pipeline.tracker.next_ids() if pipeline.tracker else pipeline.track_id_base
+                    elif ids is None:  # removed earlier in this or a previous run, now added again
+                        raw = client.hget(retired_track_ids_key(self.redis.prefix), self.camera.id)
+                        ids = json.loads(raw) if raw else None
                 finally:
                     client.close()
-                ids = json.loads(raw).get("track_ids_next") if raw else None
                 return {str(k): int(v) for k, v in (ids or {}).items()}
             except (redis.RedisError, OSError, ValueError, AttributeError) as e:
                 error = e
@@ -342,6 +417,23 @@ class StreamActor:
         assert self.task is not None
         return await asyncio.shield(self.task)
 
+    async def update(self, camera: CameraConfig) -> dict:
+        """Applies a changed config (see CameraPipeline.update). A camera whose source had ended or failed
+        for good starts again with it (``restarted``: the controller waits on the new run)."""
+        if self.pipeline is None or self.task is None:
+            raise RuntimeError(f"camera {camera.id}: update before start")
+        if not self.task.done():
+            changed = self.pipeline.update(camera)
+            self.camera = camera
+            return {"changed": changed, "restarted": False}
+        changed = [f for f in CameraConfig.model_fields if getattr(camera, f) != getattr(self.camera, f)]
+        CameraPipeline(camera, None, self.model_info, None)  # raises on unknown heads, before anything stops
+        if self.status_task:
+            self.status_task.cancel()
+        self.camera, self.task = camera, None
+        await self.start()
+        return {"changed": changed, "restarted": True}
+
     async def stop(self, drain: bool = True, timeout: float = 10.0) -> dict:
         if self.pipeline is None or self.task is None:
             return {}
@@ -356,10 +448,14 @@ class StreamActor:
         if self.publisher:
             await asyncio.get_running_loop().run_in_executor(None, self.publisher.close, 5.0)
             stats["publisher"] = self.publisher.stats()
+        # What a removal leaves behind in this process (the controller kills it next): should be nothing.
+        stats["decoder_threads"] = sum(t.name.startswith("capture ") for t in threading.enumerate())
+        stats["open_tracks"] = self.pipeline.open_tracks()
         return stats
 
     async def stats(self) -> dict:
         s = self.pipeline.stats() if self.pipeline else {"camera": self.camera.id, "state": "created"}
         if self.publisher:
             s["publisher"] = self.publisher.stats()
+        s["pid"] = os.getpid()
         return s

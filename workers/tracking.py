@@ -45,6 +45,9 @@ class CameraTracker:
         id_base = id_base or {}
         self.settings, self.frame_rate = settings, frame_rate
         self.heads = {h: HeadTracker(h, self._new_tracker(), id_base.get(h, 0), id_base.get(h, 0)) for h in heads}
+        # Next free id of heads not tracked now (dropped by an update, or not asked for yet): a head that comes
+        # back continues its numbering, and next_ids() keeps persisting it.
+        self.retired = {h: base for h, base in id_base.items() if h not in self.heads}
 
     def _new_tracker(self) -> ByteTrackTracker:
         s = self.settings
@@ -57,7 +60,24 @@ class CameraTracker:
 
     def next_ids(self) -> dict[str, int]:
         """Per head, the first id not yet handed out (persist it; pass it back as ``id_base`` on restart)."""
-        return {h: ht.next_id for h, ht in self.heads.items()}
+        return {**self.retired, **{h: ht.next_id for h, ht in self.heads.items()}}
+
+    def set_heads(self, heads: list[str]) -> list[dict]:
+        """Tracks another set of heads from the next update on: a dropped head's open tracks end (the
+        track_ended events are returned), a new head gets its own tracker, numbering after any id it had."""
+        events: list[dict] = []
+        for head in [h for h in self.heads if h not in heads]:
+            ht = self.heads.pop(head)
+            events += [self._ended(st) for st in ht.active.values()]
+            self.retired[head] = ht.next_id
+        for head in heads:
+            if head not in self.heads:
+                base = self.retired.pop(head, 0)
+                self.heads[head] = HeadTracker(head, self._new_tracker(), base, base)
+        return events
+
+    def open_tracks(self) -> int:
+        return sum(len(ht.active) for ht in self.heads.values())
 
     def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> tuple[sv.Detections, list[dict]]:
         """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts

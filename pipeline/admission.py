@@ -1,0 +1,200 @@
+"""What a camera added or changed at run time must pass, on top of the config's own validation.
+
+A control channel (the HTTP API, the Redis control stream) is an attack surface: whoever reaches it would
+otherwise make the service read any file it can (``/etc/passwd``, a key under ``~/.ssh``), open any device
+(``/dev/mem``), or connect to its own Redis or API and speak to it. So a camera from a control channel:
+
+- is validated by the same pydantic ``CameraConfig`` as the YAML, errors naming the field (``camera.fps``);
+- gets no ``${VAR}`` interpolation: a remote user must not read the controller's environment through it;
+- may read only regular files under ``api.media_roots`` (symlinks and ``..`` resolved first, and the camera
+  then reads the resolved path), and no text file (HLS playlists, concat scripts and SDP files make FFmpeg
+  open further files and URLs);
+- may open only the devices listed in ``api.devices``;
+- may not connect to this service's own Redis, HTTP API or Ray GCS (the host is resolved; loopback, the
+  unspecified address and this machine's interface addresses all count as "here");
+- may ask only for heads the model has.
+
+Cameras from the config file are the operator's and trusted: none of the run-time checks apply to them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import os
+import socket
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psutil
+from pydantic import ValidationError
+
+from pipeline.config import ApiConfig, _format_errors
+from pipeline.errors import UserError
+from workers.redact import redact_text
+from workers.settings import CameraConfig
+
+DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
+RESOLVE_TIMEOUT_S = 3.0
+_LOCAL = "this machine"
+
+
+class CommandRejected(UserError):
+    """A control command refused; the message starts with the field it is about. ``status``: HTTP status."""
+
+    def __init__(self, reason: str, status: int = 422):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+def _validated(data: dict, urls: list[str]) -> CameraConfig:
+    try:
+        return CameraConfig.model_validate(data)
+    except ValidationError as e:
+        raise CommandRejected(_format_errors(e, urls, root="camera")) from None
+
+
+def parse_camera(data: Any) -> CameraConfig:
+    """A camera from a control channel, validated like the YAML's (no ${VAR} interpolation)."""
+    if not isinstance(data, dict):
+        raise CommandRejected(f"camera: expected a JSON object, got {type(data).__name__}")
+    return _validated(data, [data["url"]] if isinstance(data.get("url"), str) else [])
+
+
+def merge_changes(current: CameraConfig, changes: Any) -> CameraConfig:
+    """The camera with ``changes`` (a partial camera object) applied, validated as a whole."""
+    if not isinstance(changes, dict) or not changes:
+        raise CommandRejected("changes: expected a JSON object with the fields to change")
+    if "id" in changes and changes["id"] != current.id:
+        raise CommandRejected(f"camera.id: cannot change (remove {current.id!r} and add a camera instead)")
+    merged = current.model_dump()
+    for field, value in changes.items():  # a nested object (tracker) is changed field by field too
+        nested = isinstance(merged.get(field), dict) and isinstance(value, dict)
+        merged[field] = {**merged[field], **value} if nested else value
+    urls = [current.url] + ([changes["url"]] if isinstance(changes.get("url"), str) else [])
+    return _validated(merged, urls)
+
+
+def _canonical(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def resolve(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> set[str]:
+    """Every address ``host`` resolves to (empty when it does not resolve within the timeout)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        infos = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(timeout_s)
+    except (OSError, UnicodeError, concurrent.futures.TimeoutError):
+        return set()
+    finally:
+        pool.shutdown(wait=False)  # a lookup stuck in the resolver is left to finish on its own
+    return {str(_canonical(info[4][0])) for info in infos}
+
+
+class Admission:
+    """The run-time checks, for one running service: its policy, its model's heads, its own endpoints."""
+
+    def __init__(self, api: ApiConfig, model_heads: dict[str, list[str]],
+                 own_endpoints: dict[str, tuple[str, int]] | None = None):
+        """``own_endpoints``: what a camera must not connect to, e.g. {"Redis": (host, port)}."""
+        self.api, self.model_heads = api, model_heads
+        self._local_ips = {str(_canonical(a.address)) for addrs in psutil.net_if_addrs().values()
+                           for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+        self._own: dict[tuple[str, int], str] = {}
+        for name, (host, port) in (own_endpoints or {}).items():
+            self.forbid(name, host, port)
+
+    def forbid(self, name: str, host: str, port: int) -> None:
+        """Adds an endpoint of this service that cameras must not point at."""
+        for ip in resolve(host, port) or {host}:
+            self._own[(self._where(ip), port)] = name
+
+    def _where(self, ip: str) -> str:
+        try:
+            addr = _canonical(ip)
+        except ValueError:
+            return ip
+        local = addr.is_loopback or addr.is_unspecified or str(addr) in self._local_ips
+        return _LOCAL if local else str(addr)
+
+    # -- the checks ----------------------------------------------------------------------------------------
+    def check(self, camera: CameraConfig, url_changed: bool = True) -> CameraConfig:
+        """The camera as it may run (a file's path resolved), or CommandRejected naming the field."""
+        unknown = [h for h in camera.heads or [] if h not in self.model_heads]
+        if unknown:
+            raise CommandRejected(f"camera.heads: unknown heads {unknown} (the model has {list(self.model_heads)})")
+        if not url_changed:
+            return camera
+        url = camera.url.strip()
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower() if sep else ""
+        if scheme in DEFAULT_PORTS:
+            self._check_network(url, scheme)
+        elif scheme == "device" or (not sep and url.startswith("/dev/video")):
+            self._check_device(rest if sep else url)
+        elif scheme == "file" or not sep:
+            return camera.model_copy(update={"url": self._check_file(url, scheme == "file")})
+        return camera  # synthetic://: generated in-process, reads nothing
+
+    def _check_file(self, url: str, is_url: bool) -> str:
+        if is_url:
+            parts = urlsplit(url)
+            if parts.netloc not in ("", "localhost"):
+                raise CommandRejected(f"camera.url: file:// URLs must be local, not on host {parts.netloc!r}")
+            path = unquote(parts.path)
+        else:
+            path = url
+        shown = redact_text(path, [])
+        if not os.path.isabs(path):
+            raise CommandRejected(f"camera.url: a file must be given by its absolute path (got {shown!r})")
+        roots = [os.path.realpath(r) for r in self.api.media_roots]
+        if not roots:
+            raise CommandRejected("camera.url: cameras added at run time may not read files "
+                                  "(no api.media_roots configured)", 403)
+        resolved = os.path.realpath(path)
+        if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots):
+            raise CommandRejected(f"camera.url: {shown!r} is outside the media roots (api.media_roots: "
+                                  f"{', '.join(self.api.media_roots)}; symlinks and '..' are resolved)", 403)
+        if not os.path.isfile(resolved):
+            raise CommandRejected(f"camera.url: {shown!r} is not a regular file")
+        try:
+            with open(resolved, "rb") as f:
+                head = f.read(512)
+        except OSError as e:
+            raise CommandRejected(f"camera.url: {shown!r} cannot be read ({e.strerror})") from None
+        if b"\0" not in head:
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                raise CommandRejected(f"camera.url: {shown!r} is a text file, not a video (playlists and "
+                                      "scripts could make the decoder open other files and URLs)", 403)
+        return resolved
+
+    def _check_device(self, path: str) -> None:
+        allowed = {os.path.realpath(d) for d in self.api.devices}
+        if os.path.realpath(path) not in allowed:
+            listed = ", ".join(self.api.devices) or "none"
+            raise CommandRejected(f"camera.url: device {path!r} is not in api.devices (allowed: {listed})", 403)
+
+    def _check_network(self, url: str, scheme: str) -> None:
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or DEFAULT_PORTS[scheme]
+        except ValueError as e:  # a port that is not a number, or out of range
+            raise CommandRejected(f"camera.url: {e} in {redact_text(url, [url])!r}") from None
+        if not host:
+            raise CommandRejected(f"camera.url: no host in {redact_text(url, [url])!r}")
+        ips = resolve(host, port)
+        if not ips:
+            raise CommandRejected(f"camera.url: host {host!r} does not resolve (a camera added at run time must, "
+                                  "so that it can be checked not to point at this service)")
+        for ip in ips:
+            what = self._own.get((self._where(ip), port))
+            if what:
+                raise CommandRejected(f"camera.url: {host}:{port} is this service's own {what}; a camera "
+                                      "may not point at it", 403)

@@ -1,0 +1,196 @@
+"""The controller's HTTP API (FastAPI, served by uvicorn in a thread of `hydravision run`; OpenAPI at /docs):
+list, add, update, remove and export cameras while the others keep running.
+
+Every route under /cameras goes through ``BearerAuth``: when tokens are configured (``api.tokens``,
+``$HYDRAVISION_API_TOKEN``) a request needs ``Authorization: Bearer <token>``, and the token's name is
+recorded as who sent the command; without tokens the API only binds loopback (App refuses anything else).
+Routes are plain ``def`` functions: FastAPI runs them in its thread pool, so a slow Ray call (starting a
+camera's actor takes seconds) never blocks the server's event loop. The App does the work and the checks.
+
+Other modules add routes with ``build_api(..., extensions=[fn])``: ``fn(api, controller)`` is called once
+with the FastAPI app, e.g. ``api.include_router(router)``; ``api.state.auth`` is the token check, for
+routes that want it (``dependencies=[Depends(api.state.auth)]``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import uvicorn
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from pipeline.admission import CommandRejected
+from workers.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+Extension = Callable[[FastAPI, Any], None]
+CAMERA_EXAMPLE = {"id": "lobby", "url": "rtsp://camera-host:554/stream", "fps": 10, "heads": ["people"]}
+
+
+class BearerAuth:
+    """FastAPI dependency: the sender's name ("api:<token name>", or "api:anonymous" without tokens)."""
+
+    def __init__(self, tokens: dict[str, str]):
+        self._tokens = {name: token.encode() for name, token in tokens.items()}
+
+    def __call__(self, request: Request) -> str:
+        if not self._tokens:
+            return "api:anonymous"
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if not header:
+            reason = "Authorization: missing bearer token"
+        elif scheme.lower() != "bearer" or not value.strip():
+            reason = "Authorization: expected 'Bearer <token>'"
+        else:
+            given = value.strip().encode()
+            matched = [name for name, token in self._tokens.items() if hmac.compare_digest(given, token)]
+            if matched:
+                return f"api:{matched[0]}"
+            reason = "Authorization: invalid token"
+        client = request.client.host if request.client else "?"
+        log.warning("HTTP API: refused %s %s from %s: %s", request.method, request.url.path, client, reason)
+        raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _rejected(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"status": "rejected", "reason": reason}, status_code=status, headers=headers)
+
+
+def _validation_reason(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors (bad JSON, not an object) in the config's style: field path first."""
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error", "")
+            lines.append(f"body: not valid JSON ({detail})" if detail else "body: not valid JSON")
+        else:
+            lines.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "\n".join(lines)
+
+
+def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Extension] = ()) -> FastAPI:
+    """The FastAPI app over ``controller`` (a started App); ``extensions`` add their own routes."""
+    api = FastAPI(title="hydravision control API", version="1",
+                  description="Add, update, remove and export cameras of a running hydravision service.")
+    auth = BearerAuth(tokens)
+    api.state.auth = auth
+
+    @api.exception_handler(CommandRejected)
+    async def _on_rejected(request: Request, exc: CommandRejected) -> JSONResponse:
+        return _rejected(exc.status, exc.reason)
+
+    @api.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        reason = _validation_reason(exc)
+        log.warning("HTTP API: rejected %s %s: %s", request.method, request.url.path, reason)
+        return _rejected(422, reason)
+
+    @api.exception_handler(HTTPException)
+    async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _rejected(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return _rejected(500, redact_text(f"internal error: {type(exc).__name__}: {exc}", []).splitlines()[0])
+
+    def accepted(op: str, camera: str | None, by: str, result: Any) -> dict:
+        return {"status": "accepted", "op": op, "camera": camera, "by": by, "result": result}
+
+    @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state")
+    def list_cameras(by: str = Depends(auth)) -> dict:
+        return accepted("list", None, by, controller.list_cameras())
+
+    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running")
+    def add_camera(camera: dict[str, Any] = Body(..., description="a camera, as in the config's cameras: list",
+                                                 examples=[CAMERA_EXAMPLE]),
+                   by: str = Depends(auth)) -> dict:
+        result = controller.add_camera(camera, by=by)
+        return accepted("add", result["id"], by, result)
+
+    @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)")
+    def export_cameras(by: str = Depends(auth)) -> dict:
+        return accepted("export", None, by, controller.export_cameras())
+
+    @api.get("/cameras/{camera_id}", summary="one camera")
+    def get_camera(camera_id: str, by: str = Depends(auth)) -> dict:
+        found = [c for c in controller.list_cameras() if c["id"] == camera_id]
+        if not found:
+            raise CommandRejected(f"camera.id: no camera {camera_id!r} is running", 404)
+        return accepted("get", camera_id, by, found[0])
+
+    @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)")
+    def update_camera(camera_id: str, changes: dict[str, Any] = Body(..., examples=[{"fps": 5, "heads": ["people"]}]),
+                      by: str = Depends(auth)) -> dict:
+        return accepted("update", camera_id, by, controller.update_camera(camera_id, changes, by=by))
+
+    @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes")
+    def remove_camera(camera_id: str, by: str = Depends(auth)) -> dict:
+        return accepted("remove", camera_id, by, controller.remove_camera(camera_id, by=by))
+
+    for extend in extensions:
+        extend(api, controller)
+    return api
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound at once: a port in use fails before anything starts, and port 0
+    gets a free port. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"api: cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+class ApiServer:
+    """uvicorn serving an app in a daemon thread, on a socket from ``bind``."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+        self.host, self.port = "", 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, sock: socket.socket, timeout_s: float = 10.0) -> "ApiServer":
+        host, self.port = sock.getsockname()[:2]
+        self.host = host
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http-api",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self._server.started:
+            raise RuntimeError(f"the HTTP API did not start on {self.url} within {timeout_s:g} s")
+        return self
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout_s: float = 8.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)

@@ -1,0 +1,215 @@
+"""`hydravision cameras list|add|update|remove|export`: change the cameras of a running service, over its HTTP
+API (``--api URL``, token from ``$HYDRAVISION_API_TOKEN`` or ``--token``) or its Redis control stream
+(``--redis-url``, ``--prefix``; the default when no ``--api`` is given). Either way the service answers
+accepted, or rejected with a reason naming the field (exit status 2).
+
+This module imports neither Ray nor FastAPI: the CLI builds its parser from here at every start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from workers.redact import redact_url
+
+API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_API_TOKEN", "HYDRAVISION_REDIS_URL"
+
+
+def add_parser(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api", default=None, metavar="URL",
+                        help=f"the service's HTTP API, e.g. http://127.0.0.1:8470 (default: ${API_URL_ENV}; "
+                             "without either, the Redis control stream)")
+    common.add_argument("--token", default=None, help=f"bearer token for --api (better: ${API_TOKEN_ENV})")
+    common.add_argument("--redis-url", default=None, help=f"Redis of the service (default: ${REDIS_URL_ENV})")
+    common.add_argument("--prefix", default="hv", help="the service's Redis key prefix")
+    common.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait this long for the answer")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", dest="as_json", action="store_true", help="print the service's answer as JSON")
+
+    fields = argparse.ArgumentParser(add_help=False)
+    fields.add_argument("--url", help="rtsp://..., a file under the media roots, /dev/videoN, synthetic://...")
+    fields.add_argument("--fps", type=float, help="frames per second to analyse")
+    fields.add_argument("--heads", type=lambda t: [h.strip() for h in t.split(",") if h.strip()],
+                        metavar="A,B", help="heads to run (default: all)")
+    fields.add_argument("--json", dest="camera_json", metavar="JSON",
+                        help="the camera (or the changes) as a JSON object")
+    fields.add_argument("--yaml", type=Path, metavar="FILE", help="the camera as YAML ('-': stdin)")
+
+    c = sub.add_parser("cameras", help="list, add, update, remove or export the cameras of a running service")
+    actions = c.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common, output], help="the running cameras")
+    a = actions.add_parser("add", parents=[common, fields], help="add a camera; the others keep running")
+    a.add_argument("--id", dest="camera_id", help="camera id")
+    u = actions.add_parser("update", parents=[common, fields], help="change a camera (url, fps, heads, ...)")
+    u.add_argument("camera_id", metavar="ID")
+    r = actions.add_parser("remove", parents=[common, output], help="remove a camera (its tracks end)")
+    r.add_argument("camera_id", metavar="ID")
+    e = actions.add_parser("export", parents=[common], help="the running set as YAML (no credentials)")
+    e.add_argument("-o", "--out", type=Path, default=None, help="write to this file instead of stdout")
+
+
+# -- the two channels ------------------------------------------------------------------------------------------
+
+class HttpChannel:
+    def __init__(self, base: str, token: str | None, timeout: float):
+        self.base, self.token, self.timeout = base.rstrip("/"), token, timeout
+
+    def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        method, path = {"list": ("GET", "/cameras"), "add": ("POST", "/cameras"),
+                        "export": ("GET", "/cameras/export"), "update": ("PATCH", f"/cameras/{camera_id}"),
+                        "remove": ("DELETE", f"/cameras/{camera_id}")}[op]
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                return json.loads(e.read())
+            except ValueError:
+                return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}"}
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"cannot reach the HTTP API at {redact_url(self.base)}: {reason}") from None
+
+
+class RedisChannel:
+    def __init__(self, url: str, prefix: str, timeout: float):
+        import redis
+
+        from pipeline.control import control_key, results_key
+
+        self.url, self.timeout = url, timeout
+        self.key, self.results = control_key(prefix), results_key(prefix)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        try:
+            user = self.client.acl_whoami()
+        except redis.ResponseError:
+            user = "unknown"  # a Redis without ACLs
+        except (redis.RedisError, OSError) as e:
+            raise UserError(f"cannot reach Redis at {redact_url(url)}: {type(e).__name__}") from None
+        self.user = user.decode() if isinstance(user, bytes) else str(user)
+
+    def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        import redis
+
+        try:
+            return self._send(op, camera_id, body)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise UserError(f"lost Redis at {redact_url(self.url)}: {type(e).__name__}") from None
+
+    def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
+        command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
+                                   "expires": time.time() + self.timeout}
+        if op == "add":
+            command["camera"] = body
+        elif op in ("update", "remove"):
+            command["id"] = camera_id
+            if op == "update":
+                command["changes"] = body
+        last = self.client.xrevrange(self.results, count=1)
+        after = last[0][0] if last else "0-0"
+        self.client.xadd(self.key, {"data": json.dumps(command)})
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for _, entries in self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1) or []:
+                for entry_id, fields in entries:
+                    after = entry_id
+                    answer = json.loads(fields[b"data"])
+                    if answer.get("request_id") == command["request_id"]:
+                        return answer
+        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: is a hydravision service running "
+                        f"on this Redis with this prefix? (the command expires unapplied)")
+
+
+def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
+    api = args.api or os.environ.get(API_URL_ENV)
+    if api:
+        return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout)
+    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    return RedisChannel(url, args.prefix, args.timeout)
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+def _camera_fields(args: argparse.Namespace) -> dict:
+    """The camera (add) or the changes (update) from --camera-json / --yaml, then the flags over them."""
+    body: dict = {}
+    if args.camera_json:
+        try:
+            body = json.loads(args.camera_json)
+        except ValueError as e:
+            raise UserError(f"--json: not valid JSON ({e})") from None
+    elif args.yaml:
+        import yaml
+
+        text = sys.stdin.read() if str(args.yaml) == "-" else args.yaml.read_text()
+        body = yaml.safe_load(text) or {}
+        if isinstance(body, dict) and isinstance(body.get("cameras"), list) and len(body["cameras"]) == 1:
+            body = body["cameras"][0]
+    if not isinstance(body, dict):
+        raise UserError("--json / --yaml: expected one camera as a mapping")
+    for flag in ("url", "fps", "heads"):
+        if getattr(args, flag) is not None:
+            body[flag] = getattr(args, flag)
+    if args.action == "add" and args.camera_id:
+        body["id"] = args.camera_id
+    return body
+
+
+def main(args: argparse.Namespace) -> int:
+    channel = _channel(args)
+    camera_id = getattr(args, "camera_id", None)
+    body = _camera_fields(args) if args.action in ("add", "update") else None
+    if args.action == "add" and not (body or {}).get("id"):
+        raise UserError("cameras add: give the camera's --id (or an id in --json / --yaml)")
+    answer = channel.send(args.action, camera_id, body)
+    if answer.get("status") != "accepted":
+        raise UserError(f"rejected: {answer.get('reason', answer)}")
+    result = answer.get("result")
+    if getattr(args, "as_json", False):
+        print(json.dumps(answer, indent=2))
+    elif args.action == "list":
+        _print_list(result or [])
+    elif args.action == "export":
+        if args.out:
+            args.out.write_text(result["yaml"])
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(result["yaml"], end="")
+        if result.get("variables"):
+            print(f"note: set {', '.join(result['variables'])} before loading it", file=sys.stderr)
+    else:
+        verb = {"add": "added", "update": "updated", "remove": "removed"}[args.action]
+        detail = f" ({', '.join(result['changed']) or 'nothing changed'})" if args.action == "update" else ""
+        print(f"{verb} camera {answer.get('camera') or camera_id}{detail} (as {answer.get('by')})")
+    return 0
+
+
+def _print_list(cameras: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()  # as run_commands._console(), without importing Ray for a table
+    console = console if console.is_terminal else Console(width=250, soft_wrap=True)
+    table = Table(title="cameras", title_justify="left")
+    for col in ("id", "state", "url", "fps", "heads", "added by"):
+        table.add_column(col)
+    for c in cameras:
+        table.add_row(c["id"], str(c.get("state") or "-"), c["url"], str(c.get("fps") or "all"),
+                      ",".join(c.get("heads") or []), c.get("added_by") or "config")
+    console.print(table)

@@ -1,0 +1,60 @@
+"""The running set of cameras as YAML that `hydravision run` loads again, without a credential in it.
+
+A camera from the config file whose URL is unchanged gets its URL back as written there, ``${VAR}``s and
+all. Any credential still in a URL (a camera added at run time, or a password written into the file) is
+replaced by a ``${HV_<CAMERA>_SECRET}`` placeholder, and the export lists the variables to set: it never
+prints a raw password. Fields left at their defaults are left out.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from pipeline.config import ConfigError, interpolate_env
+from workers.redact import _hidden_spans  # the one rule of where a URL's secrets are
+from workers.settings import CameraConfig
+
+
+def _placeholders(url: str, camera_id: str) -> tuple[str, list[str]]:
+    """``url`` with each secret span that is not already a ${VAR} replaced by one; the names it used."""
+    stem = "HV_" + re.sub(r"[^A-Za-z0-9]", "_", camera_id).upper() + "_SECRET"
+    out, pos, names = [], 0, []
+    for start, end in _hidden_spans(url):
+        if "${" in url[start:end]:
+            continue
+        name = stem if not names else f"{stem}_{len(names) + 1}"
+        names.append(name)
+        out += [url[pos:start], "${" + name + "}"]
+        pos = end
+    out.append(url[pos:])
+    return "".join(out), names
+
+
+def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """(camera mappings for the YAML's ``cameras:``, the environment variables they need)."""
+    out, needed = [], []
+    for cam in cameras:
+        url = cam.url
+        written = written_urls.get(cam.id)
+        if written is not None:
+            try:
+                if interpolate_env(written) == cam.url:
+                    url = written
+            except ConfigError:  # a variable no longer set: it cannot be the same URL
+                pass
+        url, names = _placeholders(url, cam.id)
+        needed += names
+        data = cam.model_dump(mode="json", exclude_defaults=True)
+        data = {"id": cam.id, "url": url, **{k: v for k, v in data.items() if k not in ("id", "url")}}
+        out.append(data)
+    return out, needed
+
+
+def export_yaml(cameras: list[dict], needed: list[str]) -> str:
+    head = "# hydravision cameras export: the running set; use it as the cameras: section of a config.\n"
+    if needed:
+        head += ("# Credentials were replaced by variables; set them before loading: "
+                 + ", ".join(needed) + "\n")
+    return head + yaml.safe_dump({"cameras": cameras}, sort_keys=False)

@@ -1,0 +1,193 @@
+"""The Redis control stream: any Redis client adds, removes, updates, lists or exports cameras.
+
+    XADD {prefix}:control * data '{"op": "remove", "id": "lobby", "request_id": "r1", "user": "ops"}'
+
+Each command is answered on ``{prefix}:control:results`` (field ``data``, JSON): ``status`` accepted or
+rejected, ``reason`` naming the field, the command's stream ``command`` id and its ``request_id``, ``by``.
+Commands are read through a consumer group; each one's result is written and the command acknowledged and
+deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC. So a command is applied once,
+also across a controller restart: the group remembers what it acknowledged, and a command a crashed
+controller took but never acknowledged is applied by the next one (the cameras it started died with it).
+Commands sent while no controller runs wait for the next one, unless they carry ``expires`` (unix
+seconds): `hydravision cameras` sets it to its own timeout.
+
+Who may send commands is Redis's to decide (ACLs on the key); ``user`` is declared by the sender (the
+CLI sends its ``ACL WHOAMI``) and recorded as ``by: redis:<user>`` in the result and the audit event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+import redis
+from pydantic import Field, ValidationError
+
+from pipeline.admission import CommandRejected
+from pipeline.config import _format_errors
+from workers.publish import encode
+from workers.redact import redact_text
+from workers.settings import Strict
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVERIES = 3  # a command that took the controller down this often is dropped, not tried forever
+SENDER = r"^[A-Za-z0-9_.@-]{1,64}$"
+
+
+def control_key(prefix: str) -> str:
+    return f"{prefix}:control"
+
+
+def results_key(prefix: str) -> str:
+    return f"{prefix}:control:results"
+
+
+class Command(Strict):
+    """One command on the control stream (the JSON in its ``data`` field)."""
+    op: Literal["add", "remove", "update", "list", "export"]
+    camera: dict[str, Any] | None = Field(None, description="add: the camera, as in the config")
+    id: str | None = Field(None, description="remove, update: the camera id")
+    changes: dict[str, Any] | None = Field(None, description="update: the fields to change")
+    request_id: str | None = Field(None, max_length=128, description="echoed in the result")
+    user: str | None = Field(None, pattern=SENDER, description="who sends it (declared)")
+    expires: float | None = Field(None, description="unix seconds; later, the command is rejected unapplied")
+
+
+def parse_command(fields: dict) -> Command:
+    raw = fields.get(b"data", fields.get("data"))
+    if raw is None:
+        raise CommandRejected("data: missing (XADD {prefix}:control * data '<JSON command>')")
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise CommandRejected(f"data: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CommandRejected(f"data: expected a JSON object, got {type(data).__name__}")
+    try:
+        return Command.model_validate(data)
+    except ValidationError as e:
+        urls = [v for v in (data.get("camera") or {}).values() if isinstance(v, str)] \
+            if isinstance(data.get("camera"), dict) else []
+        raise CommandRejected(_format_errors(e, urls, root="data")) from None
+
+
+REQUIRED = {"add": ("camera",), "remove": ("id",), "update": ("id", "changes"), "list": (), "export": ()}
+
+
+def check_required(cmd: Command) -> None:
+    for field in REQUIRED[cmd.op]:
+        if getattr(cmd, field) is None:
+            raise CommandRejected(f"data.{field}: required for op {cmd.op!r}")
+
+
+def execute(controller: Any, cmd: Command, by: str) -> Any:
+    """Runs a (checked) command on the App; CommandRejected when it cannot be applied."""
+    if cmd.op == "add":
+        return controller.add_camera(cmd.camera, by=by)
+    if cmd.op == "remove":
+        return controller.remove_camera(cmd.id, by=by)
+    if cmd.op == "update":
+        return controller.update_camera(cmd.id, cmd.changes, by=by)
+    if cmd.op == "list":
+        return controller.list_cameras()
+    return controller.export_cameras()
+
+
+class ControlConsumer:
+    """Reads {prefix}:control in a thread of the controller and applies each command through the App."""
+
+    def __init__(self, controller: Any, url: str, prefix: str, group: str = "hydravision",
+                 results_maxlen: int = 1000, consumer: str = "controller", block_ms: int = 1000):
+        self.controller, self.url, self.prefix, self.group = controller, url, prefix, group
+        self.consumer, self.block_ms, self.results_maxlen = consumer, block_ms, results_maxlen
+        self.key, self.results = control_key(prefix), results_key(prefix)
+        # A blocking read must return before the socket times out (redis-py's default would be 5 s).
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=block_ms / 1000 + 10,
+                                            health_check_interval=30, client_name="hydravision-control")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-control", daemon=True)
+        self.handled = 0
+
+    def start(self) -> "ControlConsumer":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops reading; a command being applied finishes first (within ``timeout_s``)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self._client.close()
+
+    def _ensure_group(self) -> None:
+        try:
+            # From the stream's start: commands sent before the very first controller ran are applied too.
+            self._client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def _run(self) -> None:
+        failures, backlog = 0, True  # first this consumer's own unacknowledged commands, then new ones
+        while not self._stop.is_set():
+            try:
+                if failures or backlog:
+                    self._ensure_group()
+                reply = self._client.xreadgroup(self.group, self.consumer, {self.key: "0" if backlog else ">"},
+                                                count=10, block=None if backlog else self.block_ms)
+                entries = reply[0][1] if reply else []
+                if backlog and not entries:
+                    backlog = False
+                for entry_id, fields in entries:
+                    if self._stop.is_set():
+                        break
+                    self._handle(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields or {},
+                                 redelivered=backlog)
+                failures = 0
+            except (redis.RedisError, OSError) as e:
+                failures += 1
+                if failures == 1:
+                    log.warning("control stream %s: %s; retrying", self.key,
+                                redact_text(f"{type(e).__name__}: {e}", [self.url]))
+                self._stop.wait(min(5.0, 0.25 * 2 ** min(failures, 5)))
+
+    def _handle(self, entry_id: str, fields: dict, redelivered: bool) -> None:
+        result: dict[str, Any] = {"v": 1, "command": entry_id, "request_id": None, "op": None}
+        by, in_app = "redis:unknown", False  # the App logs the rejections it makes itself
+        try:
+            if not fields:  # trimmed from the stream while pending: nothing left to apply
+                raise CommandRejected("data: the command was deleted from the stream before it was applied")
+            if redelivered and self._deliveries(entry_id) > MAX_DELIVERIES:
+                raise CommandRejected(f"data: dropped after {MAX_DELIVERIES} deliveries that never completed")
+            cmd = parse_command(fields)
+            by = f"redis:{cmd.user or 'unknown'}"
+            result.update(request_id=cmd.request_id, op=cmd.op, camera=cmd.id or (cmd.camera or {}).get("id"))
+            if cmd.expires is not None and time.time() > cmd.expires:
+                raise CommandRejected(f"data.expires: the command expired {time.time() - cmd.expires:.0f} s ago, "
+                                      "unapplied")
+            check_required(cmd)
+            in_app = True
+            result.update(status="accepted", result=execute(self.controller, cmd, by))
+        except CommandRejected as e:
+            result.update(status="rejected", reason=e.reason)
+            if not in_app:
+                self.controller.note_rejected(result["op"] or "command", by, e.reason)
+        except Exception as e:  # a bug, or Ray failing: answer anyway, the controller keeps going
+            log.exception("control stream: command %s failed", entry_id)
+            result.update(status="rejected", reason=redact_text(f"internal error: {type(e).__name__}: {e}", []))
+        result.update(by=by, ts=round(time.time(), 3))
+        # The answer and the acknowledgement, both or neither; and the command goes from the stream, so a
+        # camera password it carried does not stay in Redis (the answer holds none).
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen, approximate=True)
+        pipe.xack(self.key, self.group, entry_id)
+        pipe.xdel(self.key, entry_id)
+        pipe.execute()
+        self.handled += 1
+
+    def _deliveries(self, entry_id: str) -> int:
+        info = self._client.xpending_range(self.key, self.group, min=entry_id, max=entry_id, count=1)
+        return int(info[0]["times_delivered"]) if info else 0

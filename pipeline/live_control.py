@@ -1,0 +1,279 @@
+"""Live control: the App's methods that change the running set of cameras while the others keep running.
+
+Both control channels call these (the HTTP API from its worker threads, the Redis control stream from its
+own thread), and nothing else mutates ``App.cameras`` after start. Invariants:
+
+- ``App._lock`` guards ``cameras`` and ``_busy`` and is held for dict operations only, never across a Ray
+  call: the control loop's ticks and the other cameras never wait for a camera to start or stop.
+- A camera id in ``_busy`` is being added, removed or updated: a second command for it is refused (409)
+  rather than queued, so two commands never interleave on one camera.
+- Every command names who sent it (``by``): an accepted one becomes an audit event (camera_added,
+  camera_removed, camera_updated, field ``by``), a refused one a log line; neither holds a credential.
+- A camera from a control channel passes ``Admission`` first (see pipeline/admission.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import ray
+import redis
+
+from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
+from pipeline.camera_export import export_cameras, export_yaml
+from pipeline.config import API_TOKEN_ENV, ConfigError
+from pipeline.errors import UserError
+from workers.publish import event_message
+from workers.redact import redact_text, redact_url
+from workers.settings import CameraConfig
+from workers.stream import retired_track_ids_key
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 30.0
+
+
+def camera_actor_name(camera_id: str) -> str:
+    return f"hv-camera-{camera_id}"
+
+
+class LiveControl:
+    """Mixed into App (pipeline/app.py), whose fields and helpers (_spawn, _describe, say) it uses."""
+
+    # -- the control channels ------------------------------------------------------------------------------
+    def check_api_settings(self) -> None:
+        """Before anything starts: an API reachable from other machines must demand a token, and its port
+        must be free (it is bound here, and served once the config's cameras run)."""
+        api = self.config.api
+        if api.port is None:
+            return
+        if not api.loopback and not api.all_tokens():
+            raise ConfigError(f"api.host: {api.host} is reachable from other machines: configure a token "
+                              f"(api.tokens, or ${API_TOKEN_ENV}) or bind 127.0.0.1")
+        from pipeline.api import bind
+
+        self._api_socket = bind(api.host, api.port)
+
+    def _own_endpoints(self) -> dict[str, tuple[str, int]]:
+        own = {}
+        parts = urlsplit(self.redis_settings.url)
+        if parts.scheme in ("redis", "rediss") and parts.hostname:
+            own["Redis"] = (parts.hostname, parts.port or 6379)
+        try:
+            host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+            own["Ray GCS"] = (host, int(port))
+        except Exception:  # Ray client mode, or no GCS address to tell: nothing to add
+            log.debug("no Ray GCS address to protect", exc_info=True)
+        return own
+
+    def start_control(self) -> None:
+        """The HTTP API (when api.port is set) and the Redis control stream (when control.enabled)."""
+        api, ctl = self.config.api, self.config.control
+        self.admission = Admission(api, self.model_heads, self._own_endpoints())
+        if api.port is not None:
+            from pipeline.api import ApiServer, build_api  # FastAPI and uvicorn load only when the API is on
+
+            tokens = api.all_tokens()
+            sock, self._api_socket = self._api_socket, None
+            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
+            self.admission.forbid("HTTP API", api.host, self.api_server.port)
+            auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
+            self.say(f"HTTP API: {self.api_server.url} (OpenAPI at {self.api_server.url}/docs; {auth})")
+        if ctl.enabled:
+            from pipeline.control import ControlConsumer, control_key, results_key
+
+            prefix = self.redis_settings.prefix
+            self.control = ControlConsumer(self, self.redis_settings.url, prefix, ctl.group,
+                                           ctl.results_maxlen).start()
+            self.say(f"Control stream: {control_key(prefix)} (answers on {results_key(prefix)})")
+
+    def stop_control(self) -> None:
+        if self._api_socket is not None:  # bound, never served (the start failed on the way)
+            self._api_socket.close()
+            self._api_socket = None
+        if self.api_server is not None:
+            self.api_server.stop()
+            self.api_server = None
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
+
+    # -- commands ------------------------------------------------------------------------------------------
+    def note_rejected(self, op: str, by: str, reason: str) -> None:
+        """A refused command, in the log (reasons never hold credentials: see pipeline/admission.py)."""
+        log.warning("control: rejected %s from %s: %s", op, by, reason)
+        self.say(f"Control: rejected {op} from {by}: {reason}")
+
+    def _claim(self, camera_id: Any, new: bool = False) -> Any:
+        """Marks a camera busy for one command; its handle (None when ``new``)."""
+        if self._stop.is_set():
+            raise CommandRejected("the service is shutting down", 503)
+        if not isinstance(camera_id, str):
+            raise CommandRejected(f"camera.id: expected a string, got {type(camera_id).__name__}")
+        with self._lock:
+            if camera_id in self._busy:
+                raise CommandRejected(f"camera.id: camera {camera_id!r} is being changed by another command", 409)
+            handle = self.cameras.get(camera_id)
+            if new and handle is not None:
+                raise CommandRejected(f"camera.id: camera {camera_id!r} already exists", 409)
+            if not new and handle is None:
+                raise CommandRejected(f"camera.id: no camera {camera_id!r} is running", 404)
+            if new and len(self.cameras) + len(self._busy) >= self.config.api.max_cameras:
+                raise CommandRejected(f"camera: {self.config.api.max_cameras} cameras already run "
+                                      "(api.max_cameras)", 409)
+            self._busy.add(camera_id)
+        return handle
+
+    def _release(self, camera_id: str) -> None:
+        with self._lock:
+            self._busy.discard(camera_id)
+
+    def add_camera(self, camera: dict | CameraConfig, by: str) -> dict:
+        """Starts a camera beside the running ones; returns it (URL without credentials)."""
+        try:
+            cam = camera if isinstance(camera, CameraConfig) else parse_camera(camera)
+            cam = self.admission.check(cam)
+            self._claim(cam.id, new=True)
+        except CommandRejected as e:
+            self.note_rejected("add", by, e.reason)
+            raise
+        started = time.monotonic()
+        try:
+            handle = self._spawn([cam])[0]
+        except (UserError, ray.exceptions.RayError) as e:
+            reason = f"camera: {e}" if isinstance(e, UserError) else \
+                f"camera: its stream actor failed to start: {self._describe(e, cam.id)}"
+            self.note_rejected("add", by, reason)
+            raise CommandRejected(reason, 503) from None
+        finally:
+            self._release(cam.id)
+        handle.added_by = by
+        with self._lock:
+            stopping = self._stop.is_set()
+            if not stopping:
+                self.cameras[cam.id] = handle
+        if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
+            ray.kill(handle.actor, no_restart=True)
+            raise CommandRejected("the service is shutting down", 503)
+        self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
+        return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
+
+    def remove_camera(self, camera_id: str, by: str) -> dict:
+        """Stops a camera: in-flight frames drain, its tracks end (track_ended), its decoder closes, its status
+        entry goes from {prefix}:cameras, its actor is killed; then camera_removed."""
+        try:
+            handle = self._claim(camera_id)
+        except CommandRejected as e:
+            self.note_rejected("remove", by, e.reason)
+            raise
+        try:
+            try:
+                final = ray.get(handle.actor.stop.remote(drain=True), timeout=STOP_TIMEOUT_S)
+            except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
+                final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
+                log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
+            with self._lock:
+                self.cameras.pop(camera_id, None)
+            self.events.remove_status(camera_id)
+            self._retire_track_ids(camera_id, final.get("track_ids_next"))
+            ray.kill(handle.actor, no_restart=True)
+            self._wait_gone(handle)
+        finally:
+            self._release(camera_id)
+        self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
+        keep = ("state", "decoded", "published", "dropped", "decoder_threads", "open_tracks", "track_ids_next")
+        return {"id": camera_id, "final": {k: final.get(k) for k in keep}}
+
+    def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:
+        """Changes a running camera: heads from its next frame, a new URL reconnects it alone (see
+        CameraPipeline.update); the others are not touched."""
+        try:
+            handle = self._claim(camera_id)
+        except CommandRejected as e:
+            self.note_rejected("update", by, e.reason)
+            raise
+        try:
+            old = handle.config
+            new = merge_changes(old, changes)
+            new = self.admission.check(new, url_changed=new.url != old.url)
+            if new.max_inflight != old.max_inflight:
+                raise CommandRejected("camera.max_inflight: cannot change while the camera runs "
+                                      "(remove it and add it again)")
+            result: dict = {"changed": [], "restarted": False}
+            if new != old:
+                try:
+                    result = ray.get(handle.actor.update.remote(new), timeout=STOP_TIMEOUT_S)
+                except ray.exceptions.RayTaskError as e:  # the camera refused the change
+                    raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
+                except ray.exceptions.RayError as e:  # its actor is gone or hangs: nothing was changed
+                    raise CommandRejected(f"camera: its stream actor did not answer: "
+                                          f"{self._describe(e, camera_id)}", 503) from None
+                handle.config = new
+                if result["restarted"]:
+                    handle.done = handle.actor.wait.remote()
+        except CommandRejected as e:
+            self.note_rejected("update", by, e.reason)
+            raise
+        finally:
+            self._release(camera_id)
+        if result["changed"]:
+            self._audit("camera_updated", new, by, changes=result["changed"])
+        return {**self.public(new), **result}
+
+    def list_cameras(self) -> list[dict]:
+        """The running cameras as configured (URLs without credentials), with their last known state."""
+        with self._lock:
+            handles = list(self.cameras.values())
+        out = []
+        for h in handles:
+            s = self._last_stats.get(h.id, {})
+            out.append({**self.public(h.config), "state": s.get("state"), "published": s.get("published"),
+                        "added_by": h.added_by})
+        return out
+
+    def export_cameras(self) -> dict:
+        """The running set as the cameras: section of a config; credentials as ${VAR} (see camera_export)."""
+        with self._lock:
+            configs = [h.config for h in self.cameras.values()]
+        cameras, variables = export_cameras(configs, self.config._written_urls)
+        return {"cameras": cameras, "variables": variables, "yaml": export_yaml(cameras, variables)}
+
+    def public(self, cam: CameraConfig) -> dict:
+        data = cam.model_dump(mode="json", exclude_defaults=True)
+        return {**data, "id": cam.id, "url": redact_url(cam.url), "heads": cam.heads or list(self.model_heads)}
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _audit(self, type_: str, cam: CameraConfig, by: str, **fields: Any) -> None:
+        url = redact_url(cam.url)
+        self.events.publish_event(event_message(type_, cam.id, by=by, url=url, **fields))
+        verb = type_.removeprefix("camera_")
+        detail = f" ({', '.join(fields['changes'])})" if "changes" in fields else ""
+        self.say(f"Camera {cam.id} {verb} by {by}: {url}{detail}")
+
+    def _retire_track_ids(self, camera_id: str, next_ids: dict | None) -> None:
+        """Keeps the removed camera's next track ids, so that one added again under its id goes on from them."""
+        if not next_ids:
+            return
+        try:
+            client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                client.hset(retired_track_ids_key(self.redis_settings.prefix), camera_id, json.dumps(next_ids))
+            finally:
+                client.close()
+        except (redis.RedisError, OSError) as e:  # rare (Redis down right now); the log says so
+            log.warning("camera %s: could not keep its track ids: %s", camera_id,
+                        redact_text(str(e), [self.redis_settings.url]))
+
+    def _wait_gone(self, handle: Any, timeout_s: float = 10.0) -> None:
+        """Until Ray has released the actor's name, so the same id can be added again at once."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(camera_actor_name(handle.id))
+            except ValueError:
+                return
+            time.sleep(0.05)

@@ -1,0 +1,106 @@
+"""How `hydravision` speaks where services run (docker logs, the systemd journal, a log shipper).
+
+``--log-format json``: one JSON object per line on stdout, for every log record, status line, message of
+the controller and line a Ray worker prints: ``{"ts", "level", "logger", "msg", ...}``. Records may carry
+more fields (a status line its ``cameras``). Every message passes the redactor on its way out.
+
+Ray's start-up noise that a user cannot act on is held back unless ``-v``: the "Token authentication is
+enabled for this Ray cluster" warning of a local cluster. Only that log line is filtered; Ray's token
+authentication itself is left exactly as Ray sets it up (on, with a token under ~/.ray). The core worker's
+"constructor arguments in the object store" error is avoided at its cause instead: StreamActors get the
+inference replicas' names rather than their handles (workers/stream.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from workers.redact import redact_text
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+# The level in a worker's line, as StreamActor's logging writes it (TEXT_FORMAT)
+_WORKER_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON object; fields passed as ``extra={"data": {...}}`` are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": redact_text(record.getMessage(), [])}
+        if record.exc_info:
+            out["exc"] = redact_text(self.formatException(record.exc_info), [])
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):
+            out.update({k: v for k, v in data.items() if k not in out})
+        return json.dumps(out, default=str)
+
+
+def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
+    """Root logging for the CLI: text on stderr (as before), or JSON lines on stdout."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if log_format != "json":
+        logging.basicConfig(level=level, format=TEXT_FORMAT, datefmt="%H:%M:%S")
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Ray gives its logger a handler of its own (plain text, not propagated) when it is imported: route its
+    # records through ours instead. Its level stays Ray's to set (ray.init(logging_level=...)).
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+
+
+class _DropLine(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Holds back the token-authentication notice of a local Ray cluster unless ``verbose``."""
+    if not verbose:
+        logging.getLogger(RAY_TOKEN_LOGGER).addFilter(_DropLine(RAY_TOKEN_NOTICE))
+
+
+def json_worker_logs() -> bool:
+    """After ray.init(log_to_driver=True): the lines Ray forwards from its workers become JSON records too
+    (Ray prints them raw, prefixed "(StreamActor pid=...)"). Uses Ray's log dispatcher, which is not a
+    public API: when it is missing, Ray's own printing stays and False is returned."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import filter_autoscaler_events
+    except ImportError:
+        return False
+
+    def emit(batch: dict) -> None:
+        lines = batch.get("lines", [])
+        if batch.get("pid") == "autoscaler":  # cluster status every few seconds: only its events, as Ray does
+            lines = list(filter_autoscaler_events(lines))
+        who = batch.get("actor_name") or batch.get("task_name") or batch.get("pid") or "ray-worker"
+        stream = "stderr" if batch.get("is_err") else "stdout"
+        for line in lines:
+            m = _WORKER_LEVEL.match(line)
+            level = m.group(1).lower() if m else ("warning" if stream == "stderr" else "info")
+            record = {"ts": round(time.time(), 3), "level": level, "logger": f"ray.worker.{who}",
+                      "pid": batch.get("pid"), "stream": stream, "msg": redact_text(line, [])}
+            sys.stdout.write(json.dumps(record, default=str) + "\n")
+        sys.stdout.flush()
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("hydravision_json", emit)
+    return True

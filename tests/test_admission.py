@@ -1,0 +1,210 @@
+"""What a camera added at run time may read and reach (issue 13, part 1: the control channels are an attack
+surface), the field paths of its errors, and the export that never prints a credential. No Ray, no Redis."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
+from pipeline.camera_export import export_cameras, export_yaml
+from pipeline.config import ApiConfig, ConfigError, parse_config
+from workers.settings import CameraConfig
+
+HEADS = {"people": ["person"], "vehicles": ["car", "bicycle"]}
+SECRET = "Hx7-secret-pw"
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> dict[str, Path]:
+    """A media root with a video, a playlist, a symlink out of the root and a folder beside the root."""
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    video = root / "sub" / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)))
+    (root / "list.m3u8").write_text("#EXTM3U\n#EXTINF:10,\nfile:///etc/passwd\n")
+    (root / "escape.mp4").symlink_to("/etc/passwd")
+    (root / "dev-link").symlink_to("/dev/mem")
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    (outside / "key.mp4").write_bytes(b"\x00binary")
+    return {"root": root, "video": video, "outside": outside}
+
+
+def admission(media: dict[str, Path], **api: object) -> Admission:
+    settings = ApiConfig(media_roots=[str(media["root"])], devices=["/dev/null"], **api)
+    return Admission(settings, HEADS, {"Redis": ("127.0.0.1", 6399), "HTTP API": ("0.0.0.0", 8470)})
+
+
+# url (MEDIA = the media root), expected: a substring of the reason, or the url the camera will read
+CASES = [
+    ("MEDIA/sub/clip.mp4", "ok"),
+    ("file://MEDIA/sub/clip.mp4", "ok"),
+    ("MEDIA/sub/../sub/clip.mp4", "ok"),
+    ("/etc/passwd", "outside the media roots"),
+    ("file:///etc/passwd", "outside the media roots"),
+    ("MEDIA/../secrets/key.mp4", "outside the media roots"),
+    ("MEDIA/sub/../../secrets/key.mp4", "outside the media roots"),
+    ("MEDIA/escape.mp4", "outside the media roots"),  # a symlink out of the root
+    ("MEDIA/dev-link", "outside the media roots"),
+    ("/dev/mem", "outside the media roots"),
+    ("MEDIA/list.m3u8", "is a text file"),
+    ("MEDIA/missing.mp4", "not a regular file"),
+    ("MEDIA/sub", "not a regular file"),
+    ("sub/clip.mp4", "absolute path"),
+    ("concat:MEDIA/sub/clip.mp4|/etc/passwd", "absolute path"),
+    ("file://otherhost/MEDIA/sub/clip.mp4", "must be local"),
+    ("device:///dev/mem", "not in api.devices"),
+    ("/dev/video7", "not in api.devices"),
+    ("device:///dev/null", "ok"),
+    ("rtsp://127.0.0.1:6399/x", "own Redis"),
+    ("rtsp://localhost:6399/x", "own Redis"),
+    ("rtsp://[::1]:6399/x", "own Redis"),
+    ("http://0.0.0.0:8470/cameras", "own HTTP API"),
+    (f"http://admin:{SECRET}@127.0.0.1:8470/", "own HTTP API"),
+    ("rtsp://127.0.0.1:8554/x", "ok"),  # a local RTSP server on another port is fine
+    ("rtsp://127.0.0.1:99999/x", "out of range"),
+    ("rtsp:///x", "no host"),
+    ("rtsp://no-such-host.invalid/x", "does not resolve"),
+    ("synthetic://street?seed=1", "ok"),
+]
+
+
+@pytest.mark.parametrize("url, expected", CASES)
+def test_run_time_cameras_read_only_media_roots_and_allowed_devices(media, url, expected):
+    url = url.replace("MEDIA", str(media["root"]))
+    cam = CameraConfig(id="x", url=url)
+    if expected == "ok":
+        checked = admission(media).check(cam)
+        if "clip.mp4" in url:  # the camera reads the resolved path, not one a symlink swap could redirect
+            assert checked.url == str(media["video"])
+        return
+    with pytest.raises(CommandRejected) as err:
+        admission(media).check(cam)
+    assert err.value.reason.startswith("camera.url: "), err.value.reason
+    assert expected in err.value.reason
+    assert SECRET not in err.value.reason
+
+
+def test_no_media_roots_no_files_and_config_cameras_are_not_checked(media):
+    bare = Admission(ApiConfig(), HEADS)
+    with pytest.raises(CommandRejected, match="no api.media_roots configured"):
+        bare.check(CameraConfig(id="x", url=str(media["video"])))
+    # an update that leaves the URL alone does not re-check it (a config camera may read any file)
+    assert bare.check(CameraConfig(id="x", url="/etc/passwd"), url_changed=False).url == "/etc/passwd"
+
+
+def test_an_endpoint_added_later_is_forbidden_too(media):
+    adm = admission(media)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert adm.check(CameraConfig(id="x", url=f"rtsp://127.0.0.1:{port}/x"))
+    adm.forbid("Ray GCS", "127.0.0.1", port)
+    with pytest.raises(CommandRejected, match="own Ray GCS"):
+        adm.check(CameraConfig(id="x", url=f"rtsp://localhost:{port}/x"))
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, "camera.heads: unknown heads ['faces']"),
+    ({"id": "x", "url": "synthetic://street", "fps": -5}, "camera.fps: Input should be greater than 0 (got -5)"),
+    ({"id": "x y", "url": "synthetic://street"}, "camera.id: must be 1-64 letters"),
+    ({"id": "x", "url": f"ftp://u:{SECRET}@h/x"}, "camera.url: unsupported scheme 'ftp'"),
+    ({"id": "x"}, "camera.url: Field required"),
+    ({"id": "x", "url": "synthetic://street", "colour": "red"}, "camera.colour: unknown field"),
+    (["not", "an", "object"], "camera: expected a JSON object"),
+])
+def test_bad_cameras_are_rejected_naming_the_field(media, data, reason):
+    with pytest.raises(CommandRejected) as err:
+        admission(media).check(parse_camera(data))
+    assert reason in err.value.reason
+    assert SECRET not in err.value.reason
+
+
+def test_run_time_input_gets_no_environment_interpolation(monkeypatch):
+    monkeypatch.setenv("HV_TEST_SECRET", SECRET)
+    cam = parse_camera({"id": "x", "url": "rtsp://${HV_TEST_SECRET}@cam/x"})
+    assert SECRET not in cam.url and "${HV_TEST_SECRET}" in cam.url
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"fps": 5}, {"fps": 5.0}),
+    ({"tracker": {"lost_track_buffer": 60}}, {"tracker.lost_track_buffer": 60, "tracker.minimum_iou_threshold": 0.3}),
+    ({"heads": None}, {"heads": None}),
+    ({"id": "other"}, "camera.id: cannot change"),
+    ({"fps": 0}, "camera.fps: Input should be greater than 0"),
+    ({"url": ""}, "camera.url:"),
+    ({}, "changes: expected a JSON object"),
+    ("fps=5", "changes: expected a JSON object"),
+])
+def test_changes_merge_field_by_field(changes, expected):
+    current = CameraConfig(id="cam", url="synthetic://street", heads=["people"],
+                           tracker={"minimum_iou_threshold": 0.3})
+    if isinstance(expected, str):
+        with pytest.raises(CommandRejected, match=expected.replace("(", r"\(")):
+            merge_changes(current, changes)
+        return
+    merged = merge_changes(current, changes)
+    for path, value in expected.items():
+        obj = merged
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        assert obj == value
+
+
+def test_api_settings_refuse_weak_tokens(monkeypatch):
+    with pytest.raises(ConfigError, match=r"api.tokens: .*token 'ops' is shorter than 16"):
+        parse_config({"api": {"tokens": {"ops": "short"}}})
+    monkeypatch.setenv("HYDRAVISION_API_TOKEN", "weak")
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        ApiConfig().all_tokens()
+    monkeypatch.setenv("HYDRAVISION_API_TOKEN", "a" * 16)
+    assert ApiConfig(tokens={"ops": "b" * 20}).all_tokens() == {"ops": "b" * 20, "env": "a" * 16}
+
+
+def test_an_api_beyond_loopback_needs_a_token_and_a_port_in_use_fails_before_anything_starts(monkeypatch):
+    from pipeline.app import App
+
+    monkeypatch.delenv("HYDRAVISION_API_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"api.host: 0.0.0.0 is reachable from other machines"):
+        App(parse_config({"api": {"host": "0.0.0.0", "port": 0}})).check_api_settings()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        app = App(parse_config({"api": {"port": taken.getsockname()[1]}}))
+        with pytest.raises(ConfigError, match=r"api: cannot listen on 127.0.0.1:\d+: Address already in use"):
+            app.check_api_settings()
+    app = App(parse_config({"api": {"host": "0.0.0.0", "port": 0, "tokens": {"ops": "t" * 16}}}))
+    app.check_api_settings()  # with a token: fine, and the port is held from now on
+    assert app._api_socket.getsockname()[1] > 0
+    app.stop_control()
+    assert app._api_socket is None
+
+
+def test_export_writes_placeholders_never_a_password(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAM_PW", SECRET)
+    config = parse_config({"cameras": [
+        {"id": "from-file", "url": "rtsp://admin:${CAM_PW}@cam-1/stream", "fps": 5},
+        {"id": "literal", "url": f"rtsp://admin:{SECRET}@cam-2/stream?token={SECRET}x"},
+    ]})
+    added = CameraConfig(id="run-time.cam", url=f"rtsps://viewer:{SECRET}@cam-3:322/live", heads=["people"])
+    cameras, needed = export_cameras(config.cameras + [added], config._written_urls)
+    text = export_yaml(cameras, needed)
+    assert SECRET not in text
+    assert needed == ["HV_LITERAL_SECRET", "HV_LITERAL_SECRET_2", "HV_RUN_TIME_CAM_SECRET"]
+    assert cameras[0] == {"id": "from-file", "url": "rtsp://admin:${CAM_PW}@cam-1/stream", "fps": 5.0}
+    # what was exported loads again, with the variables set
+    for name in needed:
+        monkeypatch.setenv(name, f"admin:{SECRET}")
+    path = tmp_path / "exported.yaml"
+    path.write_text(text)
+    reloaded = parse_config(yaml.safe_load(path.read_text()))
+    assert [c.id for c in reloaded.cameras] == ["from-file", "literal", "run-time.cam"]
+    assert reloaded.cameras[0].url == f"rtsp://admin:{SECRET}@cam-1/stream"
+    assert reloaded.cameras[2].heads == ["people"]
+    # a camera from the file whose URL changed at run time is not exported as the file had it
+    changed = config.cameras[0].model_copy(update={"url": "rtsp://cam-9/other"})
+    assert export_cameras([changed], config._written_urls)[0][0]["url"] == "rtsp://cam-9/other"

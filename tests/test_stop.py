@@ -1,0 +1,134 @@
+"""Stopping a camera without draining: what was decoded and not yet published is abandoned, counted as
+dropped.shutdown, and the counters still add up (docs/architecture.md, "Counting frames")."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from mot import read_stream
+from running import wait_for
+from workers.publish import Publisher, keys
+from workers.stream import CameraPipeline, StreamActor
+
+MODEL_INFO = {"input_size": [192, 320], "heads": {"people": ["person"], "vehicles": ["car", "bicycle"]}}
+INFER_S = 0.3  # a slow model: a 20 fps camera has frames waiting in every place when it is stopped
+CAMERA = {"id": "cam", "url": "synthetic://street?seed=1&fps=20&size=320x192", "max_inflight": 2}
+
+
+def empty_result(heads) -> dict:
+    return {h: {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                "class_ids": np.zeros(0, np.int64)} for h in heads}
+
+
+async def slow_infer(request):
+    await asyncio.sleep(INFER_S)
+    return empty_result(request.heads)
+
+
+def assert_adds_up(s: dict) -> None:
+    assert s["decoded"] == s["published"] + sum(s["dropped"].values()) + s["in_slot"] + s["in_flight"], s
+
+
+def busy(s: dict) -> bool:
+    """Frames in inference up to the camera's limit, and one more waiting for a free place."""
+    return s["published"] >= 3 and s["in_flight"] == CAMERA["max_inflight"] and s["in_slot"] >= 1
+
+
+async def stop_when_busy(pipe: CameraPipeline, drain: bool) -> tuple[dict, dict, float]:
+    """Runs the camera until it is busy, stops it; the stats at the stop, the final ones, seconds the stop took."""
+    task = asyncio.create_task(pipe.run())
+    deadline = time.monotonic() + 30
+    while not busy(pipe.stats()):
+        assert time.monotonic() < deadline and not task.done(), f"never busy: {pipe.stats()}"
+        await asyncio.sleep(0.02)
+    at_stop = pipe.stats()
+    pipe.stop(drain=drain)  # no await between the snapshot and the stop: nothing moves in between
+    t0 = time.monotonic()
+    final = await asyncio.wait_for(task, 30)
+    return at_stop, final, time.monotonic() - t0
+
+
+@pytest.mark.timeout(60)
+def test_stop_without_drain_publishes_nothing_more_and_counts_what_it_abandoned(redis_server) -> None:
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            result = await stop_when_busy(CameraPipeline(CAMERA, slow_infer, MODEL_INFO, pub), drain=False)
+            assert pub.flush(5)
+            return result
+
+    at_stop, final, took = asyncio.run(main())
+    print(f"at the stop: {at_stop['in_flight']} in flight, {at_stop['in_slot']} in the slot; "
+          f"final dropped {final['dropped']}; the stop took {took:.2f} s")
+    assert_adds_up(at_stop)
+    assert_adds_up(final)
+    assert final["state"] == "stopped"
+    assert final["in_flight"] == 0 and final["in_slot"] == 0
+    assert final["published"] == at_stop["published"]  # nothing published after the stop
+    assert final["dropped"]["shutdown"] >= at_stop["in_flight"] + 1  # the frames in inference, the one held
+    assert final["dropped"]["error"] == 0
+    assert took < 5 * INFER_S + 2  # it waits for no more than the inference already running
+    messages = read_stream(redis_server.client(), keys("hv").detections("cam"))
+    assert len(messages) == final["published"]
+
+
+@pytest.mark.timeout(60)
+def test_stop_with_drain_publishes_the_frames_in_inference(redis_server) -> None:
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            return await stop_when_busy(CameraPipeline(CAMERA, slow_infer, MODEL_INFO, pub), drain=True)
+
+    at_stop, final, _ = asyncio.run(main())
+    assert_adds_up(final)
+    assert final["in_flight"] == 0 and final["in_slot"] == 0
+    # every frame that was submitted is published (drained); only frames never submitted are abandoned
+    assert final["submitted"] == final["published"] + final["dropped"]["error"]
+    assert final["published"] >= at_stop["published"] + at_stop["in_flight"]
+
+
+@pytest.mark.timeout(60)
+def test_frames_left_in_the_slot_by_a_stop_without_drain_count_as_shutdown(redis_server) -> None:
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            return await stop_when_busy(CameraPipeline(CAMERA, slow_infer, MODEL_INFO, pub), drain=False)
+
+    at_stop, final, _ = asyncio.run(main())
+    # overload means "replaced by a newer frame": once stopped, no frame is replaced any more
+    assert final["dropped"]["overload"] == at_stop["dropped"]["overload"], (at_stop, final)
+    after = final["decoded"] - at_stop["decoded"]
+    assert final["dropped"]["shutdown"] == at_stop["in_flight"] + at_stop["in_slot"] + after, (at_stop, final)
+
+
+class SlowInference:
+    """Stands in for the InferenceActor: what a StreamActor calls, answering slowly with no detections."""
+
+    async def infer_image(self, image, heads, camera="", timeout_s=None):
+        await asyncio.sleep(INFER_S)
+        return empty_result(heads or list(MODEL_INFO["heads"]))
+
+
+@pytest.mark.timeout(120)
+def test_stream_actor_stop_without_drain(ray_local, redis_server) -> None:
+    # Ray's workers cannot import this test module (tests/ is not a package on their path): send it by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inference = ray.remote(num_cpus=0)(SlowInference).remote()
+    actor = StreamActor.remote(CAMERA, [inference], MODEL_INFO, {"url": redis_server.url})
+    try:
+        ray.get(actor.start.remote(), timeout=60)
+        wait_for(lambda: busy(ray.get(actor.stats.remote(), timeout=10)), 30, "the camera to be busy")
+        final = ray.get(actor.stop.remote(drain=False), timeout=60)
+    finally:
+        ray.kill(actor, no_restart=True)
+        ray.kill(inference, no_restart=True)
+    assert_adds_up(final)
+    assert final["state"] == "stopped" and final["in_flight"] == 0 and final["in_slot"] == 0
+    assert final["dropped"]["shutdown"] >= CAMERA["max_inflight"]
+    assert final["publisher"]["dropped"] == 0
+    # the stop flushed the publisher: everything counted as published is in Redis
+    messages = read_stream(redis_server.client(), keys("hv").detections("cam"))
+    assert len(messages) == final["published"] >= 3
