@@ -67,7 +67,8 @@ def measure(browser, redis_url: str, cameras: int, seconds: float, loads: int) -
         rss_mb = proc.memory_info().rss / 2**20
         page.close()
     share = (cpu1 - cpu0) / (wall1 - wall0)
-    return {"cameras": cameras, "load_s": [round(t, 3) for t in times], "load_s_median": round(statistics.median(times), 3),
+    return {"cameras": cameras, "load_s": [round(t, 3) for t in times],
+            "load_s_median": round(statistics.median(times), 3),
             "cpu_core_share": round(share, 4), "cpu_share_per_10_cameras": round(share * 10 / cameras, 4),
             "rss_mb": round(rss_mb, 1), "snapshots_written_per_camera_s": round((ticks1 - ticks0) / (wall1 - wall0), 2),
             "pictures_fetched_by_page_per_s": round(pictures / (wall1 - wall0), 1), "seconds": round(wall1 - wall0, 1),

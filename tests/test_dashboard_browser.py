@@ -120,13 +120,14 @@ def assert_no_secret(where: str, text: str) -> None:
         assert secret not in text, f"{where} shows a credential ({secret!r})"
 
 
-@pytest.mark.timeout(240)
-def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
+@pytest.mark.timeout(600)
+def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser, machine):
     require_binary("redis-server")
     camera = rtsp_server("pattern", pattern_size=(320, 180), fps=10)
     fast = {"open_timeout_s": 2, "read_timeout_s": 2}
-    cameras = [{"id": "street-1", "url": "synthetic://street?seed=3&fps=5"},
-               {"id": "gate", "url": camera.url, "fps": 5, **fast},
+    fps = min(5, machine.live_fps(machine.demo, share=0.15))  # two cameras on the demo model, with headroom
+    cameras = [{"id": "street-1", "url": f"synthetic://street?seed=3&fps={fps}"},
+               {"id": "gate", "url": camera.url, "fps": fps, **fast},
                # a camera behind a password that never answers: its errors carry its URL
                {"id": "locked", "url": f"rtsp://admin:{CAMERA_SECRET}@{HOST}:{free_port()}/stream", **fast}]
     with RedisServer(password=REDIS_SECRET) as redis_server:
@@ -137,9 +138,9 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
             page = new_page(browser)
             page.goto(dashboard.url)
             for cam in ("street-1", "gate"):
-                shows_picture_that_changes(page, cam, 60)
-            locked = wait_for(lambda: (t := tile(page, "locked")) and t["state"] != "up" and t["error"] and t, 30,
-                              "the locked camera's error")
+                shows_picture_that_changes(page, cam, machine.deadline(60))
+            locked = wait_for(lambda: (t := tile(page, "locked")) and t["state"] != "up" and t["error"] and t,
+                              machine.deadline(30), "the locked camera's error")
             assert not locked["picture"] and page.is_visible('.tile[data-camera="locked"] .placeholder')
             page.screenshot(path=ARTIFACTS / "pipeline-3-cameras.png")
 
@@ -172,17 +173,18 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
             page.fill('#add-camera input[name="id"]', "extra")
             page.fill('#add-camera input[name="url"]', "synthetic://street?seed=8&fps=2")
             page.click('#add-camera button[type="submit"]')
-            page.wait_for_selector('#control-result[data-status="accepted"]', timeout=60_000)
-            page.wait_for_selector('.tile[data-camera="extra"][data-state="up"]', timeout=30_000)
+            page.wait_for_selector('#control-result[data-status="accepted"]', timeout=machine.deadline(60) * 1000)
+            page.wait_for_selector('.tile[data-camera="extra"][data-state="up"]', timeout=machine.deadline(30) * 1000)
             page.goto(dashboard.url + "#/camera/extra")
             page.click("#detail button.remove")
-            page.wait_for_selector('#detail .result[data-status="accepted"]', timeout=60_000)
+            page.wait_for_selector('#detail .result[data-status="accepted"]', timeout=machine.deadline(60) * 1000)
             page.goto(dashboard.url)
             page.wait_for_selector('.tile[data-camera="gate"]')
             assert not page.locator('.tile[data-camera="extra"]').count()
 
             camera.kill()  # the RTSP camera's source stops
-            wait_for(lambda: tile(page, "gate")["state"] in ("reconnecting", "down"), 30, "gate reconnecting/down")
+            wait_for(lambda: tile(page, "gate")["state"] in ("reconnecting", "down"), machine.deadline(30),
+                     "gate reconnecting/down")
             page.screenshot(path=ARTIFACTS / "pipeline-source-stopped.png")
 
             before = tile(page, "street-1")["frame"]
@@ -192,7 +194,7 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser):
             redis_server.start()
             page.wait_for_selector('#notice[data-state="reconnected"]', timeout=15_000)
             wait_for(lambda: (t := tile(page, "street-1"))["fps"] > 0 and t["picture"] and t["frame"] is not None
-                     and int(t["frame"]) > int(before), 60, "live data again after the Redis restart")
+                     and int(t["frame"]) > int(before), machine.deadline(60), "live data again after the Redis restart")
             assert page.errors == []
 
             pages = [page.content()]
@@ -226,7 +228,7 @@ def load_time(browser, url: str, cameras: int) -> float:
 
 
 @pytest.mark.timeout(180)
-def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser):
+def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser, machine):
     url = redis_server.url
     states = {"cam-04": ("reconnecting", "SourceError: rtsp://***@10.0.0.4/live: Connection refused (attempt 3)"),
               "cam-09": ("failed", "SourceError: /data/missing.mp4: No such file or directory")}
@@ -285,7 +287,7 @@ def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser):
         print(f"page load with 32 cameras (to every tile with its picture): {', '.join(f'{t:.3f}' for t in times)} s")
         # The budget is 1 s (benchmarks/bench_dashboard.py measures it: 0.72 s median on 2 busy cores); the
         # test allows a machine 3x slower or busier, and still catches a page that stopped scaling.
-        assert min(times) < 3.0
+        assert min(times) < max(3.0, machine.deadline(1.0))
         # CPU of the dashboard's process with a page open (budget: 5% of a core per 10 cameras at 1 picture/s)
         page = new_page(browser)
         page.goto(many.url)
