@@ -9,7 +9,6 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline import model_commands
 from pipeline.errors import UserError
 from pipeline.logs import FORMATS, setup_logging
 from workers.redact import redact_text
@@ -111,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cameras_parser(sub)
 
+    db = sub.add_parser("dashboard", help="a live web page of the cameras and events, read from Redis alone")
+    db.add_argument("--redis-url", default=None, help="default: $HYDRAVISION_REDIS_URL, else redis://127.0.0.1:6379/0")
+    db.add_argument("--prefix", default="hv")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (the page has no login: keep it local "
+                    "or behind a proxy that has one)")
+    db.add_argument("--port", type=int, default=8765)
+    db.add_argument("--interval", type=float, default=1.0, metavar="S", help="read and push camera tiles every S seconds")
+    db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
+                    "the service's Redis control stream; anyone who reaches the page can)")
+
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -145,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import camera_commands
 
             return camera_commands.main(args)
+        if args.command == "dashboard":
+            from pipeline import dashboard  # no Ray in the dashboard's process
+
+            return dashboard.command(args)
+        # torch is imported here only: `dashboard`, `status` and `tail` run where it is not wanted
+        from pipeline import model_commands
+
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")

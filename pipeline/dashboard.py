@@ -1,0 +1,231 @@
+"""`hydravision dashboard`: a live web page of the cameras, fed from Redis alone, so it runs wherever a consumer
+can (and inside the controller, see ``DashboardServer``). ``Hub`` (pipeline/dashboard_hub.py) reads Redis;
+this module serves the page, its Server-Sent Events stream, its pictures and its control requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+from pydantic import Field
+
+from pipeline import dashboard_data as data
+from pipeline.dashboard_control import add_command, remove_command, send_command
+from pipeline.dashboard_hub import Hub, sse
+from workers.publish import keys
+from workers.redact import redact_url
+from workers.settings import Strict
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().with_name("dashboard_static")
+KEEPALIVE_S = 15.0
+REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"  # as in pipeline/app.py, not imported from there: it imports Ray
+
+
+class DashboardConfig(Strict):
+    """The ``dashboard:`` section a controller config can carry (the controller serves the page when enabled)."""
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="address to bind; the page has no login, keep it on loopback "
+                      "or behind a proxy that has one")
+    port: int = Field(8765, ge=0, le=65535, description="0: a free port")
+    interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
+    allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
+                                "control stream); anyone who reaches the page can then use them")
+
+
+# --- the web app -------------------------------------------------------------------------------------------
+
+def create_app(hub: Hub):
+    """The Starlette app: the page, its static files, the SSE stream, the JSON state and the snapshots."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    async def index(request):
+        # Text from Redis is only ever put into textContent; the policy is the second line of defence.
+        return FileResponse(STATIC / "index.html", headers={
+            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'"})
+
+    async def stream(request):
+        q, hello = hub.subscribe()
+
+        async def events():
+            try:
+                yield "retry: 1000\n\n" + sse("hello", hello)
+                while True:
+                    try:
+                        item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    if item is None:
+                        return
+                    yield item
+            finally:
+                hub.unsubscribe(q)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def state(request):
+        return Response(hub.hello_text(pictures=False), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    async def snapshot(request):
+        found = hub.snapshot(request.path_params["camera"])
+        if found is None:
+            return JSONResponse({"error": "no snapshot for this camera yet"}, status_code=404)
+        version, jpeg = found
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": "no-cache", "ETag": f'"{version}"', "X-Snapshot": version})
+
+    async def control(request, command: dict, urls: list[str]):
+        """Runs one control command (in a thread: it waits for the controller's answer)."""
+        if not hub.allow_control:
+            return JSONResponse({"status": "rejected", "reason": "control is off: start the dashboard with "
+                                 "--allow-control"}, status_code=403)
+        origin = request.headers.get("origin")
+        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return JSONResponse({"status": "rejected", "reason": "cross-origin request"}, status_code=403)
+
+        def send() -> dict:
+            with redis.Redis.from_url(hub.url, socket_connect_timeout=2, socket_timeout=5) as client:
+                return send_command(client, hub.prefix, command)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, send)
+        except (redis.RedisError, OSError) as e:
+            result = {"status": "rejected", "reason": f"Redis: {hub.describe(e)}"}
+        code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
+        return JSONResponse(data.scrub(result, [hub.url, *urls]), status_code=code)
+
+    async def add_camera(request):
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"status": "rejected", "reason": "send the camera as application/json"},
+                                status_code=415)
+        try:
+            camera = await request.json()
+        except ValueError:
+            camera = None
+        if not isinstance(camera, dict) or not isinstance(camera.get("id"), str) or \
+                not isinstance(camera.get("url"), str):
+            return JSONResponse({"status": "rejected", "reason": "expected a JSON object with id and url"},
+                                status_code=400)
+        return await control(request, add_command(camera), [camera["url"]])
+
+    async def remove_camera(request):
+        return await control(request, remove_command(request.path_params["camera"]), [])
+
+    async def health(request):
+        ok = hub.redis_ok()
+        return JSONResponse({"redis": ok}, status_code=200 if ok else 503)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        hub.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, hub.stop)
+
+    routes = [Route("/", index), Route("/api/stream", stream), Route("/api/state", state),
+              Route("/api/cameras", add_camera, methods=["POST"]),
+              Route("/api/cameras/{camera}", remove_camera, methods=["DELETE"]),
+              Route("/api/cameras/{camera}/snapshot.jpg", snapshot), Route("/healthz", health),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+class DashboardServer:
+    """The dashboard on uvicorn in a thread of its own: for the controller (``dashboard:`` enabled) and tests."""
+
+    def __init__(self, redis_url: str, prefix: str = "hv", host: str = "127.0.0.1", port: int = 0,
+                 interval_s: float = 1.0, allow_control: bool = False):
+        import uvicorn
+
+        self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
+        self.socket = _listen(host, port)  # bound now: port 0 tells its real port at once
+        self.host, self.port = host, self.socket.getsockname()[1]
+        config = uvicorn.Config(create_app(self.hub), log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                        name="dashboard", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 10.0) -> "DashboardServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.hub.close_pages()  # open SSE streams would hold uvicorn's shutdown up
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self.socket.close()
+
+    def __enter__(self) -> "DashboardServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def command(args: Any) -> int:
+    """`hydravision dashboard --redis-url ... [--prefix --host --port --interval]`."""
+    from pipeline.errors import UserError
+
+    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    if args.interval <= 0:
+        raise UserError(f"--interval must be > 0, got {args.interval:g}")
+    try:
+        return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
+                     say=lambda m: print(m, file=sys.stderr, flush=True))
+    except OSError as e:  # the port is taken, the address is not ours
+        raise UserError(f"cannot serve the dashboard on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, allow_control: bool = False,
+          say: Callable[[str], None] = print) -> int:
+    """`hydravision dashboard`: serves until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
+    sock = _listen(host, port)
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
+    say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")
+    server = uvicorn.Server(uvicorn.Config(create_app(hub), log_level="warning", access_log=False,
+                                           lifespan="on", timeout_graceful_shutdown=2))
+    original = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        hub.close_pages()
+        original(sig, frame)
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run(sockets=[sock])
+    return 0

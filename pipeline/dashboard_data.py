@@ -1,0 +1,192 @@
+"""What the dashboard shows, read from Redis alone and shaped for the page: one tile per camera (its status,
+its latest detection message, its zone/line counts, its snapshot) and the events feed.
+
+Plain functions and one small class (``Board``) that the tests call without a web server. The Redis layouts
+read here, besides the camera statuses and streams of schema v1 (workers/publish.py):
+
+- ``{prefix}:cam:{camera}:snapshot``: the latest annotated JPEG. Read by ``read_snapshot`` ONLY, which takes a
+  hash (``jpeg``, ``frame``, ``ts``, ...; schema snapshot-v1) or a plain string holding the JPEG.
+- ``{prefix}:cam:{camera}:counts``: a hash, ``zone:{zone}:{head}:{class}`` -> objects inside now and
+  ``line:{line}:{head}:{class}:{in|out}`` -> crossings so far (schema counts-v1); other fields are ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import deque
+from typing import Any
+
+import redis
+
+from workers.redact import redact_text, url_secrets
+
+# A tile's state, as an operator reads it; the camera's own state stays in the tile as ``detail``.
+UP, RECONNECTING, DOWN = "up", "reconnecting", "down"
+_STATE = {"running": UP, "reconnecting": RECONNECTING, "starting": RECONNECTING, "created": RECONNECTING}
+# Event types by the group the feed filters on; a type not listed here is "other".
+EVENT_GROUPS = {"track_started": "track", "track_ended": "track", "zone_entered": "zone", "zone_left": "zone",
+                "line_crossed": "line", "stream_up": "stream", "stream_down": "stream",
+                "stream_reconnecting": "stream", "camera_added": "stream", "camera_removed": "stream",
+                "budget_exceeded": "budget", "budget_recovered": "budget"}
+MAX_SNAPSHOT_BYTES = 4 * 2**20  # larger values are not a dashboard snapshot: not cached, not served
+GONE_AFTER_S = 10.0  # a camera whose status vanished keeps its tile this long (a Redis restart empties it)
+
+
+def snapshot_key(prefix: str, camera: str) -> str:
+    return f"{prefix}:cam:{camera}:snapshot"
+
+
+def counts_key(prefix: str, camera: str) -> str:
+    return f"{prefix}:cam:{camera}:counts"
+
+
+def _number(raw: Any, kind: type) -> Any:
+    try:
+        return kind(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def read_snapshot(client: redis.Redis, prefix: str, camera: str) -> tuple[bytes, int | None, float | None] | None:
+    """(jpeg bytes, frame index, capture unix seconds) of a camera's latest snapshot, or None when it has none.
+    The one place that knows the snapshot's layout: a hash with ``jpeg``/``frame``/``ts`` fields, or a plain
+    string value (then frame and ts are None). ``client`` must return bytes (no decode_responses)."""
+    key = snapshot_key(prefix, camera)
+    try:
+        fields = client.hgetall(key)
+    except redis.ResponseError as e:
+        if "WRONGTYPE" not in str(e):
+            raise
+        value = client.get(key)
+        return (value, None, None) if value else None
+    jpeg = fields.get(b"jpeg")
+    if not jpeg:
+        return None
+    return jpeg, _number(fields.get(b"frame"), int), _number(fields.get(b"ts"), float)
+
+
+def snapshot_version(jpeg: bytes, frame: int | None) -> str:
+    """Names one picture for the page's image URL: the frame, or (no frame given) a checksum of the bytes."""
+    return f"f{frame}" if frame is not None else f"c{zlib.crc32(jpeg):08x}"
+
+
+def parse_counts(fields: dict) -> dict | None:
+    """{"zones": [{zone, head, class, inside}], "lines": [{line, head, class, in, out}]} from a counts hash, or
+    None when it holds no zone or line (the page then hides the row)."""
+    zones, lines = [], {}
+    for raw_name, raw_value in fields.items():
+        name = raw_name.decode(errors="replace") if isinstance(raw_name, bytes) else str(raw_name)
+        value = _number(raw_value, int)
+        parts = name.split(":")
+        if value is None:
+            continue
+        if parts[0] == "zone" and len(parts) >= 4:
+            zones.append({"zone": parts[1], "head": parts[2], "class": ":".join(parts[3:]), "inside": value})
+        elif parts[0] == "line" and len(parts) >= 5 and parts[-1] in ("in", "out"):
+            k = (parts[1], parts[2], ":".join(parts[3:-1]))
+            lines.setdefault(k, {"line": k[0], "head": k[1], "class": k[2], "in": 0, "out": 0})[parts[-1]] = value
+    if not zones and not lines:
+        return None
+    order = lambda d: (d.get("zone") or d.get("line"), d["head"], d["class"])  # noqa: E731
+    return {"zones": sorted(zones, key=order), "lines": sorted(lines.values(), key=order)}
+
+
+def tracks_by_head(message: dict | None) -> dict[str, int] | None:
+    """Confirmed tracks per head in a detection message (heads that ran and found nothing: 0); None without one."""
+    if not message:
+        return None
+    out = {h: 0 for h in message.get("heads") or []}
+    for d in message.get("detections") or []:
+        if d.get("track_id") is not None:
+            out[d["head"]] = out.get(d["head"], 0) + 1
+    return out
+
+
+def event_group(type_: str) -> str:
+    return EVENT_GROUPS.get(type_, "other")
+
+
+def tile_state(status: dict) -> str:
+    return _STATE.get(status.get("state"), DOWN)
+
+
+def make_tile(status: dict, detection: dict | None, counts: dict | None,
+              snapshot: tuple[str, int | None, float | None] | None) -> dict:
+    """One camera tile from its status (as read_camera_statuses returns it), latest detection message, parsed
+    counts and snapshot (version, frame, ts). Only what the page shows: a status's other fields stay out."""
+    s = status
+    return {
+        "camera": s["camera"], "state": tile_state(s), "detail": s.get("state"),
+        "error": s.get("last_error") or None, "redis_error": s.get("redis_error") or None,
+        "fps": s.get("fps") or 0.0, "decode_fps": s.get("decode_fps") or 0.0,
+        # frame age: capture to Redis (the StreamActor's latency percentiles)
+        "age_p50": s.get("frame_age_ms_p50", s.get("latency_ms_p50")),
+        "age_p95": s.get("frame_age_ms_p95", s.get("latency_ms_p95")),
+        "dropped": {k: v for k, v in (s.get("dropped") or {}).items() if isinstance(v, (int, float))},
+        "published": s.get("published", 0), "reconnects": s.get("reconnects", 0),
+        "heads": list(s.get("heads") or (detection or {}).get("heads") or []),
+        "tracks": tracks_by_head(detection),
+        "size": (detection or {}).get("size"),
+        "counts": counts,
+        "snapshot": None if snapshot is None else {"v": snapshot[0], "frame": snapshot[1], "ts": snapshot[2]},
+        "heartbeat_age_s": s.get("heartbeat_age_s"), "stale": bool(s.get("stale")),
+        "url": s.get("url"),  # redacted by the camera already; scrubbed again on the way out
+    }
+
+
+def scrub(value: Any, urls: list[str]) -> Any:
+    """A copy of a JSON-able value with the credentials of ``urls`` (and of any URL) hidden in every string:
+    string by string, so that a URL in one field cannot swallow the JSON around it."""
+    # redact_text changes only strings holding one of these or a "://": the others (nearly all) skip it
+    needles = [u for u in urls if u] + [x for u in urls if u for x in url_secrets(u)]
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_text(v, urls) if "://" in v or any(n in v for n in needles) else v
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+    return walk(value)
+
+
+class Board:
+    """The tiles of the page and each camera's recent fps and frame age (for its chart). Fed by ``update`` once
+    per poll; a camera whose status vanished stays GONE_AFTER_S (marked ``missing``), unless it was removed."""
+
+    def __init__(self, history_s: float = 300.0, gone_after_s: float = GONE_AFTER_S):
+        self.history_s, self.gone_after_s = history_s, gone_after_s
+        self.tiles: dict[str, dict] = {}
+        self.seen: dict[str, float] = {}  # camera -> when its status was last read
+        self.history: dict[str, deque] = {}  # camera -> (t, fps, age_p50, age_p95)
+
+    def update(self, tiles: list[dict], now: float | None = None) -> list[dict]:
+        """Takes this poll's tiles; returns every tile to show, sorted by camera."""
+        now = time.time() if now is None else now
+        for t in tiles:
+            cam = t["camera"]
+            self.tiles[cam], self.seen[cam] = t, now
+            h = self.history.setdefault(cam, deque())
+            h.append((round(now, 1), t["fps"], t["age_p50"], t["age_p95"]))
+            while h and h[0][0] < now - self.history_s:
+                h.popleft()
+        current = {t["camera"] for t in tiles}
+        for cam in list(self.tiles):
+            if cam not in current:
+                if now - self.seen[cam] > self.gone_after_s:
+                    self.remove(cam)
+                else:
+                    self.tiles[cam] = {**self.tiles[cam], "missing": True}
+        return self.all()
+
+    def remove(self, camera: str) -> None:
+        for d in (self.tiles, self.seen, self.history):
+            d.pop(camera, None)
+
+    def all(self) -> list[dict]:
+        return [self.tiles[c] for c in sorted(self.tiles)]
+
+    def histories(self) -> dict[str, list]:
+        return {c: list(h) for c, h in self.history.items()}

@@ -1,0 +1,285 @@
+"""The dashboard's reading of Redis: ``Hub`` reads in two threads and fans what it read out to the open pages.
+
+A poller every ``interval_s`` (camera statuses, each camera's latest detection message, counts and snapshot)
+and an events reader blocked on ``XREAD {prefix}:events`` (an event reaches the pages within a round trip
+of its XADD). What they read is shaped by pipeline/dashboard_data.py, scrubbed of credentials, encoded once,
+and handed to the web server's event loop (``loop.call_soon_threadsafe``), which puts it into every open
+page's queue (pipeline/dashboard.py streams those as Server-Sent Events). Pages never poll: the JPEG of a
+snapshot is fetched when a pushed tile names a new one, from the Hub's copy (one Redis read per snapshot,
+whatever the number of pages). A page that falls behind is disconnected and, as EventSource does,
+reconnects and starts again from a fresh ``hello``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import redis
+
+from pipeline import dashboard_data as data
+from pipeline.dashboard_control import control_reachable
+from pipeline.status import read_camera_statuses
+from workers.publish import keys
+from workers.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+EVENTS_BACKLOG = 300  # events a page gets when it opens
+CLIENT_QUEUE = 256  # messages waiting for one page; more and it is disconnected (it reconnects afresh)
+
+
+def sse(kind: str, payload: str) -> str:
+    return f"event: {kind}\ndata: {payload}\n\n"
+
+
+class Hub:
+    """Reads Redis in two threads and fans what it read out to the pages' queues on the web server's loop."""
+
+    def __init__(self, redis_url: str, prefix: str = "hv", interval_s: float = 1.0, history_s: float = 300.0,
+                 events_backlog: int = EVENTS_BACKLOG, allow_control: bool = False):
+        self.url, self.prefix, self.interval_s = redis_url, prefix, interval_s
+        self.allow_control = allow_control
+        self.control = False  # a controller reads the control stream now (only looked at when allowed)
+        self.keys = keys(prefix)
+        self.board = data.Board(history_s)
+        self.events: deque[dict] = deque(maxlen=events_backlog)
+        self.snapshots: dict[str, tuple[str, bytes]] = {}  # camera -> (version, jpeg)
+        self.redis: dict[str, Any] = {"ok": None, "error": None, "since": None}
+        self._lock = threading.Lock()  # guards board, events, snapshots, redis
+        self._queues: set[asyncio.Queue] = set()  # touched on the loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.polls = 0
+
+    # --- lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> "Hub":
+        self._loop = loop
+        for target, name in ((self._poll_loop, "dashboard-poll"), (self._events_loop, "dashboard-events")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self.close_pages()
+
+    def close_pages(self) -> None:
+        """Ends every page's stream (from any thread); their EventSource reconnects to whoever serves next."""
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fanout, None)
+            except RuntimeError:  # the loop closed in between
+                pass
+
+    def _client(self) -> redis.Redis:
+        # The events reader blocks 1 s in XREAD: the socket timeout must be longer.
+        return redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5,
+                                    client_name="hydravision-dashboard")
+
+    def describe(self, exc: BaseException) -> str:
+        """An exception as one line, with the Redis URL's credentials hidden."""
+        return redact_text(f"{type(exc).__name__}: {exc}", [self.url])[:300]
+
+    # --- pages (on the loop)
+    def subscribe(self) -> tuple[asyncio.Queue, str]:
+        """A queue for a new page and the ``hello`` it starts from; call on the loop, with no await between
+        the two (the fan-out also runs on the loop, so nothing falls between them; events may come twice and
+        the page drops repeats by their stream id)."""
+        q: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        self._queues.add(q)
+        return q, self.hello_text()
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._queues.discard(q)
+
+    def hello(self) -> dict:
+        with self._lock:
+            return {"prefix": self.prefix, "interval_s": self.interval_s, "redis": dict(self.redis),
+                    "control": self.control,
+                    "cameras": self.board.all(), "history": self.board.histories(), "events": list(self.events),
+                    "now": time.time()}
+
+    def hello_text(self, pictures: bool = True) -> str:
+        """The hello, with every camera's current picture inline (as a data: URL): a page opening on 32
+        cameras draws them all from this one response instead of 32 requests queued behind the browser's
+        six connections per host (one of them held by the stream)."""
+        text = self._encode(self.hello())
+        if not pictures:
+            return text
+        with self._lock:
+            inline = {c: (v, base64.b64encode(jpeg).decode()) for c, (v, jpeg) in self.snapshots.items()}
+        extra = json.dumps({c: {"v": v, "data": f"data:image/jpeg;base64,{b64}"} for c, (v, b64) in inline.items()},
+                           separators=(",", ":"))
+        return f'{text[:-1]},"pictures":{extra}}}'
+
+    def redis_ok(self) -> bool:
+        with self._lock:
+            return bool(self.redis["ok"])
+
+    def snapshot(self, camera: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            return self.snapshots.get(camera)
+
+    def _fanout(self, message: str | None) -> None:
+        for q in list(self._queues):
+            try:
+                q.put_nowait(message)
+            except asyncio.QueueFull:  # a page that cannot keep up starts again from a fresh hello
+                self._queues.discard(q)
+                q.get_nowait()
+                q.put_nowait(None)
+
+    def _publish(self, kind: str, payload: Any) -> None:
+        """From a reader thread: encode once, scrubbed, and queue for every page."""
+        message = sse(kind, self._encode(payload))
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fanout, message)
+            except RuntimeError:
+                pass
+
+    def _encode(self, payload: Any) -> str:
+        return json.dumps(data.scrub(payload, [self.url]), separators=(",", ":"), allow_nan=False, default=str)
+
+    def _redis_state(self, ok: bool, error: str | None = None) -> None:
+        """The poller's view of Redis; a change is pushed to the pages (they show a notice)."""
+        with self._lock:
+            if self.redis["ok"] == ok:
+                return
+            self.redis = {"ok": ok, "error": error, "since": round(time.time(), 3)}
+            state = dict(self.redis)
+        (log.info if ok else log.warning)("dashboard: Redis %s", "reachable" if ok else f"unreachable: {error}")
+        self._publish("redis", state)
+
+    # --- the poller
+    def _poll_loop(self) -> None:
+        client, failures = self._client(), 0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self.poll(client)
+                failures = 0
+                self._redis_state(True)
+            except (redis.RedisError, OSError) as e:
+                failures += 1
+                self._redis_state(False, self.describe(e))
+            except Exception:  # a bug must not end the page's data: log it, keep polling
+                log.exception("dashboard: poll failed")
+            wait = self.interval_s if not failures else min(2.0, 0.25 * 2 ** failures)
+            self._stop.wait(max(0.0, wait - (time.monotonic() - began)))
+        client.close()
+
+    def poll(self, client: redis.Redis) -> list[dict]:
+        """One read of every camera; pushes the tiles (and returns them)."""
+        now = time.time()
+        statuses = read_camera_statuses(client, self.prefix, now)
+        pipe = client.pipeline(transaction=False)
+        for s in statuses:
+            pipe.xrevrange(self.keys.detections(s["camera"]), count=1)
+            pipe.hgetall(data.counts_key(self.prefix, s["camera"]))
+        replies = pipe.execute(raise_on_error=False) if statuses else []
+        tiles, pictures = [], {}
+        for i, s in enumerate(statuses):
+            cam = s["camera"]
+            latest, counts = replies[2 * i], replies[2 * i + 1]
+            detection = None
+            if isinstance(latest, list) and latest:
+                try:
+                    detection = json.loads(latest[0][1][b"data"])
+                except (KeyError, ValueError, IndexError):
+                    detection = None
+            snap = data.read_snapshot(client, self.prefix, cam)
+            meta = None
+            if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
+                version = data.snapshot_version(snap[0], snap[1])
+                pictures[cam] = (version, snap[0])
+                meta = (version, snap[1], snap[2])
+            tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
+                                        data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+        control = self.allow_control and control_reachable(client, self.prefix)
+        with self._lock:
+            self.control = control
+            shown = self.board.update(tiles, now)
+            self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
+                              if c in pictures or c in self.snapshots}
+            self.polls += 1
+        self._publish("tick", {"cameras": shown, "now": now, "control": control})
+        return shown
+
+    # --- the events reader
+    def _events_loop(self) -> None:
+        client, last, failures = self._client(), None, 0
+        while not self._stop.is_set():
+            try:
+                if last is None:
+                    last = self._backlog(client)
+                elif failures:
+                    last = self._resume_after(client, last)
+                reply = client.xread({self.keys.events: last}, block=1000, count=500)
+                failures = 0
+            except (redis.RedisError, OSError):
+                failures += 1  # the poller tells the pages; this one just comes back
+                self._stop.wait(min(2.0, 0.25 * 2 ** failures))
+                continue
+            batch = []
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = self._event(entry_id, fields)
+                    if event is not None:
+                        batch.append(event)
+            if batch:
+                self._take_events(batch)
+        client.close()
+
+    def _backlog(self, client: redis.Redis) -> bytes | str:
+        entries = client.xrevrange(self.keys.events, count=self.events.maxlen)
+        events = [e for e in (self._event(i, f) for i, f in reversed(entries)) if e is not None]
+        with self._lock:
+            self.events.extend(events)
+        if events:
+            self._publish("events", {"events": events})
+        return entries[0][0] if entries else "0-0"
+
+    def _resume_after(self, client: redis.Redis, last: bytes | str) -> bytes | str:
+        """After an outage: a Redis that restarted empty has a new stream whose ids may lie below ours."""
+        top = client.xrevrange(self.keys.events, count=1)
+        if not top or _stream_id(top[0][0]) < _stream_id(last):
+            return "0-0"
+        return last
+
+    def _event(self, entry_id: bytes | str, fields: dict) -> dict | None:
+        try:
+            event = json.loads(fields[b"data"])
+            if not isinstance(event, dict):
+                return None
+        except (KeyError, ValueError):
+            return None
+        event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return {**event, "id": event_id, "group": data.event_group(str(event.get("type")))}
+
+    def _take_events(self, events: list[dict]) -> None:
+        with self._lock:
+            self.events.extend(events)
+            removed = [e["camera"] for e in events if e.get("type") == "camera_removed"]
+            for cam in removed:  # removed for good: no need to wait for its status to age out
+                self.board.remove(cam)
+                self.snapshots.pop(cam, None)
+        self._publish("events", {"events": events})
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)

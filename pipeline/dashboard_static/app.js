@@ -1,0 +1,476 @@
+// hydravision dashboard: everything arrives over one Server-Sent Events stream (api/stream); the page never
+// polls. Messages: hello (the whole state), tick (all tiles, once per poll), events (new events), redis (Redis
+// reachable or not). Text from Redis only ever goes into textContent, never into HTML.
+"use strict";
+
+const state = {
+  cameras: new Map(),   // camera -> last tile
+  history: new Map(),   // camera -> [[t, fps, age_p50, age_p95], ...]
+  events: [],           // newest last, at most MAX_EVENTS
+  eventIds: new Set(),
+  redis: { ok: null },
+  pictures: new Map(),
+  control: false,       // a controller listens and this dashboard may send it commands  // camera -> {v, data}: the pictures inlined in the last hello
+  historyS: 300,
+  reconnectedTimer: null,
+};
+const MAX_EVENTS = 500;
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+const fmt = {
+  num: (v, digits = 1) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits)),
+  ms: (v) => (v === null || v === undefined ? "–" : Math.round(v).toString()),
+  time: (ts) => new Date(ts * 1000).toLocaleTimeString([], { hour12: false }),
+  pairs: (obj, skipZero) => {
+    const parts = Object.entries(obj || {}).filter(([, v]) => !skipZero || v).map(([k, v]) => `${k} ${v}`);
+    return parts.length ? parts.join(" · ") : "none";
+  },
+};
+
+function drops(tile) {
+  const total = Object.values(tile.dropped || {}).reduce((a, b) => a + b, 0);
+  return total ? `${total} (${fmt.pairs(tile.dropped, true)})` : "0";
+}
+
+function countsText(counts) {
+  // zone: objects inside now by class; line: crossings in / out so far, all classes together
+  const zones = new Map(), lines = new Map();
+  for (const z of counts.zones) zones.set(z.zone, [...(zones.get(z.zone) || []), `${z.inside} ${z["class"]}`]);
+  for (const l of counts.lines) {
+    const [i, o] = lines.get(l.line) || [0, 0];
+    lines.set(l.line, [i + l["in"], o + l["out"]]);
+  }
+  return [...[...zones].map(([name, parts]) => `${name}: ${parts.join(", ")}`),
+    ...[...lines].map(([name, [i, o]]) => `${name}: ${i} in, ${o} out`)].join(" · ");
+}
+
+function stateLabel(tile) {
+  if (tile.missing) return `${tile.state} · no status`;
+  const own = { up: "running", reconnecting: "reconnecting" }[tile.state];
+  return tile.detail && tile.detail !== own ? `${tile.state} · ${tile.detail}` : tile.state;
+}
+
+function snapshotUrl(camera, version) {
+  return `api/cameras/${encodeURIComponent(camera)}/snapshot.jpg?v=${encodeURIComponent(version)}`;
+}
+
+// --- the chart: fps and frame age p50 over the kept history, each on its own scale --------------------------
+function drawChart(canvas, points) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (!w || !h) return;
+  if (canvas.width !== Math.round(w * dpr)) { canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr); }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.strokeStyle = "#2c333d";
+  ctx.strokeRect(0.5, 0.5, w - 1, h - 1);
+  if (points.length < 2) return;
+  // the span shown grows with the history kept, from one minute up to historyS
+  const t1 = points[points.length - 1][0];
+  const span = Math.min(state.historyS, Math.max(60, t1 - points[0][0]));
+  const t0 = t1 - span;
+  const x = (t) => ((t - t0) / span) * (w - 2) + 1;
+  for (const [index, color] of [[1, "#58a6ff"], [2, "#f0883e"]]) {
+    const values = points.map((p) => p[index]).filter((v) => v !== null && v !== undefined);
+    const top = Math.max(1, ...values) * 1.15;
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    let drawing = false;
+    for (const p of points) {
+      if (p[index] === null || p[index] === undefined) { drawing = false; continue; }
+      const y = h - 2 - (p[index] / top) * (h - 4);
+      if (drawing) ctx.lineTo(x(p[0]), y); else ctx.moveTo(x(p[0]), y);
+      drawing = true;
+    }
+    ctx.stroke();
+  }
+}
+
+// Charts are drawn in one pass after the DOM is updated: a chart reads its size, and a read between writes
+// would force the browser to lay the page out once per tile.
+let chartsPending = false;
+function scheduleCharts() {
+  if (chartsPending) return;
+  chartsPending = true;
+  requestAnimationFrame(() => {
+    chartsPending = false;
+    for (const canvas of document.querySelectorAll("#grid canvas.chart, #detail canvas.chart")) {
+      const camera = canvas.closest("[data-camera]").dataset.camera;
+      drawChart(canvas, state.history.get(camera) || []);
+    }
+  });
+}
+
+// --- tiles ---------------------------------------------------------------------------------------------------
+function makeTile(camera) {
+  const img = el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" });
+  const tile = el("article", { class: "tile", "data-camera": camera },
+    el("header", {}, el("a", { class: "name", href: `#/camera/${encodeURIComponent(camera)}` }, camera),
+      el("span", { class: "state" }, "")),
+    el("a", { class: "pic", href: `#/camera/${encodeURIComponent(camera)}` }, img,
+      el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
+    el("div", { class: "error", hidden: "" }),
+    el("dl", { class: "stats" },
+      el("dt", {}, "fps"), el("dd", { class: "fps" }),
+      el("dt", {}, "frame age"), el("dd", { class: "age" }),
+      el("dt", {}, "drops"), el("dd", { class: "drops" }),
+      el("dt", {}, "tracks"), el("dd", { class: "tracks" }),
+      el("dt", { class: "counts-row" }, "zones/lines"), el("dd", { class: "counts counts-row" })),
+    el("canvas", { class: "chart" }),
+    el("div", { class: "legend" }, el("span", { class: "fps" }, "— fps"), "  ",
+      el("span", { class: "age" }, "— frame age p50"), "  (up to 5 min)"));
+  return tile;
+}
+
+function showPicture(container, camera, snapshot) {
+  const img = container.querySelector("img.snap");
+  const placeholder = container.querySelector(".placeholder");
+  if (!snapshot) {
+    img.hidden = true; placeholder.hidden = false; img.removeAttribute("data-v");
+    return;
+  }
+  if (img.dataset.v === snapshot.v || img.dataset.loading === snapshot.v) return;
+  const inline = state.pictures.get(camera);
+  if (inline && inline.v === snapshot.v) {  // came with the hello: no request
+    img.src = inline.data;
+    img.dataset.v = snapshot.v;
+    img.dataset.frame = snapshot.frame ?? "";
+    img.hidden = false; placeholder.hidden = true;
+    return;
+  }
+  img.dataset.loading = snapshot.v;
+  const next = new Image();  // decode first, then swap: no flicker
+  next.onload = () => {
+    if (img.dataset.loading !== snapshot.v) return;
+    img.src = next.src;
+    img.dataset.v = snapshot.v;
+    img.dataset.frame = snapshot.frame ?? "";
+    img.hidden = false; placeholder.hidden = true;
+  };
+  next.onerror = () => { if (img.dataset.loading === snapshot.v) delete img.dataset.loading; };
+  next.src = snapshotUrl(camera, snapshot.v);
+}
+
+function fillStats(root, tile) {
+  root.dataset.state = tile.state;
+  root.dataset.fps = tile.fps;
+  root.querySelector(".state").textContent = stateLabel(tile);
+  root.querySelector(".state").title = tile.detail || "";
+  const error = root.querySelector(".error");
+  const problem = tile.state !== "up" ? tile.error : tile.redis_error;
+  error.hidden = !problem;
+  error.textContent = problem ? `${tile.state === "up" ? "Redis: " : ""}${problem}` : "";
+  root.querySelector("dd.fps").textContent = `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`;
+  root.querySelector("dd.age").textContent = `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`;
+  root.querySelector("dd.drops").textContent = drops(tile);
+  const when = root.querySelector(".pic .when");  // a camera not up shows its last picture, dated
+  when.hidden = tile.state === "up" || !tile.snapshot || !tile.snapshot.ts;
+  if (!when.hidden) when.textContent = `last picture ${fmt.time(tile.snapshot.ts)}`;
+  root.querySelector("dd.tracks").textContent = tile.tracks ? fmt.pairs(tile.tracks) : "–";
+  for (const node of root.querySelectorAll(".counts-row")) node.hidden = !tile.counts;
+  if (tile.counts) root.querySelector("dd.counts").textContent = countsText(tile.counts);
+}
+
+function renderTiles() {
+  const grid = $("#grid");
+  const seen = new Set();
+  for (const [camera, tile] of [...state.cameras].sort(([a], [b]) => a.localeCompare(b))) {
+    seen.add(camera);
+    let node = grid.querySelector(`[data-camera="${CSS.escape(camera)}"]`);
+    if (!node) node = makeTile(camera);
+    grid.append(node);  // keeps the order sorted as cameras come and go
+    fillStats(node, tile);
+    showPicture(node, camera, tile.snapshot);
+  }
+  scheduleCharts();
+  for (const node of [...grid.children]) if (!seen.has(node.dataset.camera)) node.remove();
+  $("#empty").hidden = state.cameras.size > 0;
+  const by = { up: 0, reconnecting: 0, down: 0 };
+  for (const t of state.cameras.values()) by[t.state] = (by[t.state] || 0) + 1;
+  $("#summary").textContent =
+    `${state.cameras.size} camera${state.cameras.size === 1 ? "" : "s"}: ${by.up} up, ${by.reconnecting} reconnecting, ${by.down} down`;
+  updateCameraFilter();
+  if (currentDetail()) renderDetail();
+}
+
+// --- the events feed -------------------------------------------------------------------------------------------
+function describe(e) {
+  // what an operator reads; the rest (frame, pts, boxes, ...) is in Redis for programs
+  const skip = new Set(["v", "type", "camera", "ts", "id", "group", "frame", "pts", "entered_pts", "left_pts",
+    "box", "class_id", "conf", "track_ids"]);
+  const parts = [];
+  if (e.head !== undefined) parts.push(`${e.head}/${e["class"] ?? "?"}#${e.track_id ?? "-"}`);
+  if (e.zone !== undefined) parts.push(`zone ${e.zone}`);
+  if (e.line !== undefined) parts.push(`line ${e.line} ${e.direction ?? ""}`);
+  for (const k of ["head", "class", "track_id", "zone", "line", "direction"]) skip.add(k);
+  for (const [k, v] of Object.entries(e)) {
+    if (skip.has(k) || v === null || typeof v === "object") continue;
+    parts.push(`${k} ${typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v}`);
+  }
+  return parts.join(" · ");
+}
+
+function eventItem(e) {
+  return el("li", { "data-id": e.id, "data-type": e.type, "data-group": e.group, "data-camera": e.camera },
+    el("span", { class: "t" }, fmt.time(e.ts)), " ", el("span", { class: "cam" }, e.camera), " ",
+    el("span", { class: "type" }, e.type), " ", describe(e));
+}
+
+function visible(e, camera, groups) {
+  return (!camera || e.camera === camera) && groups.has(e.group);
+}
+
+function filters() {
+  const groups = new Set([...document.querySelectorAll("#filter-types input:checked")].map((i) => i.value));
+  return [$("#filter-camera").value, groups];
+}
+
+function addEvents(events) {
+  const fresh = events.filter((e) => e && e.id && !state.eventIds.has(e.id));
+  if (!fresh.length) return;
+  for (const e of fresh) { state.eventIds.add(e.id); state.events.push(e); }
+  while (state.events.length > MAX_EVENTS) state.eventIds.delete(state.events.shift().id);
+  const feed = $("#feed");
+  const [camera, groups] = filters();
+  for (const e of fresh) {
+    const item = eventItem(e);
+    item.hidden = !visible(e, camera, groups);
+    feed.prepend(item);
+  }
+  while (feed.children.length > MAX_EVENTS) feed.lastElementChild.remove();
+  if (fresh.some((e) => e.type === "camera_removed")) {
+    for (const e of fresh) if (e.type === "camera_removed") { state.cameras.delete(e.camera); state.history.delete(e.camera); }
+    renderTiles();
+  }
+  if (currentDetail()) renderDetailEvents();
+}
+
+function applyFilters() {
+  const [camera, groups] = filters();
+  const byId = new Map(state.events.map((e) => [e.id, e]));
+  for (const item of $("#feed").children) {
+    const e = byId.get(item.dataset.id);
+    item.hidden = !e || !visible(e, camera, groups);
+  }
+}
+
+function updateCameraFilter() {
+  const select = $("#filter-camera");
+  const known = new Set([...select.options].map((o) => o.value));
+  const names = new Set([...state.cameras.keys(), ...state.events.map((e) => e.camera)]);
+  for (const name of [...names].sort()) {
+    if (!known.has(name)) select.append(el("option", { value: name }, name));
+  }
+}
+
+// --- the camera detail view ------------------------------------------------------------------------------------
+function currentDetail() {
+  const m = location.hash.match(/^#\/camera\/(.+)$/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+function renderDetail() {
+  const camera = currentDetail();
+  $("#grid-view").hidden = !!camera;
+  $("#detail-view").hidden = !camera;
+  if (!camera) return;
+  const root = $("#detail");
+  if (root.dataset.camera !== camera) {
+    root.replaceChildren();
+    root.dataset.camera = camera;
+    root.append(
+      el("h2", {}, camera, " ", el("span", { class: "state" })),
+      el("div", { class: "cols" },
+        el("div", {}, el("div", { class: "pic" }, el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" }),
+          el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
+          el("canvas", { class: "chart" }),
+          el("div", { class: "legend" }, el("span", { class: "fps" }, "— fps"), "  ", el("span", { class: "age" }, "— frame age p50"))),
+        el("div", {},
+          el("div", { class: "error", hidden: "" }),
+          el("dl", { class: "stats" },
+            el("dt", {}, "fps"), el("dd", { class: "fps" }),
+            el("dt", {}, "frame age"), el("dd", { class: "age" }),
+            el("dt", {}, "drops"), el("dd", { class: "drops" }),
+            el("dt", {}, "tracks"), el("dd", { class: "tracks" }),
+            el("dt", { class: "counts-row" }, "zones/lines"), el("dd", { class: "counts counts-row" }),
+            el("dt", {}, "source"), el("dd", { class: "url" }),
+            el("dt", {}, "reconnects"), el("dd", { class: "reconnects" })),
+          el("h2", {}, "Heads"), el("table", { class: "heads" }),
+          el("h2", { class: "counts-row" }, "Zones and lines"), el("table", { class: "zones counts-row" }),
+          el("p", {}, el("button", { type: "button", class: "remove", hidden: "" }, "Remove camera"), " ",
+            el("span", { class: "result", role: "status" })),
+          el("h2", {}, "Recent events"), el("ol", { class: "events recent" }))));
+    root.querySelector("button.remove").addEventListener("click", () => removeCamera(camera, root.querySelector(".result")));
+  }
+  const tile = state.cameras.get(camera);
+  root.querySelector("button.remove").hidden = !state.control || !tile;
+  root.dataset.state = tile ? tile.state : "down";
+  if (!tile) {
+    root.querySelector(".state").textContent = "not in Redis (removed?)";
+    return;
+  }
+  fillStats(root, tile);
+  root.querySelector(".url").textContent = tile.url || "–";
+  root.querySelector(".reconnects").textContent = tile.reconnects ?? 0;
+  const heads = root.querySelector("table.heads");
+  heads.replaceChildren(el("tr", {}, el("th", {}, "head"), el("th", {}, "tracks now")),
+    ...tile.heads.map((h) => el("tr", {}, el("td", {}, h), el("td", {}, String((tile.tracks || {})[h] ?? "–")))));
+  const zones = root.querySelector("table.zones");
+  if (tile.counts) {
+    zones.replaceChildren(el("tr", {}, el("th", {}, "zone / line"), el("th", {}, "head"), el("th", {}, "class"), el("th", {}, "count")),
+      ...tile.counts.zones.map((z) => el("tr", {}, el("td", {}, `zone ${z.zone}`), el("td", {}, z.head), el("td", {}, z["class"]), el("td", {}, `${z.inside} inside`))),
+      ...tile.counts.lines.map((l) => el("tr", {}, el("td", {}, `line ${l.line}`), el("td", {}, l.head), el("td", {}, l["class"]), el("td", {}, `${l["in"]} in / ${l["out"]} out`))));
+  }
+  showPicture(root, camera, tile.snapshot);
+  scheduleCharts();
+  renderDetailEvents();
+}
+
+function renderDetailEvents() {
+  const camera = currentDetail();
+  const list = $("#detail .recent");
+  if (!list) return;
+  const mine = state.events.filter((e) => e.camera === camera).slice(-50).reverse();
+  list.replaceChildren(...mine.map(eventItem));
+}
+
+// --- the Redis notice and the stream ---------------------------------------------------------------------------
+function notice(kind, text) {
+  const n = $("#notice");
+  n.dataset.state = kind;
+  n.textContent = text;
+  n.hidden = kind === "ok";
+}
+
+function setRedis(redis) {
+  const was = state.redis.ok;
+  state.redis = redis;
+  clearTimeout(state.reconnectedTimer);
+  document.body.classList.toggle("frozen", redis.ok === false);
+  if (redis.ok === false) {
+    notice("down", `Redis unreachable since ${fmt.time(redis.since)} (${redis.error || "no answer"}); reconnecting… ` +
+      "Tiles show the last values read.");
+  } else if (redis.ok && was === false) {
+    notice("reconnected", `Reconnected to Redis at ${fmt.time(redis.since)}; live data again.`);
+    state.reconnectedTimer = setTimeout(() => notice("ok", ""), 10000);
+  } else if (redis.ok) {
+    notice("ok", "");
+  }
+}
+
+function takeTiles(tiles) {
+  const now = new Set();
+  for (const t of tiles) {
+    now.add(t.camera);
+    const before = state.cameras.get(t.camera);
+    state.cameras.set(t.camera, t);
+    const h = state.history.get(t.camera) || [];
+    // one point per poll; a tile repeated (hello, then the same tick) adds nothing
+    if (!before || before !== t) h.push([Date.now() / 1000, t.fps, t.age_p50, t.age_p95]);
+    while (h.length && h[0][0] < Date.now() / 1000 - state.historyS) h.shift();
+    state.history.set(t.camera, h);
+  }
+  for (const camera of [...state.cameras.keys()]) {
+    if (!now.has(camera)) { state.cameras.delete(camera); state.history.delete(camera); }
+  }
+}
+
+function connect() {
+  const source = new EventSource("api/stream");
+  source.addEventListener("hello", (m) => {
+    window.hvHelloAt = window.hvHelloAt || performance.now();  // for load-time measurements
+    const hello = JSON.parse(m.data);
+    state.historyS = 300;
+    $("#source").textContent = `Redis keys ${hello.prefix}:* · pushed every ${hello.interval_s} s`;
+    state.cameras.clear();
+    state.history.clear();
+    for (const t of hello.cameras) state.cameras.set(t.camera, t);
+    state.pictures = new Map(Object.entries(hello.pictures || {}));
+    setControl(hello.control);
+    const offset = Date.now() / 1000 - hello.now;  // history is on the server's clock
+    for (const [camera, points] of Object.entries(hello.history)) {
+      state.history.set(camera, points.map(([t, ...rest]) => [t + offset, ...rest]));
+    }
+    if ($("#notice").dataset.state === "offline") notice("ok", "");
+    setRedis(hello.redis);
+    addEvents(hello.events);
+    renderTiles();
+    renderDetail();
+    window.hvLoaded = window.hvLoaded || performance.now();
+  });
+  source.addEventListener("tick", (m) => {
+    state.pictures.clear();  // newer pictures are fetched as the tiles name them
+    const tick = JSON.parse(m.data);
+    setControl(tick.control);
+    takeTiles(tick.cameras);
+    renderTiles();
+  });
+  source.addEventListener("events", (m) => addEvents(JSON.parse(m.data).events));
+  source.addEventListener("redis", (m) => setRedis(JSON.parse(m.data)));
+  source.onerror = () => {
+    if (source.readyState !== EventSource.OPEN) notice("offline", "Lost the connection to the dashboard server; reconnecting…");
+  };
+}
+
+// --- add and remove cameras (only when the dashboard allows it and a controller listens) -------------------------
+function setControl(on) {
+  state.control = !!on;
+  $("#add-open").hidden = !state.control;
+  if (!state.control) $("#add-camera").hidden = true;
+}
+
+async function command(method, path, body, output) {
+  output.dataset.status = "sending";
+  output.textContent = "sending…";
+  try {
+    const response = await fetch(path, { method, headers: { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body) });
+    const result = await response.json();
+    output.dataset.status = result.status;
+    output.textContent = result.status === "accepted" ? "accepted" : `${result.status}: ${result.reason || ""}`;
+    return result;
+  } catch (err) {
+    output.dataset.status = "rejected";
+    output.textContent = `failed: ${err}`;
+    return null;
+  }
+}
+
+async function addCamera(event) {
+  event.preventDefault();
+  const field = (name) => event.target.elements.namedItem(name);
+  const camera = { id: field("id").value.trim(), url: field("url").value.trim() };
+  if (field("fps").value) camera.fps = Number(field("fps").value);
+  const heads = field("heads").value.split(",").map((h) => h.trim()).filter(Boolean);
+  if (heads.length) camera.heads = heads;
+  const result = await command("POST", "api/cameras", camera, $("#control-result"));
+  if (result && result.status === "accepted") field("url").value = "";  // it may hold a password
+}
+
+function removeCamera(camera, output) {
+  if (!confirm(`Remove camera ${camera}? Its pipeline stops; its data stays in Redis.`)) return;
+  command("DELETE", `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#add-open").addEventListener("click", () => { $("#add-camera").hidden = false; $("#add-camera").elements.namedItem("id").focus(); });
+  $("#add-cancel").addEventListener("click", () => { $("#add-camera").hidden = true; });
+  $("#add-camera").addEventListener("submit", addCamera);
+  $("#filter-camera").addEventListener("change", applyFilters);
+  $("#filter-types").addEventListener("change", applyFilters);
+  window.addEventListener("hashchange", renderDetail);
+  window.addEventListener("resize", renderTiles);
+  renderDetail();
+  connect();
+});

@@ -1,0 +1,234 @@
+"""The dashboard's reading of Redis (pipeline/dashboard_data.py, pipeline/dashboard.py's Hub), without a browser:
+snapshot layouts, counts, tiles, what is scrubbed, cameras coming and going, and Redis going away."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.dashboard_hub import Hub
+from pipeline.dashboard_data import (Board, counts_key, event_group, make_tile, parse_counts, read_snapshot, scrub,
+                                     snapshot_key, snapshot_version, tracks_by_head)
+from pipeline.testbed_dashboard import write_snapshot
+from servers import RedisServer, require_binary
+from workers.publish import detection_message, encode, event_message, keys
+
+JPEG = b"\xff\xd8\xff\xe0fake-jpeg\xff\xd9"
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("hash", (JPEG, 42, 1764000000.5)),
+    ("string", (JPEG, None, None)),
+    ("hash-without-jpeg", None),
+    ("absent", None),
+])
+def test_read_snapshot_takes_a_hash_or_a_plain_string(redis_server, layout, expected):
+    client = redis_server.client()
+    key = snapshot_key("hv", "cam")
+    if layout == "hash":
+        write_snapshot(client, "hv", "cam", JPEG, 42, 1764000000.5)
+    elif layout == "string":
+        client.set(key, JPEG)
+    elif layout == "hash-without-jpeg":
+        client.hset(key, mapping={"frame": 1, "ts": 2})
+    assert read_snapshot(client, "hv", "cam") == expected
+
+
+def test_snapshot_version_names_the_frame_or_the_bytes():
+    assert snapshot_version(JPEG, 7) == "f7"
+    assert snapshot_version(JPEG, None) == snapshot_version(JPEG, None) != snapshot_version(JPEG + b"x", None)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({b"v": b"1", b"frame": b"9"}, None),
+    ({b"zone:door:people:person": b"2", b"zone:door:vehicles:car": b"0", b"line:kerb:people:person:in": b"5",
+      b"line:kerb:people:person:out": b"1", b"zone:bad": b"3", b"line:x:people:person:sideways": b"1",
+      b"zone:door:people:dog": b"not a number"},
+     {"zones": [{"zone": "door", "head": "people", "class": "person", "inside": 2},
+                {"zone": "door", "head": "vehicles", "class": "car", "inside": 0}],
+      "lines": [{"line": "kerb", "head": "people", "class": "person", "in": 5, "out": 1}]}),
+])
+def test_parse_counts(fields, expected):
+    assert parse_counts(fields) == expected
+
+
+def test_tracks_by_head_counts_confirmed_tracks_and_heads_that_found_nothing():
+    msg = detection_message("cam", 1, 0.0, 0.0, 1.0, (640, 360), [
+        {"head": "people", "track_id": 3, "class": "person", "class_id": 0, "conf": 0.9, "box": [0, 0, 1, 1]},
+        {"head": "people", "track_id": -1, "class": "person", "class_id": 0, "conf": 0.9, "box": [0, 0, 1, 1]},
+    ], ["people", "vehicles"])
+    assert tracks_by_head(msg) == {"people": 1, "vehicles": 0}
+    assert tracks_by_head(None) is None
+
+
+@pytest.mark.parametrize("state, shown", [("running", "up"), ("reconnecting", "reconnecting"),
+                                          ("starting", "reconnecting"), ("failed", "down"), ("stale", "down"),
+                                          ("ended", "down"), ("unavailable", "down"), (None, "down")])
+def test_tile_state(state, shown):
+    assert make_tile({"camera": "c", "state": state}, None, None, None)["state"] == shown
+
+
+def test_event_groups():
+    assert [event_group(t) for t in ("track_started", "zone_left", "line_crossed", "stream_down",
+                                     "budget_exceeded", "publisher_error")] == \
+        ["track", "zone", "line", "stream", "budget", "other"]
+
+
+def test_scrub_hides_credentials_string_by_string():
+    redis_url = "redis://:rpw-S3cr3t@db:6379/0"
+    value = {"error": "cannot open rtsp://admin:cam-pw@10.0.0.2/s: refused", "n": 3,
+             "nested": ["talking to rpw-S3cr3t failed", {"k@x": "fine"}]}
+    out = json.dumps(scrub(value, [redis_url]))
+    assert "cam-pw" not in out and "rpw-S3cr3t" not in out
+    assert json.loads(out)["n"] == 3 and "rtsp://***@10.0.0.2/s" in out
+
+
+def test_board_keeps_a_vanished_camera_a_while_and_drops_a_removed_one():
+    board = Board(history_s=60, gone_after_s=10)
+    tile = lambda cam: make_tile({"camera": cam, "state": "running", "fps": 5.0}, None, None, None)  # noqa: E731
+    board.update([tile("a"), tile("b")], now=100)
+    assert [t["camera"] for t in board.update([tile("a")], now=105)] == ["a", "b"]
+    assert board.tiles["b"]["missing"]
+    assert [t["camera"] for t in board.update([tile("a")], now=111)] == ["a"]
+    board.update([tile("a"), tile("b")], now=112)
+    assert "missing" not in board.tiles["b"]
+    board.remove("b")
+    assert [t["camera"] for t in board.all()] == ["a"]
+    for now in range(113, 200):
+        board.update([tile("a")], now=now)
+    points = board.histories()["a"]
+    assert points[0][0] >= 199 - 60 and points[-1] == (199, 5.0, None, None)
+
+
+def _status(state: str = "running", **extra) -> str:
+    return json.dumps({"state": state, "fps": 5.0, "heads": ["people"], "heartbeat_ts": time.time(), **extra})
+
+
+def test_hub_poll_builds_tiles_from_what_redis_holds():
+    """Statuses, the latest detection, counts and a snapshot become one tile; a camera with only a status gets
+    a tile without them (the page shows a placeholder and hides the counts row); credentials are scrubbed,
+    the Redis password even where it stands alone."""
+    require_binary("redis-server")
+    with RedisServer(password="rpw-Hub7x") as server:
+        _poll_and_check(server.url, server.client())
+
+
+def _poll_and_check(url: str, client) -> None:
+    k = keys("hv")
+    client.hset(k.cameras, mapping={
+        "full": _status(last_error="rtsp://admin:cam-pw@10.1.1.1/x refused"),
+        "bare": _status("reconnecting", last_error="AUTH rpw-Hub7x rejected"),
+        "broken": "{not json"})
+    msg = detection_message("full", 12, 0.5, time.time(), 30.0, (640, 360), [
+        {"head": "people", "track_id": 4, "class": "person", "class_id": 0, "conf": 0.8, "box": [1, 2, 3, 4]}],
+        ["people"])
+    client.xadd(k.detections("full"), {"data": encode(msg)})
+    client.hset(counts_key("hv", "full"), mapping={"v": 1, "zone:door:people:person": 1})
+    write_snapshot(client, "hv", "full", JPEG, 12, time.time())
+    hub = Hub(url)
+    tiles = {t["camera"]: t for t in hub.poll(client)}
+    assert set(tiles) == {"full", "bare", "broken"}
+    full, bare = tiles["full"], tiles["bare"]
+    assert full["state"] == "up" and full["tracks"] == {"people": 1} and full["size"] == [640, 360]
+    assert full["counts"]["zones"][0]["inside"] == 1 and full["snapshot"]["frame"] == 12
+    assert hub.snapshot("full") == ("f12", JPEG)
+    assert bare["state"] == "reconnecting" and bare["counts"] is None and bare["snapshot"] is None
+    assert tiles["broken"]["state"] == "down" and "not valid JSON" in tiles["broken"]["error"]
+    text = hub.hello_text()
+    assert "cam-pw" not in text and "rpw-Hub7x" not in text and "AUTH *** rejected" in text
+
+
+def test_hub_pushes_events_and_says_when_redis_goes_and_comes_back(redis_server):
+    """The Hub's threads against a Redis that is stopped and started on the same port: the pages are told
+    (redis ok false, then true), and events published after the restart reach them."""
+    import asyncio
+
+    url = redis_server.url
+    client = redis_server.client()
+    client.xadd(keys("hv").events, {"data": encode(event_message("stream_up", "old"))})
+    hub = Hub(url, interval_s=0.2)
+    loop = asyncio.new_event_loop()
+    got: list[str] = []
+
+    async def collect(deadline: float, want) -> bool:
+        q, hello = hub.subscribe()
+        got.append("hello " + hello)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    item = await asyncio.wait_for(q.get(), max(0.01, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                got.append(item or "")
+                if want():
+                    return True
+            return False
+        finally:
+            hub.unsubscribe(q)
+
+    def run_until(want, timeout: float, what: str) -> None:
+        assert loop.run_until_complete(collect(time.monotonic() + timeout, want)), \
+            f"timed out waiting for {what}; got {got[-3:]}"
+
+    hub.start(loop)
+    try:
+        run_until(lambda: any('"type":"stream_up"' in g for g in got), 10, "the backlog event")
+        redis_server.stop()
+        run_until(lambda: any(g.startswith("event: redis") and '"ok":false' in g for g in got), 10, "redis down")
+        redis_server.start()
+        run_until(lambda: any(g.startswith("event: redis") and '"ok":true' in g for g in got), 15, "redis back")
+        client = redis_server.client()
+        client.xadd(keys("hv").events, {"data": encode(event_message("camera_added", "new-cam"))})
+        run_until(lambda: any('"camera":"new-cam"' in g for g in got), 10, "an event after the restart")
+    finally:
+        hub.stop()
+        loop.close()
+
+
+def test_control_commands_round_trip_through_the_redis_control_stream(redis_server):
+    """The dashboard's side of the control protocol against the service's own reader (ControlConsumer, in
+    front of a stand-in App): reachable only while it reads; each command gets its own answer; with nobody
+    answering, a timeout, and the command carries ``expires``, so a controller starting later rejects it."""
+    from pipeline.dashboard_control import control_reachable, send_command
+    from pipeline.testbed_dashboard import FakeController
+
+    client = redis_server.client()
+    assert not control_reachable(client, "hv")
+    late = send_command(client, "hv", {"op": "remove", "id": "x"}, timeout_s=0.5)
+    assert late["status"] == "timeout"
+    with FakeController(redis_server.url) as controller:
+        deadline = time.monotonic() + 10
+        while not control_reachable(client, "hv") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert control_reachable(client, "hv")
+        added = send_command(client, "hv", {"op": "add", "camera": {"id": "lobby", "url": "synthetic://street"}})
+        again = send_command(client, "hv", {"op": "add", "camera": {"id": "lobby", "url": "synthetic://street"}})
+        assert (added["status"], again["status"]) == ("accepted", "rejected")
+        assert added["request_id"] != again["request_id"] and "exists" in again["reason"]
+        assert controller.received[0] == ("add", {"id": "lobby", "url": "synthetic://street"}, "redis:dashboard")
+        assert any("expired" in r for r in controller.rejected)  # the late remove, never applied
+    assert not control_reachable(client, "hv")
+
+
+def test_dashboard_command_serves_and_says_where_without_the_password(tmp_path):
+    """`hydravision dashboard` as users run it: it serves the page and its API against a Redis with a
+    password, prints where without that password, and a port already taken is a one-line error, exit 2."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from pipeline.testbed_dashboard import DashboardProcess
+
+    require_binary("redis-server")
+    with RedisServer(password="rpw-Cli5Zk") as server, DashboardProcess(server.url) as dashboard:
+        for path in ("", "api/state", "healthz", "static/app.js"):
+            with urllib.request.urlopen(dashboard.url + path, timeout=10) as resp:
+                assert resp.status == 200 and b"rpw-Cli5Zk" not in resp.read()
+        log = dashboard.log_tail()
+        assert f"redis://***@127.0.0.1:{server.port}/0" in log and "rpw-Cli5Zk" not in log
+        taken = subprocess.run([sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", server.url,
+                                "--port", str(dashboard.port)], capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 2 and taken.stderr.strip().splitlines()[-1].startswith("error: cannot serve")
+    assert "rpw-Cli5Zk" not in taken.stderr
