@@ -81,6 +81,7 @@ class App(LiveControl):
     _last_stats: dict = field(default_factory=dict)
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
+    dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -153,6 +154,13 @@ class App(LiveControl):
         self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
         self.add_cameras(self.config.cameras)
         self.start_control()
+        if self.config.dashboard.enabled:
+            from pipeline.dashboard import DashboardServer  # the web stack only when asked for
+
+            d = self.config.dashboard
+            self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
+                                             d.allow_control).start()
+            self.say(f"Dashboard: {self.dashboard.url}")
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
 
@@ -332,6 +340,8 @@ class App(LiveControl):
         if self.started_ray:
             ray.shutdown()
             self._reinstall_signal_handlers()
+        if self.dashboard:
+            self.dashboard.stop()
         if self.embedded:
             self.embedded.stop()
         if self.reaper:

@@ -144,6 +144,17 @@ class ControlConfig(Strict):
     results_maxlen: int = Field(1000, ge=10, description="approximate MAXLEN of {prefix}:control:results")
 
 
+class DashboardConfig(Strict):
+    """The ``dashboard:`` section a controller config can carry (the controller serves the page when enabled)."""
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="address to bind; the page has no login, keep it on loopback "
+                      "or behind a proxy that has one")
+    port: int = Field(8765, ge=0, le=65535, description="0: a free port")
+    interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
+    allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
+                                "control stream); anyone who reaches the page can then use them")
+
+
 class Config(Strict):
     redis: RedisConfig = RedisConfig()
     ray: RayConfig = RayConfig()
@@ -152,6 +163,7 @@ class Config(Strict):
     status: StatusConfig = StatusConfig()
     api: ApiConfig = ApiConfig()
     control: ControlConfig = ControlConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     cameras: list[CameraConfig] = Field(default_factory=list)
     # Camera id -> its url as written in the file (with its ${VAR}s), for `hydravision cameras export`.
     _written_urls: dict[str, str] = PrivateAttr(default_factory=dict)

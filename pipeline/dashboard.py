@@ -16,31 +16,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
-from pydantic import Field
 
 from pipeline import dashboard_data as data
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
 from workers.publish import keys
 from workers.redact import redact_url
-from workers.settings import Strict
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().with_name("dashboard_static")
 KEEPALIVE_S = 15.0
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"  # as in pipeline/app.py, not imported from there: it imports Ray
-
-
-class DashboardConfig(Strict):
-    """The ``dashboard:`` section a controller config can carry (the controller serves the page when enabled)."""
-    enabled: bool = False
-    host: str = Field("127.0.0.1", description="address to bind; the page has no login, keep it on loopback "
-                      "or behind a proxy that has one")
-    port: int = Field(8765, ge=0, le=65535, description="0: a free port")
-    interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
-    allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
-                                "control stream); anyone who reaches the page can then use them")
 
 
 # --- the web app -------------------------------------------------------------------------------------------
