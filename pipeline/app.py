@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
 from pipeline.reaper import Reaper
+from pipeline.telemetry import Telemetry
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
@@ -62,6 +63,7 @@ class App:
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -168,6 +170,9 @@ class App:
             if s.get("state") == "created" and not self._stop.is_set():
                 s = self._restart_camera(self.cameras[cid]) or s
             out.append(s)
+        self.telemetry.record_cameras(out, present=list(self.cameras))
+        if self.events:
+            self.telemetry.record_publisher("controller", self.events.stats())
         self._check_inference()
         return out
 
@@ -186,9 +191,12 @@ class App:
     def _check_inference(self) -> None:
         for i, actor in enumerate(self.inference):
             try:
-                pid = ray.get(actor.ping.remote(), timeout=2)
+                s = ray.get(actor.stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
             except Exception:  # restarting right now; the next tick will see the new process
+                self.telemetry.record_inference(i, None)
                 continue
+            self.telemetry.record_inference(i, s)
+            pid = s["pid"]
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted")
@@ -200,6 +208,7 @@ class App:
         return redact_text(text, [self.cameras[camera].config.url] if camera in self.cameras else [])
 
     def _report_restart(self, worker: str, camera: str, reason: str) -> None:
+        self.telemetry.record_restart(worker)
         self.say(f"{reason}")
         if self.events:
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason))
@@ -239,6 +248,10 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""

@@ -6,8 +6,11 @@ machine that sustains ``capacity`` frames per second: well under the budget belo
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
+import numpy as np
 import pytest
 
 from workers.budget import FrameAgeBudget
@@ -173,3 +176,105 @@ def test_cameras_sharing_an_overloaded_machine_give_up_similar_rates(capacity, s
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FrameAgeBudget(**kwargs)
+
+
+# -- applied: the batcher honours the budget's batch wait; a camera lowers and restores its rate ------------
+
+def test_an_impatient_request_makes_its_batch_leave_early():
+    """max_wait_s=0 (a camera over budget): its batch leaves at once instead of waiting max_wait_ms to fill."""
+    from workers.inference import Batcher
+
+    async def main(max_wait_s):
+        batcher = Batcher(lambda items: items, max_batch=8, max_wait_ms=400)
+        t0 = time.monotonic()
+        patient = asyncio.ensure_future(batcher.submit("patient"))
+        await asyncio.sleep(0.05)
+        await batcher.submit("impatient", max_wait_s=max_wait_s)
+        waited = time.monotonic() - t0
+        await patient
+        batcher.close()
+        return waited, batcher.waits.snapshot()
+
+    waited, waits = asyncio.run(main(0.0))
+    assert waited < 0.3, waited  # not the 400 ms the replica would wait for a full batch
+    assert sum(waits["counts"]) == 2  # both requests' waits were measured
+    waited, _ = asyncio.run(main(None))
+    assert waited >= 0.35, waited
+
+
+class Recorder:
+    """Stands in for the Publisher: keeps messages and events in memory."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.events: list[dict] = []
+
+    def publish_detections(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def publish_event(self, message: dict) -> None:
+        self.events.append(message)
+
+    def set_status(self, camera: str, status: dict) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"connected": True}
+
+
+class Server:
+    """A model that serves one frame at a time in ``service_s``: 1 / service_s frames per second at most."""
+
+    def __init__(self, service_s: float):
+        self.service_s = service_s
+        self.lock: asyncio.Lock | None = None
+
+    async def infer(self, request):
+        self.lock = self.lock or asyncio.Lock()
+        async with self.lock:
+            await asyncio.sleep(self.service_s)
+        return {h: {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                    "class_ids": np.zeros(0, np.int64)} for h in request.heads}
+
+
+@pytest.mark.timeout(120)
+def test_a_camera_over_budget_lowers_its_rate_and_restores_it_when_the_load_falls():
+    from workers.publish import validate
+    from workers.stream import CameraPipeline
+
+    camera = {"id": "cam", "url": "synthetic://street?seed=2&fps=25", "max_inflight": 6, "max_frame_age_ms": 300}
+    model_info = {"input_size": [96, 160], "heads": {"people": ["person"]}}
+    server = Server(0.06)  # ~16 frames/s: 25 offered, six in flight -> frames ~0.36 s old
+    publisher = Recorder()
+    fast = {"hold_s": 1.0, "window_s": 1.0, "recover_hold_s": 1.0, "max_recover_hold_s": 4.0, "decide_every": 0.25}
+
+    async def until(predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.1)
+
+    async def main():
+        pipe = CameraPipeline(camera, server.infer, model_info, publisher, budget_options=fast)
+        task = asyncio.create_task(pipe.run())
+        await until(lambda: [e for e in publisher.events if e.get("action") == "fps"], 40, "the rate to go down")
+        await until(lambda: (pipe.stats()["target_fps"] or 25) <= 17, 40, "a rate the model sustains")
+        lowered = pipe.stats()
+        server.service_s = 0.005  # the load falls
+        await until(lambda: [e for e in publisher.events if e["type"] == "budget_recovered"], 60, "recovery")
+        restored = pipe.stats()
+        pipe.stop()
+        return lowered, restored, await task
+
+    lowered, restored, final = asyncio.run(main())
+    kinds = [(e["type"], e["action"]) for e in publisher.events if e["type"].startswith("budget_")]
+    print([(e["action"], e["fps"], e["p95_ms"]) for e in publisher.events if e["type"].startswith("budget_")])
+    assert kinds[:2] == [("budget_exceeded", "batch_wait"), ("budget_exceeded", "fps")], kinds
+    assert kinds[-1] == ("budget_recovered", "restored")
+    for e in publisher.events:
+        validate(e, "event")
+    assert lowered["dropped"]["budget"] > 0 and lowered["budget"]["adapted"]
+    assert restored["target_fps"] is None and not restored["budget"]["adapted"]  # every frame again
+    for s in (lowered, restored, final):  # skipped frames have their own outcome; nothing unaccounted for
+        assert s["decoded"] == s["published"] + sum(s["dropped"].values()) + s["in_slot"] + s["in_flight"]
+    assert sum(final["frame_age"]["counts"]) == final["published"]
