@@ -278,3 +278,12 @@ def test_a_camera_over_budget_lowers_its_rate_and_restores_it_when_the_load_fall
     for s in (lowered, restored, final):  # skipped frames have their own outcome; nothing unaccounted for
         assert s["decoded"] == s["published"] + sum(s["dropped"].values()) + s["in_slot"] + s["in_flight"]
     assert sum(final["frame_age"]["counts"]) == final["published"]
+
+
+def test_a_camera_cut_to_a_few_frames_per_second_still_decides_and_recovers():
+    """At 2.5 fps a 2 s window holds 5 frames: the evidence reaches back as far as it must to hold enough."""
+    policy = FrameAgeBudget(BUDGET_S, base_fps=25)
+    simulate([policy], Machine(capacity=2), 60)
+    assert policy.fps == policy.min_fps == 2.5
+    simulate([policy], Machine(capacity=100), 180, start=60)
+    assert not policy.adapted

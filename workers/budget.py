@@ -70,6 +70,7 @@ class FrameAgeBudget:
         self.budget_s, self.base_fps = budget_s, base_fps
         self.min_fps = min(base_fps, max(1.0, 0.1 * base_fps)) if min_fps is None else min(min_fps, base_fps)
         self.window_s, self.min_samples, self.hold_s, self.decide_every = window_s, min_samples, hold_s, decide_every
+        self.max_window_s = 10 * window_s
         self.recover_ratio, self.max_recover_hold_s = recover_ratio, max_recover_hold_s
         self.initial_recover_hold_s = self.recover_hold_s = recover_hold_s
         self.step_up = max(0.5, 0.1 * base_fps)
@@ -95,12 +96,17 @@ class FrameAgeBudget:
         self._ages.append((now, age_s))
 
     def p95(self, now: float) -> float | None:
-        """p95 age of frames published in the ``window_s`` before ``now`` and captured after the last cut
-        (frames already on their way then say nothing about the lower rate); None: too few of them."""
-        while self._ages and self._ages[0][0] < now - self.window_s:
+        """p95 age of frames published in the ``window_s`` before ``now`` (at least the last ``min_samples`` of
+        them: at a few frames per second the window reaches further back, up to ``max_window_s``), counting only
+        frames captured after the last cut (frames already on their way then say nothing about the lower
+        rate); None: too few of them."""
+        while self._ages and self._ages[0][0] < now - self.max_window_s:
             self._ages.popleft()
-        ages = [age for t, age in self._ages if t <= now and t - age >= self._last_cut_at]
-        return float(np.percentile(ages, 95)) if len(ages) >= self.min_samples else None
+        fresh = [(t, age) for t, age in self._ages if t <= now and t - age >= self._last_cut_at]
+        recent = [age for t, age in fresh if t >= now - self.window_s]
+        if len(recent) < self.min_samples:
+            recent = [age for _, age in fresh[-self.min_samples:]]
+        return float(np.percentile(recent, 95)) if len(recent) >= self.min_samples else None
 
     def decide(self, now: float) -> BudgetAction | None:
         """At most one action per ``decide_every`` slot of the clock, taken as of the slot's start; None when
