@@ -6,8 +6,8 @@ drive it with synthetic ages; ``CameraPipeline`` applies what it decides.
 While the p95 age is over budget, one action per decision, ``hold_s`` apart (a cut needs time to drain):
   1. ``batch_wait``: this camera's frames stop waiting for a batch to fill (a per-request max wait of 0);
   2. ``fps``: the analysed rate is multiplied by ``STEP`` (0.8), down to ``min_fps``; the decoder keeps
-     reading every frame, the skipped ones count as ``dropped.budget``, and the tracker, given each frame's
-     timestamp, predicts through the gap;
+     reading every frame, the skipped ones count as ``dropped.budget``, and the tracker's constant-velocity
+     filter, stepped once per analysed frame, carries its tracks across the longer gaps;
   3. ``min_fps``: nothing is left to give; said once.
 Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``recover_ratio`` x budget for
 ``recover_hold_s``, the rate goes up by ``step_up`` (a tenth of the configured rate), one step at a time; the

@@ -63,9 +63,7 @@ class CameraTracker:
         """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts
         (``type`` track_started / track_ended with head, track_id, class and timing)."""
         ht = self.heads[head]
-        # The frame's stream time lets the Kalman filter predict across frames that were not analysed (the
-        # camera's fps setting, overload drops, a frame-age budget lowering the rate) instead of one step per call.
-        tracked = ht.tracker.update(det, timestamp=pts)
+        tracked = ht.tracker.update(det)
         ids = np.asarray(tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1))
         ids = np.where(ids >= 0, ids + ht.id_base, -1)
         tracked.tracker_id = ids
