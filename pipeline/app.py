@@ -22,6 +22,7 @@ from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
 from pipeline.reaper import Reaper
+from pipeline.telemetry import Telemetry
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
@@ -81,6 +82,7 @@ class App(LiveControl):
     _last_stats: dict = field(default_factory=dict)
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -213,6 +215,9 @@ class App(LiveControl):
                 s = self._restart_camera(handles[cid]) or s
             out.append(s)
         self._last_stats = {s["camera"]: s for s in out}
+        self.telemetry.record_cameras(out, present=list(handles))
+        if self.events:
+            self.telemetry.record_publisher("controller", self.events.stats())
         self._check_inference()
         if self.node_watch:
             self.node_watch.tick()
@@ -233,9 +238,12 @@ class App(LiveControl):
     def _check_inference(self) -> None:
         for i, actor in enumerate(self.inference):
             try:
-                pid = ray.get(actor.ping.remote(), timeout=2)
+                s = ray.get(actor.stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
             except Exception:  # restarting right now; the next tick will see the new process
+                self.telemetry.record_inference(i, None)
                 continue
+            self.telemetry.record_inference(i, s)
+            pid = s["pid"]
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted",
@@ -249,6 +257,7 @@ class App(LiveControl):
         return redact_text(text, [handle.config.url] if handle else [])
 
     def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None) -> None:
+        self.telemetry.record_restart(worker)
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
         self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
         if self.events:
@@ -290,6 +299,10 @@ class App(LiveControl):
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""
