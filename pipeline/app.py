@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
 
 
+def metrics_routes(api: Any, app: App) -> None:
+    """The default API extension: /metrics, /healthz, /readyz (pipeline/metrics.py). Imported here, not at the
+    top: FastAPI and prometheus-client load only when the HTTP API is on."""
+    from pipeline.metrics import include_metrics
+
+    include_metrics(api, app)
+
+
 @dataclass
 class CameraHandle:
     id: str
@@ -68,8 +76,9 @@ class App(LiveControl):
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
     model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
-    # Called with (FastAPI app, this App) when the HTTP API is built: more routes (metrics, health).
-    api_extensions: list = field(default_factory=list)
+    # Called with (FastAPI app, this App) when the HTTP API is built: more routes. By default /metrics,
+    # /healthz and /readyz (pipeline.metrics.include_metrics), so they are served whenever the API is on.
+    api_extensions: list = field(default_factory=lambda: [metrics_routes])
     on_ray_started: Callable[[], None] | None = None  # e.g. route Ray's worker output (pipeline/logs.py)
     api_server: Any = None  # pipeline.api.ApiServer while the HTTP API runs
     control: Any = None  # pipeline.control.ControlConsumer while the Redis control stream is read

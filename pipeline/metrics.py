@@ -9,17 +9,17 @@ export: see docs/architecture.md "Metrics".
 Labels are camera ids (validated: letters, digits, '_-.'), head names, roles, outcomes and reasons: never a
 URL, so no credential can reach a label.
 
-The HTTP server belongs to the control API; it mounts ``metrics_router(app)`` (or calls
-``include_metrics(api, app)``).
+The HTTP server belongs to the control API: ``App.api_extensions`` holds ``include_metrics`` by default, so
+these routes are served whenever the API is on (api.port, --api-port).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -265,8 +265,9 @@ def metrics_registry(telemetry: Telemetry) -> CollectorRegistry:
     return registry
 
 
-def metrics_router(app: App) -> APIRouter:
-    """GET /metrics (Prometheus text), /healthz and /readyz (JSON; 200 when ok, else 503)."""
+def metrics_router(app: App, auth: Callable[..., Any] | None = None) -> APIRouter:
+    """GET /metrics (Prometheus text), /healthz and /readyz (JSON; 200 when ok, else 503). ``auth``: a FastAPI
+    dependency /metrics requires (the control API's bearer token); the probes stay open."""
     registry = metrics_registry(app.telemetry)
     probes: dict[str, RedisProbe] = {}
     router = APIRouter()
@@ -278,7 +279,7 @@ def metrics_router(app: App) -> APIRouter:
         return probes.get(url) if url else None
 
     # Plain def: FastAPI runs them in its thread pool, so a slow PING never blocks the event loop.
-    @router.get("/metrics")
+    @router.get("/metrics", dependencies=[Depends(auth)] if auth else [])
     def metrics(request: Request) -> Response:
         # The format the scraper asks for: Prometheus text 0.0.4 by default, OpenMetrics when accepted.
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -298,5 +299,8 @@ def metrics_router(app: App) -> APIRouter:
 
 
 def include_metrics(api: FastAPI, app: App) -> None:
-    """Mounts /metrics, /healthz and /readyz on the control API."""
-    api.include_router(metrics_router(app))
+    """Mounts /metrics, /healthz and /readyz on the control API (an ``extensions`` entry of build_api). With
+    tokens configured, /metrics needs one like the /cameras routes (``api.state.auth``): it names every camera
+    and its load, and Prometheus sends a bearer token natively (scrape_config ``authorization``). Orchestrator
+    probes carry no token, and the probes' answers hold nothing a control route guards."""
+    api.include_router(metrics_router(app, getattr(api.state, "auth", None)))

@@ -1,9 +1,8 @@
-"""/metrics, /healthz and /readyz of a running service (Ray, real redis-server), served by uvicorn on a free
-port the way the control API will serve them, and scraped over HTTP."""
+"""/metrics, /healthz and /readyz of a running service (Ray, real redis-server), served by the App's own HTTP
+API (api.port 0: a free port; the routes come from App.api_extensions' default) and scraped over HTTP."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -12,38 +11,19 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 from running import RunningApp, wait_for
 
-from pipeline.embedded_redis import free_port
-from pipeline.metrics import include_metrics
 
-
-class ApiServer:
-    """uvicorn in a thread with the metrics router mounted on a bare FastAPI app (the control API's stand-in)."""
+class ApiClient:
+    """The running App's HTTP API, as Prometheus and an orchestrator's probes reach it."""
 
     def __init__(self, app) -> None:
-        import uvicorn
-        from fastapi import FastAPI
-
-        api = FastAPI()
-        include_metrics(api, app)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "ApiServer":
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn to listen")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        assert app.api_server is not None, "the App serves no HTTP API"
+        self.url = app.api_server.url
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10)
 
 
-def scrape(api: ApiServer) -> dict:
+def scrape(api: ApiClient) -> dict:
     """{sample name: {frozenset(labels): value}}, parsed with prometheus-client's text parser."""
     r = api.get("/metrics")
     assert r.status_code == 200
@@ -58,7 +38,7 @@ def get(samples: dict, name: str, **labels) -> float:
     return samples.get(name, {}).get(frozenset(labels.items()), 0.0)
 
 
-def ready(api: ApiServer) -> tuple[int, dict]:
+def ready(api: ApiClient) -> tuple[int, dict]:
     r = api.get("/readyz")
     return r.status_code, r.json()
 
@@ -67,7 +47,8 @@ def ready(api: ApiServer) -> tuple[int, dict]:
 def test_metrics_grow_between_scrapes_and_readyz_follows_redis(ray_local, redis_server, tiny_checkpoint):
     cams = [{"id": "cam-a", "url": "synthetic://street?seed=1&fps=10", "fps": 5},
             {"id": "cam-b", "url": "synthetic://street?seed=2&fps=10", "max_frame_age_ms": 2000}]
-    with RunningApp(redis_server.url, tiny_checkpoint, cams) as run, ApiServer(run.app) as api:
+    with RunningApp(redis_server.url, tiny_checkpoint, cams, api={"port": 0}) as run:
+        api = ApiClient(run.app)
         ids = [c["id"] for c in cams]
         published = "hydravision_frames_total"
 
