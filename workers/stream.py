@@ -212,6 +212,8 @@ class CameraPipeline:
         self.heads, self.classes = heads, classes
         for ev in ended:
             self._event(ev.pop("type"), ev)
+        if any(f in changed for f in self.BUDGET_FIELDS):
+            self._reset_budget()
         if self._capture is not None:
             if any(f in changed for f in self.CAPTURE_FIELDS):
                 self._replace_capture(resume="url" not in changed)
@@ -220,6 +222,16 @@ class CameraPipeline:
         if changed:
             self.publish_status()
         return changed
+
+    # Fields the frame-age budget was sized from: a change starts it afresh from the new configuration.
+    BUDGET_FIELDS = ("url", "fps", "max_frame_age_ms")
+
+    def _reset_budget(self) -> None:
+        """Drops the budget's state and what it imposed (rate, batch wait); the next published frame makes
+        a new one from the camera's config if it still has ``max_frame_age_ms``."""
+        self.budget, self._budget_fps, self._batch_wait_s = None, None, None
+        if self._capture is not None:
+            self._capture.budget_fps = None
 
     def open_tracks(self) -> int:
         return self.tracker.open_tracks() if self.tracker else 0
