@@ -180,25 +180,32 @@ def test_bad_settings_are_refused(kwargs, message):
 
 # -- applied: the batcher honours the budget's batch wait; a camera lowers and restores its rate ------------
 
-def test_an_impatient_request_makes_its_batch_leave_early():
-    """max_wait_s=0 (a camera over budget): its batch leaves at once instead of waiting max_wait_ms to fill."""
+@pytest.mark.parametrize("patient_camera, impatient_camera", [
+    ("", ""),  # one queue
+    ("a", "b"),  # the Batcher's per-camera queues: the due time is the earliest over all of them
+])
+def test_an_impatient_request_makes_its_batch_leave_early(patient_camera, impatient_camera):
+    """max_wait_s=0 (a camera over budget): its batch leaves at once instead of waiting max_wait_ms to fill,
+    and takes the other camera's waiting request along."""
     from workers.inference import Batcher
 
     async def main(max_wait_s):
-        batcher = Batcher(lambda items: items, max_batch=8, max_wait_ms=400)
+        batches: list[list] = []
+        batcher = Batcher(lambda items: batches.append(list(items)) or items, max_batch=8, max_wait_ms=400)
         t0 = time.monotonic()
-        patient = asyncio.ensure_future(batcher.submit("patient"))
+        patient = asyncio.ensure_future(batcher.submit("patient", patient_camera))
         await asyncio.sleep(0.05)
-        await batcher.submit("impatient", max_wait_s=max_wait_s)
+        await batcher.submit("impatient", impatient_camera, max_wait_s=max_wait_s)
         waited = time.monotonic() - t0
         await patient
         batcher.close()
-        return waited, batcher.waits.snapshot()
+        return waited, batcher.waits.snapshot(), batches
 
-    waited, waits = asyncio.run(main(0.0))
+    waited, waits, batches = asyncio.run(main(0.0))
     assert waited < 0.3, waited  # not the 400 ms the replica would wait for a full batch
     assert sum(waits["counts"]) == 2  # both requests' waits were measured
-    waited, _ = asyncio.run(main(None))
+    assert batches == [["patient", "impatient"]]
+    waited, _, _ = asyncio.run(main(None))
     assert waited >= 0.35, waited
 
 
