@@ -287,6 +287,38 @@ def test_a_camera_over_budget_lowers_its_rate_and_restores_it_when_the_load_fall
     assert sum(final["frame_age"]["counts"]) == final["published"]
 
 
+@pytest.mark.timeout(120)
+def test_a_live_update_of_the_rate_starts_the_budget_afresh():
+    """A budget that lowered the rate was sized from the old fps: after an update it imposes nothing until
+    the new configuration's own frames decide again."""
+    from workers.settings import CameraConfig
+    from workers.stream import CameraPipeline
+
+    camera = {"id": "cam", "url": "synthetic://street?seed=3&fps=25", "max_inflight": 6, "max_frame_age_ms": 300}
+    model_info = {"input_size": [96, 160], "heads": {"people": ["person"]}}
+    server, publisher = Server(0.06), Recorder()
+    fast = {"hold_s": 1.0, "window_s": 1.0, "recover_hold_s": 1.0, "max_recover_hold_s": 4.0, "decide_every": 0.25}
+
+    async def main():
+        pipe = CameraPipeline(camera, server.infer, model_info, publisher, budget_options=fast)
+        task = asyncio.create_task(pipe.run())
+        deadline = time.monotonic() + 40
+        while not [e for e in publisher.events if e.get("action") == "fps"]:
+            assert time.monotonic() < deadline, "timed out waiting for the rate to go down"
+            await asyncio.sleep(0.1)
+        lowered = pipe.stats()
+        changed = pipe.update(CameraConfig.model_validate({**camera, "fps": 10}))
+        after = pipe.stats()  # on the event loop: no frame was published in between
+        pipe.stop()
+        await task
+        return lowered, changed, after
+
+    lowered, changed, after = asyncio.run(main())
+    assert lowered["target_fps"] < 25 and lowered["budget"]["adapted"], lowered
+    assert changed == ["fps"]
+    assert after["target_fps"] == 10 and after["budget"] is None, after
+
+
 def test_a_camera_cut_to_a_few_frames_per_second_still_decides_and_recovers():
     """At 2.5 fps a 2 s window holds 5 frames: the evidence reaches back as far as it must to hold enough."""
     policy = FrameAgeBudget(BUDGET_S, base_fps=25)
