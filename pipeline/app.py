@@ -22,6 +22,7 @@ from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
 from pipeline.reaper import Reaper
+from pipeline.telemetry import Telemetry
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
@@ -36,6 +37,14 @@ RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 2 * 2**20}
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
+
+
+def metrics_routes(api: Any, app: App) -> None:
+    """The default API extension: /metrics, /healthz, /readyz (pipeline/metrics.py). Imported here, not at the
+    top: FastAPI and prometheus-client load only when the HTTP API is on."""
+    from pipeline.metrics import include_metrics
+
+    include_metrics(api, app)
 
 
 @dataclass
@@ -67,8 +76,9 @@ class App(LiveControl):
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
     model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
-    # Called with (FastAPI app, this App) when the HTTP API is built: more routes (metrics, health).
-    api_extensions: list = field(default_factory=list)
+    # Called with (FastAPI app, this App) when the HTTP API is built: more routes. By default /metrics,
+    # /healthz and /readyz (pipeline.metrics.include_metrics), so they are served whenever the API is on.
+    api_extensions: list = field(default_factory=lambda: [metrics_routes])
     on_ray_started: Callable[[], None] | None = None  # e.g. route Ray's worker output (pipeline/logs.py)
     api_server: Any = None  # pipeline.api.ApiServer while the HTTP API runs
     control: Any = None  # pipeline.control.ControlConsumer while the Redis control stream is read
@@ -82,6 +92,7 @@ class App(LiveControl):
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
+    telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
 
@@ -221,6 +232,9 @@ class App(LiveControl):
                 s = self._restart_camera(handles[cid]) or s
             out.append(s)
         self._last_stats = {s["camera"]: s for s in out}
+        self.telemetry.record_cameras(out, present=list(handles))
+        if self.events:
+            self.telemetry.record_publisher("controller", self.events.stats())
         self._check_inference()
         if self.node_watch:
             self.node_watch.tick()
@@ -241,9 +255,12 @@ class App(LiveControl):
     def _check_inference(self) -> None:
         for i, actor in enumerate(self.inference):
             try:
-                pid = ray.get(actor.ping.remote(), timeout=2)
+                s = ray.get(actor.stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
             except Exception:  # restarting right now; the next tick will see the new process
+                self.telemetry.record_inference(i, None)
                 continue
+            self.telemetry.record_inference(i, s)
+            pid = s["pid"]
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted",
@@ -257,6 +274,7 @@ class App(LiveControl):
         return redact_text(text, [handle.config.url] if handle else [])
 
     def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None) -> None:
+        self.telemetry.record_restart(worker)
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
         self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
         if self.events:
@@ -298,6 +316,10 @@ class App(LiveControl):
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""

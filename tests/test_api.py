@@ -87,3 +87,32 @@ def test_extensions_add_routes_open_or_behind_the_token(client):
     assert client.get("/guarded", headers={"Authorization": f"Bearer {TOKEN}"}).json() == {"ok": True}
     assert "/cameras" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def stand_in_app():
+    """What pipeline/metrics.py reads of an App, before anything ran: no Redis, no replica, no camera."""
+    from types import SimpleNamespace
+
+    from pipeline.telemetry import Telemetry
+
+    return SimpleNamespace(telemetry=Telemetry(), config=SimpleNamespace(status=SimpleNamespace(interval_s=1.0)),
+                           redis_settings=None, inference=[], model_info={}, cameras={}, stopping=False)
+
+
+@pytest.mark.parametrize("tokens, path, headers, status", [
+    ({"ops": TOKEN}, "/metrics", {}, 401),  # names every camera and its load: the token rule of /cameras
+    ({"ops": TOKEN}, "/metrics", {"Authorization": f"Bearer {TOKEN}x"}, 401),
+    ({"ops": TOKEN}, "/metrics", {"Authorization": f"Bearer {TOKEN}"}, 200),
+    ({}, "/metrics", {}, 200),  # loopback without tokens: open, like /cameras
+    ({"ops": TOKEN}, "/healthz", {}, 200),  # probes carry no token
+    ({"ops": TOKEN}, "/readyz", {}, 503),  # answered (not ready: nothing runs), not refused
+])
+def test_metrics_routes_follow_the_token_rule_probes_stay_open(tokens, path, headers, status):
+    from pipeline.app import metrics_routes
+
+    # build_api hands its controller to the extensions: in a service that is the App itself
+    client = TestClient(build_api(stand_in_app(), tokens, extensions=[metrics_routes]), raise_server_exceptions=False)
+    reply = client.get(path, headers=headers)
+    assert reply.status_code == status, reply.text
+    if path == "/metrics" and status == 200:
+        assert "process_cpu_seconds_total" in reply.text  # the exposition itself, not an error page

@@ -46,12 +46,21 @@ def test_demo_defaults_need_no_setup(monkeypatch):
         ({"model": {"device": "tpu"}}, r"model\.device: String should match pattern"),
         ({"cameras": "lobby"}, r"cameras: Input should be a valid list"),
         ({"cameras": [cam(hwaccel="nvdecc")]}, r"cameras\[0\]\.hwaccel: not a hardware decoder this FFmpeg supports"),
+        ({"cameras": [cam(max_frame_age_ms=0)]}, r"cameras\[0\]\.max_frame_age_ms: Input should be greater than 0"),
+        ({"cameras": [cam(max_frame_age_ms="fast")]}, r"cameras\[0\]\.max_frame_age_ms: Input should be a valid number"),
+        ({"cameras": [cam(max_frame_age_ms=300, realtime=False)]},
+         r"cameras\[0\]: max_frame_age_ms: an unpaced file \(realtime: false\)"),
         ([1, 2], r"expected a mapping at the top level"),
     ],
 )
 def test_errors_name_field_path_and_value(data, expected):
     with pytest.raises(ConfigError, match=expected):
         parse_config(data)
+
+
+def test_frame_age_budget_is_off_unless_set():
+    cfg = parse_config({"cameras": [cam(), cam(id="c2", max_frame_age_ms=300)]})
+    assert cfg.cameras[0].max_frame_age_ms is None and cfg.cameras[1].max_frame_age_ms == 300
 
 
 def test_env_interpolation_with_defaults(monkeypatch):

@@ -44,6 +44,12 @@ EVENTS = [  # one valid message per type, the fields a producer is expected to s
     event_message("worker_restarted", "*", worker="inference-0"),
     event_message("publisher_error", "lobby", reason="OutOfMemoryError: command not allowed", duration_s=3.2,
                   retries=4),
+    # as live control sends it: the camera's fps setting, null for every frame (shares "fps" with budget_*)
+    event_message("camera_added", "lobby", by="api:ops", url="rtsp://***@cam/x", heads=["people"], fps=None),
+    event_message("budget_exceeded", "lobby", action="fps", p95_ms=412.0, budget_ms=300.0, fps=12.5,
+                  configured_fps=None),
+    event_message("budget_recovered", "lobby", action="restored", p95_ms=80.0, budget_ms=300.0, fps=25.0,
+                  configured_fps=25.0),
 ]
 
 
@@ -140,6 +146,8 @@ INVALID = [  # (valid message, new value or DELETE, path of the field): each edi
     (EVENTS[10], 0, ("dropped",)),
     (EVENTS[12], DELETE, ("retries",)),
     (EVENTS[12], DELETE, ("reason",)),
+    (EVENTS[14], None, ("fps",)),  # a budget event's fps is the rate analysed now: never null
+    (EVENTS[14], DELETE, ("p95_ms",)),
     (TRACK, "track_moved", ("type",)),
     (TRACK, DELETE, ("ts",)),
     (TRACK, "", ("camera",)),

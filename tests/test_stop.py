@@ -107,7 +107,7 @@ def test_frames_left_in_the_slot_by_a_stop_without_drain_count_as_shutdown(redis
 class SlowInference:
     """Stands in for the InferenceActor: what a StreamActor calls, answering slowly with no detections."""
 
-    async def infer_image(self, image, heads, camera="", timeout_s=None):
+    async def infer_image(self, image, heads, camera="", timeout_s=None, max_wait_s=None):
         await asyncio.sleep(INFER_S)
         return empty_result(heads or list(MODEL_INFO["heads"]))
 

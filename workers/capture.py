@@ -43,12 +43,12 @@ class FrameSlot:
     taken, so nothing is dropped and decoding runs at the pipeline's pace. A frame decoded after a stop,
     or left in the slot by it, is counted in ``abandoned`` (dropped by the shutdown, not by overload).
     Counters change under one lock, so ``snapshot()`` always adds up:
-    decoded = dropped_rate + replaced + abandoned + taken + pending.
+    decoded = dropped_rate + dropped_budget + replaced + abandoned + taken + pending.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False):
         self.loop, self.lossless = loop, lossless
-        self.decoded = self.dropped_rate = self.replaced = self.abandoned = self.taken = 0
+        self.decoded = self.dropped_rate = self.dropped_budget = self.replaced = self.abandoned = self.taken = 0
         # Which capture owns the slot: a capture abandoned by the watchdog may wake up later, and its
         # frames (already re-read by its replacement) must neither count nor reach the pipeline.
         self.generation = 0
@@ -65,13 +65,17 @@ class FrameSlot:
             self._cond.notify_all()  # a retired capture blocked in put() wakes and leaves
             return self.generation
 
-    def skip(self, generation: int = 0) -> bool:
-        """From the decode thread: a decoded frame the rate gate does not want. False: retired capture."""
+    def skip(self, generation: int = 0, budget: bool = False) -> bool:
+        """From the decode thread: a decoded frame the rate gate does not want (``budget``: one the camera's
+        configured rate wanted, skipped because its frame-age budget lowered the rate). False: retired capture."""
         with self._cond:
             if generation != self.generation:
                 return False
             self.decoded += 1
-            self.dropped_rate += 1
+            if budget:
+                self.dropped_budget += 1
+            else:
+                self.dropped_rate += 1
             return True
 
     def put(self, item: CapturedFrame, generation: int = 0) -> bool:
@@ -108,8 +112,8 @@ class FrameSlot:
 
     def snapshot(self) -> dict[str, int]:
         with self._cond:
-            return {"decoded": self.decoded, "dropped_rate": self.dropped_rate, "replaced": self.replaced,
-                    "abandoned": self.abandoned, "taken": self.taken,
+            return {"decoded": self.decoded, "dropped_rate": self.dropped_rate, "dropped_budget": self.dropped_budget,
+                    "replaced": self.replaced, "abandoned": self.abandoned, "taken": self.taken,
                     "pending": int(self._item is not None) + self._waiting}
 
     def drop_pending(self) -> int:
@@ -135,6 +139,23 @@ class FrameSlot:
             await self._ready.wait()
 
 
+class RateGate:
+    """Lets frames through at ``fps`` of stream time (pts), evenly: at 10 fps from a 25 fps source it keeps
+    frames 0, 3, 5, 8, 10, ... A gap in the stream (reconnect, pause) restarts the phase instead of bursting."""
+
+    def __init__(self) -> None:
+        self.next_due: float | None = None  # stream time of the next frame to let through
+
+    def admit(self, pts: float, fps: float | None) -> bool:
+        if not fps:
+            return True
+        if self.next_due is not None and pts + 1e-6 < self.next_due:
+            return False
+        period = 1.0 / fps
+        self.next_due = pts + period if self.next_due is None or pts - self.next_due > period else self.next_due + period
+        return True
+
+
 class Capture:
     """Runs the decode loop of one camera in a daemon thread.
 
@@ -143,6 +164,8 @@ class Capture:
     it first skips the frames its predecessor already handed over, so nothing is analysed twice.
     States: starting, running, reconnecting, then ended (file done), failed (gave up: bad file, bad URL),
     stopped (asked to), or crashed (a bug in this loop: the owner restarts it, see CameraPipeline).
+    ``budget_fps`` (settable from another thread at any time) lowers the analysed rate below the camera's
+    ``fps`` without restarting anything; None: the configured rate.
     """
 
     BACKOFF_INITIAL_S = 0.5
@@ -166,6 +189,7 @@ class Capture:
         self.last_error: str | None = None
         self.last_frame_wall: float | None = None
         self.source_fps: float | None = None
+        self.budget_fps: float | None = None
         self.ended_at: float | None = None  # time.monotonic() when the thread finished
         self._in_put = False  # blocked handing a frame to a busy pipeline (lossless): alive, not stalled
         self._stop = threading.Event()
@@ -201,7 +225,7 @@ class Capture:
 
     def _run(self) -> None:
         attempt = 0
-        next_due: float | None = None  # stream time of the next frame the rate gate lets through
+        configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         pts_offset = 0.0  # keeps pts increasing across reconnects
         last_pts = self.last_pts
         try:
@@ -236,14 +260,15 @@ class Capture:
                         self.last_frame_wall = time.time()
                         pts = pts_offset + frame.pts
                         last_pts = self.last_pts = pts
-                        fps = self.camera.fps  # read per frame: a live update applies from the next one
-                        if fps:
-                            if next_due is not None and pts + 1e-6 < next_due:
-                                if not self.slot.skip(self.generation):
-                                    return
-                                continue
-                            period = 1.0 / fps
-                            next_due = pts + period if next_due is None or pts - next_due > period else next_due + period
+                        # self.camera read per frame: a live update of fps applies from the next one
+                        if not configured.admit(pts, self.camera.fps):
+                            if not self.slot.skip(self.generation):
+                                return
+                            continue
+                        if not budget.admit(pts, self.budget_fps):
+                            if not self.slot.skip(self.generation, budget=True):
+                                return
+                            continue
                         image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))

@@ -31,6 +31,7 @@ class FrameRequest:
     heads: list[str] | None = None  # None: every head of the model
     meta: dict = field(default_factory=dict)
     timeout_s: float | None = None  # how long the caller waits for the result; inference drops it after that
+    max_wait_s: float | None = None  # longest this frame may wait for its batch to fill; None: the replica's setting
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[0] != 3 or self.image.dtype != np.uint8:

@@ -25,6 +25,7 @@ import numpy as np
 import ray
 
 from workers.frames import FrameRequest, HeadArrays
+from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class _Pending(Generic[T]):
     arrived: float = field(default_factory=time.monotonic)
     queued: bool = True
     timer: asyncio.TimerHandle | None = None
+    max_wait: float | None = None  # the caller's own bound on the wait for a batch to fill (seconds)
 
 
 class Batcher(Generic[T, R]):
@@ -73,7 +75,9 @@ class Batcher(Generic[T, R]):
 
     Written by hand because Ray Serve's ``@serve.batch`` only works inside a Serve deployment.
     Every caller gets exactly one result or exception; none hangs. While a batch runs, the next one
-    fills, so the model is never idle when work is waiting.
+    fills, so the model is never idle when work is waiting. A caller may bound its own wait below
+    ``max_wait_ms`` (``submit(..., max_wait_s=)``): the batch then leaves when the most impatient request
+    waiting in it is due (a camera over its frame-age budget uses 0).
 
     Fair and bounded across cameras (``submit``'s ``camera``): a batch takes requests round-robin by
     camera, cameras in order of their oldest waiting request, oldest first within a camera, so one
@@ -100,10 +104,13 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self.waits = Histogram(BATCH_WAIT_BUCKETS)  # arrival to the start of its batch, per request
 
-    async def submit(self, item: T, camera: str = "", timeout_s: float | None = None) -> R:
+    async def submit(self, item: T, camera: str = "", timeout_s: float | None = None,
+                     max_wait_s: float | None = None) -> R:
         """``item``'s result. ``timeout_s``: how long the caller waits, from now; after that the request
-        is dropped unless its batch has already started. Raises InferenceOverloaded / InferenceExpired."""
+        is dropped unless its batch has already started. ``max_wait_s``: the longest this request may wait
+        for its batch to fill (capped by ``max_wait_ms``). Raises InferenceOverloaded / InferenceExpired."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -114,7 +121,8 @@ class Batcher(Generic[T, R]):
         elif self.depth >= self.max_pending:
             self._shed(self._fullest(camera))
         now = time.monotonic()
-        p = _Pending(item, loop.create_future(), camera, None if timeout_s is None else now + timeout_s, now)
+        p = _Pending(item, loop.create_future(), camera, None if timeout_s is None else now + timeout_s, now,
+                     max_wait=max_wait_s)
         if timeout_s is not None:
             p.timer = loop.call_later(max(0.0, timeout_s), self._expire, p)
         p.future.add_done_callback(lambda _, p=p: self._cancelled(p))
@@ -192,16 +200,14 @@ class Batcher(Generic[T, R]):
                 batch.append(p)
         return batch
 
-    def _oldest(self) -> float:
-        return min(queue[0].arrived for queue in self._queues.values())
-
     async def _collect(self) -> None:
         assert self._wake is not None
         while True:
             while not self.depth:
                 self._wake.clear()
                 await self._wake.wait()
-            while 0 < self.depth < self.max_batch and (remaining := self._oldest() + self.max_wait - time.monotonic()) > 0:
+            # Recomputed on every arrival: an impatient request (max_wait_s) can move the batch's departure earlier.
+            while 0 < self.depth < self.max_batch and (remaining := self._deadline() - time.monotonic()) > 0:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), remaining)
@@ -211,8 +217,16 @@ class Batcher(Generic[T, R]):
             if batch:
                 await self._run(batch)
 
+    def _deadline(self) -> float:
+        """When the batch being filled must leave: the earliest due time of the requests waiting. Only asked
+        while fewer than ``max_batch`` wait, so every waiting request goes into that batch."""
+        return min(p.arrived + (self.max_wait if p.max_wait is None else min(p.max_wait, self.max_wait))
+                   for queue in self._queues.values() for p in queue)
+
     async def _run(self, batch: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.waits.observe_many(started - p.arrived for p in batch)
         try:
             results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
             if len(results) != len(batch):
@@ -268,11 +282,12 @@ class InferenceService:
         return self.runner.run([image for image, _ in items], [heads for _, heads in items])
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
-        return await self.batcher.submit((request.image, request.heads), request.camera, request.timeout_s)
+        return await self.batcher.submit((request.image, request.heads), request.camera, request.timeout_s,
+                                         request.max_wait_s)
 
     async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
-                          timeout_s: float | None = None) -> dict[str, HeadArrays]:
-        return await self.batcher.submit((image, heads), camera, timeout_s)
+                          timeout_s: float | None = None, max_wait_s: float | None = None) -> dict[str, HeadArrays]:
+        return await self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
 
     def info(self) -> dict:
         return self.runner.info()
@@ -283,6 +298,8 @@ class InferenceService:
         s["batch_sizes"] = {int(k): v for k, v in s["batch_sizes"].items()}
         s["pid"] = os.getpid()
         s.update(self.batcher.stats())  # shed / expired / cancelled requests, queue_depth(_max)
+        s.update(self.runner.histograms())  # head_seconds, batch_seconds
+        s["batch_wait"] = self.batcher.waits.snapshot()
         return s
 
 
@@ -306,12 +323,13 @@ class InferenceActor:
         return await self.service.infer(request)
 
     async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
-                          timeout_s: float | None = None) -> dict[str, HeadArrays]:
+                          timeout_s: float | None = None, max_wait_s: float | None = None) -> dict[str, HeadArrays]:
         """What StreamActors call: only the image (a Ray-serialized array, no pickled objects), the heads and
-        two scalars cross the process boundary; a round trip is ~1.6 ms shorter than with the whole
+        three scalars cross the process boundary; a round trip is ~1.6 ms shorter than with the whole
         FrameRequest. ``timeout_s`` is relative: the deadline is taken on this process's monotonic clock on
-        arrival, never compared with another machine's clock."""
-        return await self.service.infer_image(image, heads, camera, timeout_s)
+        arrival, never compared with another machine's clock. ``max_wait_s``: this frame's bound on the
+        wait for its batch to fill (a camera over its frame-age budget sends 0)."""
+        return await self.service.infer_image(image, heads, camera, timeout_s, max_wait_s)
 
     async def info(self) -> dict:
         return self.service.info()
@@ -345,4 +363,4 @@ def service_call(service: Any) -> Callable[[FrameRequest], Awaitable[dict[str, H
     if isinstance(service, InferenceService):
         return service.infer
     return lambda request: service.infer_image.remote(request.image, request.heads, request.camera,
-                                                      request.timeout_s)
+                                                      request.timeout_s, request.max_wait_s)

@@ -18,6 +18,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.fuse import fuse_conv_bn
 from workers.frames import HeadArrays
+from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -63,6 +64,24 @@ class ModelRunner:
             self._staging = torch.empty((max_batch, 3, *self.input_size), dtype=torch.uint8).pin_memory()
         self.stats = {"batches": 0, "frames": 0, "backbone_frames": 0, "head_frames": collections.Counter(),
                       "seconds": 0.0, "cpu_seconds": 0.0, "batch_sizes": collections.Counter()}
+        self.batch_seconds = Histogram(BATCH_SECONDS_BUCKETS)
+        self.head_seconds = {name: Histogram(HEAD_SECONDS_BUCKETS) for name in self.heads}
+        self._time_heads()
+
+    def _time_heads(self) -> None:
+        """Times each head's forward pass (its towers and output convs, per batch; decoding and NMS are not in
+        it) with forward hooks, so models/ stays free of measurement code. On CUDA the time is what the host
+        spends launching the head's kernels, as nothing here synchronizes the device."""
+        started: dict[str, float] = {}
+        for name, head in self.model.heads.items():
+            head.register_forward_pre_hook(lambda _m, _a, name=name: started.__setitem__(name, time.perf_counter()))
+            head.register_forward_hook(lambda _m, _a, _o, name=name: self.head_seconds[name].observe(
+                time.perf_counter() - started.pop(name, time.perf_counter())))
+
+    def histograms(self) -> dict:
+        """Snapshots for metrics: seconds per batch (whole run()), and per head (its forward pass)."""
+        return {"batch_seconds": self.batch_seconds.snapshot(),
+                "head_seconds": {name: h.snapshot() for name, h in self.head_seconds.items()}}
 
     def info(self) -> dict:
         return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
@@ -83,7 +102,9 @@ class ModelRunner:
         x = self._to_device(images).contiguous(memory_format=torch.channels_last)
         results = self.model.detect(x, heads, score_threshold=self.score_threshold, autocast_dtype=self.autocast)
         out = [{name: det.numpy() for name, det in r.items()} for r in results]
-        self.stats["seconds"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats["seconds"] += elapsed
+        self.batch_seconds.observe(elapsed)
         self.stats["cpu_seconds"] += time.process_time() - c0  # all threads of this process, torch's included
         self.stats["batches"] += 1
         self.stats["frames"] += len(images)

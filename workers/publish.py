@@ -47,7 +47,7 @@ SCHEMA_VERSION = 1
 EVENT_TYPES = (
     "track_started", "track_ended", "line_crossed", "zone_entered", "zone_left",
     "stream_up", "stream_down", "stream_reconnecting", "camera_added", "camera_removed", "camera_updated",
-    "publisher_dropped", "worker_restarted", "publisher_error", "node_lost",
+    "publisher_dropped", "worker_restarted", "publisher_error", "node_lost", "budget_exceeded", "budget_recovered",
 )
 MAX_BATCH = 500  # messages per pipeline: one round trip, yet small enough that a retry is cheap
 ALL_CAMERAS = "*"

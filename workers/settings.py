@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.redact import redact_url
 
@@ -89,6 +89,9 @@ class CameraConfig(Strict):
     hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
                                 "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
     placement: CameraPlacement | None = Field(None, description="cluster mode: the nodes this camera's decoder may run on")
+    max_frame_age_ms: float | None = Field(None, gt=0, le=600_000, description="frame-age budget, capture to "
+                                           "publish: when the p95 age exceeds it, this camera stops waiting for "
+                                           "batches, then analyses fewer frames (workers/budget.py); None: off")
 
     @field_validator("hwaccel")
     @classmethod
@@ -124,6 +127,13 @@ class CameraConfig(Strict):
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"lists a head twice: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _budget_needs_time(self) -> "CameraConfig":
+        if self.max_frame_age_ms is not None and self.lossless:
+            raise ValueError("max_frame_age_ms: an unpaced file (realtime: false) is analysed frame by frame at the "
+                             "pipeline's pace, so its frames have no age to keep; use realtime: true or drop the budget")
+        return self
 
     @property
     def is_live(self) -> bool:

@@ -20,8 +20,10 @@ import numpy as np
 import ray
 import redis
 
+from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
+from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import service_call
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
@@ -49,13 +51,14 @@ class CameraPipeline:
     """Runs one camera until its source ends or ``stop()``; all per-camera state lives here.
 
     Counters add up at all times: decoded = published + sum(dropped) + in_slot + in_flight, where
-    dropped counts by reason: rate (target fps), overload (a newer frame replaced it), error
-    (inference failed) and shutdown (abandoned by a stop without drain).
+    dropped counts by reason: rate (target fps), budget (skipped because the frame-age budget lowered the
+    rate), overload (a newer frame replaced it), error (inference failed) and shutdown (abandoned by a stop
+    without drain).
     """
 
     def __init__(self, camera: CameraConfig | dict, infer: InferFn, model_info: dict, publisher: Publisher,
                  infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None,
-                 instance: str | None = None, resume: Resume | None = None):
+                 instance: str | None = None, resume: Resume | None = None, budget_options: dict | None = None):
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.id = self.camera.id
         self.instance = instance  # the service run this camera belongs to, written with its status
@@ -72,6 +75,11 @@ class CameraPipeline:
         self.shutdown_held = self.shutdown_inflight = 0  # frames abandoned by a stop without drain
         self._holding = 0  # a frame taken from the slot, waiting for a free inference slot
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
+        self.frame_age = Histogram(FRAME_AGE_BUCKETS)  # capture to publish, seconds: hydravision_frame_age_seconds
+        self.budget: FrameAgeBudget | None = None  # made once the source's rate is known (max_frame_age_ms set)
+        self.budget_options = budget_options or {}  # FrameAgeBudget's timing, for tests
+        self._budget_fps: float | None = None  # the analysed rate the budget imposes; None: the configured one
+        self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
         self.publish_times: collections.deque[float] = collections.deque(maxlen=300)
         self.last_error: str | None = None
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = 0
@@ -99,6 +107,7 @@ class CameraPipeline:
         self._slot = FrameSlot(loop, lossless=self.camera.lossless)
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                 first_index=self.resume.first_index, first_pts=self.resume.first_pts)
+        self._capture.budget_fps = self._budget_fps
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
         finisher = asyncio.create_task(self._finish_loop(results))
@@ -117,7 +126,7 @@ class CameraPipeline:
                     self._holding, self.shutdown_held = 0, self.shutdown_held + 1
                     break
                 request = FrameRequest(self.id, item.index, item.pts, item.wall, item.size, item.letterbox,
-                                       item.image, self.heads)
+                                       item.image, self.heads, max_wait_s=self._batch_wait_s)
                 self._holding = 0
                 self.submitted += 1
                 results.put_nowait((item, asyncio.ensure_future(self._call(request))))
@@ -173,6 +182,7 @@ class CameraPipeline:
         self._slot.lossless = self.camera.lossless
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                 first_index=cap.decoded, first_pts=cap.last_pts, resume=resume)
+        self._capture.budget_fps = self._budget_fps
         self._capture.start()
 
     # Fields whose change needs a new decode thread (at the next open): the source and how it is read.
@@ -202,6 +212,8 @@ class CameraPipeline:
         self.heads, self.classes = heads, classes
         for ev in ended:
             self._event(ev.pop("type"), ev)
+        if any(f in changed for f in self.BUDGET_FIELDS):
+            self._reset_budget()
         if self._capture is not None:
             if any(f in changed for f in self.CAPTURE_FIELDS):
                 self._replace_capture(resume="url" not in changed)
@@ -210,6 +222,16 @@ class CameraPipeline:
         if changed:
             self.publish_status()
         return changed
+
+    # Fields the frame-age budget was sized from: a change starts it afresh from the new configuration.
+    BUDGET_FIELDS = ("url", "fps", "max_frame_age_ms")
+
+    def _reset_budget(self) -> None:
+        """Drops the budget's state and what it imposed (rate, batch wait); the next published frame makes
+        a new one from the camera's config if it still has ``max_frame_age_ms``."""
+        self.budget, self._budget_fps, self._batch_wait_s = None, None, None
+        if self._capture is not None:
+            self._capture.budget_fps = None
 
     def open_tracks(self) -> int:
         return self.tracker.open_tracks() if self.tracker else 0
@@ -275,6 +297,44 @@ class CameraPipeline:
         self.published += 1
         self.latencies.append(latency_ms)
         self.publish_times.append(now)
+        age_s = max(0.0, now - item.wall)
+        self.frame_age.observe(age_s)
+        if self.camera.max_frame_age_ms is not None:
+            self._keep_budget(age_s, now)
+
+    # -- the frame-age budget (workers/budget.py decides, this applies) -------------------------
+    def _base_fps(self) -> float | None:
+        """The analysed rate the budget starts from: the configured fps, capped by what the source delivers."""
+        known = [f for f in (self.camera.fps, self._capture.source_fps if self._capture else None) if f]
+        if not known and self.started_at:  # a source that does not say its rate: what it has delivered so far
+            decoded = self._slot.snapshot()["decoded"] if self._slot else 0
+            elapsed = time.time() - self.started_at
+            known = [decoded / elapsed] if decoded >= 10 and elapsed > 0 else []
+        return min(known) if known else None
+
+    def _keep_budget(self, age_s: float, now: float) -> None:
+        """Feeds a published frame's age to the budget and applies its decision: the capture's rate gate (no
+        restart: the decoder keeps reading every frame) and the batch wait of this camera's next requests.
+        ``now`` is time.time(): cameras on one host then decide at the same instants (see FrameAgeBudget)."""
+        assert self.camera.max_frame_age_ms is not None
+        if self.budget is None:
+            base = self._base_fps()
+            if base is None:
+                return
+            self.budget = FrameAgeBudget(self.camera.max_frame_age_ms / 1000, base, **self.budget_options)
+        self.budget.observe(age_s, now)
+        action = self.budget.decide(now)
+        if action is None:
+            return
+        self._batch_wait_s = action.batch_wait_s
+        self._budget_fps = None if action.fps >= self.budget.base_fps else action.fps
+        if self._capture is not None:
+            self._capture.budget_fps = self._budget_fps
+        log.info("camera %s: frame-age budget %s (p95 %.0f ms, budget %.0f ms): analysing %.2f fps, batch wait %s",
+                 self.id, action.action, action.p95_s * 1000, self.budget.budget_s * 1000, action.fps,
+                 "replica's" if action.batch_wait_s is None else f"{action.batch_wait_s * 1000:.0f} ms")
+        if action.event:
+            self._event(action.event, action.event_fields(self.budget.budget_s, self.camera.fps))
 
     # -- events, status, stats -----------------------------------------------------------------
     def _event(self, type_: str, fields: dict) -> None:
@@ -318,9 +378,10 @@ class CameraPipeline:
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
             state = "reconnecting" if cap.state == "crashed" else cap.state
-        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "replaced": 0, "abandoned": 0,
-                                             "pending": 0}
-        dropped = {"rate": snap["dropped_rate"], "overload": snap["replaced"], "error": self.dropped_error,
+        snap = slot.snapshot() if slot else {"decoded": 0, "dropped_rate": 0, "dropped_budget": 0, "replaced": 0,
+                                             "abandoned": 0, "pending": 0}
+        dropped = {"rate": snap["dropped_rate"], "budget": snap["dropped_budget"], "overload": snap["replaced"],
+                   "error": self.dropped_error,
                    "shutdown": self.shutdown_held + self.shutdown_inflight + snap["abandoned"]}
         decoded = snap["decoded"]
         pub = self.publisher.stats()
@@ -341,6 +402,11 @@ class CameraPipeline:
             # Why messages are not reaching Redis right now (out of memory, unreachable, ...), else None.
             "redis_error": pub.get("last_error") if pub.get("failing") else None,
             "redis_failing_since": pub.get("failing_since"),
+            # For metrics (pipeline/metrics.py): the age histogram, the rate now analysed (None: every frame)
+            # and the budget's state.
+            "frame_age": self.frame_age.snapshot(),
+            "target_fps": self._budget_fps or self.camera.fps,
+            "budget": self.budget.stats(now) if self.budget else None,
         }
 
 
@@ -481,7 +547,7 @@ class StreamActor:
         s = self.pipeline.stats() if self.pipeline else {"camera": self.camera.id, "state": "created"}
         if self.publisher:
             s["publisher"] = self.publisher.stats()
-        s["pid"] = os.getpid()
+        s["pid"] = os.getpid()  # the controller tells a restarted actor's counters from the old one's by it
         return s
 
     async def where(self) -> dict:

@@ -1,0 +1,196 @@
+"""What the controller knows about its actors, kept for /metrics, /healthz and /readyz (pipeline/metrics.py).
+
+The controller already asks every actor for stats() on each tick of its loop; Telemetry keeps the latest
+answers and makes their counters cumulative over the service's life: an actor that Ray restarts starts its
+counters from zero, so each source (a camera, an inference replica) keeps a base of what its previous
+processes had counted, and a restart adds the last values seen from the old process to it. Counters never
+go backwards on /metrics, and Prometheus sees no reset (what a dead process counted after the last tick is
+unknown and not counted; a camera's frames that were in its slot or in flight at that tick are counted once,
+as outcome ``lost``). Everything here runs in the controller's process; the HTTP server reads snapshots.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+# A frame's outcome, as in CameraPipeline.stats()["dropped"] (docs/architecture.md "Counting frames").
+DROP_OUTCOMES = ("rate", "budget", "overload", "error", "shutdown")
+REJECT_REASONS = ("shed", "expired", "cancelled")  # the Batcher's requests answered without computing
+UP_STATES = ("running",)
+ROLES = ("stream", "inference")
+
+
+def _hist(out: dict[str, float], prefix: str, snapshot: dict | None) -> None:
+    if snapshot:
+        for i, n in enumerate(snapshot["counts"]):
+            out[f"{prefix}.b{i}"] = n
+        out[f"{prefix}.sum"] = snapshot["sum"]
+
+
+def camera_counters(s: dict) -> dict[str, float]:
+    """The cumulative numbers of one camera's stats(), flat: what a restart of its actor would reset."""
+    out: dict[str, float] = {"decoded": s.get("decoded", 0), "outcome.published": s.get("published", 0),
+                             "reconnects": s.get("reconnects", 0)}
+    for reason, n in (s.get("dropped") or {}).items():
+        out[f"outcome.{reason}"] = n
+    _hist(out, "age", s.get("frame_age"))
+    pub = s.get("publisher") or {}
+    out["redis.errors"] = pub.get("retries", 0)
+    out["redis.dropped"] = pub.get("dropped", 0)
+    for action, n in ((s.get("budget") or {}).get("actions") or {}).items():
+        out[f"budget.{action}"] = n
+    return out
+
+
+def inference_counters(s: dict) -> dict[str, float]:
+    """The cumulative numbers of one inference replica's stats(), flat. Counters another version of the
+    Batcher may not have are read with .get (absent: not exported)."""
+    out: dict[str, float] = {"batches": s.get("batches", 0), "frames": s.get("frames", 0)}
+    for size, n in (s.get("batch_sizes") or {}).items():
+        out[f"bs.{int(size)}"] = n
+    for head, n in (s.get("head_frames") or {}).items():
+        out[f"head_frames.{head}"] = n
+    for reason in REJECT_REASONS:
+        if reason in s:
+            out[f"rejected.{reason}"] = s[reason]
+    _hist(out, "wait", s.get("batch_wait"))
+    _hist(out, "bsec", s.get("batch_seconds"))
+    for head, snap in (s.get("head_seconds") or {}).items():
+        _hist(out, f"head.{head}", snap)
+    return out
+
+
+@dataclass
+class Accumulated:
+    """Counters of one source that survive restarts of the process reporting them."""
+
+    base: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    incarnation: Any = None
+
+    def update(self, incarnation: Any, values: dict[str, float]) -> bool:
+        """True when this is a new process (another pid, or a counter went backwards): its predecessor's last
+        values are folded into the base first."""
+        restarted = self.incarnation is not None and (
+            incarnation != self.incarnation or any(values.get(k, 0) < v for k, v in self.last.items()))
+        if restarted:
+            for k, v in self.last.items():
+                self.base[k] = self.base.get(k, 0) + v
+        self.incarnation, self.last = incarnation, dict(values)
+        return restarted
+
+    def value(self, key: str) -> float:
+        return self.base.get(key, 0) + self.last.get(key, 0)
+
+    def keys(self) -> set[str]:
+        return set(self.base) | set(self.last)
+
+    def histogram(self, prefix: str, edges: tuple[float, ...]) -> dict | None:
+        if f"{prefix}.sum" not in self.keys():
+            return None
+        return {"edges": list(edges), "counts": [int(self.value(f"{prefix}.b{i}")) for i in range(len(edges) + 1)],
+                "sum": self.value(f"{prefix}.sum")}
+
+
+@dataclass
+class CameraRecord:
+    stats: dict = field(default_factory=dict)  # the latest stats() (or "unavailable")
+    counters: Accumulated = field(default_factory=Accumulated)
+    lost: int = 0  # frames a dead process held (slot + in flight) at its last report
+    first_seen: float = 0.0
+    down_since: float | None = None  # not running since (None: running now)
+
+
+@dataclass
+class ReplicaRecord:
+    stats: dict = field(default_factory=dict)
+    counters: Accumulated = field(default_factory=Accumulated)
+    seen_at: float | None = None  # last time it answered
+    answering: bool = False  # it answered the controller's latest call
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy for one scrape or probe."""
+
+    taken_at: float
+    last_tick: float | None
+    cameras: dict[str, CameraRecord]
+    replicas: dict[int, ReplicaRecord]
+    restarts: dict[str, int]
+    publishers: dict[str, dict]
+
+
+class Telemetry:
+    """Fed by the controller's loop (App.stats), read by the HTTP server's threads; thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cameras: dict[str, CameraRecord] = {}
+        self._replicas: dict[int, ReplicaRecord] = {}
+        self._restarts: collections.Counter[str] = collections.Counter({role: 0 for role in ROLES})
+        self._publishers: dict[str, dict] = {}
+        self.last_tick: float | None = None
+
+    def record_cameras(self, stats: Iterable[dict], present: Iterable[str] | None = None) -> None:
+        """One tick's camera stats. ``present``: the cameras the service has now; others' series are dropped
+        (a removed camera disappears from /metrics)."""
+        now = self.clock()
+        with self._lock:
+            for s in stats:
+                cid = s.get("camera")
+                if not cid:
+                    continue
+                rec = self._cameras.get(cid)
+                if rec is None:
+                    rec = self._cameras[cid] = CameraRecord(first_seen=now, down_since=now)
+                rec.stats = dict(s)
+                if "decoded" in s and s.get("pid") is not None:  # a started pipeline (not "created"/"unavailable")
+                    before = dict(rec.counters.last)
+                    if rec.counters.update(s["pid"], camera_counters(s)):
+                        rec.lost += int(self._held(before))
+                if s.get("state") in UP_STATES:
+                    rec.down_since = None
+                elif rec.down_since is None:
+                    rec.down_since = now
+            if present is not None:
+                keep = set(present)
+                for cid in [c for c in self._cameras if c not in keep]:
+                    del self._cameras[cid]
+            self.last_tick = now
+
+    @staticmethod
+    def _held(last: dict[str, float]) -> float:
+        """Frames a process had decoded but given no outcome at its last report (slot + in flight)."""
+        outcomes = sum(v for k, v in last.items() if k.startswith("outcome."))
+        return max(0.0, last.get("decoded", 0) - outcomes)
+
+    def record_inference(self, index: int, stats: dict | None) -> None:
+        """One replica's stats, or None when it did not answer (restarting, or busy past the timeout)."""
+        with self._lock:
+            rec = self._replicas.setdefault(index, ReplicaRecord())
+            rec.answering = stats is not None
+            if stats is None:
+                return
+            rec.stats, rec.seen_at = dict(stats), self.clock()
+            rec.counters.update(stats.get("pid"), inference_counters(stats))
+
+    def record_restart(self, role: str) -> None:
+        with self._lock:
+            self._restarts[role] += 1
+
+    def record_publisher(self, name: str, stats: dict) -> None:
+        """A publisher living in the controller's own process (its events): no restarts to account for."""
+        with self._lock:
+            self._publishers[name] = dict(stats)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(self.clock(), self.last_tick, copy.deepcopy(self._cameras),
+                            copy.deepcopy(self._replicas), dict(self._restarts), copy.deepcopy(self._publishers))

@@ -1,0 +1,193 @@
+"""The frame-age budget of one camera (``max_frame_age_ms``): a policy that watches the age of the camera's
+recent frames (capture to publish) and, when their p95 exceeds the budget, makes the camera cheaper step by
+step; when the load falls it gives the steps back. Plain and clock-free (``now`` is passed in), so unit tests
+drive it with synthetic ages; ``CameraPipeline`` applies what it decides.
+
+While the p95 age is over budget, one action per decision, ``hold_s`` apart (a cut needs time to drain):
+  1. ``batch_wait``: this camera's frames stop waiting for a batch to fill (a per-request max wait of 0);
+  2. ``fps``: the analysed rate is multiplied by ``STEP`` (0.8), down to ``min_fps``; the decoder keeps
+     reading every frame, the skipped ones count as ``dropped.budget``, and the tracker's constant-velocity
+     filter, stepped once per analysed frame, carries its tracks across the longer gaps;
+  3. ``min_fps``: nothing is left to give; said once.
+Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``recover_ratio`` x budget for
+``recover_hold_s``, the rate goes up by ``step_up`` (a tenth of the configured rate), one step at a time; the
+batch wait comes back last, after twice that calm, with a ``budget_recovered`` event. Between the two
+thresholds nothing changes (hysteresis).
+
+Steps up are quick below the rate at which the budget was last exceeded (the ``ceiling``); a step that
+reaches the ceiling is a probe, and each probe that ends in a new excess doubles ``recover_hold_s`` (up to
+``max_recover_hold_s``), so a rate the machine cannot sustain is retried less and less often. A probe that
+holds means the load fell: the ceiling and the hold are forgotten.
+
+Fairness. A camera changes only its own rate and wait, never another camera's, and a camera without a
+budget never changes. Cameras over budget on a shared machine must also give up alike, and independent
+controllers drift apart unless their rules are symmetric, so: cuts are multiplicative and steps up additive
+(AIMD, which converges to equal rates); every camera decides at the same instants of the shared clock
+(``decide_every`` slots of time.time()) on the frames published before that instant, so a neighbour's step up
+a moment earlier cannot make this camera give up frames for it; and a step up does not clear the evidence,
+so the camera that stepped up sees an excess exactly when its neighbours do.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+BudgetEvent = Literal["budget_exceeded", "budget_recovered"]
+
+
+@dataclass(frozen=True)
+class BudgetAction:
+    """One decision: what changed, the event to raise (None: a silent step up) and the state after it."""
+
+    action: Literal["batch_wait", "fps", "min_fps", "fps_up", "restored"]
+    event: BudgetEvent | None
+    fps: float  # analysed frames per second from now on
+    batch_wait_s: float | None  # per-request max batch wait; None: the inference replica's own setting
+    p95_s: float  # the p95 age the decision was taken on
+
+    def event_fields(self, budget_s: float, configured_fps: float | None) -> dict:
+        return {"action": self.action, "p95_ms": round(self.p95_s * 1000, 1), "budget_ms": round(budget_s * 1000, 1),
+                "fps": round(self.fps, 2), "configured_fps": configured_fps}
+
+
+class FrameAgeBudget:
+    """Decides, from ages of one camera's frames, its analysed fps and batch wait (see the module docstring)."""
+
+    STEP = 0.8
+
+    def __init__(self, budget_s: float, base_fps: float, *, min_fps: float | None = None, window_s: float = 2.0,
+                 min_samples: int = 8, hold_s: float = 2.0, recover_ratio: float = 0.7, recover_hold_s: float = 4.0,
+                 max_recover_hold_s: float = 60.0, decide_every: float = 0.5):
+        if budget_s <= 0 or base_fps <= 0:
+            raise ValueError(f"budget and fps must be > 0, got {budget_s} s and {base_fps} fps")
+        if not 0 < recover_ratio < 1:
+            raise ValueError(f"recover_ratio must be between 0 and 1, got {recover_ratio}")
+        self.budget_s, self.base_fps = budget_s, base_fps
+        self.min_fps = min(base_fps, max(1.0, 0.1 * base_fps)) if min_fps is None else min(min_fps, base_fps)
+        self.window_s, self.min_samples, self.hold_s, self.decide_every = window_s, min_samples, hold_s, decide_every
+        self.max_window_s = 10 * window_s
+        self.recover_ratio, self.max_recover_hold_s = recover_ratio, max_recover_hold_s
+        self.initial_recover_hold_s = self.recover_hold_s = recover_hold_s
+        self.step_up = max(0.5, 0.1 * base_fps)
+        self.fps = base_fps
+        self.batch_wait_s: float | None = None
+        self.actions: collections.Counter[str] = collections.Counter()  # action -> times taken, for metrics
+        self._ages: collections.deque[tuple[float, float]] = collections.deque()  # (published at, age)
+        self._last_cut_at = -math.inf
+        self._slot: int | None = None
+        self._over = False  # inside an episode of excess
+        self._under_since: float | None = None
+        self._ceiling: float | None = None  # the rate at which the budget was last exceeded
+        self._probing = False  # the last step up reached the ceiling
+        self._floor_said = False
+
+    @property
+    def adapted(self) -> bool:
+        """True while any action is in force (the camera runs below its configuration)."""
+        return self.fps < self.base_fps or self.batch_wait_s is not None
+
+    def observe(self, age_s: float, now: float) -> None:
+        """A frame published at ``now`` (seconds, the clock ``decide`` gets) that was ``age_s`` old."""
+        self._ages.append((now, age_s))
+
+    def p95(self, now: float) -> float | None:
+        """p95 age of frames published in the ``window_s`` before ``now`` (at least the last ``min_samples`` of
+        them: at a few frames per second the window reaches further back, up to ``max_window_s``), counting only
+        frames captured after the last cut (frames already on their way then say nothing about the lower
+        rate); None: too few of them."""
+        while self._ages and self._ages[0][0] < now - self.max_window_s:
+            self._ages.popleft()
+        fresh = [(t, age) for t, age in self._ages if t <= now and t - age >= self._last_cut_at]
+        recent = [age for t, age in fresh if t >= now - self.window_s]
+        if len(recent) < self.min_samples:
+            recent = [age for _, age in fresh[-self.min_samples:]]
+        return float(np.percentile(recent, 95)) if len(recent) >= self.min_samples else None
+
+    def decide(self, now: float) -> BudgetAction | None:
+        """At most one action per ``decide_every`` slot of the clock, taken as of the slot's start; None when
+        nothing changes. Call it often (on every published frame is fine)."""
+        slot = math.floor(now / self.decide_every)
+        if slot == self._slot:
+            return None
+        self._slot = slot
+        now = slot * self.decide_every
+        if now - self._last_cut_at < self.hold_s:
+            return None
+        p95 = self.p95(now)
+        if p95 is None:
+            return None
+        if p95 > self.budget_s:
+            self._under_since = None
+            if not self._over:
+                self._over = True
+                if self._probing:  # the probe went too far: wait longer before the next one
+                    self.recover_hold_s = min(self.max_recover_hold_s, 2 * self.recover_hold_s)
+                self._probing = False
+                self._ceiling = self.fps if self._ceiling is None else min(self._ceiling, self.fps)
+            return self._cut(p95, now)
+        self._over = False
+        if p95 > self.recover_ratio * self.budget_s or not self.adapted:
+            self._under_since = None  # inside the hysteresis band, or nothing to give back
+            return None
+        if self._under_since is None:
+            self._under_since = now
+        if now - self._under_since < self._relax_hold():
+            return None
+        return self._relax(p95, now)
+
+    def _relax_hold(self) -> float:
+        if self.fps >= self.base_fps:  # the batch wait comes back last, after a longer calm
+            return 2 * self.recover_hold_s
+        if not self._is_probe(min(self.base_fps, self.fps + self.step_up)):
+            return self.initial_recover_hold_s  # well below the rate that was too much: no need to be shy
+        return self.recover_hold_s
+
+    def _is_probe(self, fps: float) -> bool:
+        """A step to ``fps`` tries a rate at (or within 5% of) the lowest one that was last too much."""
+        return self._ceiling is not None and fps >= 0.95 * self._ceiling
+
+    def _cut(self, p95: float, now: float) -> BudgetAction | None:
+        if self.batch_wait_s is None:
+            self.batch_wait_s = 0.0
+            return self._acted("batch_wait", "budget_exceeded", p95, now)
+        if self.fps > self.min_fps:
+            self.fps = max(self.min_fps, self.fps * self.STEP)
+            return self._acted("fps", "budget_exceeded", p95, now)
+        if not self._floor_said:
+            self._floor_said = True
+            return self._acted("min_fps", "budget_exceeded", p95, now)
+        return None
+
+    def _relax(self, p95: float, now: float) -> BudgetAction:
+        self._under_since = None
+        self._floor_said = False
+        if self._probing:  # the last probe held: the load has fallen, forget what was too much before
+            self._probing, self._ceiling = False, None
+            self.recover_hold_s = self.initial_recover_hold_s
+        if self.fps < self.base_fps:
+            self.fps = min(self.base_fps, self.fps + self.step_up)
+            self._probing = self._is_probe(self.fps)
+            return self._acted("fps_up", None, p95, now)
+        self.batch_wait_s = None
+        self._ceiling = None
+        self.recover_hold_s = self.initial_recover_hold_s
+        return self._acted("restored", "budget_recovered", p95, now)
+
+    def _acted(self, action: str, event: BudgetEvent | None, p95: float, now: float) -> BudgetAction:
+        if event == "budget_exceeded":
+            self._last_cut_at = now
+        self.actions[action] += 1
+        return BudgetAction(action, event, self.fps, self.batch_wait_s, p95)  # type: ignore[arg-type]
+
+    def stats(self, now: float) -> dict:
+        p95 = self.p95(now)
+        return {"max_frame_age_ms": round(self.budget_s * 1000, 1), "fps": round(self.fps, 3),
+                "base_fps": round(self.base_fps, 3),
+                "batch_wait_ms": None if self.batch_wait_s is None else round(self.batch_wait_s * 1000, 3),
+                "adapted": self.adapted, "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+                "actions": dict(self.actions)}
