@@ -326,9 +326,11 @@ class App(LiveControl):
         def handler(signum: int, _frame: Any) -> None:
             if self._stop.is_set():
                 os._exit(128 + signum)
+            # Record the first signal before saying so: a second one arriving while the message prints
+            # must find it recorded and exit at once.
+            self._stop.set()
             self.say(f"{signal.Signals(signum).name}: draining in-flight frames and flushing Redis "
                      "(send it again to exit at once)")
-            self._stop.set()
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         self._signals_installed = True

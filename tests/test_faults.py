@@ -240,9 +240,6 @@ def test_second_sigterm_exits_at_once(tmp_path, redis_server, tiny_checkpoint, m
     assert took < 5
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (pipeline/app.py install_signal_handlers): the handler announces "
-                                       "the drain before it records the first signal, so a second signal that lands "
-                                       "while the message is written is taken for a first one and does not exit")
 def test_a_second_signal_while_the_first_is_announced_exits(monkeypatch):
     """Python runs a signal's handler between two bytecodes, also inside the handler of the previous signal: a
     user's second Ctrl-C can land while the first one's message is still being written (seen under load)."""
