@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig, ZoneConfig,
+                                        camera_analytics_problems)
 from workers.redact import redact_url
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -64,6 +66,19 @@ class CameraConfig(Strict):
                                           "without progress; default 3 x read_timeout_s + open_timeout_s")
     hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
                                 "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
+    # Analytics (workers/analytics_settings.py, workers/analytics.py): counting zones and lines, the motion gate,
+    # annotated snapshots.
+    zones: list[ZoneConfig] = Field(default_factory=list, max_length=64)
+    lines: list[LineConfig] = Field(default_factory=list, max_length=64)
+    motion: MotionConfig = MotionConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+
+    @model_validator(mode="after")
+    def _analytics(self) -> "CameraConfig":
+        problems = camera_analytics_problems(self.zones, self.lines, self.heads, self.tracker.enabled)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("hwaccel")
     @classmethod
