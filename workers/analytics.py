@@ -11,10 +11,13 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
   frame inside, so dwell does not lose that wait);
 - stay: an occupant counts as inside while its anchors are within ``exit_margin`` x its box height of the
   polygon (box jitter at the edge is not an exit), and while it is not seen at all for less than ``lost_s``;
-- leave: seen outside that margin for ``min_outside_s``, or not seen for ``lost_s``. dwell = last frame inside
-  - first frame inside, in stream time (pts);
-- takeover: a new track of the same class appearing inside at an absent occupant's place (box IoU >= 0.3)
-  continues that occupant (a flickering detection that got a new track id is the same parked car): no events.
+- leave: seen outside that margin (at once if it is moving, else for ``min_outside_s``: a still object's box
+  can jump), or not seen for ``lost_s`` (a detector can miss a
+  parked car for a while) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was moving when
+  last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside - first frame inside, in stream time (pts);
+- takeover: a new track of the same class appearing inside where an absent occupant would be now (its last
+  box moved on by its last velocity, IoU >= 0.3) continues that occupant (a flickering detection that got a
+  new track id is the same parked car): no events.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import supervision as sv
 
 from workers.analytics_settings import LineConfig, Point, ZoneConfig, frame_errors
 
-REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's last box is that occupant
+REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted box is that occupant
+MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
+MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long drove on
 _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
 
 
@@ -66,6 +71,21 @@ class Occupant:
     current_id: int  # the track that carries it now (differs after a takeover)
     outside_since: float | None = None
     track_ids: list[int] = field(default_factory=list)
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # box centre, px/s (smoothed)
+
+    def seen(self, box: np.ndarray, pts: float) -> None:
+        dt = pts - self.last_seen
+        if dt > 0:
+            step = ((box[:2] + box[2:]) - (self.box[:2] + self.box[2:])) / 2 / dt
+            self.velocity = 0.5 * self.velocity + 0.5 * step
+        self.last_seen, self.box = pts, box
+
+    def moving(self) -> bool:
+        return float(np.hypot(*self.velocity)) > MOVING * float(self.box[3] - self.box[1])
+
+    def predicted_box(self, pts: float) -> np.ndarray:
+        shift = self.velocity * (pts - self.last_seen)
+        return self.box + np.concatenate([shift, shift])
 
 
 @dataclass
@@ -121,12 +141,14 @@ class ZoneCounter:
                 continue
             occ = self.occupants[key]
             seen.add(key)
-            occ.last_seen, occ.box = pts, det.xyxy[i].copy()
+            occ.seen(det.xyxy[i].copy(), pts)
             if inside[i] or self._within_margin(det, i):
                 occ.last_inside, occ.outside_since = pts, None
             else:
                 occ.outside_since = pts if occ.outside_since is None else occ.outside_since
-                if pts - occ.outside_since >= cfg.min_outside_s - _EPS:
+                # A moving object beyond the margin is leaving; a still one must stay out a while (its box
+                # may just have jumped).
+                if occ.moving() or pts - occ.outside_since >= cfg.min_outside_s - _EPS:
                     events.append(self._leave(key, frame, pts, "exited"))
         for i in newcomers:
             tid, name, box = int(ids[i]), str(names[i]), det.xyxy[i].copy()
@@ -134,11 +156,11 @@ class ZoneCounter:
             if not inside[i]:
                 self.candidates.pop(ckey, None)
                 continue
-            heir_of = self._absent_occupant(head, name, box, seen)
+            heir_of = self._absent_occupant(head, name, box, pts, seen)
             if heir_of is not None:  # the same object under a new track id: no events
                 occ = self.occupants[heir_of]
-                occ.current_id, occ.last_seen, occ.last_inside, occ.box = tid, pts, pts, box
-                occ.outside_since = None
+                occ.seen(box, pts)
+                occ.current_id, occ.last_inside, occ.outside_since = tid, pts, None
                 occ.track_ids.append(tid)
                 seen.add(heir_of)
                 self.candidates.pop(ckey, None)
@@ -153,7 +175,8 @@ class ZoneCounter:
                 seen.add(self._serial)
                 events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
         for key, occ in list(self.occupants.items()):
-            if occ.head == head and pts - occ.last_seen >= cfg.lost_s - _EPS:
+            patience = min(cfg.lost_s, max(cfg.min_outside_s, MOVING_LOST_S)) if occ.moving() else cfg.lost_s
+            if occ.head == head and key not in seen and pts - occ.last_seen >= patience - _EPS:
                 events.append(self._leave(key, frame, pts, "lost"))
         for key, cand in list(self.candidates.items()):
             if key[0] == head and pts - cand.last_seen >= cfg.lost_s - _EPS:
@@ -176,11 +199,11 @@ class ZoneCounter:
         for head in self._last_pts:
             self._last_pts[head] = pts
 
-    def _absent_occupant(self, head: str, name: str, box: np.ndarray, seen: set[int]) -> int | None:
+    def _absent_occupant(self, head: str, name: str, box: np.ndarray, pts: float, seen: set[int]) -> int | None:
         best, best_iou = None, REACQUIRE_IOU
         for key, occ in self.occupants.items():
             if occ.head == head and occ.class_name == name and key not in seen:
-                iou = _iou(occ.box, box)
+                iou = _iou(occ.predicted_box(pts), box)
                 if iou >= best_iou:
                     best, best_iou = key, iou
         return best

@@ -114,11 +114,12 @@ class ZoneConfig(_Strict):
                                   description="points of an object's box that must all be inside (supervision's "
                                               "triggering anchors); bottom_center: where it stands")
     min_inside_s: float = Field(0.3, ge=0, le=60, description="inside this long before zone_entered")
-    min_outside_s: float = Field(1.0, ge=0, le=600, description="seen outside this long before zone_left")
+    min_outside_s: float = Field(0.5, ge=0, le=600, description="seen outside this long before zone_left (or "
+                                                                "not seen this long, when it was moving)")
     exit_margin: float = Field(0.1, ge=0, le=5, description="how far (x the object's box height) outside the "
                                                             "edge an anchor must be to count as outside")
-    lost_s: float = Field(2.0, gt=0, le=600, description="an occupant not seen for this long has left; until "
-                                                         "then a new track at its place takes it over")
+    lost_s: float = Field(2.0, gt=0, le=600, description="an occupant that stood still, not seen for this long, "
+                                                         "has left; until then a new track at its place takes it over")
 
     @field_validator("polygon")
     @classmethod
