@@ -19,19 +19,29 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import supervision as sv
 from scipy.optimize import linear_sum_assignment
 
 from models.letterbox import letterbox
-from synthetic.scene import CLASS_NAMES, FrameTruth, StreetScene
+from synthetic import sprites
+from synthetic.scene import CLASS_NAMES, FrameTruth, StreetScene, composite
 from workers.analytics import CameraAnalytics
 from workers.analytics_settings import LineConfig, MotionConfig, ZoneConfig
 from workers.frames import detection_records, to_detections
 from workers.motion import MotionGate
 from workers.settings import TrackerConfig
 from workers.tracking import CameraTracker
+
+# The zone and lines the accuracy tests and benchmarks/bench_analytics.py score (normalised: they fit every
+# street layout): a zone over the middle of the road and the near sidewalk, two lines across the street.
+STREET_ZONES = [ZoneConfig(name="middle", polygon=[(0.3, 0.45), (0.7, 0.45), (0.7, 0.95), (0.3, 0.95)])]
+STREET_LINES = [LineConfig(name="west", start=(0.35, 0.3), end=(0.35, 1.0)),
+                LineConfig(name="east", start=(0.65, 0.3), end=(0.65, 1.0))]
+TUNING_SEEDS = (100, 101)  # the analytics defaults (hysteresis, margins) were chosen looking at these only
+HELD_OUT_SEEDS = (201, 202, 203)  # never looked at while tuning
 
 MATCH_IOU = 0.5
 NEAR_FRAMES = 2  # a crossing counts as tracked when the object was matched this close to it
@@ -56,8 +66,17 @@ class SceneRun:
 def run_scene(runner, seed: int, frames: int, zones: list[ZoneConfig], lines: list[LineConfig], *,
               fps: float = 10.0, size: tuple[int, int] = (640, 360), density: float = 1.0,
               motion: MotionConfig | None = None, tracker: TrackerConfig | None = None, batch: int = 8) -> SceneRun:
-    """``runner``: a workers.model_runner.ModelRunner (the only torch here is inside it)."""
+    """A StreetScene through the model (``runner``: a workers.model_runner.ModelRunner, the only torch here),
+    the trackers, the motion gate (when ``motion`` is enabled) and the analytics."""
     scene = StreetScene(seed, width=size[0], height=size[1], fps=fps, density=density)
+    return run_frames(runner, (scene.step() for _ in range(frames)), zones, lines, seed=seed, fps=fps, size=size,
+                      motion=motion, tracker=tracker, batch=batch)
+
+
+def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: list[ZoneConfig],
+               lines: list[LineConfig], *, seed: int = 0, fps: float = 10.0, size: tuple[int, int] = (640, 360),
+               motion: MotionConfig | None = None, tracker: TrackerConfig | None = None, batch: int = 8) -> SceneRun:
+    """As run_scene, for any (RGB image, truth) frames of ``size`` (width, height) at ``fps``."""
     heads = dict(runner.heads)
     analytics = CameraAnalytics(zones, lines, heads, size)
     camera_tracker = CameraTracker(list(heads), tracker or TrackerConfig(), fps)
@@ -88,8 +107,7 @@ def run_scene(runner, seed: int, frames: int, zones: list[ZoneConfig], lines: li
             run.occupancy.append({name: sum(z.occupancy().values()) for name, z in analytics.zones.items()})
         pending.clear()
 
-    for f in range(frames):
-        rgb, truth = scene.step()
+    for f, (rgb, truth) in enumerate(frames):
         run.truths.append(truth)
         image, lb = letterbox(rgb, runner.input_size)
         pts = f / fps
@@ -99,6 +117,29 @@ def run_scene(runner, seed: int, frames: int, zones: list[ZoneConfig], lines: li
             flush()
     flush()
     return run
+
+
+def parked_scene(seed: int, frames: int, cls: str = "car", at: tuple[float, float] = (0.5, 0.8),
+                 length: float = 0.3, fps: float = 10.0, size: tuple[int, int] = (640, 360),
+                 density: float = 0.0) -> Iterator[tuple[np.ndarray, FrameTruth]]:
+    """A StreetScene (empty at the default density, so its sensor noise and light drift are all that change)
+    with one object that never moves: ``at`` is where it stands (normalised bottom centre), ``length`` its
+    size as a fraction of the frame width. Truth: that object (id 10**6) and the scene's own objects."""
+    scene = StreetScene(seed, width=size[0], height=size[1], fps=fps, density=density)
+    rng = np.random.default_rng(seed)
+    sprite = sprites.render(cls, sprites.recipe(cls, rng), length * size[0], 0, False)
+    x = round(at[0] * size[0] - sprite.anchor[0])
+    y = round(at[1] * size[1] - sprite.anchor[1])
+    labels = np.zeros((size[1], size[0]), np.int16)
+    x0, y0, x1, y1 = sprite.bbox
+    box = np.array([[x + x0, y + y0, x + x1, y + y1]], np.float32)
+    for _ in range(frames):
+        image, truth = scene.step()
+        composite(image, labels, [(sprite, x, y, 1)])
+        yield image, FrameTruth(truth.frame, np.concatenate([truth.boxes, box]),
+                                np.concatenate([truth.class_ids, [CLASS_NAMES.index(cls)]]),
+                                np.concatenate([truth.object_ids, [10**6]]),
+                                np.concatenate([truth.visibility, np.ones(1, np.float32)]))
 
 
 def _empty() -> sv.Detections:

@@ -22,7 +22,7 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -34,6 +34,8 @@ from workers.analytics_settings import LineConfig, Point, ZoneConfig, frame_erro
 REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted box is that occupant
 MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
 MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long drove on
+TRAIL_S = (0.5, 1.0)  # speed is measured over at least / at most this much of the recent path: box jitter
+# between two frames is as large as a walker's step at 10 fps, over half a second it is not
 _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
 
 
@@ -71,27 +73,36 @@ class Occupant:
     current_id: int  # the track that carries it now (differs after a takeover)
     outside_since: float | None = None
     track_ids: list[int] = field(default_factory=list)
-    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # box centre, px/s (smoothed)
+    trail: deque = field(default_factory=deque)  # (pts, box centre) over the last TRAIL_S[1] seconds
 
     def seen(self, box: np.ndarray, pts: float) -> None:
-        dt = pts - self.last_seen
-        if dt > 0:
-            step = ((box[:2] + box[2:]) - (self.box[:2] + self.box[2:])) / 2 / dt
-            self.velocity = 0.5 * self.velocity + 0.5 * step
         self.last_seen, self.box = pts, box
+        _extend(self.trail, box, pts)
+
+    def velocity(self) -> np.ndarray:
+        """Box centre, px/s, over the recent path; zero until it spans TRAIL_S[0]."""
+        (t0, c0), (t1, c1) = self.trail[0], self.trail[-1]
+        return (c1 - c0) / (t1 - t0) if t1 - t0 >= TRAIL_S[0] - _EPS else np.zeros(2)
 
     def moving(self) -> bool:
-        return float(np.hypot(*self.velocity)) > MOVING * float(self.box[3] - self.box[1])
+        return float(np.hypot(*self.velocity())) > MOVING * float(self.box[3] - self.box[1])
 
     def predicted_box(self, pts: float) -> np.ndarray:
-        shift = self.velocity * (pts - self.last_seen)
+        shift = self.velocity() * (pts - self.last_seen)
         return self.box + np.concatenate([shift, shift])
+
+
+def _extend(trail: deque, box: np.ndarray, pts: float) -> None:
+    trail.append((pts, (box[:2] + box[2:]) / 2))
+    while len(trail) > 2 and pts - trail[1][0] >= TRAIL_S[1]:
+        trail.popleft()
 
 
 @dataclass
 class Candidate:
     first_pts: float
     last_seen: float
+    trail: deque = field(default_factory=deque)
 
 
 class ZoneCounter:
@@ -167,11 +178,12 @@ class ZoneCounter:
                 continue
             cand = self.candidates.setdefault(ckey, Candidate(pts, pts))
             cand.last_seen = pts
+            _extend(cand.trail, box, pts)
             if pts - cand.first_pts >= cfg.min_inside_s - _EPS:
                 del self.candidates[ckey]
                 self._serial += 1
                 self.occupants[self._serial] = Occupant(head, tid, name, cand.first_pts, pts, pts, box, tid,
-                                                        track_ids=[tid])
+                                                        track_ids=[tid], trail=cand.trail)
                 seen.add(self._serial)
                 events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
         for key, occ in list(self.occupants.items()):

@@ -118,7 +118,7 @@ class ZoneConfig(_Strict):
                                                                 "not seen this long, when it was moving)")
     exit_margin: float = Field(0.1, ge=0, le=5, description="how far (x the object's box height) outside the "
                                                             "edge an anchor must be to count as outside")
-    lost_s: float = Field(2.0, gt=0, le=600, description="an occupant that stood still, not seen for this long, "
+    lost_s: float = Field(3.0, gt=0, le=600, description="an occupant that stood still, not seen for this long, "
                                                          "has left; until then a new track at its place takes it over")
 
     @field_validator("polygon")
