@@ -7,7 +7,7 @@ import pytest
 import supervision as sv
 
 from pipeline.app import App
-from pipeline.config import ConfigError, parse_config
+from pipeline.config import ConfigError, parse_camera, parse_config
 from workers.analytics import CameraAnalytics, LineCounter, ZoneCounter
 from workers.analytics_settings import LineConfig, ZoneConfig, analytics_errors
 from workers.settings import TrackerConfig
@@ -61,6 +61,20 @@ def line(**kw):
 def test_bad_zone_and_line_definitions_are_refused_naming_the_field(camera, expected):
     with pytest.raises(ConfigError, match=expected):
         parse_config({"cameras": [camera]})
+
+
+@pytest.mark.parametrize("camera, expected", [
+    (cam(zones=[zone(polygon=[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9], [0.9, 0.9]])]),
+     r"^camera\.zones\[0\]\.polygon: edges 1-2 and 3-0 cross"),
+    (cam(zones=[zone(), zone()]), r"^camera\.zones\[1\]\.name: duplicate zone name 'z'"),
+    (cam(lines=[line(start=[0.2, 0.2], end=[0.2, 0.2])]), r"^camera\.lines\[0\]\.end: the line has length 0"),
+    (cam(lines=[line(heads=["faces"])]), r"^camera\.lines\[0\]\.heads: unknown head\(s\) \['faces'\]"),
+    (cam(zones=[zone(classes=["truck"])]), r"^camera\.zones\[0\]\.classes: \['truck'\] not a class"),
+])
+def test_a_runtime_change_is_refused_the_same_way(camera, expected):
+    """parse_camera is what a control API (adding or updating a camera while running) validates with."""
+    with pytest.raises(ConfigError, match=expected):
+        parse_camera(camera, HEADS)
 
 
 def test_good_definitions_in_both_units_load():
