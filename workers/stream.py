@@ -106,7 +106,8 @@ class CameraPipeline:
                 item = await self._slot.get()
                 if item is None:
                     break
-                if self.gate is not None and not self.gate.wants(item.image, item.pts):
+                gate = self._motion_gate()
+                if gate is not None and not gate.wants(item.image, item.pts):
                     self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
                     results.put_nowait((item, None))
                     continue
@@ -260,12 +261,20 @@ class CameraPipeline:
                 self._event("analytics_error", {"reason": reason})
         return self.analytics
 
+    def _motion_gate(self) -> MotionGate | None:
+        """The gate for the camera's current motion settings (a live change replaces ``self.camera``)."""
+        if self.gate is None or self.gate.settings is not self.camera.motion:
+            self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
+        return self.gate
+
     def _after_analytics(self, item: CapturedFrame, analytics: CameraAnalytics | None) -> None:
         if analytics:
             counts = {"v": 1, "frame": item.index, "pts": round(item.pts, 3), "ts": round(item.wall, 3),
                       "since": round(self._counts_since, 3), **analytics.counts()}
             self.publisher.set_hash(self.publisher.keys.counts(self.id), counts)
         if item.picture is not None:
+            if self.snapshots.settings is not self.camera.snapshot:
+                self.snapshots = Snapshotter(self.camera.snapshot)
             h, w = item.size
             snap = self.snapshots.render(item.picture, (w, h), self._tracked, analytics, item.index, item.pts,
                                          item.wall)
