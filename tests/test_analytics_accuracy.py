@@ -23,8 +23,8 @@ FRAMES, FPS = 400, 10.0
 
 # Measured misses, each with its cause (not analytics logic: the detector and tracker it is fed).
 KNOWN = {
-    ("zone", 201): "94.5% of frames within 1 object (the bar is 95%): entry lag of fast cars and a few "
-                   "duplicate vehicle tracks (car and bicycle boxes on one object)",
+    ("zone", 201): "94.5% of frames within 1 object (the bar is 95%); on the tuning seeds such frames came from "
+                   "the entry lag of fast cars and duplicate vehicle detections (car and bicycle on one object)",
     ("zone", 203): "72.8%: the demo model sees a car and a bicycle in a foreground tree inside the zone, and "
                    "tracks of cars passing behind it stick to the tree",
     ("dwell", 203): "the same tree: tracks that stick to it make visits seconds too long",

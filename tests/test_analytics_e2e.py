@@ -38,7 +38,7 @@ def street(ray_local):
     require_binary("redis-server")
     with RedisServer() as server:
         with RunningApp(server.url, DEMO, [CAMERA]) as app:
-            app._thread.join(120)  # App.run returns once the camera's source has ended
+            assert app.join(120), "the camera's source did not end"
             finals = {f["camera"]: f for f in app.stop()}
         yield server, finals["street"]
 
