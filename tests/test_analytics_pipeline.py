@@ -13,7 +13,6 @@ import pytest
 import supervision as sv
 
 from mot import read_stream
-from pipeline.scoring import scene_truth
 from synthetic.scene import CLASS_NAMES
 from workers.publish import Publisher, keys, validate
 from workers.stream import CameraPipeline
