@@ -12,11 +12,12 @@ VENV=.venv
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build on this project's machines; see README
 APT_PACKAGES="redis-server ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools \
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
-gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium"
+gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium nodejs npm"   # nodejs/npm: examples/node-consumer and its test
 
 system_deps() {
     # Test-only servers, and the browser of the dashboard's tests. Skipped when they are already there.
     if command -v redis-server >/dev/null && command -v ffmpeg >/dev/null \
+        && command -v node >/dev/null && command -v npm >/dev/null \
         && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
         && gst-inspect-1.0 x264enc >/dev/null 2>&1 && command -v chromium >/dev/null; then
         return 0

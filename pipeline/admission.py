@@ -12,7 +12,7 @@ otherwise make the service read any file it can (``/etc/passwd``, a key under ``
 - may open only the devices listed in ``api.devices``;
 - may not connect to this service's own Redis, HTTP API or Ray GCS (the host is resolved; loopback, the
   unspecified address and this machine's interface addresses all count as "here");
-- may ask only for heads the model has.
+- may ask only for heads the model has, and count (zones, lines) only classes those heads have.
 
 Cameras from the config file are the operator's and trusted: none of the run-time checks apply to them.
 """
@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from pipeline.config import ApiConfig, _format_errors
 from pipeline.errors import UserError
+from workers.analytics_settings import analytics_errors
 from workers.redact import redact_text
 from workers.settings import CameraConfig
 
@@ -126,6 +127,9 @@ class Admission:
         unknown = [h for h in camera.heads or [] if h not in self.model_heads]
         if unknown:
             raise CommandRejected(f"camera.heads: unknown heads {unknown} (the model has {list(self.model_heads)})")
+        problems = analytics_errors(camera.zones, camera.lines, camera.heads, self.model_heads)
+        if problems:  # zones and lines against the model's heads and classes
+            raise CommandRejected("; ".join(f"camera.{p}" for p in problems))
         if not url_changed:
             return camera
         url = camera.url.strip()

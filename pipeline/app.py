@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
 from pipeline.reaper import Reaper
 from pipeline.telemetry import Telemetry
+from workers.analytics_settings import analytics_errors
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
@@ -124,6 +125,9 @@ class App(LiveControl):
             if unknown:
                 raise ConfigError(f"cameras[{i}].heads: unknown heads {unknown} for camera {cam.id!r} "
                                   f"(the model {path.name} has {list(heads)})")
+            problems = analytics_errors(cam.zones, cam.lines, cam.heads, heads)  # zones/lines vs the model
+            if problems:
+                raise ConfigError("\n".join(f"cameras[{i}].{p}" for p in problems))
         return heads
 
     def start_ray(self) -> None:

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--from-start", action="store_true", help="start at the oldest message kept")
     tl.add_argument("--count", type=int, default=None, help="stop after N messages")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
+    tl.add_argument("--group", default=None, help="read as a member of this consumer group: each message goes to "
+                    "one member, is acknowledged after it is printed, and one a killed member had not "
+                    "acknowledged is taken over by another (pipeline/consumer.py)")
+    tl.add_argument("--consumer", default=None, help="with --group: this member's name (default: host-pid; reuse "
+                    "a name to resume its unacknowledged messages first)")
+    tl.add_argument("--claim-idle-ms", type=positive_int, default=30_000, metavar="MS",
+                    help="with --group: take over messages other members left unacknowledged this long")
 
     st = sub.add_parser("status", help="the cameras table from Redis (stale entries marked), from any machine")
     st.add_argument("--redis-url", default=None)

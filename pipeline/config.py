@@ -16,9 +16,11 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
+from workers.analytics_settings import analytics_errors
 from workers.settings import CameraConfig, RedisConfig, Strict, TrackerConfig
 
-__all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_config"]
+__all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_camera",
+           "parse_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -252,6 +254,32 @@ def parse_config(data: Any, source: str = "config") -> Config:
         config._written_urls = {cam.id: raw["url"] for cam, raw in zip(config.cameras, written)
                                 if isinstance(raw, dict) and isinstance(raw.get("url"), str)}
     return config
+
+
+def parse_camera(data: Any, model_heads: dict[str, list[str]] | None = None, where: str = "camera") -> CameraConfig:
+    """One camera's settings (a control API request, a live update): the same validation as in the YAML,
+    zones and lines included, plus, given the model's heads, the heads and classes they name. Raises
+    ConfigError with one line per problem, each naming the field path under ``where``
+    (``camera.zones[1].polygon: edges 1-2 and 3-0 cross ...``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = interpolate_env(data, where)
+    try:
+        cam = CameraConfig.model_validate(data)
+    except ValidationError as e:
+        out = []
+        for ln in _format_errors(e, _urls_in(data)).splitlines():
+            # A camera-level check names its field first ("config: zones[1].name: duplicate ..."): keep one path.
+            ln = ln.removeprefix("config: ")
+            out.append(f"{where}.{ln}" if re.match(r"^[A-Za-z_]\w*(\[\d+\])*[.:\[]", ln) else f"{where}: {ln}")
+        raise ConfigError("\n".join(out)) from None
+    if model_heads is not None:
+        unknown = [h for h in (cam.heads or []) if h not in model_heads]
+        problems = [f"heads: unknown heads {unknown} (the model has {list(model_heads)})"] if unknown else []
+        problems += analytics_errors(cam.zones, cam.lines, cam.heads, model_heads)
+        if problems:
+            raise ConfigError("\n".join(f"{where}.{p}" for p in problems))
+    return cam
 
 
 def load_config(path: str | Path) -> Config:

@@ -35,7 +35,7 @@ from workers.redact import redact_text
 if TYPE_CHECKING:
     from pipeline.app import App
 
-OUTCOMES = ("published", *DROP_OUTCOMES, "lost")
+OUTCOMES = ("published", "skipped", *DROP_OUTCOMES, "lost")  # skipped: the motion gate saw no motion
 
 
 def answered(replica: object) -> bool:
@@ -72,8 +72,8 @@ class HydravisionCollector(Collector):
         decoded = CounterMetricFamily("hydravision_frames_decoded_total", "Frames decoded, per camera",
                                       labels=["camera"])
         frames = CounterMetricFamily(
-            "hydravision_frames_total", "Decoded frames by outcome: published, or not analysed (rate: the "
-            "camera's fps; budget: its frame-age budget lowered the rate), or dropped (overload, error, "
+            "hydravision_frames_total", "Decoded frames by outcome: published, or not analysed (skipped: "
+            "nothing moved; rate: the camera's fps; budget: its frame-age budget lowered the rate), or dropped (overload, error, "
             "shutdown, lost: held by an actor that crashed); decoded = sum of outcomes + pending",
             labels=["camera", "outcome"])
         pending = GaugeMetricFamily("hydravision_frames_pending", "Decoded frames without an outcome yet "

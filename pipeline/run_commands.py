@@ -148,6 +148,8 @@ def tail(args: argparse.Namespace) -> int:
             print(f"note: camera {args.camera}'s status is stale (last heartbeat "
                   f"{'never' if age is None else f'{age:.0f} s ago'}, state {s.get('reported_state')!r}): "
                   "no running service publishes it", file=sys.stderr)
+    if args.group:
+        return _tail_group(client, url, stream, args)
     print(f"tailing {stream} at {redact_url(url)} (Ctrl-C to stop)", file=sys.stderr)
     try:
         while args.count is None or count < args.count:
@@ -160,6 +162,25 @@ def tail(args: argparse.Namespace) -> int:
                     count += 1
                     if args.count is not None and count >= args.count:
                         break
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Namespace) -> int:
+    """tail --group: at least once, through pipeline/consumer.py; a message is acknowledged once printed."""
+    from pipeline.consumer import GroupConsumer
+
+    consumer = GroupConsumer(client, stream, args.group, args.consumer, start="0" if args.from_start else "$",
+                             block_ms=2000, claim_idle_ms=args.claim_idle_ms)
+    print(f"tailing {stream} at {redact_url(url)} as {consumer.consumer!r} of group {args.group!r} "
+          "(Ctrl-C to stop)", file=sys.stderr)
+
+    def show(m) -> None:
+        print(json.dumps(m.data) if args.json else _summarize(m.data), flush=True)
+
+    try:
+        consumer.run(show, max_messages=args.count)
     except KeyboardInterrupt:
         pass
     return 0

@@ -30,7 +30,8 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
         table.add_row(
             s.get("camera", "?"), f"[{style}]{state}[/]" if style else state, f"{s.get('fps', 0):.1f}",
             f"{s.get('decode_fps', 0):.1f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
-            str(s.get("published", 0)), _drops(s.get("dropped")), str(s.get("reconnects", 0)),
+            str(s.get("published", 0)) + (f" +{s['skipped']} skipped" if s.get("skipped") else ""),  # motion gate
+            _drops(s.get("dropped")), str(s.get("reconnects", 0)),
             ",".join(s.get("heads", []) or []), (s.get("last_error") or "")[:80],
         )
     return table

@@ -1,8 +1,7 @@
 """Data for the dashboard without a pipeline, written straight into Redis in the layouts the pipeline writes:
 camera statuses, detection messages, zone/line counts, annotated snapshots and events of synthetic street
 cameras. The dashboard reads only Redis, so its tests and its benchmark (32 cameras, CPU per camera) use this
-instead of 32 real cameras; ``SnapshotMirror`` gives real pipeline cameras a snapshot until the pipeline
-writes its own.
+instead of 32 real cameras.
 """
 
 from __future__ import annotations
@@ -184,63 +183,6 @@ class FakeCameras:
         pipe.hset(key, mapping={"v": 1, "frame": cam.frame, "pts": 0, "ts": round(now, 3), "since": cam.started,
                                 "zone:crossing:people:person": people, "zone:crossing:vehicles:car": cars,
                                 "line:kerb:people:person:in": cam.crossings, "line:kerb:people:person:out": 0})
-
-
-class SnapshotMirror:
-    """Stand-in for the pipeline's own snapshots: for each camera, the picture of its latest published frame
-    (a synthetic:// camera's scene replayed to that frame; other sources: a card naming the frame) with the
-    frame's real detections drawn, written as its snapshot hash every ``interval_s``."""
-
-    def __init__(self, url: str, cameras: dict[str, str], prefix: str = "hv", interval_s: float = 0.5):
-        from workers.synthetic_source import parse_synthetic_url
-
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        self.prefix, self.interval_s, self.keys = prefix, interval_s, keys(prefix)
-        self.scenes: dict[str, list] = {}  # camera -> [StreetScene, next frame index]
-        for cid, cam_url in cameras.items():
-            if cam_url.startswith("synthetic://"):
-                p = parse_synthetic_url(cam_url)
-                self.scenes[cid] = [StreetScene(p["seed"], width=p["width"], height=p["height"], fps=p["fps"]), 0]
-        self.cameras = list(cameras)
-        self.written: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="snapshot-mirror", daemon=True)
-
-    def start(self) -> "SnapshotMirror":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.client.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            for cid in self.cameras:
-                try:
-                    self._mirror(cid)
-                except (redis.RedisError, OSError):
-                    pass
-
-    def _mirror(self, cid: str) -> None:
-        latest = self.client.xrevrange(self.keys.detections(cid), count=1)
-        if not latest:
-            return
-        msg = json.loads(latest[0][1][b"data"])
-        if self.written.get(cid) == msg["frame"]:
-            return
-        w, h = msg["size"]
-        scene = self.scenes.get(cid)
-        if scene is not None and scene[1] <= msg["frame"]:
-            while scene[1] <= msg["frame"]:  # replay the camera's own scene up to its frame
-                image, _ = scene[0].step()
-                scene[1] += 1
-        else:
-            image = np.full((h, w, 3), 40, np.uint8)
-        jpeg = annotate(image, msg["detections"], caption=f"{cid} frame {msg['frame']}")
-        write_snapshot(self.client, self.prefix, cid, jpeg, msg["frame"], msg["ts"], (w, h))
-        self.written[cid] = msg["frame"]
 
 
 class DashboardProcess(ManagedProcess):

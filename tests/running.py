@@ -39,6 +39,12 @@ class RunningApp:
         self._thread.start()
         return self
 
+    def join(self, timeout: float) -> bool:
+        """Waits until the App's run loop returned (every camera's source ended); True if it did."""
+        assert self._thread is not None
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _tick(self, stats: list[dict]) -> None:
         self.latest = stats
 

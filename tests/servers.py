@@ -29,6 +29,8 @@ _GST_CHECK = (
 _DEBIAN_PACKAGES = {
     "redis-server": "redis-server",
     "ffmpeg": "ffmpeg",
+    "node": "nodejs npm",
+    "npm": "nodejs npm",
     "gst-rtsp-server": "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
     "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly",
 }

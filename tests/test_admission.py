@@ -110,6 +110,9 @@ def test_an_endpoint_added_later_is_forbidden_too(media):
 
 @pytest.mark.parametrize("data, reason", [
     ({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, "camera.heads: unknown heads ['faces']"),
+    ({"id": "x", "url": "synthetic://street", "lines": [{"name": "gate", "start": [0.1, 0.5], "end": [0.9, 0.5],
+                                                        "classes": ["unicorn"]}]},
+     "camera.lines[0].classes: ['unicorn'] not a class of head(s)"),
     ({"id": "x", "url": "synthetic://street", "fps": -5}, "camera.fps: Input should be greater than 0 (got -5)"),
     ({"id": "x y", "url": "synthetic://street"}, "camera.id: must be 1-64 letters"),
     ({"id": "x", "url": f"ftp://u:{SECRET}@h/x"}, "camera.url: unsupported scheme 'ftp'"),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from workers.budget import FrameAgeBudget
+from workers.publish import Keys
 
 BUDGET_S = 0.3
 
@@ -223,6 +224,11 @@ class Recorder:
         self.events.append(message)
 
     def set_status(self, camera: str, status: dict) -> None:
+        pass
+
+    keys = Keys("hv")
+
+    def set_hash(self, key: str, fields: dict) -> None:  # counts and snapshots
         pass
 
     def stats(self) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import workers.capture
+from workers.publish import Keys
 from workers.sources import Source, SourceError, SourceFrame
 from workers.stream import CameraPipeline
 from workers.synthetic_source import SyntheticSource
@@ -40,6 +41,11 @@ class RecordingPublisher:
 
     def set_status(self, camera: str, status: dict) -> None:
         self.statuses.append(status)
+
+    keys = Keys("hv")
+
+    def set_hash(self, key: str, fields: dict) -> None:  # counts and snapshots
+        pass
 
     def stats(self) -> dict:
         return {"connected": True, "last_error": None}

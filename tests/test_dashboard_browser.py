@@ -8,8 +8,8 @@ credential anywhere. The second drives the page with fake cameras written
 straight into Redis (the page reads nothing else): 1 and 12 cameras for screenshots, 32 for the load time,
 cameras appearing and disappearing.
 
-Until the pipeline writes its own snapshots (issue 14's analytics), ``SnapshotMirror`` writes them for the
-real cameras: the picture of each camera's latest published frame with its real detections drawn.
+The pictures and the zone/line counts of the real cameras are the pipeline's own (workers/snapshots.py,
+workers/analytics.py): street-1 counts a zone and a line, and its tile must show them.
 Screenshots go to runs/test-artifacts/dashboard/ (or $HV_TEST_ARTIFACTS/dashboard/).
 """
 
@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from pipeline.dashboard import DashboardServer
-from pipeline.testbed_dashboard import DashboardProcess, FakeCameras, FakeController, SnapshotMirror
+from pipeline.testbed_dashboard import DashboardProcess, FakeCameras, FakeController
 from running import RunningApp, wait_for
 from servers import HOST, RedisServer, free_port, require_binary, skip_or_fail
 from workers.publish import encode, event_message, keys
@@ -126,13 +126,14 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser, machine):
     camera = rtsp_server("pattern", pattern_size=(320, 180), fps=10)
     fast = {"open_timeout_s": 2, "read_timeout_s": 2}
     fps = min(5, machine.live_fps(machine.demo, share=0.15))  # two cameras on the demo model, with headroom
-    cameras = [{"id": "street-1", "url": f"synthetic://street?seed=3&fps={fps}"},
+    cameras = [{"id": "street-1", "url": f"synthetic://street?seed=3&fps={fps}",
+                "zones": [{"name": "middle", "polygon": [[0.3, 0.45], [0.7, 0.45], [0.7, 0.95], [0.3, 0.95]]}],
+                "lines": [{"name": "kerb", "start": [0.5, 0.3], "end": [0.5, 1.0]}]},
                {"id": "gate", "url": camera.url, "fps": fps, **fast},
                # a camera behind a password that never answers: its errors carry its URL
                {"id": "locked", "url": f"rtsp://admin:{CAMERA_SECRET}@{HOST}:{free_port()}/stream", **fast}]
     with RedisServer(password=REDIS_SECRET) as redis_server:
         url = redis_server.url
-        mirror = SnapshotMirror(url, {c["id"]: c["url"] for c in cameras[:2]}).start()
         with RunningApp(url, DEMO, cameras, interval=0.5), DashboardServer(url, allow_control=True) as dashboard:
             recorder = StreamRecorder(dashboard.url)
             page = new_page(browser)
@@ -142,6 +143,10 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser, machine):
             locked = wait_for(lambda: (t := tile(page, "locked")) and t["state"] != "up" and t["error"] and t,
                               machine.deadline(30), "the locked camera's error")
             assert not locked["picture"] and page.is_visible('.tile[data-camera="locked"] .placeholder')
+            counts = page.locator('.tile[data-camera="street-1"] dd.counts')  # the pipeline's counts hash
+            counts.wait_for(state="visible", timeout=machine.deadline(30) * 1000)
+            assert "middle" in counts.inner_text() and "kerb" in counts.inner_text()
+            assert not page.is_visible('.tile[data-camera="gate"] dd.counts')  # no zones, no counts row
             page.screenshot(path=ARTIFACTS / "pipeline-3-cameras.png")
 
             # an event reaches the feed within 2 s of its XADD
@@ -205,7 +210,6 @@ def test_live_pipeline_in_the_browser(ray_local, rtsp_server, browser, machine):
                 served = resp.read().decode()
             stream = recorder.text()
             page.close()
-        mirror.stop()
     assert '"locked"' in served and "rtsp://***@" in served  # the error is there, its credentials are not
     assert "event: redis" in stream and '"ok":false' in stream  # the outage went through the stream too
     for where, text in [("the page", "".join(pages)), ("/api/state", served), ("the SSE stream", stream)]:

@@ -24,11 +24,11 @@ def hist(edges, values):
     return h.snapshot()
 
 
-def camera_stats(cid="lobby", pid=100, decoded=100, published=80, rate=10, budget=3, overload=4, error=1,
+def camera_stats(cid="lobby", pid=100, decoded=105, published=80, skipped=5, rate=10, budget=3, overload=4, error=1,
                  in_slot=1, in_flight=1, ages=(0.02, 0.2, 0.3, 2.0), state="running", **extra):
-    assert decoded == published + rate + budget + overload + error + in_slot + in_flight
+    assert decoded == published + skipped + rate + budget + overload + error + in_slot + in_flight
     return {"camera": cid, "pid": pid, "state": state, "url": f"rtsp://admin:***@cam/{cid}",
-            "decoded": decoded, "published": published, "in_slot": in_slot, "in_flight": in_flight,
+            "decoded": decoded, "published": published, "skipped": skipped, "in_slot": in_slot, "in_flight": in_flight,
             "dropped": {"rate": rate, "budget": budget, "overload": overload, "error": error, "shutdown": 0},
             "reconnects": 2, "fps": 12.5, "last_frame_ts": 1.7e9, "target_fps": 20.0,
             "last_error": f"cannot open rtsp://admin:{SECRET}@cam/{cid}",
@@ -62,13 +62,13 @@ def value(samples: dict, name: str, **labels) -> float:
 
 def test_camera_counters_histograms_and_the_counting_invariant():
     t = Telemetry()
-    t.record_cameras([camera_stats("lobby"), camera_stats("dock", decoded=50, published=40, rate=5, budget=0,
+    t.record_cameras([camera_stats("lobby"), camera_stats("dock", decoded=50, published=40, skipped=0, rate=5, budget=0,
                                                           overload=3, error=0, in_slot=0, in_flight=2)])
     m = scrape(t)
-    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 100
+    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 105
     outcomes = {o: value(m, "hydravision_frames_total", camera="lobby", outcome=o)
-                for o in ("published", "rate", "budget", "overload", "error", "shutdown", "lost")}
-    assert outcomes == {"published": 80, "rate": 10, "budget": 3, "overload": 4, "error": 1, "shutdown": 0, "lost": 0}
+                for o in ("published", "skipped", "rate", "budget", "overload", "error", "shutdown", "lost")}
+    assert outcomes == {"published": 80, "skipped": 5, "rate": 10, "budget": 3, "overload": 4, "error": 1, "shutdown": 0, "lost": 0}
     for cid in ("lobby", "dock"):  # decoded = sum of outcomes + pending, as docs/architecture.md says
         total = sum(v for k, v in m["hydravision_frames_total"].items() if ("camera", cid) in k)
         assert value(m, "hydravision_frames_decoded_total", camera=cid) == \
@@ -111,19 +111,19 @@ def test_counters_never_go_backwards_when_an_actor_restarts():
     t.record_cameras([camera_stats(pid=100)])
     before = scrape(t)
     # Ray restarted the camera's actor: a new process counting from zero.
-    t.record_cameras([camera_stats(pid=101, decoded=10, published=8, rate=1, budget=0, overload=0, error=0,
+    t.record_cameras([camera_stats(pid=101, decoded=10, published=8, skipped=0, rate=1, budget=0, overload=0, error=0,
                                    in_slot=1, in_flight=0, ages=(0.1,))])
     after = scrape(t)
     for name in ("hydravision_frames_decoded_total", "hydravision_frames_total", "hydravision_frame_age_seconds_count",
                  "hydravision_redis_errors_total", "hydravision_camera_reconnects_total"):
         for labels, v in before[name].items():
             assert after[name][labels] >= v, (name, labels)
-    assert value(after, "hydravision_frames_decoded_total", camera="lobby") == 110
+    assert value(after, "hydravision_frames_decoded_total", camera="lobby") == 115
     assert value(after, "hydravision_frames_total", camera="lobby", outcome="published") == 88
     # the 2 frames the dead process held (slot + in flight) are counted once, as lost: the invariant holds
     assert value(after, "hydravision_frames_total", camera="lobby", outcome="lost") == 2
     outcomes = sum(v for k, v in after["hydravision_frames_total"].items())
-    assert 110 == outcomes + value(after, "hydravision_frames_pending", camera="lobby")
+    assert 115 == outcomes + value(after, "hydravision_frames_pending", camera="lobby")
     assert value(after, "hydravision_frame_age_seconds_count", camera="lobby") == 5
     # same for an inference replica
     t.record_inference(0, inference_stats(pid=1))
@@ -137,7 +137,7 @@ def test_a_camera_that_is_restarting_keeps_its_counters_and_a_removed_one_disapp
     t.record_cameras([{"camera": "lobby", "state": "unavailable", "last_error": "RayActorError"},
                       camera_stats("dock")], present=["lobby", "dock"])
     m = scrape(t)
-    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 100
+    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 105
     assert value(m, "hydravision_camera_up", camera="lobby") == 0
     t.record_cameras([camera_stats("dock")], present=["dock"])
     m = scrape(t)
@@ -249,4 +249,4 @@ def test_telemetry_snapshots_are_copies():
     stats["decoded"] = 10**6
     snap.cameras["lobby"].stats["state"] = "changed"
     assert t.snapshot().cameras["lobby"].stats["state"] == "running"
-    assert copy.deepcopy(snap).cameras["lobby"].counters.value("decoded") == 100
+    assert copy.deepcopy(snap).cameras["lobby"].counters.value("decoded") == 105

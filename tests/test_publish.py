@@ -32,9 +32,12 @@ def det(camera: str = "lobby", frame: int = 0, heads: tuple[str, ...] = ("object
 EVENTS = [  # one valid message per type, the fields a producer is expected to send
     event_message("track_started", "lobby", head="objects", track_id=3, class_="person"),
     event_message("track_ended", "lobby", head="objects", track_id=3, frames=40, duration_s=1.6, class_="person"),
-    event_message("line_crossed", "lobby", head="objects", track_id=3, line="door", direction="in", class_="person"),
-    event_message("zone_entered", "lobby", head="objects", track_id=3, zone="desk", class_="person"),
-    event_message("zone_left", "lobby", head="objects", track_id=3, zone="desk", class_="person"),
+    event_message("line_crossed", "lobby", head="objects", track_id=3, line="door", direction="in", class_="person",
+                  frame=40, pts=1.6, count=1),
+    event_message("zone_entered", "lobby", head="objects", track_id=3, zone="desk", class_="person", frame=40,
+                  pts=1.6, entered_pts=1.3, occupancy=1),
+    event_message("zone_left", "lobby", head="objects", track_id=3, zone="desk", class_="person", frame=90, pts=3.6,
+                  entered_pts=1.3, left_pts=2.5, dwell_s=1.2, reason="exited", occupancy=0, track_ids=[3, 9]),
     event_message("stream_up", "lobby"),
     event_message("stream_down", "lobby", reason="EOF"),
     event_message("stream_reconnecting", "lobby", reason="timeout", attempt=2, delay_s=1.5),
@@ -50,6 +53,7 @@ EVENTS = [  # one valid message per type, the fields a producer is expected to s
                   configured_fps=None),
     event_message("budget_recovered", "lobby", action="restored", p95_ms=80.0, budget_ms=300.0, fps=25.0,
                   configured_fps=25.0),
+    event_message("analytics_error", "lobby", reason="zones[0].polygon: point (700, 10) is outside the 640x360 frame"),
 ]
 
 
@@ -82,7 +86,7 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
 # --- messages and schema --------------------------------------------------------------------------------
 
 def test_schemas_are_valid_draft_2020_12_and_list_every_event_type() -> None:
-    for kind in ("detection", "event"):
+    for kind in ("detection", "event", "counts", "snapshot"):
         jsonschema.Draft202012Validator.check_schema(load_schema(kind))
     assert tuple(load_schema("event")["properties"]["type"]["enum"]) == EVENT_TYPES
 

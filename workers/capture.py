@@ -17,6 +17,7 @@ import numpy as np
 from models.letterbox import Letterbox
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
+from workers.snapshots import picture_due
 from workers.sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class CapturedFrame:
     image: np.ndarray  # (3, H, W) uint8 letterboxed
     letterbox: Letterbox
     truth: Any = None
+    picture: np.ndarray | None = None  # BGR source picture, only on frames a snapshot is due on (workers/snapshots.py)
 
 
 class FrameSlot:
@@ -196,6 +198,7 @@ class Capture:
         self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(camera.url)}", daemon=True)
         self._source: Source | None = None
+        self._picture_due: float | None = None  # stream time of the next frame that keeps a picture for a snapshot
 
     def start(self) -> None:
         self._thread.start()
@@ -272,6 +275,9 @@ class Capture:
                         image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))
+                        due, self._picture_due = picture_due(cam.snapshot, pts, self._picture_due)
+                        if due:  # at most snapshot.fps pictures a second are kept, never one per frame
+                            item.picture = frame.to_picture(cam.snapshot.max_width)
                         self._in_put = True
                         try:
                             if not self.slot.put(item, self.generation):

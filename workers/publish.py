@@ -39,7 +39,7 @@ from redis.backoff import FullJitterBackoff
 from redis.retry import Retry
 
 from workers.redact import redact_text
-from workers.redis_writer import BatchWriter, WriteResult
+from workers.redis_writer import BatchWriter, HashValue, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,12 @@ EVENT_TYPES = (
     "track_started", "track_ended", "line_crossed", "zone_entered", "zone_left",
     "stream_up", "stream_down", "stream_reconnecting", "camera_added", "camera_removed", "camera_updated",
     "publisher_dropped", "worker_restarted", "publisher_error", "node_lost", "budget_exceeded", "budget_recovered",
+    "analytics_error",
 )
 MAX_BATCH = 500  # messages per pipeline: one round trip, yet small enough that a retry is cheap
 ALL_CAMERAS = "*"
 IDLE_PING_S = 10.0  # with nothing to send, check the connection this often
-SchemaKind = Literal["detection", "event"]
+SchemaKind = Literal["detection", "event", "counts", "snapshot"]
 
 
 # --- messages -------------------------------------------------------------------------------------------
@@ -146,6 +147,14 @@ class Keys:
     def cameras(self) -> str:
         return f"{self.prefix}:cameras"
 
+    def counts(self, camera: str) -> str:
+        """Hash of a camera's zone occupancy and line counts (workers/analytics.py; schema counts-v1.json)."""
+        return f"{self.prefix}:cam:{camera}:counts"
+
+    def snapshot(self, camera: str) -> str:
+        """Hash of a camera's latest annotated JPEG and its frame, pts, ts (schema snapshot-v1.json)."""
+        return f"{self.prefix}:cam:{camera}:snapshot"
+
     def publisher(self, publisher_id: str) -> str:
         """Hash of one Publisher's last applied seq and trip (workers/redis_writer.py); expires after a day."""
         return f"{self.prefix}:publisher:{publisher_id}"
@@ -200,6 +209,7 @@ class Publisher:
         self._cond = threading.Condition()  # guards everything below; never held during I/O
         self._queue: deque[_Entry] = deque()
         self._status: dict[str, str | None] = {}  # camera -> JSON, or None to delete
+        self._hashes: dict[str, dict[str, HashValue]] = {}  # key -> fields, see set_hash
         self._status_gen = self._status_done = 0
         self._seq = self._acked = self._own_seq = self._trip = 0
         self._sent_max = 0  # highest seq any send carried: an entry dropped at or below it may be in Redis
@@ -240,6 +250,15 @@ class Publisher:
 
     def remove_status(self, camera: str) -> None:
         self._set_status(camera, None)
+
+    def set_hash(self, key: str, fields: dict[str, HashValue]) -> None:
+        """Replaces the hash ``key`` with ``fields`` (bytes allowed): latest value wins, like set_status, and it
+        is written inside the next batch's atomic script, so it never shows counts older than the events sent
+        with them. Not buffered beyond that latest value; not written while Redis is out of memory."""
+        with self._cond:
+            self._hashes[key] = dict(fields)
+            self._status_gen += 1
+            self._cond.notify()
 
     def _set_status(self, camera: str, data: str | None) -> None:
         with self._cond:
@@ -318,7 +337,8 @@ class Publisher:
             return {**self._stats, "connected": self._connected, "last_error": self._last_error,
                     "failing": self._episode is not None,
                     "failing_since": self._episode.since if self._episode else None,
-                    "queued": len(self._queue), "statuses_pending": len(self._status)}
+                    "queued": len(self._queue), "statuses_pending": len(self._status),
+                    "hashes_pending": len(self._hashes)}
 
     # --- the writer thread
     def _run(self) -> None:
@@ -326,22 +346,24 @@ class Publisher:
         while not self._stop.is_set():
             with self._cond:
                 if self._connected or failures:  # the very first round goes at once: it tells if Redis is up
-                    self._cond.wait_for(lambda: self._queue or self._status or self._stop.is_set(), 1.0)
+                    self._cond.wait_for(lambda: self._queue or self._status or self._hashes or self._stop.is_set(),
+                                        1.0)
                 if self._stop.is_set():
                     break
                 batch = list(itertools.islice(self._queue, MAX_BATCH))
                 statuses, status_gen = dict(self._status), self._status_gen
+                hashes, self._hashes = self._hashes, {}
                 self._status.clear()
                 drained = len(batch) == len(self._queue)  # after this batch, the backlog is delivered
                 self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
                 self._trip += 1
-                trip, idle = self._trip, not (batch or statuses)
+                trip, idle = self._trip, not (batch or statuses or hashes)
             # When idle, a PING now and then keeps stats()["connected"] true to what a send would find.
             if idle and self._connected and time.monotonic() - last_ok < IDLE_PING_S:
                 continue
             began = time.monotonic()
             try:
-                result = None if idle else self._writer.write(trip, batch, statuses)
+                result = None if idle else self._writer.write(trip, batch, statuses, hashes)
                 if idle:
                     self._writer.ping()
             except Exception as exc:  # noqa: BLE001 - any failure means "retry later"; the thread must not die
@@ -349,7 +371,10 @@ class Publisher:
                 left = statuses
                 if statuses and isinstance(exc, redis.exceptions.OutOfMemoryError):
                     left = self._write_statuses_despite_oom(statuses)
-                self._failed(exc, began, batch, statuses, left, status_gen)
+                with self._cond:  # put back unless a newer value came meanwhile
+                    for key, fields in hashes.items():
+                        self._hashes.setdefault(key, fields)
+                self._failed(exc, began, batch, statuses, left, status_gen, hashes_left=bool(hashes))
                 self._stop.wait(self._backoff.compute(failures))
                 continue
             failures, last_ok = 0, time.monotonic()
@@ -432,13 +457,13 @@ class Publisher:
                     duration, episode.failures, episode.reason)
 
     def _failed(self, exc: Exception, began: float, batch: Sequence[_Entry], statuses: dict[str, str | None],
-                left: dict[str, str | None], status_gen: int) -> None:
+                left: dict[str, str | None], status_gen: int, hashes_left: bool = False) -> None:
         """began: monotonic time the failed attempt started (a timeout is noticed seconds later)."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._cond:
             for camera, data in left.items():  # put back unless a newer status came meanwhile
                 self._status.setdefault(camera, data)
-            if statuses and not left:  # written despite the error (out of memory)
+            if statuses and not left and not hashes_left:  # written despite the error (out of memory)
                 self._status_done = max(self._status_done, status_gen)
             self._stats["retries"] += 1
             was_connected, self._connected, self._last_error = self._connected, False, text

@@ -19,9 +19,11 @@ failed PUBLISH (pub/sub is best effort) or status write is reported.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence, Union
 
 import redis
+
+HashValue = Union[str, bytes, int, float]
 
 STATE_TTL_S = 86_400  # a send older than this cannot still be on its way
 
@@ -48,14 +50,16 @@ local prior = tonumber(redis.call('HGET', state, 'seq') or '0')
 local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
 """ + _STATUSES_LUA
 
-# KEYS: state hash, camera status hash, then the stream of each entry.
-# ARGV: trip, maxlen, ttl_s, then seq, channel ('' = none), data per entry, then status pairs.
+# KEYS: state hash, camera status hash, then the stream of each entry, then each hash to replace.
+# ARGV: trip, maxlen, ttl_s, number of hashes, then seq, channel ('' = none), data per entry, then per hash
+# its number of fields and its field/value pairs, then status pairs.
 BATCH_LUA = "#!lua\n" + _COMMON_LUA + """
 if stale then return {prior, 1, {}, {}, {}} end
 local applied, rejected, reasons, errors = prior, {}, {}, {}
-local n = #KEYS - 2
+local m = tonumber(ARGV[4])
+local n = #KEYS - 2 - m
 for i = 1, n do
-  local seq, channel, data = tonumber(ARGV[3 * i + 1]), ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local seq, channel, data = tonumber(ARGV[3 * i + 2]), ARGV[3 * i + 3], ARGV[3 * i + 4]
   if seq > applied then
     local err = failed(redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV[2], '*', 'data', data))
     if err then
@@ -67,7 +71,16 @@ for i = 1, n do
     applied = seq
   end
 end
-for _, err in ipairs(write_statuses(3 * n + 4)) do errors[#errors + 1] = err end
+-- Hashes replaced whole (analytics counts, snapshots): latest value wins, a field that went away goes away.
+local a = 3 * n + 5
+for j = 1, m do
+  local key, count, fields = KEYS[2 + n + j], tonumber(ARGV[a]), {}
+  for k = 1, 2 * count do fields[k] = ARGV[a + k] end
+  errors[#errors + 1] = failed(redis.pcall('DEL', key))
+  if count > 0 then errors[#errors + 1] = failed(redis.pcall('HSET', key, unpack(fields))) end
+  a = a + 2 * count + 1
+end
+for _, err in ipairs(write_statuses(a)) do errors[#errors + 1] = err end
 redis.call('HSET', state, 'seq', applied, 'trip', trip)
 redis.call('EXPIRE', state, ARGV[3])
 return {prior, 0, rejected, reasons, errors}
@@ -111,12 +124,19 @@ class BatchWriter:
         self._batch = client.register_script(BATCH_LUA)
         self._statuses = client.register_script(STATUS_LUA)
 
-    def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None]) -> WriteResult:
-        """XADD (+ PUBLISH) every entry not yet applied, then the statuses; raises what Redis refused it for."""
-        args: list[str | int] = [trip, self.maxlen, STATE_TTL_S]
+    def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
+              hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
+        """XADD (+ PUBLISH) every entry not yet applied, then replace each hash in ``hashes`` (key -> fields),
+        then the statuses; raises what Redis refused it for."""
+        hashes = hashes or {}
+        args: list[HashValue] = [trip, self.maxlen, STATE_TTL_S, len(hashes)]
         for e in entries:
             args += [e.seq, e.live or "", e.data]
-        reply = self._batch(keys=[self.state_key, self.cameras_key, *(e.stream for e in entries)],
+        for fields in hashes.values():
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += [name, value]
+        reply = self._batch(keys=[self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes],
                             args=args + _status_args(statuses))
         prior, stale, rejected, reasons, errors = reply
         if stale:

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig, ZoneConfig,
+                                        camera_analytics_problems)
 from workers.redact import redact_url
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -92,6 +94,19 @@ class CameraConfig(Strict):
     max_frame_age_ms: float | None = Field(None, gt=0, le=600_000, description="frame-age budget, capture to "
                                            "publish: when the p95 age exceeds it, this camera stops waiting for "
                                            "batches, then analyses fewer frames (workers/budget.py); None: off")
+    # Analytics (workers/analytics_settings.py, workers/analytics.py): counting zones and lines, the motion gate,
+    # annotated snapshots.
+    zones: list[ZoneConfig] = Field(default_factory=list, max_length=64)
+    lines: list[LineConfig] = Field(default_factory=list, max_length=64)
+    motion: MotionConfig = MotionConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+
+    @model_validator(mode="after")
+    def _analytics(self) -> "CameraConfig":
+        problems = camera_analytics_problems(self.zones, self.lines, self.heads, self.tracker.enabled)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("hwaccel")
     @classmethod

@@ -85,6 +85,20 @@ class SourceFrame:
             return self.image
         return _reformatter().reformat(self.image, format="rgb24", threads=1).to_ndarray()
 
+    def to_picture(self, max_width: int) -> np.ndarray:
+        """The picture for a snapshot: BGR uint8 (h, w, 3), scaled down to at most ``max_width`` (a copy, never a
+        view of a buffer the decoder reuses). A PyAV frame is scaled and converted in one swscale call."""
+        h, w = self.size
+        scale = min(1.0, max_width / w)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        if isinstance(self.image, np.ndarray):
+            import cv2  # only where snapshots are made: the sources themselves do not need it
+
+            small = cv2.resize(self.image, (nw, nh), interpolation=cv2.INTER_AREA) if scale < 1 else self.image
+            return cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
+        return _reformatter().reformat(self.image, width=nw, height=nh, format="bgr24", interpolation="AREA",
+                                       threads=1).to_ndarray()
+
     def to_model_input(self, dst_size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
         """Letterboxed (3, H, W) uint8 C-contiguous image of ``dst_size`` (height, width), and its transform.
 

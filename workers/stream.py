@@ -20,14 +20,18 @@ import numpy as np
 import ray
 import redis
 
+from workers.analytics import CameraAnalytics
+from workers.analytics_settings import analytics_errors
 from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import service_call
+from workers.motion import MotionGate
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig
+from workers.snapshots import Snapshotter
 from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
@@ -50,9 +54,10 @@ class Resume:
 class CameraPipeline:
     """Runs one camera until its source ends or ``stop()``; all per-camera state lives here.
 
-    Counters add up at all times: decoded = published + sum(dropped) + in_slot + in_flight, where
-    dropped counts by reason: rate (target fps), budget (skipped because the frame-age budget lowered the
-    rate), overload (a newer frame replaced it), error (inference failed) and shutdown (abandoned by a stop
+    Counters add up at all times: decoded = published + skipped + sum(dropped) + in_slot + in_flight, where
+    skipped counts frames the motion gate kept from inference (nothing moved; not published) and dropped
+    counts by reason: rate (target fps), budget (skipped because the frame-age budget lowered the rate),
+    overload (a newer frame replaced it), error (inference failed) and shutdown (abandoned by a stop
     without drain).
     """
 
@@ -91,12 +96,23 @@ class CameraPipeline:
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Analytics (workers/analytics.py): built on the first frame, which tells the frame size.
+        self.analytics: CameraAnalytics | None = None
+        self._analytics_for: tuple | None = None  # (zones, lines, classes, size) it was built for
+        self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
+        self.skipped = 0
+        self.snapshots = Snapshotter(self.camera.snapshot)
+        self._tracked: list = []  # the last analysed frame's tracked detections, drawn on skipped frames
+        self._counts_since = time.time()
 
     def _heads_of(self, camera: CameraConfig) -> tuple[list[str], dict[str, list[str]]]:
         heads = camera.heads or list(self.model_heads)
         unknown = [h for h in heads if h not in self.model_heads]
         if unknown:
             raise ValueError(f"camera {camera.id!r}: unknown heads {unknown} (the model has {list(self.model_heads)})")
+        problems = analytics_errors(camera.zones, camera.lines, camera.heads, self.model_heads)
+        if problems:
+            raise ValueError(f"camera {camera.id!r}: " + "; ".join(problems))
         return heads, {h: self.model_heads[h] for h in heads}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -119,6 +135,11 @@ class CameraPipeline:
                 item = await self._slot.get()
                 if item is None:
                     break
+                gate = self._motion_gate()
+                if gate is not None and not gate.wants(item.image, item.pts):
+                    self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
+                    results.put_nowait((item, None))
+                    continue
                 self._holding = 1
                 await self._inflight.acquire()
                 if self._stopping and not self._drain:
@@ -253,6 +274,9 @@ class CameraPipeline:
             if entry is None:
                 return
             item, fut = entry
+            if fut is None:
+                self._skipped_frame(item)
+                continue
             try:
                 arrays = await fut
             except Exception as e:  # inference failed or timed out: count it, keep the camera going
@@ -273,6 +297,8 @@ class CameraPipeline:
             fps = self.camera.fps or (self._capture.source_fps if self._capture else None) or 25.0
             self.tracker = CameraTracker(self.heads, self.camera.tracker, fps, self.track_id_base)
         records: list[dict] = []
+        analytics = self._current_analytics(item)
+        tracked = []
         # The heads asked for now that ran on this frame (it may have been sent before an update of heads).
         ran = [h for h in self.heads if h in arrays]
         for head in ran:
@@ -288,6 +314,10 @@ class CameraPipeline:
                         # Persist the next free id with this frame (same Redis round trip), so a
                         # restarted camera never hands out an id consumers have already seen.
                         self.publish_status()
+                if analytics:
+                    for ev in analytics.update(head, det, item.index, item.pts):
+                        self._event(ev.pop("type"), ev)
+            tracked.append(det)
             records += detection_records(head, det, ids)
         now = time.time()
         latency_ms = (now - item.wall) * 1000
@@ -297,6 +327,8 @@ class CameraPipeline:
         self.published += 1
         self.latencies.append(latency_ms)
         self.publish_times.append(now)
+        self._tracked = tracked
+        self._after_analytics(item, analytics)
         age_s = max(0.0, now - item.wall)
         self.frame_age.observe(age_s)
         if self.camera.max_frame_age_ms is not None:
@@ -336,6 +368,57 @@ class CameraPipeline:
         if action.event:
             self._event(action.event, action.event_fields(self.budget.budget_s, self.camera.fps))
 
+    # -- analytics: zones and lines, counts, snapshots (workers/analytics.py, workers/snapshots.py) ----------
+    def _current_analytics(self, item: CapturedFrame) -> CameraAnalytics | None:
+        """The camera's zones and lines for this frame's size: built on the first frame, rebuilt (keeping the
+        state of unchanged zones and lines) when the settings change, anew when the frame size or the heads do."""
+        if not self.camera.tracker.enabled or not (self.camera.zones or self.camera.lines):
+            self.analytics = None
+            return None
+        h, w = item.size
+        prev, want = self._analytics_for, (self.camera.zones, self.camera.lines, self.classes, (w, h))
+        # Identity, not equality, of the settings: cheap per frame, and a live change assigns new ones.
+        if prev is None or any(p is not n for p, n in zip(prev[:3], want[:3])) or prev[3] != want[3]:
+            if self.analytics is not None and prev[2] is self.classes and prev[3] == want[3]:
+                self.analytics = self.analytics.reconfigured(self.camera.zones, self.camera.lines)
+            else:
+                self.analytics = CameraAnalytics(self.camera.zones, self.camera.lines, self.classes, (w, h))
+            self._analytics_for = want
+            for reason in self.analytics.errors.values():  # pixel points outside the real frame
+                self.last_error = reason
+                log.warning("camera %s: %s", self.id, reason)
+                self._event("analytics_error", {"reason": reason})
+        return self.analytics
+
+    def _motion_gate(self) -> MotionGate | None:
+        """The gate for the camera's current motion settings (a live change replaces ``self.camera``)."""
+        if self.gate is None or self.gate.settings is not self.camera.motion:
+            self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
+        return self.gate
+
+    def _after_analytics(self, item: CapturedFrame, analytics: CameraAnalytics | None) -> None:
+        if analytics:
+            counts = {"v": 1, "frame": item.index, "pts": round(item.pts, 3), "ts": round(item.wall, 3),
+                      "since": round(self._counts_since, 3), **analytics.counts()}
+            self.publisher.set_hash(self.publisher.keys.counts(self.id), counts)
+        if item.picture is not None:
+            if self.snapshots.settings is not self.camera.snapshot:
+                self.snapshots = Snapshotter(self.camera.snapshot)
+            h, w = item.size
+            snap = self.snapshots.render(item.picture, (w, h), self._tracked, analytics, item.index, item.pts,
+                                         item.wall)
+            item.picture = None
+            if snap is not None:
+                self.publisher.set_hash(self.publisher.keys.snapshot(self.id), snap)
+
+    def _skipped_frame(self, item: CapturedFrame) -> None:
+        """A frame the motion gate kept from inference: nothing moved, so tracks and occupants stay as they
+        were (the tracker does not see the frame, see workers/motion.py) and a due snapshot shows them."""
+        if self.analytics:
+            self.analytics.hold(item.pts)
+        if item.picture is not None:
+            self._after_analytics(item, self.analytics)
+
     # -- events, status, stats -----------------------------------------------------------------
     def _event(self, type_: str, fields: dict) -> None:
         self.publisher.publish_event(event_message(type_, self.id, **fields))
@@ -358,8 +441,13 @@ class CameraPipeline:
         self.publish_status()
 
     STATUS_FIELDS = ("state", "url", "heads", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded",
-                     "published", "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next",
+                     "published", "skipped", "dropped", "reconnects", "last_frame_ts", "last_error", "track_ids_next",
                      "redis_error", "redis_failing_since")
+
+    def _analytics_stats(self) -> dict:
+        a = self.analytics
+        return {"zones": sorted(a.zones) if a else [], "lines": sorted(a.lines) if a else [],
+                "motion": self.gate.stats() if self.gate else None, "snapshots": self.snapshots.stats()}
 
     def publish_status(self) -> None:
         """The camera's entry in {prefix}:cameras. ``heartbeat_ts`` and ``instance`` let readers tell a live
@@ -390,6 +478,8 @@ class CameraPipeline:
             "decoded": decoded, "submitted": self.submitted, "published": self.published, "dropped": dropped,
             "in_slot": snap["pending"] + self._holding,
             "in_flight": self.submitted - self.published - self.dropped_error - self.shutdown_inflight,
+            "skipped": self.skipped,
+            "analytics": self._analytics_stats(),
             "fps": round(fps, 2), "decode_fps": round(decoded / max(1e-6, now - self.started_at), 2) if self.started_at else 0.0,
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat is not None else None,

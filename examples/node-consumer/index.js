@@ -1,0 +1,144 @@
+#!/usr/bin/env node
+// A hydravision consumer in Node.js: reads {prefix}:events as a member of a Redis consumer group, validates
+// every message against the repo's JSON Schemas (workers/schemas/*.json) with ajv, prints each line
+// crossing as one JSON line, and acknowledges a message only after handling it. Messages a dead member of the
+// group had taken but not acknowledged are taken over with XAUTOCLAIM, so a crash loses nothing (the same
+// protocol as pipeline/consumer.py; see its docstring).
+//
+//   npm ci && node index.js --redis-url redis://127.0.0.1:6379/0 --group lines
+//
+// Options: --redis-url URL (or $REDIS_URL), --prefix hv, --group NAME, --consumer NAME, --from-start,
+//   --count N (exit after N line crossings), --idle-exit-ms MS (exit once nothing arrived for MS),
+//   --claim-idle-ms MS (take over messages other members left unacknowledged this long; default 30000),
+//   --counts (at exit, also validate the counts hash of every camera seen).
+// Exit status: 0, or 1 when a message did not validate (it is reported on stderr and still acknowledged:
+// it is the producer's bug, and retrying will not fix it).
+"use strict";
+
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const Ajv2020 = require("ajv/dist/2020");
+const { createClient } = require("redis");
+
+function parseArgs(argv) {
+  const opts = {
+    redisUrl: process.env.REDIS_URL || "redis://127.0.0.1:6379/0", prefix: "hv", group: "node-consumer",
+    consumer: `${os.hostname()}-${process.pid}`, fromStart: false, count: null, idleExitMs: null,
+    claimIdleMs: 30000, counts: false,
+    schemas: process.env.HV_SCHEMAS || path.join(__dirname, "..", "..", "workers", "schemas"),
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = () => {
+      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
+      return argv[++i];
+    };
+    if (a === "--redis-url") opts.redisUrl = next();
+    else if (a === "--prefix") opts.prefix = next();
+    else if (a === "--group") opts.group = next();
+    else if (a === "--consumer") opts.consumer = next();
+    else if (a === "--from-start") opts.fromStart = true;
+    else if (a === "--count") opts.count = parseInt(next(), 10);
+    else if (a === "--idle-exit-ms") opts.idleExitMs = parseInt(next(), 10);
+    else if (a === "--claim-idle-ms") opts.claimIdleMs = parseInt(next(), 10);
+    else if (a === "--counts") opts.counts = true;
+    else if (a === "--schemas") opts.schemas = next();
+    else throw new Error(`unknown option ${a}`);
+  }
+  return opts;
+}
+
+function loadValidators(dir) {
+  const ajv = new Ajv2020({ allErrors: true, strict: false });
+  const load = (kind) => ajv.compile(JSON.parse(fs.readFileSync(path.join(dir, `${kind}-v1.json`), "utf8")));
+  return { event: load("event"), counts: load("counts") };
+}
+
+function describe(errors) {
+  return (errors || []).map((e) => `${e.instancePath || "/"} ${e.message}`).join("; ");
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  const validate = loadValidators(opts.schemas);
+  const stream = `${opts.prefix}:events`;
+  const client = createClient({ url: opts.redisUrl });
+  client.on("error", (err) => console.error(`redis: ${err.message}`));
+  await client.connect();
+  try {
+    await client.xGroupCreate(stream, opts.group, opts.fromStart ? "0" : "$", { MKSTREAM: true });
+  } catch (err) {
+    if (!String(err.message).includes("BUSYGROUP")) throw err;
+  }
+
+  let crossings = 0, invalid = 0, handled = 0;
+  const cameras = new Set();
+  const handle = async (id, fields) => {
+    let msg = null;
+    try {
+      msg = JSON.parse(fields.data);
+    } catch (err) {
+      console.error(`${id}: not JSON: ${err.message}`);
+    }
+    if (msg !== null && !validate.event(msg)) {
+      console.error(`${id}: does not match event-v1.json: ${describe(validate.event.errors)}`);
+      msg = null;
+    }
+    if (msg === null) invalid++;
+    else {
+      cameras.add(msg.camera);
+      if (msg.type === "line_crossed") {
+        crossings++;
+        console.log(JSON.stringify({ id, camera: msg.camera, line: msg.line, direction: msg.direction,
+          head: msg.head, class: msg.class, track_id: msg.track_id, frame: msg.frame, count: msg.count }));
+      }
+    }
+    await client.xAck(stream, opts.group, id);  // after handling: a crash before this leaves it pending
+    handled++;
+  };
+
+  let cursor = "0"; // own pending first (a restart under the same --consumer), then new messages
+  let claimFrom = "0-0";
+  let lastMessage = Date.now();
+  const done = () => (opts.count !== null && crossings >= opts.count)
+    || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
+  while (!done()) {
+    // Take over what dead members of the group left unacknowledged.
+    const claimed = await client.xAutoClaim(stream, opts.group, opts.consumer, opts.claimIdleMs, claimFrom,
+      { COUNT: 100 });
+    claimFrom = claimed.nextId;
+    for (const m of claimed.messages) {
+      if (m) { await handle(m.id, m.message); lastMessage = Date.now(); }
+    }
+    const reply = await client.xReadGroup(opts.group, opts.consumer, [{ key: stream, id: cursor }],
+      { COUNT: 100, BLOCK: cursor === ">" ? 500 : undefined });
+    const messages = reply && reply.length ? reply[0].messages : [];
+    if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
+    for (const m of messages) {
+      await handle(m.id, m.message);
+      lastMessage = Date.now();
+      if (done()) break;
+    }
+  }
+
+  if (opts.counts) {
+    for (const camera of cameras) {
+      if (camera === "*") continue;
+      const counts = await client.hGetAll(`${opts.prefix}:cam:${camera}:counts`);
+      if (Object.keys(counts).length === 0) continue; // a camera without zones or lines
+      if (!validate.counts(counts)) {
+        invalid++;
+        console.error(`counts of ${camera}: do not match counts-v1.json: ${describe(validate.counts.errors)}`);
+      } else console.log(JSON.stringify({ counts: camera, fields: Object.keys(counts).length }));
+    }
+  }
+  console.error(`handled ${handled} events, ${crossings} line crossings, ${invalid} invalid`);
+  await client.quit();
+  process.exitCode = invalid ? 1 : 0;
+}
+
+main().catch((err) => {
+  console.error(`error: ${err.stack || err}`);
+  process.exitCode = 2;
+});

@@ -1,0 +1,219 @@
+"""Reading hydravision's Redis streams without ever losing a message: consumer groups, at least once.
+
+    import redis
+    from pipeline.consumer import GroupConsumer
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=10)
+    consumer = GroupConsumer(client, "hv:events", group="alerts", consumer="alerts-1")
+    for message in consumer:                      # blocks; a message is acknowledged once the loop body ends
+        if message.data["type"] == "line_crossed":
+            print(message.data["line"], message.data["direction"], message.data["class"])
+
+How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis"):
+- XREADGROUP hands each new entry to one consumer of the group and keeps it in that consumer's pending list
+  until XACK. A message is acknowledged only AFTER it was handled (``ack`` / the iterator / ``run``), so a
+  consumer that dies mid-batch leaves the rest of its batch pending, not lost.
+- A consumer starting under a name it used before first re-reads its own pending entries (id 0), then new ones.
+- Every ``claim_every_s`` a consumer takes over entries that another consumer (or itself) left pending for
+  longer than ``claim_idle_ms`` (XAUTOCLAIM): a consumer killed with SIGKILL under a name that never comes back
+  loses nothing; its entries go to a live one. Set claim_idle_ms above the slowest handler, or a slow but
+  live consumer's entries are handled twice.
+- At least once, not exactly once: a message handled but not yet acknowledged when the consumer died is
+  handled again by whoever claims it. Make handlers idempotent (e.g. by the message's stream id).
+- Poison messages: an entry delivered more than ``max_deliveries`` times (its handler keeps failing or
+  crashing the consumer), or one that is not valid JSON, is copied to ``{stream}:dead`` with its id and
+  delivery count, and acknowledged, so it stops blocking the group.
+- Entries trimmed away (MAXLEN) while still pending are acknowledged and counted in ``stats["trimmed"]``:
+  they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
+
+Any Redis client in any language can do the same (examples/node-consumer/ does it in Node.js).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Message:
+    stream: str
+    id: str  # the stream entry id: unique and ordered within its stream
+    data: Any  # the decoded JSON of field "data" (a hydravision message)
+    claimed: bool = False  # taken over from another consumer (or redelivered): it may have been handled before
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class GroupConsumer:
+    """One consumer of a consumer group over one or more streams. Not thread-safe: one per thread."""
+
+    def __init__(self, client: redis.Redis, streams: str | list[str], group: str, consumer: str | None = None, *,
+                 start: str = "$", block_ms: int = 2000, count: int = 100, claim_idle_ms: int = 30_000,
+                 claim_every_s: float | None = None, max_deliveries: int = 5):
+        """``start``: where a NEW group begins: "$" (only what arrives from now on) or "0" (everything the
+        stream still holds). ``block_ms`` must stay below the client's socket_timeout."""
+        self.client, self.group = client, group
+        self.streams = [streams] if isinstance(streams, str) else list(streams)
+        self.consumer = consumer or default_consumer_name()
+        self.start, self.block_ms, self.count = start, block_ms, count
+        self.claim_idle_ms, self.max_deliveries = claim_idle_ms, max_deliveries
+        self.claim_every_s = claim_every_s if claim_every_s is not None else max(0.05, claim_idle_ms / 2000)
+        timeout = getattr(client.connection_pool, "connection_kwargs", {}).get("socket_timeout")
+        if timeout is not None and block_ms / 1000 >= timeout:
+            raise ValueError(f"block_ms {block_ms} must be shorter than the client's socket_timeout ({timeout} s)")
+        # Own pending entries first (a restart under the same name), then new ones.
+        self._cursor = {s: "0" for s in self.streams}
+        self._claim_cursor = {s: "0-0" for s in self.streams}
+        self._next_claim = 0.0
+        self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0}
+        self.ensure_groups()
+
+    def ensure_groups(self) -> None:
+        """XGROUP CREATE ... MKSTREAM for every stream; an existing group is left as it is."""
+        for s in self.streams:
+            try:
+                self.client.xgroup_create(s, self.group, id=self.start, mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    # --- reading
+    def read(self) -> list[Message]:
+        """The next batch: entries claimed from dead consumers when a claim is due, else own pending entries
+        (after a restart), else new entries (blocking up to block_ms). Possibly empty."""
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.claim_every_s
+            claimed = self.claim()
+            if claimed:
+                return claimed
+        history = {s for s, c in self._cursor.items() if c != ">"}
+        reply = self.client.xreadgroup(self.group, self.consumer, dict(self._cursor), count=self.count,
+                                       block=None if history else self.block_ms)
+        got = {_text(stream): entries for stream, entries in reply or []}
+        out: list[Message] = []
+        for stream in self.streams:
+            entries = got.get(stream) or []
+            if stream in history:
+                # Own pending entries, oldest first: go on after the last one seen (a message whose handler
+                # failed stays pending, and must not come back at once), then switch to new entries.
+                self._cursor[stream] = _text(entries[-1][0]) if entries else ">"
+            out += self._decode(stream, entries, history=stream in history)
+        self.stats["delivered"] += len(out)
+        if history and not out and all(c == ">" for c in self._cursor.values()):
+            return self.read()  # own history was empty: go straight on to new entries
+        return out
+
+    def claim(self) -> list[Message]:
+        """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream)."""
+        out: list[Message] = []
+        for s in self.streams:
+            next_id, entries, deleted = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
+                                                               start_id=self._claim_cursor[s], count=self.count)[:3]
+            self._claim_cursor[s] = _text(next_id)
+            if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
+                self.client.xack(s, self.group, *deleted)
+                self.stats["trimmed"] += len(deleted)
+            if entries:
+                out += self._decode(s, entries, history=True)
+        self.stats["claimed"] += len(out)
+        return out
+
+    def _decode(self, stream: str, entries: list, history: bool) -> list[Message]:
+        out = []
+        deliveries = self._deliveries(stream, [_text(i) for i, _ in entries]) if history and entries else {}
+        for entry_id, fields in entries:
+            entry_id = _text(entry_id)
+            if fields is None:  # pending but deleted from the stream (XDEL)
+                self.client.xack(stream, self.group, entry_id)
+                self.stats["trimmed"] += 1
+                continue
+            try:
+                data = json.loads(fields.get(b"data", fields.get("data")))
+            except (KeyError, ValueError, TypeError) as e:
+                self._bury(stream, entry_id, fields, 0, f"not a JSON message: {type(e).__name__}")
+                continue
+            n = deliveries.get(entry_id, 1)
+            if n > self.max_deliveries:
+                self._bury(stream, entry_id, fields, n, f"delivered {n} times without being acknowledged")
+                continue
+            out.append(Message(stream, entry_id, data, claimed=history))
+        return out
+
+    def _deliveries(self, stream: str, ids: list[str]) -> dict[str, int]:
+        rows = self.client.xpending_range(stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 100)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def _bury(self, stream: str, entry_id: str, fields: dict, deliveries: int, reason: str) -> None:
+        """Moves a poison entry to {stream}:dead (same fields plus where it came from) and acknowledges it."""
+        dead = {**{_text(k): v for k, v in fields.items()}, "source_id": entry_id, "deliveries": deliveries,
+                "reason": reason}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(f"{stream}:dead", dead, maxlen=10_000, approximate=True)
+        pipe.xack(stream, self.group, entry_id)
+        pipe.execute()
+        self.stats["dead"] += 1
+        log.warning("%s %s moved to %s:dead: %s", stream, entry_id, stream, reason)
+
+    # --- acknowledging
+    def ack(self, *messages: Message) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for m in messages:
+            by_stream.setdefault(m.stream, []).append(m.id)
+        for s, ids in by_stream.items():
+            self.stats["acked"] += int(self.client.xack(s, self.group, *ids))
+
+    # --- loops
+    def __iter__(self) -> Iterator[Message]:
+        """Messages forever; each is acknowledged when the loop asks for the next one, so a message whose
+        loop body raised (or whose process died) stays pending and is delivered again."""
+        while True:
+            for m in self.read():
+                yield m
+                self.ack(m)
+
+    def run(self, handle: Callable[[Message], None], stop: Callable[[], bool] = lambda: False,
+            max_messages: int | None = None) -> int:
+        """Calls ``handle`` for each message and acknowledges it after ``handle`` returned; returns how many
+        were handled. A handler that raises leaves its message pending (retried after claim_idle_ms, buried
+        after max_deliveries) and the loop goes on."""
+        handled = 0
+        while not stop() and (max_messages is None or handled < max_messages):
+            for m in self.read():
+                try:
+                    handle(m)
+                except Exception:  # noqa: BLE001 - a bad message must not stop the consumer
+                    log.exception("handler failed on %s %s; it stays pending", m.stream, m.id)
+                    continue
+                self.ack(m)
+                handled += 1
+                if max_messages is not None and handled >= max_messages:
+                    break
+        return handled
+
+    def forget_idle_consumers(self, idle_ms: int = 3_600_000) -> list[str]:
+        """Removes consumers of the group that hold nothing pending and were idle for ``idle_ms`` (the names of
+        consumers that died and whose entries were claimed); returns their names."""
+        gone = []
+        for s in self.streams:
+            for c in self.client.xinfo_consumers(s, self.group):
+                name = _text(c["name"])
+                if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
+                    self.client.xgroup_delconsumer(s, self.group, name)
+                    gone.append(name)
+        return gone

@@ -1,0 +1,100 @@
+"""Zones and lines against ground truth, with the demo model: line counts, occupancy, dwell on synthetic
+streets never looked at while the defaults were chosen, and a parked car that must not make a zone chatter.
+
+Slow (minutes: the model runs on every frame of 40 s of video per seed); `pytest -m slow`. Offline, without
+Ray (pipeline/analytics_eval.py): the same classes in the same order as the StreamActor. The figures and the
+reasons behind the known misses are in docs/architecture.md ("Analytics", "Accuracy").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from pipeline.analytics_eval import (HELD_OUT_SEEDS, STREET_LINES, STREET_ZONES, match_tracks, parked_scene,
+                                     run_frames, run_scene, score_lines, score_zones)
+from pipeline.config import ModelConfig
+from workers.analytics_settings import ZoneConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+FRAMES, FPS = 400, 10.0
+
+# Measured misses, each with its cause (not analytics logic: the detector and tracker it is fed).
+KNOWN = {
+    ("zone", 201): "94.5% of frames within 1 object (the bar is 95%); on the tuning seeds such frames came from "
+                   "the entry lag of fast cars and duplicate vehicle detections (car and bicycle on one object)",
+    ("zone", 203): "72.8%: the demo model sees a car and a bicycle in a foreground tree inside the zone, and "
+                   "tracks of cars passing behind it stick to the tree",
+    ("dwell", 203): "the same tree: tracks that stick to it make visits seconds too long",
+    ("lines", 203): "objects coming out from behind the tree just before the east line are confirmed as tracks "
+                    "already past it; LineZone takes a new track's first side as its start, so 9 of 25 'in' "
+                    "crossings are never counted",
+}
+
+
+def cases(metric: str) -> list:
+    return [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[(metric, s)])) if (metric, s) in KNOWN else s
+            for s in HELD_OUT_SEEDS]
+
+
+@functools.cache
+def runner():
+    from workers.model_runner import ModelRunner
+
+    return ModelRunner(ModelConfig().checkpoint_path(), device="cpu", max_batch=8)
+
+
+@functools.cache
+def scored(seed: int) -> tuple[dict, dict]:
+    run = run_scene(runner(), seed, FRAMES, STREET_ZONES, STREET_LINES, fps=FPS)
+    matches = match_tracks(run)
+    return score_lines(run, matches), score_zones(run, matches)
+
+
+def by_direction(line: dict) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for key, counts in line["by_class"].items():
+        d = out.setdefault(key.split("/")[-1], {"pipeline": 0, "truth_tracked": 0})
+        d["pipeline"] += counts["pipeline"]
+        d["truth_tracked"] += counts["truth_tracked"]
+    return out
+
+
+@pytest.mark.parametrize("seed", cases("lines"))
+def test_line_counts_equal_the_true_crossings_of_tracked_objects(seed):
+    """Tolerance per line and direction: max(3, 10%) of the true crossings of objects the pipeline tracked.
+    Why not 0: the detector reports some objects twice (a car and a bicycle box; two tracks cross), and an
+    object whose track is lost and re-confirmed right at the line has no side to cross from."""
+    lines, _ = scored(seed)
+    for name, line in lines.items():
+        assert line["truth_tracked"] >= 20, f"line {name}: too few crossings to judge"
+        for direction, n in by_direction(line).items():
+            tolerance = max(3, 0.1 * n["truth_tracked"])
+            assert abs(n["pipeline"] - n["truth_tracked"]) <= tolerance, (name, direction, n)
+
+
+@pytest.mark.parametrize("seed", cases("zone"))
+def test_zone_occupancy_within_one_object_on_95_percent_of_frames(seed):
+    _, zones = scored(seed)
+    assert zones["middle"]["within_1"] >= 0.95, zones["middle"]
+
+
+@pytest.mark.parametrize("seed", cases("dwell"))
+def test_dwell_within_half_a_second(seed):
+    """Visits one track carried from entry to exit: 90% within 0.5 s. A visit split between tracks (an id
+    switch the takeover did not bridge) is the tracker's error and is reported separately."""
+    _, zones = scored(seed)
+    z = zones["middle"]
+    assert z["dwell_whole_visits"] >= 0.5 * z["true_complete_visits"], z
+    assert z["dwell_whole_within_0_5s"] >= 0.9, {k: v for k, v in z.items() if k != "dwell"}
+    assert np.median([d["error_s"] for d in z["dwell"]]) <= 0.25
+
+
+def test_parked_car_in_a_zone_for_60_s_enters_once_and_nothing_else():
+    zone = ZoneConfig(name="parking", polygon=[(0.3, 0.6), (0.7, 0.6), (0.7, 0.95), (0.3, 0.95)])
+    fps = 5.0
+    run = run_frames(runner(), parked_scene(7, int(60 * fps), fps=fps), [zone], [], fps=fps)
+    assert sum(1 for tr in run.tracked if len(tr["vehicles"])) >= 0.9 * 60 * fps  # it is seen
+    assert [e["type"] for e in run.events] == ["zone_entered"]

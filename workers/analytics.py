@@ -1,0 +1,363 @@
+"""Zones and lines of one camera: occupancy per class, dwell per tracked object, line in/out counts per class,
+and the events that go with them. Plain classes: the StreamActor, the offline accuracy harness and the unit
+tests drive them the same way, one ``update`` per head per analysed frame, with tracked ``sv.Detections``.
+
+supervision does the geometry: ``sv.PolygonZone`` says which anchors are inside a zone, ``sv.LineZone`` counts
+crossings. What it does not do is written here, because a stationary object must not make a zone chatter
+(Frigate users' top complaint): enter/leave hysteresis in time and space, dwell, and the takeover of an
+occupant by a new track at the same place. The rule (docs/architecture.md, "Analytics"):
+
+- enter: a confirmed track's anchors are inside the polygon for ``min_inside_s`` (the entry time is the first
+  frame inside, so dwell does not lose that wait);
+- stay: an occupant counts as inside while its anchors are within ``exit_margin`` x its box height of the
+  polygon (box jitter at the edge is not an exit), and while it is not seen at all for less than ``lost_s``;
+- leave: seen outside that margin (at once if it is moving, else for ``min_outside_s``: a still object's box
+  can jump), or not seen for ``lost_s`` (a detector can miss a
+  parked car for a while) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was moving when
+  last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside - first frame inside, in stream time (pts);
+- takeover: a new track of the same class appearing inside where an absent occupant would be now (its last
+  box moved on by its last velocity, IoU >= 0.3) continues that occupant (a flickering detection that got a
+  new track id is the same parked car): no events.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import supervision as sv
+
+from workers.analytics_settings import LineConfig, Point, ZoneConfig, frame_errors
+
+REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted box is that occupant
+MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
+MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long drove on
+TRAIL_S = (0.5, 1.0)  # speed is measured over at least / at most this much of the recent path: box jitter
+# between two frames is as large as a walker's step at 10 fps, over half a second it is not
+_EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
+
+
+def _positions(anchors: list[str]) -> list[sv.Position]:
+    return [sv.Position[a.upper()] for a in anchors]
+
+
+def to_pixels(points: list[Point], units: str, size: tuple[int, int]) -> np.ndarray:
+    """(N, 2) float source pixels for config points; ``size`` is the frame's (width, height)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return pts * np.asarray(size, dtype=np.float64) if units == "normalized" else pts
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _names(det: sv.Detections) -> np.ndarray:
+    return det.data.get("class_name", np.array([""] * len(det)))
+
+
+@dataclass
+class Occupant:
+    head: str
+    track_id: int  # the id it entered with; events keep naming it
+    class_name: str
+    entered_pts: float  # first frame inside
+    last_seen: float
+    last_inside: float
+    box: np.ndarray
+    current_id: int  # the track that carries it now (differs after a takeover)
+    outside_since: float | None = None
+    track_ids: list[int] = field(default_factory=list)
+    trail: deque = field(default_factory=deque)  # (pts, box centre) over the last TRAIL_S[1] seconds
+
+    def seen(self, box: np.ndarray, pts: float) -> None:
+        self.last_seen, self.box = pts, box
+        _extend(self.trail, box, pts)
+
+    def velocity(self) -> np.ndarray:
+        """Box centre, px/s, over the recent path; zero until it spans TRAIL_S[0]."""
+        (t0, c0), (t1, c1) = self.trail[0], self.trail[-1]
+        return (c1 - c0) / (t1 - t0) if t1 - t0 >= TRAIL_S[0] - _EPS else np.zeros(2)
+
+    def moving(self) -> bool:
+        return float(np.hypot(*self.velocity())) > MOVING * float(self.box[3] - self.box[1])
+
+    def predicted_box(self, pts: float) -> np.ndarray:
+        shift = self.velocity() * (pts - self.last_seen)
+        return self.box + np.concatenate([shift, shift])
+
+
+def _extend(trail: deque, box: np.ndarray, pts: float) -> None:
+    trail.append((pts, (box[:2] + box[2:]) / 2))
+    while len(trail) > 2 and pts - trail[1][0] >= TRAIL_S[1]:
+        trail.popleft()
+
+
+@dataclass
+class Candidate:
+    first_pts: float
+    last_seen: float
+    trail: deque = field(default_factory=deque)
+
+
+class ZoneCounter:
+    """One zone: ``update`` per head and frame returns zone_entered / zone_left events (as dicts)."""
+
+    def __init__(self, config: ZoneConfig, size: tuple[int, int], classes: dict[str, list[str]]):
+        """``classes``: per head this zone watches, the class names that count in it."""
+        self.config, self.name, self.classes = config, config.name, classes
+        self.polygon = to_pixels(config.polygon, config.units, size)
+        self.zone = sv.PolygonZone(np.round(self.polygon).astype(np.int64),
+                                   triggering_anchors=_positions(config.anchors))
+        self._contour = self.polygon.astype(np.float32).reshape(-1, 1, 2)
+        self.occupants: dict[int, Occupant] = {}  # by a serial number: track ids change on takeover
+        self._serial = 0
+        self.candidates: dict[tuple[str, int], Candidate] = {}
+        self._last_pts: dict[str, float] = {}
+
+    def occupancy(self) -> Counter:
+        """(head, class) -> objects inside now."""
+        return Counter((o.head, o.class_name) for o in self.occupants.values())
+
+    def _within_margin(self, det: sv.Detections, i: int) -> bool:
+        """All anchors no farther outside the polygon than exit_margin x the box height."""
+        margin = self.config.exit_margin * float(det.xyxy[i, 3] - det.xyxy[i, 1])
+        for pos in self.zone.triggering_anchors:
+            x, y = det[i:i + 1].get_anchors_coordinates(pos)[0]
+            if cv2.pointPolygonTest(self._contour, (float(x), float(y)), True) < -margin:
+                return False
+        return True
+
+    def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
+        if head not in self.classes:
+            return []
+        cfg, events = self.config, []
+        ids = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)
+        keep = (ids >= 0) & np.isin(_names(det), self.classes[head])
+        det = det[keep]
+        inside = self.zone.trigger(det) if len(det) else np.zeros(0, bool)
+        names, ids = _names(det), det.tracker_id if len(det) else np.zeros(0, int)
+        by_current = {(o.head, o.current_id): key for key, o in self.occupants.items()}
+        seen: set[int] = set()
+        newcomers = []
+        for i in range(len(det)):
+            key = by_current.get((head, int(ids[i])))
+            if key is None:
+                newcomers.append(i)
+                continue
+            occ = self.occupants[key]
+            seen.add(key)
+            occ.seen(det.xyxy[i].copy(), pts)
+            if inside[i] or self._within_margin(det, i):
+                occ.last_inside, occ.outside_since = pts, None
+            else:
+                occ.outside_since = pts if occ.outside_since is None else occ.outside_since
+                # A moving object beyond the margin is leaving; a still one must stay out a while (its box
+                # may just have jumped).
+                if occ.moving() or pts - occ.outside_since >= cfg.min_outside_s - _EPS:
+                    events.append(self._leave(key, frame, pts, "exited"))
+        for i in newcomers:
+            tid, name, box = int(ids[i]), str(names[i]), det.xyxy[i].copy()
+            ckey = (head, tid)
+            if not inside[i]:
+                self.candidates.pop(ckey, None)
+                continue
+            heir_of = self._absent_occupant(head, name, box, pts, seen)
+            if heir_of is not None:  # the same object under a new track id: no events
+                occ = self.occupants[heir_of]
+                occ.seen(box, pts)
+                occ.current_id, occ.last_inside, occ.outside_since = tid, pts, None
+                occ.track_ids.append(tid)
+                seen.add(heir_of)
+                self.candidates.pop(ckey, None)
+                continue
+            cand = self.candidates.setdefault(ckey, Candidate(pts, pts))
+            cand.last_seen = pts
+            _extend(cand.trail, box, pts)
+            if pts - cand.first_pts >= cfg.min_inside_s - _EPS:
+                del self.candidates[ckey]
+                self._serial += 1
+                self.occupants[self._serial] = Occupant(head, tid, name, cand.first_pts, pts, pts, box, tid,
+                                                        track_ids=[tid], trail=cand.trail)
+                seen.add(self._serial)
+                events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
+        for key, occ in list(self.occupants.items()):
+            patience = min(cfg.lost_s, max(cfg.min_outside_s, MOVING_LOST_S)) if occ.moving() else cfg.lost_s
+            if occ.head == head and key not in seen and pts - occ.last_seen >= patience - _EPS:
+                events.append(self._leave(key, frame, pts, "lost"))
+        for key, cand in list(self.candidates.items()):
+            if key[0] == head and pts - cand.last_seen >= cfg.lost_s - _EPS:
+                del self.candidates[key]
+        self._last_pts[head] = pts
+        return events
+
+    def hold(self, pts: float) -> None:
+        """A frame the motion gate skipped: nothing moved, so whatever was seen on the last analysed frame is
+        still there (its clocks move on; it is not 'not seen')."""
+        for occ in self.occupants.values():
+            last = self._last_pts.get(occ.head)
+            if occ.last_seen == last:
+                if occ.last_inside == last:
+                    occ.last_inside = pts
+                occ.last_seen = pts
+        for (head, _), cand in self.candidates.items():
+            if cand.last_seen == self._last_pts.get(head):
+                cand.last_seen = pts
+        for head in self._last_pts:
+            self._last_pts[head] = pts
+
+    def _absent_occupant(self, head: str, name: str, box: np.ndarray, pts: float, seen: set[int]) -> int | None:
+        best, best_iou = None, REACQUIRE_IOU
+        for key, occ in self.occupants.items():
+            if occ.head == head and occ.class_name == name and key not in seen:
+                iou = _iou(occ.predicted_box(pts), box)
+                if iou >= best_iou:
+                    best, best_iou = key, iou
+        return best
+
+    def _leave(self, key: int, frame: int, pts: float, reason: str) -> dict:
+        occ = self.occupants.pop(key)
+        ev = self._event("zone_left", occ, frame, pts)
+        ev.update(left_pts=round(occ.last_inside, 3), dwell_s=round(max(0.0, occ.last_inside - occ.entered_pts), 3),
+                  reason=reason)
+        if len(occ.track_ids) > 1:
+            ev["track_ids"] = list(occ.track_ids)
+        return ev
+
+    def _event(self, type_: str, occ: Occupant, frame: int, pts: float) -> dict:
+        return {"type": type_, "head": occ.head, "track_id": occ.track_id, "class": occ.class_name,
+                "zone": self.name, "frame": frame, "pts": round(pts, 3), "entered_pts": round(occ.entered_pts, 3),
+                "occupancy": self.occupancy()[(occ.head, occ.class_name)]}
+
+
+class _Totals(sv.LineZone):
+    """A LineZone that only draws (supervision's LineZoneAnnotator): its counts are the sum over heads."""
+
+    def __init__(self, line: "LineCounter", start: np.ndarray, end: np.ndarray):
+        super().__init__(sv.Point(*start), sv.Point(*end))
+        self._line = line
+
+    @property
+    def in_count(self) -> int:
+        return sum(z.in_count for z in self._line.zones.values())
+
+    @property
+    def out_count(self) -> int:
+        return sum(z.out_count for z in self._line.zones.values())
+
+
+class LineCounter:
+    """One line: a supervision LineZone per head (track ids are per head), line_crossed events."""
+
+    def __init__(self, config: LineConfig, size: tuple[int, int], classes: dict[str, list[str]],
+                 head_classes: dict[str, list[str]]):
+        """``classes``: per head, the class names counted; ``head_classes``: per head, all its class names
+        in class-id order (LineZone counts by class id)."""
+        self.config, self.name, self.classes, self.head_classes = config, config.name, classes, head_classes
+        self.start, self.end = to_pixels([config.start, config.end], config.units, size)
+        self.zones = {h: sv.LineZone(sv.Point(*self.start), sv.Point(*self.end),
+                                     triggering_anchors=_positions(config.anchors),
+                                     minimum_crossing_threshold=config.min_crossing_frames) for h in classes}
+
+    def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
+        zone = self.zones.get(head)
+        if zone is None:
+            return []
+        det = det[np.isin(_names(det), self.classes[head])] if len(det) else det
+        crossed_in, crossed_out = zone.trigger(det)
+        events = []
+        names = _names(det)
+        for i in np.flatnonzero(crossed_in | crossed_out):
+            direction = "in" if crossed_in[i] else "out"
+            name = str(names[i])
+            events.append({"type": "line_crossed", "head": head, "track_id": int(det.tracker_id[i]), "class": name,
+                           "line": self.name, "direction": direction, "frame": frame, "pts": round(pts, 3),
+                           "count": self.counts()[(head, name)][direction]})
+        return events
+
+    def counts(self) -> dict[tuple[str, str], dict[str, int]]:
+        """(head, class) -> {"in": n, "out": n}, zeros included for every counted class."""
+        out = {}
+        for head, zone in self.zones.items():
+            ins, outs, names = zone.in_count_per_class, zone.out_count_per_class, self.head_classes[head]
+            for name in self.classes[head]:
+                cid = names.index(name)
+                out[(head, name)] = {"in": ins.get(cid, 0), "out": outs.get(cid, 0)}
+        return out
+
+    def drawable(self, scale: float = 1.0) -> sv.LineZone:
+        """A LineZone for supervision's LineZoneAnnotator on a picture ``scale`` times the source size, showing
+        the counts summed over heads."""
+        return _Totals(self, self.start * scale, self.end * scale)
+
+
+class CameraAnalytics:
+    """Every zone and line of one camera, built for its real frame size (known once the first frame arrives)."""
+
+    def __init__(self, zones: list[ZoneConfig], lines: list[LineConfig], head_classes: dict[str, list[str]],
+                 size: tuple[int, int]):
+        """``head_classes``: the camera's heads -> their class names (model order); ``size``: (width, height).
+        Zones and lines whose pixel points fall outside the frame are left out and listed in ``errors``."""
+        self.size, self.head_classes = size, head_classes
+        self.errors = frame_errors(zones, lines, size)
+        self.zones: dict[str, ZoneCounter] = {}
+        self.lines: dict[str, LineCounter] = {}
+        for kind, items in (("zones", zones), ("lines", lines)):
+            for i, item in enumerate(items):
+                if f"{kind}[{i}]" in self.errors:
+                    continue
+                heads = [h for h in (item.heads or head_classes) if h in head_classes]
+                classes = {h: [c for c in head_classes[h] if item.classes is None or c in item.classes] for h in heads}
+                if isinstance(item, ZoneConfig):
+                    self.zones[item.name] = ZoneCounter(item, size, classes)
+                else:
+                    self.lines[item.name] = LineCounter(item, size, classes, head_classes)
+
+    def __bool__(self) -> bool:
+        return bool(self.zones or self.lines)
+
+    def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
+        """Tracked detections of one head on one analysed frame (source pixels) -> events, in a stable order."""
+        events = []
+        for zone in self.zones.values():
+            events += zone.update(head, det, frame, pts)
+        for line in self.lines.values():
+            events += line.update(head, det, frame, pts)
+        return events
+
+    def hold(self, pts: float) -> None:
+        """A frame skipped by the motion gate (nothing moved): see ZoneCounter.hold. Lines need nothing: no
+        movement, no crossing."""
+        for zone in self.zones.values():
+            zone.hold(pts)
+
+    def counts(self) -> dict[str, int]:
+        """The fields of {prefix}:cam:{camera}:counts: ``zone:{zone}:{head}:{class}`` -> objects inside now,
+        ``line:{line}:{head}:{class}:in`` / ``:out`` -> crossings so far (schema: workers/schemas/counts-v1.json)."""
+        out: dict[str, int] = {}
+        for name, zone in self.zones.items():
+            occupied = zone.occupancy()
+            for head, classes in zone.classes.items():
+                for c in classes:
+                    out[f"zone:{name}:{head}:{c}"] = occupied[(head, c)]
+        for name, line in self.lines.items():
+            for (head, c), n in line.counts().items():
+                out[f"line:{name}:{head}:{c}:in"], out[f"line:{name}:{head}:{c}:out"] = n["in"], n["out"]
+        return out
+
+    def reconfigured(self, zones: list[ZoneConfig], lines: list[LineConfig]) -> "CameraAnalytics":
+        """The analytics for new zone/line settings (a live config change): zones and lines whose settings did
+        not change keep their state (occupants, counts); the others start afresh."""
+        new = CameraAnalytics(zones, lines, self.head_classes, self.size)
+        for name, zone in self.zones.items():
+            if name in new.zones and new.zones[name].config == zone.config:
+                new.zones[name] = zone
+        for name, line in self.lines.items():
+            if name in new.lines and new.lines[name].config == line.config:
+                new.lines[name] = line
+        return new

@@ -1,0 +1,267 @@
+"""Settings of a camera's analytics: zones, lines, the motion gate and snapshots, validated by pydantic.
+
+Coordinates: each zone and line says its ``units``. ``normalized`` (the default) is a fraction of the source
+frame, 0..1 from the left/top edge, so a config survives a camera's resolution change and every point can be
+checked when the config is loaded. ``pixels`` is source pixels (what supervision's zones work in, and what a
+user reads off a screenshot); at load only what needs no frame is checked (finite, >= 0, below MAX_PIXELS),
+and the points are checked against the real frame size when the camera's first frame arrives
+(``frame_errors``): a zone or line that does not fit is switched off and named in the camera's last_error
+and an ``analytics_error`` event, while the camera keeps running.
+
+Every message names the field, e.g. ``cameras[0].zones[1].polygon: edges 0-1 and 2-3 cross (the polygon is
+self-intersecting)``. Heads are checked against the model by ``analytics_errors`` (the config alone does not
+know the model's heads): at start by the controller, and by anything that changes a camera at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_PIXELS = 65_536  # no camera is larger; a bigger value is a typo (or normalised units mixed up)
+ANCHORS = ("center", "center_left", "center_right", "top_center", "top_left", "top_right", "bottom_left",
+           "bottom_center", "bottom_right")
+Anchor = Literal["center", "center_left", "center_right", "top_center", "top_left", "top_right", "bottom_left",
+                 "bottom_center", "bottom_right"]
+Units = Literal["normalized", "pixels"]
+Point = tuple[float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+def _check_point(i: int, p: Point, units: str) -> None:
+    x, y = p
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"point {i} {_fmt(p)} is not finite")
+    if units == "normalized" and not (0 <= x <= 1 and 0 <= y <= 1):
+        raise ValueError(f"point {i} {_fmt(p)} is outside the frame: normalized coordinates are 0..1 "
+                         "(for source pixels set units: pixels)")
+    if units == "pixels" and not (0 <= x <= MAX_PIXELS and 0 <= y <= MAX_PIXELS):
+        raise ValueError(f"point {i} {_fmt(p)} is outside the frame: pixel coordinates are 0..{MAX_PIXELS}")
+
+
+def _fmt(p: Point) -> str:
+    return f"({p[0]:g}, {p[1]:g})"
+
+
+def _check_names(v: list[str] | None) -> list[str] | None:
+    if v is not None and not v:
+        raise ValueError("must name at least one (or be omitted for all)")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError(f"lists a name twice: {v}")
+    return v
+
+
+def _cross(o: Point, a: Point, b: Point) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def _segments_meet(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
+    """True when the closed segments p1-p2 and q1-q2 share a point (crossing or touching)."""
+    d1, d2, d3, d4 = _cross(q1, q2, p1), _cross(q1, q2, p2), _cross(p1, p2, q1), _cross(p1, p2, q2)
+    if ((d1 > 0) != (d2 > 0)) and ((d3 > 0) != (d4 > 0)) and 0 not in (d1, d2, d3, d4):
+        return True
+
+    def on(a: Point, b: Point, c: Point, d: float) -> bool:  # c collinear with a-b and within its box
+        return d == 0 and min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
+
+    return on(q1, q2, p1, d1) or on(q1, q2, p2, d2) or on(p1, p2, q1, d3) or on(p1, p2, q2, d4)
+
+
+def polygon_problem(points: list[Point]) -> str | None:
+    """Why a polygon cannot be a zone (repeated point, zero area, edges crossing), or None. Pure geometry,
+    so it holds for normalised and pixel coordinates alike."""
+    n = len(points)
+    for i in range(n):
+        if points[i] == points[(i + 1) % n]:
+            return f"points {i} and {(i + 1) % n} are the same {_fmt(points[i])} (the polygon is degenerate)"
+    span = max(max(p[0] for p in points) - min(p[0] for p in points),
+               max(p[1] for p in points) - min(p[1] for p in points))
+    if all(abs(_cross(points[0], points[1], p)) <= 1e-9 * span ** 2 for p in points[2:]):
+        return "encloses no area: its points are collinear (the polygon is degenerate)"
+    edges = [(i, (i + 1) % n) for i in range(n)]
+    for (a, b), (c, d) in combinations(edges, 2):
+        if len({a, b, c, d}) < 4:  # neighbours share a vertex by construction
+            continue
+        if _segments_meet(points[a], points[b], points[c], points[d]):
+            return f"edges {a}-{b} and {c}-{d} cross (the polygon is self-intersecting)"
+    # Neighbouring edges may still fold back onto each other (a spike): collinear and overlapping.
+    for i in range(n):
+        a, b, c = points[i - 1], points[i], points[(i + 1) % n]
+        if _cross(a, b, c) == 0 and (b[0] - a[0]) * (c[0] - b[0]) + (b[1] - a[1]) * (c[1] - b[1]) < 0:
+            return f"edges at point {i} {_fmt(b)} fold back onto each other (the polygon is self-intersecting)"
+    area = 0.5 * abs(sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1]
+                         for i in range(n)))
+    if area <= 1e-9 * span ** 2:  # e.g. a bow tie of two equal halves
+        return "encloses no area (the polygon is degenerate)"
+    return None
+
+
+class ZoneConfig(_Strict):
+    """A polygon: occupancy per class, dwell per tracked object, zone_entered / zone_left events."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    units: Units = "normalized"  # before polygon: its validator reads it
+    polygon: list[Point] = Field(min_length=3, max_length=256)
+    heads: list[str] | None = Field(None, description="heads whose objects count here; None: all the camera's heads")
+    classes: list[str] | None = Field(None, description="classes that count here; None: every class of those heads")
+    anchors: list[Anchor] = Field(["bottom_center"], min_length=1,
+                                  description="points of an object's box that must all be inside (supervision's "
+                                              "triggering anchors); bottom_center: where it stands")
+    min_inside_s: float = Field(0.3, ge=0, le=60, description="inside this long before zone_entered")
+    min_outside_s: float = Field(0.5, ge=0, le=600, description="seen outside this long before zone_left (or "
+                                                                "not seen this long, when it was moving)")
+    exit_margin: float = Field(0.1, ge=0, le=5, description="how far (x the object's box height) outside the "
+                                                            "edge an anchor must be to count as outside")
+    lost_s: float = Field(3.0, gt=0, le=600, description="an occupant that stood still, not seen for this long, "
+                                                         "has left; until then a new track at its place takes it over")
+
+    @field_validator("polygon")
+    @classmethod
+    def _polygon(cls, v: list[Point], info: ValidationInfo) -> list[Point]:
+        units = info.data.get("units", "normalized")
+        for i, p in enumerate(v):
+            _check_point(i, p, units)
+        problem = polygon_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("heads", "classes")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        return _check_names(v)
+
+
+class LineConfig(_Strict):
+    """A counting line: in/out counts per class, a line_crossed event per crossing.
+
+    Direction (supervision's LineZone): ``in`` is a crossing onto the left-hand side of the line as seen walking
+    from ``start`` to ``end`` on the image (y grows downwards). A line drawn from top to bottom counts objects
+    moving left to right as ``in``; swap start and end to swap in and out.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    units: Units = "normalized"
+    start: Point
+    end: Point
+    heads: list[str] | None = None
+    classes: list[str] | None = None
+    anchors: list[Anchor] = Field(["top_left", "top_right", "bottom_left", "bottom_right"], min_length=1,
+                                  description="points of the box that must all have crossed (default: the whole box)")
+    min_crossing_frames: int = Field(1, ge=1, le=100, description="frames on the new side before it counts "
+                                                                  "(supervision's minimum_crossing_threshold)")
+
+    @field_validator("start")
+    @classmethod
+    def _start(cls, v: Point, info: ValidationInfo) -> Point:
+        _check_point(0, v, info.data.get("units", "normalized"))
+        return v
+
+    @field_validator("end")
+    @classmethod
+    def _end(cls, v: Point, info: ValidationInfo) -> Point:
+        _check_point(1, v, info.data.get("units", "normalized"))
+        start = info.data.get("start")
+        if start is not None and math.dist(start, v) == 0:
+            raise ValueError(f"the line has length 0: start and end are both {_fmt(v)}")
+        return v
+
+    @field_validator("heads", "classes")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        return _check_names(v)
+
+
+class MotionConfig(_Strict):
+    """Skip inference on frames without motion: a cheap frame difference on the downscaled model input
+    against the last frame that went to inference."""
+
+    enabled: bool = False
+    threshold: int = Field(18, ge=1, le=255, description="grey-level change that counts a pixel as changed")
+    min_changed: float = Field(0.0004, gt=0, le=1, description="fraction of changed pixels that means motion")
+    max_skip_s: float = Field(10.0, gt=0, description="infer at least this often, motion or not")
+    scale: int = Field(2, ge=1, le=8, description="downscale factor of the model input before comparing")
+
+
+class SnapshotConfig(_Strict):
+    """An annotated JPEG of the latest frame in {prefix}:cam:{camera}:snapshot, for dashboards."""
+
+    enabled: bool = True
+    fps: float = Field(1.0, gt=0, le=10, description="snapshots per second of stream time")
+    max_width: int = Field(960, ge=64, le=8192, description="pictures are scaled down to this width first")
+    quality: int = Field(80, ge=10, le=100, description="JPEG quality")
+    max_bytes: int = Field(262_144, ge=4096, le=8 * 2**20, description="larger JPEGs are re-encoded smaller")
+
+
+def camera_analytics_problems(zones: list[ZoneConfig], lines: list[LineConfig], heads: list[str] | None,
+                              tracking: bool = True) -> list[str]:
+    """Problems visible from the camera's config alone: duplicate names, heads the camera does not run,
+    zones or lines without tracking (they count tracked objects)."""
+    out = []
+    if not tracking and (zones or lines):
+        out.append(f"{'zones' if zones else 'lines'}: zones and lines count tracked objects; "
+                   "they need tracker.enabled: true")
+    for kind, items in (("zones", zones), ("lines", lines)):
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.name in seen:
+                out.append(f"{kind}[{i}].name: duplicate {kind[:-1]} name {item.name!r} (also {kind}[{seen[item.name]}])")
+            seen.setdefault(item.name, i)
+            if heads is not None:
+                for h in item.heads or []:
+                    if h not in heads:
+                        out.append(f"{kind}[{i}].heads: head {h!r} is not one the camera runs ({heads})")
+    return out
+
+
+def analytics_errors(zones: list[ZoneConfig], lines: list[LineConfig], camera_heads: list[str] | None,
+                     model_heads: dict[str, list[str]]) -> list[str]:
+    """Zones and lines against the model: unknown heads, classes no selected head has. Messages name the field
+    relative to the camera (``zones[1].heads: ...``); an empty list means all is well."""
+    out = []
+    run = camera_heads or list(model_heads)
+    for kind, items in (("zones", zones), ("lines", lines)):
+        for i, item in enumerate(items):
+            unknown = [h for h in item.heads or [] if h not in model_heads]
+            if unknown:
+                out.append(f"{kind}[{i}].heads: unknown head(s) {unknown} (the model has {list(model_heads)})")
+                continue
+            not_run = [h for h in item.heads or [] if h not in run]
+            if not_run:
+                out.append(f"{kind}[{i}].heads: head(s) {not_run} not run by this camera (it runs {run})")
+                continue
+            known = {c for h in (item.heads or run) for c in model_heads[h]}
+            bad = [c for c in item.classes or [] if c not in known]
+            if bad:
+                out.append(f"{kind}[{i}].classes: {bad} not a class of head(s) {item.heads or run} "
+                           f"(they have {sorted(known)})")
+    return out
+
+
+def frame_errors(zones: list[ZoneConfig], lines: list[LineConfig], size: tuple[int, int]) -> dict[str, str]:
+    """Pixel coordinates outside the real frame, ``size`` (width, height): {"zones[0]": "zones[0].polygon: ..."}."""
+    w, h = size
+    out = {}
+
+    def outside(points: list[Point]) -> tuple[int, Point] | None:
+        return next(((i, p) for i, p in enumerate(points) if p[0] > w or p[1] > h), None)
+
+    for kind, items in (("zones", zones), ("lines", lines)):
+        for i, item in enumerate(items):
+            if item.units != "pixels":
+                continue
+            if isinstance(item, ZoneConfig):
+                field, bad = "polygon", outside(item.polygon)
+            else:
+                bad = outside([item.start, item.end])
+                field = ("start", "end")[bad[0]] if bad else ""
+            if bad:
+                out[f"{kind}[{i}]"] = (f"{kind}[{i}].{field}: point {_fmt(bad[1])} is outside the {w}x{h} frame; "
+                                       f"{kind[:-1]} {item.name!r} is off")
+    return out

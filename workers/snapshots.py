@@ -1,0 +1,115 @@
+"""Annotated snapshots for dashboards: the latest picture with boxes, track ids, zones and lines drawn by
+supervision's annotators, as a size-bounded JPEG for {prefix}:cam:{camera}:snapshot.
+
+The capture thread keeps a (downscaled, BGR) picture only for the frames that a snapshot is due on, at most
+``snapshot.fps`` per second of stream time (workers/capture.py), never for every frame; this renders one and
+measures what it cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import cv2
+import numpy as np
+import supervision as sv
+
+from workers.analytics import CameraAnalytics
+from workers.analytics_settings import SnapshotConfig
+
+SNAPSHOT_VERSION = 1
+
+
+class Snapshotter:
+    """``render`` -> the hash fields of one snapshot (``jpeg`` holds the bytes), or None when no encoding
+    fits ``max_bytes``."""
+
+    def __init__(self, settings: SnapshotConfig):
+        self.settings = settings
+        self.boxes = sv.BoxAnnotator(thickness=2, color_lookup=sv.ColorLookup.TRACK)
+        self.labels = sv.LabelAnnotator(text_scale=0.4, text_padding=3, color_lookup=sv.ColorLookup.TRACK)
+        self._drawings: tuple[float, int, list] | None = None  # (scale, id(analytics), annotators): built once
+        self.made = self.too_big = 0
+        self.render_ms: collections.deque[float] = collections.deque(maxlen=100)
+        self.last_bytes = 0
+
+    def _geometry(self, analytics: CameraAnalytics | None, scale: float) -> list:
+        """Zone and line annotators at the picture's scale, rebuilt only when the scale or the analytics change."""
+        key = (scale, id(analytics))
+        if self._drawings is None or self._drawings[:2] != key:
+            drawn: list = []
+            for name, zone in (analytics.zones if analytics else {}).items():
+                polygon = np.round(zone.polygon * scale).astype(np.int64)
+                drawn.append(("zone", name, zone, sv.PolygonZoneAnnotator(
+                    sv.PolygonZone(polygon), color=sv.Color.YELLOW, thickness=2, text_scale=0.4, text_padding=4)))
+            for name, line in (analytics.lines if analytics else {}).items():
+                drawn.append(("line", name, line.drawable(scale), sv.LineZoneAnnotator(
+                    thickness=2, text_scale=0.4, text_thickness=1, text_padding=4,
+                    custom_in_text=f"{name} in", custom_out_text=f"{name} out")))
+            self._drawings = (*key, drawn)
+        return self._drawings[2]
+
+    def render(self, picture: np.ndarray, source_size: tuple[int, int], detections: list[sv.Detections],
+               analytics: CameraAnalytics | None, frame: int, pts: float, ts: float) -> dict | None:
+        """``picture``: BGR (h, w, 3), the source frame scaled to at most max_width (drawn on in place);
+        ``source_size``: (width, height) of the source, the detections' and zones' coordinate frame."""
+        t0 = time.perf_counter()
+        scale = picture.shape[1] / source_size[0]
+        det = sv.Detections.merge([d for d in detections if len(d)]) if any(len(d) for d in detections) \
+            else sv.Detections.empty()
+        if len(det):
+            det.xyxy = det.xyxy * scale  # merge() made a copy: the caller's detections stay as they are
+            if det.tracker_id is None:  # tracking off: colour by the "unconfirmed" id
+                det.tracker_id = np.full(len(det), -1)
+            names = det.data.get("class_name", [""] * len(det))
+            labels = [f"#{t} {n}" if t >= 0 else str(n) for t, n in zip(det.tracker_id, names)]
+            picture = self.boxes.annotate(picture, det)
+            picture = self.labels.annotate(picture, det, labels=labels)
+        for kind, name, thing, annotator in self._geometry(analytics, scale):
+            if kind == "zone":
+                total = sum(thing.occupancy().values())
+                picture = annotator.annotate(picture, label=f"{name}: {total}")
+            else:
+                picture = annotator.annotate(picture, thing)
+        jpeg, quality = self._encode(picture)
+        ms = (time.perf_counter() - t0) * 1000
+        self.render_ms.append(ms)
+        if jpeg is None:
+            self.too_big += 1
+            return None
+        self.made += 1
+        self.last_bytes = len(jpeg)
+        h, w = picture.shape[:2]
+        return {"jpeg": jpeg, "v": SNAPSHOT_VERSION, "frame": int(frame), "pts": round(float(pts), 3),
+                "ts": round(float(ts), 3), "width": w, "height": h, "bytes": len(jpeg), "quality": quality,
+                "render_ms": round(ms, 2)}
+
+    def _encode(self, picture: np.ndarray) -> tuple[bytes | None, int]:
+        """JPEG at the configured quality; when over max_bytes, lower quality, then a smaller picture."""
+        quality, img = self.settings.quality, picture
+        for _ in range(6):
+            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok and buf.size <= self.settings.max_bytes:
+                return buf.tobytes(), quality
+            if quality > 40:
+                quality = max(40, quality - 20)
+            else:
+                img = cv2.resize(img, (max(1, img.shape[1] * 7 // 10), max(1, img.shape[0] * 7 // 10)),
+                                 interpolation=cv2.INTER_AREA)
+        return None, quality
+
+    def stats(self) -> dict:
+        ms = sorted(self.render_ms)
+        return {"made": self.made, "too_big": self.too_big, "last_bytes": self.last_bytes,
+                "render_ms_p50": round(ms[len(ms) // 2], 2) if ms else None}
+
+
+def picture_due(settings: SnapshotConfig, pts: float, next_pts: float | None) -> tuple[bool, float | None]:
+    """From the capture thread: whether the frame at ``pts`` should keep a picture, and the next due time.
+    A stream whose clock went back (a file looping, a camera restarting) is due at once."""
+    if not settings.enabled:
+        return False, next_pts
+    if next_pts is None or pts >= next_pts or next_pts - pts > 2.0 / settings.fps:
+        return True, pts + 1.0 / settings.fps
+    return False, next_pts
