@@ -94,16 +94,19 @@ class GroupConsumer:
                     raise
 
     # --- reading
-    def read(self) -> list[Message]:
+    def read(self, limit: int | None = None) -> list[Message]:
         """The next batch: entries claimed from dead consumers when a claim is due, else own pending entries
-        (after a restart), else new entries (blocking up to block_ms). Possibly empty."""
+        (after a restart), else new entries (blocking up to block_ms). Possibly empty. ``limit``: at most that
+        many entries per stream (a consumer that stops after N messages must not take more: what it took and
+        did not handle would wait claim_idle_ms for another consumer)."""
+        count = self.count if limit is None else max(1, min(self.count, limit))
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_every_s
-            claimed = self.claim()
+            claimed = self.claim(count)
             if claimed:
                 return claimed
         history = {s for s, c in self._cursor.items() if c != ">"}
-        reply = self.client.xreadgroup(self.group, self.consumer, dict(self._cursor), count=self.count,
+        reply = self.client.xreadgroup(self.group, self.consumer, dict(self._cursor), count=count,
                                        block=None if history else self.block_ms)
         got = {_text(stream): entries for stream, entries in reply or []}
         out: list[Message] = []
@@ -116,15 +119,16 @@ class GroupConsumer:
             out += self._decode(stream, entries, history=stream in history)
         self.stats["delivered"] += len(out)
         if history and not out and all(c == ">" for c in self._cursor.values()):
-            return self.read()  # own history was empty: go straight on to new entries
+            return self.read(limit)  # own history was empty: go straight on to new entries
         return out
 
-    def claim(self) -> list[Message]:
+    def claim(self, count: int | None = None) -> list[Message]:
         """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream)."""
         out: list[Message] = []
         for s in self.streams:
             next_id, entries, deleted = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                                               start_id=self._claim_cursor[s], count=self.count)[:3]
+                                                               start_id=self._claim_cursor[s],
+                                                               count=count or self.count)[:3]
             self._claim_cursor[s] = _text(next_id)
             if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
                 self.client.xack(s, self.group, *deleted)
@@ -194,7 +198,7 @@ class GroupConsumer:
         after max_deliveries) and the loop goes on."""
         handled = 0
         while not stop() and (max_messages is None or handled < max_messages):
-            for m in self.read():
+            for m in self.read(None if max_messages is None else max_messages - handled):
                 try:
                     handle(m)
                 except Exception:  # noqa: BLE001 - a bad message must not stop the consumer

@@ -113,7 +113,10 @@ def test_tail_group_prints_and_acknowledges(redis_server, capsys):
     fill(redis_server.url, 5)
     argv = ["tail", "--events", "--redis-url", redis_server.url, "--group", "cli", "--from-start", "--json"]
     assert main(argv + ["--count", "3", "--consumer", "a"]) == 0
+    t0 = time.monotonic()
     assert main(argv + ["--count", "2", "--consumer", "b"]) == 0
+    # a took only the 3 it printed: b gets the other 2 at once, not after a's claim_idle_ms (30 s)
+    assert time.monotonic() - t0 < 10
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [m["track_id"] for m in printed] == [0, 1, 2, 3, 4]  # each message to one member, none twice
     assert redis_server.client().xpending(STREAM, "cli")["pending"] == 0
