@@ -168,6 +168,8 @@ class App(LiveControl):
         self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
         self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
         self.add_cameras(self.config.cameras)
+        if self.node_watch:
+            self.node_watch.learn()
         self.start_control()
         if self.config.dashboard.enabled:
             from pipeline.dashboard import DashboardServer  # the web stack only when asked for

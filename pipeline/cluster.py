@@ -208,6 +208,16 @@ class NodeWatch:
                 self.nodes[node_id] = node
                 self.app.say(f"Ray node joined: {node.describe()}")
 
+    def learn(self, timeout_s: float = 10.0) -> None:
+        """Asks every actor where it runs and waits (up to ``timeout_s``) for the answers. Called once the
+        service has started: a node lost in its first seconds, before the status loop's ticks have learnt the
+        locations, must still be reported with what ran on it."""
+        actors = self._actors()
+        self._learn_locations(actors)
+        if self._asked:
+            ray.wait(list(self._asked.values()), num_returns=len(self._asked), timeout=timeout_s)
+            self._learn_locations(actors)
+
     def _learn_locations(self, actors: dict) -> None:
         for key, actor in actors.items():
             if key not in self.where and key not in self._asked:

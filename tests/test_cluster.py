@@ -124,6 +124,10 @@ def test_actors_land_where_configured_and_move_when_a_node_dies(ray_cluster, red
     try:
         app.start()
         assert app.placement.namespace == "hydravision-hv"
+        # The controller knows where every actor runs once it has started, before its status loop ticks: a
+        # node lost in the first seconds is still reported with what ran on it.
+        assert app.node_watch.where == {("camera", "cam-a"): a, ("camera", "cam-b"): b, ("camera", "cam-c"): c,
+                                        **{("inference", i): node_of(f"hv-inference-{i}") for i in range(2)}}
         t_started = time.monotonic()
         assert ray.get(imports_torch.options(resources={"site_c": 0.01}).remote(), timeout=60).startswith("no torch")
         assert ray.get(imports_torch.options(resources={"hydravision_inference": 0.01}).remote(), timeout=60) == "torch"
