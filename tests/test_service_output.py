@@ -21,7 +21,7 @@ RAY_NOISE = (RAY_TOKEN_NOTICE, "constructor arguments in the object store")
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("log_format", ["json", "text"])
+@pytest.mark.parametrize("log_format", [pytest.param("json", marks=pytest.mark.slow), "text"])  # json lines: also unit-tested below
 def test_run_output_for_services(log_format, tmp_path, redis_url, tiny_checkpoint):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
