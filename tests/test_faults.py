@@ -95,7 +95,9 @@ def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("buffer, outage_s", [(2000, 3.0), (10, 4.0)])
+# The large-buffer case (nothing lost) is behind -m slow: the default run has it through test_redis_faults'
+# OOM and freeze episodes; the small buffer's counted drops are only here.
+@pytest.mark.parametrize("buffer, outage_s", [pytest.param(2000, 3.0, marks=pytest.mark.slow), (10, 4.0)])
 def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, outage_s, machine):
     """Within the buffer bound nothing is lost and order holds; beyond it the oldest go, counted and reported."""
     cams = [{"id": "cam", "url": "synthetic://street?seed=3&fps=10"}]

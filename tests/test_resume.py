@@ -15,6 +15,7 @@ FRAMES = 400
 FPS = 25.0  # the scene's own rate: pts = frame / 25
 
 
+@pytest.mark.slow  # ~35 s; the slow cluster test asserts the same after a node dies
 @pytest.mark.timeout(180)
 def test_restarted_cameras_publish_no_frame_twice(ray_local, redis_server, tiny_checkpoint):
     cams = [{"id": "live", "url": "synthetic://street?seed=31&fps=8&size=320x192"},

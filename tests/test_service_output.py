@@ -21,7 +21,8 @@ RAY_NOISE = (RAY_TOKEN_NOTICE, "constructor arguments in the object store")
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("log_format", [pytest.param("json", marks=pytest.mark.slow), "text"])  # json lines: also unit-tested below
+@pytest.mark.slow  # the whole service twice (~20 s each); its pieces are unit-tested below in the default run
+@pytest.mark.parametrize("log_format", ["json", "text"])
 def test_run_output_for_services(log_format, tmp_path, redis_url, tiny_checkpoint):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
