@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,3 +122,21 @@ def test_tracker_heads_change_ends_dropped_tracks_and_a_head_back_continues_its_
     assert t.set_heads(["people", "vehicles"]) == []
     _, ids = run_track(t, "vehicles", 5, lambda f: [moving(f, y=200)])
     assert {i for frame in ids for i in frame if i >= 0} == {2}  # not 0 again
+
+
+def test_a_live_update_keeps_zone_and_line_state_unless_the_heads_change(redis_server):
+    """Occupants and line counts survive an update that does not touch them (here: fps); new heads rebuild them
+    for those heads."""
+    camera = CameraConfig(id="cam-z", url="synthetic://street?seed=1&fps=20",
+                          zones=[{"name": "middle", "polygon": [[0.3, 0.45], [0.7, 0.45], [0.7, 0.95], [0.3, 0.95]]}],
+                          lines=[{"name": "kerb", "start": [0.5, 0.3], "end": [0.5, 1.0]}])
+    frame = SimpleNamespace(size=(360, 640))  # all _current_analytics reads of a frame
+    with Publisher(redis_server.url) as pub:
+        pipe = CameraPipeline(camera, None, MODEL_INFO, pub)
+        built = pipe._current_analytics(frame)
+        assert built is not None and pipe._current_analytics(frame) is built
+        assert pipe.update(pipe.camera.model_copy(update={"fps": 5.0})) == ["fps"]
+        assert pipe._current_analytics(frame) is built  # counts and occupants go on
+        assert pipe.update(pipe.camera.model_copy(update={"heads": ["people"]})) == ["heads"]
+        rebuilt = pipe._current_analytics(frame)
+        assert rebuilt is not built and list(rebuilt.head_classes) == ["people"]

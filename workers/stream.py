@@ -98,7 +98,7 @@ class CameraPipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Analytics (workers/analytics.py): built on the first frame, which tells the frame size.
         self.analytics: CameraAnalytics | None = None
-        self._analytics_for: tuple | None = None  # (zones, lines, classes, size) it was built for
+        self._analytics_for: tuple | None = None  # (zones, lines, size) it was built for
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
@@ -230,6 +230,8 @@ class CameraPipeline:
             ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
         elif self.tracker is not None and heads != self.heads:
             ended = self.tracker.set_heads(heads)
+        if heads != self.heads:  # zones and lines count per head: built anew for the new heads on the next frame
+            self.analytics = self._analytics_for = None
         self.heads, self.classes = heads, classes
         for ev in ended:
             self._event(ev.pop("type"), ev)
@@ -371,15 +373,15 @@ class CameraPipeline:
     # -- analytics: zones and lines, counts, snapshots (workers/analytics.py, workers/snapshots.py) ----------
     def _current_analytics(self, item: CapturedFrame) -> CameraAnalytics | None:
         """The camera's zones and lines for this frame's size: built on the first frame, rebuilt (keeping the
-        state of unchanged zones and lines) when the settings change, anew when the frame size or the heads do."""
+        state of unchanged zones and lines) when the settings change, anew when the frame size does."""
         if not self.camera.tracker.enabled or not (self.camera.zones or self.camera.lines):
             self.analytics = None
             return None
         h, w = item.size
-        prev, want = self._analytics_for, (self.camera.zones, self.camera.lines, self.classes, (w, h))
-        # Identity, not equality, of the settings: cheap per frame, and a live change assigns new ones.
-        if prev is None or any(p is not n for p, n in zip(prev[:3], want[:3])) or prev[3] != want[3]:
-            if self.analytics is not None and prev[2] is self.classes and prev[3] == want[3]:
+        prev, want = self._analytics_for, (self.camera.zones, self.camera.lines, (w, h))
+        # Identity, not equality, of the lists: cheap per frame, and a live change assigns new ones.
+        if prev is None or prev[0] is not want[0] or prev[1] is not want[1] or prev[2] != want[2]:
+            if self.analytics is not None and self.analytics.size == (w, h):
                 self.analytics = self.analytics.reconfigured(self.camera.zones, self.camera.lines)
             else:
                 self.analytics = CameraAnalytics(self.camera.zones, self.camera.lines, self.classes, (w, h))
