@@ -102,14 +102,24 @@ def polygon_problem(points: list[Point]) -> str | None:
     return None
 
 
-class ZoneConfig(_Strict):
-    """A polygon: occupancy per class, dwell per tracked object, zone_entered / zone_left events."""
+class _Counted(_Strict):
+    """What zones and lines share: a name, the units of their points, and which objects they count."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    units: Units = "normalized"  # before polygon: its validator reads it
-    polygon: list[Point] = Field(min_length=3, max_length=256)
+    units: Units = "normalized"  # before the points (declared by subclasses): their validators read it
     heads: list[str] | None = Field(None, description="heads whose objects count here; None: all the camera's heads")
     classes: list[str] | None = Field(None, description="classes that count here; None: every class of those heads")
+
+    @field_validator("heads", "classes")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        return _check_names(v)
+
+
+class ZoneConfig(_Counted):
+    """A polygon: occupancy per class, dwell per tracked object, zone_entered / zone_left events."""
+
+    polygon: list[Point] = Field(min_length=3, max_length=256)
     anchors: list[Anchor] = Field(["bottom_center"], min_length=1,
                                   description="points of an object's box that must all be inside (supervision's "
                                               "triggering anchors); bottom_center: where it stands")
@@ -132,13 +142,8 @@ class ZoneConfig(_Strict):
             raise ValueError(problem)
         return v
 
-    @field_validator("heads", "classes")
-    @classmethod
-    def _names(cls, v: list[str] | None) -> list[str] | None:
-        return _check_names(v)
 
-
-class LineConfig(_Strict):
+class LineConfig(_Counted):
     """A counting line: in/out counts per class, a line_crossed event per crossing.
 
     Direction (supervision's LineZone): ``in`` is a crossing onto the left-hand side of the line as seen walking
@@ -146,12 +151,8 @@ class LineConfig(_Strict):
     moving left to right as ``in``; swap start and end to swap in and out.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    units: Units = "normalized"
     start: Point
     end: Point
-    heads: list[str] | None = None
-    classes: list[str] | None = None
     anchors: list[Anchor] = Field(["top_left", "top_right", "bottom_left", "bottom_right"], min_length=1,
                                   description="points of the box that must all have crossed (default: the whole box)")
     min_crossing_frames: int = Field(1, ge=1, le=100, description="frames on the new side before it counts "
@@ -171,11 +172,6 @@ class LineConfig(_Strict):
         if start is not None and math.dist(start, v) == 0:
             raise ValueError(f"the line has length 0: start and end are both {_fmt(v)}")
         return v
-
-    @field_validator("heads", "classes")
-    @classmethod
-    def _names(cls, v: list[str] | None) -> list[str] | None:
-        return _check_names(v)
 
 
 class MotionConfig(_Strict):
