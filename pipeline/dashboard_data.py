@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from workers.publish import keys
 from workers.redact import redact_text, url_secrets
 
 # A tile's state, as an operator reads it; the camera's own state stays in the tile as ``detail``.
@@ -33,14 +34,6 @@ MAX_SNAPSHOT_BYTES = 4 * 2**20  # larger values are not a dashboard snapshot: no
 GONE_AFTER_S = 10.0  # a camera whose status vanished keeps its tile this long (a Redis restart empties it)
 
 
-def snapshot_key(prefix: str, camera: str) -> str:
-    return f"{prefix}:cam:{camera}:snapshot"
-
-
-def counts_key(prefix: str, camera: str) -> str:
-    return f"{prefix}:cam:{camera}:counts"
-
-
 def _number(raw: Any, kind: type) -> Any:
     try:
         return kind(raw.decode() if isinstance(raw, bytes) else raw)
@@ -52,7 +45,7 @@ def read_snapshot(client: redis.Redis, prefix: str, camera: str) -> tuple[bytes,
     """(jpeg bytes, frame index, capture unix seconds) of a camera's latest snapshot, or None when it has none.
     The one place that knows the snapshot's layout: a hash with ``jpeg``/``frame``/``ts`` fields, or a plain
     string value (then frame and ts are None). ``client`` must return bytes (no decode_responses)."""
-    key = snapshot_key(prefix, camera)
+    key = keys(prefix).snapshot(camera)
     try:
         fields = client.hgetall(key)
     except redis.ResponseError as e:

@@ -187,7 +187,7 @@ class Hub:
         pipe = client.pipeline(transaction=False)
         for s in statuses:
             pipe.xrevrange(self.keys.detections(s["camera"]), count=1)
-            pipe.hgetall(data.counts_key(self.prefix, s["camera"]))
+            pipe.hgetall(self.keys.counts(s["camera"]))
         replies = pipe.execute(raise_on_error=False) if statuses else []
         tiles, pictures = [], {}
         for i, s in enumerate(statuses):

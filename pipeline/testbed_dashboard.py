@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import redis
 
-from pipeline.dashboard_data import counts_key, snapshot_key
 from pipeline.testbed import HOST, ManagedProcess
 from synthetic.scene import CLASS_NAMES, StreetScene
 from workers.publish import detection_message, encode, event_message, keys
@@ -29,7 +28,7 @@ LINE = np.array([[0.6, 0.45], [0.95, 0.75]])
 def write_snapshot(client: redis.Redis, prefix: str, camera: str, jpeg: bytes, frame: int, ts: float,
                    size: tuple[int, int] = (0, 0)) -> None:
     """The snapshot hash as the pipeline writes it (schema snapshot-v1: jpeg, v, frame, pts, ts, ...)."""
-    key = snapshot_key(prefix, camera)
+    key = keys(prefix).snapshot(camera)
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)
     pipe.hset(key, mapping={"jpeg": jpeg, "v": 1, "frame": frame, "pts": 0, "ts": round(ts, 3), "width": size[0],
@@ -176,7 +175,7 @@ class FakeCameras:
         cam.inside = inside
         for e in events:
             pipe.xadd(self.keys.events, {"data": encode(e)}, maxlen=10_000, approximate=True)
-        key = counts_key(self.prefix, cam.id)
+        key = keys(self.prefix).counts(cam.id)
         people = sum(1 for d in dets if d["track_id"] in inside and d["class"] == "person")
         cars = sum(1 for d in dets if d["track_id"] in inside and d["class"] == "car")
         pipe.delete(key)

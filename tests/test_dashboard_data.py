@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pipeline.dashboard_hub import Hub
-from pipeline.dashboard_data import (Board, counts_key, event_group, make_tile, parse_counts, read_snapshot, scrub,
-                                     snapshot_key, snapshot_version, tracks_by_head)
+from pipeline.dashboard_data import (Board, event_group, make_tile, parse_counts, read_snapshot, scrub,
+                                     snapshot_version, tracks_by_head)
 from pipeline.testbed_dashboard import write_snapshot
 from servers import RedisServer, require_binary
 from workers.publish import detection_message, encode, event_message, keys
@@ -26,7 +26,7 @@ JPEG = b"\xff\xd8\xff\xe0fake-jpeg\xff\xd9"
 ])
 def test_read_snapshot_takes_a_hash_or_a_plain_string(redis_server, layout, expected):
     client = redis_server.client()
-    key = snapshot_key("hv", "cam")
+    key = keys("hv").snapshot("cam")
     if layout == "hash":
         write_snapshot(client, "hv", "cam", JPEG, 42, 1764000000.5)
     elif layout == "string":
@@ -125,7 +125,7 @@ def _poll_and_check(url: str, client) -> None:
         {"head": "people", "track_id": 4, "class": "person", "class_id": 0, "conf": 0.8, "box": [1, 2, 3, 4]}],
         ["people"])
     client.xadd(k.detections("full"), {"data": encode(msg)})
-    client.hset(counts_key("hv", "full"), mapping={"v": 1, "zone:door:people:person": 1})
+    client.hset(keys("hv").counts("full"), mapping={"v": 1, "zone:door:people:person": 1})
     write_snapshot(client, "hv", "full", JPEG, 12, time.time())
     hub = Hub(url)
     tiles = {t["camera"]: t for t in hub.poll(client)}
