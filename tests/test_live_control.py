@@ -25,8 +25,9 @@ SECRET = "Pw-9xQ2-secret"
 MAX_GAP_S = 1.0
 
 
-def cam(cid: str, seed: int, **extra: object) -> dict:
-    return {"id": cid, "url": f"synthetic://street?seed={seed}&fps=10", **extra}
+def cam(cid: str, seed: int, rate: int = 10, **extra: object) -> dict:
+    """A synthetic camera producing ``rate`` frames/s (``extra``: camera fields, e.g. the analysed ``fps``)."""
+    return {"id": cid, "url": f"synthetic://street?seed={seed}&fps={rate}", **extra}
 
 
 def send(client, command: dict | str, request_id: str) -> None:
@@ -67,22 +68,27 @@ def everything_in_redis(client) -> bytes:
 
 
 @pytest.mark.timeout(240)
-def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(redis_server, ray_local):
+def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(redis_server, ray_local, machine):
+    # Three cameras together at a tenth of the demo model's batch-1 rate each: headroom for the ~2 s of CPU a
+    # new camera's process takes to start (Python, Ray's worker, our imports). At 10 fps each they were ~100%
+    # of what one free core serves, and with one core busy the start stalled the others 0.6-1.0 s (quiet: 0.15 s).
+    fps = machine.live_fps(machine.demo, share=0.1, cap=10, floor=3)
+    max_gap_s = max(MAX_GAP_S, 4 / fps)  # four frame intervals at the least
     client = redis_server.client()
-    with RunningApp(redis_server.url, DEMO, [cam("steady", 1)], api={"port": 0}) as run:
+    with RunningApp(redis_server.url, DEMO, [cam("steady", 1, fps)], api={"port": 0}) as run:
         base = run.app.api_server.url
         wait_for(lambda: len(messages(client, "steady")) >= 5, 60, "the first camera's messages")
         window_start = time.time()
 
         t0 = time.monotonic()
-        reply = httpx.post(f"{base}/cameras", json=cam("by-http", 2), timeout=120)
+        reply = httpx.post(f"{base}/cameras", json=cam("by-http", 2, fps), timeout=120)
         assert reply.status_code == 201, reply.text
         assert reply.json()["by"] == "api:anonymous"
         wait_for(lambda: messages(client, "by-http"), 60, "the HTTP camera's first message")
         http_first_s = time.monotonic() - t0
 
         t0 = time.monotonic()
-        send(client, {"op": "add", "camera": cam("by-redis", 3), "user": "ops"}, "add-1")
+        send(client, {"op": "add", "camera": cam("by-redis", 3, fps), "user": "ops"}, "add-1")
         result = wait_for(lambda: answer(client, "add-1"), 120, "the answer to the Redis add")
         assert result["status"] == "accepted" and result["by"] == "redis:ops", result
         wait_for(lambda: messages(client, "by-redis"), 60, "the Redis camera's first message")
@@ -113,8 +119,8 @@ def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(re
 
         gaps = {"steady": longest_gap(arrivals(client, "steady"), window_start, window_end),
                 "by-redis": longest_gap(arrivals(client, "by-redis"), arrivals(client, "by-redis")[0], window_end)}
-        print(f"longest gap between messages while cameras came and went: {gaps}")
-        assert max(gaps.values()) < MAX_GAP_S, gaps
+        print(f"longest gap between messages while cameras came and went, at {fps} fps: {gaps}")
+        assert max(gaps.values()) < max_gap_s, (fps, gaps)
     for e in read_stream(client, keys("hv").events):
         validate(e, "event")
 

@@ -1,0 +1,135 @@
+"""How many torch intra-op threads the inference replica should use on a small CPU machine, by measurement.
+
+    python benchmarks/bench_threads.py                      # ~8 min on 2 cores
+    python benchmarks/bench_threads.py --json threads.json
+
+For each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``), quiet and beside one
+competing process (a busy loop, as any other program on a shared machine), two loads through the whole
+service:
+- demo: the demo's three synthetic cameras at 10 fps, with a fourth camera added and removed at run time
+  halfway through (a new process starting: what live control does); figures: p50/p95/p99 frame age at
+  publish, and the longest gap between two messages of one camera;
+- files: 8 file cameras unpaced (throughput, frames/s).
+Each setting runs in its own Ray (the OpenMP wait policy is read when the inference process loads libgomp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import redis
+
+from bench_pipeline import file_cameras, run_hydravision
+from measure import DEMO, make_clips, pct, save_json
+from pipeline.app import RAY_SYSTEM_CONFIG, App
+from pipeline.config import parse_config
+from pipeline.embedded_redis import EmbeddedRedis
+from workers.publish import keys
+
+SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
+            "all+passive": {"threads": os.cpu_count(), "omp_wait_policy": "PASSIVE"}}
+
+
+def synthetic(cid: str, seed: int) -> dict:
+    return {"id": cid, "url": f"synthetic://street?seed={seed}&fps=10"}
+
+
+def run_demo(redis_url: str, threads: int, seconds: float) -> dict:
+    """Three 10 fps cameras; a fourth added at 1/3 of the window and removed at 2/3."""
+    cams = [synthetic(f"street-{i}", 10 + i) for i in range(1, 4)]
+    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(DEMO)},
+                           "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads}, "cameras": cams})
+    app = App(config, say=lambda m: None)
+    app.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        while not all(client.xlen(keys("hv").detections(c["id"])) > 20 for c in cams):
+            time.sleep(0.2)
+        t0 = time.time()
+        time.sleep(seconds / 3)
+        app.add_camera(synthetic("extra", 99), by="bench")
+        time.sleep(seconds / 3)
+        app.remove_camera("extra", by="bench")
+        time.sleep(seconds / 3)
+        t1 = time.time()
+    finally:
+        app.shutdown()
+    ages, gaps = [], []
+    for c in cams:
+        entries = client.xrange(keys("hv").detections(c["id"]), min=f"{int(t0 * 1000)}-0", max=f"{int(t1 * 1000)}-0")
+        arrivals = [int(eid.split(b"-")[0]) / 1000 for eid, _ in entries]
+        ages += [json.loads(f[b"data"])["latency_ms"] for _, f in entries]
+        edges = [t0, *arrivals, t1]
+        gaps.append(max(b - a for a, b in zip(edges, edges[1:])))
+    client.flushall()
+    return {"age_ms_p50": pct(ages, 50), "age_ms_p95": pct(ages, 95), "age_ms_p99": pct(ages, 99),
+            "longest_gap_s": round(max(gaps), 3), "messages": len(ages)}
+
+
+def with_ray(omp_wait_policy: str | None, fn):
+    old = os.environ.get("OMP_WAIT_POLICY")
+    if omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # the raylet, and so every worker, inherits it
+    ray.init(num_cpus=max(os.cpu_count(), 8), include_dashboard=False, object_store_memory=512 * 2**20,
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
+             _system_config=RAY_SYSTEM_CONFIG)
+    try:
+        return fn()
+    finally:
+        ray.shutdown()
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        if old is not None:
+            os.environ["OMP_WAIT_POLICY"] = old
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=24.0, help="measurement window of each run")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "runs": {}}
+    redis_server = EmbeddedRedis().start()
+    try:
+        for contention in ("quiet", "one busy core"):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contention != "quiet" else None
+            try:
+                for name in args.settings.split(","):
+                    s = SETTINGS[name]
+                    print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
+                    demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
+                                                                                args.seconds))
+                    print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
+                    files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
+                        DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"]))
+                    results["runs"][f"{contention} | {name}"] = {"demo": demo, "files_fps": files["fps"],
+                                                                 "files_latency_ms_p50": files["latency_ms_p50"]}
+                    print(f"  {json.dumps(results['runs'][f'{contention} | {name}'])}", flush=True)
+            finally:
+                if hog:
+                    hog.kill()
+    finally:
+        redis_server.stop()
+    print(f"\n{'contention | threads':32} {'p50':>6} {'p95':>6} {'p99':>6} {'gap s':>6} {'files fps':>9}")
+    for key, r in results["runs"].items():
+        d = r["demo"]
+        print(f"{key:32} {d['age_ms_p50']:6.0f} {d['age_ms_p95']:6.0f} {d['age_ms_p99']:6.0f} "
+              f"{d['longest_gap_s']:6.2f} {r['files_fps']:9.1f}")
+    if args.json:
+        save_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
