@@ -3,7 +3,8 @@
     python benchmarks/bench_threads.py                      # ~8 min on 2 cores
     python benchmarks/bench_threads.py --json threads.json
 
-For each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``), quiet and beside one
+First the model alone (batch 1, demo checkpoint, in a fresh process per setting): p50 and max of 30 calls.
+Then for each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``), quiet and beside one
 competing process (a busy loop, as any other program on a shared machine), two loads through the whole
 service:
 - demo: the demo's three synthetic cameras at 10 fps, with a fourth camera added and removed at run time
@@ -75,6 +76,28 @@ def run_demo(redis_url: str, threads: int, seconds: float) -> dict:
             "longest_gap_s": round(max(gaps), 3), "messages": len(ages)}
 
 
+MODEL_ALONE = """
+import sys, time, numpy as np
+from measure import DEMO
+from workers.model_runner import ModelRunner
+runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]))
+image = np.full((3, *runner.input_size), 114, np.uint8)
+for _ in range(5):
+    runner.run([image], [None])
+times = []
+for _ in range(30):
+    t = time.perf_counter(); runner.run([image], [None]); times.append(1000 * (time.perf_counter() - t))
+print(round(float(np.median(times)), 1), round(max(times), 1))
+"""
+
+
+def model_alone(threads: int, omp_wait_policy: str | None) -> dict:
+    env = {**os.environ, **({"OMP_WAIT_POLICY": omp_wait_policy} if omp_wait_policy else {})}
+    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads)], env=env, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parent).stdout.split()
+    return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
+
+
 def with_ray(omp_wait_policy: str | None, fn):
     old = os.environ.get("OMP_WAIT_POLICY")
     if omp_wait_policy:
@@ -95,6 +118,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=24.0, help="measurement window of each run")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--model-only", action="store_true", help="only the model-alone part (~1 min)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,25 +132,34 @@ def main() -> None:
             try:
                 for name in args.settings.split(","):
                     s = SETTINGS[name]
+                    alone = model_alone(s["threads"], s.get("omp_wait_policy"))
+                    results["runs"][f"{contention} | {name}"] = {"model_alone": alone}
+                    print(f"{contention}, threads {name}: model alone {alone}", flush=True)
+                    if args.model_only:
+                        continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
                                                                                 args.seconds))
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
                         DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"]))
-                    results["runs"][f"{contention} | {name}"] = {"demo": demo, "files_fps": files["fps"],
-                                                                 "files_latency_ms_p50": files["latency_ms_p50"]}
+                    results["runs"][f"{contention} | {name}"].update(
+                        {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
                     print(f"  {json.dumps(results['runs'][f'{contention} | {name}'])}", flush=True)
             finally:
                 if hog:
                     hog.kill()
     finally:
         redis_server.stop()
-    print(f"\n{'contention | threads':32} {'p50':>6} {'p95':>6} {'p99':>6} {'gap s':>6} {'files fps':>9}")
+    print(f"\n{'contention | threads':32} {'alone p50':>9} {'max':>5} | demo {'p50':>5} {'p95':>5} {'p99':>5} "
+          f"{'gap s':>5} | {'files fps':>9}")
     for key, r in results["runs"].items():
-        d = r["demo"]
-        print(f"{key:32} {d['age_ms_p50']:6.0f} {d['age_ms_p95']:6.0f} {d['age_ms_p99']:6.0f} "
-              f"{d['longest_gap_s']:6.2f} {r['files_fps']:9.1f}")
+        a, d = r["model_alone"], r.get("demo")
+        row = f"{key:32} {a['batch1_ms_p50']:9.0f} {a['batch1_ms_max']:5.0f}"
+        if d:
+            row += (f" | {d['age_ms_p50']:9.0f} {d['age_ms_p95']:5.0f} {d['age_ms_p99']:5.0f} "
+                    f"{d['longest_gap_s']:5.2f} | {r['files_fps']:9.1f}")
+        print(row)
     if args.json:
         save_json(args.json, results)
 
