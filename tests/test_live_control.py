@@ -22,7 +22,7 @@ from workers.publish import keys, validate
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 TOKEN = "tok-" + "q7Z2" * 6
 SECRET = "Pw-9xQ2-secret"
-MAX_GAP_S = 1.0
+MAX_GAP_S = 1.0  # the bound: no 1 s window without messages from the cameras left alone
 
 
 def cam(cid: str, seed: int, rate: int = 10, **extra: object) -> dict:
@@ -69,11 +69,10 @@ def everything_in_redis(client) -> bytes:
 
 @pytest.mark.timeout(240)
 def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(redis_server, ray_local, machine):
-    # Three cameras together at a tenth of the demo model's batch-1 rate each: headroom for the ~2 s of CPU a
+    # Three cameras at a tenth of the demo model's batch-1 rate each (at least 4 fps): headroom for the ~2 s of CPU a
     # new camera's process takes to start (Python, Ray's worker, our imports). At 10 fps each they were ~100%
     # of what one free core serves, and with one core busy the start stalled the others 0.6-1.0 s (quiet: 0.15 s).
-    fps = machine.live_fps(machine.demo, share=0.1, cap=10, floor=3)
-    max_gap_s = max(MAX_GAP_S, 4 / fps)  # four frame intervals at the least
+    fps = machine.live_fps(machine.demo, share=0.1, cap=10, floor=4)
     client = redis_server.client()
     with RunningApp(redis_server.url, DEMO, [cam("steady", 1, fps)], api={"port": 0}) as run:
         base = run.app.api_server.url
@@ -120,7 +119,7 @@ def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(re
         gaps = {"steady": longest_gap(arrivals(client, "steady"), window_start, window_end),
                 "by-redis": longest_gap(arrivals(client, "by-redis"), arrivals(client, "by-redis")[0], window_end)}
         print(f"longest gap between messages while cameras came and went, at {fps} fps: {gaps}")
-        assert max(gaps.values()) < max_gap_s, (fps, gaps)
+        assert max(gaps.values()) < MAX_GAP_S, (fps, gaps)
     for e in read_stream(client, keys("hv").events):
         validate(e, "event")
 
