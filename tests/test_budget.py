@@ -113,6 +113,9 @@ def test_restores_configured_fps_and_batch_wait_when_the_load_falls():
     assert [a.event for _, _, a in actions] == [None] * (len(actions) - 1) + ["budget_recovered"]
     fps = [a.fps for _, _, a in actions]
     assert fps == sorted(fps)  # up one step at a time, never down while the load is low
+    steps = [round(b - a, 6) for a, b in zip(fps, fps[1:]) if b > a]
+    # from near the rate once found too much, half steps (or less: never past it) all the way up
+    assert max(steps) <= policy.step_up / 2 and policy.step_up / 2 in steps, steps
 
 
 def test_between_the_thresholds_nothing_changes():

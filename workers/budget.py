@@ -17,10 +17,11 @@ Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``r
 batch wait comes back last, after twice that calm, with a ``budget_recovered`` event. Between the two
 thresholds nothing changes (hysteresis).
 
-The ``ceiling`` is the lowest rate known to be too much: the rate each cut was made from. Steps up are quick
-below it and never pass it: a step that would reach it stops at it, and is a probe; each probe that ends in a
-new excess doubles ``recover_hold_s`` (up to ``max_recover_hold_s``), so a rate the machine cannot sustain is
-retried less and less often. A probe that holds means the load fell: the ceiling and the hold are forgotten.
+The ``ceiling`` is the lowest rate known to be too much: the rate each cut was made from. Steps up are whole
+steps well below it; near it, half steps that never pass it; a step that reaches it is a probe. Each probe that
+ends in a new excess doubles ``recover_hold_s`` (up to ``max_recover_hold_s``), so a rate the machine cannot
+sustain is retried less and less often. A probe that holds means the load fell: the hold is forgotten and the
+ceiling moves up half a step, so the climb above a rate that was once too much goes on in half-step probes.
 
 Fairness. A camera changes only its own rate and wait, never another camera's, and a camera without a
 budget never changes. Cameras over budget on a shared machine must also give up alike, and independent
@@ -152,8 +153,11 @@ class FrameAgeBudget:
         return self.recover_hold_s
 
     def _next_fps(self) -> float:
-        """The rate a step up goes to: one ``step_up`` more, never past the configuration or the ceiling."""
-        return min(self.base_fps, self.fps + self.step_up, self._ceiling or math.inf)
+        """The rate a step up goes to: one ``step_up`` more well below the ceiling; near it half a step, never
+        past it (nor past the configuration)."""
+        if self._ceiling is None or self.fps + self.step_up < 0.95 * self._ceiling:
+            return min(self.base_fps, self.fps + self.step_up)
+        return min(self.base_fps, self.fps + self.step_up / 2, self._ceiling)
 
     def _is_probe(self, fps: float) -> bool:
         """A step to ``fps`` tries a rate at (or within 5% of) the lowest one that was last too much."""
@@ -174,8 +178,9 @@ class FrameAgeBudget:
     def _relax(self, p95: float, now: float) -> BudgetAction:
         self._under_since = None
         self._floor_said = False
-        if self._probing:  # the last probe held: the load has fallen, forget what was too much before
-            self._probing, self._ceiling = False, None
+        if self._probing:  # the last probe held: the load has fallen; the next rate up is the next to try
+            self._probing = False
+            self._ceiling = self.fps + self.step_up / 2
             self.recover_hold_s = self.initial_recover_hold_s
         if self.fps < self.base_fps:
             self.fps = self._next_fps()
