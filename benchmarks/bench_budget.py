@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--cameras", type=int, default=4)
     p.add_argument("--budget-ms", type=float, default=300.0)
     p.add_argument("--seconds", type=float, default=60.0, help="measurement window per run")
+    p.add_argument("--runs", default="off,budget,floor", help="which of the three runs (comma-separated)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -136,8 +137,9 @@ def main() -> None:
         mounts = {f"/cam{i}": clips[i % len(clips)] for i in range(1, args.cameras)}
         # Budget off, budget on, and the floor: every camera at the budget's lowest rate from the start, which
         # is the youngest the frames can be on this machine now (no policy can do better).
-        for budget, fps, seconds in ((None, None, args.seconds), (args.budget_ms, None, args.seconds),
-                                     (None, 2.5, min(args.seconds, 30.0))):
+        plan = {"off": (None, None, args.seconds), "budget": (args.budget_ms, None, args.seconds),
+                "floor": (None, 2.5, min(args.seconds, 30.0))}
+        for budget, fps, seconds in (plan[r] for r in args.runs.split(",")):
             print(f"{args.cameras} RTSP cameras at 25 fps, budget {budget or 'off'}, analysing "
                   f"{fps or 'every'} frame(s)/s, {seconds:.0f} s ...", flush=True)
             with RtspServer(clips[0], mount="/cam0", loop=True, extra_mounts=mounts) as server:

@@ -3,7 +3,10 @@ recent frames (capture to publish) and, when their p95 exceeds the budget, makes
 step; when the load falls it gives the steps back. Plain and clock-free (``now`` is passed in), so unit tests
 drive it with synthetic ages; ``CameraPipeline`` applies what it decides.
 
-While the p95 age is over budget, one action per decision, ``hold_s`` apart (a cut needs time to drain):
+The policy aims a little under the budget: it acts when the p95 is over ``target_ratio`` (0.9) x budget, because
+its own probes (below) overshoot for a second or two, and those frames must fit in the 5% the p95 leaves.
+
+While the p95 age is over that target, one action per decision, ``hold_s`` apart (a cut needs time to drain):
   1. ``batch_wait``: this camera's frames stop waiting for a batch to fill (a per-request max wait of 0);
   2. ``fps``: the analysed rate is multiplied by ``STEP`` (0.8), down to ``min_fps``; the decoder keeps
      reading every frame, the skipped ones count as ``dropped.budget``, and the tracker's constant-velocity
@@ -14,10 +17,11 @@ Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``r
 batch wait comes back last, after twice that calm, with a ``budget_recovered`` event. Between the two
 thresholds nothing changes (hysteresis).
 
-Steps up are quick below the rate at which the budget was last exceeded (the ``ceiling``); a step that
-reaches the ceiling is a probe, and each probe that ends in a new excess doubles ``recover_hold_s`` (up to
-``max_recover_hold_s``), so a rate the machine cannot sustain is retried less and less often. A probe that
-holds means the load fell: the ceiling and the hold are forgotten.
+The ``ceiling`` is the lowest rate known to be too much: the rate each cut was made from. Steps up are whole
+steps well below it; near it, half steps that never pass it; a step that reaches it is a probe. Each probe that
+ends in a new excess doubles ``recover_hold_s`` (up to ``max_recover_hold_s``), so a rate the machine cannot
+sustain is retried less and less often. A probe that holds means the load fell: the hold is forgotten and the
+ceiling moves up half a step, so the climb above a rate that was once too much goes on in half-step probes.
 
 Fairness. A camera changes only its own rate and wait, never another camera's, and a camera without a
 budget never changes. Cameras over budget on a shared machine must also give up alike, and independent
@@ -61,17 +65,18 @@ class FrameAgeBudget:
     STEP = 0.8
 
     def __init__(self, budget_s: float, base_fps: float, *, min_fps: float | None = None, window_s: float = 2.0,
-                 min_samples: int = 8, hold_s: float = 2.0, recover_ratio: float = 0.7, recover_hold_s: float = 4.0,
-                 max_recover_hold_s: float = 60.0, decide_every: float = 0.5):
+                 min_samples: int = 8, hold_s: float = 2.0, target_ratio: float = 0.9, recover_ratio: float = 0.7,
+                 recover_hold_s: float = 4.0, max_recover_hold_s: float = 60.0, decide_every: float = 0.5):
         if budget_s <= 0 or base_fps <= 0:
             raise ValueError(f"budget and fps must be > 0, got {budget_s} s and {base_fps} fps")
-        if not 0 < recover_ratio < 1:
-            raise ValueError(f"recover_ratio must be between 0 and 1, got {recover_ratio}")
+        if not 0 < recover_ratio < target_ratio <= 1:
+            raise ValueError(f"need 0 < recover_ratio < target_ratio <= 1, got recover_ratio {recover_ratio} and "
+                             f"target_ratio {target_ratio}")
         self.budget_s, self.base_fps = budget_s, base_fps
         self.min_fps = min(base_fps, max(1.0, 0.1 * base_fps)) if min_fps is None else min(min_fps, base_fps)
         self.window_s, self.min_samples, self.hold_s, self.decide_every = window_s, min_samples, hold_s, decide_every
         self.max_window_s = 10 * window_s
-        self.recover_ratio, self.max_recover_hold_s = recover_ratio, max_recover_hold_s
+        self.target_ratio, self.recover_ratio, self.max_recover_hold_s = target_ratio, recover_ratio, max_recover_hold_s
         self.initial_recover_hold_s = self.recover_hold_s = recover_hold_s
         self.step_up = max(0.5, 0.1 * base_fps)
         self.fps = base_fps
@@ -82,7 +87,7 @@ class FrameAgeBudget:
         self._slot: int | None = None
         self._over = False  # inside an episode of excess
         self._under_since: float | None = None
-        self._ceiling: float | None = None  # the rate at which the budget was last exceeded
+        self._ceiling: float | None = None  # the lowest rate known to be too much (each cut's starting rate)
         self._probing = False  # the last step up reached the ceiling
         self._floor_said = False
 
@@ -121,14 +126,14 @@ class FrameAgeBudget:
         p95 = self.p95(now)
         if p95 is None:
             return None
-        if p95 > self.budget_s:
+        if p95 > self.target_ratio * self.budget_s:
             self._under_since = None
             if not self._over:
                 self._over = True
                 if self._probing:  # the probe went too far: wait longer before the next one
                     self.recover_hold_s = min(self.max_recover_hold_s, 2 * self.recover_hold_s)
                 self._probing = False
-                self._ceiling = self.fps if self._ceiling is None else min(self._ceiling, self.fps)
+            self._ceiling = self.fps if self._ceiling is None else min(self._ceiling, self.fps)
             return self._cut(p95, now)
         self._over = False
         if p95 > self.recover_ratio * self.budget_s or not self.adapted:
@@ -143,9 +148,16 @@ class FrameAgeBudget:
     def _relax_hold(self) -> float:
         if self.fps >= self.base_fps:  # the batch wait comes back last, after a longer calm
             return 2 * self.recover_hold_s
-        if not self._is_probe(min(self.base_fps, self.fps + self.step_up)):
+        if not self._is_probe(self._next_fps()):
             return self.initial_recover_hold_s  # well below the rate that was too much: no need to be shy
         return self.recover_hold_s
+
+    def _next_fps(self) -> float:
+        """The rate a step up goes to: one ``step_up`` more well below the ceiling; near it half a step, never
+        past it (nor past the configuration)."""
+        if self._ceiling is None or self.fps + self.step_up < 0.95 * self._ceiling:
+            return min(self.base_fps, self.fps + self.step_up)
+        return min(self.base_fps, self.fps + self.step_up / 2, self._ceiling)
 
     def _is_probe(self, fps: float) -> bool:
         """A step to ``fps`` tries a rate at (or within 5% of) the lowest one that was last too much."""
@@ -166,11 +178,12 @@ class FrameAgeBudget:
     def _relax(self, p95: float, now: float) -> BudgetAction:
         self._under_since = None
         self._floor_said = False
-        if self._probing:  # the last probe held: the load has fallen, forget what was too much before
-            self._probing, self._ceiling = False, None
+        if self._probing:  # the last probe held: the load has fallen; the next rate up is the next to try
+            self._probing = False
+            self._ceiling = self.fps + self.step_up / 2
             self.recover_hold_s = self.initial_recover_hold_s
         if self.fps < self.base_fps:
-            self.fps = min(self.base_fps, self.fps + self.step_up)
+            self.fps = self._next_fps()
             self._probing = self._is_probe(self.fps)
             return self._acted("fps_up", None, p95, now)
         self.batch_wait_s = None
