@@ -155,7 +155,7 @@ class FrameAgeBudget:
     def _next_fps(self) -> float:
         """The rate a step up goes to: one ``step_up`` more well below the ceiling; near it half a step, never
         past it (nor past the configuration)."""
-        if self._ceiling is None or self.fps + self.step_up < 0.95 * self._ceiling:
+        if not self._is_probe(self.fps + self.step_up):
             return min(self.base_fps, self.fps + self.step_up)
         return min(self.base_fps, self.fps + self.step_up / 2, self._ceiling)
 
