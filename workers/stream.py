@@ -98,7 +98,7 @@ class CameraPipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Analytics (workers/analytics.py): built on the first frame, which tells the frame size.
         self.analytics: CameraAnalytics | None = None
-        self._analytics_for: tuple | None = None  # (zones, lines, size) it was built for
+        self._analytics_for: tuple | None = None  # the (zones, lines) settings it was built from
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
@@ -378,10 +378,11 @@ class CameraPipeline:
             self.analytics = None
             return None
         h, w = item.size
-        prev, want = self._analytics_for, (self.camera.zones, self.camera.lines, (w, h))
+        prev, want = self._analytics_for, (self.camera.zones, self.camera.lines)
+        same_size = self.analytics is not None and self.analytics.size == (w, h)
         # Identity, not equality, of the lists: cheap per frame, and a live change assigns new ones.
-        if prev is None or prev[0] is not want[0] or prev[1] is not want[1] or prev[2] != want[2]:
-            if self.analytics is not None and self.analytics.size == (w, h):
+        if not same_size or prev[0] is not want[0] or prev[1] is not want[1]:  # (none yet: not same_size)
+            if same_size:
                 self.analytics = self.analytics.reconfigured(self.camera.zones, self.camera.lines)
             else:
                 self.analytics = CameraAnalytics(self.camera.zones, self.camera.lines, self.classes, (w, h))
