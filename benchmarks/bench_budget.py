@@ -30,8 +30,8 @@ import numpy as np
 import ray
 import redis
 
-from measure import DEMO, make_clips, pct, save_json
-from pipeline.app import RAY_SYSTEM_CONFIG, App
+from measure import DEMO, make_clips, pct, save_json, start_ray
+from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
 from pipeline.testbed import RtspServer
@@ -131,9 +131,7 @@ def main() -> None:
     redis_server = EmbeddedRedis().start()
     runs = []
     try:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
-                 _system_config=RAY_SYSTEM_CONFIG)
+        start_ray()
         mounts = {f"/cam{i}": clips[i % len(clips)] for i in range(1, args.cameras)}
         # Budget off, budget on, and the floor: every camera at the budget's lowest rate from the start, which
         # is the youngest the frames can be on this machine now (no policy can do better).

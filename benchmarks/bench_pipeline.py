@@ -29,8 +29,8 @@ import ray
 import redis
 import torch
 
-from measure import DEMO, make_clips, pct, ray_processes, save_json, usage
-from pipeline.app import RAY_SYSTEM_CONFIG, App
+from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, usage
+from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
 from pipeline.testbed import RtspServer
@@ -237,9 +237,7 @@ def main() -> None:
         results["decode"] = bench_decode(clips, args.seconds / 4, input_size)
         print("naive loop, 8 cameras ...", flush=True)
         results["naive"] = bench_naive(args.checkpoint, clips, 8, redis_server.url, args.seconds / 2)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
-                 _system_config=RAY_SYSTEM_CONFIG)
+        start_ray()
         results["files"] = {}
         for n in counts:
             print(f"hydravision, {n} file cameras unpaced ...", flush=True)

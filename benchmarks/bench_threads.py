@@ -30,8 +30,8 @@ import ray
 import redis
 
 from bench_pipeline import file_cameras, run_hydravision
-from measure import DEMO, make_clips, pct, save_json
-from pipeline.app import RAY_SYSTEM_CONFIG, App
+from measure import DEMO, make_clips, pct, save_json, start_ray
+from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
@@ -102,9 +102,7 @@ def with_ray(omp_wait_policy: str | None, fn):
     old = os.environ.get("OMP_WAIT_POLICY")
     if omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # the raylet, and so every worker, inherits it
-    ray.init(num_cpus=max(os.cpu_count(), 8), include_dashboard=False, object_store_memory=512 * 2**20,
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False,
-             _system_config=RAY_SYSTEM_CONFIG)
+    start_ray(max(os.cpu_count(), 8))
     try:
         return fn()
     finally:

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
 
 
+def start_ray(num_cpus: int | None = None) -> None:
+    """The benchmarks' private local Ray: loopback only, quiet, the service's own system config (a copy:
+    ray.init adds its own keys to the dict it is given)."""
+    import logging
+
+    import ray
+
+    from pipeline.app import RAY_SYSTEM_CONFIG  # here, not at the top: bench_threads' model-only child imports us
+
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             object_store_memory=512 * 2**20, _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=False, _system_config=dict(RAY_SYSTEM_CONFIG))
+
+
 def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 25.0) -> list[Path]:
     """Synthetic street clips (640x360 H.264), one per seed; cached in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
