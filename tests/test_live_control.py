@@ -69,7 +69,7 @@ def everything_in_redis(client) -> bytes:
 
 @pytest.mark.timeout(240)
 def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(redis_server, ray_local, machine):
-    # Three cameras at a tenth of the demo model's batch-1 rate each (at least 4 fps): headroom for the ~2 s of CPU a
+    # Three cameras at a tenth of the demo model's batch-1 rate each (at least 4 fps): headroom for the ~1.1 s of CPU a
     # new camera's process takes to start (Python, Ray's worker, our imports). At 10 fps each they were ~100%
     # of what one free core serves, and with one core busy the start stalled the others 0.6-1.0 s (quiet: 0.15 s).
     fps = machine.live_fps(machine.demo, share=0.1, cap=10, floor=4)
