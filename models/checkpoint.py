@@ -62,9 +62,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if version != str(FORMAT_VERSION):
         raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (this build reads {FORMAT_VERSION})")
     try:
-        return {"config": json.loads(meta["config"]), "training": json.loads(meta.get("training", "{}"))}
+        config, training = json.loads(meta["config"]), json.loads(meta.get("training", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
+    for spec in config.get("heads", {}).values() if isinstance(config, dict) else ():
+        if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
+            spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
+    return {"config": config, "training": training}
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[HydraNet, dict[str, Any]]:
@@ -104,12 +108,10 @@ def compare_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch
     return "; ".join(parts)
 
 
-def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
-    """Loads a plain PyTorch ResNet state dict (e.g. torchvision's ImageNet weights) into the backbone.
+def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d state dict of tensors (optionally under "state_dict"), loaded safely.
 
-    Uses ``torch.load(weights_only=True)``, so a pickle that carries code is refused. Keys may
-    carry a ``backbone.`` or ``module.`` prefix; the classifier (``fc.*``) is ignored. Returns the
-    keys that were loaded.
+    Uses ``torch.load(weights_only=True)``, so a pickle that carries code is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,6 +130,17 @@ def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
+    """Loads a plain PyTorch ResNet state dict (e.g. torchvision's ImageNet weights) into the backbone.
+
+    Keys may carry a ``backbone.`` or ``module.`` prefix; the classifier (``fc.*``) is ignored. Returns
+    the keys that were loaded.
+    """
+    path = Path(path)
+    state = load_torch_weights(path)
     cleaned = {}
     for k, v in state.items():
         for prefix in ("module.", "backbone.", "body."):

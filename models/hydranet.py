@@ -60,7 +60,9 @@ class HydraNetConfig:
         for name, spec in self.heads.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ConfigError(f"head name must be an identifier-like string, got {name!r}")
-            _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
+            _, head = _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
+            # Written out, so that a checkpoint names its tower even if the default changes again.
+            self.heads[name] = {**spec, "tower": head.tower}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +83,12 @@ class HydraNet(nn.Module):
         btype, bcfg = _build_part_config("backbone", config.backbone, BACKBONES)
         self.backbone = BACKBONES[btype][1](bcfg)
         ntype, ncfg = _build_part_config("neck", config.neck, NECKS)
-        self.neck = NECKS[ntype][1](self.backbone.out_channels, ncfg)
+        self.neck = NECKS[ntype][1](self.backbone.out_channels, self.backbone.strides, ncfg)
+        self.strides = self.neck.strides  # of the maps the heads see
+        coarsest = self.strides[-1]
+        if any(v % coarsest for v in config.input_size):
+            raise ConfigError(f"input_size {config.input_size} must be a multiple of the coarsest stride {coarsest} "
+                              "in both dimensions")
         self.heads = nn.ModuleDict()
         for name, spec in config.heads.items():
             self._attach_head(name, spec)
@@ -98,15 +105,18 @@ class HydraNet(nn.Module):
 
     def _attach_head(self, name: str, spec: dict) -> None:
         htype, hcfg = _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
-        self.heads[name] = HEADS[htype][1](self.neck.out_channels, self.backbone.strides, hcfg)
+        try:
+            self.heads[name] = HEADS[htype][1](self.neck.out_channels, self.strides, hcfg)
+        except ValueError as e:  # a setting that does not fit this neck (e.g. norm groups)
+            raise ConfigError(f"bad head {name!r} config: {e}") from None
 
     def add_head(self, name: str, classes: Sequence[str], **options: Any) -> DetectionHead:
         """Adds a new, randomly initialised head (transfer learning: train it on frozen features)."""
         if name in self.heads:
             raise ConfigError(f"head {name!r} already exists (heads: {self.head_names})")
         spec = {"classes": list(classes), **options}
-        self.config.heads[name] = spec
         self._attach_head(name, spec)
+        self.config.heads[name] = {**spec, "tower": self.heads[name].config.tower}
         device = next(self.parameters()).device
         self.heads[name].to(device)
         return self.heads[name]
@@ -117,7 +127,7 @@ class HydraNet(nn.Module):
         return torch.addcmul(-self.mean / self.std, images.float(), 1.0 / self.std)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone + neck, once per batch: pyramid maps at strides 8, 16, 32."""
+        """Backbone + neck, once per batch: pyramid maps at ``self.strides`` (8, 16, 32 by default)."""
         return self.neck(self.backbone(x))
 
     def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -134,11 +144,12 @@ class HydraNet(nn.Module):
             raise KeyError(f"unknown heads {unknown} (this model has {self.head_names})")
         return list(heads)
 
-    def points(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def points(self, feats: list[torch.Tensor], offset: float = 0.5) -> torch.Tensor:
+        """Every location's point in input pixels; ``offset`` is the head's ``center_offset``."""
         sizes = tuple(tuple(f.shape[-2:]) for f in feats)
-        key = (sizes, feats[0].device)
+        key = (sizes, feats[0].device, offset)
         if key not in self._points:
-            self._points[key] = make_points(list(sizes), self.backbone.strides, feats[0].device)
+            self._points[key] = make_points(list(sizes), self.strides, feats[0].device, offset)
         return self._points[key]
 
     @torch.inference_mode()
@@ -163,7 +174,6 @@ class HydraNet(nn.Module):
         results: list[dict[str, HeadDetections]] = [{} for _ in range(n)]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             feats = self.features(x)
-            points = self.points(feats)
             for name, head in self.heads.items():
                 idx = [i for i, w in enumerate(wanted) if name in w]
                 if not idx:
@@ -172,7 +182,7 @@ class HydraNet(nn.Module):
                 cfg = head.config
                 dets = postprocess(
                     head(sub),
-                    points,
+                    self.points(feats, cfg.center_offset),
                     tuple(images.shape[-2:]),
                     score_threshold=cfg.score_threshold if score_threshold is None else score_threshold,
                     nms_iou=cfg.nms_iou,

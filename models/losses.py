@@ -7,8 +7,17 @@ import torch.nn.functional as F
 
 from models.postprocess import decode_boxes
 
-# Each pyramid level regresses objects whose largest side distance falls in its range (input pixels).
-SIZE_RANGES = ((0.0, 48.0), (48.0, 96.0), (96.0, float("inf")))
+RANGE_PER_STRIDE = 6.0  # a level regresses distances up to 6 strides; the next level takes over from there
+
+
+def size_ranges(strides: tuple[int, ...]) -> tuple[tuple[float, float], ...]:
+    """Per pyramid level, the range of an object's largest centre-to-side distance it regresses (input
+    pixels): (0, 48), (48, 96), (96, inf) for strides 8, 16, 32; more levels continue the pattern."""
+    bounds = [0.0, *(RANGE_PER_STRIDE * s for s in strides[:-1]), float("inf")]
+    return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+SIZE_RANGES = size_ranges((8, 16, 32))
 CENTER_RADIUS = 1.5  # centre sampling: positives lie within 1.5 strides of the box centre
 
 
@@ -19,6 +28,7 @@ def assign_targets(
     boxes: torch.Tensor,
     labels: torch.Tensor,
     ignore_boxes: torch.Tensor | None = None,
+    ranges: tuple[tuple[float, float], ...] = SIZE_RANGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FCOS assignment for one image.
 
@@ -40,8 +50,8 @@ def assign_targets(
     r = point_strides[:, None] * CENTER_RADIUS
     in_center = ((x - cx).abs() < r) & ((y - cy).abs() < r) & (ltrb.min(-1).values > 0)
     max_dist = ltrb.max(-1).values
-    lo = torch.tensor([s[0] for s in SIZE_RANGES], device=points.device)[point_levels]
-    hi = torch.tensor([s[1] for s in SIZE_RANGES], device=points.device)[point_levels]
+    lo = torch.tensor([s[0] for s in ranges], device=points.device)[point_levels]
+    hi = torch.tensor([s[1] for s in ranges], device=points.device)[point_levels]
     in_range = (max_dist >= lo[:, None]) & (max_dist <= hi[:, None])
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand(p, -1).clone()
     area[~(in_center & in_range)] = float("inf")
@@ -56,7 +66,7 @@ def assign_targets(
     has_pos[gt_idx[pos]] = True
     for g in (~has_pos).nonzero().squeeze(1).tolist():
         half = float(torch.maximum(boxes[g, 2] - boxes[g, 0], boxes[g, 3] - boxes[g, 1])) / 2
-        level = next(i for i, (a, b) in enumerate(SIZE_RANGES) if half <= b)
+        level = next(i for i, (a, b) in enumerate(ranges) if half <= b)
         free = (point_levels == level) & (cls_target < 0)
         if not free.any():
             continue

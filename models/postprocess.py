@@ -29,12 +29,16 @@ class HeadDetections:
         }
 
 
-def make_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Centres of every feature-map cell in input pixels, levels concatenated: (P, 2) as (x, y)."""
+def make_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device,
+                offset: float = 0.5) -> torch.Tensor:
+    """Points of every feature-map cell in input pixels, levels concatenated: (P, 2) as (x, y).
+
+    ``offset`` 0.5 puts them at cell centres (ours); torchvision's FCOS anchors sit at ``i * stride`` (0).
+    """
     pts = []
     for (h, w), s in zip(sizes, strides):
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + offset) * s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + offset) * s
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         pts.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
     return torch.cat(pts, 0)

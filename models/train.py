@@ -21,7 +21,7 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
-from models.losses import assign_targets, fcos_loss
+from models.losses import assign_targets, fcos_loss, size_ranges
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_targets(model: HydraNet, feats_shapes: list[tuple[int, int]], samples: list[Sample],
-                  cmap: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    strides = model.backbone.strides
-    pts = model.points([torch.empty(1, 1, h, w, device=device) for h, w in feats_shapes])
+                  cmap: np.ndarray, device: torch.device, offset: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    strides = model.strides
+    pts = model.points([torch.empty(1, 1, h, w, device=device) for h, w in feats_shapes], offset)
+    ranges = size_ranges(strides)
     pstr = torch.cat([torch.full((h * w,), float(s), device=device) for (h, w), s in zip(feats_shapes, strides)])
     plev = torch.cat([torch.full((h * w,), i, dtype=torch.long, device=device) for i, (h, w) in enumerate(feats_shapes)])
     cls_t, box_t = [], []
@@ -147,7 +148,8 @@ def batch_targets(model: HydraNet, feats_shapes: list[tuple[int, int]], samples:
         labels = cmap[s.labels] if len(s.labels) else s.labels
         mine = labels >= 0
         c, b = assign_targets(pts, pstr, plev, torch.from_numpy(s.boxes[mine]).to(device),
-                              torch.from_numpy(labels[mine]).to(device), torch.from_numpy(s.ignore).to(device))
+                              torch.from_numpy(labels[mine]).to(device), torch.from_numpy(s.ignore).to(device),
+                              ranges)
         cls_t.append(c)
         box_t.append(b)
     return torch.stack(cls_t), torch.stack(box_t)
@@ -191,11 +193,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         else:
             feats = model.features(x)
         shapes = [tuple(f.shape[-2:]) for f in feats]
-        points = model.points(feats)
         losses: dict[str, torch.Tensor] = {}
         for name in trainable:
-            cls_t, box_t = batch_targets(model, shapes, samples, cmaps[name], device)
-            for k, v in fcos_loss(model.heads[name](feats), points, cls_t, box_t).items():
+            offset = model.heads[name].config.center_offset
+            cls_t, box_t = batch_targets(model, shapes, samples, cmaps[name], device, offset)
+            for k, v in fcos_loss(model.heads[name](feats), model.points(feats, offset), cls_t, box_t).items():
                 losses[f"{name}/{k}"] = v
         total = sum(losses.values())
         if not torch.isfinite(total):

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the two stages")
     d.add_argument("--no-progress", action="store_true")
 
+    m = sub.add_parser("import-detector", help="make a checkpoint from torchvision's COCO FCOS weights (a file you "
+                       "downloaded: fcos_resnet50_fpn_coco-99b0c9b7.pth)")
+    m.add_argument("weights", type=Path, help="torchvision's fcos_resnet50_fpn state dict (.pth)")
+    m.add_argument("--out", type=Path, default=Path("models/checkpoints/coco-fcos.safetensors"))
+    m.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
+                   help="model input, multiples of 128 (default 512x896; torchvision uses ~800 on the short side)")
+
     def run_options(r: argparse.ArgumentParser) -> None:
         r.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
         r.add_argument("--redis-url", default=None,
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         elif args.command == "train-demo":
             print(json.dumps(model_commands.train_demo(args), indent=2))
+        elif args.command == "import-detector":
+            print(model_commands.import_detector(args))
         elif args.command == "eval":
             report = model_commands.evaluate(args)
             print(json.dumps(report, indent=2) if args.json else model_commands.format_report(report))

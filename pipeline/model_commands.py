@@ -14,6 +14,7 @@ from models.checkpoint import CheckpointError, import_backbone_weights, load_che
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
 from models.hydranet import ConfigError as ModelConfigError
+from models.import_fcos import DEFAULT_INPUT_SIZE, import_torchvision_fcos
 from models.train import TrainConfig, build_model, train as train_model
 from pipeline.errors import UserError
 
@@ -76,6 +77,20 @@ def train_demo(args: argparse.Namespace) -> dict:
     report["checkpoint"] = str(out)
     report["train_minutes"] = round((time.time() - t0) / 60, 1)
     return report
+
+
+@_user_input_errors()
+def import_detector(args: argparse.Namespace) -> str:
+    t0 = time.time()
+    size = args.input_size or DEFAULT_INPUT_SIZE
+    model = import_torchvision_fcos(args.weights, size)
+    save_checkpoint(model, args.out, {"history": [{"imported": "torchvision fcos_resnet50_fpn (COCO)",
+                                                   "from": str(args.weights)}]})
+    classes = model.head_classes("coco")
+    return (f"wrote {args.out}: ResNet-50 + FPN (P3-P7) + head 'coco' with {len(classes)} classes "
+            f"({', '.join(classes[:4])}, ...), input {size[0]}x{size[1]}, in {time.time() - t0:.1f} s. "
+            f"Use it with model.checkpoint: {args.out}; add heads on its frozen backbone with "
+            f"`hydravision train --from {args.out} --freeze-shared --head NAME=CLASSES`.")
 
 
 @_user_input_errors()

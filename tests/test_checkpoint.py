@@ -41,6 +41,18 @@ def test_roundtrip_keeps_weights_config_and_metadata(tmp_path):
     assert read_metadata(path)["config"]["backbone"]["width"] == 8
 
 
+def test_checkpoints_saved_before_the_tower_choice_load_as_fcos_convs(tmp_path):
+    """Heads saved without a "tower" field were FCOS's full-conv towers: they must load as such."""
+    model = HydraNet(tiny_config(people={"classes": ["person"], "tower": "conv"}))
+    config = model.config.to_dict()
+    del config["heads"]["people"]["tower"]
+    path = write_safetensors(tmp_path / "old.safetensors", good_meta(config), model)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.heads["people"].config.tower == "conv"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
 def write_safetensors(path, metadata, model=None):
     model = model or HydraNet(tiny_config())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
@@ -49,7 +61,8 @@ def write_safetensors(path, metadata, model=None):
 
 def good_meta(config=None):
     return {"format": "hydravision-checkpoint", "format_version": "1",
-            "config": json.dumps((config or tiny_config()).to_dict()), "training": "{}"}
+            "config": json.dumps(config if isinstance(config, dict) else (config or tiny_config()).to_dict()),
+            "training": "{}"}
 
 
 def make_bad(kind, tmp_path):
@@ -90,7 +103,7 @@ def make_bad(kind, tmp_path):
         ("foreign_safetensors", "not a hydravision checkpoint"),
         ("future_version", "format version 99 is not supported"),
         ("unknown_backbone", "unknown backbone type 'vit_h14'"),
-        ("wrong_shapes", r"heads\.people\.cls_logits\.weight: expected \(1, 16, 3, 3\), got \(2, 16, 3, 3\)"),
+        ("wrong_shapes", r"heads\.people\.cls_logits\.weight: expected \(1, 16, 1, 1\), got \(2, 16, 1, 1\)"),
         ("damaged_config", "metadata is damaged"),
     ],
 )

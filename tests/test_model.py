@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.resnet import ResNet, ResNetConfig
@@ -70,6 +71,7 @@ def test_feature_maps_have_declared_channels_and_strides(width, depth, expected)
         ({"input_size": (100, 320)}, "multiple of 32"),
         ({"heads": {"people": {"classes": []}}}, "non-empty"),
         ({"heads": {"bad name": {"classes": ["a"]}}}, "identifier"),
+        ({"heads": {"people": {"classes": ["a"], "tower": "bifpn"}}}, "tower must be one of"),
     ],
 )
 def test_bad_model_config_names_the_problem(bad, message):
@@ -134,3 +136,18 @@ def test_add_head_keeps_existing_outputs():
         assert torch.equal(before[k], after["people"][k])
     with pytest.raises(ConfigError, match="already exists"):
         model.add_head("people", ["person"])
+
+
+@pytest.mark.parametrize("tower, kernel, convs", [("separable", 1, 4), ("conv", 3, 2)])
+def test_head_towers_give_the_same_outputs_with_their_own_layers(tower, kernel, convs):
+    model = tiny_model(people={"classes": ["person"], "tower": tower})
+    head = model.heads["people"]
+    assert sum(isinstance(m, nn.Conv2d) for m in head.tower) == convs
+    assert head.cls_logits.kernel_size == (kernel, kernel)
+    out = model(torch.zeros(1, 3, 64, 96))["people"]
+    assert out["cls_logits"].shape == (1, 8 * 12 + 4 * 6 + 2 * 3, 1)
+
+
+def test_new_heads_default_to_the_separable_tower():
+    assert tiny_model().heads["vehicles"].config.tower == "separable"
+    assert tiny_model().add_head("extra", ["car"]).config.tower == "separable"

@@ -169,3 +169,32 @@ def test_eval_cli_prints_json(base_checkpoint):
     assert set(report["heads"]) == {"people"}
     assert 0.0 <= report["heads"]["people"]["map50"] <= 1.0
     assert report["frames"] == 4
+
+
+def test_a_new_head_trains_on_a_frozen_five_level_model_with_offset_points(tmp_path):
+    """The imported COCO detector's shape: P3-P7 and a head whose points sit at i * stride. A new head
+    trained beside it must leave it bit-identical and learn on all five levels."""
+    from models.checkpoint import save_checkpoint
+    from models.hydranet import HydraNet, HydraNetConfig
+
+    torch.manual_seed(0)
+    base = HydraNet(HydraNetConfig(input_size=(128, 128), backbone=TINY["backbone"],
+                                   neck={"type": "fpn", "channels": 16, "extra_levels": 2},
+                                   heads={"coco": {"classes": ["person", "car"], "tower": "split", "tower_convs": 1,
+                                                   "center_offset": 0.0}}))
+    assert base.strides == (8, 16, 32, 64, 128)
+    init = save_checkpoint(base, tmp_path / "five.safetensors")
+    tiny = {**TINY, "input_size": (128, 128)}
+    out = train(TrainConfig(out=tmp_path / "plus.safetensors", heads={"bikes": ["bicycle"]}, init=init,
+                            freeze_shared=True, steps=2, lr=0.05, **tiny), progress=False)
+    after, _ = load_checkpoint(out)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, after.state_dict()[k]), f"{k} changed"
+    assert after.heads["bikes"].config.center_offset == 0.5 and len(after.heads["bikes"].scales) == 5
+
+
+def test_size_ranges_continue_the_three_level_pattern():
+    from models.losses import SIZE_RANGES, size_ranges
+
+    assert SIZE_RANGES == ((0.0, 48.0), (48.0, 96.0), (96.0, float("inf")))
+    assert size_ranges((8, 16, 32, 64, 128))[3:] == ((192.0, 384.0), (384.0, float("inf")))
