@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,6 +34,7 @@ class Sample:
     boxes: np.ndarray  # (G, 4) float32 xyxy, model-input pixels
     labels: np.ndarray  # (G,) int64 index into the dataset's class names
     ignore: np.ndarray  # (I, 4) float32 regions that are neither positives nor negatives
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (G,) str per box ("" = none)
 
 
 def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, list[Sample]]:
@@ -114,7 +115,8 @@ class SyntheticFrames(IterableDataset):
             hidden = ~good & (truth.visibility > 0)
             image, boxes, keep, ignore = place(frame, truth.boxes[good], truth.boxes[hidden], self.input_size,
                                                rng if self.augment else None)
-            yield Sample(image, boxes[keep], truth.class_ids[good][keep].astype(np.int64), ignore)
+            yield Sample(image, boxes[keep], truth.class_ids[good][keep].astype(np.int64), ignore,
+                         {"kind": truth.kinds[good][keep]})
 
 
 def read_class_names(root: Path) -> list[str] | None:

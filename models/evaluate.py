@@ -65,6 +65,8 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
         # synthetic class id -> head class id (-1: not this head's class)
         cmap = np.array([classes.index(c) if c in classes else -1 for c in CLASS_NAMES])
         heads[name] = (cmap, MeanAveragePrecision())
+    attrs = {name: AttributeScore(a.config.labels) for name, a in model.attributes.items()
+             if a.config.on in heads and set(a.config.of) <= set(CLASS_NAMES)}
     device = model.mean.device
     frames = list(held_out_frames(cfg))
     bar = tqdm(total=len(frames), desc="eval", unit="frame", disable=not progress)
@@ -85,6 +87,10 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
                 target = sv.Detections(xyxy=truth.boxes[mine].astype(np.float32), class_id=tcls[mine].astype(int))
                 ignored = truth.boxes[hidden & (tcls >= 0)].astype(np.float32)
                 metric.update(drop_ignored(pred, ignored, target), target)
+            for name, score in attrs.items():
+                attr = model.attributes[name].config
+                score.update(res[attr.on], lb, truth, good, model.head_classes(attr.on), attr,
+                             model.heads[attr.on].config.score_threshold, name)
         bar.update(len(chunk))
     bar.close()
     report = {"frames": len(frames), "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
@@ -96,6 +102,59 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
             per_class[classes[int(cid)]] = round(float(ap[0]), 4)  # column 0 is IoU 0.5
         report["heads"][name] = {"map50": round(float(r.map50), 4), "map50_95": round(float(r.map50_95), 4),
                                  "ap50_per_class": per_class}
+    if attrs:
+        report["attributes"] = {name: score.report() for name, score in attrs.items()}
     if skipped:
         report["skipped"] = skipped
     return report
+
+
+class AttributeScore:
+    """An attribute head's accuracy on the boxes the service would publish: detections at the head's own
+    score threshold matched one-to-one to visible ground-truth objects of its classes (IoU >= 0.5)."""
+
+    def __init__(self, labels: list[str]):
+        self.labels = list(labels)
+        self.confusion = np.zeros((len(labels), len(labels)), np.int64)  # truth x predicted
+        self.objects = 0  # ground-truth objects it should label
+        self.unlabelled = 0  # of those, matched by a detection that carried no label (another class)
+
+    def update(self, det, lb, truth, good: np.ndarray, head_classes: list[str], attr, threshold: float,
+               name: str) -> None:
+        names = np.array([CLASS_NAMES[c] for c in truth.class_ids])
+        mine = good & np.isin(names, attr.of) & np.isin(truth.kinds, self.labels)
+        self.objects += int(mine.sum())
+        d = det.numpy()
+        keep = d["scores"] >= threshold
+        if not mine.any() or not keep.any():
+            return
+        boxes = torch.from_numpy(boxes_to_source(d["boxes"][keep], lb)).float()
+        iou = box_iou(torch.from_numpy(truth.boxes[mine]).float(), boxes).numpy()
+        predicted = d[f"attr:{name}"][keep]
+        for t, p in greedy_pairs(iou, 0.5):
+            label = predicted[p]
+            if label == "":
+                self.unlabelled += 1
+            else:
+                self.confusion[self.labels.index(truth.kinds[mine][t]), self.labels.index(label)] += 1
+
+    def report(self) -> dict:
+        scored = int(self.confusion.sum())
+        return {"accuracy": round(float(np.trace(self.confusion) / max(1, scored)), 4), "scored": scored,
+                "objects": self.objects, "matched_without_label": self.unlabelled,
+                "confusion_truth_x_predicted": {t: dict(zip(self.labels, map(int, row)))
+                                                for t, row in zip(self.labels, self.confusion)}}
+
+
+def greedy_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """One-to-one (row, column) pairs by descending IoU, each at least ``threshold``."""
+    pairs, rows, cols = [], set(), set()
+    for flat in np.argsort(-iou, axis=None):
+        r, c = divmod(int(flat), iou.shape[1])
+        if iou[r, c] < threshold:
+            break
+        if r not in rows and c not in cols:
+            pairs.append((r, c))
+            rows.add(r)
+            cols.add(c)
+    return pairs

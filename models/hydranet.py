@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from models.attributes import AttributeConfig, AttributeHead
 from models.fpn import FPN, FPNConfig
 from models.heads import DetectionHead, HeadConfig
 from models.postprocess import HeadDetections, make_points, postprocess
@@ -41,12 +42,23 @@ def _build_part_config(kind: str, spec: dict, registry: dict[str, tuple[type, ty
         raise ConfigError(f"bad {kind} config: {e}") from None
 
 
+def _attribute_config(name: str, spec: dict) -> AttributeConfig:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"attribute name must be an identifier-like string, got {name!r}")
+    try:
+        return AttributeConfig(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad attribute {name!r} config: {e}") from None
+
+
 @dataclass
 class HydraNetConfig:
     input_size: tuple[int, int] = (256, 448)  # (height, width) of the letterboxed model input
     backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 16})
     neck: dict = field(default_factory=lambda: {"type": "fpn", "channels": 64})
     heads: dict[str, dict] = field(default_factory=dict)  # name -> {"type": "fcos", "classes": [...], ...}
+    # name -> {"labels": [...], "on": detection head, "of": [its classes]}: labels for that head's boxes
+    attributes: dict[str, dict] = field(default_factory=dict)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -63,6 +75,13 @@ class HydraNetConfig:
             _, head = _build_part_config(f"head {name!r}", {"type": "fcos", **spec}, HEADS)
             # Written out, so that a checkpoint names its tower even if the default changes again.
             self.heads[name] = {**spec, "tower": head.tower}
+        for name, spec in self.attributes.items():
+            attr = _attribute_config(name, spec)
+            if attr.on not in self.heads:
+                raise ConfigError(f"attribute {name!r}: 'on' names head {attr.on!r}, not one of {list(self.heads)}")
+            classes = self.heads[attr.on]["classes"]
+            if any(c not in classes for c in attr.of):
+                raise ConfigError(f"attribute {name!r}: 'of' {attr.of} must be classes of head {attr.on!r} {classes}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +111,9 @@ class HydraNet(nn.Module):
         self.heads = nn.ModuleDict()
         for name, spec in config.heads.items():
             self._attach_head(name, spec)
+        self.attributes = nn.ModuleDict(
+            {name: AttributeHead(self.neck.out_channels, self.strides, _attribute_config(name, spec))
+             for name, spec in config.attributes.items()})
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
         self._points: dict[tuple, torch.Tensor] = {}
@@ -120,6 +142,19 @@ class HydraNet(nn.Module):
         device = next(self.parameters()).device
         self.heads[name].to(device)
         return self.heads[name]
+
+    def add_attribute(self, name: str, labels: Sequence[str], on: str, of: Sequence[str], **options: Any) -> AttributeHead:
+        """Adds a new, randomly initialised attribute head for head ``on``'s boxes of classes ``of``."""
+        if name in self.attributes or name in self.heads:
+            raise ConfigError(f"{name!r} is already a head or attribute of this model")
+        spec = {"labels": list(labels), "on": on, "of": list(of), **options}
+        attributes = {**self.config.attributes, name: spec}
+        HydraNetConfig(self.config.input_size, self.config.backbone, self.config.neck, self.config.heads,
+                       attributes, self.config.mean, self.config.std)  # validates on / of
+        self.config.attributes = attributes
+        self.attributes[name] = AttributeHead(self.neck.out_channels, self.strides, _attribute_config(name, spec))
+        self.attributes[name].to(next(self.parameters()).device)
+        return self.attributes[name]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) RGB -> normalized float; done on the model's device so frames travel as uint8."""
@@ -190,4 +225,28 @@ class HydraNet(nn.Module):
                 )
                 for i, d in zip(idx, dets):
                     results[i][name] = d
+            for name, attr in self.attributes.items():
+                self._label(name, attr, feats, results)
         return results
+
+    def _label(self, name: str, attr: AttributeHead, feats: list[torch.Tensor],
+               results: list[dict[str, HeadDetections]]) -> None:
+        """Runs one attribute head on its detection head's boxes of its classes, in every image that has them."""
+        cfg = attr.config
+        wanted = torch.tensor([self.head_classes(cfg.on).index(c) for c in cfg.of], device=feats[0].device)
+        images = [i for i, r in enumerate(results) if cfg.on in r]
+        if not images:
+            return
+        picks = [torch.isin(results[i][cfg.on].class_ids, wanted) for i in images]
+        sub = [f[torch.tensor(images, device=f.device)] for f in feats]
+        logits = attr(sub, [results[i][cfg.on].boxes[p] for i, p in zip(images, picks)])
+        probs, ids = logits.float().softmax(1).max(1)
+        start = 0
+        for i, pick in zip(images, picks):
+            det = results[i][cfg.on]
+            k = int(pick.sum())
+            label = torch.full((len(det),), -1, dtype=torch.long, device=ids.device)
+            prob = torch.zeros(len(det), device=ids.device)
+            label[pick], prob[pick] = ids[start:start + k], probs[start:start + k]
+            det.attributes[name] = (label, prob, list(cfg.labels))
+            start += k

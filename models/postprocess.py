@@ -5,8 +5,9 @@ Written by hand because torchvision (which has ``batched_nms``) is not a depende
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -17,16 +18,25 @@ class HeadDetections:
     boxes: torch.Tensor  # (K, 4) float
     scores: torch.Tensor  # (K,) float
     class_ids: torch.Tensor  # (K,) int64
+    # attribute head name -> (label index (K,) int64, -1 where it does not apply; its probability (K,); label names)
+    attributes: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
     def numpy(self) -> dict:
-        return {
+        """Arrays for transport: boxes, scores, class_ids, and per attribute ``attr:NAME`` (label names, "" where
+        none applies) and ``attr:NAME:conf``."""
+        out = {
             "boxes": self.boxes.float().cpu().numpy(),
             "scores": self.scores.float().cpu().numpy(),
             "class_ids": self.class_ids.cpu().numpy(),
         }
+        for name, (ids, probs, labels) in self.attributes.items():
+            ids = ids.cpu().numpy()
+            out[f"attr:{name}"] = np.array([labels[i] if i >= 0 else "" for i in ids], dtype=str)
+            out[f"attr:{name}:conf"] = np.where(ids >= 0, probs.float().cpu().numpy(), 0.0).astype(np.float32)
+        return out
 
 
 def make_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device,

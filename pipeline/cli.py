@@ -68,10 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth state dict")
     t.add_argument("--no-progress", action="store_true")
 
-    d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (two stages, seeded)")
+    a = sub.add_parser("train-attribute", help="add an attribute head (labels for one head's boxes, e.g. a car's "
+                       "body type) to a model and train it on its frozen features")
+    a.add_argument("--from", dest="init", type=Path, required=True, help="the model to add it to")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--attribute", type=parse_head, required=True, metavar="NAME=LABELS",
+                   help="e.g. kind=sedan,hatch,van (synthetic scenes know a car's 'kind')")
+    a.add_argument("--on", type=parse_head, required=True, metavar="HEAD=CLASSES",
+                   help="the detection head and its classes it labels, e.g. vehicles=car")
+    a.add_argument("--steps", type=positive_int, default=600)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (three stages, seeded)")
     d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
-    d.add_argument("--steps", type=positive_int, nargs=2, default=None, metavar=("BASE", "HEAD"),
-                   help="training steps of the two stages")
+    d.add_argument("--steps", type=positive_int, nargs=3, default=None, metavar=("BASE", "HEAD", "ATTRIBUTE"),
+                   help="training steps of the three stages")
     d.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("import-detector", help="make a checkpoint from torchvision's COCO FCOS weights (a file you "
@@ -178,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")
+        elif args.command == "train-attribute":
+            print(f"wrote {model_commands.train_attribute(args)}")
         elif args.command == "train-demo":
             print(json.dumps(model_commands.train_demo(args), indent=2))
         elif args.command == "import-detector":

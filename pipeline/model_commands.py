@@ -16,6 +16,7 @@ from models.evaluate import EvalConfig, evaluate as evaluate_model
 from models.hydranet import ConfigError as ModelConfigError
 from models.import_fcos import DEFAULT_INPUT_SIZE, import_torchvision_fcos
 from models.train import TrainConfig, build_model, train as train_model
+from models.train_attributes import AttributeTrainConfig, train_attribute as train_attribute_head
 from pipeline.errors import UserError
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
@@ -26,8 +27,10 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoin
 MODEL_INPUT_ERRORS = (CheckpointError, DatasetError, ModelConfigError)
 
 # The demo recipe, as a user would do it: a people detector trained with the backbone, then a
-# vehicles head added on the frozen backbone (which leaves the people head bit-identical).
-DEMO_BASE_STEPS, DEMO_HEAD_STEPS = 5000, 2500
+# vehicles head added on the frozen backbone (which leaves the people head bit-identical), then an
+# attribute head that labels each car's body type, on the same frozen features.
+DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS = 5000, 2500, 600
+DEMO_ATTRIBUTE = {"name": "kind", "labels": ["sedan", "hatch", "van"], "on": "vehicles", "of": ["car"]}
 
 
 @contextmanager
@@ -63,20 +66,35 @@ def train(args: argparse.Namespace) -> Path:
 
 @_user_input_errors()
 def train_demo(args: argparse.Namespace) -> dict:
-    base_steps, head_steps = args.steps or (DEMO_BASE_STEPS, DEMO_HEAD_STEPS)
+    base_steps, head_steps, attribute_steps = args.steps or (DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS)
     out = Path(args.out)
     base = out.with_name(out.stem + ".base.safetensors")
+    heads = out.with_name(out.stem + ".heads.safetensors")
     t0 = time.time()
     train_model(TrainConfig(out=base, heads={"people": ["person"]}, steps=base_steps, seed=0),
                 progress=not args.no_progress)
-    train_model(TrainConfig(out=out, heads={"vehicles": ["car", "bicycle"]}, init=base, freeze_shared=True,
+    train_model(TrainConfig(out=heads, heads={"vehicles": ["car", "bicycle"]}, init=base, freeze_shared=True,
                             steps=head_steps, seed=1), progress=not args.no_progress)
+    train_attribute_head(AttributeTrainConfig(init=heads, out=out, steps=attribute_steps, seed=2, **DEMO_ATTRIBUTE),
+                         progress=not args.no_progress)
     base.unlink()
+    heads.unlink()
     model, _ = load_checkpoint(out)
     report = evaluate_model(model, EvalConfig(), progress=not args.no_progress)
     report["checkpoint"] = str(out)
     report["train_minutes"] = round((time.time() - t0) / 60, 1)
     return report
+
+
+@_user_input_errors()
+def train_attribute(args: argparse.Namespace) -> Path:
+    (name, labels), (on, of) = args.attribute, args.on
+    try:
+        cfg = AttributeTrainConfig(init=args.init, out=args.out, name=name, labels=labels, on=on, of=of,
+                                   steps=args.steps, seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return train_attribute_head(cfg, progress=not args.no_progress)
 
 
 @_user_input_errors()
@@ -110,6 +128,9 @@ def format_report(report: dict) -> str:
     for name, r in report["heads"].items():
         per = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50_per_class"].items())
         lines.append(f"{name:<12} {r['map50']:>8.3f} {r['map50_95']:>10.3f}  {per}")
+    for name, r in report.get("attributes", {}).items():
+        lines.append(f"attribute {name}: accuracy {r['accuracy']:.3f} on {r['scored']} detected objects "
+                     f"(of {r['objects']} in the frames)")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"{name:<12} not scored: {why}")
     return "\n".join(lines)

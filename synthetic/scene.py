@@ -21,6 +21,7 @@ from synthetic import sprites
 from synthetic.sprites import Sprite
 
 CLASS_NAMES: tuple[str, ...] = ("person", "car", "bicycle")
+CAR_KINDS: tuple[str, ...] = sprites.CAR_KINDS  # the attribute a car carries in FrameTruth.kinds
 
 _BASE_COUNT = 7.0  # objects alive at density 1 (a few are just entering or leaving)
 _SHARE = {"person": 0.4, "car": 0.35, "bicycle": 0.25}  # of the objects alive, not of spawns
@@ -41,11 +42,13 @@ class FrameTruth:
     class_ids: np.ndarray  # (N,) int64 index into CLASS_NAMES
     object_ids: np.ndarray  # (N,) int64, persistent for an object's life, never reused within a scene
     visibility: np.ndarray  # (N,) float32: fraction of the object's pixels inside the image and not covered
+    kinds: np.ndarray | None = None  # (N,) str: a car's body type (CAR_KINDS), "" for other classes
 
     def visible(self, min_visibility: float = 0.5) -> "FrameTruth":
         """The objects with visibility >= min_visibility."""
         k = self.visibility >= min_visibility
-        return FrameTruth(self.frame, self.boxes[k], self.class_ids[k], self.object_ids[k], self.visibility[k])
+        return FrameTruth(self.frame, self.boxes[k], self.class_ids[k], self.object_ids[k], self.visibility[k],
+                          None if self.kinds is None else self.kinds[k])
 
     def __len__(self) -> int:
         return len(self.object_ids)
@@ -394,7 +397,8 @@ class StreetScene:
         image = self._light_and_noise()
         b = np.clip(np.array(boxes, np.float32).reshape(-1, 4), 0, [W, H, W, H]).astype(np.float32)
         truth = FrameTruth(self._frame, b, np.array([CLASS_NAMES.index(a.cls) for a, _ in keep], np.int64),
-                           np.array([a.id for a, _ in keep], np.int64), np.array([v for _, v in keep], np.float32))
+                           np.array([a.id for a, _ in keep], np.int64), np.array([v for _, v in keep], np.float32),
+                           np.array([a.recipe.get("kind", "") for a, _ in keep], dtype="<U8"))
         self._frame += 1
         return image, truth
 

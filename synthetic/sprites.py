@@ -203,8 +203,11 @@ _CAR_TYPES = {
 }
 
 
+CAR_KINDS = ("sedan", "hatch", "van")
+
+
 def car_recipe(rng: np.random.Generator) -> dict:
-    kind = str(rng.choice(["sedan", "sedan", "hatch", "van"]))
+    kind = str(rng.choice(["sedan", "sedan", "hatch", "van"]))  # half sedans
     return dict(kind=kind, paint=_jitter(rng, _pick(rng, _PAINT), 12), glass=_jitter(rng, (55, 70, 90), 15),
                 tyre=_jitter(rng, (28, 28, 30), 6), rim=_jitter(rng, (175, 175, 180), 25))
 

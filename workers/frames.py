@@ -13,7 +13,8 @@ import supervision as sv
 from models.letterbox import Letterbox, boxes_to_source
 
 # One head's result for one frame, as the InferenceActor returns it (model-input pixels):
-# {"boxes": (K, 4) float32 xyxy, "scores": (K,) float32, "class_ids": (K,) int64}
+# {"boxes": (K, 4) float32 xyxy, "scores": (K,) float32, "class_ids": (K,) int64}, and per attribute head
+# riding on it "attr:NAME" (K,) str label ("" where it does not apply) and "attr:NAME:conf" (K,) float32
 HeadArrays = dict[str, np.ndarray]
 
 
@@ -49,11 +50,13 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
         det.data["class_name"] = np.array([], dtype=str)
         return det
     names = np.array([class_names[i] for i in class_ids])
+    # attribute arrays ride in data: the tracker's subsets of the detections keep them aligned
+    attrs = {k: np.asarray(v) for k, v in arrays.items() if k.startswith("attr:")}
     return sv.Detections(
         xyxy=boxes_to_source(boxes, lb),
         confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),
         class_id=class_ids,
-        data={"class_name": names},
+        data={"class_name": names, **attrs},
     )
 
 
@@ -64,6 +67,16 @@ def detection_records(head: str, det: sv.Detections, track_ids: np.ndarray | Non
     for i in range(len(det)):
         tid = None if track_ids is None or track_ids[i] < 0 else int(track_ids[i])
         x1, y1, x2, y2 = (round(float(v), 1) for v in det.xyxy[i])
-        out.append({"head": head, "track_id": tid, "class": str(names[i]), "class_id": int(det.class_id[i]),
-                    "conf": round(float(det.confidence[i]), 4), "box": [x1, y1, x2, y2]})
+        record = {"head": head, "track_id": tid, "class": str(names[i]), "class_id": int(det.class_id[i]),
+                  "conf": round(float(det.confidence[i]), 4), "box": [x1, y1, x2, y2]}
+        attributes = {name: {"label": str(det.data[f"attr:{name}"][i]),
+                             "conf": round(float(det.data[f"attr:{name}:conf"][i]), 4)}
+                      for name in attribute_names(det) if det.data[f"attr:{name}"][i]}
+        if attributes:
+            record["attributes"] = attributes
+        out.append(record)
     return out
+
+
+def attribute_names(det: sv.Detections) -> list[str]:
+    return [k[len("attr:"):] for k in det.data if k.startswith("attr:") and not k.endswith(":conf")]

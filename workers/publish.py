@@ -69,8 +69,8 @@ def detection_message(camera: str, frame: int, pts: float, ts: float, latency_ms
                       size: tuple[int, int], detections: list[dict], heads: list[str]) -> dict:
     """One frame's v1 message. size is (width, height) of the source image; boxes are source pixels.
 
-    Each detection is {head, track_id, class, class_id, conf, box}; a negative track_id (the trackers'
-    "not yet confirmed" -1) becomes null. Numbers are rounded to what consumers can use, to keep messages small.
+    Each detection is {head, track_id, class, class_id, conf, box[, attributes]}; a negative track_id (the
+    trackers' "not yet confirmed" -1) becomes null. Numbers are rounded to what consumers can use, to keep messages small.
     """
     ran = list(dict.fromkeys(heads))
     out = []
@@ -81,9 +81,13 @@ def detection_message(camera: str, frame: int, pts: float, ts: float, latency_ms
         if len(box) != 4:
             raise ValueError(f"expected box [x1, y1, x2, y2], got {len(box)} values")
         track = d.get("track_id")
-        out.append({"head": d["head"], "track_id": None if track is None or track < 0 else int(track),
-                    "class": str(d["class"]), "class_id": int(d["class_id"]),
-                    "conf": round(_finite("conf", d["conf"]), 4), "box": box})
+        record = {"head": d["head"], "track_id": None if track is None or track < 0 else int(track),
+                  "class": str(d["class"]), "class_id": int(d["class_id"]),
+                  "conf": round(_finite("conf", d["conf"]), 4), "box": box}
+        if d.get("attributes"):  # {name: {label, conf}} from attribute heads
+            record["attributes"] = {str(k): {"label": str(v["label"]), "conf": round(_finite("conf", v["conf"]), 4)}
+                                    for k, v in d["attributes"].items()}
+        out.append(record)
     # latency_ms is clamped at 0: a wall-clock step (NTP) can make capture time look like the future.
     return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame), "pts": _finite("pts", pts),
             "ts": _finite("ts", ts), "latency_ms": round(max(0.0, _finite("latency_ms", latency_ms)), 3),

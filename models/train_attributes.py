@@ -1,0 +1,101 @@
+"""Training an attribute head on a frozen model: everything else stays bit-identical.
+
+The head learns from ground-truth boxes of its classes, jittered by a few percent of their size so that it
+sees what a detector's boxes look like, on the synthetic scenes (the data that knows each car's body type).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.datasets import DatasetError, SyntheticFrames, collate
+from synthetic.scene import CLASS_NAMES
+
+
+@dataclass
+class AttributeTrainConfig:
+    init: Path  # the model to add the head to
+    out: Path
+    name: str  # the head's name, and the data's attribute it learns ("kind": a car's body type)
+    labels: list[str]
+    on: str  # detection head whose boxes it labels
+    of: list[str]  # that head's classes it labels
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    jitter: float = 0.08  # box corners move by up to this fraction of the box's size
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.init, self.out = Path(self.init), Path(self.out)
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+
+
+def targets(samples, cfg: AttributeTrainConfig, rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per image the (jittered) boxes to label, and all their label indices in order."""
+    boxes, labels = [], []
+    for s in samples:
+        values = s.attributes.get(cfg.name)
+        if values is None:
+            raise DatasetError(f"the training data has no attribute {cfg.name!r} (synthetic scenes have: kind)")
+        names = np.array([CLASS_NAMES[c] for c in s.labels])
+        keep = np.isin(names, cfg.of) & np.isin(values, cfg.labels)
+        b = s.boxes[keep].copy()
+        size = np.concatenate([b[:, 2:] - b[:, :2]] * 2, 1)
+        b += rng.uniform(-cfg.jitter, cfg.jitter, b.shape).astype(np.float32) * size
+        boxes.append(torch.from_numpy(b))
+        labels += [cfg.labels.index(v) for v in values[keep]]
+    return boxes, torch.tensor(labels, dtype=torch.long)
+
+
+def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, training = load_checkpoint(cfg.init, device=device)
+    head = model.add_attribute(cfg.name, cfg.labels, cfg.on, cfg.of)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    head.train()  # only the new head: BatchNorm statistics elsewhere stay as they are
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    loader = DataLoader(SyntheticFrames(model.config.input_size, seed=cfg.seed), batch_size=cfg.batch_size,
+                        collate_fn=collate, num_workers=1)
+    batches = iter(loader)
+    bar = tqdm(range(cfg.steps), desc=f"train attribute {cfg.name}", unit="step", disable=not progress)
+    t0, smooth, seen = time.time(), None, 0
+    for step in bar:
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        images, samples = next(batches)
+        boxes, labels = targets(samples, cfg, rng)
+        if len(labels) == 0:
+            continue
+        with torch.no_grad():
+            feats = model.features(model.normalize(images.to(device)))
+        loss = F.cross_entropy(head(feats, [b.to(device) for b in boxes]), labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(labels)
+        value = loss.item()
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        bar.set_postfix(loss=f"{smooth:.3f}")
+    history = list(training.get("history", []))
+    history.append({"attribute": cfg.name, "labels": cfg.labels, "on": cfg.on, "of": cfg.of, "steps": cfg.steps,
+                    "seed": cfg.seed, "objects_seen": seen, "seconds": round(time.time() - t0, 1),
+                    "final_loss": smooth, "frozen_shared": True, "init": str(cfg.init)})
+    return save_checkpoint(model, cfg.out, {**training, "history": history})
