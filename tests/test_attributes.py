@@ -119,3 +119,22 @@ def test_synthetic_cars_carry_their_kind():
         assert set(truth.kinds[cars]) <= set(CAR_KINDS) and set(truth.kinds[~cars]) <= {""}
         kinds |= set(truth.kinds[cars])
     assert kinds == set(CAR_KINDS)
+
+
+def test_a_tracked_objects_label_is_its_tracks_vote_not_the_last_frames_guess():
+    import supervision as sv
+
+    tracker = CameraTracker(["vehicles"], TrackerConfig(minimum_consecutive_frames=1), 10.0)
+    seen = []
+    for frame, (label, conf) in enumerate([("van", 0.9), ("van", 0.8), ("hatch", 0.6), ("van", 0.7), ("hatch", 0.7)]):
+        det = sv.Detections(xyxy=np.array([[10.0 + frame, 10, 60 + frame, 40]]), confidence=np.array([0.9]),
+                            class_id=np.array([0]), data={"class_name": np.array(["car"]), "attr:kind": np.array([label]),
+                                                          "attr:kind:conf": np.array([conf], np.float32)})
+        tracked, _ = tracker.update("vehicles", det, frame, frame / 10)
+        seen.append((int(tracked.tracker_id[0]), str(tracked.data["attr:kind"][0]),
+                     round(float(tracked.data["attr:kind:conf"][0]), 3)))
+    # ByteTrack confirms a new track on its second frame; from then on the track votes
+    assert seen[0] == (-1, "van", 0.9) and all(s[0] == seen[1][0] >= 0 for s in seen[1:])
+    # van keeps the vote against the hatch frames: 0.8 against 0.6, then 1.5 against 1.3
+    assert seen[2][1:] == ("van", round(0.8 / 1.4, 3))
+    assert [s[1] for s in seen] == ["van"] * 5 and seen[4][1:] == ("van", round(1.5 / 2.8, 3))

@@ -26,6 +26,7 @@ class TrackState:
     last_frame: int
     last_pts: float
     frames: int = 1
+    votes: dict[str, dict[str, float]] = field(default_factory=dict)  # attribute -> label -> summed confidence
 
 
 @dataclass
@@ -89,21 +90,38 @@ class CameraTracker:
         tracked.tracker_id = ids
         events: list[dict] = []
         names = tracked.data.get("class_name", np.array([""] * len(tracked)))
-        for tid, name in zip(ids.tolist(), names):
+        for row, (tid, name) in enumerate(zip(ids.tolist(), names)):
             if tid < 0:
                 continue
             st = ht.active.get(tid)
             ht.next_id = max(ht.next_id, tid + 1)
             if st is None:
-                ht.active[tid] = TrackState(head, tid, str(name), frame, pts, frame, pts)
+                st = ht.active[tid] = TrackState(head, tid, str(name), frame, pts, frame, pts)
                 events.append({"type": "track_started", "head": head, "track_id": tid, "class": str(name),
                                "frame": frame, "pts": round(pts, 3)})
             else:
                 st.last_frame, st.last_pts, st.frames = frame, pts, st.frames + 1
+            self._vote(st, tracked, row)
         alive = {t.tracker_id + ht.id_base for t in ht.tracker.tracks if t.tracker_id >= 0}
         for tid in [t for t in ht.active if t not in alive]:
             events.append(self._ended(ht.active.pop(tid)))
         return tracked, events
+
+    @staticmethod
+    def _vote(st: TrackState, tracked: sv.Detections, row: int) -> None:
+        """A tracked object's attribute label is its track's vote so far (confidence-weighted), not the latest
+        frame's guess: one blurred frame does not relabel a van. ``conf`` becomes the winner's share of it."""
+        for key in [k for k in tracked.data if k.startswith("attr:") and not k.endswith(":conf")]:
+            label = str(tracked.data[key][row])
+            if not label:
+                continue
+            votes = st.votes.setdefault(key, {})
+            votes[label] = votes.get(label, 0.0) + float(tracked.data[key + ":conf"][row])
+            best = max(votes, key=votes.get)
+            if tracked.data[key].dtype.itemsize < np.array(best).dtype.itemsize:  # room for a longer label
+                tracked.data[key] = tracked.data[key].astype(np.array(best).dtype)
+            tracked.data[key][row] = best
+            tracked.data[key + ":conf"][row] = votes[best] / max(sum(votes.values()), 1e-9)
 
     def finish(self) -> list[dict]:
         """track_ended for every open track (camera stopping or removed)."""
