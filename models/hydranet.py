@@ -201,32 +201,41 @@ class HydraNet(nn.Module):
         (None = every head). Returns per image {head: detections in model-input pixels}.
         """
         n = images.shape[0]
+        wanted = self.wanted_heads(heads_per_image, n)
+        device = self.mean.device
+        x = self.normalize(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            feats = self.features(x)
+            raw = {}
+            for name, head in self.heads.items():
+                idx = [i for i, w in enumerate(wanted) if name in w]
+                if idx:
+                    raw[name] = (idx, head(feats if len(idx) == n else [f[torch.tensor(idx, device=device)] for f in feats]))
+            return self.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
+
+    def wanted_heads(self, heads_per_image: Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:
         wanted = [self._check_heads(h) for h in (heads_per_image or [None] * n)]
         if len(wanted) != n:
             raise ValueError(f"expected {n} head lists (one per image), got {len(wanted)}")
-        device = self.mean.device
-        x = self.normalize(images.to(device, non_blocking=True))
+        return wanted
+
+    def decode(self, feats: list[torch.Tensor], raw: dict[str, tuple[list[int], dict[str, torch.Tensor]]], n: int,
+               image_size: tuple[int, int], score_threshold: float | None = None) -> list[dict[str, HeadDetections]]:
+        """Raw head outputs -> detections per image, then the attribute heads on them.
+
+        ``raw``: head -> (the images it ran on, its outputs for those images); ``feats``: the pyramid of all
+        ``n`` images. Split from ``detect`` so that another runtime (ONNX Runtime) can compute the raw parts.
+        """
         results: list[dict[str, HeadDetections]] = [{} for _ in range(n)]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            feats = self.features(x)
-            for name, head in self.heads.items():
-                idx = [i for i, w in enumerate(wanted) if name in w]
-                if not idx:
-                    continue
-                sub = feats if len(idx) == n else [f[torch.tensor(idx, device=device)] for f in feats]
-                cfg = head.config
-                dets = postprocess(
-                    head(sub),
-                    self.points(feats, cfg.center_offset),
-                    tuple(images.shape[-2:]),
-                    score_threshold=cfg.score_threshold if score_threshold is None else score_threshold,
-                    nms_iou=cfg.nms_iou,
-                    max_detections=cfg.max_detections,
-                )
-                for i, d in zip(idx, dets):
-                    results[i][name] = d
-            for name, attr in self.attributes.items():
-                self._label(name, attr, feats, results)
+        for name, (idx, out) in raw.items():
+            cfg = self.heads[name].config
+            dets = postprocess(out, self.points(feats, cfg.center_offset), image_size,
+                               score_threshold=cfg.score_threshold if score_threshold is None else score_threshold,
+                               nms_iou=cfg.nms_iou, max_detections=cfg.max_detections)
+            for i, d in zip(idx, dets):
+                results[i][name] = d
+        for name, attr in self.attributes.items():
+            self._label(name, attr, feats, results)
         return results
 
     def _label(self, name: str, attr: AttributeHead, feats: list[torch.Tensor],

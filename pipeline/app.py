@@ -157,7 +157,7 @@ class App(LiveControl):
         for i in range(ic.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
-                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera)
+                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend)
             self.inference.append(actor)
         self.model_info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
         self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference], "the inference replicas")

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="model input, multiples of 128 (default 512x896; torchvision uses ~800 on the short side)")
 
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend: onnxruntime runs)")
+    x.add_argument("checkpoint", type=Path, nargs="?", default=None, help="default: the demo checkpoint")
+    x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+
     def run_options(r: argparse.ArgumentParser) -> None:
         r.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
         r.add_argument("--redis-url", default=None,
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {model_commands.train_attribute(args)}")
         elif args.command == "train-demo":
             print(json.dumps(model_commands.train_demo(args), indent=2))
+        elif args.command == "export":
+            print(model_commands.export(args))
         elif args.command == "import-detector":
             print(model_commands.import_detector(args))
         elif args.command == "eval":

@@ -98,6 +98,18 @@ def train_attribute(args: argparse.Namespace) -> Path:
 
 
 @_user_input_errors()
+def export(args: argparse.Namespace) -> str:
+    from models.export import export_onnx, output_names  # the exporter's imports take seconds
+
+    path = args.checkpoint or DEMO_CHECKPOINT
+    t0 = time.time()
+    model, _ = load_checkpoint(path)
+    export_onnx(model, args.out)
+    return (f"wrote {args.out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
+            f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
+
+
+@_user_input_errors()
 def import_detector(args: argparse.Namespace) -> str:
     t0 = time.time()
     size = args.input_size or DEFAULT_INPUT_SIZE

@@ -271,10 +271,11 @@ class InferenceService:
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
-                 max_pending_per_camera: int | None = None):
+                 max_pending_per_camera: int | None = None, backend: str = "torch"):
         from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
 
-        self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch, compile=compile)
+        self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
+                                               compile=compile, backend=backend)
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
             self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera)
 
@@ -309,7 +310,8 @@ class InferenceActor:
 
     def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
-                 compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None):
+                 compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None,
+                 backend: str = "torch"):
         """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
         Ray's object store, which copies them to whichever node runs this replica, also after a restart)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -317,7 +319,7 @@ class InferenceActor:
             checkpoint = str(local_copy(checkpoint))
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or os.cpu_count(), score_threshold, compile,
-                                        max_pending, max_pending_per_camera)
+                                        max_pending, max_pending_per_camera, backend)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)

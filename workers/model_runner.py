@@ -38,17 +38,64 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+class OrtSession:
+    """The model's backbone, neck and heads in ONNX Runtime (exported once, cached); decoding, NMS and attribute
+    heads stay in torch on the same raw outputs. Every head runs on every image of a batch (the graph is
+    fixed); a head an image did not ask for is computed and then not decoded."""
+
+    def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None):
+        import onnxruntime as ort  # only where this backend is chosen
+
+        from models.export import cached_export, output_names
+
+        self.model = model
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+            providers = [p for p in wanted if p in ort.get_available_providers()] + providers
+        self.session = ort.InferenceSession(str(cached_export(model, checkpoint)), options, providers=providers)
+        self.names = output_names(model)
+        self.levels = len(model.strides)
+
+    def detect(self, images: np.ndarray, heads: Sequence[Sequence[str] | None], score_threshold: float | None):
+        n = images.shape[0]
+        wanted = self.model.wanted_heads(heads, n)
+        outs = dict(zip(self.names, self.session.run(None, {"images": images})))
+        feats = [torch.from_numpy(outs[f"p{i}"]) for i in range(self.levels)]
+        raw = {}
+        for name in self.model.head_names:
+            idx = [i for i, w in enumerate(wanted) if name in w]
+            if idx:
+                rows = idx if len(idx) < n else slice(None)
+                raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
+        with torch.inference_mode():
+            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
+
+
+RAW_KEYS = ("cls_logits", "box_ltrb", "centerness")
+
+
 class ModelRunner:
     """Loads a checkpoint once and runs batches: backbone once, each head on the frames that want it."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  threads: int | None = None, score_threshold: float | None = None, max_batch: int = 8,
-                 fuse_bn: bool = True, compile: bool = False):
+                 fuse_bn: bool = True, compile: bool = False, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.autocast = pick_autocast(precision, self.device)
+        self.backend = backend
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
+        self.session = OrtSession(self.model, checkpoint, self.device, threads) if backend == "onnxruntime" else None
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
             fuse_conv_bn(self.model.backbone)
         self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
@@ -85,7 +132,8 @@ class ModelRunner:
 
     def info(self) -> dict:
         return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
-                "autocast": str(self.autocast) if self.autocast else "fp32"}
+                "autocast": str(self.autocast) if self.autocast and not self.session else "fp32",
+                "backend": self.backend}
 
     def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         n = len(images)
@@ -99,8 +147,12 @@ class ModelRunner:
     def run(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> list[dict[str, HeadArrays]]:
         """images: (3, H, W) uint8 letterboxed; heads: per image (None = all). Per image {head: arrays}."""
         t0, c0 = time.perf_counter(), time.process_time()
-        x = self._to_device(images).contiguous(memory_format=torch.channels_last)
-        results = self.model.detect(x, heads, score_threshold=self.score_threshold, autocast_dtype=self.autocast)
+        if self.session is not None:
+            x = np.stack(images)
+            results = self.session.detect(x, heads, self.score_threshold)
+        else:
+            x = self._to_device(images).contiguous(memory_format=torch.channels_last)
+            results = self.model.detect(x, heads, score_threshold=self.score_threshold, autocast_dtype=self.autocast)
         out = [{name: det.numpy() for name, det in r.items()} for r in results]
         elapsed = time.perf_counter() - t0
         self.stats["seconds"] += elapsed

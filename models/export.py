@@ -1,0 +1,82 @@
+"""ONNX export of a HydraNet for ONNX Runtime: uint8 letterboxed images in, the pyramid and every head's raw
+outputs out.
+
+Decoding, NMS and attribute heads stay in torch (``HydraNet.decode``): they are small, data-dependent and
+already shared with the eager path, so both paths give the same detections from the same raw outputs. The
+batch dimension is dynamic. Exports are cached by checkpoint content (``cached_export``): the exporter takes
+seconds, a service start should not pay them twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.fuse import fuse_conv_bn
+from models.hydranet import HydraNet
+
+log = logging.getLogger(__name__)
+OPSET = 18
+RAW_KEYS = ("cls_logits", "box_ltrb", "centerness")
+
+
+def output_names(model: HydraNet) -> list[str]:
+    return [f"p{i}" for i in range(len(model.strides))] + [f"{h}.{k}" for h in model.head_names for k in RAW_KEYS]
+
+
+class _Graph(nn.Module):
+    def __init__(self, model: HydraNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.model.features(self.model.normalize(images))
+        outs = [self.model.heads[h](feats) for h in self.model.head_names]
+        return (*feats, *(o[k] for o in outs for k in RAW_KEYS))
+
+
+def export_onnx(model: HydraNet, path: str | Path) -> Path:
+    """Writes ``path`` (atomically); BatchNorm is folded first, as the eager serving path does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serving = copy.deepcopy(model).float().eval()
+    fuse_conv_bn(serving.backbone)
+    h, w = serving.config.input_size
+    example = torch.zeros((2, 3, h, w), dtype=torch.uint8)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    quiet = logging.getLogger("torch.onnx")  # it also warns that torchvision's ops are not installed
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # the exporter narrates its passes as warnings
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"],
+                              output_names=output_names(serving), opset_version=OPSET, dynamo=True, verbose=False,
+                              external_data=False,  # one file (under protobuf's 2 GB limit)
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    finally:
+        quiet.setLevel(level)
+    tmp.replace(path)
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HYDRAVISION_CACHE", "~/.cache/hydravision")).expanduser() / "onnx"
+
+
+def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
+    """The ONNX file for this checkpoint, exported once per checkpoint content, torch version and opset."""
+    digest = hashlib.sha256(Path(checkpoint).read_bytes())
+    digest.update(f"{torch.__version__}/{OPSET}".encode())
+    path = cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        log.info("exporting %s to ONNX (once; cached at %s)", checkpoint, path)
+        export_onnx(model, path)
+    return path

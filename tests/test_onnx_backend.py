@@ -1,0 +1,92 @@
+"""model.backend: onnxruntime gives the detections the torch path gives, exports once, and the CLI exports."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.hydranet import HydraNet, HydraNetConfig
+from models.letterbox import letterbox
+from pipeline.config import ConfigError, parse_config
+from pipeline.model_commands import DEMO_CHECKPOINT
+from synthetic.scene import StreetScene
+from workers.model_runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRAVISION_CACHE", str(path))
+        yield path
+
+
+def frames(size, n=3, seed=1_000_007):
+    scene = StreetScene(seed)
+    out = []
+    for i in range(10 * n):
+        image, _ = scene.step()
+        if i % 10 == 9:
+            out.append(letterbox(image, size)[0])
+    return out
+
+
+def assert_same(a, b):
+    assert [sorted(x) for x in a] == [sorted(y) for y in b]
+    for x, y in zip(a, b):
+        for head in x:
+            assert len(x[head]["boxes"]) == len(y[head]["boxes"]) > 0
+            np.testing.assert_allclose(x[head]["boxes"], y[head]["boxes"], atol=1e-3)  # pixels
+            np.testing.assert_allclose(x[head]["scores"], y[head]["scores"], atol=1e-4)
+            np.testing.assert_array_equal(x[head]["class_ids"], y[head]["class_ids"])
+            for key in (k for k in x[head] if k.startswith("attr:") and not k.endswith(":conf")):
+                np.testing.assert_array_equal(x[head][key], y[head][key])
+
+
+def test_onnxruntime_gives_the_detections_torch_gives_on_the_demo_model(cache):
+    images = frames((256, 448))
+    heads = [None, ["people"], ["vehicles"]]
+    eager = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05).run(images, heads)
+    runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05, backend="onnxruntime")
+    assert runner.info()["backend"] == "onnxruntime"
+    assert_same(eager, runner.run(images, heads))
+    exported = list(cache.glob("onnx/demo-*.onnx"))
+    assert len(exported) == 1
+    stamp = exported[0].stat().st_mtime_ns
+    ModelRunner(DEMO_CHECKPOINT, device="cpu", backend="onnxruntime")  # a second start reuses the export
+    assert exported[0].stat().st_mtime_ns == stamp and len(list(cache.glob("onnx/*"))) == 1
+
+
+def test_attribute_heads_and_five_levels_run_on_onnxruntime_too(cache, tmp_path):
+    torch.manual_seed(0)
+    model = HydraNet(HydraNetConfig(input_size=(128, 128), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                    neck={"type": "fpn", "channels": 16, "extra_levels": 2},
+                                    heads={"vehicles": {"classes": ["car", "bicycle"]}},
+                                    attributes={"kind": {"labels": ["sedan", "hatch", "van"], "on": "vehicles",
+                                                         "of": ["car"]}}))
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    images = [np.random.default_rng(i).integers(0, 255, (3, 128, 128), dtype=np.uint8) for i in range(2)]
+    eager = ModelRunner(path, device="cpu", score_threshold=0.0).run(images, [None, None])
+    onnx = ModelRunner(path, device="cpu", score_threshold=0.0, backend="onnxruntime").run(images, [None, None])
+    assert_same(eager, onnx)
+    assert set(onnx[0]["vehicles"]["attr:kind"]) - {""}
+
+
+def test_export_command_writes_a_model_onnxruntime_runs(tmp_path):
+    out = tmp_path / "demo.onnx"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "people.cls_logits" in done.stdout
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {"images": np.zeros((3, 3, 256, 448), np.uint8)})
+    assert outs[0].shape[0] == 3 and len(outs) == 3 + 2 * 3  # three pyramid maps, three outputs per head
+
+
+def test_an_unknown_backend_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"model\.backend"):
+        parse_config({"model": {"backend": "tensorrt"}, "cameras": [{"id": "a", "url": "synthetic://street"}]})
