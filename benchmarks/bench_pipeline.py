@@ -145,8 +145,8 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
 
 # -- 3. hydravision ---------------------------------------------------------------------------------
 def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmup: float, seconds: float,
-                    max_batch: int = 8, max_wait_ms: float = 10, **inference) -> dict:
-    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)},
+                    max_batch: int = 8, max_wait_ms: float = 10, model: dict | None = None, **inference) -> dict:
+    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint), **(model or {})},
                            "inference": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, **inference},
                            "cameras": cameras})
     app = App(config, say=lambda m: None)

@@ -138,3 +138,19 @@ def test_a_tracked_objects_label_is_its_tracks_vote_not_the_last_frames_guess():
     # van keeps the vote against the hatch frames: 0.8 against 0.6, then 1.5 against 1.3
     assert seen[2][1:] == ("van", round(0.8 / 1.4, 3))
     assert [s[1] for s in seen] == ["van"] * 5 and seen[4][1:] == ("van", round(1.5 / 2.8, 3))
+
+
+def test_a_snapshot_draws_heads_with_and_without_attributes_and_shows_the_label():
+    import supervision as sv
+
+    from workers.snapshots import labelled
+
+    people = sv.Detections(xyxy=np.array([[5.0, 5, 20, 40]]), confidence=np.array([0.9]), class_id=np.array([0]),
+                           tracker_id=np.array([3]), data={"class_name": np.array(["person"])})
+    cars = sv.Detections(xyxy=np.array([[30.0, 10, 90, 40], [0, 0, 10, 10]]), confidence=np.array([0.8, 0.7]),
+                         class_id=np.array([0, 1]), tracker_id=np.array([7, -1]),
+                         data={"class_name": np.array(["car", "bicycle"]), "attr:kind": np.array(["van", ""]),
+                               "attr:kind:conf": np.array([0.9, 0.0], np.float32)})
+    merged = sv.Detections.merge([labelled(people, 0.5), labelled(cars, 0.5)])  # merge() of the originals refuses
+    assert list(merged.data["label"]) == ["#3 person", "#7 car van", "bicycle"]
+    np.testing.assert_allclose(merged.xyxy[1], [15, 5, 45, 20])

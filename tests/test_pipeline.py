@@ -109,6 +109,35 @@ def test_inference_errors_are_counted_and_the_camera_goes_on(redis_server):
     assert_counters_add_up(stats)
 
 
+@pytest.mark.timeout(60)
+def test_a_failure_while_publishing_is_reported_and_the_camera_goes_on(redis_server, monkeypatch):
+    """A frame whose tracking, analytics or publishing raises (a bug) is counted as an error with the reason,
+    and the camera goes on with the next frame instead of freezing with nothing said."""
+    original, calls = CameraPipeline._publish_frame, {"n": 0}
+
+    def flaky_publish(self, item, arrays):
+        calls["n"] += 1
+        if calls["n"] % 4 == 0:
+            raise ValueError("All data dictionaries must have the same keys to merge.")
+        return original(self, item, arrays)
+
+    monkeypatch.setattr(CameraPipeline, "_publish_frame", flaky_publish)
+
+    async def infer(request):
+        return empty_result(request.heads)
+
+    camera = {"id": "cam-p", "url": "synthetic://street?seed=5&frames=20", "realtime": False}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            return await CameraPipeline(camera, infer, MODEL_INFO, pub).run()
+
+    stats = asyncio.run(main())
+    assert stats["decoded"] == 20 and stats["published"] == 15 and stats["dropped"]["error"] == 5
+    assert "publishing failed: ValueError: All data dictionaries" in stats["last_error"]
+    assert_counters_add_up(stats)
+
+
 def test_unknown_head_for_camera_is_a_clear_error():
     with pytest.raises(ValueError, match=r"camera 'x': unknown heads \['faces'\]"):
         CameraPipeline({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, None, MODEL_INFO, None)

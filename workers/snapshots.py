@@ -21,6 +21,17 @@ from workers.analytics_settings import SnapshotConfig
 SNAPSHOT_VERSION = 1
 
 
+def labelled(det: sv.Detections, scale: float) -> sv.Detections:
+    """A scaled copy whose only data is the text drawn on each box: "#track class attribute-labels"."""
+    tracks = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)  # untracked: "unconfirmed" colour
+    names = det.data.get("class_name", [""] * len(det))
+    attrs = [v for k, v in det.data.items() if k.startswith("attr:") and not k.endswith(":conf")]
+    labels = [" ".join(p for p in (f"#{t}" if t >= 0 else "", str(n), *(str(a[i]) for a in attrs)) if p)
+              for i, (t, n) in enumerate(zip(tracks, names))]
+    return sv.Detections(xyxy=det.xyxy * scale, confidence=det.confidence, class_id=det.class_id, tracker_id=tracks,
+                         data={"label": np.array(labels)})
+
+
 class Snapshotter:
     """``render`` -> the hash fields of one snapshot (``jpeg`` holds the bytes), or None when no encoding
     fits ``max_bytes``."""
@@ -56,16 +67,13 @@ class Snapshotter:
         ``source_size``: (width, height) of the source, the detections' and zones' coordinate frame."""
         t0 = time.perf_counter()
         scale = picture.shape[1] / source_size[0]
-        det = sv.Detections.merge([d for d in detections if len(d)]) if any(len(d) for d in detections) \
-            else sv.Detections.empty()
+        # One labelled copy per head, then merged: heads carry different data (attributes ride on some only),
+        # which merge() refuses; the caller's detections stay as they are.
+        parts = [labelled(d, scale) for d in detections if len(d)]
+        det = sv.Detections.merge(parts) if parts else sv.Detections.empty()
         if len(det):
-            det.xyxy = det.xyxy * scale  # merge() made a copy: the caller's detections stay as they are
-            if det.tracker_id is None:  # tracking off: colour by the "unconfirmed" id
-                det.tracker_id = np.full(len(det), -1)
-            names = det.data.get("class_name", [""] * len(det))
-            labels = [f"#{t} {n}" if t >= 0 else str(n) for t, n in zip(det.tracker_id, names)]
             picture = self.boxes.annotate(picture, det)
-            picture = self.labels.annotate(picture, det, labels=labels)
+            picture = self.labels.annotate(picture, det, labels=list(det.data["label"]))
         for kind, name, thing, annotator in self._geometry(analytics, scale):
             if kind == "zone":
                 total = sum(thing.occupancy().values())

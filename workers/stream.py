@@ -292,7 +292,12 @@ class CameraPipeline:
             if self._stopping and not self._drain:
                 self.shutdown_inflight += 1
                 continue
-            self._publish_frame(item, arrays)
+            try:
+                self._publish_frame(item, arrays)
+            except Exception as e:  # a bug in tracking, analytics or publishing: report it, never freeze the camera
+                self.dropped_error += 1
+                self.last_error = redact_text(f"publishing failed: {type(e).__name__}: {e}", [self.camera.url])
+                log.exception("camera %s frame %d: publishing failed", self.id, item.index)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         if self.camera.tracker.enabled and self.tracker is None:
