@@ -7,8 +7,6 @@ fcos_resnet50_fpn. The reference forward below is written from the same source w
 """
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.import_fcos import COCO_CLASSES, COCO_ROWS, import_torchvision_fcos
+from pipeline.cli import main as cli_main
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 FPN_CHANNELS = 256
@@ -242,15 +241,13 @@ def test_a_foreign_or_wrong_file_is_refused_naming_the_problem(kind, message, tv
     assert str(path) in str(err.value)
 
 
-def test_import_detector_command_writes_a_checkpoint_that_loads(tv_file, tmp_path):
+def test_import_detector_command_writes_a_checkpoint_that_loads(tv_file, tmp_path, capsys):
     out = tmp_path / "coco.safetensors"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "import-detector", str(tv_file), "--out", str(out),
-                           "--input-size", "128x256"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "80 classes" in done.stdout and str(out) in done.stdout
+    assert cli_main(["import-detector", str(tv_file), "--out", str(out), "--input-size", "128x256"]) == 0
+    printed = capsys.readouterr().out
+    assert "80 classes" in printed and str(out) in printed
     model, training = load_checkpoint(out)
     assert model.head_names == ["coco"] and model.config.input_size == (128, 256)
     assert "torchvision" in training["history"][0]["imported"]
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "import-detector", str(tmp_path / "none.pth")],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "none.pth: no such weights file" in bad.stderr
+    assert cli_main(["import-detector", str(tmp_path / "none.pth")]) == 2
+    assert "none.pth: no such weights file" in capsys.readouterr().err

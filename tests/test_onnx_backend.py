@@ -1,8 +1,5 @@
 """model.backend: onnxruntime gives the detections the torch path gives, exports once, and the CLI exports."""
 
-import subprocess
-import sys
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -11,6 +8,7 @@ import torch
 from models.checkpoint import save_checkpoint
 from models.hydranet import HydraNet, HydraNetConfig
 from models.letterbox import letterbox
+from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, parse_config
 from pipeline.model_commands import DEMO_CHECKPOINT
 from synthetic.scene import StreetScene
@@ -76,15 +74,21 @@ def test_attribute_heads_and_five_levels_run_on_onnxruntime_too(cache, tmp_path)
     assert set(onnx[0]["vehicles"]["attr:kind"]) - {""}
 
 
-def test_export_command_writes_a_model_onnxruntime_runs(tmp_path):
-    out = tmp_path / "demo.onnx"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "people.cls_logits" in done.stdout
+def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                    neck={"type": "fpn", "channels": 16},
+                                    heads={"people": {"classes": ["person"]}, "vehicles": {"classes": ["car", "bicycle"]}}))
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "tiny.onnx"
+    assert cli_main(["export", str(checkpoint), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "people.cls_logits" in printed and "(batch, 3, 64, 96)" in printed
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    outs = session.run(None, {"images": np.zeros((3, 3, 256, 448), np.uint8)})
+    outs = session.run(None, {"images": np.zeros((3, 3, 64, 96), np.uint8)})
     assert outs[0].shape[0] == 3 and len(outs) == 3 + 2 * 3  # three pyramid maps, three outputs per head
+    assert cli_main(["export", str(tmp_path / "none.safetensors"), "--out", str(out)]) == 2
+    assert "none.safetensors: no such checkpoint file" in capsys.readouterr().err
 
 
 def test_an_unknown_backend_is_refused_naming_the_field():
