@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -149,8 +149,7 @@ class HydraNet(nn.Module):
             raise ConfigError(f"{name!r} is already a head or attribute of this model")
         spec = {"labels": list(labels), "on": on, "of": list(of), **options}
         attributes = {**self.config.attributes, name: spec}
-        HydraNetConfig(self.config.input_size, self.config.backbone, self.config.neck, self.config.heads,
-                       attributes, self.config.mean, self.config.std)  # validates on / of
+        replace(self.config, attributes=attributes)  # validates on / of against the heads
         self.config.attributes = attributes
         self.attributes[name] = AttributeHead(self.neck.out_channels, self.strides, _attribute_config(name, spec))
         self.attributes[name].to(next(self.parameters()).device)
