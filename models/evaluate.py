@@ -89,8 +89,7 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
                 metric.update(drop_ignored(pred, ignored, target), target)
             for name, score in attrs.items():
                 attr = model.attributes[name].config
-                score.update(res[attr.on], lb, truth, good, model.head_classes(attr.on), attr,
-                             model.heads[attr.on].config.score_threshold, name)
+                score.update(res[attr.on], lb, truth, good, attr, model.heads[attr.on].config.score_threshold, name)
         bar.update(len(chunk))
     bar.close()
     report = {"frames": len(frames), "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
@@ -119,8 +118,7 @@ class AttributeScore:
         self.objects = 0  # ground-truth objects it should label
         self.unlabelled = 0  # of those, matched by a detection that carried no label (another class)
 
-    def update(self, det, lb, truth, good: np.ndarray, head_classes: list[str], attr, threshold: float,
-               name: str) -> None:
+    def update(self, det, lb, truth, good: np.ndarray, attr, threshold: float, name: str) -> None:
         names = np.array([CLASS_NAMES[c] for c in truth.class_ids])
         mine = good & np.isin(names, attr.of) & np.isin(truth.kinds, self.labels)
         self.objects += int(mine.sum())

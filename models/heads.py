@@ -6,12 +6,12 @@ so that one backbone pass can feed any number of heads.
 
 Towers (``HeadConfig.tower``):
   "separable"  depthwise 3x3 + pointwise 1x1 + GroupNorm per block, 1x1 predictions (the default):
-               each extra head costs ~14% of backbone+neck (batch 8, 2-core CPU), against ~53% for
+               two blocks cost 16% of backbone+neck (batch 8, 2-core CPU; "conv" with two: 49%);
   "conv"       FCOS's own: full 3x3 convs + GroupNorm, 3x3 predictions (checkpoints saved before
                the field existed are this kind);
   "split"      the published FCOS layout (torchvision's ``fcos_resnet50_fpn``): one "conv" tower for
                the classes and another for box and centerness; what ``models/import_fcos.py`` fills.
-Measured with ``benchmarks/bench_heads.py``.
+Measured with ``benchmarks/bench_heads.py`` (``results-heads-2core.json``).
 """
 
 from __future__ import annotations

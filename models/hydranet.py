@@ -246,7 +246,7 @@ class HydraNet(nn.Module):
         if not images:
             return
         picks = [torch.isin(results[i][cfg.on].class_ids, wanted) for i in images]
-        sub = [f[torch.tensor(images, device=f.device)] for f in feats]
+        sub = feats if len(images) == len(results) else [f[torch.tensor(images, device=f.device)] for f in feats]
         logits = attr(sub, [results[i][cfg.on].boxes[p] for i, p in zip(images, picks)])
         probs, ids = logits.float().softmax(1).max(1)
         start = 0

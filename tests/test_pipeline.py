@@ -18,6 +18,15 @@ def empty_result(heads):
                 "class_ids": np.zeros(0, np.int64)} for h in heads}
 
 
+def run_camera(redis_url, camera, infer):
+    """Runs one camera until its source ends; its final stats."""
+    async def main():
+        with Publisher(redis_url) as pub:
+            return await CameraPipeline(camera, infer, MODEL_INFO, pub).run()
+
+    return asyncio.run(main())
+
+
 def assert_counters_add_up(s):
     """Nothing decoded is ever unaccounted for (here with stops that drain: only frames never submitted,
     waiting in the slot or decoded while stopping, are abandoned as dropped.shutdown)."""
@@ -96,13 +105,8 @@ def test_inference_errors_are_counted_and_the_camera_goes_on(redis_server):
             raise RuntimeError("replica exploded")
         return empty_result(request.heads)
 
-    camera = {"id": "cam-c", "url": "synthetic://street?seed=5&frames=30", "realtime": False}
-
-    async def main():
-        with Publisher(redis_server.url) as pub:
-            return await CameraPipeline(camera, flaky_infer, MODEL_INFO, pub).run()
-
-    stats = asyncio.run(main())
+    stats = run_camera(redis_server.url, {"id": "cam-c", "url": "synthetic://street?seed=5&frames=30",
+                                          "realtime": False}, flaky_infer)
     assert stats["decoded"] == 30
     assert stats["dropped"]["error"] == 10 and stats["published"] == 20
     assert "replica exploded" in stats["last_error"]
@@ -126,13 +130,8 @@ def test_a_failure_while_publishing_is_reported_and_the_camera_goes_on(redis_ser
     async def infer(request):
         return empty_result(request.heads)
 
-    camera = {"id": "cam-p", "url": "synthetic://street?seed=5&frames=20", "realtime": False}
-
-    async def main():
-        with Publisher(redis_server.url) as pub:
-            return await CameraPipeline(camera, infer, MODEL_INFO, pub).run()
-
-    stats = asyncio.run(main())
+    stats = run_camera(redis_server.url, {"id": "cam-p", "url": "synthetic://street?seed=5&frames=20",
+                                          "realtime": False}, infer)
     assert stats["decoded"] == 20 and stats["published"] == 15 and stats["dropped"]["error"] == 5
     assert "publishing failed: ValueError: All data dictionaries" in stats["last_error"]
     assert_counters_add_up(stats)

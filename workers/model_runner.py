@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint
+from models.export import RAW_KEYS
 from models.fuse import fuse_conv_bn
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
@@ -76,9 +77,6 @@ class OrtSession:
                 raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
         with torch.inference_mode():
             return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
-
-
-RAW_KEYS = ("cls_logits", "box_ltrb", "centerness")
 
 
 class ModelRunner:

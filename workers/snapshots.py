@@ -17,6 +17,7 @@ import supervision as sv
 
 from workers.analytics import CameraAnalytics
 from workers.analytics_settings import SnapshotConfig
+from workers.frames import attribute_names
 
 SNAPSHOT_VERSION = 1
 
@@ -25,7 +26,7 @@ def labelled(det: sv.Detections, scale: float) -> sv.Detections:
     """A scaled copy whose only data is the text drawn on each box: "#track class attribute-labels"."""
     tracks = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)  # untracked: "unconfirmed" colour
     names = det.data.get("class_name", [""] * len(det))
-    attrs = [v for k, v in det.data.items() if k.startswith("attr:") and not k.endswith(":conf")]
+    attrs = [det.data[f"attr:{name}"] for name in attribute_names(det)]
     labels = [" ".join(p for p in (f"#{t}" if t >= 0 else "", str(n), *(str(a[i]) for a in attrs)) if p)
               for i, (t, n) in enumerate(zip(tracks, names))]
     return sv.Detections(xyxy=det.xyxy * scale, confidence=det.confidence, class_id=det.class_id, tracker_id=tracks,

@@ -13,6 +13,7 @@ import numpy as np
 import supervision as sv
 from trackers import ByteTrackTracker
 
+from workers.frames import attribute_names
 from workers.settings import TrackerConfig
 
 
@@ -111,7 +112,7 @@ class CameraTracker:
     def _vote(st: TrackState, tracked: sv.Detections, row: int) -> None:
         """A tracked object's attribute label is its track's vote so far (confidence-weighted), not the latest
         frame's guess: one blurred frame does not relabel a van. ``conf`` becomes the winner's share of it."""
-        for key in [k for k in tracked.data if k.startswith("attr:") and not k.endswith(":conf")]:
+        for key in (f"attr:{name}" for name in attribute_names(tracked)):
             label = str(tracked.data[key][row])
             if not label:
                 continue
