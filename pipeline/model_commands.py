@@ -13,7 +13,7 @@ import torch
 from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, save_checkpoint
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
-from models.hydranet import ConfigError as ModelConfigError
+from models.hydranet import ConfigError as ModelConfigError, HydraNet, HydraNetConfig
 from models.import_fcos import DEFAULT_INPUT_SIZE, import_torchvision_fcos
 from models.train import TrainConfig, build_model, train as train_model
 from models.train_attributes import AttributeTrainConfig, train_attribute as train_attribute_head
@@ -31,6 +31,9 @@ MODEL_INPUT_ERRORS = (CheckpointError, DatasetError, ModelConfigError)
 # attribute head that labels each car's body type, on the same frozen features.
 DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS = 5000, 2500, 600
 DEMO_ATTRIBUTE = {"name": "kind", "labels": ["sedan", "hatch", "van"], "on": "vehicles", "of": ["car"]}
+# Chosen with the tracker's defaults on the analytics tuning seeds (pipeline/analytics_eval.py TUNING_SEEDS):
+# line-count error, zone occupancy and dwell against ground truth (docs/architecture.md, "Accuracy").
+DEMO_SCORE_THRESHOLDS = {"people": 0.35, "vehicles": 0.4}
 
 
 @contextmanager
@@ -77,6 +80,7 @@ def train_demo(args: argparse.Namespace) -> dict:
                             steps=head_steps, seed=1), progress=not args.no_progress)
     train_attribute_head(AttributeTrainConfig(init=heads, out=out, steps=attribute_steps, seed=2, **DEMO_ATTRIBUTE),
                          progress=not args.no_progress)
+    set_score_thresholds(out, DEMO_SCORE_THRESHOLDS)
     base.unlink()
     heads.unlink()
     model, _ = load_checkpoint(out)
@@ -84,6 +88,18 @@ def train_demo(args: argparse.Namespace) -> dict:
     report["checkpoint"] = str(out)
     report["train_minutes"] = round((time.time() - t0) / 60, 1)
     return report
+
+
+def set_score_thresholds(path: Path, thresholds: dict[str, float]) -> None:
+    """Rewrites a checkpoint with new per-head score thresholds (weights unchanged), noted in its history."""
+    model, training = load_checkpoint(path)
+    config = model.config.to_dict()
+    for head, value in thresholds.items():
+        config["heads"][head]["score_threshold"] = value
+    tuned = HydraNet(HydraNetConfig.from_dict(config))
+    tuned.load_state_dict(model.state_dict())
+    training.setdefault("history", []).append({"score_thresholds": thresholds})
+    save_checkpoint(tuned, path, training)
 
 
 @_user_input_errors()

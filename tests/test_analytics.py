@@ -8,7 +8,7 @@ import supervision as sv
 
 from pipeline.app import App
 from pipeline.config import ConfigError, parse_camera, parse_config
-from workers.analytics import CameraAnalytics, LineCounter, ZoneCounter
+from workers.analytics import LINE_MEMORY_FRAMES, CameraAnalytics, LineCounter, ZoneCounter
 from workers.analytics_settings import LineConfig, ZoneConfig, analytics_errors
 from workers.settings import TrackerConfig
 from workers.tracking import CameraTracker
@@ -224,6 +224,22 @@ def test_line_counts_in_and_out_per_class_with_direction_from_start_to_end():
         ("in", 1, "person", 1), ("out", 2, "person", 1)]
     assert ln.counts()[("people", "person")] == {"in": 1, "out": 1}
     assert ln.counts()[("vehicles", "car")] == {"in": 0, "out": 0}
+
+
+def test_a_track_missed_while_it_crosses_is_still_counted():
+    """Detections drop out for 4 frames right at the line (something stands there), then the same track is seen
+    past it: one crossing. supervision's LineZone alone forgets the side after 2 missing frames (checked below,
+    so this test notices if that changes) and then never counts it."""
+    xs = [200.0, 240.0, 280.0, None, None, None, None, 440.0, 480.0, 520.0]  # the line is at x = 320
+    ln = LineCounter(LineConfig(name="l", start=(0.5, 0.0), end=(0.5, 1.0)), SIZE, HEADS, HEADS)
+    assert [(e["direction"], e["track_id"]) for e in walk(ln, xs)] == [("in", 1)]
+    plain = sv.LineZone(sv.Point(320, 0), sv.Point(320, 360))
+    for x in xs:
+        plain.trigger(people([standing_at(x, 200.0)], [1]) if x is not None else people([], []))
+    assert plain.in_count == 0
+    gone = [200.0, 280.0] + [None] * LINE_MEMORY_FRAMES + [440.0, 480.0]  # longer than the memory: forgotten
+    ln = LineCounter(LineConfig(name="l", start=(0.5, 0.0), end=(0.5, 1.0)), SIZE, HEADS, HEADS)
+    assert walk(ln, gone) == []
 
 
 def test_counts_hash_fields():

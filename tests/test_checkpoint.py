@@ -143,3 +143,17 @@ def test_import_rejects_unsafe_or_foreign_weights(payload, message, tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=message):
         import_backbone_weights(HydraNet(tiny_config()), path)
+
+
+def test_score_thresholds_are_rewritten_with_the_weights_unchanged(tiny_checkpoint, tmp_path):
+    from pipeline.model_commands import set_score_thresholds
+
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+    before, _ = load_checkpoint(path)
+    set_score_thresholds(path, {"vehicles": 0.4})
+    after, training = load_checkpoint(path)
+    assert after.heads["vehicles"].config.score_threshold == 0.4
+    assert after.heads["people"].config.score_threshold == 0.05  # the other head keeps its own
+    assert training["history"][-1] == {"score_thresholds": {"vehicles": 0.4}}
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())

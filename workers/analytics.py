@@ -37,6 +37,7 @@ MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long
 TRAIL_S = (0.5, 1.0)  # speed is measured over at least / at most this much of the recent path: box jitter
 # between two frames is as large as a walker's step at 10 fps, over half a second it is not
 _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
+LINE_MEMORY_FRAMES = 30  # analysed frames a line remembers a missing track's side (the tracker's default buffer)
 
 
 def _positions(anchors: list[str]) -> list[sv.Position]:
@@ -251,6 +252,27 @@ class _Totals(sv.LineZone):
         return sum(z.out_count for z in self._line.zones.values())
 
 
+class PatientLineZone(sv.LineZone):
+    """sv.LineZone that remembers the side a track was on while the track goes undetected for up to
+    ``memory_frames`` analysed frames; sv.LineZone alone forgets it after minimum_crossing_threshold + 1.
+    The tracker keeps a track through such gaps, and an object whose detections drop out right at the line (a
+    pole or a tree there) comes back on the other side: forgotten, its first side is then the far one and the
+    crossing is never counted (7 of 20 on one held-out street). Track ids are never reused, so a long memory
+    cannot mix two objects. Only the eviction's horizon changes; supervision still decides every crossing."""
+
+    def __init__(self, *args, memory_frames: int = LINE_MEMORY_FRAMES, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_frames = memory_frames
+
+    def _evict_stale_crossing_history(self, current_keys: set[int]) -> None:
+        length = self.crossing_history_length  # also the crossing window: lent to the eviction only
+        self.crossing_history_length = max(length, self.memory_frames)
+        try:
+            super()._evict_stale_crossing_history(current_keys)
+        finally:
+            self.crossing_history_length = length
+
+
 class LineCounter:
     """One line: a supervision LineZone per head (track ids are per head), line_crossed events."""
 
@@ -260,9 +282,9 @@ class LineCounter:
         in class-id order (LineZone counts by class id)."""
         self.config, self.name, self.classes, self.head_classes = config, config.name, classes, head_classes
         self.start, self.end = to_pixels([config.start, config.end], config.units, size)
-        self.zones = {h: sv.LineZone(sv.Point(*self.start), sv.Point(*self.end),
-                                     triggering_anchors=_positions(config.anchors),
-                                     minimum_crossing_threshold=config.min_crossing_frames) for h in classes}
+        self.zones = {h: PatientLineZone(sv.Point(*self.start), sv.Point(*self.end),
+                                         triggering_anchors=_positions(config.anchors),
+                                         minimum_crossing_threshold=config.min_crossing_frames) for h in classes}
 
     def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
         zone = self.zones.get(head)
