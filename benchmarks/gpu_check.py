@@ -1,0 +1,393 @@
+"""The GPU check: one command, at most ~8 minutes, one JSON file, for the first time a machine with a GPU is at hand.
+
+    python benchmarks/gpu_check.py --json benchmarks/results-gpu.json          # on a machine with an NVIDIA GPU
+    python benchmarks/gpu_check.py --dry-run-cpu --json /tmp/dry.json          # checks the script itself on a CPU
+
+Steps, in order; each has its share of the time limit (``--minutes``), records its own error instead of
+stopping the others, and prints one line per result as it goes:
+1. environment: torch and its CUDA, the GPU (name, memory, driver), ONNX Runtime's providers, PyAV's hardware
+   devices. Without a CUDA GPU the check stops here with exit status 2 and says why (``--dry-run-cpu`` runs
+   every step on the CPU at toy sizes instead: it checks the code paths and measures nothing about a GPU).
+2. model ceiling: the demo checkpoint (or ``--checkpoint``) at batch 1..64 through ModelRunner, the serving
+   path (host uint8 batch -> device, forward, decode + NMS, results back on the host), for each backend and
+   precision: torch eager fp16 / bf16 / fp32, torch.compile fp16, ONNX Runtime (the provider it got).
+3. decode: a 1080p30 H.264 clip (made here from the synthetic street, upscaled) decoded by the project's
+   file source, on the CPU and with ``hwaccel: cuda`` (NVDEC), with and without conversion to the model input.
+4. pipeline: the whole service with N 1080p30 file cameras (paced, looping, NVDEC when step 3 found it works),
+   N = 1, 2, 4, ... until the p95 frame age at XADD exceeds ``--budget-ms`` or frames are dropped.
+GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2-4 (mean and max per result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from measure import DEMO, pct, save_json
+
+NO_GPU_EXIT = 2
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# (backend, precision, compile): what step 2 measures, in this order (the cheap ones first).
+MODEL_VARIANTS = (("torch", "fp16", False), ("torch", "bf16", False), ("torch", "fp32", False),
+                  ("onnxruntime", "fp32", False), ("torch", "fp16", True))
+# Shares of --minutes per step; what a step leaves unused goes to the next.
+SHARES = {"model": 0.35, "decode": 0.15, "pipeline": 0.5}
+
+
+class GpuSampler:
+    """nvidia-smi in loop mode (-lms), parsed as it prints; ``window()`` summarises the samples since a mark."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (time, utilisation %, memory used MiB)
+        self.proc = None
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            self.proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,"
+                                          "nounits", "-lms", "500", "-i", "0"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(","))
+            except ValueError:  # "[N/A]" on some virtualised GPUs
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def window(self, since: float) -> dict | None:
+        got = [s for s in self.samples if s[0] >= since]
+        if not got:
+            return None
+        return {"util_mean": round(statistics.fmean(s[1] for s in got), 1), "util_max": max(s[1] for s in got),
+                "mem_max_mib": max(s[2] for s in got), "samples": len(got)}
+
+    def close(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+
+
+def environment(dry_run: bool) -> dict:
+    import av
+    import torch
+    from av.codec.hwaccel import hwdevices_available
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(), "pyav": av.__version__,
+           "pyav_hwdevices": list(hwdevices_available()), "cpus": os.cpu_count(), "dry_run_cpu": dry_run,
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime"], env["ort_providers"] = ort.__version__, ort.get_available_providers()
+    except ImportError as e:
+        env["onnxruntime"] = f"not importable: {e}"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                      "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count(),
+                      "bf16": torch.cuda.is_bf16_supported()}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=driver_version,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        env["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
+    return env
+
+
+def no_gpu_reason(env: dict) -> str:
+    if env["torch_cuda"] is None:
+        return (f"torch {env['torch']} is a CPU-only build (torch.version.cuda is None); install a CUDA build of "
+                "torch on the GPU machine")
+    hint = "" if env.get("nvidia_smi") else "; nvidia-smi is not on PATH either (no driver?)"
+    if env["CUDA_VISIBLE_DEVICES"] is not None:
+        hint += f"; CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}"
+    return f"torch {env['torch']} (CUDA {env['torch_cuda']}) sees no CUDA device{hint}"
+
+
+def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], variants, deadline: float,
+                  sampler: GpuSampler, seconds_per_point: float = 1.5) -> list[dict]:
+    """Frames/s of ModelRunner.run on a full batch, per backend / precision / batch (random pixels: the
+    model's cost does not depend on them; decode + NMS see few boxes, as on a quiet street)."""
+    from workers.model_runner import ModelRunner
+
+    rows = []
+    for backend, precision, compiled in variants:
+        name = f"{backend}{' compile' if compiled else ''} {precision}"
+        if time.time() > deadline:
+            rows.append({"variant": name, "skipped": "out of time"})
+            continue
+        if backend == "onnxruntime" and device == "cuda" and not _ort_has_cuda():
+            rows.append({"variant": name, "skipped": "this onnxruntime has no CUDA provider (the GPU build is the "
+                                                     "onnxruntime-gpu package)"})
+            print(f"  {name}: {rows[-1]['skipped']}", flush=True)
+            continue
+        t0 = time.time()
+        try:
+            runner = ModelRunner(checkpoint, device=device, precision=precision, max_batch=max(batches),
+                                 compile=compiled, backend=backend)
+        except Exception as e:  # e.g. an ONNX Runtime without the CUDA provider: recorded, the others go on
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {name}: {rows[-1]['error']}", flush=True)
+            continue
+        provider = runner.session.session.get_providers()[0] if runner.session else None
+        h, w = runner.input_size
+        rng = np.random.default_rng(0)
+        for batch in batches:
+            if time.time() > deadline:
+                rows.append({"variant": name, "batch": batch, "skipped": "out of time"})
+                break
+            images = list(rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8))
+            try:
+                start = time.time()
+                for _ in range(3):  # warm-up: cuDNN autotuning, allocator growth, compilation for this shape
+                    runner.run(images, [None] * batch)
+                warm_s = time.time() - start
+                mark, times = time.time(), []
+                while sum(times) < seconds_per_point and len(times) < 200:
+                    t = time.perf_counter()
+                    runner.run(images, [None] * batch)  # returns numpy: the device is synchronised
+                    times.append(time.perf_counter() - t)
+            except Exception as e:  # out of memory at a large batch is a result, not a crash
+                rows.append({"variant": name, "batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"  {name} batch {batch}: {rows[-1]['error']}", flush=True)
+                break
+            ms = statistics.median(times) * 1000
+            rows.append({"variant": name, "backend": backend, "precision": precision, "compile": compiled,
+                         "provider": provider, "batch": batch, "ms_per_batch": round(ms, 2),
+                         "frames_per_s": round(batch * 1000 / ms, 1), "iterations": len(times),
+                         "warmup_s": round(warm_s, 2), "gpu": sampler.window(mark)})
+            print(f"  {name:<22} batch {batch:>3}: {rows[-1]['frames_per_s']:>8} frames/s "
+                  f"({rows[-1]['ms_per_batch']} ms per batch){'' if not provider else ', ' + provider}", flush=True)
+        rows.append({"variant": name, "setup_and_run_s": round(time.time() - t0, 1)})
+        del runner
+    return rows
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def make_clip(folder: Path, size: tuple[int, int], seconds: float, fps: float = 30.0) -> Path:
+    """A synthetic street rendered at 640x360 and upscaled to ``size`` (rendering at 1080p costs more than the
+    check has); cached."""
+    import cv2
+
+    from synthetic.clips import encode_mp4
+    from synthetic.scene import StreetScene
+
+    path = folder / f"street-{size[0]}x{size[1]}-{fps:g}fps-{seconds:g}s.mp4"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        scene = StreetScene(7, width=640, height=360, fps=fps)
+        frames = (cv2.resize(scene.step()[0], size, interpolation=cv2.INTER_LINEAR)
+                  for _ in range(round(seconds * fps)))
+        encode_mp4(path.with_suffix(".tmp.mp4"), frames, fps).replace(path)
+    return path
+
+
+def decode_rate(clip: Path, hwaccel: str | None, input_size: tuple[int, int] | None, deadline: float) -> dict:
+    """Frames/s of the project's file source on ``clip`` (unpaced), optionally with the letterbox to the model
+    input (what a StreamActor does per analysed frame)."""
+    from workers.sources import open_source
+
+    source = open_source(str(clip), realtime=False, hwaccel=hwaccel)
+    source.open()
+    frames, t0 = 0, time.perf_counter()
+    try:
+        while time.time() < deadline:
+            frame = source.read()
+            if frame is None:
+                break
+            if input_size:
+                frame.to_model_input(input_size)
+            frames += 1
+    finally:
+        used = getattr(source, "hwaccel", None)
+        source.close()
+    seconds = time.perf_counter() - t0
+    return {"hwaccel_asked": hwaccel, "hwaccel_used": used, "to_model_input": bool(input_size), "frames": frames,
+            "frames_per_s": round(frames / seconds, 1) if seconds else None}
+
+
+def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str | None, redis_url: str,
+                 seconds: float, sampler: GpuSampler, max_batch: int) -> dict:
+    """The service with ``n`` paced, looping file cameras; frame age at XADD (capture to Redis) from the messages."""
+    import redis
+
+    from pipeline.app import App
+    from pipeline.config import parse_config
+    from workers.publish import keys
+
+    cameras = [{"id": f"cam{i}", "url": str(clip), "realtime": True, "loop": True, "hwaccel": hwaccel,
+                "read_timeout_s": 10} for i in range(n)]
+    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint), "device": device},
+                           "inference": {"max_batch": max_batch, "max_wait_ms": 10}, "cameras": cameras})
+    app = App(config, say=lambda m: None)
+    started = time.time()
+    app.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.time() + 90
+        while not all(client.xlen(keys("hv").detections(c["id"])) for c in cameras):
+            if time.time() > deadline:
+                raise TimeoutError(f"{n} cameras: not every camera delivered within 90 s")
+            time.sleep(0.2)
+        first_message_s = time.time() - started
+        time.sleep(min(5.0, seconds / 3))  # settle: the first batches pay allocation and autotuning
+        t0, ticks = time.time(), []
+        app.run(duration=seconds, on_tick=ticks.append)  # per-camera stats once a second
+        t1 = time.time()
+    finally:
+        finals = app.shutdown()
+    # Frames lost in the window (overload, errors; not the skips of a camera's fps, nor the drain at shutdown):
+    # the last tick's counters minus the first's, so that a slow first batch at start-up does not count.
+    first = {s["camera"]: s.get("dropped") or {} for s in (ticks[0] if ticks else [])}
+    last = {s["camera"]: s.get("dropped") or {} for s in (ticks[-1] if ticks else [])}
+    lost = sum(last[c].get(k, 0) - first.get(c, {}).get(k, 0) for c in last for k in ("overload", "error"))
+    ages, per_cam = [], {}
+    for c in cameras:
+        entries = client.xrange(keys("hv").detections(c["id"]), min=f"{int(t0 * 1000)}-0", max=f"{int(t1 * 1000)}-0")
+        per_cam[c["id"]] = len(entries) / (t1 - t0)
+        for entry_id, fields in entries:
+            stored = int(entry_id.split(b"-")[0]) / 1000
+            ages.append(max(0.0, stored - json.loads(fields[b"data"])["ts"]) * 1000)
+    client.flushall()
+    dropped = {f["camera"]: f.get("dropped") for f in finals}
+    return {"cameras": n, "hwaccel": hwaccel, "first_message_s": round(first_message_s, 1),
+            "frames_per_s": round(sum(per_cam.values()), 1),
+            "fairness": round(min(per_cam.values()) / max(max(per_cam.values()), 1e-9), 2),
+            "age_p50_ms": pct(ages, 50), "age_p95_ms": pct(ages, 95), "age_p99_ms": pct(ages, 99),
+            "dropped_at_end": dropped, "lost_in_window": lost, "gpu": sampler.window(t0), "seconds": round(t1 - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--checkpoint", type=Path, default=DEMO)
+    p.add_argument("--minutes", type=float, default=7.5, help="time limit for the whole check")
+    p.add_argument("--budget-ms", type=float, default=300.0, help="frame age (p95 at XADD) the pipeline must keep")
+    p.add_argument("--max-cameras", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=20.0, help="measurement window per camera count")
+    p.add_argument("--steps", default="model,decode,pipeline", help="which steps after the environment")
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="no GPU needed: every step on the CPU at toy sizes, to check this script (measures nothing)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    t_start = time.time()
+    limit = t_start + args.minutes * 60
+    env = environment(args.dry_run_cpu)
+    result: dict = {"environment": env, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"environment: {json.dumps(env)}", flush=True)
+    if not env["cuda_available"] and not args.dry_run_cpu:
+        reason = no_gpu_reason(env)
+        result["error"] = f"no CUDA GPU: {reason}"
+        save_json(args.json, result)
+        print(f"gpu_check: no CUDA GPU: {reason}. Nothing measured; run it on a machine with an NVIDIA GPU "
+              f"(or pass --dry-run-cpu to check the script on a CPU).", file=sys.stderr)
+        return NO_GPU_EXIT
+    dry = args.dry_run_cpu
+    device = "cpu" if dry else "cuda"
+    steps = args.steps.split(",")
+    sampler = GpuSampler()
+
+    def deadline(step: str) -> float:  # this step's share of what is left, the later steps' shares kept back
+        later = [s for s in SHARES if s in steps and list(SHARES).index(s) > list(SHARES).index(step)]
+        left = limit - time.time()
+        return time.time() + left * SHARES[step] / (SHARES[step] + sum(SHARES[s] for s in later))
+
+    try:
+        if "model" in steps:
+            print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
+            variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False)) if dry else MODEL_VARIANTS
+            result["model"] = model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
+                                            deadline("model"), sampler, 0.2 if dry else 1.5)
+        clip = None
+        if "decode" in steps or "pipeline" in steps:
+            size = (320, 180) if dry else (1920, 1080)
+            clip = make_clip(Path(tempfile.gettempdir()) / "hydravision-gpu-check", size, 2.0 if dry else 10.0)
+        hwaccel = None
+        if "decode" in steps:
+            print(f"decode {clip.name}:", flush=True)
+            from models.checkpoint import read_metadata
+
+            input_size = tuple(read_metadata(args.checkpoint)["config"]["input_size"])
+            end = deadline("decode")
+            rows = []
+            for hw in ((None,) if dry else (None, "cuda")):
+                for model_input in (None, input_size):
+                    try:
+                        rows.append(decode_rate(clip, hw, model_input, min(end, time.time() + 20)))
+                    except Exception as e:
+                        rows.append({"hwaccel_asked": hw, "error": f"{type(e).__name__}: {e}"})
+                    print(f"  {rows[-1]}", flush=True)
+            result["decode"] = rows
+            if any(r.get("hwaccel_used") == "cuda" for r in rows):
+                hwaccel = "cuda"
+        if "pipeline" in steps:
+            result["pipeline"] = pipeline_ladder(args, clip, device, hwaccel, deadline("pipeline"), sampler, dry)
+    finally:
+        sampler.close()
+        result["seconds"] = round(time.time() - t_start, 1)
+        save_json(args.json, result)
+    print(f"done in {result['seconds']} s{f'; results in {args.json}' if args.json else ''}", flush=True)
+    return 0
+
+
+def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: float, sampler: GpuSampler,
+                    dry: bool) -> list[dict]:
+    """N = 1, 2, 4, ... cameras until the frame age budget is broken, frames are lost, or time runs out."""
+    import ray
+
+    from measure import start_ray
+    from pipeline.embedded_redis import EmbeddedRedis
+
+    seconds = 3.0 if dry else args.seconds
+    rows: list[dict] = []
+    server = EmbeddedRedis().start()
+    try:
+        start_ray()
+        n = 1
+        while n <= (1 if dry else args.max_cameras):
+            if time.time() + seconds + 40 > end:  # a run costs its window plus ~30 s of start and stop
+                rows.append({"cameras": n, "skipped": "out of time"})
+                break
+            print(f"pipeline, {n} x {clip.name} (hwaccel {hwaccel}) for {seconds:g} s ...", flush=True)
+            try:
+                rows.append(pipeline_run(args.checkpoint, clip, n, device, hwaccel, server.url, seconds, sampler,
+                                         max_batch=8 if dry else 32))
+            except Exception as e:
+                rows.append({"cameras": n, "error": f"{type(e).__name__}: {e}"[:500]})
+                print(f"  {rows[-1]['error']}", flush=True)
+                break
+            r = rows[-1]
+            print(f"  {r['frames_per_s']} frames/s, age p50/p95/p99 {r['age_p50_ms']}/{r['age_p95_ms']}/"
+                  f"{r['age_p99_ms']} ms, lost {r['lost_in_window']}, GPU {r['gpu']}", flush=True)
+            if (r["age_p95_ms"] or 0) > args.budget_ms or r["lost_in_window"]:
+                r["over_budget"] = True
+                break
+            n *= 2
+        ray.shutdown()
+    finally:
+        server.stop()
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""benchmarks/gpu_check.py on a machine without a GPU: it must say so and exit 2, and its steps must work (run
+here on the CPU at toy sizes), so that the first GPU machine at hand spends its minutes measuring, not debugging."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling measure.py, as when run directly
+
+import gpu_check  # noqa: E402
+
+
+def test_without_a_gpu_it_says_why_exits_2_and_still_writes_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--json", str(out)]) == gpu_check.NO_GPU_EXIT
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "--dry-run-cpu" in err
+    result = json.loads(out.read_text())
+    assert result["error"].startswith("no CUDA GPU: torch ") and result["environment"]["cuda_available"] is False
+    assert "model" not in result  # nothing was measured
+
+
+def test_the_reason_names_what_is_missing():
+    env = {"torch": "2.13.0+cpu", "torch_cuda": None, "CUDA_VISIBLE_DEVICES": None}
+    assert "CPU-only build" in gpu_check.no_gpu_reason(env)
+    env = {"torch": "2.13.0", "torch_cuda": "12.8", "CUDA_VISIBLE_DEVICES": "", "nvidia_smi": None}
+    reason = gpu_check.no_gpu_reason(env)
+    assert "sees no CUDA device" in reason and "nvidia-smi" in reason and "CUDA_VISIBLE_DEVICES=''" in reason
+
+
+def test_model_step_measures_each_variant_and_records_a_broken_one_without_stopping(monkeypatch):
+    sampler = gpu_check.GpuSampler.__new__(gpu_check.GpuSampler)
+    sampler.samples, sampler.proc = [], None
+    variants = (("no-such-backend", "fp32", False), ("torch", "fp32", False))
+    rows = gpu_check.model_ceiling(gpu_check.DEMO, "cpu", (1, 2), variants, time.time() + 60, sampler, 0.05)
+    assert "no-such-backend" in rows[0]["error"]
+    measured = [r for r in rows if "frames_per_s" in r]
+    assert [r["batch"] for r in measured] == [1, 2]
+    assert all(r["frames_per_s"] > 0 and r["iterations"] >= 1 and r["gpu"] is None for r in measured)
+    out_of_time = gpu_check.model_ceiling(gpu_check.DEMO, "cpu", (1,), variants[1:], time.time() - 1, sampler)
+    assert out_of_time == [{"variant": "torch fp32", "skipped": "out of time"}]
+
+
+def test_decode_step_reads_every_frame_and_reports_the_cpu_fallback_of_hwaccel(tmp_path):
+    clip = gpu_check.make_clip(tmp_path, (320, 180), seconds=1.0)
+    plain = gpu_check.decode_rate(clip, None, (256, 448), time.time() + 30)
+    assert plain["frames"] == 30 and plain["frames_per_s"] > 0 and plain["to_model_input"]
+    asked = gpu_check.decode_rate(clip, "cuda", None, time.time() + 30)  # no NVDEC here: the CPU decodes
+    assert asked["frames"] == 30 and asked["hwaccel_asked"] == "cuda" and asked["hwaccel_used"] is None
+
+
+def test_gpu_sampler_parses_nvidia_smi_and_skips_what_it_cannot(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=... -lms 500` prints, then waits
+    fake.write_text("#!/bin/sh\necho '37, 1024'\necho '[N/A], [N/A]'\necho '81, 2048'\nsleep 30\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    since = time.time() - 1
+    sampler = gpu_check.GpuSampler()
+    try:
+        deadline = time.time() + 10
+        while len(sampler.samples) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert sampler.window(since) == {"util_mean": 59.0, "util_max": 81.0, "mem_max_mib": 2048.0, "samples": 2}
+        assert sampler.window(time.time() + 60) is None
+    finally:
+        sampler.close()
+
+
+@pytest.mark.slow
+def test_dry_run_on_the_cpu_goes_through_every_step(tmp_path):
+    out = tmp_path / "dry.json"
+    assert gpu_check.main(["--dry-run-cpu", "--minutes", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {r["variant"] for r in result["model"] if "frames_per_s" in r} == {"torch fp32", "onnxruntime fp32"}
+    assert all(r["frames"] == 60 for r in result["decode"])
+    run = result["pipeline"][0]
+    assert run["cameras"] == 1 and run["frames_per_s"] > 0 and run["age_p95_ms"] is not None
