@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ray
 
-from models.checkpoint import CheckpointError, read_metadata
+from models.metadata import CheckpointError, read_metadata
 from pipeline import cluster
 from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
@@ -77,6 +77,7 @@ class App(LiveControl):
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
     model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
+    model_input_size: list = field(default_factory=list)  # [height, width], from the checkpoint
     # Called with (FastAPI app, this App) when the HTTP API is built: more routes. By default /metrics,
     # /healthz and /readyz (pipeline.metrics.include_metrics), so they are served whenever the API is on.
     api_extensions: list = field(default_factory=lambda: [metrics_routes])
@@ -120,6 +121,7 @@ class App(LiveControl):
         except CheckpointError as e:
             raise ConfigError(f"model.checkpoint: {e}") from None
         heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
+        self.model_input_size = list(meta["config"]["input_size"])
         for i, cam in enumerate(self.config.cameras):
             unknown = [h for h in (cam.heads or []) if h not in heads]
             if unknown:
@@ -159,15 +161,29 @@ class App(LiveControl):
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
                 mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend)
             self.inference.append(actor)
-        self.model_info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
-        self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference], "the inference replicas")
+        # The cameras' actors start while the replicas load the model (each is a process with seconds of
+        # imports; together that was 2 s of the 10 s to a first message). What they need of the model is in
+        # the checkpoint's metadata; they open their sources once a replica answers (StreamActor.start).
+        self.model_info = {"input_size": self.model_input_size, "heads": self.model_heads}
+        self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
+        self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
+        starting = self._create(self.config.cameras)
+        try:
+            info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
+            self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
+                                                       "the inference replicas")
+        except BaseException:
+            for _, actor, _ in starting:
+                ray.kill(actor, no_restart=True)
+            raise
+        if info["heads"] != self.model_heads or tuple(info["input_size"]) != tuple(self.model_input_size):
+            raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
+        self.model_info = info
         self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
-        self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
-        self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
-        self.add_cameras(self.config.cameras)
+        self.add_cameras(starting)
         if self.node_watch:
             self.node_watch.learn()
         self.start_control()
@@ -181,9 +197,9 @@ class App(LiveControl):
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
 
-    def add_cameras(self, cams: list[CameraConfig]) -> None:
-        """The config's cameras, at start."""
-        for handle in self._spawn(cams):
+    def add_cameras(self, starting: list[tuple[CameraConfig, Any, Any]]) -> None:
+        """The config's cameras, at start (created by ``_create``)."""
+        for handle in self._started(starting):
             with self._lock:
                 self.cameras[handle.id] = handle
             cam = handle.config
@@ -192,6 +208,10 @@ class App(LiveControl):
     def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
         """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
         after the other takes minutes on a small machine; together they overlap their imports."""
+        return self._started(self._create(cams))
+
+    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraConfig, Any, Any]]:
+        """Creates the cameras' StreamActors and asks them to start; (camera, actor, start ref) each."""
         spawned = []
         for cam in cams:
             # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
@@ -201,7 +221,11 @@ class App(LiveControl):
                                          [(self.placement.namespace, cluster.inference_name(index))],
                                          self.model_info, self.redis_settings, self.instance)
             spawned.append((cam, actor, actor.start.remote()))
-        budget_s = 60 + 5 * len(cams)
+        return spawned
+
+    def _started(self, spawned: list[tuple[CameraConfig, Any, Any]]) -> list[CameraHandle]:
+        """Waits for the actors of ``_create`` to have started; none is left half-started."""
+        budget_s = 60 + 5 * len(spawned)
         deadline = time.monotonic() + budget_s
         handles = []
         try:

@@ -550,6 +550,12 @@ class StreamActor:
             self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
         replica = _replica(self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)])
+        # At a service's start the replica may still be loading its model (the controller starts cameras
+        # beside it): the source opens once it answers, so no frame waits on a model that is not there yet.
+        if hasattr(replica, "ping"):
+            await replica.ping.remote()
+            if self.task is not None:  # another start() call got here first while this one waited
+                return
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)

@@ -1,0 +1,116 @@
+"""How long `hydravision run` takes to deliver: to each camera's first message, and to its steady rate.
+
+    .venv/bin/python benchmarks/bench_start.py                      # configs/demo.yaml, 3 runs (~2 min)
+    .venv/bin/python benchmarks/bench_start.py --config my.yaml --runs 5 --json start.json
+    .venv/bin/python benchmarks/bench_start.py --against /tmp/old-checkout     # A/B, runs alternate
+
+Each run launches the real command (`hydravision run CONFIG --redis-url ...`, a fresh process, as a user
+would) against a redis-server of its own, and watches Redis from outside: the time from launch to the first
+message of every camera, and to the moment every camera's rate over the last 3 s reaches 90% of what it
+asks for (its `fps`, else its stream's rate: taken from the config, so only cameras with `fps` or synthetic
+scenes with `fps=` in the URL are judged). The command's own output lines are timed too, to show where the
+time goes (Ray, the model, the cameras). Times are from launch, in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+import yaml
+
+from measure import ROOT, save_json
+from pipeline.embedded_redis import EmbeddedRedis
+from workers.publish import keys
+
+WINDOW_S, STEADY = 3.0, 0.9
+
+
+def wanted_fps(camera: dict) -> float | None:
+    if camera.get("fps"):
+        return float(camera["fps"])
+    q = parse_qs(urlsplit(camera["url"]).query)
+    return float(q["fps"][0]) if "fps" in q else None
+
+
+def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str, seconds: float) -> dict:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--redis-url", url],
+                            cwd=repo, env={**env, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: [lines.append((round(time.time() - t0, 2), ln.rstrip())) for ln in proc.stdout],
+                     daemon=True).start()
+    first: dict[str, float] = {}
+    steady: dict[str, float] = {}
+    try:
+        while time.time() - t0 < seconds and proc.poll() is None:
+            now = time.time()
+            for cam in cameras:
+                cid, fps = cam["id"], wanted_fps(cam)
+                stream = keys(prefix).detections(cid)
+                if cid not in first and client.xlen(stream):
+                    stored = int(client.xrange(stream, count=1)[0][0].split(b"-")[0]) / 1000
+                    first[cid] = round(stored - t0, 2)
+                if cid in first and cid not in steady and fps:
+                    recent = client.xrange(stream, min=f"{int((now - WINDOW_S) * 1000)}-0")
+                    if now - t0 - first[cid] >= WINDOW_S and len(recent) >= STEADY * fps * WINDOW_S:
+                        steady[cid] = round(now - t0, 2)
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    judged = [c["id"] for c in cameras if wanted_fps(c)]
+    return {"first_message_s": first, "all_first_s": max(first.values()) if len(first) == len(cameras) else None,
+            "steady_s": steady, "all_steady_s": max(steady.values()) if len(steady) == len(judged) else None,
+            "output": [ln for ln in lines if ln[1] and not ln[1].startswith(" ")][:40], "exit_code": proc.returncode}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=40.0, help="watch each run this long")
+    p.add_argument("--against", type=Path, help="another checkout (e.g. an older commit): its runs alternate with "
+                   "this one's, same config, same Redis")
+    p.add_argument("--json")
+    args = p.parse_args()
+    raw = yaml.safe_load(args.config.read_text())
+    cameras, prefix = raw["cameras"], (raw.get("redis") or {}).get("prefix", "hv")
+    server = EmbeddedRedis().start()
+    repos = {"this": ROOT, **({"against": args.against.resolve()} if args.against else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in repos}
+    try:
+        for i in range(args.runs):
+            for name, repo in repos.items():
+                r = one_run(repo, args.config, cameras, prefix, server.url, args.seconds)
+                runs[name].append(r)
+                print(f"{name} ({repo}) run {i + 1}: first message of every camera {r['all_first_s']} s "
+                      f"{r['first_message_s']}; every camera steady {r['all_steady_s']} s {r['steady_s']}", flush=True)
+                for t, line in r["output"]:
+                    print(f"  {t:>6.2f}  {line[:150]}")
+    finally:
+        server.stop()
+    for name, rs in runs.items():
+        firsts = [r["all_first_s"] for r in rs if r["all_first_s"] is not None]
+        steadies = [r["all_steady_s"] for r in rs if r["all_steady_s"] is not None]
+        print(f"{name}: first message of every camera {firsts} s; steady {steadies} s")
+    save_json(args.json, {"config": str(args.config), "cpus": os.cpu_count(),
+                          "repos": {k: str(v) for k, v in repos.items()}, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()

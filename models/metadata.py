@@ -1,0 +1,43 @@
+"""A checkpoint's metadata without torch: the service's controller checks a config against the model (heads,
+input size) before anything loads it, and importing torch would add a second to every start.
+The format itself is described in models/checkpoint.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+FORMAT = "hydravision-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a hydravision checkpoint; the message names the file and why."""
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded metadata of a checkpoint (config and training), without loading weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file but not a hydravision checkpoint (no format={FORMAT!r} metadata)")
+    version = meta.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    try:
+        config, training = json.loads(meta["config"]), json.loads(meta.get("training", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
+    for spec in config.get("heads", {}).values() if isinstance(config, dict) else ():
+        if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
+            spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
+    return {"config": config, "training": training}
