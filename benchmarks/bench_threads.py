@@ -37,7 +37,10 @@ from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
 
 SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
-            "all+passive": {"threads": os.cpu_count(), "omp_wait_policy": "PASSIVE"}}
+            "all+passive": {"threads": os.cpu_count(), "omp_wait_policy": "PASSIVE"},
+            # Ray's own default: worker processes at nice 15 (the service sets 0, pipeline/app.py RAY_SYSTEM_CONFIG)
+            "1+nice15": {"threads": 1, "worker_niceness": 15}, "all+nice15": {"threads": os.cpu_count(),
+                                                                               "worker_niceness": 15}}
 
 
 def synthetic(cid: str, seed: int) -> dict:
@@ -98,11 +101,11 @@ def model_alone(threads: int, omp_wait_policy: str | None) -> dict:
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
 
 
-def with_ray(omp_wait_policy: str | None, fn):
+def with_ray(omp_wait_policy: str | None, fn, niceness: int | None = None):
     old = os.environ.get("OMP_WAIT_POLICY")
     if omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # the raylet, and so every worker, inherits it
-    start_ray(max(os.cpu_count(), 8))
+    start_ray(max(os.cpu_count(), 8), **({} if niceness is None else {"worker_niceness": niceness}))
     try:
         return fn()
     finally:
@@ -137,10 +140,11 @@ def main() -> None:
                         continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
-                                                                                args.seconds))
+                                                                                args.seconds), s.get("worker_niceness"))
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
-                        DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"]))
+                        DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"]),
+                                  s.get("worker_niceness"))
                     results["runs"][f"{contention} | {name}"].update(
                         {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
                     print(f"  {json.dumps(results['runs'][f'{contention} | {name}'])}", flush=True)

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
 
 
-def start_ray(num_cpus: int | None = None) -> None:
+def start_ray(num_cpus: int | None = None, **system_config) -> None:
     """The benchmarks' private local Ray: loopback only, quiet, the service's own system config (a copy:
-    ray.init adds its own keys to the dict it is given)."""
+    ray.init adds its own keys to the dict it is given), with ``system_config`` overriding it."""
     import logging
 
     import ray
@@ -28,7 +28,7 @@ def start_ray(num_cpus: int | None = None) -> None:
 
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              object_store_memory=512 * 2**20, _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
-             log_to_driver=False, _system_config=dict(RAY_SYSTEM_CONFIG))
+             log_to_driver=False, _system_config={**RAY_SYSTEM_CONFIG, **system_config})
 
 
 def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 25.0) -> list[Path]:

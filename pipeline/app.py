@@ -33,7 +33,9 @@ from workers.stream import StreamActor, publisher_for
 # A letterboxed frame (3x256x448 uint8, 344 KB) travels inside the actor call instead of through the
 # object store (Ray's default limit is 100 KB): measured 1.4 -> 0.3 ms of raylet/GCS CPU per frame and +4%
 # frames/s with 8 cameras on 2 cores (benchmarks/README.md). A Ray cluster needs the same setting at `ray start`.
-RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 2 * 2**20}
+# worker_niceness: Ray starts actor processes at nice 15, so any other busy program took the CPU from the
+# cameras and the model almost entirely (docs/architecture.md, "CPU under contention").
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 2 * 2**20, "worker_niceness": 0}
 
 log = logging.getLogger(__name__)
 

@@ -106,9 +106,8 @@ def test_ray_start_flags_exist_and_agree(service):
     head = dict((w.split("=", 1) + [""])[:2] for w in next(c for c in commands("ray-head") if c[:2] == ["ray", "start"]))
     assert head["--port"] != "6379"  # Redis's port; Ray's default
     if service == "ray-head":
-        # the cluster-wide setting pipeline/app.py gives a local Ray; only the head takes it
-        key = "max_direct_call_object_size"
-        assert json.loads(flags["--system-config"]) == {key: RAY_SYSTEM_CONFIG[key]}
+        # the cluster-wide settings pipeline/app.py gives a local Ray; only the head takes them
+        assert json.loads(flags["--system-config"]) == RAY_SYSTEM_CONFIG
     else:
         host, port = flags["--address"].split(":")
         assert host == "ray-head" and port == head["--port"] and "--block" in flags
