@@ -56,6 +56,7 @@ def test_ray_token_notice_is_held_back_unless_verbose():
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
     filters = list(logger.filters)
+    logger.filters[:] = []  # what an earlier in-process CLI run (tests/test_hostile.py) left on this global logger
     logger.addHandler(handler)
     try:
         quiet_ray(verbose=True)
