@@ -79,7 +79,6 @@ class App(LiveControl):
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
     model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
-    model_input_size: list = field(default_factory=list)  # [height, width], from the checkpoint
     # Called with (FastAPI app, this App) when the HTTP API is built: more routes. By default /metrics,
     # /healthz and /readyz (pipeline.metrics.include_metrics), so they are served whenever the API is on.
     api_extensions: list = field(default_factory=lambda: [metrics_routes])
@@ -117,13 +116,14 @@ class App(LiveControl):
         return url
 
     def check_model(self) -> dict:
+        """The cameras' heads, zones and lines against the checkpoint's metadata; returns what the cameras need
+        of the model, {"input_size": [h, w], "heads": {head: classes}}, before any replica has loaded it."""
         path = self.config.model.checkpoint_path()
         try:
             meta = read_metadata(path)
         except CheckpointError as e:
             raise ConfigError(f"model.checkpoint: {e}") from None
         heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
-        self.model_input_size = list(meta["config"]["input_size"])
         for i, cam in enumerate(self.config.cameras):
             unknown = [h for h in (cam.heads or []) if h not in heads]
             if unknown:
@@ -132,7 +132,7 @@ class App(LiveControl):
             problems = analytics_errors(cam.zones, cam.lines, cam.heads, heads)  # zones/lines vs the model
             if problems:
                 raise ConfigError("\n".join(f"cameras[{i}].{p}" for p in problems))
-        return heads
+        return {"input_size": list(meta["config"]["input_size"]), "heads": heads}
 
     def start_ray(self) -> None:
         if ray.is_initialized():
@@ -148,7 +148,8 @@ class App(LiveControl):
         controllable = self.config.control.enabled or self.config.api.port is not None
         if not self.config.cameras and not controllable:
             raise ConfigError("cameras: no cameras configured (and no control channel to add one: api, control)")
-        self.model_heads = self.check_model()
+        self.model_info = self.check_model()
+        self.model_heads = self.model_info["heads"]
         self.check_api_settings()
         # First, before any child process exists: whatever this run starts dies with it, even on SIGKILL.
         self.reaper = Reaper.start()
@@ -165,8 +166,8 @@ class App(LiveControl):
             self.inference.append(actor)
         # The cameras' actors start while the replicas load the model (each is a process with seconds of
         # imports; together that was 2 s of the 10 s to a first message). What they need of the model is in
-        # the checkpoint's metadata; they open their sources once a replica answers (StreamActor.start).
-        self.model_info = {"input_size": self.model_input_size, "heads": self.model_heads}
+        # the checkpoint's metadata (check_model); they open their sources once a replica answers
+        # (StreamActor.start).
         self.redis_settings = self.config.redis.model_copy(update={"url": redis_url})
         self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
         starting = self._create(self.config.cameras)
@@ -178,7 +179,7 @@ class App(LiveControl):
             for _, actor, _ in starting:
                 ray.kill(actor, no_restart=True)
             raise
-        if info["heads"] != self.model_heads or tuple(info["input_size"]) != tuple(self.model_input_size):
+        if {k: info[k] for k in self.model_info} != self.model_info:
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
         self.model_info = info
         self.node_watch = self.placement.watch(self)
