@@ -130,3 +130,25 @@ def test_the_controller_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_status_shows_an_entry_nobody_refreshes_as_stale(redis_server, capsys: pytest.CaptureFixture) -> None:
+    """What a reader sees after a run was SIGKILLed (tests/test_lifecycle.py kills a real one): its last status
+    says "running" but its heartbeat is older than STALE_AFTER_S, so `status` shows it as stale."""
+    import json
+    import time
+
+    from pipeline.status import STALE_AFTER_S
+
+    now = time.time()
+    base = {"state": "running", "instance": "i1", "fps": 10.0, "published": 5}
+    redis_server.client().hset("hv:cameras", mapping={
+        "dead": json.dumps({**base, "camera": "dead", "heartbeat_ts": now - STALE_AFTER_S - 5}),
+        "live": json.dumps({**base, "camera": "live", "heartbeat_ts": now})})
+    assert main(["status", "--redis-url", redis_server.url, "--json"]) == 0
+    statuses = {s["camera"]: s for s in json.loads(capsys.readouterr().out)}
+    assert (statuses["dead"]["state"], statuses["dead"]["stale"]) == ("stale", True)
+    assert (statuses["live"]["state"], statuses["live"]["stale"]) == ("running", False)
+    assert main(["status", "--redis-url", redis_server.url]) == 0
+    table = capsys.readouterr().out
+    assert "stale" in table and "dead" in table and "live" in table, table

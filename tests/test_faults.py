@@ -97,7 +97,7 @@ def test_stalled_camera_is_noticed_and_reconnected(ray_local, redis_server, rtsp
 @pytest.mark.timeout(600)
 # The large-buffer case (nothing lost) is behind -m slow: the default run has it through test_redis_faults'
 # OOM and freeze episodes; the small buffer's counted drops are only here.
-@pytest.mark.parametrize("buffer, outage_s", [pytest.param(2000, 3.0, marks=pytest.mark.slow), (10, 4.0)])
+@pytest.mark.parametrize("buffer, outage_s", [pytest.param(2000, 3.0, marks=pytest.mark.slow), (10, 2.5)])
 def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, outage_s, machine):
     """Within the buffer bound nothing is lost and order holds; beyond it the oldest go, counted and reported."""
     cams = [{"id": "cam", "url": "synthetic://street?seed=3&fps=10"}]
@@ -111,7 +111,7 @@ def test_redis_down_and_back(ray_local, redis_server, tiny_checkpoint, buffer, o
         client = redis_server.client()
         wait_for(lambda: messages(client, "cam"), machine.deadline(30), "the first message after Redis came back")
         recovered = time.time() - t_back
-        wait_for(lambda: len(messages(client, "cam")) > 30, machine.deadline(30), "messages after Redis came back")
+        wait_for(lambda: len(messages(client, "cam")) > 20, machine.deadline(30), "messages after Redis came back")
         finals = run.stop()
     final = finals[0]
     msgs = messages(client, "cam")

@@ -10,7 +10,7 @@ import ray
 from test_e2e import make_app, validate_all
 from workers.inference import InferenceExpired
 
-FRAMES = 60
+FRAMES = 30
 
 
 @pytest.mark.timeout(120)
