@@ -162,7 +162,7 @@ class App(LiveControl):
         for i in range(ic.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
-                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend)
+                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend, ic.adapt_batch)
             self.inference.append(actor)
         # The cameras' actors start while the replicas load the model (each is a process with seconds of
         # imports; together that was 2 s of the 10 s to a first message). What they need of the model is in
@@ -185,7 +185,8 @@ class App(LiveControl):
         self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
-                 f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms")
+                 f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
+                 + (" (grown from 8 while larger ones measure faster per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:
             self.node_watch.learn()

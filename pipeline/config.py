@@ -80,7 +80,11 @@ class ModelConfig(Strict):
 
 
 class InferenceConfig(Strict):
-    max_batch: int = Field(8, ge=1, le=256)
+    max_batch: int = Field(32, ge=1, le=256, description="the largest batch; with adapt_batch, the ceiling of what "
+                           "the replica measures")
+    adapt_batch: bool = Field(True, description="batches start at up to 8 frames and grow (powers of two, up to "
+                              "max_batch) only while the replica measures larger ones faster per frame "
+                              "(workers/batch_size.py); false: always up to max_batch")
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
     replicas: int = Field(1, ge=1, le=64)
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")

@@ -157,6 +157,12 @@ class HydravisionCollector(Collector):
         depth = GaugeMetricFamily("hydravision_queue_depth", "Frames waiting in the inference queues for a batch")
         depth.add_metric([], sum(r.stats.get("queue_depth", 0) or 0 for r in replicas))
         yield depth
+        limit = GaugeMetricFamily("hydravision_inference_batch_limit", "The largest batch a replica takes now "
+                                  "(it grows while larger batches run faster per frame)", labels=["replica"])
+        for key, r in sorted(snap.replicas.items()):
+            if "batch_limit" in r.stats:
+                limit.add_metric([str(key)], r.stats["batch_limit"])
+        yield limit
         rejected = CounterMetricFamily("hydravision_inference_rejected_total", "Frames the inference queue "
                                        "answered without computing them, by reason", labels=["reason"])
         for reason in REJECT_REASONS:

@@ -358,7 +358,7 @@ def test_a_failing_batcher_answers_its_waiting_callers(monkeypatch):
     """A bug in the batching loop itself must not leave callers waiting forever."""
     async def main():
         b = Batcher(lambda items: items, max_batch=8, max_wait_ms=0)
-        monkeypatch.setattr(b, "_take_batch", lambda: 1 / 0)
+        monkeypatch.setattr(b, "_take_batch", lambda limit: 1 / 0)
         return await asyncio.wait_for(asyncio.gather(*[b.submit(i, "cam") for i in range(3)],
                                                      return_exceptions=True), 10)
 

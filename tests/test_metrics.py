@@ -89,7 +89,7 @@ def test_camera_counters_histograms_and_the_counting_invariant():
 def test_inference_histograms_sum_over_replicas_and_newer_counters_are_read_when_present():
     t = Telemetry()
     t.record_inference(0, inference_stats(pid=1))
-    t.record_inference(1, inference_stats(pid=2, queue_depth=5, shed=4, expired=1, cancelled=0))
+    t.record_inference(1, inference_stats(pid=2, queue_depth=5, shed=4, expired=1, cancelled=0, batch_limit=16))
     t.record_cameras([])
     m = scrape(t)
     assert value(m, "hydravision_inference_batch_size_count") == 18  # batches of both replicas
@@ -102,6 +102,8 @@ def test_inference_histograms_sum_over_replicas_and_newer_counters_are_read_when
     assert value(m, "hydravision_head_seconds_bucket", head="vehicles", le="0.01") == 8
     assert value(m, "hydravision_head_frames_total", head="vehicles") == 24
     assert value(m, "hydravision_queue_depth") == 5
+    assert value(m, "hydravision_inference_batch_limit", replica="1") == 16  # the replica that reports one
+    assert ("replica", "0") not in {k for labels in m["hydravision_inference_batch_limit"] for k in labels}
     assert value(m, "hydravision_inference_rejected_total", reason="shed") == 4
     assert value(m, "hydravision_inference_replicas_up") == 2
 

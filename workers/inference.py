@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 import numpy as np
 import ray
 
+from workers.batch_size import BatchSizer
 from workers.frames import FrameRequest, HeadArrays
 from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
 
@@ -86,11 +87,15 @@ class Batcher(Generic[T, R]):
     most is shed (``InferenceOverloaded``), so a camera with few waiting is never the one shed. A request
     whose caller's timeout has passed (``InferenceExpired``) or whose caller cancelled is dropped
     without being computed. Everything runs on the event loop's thread except ``handler``.
+
+    With a ``sizer`` (workers/batch_size.py) a batch grows only up to the size it finds fastest per frame,
+    ``max_batch`` being its ceiling; without one, up to ``max_batch``.
     """
 
     def __init__(self, handler: Callable[[list[T]], list[R]], max_batch: int = 8, max_wait_ms: float = 5.0,
-                 max_pending: int | None = None, max_pending_per_camera: int | None = None):
-        self.handler, self.max_batch, self.max_wait = handler, max_batch, max_wait_ms / 1000
+                 max_pending: int | None = None, max_pending_per_camera: int | None = None,
+                 sizer: BatchSizer | None = None):
+        self.handler, self.max_batch, self.max_wait, self.sizer = handler, max_batch, max_wait_ms / 1000, sizer
         # Defaults: a camera may have up to 16 frames in flight (the config's max_inflight ceiling), so a
         # well-behaved camera never hits its own cap; the total stays within a few batches of work.
         self.max_pending_per_camera = max(16, max_batch) if max_pending_per_camera is None else max_pending_per_camera
@@ -133,11 +138,17 @@ class Batcher(Generic[T, R]):
         self._wake.set()
         return await p.future
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         """Counters for metrics: requests shed (queue full), expired (caller's timeout passed while waiting),
-        cancelled (by the caller while waiting); none of them was computed. And the queue's depth now / max."""
+        cancelled (by the caller while waiting); none of them was computed. The queue's depth now / max, and
+        how large a batch may grow now (``batch_limit``; with a sizer, what it measured)."""
+        sized = self.sizer.stats() if self.sizer else {"batch_limit": self.max_batch}
         return {**self.counts, "queue_depth": self.depth, "queue_depth_max": self.depth_max,
-                "queue_limit": self.max_pending, "queue_limit_per_camera": self.max_pending_per_camera}
+                "queue_limit": self.max_pending, "queue_limit_per_camera": self.max_pending_per_camera, **sized}
+
+    def limit(self) -> int:
+        """The largest batch to take now."""
+        return min(self.max_batch, self.sizer.allowed()) if self.sizer else self.max_batch
 
     # -- the queue: every removal goes through _unqueue ----------------------------------------
     def _unqueue(self, p: _Pending[T]) -> None:
@@ -182,8 +193,9 @@ class Batcher(Generic[T, R]):
             self._drop(p, "cancelled", None)
 
     # -- batches ---------------------------------------------------------------------------------
-    def _take_batch(self) -> list[_Pending[T]]:
-        """Round-robin by camera (cameras in order of their oldest request), oldest first within each."""
+    def _take_batch(self, limit: int) -> list[_Pending[T]]:
+        """Up to ``limit`` requests, round-robin by camera (cameras in order of their oldest request), oldest
+        first within each."""
         now = time.monotonic()
         for queue in list(self._queues.values()):  # callbacks not run yet must not let such a request run
             for p in list(queue):
@@ -192,9 +204,9 @@ class Batcher(Generic[T, R]):
                 elif p.deadline is not None and p.deadline <= now:
                     self._expire(p)
         batch: list[_Pending[T]] = []
-        while self._queues and len(batch) < self.max_batch:  # one round: each camera's oldest request
+        while self._queues and len(batch) < limit:  # one round: each camera's oldest request
             in_turn = sorted(self._queues, key=lambda c: self._queues[c][0].arrived)
-            for camera in in_turn[:self.max_batch - len(batch)]:
+            for camera in in_turn[:limit - len(batch)]:
                 p = self._queues[camera][0]
                 self._unqueue(p)
                 batch.append(p)
@@ -207,28 +219,30 @@ class Batcher(Generic[T, R]):
                 self._wake.clear()
                 await self._wake.wait()
             # Recomputed on every arrival: an impatient request (max_wait_s) can move the batch's departure earlier.
-            while 0 < self.depth < self.max_batch and (remaining := self._deadline() - time.monotonic()) > 0:
+            while 0 < self.depth < self.limit() and (remaining := self._deadline() - time.monotonic()) > 0:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            batch = self._take_batch()
+            limit = self.limit()
+            batch = self._take_batch(limit)
             if batch:
-                await self._run(batch)
+                await self._run(batch, full=len(batch) == limit)
 
     def _deadline(self) -> float:
         """When the batch being filled must leave: the earliest due time of the requests waiting. Only asked
-        while fewer than ``max_batch`` wait, so every waiting request goes into that batch."""
+        while fewer than the limit wait, so every waiting request goes into that batch."""
         return min(p.arrived + (self.max_wait if p.max_wait is None else min(p.max_wait, self.max_wait))
                    for queue in self._queues.values() for p in queue)
 
-    async def _run(self, batch: list[_Pending[T]]) -> None:
+    async def _run(self, batch: list[_Pending[T]], full: bool = False) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.waits.observe_many(started - p.arrived for p in batch)
         try:
-            results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
+            results, seconds = await loop.run_in_executor(self._executor, _timed, self.handler,
+                                                          [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch handler returned {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:  # close() while the batch ran: its callers must not hang
@@ -241,6 +255,8 @@ class Batcher(Generic[T, R]):
                 if not p.future.done():
                     p.future.set_exception(e)
             return
+        if self.sizer:
+            self.sizer.record(len(batch), seconds, full)
         for p, r in zip(batch, results):
             if not p.future.done():
                 p.future.set_result(r)
@@ -265,19 +281,29 @@ class Batcher(Generic[T, R]):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _timed(handler: Callable[[list[T]], list[R]], items: list[T]) -> tuple[list[R], float]:
+    """The handler's results and its own seconds, taken on the worker thread (not the event loop's delay)."""
+    t0 = time.perf_counter()
+    results = handler(items)
+    return results, time.perf_counter() - t0
+
+
 class InferenceService:
     """ModelRunner + Batcher: what the InferenceActor serves, usable in-process by tests and benchmarks."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
-                 max_pending_per_camera: int | None = None, backend: str = "torch"):
+                 max_pending_per_camera: int | None = None, backend: str = "torch", adapt_batch: bool = False):
+        """``adapt_batch``: batches grow only up to the size measured fastest per frame (workers/batch_size.py),
+        ``max_batch`` being the ceiling; otherwise up to ``max_batch``."""
         from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
 
         self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
                                                compile=compile, backend=backend)
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
-            self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera)
+            self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera,
+            BatchSizer(max_batch) if adapt_batch else None)
 
     def _run_batch(self, items: list[tuple[np.ndarray, list[str] | None]]) -> list[dict[str, HeadArrays]]:
         return self.runner.run([image for image, _ in items], [heads for _, heads in items])
@@ -311,7 +337,7 @@ class InferenceActor:
     def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
                  compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None,
-                 backend: str = "torch"):
+                 backend: str = "torch", adapt_batch: bool = False):
         """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
         Ray's object store, which copies them to whichever node runs this replica, also after a restart)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -319,7 +345,7 @@ class InferenceActor:
             checkpoint = str(local_copy(checkpoint))
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or os.cpu_count(), score_threshold, compile,
-                                        max_pending, max_pending_per_camera, backend)
+                                        max_pending, max_pending_per_camera, backend, adapt_batch)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)

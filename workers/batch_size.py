@@ -1,0 +1,108 @@
+"""How large the Batcher lets a batch grow: the smallest size that gives the best measured frames/s.
+
+A batch always takes what is waiting, up to a limit. A larger limit only pays while the model's time per
+frame falls with the batch (a GPU: 16 -> 32 can halve it); beyond that it adds latency for nothing (this
+project's 2-core CPU: 8.1 ms per frame at 8, 7.1 at 16, 8.3 at 32). Where that point lies depends on the
+device, the model, the heads asked for and what else runs on the machine, so the limit is found by measuring
+the live batches rather than configured:
+
+- the limit starts at ``start`` (8) and stays a power of two within ``[1, ceiling]`` (``ceiling`` itself
+  when that is not one);
+- a **probe** happens only under load: after ``probe_after`` batches in a row that were full at the limit,
+  the next batches may take twice as many. Once ``samples`` of those full larger batches have run, the larger
+  size is kept if its median time per frame beats the limit's by more than ``gain``; if not, the next probe
+  waits twice as long (up to 64x). A probe that the backlog does not fill within ``samples`` batches ends;
+- the limit halves when the recent batches at half the size ran faster per frame by more than ``gain``
+  (a wrong step up, or a machine whose load changed);
+- the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
+  first call (0.2-1 s on this CPU), which says nothing about the steady cost.
+
+Only batches that were full at the size asked for count: a batch of 5 taken because only 5 waited says how
+fast 5 frames run, not whether a limit of 8 is right.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+
+MAX_BACKOFF = 64  # the longest wait between probes, in multiples of probe_after
+
+
+class BatchSizer:
+    def __init__(self, ceiling: int, start: int = 8, probe_after: int = 16, samples: int = 4,
+                 gain: float = 0.07, window: int = 8):
+        if ceiling < 1 or start < 1:
+            raise ValueError(f"ceiling and start must be >= 1, got {ceiling} and {start}")
+        self.ceiling, self.probe_after, self.samples, self.gain = ceiling, probe_after, samples, gain
+        self.limit = min(_power_of_two_at_most(start), ceiling)
+        self.probing: int | None = None  # the larger size on trial, while a probe runs
+        self.changes: list[tuple[int, int]] = []  # (from, to), every change of the limit
+        self._costs: dict[int, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        self._seen: set[int] = set()
+        self._streak = 0  # full batches in a row at the limit
+        self._backoff = 1  # the next probe waits probe_after * backoff full batches
+        self._probe_misses = 0
+
+    def allowed(self) -> int:
+        """The largest batch the Batcher may take now."""
+        return self.probing or self.limit
+
+    def record(self, size: int, seconds: float, full: bool) -> None:
+        """One batch ran: ``size`` frames in ``seconds``; ``full``: it was as large as ``allowed()`` was
+        when it was taken (the backlog filled it)."""
+        first = size not in self._seen
+        self._seen.add(size)
+        if full and not first:
+            self._costs[size].append(seconds / size)
+        if self.probing is not None:
+            self._after_probe_batch(size, full)
+        elif full and size == self.limit:
+            self._streak += 1
+            self._maybe_shrink()
+            if self._streak >= self.probe_after * self._backoff and self.limit < self.ceiling:
+                self.probing = min(2 * self.limit, self.ceiling)
+                self._costs[self.probing].clear()  # its old samples may come from another load
+                self._probe_misses = 0
+        else:
+            self._streak = 0  # the load does not fill the batches: no reason to grow them
+
+    def _after_probe_batch(self, size: int, full: bool) -> None:
+        assert self.probing is not None
+        if not (full and size == self.probing):
+            self._probe_misses += 1
+            if self._probe_misses >= self.samples:  # the backlog does not fill the larger size: stop trying
+                self._end_probe(adopt=False)
+            return
+        probe, current = self._costs[self.probing], self._costs[self.limit]
+        if len(probe) >= self.samples:
+            adopt = bool(current) and statistics.median(probe) < (1 - self.gain) * statistics.median(current)
+            self._end_probe(adopt)
+
+    def _end_probe(self, adopt: bool) -> None:
+        assert self.probing is not None
+        if adopt:
+            self.changes.append((self.limit, self.probing))
+            self.limit, self._backoff = self.probing, 1
+        else:
+            self._backoff = min(MAX_BACKOFF, 2 * self._backoff)
+        self.probing, self._streak = None, 0
+
+    def _maybe_shrink(self) -> None:
+        half = self.limit // 2
+        here, there = self._costs[self.limit], self._costs[half]
+        if half >= 1 and len(here) >= self.samples and len(there) >= self.samples and \
+                statistics.median(there) < (1 - self.gain) * statistics.median(here):
+            self.changes.append((self.limit, half))
+            self.limit, self._streak = half, 0
+
+    def stats(self) -> dict:
+        """For the replica's stats(): the limit now, the probe running (0: none), the changes so far, and the
+        median milliseconds per frame by batch size (full batches only)."""
+        return {"batch_limit": self.limit, "batch_probe": self.probing or 0, "batch_limit_changes": len(self.changes),
+                "ms_per_frame": {size: round(1000 * statistics.median(c), 3)
+                                 for size, c in sorted(self._costs.items()) if c}}
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
