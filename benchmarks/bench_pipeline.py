@@ -7,7 +7,8 @@
 1. ceiling: the model alone (HydraNet + post-processing on pre-decoded frames) at each batch size, and
    decode alone (PyAV + letterbox) in one process;
 2. naive: the loop a user writes by hand in one process: for each camera in turn decode a frame, run
-   the model at batch 1, track, XADD to Redis;
+   the model at batch 1, track, XADD to Redis; and threaded: the design one-process pipeline libraries use,
+   a decoder thread per camera and one model thread batching across them (same model, tracker, messages);
 3. hydravision with N file cameras unpaced (throughput), and RTSP cameras at their real rate: at ~80% of
    the sustainable load (latency, drops, fairness) and overloaded at ~150%.
 Ratios (efficiency = hydravision / ceiling, speedup = hydravision / naive) are what to compare across
@@ -143,6 +144,105 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
     return {"cameras": cameras, "fps": round(n / (time.perf_counter() - t0), 1), "latency_ms_p50": pct(latencies, 50)}
 
 
+# -- 2b. the threaded design of one-process pipeline libraries ---------------------------------------
+def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float,
+                   max_batch: int = 8, warmup: float = 3.0) -> dict:
+    """One process: a decoder thread per camera (decode + letterbox into a queue of 2, blocking: lossless like
+    hydravision's unpaced files), one model thread taking batches of up to ``max_batch`` from the cameras in
+    turn, one sink thread tracking and writing each batch to Redis in one pipeline. The same model, tracker
+    and messages as hydravision; what differs is the transport (threads and queues, one interpreter)."""
+    import queue
+    import threading
+
+    runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count(), max_batch=max_batch)
+    heads = list(runner.heads)
+    stop = threading.Event()
+    queues = [queue.Queue(maxsize=2) for _ in range(cameras)]
+    ready = threading.Semaphore(0)  # one release per frame queued: the model thread sleeps on it, no polling
+    results: queue.Queue = queue.Queue(maxsize=4)
+    counted = {"frames": 0, "latencies": [], "since": None}
+
+    def decode(i: int) -> None:
+        src = open_source(str(clips[i % len(clips)]), realtime=False, loop=True)
+        src.open()
+        while not stop.is_set():
+            frame = src.read()
+            image, lb = frame.to_model_input(runner.input_size)
+            while not stop.is_set():
+                try:
+                    queues[i].put((frame, image, lb), timeout=0.1)
+                    ready.release()
+                    break
+                except queue.Full:
+                    continue
+        src.close()
+
+    def model() -> None:
+        turn = 0
+        while not stop.is_set():
+            if not ready.acquire(timeout=0.1):
+                continue
+            batch = []
+            for k in range(cameras):  # cameras in turn from where the last batch stopped
+                i = (turn + k) % cameras
+                try:
+                    item = queues[i].get_nowait()
+                except queue.Empty:
+                    continue
+                if batch:  # the first frame's release was taken by acquire() above
+                    ready.acquire()
+                batch.append((i, *item))
+                if len(batch) == max_batch:
+                    break
+            turn = (turn + 1) % cameras
+            if not batch:
+                ready.release()  # a frame counted but not found yet (put raced the scan): look again
+                continue
+            arrays = runner.run([image for _, _, image, _ in batch], [None] * len(batch))
+            results.put((batch, arrays))
+
+    def sink() -> None:
+        client = redis.Redis.from_url(redis_url)
+        k = keys("threaded")
+        trackers = [CameraTracker(heads, TrackerConfig(), 25.0) for _ in range(cameras)]
+        while not stop.is_set():
+            try:
+                batch, arrays = results.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            pipe = client.pipeline(transaction=False)
+            for (i, frame, _, lb), out in zip(batch, arrays):
+                records = []
+                for head, classes in runner.heads.items():
+                    det, _ = trackers[i].update(head, to_detections(out[head], lb, classes), frame.index, frame.pts)
+                    records += detection_records(head, det, det.tracker_id)
+                msg = detection_message(f"cam{i}", frame.index, frame.pts, frame.wall,
+                                        (time.time() - frame.wall) * 1000, (frame.size[1], frame.size[0]),
+                                        records, heads)
+                pipe.xadd(k.detections(f"cam{i}"), {"data": encode(msg)}, maxlen=10_000, approximate=True)
+                if counted["since"] is not None:
+                    counted["frames"] += 1
+                    counted["latencies"].append(msg["latency_ms"])
+            pipe.execute()
+
+    threads = [threading.Thread(target=decode, args=(i,), daemon=True) for i in range(cameras)]
+    threads += [threading.Thread(target=model, daemon=True), threading.Thread(target=sink, daemon=True)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup)
+    c0, t0 = time.process_time(), time.perf_counter()
+    counted["since"] = t0
+    time.sleep(seconds)
+    frames, cpu, dt = counted["frames"], time.process_time() - c0, time.perf_counter() - t0
+    latencies = list(counted["latencies"])
+    stop.set()
+    for t in threads:
+        t.join(5)
+    return {"cameras": cameras, "fps": round(frames / dt, 1), "latency_ms_p50": pct(latencies, 50),
+            "latency_ms_p95": pct(latencies, 95), "latency_ms_p99": pct(latencies, 99),
+            "cpu_ms_per_frame_total": round(cpu / max(1, frames) * 1000, 2)}
+
+
 # -- 3. hydravision ---------------------------------------------------------------------------------
 def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmup: float, seconds: float,
                     max_batch: int = 8, max_wait_ms: float = 10, model: dict | None = None, **inference) -> dict:
@@ -193,6 +293,7 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
         "mean_batch": round((i1["frames"] - i0["frames"]) / max(1, batches), 2),
+        "batch_limit": i1.get("batch_limit"), "ms_per_frame_by_batch": i1.get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
@@ -242,6 +343,8 @@ def main() -> None:
         results["decode"] = bench_decode(clips, args.seconds / 4, input_size)
         print("naive loop, 8 cameras ...", flush=True)
         results["naive"] = bench_naive(args.checkpoint, clips, 8, redis_server.url, args.seconds / 2)
+        print("threaded one-process pipeline, 8 cameras ...", flush=True)
+        results["threaded"] = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds)
         start_ray()
         results["files"] = {}
         for n in counts:
@@ -275,7 +378,17 @@ def summarize(r: dict) -> None:
           f"(by batch: {r['model']['fps_by_batch']}); one batch of 8: {r['model']['batch_latency_ms'][8]} ms")
     print(f"split of a batch of 8 (ms): {r['model']['split']}")
     print(f"decode + letterbox alone, one process: {r['decode']['fps_one_process']} frames/s")
-    print(f"naive loop, {r['naive']['cameras']} cameras: {naive} frames/s\n")
+    print(f"naive loop, {r['naive']['cameras']} cameras: {naive} frames/s")
+    if "threaded" in r:
+        t = r["threaded"]
+        print(f"threaded one-process pipeline, {t['cameras']} cameras: {t['fps']} frames/s, latency p50/p95/p99 "
+              f"{t['latency_ms_p50']}/{t['latency_ms_p95']}/{t['latency_ms_p99']} ms, "
+              f"{t['cpu_ms_per_frame_total']} ms CPU per frame")
+        if 8 in r["files"]:
+            h = r["files"][8]
+            print(f"hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
+                  f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms")
+    print()
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
