@@ -103,23 +103,32 @@ def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
-    """Loads a plain PyTorch ResNet state dict (e.g. torchvision's ImageNet weights) into the backbone.
+    """Loads a plain PyTorch state dict of the backbone's published layout (torchvision's ImageNet
+    ``resnet18``..``resnet101``, ``vit_b_16``, ``mobilenet_v3_large``/``_small``) into the model's backbone.
 
-    Keys may carry a ``backbone.`` or ``module.`` prefix; the classifier (``fc.*``) is ignored. Returns
-    the keys that were loaded.
+    Keys may carry a ``module.``, ``backbone.`` or ``body.`` prefix. The file's ImageNet classifier (``fc.*``,
+    ``heads.*``, ``classifier.*``) is ignored unless the backbone keeps one (``num_classes``). Every other key
+    must be one of the backbone's, with its shape; only our own additions (the ViT's pyramid) may be absent.
+    Returns the keys that were loaded.
     """
-    path = Path(path)
-    state = load_torch_weights(path)
+    return load_pretrained(model.backbone, load_torch_weights(path), f"{path} ({model.config.backbone})")
+
+
+def load_pretrained(backbone: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """``state`` into ``backbone`` key by key (see ``import_backbone_weights``); errors name ``what``."""
+    classifier = getattr(backbone, "classifier_prefix", "")
+    keeps_classifier = getattr(getattr(backbone, "config", None), "num_classes", None) is not None
     cleaned = {}
     for k, v in state.items():
         for prefix in ("module.", "backbone.", "body."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if not k.startswith("fc."):
+            k = k.removeprefix(prefix)
+        k = backbone.published_key(k) if hasattr(backbone, "published_key") else k
+        if keeps_classifier or not classifier or not k.startswith(classifier):
             cleaned[k] = v
-    expected = model.backbone.state_dict()
+    new = tuple(getattr(backbone, "new_prefixes", ()))
+    expected = {k: v for k, v in backbone.state_dict().items() if not (new and k.startswith(new))}
     problems = compare_state_dict(expected, cleaned)
     if problems:
-        raise CheckpointError(f"{path}: does not fit this backbone ({model.config.backbone}): {problems}")
-    model.backbone.load_state_dict(cleaned)
+        raise CheckpointError(f"{what}: does not fit this backbone: {problems}")
+    backbone.load_state_dict(cleaned, strict=not new)
     return sorted(cleaned)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# (conv attribute, bn attribute) pairs inside torchvision-layout ResNet modules.
+# (conv attribute, bn attribute) pairs inside torchvision-layout ResNet blocks.
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
@@ -26,20 +26,22 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def fuse_conv_bn(module: nn.Module) -> int:
-    """Folds every conv->BN pair of a (ResNet) module in place; the module must be in eval mode.
-    Returns how many pairs were folded."""
+    """Folds every conv->BN pair of a backbone in place; the module must be in eval mode. Pairs are a
+    ResNet block's ``convN``/``bnN`` and a conv followed by a BN inside an ``nn.Sequential`` (ResNet's
+    ``downsample``, MobileNetV3's conv-BN-activation). Returns how many pairs were folded."""
     if module.training:
         raise ValueError("fold BatchNorm only in eval mode (training updates its statistics)")
     count = 0
-    for m in module.modules():
+    for m in list(module.modules()):
         for conv_name, bn_name in _PAIRS:
             conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 setattr(m, conv_name, fold_bn(conv, bn))
                 setattr(m, bn_name, nn.Identity())
                 count += 1
-        downsample = getattr(m, "downsample", None)
-        if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[1], nn.BatchNorm2d):
-            m.downsample = nn.Sequential(fold_bn(downsample[0], downsample[1]), nn.Identity())
-            count += 1
+        if isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+                    m[i], m[i + 1] = fold_bn(m[i], m[i + 1]), nn.Identity()
+                    count += 1
     return count

@@ -11,15 +11,19 @@ from torch import nn
 from models.attributes import AttributeConfig, AttributeHead
 from models.fpn import FPN, FPNConfig
 from models.heads import DetectionHead, HeadConfig
+from models.mobilenet import MobileNetConfig, MobileNetV3
 from models.postprocess import HeadDetections, make_points, postprocess
 from models.resnet import ResNet, ResNetConfig
+from models.vit import ViT, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Architecture registries: a checkpoint names its parts by these keys. New backbones (ViT,
-# efficient CNNs) and head kinds (classification, re-ID) register here.
-BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet)}
+# Architecture registries: a checkpoint names its parts by these keys. A backbone is a StagedBackbone
+# (models/backbone.py: maps with declared out_channels and strides, run as stages); a neck takes the
+# backbone's channels and strides and declares its own. New head kinds (classification, re-ID) register here.
+BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet), "vit": (ViTConfig, ViT),
+                                           "mobilenet": (MobileNetConfig, MobileNetV3)}
 NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN)}
 HEADS: dict[str, tuple[type, type]] = {"fcos": (HeadConfig, DetectionHead)}
 

@@ -62,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-size", type=parse_size, default=(256, 448), metavar="HxW")
-    t.add_argument("--depth", type=int, default=18, help="ResNet depth (10, 18, 34, 50, 101)")
-    t.add_argument("--width", type=int, default=16, help="ResNet base width (torchvision: 64)")
+    t.add_argument("--backbone", choices=("resnet", "vit", "mobilenet"), default="resnet",
+                   help="a new model's backbone (docs/architecture.md, 'Backbones, necks, fine-tuning')")
+    t.add_argument("--depth", type=int, default=None, help="ResNet depth (10, 18, 34, 50, 101; default 18) or "
+                   "ViT blocks (default 4)")
+    t.add_argument("--width", type=float, default=None, help="ResNet base width (default 16; torchvision: 64), ViT "
+                   "hidden size (default 128; vit_b_16: 768) or MobileNetV3 width multiplier (default 1.0)")
+    t.add_argument("--arch", choices=("large", "small"), default=None, help="MobileNetV3 variant (default small)")
     t.add_argument("--fpn-channels", type=int, default=64)
-    t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth state dict")
+    t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth "
+                   "state dict (ImageNet resnet18..101, vit_b_16, mobilenet_v3_large/_small)")
     t.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("train-attribute", help="add an attribute head (labels for one head's boxes, e.g. a car's "

@@ -49,7 +49,7 @@ def train(args: argparse.Namespace) -> Path:
     try:  # TrainConfig's constructor only checks the arguments: any ValueError from it is about them
         cfg = TrainConfig(
             out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
-            input_size=args.input_size, backbone={"type": "resnet", "depth": args.depth, "width": args.width},
+            input_size=args.input_size, backbone=backbone_spec(args),
             neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed,
         )
@@ -65,6 +65,21 @@ def train(args: argparse.Namespace) -> Path:
             save_checkpoint(model, cfg.init,
                             {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
         return train_model(cfg, progress=not args.no_progress)
+
+
+def backbone_spec(args: argparse.Namespace) -> dict:
+    """The model config's ``backbone`` from the train command's options (only the ones given, so each
+    backbone keeps its own defaults, except ResNet's CLI defaults: depth 18, width 16)."""
+    spec: dict = {"type": args.backbone}
+    if args.backbone == "resnet":
+        spec.update(depth=18, width=16)
+    for key, value in (("depth", args.depth), ("width", args.width), ("arch", args.arch)):
+        if value is None:
+            continue
+        if key == "width" and args.backbone != "mobilenet" and float(value).is_integer():
+            value = int(value)  # channels; the multiplier of a MobileNet stays a float
+        spec[key] = value
+    return spec
 
 
 @_user_input_errors()
