@@ -12,6 +12,7 @@ from models.attributes import AttributeConfig, AttributeHead
 from models.fpn import FPN, FPNConfig
 from models.heads import DetectionHead, HeadConfig
 from models.mobilenet import MobileNetConfig, MobileNetV3
+from models.pan import PAN, PANConfig
 from models.postprocess import HeadDetections, make_points, postprocess
 from models.resnet import ResNet, ResNetConfig
 from models.vit import ViT, ViTConfig
@@ -24,7 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # backbone's channels and strides and declares its own. New head kinds (classification, re-ID) register here.
 BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet), "vit": (ViTConfig, ViT),
                                            "mobilenet": (MobileNetConfig, MobileNetV3)}
-NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN)}
+NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN), "pan": (PANConfig, PAN)}
 HEADS: dict[str, tuple[type, type]] = {"fcos": (HeadConfig, DetectionHead)}
 
 

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=float, default=None, help="ResNet base width (default 16; torchvision: 64), ViT "
                    "hidden size (default 128; vit_b_16: 768) or MobileNetV3 width multiplier (default 1.0)")
     t.add_argument("--arch", choices=("large", "small"), default=None, help="MobileNetV3 variant (default small)")
-    t.add_argument("--fpn-channels", type=int, default=64)
+    t.add_argument("--neck", choices=("fpn", "pan"), default="fpn", help="a new model's neck: FPN, or PAN (FPN "
+                   "then a bottom-up path)")
+    t.add_argument("--neck-channels", "--fpn-channels", dest="neck_channels", type=int, default=64)
     t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth "
                    "state dict (ImageNet resnet18..101, vit_b_16, mobilenet_v3_large/_small)")
     t.add_argument("--no-progress", action="store_true")

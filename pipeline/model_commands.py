@@ -50,7 +50,7 @@ def train(args: argparse.Namespace) -> Path:
         cfg = TrainConfig(
             out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
             input_size=args.input_size, backbone=backbone_spec(args),
-            neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
+            neck={"type": args.neck, "channels": args.neck_channels}, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed,
         )
     except ValueError as e:

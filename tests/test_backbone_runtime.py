@@ -23,7 +23,7 @@ BACKBONES = {
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind, neck", [("vit", "fpn"), ("mobilenet", "fpn"), ("resnet", "fpn")])
+@pytest.mark.parametrize("kind, neck", [("vit", "fpn"), ("mobilenet", "pan"), ("resnet", "pan")])
 def test_the_service_runs_each_backbone_from_its_checkpoint(kind, neck, machine, ray_local, redis_server, tmp_path):
     torch.manual_seed(0)
     model = HydraNet(HydraNetConfig(input_size=(96, 160), backbone=BACKBONES[kind],
