@@ -55,8 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=CLASSES", help="a head and its classes, e.g. people=person (repeatable)")
     t.add_argument("--data", default="synthetic", help="'synthetic' or a YOLO folder with images/ and labels/")
     t.add_argument("--from", dest="init", type=Path, help="start from this checkpoint")
-    t.add_argument("--freeze-shared", action="store_true",
-                   help="train only the new heads; backbone, neck and other heads stay bit-identical")
+    mode = t.add_mutually_exclusive_group()  # the fine-tuning modes (with --from)
+    mode.add_argument("--freeze-shared", action="store_true",
+                      help="train only the new heads; backbone, neck and other heads stay bit-identical")
+    mode.add_argument("--unfreeze-stages", type=positive_int, default=0, metavar="N",
+                      help="train the --head heads, the backbone's last N stages and the neck; the model's other "
+                      "heads are scored on held-out scenes before and after (their features change)")
+    mode.add_argument("--lora", type=positive_int, default=None, metavar="RANK",
+                      help="train the new heads on a LoRA adapter of the frozen backbone: other heads stay "
+                      "bit-identical; --out holds only the adapter and the new heads, and needs --from beside it")
+    t.add_argument("--lora-stages", type=positive_int, default=1, metavar="N", help="with --lora: adapt the "
+                   "backbone's last N stages (the adapter's heads run those stages a second time)")
+    t.add_argument("--eval-scenes", type=positive_int, default=8, help="with --unfreeze-stages: held-out scenes")
+    t.add_argument("--eval-frames", type=positive_int, default=40, help="with --unfreeze-stages: frames per scene")
     t.add_argument("--steps", type=positive_int, default=3000)
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
@@ -202,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")
+            print(model_commands.format_fine_tune(path), end="")
         elif args.command == "train-attribute":
             print(f"wrote {model_commands.train_attribute(args)}")
         elif args.command == "train-demo":
