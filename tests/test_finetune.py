@@ -197,3 +197,23 @@ def test_attributes_on_adapter_heads_and_onnx_export_are_refused(base):
         model.add_attribute("kind", ["a", "b"], on="bikes", of=["bicycle"])
     with pytest.raises(ConfigError, match="use the torch backend"):
         export_onnx(model, "never-written.onnx")
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"backend": "onnxruntime"}, r"model\.backend: a\.safetensors has LoRA adapters"),
+    ({"distribute": "object_store"}, r"model\.distribute: a\.safetensors is a LoRA adapter file that loads with its "
+                                     r"base \(\.\./\w+/base\.safetensors\)"),
+])
+def test_the_service_refuses_adapter_files_where_it_cannot_run_them(model, message, base, tmp_path):
+    from pipeline.app import App
+    from pipeline.config import ConfigError as ServiceConfigError, parse_config
+
+    out = train(TrainConfig(out=tmp_path / "a.safetensors", heads={"bikes": ["bicycle"]}, init=base,
+                            lora={"rank": 2}, steps=1, **TINY), progress=False)
+    def config(**options):
+        return parse_config({"model": {"checkpoint": str(out), **options},
+                             "cameras": [{"id": "c", "url": "synthetic://street", "heads": ["bikes"]}]})
+
+    assert App(config(), say=lambda m: None).check_model()["heads"]["bikes"] == ["bicycle"]  # path, torch: fine
+    with pytest.raises(ServiceConfigError, match=message):
+        App(config(**model), say=lambda m: None).check_model()
