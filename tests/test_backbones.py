@@ -122,3 +122,23 @@ def test_train_command_builds_the_backbone_it_is_asked_for(tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "m.safetensors"), "--backbone", "mobilenet", "--depth", "3",
                      *common]) == 2
     assert "unexpected keyword argument 'depth'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the exporter takes ~10 s per model here
+@pytest.mark.parametrize("kind", ["vit", "mobilenet"])
+def test_new_backbones_export_to_onnx_with_the_same_outputs(kind, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from models.export import export_onnx, output_names
+
+    torch.manual_seed(0)
+    model = HydraNet(HydraNetConfig(input_size=(96, 160), backbone=TINY_BACKBONES[kind],
+                                    neck={"type": "pan", "channels": 16}, heads={"people": {"classes": ["person"]}}))
+    session = ort.InferenceSession(str(export_onnx(model.eval(), tmp_path / "m.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 96, 160), dtype=np.uint8)
+    outs = dict(zip(output_names(model), session.run(None, {"images": images})))
+    with torch.inference_mode():
+        ref = model(model.normalize(torch.from_numpy(images)))["people"]
+    np.testing.assert_allclose(outs["people.cls_logits"], ref["cls_logits"].numpy(), atol=1e-4, rtol=1e-4)
