@@ -86,8 +86,12 @@ class HydraNetConfig:
         if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
             raise ConfigError(f"input_size must be (height, width), each a positive multiple of 32, got {self.input_size}")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
-        _build_part_config("backbone", self.backbone, BACKBONES)
-        _build_part_config("neck", self.neck, NECKS)
+        # Written out in full (defaults too), so that a checkpoint names its architecture even if a default
+        # changes; the values that were given come back unchanged.
+        btype, bcfg = _build_part_config("backbone", self.backbone, BACKBONES)
+        self.backbone = {"type": btype, **asdict(bcfg)}
+        ntype, ncfg = _build_part_config("neck", self.neck, NECKS)
+        self.neck = {"type": ntype, **asdict(ncfg)}
         for name, spec in self.heads.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ConfigError(f"head name must be an identifier-like string, got {name!r}")
@@ -103,7 +107,8 @@ class HydraNetConfig:
                 raise ConfigError(f"attribute {name!r}: 'of' {attr.of} must be classes of head {attr.on!r} {classes}")
         adapted: dict[str, str] = {}
         for name, spec in self.adapters.items():
-            for head in _adapter_config(name, spec).heads:
+            self.adapters[name] = asdict(_adapter_config(name, spec))  # written out, as the parts above
+            for head in self.adapters[name]["heads"]:
                 if head not in self.heads:
                     raise ConfigError(f"adapter {name!r}: head {head!r} is not one of {list(self.heads)}")
                 if head in adapted:

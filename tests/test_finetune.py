@@ -58,7 +58,7 @@ def test_lora_fine_tune_keeps_other_heads_bit_identical_and_saves_only_its_own_w
                             lora={"rank": 2, "stages": 1}, steps=3, lr=0.05, **TINY), progress=False)
     before, _ = load_checkpoint(base)
     after, training = load_checkpoint(out)
-    assert after.config.adapters == {"bikes": {"heads": ["bikes"], "rank": 2, "stages": 1}}
+    assert after.config.adapters == {"bikes": {"heads": ["bikes"], "rank": 2, "alpha": None, "stages": 1}}
     assert training["history"][-1]["lora"] == {"adapter": "bikes", "rank": 2, "stages": 1}
     with safe_open(str(out), framework="pt") as f:
         saved = set(f.keys())
