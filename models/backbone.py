@@ -2,8 +2,8 @@
 
 Every backbone (ResNet, ViT, MobileNetV3) is a sequence of stages. Splitting the forward pass there is
 what the fine-tuning modes build on: "unfreeze the last N stages" trains the parameters under
-``stage_names()[-N:]``, and a LoRA adapter on the last stages runs ``finish`` a second time, from the state ``begin`` left, with its
-weights, while every other head keeps the plain pass (``models/lora.py``).
+``stage_names()[-N:]``, and a LoRA adapter on the last stages runs ``finish`` a second time, from the
+state ``begin`` left, with its weights, while every other head keeps the plain pass (``models/lora.py``).
 
 Invariant (tested): ``forward(x) == finish(begin(x, k), k)`` bit for bit, for every ``k``; the same ops
 run in the same order, only the call is split.

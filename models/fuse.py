@@ -7,8 +7,6 @@ used for serving; checkpoints keep the original layout (and torchvision's keys).
 
 from __future__ import annotations
 
-from typing import Collection
-
 import torch
 from torch import nn
 

@@ -245,7 +245,8 @@ class HydraNet(nn.Module):
         sets = self._feature_sets(x, [names] * x.shape[0])
         return {name: self.heads[name](sets[self.adapter_of(name)][1]) for name in names}
 
-    def _feature_sets(self, x: torch.Tensor, wanted: list[list[str]]) -> dict[str | None, tuple[list[int], list[torch.Tensor]]]:
+    def _feature_sets(self, x: torch.Tensor,
+                      wanted: list[list[str]]) -> dict[str | None, tuple[list[int], list[torch.Tensor]]]:
         """Per adapter (None: the plain features) that some image's heads read: (those images, their maps).
 
         Without adapters this is ``features(x)``, as it always was. With them, the stages before the first
