@@ -5,12 +5,20 @@ A checkpoint stores, in the safetensors header metadata (strings only):
   format_version  "1"
   config          JSON of HydraNetConfig (input size, backbone, neck, heads with class names)
   training        JSON of free-form training metadata (steps, seeds, data, per-head history)
+  base            (adapter files only) JSON {"path", "sha256"}: the checkpoint this file adds to
 Loading rebuilds the model from ``config`` and checks every tensor's name and shape.
+
+An adapter file (a LoRA fine-tune, ``models/lora.py``) holds only the tensors its base lacks: the adapter
+and its new heads. ``config`` is the whole model's, so the service reads heads and input size from it as
+from any checkpoint; loading reads the base's tensors too (its path is relative to the adapter file, and
+its SHA-256 must still match: an adapter trained on other weights would silently compute something else).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -24,7 +32,9 @@ from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
 
 
-def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] | None = None,
+                    base: str | Path | None = None) -> Path:
+    """Writes the model; with ``base``, only the tensors ``base`` lacks (every tensor it has must be unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -34,6 +44,16 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
         "config": json.dumps(model.config.to_dict()),
         "training": json.dumps(training or {}),
     }
+    if base is not None:
+        base = Path(base)
+        shared = read_tensors(base)
+        changed = [k for k, v in shared.items() if k not in tensors or not torch.equal(v, tensors[k])]
+        if changed:  # a bug in the caller: the file would load as a model that was never trained
+            raise RuntimeError(f"{path}: cannot be written as additions to {base}: {len(changed)} of its tensors "
+                               f"differ (e.g. {changed[:5]})")
+        tensors = {k: v for k, v in tensors.items() if k not in shared}
+        metadata["base"] = json.dumps({"path": os.path.relpath(base.resolve(), path.parent.resolve()),
+                                       "sha256": file_sha256(base)})
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
@@ -49,13 +69,39 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = HydraNet(config)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot build the architecture it describes: {e}") from None
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = read_tensors(path, meta)
     problems = compare_state_dict(model.state_dict(), tensors)
     if problems:
         raise CheckpointError(f"{path}: weights do not match the architecture it describes: {problems}")
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta["training"]
+
+
+def read_tensors(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, its base's included when it is an adapter file."""
+    path = Path(path)
+    meta = meta or read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "base" not in meta:
+        return tensors
+    base = path.parent / meta["base"]["path"]
+    if not base.is_file():
+        raise CheckpointError(f"{path}: adds to the checkpoint {base}, which is missing (keep the two files "
+                              "where they were relative to each other)")
+    digest = file_sha256(base)
+    if digest != meta["base"]["sha256"]:
+        raise CheckpointError(f"{path}: adds to {base}, which has changed since (sha256 {digest[:12]}, expected "
+                              f"{meta['base']['sha256'][:12]}): the adapter was trained on other weights")
+    return {**read_tensors(base), **tensors}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def compare_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> str:
@@ -103,23 +149,32 @@ def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def import_backbone_weights(model: HydraNet, path: str | Path) -> list[str]:
-    """Loads a plain PyTorch ResNet state dict (e.g. torchvision's ImageNet weights) into the backbone.
+    """Loads a plain PyTorch state dict of the backbone's published layout (torchvision's ImageNet
+    ``resnet18``..``resnet101``, ``vit_b_16``, ``mobilenet_v3_large``/``_small``) into the model's backbone.
 
-    Keys may carry a ``backbone.`` or ``module.`` prefix; the classifier (``fc.*``) is ignored. Returns
-    the keys that were loaded.
+    Keys may carry a ``module.``, ``backbone.`` or ``body.`` prefix. The file's ImageNet classifier (``fc.*``,
+    ``heads.*``, ``classifier.*``) is ignored unless the backbone keeps one (``num_classes``). Every other key
+    must be one of the backbone's, with its shape; only our own additions (the ViT's pyramid) may be absent.
+    Returns the keys that were loaded.
     """
-    path = Path(path)
-    state = load_torch_weights(path)
+    return load_pretrained(model.backbone, load_torch_weights(path), f"{path} ({model.config.backbone})")
+
+
+def load_pretrained(backbone: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """``state`` into ``backbone`` key by key (see ``import_backbone_weights``); errors name ``what``."""
+    classifier = getattr(backbone, "classifier_prefix", "")
+    keeps_classifier = getattr(getattr(backbone, "config", None), "num_classes", None) is not None
     cleaned = {}
     for k, v in state.items():
         for prefix in ("module.", "backbone.", "body."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if not k.startswith("fc."):
+            k = k.removeprefix(prefix)
+        k = backbone.published_key(k) if hasattr(backbone, "published_key") else k
+        if keeps_classifier or not classifier or not k.startswith(classifier):
             cleaned[k] = v
-    expected = model.backbone.state_dict()
+    new = tuple(getattr(backbone, "new_prefixes", ()))
+    expected = {k: v for k, v in backbone.state_dict().items() if not (new and k.startswith(new))}
     problems = compare_state_dict(expected, cleaned)
     if problems:
-        raise CheckpointError(f"{path}: does not fit this backbone ({model.config.backbone}): {problems}")
-    model.backbone.load_state_dict(cleaned)
+        raise CheckpointError(f"{what}: does not fit this backbone: {problems}")
+    backbone.load_state_dict(cleaned, strict=not new)
     return sorted(cleaned)

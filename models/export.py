@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.fuse import fuse_conv_bn
-from models.hydranet import HydraNet
+from models.hydranet import ConfigError, HydraNet
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -44,6 +44,9 @@ class _Graph(nn.Module):
 
 def export_onnx(model: HydraNet, path: str | Path) -> Path:
     """Writes ``path`` (atomically); BatchNorm is folded first, as the eager serving path does."""
+    if model.adapters:  # the graph computes every head from one pyramid; adapter heads need their own
+        raise ConfigError(f"models with LoRA adapters ({', '.join(model.adapters)}) are not exported to ONNX; "
+                          "use the torch backend")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     serving = copy.deepcopy(model).float().eval()

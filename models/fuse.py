@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# (conv attribute, bn attribute) pairs inside torchvision-layout ResNet modules.
+# (conv attribute, bn attribute) pairs inside torchvision-layout ResNet blocks.
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
@@ -25,21 +25,31 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def fuse_conv_bn(module: nn.Module) -> int:
-    """Folds every conv->BN pair of a (ResNet) module in place; the module must be in eval mode.
-    Returns how many pairs were folded."""
+def fuse_conv_bn(module: nn.Module, scales: dict[str, torch.Tensor] | None = None) -> int:
+    """Folds every conv->BN pair of a backbone in place; the module must be in eval mode. Pairs are a
+    ResNet block's ``convN``/``bnN`` and a conv followed by a BN inside an ``nn.Sequential`` (ResNet's
+    ``downsample``, MobileNetV3's conv-BN-activation). ``scales``, if given, receives each folded conv's
+    per-channel factor ``g / sqrt(var + eps)`` by the conv's name in ``module`` (what a LoRA delta on that
+    conv must be multiplied by, ``models/lora.py``). Returns how many pairs were folded."""
     if module.training:
         raise ValueError("fold BatchNorm only in eval mode (training updates its statistics)")
-    count = 0
-    for m in module.modules():
+    folded: dict[str, torch.Tensor] = {}
+
+    def fold(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+        folded[name] = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        return fold_bn(conv, bn)
+
+    for prefix, m in list(module.named_modules()):
+        name = f"{prefix}." if prefix else ""
         for conv_name, bn_name in _PAIRS:
             conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(m, conv_name, fold_bn(conv, bn))
+                setattr(m, conv_name, fold(name + conv_name, conv, bn))
                 setattr(m, bn_name, nn.Identity())
-                count += 1
-        downsample = getattr(m, "downsample", None)
-        if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[1], nn.BatchNorm2d):
-            m.downsample = nn.Sequential(fold_bn(downsample[0], downsample[1]), nn.Identity())
-            count += 1
-    return count
+        if isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+                    m[i], m[i + 1] = fold(f"{name}{i}", m[i], m[i + 1]), nn.Identity()
+    if scales is not None:
+        scales.update(folded)
+    return len(folded)

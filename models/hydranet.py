@@ -10,17 +10,25 @@ from torch import nn
 
 from models.attributes import AttributeConfig, AttributeHead
 from models.fpn import FPN, FPNConfig
+from models.fuse import fuse_conv_bn
+from models.backbone import Carry
 from models.heads import DetectionHead, HeadConfig
+from models.lora import LoRA, LoRAConfig
+from models.mobilenet import MobileNetConfig, MobileNetV3
+from models.pan import PAN, PANConfig
 from models.postprocess import HeadDetections, make_points, postprocess
 from models.resnet import ResNet, ResNetConfig
+from models.vit import ViT, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Architecture registries: a checkpoint names its parts by these keys. New backbones (ViT,
-# efficient CNNs) and head kinds (classification, re-ID) register here.
-BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet)}
-NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN)}
+# Architecture registries: a checkpoint names its parts by these keys. A backbone is a StagedBackbone
+# (models/backbone.py: maps with declared out_channels and strides, run as stages); a neck takes the
+# backbone's channels and strides and declares its own. New head kinds (classification, re-ID) register here.
+BACKBONES: dict[str, tuple[type, type]] = {"resnet": (ResNetConfig, ResNet), "vit": (ViTConfig, ViT),
+                                           "mobilenet": (MobileNetConfig, MobileNetV3)}
+NECKS: dict[str, tuple[type, type]] = {"fpn": (FPNConfig, FPN), "pan": (PANConfig, PAN)}
 HEADS: dict[str, tuple[type, type]] = {"fcos": (HeadConfig, DetectionHead)}
 
 
@@ -42,6 +50,15 @@ def _build_part_config(kind: str, spec: dict, registry: dict[str, tuple[type, ty
         raise ConfigError(f"bad {kind} config: {e}") from None
 
 
+def _adapter_config(name: str, spec: dict) -> LoRAConfig:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"adapter name must be an identifier-like string, got {name!r}")
+    try:
+        return LoRAConfig(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad adapter {name!r} config: {e}") from None
+
+
 def _attribute_config(name: str, spec: dict) -> AttributeConfig:
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"attribute name must be an identifier-like string, got {name!r}")
@@ -61,14 +78,20 @@ class HydraNetConfig:
     attributes: dict[str, dict] = field(default_factory=dict)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # name -> {"heads": [...], "rank": 4, "stages": 1}: LoRA adapters whose heads read adapted features
+    adapters: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(v) for v in self.input_size)
         if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
             raise ConfigError(f"input_size must be (height, width), each a positive multiple of 32, got {self.input_size}")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
-        _build_part_config("backbone", self.backbone, BACKBONES)
-        _build_part_config("neck", self.neck, NECKS)
+        # Written out in full (defaults too), so that a checkpoint names its architecture even if a default
+        # changes; the values that were given come back unchanged.
+        btype, bcfg = _build_part_config("backbone", self.backbone, BACKBONES)
+        self.backbone = {"type": btype, **asdict(bcfg)}
+        ntype, ncfg = _build_part_config("neck", self.neck, NECKS)
+        self.neck = {"type": ntype, **asdict(ncfg)}
         for name, spec in self.heads.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ConfigError(f"head name must be an identifier-like string, got {name!r}")
@@ -82,9 +105,25 @@ class HydraNetConfig:
             classes = self.heads[attr.on]["classes"]
             if any(c not in classes for c in attr.of):
                 raise ConfigError(f"attribute {name!r}: 'of' {attr.of} must be classes of head {attr.on!r} {classes}")
+        adapted: dict[str, str] = {}
+        for name, spec in self.adapters.items():
+            self.adapters[name] = asdict(_adapter_config(name, spec))  # written out, as the parts above
+            for head in self.adapters[name]["heads"]:
+                if head not in self.heads:
+                    raise ConfigError(f"adapter {name!r}: head {head!r} is not one of {list(self.heads)}")
+                if head in adapted:
+                    raise ConfigError(f"head {head!r} is in two adapters, {adapted[head]!r} and {name!r}")
+                adapted[head] = name
+        for name, spec in self.attributes.items():
+            if spec["on"] in adapted:  # attribute heads read the plain features
+                raise ConfigError(f"attribute {name!r} is on head {spec['on']!r}, which reads adapter "
+                                  f"{adapted[spec['on']]!r}; attributes of adapted heads are not supported")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["adapters"]:  # files without adapters stay readable by builds from before adapters
+            del d["adapters"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "HydraNetConfig":
@@ -114,6 +153,9 @@ class HydraNet(nn.Module):
         self.attributes = nn.ModuleDict(
             {name: AttributeHead(self.neck.out_channels, self.strides, _attribute_config(name, spec))
              for name, spec in config.attributes.items()})
+        self.adapters = nn.ModuleDict()
+        for name, spec in config.adapters.items():
+            self._attach_adapter(name, spec)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
         self._points: dict[tuple, torch.Tensor] = {}
@@ -143,6 +185,35 @@ class HydraNet(nn.Module):
         self.heads[name].to(device)
         return self.heads[name]
 
+    def _attach_adapter(self, name: str, spec: dict) -> None:
+        try:
+            self.adapters[name] = LoRA(self.backbone, _adapter_config(name, spec))
+        except ValueError as e:  # e.g. more stages than this backbone has
+            raise ConfigError(f"bad adapter {name!r} config: {e}") from None
+
+    def add_adapter(self, name: str, heads: Sequence[str], **options: Any) -> LoRA:
+        """Adds a new LoRA adapter (the identity until trained) whose features ``heads`` read from now on."""
+        if name in self.adapters:
+            raise ConfigError(f"adapter {name!r} already exists (adapters: {list(self.adapters)})")
+        adapters = {**self.config.adapters, name: {"heads": list(heads), **options}}
+        replace(self.config, adapters=adapters)  # validates the heads
+        self._attach_adapter(name, adapters[name])
+        self.config.adapters = adapters
+        self.adapters[name].to(next(self.parameters()).device)
+        return self.adapters[name]
+
+    def adapter_of(self, head: str) -> str | None:
+        return next((name for name, a in self.adapters.items() if head in a.config.heads), None)
+
+    def fuse_batchnorm(self) -> int:
+        """Serving only (eval mode): folds the backbone's BatchNorms into its convs, and each adapter's delta
+        with them, so that the plain pass is exactly the fused pass of the model without adapters."""
+        scales: dict[str, torch.Tensor] = {}
+        count = fuse_conv_bn(self.backbone, scales)
+        for adapter in self.adapters.values():
+            adapter.fold_batchnorm(scales)
+        return count
+
     def add_attribute(self, name: str, labels: Sequence[str], on: str, of: Sequence[str], **options: Any) -> AttributeHead:
         """Adds a new, randomly initialised attribute head for head ``on``'s boxes of classes ``of``."""
         if name in self.attributes or name in self.heads:
@@ -160,15 +231,45 @@ class HydraNet(nn.Module):
         # One fused multiply-add instead of a subtract and a divide: half the passes over the batch.
         return torch.addcmul(-self.mean / self.std, images.float(), 1.0 / self.std)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone + neck, once per batch: pyramid maps at ``self.strides`` (8, 16, 32 by default)."""
-        return self.neck(self.backbone(x))
+    def features(self, x: torch.Tensor, adapter: str | None = None) -> list[torch.Tensor]:
+        """Backbone + neck, once per batch: pyramid maps at ``self.strides`` (8, 16, 32 by default); with
+        ``adapter``, the maps that adapter's heads read."""
+        if adapter is None:
+            return self.neck(self.backbone(x))
+        lora = self.adapters[adapter]
+        return self.neck(lora.finish(self.backbone, self.backbone.begin(x, lora.start), lora.start))
 
     def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Normalized images -> raw outputs of the requested heads (all heads when None)."""
         names = self._check_heads(heads)
-        feats = self.features(x)
-        return {name: self.heads[name](feats) for name in names}
+        sets = self._feature_sets(x, [names] * x.shape[0])
+        return {name: self.heads[name](sets[self.adapter_of(name)][1]) for name in names}
+
+    def _feature_sets(self, x: torch.Tensor,
+                      wanted: list[list[str]]) -> dict[str | None, tuple[list[int], list[torch.Tensor]]]:
+        """Per adapter (None: the plain features) that some image's heads read: (those images, their maps).
+
+        Without adapters this is ``features(x)``, as it always was. With them, the stages before the first
+        adapted one run once for the whole batch; the plain rest for every image, each adapter's rest for
+        the images that want its heads.
+        """
+        n = x.shape[0]
+        needed: dict[str | None, list[int]] = {}
+        for i, heads in enumerate(wanted):
+            for adapter in dict.fromkeys(self.adapter_of(h) for h in heads):
+                needed.setdefault(adapter, []).append(i)
+        if set(needed) <= {None}:
+            return {None: (list(range(n)), self.features(x))}
+        start = min(self.adapters[a].start for a in needed if a is not None)
+        carry: Carry = self.backbone.begin(x, start)
+        sets = {}
+        if None in needed:
+            sets[None] = (list(range(n)), self.neck(self.backbone.finish(carry, start)))
+        for adapter, idx in needed.items():
+            if adapter is not None:
+                sub = carry if len(idx) == n else carry.select(torch.tensor(idx, device=x.device))
+                sets[adapter] = (idx, self.neck(self.adapters[adapter].finish(self.backbone, sub, start)))
+        return sets
 
     def _check_heads(self, heads: Sequence[str] | None) -> list[str]:
         if heads is None:
@@ -204,12 +305,18 @@ class HydraNet(nn.Module):
         device = self.mean.device
         x = self.normalize(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            feats = self.features(x)
+            sets = self._feature_sets(x, wanted)
             raw = {}
             for name, head in self.heads.items():
                 idx = [i for i, w in enumerate(wanted) if name in w]
-                if idx:
-                    raw[name] = (idx, head(feats if len(idx) == n else [f[torch.tensor(idx, device=device)] for f in feats]))
+                if not idx:
+                    continue
+                rows, feats = sets[self.adapter_of(name)]
+                if len(idx) < len(rows):
+                    feats = [f[torch.tensor([rows.index(i) for i in idx], device=device)] for f in feats]
+                raw[name] = (idx, head(feats))
+            # the plain maps for the attribute heads (whose heads read them) and the points (only their sizes)
+            feats = sets[None][1] if None in sets else next(iter(sets.values()))[1]
             return self.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
 
     def wanted_heads(self, heads_per_image: Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:

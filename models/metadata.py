@@ -35,9 +35,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (this build reads {FORMAT_VERSION})")
     try:
         config, training = json.loads(meta["config"]), json.loads(meta.get("training", "{}"))
+        base = json.loads(meta["base"]) if "base" in meta else None  # an adapter file: what it adds to
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
     for spec in config.get("heads", {}).values() if isinstance(config, dict) else ():
         if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
             spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
-    return {"config": config, "training": training}
+    return {"config": config, "training": training, **({"base": base} if base else {})}

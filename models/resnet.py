@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.backbone import StagedBackbone
+
 # depth -> (block type, blocks per stage); 10 is not a torchvision model but keeps its key layout.
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     10: ("basic", (1, 1, 1, 1)),
@@ -85,10 +87,15 @@ class ResNetConfig:
             raise ValueError(f"resnet width must be a positive multiple of 4, got {self.width}")
 
 
-class ResNet(nn.Module):
-    """Returns the feature maps of layer2..layer4 (strides 8, 16, 32) as a list."""
+class ResNet(StagedBackbone):
+    """Returns the feature maps of layer2..layer4 (strides 8, 16, 32) as a list.
+
+    Stages: 0 the stem (conv1, bn1, max pool), 1-4 layer1..layer4.
+    """
 
     strides = (8, 16, 32)
+    out_stages = (2, 3, 4)
+    classifier_prefix = "fc."
 
     def __init__(self, config: ResNetConfig):
         super().__init__()
@@ -137,13 +144,14 @@ class ResNet(nn.Module):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, w, H/4, W/4)
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)  # (N, C3, H/8, W/8)
-        c4 = self.layer3(c3)  # (N, C4, H/16, W/16)
-        c5 = self.layer4(c4)  # (N, C5, H/32, W/32)
-        return [c3, c4, c5]
+    def stage_names(self) -> list[list[str]]:
+        return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+
+    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, w, H/4, W/4)
+        # layer2..4: (N, C3, H/8, W/8), (N, C4, H/16, W/16), (N, C5, H/32, W/32)
+        return getattr(self, f"layer{i}")(x)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-style logits; only exists when built with ``num_classes``."""

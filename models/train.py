@@ -1,4 +1,11 @@
-"""Training: a backbone with heads from scratch, or new heads on a frozen backbone (transfer learning).
+"""Training: a backbone with heads from scratch, or from a checkpoint in one of three fine-tuning modes.
+
+  freeze_shared     new heads on the frozen model: everything else stays bit-identical
+  unfreeze_stages   the heads named in ``heads``, the backbone's last N stages and the neck train; the
+                    model's other heads read the changed features untrained, so their held-out mAP is
+                    measured before and after and recorded in the checkpoint's history (and printed)
+  lora              new heads on a LoRA adapter of the frozen backbone (``models/lora.py``): the other
+                    heads stay bit-identical, and the output file holds only the adapter and the new heads
 
 Resumable: every ``checkpoint_every`` steps the full state (weights, optimizer, schedule, step)
 is written next to the output, and a rerun of the same command continues from it.
@@ -20,6 +27,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
+from models.evaluate import EvalConfig, evaluate
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
 
@@ -33,6 +41,10 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" or a YOLO dataset folder
     init: Path | None = None  # start from this checkpoint
     freeze_shared: bool = False  # train only heads not already in `init`; everything else stays bit-identical
+    unfreeze_stages: int = 0  # train the backbone's last N stages, the neck and `heads` (from `init`)
+    lora: dict | None = None  # {"rank": 4, "stages": 1, "alpha": None}: new heads on a LoRA adapter (from `init`)
+    eval_scenes: int = 8  # with unfreeze_stages: the held-out scenes the other heads are scored on
+    eval_frames: int = 40  # ... and frames per scene
     input_size: tuple[int, int] = (256, 448)
     backbone: dict = field(default_factory=lambda: {"type": "resnet", "depth": 18, "width": 16})
     neck: dict = field(default_factory=lambda: {"type": "fpn", "channels": 64})
@@ -52,12 +64,28 @@ class TrainConfig:
             raise ValueError("train needs at least one head, e.g. --head people=person")
         if self.freeze_shared and self.init is None:
             raise ValueError("freeze_shared (training a new head on a frozen backbone) needs an init checkpoint")
+        if sum([self.freeze_shared, self.unfreeze_stages > 0, self.lora is not None]) > 1:
+            raise ValueError("choose one fine-tuning mode: freeze_shared, unfreeze_stages or lora")
+        if self.unfreeze_stages < 0:
+            raise ValueError(f"unfreeze_stages must be >= 0, got {self.unfreeze_stages}")
+        if (self.unfreeze_stages or self.lora is not None) and self.init is None:
+            raise ValueError("unfreeze_stages and lora fine-tune a trained model: they need an init checkpoint")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
 
     @property
     def state_path(self) -> Path:
         return self.out.with_name(self.out.name + ".train-state.pt")
+
+    @property
+    def new_heads_only(self) -> bool:
+        """Modes that train only heads not already in ``init`` (and leave the others bit-identical)."""
+        return self.freeze_shared or self.lora is not None
+
+    @property
+    def partial(self) -> bool:
+        """Modes that keep some of the model frozen (in eval mode, so BatchNorm statistics stay)."""
+        return self.new_heads_only or self.unfreeze_stages > 0
 
 
 def build_data(cfg: TrainConfig, input_size: tuple[int, int], seed: int) -> tuple[Any, list[str]]:
@@ -104,9 +132,31 @@ def build_model(cfg: TrainConfig) -> tuple[HydraNet, dict, list[str]]:
     for name in cfg.heads:
         if name not in new and model.head_classes(name) != cfg.heads[name]:
             raise ConfigError(f"head {name!r} in {cfg.init} has classes {model.head_classes(name)}, not {cfg.heads[name]}")
-    if cfg.freeze_shared and not new:
-        raise ConfigError(f"freeze_shared trains new heads only, but every head in {list(cfg.heads)} is already in {cfg.init}")
-    return model, history, (new if cfg.freeze_shared else list(cfg.heads))
+    if cfg.new_heads_only and not new:
+        mode = "freeze_shared" if cfg.freeze_shared else "lora"
+        raise ConfigError(f"{mode} trains new heads only, but every head in {list(cfg.heads)} is already in {cfg.init}")
+    if cfg.unfreeze_stages > model.backbone.num_stages:
+        raise ConfigError(f"unfreeze_stages {cfg.unfreeze_stages}: the backbone ({model.config.backbone['type']}) "
+                          f"has {model.backbone.num_stages} stages")
+    if cfg.lora is not None:
+        model.add_adapter("_".join(new), new, **cfg.lora)
+    return model, history, (new if cfg.new_heads_only else list(cfg.heads))
+
+
+def trainable_parameters(model: HydraNet, cfg: TrainConfig, heads: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters the mode trains; every other one gets requires_grad False."""
+    if not cfg.partial:
+        return list(model.parameters())
+    params = freeze_all_but(model, heads)
+    extra: list[torch.nn.Parameter] = []
+    if cfg.lora is not None:
+        extra = list(model.adapters[model.adapter_of(heads[0])].parameters())
+    elif cfg.unfreeze_stages:
+        first = model.backbone.num_stages - cfg.unfreeze_stages
+        extra = [*model.backbone.stage_parameters(first).values(), *model.neck.parameters()]
+    for p in extra:
+        p.requires_grad_(True)
+    return params + extra
 
 
 def freeze_all_but(model: HydraNet, trainable: list[str]) -> list[torch.nn.Parameter]:
@@ -121,12 +171,26 @@ def freeze_all_but(model: HydraNet, trainable: list[str]) -> list[torch.nn.Param
     return params
 
 
-def set_train_mode(model: HydraNet, trainable: list[str], frozen_shared: bool) -> None:
+def set_train_mode(model: HydraNet, trainable: list[str], cfg: TrainConfig) -> None:
     model.eval()
-    if not frozen_shared:
+    if not cfg.partial:
         model.train()
     for name in trainable:
         model.heads[name].train()
+    if cfg.unfreeze_stages:
+        for m in model.backbone.stage_submodules(model.backbone.num_stages - cfg.unfreeze_stages):
+            m.train()
+        model.neck.train()
+
+
+def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig) -> dict[str, float | str]:
+    """Held-out mAP@0.5 of ``heads`` (or why a head is not scored) and the accuracy of the attribute heads on
+    them, as ``hydravision eval`` measures them."""
+    model.eval()
+    report = evaluate(model, EvalConfig(scenes=cfg.eval_scenes, frames_per_scene=cfg.eval_frames), only=heads)
+    return {**{h: r["map50"] for h, r in report["heads"].items()},
+            **{f"attribute {a}": r["accuracy"] for a, r in report.get("attributes", {}).items()},
+            **{h: f"not scored: {why}" for h, why in report.get("skipped", {}).items()}}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -161,20 +225,25 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, history, trainable = build_model(cfg)
     model.to(device, memory_format=torch.channels_last)  # oneDNN/cuDNN convs are faster in NHWC
-    params = freeze_all_but(model, trainable) if cfg.freeze_shared else list(model.parameters())
+    params = trainable_parameters(model, cfg, trainable)
+    adapter = model.adapter_of(trainable[0]) if cfg.lora is not None else None
+    others = [h for h in model.head_names if h not in trainable] if cfg.unfreeze_stages else []
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    start = 0
+    start, before = 0, {}
     if cfg.state_path.is_file():
         state = torch.load(cfg.state_path, map_location=device, weights_only=True)
         if state.get("train_config") != _jsonable(cfg):
             raise ConfigError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+        start, before = int(state["step"]), state.get("other_heads_before", {})
         log.info("resuming %s from step %d", cfg.out, start)
+    elif others:
+        before = score_heads(model, others, cfg)
+        log.info("other heads' held-out mAP@0.5 before unfreezing %d stage(s): %s", cfg.unfreeze_stages, before)
     loader, data_classes = build_data(cfg, model.config.input_size, seed=cfg.seed * 1000 + start)
     cmaps = class_maps(cfg.heads, data_classes)
     batches = endless(loader)
@@ -182,7 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                desc=f"train {'+'.join(trainable)}", unit="step", dynamic_ncols=True)
     t0, smooth = time.time(), None
     for step in bar:
-        set_train_mode(model, trainable, cfg.freeze_shared)
+        set_train_mode(model, trainable, cfg)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         images, samples = next(batches)
@@ -190,8 +259,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         if cfg.freeze_shared:
             with torch.no_grad():
                 feats = model.features(x)
-        else:
-            feats = model.features(x)
+        else:  # frozen stages record no graph: neither their inputs nor their weights need gradients
+            feats = model.features(x, adapter)
         shapes = [tuple(f.shape[-2:]) for f in feats]
         losses: dict[str, torch.Tensor] = {}
         for name in trainable:
@@ -218,13 +287,19 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "train_config": _jsonable(cfg)}, cfg.state_path)
+                        "train_config": _jsonable(cfg), "other_heads_before": before}, cfg.state_path)
     bar.close()
     record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
               "seconds": round(time.time() - t0, 1), "final_loss": smooth}
+    if cfg.unfreeze_stages:
+        record["unfrozen_stages"] = cfg.unfreeze_stages
+        if others:  # these heads were not trained, but what they read was: what that did to them
+            record["other_heads_map50"] = {"before": before, "after": score_heads(model, others, cfg)}
+    if adapter is not None:
+        record["lora"] = {"adapter": adapter, **cfg.lora}
     training = {"history": list(history.get("history", [])) + [record]}
-    save_checkpoint(model, cfg.out, training)
+    save_checkpoint(model, cfg.out, training, base=cfg.init if adapter is not None else None)
     cfg.state_path.unlink(missing_ok=True)
     return cfg.out
 
@@ -233,8 +308,8 @@ def _jsonable(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["out"], d["init"] = str(cfg.out), (str(cfg.init) if cfg.init else None)
     d["input_size"] = list(cfg.input_size)
-    d.pop("checkpoint_every")
-    d.pop("workers")
+    for key in ("checkpoint_every", "workers", "eval_scenes", "eval_frames"):  # they do not change the training
+        d.pop(key)
     return d
 
 

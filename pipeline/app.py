@@ -123,6 +123,14 @@ class App(LiveControl):
             meta = read_metadata(path)
         except CheckpointError as e:
             raise ConfigError(f"model.checkpoint: {e}") from None
+        mc = self.config.model
+        if meta["config"].get("adapters") and mc.backend == "onnxruntime":
+            raise ConfigError(f"model.backend: {path.name} has LoRA adapters, which the ONNX export does not carry; "
+                              "use backend: torch")
+        if "base" in meta and (mc.distribute == "object_store" or (mc.distribute == "auto" and self.config.ray.cluster)):
+            raise ConfigError(f"model.distribute: {path.name} is a LoRA adapter file that loads with its base "
+                              f"({meta['base']['path']}), and the object store ships one file; use distribute: path "
+                              "with both files on every node")
         heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
         for i, cam in enumerate(self.config.cameras):
             unknown = [h for h in (cam.heads or []) if h not in heads]

@@ -55,17 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=CLASSES", help="a head and its classes, e.g. people=person (repeatable)")
     t.add_argument("--data", default="synthetic", help="'synthetic' or a YOLO folder with images/ and labels/")
     t.add_argument("--from", dest="init", type=Path, help="start from this checkpoint")
-    t.add_argument("--freeze-shared", action="store_true",
-                   help="train only the new heads; backbone, neck and other heads stay bit-identical")
+    mode = t.add_mutually_exclusive_group()  # the fine-tuning modes (with --from)
+    mode.add_argument("--freeze-shared", action="store_true",
+                      help="train only the new heads; backbone, neck and other heads stay bit-identical")
+    mode.add_argument("--unfreeze-stages", type=positive_int, default=0, metavar="N",
+                      help="train the --head heads, the backbone's last N stages and the neck; the model's other "
+                      "heads are scored on held-out scenes before and after (their features change)")
+    mode.add_argument("--lora", type=positive_int, default=None, metavar="RANK",
+                      help="train the new heads on a LoRA adapter of the frozen backbone: other heads stay "
+                      "bit-identical; --out holds only the adapter and the new heads, and needs --from beside it")
+    t.add_argument("--lora-stages", type=positive_int, default=1, metavar="N", help="with --lora: adapt the "
+                   "backbone's last N stages (the adapter's heads run those stages a second time)")
+    t.add_argument("--eval-scenes", type=positive_int, default=8, help="with --unfreeze-stages: held-out scenes")
+    t.add_argument("--eval-frames", type=positive_int, default=40, help="with --unfreeze-stages: frames per scene")
     t.add_argument("--steps", type=positive_int, default=3000)
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input-size", type=parse_size, default=(256, 448), metavar="HxW")
-    t.add_argument("--depth", type=int, default=18, help="ResNet depth (10, 18, 34, 50, 101)")
-    t.add_argument("--width", type=int, default=16, help="ResNet base width (torchvision: 64)")
-    t.add_argument("--fpn-channels", type=int, default=64)
-    t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth state dict")
+    t.add_argument("--backbone", choices=("resnet", "vit", "mobilenet"), default="resnet",
+                   help="a new model's backbone (docs/architecture.md, 'Backbones, necks, fine-tuning')")
+    t.add_argument("--depth", type=int, default=None, help="ResNet depth (10, 18, 34, 50, 101; default 18) or "
+                   "ViT blocks (default 4)")
+    t.add_argument("--width", type=float, default=None, help="ResNet base width (default 16; torchvision: 64), ViT "
+                   "hidden size (default 128; vit_b_16: 768) or MobileNetV3 width multiplier (default 1.0)")
+    t.add_argument("--arch", choices=("large", "small"), default=None, help="MobileNetV3 variant (default small)")
+    t.add_argument("--neck", choices=("fpn", "pan"), default="fpn", help="a new model's neck: FPN, or PAN (FPN "
+                   "then a bottom-up path)")
+    t.add_argument("--neck-channels", "--fpn-channels", dest="neck_channels", type=int, default=64)
+    t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth "
+                   "state dict (ImageNet resnet18..101, vit_b_16, mobilenet_v3_large/_small)")
     t.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("train-attribute", help="add an attribute head (labels for one head's boxes, e.g. a car's "
@@ -194,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             path = model_commands.train(args)
             print(f"wrote {path}")
+            print(model_commands.format_fine_tune(path), end="")
         elif args.command == "train-attribute":
             print(f"wrote {model_commands.train_attribute(args)}")
         elif args.command == "train-demo":

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, read_metadata, save_checkpoint
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
 from models.hydranet import ConfigError as ModelConfigError, HydraNet, HydraNetConfig
@@ -49,8 +49,10 @@ def train(args: argparse.Namespace) -> Path:
     try:  # TrainConfig's constructor only checks the arguments: any ValueError from it is about them
         cfg = TrainConfig(
             out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
-            input_size=args.input_size, backbone={"type": "resnet", "depth": args.depth, "width": args.width},
-            neck={"type": "fpn", "channels": args.fpn_channels}, steps=args.steps, batch_size=args.batch_size,
+            unfreeze_stages=args.unfreeze_stages, eval_scenes=args.eval_scenes, eval_frames=args.eval_frames,
+            lora=None if args.lora is None else {"rank": args.lora, "stages": args.lora_stages},
+            input_size=args.input_size, backbone=backbone_spec(args),
+            neck={"type": args.neck, "channels": args.neck_channels}, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, seed=args.seed,
         )
     except ValueError as e:
@@ -65,6 +67,40 @@ def train(args: argparse.Namespace) -> Path:
             save_checkpoint(model, cfg.init,
                             {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
         return train_model(cfg, progress=not args.no_progress)
+
+
+def format_fine_tune(path: Path) -> str:
+    """What the last training run of a checkpoint did to the heads it did not train ('' if nothing to say)."""
+    record = read_metadata(path)["training"].get("history", [{}])[-1]
+    lines = []
+    if "other_heads_map50" in record:
+        scores = record["other_heads_map50"]
+        lines.append(f"the backbone's last {record['unfrozen_stages']} stage(s) changed; the other heads, not "
+                     "trained, on held-out synthetic scenes (mAP@0.5; attribute accuracy):")
+        for head, before in scores["before"].items():
+            after = scores["after"][head]
+            change = f"{before:.3f} -> {after:.3f}" if isinstance(before, float) else before
+            lines.append(f"  {head:<12} {change}")
+    if "lora" in record:
+        lines.append(f"adapter {record['lora']['adapter']!r} (rank {record['lora']['rank']}) for heads "
+                     f"{record['heads']}; the other heads are unchanged. {path} holds only the adapter and those "
+                     f"heads: it loads together with {record['init']}, which must stay unchanged where it is now.")
+    return "".join(line + "\n" for line in lines)
+
+
+def backbone_spec(args: argparse.Namespace) -> dict:
+    """The model config's ``backbone`` from the train command's options (only the ones given, so each
+    backbone keeps its own defaults, except ResNet's CLI defaults: depth 18, width 16)."""
+    spec: dict = {"type": args.backbone}
+    if args.backbone == "resnet":
+        spec.update(depth=18, width=16)
+    for key, value in (("depth", args.depth), ("width", args.width), ("arch", args.arch)):
+        if value is None:
+            continue
+        if key == "width" and args.backbone != "mobilenet" and float(value).is_integer():
+            value = int(value)  # channels; the multiplier of a MobileNet stays a float
+        spec[key] = value
+    return spec
 
 
 @_user_input_errors()

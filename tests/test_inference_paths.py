@@ -11,8 +11,8 @@ from models.hydranet import HydraNet, HydraNetConfig
 from workers.model_runner import ModelRunner, pick_autocast, pick_device
 
 
-def model_with_real_bn_stats(depth: int = 18) -> HydraNet:
-    cfg = HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": depth, "width": 8},
+def model_with_real_bn_stats(depth: int = 18, backbone: dict | None = None) -> HydraNet:
+    cfg = HydraNetConfig(input_size=(64, 96), backbone=backbone or {"type": "resnet", "depth": depth, "width": 8},
                          neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}})
     torch.manual_seed(0)
     m = HydraNet(cfg)
@@ -31,6 +31,17 @@ def test_bn_folding_gives_the_same_features(depth, pairs):
     fused = copy.deepcopy(model)
     assert fuse_conv_bn(fused.backbone) == pairs
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        for a, b in zip(model.features(x), fused.features(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bn_folding_covers_mobilenets_conv_bn_activation_blocks():
+    model = model_with_real_bn_stats(backbone={"type": "mobilenet", "arch": "small", "width": 0.5})
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    fused = copy.deepcopy(model)
+    assert fuse_conv_bn(fused.backbone) == bns == 34  # every BatchNorm of a MobileNetV3-small
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
         for a, b in zip(model.features(x), fused.features(x)):

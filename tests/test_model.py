@@ -64,7 +64,7 @@ def test_feature_maps_have_declared_channels_and_strides(width, depth, expected)
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"backbone": {"type": "vit"}}, "unknown backbone type 'vit'"),
+        ({"backbone": {"type": "vit_h14"}}, "unknown backbone type 'vit_h14'"),
         ({"backbone": {"type": "resnet", "depth": 19}}, "depth must be one of"),
         ({"backbone": {"type": "resnet", "colour": 1}}, "colour"),
         ({"neck": {"type": "bifpn"}}, "unknown neck type 'bifpn'"),

@@ -17,7 +17,6 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.export import RAW_KEYS
-from models.fuse import fuse_conv_bn
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
 
@@ -95,7 +94,7 @@ class ModelRunner:
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.session = OrtSession(self.model, checkpoint, self.device, threads) if backend == "onnxruntime" else None
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
-            fuse_conv_bn(self.model.backbone)
+            self.model.fuse_batchnorm()
         self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
         if compile:  # optional: minutes of compilation at start, then fewer kernel launches (mostly a GPU win)
             self.model.backbone = torch.compile(self.model.backbone, dynamic=True)
