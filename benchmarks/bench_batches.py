@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--heavy-cameras", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--loads", default="heavy,light")
     p.add_argument("--seconds", type=float, default=20.0, help="measurement window per run")
     p.add_argument("--warmup", type=float, default=10.0, help="before the window: start-up and the limit's search")
     p.add_argument("--json", default=None)
@@ -53,7 +54,8 @@ def main() -> None:
     start_ray()
     try:
         for r in range(args.rounds):
-            for load, cameras in (("heavy", file_cameras(clips, args.heavy_cameras)), ("light", light_cameras())):
+            loads = {"heavy": file_cameras(clips, args.heavy_cameras), "light": light_cameras()}
+            for load, cameras in ((name, loads[name]) for name in args.loads.split(",")):
                 for name in names:
                     print(f"round {r + 1}: {load} load, {name} ...", flush=True)
                     out = run_hydravision(args.checkpoint, cameras, redis_server.url, args.warmup, args.seconds,
