@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from measure import save_json
+from measure import median_ms, save_json
 from models.checkpoint import load_checkpoint
 from models.evaluate import EvalConfig, evaluate
 from models.hydranet import HydraNet, HydraNetConfig
@@ -50,16 +50,6 @@ HEADS = {"people": ["person"], "vehicles": ["car", "bicycle"]}
 
 def params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up: oneDNN picks its kernels on the first call
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000)
 
 
 def serving_model(backbone: dict, neck: dict, size: tuple[int, int]) -> tuple[HydraNet, dict[str, int]]:

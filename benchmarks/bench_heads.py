@@ -12,28 +12,16 @@ shifts all of them alike; the ratios to backbone + neck are what to read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 
 import numpy as np
 import torch
 
-from measure import save_json
+from measure import median_ms, save_json
 from models.heads import TOWERS, DetectionHead, HeadConfig
 from models.postprocess import postprocess
 from pipeline.model_commands import DEMO_CHECKPOINT
 from workers.model_runner import ModelRunner
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up: oneDNN picks its kernels on the first call
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,17 @@ def usage(procs: list[psutil.Process]) -> Usage:
         rss[r] = rss.get(r, 0.0) + mem.rss / 2**20
         count[r] = count.get(r, 0) + 1
     return Usage(cpu, pss, rss, count)
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` after one untimed call (oneDNN picks its kernels then)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
 
 
 def pct(values: list[float], q: float) -> float | None:
