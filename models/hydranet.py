@@ -50,22 +50,22 @@ def _build_part_config(kind: str, spec: dict, registry: dict[str, tuple[type, ty
         raise ConfigError(f"bad {kind} config: {e}") from None
 
 
-def _adapter_config(name: str, spec: dict) -> LoRAConfig:
+def _named_config(kind: str, cls: type, name: str, spec: dict) -> Any:
+    """``cls(**spec)`` for the part called ``name``; errors name the kind of part, the part and the field."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"adapter name must be an identifier-like string, got {name!r}")
+        raise ConfigError(f"{kind} name must be an identifier-like string, got {name!r}")
     try:
-        return LoRAConfig(**spec)
+        return cls(**spec)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad adapter {name!r} config: {e}") from None
+        raise ConfigError(f"bad {kind} {name!r} config: {e}") from None
+
+
+def _adapter_config(name: str, spec: dict) -> LoRAConfig:
+    return _named_config("adapter", LoRAConfig, name, spec)
 
 
 def _attribute_config(name: str, spec: dict) -> AttributeConfig:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"attribute name must be an identifier-like string, got {name!r}")
-    try:
-        return AttributeConfig(**spec)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad attribute {name!r} config: {e}") from None
+    return _named_config("attribute", AttributeConfig, name, spec)
 
 
 @dataclass
