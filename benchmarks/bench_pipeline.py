@@ -116,6 +116,17 @@ def bench_decode(clips: list[Path], seconds: float, input_size: tuple[int, int])
 
 
 # -- 2. the naive loop ------------------------------------------------------------------------------
+def tracked_message(heads: dict[str, list[str]], tracker: CameraTracker, camera: str, frame, lb, arrays: dict) -> dict:
+    """The baselines' per-frame work after the model, as a StreamActor does it: each head's detections
+    tracked, then the detection message hydravision publishes."""
+    records = []
+    for head, classes in heads.items():
+        det, _ = tracker.update(head, to_detections(arrays[head], lb, classes), frame.index, frame.pts)
+        records += detection_records(head, det, det.tracker_id)
+    return detection_message(camera, frame.index, frame.pts, frame.wall, (time.time() - frame.wall) * 1000,
+                             (frame.size[1], frame.size[0]), records, list(heads))
+
+
 def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float) -> dict:
     runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count())
     sources = [open_source(str(clips[i % len(clips)]), realtime=False, loop=True) for i in range(cameras)]
@@ -130,12 +141,7 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
             frame = src.read()
             image, lb = frame.to_model_input(runner.input_size)
             arrays = runner.run([image], [None])[0]
-            records = []
-            for head, classes in runner.heads.items():
-                det, _ = trackers[i].update(head, to_detections(arrays[head], lb, classes), frame.index, frame.pts)
-                records += detection_records(head, det, det.tracker_id)
-            msg = detection_message(f"cam{i}", frame.index, frame.pts, frame.wall, (time.time() - frame.wall) * 1000,
-                                    (frame.size[1], frame.size[0]), records, list(runner.heads))
+            msg = tracked_message(runner.heads, trackers[i], f"cam{i}", frame, lb, arrays)
             client.xadd(k.detections(f"cam{i}"), {"data": encode(msg)}, maxlen=10_000, approximate=True)
             latencies.append(msg["latency_ms"])
             n += 1
@@ -212,13 +218,7 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
                 continue
             pipe = client.pipeline(transaction=False)
             for (i, frame, _, lb), out in zip(batch, arrays):
-                records = []
-                for head, classes in runner.heads.items():
-                    det, _ = trackers[i].update(head, to_detections(out[head], lb, classes), frame.index, frame.pts)
-                    records += detection_records(head, det, det.tracker_id)
-                msg = detection_message(f"cam{i}", frame.index, frame.pts, frame.wall,
-                                        (time.time() - frame.wall) * 1000, (frame.size[1], frame.size[0]),
-                                        records, heads)
+                msg = tracked_message(runner.heads, trackers[i], f"cam{i}", frame, lb, out)
                 pipe.xadd(k.detections(f"cam{i}"), {"data": encode(msg)}, maxlen=10_000, approximate=True)
                 if counted["since"] is not None:
                     counted["frames"] += 1
