@@ -194,7 +194,7 @@ class App(LiveControl):
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
-                 + (" (grown from 8 while larger ones measure faster per frame)" if ic.adapt_batch else ""))
+                 + (" (each replica keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:
             self.node_watch.learn()
