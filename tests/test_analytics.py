@@ -8,7 +8,7 @@ import supervision as sv
 
 from pipeline.app import App
 from pipeline.config import ConfigError, parse_camera, parse_config
-from workers.analytics import LINE_MEMORY_FRAMES, CameraAnalytics, LineCounter, ZoneCounter
+from workers.analytics import LINE_MEMORY_FRAMES, LOST_PER_SEEN, CameraAnalytics, LineCounter, ZoneCounter
 from workers.analytics_settings import LineConfig, ZoneConfig, analytics_errors
 from workers.settings import TrackerConfig
 from workers.tracking import CameraTracker
@@ -203,6 +203,19 @@ def test_occupant_not_seen_for_lost_s_leaves_with_dwell_to_its_last_frame_inside
     assert [e["type"] for e in events] == ["zone_entered", "zone_left"]
     assert events[1]["reason"] == "lost" and events[1]["dwell_s"] == pytest.approx(1.9)
     assert events[1]["pts"] == pytest.approx(2.9)  # last seen 1.9 + lost_s
+
+
+def test_a_still_box_seen_for_a_moment_is_not_kept_for_lost_s():
+    """A box seen for 0.3 s (e.g. a duplicate detection on a passing bicycle) and then never again leaves after
+    LOST_PER_SEEN x 0.3 s, not after lost_s; one seen for 1 s is kept the whole lost_s (a parked car)."""
+    short = walk(ZoneCounter(ZoneConfig(name="z", polygon=SQUARE, lost_s=3.0), SIZE, {"people": ["person"]}),
+                 [300.0] * 4 + [None] * 40)  # seen at 0.0-0.3 s
+    assert [e["type"] for e in short] == ["zone_entered", "zone_left"]
+    assert short[1]["reason"] == "lost"
+    assert short[1]["pts"] == pytest.approx(0.3 + LOST_PER_SEEN * 0.3)
+    long = walk(ZoneCounter(ZoneConfig(name="z", polygon=SQUARE, lost_s=3.0), SIZE, {"people": ["person"]}),
+                [300.0] * 11 + [None] * 40)  # seen at 0.0-1.0 s
+    assert long[1]["pts"] == pytest.approx(1.0 + 3.0)
 
 
 def test_hold_keeps_occupants_through_frames_the_motion_gate_skipped():

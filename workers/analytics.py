@@ -13,7 +13,7 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
   polygon (box jitter at the edge is not an exit), and while it is not seen at all for less than ``lost_s``;
 - leave: seen outside that margin (at once if it is moving, else for ``min_outside_s``: a still object's box
   can jump), or not seen for ``lost_s`` (a detector can miss a
-  parked car for a while) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was moving when
+  parked car for a while; no longer than LOST_PER_SEEN x how long it was seen) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was moving when
   last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside - first frame inside, in stream time (pts);
 - takeover: a new track of the same class appearing inside where an absent occupant would be now (its last
   box moved on by its last velocity, IoU >= 0.3) continues that occupant (a flickering detection that got a
@@ -34,6 +34,7 @@ from workers.analytics_settings import LineConfig, Point, ZoneConfig, frame_erro
 REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted box is that occupant
 MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
 MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long drove on
+LOST_PER_SEEN = 4.0  # a still occupant's patience when unseen: at most this x how long it was seen
 TRAIL_S = (0.5, 1.0)  # speed is measured over at least / at most this much of the recent path: box jitter
 # between two frames is as large as a walker's step at 10 fps, over half a second it is not
 _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
@@ -188,7 +189,7 @@ class ZoneCounter:
                 seen.add(self._serial)
                 events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
         for key, occ in list(self.occupants.items()):
-            patience = min(cfg.lost_s, max(cfg.min_outside_s, MOVING_LOST_S)) if occ.moving() else cfg.lost_s
+            patience = self._patience(occ)
             if occ.head == head and key not in seen and pts - occ.last_seen >= patience - _EPS:
                 events.append(self._leave(key, frame, pts, "lost"))
         for key, cand in list(self.candidates.items()):
@@ -196,6 +197,15 @@ class ZoneCounter:
                 del self.candidates[key]
         self._last_pts[head] = pts
         return events
+
+    def _patience(self, occ: Occupant) -> float:
+        """How long an occupant may go unseen before it has left."""
+        short = min(self.config.lost_s, max(self.config.min_outside_s, MOVING_LOST_S))
+        if occ.moving():
+            return short
+        # A still occupant gets up to lost_s, but no more than LOST_PER_SEEN x the time it was seen: a box seen
+        # for a few frames (a duplicate of a passing object) is not a parked car the detector lost.
+        return min(self.config.lost_s, max(short, LOST_PER_SEEN * (occ.last_seen - occ.entered_pts)))
 
     def hold(self, pts: float) -> None:
         """A frame the motion gate skipped: nothing moved, so whatever was seen on the last analysed frame is
