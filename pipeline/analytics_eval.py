@@ -40,8 +40,13 @@ from workers.tracking import CameraTracker
 STREET_ZONES = [ZoneConfig(name="middle", polygon=[(0.3, 0.45), (0.7, 0.45), (0.7, 0.95), (0.3, 0.95)])]
 STREET_LINES = [LineConfig(name="west", start=(0.35, 0.3), end=(0.35, 1.0)),
                 LineConfig(name="east", start=(0.65, 0.3), end=(0.65, 1.0))]
-TUNING_SEEDS = (100, 101)  # the analytics defaults (hysteresis, margins) were chosen looking at these only
-HELD_OUT_SEEDS = (201, 202, 203)  # never looked at while tuning
+# The analytics defaults (hysteresis, margins, patience) were chosen looking at these only: 100-101 at first,
+# 100-109 from 2026-12-02.
+TUNING_SEEDS = tuple(range(100, 110))
+# Held out until 2026-12-01; since then their misses were inspected (201's lines, 203's tree), so they are
+# reported beside the held-out seeds, not as them.
+INSPECTED_SEEDS = (201, 202, 203)
+HELD_OUT_SEEDS = (301, 302, 303, 304, 305, 306)  # fixed on 2026-12-02 before any was run; never tuned on
 
 MATCH_IOU = 0.5
 NEAR_FRAMES = 2  # a crossing counts as tracked when the object was matched this close to it
