@@ -13,32 +13,33 @@ import functools
 import numpy as np
 import pytest
 
-from pipeline.analytics_eval import (HELD_OUT_SEEDS, STREET_LINES, STREET_ZONES, match_tracks, parked_scene,
-                                     run_frames, run_scene, score_lines, score_zones)
+from pipeline.analytics_eval import (HELD_OUT_SEEDS, INSPECTED_SEEDS, STREET_LINES, STREET_ZONES, match_tracks,
+                                     parked_scene, run_frames, run_scene, score_lines, score_zones)
 from pipeline.config import ModelConfig
 from workers.analytics_settings import ZoneConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 FRAMES, FPS = 400, 10.0
 
-# Measured misses, each with its cause (not analytics logic: the detector and tracker it is fed).
+# Measured misses, each with its cause (not analytics logic: the detector and tracker it is fed). Seeds
+# 301-306 are the held-out ones (fixed before any was run); 201-203 were held out until their misses were
+# inspected, and are still scored.
 KNOWN = {
-    ("zone", 201): "93.0% of frames within 1 object (the bar is 95%); on the tuning seeds such frames came from "
-                   "the entry lag of fast cars and duplicate vehicle detections (car and bicycle on one object)",
-    ("zone", 203): "92.5%: the demo model sees a car and a bicycle in a foreground tree inside the zone, and "
+    ("lines", 302): "east line 'out': 7 counted of 11 tracked crossings (tolerance 3): fast cars entering at the "
+                    "right edge were first confirmed as tracks with their box already across the line (no start "
+                    "side), and one track switched from a far-lane car onto the crossing one",
+    ("zone", 203): "93.8%: the demo model sees a car and a bicycle in a foreground tree inside the zone, and "
                    "tracks of cars passing behind it stick to the tree",
-    ("dwell", 201): "87% of 31 visits one track carried are within 0.5 s (the bar is 90%; median error 0.1 s); "
-                    "the visits off by more were not inspected",
-    ("dwell", 203): "the same tree: tracks that stick to it make visits seconds too long (80% of 41 within 0.5 s)",
-    ("lines", 203): "0 of 5 bicycle 'in' crossings of the east line counted; earlier runs traced such misses to "
-                    "objects coming out from behind the tree confirmed as tracks already past the line (LineZone "
-                    "takes a new track's first side as its start); this run's five were not re-inspected",
+    ("dwell", 203): "the same tree: tracks that stick to it make visits seconds too long (81% of 42 within 0.5 s)",
+    ("lines", 203): "east line 'in': 19 counted of 24; earlier runs traced such misses to objects coming out from "
+                    "behind the tree confirmed as tracks already past the line (LineZone takes a new track's "
+                    "first side as its start)",
 }
 
 
 def cases(metric: str) -> list:
     return [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[(metric, s)])) if (metric, s) in KNOWN else s
-            for s in HELD_OUT_SEEDS]
+            for s in HELD_OUT_SEEDS + INSPECTED_SEEDS]
 
 
 @functools.cache

@@ -12,9 +12,10 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
 - stay: an occupant counts as inside while its anchors are within ``exit_margin`` x its box height of the
   polygon (box jitter at the edge is not an exit), and while it is not seen at all for less than ``lost_s``;
 - leave: seen outside that margin (at once if it is moving, else for ``min_outside_s``: a still object's box
-  can jump), or not seen for ``lost_s`` (a detector can miss a
-  parked car for a while; no longer than LOST_PER_SEEN x how long it was seen) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was moving when
-  last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside - first frame inside, in stream time (pts);
+  can jump), or not seen for ``lost_s`` (a detector can miss a parked car for a while; but no longer than
+  LOST_PER_SEEN x how long it was seen) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was
+  moving when last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside -
+  first frame inside, in stream time (pts);
 - takeover: a new track of the same class appearing inside where an absent occupant would be now (its last
   box moved on by its last velocity, IoU >= 0.3) continues that occupant (a flickering detection that got a
   new track id is the same parked car): no events.
