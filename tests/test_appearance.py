@@ -52,8 +52,11 @@ def run(camera: CameraTracker, frames: list[sv.Detections]) -> tuple[list[list[i
 
 @pytest.mark.parametrize("appearance, same_id", [(True, True), (False, False)])
 def test_a_person_hidden_for_a_moment_keeps_its_id_by_appearance(appearance, same_id):
-    ids, events = run(tracker(appearance), occluded_walk())
+    camera = tracker(appearance)
+    ids, events = run(camera, occluded_walk())
     before, after = ids[5][0], ids[20][0]
+    assert camera.appearance_stats()["people"] == ({"embedded": 20, "relinks": 1} if appearance
+                                                   else {"embedded": 0, "relinks": 0})
     assert before >= 0 and after >= 0
     assert (before == after) == same_id  # motion alone: a second id for the same person (an ID switch)
     if same_id:  # one track, never ended in between, no second start

@@ -50,7 +50,7 @@ class AppearanceConfig(Strict):
     weight: float = Field(0.5, ge=0, le=1, description="appearance's share of the similarity in ByteTrack's first "
                           "association, among the pairs its IoU gate lets through (0: motion alone)")
     relink: bool = Field(True, description="re-link a new track to a recently lost one that looks the same")
-    min_similarity: float = Field(0.6, ge=-1, le=1, description="least cosine similarity for a re-link")
+    min_similarity: float = Field(0.9, ge=-1, le=1, description="least cosine similarity for a re-link")
     max_lost_s: float = Field(2.0, gt=0, le=60, description="how long a lost track waits for a re-link")
     max_distance: float = Field(1.0, ge=0, description="in box sizes, from where its last velocity would have taken it")
     max_overlap: float = Field(0.3, ge=0, le=1, description="views overlapped more (IoU) do not update an appearance")

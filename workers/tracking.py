@@ -40,6 +40,7 @@ class HeadTracker:
     next_id: int = 0  # first id not handed out yet (absolute, id_base included)
     active: dict[int, TrackState] = field(default_factory=dict)
     linker: AppearanceLinker | None = None  # re-links by appearance, when the settings enable it
+    embedded: int = 0  # boxes whose embedding the tracker used (appearance on, and the model embeds this head)
 
     def output_ids(self, tracked: sv.Detections) -> np.ndarray:
         """ByteTrack's ids of one update -> the ids published (before id_base; -1: unconfirmed)."""
@@ -103,6 +104,11 @@ class CameraTracker:
                 self.heads[head] = self._new_head(head, base)
         return events
 
+    def appearance_stats(self) -> dict[str, dict[str, int]]:
+        """Per head: boxes whose re-ID embedding the tracker used, and lost tracks re-linked by appearance."""
+        return {h: {"embedded": ht.embedded, "relinks": ht.linker.relinks if ht.linker else 0}
+                for h, ht in self.heads.items()}
+
     def open_tracks(self) -> int:
         return sum(len(ht.active) for ht in self.heads.values())
 
@@ -110,6 +116,8 @@ class CameraTracker:
         """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts
         (``type`` track_started / track_ended with head, track_id, class and timing)."""
         ht = self.heads[head]
+        if self.settings.appearance.enabled and "embedding" in det.data:
+            ht.embedded += len(det)
         tracked = ht.tracker.update(det)
         ids = ht.output_ids(tracked)
         ids = np.where(ids >= 0, ids + ht.id_base, -1)
