@@ -1,11 +1,14 @@
-"""Appearance re-linking: a track that ByteTrack starts anew continues a recently lost track of the same class
-when the model's re-ID embeddings (models/reid.py) say it is the same object.
+"""Appearance in tracking, from the model's re-ID embeddings (models/reid.py). `trackers` 2.6.1 has no tracker
+that takes appearance (BoT-SORT associates by motion and camera motion only), so it is ours, in two parts that
+each fix one kind of identity error (docs/architecture.md, "Re-ID", has what each is worth):
 
-Why a layer after ByteTrack: `trackers` 2.6.1 has no tracker that takes appearance (BoT-SORT's association is
-motion and camera-motion only), and the identity errors this fixes are splits (an object hidden for a moment
-comes back where its Kalman prediction no longer overlaps it, and gets a new id), which a re-link at the new
-track's confirmation repairs without touching ByteTrack's motion association. A re-link happens before the
-new track's id was ever published, so no published id changes.
+- ``AppearanceByteTrack``: swaps. ByteTrack's first association also ranks by appearance the pairs its IoU
+  gate lets through, so two people whose boxes overlap as they cross keep their own tracks.
+- ``AppearanceLinker``: splits. A track that ByteTrack starts anew continues a recently lost track of the same
+  class that looks the same (an object hidden for a moment comes back where its Kalman prediction no longer
+  overlaps it). A layer after ByteTrack rather than a third association stage inside it: it needs no more of
+  ByteTrack's internals, and the re-link happens at the new track's confirmation, before its id was ever
+  published, so no published id changes.
 
 Ids: ByteTrack's ids are the output ids unless re-linked; a re-linked ByteTrack id maps to the lost track's
 output id, and the lost track's tracklet is removed from ByteTrack (it could otherwise be matched again and

@@ -1,5 +1,5 @@
-"""Per-camera tracking: one ByteTrack tracker per head (Roboflow's `trackers`), re-linked by appearance where the
-model embeds the boxes (workers/appearance.py), plus track lifecycle events.
+"""Per-camera tracking: one ByteTrack tracker per head (Roboflow's `trackers`), which also weighs appearance and
+re-links lost tracks where the model embeds the boxes (workers/appearance.py), plus track lifecycle events.
 
 Track ids are namespaced per (camera, head) and offset by ``id_base``, so a tracker that is
 restarted (a new actor after a crash) continues numbering instead of reusing ids that
