@@ -1,15 +1,17 @@
-"""Re-ID head: identity scores of tracking with and without appearance re-linking, and what the head costs.
+"""Re-ID head: identity scores of tracking with and without appearance, and what the head costs.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_reid.py --json benchmarks/results-reid-2core.json   # ~5 min
+    nice -n 10 .venv/bin/python benchmarks/bench_reid.py --sweep --json benchmarks/results-reid-2core.json   # ~8 min
 
 Offline, as pipeline/analytics_eval.py runs a camera (model, trackers, per frame in a StreamActor's order), on
 crowded synthetic streets (density 3: about 20 objects at once, people crossing, cars passing in front of each
 other and behind poles and trees) at 10 fps. The model runs once per seed; its outputs (embeddings included)
 are replayed to the two trackers, so both see exactly the same detections:
 - motion only: ByteTrack as the service runs it (`tracker.appearance.enabled: false`);
-- re-ID: the same ByteTrack, with workers/appearance.py re-linking new tracks to lost ones by embedding.
-MOTA / IDF1 / ID switches from pipeline/scoring.py (trackers.eval, IoU 0.5). The re-linking settings were chosen
-on TUNING_SEEDS only (``--sweep`` prints that sweep); HELD_OUT_SEEDS were not looked at while choosing.
+- appearance: workers/appearance.py, ByteTrack whose first association also weighs the embeddings, and
+  re-linking of new tracks to recently lost ones that look the same (the defaults of tracker.appearance).
+MOTA / IDF1 / ID switches from pipeline/scoring.py (trackers.eval, IoU 0.5). The appearance settings were chosen
+on TUNING_SEEDS only (``--sweep`` prints that sweep); HELD_OUT_SEEDS were not looked at while choosing
+(except 500 and 501 under earlier defaults, printed before the final choice; docs/architecture.md, "Re-ID").
 Cost: at batch 8 on frames of these streets, the model's forward pass (backbone, neck, heads, decoding) with
 and without the re-ID head, timed interleaved in the same run; and the trackers' time per frame (both heads'
 CameraTracker.update) in each mode.
