@@ -17,6 +17,7 @@ from models.lora import LoRA, LoRAConfig
 from models.mobilenet import MobileNetConfig, MobileNetV3
 from models.pan import PAN, PANConfig
 from models.postprocess import HeadDetections, make_points, postprocess
+from models.reid import EmbeddingHead, ReIDConfig
 from models.resnet import ResNet, ResNetConfig
 from models.vit import ViT, ViTConfig
 
@@ -68,6 +69,10 @@ def _attribute_config(name: str, spec: dict) -> AttributeConfig:
     return _named_config("attribute", AttributeConfig, name, spec)
 
 
+def _reid_config(spec: dict) -> ReIDConfig:
+    return _named_config("reid", ReIDConfig, "reid", spec)
+
+
 @dataclass
 class HydraNetConfig:
     input_size: tuple[int, int] = (256, 448)  # (height, width) of the letterboxed model input
@@ -80,6 +85,8 @@ class HydraNetConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     # name -> {"heads": [...], "rank": 4, "stages": 1}: LoRA adapters whose heads read adapted features
     adapters: dict[str, dict] = field(default_factory=dict)
+    # {"heads": [...], "dim": 32, ...}: an appearance embedding for those heads' boxes (models/reid.py); {}: none
+    reid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(v) for v in self.input_size)
@@ -118,11 +125,20 @@ class HydraNetConfig:
             if spec["on"] in adapted:  # attribute heads read the plain features
                 raise ConfigError(f"attribute {name!r} is on head {spec['on']!r}, which reads adapter "
                                   f"{adapted[spec['on']]!r}; attributes of adapted heads are not supported")
+        if self.reid:
+            self.reid = asdict(_reid_config(self.reid))  # written out, as the parts above
+            for head in self.reid["heads"]:
+                if head not in self.heads:
+                    raise ConfigError(f"reid: head {head!r} is not one of {list(self.heads)}")
+                if head in adapted:  # the embedding reads the plain features
+                    raise ConfigError(f"reid: head {head!r} reads adapter {adapted[head]!r}; re-ID of adapted "
+                                      "heads is not supported")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["adapters"]:  # files without adapters stay readable by builds from before adapters
-            del d["adapters"]
+        for optional in ("adapters", "reid"):  # files without them stay readable by builds from before them
+            if not d[optional]:
+                del d[optional]
         return d
 
     @classmethod
@@ -156,6 +172,7 @@ class HydraNet(nn.Module):
         self.adapters = nn.ModuleDict()
         for name, spec in config.adapters.items():
             self._attach_adapter(name, spec)
+        self.reid = EmbeddingHead(self.neck.out_channels, self.strides, _reid_config(config.reid)) if config.reid else None
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
         self._points: dict[tuple, torch.Tensor] = {}
@@ -225,6 +242,17 @@ class HydraNet(nn.Module):
         self.attributes[name] = AttributeHead(self.neck.out_channels, self.strides, _attribute_config(name, spec))
         self.attributes[name].to(next(self.parameters()).device)
         return self.attributes[name]
+
+    def add_reid(self, heads: Sequence[str], **options: Any) -> EmbeddingHead:
+        """Adds a new, randomly initialised re-ID head that embeds the boxes of ``heads``."""
+        if self.reid is not None:
+            raise ConfigError(f"this model has a re-ID head already (on {self.config.reid['heads']})")
+        spec = {"heads": list(heads), **options}
+        checked = replace(self.config, reid=spec)  # validates the heads
+        self.config.reid = checked.reid
+        self.reid = EmbeddingHead(self.neck.out_channels, self.strides, _reid_config(checked.reid))
+        self.reid.to(next(self.parameters()).device)
+        return self.reid
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) RGB -> normalized float; done on the model's device so frames travel as uint8."""
@@ -317,7 +345,7 @@ class HydraNet(nn.Module):
                 raw[name] = (idx, head(feats))
             # the plain maps for the attribute heads (whose heads read them) and the points (only their sizes)
             feats = sets[None][1] if None in sets else next(iter(sets.values()))[1]
-            return self.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
+            return self.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
 
     def wanted_heads(self, heads_per_image: Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:
         wanted = [self._check_heads(h) for h in (heads_per_image or [None] * n)]
@@ -326,11 +354,13 @@ class HydraNet(nn.Module):
         return wanted
 
     def decode(self, feats: list[torch.Tensor], raw: dict[str, tuple[list[int], dict[str, torch.Tensor]]], n: int,
-               image_size: tuple[int, int], score_threshold: float | None = None) -> list[dict[str, HeadDetections]]:
-        """Raw head outputs -> detections per image, then the attribute heads on them.
+               image_size: tuple[int, int], score_threshold: float | None = None,
+               images: torch.Tensor | None = None) -> list[dict[str, HeadDetections]]:
+        """Raw head outputs -> detections per image, then the attribute and re-ID heads on them.
 
         ``raw``: head -> (the images it ran on, its outputs for those images); ``feats``: the pyramid of all
-        ``n`` images. Split from ``detect`` so that another runtime (ONNX Runtime) can compute the raw parts.
+        ``n`` images; ``images``: the normalised inputs (a re-ID head that reads colour needs them). Split from
+        ``detect`` so that another runtime (ONNX Runtime) can compute the raw parts.
         """
         results: list[dict[str, HeadDetections]] = [{} for _ in range(n)]
         for name, (idx, out) in raw.items():
@@ -342,7 +372,30 @@ class HydraNet(nn.Module):
                 results[i][name] = d
         for name, attr in self.attributes.items():
             self._label(name, attr, feats, results)
+        if self.reid is not None:
+            self._embed(feats, results, images)
         return results
+
+    def _embed(self, feats: list[torch.Tensor], results: list[dict[str, HeadDetections]],
+               images: torch.Tensor | None) -> None:
+        """The re-ID head on every box of its heads, all heads and images in one call."""
+        heads = self.reid.config.heads
+        wanted = [i for i, r in enumerate(results) if any(h in r for h in heads)]
+        if not wanted:
+            return
+        rows = None if len(wanted) == len(results) else torch.tensor(wanted, device=feats[0].device)
+        sub = feats if rows is None else [f[rows] for f in feats]
+        if images is not None and rows is not None:
+            images = images[rows]
+        boxes = [torch.cat([results[i][h].boxes for h in heads if h in results[i]]) for i in wanted]
+        emb = self.reid(sub, boxes, images)
+        start = 0
+        for i in wanted:
+            for h in heads:
+                if h in results[i]:
+                    det = results[i][h]
+                    det.embeddings = emb[start:start + len(det)]
+                    start += len(det)
 
     def _label(self, name: str, attr: AttributeHead, feats: list[torch.Tensor],
                results: list[dict[str, HeadDetections]]) -> None:

@@ -20,13 +20,14 @@ class HeadDetections:
     class_ids: torch.Tensor  # (K,) int64
     # attribute head name -> (label index (K,) int64, -1 where it does not apply; its probability (K,); label names)
     attributes: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None  # (K, D) unit vectors from the re-ID head, when the model has one
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
     def numpy(self) -> dict:
         """Arrays for transport: boxes, scores, class_ids, and per attribute ``attr:NAME`` (label names, "" where
-        none applies) and ``attr:NAME:conf``."""
+        none applies) and ``attr:NAME:conf``; ``embedding`` (K, D) float16 when the model has a re-ID head."""
         out = {
             "boxes": self.boxes.float().cpu().numpy(),
             "scores": self.scores.float().cpu().numpy(),
@@ -36,6 +37,8 @@ class HeadDetections:
             ids = ids.cpu().numpy()
             out[f"attr:{name}"] = np.array([labels[i] if i >= 0 else "" for i in ids], dtype=str)
             out[f"attr:{name}:conf"] = np.where(ids >= 0, probs.float().cpu().numpy(), 0.0).astype(np.float32)
+        if self.embeddings is not None:  # half precision: half the bytes between actors, cosines within 1e-3
+            out["embedding"] = self.embeddings.to(torch.float16).cpu().numpy()
         return out
 
 

@@ -99,10 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--no-progress", action="store_true")
 
-    d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (three stages, seeded)")
+    r = sub.add_parser("train-reid", help="add a re-ID head (an appearance embedding of some heads' boxes, which "
+                       "the tracker uses to keep identities) to a model and train it on its frozen features")
+    r.add_argument("--from", dest="init", type=Path, required=True, help="the model to add it to")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--heads", type=lambda v: [h for h in v.split(",") if h], required=True, metavar="HEAD,...",
+                   help="detection heads whose boxes it embeds, e.g. people,vehicles")
+    r.add_argument("--steps", type=positive_int, default=600)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (four stages, seeded)")
     d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
-    d.add_argument("--steps", type=positive_int, nargs=3, default=None, metavar=("BASE", "HEAD", "ATTRIBUTE"),
-                   help="training steps of the three stages")
+    d.add_argument("--steps", type=positive_int, nargs=4, default=None, metavar=("BASE", "HEAD", "ATTRIBUTE", "REID"),
+                   help="training steps of the four stages")
     d.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("import-detector", help="make a checkpoint from torchvision's COCO FCOS weights (a file you "
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             print(model_commands.format_fine_tune(path), end="")
         elif args.command == "train-attribute":
             print(f"wrote {model_commands.train_attribute(args)}")
+        elif args.command == "train-reid":
+            print(model_commands.train_reid(args))
         elif args.command == "train-demo":
             print(json.dumps(model_commands.train_demo(args), indent=2))
         elif args.command == "export":

@@ -17,6 +17,7 @@ from models.hydranet import ConfigError as ModelConfigError, HydraNet, HydraNetC
 from models.import_fcos import DEFAULT_INPUT_SIZE, import_torchvision_fcos
 from models.train import TrainConfig, build_model, train as train_model
 from models.train_attributes import AttributeTrainConfig, train_attribute as train_attribute_head
+from models.train_reid import FIRST_TRAIN_SEED, ReIDTrainConfig, match_accuracy, train_reid as train_reid_head
 from pipeline.errors import UserError
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
@@ -28,9 +29,12 @@ MODEL_INPUT_ERRORS = (CheckpointError, DatasetError, ModelConfigError)
 
 # The demo recipe, as a user would do it: a people detector trained with the backbone, then a
 # vehicles head added on the frozen backbone (which leaves the people head bit-identical), then an
-# attribute head that labels each car's body type, on the same frozen features.
-DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS = 5000, 2500, 600
+# attribute head that labels each car's body type, then a re-ID head that embeds every box for the tracker,
+# both on the same frozen features.
+DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS, DEMO_REID_STEPS = 5000, 2500, 600, 600
 DEMO_ATTRIBUTE = {"name": "kind", "labels": ["sedan", "hatch", "van"], "on": "vehicles", "of": ["car"]}
+DEMO_REID = {"heads": ["people", "vehicles"], "seed": 3}
+REID_CHECK_SEEDS = [FIRST_TRAIN_SEED - 1, FIRST_TRAIN_SEED - 2]  # scenes training never draws (nor the benchmark)
 # Chosen with the tracker's defaults on the analytics tuning seeds (pipeline/analytics_eval.py TUNING_SEEDS):
 # line-count error, zone occupancy and dwell against ground truth (docs/architecture.md, "Accuracy").
 DEMO_SCORE_THRESHOLDS = {"people": 0.35, "vehicles": 0.4}
@@ -105,20 +109,23 @@ def backbone_spec(args: argparse.Namespace) -> dict:
 
 @_user_input_errors()
 def train_demo(args: argparse.Namespace) -> dict:
-    base_steps, head_steps, attribute_steps = args.steps or (DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS)
+    base_steps, head_steps, attribute_steps, reid_steps = args.steps or (
+        DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS, DEMO_REID_STEPS)
     out = Path(args.out)
     base = out.with_name(out.stem + ".base.safetensors")
     heads = out.with_name(out.stem + ".heads.safetensors")
+    attribute = out.with_name(out.stem + ".attribute.safetensors")
     t0 = time.time()
     train_model(TrainConfig(out=base, heads={"people": ["person"]}, steps=base_steps, seed=0),
                 progress=not args.no_progress)
     train_model(TrainConfig(out=heads, heads={"vehicles": ["car", "bicycle"]}, init=base, freeze_shared=True,
                             steps=head_steps, seed=1), progress=not args.no_progress)
-    train_attribute_head(AttributeTrainConfig(init=heads, out=out, steps=attribute_steps, seed=2, **DEMO_ATTRIBUTE),
-                         progress=not args.no_progress)
+    train_attribute_head(AttributeTrainConfig(init=heads, out=attribute, steps=attribute_steps, seed=2,
+                                              **DEMO_ATTRIBUTE), progress=not args.no_progress)
+    train_reid_head(ReIDTrainConfig(init=attribute, out=out, steps=reid_steps, **DEMO_REID), progress=not args.no_progress)
     set_score_thresholds(out, DEMO_SCORE_THRESHOLDS)
-    base.unlink()
-    heads.unlink()
+    for stage in (base, heads, attribute):
+        stage.unlink()
     model, _ = load_checkpoint(out)
     report = evaluate_model(model, EvalConfig(), progress=not args.no_progress)
     report["checkpoint"] = str(out)
@@ -147,6 +154,22 @@ def train_attribute(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise UserError(str(e)) from e
     return train_attribute_head(cfg, progress=not args.no_progress)
+
+
+@_user_input_errors()
+def train_reid(args: argparse.Namespace) -> str:
+    """``hydravision train-reid``: the head trained, saved, and checked on scenes training never saw."""
+    try:
+        cfg = ReIDTrainConfig(init=args.init, out=args.out, heads=args.heads, steps=args.steps, seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    path, _ = train_reid_head(cfg, progress=not args.no_progress)
+    model, training = load_checkpoint(path)
+    check = match_accuracy(model, REID_CHECK_SEEDS)
+    record = training["history"][-1]
+    return (f"wrote {path}: re-ID head on {args.heads} ({record['seconds']:.0f} s, loss {record['first_loss']:.2f} -> "
+            f"{record['final_loss']:.2f}); on unseen streets an object's nearest embedding 1 s later, among its class, "
+            f"is its own in {check['accuracy']:.1%} of {check['scored']} cases (chance {check['chance']:.1%})")
 
 
 @_user_input_errors()

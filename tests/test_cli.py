@@ -72,6 +72,9 @@ USER_ERRORS = {
     "bad-depth": (["train", "--out", "TMP/o.safetensors", "--head", "p=person", "--depth", "7", "--steps", "1",
                    "--no-progress"], "resnet depth must be one of"),
     "tail-without-camera": (["tail"], "tail needs a camera id"),
+    "second-reid-head": (["train-reid", "--from", str(REPO / "models/checkpoints/demo.safetensors"), "--out",
+                          "TMP/o.safetensors", "--heads", "people", "--steps", "1", "--no-progress"],
+                         "has a re-id head already"),
 }
 
 

@@ -43,6 +43,10 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[head]["class_ids"], y[head]["class_ids"])
             for key in (k for k in x[head] if k.startswith("attr:") and not k.endswith(":conf")):
                 np.testing.assert_array_equal(x[head][key], y[head][key])
+            assert ("embedding" in x[head]) == ("embedding" in y[head])
+            if "embedding" in x[head]:  # the demo's re-ID head reads the images, which ONNX Runtime's path passes too
+                np.testing.assert_allclose(x[head]["embedding"].astype(np.float32),
+                                           y[head]["embedding"].astype(np.float32), atol=2e-3)
 
 
 def test_onnxruntime_gives_the_detections_torch_gives_on_the_demo_model(cache):

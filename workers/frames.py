@@ -14,7 +14,8 @@ from models.letterbox import Letterbox, boxes_to_source
 
 # One head's result for one frame, as the InferenceActor returns it (model-input pixels):
 # {"boxes": (K, 4) float32 xyxy, "scores": (K,) float32, "class_ids": (K,) int64}, and per attribute head
-# riding on it "attr:NAME" (K,) str label ("" where it does not apply) and "attr:NAME:conf" (K,) float32
+# riding on it "attr:NAME" (K,) str label ("" where it does not apply) and "attr:NAME:conf" (K,) float32;
+# "embedding" (K, D) float16 unit vectors when the model has a re-ID head for it (models/reid.py)
 HeadArrays = dict[str, np.ndarray]
 
 
@@ -52,6 +53,8 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
     names = np.array([class_names[i] for i in class_ids])
     # attribute arrays ride in data: the tracker's subsets of the detections keep them aligned
     attrs = {k: np.asarray(v) for k, v in arrays.items() if k.startswith("attr:")}
+    if "embedding" in arrays:  # re-ID vectors, for the tracker only: detection_records never reads them
+        attrs["embedding"] = np.asarray(arrays["embedding"]).reshape(len(boxes), -1)
     return sv.Detections(
         xyxy=boxes_to_source(boxes, lb),
         confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),

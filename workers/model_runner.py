@@ -75,7 +75,8 @@ class OrtSession:
                 rows = idx if len(idx) < n else slice(None)
                 raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
         with torch.inference_mode():
-            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold)
+            x = self.model.normalize(torch.from_numpy(images)) if self.model.reid is not None else None
+            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
 
 
 class ModelRunner:

@@ -41,6 +41,22 @@ class RedisConfig(Strict):
         return v
 
 
+class AppearanceConfig(Strict):
+    """Re-linking lost tracks by the model's re-ID embeddings (workers/appearance.py). It acts only on heads whose
+    boxes carry an embedding, i.e. when the checkpoint has a re-ID head for them; otherwise tracking is ByteTrack's
+    alone. Defaults chosen on benchmarks/bench_reid.py's tuning seeds."""
+
+    enabled: bool = True
+    weight: float = Field(0.5, ge=0, le=1, description="appearance's share of the similarity in ByteTrack's first "
+                          "association, among the pairs its IoU gate lets through (0: motion alone)")
+    relink: bool = Field(True, description="re-link a new track to a recently lost one that looks the same")
+    min_similarity: float = Field(0.9, ge=-1, le=1, description="least cosine similarity for a re-link")
+    max_lost_s: float = Field(2.0, gt=0, le=60, description="how long a lost track waits for a re-link")
+    max_distance: float = Field(1.0, ge=0, description="in box sizes, from where its last velocity would have taken it")
+    max_overlap: float = Field(0.3, ge=0, le=1, description="views overlapped more (IoU) do not update an appearance")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="weight of a track's past appearance in each update")
+
+
 class TrackerConfig(Strict):
     enabled: bool = True
     lost_track_buffer: int = Field(30, ge=0)
@@ -50,6 +66,7 @@ class TrackerConfig(Strict):
     minimum_consecutive_frames: int = Field(2, ge=1)
     minimum_iou_threshold: float = Field(0.1, ge=0, le=1)
     high_conf_det_threshold: float = Field(0.5, ge=0, le=1)
+    appearance: AppearanceConfig = AppearanceConfig()
 
 
 class CameraPlacement(Strict):

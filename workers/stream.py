@@ -497,6 +497,7 @@ class CameraPipeline:
             "last_frame_ts": cap.last_frame_wall if cap else None,
             "last_error": self.last_error,
             "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
+            "appearance": self.tracker.appearance_stats() if self.tracker else {},
             # Why messages are not reaching Redis right now (out of memory, unreachable, ...), else None.
             "redis_error": pub.get("last_error") if pub.get("failing") else None,
             "redis_failing_since": pub.get("failing_since"),

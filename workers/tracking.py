@@ -1,4 +1,5 @@
-"""Per-camera tracking: one ByteTrack tracker per head (Roboflow's `trackers`), plus track lifecycle events.
+"""Per-camera tracking: one ByteTrack tracker per head (Roboflow's `trackers`), which also weighs appearance and
+re-links lost tracks where the model embeds the boxes (workers/appearance.py), plus track lifecycle events.
 
 Track ids are namespaced per (camera, head) and offset by ``id_base``, so a tracker that is
 restarted (a new actor after a crash) continues numbering instead of reusing ids that
@@ -13,6 +14,7 @@ import numpy as np
 import supervision as sv
 from trackers import ByteTrackTracker
 
+from workers.appearance import AppearanceByteTrack, AppearanceLinker
 from workers.frames import attribute_names
 from workers.settings import TrackerConfig
 
@@ -37,6 +39,22 @@ class HeadTracker:
     id_base: int = 0
     next_id: int = 0  # first id not handed out yet (absolute, id_base included)
     active: dict[int, TrackState] = field(default_factory=dict)
+    linker: AppearanceLinker | None = None  # re-links by appearance, when the settings enable it
+    embedded: int = 0  # boxes whose embedding the tracker used (appearance on, and the model embeds this head)
+
+    def output_ids(self, tracked: sv.Detections) -> np.ndarray:
+        """ByteTrack's ids of one update -> the ids published (before id_base; -1: unconfirmed)."""
+        if self.linker is not None:
+            return self.linker.assign(tracked, self.tracker)
+        return np.asarray(tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1))
+
+    def alive(self) -> set[int]:
+        """Output ids (before id_base) of tracks that have not ended: ByteTrack's, and lost ones still waiting
+        for a re-link."""
+        ids = {t.tracker_id for t in self.tracker.tracks if t.tracker_id >= 0}
+        if self.linker is None:
+            return ids
+        return {self.linker.alias.get(b, b) for b in ids} | self.linker.waiting()
 
 
 class CameraTracker:
@@ -46,19 +64,27 @@ class CameraTracker:
                  id_base: dict[str, int] | None = None):
         id_base = id_base or {}
         self.settings, self.frame_rate = settings, frame_rate
-        self.heads = {h: HeadTracker(h, self._new_tracker(), id_base.get(h, 0), id_base.get(h, 0)) for h in heads}
+        self.heads = {h: self._new_head(h, id_base.get(h, 0)) for h in heads}
         # Next free id of heads not tracked now (dropped by an update, or not asked for yet): a head that comes
         # back continues its numbering, and next_ids() keeps persisting it.
         self.retired = {h: base for h, base in id_base.items() if h not in self.heads}
 
+    def _new_head(self, head: str, base: int) -> HeadTracker:
+        a = self.settings.appearance
+        linker = AppearanceLinker(a, self.frame_rate) if a.enabled and a.relink else None
+        return HeadTracker(head, self._new_tracker(), base, base, linker=linker)
+
     def _new_tracker(self) -> ByteTrackTracker:
-        s = self.settings
-        return ByteTrackTracker(
+        s, a = self.settings, self.settings.appearance
+        options = dict(
             lost_track_buffer=s.lost_track_buffer, frame_rate=self.frame_rate,
             track_activation_threshold=s.track_activation_threshold,
             minimum_consecutive_frames=s.minimum_consecutive_frames,
             minimum_iou_threshold=s.minimum_iou_threshold, high_conf_det_threshold=s.high_conf_det_threshold,
         )
+        if a.enabled and a.weight > 0:  # without embeddings in the detections it associates as ByteTrack does
+            return AppearanceByteTrack(**options, weight=a.weight, smoothing=a.smoothing, max_overlap=a.max_overlap)
+        return ByteTrackTracker(**options)
 
     def next_ids(self) -> dict[str, int]:
         """Per head, the first id not yet handed out (persist it; pass it back as ``id_base`` on restart)."""
@@ -75,8 +101,13 @@ class CameraTracker:
         for head in heads:
             if head not in self.heads:
                 base = self.retired.pop(head, 0)
-                self.heads[head] = HeadTracker(head, self._new_tracker(), base, base)
+                self.heads[head] = self._new_head(head, base)
         return events
+
+    def appearance_stats(self) -> dict[str, dict[str, int]]:
+        """Per head: boxes whose re-ID embedding the tracker used, and lost tracks re-linked by appearance."""
+        return {h: {"embedded": ht.embedded, "relinks": ht.linker.relinks if ht.linker else 0}
+                for h, ht in self.heads.items()}
 
     def open_tracks(self) -> int:
         return sum(len(ht.active) for ht in self.heads.values())
@@ -85,8 +116,10 @@ class CameraTracker:
         """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts
         (``type`` track_started / track_ended with head, track_id, class and timing)."""
         ht = self.heads[head]
+        if self.settings.appearance.enabled and "embedding" in det.data:
+            ht.embedded += len(det)
         tracked = ht.tracker.update(det)
-        ids = np.asarray(tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1))
+        ids = ht.output_ids(tracked)
         ids = np.where(ids >= 0, ids + ht.id_base, -1)
         tracked.tracker_id = ids
         events: list[dict] = []
@@ -103,7 +136,7 @@ class CameraTracker:
             else:
                 st.last_frame, st.last_pts, st.frames = frame, pts, st.frames + 1
             self._vote(st, tracked, row)
-        alive = {t.tracker_id + ht.id_base for t in ht.tracker.tracks if t.tracker_id >= 0}
+        alive = {t + ht.id_base for t in ht.alive()}
         for tid in [t for t in ht.active if t not in alive]:
             events.append(self._ended(ht.active.pop(tid)))
         return tracked, events

@@ -1,0 +1,84 @@
+"""The re-ID (embedding) head: an L2-normalised appearance vector per detected box, from RoI-pooled shared features.
+
+The FairMOT / JDE idea: detection and re-identification read one backbone, so telling two people apart costs a
+small MLP per box, not a second network per crop. The tracker (workers/appearance.py) compares these vectors
+by cosine similarity to continue an identity that motion alone lost (an occlusion, a crossing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attributes import roi_features
+
+
+@dataclass
+class ReIDConfig:
+    heads: list[str]  # detection heads whose boxes get an embedding (every class of theirs)
+    dim: int = 32  # embedding length; 32 float16 values (64 bytes) travel per box
+    pool: int = 7  # RoI grid side
+    channels: int = 32  # after the 3x3 conv: fewer than the neck's, to keep the Linear (and the file) small
+    hidden: int = 128
+    # colour: side of a grid of mean colours read from the input image inside each box (0: none). The neck's maps
+    # are trained to find classes, which colour does not tell apart, and identities mostly differ by it.
+    colour: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.heads or len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"reid 'heads' must name at least one detection head, each once, got {self.heads}")
+        if min(self.dim, self.pool, self.channels, self.hidden) < 1 or self.colour < 0:
+            raise ValueError(f"reid dim, pool, channels and hidden must be positive and colour >= 0, got "
+                             f"{self.dim}, {self.pool}, {self.channels}, {self.hidden}, {self.colour}")
+
+
+class EmbeddingHead(nn.Module):
+    def __init__(self, in_channels: int, strides: tuple[int, ...], config: ReIDConfig):
+        super().__init__()
+        self.config, self.strides = config, tuple(strides)
+        c, p = config.channels, config.pool
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, c, 3, padding=1), nn.GroupNorm(min(8, max(1, c // 4)), c), nn.ReLU(inplace=True),
+            nn.Flatten())
+        self.mlp = nn.Sequential(nn.Linear(c * p * p + 3 * config.colour ** 2, config.hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(config.hidden, config.dim))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[torch.Tensor], boxes: list[torch.Tensor],
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, dim) unit vectors for the boxes of each image (model-input pixels), K boxes in all; ``images``
+        (N, 3, H, W), normalised as the backbone reads them, are needed when the config reads ``colour``."""
+        x = self.conv(roi_features(feats, self.strides, boxes, self.config.pool))  # (K, channels * pool * pool)
+        n = self.config.colour
+        if n:
+            if images is None:
+                raise ValueError("this re-ID head reads colours from the input images: pass them")
+            # 4 x 4 samples per cell, averaged: a mean colour, not one noisy pixel
+            fine = roi_features([images], (1,), boxes, 4 * n)
+            x = torch.cat([x, F.avg_pool2d(fine, 4).flatten(1).to(x.dtype)], 1)
+        return F.normalize(self.mlp(x).float(), dim=1)
+
+
+def contrastive_loss(embeddings: torch.Tensor, identities: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) over one group of views: each embedding should be closer
+    to the other views of its identity than to every other object's. Anchors without another view are skipped.
+
+    embeddings: (K, D) unit vectors; identities: (K,) int. Returns a scalar (0 when no anchor has a positive).
+    """
+    sim = embeddings @ embeddings.T / temperature
+    k = len(identities)
+    self_mask = torch.eye(k, dtype=torch.bool, device=sim.device)
+    positive = (identities[:, None] == identities[None, :]) & ~self_mask
+    anchors = positive.any(1)
+    if not anchors.any():
+        return sim.sum() * 0.0
+    log_prob = sim - torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    mean_pos = (log_prob * positive).sum(1)[anchors] / positive.sum(1)[anchors]
+    return -mean_pos.mean()

@@ -1,0 +1,243 @@
+"""Appearance in tracking, from the model's re-ID embeddings (models/reid.py). `trackers` 2.6.1 has no tracker
+that takes appearance (BoT-SORT associates by motion and camera motion only), so it is ours, in two parts that
+each fix one kind of identity error (docs/architecture.md, "Re-ID", has what each is worth):
+
+- ``AppearanceByteTrack``: swaps. ByteTrack's first association also ranks by appearance the pairs its IoU
+  gate lets through, so two people whose boxes overlap as they cross keep their own tracks.
+- ``AppearanceLinker``: splits. A track that ByteTrack starts anew continues a recently lost track of the same
+  class that looks the same (an object hidden for a moment comes back where its Kalman prediction no longer
+  overlaps it). A layer after ByteTrack rather than a third association stage inside it: it needs no more of
+  ByteTrack's internals, and the re-link happens at the new track's confirmation, before its id was ever
+  published, so no published id changes.
+
+Ids: ByteTrack's ids are the output ids unless re-linked; a re-linked ByteTrack id maps to the lost track's
+output id, and the lost track's tracklet is removed from ByteTrack (it could otherwise be matched again and
+the id would be on two objects). A lost track waits ``max_lost_s`` for a re-link; until then it has not ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import supervision as sv
+from scipy.optimize import linear_sum_assignment
+from trackers import ByteTrackTracker
+from trackers.core.bytetrack.utils import _get_alive_tracklets
+from trackers.utils.detections import default_confidences
+
+from workers.settings import AppearanceConfig
+
+
+@dataclass
+class TrackMemory:
+    """What a track looked like and where it was going, when last seen."""
+
+    out_id: int
+    class_name: str
+    embedding: np.ndarray  # (D,) unit vector: running mean of its confident, unoverlapped views
+    box: np.ndarray  # (4,) xyxy, source pixels
+    velocity: np.ndarray  # (2,) centre pixels per analysed frame
+    last_step: int
+    bt_id: int  # the ByteTrack id that feeds it now
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def _centre(box: np.ndarray) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+class AppearanceLinker:
+    """One per tracked head. ``assign`` turns ByteTrack's ids of one update into output ids."""
+
+    def __init__(self, settings: AppearanceConfig, frame_rate: float):
+        self.settings = settings
+        self.max_lost = max(1, round(settings.max_lost_s * frame_rate))  # analysed frames
+        self.alias: dict[int, int] = {}  # ByteTrack id -> output id
+        self.memory: dict[int, TrackMemory] = {}  # output id -> memory
+        self.step = 0
+        self.relinks = 0
+
+    def waiting(self) -> set[int]:
+        """Output ids of lost tracks that may still be re-linked (they have not ended)."""
+        return {m.out_id for m in self.memory.values() if m.last_step < self.step}
+
+    def assign(self, tracked: sv.Detections, tracker: ByteTrackTracker) -> np.ndarray:
+        """Output ids (-1: unconfirmed) for ``tracked``, ByteTrack's result of this update."""
+        self.step += 1
+        bt = np.asarray(tracked.tracker_id if tracked.tracker_id is not None else np.full(len(tracked), -1), int)
+        emb = tracked.data.get("embedding")
+        names = tracked.data.get("class_name", np.array([""] * len(tracked)))
+        new = [r for r in range(len(tracked)) if bt[r] >= 0 and bt[r] not in self.alias]
+        if new and emb is not None:
+            self._relink(new, tracked, bt, np.asarray(emb, np.float32), names, tracker)
+        for r in new:
+            self.alias.setdefault(int(bt[r]), int(bt[r]))
+        out = np.array([self.alias[b] if b >= 0 else -1 for b in bt.tolist()], int)
+        if emb is not None:
+            self._remember(tracked, bt, out, np.asarray(emb, np.float32), names)
+        self._forget(tracker)
+        return out
+
+    def _relink(self, new: list[int], tracked: sv.Detections, bt: np.ndarray, emb: np.ndarray, names: np.ndarray,
+                tracker: ByteTrackTracker) -> None:
+        s = self.settings
+        seen = {self.alias[b] for b in bt.tolist() if b in self.alias}
+        lost = [m for m in self.memory.values() if m.out_id not in seen and m.last_step < self.step]
+        if not lost:
+            return
+        sim = np.full((len(new), len(lost)), -np.inf)
+        for i, r in enumerate(new):
+            box, centre = tracked.xyxy[r], _centre(tracked.xyxy[r])
+            for j, m in enumerate(lost):
+                if m.class_name != str(names[r]):
+                    continue
+                gap = self.step - m.last_step
+                size = max(m.box[2] - m.box[0], m.box[3] - m.box[1], box[2] - box[0], box[3] - box[1])
+                if np.linalg.norm(_centre(m.box) + m.velocity * gap - centre) > s.max_distance * size:
+                    continue  # not where its motion would have taken it
+                sim[i, j] = float(emb[r] @ m.embedding)
+        finite = np.where(np.isfinite(sim), sim, -10.0)
+        for i, j in zip(*linear_sum_assignment(finite, maximize=True)):
+            if sim[i, j] < s.min_similarity:
+                continue
+            m, b = lost[j], int(bt[new[i]])
+            tracker.tracks = [t for t in tracker.tracks if t.tracker_id != m.bt_id]  # it must not come back too
+            self.alias[b], m.bt_id = m.out_id, b
+            self.relinks += 1
+
+    def _remember(self, tracked: sv.Detections, bt: np.ndarray, out: np.ndarray, emb: np.ndarray,
+                  names: np.ndarray) -> None:
+        s = self.settings
+        # A view another box overlaps mixes two objects' features: it moves the track's box, not its appearance.
+        iou = _iou(tracked.xyxy, tracked.xyxy)
+        np.fill_diagonal(iou, 0.0)
+        crowded = iou.max(1) > s.max_overlap if len(tracked) > 1 else np.zeros(len(tracked), bool)
+        for r in np.flatnonzero(out >= 0):
+            oid, box = int(out[r]), tracked.xyxy[r].astype(np.float64)
+            m = self.memory.get(oid)
+            if m is None:
+                self.memory[oid] = TrackMemory(oid, str(names[r]), emb[r].copy(), box, np.zeros(2), self.step,
+                                               int(bt[r]))
+                continue
+            gap = self.step - m.last_step
+            v = (_centre(box) - _centre(m.box)) / max(gap, 1)
+            m.velocity = v if gap > 1 or not m.velocity.any() else 0.5 * m.velocity + 0.5 * v
+            m.box, m.last_step = box, self.step
+            if not crowded[r]:
+                e = s.smoothing * m.embedding + (1 - s.smoothing) * emb[r]
+                m.embedding = e / max(float(np.linalg.norm(e)), 1e-9)
+
+    def _forget(self, tracker: ByteTrackTracker) -> None:
+        alive = {t.tracker_id for t in tracker.tracks if t.tracker_id >= 0}
+        for oid in [o for o, m in self.memory.items()
+                    if self.step - m.last_step > self.max_lost and m.bt_id not in alive]:
+            del self.memory[oid]
+        live = {m.bt_id for m in self.memory.values()} | alive
+        self.alias = {b: o for b, o in self.alias.items() if b in live}
+
+
+class AppearanceByteTrack(ByteTrackTracker):
+    """ByteTrack whose first association (confident boxes against every track) also weighs appearance: a pair's
+    similarity is ``(1 - weight) * IoU + weight * cosine`` where the IoU gate passes (``minimum_iou_threshold``,
+    unchanged), so where two people cross and their boxes overlap both tracks, each keeps the one that looks
+    like it. The second association (weak boxes, often occluded ones) stays motion-only, as in ByteTrack.
+
+    ``update`` is trackers 2.6.1's ``ByteTrackTracker.update`` with that one change and the tracks' appearance
+    kept up to date (pinned by a test against the parent on detections without embeddings); every helper is
+    inherited. Detections without ``data["embedding"]`` are associated exactly as ByteTrack does.
+    """
+
+    tracker_id = None  # not registered: the parent's "bytetrack" entry in trackers' registry stays ByteTrack's
+    search_space: ClassVar[dict[str, dict]] = {}  # nothing for trackers' tuner to search
+
+    def __init__(self, *args: Any, weight: float = 0.5, smoothing: float = 0.9, max_overlap: float = 0.3,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.weight, self.smoothing, self.max_overlap = weight, smoothing, max_overlap
+
+    def update(self, detections: sv.Detections, frame: np.ndarray | None = None,
+               timestamp: float | None = None) -> sv.Detections:
+        self._warn_if_frame_unused(frame)
+        timing = self._predict_timing(timestamp)
+        if timing.skip_update:
+            return self._detections_for_skipped_update(detections)
+        if len(self.tracks) == 0 and len(detections) == 0:
+            result = sv.Detections.empty()
+            result.tracker_id = np.array([], dtype=int)
+            return result
+        emb = detections.data.get("embedding") if len(detections) else None
+        emb = None if emb is None else np.asarray(emb, np.float32)
+        clean = np.ones(len(detections), bool)  # views no other box overlaps: they may update an appearance
+        if emb is not None and len(detections) > 1:
+            iou = _iou(detections.xyxy, detections.xyxy)
+            np.fill_diagonal(iou, 0.0)
+            clean = iou.max(1) <= self.max_overlap
+        out_idx: list[int] = []
+        out_ids: list[int] = []
+        self._predict_tracklets(self.tracks, timing)
+        budget = self._lost_track_time_budget(timing, self.maximum_time_without_update)
+        self._prune_lost_tracks(timing)
+        boxes = detections.xyxy
+        conf = default_confidences(detections)
+        high_idx, low_idx = np.where(conf >= self.high_conf_det_threshold)[0], np.where(conf < self.high_conf_det_threshold)[0]
+        predicted = np.array([t.get_state_bbox() for t in self.tracks]) if self.tracks else np.empty((0, 4))
+        iou = self.iou.compute(predicted, boxes[high_idx])
+        sim = iou
+        if emb is not None and len(self.tracks) and len(high_idx):
+            looks = np.array([getattr(t, "embedding", None) is not None for t in self.tracks])
+            if looks.any():
+                track_emb = np.stack([t.embedding if ok else np.zeros(emb.shape[1], np.float32)
+                                      for t, ok in zip(self.tracks, looks)])
+                cos = track_emb @ emb[high_idx].T
+                fused = (1 - self.weight) * iou + self.weight * cos
+                # the IoU gate decides what may match; appearance only ranks the candidates it let through
+                sim = np.where(looks[:, None] & (iou >= self.minimum_iou_threshold), np.maximum(fused, self.minimum_iou_threshold), iou)
+        matched, unmatched_tracks, unmatched_high = self._get_associated_indices(sim, self.minimum_iou_threshold)
+        for row, col in matched:
+            self._extend(self.tracks[row], int(high_idx[col]), boxes, emb, clean, out_idx, out_ids)
+        remaining = [self.tracks[i] for i in unmatched_tracks]
+        remaining_boxes = predicted[unmatched_tracks] if unmatched_tracks else np.empty((0, 4))
+        matched, _, unmatched_low = self._get_associated_indices(self.iou.compute(remaining_boxes, boxes[low_idx]),
+                                                                 self.minimum_iou_threshold)
+        for row, col in matched:
+            self._extend(remaining[row], int(low_idx[col]), boxes, None, clean, out_idx, out_ids)
+        for col in unmatched_low:
+            out_idx.append(int(low_idx[col]))
+            out_ids.append(-1)
+        before = len(self.tracks)
+        self._spawn_new_tracks(boxes, conf, unmatched_high, high_idx, out_idx, out_ids)
+        if emb is not None:  # the tracks just spawned, in the order of unmatched_high that cleared activation
+            spawned = [int(high_idx[c]) for c in unmatched_high if float(conf[int(high_idx[c])]) >= self.track_activation_threshold]
+            for track, i in zip(self.tracks[before:], spawned):
+                track.embedding = emb[i].copy()
+        self.tracks = _get_alive_tracklets(tracklets=self.tracks, minimum_consecutive_frames=self.minimum_consecutive_frames,
+                                           maximum_frames_without_update=self.maximum_frames_without_update,
+                                           maximum_time_without_update=budget)
+        if not out_idx:
+            result = sv.Detections.empty()
+            result.tracker_id = np.array([], dtype=int)
+            return result
+        result = detections[np.array(out_idx)]
+        result.tracker_id = np.array(out_ids, dtype=int)
+        return result
+
+    def _extend(self, track, i: int, boxes: np.ndarray, emb: np.ndarray | None, clean: np.ndarray,
+                out_idx: list[int], out_ids: list[int]) -> None:
+        track.update(boxes[i])
+        if track.number_of_successful_consecutive_updates >= self.minimum_consecutive_frames and track.tracker_id == -1:
+            track.tracker_id = self._allocate_tracker_id()
+        if emb is not None and clean[i]:
+            old = getattr(track, "embedding", None)
+            e = emb[i] if old is None else self.smoothing * old + (1 - self.smoothing) * emb[i]
+            track.embedding = e / max(float(np.linalg.norm(e)), 1e-9)
+        out_idx.append(i)
+        out_ids.append(track.tracker_id)
