@@ -109,7 +109,9 @@ def test_the_checkpoint_records_the_backbone_and_rebuilds_it(kind, tmp_path):
 def test_the_demo_checkpoint_still_loads_as_resnet_and_fpn():
     model, _ = load_checkpoint(DEMO)
     meta = read_metadata(DEMO)["config"]
-    assert meta["backbone"] == {"type": "resnet", "depth": 18, "width": 16} and meta["neck"] == {"type": "fpn", "channels": 64}
+    # the file names its parts: compactly as first written, in full (defaults too) since re-saved with its re-ID head
+    assert {k: meta["backbone"][k] for k in ("type", "depth", "width")} == {"type": "resnet", "depth": 18, "width": 16}
+    assert {k: meta["neck"][k] for k in ("type", "channels")} == {"type": "fpn", "channels": 64}
     assert "adapters" not in meta
     assert model.config.backbone == {"type": "resnet", "depth": 18, "width": 16, "num_classes": None}
     assert model.config.neck == {"type": "fpn", "channels": 64, "extra_levels": 0}
