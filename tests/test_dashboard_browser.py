@@ -231,6 +231,10 @@ def load_time(browser, url: str, cameras: int) -> float:
     return seconds
 
 
+# Slow (15 s; `-m slow`) since the default run neared 10 min: the default run keeps the live pipeline in
+# the browser above and the hub's tiles built from what Redis holds (tests/test_dashboard_data.py); the
+# 12- and 32-camera layouts and load times are checked only here.
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser, machine):
     url = redis_server.url

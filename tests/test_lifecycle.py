@@ -112,6 +112,10 @@ def test_sigkill_with_embedded_redis_leaves_no_process_behind(tmp_path):
             run.proc.kill()
 
 
+# Slow (21 s, two full runs; `-m slow`) since the default run neared 10 min: the default run keeps the
+# SIGKILL-leaves-no-process test above, restarted cameras that publish no frame twice (tests/test_resume.py)
+# and the stale status reading (tests/test_cli.py).
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_with_external_redis_leaves_no_process_and_no_reused_track_id(tmp_path, redis_server):
     client = redis_server.client()
