@@ -43,12 +43,14 @@ class TrackMemory:
     bt_id: int  # the ByteTrack id that feeds it now
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
-    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+def _overlapped(boxes: np.ndarray, max_overlap: float) -> np.ndarray:
+    """(K,) bool: boxes another box overlaps by IoU > ``max_overlap``. Such a view mixes two objects' features,
+    so it may move a track's box but not its appearance. IoU as the tracker's own association computes it."""
+    if len(boxes) < 2:
+        return np.zeros(len(boxes), bool)
+    iou = sv.box_iou_batch(boxes, boxes)
+    np.fill_diagonal(iou, 0.0)
+    return iou.max(1) > max_overlap
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
@@ -117,10 +119,7 @@ class AppearanceLinker:
     def _remember(self, tracked: sv.Detections, bt: np.ndarray, out: np.ndarray, emb: np.ndarray,
                   names: np.ndarray) -> None:
         s = self.settings
-        # A view another box overlaps mixes two objects' features: it moves the track's box, not its appearance.
-        iou = _iou(tracked.xyxy, tracked.xyxy)
-        np.fill_diagonal(iou, 0.0)
-        crowded = iou.max(1) > s.max_overlap if len(tracked) > 1 else np.zeros(len(tracked), bool)
+        crowded = _overlapped(tracked.xyxy, s.max_overlap)
         for r in np.flatnonzero(out >= 0):
             oid, box = int(out[r]), tracked.xyxy[r].astype(np.float64)
             m = self.memory.get(oid)
@@ -176,11 +175,8 @@ class AppearanceByteTrack(ByteTrackTracker):
             return result
         emb = detections.data.get("embedding") if len(detections) else None
         emb = None if emb is None else np.asarray(emb, np.float32)
-        clean = np.ones(len(detections), bool)  # views no other box overlaps: they may update an appearance
-        if emb is not None and len(detections) > 1:
-            iou = _iou(detections.xyxy, detections.xyxy)
-            np.fill_diagonal(iou, 0.0)
-            clean = iou.max(1) <= self.max_overlap
+        # views no other box overlaps: they may update an appearance
+        clean = ~_overlapped(detections.xyxy, self.max_overlap) if emb is not None else np.ones(len(detections), bool)
         out_idx: list[int] = []
         out_ids: list[int] = []
         self._predict_tracklets(self.tracks, timing)
