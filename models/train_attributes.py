@@ -59,27 +59,37 @@ def targets(samples, cfg: AttributeTrainConfig, rng: np.random.Generator) -> tup
     return boxes, torch.tensor(labels, dtype=torch.long)
 
 
+def head_only_optimizer(model: torch.nn.Module, head: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Freezes ``model`` except ``head`` and returns the head's optimizer: a new head on frozen features."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+
+
+def head_lr(lr: float, step: int, steps: int) -> float:
+    """Cosine decay from ``lr`` to 5% of it over ``steps`` (no warm-up: the head is small and starts fresh)."""
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, training = load_checkpoint(cfg.init, device=device)
     head = model.add_attribute(cfg.name, cfg.labels, cfg.on, cfg.of)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in head.parameters():
-        p.requires_grad_(True)
+    opt = head_only_optimizer(model, head, cfg.lr)
     model.eval()
     head.train()  # only the new head: BatchNorm statistics elsewhere stay as they are
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
     loader = DataLoader(SyntheticFrames(model.config.input_size, seed=cfg.seed), batch_size=cfg.batch_size,
                         collate_fn=collate, num_workers=1)
     batches = iter(loader)
     bar = tqdm(range(cfg.steps), desc=f"train attribute {cfg.name}", unit="step", disable=not progress)
     t0, smooth, seen = time.time(), None, 0
     for step in bar:
-        for g in opt.param_groups:  # cosine decay
-            g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for g in opt.param_groups:
+            g["lr"] = head_lr(cfg.lr, step, cfg.steps)
         images, samples = next(batches)
         boxes, labels = targets(samples, cfg, rng)
         if len(labels) == 0:

@@ -9,7 +9,6 @@ tracker has to make. Boxes are the true ones jittered as a detector's would be.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
+from models.train_attributes import head_lr, head_only_optimizer
 from synthetic.scene import StreetScene
 
 # Training scenes draw seeds from here up: the tracking benchmark's seeds (benchmarks/bench_reid.py) lie below.
@@ -97,19 +97,15 @@ def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[
     frozen = copy.deepcopy(model).eval()
     frozen.fuse_batchnorm()
     head = model.add_reid(cfg.heads, dim=cfg.dim, colour=cfg.colour)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in head.parameters():
-        p.requires_grad_(True)
+    opt = head_only_optimizer(model, head, cfg.lr)
     head.train()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
     groups = identity_views(model.config.input_size, cfg, rng)
     losses: list[float] = []
     t0, seen = time.time(), 0
     bar = tqdm(range(cfg.steps), desc="train reid", unit="step", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:  # cosine decay
-            g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for g in opt.param_groups:
+            g["lr"] = head_lr(cfg.lr, step, cfg.steps)
         batch = [next(groups) for _ in range(cfg.scenes_per_step)]
         images = torch.from_numpy(np.concatenate([b[0] for b in batch])).to(device)
         with torch.no_grad():
