@@ -254,11 +254,11 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
     time.sleep(warmup)
     procs = ray_processes()
     u0, s0 = usage(procs), {s["camera"]: s for s in app.stats()}
-    i0 = ray.get(app.inference[0].stats.remote())
+    i0 = ray.get([a.stats.remote() for a in app.inference])  # every replica (two on a CPU by default)
     t0 = time.time()
     time.sleep(seconds)
     u1, s1 = usage(procs), {s["camera"]: s for s in app.stats()}
-    i1 = ray.get(app.inference[0].stats.remote())
+    i1 = ray.get([a.stats.remote() for a in app.inference])
     t1 = time.time()
     app.shutdown()
     dt = t1 - t0
@@ -281,8 +281,10 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
             lat.append(m["latency_ms"])
             (lat_first if m["ts"] < t0 + dt / 3 else lat_last if m["ts"] > t1 - dt / 3 else []).append(m["latency_ms"])
     cpu = {r: u1.cpu.get(r, 0) - u0.cpu.get(r, 0) for r in u1.cpu}
-    model_cpu = i1["cpu_seconds"] - i0["cpu_seconds"]
-    batches = i1["batches"] - i0["batches"]
+    def added(key: str) -> float:
+        return sum(b[key] - a[key] for a, b in zip(i0, i1))
+
+    model_cpu, batches = added("cpu_seconds"), added("batches")
     client.flushall()
     return {
         "cameras": len(cameras), "fps": round(sum(per_cam.values()), 1),
@@ -292,8 +294,8 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "drop_rate_per_camera_min_max": [round(min(drop_rate_cam.values()), 3), round(max(drop_rate_cam.values()), 3)],
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
-        "mean_batch": round((i1["frames"] - i0["frames"]) / max(1, batches), 2),
-        "batch_limit": i1.get("batch_limit"), "ms_per_frame_by_batch": i1.get("ms_per_frame"),
+        "replicas": len(app.inference), "mean_batch": round(added("frames") / max(1, batches), 2),
+        "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
@@ -351,6 +353,10 @@ def main() -> None:
             print(f"hydravision, {n} file cameras unpaced ...", flush=True)
             results["files"][n] = run_hydravision(args.checkpoint, file_cameras(clips, n), redis_server.url,
                                                   args.warmup, args.seconds)
+        if 8 in counts:  # the default before replicas were counted by device (one replica, every core)
+            print("hydravision, 8 file cameras unpaced, one replica ...", flush=True)
+            results["files_one_replica"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
+                                                           args.warmup, args.seconds, replicas=1)
         if not args.skip_rtsp:
             ref = results["files"].get(8) or results["files"][max(results["files"])]
             sustainable = ref["fps"]
@@ -388,8 +394,13 @@ def summarize(r: dict) -> None:
             h = r["files"][8]
             print(f"hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
                   f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms")
+    if 8 in r["files"] and "files_one_replica" in r:
+        h, one = r["files"][8], r["files_one_replica"]
+        print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "
+              f"{h['cpu_ms_per_frame_total']} vs {one['cpu_ms_per_frame_total']} ms")
     print()
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
+    rows += [("x8 one replica", r["files_one_replica"])] if "files_one_replica" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
            f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")

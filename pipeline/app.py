@@ -167,10 +167,11 @@ class App(LiveControl):
         if warning := cluster.redis_warning(redis_url, self.placement.nodes):
             self.say(warning)
         ic, mc = self.config.inference, self.config.model
-        for i in range(ic.replicas):
+        for i in range(self.placement.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
-                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend, ic.adapt_batch)
+                mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend, ic.adapt_batch,
+                self.placement.per_node)
             self.inference.append(actor)
         # The cameras' actors start while the replicas load the model (each is a process with seconds of
         # imports; together that was 2 s of the 10 s to a first message). What they need of the model is in
@@ -193,7 +194,7 @@ class App(LiveControl):
         self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
-                 f"{ic.replicas} inference replica(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
+                 f"{self.placement.replicas} inference replica(s) of {info.get('threads', '?')} thread(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
                  + (" (each replica keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:

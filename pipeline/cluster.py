@@ -19,7 +19,7 @@ import ray
 
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, inference_options, local_cpus,
-                                namespace_for, stream_options)
+                                namespace_for, replica_count, replicas_per_node, stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig
@@ -34,7 +34,8 @@ def init_ray(config: Any, system_config: dict) -> None:
     address = rc.resolved_address()
     namespace = namespace_for(rc.namespace, config.redis.prefix)
     if address == "local":
-        cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, config.inference.replicas, len(config.cameras)))
+        replicas = config.inference.replicas or 2  # the most an unset count becomes (placement.replica_count)
+        cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, replicas, len(config.cameras)))
         # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
         ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
                  object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
@@ -110,7 +111,12 @@ class Placement:
         self.namespace = namespace_for(config.ray.namespace, config.redis.prefix)
         wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
         self.nodes = alive_nodes(ray.nodes())
-        self.assigner = ReplicaAssigner(config.inference.replicas)
+        replica = inference_options(config.ray, config.inference.num_gpus, self.nodes)
+        cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
+        self.replicas = replica_count(config.inference, config.model.device, replica["num_gpus"], cores)
+        # They split a node's cores (InferenceActor's threads)
+        self.per_node = replicas_per_node(self.replicas, self.nodes, replica)
+        self.assigner = ReplicaAssigner(self.replicas)
         self._checkpoint_ref: Any = None
         if len(self.nodes) > 1 or config.ray.cluster:
             self.say(f"Ray cluster: {len(self.nodes)} node(s), namespace {self.namespace}\n  "

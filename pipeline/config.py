@@ -86,9 +86,11 @@ class InferenceConfig(Strict):
                               "max_batch) only while the replica measures larger ones faster per frame "
                               "(workers/batch_size.py); false: always up to max_batch")
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
-    replicas: int = Field(1, ge=1, le=64)
+    replicas: int | None = Field(None, ge=1, le=64, description="model processes; None: 1 where they get a GPU, "
+                                 "2 on CPUs (docs/architecture.md, 'Two replicas on a CPU')")
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: the node's "
+                                "cores shared among the replicas placed on it)")
     max_pending: int | None = Field(None, ge=1, description="requests waiting per replica; beyond it the oldest of "
                                     "the camera holding the most is shed (default: 8 x max_batch)")
     max_pending_per_camera: int | None = Field(None, ge=1, description="requests of one camera waiting per replica "

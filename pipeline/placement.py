@@ -9,6 +9,9 @@ Pure functions over a snapshot of the nodes (``Node``), so the unit tests need n
   not), and ``ray.inference_cpus``; they are spread over the nodes that qualify;
 - a camera's StreamActor reserves ``ray.stream_cpus`` and whatever its ``placement`` asks (node labels, hard
   or preferred; custom resources); cameras without a placement are spread over the cluster;
+- ``inference.replicas`` unset: one replica where the replicas get a GPU, two on CPUs (two one-thread model
+  processes beat one two-thread process on a 2-core machine: docs/architecture.md, "Two replicas on a CPU");
+  unset ``inference.threads``: a replica takes its node's cores divided by the replicas placed per node;
 - each camera is served by the replica with the fewest cameras (stable: a camera keeps its replica);
 - a demand that no alive node could ever meet is refused at once with a ``UserError`` naming the nodes,
   instead of an actor that waits forever.
@@ -99,6 +102,22 @@ def inference_options(ray_cfg: Any, num_gpus: float | None, nodes: list[Node]) -
     if len(nodes) > 1:
         opts["scheduling_strategy"] = "SPREAD"  # replicas on different nodes: losing one node loses one replica
     return opts
+
+
+def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, cores: int | None) -> int:
+    """``inference.replicas`` or, unset, 1 on GPUs (``gpus_per_replica`` > 0 or device cuda) and 2 on CPUs of
+    two cores or more (``cores``: the machine's, None when unknown)."""
+    if inference_cfg.replicas:
+        return inference_cfg.replicas
+    on_gpu = gpus_per_replica > 0 or device.startswith("cuda")
+    return 1 if on_gpu or device == "mps" or (cores or 2) < 2 else 2
+
+
+def replicas_per_node(replicas: int, nodes: list[Node], options: Mapping[str, Any]) -> int:
+    """How many replicas share a node once spread over the nodes that can host them (``options``: the
+    replicas' ``inference_options``): their torch threads split its cores."""
+    hosts = sum(fits(n, options) for n in nodes)
+    return max(1, math.ceil(replicas / max(1, hosts)))
 
 
 def stream_options(ray_cfg: Any, camera: CameraConfig) -> dict[str, Any]:

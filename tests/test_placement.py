@@ -9,10 +9,10 @@ import json
 import pytest
 
 from pipeline.cluster import redis_warning, require_redis_url
-from pipeline.config import ConfigError, RayConfig, parse_config
+from pipeline.config import ConfigError, InferenceConfig, RayConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, inference_options,
-                                local_cpus, namespace_for, stream_options)
+                                local_cpus, namespace_for, replica_count, replicas_per_node, stream_options)
 from workers.settings import CameraConfig
 from workers.stream import Resume, resume_point
 
@@ -104,6 +104,21 @@ def test_cameras_spread_evenly_over_replicas_and_keep_theirs():
     # c0 and c3 were removed: replica 0 is now the emptiest, the next camera goes there
     assert a.assign("c5", ["c1", "c2", "c4"]) == 0
     assert sorted(a.of) == ["c1", "c2", "c4", "c5"]
+
+
+def test_replicas_unset_are_one_on_a_gpu_and_two_on_a_cpu():
+    unset, three = InferenceConfig(), InferenceConfig(replicas=3)
+    assert replica_count(unset, "auto", gpus_per_replica=0.0, cores=2) == 2
+    assert replica_count(unset, "cpu", gpus_per_replica=0.0, cores=None) == 2  # a cluster: cores not known here
+    assert replica_count(unset, "auto", gpus_per_replica=1.0, cores=16) == 1
+    assert replica_count(unset, "cuda:1", gpus_per_replica=0.0, cores=16) == 1
+    assert replica_count(unset, "cpu", gpus_per_replica=0.0, cores=1) == 1  # one core: nothing to split
+    assert replica_count(three, "auto", gpus_per_replica=1.0, cores=2) == 3  # set: as set
+    anywhere = {"num_cpus": 0, "num_gpus": 0.0}
+    assert replicas_per_node(2, [HEAD], anywhere) == 2
+    assert replicas_per_node(2, [HEAD, NO_TORCH], anywhere) == 1 and replicas_per_node(3, [HEAD, NO_TORCH], anywhere) == 2
+    # only the nodes that advertise the inference resource host replicas: both on CPU_INF
+    assert replicas_per_node(2, [HEAD, CPU_INF, NO_TORCH], inference_options(RayConfig(), None, [HEAD, CPU_INF])) == 2
 
 
 def test_local_ray_gets_enough_logical_cpus():

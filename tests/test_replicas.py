@@ -3,6 +3,8 @@ and the batcher's rejections cross the process boundary as themselves."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -24,6 +26,7 @@ def test_four_cameras_over_two_replicas(ray_local, redis_server, tiny_checkpoint
     assert sorted(route.values()) == [0, 0, 1, 1], route
     app.run(duration=60)  # returns as soon as all four sources have ended
     replicas = ray.get([a.stats.remote() for a in app.inference], timeout=30)
+    threads = [ray.get(a.info.remote(), timeout=30)["threads"] for a in app.inference]
 
     # A request whose caller's timeout has already passed is refused by the replica, and the caller gets
     # the batcher's own exception (pickled across Ray, a TimeoutError), not a generic error.
@@ -35,6 +38,7 @@ def test_four_cameras_over_two_replicas(ray_local, redis_server, tiny_checkpoint
     messages = validate_all(redis_server.client(), ids)
 
     assert replicas[0]["pid"] != replicas[1]["pid"]
+    assert threads == [max(1, os.cpu_count() // 2)] * 2, threads  # unset inference.threads: they split the cores
     for r, s in enumerate(replicas):  # each replica computed exactly its own cameras' frames, none dropped
         assert s["frames"] == FRAMES * sum(1 for v in route.values() if v == r), (r, s)
         assert (s["shed"], s["expired"], s["cancelled"], s["queue_depth"]) == (0, 0, 0, 0), (r, s)

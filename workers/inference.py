@@ -337,14 +337,15 @@ class InferenceActor:
     def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
                  compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None,
-                 backend: str = "torch", adapt_batch: bool = False):
+                 backend: str = "torch", adapt_batch: bool = False, per_node: int = 1):
         """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
-        Ray's object store, which copies them to whichever node runs this replica, also after a restart)."""
+        Ray's object store, which copies them to whichever node runs this replica, also after a restart).
+        ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if isinstance(checkpoint, bytes):
             checkpoint = str(local_copy(checkpoint))
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
-                                        threads or os.cpu_count(), score_threshold, compile,
+                                        threads or max(1, (os.cpu_count() or 1) // per_node), score_threshold, compile,
                                         max_pending, max_pending_per_camera, backend, adapt_batch)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:

@@ -131,7 +131,7 @@ class ModelRunner:
     def info(self) -> dict:
         return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
                 "autocast": str(self.autocast) if self.autocast and not self.session else "fp32",
-                "backend": self.backend}
+                "backend": self.backend, "threads": torch.get_num_threads()}
 
     def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         n = len(images)
