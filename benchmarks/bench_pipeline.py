@@ -128,6 +128,8 @@ def tracked_message(heads: dict[str, list[str]], tracker: CameraTracker, camera:
 
 
 def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float) -> dict:
+    """Also each stage's time per frame: here they run one after the other in one thread, so a stage's wall
+    time is its cost (decoding may use FFmpeg's threads inside it)."""
     runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count())
     sources = [open_source(str(clips[i % len(clips)]), realtime=False, loop=True) for i in range(cameras)]
     for s in sources:
@@ -135,19 +137,29 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
     trackers = [CameraTracker(list(runner.heads), TrackerConfig(), 25.0) for _ in sources]
     client = redis.Redis.from_url(redis_url)
     k = keys("naive")
+    stages = dict.fromkeys(("decode", "letterbox", "model_batch1", "track", "publish"), 0.0)
     n, latencies, t0 = 0, [], time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for i, src in enumerate(sources):
+            t = [time.perf_counter()]
             frame = src.read()
+            t.append(time.perf_counter())
             image, lb = frame.to_model_input(runner.input_size)
+            t.append(time.perf_counter())
             arrays = runner.run([image], [None])[0]
+            t.append(time.perf_counter())
             msg = tracked_message(runner.heads, trackers[i], f"cam{i}", frame, lb, arrays)
+            t.append(time.perf_counter())
             client.xadd(k.detections(f"cam{i}"), {"data": encode(msg)}, maxlen=10_000, approximate=True)
+            t.append(time.perf_counter())
+            for stage, a, b in zip(stages, t, t[1:]):
+                stages[stage] += b - a
             latencies.append(msg["latency_ms"])
             n += 1
     for s in sources:
         s.close()
-    return {"cameras": cameras, "fps": round(n / (time.perf_counter() - t0), 1), "latency_ms_p50": pct(latencies, 50)}
+    return {"cameras": cameras, "fps": round(n / (time.perf_counter() - t0), 1), "latency_ms_p50": pct(latencies, 50),
+            "stage_ms_per_frame": {k: round(v / max(1, n) * 1000, 2) for k, v in stages.items()}}
 
 
 # -- 2b. the threaded design of one-process pipeline libraries ---------------------------------------
@@ -394,6 +406,20 @@ def summarize(r: dict) -> None:
             h = r["files"][8]
             print(f"hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
                   f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms")
+    if "stage_ms_per_frame" in r["naive"] and 8 in r["files"]:
+        # Transport: hydravision's CPU per frame beyond its stages' own costs (the naive loop's decode,
+        # letterbox, track and publish; the replicas' model at the batches they ran): Ray calls, serialization,
+        # the actors' event loops and threads.
+        st, h = r["naive"]["stage_ms_per_frame"], r["files"][8]
+        own = st["decode"] + st["letterbox"] + st["track"] + st["publish"] + h["cpu_ms_per_frame_model"]
+        rest = h["cpu_ms_per_frame_total"] - own
+        r["transport_ms_per_frame"] = round(rest, 2)
+        cores = r["machine"]["cpus"]
+        print(f"stages, ms per frame: {st} (naive loop); hydravision x8: model {h['cpu_ms_per_frame_model']} at "
+              f"batch {h['mean_batch']}, all processes {h['cpu_ms_per_frame_total']}; transport (the rest) "
+              f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
+              f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
+              f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
     if 8 in r["files"] and "files_one_replica" in r:
         h, one = r["files"][8], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "

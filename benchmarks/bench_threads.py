@@ -36,22 +36,25 @@ from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
 
+# One replica unless a setting says otherwise ("2x": the service's default on a CPU, two replicas splitting the cores)
 SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
             "all+passive": {"threads": os.cpu_count(), "omp_wait_policy": "PASSIVE"},
             # Ray's own default: worker processes at nice 15 (the service sets 0, pipeline/app.py RAY_SYSTEM_CONFIG)
             "1+nice15": {"threads": 1, "worker_niceness": 15}, "all+nice15": {"threads": os.cpu_count(),
-                                                                               "worker_niceness": 15}}
+                                                                               "worker_niceness": 15},
+            "2x": {"threads": max(1, (os.cpu_count() or 1) // 2), "replicas": 2}}
 
 
 def synthetic(cid: str, seed: int) -> dict:
     return {"id": cid, "url": f"synthetic://street?seed={seed}&fps=10"}
 
 
-def run_demo(redis_url: str, threads: int, seconds: float) -> dict:
+def run_demo(redis_url: str, threads: int, seconds: float, replicas: int = 1) -> dict:
     """Three 10 fps cameras; a fourth added at 1/3 of the window and removed at 2/3."""
     cams = [synthetic(f"street-{i}", 10 + i) for i in range(1, 4)]
     config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(DEMO)},
-                           "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads}, "cameras": cams})
+                           "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads, "replicas": replicas},
+                           "cameras": cams})
     app = App(config, say=lambda m: None)
     app.start()
     client = redis.Redis.from_url(redis_url)
@@ -139,11 +142,14 @@ def main() -> None:
                     if args.model_only:
                         continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
+                    replicas = s.get("replicas", 1)
                     demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
-                                                                                args.seconds), s.get("worker_niceness"))
+                                                                                args.seconds, replicas),
+                                    s.get("worker_niceness"))
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
-                        DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"]),
+                        DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"],
+                        replicas=replicas),
                                   s.get("worker_niceness"))
                     results["runs"][f"{contention} | {name}"].update(
                         {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
