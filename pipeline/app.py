@@ -194,7 +194,8 @@ class App(LiveControl):
         self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
                  f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
-                 f"{self.placement.replicas} inference replica(s) of {info.get('threads', '?')} thread(s), batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
+                 f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s), "
+                 f"batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
                  + (" (each replica keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:

@@ -34,7 +34,7 @@ def init_ray(config: Any, system_config: dict) -> None:
     address = rc.resolved_address()
     namespace = namespace_for(rc.namespace, config.redis.prefix)
     if address == "local":
-        replicas = config.inference.replicas or 2  # the most an unset count becomes (placement.replica_count)
+        replicas = replica_count(config.inference, "cpu", 0.0, None)  # the most it can become (no GPU known yet)
         cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, replicas, len(config.cameras)))
         # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
         ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
@@ -111,11 +111,12 @@ class Placement:
         self.namespace = namespace_for(config.ray.namespace, config.redis.prefix)
         wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
         self.nodes = alive_nodes(ray.nodes())
-        replica = inference_options(config.ray, config.inference.num_gpus, self.nodes)
+        # Every replica's options, once: they decide how many replicas there are and where they go.
+        self.replica_options = inference_options(config.ray, config.inference.num_gpus, self.nodes)
         cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
-        self.replicas = replica_count(config.inference, config.model.device, replica["num_gpus"], cores)
+        self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores)
         # They split a node's cores (InferenceActor's threads)
-        self.per_node = replicas_per_node(self.replicas, self.nodes, replica)
+        self.per_node = replicas_per_node(self.replicas, self.nodes, self.replica_options)
         self.assigner = ReplicaAssigner(self.replicas)
         self._checkpoint_ref: Any = None
         if len(self.nodes) > 1 or config.ray.cluster:
@@ -124,7 +125,7 @@ class Placement:
 
     # -- options -----------------------------------------------------------------------------
     def inference_options(self, index: int) -> dict[str, Any]:
-        opts = inference_options(self.config.ray, self.config.inference.num_gpus, self.nodes)
+        opts = self.replica_options
         check_placeable(f"inference replica {index}", opts, self.nodes)
         return {**opts, "name": inference_name(index), "namespace": self.namespace, "lifetime": None}
 

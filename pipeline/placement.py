@@ -105,8 +105,8 @@ def inference_options(ray_cfg: Any, num_gpus: float | None, nodes: list[Node]) -
 
 
 def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, cores: int | None) -> int:
-    """``inference.replicas`` or, unset, 1 on GPUs (``gpus_per_replica`` > 0 or device cuda) and 2 on CPUs of
-    two cores or more (``cores``: the machine's, None when unknown)."""
+    """``inference.replicas`` or, unset, 1 on GPUs (``gpus_per_replica`` > 0, device cuda or mps) and 2 on CPUs
+    of two cores or more (``cores``: the machine's, None when unknown)."""
     if inference_cfg.replicas:
         return inference_cfg.replicas
     on_gpu = gpus_per_replica > 0 or device.startswith("cuda")
