@@ -28,6 +28,7 @@ from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig
+from workers.inference import CALL_BYTES
 from workers.stream import StreamActor, publisher_for
 
 # A letterboxed frame (3x256x448 uint8, 344 KB) travels inside the actor call instead of through the
@@ -35,7 +36,7 @@ from workers.stream import StreamActor, publisher_for
 # frames/s with 8 cameras on 2 cores (benchmarks/README.md). A Ray cluster needs the same setting at `ray start`.
 # worker_niceness: Ray starts actor processes at nice 15, so any other busy program took the CPU from the
 # cameras and the model almost entirely (docs/architecture.md, "CPU under contention").
-RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 2 * 2**20, "worker_niceness": 0}
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness": 0}
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
 """CameraPipeline without Ray: real sources, a real model (random weights), real Redis."""
 
 import asyncio
+import threading
 import time
 
 import numpy as np
 import pytest
 from mot import read_stream
-from workers.inference import InferenceService
+from workers.capture import CapturedFrame, FrameSlot
+from workers.inference import InferenceService, service_call
 from workers.publish import Publisher, keys, validate
 from workers.stream import CameraPipeline
 
@@ -61,6 +63,72 @@ def test_unpaced_source_publishes_every_frame(tiny_checkpoint, redis_server):
         assert m["size"] == [640, 360]
     assert client.hget("hv:cameras", "cam-a") is not None
     assert service.stats()["head_frames"] == {"people": 40}
+
+
+@pytest.mark.timeout(60)
+def test_a_lossless_backlog_goes_to_inference_in_one_call_per_group(tiny_checkpoint, redis_server):
+    """An unpaced file runs ahead of inference: the frames it has ready go in one call (one Ray call, not one
+    per frame), at most max_inflight of them; every frame is sent once, published once, in order."""
+    service = InferenceService(tiny_checkpoint, device="cpu", max_batch=4, max_wait_ms=2)
+    many, groups = service_call(service), []
+
+    async def recorded(requests):
+        groups.append([r.frame for r in requests])
+        return await many(requests)
+
+    camera = {"id": "cam-g", "url": "synthetic://street?seed=3&frames=60", "realtime": False, "max_inflight": 3}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            stats = await CameraPipeline(camera, None, service.info(), pub, infer_many=recorded).run()
+            assert pub.flush(5)
+            return stats
+
+    stats = asyncio.run(main())
+    assert stats["decoded"] == stats["published"] == 60
+    assert_counters_add_up(stats)
+    assert [f for g in groups for f in g] == list(range(60))
+    assert max(len(g) for g in groups) > 1, groups  # the decoder ran ahead: the backlog travelled together
+    assert all(len(g) <= 3 for g in groups), groups
+    messages = read_stream(redis_server.client(), keys("hv").detections("cam-g"))
+    assert [m["frame"] for m in messages] == list(range(60))
+
+
+@pytest.mark.timeout(60)
+def test_one_failed_frame_of_a_group_drops_only_that_frame(redis_server):
+    async def infer_many(requests):
+        await asyncio.sleep(0.01)  # slower than decoding: groups form
+        return [RuntimeError("frame 7 exploded") if r.frame == 7 else empty_result(r.heads) for r in requests]
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            camera = {"id": "cam-f", "url": "synthetic://street?seed=5&frames=20", "realtime": False, "max_inflight": 4}
+            return await CameraPipeline(camera, None, MODEL_INFO, pub, infer_many=infer_many).run()
+
+    stats = asyncio.run(main())
+    assert stats["decoded"] == 20 and stats["published"] == 19 and stats["dropped"]["error"] == 1
+    assert "frame 7 exploded" in stats["last_error"]
+    assert_counters_add_up(stats)
+
+
+def test_lossless_slot_holds_up_to_its_depth_and_a_live_one_keeps_the_newest():
+    async def main():
+        loop = asyncio.get_running_loop()
+        frame = lambda i: CapturedFrame(i, i / 10, 0.0, (2, 2), np.zeros((3, 2, 2), np.uint8), None)
+        slot = FrameSlot(loop, lossless=True, depth=2)
+        puts = threading.Thread(target=lambda: [slot.put(frame(i)) for i in range(3)])
+        puts.start()
+        await asyncio.sleep(0.3)
+        assert puts.is_alive() and slot.snapshot()["pending"] == 3  # two waiting, the third blocked in put
+        assert slot.take_ready().index == 0  # oldest first; frees room for the third
+        puts.join(5)
+        assert [slot.take_ready().index, (await slot.get()).index, slot.take_ready()] == [1, 2, None]
+        live = FrameSlot(loop, lossless=False, depth=2)
+        for i in range(3):
+            live.put(frame(i))
+        assert (await live.get()).index == 2 and live.snapshot()["replaced"] == 2
+
+    asyncio.run(main())
 
 
 @pytest.mark.timeout(60)

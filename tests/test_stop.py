@@ -111,6 +111,9 @@ class SlowInference:
         await asyncio.sleep(INFER_S)
         return empty_result(heads or list(MODEL_INFO["heads"]))
 
+    async def infer_images(self, images, heads, camera="", timeout_s=None, max_wait_s=None):
+        return await asyncio.gather(*(self.infer_image(image, heads) for image in images))
+
 
 @pytest.mark.timeout(120)
 def test_stream_actor_stop_without_drain(ray_local, redis_server) -> None:

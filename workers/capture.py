@@ -5,6 +5,7 @@ hand them to the asyncio side through a one-frame slot; reconnect live sources w
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import threading
@@ -40,21 +41,23 @@ class CapturedFrame:
 class FrameSlot:
     """Hand-off between the decode thread and the event loop, and the decode-side counters.
 
-    Live sources: newest frame wins, a frame replaced before it was taken is counted in
-    ``replaced`` (a drop). Lossless mode (unpaced files): ``put`` waits until the frame was
-    taken, so nothing is dropped and decoding runs at the pipeline's pace. A frame decoded after a stop,
-    or left in the slot by it, is counted in ``abandoned`` (dropped by the shutdown, not by overload).
+    Live sources: a one-frame slot, newest frame wins; a frame replaced before it was taken is counted in
+    ``replaced`` (a drop). Lossless mode (unpaced files): up to ``depth`` frames wait, ``put`` blocks while
+    they are all there, so nothing is dropped and decoding runs at the pipeline's pace; the frames waiting
+    can go to inference in one call (``take_ready``: a Ray call costs ~1.5 ms of CPU on each side whatever
+    it carries, docs/architecture.md "Transport between actors"). A frame decoded after a stop, or left in
+    the slot by it, is counted in ``abandoned`` (dropped by the shutdown, not by overload).
     Counters change under one lock, so ``snapshot()`` always adds up:
     decoded = dropped_rate + dropped_budget + replaced + abandoned + taken + pending.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False):
-        self.loop, self.lossless = loop, lossless
+    def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False, depth: int = 1):
+        self.loop, self.lossless, self.depth = loop, lossless, max(1, depth)
         self.decoded = self.dropped_rate = self.dropped_budget = self.replaced = self.abandoned = self.taken = 0
         # Which capture owns the slot: a capture abandoned by the watchdog may wake up later, and its
         # frames (already re-read by its replacement) must neither count nor reach the pipeline.
         self.generation = 0
-        self._item: CapturedFrame | None = None
+        self._items: collections.deque[CapturedFrame] = collections.deque()
         self._waiting = 0  # frames decoded and blocked in put() (lossless mode)
         self._closed = False
         self._cond = threading.Condition()
@@ -88,7 +91,7 @@ class FrameSlot:
             self.decoded += 1
             if self.lossless:
                 self._waiting += 1
-                while self._item is not None and not self._closed and generation == self.generation:
+                while len(self._items) >= self.depth and not self._closed and generation == self.generation:
                     self._cond.wait(0.5)
                 self._waiting -= 1
             if self._closed:
@@ -97,9 +100,10 @@ class FrameSlot:
             if generation != self.generation:
                 self.replaced += 1
                 return False
-            if self._item is not None:
-                self.replaced += 1
-            self._item = item
+            if not self.lossless:  # newest wins (also what a camera switched from lossless to live keeps)
+                self.replaced += len(self._items)
+                self._items.clear()
+            self._items.append(item)
         self.loop.call_soon_threadsafe(self._ready.set)
         return True
 
@@ -116,25 +120,33 @@ class FrameSlot:
         with self._cond:
             return {"decoded": self.decoded, "dropped_rate": self.dropped_rate, "dropped_budget": self.dropped_budget,
                     "replaced": self.replaced, "abandoned": self.abandoned, "taken": self.taken,
-                    "pending": int(self._item is not None) + self._waiting}
+                    "pending": len(self._items) + self._waiting}
 
     def drop_pending(self) -> int:
-        """Counts a frame left in the slot at shutdown as dropped by the shutdown; returns how many."""
+        """Counts the frames left in the slot at shutdown as dropped by the shutdown; returns how many."""
         with self._cond:
-            n = int(self._item is not None)
-            self._item = None
+            n = len(self._items)
+            self._items.clear()
             self.abandoned += n
+            self._cond.notify_all()
             return n
 
+    def _take(self) -> CapturedFrame:  # under the lock, with a frame there
+        self.taken += 1
+        self._cond.notify_all()  # a decoder blocked in put() (lossless) may go on
+        return self._items.popleft()
+
+    def take_ready(self) -> CapturedFrame | None:
+        """The oldest waiting frame without waiting for one; None when there is none."""
+        with self._cond:
+            return self._take() if self._items else None
+
     async def get(self) -> CapturedFrame | None:
-        """Next frame, or None once closed and empty."""
+        """Next frame (the oldest waiting), or None once closed and empty."""
         while True:
             with self._cond:
-                if self._item is not None:
-                    item, self._item = self._item, None
-                    self.taken += 1
-                    self._cond.notify_all()
-                    return item
+                if self._items:
+                    return self._take()
                 if self._closed:
                     return None
                 self._ready.clear()

@@ -304,17 +304,29 @@ class InferenceService:
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
             self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera,
             BatchSizer(max_batch) if adapt_batch else None)
+        self.calls = 0  # infer calls received (one may carry several frames of a camera: infer_images)
 
     def _run_batch(self, items: list[tuple[np.ndarray, list[str] | None]]) -> list[dict[str, HeadArrays]]:
         return self.runner.run([image for image, _ in items], [heads for _, heads in items])
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
+        self.calls += 1
         return await self.batcher.submit((request.image, request.heads), request.camera, request.timeout_s,
                                          request.max_wait_s)
 
     async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
                           timeout_s: float | None = None, max_wait_s: float | None = None) -> dict[str, HeadArrays]:
+        self.calls += 1
         return await self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
+
+    async def infer_images(self, images: list[np.ndarray], heads: list[str] | None, camera: str = "",
+                           timeout_s: float | None = None,
+                           max_wait_s: float | None = None) -> list[dict[str, HeadArrays] | BaseException]:
+        """Several frames of one camera: each is its own request to the batcher (batched with other cameras'
+        frames as usual); each frame's result or exception, in order."""
+        self.calls += 1
+        return await asyncio.gather(*(self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
+                                      for image in images), return_exceptions=True)
 
     def info(self) -> dict:
         return self.runner.info()
@@ -324,6 +336,7 @@ class InferenceService:
         s["head_frames"] = dict(s["head_frames"])
         s["batch_sizes"] = {int(k): v for k, v in s["batch_sizes"].items()}
         s["pid"] = os.getpid()
+        s["calls"] = self.calls
         s.update(self.batcher.stats())  # shed / expired / cancelled requests, queue_depth(_max)
         s.update(self.runner.histograms())  # head_seconds, batch_seconds
         s["batch_wait"] = self.batcher.waits.snapshot()
@@ -360,6 +373,13 @@ class InferenceActor:
         wait for its batch to fill (a camera over its frame-age budget sends 0)."""
         return await self.service.infer_image(image, heads, camera, timeout_s, max_wait_s)
 
+    async def infer_images(self, images: list[np.ndarray], heads: list[str] | None, camera: str = "",
+                           timeout_s: float | None = None,
+                           max_wait_s: float | None = None) -> list[dict[str, HeadArrays] | BaseException]:
+        """``infer_image`` for the frames a camera has ready at once (a lossless camera's backlog): one call
+        instead of one per frame; a call costs ~1.5 ms of CPU on each side whatever it carries."""
+        return await self.service.infer_images(images, heads, camera, timeout_s, max_wait_s)
+
     async def info(self) -> dict:
         return self.service.info()
 
@@ -387,9 +407,25 @@ def local_copy(data: bytes) -> Path:
     return path
 
 
-def service_call(service: Any) -> Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]:
-    """An awaitable infer function for either an actor handle or an in-process InferenceService."""
-    if isinstance(service, InferenceService):
-        return service.infer
-    return lambda request: service.infer_image.remote(request.image, request.heads, request.camera,
-                                                      request.timeout_s, request.max_wait_s)
+# The most image bytes one call carries: what Ray sends inside the call rather than through the object store
+# (pipeline/app.py sets max_direct_call_object_size to it); a camera's group of ready frames stays below it.
+CALL_BYTES = 2 * 2**20
+
+InferMany = Callable[[list[FrameRequest]], Awaitable[list["dict[str, HeadArrays] | BaseException"]]]
+
+
+def service_call(service: Any) -> InferMany:
+    """An awaitable infer function for either an actor handle or an in-process InferenceService: the frames
+    of one camera (same heads and timeouts) in one call; each frame's result or exception, in order."""
+    def call(requests: list[FrameRequest]) -> Awaitable:
+        r = requests[0]
+        if isinstance(service, InferenceService):
+            return service.infer_images([q.image for q in requests], r.heads, r.camera, r.timeout_s, r.max_wait_s)
+        if len(requests) == 1:  # the common case of a live camera: a list of one back, not a Ray call of a list
+            return _listed(service.infer_image.remote(r.image, r.heads, r.camera, r.timeout_s, r.max_wait_s))
+        return service.infer_images.remote([q.image for q in requests], r.heads, r.camera, r.timeout_s, r.max_wait_s)
+    return call
+
+
+async def _listed(result: Awaitable) -> list:
+    return [await result]

@@ -1,6 +1,7 @@
-"""One camera, end to end: decode thread -> newest-frame slot -> inference (bounded in flight) ->
-boxes back to source pixels -> trackers -> Redis. ``CameraPipeline`` is plain asyncio that tests
-run without Ray; ``StreamActor`` is the thin Ray actor that hosts it.
+"""One camera, end to end: decode thread -> frame slot (the newest frame; an unpaced file's backlog) ->
+inference (bounded in flight; the frames ready at once go in one call) -> boxes back to source pixels ->
+trackers -> Redis. ``CameraPipeline`` is plain asyncio that tests run without Ray; ``StreamActor`` is the
+thin Ray actor that hosts it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
-from workers.inference import service_call
+from workers.inference import CALL_BYTES, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
@@ -37,6 +38,7 @@ from workers.tracking import CameraTracker
 log = logging.getLogger(__name__)
 
 InferFn = Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]
+InferManyFn = Callable[[list[FrameRequest]], Awaitable[list["dict[str, HeadArrays] | BaseException"]]]
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,16 @@ class CameraPipeline:
     without drain).
     """
 
-    def __init__(self, camera: CameraConfig | dict, infer: InferFn, model_info: dict, publisher: Publisher,
+    def __init__(self, camera: CameraConfig | dict, infer: InferFn | None, model_info: dict, publisher: Publisher,
                  infer_timeout_s: float = 30.0, track_id_base: dict[str, int] | None = None,
-                 instance: str | None = None, resume: Resume | None = None, budget_options: dict | None = None):
+                 instance: str | None = None, resume: Resume | None = None, budget_options: dict | None = None,
+                 infer_many: InferManyFn | None = None):
+        """``infer``: one frame's inference; ``infer_many`` (what a StreamActor passes, ``service_call``): several
+        frames of this camera in one call, each frame's result or exception; unset, ``infer`` per frame."""
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.id = self.camera.id
         self.instance = instance  # the service run this camera belongs to, written with its status
-        self.infer = infer
+        self.infer_many = infer_many or self._each(infer)
         self.publisher = publisher
         self.infer_timeout_s = infer_timeout_s
         self.model_heads: dict[str, list[str]] = model_info["heads"]
@@ -120,7 +125,7 @@ class CameraPipeline:
         self._loop = loop = asyncio.get_running_loop()
         self.started_at = time.time()
         self.state = "starting"
-        self._slot = FrameSlot(loop, lossless=self.camera.lossless)
+        self._slot = FrameSlot(loop, lossless=self.camera.lossless, depth=self.camera.max_inflight)
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                 first_index=self.resume.first_index, first_pts=self.resume.first_pts)
         self._capture.budget_fps = self._budget_fps
@@ -138,7 +143,7 @@ class CameraPipeline:
                 gate = self._motion_gate()
                 if gate is not None and not gate.wants(item.image, item.pts):
                     self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
-                    results.put_nowait((item, None))
+                    results.put_nowait((item, None, 0))
                     continue
                 self._holding = 1
                 await self._inflight.acquire()
@@ -146,11 +151,8 @@ class CameraPipeline:
                     self._inflight.release()
                     self._holding, self.shutdown_held = 0, self.shutdown_held + 1
                     break
-                request = FrameRequest(self.id, item.index, item.pts, item.wall, item.size, item.letterbox,
-                                       item.image, self.heads, max_wait_s=self._batch_wait_s)
                 self._holding = 0
-                self.submitted += 1
-                results.put_nowait((item, asyncio.ensure_future(self._call(request))))
+                self._send([(item, True), *await self._ready_frames(item, gate)], results)
         finally:
             watchdog.cancel()
             results.put_nowait(None)
@@ -163,6 +165,42 @@ class CameraPipeline:
             self.state = self._capture.state if self._capture.state in ("ended", "failed") else "stopped"
             self.publish_status()
         return self.stats()
+
+    async def _ready_frames(self, first: CapturedFrame, gate: MotionGate | None) -> list[tuple[CapturedFrame, bool]]:
+        """Frames already decoded that join ``first``'s call while inference slots are free and the call stays
+        under CALL_BYTES, each with whether it goes to inference (False: the motion gate skips it; it keeps its
+        place in frame order). A lossless camera's backlog travels in one Ray call instead of one per frame
+        (a call costs ~1.5 ms of CPU on each side whatever it carries); a live camera rarely has one."""
+        assert self._slot is not None and self._inflight is not None
+        more: list[tuple[CapturedFrame, bool]] = []
+        size = first.image.nbytes
+        while not self._inflight.locked() and not self._stopping and size + first.image.nbytes <= CALL_BYTES:
+            item = self._slot.take_ready()
+            if item is None:
+                break
+            wanted = gate is None or gate.wants(item.image, item.pts)
+            if wanted:
+                await self._inflight.acquire()  # free (not locked): returns at once; released per frame as ever
+                size += item.image.nbytes
+            more.append((item, wanted))
+        return more
+
+    def _send(self, items: list[tuple[CapturedFrame, bool]], results: asyncio.Queue) -> None:
+        """Sends the wanted frames of ``items`` in one inference call; queues every item, in frame order, with
+        the call's future and its place in the reply (a skipped frame: no future)."""
+        sent = [item for item, wanted in items if wanted]
+        requests = [FrameRequest(self.id, i.index, i.pts, i.wall, i.size, i.letterbox, i.image, self.heads,
+                                 max_wait_s=self._batch_wait_s) for i in sent]
+        self.submitted += len(sent)
+        call = asyncio.ensure_future(self._call(requests))
+        place = 0
+        for item, wanted in items:
+            if wanted:
+                results.put_nowait((item, call, place))
+                place += 1
+            else:
+                self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
+                results.put_nowait((item, None, 0))
 
     async def _watchdog(self) -> None:
         """Brings the decoder back whatever stopped it: a thread stuck beyond its own timeouts (e.g. a hung
@@ -265,9 +303,17 @@ class CameraPipeline:
         if self._slot:
             self._slot.close()
 
-    async def _call(self, request: FrameRequest) -> dict[str, HeadArrays]:
-        request.timeout_s = self.infer_timeout_s  # inference drops the request unserved once we stop waiting
-        return await asyncio.wait_for(self.infer(request), self.infer_timeout_s)
+    @staticmethod
+    def _each(infer: InferFn | None) -> InferManyFn:
+        async def each(requests: list[FrameRequest]) -> list:
+            assert infer is not None, "CameraPipeline needs infer or infer_many to run"
+            return await asyncio.gather(*(infer(r) for r in requests), return_exceptions=True)
+        return each
+
+    async def _call(self, requests: list[FrameRequest]) -> list[dict[str, HeadArrays] | BaseException]:
+        for request in requests:
+            request.timeout_s = self.infer_timeout_s  # inference drops the request unserved once we stop waiting
+        return await asyncio.wait_for(self.infer_many(requests), self.infer_timeout_s)
 
     # -- results, in frame order ---------------------------------------------------------------
     async def _finish_loop(self, results: asyncio.Queue) -> None:
@@ -275,12 +321,16 @@ class CameraPipeline:
             entry = await results.get()
             if entry is None:
                 return
-            item, fut = entry
+            item, fut, place = entry
             if fut is None:
                 self._skipped_frame(item)
                 continue
             try:
-                arrays = await fut
+                arrays = (await fut)[place]
+                if isinstance(arrays, Exception):  # this frame failed, not the whole call
+                    raise arrays
+                if isinstance(arrays, BaseException):  # e.g. its request was cancelled: a failure of this frame
+                    raise RuntimeError(f"inference ended without a result: {type(arrays).__name__}")
             except Exception as e:  # inference failed or timed out: count it, keep the camera going
                 self.dropped_error += 1
                 self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera.url])
@@ -560,8 +610,9 @@ class StreamActor:
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
-        self.pipeline = CameraPipeline(self.camera, service_call(replica), self.model_info, self.publisher,
-                                       track_id_base=id_base, instance=self.instance, resume=resume)
+        self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
+                                       track_id_base=id_base, instance=self.instance, resume=resume,
+                                       infer_many=service_call(replica))
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
 
