@@ -24,6 +24,7 @@ repetitions, steps, held-out frames) to show that the script works; its figures 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -136,6 +137,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny everything: proves the script runs, nothing more")
     p.add_argument("--out-dir", type=Path, default=None, help="--train: where checkpoints go (default: a temp dir)")
     p.add_argument("--json", default=None)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other combinations already in --json (one training run per combination fills one file)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     size = (128, 224) if args.quick else (256, 448)
@@ -145,6 +148,9 @@ def main() -> None:
               "input_size": list(size), "combos": measure_speed(combos, size, rounds, reps)}
     for name, (backbone, neck) in combos.items():
         result["combos"][name].update(backbone=backbone, neck=neck)
+    if args.keep and args.json and Path(args.json).exists():
+        kept = {k: v for k, v in json.loads(Path(args.json).read_text())["combos"].items() if k not in combos}
+        result["combos"] = {**kept, **result["combos"]}
     if args.train:
         steps, batch = (4, 2) if args.quick else (args.steps, args.batch_size)
         eval_cfg = EvalConfig(scenes=1, frames_per_scene=4) if args.quick else EvalConfig()

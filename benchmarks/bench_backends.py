@@ -66,14 +66,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="per backend, batch size and round")
     p.add_argument("--pipeline-seconds", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="model-alone threads (1: what each of the two replicas a CPU runs by default gets)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
-    runners = {name: ModelRunner(args.checkpoint, device="cpu", threads=os.cpu_count(), max_batch=16, backend=name)
+    runners = {name: ModelRunner(args.checkpoint, device="cpu", threads=args.threads, max_batch=16, backend=name)
                for name in BACKENDS}
     images = decoded_inputs(clips, runners["torch"].input_size)
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "agreement": agreement(runners, images[:16])}
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "model_threads": args.threads, "agreement": agreement(runners, images[:16])}
     print(f"agreement: {results['agreement']}", flush=True)
     batches = (1, 4, 8, 16)
     results["model_alone"] = model_alone(runners, images, batches, args.rounds, args.seconds)

@@ -307,6 +307,7 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
         "replicas": len(app.inference), "mean_batch": round(added("frames") / max(1, batches), 2),
+        "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
         "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
