@@ -12,7 +12,8 @@ VENV=.venv
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build on this project's machines; see README
 APT_PACKAGES="redis-server ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools \
 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
-gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium nodejs npm"   # nodejs/npm: examples/node-consumer and its test
+gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium"
+NODE_PACKAGES="nodejs npm"   # examples/node-consumer and its test; left alone when node and npm are there
 
 system_deps() {
     # Test-only servers, and the browser of the dashboard's tests. Skipped when they are already there.
@@ -25,12 +26,18 @@ system_deps() {
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     if ! command -v apt-get >/dev/null; then
-        echo "dev.sh: apt-get not found; install these by hand: $APT_PACKAGES" >&2
+        echo "dev.sh: apt-get not found; install these by hand: $APT_PACKAGES $NODE_PACKAGES" >&2
         return 1
     fi
-    echo "dev.sh: installing test servers with apt-get: $APT_PACKAGES"
+    local packages="$APT_PACKAGES"
+    # A machine may already carry another build of Node.js (NodeSource's bundles npm and conflicts with
+    # Debian's npm package): asking apt for both would then fail the whole install.
+    if ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
+        packages="$packages $NODE_PACKAGES"
+    fi
+    echo "dev.sh: installing test servers with apt-get: $packages"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $APT_PACKAGES >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
 }
 
 python_deps() {
