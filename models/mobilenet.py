@@ -87,8 +87,10 @@ class InvertedResidual(nn.Module):
 
 @dataclass
 class MobileNetConfig:
-    arch: str = "large"  # "large" or "small" (torchvision's mobilenet_v3_large / _small)
-    width: float = 0.5  # multiplier on every layer's channels; torchvision's models use 1.0
+    # The defaults are the published mobilenet_v3_small: at 256x448 on a 2-core CPU its backbone runs a batch
+    # of 8 in about half the time of "large" at width 0.5, the earlier (undocumented) default.
+    arch: str = "small"  # "large" or "small" (torchvision's mobilenet_v3_large / _small)
+    width: float = 1.0  # multiplier on every layer's channels; torchvision's models use 1.0
     num_classes: int | None = None  # keep torchvision's classifier (layout checks / imports)
 
     def __post_init__(self) -> None:
