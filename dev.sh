@@ -15,10 +15,11 @@ gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
 gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium"
 NODE_PACKAGES="nodejs npm"   # examples/node-consumer and its test; left alone when node and npm are there
 
+have_node() { command -v node >/dev/null && command -v npm >/dev/null; }
+
 system_deps() {
     # Test-only servers, and the browser of the dashboard's tests. Skipped when they are already there.
-    if command -v redis-server >/dev/null && command -v ffmpeg >/dev/null \
-        && command -v node >/dev/null && command -v npm >/dev/null \
+    if command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && have_node \
         && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
         && gst-inspect-1.0 x264enc >/dev/null 2>&1 && command -v chromium >/dev/null; then
         return 0
@@ -32,7 +33,7 @@ system_deps() {
     local packages="$APT_PACKAGES"
     # A machine may already carry another build of Node.js (NodeSource's bundles npm and conflicts with
     # Debian's npm package): asking apt for both would then fail the whole install.
-    if ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
+    if ! have_node; then
         packages="$packages $NODE_PACKAGES"
     fi
     echo "dev.sh: installing test servers with apt-get: $packages"

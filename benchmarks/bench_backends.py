@@ -75,7 +75,8 @@ def main() -> None:
     runners = {name: ModelRunner(args.checkpoint, device="cpu", threads=args.threads, max_batch=16, backend=name)
                for name in BACKENDS}
     images = decoded_inputs(clips, runners["torch"].input_size)
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "model_threads": args.threads, "agreement": agreement(runners, images[:16])}
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "model_threads": args.threads,
+                     "agreement": agreement(runners, images[:16])}
     print(f"agreement: {results['agreement']}", flush=True)
     batches = (1, 4, 8, 16)
     results["model_alone"] = model_alone(runners, images, batches, args.rounds, args.seconds)
