@@ -17,15 +17,19 @@ Timings alternate the combinations round by round, so a noisy machine shifts all
 
 ``--train`` also trains each combination from scratch on synthetic scenes (``models/train.py``, heads people
 and vehicles), then scores it on the held-out scenes (``models/evaluate.py``, as ``hydravision eval`` does),
-and records the CPU time and the equivalent one-line command. ``--quick`` shrinks everything (input,
+and records the CPU time (the data loader's worker included) and the equivalent one-line command. With
+``--out-dir``, a training that was interrupted resumes from its last saved step when the same command runs again
+(``resumed_from_step`` in the JSON; the times then cover the steps from there). ``--quick`` shrinks everything (input,
 repetitions, steps, held-out frames) to show that the script works; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -106,18 +110,28 @@ def measure_speed(combos: dict[str, tuple[dict, dict]], size: tuple[int, int], r
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children: the data loader's worker generates the scenes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def train_and_score(name: str, backbone: dict, neck: dict, size: tuple[int, int], steps: int, batch: int,
                     eval_cfg: EvalConfig, folder: Path, workers: int) -> dict:
     out = folder / f"{name.replace('+', '-')}.safetensors"
     cfg = TrainConfig(out=out, heads=HEADS, input_size=size, backbone=backbone, neck=neck, steps=steps,
                       batch_size=batch, warmup_steps=min(200, max(1, steps // 10)), seed=0, workers=workers)
-    cpu0, t0 = time.process_time(), time.time()
+    # a run interrupted earlier resumes from its state file (models/train.py); its times then cover the rest only
+    resumed = int(torch.load(cfg.state_path, weights_only=True)["step"]) if cfg.state_path.is_file() else 0
+    cpu0, t0 = cpu_seconds(), time.time()
     train(cfg, progress=False)
-    cpu, wall = time.process_time() - cpu0, time.time() - t0
+    gc.collect()  # the DataLoader's worker is joined (and so counted by RUSAGE_CHILDREN) once its loader is freed
+    cpu, wall = cpu_seconds() - cpu0, time.time() - t0
     model, _ = load_checkpoint(out)
     report = evaluate(model, eval_cfg)
     options = " ".join(f"--{k} {v}" for k, v in backbone.items() if k != "type")
-    return {"steps": steps, "batch_size": batch, "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
+    return {"steps": steps, "batch_size": batch, **({"resumed_from_step": resumed} if resumed else {}),
+            "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
             "map50": {h: r["map50"] for h, r in report["heads"].items()}, "eval_frames": report["frames"],
             "command": (f"hydravision train --out {out.name} --backbone {backbone['type']} {options} --neck "
                         f"{neck['type']} --head people=person --head vehicles=car,bicycle --steps {steps} "

@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    start, before = 0, {}
+    start, before, seconds_before = 0, {}, 0.0
     if cfg.state_path.is_file():
         state = torch.load(cfg.state_path, map_location=device, weights_only=True)
         if state.get("train_config") != _jsonable(cfg):
@@ -240,6 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, before = int(state["step"]), state.get("other_heads_before", {})
+        seconds_before = float(state.get("seconds", 0.0))  # the record's time covers every run of it
         log.info("resuming %s from step %d", cfg.out, start)
     elif others:
         before = score_heads(model, others, cfg)
@@ -287,11 +288,14 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "train_config": _jsonable(cfg), "other_heads_before": before}, cfg.state_path)
+                        "train_config": _jsonable(cfg), "other_heads_before": before,
+                        "seconds": seconds_before + time.time() - t0}, cfg.state_path)
     bar.close()
     record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
-              "seconds": round(time.time() - t0, 1), "final_loss": smooth}
+              "seconds": round(seconds_before + time.time() - t0, 1), "final_loss": smooth}
+    if start:
+        record["resumed_from_step"] = start
     if cfg.unfreeze_stages:
         record["unfrozen_stages"] = cfg.unfreeze_stages
         if others:  # these heads were not trained, but what they read was: what that did to them

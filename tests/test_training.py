@@ -63,10 +63,16 @@ def test_interrupted_training_resumes_where_it_stopped(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False, on_step=interrupt_after_two_steps)
     assert cfg.state_path.is_file() and not cfg.out.exists()
+    state = torch.load(cfg.state_path, weights_only=True)
+    assert state["step"] == 2 and state["seconds"] > 0
+    state["seconds"] = 1000.0  # as if the first run had been long: the record must count it
+    torch.save(state, cfg.state_path)
     resumed = []
     train(cfg, progress=False, on_step=lambda step, losses: resumed.append(step))
     assert seen == [0, 1, 2] and resumed == [2, 3]
     assert cfg.out.is_file() and not cfg.state_path.exists()
+    record = load_checkpoint(cfg.out)[1]["history"][-1]
+    assert record["resumed_from_step"] == 2 and 1000 < record["seconds"] < 1000 + 600
 
 
 def write_yolo(root, n=4, labels=None, names=("person", "car", "bicycle")):
