@@ -121,13 +121,13 @@ def train_and_score(name: str, backbone: dict, neck: dict, size: tuple[int, int]
     out = folder / f"{name.replace('+', '-')}.safetensors"
     cfg = TrainConfig(out=out, heads=HEADS, input_size=size, backbone=backbone, neck=neck, steps=steps,
                       batch_size=batch, warmup_steps=min(200, max(1, steps // 10)), seed=0, workers=workers)
-    # a run interrupted earlier resumes from its state file (models/train.py); its times then cover the rest only
-    resumed = int(torch.load(cfg.state_path, weights_only=True)["step"]) if cfg.state_path.is_file() else 0
     cpu0, t0 = cpu_seconds(), time.time()
     train(cfg, progress=False)
     gc.collect()  # the DataLoader's worker is joined (and so counted by RUSAGE_CHILDREN) once its loader is freed
     cpu, wall = cpu_seconds() - cpu0, time.time() - t0
-    model, _ = load_checkpoint(out)
+    model, meta = load_checkpoint(out)
+    # a run interrupted earlier resumed from its state file (models/train.py); these times cover the rest only
+    resumed = meta["history"][-1].get("resumed_from_step", 0)
     report = evaluate(model, eval_cfg)
     options = " ".join(f"--{k} {v}" for k, v in backbone.items() if k != "type")
     return {"steps": steps, "batch_size": batch, **({"resumed_from_step": resumed} if resumed else {}),
