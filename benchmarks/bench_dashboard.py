@@ -21,6 +21,7 @@ import time
 import psutil
 from playwright.sync_api import sync_playwright
 
+from measure import cpu_seconds
 from pipeline.testbed import RedisServer
 from pipeline.testbed_dashboard import DashboardProcess, FakeCameras
 
@@ -41,11 +42,6 @@ def page_load_s(browser, url: str, cameras: int) -> float:
     seconds = page.evaluate("window.hvDone") / 1000
     page.close()
     return seconds
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 def measure(browser, redis_url: str, cameras: int, seconds: float, loads: int) -> dict:

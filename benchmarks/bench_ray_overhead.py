@@ -23,17 +23,9 @@ import time
 import numpy as np
 import psutil
 
-from measure import save_json, start_ray
+from measure import cpu_seconds, save_json, start_ray
 
 FRAME = (3, 256, 448)
-
-
-def cpu_s(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
 
 
 def main() -> None:
@@ -77,26 +69,26 @@ def main() -> None:
 
     callee = Callee.remote()
     callers = [Caller.remote(callee) for _ in range(args.actors)]
-    pids = ray.get([a.pid.remote() for a in callers])
-    callee_pid = ray.get(callee.pid.remote())
+    procs = [psutil.Process(pid) for pid in ray.get([a.pid.remote() for a in callers])]
+    callee_proc = psutil.Process(ray.get(callee.pid.remote()))
     time.sleep(3)  # past start-up
 
-    c0, k0 = cpu_s(pids), cpu_s([callee_pid])
+    c0, k0 = cpu_seconds(*procs), cpu_seconds(callee_proc)
     time.sleep(args.seconds)
-    idle_ms = (cpu_s(pids) - c0) / args.actors / args.seconds * 1000
-    callee_idle_ms = (cpu_s([callee_pid]) - k0) / args.seconds * 1000
+    idle_ms = (cpu_seconds(*procs) - c0) / args.actors / args.seconds * 1000
+    callee_idle_ms = (cpu_seconds(callee_proc) - k0) / args.seconds * 1000
     print(f"idle async actor: {idle_ms:.1f} ms of CPU per second (the callee: {callee_idle_ms:.1f})", flush=True)
 
     out = {"machine": {"cpus": os.cpu_count()}, "idle_actor_cpu_ms_per_s": round(idle_ms, 2),
            "idle_callee_cpu_ms_per_s": round(callee_idle_ms, 2), "calls": {}}
     n = max(1, int(args.rate * args.seconds))
     for frames in (1, 4):
-        c0, k0, t0 = cpu_s(pids), cpu_s([callee_pid]), time.monotonic()
+        c0, k0, t0 = cpu_seconds(*procs), cpu_seconds(callee_proc), time.monotonic()
         ray.get([a.calls.remote(n, args.rate, frames) for a in callers])
         wall = time.monotonic() - t0
         calls = n * args.actors
-        caller_ms = ((cpu_s(pids) - c0) - idle_ms / 1000 * wall * args.actors) / calls * 1000
-        callee_ms = ((cpu_s([callee_pid]) - k0) - callee_idle_ms / 1000 * wall) / calls * 1000
+        caller_ms = ((cpu_seconds(*procs) - c0) - idle_ms / 1000 * wall * args.actors) / calls * 1000
+        callee_ms = ((cpu_seconds(callee_proc) - k0) - callee_idle_ms / 1000 * wall) / calls * 1000
         out["calls"][frames] = {"calls": calls, "caller_cpu_ms_per_call": round(caller_ms, 2),
                                 "callee_cpu_ms_per_call": round(callee_ms, 2)}
         print(f"{frames} frame(s) per call, {calls} calls: caller {caller_ms:.2f} ms, callee {callee_ms:.2f} ms of CPU "

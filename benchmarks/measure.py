@@ -74,6 +74,11 @@ def role(p: psutil.Process) -> str:
     return "ray-core"
 
 
+def cpu_seconds(*procs: psutil.Process) -> float:
+    """User + system CPU seconds of these processes so far."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+
 @dataclass
 class Usage:
     cpu: dict[str, float]  # cpu seconds by role
