@@ -21,7 +21,9 @@ class RunningApp:
         config = parse_config({
             "redis": {"url": redis_url, **(redis or {})},
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},
-            "inference": {"max_batch": 8, "max_wait_ms": 5, **inference},
+            # One model process unless a test asks for more (test_replicas, test_metrics_live): the default's
+            # second replica on a CPU costs ~1.3 s of start per run, ~45 s over the suite.
+            "inference": {"max_batch": 8, "max_wait_ms": 5, "replicas": 1, **inference},
             "status": {"interval_s": interval},
             "api": api or {},
             "control": control or {},

@@ -182,7 +182,7 @@ def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_serve
 
 
 def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path, start_s: float = 90) -> tuple[subprocess.Popen, Path]:
-    cfg = {"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)},
+    cfg = {"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint)}, "inference": {"replicas": 1},
            "cameras": [{"id": "cam", "url": "synthetic://street?seed=6&fps=10"}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     summary = tmp_path / "summary.json"

@@ -47,7 +47,7 @@ def ready(api: ApiClient) -> tuple[int, dict]:
 def test_metrics_grow_between_scrapes_and_readyz_follows_redis(ray_local, redis_server, tiny_checkpoint):
     cams = [{"id": "cam-a", "url": "synthetic://street?seed=1&fps=10", "fps": 5},
             {"id": "cam-b", "url": "synthetic://street?seed=2&fps=10", "max_frame_age_ms": 2000}]
-    with RunningApp(redis_server.url, tiny_checkpoint, cams, api={"port": 0}) as run:
+    with RunningApp(redis_server.url, tiny_checkpoint, cams, api={"port": 0}, replicas=None) as run:  # the default
         api = ApiClient(run.app)
         ids = [c["id"] for c in cams]
         published = "hydravision_frames_total"
