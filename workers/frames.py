@@ -6,11 +6,14 @@ Model output becomes ``supervision.Detections`` here and only here (``to_detecti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import supervision as sv
 
 from models.letterbox import Letterbox, boxes_to_source
+
+if TYPE_CHECKING:  # imported where detections are built: an inference replica never needs supervision (0.5 s)
+    import supervision as sv
 
 # One head's result for one frame, as the InferenceActor returns it (model-input pixels):
 # {"boxes": (K, 4) float32 xyxy, "scores": (K,) float32, "class_ids": (K,) int64}, and per attribute head
@@ -44,6 +47,8 @@ class FrameRequest:
 
 def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> sv.Detections:
     """One head's arrays (model-input pixels) -> sv.Detections in source pixels, with class names in data."""
+    import supervision as sv
+
     boxes = np.asarray(arrays["boxes"], np.float32).reshape(-1, 4)
     class_ids = np.asarray(arrays["class_ids"]).astype(int).reshape(-1)
     if len(boxes) == 0:
