@@ -22,7 +22,7 @@ class RunningApp:
             "redis": {"url": redis_url, **(redis or {})},
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},
             # One model process unless a test asks for more (test_replicas, test_metrics_live): the default's
-            # second replica on a CPU costs ~1.3 s of start per run, ~45 s over the suite.
+            # second replica on a CPU cost 1.3-1.5 s more per start here, and the suite starts an App ~35 times.
             "inference": {"max_batch": 8, "max_wait_ms": 5, "replicas": 1, **inference},
             "status": {"interval_s": interval},
             "api": api or {},
