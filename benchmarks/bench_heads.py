@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="timed calls per design per round")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    runner = ModelRunner(args.checkpoint, device="cpu", threads=os.cpu_count())
+    runner = ModelRunner(args.checkpoint, device="cpu", threads=os.cpu_count(), backend="torch")  # hooks time heads
     model = runner.model
     h, w = runner.input_size
     torch.manual_seed(0)

@@ -76,12 +76,13 @@ def bench_model(checkpoint: Path, clips: list[Path], seconds: float) -> dict:
         dt = time.perf_counter() - t0
         fps[b], latency[b] = round(n / dt, 1), round(dt / (n / b) * 1000, 1)
     best = max(fps, key=fps.get)
-    return {"fps_by_batch": fps, "batch_latency_ms": latency, "best_batch": best, "best_fps": fps[best],
-            "split": split_times(runner, images[:8], heads)}
+    return {"backend": runner.backend, "fps_by_batch": fps, "batch_latency_ms": latency, "best_batch": best,
+            "best_fps": fps[best], "split": split_times(runner, images[:8], heads)}
 
 
 def split_times(runner: ModelRunner, images: list[np.ndarray], heads: list[str], reps: int = 10) -> dict:
-    """Milliseconds of a batch of 8: backbone+neck, each head (forward only), and the whole detect call."""
+    """Milliseconds of a batch of 8 in torch eager, whatever backend ``runner`` has: backbone+neck, each head
+    (forward only), and the whole detect call."""
     model = runner.model
     x = torch.from_numpy(np.stack(images)).to(runner.device).contiguous(memory_format=torch.channels_last)
     out = {}
@@ -306,7 +307,7 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "drop_rate_per_camera_min_max": [round(min(drop_rate_cam.values()), 3), round(max(drop_rate_cam.values()), 3)],
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
-        "replicas": len(app.inference), "mean_batch": round(added("frames") / max(1, batches), 2),
+        "replicas": len(app.inference), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
         "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
         "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
@@ -370,6 +371,10 @@ def main() -> None:
             print("hydravision, 8 file cameras unpaced, one replica ...", flush=True)
             results["files_one_replica"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
                                                            args.warmup, args.seconds, replicas=1)
+            # The default before model.backend: auto (ONNX Runtime on a CPU): torch eager, same replicas.
+            print("hydravision, 8 file cameras unpaced, torch eager ...", flush=True)
+            results["files_torch"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
+                                                     args.warmup, args.seconds, model={"backend": "torch"})
         if not args.skip_rtsp:
             ref = results["files"].get(8) or results["files"][max(results["files"])]
             sustainable = ref["fps"]
@@ -393,9 +398,9 @@ def main() -> None:
 def summarize(r: dict) -> None:
     ceiling = r["model"]["best_fps"]
     naive = r["naive"]["fps"]
-    print(f"\nmodel ceiling: {ceiling} frames/s at batch {r['model']['best_batch']} "
+    print(f"\nmodel ceiling ({r['model'].get('backend', 'torch')}): {ceiling} frames/s at batch {r['model']['best_batch']} "
           f"(by batch: {r['model']['fps_by_batch']}); one batch of 8: {r['model']['batch_latency_ms'][8]} ms")
-    print(f"split of a batch of 8 (ms): {r['model']['split']}")
+    print(f"split of a batch of 8 in torch (ms): {r['model']['split']}")
     print(f"decode + letterbox alone, one process: {r['decode']['fps_one_process']} frames/s")
     print(f"naive loop, {r['naive']['cameras']} cameras: {naive} frames/s")
     if "threaded" in r:
@@ -425,9 +430,15 @@ def summarize(r: dict) -> None:
         h, one = r["files"][8], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "
               f"{h['cpu_ms_per_frame_total']} vs {one['cpu_ms_per_frame_total']} ms")
+    if 8 in r["files"] and "files_torch" in r:
+        h, old = r["files"][8], r["files_torch"]
+        print(f"{h.get('backend')} / torch eager, 8 cameras: {h['fps'] / old['fps']:.2f}x frames/s, CPU per frame "
+              f"{h['cpu_ms_per_frame_total']} vs {old['cpu_ms_per_frame_total']} ms (model "
+              f"{h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
     print()
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
     rows += [("x8 one replica", r["files_one_replica"])] if "files_one_replica" in r else []
+    rows += [("x8 torch eager", r["files_torch"])] if "files_torch" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
            f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")

@@ -86,7 +86,7 @@ MODEL_ALONE = """
 import sys, time, numpy as np
 from measure import DEMO
 from workers.model_runner import ModelRunner
-runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]))
+runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]), backend="torch")
 image = np.full((3, *runner.input_size), 114, np.uint8)
 for _ in range(5):
     runner.run([image], [None])

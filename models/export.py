@@ -10,6 +10,7 @@ seconds, a service start should not pay them twice.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import logging
 import os
@@ -79,7 +80,17 @@ def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
     digest = hashlib.sha256(Path(checkpoint).read_bytes())
     digest.update(f"{torch.__version__}/{OPSET}".encode())
     path = cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
-    if not path.is_file():
-        log.info("exporting %s to ONNX (once; cached at %s)", checkpoint, path)
-        export_onnx(model, path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas starting together on a fresh cache: one exports, the others wait for its file (a file lock, as
+    # they are separate processes; the kernel releases it if the exporter dies).
+    # Removing the lock file is safe because everyone checks for the export again once they hold a lock.
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            log.info("exporting %s to ONNX (once; cached at %s)", checkpoint, path)
+            export_onnx(model, path)
+        lock_path.unlink(missing_ok=True)
     return path

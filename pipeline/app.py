@@ -194,7 +194,7 @@ class App(LiveControl):
         self.model_info = info
         self.node_watch = self.placement.watch(self)
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
-                 f"({self.model_info['autocast']}), heads {self.model_info['heads']}, "
+                 f"({self.model_info['backend']}, {self.model_info['autocast']}), heads {self.model_info['heads']}, "
                  f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s), "
                  f"batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
                  + (" (each replica keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))

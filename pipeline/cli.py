@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend: onnxruntime runs)")
     x.add_argument("checkpoint", type=Path, nargs="?", default=None, help="default: the demo checkpoint")
-    x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    x.add_argument("--out", type=Path, default=None,
+                   help="the .onnx file to write (default: the cache the service reads, so its first start does "
+                        "not pay the export)")
 
     def run_options(r: argparse.ArgumentParser) -> None:
         r.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")

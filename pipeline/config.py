@@ -64,10 +64,11 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
     compile: bool = Field(False, description="torch.compile the backbone and neck (slow start; mostly a GPU win)")
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="what runs backbone, neck and heads: 'torch' (eager, or compiled with compile: true) or "
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="what runs backbone, neck and heads: 'torch' (eager, or compiled with compile: true), "
         "'onnxruntime' (the model exported to ONNX once and cached in ~/.cache/hydravision/onnx; fp32; decoding and "
-        "NMS stay in torch)")
+        "NMS stay in torch) or 'auto': onnxruntime on a CPU, torch on a GPU, with compile, half precision or LoRA "
+        "adapters")
     distribute: Literal["auto", "object_store", "path"] = Field(
         "auto", description="how inference replicas get the checkpoint: 'object_store' (the controller reads it and "
         "Ray copies it to each node), 'path' (every node reads the same path: shared storage or baked into the "

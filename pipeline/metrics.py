@@ -146,7 +146,8 @@ class HydravisionCollector(Collector):
         yield seconds
         heads = sorted({k.split(".")[1] for r in replicas for k in r.counters.keys() if k.startswith("head.")})
         head_seconds = HistogramMetricFamily("hydravision_head_seconds", "Time of one head's forward pass per "
-                                             "batch (the frames of the batch that asked for it)", labels=["head"])
+                                             "batch (the frames of the batch that asked for it; torch backend "
+                                             "only)", labels=["head"])
         head_frames = CounterMetricFamily("hydravision_head_frames_total", "Frames each head ran on", labels=["head"])
         for head in heads:
             _histogram(head_seconds, [head], merge(r.counters.histogram(f"head.{head}", HEAD_SECONDS_BUCKETS)

@@ -174,13 +174,13 @@ def train_reid(args: argparse.Namespace) -> str:
 
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
-    from models.export import export_onnx, output_names  # the exporter's imports take seconds
+    from models.export import cached_export, export_onnx, output_names  # the exporter's imports take seconds
 
     path = args.checkpoint or DEMO_CHECKPOINT
     t0 = time.time()
     model, _ = load_checkpoint(path)
-    export_onnx(model, args.out)
-    return (f"wrote {args.out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
+    out = export_onnx(model, args.out) if args.out else cached_export(model, path)
+    return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
 

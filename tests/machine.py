@@ -98,7 +98,7 @@ def measure_model(checkpoint: Path, name: str, max_batch: int = 8, budget_s: flo
     seconds of calls (at least 3 and 2, so a very slow machine is not timed for minutes)."""
     from workers.model_runner import ModelRunner
 
-    runner = ModelRunner(checkpoint, device="cpu")  # torch's default threads: the test process keeps its own
+    runner = ModelRunner(checkpoint, device="cpu")  # the default backend and threads, as a replica runs it
     image = model_input(runner.input_size)
     one, many = [image], [image] * max_batch
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure") as thread:  # as the Batcher runs it

@@ -89,7 +89,7 @@ def test_serving_folds_batchnorm_into_the_adapter_too(kind, bases, tmp_path):
     out = train(TrainConfig(out=tmp_path / "bikes.safetensors", heads={"bikes": ["bicycle"]}, init=base,
                             lora={"rank": 2, "stages": 2}, steps=2, lr=0.05, **TINY), progress=False)
     frames = [im.numpy() for im in images()]
-    plain = ModelRunner(base, device="cpu", score_threshold=0.0).run(frames, [["people"], ["people"], []])
+    plain = ModelRunner(base, device="cpu", score_threshold=0.0, backend="torch").run(frames, [["people"], ["people"], []])
     runner = ModelRunner(out, device="cpu", score_threshold=0.0)
     served = runner.run(frames, ROUTES)
     for i in (0, 1):

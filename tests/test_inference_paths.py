@@ -78,8 +78,8 @@ def checkpoint(tmp_path):
 def test_runner_bf16_autocast_on_cpu_close_to_fp32(checkpoint):
     """The mixed-precision path (fp16 on GPU) runs the same code; on CPU bf16 exercises it."""
     images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(3)]
-    full = ModelRunner(checkpoint, device="cpu", precision="fp32", score_threshold=0.01)
-    half = ModelRunner(checkpoint, device="cpu", precision="bf16", score_threshold=0.01)
+    full = ModelRunner(checkpoint, device="cpu", precision="fp32", score_threshold=0.01, backend="torch")
+    half = ModelRunner(checkpoint, device="cpu", precision="bf16", score_threshold=0.01, backend="torch")
     x = torch.from_numpy(np.stack(images)).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         a = full.model(full.model.normalize(x))["people"]
@@ -95,8 +95,8 @@ def test_runner_bf16_autocast_on_cpu_close_to_fp32(checkpoint):
 def test_staging_buffer_copy_gives_the_same_results(checkpoint):
     """On CUDA frames go through a pinned staging buffer; the same copy code runs here unpinned."""
     images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(4)]
-    direct = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
-    staged = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
+    direct = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, backend="torch")
+    staged = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, backend="torch")
     staged._staging = torch.empty((8, 3, 64, 96), dtype=torch.uint8)
     a, b = direct.run(images, [None] * 4), staged.run(images, [None] * 4)
     for ra, rb in zip(a, b):
@@ -106,7 +106,17 @@ def test_staging_buffer_copy_gives_the_same_results(checkpoint):
 @pytest.mark.slow
 def test_compiled_model_matches_eager(checkpoint):
     images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(2)]
-    eager = ModelRunner(checkpoint, device="cpu", score_threshold=0.01)
-    compiled = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, compile=True)
+    eager = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, backend="torch")
+    compiled = ModelRunner(checkpoint, device="cpu", score_threshold=0.01, compile=True, backend="torch")
     for ra, rb in zip(eager.run(images, [None] * 2), compiled.run(images, [None] * 2)):
         np.testing.assert_allclose(ra["people"]["scores"], rb["people"]["scores"], atol=1e-3)
+
+
+def test_heads_are_timed_in_torch_and_not_claimed_in_onnxruntime(checkpoint):
+    """hydravision_head_seconds comes from torch's forward hooks; ONNX Runtime runs the heads in one graph, so
+    that backend leaves the histogram empty rather than filling it with a guess."""
+    images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(2)]
+    for backend, timed in (("torch", 1), ("onnxruntime", 0)):
+        runner = ModelRunner(checkpoint, device="cpu", backend=backend)
+        runner.run(images, [None, ["people"]])
+        assert sum(runner.histograms()["head_seconds"]["people"]["counts"]) == timed, backend

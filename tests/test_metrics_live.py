@@ -74,7 +74,9 @@ def test_metrics_grow_between_scrapes_and_readyz_follows_redis(ray_local, redis_
         assert get(second, "hydravision_frame_age_budget_seconds", camera="cam-b") == 2.0
         assert get(second, "hydravision_inference_batch_size_count") > 0
         assert get(second, "hydravision_inference_batch_wait_seconds_count") > 0
-        assert get(second, "hydravision_head_seconds_count", head="people") > 0
+        # Heads are timed by torch's forward hooks; ONNX Runtime (the CPU default) runs them in one graph.
+        timed = run.app.model_info["backend"] == "torch"
+        assert (get(second, "hydravision_head_seconds_count", head="people") > 0) == timed
         assert get(second, "hydravision_inference_replicas_up") == len(run.app.inference) == 2  # on a CPU: two
         assert get(second, "hydravision_actor_restarts_total", role="stream") == 0
         print({c: (get(first, published, camera=c, outcome="published"),

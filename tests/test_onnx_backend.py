@@ -1,5 +1,10 @@
 """model.backend: onnxruntime gives the detections the torch path gives, exports once, and the CLI exports."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,7 +17,8 @@ from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, parse_config
 from pipeline.model_commands import DEMO_CHECKPOINT
 from synthetic.scene import StreetScene
-from workers.model_runner import ModelRunner
+from workers import model_runner
+from workers.model_runner import ModelRunner, pick_backend
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def assert_same(a, b):
 def test_onnxruntime_gives_the_detections_torch_gives_on_the_demo_model(cache):
     images = frames((256, 448))
     heads = [None, ["people"], ["vehicles"]]
-    eager = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05).run(images, heads)
+    eager = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05, backend="torch").run(images, heads)
     runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05, backend="onnxruntime")
     assert runner.info()["backend"] == "onnxruntime"
     assert_same(eager, runner.run(images, heads))
@@ -72,13 +78,13 @@ def test_attribute_heads_and_five_levels_run_on_onnxruntime_too(cache, tmp_path)
                                                          "of": ["car"]}}))
     path = save_checkpoint(model, tmp_path / "tiny.safetensors")
     images = [np.random.default_rng(i).integers(0, 255, (3, 128, 128), dtype=np.uint8) for i in range(2)]
-    eager = ModelRunner(path, device="cpu", score_threshold=0.0).run(images, [None, None])
+    eager = ModelRunner(path, device="cpu", score_threshold=0.0, backend="torch").run(images, [None, None])
     onnx = ModelRunner(path, device="cpu", score_threshold=0.0, backend="onnxruntime").run(images, [None, None])
     assert_same(eager, onnx)
     assert set(onnx[0]["vehicles"]["attr:kind"]) - {""}
 
 
-def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys):
+def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
                                     neck={"type": "fpn", "channels": 16},
@@ -93,8 +99,75 @@ def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys):
     assert outs[0].shape[0] == 3 and len(outs) == 3 + 2 * 3  # three pyramid maps, three outputs per head
     assert cli_main(["export", str(tmp_path / "none.safetensors"), "--out", str(out)]) == 2
     assert "none.safetensors: no such checkpoint file" in capsys.readouterr().err
+    monkeypatch.setenv("HYDRAVISION_CACHE", str(tmp_path / "cache"))  # no --out: where the service looks first
+    assert cli_main(["export", str(checkpoint)]) == 0
+    cached = list((tmp_path / "cache" / "onnx").glob("tiny-*.onnx"))
+    assert len(cached) == 1 and str(cached[0]) in capsys.readouterr().out
 
 
 def test_an_unknown_backend_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"model\.backend"):
         parse_config({"model": {"backend": "tensorrt"}, "cameras": [{"id": "a", "url": "synthetic://street"}]})
+
+
+def test_auto_picks_onnxruntime_on_a_cpu_and_torch_where_the_export_cannot_serve():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    config = dict(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                  neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}})
+    plain, adapted = HydraNet(HydraNetConfig(**config)), HydraNet(HydraNetConfig(**config))
+    adapted.add_adapter("a", heads=["people"], rank=2)
+    assert pick_backend("auto", cpu, None, False, plain) == "onnxruntime"
+    assert pick_backend("auto", cpu, None, False, adapted) == "torch"  # the export has one pyramid
+    assert pick_backend("auto", cuda, torch.float16, False, plain) == "torch"
+    assert pick_backend("auto", cpu, torch.bfloat16, False, plain) == "torch"  # half precision is torch's
+    assert pick_backend("auto", cpu, None, True, plain) == "torch"  # compile is torch's
+    assert pick_backend("torch", cpu, None, False, plain) == "torch"
+    assert parse_config({"cameras": [{"id": "a", "url": "synthetic://street"}]}).model.backend == "auto"
+
+
+def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_fails_loudly(tmp_path, monkeypatch,
+                                                                                             caplog):
+    torch.manual_seed(0)
+    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX Runtime here")
+
+    monkeypatch.setattr(model_runner, "OrtSession", broken)
+    runner = ModelRunner(path, device="cpu")
+    assert runner.info()["backend"] == "torch" and "no ONNX Runtime here" in caplog.text
+    assert runner.run([np.zeros((3, 64, 96), np.uint8)], [None])[0]["people"]["boxes"].shape[1] == 4
+    with pytest.raises(RuntimeError, match="no ONNX Runtime here"):
+        ModelRunner(path, device="cpu", backend="onnxruntime")
+
+
+EXPORT_IN_A_PROCESS = """
+import sys
+from models import export
+from models.checkpoint import load_checkpoint
+real = export.export_onnx
+def counted(model, path):
+    print("exported", flush=True)
+    return real(model, path)
+export.export_onnx = counted
+model, _ = load_checkpoint(sys.argv[1])
+print(export.cached_export(model, sys.argv[1]))
+"""
+
+
+def test_replicas_starting_together_export_once(tmp_path):
+    """Two processes on a fresh cache (two replicas at a first start): one exports, the other waits for it."""
+    torch.manual_seed(0)
+    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    env = {**os.environ, "HYDRAVISION_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", EXPORT_IN_A_PROCESS, str(path)], env=env, text=True,
+                              stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(out.count("exported") for out in outs) == 1
+    assert outs[0][-1] == outs[1][-1] and outs[0][-1].endswith(".onnx")
+    assert [f.suffix for f in (tmp_path / "cache" / "onnx").iterdir()] == [".onnx"]  # no lock file left

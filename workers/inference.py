@@ -294,7 +294,7 @@ class InferenceService:
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
-                 max_pending_per_camera: int | None = None, backend: str = "torch", adapt_batch: bool = False):
+                 max_pending_per_camera: int | None = None, backend: str = "auto", adapt_batch: bool = False):
         """``adapt_batch``: batches grow only up to the size measured fastest per frame (workers/batch_size.py),
         ``max_batch`` being the ceiling; otherwise up to ``max_batch``."""
         from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
@@ -350,7 +350,7 @@ class InferenceActor:
     def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
                  compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None,
-                 backend: str = "torch", adapt_batch: bool = False, per_node: int = 1):
+                 backend: str = "auto", adapt_batch: bool = False, per_node: int = 1):
         """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
         Ray's object store, which copies them to whichever node runs this replica, also after a restart).
         ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it."""

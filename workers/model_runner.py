@@ -8,6 +8,7 @@ would add ~190 MB to each camera's process.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,8 @@ from models.checkpoint import load_checkpoint
 from models.export import RAW_KEYS
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -39,6 +42,17 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 BACKENDS = ("torch", "onnxruntime")
+
+
+def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | None, compile: bool, model) -> str:
+    """'auto': ONNX Runtime on a CPU, where it runs the model on 20-30% less CPU per frame than torch eager
+    (benchmarks/README.md, "Backends"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
+    with compile, half precision asked for on a CPU, or LoRA adapters (the export has one pyramid)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cpu" and autocast is None and not compile and not model.adapters:
+        return "onnxruntime"
+    return "torch"
 
 
 class OrtSession:
@@ -84,16 +98,25 @@ class ModelRunner:
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
                  threads: int | None = None, score_threshold: float | None = None, max_batch: int = 8,
-                 fuse_bn: bool = True, compile: bool = False, backend: str = "torch"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                 fuse_bn: bool = True, compile: bool = False, backend: str = "auto"):
+        if backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.autocast = pick_autocast(precision, self.device)
-        self.backend = backend
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
-        self.session = OrtSession(self.model, checkpoint, self.device, threads) if backend == "onnxruntime" else None
+        self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model)
+        self.session = None
+        if self.backend == "onnxruntime":
+            try:
+                self.session = OrtSession(self.model, checkpoint, self.device, threads)
+            except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
+                if backend != "auto":
+                    raise
+                log.warning("ONNX Runtime could not run %s (%s: %s); running it in torch", Path(checkpoint).name,
+                            type(e).__name__, e)
+                self.backend = "torch"
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
             self.model.fuse_batchnorm()
         self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
