@@ -1,4 +1,5 @@
-"""How many torch intra-op threads the inference replica should use on a small CPU machine, by measurement.
+"""How many intra-op threads the inference replica should use on a small CPU machine, by measurement (torch by
+default; --backend onnxruntime for ONNX Runtime, the CPU default since 2026-12-03).
 
     python benchmarks/bench_threads.py                      # ~8 min on 2 cores
     python benchmarks/bench_threads.py --json threads.json
@@ -49,10 +50,10 @@ def synthetic(cid: str, seed: int) -> dict:
     return {"id": cid, "url": f"synthetic://street?seed={seed}&fps=10"}
 
 
-def run_demo(redis_url: str, threads: int, seconds: float, replicas: int = 1) -> dict:
+def run_demo(redis_url: str, threads: int, seconds: float, replicas: int = 1, backend: str = "auto") -> dict:
     """Three 10 fps cameras; a fourth added at 1/3 of the window and removed at 2/3."""
     cams = [synthetic(f"street-{i}", 10 + i) for i in range(1, 4)]
-    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(DEMO)},
+    config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(DEMO), "backend": backend},
                            "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads, "replicas": replicas},
                            "cameras": cams})
     app = App(config, say=lambda m: None)
@@ -86,7 +87,7 @@ MODEL_ALONE = """
 import sys, time, numpy as np
 from measure import DEMO
 from workers.model_runner import ModelRunner
-runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]), backend="torch")
+runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]), backend=sys.argv[2])
 image = np.full((3, *runner.input_size), 114, np.uint8)
 for _ in range(5):
     runner.run([image], [None])
@@ -97,9 +98,9 @@ print(round(float(np.median(times)), 1), round(max(times), 1))
 """
 
 
-def model_alone(threads: int, omp_wait_policy: str | None) -> dict:
+def model_alone(threads: int, omp_wait_policy: str | None, backend: str) -> dict:
     env = {**os.environ, **({"OMP_WAIT_POLICY": omp_wait_policy} if omp_wait_policy else {})}
-    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads)], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env=env, capture_output=True,
                          text=True, check=True, cwd=Path(__file__).parent).stdout.split()
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
 
@@ -123,12 +124,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=24.0, help="measurement window of each run")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--model-only", action="store_true", help="only the model-alone part (~1 min)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "auto"],
+                   help="model.backend of every run (the results files before 2026-12-03 are torch's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "runs": {}}
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "backend": args.backend, "runs": {}}
     redis_server = EmbeddedRedis().start()
     try:
         for contention in ("quiet", "one busy core"):
@@ -136,7 +139,7 @@ def main() -> None:
             try:
                 for name in args.settings.split(","):
                     s = SETTINGS[name]
-                    alone = model_alone(s["threads"], s.get("omp_wait_policy"))
+                    alone = model_alone(s["threads"], s.get("omp_wait_policy"), args.backend)
                     results["runs"][f"{contention} | {name}"] = {"model_alone": alone}
                     print(f"{contention}, threads {name}: model alone {alone}", flush=True)
                     if args.model_only:
@@ -144,12 +147,12 @@ def main() -> None:
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     replicas = s.get("replicas", 1)
                     demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
-                                                                                args.seconds, replicas),
+                                                                                args.seconds, replicas, args.backend),
                                     s.get("worker_niceness"))
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
                         DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"],
-                        replicas=replicas),
+                        replicas=replicas, model={"backend": args.backend}),
                                   s.get("worker_niceness"))
                     results["runs"][f"{contention} | {name}"].update(
                         {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
