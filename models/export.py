@@ -55,9 +55,11 @@ def export_onnx(model: HydraNet, path: str | Path) -> Path:
     h, w = serving.config.input_size
     example = torch.zeros((2, 3, h, w), dtype=torch.uint8)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    quiet = logging.getLogger("torch.onnx")  # it also warns that torchvision's ops are not installed
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # The exporter warns that torchvision's ops are not installed, and its IR passes log every step at INFO.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():  # the exporter narrates its passes as warnings
             warnings.simplefilter("ignore")
@@ -66,7 +68,8 @@ def export_onnx(model: HydraNet, path: str | Path) -> Path:
                               external_data=False,  # one file (under protobuf's 2 GB limit)
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     tmp.replace(path)
     return path
 
