@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="model input, multiples of 128 (default 512x896; torchvision uses ~800 on the short side)")
 
-    x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend: onnxruntime runs)")
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend onnxruntime, and auto on "
+                                      "a CPU, runs)")
     x.add_argument("checkpoint", type=Path, nargs="?", default=None, help="default: the demo checkpoint")
     x.add_argument("--out", type=Path, default=None,
                    help="the .onnx file to write (default: the cache the service reads, so its first start does "

@@ -44,7 +44,8 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 BACKENDS = ("torch", "onnxruntime")
 
 
-def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | None, compile: bool, model) -> str:
+def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | None, compile: bool,
+                 model: torch.nn.Module) -> str:
     """'auto': ONNX Runtime on a CPU, where it runs the model on 20-30% less CPU per frame than torch eager
     (benchmarks/README.md, "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
     with compile, half precision asked for on a CPU, or LoRA adapters (the export has one pyramid)."""
