@@ -110,11 +110,16 @@ def test_an_unknown_backend_is_refused_naming_the_field():
         parse_config({"model": {"backend": "tensorrt"}, "cameras": [{"id": "a", "url": "synthetic://street"}]})
 
 
+def one_head_model() -> HydraNet:
+    """A small ResNet-10 + FPN with one head, the same weights each call."""
+    torch.manual_seed(0)
+    return HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                   neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
+
+
 def test_auto_picks_onnxruntime_on_a_cpu_and_torch_where_the_export_cannot_serve():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    config = dict(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
-                  neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}})
-    plain, adapted = HydraNet(HydraNetConfig(**config)), HydraNet(HydraNetConfig(**config))
+    plain, adapted = one_head_model(), one_head_model()
     adapted.add_adapter("a", heads=["people"], rank=2)
     assert pick_backend("auto", cpu, None, False, plain) == "onnxruntime"
     assert pick_backend("auto", cpu, None, False, adapted) == "torch"  # the export has one pyramid
@@ -127,10 +132,7 @@ def test_auto_picks_onnxruntime_on_a_cpu_and_torch_where_the_export_cannot_serve
 
 def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_fails_loudly(tmp_path, monkeypatch,
                                                                                              caplog):
-    torch.manual_seed(0)
-    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
-                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
-    path = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no ONNX Runtime here")
@@ -159,10 +161,7 @@ print(export.cached_export(model, sys.argv[1]))
 
 def test_replicas_starting_together_export_once(tmp_path):
     """Two processes on a fresh cache (two replicas at a first start): one exports, the other waits for it."""
-    torch.manual_seed(0)
-    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
-                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
-    path = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
     env = {**os.environ, "HYDRAVISION_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", EXPORT_IN_A_PROCESS, str(path)], env=env, text=True,
                               stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent) for _ in range(2)]

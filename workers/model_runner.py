@@ -47,8 +47,9 @@ BACKENDS = ("torch", "onnxruntime")
 def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | None, compile: bool,
                  model: torch.nn.Module) -> str:
     """'auto': ONNX Runtime on a CPU, where it runs the model on 20-30% less CPU per frame than torch eager
-    (benchmarks/README.md, "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
-    with compile, half precision asked for on a CPU, or LoRA adapters (the export has one pyramid)."""
+    (benchmarks/README.md, "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu
+    is another package), with compile, half precision asked for on a CPU, or LoRA adapters (the export has one
+    pyramid)."""
     if backend != "auto":
         return backend
     if device.type == "cpu" and autocast is None and not compile and not model.adapters:
