@@ -54,7 +54,7 @@ python_deps() {
     # torch first, pinned: any looser spec pulls a multi-GB CUDA build on machines without the local CPU wheel.
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install -q -e '.[test]'
-    # The demo model's ONNX export into the cache (~10 s, once), so the first run does not wait for it.
+    # The demo model's ONNX export into the cache (~2 s, once), so the first run does not wait for it.
     "$VENV/bin/hydravision" export || echo "dev.sh: no ONNX export; the service will run the model in torch" >&2
     echo "$want" > "$stamp"
 }

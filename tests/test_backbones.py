@@ -130,9 +130,10 @@ def test_train_command_builds_the_backbone_it_is_asked_for(tmp_path, capsys):
     assert "unexpected keyword argument 'depth'" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # the exporter takes ~10 s per model here
+# torch.export's exporter takes ~10 s per model here (the default TorchScript one ~1 s): slow.
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["vit", "mobilenet"])
-def test_new_backbones_export_to_onnx_with_the_same_outputs(kind, tmp_path):
+def test_new_backbones_export_to_onnx_with_the_same_outputs(kind, exporter, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
@@ -141,7 +142,7 @@ def test_new_backbones_export_to_onnx_with_the_same_outputs(kind, tmp_path):
     torch.manual_seed(0)
     model = HydraNet(HydraNetConfig(input_size=(96, 160), backbone=TINY_BACKBONES[kind],
                                     neck={"type": "pan", "channels": 16}, heads={"people": {"classes": ["person"]}}))
-    session = ort.InferenceSession(str(export_onnx(model.eval(), tmp_path / "m.onnx")),
+    session = ort.InferenceSession(str(export_onnx(model.eval(), tmp_path / "m.onnx", exporter)),
                                    providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 96, 160), dtype=np.uint8)
     outs = dict(zip(output_names(model), session.run(None, {"images": images})))

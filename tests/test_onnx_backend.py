@@ -146,12 +146,13 @@ def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_
 
 
 EXPORT_IN_A_PROCESS = """
-import sys
+import sys, time
 from models import export
 from models.checkpoint import load_checkpoint
 real = export.export_onnx
 def counted(model, path):
     print("exported", flush=True)
+    time.sleep(3)  # as long as a real model's export: without the lock the other process would export too
     return real(model, path)
 export.export_onnx = counted
 model, _ = load_checkpoint(sys.argv[1])
