@@ -122,6 +122,8 @@ def main() -> None:
     args = p.parse_args()
     if args.window >= args.seconds:
         p.error("--window must be shorter than --seconds")
+    if args.checkpoint and not args.files:
+        p.error("--checkpoint goes with --files (a config names its own model)")
     if args.files:
         args.config = files_config(Path(tempfile.mkdtemp(prefix="bench-start-")), args.files, args.checkpoint)
     raw = yaml.safe_load(args.config.read_text())
