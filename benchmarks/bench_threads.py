@@ -5,14 +5,16 @@ default; --backend onnxruntime for ONNX Runtime, the CPU default since 2026-12-0
     python benchmarks/bench_threads.py --json threads.json
 
 First the model alone (batch 1, demo checkpoint, in a fresh process per setting): p50 and max of 30 calls.
-Then for each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``), quiet and beside one
+Then for each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``, torch's threads
+waiting passively; every core with ONNX Runtime's pool spinning, its own default; ...), quiet and beside one
 competing process (a busy loop, as any other program on a shared machine), two loads through the whole
 service:
 - demo: the demo's three synthetic cameras at 10 fps, with a fourth camera added and removed at run time
   halfway through (a new process starting: what live control does); figures: p50/p95/p99 frame age at
   publish, and the longest gap between two messages of one camera;
 - files: 8 file cameras unpaced (throughput, frames/s).
-Each setting runs in its own Ray (the OpenMP wait policy is read when the inference process loads libgomp).
+Each setting runs in its own Ray (the OpenMP wait policy is read when the inference process loads libgomp; a
+setting's environment reaches the workers through the raylet).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from workers.publish import keys
 
 # One replica unless a setting says otherwise ("2x": the service's default on a CPU, two replicas splitting the cores)
 SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
-            "all+passive": {"threads": os.cpu_count(), "omp_wait_policy": "PASSIVE"},
+            "all+passive": {"threads": os.cpu_count(), "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
+            # ONNX Runtime's own default, its pool spinning while it waits (the service turns that off)
+            "all+spin": {"threads": os.cpu_count(), "env": {"HYDRAVISION_ORT_SPIN": "1"}},
             # Ray's own default: worker processes at nice 15 (the service sets 0, pipeline/app.py RAY_SYSTEM_CONFIG)
             "1+nice15": {"threads": 1, "worker_niceness": 15}, "all+nice15": {"threads": os.cpu_count(),
                                                                                "worker_niceness": 15},
@@ -98,25 +102,26 @@ print(round(float(np.median(times)), 1), round(max(times), 1))
 """
 
 
-def model_alone(threads: int, omp_wait_policy: str | None, backend: str) -> dict:
-    env = {**os.environ, **({"OMP_WAIT_POLICY": omp_wait_policy} if omp_wait_policy else {})}
-    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env=env, capture_output=True,
+def model_alone(threads: int, env: dict[str, str], backend: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env={**os.environ, **env},
+                         capture_output=True,
                          text=True, check=True, cwd=Path(__file__).parent).stdout.split()
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
 
 
-def with_ray(omp_wait_policy: str | None, fn, niceness: int | None = None):
-    old = os.environ.get("OMP_WAIT_POLICY")
-    if omp_wait_policy:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # the raylet, and so every worker, inherits it
+def with_ray(env: dict[str, str], fn, niceness: int | None = None):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the raylet, and so every worker, inherits it
     start_ray(max(os.cpu_count(), 8), **({} if niceness is None else {"worker_niceness": niceness}))
     try:
         return fn()
     finally:
         ray.shutdown()
-        os.environ.pop("OMP_WAIT_POLICY", None)
-        if old is not None:
-            os.environ["OMP_WAIT_POLICY"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main() -> None:
@@ -139,18 +144,18 @@ def main() -> None:
             try:
                 for name in args.settings.split(","):
                     s = SETTINGS[name]
-                    alone = model_alone(s["threads"], s.get("omp_wait_policy"), args.backend)
+                    alone = model_alone(s["threads"], s.get("env", {}), args.backend)
                     results["runs"][f"{contention} | {name}"] = {"model_alone": alone}
                     print(f"{contention}, threads {name}: model alone {alone}", flush=True)
                     if args.model_only:
                         continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     replicas = s.get("replicas", 1)
-                    demo = with_ray(s.get("omp_wait_policy"), lambda: run_demo(redis_server.url, s["threads"],
+                    demo = with_ray(s.get("env", {}), lambda: run_demo(redis_server.url, s["threads"],
                                                                                 args.seconds, replicas, args.backend),
                                     s.get("worker_niceness"))
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
-                    files = with_ray(s.get("omp_wait_policy"), lambda: run_hydravision(
+                    files = with_ray(s.get("env", {}), lambda: run_hydravision(
                         DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"],
                         replicas=replicas, model={"backend": args.backend}),
                                   s.get("worker_niceness"))

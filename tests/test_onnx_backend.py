@@ -145,6 +145,21 @@ def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_
         ModelRunner(path, device="cpu", backend="onnxruntime")
 
 
+def test_a_pool_of_threads_waits_without_spinning_unless_asked(cache, tmp_path, monkeypatch):
+    """Spinning threads took the CPU that decoders on the same cores need (docs/architecture.md, "CPU under
+    contention"); HYDRAVISION_ORT_SPIN=1 is ONNX Runtime's own default, kept for the benchmark."""
+    path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
+
+    def spinning() -> str:
+        runner = ModelRunner(path, device="cpu", threads=2, backend="onnxruntime")
+        return runner.session.session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+
+    assert spinning() == "0"
+    monkeypatch.setenv("HYDRAVISION_ORT_SPIN", "1")
+    assert spinning() == "1"
+
+
 EXPORT_IN_A_PROCESS = """
 import sys, time
 from models import export

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -71,6 +72,12 @@ class OrtSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
         options.inter_op_num_threads = 1
+        # A pool of several threads waits for work without spinning: spinning took ~3x a batch-1 call's CPU
+        # from the decoders and trackers on the same cores, and beside a busy core it doubled the call's time
+        # (docs/architecture.md, "CPU under contention"). HYDRAVISION_ORT_SPIN=1 gives ONNX Runtime's own
+        # default back, for benchmarks/bench_threads.py to measure against.
+        spin = os.environ.get("HYDRAVISION_ORT_SPIN", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
