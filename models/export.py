@@ -44,15 +44,16 @@ class _Graph(nn.Module):
 
 
 EXPORTERS = ("torchscript", "dynamo")
+EXPORTER = "torchscript"  # the one the cache holds
 
 
-def export_onnx(model: HydraNet, path: str | Path, exporter: str = "torchscript") -> Path:
+def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER) -> Path:
     """Writes ``path`` (atomically); BatchNorm is folded first, as the eager serving path does.
 
     ``exporter``: torch's TorchScript exporter (the default) or its torch.export one ("dynamo"). The first is
-    deprecated since torch 2.9 but still in the pinned 2.13, and exports the demo model 7.5x faster (1.3 against
-    9.8 s) to a graph with the same outputs and speed in ONNX Runtime (benchmarks/bench_export.py); switch the default when a torch
-    drops it."""
+    deprecated since torch 2.9 but still in the pinned 2.13, and exports the demo model 7.5x faster (1.3
+    against 9.8 s) to a graph with the same outputs and speed in ONNX Runtime (benchmarks/bench_export.py);
+    switch the default when a torch drops it."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter: {exporter!r} is not one of {EXPORTERS}")
     if model.adapters:  # the graph computes every head from one pyramid; adapter heads need their own
@@ -98,7 +99,7 @@ def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
     """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset and
     exporter."""
     digest = hashlib.sha256(Path(checkpoint).read_bytes())
-    digest.update(f"{torch.__version__}/{OPSET}/torchscript".encode())  # the exporter too: its graph differs
+    digest.update(f"{torch.__version__}/{OPSET}/{EXPORTER}".encode())  # the exporter too: its graph differs
     path = cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
     if path.is_file():
         return path
