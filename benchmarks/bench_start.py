@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 import yaml
 
+from bench_pipeline import file_cameras
 from measure import ROOT, make_clips, save_json
 from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
@@ -51,9 +52,7 @@ def wanted_fps(camera: dict) -> float | None:
 def files_config(folder: Path, n: int, checkpoint: Path | None = None) -> Path:
     """A config of ``n`` unpaced, looping file cameras (the clips bench_pipeline.py uses), the rest defaults
     (each checkout's own demo model unless ``checkpoint``)."""
-    clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
-    cameras = [{"id": f"file{i}", "url": str(clips[i % len(clips)]), "realtime": False, "loop": True}
-               for i in range(n)]
+    cameras = file_cameras(make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips"), n)
     path = folder / f"files{n}.yaml"
     model = {"model": {"checkpoint": str(checkpoint.resolve())}} if checkpoint else {}
     path.write_text(yaml.safe_dump({"cameras": cameras, **model}))

@@ -75,15 +75,13 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER) -> 
     try:
         with warnings.catch_warnings():  # the exporters narrate their passes (and the deprecation) as warnings
             warnings.simplefilter("ignore")
-            if exporter == "torchscript":
-                torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
-                                  opset_version=OPSET, dynamo=False,
-                                  dynamic_axes={name: {0: "batch"} for name in ["images", *names]})
-            else:
-                torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
-                                  opset_version=OPSET, dynamo=True, verbose=False,
-                                  external_data=False,  # one file (under protobuf's 2 GB limit)
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+            # The two differ only in how the batch dimension is declared dynamic (and the newer one's file layout).
+            how = ({"dynamo": False, "dynamic_axes": {name: {0: "batch"} for name in ["images", *names]}}
+                   if exporter == "torchscript" else
+                   {"dynamo": True, "verbose": False, "external_data": False,  # one file (protobuf's 2 GB limit)
+                    "dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)})
+            torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
+                              opset_version=OPSET, **how)
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
