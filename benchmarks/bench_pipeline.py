@@ -258,10 +258,11 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
 
 # -- 3. hydravision ---------------------------------------------------------------------------------
 def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmup: float, seconds: float,
-                    max_batch: int = 8, max_wait_ms: float = 10, model: dict | None = None, **inference) -> dict:
+                    max_batch: int = 8, max_wait_ms: float = 10, model: dict | None = None, ray_cfg: dict | None = None,
+                    **inference) -> dict:
     config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint), **(model or {})},
                            "inference": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, **inference},
-                           "cameras": cameras})
+                           "ray": ray_cfg or {}, "cameras": cameras})
     app = App(config, say=lambda m: None)
     app.start()
     time.sleep(warmup)
@@ -375,6 +376,10 @@ def main() -> None:
             print("hydravision, 8 file cameras unpaced, torch eager ...", flush=True)
             results["files_torch"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
                                                      args.warmup, args.seconds, model={"backend": "torch"})
+            # The default before ray.cameras_per_process (unset: the cameras spread over the cores): a process each.
+            print("hydravision, 8 file cameras unpaced, a process per camera ...", flush=True)
+            results["files_process_each"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
+                                                            args.warmup, args.seconds, ray_cfg={"cameras_per_process": 1})
         if not args.skip_rtsp:
             ref = results["files"].get(8) or results["files"][max(results["files"])]
             sustainable = ref["fps"]
@@ -395,6 +400,14 @@ def main() -> None:
     save_json(args.json, results)
 
 
+def transport_ms(stages: dict, h: dict) -> float:
+    """hydravision's CPU per frame beyond its stages' own costs (the naive loop's decode, letterbox, track and
+    publish; the replicas' model at the batches they ran): Ray calls, serialization, the actors' event loops
+    and threads."""
+    own = stages["decode"] + stages["letterbox"] + stages["track"] + stages["publish"] + h["cpu_ms_per_frame_model"]
+    return round(h["cpu_ms_per_frame_total"] - own, 2)
+
+
 def summarize(r: dict) -> None:
     ceiling = r["model"]["best_fps"]
     naive = r["naive"]["fps"]
@@ -413,19 +426,21 @@ def summarize(r: dict) -> None:
             print(f"hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
                   f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms")
     if "stage_ms_per_frame" in r["naive"] and 8 in r["files"]:
-        # Transport: hydravision's CPU per frame beyond its stages' own costs (the naive loop's decode,
-        # letterbox, track and publish; the replicas' model at the batches they ran): Ray calls, serialization,
-        # the actors' event loops and threads.
         st, h = r["naive"]["stage_ms_per_frame"], r["files"][8]
-        own = st["decode"] + st["letterbox"] + st["track"] + st["publish"] + h["cpu_ms_per_frame_model"]
-        rest = h["cpu_ms_per_frame_total"] - own
-        r["transport_ms_per_frame"] = round(rest, 2)
+        rest = r["transport_ms_per_frame"] = transport_ms(st, h)
         cores = r["machine"]["cpus"]
         print(f"stages, ms per frame: {st} (naive loop); hydravision x8: model {h['cpu_ms_per_frame_model']} at "
               f"batch {h['mean_batch']}, all processes {h['cpu_ms_per_frame_total']}; transport (the rest) "
               f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
               f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
               f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
+        if "files_process_each" in r:
+            each = r["files_process_each"]
+            rest_each = r["transport_ms_per_frame_process_each"] = transport_ms(st, each)
+            print(f"cameras sharing processes / a process each, 8 cameras: {h['fps'] / each['fps']:.2f}x frames/s, "
+                  f"CPU per frame {h['cpu_ms_per_frame_total']} vs {each['cpu_ms_per_frame_total']} ms, transport "
+                  f"{rest:.2f} ms ({rest / h['cpu_ms_per_frame_total']:.0%}) vs {rest_each:.2f} ms "
+                  f"({rest_each / each['cpu_ms_per_frame_total']:.0%})")
     if 8 in r["files"] and "files_one_replica" in r:
         h, one = r["files"][8], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "
@@ -439,6 +454,7 @@ def summarize(r: dict) -> None:
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
     rows += [("x8 one replica", r["files_one_replica"])] if "files_one_replica" in r else []
     rows += [("x8 torch eager", r["files_torch"])] if "files_torch" in r else []
+    rows += [("x8 proc/camera", r["files_process_each"])] if "files_process_each" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
            f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")

@@ -1,4 +1,4 @@
-"""The controller: Redis (or an embedded one), Ray, the inference replicas and one StreamActor per camera;
+"""The controller: Redis (or an embedded one), Ray, the inference replicas and the StreamActors of the cameras;
 watches them, shows status, and shuts everything down cleanly.
 """
 
@@ -55,8 +55,9 @@ def metrics_routes(api: Any, app: App) -> None:
 class CameraHandle:
     id: str
     config: CameraConfig
-    actor: Any
-    done: Any = None  # ObjectRef of actor.wait(), ready when the camera's source has ended
+    process: Any  # the StreamActor hosting this camera (maybe with others): its calls name the camera
+    name: str  # that actor's name
+    done: Any = None  # ObjectRef of process.wait(id), ready when the camera's source has ended
     final: dict | None = None
     restarts: int = 0
     added_by: str | None = None  # who added it at run time (None: from the config)
@@ -186,8 +187,7 @@ class App(LiveControl):
             self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
                                                        "the inference replicas")
         except BaseException:
-            for _, actor, _ in starting:
-                ray.kill(actor, no_restart=True)
+            self._kill({id(p): p for _, p, _, _ in starting}.values())
             raise
         if {k: info[k] for k in self.model_info} != self.model_info:
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
@@ -212,7 +212,7 @@ class App(LiveControl):
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
 
-    def add_cameras(self, starting: list[tuple[CameraConfig, Any, Any]]) -> None:
+    def add_cameras(self, starting: list[tuple[CameraConfig, Any, str, Any]]) -> None:
         """The config's cameras, at start (created by ``_create``)."""
         for handle in self._started(starting):
             with self._lock:
@@ -221,48 +221,54 @@ class App(LiveControl):
             self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")
 
     def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
-        """Starts one StreamActor per camera, all at once: each is a process, and starting 20 of them one
+        """Starts the cameras' StreamActors, all at once: each is a process, and starting 20 of them one
         after the other takes minutes on a small machine; together they overlap their imports."""
         return self._started(self._create(cams))
 
-    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraConfig, Any, Any]]:
-        """Creates the cameras' StreamActors and asks them to start; (camera, actor, start ref) each."""
+    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraConfig, Any, str, Any]]:
+        """Creates the StreamActors of the cameras and asks them to start; (camera, actor, its name, start
+        ref) each, several cameras sharing one actor (``Placement.stream_processes``)."""
         spawned = []
-        for cam in cams:
+        live = [*self.cameras, *(c.id for c in cams)]
+        replica = {cam.id: self.placement.replica_index(cam.id, live) for cam in cams}
+        for group, options in self.placement.stream_processes(cams):
             # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
             # object store for the actor's restarts (Ray warns about it).
-            index = self.placement.replica_index(cam.id, [*self.cameras, *(c.id for c in cams)])
-            actor = self.placement.spawn(StreamActor, self.placement.stream_options(cam), cam,
-                                         [(self.placement.namespace, cluster.inference_name(index))],
-                                         self.model_info, self.redis_settings, self.instance)
-            spawned.append((cam, actor, actor.start.remote()))
+            hosted = [(cam, [(self.placement.namespace, cluster.inference_name(replica[cam.id]))]) for cam in group]
+            process = self.placement.spawn(StreamActor, options, hosted, self.model_info, self.redis_settings,
+                                           self.instance)
+            spawned.extend((cam, process, options["name"], process.start.remote(cam.id)) for cam in group)
         return spawned
 
-    def _started(self, spawned: list[tuple[CameraConfig, Any, Any]]) -> list[CameraHandle]:
-        """Waits for the actors of ``_create`` to have started; none is left half-started."""
+    def _started(self, spawned: list[tuple[CameraConfig, Any, str, Any]]) -> list[CameraHandle]:
+        """Waits for the cameras of ``_create`` to have started; none is left half-started."""
         budget_s = 60 + 5 * len(spawned)
         deadline = time.monotonic() + budget_s
         handles = []
         try:
-            for cam, actor, started in spawned:
+            for cam, process, name, started in spawned:
                 try:
                     ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
                     raise UserError(f"camera {cam.id}: its stream actor did not start within "
                                     f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
-                handles.append(CameraHandle(cam.id, cam, actor, actor.wait.remote()))
+                handles.append(CameraHandle(cam.id, cam, process, name, process.wait.remote(cam.id)))
         except BaseException:  # none of them runs half-started
-            for _, actor, _ in spawned:
-                ray.kill(actor, no_restart=True)
+            self._kill({id(p): p for _, p, _, _ in spawned}.values())
             raise
         return handles
+
+    @staticmethod
+    def _kill(actors: Any) -> None:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
         """Per-camera stats; also restarts cameras whose actor Ray has restarted, and reports restarts."""
         with self._lock:
             handles = dict(self.cameras)
-        refs = {cid: h.actor.stats.remote() for cid, h in handles.items()}
+        refs = {cid: h.process.stats.remote(cid) for cid, h in handles.items()}
         out = []
         for cid, ref in refs.items():
             try:
@@ -288,14 +294,14 @@ class App(LiveControl):
     def _restart_camera(self, h: CameraHandle) -> dict | None:
         """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again."""
         try:
-            ray.get(h.actor.start.remote(h.config), timeout=30)
+            ray.get(h.process.start.remote(h.id, h.config), timeout=30)
         except Exception as e:
             log.warning("camera %s: restart failed: %s", h.id, self._describe(e, h.id), exc_info=True)
             return None
         h.restarts += 1
-        h.done = h.actor.wait.remote()
+        h.done = h.process.wait.remote(h.id)
         self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id))
-        return ray.get(h.actor.stats.remote(), timeout=10)
+        return ray.get(h.process.stats.remote(h.id), timeout=10)
 
     def _check_inference(self) -> None:
         for i, actor in enumerate(self.inference):
@@ -391,7 +397,7 @@ class App(LiveControl):
         self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
-        refs = {cid: h.actor.stop.remote(drain=drain) for cid, h in self.cameras.items()}
+        refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in self.cameras.items()}
         for cid, ref in refs.items():
             try:
                 final = ray.get(ref, timeout=timeout)
@@ -400,10 +406,8 @@ class App(LiveControl):
                 log.warning("camera %s: no final stats", cid, exc_info=True)
             self.cameras[cid].final = final
             finals.append(final)
-        for h in self.cameras.values():
-            ray.kill(h.actor, no_restart=True)
-        for actor in self.inference:
-            ray.kill(actor, no_restart=True)
+        self._kill({id(h.process): h.process for h in self.cameras.values()}.values())
+        self._kill(self.inference)
         if self.events:
             self.events.close(5.0)
         if self.started_ray:

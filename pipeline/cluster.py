@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import ray
 
 from pipeline.errors import UserError
-from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, inference_options, local_cpus,
-                                namespace_for, replica_count, replicas_per_node, stream_options)
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
+                                inference_options, local_cpus, namespace_for, replica_count, replicas_per_node,
+                                stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig
@@ -94,7 +95,8 @@ def wait_for_resources(wanted: dict[str, float], timeout: float, say: Callable[[
 
 
 def camera_actor_name(camera_id: str) -> str:
-    """A camera's StreamActor name, unique within the pipeline's Ray namespace."""
+    """The name of the StreamActor of a camera (or of cameras, their ids joined by +), unique within the
+    pipeline's Ray namespace."""
     return f"hv-camera-{camera_id}"
 
 
@@ -115,6 +117,8 @@ class Placement:
         self.replica_options = inference_options(config.ray, config.inference.num_gpus, self.nodes)
         cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
         self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores)
+        # What the cameras' processes spread over: this machine's cores, or all the cluster's CPUs.
+        self.cores = cores or int(sum(n.resources.get("CPU", 0) for n in self.nodes)) or 1
         # They split a node's cores (InferenceActor's threads)
         self.per_node = replicas_per_node(self.replicas, self.nodes, self.replica_options)
         self.assigner = ReplicaAssigner(self.replicas)
@@ -129,10 +133,18 @@ class Placement:
         check_placeable(f"inference replica {index}", opts, self.nodes)
         return {**opts, "name": inference_name(index), "namespace": self.namespace, "lifetime": None}
 
-    def stream_options(self, camera: CameraConfig) -> dict[str, Any]:
-        opts = stream_options(self.config.ray, camera)
-        check_placeable(f"camera {camera.id}", opts, self.nodes)
-        return {**opts, "name": camera_actor_name(camera.id), "namespace": self.namespace}
+    def stream_processes(self, cameras: list[CameraConfig]) -> list[tuple[list[CameraConfig], dict[str, Any]]]:
+        """The StreamActor processes that host ``cameras`` (started together): (cameras, options) each."""
+        for camera in cameras:
+            check_placeable(f"camera {camera.id}", stream_options(self.config.ray, camera), self.nodes)
+        out = []
+        for group, opts in group_cameras(self.config.ray, cameras, self.cores):
+            if len(group) > 1 and not any(fits(n, opts) for n in self.nodes):  # their sum fits no node: apart
+                out.extend(group_cameras(self.config.ray.model_copy(update={"cameras_per_process": 1}), group, 1))
+            else:
+                out.append((group, opts))
+        return [(group, {**opts, "name": camera_actor_name("+".join(c.id for c in group)),
+                         "namespace": self.namespace}) for group, opts in out]
 
     def replica_index(self, camera: str, live: Any = ()) -> int:
         """The replica a camera sends its frames to: the one serving the fewest of the ``live`` cameras."""
@@ -196,7 +208,7 @@ class NodeWatch:
         self.poll_s, self._last_poll = poll_s, 0.0
 
     def _actors(self) -> dict[tuple[str, Any], Any]:
-        out: dict[tuple[str, Any], Any] = {("camera", cid): h.actor for cid, h in self.app.cameras.items()}
+        out: dict[tuple[str, Any], Any] = {("camera", cid): h.process for cid, h in self.app.cameras.items()}
         out.update({("inference", i): a for i, a in enumerate(self.app.inference)})
         return out
 

@@ -39,6 +39,10 @@ class RayConfig(Strict):
     object_store_mb: int = Field(512, ge=64)
     stream_cpus: float = Field(0.1, ge=0, le=64, description="CPU each camera's StreamActor reserves "
                                "(~0.06 measured for 640x360 at 10 fps; more for 1080p or high fps)")
+    cameras_per_process: int | None = Field(None, ge=1, le=256, description="cameras that share one StreamActor "
+                                            "process (a crash restarts them together); None: as few processes as "
+                                            "spread the cameras over the cores (1 per process on a machine with as "
+                                            "many cores as cameras)")
     inference_cpus: float = Field(0, ge=0, le=256, description="CPU each inference replica reserves besides its "
                                   "GPU or inference resource")
     inference_resource: str = Field("hydravision_inference", pattern=r"^[A-Za-z0-9_.-]{1,64}$",

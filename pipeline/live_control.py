@@ -25,7 +25,6 @@ import redis
 
 from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
 from pipeline.camera_export import export_cameras, export_yaml
-from pipeline.cluster import camera_actor_name
 from pipeline.config import API_TOKEN_ENV, ConfigError
 from pipeline.errors import UserError
 from workers.publish import event_message
@@ -154,14 +153,15 @@ class LiveControl:
             if not stopping:
                 self.cameras[cam.id] = handle
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
-            ray.kill(handle.actor, no_restart=True)
+            ray.kill(handle.process, no_restart=True)
             raise CommandRejected("the service is shutting down", 503)
         self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
 
     def remove_camera(self, camera_id: str, by: str) -> dict:
         """Stops a camera: in-flight frames drain, its tracks end (track_ended), its decoder closes, its status
-        entry goes from {prefix}:cameras, its actor is killed; then camera_removed."""
+        entry goes from {prefix}:cameras, its actor is killed (or, when it hosts other cameras too, forgets
+        it); then camera_removed."""
         try:
             handle = self._claim(camera_id)
         except CommandRejected as e:
@@ -169,16 +169,23 @@ class LiveControl:
             raise
         try:
             try:
-                final = ray.get(handle.actor.stop.remote(drain=True), timeout=STOP_TIMEOUT_S)
+                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
                 final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             with self._lock:
                 self.cameras.pop(camera_id, None)
+                shared = any(h.process is handle.process for h in self.cameras.values())
             self.events.remove_status(camera_id)
             self._retire_track_ids(camera_id, final.get("track_ids_next"))
-            ray.kill(handle.actor, no_restart=True)
-            self._wait_gone(handle)
+            if shared:
+                try:
+                    ray.get(handle.process.forget.remote(camera_id), timeout=STOP_TIMEOUT_S)
+                except Exception:  # being restarted: its constructor brings the camera back, never started
+                    log.warning("camera %s: its process did not forget it", camera_id, exc_info=True)
+            else:
+                ray.kill(handle.process, no_restart=True)
+                self._wait_gone(handle)
         finally:
             self._release(camera_id)
         self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
@@ -203,7 +210,7 @@ class LiveControl:
             result: dict = {"changed": [], "restarted": False}
             if new != old:
                 try:
-                    result = ray.get(handle.actor.update.remote(new), timeout=STOP_TIMEOUT_S)
+                    result = ray.get(handle.process.update.remote(camera_id, new), timeout=STOP_TIMEOUT_S)
                 except ray.exceptions.RayTaskError as e:  # the camera refused the change
                     raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
                 except ray.exceptions.RayError as e:  # its actor is gone or hangs: nothing was changed
@@ -211,7 +218,7 @@ class LiveControl:
                                           f"{self._describe(e, camera_id)}", 503) from None
                 handle.config = new
                 if result["restarted"]:
-                    handle.done = handle.actor.wait.remote()
+                    handle.done = handle.process.wait.remote(camera_id)
         except CommandRejected as e:
             self.note_rejected("update", by, e.reason)
             raise
@@ -270,7 +277,7 @@ class LiveControl:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(camera_actor_name(handle.id), namespace=self.placement.namespace if self.placement else None)
+                ray.get_actor(handle.name, namespace=self.placement.namespace if self.placement else None)
             except ValueError:
                 return
             time.sleep(0.05)

@@ -7,8 +7,10 @@ Pure functions over a snapshot of the nodes (``Node``), so the unit tests need n
 - inference replicas reserve a GPU when the cluster has one (or ``inference.num_gpus``), one unit of the
   custom resource ``ray.inference_resource`` when any node advertises it (nodes without torch simply do
   not), and ``ray.inference_cpus``; they are spread over the nodes that qualify;
-- a camera's StreamActor reserves ``ray.stream_cpus`` and whatever its ``placement`` asks (node labels, hard
-  or preferred; custom resources); cameras without a placement are spread over the cluster;
+- a camera reserves ``ray.stream_cpus`` and whatever its ``placement`` asks (node labels, hard or preferred;
+  custom resources); cameras without a placement are spread over the cluster;
+- cameras with the same placement share a StreamActor process, ``ray.cameras_per_process`` of them, or unset
+  as many as spread them over the cores (``group_cameras``); the process reserves what its cameras do;
 - ``inference.replicas`` unset: one replica where the replicas get a GPU, two on CPUs (two one-thread model
   processes beat one two-thread process on a 2-core machine: docs/architecture.md, "Two replicas on a CPU");
   unset ``inference.threads``: a replica takes its node's cores divided by the replicas placed per node;
@@ -20,6 +22,7 @@ Pure functions over a snapshot of the nodes (``Node``), so the unit tests need n
 from __future__ import annotations
 
 import collections
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -133,6 +136,35 @@ def stream_options(ray_cfg: Any, camera: CameraConfig) -> dict[str, Any]:
     if not (place and (place.resources or place.labels)):
         opts["scheduling_strategy"] = "SPREAD"
     return opts
+
+
+def cameras_per_process(ray_cfg: Any, cameras: int, cores: int) -> int:
+    """``ray.cameras_per_process`` or, unset, the fewest per process that leave no more processes than
+    ``cores`` (the machine's, or the cluster's CPUs): each process costs CPU even when idle (Ray's 10-ms timer),
+    and more processes than cores only take turns."""
+    if ray_cfg.cameras_per_process:
+        return ray_cfg.cameras_per_process
+    return max(1, math.ceil(cameras / max(1, cores)))
+
+
+def group_cameras(ray_cfg: Any, cameras: list[CameraConfig], cores: int) -> list[tuple[list[CameraConfig], dict]]:
+    """The StreamActor processes for ``cameras`` started together: (cameras, options) each. Only cameras whose
+    options are the same share a process (a pinned camera never drags another along); a process reserves the
+    sum of its cameras' CPUs and custom resources."""
+    per = cameras_per_process(ray_cfg, len(cameras), cores)
+    by_options: dict[str, list[CameraConfig]] = {}
+    for camera in cameras:
+        by_options.setdefault(json.dumps(stream_options(ray_cfg, camera), sort_keys=True), []).append(camera)
+    groups = []
+    for same in by_options.values():
+        for i in range(0, len(same), per):
+            group = same[i:i + per]
+            opts = stream_options(ray_cfg, group[0])
+            opts["num_cpus"] = ray_cfg.stream_cpus * len(group)
+            if "resources" in opts:
+                opts["resources"] = {k: v * len(group) for k, v in opts["resources"].items()}
+            groups.append((group, opts))
+    return groups
 
 
 def local_cpus(ray_cfg: Any, replicas: int, cameras: int, spare_cameras: int = 16) -> int:

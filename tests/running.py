@@ -17,7 +17,8 @@ class RunningApp:
     """Starts an App, runs its control loop in a thread (as `hydravision run` does), stops it on exit."""
 
     def __init__(self, redis_url: str, checkpoint: Path, cameras: list[dict], redis: dict | None = None,
-                 interval: float = 0.5, api: dict | None = None, control: dict | None = None, **inference):
+                 interval: float = 0.5, api: dict | None = None, control: dict | None = None, ray: dict | None = None,
+                 **inference):
         config = parse_config({
             "redis": {"url": redis_url, **(redis or {})},
             "model": {"checkpoint": str(checkpoint), "device": "cpu"},
@@ -27,6 +28,7 @@ class RunningApp:
             "status": {"interval_s": interval},
             "api": api or {},
             "control": control or {},
+            "ray": ray or {},
             "cameras": cameras,
         })
         self.log: list[str] = []

@@ -165,7 +165,7 @@ def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_serve
         ids_before = {(e["head"], e["track_id"]) for e in events(client, "cam", "track_started")}
         n = len(messages(client, "cam"))
         t1 = time.time()
-        ray.kill(run.app.cameras["cam"].actor, no_restart=False)
+        ray.kill(run.app.cameras["cam"].process, no_restart=False)
         wait_for(lambda: len(messages(client, "cam")) > n + 10, resume_s + 5, "frames after the stream actor crashed")
         stream_resumed = time.time() - t1
         wait_for(lambda: events(client, "cam", "worker_restarted"), machine.deadline(10),

@@ -96,7 +96,7 @@ def test_add_over_http_and_redis_then_remove_while_the_others_keep_publishing(re
 
         # removal: wait until the camera has tracks to end
         wait_for(lambda: events(client, "by-http", "track_started"), 60, "a track on the HTTP camera")
-        pid = ray.get(run.app.cameras["by-http"].actor.stats.remote(), timeout=10)["pid"]
+        pid = ray.get(run.app.cameras["by-http"].process.stats.remote("by-http"), timeout=10)["pid"]
         reply = httpx.delete(f"{base}/cameras/by-http", timeout=120)
         assert reply.status_code == 200, reply.text
         final = reply.json()["result"]["final"]

@@ -107,7 +107,7 @@ def test_metrics_grow_between_scrapes_and_readyz_follows_redis(ray_local, redis_
         # A camera's actor crashes and Ray restarts it: its counters start from zero in the new process, and
         # /metrics must neither go backwards nor lose the invariant.
         before = scrape(api)
-        ray.kill(run.app.cameras["cam-a"].actor, no_restart=False)
+        ray.kill(run.app.cameras["cam-a"].process, no_restart=False)
         # the first scrape after the restart: the new process has counted (almost) nothing yet
         after = wait_for(lambda: (lambda m: get(m, "hydravision_actor_restarts_total", role="stream") == 1
                                   and m)(scrape(api)), 40, "the restart on /metrics")

@@ -11,8 +11,9 @@ import pytest
 from pipeline.cluster import redis_warning, require_redis_url
 from pipeline.config import ConfigError, InferenceConfig, RayConfig, parse_config
 from pipeline.errors import UserError
-from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, inference_options,
-                                local_cpus, namespace_for, replica_count, replicas_per_node, stream_options)
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, cameras_per_process, check_placeable, fits,
+                                group_cameras, inference_options, local_cpus, namespace_for, replica_count,
+                                replicas_per_node, stream_options)
 from workers.settings import CameraConfig
 from workers.stream import Resume, resume_point
 
@@ -55,6 +56,32 @@ def test_inference_never_fits_a_node_without_the_inference_resource():
 ])
 def test_stream_options(placement, expected):
     assert stream_options(RayConfig(), cam(**placement)) == expected
+
+
+@pytest.mark.parametrize("cameras, cores, setting, expected", [
+    (8, 2, None, 4), (3, 2, None, 2), (1, 2, None, 1), (8, 16, None, 1), (20, 2, None, 10), (0, 2, None, 1),
+    (8, 2, 1, 1), (8, 16, 3, 3),  # ray.cameras_per_process wins
+])
+def test_cameras_per_process(cameras, cores, setting, expected):
+    assert cameras_per_process(RayConfig(cameras_per_process=setting), cameras, cores) == expected
+
+
+def test_only_cameras_placed_alike_share_a_process():
+    """Cameras without a placement fill processes in order; a pinned camera goes with the cameras pinned
+    alike only; a process reserves its cameras' CPUs and resources together."""
+    def at(id_, **placement):
+        return CameraConfig(id=id_, url="synthetic://street", placement=placement or None)
+
+    cams = [at("a"), at("b"), at("z1", labels={"zone": "a"}), at("c"), at("s1", resources={"site_c": 1}),
+            at("z2", labels={"zone": "a"}), at("s2", resources={"site_c": 1}), at("d"), at("e")]
+    groups = group_cameras(RayConfig(), cams, cores=3)  # 9 cameras over 3 cores: 3 per process
+    assert [[c.id for c in g] for g, _ in groups] == [["a", "b", "c"], ["d", "e"], ["z1", "z2"], ["s1", "s2"]]
+    assert [opts for _, opts in groups] == [
+        {"num_cpus": 0.1 * 3, "scheduling_strategy": "SPREAD"}, {"num_cpus": 0.1 * 2, "scheduling_strategy": "SPREAD"},
+        {"num_cpus": 0.1 * 2, "label_selector": {"zone": "a"}}, {"num_cpus": 0.1 * 2, "resources": {"site_c": 2.0}}]
+    isolated = group_cameras(RayConfig(cameras_per_process=1), cams, cores=3)
+    assert [[c.id for c in g] for g, _ in isolated] == [[i] for i in ("a", "b", "c", "d", "e", "z1", "z2", "s1", "s2")]
+    assert [opts for _, opts in isolated] == [stream_options(RayConfig(), g[0]) for g, _ in isolated]
 
 
 @pytest.mark.parametrize("what, opts, nodes, ok", [

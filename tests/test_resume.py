@@ -26,7 +26,7 @@ def test_restarted_cameras_publish_no_frame_twice(ray_local, redis_server, tiny_
         wait_for(lambda: len(messages(client, "live")) >= 10 and len(messages(client, "file")) >= 40, 60,
                  "frames from both cameras")
         for cid in ("live", "file"):
-            ray.kill(run.app.cameras[cid].actor, no_restart=False)
+            ray.kill(run.app.cameras[cid].process, no_restart=False)
         t_kill = time.time()
         wait_for(lambda: len(events(client, "live", "worker_restarted")) and len(events(client, "file", "worker_restarted")),
                  60, "both cameras restarted")

@@ -120,11 +120,12 @@ def test_stream_actor_stop_without_drain(ray_local, redis_server) -> None:
     # Ray's workers cannot import this test module (tests/ is not a package on their path): send it by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     inference = ray.remote(num_cpus=0)(SlowInference).remote()
-    actor = StreamActor.remote(CAMERA, [inference], MODEL_INFO, {"url": redis_server.url})
+    actor = StreamActor.remote([(CAMERA, [inference])], MODEL_INFO, {"url": redis_server.url})
+    cid = CAMERA["id"]
     try:
-        ray.get(actor.start.remote(), timeout=60)
-        wait_for(lambda: busy(ray.get(actor.stats.remote(), timeout=10)), 30, "the camera to be busy")
-        final = ray.get(actor.stop.remote(drain=False), timeout=60)
+        ray.get(actor.start.remote(cid), timeout=60)
+        wait_for(lambda: busy(ray.get(actor.stats.remote(cid), timeout=10)), 30, "the camera to be busy")
+        final = ray.get(actor.stop.remote(cid, drain=False), timeout=60)
     finally:
         ray.kill(actor, no_restart=True)
         ray.kill(inference, no_restart=True)

@@ -170,6 +170,11 @@ class RateGate:
         return True
 
 
+def capture_thread_name(camera_id: str, url: str) -> str:
+    """A camera's decoder thread is named after it: several cameras can share a process (StreamActor)."""
+    return f"capture {camera_id}: {redact_url(url)}"
+
+
 class Capture:
     """Runs the decode loop of one camera in a daemon thread.
 
@@ -208,7 +213,7 @@ class Capture:
         self._in_put = False  # blocked handing a frame to a busy pipeline (lossless): alive, not stalled
         self._stop = threading.Event()
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, name=f"capture {redact_url(camera.url)}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=capture_thread_name(camera.id, camera.url), daemon=True)
         self._source: Source | None = None
         self._picture_due: float | None = None  # stream time of the next frame that keeps a picture for a snapshot
 

@@ -1,7 +1,7 @@
 """One camera, end to end: decode thread -> frame slot (the newest frame; an unpaced file's backlog) ->
 inference (bounded in flight; the frames ready at once go in one call) -> boxes back to source pixels ->
-trackers -> Redis. ``CameraPipeline`` is plain asyncio that tests run without Ray; ``StreamActor`` is the
-thin Ray actor that hosts it.
+trackers -> Redis. ``CameraPipeline`` is plain asyncio that tests run without Ray; ``CameraHost`` gives it
+a Publisher and a status loop, and ``StreamActor`` is the thin Ray actor that hosts one or more of them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import redis
 from workers.analytics import CameraAnalytics
 from workers.analytics_settings import analytics_errors
 from workers.budget import FrameAgeBudget
-from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot
+from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import CALL_BYTES, service_call
@@ -571,16 +571,14 @@ def publisher_for(settings: RedisConfig, name: str) -> Publisher:
     return Publisher(settings.url, prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer, name=name)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class StreamActor:
-    """Ray shell around CameraPipeline and its Publisher. One per camera."""
+class CameraHost:
+    """One camera inside a StreamActor: its CameraPipeline, its Publisher and its status loop."""
 
     def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
                  instance: str | None = None):
         """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
         of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
         ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Validated once more where they arrive: a model passes through unchanged, a dict is checked.
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
@@ -694,8 +692,9 @@ class StreamActor:
         if self.publisher:
             await asyncio.get_running_loop().run_in_executor(None, self.publisher.close, 5.0)
             stats["publisher"] = self.publisher.stats()
-        # What a removal leaves behind in this process (the controller kills it next): should be nothing.
-        stats["decoder_threads"] = sum(t.name.startswith("capture ") for t in threading.enumerate())
+        # What a removal leaves behind of this camera in its process: should be nothing.
+        mine = capture_thread_name(self.camera.id, "")
+        stats["decoder_threads"] = sum(t.name.startswith(mine) for t in threading.enumerate())
         stats["open_tracks"] = self.pipeline.open_tracks()
         return stats
 
@@ -705,6 +704,49 @@ class StreamActor:
             s["publisher"] = self.publisher.stats()
         s["pid"] = os.getpid()  # the controller tells a restarted actor's counters from the old one's by it
         return s
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class StreamActor:
+    """The Ray actor, one process, that hosts one or more cameras (``ray.cameras_per_process``): every
+    Ray actor process wakes up 100 times a second whatever it does, so cameras sharing one spend less CPU per
+    frame (docs/architecture.md, "Cameras per process"). Calls name the camera; Ray re-runs the constructor
+    after a crash and the controller then starts each camera again with its current config."""
+
+    def __init__(self, cameras: list[tuple[CameraConfig, list]], model_info: dict, redis: RedisConfig,
+                 instance: str | None = None):
+        """``cameras``: (config, names of its InferenceActors) each, see CameraHost."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.hosts = {}
+        for camera, inference in cameras:
+            host = CameraHost(camera, inference, model_info, redis, instance)
+            self.hosts[host.camera.id] = host
+
+    def _host(self, camera_id: str) -> CameraHost:
+        try:
+            return self.hosts[camera_id]
+        except KeyError:
+            raise KeyError(f"camera {camera_id} is not hosted by this process ({sorted(self.hosts)})") from None
+
+    async def start(self, camera_id: str, camera: CameraConfig | None = None) -> None:
+        await self._host(camera_id).start(camera)
+
+    async def wait(self, camera_id: str) -> dict:
+        return await self._host(camera_id).wait()
+
+    async def update(self, camera_id: str, camera: CameraConfig) -> dict:
+        return await self._host(camera_id).update(camera)
+
+    async def stop(self, camera_id: str, drain: bool = True, timeout: float = 10.0) -> dict:
+        return await self._host(camera_id).stop(drain, timeout)
+
+    async def stats(self, camera_id: str) -> dict:
+        return await self._host(camera_id).stats()
+
+    async def forget(self, camera_id: str) -> int:
+        """Drops a stopped camera (removed at run time); returns how many cameras this process still hosts."""
+        self.hosts.pop(camera_id, None)
+        return len(self.hosts)
 
     async def where(self) -> dict:
         """The node and process this actor runs in (it moves when its node dies)."""

@@ -1,0 +1,63 @@
+"""Cameras sharing one StreamActor process (``ray.cameras_per_process``): each keeps its own pipeline,
+publisher and decoder; a crash of the process restarts exactly its cameras, each resuming after its own last
+frame; removing one leaves the others running in the same process; the last one out takes the process along."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import ray
+
+from running import RunningApp, events, messages, wait_for
+
+
+def cam(id_: str, seed: int) -> dict:
+    return {"id": id_, "url": f"synthetic://street?seed={seed}&fps=8&size=320x192"}
+
+
+def pid_of(run: RunningApp, cid: str) -> int:
+    return ray.get(run.app.cameras[cid].process.stats.remote(cid), timeout=10)["pid"]
+
+
+@pytest.mark.timeout(240)
+def test_cameras_sharing_a_process(ray_local, redis_server, tiny_checkpoint):
+    client = redis_server.client()
+    cams = [cam("a", 41), cam("b", 42), cam("c", 43)]
+    with RunningApp(redis_server.url, tiny_checkpoint, cams, interval=0.3, ray={"cameras_per_process": 2}) as run:
+        handles = run.app.cameras
+        assert handles["a"].process is handles["b"].process and handles["c"].process is not handles["a"].process
+        assert handles["a"].name == "hv-camera-a+b" and handles["c"].name == "hv-camera-c"
+        wait_for(lambda: all(len(messages(client, c)) >= 8 for c in "abc"), 60, "frames from every camera")
+        shared, alone = pid_of(run, "a"), pid_of(run, "c")
+        assert pid_of(run, "b") == shared != alone
+
+        # The shared process crashes: a and b restart in a new one, c does not notice.
+        ray.kill(handles["a"].process, no_restart=False)
+        t_kill = time.time()
+        wait_for(lambda: events(client, "a", "worker_restarted") and events(client, "b", "worker_restarted"), 60,
+                 "both cameras of the process restarted")
+        wait_for(lambda: all([m for m in messages(client, c) if m["ts"] > t_kill + 1] for c in "ab"), 30,
+                 "frames from a and b after the restart")
+        assert pid_of(run, "a") == pid_of(run, "b") != shared
+        assert pid_of(run, "c") == alone and not events(client, "c", "worker_restarted")
+        shared = pid_of(run, "a")
+
+        # Removing a: b goes on in the same process; removing b then ends that process.
+        final = run.app.remove_camera("a", by="test")["final"]
+        assert final["state"] == "stopped" and final["decoder_threads"] == 0 and final["open_tracks"] == 0, final
+        n_b = len(messages(client, "b"))
+        wait_for(lambda: len(messages(client, "b")) > n_b + 8, 30, "frames from b after a was removed")
+        assert pid_of(run, "b") == shared and psutil.pid_exists(shared)
+        run.app.remove_camera("b", by="test")
+        wait_for(lambda: not psutil.pid_exists(shared), 20, "the emptied process to exit")
+
+        # a comes back, in a process of its own.
+        run.app.add_camera(cam("a", 41), by="test")
+        assert run.app.cameras["a"].name == "hv-camera-a" and pid_of(run, "a") not in (shared, alone)
+        n_a = len(messages(client, "a"))
+        wait_for(lambda: len(messages(client, "a")) > n_a + 8, 60, "frames from a added again")
+    for c in "bc":  # (a added again is a new playback, numbered from 0)
+        frames = [m["frame"] for m in messages(client, c)]
+        assert frames == sorted(set(frames)), f"{c}: a frame was published twice or out of order"
