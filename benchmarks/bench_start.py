@@ -59,10 +59,10 @@ def files_config(folder: Path, n: int, checkpoint: Path | None = None) -> Path:
     return path
 
 
-def published_fps(client: redis.Redis, prefix: str, cameras: list[dict], t0: float, t1: float) -> float:
-    """Messages all cameras published between t0 and t1 (stream ids are Redis's clock, in ms), per second."""
+def published_fps(client: redis.Redis, prefix: str, cameras: list[dict], t0: float, t1: float) -> dict[str, float]:
+    """Messages each camera published between t0 and t1 (stream ids are Redis's clock, in ms), per second."""
     lo, hi = f"{int(t0 * 1000)}-0", f"{int(t1 * 1000)}-0"
-    return sum(len(client.xrange(keys(prefix).detections(c["id"]), min=lo, max=hi)) for c in cameras) / (t1 - t0)
+    return {c["id"]: len(client.xrange(keys(prefix).detections(c["id"]), min=lo, max=hi)) / (t1 - t0) for c in cameras}
 
 
 def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str, seconds: float,
@@ -103,7 +103,9 @@ def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str
     judged = [c["id"] for c in cameras if wanted_fps(c)]
     return {"first_message_s": first, "all_first_s": max(first.values()) if len(first) == len(cameras) else None,
             "steady_s": steady, "all_steady_s": max(steady.values()) if judged and len(steady) == len(judged) else None,
-            "fps_last_window": round(fps, 1) if fps is not None else None,
+            "fps_last_window": round(sum(fps.values()), 1) if fps is not None else None,
+            # the slowest camera's rate over the fastest's in that window (1: every camera got the same share)
+            "fairness_last_window": round(min(fps.values()) / max(max(fps.values()), 1e-9), 2) if fps else None,
             "output": [ln for ln in lines if ln[1] and not ln[1].startswith(" ")][:40], "exit_code": proc.returncode}
 
 
@@ -137,8 +139,8 @@ def main() -> None:
                 runs[name].append(r)
                 print(f"{name} ({repo}) run {i + 1}: first message of every camera {r['all_first_s']} s "
                       f"{r['first_message_s']}; every camera steady {r['all_steady_s']} s {r['steady_s']}"
-                      + (f"; {r['fps_last_window']} frames/s over the last {args.window:g} s" if args.window else ""),
-                      flush=True)
+                      + (f"; {r['fps_last_window']} frames/s over the last {args.window:g} s, fairness "
+                         f"{r['fairness_last_window']}" if args.window else ""), flush=True)
                 for t, line in r["output"]:
                     print(f"  {t:>6.2f}  {line[:150]}")
     finally:
@@ -147,7 +149,8 @@ def main() -> None:
         firsts = [r["all_first_s"] for r in rs if r["all_first_s"] is not None]
         steadies = [r["all_steady_s"] for r in rs if r["all_steady_s"] is not None]
         print(f"{name}: first message of every camera {firsts} s; steady {steadies} s"
-              + (f"; frames/s over the last {args.window:g} s {[r['fps_last_window'] for r in rs]}" if args.window else ""))
+              + (f"; frames/s over the last {args.window:g} s {[r['fps_last_window'] for r in rs]}, fairness "
+                 f"{[r['fairness_last_window'] for r in rs]}" if args.window else ""))
     save_json(args.json, {"config": str(args.config), "config_text": args.config.read_text(), "cpus": os.cpu_count(),
                           "repos": {k: str(v) for k, v in repos.items()}, "runs": runs})
 
