@@ -94,6 +94,7 @@ class App(LiveControl):
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _busy: set = field(default_factory=set)
     _last_stats: dict = field(default_factory=dict)
+    _restarted_pids: frozenset = frozenset()  # camera processes whose restart the metric has counted
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
@@ -300,8 +301,12 @@ class App(LiveControl):
             return None
         h.restarts += 1
         h.done = h.process.wait.remote(h.id)
-        self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id))
-        return ray.get(h.process.stats.remote(h.id), timeout=10)
+        stats = ray.get(h.process.stats.remote(h.id), timeout=10)
+        # An event for each camera; the restarts metric counts processes (the cameras of one restart together).
+        counted, self._restarted_pids = stats["pid"] in self._restarted_pids, self._restarted_pids | {stats["pid"]}
+        self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id),
+                             count=not counted)
+        return stats
 
     def _check_inference(self) -> None:
         for i, actor in enumerate(self.inference):
@@ -324,8 +329,10 @@ class App(LiveControl):
         handle = self.cameras.get(camera)
         return redact_text(text, [handle.config.url] if handle else [])
 
-    def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None) -> None:
-        self.telemetry.record_restart(worker)
+    def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None,
+                        count: bool = True) -> None:
+        if count:
+            self.telemetry.record_restart(worker)
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
         self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
         if self.events:

@@ -62,8 +62,8 @@ class HydravisionCollector(Collector):
         yield from self._inference(snap)
         yield from self._redis(snap)
         restarts = CounterMetricFamily("hydravision_actor_restarts_total",
-                                       "Actors Ray restarted after a crash, by role (stream, inference)",
-                                       labels=["role"])
+                                       "Actor processes Ray restarted after a crash, by role (stream: one for all "
+                                       "the cameras of a process; inference)", labels=["role"])
         for role, n in sorted(snap.restarts.items()):
             restarts.add_metric([role], n)
         yield restarts

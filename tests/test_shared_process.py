@@ -42,6 +42,7 @@ def test_cameras_sharing_a_process(ray_local, redis_server, tiny_checkpoint):
                  "frames from a and b after the restart")
         assert pid_of(run, "a") == pid_of(run, "b") != shared
         assert pid_of(run, "c") == alone and not events(client, "c", "worker_restarted")
+        assert run.app.telemetry.snapshot().restarts["stream"] == 1  # one process, however many cameras
         shared = pid_of(run, "a")
 
         # Removing a: b goes on in the same process; removing b then ends that process.
