@@ -188,7 +188,7 @@ class App(LiveControl):
             self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
                                                        "the inference replicas")
         except BaseException:
-            self._kill({id(p): p for _, p, _, _ in starting}.values())
+            self._kill(p for _, p, _, _ in starting)
             raise
         if {k: info[k] for k in self.model_info} != self.model_info:
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
@@ -223,7 +223,8 @@ class App(LiveControl):
 
     def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
         """Starts the cameras' StreamActors, all at once: each is a process, and starting 20 of them one
-        after the other takes minutes on a small machine; together they overlap their imports."""
+        after the other takes minutes on a small machine; together they overlap their imports. (``_create``
+        groups cameras started together into fewer processes, ``ray.cameras_per_process``.)"""
         return self._started(self._create(cams))
 
     def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraConfig, Any, str, Any]]:
@@ -255,13 +256,14 @@ class App(LiveControl):
                                     f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
                 handles.append(CameraHandle(cam.id, cam, process, name, process.wait.remote(cam.id)))
         except BaseException:  # none of them runs half-started
-            self._kill({id(p): p for _, p, _, _ in spawned}.values())
+            self._kill(p for _, p, _, _ in spawned)
             raise
         return handles
 
     @staticmethod
     def _kill(actors: Any) -> None:
-        for actor in actors:
+        """``ray.kill`` each actor once (the cameras of one process share its handle)."""
+        for actor in {id(a): a for a in actors}.values():
             ray.kill(actor, no_restart=True)
 
     # -- run ---------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ class App(LiveControl):
                 log.warning("camera %s: no final stats", cid, exc_info=True)
             self.cameras[cid].final = final
             finals.append(final)
-        self._kill({id(h.process): h.process for h in self.cameras.values()}.values())
+        self._kill(h.process for h in self.cameras.values())
         self._kill(self.inference)
         if self.events:
             self.events.close(5.0)

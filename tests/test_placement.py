@@ -84,6 +84,22 @@ def test_only_cameras_placed_alike_share_a_process():
     assert [opts for _, opts in isolated] == [stream_options(RayConfig(), g[0]) for g, _ in isolated]
 
 
+def test_cameras_whose_sum_fits_no_node_get_a_process_each():
+    """Two cameras that each need the one site_c unit a node offers cannot share a process reserving two."""
+    from pipeline.cluster import Placement
+
+    placement = Placement.__new__(Placement)  # its rules without a Ray: the snapshot it would take
+    placement.config = parse_config({"cameras": []})
+    placement.nodes = [HEAD, Node("s" * 56, "10.0.0.5", {"CPU": 4, "site_c": 1})]
+    placement.cores, placement.namespace = 1, "ns"
+    cams = [CameraConfig(id=i, url="synthetic://street", placement={"resources": {"site_c": 1}}) for i in "ab"]
+    cams.append(CameraConfig(id="c", url="synthetic://street"))
+    cams.append(CameraConfig(id="d", url="synthetic://street"))
+    assert [([c.id for c in g], o["name"], o.get("resources")) for g, o in placement.stream_processes(cams)] == [
+        (["a"], "hv-camera-a", {"site_c": 1.0}), (["b"], "hv-camera-b", {"site_c": 1.0}),
+        (["c", "d"], "hv-camera-c+d", None)]
+
+
 @pytest.mark.parametrize("what, opts, nodes, ok", [
     ("camera on zone a", {"num_cpus": 0.1, "label_selector": {"zone": "a"}}, [HEAD, CPU_INF], True),
     ("camera on a missing zone", {"num_cpus": 0.1, "label_selector": {"zone": "x"}}, [HEAD, CPU_INF], False),

@@ -717,7 +717,7 @@ class StreamActor:
                  instance: str | None = None):
         """``cameras``: (config, names of its InferenceActors) each, see CameraHost."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.hosts = {}
+        self.hosts: dict[str, CameraHost] = {}
         for camera, inference in cameras:
             host = CameraHost(camera, inference, model_info, redis, instance)
             self.hosts[host.camera.id] = host
