@@ -21,6 +21,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
+from pipeline.placement import cameras_per_process, stream_options
 from pipeline.reaper import Reaper
 from pipeline.telemetry import Telemetry
 from workers.analytics_settings import analytics_errors
@@ -57,6 +58,8 @@ class CameraHandle:
     config: CameraConfig
     process: Any  # the StreamActor hosting this camera (maybe with others): its calls name the camera
     name: str  # that actor's name
+    inference: list = field(default_factory=list)  # the replica it sends frames to, as StreamActor takes it
+    joined: bool = False  # added at run time to a process that was already running
     done: Any = None  # ObjectRef of process.wait(id), ready when the camera's source has ended
     final: dict | None = None
     restarts: int = 0
@@ -188,7 +191,7 @@ class App(LiveControl):
             self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
                                                        "the inference replicas")
         except BaseException:
-            self._kill(p for _, p, _, _ in starting)
+            self._kill(h.process for h, _ in starting)
             raise
         if {k: info[k] for k in self.model_info} != self.model_info:
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
@@ -213,7 +216,7 @@ class App(LiveControl):
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
 
-    def add_cameras(self, starting: list[tuple[CameraConfig, Any, str, Any]]) -> None:
+    def add_cameras(self, starting: list[tuple[CameraHandle, Any]]) -> None:
         """The config's cameras, at start (created by ``_create``)."""
         for handle in self._started(starting):
             with self._lock:
@@ -222,43 +225,100 @@ class App(LiveControl):
             self.say(f"Camera {cam.id}: {redact_url(cam.url)} heads={cam.heads or list(self.model_info['heads'])}")
 
     def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
-        """Starts the cameras' StreamActors, all at once: each is a process, and starting 20 of them one
-        after the other takes minutes on a small machine; together they overlap their imports. (``_create``
-        groups cameras started together into fewer processes, ``ray.cameras_per_process``.)"""
+        """Starts cameras, all at once: new StreamActors are processes, and starting 20 of them one after
+        the other takes minutes on a small machine; together they overlap their imports."""
         return self._started(self._create(cams))
 
-    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraConfig, Any, str, Any]]:
-        """Creates the StreamActors of the cameras and asks them to start; (camera, actor, its name, start
-        ref) each, several cameras sharing one actor (``Placement.stream_processes``)."""
-        spawned = []
+    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraHandle, Any]]:
+        """Asks the cameras to start, in processes running already (``_joining``) or in new StreamActors,
+        several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order."""
         live = [*self.cameras, *(c.id for c in cams)]
-        replica = {cam.id: self.placement.replica_index(cam.id, live) for cam in cams}
-        for group, options in self.placement.stream_processes(cams):
-            # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
-            # object store for the actor's restarts (Ray warns about it).
-            hosted = [(cam, [(self.placement.namespace, cluster.inference_name(replica[cam.id]))]) for cam in group]
-            process = self.placement.spawn(StreamActor, options, hosted, self.model_info, self.redis_settings,
-                                           self.instance)
-            spawned.extend((cam, process, options["name"], process.start.remote(cam.id)) for cam in group)
-        return spawned
+        # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
+        # object store for the actor's restarts (Ray warns about it).
+        replica = {cam.id: [(self.placement.namespace, cluster.inference_name(self.placement.replica_index(cam.id, live)))]
+                   for cam in cams}
+        starting = []
+        joining = self._joining(cams)
+        for cam in cams:
+            if host := joining.get(cam.id):
+                handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
+                starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
+        with self._lock:
+            taken = {h.name for h in self.cameras.values()}
+        for group, options in self.placement.stream_processes([c for c in cams if c.id not in joining]):
+            name, n = options["name"], 1
+            while name in taken:  # a process of ours still has it (its first camera was removed since)
+                n += 1
+                name = f"{options['name']}-{n}"
+            taken.add(name)
+            process = self.placement.spawn(StreamActor, {**options, "name": name},
+                                           [(cam, replica[cam.id]) for cam in group], self.model_info,
+                                           self.redis_settings, self.instance)
+            starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
+                         for cam in group]
+        order = {cam.id: i for i, cam in enumerate(cams)}
+        return sorted(starting, key=lambda hs: order[hs[0].id])
 
-    def _started(self, spawned: list[tuple[CameraConfig, Any, str, Any]]) -> list[CameraHandle]:
+    def _joining(self, cams: list[CameraConfig]) -> dict[str, CameraHandle]:
+        """Cameras added at run time that join a running process instead of starting one (no second of
+        imports in a new process, no 125 MB more): one whose cameras are placed alike, with room below
+        ``cameras_per_process`` for the cameras there will be, the fewest cameras first. Not cameras asking
+        custom resources: the process reserved what the cameras it was created with ask. Camera id -> a
+        handle of that process."""
+        per = cameras_per_process(self.config.ray, len(self.cameras) + len(cams), self.placement.cores)
+        with self._lock:
+            by_process: dict[int, list[CameraHandle]] = {}
+            for h in self.cameras.values():
+                by_process.setdefault(id(h.process), []).append(h)
+        count = {key: len(hs) for key, hs in by_process.items()}
+        out = {}
+        for cam in cams:
+            wanted = stream_options(self.config.ray, cam)
+            if "resources" in wanted:
+                continue
+            room = [key for key, hs in by_process.items()
+                    if count[key] < per and stream_options(self.config.ray, hs[0].config) == wanted]
+            if room:
+                key = min(room, key=lambda k: count[k])  # the fewest cameras; the oldest process on a tie
+                count[key] += 1
+                out[cam.id] = by_process[key][0]
+        return out
+
+    def _started(self, starting: list[tuple[CameraHandle, Any]]) -> list[CameraHandle]:
         """Waits for the cameras of ``_create`` to have started; none is left half-started."""
-        budget_s = 60 + 5 * len(spawned)
+        budget_s = 60 + 5 * len(starting)
         deadline = time.monotonic() + budget_s
-        handles = []
         try:
-            for cam, process, name, started in spawned:
+            for handle, started in starting:
                 try:
                     ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
-                    raise UserError(f"camera {cam.id}: its stream actor did not start within "
+                    raise UserError(f"camera {handle.id}: its stream actor did not start within "
                                     f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
-                handles.append(CameraHandle(cam.id, cam, process, name, process.wait.remote(cam.id)))
+                handle.done = handle.process.wait.remote(handle.id)
         except BaseException:  # none of them runs half-started
-            self._kill(p for _, p, _, _ in spawned)
+            for handle, _ in starting:
+                if handle.joined:
+                    self._let_go(handle, stop=True)
+            self._kill(h.process for h, _ in starting if not h.joined)
             raise
-        return handles
+        return [handle for handle, _ in starting]
+
+    def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
+        """A camera no longer run (removed, or joined and never fully started): its process forgets it
+        (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
+        with self._lock:
+            shared = any(h.process is handle.process and h.id != handle.id for h in self.cameras.values())
+        if shared:
+            try:
+                if stop:
+                    ray.get(handle.process.stop.remote(handle.id, drain=False), timeout=10)
+                ray.get(handle.process.forget.remote(handle.id), timeout=10)
+            except Exception:  # being restarted: its constructor may bring the camera back, never started
+                log.warning("camera %s: its process did not forget it", handle.id, exc_info=True)
+            return False
+        ray.kill(handle.process, no_restart=True)
+        return True
 
     @staticmethod
     def _kill(actors: Any) -> None:
@@ -297,7 +357,7 @@ class App(LiveControl):
     def _restart_camera(self, h: CameraHandle) -> dict | None:
         """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again."""
         try:
-            ray.get(h.process.start.remote(h.id, h.config), timeout=30)
+            ray.get(h.process.start.remote(h.id, h.config, h.inference), timeout=30)
         except Exception as e:
             log.warning("camera %s: restart failed: %s", h.id, self._describe(e, h.id), exc_info=True)
             return None

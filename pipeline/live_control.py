@@ -38,7 +38,7 @@ STOP_TIMEOUT_S = 30.0
 
 
 class LiveControl:
-    """Mixed into App (pipeline/app.py), whose fields and helpers (_spawn, _describe, say) it uses."""
+    """Mixed into App (pipeline/app.py), whose fields and helpers (_spawn, _let_go, _describe, say) it uses."""
 
     # -- the control channels ------------------------------------------------------------------------------
     def check_api_settings(self) -> None:
@@ -153,7 +153,7 @@ class LiveControl:
             if not stopping:
                 self.cameras[cam.id] = handle
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
-            ray.kill(handle.process, no_restart=True)
+            self._let_go(handle, stop=True)
             raise CommandRejected("the service is shutting down", 503)
         self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
@@ -175,16 +175,9 @@ class LiveControl:
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             with self._lock:
                 self.cameras.pop(camera_id, None)
-                shared = any(h.process is handle.process for h in self.cameras.values())
             self.events.remove_status(camera_id)
             self._retire_track_ids(camera_id, final.get("track_ids_next"))
-            if shared:
-                try:
-                    ray.get(handle.process.forget.remote(camera_id), timeout=STOP_TIMEOUT_S)
-                except Exception:  # being restarted: its constructor brings the camera back, never started
-                    log.warning("camera %s: its process did not forget it", camera_id, exc_info=True)
-            else:
-                ray.kill(handle.process, no_restart=True)
+            if self._let_go(handle):
                 self._wait_gone(handle)
         finally:
             self._release(camera_id)

@@ -1,6 +1,7 @@
 """Cameras sharing one StreamActor process (``ray.cameras_per_process``): each keeps its own pipeline,
 publisher and decoder; a crash of the process restarts exactly its cameras, each resuming after its own last
-frame; removing one leaves the others running in the same process; the last one out takes the process along."""
+frame, also one that joined it at run time; removing one leaves the others running in the same process; the
+last one out takes the process along; a camera added at run time joins a process with room."""
 
 from __future__ import annotations
 
@@ -54,11 +55,37 @@ def test_cameras_sharing_a_process(ray_local, redis_server, tiny_checkpoint):
         run.app.remove_camera("b", by="test")
         wait_for(lambda: not psutil.pid_exists(shared), 20, "the emptied process to exit")
 
-        # a comes back, in a process of its own.
+        # A camera added at run time joins a process with room (c's): no new process.
+        t_add = time.time()
         run.app.add_camera(cam("a", 41), by="test")
-        assert run.app.cameras["a"].name == "hv-camera-a" and pid_of(run, "a") not in (shared, alone)
-        n_a = len(messages(client, "a"))
-        wait_for(lambda: len(messages(client, "a")) > n_a + 8, 60, "frames from a added again")
-    for c in "bc":  # (a added again is a new playback, numbered from 0)
-        frames = [m["frame"] for m in messages(client, c)]
-        assert frames == sorted(set(frames)), f"{c}: a frame was published twice or out of order"
+        assert run.app.cameras["a"].process is handles["c"].process and run.app.cameras["a"].joined
+        assert pid_of(run, "a") == alone
+        wait_for(lambda: len([m for m in messages(client, "a") if m["ts"] > t_add]) >= 8, 60, "frames from a added again")
+
+        # That process crashes: c and the camera that joined it (not among its constructor's) both come back.
+        ray.kill(handles["c"].process, no_restart=False)
+        t_kill = time.time()
+
+        def restarted(c: str) -> list:
+            return [e for e in events(client, c, "worker_restarted") if e["ts"] > t_kill]
+
+        wait_for(lambda: restarted("a") and restarted("c"), 60, "both cameras of the second process restarted")
+        wait_for(lambda: all([m for m in messages(client, c) if m["ts"] > t_kill + 1] for c in "ac"), 30,
+                 "frames from a and c after the restart")
+        second = pid_of(run, "c")
+        assert pid_of(run, "a") == second != alone and run.app.telemetry.snapshot().restarts["stream"] == 2
+
+        # c leaves and d takes its place; c added again finds the process full and starts one of its own,
+        # whose name the first one (still named after c) holds: it gets another.
+        run.app.remove_camera("c", by="test")
+        run.app.add_camera(cam("d", 44), by="test")
+        assert pid_of(run, "d") == second and run.app.cameras["d"].name == "hv-camera-c"
+        run.app.add_camera(cam("c", 43), by="test")
+        assert run.app.cameras["c"].name == "hv-camera-c-2" and pid_of(run, "c") != second
+        t_back = time.time()
+        wait_for(lambda: all([m for m in messages(client, c) if m["ts"] > t_back] for c in "acd"), 60,
+                 "frames from a, c and d")
+    a_again = [m["frame"] for m in messages(client, "a") if m["ts"] > t_add]
+    assert a_again == sorted(set(a_again)), "a: a frame was published twice or out of order across the restart"
+    frames = [m["frame"] for m in messages(client, "b")]
+    assert frames == sorted(set(frames)), "b: a frame was published twice or out of order"

@@ -715,12 +715,17 @@ class StreamActor:
 
     def __init__(self, cameras: list[tuple[CameraConfig, list]], model_info: dict, redis: RedisConfig,
                  instance: str | None = None):
-        """``cameras``: (config, names of its InferenceActors) each, see CameraHost."""
+        """``cameras``: (config, names of its InferenceActors) each, see CameraHost; more may join later
+        (``start`` with both)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.model_info, self.redis, self.instance = model_info, redis, instance
         self.hosts: dict[str, CameraHost] = {}
         for camera, inference in cameras:
-            host = CameraHost(camera, inference, model_info, redis, instance)
-            self.hosts[host.camera.id] = host
+            self._add(camera, inference)
+
+    def _add(self, camera: CameraConfig, inference: list) -> None:
+        host = CameraHost(camera, inference, self.model_info, self.redis, self.instance)
+        self.hosts[host.camera.id] = host
 
     def _host(self, camera_id: str) -> CameraHost:
         try:
@@ -728,8 +733,15 @@ class StreamActor:
         except KeyError:
             raise KeyError(f"camera {camera_id} is not hosted by this process ({sorted(self.hosts)})") from None
 
-    async def start(self, camera_id: str, camera: CameraConfig | None = None) -> None:
-        await self._host(camera_id).start(camera)
+    async def start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None) -> None:
+        """Starts a camera; one this process does not host yet joins it when ``camera`` and ``inference`` come
+        along (a camera added at run time, or one that had joined before Ray restarted this process)."""
+        if camera_id not in self.hosts and camera is not None and inference is not None:
+            self._add(camera, inference)
+        host = self._host(camera_id)
+        if inference is not None and host.task is None:  # the replica it has now, not the constructor's
+            host.inference = inference
+        await host.start(camera)
 
     async def wait(self, camera_id: str) -> dict:
         return await self._host(camera_id).wait()
@@ -741,6 +753,8 @@ class StreamActor:
         return await self._host(camera_id).stop(drain, timeout)
 
     async def stats(self, camera_id: str) -> dict:
+        if camera_id not in self.hosts:  # it had joined this process, which Ray has restarted since
+            return {"camera": camera_id, "state": "created", "pid": os.getpid()}
         return await self._host(camera_id).stats()
 
     async def forget(self, camera_id: str) -> int:
