@@ -235,8 +235,8 @@ class App(LiveControl):
         live = [*self.cameras, *(c.id for c in cams)]
         # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
         # object store for the actor's restarts (Ray warns about it).
-        replica = {cam.id: [(self.placement.namespace, cluster.inference_name(self.placement.replica_index(cam.id, live)))]
-                   for cam in cams}
+        replica = {cam.id: [(self.placement.namespace,
+                             cluster.inference_name(self.placement.replica_index(cam.id, live)))] for cam in cams}
         starting = []
         joining = self._joining(cams)
         for cam in cams:

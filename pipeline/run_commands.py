@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     app = App(config, redis_url=args.redis_url, say=out.say, on_ray_started=json_worker_logs if json_mode else None)
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
     app.start()
-    out.say(f"Running {len(app.cameras)} camera(s)" + (f" for {args.duration:g} s" if args.duration else "")
-            + "; Ctrl-C to stop.")
+    processes = len({id(h.process) for h in app.cameras.values()})
+    out.say(f"Running {len(app.cameras)} camera(s) in {processes} process(es) (ray.cameras_per_process)"
+            + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.")
     try:
         if interactive:
             with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live:
