@@ -93,12 +93,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYDRAVISION_CACHE", "~/.cache/hydravision")).expanduser() / "onnx"
 
 
-def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
-    """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset and
+def cache_path(checkpoint: str | Path) -> Path:
+    """Where ``cached_export`` keeps the ONNX file of this checkpoint content, torch version, opset and
     exporter."""
     digest = hashlib.sha256(Path(checkpoint).read_bytes())
     digest.update(f"{torch.__version__}/{OPSET}/{EXPORTER}".encode())  # the exporter too: its graph differs
-    path = cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
+    return cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
+
+
+def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
+    """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset and
+    exporter."""
+    path = cache_path(checkpoint)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

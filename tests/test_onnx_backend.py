@@ -103,6 +103,8 @@ def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys, monkey
     assert cli_main(["export", str(checkpoint)]) == 0
     cached = list((tmp_path / "cache" / "onnx").glob("tiny-*.onnx"))
     assert len(cached) == 1 and str(cached[0]) in capsys.readouterr().out
+    assert cli_main(["export", str(checkpoint)]) == 0  # once more: nothing to write, and it says so
+    assert capsys.readouterr().out.startswith(f"{cached[0]} is up to date")
 
 
 def test_an_unknown_backend_is_refused_naming_the_field():
