@@ -341,7 +341,9 @@ class App(LiveControl):
                 log.debug("camera %s: stats unavailable", cid, exc_info=True)
                 continue
             with self._lock:
-                busy = cid in self._busy
+                # Removed meanwhile (its process, still hosting others, forgot it and answers "created"):
+                # not a camera to restart.
+                busy = cid in self._busy or self.cameras.get(cid) is not handles[cid]
             if s.get("state") == "created" and not self._stop.is_set() and not busy:
                 s = self._restart_camera(handles[cid]) or s
             out.append(s)
