@@ -104,8 +104,7 @@ print(round(float(np.median(times)), 1), round(max(times), 1))
 
 def model_alone(threads: int, env: dict[str, str], backend: str) -> dict:
     out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env={**os.environ, **env},
-                         capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).parent).stdout.split()
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.split()
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
 
 

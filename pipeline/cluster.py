@@ -140,7 +140,7 @@ class Placement:
         out = []
         for group, opts in group_cameras(self.config.ray, cameras, self.cores):
             if len(group) > 1 and not any(fits(n, opts) for n in self.nodes):  # their sum fits no node: apart
-                out.extend(group_cameras(self.config.ray.model_copy(update={"cameras_per_process": 1}), group, 1))
+                out.extend(([camera], stream_options(self.config.ray, camera)) for camera in group)
             else:
                 out.append((group, opts))
         return [(group, {**opts, "name": camera_actor_name("+".join(c.id for c in group)),

@@ -177,14 +177,11 @@ def export(args: argparse.Namespace) -> str:
     from models.export import cache_path, cached_export, export_onnx, output_names  # seconds of imports
 
     path = args.checkpoint or DEMO_CHECKPOINT
+    if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file():  # no model to load
+        return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
     t0 = time.time()
     model, _ = load_checkpoint(path)
-    if args.out:
-        out = export_onnx(model, args.out)
-    elif cache_path(path).is_file():
-        return f"{cache_path(path)} is up to date (exported before for this checkpoint, torch version and exporter)"
-    else:
-        out = cached_export(model, path)
+    out = export_onnx(model, args.out) if args.out else cached_export(model, path)
     return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
