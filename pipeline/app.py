@@ -253,7 +253,8 @@ class App(LiveControl):
             taken.add(name)
             process = self.placement.spawn(StreamActor, {**options, "name": name},
                                            [(cam, replica[cam.id]) for cam in group], self.model_info,
-                                           self.redis_settings, self.instance)
+                                           self.redis_settings, self.instance,
+                                           self.config.inference.merge_window_ms / 1000)
             starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
                          for cam in group]
         order = {cam.id: i for i, cam in enumerate(cams)}

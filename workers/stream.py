@@ -27,7 +27,7 @@ from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
-from workers.inference import CALL_BYTES, service_call
+from workers.inference import CALL_BYTES, CallMerger, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
@@ -575,7 +575,7 @@ class CameraHost:
     """One camera inside a StreamActor: its CameraPipeline, its Publisher and its status loop."""
 
     def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None):
+                 instance: str | None = None, merger_for: Callable[[Any], CallMerger] | None = None):
         """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
         of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
         ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
@@ -583,6 +583,8 @@ class CameraHost:
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
         self.inference, self.model_info, self.instance = inference, model_info, instance
+        self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
+        self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
         self.publisher: Publisher | None = None
@@ -598,7 +600,8 @@ class CameraHost:
         if self.publisher is None:
             self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
         # Stable spread of cameras over replicas (str hash() differs per process).
-        replica = _replica(self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)])
+        ref = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
+        replica = _replica(ref)
         # At a service's start the replica may still be loading its model (the controller starts cameras
         # beside it): the source opens once it answers, so no frame waits on a model that is not there yet.
         if hasattr(replica, "ping"):
@@ -608,11 +611,22 @@ class CameraHost:
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
+        self._leave_merger()
+        if self.merger_for is not None:
+            self.merger = self.merger_for(ref, replica)
+            self.merger.cameras.add(self.camera.id)
         self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
                                        track_id_base=id_base, instance=self.instance, resume=resume,
-                                       infer_many=service_call(replica))
+                                       infer_many=self.merger.call if self.merger else service_call(replica))
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
+        self.task.add_done_callback(lambda _task: self._leave_merger())
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
+
+    def _leave_merger(self) -> None:
+        """This camera sends no more frames through its merger, whose calls stop waiting for it."""
+        if self.merger is not None:
+            self.merger.cameras.discard(self.camera.id)
+            self.merger = None
 
     def _previous_state(self, attempts: int = 3) -> tuple[dict[str, int], Resume]:
         """Next free track id per head from this camera's last status in Redis (after a restart or a new
@@ -714,18 +728,28 @@ class StreamActor:
     after a crash and the controller then starts each camera again with its current config."""
 
     def __init__(self, cameras: list[tuple[CameraConfig, list]], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None):
+                 instance: str | None = None, merge_window_s: float = 0.002):
         """``cameras``: (config, names of its InferenceActors) each, see CameraHost; more may join later
-        (``start`` with both)."""
+        (``start`` with both). ``merge_window_s``: see CallMerger (``inference.merge_window_ms``); 0: a call
+        per camera."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_info, self.redis, self.instance = model_info, redis, instance
+        self.merge_window_s = merge_window_s
         self.hosts: dict[str, CameraHost] = {}
+        self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
         for camera, inference in cameras:
             self._add(camera, inference)
 
     def _add(self, camera: CameraConfig, inference: list) -> None:
-        host = CameraHost(camera, inference, self.model_info, self.redis, self.instance)
+        host = CameraHost(camera, inference, self.model_info, self.redis, self.instance,
+                          self._merger if self.merge_window_s > 0 else None)
         self.hosts[host.camera.id] = host
+
+    def _merger(self, ref: Any, replica: Any) -> CallMerger:
+        key = tuple(ref) if isinstance(ref, list) else ref
+        if key not in self.mergers:
+            self.mergers[key] = CallMerger(replica, self.merge_window_s)
+        return self.mergers[key]
 
     def _host(self, camera_id: str) -> CameraHost:
         try:
