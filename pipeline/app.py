@@ -96,6 +96,9 @@ class App(LiveControl):
     # only, never across a Ray call, so the control loop's ticks never wait for a camera to start.
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _busy: set = field(default_factory=set)
+    # Cameras that ``_joining`` sent to a running process and that are not in ``cameras`` yet (id -> a handle
+    # of that process): concurrent adds count them, so two never take the last place of one process.
+    _joins: dict = field(default_factory=dict)
     _last_stats: dict = field(default_factory=dict)
     _restarted_pids: frozenset = frozenset()  # camera processes whose restart the metric has counted
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
@@ -226,8 +229,19 @@ class App(LiveControl):
 
     def _spawn(self, cams: list[CameraConfig]) -> list[CameraHandle]:
         """Starts cameras, all at once: new StreamActors are processes, and starting 20 of them one after
-        the other takes minutes on a small machine; together they overlap their imports."""
-        return self._started(self._create(cams))
+        the other takes minutes on a small machine; together they overlap their imports. The caller puts the
+        handles in ``cameras`` (``_registered``)."""
+        try:
+            return self._started(self._create(cams))
+        except BaseException:
+            self._registered([cam.id for cam in cams])
+            raise
+
+    def _registered(self, ids: list[str]) -> None:
+        """Cameras of ``_spawn`` that are in ``cameras`` now, or that did not start: no longer joining."""
+        with self._lock:
+            for cid in ids:
+                self._joins.pop(cid, None)
 
     def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraHandle, Any]]:
         """Asks the cameras to start, in processes running already (``_joining``) or in new StreamActors,
@@ -267,22 +281,22 @@ class App(LiveControl):
         custom resources: the process reserved what the cameras it was created with ask. Camera id -> a
         handle of that process."""
         per = cameras_per_process(self.config.ray, len(self.cameras) + len(cams), self.placement.cores)
+        out = {}
         with self._lock:
             by_process: dict[int, list[CameraHandle]] = {}
-            for h in self.cameras.values():
+            for h in [*self.cameras.values(), *self._joins.values()]:
                 by_process.setdefault(id(h.process), []).append(h)
-        count = {key: len(hs) for key, hs in by_process.items()}
-        out = {}
-        for cam in cams:
-            wanted = stream_options(self.config.ray, cam)
-            if "resources" in wanted:
-                continue
-            room = [key for key, hs in by_process.items()
-                    if count[key] < per and stream_options(self.config.ray, hs[0].config) == wanted]
-            if room:
-                key = min(room, key=lambda k: count[k])  # the fewest cameras; the oldest process on a tie
-                count[key] += 1
-                out[cam.id] = by_process[key][0]
+            count = {key: len(hs) for key, hs in by_process.items()}
+            for cam in cams:
+                wanted = stream_options(self.config.ray, cam)
+                if "resources" in wanted:
+                    continue
+                room = [key for key, hs in by_process.items()
+                        if count[key] < per and stream_options(self.config.ray, hs[0].config) == wanted]
+                if room:
+                    key = min(room, key=lambda k: count[k])  # the fewest cameras; the oldest process on a tie
+                    count[key] += 1
+                    out[cam.id] = self._joins[cam.id] = by_process[key][0]
         return out
 
     def _started(self, starting: list[tuple[CameraHandle, Any]]) -> list[CameraHandle]:

@@ -152,6 +152,7 @@ class LiveControl:
             stopping = self._stop.is_set()
             if not stopping:
                 self.cameras[cam.id] = handle
+            self._registered([cam.id])
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
             self._let_go(handle, stop=True)
             raise CommandRejected("the service is shutting down", 503)

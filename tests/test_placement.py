@@ -219,3 +219,24 @@ def _entry(entry_id: str, frame: int, pts: float) -> list:
 def test_resume_point(status, last, expected):
     """A restarted camera continues after the last frame this run published: no (camera, frame) twice."""
     assert resume_point("run", status, last) == expected
+
+
+def test_concurrent_adds_never_take_one_place_twice():
+    """Two cameras added at once while a process has room for one: the first joins it, the second does not
+    (it starts a process of its own) until the first is registered or gave up."""
+    from types import SimpleNamespace
+
+    from pipeline.app import App, CameraHandle
+
+    app = App(parse_config({"ray": {"cameras_per_process": 2}, "cameras": []}), say=lambda m: None)
+    app.placement = SimpleNamespace(cores=2)
+    process = object()
+    app.cameras["a"] = CameraHandle("a", CameraConfig(id="a", url="synthetic://street"), process, "hv-camera-a")
+    x, y = (CameraConfig(id=i, url="synthetic://street") for i in "xy")
+    assert app._joining([x])["x"].process is process
+    assert app._joining([y]) == {}  # x holds the last place, though not registered yet
+    app._registered(["x"])  # x did not start after all: its place is free again
+    assert app._joining([y])["y"].process is process
+    app.cameras["y"] = CameraHandle("y", y, process, "hv-camera-a")
+    app._registered(["y"])
+    assert app._joining([x]) == {} and app._joins == {}
