@@ -91,7 +91,7 @@ class InferenceConfig(Strict):
                               "max_batch) only while the replica measures larger ones faster per frame "
                               "(workers/batch_size.py); false: always up to max_batch")
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
-    merge_window_ms: float = Field(2.0, ge=0, le=100, description=(
+    merge_window_ms: float = Field(1.0, ge=0, le=100, description=(
         "how long a camera's frames wait for those of the other cameras in its process going to the same replica, "
         "to travel in one call (a call costs ~1.5 ms of CPU on each side); they go as soon as every such camera "
         "has frames waiting. 0: a call per camera"))

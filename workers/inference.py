@@ -452,7 +452,7 @@ class CallMerger:
     until every camera using this merger has frames in it, or ``window_s`` at most; a frame that may not wait
     for its batch (``max_wait_s`` 0: its camera is over its frame-age budget) goes at once, with what waits."""
 
-    def __init__(self, replica: Any, window_s: float = 0.002):
+    def __init__(self, replica: Any, window_s: float = 0.001):
         self.replica, self.window_s = replica, window_s
         self.cameras: set[str] = set()  # cameras sending through this merger
         self.waiting: list[tuple[list[FrameRequest], asyncio.Future]] = []
