@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import redis
 import yaml
 
@@ -78,9 +79,12 @@ def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str
                      daemon=True).start()
     first: dict[str, float] = {}
     steady: dict[str, float] = {}
+    cpu_from = None  # CPU seconds of the command's processes when the window began
     try:
         while time.time() - t0 < seconds and proc.poll() is None:
             now = time.time()
+            if window and cpu_from is None and now - t0 >= seconds - window:
+                cpu_from = tree_cpu_s(proc.pid)
             for cam in cameras:
                 cid, fps = cam["id"], wanted_fps(cam)
                 stream = keys(prefix).detections(cid)
@@ -94,6 +98,7 @@ def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str
             time.sleep(0.05)
         end = time.time()
         fps = published_fps(client, prefix, cameras, end - window, end) if window and proc.poll() is None else None
+        cpu_s = tree_cpu_s(proc.pid) - cpu_from if fps is not None and cpu_from is not None else None
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -106,7 +111,26 @@ def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str
             "fps_last_window": round(sum(fps.values()), 1) if fps is not None else None,
             # the slowest camera's rate over the fastest's in that window (1: every camera got the same share)
             "fairness_last_window": round(min(fps.values()) / max(max(fps.values()), 1e-9), 2) if fps else None,
+            # every process of the command (controller, Ray, actors; not Redis) per frame published in that window
+            "cpu_ms_per_frame_last_window": round(cpu_s * 1000 / max(1.0, sum(fps.values()) * window), 2)
+            if fps and cpu_s is not None else None,
             "output": [ln for ln in lines if ln[1] and not ln[1].startswith(" ")][:40], "exit_code": proc.returncode}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants alive now."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
 
 
 def main() -> None:
@@ -140,7 +164,8 @@ def main() -> None:
                 print(f"{name} ({repo}) run {i + 1}: first message of every camera {r['all_first_s']} s "
                       f"{r['first_message_s']}; every camera steady {r['all_steady_s']} s {r['steady_s']}"
                       + (f"; {r['fps_last_window']} frames/s over the last {args.window:g} s, fairness "
-                         f"{r['fairness_last_window']}" if args.window else ""), flush=True)
+                         f"{r['fairness_last_window']}, {r['cpu_ms_per_frame_last_window']} ms CPU per frame"
+                         if args.window else ""), flush=True)
                 for t, line in r["output"]:
                     print(f"  {t:>6.2f}  {line[:150]}")
     finally:
@@ -150,7 +175,8 @@ def main() -> None:
         steadies = [r["all_steady_s"] for r in rs if r["all_steady_s"] is not None]
         print(f"{name}: first message of every camera {firsts} s; steady {steadies} s"
               + (f"; frames/s over the last {args.window:g} s {[r['fps_last_window'] for r in rs]}, fairness "
-                 f"{[r['fairness_last_window'] for r in rs]}" if args.window else ""))
+                 f"{[r['fairness_last_window'] for r in rs]}, CPU ms per frame "
+                 f"{[r['cpu_ms_per_frame_last_window'] for r in rs]}" if args.window else ""))
     save_json(args.json, {"config": str(args.config), "config_text": args.config.read_text(), "cpus": os.cpu_count(),
                           "repos": {k: str(v) for k, v in repos.items()}, "runs": runs})
 

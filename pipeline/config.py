@@ -91,10 +91,11 @@ class InferenceConfig(Strict):
                               "max_batch) only while the replica measures larger ones faster per frame "
                               "(workers/batch_size.py); false: always up to max_batch")
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
-    merge_window_ms: float = Field(1.0, ge=0, le=100, description=(
-        "how long a camera's frames wait for those of the other cameras in its process going to the same replica, "
-        "to travel in one call (a call costs ~1.5 ms of CPU on each side); they go as soon as every such camera "
-        "has frames waiting. 0: a call per camera"))
+    merge_window_ms: float = Field(0.0, ge=0, le=100, description=(
+        "0: each camera's frames go to inference in calls of their own. Above 0: the cameras of one process "
+        "that use the same replica share calls, a camera's frames waiting at most this long for the others' "
+        "(docs/architecture.md, 'Calls shared by a process's cameras': less CPU per frame in-process, no gain "
+        "measured with the real command on 2 CPU cores)"))
     replicas: int | None = Field(None, ge=1, le=64, description="model processes; None: 1 where they get a GPU, "
                                  "2 on CPUs (docs/architecture.md, 'Two replicas on a CPU')")
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")

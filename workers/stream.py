@@ -728,7 +728,7 @@ class StreamActor:
     after a crash and the controller then starts each camera again with its current config."""
 
     def __init__(self, cameras: list[tuple[CameraConfig, list]], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None, merge_window_s: float = 0.001):
+                 instance: str | None = None, merge_window_s: float = 0.0):
         """``cameras``: (config, names of its InferenceActors) each, see CameraHost; more may join later
         (``start`` with both). ``merge_window_s``: see CallMerger (``inference.merge_window_ms``); 0: a call
         per camera."""
