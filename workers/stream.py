@@ -575,7 +575,7 @@ class CameraHost:
     """One camera inside a StreamActor: its CameraPipeline, its Publisher and its status loop."""
 
     def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None, merger_for: Callable[[Any], CallMerger] | None = None):
+                 instance: str | None = None, merger_for: Callable[[Any, Any], CallMerger] | None = None):
         """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
         of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
         ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
@@ -619,7 +619,7 @@ class CameraHost:
                                        track_id_base=id_base, instance=self.instance, resume=resume,
                                        infer_many=self.merger.call if self.merger else service_call(replica))
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
-        self.task.add_done_callback(lambda _task: self._leave_merger())
+        self.task.add_done_callback(lambda task: self._leave_merger() if task is self.task else None)
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
 
     def _leave_merger(self) -> None:
