@@ -412,6 +412,14 @@ def transport_ms(stages: dict, h: dict) -> float:
     return round(h["cpu_ms_per_frame_total"] - own, 2)
 
 
+def compare_transport(label: str, a: dict, b: dict, rest_a: float, rest_b: float) -> str:
+    """One line: setting ``a`` against ``b`` with 8 cameras, frames/s, frames per call, CPU and transport."""
+    return (f"{label}, 8 cameras: {a['fps'] / b['fps']:.2f}x frames/s, frames per call {a['frames_per_call']} vs "
+            f"{b['frames_per_call']}, CPU per frame {a['cpu_ms_per_frame_total']} vs {b['cpu_ms_per_frame_total']} "
+            f"ms, transport {rest_a:.2f} ms ({rest_a / a['cpu_ms_per_frame_total']:.0%}) vs {rest_b:.2f} ms "
+            f"({rest_b / b['cpu_ms_per_frame_total']:.0%})")
+
+
 def summarize(r: dict) -> None:
     ceiling = r["model"]["best_fps"]
     naive = r["naive"]["fps"]
@@ -438,21 +446,13 @@ def summarize(r: dict) -> None:
               f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
               f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
               f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
-        if "files_process_each" in r:
-            each = r["files_process_each"]
-            rest_each = r["transport_ms_per_frame_process_each"] = transport_ms(st, each)
-            print(f"cameras sharing processes / a process each, 8 cameras: {h['fps'] / each['fps']:.2f}x frames/s, "
-                  f"CPU per frame {h['cpu_ms_per_frame_total']} vs {each['cpu_ms_per_frame_total']} ms, transport "
-                  f"{rest:.2f} ms ({rest / h['cpu_ms_per_frame_total']:.0%}) vs {rest_each:.2f} ms "
-                  f"({rest_each / each['cpu_ms_per_frame_total']:.0%})")
-        if "files_merged" in r:
-            m = r["files_merged"]
-            rest_m = r["transport_ms_per_frame_merged"] = transport_ms(st, m)
-            print(f"calls shared by a process's cameras / a call per camera, 8 cameras: {m['fps'] / h['fps']:.2f}x "
-                  f"frames/s, frames per call {m['frames_per_call']} vs {h['frames_per_call']}, CPU per frame "
-                  f"{m['cpu_ms_per_frame_total']} vs {h['cpu_ms_per_frame_total']} ms, transport "
-                  f"{rest_m:.2f} ms ({rest_m / m['cpu_ms_per_frame_total']:.0%}) vs {rest:.2f} ms "
-                  f"({rest / h['cpu_ms_per_frame_total']:.0%})")
+        for key, label, new_first in (("files_process_each", "cameras sharing processes / a process each", True),
+                                      ("files_merged", "calls shared by a process's cameras / a call per camera",
+                                       False)):
+            if key in r:
+                r[f"transport_ms_per_frame_{key.removeprefix('files_')}"] = transport_ms(st, r[key])
+                a, b = (h, r[key]) if new_first else (r[key], h)
+                print(compare_transport(label, a, b, transport_ms(st, a), transport_ms(st, b)))
     if 8 in r["files"] and "files_one_replica" in r:
         h, one = r["files"][8], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "
