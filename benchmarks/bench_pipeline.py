@@ -412,8 +412,9 @@ def transport_ms(stages: dict, h: dict) -> float:
     return round(h["cpu_ms_per_frame_total"] - own, 2)
 
 
-def compare_transport(label: str, a: dict, b: dict, rest_a: float, rest_b: float) -> str:
+def compare_transport(label: str, a: dict, b: dict, stages: dict) -> str:
     """One line: setting ``a`` against ``b`` with 8 cameras, frames/s, frames per call, CPU and transport."""
+    rest_a, rest_b = transport_ms(stages, a), transport_ms(stages, b)
     return (f"{label}, 8 cameras: {a['fps'] / b['fps']:.2f}x frames/s, frames per call {a['frames_per_call']} vs "
             f"{b['frames_per_call']}, CPU per frame {a['cpu_ms_per_frame_total']} vs {b['cpu_ms_per_frame_total']} "
             f"ms, transport {rest_a:.2f} ms ({rest_a / a['cpu_ms_per_frame_total']:.0%}) vs {rest_b:.2f} ms "
@@ -452,7 +453,7 @@ def summarize(r: dict) -> None:
             if key in r:
                 r[f"transport_ms_per_frame_{key.removeprefix('files_')}"] = transport_ms(st, r[key])
                 a, b = (h, r[key]) if new_first else (r[key], h)
-                print(compare_transport(label, a, b, transport_ms(st, a), transport_ms(st, b)))
+                print(compare_transport(label, a, b, st))
     if 8 in r["files"] and "files_one_replica" in r:
         h, one = r["files"][8], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "

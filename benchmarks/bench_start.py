@@ -36,7 +36,7 @@ import redis
 import yaml
 
 from bench_pipeline import file_cameras
-from measure import ROOT, make_clips, save_json
+from measure import ROOT, make_clips, save_json, usage
 from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
 
@@ -119,18 +119,11 @@ def one_run(repo: Path, config: Path, cameras: list[dict], prefix: str, url: str
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process and all its descendants alive now."""
-    total = 0.0
     try:
         root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
+        return sum(usage([root, *root.children(recursive=True)]).cpu.values())  # skips processes gone meanwhile
     except psutil.Error:
-        pass
-    return total
+        return 0.0
 
 
 def main() -> None:

@@ -325,19 +325,19 @@ class InferenceService:
         """Several frames of one camera: each is its own request to the batcher (batched with other cameras'
         frames as usual); each frame's result or exception, in order."""
         self.calls += 1
-        return await asyncio.gather(*(self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
-                                      for image in images), return_exceptions=True)
+        return await self._submit_each(images, heads, camera, timeout_s, max_wait_s)
 
     async def infer_groups(self, groups: list[tuple]) -> list[list[dict[str, HeadArrays] | BaseException]]:
         """``infer_images`` for several cameras at once (what a CallMerger sends): ``groups`` of (images,
         heads, camera, timeout_s, max_wait_s); each group's list of results or exceptions, in order."""
         self.calls += 1
-        flat = [(image, heads, camera, timeout_s, max_wait_s)
-                for images, heads, camera, timeout_s, max_wait_s in groups for image in images]
-        done = iter(await asyncio.gather(*(self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
-                                           for image, heads, camera, timeout_s, max_wait_s in flat),
-                                         return_exceptions=True))
-        return [[next(done) for _ in group[0]] for group in groups]
+        return list(await asyncio.gather(*(self._submit_each(*group) for group in groups)))
+
+    def _submit_each(self, images: list[np.ndarray], heads: list[str] | None, camera: str, timeout_s: float | None,
+                     max_wait_s: float | None) -> Awaitable[list]:
+        """Each image its own request to the batcher; their results or exceptions, in order."""
+        return asyncio.gather(*(self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
+                                for image in images), return_exceptions=True)
 
     def info(self) -> dict:
         return self.runner.info()
@@ -481,17 +481,17 @@ class CallMerger:
             return
         self.calls += 1
         self.frames += sum(len(r) for r, _ in groups)
-        if len(groups) == 1:
-            result = self._single(groups[0][0])
+        if len(groups) == 1:  # the call of before: one camera's list, listed like a group's
+            result = _listed(self._single(groups[0][0]))
         else:
             result = self.replica.infer_groups.remote([([q.image for q in r], r[0].heads, r[0].camera, r[0].timeout_s,
                                                          r[0].max_wait_s) for r, _ in groups])
-        asyncio.ensure_future(self._deliver(result, [f for _, f in groups], len(groups) == 1))
+        asyncio.ensure_future(self._deliver(result, [f for _, f in groups]))
 
     @staticmethod
-    async def _deliver(result: Awaitable, futures: list[asyncio.Future], single: bool) -> None:
+    async def _deliver(result: Awaitable, futures: list[asyncio.Future]) -> None:
         try:
-            lists = [await result] if single else await result
+            lists = await result
         except BaseException as e:  # the whole call failed (replica died, cancelled): every camera hears it
             for f in futures:
                 if not f.done():
