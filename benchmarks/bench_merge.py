@@ -59,7 +59,7 @@ def main() -> None:
     configs = {}
     if args.cli:  # a config per setting: the cameras as bench_start.py --files writes them, the window set
         folder = Path(tempfile.mkdtemp(prefix="bench-merge-"))
-        raw = yaml.safe_load(files_config(folder, args.cameras).read_text())
+        raw = yaml.safe_load(files_config(folder, args.cameras, args.checkpoint).read_text())
         for w in windows:
             configs[w] = folder / f"merge-{w:g}.yaml"
             configs[w].write_text(yaml.safe_dump({**raw, "inference": {"merge_window_ms": w}}))
