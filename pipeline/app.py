@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
+RECENT_RESTARTED_PIDS = 256  # more processes than one restart can bring back at once
 
 
 def metrics_routes(api: Any, app: App) -> None:
@@ -100,7 +102,9 @@ class App(LiveControl):
     # of that process): concurrent adds count them, so two never take the last place of one process.
     _joins: dict = field(default_factory=dict)
     _last_stats: dict = field(default_factory=dict)
-    _restarted_pids: frozenset = frozenset()  # camera processes whose restart the metric has counted
+    # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
+    # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
+    _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
@@ -382,7 +386,9 @@ class App(LiveControl):
         h.done = h.process.wait.remote(h.id)
         stats = ray.get(h.process.stats.remote(h.id), timeout=10)
         # An event for each camera; the restarts metric counts processes (the cameras of one restart together).
-        counted, self._restarted_pids = stats["pid"] in self._restarted_pids, self._restarted_pids | {stats["pid"]}
+        counted = stats["pid"] in self._restarted_pids
+        if not counted:
+            self._restarted_pids.append(stats["pid"])
         self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id),
                              count=not counted)
         return stats

@@ -240,3 +240,30 @@ def test_concurrent_adds_never_take_one_place_twice():
     app.cameras["y"] = CameraHandle("y", y, process, "hv-camera-a")
     app._registered(["y"])
     assert app._joining([x]) == {} and app._joins == {}
+
+
+def test_restarts_count_processes_and_remember_only_recent_ones(monkeypatch):
+    """Cameras of one restarted process count one restart; a camera that keeps crashing counts each time and
+    leaves a bounded memory of the processes counted."""
+    from types import SimpleNamespace
+
+    import pipeline.app as app_module
+    from pipeline.app import App, CameraHandle
+
+    pids = iter([7, 7] + list(range(100, 100 + 3 * app_module.RECENT_RESTARTED_PIDS)))
+
+    class Process:  # the StreamActor handle: each method's .remote() answers at once (ray.get passes it on)
+        start = SimpleNamespace(remote=lambda *a: None)
+        wait = SimpleNamespace(remote=lambda *a: None)
+        stats = SimpleNamespace(remote=lambda *a: {"pid": next(pids)})
+
+    monkeypatch.setattr(app_module.ray, "get", lambda value, timeout=None: value)
+    app = App(parse_config({"cameras": []}), say=lambda m: None)
+    handles = [CameraHandle(i, CameraConfig(id=i, url="synthetic://street"), Process(), "hv-camera-a") for i in "ab"]
+    for h in handles:  # both cameras of process 7 came back
+        app._restart_camera(h)
+    assert app.telemetry.snapshot().restarts["stream"] == 1
+    for _ in range(3 * app_module.RECENT_RESTARTED_PIDS):  # one camera crashing again and again
+        app._restart_camera(handles[0])
+    assert app.telemetry.snapshot().restarts["stream"] == 1 + 3 * app_module.RECENT_RESTARTED_PIDS
+    assert len(app._restarted_pids) == app_module.RECENT_RESTARTED_PIDS
