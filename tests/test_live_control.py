@@ -218,7 +218,12 @@ def test_bad_and_hostile_commands_are_rejected_naming_the_field_and_change_nothi
         removed = httpx.delete(f"{base}/cameras/locked", headers=auth, timeout=120)
         assert removed.status_code == 200
         assert client.xlen("hv:control") == 0  # applied commands leave the stream
-        assert [e["by"] for e in events(client, "locked") if e["type"].startswith("camera_")] == ["api:ops", "api:ops"]
+        # The audit events go through the controller's publisher, written by its thread after the reply.
+        def audit() -> list[tuple[str, str]]:
+            return [(e["type"], e["by"]) for e in events(client, "locked") if e["type"].startswith("camera_")]
+
+        wait_for(lambda: len(audit()) >= 2, 10, "the audit events")
+        assert audit() == [("camera_added", "api:ops"), ("camera_removed", "api:ops")]
         for text in (reply.text, listed, removed.text, json.dumps(exported), "\n".join(run.log)):
             assert SECRET not in text
         run.stop()
