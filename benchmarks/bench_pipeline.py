@@ -268,11 +268,12 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
     time.sleep(warmup)
     procs = ray_processes()
     u0, s0 = usage(procs), {s["camera"]: s for s in app.stats()}
-    i0 = ray.get([a.stats.remote() for a in app.inference])  # every replica (two on a CPU by default)
+    holders = list(app.model_holders().values())  # every replica (two on a CPU by default), or camera process
+    i0 = ray.get([a.model_stats.remote() for a in holders])
     t0 = time.time()
     time.sleep(seconds)
     u1, s1 = usage(procs), {s["camera"]: s for s in app.stats()}
-    i1 = ray.get([a.stats.remote() for a in app.inference])
+    i1 = ray.get([a.model_stats.remote() for a in holders])
     t1 = time.time()
     app.shutdown()
     dt = t1 - t0
@@ -308,7 +309,7 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "drop_rate_per_camera_min_max": [round(min(drop_rate_cam.values()), 3), round(max(drop_rate_cam.values()), 3)],
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
-        "replicas": len(app.inference), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
+        "replicas": len(app.inference), "models": len(holders), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
         "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
         "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
@@ -368,10 +369,17 @@ def main() -> None:
             print(f"hydravision, {n} file cameras unpaced ...", flush=True)
             results["files"][n] = run_hydravision(args.checkpoint, file_cameras(clips, n), redis_server.url,
                                                   args.warmup, args.seconds)
-        if 8 in counts:  # the default before replicas were counted by device (one replica, every core)
+        if 8 in counts:
+            # The default before inference.in_camera_process (unset: true on one machine's CPUs): two replicas.
+            # The one-replica, process-per-camera and merged-calls rows below vary this setting.
+            print("hydravision, 8 file cameras unpaced, the model in replicas ...", flush=True)
+            results["files_replicas"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
+                                                        args.warmup, args.seconds, in_camera_process=False)
+            # The default before replicas were counted by device (one replica, every core).
             print("hydravision, 8 file cameras unpaced, one replica ...", flush=True)
             results["files_one_replica"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
-                                                           args.warmup, args.seconds, replicas=1)
+                                                           args.warmup, args.seconds, replicas=1,
+                                                           in_camera_process=False)
             # The default before model.backend: auto (ONNX Runtime on a CPU): torch eager, same replicas.
             print("hydravision, 8 file cameras unpaced, torch eager ...", flush=True)
             results["files_torch"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
@@ -379,11 +387,13 @@ def main() -> None:
             # The default before ray.cameras_per_process (unset: the cameras spread over the cores): a process each.
             print("hydravision, 8 file cameras unpaced, a process per camera ...", flush=True)
             results["files_process_each"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
-                                                            args.warmup, args.seconds, ray_cfg={"cameras_per_process": 1})
+                                                            args.warmup, args.seconds, ray_cfg={"cameras_per_process": 1},
+                                                            in_camera_process=False)
             # inference.merge_window_ms (off by default): a process's cameras share their calls to a replica.
             print("hydravision, 8 file cameras unpaced, calls shared by a process's cameras ...", flush=True)
             results["files_merged"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
-                                                      args.warmup, args.seconds, merge_window_ms=1)
+                                                      args.warmup, args.seconds, merge_window_ms=1,
+                                                      in_camera_process=False)
         if not args.skip_rtsp:
             ref = results["files"].get(8) or results["files"][max(results["files"])]
             sustainable = ref["fps"]
@@ -447,15 +457,17 @@ def summarize(r: dict) -> None:
               f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
               f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
               f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
-        for key, label, new_first in (("files_process_each", "cameras sharing processes / a process each", True),
-                                      ("files_merged", "calls shared by a process's cameras / a call per camera",
-                                       False)):
+        replicas = r.get("files_replicas", h)  # what the process-per-camera and merged rows vary
+        for key, label, pair in (
+                ("files_replicas", "model in the camera processes / in replicas", lambda x: (h, x)),
+                ("files_process_each", "replicas: cameras sharing processes / a process each", lambda x: (replicas, x)),
+                ("files_merged", "replicas: calls shared by a process's cameras / a call per camera",
+                 lambda x: (x, replicas))):
             if key in r:
                 r[f"transport_ms_per_frame_{key.removeprefix('files_')}"] = transport_ms(st, r[key])
-                a, b = (h, r[key]) if new_first else (r[key], h)
-                print(compare_transport(label, a, b, st))
-    if 8 in r["files"] and "files_one_replica" in r:
-        h, one = r["files"][8], r["files_one_replica"]
+                print(compare_transport(label, *pair(r[key]), st))
+    if "files_replicas" in r and "files_one_replica" in r:
+        h, one = r["files_replicas"], r["files_one_replica"]
         print(f"{h['replicas']} replicas / one, 8 cameras: {h['fps'] / one['fps']:.2f}x frames/s, CPU per frame "
               f"{h['cpu_ms_per_frame_total']} vs {one['cpu_ms_per_frame_total']} ms")
     if 8 in r["files"] and "files_torch" in r:
@@ -465,6 +477,7 @@ def summarize(r: dict) -> None:
               f"{h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
     print()
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
+    rows += [("x8 replicas", r["files_replicas"])] if "files_replicas" in r else []
     rows += [("x8 one replica", r["files_one_replica"])] if "files_one_replica" in r else []
     rows += [("x8 torch eager", r["files_torch"])] if "files_torch" in r else []
     rows += [("x8 proc/camera", r["files_process_each"])] if "files_process_each" in r else []

@@ -144,6 +144,10 @@ class App(LiveControl):
             raise ConfigError(f"model.distribute: {path.name} is a LoRA adapter file that loads with its base "
                               f"({meta['base']['path']}), and the object store ships one file; use distribute: path "
                               "with both files on every node")
+        if self.config.inference.in_camera_process and mc.device.startswith("cuda"):
+            raise ConfigError(f"inference.in_camera_process: with model.device {mc.device} every camera process would "
+                              "load its own copy of the model onto the GPU, which Ray does not reserve for it; on GPUs "
+                              "use the shared replicas (in_camera_process: false)")
         heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
         for i, cam in enumerate(self.config.cameras):
             unknown = [h for h in (cam.heads or []) if h not in heads]
@@ -180,7 +184,7 @@ class App(LiveControl):
         if warning := cluster.redis_warning(redis_url, self.placement.nodes):
             self.say(warning)
         ic, mc = self.config.inference, self.config.model
-        for i in range(self.placement.replicas):
+        for i in range(0 if self.in_camera_process else self.placement.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
                 mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend, ic.adapt_batch,
@@ -194,21 +198,27 @@ class App(LiveControl):
         self.events = publisher_for(self.redis_settings, name="hydravision-controller").start()
         starting = self._create(self.config.cameras)
         try:
-            info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
-            self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
-                                                       "the inference replicas")
+            if self.in_camera_process:  # the first camera process's model, loaded in its constructor
+                info = self.placement.ready(starting[0][0].process.model_info.remote(),
+                                            "the model in the first camera process") if starting else None
+            else:
+                info = self.placement.ready(self.inference[0].info.remote(), "inference replica 0")
+                self.inference_pids = self.placement.ready([a.ping.remote() for a in self.inference],
+                                                           "the inference replicas")
         except BaseException:
             self._kill(h.process for h, _ in starting)
             raise
-        if {k: info[k] for k in self.model_info} != self.model_info:
+        if info is not None and {k: info[k] for k in self.model_info} != self.model_info:
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
-        self.model_info = info
+        self.model_info = info or self.model_info
         self.node_watch = self.placement.watch(self)
-        self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info['device']} "
-                 f"({self.model_info['backend']}, {self.model_info['autocast']}), heads {self.model_info['heads']}, "
-                 f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s), "
-                 f"batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
-                 + (" (each replica keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
+        where = (f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s)" if not self.in_camera_process
+                 else f"in each camera process ({info['threads']} thread(s) each)" if info
+                 else "in each camera process, loaded with its first camera")
+        self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info.get('device', mc.device)} "
+                 f"({self.model_info.get('backend', mc.backend)}, {self.model_info.get('autocast', mc.precision)}), "
+                 f"heads {self.model_info['heads']}, {where}, batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
+                 + (" (each model keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:
             self.node_watch.learn()
@@ -252,9 +262,10 @@ class App(LiveControl):
         several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order."""
         live = [*self.cameras, *(c.id for c in cams)]
         # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
-        # object store for the actor's restarts (Ray warns about it).
-        replica = {cam.id: [(self.placement.namespace,
-                             cluster.inference_name(self.placement.replica_index(cam.id, live)))] for cam in cams}
+        # object store for the actor's restarts (Ray warns about it). None with the model in the camera processes.
+        replica = {cam.id: [] if self.in_camera_process else
+                   [(self.placement.namespace, cluster.inference_name(self.placement.replica_index(cam.id, live)))]
+                   for cam in cams}
         starting = []
         joining = self._joining(cams)
         for cam in cams:
@@ -263,7 +274,9 @@ class App(LiveControl):
                 starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
         with self._lock:
             taken = {h.name for h in self.cameras.values()}
-        for group, options in self.placement.stream_processes([c for c in cams if c.id not in joining]):
+        groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
+        model = self._camera_process_model(len(groups))
+        for group, options in groups:
             name, n = options["name"], 1
             while name in taken:  # a process of ours still has it (its first camera was removed since)
                 n += 1
@@ -272,11 +285,40 @@ class App(LiveControl):
             process = self.placement.spawn(StreamActor, {**options, "name": name},
                                            [(cam, replica[cam.id]) for cam in group], self.model_info,
                                            self.redis_settings, self.instance,
-                                           self.config.inference.merge_window_ms / 1000)
+                                           self.config.inference.merge_window_ms / 1000, model)
             starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
                          for cam in group]
         order = {cam.id: i for i, cam in enumerate(cams)}
         return sorted(starting, key=lambda hs: order[hs[0].id])
+
+    def _camera_process_model(self, new_processes: int) -> dict | None:
+        """InferenceService's arguments for new camera processes that run the model themselves
+        (``inference.in_camera_process``), else None. Threads unset: the cores shared by the camera processes
+        there will be (an InferenceActor's rule, with camera processes for replicas)."""
+        ic, mc = self.config.inference, self.config.model
+        if not self.in_camera_process:
+            return None
+        with self._lock:
+            running = len({id(h.process) for h in [*self.cameras.values(), *self._joins.values()]})
+        threads = ic.threads or max(1, self.placement.cores // max(1, running + new_processes))
+        return {"checkpoint": self.placement.checkpoint_arg(), "device": mc.device, "precision": mc.precision,
+                "max_batch": ic.max_batch, "max_wait_ms": ic.max_wait_ms, "threads": threads,
+                "score_threshold": mc.score_threshold, "compile": mc.compile, "max_pending": ic.max_pending,
+                "max_pending_per_camera": ic.max_pending_per_camera, "backend": mc.backend,
+                "adapt_batch": ic.adapt_batch}
+
+    @property
+    def in_camera_process(self) -> bool:
+        """Whether the camera processes run the model themselves (``inference.in_camera_process``, resolved)."""
+        return bool(self.placement and self.placement.in_camera_process)
+
+    def model_holders(self) -> dict:
+        """The actors that run the model, each answering ``model_stats``: the inference replicas by index, or
+        (``inference.in_camera_process``) the camera processes by Ray name (it stays across a restart)."""
+        if not self.in_camera_process:
+            return dict(enumerate(self.inference))
+        with self._lock:
+            return {h.name: h.process for h in self.cameras.values()}
 
     def _joining(self, cams: list[CameraConfig]) -> dict[str, CameraHandle]:
         """Cameras added at run time that join a running process instead of starting one (no second of
@@ -394,13 +436,19 @@ class App(LiveControl):
         return stats
 
     def _check_inference(self) -> None:
-        for i, actor in enumerate(self.inference):
+        """The models' numbers for /metrics, and a restart of a replica reported (a camera process's restart is
+        its cameras')."""
+        holders = self.model_holders()
+        self.telemetry.keep_inference(holders)  # a camera process gone with its last camera leaves /metrics
+        for i, actor in holders.items():
             try:
-                s = ray.get(actor.stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
+                s = ray.get(actor.model_stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
             except Exception:  # restarting right now; the next tick will see the new process
                 self.telemetry.record_inference(i, None)
                 continue
             self.telemetry.record_inference(i, s)
+            if s is None or self.in_camera_process:
+                continue
             pid = s["pid"]
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:
                 self.inference_pids[i] = pid

@@ -19,7 +19,7 @@ import ray
 
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
-                                inference_options, local_cpus, namespace_for, replica_count, replicas_per_node,
+                                inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count, replicas_per_node,
                                 stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
@@ -122,6 +122,8 @@ class Placement:
         # They split a node's cores (InferenceActor's threads)
         self.per_node = replicas_per_node(self.replicas, self.nodes, self.replica_options)
         self.assigner = ReplicaAssigner(self.replicas)
+        self.in_camera_process = model_in_camera_process(config.inference, config.model.device,
+                                                         self.replica_options["num_gpus"], config.ray.cluster)
         self._checkpoint_ref: Any = None
         if len(self.nodes) > 1 or config.ray.cluster:
             self.say(f"Ray cluster: {len(self.nodes)} node(s), namespace {self.namespace}\n  "

@@ -96,6 +96,12 @@ class InferenceConfig(Strict):
         "that use the same replica share calls, a camera's frames waiting at most this long for the others' "
         "(docs/architecture.md, 'Calls shared by a process's cameras': less CPU per frame in-process, no gain "
         "measured with the real command on 2 CPU cores)"))
+    in_camera_process: bool | None = Field(None, description=(
+        "true: each camera process loads the model and batches its own cameras' frames, instead of sending them "
+        "to shared replicas (no replicas start; replicas, num_gpus and merge_window_ms do not apply; threads: "
+        "per camera process; not with model.device cuda). None: true on the CPUs of one machine (1.2x the "
+        "frames/s at 0.8x the CPU per frame on 2 cores), false on GPUs and with ray.cluster "
+        "(docs/architecture.md, 'The model in the camera processes')"))
     replicas: int | None = Field(None, ge=1, le=64, description="model processes; None: 1 where they get a GPU, "
                                  "2 on CPUs (docs/architecture.md, 'Two replicas on a CPU')")
     num_gpus: float | None = Field(None, ge=0, description="per replica; None: 1 when CUDA is visible, else 0")

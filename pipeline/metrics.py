@@ -242,7 +242,7 @@ def ready(app: App, probe: RedisProbe | None = None) -> tuple[bool, dict]:
     else:
         ok, error = probe.check()
         checks["redis"] = {"ok": ok} if ok else {"ok": False, "error": error}
-    replies = [answered(snap.replicas.get(i)) for i in range(len(app.inference))]
+    replies = [answered(snap.replicas.get(key)) for key in app.model_holders()]
     checks["model"] = {"ok": bool(app.model_info) and bool(replies) and all(replies),
                        "replicas": len(replies), "answering": sum(replies)}
     cameras: dict[str, dict] = {}

@@ -15,6 +15,8 @@ Pure functions over a snapshot of the nodes (``Node``), so the unit tests need n
   processes beat one two-thread process on a 2-core machine: docs/architecture.md, "Two replicas on a CPU");
   unset ``inference.threads``: a replica takes its node's cores divided by the replicas placed per node;
 - each camera is served by the replica with the fewest cameras (stable: a camera keeps its replica);
+- ``inference.in_camera_process`` unset: on the CPUs of one machine there are no replicas, each camera
+  process runs the model for its own cameras (``model_in_camera_process``);
 - a demand that no alive node could ever meet is refused at once with a ``UserError`` naming the nodes,
   instead of an actor that waits forever.
 """
@@ -114,6 +116,15 @@ def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, core
         return inference_cfg.replicas
     on_gpu = gpus_per_replica > 0 or device.startswith("cuda")
     return 1 if on_gpu or device == "mps" or (cores or 2) < 2 else 2
+
+
+def model_in_camera_process(inference_cfg: Any, device: str, gpus_per_replica: float, cluster: bool) -> bool:
+    """``inference.in_camera_process`` or, unset, True where the model runs on the CPUs of one machine (no GPU
+    for the replicas, device auto or cpu, no ``ray.cluster``): the camera processes then run it themselves,
+    with no Ray call per frame (docs/architecture.md, "The model in the camera processes")."""
+    if inference_cfg.in_camera_process is not None:
+        return inference_cfg.in_camera_process
+    return gpus_per_replica == 0 and device in ("auto", "cpu") and not cluster
 
 
 def replicas_per_node(replicas: int, nodes: list[Node], options: Mapping[str, Any]) -> int:

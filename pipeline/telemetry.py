@@ -121,7 +121,7 @@ class Snapshot:
     taken_at: float
     last_tick: float | None
     cameras: dict[str, CameraRecord]
-    replicas: dict[int, ReplicaRecord]
+    replicas: dict[int | str, ReplicaRecord]  # replica index, or a camera process's name (its own model)
     restarts: dict[str, int]
     publishers: dict[str, dict]
 
@@ -133,7 +133,7 @@ class Telemetry:
         self.clock = clock
         self._lock = threading.Lock()
         self._cameras: dict[str, CameraRecord] = {}
-        self._replicas: dict[int, ReplicaRecord] = {}
+        self._replicas: dict[int | str, ReplicaRecord] = {}
         self._restarts: collections.Counter[str] = collections.Counter({role: 0 for role in ROLES})
         self._publishers: dict[str, dict] = {}
         self.last_tick: float | None = None
@@ -171,8 +171,8 @@ class Telemetry:
         outcomes = sum(v for k, v in last.items() if k.startswith("outcome."))
         return max(0.0, last.get("decoded", 0) - outcomes)
 
-    def record_inference(self, index: int, stats: dict | None) -> None:
-        """One replica's stats, or None when it did not answer (restarting, or busy past the timeout)."""
+    def record_inference(self, index: int | str, stats: dict | None) -> None:
+        """One replica's (or camera process's model's, by its name) stats, or None when it did not answer (restarting, or busy past the timeout)."""
         with self._lock:
             rec = self._replicas.setdefault(index, ReplicaRecord())
             rec.answering = stats is not None
@@ -180,6 +180,13 @@ class Telemetry:
                 return
             rec.stats, rec.seen_at = dict(stats), self.clock()
             rec.counters.update(stats.get("pid"), inference_counters(stats))
+
+    def keep_inference(self, keys: Iterable) -> None:
+        """Only these models' records stay (a camera process that ran its own model and has ended)."""
+        with self._lock:
+            keep = set(keys)
+            for key in [k for k in self._replicas if k not in keep]:
+                del self._replicas[key]
 
     def record_restart(self, role: str) -> None:
         with self._lock:

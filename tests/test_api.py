@@ -96,7 +96,7 @@ def stand_in_app():
     from pipeline.telemetry import Telemetry
 
     return SimpleNamespace(telemetry=Telemetry(), config=SimpleNamespace(status=SimpleNamespace(interval_s=1.0)),
-                           redis_settings=None, inference=[], model_info={}, cameras={}, stopping=False)
+                           redis_settings=None, model_holders=dict, model_info={}, cameras={}, stopping=False)
 
 
 @pytest.mark.parametrize("tokens, path, headers, status", [

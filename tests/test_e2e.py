@@ -151,7 +151,8 @@ def test_four_cameras_with_different_heads_share_one_backbone_pass(machine, ray_
     heads = {"cam-p": ["people"], "cam-v": ["vehicles"], "cam-pv": ["people", "vehicles"], "cam-all": None}
     cameras = [{"id": cid, "url": f"synthetic://street?seed={i}&frames=60", "realtime": False, "heads": h}
                for i, (cid, h) in enumerate(heads.items())]
-    app = make_app(redis_server.url, tiny_checkpoint, cameras, replicas=1)  # all four cameras in one model process
+    app = make_app(redis_server.url, tiny_checkpoint, cameras, replicas=1,  # all four cameras in one model process
+                   in_camera_process=False)
     app.start()
     # returns as soon as all four sources have ended (generously: 3 x the model's time for the 240 frames)
     app.run(duration=machine.deadline(30) + 3 * 240 / machine.tiny.batch1_fps)

@@ -150,7 +150,7 @@ def test_crashed_workers_are_restarted_and_cameras_resume(ray_local, redis_serve
     cams = [{"id": "cam", "url": "synthetic://street?seed=4&fps=10"}]
     client = redis_server.client()
     resume_s = machine.deadline(10)  # a new process that imports torch and loads the model: slower on a slow machine
-    with RunningApp(redis_server.url, DEMO, cams) as run:
+    with RunningApp(redis_server.url, DEMO, cams, in_camera_process=False) as run:  # a replica to kill
         wait_for(lambda: events(client, "cam", "track_started"), machine.deadline(40), "tracks")
         # 1. the inference replica dies
         n = len(messages(client, "cam"))

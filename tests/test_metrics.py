@@ -166,7 +166,7 @@ class FakeProbe:
 
 def service(clock: Clock, cameras: dict[str, CameraConfig]):
     """What ready() reads of an App: telemetry, the replicas, model info, the cameras' configs, stopping."""
-    return SimpleNamespace(telemetry=Telemetry(clock), inference=["replica-0"], model_info={"heads": {}},
+    return SimpleNamespace(telemetry=Telemetry(clock), model_holders=lambda: {0: "replica-0"}, model_info={"heads": {}},
                            cameras={cid: SimpleNamespace(config=c) for cid, c in cameras.items()},
                            stopping=False, redis_settings=None, config=SimpleNamespace(status=SimpleNamespace(interval_s=1.0)))
 

@@ -20,7 +20,7 @@ def test_four_cameras_over_two_replicas(ray_local, redis_server, tiny_checkpoint
     ids = ["lobby", "gate", "dock", "yard"]
     cameras = [{"id": cid, "url": f"synthetic://street?seed={i}&frames={FRAMES}", "realtime": False}
                for i, cid in enumerate(ids)]
-    app = make_app(redis_server.url, tiny_checkpoint, cameras, replicas=2)
+    app = make_app(redis_server.url, tiny_checkpoint, cameras, replicas=2, in_camera_process=False)
     app.start()
     route = dict(app.placement.assigner.of)  # each camera to the replica with the fewest cameras
     assert sorted(route.values()) == [0, 0, 1, 1], route

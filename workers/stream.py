@@ -27,7 +27,7 @@ from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
-from workers.inference import CALL_BYTES, CallMerger, service_call
+from workers.inference import CALL_BYTES, CallMerger, InferenceService, local_copy, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
@@ -575,15 +575,18 @@ class CameraHost:
     """One camera inside a StreamActor: its CameraPipeline, its Publisher and its status loop."""
 
     def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None, merger_for: Callable[[Any, Any], CallMerger] | None = None):
+                 instance: str | None = None, merger_for: Callable[[Any, Any], CallMerger] | None = None,
+                 model: InferenceService | None = None):
         """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
         of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
-        ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run."""
+        ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run;
+        ``model``: the process's own model (``inference.in_camera_process``), used instead of a replica."""
         # Validated once more where they arrive: a model passes through unchanged, a dict is checked.
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
         self.inference, self.model_info, self.instance = inference, model_info, instance
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
+        self.model = model
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
@@ -599,9 +602,11 @@ class CameraHost:
             self.camera = camera
         if self.publisher is None:
             self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
-        # Stable spread of cameras over replicas (str hash() differs per process).
-        ref = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
-        replica = _replica(ref)
+        if self.model is not None:
+            ref, replica = None, self.model
+        else:  # stable spread of cameras over replicas (str hash() differs per process)
+            ref = self.inference[zlib.crc32(self.camera.id.encode()) % len(self.inference)]
+            replica = _replica(ref)
         # At a service's start the replica may still be loading its model (the controller starts cameras
         # beside it): the source opens once it answers, so no frame waits on a model that is not there yet.
         if hasattr(replica, "ping"):
@@ -612,7 +617,7 @@ class CameraHost:
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
         self._leave_merger()
-        if self.merger_for is not None:
+        if self.merger_for is not None and self.model is None:  # an in-process model takes no Ray calls
             self.merger = self.merger_for(ref, replica)
             self.merger.cameras.add(self.camera.id)
         self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
@@ -728,13 +733,20 @@ class StreamActor:
     after a crash and the controller then starts each camera again with its current config."""
 
     def __init__(self, cameras: list[tuple[CameraConfig, list]], model_info: dict, redis: RedisConfig,
-                 instance: str | None = None, merge_window_s: float = 0.0):
+                 instance: str | None = None, merge_window_s: float = 0.0, model: dict | None = None):
         """``cameras``: (config, names of its InferenceActors) each, see CameraHost; more may join later
         (``start`` with both). ``merge_window_s``: see CallMerger (``inference.merge_window_ms``); 0: a call
-        per camera."""
+        per camera. ``model``: InferenceService's arguments when this process runs the model for its cameras
+        itself (``inference.in_camera_process``; their InferenceActors are then unused): loaded here, before
+        any camera starts; ``checkpoint`` may be the file's bytes, as for an InferenceActor."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_info, self.redis, self.instance = model_info, redis, instance
         self.merge_window_s = merge_window_s
+        self.model: InferenceService | None = None
+        if model is not None:
+            if isinstance(model["checkpoint"], bytes):
+                model = {**model, "checkpoint": str(local_copy(model["checkpoint"]))}
+            self.model = InferenceService(**model)
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
         for camera, inference in cameras:
@@ -742,7 +754,7 @@ class StreamActor:
 
     def _add(self, camera: CameraConfig, inference: list) -> None:
         host = CameraHost(camera, inference, self.model_info, self.redis, self.instance,
-                          self._merger if self.merge_window_s > 0 else None)
+                          self._merger if self.merge_window_s > 0 else None, self.model)
         self.hosts[host.camera.id] = host
 
     def _merger(self, ref: Any, replica: Any) -> CallMerger:
@@ -780,6 +792,14 @@ class StreamActor:
         if camera_id not in self.hosts:  # it had joined this process, which Ray has restarted since
             return {"camera": camera_id, "state": "created", "pid": os.getpid()}
         return await self._host(camera_id).stats()
+
+    async def model_info(self) -> dict | None:
+        """This process's own model (``inference.in_camera_process``), as InferenceActor.info; else None."""
+        return self.model.info() if self.model else None
+
+    async def model_stats(self) -> dict | None:
+        """This process's own model's numbers, as InferenceActor.stats (batches, model CPU, queue); else None."""
+        return self.model.stats() if self.model else None
 
     async def forget(self, camera_id: str) -> int:
         """Drops a stopped camera (removed at run time); returns how many cameras this process still hosts."""
