@@ -212,9 +212,11 @@ class App(LiveControl):
             raise RuntimeError(f"the replica's model {info} is not the checkpoint's metadata {self.model_info}")
         self.model_info = info or self.model_info
         self.node_watch = self.placement.watch(self)
-        where = (f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s)" if not self.in_camera_process
-                 else f"in each camera process ({info['threads']} thread(s) each)" if info
-                 else "in each camera process, loaded with its first camera")
+        if not self.in_camera_process:
+            where = f"{self.placement.replicas} inference replica(s) of {info['threads']} thread(s)"
+        else:
+            where = (f"in each camera process ({info['threads']} thread(s) each)" if info
+                     else "in each camera process, loaded with its first camera")
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info.get('device', mc.device)} "
                  f"({self.model_info.get('backend', mc.backend)}, {self.model_info.get('autocast', mc.precision)}), "
                  f"heads {self.model_info['heads']}, {where}, batches up to {ic.max_batch} / {ic.max_wait_ms} ms"

@@ -19,8 +19,8 @@ import ray
 
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
-                                inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count, replicas_per_node,
-                                stream_options)
+                                inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
+                                replicas_per_node, stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig

@@ -172,7 +172,8 @@ class Telemetry:
         return max(0.0, last.get("decoded", 0) - outcomes)
 
     def record_inference(self, index: int | str, stats: dict | None) -> None:
-        """One replica's (or camera process's model's, by its name) stats, or None when it did not answer (restarting, or busy past the timeout)."""
+        """One replica's stats (or a camera process's model's, by the process's name), or None when it did not
+        answer (restarting, or busy past the timeout)."""
         with self._lock:
             rec = self._replicas.setdefault(index, ReplicaRecord())
             rec.answering = stats is not None

@@ -12,8 +12,8 @@ from pipeline.cluster import redis_warning, require_redis_url
 from pipeline.config import ConfigError, InferenceConfig, RayConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, cameras_per_process, check_placeable, fits,
-                                group_cameras, inference_options, local_cpus, namespace_for, replica_count,
-                                replicas_per_node, stream_options)
+                                group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
+                                replica_count, replicas_per_node, stream_options)
 from workers.settings import CameraConfig
 from workers.stream import Resume, resume_point
 
@@ -147,6 +147,18 @@ def test_cameras_spread_evenly_over_replicas_and_keep_theirs():
     # c0 and c3 were removed: replica 0 is now the emptiest, the next camera goes there
     assert a.assign("c5", ["c1", "c2", "c4"]) == 0
     assert sorted(a.of) == ["c1", "c2", "c4", "c5"]
+
+
+def test_the_model_runs_in_the_camera_processes_only_on_one_machines_cpus_unless_set():
+    unset = InferenceConfig()
+    assert model_in_camera_process(unset, "auto", gpus_per_replica=0.0, cluster=False)
+    assert model_in_camera_process(unset, "cpu", gpus_per_replica=0.0, cluster=False)
+    assert not model_in_camera_process(unset, "auto", gpus_per_replica=1.0, cluster=False)  # replicas get a GPU
+    assert not model_in_camera_process(unset, "cuda:1", gpus_per_replica=0.0, cluster=False)
+    assert not model_in_camera_process(unset, "mps", gpus_per_replica=0.0, cluster=False)
+    assert not model_in_camera_process(unset, "cpu", gpus_per_replica=0.0, cluster=True)
+    assert not model_in_camera_process(InferenceConfig(in_camera_process=False), "cpu", 0.0, cluster=False)
+    assert model_in_camera_process(InferenceConfig(in_camera_process=True), "cpu", 0.0, cluster=True)  # set: as set
 
 
 def test_replicas_unset_are_one_on_a_gpu_and_two_on_a_cpu():
