@@ -121,8 +121,8 @@ class HydravisionCollector(Collector):
 
     def _inference(self, snap: Snapshot) -> Iterator[Metric]:
         replicas = list(snap.replicas.values())
-        up = GaugeMetricFamily("hydravision_inference_replicas_up", "Inference replicas that answered the "
-                               "controller's latest call")
+        up = GaugeMetricFamily("hydravision_inference_replicas_up", "Models (inference replicas, or camera "
+                               "processes running the model themselves) that answered the controller's latest call")
         up.add_metric([], sum(answered(r) for r in replicas))
         yield up
         if not any(r.counters.keys() for r in replicas):
@@ -158,8 +158,9 @@ class HydravisionCollector(Collector):
         depth = GaugeMetricFamily("hydravision_queue_depth", "Frames waiting in the inference queues for a batch")
         depth.add_metric([], sum(r.stats.get("queue_depth", 0) or 0 for r in replicas))
         yield depth
-        limit = GaugeMetricFamily("hydravision_inference_batch_limit", "The largest batch a replica takes now "
-                                  "(it grows while larger batches run faster per frame)", labels=["replica"])
+        limit = GaugeMetricFamily("hydravision_inference_batch_limit", "The largest batch a model takes now "
+                                  "(it grows while larger batches run faster per frame); replica: its index, or "
+                                  "the camera process's name", labels=["replica"])
         for key, r in sorted(snap.replicas.items()):
             if "batch_limit" in r.stats:
                 limit.add_metric([str(key)], r.stats["batch_limit"])
