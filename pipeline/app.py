@@ -449,7 +449,7 @@ class App(LiveControl):
                 self.telemetry.record_inference(i, None)
                 continue
             self.telemetry.record_inference(i, s)
-            if s is None or self.in_camera_process:
+            if self.in_camera_process:  # a camera process's restart is reported as its cameras'
                 continue
             pid = s["pid"]
             if i < len(self.inference_pids) and pid != self.inference_pids[i]:

@@ -291,13 +291,18 @@ def _timed(handler: Callable[[list[T]], list[R]], items: list[T]) -> tuple[list[
 class InferenceService:
     """ModelRunner + Batcher: what the InferenceActor serves, usable in-process by tests and benchmarks."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", precision: str = "auto",
+    def __init__(self, checkpoint: str | Path | bytes, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
                  max_pending_per_camera: int | None = None, backend: str = "auto", adapt_batch: bool = False):
-        """``adapt_batch``: batches grow only up to the size measured fastest per frame (workers/batch_size.py),
-        ``max_batch`` being the ceiling; otherwise up to ``max_batch``."""
+        """``checkpoint``: a path, or the file's bytes (what the controller puts in Ray's object store for other
+        nodes: written to this node's temp dir first, ``local_copy``). ``adapt_batch``: batches grow only up to
+        the size measured fastest per frame (workers/batch_size.py), ``max_batch`` being the ceiling; otherwise
+        up to ``max_batch``."""
         from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
+
+        if isinstance(checkpoint, bytes):
+            checkpoint = local_copy(checkpoint)
 
         self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
                                                compile=compile, backend=backend)
@@ -366,8 +371,6 @@ class InferenceActor:
         Ray's object store, which copies them to whichever node runs this replica, also after a restart).
         ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if isinstance(checkpoint, bytes):
-            checkpoint = str(local_copy(checkpoint))
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or max(1, (os.cpu_count() or 1) // per_node), score_threshold, compile,
                                         max_pending, max_pending_per_camera, backend, adapt_batch)

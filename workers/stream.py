@@ -27,7 +27,7 @@ from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
-from workers.inference import CALL_BYTES, CallMerger, InferenceService, local_copy, service_call
+from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
@@ -738,14 +738,13 @@ class StreamActor:
         (``start`` with both). ``merge_window_s``: see CallMerger (``inference.merge_window_ms``); 0: a call
         per camera. ``model``: InferenceService's arguments when this process runs the model for its cameras
         itself (``inference.in_camera_process``; their InferenceActors are then unused): loaded here, before
-        any camera starts; ``checkpoint`` may be the file's bytes, as for an InferenceActor."""
+        any camera starts; ``checkpoint``: a path, or a reference to the file's bytes in Ray's object store
+        (``model.distribute``), as an InferenceActor takes it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_info, self.redis, self.instance = model_info, redis, instance
         self.merge_window_s = merge_window_s
         self.model: InferenceService | None = None
         if model is not None:
-            if isinstance(model["checkpoint"], bytes):
-                model = {**model, "checkpoint": str(local_copy(model["checkpoint"]))}
             self.model = InferenceService(**model)
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
