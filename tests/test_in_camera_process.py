@@ -26,6 +26,7 @@ def test_each_camera_process_runs_the_model_for_its_own_cameras(ray_local, redis
                for i, cid in enumerate(ids)]
     app = make_app(redis_server.url, tiny_checkpoint, cameras, in_camera_process=True)
     app.config.ray.cameras_per_process = 2
+    app.config.model.distribute = "object_store"  # the checkpoint's bytes, as a cluster's nodes get it
     said: list[str] = []
     app.say = said.append
     app.start()

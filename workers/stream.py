@@ -745,6 +745,8 @@ class StreamActor:
         self.merge_window_s = merge_window_s
         self.model: InferenceService | None = None
         if model is not None:
+            if isinstance(model["checkpoint"], ray.ObjectRef):  # Ray resolves top-level arguments only
+                model = {**model, "checkpoint": ray.get(model["checkpoint"])}
             self.model = InferenceService(**model)
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
