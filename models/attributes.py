@@ -64,7 +64,8 @@ def roi_features(feats: list[torch.Tensor], strides: tuple[int, ...], boxes: lis
             gx, gy = 2 * x / (s * w) - 1, 2 * y / (s * h) - 1
             grid = torch.stack([gx[:, None, :].expand(-1, pool, -1), gy[:, :, None].expand(-1, -1, pool)], -1)
             sampled = F.grid_sample(f, grid.reshape(1, -1, pool, 2).to(f.dtype), align_corners=False)  # (1, C, k*pool, pool)
-            out[start + idx] = sampled.reshape(c, len(idx), pool, pool).transpose(0, 1)
+            # .to(): under autocast grid_sample runs in fp32 (on CUDA and CPU) while the pyramid is fp16/bf16
+            out[start + idx] = sampled.reshape(c, len(idx), pool, pool).transpose(0, 1).to(out.dtype)
         start += len(b)
     return out
 

@@ -92,6 +92,21 @@ def test_runner_bf16_autocast_on_cpu_close_to_fp32(checkpoint):
     assert all(np.isfinite(r["people"]["boxes"]).all() and r["people"]["boxes"].dtype == np.float32 for r in out)
 
 
+def test_autocast_runs_the_attribute_and_reid_heads_of_the_demo_model():
+    """Under autocast the pyramid is half precision while grid_sample (the attribute head's box features) runs in
+    fp32; the two met in one tensor and the call failed on the first detection (fp16 on a GPU, bf16 here)."""
+    from pipeline.model_commands import DEMO_CHECKPOINT
+    from tests.test_onnx_backend import frames
+
+    images = frames((256, 448))
+    full = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="fp32", backend="torch").run(images, [None] * 3)
+    half = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="bf16", backend="torch").run(images, [None] * 3)
+    assert sum(len(r["vehicles"]["boxes"]) for r in full) > 0
+    for a, b in zip(full, half):
+        assert abs(len(a["vehicles"]["boxes"]) - len(b["vehicles"]["boxes"])) <= 1
+        assert "attr:kind" in b["vehicles"] and "embedding" in b["vehicles"]
+
+
 def test_staging_buffer_copy_gives_the_same_results(checkpoint):
     """On CUDA frames go through a pinned staging buffer; the same copy code runs here unpinned."""
     images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(4)]
