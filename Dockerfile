@@ -37,6 +37,7 @@ COPY configs configs
 # Ray writes its session files to /tmp/ray; nothing here needs root.
 RUN useradd --create-home hydravision
 USER hydravision
-# The demo model's ONNX export in the user's cache: model.backend auto runs it on a CPU without exporting at start.
+# The demo model's ONNX export in the user's cache: model.backend auto runs it on a CPU (ONNX Runtime or OpenVINO)
+# without exporting at start.
 RUN hydravision export
 CMD ["hydravision", "--help"]

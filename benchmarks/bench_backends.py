@@ -1,13 +1,15 @@
-"""Which runtime should run the model on a CPU: torch eager or ONNX Runtime, alone, beside a busy core, and in
-the pipeline.
+"""Which runtime should run the model on a CPU: torch eager, ONNX Runtime or OpenVINO (bf16 where the CPU runs
+it natively, and fp32), alone, beside a busy core, and in the pipeline.
 
-    .venv/bin/python benchmarks/bench_backends.py --json benchmarks/results-backends-2core.json   # ~6 min
+    .venv/bin/python benchmarks/bench_backends.py --json benchmarks/results-backends-2core.json   # ~9 min
 
-1. the model alone (backbone, neck, both heads, decoding and NMS: ModelRunner.run) at batch 1, 4, 8 and 16,
-   backends alternating round by round so that a noisy machine shifts both alike; then the same with another
+1. the outputs of each against torch eager fp32 on the same frames: detections matched one to one (same class,
+   best IoU), the largest box and score differences and the detections left unmatched; and each one's mAP on
+   held-out synthetic scenes (models/evaluate.py): the tolerance check;
+2. the model alone (backbone, neck, both heads, decoding and NMS: ModelRunner.run) at batch 1, 4, 8 and 16,
+   backends alternating round by round so that a noisy machine shifts all alike; then the same with another
    process keeping one core busy (`python -c "while True: pass"`), the case where torch's threads collapsed;
-2. the outputs of both on the same frames: detections, boxes and scores compared (the tolerance check);
-3. hydravision with 8 unpaced file cameras on each backend, alternating, twice.
+3. hydravision with 8 unpaced file cameras on ONNX Runtime and OpenVINO, alternating, twice.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from bench_pipeline import decoded_inputs, file_cameras, run_hydravision
 from measure import DEMO, make_clips, save_json, start_ray
 from pipeline.embedded_redis import EmbeddedRedis
-from workers.model_runner import BACKENDS, ModelRunner
+from models.evaluate import EvalConfig, evaluate, greedy_pairs
+from models.postprocess import box_iou
+from workers.model_runner import ModelRunner, native_bf16
+
+# label: ModelRunner's backend and precision. "openvino" is what auto picks where the CPU runs bf16 natively.
+VARIANTS = {"torch": {"backend": "torch"}, "onnxruntime": {"backend": "onnxruntime"},
+            "openvino": {"backend": "openvino", "precision": "bf16"},
+            "openvino-fp32": {"backend": "openvino", "precision": "fp32"}}
+IN_PIPELINE = ("onnxruntime", "openvino")
 
 
 def model_alone(runners: dict, images: list[np.ndarray], batches: tuple[int, ...], rounds: int, seconds: float) -> dict:
@@ -45,19 +56,39 @@ def model_alone(runners: dict, images: list[np.ndarray], batches: tuple[int, ...
 
 
 def agreement(runners: dict, images: list[np.ndarray]) -> dict:
+    """Each variant's detections against torch's, matched one to one per image and head (same class, greedy by
+    IoU >= 0.5): the largest box and score differences of matched pairs, and how many were left unmatched."""
     out = {name: runner.run(images, [None] * len(images)) for name, runner in runners.items()}
-    ref, other = out["torch"], out["onnxruntime"]
-    worst = {"box_px": 0.0, "score": 0.0, "count_mismatches": 0, "detections": 0}
-    for a, b in zip(ref, other):
-        for head in a:
-            if len(a[head]["boxes"]) != len(b[head]["boxes"]):
-                worst["count_mismatches"] += 1
-                continue
-            worst["detections"] += len(a[head]["boxes"])
-            if len(a[head]["boxes"]):
-                worst["box_px"] = max(worst["box_px"], float(np.abs(a[head]["boxes"] - b[head]["boxes"]).max()))
-                worst["score"] = max(worst["score"], float(np.abs(a[head]["scores"] - b[head]["scores"]).max()))
-    return worst
+    report = {}
+    for name in (n for n in runners if n != "torch"):
+        worst = {"box_px": 0.0, "score": 0.0, "matched": 0, "unmatched_torch": 0, "unmatched_here": 0}
+        for a, b in zip(out["torch"], out[name]):
+            for head in a:
+                x, y = a[head], b[head]
+                iou = box_iou(torch.from_numpy(x["boxes"]), torch.from_numpy(y["boxes"])).numpy()
+                iou[x["class_ids"][:, None] != y["class_ids"][None, :]] = 0
+                pairs = greedy_pairs(iou, 0.5)
+                for i, j in pairs:
+                    worst["box_px"] = max(worst["box_px"], float(np.abs(x["boxes"][i] - y["boxes"][j]).max()))
+                    worst["score"] = max(worst["score"], float(abs(x["scores"][i] - y["scores"][j])))
+                worst["matched"] += len(pairs)
+                worst["unmatched_torch"] += len(x["boxes"]) - len(pairs)
+                worst["unmatched_here"] += len(y["boxes"]) - len(pairs)
+        report[name] = {k: round(v, 5) if isinstance(v, float) else v for k, v in worst.items()}
+    return report
+
+
+def scores(runners: dict) -> dict:
+    """mAP@0.5 and mAP@0.5:0.95 per head and attribute accuracy, each variant on the same held-out scenes."""
+    out = {}
+    for name, runner in runners.items():
+        cfg = EvalConfig()
+        runner.score_threshold = cfg.score_threshold
+        report = evaluate(runner.model, cfg, detect=lambda images, heads, _t, r=runner: r.run(list(images), heads))
+        runner.score_threshold = None
+        out[name] = {"heads": {h: [r["map50"], r["map50_95"]] for h, r in report["heads"].items()},
+                     "attributes": {a: r["accuracy"] for a, r in report.get("attributes", {}).items()}}
+    return out
 
 
 def main() -> None:
@@ -72,12 +103,15 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     clips = make_clips(Path(tempfile.gettempdir()) / "hydravision-bench-clips")
-    runners = {name: ModelRunner(args.checkpoint, device="cpu", threads=args.threads, max_batch=16, backend=name)
-               for name in BACKENDS}
+    runners = {name: ModelRunner(args.checkpoint, device="cpu", threads=args.threads, max_batch=16, **how)
+               for name, how in VARIANTS.items()}
     images = decoded_inputs(clips, runners["torch"].input_size)
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "model_threads": args.threads,
+    results: dict = {"machine": {"cpus": os.cpu_count(), "native_bf16": native_bf16()}, "model_threads": args.threads,
+                     "precision": {name: r.info()["autocast"] for name, r in runners.items()},
                      "agreement": agreement(runners, images[:16])}
-    print(f"agreement: {results['agreement']}", flush=True)
+    print(f"agreement with torch fp32: {results['agreement']}", flush=True)
+    results["scores"] = scores(runners)
+    print(f"held-out scores: {results['scores']}", flush=True)
     batches = (1, 4, 8, 16)
     results["model_alone"] = model_alone(runners, images, batches, args.rounds, args.seconds)
     print(f"model alone, frames/s: {results['model_alone']}", flush=True)
@@ -91,11 +125,11 @@ def main() -> None:
     redis_server = EmbeddedRedis().start()
     try:
         start_ray()
-        runs: dict = {name: [] for name in BACKENDS}
+        runs: dict = {name: [] for name in IN_PIPELINE}
         for _ in range(2):
-            for name in BACKENDS:
+            for name in IN_PIPELINE:
                 r = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url, 8.0,
-                                    args.pipeline_seconds, model={"backend": name})
+                                    args.pipeline_seconds, model=VARIANTS[name])
                 runs[name].append(r)
                 print(f"hydravision, 8 file cameras, {name}: {r['fps']} frames/s, p50 {r['latency_ms_p50']} ms, "
                       f"model CPU {r['cpu_ms_per_frame_model']} ms/frame", flush=True)

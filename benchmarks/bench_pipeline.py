@@ -165,7 +165,7 @@ def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: st
 
 # -- 2b. the threaded design of one-process pipeline libraries ---------------------------------------
 def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float,
-                   max_batch: int = 8, warmup: float = 3.0) -> dict:
+                   max_batch: int = 8, warmup: float = 3.0, precision: str = "auto") -> dict:
     """One process: a decoder thread per camera (decode + letterbox into a queue of 2, blocking: lossless like
     hydravision's unpaced files), one model thread taking batches of up to ``max_batch`` from the cameras in
     turn, one sink thread tracking and writing each batch to Redis in one pipeline. The same model, tracker
@@ -173,7 +173,7 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     import queue
     import threading
 
-    runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count(), max_batch=max_batch)
+    runner = ModelRunner(checkpoint, device="auto", threads=os.cpu_count(), max_batch=max_batch, precision=precision)
     heads = list(runner.heads)
     stop = threading.Event()
     queues = [queue.Queue(maxsize=2) for _ in range(cameras)]
@@ -363,6 +363,10 @@ def main() -> None:
         results["naive"] = bench_naive(args.checkpoint, clips, 8, redis_server.url, args.seconds / 2)
         print("threaded one-process pipeline, 8 cameras ...", flush=True)
         results["threaded"] = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds)
+        if 8 in counts:  # the same in fp32 (ONNX Runtime), as both ran before OpenVINO bf16 became the CPU default
+            print("threaded one-process pipeline, 8 cameras, fp32 ...", flush=True)
+            results["threaded_fp32"] = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds,
+                                                      precision="fp32")
         start_ray()
         results["files"] = {}
         for n in counts:
@@ -384,6 +388,10 @@ def main() -> None:
             print("hydravision, 8 file cameras unpaced, torch eager ...", flush=True)
             results["files_torch"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
                                                      args.warmup, args.seconds, model={"backend": "torch"})
+            # The default before OpenVINO bf16 (model.backend auto where the CPU runs bf16): ONNX Runtime, fp32.
+            print("hydravision, 8 file cameras unpaced, fp32 ...", flush=True)
+            results["files_fp32"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
+                                                    args.warmup, args.seconds, model={"precision": "fp32"})
             # The default before ray.cameras_per_process (unset: the cameras spread over the cores): a process each.
             print("hydravision, 8 file cameras unpaced, a process per camera ...", flush=True)
             results["files_process_each"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
@@ -475,11 +483,21 @@ def summarize(r: dict) -> None:
         print(f"{h.get('backend')} / torch eager, 8 cameras: {h['fps'] / old['fps']:.2f}x frames/s, CPU per frame "
               f"{h['cpu_ms_per_frame_total']} vs {old['cpu_ms_per_frame_total']} ms (model "
               f"{h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
+    if 8 in r["files"] and "files_fp32" in r:
+        h, old = r["files"][8], r["files_fp32"]
+        print(f"{h.get('backend')} / {old.get('backend')} fp32, 8 cameras: {h['fps'] / old['fps']:.2f}x frames/s, CPU "
+              f"per frame {h['cpu_ms_per_frame_total']} vs {old['cpu_ms_per_frame_total']} ms (model "
+              f"{h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
+    if "threaded_fp32" in r and "files_fp32" in r:
+        t, h = r["threaded_fp32"], r["files_fp32"]
+        print(f"in fp32: hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
+              f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms")
     print()
     rows = [(f"files x{n}", v) for n, v in r["files"].items()]
     rows += [("x8 replicas", r["files_replicas"])] if "files_replicas" in r else []
     rows += [("x8 one replica", r["files_one_replica"])] if "files_one_replica" in r else []
     rows += [("x8 torch eager", r["files_torch"])] if "files_torch" in r else []
+    rows += [("x8 fp32", r["files_fp32"])] if "files_fp32" in r else []
     rows += [("x8 proc/camera", r["files_process_each"])] if "files_process_each" in r else []
     rows += [("x8 merged calls", r["files_merged"])] if "files_merged" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]

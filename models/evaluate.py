@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import supervision as sv
@@ -52,11 +52,21 @@ def drop_ignored(pred: sv.Detections, ignored: np.ndarray, targets: sv.Detection
     return pred[~on_ignored.numpy()]
 
 
+# (images (N, 3, H, W) uint8, heads per image, score threshold) -> per image {head: arrays}
+Detect = Callable[[np.ndarray, list, float], list]
+
+
 def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = False,
-             only: Sequence[str] | None = None) -> dict:
+             only: Sequence[str] | None = None, detect: Detect | None = None) -> dict:
     """Per head (every head, or those in ``only``): mAP@0.5, mAP@0.5:0.95 and AP@0.5 per class, on held-out
-    synthetic scenes."""
+    synthetic scenes. ``detect``: what computes the detections (default: ``model.detect`` in fp32; the serving
+    path's ``ModelRunner`` scores a backend and precision, workers/model_runner.py)."""
     cfg = cfg or EvalConfig()
+    device = model.mean.device
+    if detect is None:
+        def detect(images, heads, threshold):
+            found = model.detect(torch.from_numpy(images).to(device), heads, score_threshold=threshold)
+            return [{name: det.numpy() for name, det in r.items()} for r in found]
     heads = {}
     skipped = {}
     for name in model.head_names if only is None else only:
@@ -70,19 +80,17 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
         heads[name] = (cmap, MeanAveragePrecision())
     attrs = {name: AttributeScore(a.config.labels) for name, a in model.attributes.items()
              if a.config.on in heads and set(a.config.of) <= set(CLASS_NAMES)}
-    device = model.mean.device
     frames = list(held_out_frames(cfg))
     bar = tqdm(total=len(frames), desc="eval", unit="frame", disable=not progress)
     for start in range(0, len(frames), cfg.batch_size):
         chunk = frames[start : start + cfg.batch_size]
         boxed = [letterbox(img, model.config.input_size) for img, _ in chunk]
-        images = torch.from_numpy(np.stack([b for b, _ in boxed]))
-        results = model.detect(images.to(device), [list(heads)] * len(chunk), score_threshold=cfg.score_threshold)
+        results = detect(np.stack([b for b, _ in boxed]), [list(heads)] * len(chunk), cfg.score_threshold)
         for (img, truth), (_, lb), res in zip(chunk, boxed, results):
             good = truth.visibility >= MIN_VISIBILITY
             hidden = ~good & (truth.visibility > 0)
             for name, (cmap, metric) in heads.items():
-                d = res[name].numpy()
+                d = res[name]
                 pred = sv.Detections(xyxy=boxes_to_source(d["boxes"], lb), confidence=d["scores"],
                                      class_id=d["class_ids"].astype(int))
                 tcls = cmap[truth.class_ids]
@@ -121,11 +129,10 @@ class AttributeScore:
         self.objects = 0  # ground-truth objects it should label
         self.unlabelled = 0  # of those, matched by a detection that carried no label (another class)
 
-    def update(self, det, lb, truth, good: np.ndarray, attr, threshold: float, name: str) -> None:
+    def update(self, d: dict, lb, truth, good: np.ndarray, attr, threshold: float, name: str) -> None:
         names = np.array([CLASS_NAMES[c] for c in truth.class_ids])
         mine = good & np.isin(names, attr.of) & np.isin(truth.kinds, self.labels)
         self.objects += int(mine.sum())
-        d = det.numpy()
         keep = d["scores"] >= threshold
         if not mine.any() or not keep.any():
             return

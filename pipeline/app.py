@@ -137,7 +137,7 @@ class App(LiveControl):
         except CheckpointError as e:
             raise ConfigError(f"model.checkpoint: {e}") from None
         mc = self.config.model
-        if meta["config"].get("adapters") and mc.backend == "onnxruntime":
+        if meta["config"].get("adapters") and mc.backend in ("onnxruntime", "openvino"):
             raise ConfigError(f"model.backend: {path.name} has LoRA adapters, which the ONNX export does not carry; "
                               "use backend: torch")
         if "base" in meta and (mc.distribute == "object_store" or (mc.distribute == "auto" and self.config.ray.cluster)):

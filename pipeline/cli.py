@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="model input, multiples of 128 (default 512x896; torchvision uses ~800 on the short side)")
 
-    x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend onnxruntime, and auto on "
-                                      "a CPU, runs)")
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend onnxruntime and openvino, "
+                                      "and auto on a CPU, run)")
     x.add_argument("checkpoint", type=Path, nargs="?", default=None, help="default: the demo checkpoint")
     x.add_argument("--out", type=Path, default=None,
                    help="the .onnx file to write (default: the cache the service reads, so its first start does "
@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--scenes", type=positive_int, default=8)
     e.add_argument("--frames", type=positive_int, default=40, help="frames scored per scene")
+    e.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
+                   help="score through the service's model path on this backend (model.backend), to check a faster "
+                        "one against the default: the checkpoint itself in torch, fp32")
+    e.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="with --backend: model.precision")
     e.add_argument("--no-progress", action="store_true")
     return p
 

@@ -68,15 +68,25 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
     compile: bool = Field(False, description="torch.compile the backbone and neck (slow start; mostly a GPU win)")
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs backbone, neck and heads: 'torch' (eager, or compiled with compile: true), "
         "'onnxruntime' (the model exported to ONNX once and cached in ~/.cache/hydravision/onnx; fp32; decoding and "
-        "NMS stay in torch) or 'auto': onnxruntime on a CPU, torch on a GPU, with compile, half precision or LoRA "
-        "adapters")
+        "NMS stay in torch), 'openvino' (the same export in OpenVINO on the CPU; bf16 or fp32) or 'auto': on a CPU "
+        "openvino in bf16 where the CPU runs bf16 natively and precision is auto or bf16, else onnxruntime; torch "
+        "on a GPU, with compile, fp16 or LoRA adapters")
     distribute: Literal["auto", "object_store", "path"] = Field(
         "auto", description="how inference replicas get the checkpoint: 'object_store' (the controller reads it and "
         "Ray copies it to each node), 'path' (every node reads the same path: shared storage or baked into the "
         "image); 'auto': object_store on a cluster, path locally")
+
+    @model_validator(mode="after")
+    def _openvino_runs_here(self) -> "ModelConfig":
+        if self.backend == "openvino":
+            if self.device not in ("auto", "cpu"):
+                raise ValueError(f"backend: openvino runs the model on the CPU here, not on device {self.device}")
+            if self.precision == "fp16":
+                raise ValueError("backend: openvino runs precision auto, bf16 or fp32, not fp16")
+        return self
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint == "demo":

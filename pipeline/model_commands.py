@@ -202,17 +202,31 @@ def import_detector(args: argparse.Namespace) -> str:
 
 @_user_input_errors()
 def evaluate(args: argparse.Namespace) -> dict:
+    """The checkpoint's scores; with --backend, through the serving path (ModelRunner) on that backend and
+    --precision, the tolerance check of a faster backend against torch in fp32 (the default)."""
     path = args.checkpoint or DEMO_CHECKPOINT
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_checkpoint(path, device=device)
-    report = evaluate_model(model, EvalConfig(scenes=args.scenes, frames_per_scene=args.frames),
-                            progress=not args.no_progress)
-    report["checkpoint"] = str(path)
+    cfg = EvalConfig(scenes=args.scenes, frames_per_scene=args.frames)
+    detect, how = None, {"backend": "torch", "precision": "fp32"}
+    if args.backend:
+        from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
+
+        runner = ModelRunner(path, device, args.precision, score_threshold=cfg.score_threshold, backend=args.backend)
+        how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
+
+        def detect(images, heads, _threshold):  # the runner was built with cfg.score_threshold
+            return runner.run(list(images), heads)
+        model = runner.model
+    else:
+        model, _ = load_checkpoint(path, device=device)
+    report = evaluate_model(model, cfg, progress=not args.no_progress, detect=detect)
+    report.update(checkpoint=str(path), **how)
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['checkpoint']}: {report['frames']} held-out frames from {report['scenes']} scenes"]
+    how = f"{report.get('backend', 'torch')}, {report.get('precision', 'fp32')}"
+    lines = [f"{report['checkpoint']} ({how}): {report['frames']} held-out frames from {report['scenes']} scenes"]
     lines.append(f"{'head':<12} {'mAP@0.5':>8} {'mAP@.5:.95':>10}  AP@0.5 per class")
     for name, r in report["heads"].items():
         per = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50_per_class"].items())

@@ -127,11 +127,11 @@ def test_compiled_model_matches_eager(checkpoint):
         np.testing.assert_allclose(ra["people"]["scores"], rb["people"]["scores"], atol=1e-3)
 
 
-def test_heads_are_timed_in_torch_and_not_claimed_in_onnxruntime(checkpoint):
-    """hydravision_head_seconds comes from torch's forward hooks; ONNX Runtime runs the heads in one graph, so
-    that backend leaves the histogram empty rather than filling it with a guess."""
+def test_heads_are_timed_in_torch_and_not_claimed_in_the_exported_runtimes(checkpoint):
+    """hydravision_head_seconds comes from torch's forward hooks; ONNX Runtime and OpenVINO run the heads in one
+    graph, so they leave the histogram empty rather than filling it with a guess."""
     images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(2)]
-    for backend, timed in (("torch", 1), ("onnxruntime", 0)):
+    for backend, timed in (("torch", 1), ("onnxruntime", 0), ("openvino", 0)):
         runner = ModelRunner(checkpoint, device="cpu", backend=backend)
         runner.run(images, [None, ["people"]])
         assert sum(runner.histograms()["head_seconds"]["people"]["counts"]) == timed, backend

@@ -119,7 +119,9 @@ def one_head_model() -> HydraNet:
                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
 
 
-def test_auto_picks_onnxruntime_on_a_cpu_and_torch_where_the_export_cannot_serve():
+def test_auto_picks_onnxruntime_on_a_cpu_and_torch_where_the_export_cannot_serve(monkeypatch):
+    """On a CPU without native bf16 (with it, auto picks openvino: tests/test_openvino_backend.py)."""
+    monkeypatch.setattr(model_runner, "native_bf16", lambda: False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plain, adapted = one_head_model(), one_head_model()
     adapted.add_adapter("a", heads=["people"], rank=2)
@@ -140,6 +142,7 @@ def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_
         raise RuntimeError("no ONNX Runtime here")
 
     monkeypatch.setattr(model_runner, "OrtSession", broken)
+    monkeypatch.setattr(model_runner, "native_bf16", lambda: False)  # auto picks onnxruntime
     runner = ModelRunner(path, device="cpu")
     assert runner.info()["backend"] == "torch" and "no ONNX Runtime here" in caplog.text
     assert runner.run([np.zeros((3, 64, 96), np.uint8)], [None])[0]["people"]["boxes"].shape[1] == 4

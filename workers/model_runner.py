@@ -8,8 +8,10 @@ would add ~190 MB to each camera's process.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,33 +44,92 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core, never released. OpenVINO's CPU plugin points the signal stack of the
+    thread that loads it at memory it unmaps when the plugin is released; a Core per model, loaded and
+    released as models came and went, left a thread's signal stack dangling, and the next signal with a
+    handler delivered to it (a SIGCHLD) killed the process with SIGSEGV (the test suite's process, in a
+    browser test). One Core for the process's life loads the plugin once and never unmaps that stack."""
+    import openvino as ov  # only where this backend is used
+
+    return ov.Core()
+
+
+@functools.cache  # one answer per process: the CPU does not change
+def native_bf16() -> bool:
+    """Whether OpenVINO is installed and this CPU runs bf16 natively (AVX512-BF16 or AMX): there its bf16
+    inference takes ~20% less CPU per frame than ONNX Runtime in fp32 (benchmarks/README.md, "OpenVINO in bf16
+    on a CPU"); without it OpenVINO would emulate bf16 or run fp32, slower than ONNX Runtime."""
+    try:
+        return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except ImportError:
+        return False
+    except Exception as e:  # an install that cannot load its CPU plugin: auto picks ONNX Runtime instead
+        log.warning("OpenVINO cannot query the CPU (%s: %s); not using it", type(e).__name__, e)
+        return False
 
 
 def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | None, compile: bool,
-                 model: torch.nn.Module) -> str:
-    """'auto': ONNX Runtime on a CPU, where it runs the model on 20-30% less CPU per frame than torch eager
-    (benchmarks/README.md, "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu
-    is another package), with compile, half precision asked for on a CPU, or LoRA adapters (the export has one
-    pyramid)."""
+                 model: torch.nn.Module, precision: str = "auto") -> str:
+    """'auto' on a CPU: OpenVINO in bf16 where the CPU runs bf16 natively (precision auto or bf16), else ONNX
+    Runtime in fp32, which runs the model on 20-30% less CPU per frame than torch eager (benchmarks/README.md,
+    "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
+    with compile, half precision the exports do not run, or LoRA adapters (the export has one pyramid)."""
     if backend != "auto":
         return backend
-    if device.type == "cpu" and autocast is None and not compile and not model.adapters:
-        return "onnxruntime"
-    return "torch"
+    if device.type != "cpu" or compile or model.adapters:
+        return "torch"
+    if precision in ("auto", "bf16") and native_bf16():
+        return "openvino"
+    return "onnxruntime" if autocast is None else "torch"
 
 
-class OrtSession:
-    """The model's backbone, neck and heads in ONNX Runtime (exported once, cached); decoding, NMS and attribute
-    heads stay in torch on the same raw outputs. Every head runs on every image of a batch (the graph is
-    fixed); a head an image did not ask for is computed and then not decoded."""
+class ExportedSession:
+    """The model's backbone, neck and heads in a runtime that reads the ONNX export (exported once, cached);
+    decoding, NMS and attribute heads stay in torch on the same raw outputs. Every head runs on every image
+    of a batch (the graph is fixed); a head an image did not ask for is computed and then not decoded."""
+
+    precision = "fp32"
+
+    def __init__(self, model, checkpoint: str | Path):
+        from models.export import cached_export, output_names
+
+        self.model = model
+        self.path = cached_export(model, checkpoint)
+        self.names = output_names(model)
+        self.levels = len(model.strides)
+
+    def infer(self, images: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs, in ``self.names``' order."""
+        raise NotImplementedError
+
+    def detect(self, images: np.ndarray, heads: Sequence[Sequence[str] | None], score_threshold: float | None):
+        n = images.shape[0]
+        wanted = self.model.wanted_heads(heads, n)
+        outs = dict(zip(self.names, self.infer(images)))
+        feats = [torch.from_numpy(outs[f"p{i}"]) for i in range(self.levels)]
+        raw = {}
+        for name in self.model.head_names:
+            idx = [i for i, w in enumerate(wanted) if name in w]
+            if idx:
+                rows = idx if len(idx) < n else slice(None)
+                raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
+        with torch.inference_mode():
+            x = self.model.normalize(torch.from_numpy(images)) if self.model.reid is not None else None
+            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
+
+
+class OrtSession(ExportedSession):
+    """ONNX Runtime, fp32: the CPU execution provider (CUDA / TensorRT ones where installed and asked for)."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None):
         import onnxruntime as ort  # only where this backend is chosen
 
-        from models.export import cached_export, output_names
-
-        self.model = model
+        super().__init__(model, checkpoint)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
         options.inter_op_num_threads = 1
@@ -82,24 +143,40 @@ class OrtSession:
         if device.type == "cuda":
             wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
             providers = [p for p in wanted if p in ort.get_available_providers()] + providers
-        self.session = ort.InferenceSession(str(cached_export(model, checkpoint)), options, providers=providers)
-        self.names = output_names(model)
-        self.levels = len(model.strides)
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
 
-    def detect(self, images: np.ndarray, heads: Sequence[Sequence[str] | None], score_threshold: float | None):
-        n = images.shape[0]
-        wanted = self.model.wanted_heads(heads, n)
-        outs = dict(zip(self.names, self.session.run(None, {"images": images})))
-        feats = [torch.from_numpy(outs[f"p{i}"]) for i in range(self.levels)]
-        raw = {}
-        for name in self.model.head_names:
-            idx = [i for i, w in enumerate(wanted) if name in w]
-            if idx:
-                rows = idx if len(idx) < n else slice(None)
-                raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
-        with torch.inference_mode():
-            x = self.model.normalize(torch.from_numpy(images)) if self.model.reid is not None else None
-            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
+    def infer(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.names, {"images": images})
+
+
+class OpenVinoSession(ExportedSession):
+    """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
+    or bf16) or fp32. bf16 keeps the demo model's mAP within 0.001 of fp32 (benchmarks/README.md)."""
+
+    def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
+        if device.type != "cpu":
+            raise ValueError(f"the openvino backend runs on the CPU here, not on {device}")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"the openvino backend runs precision auto, bf16 or fp32, not {precision}")
+        super().__init__(model, checkpoint)
+        self.precision = "bf16" if precision == "bf16" or (precision == "auto" and native_bf16()) else "fp32"
+        core = openvino_core()
+        self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": threads or 0,  # 0: all cores
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
+            "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
+        })
+        self.outputs = [self.compiled.output(name) for name in self.names]
+        self.request = self.compiled.create_infer_request()
+        # One request is reused (its buffers too); ModelRunner.run is called from one thread at a time (the
+        # Batcher's), the lock keeps that true for any other caller.
+        self._lock = threading.Lock()
+
+    def infer(self, images: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            result = self.request.infer({0: images})  # copies the outputs: the next call reuses the buffers
+            return [result[o] for o in self.outputs]
 
 
 class ModelRunner:
@@ -115,15 +192,17 @@ class ModelRunner:
         self.device = pick_device(device)
         self.autocast = pick_autocast(precision, self.device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
-        self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model)
-        self.session = None
-        if self.backend == "onnxruntime":
+        self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model, precision)
+        self.session: ExportedSession | None = None
+        if self.backend in ("onnxruntime", "openvino"):
             try:
-                self.session = OrtSession(self.model, checkpoint, self.device, threads)
+                self.session = (OrtSession(self.model, checkpoint, self.device, threads)
+                                if self.backend == "onnxruntime"
+                                else OpenVinoSession(self.model, checkpoint, self.device, threads, precision))
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
                 if backend != "auto":
                     raise
-                log.warning("ONNX Runtime could not run %s (%s: %s); running it in torch", Path(checkpoint).name,
+                log.warning("%s could not run %s (%s: %s); running it in torch", self.backend, Path(checkpoint).name,
                             type(e).__name__, e)
                 self.backend = "torch"
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
@@ -162,7 +241,7 @@ class ModelRunner:
 
     def info(self) -> dict:
         return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
-                "autocast": str(self.autocast) if self.autocast and not self.session else "fp32",
+                "autocast": self.session.precision if self.session else str(self.autocast) if self.autocast else "fp32",
                 "backend": self.backend, "threads": torch.get_num_threads()}
 
     def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
