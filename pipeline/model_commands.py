@@ -211,6 +211,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.backend:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
+        if args.backend == "openvino" and args.precision == "fp16":
+            raise UserError("--precision fp16: the openvino backend runs auto, bf16 or fp32")
+
         runner = ModelRunner(path, device, args.precision, score_threshold=cfg.score_threshold, backend=args.backend)
         how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
 

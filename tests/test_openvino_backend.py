@@ -1,6 +1,7 @@
 """model.backend: openvino gives torch's detections in fp32 and keeps them, and the demo model's scores, within a
 stated tolerance in bf16; auto picks it only where the CPU runs bf16 natively."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import save_checkpoint
 from models.postprocess import box_iou
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, parse_config
 from pipeline.model_commands import DEMO_CHECKPOINT
-from models.checkpoint import save_checkpoint
-from tests.test_onnx_backend import assert_same, frames, one_head_model
+from tests.test_onnx_backend import assert_same, cache, frames, one_head_model  # noqa: F401 (cache: a fixture)
 from workers import model_runner
 from workers.model_runner import ModelRunner, pick_backend
 
@@ -23,14 +24,6 @@ from workers.model_runner import ModelRunner, pick_backend
 # (score >= 0.3) is found again, same class, its box within IoU 0.9 and its score within 0.05; the mAPs move by
 # under 0.01 (measured: 0.001 at most, benchmarks/README.md).
 SURE, BOX_IOU, SCORE_DIFF, MAP_DIFF = 0.3, 0.9, 0.05, 0.01
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("onnx-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRAVISION_CACHE", str(path))
-        yield path
 
 
 def test_openvino_in_fp32_gives_the_detections_torch_gives_on_the_demo_model(cache):
@@ -67,8 +60,6 @@ def test_openvino_in_bf16_finds_what_fp32_is_sure_of(cache):
 def test_openvino_in_bf16_scores_the_demo_model_as_fp32_does(cache, capsys):
     """`hydravision eval --backend` scores through the serving path: the tolerance check a user can run."""
     args = ["eval", "--scenes", "2", "--frames", "12", "--json", "--no-progress"]
-    import json
-
     assert cli_main(args) == 0
     reference = json.loads(capsys.readouterr().out)
     assert cli_main([*args, "--backend", "openvino", "--precision", "bf16"]) == 0
@@ -96,7 +87,9 @@ def test_auto_picks_openvino_only_where_the_cpu_runs_bf16_natively(monkeypatch):
     assert pick_backend("auto", cpu, torch.bfloat16, False, plain, "bf16") == "torch"  # emulated bf16: torch's
 
 
-def test_openvino_settings_it_cannot_run_are_refused_naming_the_field():
+def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
+    assert cli_main(["eval", "--backend", "openvino", "--precision", "fp16", "--no-progress"]) == 2
+    assert "--precision fp16: the openvino backend runs auto, bf16 or fp32" in capsys.readouterr().err
     cameras = [{"id": "a", "url": "synthetic://street"}]
     with pytest.raises(ConfigError, match=r"model: backend: openvino runs the model on the CPU here, not on device cu"):
         parse_config({"model": {"backend": "openvino", "device": "cuda"}, "cameras": cameras})
