@@ -51,11 +51,15 @@ KNOWN_BF16 = {
 
 
 def cases(metric: str) -> list:
-    from workers.model_runner import native_bf16  # what runner() below runs the model in
-
-    known = {**KNOWN, **(KNOWN_BF16 if native_bf16() else {})}
-    return [pytest.param(s, marks=pytest.mark.xfail(reason=known[(metric, s)])) if (metric, s) in known else s
+    return [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[(metric, s)])) if (metric, s) in KNOWN else s
             for s in HELD_OUT_SEEDS + INSPECTED_SEEDS]
+
+
+def known_in_bf16(request, metric: str, seed: int) -> None:
+    """Marks a KNOWN_BF16 miss when runner() runs the model in bf16; decided when the test runs, not at
+    collection, so that collecting this file (every suite run, these tests deselected) loads no model."""
+    if (metric, seed) in KNOWN_BF16 and runner().info()["autocast"] == "bf16":
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_BF16[(metric, seed)]))
 
 
 @functools.cache
@@ -82,10 +86,11 @@ def by_direction(line: dict) -> dict[str, dict[str, int]]:
 
 
 @pytest.mark.parametrize("seed", cases("lines"))
-def test_line_counts_equal_the_true_crossings_of_tracked_objects(seed):
+def test_line_counts_equal_the_true_crossings_of_tracked_objects(seed, request):
     """Tolerance per line and direction: max(3, 10%) of the true crossings of objects the pipeline tracked.
     Why not 0: the detector reports some objects twice (a car and a bicycle box; two tracks cross), and an
     object whose track is lost and re-confirmed right at the line has no side to cross from."""
+    known_in_bf16(request, "lines", seed)
     lines, _ = scored(seed)
     for name, line in lines.items():
         assert line["truth_tracked"] >= 20, f"line {name}: too few crossings to judge"
@@ -95,15 +100,17 @@ def test_line_counts_equal_the_true_crossings_of_tracked_objects(seed):
 
 
 @pytest.mark.parametrize("seed", cases("zone"))
-def test_zone_occupancy_within_one_object_on_95_percent_of_frames(seed):
+def test_zone_occupancy_within_one_object_on_95_percent_of_frames(seed, request):
+    known_in_bf16(request, "zone", seed)
     _, zones = scored(seed)
     assert zones["middle"]["within_1"] >= 0.95, zones["middle"]
 
 
 @pytest.mark.parametrize("seed", cases("dwell"))
-def test_dwell_within_half_a_second(seed):
+def test_dwell_within_half_a_second(seed, request):
     """Visits one track carried from entry to exit: 90% within 0.5 s. A visit split between tracks (an id
     switch the takeover did not bridge) is the tracker's error and is reported separately."""
+    known_in_bf16(request, "dwell", seed)
     _, zones = scored(seed)
     z = zones["middle"]
     assert z["dwell_whole_visits"] >= 0.5 * z["true_complete_visits"], z
