@@ -135,3 +135,37 @@ def test_heads_are_timed_in_torch_and_not_claimed_in_the_exported_runtimes(check
         runner = ModelRunner(checkpoint, device="cpu", backend=backend)
         runner.run(images, [None, ["people"]])
         assert sum(runner.histograms()["head_seconds"]["people"]["counts"]) == timed, backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_a_one_thread_model_counts_its_own_cpu_not_its_neighbours(checkpoint, backend):
+    """In a camera process the model shares the process with decoder threads. Its ``cpu_seconds`` (the model's
+    CPU per frame in benchmarks/bench_pipeline.py) read the process's clock and so counted what the decoders
+    burned during each call too; the benchmark then put more CPU in the model than the processes spent outside."""
+    import hashlib
+    import threading
+    import time
+
+    runner = ModelRunner(checkpoint, device="cpu", backend=backend, threads=1)
+    images = [np.random.default_rng(i).integers(0, 255, (3, 64, 96), dtype=np.uint8) for i in range(8)]
+    runner.run(images, [None] * 8)
+    runner.stats["cpu_seconds"] = 0.0
+    stop, burned = threading.Event(), []
+
+    def neighbour():  # hashing a large buffer releases the GIL: it runs beside the model's calls, as a decoder does
+        c0, data = time.thread_time(), b"x" * (1 << 22)
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+        burned.append(time.thread_time() - c0)
+
+    thread = threading.Thread(target=neighbour)
+    p0 = time.process_time()
+    thread.start()
+    while time.process_time() - p0 < 1.5:
+        runner.run(images, [None] * 8)
+    stop.set()
+    thread.join()
+    total, own = time.process_time() - p0, runner.stats["cpu_seconds"]
+    assert burned[0] > 0.2, "the neighbour thread never ran"
+    assert own <= total - burned[0] + 0.05, (own, total, burned)
+    assert own >= 0.5 * (total - burned[0]), (own, total, burned)  # and the model's own CPU is counted
