@@ -359,8 +359,8 @@ class HydraNet(nn.Module):
         """Raw head outputs -> detections per image, then the attribute and re-ID heads on them.
 
         ``raw``: head -> (the images it ran on, its outputs for those images); ``feats``: the pyramid of all
-        ``n`` images; ``images``: the normalised inputs (a re-ID head that reads colour needs them). Split from
-        ``detect`` so that another runtime (ONNX Runtime) can compute the raw parts.
+        ``n`` images; ``images``: the inputs, normalised or uint8 (a re-ID head that reads colour needs them).
+        Split from ``detect`` so that another runtime (ONNX Runtime, OpenVINO) can compute the raw parts.
         """
         results: list[dict[str, HeadDetections]] = [{} for _ in range(n)]
         for name, (idx, out) in raw.items():
@@ -388,7 +388,8 @@ class HydraNet(nn.Module):
         if images is not None and rows is not None:
             images = images[rows]
         boxes = [torch.cat([results[i][h].boxes for h in heads if h in results[i]]) for i in wanted]
-        emb = self.reid(sub, boxes, images)
+        raw_pixels = images is not None and images.dtype == torch.uint8  # normalised under the boxes only
+        emb = self.reid(sub, boxes, images, self.normalize if raw_pixels else None)
         start = 0
         for i in wanted:
             for h in heads:

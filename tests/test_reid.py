@@ -103,3 +103,26 @@ def test_training_lowers_the_loss_and_the_checkpoint_round_trips(tmp_path):
     images = torch.randint(0, 255, (1, 3, 64, 96), dtype=torch.uint8)
     first = after.detect(images, score_threshold=0.0)[0]["people"].embeddings
     torch.testing.assert_close(reloaded.detect(images, score_threshold=0.0)[0]["people"].embeddings, first)
+
+
+def test_colours_read_from_the_pixels_under_the_boxes_equal_those_of_the_normalised_batch():
+    """The exported runtimes hand the re-ID head uint8 images, and it normalises only the crop under each image's
+    boxes; the samples must be the whole normalised batch's, at the image's edges (zero padding) included."""
+    from models.reid import box_colours
+
+    rng = np.random.default_rng(5)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 3, 40, 64), dtype=np.uint8))
+    mean, std = torch.tensor([0.4, 0.45, 0.5]).view(1, 3, 1, 1) * 255, torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1) * 255
+
+    def normalize(x):
+        return (x.float() - mean) / std
+
+    inside = torch.tensor([[10.3, 5.2, 30.7, 20.1], [40.0, 12.5, 41.0, 30.0]])
+    edges = torch.tensor([[0.0, 0.0, 64.0, 40.0], [0.0, 3.0, 0.4, 9.0], [63.6, 39.2, 64.0, 40.0]])
+    point = torch.tensor([[22.0, 7.0, 22.0, 7.0]])  # alone in its image: its crop is the tightest
+    boxes = [inside, point, edges, torch.zeros((0, 4))]
+    whole = box_colours(normalize(images), boxes, 4)
+    cropped = box_colours(images, boxes, 4, normalize)
+    assert whole.shape == cropped.shape == (6, 48)
+    torch.testing.assert_close(cropped, whole, atol=1e-4, rtol=1e-5)
+    assert box_colours(images, [torch.zeros((0, 4))] * 4, 4, normalize).shape == (0, 48)

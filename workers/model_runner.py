@@ -118,9 +118,9 @@ class ExportedSession:
             if idx:
                 rows = idx if len(idx) < n else slice(None)
                 raw[name] = (idx, {k: torch.from_numpy(outs[f"{name}.{k}"][rows]) for k in RAW_KEYS})
-        with torch.inference_mode():
-            x = self.model.normalize(torch.from_numpy(images)) if self.model.reid is not None else None
-            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
+        with torch.inference_mode():  # uint8 images: a re-ID head reading colour normalises only what it reads
+            return self.model.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold,
+                                     images=torch.from_numpy(images))
 
 
 class OrtSession(ExportedSession):
