@@ -29,7 +29,7 @@ import torch
 from bench_pipeline import decoded_inputs, file_cameras, run_hydravision
 from measure import DEMO, make_clips, save_json, start_ray
 from pipeline.embedded_redis import EmbeddedRedis
-from models.evaluate import EvalConfig, evaluate, greedy_pairs
+from models.evaluate import greedy_pairs
 from models.postprocess import box_iou
 from workers.model_runner import ModelRunner, native_bf16
 
@@ -82,10 +82,7 @@ def scores(runners: dict) -> dict:
     """mAP@0.5 and mAP@0.5:0.95 per head and attribute accuracy, each variant on the same held-out scenes."""
     out = {}
     for name, runner in runners.items():
-        cfg = EvalConfig()
-        runner.score_threshold = cfg.score_threshold
-        report = evaluate(runner.model, cfg, detect=lambda images, heads, _t, r=runner: r.run(list(images), heads))
-        runner.score_threshold = None
+        report = runner.evaluate()
         out[name] = {"heads": {h: [r["map50"], r["map50_95"]] for h, r in report["heads"].items()},
                      "attributes": {a: r["accuracy"] for a, r in report.get("attributes", {}).items()}}
     return out

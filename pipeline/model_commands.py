@@ -207,22 +207,19 @@ def evaluate(args: argparse.Namespace) -> dict:
     path = args.checkpoint or DEMO_CHECKPOINT
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = EvalConfig(scenes=args.scenes, frames_per_scene=args.frames)
-    detect, how = None, {"backend": "torch", "precision": "fp32"}
     if args.backend:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
         if args.backend == "openvino" and args.precision == "fp16":
             raise UserError("--precision fp16: the openvino backend runs auto, bf16 or fp32")
 
-        runner = ModelRunner(path, device, args.precision, score_threshold=cfg.score_threshold, backend=args.backend)
+        runner = ModelRunner(path, device, args.precision, backend=args.backend)
+        report = runner.evaluate(cfg, progress=not args.no_progress)
         how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
-
-        def detect(images, heads, _threshold):  # the runner was built with cfg.score_threshold
-            return runner.run(list(images), heads)
-        model = runner.model
     else:
         model, _ = load_checkpoint(path, device=device)
-    report = evaluate_model(model, cfg, progress=not args.no_progress, detect=detect)
+        report = evaluate_model(model, cfg, progress=not args.no_progress)
+        how = {"backend": "torch", "precision": "fp32"}
     report.update(checkpoint=str(path), **how)
     return report
 

@@ -248,6 +248,19 @@ class ModelRunner:
                 "autocast": self.session.precision if self.session else str(self.autocast) if self.autocast else "fp32",
                 "backend": self.backend, "threads": torch.get_num_threads()}
 
+    def evaluate(self, cfg=None, progress: bool = False) -> dict:
+        """``models.evaluate.evaluate``'s scores with the detections computed here (this backend and precision):
+        the tolerance check of a backend against torch fp32 (`hydravision eval --backend`, bench_backends.py)."""
+        from models.evaluate import EvalConfig, evaluate
+
+        cfg = cfg or EvalConfig()
+        kept, self.score_threshold = self.score_threshold, cfg.score_threshold  # run() applies the runner's own
+        try:
+            return evaluate(self.model, cfg, progress,
+                            detect=lambda images, heads, _threshold: self.run(list(images), heads))
+        finally:
+            self.score_threshold = kept
+
     def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         n = len(images)
         if self._staging is not None and n <= self._staging.shape[0]:
