@@ -88,7 +88,7 @@ def box_colours(images: torch.Tensor, boxes: list[torch.Tensor], side: int,
             x1, y1 = (min(n, math.floor(v.item() - 0.5) + 2) for v, n in zip(b[:, 2:].max(0).values, (w, h)))
             crop = normalize(image[None, :, y0:y1, x0:x1])
             parts.append(roi_features([crop], (1,), [b - b.new_tensor([x0, y0, x0, y0])], 4 * side))
-        fine = torch.cat(parts) if parts else torch.zeros((0, 3, 4 * side, 4 * side))
+        fine = torch.cat(parts) if parts else torch.zeros((0, 3, 4 * side, 4 * side), device=images.device)
     return F.avg_pool2d(fine, 4).flatten(1)
 
 
