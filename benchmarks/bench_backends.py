@@ -46,7 +46,7 @@ def model_alone(runners: dict, images: list[np.ndarray], batches: tuple[int, ...
         for b in batches:
             batch = [images[i % len(images)] for i in range(b)]
             for name, runner in runners.items():
-                runner.run(batch, [None] * b)
+                runner.warm(batch, [None] * b)
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < seconds:
                     runner.run(batch, [None] * b)

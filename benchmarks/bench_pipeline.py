@@ -30,7 +30,7 @@ import ray
 import redis
 import torch
 
-from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, usage
+from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, usage, with_ray
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
@@ -68,7 +68,7 @@ def bench_model(checkpoint: Path, clips: list[Path], seconds: float) -> dict:
     fps, latency = {}, {}
     for b in (1, 2, 4, 8, 16):
         batch = [images[i % len(images)] for i in range(b)]
-        runner.run(batch, [None] * b)
+        runner.warm(batch, [None] * b)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             runner.run(batch, [None] * b)
@@ -311,7 +311,7 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
         "replicas": len(app.inference), "models": len(holders), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
         "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
-        "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
+        "batch_limit": i1[0].get("batch_limit"), "exact_shapes": [i.get("exact_shapes") for i in i1], "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
@@ -402,6 +402,16 @@ def main() -> None:
             results["files_merged"] = run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url,
                                                       args.warmup, args.seconds, merge_window_ms=1,
                                                       in_camera_process=False)
+            if results["files"][8].get("backend") == "openvino":
+                # Before ExactShapes: OpenVINO's dynamic batch only. A Ray of its own: the camera processes read
+                # the setting from their environment.
+                print("hydravision, 8 file cameras unpaced, OpenVINO's dynamic batch only ...", flush=True)
+                ray.shutdown()
+                results["files_dynamic_shape"] = with_ray(
+                    {"HYDRAVISION_OPENVINO_EXACT_SHAPES": "0"},
+                    lambda: run_hydravision(args.checkpoint, file_cameras(clips, 8), redis_server.url, args.warmup,
+                                            args.seconds))
+                start_ray()
         if not args.skip_rtsp:
             ref = results["files"].get(8) or results["files"][max(results["files"])]
             sustainable = ref["fps"]
@@ -488,6 +498,11 @@ def summarize(r: dict) -> None:
         print(f"{h.get('backend')} / {old.get('backend')} fp32, 8 cameras: {h['fps'] / old['fps']:.2f}x frames/s, CPU "
               f"per frame {h['cpu_ms_per_frame_total']} vs {old['cpu_ms_per_frame_total']} ms (model "
               f"{h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
+    if 8 in r["files"] and "files_dynamic_shape" in r:
+        h, old = r["files"][8], r["files_dynamic_shape"]
+        print(f"openvino, a model per batch size {h['exact_shapes']} / the dynamic batch only, 8 cameras: "
+              f"{h['fps'] / old['fps']:.2f}x frames/s, CPU per frame {h['cpu_ms_per_frame_total']} vs "
+              f"{old['cpu_ms_per_frame_total']} ms (model {h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
     if "threaded_fp32" in r and "files_fp32" in r:
         t, h = r["threaded_fp32"], r["files_fp32"]
         print(f"in fp32: hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
@@ -500,6 +515,7 @@ def summarize(r: dict) -> None:
     rows += [("x8 fp32", r["files_fp32"])] if "files_fp32" in r else []
     rows += [("x8 proc/camera", r["files_process_each"])] if "files_process_each" in r else []
     rows += [("x8 merged calls", r["files_merged"])] if "files_merged" in r else []
+    rows += [("x8 dyn. shape", r["files_dynamic_shape"])] if "files_dynamic_shape" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
            f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")

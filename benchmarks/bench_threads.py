@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import redis
 
 from bench_pipeline import file_cameras, run_hydravision
-from measure import DEMO, make_clips, pct, save_json, start_ray
+from measure import DEMO, make_clips, pct, save_json, with_ray
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
@@ -93,8 +92,7 @@ from measure import DEMO
 from workers.model_runner import ModelRunner
 runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]), backend=sys.argv[2])
 image = np.full((3, *runner.input_size), 114, np.uint8)
-for _ in range(5):
-    runner.run([image], [None])
+runner.warm([image], [None])
 times = []
 for _ in range(30):
     t = time.perf_counter(); runner.run([image], [None]); times.append(1000 * (time.perf_counter() - t))
@@ -106,21 +104,6 @@ def model_alone(threads: int, env: dict[str, str], backend: str) -> dict:
     out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env={**os.environ, **env},
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.split()
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
-
-
-def with_ray(env: dict[str, str], fn, niceness: int | None = None):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the raylet, and so every worker, inherits it
-    start_ray(max(os.cpu_count(), 8), **({} if niceness is None else {"worker_niceness": niceness}))
-    try:
-        return fn()
-    finally:
-        ray.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> None:
@@ -150,14 +133,16 @@ def main() -> None:
                         continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     replicas = s.get("replicas", 1)
+                    ray_options = {"num_cpus": max(os.cpu_count(), 8)}
+                    if s.get("worker_niceness") is not None:
+                        ray_options["worker_niceness"] = s["worker_niceness"]
                     demo = with_ray(s.get("env", {}), lambda: run_demo(redis_server.url, s["threads"],
-                                                                                args.seconds, replicas, args.backend),
-                                    s.get("worker_niceness"))
+                                                                       args.seconds, replicas, args.backend),
+                                    **ray_options)
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("env", {}), lambda: run_hydravision(
                         DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"],
-                        replicas=replicas, model={"backend": args.backend}),
-                                  s.get("worker_niceness"))
+                        replicas=replicas, model={"backend": args.backend}), **ray_options)
                     results["runs"][f"{contention} | {name}"].update(
                         {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
                     print(f"  {json.dumps(results['runs'][f'{contention} | {name}'])}", flush=True)

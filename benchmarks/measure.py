@@ -32,6 +32,25 @@ def start_ray(num_cpus: int | None = None, **system_config) -> None:
              log_to_driver=False, _system_config={**RAY_SYSTEM_CONFIG, **system_config})
 
 
+def with_ray(env: dict[str, str], fn, num_cpus: int | None = None, **system_config):
+    """``fn()`` in a Ray of its own started with ``env`` set: a setting the workers read from their
+    environment at start reaches them only through the raylet, which copies the driver's when it starts."""
+    import ray
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    start_ray(num_cpus, **system_config)
+    try:
+        return fn()
+    finally:
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 25.0) -> list[Path]:
     """Synthetic street clips (640x360 H.264), one per seed; cached in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 stated tolerance in bf16; auto picks it only where the CPU runs bf16 natively."""
 
 import json
+import logging
 import os
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from pipeline.config import ConfigError, parse_config
 from pipeline.model_commands import DEMO_CHECKPOINT
 from tests.test_onnx_backend import assert_same, cache, frames, one_head_model  # noqa: F401 (cache: a fixture)
 from workers import model_runner
-from workers.model_runner import ModelRunner, pick_backend
+from workers.model_runner import ExactShapes, ModelRunner, pick_backend
 
 # What bf16 may change, against torch in fp32 on the demo model: a detection the fp32 model is sure of
 # (score >= 0.3) is found again, same class, its box within IoU 0.9 and its score within 0.05; the mAPs move by
@@ -73,6 +75,76 @@ def test_openvino_in_bf16_scores_the_demo_model_as_fp32_does(cache, capsys):
         assert abs(bf16["heads"][head]["map50_95"] - r["map50_95"]) < MAP_DIFF, (head, bf16["heads"][head], r)
 
 
+def test_the_sizes_run_most_get_a_model_of_their_own_and_the_coldest_makes_way():
+    compiled, release = [], threading.Event()
+
+    def compile_size(size):
+        release.wait(5)
+        compiled.append(size)
+        return f"model-{size}"
+
+    shapes = ExactShapes(compile_size, window=8, hot=2)  # two of the last eight calls make a size hot
+    assert shapes.cap == 4
+    assert shapes.get(1) is None and not compiled  # once is not hot
+    assert shapes.get(1) is None  # hot: compiling in the background, the calls go on at the dynamic shape
+    release.set()
+    shapes.wait()
+    assert shapes.get(1) == "model-1" and compiled == [1]
+    for size in (2, 2, 3, 3, 4, 4):
+        shapes.get(size)
+    shapes.wait()
+    assert sorted(shapes.ready) == [1, 2, 3, 4] and compiled == [1, 2, 3, 4]
+    for size in (5, 5):  # a fifth hot size: the coldest of the last eight calls (1, once) makes way
+        shapes.get(size)
+    shapes.wait()
+    assert sorted(shapes.ready) == [2, 3, 4, 5]
+    assert compiled == [1, 2, 3, 4, 5]  # each compiled once
+
+
+def test_a_size_that_cannot_be_compiled_runs_at_the_dynamic_shape_and_is_not_tried_again(caplog):
+    tried = []
+
+    def compile_size(size):
+        tried.append(size)
+        raise RuntimeError("cannot reshape")
+
+    shapes = ExactShapes(compile_size, window=8, hot=2)
+    with caplog.at_level(logging.WARNING, logger="workers.model_runner"):
+        for _ in range(6):
+            assert shapes.get(3) is None
+            shapes.wait()
+    assert tried == [3]
+    assert "could not compile the model for batches of 3 (cannot reshape)" in caplog.text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_model_compiled_for_the_batch_size_gives_the_dynamic_ones_detections(cache, monkeypatch, precision):
+    images = frames((256, 448), n=4)
+    monkeypatch.setenv("HYDRAVISION_OPENVINO_EXACT_SHAPES", "0")
+    dynamic = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision=precision, score_threshold=0.05,
+                          backend="openvino")
+    assert dynamic.session.exact_shapes is None
+    want = dynamic.run(images, [None] * 4)
+    monkeypatch.delenv("HYDRAVISION_OPENVINO_EXACT_SHAPES")
+    runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision=precision, score_threshold=0.05, backend="openvino")
+    shapes = runner.session.exact_shapes
+    for _ in range(shapes.hot):
+        runner.run(images, [None] * 4)
+    shapes.wait()
+    assert list(shapes.ready) == [4]
+    got = runner.run(images, [None] * 4)
+    if precision == "fp32":
+        assert_same(want, got)
+        return
+    # bf16: the two shapes' kernels round differently; what the dynamic model is sure of is found again
+    for w, h in zip(want, got):
+        for head in w:
+            keep = w[head]["scores"] >= SURE
+            iou = box_iou(torch.from_numpy(w[head]["boxes"][keep]), torch.from_numpy(h[head]["boxes"])).numpy()
+            assert (iou.max(1, initial=0) >= BOX_IOU).all(), (head, iou)
+            np.testing.assert_allclose(h[head]["scores"][iou.argmax(1)], w[head]["scores"][keep], atol=SCORE_DIFF)
+
+
 def test_auto_picks_openvino_only_where_the_cpu_runs_bf16_natively(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plain = one_head_model()
@@ -102,6 +174,10 @@ import gc, signal, subprocess, sys, threading
 from workers.model_runner import ModelRunner
 signal.signal(signal.SIGCHLD, lambda *a: None)  # a handler: it runs on the thread's signal stack
 box = [ModelRunner(sys.argv[1], device="cpu", backend="openvino")]  # loaded on the main thread
+for _ in range(box[0].session.exact_shapes.hot):  # the size hot: a model of its own, compiled on a thread
+    box[0].run([__import__("numpy").zeros((3, 64, 96), "uint8")], [None])
+box[0].session.exact_shapes.wait()
+assert list(box[0].session.exact_shapes.ready) == [1]
 box[0].run([__import__("numpy").zeros((3, 64, 96), "uint8")], [None])
 worker = threading.Thread(target=lambda: (box.clear(), gc.collect()))  # released on another
 worker.start()

@@ -353,6 +353,7 @@ class InferenceService:
         s["batch_sizes"] = {int(k): v for k, v in s["batch_sizes"].items()}
         s["pid"] = os.getpid()
         s["calls"] = self.calls
+        s["exact_shapes"] = self.runner.exact_shapes()
         s.update(self.batcher.stats())  # shed / expired / cancelled requests, queue_depth(_max)
         s.update(self.runner.histograms())  # head_seconds, batch_seconds
         s["batch_wait"] = self.batcher.waits.snapshot()

@@ -8,13 +8,14 @@ would add ~190 MB to each camera's process.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -149,9 +150,67 @@ class OrtSession(ExportedSession):
         return self.session.run(self.names, {"images": images})
 
 
+class ExactShapes:
+    """Models compiled for one batch size each, for the sizes a session runs most; compiled in the background.
+
+    OpenVINO's CPU plugin runs a model compiled for one input shape on 12-20% less CPU per frame than the same
+    model with a dynamic batch (one thread, batches of 1-16 on the demo model: benchmarks/README.md, "A model
+    compiled per batch size"), but each shape holds its own buffers (25-50 MB a size on the demo model), so
+    not every size gets one: a size does once it has been ``hot`` of the last ``window`` calls. At most
+    ``window // hot`` sizes can be that at once, which bounds how many are kept (the coldest is dropped when
+    another becomes hot: the load changed). Compiling takes ~0.25 s, on a thread of its own: the calls go on
+    at the dynamic shape meanwhile, and a size whose compile fails stays there (logged once).
+
+    ``get`` is called from the one thread that runs the calls; only it changes what is ready."""
+
+    def __init__(self, compile_size: Callable[[int], object], window: int = 64, hot: int = 16):
+        self._compile_size = compile_size
+        self.hot, self.cap = hot, window // hot
+        self._recent: collections.deque[int] = collections.deque(maxlen=window)
+        self._counts: collections.Counter[int] = collections.Counter()
+        self.ready: dict[int, object] = {}
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._failed: set[int] = set()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def get(self, size: int):
+        """What ``compile_size(size)`` made, if ready; None: run the dynamic model this time."""
+        if len(self._recent) == self._recent.maxlen:
+            self._counts[self._recent[0]] -= 1
+        self._recent.append(size)
+        self._counts[size] += 1
+        self._collect()
+        if (self._counts[size] >= self.hot and size not in self.ready and size not in self._pending
+                and size not in self._failed):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-shape-compile")
+            self._pending[size] = self._pool.submit(self._compile_size, size)
+        return self.ready.get(size)
+
+    def wait(self) -> None:
+        """Until every compile asked for has finished (tests and benchmarks: a known state)."""
+        concurrent.futures.wait(list(self._pending.values()))
+        self._collect()
+
+    def _collect(self) -> None:
+        for size, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[size]
+            if future.exception() is not None:
+                self._failed.add(size)
+                log.warning("could not compile the model for batches of %d (%s); they run at the dynamic shape",
+                            size, future.exception())
+                continue
+            if len(self.ready) >= self.cap:
+                del self.ready[min(self.ready, key=self._counts.__getitem__)]
+            self.ready[size] = future.result()
+
+
 class OpenVinoSession(ExportedSession):
     """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
-    or bf16) or fp32. bf16 keeps the demo model's mAP within 0.001 of fp32 (benchmarks/README.md)."""
+    or bf16) or fp32. bf16 keeps the demo model's mAP within 0.001 of fp32 (benchmarks/README.md). The batch
+    sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
         if device.type != "cpu":
@@ -160,23 +219,38 @@ class OpenVinoSession(ExportedSession):
             raise ValueError(f"the openvino backend runs precision auto, bf16 or fp32, not {precision}")
         super().__init__(model, checkpoint)
         self.precision = "bf16" if precision == "bf16" or (precision == "auto" and native_bf16()) else "fp32"
-        core = openvino_core()
-        self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", {
+        self.config = {
             "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads or 0,  # 0: all cores
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
             "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
-        })
-        self.outputs = [self.compiled.output(name) for name in self.names]
-        self.request = self.compiled.create_infer_request()
-        # One request is reused (its buffers too); ModelRunner.run is called from one thread at a time (the
-        # Batcher's), the lock keeps that true for any other caller.
+        }
+        self.dynamic = self._compile(None)
+        # HYDRAVISION_OPENVINO_EXACT_SHAPES=0: the dynamic shape only, for benchmarks to measure against.
+        exact = os.environ.get("HYDRAVISION_OPENVINO_EXACT_SHAPES", "1") != "0"
+        self.exact_shapes = ExactShapes(self._compile) if exact else None
+        # Each compiled model's one request is reused (its buffers too); ModelRunner.run is called from one
+        # thread at a time (the Batcher's), the lock keeps that true for any other caller.
         self._lock = threading.Lock()
+
+    def _compile(self, size: int | None) -> tuple:
+        """(request, outputs, compiled model: kept alive with its request) of the model compiled for batches of ``size`` (None: any size), run once."""
+        core = openvino_core()
+        graph = core.read_model(str(self.path))
+        if size is not None:
+            graph.reshape({graph.inputs[0].get_any_name(): [size, *graph.inputs[0].get_partial_shape()[1:]]})
+        compiled = core.compile_model(graph, "CPU", self.config)
+        request = compiled.create_infer_request()
+        if size is not None:  # its first call sets up kernels and buffers: here, not in a camera's batch
+            request.infer({0: np.zeros(tuple(compiled.inputs[0].get_shape()), np.uint8)})
+        return request, [compiled.output(name) for name in self.names], compiled
 
     def infer(self, images: np.ndarray) -> list[np.ndarray]:
         with self._lock:
-            result = self.request.infer({0: images})  # copies the outputs: the next call reuses the buffers
-            return [result[o] for o in self.outputs]
+            exact = self.exact_shapes.get(images.shape[0]) if self.exact_shapes else None
+            request, outputs, _ = exact or self.dynamic
+            result = request.infer({0: images})  # copies the outputs: the next call reuses the buffers
+            return [result[o] for o in outputs]
 
 
 class ModelRunner:
@@ -269,6 +343,21 @@ class ModelRunner:
                 staged[i].copy_(torch.from_numpy(img))
             return staged.to(self.device, non_blocking=True)
         return torch.from_numpy(np.stack(images)).to(self.device)
+
+    def exact_shapes(self) -> list[int]:
+        """The batch sizes that run a model compiled for their size now (OpenVINO; ``ExactShapes``)."""
+        exact = getattr(self.session, "exact_shapes", None)
+        return sorted(tuple(exact.ready)) if exact else []  # tuple(): one step under the GIL, beside the calls
+
+    def warm(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> None:
+        """Runs this batch until it costs what it will in steady state: its shape's kernels built and, on
+        OpenVINO, a model compiled for its size. Benchmarks call it before they time a batch size."""
+        exact = getattr(self.session, "exact_shapes", None)
+        for _ in range(exact.hot if exact else 2):
+            self.run(images, heads)
+        if exact:
+            exact.wait()
+        self.run(images, heads)  # the compiled model's first call
 
     def run(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> list[dict[str, HeadArrays]]:
         """images: (3, H, W) uint8 letterboxed; heads: per image (None = all). Per image {head: arrays}."""
