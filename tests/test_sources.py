@@ -176,7 +176,11 @@ def test_to_model_input_matches_letterbox(bikes_mp4: Path, dst: tuple[int, int])
     assert lb == expected_lb
     assert image.shape == (3, *dst) and image.dtype == np.uint8 and image.flags.c_contiguous
     diff = np.abs(image.astype(np.int16) - expected.astype(np.int16))
-    assert diff.mean() < 3, f"mean abs diff {diff.mean():.2f}"
+    # swscale's filter is not cv2's: each channel within 1.5 levels on average, 3 at the 99th percentile
+    # (measured); red and blue swapped, or the picture one row or column off, is 1.7-7.7 levels in some channel
+    for channel in range(3):
+        assert diff[channel].mean() < 1.6, f"channel {channel}: mean abs diff {diff[channel].mean():.2f}"
+    assert np.percentile(diff, 99) <= 6, f"99th percentile abs diff {np.percentile(diff, 99)}"
     pad = np.ones(dst, bool)
     nh, nw = lb.resized_size
     pad[lb.pad_y : lb.pad_y + nh, lb.pad_x : lb.pad_x + nw] = False
