@@ -311,7 +311,8 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
         "replicas": len(app.inference), "models": len(holders), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
         "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
-        "batch_limit": i1[0].get("batch_limit"), "exact_shapes": [i.get("exact_shapes") for i in i1], "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
+        "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
+        "exact_shapes": [i.get("exact_shapes") for i in i1],
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
@@ -524,7 +525,8 @@ def summarize(r: dict) -> None:
         h, old = r["files"][8], r["files_dynamic_shape"]
         print(f"openvino, a model per batch size {h['exact_shapes']} / the dynamic batch only, 8 cameras: "
               f"{h['fps'] / old['fps']:.2f}x frames/s, CPU per frame {h['cpu_ms_per_frame_total']} vs "
-              f"{old['cpu_ms_per_frame_total']} ms (model {h['cpu_ms_per_frame_model']} vs {old['cpu_ms_per_frame_model']})")
+              f"{old['cpu_ms_per_frame_total']} ms (model {h['cpu_ms_per_frame_model']} vs "
+              f"{old['cpu_ms_per_frame_model']})")
     if "threaded_fp32" in r and "files_fp32" in r:
         t, h = r["threaded_fp32"], r["files_fp32"]
         print(f"in fp32: hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "

@@ -154,7 +154,7 @@ class ExactShapes:
     """Models compiled for one batch size each, for the sizes a session runs most; compiled in the background.
 
     OpenVINO's CPU plugin runs a model compiled for one input shape on 12-20% less CPU per frame than the same
-    model with a dynamic batch (one thread, batches of 1-16 on the demo model: benchmarks/README.md, "A model
+    model with a dynamic batch (one thread, batches of 1-16 on the demo model: docs/architecture.md, "A model
     compiled per batch size"), but each shape holds its own buffers (25-50 MB a size on the demo model), so
     not every size gets one: a size does once it has been ``hot`` of the last ``window`` calls. At most
     ``window // hot`` sizes can be that at once, which bounds how many are kept (the coldest is dropped when
@@ -234,7 +234,8 @@ class OpenVinoSession(ExportedSession):
         self._lock = threading.Lock()
 
     def _compile(self, size: int | None) -> tuple:
-        """(request, outputs, compiled model: kept alive with its request) of the model compiled for batches of ``size`` (None: any size), run once."""
+        """(request, outputs, the compiled model, kept alive with its request) for batches of ``size`` (None:
+        any size, the export's dynamic batch)."""
         core = openvino_core()
         graph = core.read_model(str(self.path))
         if size is not None:
