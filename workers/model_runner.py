@@ -225,6 +225,7 @@ class OpenVinoSession(ExportedSession):
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
             "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
         }
+        self._graph = openvino_core().read_model(str(self.path))  # read once; each exact size compiles a copy
         self.dynamic = self._compile(None)
         # HYDRAVISION_OPENVINO_EXACT_SHAPES=0: the dynamic shape only, for benchmarks to measure against.
         exact = os.environ.get("HYDRAVISION_OPENVINO_EXACT_SHAPES", "1") != "0"
@@ -236,11 +237,11 @@ class OpenVinoSession(ExportedSession):
     def _compile(self, size: int | None) -> tuple:
         """(request, outputs, the compiled model, kept alive with its request) for batches of ``size`` (None:
         any size, the export's dynamic batch)."""
-        core = openvino_core()
-        graph = core.read_model(str(self.path))
+        graph = self._graph
         if size is not None:
+            graph = graph.clone()  # reshape changes the graph it is called on
             graph.reshape({graph.inputs[0].get_any_name(): [size, *graph.inputs[0].get_partial_shape()[1:]]})
-        compiled = core.compile_model(graph, "CPU", self.config)
+        compiled = openvino_core().compile_model(graph, "CPU", self.config)
         request = compiled.create_infer_request()
         if size is not None:  # its first call sets up kernels and buffers: here, not in a camera's batch
             request.infer({0: np.zeros(tuple(compiled.inputs[0].get_shape()), np.uint8)})
