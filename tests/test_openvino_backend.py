@@ -4,9 +4,9 @@ stated tolerance in bf16; auto picks it only where the CPU runs bf16 natively.""
 import json
 import logging
 import os
-import threading
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np

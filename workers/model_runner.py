@@ -153,7 +153,7 @@ class OrtSession(ExportedSession):
 class ExactShapes:
     """Models compiled for one batch size each, for the sizes a session runs most; compiled in the background.
 
-    OpenVINO's CPU plugin runs a model compiled for one input shape on 12-20% less CPU per frame than the same
+    OpenVINO's CPU plugin runs a model compiled for one input shape on 11-20% less CPU per frame than the same
     model with a dynamic batch (one thread, batches of 1-16 on the demo model: docs/architecture.md, "A model
     compiled per batch size"), but each shape holds its own buffers (25-50 MB a size on the demo model), so
     not every size gets one: a size does once it has been ``hot`` of the last ``window`` calls. At most
