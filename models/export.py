@@ -16,6 +16,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -104,18 +105,22 @@ def cache_path(checkpoint: str | Path) -> Path:
 def cached_export(model: HydraNet, checkpoint: str | Path) -> Path:
     """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset and
     exporter."""
-    path = cache_path(checkpoint)
+    return cached(cache_path(checkpoint), lambda path: export_onnx(model, path), f"exporting {checkpoint} to ONNX")
+
+
+def cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
+    """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Replicas starting together on a fresh cache: one exports, the others wait for its file (a file lock, as
-    # they are separate processes; the kernel releases it if the exporter dies).
-    # Removing the lock file is safe because everyone checks for the export again once they hold a lock.
+    # Replicas starting together on a fresh cache: one makes the file, the others wait for it (a file lock, as
+    # they are separate processes; the kernel releases it if the maker dies).
+    # Removing the lock file is safe because everyone checks for the file again once they hold a lock.
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            log.info("exporting %s to ONNX (once; cached at %s)", checkpoint, path)
-            export_onnx(model, path)
+            log.info("%s (once; cached at %s)", what, path)
+            make(path)
         lock_path.unlink(missing_ok=True)
     return path

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
                    help="score through the service's model path on this backend (model.backend), to check a faster "
                         "one against the default: the checkpoint itself in torch, fp32")
-    e.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+    e.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"], default="auto",
                    help="with --backend: model.precision")
     e.add_argument("--no-progress", action="store_true")
     return p

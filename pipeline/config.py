@@ -65,7 +65,9 @@ class RayConfig(Strict):
 class ModelConfig(Strict):
     checkpoint: str = Field("demo", description="'demo' (bundled) or a path to a .safetensors checkpoint")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto", description="'auto': fp16 on a GPU, bf16 or fp32 on a CPU (see backend); 'int8': OpenVINO with "
+        "the convolutions quantized, calibrated on frames like the model's training data (models/quantize.py)")
     score_threshold: float | None = Field(None, gt=0, lt=1, description="override every head's threshold")
     compile: bool = Field(False, description="torch.compile the backbone and neck (slow start; mostly a GPU win)")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
@@ -85,7 +87,10 @@ class ModelConfig(Strict):
             if self.device not in ("auto", "cpu"):
                 raise ValueError(f"backend: openvino runs the model on the CPU here, not on device {self.device}")
             if self.precision == "fp16":
-                raise ValueError("backend: openvino runs precision auto, bf16 or fp32, not fp16")
+                raise ValueError("backend: openvino runs precision auto, bf16, fp32 or int8, not fp16")
+        if self.precision == "int8" and (self.backend not in ("auto", "openvino") or self.device not in ("auto", "cpu")):
+            raise ValueError(f"precision: int8 runs on backend openvino on the CPU, not on backend {self.backend} "
+                             f"with device {self.device}")
         return self
 
     def checkpoint_path(self) -> Path:

@@ -211,7 +211,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
         if args.backend == "openvino" and args.precision == "fp16":
-            raise UserError("--precision fp16: the openvino backend runs auto, bf16 or fp32")
+            raise UserError("--precision fp16: the openvino backend runs auto, bf16, fp32 or int8")
+        if args.precision == "int8" and args.backend not in ("auto", "openvino"):
+            raise UserError(f"--precision int8 runs on the openvino backend, not on {args.backend}")
 
         runner = ModelRunner(path, device, args.precision, backend=args.backend)
         report = runner.evaluate(cfg, progress=not args.no_progress)

@@ -1,5 +1,5 @@
 """model.backend: openvino gives torch's detections in fp32 and keeps them, and the demo model's scores, within a
-stated tolerance in bf16; auto picks it only where the CPU runs bf16 natively."""
+stated tolerance in bf16 and int8; auto picks it only where the CPU runs bf16 natively."""
 
 import json
 import logging
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from models import quantize
 from models.checkpoint import save_checkpoint
+from models.hydranet import ConfigError as ModelConfigError
 from models.postprocess import box_iou
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, parse_config
@@ -59,20 +61,47 @@ def test_openvino_in_bf16_finds_what_fp32_is_sure_of(cache):
     assert sure >= 10  # the frames hold enough objects for this to say something
 
 
-def test_openvino_in_bf16_scores_the_demo_model_as_fp32_does(cache, capsys):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_openvino_scores_the_demo_model_as_fp32_does(cache, capsys, precision):
     """`hydravision eval --backend` scores through the serving path: the tolerance check a user can run."""
     args = ["eval", "--scenes", "2", "--frames", "12", "--json", "--no-progress"]
     assert cli_main(args) == 0
     reference = json.loads(capsys.readouterr().out)
-    assert cli_main([*args, "--backend", "openvino", "--precision", "bf16"]) == 0
-    bf16 = json.loads(capsys.readouterr().out)
+    assert cli_main([*args, "--backend", "openvino", "--precision", precision]) == 0
+    got = json.loads(capsys.readouterr().out)
     assert (reference["backend"], reference["precision"]) == ("torch", "fp32")
-    assert (bf16["backend"], bf16["precision"]) == ("openvino", "bf16")
-    assert bf16["frames"] == reference["frames"] == 24
+    assert (got["backend"], got["precision"]) == ("openvino", precision)
+    assert got["frames"] == reference["frames"] == 24
     for head, r in reference["heads"].items():
         assert r["map50"] > 0.5  # the demo model finds its objects: a tolerance on noise would say nothing
-        assert abs(bf16["heads"][head]["map50"] - r["map50"]) < MAP_DIFF, (head, bf16["heads"][head], r)
-        assert abs(bf16["heads"][head]["map50_95"] - r["map50_95"]) < MAP_DIFF, (head, bf16["heads"][head], r)
+        assert abs(got["heads"][head]["map50"] - r["map50"]) < MAP_DIFF, (head, got["heads"][head], r)
+        assert abs(got["heads"][head]["map50_95"] - r["map50_95"]) < MAP_DIFF, (head, got["heads"][head], r)
+
+
+def test_int8_runs_the_convolutions_on_int8_kernels_and_is_quantized_once(cache, monkeypatch):
+    runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="int8", threads=1)  # auto backend: openvino
+    assert runner.info()["backend"] == "openvino" and runner.info()["autocast"] == "int8"
+    assert runner.session.path == quantize.int8_path(DEMO_CHECKPOINT) and runner.session.path.is_file()
+    runtime = runner.session.dynamic[2].get_runtime_model()
+    convs = [op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ops()
+             if op.get_rt_info()["layerType"].astype(str) in ("Convolution", "GroupConvolution")]
+    int8 = sum(c in ("u8", "i8") for c in convs)  # the input's type: uint8 activations, int8 weights
+    assert convs and int8 >= 0.9 * len(convs), convs  # a quantizer that did nothing: all bf16 or f32
+    monkeypatch.setattr(quantize, "quantize", lambda *a: pytest.fail("quantized again"))
+    again = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="int8", threads=1)
+    assert again.session.path == runner.session.path
+
+
+def test_int8_calibrates_on_the_training_data_the_checkpoint_names_or_says_why_not(tmp_path):
+    model = one_head_model()
+    frames_ = quantize.calibration_frames(model, [{"data": "synthetic"}], n=4)
+    assert len(frames_) == 4 and all(f.shape == (3, *model.config.input_size) and f.dtype == np.uint8 for f in frames_)
+    assert all((a == b).all() for a, b in zip(frames_, quantize.calibration_frames(model, [{"data": "synthetic"}], n=4)))
+    with pytest.raises(ModelConfigError, match=r"this checkpoint's history names none \(e.g. imported weights\)"):
+        quantize.calibration_frames(model, [{"imported_backbone": "x.pth"}])
+    gone = tmp_path / "gone"
+    with pytest.raises(ModelConfigError, match=rf"{gone} \(from the checkpoint's history\) is not here"):
+        quantize.calibration_frames(model, [{"data": "synthetic"}, {"data": str(gone)}])
 
 
 def test_the_sizes_run_most_get_a_model_of_their_own_and_the_coldest_makes_way():
@@ -161,12 +190,19 @@ def test_auto_picks_openvino_only_where_the_cpu_runs_bf16_natively(monkeypatch):
 
 def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
     assert cli_main(["eval", "--backend", "openvino", "--precision", "fp16", "--no-progress"]) == 2
-    assert "--precision fp16: the openvino backend runs auto, bf16 or fp32" in capsys.readouterr().err
+    assert "--precision fp16: the openvino backend runs auto, bf16, fp32 or int8" in capsys.readouterr().err
     cameras = [{"id": "a", "url": "synthetic://street"}]
     with pytest.raises(ConfigError, match=r"model: backend: openvino runs the model on the CPU here, not on device cu"):
         parse_config({"model": {"backend": "openvino", "device": "cuda"}, "cameras": cameras})
-    with pytest.raises(ConfigError, match=r"model: backend: openvino runs precision auto, bf16 or fp32, not fp16"):
+    with pytest.raises(ConfigError, match=r"model: backend: openvino runs precision auto, bf16, fp32 or int8, not fp16"):
         parse_config({"model": {"backend": "openvino", "precision": "fp16"}, "cameras": cameras})
+    with pytest.raises(ConfigError, match=r"model: precision: int8 runs on backend openvino on the CPU, not on "
+                                          r"backend onnxruntime with device auto"):
+        parse_config({"model": {"backend": "onnxruntime", "precision": "int8"}, "cameras": cameras})
+    assert cli_main(["eval", "--backend", "torch", "--precision", "int8", "--no-progress"]) == 2
+    assert "--precision int8 runs on the openvino backend, not on torch" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision int8 runs on the openvino backend on the CPU, not on backend torch"):
+        pick_backend("torch", torch.device("cpu"), None, False, one_head_model(), "int8")
 
 
 RELEASED_ON_ANOTHER_THREAD = """

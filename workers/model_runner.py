@@ -37,8 +37,9 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """fp16 on CUDA by default (tensor cores); full precision on CPU, where half is slower."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """fp16 on CUDA by default (tensor cores); full precision on CPU, where half is slower. int8 is OpenVINO's
+    (``models/quantize.py``): what stays in torch (decoding, NMS) runs in fp32."""
+    if precision in ("fp32", "int8") or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "bf16":
         return torch.bfloat16
@@ -46,6 +47,7 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
+OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 @functools.cache
@@ -79,7 +81,13 @@ def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | Non
     """'auto' on a CPU: OpenVINO in bf16 where the CPU runs bf16 natively (precision auto or bf16), else ONNX
     Runtime in fp32, which runs the model on 20-30% less CPU per frame than torch eager (benchmarks/README.md,
     "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
-    with compile, half precision the exports do not run, or LoRA adapters (the export has one pyramid)."""
+    with compile, half precision the exports do not run, or LoRA adapters (the export has one pyramid).
+    Precision int8 runs on OpenVINO only (the CPU's int8 kernels), also where the CPU has no native bf16."""
+    if precision == "int8":
+        if backend not in ("auto", "openvino") or device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the openvino backend on the CPU, not on backend {backend} "
+                             f"on {device}")
+        return "openvino"
     if backend != "auto":
         return backend
     if device.type != "cpu" or compile or model.adapters:
@@ -209,18 +217,29 @@ class ExactShapes:
 
 class OpenVinoSession(ExportedSession):
     """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
-    or bf16) or fp32. bf16 keeps the demo model's mAP within 0.001 of fp32 (benchmarks/README.md). The batch
-    sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
+    or bf16), fp32, or int8 (the export quantized, ``models/quantize.py``; the rest of the graph in bf16 where
+    native). bf16 keeps the demo model's mAP within 0.001 of fp32, int8 within 0.002 (benchmarks/README.md).
+    The batch sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
         if device.type != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU here, not on {device}")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"the openvino backend runs precision auto, bf16 or fp32, not {precision}")
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"the openvino backend runs precision {', '.join(OPENVINO_PRECISIONS)}, not {precision}")
         super().__init__(model, checkpoint)
-        self.precision = "bf16" if precision == "bf16" or (precision == "auto" and native_bf16()) else "fp32"
+        if precision == "int8":
+            from models.metadata import read_metadata
+            from models.quantize import cached_int8
+
+            self.path = cached_int8(model, checkpoint, read_metadata(checkpoint)["training"].get("history", []))
+        if precision in ("bf16", "int8"):
+            self.precision = precision
+        else:
+            self.precision = "bf16" if precision == "auto" and native_bf16() else "fp32"
+        # int8: what the quantizer left (normalisation, resizes) runs in bf16 where native.
+        rest = "bf16" if self.precision == "bf16" or (self.precision == "int8" and native_bf16()) else "f32"
         self.config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "INFERENCE_PRECISION_HINT": rest,
             "INFERENCE_NUM_THREADS": threads or 0,  # 0: all cores
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
             "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
@@ -276,7 +295,7 @@ class ModelRunner:
                                 if self.backend == "onnxruntime"
                                 else OpenVinoSession(self.model, checkpoint, self.device, threads, precision))
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
-                if backend != "auto":
+                if backend != "auto" or precision == "int8":  # int8 was asked for, and torch does not run it
                     raise
                 log.warning("%s could not run %s (%s: %s); running it in torch", self.backend, Path(checkpoint).name,
                             type(e).__name__, e)

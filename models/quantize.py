@@ -1,0 +1,90 @@
+"""int8 for OpenVINO (``model.precision: int8``): the ONNX export with its convolutions quantized, weights per
+channel in int8 and activations per tensor in uint8, as QuantizeLinear/DequantizeLinear pairs that OpenVINO's
+CPU plugin runs as int8 kernels (VNNI). Everything else in the graph runs in bf16 or fp32 as before.
+
+Activation ranges are calibrated on frames like the model's training data, found from the checkpoint's
+training history: synthetic street frames for the demo model, or the YOLO folder it was trained on. A model
+whose training data is not at hand is refused with a message saying so, as a range guessed from other
+pictures can cost accuracy unnoticed. onnxruntime's quantizer does the work (already a dependency: the
+onnxruntime backend); the result is cached beside the export, one per checkpoint content.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.export import cache_path, cached, cached_export
+from models.hydranet import ConfigError, HydraNet
+
+CALIBRATION_FRAMES = 64  # 32 and 128 gave the same mAP on the demo model (benchmarks/README.md)
+CALIBRATION_SEED = 7  # synthetic calibration scenes: training seeds, not the evaluation's
+VERSION = "int8-v1"  # in the cache name: change it when the recipe changes
+
+
+def int8_path(checkpoint: str | Path) -> Path:
+    fp32 = cache_path(checkpoint)
+    return fp32.with_name(f"{fp32.stem}-{VERSION}-{CALIBRATION_FRAMES}.onnx")
+
+
+def cached_int8(model: HydraNet, checkpoint: str | Path, history: list[dict[str, Any]]) -> Path:
+    """The quantized ONNX file of this checkpoint, made once (seconds) and cached."""
+    def make(path: Path) -> None:
+        quantize(cached_export(model, checkpoint), path, calibration_frames(model, history))
+    return cached(int8_path(checkpoint), make, f"quantizing {checkpoint} to int8")
+
+
+def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = CALIBRATION_FRAMES) -> list[np.ndarray]:
+    """``n`` letterboxed (3, H, W) uint8 frames, shared out among the training data the history names."""
+    from models.datasets import SyntheticFrames, YoloFolder
+
+    sources = list(dict.fromkeys(str(r["data"]) for r in history if r.get("data")))
+    if not sources:
+        raise ConfigError("model.precision int8 calibrates on the model's training data, and this checkpoint's "
+                          "history names none (e.g. imported weights); use precision auto, bf16 or fp32")
+    frames: list[np.ndarray] = []
+    for i, data in enumerate(sources):
+        want = (n - len(frames)) // (len(sources) - i)
+        if data == "synthetic":
+            stream = iter(SyntheticFrames(model.config.input_size, seed=CALIBRATION_SEED, augment=False))
+            frames += [next(stream).image for _ in range(want)]
+            continue
+        if not Path(data).is_dir():
+            raise ConfigError(f"model.precision int8 calibrates on the model's training data; {data} (from the "
+                              "checkpoint's history) is not here. Use precision auto, bf16 or fp32, or run where "
+                              "that folder is")
+        folder = YoloFolder(data, model.config.input_size, augment=False)
+        pick = np.random.default_rng(CALIBRATION_SEED).permutation(len(folder))[:want]
+        frames += [folder[int(j)].image for j in pick]
+    return frames
+
+
+def quantize(src: Path, dst: Path, frames: list[np.ndarray]) -> Path:
+    """Writes ``dst`` (atomically): ``src`` with every Conv quantized, ranges from ``frames`` (min/max)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Frames(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(frames)
+
+        def get_next(self):
+            frame = next(self.left, None)
+            return None if frame is None else {"images": frame[None]}
+
+    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer advises its pre-processing pass on the root logger, every time
+    try:
+        # Conv only: the convolutions are nearly all of the time (OpenVINO's profile); quantizing the rest
+        # (normalisation, resizes) would add conversions and error for nothing.
+        quantize_static(str(src), str(tmp), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+    finally:
+        root.setLevel(level)
+    tmp.replace(dst)
+    return dst
