@@ -1,5 +1,5 @@
 """Which runtime should run the model on a CPU: torch eager, ONNX Runtime or OpenVINO (bf16 where the CPU runs
-it natively, and fp32), alone, beside a busy core, and in the pipeline.
+it natively, fp32, and int8: models/quantize.py), alone, beside a busy core, and in the pipeline.
 
     .venv/bin/python benchmarks/bench_backends.py --json benchmarks/results-backends-2core.json   # ~9 min
 
@@ -9,7 +9,7 @@ it natively, and fp32), alone, beside a busy core, and in the pipeline.
 2. the model alone (backbone, neck, both heads, decoding and NMS: ModelRunner.run) at batch 1, 4, 8 and 16,
    backends alternating round by round so that a noisy machine shifts all alike; then the same with another
    process keeping one core busy (`python -c "while True: pass"`), the case where torch's threads collapsed;
-3. hydravision with 8 unpaced file cameras on ONNX Runtime and OpenVINO, alternating, twice.
+3. hydravision with 8 unpaced file cameras on ONNX Runtime and OpenVINO (bf16, int8), alternating, twice.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from workers.model_runner import ModelRunner, native_bf16
 # label: ModelRunner's backend and precision. "openvino" is what auto picks where the CPU runs bf16 natively.
 VARIANTS = {"torch": {"backend": "torch"}, "onnxruntime": {"backend": "onnxruntime"},
             "openvino": {"backend": "openvino", "precision": "bf16"},
-            "openvino-fp32": {"backend": "openvino", "precision": "fp32"}}
-IN_PIPELINE = ("onnxruntime", "openvino")
+            "openvino-fp32": {"backend": "openvino", "precision": "fp32"},
+            "openvino-int8": {"backend": "openvino", "precision": "int8"}}
+IN_PIPELINE = ("onnxruntime", "openvino", "openvino-int8")
 
 
 def model_alone(runners: dict, images: list[np.ndarray], batches: tuple[int, ...], rounds: int, seconds: float) -> dict:

@@ -309,7 +309,8 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "drop_rate_per_camera_min_max": [round(min(drop_rate_cam.values()), 3), round(max(drop_rate_cam.values()), 3)],
         "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95), "latency_ms_p99": pct(lat, 99),
         "latency_ms_p50_first_third": pct(lat_first, 50), "latency_ms_p50_last_third": pct(lat_last, 50),
-        "replicas": len(app.inference), "models": len(holders), "backend": app.model_info.get("backend"), "mean_batch": round(added("frames") / max(1, batches), 2),
+        "replicas": len(app.inference), "models": len(holders), "backend": app.model_info.get("backend"),
+        "precision": app.model_info.get("autocast"), "mean_batch": round(added("frames") / max(1, batches), 2),
         "frames_per_call": round(added("frames") / max(1, added("calls")), 2),
         "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "exact_shapes": [i.get("exact_shapes") for i in i1],
@@ -342,10 +343,12 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3,
                    help="threaded and hydravision with 8 cameras run this many times, alternating: the ratio is "
                         "the medians'. This machine's speed swings by 15%% within minutes")
+    p.add_argument("--int8-pairs", type=int, default=3,
+                   help="the same pairs with model.precision int8, in the same rounds (0: none)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.quick:
-        args.seconds, args.warmup, args.cameras, args.pairs = 8.0, 4.0, "1,8", 1
+        args.seconds, args.warmup, args.cameras, args.pairs, args.int8_pairs = 8.0, 4.0, "1,8", 1, 0
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     counts = [int(c) for c in args.cameras.split(",")]
@@ -366,18 +369,31 @@ def main() -> None:
         print("naive loop, 8 cameras ...", flush=True)
         results["naive"] = bench_naive(args.checkpoint, clips, 8, redis_server.url, args.seconds / 2)
         if 8 in counts:  # threaded and hydravision alternating, each hydravision run in a Ray of its own
-            pairs = []
-            for k in range(args.pairs):
-                print(f"threaded one-process pipeline / hydravision, 8 cameras, pair {k + 1} of {args.pairs} ...",
-                      flush=True)
-                threaded = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds)
-                pairs.append((threaded, with_ray({}, lambda: run_hydravision(
-                    args.checkpoint, file_cameras(clips, 8), redis_server.url, args.warmup, args.seconds))))
-            results["pairs_8"] = [{"threaded": t, "hydravision": h, "ratio": round(h["fps"] / t["fps"], 3)}
-                                  for t, h in pairs]
-            # the median run of each (by frames/s) stands for it in every comparison below
-            results["threaded"] = sorted((t for t, _ in pairs), key=lambda r: r["fps"])[len(pairs) // 2]
-            results["files"] = {8: sorted((h for _, h in pairs), key=lambda r: r["fps"])[len(pairs) // 2]}
+            # (and the same two with model.precision int8, in the same rounds: --int8-pairs)
+            runs = {"auto": [], "int8": []}
+            for k in range(max(args.pairs, args.int8_pairs)):
+                for precision, n in (("auto", args.pairs), ("int8", args.int8_pairs)):
+                    if k >= n:
+                        continue
+                    print(f"threaded one-process pipeline / hydravision, 8 cameras, precision {precision}, pair "
+                          f"{k + 1} of {n} ...", flush=True)
+                    threaded = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds,
+                                              precision=precision)
+                    runs[precision].append((threaded, with_ray({}, lambda: run_hydravision(
+                        args.checkpoint, file_cameras(clips, 8), redis_server.url, args.warmup, args.seconds,
+                        model={"precision": precision}))))
+            for precision, pairs in runs.items():
+                if not pairs:
+                    continue
+                tag = "" if precision == "auto" else f"_{precision}"
+                results[f"pairs_8{tag}"] = [{"threaded": t, "hydravision": h, "ratio": round(h["fps"] / t["fps"], 3)}
+                                            for t, h in pairs]
+                # the median run of each (by frames/s) stands for it in every comparison below
+                results[f"threaded{tag}"] = median_run([t for t, _ in pairs])
+                if precision == "auto":
+                    results["files"] = {8: median_run([h for _, h in pairs])}
+                else:
+                    results[f"files{tag}"] = median_run([h for _, h in pairs])
         else:
             print("threaded one-process pipeline, 8 cameras ...", flush=True)
             results["threaded"] = bench_threaded(args.checkpoint, clips, 8, redis_server.url, args.seconds)
@@ -450,6 +466,11 @@ def main() -> None:
     save_json(args.json, results)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median frames/s (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["fps"])[len(runs) // 2]
+
+
 def transport_ms(stages: dict, h: dict) -> float:
     """hydravision's CPU per frame beyond its stages' own costs (the naive loop's decode, letterbox, track and
     publish; the replicas' model at the batches they ran): Ray calls, serialization, the actors' event loops
@@ -465,6 +486,13 @@ def compare_transport(label: str, a: dict, b: dict, stages: dict) -> str:
             f"{b['frames_per_call']}, CPU per frame {a['cpu_ms_per_frame_total']} vs {b['cpu_ms_per_frame_total']} "
             f"ms, transport {rest_a:.2f} ms ({rest_a / a['cpu_ms_per_frame_total']:.0%}) vs {rest_b:.2f} ms "
             f"({rest_b / b['cpu_ms_per_frame_total']:.0%})")
+
+
+def print_pairs(pairs: list[dict]) -> None:
+    for k, pair in enumerate(pairs):
+        t, h = pair["threaded"], pair["hydravision"]
+        print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame, "
+              f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x")
 
 
 def summarize(r: dict) -> None:
@@ -485,10 +513,19 @@ def summarize(r: dict) -> None:
             print(f"hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
                   f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms"
                   + (f" (medians of {len(r['pairs_8'])} alternating runs)" if "pairs_8" in r else ""))
-        for k, pair in enumerate(r.get("pairs_8", [])):
-            t, h = pair["threaded"], pair["hydravision"]
-            print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame, "
-                  f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x")
+        print_pairs(r.get("pairs_8", []))
+    if "threaded_int8" in r:
+        t, h = r["threaded_int8"], r["files_int8"]
+        print(f"precision int8: hydravision / threaded, 8 cameras: {h['fps'] / t['fps']:.2f}x frames/s, CPU per frame "
+              f"{h['cpu_ms_per_frame_total']} vs {t['cpu_ms_per_frame_total']} ms (medians of "
+              f"{len(r['pairs_8_int8'])} alternating runs)")
+        print_pairs(r["pairs_8_int8"])
+        if 8 in r["files"]:
+            d = r["files"][8]
+            print(f"precision int8 / auto ({d.get('precision')}): hydravision, 8 cameras: {h['fps'] / d['fps']:.2f}x "
+                  f"frames/s, CPU per frame {h['cpu_ms_per_frame_total']} vs {d['cpu_ms_per_frame_total']} ms (model "
+                  f"{h['cpu_ms_per_frame_model']} vs {d['cpu_ms_per_frame_model']}); threaded "
+                  f"{t['fps'] / r['threaded']['fps']:.2f}x")
     if "stage_ms_per_frame" in r["naive"] and 8 in r["files"]:
         st, h = r["naive"]["stage_ms_per_frame"], r["files"][8]
         rest = r["transport_ms_per_frame"] = transport_ms(st, h)
@@ -540,6 +577,7 @@ def summarize(r: dict) -> None:
     rows += [("x8 proc/camera", r["files_process_each"])] if "files_process_each" in r else []
     rows += [("x8 merged calls", r["files_merged"])] if "files_merged" in r else []
     rows += [("x8 dyn. shape", r["files_dynamic_shape"])] if "files_dynamic_shape" in r else []
+    rows += [("x8 int8", r["files_int8"])] if "files_int8" in r else []
     rows += [(k, r[k]) for k in ("rtsp_80", "rtsp_overload") if k in r]
     hdr = (f"{'run':<15}{'fps':>7}{'effic.':>8}{'speedup':>8}{'p50':>7}{'p95':>7}{'p99':>7}{'drops':>7}"
            f"{'fair':>6}{'batch':>6}{'cpu/f out':>10}{'PSS MB':>8}")
