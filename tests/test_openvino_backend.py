@@ -28,6 +28,9 @@ from workers.model_runner import ExactShapes, ModelRunner, pick_backend
 # (score >= 0.3) is found again, same class, its box within IoU 0.9 and its score within 0.05; the mAPs move by
 # under 0.01 (measured: 0.001 at most, benchmarks/README.md).
 SURE, BOX_IOU, SCORE_DIFF, MAP_DIFF = 0.3, 0.9, 0.05, 0.01
+# int8 moves single boxes more: 9 in 10 of those detections within the same bounds, every one within IoU 0.5
+# (measured on these frames: 75 of 78, the worst at IoU 0.63; the mAPs within 0.002 of bf16's).
+INT8_WITHIN, INT8_IOU = 0.9, 0.5
 
 
 def test_openvino_in_fp32_gives_the_detections_torch_gives_on_the_demo_model(cache):
@@ -39,26 +42,30 @@ def test_openvino_in_fp32_gives_the_detections_torch_gives_on_the_demo_model(cac
     assert_same(eager, runner.run(images, heads))
 
 
-def test_openvino_in_bf16_finds_what_fp32_is_sure_of(cache):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_openvino_finds_what_fp32_is_sure_of(cache, precision):
     images = frames((256, 448), n=8)
     eager = ModelRunner(DEMO_CHECKPOINT, device="cpu", score_threshold=0.05, backend="torch").run(images, [None] * 8)
-    runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="bf16", score_threshold=0.05, backend="openvino")
-    assert runner.info()["autocast"] == "bf16"
+    runner = ModelRunner(DEMO_CHECKPOINT, device="cpu", precision=precision, score_threshold=0.05, backend="openvino")
+    assert runner.info()["autocast"] == precision
     got = runner.run(images, [None] * 8)
-    sure = 0
+    ious, score_diffs = [], []
     for want, have in zip(eager, got):
         for head, w in want.items():
             h = have[head]
             keep = w["scores"] >= SURE
-            sure += int(keep.sum())
             if not keep.any():
                 continue
             iou = box_iou(torch.from_numpy(w["boxes"][keep]), torch.from_numpy(h["boxes"])).numpy()
             iou[w["class_ids"][keep][:, None] != h["class_ids"][None, :]] = 0  # a box of another class is no match
-            best = iou.argmax(1)
-            assert (iou.max(1) >= BOX_IOU).all(), (head, iou.max(1))
-            np.testing.assert_allclose(h["scores"][best], w["scores"][keep], atol=SCORE_DIFF)
-    assert sure >= 10  # the frames hold enough objects for this to say something
+            ious += list(iou.max(1))
+            score_diffs += list(np.abs(h["scores"][iou.argmax(1)] - w["scores"][keep]))
+    assert len(ious) >= 10  # the frames hold enough objects for this to say something
+    within = (np.array(ious) >= BOX_IOU) & (np.array(score_diffs) <= SCORE_DIFF)
+    if precision == "bf16":
+        assert within.all(), (ious, score_diffs)
+    else:
+        assert within.mean() >= INT8_WITHIN and min(ious) >= INT8_IOU, (ious, score_diffs)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
