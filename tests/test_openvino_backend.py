@@ -29,7 +29,7 @@ from workers.model_runner import ExactShapes, ModelRunner, pick_backend
 # under 0.01 (measured: 0.001 at most, benchmarks/README.md).
 SURE, BOX_IOU, SCORE_DIFF, MAP_DIFF = 0.3, 0.9, 0.05, 0.01
 # int8 moves single boxes more: 9 in 10 of those detections within the same bounds, every one within IoU 0.5
-# (measured on these frames: 75 of 78, the worst at IoU 0.63; the mAPs within 0.002 of bf16's).
+# (measured on these frames: 75 of 78, the worst at IoU 0.63; the mAPs within 0.004 of fp32's).
 INT8_WITHIN, INT8_IOU = 0.9, 0.5
 
 
