@@ -169,7 +169,8 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     """One process: a decoder thread per camera (decode + letterbox into a queue of 2, blocking: lossless like
     hydravision's unpaced files), one model thread taking batches of up to ``max_batch`` from the cameras in
     turn, one sink thread tracking and writing each batch to Redis in one pipeline. The same model, tracker
-    and messages as hydravision; what differs is the transport (threads and queues, one interpreter)."""
+    and messages as hydravision; what differs is the transport (threads and queues, one interpreter). Also
+    reported: the share of the window the model thread spent in its calls, and the cores the process used."""
     import queue
     import threading
 
@@ -179,7 +180,7 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     queues = [queue.Queue(maxsize=2) for _ in range(cameras)]
     ready = threading.Semaphore(0)  # one release per frame queued: the model thread sleeps on it, no polling
     results: queue.Queue = queue.Queue(maxsize=4)
-    counted = {"frames": 0, "latencies": [], "since": None}
+    counted = {"frames": 0, "latencies": [], "since": None, "model_busy": 0.0}
 
     def decode(i: int) -> None:
         src = open_source(str(clips[i % len(clips)]), realtime=False, loop=True)
@@ -217,7 +218,10 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
             if not batch:
                 ready.release()  # a frame counted but not found yet (put raced the scan): look again
                 continue
+            t0 = time.perf_counter()
             arrays = runner.run([image for _, _, image, _ in batch], [None] * len(batch))
+            if counted["since"] is not None:  # how much of the window the model thread spent in its calls
+                counted["model_busy"] += time.perf_counter() - max(t0, counted["since"])
             results.put((batch, arrays))
 
     def sink() -> None:
@@ -247,13 +251,15 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     counted["since"] = t0
     time.sleep(seconds)
     frames, cpu, dt = counted["frames"], time.process_time() - c0, time.perf_counter() - t0
+    busy = counted["model_busy"]
     latencies = list(counted["latencies"])
     stop.set()
     for t in threads:
         t.join(5)
     return {"cameras": cameras, "fps": round(frames / dt, 1), "latency_ms_p50": pct(latencies, 50),
             "latency_ms_p95": pct(latencies, 95), "latency_ms_p99": pct(latencies, 99),
-            "cpu_ms_per_frame_total": round(cpu / max(1, frames) * 1000, 2)}
+            "cpu_ms_per_frame_total": round(cpu / max(1, frames) * 1000, 2),
+            "model_thread_busy": round(busy / dt, 3), "cores_used": round(cpu / dt, 2)}
 
 
 # -- 3. hydravision ---------------------------------------------------------------------------------
@@ -491,7 +497,8 @@ def compare_transport(label: str, a: dict, b: dict, stages: dict) -> str:
 def print_pairs(pairs: list[dict]) -> None:
     for k, pair in enumerate(pairs):
         t, h = pair["threaded"], pair["hydravision"]
-        print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame, "
+        busy = f", its model thread busy {t['model_thread_busy']:.0%}" if "model_thread_busy" in t else ""
+        print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame{busy}, "
               f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x")
 
 
