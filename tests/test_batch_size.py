@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -75,6 +76,44 @@ def test_the_first_batch_of_a_size_does_not_count():
     sizer.record(16, 0.9, full=True)  # 56 ms per frame: a first call
     feed(sizer, CPU, 50)
     assert sizer.limit == 16
+
+
+def steady_after(batches: int) -> tuple[list[int], Callable[[int], bool]]:
+    """A steady() whose sizes become steady after ``batches`` questions each (a compile that takes a while)."""
+    asked: list[int] = []
+
+    def steady(size: int) -> bool:
+        asked.append(size)
+        return asked.count(size) > batches
+    return asked, steady
+
+
+def run_probe(sizer: BatchSizer, ready: Callable[[], bool], batches: int = 300) -> None:
+    """The CPU curve, except that batches of 16 cost 1.2x as much until ``ready()`` (OpenVINO at the dynamic
+    shape before the size's exact compile is in)."""
+    for _ in range(batches):
+        size = sizer.allowed()
+        cost = CPU[size] * (1.2 if size == 16 and not ready() else 1.0)
+        sizer.record(size, size * cost / 1000, full=True)
+
+
+def test_a_probe_is_timed_only_once_its_size_runs_at_its_steady_cost():
+    asked, steady = steady_after(3)
+    sizer = BatchSizer(ceiling=16, steady=steady)
+    run_probe(sizer, lambda: asked.count(16) > 3)
+    assert asked and set(asked) == {16}  # asked when the probe began, then at its batches until steady
+    assert sizer.limit == 16 and sizer.changes == [(8, 16)]
+    # Before: nobody asked, so the rarely run size was never compiled and its probe was timed at the slower
+    # shape and refused.
+    blind = BatchSizer(ceiling=16)
+    run_probe(blind, lambda: False, batches=40)
+    assert blind.limit == 8 and blind.probing is None
+
+
+def test_a_probe_whose_size_never_gets_steady_is_timed_anyway():
+    sizer = BatchSizer(ceiling=16, steady=lambda size: False)
+    feed(sizer, GPU, 200)
+    assert sizer.limit == 16  # after 4 x samples batches of waiting it counts what it sees
 
 
 def test_comes_back_down_when_half_the_size_runs_faster():

@@ -137,6 +137,21 @@ def test_the_sizes_run_most_get_a_model_of_their_own_and_the_coldest_makes_way()
     assert compiled == [1, 2, 3, 4, 5]  # each compiled once
 
 
+def test_a_size_asked_for_is_compiled_at_its_next_call_however_rare():
+    """The BatchSizer's probe of a larger batch: timed as it would run if adopted, i.e. compiled (``want``)."""
+    compiled = []
+    shapes = ExactShapes(lambda size: compiled.append(size) or f"model-{size}", window=8, hot=4)
+    assert shapes.want(16) is False and not compiled  # asking compiles nothing on the asker's thread
+    assert shapes.get(16) is None  # its first call, far from hot: compiling in the background all the same
+    shapes.wait()
+    assert compiled == [16] and shapes.want(16) is True and shapes.get(16) == "model-16"
+    failing = ExactShapes(lambda size: 1 / 0, window=8, hot=4)
+    failing.want(32)
+    failing.get(32)
+    failing.wait()
+    assert failing.want(32) is True  # never compiled: its dynamic shape is what it costs, time it so
+
+
 def test_a_size_that_cannot_be_compiled_runs_at_the_dynamic_shape_and_is_not_tried_again(caplog):
     tried = []
 

@@ -15,7 +15,11 @@ the live batches rather than configured:
 - the limit halves when the recent batches at half the size ran faster per frame by more than ``gain``
   (a wrong step up, or a machine whose load changed);
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
-  first call (0.2-1 s on this CPU), which says nothing about the steady cost.
+  first call (0.2-1 s on this CPU), which says nothing about the steady cost;
+- a probe's batches count only once ``steady(size)`` says that size runs at its steady cost: OpenVINO runs
+  the sizes it runs most compiled for their exact shape (``ExactShapes``), 11-20% cheaper than its dynamic
+  shape, and the probed size, new, would otherwise be timed at the dynamic shape against the limit's exact
+  one. Asking starts the compile; after ``4 * samples`` probe batches the probe counts anyway.
 
 Only batches that were full at the size asked for count: a batch of 5 taken because only 5 waited says how
 fast 5 frames run, not whether a limit of 8 is right.
@@ -25,13 +29,14 @@ from __future__ import annotations
 
 import collections
 import statistics
+from typing import Callable
 
 MAX_BACKOFF = 64  # the longest wait between probes, in multiples of probe_after
 
 
 class BatchSizer:
     def __init__(self, ceiling: int, start: int = 8, probe_after: int = 16, samples: int = 4,
-                 gain: float = 0.07, window: int = 8):
+                 gain: float = 0.07, window: int = 8, steady: Callable[[int], bool] | None = None):
         if ceiling < 1 or start < 1:
             raise ValueError(f"ceiling and start must be >= 1, got {ceiling} and {start}")
         self.ceiling, self.probe_after, self.samples, self.gain = ceiling, probe_after, samples, gain
@@ -43,6 +48,8 @@ class BatchSizer:
         self._streak = 0  # full batches in a row at the limit
         self._backoff = 1  # the next probe waits probe_after * backoff full batches
         self._probe_misses = 0
+        self._steady = steady or (lambda size: True)
+        self._probe_warming = 0  # probe batches run before the probed size was steady
 
     def allowed(self) -> int:
         """The largest batch the Batcher may take now."""
@@ -53,6 +60,8 @@ class BatchSizer:
         when it was taken (the backlog filled it)."""
         first = size not in self._seen
         self._seen.add(size)
+        if size == self.probing and not self._probe_is_steady():
+            return  # not yet what this size costs: neither a sample nor a miss
         if full and not first:
             self._costs[size].append(seconds / size)
         if self.probing is not None:
@@ -63,9 +72,17 @@ class BatchSizer:
             if self._streak >= self.probe_after * self._backoff and self.limit < self.ceiling:
                 self.probing = min(2 * self.limit, self.ceiling)
                 self._costs[self.probing].clear()  # its old samples may come from another load
-                self._probe_misses = 0
+                self._probe_misses = self._probe_warming = 0
+                self._steady(self.probing)  # asking starts getting it there (OpenVINO: its compile)
         else:
             self._streak = 0  # the load does not fill the batches: no reason to grow them
+
+    def _probe_is_steady(self) -> bool:
+        assert self.probing is not None
+        if self._probe_warming >= 4 * self.samples or self._steady(self.probing):
+            return True
+        self._probe_warming += 1
+        return False
 
     def _after_probe_batch(self, size: int, full: bool) -> None:
         assert self.probing is not None

@@ -308,7 +308,7 @@ class InferenceService:
                                                compile=compile, backend=backend)
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
             self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera,
-            BatchSizer(max_batch) if adapt_batch else None)
+            BatchSizer(max_batch, steady=self.runner.steady) if adapt_batch else None)
         self.calls = 0  # infer calls received (one may carry several frames of a camera: infer_images)
 
     def _run_batch(self, items: list[tuple[np.ndarray, list[str] | None]]) -> list[dict[str, HeadArrays]]:

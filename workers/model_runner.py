@@ -179,6 +179,7 @@ class ExactShapes:
         self.ready: dict[int, object] = {}
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._failed: set[int] = set()
+        self._wanted: set[int] = set()  # sizes asked for by want(), compiled at their next call however rare
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def get(self, size: int):
@@ -188,12 +189,22 @@ class ExactShapes:
         self._recent.append(size)
         self._counts[size] += 1
         self._collect()
-        if (self._counts[size] >= self.hot and size not in self.ready and size not in self._pending
-                and size not in self._failed):
+        if ((self._counts[size] >= self.hot or size in self._wanted) and size not in self.ready
+                and size not in self._pending and size not in self._failed):
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-shape-compile")
             self._pending[size] = self._pool.submit(self._compile_size, size)
         return self.ready.get(size)
+
+    def want(self, size: int) -> bool:
+        """True once batches of ``size`` run compiled for it, or never will (its compile failed); until then
+        asks for it to be compiled at its next call, however rarely it runs (the BatchSizer's probe of a
+        larger batch, which should be timed as it would run if adopted). From any thread: it only reads and
+        adds to a set."""
+        if size in self.ready or size in self._failed:
+            return True
+        self._wanted.add(size)
+        return False
 
     def wait(self) -> None:
         """Until every compile asked for has finished (tests and benchmarks: a known state)."""
@@ -205,6 +216,7 @@ class ExactShapes:
             if not future.done():
                 continue
             del self._pending[size]
+            self._wanted.discard(size)
             if future.exception() is not None:
                 self._failed.add(size)
                 log.warning("could not compile the model for batches of %d (%s); they run at the dynamic shape",
@@ -369,6 +381,12 @@ class ModelRunner:
         """The batch sizes that run a model compiled for their size now (OpenVINO; ``ExactShapes``)."""
         exact = getattr(self.session, "exact_shapes", None)
         return sorted(tuple(exact.ready)) if exact else []  # tuple(): one step under the GIL, beside the calls
+
+    def steady(self, size: int) -> bool:
+        """Whether batches of ``size`` run at their steady cost now; if not, starts getting them there
+        (OpenVINO: compiles the size, ``ExactShapes.want``). The BatchSizer asks before it times a probe."""
+        exact = getattr(self.session, "exact_shapes", None)
+        return exact.want(size) if exact else True
 
     def warm(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> None:
         """Runs this batch until it costs what it will in steady state: its shape's kernels built and, on
