@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.export import cache_path, cached, cached_export
+from models.export import cached
 from models.hydranet import ConfigError, HydraNet
 
 CALIBRATION_FRAMES = 64  # 32 or 128 moved the demo model's mAPs by under 0.003 (benchmarks/README.md)
@@ -26,16 +26,15 @@ CALIBRATION_SEED = 7  # synthetic calibration scenes: training seeds, not the ev
 VERSION = "int8-v1"  # in the cache name: change it when the recipe changes
 
 
-def int8_path(checkpoint: str | Path) -> Path:
-    fp32 = cache_path(checkpoint)
-    return fp32.with_name(f"{fp32.stem}-{VERSION}-{CALIBRATION_FRAMES}.onnx")
+def int8_path(export: Path) -> Path:
+    """Beside the export (``models.export.cached_export``), named after it: one per checkpoint content."""
+    return export.with_name(f"{export.stem}-{VERSION}-{CALIBRATION_FRAMES}.onnx")
 
 
-def cached_int8(model: HydraNet, checkpoint: str | Path, history: list[dict[str, Any]]) -> Path:
-    """The quantized ONNX file of this checkpoint, made once (seconds) and cached."""
-    def make(path: Path) -> None:
-        quantize(cached_export(model, checkpoint), path, calibration_frames(model, history))
-    return cached(int8_path(checkpoint), make, f"quantizing {checkpoint} to int8")
+def cached_int8(model: HydraNet, export: Path, history: list[dict[str, Any]]) -> Path:
+    """The quantized copy of ``export`` (the model's cached ONNX export), made once (seconds) and cached."""
+    return cached(int8_path(export), lambda path: quantize(export, path, calibration_frames(model, history)),
+                  f"quantizing {export.name} to int8")
 
 
 def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = CALIBRATION_FRAMES) -> list[np.ndarray]:

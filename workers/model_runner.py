@@ -243,7 +243,7 @@ class OpenVinoSession(ExportedSession):
             from models.metadata import read_metadata
             from models.quantize import cached_int8
 
-            self.path = cached_int8(model, checkpoint, read_metadata(checkpoint)["training"].get("history", []))
+            self.path = cached_int8(model, self.path, read_metadata(checkpoint)["training"].get("history", []))
         if precision in ("bf16", "int8"):
             self.precision = precision
         else:
@@ -377,21 +377,26 @@ class ModelRunner:
             return staged.to(self.device, non_blocking=True)
         return torch.from_numpy(np.stack(images)).to(self.device)
 
+    @property
+    def _exact(self) -> ExactShapes | None:
+        """The session's models per batch size (OpenVINO with them on), else None."""
+        return getattr(self.session, "exact_shapes", None)
+
     def exact_shapes(self) -> list[int]:
         """The batch sizes that run a model compiled for their size now (OpenVINO; ``ExactShapes``)."""
-        exact = getattr(self.session, "exact_shapes", None)
+        exact = self._exact
         return sorted(tuple(exact.ready)) if exact else []  # tuple(): one step under the GIL, beside the calls
 
     def steady(self, size: int) -> bool:
         """Whether batches of ``size`` run at their steady cost now; if not, starts getting them there
         (OpenVINO: compiles the size, ``ExactShapes.want``). The BatchSizer asks before it times a probe."""
-        exact = getattr(self.session, "exact_shapes", None)
+        exact = self._exact
         return exact.want(size) if exact else True
 
     def warm(self, images: Sequence[np.ndarray], heads: Sequence[Sequence[str] | None]) -> None:
         """Runs this batch until it costs what it will in steady state: its shape's kernels built and, on
         OpenVINO, a model compiled for its size. Benchmarks call it before they time a batch size."""
-        exact = getattr(self.session, "exact_shapes", None)
+        exact = self._exact
         for _ in range(exact.hot if exact else 2):
             self.run(images, heads)
         if exact:
