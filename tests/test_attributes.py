@@ -47,6 +47,21 @@ def test_roi_sampling_reads_the_box_on_the_level_that_fits_its_size():
     assert roi_features(feats, strides, [torch.zeros(0, 4)], pool=2).shape == (0, 2, 2, 2)
 
 
+def test_roi_sampling_of_a_batch_equals_each_box_sampled_alone():
+    # boxes of one level in several images, several of a level in one image, images with none of a level or
+    # none at all: each box reads its own image and place (a batched rewrite must keep this)
+    torch.manual_seed(3)
+    strides = (8, 16, 32)
+    feats = [torch.randn(4, 3, 128 // s, 192 // s) for s in strides]
+    sizes = torch.tensor([[6.0, 6.0], [30.0, 20.0], [60.0, 70.0], [150.0, 120.0]])
+    boxes = [torch.cat([xy := torch.rand(len(wh), 2) * torch.tensor([40.0, 8.0]), xy + wh], 1)
+             for wh in (sizes, sizes[[0, 0, 0]], torch.zeros((0, 2)), sizes[[3, 1]])]
+    out = roi_features(feats, strides, boxes, pool=3)
+    alone = [roi_features([f[i:i + 1] for f in feats], strides, [box[None]], pool=3) for i, b in enumerate(boxes)
+             for box in b]
+    assert torch.equal(out, torch.cat(alone))
+
+
 def test_labels_go_only_to_the_classes_the_head_labels():
     model = tiny()
     images = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
