@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
 from workers.analytics_settings import analytics_errors
-from workers.settings import CameraConfig, RedisConfig, Strict, TrackerConfig
+from workers.settings import CameraConfig, RedisConfig, Strict, TrackerConfig, backend_problem
 
 __all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_camera",
            "parse_config"]
@@ -82,15 +82,9 @@ class ModelConfig(Strict):
         "image); 'auto': object_store on a cluster, path locally")
 
     @model_validator(mode="after")
-    def _openvino_runs_here(self) -> "ModelConfig":
-        if self.backend == "openvino":
-            if self.device not in ("auto", "cpu"):
-                raise ValueError(f"backend: openvino runs the model on the CPU here, not on device {self.device}")
-            if self.precision == "fp16":
-                raise ValueError("backend: openvino runs precision auto, bf16, fp32 or int8, not fp16")
-        if self.precision == "int8" and (self.backend not in ("auto", "openvino") or self.device not in ("auto", "cpu")):
-            raise ValueError(f"precision: int8 runs on backend openvino on the CPU, not on backend {self.backend} "
-                             f"with device {self.device}")
+    def _backend_runs_it(self) -> "ModelConfig":
+        if why := backend_problem(self.backend, self.precision, self.device):
+            raise ValueError(why)
         return self
 
     def checkpoint_path(self) -> Path:

@@ -19,6 +19,7 @@ from models.train import TrainConfig, build_model, train as train_model
 from models.train_attributes import AttributeTrainConfig, train_attribute as train_attribute_head
 from models.train_reid import FIRST_TRAIN_SEED, ReIDTrainConfig, match_accuracy, train_reid as train_reid_head
 from pipeline.errors import UserError
+from workers.settings import backend_problem
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 # What models/ raises for input the user gave (a file they named, their data, the architecture they asked
@@ -210,10 +211,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.backend:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
-        if args.backend == "openvino" and args.precision == "fp16":
-            raise UserError("--precision fp16: the openvino backend runs auto, bf16, fp32 or int8")
-        if args.precision == "int8" and args.backend not in ("auto", "openvino"):
-            raise UserError(f"--precision int8 runs on the openvino backend, not on {args.backend}")
+        if why := backend_problem(args.backend, args.precision, device):
+            raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
 
         runner = ModelRunner(path, device, args.precision, backend=args.backend)
         report = runner.evaluate(cfg, progress=not args.no_progress)

@@ -213,19 +213,24 @@ def test_auto_picks_openvino_only_where_the_cpu_runs_bf16_natively(monkeypatch):
 
 def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
     assert cli_main(["eval", "--backend", "openvino", "--precision", "fp16", "--no-progress"]) == 2
-    assert "--precision fp16: the openvino backend runs auto, bf16, fp32 or int8" in capsys.readouterr().err
+    assert ("--backend openvino --precision fp16: backend openvino runs precision auto, fp32, bf16, int8, not fp16"
+            in capsys.readouterr().err)
     cameras = [{"id": "a", "url": "synthetic://street"}]
-    with pytest.raises(ConfigError, match=r"model: backend: openvino runs the model on the CPU here, not on device cu"):
+    with pytest.raises(ConfigError, match=r"model: backend openvino runs the model on the CPU here, not on device cuda"):
         parse_config({"model": {"backend": "openvino", "device": "cuda"}, "cameras": cameras})
-    with pytest.raises(ConfigError, match=r"model: backend: openvino runs precision auto, bf16, fp32 or int8, not fp16"):
+    with pytest.raises(ConfigError, match=r"model: backend openvino runs precision auto, fp32, bf16, int8, not fp16"):
         parse_config({"model": {"backend": "openvino", "precision": "fp16"}, "cameras": cameras})
-    with pytest.raises(ConfigError, match=r"model: precision: int8 runs on backend openvino on the CPU, not on "
+    with pytest.raises(ConfigError, match=r"model: precision int8 runs on backend openvino on the CPU, not on "
                                           r"backend onnxruntime with device auto"):
         parse_config({"model": {"backend": "onnxruntime", "precision": "int8"}, "cameras": cameras})
     assert cli_main(["eval", "--backend", "torch", "--precision", "int8", "--no-progress"]) == 2
-    assert "--precision int8 runs on the openvino backend, not on torch" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="precision int8 runs on the openvino backend on the CPU, not on backend torch"):
+    assert ("--backend torch --precision int8: precision int8 runs on backend openvino on the CPU, not on backend "
+            "torch with device cpu") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision int8 runs on backend openvino on the CPU, not on backend torch"):
         pick_backend("torch", torch.device("cpu"), None, False, one_head_model(), "int8")
+    with pytest.raises(ValueError, match="precision int8 runs on backend openvino on the CPU, not on backend auto "
+                                         "with device cuda"):
+        pick_backend("auto", torch.device("cuda"), None, False, one_head_model(), "int8")
 
 
 RELEASED_ON_ANOTHER_THREAD = """

@@ -24,6 +24,7 @@ from models.checkpoint import load_checkpoint
 from models.export import RAW_KEYS
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
+from workers.settings import backend_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 @functools.cache
@@ -83,10 +83,9 @@ def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | Non
     "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
     with compile, half precision the exports do not run, or LoRA adapters (the export has one pyramid).
     Precision int8 runs on OpenVINO only (the CPU's int8 kernels), also where the CPU has no native bf16."""
+    if why := backend_problem(backend, precision, device.type):
+        raise ValueError(why)
     if precision == "int8":
-        if backend not in ("auto", "openvino") or device.type != "cpu":
-            raise ValueError(f"precision int8 runs on the openvino backend on the CPU, not on backend {backend} "
-                             f"on {device}")
         return "openvino"
     if backend != "auto":
         return backend
@@ -234,10 +233,8 @@ class OpenVinoSession(ExportedSession):
     The batch sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
-        if device.type != "cpu":
-            raise ValueError(f"the openvino backend runs on the CPU here, not on {device}")
-        if precision not in OPENVINO_PRECISIONS:
-            raise ValueError(f"the openvino backend runs precision {', '.join(OPENVINO_PRECISIONS)}, not {precision}")
+        if why := backend_problem("openvino", precision, device.type):
+            raise ValueError(why)
         super().__init__(model, checkpoint)
         if precision == "int8":
             from models.metadata import read_metadata

@@ -21,6 +21,23 @@ URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
 
 
+OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def backend_problem(backend: str, precision: str, device: str) -> str | None:
+    """Why ``backend`` cannot run ``precision`` on ``device`` ('auto', 'cpu', 'cuda', ...), or None. The one rule
+    behind the config's check, `hydravision eval --backend`'s and ModelRunner's: OpenVINO runs on the CPU here
+    and not in fp16; int8 is OpenVINO's (the CPU's int8 kernels), which ``backend: auto`` then picks."""
+    on_cpu = device in ("auto", "cpu")
+    if backend == "openvino" and not on_cpu:
+        return f"backend openvino runs the model on the CPU here, not on device {device}"
+    if backend == "openvino" and precision not in OPENVINO_PRECISIONS:
+        return f"backend openvino runs precision {', '.join(OPENVINO_PRECISIONS)}, not {precision}"
+    if precision == "int8" and (backend not in ("auto", "openvino") or not on_cpu):
+        return f"precision int8 runs on backend openvino on the CPU, not on backend {backend} with device {device}"
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
