@@ -107,6 +107,28 @@ def test_export_command_writes_a_model_onnxruntime_runs(tmp_path, capsys, monkey
     assert capsys.readouterr().out.startswith(f"{cached[0]} is up to date")
 
 
+def test_the_export_writes_group_norm_without_reshaping_activations_and_computes_the_same(tmp_path):
+    # GroupNormForExport: nn.GroupNorm's numbers (groups of several channels, a mean far from 0 as after a
+    # conv, a batch), and the exported graph has none of the Reshape/InstanceNormalization form that made
+    # OpenVINO reorder every head activation
+    import onnx
+
+    from models.export import GroupNormForExport, export_onnx
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 16, 9, 13) * 4 + 7
+    torch.testing.assert_close(GroupNormForExport(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+    model = HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                                    neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}}))
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    ops = {n.op_type for n in onnx.load(str(export_onnx(model, tmp_path / "m.onnx"))).graph.node}
+    assert "InstanceNormalization" not in ops and "GroupNormalization" not in ops
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())  # the model itself is untouched
+
+
 def test_an_unknown_backend_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"model\.backend"):
         parse_config({"model": {"backend": "tensorrt"}, "cameras": [{"id": "a", "url": "synthetic://street"}]})
