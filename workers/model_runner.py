@@ -103,11 +103,11 @@ class ExportedSession:
 
     precision = "fp32"
 
-    def __init__(self, model, checkpoint: str | Path):
+    def __init__(self, model, checkpoint: str | Path, group_norm: str = "export"):
         from models.export import cached_export, output_names
 
         self.model = model
-        self.path = cached_export(model, checkpoint)
+        self.path = cached_export(model, checkpoint, group_norm)
         self.names = output_names(model)
         self.levels = len(model.strides)
 
@@ -235,7 +235,8 @@ class OpenVinoSession(ExportedSession):
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
         if why := backend_problem("openvino", precision, device.type):
             raise ValueError(why)
-        super().__init__(model, checkpoint)
+        # int8 is quantized from torch's form of GroupNorm: from the faster one it lost accuracy (models/export.py)
+        super().__init__(model, checkpoint, "torch" if precision == "int8" else "export")
         if precision == "int8":
             from models.metadata import read_metadata
             from models.quantize import cached_int8
