@@ -27,7 +27,7 @@ from workers.model_runner import ExactShapes, ModelRunner, pick_backend
 
 # What bf16 may change, against torch in fp32 on the demo model: a detection the fp32 model is sure of
 # (score >= 0.3) is found again, same class, its box within IoU 0.9 and its score within 0.05; the mAPs move by
-# under 0.01 (measured: 0.001 at most, benchmarks/README.md).
+# under 0.01 (measured: 0.0013 at most, benchmarks/README.md).
 SURE, BOX_IOU, SCORE_DIFF, MAP_DIFF = 0.3, 0.9, 0.05, 0.01
 # int8 moves single boxes more: 9 in 10 of those detections within the same bounds, every one within IoU 0.5
 # (measured on these frames: 75 of 78, the worst at IoU 0.63; the mAPs within 0.004 of fp32's).

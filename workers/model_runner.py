@@ -229,7 +229,7 @@ class ExactShapes:
 class OpenVinoSession(ExportedSession):
     """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
     or bf16), fp32, or int8 (the export quantized, ``models/quantize.py``; the rest of the graph in bf16 where
-    native). bf16 keeps the demo model's mAP within 0.001 of fp32, int8 within 0.004 (benchmarks/README.md).
+    native). bf16 keeps the demo model's mAPs within 0.0013 of fp32's, int8 within 0.004 (benchmarks/README.md).
     The batch sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
