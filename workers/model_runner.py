@@ -232,9 +232,8 @@ class OpenVinoSession(ExportedSession):
     native). bf16 keeps the demo model's mAPs within 0.0013 of fp32's, int8 within 0.004 (benchmarks/README.md).
     The batch sizes it runs most also get a model compiled for their exact shape (``ExactShapes``)."""
 
-    def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, precision: str):
-        if why := backend_problem("openvino", precision, device.type):
-            raise ValueError(why)
+    def __init__(self, model, checkpoint: str | Path, threads: int | None, precision: str):
+        # on the CPU, in a precision it runs: ModelRunner's pick_backend checked that (backend_problem)
         # int8 is quantized from torch's form of GroupNorm: from the faster one it lost accuracy (models/export.py)
         super().__init__(model, checkpoint, "torch" if precision == "int8" else "export")
         if precision == "int8":
@@ -303,7 +302,7 @@ class ModelRunner:
             try:
                 self.session = (OrtSession(self.model, checkpoint, self.device, threads)
                                 if self.backend == "onnxruntime"
-                                else OpenVinoSession(self.model, checkpoint, self.device, threads, precision))
+                                else OpenVinoSession(self.model, checkpoint, threads, precision))
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
                 if backend != "auto" or precision == "int8":  # int8 was asked for, and torch does not run it
                     raise
