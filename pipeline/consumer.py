@@ -126,9 +126,10 @@ class GroupConsumer:
         """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream)."""
         out: list[Message] = []
         for s in self.streams:
-            next_id, entries, deleted = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                                               start_id=self._claim_cursor[s],
-                                                               count=count or self.count)[:3]
+            reply = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
+                                           start_id=self._claim_cursor[s], count=count or self.count)
+            # Redis 7 lists entries deleted while pending third; 6.2 among the entries, without fields (_decode)
+            next_id, entries, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
             self._claim_cursor[s] = _text(next_id)
             if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
                 self.client.xack(s, self.group, *deleted)

@@ -48,11 +48,11 @@ def fill(url: str, n: int) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_consumer_killed_mid_batch_loses_nothing(redis_server, tmp_path):
-    ids = fill(redis_server.url, 200)
+def test_consumer_killed_mid_batch_loses_nothing(any_redis, tmp_path):
+    ids = fill(any_redis.url, 200)
     handled_log = tmp_path / "victim.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    victim = subprocess.Popen([sys.executable, "-c", VICTIM, redis_server.url, str(handled_log)], env=env)
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, any_redis.url, str(handled_log)], env=env)
     try:
         wait_for(lambda: handled_log.exists() and len(handled_log.read_text().split()) >= 20, 30,
                  "the victim to handle 20 messages")
@@ -60,7 +60,7 @@ def test_consumer_killed_mid_batch_loses_nothing(redis_server, tmp_path):
         victim.wait(10)
     finally:
         victim.kill()
-    client = redis_server.client()
+    client = any_redis.client()
     by_victim = handled_log.read_text().split()
     pending = client.xpending(STREAM, "workers")["pending"]
     assert 0 < pending < 200 - len(by_victim) + 1  # its unacknowledged batch, and what it never read
@@ -76,9 +76,9 @@ def test_consumer_killed_mid_batch_loses_nothing(redis_server, tmp_path):
     assert client.xpending(STREAM, "workers")["pending"] == 0
 
 
-def test_restart_under_the_same_name_resumes_its_own_pending_first(redis_server):
-    ids = fill(redis_server.url, 10)
-    client = redis_server.client()
+def test_restart_under_the_same_name_resumes_its_own_pending_first(any_redis):
+    ids = fill(any_redis.url, 10)
+    client = any_redis.client()
     first = GroupConsumer(client, STREAM, "g", "worker-1", start="0", count=4, block_ms=100)
     assert [m.id for m in first.read()] == ids[:4]  # taken, never acknowledged: the process "died"
     again = GroupConsumer(client, STREAM, "g", "worker-1", count=4, block_ms=100, claim_idle_ms=60_000)
@@ -86,9 +86,9 @@ def test_restart_under_the_same_name_resumes_its_own_pending_first(redis_server)
     assert [m.id for m in again.read()] == ids[4:8]
 
 
-def test_poison_messages_go_to_the_dead_letter_stream(redis_server):
-    client = redis_server.client()
-    fill(redis_server.url, 1)
+def test_poison_messages_go_to_the_dead_letter_stream(any_redis):
+    client = any_redis.client()
+    fill(any_redis.url, 1)
     client.xadd(STREAM, {"data": "{not json"})
     consumer = GroupConsumer(client, STREAM, "g", "c", start="0", block_ms=100, claim_idle_ms=1, claim_every_s=0,
                              max_deliveries=3)
@@ -109,9 +109,9 @@ def test_block_must_be_shorter_than_the_socket_timeout(redis_server):
         GroupConsumer(client, STREAM, "g", block_ms=2000)
 
 
-def test_tail_group_prints_and_acknowledges(redis_server, capsys):
-    fill(redis_server.url, 5)
-    argv = ["tail", "--events", "--redis-url", redis_server.url, "--group", "cli", "--from-start", "--json"]
+def test_tail_group_prints_and_acknowledges(any_redis, capsys):
+    fill(any_redis.url, 5)
+    argv = ["tail", "--events", "--redis-url", any_redis.url, "--group", "cli", "--from-start", "--json"]
     assert main(argv + ["--count", "3", "--consumer", "a"]) == 0
     t0 = time.monotonic()
     assert main(argv + ["--count", "2", "--consumer", "b"]) == 0
@@ -119,4 +119,4 @@ def test_tail_group_prints_and_acknowledges(redis_server, capsys):
     assert time.monotonic() - t0 < 10
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [m["track_id"] for m in printed] == [0, 1, 2, 3, 4]  # each message to one member, none twice
-    assert redis_server.client().xpending(STREAM, "cli")["pending"] == 0
+    assert any_redis.client().xpending(STREAM, "cli")["pending"] == 0
