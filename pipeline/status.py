@@ -17,6 +17,13 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _error(s: dict) -> str:
+    """The camera's last error; first, why its messages are not reaching Redis now (published counts frames
+    handed to the publisher, which keeps them while Redis refuses)."""
+    redis_error = f"Redis: {s['redis_error']}" if s.get("redis_error") else ""
+    return "; ".join(e for e in (redis_error, s.get("last_error")) if e)
+
+
 def status_table(stats: list[dict], title: str = "hydravision") -> Table:
     table = Table(title=title, title_justify="left", expand=False)
     for col, just in [("camera", "left"), ("state", "left"), ("fps", "right"), ("decode fps", "right"),
@@ -32,7 +39,7 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
             f"{s.get('decode_fps', 0):.1f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
             str(s.get("published", 0)) + (f" +{s['skipped']} skipped" if s.get("skipped") else ""),  # motion gate
             _drops(s.get("dropped")), str(s.get("reconnects", 0)),
-            ",".join(s.get("heads", []) or []), (s.get("last_error") or "")[:80],
+            ",".join(s.get("heads", []) or []), _error(s)[:120],
         )
     return table
 
@@ -41,7 +48,8 @@ def status_line(stats: list[dict]) -> str:
     parts = []
     for s in stats:
         parts.append(f"{s.get('camera')}: {s.get('state')} {s.get('fps', 0):.1f} fps "
-                     f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}")
+                     f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}"
+                     + (f" NOT IN REDIS: {s['redis_error'][:80]}" if s.get("redis_error") else ""))
     return " | ".join(parts)
 
 

@@ -155,3 +155,20 @@ def test_status_shows_an_entry_nobody_refreshes_as_stale(redis_server, capsys: p
     assert main(["status", "--redis-url", redis_server.url]) == 0
     table = capsys.readouterr().out
     assert "stale" in table and "dead" in table and "live" in table, table
+
+
+def test_status_output_says_when_a_cameras_messages_are_not_reaching_redis() -> None:
+    """`published` counts frames handed to the publisher; while Redis refuses them the line and table say so."""
+    from rich.console import Console
+
+    from pipeline.status import status_line, status_table
+
+    ok = {"camera": "a", "state": "running", "fps": 10.0, "published": 50, "dropped": {"rate": 0},
+          "last_error": None, "redis_error": None}
+    failing = {**ok, "camera": "b", "last_error": "EOF", "redis_error": "ConnectionError: Connection refused"}
+    line = status_line([ok, failing])
+    assert line.count("NOT IN REDIS") == 1 and line.endswith("NOT IN REDIS: ConnectionError: Connection refused")
+    console = Console(record=True, width=250)
+    console.print(status_table([ok, failing]))
+    rows = {row.split("│")[1].strip(): row for row in console.export_text().splitlines() if row.count("│") > 5}
+    assert "Redis: ConnectionError: Connection refused; EOF" in rows["b"] and "Redis" not in rows["a"]
