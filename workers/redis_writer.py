@@ -151,7 +151,7 @@ class BatchWriter:
                 raise
         log.info("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
         self.shebang, self._scripts = False, self._register(BATCH_BODY, STATUS_BODY)
-        return self._scripts[script](keys=keys, args=args)
+        return self._call(script, keys, args)  # once more, without the shebang: its errors read as above
 
     def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
               hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
