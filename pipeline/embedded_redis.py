@@ -68,6 +68,7 @@ class EmbeddedRedis:
         self.dir = tempfile.mkdtemp(prefix="hydravision-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
+        self.version = ""  # the server's, once started
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         log = open(Path(self.dir) / "redis.log", "wb")
@@ -82,6 +83,8 @@ class EmbeddedRedis:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"embedded redis-server exited: {(Path(self.dir) / 'redis.log').read_text()[-500:]}")
             if reachable(self.url, 0.5):
+                with redis.Redis.from_url(self.url, socket_timeout=5) as client:
+                    self.version = client.info("server")["redis_version"]
                 return self
             time.sleep(0.05)
         self.stop()

@@ -246,5 +246,6 @@ def test_embedded_redis_listens_on_loopback_only() -> None:
         assert client.config_get("bind")["bind"] == "127.0.0.1"
         assert client.config_get("protected-mode")["protected-mode"] == "yes"
         assert embedded.url.startswith("redis://127.0.0.1:")
+        assert embedded.version == client.info("server")["redis_version"]  # the demo prints it
     finally:
         embedded.stop()

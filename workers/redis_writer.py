@@ -149,7 +149,7 @@ class BatchWriter:
                 raise redis.exceptions.OutOfMemoryError(text.split("-OOM ", 1)[1].strip()) from None
             if not (self.shebang and "compiling script" in text and "near '#'" in text):
                 raise
-        log.info("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
+        log.debug("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
         self.shebang, self._scripts = False, self._register(BATCH_BODY, STATUS_BODY)
         return self._call(script, keys, args)  # once more, without the shebang: its errors read as above
 
