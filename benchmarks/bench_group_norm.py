@@ -27,15 +27,14 @@ from bench_pipeline import decoded_inputs
 from measure import DEMO, make_clips, save_json
 from models.checkpoint import load_checkpoint
 from models.export import GROUP_NORMS, export_onnx
-from workers.model_runner import native_bf16, openvino_core
+from workers.model_runner import native_bf16, openvino_config, openvino_core
 
 
 def openvino_call(path: Path, batch: int, precision: str):
     core = openvino_core()
     graph = core.read_model(str(path))
     graph.reshape({graph.inputs[0].get_any_name(): [batch, *graph.inputs[0].get_partial_shape()[1:]]})
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1,
-                                                 "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+    compiled = core.compile_model(graph, "CPU", openvino_config(precision, threads=1))
     request = compiled.create_infer_request()
 
     def call(images: np.ndarray) -> list[np.ndarray]:

@@ -226,6 +226,16 @@ class ExactShapes:
             self.ready[size] = future.result()
 
 
+def openvino_config(hint: str, threads: int | None) -> dict:
+    """OpenVINO's CPU compile options for a session: ``hint`` the INFERENCE_PRECISION_HINT ('bf16' or 'f32')."""
+    return {
+        "INFERENCE_PRECISION_HINT": hint,
+        "INFERENCE_NUM_THREADS": threads or 0,  # 0: all cores
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
+        "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
+    }
+
+
 class OpenVinoSession(ExportedSession):
     """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
     or bf16), fp32, or int8 (the export quantized, ``models/quantize.py``; the rest of the graph in bf16 where
@@ -247,12 +257,7 @@ class OpenVinoSession(ExportedSession):
             self.precision = "bf16" if precision == "auto" and native_bf16() else "fp32"
         # int8: what the quantizer left (normalisation, resizes) runs in bf16 where native.
         rest = "bf16" if self.precision == "bf16" or (self.precision == "int8" and native_bf16()) else "f32"
-        self.config = {
-            "INFERENCE_PRECISION_HINT": rest,
-            "INFERENCE_NUM_THREADS": threads or 0,  # 0: all cores
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,  # one batch at a time, as the Batcher sends them
-            "ENABLE_CPU_PINNING": False,  # decoders and other camera processes share these cores
-        }
+        self.config = openvino_config(rest, threads)
         self._graph = openvino_core().read_model(str(self.path))  # read once; each exact size compiles a copy
         self.dynamic = self._compile(None)
         # HYDRAVISION_OPENVINO_EXACT_SHAPES=0: the dynamic shape only, for benchmarks to measure against.
