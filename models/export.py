@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,10 @@ from models.hydranet import ConfigError, HydraNet
 
 log = logging.getLogger(__name__)
 OPSET = 18
+# A cache file not used for this long is removed when another one is made: each checkpoint, torch version and
+# exporter gets a file of its own (tens to hundreds of MB for large backbones), and a service retrained weekly
+# would otherwise fill the disk. Using a file refreshes its time; one removed while still wanted is made again.
+CACHE_MAX_AGE_DAYS = 30
 RAW_KEYS = ("cls_logits", "box_ltrb", "centerness")
 
 
@@ -152,8 +157,10 @@ def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "ex
 
 
 def cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
-    """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already."""
+    """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already; making one
+    removes the files of its folder not used for ``CACHE_MAX_AGE_DAYS`` (``prune_cache``)."""
     if path.is_file():
+        mark_used(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Replicas starting together on a fresh cache: one makes the file, the others wait for it (a file lock, as
@@ -165,5 +172,38 @@ def cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
         if not path.is_file():
             log.info("%s (once; cached at %s)", what, path)
             make(path)
+            prune_cache(path.parent)
         lock_path.unlink(missing_ok=True)
     return path
+
+
+def mark_used(path: Path) -> None:
+    """Marks a cache file used now (its mtime), so that pruning keeps it; a read-only cache is left as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(folder: Path, max_age_days: float = CACHE_MAX_AGE_DAYS, now: float | None = None) -> list[Path]:
+    """Removes the ONNX files in ``folder`` not used (made or loaded) for ``max_age_days``, and leftovers of
+    exports that died half-way (``*.tmp``) older than a day. Returns what it removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in folder.iterdir():
+        if path.name.endswith(".tmp"):
+            limit = 86400.0
+        elif path.name.endswith(".onnx"):
+            limit = max_age_days * 86400.0
+        else:
+            continue  # not ours (locks are removed by their holders)
+        try:
+            stat = path.stat()
+            if now - stat.st_mtime > limit:
+                path.unlink()
+                removed.append(path)
+                log.info("removed %s from the model cache (%.0f MB, unused for %.0f days)", path.name,
+                         stat.st_size / 1e6, (now - stat.st_mtime) / 86400)
+        except OSError:  # another process removed it first, or the cache is not ours to change
+            continue
+    return removed

@@ -175,10 +175,11 @@ def train_reid(args: argparse.Namespace) -> str:
 
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
-    from models.export import cache_path, cached_export, export_onnx, output_names  # seconds of imports
+    from models.export import cache_path, cached_export, export_onnx, mark_used, output_names  # seconds of imports
 
     path = args.checkpoint or DEMO_CHECKPOINT
     if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file():  # no model to load
+        mark_used(cached)
         return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
     t0 = time.time()
     model, _ = load_checkpoint(path)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,9 @@ def test_onnxruntime_gives_the_detections_torch_gives_on_the_demo_model(cache):
     assert_same(eager, runner.run(images, heads))
     exported = list(cache.glob("onnx/demo-*.onnx"))
     assert len(exported) == 1
-    stamp = exported[0].stat().st_mtime_ns
+    inode = exported[0].stat().st_ino  # an export writes a new file and renames it over the old one
     ModelRunner(DEMO_CHECKPOINT, device="cpu", backend="onnxruntime")  # a second start reuses the export
-    assert exported[0].stat().st_mtime_ns == stamp and len(list(cache.glob("onnx/*"))) == 1
+    assert exported[0].stat().st_ino == inode and len(list(cache.glob("onnx/*"))) == 1
 
 
 def test_attribute_heads_and_five_levels_run_on_onnxruntime_too(cache, tmp_path):
@@ -215,3 +216,26 @@ def test_replicas_starting_together_export_once(tmp_path):
     assert sum(out.count("exported") for out in outs) == 1
     assert outs[0][-1] == outs[1][-1] and outs[0][-1].endswith(".onnx")
     assert [f.suffix for f in (tmp_path / "cache" / "onnx").iterdir()] == [".onnx"]  # no lock file left
+
+
+def test_cache_files_unused_for_a_month_are_removed_when_another_is_made(tmp_path):
+    """A cache file per checkpoint and torch version: without pruning a service retrained weekly fills the disk.
+    Using a file keeps it; making one removes the files nobody used for CACHE_MAX_AGE_DAYS, and half-written
+    exports older than a day; nothing else in the folder is touched."""
+    from models.export import CACHE_MAX_AGE_DAYS, cached
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    day, now = 86400, time.time()
+    ages = {"old.onnx": CACHE_MAX_AGE_DAYS + 1, "used.onnx": CACHE_MAX_AGE_DAYS + 5, "recent.onnx": 3,
+            "dead.onnx.123.tmp": 2, "fresh.onnx.456.tmp": 0.1, "notes.txt": 400}
+    for name, days in ages.items():
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (now - days * day, now - days * day))
+    made: list[Path] = []
+    assert cached(folder / "used.onnx", made.append, "unused") == folder / "used.onnx"  # there: used, not made
+    assert made == [] and now - (folder / "used.onnx").stat().st_mtime < 60
+    cached(folder / "new.onnx", lambda p: (made.append(p), p.write_bytes(b"y")), "exporting")
+    assert made == [folder / "new.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh.onnx.456.tmp", "new.onnx", "notes.txt",
+                                                        "recent.onnx", "used.onnx"]
