@@ -61,6 +61,7 @@ class BatchSizer:
         first = size not in self._seen
         self._seen.add(size)
         if size == self.probing and not self._probe_is_steady():
+            self._probe_warming += 1
             return  # not yet what this size costs: neither a sample nor a miss
         if full and not first:
             self._costs[size].append(seconds / size)
@@ -79,10 +80,7 @@ class BatchSizer:
 
     def _probe_is_steady(self) -> bool:
         assert self.probing is not None
-        if self._probe_warming >= 4 * self.samples or self._steady(self.probing):
-            return True
-        self._probe_warming += 1
-        return False
+        return self._probe_warming >= 4 * self.samples or self._steady(self.probing)
 
     def _after_probe_batch(self, size: int, full: bool) -> None:
         assert self.probing is not None
