@@ -140,7 +140,22 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+def cpu_facts() -> dict:
+    """The CPU model and the instruction sets the runtimes' kernels choose by: hosts of one machine kind differ
+    (the same benchmark ran the model 2x slower on one than another), and the figures only compare within one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": model, "cpu_flags": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni",
+                                                                                        "amx", "avx_vnni")))}
+
+
 def save_json(path: str | None, data: dict) -> None:
+    """Writes the figures, with the machine's CPU facts added under ``machine``."""
     if path:
+        data = {**data, "machine": {"cpus": os.cpu_count(), **cpu_facts(), **data.get("machine", {})}}
         Path(path).write_text(json.dumps(data, indent=2, default=str))
         print(f"wrote {path}")
