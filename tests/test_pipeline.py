@@ -160,7 +160,9 @@ def test_overloaded_live_camera_drops_newest_wins_and_counts_add_up(redis_server
     assert final["published"] <= took / 0.1 + 1
     # ... while it decoded up to 10 frames per inference, the rest replaced in the slot
     assert final["dropped"]["overload"] >= 3 * final["published"], final
-    assert final["latency_ms_p95"] < 300  # newest frame wins: latency is one inference, not a growing queue
+    # newest frame wins: latency is one inference, not a growing queue (while running: the drained stop then
+    # also analyses the frame waiting in the slot, one inference later)
+    assert mid["latency_ms_p95"] < 300
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
 """Stopping a camera without draining: what was decoded and not yet published is abandoned, counted as
-dropped.shutdown, and the counters still add up (docs/architecture.md, "Counting frames")."""
+dropped.shutdown, and the counters still add up (docs/architecture.md, "Counting frames"); with draining,
+everything decoded before the stop is published."""
 
 from __future__ import annotations
 
@@ -40,11 +41,12 @@ def busy(s: dict) -> bool:
     return s["published"] >= 3 and s["in_flight"] == CAMERA["max_inflight"] and s["in_slot"] >= 1
 
 
-async def stop_when_busy(pipe: CameraPipeline, drain: bool) -> tuple[dict, dict, float]:
-    """Runs the camera until it is busy, stops it; the stats at the stop, the final ones, seconds the stop took."""
+async def stop_when_busy(pipe: CameraPipeline, drain: bool, waiting: int = 1) -> tuple[dict, dict, float]:
+    """Runs the camera until it is busy (and ``waiting`` frames wait for inference: the one the camera holds,
+    then those in the slot), stops it; the stats at the stop, the final ones, seconds the stop took."""
     task = asyncio.create_task(pipe.run())
     deadline = time.monotonic() + 30
-    while not busy(pipe.stats()):
+    while not (busy(pipe.stats()) and pipe.stats()["in_slot"] >= waiting):
         assert time.monotonic() < deadline and not task.done(), f"never busy: {pipe.stats()}"
         await asyncio.sleep(0.02)
     at_stop = pipe.stats()
@@ -78,17 +80,19 @@ def test_stop_without_drain_publishes_nothing_more_and_counts_what_it_abandoned(
 
 
 @pytest.mark.timeout(60)
-def test_stop_with_drain_publishes_the_frames_in_inference(redis_server) -> None:
+def test_stop_with_drain_publishes_the_frames_decoded_before_it(redis_server) -> None:
     async def main():
         with Publisher(redis_server.url) as pub:
-            return await stop_when_busy(CameraPipeline(CAMERA, slow_infer, MODEL_INFO, pub), drain=True)
+            return await stop_when_busy(CameraPipeline(CAMERA, slow_infer, MODEL_INFO, pub), drain=True, waiting=2)
 
     at_stop, final, _ = asyncio.run(main())
     assert_adds_up(final)
     assert final["in_flight"] == 0 and final["in_slot"] == 0
-    # every frame that was submitted is published (drained); only frames never submitted are abandoned
+    # the frames in inference and those waiting in the slot are all published; only frames the decoder
+    # finished after the stop are abandoned
     assert final["submitted"] == final["published"] + final["dropped"]["error"]
-    assert final["published"] >= at_stop["published"] + at_stop["in_flight"]
+    assert final["published"] >= at_stop["published"] + at_stop["in_flight"] + at_stop["in_slot"], (at_stop, final)
+    assert final["dropped"]["shutdown"] <= final["decoded"] - at_stop["decoded"], (at_stop, final)
 
 
 @pytest.mark.timeout(60)

@@ -153,6 +153,8 @@ class CameraPipeline:
                     break
                 self._holding = 0
                 self._send([(item, True), *await self._ready_frames(item, gate)], results)
+            if self._stopping and self._drain:
+                await self._send_decoded(results)
         finally:
             watchdog.cancel()
             results.put_nowait(None)
@@ -184,6 +186,17 @@ class CameraPipeline:
                 size += item.image.nbytes
             more.append((item, wanted))
         return more
+
+    async def _send_decoded(self, results: asyncio.Queue) -> None:
+        """A drained stop also analyses the frames decoded before it and waiting in the slot (closed by the
+        stop: no more come), so a clean stop drops nothing that was decoded before it."""
+        assert self._slot is not None and self._inflight is not None
+        gate = self._motion_gate()
+        while (item := self._slot.take_ready()) is not None:
+            wanted = gate is None or gate.wants(item.image, item.pts)
+            if wanted:
+                await self._inflight.acquire()
+            self._send([(item, wanted)], results)
 
     def _send(self, items: list[tuple[CapturedFrame, bool]], results: asyncio.Queue) -> None:
         """Sends the wanted frames of ``items`` in one inference call; queues every item, in frame order, with
@@ -298,7 +311,8 @@ class CameraPipeline:
         return self.tracker.open_tracks() if self.tracker else 0
 
     def stop(self, drain: bool = True) -> None:
-        """Stops reading; with ``drain`` the frames already in inference are still tracked and published."""
+        """Stops reading; with ``drain`` the frames already decoded (in inference, or waiting for it) are still
+        analysed, tracked and published."""
         self._stopping, self._drain = True, drain
         if self._slot:
             self._slot.close()
