@@ -237,3 +237,44 @@ def test_watchdog_replaces_a_stuck_decoder_and_a_file_resumes_where_it_stopped(m
     assert final["decoded"] == final["published"] == 30
     assert pub.event_types() == events_at_end, "the abandoned decoder still published events"
     assert "no progress" in final["last_error"]
+
+
+@pytest.mark.timeout(60)
+def test_a_frame_the_decoder_finishes_after_a_stop_is_neither_handed_over_nor_counted(monkeypatch):
+    """A stop asks the decoder at once to hand nothing more over: the frame it was reading when the camera
+    stopped (here: a read held until after the stop) is not counted as decoded and then dropped, so a drained
+    stop of a camera that kept up ends with nothing dropped. (It showed as '1 (shutdown 1)' in the demo.)"""
+    reading, release = threading.Event(), threading.Event()
+
+    class HeldCamera(ScriptedCamera):
+        def read(self) -> SourceFrame | None:
+            if self._index == 5:
+                reading.set()
+                release.wait(10)
+            return super().read()
+
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: HeldCamera(url))
+    pub = RecordingPublisher()
+    fast = no_detections()
+
+    async def infer(request):  # the last frame before the stop is still in inference when the read returns
+        if request.frame == 4:
+            await asyncio.sleep(0.6)
+        return await fast(request)
+
+    async def main() -> dict:
+        pipe = CameraPipeline({"id": "cam", "url": "rtsp://held"}, infer, MODEL_INFO, pub)
+        task = asyncio.ensure_future(pipe.run())
+        while not reading.is_set():
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        pipe.stop(drain=True)
+        threading.Timer(0.2, release.set).start()  # the read returns its frame after the stop
+        return await task
+
+    try:
+        final = asyncio.run(main())
+    finally:
+        release.set()
+    assert final["decoded"] == final["published"] == 5 and pub.frames == list(range(5)), final
+    assert sum(final["dropped"].values()) == 0, final["dropped"]

@@ -221,9 +221,14 @@ class Capture:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+        self.stop_reading()
         self.slot.close()
         self._thread.join(timeout)
+
+    def stop_reading(self) -> None:
+        """No frame read from now on is handed over (or counted): what a stop asks of the decoder at once,
+        before the pipeline has finished with the frames it already has."""
+        self._stop.set()
 
     def abandon(self) -> None:
         """Tells a stuck thread to exit whenever it wakes, without closing the shared slot."""

@@ -314,6 +314,8 @@ class CameraPipeline:
         """Stops reading; with ``drain`` the frames already decoded (in inference, or waiting for it) are still
         analysed, tracked and published."""
         self._stopping, self._drain = True, drain
+        if self._capture:
+            self._capture.stop_reading()
         if self._slot:
             self._slot.close()
 
