@@ -25,6 +25,7 @@ from models.export import RAW_KEYS
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
 from workers.settings import backend_problem
+from workers.thread_names import name_native_thread
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,9 @@ class ExactShapes:
         if ((self._counts[size] >= self.hot or size in self._wanted) and size not in self.ready
                 and size not in self._pending and size not in self._failed):
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-shape-compile")
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-shape-compile",
+                                                                   initializer=name_native_thread,
+                                                                   initargs=("hv-compile",))
             self._pending[size] = self._pool.submit(self._compile_size, size)
         return self.ready.get(size)
 
