@@ -30,7 +30,7 @@ import ray
 import redis
 import torch
 
-from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, usage, with_ray
+from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, thread_cpu, usage, with_ray
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
@@ -273,12 +273,12 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
     app.start()
     time.sleep(warmup)
     procs = ray_processes()
-    u0, s0 = usage(procs), {s["camera"]: s for s in app.stats()}
+    u0, s0, th0 = usage(procs), {s["camera"]: s for s in app.stats()}, thread_cpu(procs)
     holders = list(app.model_holders().values())  # every replica (two on a CPU by default), or camera process
     i0 = ray.get([a.model_stats.remote() for a in holders])
     t0 = time.time()
     time.sleep(seconds)
-    u1, s1 = usage(procs), {s["camera"]: s for s in app.stats()}
+    u1, s1, th1 = usage(procs), {s["camera"]: s for s in app.stats()}, thread_cpu(procs)
     i1 = ray.get([a.model_stats.remote() for a in holders])
     t1 = time.time()
     app.shutdown()
@@ -324,6 +324,11 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_by_role": {r: round(v / max(1, frames) * 1000, 2) for r, v in cpu.items()},
+        # the same CPU by thread: each stage measured inside the service (decode + letterbox in hv-cap, the model
+        # and its post-processing in hv-model, tracking and messages in hv-loop, Redis writes in hv-publisher)
+        "cpu_ms_per_frame_by_thread": {k: round((th1[k] - th0.get(k, 0.0)) / max(1, frames) * 1000, 3)
+                                       for k in sorted(th1, key=lambda k: th0.get(k, 0.0) - th1[k])
+                                       if th1[k] > th0.get(k, 0.0)},
         "pss_mb": {r: round(v, 1) for r, v in u1.pss_mb.items()}, "rss_mb": {r: round(v, 1) for r, v in u1.rss_mb.items()},
         "pss_mb_total": round(sum(u1.pss_mb.values()), 1), "rss_mb_total": round(sum(u1.rss_mb.values()), 1),
     }
@@ -542,6 +547,8 @@ def summarize(r: dict) -> None:
               f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
               f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
               f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
+        if h.get("cpu_ms_per_frame_by_thread"):
+            print(f"  hydravision x8, CPU ms per frame by thread: {h['cpu_ms_per_frame_by_thread']}")
         replicas = r.get("files_replicas", h)  # what the process-per-camera and merged rows vary
         for key, label, pair in (
                 ("files_replicas", "model in the camera processes / in replicas", lambda x: (h, x)),

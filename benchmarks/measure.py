@@ -125,6 +125,32 @@ def usage(procs: list[psutil.Process]) -> Usage:
     return Usage(cpu, pss, rss, count)
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(procs: list[psutil.Process]) -> dict[str, float]:
+    """CPU seconds so far by thread, named as hydravision names its threads for the OS (workers/thread_names.py:
+    hv-cap per camera, hv-loop, hv-model, hv-publisher, hv-compile; each kind summed over cameras and
+    processes); any other thread counts as '<process role>: other' (Ray's own, ONNX/OpenVINO pools, ...)."""
+    out: dict[str, float] = {}
+    for p in procs:
+        r = role(p)
+        try:
+            tasks = os.listdir(f"/proc/{p.pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                stat = Path(f"/proc/{p.pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            key = name.split()[0] if name.startswith("hv-") else f"{r}: other"
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return out
+
+
 def median_ms(fn, reps: int) -> float:
     """Median milliseconds of ``reps`` calls of ``fn`` after one untimed call (oneDNN picks its kernels then)."""
     fn()
