@@ -43,18 +43,27 @@ class TrackMemory:
     bt_id: int  # the ByteTrack id that feeds it now
 
 
-def _overlapped(boxes: np.ndarray, max_overlap: float) -> np.ndarray:
-    """(K,) bool: boxes another box overlaps by IoU > ``max_overlap``. Such a view mixes two objects' features,
-    so it may move a track's box but not its appearance. IoU as the tracker's own association computes it."""
-    if len(boxes) < 2:
-        return np.zeros(len(boxes), bool)
-    iou = sv.box_iou_batch(boxes, boxes)
+def _pairwise_iou(boxes: np.ndarray) -> np.ndarray:
+    """(K, K) IoU among ``boxes``, as the tracker's own association computes it."""
+    return sv.box_iou_batch(boxes, boxes)
+
+
+def _overlapped(iou: np.ndarray, max_overlap: float) -> np.ndarray:
+    """(K,) bool, from the boxes' pairwise IoU: boxes another box overlaps by IoU > ``max_overlap``. Such a
+    view mixes two objects' features, so it may move a track's box but not its appearance."""
+    if len(iou) < 2:
+        return np.zeros(len(iou), bool)
+    iou = iou.copy()
     np.fill_diagonal(iou, 0.0)
     return iou.max(1) > max_overlap
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    return (box[:2] + box[2:]) / 2
+
+
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / max(float(np.sqrt(e.dot(e))), 1e-9)  # np.linalg.norm's value at a fraction of its cost
 
 
 class AppearanceLinker:
@@ -85,7 +94,7 @@ class AppearanceLinker:
             self.alias.setdefault(int(bt[r]), int(bt[r]))
         out = np.array([self.alias[b] if b >= 0 else -1 for b in bt.tolist()], int)
         if emb is not None:
-            self._remember(tracked, bt, out, np.asarray(emb, np.float32), names)
+            self._remember(tracked, bt, out, np.asarray(emb, np.float32), names, tracker)
         self._forget(tracker)
         return out
 
@@ -117,9 +126,9 @@ class AppearanceLinker:
             self.relinks += 1
 
     def _remember(self, tracked: sv.Detections, bt: np.ndarray, out: np.ndarray, emb: np.ndarray,
-                  names: np.ndarray) -> None:
+                  names: np.ndarray, tracker: ByteTrackTracker) -> None:
         s = self.settings
-        crowded = _overlapped(tracked.xyxy, s.max_overlap)
+        crowded = _overlapped(self._result_iou(tracked, tracker), s.max_overlap)
         for r in np.flatnonzero(out >= 0):
             oid, box = int(out[r]), tracked.xyxy[r].astype(np.float64)
             m = self.memory.get(oid)
@@ -132,8 +141,14 @@ class AppearanceLinker:
             m.velocity = v if gap > 1 or not m.velocity.any() else 0.5 * m.velocity + 0.5 * v
             m.box, m.last_step = box, self.step
             if not crowded[r]:
-                e = s.smoothing * m.embedding + (1 - s.smoothing) * emb[r]
-                m.embedding = e / max(float(np.linalg.norm(e)), 1e-9)
+                m.embedding = _unit(s.smoothing * m.embedding + (1 - s.smoothing) * emb[r])
+
+    @staticmethod
+    def _result_iou(tracked: sv.Detections, tracker: ByteTrackTracker) -> np.ndarray:
+        """The IoU among ByteTrack's returned boxes: AppearanceByteTrack computed it already (among all of
+        the update's boxes); a plain ByteTrack (appearance weight 0) did not."""
+        iou = getattr(tracker, "result_iou", None)
+        return iou if iou is not None and len(iou) == len(tracked) else _pairwise_iou(tracked.xyxy)
 
     def _forget(self, tracker: ByteTrackTracker) -> None:
         alive = {t.tracker_id for t in tracker.tracks if t.tracker_id >= 0}
@@ -162,10 +177,12 @@ class AppearanceByteTrack(ByteTrackTracker):
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.weight, self.smoothing, self.max_overlap = weight, smoothing, max_overlap
+        self.result_iou: np.ndarray | None = None  # IoU among the last update's returned boxes, for the linker
 
     def update(self, detections: sv.Detections, frame: np.ndarray | None = None,
                timestamp: float | None = None) -> sv.Detections:
         self._warn_if_frame_unused(frame)
+        self.result_iou = None
         timing = self._predict_timing(timestamp)
         if timing.skip_update:
             return self._detections_for_skipped_update(detections)
@@ -176,7 +193,8 @@ class AppearanceByteTrack(ByteTrackTracker):
         emb = detections.data.get("embedding") if len(detections) else None
         emb = None if emb is None else np.asarray(emb, np.float32)
         # views no other box overlaps: they may update an appearance
-        clean = ~_overlapped(detections.xyxy, self.max_overlap) if emb is not None else np.ones(len(detections), bool)
+        iou_all = _pairwise_iou(detections.xyxy) if emb is not None else None
+        clean = ~_overlapped(iou_all, self.max_overlap) if iou_all is not None else np.ones(len(detections), bool)
         out_idx: list[int] = []
         out_ids: list[int] = []
         self._predict_tracklets(self.tracks, timing)
@@ -222,8 +240,11 @@ class AppearanceByteTrack(ByteTrackTracker):
             result = sv.Detections.empty()
             result.tracker_id = np.array([], dtype=int)
             return result
-        result = detections[np.array(out_idx)]
+        rows = np.array(out_idx)
+        result = detections[rows]
         result.tracker_id = np.array(out_ids, dtype=int)
+        if iou_all is not None:
+            self.result_iou = iou_all[np.ix_(rows, rows)]
         return result
 
     def _extend(self, track, i: int, boxes: np.ndarray, emb: np.ndarray | None, clean: np.ndarray,
@@ -233,7 +254,6 @@ class AppearanceByteTrack(ByteTrackTracker):
             track.tracker_id = self._allocate_tracker_id()
         if emb is not None and clean[i]:
             old = getattr(track, "embedding", None)
-            e = emb[i] if old is None else self.smoothing * old + (1 - self.smoothing) * emb[i]
-            track.embedding = e / max(float(np.linalg.norm(e)), 1e-9)
+            track.embedding = _unit(emb[i] if old is None else self.smoothing * old + (1 - self.smoothing) * emb[i])
         out_idx.append(i)
         out_ids.append(track.tracker_id)
