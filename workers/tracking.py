@@ -124,6 +124,7 @@ class CameraTracker:
         tracked.tracker_id = ids
         events: list[dict] = []
         names = tracked.data.get("class_name", np.array([""] * len(tracked)))
+        voted = [f"attr:{name}" for name in attribute_names(tracked)]
         for row, (tid, name) in enumerate(zip(ids.tolist(), names)):
             if tid < 0:
                 continue
@@ -135,17 +136,19 @@ class CameraTracker:
                                "frame": frame, "pts": round(pts, 3)})
             else:
                 st.last_frame, st.last_pts, st.frames = frame, pts, st.frames + 1
-            self._vote(st, tracked, row)
+            if voted:
+                self._vote(st, tracked, row, voted)
         alive = {t + ht.id_base for t in ht.alive()}
         for tid in [t for t in ht.active if t not in alive]:
             events.append(self._ended(ht.active.pop(tid)))
         return tracked, events
 
     @staticmethod
-    def _vote(st: TrackState, tracked: sv.Detections, row: int) -> None:
+    def _vote(st: TrackState, tracked: sv.Detections, row: int, keys: list[str]) -> None:
         """A tracked object's attribute label is its track's vote so far (confidence-weighted), not the latest
-        frame's guess: one blurred frame does not relabel a van. ``conf`` becomes the winner's share of it."""
-        for key in (f"attr:{name}" for name in attribute_names(tracked)):
+        frame's guess: one blurred frame does not relabel a van. ``conf`` becomes the winner's share of it.
+        ``keys``: the detections' attribute columns (``attr:<name>``)."""
+        for key in keys:
             label = str(tracked.data[key][row])
             if not label:
                 continue
