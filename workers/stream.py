@@ -139,7 +139,8 @@ class CameraPipeline:
         self._capture.start()
         self.state = "running"
         try:
-            while not self._stopping:
+            # A drained stop goes on until the slot, closed by the stop, is empty: what was decoded is analysed.
+            while not self._abandoning:
                 item = await self._slot.get()
                 if item is None:
                     break
@@ -150,14 +151,12 @@ class CameraPipeline:
                     continue
                 self._holding = 1
                 await self._inflight.acquire()
-                if self._stopping and not self._drain:
+                if self._abandoning:
                     self._inflight.release()
                     self._holding, self.shutdown_held = 0, self.shutdown_held + 1
                     break
                 self._holding = 0
                 self._send([(item, True), *await self._ready_frames(item, gate)], results)
-            if self._stopping and self._drain:
-                await self._send_decoded(results)
         finally:
             watchdog.cancel()
             results.put_nowait(None)
@@ -179,7 +178,7 @@ class CameraPipeline:
         assert self._slot is not None and self._inflight is not None
         more: list[tuple[CapturedFrame, bool]] = []
         size = first.image.nbytes
-        while not self._inflight.locked() and not self._stopping and size + first.image.nbytes <= CALL_BYTES:
+        while not self._inflight.locked() and not self._abandoning and size + first.image.nbytes <= CALL_BYTES:
             item = self._slot.take_ready()
             if item is None:
                 break
@@ -189,17 +188,6 @@ class CameraPipeline:
                 size += item.image.nbytes
             more.append((item, wanted))
         return more
-
-    async def _send_decoded(self, results: asyncio.Queue) -> None:
-        """A drained stop also analyses the frames decoded before it and waiting in the slot (closed by the
-        stop: no more come), so a clean stop drops nothing that was decoded before it."""
-        assert self._slot is not None and self._inflight is not None
-        gate = self._motion_gate()
-        while (item := self._slot.take_ready()) is not None:
-            wanted = gate is None or gate.wants(item.image, item.pts)
-            if wanted:
-                await self._inflight.acquire()
-            self._send([(item, wanted)], results)
 
     def _send(self, items: list[tuple[CapturedFrame, bool]], results: asyncio.Queue) -> None:
         """Sends the wanted frames of ``items`` in one inference call; queues every item, in frame order, with
@@ -313,6 +301,11 @@ class CameraPipeline:
     def open_tracks(self) -> int:
         return self.tracker.open_tracks() if self.tracker else 0
 
+    @property
+    def _abandoning(self) -> bool:
+        """Stopped without drain: frames not yet published are dropped (counted as shutdown)."""
+        return self._stopping and not self._drain
+
     def stop(self, drain: bool = True) -> None:
         """Stops reading; with ``drain`` the frames already decoded (in inference, or waiting for it) are still
         analysed, tracked and published."""
@@ -358,7 +351,7 @@ class CameraPipeline:
             finally:
                 assert self._inflight is not None
                 self._inflight.release()
-            if self._stopping and not self._drain:
+            if self._abandoning:
                 self.shutdown_inflight += 1
                 continue
             try:
