@@ -6,7 +6,8 @@ default; --backend onnxruntime for ONNX Runtime, the CPU default since 2026-12-0
 
 First the model alone (batch 1, demo checkpoint, in a fresh process per setting): p50 and max of 30 calls.
 Then for each setting (1 thread; every core; every core with ``OMP_WAIT_POLICY=PASSIVE``, torch's threads
-waiting passively; every core with ONNX Runtime's pool spinning, its own default; ...), quiet and beside one
+waiting passively; every core with ONNX Runtime's pool spinning, its own default; the service's defaults with
+its threads as SCHED_BATCH or under the normal policy, ``service`` / ``service+normal``; ...), quiet and beside one
 competing process (a busy loop, as any other program on a shared machine), two loads through the whole
 service:
 - demo: the demo's three synthetic cameras at 10 fps, with a fourth camera added and removed at run time
@@ -38,7 +39,8 @@ from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
 from workers.publish import keys
 
-# One replica unless a setting says otherwise ("2x": the service's default on a CPU, two replicas splitting the cores)
+# One model unless a setting says otherwise ("2x": two replicas splitting the cores, the CPU default before the model
+# moved into the camera processes)
 SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
             "all+passive": {"threads": os.cpu_count(), "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
             # ONNX Runtime's own default, its pool spinning while it waits (the service turns that off)
@@ -46,18 +48,26 @@ SETTINGS = {"1": {"threads": 1}, "all": {"threads": os.cpu_count()},
             # Ray's own default: worker processes at nice 15 (the service sets 0, pipeline/app.py RAY_SYSTEM_CONFIG)
             "1+nice15": {"threads": 1, "worker_niceness": 15}, "all+nice15": {"threads": os.cpu_count(),
                                                                                "worker_niceness": 15},
-            "2x": {"threads": max(1, (os.cpu_count() or 1) // 2), "replicas": 2}}
+            "2x": {"threads": max(1, (os.cpu_count() or 1) // 2), "replicas": 2, "in_camera_process": False},
+            # the service's defaults (the model in the camera processes, threads = cores / camera processes), its
+            # threads as SCHED_BATCH (workers/thread_names.py); "+normal": the same under the normal policy
+            # (and Ray's own CPU count, from which the cameras per process follow)
+            "service": {"threads": None, "replicas": None, "in_camera_process": None, "ray_cpus": None},
+            "service+normal": {"threads": None, "replicas": None, "in_camera_process": None, "ray_cpus": None,
+                               "env": {"HYDRAVISION_SCHED_BATCH": "0"}}}
 
 
 def synthetic(cid: str, seed: int) -> dict:
     return {"id": cid, "url": f"synthetic://street?seed={seed}&fps=10"}
 
 
-def run_demo(redis_url: str, threads: int, seconds: float, replicas: int = 1, backend: str = "auto") -> dict:
+def run_demo(redis_url: str, threads: int | None, seconds: float, replicas: int | None = 1, backend: str = "auto",
+             in_camera_process: bool | None = None) -> dict:
     """Three 10 fps cameras; a fourth added at 1/3 of the window and removed at 2/3."""
     cams = [synthetic(f"street-{i}", 10 + i) for i in range(1, 4)]
     config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(DEMO), "backend": backend},
-                           "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads, "replicas": replicas},
+                           "inference": {"max_batch": 8, "max_wait_ms": 10, "threads": threads, "replicas": replicas,
+                                         "in_camera_process": in_camera_process},
                            "cameras": cams})
     app = App(config, say=lambda m: None)
     app.start()
@@ -90,7 +100,7 @@ MODEL_ALONE = """
 import sys, time, numpy as np
 from measure import DEMO
 from workers.model_runner import ModelRunner
-runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]), backend=sys.argv[2])
+runner = ModelRunner(DEMO, device="cpu", threads=int(sys.argv[1]) or None, backend=sys.argv[2])
 image = np.full((3, *runner.input_size), 114, np.uint8)
 runner.warm([image], [None])
 times = []
@@ -100,8 +110,8 @@ print(round(float(np.median(times)), 1), round(max(times), 1))
 """
 
 
-def model_alone(threads: int, env: dict[str, str], backend: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads), backend], env={**os.environ, **env},
+def model_alone(threads: int | None, env: dict[str, str], backend: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MODEL_ALONE, str(threads or 0), backend], env={**os.environ, **env},
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.split()
     return {"batch1_ms_p50": float(out[-2]), "batch1_ms_max": float(out[-1])}
 
@@ -133,16 +143,18 @@ def main() -> None:
                         continue
                     print(f"{contention}, threads {name}: demo + live add/remove ...", flush=True)
                     replicas = s.get("replicas", 1)
-                    ray_options = {"num_cpus": max(os.cpu_count(), 8)}
+                    ray_options = {"num_cpus": s.get("ray_cpus", max(os.cpu_count(), 8))}
                     if s.get("worker_niceness") is not None:
                         ray_options["worker_niceness"] = s["worker_niceness"]
                     demo = with_ray(s.get("env", {}), lambda: run_demo(redis_server.url, s["threads"],
-                                                                       args.seconds, replicas, args.backend),
+                                                                       args.seconds, replicas, args.backend,
+                                                                       s.get("in_camera_process")),
                                     **ray_options)
                     print(f"{contention}, threads {name}: 8 file cameras ...", flush=True)
                     files = with_ray(s.get("env", {}), lambda: run_hydravision(
                         DEMO, file_cameras(clips, 8), redis_server.url, 6.0, args.seconds / 2, threads=s["threads"],
-                        replicas=replicas, model={"backend": args.backend}), **ray_options)
+                        replicas=replicas, in_camera_process=s.get("in_camera_process"),
+                        model={"backend": args.backend}), **ray_options)
                     results["runs"][f"{contention} | {name}"].update(
                         {"demo": demo, "files_fps": files["fps"], "files_latency_ms_p50": files["latency_ms_p50"]})
                     print(f"  {json.dumps(results['runs'][f'{contention} | {name}'])}", flush=True)

@@ -20,7 +20,7 @@ from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 from workers.snapshots import picture_due
 from workers.sources import Source, SourceError, open_source
-from workers.thread_names import name_native_thread
+from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class Capture:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        name_native_thread(f"hv-cap {self.camera.id}")
+        worker_thread(f"hv-cap {self.camera.id}")
         attempt = 0
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         pts_offset = 0.0  # keeps pts increasing across reconnects

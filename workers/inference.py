@@ -27,7 +27,7 @@ import ray
 from workers.batch_size import BatchSizer
 from workers.frames import FrameRequest, HeadArrays
 from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
-from workers.thread_names import name_native_thread
+from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Batcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher",
-                                            initializer=name_native_thread, initargs=("hv-model",))
+                                            initializer=worker_thread, initargs=("hv-model",))
         self.waits = Histogram(BATCH_WAIT_BUCKETS)  # arrival to the start of its batch, per request
 
     async def submit(self, item: T, camera: str = "", timeout_s: float | None = None,

@@ -25,7 +25,7 @@ from models.export import RAW_KEYS
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
 from workers.settings import backend_problem
-from workers.thread_names import name_native_thread
+from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class ExactShapes:
                 and size not in self._pending and size not in self._failed):
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-shape-compile",
-                                                                   initializer=name_native_thread,
+                                                                   initializer=worker_thread,
                                                                    initargs=("hv-compile",))
             self._pending[size] = self._pool.submit(self._compile_size, size)
         return self.ready.get(size)

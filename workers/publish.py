@@ -40,7 +40,7 @@ from redis.retry import Retry
 
 from workers.redact import redact_text
 from workers.redis_writer import BatchWriter, HashValue, WriteResult
-from workers.thread_names import name_native_thread
+from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ class Publisher:
 
     # --- the writer thread
     def _run(self) -> None:
-        name_native_thread("hv-publisher")
+        worker_thread("hv-publisher")
         failures, last_ok = 0, time.monotonic()
         while not self._stop.is_set():
             with self._cond:

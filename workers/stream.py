@@ -33,7 +33,7 @@ from workers.publish import Publisher, detection_message, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig
 from workers.snapshots import Snapshotter
-from workers.thread_names import name_native_thread
+from workers.thread_names import worker_thread
 from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class CameraPipeline:
     async def run(self) -> dict:
         self._loop = loop = asyncio.get_running_loop()
         if threading.current_thread() is not threading.main_thread():  # a main thread's name is its process's
-            name_native_thread("hv-loop")  # the camera process's event loop: tracking, analytics, messages
+            worker_thread("hv-loop")  # the camera process's event loop: tracking, analytics, messages
         self.started_at = time.time()
         self.state = "starting"
         self._slot = FrameSlot(loop, lossless=self.camera.lossless, depth=self.camera.max_inflight)
