@@ -65,10 +65,12 @@ python_deps() {
     fi
     [ -d "$VENV" ] || "$PY" -m venv "$VENV"
     echo "dev.sh: installing Python packages into $VENV (first time takes a few minutes)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # -qq: errors only. Warnings here are the machine's pip settings (an index folder without a package, pip
+    # as root) and setuptools' notes on editable installs: dozens of lines, none about this project.
+    "$VENV/bin/python" -m pip install -qq --upgrade pip
     # torch first, pinned: any looser spec pulls a multi-GB CUDA build on machines without the local CPU wheel.
-    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -qq "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -qq -e '.[test]'
     # The demo model's ONNX export into the cache (~2 s, once), so the first run does not wait for it.
     "$VENV/bin/hydravision" export || echo "dev.sh: no ONNX export; the service will run the model in torch" >&2
     echo "$want" > "$stamp"
