@@ -139,6 +139,27 @@ def test_the_sizes_run_most_get_a_model_of_their_own_and_the_coldest_makes_way()
     assert compiled == [1, 2, 3, 4, 5]  # each compiled once
 
 
+def test_a_size_no_call_ran_for_a_while_gives_its_model_back():
+    """Sizes a start passes through (3, 5, ... before the load settles) or a refused probe tried do not keep
+    their buffers (~50 MB each on the demo model) while the calls run at another size."""
+    now = [0.0]
+    shapes = ExactShapes(lambda size: f"model-{size}", window=8, hot=2, idle_s=60, clock=lambda: now[0])
+    for size in (3, 3, 5, 5, 8, 8):
+        shapes.get(size)
+        shapes.wait()
+        now[0] += 1
+    assert sorted(shapes.ready) == [3, 5, 8]
+    now[0] = 62.5  # 3 last ran at 1 s, 5 at 3 s
+    shapes.get(8)
+    assert sorted(shapes.ready) == [5, 8]
+    now[0] = 64.0
+    assert shapes.get(8) == "model-8" and sorted(shapes.ready) == [8]
+    for _ in range(2):  # back again: compiled again
+        shapes.get(3)
+        shapes.wait()
+    assert shapes.get(3) == "model-3"
+
+
 def test_a_size_asked_for_is_compiled_at_its_next_call_however_rare():
     """The BatchSizer's probe of a larger batch: timed as it would run if adopted, i.e. compiled (``want``)."""
     compiled = []

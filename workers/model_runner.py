@@ -166,14 +166,20 @@ class ExactShapes:
     compiled per batch size"), but each shape holds its own buffers (25-50 MB a size on the demo model), so
     not every size gets one: a size does once it has been ``hot`` of the last ``window`` calls. At most
     ``window // hot`` sizes can be that at once, which bounds how many are kept (the coldest is dropped when
-    another becomes hot: the load changed). Compiling takes ~0.25 s, on a thread of its own: the calls go on
-    at the dynamic shape meanwhile, and a size whose compile fails stays there (logged once).
+    another becomes hot: the load changed), and a size no call has run for ``idle_s`` is dropped too (those a
+    start passes through before the load settles held ~50 MB each for nothing; a minute, not ``window`` calls,
+    so that a size coming and going costs at most a compile a minute). Compiling takes ~0.25 s, on a thread of
+    its own: the calls go on at the dynamic shape meanwhile, and a size whose compile fails stays there (logged
+    once).
 
     ``get`` is called from the one thread that runs the calls; only it changes what is ready."""
 
-    def __init__(self, compile_size: Callable[[int], object], window: int = 64, hot: int = 16):
+    def __init__(self, compile_size: Callable[[int], object], window: int = 64, hot: int = 16,
+                 idle_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self._compile_size = compile_size
         self.hot, self.cap = hot, window // hot
+        self.idle_s, self._clock = idle_s, clock
+        self._last_run: dict[int, float] = {}  # size -> when a call last had it
         self._recent: collections.deque[int] = collections.deque(maxlen=window)
         self._counts: collections.Counter[int] = collections.Counter()
         self.ready: dict[int, object] = {}
@@ -188,6 +194,9 @@ class ExactShapes:
             self._counts[self._recent[0]] -= 1
         self._recent.append(size)
         self._counts[size] += 1
+        now = self._last_run[size] = self._clock()
+        for idle in [s for s in self.ready if now - self._last_run[s] > self.idle_s]:
+            del self.ready[idle]  # a start's or a refused probe's size: its buffers back
         self._collect()
         if ((self._counts[size] >= self.hot or size in self._wanted) and size not in self.ready
                 and size not in self._pending and size not in self._failed):
