@@ -167,7 +167,7 @@ class ExactShapes:
     not every size gets one: a size does once it has been ``hot`` of the last ``window`` calls. At most
     ``window // hot`` sizes can be that at once, which bounds how many are kept (the coldest is dropped when
     another becomes hot: the load changed), and a size no call has run for ``idle_s`` is dropped too (those a
-    start passes through before the load settles held ~50 MB each for nothing; a minute, not ``window`` calls,
+    start passes through before the load settles held 25-50 MB each for nothing; a minute, not ``window`` calls,
     so that a size coming and going costs at most a compile a minute). Compiling takes ~0.25 s, on a thread of
     its own: the calls go on at the dynamic shape meanwhile, and a size whose compile fails stays there (logged
     once).
