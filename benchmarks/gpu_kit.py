@@ -71,7 +71,7 @@ def build(python: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
         print(f"gpu_kit: {len(specs)} packages as wheels for CPython {python}: {' '.join(specs)}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
+        subprocess.run([sys.executable, "-m", "pip", "install", "-qq", "--no-deps", "--no-compile",
                         "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
                         *(a for p in PLATFORMS for a in ("--platform", p)), "--target", str(site), *specs], check=True)
         for rel in PRUNE:
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / ".whl" / "site.tar.xz")
     args = p.parse_args(argv)
     out = build(args.python, args.out)
-    kit, tree = out.stat().st_size, tree_bytes()
-    print(f"gpu_kit: {out} {kit / 2**20:.1f} MiB; with the working tree ({tree / 2**20:.1f} MiB) "
-          f"{(kit + tree) / 2**20:.1f} MiB of the {CARRY_LIMIT // 2**20} MiB a call may carry", flush=True)
-    if kit + tree > CARRY_LIMIT:
+    packed, tree = out.stat().st_size, tree_bytes()
+    print(f"gpu_kit: {out} {packed / 2**20:.1f} MiB; with the working tree ({tree / 2**20:.1f} MiB) "
+          f"{(packed + tree) / 2**20:.1f} MiB of the {CARRY_LIMIT // 2**20} MiB a call may carry", flush=True)
+    if packed + tree > CARRY_LIMIT:
         print("gpu_kit: too large to carry in one call: leave more out (PRUNE)", file=sys.stderr)
         return 1
     return 0
