@@ -149,6 +149,24 @@ def test_reopen_restarts_and_read_after_close_fails(clips: dict[str, Path]) -> N
     assert info.value.kind == "ended"
 
 
+def test_a_file_whose_tags_are_not_utf8_opens_and_decodes(tmp_path: Path) -> None:
+    """A title in Latin-1 (a damaged file, a camera's SDP title): PyAV < 19 raised UnicodeDecodeError out of
+    av.open unless told otherwise, and 19 refuses being told (workers/av_source.py)."""
+    path = tmp_path / "latin.mp4"
+    with av.open(str(path), "w") as out:
+        out.metadata["title"] = "caf\u00e9 corner"
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(5):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    data = path.read_bytes()
+    assert data.count(b"caf\xc3\xa9") == 1
+    path.write_bytes(data.replace(b"caf\xc3\xa9", b"caf\xe9 "))  # same length, not UTF-8 any more
+    frames, error = read_all(open_source(str(path), realtime=False))
+    assert error is None and len(frames) == 5
+
+
 def test_still_image_is_a_one_frame_video(tmp_path: Path) -> None:
     """Decision: a JPEG/PNG is a valid one-frame video (loop=True repeats it, handy as a test camera)."""
     path = tmp_path / "still.jpg"

@@ -23,6 +23,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
+# Tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or Latin-1). PyAV < 19 decodes them
+# strictly unless told otherwise, raising UnicodeDecodeError out of av.open; 19 decodes them with
+# surrogateescape and no longer takes the argument (a TypeError). Nothing here reads the tags.
+_TAGS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
 _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EIO,
                    errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
@@ -148,10 +152,7 @@ class AVSource(Source):
         target, fmt, options = self._options()
         # The timeout that fires first: PyAV's open timeout, or FFmpeg's socket timeout (read_timeout_s).
         limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
-        # metadata_errors="replace": tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or
-        # Latin-1), and PyAV's default "strict" would raise UnicodeDecodeError out of av.open.
-        common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s),
-                      metadata_errors="replace")
+        common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s), **_TAGS)
         container = None
         if self.hwaccel:
             from av.codec.hwaccel import HWAccel
