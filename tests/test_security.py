@@ -170,8 +170,9 @@ def _make_certs(d: Path) -> dict[str, Path]:
     def ssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
+    # keyUsage: Python >= 3.13 verifies X.509-strictly, which refuses a CA certificate without it
     ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hydravision-test-ca",
-        "-keyout", str(ca_key), "-out", str(ca))
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", str(ca_key), "-out", str(ca))
     ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={HOST}", "-keyout", str(key), "-out", str(csr))
     ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
         "-extfile", str(ext), "-out", str(crt))
