@@ -40,13 +40,14 @@ KNOWN = {
 }
 
 
-# Misses only where the model runs in bf16 (OpenVINO, the CPU default where the CPU has native bf16), each one
-# count or one visit past a bound fp32 meets at its edge. Over the nine seeds bf16 and fp32 score alike (line
-# counts off by 46 against 44 in all, zone occupancy within one object 96.8% against 96.7%, dwell within 0.5 s
-# 94.5% against 94.8%; benchmarks/README.md, "OpenVINO in bf16 on a CPU").
+# Misses only where the model runs in bf16 (OpenVINO, the CPU default where the CPU has native bf16), each a
+# count or two past a bound fp32 meets at its edge. Over the nine seeds bf16 and fp32 score alike (2026-12-05:
+# line counts off by 43 against 44 in all, zone occupancy within one object 96.97% against 96.72%, dwell within
+# 0.5 s 94.75% against 94.77%; benchmarks/README.md, "OpenVINO in bf16 on a CPU"). Which seeds cross moves with
+# bf16's rounding: the export's GroupNorm form (471687c) moved 301 past its bound and 201's dwell back within.
 KNOWN_BF16 = {
     ("lines", 305): "east line 'in' 25 counted against 21 tracked (tolerance 3; fp32 3 off, at the tolerance)",
-    ("dwell", 201): "86.7% of whole visits within 0.5 s (fp32 90.3%, bound 90%)",
+    ("lines", 301): "east line 'in' 21 counted against 16 tracked (tolerance 3; fp32 19, at the tolerance)",
 }
 
 
