@@ -42,32 +42,44 @@ def roi_features(feats: list[torch.Tensor], strides: tuple[int, ...], boxes: lis
     smaller boxes, the coarsest for larger), at the centres of a pool x pool grid of bins.
     """
     c = feats[0].shape[1]
-    total = sum(len(b) for b in boxes)
-    out = feats[0].new_zeros((total, c, pool, pool))
-    if total == 0:
-        return out
-    bins = (torch.arange(pool, device=feats[0].device, dtype=torch.float32) + 0.5) / pool  # bin centres, 0..1
-    start = 0
-    for i, b in enumerate(boxes):
-        if len(b) == 0:
+    if sum(len(b) for b in boxes) == 0:
+        return feats[0].new_zeros((0, c, pool, pool))
+    b = torch.cat(boxes).float()
+    side = ((b[:, 2] - b[:, 0]).clamp(min=1) * (b[:, 3] - b[:, 1]).clamp(min=1)).sqrt()
+    level = torch.floor(torch.log2(side / (strides[0] * pool))).clamp(0, len(feats) - 1).long()
+    # Every box's grid at once (its level's extent per box), then one grid_sample per (image, level) on a
+    # contiguous run of boxes: grid_sample reads one image per call, and only this loop is per image, with a
+    # single read of the run lengths back to the host (a GPU sync) for the whole call.
+    extent = torch.tensor([[s * f.shape[-1], s * f.shape[-2]] for f, s in zip(feats, strides)],
+                          dtype=torch.float32, device=b.device)[level]  # (K, 2): the level's width, height in pixels
+    image = torch.tensor([i for i, x in enumerate(boxes) for _ in range(len(x))], device=b.device)
+    run = image * len(feats) + level  # boxes of one (image, level) pair
+    order = torch.argsort(run, stable=True)
+    grid = bin_grid(b, pool, extent)[order]
+    parts, start = [], 0
+    for key, n in enumerate(torch.bincount(run, minlength=len(boxes) * len(feats)).tolist()):
+        if n == 0:
             continue
-        b = b.float()
-        side = ((b[:, 2] - b[:, 0]).clamp(min=1) * (b[:, 3] - b[:, 1]).clamp(min=1)).sqrt()
-        level = torch.floor(torch.log2(side / (strides[0] * pool))).clamp(0, len(feats) - 1).long()
-        for lv in level.unique().tolist():
-            idx = (level == lv).nonzero().squeeze(1)
-            f, s = feats[lv][i:i + 1], strides[lv]
-            h, w = f.shape[-2:]
-            x = b[idx, 0:1] + (b[idx, 2:3] - b[idx, 0:1]) * bins  # (k, pool) in pixels
-            y = b[idx, 1:2] + (b[idx, 3:4] - b[idx, 1:2]) * bins
-            # grid_sample(align_corners=False): -1 and 1 are the outer edges of the map; pixel x is x / s cells in
-            gx, gy = 2 * x / (s * w) - 1, 2 * y / (s * h) - 1
-            grid = torch.stack([gx[:, None, :].expand(-1, pool, -1), gy[:, :, None].expand(-1, -1, pool)], -1)
-            sampled = F.grid_sample(f, grid.reshape(1, -1, pool, 2).to(f.dtype), align_corners=False)  # (1, C, k*pool, pool)
-            # .to(): under autocast grid_sample runs in fp32 (on CUDA and CPU) while the pyramid is fp16/bf16
-            out[start + idx] = sampled.reshape(c, len(idx), pool, pool).transpose(0, 1).to(out.dtype)
-        start += len(b)
+        i, lv = divmod(key, len(feats))
+        f = feats[lv][i:i + 1]
+        # (1, C, n*pool, pool); under autocast grid_sample runs in fp32 (CUDA and CPU) on an fp16/bf16 pyramid
+        g = grid[start:start + n].reshape(1, n * pool, pool, 2).to(f.dtype)
+        parts.append(F.grid_sample(f, g, align_corners=False).reshape(c, n, pool, pool).transpose(0, 1))
+        start += n
+    out = torch.empty((len(b), c, pool, pool), dtype=feats[0].dtype, device=b.device)
+    out[order] = torch.cat(parts).to(out.dtype)
     return out
+
+
+def bin_grid(boxes: torch.Tensor, pool: int, extent: torch.Tensor) -> torch.Tensor:
+    """(K, pool, pool, 2) grid_sample coordinates of the centres of each box's pool x pool bins; ``extent``
+    (K, 2): the width and height in pixels of the map each box is read from (align_corners=False: -1 and 1 are
+    its outer edges)."""
+    bins = (torch.arange(pool, device=boxes.device, dtype=torch.float32) + 0.5) / pool  # bin centres, 0..1
+    x = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * bins  # (K, pool) in pixels
+    y = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * bins
+    gx, gy = 2 * x / extent[:, 0:1] - 1, 2 * y / extent[:, 1:2] - 1
+    return torch.stack([gx[:, None, :].expand(-1, pool, -1), gy[:, :, None].expand(-1, -1, pool)], -1)
 
 
 class AttributeHead(nn.Module):
