@@ -380,42 +380,35 @@ class HydraNet(nn.Module):
                images: torch.Tensor | None) -> None:
         """The re-ID head on every box of its heads, all heads and images in one call."""
         heads = self.reid.config.heads
-        wanted = [i for i, r in enumerate(results) if any(h in r for h in heads)]
-        if not wanted:
+        dets = [[r[h] for h in heads if h in r] for r in results]
+        if not any(dets):
             return
-        rows = None if len(wanted) == len(results) else torch.tensor(wanted, device=feats[0].device)
-        sub = feats if rows is None else [f[rows] for f in feats]
-        if images is not None and rows is not None:
-            images = images[rows]
-        boxes = [torch.cat([results[i][h].boxes for h in heads if h in results[i]]) for i in wanted]
+        # an image without those heads gives no boxes: the whole batch's maps are read in place, not copied
+        none = torch.zeros((0, 4), device=feats[0].device)
+        boxes = [torch.cat([d.boxes for d in ds]) if ds else none for ds in dets]
         raw_pixels = images is not None and images.dtype == torch.uint8  # normalised under the boxes only
-        emb = self.reid(sub, boxes, images, self.normalize if raw_pixels else None)
-        start = 0
-        for i in wanted:
-            for h in heads:
-                if h in results[i]:
-                    det = results[i][h]
-                    det.embeddings = emb[start:start + len(det)]
-                    start += len(det)
+        emb = self.reid(feats, boxes, images, self.normalize if raw_pixels else None)
+        for det, e in zip([d for ds in dets for d in ds], emb.split([len(d) for ds in dets for d in ds])):
+            det.embeddings = e
 
     def _label(self, name: str, attr: AttributeHead, feats: list[torch.Tensor],
                results: list[dict[str, HeadDetections]]) -> None:
         """Runs one attribute head on its detection head's boxes of its classes, in every image that has them."""
         cfg = attr.config
-        wanted = torch.tensor([self.head_classes(cfg.on).index(c) for c in cfg.of], device=feats[0].device)
-        images = [i for i, r in enumerate(results) if cfg.on in r]
-        if not images:
+        dets = [r.get(cfg.on) for r in results]  # None: the detection head did not run on that image
+        ran = [d for d in dets if d is not None]
+        if not ran:
             return
-        picks = [torch.isin(results[i][cfg.on].class_ids, wanted) for i in images]
-        sub = feats if len(images) == len(results) else [f[torch.tensor(images, device=f.device)] for f in feats]
-        logits = attr(sub, [results[i][cfg.on].boxes[p] for i, p in zip(images, picks)])
-        probs, ids = logits.float().softmax(1).max(1)
-        start = 0
-        for i, pick in zip(images, picks):
-            det = results[i][cfg.on]
-            k = int(pick.sum())
-            label = torch.full((len(det),), -1, dtype=torch.long, device=ids.device)
-            prob = torch.zeros(len(det), device=ids.device)
-            label[pick], prob[pick] = ids[start:start + k], probs[start:start + k]
-            det.attributes[name] = (label, prob, list(cfg.labels))
-            start += k
+        wanted = torch.tensor([self.head_classes(cfg.on).index(c) for c in cfg.of], device=feats[0].device)
+        sizes = [len(d) for d in ran]
+        pick = torch.isin(torch.cat([d.class_ids for d in ran]), wanted)
+        # the batch's boxes selected at once and split per image: one GPU sync, not two an image; images without
+        # the detection head give no boxes, so the whole batch's maps are read in place, not copied
+        counts = torch.stack([p.sum() for p in pick.split(sizes)]).tolist()
+        picked = iter(torch.cat([d.boxes for d in ran])[pick].split(counts))
+        none = torch.zeros((0, 4), device=feats[0].device)
+        probs, ids = attr(feats, [none if d is None else next(picked) for d in dets]).float().softmax(1).max(1)
+        label = torch.full((len(pick),), -1, dtype=torch.long, device=ids.device).masked_scatter_(pick, ids)
+        prob = torch.zeros(len(pick), device=ids.device).masked_scatter_(pick, probs)
+        for det, lab, pr in zip(ran, label.split(sizes), prob.split(sizes)):
+            det.attributes[name] = (lab, pr, list(cfg.labels))

@@ -77,6 +77,22 @@ def test_labels_go_only_to_the_classes_the_head_labels():
     assert "kind" not in results[1]["people"].attributes  # rides on vehicles only
 
 
+def test_labels_of_a_batch_where_some_images_lack_the_head_equal_each_image_labelled_alone():
+    # the head reads the whole batch's maps in place and skips images without its detection head
+    model = tiny()
+    images = torch.randint(0, 255, (4, 3, 64, 96), dtype=torch.uint8)
+    heads = [["people"], ["vehicles"], ["people"], ["vehicles", "people"]]
+    batch = model.detect(images, heads, score_threshold=0.0)
+    for i, h in enumerate(heads):
+        alone = model.detect(images[i:i + 1], [h], score_threshold=0.0)[0]
+        assert batch[i].keys() == alone.keys()
+        for head, det in alone.items():
+            assert det.attributes.keys() == batch[i][head].attributes.keys() == ({"kind"} if head == "vehicles" else set())
+            for (ids, probs, _), (ids_b, probs_b, _) in zip(det.attributes.values(), batch[i][head].attributes.values()):
+                assert len(ids) > 0 and torch.equal(ids, ids_b)
+                torch.testing.assert_close(probs_b, probs)
+
+
 @pytest.mark.parametrize("attributes, message", [
     ({"kind": {**KIND, "on": "trucks"}}, "'on' names head 'trucks'"),
     ({"kind": {**KIND, "of": ["bus"]}}, r"'of' \['bus'\] must be classes of head 'vehicles'"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.postprocess import box_iou, decode_boxes, make_points, nms_keep, postprocess
+from models.postprocess import HeadDetections, box_iou, decode_boxes, make_points, nms_keep, postprocess, to_cpu
 
 
 def reference_nms(boxes: np.ndarray, labels: np.ndarray, iou_threshold: float) -> list[int]:
@@ -95,3 +95,41 @@ def test_postprocess_empty_batch_member():
     dets = postprocess(out, pts, (16, 16), score_threshold=0.5)
     assert [len(d) for d in dets] == [0, 0]
     assert dets[0].numpy()["boxes"].shape == (0, 4)
+
+
+def test_postprocess_keeps_each_images_best_max_detections():
+    # separate cells, one class: nothing suppresses anything, so the cap alone decides; each image its own best
+    pts = make_points([(4, 4)], (8,), torch.device("cpu"))
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0] * 4, [5.0, -9.0, 0.5, 6.0] * 4])
+    out = {"cls_logits": logits[..., None], "box_ltrb": torch.full((2, 16, 4), 2.0), "centerness": torch.full((2, 16), 9.0)}
+    dets = postprocess(out, pts, (32, 32), score_threshold=0.5, max_detections=3)
+    assert [len(d) for d in dets] == [3, 3]
+    for d, row in zip(dets, logits):
+        assert d.scores.tolist() == sorted(d.scores.tolist(), reverse=True)
+        torch.testing.assert_close(d.scores, torch.sigmoid(row).sort(descending=True).values[:3] ** 0.5, atol=1e-3, rtol=0)
+    assert [len(d) for d in postprocess(out, pts, (32, 32), score_threshold=0.5, max_detections=100)] == [16, 12]
+
+
+def test_a_batch_moved_to_the_cpu_at_once_keeps_each_images_detections():
+    # fields of every image and head are concatenated, copied and split again: each must come back to its own
+    g = torch.Generator().manual_seed(0)
+
+    def det(k: int, kind: bool, emb: bool) -> HeadDetections:
+        d = HeadDetections(torch.rand(k, 4, generator=g), torch.rand(k, generator=g), torch.randint(0, 3, (k,), generator=g))
+        if kind:
+            d.attributes["kind"] = (torch.randint(-1, 2, (k,), generator=g), torch.rand(k, generator=g), ["a", "b"])
+        if emb:
+            d.embeddings = torch.rand(k, 5, generator=g)
+        return d
+
+    results = [{"people": det(3, False, True), "vehicles": det(2, True, True)}, {}, {"vehicles": det(0, True, True)},
+               {"people": det(4, False, False)}, {"vehicles": det(5, True, True), "people": det(1, False, True)}]
+    moved = to_cpu(results)
+    assert [list(r) for r in moved] == [list(r) for r in results]
+    for r, m in zip(results, moved):
+        for head in r:
+            a, b = r[head].numpy(), m[head].numpy()
+            assert a.keys() == b.keys()
+            for key in a:
+                assert np.array_equal(a[key], b[key]), (head, key)
+    assert to_cpu([{}, {}]) == [{}, {}]

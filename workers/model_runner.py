@@ -22,6 +22,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.export import RAW_KEYS
+from models.postprocess import to_cpu
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
 from workers.settings import backend_problem
@@ -426,7 +427,7 @@ class ModelRunner:
         else:
             x = self._to_device(images).contiguous(memory_format=torch.channels_last)
             results = self.model.detect(x, heads, score_threshold=self.score_threshold, autocast_dtype=self.autocast)
-        out = [{name: det.numpy() for name, det in r.items()} for r in results]
+        out = [{name: det.numpy() for name, det in r.items()} for r in to_cpu(results)]
         elapsed = time.perf_counter() - t0
         self.stats["seconds"] += elapsed
         self.batch_seconds.observe(elapsed)
