@@ -76,33 +76,33 @@ def box_colours(images: torch.Tensor, boxes: list[torch.Tensor], side: int,
     every such pixel, and it reaches the image's edge wherever a sample reads the zero padding beyond it.
     """
     p = 4 * side
+    if sum(len(b) for b in boxes) == 0:
+        return torch.zeros((0, 3 * side * side), device=images.device)
     if normalize is None:
         fine = roi_features([images], (1,), boxes, p)
     else:
         h, w = images.shape[-2:]
         shown = [(image, b) for image, b in zip(images, boxes) if len(b)]
         # each image's boxes' extent, for all images in one read back to the host (one GPU sync)
-        extents = torch.stack([torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values])
-                               for _, b in shown]).tolist() if shown else []
+        extents = torch.stack([torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values]) for _, b in shown])
         crops = []  # per image with boxes: the pixels its samples read, x0, y0, x1, y1
-        for bx0, by0, bx1, by1 in extents:
+        for bx0, by0, bx1, by1 in extents.tolist():
             # samples lie inside the boxes; one at pixel coordinate u reads pixels floor(u - 0.5) and the next
             x0, y0 = max(0, math.floor(bx0 - 0.5)), max(0, math.floor(by0 - 0.5))
             x1, y1 = min(w, math.floor(bx1 - 0.5) + 2), min(h, math.floor(by1 - 0.5) + 2)
             crops.append((x0, y0, x1, y1))
-        counts = [len(b) for _, b in shown]
-        if shown:  # every box's grid at once, in its image's crop
-            per_box = torch.tensor([c for c, n in zip(crops, counts) for _ in range(n)], dtype=torch.float32,
-                                   device=images.device)
-            grid = bin_grid(torch.cat([b for _, b in shown]).float() - per_box[:, [0, 1, 0, 1]], p,
-                            per_box[:, 2:] - per_box[:, :2])
+        # every box's grid at once, in its image's crop
+        per_box = torch.tensor([c for c, (_, b) in zip(crops, shown) for _ in range(len(b))], dtype=torch.float32,
+                               device=images.device)
+        grid = bin_grid(torch.cat([b for _, b in shown]).float() - per_box[:, [0, 1, 0, 1]], p,
+                        per_box[:, 2:] - per_box[:, :2])
         parts, start = [], 0
-        for (image, _), (x0, y0, x1, y1), n in zip(shown, crops, counts):
+        for (image, b), (x0, y0, x1, y1) in zip(shown, crops):
             crop = normalize(image[None, :, y0:y1, x0:x1])
-            g = grid[start:start + n].reshape(1, n * p, p, 2).to(crop.dtype)
-            parts.append(F.grid_sample(crop, g, align_corners=False).reshape(3, n, p, p).transpose(0, 1))
-            start += n
-        fine = torch.cat(parts) if parts else torch.zeros((0, 3, p, p), device=images.device)
+            g = grid[start:start + len(b)].reshape(1, len(b) * p, p, 2).to(crop.dtype)
+            parts.append(F.grid_sample(crop, g, align_corners=False).reshape(3, len(b), p, p).transpose(0, 1))
+            start += len(b)
+        fine = torch.cat(parts)
     return F.avg_pool2d(fine, 4).flatten(1)
 
 
