@@ -63,8 +63,12 @@ python_deps() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    [ -d "$VENV" ] || "$PY" -m venv "$VENV"
-    echo "dev.sh: installing Python packages into $VENV (first time takes a few minutes)"
+    if [ -d "$VENV" ]; then
+        echo "dev.sh: pyproject.toml or dev.sh changed since $VENV was set up: updating its packages"
+    else
+        "$PY" -m venv "$VENV"
+        echo "dev.sh: installing Python packages into $VENV (the first time takes a few minutes)"
+    fi
     # -qq: errors only. Warnings here are the machine's pip settings (an index folder without a package, pip
     # as root) and setuptools' notes on editable installs: dozens of lines, none about this project.
     "$VENV/bin/python" -m pip install -qq --upgrade pip
