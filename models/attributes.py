@@ -48,16 +48,21 @@ def roi_features(feats: list[torch.Tensor], strides: tuple[int, ...], boxes: lis
     side = ((b[:, 2] - b[:, 0]).clamp(min=1) * (b[:, 3] - b[:, 1]).clamp(min=1)).sqrt()
     level = torch.floor(torch.log2(side / (strides[0] * pool))).clamp(0, len(feats) - 1).long()
     # Every box's grid at once (its level's extent per box), then one grid_sample per (image, level) on a
-    # contiguous run of boxes: grid_sample reads one image per call, and only this loop is per image, with a
-    # single read of the run lengths back to the host (a GPU sync) for the whole call.
-    extent = torch.tensor([[s * f.shape[-1], s * f.shape[-2]] for f, s in zip(feats, strides)],
-                          dtype=torch.float32, device=b.device)[level]  # (K, 2): the level's width, height in pixels
-    image = torch.tensor([i for i, x in enumerate(boxes) for _ in range(len(x))], device=b.device)
+    # contiguous run of boxes: grid_sample reads one image per call, so only this loop is per image. On a GPU
+    # the one read back to the host (a sync) is the run lengths; the tables below come from Python numbers
+    # (no copies to the device) and the counting from scatter_add (bincount reads its range back first).
+    width, height = torch.zeros_like(side), torch.zeros_like(side)  # of each box's level, in pixels
+    for lv, (f, s) in enumerate(zip(feats, strides)):
+        width = torch.where(level == lv, float(s * f.shape[-1]), width)
+        height = torch.where(level == lv, float(s * f.shape[-2]), height)
+    image = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=b.device) for i, x in enumerate(boxes)])
     run = image * len(feats) + level  # boxes of one (image, level) pair
     order = torch.argsort(run, stable=True)
-    grid = bin_grid(b, pool, extent)[order]
+    counts = torch.zeros(len(boxes) * len(feats), dtype=torch.long, device=b.device)
+    counts.scatter_add_(0, run, torch.ones_like(run))
+    grid = bin_grid(b, pool, torch.stack([width, height], 1))[order]
     parts, start = [], 0
-    for key, n in enumerate(torch.bincount(run, minlength=len(boxes) * len(feats)).tolist()):
+    for key, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         i, lv = divmod(key, len(feats))

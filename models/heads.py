@@ -48,6 +48,8 @@ class HeadConfig:
             raise ValueError(f"head tower must be one of {list(TOWERS)}, got {self.tower!r}")
         if not 0.0 <= self.center_offset < 1.0:
             raise ValueError(f"head center_offset must be in [0, 1), got {self.center_offset}")
+        if self.max_detections < 1:
+            raise ValueError(f"head max_detections must be >= 1, got {self.max_detections}")
 
     @property
     def num_classes(self) -> int:

@@ -399,15 +399,19 @@ class HydraNet(nn.Module):
         ran = [d for d in dets if d is not None]
         if not ran:
             return
-        wanted = torch.tensor([self.head_classes(cfg.on).index(c) for c in cfg.of], device=feats[0].device)
         sizes = [len(d) for d in ran]
-        pick = torch.isin(torch.cat([d.class_ids for d in ran]), wanted)
-        # the batch's boxes selected at once and split per image: one GPU sync, not two an image; images without
-        # the detection head give no boxes, so the whole batch's maps are read in place, not copied
+        classes = torch.cat([d.class_ids for d in ran])
+        pick = torch.zeros_like(classes, dtype=torch.bool)
+        for c in cfg.of:  # compared with Python numbers: no table copied to the device
+            pick |= classes == self.head_classes(cfg.on).index(c)
+        # The batch's boxes selected at once and split per image: on a GPU two reads back to the host (the
+        # counts, the selection) whatever the batch size. Images without the detection head give no boxes, so
+        # the head reads the whole batch's maps in place instead of a copy of theirs.
         counts = torch.stack([p.sum() for p in pick.split(sizes)]).tolist()
         picked = iter(torch.cat([d.boxes for d in ran])[pick].split(counts))
         none = torch.zeros((0, 4), device=feats[0].device)
-        probs, ids = attr(feats, [none if d is None else next(picked) for d in dets]).float().softmax(1).max(1)
+        boxes = [none if d is None else next(picked) for d in dets]  # one entry per image, in order
+        probs, ids = attr(feats, boxes).float().softmax(1).max(1)
         label = torch.full((len(pick),), -1, dtype=torch.long, device=ids.device).masked_scatter_(pick, ids)
         prob = torch.zeros(len(pick), device=ids.device).masked_scatter_(pick, probs)
         for det, lab, pr in zip(ran, label.split(sizes), prob.split(sizes)):

@@ -83,18 +83,18 @@ def box_colours(images: torch.Tensor, boxes: list[torch.Tensor], side: int,
     else:
         h, w = images.shape[-2:]
         shown = [(image, b) for image, b in zip(images, boxes) if len(b)]
-        # each image's boxes' extent, for all images in one read back to the host (one GPU sync)
-        extents = torch.stack([torch.cat([b[:, :2].min(0).values, b[:, 2:].max(0).values]) for _, b in shown])
-        crops = []  # per image with boxes: the pixels its samples read, x0, y0, x1, y1
-        for bx0, by0, bx1, by1 in extents.tolist():
-            # samples lie inside the boxes; one at pixel coordinate u reads pixels floor(u - 0.5) and the next
-            x0, y0 = max(0, math.floor(bx0 - 0.5)), max(0, math.floor(by0 - 0.5))
-            x1, y1 = min(w, math.floor(bx1 - 0.5) + 2), min(h, math.floor(by1 - 0.5) + 2)
-            crops.append((x0, y0, x1, y1))
+        # Each image's crop: every pixel its boxes' samples read (one at pixel coordinate u reads pixels
+        # floor(u - 0.5) and the next), computed on the device for all images and read back once (a GPU sync).
+        lo = torch.stack([b[:, :2].min(0).values for _, b in shown]).float()
+        hi = torch.stack([b[:, 2:].max(0).values for _, b in shown]).float()
+        lo, hi = torch.floor(lo - 0.5).clamp(min=0), torch.floor(hi - 0.5) + 2
+        crop_boxes = torch.stack([lo[:, 0], lo[:, 1], hi[:, 0].clamp(max=w), hi[:, 1].clamp(max=h)], 1)
+        crops = crop_boxes.long().tolist()  # x0, y0, x1, y1 per image with boxes
         # every box's grid at once, in its image's crop
-        per_box = torch.tensor([c for c, (_, b) in zip(crops, shown) for _ in range(len(b))], dtype=torch.float32,
-                               device=images.device)
-        grid = bin_grid(torch.cat([b for _, b in shown]).float() - per_box[:, [0, 1, 0, 1]], p,
+        owner = torch.cat([torch.full((len(b),), j, dtype=torch.long, device=images.device)
+                           for j, (_, b) in enumerate(shown)])
+        per_box = crop_boxes[owner]  # each box its image's crop
+        grid = bin_grid(torch.cat([b for _, b in shown]).float() - per_box[:, :2].repeat(1, 2), p,
                         per_box[:, 2:] - per_box[:, :2])
         parts, start = [], 0
         for (image, b), (x0, y0, x1, y1) in zip(shown, crops):

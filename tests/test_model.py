@@ -72,6 +72,7 @@ def test_feature_maps_have_declared_channels_and_strides(width, depth, expected)
         ({"heads": {"people": {"classes": []}}}, "non-empty"),
         ({"heads": {"bad name": {"classes": ["a"]}}}, "identifier"),
         ({"heads": {"people": {"classes": ["a"], "tower": "bifpn"}}}, "tower must be one of"),
+        ({"heads": {"people": {"classes": ["a"], "max_detections": 0}}}, "max_detections must be >= 1, got 0"),
     ],
 )
 def test_bad_model_config_names_the_problem(bad, message):

@@ -145,6 +145,7 @@ class HostReads(TorchFunctionMode):
 
     READS = {"item", "tolist", "nonzero", "cpu", "numpy", "equal", "unique", "_unique2", "masked_select",
              "__bool__", "__int__", "__float__"}
+    COPIES = {"tensor", "as_tensor", "new_tensor"}  # Python numbers copied to the device: a sync there too
 
     def __init__(self):
         super().__init__()
@@ -157,6 +158,9 @@ class HostReads(TorchFunctionMode):
                  if isinstance(i, torch.Tensor) and i.dtype == torch.bool]  # a boolean index counts its Trues
         if name in self.READS or masks:
             self.calls[name] += 1
+        lists = [i for i in (index if isinstance(index, tuple) else (index,)) if isinstance(i, list)]
+        if name in self.COPIES or lists:  # a list as an index is copied to the device too
+            self.calls["to the device"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -186,3 +190,4 @@ def test_a_batch_reads_back_to_the_host_as_often_whatever_its_size(pixels):
         assert all(len(d) == 0 or d.attributes["kind"][0].ge(0).any() for r in results for h, d in r.items() if h == "vehicles")
         counts.append(reads.calls)
     assert counts[0] == counts[1] and sum(counts[0].values()) <= 24, counts  # 19 now: a few per head and field
+    assert counts[0]["to the device"] == 0, counts
