@@ -55,12 +55,11 @@ def roi_features(feats: list[torch.Tensor], strides: tuple[int, ...], boxes: lis
     for lv, (f, s) in enumerate(zip(feats, strides)):
         width = torch.where(level == lv, float(s * f.shape[-1]), width)
         height = torch.where(level == lv, float(s * f.shape[-2]), height)
-    image = torch.cat([torch.full((len(x),), i, dtype=torch.long, device=b.device) for i, x in enumerate(boxes)])
-    run = image * len(feats) + level  # boxes of one (image, level) pair
+    run = box_images(boxes, b.device) * len(feats) + level  # boxes of one (image, level) pair
     order = torch.argsort(run, stable=True)
     counts = torch.zeros(len(boxes) * len(feats), dtype=torch.long, device=b.device)
     counts.scatter_add_(0, run, torch.ones_like(run))
-    grid = bin_grid(b, pool, torch.stack([width, height], 1))[order]
+    grid = bin_grid(b, pool, torch.stack([width, height], 1))[order].to(feats[0].dtype)  # grid_sample: same dtype
     parts, start = [], 0
     for key, n in enumerate(counts.tolist()):
         if n == 0:
@@ -68,12 +67,17 @@ def roi_features(feats: list[torch.Tensor], strides: tuple[int, ...], boxes: lis
         i, lv = divmod(key, len(feats))
         f = feats[lv][i:i + 1]
         # (1, C, n*pool, pool); under autocast grid_sample runs in fp32 (CUDA and CPU) on an fp16/bf16 pyramid
-        g = grid[start:start + n].reshape(1, n * pool, pool, 2).to(f.dtype)
+        g = grid[start:start + n].reshape(1, n * pool, pool, 2)
         parts.append(F.grid_sample(f, g, align_corners=False).reshape(c, n, pool, pool).transpose(0, 1))
         start += n
     out = torch.empty((len(b), c, pool, pool), dtype=feats[0].dtype, device=b.device)
     out[order] = torch.cat(parts).to(out.dtype)
     return out
+
+
+def box_images(boxes: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(K,) the image of each box of ``boxes`` (one tensor per image), filled on the device: no copy to it."""
+    return torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)])
 
 
 def bin_grid(boxes: torch.Tensor, pool: int, extent: torch.Tensor) -> torch.Tensor:

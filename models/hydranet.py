@@ -388,7 +388,8 @@ class HydraNet(nn.Module):
         boxes = [torch.cat([d.boxes for d in ds]) if ds else none for ds in dets]
         raw_pixels = images is not None and images.dtype == torch.uint8  # normalised under the boxes only
         emb = self.reid(feats, boxes, images, self.normalize if raw_pixels else None)
-        for det, e in zip([d for ds in dets for d in ds], emb.split([len(d) for ds in dets for d in ds])):
+        embedded = [d for ds in dets for d in ds]  # in the order of their boxes
+        for det, e in zip(embedded, emb.split([len(d) for d in embedded])):
             det.embeddings = e
 
     def _label(self, name: str, attr: AttributeHead, feats: list[torch.Tensor],

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attributes import bin_grid, roi_features
+from models.attributes import bin_grid, box_images, roi_features
 
 
 @dataclass
@@ -91,9 +91,7 @@ def box_colours(images: torch.Tensor, boxes: list[torch.Tensor], side: int,
         crop_boxes = torch.stack([lo[:, 0], lo[:, 1], hi[:, 0].clamp(max=w), hi[:, 1].clamp(max=h)], 1)
         crops = crop_boxes.long().tolist()  # x0, y0, x1, y1 per image with boxes
         # every box's grid at once, in its image's crop
-        owner = torch.cat([torch.full((len(b),), j, dtype=torch.long, device=images.device)
-                           for j, (_, b) in enumerate(shown)])
-        per_box = crop_boxes[owner]  # each box its image's crop
+        per_box = crop_boxes[box_images([b for _, b in shown], images.device)]  # each box its image's crop
         grid = bin_grid(torch.cat([b for _, b in shown]).float() - per_box[:, :2].repeat(1, 2), p,
                         per_box[:, 2:] - per_box[:, :2])
         parts, start = [], 0
