@@ -30,7 +30,8 @@ import ray
 import redis
 import torch
 
-from measure import DEMO, make_clips, pct, ray_processes, save_json, start_ray, thread_cpu, usage, with_ray
+from measure import (DEMO, busy_cores, machine_cpu, make_clips, pct, ray_processes, save_json, start_ray, thread_cpu,
+                     usage, with_ray)
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
@@ -247,10 +248,10 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     for t in threads:
         t.start()
     time.sleep(warmup)
-    c0, t0 = time.process_time(), time.perf_counter()
+    c0, t0, m0 = time.process_time(), time.perf_counter(), machine_cpu()
     counted["since"] = t0
     time.sleep(seconds)
-    frames, cpu, dt = counted["frames"], time.process_time() - c0, time.perf_counter() - t0
+    frames, cpu, dt, m1 = counted["frames"], time.process_time() - c0, time.perf_counter() - t0, machine_cpu()
     busy = counted["model_busy"]
     latencies = list(counted["latencies"])
     stop.set()
@@ -259,7 +260,8 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
     return {"cameras": cameras, "fps": round(frames / dt, 1), "latency_ms_p50": pct(latencies, 50),
             "latency_ms_p95": pct(latencies, 95), "latency_ms_p99": pct(latencies, 99),
             "cpu_ms_per_frame_total": round(cpu / max(1, frames) * 1000, 2),
-            "model_thread_busy": round(busy / dt, 3), "cores_used": round(cpu / dt, 2)}
+            "model_thread_busy": round(busy / dt, 3), "cores_used": round(cpu / dt, 2),
+            "machine_busy_cores": busy_cores(m0, m1)}
 
 
 # -- 3. hydravision ---------------------------------------------------------------------------------
@@ -276,8 +278,9 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
     u0, s0, th0 = usage(procs), {s["camera"]: s for s in app.stats()}, thread_cpu(procs)
     holders = list(app.model_holders().values())  # every replica (two on a CPU by default), or camera process
     i0 = ray.get([a.model_stats.remote() for a in holders])
-    t0 = time.time()
+    t0, m0 = time.time(), machine_cpu()
     time.sleep(seconds)
+    m1 = machine_cpu()
     u1, s1, th1 = usage(procs), {s["camera"]: s for s in app.stats()}, thread_cpu(procs)
     i1 = ray.get([a.model_stats.remote() for a in holders])
     t1 = time.time()
@@ -321,6 +324,8 @@ def run_hydravision(checkpoint: Path, cameras: list[dict], redis_url: str, warmu
         "batch_limit": i1[0].get("batch_limit"), "ms_per_frame_by_batch": i1[0].get("ms_per_frame"),
         "exact_shapes": [i.get("exact_shapes") for i in i1],
         "cpu_ms_per_frame_total": round(sum(cpu.values()) / max(1, frames) * 1000, 2),
+        # the whole machine, not only the service: what is left idle is what the service could still use
+        "machine_busy_cores": busy_cores(m0, m1),
         "cpu_ms_per_frame_model": round(model_cpu / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_outside_model": round((sum(cpu.values()) - model_cpu) / max(1, frames) * 1000, 2),
         "cpu_ms_per_frame_by_role": {r: round(v / max(1, frames) * 1000, 2) for r, v in cpu.items()},
@@ -503,8 +508,10 @@ def print_pairs(pairs: list[dict]) -> None:
     for k, pair in enumerate(pairs):
         t, h = pair["threaded"], pair["hydravision"]
         busy = f", its model thread busy {t['model_thread_busy']:.0%}" if "model_thread_busy" in t else ""
+        machine = (f"; the machine busy {t['machine_busy_cores']} / {h['machine_busy_cores']} of {os.cpu_count()} cores"
+                   if "machine_busy_cores" in t and "machine_busy_cores" in h else "")
         print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame{busy}, "
-              f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x")
+              f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x{machine}")
 
 
 def summarize(r: dict) -> None:
@@ -546,7 +553,9 @@ def summarize(r: dict) -> None:
               f"batch {h['mean_batch']}, all processes {h['cpu_ms_per_frame_total']}; transport (the rest) "
               f"{rest:.2f} ms = {rest / h['cpu_ms_per_frame_total']:.0%}; bound {cores} cores / "
               f"{h['cpu_ms_per_frame_total']} ms = {cores * 1000 / h['cpu_ms_per_frame_total']:.1f} frames/s, reached "
-              f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}")
+              f"{h['fps'] * h['cpu_ms_per_frame_total'] / (cores * 1000):.2f}"
+              + (f"; the whole machine meanwhile {h['machine_busy_cores']} cores busy (the rest: Redis, Ray's own "
+                 f"processes, the kernel, anything else running)" if "machine_busy_cores" in h else ""))
         if h.get("cpu_ms_per_frame_by_thread"):
             print(f"  hydravision x8, CPU ms per frame by thread: {h['cpu_ms_per_frame_by_thread']}")
         replicas = r.get("files_replicas", h)  # what the process-per-camera and merged rows vary

@@ -125,6 +125,21 @@ def usage(procs: list[psutil.Process]) -> Usage:
     return Usage(cpu, pss, rss, count)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, summed over cores: every process (Redis, Ray's own,
+    anything else running) and the kernel. Between two readings it tells how much of the machine was left idle."""
+    t = psutil.cpu_times()
+    fields = t._asdict()
+    total = sum(v for k, v in fields.items() if k not in ("guest", "guest_nice"))  # Linux counts guest in user
+    return total - fields["idle"] - fields.get("iowait", 0.0), total
+
+
+def busy_cores(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Cores the whole machine kept busy between two ``machine_cpu()`` readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return round(busy / total * (os.cpu_count() or 1), 3) if total > 0 else 0.0
+
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
