@@ -181,7 +181,11 @@ def test_a_loaded_batcher_grows_its_batches_to_the_best_size_and_a_light_one_kee
         await asyncio.gather(*(camera(f"cam{c}", 30, 2) for c in range(24)))
         stats = b.stats()
         assert stats["batch_limit"] == 16, (stats, handler.sizes)
-        assert handler.sizes[-20:].count(16) >= 15, handler.sizes  # the loaded service runs at the best batch
+        sizes = handler.sizes  # the loaded service runs at the best batch, bar the probes of 32
+        assert set(sizes[-20:]) <= {16, 32} and sizes[-20:].count(16) >= 12, sizes
+        # A probe of 32 ran whole batches and was refused on their cost. Before, each 32 was followed by the
+        # 16 frames that had waited behind it leaving alone, and the probe ended on those "misses" instead.
+        assert any(sizes[i:i + 4] == [32] * 4 for i in range(len(sizes))), sizes
         b.close()
 
     asyncio.run(main())

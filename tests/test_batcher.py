@@ -103,6 +103,95 @@ def test_next_batch_fills_while_one_runs():
     assert [len(batch) for batch in handler.batches] == [1, 5]
 
 
+def gate_again(handler: GatedHandler) -> threading.Event:
+    """Makes the handler's next batch block again until the returned event is set."""
+    handler.released, handler.started = threading.Event(), threading.Event()
+    return handler.released
+
+
+def test_a_backlogged_camera_just_answered_is_waited_for():
+    """When a batch ends, a camera that had several requests in it (a backlog) sends its next frames at once:
+    the next batch waits for them, however long the requests already waiting have waited (before, a split
+    such as 6 + 2 repeated itself: the 2 that waited left alone while the 6 were being answered)."""
+    handler = GatedHandler()
+
+    async def main():
+        b = Batcher(handler, max_batch=4, max_wait_ms=300)
+
+        async def backlogged():  # two frames at a time; the next two as soon as it has the results
+            await asyncio.gather(b.submit("a1", "A"), b.submit("a2", "A"))
+            return await asyncio.gather(b.submit("a3", "A"), b.submit("a4", "A"))
+
+        a = asyncio.ensure_future(backlogged())
+        await until(handler.started.is_set)
+        waiting = asyncio.ensure_future(b.submit("b", "B"))
+        await until(lambda: b.stats()["queue_depth"] == 1)
+        await asyncio.sleep(0.4)  # longer than max_wait
+        handler.release()
+        await asyncio.gather(a, waiting)
+        b.close()
+
+    run(main())
+    assert [sorted(batch) for batch in handler.batches] == [["a1", "a2"], ["a3", "a4", "b"]]
+
+
+def test_a_camera_with_one_frame_in_the_batch_and_an_impatient_request_are_not_waited_for():
+    """A live camera under a light load has one frame in a batch and its next comes when the camera takes it:
+    a request that waited behind that batch leaves when it ends. A request that may not wait (max_wait_s 0: a
+    camera over its frame-age budget) leaves at once even while a backlogged camera is expected back."""
+    handler = GatedHandler()
+
+    async def main():
+        b = Batcher(handler, max_batch=4, max_wait_ms=300)
+        first = await hold_first_batch(b, handler, "c", camera="C")
+        behind = asyncio.ensure_future(b.submit("d", "D"))
+        await until(lambda: b.stats()["queue_depth"] == 1)
+        await asyncio.sleep(0.4)
+        t0 = time.monotonic()
+        handler.release()
+        await asyncio.gather(first, behind)
+        light = time.monotonic() - t0
+
+        release = gate_again(handler)
+        pair = asyncio.ensure_future(asyncio.gather(b.submit("e1", "E"), b.submit("e2", "E")))
+        await until(handler.started.is_set)  # [e1, e2] runs (after its 300 ms wait for company)
+        impatient = asyncio.ensure_future(b.submit("f", "F", max_wait_s=0))
+        await until(lambda: b.stats()["queue_depth"] == 1)
+        t0 = time.monotonic()
+        release.set()
+        await asyncio.gather(pair, impatient)
+        urgent = time.monotonic() - t0
+        b.close()
+        return light, urgent
+
+    light, urgent = run(main())
+    assert [sorted(batch) for batch in handler.batches] == [["c"], ["d"], ["e1", "e2"], ["f"]]
+    assert light < 0.2 and urgent < 0.2, (light, urgent)
+
+
+def test_a_backlogged_camera_that_does_not_come_back_is_waited_for_max_wait_at_most():
+    handler = GatedHandler()
+
+    async def main():
+        b = Batcher(handler, max_batch=4, max_wait_ms=200)
+        pair = asyncio.ensure_future(asyncio.gather(b.submit("x1", "X"), b.submit("x2", "X")))
+        await until(handler.started.is_set)
+        lone = asyncio.ensure_future(b.submit("lone", "L"))
+        await until(lambda: b.stats()["queue_depth"] == 1)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        handler.release()
+        await pair
+        await lone
+        took = time.monotonic() - t0
+        b.close()
+        return took
+
+    took = run(main())
+    assert [sorted(batch) for batch in handler.batches] == [["x1", "x2"], ["lone"]]
+    assert 0.18 <= took < 2.0, took
+
+
 @pytest.mark.parametrize(
     "handler, error",
     [

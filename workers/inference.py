@@ -75,6 +75,14 @@ class Batcher(Generic[T, R]):
     """Collects items from concurrent callers into batches of up to ``max_batch``, waiting at most
     ``max_wait_ms`` after the oldest arrival, and runs ``handler`` on a worker thread.
 
+    Cameras with a backlog (several requests in the batch that just ended) send their next frames as soon as
+    they have its results: until each of them is back, or ``max_wait_ms`` after that batch ended, the next
+    batch waits for them, however long the requests already waiting have waited. Without that a split such
+    as 6 + 2 repeated itself (the 2 that waited left alone while the 6 were being answered, and so on): each
+    size got a model compiled for it, and the BatchSizer's probes of a larger size ended on such batches
+    unmeasured (docs/architecture.md, "Batches that follow the load"). A camera with one request in the batch
+    (a live camera under a light load) is not waited for: its next frame comes when the camera takes it.
+
     Written by hand because Ray Serve's ``@serve.batch`` only works inside a Serve deployment.
     Every caller gets exactly one result or exception; none hangs. While a batch runs, the next one
     fills, so the model is never idle when work is waiting. A caller may bound its own wait below
@@ -112,6 +120,8 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher",
                                             initializer=worker_thread, initargs=("hv-model",))
         self.waits = Histogram(BATCH_WAIT_BUCKETS)  # arrival to the start of its batch, per request
+        self._free_since = 0.0  # time.monotonic() when the last batch ended
+        self._backlogged: set[str] = set()  # cameras with several requests in that batch
 
     async def submit(self, item: T, camera: str = "", timeout_s: float | None = None,
                      max_wait_s: float | None = None) -> R:
@@ -231,11 +241,16 @@ class Batcher(Generic[T, R]):
             batch = self._take_batch(limit)
             if batch:
                 await self._run(batch, full=len(batch) == limit)
+                self._free_since = time.monotonic()
+                per_camera = collections.Counter(p.camera for p in batch)
+                self._backlogged = {camera for camera, n in per_camera.items() if n > 1}
 
     def _deadline(self) -> float:
-        """When the batch being filled must leave: the earliest due time of the requests waiting. Only asked
-        while fewer than the limit wait, so every waiting request goes into that batch."""
-        return min(p.arrived + (self.max_wait if p.max_wait is None else min(p.max_wait, self.max_wait))
+        """When the batch being filled must leave: the earliest due time of the requests waiting, each due its
+        wait after it arrived, or after the last batch ended while a backlogged camera of that batch has not
+        sent again. Only asked while fewer than the limit wait, so every waiting request goes into that batch."""
+        start = self._free_since if not self._backlogged.issubset(self._queues) else 0.0
+        return min(max(p.arrived, start) + (self.max_wait if p.max_wait is None else min(p.max_wait, self.max_wait))
                    for queue in self._queues.values() for p in queue)
 
     async def _run(self, batch: list[_Pending[T]], full: bool = False) -> None:
