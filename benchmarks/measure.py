@@ -128,8 +128,7 @@ def usage(procs: list[psutil.Process]) -> Usage:
 def machine_cpu() -> tuple[float, float]:
     """(busy, all) CPU seconds of the whole machine so far, summed over cores: every process (Redis, Ray's own,
     anything else running) and the kernel. Between two readings it tells how much of the machine was left idle."""
-    t = psutil.cpu_times()
-    fields = t._asdict()
+    fields = psutil.cpu_times()._asdict()
     total = sum(v for k, v in fields.items() if k not in ("guest", "guest_nice"))  # Linux counts guest in user
     return total - fields["idle"] - fields.get("iowait", 0.0), total
 
