@@ -226,7 +226,8 @@ class Hub:
                     last = self._backlog(client)
                 elif failures:
                     last = self._resume_after(client, last)
-                reply = client.xread({self.keys.events: last}, block=1000, count=500)
+                # short: stop() joins this thread, and an event still wakes the read the moment it lands
+                reply = client.xread({self.keys.events: last}, block=250, count=500)
                 failures = 0
             except (redis.RedisError, OSError):
                 failures += 1  # the poller tells the pages; this one just comes back

@@ -223,7 +223,7 @@ class FakeController:
         self.cameras: dict[str, FakeCameras] = {}
         self.received: list[tuple[str, object, str]] = []  # (op, camera dict or id, by)
         self.rejected: list[str] = []
-        self.consumer = ControlConsumer(self, url, prefix, block_ms=500)
+        self.consumer = ControlConsumer(self, url, prefix)
 
     def __enter__(self) -> "FakeController":
         self.consumer.start()

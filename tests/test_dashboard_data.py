@@ -182,6 +182,12 @@ def test_hub_pushes_events_and_says_when_redis_goes_and_comes_back(redis_server)
         client = redis_server.client()
         client.xadd(keys("hv").events, {"data": encode(event_message("camera_added", "new-cam"))})
         run_until(lambda: any('"camera":"new-cam"' in g for g in got), 10, "an event after the restart")
+        # Its events reader is back in a blocking read (given 0.1 s to get there): stopping does not wait that
+        # read out (with a 1 s block it did, ~1 s).
+        time.sleep(0.1)
+        began = time.monotonic()
+        hub.stop()
+        assert time.monotonic() - began < 0.6
     finally:
         hub.stop()
         loop.close()
@@ -209,6 +215,12 @@ def test_control_commands_round_trip_through_the_redis_control_stream(redis_serv
         assert added["request_id"] != again["request_id"] and "exists" in again["reason"]
         assert controller.received[0] == ("add", {"id": "lobby", "url": "synthetic://street"}, "redis:dashboard")
         assert any("expired" in r for r in controller.rejected)  # the late remove, never applied
+        # The reader is back in a blocking read (given 0.1 s to get there): stopping it, a shutdown's first step,
+        # does not wait that read out (with a 1 s block it did, ~1 s).
+        time.sleep(0.1)
+        began = time.monotonic()
+        controller.consumer.stop()
+        assert time.monotonic() - began < 0.6
     assert not control_reachable(client, "hv")
 
 
