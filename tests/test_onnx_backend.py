@@ -221,21 +221,30 @@ def test_replicas_starting_together_export_once(tmp_path):
 def test_cache_files_unused_for_a_month_are_removed_when_another_is_made(tmp_path):
     """A cache file per checkpoint and torch version: without pruning a service retrained weekly fills the disk.
     Using a file keeps it; making one removes the files nobody used for CACHE_MAX_AGE_DAYS, and half-written
-    exports older than a day; nothing else in the folder is touched."""
+    exports older than a day; OpenVINO's compiled forms of an export (a folder beside it) go with it, or
+    unused as long; nothing else in the folder is touched."""
     from models.export import CACHE_MAX_AGE_DAYS, cached
 
     folder = tmp_path / "onnx"
     folder.mkdir()
     day, now = 86400, time.time()
     ages = {"old.onnx": CACHE_MAX_AGE_DAYS + 1, "used.onnx": CACHE_MAX_AGE_DAYS + 5, "recent.onnx": 3,
-            "dead.onnx.123.tmp": 2, "fresh.onnx.456.tmp": 0.1, "notes.txt": 400}
+            "dead.onnx.123.tmp": 2, "fresh.onnx.456.tmp": 0.1, "notes.txt": 400,
+            # compiled forms: of an export removed now, of one removed by hand, unused for long, in use
+            "old.onnx.compiled/": 1, "gone.onnx.compiled/": 1, "recent.onnx.compiled/": CACHE_MAX_AGE_DAYS + 1,
+            "used.onnx.compiled/": 2}
     for name, days in ages.items():
-        (folder / name).write_bytes(b"x")
-        os.utime(folder / name, (now - days * day, now - days * day))
+        path = folder / name.rstrip("/")
+        if name.endswith("/"):
+            path.mkdir()
+            (path / "123.blob").write_bytes(b"z")
+        else:
+            path.write_bytes(b"x")
+        os.utime(path, (now - days * day, now - days * day))
     made: list[Path] = []
     assert cached(folder / "used.onnx", made.append, "unused") == folder / "used.onnx"  # there: used, not made
     assert made == [] and now - (folder / "used.onnx").stat().st_mtime < 60
     cached(folder / "new.onnx", lambda p: (made.append(p), p.write_bytes(b"y")), "exporting")
     assert made == [folder / "new.onnx"]
     assert sorted(p.name for p in folder.iterdir()) == ["fresh.onnx.456.tmp", "new.onnx", "notes.txt",
-                                                        "recent.onnx", "used.onnx"]
+                                                        "recent.onnx", "used.onnx", "used.onnx.compiled"]

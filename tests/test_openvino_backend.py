@@ -219,6 +219,41 @@ def test_a_model_compiled_for_the_batch_size_gives_the_dynamic_ones_detections(c
             np.testing.assert_allclose(h[head]["scores"][iou.argmax(1)], w[head]["scores"][keep], atol=SCORE_DIFF)
 
 
+def test_a_second_start_loads_the_compiled_model_from_beside_the_export(cache, monkeypatch):
+    """OpenVINO's compiled forms are kept beside the export (a folder of its own, pruned with it) and loaded by
+    the next process that runs the model, exact sizes too; they give what a fresh compile gives. Where the
+    folder cannot be made, or with HYDRAVISION_OPENVINO_CACHE=0, the model is compiled as before."""
+    from models.export import compiled_cache
+
+    images = frames((256, 448), n=2)
+
+    def runner() -> ModelRunner:
+        return ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="fp32", score_threshold=0.05, backend="openvino")
+
+    first = runner()
+    folder = first.session.compiled
+    assert folder == first.session.path.with_name(first.session.path.name + ".compiled")
+    first.session.exact_shapes.want(2)
+    first.run(images, [None] * 2)
+    first.session.exact_shapes.wait()
+    assert list(folder.glob("*.blob"))
+    second = runner()
+    assert second.session.dynamic[2].get_property("LOADED_FROM_CACHE")
+    second.session.exact_shapes.want(2)
+    second.run(images, [None] * 2)
+    second.session.exact_shapes.wait()
+    assert second.session.exact_shapes.ready[2][2].get_property("LOADED_FROM_CACHE")
+    got = second.run(images, [None] * 2)
+    monkeypatch.setenv("HYDRAVISION_OPENVINO_CACHE", "0")
+    fresh = runner()
+    assert fresh.session.compiled is None and not fresh.session.dynamic[2].get_property("LOADED_FROM_CACHE")
+    assert_same(fresh.run(images, [None] * 2), got)
+    # a cache it cannot write to (here: the folder's name taken by a file) leaves the compiles as they were
+    taken = cache / "taken.onnx"
+    taken.with_name("taken.onnx.compiled").write_bytes(b"")
+    assert compiled_cache(taken) is None
+
+
 def test_auto_picks_openvino_only_where_the_cpu_runs_bf16_natively(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plain = one_head_model()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.export import RAW_KEYS
+from models.export import RAW_KEYS, compiled_cache, compiling
 from models.postprocess import to_cpu
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
@@ -271,6 +272,11 @@ class OpenVinoSession(ExportedSession):
         # int8: what the quantizer left (normalisation, resizes) runs in bf16 where native.
         rest = "bf16" if self.precision == "bf16" or (self.precision == "int8" and native_bf16()) else "f32"
         self.config = openvino_config(rest, threads)
+        # Compiled forms kept beside the export and loaded at the next start (HYDRAVISION_OPENVINO_CACHE=0: always
+        # compile, for benchmarks to measure against).
+        self.compiled = compiled_cache(self.path) if os.environ.get("HYDRAVISION_OPENVINO_CACHE", "1") != "0" else None
+        if self.compiled is not None:
+            self.config["CACHE_DIR"] = str(self.compiled)
         self._graph = openvino_core().read_model(str(self.path))  # read once; each exact size compiles a copy
         self.dynamic = self._compile(None)
         # HYDRAVISION_OPENVINO_EXACT_SHAPES=0: the dynamic shape only, for benchmarks to measure against.
@@ -287,7 +293,9 @@ class OpenVinoSession(ExportedSession):
         if size is not None:
             graph = graph.clone()  # reshape changes the graph it is called on
             graph.reshape({graph.inputs[0].get_any_name(): [size, *graph.inputs[0].get_partial_shape()[1:]]})
-        compiled = openvino_core().compile_model(graph, "CPU", self.config)
+        # A damaged form in the cache (cut short, garbage, a folder in its place: tried) is compiled over.
+        with compiling(self.compiled) if self.compiled is not None else contextlib.nullcontext():
+            compiled = openvino_core().compile_model(graph, "CPU", self.config)
         request = compiled.create_infer_request()
         if size is not None:  # its first call sets up kernels and buffers: here, not in a camera's batch
             request.infer({0: np.zeros(tuple(compiled.inputs[0].get_shape()), np.uint8)})
