@@ -184,7 +184,7 @@ def compiled_cache(export: Path) -> Path | None:
     """The folder where OpenVINO keeps the compiled forms of ``export`` (its CACHE_DIR: one file per input shape
     and compile options), made if needed and marked used; None where it cannot be written (a read-only cache:
     the model is then compiled at every start, as without one). Loading a compiled form took 0.06 s where
-    compiling the demo model took 0.27-0.32 s (docs/architecture.md, "Start-up")."""
+    compiling the demo model took 0.27-0.32 s (docs/architecture.md, "Compiled forms kept on disk")."""
     folder = export.with_name(export.name + COMPILED_SUFFIX)
     try:
         folder.mkdir(exist_ok=True)
