@@ -221,23 +221,25 @@ def test_a_model_compiled_for_the_batch_size_gives_the_dynamic_ones_detections(c
 
 def test_a_second_start_loads_the_compiled_model_from_beside_the_export(cache, monkeypatch):
     """OpenVINO's compiled forms are kept beside the export (a folder of its own, pruned with it) and loaded by
-    the next process that runs the model, exact sizes too; they give what a fresh compile gives. Where the
-    folder cannot be made, or with HYDRAVISION_OPENVINO_CACHE=0, the model is compiled as before."""
+    the next process that runs the model, exact sizes too. One form serves every precision: a runner in fp32
+    loading what one in bf16 wrote gives a fresh fp32 compile's detections. Where the folder cannot be made, or
+    with HYDRAVISION_OPENVINO_CACHE=0, the model is compiled as before."""
     from models.export import compiled_cache
 
     images = frames((256, 448), n=2)
 
-    def runner() -> ModelRunner:
-        return ModelRunner(DEMO_CHECKPOINT, device="cpu", precision="fp32", score_threshold=0.05, backend="openvino")
+    def runner(precision: str) -> ModelRunner:
+        return ModelRunner(DEMO_CHECKPOINT, device="cpu", precision=precision, score_threshold=0.05,
+                           backend="openvino")
 
-    first = runner()
+    first = runner("bf16")
     folder = first.session.compiled
     assert folder == first.session.path.with_name(first.session.path.name + ".compiled")
     first.session.exact_shapes.want(2)
     first.run(images, [None] * 2)
     first.session.exact_shapes.wait()
     assert list(folder.glob("*.blob"))
-    second = runner()
+    second = runner("fp32")
     assert second.session.dynamic[2].get_property("LOADED_FROM_CACHE")
     second.session.exact_shapes.want(2)
     second.run(images, [None] * 2)
@@ -245,7 +247,7 @@ def test_a_second_start_loads_the_compiled_model_from_beside_the_export(cache, m
     assert second.session.exact_shapes.ready[2][2].get_property("LOADED_FROM_CACHE")
     got = second.run(images, [None] * 2)
     monkeypatch.setenv("HYDRAVISION_OPENVINO_CACHE", "0")
-    fresh = runner()
+    fresh = runner("fp32")
     assert fresh.session.compiled is None and not fresh.session.dynamic[2].get_property("LOADED_FROM_CACHE")
     assert_same(fresh.run(images, [None] * 2), got)
     # a cache it cannot write to (here: the folder's name taken by a file) leaves the compiles as they were
