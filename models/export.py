@@ -170,8 +170,7 @@ def cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
     # they are separate processes; the kernel releases it if the maker dies).
     # Removing the lock file is safe because everyone checks for the file again once they hold a lock.
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         if not path.is_file():
             log.info("%s (once; cached at %s)", what, path)
             make(path)
@@ -196,12 +195,18 @@ def compiled_cache(export: Path) -> Path | None:
     return folder
 
 
-@contextlib.contextmanager
-def compiling(folder: Path) -> Iterator[None]:
+def compiling(folder: Path) -> contextlib.AbstractContextManager[None]:
     """Holds ``folder``'s lock across processes while OpenVINO compiles into it: it writes a compiled form in
     place (no temporary file), so another process starting the same model meanwhile could read half of one.
     Under the lock, the first process writes it and the others find it whole."""
-    with open(folder / "lock", "w") as lock:
+    return file_lock(folder / "lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (made if missing), held across processes; the kernel releases it
+    if the holder dies."""
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
