@@ -555,7 +555,7 @@ class App(LiveControl):
         if self.events:
             self.events.close(5.0)
         if self.started_ray:
-            ray.shutdown()
+            cluster.shutdown_ray()
             self._reinstall_signal_handlers()
         if self.dashboard:
             self.dashboard.stop()

@@ -111,10 +111,12 @@ def ray_local() -> Iterator[None]:
     """One local Ray for the whole session (starting one takes seconds), on loopback only."""
     import ray
 
+    from pipeline.cluster import shutdown_ray
+
     if not ray.is_initialized():
         start_local_ray()
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")
@@ -143,8 +145,10 @@ def ray_free() -> Iterator[None]:
     local Ray, if there was one, is started again afterwards for the tests that follow."""
     import ray
 
+    from pipeline.cluster import shutdown_ray
+
     had_local = ray.is_initialized()
-    ray.shutdown()
+    shutdown_ray()  # the session's local Ray, if any (the test's own cluster is its fixture's to stop)
     yield
     ray.shutdown()
     if had_local:

@@ -287,3 +287,45 @@ def test_waiting_for_nodes_that_do_not_come_is_a_clear_error(ray_local):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "slow", "-s", "-q"]))
+
+
+SHUTDOWN_SCRIPT = """
+import json, logging, ray
+from pipeline.cluster import shutdown_ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+         logging_level=logging.WARNING)
+node = ray._private.worker._global_node
+started = {kind: [p.process for p in infos] for kind, infos in node.all_processes.items()}
+seen = {}
+real_shutdown = ray.shutdown
+def shutdown(*args, **kwargs):  # what is still running when Ray's own shutdown begins
+    seen.update({kind: [p.poll() is None for p in procs] for kind, procs in started.items()})
+    real_shutdown(*args, **kwargs)
+ray.shutdown = shutdown
+shutdown_ray()
+print(json.dumps({"alive_at_shutdown": seen,
+                  "alive_after": [kind for kind, procs in started.items() if any(p.poll() is None for p in procs)]}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_local_ray_is_shut_down_without_waiting_on_its_autoscaler_monitor():
+    """ray.shutdown() stops the monitor after the GCS, and the monitor then spends Ray's 1 s grace trying to
+    reach the gone GCS: shutdown_ray() kills it first, and Ray's own shutdown still stops everything else."""
+    import json
+    import os
+    import subprocess
+
+    tmp = tempfile.mkdtemp(prefix="hvs", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    try:
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, text=True, timeout=100,
+                             env=env, cwd=ROOT)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    alive = result["alive_at_shutdown"]
+    assert alive["monitor"] == [False], alive
+    assert alive["raylet"] == [True] and alive["gcs_server"] == [True], alive  # the rest is left to Ray
+    assert result["alive_after"] == [], result
