@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator
 
 import redis
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -122,12 +124,25 @@ class GroupConsumer:
             return self.read(limit)  # own history was empty: go straight on to new entries
         return out
 
+    def _server_version(self) -> str:
+        try:
+            return f"Redis {self.client.info('server')['redis_version']}"
+        except redis.RedisError:  # INFO may be refused to an ACL user
+            return "version unknown"
+
     def claim(self, count: int | None = None) -> list[Message]:
         """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream)."""
         out: list[Message] = []
         for s in self.streams:
-            reply = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                           start_id=self._claim_cursor[s], count=count or self.count)
+            try:
+                reply = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
+                                               start_id=self._claim_cursor[s], count=count or self.count)
+            except redis.ResponseError as e:
+                if "unknown command" not in str(e).lower():
+                    raise
+                raise UserError(f"{s}: the Redis server ({self._server_version()}) has no XAUTOCLAIM, which a "
+                                "consumer group reader needs to take over the messages of a consumer that died: "
+                                "use Redis 6.2 or newer") from None
             # Redis 7 lists entries deleted while pending third; 6.2 among the entries, without fields (_decode)
             next_id, entries, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
             self._claim_cursor[s] = _text(next_id)

@@ -16,7 +16,10 @@ import redis
 
 from pipeline.cli import main
 from pipeline.consumer import GroupConsumer
+from pipeline.errors import UserError
+from pipeline.testbed import RedisServer
 from running import wait_for
+from servers import require_binary
 from workers.publish import Publisher, event_message, keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,3 +123,19 @@ def test_tail_group_prints_and_acknowledges(any_redis, capsys):
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [m["track_id"] for m in printed] == [0, 1, 2, 3, 4]  # each message to one member, none twice
     assert any_redis.client().xpending(STREAM, "cli")["pending"] == 0
+
+
+def test_a_redis_without_xautoclaim_is_a_clear_error(capsys):
+    """Redis before 6.2 has no XAUTOCLAIM (Debian 11 ships 6.0, Ubuntu 20.04 5.0): a real server with the
+    command renamed away answers as those do ("unknown command"), and the reader says what it needs."""
+    require_binary("redis-server")
+    with RedisServer(extra_args=["--rename-command", "XAUTOCLAIM", ""]) as server:
+        version = server.client().info("server")["redis_version"]
+        fill(server.url, 2)
+        consumer = GroupConsumer(server.client(), STREAM, "g", start="0", block_ms=100)
+        with pytest.raises(UserError, match=rf"{STREAM}: the Redis server \(Redis {version}\) has no XAUTOCLAIM.*"
+                                            r"Redis 6\.2 or newer"):
+            consumer.read()
+        assert main(["tail", "--events", "--redis-url", server.url, "--group", "cli", "--count", "1"]) == 2
+        assert "has no XAUTOCLAIM" in capsys.readouterr().err
+
