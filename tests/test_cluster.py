@@ -285,9 +285,6 @@ def test_waiting_for_nodes_that_do_not_come_is_a_clear_error(ray_local):
                                                            "hydravision_inference=1, CPU=1"]
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-m", "slow", "-s", "-q"]))
-
 
 SHUTDOWN_SCRIPT = """
 import json, logging, ray
@@ -329,3 +326,7 @@ def test_a_local_ray_is_shut_down_without_waiting_on_its_autoscaler_monitor():
     assert alive["monitor"] == [False], alive
     assert alive["raylet"] == [True] and alive["gcs_server"] == [True], alive  # the rest is left to Ray
     assert result["alive_after"] == [], result
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-m", "slow", "-s", "-q"]))
