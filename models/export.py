@@ -110,7 +110,7 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
                           "use the torch backend")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    serving = copy.deepcopy(model).float().eval()
+    serving = copy.deepcopy(model).float().cpu().eval()  # the example input below is a host tensor
     fuse_conv_bn(serving.backbone)
     if group_norm == "export":
         export_group_norms(serving)

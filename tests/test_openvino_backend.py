@@ -292,6 +292,18 @@ def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
         pick_backend("auto", torch.device("cuda"), None, False, one_head_model(), "int8")
 
 
+
+def test_device_auto_runs_openvino_on_the_cpu_where_a_gpu_is_there_too(cache, monkeypatch):
+    """The config accepts backend openvino (or precision int8) with device auto; on a machine with a GPU the
+    runner must then take the CPU, where OpenVINO runs, not refuse at the replica's start."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine: nothing here touches it
+    parse_config({"model": {"backend": "openvino"}, "cameras": [{"id": "a", "url": "synthetic://street"}]})
+    runner = ModelRunner(DEMO_CHECKPOINT, device="auto", backend="openvino", precision="fp32", threads=1)
+    assert runner.device.type == "cpu" and runner.backend == "openvino" and runner.info()["device"] == "cpu"
+    assert len(runner.run(frames(runner.input_size, 2), [None, None])) == 2
+    assert model_runner.pick_device("auto").type == "cuda"  # what any other backend gets there
+
+
 RELEASED_ON_ANOTHER_THREAD = """
 import gc, signal, subprocess, sys, threading
 from workers.model_runner import ModelRunner

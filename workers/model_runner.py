@@ -319,12 +319,19 @@ class ModelRunner:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if threads:
             torch.set_num_threads(threads)
-        self.device = pick_device(device)
+        # OpenVINO and int8 run on the CPU only: there 'auto' means the CPU, also on a machine with a GPU
+        # (the config's check, backend_problem, reads 'auto' so).
+        cpu_only = backend == "openvino" or precision == "int8"
+        self.device = pick_device("cpu" if device == "auto" and cpu_only else device)
         self.autocast = pick_autocast(precision, self.device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model, precision)
         self.session: ExportedSession | None = None
         if self.backend in ("onnxruntime", "openvino"):
+            # The runtime computes the graph (on the GPU where ONNX Runtime has its CUDA provider) and hands its
+            # outputs over in host memory: what stays in torch (decoding, NMS, attribute and re-ID heads, the
+            # export itself) runs on the CPU beside them.
+            self.model.to("cpu")
             try:
                 self.session = (OrtSession(self.model, checkpoint, self.device, threads)
                                 if self.backend == "onnxruntime"
@@ -335,6 +342,7 @@ class ModelRunner:
                 log.warning("%s could not run %s (%s: %s); running it in torch", self.backend, Path(checkpoint).name,
                             type(e).__name__, e)
                 self.backend = "torch"
+                self.model.to(self.device)
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
             self.model.fuse_batchnorm()
         self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
@@ -346,7 +354,7 @@ class ModelRunner:
         self.heads = {name: self.model.head_classes(name) for name in self.model.head_names}
         # Page-locked staging buffer: host->GPU copies can then run asynchronously (non_blocking).
         self._staging = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.session is None:  # torch's own forward pass reads the batch there
             self._staging = torch.empty((max_batch, 3, *self.input_size), dtype=torch.uint8).pin_memory()
         self.stats = {"batches": 0, "frames": 0, "backbone_frames": 0, "head_frames": collections.Counter(),
                       "seconds": 0.0, "cpu_seconds": 0.0, "batch_sizes": collections.Counter()}

@@ -27,7 +27,8 @@ OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 def backend_problem(backend: str, precision: str, device: str) -> str | None:
     """Why ``backend`` cannot run ``precision`` on ``device`` ('auto', 'cpu', 'cuda', ...), or None. The one rule
     behind the config's check, `hydravision eval --backend`'s and ModelRunner's: OpenVINO runs on the CPU here
-    and not in fp16; int8 is OpenVINO's (the CPU's int8 kernels), which ``backend: auto`` then picks."""
+    and not in fp16; int8 is OpenVINO's (the CPU's int8 kernels), which ``backend: auto`` then picks. Device
+    'auto' is the CPU for both, also where a GPU is (ModelRunner resolves it so)."""
     on_cpu = device in ("auto", "cpu")
     if backend == "openvino" and not on_cpu:
         return f"backend openvino runs the model on the CPU here, not on device {device}"
