@@ -21,6 +21,8 @@ GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2
 from __future__ import annotations
 
 import argparse
+import ctypes.util
+import gc
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ import numpy as np
 from measure import DEMO, pct, save_json
 
 NO_GPU_EXIT = 2
+KIT_EXIT = 3  # the packages on sys.path (benchmarks/gpu_kit.py) were built for another Python
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # (backend, precision, compile): what step 2 measures, in this order (the cheap ones first).
 MODEL_VARIANTS = (("torch", "fp16", False), ("torch", "bf16", False), ("torch", "fp32", False),
@@ -80,6 +83,19 @@ class GpuSampler:
             self.proc.terminate()
 
 
+def kit_mismatch(path: list[str] | None = None) -> str | None:
+    """Why the kit on ``sys.path`` cannot load here, if it cannot: gpu_kit.py builds its compiled wheels (PyAV,
+    Ray, pydantic-core, ...) for one CPython, and on another the first import of one would stop the check."""
+    for entry in sys.path if path is None else path:
+        marker = Path(entry or ".") / "KIT_PYTHON"
+        if marker.is_file():
+            built = marker.read_text().strip()
+            if built.split(".")[:2] != platform.python_version().split(".")[:2]:
+                return (f"the packages in {entry} were built for CPython {built}, this is {platform.python_version()}: "
+                        f"build the kit again with `gpu_kit.py --python {platform.python_version()}`")
+    return None
+
+
 def environment(dry_run: bool) -> dict:
     import av
     import torch
@@ -88,7 +104,10 @@ def environment(dry_run: bool) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "cuda_available": torch.cuda.is_available(), "pyav": av.__version__,
            "pyav_hwdevices": list(hwdevices_available()), "cpus": os.cpu_count(), "dry_run_cpu": dry_run,
-           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           # NVDEC needs the driver's libnvcuvid, which a container gets only with the "video" capability
+           "NVIDIA_DRIVER_CAPABILITIES": os.environ.get("NVIDIA_DRIVER_CAPABILITIES"),
+           "libnvcuvid": ctypes.util.find_library("nvcuvid")}
     try:
         import onnxruntime as ort
 
@@ -202,27 +221,62 @@ def make_clip(folder: Path, size: tuple[int, int], seconds: float, fps: float = 
 
 
 def decode_rate(clip: Path, hwaccel: str | None, input_size: tuple[int, int] | None, deadline: float) -> dict:
-    """Frames/s of the project's file source on ``clip`` (unpaced), optionally with the letterbox to the model
-    input (what a StreamActor does per analysed frame)."""
+    """Frames/s of the project's file source on ``clip`` (unpaced, looping) until ``deadline``, optionally with
+    the letterbox to the model input (what a StreamActor does per analysed frame). The clock starts at the
+    first frame: opening the decoder (NVDEC's set-up) is not in the rate. What decoded is read off the frames:
+    FFmpeg hands NVDEC's frames over as nv12 and falls back to the CPU (this clip: yuv420p) without a word when
+    the driver's decoder library is missing, so the source's own ``hwaccel`` is not proof."""
     from workers.sources import open_source
 
-    source = open_source(str(clip), realtime=False, hwaccel=hwaccel)
+    source = open_source(str(clip), realtime=False, loop=True, hwaccel=hwaccel)
     source.open()
-    frames, t0 = 0, time.perf_counter()
+    frames, t0, pixels = 0, None, None
     try:
         while time.time() < deadline:
             frame = source.read()
             if frame is None:
                 break
+            if t0 is None:
+                t0, pixels = time.perf_counter(), getattr(getattr(frame.image, "format", None), "name", None)
+                continue
             if input_size:
                 frame.to_model_input(input_size)
             frames += 1
     finally:
-        used = getattr(source, "hwaccel", None)
         source.close()
-    seconds = time.perf_counter() - t0
-    return {"hwaccel_asked": hwaccel, "hwaccel_used": used, "to_model_input": bool(input_size), "frames": frames,
+    seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    used = "cuda" if hwaccel and pixels not in (None, "yuv420p", "yuvj420p") else None
+    return {"hwaccel_asked": hwaccel, "hwaccel_used": used, "pixel_format": pixels,
+            "to_model_input": bool(input_size), "frames": frames,
             "frames_per_s": round(frames / seconds, 1) if seconds else None}
+
+
+def decode_rows(checkpoint: Path, clip: Path, dry: bool, end: float) -> list[dict]:
+    """decode_rate on the CPU and with NVDEC, each with and without the letterbox: a window each."""
+    from models.checkpoint import read_metadata
+
+    input_size = tuple(read_metadata(checkpoint)["config"]["input_size"])
+    kinds = [(hw, model_input) for hw in ((None,) if dry else (None, "cuda")) for model_input in (None, input_size)]
+    rows = []
+    for k, (hw, model_input) in enumerate(kinds):
+        window = (end - time.time()) / (len(kinds) - k)  # what is left, shared by the rows still to run
+        try:
+            rows.append(decode_rate(clip, hw, model_input, time.time() + max(0.5, min(window, 2.0 if dry else 10.0))))
+        except Exception as e:
+            rows.append({"hwaccel_asked": hw, "error": f"{type(e).__name__}: {e}"})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def free_gpu_memory() -> None:
+    gc.collect()  # the runners' head-timing hooks hold them in reference cycles
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - only tidying up between steps
+        pass
 
 
 def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str | None, redis_url: str,
@@ -237,7 +291,8 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
     cameras = [{"id": f"cam{i}", "url": str(clip), "realtime": True, "loop": True, "hwaccel": hwaccel,
                 "read_timeout_s": 10} for i in range(n)]
     config = parse_config({"redis": {"url": redis_url}, "model": {"checkpoint": str(checkpoint), "device": device},
-                           "inference": {"max_batch": max_batch, "max_wait_ms": 10}, "cameras": cameras})
+                           "inference": {"max_batch": max_batch, "max_wait_ms": 10}, "cameras": cameras,
+                           "ray": {"placement_timeout_s": 30}})  # a run that cannot start must not eat the rest
     app = App(config, say=lambda m: None)
     started = time.time()
     app.start()
@@ -292,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t_start = time.time()
     limit = t_start + args.minutes * 60
+    if problem := kit_mismatch():
+        save_json(args.json, {"error": problem})
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return KIT_EXIT
     env = environment(args.dry_run_cpu)
     result: dict = {"environment": env, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"environment: {json.dumps(env)}", flush=True)
@@ -312,54 +371,66 @@ def main(argv: list[str] | None = None) -> int:
         left = limit - time.time()
         return time.time() + left * SHARES[step] / (SHARES[step] + sum(SHARES[s] for s in later))
 
+    def save() -> None:  # after every step and pipeline run: a check cut short keeps what it measured
+        result["seconds"] = round(time.time() - t_start, 1)
+        save_json(args.json, result)
+
+    def step(name: str, run) -> None:  # a step that fails records why; the later steps still run
+        try:
+            result[name] = run()
+        except Exception as e:
+            error = {"error": f"{type(e).__name__}: {e}"[:500]}
+            if isinstance(result.get(name), list):  # the pipeline's runs so far stay
+                result[name].append(error)
+            else:
+                result[name] = error
+            print(f"  {name}: {error['error']}", flush=True)
+        save()
+
     try:
         if "model" in steps:
             print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
             variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False)) if dry else MODEL_VARIANTS
-            result["model"] = model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
-                                            deadline("model"), sampler, 0.2 if dry else 1.5)
+            step("model", lambda: model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
+                                                deadline("model"), sampler, 0.2 if dry else 1.5))
+            free_gpu_memory()  # what the model step cached is not the pipeline's
         clip = None
         if "decode" in steps or "pipeline" in steps:
             size = (320, 180) if dry else (1920, 1080)
-            clip = make_clip(Path(tempfile.gettempdir()) / "hydravision-gpu-check", size, 2.0 if dry else 10.0)
-        hwaccel = None
+            try:
+                clip = make_clip(Path(tempfile.gettempdir()) / "hydravision-gpu-check", size, 2.0 if dry else 10.0)
+            except Exception as e:  # nothing to decode: both steps are skipped, the reason recorded
+                result["clip"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                print(f"clip: {result['clip']['error']}", flush=True)
+                steps = [s for s in steps if s not in ("decode", "pipeline")]
         if "decode" in steps:
             print(f"decode {clip.name}:", flush=True)
-            from models.checkpoint import read_metadata
-
-            input_size = tuple(read_metadata(args.checkpoint)["config"]["input_size"])
-            end = deadline("decode")
-            rows = []
-            for hw in ((None,) if dry else (None, "cuda")):
-                for model_input in (None, input_size):
-                    try:
-                        rows.append(decode_rate(clip, hw, model_input, min(end, time.time() + 20)))
-                    except Exception as e:
-                        rows.append({"hwaccel_asked": hw, "error": f"{type(e).__name__}: {e}"})
-                    print(f"  {rows[-1]}", flush=True)
-            result["decode"] = rows
-            if any(r.get("hwaccel_used") == "cuda" for r in rows):
-                hwaccel = "cuda"
+            step("decode", lambda: decode_rows(args.checkpoint, clip, dry, deadline("decode")))
+        decoded = result.get("decode")
+        hwaccel = "cuda" if isinstance(decoded, list) and any(r.get("hwaccel_used") == "cuda" for r in decoded) else None
         if "pipeline" in steps:
-            result["pipeline"] = pipeline_ladder(args, clip, device, hwaccel, deadline("pipeline"), sampler, dry)
+            rows: list[dict] = []
+            result["pipeline"] = rows  # filled run by run, saved after each
+            step("pipeline", lambda: pipeline_ladder(args, clip, device, hwaccel, deadline("pipeline"), sampler, dry,
+                                                     rows, save))
     finally:
         sampler.close()
-        result["seconds"] = round(time.time() - t_start, 1)
-        save_json(args.json, result)
+        save()
     print(f"done in {result['seconds']} s{f'; results in {args.json}' if args.json else ''}", flush=True)
     return 0
 
 
 def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: float, sampler: GpuSampler,
-                    dry: bool) -> list[dict]:
-    """N = 1, 2, 4, ... cameras until the frame age budget is broken, frames are lost, or time runs out."""
+                    dry: bool, rows: list[dict] | None = None, save=lambda: None) -> list[dict]:
+    """N = 1, 2, 4, ... cameras until the frame age budget is broken, frames are lost, or time runs out. Each
+    run's row goes into ``rows`` as it ends, and ``save()`` is called."""
     import ray
 
     from measure import start_ray
     from pipeline.embedded_redis import EmbeddedRedis
 
     seconds = 3.0 if dry else args.seconds
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     server = EmbeddedRedis().start()
     try:
         ours = not ray.is_initialized()  # a caller's Ray (a test session's) is used and left running
@@ -377,7 +448,9 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
             except Exception as e:
                 rows.append({"cameras": n, "error": f"{type(e).__name__}: {e}"[:500]})
                 print(f"  {rows[-1]['error']}", flush=True)
+                save()
                 break
+            save()
             r = rows[-1]
             print(f"  {r['frames_per_s']} frames/s, age p50/p95/p99 {r['age_p50_ms']}/{r['age_p95_ms']}/"
                   f"{r['age_p99_ms']} ms, lost {r['lost_in_window']}, GPU {r['gpu']}", flush=True)

@@ -81,6 +81,7 @@ def build(python: str, out: Path) -> Path:
                         *(a for p in PLATFORMS for a in ("--platform", p)), "--target", str(site), *specs], check=True)
         for rel in PRUNE:
             shutil.rmtree(site / rel, ignore_errors=True)
+        (site / "KIT_PYTHON").write_text(python + "\n")  # gpu_check.py refuses a kit built for another Python
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"gpu_kit: packing {du(site) / 2**20:.0f} MiB into {out} (xz -9, a minute or two) ...", flush=True)
         # tar + xz rather than the wheels themselves: Ray's alone (79 MB) is over what one call may carry

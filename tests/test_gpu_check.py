@@ -51,12 +51,35 @@ def test_model_step_measures_each_variant_and_records_a_broken_one_without_stopp
     assert out_of_time == [{"variant": "torch fp32", "skipped": "out of time"}]
 
 
-def test_decode_step_reads_every_frame_and_reports_the_cpu_fallback_of_hwaccel(tmp_path):
-    clip = gpu_check.make_clip(tmp_path, (320, 180), seconds=1.0)
-    plain = gpu_check.decode_rate(clip, None, (256, 448), time.time() + 30)
-    assert plain["frames"] == 30 and plain["frames_per_s"] > 0 and plain["to_model_input"]
-    asked = gpu_check.decode_rate(clip, "cuda", None, time.time() + 30)  # no NVDEC here: the CPU decodes
-    assert asked["frames"] == 30 and asked["hwaccel_asked"] == "cuda" and asked["hwaccel_used"] is None
+def test_decode_step_times_a_window_and_reads_what_decoded_off_the_frames(tmp_path):
+    clip = gpu_check.make_clip(tmp_path, (320, 180), seconds=1.0)  # 30 frames
+    plain = gpu_check.decode_rate(clip, None, (256, 448), time.time() + 2.0)
+    assert plain["frames"] > 30 and plain["frames_per_s"] > 0 and plain["to_model_input"]  # looped past the end
+    assert plain["pixel_format"] == "yuv420p" and plain["hwaccel_used"] is None
+    # No NVDEC here: FFmpeg decodes on the CPU, and the frames (yuv420p, not NVDEC's nv12) say so
+    asked = gpu_check.decode_rate(clip, "cuda", None, time.time() + 1.0)
+    assert asked["hwaccel_asked"] == "cuda" and asked["hwaccel_used"] is None and asked["pixel_format"] == "yuv420p"
+    assert asked["frames"] > 0
+
+
+def test_a_step_that_fails_is_recorded_and_the_next_one_runs(tmp_path):
+    out = tmp_path / "gpu.json"
+    missing = tmp_path / "missing.safetensors"
+    assert gpu_check.main(["--dry-run-cpu", "--steps", "decode,model", "--checkpoint", str(missing),
+                           "--minutes", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "missing.safetensors" in result["decode"]["error"]  # the decode step reads the input size from it
+    assert result["model"] and all("error" in r or "setup_and_run_s" in r for r in result["model"])
+
+
+def test_a_kit_built_for_another_python_is_refused_before_it_is_imported(tmp_path, capsys):
+    here = ".".join(map(str, sys.version_info[:2]))
+    (tmp_path / "KIT_PYTHON").write_text("3.9.1\n")
+    problem = gpu_check.kit_mismatch([str(tmp_path)])
+    assert "built for CPython 3.9.1" in problem and "gpu_kit.py --python" in problem
+    (tmp_path / "KIT_PYTHON").write_text(f"{here}.0\n")
+    assert gpu_check.kit_mismatch([str(tmp_path)]) is None
+    assert gpu_check.kit_mismatch([str(tmp_path / "nothing-here")]) is None
 
 
 def test_gpu_sampler_parses_nvidia_smi_and_skips_what_it_cannot(tmp_path, monkeypatch):
@@ -82,7 +105,7 @@ def test_dry_run_on_the_cpu_goes_through_every_step(tmp_path):
     assert gpu_check.main(["--dry-run-cpu", "--minutes", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {r["variant"] for r in result["model"] if "frames_per_s" in r} == {"torch fp32", "onnxruntime fp32"}
-    assert all(r["frames"] == 60 for r in result["decode"])
+    assert all(r["frames"] > 0 and r["pixel_format"] == "yuv420p" for r in result["decode"])
     run = result["pipeline"][0]
     assert run["cameras"] == 1 and run["frames_per_s"] > 0 and run["age_p95_ms"] is not None
 
