@@ -58,7 +58,10 @@ class GpuSampler:
         self.proc = None
         exe = shutil.which("nvidia-smi")
         if exe:
-            self.proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,"
+            # Line-buffered: a C program writing to a pipe may hold its lines in a 4 KiB buffer (minutes of
+            # samples here), and each sample is timestamped when it is read.
+            line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+            self.proc = subprocess.Popen([*line_buffered, exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,"
                                           "nounits", "-lms", "500", "-i", "0"], stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True)
             threading.Thread(target=self._read, daemon=True).start()
