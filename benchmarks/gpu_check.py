@@ -61,9 +61,9 @@ class GpuSampler:
             # Line-buffered: a C program writing to a pipe may hold its lines in a 4 KiB buffer (minutes of
             # samples here), and each sample is timestamped when it is read.
             line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
-            self.proc = subprocess.Popen([*line_buffered, exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,"
-                                          "nounits", "-lms", "500", "-i", "0"], stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True)
+            self.proc = subprocess.Popen([*line_buffered, exe, "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "500", "-i", "0"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -409,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" in steps:
             print(f"decode {clip.name}:", flush=True)
             step("decode", lambda: decode_rows(args.checkpoint, clip, dry, deadline("decode")))
-        decoded = result.get("decode")
-        hwaccel = "cuda" if isinstance(decoded, list) and any(r.get("hwaccel_used") == "cuda" for r in decoded) else None
+        decoded = result.get("decode") if isinstance(result.get("decode"), list) else []
+        hwaccel = "cuda" if any(r.get("hwaccel_used") == "cuda" for r in decoded) else None  # NVDEC where it works
         if "pipeline" in steps:
             rows: list[dict] = []
             result["pipeline"] = rows  # filled run by run, saved after each
