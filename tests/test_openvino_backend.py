@@ -292,7 +292,6 @@ def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
         pick_backend("auto", torch.device("cuda"), None, False, one_head_model(), "int8")
 
 
-
 def test_device_auto_runs_openvino_on_the_cpu_where_a_gpu_is_there_too(cache, monkeypatch):
     """The config accepts backend openvino (or precision int8) with device auto; on a machine with a GPU the
     runner must then take the CPU, where OpenVINO runs, not refuse at the replica's start."""
