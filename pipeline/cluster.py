@@ -20,7 +20,7 @@ import ray
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
                                 inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
-                                replicas_per_node, stream_options)
+                                replica_gpus, replicas_per_node, stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig
@@ -129,7 +129,7 @@ class Placement:
         wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
         self.nodes = alive_nodes(ray.nodes())
         # Every replica's options, once: they decide how many replicas there are and where they go.
-        self.replica_options = inference_options(config.ray, config.inference.num_gpus, self.nodes)
+        self.replica_options = inference_options(config.ray, replica_gpus(config.inference, config.model), self.nodes)
         cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
         self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores)
         # What the cameras' processes spread over: this machine's cores, or all the cluster's CPUs.

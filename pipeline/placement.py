@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError
-from workers.settings import CameraConfig
+from workers.settings import CameraConfig, runs_on_cpu_only
 
 # Ray's own resources, not worth showing in an error about what a node offers.
 _HIDDEN = ("memory", "object_store_memory", "node:")
@@ -96,6 +96,15 @@ def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) ->
     raise UserError(f"{what} cannot be placed: it needs {wants}, and no node of the Ray cluster has that.\n"
                     f"Nodes:\n  {listing}\n(start a node that offers it, e.g. `ray start --address ... "
                     f"--resources '{{\"NAME\": 1}}'`, or change the config)")
+
+
+def replica_gpus(inference_cfg: Any, model_cfg: Any) -> float | None:
+    """What ``inference_options`` gets as ``num_gpus``: ``inference.num_gpus``, else None (a GPU where the cluster
+    has one), but 0 for a model that runs on the CPU only (OpenVINO, int8): a reserved GPU would sit unused, and
+    the replicas would be counted and placed as GPU ones (one replica, no model in the camera processes)."""
+    if inference_cfg.num_gpus is None and runs_on_cpu_only(model_cfg.backend, model_cfg.precision):
+        return 0.0
+    return inference_cfg.num_gpus
 
 
 def inference_options(ray_cfg: Any, num_gpus: float | None, nodes: list[Node]) -> dict[str, Any]:

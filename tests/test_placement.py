@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, InferenceConfig, RayConfig, parse_confi
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, cameras_per_process, check_placeable, fits,
                                 group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
-                                replica_count, replicas_per_node, stream_options)
+                                replica_count, replica_gpus, replicas_per_node, stream_options)
 from workers.settings import CameraConfig
 from workers.stream import Resume, resume_point
 
@@ -39,6 +39,23 @@ def cam(**placement) -> CameraConfig:
 ])
 def test_inference_options(nodes, num_gpus, expected):
     assert inference_options(RayConfig(), num_gpus, nodes) == expected
+
+
+@pytest.mark.parametrize("model, num_gpus, expected", [
+    ({}, None, None),  # a GPU where the cluster has one
+    ({"backend": "openvino"}, None, 0.0), ({"precision": "int8"}, None, 0.0),  # they run on the CPU only
+    ({"backend": "openvino"}, 0.5, 0.5),  # inference.num_gpus, set, is the user's
+])
+def test_a_model_that_runs_on_the_cpu_only_reserves_no_gpu(model, num_gpus, expected):
+    config = parse_config({"model": model, "inference": {"num_gpus": num_gpus},
+                           "cameras": [{"id": "a", "url": "synthetic://street"}]})
+    gpus = replica_gpus(config.inference, config.model)
+    assert gpus == expected
+    opts = inference_options(config.ray, gpus, [HEAD, GPU])
+    assert opts["num_gpus"] == (1.0 if expected is None else expected)
+    # with no GPU reserved, one machine's CPUs run it as any CPU model: in the camera processes
+    assert model_in_camera_process(config.inference, config.model.device, opts["num_gpus"], False) == (
+        opts["num_gpus"] == 0)
 
 
 def test_inference_never_fits_a_node_without_the_inference_resource():

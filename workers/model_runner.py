@@ -26,7 +26,7 @@ from models.export import RAW_KEYS, compiled_cache, compiling
 from models.postprocess import to_cpu
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
-from workers.settings import backend_problem
+from workers.settings import backend_problem, runs_on_cpu_only
 from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
@@ -319,10 +319,8 @@ class ModelRunner:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if threads:
             torch.set_num_threads(threads)
-        # OpenVINO and int8 run on the CPU only: there 'auto' means the CPU, also on a machine with a GPU
-        # (the config's check, backend_problem, reads 'auto' so).
-        cpu_only = backend == "openvino" or precision == "int8"
-        self.device = pick_device("cpu" if device == "auto" and cpu_only else device)
+        # OpenVINO and int8: 'auto' is the CPU, also on a machine with a GPU (as the config's check reads it)
+        self.device = pick_device("cpu" if device == "auto" and runs_on_cpu_only(backend, precision) else device)
         self.autocast = pick_autocast(precision, self.device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model, precision)

@@ -24,6 +24,12 @@ LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that neve
 OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
+def runs_on_cpu_only(backend: str, precision: str) -> bool:
+    """OpenVINO and int8 (OpenVINO's) run the model on the CPU whatever the machine has: device 'auto' is the CPU
+    for them, and their inference replicas reserve no GPU."""
+    return backend == "openvino" or precision == "int8"
+
+
 def backend_problem(backend: str, precision: str, device: str) -> str | None:
     """Why ``backend`` cannot run ``precision`` on ``device`` ('auto', 'cpu', 'cuda', ...), or None. The one rule
     behind the config's check, `hydravision eval --backend`'s and ModelRunner's: OpenVINO runs on the CPU here
