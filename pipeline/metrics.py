@@ -83,7 +83,7 @@ class HydravisionCollector(Collector):
         up = GaugeMetricFamily("hydravision_camera_up", "1 when the camera's stream is being read", labels=["camera"])
         reconnects = CounterMetricFamily("hydravision_camera_reconnects_total",
                                          "Reconnects and decoder restarts, per camera", labels=["camera"])
-        fps = GaugeMetricFamily("hydravision_camera_fps", "Frames published per second (last 5 s)", labels=["camera"])
+        fps = GaugeMetricFamily("hydravision_camera_fps", "Frames published per second (frames of the last 5 s over their capture span)", labels=["camera"])
         target = GaugeMetricFamily("hydravision_camera_target_fps", "Frames per second the camera analyses at "
                                    "most: its fps setting, or lower while its frame-age budget is exceeded "
                                    "(absent: every frame)", labels=["camera"])

@@ -166,6 +166,39 @@ def test_overloaded_live_camera_drops_newest_wins_and_counts_add_up(redis_server
 
 
 @pytest.mark.timeout(60)
+def test_frames_published_together_count_at_the_rate_they_were_captured(redis_server):
+    """A camera's first frames often come back from one batch and are published within a millisecond of each
+    other: its fps is the rate those frames were captured at (10 here), not one over that millisecond."""
+    gate = asyncio.Event()
+
+    async def held_infer(request):  # every frame in flight returns at once, as from one batch
+        await gate.wait()
+        return empty_result(request.heads)
+
+    camera = {"id": "cam-r", "url": "synthetic://street?seed=2&fps=10", "realtime": True, "max_inflight": 4}
+
+    async def main():
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, held_infer, MODEL_INFO, pub)
+            task = asyncio.create_task(pipe.run())
+            deadline = time.monotonic() + 30
+            while pipe.stats()["submitted"] < 4:
+                assert time.monotonic() < deadline and not task.done(), pipe.stats()
+                await asyncio.sleep(0.01)
+            gate.set()
+            while pipe.stats()["published"] < 4:
+                assert time.monotonic() < deadline and not task.done(), pipe.stats()
+                await asyncio.sleep(0.001)
+            first = pipe.stats()
+            pipe.stop(drain=True)
+            await task
+            return first
+
+    first = asyncio.run(main())
+    assert 6 <= first["fps"] <= 15, first
+
+
+@pytest.mark.timeout(60)
 def test_inference_errors_are_counted_and_the_camera_goes_on(redis_server):
     calls = {"n": 0}
 

@@ -91,7 +91,8 @@ class CameraPipeline:
         self.budget_options = budget_options or {}  # FrameAgeBudget's timing, for tests
         self._budget_fps: float | None = None  # the analysed rate the budget imposes; None: the configured one
         self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
-        self.publish_times: collections.deque[float] = collections.deque(maxlen=300)
+        # (publish time, capture time) of the last frames published, for the fps in stats().
+        self.publish_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=300)
         self.last_error: str | None = None
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = 0
         self.state = "created"
@@ -395,7 +396,7 @@ class CameraPipeline:
         self.publisher.publish_detections(msg)
         self.published += 1
         self.latencies.append(latency_ms)
-        self.publish_times.append(now)
+        self.publish_times.append((now, item.wall))
         self._tracked = tracked
         self._after_analytics(item, analytics)
         age_s = max(0.0, now - item.wall)
@@ -530,8 +531,11 @@ class CameraPipeline:
     def stats(self) -> dict[str, Any]:
         cap, slot = self._capture, self._slot
         now = time.time()
-        recent = [t for t in self.publish_times if now - t <= 5.0]
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        # Frames published in the last 5 s, over the span of their capture times: the publish times of one
+        # batch are all but equal, so the first two frames published would have shown a rate far too high.
+        recent = [wall for t, wall in self.publish_times if now - t <= 5.0]
+        span = recent[-1] - recent[0] if len(recent) > 1 else 0.0
+        fps = (len(recent) - 1) / span if span > 0 else 0.0
         lat = np.array(self.latencies) if self.latencies else None
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
