@@ -269,6 +269,21 @@ def test_rejected_message_does_not_block_the_rest(any_redis: RedisServer, publis
     assert client.xlen(keys("hv").detections("good")) == 1
 
 
+def test_a_hash_of_thousands_of_fields_arrives_whole(redis_server: RedisServer, publisher) -> None:
+    """Lua's unpack() takes at most ~8000 values: 26 lines x 80 classes x in/out counts used to fail the batch
+    after its XADDs, on every retry, leaving the counts hash deleted and the status stale."""
+    client, k = redis_server.client(), keys("hv")
+    counts = {f"line:l{i}:objects:class{i % 80}:in": i for i in range(5000)}
+    pub = publisher(redis_server.url)
+    pub.publish_detections(det(frame=0))
+    pub.set_hash(k.counts("lobby"), counts)
+    pub.set_status("lobby", {"state": "up"})
+    assert pub.flush()
+    assert {f.decode(): int(v) for f, v in client.hgetall(k.counts("lobby")).items()} == counts
+    assert client.hgetall(k.cameras) == {b"lobby": b'{"state":"up"}'} and frames_of(client) == [0]
+    assert not pub.stats()["failing"]
+
+
 # --- outages --------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(40)

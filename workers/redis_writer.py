@@ -45,14 +45,23 @@ local function write_statuses(first)
     if ARGV[j + 1] == '' then dels[#dels + 1] = ARGV[j]
     else sets[#sets + 1] = ARGV[j]; sets[#sets + 1] = ARGV[j + 1] end
   end
-  if #sets > 0 then errors[#errors + 1] = failed(redis.pcall('HSET', KEYS[2], unpack(sets))) end
-  if #dels > 0 then errors[#errors + 1] = failed(redis.pcall('HDEL', KEYS[2], unpack(dels))) end
+  errors[#errors + 1] = in_chunks('HSET', KEYS[2], sets, 1, #sets)
+  errors[#errors + 1] = in_chunks('HDEL', KEYS[2], dels, 1, #dels)
   return errors
 end
 """
 _COMMON_LUA = """
 local function failed(reply)
   if type(reply) == 'table' and reply.err then return reply.err end
+  return nil
+end
+-- Lua's unpack() refuses more than ~8000 values, so `cmd key` gets values[first..last] 2000 at a time (an even
+-- number: HSET's field/value pairs stay whole); the first error is returned. Nothing to send: no call.
+local function in_chunks(cmd, key, values, first, last)
+  for i = first, last, 2000 do
+    local err = failed(redis.pcall(cmd, key, unpack(values, i, math.min(i + 1999, last))))
+    if err then return err end
+  end
   return nil
 end
 local state, trip = KEYS[1], tonumber(ARGV[1])
@@ -88,10 +97,9 @@ end
 -- Hashes replaced whole (analytics counts, snapshots): latest value wins, a field that went away goes away.
 local a = 3 * n + 5
 for j = 1, m do
-  local key, count, fields = KEYS[2 + n + j], tonumber(ARGV[a]), {}
-  for k = 1, 2 * count do fields[k] = ARGV[a + k] end
+  local key, count = KEYS[2 + n + j], tonumber(ARGV[a])
   errors[#errors + 1] = failed(redis.pcall('DEL', key))
-  if count > 0 then errors[#errors + 1] = failed(redis.pcall('HSET', key, unpack(fields))) end
+  errors[#errors + 1] = in_chunks('HSET', key, ARGV, a + 1, a + 2 * count)
   a = a + 2 * count + 1
 end
 for _, err in ipairs(write_statuses(a)) do errors[#errors + 1] = err end
