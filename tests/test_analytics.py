@@ -239,6 +239,16 @@ def test_line_counts_in_and_out_per_class_with_direction_from_start_to_end():
     assert ln.counts()[("vehicles", "car")] == {"in": 0, "out": 0}
 
 
+def test_two_crossings_on_one_frame_each_carry_the_count_so_far_this_one_included():
+    ln = LineCounter(LineConfig(name="l", start=(0.5, 0.0), end=(0.5, 1.0)), SIZE, HEADS, HEADS)
+    events = []
+    for f, x in enumerate(np.arange(200.0, 460.0, 20.0)):  # side by side, left to right across x = 320
+        events += ln.update("people", people([standing_at(x, 150.0), standing_at(x, 250.0)], [1, 2]), f, f / 10)
+    events += walk(ln, list(np.arange(200.0, 460.0, 20.0)), tid=3)  # a third one later
+    assert [(e["track_id"], e["count"]) for e in events] == [(1, 1), (2, 2), (3, 3)]
+    assert ln.counts()[("people", "person")] == {"in": 3, "out": 0}
+
+
 def test_a_track_missed_while_it_crosses_is_still_counted():
     """Detections drop out for 4 frames right at the line (something stands there), then the same track is seen
     past it: one crossing. supervision's LineZone alone forgets the side after 2 missing frames (checked below,

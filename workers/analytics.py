@@ -302,15 +302,19 @@ class LineCounter:
         if zone is None:
             return []
         det = det[np.isin(_names(det), self.classes[head])] if len(det) else det
+        # "so far, this one included": the zone counts the whole frame at once, so each event counts on from before
+        so_far = {"in": zone.in_count_per_class, "out": zone.out_count_per_class}  # copies: class id -> n
         crossed_in, crossed_out = zone.trigger(det)
         events = []
         names = _names(det)
         for i in np.flatnonzero(crossed_in | crossed_out):
             direction = "in" if crossed_in[i] else "out"
             name = str(names[i])
+            cid = self.head_classes[head].index(name)  # as counts() does: the event's count is the hash's
+            so_far[direction][cid] = so_far[direction].get(cid, 0) + 1
             events.append({"type": "line_crossed", "head": head, "track_id": int(det.tracker_id[i]), "class": name,
                            "line": self.name, "direction": direction, "frame": frame, "pts": round(pts, 3),
-                           "count": self.counts()[(head, name)][direction]})
+                           "count": so_far[direction][cid]})
         return events
 
     def counts(self) -> dict[tuple[str, str], dict[str, int]]:
