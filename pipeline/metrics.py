@@ -125,34 +125,35 @@ class HydravisionCollector(Collector):
                                "processes running the model themselves) that answered the controller's latest call")
         up.add_metric([], sum(answered(r) for r in replicas))
         yield up
-        if not any(r.counters.keys() for r in replicas):
+        counters = [r.counters for r in replicas] + [snap.retired]  # models that have gone still count
+        if not any(c.keys() for c in counters):
             return
         sizes = HistogramMetricFamily("hydravision_inference_batch_size", "Frames per batch the model ran")
         sizes_by = {}
-        for r in replicas:
-            for key in r.counters.keys():
+        for c in counters:
+            for key in c.keys():
                 if key.startswith("bs."):
                     size = int(key[3:])
-                    sizes_by[size] = sizes_by.get(size, 0) + int(r.counters.value(key))
+                    sizes_by[size] = sizes_by.get(size, 0) + int(c.value(key))
         _histogram(sizes, [], from_counts(sizes_by, BATCH_SIZE_BUCKETS))
         yield sizes
         wait = HistogramMetricFamily("hydravision_inference_batch_wait_seconds",
                                      "Time a frame waited in the inference queue for its batch to start")
-        _histogram(wait, [], merge(r.counters.histogram("wait", BATCH_WAIT_BUCKETS) for r in replicas))
+        _histogram(wait, [], merge(c.histogram("wait", BATCH_WAIT_BUCKETS) for c in counters))
         yield wait
         seconds = HistogramMetricFamily("hydravision_inference_batch_seconds",
                                         "Time the model took per batch (backbone, heads, decoding, NMS)")
-        _histogram(seconds, [], merge(r.counters.histogram("bsec", BATCH_SECONDS_BUCKETS) for r in replicas))
+        _histogram(seconds, [], merge(c.histogram("bsec", BATCH_SECONDS_BUCKETS) for c in counters))
         yield seconds
-        heads = sorted({k.split(".")[1] for r in replicas for k in r.counters.keys() if k.startswith("head.")})
+        heads = sorted({k.split(".")[1] for c in counters for k in c.keys() if k.startswith("head.")})
         head_seconds = HistogramMetricFamily("hydravision_head_seconds", "Time of one head's forward pass per "
                                              "batch (the frames of the batch that asked for it; torch backend "
                                              "only)", labels=["head"])
         head_frames = CounterMetricFamily("hydravision_head_frames_total", "Frames each head ran on", labels=["head"])
         for head in heads:
-            _histogram(head_seconds, [head], merge(r.counters.histogram(f"head.{head}", HEAD_SECONDS_BUCKETS)
-                                                   for r in replicas))
-            head_frames.add_metric([head], sum(r.counters.value(f"head_frames.{head}") for r in replicas))
+            _histogram(head_seconds, [head], merge(c.histogram(f"head.{head}", HEAD_SECONDS_BUCKETS)
+                                                   for c in counters))
+            head_frames.add_metric([head], sum(c.value(f"head_frames.{head}") for c in counters))
         yield head_seconds
         yield head_frames
         depth = GaugeMetricFamily("hydravision_queue_depth", "Frames waiting in the inference queues for a batch")
@@ -168,8 +169,8 @@ class HydravisionCollector(Collector):
         rejected = CounterMetricFamily("hydravision_inference_rejected_total", "Frames the inference queue "
                                        "answered without computing them, by reason", labels=["reason"])
         for reason in REJECT_REASONS:
-            if any(f"rejected.{reason}" in r.counters.keys() for r in replicas):
-                rejected.add_metric([reason], sum(r.counters.value(f"rejected.{reason}") for r in replicas))
+            if any(f"rejected.{reason}" in c.keys() for c in counters):
+                rejected.add_metric([reason], sum(c.value(f"rejected.{reason}") for c in counters))
         yield rejected
 
     def _redis(self, snap: Snapshot) -> Iterator[Metric]:

@@ -74,15 +74,20 @@ class Accumulated:
     incarnation: Any = None
 
     def update(self, incarnation: Any, values: dict[str, float]) -> bool:
-        """True when this is a new process (another pid, or a counter went backwards): its predecessor's last
-        values are folded into the base first."""
+        """True when this is a new process (another pid, or a counter it reports went backwards): its
+        predecessor's last values are folded into the base first. A counter missing from the same process's
+        values went away with what counted it (the frame-age budget a live update drops): its last value is
+        folded into the base, so it keeps its total and counts on from there if it comes back."""
         restarted = self.incarnation is not None and (
-            incarnation != self.incarnation or any(values.get(k, 0) < v for k, v in self.last.items()))
-        if restarted:
-            for k, v in self.last.items():
-                self.base[k] = self.base.get(k, 0) + v
+            incarnation != self.incarnation or any(k in values and values[k] < v for k, v in self.last.items()))
+        gone = self.last if restarted else {k: v for k, v in self.last.items() if k not in values}
+        self.add(gone)
         self.incarnation, self.last = incarnation, dict(values)
         return restarted
+
+    def add(self, totals: dict[str, float]) -> None:
+        for k, v in totals.items():
+            self.base[k] = self.base.get(k, 0) + v
 
     def value(self, key: str) -> float:
         return self.base.get(key, 0) + self.last.get(key, 0)
@@ -122,6 +127,7 @@ class Snapshot:
     last_tick: float | None
     cameras: dict[str, CameraRecord]
     replicas: dict[int | str, ReplicaRecord]  # replica index, or a camera process's name (its own model)
+    retired: Accumulated  # the counters of models that have gone: the sums over models include them
     restarts: dict[str, int]
     publishers: dict[str, dict]
 
@@ -134,6 +140,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self._cameras: dict[str, CameraRecord] = {}
         self._replicas: dict[int | str, ReplicaRecord] = {}
+        self._retired = Accumulated()
         self._restarts: collections.Counter[str] = collections.Counter({role: 0 for role in ROLES})
         self._publishers: dict[str, dict] = {}
         self.last_tick: float | None = None
@@ -183,11 +190,13 @@ class Telemetry:
             rec.counters.update(stats.get("pid"), inference_counters(stats))
 
     def keep_inference(self, keys: Iterable) -> None:
-        """Only these models' records stay (a camera process that ran its own model and has ended)."""
+        """Only these models' records stay (a camera process that ran its own model and has ended). What a
+        model that goes had counted stays in the sums over models (``retired``): they never go backwards."""
         with self._lock:
             keep = set(keys)
             for key in [k for k in self._replicas if k not in keep]:
-                del self._replicas[key]
+                gone = self._replicas.pop(key).counters
+                self._retired.add({k: gone.value(k) for k in gone.keys()})
 
     def record_restart(self, role: str) -> None:
         with self._lock:
@@ -201,4 +210,5 @@ class Telemetry:
     def snapshot(self) -> Snapshot:
         with self._lock:
             return Snapshot(self.clock(), self.last_tick, copy.deepcopy(self._cameras),
-                            copy.deepcopy(self._replicas), dict(self._restarts), copy.deepcopy(self._publishers))
+                            copy.deepcopy(self._replicas), copy.deepcopy(self._retired), dict(self._restarts),
+                            copy.deepcopy(self._publishers))

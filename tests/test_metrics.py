@@ -133,6 +133,52 @@ def test_counters_never_go_backwards_when_an_actor_restarts():
     assert value(scrape(t), "hydravision_inference_batch_size_count") == 18
 
 
+def test_a_budget_dropped_by_a_live_update_is_no_restart_and_its_actions_count_on():
+    t = Telemetry()
+    t.record_cameras([camera_stats(pid=100)])  # its budget took actions batch_wait 1, fps 1
+    # The same process a tick later: a live update (fps, url or max_frame_age_ms) dropped the budget.
+    dropped = camera_stats(pid=100, decoded=110, published=85)
+    dropped["budget"] = None
+    t.record_cameras([dropped])
+    m = scrape(t)
+    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 110
+    assert value(m, "hydravision_frames_total", camera="lobby", outcome="published") == 85
+    assert value(m, "hydravision_frames_total", camera="lobby", outcome="lost") == 0
+    assert value(m, "hydravision_frame_age_seconds_count", camera="lobby") == 4
+    assert value(m, "hydravision_redis_errors_total", publisher="lobby") == 3
+    assert value(m, "hydravision_budget_actions_total", camera="lobby", action="batch_wait") == 1
+    # The new budget counts its actions from zero: they add to the old one's.
+    renewed = camera_stats(pid=100, decoded=115, published=90)
+    renewed["budget"] = {"max_frame_age_ms": 300.0, "fps": 10.0, "actions": {"fps": 1}}
+    t.record_cameras([renewed])
+    m = scrape(t)
+    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 115
+    assert value(m, "hydravision_budget_actions_total", camera="lobby", action="fps") == 2
+    assert value(m, "hydravision_budget_actions_total", camera="lobby", action="batch_wait") == 1
+
+
+def test_a_model_that_goes_away_keeps_its_counts_in_the_sums():
+    t = Telemetry()
+    t.record_inference("hv-stream-0", inference_stats(pid=1))
+    t.record_inference("hv-stream-1", inference_stats(pid=2, shed=4, expired=1, cancelled=0, batch_limit=16))
+    t.record_cameras([])
+    before = scrape(t)
+    t.keep_inference(["hv-stream-0"])  # the process that ran its own model ended with its last camera
+    t.record_inference("hv-stream-0", inference_stats(pid=1))
+    after = scrape(t)
+    summed = [name for name in before if name.startswith(("hydravision_inference_batch_", "hydravision_head_",
+                                                          "hydravision_inference_rejected_"))]
+    assert "hydravision_head_frames_total" in summed and "hydravision_inference_batch_size_count" in summed
+    for name in summed:
+        if name != "hydravision_inference_batch_limit":  # a gauge per model: it goes with the model
+            assert after[name] == before[name], name
+    assert "hydravision_inference_batch_limit" not in after
+    assert value(after, "hydravision_inference_replicas_up") == 1
+    # once no model is left, the sums stay too
+    t.keep_inference([])
+    assert value(scrape(t), "hydravision_head_frames_total", head="people") == 60
+
+
 def test_a_camera_that_is_restarting_keeps_its_counters_and_a_removed_one_disappears():
     t = Telemetry()
     t.record_cameras([camera_stats("lobby"), camera_stats("dock")])
