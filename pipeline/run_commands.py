@@ -139,7 +139,7 @@ def tail(args: argparse.Namespace) -> int:
         return 2
     k = keys(args.prefix)
     stream = k.events if args.events else k.detections(args.camera)
-    last = "0-0" if args.from_start else "$"
+    last = "0-0" if args.from_start else _newest_id(client, stream)
     count = 0
     if args.camera:
         known = {s["camera"]: s for s in read_camera_statuses(client, args.prefix)}
@@ -166,6 +166,13 @@ def tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
+    """The id of the stream's newest entry ("0-0": empty or missing). Reading on from it, not from "$" at every
+    XREAD, prints what arrives between two reads."""
+    newest = client.xrevrange(stream, count=1)
+    return newest[0][0] if newest else "0-0"
 
 
 def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Namespace) -> int:

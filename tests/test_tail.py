@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from pipeline.cli import main
 from servers import free_port
@@ -107,8 +108,8 @@ def test_follows_new_messages_only(redis_server) -> None:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert line.startswith("tailing "), line + proc.stderr.read()
-        # It starts reading at the stream's end as it is when its first read arrives, a moment after it says
-        # so: keep adding messages until it has printed two and exited.
+        # It reads on from the stream's end as it was before it said so: keep adding messages until it has
+        # printed two and exited.
         frame = 1
         while proc.poll() is None and frame < 100:
             xadd(client, K.detections("lobby"), [frame_message(frame)])
@@ -122,4 +123,28 @@ def test_follows_new_messages_only(redis_server) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     printed = [int(line.split(" frame ")[1].split()[0]) for line in out.splitlines()]
-    assert len(printed) == 2 and printed[0] >= 1 and printed[1] == printed[0] + 1, out
+    assert printed == [1, 2], out
+
+
+@pytest.mark.timeout(60)
+def test_follows_a_message_that_arrives_between_two_reads(redis_server, capsys, monkeypatch) -> None:
+    """Without --from-start it reads on from the stream's end as it was at the start, not from "$" at each
+    read: a message added after one read came back empty and before the next was sent is printed."""
+    client = redis_server.client()
+    xadd(client, K.events, [event_message("stream_up", "lobby", ts=1.0)])  # history: not printed
+    real_xread, reads = redis.Redis.xread, []
+
+    def xread(self, streams, count=None, block=None, **kwargs):
+        reads.append(dict(streams))
+        if len(reads) > 2:
+            raise KeyboardInterrupt  # tail's own way out: it returns what it printed
+        reply = real_xread(self, streams, count=count, block=100, **kwargs)
+        if len(reads) == 1:  # the first read timed out empty; a message lands before the second
+            assert not reply
+            xadd(client, K.events, [event_message("stream_down", "lobby", ts=2.0)])
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "xread", xread)
+    code, lines, err = tail(capsys, "--events", "--count", "1", "--redis-url", redis_server.url)
+    assert code == 0, err
+    assert lines == ["2.000 lobby stream_down {}"]
