@@ -176,7 +176,10 @@ class GroupConsumer:
         return out
 
     def _deliveries(self, stream: str, ids: list[str]) -> dict[str, int]:
-        rows = self.client.xpending_range(stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 100)
+        # Only this consumer's entries (those it just read or claimed): other consumers' pending entries in the
+        # same id range would use up the count and hide some of these.
+        rows = self.client.xpending_range(stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 100,
+                                          consumername=self.consumer)
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     def _bury(self, stream: str, entry_id: str, fields: dict, deliveries: int, reason: str) -> None:

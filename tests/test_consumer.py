@@ -106,6 +106,26 @@ def test_poison_messages_go_to_the_dead_letter_stream(any_redis):
     assert client.xpending(STREAM, "g")["pending"] == 0
 
 
+def test_a_poison_message_is_buried_even_behind_many_entries_another_consumer_holds(redis_server):
+    """Its delivery count is looked up among this consumer's own pending entries: 150 entries pending at
+    another consumer between two of its own do not hide the second one's count."""
+    client = redis_server.client()
+    client.xgroup_create(STREAM, "g", id="0", mkstream=True)
+
+    def deliver(consumer: str, n: int) -> list[str]:
+        ids = [client.xadd(STREAM, {"data": "{}"}).decode() for _ in range(n)]
+        client.xreadgroup("g", consumer, {STREAM: ">"}, count=n)
+        return ids
+
+    [first] = deliver("me", 1)
+    deliver("other", 150)
+    [poison] = deliver("me", 1)
+    client.xclaim(STREAM, "g", "me", 0, [poison], retrycount=10)  # as if its handler had failed 10 times
+    consumer = GroupConsumer(client, STREAM, "g", "me", block_ms=100, max_deliveries=5)
+    assert [m.id for m in consumer.read()] == [first]
+    assert [f[b"source_id"].decode() for _, f in client.xrange(f"{STREAM}:dead")] == [poison]
+
+
 def test_block_must_be_shorter_than_the_socket_timeout(redis_server):
     client = redis.Redis.from_url(redis_server.url, socket_timeout=1)
     with pytest.raises(ValueError, match="shorter than the client's socket_timeout"):
