@@ -278,3 +278,169 @@ def test_a_frame_the_decoder_finishes_after_a_stop_is_neither_handed_over_nor_co
         release.set()
     assert final["decoded"] == final["published"] == 5 and pub.frames == list(range(5)), final
     assert sum(final["dropped"].values()) == 0, final["dropped"]
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def slowed(infer, seconds: float):
+    async def slow(request):
+        await asyncio.sleep(seconds)
+        return await infer(request)
+    return slow
+
+
+@pytest.mark.timeout(60)
+def test_a_replaced_decoder_resumes_a_new_url_at_that_files_own_position():
+    """The frame numbering goes on across a new URL while the new file starts at its frame 0: a later
+    replacement of the decoder (here a live update of read_timeout_s; the watchdog and a crashed decoder take
+    the same path) resumed the file at the camera's frame number and skipped ~45 of its 60 frames."""
+    first = "synthetic://street?seed=1&frames=1000&size=160x96"
+    second = "synthetic://street?seed=2&frames=60&size=160x96"
+    pictures: list[int] = []
+    pub = RecordingPublisher()
+
+    async def main() -> tuple[dict, int]:
+        camera = {"id": "file", "url": first, "realtime": False, "max_inflight": 1}
+        pipe = CameraPipeline(camera, slowed(no_detections(pictures), 0.02), MODEL_INFO, pub)
+        task = asyncio.ensure_future(pipe.run())
+        await until(lambda: len(pub.frames) >= 40, 30, "40 frames of the first file")
+        pipe.update(pipe.camera.model_copy(update={"url": second}))
+        mark = len(pictures)
+        await until(lambda: len(pictures) >= mark + 12, 30, "frames of the second file")
+        pipe.update(pipe.camera.model_copy(update={"read_timeout_s": 9.0}))
+        return await asyncio.wait_for(task, 30), mark
+
+    final, mark = asyncio.run(main())
+    expected = synthetic_pictures(second, 60)
+    assert final["state"] == "ended"
+    assert [p for p in pictures[mark:] if p in set(expected)] == expected  # each once, in order, none skipped
+    assert pub.frames == sorted(set(pub.frames))
+
+
+@pytest.mark.timeout(60)
+def test_the_frame_a_replaced_decoder_was_handing_over_is_read_again_not_lost():
+    """An unpaced file's decoder waits in the slot for a slow model; replacing it (a live update of a decoder
+    setting) refuses that frame: its number counts as dropped (overload), and the next decoder starts at that
+    frame of the file, so every picture of the file is still analysed, once, in order."""
+    url = "synthetic://street?seed=4&frames=60&size=160x96"
+    pictures: list[int] = []
+    pub = RecordingPublisher()
+
+    async def main() -> dict:
+        camera = {"id": "file", "url": url, "realtime": False, "max_inflight": 1}
+        pipe = CameraPipeline(camera, slowed(no_detections(pictures), 0.03), MODEL_INFO, pub)
+        task = asyncio.ensure_future(pipe.run())
+        await until(lambda: len(pub.frames) >= 10 and pipe._capture._in_put, 30, "the decoder waiting in put")
+        pipe.update(pipe.camera.model_copy(update={"read_timeout_s": 9.0}))
+        return await asyncio.wait_for(task, 30)
+
+    final = asyncio.run(main())
+    assert pictures == synthetic_pictures(url, 60), "a picture of the file was lost or analysed twice"
+    d = final["dropped"]
+    assert final["decoded"] == final["published"] + sum(d.values()) + final["in_slot"] + final["in_flight"]
+    assert final["published"] == 60 and d["overload"] <= 1, final
+
+
+@pytest.mark.timeout(60)
+def test_a_paced_file_resumed_far_in_skips_to_its_frame_at_once(tmp_path):
+    """A restarted camera on a realtime (paced) file resumes at frame 100: the frames before it were read
+    through the pacer, 4 s of no output at 25 fps (half an hour after a crash 30 minutes in)."""
+    from synthetic.clips import encode_mp4
+    from workers.stream import Resume
+
+    path = encode_mp4(tmp_path / "clip.mp4", (np.full((64, 64, 3), i % 256, np.uint8) for i in range(150)), 25)
+    pub = RecordingPublisher()
+
+    async def main() -> float:
+        camera = {"id": "file", "url": str(path), "realtime": True}
+        pipe = CameraPipeline(camera, no_detections(), MODEL_INFO, pub, resume=Resume(100, 3.96, "0-0"))
+        task = asyncio.ensure_future(pipe.run())
+        started = time.monotonic()
+        await until(lambda: pub.frames, 30, "the first frame")
+        took = time.monotonic() - started
+        pipe.stop()
+        await task
+        return took
+
+    took = asyncio.run(main())
+    assert pub.frames[0] == 100
+    assert took < 2.0, f"the first frame after {took:.1f} s"
+
+
+@pytest.mark.timeout(60)
+def test_a_camera_that_hangs_up_right_after_opening_still_backs_off(monkeypatch):
+    """A relay whose publisher left opens and ends at once: counting each open as a recovery restarted the
+    backoff every time, so it retried every 0.25-0.5 s forever with three events each time."""
+    class HangsUp(ScriptedCamera):
+        def read(self) -> SourceFrame | None:
+            return None
+
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: HangsUp(url))
+    pub = RecordingPublisher()
+
+    def delays() -> list[float]:
+        with pub.lock:
+            return [e["delay_s"] for e in pub.events if e["type"] == "stream_reconnecting"]
+
+    async def main() -> None:
+        pipe = CameraPipeline({"id": "cam", "url": "rtsp://relay/cam"}, no_detections(), MODEL_INFO, pub)
+        task = asyncio.ensure_future(pipe.run())
+        await until(lambda: len(delays()) >= 3, 20, "three reconnects")
+        pipe.stop()
+        await task
+
+    asyncio.run(main())
+    first, second, third = delays()[:3]
+    assert 0.25 <= first <= 0.5 and 0.5 <= second <= 1.0 and 1.0 <= third <= 2.0, delays()
+
+
+@pytest.mark.timeout(60)
+def test_stopping_a_camera_whose_decoder_is_stuck_does_not_hold_up_the_others(monkeypatch):
+    """Cameras of one process share its event loop. Stopping one whose decoder sits in a blocking open (an
+    RTSP camera that does not answer) joined the thread on the loop, for up to 5 s: no camera moved."""
+    release = threading.Event()
+    real_open = workers.capture.open_source
+
+    class SlowOpen(ScriptedCamera):
+        def open(self) -> None:
+            release.wait(10)  # FFmpeg waiting on a host that does not answer
+            raise SourceError("timeout", "no answer")
+
+    monkeypatch.setattr(workers.capture, "open_source",
+                        lambda url, **kw: SlowOpen(url) if url.startswith("rtsp://") else real_open(url, **kw))
+    moving, stuck = RecordingPublisher(), RecordingPublisher()
+
+    async def main() -> float:
+        a = CameraPipeline({"id": "a", "url": "synthetic://street?seed=1&fps=25&size=160x96"}, no_detections(),
+                           MODEL_INFO, moving)
+        b = CameraPipeline({"id": "b", "url": "rtsp://10.255.255.1/x"}, no_detections(), MODEL_INFO, stuck)
+        ta, tb = asyncio.ensure_future(a.run()), asyncio.ensure_future(b.run())
+        await until(lambda: len(moving.frames) >= 5, 30, "frames of the camera that works")
+        stalls, done = [], False
+
+        async def ticker() -> None:
+            while not done:
+                t = time.monotonic()
+                await asyncio.sleep(0.01)
+                stalls.append(time.monotonic() - t)
+
+        tick = asyncio.ensure_future(ticker())
+        b.stop()
+        await asyncio.wait_for(tb, 15)
+        done = True
+        await tick
+        a.stop()
+        await ta
+        return max(stalls)
+
+    try:
+        longest = asyncio.run(main())
+    finally:
+        release.set()
+    assert longest < 1.0, f"the event loop stood still for {longest:.1f} s"

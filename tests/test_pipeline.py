@@ -240,6 +240,34 @@ def test_a_failure_while_publishing_is_reported_and_the_camera_goes_on(redis_ser
     assert_counters_add_up(stats)
 
 
+@pytest.mark.timeout(60)
+def test_a_failure_after_publishing_is_reported_without_counting_the_frame_twice(redis_server, monkeypatch):
+    """A bug in what follows publishing (here the snapshot renderer) counted a published frame again as
+    dropped.error, so in_flight went below 0; on a frame the motion gate skipped it ended the camera's
+    finisher, and run() raised instead of ending the file."""
+    import workers.snapshots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("render bug")
+
+    monkeypatch.setattr(workers.snapshots.Snapshotter, "render", broken)
+
+    async def infer(request):
+        return empty_result(request.heads)
+
+    stats = run_camera(redis_server.url, {"id": "cam-s", "url": "synthetic://street?seed=5&frames=20",
+                                          "realtime": False, "snapshot": {"fps": 10}}, infer)
+    assert stats["published"] == 20 and stats["dropped"]["error"] == 0 and stats["in_flight"] == 0, stats
+    assert "after publishing: RuntimeError: render bug" in stats["last_error"]
+    assert_counters_add_up(stats)
+    still = {"id": "cam-m", "url": "synthetic://street?seed=9&frames=60&density=0", "realtime": False,
+             "motion": {"enabled": True}, "snapshot": {"fps": 10}}
+    stats = run_camera(redis_server.url, still, infer)
+    assert stats["state"] == "ended" and stats["skipped"] > 0, stats
+    assert "skipped frame: RuntimeError: render bug" in stats["last_error"]
+    assert stats["decoded"] == stats["published"] + stats["skipped"] + sum(stats["dropped"].values()), stats
+
+
 def test_unknown_head_for_camera_is_a_clear_error():
     with pytest.raises(ValueError, match=r"camera 'x': unknown heads \['faces'\]"):
         CameraPipeline({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, None, MODEL_INFO, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,8 @@ import ray
 from mot import read_stream
 from running import wait_for
 from workers.publish import Publisher, keys
-from workers.stream import CameraPipeline, StreamActor
+from workers.settings import CameraConfig, RedisConfig
+from workers.stream import CameraHost, CameraPipeline, StreamActor, capture_thread_name
 
 MODEL_INFO = {"input_size": [192, 320], "heads": {"people": ["person"], "vehicles": ["car", "bicycle"]}}
 INFER_S = 0.3  # a slow model: a 20 fps camera has frames waiting in every place when it is stopped
@@ -140,3 +142,48 @@ def test_stream_actor_stop_without_drain(ray_local, redis_server) -> None:
     # the stop flushed the publisher: everything counted as published is in Redis
     messages = read_stream(redis_server.client(), keys("hv").detections("cam"))
     assert len(messages) == final["published"] >= 3
+
+
+class _Remote:
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+@pytest.mark.timeout(60)
+def test_a_start_retried_while_the_first_still_waits_runs_the_camera_once(redis_server) -> None:
+    """The controller starts a camera again when its first start outlived the call's timeout (a replica still
+    loading its model says nothing until it is ready): both starts got past the wait and ran the camera twice,
+    every frame published twice, one pipeline never stopped."""
+    class LoadingReplica:
+        def __init__(self) -> None:
+            self.ready = asyncio.Event()
+
+            async def ping() -> int:
+                await self.ready.wait()
+                return 1
+
+            async def infer_image(image, heads, *args):
+                return empty_result(heads)
+
+            self.ping, self.infer_image = _Remote(ping), _Remote(infer_image)
+
+    async def main() -> tuple[int, dict]:
+        replica = LoadingReplica()
+        camera = CameraConfig(id="twice", url="synthetic://street?seed=1&fps=20&size=160x96", heads=["people"])
+        host = CameraHost(camera, [replica], {"input_size": [96, 160], "heads": {"people": ["person"]}},
+                          RedisConfig(url=redis_server.url), instance="run-1")
+        first = asyncio.ensure_future(host.start())
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(host.start())  # the retry
+        await asyncio.sleep(0.2)
+        replica.ready.set()
+        await asyncio.gather(first, second)
+        await asyncio.sleep(1.0)
+        mine = capture_thread_name("twice", "")
+        threads = sum(t.name.startswith(mine) for t in threading.enumerate())
+        return threads, await host.stop()
+
+    threads, stats = asyncio.run(main())
+    frames = [m["frame"] for m in read_stream(redis_server.client(), keys("hv").detections("twice"))]
+    assert threads == 1 and stats["decoder_threads"] == 0
+    assert frames and len(frames) == len(set(frames)), frames

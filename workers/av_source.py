@@ -205,7 +205,9 @@ class AVSource(Source):
             self._decode_next_packet()
         frame = self._pending.popleft()
         pts = self._clock(frame.time)
-        if self._pace:  # a paced file's picture is "taken" when it is due, not when it was decoded ahead
+        # A paced file's picture is "taken" when it is due, not when it was decoded ahead (the first paced frame
+        # anchors the clock, so frames a resume skips first cost no waiting).
+        if self._pace and self._index >= self.unpaced_until:
             self._pacer.wait(pts)
         out = SourceFrame(self._index, pts, time.time(), (frame.height, frame.width), frame)
         self._index += 1

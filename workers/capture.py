@@ -55,6 +55,10 @@ class FrameSlot:
     def __init__(self, loop: asyncio.AbstractEventLoop, lossless: bool = False, depth: int = 1):
         self.loop, self.lossless, self.depth = loop, lossless, max(1, depth)
         self.decoded = self.dropped_rate = self.dropped_budget = self.replaced = self.abandoned = self.taken = 0
+        # The source position after the last frame a capture handed over (put or skipped): where the capture
+        # replacing it resumes a file. Kept here, under the lock that retires the old capture, so a frame the
+        # old one had decoded but not handed over is read again instead of lost.
+        self.resume_position = 0
         # Which capture owns the slot: a capture abandoned by the watchdog may wake up later, and its
         # frames (already re-read by its replacement) must neither count nor reach the pipeline.
         self.generation = 0
@@ -64,28 +68,35 @@ class FrameSlot:
         self._cond = threading.Condition()
         self._ready = asyncio.Event()
 
-    def new_generation(self) -> int:
-        """Hands the slot to a new capture; the previous one's puts are refused from now on."""
+    def new_generation(self, resume_position: int | None = None) -> tuple[int, int]:
+        """Hands the slot to a new capture; the previous one's puts are refused from now on. Returns the new
+        generation and where the new capture starts a file: ``resume_position``, or where the previous capture
+        stopped handing frames over when None."""
         with self._cond:
             self.generation += 1
             self._cond.notify_all()  # a retired capture blocked in put() wakes and leaves
-            return self.generation
+            if resume_position is not None:
+                self.resume_position = resume_position
+            return self.generation, self.resume_position
 
-    def skip(self, generation: int = 0, budget: bool = False) -> bool:
+    def skip(self, generation: int = 0, budget: bool = False, position: int = 0) -> bool:
         """From the decode thread: a decoded frame the rate gate does not want (``budget``: one the camera's
-        configured rate wanted, skipped because its frame-age budget lowered the rate). False: retired capture."""
+        configured rate wanted, skipped because its frame-age budget lowered the rate). False: retired capture.
+        ``position``: the frame's source index + 1 (see resume_position)."""
         with self._cond:
             if generation != self.generation:
                 return False
             self.decoded += 1
+            self.resume_position = position
             if budget:
                 self.dropped_budget += 1
             else:
                 self.dropped_rate += 1
             return True
 
-    def put(self, item: CapturedFrame, generation: int = 0) -> bool:
-        """From the decode thread. False when the slot was closed (stop requested) or the capture retired."""
+    def put(self, item: CapturedFrame, generation: int = 0, position: int = 0) -> bool:
+        """From the decode thread. False when the slot was closed (stop requested) or the capture retired.
+        ``position``: the frame's source index + 1 (see resume_position)."""
         with self._cond:
             if generation != self.generation:
                 return False
@@ -105,6 +116,7 @@ class FrameSlot:
                 self.replaced += len(self._items)
                 self._items.clear()
             self._items.append(item)
+            self.resume_position = position
         self.loop.call_soon_threadsafe(self._ready.set)
         return True
 
@@ -181,7 +193,9 @@ class Capture:
 
     ``on_event(type, fields)`` is called from that thread (never after the capture was abandoned). A
     replacement capture (``first_index`` > 0) continues the frame numbering; on a source that is not live
-    it first skips the frames its predecessor already handed over, so nothing is analysed twice.
+    it first skips the frames its predecessor already handed over (fast: unpaced), so nothing is analysed
+    twice and nothing it had decoded but not handed over is lost. The frame numbering and the position in
+    the file are not the same number: a new URL continues the one and starts the other at 0.
     States: starting, running, reconnecting, then ended (file done), failed (gave up: bad file, bad URL),
     stopped (asked to), or crashed (a bug in this loop: the owner restarts it, see CameraPipeline).
     ``budget_fps`` (settable from another thread at any time) lowers the analysed rate below the camera's
@@ -193,15 +207,18 @@ class Capture:
 
     def __init__(self, camera: CameraConfig, input_size: tuple[int, int], slot: FrameSlot,
                  on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0,
-                 resume: bool = True):
-        """``resume=False``: a new source (the camera's URL changed) starts at its beginning; the frame
-        numbering and pts still continue. ``camera`` may be replaced while running: its ``fps`` applies
-        from the next frame, everything else at the next (re)open."""
+                 resume_at: int | None = None, pts_offset: float = 0.0):
+        """``resume_at``: the source position a file starts at (0: a new source, e.g. the camera's URL
+        changed; None: where the capture this one replaces stopped handing frames over); the frame numbering
+        and pts continue from ``first_index`` and ``first_pts`` either way. ``pts_offset``: what the resumed
+        file's own timestamps are shifted by (the predecessor's). ``camera`` may be replaced while running:
+        its ``fps`` and ``snapshot`` apply from the next frame, everything else at the next (re)open."""
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
-        self.generation = slot.new_generation()
+        self.generation, position = slot.new_generation(resume_at)
         self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
         # frames to skip after opening a file: those its predecessor already handed over
-        self.resume_at = first_index if resume and not camera.is_live else 0
+        self.resume_at = position if not camera.is_live else 0
+        self.pts_offset = pts_offset  # keeps pts increasing across reconnects and new URLs
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
@@ -253,7 +270,6 @@ class Capture:
         worker_thread(f"hv-cap {self.camera.id}")
         attempt = 0
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
-        pts_offset = 0.0  # keeps pts increasing across reconnects
         last_pts = self.last_pts
         try:
             while not self._stop.is_set():
@@ -271,40 +287,44 @@ class Capture:
                     self.source_fps = source.nominal_fps
                     self.state = "running"
                     self.on_event("stream_up", {"attempt": attempt} if attempt else {})
-                    attempt = 0
-                    if self.resume_at:  # a file's own timestamps are right for the frames we resume at
-                        pts_offset = 0.0
-                    else:
-                        pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
+                    # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
+                    if not self.resume_at:
+                        self.pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
+                    source.unpaced_until = self.resume_at  # skipping what was handed over takes no real time
                     while not self._stop.is_set():
                         frame = source.read()
                         self.heartbeat = time.monotonic()
                         if frame is None or self._stop.is_set():
                             break
+                        # Only a source that gives frames counts as up again: one that opens and hangs up at
+                        # once keeps backing off (and does not flood the events with stream_up/down).
+                        attempt = 0
                         if frame.index < self.resume_at:  # handed over by the capture this one replaced
                             continue
                         self.decoded += 1
                         self.last_frame_wall = time.time()
-                        pts = pts_offset + frame.pts
+                        pts = self.pts_offset + frame.pts
                         last_pts = self.last_pts = pts
                         # self.camera read per frame: a live update of fps applies from the next one
+                        position = frame.index + 1
                         if not configured.admit(pts, self.camera.fps):
-                            if not self.slot.skip(self.generation):
+                            if not self.slot.skip(self.generation, position=position):
                                 return
                             continue
                         if not budget.admit(pts, self.budget_fps):
-                            if not self.slot.skip(self.generation, budget=True):
+                            if not self.slot.skip(self.generation, budget=True, position=position):
                                 return
                             continue
                         image, lb = frame.to_model_input(self.input_size)
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))
-                        due, self._picture_due = picture_due(cam.snapshot, pts, self._picture_due)
+                        snapshot = self.camera.snapshot  # per frame too: a live change applies at once
+                        due, self._picture_due = picture_due(snapshot, pts, self._picture_due)
                         if due:  # at most snapshot.fps pictures a second are kept, never one per frame
-                            item.picture = frame.to_picture(cam.snapshot.max_width)
+                            item.picture = frame.to_picture(snapshot.max_width)
                         self._in_put = True
                         try:
-                            if not self.slot.put(item, self.generation):
+                            if not self.slot.put(item, self.generation, position):
                                 return
                         finally:
                             self._in_put = False

@@ -134,6 +134,7 @@ class Source:
     live: bool  # True for cameras, devices, http(s) and realtime synthetic scenes; False for files
     nominal_fps: float | None  # frames per second the stream announces; None until known
     decode_errors: int = 0  # packets that failed to decode and were skipped (for metrics)
+    unpaced_until: int = 0  # a paced file returns frames before this index at once (a resume skips them)
 
     def open(self) -> None:
         """Connects / opens; raises SourceError within the open timeout."""

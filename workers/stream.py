@@ -131,7 +131,8 @@ class CameraPipeline:
         self.state = "starting"
         self._slot = FrameSlot(loop, lossless=self.camera.lossless, depth=self.camera.max_inflight)
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
-                                first_index=self.resume.first_index, first_pts=self.resume.first_pts)
+                                first_index=self.resume.first_index, first_pts=self.resume.first_pts,
+                                resume_at=self.resume.first_index)
         self._capture.budget_fps = self._budget_fps
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
@@ -162,7 +163,9 @@ class CameraPipeline:
             watchdog.cancel()
             results.put_nowait(None)
             await finisher
-            self._capture.stop()
+            # In a thread: a decoder inside a blocking open or read holds the join up to its timeout, and
+            # the other cameras of this process share this loop.
+            await loop.run_in_executor(None, self._capture.stop)
             self._slot.drop_pending()  # a frame still waiting at shutdown counts as dropped, not lost
             if self.tracker:
                 for ev in self.tracker.finish():
@@ -245,7 +248,8 @@ class CameraPipeline:
         self.past_reconnects += cap.reconnects
         self._slot.lossless = self.camera.lossless
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
-                                first_index=cap.decoded, first_pts=cap.last_pts, resume=resume)
+                                first_index=cap.decoded, first_pts=cap.last_pts, resume_at=None if resume else 0,
+                                pts_offset=cap.pts_offset)
         self._capture.budget_fps = self._budget_fps
         self._capture.start()
 
@@ -336,7 +340,11 @@ class CameraPipeline:
                 return
             item, fut, place = entry
             if fut is None:
-                self._skipped_frame(item)
+                try:
+                    self._skipped_frame(item)
+                except Exception as e:  # a bug in analytics or snapshots: report it, never end the finisher
+                    self.last_error = redact_text(f"skipped frame: {type(e).__name__}: {e}", [self.camera.url])
+                    log.exception("camera %s frame %d: handling a skipped frame failed", self.id, item.index)
                 continue
             try:
                 arrays = (await fut)[place]
@@ -355,12 +363,16 @@ class CameraPipeline:
             if self._abandoning:
                 self.shutdown_inflight += 1
                 continue
+            published = self.published
             try:
                 self._publish_frame(item, arrays)
             except Exception as e:  # a bug in tracking, analytics or publishing: report it, never freeze the camera
-                self.dropped_error += 1
-                self.last_error = redact_text(f"publishing failed: {type(e).__name__}: {e}", [self.camera.url])
-                log.exception("camera %s frame %d: publishing failed", self.id, item.index)
+                sent = self.published != published  # it went out: only what follows publishing failed
+                if not sent:
+                    self.dropped_error += 1
+                what = "after publishing" if sent else "publishing failed"
+                self.last_error = redact_text(f"{what}: {type(e).__name__}: {e}", [self.camera.url])
+                log.exception("camera %s frame %d: %s", self.id, item.index, what)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         if self.camera.tracker.enabled and self.tracker is None:
@@ -608,12 +620,18 @@ class CameraHost:
         self.task: asyncio.Task | None = None
         self.publisher: Publisher | None = None
         self.status_task: asyncio.Task | None = None
+        # One start at a time: the controller retries a start that outlived its call's timeout (a replica
+        # still loading its model), and two must not both get past the waits below and run the camera twice.
+        self._starting = asyncio.Lock()
 
     async def start(self, camera: CameraConfig | None = None) -> None:
         """Starts the camera and returns at once; ``wait`` returns when it ends. ``camera``: its current
         config, when the controller restarts an actor Ray re-created with the constructor's (older) one."""
-        if self.task is not None:
-            return
+        async with self._starting:
+            if self.task is None:
+                await self._start(camera)
+
+    async def _start(self, camera: CameraConfig | None) -> None:
         if camera is not None:
             self.camera = camera
         if self.publisher is None:
@@ -627,8 +645,6 @@ class CameraHost:
         # beside it): the source opens once it answers, so no frame waits on a model that is not there yet.
         if hasattr(replica, "ping"):
             await replica.ping.remote()
-            if self.task is not None:  # another start() call got here first while this one waited
-                return
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
