@@ -6,6 +6,7 @@ with one steady box per head, so that tracks exist to be ended."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from types import SimpleNamespace
 
@@ -124,19 +125,65 @@ def test_tracker_heads_change_ends_dropped_tracks_and_a_head_back_continues_its_
     assert {i for frame in ids for i in frame if i >= 0} == {2}  # not 0 again
 
 
-def test_a_live_update_keeps_zone_and_line_state_unless_the_heads_change(redis_server):
-    """Occupants and line counts survive an update that does not touch them (here: fps); new heads rebuild them
-    for those heads."""
+def test_a_live_update_keeps_zone_and_line_state_and_new_heads_keep_it_for_the_heads_that_stay(redis_server):
+    """Occupants and line counts survive an update that does not touch them (here: fps). A change of heads
+    keeps them for the heads that stay: a person standing in the zone got a second zone_entered (and no
+    zone_left) and the line's count went back to 0 when the analytics were rebuilt for the new heads."""
+    import supervision as sv
+
     camera = CameraConfig(id="cam-z", url="synthetic://street?seed=1&fps=20",
                           zones=[{"name": "middle", "polygon": [[0.3, 0.45], [0.7, 0.45], [0.7, 0.95], [0.3, 0.95]]}],
-                          lines=[{"name": "kerb", "start": [0.5, 0.3], "end": [0.5, 1.0]}])
+                          lines=[{"name": "kerb", "start": [0.5, 0.0], "end": [0.5, 0.4]}])
     frame = SimpleNamespace(size=(360, 640))  # all _current_analytics reads of a frame
+    events: list[str] = []
+    frames = iter(range(1000))
+
+    def person(box: list[float]) -> sv.Detections:
+        return sv.Detections(xyxy=np.array([box], float), confidence=np.array([0.9]), class_id=np.array([0]),
+                             tracker_id=np.array([5]), data={"class_name": np.array(["person"])})
+
+    def step(n: int, box: list[float]) -> None:
+        for f in itertools.islice(frames, n):
+            events.extend(e["type"] for e in pipe._current_analytics(frame).update("people", person(box), f, f / 10))
+
     with Publisher(redis_server.url) as pub:
         pipe = CameraPipeline(camera, None, MODEL_INFO, pub)
         built = pipe._current_analytics(frame)
         assert built is not None and pipe._current_analytics(frame) is built
         assert pipe.update(pipe.camera.model_copy(update={"fps": 5.0})) == ["fps"]
         assert pipe._current_analytics(frame) is built  # counts and occupants go on
+        for x in range(250, 400, 15):  # one walker crosses the kerb line ...
+            step(1, [x, 40, x + 20, 100])
+        step(10, [300, 250, 340, 330])  # ... then stands in the zone
+        assert events == ["line_crossed", "zone_entered"]
         assert pipe.update(pipe.camera.model_copy(update={"heads": ["people"]})) == ["heads"]
-        rebuilt = pipe._current_analytics(frame)
-        assert rebuilt is not built and list(rebuilt.head_classes) == ["people"]
+        step(10, [300, 250, 340, 330])  # still there: no new entry
+        assert events == ["line_crossed", "zone_entered"]
+        counts = pipe._current_analytics(frame).counts()
+        assert counts["zone:middle:people:person"] == 1 and counts["line:kerb:people:person:in"] == 1
+        assert not [k for k in counts if ":vehicles:" in k]  # the dropped head's counts went with it
+
+
+@pytest.mark.timeout(60)
+def test_snapshots_switched_on_while_the_camera_runs_come_from_the_next_frames(redis_server):
+    """The decoder kept the snapshot settings it had opened the source with: switched on live, no picture was
+    taken until the source reconnected, which a file or a synthetic scene never does."""
+    async def infer(request):
+        return one_box(request.heads)
+
+    camera = CameraConfig(id="cam-s", url="synthetic://street?seed=1&fps=25&size=160x96", snapshot={"enabled": False})
+
+    async def main() -> None:
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, infer, MODEL_INFO, pub)
+            task = asyncio.create_task(pipe.run())
+            await until(lambda: pipe.stats()["published"] >= 5, 30, "frames")
+            on = camera.snapshot.model_copy(update={"enabled": True, "fps": 5.0})
+            assert pipe.update(pipe.camera.model_copy(update={"snapshot": on})) == ["snapshot"]
+            try:
+                await until(lambda: pipe.snapshots.stats()["made"] >= 2, 10, "two snapshots")
+            finally:
+                pipe.stop()
+                await task
+
+    asyncio.run(main())

@@ -398,3 +398,20 @@ class CameraAnalytics:
             if name in new.lines and new.lines[name].config == line.config:
                 new.lines[name] = line
         return new
+
+    def with_heads(self, head_classes: dict[str, list[str]]) -> "CameraAnalytics":
+        """The analytics for the camera's new heads (a live change): every zone and line keeps its occupants
+        and counts for the heads that stay; a new head starts at zero; a dropped head's occupants and counts
+        go, without zone_left events (as on a stop: they did not leave, nobody watches them any more)."""
+        new = CameraAnalytics([z.config for z in self.zones.values()], [ln.config for ln in self.lines.values()],
+                              head_classes, self.size)
+        new.errors = self.errors  # those zones and lines are off: not rebuilt, still reported
+        for name, zone in self.zones.items():
+            zone.classes = new.zones[name].classes
+            zone.occupants = {k: o for k, o in zone.occupants.items() if o.head in zone.classes}
+            zone.candidates = {k: c for k, c in zone.candidates.items() if k[0] in zone.classes}
+            new.zones[name] = zone
+        for name, line in self.lines.items():
+            kept = new.lines[name]
+            kept.zones.update({h: z for h, z in line.zones.items() if h in kept.zones})  # their crossing counts
+        return new

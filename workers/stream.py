@@ -277,8 +277,8 @@ class CameraPipeline:
             ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
         elif self.tracker is not None and heads != self.heads:
             ended = self.tracker.set_heads(heads)
-        if heads != self.heads:  # zones and lines count per head: built anew for the new heads on the next frame
-            self.analytics = self._analytics_for = None
+        if heads != self.heads and self.analytics is not None:  # zones and lines count per head
+            self.analytics = self.analytics.with_heads(classes)
         self.heads, self.classes = heads, classes
         for ev in ended:
             self._event(ev.pop("type"), ev)
