@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from pipeline.config import ApiConfig, _format_errors
 from pipeline.errors import UserError
 from workers.analytics_settings import analytics_errors
-from workers.redact import redact_text
+from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
@@ -68,12 +68,17 @@ def merge_changes(current: CameraConfig, changes: Any) -> CameraConfig:
         raise CommandRejected("changes: expected a JSON object with the fields to change")
     if "id" in changes and changes["id"] != current.id:
         raise CommandRejected(f"camera.id: cannot change (remove {current.id!r} and add a camera instead)")
-    merged = current.model_dump()
-    for field, value in changes.items():  # a nested object (tracker) is changed field by field too
-        nested = isinstance(merged.get(field), dict) and isinstance(value, dict)
-        merged[field] = {**merged[field], **value} if nested else value
     urls = [current.url] + ([changes["url"]] if isinstance(changes.get("url"), str) else [])
-    return _validated(merged, urls)
+    return _validated(_merged(current.model_dump(), changes), urls)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied; a nested object (tracker, tracker.appearance) field by field too."""
+    out = dict(base)
+    for field, value in changes.items():
+        nested = isinstance(out.get(field), dict) and isinstance(value, dict)
+        out[field] = _merged(out[field], value) if nested else value
+    return out
 
 
 def _canonical(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -138,7 +143,7 @@ class Admission:
         if scheme in DEFAULT_PORTS:
             self._check_network(url, scheme)
         elif scheme == "device" or (not sep and url.startswith("/dev/video")):
-            self._check_device(rest if sep else url)
+            self._check_device(rest if sep else url, redact_url(url))
         elif scheme == "file" or not sep:
             return camera.model_copy(update={"url": self._check_file(url, scheme == "file")})
         return camera  # synthetic://: generated in-process, reads nothing
@@ -147,7 +152,7 @@ class Admission:
         if is_url:
             parts = urlsplit(url)
             if parts.netloc not in ("", "localhost"):
-                raise CommandRejected(f"camera.url: file:// URLs must be local, not on host {parts.netloc!r}")
+                raise CommandRejected(f"camera.url: file:// URLs must be local (got {redact_url(url)!r})")
             path = unquote(parts.path)
         else:
             path = url
@@ -179,26 +184,42 @@ class Admission:
                                       "scripts could make the decoder open other files and URLs)", 403)
         return resolved
 
-    def _check_device(self, path: str) -> None:
+    def _check_device(self, path: str, shown: str) -> None:
         allowed = {os.path.realpath(d) for d in self.api.devices}
         if os.path.realpath(path) not in allowed:
             listed = ", ".join(self.api.devices) or "none"
-            raise CommandRejected(f"camera.url: device {path!r} is not in api.devices (allowed: {listed})", 403)
+            raise CommandRejected(f"camera.url: device {shown!r} is not in api.devices (allowed: {listed})", 403)
 
     def _check_network(self, url: str, scheme: str) -> None:
-        try:
-            parts = urlsplit(url)
-            host, port = parts.hostname, parts.port or DEFAULT_PORTS[scheme]
-        except ValueError as e:  # a port that is not a number, or out of range
-            raise CommandRejected(f"camera.url: {e} in {redact_text(url, [url])!r}") from None
+        # urlsplit takes a password holding a raw '/ ? #' for a host or a port (see workers/redact.py): a
+        # message names the host only where the redacted URL shows the same one, and never quotes urlsplit
+        shown = redact_url(url)
+        found = _host_port(url, scheme)
+        if found is None:
+            raise CommandRejected(f"camera.url: invalid host or port in {shown!r} (a port out of range 0-65535 or "
+                                  "not a number, or a '/', '?' or '#' in a password that is not %-encoded)")
+        host, port = found
         if not host:
-            raise CommandRejected(f"camera.url: no host in {redact_text(url, [url])!r}")
+            raise CommandRejected(f"camera.url: no host in {shown!r}")
+        visible = _host_port(shown, scheme) == found
         ips = resolve(host, port)
         if not ips:
-            raise CommandRejected(f"camera.url: host {host!r} does not resolve (a camera added at run time must, "
+            named = f"host {host!r}" if visible else f"the host of {shown!r}"
+            raise CommandRejected(f"camera.url: {named} does not resolve (a camera added at run time must, "
                                   "so that it can be checked not to point at this service)")
         for ip in ips:
             what = self._own.get((self._where(ip), port))
             if what:
-                raise CommandRejected(f"camera.url: {host}:{port} is this service's own {what}; a camera "
+                named = f"{host}:{port}" if visible else repr(shown)
+                raise CommandRejected(f"camera.url: {named} is this service's own {what}; a camera "
                                       "may not point at it", 403)
+
+
+def _host_port(url: str, scheme: str) -> tuple[str | None, int] | None:
+    """The host and port a network URL connects to, as urlsplit (and FFmpeg) read them; None when they are
+    malformed (a port that is not a number up to 65535, a broken IPv6 address)."""
+    try:
+        parts = urlsplit(url)
+        return parts.hostname, parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None

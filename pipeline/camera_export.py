@@ -13,16 +13,25 @@ import re
 import yaml
 
 from pipeline.config import ConfigError, interpolate_env
-from workers.redact import _hidden_spans  # the one rule of where a URL's secrets are
+from workers.redact import _hidden_spans, _userinfo_span  # the one rule of where a URL's secrets are
 from workers.settings import CameraConfig
 
 
+# One ${VAR} (or ${VAR:-}) and nothing else: the default of ${VAR:-default} would be a password in the file.
+_VAR = r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-)?\}"
+_USER = r"(?:\$\{[^}]*\}|[^:$])*:"  # the user name before a password, ${VAR}s and all
+
+
 def _placeholders(url: str, camera_id: str) -> tuple[str, list[str]]:
-    """``url`` with each secret span that is not already a ${VAR} replaced by one; the names it used."""
+    """``url`` with each secret span that is not already a ${VAR} replaced by one; the names it used. A span
+    stays as written only when its secret (a userinfo's password, or the whole userinfo without ':', or a
+    query value) is exactly one ${VAR}."""
     stem = "HV_" + re.sub(r"[^A-Za-z0-9]", "_", camera_id).upper() + "_SECRET"
+    userinfo = _userinfo_span(url)
     out, pos, names = [], 0, []
     for start, end in _hidden_spans(url):
-        if "${" in url[start:end]:
+        kept = f"(?:{_USER})?{_VAR}" if (start, end) == userinfo else _VAR
+        if re.fullmatch(kept, url[start:end]):
             continue
         name = stem if not names else f"{stem}_{len(names) + 1}"
         names.append(name)

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
 from workers.analytics_settings import analytics_errors
-from workers.settings import CameraConfig, RedisConfig, Strict, TrackerConfig, backend_problem
+from workers.settings import REDIS_MAX_COUNT, CameraConfig, RedisConfig, Strict, TrackerConfig, backend_problem
 
 __all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_camera",
            "parse_config"]
@@ -123,7 +123,7 @@ class InferenceConfig(Strict):
 
 
 class StatusConfig(Strict):
-    interval_s: float = Field(1.0, gt=0)
+    interval_s: float = Field(1.0, gt=0, le=3600)  # finite: the controller's Event.wait overflows on inf
     table: bool = True
 
 
@@ -178,7 +178,8 @@ class ControlConfig(Strict):
     enabled: bool = Field(True, description="read commands from {prefix}:control (Redis ACLs decide who may write it)")
     group: str = Field("hydravision", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                        description="consumer group: commands acknowledged by it are never applied again")
-    results_maxlen: int = Field(1000, ge=10, description="approximate MAXLEN of {prefix}:control:results")
+    results_maxlen: int = Field(1000, ge=10, le=REDIS_MAX_COUNT,
+                                description="approximate MAXLEN of {prefix}:control:results")
 
 
 class DashboardConfig(Strict):

@@ -47,7 +47,8 @@ class LiveControl:
         api = self.config.api
         if api.port is None:
             return
-        if not api.loopback and not api.all_tokens():
+        tokens = api.all_tokens()  # also now, not only in start_control: a weak token must stop the start here
+        if not api.loopback and not tokens:
             raise ConfigError(f"api.host: {api.host} is reachable from other machines: configure a token "
                               f"(api.tokens, or ${API_TOKEN_ENV}) or bind 127.0.0.1")
         from pipeline.api import bind
@@ -118,7 +119,8 @@ class LiveControl:
                 raise CommandRejected(f"camera.id: camera {camera_id!r} already exists", 409)
             if not new and handle is None:
                 raise CommandRejected(f"camera.id: no camera {camera_id!r} is running", 404)
-            if new and len(self.cameras) + len(self._busy) >= self.config.api.max_cameras:
+            # a running camera that a command is updating or removing is in both: count it once
+            if new and len(self.cameras) + len(self._busy - self.cameras.keys()) >= self.config.api.max_cameras:
                 raise CommandRejected(f"camera: {self.config.api.max_cameras} cameras already run "
                                       "(api.max_cameras)", 409)
             self._busy.add(camera_id)
@@ -198,9 +200,11 @@ class LiveControl:
             old = handle.config
             new = merge_changes(old, changes)
             new = self.admission.check(new, url_changed=new.url != old.url)
-            if new.max_inflight != old.max_inflight:
-                raise CommandRejected("camera.max_inflight: cannot change while the camera runs "
-                                      "(remove it and add it again)")
+            # fixed when the camera starts: its frame slots, and its process's Ray options (where it runs)
+            for field in ("max_inflight", "placement"):
+                if getattr(new, field) != getattr(old, field):
+                    raise CommandRejected(f"camera.{field}: cannot change while the camera runs "
+                                          "(remove it and add it again)")
             result: dict = {"changed": [], "restarted": False}
             if new != old:
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ import yaml
 from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
 from pipeline.camera_export import export_cameras, export_yaml
 from pipeline.config import ApiConfig, ConfigError, parse_config
+from workers.redact import redact_url
 from workers.settings import CameraConfig
 
 HEADS = {"people": ["person"], "vehicles": ["car", "bicycle"]}
@@ -89,6 +91,24 @@ def test_run_time_cameras_read_only_media_roots_and_allowed_devices(media, url, 
     assert SECRET not in err.value.reason
 
 
+# url, a piece of its secret (by workers/redact.py's rule: everything up to the last '@'), the refusal
+@pytest.mark.parametrize("url, secret, reason", [
+    ("rtsp://admin:s3cret/x@cam.example/stream", "s3cret", "invalid host or port"),
+    ("rtsp://admin:hunter2?x@cam.example/stream", "hunter2", "invalid host or port"),
+    ("rtsp://admin:pw-7#ss@cam.example/stream", "pw-7", "invalid host or port"),
+    ("rtsp://tok3nvalue/zz@cam.example/stream", "tok3nvalue", "does not resolve"),
+    ("rtsp://localhost:6399/pw@cam.example/x", "6399", "own Redis"),  # FFmpeg's host:port is in the hidden part
+    ("file://admin:s3cret@otherhost/x.mp4", "s3cret", "must be local"),
+    ("device://admin:s3cret@/dev/video0", "s3cret", "not in api.devices"),
+])
+def test_a_refusal_shows_the_url_redacted_even_where_the_password_holds_a_raw_slash_or_hash(media, url, secret,
+                                                                                            reason):
+    with pytest.raises(CommandRejected) as err:
+        admission(media).check(CameraConfig(id="x", url=url))
+    assert secret not in err.value.reason and repr(redact_url(url)) in err.value.reason, err.value.reason
+    assert err.value.reason.startswith("camera.url: ") and reason in err.value.reason, err.value.reason
+
+
 def test_no_media_roots_no_files_and_config_cameras_are_not_checked(media):
     bare = Admission(ApiConfig(), HEADS)
     with pytest.raises(CommandRejected, match="no api.media_roots configured"):
@@ -118,6 +138,10 @@ def test_an_endpoint_added_later_is_forbidden_too(media):
     ({"id": "x", "url": f"ftp://u:{SECRET}@h/x"}, "camera.url: unsupported scheme 'ftp'"),
     ({"id": "x"}, "camera.url: Field required"),
     ({"id": "x", "url": "synthetic://street", "colour": "red"}, "camera.colour: unknown field"),
+    ({"id": "x", "url": "synthetic://street", "placement": {"labels": {"site name": "north"}}},
+     "camera.placement.labels: key 'site name'"),  # Ray's .options() would refuse it when the camera starts
+    ({"id": "x", "url": "rtsp://cam/x", "read_timeout_s": float("inf")},  # JSON's Infinity, or 1e999
+     "camera.read_timeout_s: Input should be less than or equal to 3600 (got inf)"),
     (["not", "an", "object"], "camera: expected a JSON object"),
 ])
 def test_bad_cameras_are_rejected_naming_the_field(media, data, reason):
@@ -136,6 +160,8 @@ def test_run_time_input_gets_no_environment_interpolation(monkeypatch):
 @pytest.mark.parametrize("changes, expected", [
     ({"fps": 5}, {"fps": 5.0}),
     ({"tracker": {"lost_track_buffer": 60}}, {"tracker.lost_track_buffer": 60, "tracker.minimum_iou_threshold": 0.3}),
+    ({"tracker": {"appearance": {"weight": 0.2}}},
+     {"tracker.appearance.weight": 0.2, "tracker.appearance.relink": False, "tracker.minimum_iou_threshold": 0.3}),
     ({"heads": None}, {"heads": None}),
     ({"id": "other"}, "camera.id: cannot change"),
     ({"fps": 0}, "camera.fps: Input should be greater than 0"),
@@ -145,7 +171,7 @@ def test_run_time_input_gets_no_environment_interpolation(monkeypatch):
 ])
 def test_changes_merge_field_by_field(changes, expected):
     current = CameraConfig(id="cam", url="synthetic://street", heads=["people"],
-                           tracker={"minimum_iou_threshold": 0.3})
+                           tracker={"minimum_iou_threshold": 0.3, "appearance": {"relink": False}})
     if isinstance(expected, str):
         with pytest.raises(CommandRejected, match=expected.replace("(", r"\(")):
             merge_changes(current, changes)
@@ -156,6 +182,33 @@ def test_changes_merge_field_by_field(changes, expected):
         for part in path.split("."):
             obj = getattr(obj, part)
         assert obj == value
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"max_inflight": 5}, "max_inflight"),
+    ({"placement": {"labels": {"site": "south"}}}, "placement"),  # its process's Ray options are fixed
+])
+def test_an_update_cannot_change_what_the_camera_process_started_with(changes, field):
+    from pipeline.app import App
+
+    app = App(parse_config({}), say=lambda line: None)
+    app.admission = Admission(ApiConfig(), HEADS)
+    config = CameraConfig(id="gate", url="synthetic://street", placement={"labels": {"site": "north"}})
+    app.cameras["gate"] = SimpleNamespace(config=config)  # no process: the update must not reach one
+    with pytest.raises(CommandRejected, match=rf"^camera\.{field}: cannot change while the camera runs"):
+        app.update_camera("gate", changes, by="test")
+    assert app.cameras["gate"].config == config and not app._busy
+
+
+def test_a_camera_being_updated_or_removed_counts_once_against_max_cameras():
+    from pipeline.app import App
+
+    app = App(parse_config({"api": {"max_cameras": 2}}))
+    app.cameras["a"] = SimpleNamespace(config=CameraConfig(id="a", url="synthetic://street"))
+    app._claim("a")  # an update or removal of the running camera is under way
+    app._claim("b", new=True)  # the second place is still free
+    with pytest.raises(CommandRejected, match=r"camera: 2 cameras already run \(api.max_cameras\)"):
+        app._claim("c", new=True)
 
 
 def test_api_settings_refuse_weak_tokens(monkeypatch):
@@ -187,6 +240,18 @@ def test_an_api_beyond_loopback_needs_a_token_and_a_port_in_use_fails_before_any
     assert app._api_socket is None
 
 
+def test_a_weak_api_token_in_the_environment_stops_a_loopback_api_before_anything_starts(monkeypatch):
+    from pipeline.app import App
+
+    monkeypatch.setenv("HYDRAVISION_API_TOKEN", "short")
+    app = App(parse_config({"api": {"port": 0}}))
+    try:
+        with pytest.raises(ConfigError, match=r"\$HYDRAVISION_API_TOKEN: the token is shorter than 16"):
+            app.check_api_settings()
+    finally:
+        app.stop_control()  # closes the socket that the old check bound
+
+
 def test_export_writes_placeholders_never_a_password(monkeypatch, tmp_path):
     monkeypatch.setenv("CAM_PW", SECRET)
     config = parse_config({"cameras": [
@@ -211,3 +276,21 @@ def test_export_writes_placeholders_never_a_password(monkeypatch, tmp_path):
     # a camera from the file whose URL changed at run time is not exported as the file had it
     changed = config.cameras[0].model_copy(update={"url": "rtsp://cam-9/other"})
     assert export_cameras([changed], config._written_urls)[0][0]["url"] == "rtsp://cam-9/other"
+
+
+@pytest.mark.parametrize("written, exported", [
+    ("rtsp://${CAM_USER}:hunter2@cam/live", "rtsp://${HV_C_SECRET}@cam/live"),  # a variable user, a literal password
+    ("rtsp://cam/live?token=abc${CAM_NONE:-}def", "rtsp://cam/live?token=${HV_C_SECRET}"),
+    ("rtsp://admin:${CAM_PW:-hunter2}@cam/live", "rtsp://${HV_C_SECRET}@cam/live"),  # the default is a password
+    ("rtsp://${CAM_USER}:${CAM_PW}@cam/live?token=${CAM_PW:-}",
+     "rtsp://${CAM_USER}:${CAM_PW}@cam/live?token=${CAM_PW:-}"),
+    ("rtsp://${CAM_USER}@cam/live", "rtsp://${CAM_USER}@cam/live"),  # a userinfo without ':' is a token
+])
+def test_export_keeps_a_secret_as_written_only_when_it_is_one_variable(monkeypatch, written, exported):
+    monkeypatch.setenv("CAM_USER", "admin")
+    monkeypatch.setenv("CAM_PW", SECRET)
+    monkeypatch.delenv("CAM_NONE", raising=False)
+    config = parse_config({"cameras": [{"id": "c", "url": written}]})
+    cameras, needed = export_cameras(config.cameras, config._written_urls)
+    assert cameras[0]["url"] == exported
+    assert needed == (["HV_C_SECRET"] if "HV_C_SECRET" in exported else [])

@@ -1,5 +1,6 @@
 """Config: defaults, ${ENV} interpolation, and errors that name the field path and the value."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,47 @@ def test_demo_defaults_need_no_setup(monkeypatch):
         ({"cameras": [cam(max_frame_age_ms=300, realtime=False)]},
          r"cameras\[0\]: max_frame_age_ms: an unpaced file \(realtime: false\)"),
         ([1, 2], r"expected a mapping at the top level"),
+        # infinite or huge: the decoder (integer microseconds), Event.wait and Redis's MAXLEN would overflow
+        ({"cameras": [cam(read_timeout_s=float("inf"))]},
+         r"cameras\[0\]\.read_timeout_s: Input should be less than or equal to 3600 \(got inf\)"),
+        ({"cameras": [cam(open_timeout_s=1e999)]}, r"cameras\[0\]\.open_timeout_s: Input should be less than or equal"),
+        ({"status": {"interval_s": float("inf")}}, r"status\.interval_s: Input should be less than or equal to 3600"),
+        ({"status": {"interval_s": 1e300}}, r"status\.interval_s: Input should be less than or equal to 3600"),
+        ({"redis": {"maxlen": 2**64}}, r"redis\.maxlen: Input should be less than or equal to 9223372036854775807"),
+        ({"control": {"results_maxlen": 2**63}}, r"control\.results_maxlen: Input should be less than or equal to"),
     ],
 )
 def test_errors_name_field_path_and_value(data, expected):
     with pytest.raises(ConfigError, match=expected):
         parse_config(data)
+
+
+@pytest.mark.parametrize("key, value, refused", [
+    ("site", "north", None),
+    ("example.com/site", "north-1", None),
+    ("zone", "", None),  # an empty value is a label too
+    ("site name", "north", "key 'site name'"),
+    ("-site", "north", "key '-site'"),
+    ("s" * 64, "north", "key 'sss"),
+    ("bad_/site", "north", "key 'bad_/site': the part before '/'"),
+    ("site", "north pole", "value 'north pole' of 'site'"),
+    ("site", "n" * 64, "value 'nnn"),
+])
+def test_placement_labels_are_refused_where_ray_would_refuse_them(key, value, refused):
+    from ray._private.label_utils import validate_label_key, validate_label_value
+
+    try:  # the rule is Ray's, mirrored: this row must be Ray's verdict too
+        validate_label_value(value)
+        ray_refuses = validate_label_key(key) is not None
+    except ValueError:
+        ray_refuses = True
+    assert ray_refuses == (refused is not None)
+    data = {"cameras": [cam(placement={"labels": {key: value}})]}
+    if refused is None:
+        assert parse_config(data).cameras[0].placement.labels == {key: value}
+    else:
+        with pytest.raises(ConfigError, match=r"cameras\[0\]\.placement\.labels: " + re.escape(refused)):
+            parse_config(data)
 
 
 def test_frame_age_budget_is_off_unless_set():

@@ -19,6 +19,8 @@ from workers.redact import redact_url
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
+REDIS_MAX_COUNT = 2**63 - 1  # Redis reads a count (MAXLEN) as a signed 64-bit integer
+MAX_TIMEOUT_S = 3600.0  # finite: FFmpeg takes the timeouts as integer microseconds
 
 
 OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -52,7 +54,8 @@ class Strict(BaseModel):
 class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// or rediss:// URL; None: start an embedded server")
     prefix: str = Field("hv", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    maxlen: int = Field(10_000, ge=100, description="approximate MAXLEN of each camera's detection stream")
+    maxlen: int = Field(10_000, ge=100, le=REDIS_MAX_COUNT,
+                        description="approximate MAXLEN of each camera's detection stream")
     buffer: int = Field(2_000, ge=10, description="messages kept per camera while Redis is unreachable")
 
     @field_validator("url")
@@ -93,6 +96,12 @@ class TrackerConfig(Strict):
     appearance: AppearanceConfig = AppearanceConfig()
 
 
+# Ray's rule for node labels (Kubernetes' syntax), mirrored from ray/_private/label_utils.py (validate_label_key,
+# validate_label_value) so that a config is checked without importing Ray; .options() refuses any other label.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_LABEL_PREFIX = re.compile(rf"(?:{_LABEL})?(?:\.(?:{_LABEL})?)*")
+
+
 class CameraPlacement(Strict):
     """Where a camera's StreamActor (its decoder) may run on a Ray cluster, e.g. on the node beside the camera.
 
@@ -104,6 +113,22 @@ class CameraPlacement(Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     resources: dict[str, float] = Field(default_factory=dict)
     strict: bool = True
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            prefix, slash, name = key.rpartition("/")
+            if slash and (len(prefix) > 253 or not _LABEL_PREFIX.fullmatch(prefix)):
+                raise ValueError(f"key {key!r}: the part before '/' must be DNS labels joined by '.', "
+                                 "at most 253 characters")
+            if not re.fullmatch(_LABEL, name):
+                raise ValueError(f"key {key!r}: a name must be 1-63 letters, digits, '-', '_' or '.', starting and "
+                                 "ending with a letter or digit (an optional 'prefix/' before it)")
+            if value and not re.fullmatch(_LABEL, value):
+                raise ValueError(f"value {value!r} of {key!r}: must be empty or 1-63 letters, digits, '-', '_' "
+                                 "or '.', starting and ending with a letter or digit")
+        return v
 
     @field_validator("resources")
     @classmethod
@@ -124,8 +149,8 @@ class CameraConfig(Strict):
     heads: list[str] | None = Field(None, description="heads to run; None: all heads of the model")
     tracker: TrackerConfig = TrackerConfig()
     transport: Literal["tcp", "udp"] = "tcp"
-    open_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(10.0, gt=0)
+    open_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
+    read_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
     realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
