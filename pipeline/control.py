@@ -5,9 +5,10 @@
 Each command is answered on ``{prefix}:control:results`` (field ``data``, JSON): ``status`` accepted or
 rejected, ``reason`` naming the field, the command's stream ``command`` id and its ``request_id``, ``by``.
 Commands are read through a consumer group; each one's result is written and the command acknowledged and
-deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC. So a command is applied once,
-also across a controller restart: the group remembers what it acknowledged, and a command a crashed
-controller took but never acknowledged is applied by the next one (the cameras it started died with it).
+deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC, tried again through a Redis blip
+(the answer, never the command). So a command is applied once, also across a controller restart: the group
+remembers what it acknowledged, and a command a crashed controller took but never acknowledged is applied by
+the next one (the cameras it started died with it).
 Commands sent while no controller runs wait for the next one, unless they carry ``expires`` (unix
 seconds): `hydravision cameras` sets it to its own timeout.
 
@@ -154,9 +155,15 @@ class ControlConsumer:
                 if failures == 1:
                     log.warning("control stream %s: %s; retrying", self.key,
                                 redact_text(f"{type(e).__name__}: {e}", [self.url]))
-                self._stop.wait(min(5.0, 0.25 * 2 ** min(failures, 5)))
+                self._stop.wait(_backoff(failures))
 
     def _handle(self, entry_id: str, fields: dict, redelivered: bool) -> None:
+        result = self._apply(entry_id, fields, redelivered)
+        if self._answer(entry_id, result):
+            self.handled += 1
+
+    def _apply(self, entry_id: str, fields: dict, redelivered: bool) -> dict[str, Any]:
+        """Checks and applies one command; its answer (accepted or rejected with a reason)."""
         result: dict[str, Any] = {"v": 1, "command": entry_id, "request_id": None, "op": None}
         by, in_app = "redis:unknown", False  # the App logs the rejections it makes itself
         try:
@@ -181,15 +188,48 @@ class ControlConsumer:
             log.exception("control stream: command %s failed", entry_id)
             result.update(status="rejected", reason=redact_text(f"internal error: {type(e).__name__}: {e}", []))
         result.update(by=by, ts=round(time.time(), 3))
-        # The answer and the acknowledgement, both or neither; and the command goes from the stream, so a
-        # camera password it carried does not stay in Redis (the answer holds none).
-        pipe = self._client.pipeline(transaction=True)
-        pipe.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen, approximate=True)
-        pipe.xack(self.key, self.group, entry_id)
-        pipe.xdel(self.key, entry_id)
-        pipe.execute()
-        self.handled += 1
+        return result
+
+    def _answer(self, entry_id: str, result: dict[str, Any]) -> bool:
+        """Writes the answer and acknowledges the command, trying again through a Redis blip until that lands
+        (True) or the consumer stops (False). The command is applied already: ``_run``'s own retry would read
+        only new commands, leaving this one unanswered, and pending for the next controller to apply again."""
+        failures = 0
+        while True:
+            try:
+                if failures and not self._pending(entry_id):
+                    return True  # the failed try's EXEC ran, only its reply was lost: no second answer
+                # The answer and the acknowledgement, both or neither; and the command goes from the stream, so
+                # a camera password it carried does not stay in Redis (the answer holds none).
+                pipe = self._client.pipeline(transaction=True)
+                pipe.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen, approximate=True)
+                pipe.xack(self.key, self.group, entry_id)
+                pipe.xdel(self.key, entry_id)
+                pipe.execute()
+                return True
+            except (redis.RedisError, OSError) as e:
+                failures += 1
+                if failures == 1:
+                    log.warning("control stream %s: answering command %s: %s; retrying", self.key, entry_id,
+                                redact_text(f"{type(e).__name__}: {e}", [self.url]))
+                if self._stop.wait(_backoff(failures)):
+                    log.warning("control stream %s: stopped before command %s (%s) was answered; it stays "
+                                "pending, and the next controller applies it again unless it expired",
+                                self.key, entry_id, result.get("status"))
+                    return False
+
+    def _pending(self, entry_id: str) -> bool:
+        try:
+            return bool(self._client.xpending_range(self.key, self.group, min=entry_id, max=entry_id, count=1))
+        except redis.ResponseError as e:
+            if "NOGROUP" in str(e):
+                return False  # the stream or its group was deleted: nothing is left to acknowledge
+            raise
 
     def _deliveries(self, entry_id: str) -> int:
         info = self._client.xpending_range(self.key, self.group, min=entry_id, max=entry_id, count=1)
         return int(info[0]["times_delivered"]) if info else 0
+
+
+def _backoff(failures: int) -> float:
+    return min(5.0, 0.25 * 2 ** min(failures, 5))

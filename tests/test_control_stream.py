@@ -1,0 +1,83 @@
+"""The Redis control stream's reader (pipeline/control.py's ControlConsumer) in front of a stand-in App, no Ray:
+what it does when Redis fails between applying a command and answering it. The end-to-end tests of the control
+stream, with a real App, are in tests/test_live_control.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from redis.client import Pipeline
+
+from pipeline.control import ControlConsumer
+
+
+class StandInApp:
+    """What ControlConsumer calls on the App; keeps the cameras it was asked to add."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add_camera(self, camera: dict, by: str) -> dict:
+        self.added.append(camera["id"])
+        return {"id": camera["id"]}
+
+    def note_rejected(self, op: str, by: str, reason: str) -> None:
+        raise AssertionError(f"rejected {op}: {reason}")
+
+
+def add(client: redis.Redis, camera: str) -> None:
+    command = {"op": "add", "camera": {"id": camera, "url": "synthetic://street"}, "request_id": camera}
+    client.xadd("hv:control", {"data": json.dumps(command)})
+
+
+def answered(client: redis.Redis) -> list[str]:
+    return [json.loads(fields[b"data"])["request_id"] for _, fields in client.xrange("hv:control:results")]
+
+
+def wait_for_answers(client: redis.Redis, expected: list[str], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sorted(set(answered(client))) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(answered(client)) == expected  # each once
+
+
+# when the answer's MULTI/EXEC fails: before Redis ran it, or after (only its reply lost: no second answer)
+@pytest.mark.parametrize("blip", ["before the transaction ran", "after the transaction ran"])
+def test_a_redis_blip_while_answering_retries_the_answer_and_never_applies_the_command_again(
+        redis_server, monkeypatch, blip):
+    execute, failed = Pipeline.execute, []
+
+    def flaky(pipe: Pipeline, *args, **kwargs):
+        if not failed and any(command[0][0] == "XACK" for command in pipe.command_stack):
+            failed.append(blip)
+            if blip == "after the transaction ran":
+                execute(pipe, *args, **kwargs)
+            raise redis.ConnectionError("Redis went away while answering")
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", flaky)
+    client = redis_server.client()
+    app = StandInApp()
+    consumer = ControlConsumer(app, redis_server.url, "hv").start()
+    try:
+        add(client, "first")
+        wait_for_answers(client, ["first"])
+        add(client, "second")  # the reader goes on with the next command
+        wait_for_answers(client, ["first", "second"])
+    finally:
+        consumer.stop()
+    assert failed == [blip]
+    assert app.added == ["first", "second"]
+    assert client.xpending("hv:control", "hydravision")["pending"] == 0
+    # a controller starting later finds nothing of them left to apply
+    restarted = StandInApp()
+    consumer = ControlConsumer(restarted, redis_server.url, "hv").start()
+    try:
+        add(client, "third")
+        wait_for_answers(client, ["first", "second", "third"])
+    finally:
+        consumer.stop()
+    assert restarted.added == ["third"]
