@@ -4,6 +4,8 @@ list, add, update, remove and export cameras while the others keep running.
 Every route under /cameras goes through ``BearerAuth``: when tokens are configured (``api.tokens``,
 ``$HYDRAVISION_API_TOKEN``) a request needs ``Authorization: Bearer <token>``, and the token's name is
 recorded as who sent the command; without tokens the API only binds loopback (App refuses anything else).
+``GET /cameras/export`` is the export, so a camera with the (valid) id ``export`` is fetched with ``GET /cameras``;
+``PATCH`` and ``DELETE /cameras/export`` change and remove it as any other (RESERVED_NOTE, in the OpenAPI docs).
 Routes are plain ``def`` functions: FastAPI runs them in its thread pool, so a slow Ray call (starting a
 camera's actor takes seconds) never blocks the server's event loop. The App does the work and the checks.
 
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Extension = Callable[[FastAPI, Any], None]
 CAMERA_EXAMPLE = {"id": "lobby", "url": "rtsp://camera-host:554/stream", "fps": 10, "heads": ["people"]}
+# The export kept its path (the CLI and scripts call it) rather than a camera id's one GET route: a camera
+# named export stays listed, changed and removed as any other.
+RESERVED_NOTE = ("`GET /cameras/export` is the export: a camera with the id `export` is listed by `GET /cameras`, "
+                 "and `PATCH`/`DELETE /cameras/export` change and remove it.")
 
 
 class BearerAuth:
@@ -82,7 +88,8 @@ def _validation_reason(exc: RequestValidationError) -> str:
 def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Extension] = ()) -> FastAPI:
     """The FastAPI app over ``controller`` (a started App); ``extensions`` add their own routes."""
     api = FastAPI(title="hydravision control API", version="1",
-                  description="Add, update, remove and export cameras of a running hydravision service.")
+                  description="Add, update, remove and export cameras of a running hydravision service.\n\n"
+                              + RESERVED_NOTE)
     auth = BearerAuth(tokens)
     api.state.auth = auth
 
@@ -118,11 +125,12 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
         result = controller.add_camera(camera, by=by)
         return accepted("add", result["id"], by, result)
 
-    @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)")
+    @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)",
+             description=RESERVED_NOTE)
     def export_cameras(by: str = Depends(auth)) -> dict:
         return accepted("export", None, by, controller.export_cameras())
 
-    @api.get("/cameras/{camera_id}", summary="one camera")
+    @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE)
     def get_camera(camera_id: str, by: str = Depends(auth)) -> dict:
         found = [c for c in controller.list_cameras() if c["id"] == camera_id]
         if not found:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -66,9 +67,9 @@ class HttpChannel:
         self.base, self.token, self.timeout = base.rstrip("/"), token, timeout
 
     def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        one = f"/cameras/{urllib.parse.quote(camera_id or '', safe='')}"  # 'lobby?x' is not camera lobby
         method, path = {"list": ("GET", "/cameras"), "add": ("POST", "/cameras"),
-                        "export": ("GET", "/cameras/export"), "update": ("PATCH", f"/cameras/{camera_id}"),
-                        "remove": ("DELETE", f"/cameras/{camera_id}")}[op]
+                        "export": ("GET", "/cameras/export"), "update": ("PATCH", one), "remove": ("DELETE", one)}[op]
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
@@ -123,7 +124,7 @@ class RedisChannel:
                 command["changes"] = body
         last = self.client.xrevrange(self.results, count=1)
         after = last[0][0] if last else "0-0"
-        self.client.xadd(self.key, {"data": json.dumps(command)})
+        entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
         deadline = time.monotonic() + self.timeout
         while (left := deadline - time.monotonic()) > 0:
             for _, entries in self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1) or []:
@@ -132,8 +133,26 @@ class RedisChannel:
                     answer = json.loads(fields[b"data"])
                     if answer.get("request_id") == command["request_id"]:
                         return answer
-        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: is a hydravision service running "
-                        f"on this Redis with this prefix? (the command expires unapplied)")
+        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: {self._unanswered(entry_id)}")
+
+    def _unanswered(self, entry_id: bytes) -> str:
+        """What became of a command left unanswered: a service that read it may still be applying it (starting a
+        camera takes seconds); one that reads it from now on rejects it, as it carries ``expires``."""
+        import redis
+
+        try:
+            groups = self.client.xinfo_groups(self.key)
+        except redis.ResponseError:  # e.g. an ACL without XINFO
+            return "a service that read the command may still apply it; if none did, it expires unapplied"
+        if any(_stream_id(g["last-delivered-id"]) >= _stream_id(entry_id) for g in groups):
+            return "a service read the command and may still apply it (see `hydravision cameras list`)"
+        return ("is a hydravision service running on this Redis with this prefix? (no service read the command: "
+                "it expires unapplied)")
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq)
 
 
 def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
@@ -157,8 +176,14 @@ def _camera_fields(args: argparse.Namespace) -> dict:
     elif args.yaml:
         import yaml
 
-        text = sys.stdin.read() if str(args.yaml) == "-" else args.yaml.read_text()
-        body = yaml.safe_load(text) or {}
+        stdin = str(args.yaml) == "-"
+        name = "stdin" if stdin else str(args.yaml)
+        try:
+            body = yaml.safe_load(sys.stdin.read() if stdin else args.yaml.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--yaml: cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"--yaml: {name} is not valid YAML: {_yaml_problem(e)}") from None
         if isinstance(body, dict) and isinstance(body.get("cameras"), list) and len(body["cameras"]) == 1:
             body = body["cameras"][0]
     if not isinstance(body, dict):
@@ -169,6 +194,14 @@ def _camera_fields(args: argparse.Namespace) -> dict:
     if args.action == "add" and args.camera_id:
         body["id"] = args.camera_id
     return body
+
+
+def _yaml_problem(err: Any) -> str:
+    """The parser's problem and where, without its snippet of the file (it can show a password)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None or not getattr(err, "problem", None):
+        return str(err).splitlines()[0]
+    return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -202,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_list(cameras: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()  # as run_commands._console(), without importing Ray for a table
@@ -210,6 +244,7 @@ def _print_list(cameras: list[dict]) -> None:
     for col in ("id", "state", "url", "fps", "heads", "added by"):
         table.add_column(col)
     for c in cameras:
-        table.add_row(c["id"], str(c.get("state") or "-"), c["url"], str(c.get("fps") or "all"),
-                      ",".join(c.get("heads") or []), c.get("added_by") or "config")
+        cells = (c["id"], str(c.get("state") or "-"), c["url"], str(c.get("fps") or "all"),
+                 ",".join(c.get("heads") or []), c.get("added_by") or "config")
+        table.add_row(*map(escape, cells))  # as text: 'rtsp://[fd00::5]:554/x' is no markup tag
     console.print(table)

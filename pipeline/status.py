@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -31,15 +32,16 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
                       ("reconnects", "right"), ("heads", "left"), ("last error", "left")]:
         table.add_column(col, justify=just, no_wrap=col != "last error", overflow="fold")
     for s in stats:
-        state = s.get("state", "?")
+        # Values are text, not markup: '[rtsp @ 0x55]' in an FFmpeg error is no tag, '[/x]' no closing one.
+        state = escape(str(s.get("state", "?")))
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         table.add_row(
-            s.get("camera", "?"), f"[{style}]{state}[/]" if style else state, f"{s.get('fps', 0):.1f}",
+            escape(str(s.get("camera", "?"))), f"[{style}]{state}[/]" if style else state, f"{s.get('fps', 0):.1f}",
             f"{s.get('decode_fps', 0):.1f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
             str(s.get("published", 0)) + (f" +{s['skipped']} skipped" if s.get("skipped") else ""),  # motion gate
             _drops(s.get("dropped")), str(s.get("reconnects", 0)),
-            ",".join(s.get("heads", []) or []), _error(s)[:120],
+            escape(",".join(s.get("heads", []) or [])), escape(_error(s)[:120]),
         )
     return table
 

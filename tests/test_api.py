@@ -28,6 +28,17 @@ class Controller:
             raise CommandRejected("camera.id: camera 'dup' already exists", 409)
         return {"id": camera["id"]}
 
+    def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:
+        self.calls.append(("update", camera_id, by))
+        return {"id": camera_id, "changed": sorted(changes)}
+
+    def remove_camera(self, camera_id: str, by: str) -> dict:
+        self.calls.append(("remove", camera_id, by))
+        return {"id": camera_id}
+
+    def export_cameras(self) -> dict:
+        return {"cameras": [], "variables": [], "yaml": "cameras: []\n"}
+
 
 def metrics_routes(api, controller) -> None:
     """What an extension looks like: an open route and one behind the API's token."""
@@ -87,6 +98,20 @@ def test_extensions_add_routes_open_or_behind_the_token(client):
     assert client.get("/guarded", headers={"Authorization": f"Bearer {TOKEN}"}).json() == {"ok": True}
     assert "/cameras" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_a_camera_named_export_is_managed_at_its_path_and_the_docs_say_get_there_is_the_export(client):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client.controller.list_cameras = lambda: [{"id": "export", "url": "synthetic://street"}]
+    exported = client.get("/cameras/export", headers=auth).json()
+    assert exported["op"] == "export" and exported["result"]["yaml"] == "cameras: []\n"  # what the CLI calls
+    assert client.get("/cameras", headers=auth).json()["result"][0]["id"] == "export"
+    assert client.patch("/cameras/export", json={"fps": 5}, headers=auth).json()["op"] == "update"
+    assert client.delete("/cameras/export", headers=auth).json()["op"] == "remove"
+    assert client.controller.calls == [("update", "export", "api:ops"), ("remove", "export", "api:ops")]
+    docs = client.get("/openapi.json").json()
+    for text in (docs["info"]["description"], docs["paths"]["/cameras/{camera_id}"]["get"]["description"]):
+        assert "a camera with the id `export` is listed by `GET /cameras`" in text
 
 
 def stand_in_app():

@@ -172,3 +172,93 @@ def test_status_output_says_when_a_cameras_messages_are_not_reaching_redis() -> 
     console.print(status_table([ok, failing]))
     rows = {row.split("│")[1].strip(): row for row in console.export_text().splitlines() if row.count("│") > 5}
     assert "Redis: ConnectionError: Connection refused; EOF" in rows["b"] and "Redis" not in rows["a"]
+
+
+# -- hydravision cameras ---------------------------------------------------------------------------------------
+
+class StandInApp:
+    """What the HTTP API calls on the App: cameras whose URLs hold brackets, and the ids asked to remove."""
+
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def list_cameras(self) -> list[dict]:
+        return [{"id": "v6", "url": "rtsp://[fd00::5]:554/live", "heads": ["people"], "state": "running"},
+                {"id": "ch", "url": "rtsp://cam/ch[/1]", "heads": ["people"], "state": "running"}]
+
+    def remove_camera(self, camera_id: str, by: str) -> dict:
+        self.removed.append(camera_id)
+        return {"id": camera_id}
+
+
+@pytest.fixture
+def api_service():
+    from pipeline.api import ApiServer, bind, build_api
+
+    app = StandInApp()
+    server = ApiServer(build_api(app, {})).start(bind("127.0.0.1", 0))
+    yield server.url, app
+    server.stop()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--yaml: cannot read TMP/camera.yaml: No such file or directory"),
+    ("id: lobby\nurl: rtsp://admin:s3cret@cam/x: 5\n",
+     "--yaml: TMP/camera.yaml is not valid YAML: mapping values are not allowed here (line 2, column 31)"),
+    ("id: lobby\nheads: [people\n",
+     "--yaml: TMP/camera.yaml is not valid YAML: expected ',' or ']', but got '<stream end>' (line 3, column 1)"),
+])
+def test_cameras_add_says_which_yaml_file_it_cannot_read_or_parse_and_where(
+        content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "camera.yaml"
+    if content is not None:
+        path.write_text(content)
+    # --api: the file is read before anything is sent, and no service needs to listen there
+    assert main(["cameras", "add", "--api", "http://127.0.0.1:9", "--yaml", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert _error_lines(err) == [f"error: {message.replace('TMP', str(tmp_path))}"], err
+    assert "s3cret" not in err  # the parser's snippet of the file is left out
+
+
+def test_camera_ids_reach_the_http_api_as_one_path_segment(api_service, capsys: pytest.CaptureFixture) -> None:
+    url, app = api_service
+    for camera_id in ("lobby?x", "a b", "c#d"):
+        assert main(["cameras", "remove", camera_id, "--api", url]) == 0, capsys.readouterr().err
+    assert app.removed == ["lobby?x", "a b", "c#d"]  # not "lobby", not an InvalidURL
+
+
+def test_cameras_list_and_status_show_brackets_in_urls_and_errors_as_written(
+        api_service, capsys: pytest.CaptureFixture) -> None:
+    from rich.console import Console
+
+    from pipeline.status import status_table
+
+    url, _ = api_service
+    assert main(["cameras", "list", "--api", url]) == 0
+    listed = capsys.readouterr().out
+    assert "rtsp://[fd00::5]:554/live" in listed and "rtsp://cam/ch[/1]" in listed, listed
+    console = Console(record=True, width=250)
+    console.print(status_table([{"camera": "lobby", "state": "failed", "last_error": "[rtsp @ 0x5581] 401; [/x]"}]))
+    assert "[rtsp @ 0x5581] 401; [/x]" in console.export_text()
+
+
+@pytest.mark.parametrize("read, message", [
+    (False, "(no service read the command: it expires unapplied)"),
+    (True, "a service read the command and may still apply it"),
+])
+def test_a_command_left_unanswered_is_said_to_expire_only_if_no_service_read_it(
+        read: bool, message: str, redis_server, capsys: pytest.CaptureFixture) -> None:
+    import threading
+
+    client = redis_server.client()
+    client.xgroup_create("hv:control", "hydravision", id="$", mkstream=True)
+    # a controller that takes the command and is still applying it when the CLI gives up
+    reader = threading.Thread(target=client.xreadgroup, args=("hydravision", "busy", {"hv:control": ">"}),
+                              kwargs={"count": 1, "block": 10_000})
+    if read:
+        reader.start()
+    assert main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "1"]) == 2
+    if read:
+        reader.join()
+    err = capsys.readouterr().err
+    assert err.startswith("error: no answer on hv:control:results within 1 s: ") and message in err, err
