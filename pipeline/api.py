@@ -151,9 +151,9 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     return api
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound at once: a port in use fails before anything starts, and port 0
-    gets a free port. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
+def bind(host: str, port: int, what: str = "api") -> socket.socket:
+    """The API's (or the dashboard's) listening socket, bound at once: a port in use fails before anything
+    starts, and port 0 gets a free port. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -163,7 +163,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         from pipeline.config import ConfigError
 
-        raise ConfigError(f"api: cannot listen on {host}:{port}: {e.strerror}") from None
+        raise ConfigError(f"{what}: cannot listen on {host}:{port}: {e.strerror}") from None
     return sock
 
 

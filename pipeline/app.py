@@ -108,6 +108,7 @@ class App(LiveControl):
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
+    _dashboard_socket: Any = None  # bound at start, served once the cameras run
     telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
@@ -178,6 +179,10 @@ class App(LiveControl):
         self.model_info = self.check_model()
         self.model_heads = self.model_info["heads"]
         self.check_api_settings()
+        if self.config.dashboard.enabled:  # its port too is taken before anything starts, or the start fails
+            from pipeline.api import bind
+
+            self._dashboard_socket = bind(self.config.dashboard.host, self.config.dashboard.port, "dashboard")
         # First, before any child process exists: whatever this run starts dies with it, even on SIGKILL.
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
@@ -232,7 +237,7 @@ class App(LiveControl):
 
             d = self.config.dashboard
             self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
-                                             d.allow_control).start()
+                                             d.allow_control, sock=self._dashboard_socket).start()
             self.say(f"Dashboard: {self.dashboard.url}")
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")

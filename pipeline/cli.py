@@ -25,6 +25,16 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: a free one), got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--summary-json", type=Path, default=None, help="write the final per-camera stats here")
         r.add_argument("--log-format", choices=FORMATS, default="text",
                        help="json: one JSON object per line (log records, status lines, the final stats) on stdout")
-        r.add_argument("--api-port", type=int, default=None, metavar="PORT",
+        r.add_argument("--api-port", type=port, default=None, metavar="PORT",
                        help="serve the HTTP control API on this port (0: a free one); overrides api.port")
 
     r = sub.add_parser("run", help="run the pipeline described by a config file")

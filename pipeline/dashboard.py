@@ -144,11 +144,12 @@ class DashboardServer:
     """The dashboard on uvicorn in a thread of its own: for the controller (``dashboard:`` enabled) and tests."""
 
     def __init__(self, redis_url: str, prefix: str = "hv", host: str = "127.0.0.1", port: int = 0,
-                 interval_s: float = 1.0, allow_control: bool = False):
+                 interval_s: float = 1.0, allow_control: bool = False, sock: socket.socket | None = None):
+        """``sock``: already bound to ``host``/``port`` (the controller binds it before anything starts)."""
         import uvicorn
 
         self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
-        self.socket = _listen(host, port)  # bound now: port 0 tells its real port at once
+        self.socket = sock or _listen(host, port)  # bound now: port 0 tells its real port at once
         self.host, self.port = host, self.socket.getsockname()[1]
         config = uvicorn.Config(create_app(self.hub), log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)

@@ -21,6 +21,8 @@ from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_url
 
+log = logging.getLogger(__name__)
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -75,7 +77,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_ray(getattr(args, "verbose", False))
     app = App(config, redis_url=args.redis_url, say=out.say, on_ray_started=json_worker_logs if json_mode else None)
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
-    app.start()
+    try:
+        app.start()
+    except BaseException:  # what had started stops (cameras write their final status); the start's error shows
+        try:
+            app.shutdown(drain=False)
+        except Exception:
+            log.warning("stopping after a failed start failed too", exc_info=True)
+        raise
     processes = len({id(h.process) for h in app.cameras.values()})
     out.say(f"Running {len(app.cameras)} camera(s) in {processes} process(es) (ray.cameras_per_process)"
             + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.")

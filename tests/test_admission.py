@@ -221,6 +221,21 @@ def test_api_settings_refuse_weak_tokens(monkeypatch):
     assert ApiConfig(tokens={"ops": "b" * 20}).all_tokens() == {"ops": "b" * 20, "env": "a" * 16}
 
 
+def test_a_dashboard_port_in_use_fails_before_anything_starts():
+    """It was bound after Redis, Ray, the model and the cameras had started, and its OSError ended the run as
+    a bug (exit 1); the API's port in use next to it is refused the same way."""
+    from pipeline.app import App
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        app = App(parse_config({"cameras": [{"id": "c", "url": "synthetic://street"}],
+                                "dashboard": {"enabled": True, "port": taken.getsockname()[1]}}))
+        with pytest.raises(ConfigError, match=r"dashboard: cannot listen on 127.0.0.1:\d+: Address already in use"):
+            app.start()
+    assert app.reaper is None and app.embedded is None and not app.started_ray and not app.cameras
+
+
 def test_an_api_beyond_loopback_needs_a_token_and_a_port_in_use_fails_before_anything_starts(monkeypatch):
     from pipeline.app import App
 
