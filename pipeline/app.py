@@ -377,8 +377,9 @@ class App(LiveControl):
     def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
         """A camera no longer run (removed, or joined and never fully started): its process forgets it
         (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
-        with self._lock:
-            shared = any(h.process is handle.process and h.id != handle.id for h in self.cameras.values())
+        with self._lock:  # a camera joining the process while this one goes counts too (see _joining)
+            shared = any(h.process is handle.process and h.id != handle.id
+                         for h in [*self.cameras.values(), *self._joins.values()])
         if shared:
             try:
                 if stop:

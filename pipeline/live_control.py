@@ -141,20 +141,21 @@ class LiveControl:
             raise
         started = time.monotonic()
         try:
-            handle = self._spawn([cam])[0]
-        except (UserError, ray.exceptions.RayError) as e:
-            reason = f"camera: {e}" if isinstance(e, UserError) else \
-                f"camera: its stream actor failed to start: {self._describe(e, cam.id)}"
-            self.note_rejected("add", by, reason)
-            raise CommandRejected(reason, 503) from None
-        finally:
+            try:
+                handle = self._spawn([cam])[0]
+            except (UserError, ray.exceptions.RayError) as e:
+                reason = f"camera: {e}" if isinstance(e, UserError) else \
+                    f"camera: its stream actor failed to start: {self._describe(e, cam.id)}"
+                self.note_rejected("add", by, reason)
+                raise CommandRejected(reason, 503) from None
+            handle.added_by = by
+            with self._lock:
+                stopping = self._stop.is_set()
+                if not stopping:
+                    self.cameras[cam.id] = handle
+                self._registered([cam.id])
+        finally:  # only once it is in ``cameras``: a second add of its id in between was let through
             self._release(cam.id)
-        handle.added_by = by
-        with self._lock:
-            stopping = self._stop.is_set()
-            if not stopping:
-                self.cameras[cam.id] = handle
-            self._registered([cam.id])
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
             self._let_go(handle, stop=True)
             raise CommandRejected("the service is shutting down", 503)

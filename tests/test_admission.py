@@ -211,6 +211,54 @@ def test_a_camera_being_updated_or_removed_counts_once_against_max_cameras():
         app._claim("c", new=True)
 
 
+def test_a_second_add_of_an_id_while_the_first_registers_is_refused():
+    """The first add's claim on the id was released before its camera was in ``cameras``: an add of the same
+    id in between was let through, and two cameras ran under one id."""
+    from pipeline.app import App
+
+    app = App(parse_config({"api": {"max_cameras": 4}}))
+    app.admission = SimpleNamespace(check=lambda cam: cam)
+    app.model_heads, app._audit = {"people": ["person"]}, lambda *args, **kwargs: None
+    second: list[str] = []
+
+    class Started:  # a started camera, whose registration is where the second add comes in
+        @property
+        def added_by(self) -> str:
+            return "test"
+
+        @added_by.setter
+        def added_by(self, by: str) -> None:
+            if by == "first":
+                try:
+                    app.add_camera({"id": "a", "url": "synthetic://street"}, by="second")
+                    second.append("added")
+                except CommandRejected as e:
+                    second.append(e.reason)
+
+    app._spawn = lambda cams: [Started()]
+    app.add_camera({"id": "a", "url": "synthetic://street"}, by="first")
+    assert second == ["camera.id: camera 'a' is being changed by another command"]
+    assert list(app.cameras) == ["a"] and not app._busy
+
+
+def test_a_process_a_camera_is_joining_is_not_killed_when_its_last_camera_goes(monkeypatch):
+    """A camera added at run time may join the process of one being removed (still draining, so still counted):
+    the removal saw no other camera of that process and killed it under the one joining."""
+    import ray
+
+    from pipeline.app import App
+
+    app = App(parse_config({"api": {"max_cameras": 4}}))
+    forgotten, killed = [], []
+    process = SimpleNamespace(forget=SimpleNamespace(remote=forgotten.append))
+    leaving, joining = SimpleNamespace(id="a", process=process), SimpleNamespace(id="b", process=process)
+    app._joins["b"] = joining  # _joining chose a's process for b, which is starting there
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=False: killed.append(actor))
+    assert app._let_go(leaving) is False  # a is out of ``cameras`` already, as remove_camera leaves it
+    assert forgotten == ["a"] and not killed
+
+
 def test_api_settings_refuse_weak_tokens(monkeypatch):
     with pytest.raises(ConfigError, match=r"api.tokens: .*token 'ops' is shorter than 16"):
         parse_config({"api": {"tokens": {"ops": "short"}}})
