@@ -133,26 +133,10 @@ class RedisChannel:
                     answer = json.loads(fields[b"data"])
                     if answer.get("request_id") == command["request_id"]:
                         return answer
-        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: {self._unanswered(entry_id)}")
+        from pipeline.control import unanswered  # only now: the command side's imports are not the CLI's
 
-    def _unanswered(self, entry_id: bytes) -> str:
-        """What became of a command left unanswered: a service that read it may still be applying it (starting a
-        camera takes seconds); one that reads it from now on rejects it, as it carries ``expires``."""
-        import redis
-
-        try:
-            groups = self.client.xinfo_groups(self.key)
-        except redis.ResponseError:  # e.g. an ACL without XINFO
-            return "a service that read the command may still apply it; if none did, it expires unapplied"
-        if any(_stream_id(g["last-delivered-id"]) >= _stream_id(entry_id) for g in groups):
-            return "a service read the command and may still apply it (see `hydravision cameras list`)"
-        return ("is a hydravision service running on this Redis with this prefix? (no service read the command: "
-                "it expires unapplied)")
-
-
-def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
-    return int(ms), int(seq)
+        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
+                        + unanswered(self.client, self.key, entry_id))
 
 
 def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:

@@ -43,6 +43,25 @@ def control_key(prefix: str) -> str:
     return f"{prefix}:control"
 
 
+def unanswered(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
+    """What became of the command at ``entry_id`` that got no answer in time, for the sender to say: a service
+    that read it may still be applying it (starting a camera takes seconds); one that reads it from now on
+    rejects it, as senders set ``expires`` to their own timeout."""
+    try:
+        groups = client.xinfo_groups(key)
+    except redis.ResponseError:  # e.g. an ACL without XINFO
+        return "a service that read the command may still apply it; if none did, it expires unapplied"
+    if any(_entry(g["last-delivered-id"]) >= _entry(entry_id) for g in groups):
+        return "a service read the command and may still apply it (see the cameras' list)"
+    return ("is a hydravision service running on this Redis with this prefix? (no service read the command: "
+            "it expires unapplied)")
+
+
+def _entry(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def results_key(prefix: str) -> str:
     return f"{prefix}:control:results"
 

@@ -20,7 +20,7 @@ import uuid
 
 import redis
 
-from pipeline.control import control_key, results_key
+from pipeline.control import control_key, results_key, unanswered
 
 ALIVE_MS = 5000
 USER = "dashboard"
@@ -51,13 +51,13 @@ def control_reachable(client: redis.Redis, prefix: str) -> bool:
 
 def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: float = 30.0) -> dict:
     """Sends one command and waits for its answer; {"status": "timeout", ...} when none comes in time (the
-    command then expires unapplied: it carries ``expires``). Starting a camera's actor takes seconds, more on
+    reason says whether a service read it: see control.unanswered). Starting a camera's actor takes seconds, more on
     a busy machine: hence the long default."""
     request_id = f"dashboard-{uuid.uuid4().hex[:12]}"
     top = client.xrevrange(results_key(prefix), count=1)
     last = top[0][0] if top else "0-0"
     body = {**command, "request_id": request_id, "user": USER, "expires": round(time.time() + timeout_s, 3)}
-    client.xadd(control_key(prefix), {"data": json.dumps(body)})
+    entry_id = client.xadd(control_key(prefix), {"data": json.dumps(body)})
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         reply = client.xread({results_key(prefix): last}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
@@ -71,7 +71,8 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
                 if isinstance(result, dict) and result.get("request_id") == request_id:
                     return result
     return {"status": "timeout", "request_id": request_id,
-            "reason": f"no answer from the controller within {timeout_s:g} s; the command expires unapplied"}
+            "reason": f"no answer from the controller within {timeout_s:g} s: "
+                      + unanswered(client, control_key(prefix), entry_id)}
 
 
 def add_command(camera: dict) -> dict:

@@ -203,7 +203,7 @@ def test_control_commands_round_trip_through_the_redis_control_stream(redis_serv
     client = redis_server.client()
     assert not control_reachable(client, "hv")
     late = send_command(client, "hv", {"op": "remove", "id": "x"}, timeout_s=0.5)
-    assert late["status"] == "timeout"
+    assert late["status"] == "timeout" and "no service read the command: it expires unapplied" in late["reason"]
     with FakeController(redis_server.url) as controller:
         deadline = time.monotonic() + 10
         while not control_reachable(client, "hv") and time.monotonic() < deadline:

@@ -85,5 +85,6 @@ def _file_url_path(url: str) -> str:
 
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
-        raise SourceError.for_url("unsupported", url, f"file:// URLs must be local, not on host {parts.netloc!r}")
+        # The URL (redacted) heads the message; its netloc is not quoted: a password with a raw '/' splits it.
+        raise SourceError.for_url("unsupported", url, "file:// URLs must be local (this one names a host)")
     return unquote(parts.path)
