@@ -187,3 +187,28 @@ def test_snapshots_switched_on_while_the_camera_runs_come_from_the_next_frames(r
                 await task
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_the_tracker_counts_frames_at_the_rate_it_gets_them(redis_server):
+    """It was built for the configured fps even where the source gives fewer frames (25 asked of a 10 fps
+    source), and kept that rate through a live change of fps."""
+    async def infer(request):
+        return one_box(request.heads)
+
+    camera = CameraConfig(id="cam-r", url="synthetic://street?seed=1&fps=10&size=160x96", fps=25)
+
+    async def main() -> list[float]:
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, infer, MODEL_INFO, pub)
+            task = asyncio.create_task(pipe.run())
+            try:
+                await until(lambda: pipe.tracker is not None, 30, "the tracker")
+                rates = [pipe.tracker.frame_rate]
+                pipe.update(pipe.camera.model_copy(update={"fps": 2.0}))
+                return rates + [pipe.tracker.frame_rate]
+            finally:
+                pipe.stop()
+                await task
+
+    assert asyncio.run(main()) == [10.0, 2.0]

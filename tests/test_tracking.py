@@ -1,6 +1,7 @@
 """Tracking glue: per-head ByteTrack, lifecycle events, ids that survive a restart without reuse."""
 
 import numpy as np
+import pytest
 import supervision as sv
 
 from workers.settings import TrackerConfig
@@ -68,3 +69,27 @@ def test_unconfirmed_detections_have_no_id():
     t = CameraTracker(["people"], TrackerConfig(minimum_consecutive_frames=3), frame_rate=10)
     out, events = t.update("people", dets([moving(0)]), 0, 0.0)
     assert out.tracker_id.tolist() == [-1] and events == []
+
+
+def _lost_for(built_at: float, analysed_at: float, told: float | None = None) -> float:
+    """Seconds from an object's last sighting to its track_ended, for a tracker built for one rate that gets
+    frames at another (and, with ``told``, is told so). Appearance is on (its re-link wait counts too)."""
+    t = CameraTracker(["people"], TrackerConfig(), frame_rate=built_at)
+    if told:
+        t.set_frame_rate(told)
+    for f in range(int(15 * analysed_at)):
+        pts = f / analysed_at
+        _, events = t.update("people", dets([moving(f, speed=40 / analysed_at)] if pts <= 2.0 else []), f, pts)
+        if any(e["type"] == "track_ended" for e in events):
+            return pts - 2.0
+    raise AssertionError("the track never ended")
+
+
+def test_a_tracker_told_its_new_rate_keeps_a_lost_track_as_long_as_one_built_for_it():
+    """A lost track's life is counted in frames: a tracker built for 25 fps that then got 5 (the frame-age budget
+    lowered the rate; a live update of fps) kept a lost track five times too long, and one built for 5 that
+    got 25 a fifth as long (a short occlusion made a new id)."""
+    at_5, at_25 = _lost_for(5, 5), _lost_for(25, 25)
+    assert _lost_for(25, 5, told=5) == pytest.approx(at_5, abs=0.25)
+    assert _lost_for(5, 25, told=25) == pytest.approx(at_25, abs=0.1)
+    assert _lost_for(25, 5) > 2 * at_5  # what it was without being told

@@ -71,11 +71,14 @@ class AppearanceLinker:
 
     def __init__(self, settings: AppearanceConfig, frame_rate: float):
         self.settings = settings
-        self.max_lost = max(1, round(settings.max_lost_s * frame_rate))  # analysed frames
+        self.set_frame_rate(frame_rate)
         self.alias: dict[int, int] = {}  # ByteTrack id -> output id
         self.memory: dict[int, TrackMemory] = {}  # output id -> memory
         self.step = 0
         self.relinks = 0
+
+    def set_frame_rate(self, frame_rate: float) -> None:
+        self.max_lost = max(1, round(self.settings.max_lost_s * frame_rate))  # analysed frames
 
     def waiting(self) -> set[int]:
         """Output ids of lost tracks that may still be re-linked (they have not ended)."""

@@ -302,6 +302,7 @@ class CameraPipeline:
         self.budget, self._budget_fps, self._batch_wait_s = None, None, None
         if self._capture is not None:
             self._capture.budget_fps = None
+        self._retime_tracker()  # also what a change of fps itself needs
 
     def open_tracks(self) -> int:
         return self.tracker.open_tracks() if self.tracker else 0
@@ -376,8 +377,7 @@ class CameraPipeline:
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         if self.camera.tracker.enabled and self.tracker is None:
-            fps = self.camera.fps or (self._capture.source_fps if self._capture else None) or 25.0
-            self.tracker = CameraTracker(self.heads, self.camera.tracker, fps, self.track_id_base)
+            self.tracker = CameraTracker(self.heads, self.camera.tracker, self._analysed_fps(), self.track_id_base)
         records: list[dict] = []
         analytics = self._current_analytics(item)
         tracked = []
@@ -426,6 +426,15 @@ class CameraPipeline:
             known = [decoded / elapsed] if decoded >= 10 and elapsed > 0 else []
         return min(known) if known else None
 
+    def _analysed_fps(self) -> float:
+        """The rate frames reach the tracker now: the budget's, else the configured one capped by the source's."""
+        return self._budget_fps or self._base_fps() or 25.0
+
+    def _retime_tracker(self) -> None:
+        """Tells the tracker a new analysed rate: it counts a lost track's life in frames."""
+        if self.tracker is not None:
+            self.tracker.set_frame_rate(self._analysed_fps())
+
     def _keep_budget(self, age_s: float, now: float) -> None:
         """Feeds a published frame's age to the budget and applies its decision: the capture's rate gate (no
         restart: the decoder keeps reading every frame) and the batch wait of this camera's next requests.
@@ -444,6 +453,7 @@ class CameraPipeline:
         self._budget_fps = None if action.fps >= self.budget.base_fps else action.fps
         if self._capture is not None:
             self._capture.budget_fps = self._budget_fps
+        self._retime_tracker()
         log.info("camera %s: frame-age budget %s (p95 %.0f ms, budget %.0f ms): analysing %.2f fps, batch wait %s",
                  self.id, action.action, action.p95_s * 1000, self.budget.budget_s * 1000, action.fps,
                  "replica's" if action.batch_wait_s is None else f"{action.batch_wait_s * 1000:.0f} ms")

@@ -86,6 +86,18 @@ class CameraTracker:
             return AppearanceByteTrack(**options, weight=a.weight, smoothing=a.smoothing, max_overlap=a.max_overlap)
         return ByteTrackTracker(**options)
 
+    def set_frame_rate(self, frame_rate: float) -> None:
+        """The rate frames now reach the tracker (the frame-age budget lowered it, a live update changed fps):
+        how long a lost track lives is counted in frames, so it is re-counted for the new rate."""
+        if frame_rate == self.frame_rate:
+            return
+        self.frame_rate = frame_rate
+        for ht in self.heads.values():
+            ht.tracker.maximum_frames_without_update = ht.tracker._compute_maximum_frames_without_update(
+                self.settings.lost_track_buffer, frame_rate)
+            if ht.linker is not None:
+                ht.linker.set_frame_rate(frame_rate)
+
     def next_ids(self) -> dict[str, int]:
         """Per head, the first id not yet handed out (persist it; pass it back as ``id_base`` on restart)."""
         return {**self.retired, **{h: ht.next_id for h, ht in self.heads.items()}}
