@@ -27,7 +27,7 @@ from pipeline.admission import Admission, CommandRejected, merge_changes, parse_
 from pipeline.camera_export import export_cameras, export_yaml
 from pipeline.config import API_TOKEN_ENV, ConfigError
 from pipeline.errors import UserError
-from workers.publish import event_message
+from workers.publish import event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 from workers.stream import retired_track_ids_key
@@ -179,8 +179,8 @@ class LiveControl:
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             with self._lock:
                 self.cameras.pop(camera_id, None)
+            self._retire_track_ids(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
             self.events.remove_status(camera_id)
-            self._retire_track_ids(camera_id, final.get("track_ids_next"))
             if self._let_go(handle):
                 self._wait_gone(handle)
         finally:
@@ -258,16 +258,26 @@ class LiveControl:
         self.say(f"Camera {cam.id} {verb} by {by}: {url}{detail}")
 
     def _retire_track_ids(self, camera_id: str, next_ids: dict | None) -> None:
-        """Keeps the removed camera's next track ids, so that one added again under its id goes on from them."""
-        if not next_ids:
-            return
+        """Keeps the removed camera's next track ids, so that one added again under its id goes on from them:
+        per head the highest of its final stats' (none when its process had crashed or was restarting), its
+        last status' and an earlier removal's."""
+        retired_key = retired_track_ids_key(self.redis_settings.prefix)
         try:
             client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
             try:
-                client.hset(retired_track_ids_key(self.redis_settings.prefix), camera_id, json.dumps(next_ids))
+                status, before = client.hget(keys(self.redis_settings.prefix).cameras, camera_id), \
+                    client.hget(retired_key, camera_id)
+                known = [next_ids or {}, json.loads(status).get("track_ids_next") or {} if status else {},
+                         json.loads(before) if before else {}]
+                merged: dict[str, int] = {}
+                for ids in known:
+                    for head, n in ids.items():
+                        merged[head] = max(merged.get(head, 0), int(n))
+                if merged:
+                    client.hset(retired_key, camera_id, json.dumps(merged))
             finally:
                 client.close()
-        except (redis.RedisError, OSError) as e:  # rare (Redis down right now); the log says so
+        except (redis.RedisError, OSError, ValueError) as e:  # rare (Redis down right now); the log says so
             log.warning("camera %s: could not keep its track ids: %s", camera_id,
                         redact_text(str(e), [self.redis_settings.url]))
 

@@ -259,6 +259,23 @@ def test_a_process_a_camera_is_joining_is_not_killed_when_its_last_camera_goes(m
     assert forgotten == ["a"] and not killed
 
 
+def test_a_removed_camera_without_final_stats_keeps_its_track_ids_from_its_last_status(redis_server):
+    """A camera whose process had crashed (or was being restarted) gives no final stats at its removal: its
+    next track ids were not kept, and the same id added again numbered from 0 (or from an older removal's)."""
+    import json
+
+    from pipeline.app import App
+    from workers.settings import RedisConfig
+
+    app = App(parse_config({}))
+    app.redis_settings = RedisConfig(url=redis_server.url)
+    client = redis_server.client()
+    client.hset("hv:cameras", "a", json.dumps({"state": "running", "track_ids_next": {"people": 7}}))
+    client.hset("hv:track_ids", "a", json.dumps({"people": 3, "vehicles": 9}))  # an earlier removal's
+    app._retire_track_ids("a", None)
+    assert json.loads(client.hget("hv:track_ids", "a")) == {"people": 7, "vehicles": 9}
+
+
 def test_api_settings_refuse_weak_tokens(monkeypatch):
     with pytest.raises(ConfigError, match=r"api.tokens: .*token 'ops' is shorter than 16"):
         parse_config({"api": {"tokens": {"ops": "short"}}})
