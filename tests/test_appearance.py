@@ -116,3 +116,25 @@ def test_without_embeddings_it_is_bytetrack():
         a, b = ours.update(det), theirs.update(det)
         np.testing.assert_array_equal(a.xyxy, b.xyxy)
         np.testing.assert_array_equal(a.tracker_id, b.tracker_id)
+
+
+def test_a_non_finite_embedding_from_the_model_is_no_look_and_tracking_goes_on():
+    """An fp16 overflow in the re-ID head gives a NaN embedding: the track it started carried NaN, every later
+    assignment near it failed ('matrix contains invalid numeric entries') and each such frame was lost for all
+    heads. to_detections now passes such a row on as no look at all."""
+    from models.letterbox import Letterbox
+    from workers.frames import to_detections
+
+    lb = Letterbox.fit((360, 640), (360, 640))  # model input = source pixels
+
+    def model_output(look: np.ndarray) -> sv.Detections:
+        arrays = {"boxes": np.array([[100, 50, 120, 90]], np.float32), "scores": np.array([0.9], np.float32),
+                  "class_ids": np.array([0]), "embedding": look[None].astype(np.float16)}
+        return to_detections(arrays, lb, ["person"])
+
+    camera = tracker(True)
+    ids = []
+    for f in range(30):  # a parked person, its first look NaN
+        tracked, _ = camera.update("people", model_output(np.full(4, np.nan) if f == 0 else LOOKS["a"]), f, f / FPS)
+        ids += tracked.tracker_id.tolist()
+    assert len(ids) == 30 and len({i for i in ids if i >= 0}) == 1, ids

@@ -59,7 +59,12 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
     # attribute arrays ride in data: the tracker's subsets of the detections keep them aligned
     attrs = {k: np.asarray(v) for k, v in arrays.items() if k.startswith("attr:")}
     if "embedding" in arrays:  # re-ID vectors, for the tracker only: detection_records never reads them
-        attrs["embedding"] = np.asarray(arrays["embedding"]).reshape(len(boxes), -1)
+        emb = np.asarray(arrays["embedding"]).reshape(len(boxes), -1)
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():  # an fp16 overflow: no look (a zero vector), not a NaN that fails every later assignment
+            emb = emb.copy()
+            emb[bad] = 0
+        attrs["embedding"] = emb
     return sv.Detections(
         xyxy=boxes_to_source(boxes, lb),
         confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),
