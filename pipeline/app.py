@@ -403,11 +403,12 @@ class App(LiveControl):
         with self._lock:
             handles = dict(self.cameras)
         refs = {cid: h.process.stats.remote(cid) for cid, h in handles.items()}
+        _wait_all(refs.values(), timeout)  # one deadline: a hung process must not hold up watching the others
         out = []
         for cid, ref in refs.items():
             try:
-                s = ray.get(ref, timeout=timeout)
-            except Exception as e:  # an actor being restarted (or removed right now): show it, go on
+                s = ray.get(ref, timeout=0)
+            except Exception as e:  # an actor being restarted, hung (or removed right now): show it, go on
                 out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)})
                 log.debug("camera %s: stats unavailable", cid, exc_info=True)
                 continue
@@ -436,7 +437,11 @@ class App(LiveControl):
             return None
         h.restarts += 1
         h.done = h.process.wait.remote(h.id)
-        stats = ray.get(h.process.stats.remote(h.id), timeout=10)
+        try:
+            stats = ray.get(h.process.stats.remote(h.id), timeout=10)
+        except Exception as e:  # died again at once: the next tick sees it (an error here ended the whole service)
+            log.warning("camera %s: no stats after its restart: %s", h.id, self._describe(e, h.id))
+            return None
         # An event for each camera; the restarts metric counts processes (the cameras of one restart together).
         counted = stats["pid"] in self._restarted_pids
         if not counted:
@@ -484,8 +489,10 @@ class App(LiveControl):
     def finished(self) -> bool:
         """True when every camera's source has ended (files); a crashed actor is not an ended camera."""
         with self._lock:
-            pending = [h for h in self.cameras.values() if h.done is not None]
-        if not pending:
+            pending = list(self.cameras.values())
+        # A camera whose actor died (done None until stats() restarts it) has not ended: without this, the
+        # others' ending stopped the service before Ray had brought it back.
+        if not pending or any(h.done is None for h in pending):
             return False
         ready, _ = ray.wait([h.done for h in pending], num_returns=len(pending), timeout=0)
         if len(ready) < len(pending):
@@ -548,9 +555,10 @@ class App(LiveControl):
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
         refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in self.cameras.items()}
+        _wait_all(refs.values(), timeout)  # they stop together: one deadline, not one per camera
         for cid, ref in refs.items():
             try:
-                final = ray.get(ref, timeout=timeout)
+                final = ray.get(ref, timeout=0)
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
                 log.warning("camera %s: no final stats", cid, exc_info=True)
@@ -570,3 +578,10 @@ class App(LiveControl):
         if self.reaper:
             self.reaper.release()  # everything is down: nothing left for it to clean up
         return finals
+
+
+def _wait_all(refs: Any, timeout: float) -> None:
+    """Waits until every ref is ready or ``timeout`` seconds have passed, whichever comes first."""
+    refs = list(refs)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)

@@ -60,6 +60,7 @@ def test_demo_defaults_need_no_setup(monkeypatch):
         ({"status": {"interval_s": 1e300}}, r"status\.interval_s: Input should be less than or equal to 3600"),
         ({"redis": {"maxlen": 2**64}}, r"redis\.maxlen: Input should be less than or equal to 9223372036854775807"),
         ({"control": {"results_maxlen": 2**63}}, r"control\.results_maxlen: Input should be less than or equal to"),
+        ({"ray": {"object_store_mb": 64}}, r"ray\.object_store_mb: Input should be greater than or equal to 75"),
     ],
 )
 def test_errors_name_field_path_and_value(data, expected):

@@ -263,3 +263,63 @@ def test_a_second_signal_while_the_first_is_announced_exits(monkeypatch):
     app.install_signal_handlers()
     handlers[signal.SIGTERM](signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM], announced
+
+
+def test_a_crashed_camera_keeps_the_service_running_after_the_others_ended(ray_local):
+    """A camera whose actor died has no ``done`` until the status loop restarts it: it was left out of the
+    check, so the other cameras' files ending stopped the service before Ray had brought it back."""
+    from types import SimpleNamespace
+
+    from pipeline.app import App
+    from pipeline.config import parse_config
+
+    app = App(parse_config({"control": {"enabled": False}, "cameras": [{"id": "a", "url": "synthetic://street"}]}))
+    ended = SimpleNamespace(done=ray.put({"state": "ended"}))
+    app.cameras = {"a": ended, "b": SimpleNamespace(done=None)}
+    assert not app.finished()
+    app.cameras = {"a": ended}
+    assert app.finished()
+
+
+@ray.remote(num_cpus=0)
+class _HungProcess:
+    """A camera process that answers for camera "ok" only (the others hang, as behind a stuck decoder)."""
+
+    async def stats(self, camera_id: str) -> dict:
+        import asyncio
+
+        if camera_id != "ok":
+            await asyncio.sleep(60)
+        return {"camera": camera_id, "state": "running"}
+
+    async def stop(self, camera_id: str, drain: bool = True) -> dict:
+        return await self.stats(camera_id)
+
+
+def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_camera(ray_local):
+    """The status loop and the shutdown read each camera's answer with its own timeout, one after the other: a
+    hung process hosting N cameras cost N timeouts per tick (no other crash noticed meanwhile; /healthz fails
+    after 30 s) and N x 20 s at the stop."""
+    from types import SimpleNamespace
+
+    from pipeline.app import App
+    from pipeline.config import parse_config
+    from workers.settings import CameraConfig
+
+    app = App(parse_config({"control": {"enabled": False}, "cameras": [{"id": "ok", "url": "synthetic://street"}]}))
+    process = _HungProcess.remote()
+    ray.get(process.stats.remote("ok"))  # started
+    app.cameras = {cid: SimpleNamespace(id=cid, process=process, config=CameraConfig(id=cid, url="synthetic://x"))
+                   for cid in ("h1", "h2", "h3", "h4", "ok")}
+    app._check_inference = lambda: None
+    started = time.monotonic()
+    states = {s["camera"]: s["state"] for s in app.stats(timeout=1.0)}
+    took = time.monotonic() - started
+    assert states == {"h1": "unavailable", "h2": "unavailable", "h3": "unavailable", "h4": "unavailable",
+                      "ok": "running"}
+    assert took < 3.0, f"one tick took {took:.1f} s"
+    started = time.monotonic()
+    finals = app.shutdown(timeout=1.0)
+    took = time.monotonic() - started
+    assert [f["state"] for f in finals] == ["unavailable"] * 4 + ["running"]
+    assert took < 3.0, f"the stop took {took:.1f} s"

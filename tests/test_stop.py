@@ -5,6 +5,7 @@ everything decoded before the stop is published."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 import time
@@ -187,3 +188,34 @@ def test_a_start_retried_while_the_first_still_waits_runs_the_camera_once(redis_
     frames = [m["frame"] for m in read_stream(redis_server.client(), keys("hv").detections("twice"))]
     assert threads == 1 and stats["decoder_threads"] == 0
     assert frames and len(frames) == len(set(frames)), frames
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_that_outlasts_its_drain_drops_what_is_left_and_never_says_running(redis_server) -> None:
+    """Inference that does not answer (a replica restarting, busy) held a drained stop past its timeout: the
+    final stats and the final status in Redis said 'running', and the process was killed next."""
+    class NeverAnswers:
+        def __init__(self) -> None:
+            async def ping() -> int:
+                return 1
+
+            def hang(*args, **kwargs) -> asyncio.Future:
+                return asyncio.get_running_loop().create_future()
+
+            self.ping, self.infer_image, self.infer_images = _Remote(ping), _Remote(hang), _Remote(hang)
+
+    async def main() -> tuple[dict, float]:
+        camera = CameraConfig(id="held", url="synthetic://street?seed=1&fps=10&size=160x96", heads=["people"])
+        host = CameraHost(camera, [NeverAnswers()], {"input_size": [96, 160], "heads": {"people": ["person"]}},
+                          RedisConfig(url=redis_server.url), instance="run-1")
+        await host.start()
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        final = await host.stop(drain=True, timeout=1.0)
+        return final, time.monotonic() - started
+
+    final, took = asyncio.run(main())
+    status = json.loads(redis_server.client().hget("hv:cameras", "held"))
+    assert final["state"] == status["state"] == "stopped" and final["in_flight"] == 0, final
+    assert final["dropped"]["shutdown"] >= 1 and took < 4.0, (final["dropped"], took)
+    assert_adds_up(final)

@@ -99,6 +99,7 @@ class CameraPipeline:
         self.started_at: float | None = None
         self._stopping = False
         self._drain = True
+        self._abandoned: asyncio.Future | None = None  # made by run(); done once a stop without drain is asked for
         self._inflight: asyncio.Semaphore | None = None
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
@@ -130,6 +131,9 @@ class CameraPipeline:
         self.started_at = time.time()
         self.state = "starting"
         self._slot = FrameSlot(loop, lossless=self.camera.lossless, depth=self.camera.max_inflight)
+        self._abandoned = loop.create_future()
+        if self._abandoning:
+            self._abandoned.set_result(None)
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                 first_index=self.resume.first_index, first_pts=self.resume.first_pts,
                                 resume_at=self.resume.first_index)
@@ -316,6 +320,8 @@ class CameraPipeline:
         """Stops reading; with ``drain`` the frames already decoded (in inference, or waiting for it) are still
         analysed, tracked and published."""
         self._stopping, self._drain = True, drain
+        if not drain and self._abandoned is not None and not self._abandoned.done():
+            self._abandoned.set_result(None)
         if self._capture:
             self._capture.stop_reading()
         if self._slot:
@@ -346,6 +352,14 @@ class CameraPipeline:
                 except Exception as e:  # a bug in analytics or snapshots: report it, never end the finisher
                     self.last_error = redact_text(f"skipped frame: {type(e).__name__}: {e}", [self.camera.url])
                     log.exception("camera %s frame %d: handling a skipped frame failed", self.id, item.index)
+                continue
+            if not fut.done():  # a stop without drain ends this wait too: it waits for no inference
+                await asyncio.wait((fut, self._abandoned), return_when=asyncio.FIRST_COMPLETED)
+            if not fut.done():
+                fut.add_done_callback(_seen)
+                assert self._inflight is not None
+                self._inflight.release()
+                self.shutdown_inflight += 1
                 continue
             try:
                 arrays = (await fut)[place]
@@ -597,6 +611,12 @@ class CameraPipeline:
         }
 
 
+def _seen(fut: asyncio.Future) -> None:
+    """A call nobody awaits any more (its camera stopped without drain): its late error is not 'never retrieved'."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def retired_track_ids_key(prefix: str) -> str:
     """Hash camera id -> JSON next free track id per head, of cameras removed at run time: their status entry
     is gone, and a camera added again under the same id must not hand out ids consumers have seen."""
@@ -745,8 +765,13 @@ class CameraHost:
         self.pipeline.stop(drain)
         try:
             stats = await asyncio.wait_for(asyncio.shield(self.task), timeout)
-        except asyncio.TimeoutError:
-            stats = self.pipeline.stats()
+        except asyncio.TimeoutError:  # inference holds the drain up: what is left is dropped, not waited for
+            self.pipeline.stop(drain=False)
+            try:
+                stats = await asyncio.wait_for(asyncio.shield(self.task), 5.0)
+            except asyncio.TimeoutError:  # a decoder stuck in a blocking call: its process is killed next
+                self.pipeline.state = "stopped"  # the final status must not say running
+                stats = self.pipeline.stats()
         if self.status_task:
             self.status_task.cancel()
         self.pipeline.publish_status()
