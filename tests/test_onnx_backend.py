@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.hydranet import HydraNet, HydraNetConfig
 from models.letterbox import letterbox
 from pipeline.cli import main as cli_main
@@ -173,6 +173,21 @@ def test_auto_falls_back_to_torch_when_onnxruntime_fails_and_an_explicit_choice_
     assert runner.run([np.zeros((3, 64, 96), np.uint8)], [None])[0]["people"]["boxes"].shape[1] == 4
     with pytest.raises(RuntimeError, match="no ONNX Runtime here"):
         ModelRunner(path, device="cpu", backend="onnxruntime")
+
+
+@pytest.mark.parametrize("providers", [None, ["CUDAExecutionProvider", "CPUExecutionProvider"]],
+                         ids=["plain onnxruntime", "onnxruntime-gpu without its CUDA libraries"])
+def test_onnxruntime_asked_for_on_a_gpu_refuses_to_start_where_it_would_run_on_the_cpu(cache, tmp_path, monkeypatch,
+                                                                                        providers):
+    """ONNX Runtime falls back to its CPU provider without failing: the model took the CPU, the replica held a GPU
+    it never used, and info() said cuda."""
+    path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(model_runner, "load_checkpoint", lambda p, device: load_checkpoint(p, device="cpu"))
+    if providers:  # listed, but its session falls back to the CPU as one without the CUDA libraries does
+        monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
+    with pytest.raises(ValueError, match=r"onnxruntime-gpu .*model\.backend"):
+        ModelRunner(path, device="auto", backend="onnxruntime", threads=1)
 
 
 def test_a_pool_of_threads_waits_without_spinning_unless_asked(cache, tmp_path, monkeypatch):

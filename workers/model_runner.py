@@ -105,6 +105,7 @@ class ExportedSession:
     of a batch (the graph is fixed); a head an image did not ask for is computed and then not decoded."""
 
     precision = "fp32"
+    device = "cpu"  # where the runtime computes the graph, for info()
 
     def __init__(self, model, checkpoint: str | Path, group_norm: str = "export"):
         from models.export import cached_export, output_names
@@ -135,7 +136,8 @@ class ExportedSession:
 
 
 class OrtSession(ExportedSession):
-    """ONNX Runtime, fp32: the CPU execution provider (CUDA / TensorRT ones where installed and asked for)."""
+    """ONNX Runtime, fp32: the CPU execution provider, or on a CUDA device its TensorRT / CUDA ones (package
+    onnxruntime-gpu), else it refuses to start."""
 
     def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None):
         import onnxruntime as ort  # only where this backend is chosen
@@ -155,6 +157,15 @@ class OrtSession(ExportedSession):
             wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
             providers = [p for p in wanted if p in ort.get_available_providers()] + providers
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and
+        # onnxruntime-gpu's does not load without its CUDA libraries): the model would take the CPU while the
+        # replica's GPU sat idle.
+        if self.session.get_providers()[0] != "CPUExecutionProvider":
+            self.device = str(device)
+        elif device.type == "cuda":
+            raise ValueError(f"backend onnxruntime cannot run on device {device} here: ONNX Runtime has no GPU "
+                             f"provider it can load (it has {', '.join(ort.get_available_providers())}); install "
+                             "onnxruntime-gpu in place of onnxruntime, or set model.backend to torch")
 
     def infer(self, images: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.names, {"images": images})
@@ -380,7 +391,8 @@ class ModelRunner:
                 "head_seconds": {name: h.snapshot() for name, h in self.head_seconds.items()}}
 
     def info(self) -> dict:
-        return {"input_size": list(self.input_size), "heads": self.heads, "device": str(self.device),
+        return {"input_size": list(self.input_size), "heads": self.heads,
+                "device": self.session.device if self.session else str(self.device),
                 "autocast": self.session.precision if self.session else str(self.autocast) if self.autocast else "fp32",
                 "backend": self.backend, "threads": torch.get_num_threads()}
 
