@@ -116,12 +116,16 @@ def test_a_probe_whose_size_never_gets_steady_is_timed_anyway():
     assert sizer.limit == 16  # after 4 x samples batches of waiting it counts what it sees
 
 
-def test_comes_back_down_when_half_the_size_runs_faster():
-    sizer = BatchSizer(ceiling=32)
-    feed(sizer, GPU, 200)
-    assert sizer.limit == 32
-    feed(sizer, {16: 1.2, 32: 3.0}, 100)  # the machine changed: 32 now costs more per frame than 16 did
-    assert sizer.limit == 16 and sizer.changes[-1] == (32, 16)
+@pytest.mark.parametrize("ceiling, back_to", [(32, 16), (24, 16), (12, 8)])
+def test_comes_back_down_to_the_size_it_was_raised_from_when_that_runs_faster(ceiling, back_to):
+    """A ceiling that is not a power of two is reached from below its half (8 -> 12): the limit was compared with
+    that half (6), never timed, and stayed up however slow it became."""
+    sizer = BatchSizer(ceiling=ceiling)
+    feed(sizer, {**GPU, 12: 1.5, 24: 1.0}, 200)
+    assert sizer.limit == ceiling
+    # the machine changed: the ceiling now costs more per frame than the size below it did
+    feed(sizer, {back_to: GPU[back_to], ceiling: 3.0}, 100)
+    assert sizer.limit == back_to and sizer.changes[-1] == (ceiling, back_to)
 
 
 def test_the_ceiling_holds_and_need_not_be_a_power_of_two():

@@ -12,8 +12,9 @@ the live batches rather than configured:
   the next batches may take twice as many. Once ``samples`` of those full larger batches have run, the larger
   size is kept if its median time per frame beats the limit's by more than ``gain``; if not, the next probe
   waits twice as long (up to 64x). A probe that the backlog does not fill within ``samples`` batches ends;
-- the limit halves when the recent batches at half the size ran faster per frame by more than ``gain``
-  (a wrong step up, or a machine whose load changed);
+- the limit goes back to the size it was raised from (half of it, bar a ceiling that is not a power of two)
+  when the recent batches at that size ran faster per frame by more than ``gain`` (a wrong step up, or a
+  machine whose load changed);
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
   first call (0.2-1 s on this CPU), which says nothing about the steady cost;
 - a probe's batches count only once ``steady(size)`` says that size runs at its steady cost: OpenVINO runs
@@ -43,6 +44,7 @@ class BatchSizer:
         self.limit = min(_power_of_two_at_most(start), ceiling)
         self.probing: int | None = None  # the larger size on trial, while a probe runs
         self.changes: list[tuple[int, int]] = []  # (from, to), every change of the limit
+        self._raised_from: list[int] = []  # the limits each adopted probe replaced: the sizes a shrink has timings of
         self._costs: dict[int, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=window))
         self._seen: set[int] = set()
         self._streak = 0  # full batches in a row at the limit
@@ -98,18 +100,24 @@ class BatchSizer:
         assert self.probing is not None
         if adopt:
             self.changes.append((self.limit, self.probing))
+            self._raised_from.append(self.limit)
             self.limit, self._backoff = self.probing, 1
         else:
             self._backoff = min(MAX_BACKOFF, 2 * self._backoff)
         self.probing, self._streak = None, 0
 
     def _maybe_shrink(self) -> None:
-        half = self.limit // 2
-        here, there = self._costs[self.limit], self._costs[half]
-        if half >= 1 and len(here) >= self.samples and len(there) >= self.samples and \
+        # Full batches run at the limit or a probe's size, so below the limit only the limits it was raised from
+        # have timings (half of a ceiling of 12 is a 6 that never ran).
+        if not self._raised_from:
+            return
+        lower = self._raised_from[-1]
+        here, there = self._costs[self.limit], self._costs[lower]
+        if len(here) >= self.samples and len(there) >= self.samples and \
                 statistics.median(there) < (1 - self.gain) * statistics.median(here):
-            self.changes.append((self.limit, half))
-            self.limit, self._streak = half, 0
+            self._raised_from.pop()
+            self.changes.append((self.limit, lower))
+            self.limit, self._streak = lower, 0
 
     def stats(self) -> dict:
         """For the replica's stats(): the limit now, the probe running (0: none), the changes so far, and the
