@@ -1,5 +1,6 @@
 """The GPU-oriented inference paths, exercised as far as a CPU can: BN folding, autocast, staging copies, compile."""
 
+import collections
 import copy
 
 import numpy as np
@@ -116,6 +117,26 @@ def test_staging_buffer_copy_gives_the_same_results(checkpoint):
     a, b = direct.run(images, [None] * 4), staged.run(images, [None] * 4)
     for ra, rb in zip(a, b):
         np.testing.assert_array_equal(ra["people"]["boxes"], rb["people"]["boxes"])
+
+
+class SizesGrowingWhileRead(collections.Counter):
+    """Batch sizes to which the model thread adds a new one while stats() iterates over them."""
+
+    def items(self):
+        for size, batches in super().items():
+            self[size + 1] += 1
+            yield size, batches
+
+
+def test_stats_read_the_batch_sizes_while_the_model_thread_adds_one(checkpoint):
+    """stats() runs on the event loop, ModelRunner.run on the model's thread: a batch size first seen between two
+    steps of stats()' loop over the live Counter raised "dictionary changed size during iteration"."""
+    from workers.inference import InferenceService
+
+    service = InferenceService(checkpoint, device="cpu", backend="torch")
+    service.runner.stats["batch_sizes"] = SizesGrowingWhileRead({4: 2})
+    assert service.stats()["batch_sizes"] == {4: 2}
+    service.batcher.close()
 
 
 @pytest.mark.slow

@@ -367,7 +367,8 @@ class InferenceService:
     def stats(self) -> dict:
         s = dict(self.runner.stats)
         s["head_frames"] = dict(s["head_frames"])
-        s["batch_sizes"] = {int(k): v for k, v in s["batch_sizes"].items()}
+        # dict(): one step under the GIL; iterating the live Counter raced the model thread adding a new size
+        s["batch_sizes"] = {int(k): v for k, v in dict(s["batch_sizes"]).items()}
         s["pid"] = os.getpid()
         s["calls"] = self.calls
         s["exact_shapes"] = self.runner.exact_shapes()
