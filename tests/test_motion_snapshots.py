@@ -64,6 +64,53 @@ def test_max_skip_forces_inference_on_a_still_picture():
     assert gate.stats() == {"checked": 50, "skipped": 45, "skip_fraction": 0.9}
 
 
+def street(car_at: int | None) -> np.ndarray:
+    """A still grey model input, with a 40x60 px "car" at x = ``car_at`` or none."""
+    img = np.full((3, *INPUT), 100, np.uint8)
+    if car_at is not None:
+        img[:, 150:190, car_at:car_at + 60] = 200
+    return img
+
+
+@pytest.mark.parametrize("failing, expected", [
+    ((), False),          # the car was analysed where it is now: nothing moved since
+    ((0.1,), False),      # the first sight of it failed, the second (car moved) was analysed
+    ((0.2,), True),       # the car was last analysed 100 px to the left
+    ((0.1, 0.2), True),   # neither was analysed: the last analysed frame is the empty street
+])
+def test_a_frame_whose_inference_failed_is_no_reference_for_the_gate(failing, expected):
+    gate = MotionGate(MotionConfig(enabled=True, max_skip_s=60))
+    assert gate.wants(street(None), 0.0)  # analysed
+    assert gate.wants(street(100), 0.1) and gate.wants(street(200), 0.2)  # both sent, results in frame order
+    for pts in failing:
+        gate.failed(pts)
+    assert gate.wants(street(200), 0.3) == expected
+
+
+def test_after_a_failure_the_gate_compares_with_the_last_analysed_frame():
+    gate = MotionGate(MotionConfig(enabled=True, max_skip_s=60))
+    assert gate.wants(street(None), 0.0) and gate.wants(street(100), 0.1)
+    gate.failed(0.1)
+    assert not gate.wants(street(None), 0.2)  # the car left before anyone saw it: as analysed at 0.0
+    assert gate.wants(street(100), 0.3)
+
+
+def test_max_skip_counts_from_the_last_analysed_frame_when_a_forced_one_failed():
+    gate = MotionGate(MotionConfig(enabled=True, max_skip_s=1.0))
+    assert gate.wants(street(None), 0.0) and gate.wants(street(None), 1.0)
+    gate.failed(1.0)
+    assert gate.wants(street(None), 1.1)
+
+
+def test_the_gate_lets_the_next_frame_through_when_every_frame_it_remembers_failed():
+    gate = MotionGate(MotionConfig(enabled=True, max_skip_s=60))
+    sent = [f / 10 for f in range(12) if gate.wants(street(None if f % 2 else 200), f / 10)]
+    assert len(sent) == 12  # more than the gate keeps
+    for pts in sent:
+        gate.failed(pts)
+    assert gate.wants(street(200), 1.2)
+
+
 # --- snapshots ------------------------------------------------------------------------------------------
 
 def tracked(truth) -> sv.Detections:
@@ -90,6 +137,32 @@ def test_snapshot_draws_on_the_scaled_picture_and_stays_under_max_bytes():
     small = Snapshotter(SnapshotConfig(max_width=640, max_bytes=8192, quality=95))
     bounded = small.render(plain.copy(), (1280, 720), [tracked(truth)], analytics, 7, 0.28, 1.5)
     assert bounded["bytes"] == len(bounded["jpeg"]) <= 8192 and bounded["quality"] < 95
+
+
+@pytest.mark.parametrize("max_bytes, shrunk", [(2_000_000, False), (60_000, True)])
+def test_snapshot_size_is_the_size_of_its_jpeg_also_when_it_had_to_shrink(max_bytes, shrunk):
+    noise = np.random.default_rng(0).integers(0, 256, (540, 960, 3), np.uint8)  # compresses badly
+    fields = Snapshotter(SnapshotConfig(max_bytes=max_bytes)).render(noise, (1920, 1080), [], None, 1, 0.1, 0.0)
+    jpeg = cv2.imdecode(np.frombuffer(fields["jpeg"], np.uint8), cv2.IMREAD_COLOR)
+    assert (fields["width"], fields["height"]) == (jpeg.shape[1], jpeg.shape[0])
+    assert (jpeg.shape[1] < 960) == shrunk
+
+
+def test_snapshot_draws_the_zones_of_new_analytics_that_took_the_place_of_freed_ones():
+    """Each live change of zones makes a new CameraAnalytics, often at the address of the one just freed (the
+    same id): drawings cached by id showed the old zones then. Which allocation reuses an address is up to
+    CPython's allocator, so the change is made many times."""
+    size, classes, no_lines = (640, 360), {"people": ["person"]}, []
+    top_left = [ZoneConfig(name="door", polygon=[(0.1, 0.1), (0.4, 0.1), (0.4, 0.4)])]
+    bottom_right = [ZoneConfig(name="gate", polygon=[(0.6, 0.6), (0.9, 0.6), (0.9, 0.9)])]
+    snap = Snapshotter(SnapshotConfig())
+    for change in range(20):
+        zones = bottom_right if change % 2 else top_left
+        # the test keeps no reference: each analytics lives only as long as the Snapshotter keeps one
+        fields = snap.render(np.zeros((360, 640, 3), np.uint8), size, [],
+                             CameraAnalytics(zones, no_lines, classes, size), change, change / 10, 0.0)
+        drawn = cv2.imdecode(np.frombuffer(fields["jpeg"], np.uint8), cv2.IMREAD_GRAYSCALE) > 64
+        assert (drawn[:180, :320].any(), drawn[180:, 320:].any()) == (zones is top_left, zones is bottom_right)
 
 
 def test_picture_of_a_decoded_video_frame_matches_its_rgb(tmp_path):

@@ -268,6 +268,24 @@ def test_a_failure_after_publishing_is_reported_without_counting_the_frame_twice
     assert stats["decoded"] == stats["published"] + stats["skipped"] + sum(stats["dropped"].values()), stats
 
 
+@pytest.mark.timeout(60)
+def test_a_frame_whose_inference_failed_is_no_reference_for_the_motion_gate(redis_server):
+    """The gate compares frames with the last one that went to inference: when that one failed, the next frames
+    (nothing moved since it) were skipped, though whatever it showed was never analysed."""
+    sent = []
+
+    async def infer(request):
+        sent.append(request.frame)
+        if request.frame == 0:
+            raise RuntimeError("replica restarting")
+        return empty_result(request.heads)
+
+    still = {"id": "cam-g", "url": "synthetic://street?seed=9&frames=10&density=0", "realtime": False,
+             "max_inflight": 1, "motion": {"enabled": True}}
+    stats = run_camera(redis_server.url, still, infer)
+    assert sent[:2] == [0, 1] and stats["dropped"]["error"] == 1, (sent, stats["skipped"])
+
+
 def test_unknown_head_for_camera_is_a_clear_error():
     with pytest.raises(ValueError, match=r"camera 'x': unknown heads \['faces'\]"):
         CameraPipeline({"id": "x", "url": "synthetic://street", "heads": ["faces"]}, None, MODEL_INFO, None)

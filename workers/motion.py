@@ -1,9 +1,10 @@
 """The motion gate: skip inference on frames where nothing moved.
 
 A frame difference on the model input (already small: 3x256x448), scaled down further and blurred so that
-sensor noise does not count, against the last frame that WENT to inference, not the previous frame: slow
-motion (a pedestrian far away, a car creeping up) adds up until it passes the threshold, instead of
-hiding below it frame after frame. Costs ~0.1 ms a frame, on the camera's event loop.
+sensor noise does not count, against the last frame that WENT to inference (and did not fail there:
+``MotionGate.failed``), not the previous frame: slow motion (a pedestrian far away, a car creeping up) adds
+up until it passes the threshold, instead of hiding below it frame after frame. Costs ~0.1 ms a frame, on
+the camera's event loop.
 
 What a skipped frame means for the rest of the pipeline (docs/architecture.md, "Analytics"): the tracker
 does not see it (nothing moved, so its tracks are where they were; feeding it an empty frame instead would
@@ -14,19 +15,26 @@ message is published, and the frame is counted as ``skipped``.
 
 from __future__ import annotations
 
+import collections
+
 import cv2
 import numpy as np
 
 from workers.analytics_settings import MotionConfig
 
 
+# Frames let through, newest last: those in flight and the last one analysed. When it runs short (more than
+# this many in flight, all failing), the gate has no reference and the next frame goes: always safe.
+SENT_KEPT = 8
+
+
 class MotionGate:
-    """``wants(image, pts)`` -> True when the frame must go to inference."""
+    """``wants(image, pts)`` -> True when the frame must go to inference; ``failed(pts)`` when such a frame
+    was not analysed after all."""
 
     def __init__(self, settings: MotionConfig):
         self.settings = settings
-        self._reference: np.ndarray | None = None
-        self._reference_pts = 0.0
+        self._sent: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=SENT_KEPT)
         self.checked = self.skipped = 0
         self.last_changed = 0.0  # fraction of changed pixels on the last check, for tuning
 
@@ -41,8 +49,8 @@ class MotionGate:
     def wants(self, image: np.ndarray, pts: float) -> bool:
         self.checked += 1
         small = self._small(image)
-        ref = self._reference
-        if ref is None or ref.shape != small.shape or pts - self._reference_pts >= self.settings.max_skip_s:
+        ref_pts, ref = self._sent[-1] if self._sent else (0.0, None)
+        if ref is None or ref.shape != small.shape or pts - ref_pts >= self.settings.max_skip_s:
             self._take(small, pts)
             return True
         changed = np.count_nonzero(cv2.absdiff(small, ref) > self.settings.threshold) / small.size
@@ -54,7 +62,17 @@ class MotionGate:
         return False
 
     def _take(self, small: np.ndarray, pts: float) -> None:
-        self._reference, self._reference_pts = small, pts
+        self._sent.append((pts, small))
+
+    def failed(self, pts: float) -> None:
+        """The frame at ``pts``, let through by ``wants``, was not analysed (inference failed or timed out). Later
+        frames are compared with the newest frame let through since, or else the last one analysed (max_skip_s
+        counts from that one), not with this one: the change it showed would be skipped until max_skip_s.
+        Call it as results arrive, in frame order: the frames kept before it were analysed then."""
+        for i in range(len(self._sent) - 1, -1, -1):
+            if self._sent[i][0] == pts:
+                del self._sent[i]
+                return
 
     def stats(self) -> dict:
         return {"checked": self.checked, "skipped": self.skipped,

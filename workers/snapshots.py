@@ -41,15 +41,16 @@ class Snapshotter:
         self.settings = settings
         self.boxes = sv.BoxAnnotator(thickness=2, color_lookup=sv.ColorLookup.TRACK)
         self.labels = sv.LabelAnnotator(text_scale=0.4, text_padding=3, color_lookup=sv.ColorLookup.TRACK)
-        self._drawings: tuple[float, int, list] | None = None  # (scale, id(analytics), annotators): built once
+        # (scale, analytics, annotators): built once. The object itself, compared with `is`: an id can be reused
+        # by the analytics that replaced a freed one, and the old zones would be drawn.
+        self._drawings: tuple[float, CameraAnalytics | None, list] | None = None
         self.made = self.too_big = 0
         self.render_ms: collections.deque[float] = collections.deque(maxlen=100)
         self.last_bytes = 0
 
     def _geometry(self, analytics: CameraAnalytics | None, scale: float) -> list:
         """Zone and line annotators at the picture's scale, rebuilt only when the scale or the analytics change."""
-        key = (scale, id(analytics))
-        if self._drawings is None or self._drawings[:2] != key:
+        if self._drawings is None or self._drawings[0] != scale or self._drawings[1] is not analytics:
             drawn: list = []
             for name, zone in (analytics.zones if analytics else {}).items():
                 polygon = np.round(zone.polygon * scale).astype(np.int64)
@@ -59,7 +60,7 @@ class Snapshotter:
                 drawn.append(("line", name, line.drawable(scale), sv.LineZoneAnnotator(
                     thickness=2, text_scale=0.4, text_thickness=1, text_padding=4,
                     custom_in_text=f"{name} in", custom_out_text=f"{name} out")))
-            self._drawings = (*key, drawn)
+            self._drawings = (scale, analytics, drawn)
         return self._drawings[2]
 
     def render(self, picture: np.ndarray, source_size: tuple[int, int], detections: list[sv.Detections],
@@ -81,7 +82,7 @@ class Snapshotter:
                 picture = annotator.annotate(picture, label=f"{name}: {total}")
             else:
                 picture = annotator.annotate(picture, thing)
-        jpeg, quality = self._encode(picture)
+        jpeg, quality, encoded = self._encode(picture)
         ms = (time.perf_counter() - t0) * 1000
         self.render_ms.append(ms)
         if jpeg is None:
@@ -89,24 +90,25 @@ class Snapshotter:
             return None
         self.made += 1
         self.last_bytes = len(jpeg)
-        h, w = picture.shape[:2]
+        h, w = encoded.shape[:2]  # the JPEG's size: smaller than the picture when it had to shrink to fit
         return {"jpeg": jpeg, "v": SNAPSHOT_VERSION, "frame": int(frame), "pts": round(float(pts), 3),
                 "ts": round(float(ts), 3), "width": w, "height": h, "bytes": len(jpeg), "quality": quality,
                 "render_ms": round(ms, 2)}
 
-    def _encode(self, picture: np.ndarray) -> tuple[bytes | None, int]:
-        """JPEG at the configured quality; when over max_bytes, lower quality, then a smaller picture."""
+    def _encode(self, picture: np.ndarray) -> tuple[bytes | None, int, np.ndarray]:
+        """JPEG at the configured quality; when over max_bytes, lower quality, then a smaller picture.
+        -> (the JPEG or None, its quality, the picture it encodes)."""
         quality, img = self.settings.quality, picture
         for _ in range(6):
             ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
             if ok and buf.size <= self.settings.max_bytes:
-                return buf.tobytes(), quality
+                return buf.tobytes(), quality, img
             if quality > 40:
                 quality = max(40, quality - 20)
             else:
                 img = cv2.resize(img, (max(1, img.shape[1] * 7 // 10), max(1, img.shape[0] * 7 // 10)),
                                  interpolation=cv2.INTER_AREA)
-        return None, quality
+        return None, quality, img
 
     def stats(self) -> dict:
         ms = sorted(self.render_ms)

@@ -369,6 +369,8 @@ class CameraPipeline:
                     raise RuntimeError(f"inference ended without a result: {type(arrays).__name__}")
             except Exception as e:  # inference failed or timed out: count it, keep the camera going
                 self.dropped_error += 1
+                if self.gate is not None:  # its change was never analysed: no frame may be skipped against it
+                    self.gate.failed(item.pts)
                 self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera.url])
                 log.warning("camera %s frame %d: %s", self.id, item.index, self.last_error)
                 continue
