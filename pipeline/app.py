@@ -112,6 +112,7 @@ class App(LiveControl):
     telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
+    _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
 
     # -- start -------------------------------------------------------------------------------
     def resolve_redis(self) -> str:
@@ -166,13 +167,26 @@ class App(LiveControl):
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from an offline service
-        cluster.init_ray(self.config, RAY_SYSTEM_CONFIG)
+        try:
+            cluster.init_ray(self.config, RAY_SYSTEM_CONFIG)
+        except SystemExit:  # Ray's own SIGTERM handler, in place while ray.init runs: exit 15 and not a word
+            self._stop.set()
+            self.started_ray = ray.is_initialized()
+            self.say("SIGTERM: stopping the start")
+            raise KeyboardInterrupt from None
         self.started_ray = True
         if self.on_ray_started:
             self.on_ray_started()
         self._reinstall_signal_handlers()
 
     def start(self) -> None:
+        self._starting = True  # a signal now ends the start where it is (see install_signal_handlers)
+        try:
+            self._start()
+        finally:
+            self._starting = False
+
+    def _start(self) -> None:
         controllable = self.config.control.enabled or self.config.api.port is not None
         if not self.config.cameras and not controllable:
             raise ConfigError("cameras: no cameras configured (and no control channel to add one: api, control)")
@@ -537,6 +551,9 @@ class App(LiveControl):
             # Record the first signal before saying so: a second one arriving while the message prints
             # must find it recorded and exit at once.
             self._stop.set()
+            if self._starting:  # nothing runs yet to drain: the start's waits (minutes on a busy cluster) end now
+                self.say(f"{signal.Signals(signum).name}: stopping the start (send it again to exit at once)")
+                raise KeyboardInterrupt
             self.say(f"{signal.Signals(signum).name}: draining in-flight frames and flushing Redis "
                      "(send it again to exit at once)")
         signal.signal(signal.SIGINT, handler)

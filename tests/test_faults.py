@@ -323,3 +323,32 @@ def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_ca
     took = time.monotonic() - started
     assert [f["state"] for f in finals] == ["unavailable"] * 4 + ["running"]
     assert took < 3.0, f"the stop took {took:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_a_signal_during_the_start_stops_it_at_once(tmp_path, redis_server, tiny_checkpoint):
+    """The start's waits (resources of a cluster still coming up, replicas, camera actors: minutes in all) did
+    not look at the signal: the run said it was draining and then waited them out."""
+    cfg = {"redis": {"url": redis_server.url}, "model": {"checkpoint": str(tiny_checkpoint)},
+           "ray": {"wait_for_resources": {"GPU": 1}, "placement_timeout_s": 60},  # a GPU node that never comes
+           "cameras": [{"id": "cam", "url": "synthetic://street?seed=6&fps=10"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "c.yaml"), "--plain"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Waiting up to"):
+                break
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == 130 and "SIGTERM: stopping the start" in out, out[-3000:]
+    assert took < 15, f"{took:.1f} s"
