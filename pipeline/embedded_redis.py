@@ -87,6 +87,9 @@ class EmbeddedRedis:
             if reachable(self.url, 0.5):
                 with redis.Redis.from_url(self.url, socket_timeout=5) as client:
                     self.version = client.info("server")["redis_version"]
+                # Without persistence the server writes nothing there (its open log goes on): gone now, so a
+                # run that is SIGKILLed (no atexit) leaves no directory behind either.
+                shutil.rmtree(self.dir, ignore_errors=True)
                 return self
             time.sleep(0.05)
         self.stop()

@@ -105,8 +105,10 @@ def test_sigkill_with_embedded_redis_leaves_no_process_behind(tmp_path):
                        "the embedded Redis address").group(1)
         client = redis.Redis.from_url(url)
         wait_for(lambda: len(messages(client, "cam")) >= 5, 120, f"messages from the run\n{run.output()}")
+        server_dir = client.config_get("dir")["dir"]
         took = kill_and_check_reaped(run)
         print(f"all processes of the run gone {took:.1f} s after SIGKILL")
+        assert not os.path.exists(server_dir), f"the embedded Redis left {server_dir} behind"
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
