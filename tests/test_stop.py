@@ -219,3 +219,13 @@ def test_a_stop_that_outlasts_its_drain_drops_what_is_left_and_never_says_runnin
     assert final["state"] == status["state"] == "stopped" and final["in_flight"] == 0, final
     assert final["dropped"]["shutdown"] >= 1 and took < 4.0, (final["dropped"], took)
     assert_adds_up(final)
+
+
+def test_without_redis_at_start_every_head_numbers_above_ids_a_previous_run_used() -> None:
+    """When the last status cannot be read, ids start from the clock so none is reused: only for the heads the
+    camera ran then, so a head added later by a live update numbered from 0 again."""
+    camera = CameraConfig(id="cam", url="synthetic://street", heads=["people"])
+    host = CameraHost(camera, [], MODEL_INFO, RedisConfig(url="redis://127.0.0.1:1/0"))
+    before = int(time.time() * 1000)
+    ids, _ = host._previous_state(attempts=1)
+    assert set(ids) == {"people", "vehicles"} and min(ids.values()) >= before, ids

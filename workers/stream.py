@@ -732,7 +732,8 @@ class CameraHost:
         log.warning("camera %s: could not read previous track ids (%s: %s); numbering from %d so that no "
                     "id is reused", self.camera.id, type(error).__name__,
                     redact_text(str(error), [self.redis.url or ""]), base)
-        return {head: base for head in (self.camera.heads or self.model_info["heads"])}, Resume()
+        # every head of the model: one added later by a live update must not number from 0 either
+        return {head: base for head in self.model_info["heads"]}, Resume()
 
     async def _status_loop(self) -> None:
         while True:
