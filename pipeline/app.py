@@ -571,7 +571,9 @@ class App(LiveControl):
         self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
-        refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in self.cameras.items()}
+        with self._lock:  # a removal the API had not finished (it waits 5 s for its requests) may still pop one
+            handles = dict(self.cameras)
+        refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in handles.items()}
         _wait_all(refs.values(), timeout)  # they stop together: one deadline, not one per camera
         for cid, ref in refs.items():
             try:
@@ -579,9 +581,9 @@ class App(LiveControl):
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
                 log.warning("camera %s: no final stats", cid, exc_info=True)
-            self.cameras[cid].final = final
+            handles[cid].final = final
             finals.append(final)
-        self._kill(h.process for h in self.cameras.values())
+        self._kill(h.process for h in handles.values())
         self._kill(self.inference)
         if self.events:
             self.events.close(5.0)

@@ -225,7 +225,9 @@ class NodeWatch:
         self.poll_s, self._last_poll = poll_s, 0.0
 
     def _actors(self) -> dict[tuple[str, Any], Any]:
-        out: dict[tuple[str, Any], Any] = {("camera", cid): h.process for cid, h in self.app.cameras.items()}
+        with self.app._lock:  # the control threads add and remove cameras meanwhile
+            cameras = dict(self.app.cameras)
+        out: dict[tuple[str, Any], Any] = {("camera", cid): h.process for cid, h in cameras.items()}
         out.update({("inference", i): a for i, a in enumerate(self.app.inference)})
         return out
 
