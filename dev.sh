@@ -86,8 +86,12 @@ compose_up() {
         umask 077
         sed -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')/" \
             -e "s/^RAY_AUTH_TOKEN=.*/RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')/" \
+            -e "s/^HV_METRICS_TOKEN=.*/HV_METRICS_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')/" \
             .env.example > .env
-        echo "dev.sh: wrote .env with fresh secrets (REDIS_PASSWORD, RAY_AUTH_TOKEN)"
+        echo "dev.sh: wrote .env with fresh secrets (REDIS_PASSWORD, RAY_AUTH_TOKEN, HV_METRICS_TOKEN)"
+    elif ! grep -q '^HV_METRICS_TOKEN=' .env; then  # a .env from before the API was on in the stack
+        echo "HV_METRICS_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')" >> .env
+        echo "dev.sh: added HV_METRICS_TOKEN to .env"
     fi
     exec docker compose up --build "$@"
 }

@@ -167,6 +167,27 @@ def test_prometheus_scrapes_a_service_of_the_stack():
     assert (ROOT / source).resolve() == (ROOT / "configs" / "prometheus.yml").resolve()
 
 
+def test_the_controller_serves_what_prometheus_and_the_host_reach_with_the_token_prometheus_sends(monkeypatch):
+    """configs/compose.yaml had no api: section: nothing listened where Prometheus scraped, and an API on a
+    non-loopback address needs a token, which Prometheus then has to send."""
+    for name, value in {**ENV_EXAMPLE, **{k: interpolated(str(v)) for k, v in SERVICES["ray-head"]["environment"].items()}}.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(ROOT / "configs" / "compose.yaml")
+    job = yaml.safe_load((ROOT / "configs" / "prometheus.yml").read_text())["scrape_configs"][0]
+    host, port = job["static_configs"][0]["targets"][0].split(":")
+    assert host == "ray-head" and config.api.port == int(port) and config.api.host == "0.0.0.0"
+    assert config.api.all_tokens() == {"prometheus": ENV_EXAMPLE["HV_METRICS_TOKEN"]}
+    # Prometheus sends the token from the file its entrypoint writes from the same variable
+    token_file = job["authorization"]["credentials_file"]
+    entry = " ".join(SERVICES["prometheus"]["entrypoint"])
+    assert f'"$$HV_METRICS_TOKEN" > {token_file}' in entry and "exec /bin/prometheus" in entry
+    assert SERVICES["prometheus"]["environment"]["HV_METRICS_TOKEN"] == "${HV_METRICS_TOKEN}"
+    published = {p.split(":")[-1] for p in SERVICES["ray-head"]["ports"]}
+    assert config.dashboard.enabled and {str(config.api.port), str(config.dashboard.port)} <= published
+    dev = (ROOT / "dev.sh").read_text()  # ./dev.sh up writes a fresh one, also into an older .env
+    assert "s/^HV_METRICS_TOKEN=.*/HV_METRICS_TOKEN=" in dev and 'echo "HV_METRICS_TOKEN=' in dev
+
+
 def _with_free_agent_ports(argv: list[str]) -> list[str]:
     """In the stack every node is its own container; here they share one host, so each node's agents need
     ports of their own (Ray's defaults are fixed numbers)."""
@@ -189,6 +210,28 @@ def _kill_ray_under(tmp: Path) -> None:
             continue
 
 
+def _scrape(url: str, token: str, proc: subprocess.Popen, timeout_s: float = 120) -> tuple[int, int]:
+    """(status without the token, status with it) of /metrics, once the controller's API answers."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    def status(headers: dict) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            return status({}), status({"Authorization": f"Bearer {token}"})
+        except OSError:  # not listening yet
+            time.sleep(0.5)
+    return 0, 0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_the_stacks_ray_and_controller_commands_run_natively():
@@ -209,7 +252,8 @@ def test_the_stacks_ray_and_controller_commands_run_natively():
     port = free_port()
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "REDIS_PASSWORD": "b" * 32,
-           "HV_GPUS": "0", "HV_INFERENCE_REPLICAS": "1"}
+           "HV_GPUS": "0", "HV_INFERENCE_REPLICAS": "1", "HV_METRICS_TOKEN": "c" * 32,
+           "HV_API_PORT": str(free_port()), "HV_DASHBOARD_PORT": str(free_port())}
     head = next(c for c in commands("ray-head") if c[:2] == ["ray", "start"])
     head = [ray_bin, "start", *(f"--port={port}" if w.startswith("--port=") else interpolated(w) for w in head[2:])]
     worker = [ray_bin, "start", *(f"--address=127.0.0.1:{port}" if w.startswith("--address=") else interpolated(w)
@@ -223,11 +267,14 @@ def test_the_stacks_ray_and_controller_commands_run_natively():
             run = next(c for c in commands("ray-head") if c[:2] == ["hydravision", "run"])
             config = ROOT / Path(run[2]).relative_to(IMAGE_ROOT)
             url = f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{redis_server.port}/0"
-            out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), *run[3:],
-                                  "--redis-url", url, "--duration", "30"], env=env, cwd=ROOT, capture_output=True,
-                                 text=True, timeout=300)
-            text = out.stdout + out.stderr
-            assert out.returncode == 0, text[-3000:]
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), *run[3:],
+                                     "--redis-url", url, "--duration", "30"], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            scraped = _scrape(f"http://127.0.0.1:{env['HV_API_PORT']}/metrics", env["HV_METRICS_TOKEN"], proc)
+            text, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, text[-3000:]
+            assert scraped == (401, 200), text[-3000:]  # Prometheus' token opens /metrics, none does not
+            assert f"Dashboard: http://0.0.0.0:{env['HV_DASHBOARD_PORT']}/" in text
             assert "Ray cluster: 2 node(s), namespace hydravision-hv" in text and "hydravision_inference=1" in text
             published = messages(redis_server.client(), "street-synthetic")
             assert len(published) >= 20, text[-3000:]
