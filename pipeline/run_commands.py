@@ -16,6 +16,7 @@ from rich.live import Live
 
 from pipeline.app import REDIS_URL_ENV, App
 from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, quiet_ray
 from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
@@ -111,8 +112,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    args.config = DEMO_CONFIG
+    args.config = demo_config()
     return run(args)
+
+
+def demo_config() -> Path:
+    """configs/demo.yaml of the source tree; where hydravision was installed as a package (the Docker image, a
+    wheel), the one under the working directory (the image's WORKDIR holds configs/)."""
+    for path in (DEMO_CONFIG, Path.cwd() / "configs" / "demo.yaml"):
+        if path.is_file():
+            return path
+    raise UserError("hydravision demo runs configs/demo.yaml of a hydravision checkout, which is neither beside "
+                    f"the installed package ({DEMO_CONFIG.parent}) nor under this directory: run it from the "
+                    "checkout, or `hydravision run PATH/TO/demo.yaml`")
 
 
 def _connect(args: argparse.Namespace) -> tuple[redis.Redis | None, str]:

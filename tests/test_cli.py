@@ -266,3 +266,17 @@ def test_a_command_left_unanswered_is_said_to_expire_only_if_no_service_read_it(
         reader.join()
     err = capsys.readouterr().err
     assert err.startswith("error: no answer on hv:control:results within 1 s: ") and message in err, err
+
+
+def test_demo_finds_its_config_under_the_working_directory_where_hydravision_is_installed(tmp_path, monkeypatch):
+    """Installed from a wheel (the Docker image's `pip install .`), the package has no configs/ beside it:
+    `hydravision demo` said 'config file not found' in the image, whose working directory holds configs/."""
+    import pipeline.run_commands as rc
+    from pipeline.errors import UserError
+
+    monkeypatch.setattr(rc, "DEMO_CONFIG", tmp_path / "site-packages" / "configs" / "demo.yaml")
+    monkeypatch.chdir(REPO)
+    assert rc.demo_config() == REPO / "configs" / "demo.yaml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run it from the checkout, or `hydravision run PATH/TO/demo.yaml`"):
+        rc.demo_config()
