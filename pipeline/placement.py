@@ -129,7 +129,7 @@ def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, core
 
 def model_in_camera_process(inference_cfg: Any, device: str, gpus_per_replica: float, cluster: bool) -> bool:
     """``inference.in_camera_process`` or, unset, True where the model runs on the CPUs of one machine (no GPU
-    for the replicas, device auto or cpu, no ``ray.cluster``): the camera processes then run it themselves,
+    for the replicas, device auto or cpu, no Ray cluster joined): the camera processes then run it themselves,
     with no Ray call per frame (docs/architecture.md, "The model in the camera processes")."""
     if inference_cfg.in_camera_process is not None:
         return inference_cfg.in_camera_process
