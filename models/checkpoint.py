@@ -54,8 +54,13 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
         tensors = {k: v for k, v in tensors.items() if k not in shared}
         metadata["base"] = json.dumps({"path": os.path.relpath(base.resolve(), path.parent.resolve()),
                                        "sha256": file_sha256(base)})
+    if base is not None and path.resolve() == base.resolve():
+        raise RuntimeError(f"{path}: would overwrite its own base")  # a bug in the caller: TrainConfig refuses it
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: a service running as another user could not read it
     tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
     return path
 
@@ -173,6 +178,9 @@ def load_pretrained(backbone: torch.nn.Module, state: dict[str, torch.Tensor], w
             cleaned[k] = v
     new = tuple(getattr(backbone, "new_prefixes", ()))
     expected = {k: v for k, v in backbone.state_dict().items() if not (new and k.startswith(new))}
+    for k, v in expected.items():  # torchvision's ResNet files predate BatchNorm's counter: it starts at 0
+        if k.endswith("num_batches_tracked") and k not in cleaned:
+            cleaned[k] = torch.zeros_like(v)
     problems = compare_state_dict(expected, cleaned)
     if problems:
         raise CheckpointError(f"{what}: does not fit this backbone: {problems}")

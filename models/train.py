@@ -13,6 +13,7 @@ is written next to the output, and a rerun of the same command continues from it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -70,6 +71,9 @@ class TrainConfig:
             raise ValueError(f"unfreeze_stages must be >= 0, got {self.unfreeze_stages}")
         if (self.unfreeze_stages or self.lora is not None) and self.init is None:
             raise ValueError("unfreeze_stages and lora fine-tune a trained model: they need an init checkpoint")
+        if self.lora is not None and self.out.resolve() == self.init.resolve():
+            raise ValueError(f"--out {self.out} is --from: a LoRA adapter's file holds only its additions and loads "
+                             "together with its base, which it would overwrite; write it to another file")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
 
@@ -219,12 +223,22 @@ def batch_targets(model: HydraNet, feats_shapes: list[tuple[int, int]], samples:
     return torch.stack(cls_t), torch.stack(box_t)
 
 
+def memory_format_for(model: HydraNet, device: torch.device) -> torch.memory_format:
+    """NHWC: oneDNN's and cuDNN's convs are faster in it (a training step 1.5x on this project's CPU). But torch
+    2.13's CPU backward of a strided 1x1 conv narrower than 12 channels in NHWC kills the process (SIGSEGV, a
+    ResNet of width 4 or 8 at 192x320): such a model trains in NCHW on a CPU."""
+    narrow = any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                 and m.in_channels < 12 for m in model.modules())
+    return torch.contiguous_format if device.type == "cpu" and narrow else torch.channels_last
+
+
 def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
     """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, history, trainable = build_model(cfg)
-    model.to(device, memory_format=torch.channels_last)  # oneDNN/cuDNN convs are faster in NHWC
+    layout = memory_format_for(model, device)
+    model.to(device, memory_format=layout)
     params = trainable_parameters(model, cfg, trainable)
     adapter = model.adapter_of(trainable[0]) if cfg.lora is not None else None
     others = [h for h in model.head_names if h not in trainable] if cfg.unfreeze_stages else []
@@ -234,7 +248,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     start, before, seconds_before = 0, {}, 0.0
     if cfg.state_path.is_file():
-        state = torch.load(cfg.state_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(cfg.state_path, map_location=device, weights_only=True)
+        except Exception as e:  # e.g. cut short by a full disk before its writes were atomic
+            raise ConfigError(f"{cfg.state_path}: unreadable resume state ({type(e).__name__}); delete it to "
+                              "start over") from None
         if state.get("train_config") != _jsonable(cfg):
             raise ConfigError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
         model.load_state_dict(state["model"])
@@ -256,15 +274,15 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         images, samples = next(batches)
-        x = model.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-        if cfg.freeze_shared:
-            with torch.no_grad():
-                feats = model.features(x)
-        else:  # frozen stages record no graph: neither their inputs nor their weights need gradients
-            feats = model.features(x, adapter)
-        shapes = [tuple(f.shape[-2:]) for f in feats]
+        x = model.normalize(images.to(device)).contiguous(memory_format=layout)
+        # Once per adapter the trained heads read (None: the plain maps). Frozen stages record no graph: neither
+        # their inputs nor their weights need gradients; with freeze_shared nothing before the heads does.
+        with torch.no_grad() if cfg.freeze_shared else contextlib.nullcontext():
+            pyramids = {a: model.features(x, a) for a in {model.adapter_of(h) for h in trainable}}
         losses: dict[str, torch.Tensor] = {}
         for name in trainable:
+            feats = pyramids[model.adapter_of(name)]  # a head on a LoRA adapter reads the adapter's maps
+            shapes = [tuple(f.shape[-2:]) for f in feats]
             offset = model.heads[name].config.center_offset
             cls_t, box_t = batch_targets(model, shapes, samples, cmaps[name], device, offset)
             for k, v in fcos_loss(model.heads[name](feats), model.points(feats, offset), cls_t, box_t).items():
@@ -287,9 +305,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                      ", ".join(f"{k} {v:.3f}" for k, v in smooth.items()), rate)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            tmp = cfg.state_path.with_name(cfg.state_path.name + ".tmp")
             torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "train_config": _jsonable(cfg), "other_heads_before": before,
-                        "seconds": seconds_before + time.time() - t0}, cfg.state_path)
+                        "seconds": seconds_before + time.time() - t0}, tmp)
+            tmp.replace(cfg.state_path)  # atomic: a kill mid-save leaves the last good state
     bar.close()
     record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,

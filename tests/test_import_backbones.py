@@ -280,3 +280,15 @@ def test_mobilenet_v3_has_torchvisions_layout_size_and_its_files_import(arch, pu
     loaded = import_backbone_weights(model, path)
     assert not any(k.startswith("classifier.") for k in loaded)
     assert torch.equal(model.backbone.features[-1][0].weight, source.features[-1][0].weight)
+
+
+def test_a_resnet_file_from_before_batchnorms_counter_loads_too(tmp_path):
+    """torchvision's V1 ResNet files (resnet18-f37072fd.pth and the rest) have no num_batches_tracked buffers,
+    which BatchNorm gained later: they were refused as '20 missing'."""
+    shapes = {k: v for k, v in resnet_layout(18).items() if not k.endswith("num_batches_tracked")}
+    sd = random_weights(shapes)
+    model = ResNet(ResNetConfig(depth=18, num_classes=1000)).eval()
+    load_pretrained(model, sd, "resnet18-f37072fd.pth")
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in sd.items())
+    assert all(int(v) == 0 for k, v in ours.items() if k.endswith("num_batches_tracked"))

@@ -10,6 +10,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.datasets import DatasetError, YoloFolder
+from models.hydranet import ConfigError
 from models.train import TrainConfig, train
 from pipeline.cli import main as cli_main
 from synthetic.scene import StreetScene
@@ -204,3 +205,67 @@ def test_size_ranges_continue_the_three_level_pattern():
 
     assert SIZE_RANGES == ((0.0, 48.0), (48.0, 96.0), (96.0, float("inf")))
     assert size_ranges((8, 16, 32, 64, 128))[3:] == ((192.0, 384.0), (384.0, float("inf")))
+
+
+def test_a_lora_adapter_written_over_its_own_base_is_refused(base_checkpoint, tmp_path, capsys):
+    """The adapter file holds only its additions and names its base: written over --from it replaced the full
+    model with 16 KB that no longer loaded, and the command said it had written it (exit 0)."""
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(base_checkpoint.read_bytes())
+    assert cli_main(["train", "--from", str(base), "--out", str(base), "--lora", "2", "--head", "bikes=bicycle",
+                     "--steps", "1", "--no-progress"]) == 2
+    assert "is --from" in capsys.readouterr().err
+    assert base.read_bytes() == base_checkpoint.read_bytes()
+
+
+def test_an_unreadable_resume_state_says_so_and_how_to_start_over(tmp_path):
+    """A resume state cut short (written in place, then a kill or a full disk) failed every rerun as a bug."""
+    cfg = TrainConfig(out=tmp_path / "r.safetensors", heads={"people": ["person"]}, steps=2, **TINY)
+    cfg.state_path.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(ConfigError, match=r"r.safetensors.train-state.pt: unreadable resume state .*delete it"):
+        train(cfg, progress=False)
+
+
+def test_a_head_on_a_lora_adapter_trains_on_the_adapters_maps_outside_lora_too(base_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """Fine-tuning (here with unfrozen stages) a head that serves from a LoRA adapter trained it on the plain
+    maps, though the saved model still routes it through the adapter."""
+    from models import hydranet
+
+    adapted = train(TrainConfig(out=tmp_path / "ad.safetensors", heads={"bikes": ["bicycle"]}, init=base_checkpoint,
+                                lora={"rank": 2, "stages": 1}, steps=1, **TINY), progress=False)
+    seen, features = [], hydranet.HydraNet.features
+
+    def recorded(self, x, adapter=None):
+        seen.append(adapter)
+        return features(self, x, adapter)
+
+    monkeypatch.setattr(hydranet.HydraNet, "features", recorded)
+    out = train(TrainConfig(out=tmp_path / "ft.safetensors", heads={"bikes": ["bicycle"]}, init=adapted,
+                            unfreeze_stages=1, steps=2, eval_scenes=1, eval_frames=1, **TINY), progress=False)
+    adapter = load_checkpoint(out)[0].adapter_of("bikes")
+    assert adapter is not None and seen.count(adapter) == 2, seen  # one pass a step (the others score people)
+
+
+def test_a_narrow_resnet_trains_in_nchw_on_a_cpu_where_nhwc_kills_the_process(tmp_path):
+    """torch 2.13's CPU backward of a strided 1x1 conv narrower than 12 channels in channels_last segfaults:
+    `train --width 8` at 192x320 died with SIGSEGV and no message."""
+    script = ("from models.train import TrainConfig, train; "
+              f"train(TrainConfig(out={str(tmp_path / 'n.safetensors')!r}, heads={{'people': ['person']}}, "
+              "input_size=(192, 320), backbone={'type': 'resnet', 'depth': 10, 'width': 8}, "
+              "neck={'type': 'fpn', 'channels': 16}, batch_size=2, workers=0, steps=1), progress=False)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_checkpoint_is_readable_by_others_as_the_umask_says(tmp_path):
+    """safetensors writes its files 0600: a service running as another user could not read a trained model."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = train(TrainConfig(out=tmp_path / "m.safetensors", heads={"people": ["person"]}, steps=1, **TINY),
+                     progress=False)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
