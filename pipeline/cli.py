@@ -35,6 +35,13 @@ def port(text: str) -> int:
     return value
 
 
+def checkpoint(text: str) -> Path:
+    """A checkpoint file, or ``demo``: the bundled one (as ``model.checkpoint: demo`` in a config)."""
+    if text == "demo":
+        return Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+    return Path(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--head", dest="heads", type=parse_head, action="append", required=True,
                    metavar="NAME=CLASSES", help="a head and its classes, e.g. people=person (repeatable)")
     t.add_argument("--data", default="synthetic", help="'synthetic' or a YOLO folder with images/ and labels/")
-    t.add_argument("--from", dest="init", type=Path, help="start from this checkpoint")
+    t.add_argument("--from", dest="init", type=checkpoint, help="start from this checkpoint ('demo': the bundled one)")
     mode = t.add_mutually_exclusive_group()  # the fine-tuning modes (with --from)
     mode.add_argument("--freeze-shared", action="store_true",
                       help="train only the new heads; backbone, neck and other heads stay bit-identical")
@@ -99,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("train-attribute", help="add an attribute head (labels for one head's boxes, e.g. a car's "
                        "body type) to a model and train it on its frozen features")
-    a.add_argument("--from", dest="init", type=Path, required=True, help="the model to add it to")
+    a.add_argument("--from", dest="init", type=checkpoint, required=True,
+                   help="the model to add it to ('demo': the bundled one)")
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--attribute", type=parse_head, required=True, metavar="NAME=LABELS",
                    help="e.g. kind=sedan,hatch,van (synthetic scenes know a car's 'kind')")
@@ -111,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("train-reid", help="add a re-ID head (an appearance embedding of some heads' boxes, which "
                        "the tracker uses to keep identities) to a model and train it on its frozen features")
-    r.add_argument("--from", dest="init", type=Path, required=True, help="the model to add it to")
+    r.add_argument("--from", dest="init", type=checkpoint, required=True,
+                   help="the model to add it to ('demo': the bundled one)")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--heads", type=lambda v: [h for h in v.split(",") if h], required=True, metavar="HEAD,...",
                    help="detection heads whose boxes it embeds, e.g. people,vehicles")
@@ -134,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (what model.backend onnxruntime and openvino, "
                                       "and auto on a CPU, run)")
-    x.add_argument("checkpoint", type=Path, nargs="?", default=None, help="default: the demo checkpoint")
+    x.add_argument("checkpoint", type=checkpoint, nargs="?", default=None, help="default ('demo'): the bundled checkpoint")
     x.add_argument("--out", type=Path, default=None,
                    help="the .onnx file to write (default: the cache the service reads, so its first start does "
                         "not pay the export)")
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the service's Redis control stream; anyone who reaches the page can)")
 
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
-    e.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo checkpoint")
+    e.add_argument("--checkpoint", type=checkpoint, default=None, help="default ('demo'): the bundled checkpoint")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--scenes", type=positive_int, default=8)
     e.add_argument("--frames", type=positive_int, default=40, help="frames scored per scene")

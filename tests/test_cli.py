@@ -280,3 +280,16 @@ def test_demo_finds_its_config_under_the_working_directory_where_hydravision_is_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="run it from the checkout, or `hydravision run PATH/TO/demo.yaml`"):
         rc.demo_config()
+
+
+def test_model_commands_take_demo_for_the_bundled_checkpoint(capsys) -> None:
+    """As model.checkpoint: demo does in a config; --from demo said 'no such checkpoint file'."""
+    from pipeline.cli import build_parser
+
+    bundled = REPO / "models" / "checkpoints" / "demo.safetensors"
+    parser = build_parser()
+    assert parser.parse_args(["train-reid", "--from", "demo", "--out", "o.safetensors", "--heads", "people"]).init == bundled
+    assert parser.parse_args(["eval", "--checkpoint", "demo"]).checkpoint == bundled
+    assert main(["train-reid", "--from", "demo", "--out", "o.safetensors", "--heads", "people", "--steps", "1",
+                 "--no-progress"]) == 2
+    assert "has a re-ID head already" in capsys.readouterr().err  # it got to the checkpoint itself
