@@ -431,6 +431,7 @@ def test_stopping_a_camera_whose_decoder_is_stuck_does_not_hold_up_the_others(mo
                 stalls.append(time.monotonic() - t)
 
         tick = asyncio.ensure_future(ticker())
+        threading.Timer(1.5, release.set).start()  # the open gives up after a while, as FFmpeg's would
         b.stop()
         await asyncio.wait_for(tb, 15)
         done = True
