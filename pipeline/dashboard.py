@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import sys
@@ -189,8 +190,8 @@ def command(args: Any) -> int:
     from pipeline.errors import UserError
 
     url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
-    if args.interval <= 0:
-        raise UserError(f"--interval must be > 0, got {args.interval:g}")
+    if not math.isfinite(args.interval) or args.interval <= 0:  # nan passed `<= 0` and busy-polled Redis
+        raise UserError(f"--interval must be a number > 0, got {args.interval:g}")
     try:
         return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
                      say=lambda m: print(m, file=sys.stderr, flush=True))

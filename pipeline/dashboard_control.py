@@ -62,8 +62,8 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
     while (left := deadline - time.monotonic()) > 0:
         reply = client.xread({results_key(prefix): last}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
         for _, entries in reply or []:
-            for entry_id, fields in entries:
-                last = entry_id
+            for result_id, fields in entries:
+                last = result_id
                 try:
                     result = json.loads(fields[b"data"])
                 except (KeyError, ValueError):

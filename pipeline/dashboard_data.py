@@ -109,17 +109,18 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
     """One camera tile from its status (as read_camera_statuses returns it), latest detection message, parsed
     counts and snapshot (version, frame, ts). Only what the page shows: a status's other fields stay out."""
     s = status
+    live = not s.get("stale")  # a status nobody refreshes: its last rates and ages are no rate or age now
     return {
         "camera": s["camera"], "state": tile_state(s), "detail": s.get("state"),
         "error": s.get("last_error") or None, "redis_error": s.get("redis_error") or None,
-        "fps": s.get("fps") or 0.0, "decode_fps": s.get("decode_fps") or 0.0,
+        "fps": s.get("fps") or 0.0 if live else 0.0, "decode_fps": s.get("decode_fps") or 0.0 if live else 0.0,
         # frame age: capture to Redis (the StreamActor's latency percentiles)
-        "age_p50": s.get("frame_age_ms_p50", s.get("latency_ms_p50")),
-        "age_p95": s.get("frame_age_ms_p95", s.get("latency_ms_p95")),
+        "age_p50": s.get("frame_age_ms_p50", s.get("latency_ms_p50")) if live else None,
+        "age_p95": s.get("frame_age_ms_p95", s.get("latency_ms_p95")) if live else None,
         "dropped": {k: v for k, v in (s.get("dropped") or {}).items() if isinstance(v, (int, float))},
         "published": s.get("published", 0), "reconnects": s.get("reconnects", 0),
         "heads": list(s.get("heads") or (detection or {}).get("heads") or []),
-        "tracks": tracks_by_head(detection),
+        "tracks": tracks_by_head(detection) if live else {},
         "size": (detection or {}).get("size"),
         "counts": counts,
         "snapshot": None if snapshot is None else {"v": snapshot[0], "frame": snapshot[1], "ts": snapshot[2]},
@@ -152,7 +153,9 @@ class Board:
     def __init__(self, history_s: float = 300.0, gone_after_s: float = GONE_AFTER_S):
         self.history_s, self.gone_after_s = history_s, gone_after_s
         self.tiles: dict[str, dict] = {}
-        self.seen: dict[str, float] = {}  # camera -> when its status was last read
+        # camera -> the first poll that read Redis and did not find its status: counted from there, not from the
+        # last poll that did, a Redis outage longer than gone_after_s removed every tile at its first poll back
+        self.missing_since: dict[str, float] = {}
         self.history: dict[str, deque] = {}  # camera -> (t, fps, age_p50, age_p95)
 
     def update(self, tiles: list[dict], now: float | None = None) -> list[dict]:
@@ -160,7 +163,8 @@ class Board:
         now = time.time() if now is None else now
         for t in tiles:
             cam = t["camera"]
-            self.tiles[cam], self.seen[cam] = t, now
+            self.tiles[cam] = t
+            self.missing_since.pop(cam, None)
             h = self.history.setdefault(cam, deque())
             h.append((round(now, 1), t["fps"], t["age_p50"], t["age_p95"]))
             while h and h[0][0] < now - self.history_s:
@@ -168,14 +172,14 @@ class Board:
         current = {t["camera"] for t in tiles}
         for cam in list(self.tiles):
             if cam not in current:
-                if now - self.seen[cam] > self.gone_after_s:
+                if now - self.missing_since.setdefault(cam, now) > self.gone_after_s:
                     self.remove(cam)
                 else:
                     self.tiles[cam] = {**self.tiles[cam], "missing": True}
         return self.all()
 
     def remove(self, camera: str) -> None:
-        for d in (self.tiles, self.seen, self.history):
+        for d in (self.tiles, self.missing_since, self.history):
             d.pop(camera, None)
 
     def all(self) -> list[dict]:

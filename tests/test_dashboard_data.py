@@ -91,15 +91,39 @@ def test_board_keeps_a_vanished_camera_a_while_and_drops_a_removed_one():
     board.update([tile("a"), tile("b")], now=100)
     assert [t["camera"] for t in board.update([tile("a")], now=105)] == ["a", "b"]
     assert board.tiles["b"]["missing"]
-    assert [t["camera"] for t in board.update([tile("a")], now=111)] == ["a"]
-    board.update([tile("a"), tile("b")], now=112)
+    assert [t["camera"] for t in board.update([tile("a")], now=111)] == ["a", "b"]  # missing for 6 s of 10
+    assert [t["camera"] for t in board.update([tile("a")], now=116)] == ["a"]
+    board.update([tile("a"), tile("b")], now=117)
     assert "missing" not in board.tiles["b"]
     board.remove("b")
     assert [t["camera"] for t in board.all()] == ["a"]
-    for now in range(113, 200):
+    for now in range(118, 200):
         board.update([tile("a")], now=now)
     points = board.histories()["a"]
     assert points[0][0] >= 199 - 60 and points[-1] == (199, 5.0, None, None)
+
+
+def test_a_redis_outage_longer_than_the_grace_does_not_wipe_the_board():
+    """The grace was counted from the last poll that read a camera: after 10 s without Redis, the first poll
+    back (before any camera had written its status again) removed every tile and its chart."""
+    board = Board(history_s=60, gone_after_s=10)
+    tile = lambda cam: make_tile({"camera": cam, "state": "running", "fps": 5.0}, None, None, None)  # noqa: E731
+    board.update([tile("a"), tile("b")], now=100)
+    assert [t["camera"] for t in board.update([], now=112)] == ["a", "b"]  # Redis back, statuses not yet
+    board.update([tile("a")], now=113)
+    assert len(board.histories()["a"]) == 2 and board.tiles["b"]["missing"]
+    assert [t["camera"] for t in board.update([tile("a")], now=123)] == ["a"]  # b gone for good
+
+
+def test_a_stale_cameras_tile_shows_no_rate_age_or_tracks():
+    """A camera whose service died kept showing its last fps and frame age under 'down, stale', and its chart
+    kept plotting them for minutes."""
+    status = {"camera": "c", "state": "stale", "reported_state": "running", "stale": True, "fps": 10.0,
+              "decode_fps": 25.0, "latency_ms_p50": 45, "latency_ms_p95": 90}
+    detection = {"heads": ["people"], "detections": [{"head": "people", "track_id": 3}]}
+    t = make_tile(status, detection, None, None)
+    assert (t["state"], t["fps"], t["decode_fps"], t["age_p50"], t["age_p95"], t["tracks"]) == \
+        ("down", 0.0, 0.0, None, None, {})
 
 
 def _status(state: str = "running", **extra) -> str:
@@ -244,3 +268,30 @@ def test_dashboard_command_serves_and_says_where_without_the_password(tmp_path):
                                 "--port", str(dashboard.port)], capture_output=True, text=True, timeout=60)
     assert taken.returncode == 2 and taken.stderr.strip().splitlines()[-1].startswith("error: cannot serve")
     assert "rpw-Cli5Zk" not in taken.stderr
+
+
+def test_an_unanswered_command_that_a_service_read_is_said_to_be_read(redis_server):
+    """The wait for the answer reused the command's id as its loop variable over other answers: the check of
+    whether a service had read the command compared with the last answer's id and said it had not."""
+    import threading
+
+    from pipeline.dashboard_control import send_command
+
+    client = redis_server.client()
+    client.xgroup_create("hv:control", "hydravision", id="$", mkstream=True)
+    # a controller that takes the command and is still applying it; meanwhile another command is answered
+    reader = threading.Thread(target=client.xreadgroup, args=("hydravision", "busy", {"hv:control": ">"}),
+                              kwargs={"count": 1, "block": 10_000})
+    reader.start()
+    threading.Timer(0.3, lambda: client.xadd("hv:control:results", {"data": json.dumps({"request_id": "x"})})).start()
+    late = send_command(client, "hv", {"op": "remove", "id": "x"}, timeout_s=1.0)
+    reader.join()
+    assert late["status"] == "timeout" and "a service read the command and may still apply it" in late["reason"]
+
+
+def test_a_dashboard_interval_that_is_no_number_is_refused(capsys):
+    """--interval nan passed the `<= 0` check, then busy-polled Redis and made every page request fail."""
+    from pipeline.cli import main
+
+    assert main(["dashboard", "--interval", "nan", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert "--interval must be a number > 0, got nan" in capsys.readouterr().err
