@@ -212,3 +212,32 @@ def test_the_tracker_counts_frames_at_the_rate_it_gets_them(redis_server):
                 await task
 
     assert asyncio.run(main()) == [10.0, 2.0]
+
+
+@pytest.mark.timeout(60)
+def test_counts_of_zones_and_lines_that_are_gone_are_not_left_in_redis(redis_server):
+    """Nothing deleted a camera's counts hash: a camera whose zones were removed live, or one added again under
+    its id without any, kept showing the last counts (the dashboard read them as current)."""
+    async def infer(request):
+        return one_box(request.heads)
+
+    client, key = redis_server.client(), keys("hv").counts("cam-k")
+    client.hset(key, mapping={"zone:old:people:person": 3})  # a previous run's
+    camera = CameraConfig(id="cam-k", url="synthetic://street?seed=1&fps=20&size=160x96")
+
+    async def main() -> None:  # each wait fails the test when what it waits for does not happen
+        with Publisher(redis_server.url) as pub:
+            pipe = CameraPipeline(camera, infer, MODEL_INFO, pub)
+            task = asyncio.create_task(pipe.run())
+            try:
+                await until(lambda: pipe.stats()["published"] >= 3 and not client.exists(key), 10, "old counts gone")
+                zone = {"name": "z", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]]}
+                pipe.update(CameraConfig.model_validate({**pipe.camera.model_dump(), "zones": [zone]}))
+                await until(lambda: client.hexists(key, "zone:z:people:person"), 30, "the zone's counts")
+                pipe.update(pipe.camera.model_copy(update={"zones": []}))
+                await until(lambda: not client.exists(key), 30, "the counts of the removed zone gone")
+            finally:
+                pipe.stop()
+                await task
+
+    asyncio.run(main())

@@ -100,6 +100,7 @@ class CameraPipeline:
         self._stopping = False
         self._drain = True
         self._abandoned: asyncio.Future | None = None  # made by run(); done once a stop without drain is asked for
+        self._counts_gone = False  # the counts hash is deleted (no zones or lines): not again every frame
         self._inflight: asyncio.Semaphore | None = None
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
@@ -481,6 +482,9 @@ class CameraPipeline:
         """The camera's zones and lines for this frame's size: built on the first frame, rebuilt (keeping the
         state of unchanged zones and lines) when the settings change, anew when the frame size does."""
         if not self.camera.tracker.enabled or not (self.camera.zones or self.camera.lines):
+            if not self._counts_gone:  # an earlier run's or setting's counts would be read as current forever
+                self.publisher.set_hash(self.publisher.keys.counts(self.id), {})
+                self._counts_gone = True
             self.analytics = None
             return None
         h, w = item.size
@@ -510,6 +514,7 @@ class CameraPipeline:
             counts = {"v": 1, "frame": item.index, "pts": round(item.pts, 3), "ts": round(item.wall, 3),
                       "since": round(self._counts_since, 3), **analytics.counts()}
             self.publisher.set_hash(self.publisher.keys.counts(self.id), counts)
+            self._counts_gone = False
         if item.picture is not None:
             if self.snapshots.settings is not self.camera.snapshot:
                 self.snapshots = Snapshotter(self.camera.snapshot)
