@@ -312,3 +312,20 @@ def test_fake_cameras_one_twelve_and_thirty_two(redis_server, browser, machine):
 def state(url: str) -> dict:
     with urllib.request.urlopen(url + "api/state", timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def test_a_camera_removed_and_added_again_stays_on_a_page_opened_later(redis_server, browser):
+    """A page applied the camera_removed events of its first backlog too: a camera removed and added again
+    vanished, with its chart, until the next tick brought it back (for good only while Redis answered)."""
+    url, client = redis_server.url, redis_server.client()
+    for kind in ("camera_removed", "camera_added"):
+        client.xadd(keys("again").events, {"data": encode(event_message(kind, "cam-01"))})
+    with FakeCameras(url, 2, prefix="again"):
+        wait_for(lambda: client.hlen(keys("again").cameras) == 2, 15, "both cameras' statuses")
+        with DashboardServer(url, prefix="again", interval_s=30) as server:  # no tick during the check
+            wait_for(lambda: len(server.hub.board.tiles) == 2, 15, "both cameras on the server's board")
+            page = new_page(browser)
+            page.goto(server.url)
+            page.wait_for_function("window.hvLoaded")
+            shown = page.evaluate("() => [...document.querySelectorAll('.tile')].map(t => t.dataset.camera)")
+            assert shown == ["cam-01", "cam-02"] and not page.errors

@@ -236,7 +236,9 @@ function filters() {
   return [$("#filter-camera").value, groups];
 }
 
-function addEvents(events) {
+// live: events as they happen; a page's first backlog is history (the cameras it came with are the current set,
+// and a camera removed then added again must not vanish for a camera_removed of its past)
+function addEvents(events, live = true) {
   const fresh = events.filter((e) => e && e.id && !state.eventIds.has(e.id));
   if (!fresh.length) return;
   for (const e of fresh) { state.eventIds.add(e.id); state.events.push(e); }
@@ -249,7 +251,7 @@ function addEvents(events) {
     feed.prepend(item);
   }
   while (feed.children.length > MAX_EVENTS) feed.lastElementChild.remove();
-  if (fresh.some((e) => e.type === "camera_removed")) {
+  if (live && fresh.some((e) => e.type === "camera_removed")) {
     for (const e of fresh) if (e.type === "camera_removed") { state.cameras.delete(e.camera); state.history.delete(e.camera); }
     renderTiles();
   }
@@ -404,7 +406,7 @@ function connect() {
     }
     if ($("#notice").dataset.state === "offline") notice("ok", "");
     setRedis(hello.redis);
-    addEvents(hello.events);
+    addEvents(hello.events, false);
     renderTiles();
     renderDetail();
     window.hvLoaded = window.hvLoaded || performance.now();
