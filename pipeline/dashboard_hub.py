@@ -254,11 +254,19 @@ class Hub:
         return entries[0][0] if entries else "0-0"
 
     def _resume_after(self, client: redis.Redis, last: bytes | str) -> bytes | str:
-        """After an outage: a Redis that restarted empty has a new stream whose ids may lie below ours."""
+        """After an outage: a Redis that restarted empty has a new stream whose ids may lie below ours, read from
+        its start; one restored from disk short of its last seconds has ours up to its top: read on from there
+        (from the start, every old event went to the pages again as new, old camera_removed ones too)."""
         top = client.xrevrange(self.keys.events, count=1)
-        if not top or _stream_id(top[0][0]) < _stream_id(last):
+        if not top:
             return "0-0"
-        return last
+        top_id = top[0][0]
+        if _stream_id(top_id) >= _stream_id(last):
+            return last
+        text = top_id.decode() if isinstance(top_id, bytes) else top_id
+        with self._lock:
+            known = any(e["id"] == text for e in self.events)
+        return top_id if known else "0-0"
 
     def _event(self, entry_id: bytes | str, fields: dict) -> dict | None:
         try:
