@@ -156,6 +156,7 @@ class Board:
         # camera -> the first poll that read Redis and did not find its status: counted from there, not from the
         # last poll that did, a Redis outage longer than gone_after_s removed every tile at its first poll back
         self.missing_since: dict[str, float] = {}
+        self.removed_at: dict[str, float] = {}  # camera -> when its camera_removed arrived (see update)
         self.history: dict[str, deque] = {}  # camera -> (t, fps, age_p50, age_p95)
 
     def update(self, tiles: list[dict], now: float | None = None) -> list[dict]:
@@ -163,6 +164,9 @@ class Board:
         now = time.time() if now is None else now
         for t in tiles:
             cam = t["camera"]
+            if self.removed_at.get(cam, now - 1) >= now:  # a poll that read it before its removal landed
+                continue
+            self.removed_at.pop(cam, None)  # read after it: added again
             self.tiles[cam] = t
             self.missing_since.pop(cam, None)
             h = self.history.setdefault(cam, deque())
@@ -178,9 +182,13 @@ class Board:
                     self.tiles[cam] = {**self.tiles[cam], "missing": True}
         return self.all()
 
-    def remove(self, camera: str) -> None:
+    def remove(self, camera: str, at: float | None = None) -> None:
+        """``at``: when the camera was removed for good (its camera_removed event): a poll that began earlier
+        does not bring it back."""
         for d in (self.tiles, self.missing_since, self.history):
             d.pop(camera, None)
+        if at is not None:
+            self.removed_at[camera] = at
 
     def all(self) -> list[dict]:
         return [self.tiles[c] for c in sorted(self.tiles)]

@@ -283,7 +283,7 @@ class Hub:
             self.events.extend(events)
             removed = [e["camera"] for e in events if e.get("type") == "camera_removed"]
             for cam in removed:  # removed for good: no need to wait for its status to age out
-                self.board.remove(cam)
+                self.board.remove(cam, at=time.time())
                 self.snapshots.pop(cam, None)
         self._publish("events", {"events": events})
 

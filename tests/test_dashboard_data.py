@@ -313,3 +313,14 @@ def test_after_redis_comes_back_from_disk_short_of_its_last_events_the_hub_reads
     client.delete(k.events)
     client.xadd(k.events, {"data": encode(event_message("stream_up", "c"))}, id="4-5")
     assert hub._resume_after(client, "7-0") == "0-0"  # another stream: from its start
+
+
+def test_a_poll_that_read_a_camera_before_its_removal_does_not_bring_it_back():
+    """The events reader removes a camera when its camera_removed arrives; a poll that had read the statuses
+    just before committed them just after, and the tile came back for 10 s as 'no status'."""
+    board = Board(history_s=60, gone_after_s=10)
+    tile = lambda cam: make_tile({"camera": cam, "state": "running", "fps": 5.0}, None, None, None)  # noqa: E731
+    board.update([tile("a"), tile("b")], now=100)
+    board.remove("b", at=105.0)
+    assert [t["camera"] for t in board.update([tile("a"), tile("b")], now=104.9)] == ["a"]
+    assert [t["camera"] for t in board.update([tile("a"), tile("b")], now=106)] == ["a", "b"]  # added again
