@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError
 
 from pipeline.admission import CommandRejected
 from pipeline.config import _format_errors
-from workers.publish import encode
+from workers.publish import encode, entry_order
 from workers.redact import redact_text
 from workers.settings import Strict
 
@@ -51,15 +51,11 @@ def unanswered(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
         groups = client.xinfo_groups(key)
     except redis.ResponseError:  # e.g. an ACL without XINFO
         return "a service that read the command may still apply it; if none did, it expires unapplied"
-    if any(_entry(g["last-delivered-id"]) >= _entry(entry_id) for g in groups):
+    if any(entry_order(g["last-delivered-id"]) >= entry_order(entry_id) for g in groups):
         return "a service read the command and may still apply it (see the cameras' list)"
     return ("is a hydravision service running on this Redis with this prefix? (no service read the command: "
             "it expires unapplied)")
 
-
-def _entry(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 def results_key(prefix: str) -> str:

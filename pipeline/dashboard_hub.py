@@ -26,7 +26,7 @@ import redis
 from pipeline import dashboard_data as data
 from pipeline.dashboard_control import control_reachable
 from pipeline.status import read_camera_statuses
-from workers.publish import keys
+from workers.publish import entry_order, keys
 from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class Hub:
         if not top:
             return "0-0"
         top_id = top[0][0]
-        if _stream_id(top_id) >= _stream_id(last):
+        if entry_order(top_id) >= entry_order(last):
             return last
         text = top_id.decode() if isinstance(top_id, bytes) else top_id
         with self._lock:
@@ -286,9 +286,3 @@ class Hub:
                 self.board.remove(cam, at=time.time())
                 self.snapshots.pop(cam, None)
         self._publish("events", {"events": events})
-
-
-def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)

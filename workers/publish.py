@@ -177,6 +177,12 @@ def keys(prefix: str) -> Keys:
     return Keys(prefix)
 
 
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A Redis stream entry id ("ms-seq") as a tuple that sorts as Redis orders the entries."""
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 # --- publisher ------------------------------------------------------------------------------------------
 
 class _Entry(NamedTuple):

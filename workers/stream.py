@@ -29,7 +29,7 @@ from workers.frames import FrameRequest, HeadArrays, detection_records, to_detec
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_call
 from workers.motion import MotionGate
-from workers.publish import Publisher, detection_message, event_message, keys
+from workers.publish import Publisher, detection_message, entry_order, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig
 from workers.snapshots import Snapshotter
@@ -906,12 +906,7 @@ def resume_point(instance: str | None, status: dict, last: list) -> Resume:
     if not instance or status.get("instance") != instance:
         return Resume(stream_mark=last_id)  # this run's first start: every entry after last_id is ours
     mark = str(status.get("stream_mark") or "0-0")
-    if not last or _entry_id(last_id) <= _entry_id(mark):
+    if not last or entry_order(last_id) <= entry_order(mark):
         return Resume(stream_mark=mark)  # started before, published nothing yet
     message = json.loads(last[0][1][b"data"])
     return Resume(int(message["frame"]) + 1, float(message["pts"]), mark)
-
-
-def _entry_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
