@@ -37,9 +37,11 @@ def port(text: str) -> int:
 
 def checkpoint(text: str) -> Path:
     """A checkpoint file, or ``demo``: the bundled one (as ``model.checkpoint: demo`` in a config)."""
-    if text == "demo":
-        return Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
-    return Path(text)
+    if text != "demo":
+        return Path(text)
+    from pipeline.config import checkpoint_path  # only here: the other commands' start does not pay for pydantic
+
+    return checkpoint_path(text)
 
 
 def positive_int(text: str) -> int:

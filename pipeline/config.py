@@ -88,9 +88,14 @@ class ModelConfig(Strict):
         return self
 
     def checkpoint_path(self) -> Path:
-        if self.checkpoint == "demo":
-            return Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
-        return Path(self.checkpoint).expanduser()
+        return checkpoint_path(self.checkpoint)
+
+
+def checkpoint_path(name: str) -> Path:
+    """'demo': the bundled checkpoint; anything else a path."""
+    if name == "demo":
+        return Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
+    return Path(name).expanduser()
 
 
 class InferenceConfig(Strict):
