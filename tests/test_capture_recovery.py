@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import workers.capture
+from test_camera_update import until
 from workers.publish import Keys
 from workers.sources import Source, SourceError, SourceFrame
 from workers.stream import CameraPipeline
@@ -278,14 +279,6 @@ def test_a_frame_the_decoder_finishes_after_a_stop_is_neither_handed_over_nor_co
         release.set()
     assert final["decoded"] == final["published"] == 5 and pub.frames == list(range(5)), final
     assert sum(final["dropped"].values()) == 0, final["dropped"]
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def slowed(infer, seconds: float):
