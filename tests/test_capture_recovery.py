@@ -6,6 +6,7 @@ bug, one stuck inside a read) and a slow model; messages go to an in-memory publ
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import zlib
@@ -17,7 +18,7 @@ import workers.capture
 from test_camera_update import until
 from workers.publish import Keys
 from workers.sources import Source, SourceError, SourceFrame
-from workers.stream import CameraPipeline
+from workers.stream import CameraPipeline, Resume, resume_point
 from workers.synthetic_source import SyntheticSource
 
 MODEL_INFO = {"input_size": [96, 160], "heads": {"people": ["person"]}}
@@ -317,6 +318,51 @@ def test_a_replaced_decoder_resumes_a_new_url_at_that_files_own_position():
 
 
 @pytest.mark.timeout(60)
+def test_a_restarted_actor_resumes_a_new_url_at_that_files_own_position():
+    """The same across a restart of the actor (a crash, a lost node), which only has Redis to go by: the
+    status keeps where the file's playback began, so the restarted camera goes on at the file's position with
+    its pts continued. It took the frame number (56 here) as the position: the last 4 frames of the 60-frame
+    file were analysed, 44 never were, and the pts jumped."""
+    first = "synthetic://street?seed=1&frames=1000&size=160x96"
+    second = "synthetic://street?seed=2&frames=60&size=160x96"
+    before, after = [], []
+    pub = RecordingPublisher()
+    messages: list[dict] = []
+    pub.publish_detections = messages.append
+
+    async def crash(pictures: list[int]) -> None:  # runs until 12 frames of the second file, then stops
+        camera = {"id": "file", "url": first, "realtime": False, "max_inflight": 1}
+        pipe = CameraPipeline(camera, slowed(no_detections(pictures), 0.02), MODEL_INFO, pub)
+        task = asyncio.ensure_future(pipe.run())
+        await until(lambda: len(messages) >= 40, 30, "40 frames of the first file")
+        pipe.update(pipe.camera.model_copy(update={"url": second}))
+        mark = len(pictures)
+        await until(lambda: len(pictures) >= mark + 12, 30, "frames of the second file")
+        pipe.publish_status()
+        pipe.stop()
+        await asyncio.wait_for(task, 30)
+        del pictures[:mark]
+
+    async def restart(resume: Resume) -> dict:
+        camera = {"id": "file", "url": second, "realtime": False, "max_inflight": 1}
+        return await CameraPipeline(camera, no_detections(after), MODEL_INFO, pub, resume=resume).run()
+
+    asyncio.run(crash(before))
+    status = pub.statuses[-1] | {"instance": "run", "stream_mark": "0-0"}
+    last = [(b"9-0", {b"data": json.dumps(messages[-1]).encode()})]
+    resumed_from = len(messages)
+    final = asyncio.run(restart(resume_point("run", status, last)))
+    assert final["state"] == "ended"
+    expected = synthetic_pictures(second, 60)
+    assert [p for p in before if p in set(expected)] + after == expected  # each once, in order, none skipped
+    frames = [m["frame"] for m in messages]
+    assert frames == sorted(set(frames)) and frames[resumed_from] == frames[resumed_from - 1] + 1
+    pts = [m["pts"] for m in messages]
+    step = pts[resumed_from - 1] - pts[resumed_from - 2]
+    assert pts[resumed_from] - pts[resumed_from - 1] == pytest.approx(step, abs=1e-3), "pts did not go on"
+
+
+@pytest.mark.timeout(60)
 def test_the_frame_a_replaced_decoder_was_handing_over_is_read_again_not_lost():
     """An unpaced file's decoder waits in the slot for a slow model; replacing it (a live update of a decoder
     setting) refuses that frame: its number counts as dropped (overload), and the next decoder starts at that
@@ -345,7 +391,6 @@ def test_a_paced_file_resumed_far_in_skips_to_its_frame_at_once(tmp_path):
     """A restarted camera on a realtime (paced) file resumes at frame 100: the frames before it were read
     through the pacer, 4 s of no output at 25 fps (half an hour after a crash 30 minutes in)."""
     from synthetic.clips import encode_mp4
-    from workers.stream import Resume
 
     path = encode_mp4(tmp_path / "clip.mp4", (np.full((64, 64, 3), i % 256, np.uint8) for i in range(150)), 25)
     pub = RecordingPublisher()

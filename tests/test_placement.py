@@ -244,6 +244,12 @@ def _entry(entry_id: str, frame: int, pts: float) -> list:
     ({"instance": "run", "stream_mark": "90-0"}, _entry("95-3", 12, 1.2), Resume(13, 1.2, "90-0")),  # restarted
     ({"instance": "run", "stream_mark": "90-0"}, _entry("90-0", 41, 4.1), Resume(0, 0.0, "90-0")),  # none yet
     ({"instance": "run", "stream_mark": "100-0"}, _entry("99-7", 41, 4.1), Resume(0, 0.0, "100-0")),
+    # a file whose URL changed live at frame 10: its position 3, its pts shifted as that playback's were
+    ({"instance": "run", "stream_mark": "90-0", "playback": {"start": 10, "pts_offset": 2.0}}, _entry("95-3", 12, 1.2),
+     Resume(13, 1.2, "90-0", 3, 2.0)),
+    # ... changed after the last frame published: the new file from its start
+    ({"instance": "run", "stream_mark": "90-0", "playback": {"start": 20, "pts_offset": 2.0}}, _entry("95-3", 12, 1.2),
+     Resume(13, 1.2, "90-0", 0, 0.0)),
 ])
 def test_resume_point(status, last, expected):
     """A restarted camera continues after the last frame this run published: no (camera, frame) twice."""

@@ -218,6 +218,9 @@ class Capture:
         self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
         # frames to skip after opening a file: those its predecessor already handed over
         self.resume_at = position if not camera.is_live else 0
+        # The frame number of the file's first frame (frame number - position, for every frame this capture
+        # reads): kept in the status, so a restarted actor resumes a file whose URL changed live at its position.
+        self.playback_start = first_index - self.resume_at
         self.pts_offset = pts_offset  # keeps pts increasing across reconnects and new URLs
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog

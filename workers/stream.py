@@ -52,6 +52,11 @@ class Resume:
     first_index: int = 0
     first_pts: float = 0.0
     stream_mark: str = "0-0"
+    # Where a file resumes and the shift of its timestamps: a live URL change starts a new file while the
+    # frame numbering goes on, so the file's position is not the frame number (None: it is; a status written
+    # before the position was kept).
+    position: int | None = None
+    pts_offset: float = 0.0
 
 
 class CameraPipeline:
@@ -135,9 +140,10 @@ class CameraPipeline:
         self._abandoned = loop.create_future()
         if self._abandoning:
             self._abandoned.set_result(None)
+        r = self.resume
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
-                                first_index=self.resume.first_index, first_pts=self.resume.first_pts,
-                                resume_at=self.resume.first_index)
+                                first_index=r.first_index, first_pts=r.first_pts,
+                                resume_at=r.first_index if r.position is None else r.position, pts_offset=r.pts_offset)
         self._capture.budget_fps = self._budget_fps
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
@@ -569,6 +575,8 @@ class CameraPipeline:
         s = self.stats()
         status = {k: s[k] for k in self.STATUS_FIELDS}
         status.update(heartbeat_ts=round(time.time(), 3), instance=self.instance, stream_mark=self.resume.stream_mark)
+        if cap := self._capture:  # where a restarted actor resumes the file (resume_point)
+            status["playback"] = {"start": cap.playback_start, "pts_offset": cap.pts_offset}
         self.publisher.set_status(self.id, status)
 
     def stats(self) -> dict[str, Any]:
@@ -909,4 +917,12 @@ def resume_point(instance: str | None, status: dict, last: list) -> Resume:
     if not last or entry_order(last_id) <= entry_order(mark):
         return Resume(stream_mark=mark)  # started before, published nothing yet
     message = json.loads(last[0][1][b"data"])
-    return Resume(int(message["frame"]) + 1, float(message["pts"]), mark)
+    first = int(message["frame"]) + 1
+    playback = status.get("playback")
+    if not isinstance(playback, dict):  # a status of a version that did not keep it
+        return Resume(first, float(message["pts"]), mark)
+    # The file's position: the frames published since this playback of it (a live URL change) began. None
+    # yet (the last frame was the previous URL's): the file starts at 0 with its pts after the last frame's.
+    position = max(0, first - int(playback.get("start", 0)))
+    return Resume(first, float(message["pts"]), mark, position,
+                  float(playback.get("pts_offset", 0.0)) if position else 0.0)
