@@ -16,10 +16,13 @@ stopping the others, and prints one line per result as it goes:
 4. pipeline: the whole service with N 1080p30 file cameras (paced, looping, NVDEC when step 3 found it works),
    N = 1, 2, 4, ... until the p95 frame age at XADD exceeds ``--budget-ms`` or frames are dropped.
 GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2-4 (mean and max per result).
+The JSON is written after every model point, step and pipeline run. A step still running 5 s past ``--minutes``
+is interrupted, as is the check on SIGTERM, and the JSON keeps what was measured (exit status 4 at the limit).
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import ctypes.util
 import gc
@@ -28,6 +31,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +46,10 @@ from measure import DEMO, pct, save_json
 
 NO_GPU_EXIT = 2
 KIT_EXIT = 3  # the packages on sys.path (benchmarks/gpu_kit.py) were built for another Python
+TIME_EXIT = 4  # stopped at the time limit (a step overran it): the JSON holds what was measured
+# Past --minutes a step that overran it (a compile, an engine build, a hung call) is interrupted, and past
+# OVERRUN_S + HARD_S the process leaves; the steps' own deadlines normally end it before either.
+OVERRUN_S, HARD_S = 5.0, 10.0
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # (backend, precision, compile): what step 2 measures, in this order (the cheap ones first).
 MODEL_VARIANTS = (("torch", "fp16", False), ("torch", "bf16", False), ("torch", "fp32", False),
@@ -74,8 +82,8 @@ class GpuSampler:
                 continue
             self.samples.append((time.time(), util, mem))
 
-    def window(self, since: float) -> dict | None:
-        got = [s for s in self.samples if s[0] >= since]
+    def window(self, since: float, until: float | None = None) -> dict | None:
+        got = [s for s in self.samples if s[0] >= since and (until is None or s[0] <= until)]
         if not got:
             return None
         return {"util_mean": round(statistics.fmean(s[1] for s in got), 1), "util_max": max(s[1] for s in got),
@@ -124,10 +132,29 @@ def environment(dry_run: bool) -> dict:
                       "bf16": torch.cuda.is_bf16_supported()}
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=driver_version,name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        env["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
+        try:  # a driver in a bad state can hang it: the check goes on, and says so
+            out = subprocess.run([smi, "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = f"{type(e).__name__}: {e}"
     return env
+
+
+def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
+    """Enforces the time limit on a step that overruns its own deadline: at ``at`` a KeyboardInterrupt in the
+    main thread (its finally blocks save the JSON and stop Redis and Ray); if the main thread is stuck in native
+    code ``HARD_S`` later, ``on_hard_stop()`` (save) and exit. Setting ``done`` calls it off."""
+    def watch() -> None:
+        if done.wait(max(0.0, at - time.time())):
+            return
+        _thread.interrupt_main()
+        if done.wait(HARD_S):
+            return
+        on_hard_stop()
+        os._exit(TIME_EXIT)
+
+    threading.Thread(target=watch, name="gpu-check-watchdog", daemon=True).start()
 
 
 def no_gpu_reason(env: dict) -> str:
@@ -141,20 +168,22 @@ def no_gpu_reason(env: dict) -> str:
 
 
 def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], variants, deadline: float,
-                  sampler: GpuSampler, seconds_per_point: float = 1.5) -> list[dict]:
+                  sampler: GpuSampler, seconds_per_point: float = 1.5, rows: list[dict] | None = None,
+                  save=lambda: None) -> list[dict]:
     """Frames/s of ModelRunner.run on a full batch, per backend / precision / batch (random pixels: the
-    model's cost does not depend on them; decode + NMS see few boxes, as on a quiet street)."""
+    model's cost does not depend on them; decode + NMS see few boxes, as on a quiet street). Each row goes
+    into ``rows`` as it is measured, and ``save()`` is called: an error or a stop keeps what was measured."""
     from workers.model_runner import ModelRunner
 
-    rows = []
+    rows = [] if rows is None else rows
     for backend, precision, compiled in variants:
         name = f"{backend}{' compile' if compiled else ''} {precision}"
         if time.time() > deadline:
             rows.append({"variant": name, "skipped": "out of time"})
             continue
         if backend == "onnxruntime" and device == "cuda" and not _ort_has_cuda():
-            rows.append({"variant": name, "skipped": "this onnxruntime has no CUDA provider (the GPU build is the "
-                                                     "onnxruntime-gpu package)"})
+            rows.append({"variant": name, "skipped": "no onnxruntime with a CUDA provider here (the GPU build is "
+                                                     "the onnxruntime-gpu package)"})
             print(f"  {name}: {rows[-1]['skipped']}", flush=True)
             continue
         t0 = time.time()
@@ -194,14 +223,19 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
                          "warmup_s": round(warm_s, 2), "gpu": sampler.window(mark)})
             print(f"  {name:<22} batch {batch:>3}: {rows[-1]['frames_per_s']:>8} frames/s "
                   f"({rows[-1]['ms_per_batch']} ms per batch){'' if not provider else ', ' + provider}", flush=True)
+            save()
         rows.append({"variant": name, "setup_and_run_s": round(time.time() - t0, 1)})
         del runner
+        free_gpu_memory()  # else the next variant's memory figures start from this one's cached blocks
+        save()
     return rows
 
 
 def _ort_has_cuda() -> bool:
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:  # not on the machine: the variant is skipped, the others still run
+        return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -283,8 +317,9 @@ def free_gpu_memory() -> None:
 
 
 def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str | None, redis_url: str,
-                 seconds: float, sampler: GpuSampler, max_batch: int) -> dict:
-    """The service with ``n`` paced, looping file cameras; frame age at XADD (capture to Redis) from the messages."""
+                 seconds: float, sampler: GpuSampler, max_batch: int, end: float | None = None) -> dict:
+    """The service with ``n`` paced, looping file cameras; frame age at XADD (capture to Redis) from the messages.
+    The wait for every camera's first message ends in time for the window to end by ``end`` (the step's)."""
     import redis
 
     from pipeline.app import App
@@ -300,14 +335,17 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
     started = time.time()
     app.start()
     client = redis.Redis.from_url(redis_url)
+    settle = min(5.0, seconds / 3)  # the first batches pay allocation and autotuning
     try:
-        deadline = time.time() + 90
+        wait = 90.0 if end is None else min(90.0, end - time.time() - settle - seconds - 10)  # 10 s: the shutdown
+        deadline = time.time() + wait
         while not all(client.xlen(keys("hv").detections(c["id"])) for c in cameras):
             if time.time() > deadline:
-                raise TimeoutError(f"{n} cameras: not every camera delivered within 90 s")
+                raise TimeoutError(f"{n} cameras: not every camera delivered within {max(wait, 0):.0f} s"
+                                   f"{' (the step ran out of time)' if wait < 90 else ''}")
             time.sleep(0.2)
         first_message_s = time.time() - started
-        time.sleep(min(5.0, seconds / 3))  # settle: the first batches pay allocation and autotuning
+        time.sleep(settle)
         t0, ticks = time.time(), []
         app.run(duration=seconds, on_tick=ticks.append)  # per-camera stats once a second
         t1 = time.time()
@@ -331,7 +369,8 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
             "frames_per_s": round(sum(per_cam.values()), 1),
             "fairness": round(min(per_cam.values()) / max(max(per_cam.values()), 1e-9), 2),
             "age_p50_ms": pct(ages, 50), "age_p95_ms": pct(ages, 95), "age_p99_ms": pct(ages, 99),
-            "dropped_at_end": dropped, "lost_in_window": lost, "gpu": sampler.window(t0), "seconds": round(t1 - t0, 1)}
+            "dropped_at_end": dropped, "lost_in_window": lost, "gpu": sampler.window(t0, t1),  # not the shutdown's
+            "seconds": round(t1 - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,9 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         left = limit - time.time()
         return time.time() + left * SHARES[step] / (SHARES[step] + sum(SHARES[s] for s in later))
 
-    def save() -> None:  # after every step and pipeline run: a check cut short keeps what it measured
+    def save() -> None:  # after every step, model point and pipeline run: a check cut short keeps what it measured
         result["seconds"] = round(time.time() - t_start, 1)
-        save_json(args.json, result)
+        for _ in range(3):  # from the watchdog's thread the main one may be adding a row meanwhile
+            try:
+                return save_json(args.json, result)
+            except RuntimeError:
+                time.sleep(0.1)
+
+    def hard_stop() -> None:
+        result["error"] = f"stopped at the time limit ({args.minutes:g} min): a step was stuck past it"
+        save()
 
     def step(name: str, run) -> None:  # a step that fails records why; the later steps still run
         try:
@@ -390,12 +437,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {error['error']}", flush=True)
         save()
 
-    try:
+    code, on_time, sigterm = 0, threading.Event(), signal.getsignal(signal.SIGTERM)
+    try:  # from here on an interrupt lands in the except below
+        # SIGTERM (a `timeout` around the check) as Ctrl-C: the finally blocks save what was measured
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        watchdog(limit + OVERRUN_S, hard_stop, on_time)
         if "model" in steps:
             print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
             variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False)) if dry else MODEL_VARIANTS
+            result["model"] = model_rows = []  # filled point by point, saved after each
             step("model", lambda: model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
-                                                deadline("model"), sampler, 0.2 if dry else 1.5))
+                                                deadline("model"), sampler, 0.2 if dry else 1.5, model_rows, save))
             free_gpu_memory()  # what the model step cached is not the pipeline's
         clip = None
         if "decode" in steps or "pipeline" in steps:
@@ -416,11 +468,19 @@ def main(argv: list[str] | None = None) -> int:
             result["pipeline"] = rows  # filled run by run, saved after each
             step("pipeline", lambda: pipeline_ladder(args, clip, device, hwaccel, deadline("pipeline"), sampler, dry,
                                                      rows, save))
+    except (KeyboardInterrupt, SystemExit):  # the watchdog's, Ctrl-C, SIGTERM (ours; once Ray is up, its sys.exit)
+        late = time.time() > limit
+        result["error"] = (f"stopped at the time limit ({args.minutes:g} min): a step overran it" if late
+                           else "interrupted")
+        print(f"gpu_check: {result['error']}", file=sys.stderr, flush=True)
+        code = TIME_EXIT if late else 130
     finally:
+        on_time.set()
+        signal.signal(signal.SIGTERM, sigterm)
         sampler.close()
         save()
     print(f"done in {result['seconds']} s{f'; results in {args.json}' if args.json else ''}", flush=True)
-    return 0
+    return code
 
 
 def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: float, sampler: GpuSampler,
@@ -435,8 +495,8 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
     seconds = 3.0 if dry else args.seconds
     rows = [] if rows is None else rows
     server = EmbeddedRedis().start()
+    ours = not ray.is_initialized()  # a caller's Ray (a test session's) is used and left running
     try:
-        ours = not ray.is_initialized()  # a caller's Ray (a test session's) is used and left running
         if ours:
             start_ray()
         n = 1
@@ -447,7 +507,7 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
             print(f"pipeline, {n} x {clip.name} (hwaccel {hwaccel}) for {seconds:g} s ...", flush=True)
             try:
                 rows.append(pipeline_run(args.checkpoint, clip, n, device, hwaccel, server.url, seconds, sampler,
-                                         max_batch=8 if dry else 32))
+                                         max_batch=8 if dry else 32, end=end))
             except Exception as e:
                 rows.append({"cameras": n, "error": f"{type(e).__name__}: {e}"[:500]})
                 print(f"  {rows[-1]['error']}", flush=True)
@@ -461,9 +521,9 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
                 r["over_budget"] = True
                 break
             n *= 2
+    finally:  # also when the time limit interrupts a run
         if ours:
             ray.shutdown()
-    finally:
         server.stop()
     return rows
 

