@@ -190,6 +190,24 @@ def test_onnxruntime_asked_for_on_a_gpu_refuses_to_start_where_it_would_run_on_t
         ModelRunner(path, device="auto", backend="onnxruntime", threads=1)
 
 
+def test_tensorrt_keeps_its_engines_on_disk(cache, tmp_path, monkeypatch):
+    """TensorRT builds an engine per input shape, minutes each: without a cache every start of a replica paid
+    that again. What the session is asked for (no GPU here: the session itself falls back to the CPU)."""
+    path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_runner, "load_checkpoint", lambda p, device: load_checkpoint(p, device="cpu"))
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    asked = []
+    session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda p, o, providers: asked.append(providers) or session(p, o))
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):
+        ModelRunner(path, device="auto", backend="onnxruntime", threads=1)
+    (trt, options), (cuda, _), cpu = asked[0]
+    assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert options["trt_engine_cache_enable"] and Path(options["trt_engine_cache_path"]).parent == cache / "onnx"
+
+
 def test_a_pool_of_threads_waits_without_spinning_unless_asked(cache, tmp_path, monkeypatch):
     """Spinning threads took the CPU that decoders on the same cores need (docs/architecture.md, "CPU under
     contention"); HYDRAVISION_ORT_SPIN=1 is ONNX Runtime's own default, kept for the benchmark."""

@@ -152,10 +152,16 @@ class OrtSession(ExportedSession):
         # default back, for benchmarks/bench_threads.py to measure against.
         spin = os.environ.get("HYDRAVISION_ORT_SPIN", "0")
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device.type == "cuda":
-            wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-            providers = [p for p in wanted if p in ort.get_available_providers()] + providers
+            # TensorRT builds an engine per input shape (minutes each): kept on disk beside the ONNX file, so
+            # only the first start on a machine pays it. Not run here (no GPU lent to this project).
+            engines = str(self.path.parent / "tensorrt")
+            wanted = [("TensorrtExecutionProvider", {"device_id": device.index or 0, "trt_engine_cache_enable": True,
+                                                     "trt_engine_cache_path": engines, "trt_timing_cache_enable": True,
+                                                     "trt_timing_cache_path": engines}),
+                      ("CUDAExecutionProvider", {"device_id": device.index or 0})]
+            providers = [p for p in wanted if p[0] in ort.get_available_providers()] + providers
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and
         # onnxruntime-gpu's does not load without its CUDA libraries): the model would take the CPU while the
