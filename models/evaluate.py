@@ -107,11 +107,16 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
     for name, (cmap, metric) in heads.items():
         r = metric.compute()
         classes = model.head_classes(name)
+        if len(r.matched_classes) == 0:  # no target at all: supervision's mAP is its -1 sentinel, not a score
+            skipped[name] = f"no visible object of its classes ({', '.join(classes)}) in the {len(frames)} frames"
+            continue
         per_class = {}
         for cid, ap in zip(r.matched_classes, r.ap_per_class):
             per_class[classes[int(cid)]] = round(float(ap[0]), 4)  # column 0 is IoU 0.5
         report["heads"][name] = {"map50": round(float(r.map50), 4), "map50_95": round(float(r.map50_95), 4),
                                  "ap50_per_class": per_class}
+        if missing := [c for c in classes if c not in per_class]:  # not in the head's mAP (COCO skips them)
+            report["heads"][name]["classes_without_targets"] = missing
     if attrs:
         report["attributes"] = {name: score.report() for name, score in attrs.items()}
     if skipped:

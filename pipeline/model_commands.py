@@ -232,6 +232,8 @@ def format_report(report: dict) -> str:
     lines.append(f"{'head':<12} {'mAP@0.5':>8} {'mAP@.5:.95':>10}  AP@0.5 per class")
     for name, r in report["heads"].items():
         per = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50_per_class"].items())
+        if missing := r.get("classes_without_targets"):  # not in the head's mAP: nothing to find in the frames
+            per += f"; no targets of {', '.join(missing)}"
         lines.append(f"{name:<12} {r['map50']:>8.3f} {r['map50_95']:>10.3f}  {per}")
     for name, r in report.get("attributes", {}).items():
         lines.append(f"attribute {name}: accuracy {r['accuracy']:.3f} on {r['scored']} detected objects "

@@ -18,6 +18,7 @@ import models.evaluate as evaluate_module
 from models.evaluate import EvalConfig, evaluate
 from models.hydranet import HydraNet, HydraNetConfig
 from models.postprocess import HeadDetections
+from pipeline.model_commands import format_report
 
 SIZE = (192, 320)  # (h, w): frames are the model's input size, so letterboxing is the identity
 PERSON, CAR, BICYCLE = 0, 1, 2  # synthetic class ids (index into the scenes' CLASS_NAMES)
@@ -119,6 +120,19 @@ def test_a_class_without_targets_is_not_scored(hand_made_model: HydraNet, monkey
     (COCO skips a category without ground truth rather than scoring it 0 or -1)."""
     truth = [TRUTH[0], ([P3, C1, C2], [PERSON, CAR, CAR], [1.0, 1.0, 0.6])]
     monkeypatch.setattr(evaluate_module, "held_out_frames", frames_of(truth))
-    vehicles = evaluate(hand_made_model, EvalConfig(scenes=1, frames_per_scene=2))["heads"]["vehicles"]
+    report = evaluate(hand_made_model, EvalConfig(scenes=1, frames_per_scene=2))
+    vehicles = report["heads"]["vehicles"]
     assert vehicles["ap50_per_class"] == {"car": pytest.approx(AP_CAR, abs=1e-4)}
     assert vehicles["map50"] == pytest.approx(AP_CAR, abs=1e-4)
+    assert vehicles["classes_without_targets"] == ["bicycle"]  # the report says which class the mAP leaves out
+    assert f"car {AP_CAR:.3f}; no targets of bicycle" in format_report({**report, "checkpoint": "tiny"})
+
+
+def test_a_head_without_any_target_is_not_scored(hand_made_model: HydraNet, monkeypatch) -> None:
+    """No car nor bicycle in the frames (the vehicles head still predicts four boxes): supervision's mAP is its
+    -1 sentinel, which is no score; the report lists the head as not scored instead of an mAP of -1."""
+    truth = [TRUTH[0], ([P3], [PERSON], [1.0])]
+    monkeypatch.setattr(evaluate_module, "held_out_frames", frames_of(truth))
+    report = evaluate(hand_made_model, EvalConfig(scenes=1, frames_per_scene=2))
+    assert list(report["heads"]) == ["people"]
+    assert report["skipped"] == {"vehicles": "no visible object of its classes (car, bicycle) in the 2 frames"}
