@@ -4,13 +4,13 @@ runs them (same classes, same order per frame), without Ray or Redis, so a scene
 takes seconds. ``tests/test_analytics_accuracy.py`` and ``benchmarks/bench_analytics.py`` use it.
 
 How the pipeline is scored (the reasons are in docs/architecture.md, "Analytics"):
-- lines: supervision's LineZone, with the line's own settings, runs on the TRUE boxes and object ids: the
-  crossings a perfect detector and tracker would report. A true crossing counts as "tracked" when the object
-  was matched to a pipeline track (IoU >= 0.5, same class) within +-2 frames of it; the pipeline's counts
-  are compared with the tracked crossings, per head, class and direction;
+- lines: supervision's LineZone, with the line's own settings, runs on the TRUE boxes and object ids (hidden
+  objects included): the crossings a perfect detector and tracker would report. A true crossing counts as
+  "tracked" when the object was matched to a pipeline track (IoU >= 0.5, same class) within +-2 frames of
+  it; the pipeline's counts are compared with the tracked crossings, per head, class and direction;
 - occupancy: per frame, the true objects whose anchors are inside the zone (supervision's PolygonZone on
-  the true boxes). Objects less than half visible are "don't care", as MOT benchmarks treat them: the
-  pipeline may count them or not, so its error is its distance from [visible inside, all inside];
+  the true boxes). Objects less than half visible (fully hidden ones too) are "don't care", as MOT benchmarks
+  treat them: the pipeline may count them or not, so its error is its distance from [visible inside, all inside];
 - dwell: each complete true visit (entered and left within the clip) against the zone_left of the track
   that carried the object.
 """
@@ -159,10 +159,14 @@ def _empty() -> sv.Detections:
     return det
 
 
-def truth_detections(truth: FrameTruth, head_classes: list[str], min_visibility: float = 0.0) -> sv.Detections:
-    """The true objects of one head's classes as sv.Detections (object ids as tracker ids)."""
+def truth_detections(truth: FrameTruth, head_classes: list[str], min_visibility: float | None = 0.0) -> sv.Detections:
+    """The true objects of one head's classes as sv.Detections (object ids as tracker ids): those more visible
+    than ``min_visibility``, or with None all of them, hidden ones too (the frame's truth has every object
+    that is at least partly inside the image)."""
     names = np.array([CLASS_NAMES[c] for c in truth.class_ids])
-    keep = np.isin(names, head_classes) & (truth.visibility > min_visibility)
+    keep = np.isin(names, head_classes)
+    if min_visibility is not None:
+        keep &= truth.visibility > min_visibility
     return sv.Detections(xyxy=truth.boxes[keep].astype(np.float64), confidence=np.ones(int(keep.sum())),
                          class_id=np.array([head_classes.index(n) for n in names[keep]], dtype=int),
                          tracker_id=truth.object_ids[keep].astype(int), data={"class_name": names[keep]})
@@ -215,7 +219,9 @@ def score_lines(run: SceneRun, matches: list[dict] | None = None) -> dict:
         crossings = []  # (frame, object id, head, class, direction)
         for f, truth in enumerate(run.truths):
             for head, zone in true_zones.items():
-                gt = truth_detections(truth, run.heads[head])
+                # hidden objects too: LineZone forgets an object missing for 2 frames, and one fully hidden at
+                # the line would come back on the far side with no crossing
+                gt = truth_detections(truth, run.heads[head], min_visibility=None)
                 gt = gt[np.isin(gt.data["class_name"], counter.classes[head])] if len(gt) else gt
                 cin, cout = zone.trigger(gt)
                 for i in np.flatnonzero(cin | cout):
@@ -254,15 +260,16 @@ def _match_crossings(pipeline: list[dict], truth: list[tuple], matches: list[dic
     return hits
 
 
-def _inside_truth(run: SceneRun, zone_name: str) -> list[tuple[set[int], set[int]]]:
-    """Per frame: (ids of true objects inside that are >= HIDDEN visible, ids of all true objects inside)."""
+def _inside_truth(run: SceneRun, zone_name: str) -> list[tuple[set[int], set[int], set[int]]]:
+    """Per frame: ids of the true objects inside that are >= HIDDEN visible, of those that are at all visible,
+    and of all true objects inside (fully hidden ones too: an object behind another is still inside)."""
     z = run.analytics.zones[zone_name]
     poly = sv.PolygonZone(np.round(z.polygon).astype(np.int64), triggering_anchors=z.zone.triggering_anchors)
     out = []
     for truth in run.truths:
-        vis, present = set(), set()
+        vis, seen, present = set(), set(), set()
         for head, classes in z.classes.items():
-            gt = truth_detections(truth, run.heads[head])
+            gt = truth_detections(truth, run.heads[head], min_visibility=None)
             gt = gt[np.isin(gt.data["class_name"], classes)] if len(gt) else gt
             if not len(gt):
                 continue
@@ -270,9 +277,11 @@ def _inside_truth(run: SceneRun, zone_name: str) -> list[tuple[set[int], set[int
             vis_of = dict(zip(truth.object_ids.tolist(), truth.visibility.tolist()))
             for oid in gt.tracker_id[inside].tolist():
                 present.add(oid)
+                if vis_of[oid] > 0:
+                    seen.add(oid)
                 if vis_of[oid] >= HIDDEN:
                     vis.add(oid)
-        out.append((vis, present))
+        out.append((vis, seen, present))
     return out
 
 
@@ -286,7 +295,7 @@ def score_zones(run: SceneRun, matches: list[dict] | None = None, skip_first: in
         inside = _inside_truth(run, name)
         errors, without_false = [], []
         for f in range(skip_first, n):
-            lo, hi = len(inside[f][0]), len(inside[f][1])
+            lo, hi = len(inside[f][0]), len(inside[f][2])
             p = run.occupancy[f][name]
             errors.append(max(0, lo - p, p - hi))
             # Diagnosis only: the same without occupants whose track never matched a true object (the
@@ -294,7 +303,7 @@ def score_zones(run: SceneRun, matches: list[dict] | None = None, skip_first: in
             q = sum(1 for t in run.occupants[f][name] if t in real)
             without_false.append(max(0, lo - q, q - hi))
         errors, without_false = np.array(errors), np.array(without_false)
-        # true visits: runs of consecutive frames inside, complete within the clip
+        # true visits: runs of consecutive frames inside, the object at all visible, complete within the clip
         visits: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for f in range(n):
             for oid in inside[f][1]:

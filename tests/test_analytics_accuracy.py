@@ -31,9 +31,10 @@ KNOWN = {
                     "head (motion only: 26); of the extra ones, car 36 (hidden at the line, visibility 0.34) is "
                     "counted a second time by another track, and a re-linked track counts a crossing bicycle 38 "
                     "never made",
-    ("zone", 203): "93.8%: the demo model sees a car and a bicycle in a foreground tree inside the zone, and "
-                   "tracks of cars passing behind it stick to the tree",
-    ("dwell", 203): "the same tree: tracks that stick to it make visits seconds too long (77% of 44 within 0.5 s)",
+    # ("zone", 203) was 93.8% in fp32, 95.0% in bf16, before fully hidden objects were in the truth (98.25% in bf16
+    # since; fp32 not run again): tracks stuck to a foreground tree keep the cars it hides, which are inside.
+    ("dwell", 203): "the demo model sees a car and a bicycle in a foreground tree inside the zone: tracks that "
+                    "stick to it make visits seconds too long (77% of 44 within 0.5 s)",
     ("lines", 203): "east line 'in': 20 counted of 24; earlier runs traced such misses to objects coming out from "
                     "behind the tree confirmed as tracks already past the line (LineZone takes a new track's "
                     "first side as its start)",
