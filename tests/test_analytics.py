@@ -273,9 +273,12 @@ def test_counts_hash_fields():
                           "line:l:people:person:in": 0, "line:l:people:person:out": 0}
 
 
-def test_reconfigured_keeps_the_state_of_unchanged_zones_only():
+def test_reconfigured_keeps_unchanged_zones_and_the_occupants_of_changed_ones():
+    """A changed zone started afresh: whoever stood in it got a second zone_entered (no zone_left between)."""
     z1, z2 = ZoneConfig(name="a", polygon=SQUARE, min_inside_s=0), ZoneConfig(name="b", polygon=SQUARE, min_inside_s=0)
     a = CameraAnalytics([z1, z2], [], HEADS, SIZE)
     a.update("people", people([standing_at(300, 200)], [1]), 0, 0.0)
     b = a.reconfigured([z1, z2.model_copy(update={"min_outside_s": 5.0})], [])
-    assert sum(b.zones["a"].occupancy().values()) == 1 and sum(b.zones["b"].occupancy().values()) == 0
+    assert b.zones["a"] is a.zones["a"] and b.zones["b"] is not a.zones["b"]
+    assert sum(b.zones["a"].occupancy().values()) == 1 and sum(b.zones["b"].occupancy().values()) == 1
+    assert b.update("people", people([standing_at(300, 200)], [1]), 1, 0.1) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import cv2
 import numpy as np
@@ -159,3 +160,32 @@ def test_pixel_zone_outside_the_frame_is_reported_and_the_camera_runs(redis_serv
     errors = [e for e in read_stream(redis_server.client(), keys("hv").events) if e["type"] == "analytics_error"]
     assert [e["reason"] for e in errors] == [stats["last_error"]]
     json.dumps(stats)  # stats stay plain data (they cross Ray and go to the status hash)
+
+
+def test_counts_that_start_again_at_another_frame_size_say_so():
+    """Frames of another size (a new URL, a camera reconfigured) rebuild the zones and lines from nothing: the
+    line counts went back to 0 under the camera's first `since`, so a consumer could not tell them from a drop."""
+    from types import SimpleNamespace
+
+    class Hashes:  # stands in for the Publisher: keeps the hashes set
+        keys = keys("hv")
+
+        def __init__(self) -> None:
+            self.hashes: dict[str, dict] = {}
+
+        def set_hash(self, key: str, fields: dict) -> None:
+            self.hashes[key] = fields
+
+    pub = Hashes()
+    camera = {"id": "cam", "url": "synthetic://street", "lines": [LINE], "zones": [ZONE]}
+    pipe = CameraPipeline(camera, None, MODEL_INFO, pub)
+
+    def frame(index: int, size: tuple[int, int]) -> dict:
+        item = SimpleNamespace(index=index, pts=index / FPS, wall=1000.0 + index, size=size, picture=None)
+        pipe._after_analytics(item, pipe._current_analytics(item))
+        return pub.hashes[pub.keys.counts("cam")]
+
+    first = frame(0, (360, 640))["since"]
+    assert frame(1, (360, 640))["since"] == first
+    time.sleep(0.01)
+    assert frame(2, (720, 1280))["since"] > first

@@ -14,11 +14,11 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
 - leave: seen outside that margin (at once if it is moving, else for ``min_outside_s``: a still object's box
   can jump), or not seen for ``lost_s`` (a detector can miss a parked car for a while; but no longer than
   LOST_PER_SEEN x how long it was seen) - or for only MOVING_LOST_S (or min_outside_s, if longer) if it was
-  moving when last seen (it drove on, out of the zone or out of the picture). dwell = last frame inside -
-  first frame inside, in stream time (pts);
-- takeover: a new track of the same class appearing inside where an absent occupant would be now (its last
-  box moved on by its last velocity, IoU >= 0.3) continues that occupant (a flickering detection that got a
-  new track id is the same parked car): no events.
+  moving when last seen (it drove on, out of the zone or out of the picture); never on a single missed frame
+  (LOST_MIN_MISSES). dwell = last frame inside - first frame inside, in stream time (pts);
+- takeover: a new track (first seen after the occupant was last seen) of the same class appearing inside where
+  an absent occupant would be now (its last box moved on by its last velocity, IoU >= 0.3) continues that
+  occupant (a flickering detection that got a new track id is the same parked car): no events.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted 
 MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
 MOVING_LOST_S = 0.5  # an occupant that was moving and is not seen for this long drove on
 LOST_PER_SEEN = 4.0  # a still occupant's patience when unseen: at most this x how long it was seen
+LOST_MIN_MISSES = 2  # analysed frames in a row an occupant must be missed on before it is lost: at a low analysed
+# rate (the frame-age budget goes down to 1 fps) a single missed detection is already longer than MOVING_LOST_S
 TRAIL_S = (0.5, 1.0)  # speed is measured over at least / at most this much of the recent path: box jitter
 # between two frames is as large as a walker's step at 10 fps, over half a second it is not
 _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
@@ -77,9 +79,10 @@ class Occupant:
     outside_since: float | None = None
     track_ids: list[int] = field(default_factory=list)
     trail: deque = field(default_factory=deque)  # (pts, box centre) over the last TRAIL_S[1] seconds
+    missed: int = 0  # analysed frames in a row it was not seen on
 
     def seen(self, box: np.ndarray, pts: float) -> None:
-        self.last_seen, self.box = pts, box
+        self.last_seen, self.box, self.missed = pts, box, 0
         _extend(self.trail, box, pts)
 
     def velocity(self) -> np.ndarray:
@@ -121,6 +124,9 @@ class ZoneCounter:
         self.occupants: dict[int, Occupant] = {}  # by a serial number: track ids change on takeover
         self._serial = 0
         self.candidates: dict[tuple[str, int], Candidate] = {}
+        # (head, track id) -> [first, last] pts this zone saw it (inside or not): only a track that appeared after
+        # an occupant vanished can take it over, not one that was walking beside it (a passer-by hiding it)
+        self.tracks: dict[tuple[str, int], list[float]] = {}
         self._last_pts: dict[str, float] = {}
 
     def occupancy(self) -> Counter:
@@ -145,6 +151,8 @@ class ZoneCounter:
         det = det[keep]
         inside = self.zone.trigger(det) if len(det) else np.zeros(0, bool)
         names, ids = _names(det), det.tracker_id if len(det) else np.zeros(0, int)
+        for tid in ids:
+            self.tracks.setdefault((head, int(tid)), [pts, pts])[1] = pts
         by_current = {(o.head, o.current_id): key for key, o in self.occupants.items()}
         seen: set[int] = set()
         newcomers = []
@@ -170,7 +178,7 @@ class ZoneCounter:
             if not inside[i]:
                 self.candidates.pop(ckey, None)
                 continue
-            heir_of = self._absent_occupant(head, name, box, pts, seen)
+            heir_of = self._absent_occupant(head, name, box, pts, seen, self.tracks[ckey][0])
             if heir_of is not None:  # the same object under a new track id: no events
                 occ = self.occupants[heir_of]
                 occ.seen(box, pts)
@@ -190,12 +198,17 @@ class ZoneCounter:
                 seen.add(self._serial)
                 events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
         for key, occ in list(self.occupants.items()):
-            patience = self._patience(occ)
-            if occ.head == head and key not in seen and pts - occ.last_seen >= patience - _EPS:
+            if occ.head != head or key in seen:
+                continue
+            occ.missed += 1
+            if occ.missed >= LOST_MIN_MISSES and pts - occ.last_seen >= self._patience(occ) - _EPS:
                 events.append(self._leave(key, frame, pts, "lost"))
         for key, cand in list(self.candidates.items()):
             if key[0] == head and pts - cand.last_seen >= cfg.lost_s - _EPS:
                 del self.candidates[key]
+        for key, (_, last) in list(self.tracks.items()):
+            if key[0] == head and pts - last >= cfg.lost_s - _EPS:
+                del self.tracks[key]
         self._last_pts[head] = pts
         return events
 
@@ -220,13 +233,27 @@ class ZoneCounter:
         for (head, _), cand in self.candidates.items():
             if cand.last_seen == self._last_pts.get(head):
                 cand.last_seen = pts
+        for (head, _), seen_at in self.tracks.items():
+            if seen_at[1] == self._last_pts.get(head):
+                seen_at[1] = pts
         for head in self._last_pts:
             self._last_pts[head] = pts
 
-    def _absent_occupant(self, head: str, name: str, box: np.ndarray, pts: float, seen: set[int]) -> int | None:
+    def inherit(self, old: "ZoneCounter") -> None:
+        """Takes over the objects of the zone's previous settings (a live change): who is inside stays inside,
+        without a second zone_entered, and the new settings decide from the next frame whether it left. Objects
+        of heads or classes it no longer counts go without events, as with a head dropped (``with_heads``)."""
+        self.occupants = {k: o for k, o in old.occupants.items() if o.class_name in self.classes.get(o.head, ())}
+        self.candidates = {k: c for k, c in old.candidates.items() if k[0] in self.classes}
+        self.tracks = {k: t for k, t in old.tracks.items() if k[0] in self.classes}
+        self._serial, self._last_pts = old._serial, dict(old._last_pts)
+
+    def _absent_occupant(self, head: str, name: str, box: np.ndarray, pts: float, seen: set[int],
+                         first_seen: float) -> int | None:
+        """The absent occupant a new track (first seen at ``first_seen``) at ``box`` continues, if any."""
         best, best_iou = None, REACQUIRE_IOU
         for key, occ in self.occupants.items():
-            if occ.head == head and occ.class_name == name and key not in seen:
+            if occ.head == head and occ.class_name == name and key not in seen and first_seen > occ.last_seen:
                 iou = _iou(occ.predicted_box(pts), box)
                 if iou >= best_iou:
                     best, best_iou = key, iou
@@ -389,11 +416,14 @@ class CameraAnalytics:
 
     def reconfigured(self, zones: list[ZoneConfig], lines: list[LineConfig]) -> "CameraAnalytics":
         """The analytics for new zone/line settings (a live config change): zones and lines whose settings did
-        not change keep their state (occupants, counts); the others start afresh."""
+        not change keep their state (occupants, counts); a changed zone keeps its occupants (ZoneCounter.inherit);
+        changed lines start afresh."""
         new = CameraAnalytics(zones, lines, self.head_classes, self.size)
         for name, zone in self.zones.items():
             if name in new.zones and new.zones[name].config == zone.config:
                 new.zones[name] = zone
+            elif name in new.zones:  # changed: its occupants must not enter a second time
+                new.zones[name].inherit(zone)
         for name, line in self.lines.items():
             if name in new.lines and new.lines[name].config == line.config:
                 new.lines[name] = line
@@ -410,6 +440,7 @@ class CameraAnalytics:
             zone.classes = new.zones[name].classes
             zone.occupants = {k: o for k, o in zone.occupants.items() if o.head in zone.classes}
             zone.candidates = {k: c for k, c in zone.candidates.items() if k[0] in zone.classes}
+            zone.tracks = {k: t for k, t in zone.tracks.items() if k[0] in zone.classes}
             new.zones[name] = zone
         for name, line in self.lines.items():
             kept = new.lines[name]

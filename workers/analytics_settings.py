@@ -45,6 +45,14 @@ def _check_point(i: int, p: Point, units: str) -> None:
         raise ValueError(f"point {i} {_fmt(p)} is outside the frame: pixel coordinates are 0..{MAX_PIXELS}")
 
 
+def _check_units(points: list[Point], units: str) -> None:
+    """Pixel points all within 0..1 are normalised ones under the wrong units: a zone or line inside one pixel
+    that would count nothing, silently."""
+    if units == "pixels" and all(0 <= c <= 1 for p in points for c in p):
+        raise ValueError("every point is within 0..1 of the frame's top-left pixel: these look like normalized "
+                         "coordinates (set units: normalized, or give source pixels)")
+
+
 def _fmt(p: Point) -> str:
     return f"({p[0]:g}, {p[1]:g})"
 
@@ -139,6 +147,7 @@ class ZoneConfig(_Counted):
         units = info.data.get("units", "normalized")
         for i, p in enumerate(v):
             _check_point(i, p, units)
+        _check_units(v, units)
         problem = polygon_problem(v)
         if problem:
             raise ValueError(problem)
@@ -173,6 +182,8 @@ class LineConfig(_Counted):
         start = info.data.get("start")
         if start is not None and math.dist(start, v) == 0:
             raise ValueError(f"the line has length 0: start and end are both {_fmt(v)}")
+        if start is not None:
+            _check_units([start, v], info.data.get("units", "normalized"))
         return v
 
 

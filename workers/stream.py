@@ -501,6 +501,8 @@ class CameraPipeline:
             if same_size:
                 self.analytics = self.analytics.reconfigured(self.camera.zones, self.camera.lines)
             else:
+                if self.analytics is not None:  # another size (a new URL, a camera reconfigured): counts from 0,
+                    self._counts_since = time.time()  # which `since` tells consumers, as after a restart
                 self.analytics = CameraAnalytics(self.camera.zones, self.camera.lines, self.classes, (w, h))
             self._analytics_for = want
             for reason in self.analytics.errors.values():  # pixel points outside the real frame
