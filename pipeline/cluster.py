@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -43,10 +44,55 @@ def init_ray(config: Any, system_config: dict) -> None:
                  logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
                  _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
         return
+    where = "ray.address" if rc.address else "$RAY_ADDRESS"  # the setting the user has to fix
+    _check_head(address, where, rc.placement_timeout_s)
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"ray.address: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+        raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+
+
+def _check_head(address: str, where: str, timeout_s: float) -> None:
+    """What ray.init cannot tell apart: given an address where nothing answers, or where a Redis does (Redis and
+    `ray start --head` both default to port 6379), it retries for about 14 minutes (20 tries of ~40 s) and then
+    blames the GCS. Waits up to ``timeout_s`` for something to answer where ray.init will connect (a head still
+    starting), and refuses a Redis at once: it answers PING with + or - (NOAUTH, DENIED), a GCS with HTTP/2."""
+    if "://" in address:  # ray:// (Ray Client): another protocol, left to ray.init
+        return
+    try:
+        resolved = ray._private.services.canonicalize_bootstrap_address(address)  # 127.0.0.1: this machine's IP
+    except Exception:  # no head recorded for "auto", a bad address, Ray's private API changed: ray.init says so
+        return
+    if not resolved:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answers = {target: _first_byte(target) for target in dict.fromkeys((address, resolved)) if ":" in target}
+        if redis := next((t for t, first in answers.items() if first in (b"+", b"-")), None):
+            raise UserError(f"{where}: {address!r} is a Redis server ({redis}), not a Ray cluster's head: Redis and "
+                            "`ray start --head` both default to port 6379. Give the port the head was started with "
+                            "(`ray start --head --port=...`; 6380 in docker-compose.yml)")
+        if answers[resolved] is not None:
+            return
+        if time.monotonic() >= deadline:
+            raise UserError(f"{where}: nothing answers at {address!r} ({resolved}) after {timeout_s:g} s "
+                            "(ray.placement_timeout_s): is the Ray head running, and is that its port?")
+        time.sleep(1)
+
+
+def _first_byte(target: str, timeout: float = 3.0) -> bytes | None:
+    """What a server at host:port says first to a PING (b"" for nothing), or None when nothing takes the call."""
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            try:
+                return sock.recv(1)
+            except OSError:  # silent, or it hung up: something is there all the same
+                return b""
+    except (OSError, ValueError):
+        return None
 
 
 def shutdown_ray() -> None:
@@ -152,6 +198,7 @@ class Placement:
 
     def stream_processes(self, cameras: list[CameraConfig]) -> list[tuple[list[CameraConfig], dict[str, Any]]]:
         """The StreamActor processes that host ``cameras`` (started together): (cameras, options) each."""
+        self.nodes = alive_nodes(ray.nodes())  # cameras added at run time: nodes may have joined or died since
         for camera in cameras:
             check_placeable(f"camera {camera.id}", stream_options(self.config.ray, camera), self.nodes)
         out = []
@@ -222,6 +269,7 @@ class NodeWatch:
         self.where: dict[tuple[str, Any], str] = {}  # (kind, camera id / replica index) -> node id
         self.lost_from: dict[tuple[str, Any], str] = {}  # moved off a lost node, not yet seen elsewhere
         self._asked: dict[tuple[str, Any], Any] = {}
+        self._whose: dict[tuple[str, Any], Any] = {}  # the actor handle that ``where`` and the rest are about
         self.poll_s, self._last_poll = poll_s, 0.0
 
     def _actors(self) -> dict[tuple[str, Any], Any]:
@@ -235,8 +283,11 @@ class NodeWatch:
         """Called from the controller's status loop; never blocks for long."""
         actors = self._actors()
         self._learn_locations(actors)
-        if time.monotonic() - self._last_poll < self.poll_s:
-            return
+        if time.monotonic() - self._last_poll >= self.poll_s:
+            self._poll(actors)
+
+    def _poll(self, actors: dict) -> None:
+        """Reports the nodes gone from ``ray.nodes()`` (once each) and notes those that joined."""
         self._last_poll = time.monotonic()
         alive = {n.id: n for n in alive_nodes(ray.nodes())}
         for node_id in [n for n in self.nodes if n not in alive]:
@@ -258,6 +309,10 @@ class NodeWatch:
 
     def _learn_locations(self, actors: dict) -> None:
         for key, actor in actors.items():
+            if self._whose.get(key) is not actor:  # new, or another process now (removed and added again)
+                self._whose[key] = actor
+                for known in (self.where, self.lost_from, self._asked):
+                    known.pop(key, None)
             if key not in self.where and key not in self._asked:
                 self._asked[key] = actor.where.remote()
         if not self._asked:
@@ -289,6 +344,9 @@ class NodeWatch:
     def moved(self, key: tuple[str, Any]) -> dict[str, str]:
         """For a ``worker_restarted`` event: the node the worker runs on now and, if it ran elsewhere before
         (it left a lost node), that node. Asks the (just restarted, so answering) actor where it is."""
+        # Ray may restart a lost node's actors before this tick's node poll: the loss is reported first, while
+        # the worker is still known on that node (else node_lost would leave it out).
+        self._poll(self._actors())
         lost = self.lost_from.pop(key, None)
         previous = lost or self.where.get(key)
         actor = self._actors().get(key)

@@ -48,7 +48,8 @@ class RayConfig(Strict):
     inference_resource: str = Field("hydravision_inference", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                                     description="custom resource of the nodes that can run inference (torch, the "
                                     "model); when any node advertises it, each replica reserves 1 of it")
-    placement_timeout_s: float = Field(120, gt=0, description="how long actors may wait for a node to take them")
+    placement_timeout_s: float = Field(120, gt=0, description="how long actors may wait for a node to take them, "
+                                       "and the controller for the Ray head at ray.address to answer")
     wait_for_resources: dict[str, float] = Field(default_factory=dict, description="before placing anything, wait "
                                                  "(up to placement_timeout_s) until the cluster offers these totals, "
                                                  "e.g. {hydravision_inference: 1, GPU: 1}: nodes still joining")

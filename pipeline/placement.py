@@ -47,15 +47,17 @@ class Node:
 
     @classmethod
     def from_ray(cls, entry: Mapping[str, Any]) -> "Node":
-        """From one entry of ``ray.nodes()``."""
-        labels = {k: v for k, v in (entry.get("Labels") or {}).items() if not k.startswith("ray.io/")}
-        return cls(entry["NodeID"], entry.get("NodeManagerAddress", "?"), dict(entry.get("Resources") or {}), labels)
+        """From one entry of ``ray.nodes()``. Ray's own labels (``ray.io/...``) are kept: a placement may ask
+        for them, and Ray's label selector matches them."""
+        return cls(entry["NodeID"], entry.get("NodeManagerAddress", "?"), dict(entry.get("Resources") or {}),
+                   dict(entry.get("Labels") or {}))
 
     def describe(self) -> str:
         shown = {k: v for k, v in self.resources.items() if not k.startswith(_HIDDEN)}
         text = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "no resources"
-        if self.labels:
-            text += "; labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        labels = {k: v for k, v in self.labels.items() if k != "ray.io/node-id"}  # the id is shown already
+        if labels:
+            text += "; labels " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
         return f"{self.id[:8]} ({self.ip}): {text}"
 
 
@@ -100,9 +102,11 @@ def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) ->
 
 def replica_gpus(inference_cfg: Any, model_cfg: Any) -> float | None:
     """What ``inference_options`` gets as ``num_gpus``: ``inference.num_gpus``, else None (a GPU where the cluster
-    has one), but 0 for a model that runs on the CPU only (OpenVINO, int8): a reserved GPU would sit unused, and
-    the replicas would be counted and placed as GPU ones (one replica, no model in the camera processes)."""
-    if inference_cfg.num_gpus is None and runs_on_cpu_only(model_cfg.backend, model_cfg.precision):
+    has one), but 0 for a model that runs on the CPU only (``model.device: cpu``, OpenVINO, int8): a reserved GPU
+    would sit unused, and the replicas would be counted and placed as GPU ones (one replica, no model in the
+    camera processes)."""
+    cpu_only = model_cfg.device == "cpu" or runs_on_cpu_only(model_cfg.backend, model_cfg.precision)
+    if inference_cfg.num_gpus is None and cpu_only:
         return 0.0
     return inference_cfg.num_gpus
 

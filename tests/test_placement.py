@@ -44,6 +44,7 @@ def test_inference_options(nodes, num_gpus, expected):
 @pytest.mark.parametrize("model, num_gpus, expected", [
     ({}, None, None),  # a GPU where the cluster has one
     ({"backend": "openvino"}, None, 0.0), ({"precision": "int8"}, None, 0.0),  # they run on the CPU only
+    ({"device": "cpu"}, None, 0.0),  # and so does any model the user put on the CPU
     ({"backend": "openvino"}, 0.5, 0.5),  # inference.num_gpus, set, is the user's
 ])
 def test_a_model_that_runs_on_the_cpu_only_reserves_no_gpu(model, num_gpus, expected):
@@ -101,13 +102,16 @@ def test_only_cameras_placed_alike_share_a_process():
     assert [opts for _, opts in isolated] == [stream_options(RayConfig(), g[0]) for g, _ in isolated]
 
 
-def test_cameras_whose_sum_fits_no_node_get_a_process_each():
+def test_cameras_whose_sum_fits_no_node_get_a_process_each(monkeypatch):
     """Two cameras that each need the one site_c unit a node offers cannot share a process reserving two."""
+    import pipeline.cluster
     from pipeline.cluster import Placement
 
     placement = Placement.__new__(Placement)  # its rules without a Ray: the snapshot it would take
     placement.config = parse_config({"cameras": []})
-    placement.nodes = [HEAD, Node("s" * 56, "10.0.0.5", {"CPU": 4, "site_c": 1})]
+    placement.nodes = nodes = [HEAD, Node("s" * 56, "10.0.0.5", {"CPU": 4, "site_c": 1})]
+    monkeypatch.setattr(pipeline.cluster.ray, "nodes", lambda: [  # what it reads before placing cameras
+        {"NodeID": n.id, "Alive": True, "NodeManagerAddress": n.ip, "Resources": dict(n.resources)} for n in nodes])
     placement.cores, placement.namespace = 1, "ns"
     cams = [CameraConfig(id=i, url="synthetic://street", placement={"resources": {"site_c": 1}}) for i in "ab"]
     cams.append(CameraConfig(id="c", url="synthetic://street"))
@@ -147,8 +151,22 @@ def test_node_from_ray_entry_and_describe():
     dead = {**entry, "NodeID": "cd" * 28, "Alive": False}
     nodes = alive_nodes([entry, dead])
     assert [n.id for n in nodes] == ["ab" * 28]
-    assert nodes[0].labels == {"zone": "a"}
+    assert nodes[0].labels == {"ray.io/node-id": "ab" * 28, "zone": "a"}
     assert nodes[0].describe() == "abababab (10.1.2.3): CPU=4, site_a=10; labels zone=a"
+
+
+def test_a_camera_may_ask_for_rays_own_node_labels():
+    """Ray's label selector matches the labels Ray sets itself (ray.io/node-id, ray.io/accelerator-type, ...):
+    a placement asking for one is not refused as if no node had it."""
+    entry = {"NodeID": "ab" * 28, "Alive": True, "NodeManagerAddress": "10.1.2.3", "Resources": {"CPU": 4.0},
+             "Labels": {"ray.io/node-id": "ab" * 28, "ray.io/accelerator-type": "A100"}}
+    nodes = alive_nodes([entry])
+    for labels in ({"ray.io/node-id": "ab" * 28}, {"ray.io/accelerator-type": "A100"}):
+        check_placeable("camera gate", stream_options(RayConfig(), cam(labels=labels)), nodes)
+    with pytest.raises(UserError, match="labels ray.io/accelerator-type=H100"):
+        check_placeable("camera gate", stream_options(RayConfig(), cam(labels={"ray.io/accelerator-type": "H100"})),
+                        nodes)
+    assert nodes[0].describe() == "abababab (10.1.2.3): CPU=4; labels ray.io/accelerator-type=A100"
 
 
 def test_pipelines_get_their_own_namespace():
