@@ -283,7 +283,8 @@ class App(LiveControl):
     def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraHandle, Any]]:
         """Asks the cameras to start, in processes running already (``_joining``) or in new StreamActors,
         several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order."""
-        live = [*self.cameras, *(c.id for c in cams)]
+        with self._lock:  # cameras another add is starting (in _busy, not yet in cameras) keep their replica
+            live = [*self.cameras, *self._busy, *(c.id for c in cams)]
         # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
         # object store for the actor's restarts (Ray warns about it). None with the model in the camera processes.
         replica = {cam.id: [] if self.in_camera_process else

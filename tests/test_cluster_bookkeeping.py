@@ -163,3 +163,31 @@ def test_a_ray_head_is_not_taken_for_a_redis(ray_local):
     cluster._check_head(address, "ray.address", 1.0)
     assert cluster._first_byte(address) not in (None, b"+", b"-")
     assert time.monotonic() - t0 < 5
+
+
+def test_cameras_added_at_the_same_time_keep_each_others_replica():
+    """A camera being added is in App.cameras only once its process has started, seconds later: a second add
+    meanwhile built the replica assigner's list without it, which forgot it (x and y both on replica 0, then z
+    too: three of five cameras on one replica)."""
+    from pipeline.app import App
+    from pipeline.placement import ReplicaAssigner
+
+    app = App(parse_config({"ray": {"cameras_per_process": 1}, "cameras": []}), say=lambda m: None)
+    assigner = ReplicaAssigner(2)
+    started = SimpleNamespace(remote=lambda *args: None)
+    app.placement = SimpleNamespace(namespace="ns", in_camera_process=False, cores=2, replica_index=assigner.assign,
+                                    stream_processes=lambda cams: [([c], {"name": f"hv-camera-{c.id}"}) for c in cams],
+                                    spawn=lambda cls, options, *args: SimpleNamespace(start=started))
+
+    def create(cid: str):
+        return app._create([CameraConfig(id=cid, url="synthetic://street")])[0][0]
+
+    for cid in "ab":
+        app.cameras[cid] = create(cid)
+    app._busy |= {"x", "y"}  # two adds at once (LiveControl marks them busy until they are registered)
+    x, y = create("x"), create("y")
+    app.cameras |= {"x": x, "y": y}
+    app._busy -= {"x", "y"}
+    app.cameras["z"] = create("z")
+    replicas = [h.inference[0][1] for h in app.cameras.values()]
+    assert sorted(replicas.count(r) for r in set(replicas)) == [2, 3] and assigner.of.keys() == set("abxyz")
