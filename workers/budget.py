@@ -13,15 +13,18 @@ While the p95 age is over that target, one action per decision, ``hold_s`` apart
      filter, stepped once per analysed frame, carries its tracks across the longer gaps;
   3. ``min_fps``: nothing is left to give; said once.
 Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``recover_ratio`` x budget for
-``recover_hold_s``, the rate goes up by ``step_up`` (a tenth of the configured rate), one step at a time; the
-batch wait comes back last, after twice that calm, with a ``budget_recovered`` event. Between the two
-thresholds nothing changes (hysteresis).
+``recover_hold_s`` (counted from the first frame published that was captured after the last step up: frames
+older than the hold must not let the rate climb on the calm of the rate before), the rate goes up by
+``step_up`` (a tenth of the configured rate), one step at a time; the batch wait comes back last, after twice
+that calm, with a ``budget_recovered`` event. Between the two thresholds nothing changes (hysteresis).
 
 The ``ceiling`` is the lowest rate known to be too much: the rate each cut was made from. Steps up are whole
 steps well below it; near it, half steps that never pass it; a step that reaches it is a probe. Each probe that
 ends in a new excess doubles ``recover_hold_s`` (up to ``max_recover_hold_s``), so a rate the machine cannot
 sustain is retried less and less often. A probe that holds means the load fell: the hold is forgotten and the
 ceiling moves up half a step, so the climb above a rate that was once too much goes on in half-step probes.
+Restoring the batch wait is a probe too (the configuration was too much): one that ends in a new excess doubles
+the hold before the next restore; the hold is forgotten once it has held for as long as a restore waits.
 
 Fairness. A camera changes only its own rate and wait, never another camera's, and a camera without a
 budget never changes. Cameras over budget on a shared machine must also give up alike, and independent
@@ -67,15 +70,16 @@ class FrameAgeBudget:
     def __init__(self, budget_s: float, base_fps: float, *, min_fps: float | None = None, window_s: float = 2.0,
                  min_samples: int = 8, hold_s: float = 2.0, target_ratio: float = 0.9, recover_ratio: float = 0.7,
                  recover_hold_s: float = 4.0, max_recover_hold_s: float = 60.0, decide_every: float = 0.5):
-        if budget_s <= 0 or base_fps <= 0:
-            raise ValueError(f"budget and fps must be > 0, got {budget_s} s and {base_fps} fps")
+        if budget_s <= 0 or base_fps <= 0 or (min_fps is not None and min_fps <= 0):
+            raise ValueError(f"budget and fps must be > 0, got {budget_s} s, {base_fps} fps and min_fps {min_fps}")
         if not 0 < recover_ratio < target_ratio <= 1:
             raise ValueError(f"need 0 < recover_ratio < target_ratio <= 1, got recover_ratio {recover_ratio} and "
                              f"target_ratio {target_ratio}")
         self.budget_s, self.base_fps = budget_s, base_fps
         self.min_fps = min(base_fps, max(1.0, 0.1 * base_fps)) if min_fps is None else min(min_fps, base_fps)
         self.window_s, self.min_samples, self.hold_s, self.decide_every = window_s, min_samples, hold_s, decide_every
-        self.max_window_s = 10 * window_s
+        # at a few frames per second the evidence reaches further back: far enough to hold min_samples frames
+        self.max_window_s = max(10 * window_s, 2 * min_samples / self.min_fps)
         self.target_ratio, self.recover_ratio, self.max_recover_hold_s = target_ratio, recover_ratio, max_recover_hold_s
         self.initial_recover_hold_s = self.recover_hold_s = recover_hold_s
         self.step_up = max(0.5, 0.1 * base_fps)
@@ -84,6 +88,7 @@ class FrameAgeBudget:
         self.actions: collections.Counter[str] = collections.Counter()  # action -> times taken, for metrics
         self._ages: collections.deque[tuple[float, float]] = collections.deque()  # (published at, age)
         self._last_cut_at = -math.inf
+        self._last_step_at = -math.inf  # the last step up (or restore)
         self._slot: int | None = None
         self._over = False  # inside an episode of excess
         self._under_since: float | None = None
@@ -133,17 +138,27 @@ class FrameAgeBudget:
                 if self._probing:  # the probe went too far: wait longer before the next one
                     self.recover_hold_s = min(self.max_recover_hold_s, 2 * self.recover_hold_s)
                 self._probing = False
-            self._ceiling = self.fps if self._ceiling is None else min(self._ceiling, self.fps)
+            if self.batch_wait_s is None or self.fps > self.min_fps:  # a cut (not the floor): from a rate too much
+                self._ceiling = self.fps if self._ceiling is None else min(self._ceiling, self.fps)
             return self._cut(p95, now)
         self._over = False
-        if p95 > self.recover_ratio * self.budget_s or not self.adapted:
-            self._under_since = None  # inside the hysteresis band, or nothing to give back
+        if p95 > self.recover_ratio * self.budget_s:
+            self._under_since = None  # inside the hysteresis band
             return None
         if self._under_since is None:
+            if not self._seen_since(self._last_step_at, now):
+                return None  # the calm must be that of the rate set last: none of its frames is published yet
             self._under_since = now
         if now - self._under_since < self._relax_hold():
             return None
+        if not self.adapted:  # nothing to give back; the configuration restored last held: the load has fallen
+            self._probing, self.recover_hold_s = False, self.initial_recover_hold_s
+            return None
         return self._relax(p95, now)
+
+    def _seen_since(self, when: float, now: float) -> bool:
+        """Whether a frame captured at or after ``when`` was published by ``now``."""
+        return any(t <= now and t - age >= when for t, age in reversed(self._ages))
 
     def _relax_hold(self) -> float:
         if self.fps >= self.base_fps:  # the batch wait comes back last, after a longer calm
@@ -188,12 +203,16 @@ class FrameAgeBudget:
             return self._acted("fps_up", None, p95, now)
         self.batch_wait_s = None
         self._ceiling = None
-        self.recover_hold_s = self.initial_recover_hold_s
+        # The configuration was too much when this began: restoring it is a probe too, and one that ends in a
+        # new excess doubles the hold (else the batch wait alone flaps back and forth at a fixed period).
+        self._probing = True
         return self._acted("restored", "budget_recovered", p95, now)
 
     def _acted(self, action: str, event: BudgetEvent | None, p95: float, now: float) -> BudgetAction:
         if event == "budget_exceeded":
             self._last_cut_at = now
+        else:
+            self._last_step_at = now
         self.actions[action] += 1
         return BudgetAction(action, event, self.fps, self.batch_wait_s, p95)  # type: ignore[arg-type]
 
