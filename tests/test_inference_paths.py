@@ -67,6 +67,9 @@ def test_device_choice_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert pick_device("auto").type == "cpu"
+    # a device asked for that is not there is named (torch failed deep inside the model's load)
+    with pytest.raises(ValueError, match=r"model.device cuda:1: no such device on this node \(.*\); set model.device"):
+        pick_device("cuda:1")
 
 
 @pytest.fixture

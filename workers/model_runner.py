@@ -33,11 +33,21 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA where there is one, else the CPU. A device asked for that this process cannot use is an
+    error naming it (torch's own came from deep inside the model's load: "Torch not compiled with CUDA")."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(device)
+    d = torch.device(device)
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        seen = ("a CPU-only torch build" if torch.version.cuda is None else
+                f"{torch.cuda.device_count()} CUDA device(s) visible (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        raise ValueError(f"model.device {device}: no such device on this node ({seen}); set model.device auto or cpu")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"model.device {device}: no Apple GPU (MPS) on this node; set model.device auto or cpu")
+    return d
 
 
 def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
