@@ -241,6 +241,10 @@ class Placement:
         timeout = self.config.ray.placement_timeout_s
         try:
             return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayActorError as e:
+            if reason := init_value_error(e):  # a setting this node cannot honour, e.g. model.device cuda
+                raise UserError(f"{what} could not start: {reason}") from None
+            raise
         except ray.exceptions.GetTimeoutError:
             nodes = "\n  ".join(n.describe() for n in alive_nodes(ray.nodes())) or "(no alive node)"
             raise UserError(f"{what} did not start within {timeout:g} s (ray.placement_timeout_s): the nodes "
@@ -251,6 +255,17 @@ class Placement:
         if len(self.nodes) > 1 or self.config.ray.cluster:
             return NodeWatch(app, self.nodes)
         return None
+
+
+def init_value_error(e: Exception) -> str | None:
+    """The ValueError an actor's constructor raised, from Ray's error for it (Ray keeps only its text): what
+    workers/ raise for a setting they cannot run with (they cannot import pipeline's UserError). None for
+    anything else, which stays a bug with its traceback."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
+                None)
 
 
 def _free() -> str:

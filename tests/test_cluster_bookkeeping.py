@@ -191,3 +191,30 @@ def test_cameras_added_at_the_same_time_keep_each_others_replica():
     app.cameras["z"] = create("z")
     replicas = [h.inference[0][1] for h in app.cameras.values()]
     assert sorted(replicas.count(r) for r in set(replicas)) == [2, 3] and assigner.of.keys() == set("abxyz")
+
+
+def test_a_replica_refusing_a_setting_is_a_user_error_not_a_bug(monkeypatch):
+    """model.device cuda on a node without one: the replica's constructor raises a ValueError naming the
+    setting; Ray hands only its text back, and the CLI printed a traceback and "This is a bug in hydravision"."""
+    import ray
+
+    text = ("The actor died because of an error raised in its creation task, ray::hv-inference-0:InferenceActor."
+            "__init__() (pid=1, ip=10.0.0.1)\n  File \"workers/model_runner.py\", line 47, in pick_device\n    raise "
+            "ValueError(...)\nValueError: model.device cuda: no such device on this node (a CPU-only torch build); "
+            "set model.device auto or cpu")
+
+    def died(ref, timeout=None):
+        raise ray.exceptions.RayActorError(error_msg=text, actor_init_failed=True)
+
+    monkeypatch.setattr(cluster.ray, "get", died)
+    placement = Placement.__new__(Placement)
+    placement.config = parse_config({"cameras": []})
+    with pytest.raises(UserError, match=r"^inference replica 0 could not start: model.device cuda: no such device"):
+        placement.ready(None, "inference replica 0")
+
+    def crashed(ref, timeout=None):  # anything else stays what it is: a bug, with its traceback
+        raise ray.exceptions.RayActorError(error_msg=text.replace("ValueError", "KeyError"), actor_init_failed=True)
+
+    monkeypatch.setattr(cluster.ray, "get", crashed)
+    with pytest.raises(ray.exceptions.RayActorError):
+        placement.ready(None, "inference replica 0")
