@@ -160,10 +160,12 @@ def _camera_fields(args: argparse.Namespace) -> dict:
     elif args.yaml:
         import yaml
 
+        from pipeline.config import load_yaml
+
         stdin = str(args.yaml) == "-"
         name = "stdin" if stdin else str(args.yaml)
         try:
-            body = yaml.safe_load(sys.stdin.read() if stdin else args.yaml.read_text()) or {}
+            body = load_yaml(sys.stdin.read() if stdin else args.yaml.read_text()) or {}
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--yaml: cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
         except yaml.YAMLError as e:

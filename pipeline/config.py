@@ -272,6 +272,32 @@ def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str
     return redact_text("\n".join(lines), urls)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML keeps the last one silently, so a second
+    `cameras:` block dropped the first one's cameras without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: construct_mapping says so itself
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (first on line {first + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (_UniqueKeys)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """The parser's message with line and column but without its snippet of the file, which can show a
     password written there (a snippet cut short can even end inside it, past any redaction rule)."""
@@ -329,7 +355,7 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     return parse_config(data, str(path))

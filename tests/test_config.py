@@ -135,6 +135,17 @@ def test_bad_files(tmp_path, text, expected):
             load_config(p)
 
 
+def test_a_key_given_twice_is_refused_and_merge_keys_still_work(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a second `cameras:` block dropped the first's."""
+    p = tmp_path / "c.yaml"
+    p.write_text("cameras:\n  - {id: a, url: 'synthetic://street'}\nredis: {prefix: x}\n"
+                 "cameras:\n  - {id: b, url: 'synthetic://street'}\n")
+    with pytest.raises(ConfigError, match=r"key 'cameras' given twice in one mapping \(first on line 1\)"):
+        load_config(p)
+    p.write_text("cameras:\n  - &cam {id: a, url: 'synthetic://street', fps: 5}\n  - <<: *cam\n    id: b\n")
+    assert [(c.id, c.fps) for c in load_config(p).cameras] == [("a", 5), ("b", 5)]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
