@@ -366,3 +366,28 @@ def test_a_camera_cut_to_a_few_frames_per_second_still_decides_and_recovers():
     assert policy.fps == policy.min_fps == 2.5
     simulate([policy], Machine(capacity=100), 180, start=60)
     assert not policy.adapted
+
+
+@pytest.mark.timeout(60)
+def test_the_budgets_rate_is_the_rate_analysed_below_a_configured_one():
+    """A camera at 20 of its source's 25 frames/s that the budget lowered to 16: the budget's gate sat behind the
+    configured one and saw its unevenly spaced output (gaps of 40 and 80 ms): a due time missed by 5 ms waited
+    a whole gap, so it let 10 frames/s through, not 16. The skips: 50 of the configured rate's, 40 of the
+    budget's."""
+    from test_capture_recovery import RecordingPublisher, no_detections
+    from workers.stream import CameraPipeline
+
+    camera = {"id": "cam", "url": "synthetic://street?seed=3&fps=25&frames=250&size=160x96", "fps": 20,
+              "realtime": False}
+    model_info = {"input_size": [96, 160], "heads": {"people": ["person"]}}
+
+    async def main() -> dict:
+        pipe = CameraPipeline(camera, no_detections(), model_info, RecordingPublisher())
+        pipe._budget_fps = 16.0  # what the budget's decision sets (CameraPipeline._apply_budget)
+        return await pipe.run()
+
+    final = asyncio.run(main())
+    assert final["decoded"] == 250 and final["state"] == "ended"
+    assert 158 <= final["published"] <= 162, final  # 16 of every 25 frames (100 before)
+    assert 48 <= final["dropped"]["rate"] <= 52 and 38 <= final["dropped"]["budget"] <= 42, final["dropped"]
+    assert final["published"] + sum(final["dropped"].values()) == 250

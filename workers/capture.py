@@ -168,18 +168,28 @@ class FrameSlot:
 
 class RateGate:
     """Lets frames through at ``fps`` of stream time (pts), evenly: at 10 fps from a 25 fps source it keeps
-    frames 0, 3, 5, 8, 10, ... A gap in the stream (reconnect, pause) restarts the phase instead of bursting."""
+    frames 0, 3, 5, 8, 10, ... A gap in the stream (reconnect, pause) restarts the phase instead of bursting.
+
+    Counted in credit (frames' worth of stream time since the last frame let through), not by a due time: the
+    budget's gate runs behind the configured one, whose output is unevenly spaced (20 of 25 fps: gaps of 40
+    and 80 ms), and a due time missed by 5 ms waited a whole gap for the next frame (16 fps let 10 through)."""
 
     def __init__(self) -> None:
-        self.next_due: float | None = None  # stream time of the next frame to let through
+        self.credit = 0.0
+        self.last_pts: float | None = None
 
     def admit(self, pts: float, fps: float | None) -> bool:
         if not fps:
+            self.last_pts = None  # a rate set later starts afresh
             return True
-        if self.next_due is not None and pts + 1e-6 < self.next_due:
+        if self.last_pts is None or pts - self.last_pts > 2.0 / fps or pts < self.last_pts:
+            self.credit = 1.0  # the first frame, or after a gap: let it through, no burst of what was missed
+        else:
+            self.credit = min(3.0, self.credit + (pts - self.last_pts) * fps)  # gaps up to 2 frames add <= 2
+        self.last_pts = pts
+        if self.credit < 1.0 - 1e-6:
             return False
-        period = 1.0 / fps
-        self.next_due = pts + period if self.next_due is None or pts - self.next_due > period else self.next_due + period
+        self.credit -= 1.0
         return True
 
 
