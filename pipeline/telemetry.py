@@ -73,14 +73,20 @@ class Accumulated:
     last: dict[str, float] = field(default_factory=dict)
     incarnation: Any = None
 
+    # Counters of a part a live update replaces while the camera runs on (the frame-age budget): one that goes
+    # backwards started again from 0, which is no restart of the process (that doubled all the camera's totals).
+    REPLACEABLE = ("budget.",)
+
     def update(self, incarnation: Any, values: dict[str, float]) -> bool:
         """True when this is a new process (another pid, or a counter it reports went backwards): its
         predecessor's last values are folded into the base first. A counter missing from the same process's
         values went away with what counted it (the frame-age budget a live update drops): its last value is
-        folded into the base, so it keeps its total and counts on from there if it comes back."""
+        folded into the base, so it keeps its total and counts on from there if it comes back; so is one of
+        REPLACEABLE that went backwards (replaced between two reads)."""
+        backwards = {k for k, v in self.last.items() if k in values and values[k] < v}
         restarted = self.incarnation is not None and (
-            incarnation != self.incarnation or any(k in values and values[k] < v for k, v in self.last.items()))
-        gone = self.last if restarted else {k: v for k, v in self.last.items() if k not in values}
+            incarnation != self.incarnation or any(not k.startswith(self.REPLACEABLE) for k in backwards))
+        gone = self.last if restarted else {k: v for k, v in self.last.items() if k not in values or k in backwards}
         self.add(gone)
         self.incarnation, self.last = incarnation, dict(values)
         return restarted

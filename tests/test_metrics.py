@@ -157,6 +157,24 @@ def test_a_budget_dropped_by_a_live_update_is_no_restart_and_its_actions_count_o
     assert value(m, "hydravision_budget_actions_total", camera="lobby", action="batch_wait") == 1
 
 
+def test_a_budget_replaced_between_two_reads_is_no_restart_either():
+    """The new budget acted before the next status tick saw the old one gone: its count of an action, lower
+    than the old one's, read as a counter going backwards, i.e. a restarted process, and every counter of the
+    camera was added a second time (decoded 215 for 115)."""
+    t = Telemetry()
+    t.record_cameras([camera_stats(pid=100)])  # its budget took actions batch_wait 1, fps 1
+    renewed = camera_stats(pid=100, decoded=115, published=90)
+    renewed["budget"] = {"max_frame_age_ms": 300.0, "fps": 10.0, "actions": {"batch_wait": 0, "fps": 1}}
+    t.record_cameras([renewed])
+    m = scrape(t)
+    assert value(m, "hydravision_frames_decoded_total", camera="lobby") == 115
+    assert value(m, "hydravision_frames_total", camera="lobby", outcome="published") == 90
+    assert value(m, "hydravision_budget_actions_total", camera="lobby", action="batch_wait") == 1
+    # fps 1 -> 1 cannot be told from a counter that stood still: 1, where the two budgets took 2 (a new budget
+    # takes as many actions as the old one within one tick: rare, and the count is low, never doubled)
+    assert value(m, "hydravision_budget_actions_total", camera="lobby", action="fps") == 1
+
+
 def test_a_model_that_goes_away_keeps_its_counts_in_the_sums():
     t = Telemetry()
     t.record_inference("hv-stream-0", inference_stats(pid=1))
