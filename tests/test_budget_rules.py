@@ -86,3 +86,21 @@ def test_a_step_up_waits_for_frames_captured_at_its_rate():
 def test_a_floor_of_zero_fps_is_refused():
     with pytest.raises(ValueError, match="must be > 0"):
         FrameAgeBudget(BUDGET_S, base_fps=25, min_fps=0)
+
+
+def test_frames_sent_before_a_live_update_do_not_feed_the_new_budget():
+    """A live update of fps (or url, max_frame_age_ms) starts the budget afresh; the frames still in flight,
+    captured under the old settings and old, made the new one cut half a second after the update."""
+    from test_capture_recovery import RecordingPublisher
+    from workers.stream import CameraPipeline
+
+    camera = {"id": "cam", "url": "synthetic://street?fps=25", "fps": 25, "max_frame_age_ms": 300}
+    publisher = RecordingPublisher()
+    pipe = CameraPipeline(camera, None, {"input_size": [96, 160], "heads": {"people": ["person"]}}, publisher)
+    pipe._reset_budget()  # what update() does
+    t = pipe._budget_since
+    for i in range(6):  # in flight at the update: 0.4 s old
+        pipe._keep_budget(0.4, t + 0.04 * i, captured=t - 0.4 + 0.04 * i)
+    for i in range(6, 40):  # the new settings' frames: 0.1 s old
+        pipe._keep_budget(0.1, t + 0.04 * i, captured=t - 0.1 + 0.04 * i)
+    assert pipe.budget is not None and pipe.budget.actions == {} and publisher.events == [], publisher.events
