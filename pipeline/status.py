@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.markup import escape
 from rich.table import Table
 
 
+def _number(v) -> bool:
+    """Whether a status value is a number: an entry written by hand or by another program may hold anything."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _drops(d: dict | None) -> str:
-    if not d:
+    if not isinstance(d, dict) or not d:
         return "-"
+    d = {k: v for k, v in d.items() if _number(v)}
     total = sum(d.values())
     parts = [f"{k} {v}" for k, v in d.items() if v]
     return f"{total}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}"
+    return f"{v:.0f}" if _number(v) else "-"
+
+
+def _fps(v: float | None) -> str:
+    return f"{v:.1f}" if _number(v) else "-"
+
+
+def _heads(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v or "")
 
 
 def _error(s: dict) -> str:
     """The camera's last error; first, why its messages are not reaching Redis now (published counts frames
     handed to the publisher, which keeps them while Redis refuses)."""
     redis_error = f"Redis: {s['redis_error']}" if s.get("redis_error") else ""
-    return "; ".join(e for e in (redis_error, s.get("last_error")) if e)
+    return "; ".join(str(e) for e in (redis_error, s.get("last_error")) if e)
 
 
 def status_table(stats: list[dict], title: str = "hydravision") -> Table:
@@ -30,18 +46,18 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
     for col, just in [("camera", "left"), ("state", "left"), ("fps", "right"), ("decode fps", "right"),
                       ("latency p50/p95 ms", "right"), ("published", "right"), ("dropped", "right"),
                       ("reconnects", "right"), ("heads", "left"), ("last error", "left")]:
-        table.add_column(col, justify=just, no_wrap=col != "last error", overflow="fold")
+        table.add_column(col, justify=just, overflow="fold")
     for s in stats:
         # Values are text, not markup: '[rtsp @ 0x55]' in an FFmpeg error is no tag, '[/x]' no closing one.
         state = escape(str(s.get("state", "?")))
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         table.add_row(
-            escape(str(s.get("camera", "?"))), f"[{style}]{state}[/]" if style else state, f"{s.get('fps', 0):.1f}",
-            f"{s.get('decode_fps', 0):.1f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
+            escape(str(s.get("camera", "?"))), f"[{style}]{state}[/]" if style else state, _fps(s.get("fps", 0)),
+            _fps(s.get("decode_fps", 0)), f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
             str(s.get("published", 0)) + (f" +{s['skipped']} skipped" if s.get("skipped") else ""),  # motion gate
             _drops(s.get("dropped")), str(s.get("reconnects", 0)),
-            escape(",".join(s.get("heads", []) or [])), escape(_error(s)[:120]),
+            escape(_heads(s.get("heads"))), escape(_error(s)[:120]),
         )
     return table
 
@@ -49,9 +65,9 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
 def status_line(stats: list[dict]) -> str:
     parts = []
     for s in stats:
-        parts.append(f"{s.get('camera')}: {s.get('state')} {s.get('fps', 0):.1f} fps "
+        parts.append(f"{s.get('camera')}: {s.get('state')} {_fps(s.get('fps', 0))} fps "
                      f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}"
-                     + (f" NOT IN REDIS: {s['redis_error'][:80]}" if s.get("redis_error") else ""))
+                     + (f" NOT IN REDIS: {str(s['redis_error'])[:80]}" if s.get("redis_error") else ""))
     return " | ".join(parts)
 
 
@@ -66,29 +82,57 @@ def mark_stale(status: dict, now: float, stale_after_s: float = STALE_AFTER_S) -
     without a final word (the driver was killed, the machine died). Statuses without a heartbeat come from
     a version that wrote none: stale too, as nothing refreshes them."""
     out = dict(status)
-    beat = status.get("heartbeat_ts")
+    beat = _seconds(status.get("heartbeat_ts"))
     final = status.get("state") in FINAL_STATES
-    out["heartbeat_age_s"] = None if beat is None else round(max(0.0, now - float(beat)), 1)
-    out["stale"] = not final and (beat is None or now - float(beat) > stale_after_s)
+    out["heartbeat_age_s"] = None if beat is None else round(max(0.0, now - beat), 1)
+    out["stale"] = not final and (beat is None or now - beat > stale_after_s)
     if out["stale"]:
         out["reported_state"], out["state"] = status.get("state"), "stale"
     return out
 
 
-def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[dict]:
-    """Every camera entry of {prefix}:cameras, sorted by camera id, each passed through ``mark_stale``.
-    Entries that are not JSON objects are reported as such instead of failing the whole read."""
-    import json
+def _seconds(value) -> float | None:
+    """A heartbeat as unix seconds; None where it is not a finite number (such an entry is never refreshed)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")  # Python's json reads NaN and Infinity, other parsers do not
+
+
+def redis_now(client) -> float:
+    """The Redis server's clock, which heartbeats are compared with: this machine's may be off by more than
+    STALE_AFTER_S (a laptop reading a server's Redis), which showed every live camera stale or a dead one
+    running. This machine's clock where TIME is refused (an ACL that allows reads only)."""
     import time
+
+    import redis
+
+    try:
+        seconds, micros = client.time()
+    except redis.ResponseError:
+        return time.time()
+    return seconds + micros / 1e6
+
+
+def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[dict]:
+    """Every camera entry of {prefix}:cameras, sorted by camera id, each passed through ``mark_stale`` (at
+    ``now``, default the Redis server's time). Entries that are not JSON objects are reported as such instead
+    of failing the whole read."""
+    import json
 
     from workers.publish import keys
 
-    now = time.time() if now is None else now
+    now = redis_now(client) if now is None else now
     out = []
     for cam, raw in sorted(client.hgetall(keys(prefix).cameras).items()):
-        cam = cam.decode() if isinstance(cam, bytes) else cam
+        cam = cam.decode(errors="replace") if isinstance(cam, bytes) else cam
         try:
-            status = json.loads(raw)
+            status = json.loads(raw.decode() if isinstance(raw, bytes) else raw, parse_constant=_not_json)
             if not isinstance(status, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:

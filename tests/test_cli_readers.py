@@ -1,0 +1,73 @@
+"""`hydravision status` beside a service: what it shows for entries it did not expect, other clocks, narrow terminals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.cli import main
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_status_shows_every_camera_when_some_entries_hold_what_no_current_version_writes(
+        redis_server, capsys: pytest.CaptureFixture) -> None:
+    """One odd entry (another program's, a hand edit, an older version's nulls) used to end the whole command
+    with a traceback ("This is a bug"), hiding the cameras that were fine."""
+    now = time.time()
+    good = {"state": "running", "heartbeat_ts": now, "fps": 9.5, "published": 7, "dropped": {"rate": 1},
+            "heads": ["people"]}
+    redis_server.client().hset("hv:cameras", mapping={
+        "good": json.dumps(good),
+        "nulls": json.dumps({**good, "fps": None, "decode_fps": None, "dropped": None, "heads": None}),
+        "wrong-types": json.dumps({**good, "fps": "9", "dropped": {"rate": "x"}, "last_error": 42, "heads": "people"}),
+        "bad-heartbeat": json.dumps({**good, "heartbeat_ts": "soon"}),
+        "nan": '{"state": "running", "heartbeat_ts": NaN, "fps": NaN}',
+        b"\xff\xfe": json.dumps(good),
+    })
+    assert main(["status", "--redis-url", redis_server.url, "--json"]) == 0
+    statuses = {s["camera"]: s for s in _strict_json(capsys.readouterr().out)}  # no NaN in what it prints
+    assert set(statuses) == {"good", "nulls", "wrong-types", "bad-heartbeat", "nan", "\ufffd\ufffd"}
+    assert statuses["bad-heartbeat"]["stale"] and statuses["good"]["state"] == "running"
+    assert statuses["nan"]["state"] == "stale" and "NaN is not JSON" in statuses["nan"]["last_error"]
+    assert main(["status", "--redis-url", redis_server.url]) == 0
+    table = capsys.readouterr().out
+    assert all(cam in table for cam in ("good", "nulls", "wrong-types", "bad-heartbeat")), table
+
+
+def test_status_compares_heartbeats_with_the_clock_of_redis_not_of_the_machine_it_runs_on(
+        redis_server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A reader whose clock is a minute ahead of the service's (and Redis's) saw every live camera stale."""
+    redis_server.client().hset("hv:cameras", "live", json.dumps({"state": "running", "heartbeat_ts": time.time()}))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 60)
+    assert main(["status", "--redis-url", redis_server.url, "--json"]) == 0
+    [live] = json.loads(capsys.readouterr().out)
+    assert (live["state"], live["stale"]) == ("running", False), live
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_status_table_in_a_narrow_terminal_folds_values_instead_of_cutting_them(width: int) -> None:
+    """At 80 columns the table cut `published 123456789` to "12345", `reconnecting` to "reco", and dropped
+    fps and the last error altogether: numbers shown that were not the camera's."""
+    from rich.console import Console
+
+    from pipeline.status import status_table
+
+    row = {"camera": "street-camera-1", "state": "reconnecting", "fps": 12.5, "decode_fps": 25.0,
+           "latency_ms_p50": 31, "latency_ms_p95": 87, "published": 123456789, "dropped": {"rate": 3},
+           "reconnects": 2, "heads": ["people", "vehicles"], "last_error": "timeout"}
+    console = Console(record=True, width=width)
+    console.print(status_table([row]))
+    lines = console.export_text().splitlines()
+    body = lines[lines.index(next(line for line in lines if line.startswith("┡"))) + 1:-1]
+    columns = ["".join(cells) for cells in zip(*([c.strip() for c in line.split("│")[1:-1]] for line in body))]
+    assert columns[:6] == ["street-camera-1", "reconnecting", "12.5", "25.0", "31/87", "123456789"], columns
+    assert columns[-1] == "timeout", columns
