@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import traceback
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--redis-url", default=None)
     tl.add_argument("--prefix", default="hv")
     tl.add_argument("--from-start", action="store_true", help="start at the oldest message kept")
-    tl.add_argument("--count", type=int, default=None, help="stop after N messages")
+    tl.add_argument("--count", type=positive_int, default=None, help="stop after N messages")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
     tl.add_argument("--group", default=None, help="read as a member of this consumer group: each message goes to "
                     "one member, is acknowledged after it is printed, and one a killed member had not "
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hydravision tail cam | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except UserError as e:  # ConfigError and the model commands' translated errors among them
         log.debug("where the error was raised:\n%s", _traceback())
         print(f"error: {e}", file=sys.stderr)

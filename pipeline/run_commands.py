@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, quiet_ray
 from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
-from workers.redact import redact_url
+from workers.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +131,31 @@ def demo_config() -> Path:
 def _connect(args: argparse.Namespace) -> tuple[redis.Redis | None, str]:
     """A client for --redis-url / $HYDRAVISION_REDIS_URL (default: local Redis), or None after saying why."""
     url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
     try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         client.ping()
-    except (redis.RedisError, OSError) as e:
-        print(f"error: cannot reach Redis at {redact_url(url)}: {type(e).__name__}", file=sys.stderr)
+    except ValueError as e:  # not a Redis URL (http://..., a typo in the scheme)
+        raise UserError(f"--redis-url {redact_url(url)}: {redact_text(str(e), [url])}") from None
+    except (redis.RedisError, OSError) as e:  # the reason too: "DB index is out of range" is no network issue
+        print(f"error: cannot reach Redis at {redact_url(url)}: {type(e).__name__}: {redact_text(str(e), [url])}",
+              file=sys.stderr)
         return None, url
     return client, url
 
 
+def _redis_errors_are_user_errors(command):
+    """``status`` and ``tail`` read what others wrote: a key of another type (WRONGTYPE), an ACL that refuses a
+    read, Redis going away after the first ping is one line naming it, not a bug's traceback."""
+    @functools.wraps(command)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except redis.RedisError as e:
+            raise UserError(f"Redis: {type(e).__name__}: {redact_text(str(e), [args.redis_url or ''])}") from None
+    return wrapped
+
+
+@_redis_errors_are_user_errors
 def status(args: argparse.Namespace) -> int:
     """The cameras table from Redis, from any machine; entries no service refreshes any more show as stale."""
     client, _ = _connect(args)
@@ -153,6 +170,7 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_redis_errors_are_user_errors
 def tail(args: argparse.Namespace) -> int:
     """Prints messages of one camera (or the events stream) as they arrive in Redis."""
     client, url = _connect(args)
@@ -163,7 +181,10 @@ def tail(args: argparse.Namespace) -> int:
     last = "0-0" if args.from_start else _newest_id(client, stream)
     count = 0
     if args.camera:
-        known = {s["camera"]: s for s in read_camera_statuses(client, args.prefix)}
+        try:  # only a note: an ACL that allows this camera's keys alone may refuse the statuses
+            known = {s["camera"]: s for s in read_camera_statuses(client, args.prefix)}
+        except redis.RedisError:
+            known = {}
         s = known.get(args.camera)
         if s and s["stale"]:
             age = s["heartbeat_age_s"]
@@ -179,14 +200,23 @@ def tail(args: argparse.Namespace) -> int:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    msg = json.loads(fields[b"data"])
-                    print(json.dumps(msg) if args.json else _summarize(msg), flush=True)
+                    print(_shown(entry_id, fields, args.json), flush=True)
                     count += 1
                     if args.count is not None and count >= args.count:
                         break
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _shown(entry_id: bytes, fields: dict, as_json: bool) -> str:
+    """One stream entry as tail prints it; one not in our format (no data, not JSON, fields missing) says so
+    on its line instead of ending the tail with a traceback."""
+    try:
+        msg = json.loads(fields[b"data"])
+        return json.dumps(msg) if as_json else _summarize(msg)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        return f"entry {entry_id.decode(errors='replace')}: unreadable ({type(e).__name__}: {str(e)[:200]})"
 
 
 def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
@@ -206,7 +236,7 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
           "(Ctrl-C to stop)", file=sys.stderr)
 
     def show(m) -> None:
-        print(json.dumps(m.data) if args.json else _summarize(m.data), flush=True)
+        print(_shown(m.id.encode(), {b"data": json.dumps(m.data)}, args.json), flush=True)
 
     try:
         consumer.run(show, max_messages=args.count)

@@ -71,3 +71,42 @@ def test_status_table_in_a_narrow_terminal_folds_values_instead_of_cutting_them(
     columns = ["".join(cells) for cells in zip(*([c.strip() for c in line.split("│")[1:-1]] for line in body))]
     assert columns[:6] == ["street-camera-1", "reconnecting", "12.5", "25.0", "31/87", "123456789"], columns
     assert columns[-1] == "timeout", columns
+
+
+def test_tail_prints_every_entry_and_says_which_it_cannot_read(redis_server, capsys: pytest.CaptureFixture) -> None:
+    """An entry that is not one of ours (no data field, not JSON, an event without ts) ended the tail with a
+    traceback and "This is a bug"; the entries after it were never printed."""
+    client = redis_server.client()
+    event = {"v": 1, "type": "stream_up", "camera": "c1", "ts": 1.5}
+    for fields in ({"other": "x"}, {"data": "not json"}, {"data": json.dumps({"type": "stream_up", "camera": "c1"})},
+                   {"data": json.dumps(event)}):
+        client.xadd("hv:events", fields)
+    assert main(["tail", "--events", "--from-start", "--count", "4", "--redis-url", redis_server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all("unreadable" in line for line in lines[:3]), lines
+    assert lines[3].startswith("1.500 c1 stream_up")
+
+
+def test_status_and_tail_say_what_redis_refused_in_one_line(redis_server, capsys: pytest.CaptureFixture) -> None:
+    """A key of another type, or a URL that is no Redis URL: a traceback and "This is a bug" before."""
+    redis_server.client().set("hv:cameras", "not a hash")
+    assert main(["status", "--redis-url", redis_server.url]) == 2
+    assert capsys.readouterr().err.startswith("error: Redis: ResponseError: WRONGTYPE")
+    assert main(["status", "--redis-url", "http://127.0.0.1:1/"]) == 2
+    assert "error: --redis-url http://127.0.0.1:1/: Redis URL must specify one of" in capsys.readouterr().err
+
+
+def test_tail_into_a_pipe_that_closes_ends_quietly(redis_server) -> None:
+    """`hydravision tail CAM | head -1`: a BrokenPipeError traceback and exit 1 once head had its line."""
+    import subprocess
+    import sys
+
+    client = redis_server.client()
+    for i in range(300):
+        client.xadd("hv:events", {"data": json.dumps({"v": 1, "type": "stream_up", "camera": "c1", "ts": i})})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tail", "--events", "--from-start", "--count",
+                             "300", "--redis-url", redis_server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # what head does after its line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
