@@ -183,7 +183,7 @@ class Hub:
     def poll(self, client: redis.Redis) -> list[dict]:
         """One read of every camera; pushes the tiles (and returns them)."""
         now = time.time()
-        statuses = read_camera_statuses(client, self.prefix, now)
+        statuses = read_camera_statuses(client, self.prefix)  # heartbeats against Redis's clock, not this host's
         pipe = client.pipeline(transaction=False)
         for s in statuses:
             pipe.xrevrange(self.keys.detections(s["camera"]), count=1)
