@@ -22,7 +22,6 @@ is interrupted, as is the check on SIGTERM, and the JSON keeps what was measured
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import ctypes.util
 import gc
@@ -148,7 +147,9 @@ def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
     def watch() -> None:
         if done.wait(max(0.0, at - time.time())):
             return
-        _thread.interrupt_main()
+        # A real SIGINT to the main thread: it also wakes a sleep or a blocking read (_thread.interrupt_main
+        # only runs the handler at the next bytecode, after a time.sleep(60) has run out).
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         if done.wait(HARD_S):
             return
         on_hard_stop()
