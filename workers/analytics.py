@@ -437,11 +437,7 @@ class CameraAnalytics:
                               head_classes, self.size)
         new.errors = self.errors  # those zones and lines are off: not rebuilt, still reported
         for name, zone in self.zones.items():
-            zone.classes = new.zones[name].classes
-            zone.occupants = {k: o for k, o in zone.occupants.items() if o.head in zone.classes}
-            zone.candidates = {k: c for k, c in zone.candidates.items() if k[0] in zone.classes}
-            zone.tracks = {k: t for k, t in zone.tracks.items() if k[0] in zone.classes}
-            new.zones[name] = zone
+            new.zones[name].inherit(zone)  # the same zone with other heads: what a live change of a zone keeps
         for name, line in self.lines.items():
             kept = new.lines[name]
             kept.zones.update({h: z for h, z in line.zones.items() if h in kept.zones})  # their crossing counts
