@@ -209,14 +209,26 @@ def tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown(entry_id: bytes, fields: dict, as_json: bool) -> str:
+def _shown(entry_id: bytes | str, fields: dict, as_json: bool) -> str:
     """One stream entry as tail prints it; one not in our format (no data, not JSON, fields missing) says so
     on its line instead of ending the tail with a traceback."""
     try:
-        msg = json.loads(fields[b"data"])
+        return _message_line(entry_id, json.loads(fields[b"data"]), as_json)
+    except (KeyError, ValueError, TypeError) as e:
+        return _unreadable(entry_id, e)
+
+
+def _message_line(entry_id: bytes | str, msg, as_json: bool) -> str:
+    """A decoded message as tail prints it (tail --group gets them decoded)."""
+    try:
         return json.dumps(msg) if as_json else _summarize(msg)
     except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-        return f"entry {entry_id.decode(errors='replace')}: unreadable ({type(e).__name__}: {str(e)[:200]})"
+        return _unreadable(entry_id, e)
+
+
+def _unreadable(entry_id: bytes | str, e: Exception) -> str:
+    text = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
+    return f"entry {text}: unreadable ({type(e).__name__}: {str(e)[:200]})"
 
 
 def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
@@ -236,7 +248,7 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
           "(Ctrl-C to stop)", file=sys.stderr)
 
     def show(m) -> None:
-        print(_shown(m.id.encode(), {b"data": json.dumps(m.data)}, args.json), flush=True)
+        print(_message_line(m.id, m.data, args.json), flush=True)  # decoded by the consumer already
 
     try:
         consumer.run(show, max_messages=args.count)
