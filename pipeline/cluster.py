@@ -361,10 +361,11 @@ class NodeWatch:
         (it left a lost node), that node. Asks the (just restarted, so answering) actor where it is."""
         # Ray may restart a lost node's actors before this tick's node poll: the loss is reported first, while
         # the worker is still known on that node (else node_lost would leave it out).
-        self._poll(self._actors())
+        actors = self._actors()
+        self._poll(actors)
         lost = self.lost_from.pop(key, None)
         previous = lost or self.where.get(key)
-        actor = self._actors().get(key)
+        actor = actors.get(key)
         here = None
         try:
             here = ray.get(actor.where.remote(), timeout=10)["node"] if actor is not None else None

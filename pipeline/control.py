@@ -57,7 +57,6 @@ def unanswered(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
             "it expires unapplied)")
 
 
-
 def results_key(prefix: str) -> str:
     return f"{prefix}:control:results"
 
