@@ -283,13 +283,14 @@ class _UniqueKeys(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: construct_mapping says so itself
                 continue
-            if first != key_node.start_mark.line:
+            if first is not None:  # (compared by line, two on one line of a {flow: mapping} went through)
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice in one mapping (first on line {first + 1})",
                     key_node.start_mark)
+            seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 

@@ -142,6 +142,9 @@ def test_a_key_given_twice_is_refused_and_merge_keys_still_work(tmp_path):
                  "cameras:\n  - {id: b, url: 'synthetic://street'}\n")
     with pytest.raises(ConfigError, match=r"key 'cameras' given twice in one mapping \(first on line 1\)"):
         load_config(p)
+    p.write_text("cameras:\n  - {id: a, url: 'synthetic://street', fps: 5, fps: 10}\n")  # on one line
+    with pytest.raises(ConfigError, match=r"key 'fps' given twice in one mapping \(first on line 2\)"):
+        load_config(p)
     p.write_text("cameras:\n  - &cam {id: a, url: 'synthetic://street', fps: 5}\n  - <<: *cam\n    id: b\n")
     assert [(c.id, c.fps) for c in load_config(p).cameras] == [("a", 5), ("b", 5)]
 
