@@ -417,16 +417,26 @@ class App(LiveControl):
         """Per-camera stats; also restarts cameras whose actor Ray has restarted, and reports restarts."""
         with self._lock:
             handles = dict(self.cameras)
-        refs = {cid: h.process.stats.remote(cid) for cid, h in handles.items()}
+        processes: dict[int, tuple[Any, list[str]]] = {}  # one call per process, its cameras' handles share it
+        for cid, h in handles.items():
+            processes.setdefault(id(h.process), (h.process, []))[1].append(cid)
+        refs = {key: process.stats_many.remote(cids, self.in_camera_process)
+                for key, (process, cids) in processes.items()}
         _wait_all(refs.values(), timeout)  # one deadline: a hung process must not hold up watching the others
-        out = []
-        for cid, ref in refs.items():
+        answers: dict[int, dict | Exception] = {}
+        for key, ref in refs.items():
             try:
-                s = ray.get(ref, timeout=0)
-            except Exception as e:  # an actor being restarted, hung (or removed right now): show it, go on
-                out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)})
-                log.debug("camera %s: stats unavailable", cid, exc_info=True)
+                answers[key] = ray.get(ref, timeout=0)
+            except Exception as e:  # an actor being restarted, hung (or removed right now): its cameras show it
+                answers[key] = e
+        out = []
+        for cid, h in handles.items():
+            answer = answers[id(h.process)]
+            if isinstance(answer, Exception):
+                out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(answer, cid)})
+                log.debug("camera %s: stats unavailable", cid, exc_info=answer)
                 continue
+            s = answer["cameras"][cid]
             with self._lock:
                 # Removed meanwhile (its process, still hosting others, forgot it and answers "created"):
                 # not a camera to restart.
@@ -438,7 +448,9 @@ class App(LiveControl):
         self.telemetry.record_cameras(out, present=list(handles))
         if self.events:
             self.telemetry.record_publisher("controller", self.events.stats())
-        self._check_inference()
+        # a camera process's model numbers came with its cameras' stats
+        self._check_inference({h.name: a["model"] if isinstance(a := answers[id(h.process)], dict) else None
+                               for h in handles.values()} if self.in_camera_process else None)
         if self.node_watch:
             self.node_watch.tick()
         return out
@@ -465,12 +477,15 @@ class App(LiveControl):
                              count=not counted)
         return stats
 
-    def _check_inference(self) -> None:
+    def _check_inference(self, known: dict[str, dict | None] | None = None) -> None:
         """The models' numbers for /metrics, and a restart of a replica reported (a camera process's restart is
-        its cameras')."""
+        its cameras'). ``known``: the numbers of camera processes, by name, already asked for (None: no answer)."""
         holders = self.model_holders()
         self.telemetry.keep_inference(holders)  # a camera process gone with its last camera leaves /metrics
         for i, actor in holders.items():
+            if known is not None and i in known:
+                self.telemetry.record_inference(i, known[i])
+                continue
             try:
                 s = ray.get(actor.model_stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
             except Exception:  # restarting right now; the next tick will see the new process

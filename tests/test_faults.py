@@ -283,23 +283,33 @@ def test_a_crashed_camera_keeps_the_service_running_after_the_others_ended(ray_l
 
 @ray.remote(num_cpus=0)
 class _HungProcess:
-    """A camera process that answers for camera "ok" only (the others hang, as behind a stuck decoder)."""
+    """A camera process that answers, or (``hung``) never does, as behind an event loop that is stuck."""
+
+    def __init__(self, hung: bool):
+        self.hung = hung
 
     async def stats(self, camera_id: str) -> dict:
         import asyncio
 
-        if camera_id != "ok":
+        if self.hung:
             await asyncio.sleep(60)
         return {"camera": camera_id, "state": "running"}
 
+    async def stats_many(self, camera_ids: list[str], model: bool = False) -> dict:
+        return {"cameras": {cid: await self.stats(cid) for cid in camera_ids}, "model": None}
+
     async def stop(self, camera_id: str, drain: bool = True) -> dict:
         return await self.stats(camera_id)
+
+    async def started(self) -> bool:
+        return True
 
 
 def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_camera(ray_local):
     """The status loop and the shutdown read each camera's answer with its own timeout, one after the other: a
     hung process hosting N cameras cost N timeouts per tick (no other crash noticed meanwhile; /healthz fails
-    after 30 s) and N x 20 s at the stop."""
+    after 30 s) and N x 20 s at the stop. A process's cameras are asked in one call a tick: the healthy
+    process's camera answers, the hung one's cameras show as unavailable, all within one timeout."""
     from types import SimpleNamespace
 
     from pipeline.app import App
@@ -307,11 +317,12 @@ def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_ca
     from workers.settings import CameraConfig
 
     app = App(parse_config({"control": {"enabled": False}, "cameras": [{"id": "ok", "url": "synthetic://street"}]}))
-    process = _HungProcess.remote()
-    ray.get(process.stats.remote("ok"))  # started
-    app.cameras = {cid: SimpleNamespace(id=cid, process=process, config=CameraConfig(id=cid, url="synthetic://x"))
+    hung, healthy = _HungProcess.remote(True), _HungProcess.remote(False)
+    ray.get([hung.started.remote(), healthy.started.remote()])
+    app.cameras = {cid: SimpleNamespace(id=cid, process=hung if cid != "ok" else healthy,
+                                        config=CameraConfig(id=cid, url="synthetic://x"))
                    for cid in ("h1", "h2", "h3", "h4", "ok")}
-    app._check_inference = lambda: None
+    app._check_inference = lambda known=None: None
     started = time.monotonic()
     states = {s["camera"]: s["state"] for s in app.stats(timeout=1.0)}
     took = time.monotonic() - started
