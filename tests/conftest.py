@@ -139,17 +139,34 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         terminalreporter.write_line(f"machine (measured for sizing tests): {config.stash[_MACHINE]}")
 
 
+_local_ray_owed = False  # a ray_free test stopped the session's local Ray; the next test that is not one restarts it
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Restarts the local Ray that ray_free tests stopped, before the first test after them that is not one
+    (starting it takes seconds: consecutive ray_free tests share one restart instead of one each)."""
+    global _local_ray_owed
+    if _local_ray_owed and "ray_free" not in item.fixturenames:
+        _local_ray_owed = False
+        import ray
+
+        if not ray.is_initialized():
+            start_local_ray()
+
+
 @pytest.fixture
 def ray_free() -> Iterator[None]:
     """No Ray connection in this process during the test (it connects to a cluster of its own); the session's
-    local Ray, if there was one, is started again afterwards for the tests that follow."""
+    local Ray, if there was one, is started again before the next test that is not a ray_free one (see
+    pytest_runtest_setup above), so every other test finds it running, as if restarted right after this one."""
     import ray
 
     from pipeline.cluster import shutdown_ray
 
-    had_local = ray.is_initialized()
+    global _local_ray_owed
+    had_local = ray.is_initialized() or _local_ray_owed
     shutdown_ray()  # the session's local Ray, if any (the test's own cluster is its fixture's to stop)
     yield
     ray.shutdown()
-    if had_local:
-        start_local_ray()
+    _local_ray_owed = had_local

@@ -69,13 +69,26 @@ def test_openvino_finds_what_fp32_is_sure_of(cache, precision):
         assert within.mean() >= INT8_WITHIN and min(ious) >= INT8_IOU, (ious, score_diffs)
 
 
+EVAL_ARGS = ["eval", "--scenes", "2", "--frames", "12", "--json", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fp32_eval(cache) -> dict:
+    """`hydravision eval` with torch in fp32: the reference both precisions are scored against, run once."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(EVAL_ARGS) == 0
+    return json.loads(out.getvalue())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_openvino_scores_the_demo_model_as_fp32_does(cache, capsys, precision):
+def test_openvino_scores_the_demo_model_as_fp32_does(cache, capsys, fp32_eval, precision):
     """`hydravision eval --backend` scores through the serving path: the tolerance check a user can run."""
-    args = ["eval", "--scenes", "2", "--frames", "12", "--json", "--no-progress"]
-    assert cli_main(args) == 0
-    reference = json.loads(capsys.readouterr().out)
-    assert cli_main([*args, "--backend", "openvino", "--precision", precision]) == 0
+    reference = fp32_eval
+    assert cli_main([*EVAL_ARGS, "--backend", "openvino", "--precision", precision]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (reference["backend"], reference["precision"]) == ("torch", "fp32")
     assert (got["backend"], got["precision"]) == ("openvino", precision)

@@ -307,7 +307,8 @@ def http_server(clips: dict[str, Path]) -> Iterator[int]:
 
     root = clips["http/one_second.mp4"].parent
     server = ThreadingHTTPServer((HOST, 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # serve_forever looks for shutdown() every poll_interval: its default 0.5 s was each test's teardown time
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
