@@ -30,8 +30,8 @@ import ray
 import redis
 import torch
 
-from measure import (DEMO, busy_cores, machine_cpu, make_clips, pct, ray_processes, save_json, start_ray, thread_cpu,
-                     usage, with_ray)
+from measure import (DEMO, busy_cores, machine_cpu, make_clips, own_thread_cpu, pct, ray_processes, save_json,
+                     start_ray, thread_cpu, usage, with_ray)
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.embedded_redis import EmbeddedRedis
@@ -248,15 +248,17 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
                     counted["latencies"].append(msg["latency_ms"])
             pipe.execute()
 
-    threads = [threading.Thread(target=decode, args=(i,), daemon=True) for i in range(cameras)]
-    threads += [threading.Thread(target=model, daemon=True), threading.Thread(target=sink, daemon=True)]
+    threads = [threading.Thread(target=decode, args=(i,), name=f"decode-{i}", daemon=True) for i in range(cameras)]
+    threads += [threading.Thread(target=model, name="model", daemon=True),
+                threading.Thread(target=sink, name="sink", daemon=True)]
     for t in threads:
         t.start()
     time.sleep(warmup)
-    c0, t0, m0 = time.process_time(), time.perf_counter(), machine_cpu()
+    c0, t0, m0, th0 = time.process_time(), time.perf_counter(), machine_cpu(), own_thread_cpu()
     counted["since"] = t0
     time.sleep(seconds)
     frames, cpu, dt, m1 = counted["frames"], time.process_time() - c0, time.perf_counter() - t0, machine_cpu()
+    th1 = own_thread_cpu()
     busy = counted["model_busy"]
     latencies = list(counted["latencies"])
     stop.set()
@@ -266,7 +268,11 @@ def bench_threaded(checkpoint: Path, clips: list[Path], cameras: int, redis_url:
             "latency_ms_p95": pct(latencies, 95), "latency_ms_p99": pct(latencies, 99),
             "cpu_ms_per_frame_total": round(cpu / max(1, frames) * 1000, 2),
             "model_thread_busy": round(busy / dt, 3), "cores_used": round(cpu / dt, 2),
-            "machine_busy_cores": busy_cores(m0, m1)}
+            "machine_busy_cores": busy_cores(m0, m1),
+            # the model thread; the decoders (decode + letterbox); the sink (tracking, messages, Redis writes);
+            # the rest (the main thread, native pools): to set beside hydravision's threads, STAGE_PAIRS
+            "cpu_ms_per_frame_by_thread": {k: round((v - th0.get(k, 0.0)) / max(1, frames) * 1000, 3)
+                                           for k, v in sorted(th1.items()) if v > th0.get(k, 0.0)}}
 
 
 # -- 3. hydravision ---------------------------------------------------------------------------------
@@ -527,6 +533,25 @@ def compare_transport(label: str, a: dict, b: dict, stages: dict) -> str:
             f"({rest_b / b['cpu_ms_per_frame_total']:.0%})")
 
 
+# The same work in the two designs: (what, the threaded design's threads, hydravision's threads); "rest" is
+# everything else of each (hydravision's: Ray, the driver, Redis writes' thread is counted with the sink's work).
+STAGE_PAIRS = (("model", ("model",), ("hv-model",)), ("decode + letterbox", ("decode",), ("hv-cap",)),
+               ("tracking, messages, Redis writes", ("sink",), ("hv-loop", "hv-publisher")))
+
+
+def stage_split(t: dict, h: dict) -> str:
+    """One line: CPU ms per frame of each stage in the threaded design against hydravision, same pair."""
+    tt, ht = t.get("cpu_ms_per_frame_by_thread"), h.get("cpu_ms_per_frame_by_thread")
+    if not tt or not ht:
+        return ""
+    parts, t_left, h_left = [], t["cpu_ms_per_frame_total"], h["cpu_ms_per_frame_total"]
+    for what, of_t, of_h in STAGE_PAIRS:
+        a, b = sum(tt.get(k, 0.0) for k in of_t), sum(ht.get(k, 0.0) for k in of_h)
+        t_left, h_left = t_left - a, h_left - b
+        parts.append(f"{what} {a:.2f} vs {b:.2f}")
+    return "; ".join(parts + [f"the rest {t_left:.2f} vs {h_left:.2f}"])
+
+
 def print_pairs(pairs: list[dict]) -> None:
     for k, pair in enumerate(pairs):
         t, h = pair["threaded"], pair["hydravision"]
@@ -535,6 +560,8 @@ def print_pairs(pairs: list[dict]) -> None:
                    if "machine_busy_cores" in t and "machine_busy_cores" in h else "")
         print(f"  pair {k + 1}: threaded {t['fps']} frames/s at {t['cpu_ms_per_frame_total']} ms CPU per frame{busy}, "
               f"hydravision {h['fps']} at {h['cpu_ms_per_frame_total']}: {pair['ratio']:.2f}x{machine}")
+        if split := stage_split(t, h):
+            print(f"    CPU ms per frame, threaded vs hydravision: {split}")
 
 
 def summarize(r: dict) -> None:

@@ -165,6 +165,23 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[str, float]:
     return out
 
 
+def own_thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's Python threads, by the part of their name before the first '-'
+    (``decode-3`` counts as ``decode``); threads Python did not start (native pools) as 'other'."""
+    import threading
+    names = {t.native_id: t.name.split("-")[0] for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        key = names.get(int(tid), "other")
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return out
+
+
 def median_ms(fn, reps: int) -> float:
     """Median milliseconds of ``reps`` calls of ``fn`` after one untimed call (oneDNN picks its kernels then)."""
     fn()
