@@ -25,6 +25,8 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   delivery count, and acknowledged, so it stops blocking the group.
 - Entries trimmed away (MAXLEN) while still pending are acknowledged and counted in ``stats["trimmed"]``:
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
+- A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
+  creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
 
 Any Redis client in any language can do the same (examples/node-consumer/ does it in Node.js).
 """
@@ -99,20 +101,83 @@ class GroupConsumer:
     def read(self, limit: int | None = None) -> list[Message]:
         """The next batch: entries claimed from dead consumers when a claim is due, else own pending entries
         (after a restart), else new entries (blocking up to block_ms). Possibly empty. ``limit``: at most that
-        many entries per stream (a consumer that stops after N messages must not take more: what it took and
-        did not handle would wait claim_idle_ms for another consumer)."""
+        many entries in all, over all streams (a consumer that stops after N messages must not take more: what
+        it took and did not handle would wait claim_idle_ms for another consumer)."""
+        try:
+            out = self._read(limit)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._group_lost(e)
+            out = self._read(limit)
+        if limit is not None and len(out) > limit:
+            # XREADGROUP's and XAUTOCLAIM's COUNT is per stream: with several streams a batch can hold more
+            # than the caller will handle. Hand the rest back at once instead of leaving it to wait
+            # claim_idle_ms under this consumer's name.
+            self._release(out[limit:])
+            out = out[:limit]
+        return out
+
+    def _group_lost(self, error: redis.ResponseError) -> None:
+        """The group (or the stream) is gone: Redis restarted without persistence (redis-py reconnected on its
+        own), or someone deleted it. Everything the stream holds now arrived after that, so the group is
+        created again from its start (id 0), not from "$": what was published meanwhile is not lost."""
+        log.warning("consumer group %r is gone (%s): creating it again from the start of %s", self.group,
+                    error, ", ".join(self.streams))
+        for s in self.streams:
+            try:
+                self.client.xgroup_create(s, self.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._cursor = {s: "0" for s in self.streams}
+        self._claim_cursor = {s: "0-0" for s in self.streams}
+
+    def _release(self, messages: list[Message]) -> None:
+        """Makes taken but unhandled messages claimable by any consumer now (XCLAIM ... IDLE claim_idle_ms
+        JUSTID: their owner and delivery count stay, their idle time jumps)."""
+        by_stream: dict[str, list[str]] = {}
+        for m in messages:
+            by_stream.setdefault(m.stream, []).append(m.id)
+            self.stats["claimed" if m.claimed else "delivered"] -= 1
+        for s, ids in by_stream.items():
+            self.client.xclaim(s, self.group, self.consumer, 0, ids, idle=self.claim_idle_ms, justid=True)
+
+    def _read(self, limit: int | None) -> list[Message]:
         count = self.count if limit is None else max(1, min(self.count, limit))
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_every_s
-            claimed = self.claim(count)
+            claimed = self.claim(count, total=limit)
             if claimed:
                 return claimed
-        history = {s for s, c in self._cursor.items() if c != ">"}
-        reply = self.client.xreadgroup(self.group, self.consumer, dict(self._cursor), count=count,
-                                       block=None if history else self.block_ms)
+        if limit is None or len(self.streams) == 1:
+            out, history = self._xread(self.streams, count, blocking=True)
+            if history and not out and all(c == ">" for c in self._cursor.values()):
+                return self._read(limit)  # own history was empty: go straight on to new entries
+            return out
+        # A limit over several streams: COUNT is per stream, so one stream at a time, without blocking, each
+        # for what is still needed; block on all of them only when none had anything.
+        out = []
+        for s in self.streams:
+            while len(out) < limit:
+                was = self._cursor[s]
+                got = self._xread([s], max(1, min(self.count, limit - len(out))), blocking=False)[0]
+                out += got
+                if got or was == ">" or self._cursor[s] != ">":
+                    break  # else its own history just ended empty: go on to its new entries
+        if out or any(c != ">" for c in self._cursor.values()):
+            return out
+        return self._xread(self.streams, count, blocking=True)[0]  # read() hands back any excess
+
+    def _xread(self, streams: list[str], count: int, blocking: bool) -> tuple[list[Message], bool]:
+        """One XREADGROUP over ``streams``; (the messages, whether it read own pending entries)."""
+        cursors = {s: self._cursor[s] for s in streams}
+        history = {s for s, c in cursors.items() if c != ">"}
+        reply = self.client.xreadgroup(self.group, self.consumer, cursors, count=count,
+                                       block=self.block_ms if blocking and not history else None)
         got = {_text(stream): entries for stream, entries in reply or []}
         out: list[Message] = []
-        for stream in self.streams:
+        for stream in streams:
             entries = got.get(stream) or []
             if stream in history:
                 # Own pending entries, oldest first: go on after the last one seen (a message whose handler
@@ -120,9 +185,7 @@ class GroupConsumer:
                 self._cursor[stream] = _text(entries[-1][0]) if entries else ">"
             out += self._decode(stream, entries, history=stream in history)
         self.stats["delivered"] += len(out)
-        if history and not out and all(c == ">" for c in self._cursor.values()):
-            return self.read(limit)  # own history was empty: go straight on to new entries
-        return out
+        return out, bool(history)
 
     def _server_version(self) -> str:
         try:
@@ -130,22 +193,31 @@ class GroupConsumer:
         except redis.RedisError:  # INFO may be refused to an ACL user
             return "version unknown"
 
-    def claim(self, count: int | None = None) -> list[Message]:
-        """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream)."""
+    def claim(self, count: int | None = None, total: int | None = None) -> list[Message]:
+        """XAUTOCLAIM entries idle for claim_idle_ms from any consumer of the group (one page per stream);
+        ``total``: stop once that many were claimed over all streams."""
         out: list[Message] = []
         for s in self.streams:
+            page = count or self.count
+            if total is not None:
+                if len(out) >= total:
+                    break
+                page = max(1, min(page, total - len(out)))
             try:
                 reply = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                               start_id=self._claim_cursor[s], count=count or self.count)
+                                               start_id=self._claim_cursor[s], count=page)
             except redis.ResponseError as e:
                 if "unknown command" not in str(e).lower():
                     raise
                 raise UserError(f"{s}: the Redis server ({self._server_version()}) has no XAUTOCLAIM, which a "
                                 "consumer group reader needs to take over the messages of a consumer that died: "
                                 "use Redis 6.2 or newer") from None
-            # Redis 7 lists entries deleted while pending third; 6.2 among the entries, without fields (_decode)
-            next_id, entries, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-            self._claim_cursor[s] = _text(next_id)
+            # Redis 7 lists entries deleted while pending third; 6.2 gives nil among the entries, without an id
+            next_id, entries, deleted = reply[0], reply[1], list(reply[2]) if len(reply) > 2 else []
+            start, self._claim_cursor[s] = self._claim_cursor[s], _text(next_id)
+            if any(entry_id is None for entry_id, _ in entries):  # Redis 6.2: nil, without its id
+                entries = [e for e in entries if e[0] is not None]
+                deleted += self._claimed_deleted(s, start, _text(next_id), {_text(i) for i, _ in entries})
             if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
                 self.client.xack(s, self.group, *deleted)
                 self.stats["trimmed"] += len(deleted)
@@ -154,12 +226,26 @@ class GroupConsumer:
         self.stats["claimed"] += len(out)
         return out
 
+    def _claimed_deleted(self, stream: str, start: str, next_id: str, returned: set[str]) -> list[str]:
+        """The ids of entries that Redis 6.2's XAUTOCLAIM just gave this consumer as nil (deleted from the
+        stream while pending): this consumer's pending entries in the range it scanned, less those it
+        returned, that the stream no longer holds."""
+        rows = self.client.xpending_range(stream, self.group, min=start, max="+" if next_id == "0-0" else next_id,
+                                          count=10 * self.count + 100, consumername=self.consumer)
+        candidates = [_text(r["message_id"]) for r in rows if _text(r["message_id"]) not in returned]
+        if not candidates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in candidates:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        return [i for i, found in zip(candidates, pipe.execute()) if not found]
+
     def _decode(self, stream: str, entries: list, history: bool) -> list[Message]:
         out = []
         deliveries = self._deliveries(stream, [_text(i) for i, _ in entries]) if history and entries else {}
         for entry_id, fields in entries:
             entry_id = _text(entry_id)
-            if fields is None:  # pending but deleted from the stream (XDEL)
+            if not fields:  # pending but trimmed or deleted from the stream: redis-py gives {} (XADD needs a field)
                 self.client.xack(stream, self.group, entry_id)
                 self.stats["trimmed"] += 1
                 continue

@@ -65,12 +65,16 @@ async function main() {
   const stream = `${opts.prefix}:events`;
   const client = createClient({ url: opts.redisUrl });
   client.on("error", (err) => console.error(`redis: ${err.message}`));
+  clients.push(client);
   await client.connect();
-  try {
-    await client.xGroupCreate(stream, opts.group, opts.fromStart ? "0" : "$", { MKSTREAM: true });
-  } catch (err) {
-    if (!String(err.message).includes("BUSYGROUP")) throw err;
-  }
+  const ensureGroup = async (id) => {
+    try {
+      await client.xGroupCreate(stream, opts.group, id, { MKSTREAM: true });
+    } catch (err) {
+      if (!String(err.message).includes("BUSYGROUP")) throw err;
+    }
+  };
+  await ensureGroup(opts.fromStart ? "0" : "$");
 
   let crossings = 0, invalid = 0, handled = 0;
   const cameras = new Set();
@@ -104,21 +108,43 @@ async function main() {
   const done = () => (opts.count !== null && crossings >= opts.count)
     || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
   while (!done()) {
-    // Take over what dead members of the group left unacknowledged.
-    const claimed = await client.xAutoClaim(stream, opts.group, opts.consumer, opts.claimIdleMs, claimFrom,
-      { COUNT: 100 });
-    claimFrom = claimed.nextId;
-    for (const m of claimed.messages) {
-      if (m) { await handle(m.id, m.message); lastMessage = Date.now(); }
-    }
-    const reply = await client.xReadGroup(opts.group, opts.consumer, [{ key: stream, id: cursor }],
-      { COUNT: 100, BLOCK: cursor === ">" ? 500 : undefined });
-    const messages = reply && reply.length ? reply[0].messages : [];
-    if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
-    for (const m of messages) {
-      await handle(m.id, m.message);
-      lastMessage = Date.now();
-      if (done()) break;
+    try {
+      // Take over what dead members of the group left unacknowledged.
+      const claimed = await client.xAutoClaim(stream, opts.group, opts.consumer, opts.claimIdleMs, claimFrom,
+        { COUNT: 100 });
+      claimFrom = claimed.nextId;
+      for (const m of claimed.messages) {
+        if (m) { await handle(m.id, m.message); lastMessage = Date.now(); }
+      }
+      const reply = await client.xReadGroup(opts.group, opts.consumer, [{ key: stream, id: cursor }],
+        { COUNT: 100, BLOCK: cursor === ">" ? 500 : undefined });
+      const messages = reply && reply.length ? reply[0].messages : [];
+      if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
+      for (const m of messages) {
+        if (!m || !m.message) {  // pending, but trimmed from the stream (MAXLEN): nothing left to handle
+          if (m) await client.xAck(stream, opts.group, m.id);
+          continue;
+        }
+        await handle(m.id, m.message);
+        lastMessage = Date.now();
+        if (done()) break;
+      }
+    } catch (err) {
+      const text = String(err && err.message);
+      if (text.includes("NOGROUP")) {
+        // Redis restarted without persistence (the client reconnected on its own) or the stream was deleted:
+        // everything the stream holds now is new, so the group starts again from its beginning.
+        console.error(`redis: group ${opts.group} of ${stream} is gone; creating it again from the start`);
+        await ensureGroup("0");
+      } else if (client.isReady && !/socket closed|ECONN|EPIPE|connection|closed/i.test(text)) {
+        throw err;
+      } else {
+        console.error(`redis: ${text}; going on once reconnected`);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      // Own pending entries first again: a read whose reply was lost left them pending under this name.
+      cursor = "0";
+      claimFrom = "0-0";
     }
   }
 
@@ -138,7 +164,11 @@ async function main() {
   process.exitCode = invalid ? 1 : 0;
 }
 
+const clients = [];
+
 main().catch((err) => {
   console.error(`error: ${err.stack || err}`);
   process.exitCode = 2;
+  // A client left reconnecting would keep the process alive forever, consuming nothing.
+  for (const client of clients) client.destroy();
 });
