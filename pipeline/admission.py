@@ -174,14 +174,9 @@ class Admission:
                 head = f.read(512)
         except OSError as e:
             raise CommandRejected(f"camera.url: {shown!r} cannot be read ({e.strerror})") from None
-        if b"\0" not in head:
-            try:
-                head.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-            else:
-                raise CommandRejected(f"camera.url: {shown!r} is a text file, not a video (playlists and "
-                                      "scripts could make the decoder open other files and URLs)", 403)
+        if _is_text(head):
+            raise CommandRejected(f"camera.url: {shown!r} is a text file, not a video (playlists and "
+                                  "scripts could make the decoder open other files and URLs)", 403)
         return resolved
 
     def _check_device(self, path: str, shown: str) -> None:
@@ -213,6 +208,14 @@ class Admission:
                 named = f"{host}:{port}" if visible else repr(shown)
                 raise CommandRejected(f"camera.url: {named} is this service's own {what}; a camera "
                                       "may not point at it", 403)
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text rather than a video. Every video container has a NUL byte in its
+    first 512 (sizes, start codes, header fields) except raw YUV4MPEG2, whose header line is text; a text file
+    has none, whatever its encoding: an HLS playlist is still one to FFmpeg with a Latin-1 byte in a comment,
+    or with a UTF-8 character cut at byte 512, neither of which decodes as UTF-8."""
+    return b"\0" not in head and not head.startswith(b"YUV4MPEG2 ")
 
 
 def _host_port(url: str, scheme: str) -> tuple[str | None, int] | None:

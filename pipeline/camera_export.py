@@ -22,38 +22,56 @@ _VAR = r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-)?\}"
 _USER = r"(?:\$\{[^}]*\}|[^:$])*:"  # the user name before a password, ${VAR}s and all
 
 
-def _placeholders(url: str, camera_id: str) -> tuple[str, list[str]]:
+def _placeholders(url: str, camera_id: str, literal: bool = False,
+                  taken: set[str] | None = None) -> tuple[str, list[str]]:
     """``url`` with each secret span that is not already a ${VAR} replaced by one; the names it used. A span
     stays as written only when its secret (a userinfo's password, or the whole userinfo without ':', or a
-    query value) is exactly one ${VAR}."""
+    query value) is exactly one ${VAR}, and only in a URL as the config file wrote it: in a ``literal`` one (a
+    camera added or changed at run time, which got no interpolation) "${...}" is text, and loading the export
+    must not turn it into the controller's environment, so every secret span gets a placeholder and any other
+    "${" is written "%24{". ``taken``: variable names already in use (the ones chosen here are added), so two
+    cameras whose ids differ only in punctuation ("cam-1", "cam.1") never share one."""
+    taken = set() if taken is None else taken
     stem = "HV_" + re.sub(r"[^A-Za-z0-9]", "_", camera_id).upper() + "_SECRET"
     userinfo = _userinfo_span(url)
     out, pos, names = [], 0, []
+
+    def plain(text: str) -> str:
+        return text.replace("${", "%24{") if literal else text
+
     for start, end in _hidden_spans(url):
         kept = f"(?:{_USER})?{_VAR}" if (start, end) == userinfo else _VAR
-        if re.fullmatch(kept, url[start:end]):
+        if not literal and re.fullmatch(kept, url[start:end]):
             continue
-        name = stem if not names else f"{stem}_{len(names) + 1}"
+        n = 1
+        while (name := stem if n == 1 else f"{stem}_{n}") in taken:
+            n += 1
+        taken.add(name)
         names.append(name)
-        out += [url[pos:start], "${" + name + "}"]
+        out += [plain(url[pos:start]), "${" + name + "}"]
         pos = end
-    out.append(url[pos:])
+    out.append(plain(url[pos:]))
     return "".join(out), names
 
 
 def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) -> tuple[list[dict], list[str]]:
     """(camera mappings for the YAML's ``cameras:``, the environment variables they need)."""
-    out, needed = [], []
+    urls: list[tuple[str, bool]] = []  # (the URL to export, whether it is literal text)
     for cam in cameras:
-        url = cam.url
+        url, literal = cam.url, True
         written = written_urls.get(cam.id)
         if written is not None:
             try:
                 if interpolate_env(written) == cam.url:
-                    url = written
+                    url, literal = written, False
             except ConfigError:  # a variable no longer set: it cannot be the same URL
                 pass
-        url, names = _placeholders(url, cam.id)
+        urls.append((url, literal))
+    # the variables the file's own URLs use: a placeholder must not take one of their names
+    taken = {m for url, literal in urls if not literal for m in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", url)}
+    out, needed = [], []
+    for cam, (url, literal) in zip(cameras, urls):
+        url, names = _placeholders(url, cam.id, literal, taken)
         needed += names
         data = cam.model_dump(mode="json", exclude_defaults=True)
         data = {"id": cam.id, "url": url, **{k: v for k, v in data.items() if k not in ("id", "url")}}
