@@ -78,6 +78,11 @@ class GroupConsumer:
         self.start, self.block_ms, self.count = start, block_ms, count
         self.claim_idle_ms, self.max_deliveries = claim_idle_ms, max_deliveries
         self.claim_every_s = claim_every_s if claim_every_s is not None else max(0.05, claim_idle_ms / 2000)
+        for name, value in (("block_ms", block_ms), ("count", count), ("max_deliveries", max_deliveries)):
+            if value < 1:  # Redis reads BLOCK 0 as "forever": stop() would never be seen while idle
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if claim_idle_ms < 0:
+            raise ValueError(f"claim_idle_ms must be 0 or more, got {claim_idle_ms}")
         timeout = getattr(client.connection_pool, "connection_kwargs", {}).get("socket_timeout")
         if timeout is not None and block_ms / 1000 >= timeout:
             raise ValueError(f"block_ms {block_ms} must be shorter than the client's socket_timeout ({timeout} s)")

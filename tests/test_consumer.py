@@ -132,6 +132,14 @@ def test_block_must_be_shorter_than_the_socket_timeout(redis_server):
         GroupConsumer(client, STREAM, "g", block_ms=2000)
 
 
+@pytest.mark.parametrize("setting", [{"block_ms": 0}, {"count": 0}, {"max_deliveries": 0}, {"claim_idle_ms": -1}])
+def test_settings_out_of_range_are_refused_by_name(redis_server, setting):
+    """block_ms 0 is BLOCK 0 to Redis, "wait forever": the consumer never saw stop() while the streams were idle."""
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        GroupConsumer(redis_server.client(), STREAM, "g", **setting)
+
+
 def test_tail_group_prints_and_acknowledges(any_redis, capsys):
     fill(any_redis.url, 5)
     argv = ["tail", "--events", "--redis-url", any_redis.url, "--group", "cli", "--from-start", "--json"]
