@@ -95,9 +95,9 @@ def create_app(hub: Hub):
                 return send_command(client, hub.prefix, command)
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, send)
-        except (redis.RedisError, OSError) as e:
-            result = {"status": "rejected", "reason": f"Redis: {hub.describe(e)}"}
-        code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
+            code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
+        except (redis.RedisError, OSError) as e:  # the dashboard's Redis failed: no mistake of the user's
+            result, code = {"status": "rejected", "reason": f"Redis: {hub.describe(e)}"}, 503
         return JSONResponse(data.scrub(result, [hub.url, *urls]), status_code=code)
 
     async def add_camera(request):
@@ -106,12 +106,17 @@ def create_app(hub: Hub):
                                 status_code=415)
         try:
             camera = await request.json()
-        except ValueError:
-            camera = None
-        if not isinstance(camera, dict) or not isinstance(camera.get("id"), str) or \
-                not isinstance(camera.get("url"), str):
-            return JSONResponse({"status": "rejected", "reason": "expected a JSON object with id and url"},
-                                status_code=400)
+        except ValueError as e:
+            return JSONResponse({"status": "rejected", "reason": f"the body is not JSON: {e}"}, status_code=400)
+        if not isinstance(camera, dict):
+            return JSONResponse({"status": "rejected", "reason": "expected a JSON object with id and url, got "
+                                 f"{type(camera).__name__}"}, status_code=400)
+        for field in ("id", "url"):  # the rest is the controller's to check (its answer names the field)
+            if not isinstance(camera.get(field), str) or not camera[field].strip():
+                got = "missing" if field not in camera else f"got {type(camera[field]).__name__}" \
+                    if not isinstance(camera[field], str) else "got an empty string"
+                return JSONResponse({"status": "rejected", "reason": f"camera {field}: expected a non-empty "
+                                     f"string, {got}", "field": field}, status_code=400)
         return await control(request, add_command(camera), [camera["url"]])
 
     async def remove_camera(request):

@@ -12,6 +12,7 @@ read here, besides the camera statuses and streams of schema v1 (workers/publish
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections import deque
@@ -51,8 +52,13 @@ def read_snapshot(client: redis.Redis, prefix: str, camera: str) -> tuple[bytes,
     except redis.ResponseError as e:
         if "WRONGTYPE" not in str(e):
             raise
-        value = client.get(key)
-        return (value, None, None) if value else None
+        try:
+            value = client.get(key)
+        except redis.ResponseError as e:  # a list, a set...: not a snapshot, and no reason to fail the whole poll
+            if "WRONGTYPE" not in str(e):
+                raise
+            return None
+        return (value, None, None) if isinstance(value, bytes) and value else None
     jpeg = fields.get(b"jpeg")
     if not jpeg:
         return None
@@ -89,11 +95,18 @@ def tracks_by_head(message: dict | None) -> dict[str, int] | None:
     """Confirmed tracks per head in a detection message (heads that ran and found nothing: 0); None without one."""
     if not message:
         return None
-    out = {h: 0 for h in message.get("heads") or []}
-    for d in message.get("detections") or []:
-        if d.get("track_id") is not None:
+    out = {h: 0 for h in _names(message.get("heads"))}
+    detections = message.get("detections")
+    for d in detections if isinstance(detections, list) else []:
+        # a message written by another program may hold anything: count only what reads as a tracked detection
+        if isinstance(d, dict) and d.get("track_id") is not None and isinstance(d.get("head"), str):
             out[d["head"]] = out.get(d["head"], 0) + 1
     return out
+
+
+def _names(value: Any) -> list[str]:
+    """A list of head names from an entry that should hold one (anything else: none)."""
+    return [str(v) for v in value if isinstance(v, (str, int, float))] if isinstance(value, (list, tuple)) else []
 
 
 def event_group(type_: str) -> str:
@@ -117,9 +130,10 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
         # frame age: capture to Redis (the StreamActor's latency percentiles)
         "age_p50": s.get("frame_age_ms_p50", s.get("latency_ms_p50")) if live else None,
         "age_p95": s.get("frame_age_ms_p95", s.get("latency_ms_p95")) if live else None,
-        "dropped": {k: v for k, v in (s.get("dropped") or {}).items() if isinstance(v, (int, float))},
+        "dropped": {k: v for k, v in (s.get("dropped") if isinstance(s.get("dropped"), dict) else {}).items()
+                    if isinstance(v, (int, float))},
         "published": s.get("published", 0), "reconnects": s.get("reconnects", 0),
-        "heads": list(s.get("heads") or (detection or {}).get("heads") or []),
+        "heads": _names(s.get("heads")) or _names((detection or {}).get("heads")),
         "tracks": tracks_by_head(detection) if live else {},
         "size": (detection or {}).get("size"),
         "counts": counts,
@@ -131,11 +145,14 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
 
 def scrub(value: Any, urls: list[str]) -> Any:
     """A copy of a JSON-able value with the credentials of ``urls`` (and of any URL) hidden in every string:
-    string by string, so that a URL in one field cannot swallow the JSON around it."""
+    string by string, so that a URL in one field cannot swallow the JSON around it. Non-finite floats (a
+    ``1e999`` or ``NaN`` that Python's json read from an entry) become None: JSON has no such number."""
     # redact_text changes only strings holding one of these or a "://": the others (nearly all) skip it
     needles = [u for u in urls if u] + [x for u in urls if u for x in url_secrets(u)]
 
     def walk(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):  # NaN/Infinity in an entry: no JSON, would fail the page
+            return None
         if isinstance(v, str):
             return redact_text(v, urls) if "://" in v or any(n in v for n in needles) else v
         if isinstance(v, dict):

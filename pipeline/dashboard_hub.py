@@ -199,14 +199,22 @@ class Hub:
                     detection = json.loads(latest[0][1][b"data"])
                 except (KeyError, ValueError, IndexError):
                     detection = None
-            snap = data.read_snapshot(client, self.prefix, cam)
-            meta = None
-            if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
-                version = data.snapshot_version(snap[0], snap[1])
-                pictures[cam] = (version, snap[0])
-                meta = (version, snap[1], snap[2])
-            tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
-                                        data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+            try:
+                snap = data.read_snapshot(client, self.prefix, cam)
+                meta = None
+                if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
+                    version = data.snapshot_version(snap[0], snap[1])
+                    pictures[cam] = (version, snap[0])
+                    meta = (version, snap[1], snap[2])
+                tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
+                                            data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                raise  # Redis went away: the poller says so
+            except Exception as e:  # one odd entry (another program's, a hand-made one) fails its tile, not the board
+                log.warning("dashboard: camera %r: unreadable entry: %s", cam, self.describe(e))
+                tiles.append(data.make_tile({"camera": cam, "state": "unreadable",
+                                             "last_error": f"unreadable Redis entry: {self.describe(e)}"},
+                                            None, None, None))
         control = self.allow_control and control_reachable(client, self.prefix)
         with self._lock:
             self.control = control
@@ -233,6 +241,10 @@ class Hub:
                 failures += 1  # the poller tells the pages; this one just comes back
                 self._stop.wait(min(2.0, 0.25 * 2 ** failures))
                 continue
+            except Exception:  # a bug must not end the events feed until a restart: log it, keep reading
+                log.exception("dashboard: reading events failed")
+                self._stop.wait(1.0)
+                continue
             batch = []
             for _, entries in reply or []:
                 for entry_id, fields in entries:
@@ -241,7 +253,10 @@ class Hub:
                     if event is not None:
                         batch.append(event)
             if batch:
-                self._take_events(batch)
+                try:
+                    self._take_events(batch)
+                except Exception:  # read past them (``last``): the same entries would fail again
+                    log.exception("dashboard: events %s..%s failed", batch[0]["id"], batch[-1]["id"])
         client.close()
 
     def _backlog(self, client: redis.Redis) -> bytes | str:
@@ -281,7 +296,8 @@ class Hub:
     def _take_events(self, events: list[dict]) -> None:
         with self._lock:
             self.events.extend(events)
-            removed = [e["camera"] for e in events if e.get("type") == "camera_removed"]
+            removed = [e["camera"] for e in events
+                       if e.get("type") == "camera_removed" and isinstance(e.get("camera"), str)]
             for cam in removed:  # removed for good: no need to wait for its status to age out
                 self.board.remove(cam, at=time.time())
                 self.snapshots.pop(cam, None)
