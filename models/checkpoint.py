@@ -57,11 +57,15 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
     if base is not None and path.resolve() == base.resolve():
         raise RuntimeError(f"{path}: would overwrite its own base")  # a bug in the caller: TrainConfig refuses it
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: a service running as another user could not read it
-    tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: a service running as another user could not read it
+        tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    except BaseException:  # a full disk, Ctrl-C: nor a half-written temporary file beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -133,10 +133,13 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
                     "dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)})
             torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
                               opset_version=OPSET, **how)
+        tmp.replace(path)
+    except BaseException:  # an exporter error, a full disk, Ctrl-C: no half-written file left beside the output
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
-    tmp.replace(path)
     return path
 
 

@@ -14,8 +14,10 @@ is written next to the output, and a rerun of the same command continues from it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, read_tensors, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
@@ -187,11 +189,12 @@ def set_train_mode(model: HydraNet, trainable: list[str], cfg: TrainConfig) -> N
         model.neck.train()
 
 
-def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig) -> dict[str, float | str]:
+def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig, progress: bool = False) -> dict[str, float | str]:
     """Held-out mAP@0.5 of ``heads`` (or why a head is not scored) and the accuracy of the attribute heads on
     them, as ``hydravision eval`` measures them."""
     model.eval()
-    report = evaluate(model, EvalConfig(scenes=cfg.eval_scenes, frames_per_scene=cfg.eval_frames), only=heads)
+    report = evaluate(model, EvalConfig(scenes=cfg.eval_scenes, frames_per_scene=cfg.eval_frames), only=heads,
+                      progress=progress)  # minutes for a large model: the bar says it is not stuck
     return {**{h: r["map50"] for h, r in report["heads"].items()},
             **{f"attribute {a}": r["accuracy"] for a, r in report.get("attributes", {}).items()},
             **{h: f"not scored: {why}" for h, why in report.get("skipped", {}).items()}}
@@ -236,6 +239,12 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before any training: the resume state is written beside the output every checkpoint_every steps
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{cfg.out}: cannot make its folder ({e.strerror or e})") from None
+    if not os.access(cfg.out.parent, os.W_OK):
+        raise ConfigError(f"{cfg.out}: its folder is not writable")
     model, history, trainable = build_model(cfg)
     layout = memory_format_for(model, device)
     model.to(device, memory_format=layout)
@@ -247,6 +256,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     start, before, seconds_before = 0, {}, 0.0
+    init_digest = weights_digest(cfg.init) if cfg.init is not None else None  # build_model has read it: it is there
     if cfg.state_path.is_file():
         try:
             state = torch.load(cfg.state_path, map_location=device, weights_only=True)
@@ -255,13 +265,17 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                               "start over") from None
         if state.get("train_config") != _jsonable(cfg):
             raise ConfigError(f"{cfg.state_path}: resume state is from a different training config; delete it to start over")
+        if state.get("init_weights", init_digest) != init_digest:  # (states saved before it was recorded: unchecked)
+            raise ConfigError(f"{cfg.state_path}: resume state is of training from {cfg.init} as it was before: that "
+                              "file has changed since, and resuming would bring back its old weights; delete the "
+                              "state to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, before = int(state["step"]), state.get("other_heads_before", {})
         seconds_before = float(state.get("seconds", 0.0))  # the record's time covers every run of it
         log.info("resuming %s from step %d", cfg.out, start)
     elif others:
-        before = score_heads(model, others, cfg)
+        before = score_heads(model, others, cfg, progress)
         log.info("other heads' held-out mAP@0.5 before unfreezing %d stage(s): %s", cfg.unfreeze_stages, before)
     loader, data_classes = build_data(cfg, model.config.input_size, seed=cfg.seed * 1000 + start)
     cmaps = class_maps(cfg.heads, data_classes)
@@ -306,10 +320,14 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             tmp = cfg.state_path.with_name(cfg.state_path.name + ".tmp")
-            torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "train_config": _jsonable(cfg), "other_heads_before": before,
-                        "seconds": seconds_before + time.time() - t0}, tmp)
-            tmp.replace(cfg.state_path)  # atomic: a kill mid-save leaves the last good state
+            try:
+                torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "train_config": _jsonable(cfg), "other_heads_before": before, "init_weights": init_digest,
+                            "seconds": seconds_before + time.time() - t0}, tmp)
+                tmp.replace(cfg.state_path)  # atomic: a kill mid-save leaves the last good state
+            except BaseException:  # Ctrl-C or a full disk mid-save: nor a half-written state beside it
+                tmp.unlink(missing_ok=True)
+                raise
     bar.close()
     record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
@@ -319,13 +337,23 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     if cfg.unfreeze_stages:
         record["unfrozen_stages"] = cfg.unfreeze_stages
         if others:  # these heads were not trained, but what they read was: what that did to them
-            record["other_heads_map50"] = {"before": before, "after": score_heads(model, others, cfg)}
+            record["other_heads_map50"] = {"before": before, "after": score_heads(model, others, cfg, progress)}
     if adapter is not None:
         record["lora"] = {"adapter": adapter, **cfg.lora}
     training = {"history": list(history.get("history", [])) + [record]}
     save_checkpoint(model, cfg.out, training, base=cfg.init if adapter is not None else None)
     cfg.state_path.unlink(missing_ok=True)
     return cfg.out
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's tensors (names and bytes), not of its file: safetensors writes the same
+    metadata in a different order each time, so a file saved again with the same weights has other bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(read_tensors(path).items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _jsonable(cfg: TrainConfig) -> dict:

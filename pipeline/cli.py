@@ -84,25 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--lora", type=positive_int, default=None, metavar="RANK",
                       help="train the new heads on a LoRA adapter of the frozen backbone: other heads stay "
                       "bit-identical; --out holds only the adapter and the new heads, and needs --from beside it")
-    t.add_argument("--lora-stages", type=positive_int, default=1, metavar="N", help="with --lora: adapt the "
-                   "backbone's last N stages (the adapter's heads run those stages a second time)")
+    t.add_argument("--lora-stages", type=positive_int, default=None, metavar="N", help="with --lora: adapt the "
+                   "backbone's last N stages (default 1; the adapter's heads run those stages a second time)")
     t.add_argument("--eval-scenes", type=positive_int, default=8, help="with --unfreeze-stages: held-out scenes")
     t.add_argument("--eval-frames", type=positive_int, default=40, help="with --unfreeze-stages: frames per scene")
     t.add_argument("--steps", type=positive_int, default=3000)
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--input-size", type=parse_size, default=(256, 448), metavar="HxW")
-    t.add_argument("--backbone", choices=("resnet", "vit", "mobilenet"), default="resnet",
-                   help="a new model's backbone (docs/architecture.md, 'Backbones, necks, fine-tuning')")
+    # The architecture options default to None (TRAIN_DEFAULTS in pipeline/model_commands.py fills them): with
+    # --from the checkpoint's architecture is kept, and an option the user gave that differs is refused.
+    t.add_argument("--input-size", type=parse_size, default=None, metavar="HxW", help="a new model's input "
+                   "(default 256x448)")
+    t.add_argument("--backbone", choices=("resnet", "vit", "mobilenet"), default=None,
+                   help="a new model's backbone (default resnet; docs/architecture.md, 'Backbones, necks, "
+                   "fine-tuning')")
     t.add_argument("--depth", type=int, default=None, help="ResNet depth (10, 18, 34, 50, 101; default 18) or "
                    "ViT blocks (default 4)")
     t.add_argument("--width", type=float, default=None, help="ResNet base width (default 16; torchvision: 64), ViT "
                    "hidden size (default 128; vit_b_16: 768) or MobileNetV3 width multiplier (default 1.0)")
     t.add_argument("--arch", choices=("large", "small"), default=None, help="MobileNetV3 variant (default small)")
-    t.add_argument("--neck", choices=("fpn", "pan"), default="fpn", help="a new model's neck: FPN, or PAN (FPN "
-                   "then a bottom-up path)")
-    t.add_argument("--neck-channels", "--fpn-channels", dest="neck_channels", type=int, default=64)
+    t.add_argument("--neck", choices=("fpn", "pan"), default=None, help="a new model's neck: FPN (default), or "
+                   "PAN (FPN then a bottom-up path)")
+    t.add_argument("--neck-channels", "--fpn-channels", dest="neck_channels", type=int, default=None,
+                   help="a new model's neck channels (default 64)")
     t.add_argument("--import-backbone", type=Path, help="initialise the backbone from a torchvision-style .pth "
                    "state dict (ImageNet resnet18..101, vit_b_16, mobilenet_v3_large/_small)")
     t.add_argument("--no-progress", action="store_true")

@@ -51,6 +51,17 @@ def _user_input_errors() -> Iterator[None]:
 
 
 def train(args: argparse.Namespace) -> Path:
+    names = [name for name, _ in args.heads]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):  # dict() would keep only the last
+        raise UserError(f"--head {repeated[0]} is given more than once ("
+                        f"{'; '.join(','.join(c) for n, c in args.heads if n == repeated[0])}): give each head once, "
+                        "with all its classes, e.g. --head vehicles=car,bicycle")
+    if args.lora is None and args.lora_stages is not None:
+        raise UserError(f"--lora-stages {args.lora_stages} is for a LoRA adapter: it needs --lora RANK")
+    given = {key for key in TRAIN_DEFAULTS if getattr(args, key) is not None}  # before the defaults fill them
+    for key, value in TRAIN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:  # TrainConfig's constructor only checks the arguments: any ValueError from it is about them
         cfg = TrainConfig(
             out=args.out, heads=dict(args.heads), data=args.data, init=args.init, freeze_shared=args.freeze_shared,
@@ -63,15 +74,51 @@ def train(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise UserError(str(e)) from e
     with _user_input_errors():
-        if args.import_backbone:
-            if cfg.init is not None:
+        if cfg.init is not None:
+            if args.import_backbone:
                 raise UserError("--import-backbone starts a new model; it cannot be combined with --from")
+            refuse_architecture_options(args, given, cfg.init)
+        if args.import_backbone:
+            torch.manual_seed(cfg.seed)  # the new heads' initial weights, as train_model seeds them without it
             model, _, _ = build_model(cfg)
             loaded = import_backbone_weights(model, args.import_backbone)
             cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
             save_checkpoint(model, cfg.init,
                             {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
         return train_model(cfg, progress=not args.no_progress)
+
+
+# The train command's options that the parser leaves None (pipeline/cli.py), so that what the user gave is known.
+TRAIN_DEFAULTS = {"input_size": (256, 448), "backbone": "resnet", "neck": "fpn", "neck_channels": 64, "lora_stages": 1}
+
+
+def refuse_architecture_options(args: argparse.Namespace, given: set[str], init: Path) -> None:
+    """With --from the model's architecture is the checkpoint's: an option that asks for another one would be
+    silently ignored (a model trained at another input size or with another backbone than asked), so it is refused."""
+    config = read_metadata(init)["config"]
+    if not isinstance(config, dict):
+        return  # a damaged file: loading it says so
+    have_backbone, have_neck = (part if isinstance(part := config.get(key), dict) else {}
+                                for key in ("backbone", "neck"))
+    wrong = []
+    have_size = config.get("input_size")
+    if "input_size" in given and list(args.input_size) != have_size:
+        shown = "x".join(map(str, have_size)) if isinstance(have_size, list) else have_size
+        wrong.append(f"--input-size {args.input_size[0]}x{args.input_size[1]} (it has {shown})")
+    if "backbone" in given and args.backbone != have_backbone.get("type"):
+        wrong.append(f"--backbone {args.backbone} (it has {have_backbone.get('type')})")
+    for key in ("depth", "width", "arch"):
+        value = getattr(args, key)
+        if value is not None and value != have_backbone.get(key):
+            wrong.append(f"--{key} {value:g} (it has {have_backbone.get(key)})" if isinstance(value, float)
+                         else f"--{key} {value} (it has {have_backbone.get(key)})")
+    if "neck" in given and args.neck != have_neck.get("type"):
+        wrong.append(f"--neck {args.neck} (it has {have_neck.get('type')})")
+    if "neck_channels" in given and args.neck_channels != have_neck.get("channels"):
+        wrong.append(f"--neck-channels {args.neck_channels} (it has {have_neck.get('channels')})")
+    if wrong:
+        raise UserError(f"--from {init}: the model keeps that checkpoint's architecture, so {', '.join(wrong)} "
+                        "would be ignored; leave these options out, or train a new model without --from")
 
 
 def format_fine_tune(path: Path) -> str:
@@ -181,9 +228,19 @@ def export(args: argparse.Namespace) -> str:
     if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file():  # no model to load
         mark_used(cached)
         return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
+    if args.out:
+        if Path(args.out).resolve() == Path(path).resolve():
+            raise UserError(f"--out {args.out} is the checkpoint itself: the ONNX file would replace it; "
+                            "name another file")
+        if Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a folder: name the .onnx file to write")
     t0 = time.time()
     model, _ = load_checkpoint(path)
-    out = export_onnx(model, args.out) if args.out else cached_export(model, path)
+    try:
+        out = export_onnx(model, args.out) if args.out else cached_export(model, path)
+    except OSError as e:  # the file named (or its folder) cannot be written: the user's to fix
+        where = f"--out {args.out}" if args.out else f"the export cache {cache_path(path).parent}"
+        raise UserError(f"{where}: cannot write it ({e.strerror or e}{f': {e.filename}' if e.filename else ''})") from e
     return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
