@@ -38,7 +38,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         base = json.loads(meta["base"]) if "base" in meta else None  # an adapter file: what it adds to
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
-    for spec in config.get("heads", {}).values() if isinstance(config, dict) else ():
+    if not isinstance(config, dict) or not isinstance(config.get("heads", {}), dict) or not isinstance(training, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config or heads are not a mapping)")
+    for spec in config.get("heads", {}).values():
         if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
             spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
     return {"config": config, "training": training, **({"base": base} if base else {})}

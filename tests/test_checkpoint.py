@@ -90,6 +90,11 @@ def make_bad(kind, tmp_path):
         write_safetensors(p, good_meta(), model=other)
     elif kind == "damaged_config":
         write_safetensors(p, {**good_meta(), "config": "{not json"})
+    elif kind == "heads_not_a_mapping":  # valid JSON of the wrong shape: an AttributeError and "a bug" before
+        meta = good_meta()
+        write_safetensors(p, {**meta, "config": json.dumps({**json.loads(meta["config"]), "heads": 3})})
+    elif kind == "config_not_a_mapping":
+        write_safetensors(p, {**good_meta(), "config": "[1, 2]"})
     return p
 
 
@@ -105,6 +110,8 @@ def make_bad(kind, tmp_path):
         ("unknown_backbone", "unknown backbone type 'vit_h14'"),
         ("wrong_shapes", r"heads\.people\.cls_logits\.weight: expected \(1, 16, 1, 1\), got \(2, 16, 1, 1\)"),
         ("damaged_config", "metadata is damaged"),
+        ("heads_not_a_mapping", "metadata is damaged"),
+        ("config_not_a_mapping", "metadata is damaged"),
     ],
 )
 def test_bad_checkpoints_name_file_and_problem(kind, message, tmp_path):
