@@ -140,6 +140,15 @@ def environment(dry_run: bool) -> dict:
     return env
 
 
+# The watchdog's interrupt. Not SIGINT: a job started in the background from a script (`cmd &`, nohup) begins
+# with SIGINT ignored, and Python then never installs its handler, so the interrupt did nothing there.
+WATCHDOG_SIGNAL = signal.SIGUSR1
+
+
+def _time_limit(signum, frame) -> None:
+    raise KeyboardInterrupt("time limit")
+
+
 def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
     """Enforces the time limit on a step that overruns its own deadline: at ``at`` a KeyboardInterrupt in the
     main thread (its finally blocks save the JSON and stop Redis and Ray); if the main thread is stuck in native
@@ -147,9 +156,9 @@ def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
     def watch() -> None:
         if done.wait(max(0.0, at - time.time())):
             return
-        # A real SIGINT to the main thread: it also wakes a sleep or a blocking read (_thread.interrupt_main
+        # A real signal to the main thread: it also wakes a sleep or a blocking read (_thread.interrupt_main
         # only runs the handler at the next bytecode, after a time.sleep(60) has run out).
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        signal.pthread_kill(threading.main_thread().ident, WATCHDOG_SIGNAL)
         if done.wait(HARD_S):
             return
         on_hard_stop()
@@ -438,10 +447,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {error['error']}", flush=True)
         save()
 
-    code, on_time, sigterm = 0, threading.Event(), signal.getsignal(signal.SIGTERM)
+    code, on_time = 0, threading.Event()
+    sigterm, overrun = signal.getsignal(signal.SIGTERM), signal.getsignal(WATCHDOG_SIGNAL)
     try:  # from here on an interrupt lands in the except below
         # SIGTERM (a `timeout` around the check) as Ctrl-C: the finally blocks save what was measured
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(WATCHDOG_SIGNAL, _time_limit)
         watchdog(limit + OVERRUN_S, hard_stop, on_time)
         if "model" in steps:
             print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
@@ -478,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         on_time.set()
         signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(WATCHDOG_SIGNAL, overrun)
         sampler.close()
         save()
     print(f"done in {result['seconds']} s{f'; results in {args.json}' if args.json else ''}", flush=True)
