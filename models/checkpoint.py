@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
 
@@ -56,16 +57,11 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
                                        "sha256": file_sha256(base)})
     if base is not None and path.resolve() == base.resolve():
         raise RuntimeError(f"{path}: would overwrite its own base")  # a bug in the caller: TrainConfig refuses it
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
+    with written_aside(path, path.with_suffix(path.suffix + ".tmp")) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: a service running as another user could not read it
-        tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
-    except BaseException:  # a full disk, Ctrl-C: nor a half-written temporary file beside it
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from models.files import written_aside
 from models.fuse import fuse_conv_bn
 from models.hydranet import ConfigError, HydraNet
 
@@ -117,14 +118,14 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
     h, w = serving.config.input_size
     example = torch.zeros((2, 3, h, w), dtype=torch.uint8)
     names = output_names(serving)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     # Quiet: the exporters' own notices (torchvision's ops not installed, IR passes logged at INFO).
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # the exporters narrate their passes (and the deprecation) as warnings
+        with warnings.catch_warnings(), written_aside(path, path.with_name(path.name + f".{os.getpid()}.tmp")) as tmp:
+            # the exporters narrate their passes (and the deprecation) as warnings
             warnings.simplefilter("ignore")
             # The two differ only in how the batch dimension is declared dynamic (and the newer one's file layout).
             how = ({"dynamo": False, "dynamic_axes": {name: {0: "batch"} for name in ["images", *names]}}
@@ -133,10 +134,6 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
                     "dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)})
             torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
                               opset_version=OPSET, **how)
-        tmp.replace(path)
-    except BaseException:  # an exporter error, a full disk, Ctrl-C: no half-written file left beside the output
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)

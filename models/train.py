@@ -31,6 +31,7 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, read_tensors, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
+from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
 
@@ -319,15 +320,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                      ", ".join(f"{k} {v:.3f}" for k, v in smooth.items()), rate)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            tmp = cfg.state_path.with_name(cfg.state_path.name + ".tmp")
-            try:
+            # a kill mid-save leaves the last good state
+            with written_aside(cfg.state_path, cfg.state_path.with_name(cfg.state_path.name + ".tmp")) as tmp:
                 torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "train_config": _jsonable(cfg), "other_heads_before": before, "init_weights": init_digest,
                             "seconds": seconds_before + time.time() - t0}, tmp)
-                tmp.replace(cfg.state_path)  # atomic: a kill mid-save leaves the last good state
-            except BaseException:  # Ctrl-C or a full disk mid-save: nor a half-written state beside it
-                tmp.unlink(missing_ok=True)
-                raise
     bar.close()
     record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
