@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import psutil
@@ -142,6 +143,22 @@ def busy_cores(before: tuple[float, float], after: tuple[float, float]) -> float
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def task_cpu(pid: int | str) -> Iterator[tuple[int, str, float]]:
+    """(thread id, the thread's OS name, CPU seconds so far) for each thread of a process ("self": this one);
+    none for a process gone, a thread gone meanwhile is left out."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        yield int(tid), name, (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
 def thread_cpu(procs: list[psutil.Process]) -> dict[str, float]:
     """CPU seconds so far by thread, named as hydravision names its threads for the OS (workers/thread_names.py:
     hv-cap per camera, hv-loop, hv-model, hv-publisher, hv-compile; each kind summed over cameras and
@@ -149,19 +166,9 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in procs:
         r = role(p)
-        try:
-            tasks = os.listdir(f"/proc/{p.pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                stat = Path(f"/proc/{p.pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2:].split()
+        for _, name, seconds in task_cpu(p.pid):
             key = name.split()[0] if name.startswith("hv-") else f"{r}: other"
-            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+            out[key] = out.get(key, 0.0) + seconds
     return out
 
 
@@ -171,14 +178,9 @@ def own_thread_cpu() -> dict[str, float]:
     import threading
     names = {t.native_id: t.name.split("-")[0] for t in threading.enumerate()}
     out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        key = names.get(int(tid), "other")
-        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    for tid, _, seconds in task_cpu("self"):
+        key = names.get(tid, "other")
+        out[key] = out.get(key, 0.0) + seconds
     return out
 
 

@@ -110,8 +110,8 @@ def refuse_architecture_options(args: argparse.Namespace, given: set[str], init:
     for key in ("depth", "width", "arch"):
         value = getattr(args, key)
         if value is not None and value != have_backbone.get(key):
-            wrong.append(f"--{key} {value:g} (it has {have_backbone.get(key)})" if isinstance(value, float)
-                         else f"--{key} {value} (it has {have_backbone.get(key)})")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            wrong.append(f"--{key} {shown} (it has {have_backbone.get(key)})")
     if "neck" in given and args.neck != have_neck.get("type"):
         wrong.append(f"--neck {args.neck} (it has {have_neck.get('type')})")
     if "neck_channels" in given and args.neck_channels != have_neck.get("channels"):
