@@ -17,13 +17,14 @@ import redis
 
 from pipeline import embedded_redis
 from servers import HOST, RedisServer, require_binary
-from workers.publish import (EVENT_TYPES, Publisher, detection_message, encode, event_message, keys, load_schema,
-                             validate)
+from workers.publish import (EVENT_TYPES, Publisher, WriterThread, detection_message, encode, event_message, keys,
+                             load_schema, validate)
 from workers.redis_writer import BatchWriter, StaleWrite
 
 pytestmark = pytest.mark.timeout(30)
 PASSWORD = "s3cret-Pa55"
 FAST = dict(connect_timeout_s=0.5, socket_timeout_s=0.5, max_backoff_s=0.2)  # quick recovery in tests
+BACKOFF = dict(max_backoff_s=0.2)  # the same for a Publisher of a WriterThread (which has the timeouts)
 
 
 def det(camera: str = "lobby", frame: int = 0, heads: tuple[str, ...] = ("objects",), n: int = 1) -> dict:
@@ -416,7 +417,7 @@ def test_errors_never_show_the_password(password_server: RedisServer, publisher,
         def fail(self, *args, **kwargs):
             raise redis.ConnectionError(f"cannot reach {url}")
 
-        monkeypatch.setattr(BatchWriter, "write", fail)
+        monkeypatch.setattr(BatchWriter, "batch_command", fail)
     pub = publisher(url)
     pub.publish_detections(det())
     assert not pub.flush(timeout=1.0)
@@ -642,3 +643,117 @@ def test_frozen_redis_with_a_full_buffer_counts_each_message_once(debug_redis: R
     assert all(b > a for a, b in zip(frames, frames[1:]))
     assert stats["dropped"] > 0 and len(frames) == stats["sent"] == published - stats["dropped"]
     assert reported == stats["dropped"]
+
+
+# --- Publishers sharing one WriterThread (a camera process's cameras) --------------------------------------
+
+@pytest.fixture
+def writer() -> Iterator[Callable[[str], WriterThread]]:
+    """Factory: writer(url) -> a WriterThread, closed at teardown (its Publishers then send no more)."""
+    made: list[WriterThread] = []
+
+    def make(url: str) -> WriterThread:
+        made.append(WriterThread(url, connect_timeout_s=0.5, socket_timeout_s=0.5))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.close(timeout=1.0)
+
+
+def test_publishers_sharing_a_writer_send_in_one_round_trip(redis_server: RedisServer, writer) -> None:
+    client, w = redis_server.client(), writer(redis_server.url)
+    pubs = [w.publisher() for _ in range(3)]
+    with w.work:  # all three attach before the thread can take anything: one send, determinate
+        for i, p in enumerate(pubs):
+            for frame in range(5):
+                p.publish_detections(det(camera=f"cam{i}", frame=frame))
+            p.set_status(f"cam{i}", {"state": "up"})
+            p.start()
+    assert all(p.flush() for p in pubs)
+    # One pipelined send of three script calls; Redis had no script cached yet: each is loaded and the
+    # three calls go again, in one more send.
+    assert w.round_trips == 2
+    with w.work:  # frames of all three cameras wait together: one send
+        for i, p in enumerate(pubs):
+            p.publish_detections(det(camera=f"cam{i}", frame=5))
+    assert all(p.flush() for p in pubs) and w.round_trips == 3
+    calls = {k: v["calls"] - v["failed_calls"] for k, v in client.info("commandstats").items()}
+    assert calls["cmdstat_evalsha"] == 6 and calls["cmdstat_xadd"] == 18
+    for i, p in enumerate(pubs):  # each keeps its own order, counters and state
+        assert frames_of(client, f"cam{i}") == list(range(6))
+        assert p.stats()["sent"] == 6 and p.stats()["round_trips"] == 2 and p.stats()["connected"]
+    assert len({p.id for p in pubs}) == 3 and len(client.keys("hv:publisher:*")) == 3
+    assert client.hgetall(keys("hv").cameras) == {f"cam{i}".encode(): b'{"state":"up"}' for i in range(3)}
+    hv_connections = [c for c in client.client_list() if c["name"] == "hydravision"]
+    assert len(hv_connections) == 1  # one connection for the three
+
+
+def test_a_publisher_redis_refuses_does_not_hold_up_those_sharing_its_writer(password_server: RedisServer,
+                                                                              writer) -> None:
+    """An ACL user allowed the hv: keys only: the Publisher writing under the prefix "other" fails (NOPERM)
+    and backs off on its own; the one under hv goes on, in order; once allowed, the other delivers all."""
+    admin = password_server.client()
+    admin.acl_setuser("cams", enabled=True, passwords=["+cams-Pa55"], keys=["hv:*"], channels=["*"],
+                      commands=["+@all"])
+    w = writer(f"redis://cams:cams-Pa55@{HOST}:{password_server.port}/0")
+    good, refused = w.publisher(prefix="hv", **BACKOFF).start(), w.publisher(prefix="other", **BACKOFF).start()
+    for frame in range(50):
+        good.publish_detections(det(camera="yard", frame=frame))
+        refused.publish_detections(det(camera="gate", frame=frame))
+        time.sleep(0.005)
+    assert good.flush()
+    wait_until(lambda: refused.stats()["retries"] >= 2)
+    assert frames_of(admin, "yard") == list(range(50)) and not good.stats()["failing"]
+    stats = refused.stats()
+    assert stats["failing"] and "NoPermissionError" in stats["last_error"] and stats["queued"] == 50
+    assert not admin.exists(keys("other").detections("gate"))
+    admin.acl_setuser("cams", keys=["other:*"])  # added to hv:*
+    assert refused.flush(timeout=5)
+    assert [m["frame"] for m in stream_json(admin, keys("other").detections("gate"))] == list(range(50))
+    errors = stream_json(admin, keys("other").events)
+    assert [e["type"] for e in errors] == ["publisher_error"] and errors[0]["camera"] == "gate"
+    assert not admin.exists(keys("hv").events)  # the good one never failed
+
+
+@pytest.mark.timeout(40)
+def test_an_outage_seen_by_publishers_sharing_a_writer(redis_server: RedisServer, writer) -> None:
+    w = writer(redis_server.url)
+    pubs = {c: w.publisher(buffer=30, **BACKOFF).start() for c in ("a", "b")}
+    for c, p in pubs.items():
+        p.publish_detections(det(camera=c, frame=0))
+    assert all(p.flush() for p in pubs.values())
+    redis_server.kill()
+    for frame in range(1, 101):
+        for c, p in pubs.items():
+            p.publish_detections(det(camera=c, frame=frame))
+    wait_until(lambda: all(p.stats()["failing"] for p in pubs.values()))
+    redis_server.start()
+    assert all(p.flush(timeout=10) for p in pubs.values())
+    client = redis_server.client()
+    for c, p in pubs.items():  # each kept its newest 30 and reports its own 70 drops
+        assert frames_of(client, c) == list(range(71, 101))
+        assert p.stats()["dropped"] == 70 and p.stats()["sent"] == 31 and not p.stats()["failing"]
+    events = stream_json(client, keys("hv").events)
+    assert sorted((e["type"], e["camera"]) for e in events) == [
+        ("publisher_dropped", "a"), ("publisher_dropped", "b"), ("publisher_error", "a"), ("publisher_error", "b")]
+    assert all(e["dropped"] == 70 for e in events if e["type"] == "publisher_dropped")
+
+
+def test_closing_one_publisher_leaves_the_others_of_its_writer(redis_server: RedisServer, writer) -> None:
+    client, w = redis_server.client(), writer(redis_server.url)
+    leaving, staying = w.publisher().start(), w.publisher().start()
+    leaving.publish_detections(det(camera="gone", frame=0))
+    leaving.close(timeout=2)  # flushes first
+    assert frames_of(client, "gone") == [0] and leaving.stats()["sent"] == 1
+    leaving.publish_detections(det(camera="gone", frame=1))  # after close: counted, not sent
+    assert leaving.stats()["dropped"] == 1 and leaving.stats()["queued"] == 0
+    for frame in range(3):
+        staying.publish_detections(det(camera="here", frame=frame))
+    assert staying.flush() and frames_of(client, "here") == [0, 1, 2] and w.alive
+    staying.close(timeout=2)
+    assert w.alive  # a shared writer lives on without Publishers, until closed itself
+    w.close(timeout=2)
+    assert not w.alive
+    with pytest.raises(RuntimeError, match="closed"):
+        w.publisher().start()

@@ -33,6 +33,11 @@ def test_cameras_sharing_a_process(ray_local, redis_server, tiny_checkpoint):
         wait_for(lambda: all(len(messages(client, c)) >= 8 for c in "abc"), 60, "frames from every camera")
         shared, alone = pid_of(run, "a"), pid_of(run, "c")
         assert pid_of(run, "b") == shared != alone
+        # One Redis connection per camera process, its cameras' Publishers sharing it (each its own counters).
+        names = [c["name"] for c in client.client_list() if c["name"].startswith("hydravision-cameras-")]
+        assert sorted(names) == sorted(f"hydravision-cameras-{pid}" for pid in (shared, alone)), names
+        sent = {s["camera"]: s["publisher"]["sent"] for s in run.app.stats()}
+        assert all(sent[c] >= 8 for c in "abc"), sent
 
         # The shared process crashes: a and b restart in a new one, c does not notice.
         ray.kill(handles["a"].process, no_restart=False)

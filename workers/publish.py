@@ -17,7 +17,9 @@ Delivery guarantees of one Publisher instance (a restarted StreamActor has a new
 - Failures are visible: stats() has failing / failing_since / last_error while writes fail, and when they
   succeed again one `publisher_error` event gives the first error (redacted), duration_s and retries.
 - publish_*/set_status never block on Redis: they encode JSON and append under a lock held only for
-  microseconds; all I/O happens in a daemon thread.
+  microseconds; all I/O happens in a daemon thread, a WriterThread, which the Publishers of a camera process
+  share: each wake-up sends what all of them queued in one round trip, each one's batch still its own script
+  call, judged on its own.
 """
 from __future__ import annotations
 
@@ -204,28 +206,176 @@ class _Episode:
     cameras: set[str] = field(default_factory=set)
 
 
+class _Round(NamedTuple):
+    """What one send of a Publisher carries (taken under the lock, written outside it)."""
+    trip: int
+    batch: list[_Entry]
+    statuses: dict[str, str | None]
+    status_gen: int
+    hashes: dict[str, dict[str, HashValue]]
+    drained: bool  # after this batch, the backlog is delivered
+
+    @property
+    def idle(self) -> bool:  # nothing to write: the send is a PING that tells whether Redis answers
+        return not (self.batch or self.statuses or self.hashes)
+
+
+_UNSENT = object()
+
+
+class WriterThread:
+    """One Redis connection and one thread that write for one or more Publishers: a camera process's cameras
+    share one, so a wake-up sends what all of them queued in one round trip (their script calls pipelined)
+    instead of a wake-up and a round trip per camera. Each Publisher keeps its own queue, counters, backoff
+    and exactly-once state (its script call is still all-or-nothing on its own); only the I/O is shared."""
+
+    def __init__(self, url: str, name: str = "hydravision", connect_timeout_s: float = 2.0,
+                 socket_timeout_s: float = 2.0, **redis_kwargs: Any) -> None:
+        """redis_kwargs go to redis.Redis.from_url, e.g. ssl_ca_certs for rediss:// URLs."""
+        self.url = url
+        try:
+            # Retries are ours (ordered, bounded, backoff): redis-py must fail fast, not retry inside a call.
+            self.client = redis.Redis.from_url(
+                url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+                health_check_interval=30, client_name=name, retry=Retry(FullJitterBackoff(), 0),
+                **redis_kwargs)
+        except ValueError as exc:
+            raise ValueError(redact_text(str(exc), [url])) from None
+        lock = threading.RLock()  # guards the Publishers' state as well; never held during I/O
+        self.work = threading.Condition(lock)  # the thread waits on it; publish_* notify it
+        self.done = threading.Condition(lock)  # flush() and close() wait on it; notified after each send
+        self._publishers: list[Publisher] = []
+        self._stopping = False
+        self.round_trips = 0  # sends, each carrying what every due Publisher had (written by the thread only)
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def publisher(self, prefix: str = "hv", maxlen: int = 10_000, buffer: int = 2_000,
+                  max_backoff_s: float = 5.0) -> "Publisher":
+        """A (not yet started) Publisher that writes through this thread and connection."""
+        return Publisher(self.url, prefix, maxlen, buffer, max_backoff_s=max_backoff_s, writer=self)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _attach(self, publisher: "Publisher") -> None:
+        with self.work:
+            if self._stopping:
+                raise RuntimeError("this WriterThread is closed")
+            self._publishers.append(publisher)
+            if not self._thread.is_alive():
+                self._thread.start()
+            self.work.notify()
+
+    def _detach(self, publisher: "Publisher") -> None:
+        with self.work:
+            if publisher in self._publishers:
+                self._publishers.remove(publisher)
+                publisher._disconnected()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the thread (its Publishers write no more); returns within about ``timeout``. Idempotent."""
+        with self.work:
+            self._stopping = True
+            self.work.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.client.close()
+
+    def _run(self) -> None:
+        worker_thread("hv-publisher")
+        while True:
+            with self.work:
+                rounds = self._wait_for_rounds()
+            if rounds is None:
+                break
+            began = time.monotonic()
+            for (publisher, round_), outcome in zip(rounds, self._send(rounds)):
+                publisher._finish(round_, outcome, began)
+        with self.work:
+            for publisher in self._publishers:
+                publisher._disconnected()
+        self.client.close()
+
+    def _wait_for_rounds(self) -> list[tuple["Publisher", _Round]] | None:
+        """Under the lock: waits until a Publisher is due to send (None once closing), and takes its round."""
+        while not self._stopping:
+            now = time.monotonic()
+            due = [p for p in self._publishers if p._due(now)]
+            if due:
+                return [(p, p._take()) for p in due]
+            later = [p._retry_at - now for p in self._publishers if p._retry_at > now]
+            self.work.wait(min([1.0, *later]))
+        return None
+
+    def _send(self, rounds: list[tuple["Publisher", _Round]]) -> list[Any]:
+        """One round trip for all rounds (another after a script load): each round's WriteResult, None for an
+        idle round when Redis answered, or the exception its send failed with."""
+        outcomes: list[Any] = [_UNSENT] * len(rounds)
+        todo = [i for i, (_, r) in enumerate(rounds) if not r.idle]
+        try:
+            for attempt in range(3):  # a script load, then a switch to the bodies without shebang: twice at most
+                commands = [p._batch_writer.batch_command(r.trip, r.batch, r.statuses, r.hashes)
+                            for p, r in (rounds[i] for i in todo)]
+                replies = self._execute(commands)
+                outcomes = [None if o is _UNSENT and r.idle else o for o, (_, r) in zip(outcomes, rounds)]
+                for i, reply in zip(todo, replies):
+                    outcomes[i] = self._outcome(rounds[i], reply, last=attempt == 2)
+                todo = [i for i in todo if outcomes[i] is _UNSENT]
+                if not todo:
+                    break
+        except Exception as exc:  # noqa: BLE001 - the round trip failed (connection, timeout): what it carried failed
+            outcomes = [exc if o is _UNSENT else o for o in outcomes]
+        return outcomes
+
+    @staticmethod
+    def _outcome(item: tuple["Publisher", _Round], reply: Any, last: bool) -> Any:
+        """A reply as a WriteResult or an exception; _UNSENT when the call must be sent again (script loaded)."""
+        publisher, round_ = item
+        try:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                publisher._batch_writer.send_again_after(reply)  # raises unless the call applied nothing
+                return reply if last else _UNSENT
+            return publisher._batch_writer.batch_result(round_.trip, reply)
+        except Exception as exc:  # noqa: BLE001 - this Publisher's send failed (out of memory, a stale trip)
+            return exc
+
+    def _execute(self, commands: list[tuple]) -> list[Any]:
+        """The replies of ``commands`` in one round trip (a ResponseError where Redis refused one); none: a PING."""
+        self.round_trips += 1
+        if len(commands) <= 1:  # no pipeline to build
+            try:
+                return [self.client.execute_command(*commands[0])] if commands else [self.client.ping()]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+
+
 class Publisher:
     """Writes messages to Redis from a background thread; callers never block on Redis."""
 
     def __init__(self, url: str, prefix: str = "hv", maxlen: int = 10_000, buffer: int = 2_000,
                  name: str = "hydravision", connect_timeout_s: float = 2.0, socket_timeout_s: float = 2.0,
-                 max_backoff_s: float = 5.0, **redis_kwargs: Any) -> None:
-        """redis_kwargs go to redis.Redis.from_url, e.g. ssl_ca_certs for rediss:// URLs."""
+                 max_backoff_s: float = 5.0, writer: WriterThread | None = None, **redis_kwargs: Any) -> None:
+        """redis_kwargs go to redis.Redis.from_url, e.g. ssl_ca_certs for rediss:// URLs. ``writer``: a
+        WriterThread shared with other Publishers (``WriterThread.publisher``; its URL and connection options
+        then apply); None: one of its own, closed with it."""
         if buffer < 1 or maxlen < 1:
             raise ValueError(f"buffer and maxlen must be >= 1, got {buffer} and {maxlen}")
         self._url, self.keys, self.maxlen, self.buffer = url, Keys(prefix), maxlen, buffer
-        try:
-            # Retries are ours (ordered, bounded, backoff): redis-py must fail fast, not retry inside a call.
-            self._client = redis.Redis.from_url(
-                url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
-                health_check_interval=30, client_name=name, retry=Retry(FullJitterBackoff(), 0),
-                **redis_kwargs)
-        except ValueError as exc:
-            raise ValueError(self._redact(str(exc))) from None
+        self._own_writer = writer is None
+        self._thread = writer or WriterThread(url, name, connect_timeout_s, socket_timeout_s, **redis_kwargs)
         self.id = secrets.token_hex(8)  # names this instance's dedup state in Redis (workers/redis_writer.py)
-        self._writer = BatchWriter(self._client, self.keys.publisher(self.id), self.keys.cameras, maxlen)
+        self._batch_writer = BatchWriter(self._thread.client, self.keys.publisher(self.id), self.keys.cameras,
+                                         maxlen)
         self._backoff = FullJitterBackoff(cap=max_backoff_s, base=0.05)
-        self._cond = threading.Condition()  # guards everything below; never held during I/O
+        # The lock guards everything below and is the WriterThread's (shared by its Publishers); never held
+        # during I/O. _work wakes the thread; _done wakes flush() and close() after a send.
+        self._lock, self._work, self._done = self._thread.work, self._thread.work, self._thread.done
         self._queue: deque[_Entry] = deque()
         self._status: dict[str, str | None] = {}  # camera -> JSON, or None to delete
         self._hashes: dict[str, dict[str, HashValue]] = {}  # key -> fields, see set_hash
@@ -238,13 +388,16 @@ class Publisher:
         self._stats = {"sent": 0, "dropped": 0, "rejected": 0, "retries": 0, "reconnects": 0,
                        "round_trips": 0}
         self._connected, self._last_error = False, None
-        self._stop = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"publisher-{prefix}", daemon=True)
+        self._started = self._closed = False
+        # The WriterThread's view, written by it: a send in flight, failures in a row, when the next try may
+        # go (monotonic), the last send that reached Redis (monotonic).
+        self._in_flight, self._failures, self._retry_at, self._last_ok = False, 0, 0.0, 0.0
 
     def start(self) -> "Publisher":
-        if not self._thread.is_alive() and not self._closed:
-            self._thread.start()
+        """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
+        if not self._started and not self._closed:
+            self._thread._attach(self)
+            self._started = True
         return self
 
     def __enter__(self) -> "Publisher":
@@ -274,19 +427,19 @@ class Publisher:
         """Replaces the hash ``key`` with ``fields`` (bytes allowed): latest value wins, like set_status, and it
         is written inside the next batch's atomic script, so it never shows counts older than the events sent
         with them. Not buffered beyond that latest value; not written while Redis is out of memory."""
-        with self._cond:
+        with self._lock:
             self._hashes[key] = dict(fields)
             self._status_gen += 1
-            self._cond.notify()
+            self._work.notify()
 
     def _set_status(self, camera: str, data: str | None) -> None:
-        with self._cond:
+        with self._lock:
             self._status[camera] = data
             self._status_gen += 1
-            self._cond.notify()
+            self._work.notify()
 
     def _enqueue(self, camera: str, stream: str, live: str | None, data: str) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 self._drop(camera)  # a late publish during shutdown is counted, not raised
                 return
@@ -302,7 +455,7 @@ class Publisher:
                 self._undecided.append(oldest)
             else:
                 self._lost(oldest)
-        self._cond.notify()
+        self._work.notify()
 
     def _publish_own(self, event: dict, drops: dict[str, int] | None = None) -> None:
         """Queue one of the Publisher's own events; flush() waits for it too. Call with the lock held."""
@@ -324,96 +477,93 @@ class Publisher:
     def flush(self, timeout: float = 5.0) -> bool:
         """True when everything queued before this call has reached Redis (or was dropped, see stats), and so
         have the publisher_dropped / publisher_error events that the delivery itself caused."""
-        with self._cond:
+        with self._lock:
             target, status_target = self._seq, self._status_gen
-            return self._cond.wait_for(  # no writer thread (not started, or closed): nothing will change
+            writing = self._started and not self._closed and self._thread.alive
+            return self._done.wait_for(  # nothing sends for it (not started, or closed): nothing will change
                 lambda: self._acked >= max(target, self._own_seq) and self._status_done >= status_target,
-                timeout if self._thread.is_alive() else 0)
+                timeout if writing else 0)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush, then stop the thread; returns within about `timeout` even if Redis is gone. Idempotent."""
+        """Flush, then stop writing (and the thread, if it is this Publisher's own); returns within about
+        `timeout` even if Redis is gone. Idempotent."""
         if self._closed:
             return
         deadline = time.monotonic() + timeout
-        if self._thread.is_alive():
-            self.flush(timeout * 0.8)
-        with self._cond:
+        self.flush(timeout * 0.8)
+        with self._lock:
             self._closed = True
-            self._stop.set()
-            self._cond.notify_all()
             left = len(self._queue)
-        if self._thread.is_alive():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+            # A send in flight decides what of it reached Redis: wait for it, within the time left.
+            self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+        self._thread._detach(self)
+        if self._own_writer:
+            self._thread.close(max(0.0, deadline - time.monotonic()))
         if left:
             log.warning("publisher closed with %d messages not delivered to Redis", left)
-        if not self._thread.is_alive():
-            self._client.close()
 
     def stats(self) -> dict:
         """Counters, plus what a camera status needs: failing (writes fail now), failing_since (unix seconds of
         the first failure of this episode, else None), last_error (redacted; kept after recovery)."""
-        with self._cond:
+        with self._lock:
             return {**self._stats, "connected": self._connected, "last_error": self._last_error,
                     "failing": self._episode is not None,
                     "failing_since": self._episode.since if self._episode else None,
                     "queued": len(self._queue), "statuses_pending": len(self._status),
                     "hashes_pending": len(self._hashes)}
 
-    # --- the writer thread
-    def _run(self) -> None:
-        worker_thread("hv-publisher")
-        failures, last_ok = 0, time.monotonic()
-        while not self._stop.is_set():
-            with self._cond:
-                if self._connected or failures:  # the very first round goes at once: it tells if Redis is up
-                    self._cond.wait_for(lambda: self._queue or self._status or self._hashes or self._stop.is_set(),
-                                        1.0)
-                if self._stop.is_set():
-                    break
-                batch = list(itertools.islice(self._queue, MAX_BATCH))
-                statuses, status_gen = dict(self._status), self._status_gen
-                hashes, self._hashes = self._hashes, {}
-                self._status.clear()
-                drained = len(batch) == len(self._queue)  # after this batch, the backlog is delivered
-                self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
-                self._trip += 1
-                trip, idle = self._trip, not (batch or statuses or hashes)
-            # When idle, a PING now and then keeps stats()["connected"] true to what a send would find.
-            if idle and self._connected and time.monotonic() - last_ok < IDLE_PING_S:
-                continue
-            began = time.monotonic()
-            try:
-                result = None if idle else self._writer.write(trip, batch, statuses, hashes)
-                if idle:
-                    self._writer.ping()
-            except Exception as exc:  # noqa: BLE001 - any failure means "retry later"; the thread must not die
-                failures += 1
-                left = statuses
-                if statuses and isinstance(exc, redis.exceptions.OutOfMemoryError):
-                    left = self._write_statuses_despite_oom(statuses)
-                with self._cond:  # put back unless a newer value came meanwhile
-                    for key, fields in hashes.items():
-                        self._hashes.setdefault(key, fields)
-                self._failed(exc, began, batch, statuses, left, status_gen, hashes_left=bool(hashes))
-                self._stop.wait(self._backoff.compute(failures))
-                continue
-            failures, last_ok = 0, time.monotonic()
-            self._succeeded(batch, result, status_gen, drained)
-        with self._cond:
-            self._connected = False
-            for entry in self._undecided:  # never to be known: count them lost rather than claim them sent
-                self._lost(entry)
-            self._undecided.clear()
-        self._client.close()
+    # --- the WriterThread's side: _due and _take under the lock, the send outside it, then _finish
+    def _due(self, now: float) -> bool:
+        """Whether to send now: something waits, or (nothing waits) a PING tells whether Redis answers: at
+        once for a new Publisher, after the backoff while failing, every IDLE_PING_S while connected."""
+        if self._in_flight or now < self._retry_at:
+            return False
+        return bool(self._queue or self._status or self._hashes) or not self._connected \
+            or now - self._last_ok >= IDLE_PING_S
+
+    def _take(self) -> _Round:
+        batch = list(itertools.islice(self._queue, MAX_BATCH))
+        statuses, status_gen = dict(self._status), self._status_gen
+        hashes, self._hashes = self._hashes, {}
+        self._status.clear()
+        self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
+        self._trip += 1
+        self._in_flight = True
+        return _Round(self._trip, batch, statuses, status_gen, hashes, len(batch) == len(self._queue))
+
+    def _finish(self, round_: _Round, outcome: WriteResult | Exception | None, began: float) -> None:
+        """The outcome of a send that began at ``began`` (monotonic): its result, None (a PING answered) or
+        the exception it failed with. Called by the WriterThread without the lock."""
+        if not isinstance(outcome, Exception):
+            self._failures, self._last_ok = 0, time.monotonic()
+            self._succeeded(round_.batch, outcome, round_.status_gen, round_.drained)
+            return
+        self._failures += 1
+        left = round_.statuses
+        if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
+            left = self._write_statuses_despite_oom(round_.statuses)
+        with self._lock:  # put back unless a newer value came meanwhile
+            for key, fields in round_.hashes.items():
+                self._hashes.setdefault(key, fields)
+        self._failed(outcome, began, round_.batch, round_.statuses, left, round_.status_gen,
+                     hashes_left=bool(round_.hashes))
+
+    def _disconnected(self) -> None:
+        """Detached from its WriterThread, or the thread stopped. Under the lock."""
+        self._connected = False
+        for entry in self._undecided:  # never to be known: count them lost rather than claim them sent
+            self._lost(entry)
+        self._undecided.clear()
+        self._done.notify_all()
 
     def _write_statuses_despite_oom(self, statuses: dict[str, str | None]) -> dict[str, str | None]:
         """Redis is out of memory: write the statuses alone (they say why nothing else arrives). Returns
         those still to write: none, or all of them if this failed too."""
-        with self._cond:
+        with self._lock:
             self._trip += 1
             trip = self._trip
         try:
-            errors = self._writer.write_statuses(trip, statuses)
+            errors = self._batch_writer.write_statuses(trip, statuses)
         except Exception as exc:  # noqa: BLE001 - they stay pending, like the batch
             log.debug("camera statuses not written either: %s", self._redact(f"{type(exc).__name__}: {exc}"))
             return statuses
@@ -423,7 +573,8 @@ class Publisher:
 
     def _succeeded(self, batch: Sequence[_Entry], result: WriteResult | None, status_gen: int,
                    drained: bool) -> None:
-        with self._cond:
+        with self._lock:
+            self._in_flight = False
             self._stats["round_trips"] += 1
             if not self._connected and self._stats["retries"]:
                 self._stats["reconnects"] += 1
@@ -438,7 +589,7 @@ class Publisher:
                 report, self._unreported = self._unreported, {}
                 camera = next(iter(report)) if len(report) == 1 else ALL_CAMERAS
                 self._publish_own(event_message("publisher_dropped", camera, dropped=sum(report.values())), report)
-            self._cond.notify_all()
+            self._done.notify_all()
 
     def _settle(self, batch: Sequence[_Entry], result: WriteResult) -> None:
         """Count a written batch, and decide the fate of entries dropped after an earlier send carried them."""
@@ -480,7 +631,9 @@ class Publisher:
                 left: dict[str, str | None], status_gen: int, hashes_left: bool = False) -> None:
         """began: monotonic time the failed attempt started (a timeout is noticed seconds later)."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
-        with self._cond:
+        with self._lock:
+            self._in_flight = False
+            self._retry_at = time.monotonic() + self._backoff.compute(self._failures)
             for camera, data in left.items():  # put back unless a newer status came meanwhile
                 self._status.setdefault(camera, data)
             if statuses and not left and not hashes_left:  # written despite the error (out of memory)
@@ -492,6 +645,7 @@ class Publisher:
                 self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text)
             self._episode.failures += 1
             self._episode.cameras.update([e.camera for e in batch if e.own is None] + list(statuses))
+            self._done.notify_all()
         if was_connected or first:
             log.warning("publisher cannot write to Redis (%s); keeping up to %d messages, retrying",
                         text, self.buffer)

@@ -149,23 +149,39 @@ class BatchWriter:
         return {"batch": self._client.register_script(batch), "statuses": self._client.register_script(statuses)}
 
     def _call(self, script: str, keys: list, args: list) -> list:
-        try:
-            return self._scripts[script](keys=keys, args=args)
-        except redis.exceptions.ResponseError as exc:
-            text = str(exc)
-            if "-OOM " in text:  # Redis < 7 refused the script at its first write: the error 7 gives up front
-                raise redis.exceptions.OutOfMemoryError(text.split("-OOM ", 1)[1].strip()) from None
-            if not (self.shebang and "compiling script" in text and "near '#'" in text):
-                raise
+        for _ in range(3):  # a script load, then a switch to the bodies without shebang: twice at most
+            try:
+                return self._scripts[script](keys=keys, args=args)
+            except redis.exceptions.ResponseError as exc:
+                self.send_again_after(exc, script)
+        return self._scripts[script](keys=keys, args=args)
+
+    def send_again_after(self, exc: redis.exceptions.ResponseError, script: str = "batch") -> None:
+        """Returns when ``exc``, the error of a call of ``script``, only said the script must be loaded
+        (NOSCRIPT) or sent without its shebang (Redis before 7.0), both done now: that call applied nothing,
+        send it again. Else raises what Redis refused the call for."""
+        if isinstance(exc, redis.exceptions.NoScriptError):
+            try:
+                self._client.script_load(self._scripts[script].script)
+                return
+            except redis.exceptions.ResponseError as load_error:  # Redis < 7 cannot compile the shebang
+                exc = load_error
+        text = str(exc)
+        if "-OOM " in text:  # Redis < 7 refused the script at its first write: the error 7 gives up front
+            raise redis.exceptions.OutOfMemoryError(text.split("-OOM ", 1)[1].strip()) from None
+        if not (self.shebang and "compiling script" in text and "near '#'" in text):
+            raise exc
         log.debug("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
         self.shebang, self._scripts = False, self._register(BATCH_BODY, STATUS_BODY)
-        return self._call(script, keys, args)  # once more, without the shebang: its errors read as above
 
-    def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
-              hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
-        """XADD (+ PUBLISH) every entry not yet applied, then replace each hash in ``hashes`` (key -> fields),
-        then the statuses; raises what Redis refused it for."""
-        hashes = hashes or {}
+    def batch_command(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
+                      hashes: dict[str, dict[str, HashValue]] | None = None) -> tuple:
+        """The EVALSHA command of ``write``, for a pipeline; its reply goes to ``batch_result``."""
+        keys, args = self._batch_call(trip, entries, statuses, hashes or {})
+        return ("EVALSHA", self._scripts["batch"].sha, len(keys), *keys, *args)
+
+    def _batch_call(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
+                    hashes: dict[str, dict[str, HashValue]]) -> tuple[list, list]:
         args: list[HashValue] = [trip, self.maxlen, STATE_TTL_S, len(hashes)]
         for e in entries:
             args += [e.seq, e.live or "", e.data]
@@ -173,13 +189,21 @@ class BatchWriter:
             args.append(len(fields))
             for name, value in fields.items():
                 args += [name, value]
-        reply = self._call("batch", [self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes],
-                           args + _status_args(statuses))
+        return [self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes], args + _status_args(statuses)
+
+    def batch_result(self, trip: int, reply: list) -> WriteResult:
         prior, stale, rejected, reasons, errors = reply
         if stale:
             raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
         return WriteResult(int(prior), [(int(i), _text(r)) for i, r in zip(rejected, reasons)],
                            [_text(e) for e in errors])
+
+    def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
+              hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
+        """XADD (+ PUBLISH) every entry not yet applied, then replace each hash in ``hashes`` (key -> fields),
+        then the statuses; raises what Redis refused it for."""
+        keys, args = self._batch_call(trip, entries, statuses, hashes or {})
+        return self.batch_result(trip, self._call("batch", keys, args))
 
     def write_statuses(self, trip: int, statuses: dict[str, str | None]) -> list[str]:
         """Only the statuses, also while Redis is over maxmemory; returns the errors of writes that failed."""

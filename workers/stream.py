@@ -29,7 +29,7 @@ from workers.frames import FrameRequest, HeadArrays, detection_records, to_detec
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_call
 from workers.motion import MotionGate
-from workers.publish import Publisher, detection_message, entry_order, event_message, keys
+from workers.publish import Publisher, WriterThread, detection_message, entry_order, event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig
 from workers.snapshots import Snapshotter
@@ -644,9 +644,12 @@ def retired_track_ids_key(prefix: str) -> str:
     return f"{prefix}:track_ids"
 
 
-def publisher_for(settings: RedisConfig, name: str) -> Publisher:
-    """A (not yet started) Publisher for resolved Redis settings: the cameras' and the controller's."""
+def publisher_for(settings: RedisConfig, name: str, writer: WriterThread | None = None) -> Publisher:
+    """A (not yet started) Publisher for resolved Redis settings: the cameras' and the controller's. ``writer``:
+    the thread and connection it shares with the other cameras of its process; None: its own."""
     assert settings.url, "the controller resolves the Redis URL before anything publishes"
+    if writer is not None:
+        return writer.publisher(prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer)
     return Publisher(settings.url, prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer, name=name)
 
 
@@ -655,17 +658,18 @@ class CameraHost:
 
     def __init__(self, camera: CameraConfig, inference: list[str], model_info: dict, redis: RedisConfig,
                  instance: str | None = None, merger_for: Callable[[Any, Any], CallMerger] | None = None,
-                 model: InferenceService | None = None):
+                 model: InferenceService | None = None, writer: Callable[[], WriterThread] | None = None):
         """``inference``: names of the InferenceActors (not handles: a handle among the constructor arguments
         of a restartable actor makes Ray's core worker log an error at every start, see ray#53727);
         ``redis.url`` is resolved by the controller (never None here); ``instance`` names the service run;
-        ``model``: the process's own model (``inference.in_camera_process``), used instead of a replica."""
+        ``model``: the process's own model (``inference.in_camera_process``), used instead of a replica;
+        ``writer``: gives the WriterThread its Publisher shares with the process's other cameras (None: its own)."""
         # Validated once more where they arrive: a model passes through unchanged, a dict is checked.
         self.camera = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
         self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
         self.inference, self.model_info, self.instance = inference, model_info, instance
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
-        self.model = model
+        self.model, self.writer = model, writer
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
@@ -686,7 +690,8 @@ class CameraHost:
         if camera is not None:
             self.camera = camera
         if self.publisher is None:
-            self.publisher = publisher_for(self.redis, name=f"hydravision-{self.camera.id}").start()
+            self.publisher = publisher_for(self.redis, f"hydravision-{self.camera.id}",
+                                           self.writer() if self.writer else None).start()
         if self.model is not None:
             ref, replica = None, self.model
         else:  # stable spread of cameras over replicas (str hash() differs per process)
@@ -830,7 +835,8 @@ class StreamActor:
         any camera starts; ``checkpoint``: a path, or a reference to the file's bytes in Ray's object store
         (``model.distribute``), as an InferenceActor takes it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.model_info, self.redis, self.instance = model_info, redis, instance
+        self.model_info, self.instance = model_info, instance
+        self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
         self.merge_window_s = merge_window_s
         self.model: InferenceService | None = None
         if model is not None:
@@ -839,13 +845,22 @@ class StreamActor:
             self.model = InferenceService(**model)
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
+        self.writer: WriterThread | None = None  # the Redis connection and thread of its cameras' Publishers
         for camera, inference in cameras:
             self._add(camera, inference)
 
     def _add(self, camera: CameraConfig, inference: list) -> None:
         host = CameraHost(camera, inference, self.model_info, self.redis, self.instance,
-                          self._merger if self.merge_window_s > 0 else None, self.model)
+                          self._merger if self.merge_window_s > 0 else None, self.model, self._writer)
         self.hosts[host.camera.id] = host
+
+    def _writer(self) -> WriterThread:
+        """One writer for all cameras of the process: a wake-up and a round trip to Redis for what they all
+        published since the last, not one per camera (docs/architecture.md, "One Redis writer per process")."""
+        if self.writer is None:
+            assert self.redis.url, "the controller resolves the Redis URL before anything publishes"
+            self.writer = WriterThread(self.redis.url, name=f"hydravision-cameras-{os.getpid()}")
+        return self.writer
 
     def _merger(self, ref: Any, replica: Any) -> CallMerger:
         key = tuple(ref) if isinstance(ref, list) else ref
