@@ -132,6 +132,34 @@ def test_lossless_slot_holds_up_to_its_depth_and_a_live_one_keeps_the_newest():
     asyncio.run(main())
 
 
+def test_the_slot_wakes_the_loop_only_when_it_waits_for_a_frame():
+    """A wake-up from a decode thread is a write to the loop's self-pipe and a pass of the loop: a decoder
+    ahead of the loop (an unpaced file) handed each frame over with one, though the loop was not waiting."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = []
+        plain = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: wakes.append(a) or plain(*a, **k)  # type: ignore[method-assign]
+        frame = lambda i: CapturedFrame(i, i / 10, 0.0, (2, 2), np.zeros((3, 2, 2), np.uint8), None)
+        for lossless in (True, False):
+            wakes.clear()
+            slot = FrameSlot(loop, lossless=lossless, depth=4)
+            decoder = threading.Thread(target=lambda: [slot.put(frame(i)) for i in range(3)])
+            decoder.start()
+            decoder.join(5)
+            assert wakes == [] and (await slot.get()).index == (0 if lossless else 2)  # nobody was waiting
+            if lossless:
+                assert [(await slot.get()).index, (await slot.get()).index] == [1, 2]
+            waiting = asyncio.create_task(slot.get())  # the slot is empty: this one waits
+            await asyncio.sleep(0.05)
+            threading.Thread(target=slot.put, args=(frame(3),)).start()
+            assert (await asyncio.wait_for(waiting, 5)).index == 3 and len(wakes) == 1
+            slot.put(frame(4))  # taken by the next get() without a wake-up
+            assert (await slot.get()).index == 4 and len(wakes) == 1
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(60)
 def test_overloaded_live_camera_drops_newest_wins_and_counts_add_up(redis_server):
     """Inference 10x slower than the camera: frames are dropped, none silently, latency stays bounded."""

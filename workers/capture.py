@@ -67,6 +67,9 @@ class FrameSlot:
         self._closed = False
         self._cond = threading.Condition()
         self._ready = asyncio.Event()
+        # get() waits on _ready: only then does put() wake the loop (a cross-thread wake-up is a write to the
+        # loop's self-pipe and an epoll return; an unpaced file's decoder is mostly ahead of the loop).
+        self._awaited = False
 
     def new_generation(self, resume_position: int | None = None) -> tuple[int, int]:
         """Hands the slot to a new capture; the previous one's puts are refused from now on. Returns the new
@@ -117,7 +120,9 @@ class FrameSlot:
                 self._items.clear()
             self._items.append(item)
             self.resume_position = position
-        self.loop.call_soon_threadsafe(self._ready.set)
+            wake, self._awaited = self._awaited, False
+        if wake:
+            self.loop.call_soon_threadsafe(self._ready.set)
         return True
 
     def close(self) -> None:
@@ -163,6 +168,7 @@ class FrameSlot:
                 if self._closed:
                     return None
                 self._ready.clear()
+                self._awaited = True
             await self._ready.wait()
 
 
