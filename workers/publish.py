@@ -344,9 +344,11 @@ class WriterThread:
     def _execute(self, commands: list[tuple]) -> list[Any]:
         """The replies of ``commands`` in one round trip (a ResponseError where Redis refused one); none: a PING."""
         self.round_trips += 1
-        if len(commands) <= 1:  # no pipeline to build
+        if not commands:
+            return [self.client.ping()]  # raises what a refused PING gets, as any failed round trip
+        if len(commands) == 1:  # no pipeline to build
             try:
-                return [self.client.execute_command(*commands[0])] if commands else [self.client.ping()]
+                return [self.client.execute_command(*commands[0])]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
@@ -516,7 +518,7 @@ class Publisher:
     def _due(self, now: float) -> bool:
         """Whether to send now: something waits, or (nothing waits) a PING tells whether Redis answers: at
         once for a new Publisher, after the backoff while failing, every IDLE_PING_S while connected."""
-        if self._in_flight or now < self._retry_at:
+        if self._in_flight or self._closed or now < self._retry_at:
             return False
         return bool(self._queue or self._status or self._hashes) or not self._connected \
             or now - self._last_ok >= IDLE_PING_S
