@@ -17,6 +17,8 @@ How the pipeline is scored (the reasons are in docs/architecture.md, "Analytics"
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -29,7 +31,8 @@ from models.letterbox import letterbox
 from synthetic import sprites
 from synthetic.scene import CLASS_NAMES, FrameTruth, StreetScene, composite
 from workers.analytics import CameraAnalytics
-from workers.analytics_settings import LineConfig, MotionConfig, ZoneConfig
+from workers.analytics_settings import (LineConfig, MotionConfig, ZoneConfig, analytics_errors,
+                                        camera_analytics_problems, frame_errors)
 from workers.frames import detection_records, to_detections
 from workers.motion import MotionGate
 from workers.settings import TrackerConfig
@@ -76,6 +79,7 @@ def run_scene(runner, seed: int, frames: int, zones: list[ZoneConfig], lines: li
               motion: MotionConfig | None = None, tracker: TrackerConfig | None = None, batch: int = 8) -> SceneRun:
     """A StreetScene through the model (``runner``: a workers.model_runner.ModelRunner, the only torch here),
     the trackers, the motion gate (when ``motion`` is enabled) and the analytics."""
+    _check_count("frames", frames)
     scene = StreetScene(seed, width=size[0], height=size[1], fps=fps, density=density)
     return run_frames(runner, (scene.step() for _ in range(frames)), zones, lines, seed=seed, fps=fps, size=size,
                       motion=motion, tracker=tracker, batch=batch)
@@ -84,8 +88,14 @@ def run_scene(runner, seed: int, frames: int, zones: list[ZoneConfig], lines: li
 def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: list[ZoneConfig],
                lines: list[LineConfig], *, seed: int = 0, fps: float = 10.0, size: tuple[int, int] = (640, 360),
                motion: MotionConfig | None = None, tracker: TrackerConfig | None = None, batch: int = 8) -> SceneRun:
-    """As run_scene, for any (RGB image, truth) frames of ``size`` (width, height) at ``fps``."""
+    """As run_scene, for any (RGB image, truth) frames of ``size`` (width, height) at ``fps``. Zones and lines
+    the pipeline would refuse, or switch off on the first frame, raise ValueError: left out, they would just be
+    missing from the scores."""
     heads = dict(runner.heads)
+    problems = (camera_analytics_problems(zones, lines, None)
+                + analytics_errors(zones, lines, None, heads) + list(frame_errors(zones, lines, size).values()))
+    if problems:
+        raise ValueError("; ".join(problems))
     analytics = CameraAnalytics(zones, lines, heads, size)
     camera_tracker = CameraTracker(list(heads), tracker or TrackerConfig(), fps)
     gate = MotionGate(motion) if motion is not None and motion.enabled else None
@@ -118,6 +128,8 @@ def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: l
         pending.clear()
 
     for f, (rgb, truth) in enumerate(frames):
+        if rgb.shape[:2] != (size[1], size[0]):  # the zones, lines and scores are in ``size``'s pixels
+            raise ValueError(f"frame {f} is {rgb.shape[1]}x{rgb.shape[0]}, but size is {size[0]}x{size[1]}")
         run.truths.append(truth)
         image, lb = letterbox(rgb, runner.input_size)
         pts = f / fps
@@ -134,22 +146,46 @@ def parked_scene(seed: int, frames: int, cls: str = "car", at: tuple[float, floa
                  density: float = 0.0) -> Iterator[tuple[np.ndarray, FrameTruth]]:
     """A StreetScene (empty at the default density, so its sensor noise and light drift are all that change)
     with one object that never moves: ``at`` is where it stands (normalised bottom centre), ``length`` its
-    size as a fraction of the frame width. Truth: that object (id 10**6) and the scene's own objects."""
+    size as a fraction of the frame width. Truth: that object (id 10**6; its box clipped to the image, its
+    visibility the part inside; its kind) and the scene's own objects. Bad arguments raise ValueError at the call."""
+    _check_count("frames", frames)
+    if cls not in CLASS_NAMES:
+        raise ValueError(f"cls: unknown class {cls!r}; allowed: {', '.join(CLASS_NAMES)}")
+    if isinstance(length, bool) or not isinstance(length, numbers.Real) or not 0 < length <= 1:
+        raise ValueError(f"length must be in (0, 1] (a fraction of the frame width), got {length!r}")
+    if len(at) != 2 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in at):
+        raise ValueError(f"at must be a finite (x, y) in frame units, got {at!r}")
     scene = StreetScene(seed, width=size[0], height=size[1], fps=fps, density=density)
     rng = np.random.default_rng(seed)
-    sprite = sprites.render(cls, sprites.recipe(cls, rng), length * size[0], 0, False)
+    recipe = sprites.recipe(cls, rng)
+    sprite = sprites.render(cls, recipe, length * size[0], 0, False)
     x = round(at[0] * size[0] - sprite.anchor[0])
     y = round(at[1] * size[1] - sprite.anchor[1])
     labels = np.zeros((size[1], size[0]), np.int16)
     x0, y0, x1, y1 = sprite.bbox
-    box = np.array([[x + x0, y + y0, x + x1, y + y1]], np.float32)
-    for _ in range(frames):
-        image, truth = scene.step()
-        composite(image, labels, [(sprite, x, y, 1)])
-        yield image, FrameTruth(truth.frame, np.concatenate([truth.boxes, box]),
-                                np.concatenate([truth.class_ids, [CLASS_NAMES.index(cls)]]),
-                                np.concatenate([truth.object_ids, [10**6]]),
-                                np.concatenate([truth.visibility, np.ones(1, np.float32)]))
+    # a FrameTruth holds objects with a pixel inside the image, boxes clipped to it
+    inside = composite(np.zeros((size[1], size[0], 3), np.uint8), labels, [(sprite, x, y, 1)])[0][0]
+    if not inside:
+        raise ValueError(f"at: {tuple(at)} puts the {cls} outside the {size[0]}x{size[1]} frame")
+    box = np.clip(np.array([[x + x0, y + y0, x + x1, y + y1]], np.float32), 0, [*size, *size]).astype(np.float32)
+    visibility = np.array([inside / sprite.area], np.float32)
+
+    def frames_of() -> Iterator[tuple[np.ndarray, FrameTruth]]:
+        for _ in range(frames):
+            image, truth = scene.step()
+            composite(image, labels, [(sprite, x, y, 1)])
+            yield image, FrameTruth(truth.frame, np.concatenate([truth.boxes, box]),
+                                    np.concatenate([truth.class_ids, [CLASS_NAMES.index(cls)]]),
+                                    np.concatenate([truth.object_ids, [10**6]]),
+                                    np.concatenate([truth.visibility, visibility]),
+                                    np.concatenate([truth.kinds, [recipe.get("kind", "")]]).astype("<U8"))
+
+    return frames_of()
+
+
+def _check_count(name: str, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
 
 
 def _empty() -> sv.Detections:
@@ -170,6 +206,14 @@ def truth_detections(truth: FrameTruth, head_classes: list[str], min_visibility:
     return sv.Detections(xyxy=truth.boxes[keep].astype(np.float64), confidence=np.ones(int(keep.sum())),
                          class_id=np.array([head_classes.index(n) for n in names[keep]], dtype=int),
                          tracker_id=truth.object_ids[keep].astype(int), data={"class_name": names[keep]})
+
+
+def _matches(run: SceneRun, matches: list[dict] | None) -> list[dict]:
+    if matches is None:
+        return match_tracks(run)
+    if len(matches) != len(run.truths):  # another run's: the scores would pair the wrong frames
+        raise ValueError(f"matches has {len(matches)} frames, the run {len(run.truths)}")
+    return matches
 
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -209,7 +253,7 @@ def match_tracks(run: SceneRun) -> list[dict[int, tuple[str, int]]]:
 def score_lines(run: SceneRun, matches: list[dict] | None = None) -> dict:
     """Per line: pipeline counts, true crossings of tracked objects, all true crossings, per
     (head, class, direction); and the crossing events matched one to one."""
-    matches = matches if matches is not None else match_tracks(run)
+    matches = _matches(run, matches)
     out = {}
     for name, counter in run.analytics.lines.items():
         cfg = counter.config
@@ -286,8 +330,10 @@ def _inside_truth(run: SceneRun, zone_name: str) -> list[tuple[set[int], set[int
 
 
 def score_zones(run: SceneRun, matches: list[dict] | None = None, skip_first: int = 0) -> dict:
-    """Per zone: occupancy error per frame (distance from [visible inside, all inside]) and dwell errors."""
-    matches = matches if matches is not None else match_tracks(run)
+    """Per zone: occupancy error per frame (distance from [visible inside, all inside]) and dwell errors;
+    occupancy is scored from frame ``skip_first`` on."""
+    matches = _matches(run, matches)
+    _check_count("skip_first", skip_first)  # a negative start would index from the clip's end
     out = {}
     n = len(run.truths)
     real = {t for frame in matches for t in frame.values()}  # tracks that were ever on a true object
@@ -339,7 +385,7 @@ def score_zones(run: SceneRun, matches: list[dict] | None = None, skip_first: in
             "exact": round(float(np.mean(errors == 0)), 4) if len(errors) else None,
             "within_1_without_false_tracks": round(float(np.mean(without_false <= 1)), 4) if len(errors) else None,
             "max_error": int(errors.max()) if len(errors) else None,
-            "true_mean_inside": round(float(np.mean([len(v[1]) for v in inside])), 2),
+            "true_mean_inside": round(float(np.mean([len(v[1]) for v in inside])), 2) if inside else None,
             "dwell_scored": len(dwell), "true_complete_visits": complete,
             "dwell_within_0_5s": round(float(np.mean(errs <= 0.5)), 4) if len(errs) else None,
             "dwell_error_median_s": round(float(np.median(errs)), 3) if len(errs) else None,

