@@ -158,27 +158,32 @@ class LiveControl:
             self._release(cam.id)
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
             self._let_go(handle, stop=True)
+            self.note_rejected("add", by, "the service is shutting down")  # a refusal as any other: logged
             raise CommandRejected("the service is shutting down", 503)
         self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
 
     def remove_camera(self, camera_id: str, by: str) -> dict:
-        """Stops a camera: in-flight frames drain, its tracks end (track_ended), its decoder closes, its status
-        entry goes from {prefix}:cameras, its actor is killed (or, when it hosts other cameras too, forgets
-        it); then camera_removed."""
+        """Stops a camera: it leaves the running set (its id stays claimed), in-flight frames drain, its tracks
+        end (track_ended), its decoder closes, its status entry goes from {prefix}:cameras, its actor is killed
+        (or, when it hosts other cameras too, forgets it); then camera_removed."""
         try:
             handle = self._claim(camera_id)
         except CommandRejected as e:
             self.note_rejected("remove", by, e.reason)
             raise
         try:
+            # Out of ``cameras`` before its source stops: its drained run ends before the stop's answer comes
+            # (the final status, a publisher flush of up to 5 s while Redis is down), and until then the
+            # control loop took it for a source that had ended (the last camera's removal stopped the service)
+            # and /readyz for a stopped camera.
+            with self._lock:
+                self.cameras.pop(camera_id, None)
             try:
                 final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
                 final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
-            with self._lock:
-                self.cameras.pop(camera_id, None)
             self._retire_track_ids(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
             self.events.remove_status(camera_id)
             if self._let_go(handle):
@@ -267,12 +272,10 @@ class LiveControl:
             try:
                 status, before = client.hget(keys(self.redis_settings.prefix).cameras, camera_id), \
                     client.hget(retired_key, camera_id)
-                known = [next_ids or {}, json.loads(status).get("track_ids_next") or {} if status else {},
-                         json.loads(before) if before else {}]
                 merged: dict[str, int] = {}
-                for ids in known:
+                for ids in (_next_ids(next_ids), _next_ids(status, "track_ids_next"), _next_ids(before)):
                     for head, n in ids.items():
-                        merged[head] = max(merged.get(head, 0), int(n))
+                        merged[head] = max(merged.get(head, 0), n)
                 if merged:
                     client.hset(retired_key, camera_id, json.dumps(merged))
             finally:
@@ -290,3 +293,15 @@ class LiveControl:
             except ValueError:
                 return
             time.sleep(0.05)
+
+
+def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:
+    """Next track id per head from final stats or a Redis entry (JSON, ``field`` of it); {} for anything else:
+    an entry edited by hand raised in the middle of a removal, which then never let the camera's process go."""
+    try:
+        data = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        if field is not None:
+            data = data.get(field) if isinstance(data, dict) else None
+        return {str(head): int(n) for head, n in data.items()} if isinstance(data, dict) else {}
+    except (ValueError, TypeError, OverflowError):
+        return {}
