@@ -393,8 +393,8 @@ class App(LiveControl):
         """A camera no longer run (removed, or joined and never fully started): its process forgets it
         (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
         with self._lock:  # a camera joining the process while this one goes counts too (see _joining)
-            shared = any(h.process is handle.process and h.id != handle.id
-                         for h in [*self.cameras.values(), *self._joins.values()])
+            shared = any(h.process is handle.process and cid != handle.id
+                         for cid, h in [*self.cameras.items(), *self._joins.items()])  # _joins: id -> a host's handle
         if shared:
             try:
                 if stop:

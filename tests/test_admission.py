@@ -242,8 +242,8 @@ def test_a_second_add_of_an_id_while_the_first_registers_is_refused():
 
 
 def test_a_process_a_camera_is_joining_is_not_killed_when_its_last_camera_goes(monkeypatch):
-    """A camera added at run time may join the process of one being removed (still draining, so still counted):
-    the removal saw no other camera of that process and killed it under the one joining."""
+    """A camera added at run time may join the process of one being removed: the removal saw no other camera
+    of that process and killed it under the one joining."""
     import ray
 
     from pipeline.app import App
@@ -251,8 +251,8 @@ def test_a_process_a_camera_is_joining_is_not_killed_when_its_last_camera_goes(m
     app = App(parse_config({"api": {"max_cameras": 4}}))
     forgotten, killed = [], []
     process = SimpleNamespace(forget=SimpleNamespace(remote=forgotten.append))
-    leaving, joining = SimpleNamespace(id="a", process=process), SimpleNamespace(id="b", process=process)
-    app._joins["b"] = joining  # _joining chose a's process for b, which is starting there
+    leaving = SimpleNamespace(id="a", process=process)
+    app._joins["b"] = leaving  # _joining chose a's process for b (it keeps the handle of a camera there)
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=False: killed.append(actor))
     assert app._let_go(leaving) is False  # a is out of ``cameras`` already, as remove_camera leaves it
