@@ -97,6 +97,9 @@ def check_required(cmd: Command) -> None:
     for field in REQUIRED[cmd.op]:
         if getattr(cmd, field) is None:
             raise CommandRejected(f"data.{field}: required for op {cmd.op!r}")
+    camera_id = (cmd.camera or {}).get("id")
+    if cmd.op == "add" and cmd.id is not None and cmd.id != camera_id:  # the answer named id, the add used camera.id
+        raise CommandRejected(f"data.id: {cmd.id!r} is not the added camera's id {camera_id!r} (leave it out)")
 
 
 def execute(controller: Any, cmd: Command, by: str) -> Any:
@@ -187,7 +190,7 @@ class ControlConsumer:
                 raise CommandRejected(f"data: dropped after {MAX_DELIVERIES} deliveries that never completed")
             cmd = parse_command(fields)
             by = f"redis:{cmd.user or 'unknown'}"
-            result.update(request_id=cmd.request_id, op=cmd.op, camera=cmd.id or (cmd.camera or {}).get("id"))
+            result.update(request_id=cmd.request_id, op=cmd.op, camera=(cmd.camera or {}).get("id") if cmd.op == "add" else cmd.id)
             if cmd.expires is not None and time.time() > cmd.expires:
                 raise CommandRejected(f"data.expires: the command expired {time.time() - cmd.expires:.0f} s ago, "
                                       "unapplied")

@@ -81,3 +81,23 @@ def test_a_redis_blip_while_answering_retries_the_answer_and_never_applies_the_c
     finally:
         consumer.stop()
     assert restarted.added == ["third"]
+
+
+@pytest.mark.parametrize("command, camera, reason", [
+    ({"op": "add", "id": "x", "camera": {"id": "y", "url": "synthetic://street"}}, "y",
+     "data.id: 'x' is not the added camera's id 'y'"),
+    ({"op": "add", "id": "y", "camera": {"id": "y", "url": "synthetic://street"}}, "y", None),
+    ({"op": "add", "camera": {"id": "y", "url": "synthetic://street"}}, "y", None),
+])
+def test_an_add_answers_for_the_camera_it_adds(command: dict, camera: str, reason: str | None) -> None:
+    """An add with a top-level id besides camera.id added camera.id and answered for the id: the sender read
+    that camera x was added (a remove of x then failed: no such camera)."""
+    app = StandInApp()
+    app.note_rejected = lambda op, by, text: None  # type: ignore[method-assign]
+    consumer = ControlConsumer(app, "redis://127.0.0.1:1/0", "hv")  # _apply needs no Redis for these
+    result = consumer._apply("1-0", {b"data": json.dumps(command).encode()}, redelivered=False)
+    assert result["camera"] == camera
+    if reason is None:
+        assert result["status"] == "accepted" and app.added == [camera]
+    else:
+        assert result["status"] == "rejected" and result["reason"].startswith(reason) and app.added == []
