@@ -24,6 +24,7 @@ import supervision as sv
 
 from pipeline.analytics_eval import (HELD_OUT_SEEDS, INSPECTED_SEEDS, STREET_LINES, STREET_ZONES, match_tracks,
                                      parked_scene, run_frames, run_scene, score_lines, score_zones)
+from pipeline.cli import positive_int
 from pipeline.config import ModelConfig
 from pipeline.scoring import mot_scores
 from synthetic.scene import StreetScene
@@ -114,7 +115,7 @@ def snapshot_cost(sizes=((640, 360), (1280, 720)), n: int = 30) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--frames", type=int, default=400, help="frames per seed (10 fps)")
+    p.add_argument("--frames", type=positive_int, default=400, help="frames per seed (10 fps)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer frames")
     args = p.parse_args()
     runner = ModelRunner(ModelConfig().checkpoint_path(), device="cpu", max_batch=8)
