@@ -29,7 +29,7 @@ from workers.analytics_settings import analytics_errors
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
-from workers.settings import CameraConfig, RedisConfig
+from workers.settings import CameraConfig, RedisConfig, redis_url_error
 from workers.inference import CALL_BYTES
 from workers.stream import StreamActor, publisher_for
 
@@ -117,6 +117,8 @@ class App(LiveControl):
     # -- start -------------------------------------------------------------------------------
     def resolve_redis(self) -> str:
         url = self.redis_url or os.environ.get(REDIS_URL_ENV) or self.config.redis.url
+        if url is not None and (problem := redis_url_error(url)):  # --redis-url, the variable: not in the config
+            raise UserError(f"Redis URL {redact_url(url)}: {problem}")
         if url is None:
             cluster.require_redis_url(self.config)
             self.embedded = EmbeddedRedis().start()

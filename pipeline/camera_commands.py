@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from workers.redact import redact_url
+from workers.settings import redis_url_error
 
 API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_API_TOKEN", "HYDRAVISION_REDIS_URL"
 
@@ -144,6 +145,8 @@ def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
     if api:
         return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout)
     url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    if problem := redis_url_error(url):
+        raise UserError(f"--redis-url {redact_url(url)}: {problem}")
     return RedisChannel(url, args.prefix, args.timeout)
 
 

@@ -23,6 +23,7 @@ from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
 from workers.publish import keys
 from workers.redact import redact_url
+from workers.settings import redis_url_error
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ def command(args: Any) -> int:
     from pipeline.errors import UserError
 
     url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    if problem := redis_url_error(url):
+        raise UserError(f"--redis-url {redact_url(url)}: {problem}")
     if not math.isfinite(args.interval) or args.interval <= 0:  # nan passed `<= 0` and busy-polled Redis
         raise UserError(f"--interval must be a number > 0, got {args.interval:g}")
     try:

@@ -93,7 +93,8 @@ def test_status_and_tail_say_what_redis_refused_in_one_line(redis_server, capsys
     assert main(["status", "--redis-url", redis_server.url]) == 2
     assert capsys.readouterr().err.startswith("error: Redis: ResponseError: WRONGTYPE")
     assert main(["status", "--redis-url", "http://127.0.0.1:1/"]) == 2
-    assert "error: --redis-url http://127.0.0.1:1/: Redis URL must specify one of" in capsys.readouterr().err
+    assert "error: --redis-url http://127.0.0.1:1/: must start with redis://, rediss:// or unix://\n" == \
+        capsys.readouterr().err
 
 
 def test_tail_into_a_pipe_that_closes_ends_quietly(redis_server) -> None:
@@ -110,3 +111,28 @@ def test_tail_into_a_pipe_that_closes_ends_quietly(redis_server) -> None:
     proc.stdout.close()  # what head does after its line
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+SLASHED = "redis://:s3cr/et@127.0.0.1:1/0"  # a password with a '/' not percent-encoded
+
+
+@pytest.mark.parametrize("command", [["status"], ["tail", "lobby"], ["cameras", "list"], ["dashboard"]])
+def test_a_redis_url_whose_password_holds_a_slash_is_refused_without_a_piece_of_it(
+        command: list[str], capsys: pytest.CaptureFixture) -> None:
+    """redis-py reads what follows the ':' up to the '/' as a port: its error quoted "s3cr" and the command
+    called it a bug in hydravision."""
+    assert main([*command, "--redis-url", SLASHED]) == 2
+    err = capsys.readouterr().err
+    assert "no readable host:port; a password holding '/'" in err and "redis://***@127.0.0.1:1/0" in err
+    assert "s3cr" not in err and "bug" not in err
+
+
+def test_the_service_refuses_such_a_url_from_its_variable(monkeypatch) -> None:
+    from pipeline.app import REDIS_URL_ENV, App
+    from pipeline.config import parse_config
+    from pipeline.errors import UserError
+
+    monkeypatch.setenv(REDIS_URL_ENV, SLASHED)  # not read through the config's check
+    with pytest.raises(UserError, match=r"no readable host:port") as refused:
+        App(parse_config({}), say=lambda text: None).resolve_redis()
+    assert "s3cr" not in str(refused.value)

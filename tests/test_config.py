@@ -44,6 +44,9 @@ def test_demo_defaults_need_no_setup(monkeypatch):
         ({"cameras": [cam(tracker={"lost_track_buffer": "long"})]}, r"cameras\[0\]\.tracker\.lost_track_buffer"),
         ({"inference": {"max_batch": 0}}, r"inference\.max_batch: Input should be greater than or equal to 1 \(got 0\)"),
         ({"redis": {"url": "http://x"}}, r"redis\.url: must start with redis://"),
+        # a password with '/' cut the URL there: redis-py's error quoted the rest as a port ("as 'ab'")
+        ({"redis": {"url": "redis://:ab/cd@db:6379/0"}}, r"redis\.url: no readable host:port; a password holding '/'.*"
+                                                        r"\(got 'redis://\*\*\*@db:6379/0'\)"),
         ({"model": {"device": "tpu"}}, r"model\.device: String should match pattern"),
         ({"cameras": "lobby"}, r"cameras: Input should be a valid list"),
         ({"cameras": [cam(hwaccel="nvdecc")]}, r"cameras\[0\]\.hwaccel: not a hardware decoder this FFmpeg supports"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,9 +64,22 @@ class RedisConfig(Strict):
     def _url(cls, v: str | None) -> str | None:
         if v in (None, ""):
             return None
-        if not re.match(r"^(redis|rediss|unix)://", v):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, got {redact_url(v)!r}")
+        if problem := redis_url_error(v):
+            raise ValueError(problem)
         return v
+
+
+def redis_url_error(url: str) -> str | None:
+    """Why ``url`` is no Redis URL, or None. Quotes the URL redacted only: redis-py's own error for a password
+    holding '/' quotes what follows the ':' as a port, a piece of the password."""
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        return "must start with redis://, rediss:// or unix://"
+    try:
+        urlsplit(url).port
+    except ValueError:
+        return ("no readable host:port; a password holding '/', '?', '#' or '@' must be percent-encoded "
+                "(%2F, %3F, %23, %40)")
+    return None
 
 
 class AppearanceConfig(Strict):
