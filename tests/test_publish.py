@@ -757,3 +757,24 @@ def test_closing_one_publisher_leaves_the_others_of_its_writer(redis_server: Red
     assert not w.alive
     with pytest.raises(RuntimeError, match="closed"):
         w.publisher().start()
+
+
+def test_a_bug_settling_one_publishers_send_leaves_the_others_writing(redis_server: RedisServer, writer,
+                                                                      monkeypatch, caplog) -> None:
+    client, w = redis_server.client(), writer(redis_server.url)
+    broken, fine = w.publisher().start(), w.publisher().start()
+    plain = Publisher._succeeded
+
+    def succeeded(self, *args, **kwargs):
+        if self is broken:
+            raise RuntimeError("a bug")
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(Publisher, "_succeeded", succeeded)
+    for frame in range(3):
+        broken.publish_detections(det(camera="broken", frame=frame))
+        fine.publish_detections(det(camera="fine", frame=frame))
+        assert fine.flush()
+    assert frames_of(client, "fine") == [0, 1, 2] and w.alive and "a bug" in caplog.text
+    monkeypatch.setattr(Publisher, "_succeeded", plain)
+    assert broken.flush() and frames_of(client, "broken") == [0, 1, 2]  # sent again: written once

@@ -292,7 +292,12 @@ class WriterThread:
                 break
             began = time.monotonic()
             for (publisher, round_), outcome in zip(rounds, self._send(rounds)):
-                publisher._finish(round_, outcome, began)
+                try:
+                    publisher._finish(round_, outcome, began)
+                except Exception:  # a bug in one camera's bookkeeping must not stop the other cameras' writes
+                    log.exception("publisher: settling a send failed")
+                    with self.work:
+                        publisher._in_flight = False
         with self.work:
             for publisher in self._publishers:
                 publisher._disconnected()
