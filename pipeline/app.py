@@ -43,6 +43,9 @@ RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
+# The controller's Publisher in the metrics' `publisher` label: no camera id starts with '_', so a camera
+# named "controller" gets a series of its own instead of a duplicate.
+CONTROLLER_PUBLISHER = "_controller"
 RECENT_RESTARTED_PIDS = 256  # more processes than one restart can bring back at once
 
 
@@ -449,7 +452,7 @@ class App(LiveControl):
         self._last_stats = {s["camera"]: s for s in out}
         self.telemetry.record_cameras(out, present=list(handles))
         if self.events:
-            self.telemetry.record_publisher("controller", self.events.stats())
+            self.telemetry.record_publisher(CONTROLLER_PUBLISHER, self.events.stats())
         # a camera process's model numbers came with its cameras' stats
         self._check_inference({h.name: a["model"] if isinstance(a := answers[id(h.process)], dict) else None
                                for h in handles.values()} if self.in_camera_process else None)

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.metrics import health, metrics_registry, ready
 from pipeline.telemetry import Telemetry
 from workers.histograms import (BATCH_WAIT_BUCKETS, FRAME_AGE_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram)
-from workers.settings import CameraConfig
+from workers.settings import CAMERA_ID, CameraConfig
 
 SECRET = "hunter2-secret"
 
@@ -316,3 +316,18 @@ def test_telemetry_snapshots_are_copies():
     snap.cameras["lobby"].stats["state"] = "changed"
     assert t.snapshot().cameras["lobby"].stats["state"] == "running"
     assert copy.deepcopy(snap).cameras["lobby"].counters.value("decoded") == 105
+
+
+def test_a_camera_named_controller_and_the_controllers_publisher_are_two_series():
+    """The controller's Publisher was labelled publisher="controller", a valid camera id: two samples with
+    the same labels and different values, of which a scraper keeps one."""
+    from pipeline.app import CONTROLLER_PUBLISHER
+
+    t = Telemetry()
+    t.record_cameras([camera_stats("controller")])
+    t.record_publisher(CONTROLLER_PUBLISHER, {"retries": 7, "dropped": 2})
+    m = scrape(t)
+    assert value(m, "hydravision_redis_errors_total", publisher="controller") == 3
+    assert value(m, "hydravision_redis_errors_total", publisher=CONTROLLER_PUBLISHER) == 7
+    assert value(m, "hydravision_redis_messages_dropped_total", publisher=CONTROLLER_PUBLISHER) == 2
+    assert not CAMERA_ID.match(CONTROLLER_PUBLISHER)
