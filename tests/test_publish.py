@@ -689,6 +689,20 @@ def test_publishers_sharing_a_writer_send_in_one_round_trip(redis_server: RedisS
     assert len(hv_connections) == 1  # one connection for the three
 
 
+def test_publishers_sharing_a_writer_on_either_redis(any_redis: RedisServer, writer) -> None:
+    """Redis 6.2 refuses the scripts' shebang: each pipelined call is sent again without it (and loaded)."""
+    client, w = any_redis.client(), writer(any_redis.url)
+    pubs = [w.publisher() for _ in range(2)]
+    with w.work:
+        for i, p in enumerate(pubs):
+            for frame in range(3):
+                p.publish_detections(det(camera=f"cam{i}", frame=frame))
+            p.start()
+    assert all(p.flush() for p in pubs)
+    assert [frames_of(client, f"cam{i}") for i in range(2)] == [[0, 1, 2]] * 2
+    assert all(p.stats()["sent"] == 3 and not p.stats()["failing"] for p in pubs)
+
+
 def test_a_publisher_redis_refuses_does_not_hold_up_those_sharing_its_writer(password_server: RedisServer,
                                                                               writer) -> None:
     """An ACL user allowed the hv: keys only: the Publisher writing under the prefix "other" fails (NOPERM)
