@@ -446,8 +446,15 @@ class App(LiveControl):
                 # Removed meanwhile (its process, still hosting others, forgot it and answers "created"):
                 # not a camera to restart.
                 busy = cid in self._busy or self.cameras.get(cid) is not handles[cid]
-            if s.get("state") == "created" and not self._stop.is_set() and not busy:
-                s = self._restart_camera(handles[cid]) or s
+                restart = s.get("state") == "created" and not self._stop.is_set() and not busy
+                if restart:  # claimed as a command claims it: a removal meanwhile left it running, forgotten
+                    self._busy.add(cid)
+            if restart:
+                try:
+                    s = self._restart_camera(handles[cid]) or s
+                finally:
+                    with self._lock:
+                        self._busy.discard(cid)
             out.append(s)
         self._last_stats = {s["camera"]: s for s in out}
         self.telemetry.record_cameras(out, present=list(handles))

@@ -113,7 +113,8 @@ class LiveControl:
             raise CommandRejected(f"camera.id: expected a string, got {type(camera_id).__name__}")
         with self._lock:
             if camera_id in self._busy:
-                raise CommandRejected(f"camera.id: camera {camera_id!r} is being changed by another command", 409)
+                raise CommandRejected(f"camera.id: camera {camera_id!r} is being changed by another command "
+                                      "(or restarted after a crash)", 409)
             handle = self.cameras.get(camera_id)
             if new and handle is not None:
                 raise CommandRejected(f"camera.id: camera {camera_id!r} already exists", 409)

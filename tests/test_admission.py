@@ -237,7 +237,7 @@ def test_a_second_add_of_an_id_while_the_first_registers_is_refused():
 
     app._spawn = lambda cams: [Started()]
     app.add_camera({"id": "a", "url": "synthetic://street"}, by="first")
-    assert second == ["camera.id: camera 'a' is being changed by another command"]
+    assert second == ["camera.id: camera 'a' is being changed by another command (or restarted after a crash)"]
     assert list(app.cameras) == ["a"] and not app._busy
 
 

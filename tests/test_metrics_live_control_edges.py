@@ -138,3 +138,34 @@ def test_a_removal_goes_on_past_track_ids_in_a_shape_it_never_wrote(monkeypatch,
     assert app.remove_camera("live", by="test")["final"]["state"] == "stopped"
     assert let_go == ["live"] and not app.cameras and not app._busy
     assert json.loads(fake.entries[("hv:track_ids", "live")]) == {"people": 5}  # the ids it could read are kept
+
+
+def test_a_removal_during_a_crash_restart_is_refused_until_the_restart_is_done(monkeypatch):
+    """The control loop restarts a camera whose process Ray re-created (its stats say "created"). A removal
+    in that window stopped a camera that had not started yet (nothing to stop), the process forgot it, and the
+    restart's start went on: the camera ran on in a process shared with others, forgotten by the controller."""
+    app = service(monkeypatch)
+    refused = []
+
+    def start(camera_id, camera, inference):  # the restart, under way: a removal comes in
+        try:
+            app.remove_camera(camera_id, by="api:ops")
+        except CommandRejected as e:
+            refused.append((e.status, e.reason))
+        return None
+
+    handle = running(app, "cam", lambda camera_id, drain=True: pytest.fail("stopped while it restarted"))
+    handle.process.start = SimpleNamespace(remote=start)
+    handle.process.wait = SimpleNamespace(remote=lambda camera_id: f"done-{camera_id}")
+    handle.process.stats = SimpleNamespace(remote=lambda camera_id: {"camera": camera_id, "state": "running",
+                                                                     "pid": 4242})
+    handle.process.stats_many = SimpleNamespace(remote=lambda ids, model: {
+        "cameras": {cid: {"camera": cid, "state": "created", "pid": 4242} for cid in ids}, "model": None})
+    app._report_restart = lambda *args, **kwargs: None
+    app.events.stats = lambda: {}
+    stats = app.stats()
+    assert refused == [(409, "camera.id: camera 'cam' is being changed by another command (or restarted after "
+                             "a crash)")]
+    assert stats[0]["state"] == "running" and list(app.cameras) == ["cam"] and not app._busy
+    handle.process.stop = SimpleNamespace(remote=lambda camera_id, drain=True: {"state": "stopped"})
+    assert app.remove_camera("cam", by="api:ops")["final"]["state"] == "stopped"  # once the restart is done
