@@ -218,7 +218,11 @@ class LiveControl:
                     result = ray.get(handle.process.update.remote(camera_id, new), timeout=STOP_TIMEOUT_S)
                 except ray.exceptions.RayTaskError as e:  # the camera refused the change
                     raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
-                except ray.exceptions.RayError as e:  # its actor is gone or hangs: nothing was changed
+                except ray.exceptions.GetTimeoutError:  # the call still waits in the actor and may yet apply
+                    raise CommandRejected(f"camera: its stream actor did not answer in {STOP_TIMEOUT_S:g} s; the "
+                                          "change may still apply: read the camera back before sending it again",
+                                          503) from None
+                except ray.exceptions.RayError as e:  # its actor is gone: nothing was changed
                     raise CommandRejected(f"camera: its stream actor did not answer: "
                                           f"{self._describe(e, camera_id)}", 503) from None
                 handle.config = new

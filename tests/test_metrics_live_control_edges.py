@@ -169,3 +169,20 @@ def test_a_removal_during_a_crash_restart_is_refused_until_the_restart_is_done(m
     assert stats[0]["state"] == "running" and list(app.cameras) == ["cam"] and not app._busy
     handle.process.stop = SimpleNamespace(remote=lambda camera_id, drain=True: {"state": "stopped"})
     assert app.remove_camera("cam", by="api:ops")["final"]["state"] == "stopped"  # once the restart is done
+
+
+def test_an_update_that_timed_out_does_not_say_nothing_changed(monkeypatch):
+    """The update call still waited in the camera's process and could apply later; the answer said the actor
+    did not answer, read as "nothing was changed"."""
+    app = service(monkeypatch)
+    app.admission = SimpleNamespace(check=lambda cam, url_changed=False: cam)
+    handle = running(app, "cam")
+
+    def late(camera_id, camera):
+        raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    handle.process.update = SimpleNamespace(remote=late)
+    with pytest.raises(CommandRejected) as refused:
+        app.update_camera("cam", {"fps": 5}, by="api:ops")
+    assert refused.value.status == 503 and "the change may still apply" in refused.value.reason
+    assert handle.config.fps is None and not app._busy
