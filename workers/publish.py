@@ -375,14 +375,14 @@ class Publisher:
             raise ValueError(f"buffer and maxlen must be >= 1, got {buffer} and {maxlen}")
         self._url, self.keys, self.maxlen, self.buffer = url, Keys(prefix), maxlen, buffer
         self._own_writer = writer is None
-        self._thread = writer or WriterThread(url, name, connect_timeout_s, socket_timeout_s, **redis_kwargs)
+        self._writer = writer or WriterThread(url, name, connect_timeout_s, socket_timeout_s, **redis_kwargs)
         self.id = secrets.token_hex(8)  # names this instance's dedup state in Redis (workers/redis_writer.py)
-        self._batch_writer = BatchWriter(self._thread.client, self.keys.publisher(self.id), self.keys.cameras,
+        self._batch_writer = BatchWriter(self._writer.client, self.keys.publisher(self.id), self.keys.cameras,
                                          maxlen)
         self._backoff = FullJitterBackoff(cap=max_backoff_s, base=0.05)
         # The lock guards everything below and is the WriterThread's (shared by its Publishers); never held
         # during I/O. _work wakes the thread; _done wakes flush() and close() after a send.
-        self._lock, self._work, self._done = self._thread.work, self._thread.work, self._thread.done
+        self._lock, self._work, self._done = self._writer.work, self._writer.work, self._writer.done
         self._queue: deque[_Entry] = deque()
         self._status: dict[str, str | None] = {}  # camera -> JSON, or None to delete
         self._hashes: dict[str, dict[str, HashValue]] = {}  # key -> fields, see set_hash
@@ -403,7 +403,7 @@ class Publisher:
     def start(self) -> "Publisher":
         """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
         if not self._started and not self._closed:
-            self._thread._attach(self)
+            self._writer._attach(self)
             self._started = True
         return self
 
@@ -486,7 +486,7 @@ class Publisher:
         have the publisher_dropped / publisher_error events that the delivery itself caused."""
         with self._lock:
             target, status_target = self._seq, self._status_gen
-            writing = self._started and not self._closed and self._thread.alive
+            writing = self._started and not self._closed and self._writer.alive
             return self._done.wait_for(  # nothing sends for it (not started, or closed): nothing will change
                 lambda: self._acked >= max(target, self._own_seq) and self._status_done >= status_target,
                 timeout if writing else 0)
@@ -503,9 +503,9 @@ class Publisher:
             left = len(self._queue)
             # A send in flight decides what of it reached Redis: wait for it, within the time left.
             self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
-        self._thread._detach(self)
+        self._writer._detach(self)
         if self._own_writer:
-            self._thread.close(max(0.0, deadline - time.monotonic()))
+            self._writer.close(max(0.0, deadline - time.monotonic()))
         if left:
             log.warning("publisher closed with %d messages not delivered to Redis", left)
 
