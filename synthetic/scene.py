@@ -246,15 +246,19 @@ class StreetScene:
             raise ValueError(f"fps must be in (0, 1000], got {fps!r}")
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 <= density <= _MAX_DENSITY:
             raise ValueError(f"density must be in [0, {_MAX_DENSITY:g}], got {density!r}")
-        if isinstance(classes, str) or not classes:
+        try:  # a numpy array too (its truth value raised numpy's "ambiguous" error)
+            names = None if isinstance(classes, str) else [str(c) for c in classes]
+        except TypeError:  # None, a number
+            names = None
+        if not names:
             raise ValueError(f"classes must be a non-empty sequence of names from {CLASS_NAMES}, got {classes!r}")
-        for c in classes:
+        for c in names:
             if c not in CLASS_NAMES:
                 raise ValueError(f"classes: unknown class {c!r}; allowed: {', '.join(CLASS_NAMES)}")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"classes: duplicate names in {list(classes)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"classes: duplicate names in {names}")
         self.width, self.height, self.fps, self.density = int(width), int(height), float(fps), float(density)
-        self.classes = tuple(classes)
+        self.classes = tuple(names)
         self._rng = rng = np.random.default_rng(int(seed))
         self._lay = _Layout(rng, self.width, self.height)
         self._background, self._foreground = _paint_street(rng, self._lay, self.width, self.height)

@@ -222,3 +222,18 @@ def test_a_facade_left_of_the_frame_paints_no_wall_over_the_sky():
     image = StreetScene(507, density=0).step()[0].astype(np.float64)
     left, right = image[30:50, 250:350].reshape(-1, 3).mean(0), image[30:50, 625:].reshape(-1, 3).mean(0)
     assert np.abs(left - right).max() < 25  # before: blue 134 against the sky's 185
+
+
+@pytest.mark.parametrize("classes, error", [
+    (np.array(["car", "person"]), None),
+    (None, "classes must be a non-empty sequence"),
+    (np.array([]), "classes must be a non-empty sequence"),
+    (np.array(["car", "tank"]), "classes: unknown class 'tank'"),
+])
+def test_street_scene_takes_classes_as_a_numpy_array(classes, error):
+    """np.array([...]) raised numpy's "truth value of an array ... is ambiguous" instead of naming classes."""
+    if error is None:
+        assert StreetScene(1, classes=classes).classes == ("car", "person")
+    else:
+        with pytest.raises(ValueError, match=error):
+            StreetScene(1, classes=classes)
