@@ -2,6 +2,7 @@
 only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
+import locale
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -137,6 +138,21 @@ _MACHINE = pytest.StashKey[object]()
 def pytest_terminal_summary(terminalreporter, config) -> None:
     if _MACHINE in config.stash:
         terminalreporter.write_line(f"machine (measured for sizing tests): {config.stash[_MACHINE]}")
+
+
+_CTYPE = locale.setlocale(locale.LC_CTYPE)  # as the session began (C.UTF-8 here)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item) -> None:
+    """Once (2026-12-06), a test read a child's UTF-8 output (the final table's box characters) as ASCII: with
+    `text=True`, subprocess decodes with the locale's encoding, and something in this process had set the C
+    locale (not found: no code of ours calls setlocale). Children are now read as UTF-8 explicitly, and a test
+    that leaves the locale changed is named here and the locale put back."""
+    now = locale.setlocale(locale.LC_CTYPE)
+    if now != _CTYPE:
+        locale.setlocale(locale.LC_CTYPE, _CTYPE)
+        print(f"\n{item.nodeid} left LC_CTYPE {now!r} (was {_CTYPE!r}): put back", file=sys.stderr)
 
 
 _local_ray_owed = False  # a ray_free test stopped the session's local Ray; the next test that is not one restarts it

@@ -76,12 +76,12 @@ def test_node_consumer_reads_and_validates_real_pipeline_output(street, tmp_path
         if shutil.which(tool) is None:
             require_binary(tool)  # skips, or fails under CI=true
     install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_EXAMPLE, capture_output=True,
-                             text=True, timeout=150)
+                             encoding="utf-8", timeout=150)
     if install.returncode != 0:
         skip_or_fail(f"npm ci failed in {NODE_EXAMPLE} (no access to the npm registry?): {install.stderr[-500:]}")
     run = subprocess.run(["node", "index.js", "--redis-url", server.url, "--group", "node-test", "--from-start",
-                          "--idle-exit-ms", "2000", "--counts"], cwd=NODE_EXAMPLE, capture_output=True, text=True,
-                         timeout=60)
+                          "--idle-exit-ms", "2000", "--counts"], cwd=NODE_EXAMPLE, capture_output=True,
+                         encoding="utf-8", timeout=60)
     assert run.returncode == 0, run.stderr  # 1 would mean a message did not match the schemas
     printed = [json.loads(line) for line in run.stdout.splitlines()]
     crossings = [p for p in printed if "line" in p]

@@ -210,7 +210,7 @@ def test_street_mp4_refuses_a_clip_of_no_time(tmp_path, seconds):
 def test_clips_command_names_a_bad_seconds_argument(tmp_path):
     # Before: a float() traceback.
     out = subprocess.run([sys.executable, "-m", "synthetic.clips", str(tmp_path / "s.mp4"), "ten"],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+                         capture_output=True, encoding="utf-8", timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "error: could not convert string to float: 'ten'"
     assert list(tmp_path.iterdir()) == []

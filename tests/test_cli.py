@@ -120,9 +120,9 @@ def test_console_script_with_v_shows_a_user_errors_traceback(tmp_path: Path) -> 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     missing = tmp_path / "nope.safetensors"
     quiet = subprocess.run([*_console_script(), "eval", "--checkpoint", str(missing), "--no-progress"],
-                           capture_output=True, text=True, timeout=120, env=env)
+                           capture_output=True, encoding="utf-8", timeout=120, env=env)
     loud = subprocess.run([*_console_script(), "-v", "eval", "--checkpoint", str(missing), "--no-progress"],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, encoding="utf-8", timeout=120, env=env)
     for result in (quiet, loud):
         assert result.returncode == 2, result.stderr[-2000:]
         assert _error_lines(result.stderr) == [f"error: {missing}: no such checkpoint file"], result.stderr
@@ -134,7 +134,7 @@ def test_the_controller_does_not_import_torch():
     """`hydravision run` starts faster without it (a second of its ~9 s to a first message): the controller
     reads the checkpoint's metadata only; the inference replicas load the model."""
     code = "import sys, pipeline.cli, pipeline.app; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 

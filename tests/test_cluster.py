@@ -316,8 +316,8 @@ def test_a_local_ray_is_shut_down_without_waiting_on_its_autoscaler_monitor():
     tmp = tempfile.mkdtemp(prefix="hvs", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
     env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     try:
-        out = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, text=True, timeout=100,
-                             env=env, cwd=ROOT)
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, encoding="utf-8",
+                             timeout=100, env=env, cwd=ROOT)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -144,7 +144,7 @@ def test_every_command_exists_in_the_image(tmp_path):
             if program == "python":
                 assert cmd[1] == "-m"
                 out = subprocess.run([sys.executable, *cmd[1:3], str(tmp_path / "clip.mp4"), "1"], cwd=ROOT,
-                                     capture_output=True, text=True, timeout=120)
+                                     capture_output=True, encoding="utf-8", timeout=120)
                 assert out.returncode == 0, out.stderr
                 with av.open(str(tmp_path / "clip.mp4")) as clip:  # the sample clip really is a video
                     assert clip.streams.video[0].codec_context.name == "h264"
@@ -261,7 +261,7 @@ def test_the_stacks_ray_and_controller_commands_run_natively():
     try:
         with RedisServer(password=env["REDIS_PASSWORD"]) as redis_server:
             for argv in (head, worker):
-                out = subprocess.run(_with_free_agent_ports(argv), env=env, capture_output=True, text=True,
+                out = subprocess.run(_with_free_agent_ports(argv), env=env, capture_output=True, encoding="utf-8",
                                      timeout=180)
                 assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
             run = next(c for c in commands("ray-head") if c[:2] == ["hydravision", "run"])
@@ -269,7 +269,7 @@ def test_the_stacks_ray_and_controller_commands_run_natively():
             url = f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{redis_server.port}/0"
             proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), *run[3:],
                                      "--redis-url", url, "--duration", "30"], env=env, cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8")
             scraped = _scrape(f"http://127.0.0.1:{env['HV_API_PORT']}/metrics", env["HV_METRICS_TOKEN"], proc)
             text, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0, text[-3000:]

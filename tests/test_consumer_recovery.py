@@ -130,7 +130,7 @@ def node_example() -> Path:
             require_binary(tool)  # skips, or fails under CI=true
     if not (NODE_EXAMPLE / "node_modules" / "redis").exists():
         install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_EXAMPLE, capture_output=True,
-                                 text=True, timeout=150)
+                                 encoding="utf-8", timeout=150)
         if install.returncode != 0:
             skip_or_fail(f"npm ci failed in {NODE_EXAMPLE} (no access to the npm registry?): {install.stderr[-500:]}")
     return NODE_EXAMPLE
@@ -144,7 +144,7 @@ def test_node_consumer_survives_a_redis_restart(redis_server):
 
     node = subprocess.Popen(["node", "index.js", "--redis-url", redis_server.url, "--group", "lines", "--count", "2",
                              "--idle-exit-ms", "15000"], cwd=node_example(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, encoding="utf-8")
     try:
         time.sleep(1.5)  # connected, blocked in XREADGROUP
         redis_server.stop()

@@ -265,7 +265,7 @@ def test_dashboard_command_serves_and_says_where_without_the_password(tmp_path):
         log = dashboard.log_tail()
         assert f"redis://***@127.0.0.1:{server.port}/0" in log and "rpw-Cli5Zk" not in log
         taken = subprocess.run([sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", server.url,
-                                "--port", str(dashboard.port)], capture_output=True, text=True, timeout=60)
+                                "--port", str(dashboard.port)], capture_output=True, encoding="utf-8", timeout=60)
     assert taken.returncode == 2 and taken.stderr.strip().splitlines()[-1].startswith("error: cannot serve")
     assert "rpw-Cli5Zk" not in taken.stderr
 

@@ -188,7 +188,7 @@ def run_cli(tmp_path: Path, redis_url: str, checkpoint: Path, start_s: float = 9
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "c.yaml"), "--plain",
                              "--summary-json", str(summary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            encoding="utf-8", env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + start_s
     for line in proc.stdout:  # wait until it says it is running
         if line.startswith("Running") or time.monotonic() > deadline:
@@ -345,7 +345,7 @@ def test_a_signal_during_the_start_stops_it_at_once(tmp_path, redis_server, tiny
            "cameras": [{"id": "cam", "url": "synthetic://street?seed=6&fps=10"}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "c.yaml"), "--plain"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         lines = []

@@ -213,7 +213,7 @@ def _run_check(script: Path, out: Path, minutes: str, sigint_ignored: bool = Fal
 
     started = time.time()
     proc = subprocess.run([sys.executable, str(script), "--dry-run-cpu", "--steps", "model", "--minutes", minutes,
-                           "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           "--json", str(out)], capture_output=True, encoding="utf-8", timeout=120, cwd=ROOT,
                           preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     return proc.returncode, json.loads(out.read_text()), time.time() - started
 

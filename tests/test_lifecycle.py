@@ -33,7 +33,8 @@ class CliRun:
         path.write_text(yaml.safe_dump(config))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path), "--plain"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", env=env,
+                                     cwd=ROOT)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

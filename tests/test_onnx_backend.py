@@ -242,7 +242,7 @@ def test_replicas_starting_together_export_once(tmp_path):
     """Two processes on a fresh cache (two replicas at a first start): one exports, the other waits for it."""
     path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
     env = {**os.environ, "HYDRAVISION_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", EXPORT_IN_A_PROCESS, str(path)], env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", EXPORT_IN_A_PROCESS, str(path)], env=env, encoding="utf-8",
                               stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0].split() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

@@ -341,6 +341,6 @@ def test_a_model_released_on_another_thread_leaves_the_process_alive(cache, tmp_
     suite's process died this way in a browser test). One Core per process, never released, keeps it."""
     path = save_checkpoint(one_head_model(), tmp_path / "tiny.safetensors")
     out = subprocess.run([sys.executable, "-c", RELEASED_ON_ANOTHER_THREAD, str(path)], capture_output=True,
-                         text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                         encoding="utf-8", timeout=120, cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "HYDRAVISION_CACHE": str(cache)})
     assert out.returncode == 0 and out.stdout.strip().endswith("alive"), (out.returncode, out.stderr[-2000:])

@@ -32,7 +32,7 @@ def test_run_output_for_services(log_format, tmp_path, redis_url, tiny_checkpoin
     env.pop("RAY_AUTH_MODE", None)  # Ray's default: token auth on, and its notice printed
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--plain", "--duration", "4",
                            "--log-every", "1", "--log-format", log_format],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=140)
+                          capture_output=True, encoding="utf-8", env=env, cwd=ROOT, timeout=140)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for noise in RAY_NOISE:
         assert noise not in proc.stdout + proc.stderr

@@ -240,5 +240,5 @@ def test_the_package_stands_alone():
     """synthetic/ feeds models/, workers/, the tests and the benchmarks, so it must import none of them, nor torch."""
     code = ("import sys, synthetic.scene, synthetic.sprites; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'models', 'workers', 'pipeline'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120, check=True)
     assert out.stdout.strip() == "[]"

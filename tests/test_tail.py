@@ -103,7 +103,7 @@ def test_follows_new_messages_only(redis_server) -> None:
     xadd(client, K.detections("lobby"), [frame_message(0)])  # history: not printed
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tail", "lobby", "--count", "2",
                              "--redis-url", redis_server.url], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, encoding="utf-8", env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()

@@ -170,7 +170,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
 def test_eval_cli_prints_json(base_checkpoint):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--checkpoint", str(base_checkpoint),
                           "--json", "--scenes", "1", "--frames", "4", "--no-progress"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, encoding="utf-8", timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert set(report["heads"]) == {"people"}
@@ -254,7 +254,7 @@ def test_a_narrow_resnet_trains_in_nchw_on_a_cpu_where_nhwc_kills_the_process(tm
               f"train(TrainConfig(out={str(tmp_path / 'n.safetensors')!r}, heads={{'people': ['person']}}, "
               "input_size=(192, 320), backbone={'type': 'resnet', 'depth': 10, 'width': 8}, "
               "neck={'type': 'fpn', 'channels': 16}, batch_size=2, workers=0, steps=1), progress=False)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=300)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
 
 
