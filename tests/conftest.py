@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import locale
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -148,11 +149,11 @@ def pytest_runtest_teardown(item) -> None:
     """Once (2026-12-06), a test read a child's UTF-8 output (the final table's box characters) as ASCII: with
     `text=True`, subprocess decodes with the locale's encoding, and something in this process had set the C
     locale (not found: no code of ours calls setlocale). Children are now read as UTF-8 explicitly, and a test
-    that leaves the locale changed is named here and the locale put back."""
+    that leaves the locale changed is named in the warnings summary and the locale put back."""
     now = locale.setlocale(locale.LC_CTYPE)
     if now != _CTYPE:
         locale.setlocale(locale.LC_CTYPE, _CTYPE)
-        print(f"\n{item.nodeid} left LC_CTYPE {now!r} (was {_CTYPE!r}): put back", file=sys.stderr)
+        warnings.warn(f"{item.nodeid} left LC_CTYPE {now!r} (was {_CTYPE!r}): put back")  # in the summary
 
 
 _local_ray_owed = False  # a ray_free test stopped the session's local Ray; the next test that is not one restarts it
