@@ -144,10 +144,16 @@ def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
     api = args.api or os.environ.get(API_URL_ENV)
     if api:
         return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout)
-    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
+    return RedisChannel(redis_url(args.redis_url), args.prefix, args.timeout)
+
+
+def redis_url(given: str | None) -> str:
+    """The Redis URL of a command's --redis-url, else $HYDRAVISION_REDIS_URL, else the local default; refused
+    (UserError, the URL redacted) when it is no Redis URL."""
+    url = given or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
     if problem := redis_url_error(url):
         raise UserError(f"--redis-url {redact_url(url)}: {problem}")
-    return RedisChannel(url, args.prefix, args.timeout)
+    return url
 
 
 # -- the command -----------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import socket
 import sys
 import threading
@@ -19,17 +18,16 @@ from typing import Any, Callable
 import redis
 
 from pipeline import dashboard_data as data
+from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
 from workers.publish import keys
 from workers.redact import redact_url
-from workers.settings import redis_url_error
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().with_name("dashboard_static")
 KEEPALIVE_S = 15.0
-REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"  # as in pipeline/app.py, not imported from there: it imports Ray
 
 
 # --- the web app -------------------------------------------------------------------------------------------
@@ -195,9 +193,7 @@ def command(args: Any) -> int:
     """`hydravision dashboard --redis-url ... [--prefix --host --port --interval]`."""
     from pipeline.errors import UserError
 
-    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
-    if problem := redis_url_error(url):
-        raise UserError(f"--redis-url {redact_url(url)}: {problem}")
+    url = redis_url(args.redis_url)
     if not math.isfinite(args.interval) or args.interval <= 0:  # nan passed `<= 0` and busy-polled Redis
         raise UserError(f"--interval must be a number > 0, got {args.interval:g}")
     try:

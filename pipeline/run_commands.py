@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,14 +14,14 @@ import redis
 from rich.console import Console
 from rich.live import Live
 
-from pipeline.app import REDIS_URL_ENV, App
+from pipeline.app import App
+from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, quiet_ray
 from pipeline.status import read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
-from workers.settings import redis_url_error
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +130,7 @@ def demo_config() -> Path:
 
 def _connect(args: argparse.Namespace) -> tuple[redis.Redis | None, str]:
     """A client for --redis-url / $HYDRAVISION_REDIS_URL (default: local Redis), or None after saying why."""
-    url = args.redis_url or os.environ.get(REDIS_URL_ENV) or "redis://127.0.0.1:6379/0"
-    if problem := redis_url_error(url):
-        raise UserError(f"--redis-url {redact_url(url)}: {problem}")
+    url = redis_url(args.redis_url)
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         client.ping()
