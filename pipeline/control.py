@@ -190,7 +190,8 @@ class ControlConsumer:
                 raise CommandRejected(f"data: dropped after {MAX_DELIVERIES} deliveries that never completed")
             cmd = parse_command(fields)
             by = f"redis:{cmd.user or 'unknown'}"
-            result.update(request_id=cmd.request_id, op=cmd.op, camera=(cmd.camera or {}).get("id") if cmd.op == "add" else cmd.id)
+            camera = (cmd.camera or {}).get("id") if cmd.op == "add" else cmd.id  # what an add adds is camera.id
+            result.update(request_id=cmd.request_id, op=cmd.op, camera=camera)
             if cmd.expires is not None and time.time() > cmd.expires:
                 raise CommandRejected(f"data.expires: the command expired {time.time() - cmd.expires:.0f} s ago, "
                                       "unapplied")
