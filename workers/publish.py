@@ -543,17 +543,13 @@ class Publisher:
         the exception it failed with. Called by the WriterThread without the lock."""
         if not isinstance(outcome, Exception):
             self._failures, self._last_ok = 0, time.monotonic()
-            self._succeeded(round_.batch, outcome, round_.status_gen, round_.drained)
+            self._succeeded(round_, outcome)
             return
         self._failures += 1
         left = round_.statuses
         if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
             left = self._write_statuses_despite_oom(round_.statuses)
-        with self._lock:  # put back unless a newer value came meanwhile
-            for key, fields in round_.hashes.items():
-                self._hashes.setdefault(key, fields)
-        self._failed(outcome, began, round_.batch, round_.statuses, left, round_.status_gen,
-                     hashes_left=bool(round_.hashes))
+        self._failed(outcome, began, round_, left)
 
     def _disconnected(self) -> None:
         """Detached from its WriterThread, or the thread stopped. Under the lock."""
@@ -578,8 +574,7 @@ class Publisher:
             log.error("Redis rejected a camera status write: %s", self._redact(errors[0]))
         return {}
 
-    def _succeeded(self, batch: Sequence[_Entry], result: WriteResult | None, status_gen: int,
-                   drained: bool) -> None:
+    def _succeeded(self, round_: _Round, result: WriteResult | None) -> None:
         with self._lock:
             self._in_flight = False
             self._stats["round_trips"] += 1
@@ -588,11 +583,11 @@ class Publisher:
                 log.warning("publisher reconnected to Redis")
             self._connected = True
             if result is not None:
-                self._settle(batch, result)
-            self._status_done = max(self._status_done, status_gen)
+                self._settle(round_.batch, result)
+            self._status_done = max(self._status_done, round_.status_gen)
             if self._episode is not None:
                 self._end_episode()
-            if drained and self._unreported:  # announce drops after what was kept
+            if round_.drained and self._unreported:  # announce drops after what was kept
                 report, self._unreported = self._unreported, {}
                 camera = next(iter(report)) if len(report) == 1 else ALL_CAMERAS
                 self._publish_own(event_message("publisher_dropped", camera, dropped=sum(report.values())), report)
@@ -634,24 +629,26 @@ class Publisher:
         log.warning("publisher writes to Redis again after %.1f s and %d failed attempts (first error: %s)",
                     duration, episode.failures, episode.reason)
 
-    def _failed(self, exc: Exception, began: float, batch: Sequence[_Entry], statuses: dict[str, str | None],
-                left: dict[str, str | None], status_gen: int, hashes_left: bool = False) -> None:
-        """began: monotonic time the failed attempt started (a timeout is noticed seconds later)."""
+    def _failed(self, exc: Exception, began: float, round_: _Round, left: dict[str, str | None]) -> None:
+        """began: monotonic time the failed attempt started (a timeout is noticed seconds later); left: the
+        round's statuses still to write (none when written despite the error, see _finish)."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._in_flight = False
             self._retry_at = time.monotonic() + self._backoff.compute(self._failures)
-            for camera, data in left.items():  # put back unless a newer status came meanwhile
+            for camera, data in left.items():  # put back unless a newer value came meanwhile
                 self._status.setdefault(camera, data)
-            if statuses and not left and not hashes_left:  # written despite the error (out of memory)
-                self._status_done = max(self._status_done, status_gen)
+            for key, fields in round_.hashes.items():
+                self._hashes.setdefault(key, fields)
+            if round_.statuses and not left and not round_.hashes:  # written despite the error (out of memory)
+                self._status_done = max(self._status_done, round_.status_gen)
             self._stats["retries"] += 1
             was_connected, self._connected, self._last_error = self._connected, False, text
             first = self._episode is None
             if first:
                 self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text)
             self._episode.failures += 1
-            self._episode.cameras.update([e.camera for e in batch if e.own is None] + list(statuses))
+            self._episode.cameras.update([e.camera for e in round_.batch if e.own is None] + list(round_.statuses))
             self._done.notify_all()
         if was_connected or first:
             log.warning("publisher cannot write to Redis (%s); keeping up to %d messages, retrying",
