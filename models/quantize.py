@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.export import cached
+from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet
 
 CALIBRATION_FRAMES = 64  # 32 or 128 moved the demo model's mAPs by under 0.003 (benchmarks/README.md)
@@ -74,19 +75,19 @@ def quantize(src: Path, dst: Path, frames: list[np.ndarray]) -> Path:
             frame = next(self.left, None)
             return None if frame is None else {"images": frame[None]}
 
-    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
     # The quantizer narrates on the root logger (each bias it copies; its pre-processing advice, every time): a
     # filter there while it runs keeps only its errors. It sees only records logged on the root logger itself.
     narration = _ErrorsOnly()
     logging.getLogger().addFilter(narration)
     try:
-        # Conv only: the convolutions are ~70% of the model's time (OpenVINO's profile); quantizing the rest
-        # (normalisation, resizes) would add conversions and error for little.
-        quantize_static(str(src), str(tmp), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+        with written_aside(dst, dst.with_name(dst.name + f".{os.getpid()}.tmp")) as tmp:
+            # Conv only: the convolutions are ~70% of the model's time (OpenVINO's profile); quantizing the rest
+            # (normalisation, resizes) would add conversions and error for little.
+            quantize_static(str(src), str(tmp), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv"])
     finally:
         logging.getLogger().removeFilter(narration)
-    tmp.replace(dst)
     return dst
 
 

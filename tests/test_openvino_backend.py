@@ -344,3 +344,19 @@ def test_a_model_released_on_another_thread_leaves_the_process_alive(cache, tmp_
                          encoding="utf-8", timeout=120, cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "HYDRAVISION_CACHE": str(cache)})
     assert out.returncode == 0 and out.stdout.strip().endswith("alive"), (out.returncode, out.stderr[-2000:])
+
+
+def test_a_quantization_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The quantized model is written aside and renamed; a failure part-way (here after a partial write) left the
+    model-sized temporary beside the cache."""
+    import onnxruntime.quantization
+
+    def fails_midway(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"half a model")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", fails_midway)
+    dst = tmp_path / "model.int8.onnx"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        quantize.quantize(tmp_path / "model.onnx", dst, [])
+    assert list(tmp_path.iterdir()) == []
