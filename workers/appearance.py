@@ -205,7 +205,9 @@ class AppearanceByteTrack(ByteTrackTracker):
         self._prune_lost_tracks(timing)
         boxes = detections.xyxy
         conf = default_confidences(detections)
-        high_idx, low_idx = np.where(conf >= self.high_conf_det_threshold)[0], np.where(conf < self.high_conf_det_threshold)[0]
+        # ~high, not conf < threshold: a NaN score is a weak box, as in ByteTrack, not in neither set and lost
+        high = conf >= self.high_conf_det_threshold
+        high_idx, low_idx = np.where(high)[0], np.where(~high)[0]
         predicted = np.array([t.get_state_bbox() for t in self.tracks]) if self.tracks else np.empty((0, 4))
         iou = self.iou.compute(predicted, boxes[high_idx])
         sim = iou

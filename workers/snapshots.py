@@ -96,19 +96,22 @@ class Snapshotter:
                 "render_ms": round(ms, 2)}
 
     def _encode(self, picture: np.ndarray) -> tuple[bytes | None, int, np.ndarray]:
-        """JPEG at the configured quality; when over max_bytes, lower quality, then a smaller picture.
+        """JPEG at the configured quality; when over max_bytes, lower quality, then a smaller picture until one
+        fits (a fixed number of tries gave up a step short: under the smallest max_bytes allowed, no snapshot of
+        an ordinary street was ever made). Ends at 1x1 px, a few dozen steps from the widest picture.
         -> (the JPEG or None, its quality, the picture it encodes)."""
         quality, img = self.settings.quality, picture
-        for _ in range(6):
+        while True:
             ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
             if ok and buf.size <= self.settings.max_bytes:
                 return buf.tobytes(), quality, img
             if quality > 40:
                 quality = max(40, quality - 20)
-            else:
+            elif img.shape[0] > 1 or img.shape[1] > 1:
                 img = cv2.resize(img, (max(1, img.shape[1] * 7 // 10), max(1, img.shape[0] * 7 // 10)),
                                  interpolation=cv2.INTER_AREA)
-        return None, quality, img
+            else:
+                return None, quality, img
 
     def stats(self) -> dict:
         ms = sorted(self.render_ms)
