@@ -219,7 +219,8 @@ class AppearanceByteTrack(ByteTrackTracker):
                 cos = track_emb @ emb[high_idx].T
                 fused = (1 - self.weight) * iou + self.weight * cos
                 # the IoU gate decides what may match; appearance only ranks the candidates it let through
-                sim = np.where(looks[:, None] & (iou >= self.minimum_iou_threshold), np.maximum(fused, self.minimum_iou_threshold), iou)
+                gate = looks[:, None] & (iou >= self.minimum_iou_threshold)
+                sim = np.where(gate, np.maximum(fused, self.minimum_iou_threshold), iou)
         matched, unmatched_tracks, unmatched_high = self._get_associated_indices(sim, self.minimum_iou_threshold)
         for row, col in matched:
             self._extend(self.tracks[row], int(high_idx[col]), boxes, emb, clean, out_idx, out_ids)
@@ -235,10 +236,12 @@ class AppearanceByteTrack(ByteTrackTracker):
         before = len(self.tracks)
         self._spawn_new_tracks(boxes, conf, unmatched_high, high_idx, out_idx, out_ids)
         if emb is not None:  # the tracks just spawned, in the order of unmatched_high that cleared activation
-            spawned = [int(high_idx[c]) for c in unmatched_high if float(conf[int(high_idx[c])]) >= self.track_activation_threshold]
+            spawned = [int(high_idx[c]) for c in unmatched_high
+                       if float(conf[int(high_idx[c])]) >= self.track_activation_threshold]
             for track, i in zip(self.tracks[before:], spawned):
                 track.embedding = emb[i].copy()
-        self.tracks = _get_alive_tracklets(tracklets=self.tracks, minimum_consecutive_frames=self.minimum_consecutive_frames,
+        self.tracks = _get_alive_tracklets(tracklets=self.tracks,
+                                           minimum_consecutive_frames=self.minimum_consecutive_frames,
                                            maximum_frames_without_update=self.maximum_frames_without_update,
                                            maximum_time_without_update=budget)
         if not out_idx:
