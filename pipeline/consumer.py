@@ -73,16 +73,23 @@ class GroupConsumer:
         """``start``: where a NEW group begins: "$" (only what arrives from now on) or "0" (everything the
         stream still holds). ``block_ms`` must stay below the client's socket_timeout."""
         self.client, self.group = client, group
-        self.streams = [streams] if isinstance(streams, str) else list(streams)
+        # Names as redis-py hands them back (SCAN, KEYS) are bytes: list(b"hv:events") would be a list of ints,
+        # and a bytes name never matched the (decoded) names of XREADGROUP's reply, so its entries went pending
+        # unseen. A name given twice would hand out each of its entries twice.
+        names = [streams] if isinstance(streams, (str, bytes)) else list(streams)
+        self.streams = list(dict.fromkeys(_text(s) for s in names))
+        if not self.streams:
+            raise ValueError("streams must name at least one stream, got none")
         self.consumer = consumer or default_consumer_name()
         self.start, self.block_ms, self.count = start, block_ms, count
         self.claim_idle_ms, self.max_deliveries = claim_idle_ms, max_deliveries
+        for name, value, least in (("block_ms", block_ms, 1), ("count", count, 1),
+                                   ("max_deliveries", max_deliveries, 1), ("claim_idle_ms", claim_idle_ms, 0)):
+            # Redis reads BLOCK 0 as "forever": stop() would never be seen while idle. None or a float failed
+            # later, in arithmetic or in redis-py, with an error that did not name the setting.
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
         self.claim_every_s = claim_every_s if claim_every_s is not None else max(0.05, claim_idle_ms / 2000)
-        for name, value in (("block_ms", block_ms), ("count", count), ("max_deliveries", max_deliveries)):
-            if value < 1:  # Redis reads BLOCK 0 as "forever": stop() would never be seen while idle
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if claim_idle_ms < 0:
-            raise ValueError(f"claim_idle_ms must be 0 or more, got {claim_idle_ms}")
         timeout = getattr(client.connection_pool, "connection_kwargs", {}).get("socket_timeout")
         if timeout is not None and block_ms / 1000 >= timeout:
             raise ValueError(f"block_ms {block_ms} must be shorter than the client's socket_timeout ({timeout} s)")
@@ -99,6 +106,8 @@ class GroupConsumer:
             try:
                 self.client.xgroup_create(s, self.group, id=self.start, mkstream=True)
             except redis.ResponseError as e:
+                if "Invalid stream ID" in str(e):
+                    raise ValueError(f'start must be "$", "0" or a stream id, got {self.start!r}') from None
                 if "BUSYGROUP" not in str(e):
                     raise
 
@@ -111,7 +120,9 @@ class GroupConsumer:
         try:
             out = self._read(limit)
         except redis.ResponseError as e:
-            if "NOGROUP" not in str(e):
+            # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
+            # longer exists" (not NOGROUP): the group went with the stream.
+            if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
                 raise
             self._group_lost(e)
             out = self._read(limit)
@@ -256,7 +267,7 @@ class GroupConsumer:
                 continue
             try:
                 data = json.loads(fields.get(b"data", fields.get("data")))
-            except (KeyError, ValueError, TypeError) as e:
+            except (KeyError, ValueError, TypeError, RecursionError) as e:  # RecursionError: nested too deep
                 self._bury(stream, entry_id, fields, 0, f"not a JSON message: {type(e).__name__}")
                 continue
             n = deliveries.get(entry_id, 1)
@@ -267,11 +278,13 @@ class GroupConsumer:
         return out
 
     def _deliveries(self, stream: str, ids: list[str]) -> dict[str, int]:
-        # Only this consumer's entries (those it just read or claimed): other consumers' pending entries in the
-        # same id range would use up the count and hide some of these.
-        rows = self.client.xpending_range(stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 100,
-                                          consumername=self.consumer)
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        # One XPENDING per id: over the range ids[0]..ids[-1], the other pending entries (another consumer's,
+        # or this one's own that were not idle enough to be claimed) used up the count and hid some of these,
+        # whose count then read as 1: a poison message among them was never buried.
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1, consumername=self.consumer)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for rows in pipe.execute() for r in rows}
 
     def _bury(self, stream: str, entry_id: str, fields: dict, deliveries: int, reason: str) -> None:
         """Moves a poison entry to {stream}:dead (same fields plus where it came from) and acknowledges it."""
@@ -295,25 +308,46 @@ class GroupConsumer:
     # --- loops
     def __iter__(self) -> Iterator[Message]:
         """Messages forever; each is acknowledged when the loop asks for the next one, so a message whose
-        loop body raised (or whose process died) stays pending and is delivered again."""
+        loop body raised (or whose process died) stays pending and is delivered again. Leaving the loop
+        (break, return, an exception) hands the rest of the batch back at once, as ``read(limit)`` does: it would
+        otherwise wait claim_idle_ms under this consumer's name."""
         while True:
-            for m in self.read():
-                yield m
+            batch = self.read()
+            for i, m in enumerate(batch):
+                try:
+                    yield m
+                except GeneratorExit:
+                    self._release_quietly(batch[i + 1:])
+                    raise
                 self.ack(m)
+
+    def _release_quietly(self, messages: list[Message]) -> None:
+        """``_release`` where raising is no help (a generator being closed): a failure leaves them pending."""
+        if not messages:
+            return
+        try:
+            self._release(messages)
+        except redis.RedisError as e:
+            log.warning("could not hand back %d unhandled messages (%s): they wait claim_idle_ms", len(messages), e)
 
     def run(self, handle: Callable[[Message], None], stop: Callable[[], bool] = lambda: False,
             max_messages: int | None = None) -> int:
         """Calls ``handle`` for each message and acknowledges it after ``handle`` returned; returns how many
         were handled. A handler that raises leaves its message pending (retried after claim_idle_ms, buried
-        after max_deliveries) and the loop goes on."""
+        after max_deliveries) and the loop goes on. One that raises KeyboardInterrupt or SystemExit ends the loop,
+        and the rest of the batch is handed back at once (as when an iterator's loop is left)."""
         handled = 0
         while not stop() and (max_messages is None or handled < max_messages):
-            for m in self.read(None if max_messages is None else max_messages - handled):
+            batch = self.read(None if max_messages is None else max_messages - handled)
+            for i, m in enumerate(batch):
                 try:
                     handle(m)
                 except Exception:  # noqa: BLE001 - a bad message must not stop the consumer
                     log.exception("handler failed on %s %s; it stays pending", m.stream, m.id)
                     continue
+                except BaseException:
+                    self._release_quietly(batch[i + 1:])
+                    raise
                 self.ack(m)
                 handled += 1
                 if max_messages is not None and handled >= max_messages:

@@ -56,4 +56,4 @@ def mot_scores(messages: list[dict], truths: list, min_visibility: float = 0.5, 
     ident = compute_identity_metrics(gt_ids, tr_ids, sims, threshold=0.5)
     return {"MOTA": float(clear["MOTA"]), "IDF1": float(ident["IDF1"]), "IDSW": int(clear["IDSW"]),
             "FP": int(clear["CLR_FP"]), "FN": int(clear["CLR_FN"]), "TP": int(clear["CLR_TP"]),
-            "frames": len(truths) - start, "frames_without_message": missing, "tracks": len(ids)}
+            "frames": max(0, len(truths) - max(start, 0)), "frames_without_message": missing, "tracks": len(ids)}
