@@ -248,13 +248,23 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
           "(Ctrl-C to stop)", file=sys.stderr)
 
     def show(m) -> None:
-        print(_message_line(m.id, m.data, args.json), flush=True)  # decoded by the consumer already
+        try:
+            print(_message_line(m.id, m.data, args.json), flush=True)  # decoded by the consumer already
+        except BrokenPipeError:  # `| head -1`: run() reads on after an Exception; this ends it, unacknowledged
+            raise _ReaderGone from None
 
     try:
         consumer.run(show, max_messages=args.count)
     except KeyboardInterrupt:
         pass
+    except _ReaderGone:
+        raise BrokenPipeError from None  # the CLI ends quietly, as the plain tail does
     return 0
+
+
+class _ReaderGone(BaseException):
+    """What tail --group's handler raises when its output closed: a BaseException, so that GroupConsumer.run
+    (which logs an Exception and goes on) stops and hands the rest of its batch back."""
 
 
 def _summarize(msg: dict) -> str:

@@ -113,6 +113,31 @@ def test_tail_into_a_pipe_that_closes_ends_quietly(redis_server) -> None:
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
 
 
+def test_tail_of_a_group_into_a_pipe_that_closes_ends_and_leaves_the_rest_unacknowledged(redis_server) -> None:
+    """`hydravision tail --group g | head -1`: the consumer's run() took the BrokenPipeError of each print for a
+    failed handler, logged a traceback and read on, taking every message it could no longer print, and then
+    waited for more. Now it ends like the plain tail, and what it did not print is not acknowledged."""
+    import subprocess
+    import sys
+
+    client = redis_server.client()
+    for i in range(300):
+        client.xadd("hv:events", {"data": json.dumps({"v": 1, "type": "stream_up", "camera": "c1", "ts": i})})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tail", "--events", "--group", "g", "--from-start",
+                             "--count", "300", "--redis-url", redis_server.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()  # what head does after its line
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+    acked = 300 - client.xpending("hv:events", "g")["pending"] - client.xlen("hv:events:dead")
+    assert client.xlen("hv:events:dead") == 0
+    assert 1 <= acked < 300, acked  # the printed ones (a pipe's buffer holds several lines), not the rest
+
+
 SLASHED = "redis://:s3cr/et@127.0.0.1:1/0"  # a password with a '/' not percent-encoded
 
 
