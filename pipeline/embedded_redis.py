@@ -67,32 +67,64 @@ class EmbeddedRedis:
                             f"(apt install redis-server){lite}, or set redis.url")
         self.binary = binary
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="hydravision-redis-")
+        try:
+            self.dir = tempfile.mkdtemp(prefix="hydravision-redis-")
+        except OSError as e:  # a read-only or full temporary directory, or none usable at all
+            raise UserError(f"no Redis configured, and the embedded redis-server gets no directory: {e}; set TMPDIR "
+                            "to a writable directory, or set redis.url") from None
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.version = ""  # the server's, once started
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        log = open(Path(self.dir) / "redis.log", "wb")
-        self.proc = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # Ctrl-C goes to us, not to it
-        )
+    def start(self, timeout: float = 10.0, attempts: int = 3) -> "EmbeddedRedis":
+        """Another process can take the free port between free_port() and the server's bind: the server then
+        exits ("Address already in use") and starts again on another port. If that process is a Redis, it
+        answers PING meanwhile: only a server whose process_id is ours counts. A failed or interrupted start
+        leaves no server and no directory behind (App.shutdown does not know of a server that never started)."""
         atexit.register(self.stop)
+        try:
+            for _ in range(attempts):
+                if self._launch(timeout):
+                    return self
+                self.port = free_port()
+                self.url = f"redis://127.0.0.1:{self.port}/0"
+            raise RuntimeError(f"embedded redis-server: the free ports it was given were taken {attempts} times")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, timeout: float) -> bool:
+        """Runs the server on self.port: True once it answers, False when the port was taken."""
+        with open(Path(self.dir) / "redis.log", "wb") as log:  # the server keeps its own copy open
+            try:
+                self.proc = subprocess.Popen(
+                    [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly",
+                     "no", "--dir", self.dir, "--protected-mode", "yes"],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # Ctrl-C goes to us, not to it
+                )
+            except OSError as e:  # not executable, another architecture, a truncated file
+                raise UserError(f"no Redis configured, and {self.binary} cannot run: {e.strerror or e}; install "
+                                "redis-server (apt install redis-server), or set redis.url") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"embedded redis-server exited: {(Path(self.dir) / 'redis.log').read_text()[-500:]}")
+                output = (Path(self.dir) / "redis.log").read_text(errors="replace")
+                if "Address already in use" in output:
+                    return False
+                raise RuntimeError(f"embedded redis-server ({self.binary}) exited: {output[-500:]}")
             if reachable(self.url, 0.5):
-                with redis.Redis.from_url(self.url, socket_timeout=5) as client:
-                    self.version = client.info("server")["redis_version"]
-                # Without persistence the server writes nothing there (its open log goes on): gone now, so a
-                # run that is SIGKILLed (no atexit) leaves no directory behind either.
-                shutil.rmtree(self.dir, ignore_errors=True)
-                return self
+                try:
+                    with redis.Redis.from_url(self.url, socket_timeout=5) as client:
+                        info = client.info("server")
+                except redis.RedisError:
+                    info = {}
+                if str(info.get("process_id")) == str(self.proc.pid):
+                    self.version = info["redis_version"]
+                    # Without persistence the server writes nothing there (its open log goes on): gone now, so
+                    # a run that is SIGKILLed (no atexit) leaves no directory behind either.
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    return True
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"embedded redis-server did not answer on {self.url} within {timeout:.0f} s")
 
     def stop(self) -> None:

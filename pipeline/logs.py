@@ -26,8 +26,12 @@ FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
-# The level in a worker's line, as StreamActor's logging writes it (TEXT_FORMAT)
-_WORKER_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+# The level in a worker's line, as StreamActor's logging writes it (TEXT_FORMAT), as Ray's Python loggers write
+# it (a tab after the time: ray_constants.LOGGER_FORMAT) and as Ray's C++ core writes it ("[date time E pid tid]")
+_WORKER_LEVEL = re.compile(r"^\S+ \S+\s(DEBUG|INFO|WARNING|ERROR|CRITICAL) |^\[\S+ \S+ ([TDIWEC]) \d+ \d+\] ")
+_CORE_LEVELS = {"T": "debug", "D": "debug", "I": "info", "W": "warning", "E": "error", "C": "critical"}
+# Ray prints only what follows this marker of a cluster-level message (the raylet's "Spilled ... MiB")
+_INFO_MESSAGE = ":info_message:"
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,6 +42,8 @@ class JsonFormatter(logging.Formatter):
                                "logger": record.name, "msg": redact_text(record.getMessage(), [])}
         if record.exc_info:
             out["exc"] = redact_text(self.formatException(record.exc_info), [])
+        if record.stack_info:  # log.warning(..., stack_info=True)
+            out["stack"] = redact_text(self.formatStack(record.stack_info), [])
         data = getattr(record, "data", None)
         if isinstance(data, dict):
             out.update({k: v for k, v in data.items() if k not in out})
@@ -95,12 +101,18 @@ def json_worker_logs() -> bool:
         stream = "stderr" if batch.get("is_err") else "stdout"
         for line in lines:
             m = _WORKER_LEVEL.match(line)
-            level = m.group(1).lower() if m else ("warning" if stream == "stderr" else "info")
+            if m:
+                level = m.group(1).lower() if m.group(1) else _CORE_LEVELS[m.group(2)]
+            else:
+                level = "warning" if stream == "stderr" else "info"
+            if _INFO_MESSAGE in line:
+                line = line.split(_INFO_MESSAGE, 1)[1]
             record = {"ts": round(time.time(), 3), "level": level, "logger": f"ray.worker.{who}",
                       "pid": batch.get("pid"), "stream": stream, "msg": redact_text(line, [])}
             sys.stdout.write(json.dumps(record, default=str) + "\n")
         sys.stdout.flush()
 
     dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
     dispatcher.add_handler("hydravision_json", emit)
     return True

@@ -53,34 +53,34 @@ class Reaper:
             self.proc.kill()
 
 
-def _descendants(root: psutil.Process) -> dict[int, float]:
-    """pid -> create time of every process below root (the create time tells a reused pid apart)."""
+def _descendants(root: psutil.Process) -> dict[int, psutil.Process]:
+    """pid -> every process below root. A psutil.Process tells a reused pid apart by its start time counted
+    from boot; the wall-clock create_time() is not used for that: it moves when NTP steps the clock."""
     me = os.getpid()
-    out = {}
-    for p in root.children(recursive=True):
+    return {p.pid: p for p in root.children(recursive=True) if p.pid != me}
+
+
+def _alive(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs.values():
         try:
-            if p.pid != me:
-                out[p.pid] = p.create_time()
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
         except psutil.Error:
             continue
-    return out
+    return alive
 
 
-def _alive(pids: dict[int, float]) -> list[psutil.Process]:
-    procs = []
-    for pid, created in pids.items():
+def reap(pids: dict[int, psutil.Process], grace_s: float = GRACE_S) -> int:
+    """SIGTERM, then SIGKILL after ``grace_s``; returns how many were still running. What the known ones
+    started since the last poll (a raylet's new worker) is still their child: it is found first and goes too."""
+    known = {p.pid: p for p in _alive(pids)}
+    for p in list(known.values()):
         try:
-            p = psutil.Process(pid)
-            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                procs.append(p)
+            known.update(_descendants(p))
         except psutil.Error:
             continue
-    return procs
-
-
-def reap(pids: dict[int, float], grace_s: float = GRACE_S) -> int:
-    """SIGTERM, then SIGKILL after ``grace_s``; returns how many were still running."""
-    procs = _alive(pids)
+    procs = _alive(known)
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
@@ -100,7 +100,7 @@ def watch(parent_pid: int) -> int:
         parent = psutil.Process(parent_pid)
     except psutil.NoSuchProcess:
         return 0
-    seen: dict[int, float] = {}  # every descendant noticed, pruned of those that ended
+    seen: dict[int, psutil.Process] = {}  # every descendant noticed, pruned of those that ended
     stdin = sys.stdin.buffer
     for tick in range(sys.maxsize):
         ready, _, _ = select.select([stdin], [], [], POLL_S)
@@ -114,7 +114,7 @@ def watch(parent_pid: int) -> int:
             break
         try:
             if tick % 20 == 0:  # a long-running service restarts workers: forget the pids that are gone
-                seen = {p.pid: p.create_time() for p in _alive(seen)}
+                seen = {p.pid: p for p in _alive(seen)}
             seen.update(_descendants(parent))
         except psutil.Error:
             break
