@@ -100,7 +100,7 @@ def test_frames_sent_before_a_live_update_do_not_feed_the_new_budget():
     pipe._reset_budget()  # what update() does
     t = pipe._budget_since
     for i in range(6):  # in flight at the update: 0.4 s old
-        pipe._keep_budget(0.4, t + 0.04 * i, captured=t - 0.4 + 0.04 * i)
+        pipe._keep_budget(0.4, t + 0.04 * i)  # captured at t - 0.4 + 0.04 i
     for i in range(6, 40):  # the new settings' frames: 0.1 s old
-        pipe._keep_budget(0.1, t + 0.04 * i, captured=t - 0.1 + 0.04 * i)
+        pipe._keep_budget(0.1, t + 0.04 * i)
     assert pipe.budget is not None and pipe.budget.actions == {} and publisher.events == [], publisher.events

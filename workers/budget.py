@@ -14,9 +14,10 @@ While the p95 age is over that target, one action per decision, ``hold_s`` apart
   3. ``min_fps``: nothing is left to give; said once.
 Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``recover_ratio`` x budget for
 ``recover_hold_s`` (counted from the first frame published that was captured after the last step up: frames
-older than the hold must not let the rate climb on the calm of the rate before), the rate goes up by
-``step_up`` (a tenth of the configured rate), one step at a time; the batch wait comes back last, after twice
-that calm, with a ``budget_recovered`` event. Between the two thresholds nothing changes (hysteresis).
+older than the hold must not let the rate climb on the calm of the rate before; a silence as long as the
+hold, a reconnect say, starts it again), the rate goes up by ``step_up`` (a tenth of the configured rate),
+one step at a time; the batch wait comes back last, after twice that calm, with a ``budget_recovered`` event.
+Between the two thresholds nothing changes (hysteresis).
 
 The ``ceiling`` is the lowest rate known to be too much: the rate each cut was made from. Steps up are whole
 steps well below it; near it, half steps that never pass it; a step that reaches it is a probe. Each probe that
@@ -30,9 +31,10 @@ Fairness. A camera changes only its own rate and wait, never another camera's, a
 budget never changes. Cameras over budget on a shared machine must also give up alike, and independent
 controllers drift apart unless their rules are symmetric, so: cuts are multiplicative and steps up additive
 (AIMD, which converges to equal rates); every camera decides at the same instants of the shared clock
-(``decide_every`` slots of time.time()) on the frames published before that instant, so a neighbour's step up
-a moment earlier cannot make this camera give up frames for it; and a step up does not clear the evidence,
-so the camera that stepped up sees an excess exactly when its neighbours do.
+(``decide_every`` slots of time.monotonic(), which every process on a host shares and no NTP step moves) on
+the frames published before that instant, so a neighbour's step up a moment earlier cannot make this camera
+give up frames for it; and a step up does not clear the evidence, so the camera that stepped up sees an excess
+exactly when its neighbours do.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class FrameAgeBudget:
         self._ceiling: float | None = None  # the lowest rate known to be too much (each cut's starting rate)
         self._probing = False  # the last step up reached the ceiling
         self._floor_said = False
+        self._last_frame_at = -math.inf  # when the latest frame was published
 
     @property
     def adapted(self) -> bool:
@@ -103,6 +106,10 @@ class FrameAgeBudget:
 
     def observe(self, age_s: float, now: float) -> None:
         """A frame published at ``now`` (seconds, the clock ``decide`` gets) that was ``age_s`` old."""
+        if now - self._last_frame_at > max(self.initial_recover_hold_s, 2 / self.fps):
+            # No frame for as long as a calm must last (a reconnect, a stalled model): that was no calm.
+            self._under_since = None
+        self._last_frame_at = now
         self._ages.append((now, age_s))
 
     def p95(self, now: float) -> float | None:

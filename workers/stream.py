@@ -93,7 +93,7 @@ class CameraPipeline:
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.frame_age = Histogram(FRAME_AGE_BUCKETS)  # capture to publish, seconds: hydravision_frame_age_seconds
         self.budget: FrameAgeBudget | None = None  # made once the source's rate is known (max_frame_age_ms set)
-        self._budget_since = 0.0  # time.time() of the last reset: only frames captured since feed the budget
+        self._budget_since = 0.0  # time.monotonic() of the last reset: only frames captured since feed the budget
         self.budget_options = budget_options or {}  # FrameAgeBudget's timing, for tests
         self._budget_fps: float | None = None  # the analysed rate the budget imposes; None: the configured one
         self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
@@ -312,7 +312,7 @@ class CameraPipeline:
         """Drops the budget's state and what it imposed (rate, batch wait); the next published frame makes
         a new one from the camera's config if it still has ``max_frame_age_ms``."""
         self.budget, self._budget_fps, self._batch_wait_s = None, None, None
-        self._budget_since = time.time()
+        self._budget_since = time.monotonic()
         if self._capture is not None:
             self._capture.budget_fps = None
         self._retime_tracker()  # also what a change of fps itself needs
@@ -439,7 +439,7 @@ class CameraPipeline:
         age_s = max(0.0, now - item.wall)
         self.frame_age.observe(age_s)
         if self.camera.max_frame_age_ms is not None:
-            self._keep_budget(age_s, now, item.wall)
+            self._keep_budget(age_s, time.monotonic())
 
     # -- the frame-age budget (workers/budget.py decides, this applies) -------------------------
     def _base_fps(self) -> float | None:
@@ -460,12 +460,13 @@ class CameraPipeline:
         if self.tracker is not None:
             self.tracker.set_frame_rate(self._analysed_fps())
 
-    def _keep_budget(self, age_s: float, now: float, captured: float) -> None:
+    def _keep_budget(self, age_s: float, now: float) -> None:
         """Feeds a published frame's age to the budget and applies its decision: the capture's rate gate (no
         restart: the decoder keeps reading every frame) and the batch wait of this camera's next requests.
-        ``now`` is time.time(): cameras on one host then decide at the same instants (see FrameAgeBudget)."""
+        ``now`` is time.monotonic(): cameras on one host then decide at the same instants (see FrameAgeBudget),
+        and a step of the wall clock (NTP) does not stop the budget for as long as the step."""
         assert self.camera.max_frame_age_ms is not None
-        if captured < self._budget_since:  # sent under the settings before a live update: the new budget would
+        if now - age_s < self._budget_since:  # sent under the settings before a live update: the new budget would
             return  # cut on them at once (a spurious budget_exceeded half a second after the update)
         if self.budget is None:
             base = self._base_fps()
@@ -628,7 +629,7 @@ class CameraPipeline:
             # and the budget's state.
             "frame_age": self.frame_age.snapshot(),
             "target_fps": self._budget_fps or self.camera.fps,
-            "budget": self.budget.stats(now) if self.budget else None,
+            "budget": self.budget.stats(time.monotonic()) if self.budget else None,  # the budget's own clock
         }
 
 
