@@ -50,6 +50,16 @@ class HeadConfig:
             raise ValueError(f"head center_offset must be in [0, 1), got {self.center_offset}")
         if self.max_detections < 1:
             raise ValueError(f"head max_detections must be >= 1, got {self.max_detections}")
+        # the checks below fail on NaN too: a NaN threshold passes no score, silently; 0 or 1 broke the bias init
+        # (ZeroDivisionError, "math domain error") and 0 groups the divisibility check, neither naming the field
+        if self.norm_groups is not None and self.norm_groups < 1:
+            raise ValueError(f"head norm_groups must be >= 1 (or null), got {self.norm_groups}")
+        if not 0.0 < self.prior_prob < 1.0:
+            raise ValueError(f"head prior_prob must be in (0, 1), got {self.prior_prob}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"head score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not 0.0 <= self.nms_iou <= 1.0:  # below 0 every box suppresses every later one of its class
+            raise ValueError(f"head nms_iou must be in [0, 1], got {self.nms_iou}")
 
     @property
     def num_classes(self) -> int:

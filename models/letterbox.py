@@ -20,7 +20,8 @@ PAD_VALUE = 114  # mid-grey padding, the usual choice for letterboxed detectors
 class Letterbox:
     """How a source image of ``src_size`` was placed into a model input of ``dst_size``.
 
-    Sizes are (height, width). A source pixel (x, y) lands at (x * scale + pad_x, y * scale + pad_y).
+    Sizes are (height, width). A source pixel (x, y) lands at (x * sx + pad_x, y * sy + pad_y), (sx, sy) =
+    ``scales``: ``scale`` itself on the side that fills the input, the rounded picture's own on the other.
     """
 
     src_size: tuple[int, int]
@@ -45,6 +46,14 @@ class Letterbox:
         padding offsets still leave room for that one row."""
         sh, sw = self.src_size
         return max(1, round(sh * self.scale)), max(1, round(sw * self.scale))
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(x, y) scale of the picture as really resized, ``resized_size`` over ``src_size``. Rounding the picture
+        to whole pixels moves its far edge by up to half a pixel from ``scale``'s: nothing on a 16:9 frame, but a
+        12 x 4096 sliver's one row stands for 12 source rows, not the 9.1 that ``scale`` (1.31 rows) says."""
+        (rh, rw), (sh, sw) = self.resized_size, self.src_size
+        return rw / sw, rh / sh
 
     def to_list(self) -> list:
         return [list(self.src_size), list(self.dst_size), self.scale, self.pad_x, self.pad_y]
@@ -96,8 +105,9 @@ def boxes_to_source(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     """Maps (N, 4) xyxy boxes from model-input pixels back to source pixels, clipped to the image."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     out = np.empty_like(boxes)
-    out[:, 0::2] = (boxes[:, 0::2] - lb.pad_x) / lb.scale
-    out[:, 1::2] = (boxes[:, 1::2] - lb.pad_y) / lb.scale
+    sx, sy = lb.scales
+    out[:, 0::2] = (boxes[:, 0::2] - lb.pad_x) / sx
+    out[:, 1::2] = (boxes[:, 1::2] - lb.pad_y) / sy
     sh, sw = lb.src_size
     np.clip(out[:, 0::2], 0, sw, out=out[:, 0::2])
     np.clip(out[:, 1::2], 0, sh, out=out[:, 1::2])
@@ -108,6 +118,7 @@ def boxes_to_model(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     """Maps (N, 4) xyxy boxes from source pixels into model-input pixels."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     out = np.empty_like(boxes)
-    out[:, 0::2] = boxes[:, 0::2] * lb.scale + lb.pad_x
-    out[:, 1::2] = boxes[:, 1::2] * lb.scale + lb.pad_y
+    sx, sy = lb.scales
+    out[:, 0::2] = boxes[:, 0::2] * sx + lb.pad_x
+    out[:, 1::2] = boxes[:, 1::2] * sy + lb.pad_y
     return out

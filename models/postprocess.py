@@ -144,6 +144,9 @@ def postprocess(
     cls, ltrb, ctr = out["cls_logits"], out["box_ltrb"], out["centerness"]
     n, p, c = cls.shape
     scores = torch.sqrt(torch.sigmoid(cls.float()) * torch.sigmoid(ctr.float())[..., None]).reshape(n, p * c)
+    # a NaN logit (an fp16 overflow, a broken export) scores below everything: topk ranks NaN above every number,
+    # so NaNs took the places of the k real detections that ``above`` counted
+    scores = scores.nan_to_num(nan=-1.0)
     above = scores > score_threshold
     # Trim K to what any image really has: the NMS cost is quadratic in K.
     k = min(pre_nms_topk, int(above.sum(1).max().item()) if n else 0)
@@ -157,7 +160,7 @@ def postprocess(
     h, w = image_size
     boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
     boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
-    valid = top_scores > score_threshold
+    valid = (top_scores > score_threshold) & ~boxes.isnan().any(-1)  # a NaN box overlaps nothing: NMS kept it
     keep = nms_keep(boxes, labels, valid, nms_iou)
     keep = keep & (keep.cumsum(1) <= max_detections)  # the best max_detections of each image (rows are score-sorted)
     # the kept boxes of the whole batch in one selection, then split per image: two GPU syncs, not one an image
