@@ -8,6 +8,8 @@ recorded as who sent the command; without tokens the API only binds loopback (Ap
 ``PATCH`` and ``DELETE /cameras/export`` change and remove it as any other (RESERVED_NOTE, in the OpenAPI docs).
 Routes are plain ``def`` functions: FastAPI runs them in its thread pool, so a slow Ray call (starting a
 camera's actor takes seconds) never blocks the server's event loop. The App does the work and the checks.
+A body is read only after the token check: one JSON object (Content-Type: application/json), at most
+MAX_BODY_BYTES, without a key given twice or NaN (``_json_object_reader``).
 
 Other modules add routes with ``build_api(..., extensions=[fn])``: ``fn(api, controller)`` is called once
 with the FastAPI app, e.g. ``api.include_router(router)``; ``api.state.auth`` is the token check, for
@@ -17,6 +19,7 @@ routes that want it (``dependencies=[Depends(api.state.auth)]``).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import socket
 import threading
@@ -24,7 +27,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import uvicorn
-from fastapi import Body, Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -40,6 +43,9 @@ CAMERA_EXAMPLE = {"id": "lobby", "url": "rtsp://camera-host:554/stream", "fps": 
 # named export stays listed, changed and removed as any other.
 RESERVED_NOTE = ("`GET /cameras/export` is the export: a camera with the id `export` is listed by `GET /cameras`, "
                  "and `PATCH`/`DELETE /cameras/export` change and remove it.")
+MAX_BODY_BYTES = 1 << 20  # a camera with zones and lines is a few kB; uvicorn itself would buffer any size
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
 
 
 class BearerAuth:
@@ -58,7 +64,7 @@ class BearerAuth:
         elif scheme.lower() != "bearer" or not value.strip():
             reason = "Authorization: expected 'Bearer <token>'"
         else:
-            given = value.strip().encode()
+            given = value.encode("latin-1").strip()  # the bytes sent (Starlette decodes headers as latin-1)
             matched = [name for name, token in self._tokens.items() if hmac.compare_digest(given, token)]
             if matched:
                 return f"api:{matched[0]}"
@@ -85,6 +91,70 @@ def _validation_reason(exc: RequestValidationError) -> str:
     return "\n".join(lines)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (the config's YAML does too): the last one silently won."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} given twice in one object")
+        out[key] = value
+    return out
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")  # Python's json reads NaN and Infinity, other parsers do not
+
+
+def _json_body(example: dict, description: str) -> dict:
+    """The OpenAPI entry of a body that ``_json_object_reader`` reads (FastAPI documents only its own Body)."""
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/json": {"schema": {"type": "object", "additionalProperties": True}, "example": example}}}}
+
+
+def _json_object_reader(auth: BearerAuth) -> Callable:
+    """The dependency that reads a route's body: a JSON object of at most MAX_BODY_BYTES, read only after the
+    token check (FastAPI reads a declared Body first: a sender without a token was told what was wrong with
+    its JSON, and any body, however large, was held in memory), strict JSON, and an answer that says what
+    is wrong with it (415 for a form or text, 413 past the limit, 422 naming the bad key)."""
+
+    async def json_object(request: Request, by: str = Depends(auth)) -> dict[str, Any]:  # the token first
+        def refuse(status: int, reason: str) -> HTTPException:
+            log.warning("HTTP API: rejected %s %s: %s", request.method, request.url.path, reason)
+            return HTTPException(status, reason)
+
+        content_type = request.headers.get("content-type", "")
+        media = content_type.partition(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            got = f"got {content_type!r}" if content_type else "none was sent"
+            raise refuse(415, f"body: expected Content-Type: application/json, {got}")
+        length = request.headers.get("content-length", "")
+        too_large = f"body: larger than {MAX_BODY_BYTES} bytes"
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise refuse(413, too_large)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise refuse(413, too_large)
+            chunks.append(chunk)
+        try:
+            value = json.loads(b"".join(chunks).decode(), object_pairs_hook=_unique_keys, parse_constant=_not_json)
+        except json.JSONDecodeError as e:
+            reason = f"body: not valid JSON ({e.msg})" if size else "body: empty (expected a JSON object)"
+            raise refuse(422, reason) from None
+        except UnicodeDecodeError:
+            raise refuse(422, "body: not valid JSON (not UTF-8)") from None
+        except RecursionError:
+            raise refuse(422, "body: not valid JSON (nested too deeply)") from None
+        except ValueError as e:
+            raise refuse(422, f"body: {e}") from None
+        if not isinstance(value, dict):
+            raise refuse(422, f"body: expected a JSON object, got {_JSON_TYPES.get(type(value), 'a value')}")
+        return value
+
+    return json_object
+
+
 def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Extension] = ()) -> FastAPI:
     """The FastAPI app over ``controller`` (a started App); ``extensions`` add their own routes."""
     api = FastAPI(title="hydravision control API", version="1",
@@ -92,6 +162,7 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
                               + RESERVED_NOTE)
     auth = BearerAuth(tokens)
     api.state.auth = auth
+    json_object = _json_object_reader(auth)
 
     @api.exception_handler(CommandRejected)
     async def _on_rejected(request: Request, exc: CommandRejected) -> JSONResponse:
@@ -118,10 +189,9 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     def list_cameras(by: str = Depends(auth)) -> dict:
         return accepted("list", None, by, controller.list_cameras())
 
-    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running")
-    def add_camera(camera: dict[str, Any] = Body(..., description="a camera, as in the config's cameras: list",
-                                                 examples=[CAMERA_EXAMPLE]),
-                   by: str = Depends(auth)) -> dict:
+    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running",
+              openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))
+    def add_camera(by: str = Depends(auth), camera: dict[str, Any] = Depends(json_object)) -> dict:
         result = controller.add_camera(camera, by=by)
         return accepted("add", result["id"], by, result)
 
@@ -137,9 +207,9 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
             raise CommandRejected(f"camera.id: no camera {camera_id!r} is running", 404)
         return accepted("get", camera_id, by, found[0])
 
-    @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)")
-    def update_camera(camera_id: str, changes: dict[str, Any] = Body(..., examples=[{"fps": 5, "heads": ["people"]}]),
-                      by: str = Depends(auth)) -> dict:
+    @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)",
+               openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"))
+    def update_camera(camera_id: str, by: str = Depends(auth), changes: dict[str, Any] = Depends(json_object)) -> dict:
         return accepted("update", camera_id, by, controller.update_camera(camera_id, changes, by=by))
 
     @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes")

@@ -9,6 +9,7 @@ prints a raw password. Fields left at their defaults are left out.
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 
 import yaml
 
@@ -71,6 +72,10 @@ def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) ->
     taken = {m for url, literal in urls if not literal for m in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", url)}
     out, needed = [], []
     for cam, (url, literal) in zip(cameras, urls):
+        if literal and url.startswith("/") and "${" in url and not url.startswith("/dev/video"):
+            # A plain path is opened as written, never percent-decoded: "%24{" would name another file. As a
+            # file:// URL, quoted, it loads back as the same path (workers/sources.py unquotes it).
+            url = "file://" + quote(url)
         url, names = _placeholders(url, cam.id, literal, taken)
         needed += names
         data = cam.model_dump(mode="json", exclude_defaults=True)

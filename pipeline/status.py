@@ -52,11 +52,12 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
         state = escape(str(s.get("state", "?")))
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
+        skipped = f" +{s['skipped']} skipped" if s.get("skipped") else ""  # frames the motion gate kept from inference
         table.add_row(
             escape(str(s.get("camera", "?"))), f"[{style}]{state}[/]" if style else state, _fps(s.get("fps", 0)),
             _fps(s.get("decode_fps", 0)), f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
-            str(s.get("published", 0)) + (f" +{s['skipped']} skipped" if s.get("skipped") else ""),  # motion gate
-            _drops(s.get("dropped")), str(s.get("reconnects", 0)),
+            escape(str(s.get("published", 0)) + skipped),
+            escape(_drops(s.get("dropped"))), escape(str(s.get("reconnects", 0))),
             escape(_heads(s.get("heads"))), escape(_error(s)[:120]),
         )
     return table
@@ -137,5 +138,5 @@ def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[
                 raise ValueError("not a JSON object")
         except ValueError as e:
             status = {"state": "unreadable", "last_error": f"status is not valid JSON: {e}"}
-        out.append({"camera": cam, **mark_stale(status, now)})
+        out.append({**mark_stale(status, now), "camera": cam})  # the hash's field names it, not what the entry says
     return out

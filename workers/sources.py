@@ -87,4 +87,8 @@ def _file_url_path(url: str) -> str:
     if parts.netloc not in ("", "localhost"):
         # The URL (redacted) heads the message; its netloc is not quoted: a password with a raw '/' splits it.
         raise SourceError.for_url("unsupported", url, "file:// URLs must be local (this one names a host)")
+    if "?" in url or "#" in url:
+        # urlsplit ends the path at either: "file:///v/cam #2.mp4" opened "/v/cam " (or another file there)
+        raise SourceError.for_url("unsupported", url, "a file:// URL ends its path at '?' or '#': write them "
+                                  "%3F and %23, or give the plain path")
     return unquote(parts.path)

@@ -46,8 +46,10 @@ def parse_synthetic_url(url: str) -> dict:
 
     parts = urlsplit(url)
     scene = parts.netloc or "street"
-    if scene not in SCENES or parts.path not in ("", "/"):
-        raise bad(f"unknown synthetic scene {scene + parts.path!r} (known: {', '.join(SCENES)})")
+    if scene not in SCENES or parts.path not in ("", "/"):  # named as written: "synthetic:///park" is no "street/park"
+        raise bad(f"unknown synthetic scene {parts.netloc + parts.path!r} (known: {', '.join(SCENES)})")
+    if "#" in url:  # urlsplit drops it: "street#seed=3" ran seed 0
+        raise bad(f"unexpected '#{parts.fragment}' (parameters follow '?')")
     out: dict = {"seed": 0, "fps": 25.0, "width": 640, "height": 360, "density": 1.0, "frames": None}
     # Not strict_parsing: it raises on "a&b" without saying which part; a part without "=" gets value "".
     pairs = parse_qsl(parts.query, keep_blank_values=True)
