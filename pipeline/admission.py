@@ -24,7 +24,7 @@ import ipaddress
 import os
 import socket
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import psutil
 from pydantic import ValidationError
@@ -34,6 +34,8 @@ from pipeline.errors import UserError
 from workers.analytics_settings import analytics_errors
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
+from workers.source_base import SourceError
+from workers.sources import file_url_path
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 RESOLVE_TIMEOUT_S = 3.0
@@ -150,10 +152,12 @@ class Admission:
 
     def _check_file(self, url: str, is_url: bool) -> str:
         if is_url:
-            parts = urlsplit(url)
-            if parts.netloc not in ("", "localhost"):
+            if urlsplit(url).netloc not in ("", "localhost"):
                 raise CommandRejected(f"camera.url: file:// URLs must be local (got {redact_url(url)!r})")
-            path = unquote(parts.path)
+            try:  # the decoder's reading of the URL: what is checked here is what it will open
+                path = file_url_path(url)
+            except SourceError as e:
+                raise CommandRejected(f"camera.url: {e}") from None  # the URL in it is redacted
         else:
             path = url
         shown = redact_text(path, [])

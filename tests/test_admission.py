@@ -59,6 +59,10 @@ CASES = [
     ("sub/clip.mp4", "absolute path"),
     ("concat:MEDIA/sub/clip.mp4|/etc/passwd", "absolute path"),
     ("file://otherhost/MEDIA/sub/clip.mp4", "must be local"),
+    # urlsplit ends the path at '#' or '?': these named MEDIA/sub/clip.mp4 (accepted) or "clip.mp4 " (no file)
+    ("file://MEDIA/sub/clip.mp4#2.mp4", "ends its path at '?' or '#'"),
+    ("file://MEDIA/sub/clip.mp4?x=1", "ends its path at '?' or '#'"),
+    ("file://MEDIA/sub/clip.mp4 #2.mp4", "ends its path at '?' or '#'"),
     ("device:///dev/mem", "not in api.devices"),
     ("/dev/video7", "not in api.devices"),
     ("device:///dev/null", "ok"),

@@ -74,13 +74,15 @@ def open_source(
         return AVSource(url, "device", path=rest if sep else url, **common)
     if scheme == "file" or not sep:
         # A plain path is never parsed as a URL, so "clip:1.mp4" stays a file name.
-        return AVSource(url, "file", path=_file_url_path(url) if sep else url, realtime=realtime, loop=loop,
+        return AVSource(url, "file", path=file_url_path(url) if sep else url, realtime=realtime, loop=loop,
                         **common)
     raise SourceError.for_url("unsupported", url, f"unsupported scheme {scheme!r} (use rtsp://, rtsps://, "
                               "http(s)://, file://, a path, /dev/videoN or synthetic://)")
 
 
-def _file_url_path(url: str) -> str:
+def file_url_path(url: str) -> str:
+    """The local path a file:// URL names (percent-decoded); SourceError for another host, or a raw '?' or '#'.
+    Admission (pipeline/admission.py) checks run-time cameras' files with the same reading."""
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(url)
