@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
+import json
 import os
 import socket
 from typing import Any
@@ -40,6 +41,7 @@ from workers.sources import file_url_path
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 RESOLVE_TIMEOUT_S = 3.0
 _LOCAL = "this machine"
+MAX_BODY_BYTES = 1 << 20  # a command's body: a camera with zones and lines is a few kB; uvicorn would buffer any
 
 
 class CommandRejected(UserError):
@@ -48,6 +50,29 @@ class CommandRejected(UserError):
     def __init__(self, reason: str, status: int = 422):
         super().__init__(reason)
         self.reason, self.status = reason, status
+
+
+def strict_json(text: str | bytes) -> Any:
+    """json.loads for commands from outside (the HTTP API, the dashboard, the Redis control stream), stricter:
+    a key given twice (the last one silently won; the config's YAML refuses it), NaN and Infinity (Python
+    reads them, JSON has none) and nesting too deep for the parser are ValueErrors that name them."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} given twice in one object")
+        out[key] = value
+    return out
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _validated(data: dict, urls: list[str]) -> CameraConfig:

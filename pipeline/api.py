@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pipeline.admission import CommandRejected
+from pipeline.admission import MAX_BODY_BYTES, CommandRejected, strict_json
 from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ CAMERA_EXAMPLE = {"id": "lobby", "url": "rtsp://camera-host:554/stream", "fps": 
 # named export stays listed, changed and removed as any other.
 RESERVED_NOTE = ("`GET /cameras/export` is the export: a camera with the id `export` is listed by `GET /cameras`, "
                  "and `PATCH`/`DELETE /cameras/export` change and remove it.")
-MAX_BODY_BYTES = 1 << 20  # a camera with zones and lines is a few kB; uvicorn itself would buffer any size
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}
 
@@ -91,20 +90,6 @@ def _validation_reason(exc: RequestValidationError) -> str:
     return "\n".join(lines)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice (the config's YAML does too): the last one silently won."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} given twice in one object")
-        out[key] = value
-    return out
-
-
-def _not_json(constant: str):
-    raise ValueError(f"{constant} is not JSON")  # Python's json reads NaN and Infinity, other parsers do not
-
-
 def _json_body(example: dict, description: str) -> dict:
     """The OpenAPI entry of a body that ``_json_object_reader`` reads (FastAPI documents only its own Body)."""
     return {"requestBody": {"required": True, "description": description, "content": {
@@ -138,15 +123,13 @@ def _json_object_reader(auth: BearerAuth) -> Callable:
                 raise refuse(413, too_large)
             chunks.append(chunk)
         try:
-            value = json.loads(b"".join(chunks).decode(), object_pairs_hook=_unique_keys, parse_constant=_not_json)
+            value = strict_json(b"".join(chunks).decode())
         except json.JSONDecodeError as e:
             reason = f"body: not valid JSON ({e.msg})" if size else "body: empty (expected a JSON object)"
             raise refuse(422, reason) from None
         except UnicodeDecodeError:
             raise refuse(422, "body: not valid JSON (not UTF-8)") from None
-        except RecursionError:
-            raise refuse(422, "body: not valid JSON (nested too deeply)") from None
-        except ValueError as e:
+        except ValueError as e:  # a key given twice, NaN, too deep (strict_json)
             raise refuse(422, f"body: {e}") from None
         if not isinstance(value, dict):
             raise refuse(422, f"body: expected a JSON object, got {_JSON_TYPES.get(type(value), 'a value')}")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import redis
 from pydantic import Field, ValidationError
 
-from pipeline.admission import CommandRejected
+from pipeline.admission import CommandRejected, strict_json
 from pipeline.config import _format_errors
 from workers.publish import encode, entry_order
 from workers.redact import redact_text
@@ -77,9 +77,11 @@ def parse_command(fields: dict) -> Command:
     if raw is None:
         raise CommandRejected("data: missing (XADD {prefix}:control * data '<JSON command>')")
     try:
-        data = json.loads(raw)
-    except ValueError as e:
+        data = strict_json(raw)
+    except json.JSONDecodeError as e:
         raise CommandRejected(f"data: not valid JSON ({e})") from None
+    except ValueError as e:  # a key given twice, NaN, too deep
+        raise CommandRejected(f"data: {e}") from None
     if not isinstance(data, dict):
         raise CommandRejected(f"data: expected a JSON object, got {type(data).__name__}")
     try:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import redis
 
 from pipeline import dashboard_data as data
+from pipeline.admission import MAX_BODY_BYTES, strict_json
 from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
@@ -103,9 +104,13 @@ def create_app(hub: Hub):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"status": "rejected", "reason": "send the camera as application/json"},
                                 status_code=415)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:  # a page's form is a few hundred bytes
+            return JSONResponse({"status": "rejected", "reason": f"the body must say its length and hold at most "
+                                 f"{MAX_BODY_BYTES} bytes"}, status_code=413 if length.isdigit() else 411)
         try:
-            camera = await request.json()
-        except ValueError as e:
+            camera = strict_json(await request.body())
+        except ValueError as e:  # also a key given twice or NaN: the controller would take the last one, or NaN
             return JSONResponse({"status": "rejected", "reason": f"the body is not JSON: {e}"}, status_code=400)
         if not isinstance(camera, dict):
             return JSONResponse({"status": "rejected", "reason": "expected a JSON object with id and url, got "

@@ -101,3 +101,20 @@ def test_an_add_answers_for_the_camera_it_adds(command: dict, camera: str, reaso
         assert result["status"] == "accepted" and app.added == [camera]
     else:
         assert result["status"] == "rejected" and result["reason"].startswith(reason) and app.added == []
+
+
+@pytest.mark.parametrize("data, reason", [
+    ('{"op": "add", "camera": {"id": "a", "url": "synthetic://street", "fps": 5, "fps": 50}}',
+     "data: key 'fps' given twice in one object"),  # the last one silently won: a camera at 50 fps
+    ('{"op": "add", "camera": {"id": "a", "url": "synthetic://street", "fps": NaN}}', "data: NaN is not JSON"),
+    ('{"op": "update", "id": "a", "changes": {"stall_timeout_s": Infinity}}', "data: Infinity is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "data: not valid JSON (nested too deeply)"),
+])
+def test_a_command_is_strict_json(data: str, reason: str) -> None:
+    """The same reading as the HTTP API's bodies (pipeline/admission.py strict_json)."""
+    from pipeline.admission import CommandRejected
+    from pipeline.control import parse_command
+
+    with pytest.raises(CommandRejected) as refused:
+        parse_command({b"data": data.encode()})
+    assert refused.value.reason == reason

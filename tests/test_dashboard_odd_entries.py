@@ -94,3 +94,24 @@ def test_control_says_503_when_redis_fails_and_names_the_bad_field():
         assert resp.status_code == 400 and resp.json()["reason"] == "camera url: expected a non-empty string, missing"
         resp = http.post("/api/cameras", content=b"{bad", headers={"content-type": "application/json"})
         assert resp.status_code == 400 and "not JSON" in resp.json()["reason"]
+
+
+def test_an_added_camera_body_is_strict_json_and_bounded():
+    """The page's form sends one small JSON object. Before: a key given twice reached the controller with its
+    last value, NaN went on as a number, and a body of any size without a length was read whole."""
+    from starlette.testclient import TestClient
+
+    hub = Hub("redis://127.0.0.1:1/0", interval_s=5, allow_control=True)
+    json_type = {"content-type": "application/json"}
+    with TestClient(create_app(hub)) as http:
+        resp = http.post("/api/cameras", content=b'{"id": "x", "url": "a", "url": "synthetic://street"}',
+                         headers=json_type)
+        assert resp.status_code == 400 and "key 'url' given twice" in resp.json()["reason"], resp.text
+        resp = http.post("/api/cameras", content=b'{"id": "x", "url": "synthetic://street", "fps": NaN}',
+                         headers=json_type)
+        assert resp.status_code == 400 and "NaN is not JSON" in resp.json()["reason"], resp.text
+        resp = http.post("/api/cameras", content=b"{" + b" " * (2 << 20) + b"}", headers=json_type)
+        assert resp.status_code == 413, resp.text
+        resp = http.post("/api/cameras", content=iter([b'{"id": "x", ', b'"url": "synthetic://street"}']),
+                         headers=json_type)  # chunked: no length said
+        assert resp.status_code == 411, resp.text
