@@ -103,3 +103,33 @@ def test_normal_path_guard_a_continuous_calm_steps_up_after_the_hold():
     _, actions = publish(policy, t, 10.0, 0.1)
     steps = [at for at, a in actions if a.action == "fps_up"]
     assert steps and calm + policy.initial_recover_hold_s <= steps[0] <= calm + policy.initial_recover_hold_s + 3
+
+
+def test_the_rate_of_a_source_that_does_not_say_it_is_measured_from_its_first_frame(monkeypatch):
+    """A stream without a frame rate: the budget starts from the rate it delivers. That was frames decoded over
+    the time since the camera started, opening the source included: a 25 fps stream that took 9.6 s to open
+    read as 1 fps after its first 10 frames (the budget's first cut then went to 0.8 fps)."""
+    import time
+    import types
+
+    from test_capture_recovery import RecordingPublisher
+
+    from workers import stream
+    from workers.stream import CameraPipeline
+
+    clock = {"t": 1000.0}
+    fake = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake.time = fake.monotonic = lambda: clock["t"]
+    monkeypatch.setattr(stream, "time", fake)
+    pipe = CameraPipeline({"id": "cam", "url": "rtsp://camera/x", "max_frame_age_ms": 300}, None,
+                          {"input_size": [96, 160], "heads": {"people": ["person"]}}, RecordingPublisher())
+    decoded = {"n": 0}
+    pipe._slot = types.SimpleNamespace(snapshot=lambda: {"decoded": decoded["n"]})
+    pipe.started_at = clock["t"]
+    clock["t"] += 9.6  # opening the source
+    rates = []
+    for _ in range(15):  # 25 frames a second from now on, the rate asked for on each frame as _keep_budget does
+        clock["t"] += 0.04
+        decoded["n"] += 1
+        rates.append(pipe._base_fps())
+    assert rates[-1] is not None and 24 <= rates[-1] <= 26, rates

@@ -94,6 +94,7 @@ class CameraPipeline:
         self.frame_age = Histogram(FRAME_AGE_BUCKETS)  # capture to publish, seconds: hydravision_frame_age_seconds
         self.budget: FrameAgeBudget | None = None  # made once the source's rate is known (max_frame_age_ms set)
         self._budget_since = 0.0  # time.monotonic() of the last reset: only frames captured since feed the budget
+        self._rate_probe: tuple[float, int] | None = None  # (when, frames decoded): _base_fps's measured rate
         self.budget_options = budget_options or {}  # FrameAgeBudget's timing, for tests
         self._budget_fps: float | None = None  # the analysed rate the budget imposes; None: the configured one
         self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
@@ -312,7 +313,7 @@ class CameraPipeline:
         """Drops the budget's state and what it imposed (rate, batch wait); the next published frame makes
         a new one from the camera's config if it still has ``max_frame_age_ms``."""
         self.budget, self._budget_fps, self._batch_wait_s = None, None, None
-        self._budget_since = time.monotonic()
+        self._budget_since, self._rate_probe = time.monotonic(), None
         if self._capture is not None:
             self._capture.budget_fps = None
         self._retime_tracker()  # also what a change of fps itself needs
@@ -445,10 +446,14 @@ class CameraPipeline:
     def _base_fps(self) -> float | None:
         """The analysed rate the budget starts from: the configured fps, capped by what the source delivers."""
         known = [f for f in (self.camera.fps, self._capture.source_fps if self._capture else None) if f]
-        if not known and self.started_at:  # a source that does not say its rate: what it has delivered so far
-            decoded = self._slot.snapshot()["decoded"] if self._slot else 0
-            elapsed = time.time() - self.started_at
-            known = [decoded / elapsed] if decoded >= 10 and elapsed > 0 else []
+        if not known and self._slot:  # a source that does not say its rate: what it has delivered since its
+            # first frame was published (counted from the start, the seconds of opening the source made a
+            # 25 fps stream read as a few fps)
+            decoded, now = self._slot.snapshot()["decoded"], time.monotonic()
+            if self._rate_probe is None:
+                self._rate_probe = (now, decoded)
+            since, before = self._rate_probe
+            known = [(decoded - before) / (now - since)] if decoded - before >= 10 and now > since else []
         return min(known) if known else None
 
     def _analysed_fps(self) -> float:
