@@ -42,15 +42,19 @@ class Reaper:
 
     def release(self, timeout: float = 5.0) -> None:
         """Everything was shut down cleanly: the watcher exits without killing anything."""
-        if self.proc.poll() is not None:
-            return
+        assert self.proc.stdin is not None
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(_RELEASE)
-            self.proc.stdin.close()
-            self.proc.wait(timeout)
+            if self.proc.poll() is None:
+                self.proc.stdin.write(_RELEASE)
+                self.proc.stdin.close()
+                self.proc.wait(timeout)
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
+        finally:  # also when the watcher was gone already: the pipe is this process's file either way
+            try:
+                self.proc.stdin.close()
+            except OSError:  # the unsent release line, into a pipe nobody reads
+                pass
 
 
 def _descendants(root: psutil.Process) -> dict[int, psutil.Process]:

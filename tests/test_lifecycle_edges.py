@@ -337,3 +337,13 @@ def test_worker_line_with_non_ascii_and_credentials(worker_json_lines):
     """Normal-path guard: text passes whole, credentials do not."""
     records = worker_json_lines(batch("caméra ✓ rtsp://admin:s3cret@cam/x failed", is_err=False))
     assert records[0]["msg"] == "caméra ✓ rtsp://***@cam/x failed" and records[0]["level"] == "info"
+
+
+def test_releasing_a_reaper_that_already_ended_closes_its_pipe():
+    """release() returned at once when the watcher had ended, leaving this process's end of its stdin open
+    (a file descriptor and a ResourceWarning per App start)."""
+    r = reaper.Reaper.start()
+    r.proc.kill()
+    r.proc.wait(10)
+    r.release()
+    assert r.proc.stdin.closed
