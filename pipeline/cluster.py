@@ -21,7 +21,7 @@ import ray
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
                                 inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
-                                replica_gpus, replicas_per_node, stream_options)
+                                replica_gpus, replica_room, replicas_per_node, stream_options)
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig
@@ -38,11 +38,21 @@ def init_ray(config: Any, system_config: dict) -> None:
     if address == "local":
         replicas = replica_count(config.inference, "cpu", 0.0, None)  # the most it can become (no GPU known yet)
         cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, replicas, len(config.cameras)))
-        # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
-        ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
-                 object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                 _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+        # The cameras' processes all reserve theirs at start: with fewer logical CPUs the last ones never start,
+        # and the start waits its whole budget for them. (Replicas not counted: in the camera processes none starts.)
+        if rc.num_cpus and (need := len(config.cameras) * rc.stream_cpus) > rc.num_cpus + 1e-9:
+            raise UserError(f"ray.num_cpus: {rc.num_cpus} logical CPU(s), but the {len(config.cameras)} cameras "
+                            f"reserve {need:g} (ray.stream_cpus {rc.stream_cpus:g} each): raise ray.num_cpus or lower "
+                            "ray.stream_cpus (unset, ray.num_cpus follows the reservations)")
+        try:
+            # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
+            ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
+                     object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                     _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+        except ValueError as e:  # what we passed: e.g. an object store larger than the machine's memory
+            raise UserError(f"ray: cannot start a local Ray with ray.object_store_mb {rc.object_store_mb} and "
+                            f"{cpus} logical CPUs (ray.num_cpus): {e}".splitlines()[0]) from None
         return
     where = "ray.address" if rc.address else "$RAY_ADDRESS"  # the setting the user has to fix
     _check_head(address, where, rc.placement_timeout_s)
@@ -65,6 +75,10 @@ def _check_head(address: str, where: str, timeout_s: float) -> None:
         return
     if not resolved:
         return
+    port = resolved.rpartition(":")[2]
+    if not (port.isdigit() and 0 < int(port) < 65536):  # nothing can ever answer there: no wait
+        raise UserError(f"{where}: {address!r} has no usable port ({port!r}, not 1-65535): give host:port, the port "
+                        "the head was started with (`ray start --head --port=...`; 6380 in docker-compose.yml)")
     deadline = time.monotonic() + timeout_s
     while True:
         answers = {target: _first_byte(target) for target in dict.fromkeys((address, resolved)) if ":" in target}
@@ -177,7 +191,8 @@ class Placement:
         # Every replica's options, once: they decide how many replicas there are and where they go.
         self.replica_options = inference_options(config.ray, replica_gpus(config.inference, config.model), self.nodes)
         cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
-        self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores)
+        self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores,
+                                      replica_room(self.replica_options, self.nodes))
         # What the cameras' processes spread over: this machine's cores, or all the cluster's CPUs.
         self.cores = cores or int(sum(n.resources.get("CPU", 0) for n in self.nodes)) or 1
         # They split a node's cores (InferenceActor's threads)
@@ -231,6 +246,10 @@ class Placement:
         except ValueError as e:
             if "already taken" not in str(e):
                 raise
+            if self.config.ray.namespace:  # chosen, not derived from the prefix: the prefix has no say
+                raise UserError(f"actor {options.get('name')} already exists in Ray namespace {self.namespace} "
+                                "(ray.namespace): another pipeline uses that namespace on this cluster. Give this one "
+                                "its own ray.namespace") from None
             raise UserError(f"actor {options.get('name')} already exists in Ray namespace {self.namespace}: another "
                             f"pipeline with Redis prefix {self.config.redis.prefix!r} runs on this cluster. Give "
                             "this one its own redis.prefix (or ray.namespace)") from None

@@ -6,6 +6,7 @@ come from the environment this way and never need to sit in the file.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,14 @@ __all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfi
            "parse_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+RAY_RESOURCE_STEP = 0.0001  # Ray refuses a finer fraction of a resource, with a ValueError when the actor is made
+
+
+def _ray_amount(v: float | None) -> float | None:
+    """A resource amount an actor reserves: 0, or at least the step Ray counts in."""
+    if v is not None and 0 < v < RAY_RESOURCE_STEP:
+        raise ValueError(f"Ray reserves resources in steps of {RAY_RESOURCE_STEP:g}: use 0 or at least that")
+    return v
 
 
 class ConfigError(UserError, ValueError):
@@ -48,11 +57,25 @@ class RayConfig(Strict):
     inference_resource: str = Field("hydravision_inference", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                                     description="custom resource of the nodes that can run inference (torch, the "
                                     "model); when any node advertises it, each replica reserves 1 of it")
-    placement_timeout_s: float = Field(120, gt=0, description="how long actors may wait for a node to take them, "
-                                       "and the controller for the Ray head at ray.address to answer")
+    # Finite and bounded: Ray takes a wait as int64 milliseconds (ray.get(timeout=inf) is an OverflowError).
+    placement_timeout_s: float = Field(120, gt=0, le=86_400, description="how long actors may wait for a node to "
+                                       "take them, and the controller for the Ray head at ray.address to answer")
     wait_for_resources: dict[str, float] = Field(default_factory=dict, description="before placing anything, wait "
                                                  "(up to placement_timeout_s) until the cluster offers these totals, "
                                                  "e.g. {hydravision_inference: 1, GPU: 1}: nodes still joining")
+
+    @field_validator("stream_cpus", "inference_cpus")
+    @classmethod
+    def _amounts(cls, v: float) -> float:
+        return _ray_amount(v)
+
+    @field_validator("wait_for_resources")
+    @classmethod
+    def _wanted(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: n for k, n in v.items() if not 0 <= n < math.inf}  # inf is never offered; nan, -1 mean nothing
+        if bad:
+            raise ValueError(f"amounts must be finite and >= 0 (0: nothing to wait for), got {bad}")
+        return v
 
     def resolved_address(self) -> str:
         """'local', or the cluster to join: the config's address, else $RAY_ADDRESS."""
@@ -126,6 +149,11 @@ class InferenceConfig(Strict):
                                     "the camera holding the most is shed (default: 8 x max_batch)")
     max_pending_per_camera: int | None = Field(None, ge=1, description="requests of one camera waiting per replica "
                                                "(default: max(16, max_batch))")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v: float | None) -> float | None:
+        return _ray_amount(v)
 
 
 class StatusConfig(Strict):

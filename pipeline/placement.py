@@ -112,23 +112,40 @@ def replica_gpus(inference_cfg: Any, model_cfg: Any) -> float | None:
 
 
 def inference_options(ray_cfg: Any, num_gpus: float | None, nodes: list[Node]) -> dict[str, Any]:
-    """Options for every InferenceActor replica (``ray_cfg``: the config's RayConfig)."""
-    gpus = num_gpus if num_gpus is not None else (1.0 if sum(n.resources.get("GPU", 0) for n in nodes) >= 1 else 0.0)
+    """Options for every InferenceActor replica (``ray_cfg``: the config's RayConfig). A GPU is looked for on
+    the nodes that can run inference only: a GPU node that decodes (``hwaccel: cuda``) without the inference
+    resource would make the replicas ask for GPU and resource together, which no node has."""
+    hosts = [n for n in nodes if n.resources.get(ray_cfg.inference_resource, 0) > 0]
+    gpus = num_gpus if num_gpus is not None else (
+        1.0 if sum(n.resources.get("GPU", 0) for n in hosts or nodes) >= 1 else 0.0)
     opts: dict[str, Any] = {"num_cpus": ray_cfg.inference_cpus, "num_gpus": gpus}
-    if any(n.resources.get(ray_cfg.inference_resource, 0) > 0 for n in nodes):
+    if hosts:
         opts["resources"] = {ray_cfg.inference_resource: 1.0}
     if len(nodes) > 1:
         opts["scheduling_strategy"] = "SPREAD"  # replicas on different nodes: losing one node loses one replica
     return opts
 
 
-def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, cores: int | None) -> int:
+def replica_count(inference_cfg: Any, device: str, gpus_per_replica: float, cores: int | None,
+                  room: int | None = None) -> int:
     """``inference.replicas`` or, unset, 1 on GPUs (``gpus_per_replica`` > 0, device cuda or mps) and 2 on CPUs
-    of two cores or more (``cores``: the machine's, None when unknown)."""
+    of two cores or more (``cores``: the machine's, None when unknown), but no more than the ``room`` the nodes
+    have for them (``replica_room``): a replica beyond it would wait for a place until the start times out."""
     if inference_cfg.replicas:
         return inference_cfg.replicas
     on_gpu = gpus_per_replica > 0 or device.startswith("cuda")
-    return 1 if on_gpu or device == "mps" or (cores or 2) < 2 else 2
+    count = 1 if on_gpu or device == "mps" or (cores or 2) < 2 else 2
+    return count if room is None else max(1, min(count, room))
+
+
+def replica_room(options: Mapping[str, Any], nodes: list[Node]) -> int | None:
+    """How many replicas with these options the nodes could host at once, by their totals (None: they reserve
+    nothing, so any number)."""
+    wants = demand(options)
+    if not wants:
+        return None
+    return sum(min(int(n.resources.get(k, 0.0) / v + 1e-9) for k, v in wants.items())
+               for n in nodes if fits(n, options))
 
 
 def model_in_camera_process(inference_cfg: Any, device: str, gpus_per_replica: float, cluster: bool) -> bool:
