@@ -58,6 +58,13 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
     names = np.array([class_names[i] for i in class_ids])
     # attribute arrays ride in data: the tracker's subsets of the detections keep them aligned
     attrs = {k: np.asarray(v) for k, v in arrays.items() if k.startswith("attr:")}
+    for key in [k for k in attrs if k.endswith(":conf") and k[:-len(":conf")] in attrs]:
+        bad = ~np.isfinite(attrs[key].astype(np.float32))
+        if bad.any():  # an overflowed attribute head: its label is an argmax over NaN, so none; a NaN kept would
+            # fail the frame's message (not JSON), and summed into the track's vote, every later frame's too
+            label = key[:-len(":conf")]
+            attrs[label] = np.where(bad, "", attrs[label])
+            attrs[key] = np.where(bad, 0, attrs[key]).astype(np.float32)
     if "embedding" in arrays:  # re-ID vectors, for the tracker only: detection_records never reads them
         emb = np.asarray(arrays["embedding"]).reshape(len(boxes), -1)
         bad = ~np.isfinite(emb).all(axis=1)

@@ -173,11 +173,17 @@ class CameraTracker:
             tracked.data[key + ":conf"][row] = votes[best] / max(sum(votes.values()), 1e-9)
 
     def finish(self) -> list[dict]:
-        """track_ended for every open track (camera stopping or removed)."""
+        """track_ended for every open track (camera stopping or removed). The trackers drop those tracks too and
+        number on after them: fed again, they would bring an ended track back under its id (a second
+        track_started for an id consumers saw end)."""
         events = []
-        for ht in self.heads.values():
+        for head, ht in self.heads.items():
             events += [self._ended(st) for st in ht.active.values()]
             ht.active.clear()
+            fresh = self._new_head(head, ht.next_id)
+            if ht.linker is not None and fresh.linker is not None:
+                fresh.linker.relinks = ht.linker.relinks  # a count for the camera's stats, not per tracker
+            ht.tracker, ht.linker, ht.id_base = fresh.tracker, fresh.linker, fresh.id_base
         return events
 
     @staticmethod
