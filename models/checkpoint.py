@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -31,6 +32,25 @@ from safetensors.torch import save_file
 from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+
+def prepare_output(path: str | Path) -> Path:
+    """Makes the folder of a checkpoint a training will write, before the training: a name that cannot be written
+    must fail in the first second, not when the finished model is saved. Says when it will replace a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; name the .safetensors file to write in it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot make its folder ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{path}: its folder is not writable")
+    if path.exists():
+        log.warning("%s exists: the training replaces it when it finishes", path)
+    return path
 
 
 def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] | None = None,
@@ -55,8 +75,8 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
         tensors = {k: v for k, v in tensors.items() if k not in shared}
         metadata["base"] = json.dumps({"path": os.path.relpath(base.resolve(), path.parent.resolve()),
                                        "sha256": file_sha256(base)})
-    if base is not None and path.resolve() == base.resolve():
-        raise RuntimeError(f"{path}: would overwrite its own base")  # a bug in the caller: TrainConfig refuses it
+    if base is not None and path.resolve() in [p.resolve() for p in checkpoint_files(base)]:
+        raise RuntimeError(f"{path}: would overwrite its own base")  # a caller's bug: TrainConfig, train() refuse it
     with written_aside(path, path.with_suffix(path.suffix + ".tmp")) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         umask = os.umask(0)
@@ -80,6 +100,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path}: weights do not match the architecture it describes: {problems}")
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta["training"]
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files a checkpoint loads from: itself, the checkpoint it adds to (an adapter file's base), its base..."""
+    files = [Path(path)]
+    while files[-1].is_file() and "base" in (meta := read_metadata(files[-1])):
+        base = files[-1].parent / meta["base"]["path"]
+        if base.resolve() in [f.resolve() for f in files]:
+            break  # a loop: reading its tensors says what is wrong
+        files.append(base)
+    return files
 
 
 def read_tensors(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

@@ -210,6 +210,8 @@ class YoloFolder(Dataset):
         h, w = image.shape[:2]
         cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
         boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+        # centre and size in [0, 1] can still reach past the picture: the object is what the picture shows of it
+        boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
         out, b, keep, ignore = place(image, boxes, np.zeros((0, 4), np.float32), self.input_size,
                                      self.rng if self.augment else None)
         return Sample(out, b[keep], rows[keep, 0].astype(np.int64), ignore)

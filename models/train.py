@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from models.checkpoint import checkpoint_files, load_checkpoint, prepare_output, read_tensors, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
 from models.files import written_aside
@@ -79,6 +78,10 @@ class TrainConfig:
                              "together with its base, which it would overwrite; write it to another file")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # AdamW refuses < 0 only; 0 would train nothing, nan NaNs
+            raise ValueError(f"lr (the learning rate) must be a positive number, got {self.lr}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
 
     @property
     def state_path(self) -> Path:
@@ -240,12 +243,10 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
     """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:  # before any training: the resume state is written beside the output every checkpoint_every steps
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{cfg.out}: cannot make its folder ({e.strerror or e})") from None
-    if not os.access(cfg.out.parent, os.W_OK):
-        raise ConfigError(f"{cfg.out}: its folder is not writable")
+    prepare_output(cfg.out)  # before any training: the resume state is written beside it every checkpoint_every steps
+    if cfg.lora is not None and cfg.out.resolve() in [p.resolve() for p in checkpoint_files(cfg.init)[1:]]:
+        raise ConfigError(f"--out {cfg.out} is a checkpoint that --from {cfg.init} adds to: the new adapter's file "
+                          "loads together with both, and would replace one of them; write it to another file")
     model, history, trainable = build_model(cfg)
     layout = memory_format_for(model, device)
     model.to(device, memory_format=layout)
@@ -275,11 +276,11 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         start, before = int(state["step"]), state.get("other_heads_before", {})
         seconds_before = float(state.get("seconds", 0.0))  # the record's time covers every run of it
         log.info("resuming %s from step %d", cfg.out, start)
-    elif others:
-        before = score_heads(model, others, cfg, progress)
-        log.info("other heads' held-out mAP@0.5 before unfreezing %d stage(s): %s", cfg.unfreeze_stages, before)
     loader, data_classes = build_data(cfg, model.config.input_size, seed=cfg.seed * 1000 + start)
     cmaps = class_maps(cfg.heads, data_classes)
+    if others and not start:  # after the data's checks: scoring takes minutes on a real model
+        before = score_heads(model, others, cfg, progress)
+        log.info("other heads' held-out mAP@0.5 before unfreezing %d stage(s): %s", cfg.unfreeze_stages, before)
     batches = endless(loader)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=f"train {'+'.join(trainable)}", unit="step", dynamic_ncols=True)

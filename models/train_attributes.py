@@ -6,6 +6,7 @@ sees what a detector's boxes look like, on the synthetic scenes (the data that k
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from models.datasets import DatasetError, SyntheticFrames, collate
 from synthetic.scene import CLASS_NAMES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,7 @@ def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prepare_output(cfg.out)  # before the training, not when its result is saved
     model, training = load_checkpoint(cfg.init, device=device)
     head = model.add_attribute(cfg.name, cfg.labels, cfg.on, cfg.of)
     opt = head_only_optimizer(model, head, cfg.lr)
@@ -87,6 +91,7 @@ def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
     batches = iter(loader)
     bar = tqdm(range(cfg.steps), desc=f"train attribute {cfg.name}", unit="step", disable=not progress)
     t0, smooth, seen = time.time(), None, 0
+    per_label = np.zeros(len(cfg.labels), np.int64)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = head_lr(cfg.lr, step, cfg.steps)
@@ -101,9 +106,16 @@ def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
         loss.backward()
         opt.step()
         seen += len(labels)
+        per_label += np.bincount(labels.numpy(), minlength=len(cfg.labels))
         value = loss.item()
         smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
         bar.set_postfix(loss=f"{smooth:.3f}")
+    if not seen:  # every step was skipped: the head never trained, and must not be saved as if it had
+        raise DatasetError(f"attribute {cfg.name!r}: in {cfg.steps} steps of training data no box of {cfg.on!r} "
+                           f"({', '.join(cfg.of)}) had one of the labels {cfg.labels}; nothing to learn from")
+    if unseen := [label for label, n in zip(cfg.labels, per_label) if not n]:
+        log.warning("attribute %r: the training data never showed %s: the head cannot have learned %s",
+                    cfg.name, ", ".join(map(repr, unseen)), "them" if len(unseen) > 1 else "it")
     history = list(training.get("history", []))
     history.append({"attribute": cfg.name, "labels": cfg.labels, "on": cfg.on, "of": cfg.of, "steps": cfg.steps,
                     "seed": cfg.seed, "objects_seen": seen, "seconds": round(time.time() - t0, 1),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
@@ -91,6 +91,7 @@ def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prepare_output(cfg.out)  # before the training, not when its result is saved
     model, training = load_checkpoint(cfg.init, device=device)
     # Features come from a copy with BatchNorm folded (the frozen backbone's arithmetic as served, and faster);
     # the file written is the model as loaded plus the head.
