@@ -33,6 +33,7 @@ EVENT_GROUPS = {"track_started": "track", "track_ended": "track", "zone_entered"
                 "budget_exceeded": "budget", "budget_recovered": "budget"}
 MAX_SNAPSHOT_BYTES = 4 * 2**20  # larger values are not a dashboard snapshot: not cached, not served
 GONE_AFTER_S = 10.0  # a camera whose status vanished keeps its tile this long (a Redis restart empties it)
+MAX_TEXT = 1000  # characters of one string sent to the page (an error, a name, an event field): longer ones are cut
 
 
 def _number(raw: Any, kind: type) -> Any:
@@ -87,7 +88,8 @@ def parse_counts(fields: dict) -> dict | None:
             lines.setdefault(k, {"line": k[0], "head": k[1], "class": k[2], "in": 0, "out": 0})[parts[-1]] = value
     if not zones and not lines:
         return None
-    order = lambda d: (d.get("zone") or d.get("line"), d["head"], d["class"])  # noqa: E731
+    # a zone named "" (a hand-written field) is a name too: `or` made it None, and sorting failed the whole tile
+    order = lambda d: (d["zone"] if "zone" in d else d["line"], d["head"], d["class"])  # noqa: E731
     return {"zones": sorted(zones, key=order), "lines": sorted(lines.values(), key=order)}
 
 
@@ -114,7 +116,8 @@ def event_group(type_: str) -> str:
 
 
 def tile_state(status: dict) -> str:
-    return _STATE.get(status.get("state"), DOWN)
+    state = status.get("state")  # a list or an object in a hand-written status is no state (and no dict key)
+    return _STATE.get(state, DOWN) if isinstance(state, str) else DOWN
 
 
 def make_tile(status: dict, detection: dict | None, counts: dict | None,
@@ -146,7 +149,9 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
 def scrub(value: Any, urls: list[str]) -> Any:
     """A copy of a JSON-able value with the credentials of ``urls`` (and of any URL) hidden in every string:
     string by string, so that a URL in one field cannot swallow the JSON around it. Non-finite floats (a
-    ``1e999`` or ``NaN`` that Python's json read from an entry) become None: JSON has no such number."""
+    ``1e999`` or ``NaN`` that Python's json read from an entry) become None: JSON has no such number. A string
+    longer than MAX_TEXT is cut there (after redaction, so that no cut hides a URL from it): a megabyte error or
+    event field went to every page at every tick and into a feed that keeps 500 events."""
     # redact_text changes only strings holding one of these or a "://": the others (nearly all) skip it
     needles = [u for u in urls if u] + [x for u in urls if u for x in url_secrets(u)]
 
@@ -154,7 +159,8 @@ def scrub(value: Any, urls: list[str]) -> Any:
         if isinstance(v, float) and not math.isfinite(v):  # NaN/Infinity in an entry: no JSON, would fail the page
             return None
         if isinstance(v, str):
-            return redact_text(v, urls) if "://" in v or any(n in v for n in needles) else v
+            v = redact_text(v, urls) if "://" in v or any(n in v for n in needles) else v
+            return v if len(v) <= MAX_TEXT else v[:MAX_TEXT - 1] + "…"
         if isinstance(v, dict):
             return {walk(k): walk(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

@@ -26,12 +26,16 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A name from Redis inside a line of text, bidi-isolated (U+2068 ... U+2069, invisible): a right-to-left override
+// in it (a camera or zone named "x\u202e") no longer reverses the rest of the line ("zone_entered" as "deretne_enoz").
+const iso = (v) => `\u2068${v}\u2069`;
+
 const fmt = {
   num: (v, digits = 1) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits)),
   ms: (v) => (v === null || v === undefined ? "–" : Math.round(v).toString()),
   time: (ts) => new Date(ts * 1000).toLocaleTimeString([], { hour12: false }),
   pairs: (obj, skipZero) => {
-    const parts = Object.entries(obj || {}).filter(([, v]) => !skipZero || v).map(([k, v]) => `${k} ${v}`);
+    const parts = Object.entries(obj || {}).filter(([, v]) => !skipZero || v).map(([k, v]) => `${iso(k)} ${v}`);
     return parts.length ? parts.join(" · ") : "none";
   },
 };
@@ -44,13 +48,13 @@ function drops(tile) {
 function countsText(counts) {
   // zone: objects inside now by class; line: crossings in / out so far, all classes together
   const zones = new Map(), lines = new Map();
-  for (const z of counts.zones) zones.set(z.zone, [...(zones.get(z.zone) || []), `${z.inside} ${z["class"]}`]);
+  for (const z of counts.zones) zones.set(z.zone, [...(zones.get(z.zone) || []), `${z.inside} ${iso(z["class"])}`]);
   for (const l of counts.lines) {
     const [i, o] = lines.get(l.line) || [0, 0];
     lines.set(l.line, [i + l["in"], o + l["out"]]);
   }
-  return [...[...zones].map(([name, parts]) => `${name}: ${parts.join(", ")}`),
-    ...[...lines].map(([name, [i, o]]) => `${name}: ${i} in, ${o} out`)].join(" · ");
+  return [...[...zones].map(([name, parts]) => `${iso(name)}: ${parts.join(", ")}`),
+    ...[...lines].map(([name, [i, o]]) => `${iso(name)}: ${i} in, ${o} out`)].join(" · ");
 }
 
 function stateLabel(tile) {
@@ -210,13 +214,13 @@ function describe(e) {
   const skip = new Set(["v", "type", "camera", "ts", "id", "group", "frame", "pts", "entered_pts", "left_pts",
     "box", "class_id", "conf", "track_ids"]);
   const parts = [];
-  if (e.head !== undefined) parts.push(`${e.head}/${e["class"] ?? "?"}#${e.track_id ?? "-"}`);
-  if (e.zone !== undefined) parts.push(`zone ${e.zone}`);
-  if (e.line !== undefined) parts.push(`line ${e.line} ${e.direction ?? ""}`);
+  if (e.head !== undefined) parts.push(`${iso(e.head)}/${iso(e["class"] ?? "?")}#${iso(e.track_id ?? "-")}`);
+  if (e.zone !== undefined) parts.push(`zone ${iso(e.zone)}`);
+  if (e.line !== undefined) parts.push(`line ${iso(e.line)} ${iso(e.direction ?? "")}`);
   for (const k of ["head", "class", "track_id", "zone", "line", "direction"]) skip.add(k);
   for (const [k, v] of Object.entries(e)) {
     if (skip.has(k) || v === null || typeof v === "object") continue;
-    parts.push(`${k} ${typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v}`);
+    parts.push(`${iso(k)} ${iso(typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v)}`);
   }
   return parts.join(" · ");
 }
@@ -267,10 +271,15 @@ function applyFilters() {
   }
 }
 
+// one option per camera that a tile or a kept event names. An event's camera may be anything (none, a number:
+// never equal to an option's value, one more option at every tick) or a new name each time: options are removed
+// with the last event and tile that named them (the one selected stays), so the list stays bounded.
 function updateCameraFilter() {
   const select = $("#filter-camera");
+  const names = new Set([...state.cameras.keys(), ...state.events.map((e) => e.camera)]
+    .filter((name) => typeof name === "string" && name));
+  for (const o of [...select.options]) if (o.value && !names.has(o.value) && !o.selected) o.remove();
   const known = new Set([...select.options].map((o) => o.value));
-  const names = new Set([...state.cameras.keys(), ...state.events.map((e) => e.camera)]);
   for (const name of [...names].sort()) {
     if (!known.has(name)) select.append(el("option", { value: name }, name));
   }
