@@ -9,6 +9,7 @@ This module imports neither Ray nor FastAPI: the CLI builds its parser from here
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_
 
 
 def add_parser(sub: Any) -> None:
+    from pipeline.cli import seconds  # the CLI's own checks; it imports this module only when building its parser
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", default=None, metavar="URL",
                         help=f"the service's HTTP API, e.g. http://127.0.0.1:8470 (default: ${API_URL_ENV}; "
@@ -35,7 +38,7 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--token", default=None, help=f"bearer token for --api (better: ${API_TOKEN_ENV})")
     common.add_argument("--redis-url", default=None, help=f"Redis of the service (default: ${REDIS_URL_ENV})")
     common.add_argument("--prefix", default="hv", help="the service's Redis key prefix")
-    common.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait this long for the answer")
+    common.add_argument("--timeout", type=seconds, default=60.0, metavar="S", help="wait this long for the answer")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", dest="as_json", action="store_true", help="print the service's answer as JSON")
 
@@ -72,21 +75,29 @@ class HttpChannel:
         method, path = {"list": ("GET", "/cameras"), "add": ("POST", "/cameras"),
                         "export": ("GET", "/cameras/export"), "update": ("PATCH", one), "remove": ("DELETE", one)}[op]
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
+        try:  # 'http://[::1' (a ValueError) or 'http://host:port8470' (InvalidURL): the user's URL, not our bug
+            req = urllib.request.Request(self.base + path, data=data, method=method)
+            req.add_header("Content-Type", "application/json")
+            if self.token:
+                req.add_header("Authorization", f"Bearer {self.token}")
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
+                raw = resp.read()
         except urllib.error.HTTPError as e:
             try:
-                return json.loads(e.read())
+                return _answer(json.loads(e.read()))
             except ValueError:
                 return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}"}
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise UserError(f"cannot reach the HTTP API at {redact_url(self.base)}: {reason}") from None
+        except (ValueError, http.client.InvalidURL) as e:  # its text can hold a piece of a password: "port 'pw@h'"
+            detail = f" ({e})" if redact_url(self.base) == self.base else ""
+            raise UserError(f"--api {redact_url(self.base)}: not a usable URL{detail}") from None
+        try:  # another server on that port (the dashboard, a proxy's login page) answers 200 with HTML
+            return _answer(json.loads(raw))
+        except ValueError:
+            raise UserError(f"{redact_url(self.base + path)} answered something that is not hydravision's API "
+                            f"(not a JSON object: {raw[:60]!r})") from None
 
 
 class RedisChannel:
@@ -113,6 +124,9 @@ class RedisChannel:
             return self._send(op, camera_id, body)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise UserError(f"lost Redis at {redact_url(self.url)}: {type(e).__name__}") from None
+        except redis.RedisError as e:  # NOPERM on XADD (an ACL), WRONGTYPE: the user's Redis, not a bug of ours
+            raise UserError(f"Redis at {redact_url(self.url)} refused the command: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
     def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
@@ -131,13 +145,23 @@ class RedisChannel:
             for _, entries in self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1) or []:
                 for entry_id, fields in entries:
                     after = entry_id
-                    answer = json.loads(fields[b"data"])
+                    try:  # another writer's entry, not JSON or not an object, is not our answer
+                        answer = _answer(json.loads(fields[b"data"]))
+                    except (KeyError, ValueError):
+                        continue
                     if answer.get("request_id") == command["request_id"]:
                         return answer
         from pipeline.control import unanswered  # only now: the command side's imports are not the CLI's
 
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
                         + unanswered(self.client, self.key, entry_id))
+
+
+def _answer(value: Any) -> dict:
+    """A decoded answer, which must be a JSON object (ValueError otherwise)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
@@ -215,7 +239,10 @@ def main(args: argparse.Namespace) -> int:
         _print_list(result or [])
     elif args.action == "export":
         if args.out:
-            args.out.write_text(result["yaml"])
+            try:
+                args.out.write_text(result["yaml"])
+            except OSError as e:  # no such directory, no permission: the user's path
+                raise UserError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
             print(f"wrote {args.out}", file=sys.stderr)
         else:
             print(result["yaml"], end="")

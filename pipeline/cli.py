@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -52,6 +53,18 @@ def positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration, a period or a timeout: a finite number above 0 (``--duration 0`` ran for ever, nan never
+    stopped or never logged, a negative timeout was a bug's traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
 
 
@@ -157,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "not pay the export)")
 
     def run_options(r: argparse.ArgumentParser) -> None:
-        r.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+        r.add_argument("--duration", type=seconds, default=None, metavar="S", help="stop after S seconds")
         r.add_argument("--redis-url", default=None,
                        help="Redis to publish to (overrides the config and $HYDRAVISION_REDIS_URL)")
         r.add_argument("--plain", action="store_true", help="log status lines instead of the live table")
-        r.add_argument("--log-every", type=float, default=5.0, metavar="S", help="with --plain: a status line every S seconds")
+        r.add_argument("--log-every", type=seconds, default=5.0, metavar="S",
+                       help="with --plain: a status line every S seconds")
         r.add_argument("--summary-json", type=Path, default=None, help="write the final per-camera stats here")
         r.add_argument("--log-format", choices=FORMATS, default="text",
                        help="json: one JSON object per line (log records, status lines, the final stats) on stdout")
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--prefix", default="hv")
     db.add_argument("--host", default="127.0.0.1", help="address to bind (the page has no login: keep it local "
                     "or behind a proxy that has one)")
-    db.add_argument("--port", type=int, default=8765)
+    db.add_argument("--port", type=port, default=8765, help="0: a free one")
     db.add_argument("--interval", type=float, default=1.0, metavar="S", help="read and push camera tiles every S seconds")
     db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
                     "the service's Redis control stream; anyone who reaches the page can)")

@@ -70,6 +70,9 @@ def _compact(stats: list[dict]) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    # checked before anything starts: found at the end of the run, it was a traceback ("a bug"), the stats lost
+    if args.summary_json and not Path(args.summary_json).parent.is_dir():
+        raise UserError(f"--summary-json {args.summary_json}: no such directory {Path(args.summary_json).parent}")
     if getattr(args, "api_port", None) is not None:
         config.api.port = args.api_port
     json_mode = getattr(args, "log_format", "text") == "json"
@@ -108,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     out.final(finals)
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))
+        try:
+            Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))
+        except OSError as e:  # no permission, a directory of that name: the final table above has the stats
+            raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
     return 1 if failed and len(failed) == len(finals) else 0
 
 
@@ -200,7 +206,7 @@ def tail(args: argparse.Namespace) -> int:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    print(_shown(entry_id, fields, args.json), flush=True)
+                    _print_line(_shown(entry_id, fields, args.json), args.json)
                     count += 1
                     if args.count is not None and count >= args.count:
                         break
@@ -220,15 +226,23 @@ def _shown(entry_id: bytes | str, fields: dict, as_json: bool) -> str:
 
 def _message_line(entry_id: bytes | str, msg, as_json: bool) -> str:
     """A decoded message as tail prints it (tail --group gets them decoded)."""
-    try:
-        return json.dumps(msg) if as_json else _summarize(msg)
+    try:  # allow_nan=False: a NaN that json.loads took in is no JSON for `| jq`
+        return json.dumps(msg, allow_nan=False) if as_json else _summarize(msg)
     except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         return _unreadable(entry_id, e)
 
 
+class _Unreadable(str):
+    """The line tail prints for an entry it cannot show; with --json it goes to stderr, stdout is JSON only."""
+
+
 def _unreadable(entry_id: bytes | str, e: Exception) -> str:
     text = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
-    return f"entry {text}: unreadable ({type(e).__name__}: {str(e)[:200]})"
+    return _Unreadable(f"entry {text}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _print_line(line: str, as_json: bool) -> None:
+    print(line, file=sys.stderr if as_json and isinstance(line, _Unreadable) else sys.stdout, flush=True)
 
 
 def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
@@ -249,7 +263,7 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
 
     def show(m) -> None:
         try:
-            print(_message_line(m.id, m.data, args.json), flush=True)  # decoded by the consumer already
+            _print_line(_message_line(m.id, m.data, args.json), args.json)  # decoded by the consumer already
         except BrokenPipeError:  # `| head -1`: run() reads on after an Exception; this ends it, unacknowledged
             raise _ReaderGone from None
 
