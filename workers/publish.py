@@ -171,7 +171,8 @@ class Keys:
         return f"{self.prefix}:cam:{camera}:snapshot"
 
     def publisher(self, publisher_id: str) -> str:
-        """Hash of one Publisher's last applied seq and trip (workers/redis_writer.py); expires after a day."""
+        """Hash of one Publisher's last applied seq and trip, and refusals a resend must hear of
+        (workers/redis_writer.py); expires after a day."""
         return f"{self.prefix}:publisher:{publisher_id}"
 
 
@@ -465,7 +466,10 @@ class Publisher:
         self._work.notify()
 
     def _publish_own(self, event: dict, drops: dict[str, int] | None = None) -> None:
-        """Queue one of the Publisher's own events; flush() waits for it too. Call with the lock held."""
+        """Queue one of the Publisher's own events; flush() waits for it too. Call with the lock held. A closed
+        Publisher sends nothing more: the event would only push a message out of its queue, counted dropped."""
+        if self._closed:
+            return
         self._append(event["camera"], self.keys.events, None, encode(event), drops or {})
         self._own_seq = self._seq
 
@@ -544,19 +548,23 @@ class Publisher:
         if not isinstance(outcome, Exception):
             self._failures, self._last_ok = 0, time.monotonic()
             self._succeeded(round_, outcome)
-            return
-        self._failures += 1
-        left = round_.statuses
-        if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
-            left = self._write_statuses_despite_oom(round_.statuses)
-        self._failed(outcome, began, round_, left)
+        else:
+            self._failures += 1
+            left = round_.statuses
+            if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
+                left = self._write_statuses_despite_oom(round_.statuses)
+            self._failed(outcome, began, round_, left)
+        with self._lock:
+            if self._closed and self not in self._writer._publishers:  # detached while this send was in flight
+                self._disconnected()
 
     def _disconnected(self) -> None:
         """Detached from its WriterThread, or the thread stopped. Under the lock."""
         self._connected = False
-        for entry in self._undecided:  # never to be known: count them lost rather than claim them sent
-            self._lost(entry)
-        self._undecided.clear()
+        if not self._in_flight:  # else that send decides them (it may carry them), and _finish comes back here
+            for entry in self._undecided:  # never to be known: count them lost rather than claim them sent
+                self._lost(entry)
+            self._undecided.clear()
         self._done.notify_all()
 
     def _write_statuses_despite_oom(self, statuses: dict[str, str | None]) -> dict[str, str | None]:

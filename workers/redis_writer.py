@@ -19,6 +19,8 @@ entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or 
 a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
 a newer one, and the newer one carried everything it had (the queue is re-sent from its head, and
 statuses that failed are put back unless a newer one came). The hash expires a day after its last write.
+It also keeps the entries Redis refused (`rejected`) until a batch starts after them: a resend after a lost
+reply skips them, and reports them refused again, so they are not counted as sent.
 
 Errors inside a running script do not roll back what it wrote, so every write in it goes through
 redis.pcall: an entry whose XADD fails (WRONGTYPE on its key) is rejected for good and the batch goes on; a
@@ -82,6 +84,19 @@ local last = n > 0 and tonumber(ARGV[3 * n + 2]) or 0
 redis.call('HSET', state, 'seq', math.max(prior, last), 'trip', trip)
 redis.call('EXPIRE', state, ARGV[3])
 local rejected, reasons, errors = {}, {}, {}
+-- Refusals of entries that a send whose reply was lost may have carried ({seq, reason, ...}, msgpack). They
+-- come again (skipped below) and are reported refused again; kept until a batch starts after them.
+local first = n > 0 and tonumber(ARGV[5]) or 0
+local before, kept, refused, changed = redis.call('HGET', state, 'rejected'), {}, {}, false
+if before then
+  before = cmsgpack.unpack(before)
+  for j = 1, #before, 2 do
+    if before[j] >= first then
+      refused[before[j]] = before[j + 1]
+      kept[#kept + 1] = before[j]; kept[#kept + 1] = before[j + 1]
+    else changed = true end
+  end
+end
 for i = 1, n do
   local seq, channel, data = tonumber(ARGV[3 * i + 2]), ARGV[3 * i + 3], ARGV[3 * i + 4]
   if seq > prior then
@@ -89,11 +104,17 @@ for i = 1, n do
     if err then
       rejected[#rejected + 1] = i - 1
       reasons[#reasons + 1] = err
+      kept[#kept + 1] = seq; kept[#kept + 1] = err; changed = true
     elseif channel ~= '' then
       errors[#errors + 1] = failed(redis.pcall('PUBLISH', channel, data))
     end
+  elseif refused[seq] then
+    rejected[#rejected + 1] = i - 1
+    reasons[#reasons + 1] = refused[seq]
   end
 end
+if changed and #kept > 0 then redis.call('HSET', state, 'rejected', cmsgpack.pack(kept))
+elseif changed then redis.call('HDEL', state, 'rejected') end
 -- Hashes replaced whole (analytics counts, snapshots): latest value wins, a field that went away goes away.
 local a = 3 * n + 5
 for j = 1, m do
