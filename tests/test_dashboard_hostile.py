@@ -7,19 +7,16 @@ pipeline/dashboard_data.py first, then Debian's chromium driven by Playwright (a
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
 from pipeline import dashboard_data as data
 from pipeline.dashboard import DashboardServer
 from pipeline.dashboard_hub import Hub
-from servers import skip_or_fail
+import test_dashboard_browser
 from workers.publish import keys
 
-CHROMIUM = os.environ.get("HV_CHROMIUM", "/usr/bin/chromium")
 K = keys("hv")
 # would set window.__pwned if any of it were ever parsed as HTML or a URL
 XSS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><a href="javascript:window.__pwned=3">'
@@ -62,19 +59,7 @@ def test_an_odd_name_or_state_keeps_the_tile_readable(redis_server, what, status
 
 # --- the page in a browser --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        skip_or_fail("Playwright for Python is not installed: pip install playwright "
-                     "(never `playwright install`, which downloads browsers; Debian's chromium is used)")
-    if not Path(CHROMIUM).exists():
-        skip_or_fail(f"{CHROMIUM} not found; on Debian: sudo apt-get install chromium")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
+browser = test_dashboard_browser.browser  # the chromium fixture (Debian's chromium through Playwright)
 
 
 def open_page(browser, url: str):
