@@ -249,9 +249,19 @@ def export(args: argparse.Namespace) -> str:
 def import_detector(args: argparse.Namespace) -> str:
     t0 = time.time()
     size = args.input_size or DEFAULT_INPUT_SIZE
+    out = Path(args.out)
+    if out.resolve() == Path(args.weights).resolve():  # checked before the seconds of loading the weights
+        raise UserError(f"--out {args.out} is the weights file itself: the checkpoint would replace it; "
+                        "name another file")
+    if out.is_dir():
+        raise UserError(f"--out {args.out} is a folder: name the .safetensors file to write")
     model = import_torchvision_fcos(args.weights, size)
-    save_checkpoint(model, args.out, {"history": [{"imported": "torchvision fcos_resnet50_fpn (COCO)",
-                                                   "from": str(args.weights)}]})
+    try:
+        save_checkpoint(model, out, {"history": [{"imported": "torchvision fcos_resnet50_fpn (COCO)",
+                                                  "from": str(args.weights)}]})
+    except OSError as e:  # the file named (or its folder) cannot be written: the user's to fix
+        raise UserError(f"--out {args.out}: cannot write it ({e.strerror or e}"
+                        f"{f': {e.filename}' if e.filename else ''})") from e
     classes = model.head_classes("coco")
     return (f"wrote {args.out}: ResNet-50 + FPN (P3-P7) + head 'coco' with {len(classes)} classes "
             f"({', '.join(classes[:4])}, ...), input {size[0]}x{size[1]}, in {time.time() - t0:.1f} s. "
@@ -266,6 +276,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     path = args.checkpoint or DEMO_CHECKPOINT
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = EvalConfig(scenes=args.scenes, frames_per_scene=args.frames)
+    if not args.backend and args.precision not in ("auto", "fp32"):  # the torch path scores in fp32 only
+        raise UserError(f"--precision {args.precision} is for the service's model path: it needs --backend "
+                        "(e.g. --backend auto); without it the checkpoint is scored in torch, fp32")
     if args.backend:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
