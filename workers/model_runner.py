@@ -277,6 +277,17 @@ def openvino_config(hint: str, threads: int | None) -> dict:
     }
 
 
+# OpenVINO's compile_model with a CACHE_DIR (writing or loading a compiled form) sets the process's locale to "C"
+# for its duration and then puts back the one it found (libopenvino calls setlocale; without a CACHE_DIR it does
+# not). setlocale is process-wide: two compiles at once on two threads (one session's ExactShapes compiling in
+# the background while another session, of another export, compiles) can have the second save the first's "C"
+# and put it back last, leaving LC_CTYPE "C" for good (2 threads compiling 2 batch sizes of one export into one
+# CACHE_DIR at once: 8-10 tries in 20 left it); subprocess's text mode and open() then decode UTF-8 as ASCII.
+# So compiles are serialized in the process (tests/test_locale_race.py); one export's already were (its
+# cache folder's file lock), those of different exports were not.
+_COMPILE_LOCK = threading.Lock()
+
+
 class OpenVinoSession(ExportedSession):
     """OpenVINO's CPU plugin on the same ONNX export: bf16 (``precision`` auto where the CPU runs it natively,
     or bf16), fp32, or int8 (the export quantized, ``models/quantize.py``; the rest of the graph in bf16 where
@@ -321,7 +332,9 @@ class OpenVinoSession(ExportedSession):
             graph = graph.clone()  # reshape changes the graph it is called on
             graph.reshape({graph.inputs[0].get_any_name(): [size, *graph.inputs[0].get_partial_shape()[1:]]})
         # A damaged form in the cache (cut short, garbage, a folder in its place: tried) is compiled over.
-        with compiling(self.compiled) if self.compiled is not None else contextlib.nullcontext():
+        # _COMPILE_LOCK: one compile at a time in this process (see there); the folder's file lock serializes
+        # only the compiles of this export (any process's), not those of another export on another thread.
+        with _COMPILE_LOCK, (compiling(self.compiled) if self.compiled is not None else contextlib.nullcontext()):
             compiled = openvino_core().compile_model(graph, "CPU", self.config)
         request = compiled.create_infer_request()
         if size is not None:  # its first call sets up kernels and buffers: here, not in a camera's batch
