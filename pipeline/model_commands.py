@@ -220,6 +220,19 @@ def train_reid(args: argparse.Namespace) -> str:
             f"is its own in {check['accuracy']:.1%} of {check['scored']} cases (chance {check['chance']:.1%})")
 
 
+def _check_out(out: str | Path, source: str | Path, source_name: str, written: str, suffix: str) -> None:
+    """Before any work: --out may be neither the file it is made from nor a folder."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise UserError(f"--out {out} is {source_name} itself: {written} would replace it; name another file")
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: name the {suffix} file to write")
+
+
+def _cannot_write(where: str, e: OSError) -> UserError:
+    """The file named (or its folder) cannot be written: the user's to fix."""
+    return UserError(f"{where}: cannot write it ({e.strerror or e}{f': {e.filename}' if e.filename else ''})")
+
+
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
     from models.export import cache_path, cached_export, export_onnx, mark_used, output_names  # seconds of imports
@@ -229,18 +242,14 @@ def export(args: argparse.Namespace) -> str:
         mark_used(cached)
         return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
     if args.out:
-        if Path(args.out).resolve() == Path(path).resolve():
-            raise UserError(f"--out {args.out} is the checkpoint itself: the ONNX file would replace it; "
-                            "name another file")
-        if Path(args.out).is_dir():
-            raise UserError(f"--out {args.out} is a folder: name the .onnx file to write")
+        _check_out(args.out, path, "the checkpoint", "the ONNX file", ".onnx")
     t0 = time.time()
     model, _ = load_checkpoint(path)
     try:
         out = export_onnx(model, args.out) if args.out else cached_export(model, path)
-    except OSError as e:  # the file named (or its folder) cannot be written: the user's to fix
-        where = f"--out {args.out}" if args.out else f"the export cache {cache_path(path).parent}"
-        raise UserError(f"{where}: cannot write it ({e.strerror or e}{f': {e.filename}' if e.filename else ''})") from e
+    except OSError as e:
+        raise _cannot_write(f"--out {args.out}" if args.out else f"the export cache {cache_path(path).parent}",
+                            e) from e
     return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
@@ -249,19 +258,13 @@ def export(args: argparse.Namespace) -> str:
 def import_detector(args: argparse.Namespace) -> str:
     t0 = time.time()
     size = args.input_size or DEFAULT_INPUT_SIZE
-    out = Path(args.out)
-    if out.resolve() == Path(args.weights).resolve():  # checked before the seconds of loading the weights
-        raise UserError(f"--out {args.out} is the weights file itself: the checkpoint would replace it; "
-                        "name another file")
-    if out.is_dir():
-        raise UserError(f"--out {args.out} is a folder: name the .safetensors file to write")
+    _check_out(args.out, args.weights, "the weights file", "the checkpoint", ".safetensors")
     model = import_torchvision_fcos(args.weights, size)
     try:
-        save_checkpoint(model, out, {"history": [{"imported": "torchvision fcos_resnet50_fpn (COCO)",
-                                                  "from": str(args.weights)}]})
-    except OSError as e:  # the file named (or its folder) cannot be written: the user's to fix
-        raise UserError(f"--out {args.out}: cannot write it ({e.strerror or e}"
-                        f"{f': {e.filename}' if e.filename else ''})") from e
+        save_checkpoint(model, args.out, {"history": [{"imported": "torchvision fcos_resnet50_fpn (COCO)",
+                                                       "from": str(args.weights)}]})
+    except OSError as e:
+        raise _cannot_write(f"--out {args.out}", e) from e
     classes = model.head_classes("coco")
     return (f"wrote {args.out}: ResNet-50 + FPN (P3-P7) + head 'coco' with {len(classes)} classes "
             f"({', '.join(classes[:4])}, ...), input {size[0]}x{size[1]}, in {time.time() - t0:.1f} s. "
