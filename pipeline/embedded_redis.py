@@ -72,9 +72,12 @@ class EmbeddedRedis:
         except OSError as e:  # a read-only or full temporary directory, or none usable at all
             raise UserError(f"no Redis configured, and the embedded redis-server gets no directory: {e}; set TMPDIR "
                             "to a writable directory, or set redis.url") from None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.version = ""  # the server's, once started
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0, attempts: int = 3) -> "EmbeddedRedis":
         """Another process can take the free port between free_port() and the server's bind: the server then
@@ -87,7 +90,6 @@ class EmbeddedRedis:
                 if self._launch(timeout):
                     return self
                 self.port = free_port()
-                self.url = f"redis://127.0.0.1:{self.port}/0"
             raise RuntimeError(f"embedded redis-server: the free ports it was given were taken {attempts} times")
         except BaseException:
             self.stop()
