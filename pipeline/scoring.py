@@ -40,7 +40,8 @@ def mot_scores(messages: list[dict], truths: list, min_visibility: float = 0.5, 
             missing += 1
         dets = [d for d in (msg["detections"] if msg else []) if d["track_id"] is not None]
         p_boxes = torch.tensor([d["box"] for d in dets], dtype=torch.float32).reshape(-1, 4)
-        p_cls = np.array([CLASS_NAMES.index(d["class"]) for d in dets], dtype=int)
+        # A class the scene has no objects of (a user's model may know more) matches no truth: a false positive.
+        p_cls = np.array([CLASS_NAMES.index(d["class"]) if d["class"] in CLASS_NAMES else -1 for d in dets], dtype=int)
         iou = box_iou(gt_boxes, p_boxes).numpy() * (gt_cls[:, None] == p_cls[None, :])
         if len(dets) and hidden.any():
             h_iou = box_iou(torch.tensor(truth.boxes[hidden], dtype=torch.float32), p_boxes).numpy()

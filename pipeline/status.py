@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.markup import escape
 from rich.table import Table
 
 
 def _number(v) -> bool:
-    """Whether a status value is a number: an entry written by hand or by another program may hold anything."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """Whether a status value is a number: an entry written by hand or by another program may hold anything,
+    such as a JSON integer too large for a float (formatting it as one raised OverflowError)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, float) or abs(v) <= sys.float_info.max
 
 
 def _drops(d: dict | None) -> str:
@@ -96,7 +100,7 @@ def _seconds(value) -> float | None:
     """A heartbeat as unix seconds; None where it is not a finite number (such an entry is never refreshed)."""
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         return None
     return out if math.isfinite(out) else None
 
@@ -136,7 +140,7 @@ def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[
             status = json.loads(raw.decode() if isinstance(raw, bytes) else raw, parse_constant=_not_json)
             if not isinstance(status, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays or objects nested too deep to parse
             status = {"state": "unreadable", "last_error": f"status is not valid JSON: {e}"}
         out.append({**mark_stale(status, now), "camera": cam})  # the hash's field names it, not what the entry says
     return out

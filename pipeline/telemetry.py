@@ -76,17 +76,24 @@ class Accumulated:
     # Counters of a part a live update replaces while the camera runs on (the frame-age budget): one that goes
     # backwards started again from 0, which is no restart of the process (that doubled all the camera's totals).
     REPLACEABLE = ("budget.",)
+    # Counters of a part that outlives the camera's pipeline in its process (its Publisher): a pipeline started
+    # again in the same process (a file camera updated after it ended) counts from 0, these count on (folding
+    # them too doubled redis_errors_total and redis_messages_dropped_total).
+    PROCESS_LIVED = ("redis.",)
 
     def update(self, incarnation: Any, values: dict[str, float]) -> bool:
         """True when this is a new process (another pid, or a counter it reports went backwards): its
-        predecessor's last values are folded into the base first. A counter missing from the same process's
-        values went away with what counted it (the frame-age budget a live update drops): its last value is
-        folded into the base, so it keeps its total and counts on from there if it comes back; so is one of
-        REPLACEABLE that went backwards (replaced between two reads)."""
+        predecessor's last values are folded into the base first (in the same process, all but PROCESS_LIVED
+        that did not go backwards). A counter missing from the same process's values went away with what
+        counted it (the frame-age budget a live update drops): its last value is folded into the base, so it
+        keeps its total and counts on from there if it comes back; so is one of REPLACEABLE that went
+        backwards (replaced between two reads)."""
         backwards = {k for k, v in self.last.items() if k in values and values[k] < v}
-        restarted = self.incarnation is not None and (
-            incarnation != self.incarnation or any(not k.startswith(self.REPLACEABLE) for k in backwards))
-        gone = self.last if restarted else {k: v for k, v in self.last.items() if k not in values or k in backwards}
+        new_process = self.incarnation is not None and incarnation != self.incarnation
+        restarted = new_process or (self.incarnation is not None
+                                    and any(not k.startswith(self.REPLACEABLE) for k in backwards))
+        gone = {k: v for k, v in self.last.items() if new_process or k not in values or k in backwards
+                or (restarted and not k.startswith(self.PROCESS_LIVED))}
         self.add(gone)
         self.incarnation, self.last = incarnation, dict(values)
         return restarted
@@ -141,7 +148,9 @@ class Snapshot:
 class Telemetry:
     """Fed by the controller's loop (App.stats), read by the HTTP server's threads; thread-safe."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        # Monotonic: the times here are only compared with each other (loop age, time down), and a step of the
+        # wall clock (NTP at an edge box's boot, a VM resumed) made /healthz fail or a down camera look ready.
         self.clock = clock
         self._lock = threading.Lock()
         self._cameras: dict[str, CameraRecord] = {}
