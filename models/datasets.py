@@ -56,17 +56,18 @@ def place(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, dst_size: tu
     sh, sw = image.shape[:2]
     scale = min(dw / sw, dh / sh) * rng.uniform(0.75, 1.3)
     nw, nh = max(1, round(sw * scale)), max(1, round(sh * scale))
+    sx, sy = nw / sw, nh / sh  # the picture as really resized (as Letterbox.scales): its edges are the boxes' edges
     resized = resize(image, (nh, nw))
     ox = int(rng.integers(min(0, dw - nw), max(0, dw - nw) + 1))
     oy = int(rng.integers(min(0, dh - nh), max(0, dh - nh) + 1))
     canvas = paste(resized, dst_size, (ox, oy), chw=False)  # a jittered letterbox: may cut the picture
 
     def move(bx: np.ndarray) -> np.ndarray:
-        bx = bx.reshape(-1, 4) * scale + np.array([ox, oy, ox, oy], np.float32)
+        bx = bx.reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32) + np.array([ox, oy, ox, oy], np.float32)
         return np.clip(bx, [0, 0, 0, 0], [dw, dh, dw, dh]).astype(np.float32)
 
     b, ig = move(boxes), move(ignore)
-    before = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * scale**2
+    before = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * sx * sy
     after = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     keep = after > 0.5 * np.maximum(before, 1e-6)  # cut more than half away: no longer a fair target
     ig = np.concatenate([ig, b[~keep & (after > 0)]])
@@ -125,11 +126,17 @@ def read_class_names(root: Path) -> list[str] | None:
         p = root / name
         if p.is_file():
             try:
-                names = (yaml.safe_load(p.read_text()) or {}).get("names")
+                data = yaml.safe_load(p.read_text()) or {}
             except yaml.YAMLError as e:
                 raise DatasetError(f"{p}: not valid YAML ({e})") from None
-            if isinstance(names, dict):
-                names = [names[k] for k in sorted(names)]
+            if not isinstance(data, dict):
+                raise DatasetError(f"{p}: expected a mapping with 'names', got {type(data).__name__}")
+            names = data.get("names")
+            if isinstance(names, dict):  # {id: name}: the ids are the label files' class numbers, so 0..n-1 exactly
+                ids = [int(k) if isinstance(k, int) or str(k).strip().isdigit() else -1 for k in names]
+                if sorted(ids) != list(range(len(names))):
+                    raise DatasetError(f"{p}: 'names' ids must be 0..{len(names) - 1}, got {sorted(names, key=str)}")
+                names = [name for _, name in sorted(zip(ids, names.values()))]
             if not isinstance(names, list) or not names:
                 raise DatasetError(f"{p}: expected 'names' to be a non-empty list or mapping of class names")
             return [str(n) for n in names]

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, TypeVar
+from urllib.parse import quote
 
 from pipeline import embedded_redis
 from pipeline.embedded_redis import free_port
@@ -167,7 +168,11 @@ class ManagedProcess:
 
     def __enter__(self: _Server) -> _Server:
         if self.process is None:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()  # __exit__ does not run when __enter__ fails: the temp dir would be left behind
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,7 +207,8 @@ class RedisServer(ManagedProcess):
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        # quoted: a '/', '?', '#' or '%' in it would end the URL's authority (redis-py unquotes it)
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{HOST}:{self.port}/0"
 
     def command(self) -> list[str]:

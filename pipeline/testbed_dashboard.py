@@ -60,7 +60,7 @@ def annotate(rgb: np.ndarray, detections: list[dict], geometry: bool = False, ca
 class _FakeCamera:
     def __init__(self, cid: str, seed: int, size: tuple[int, int]):
         self.id, self.seed, self.scene = cid, seed, StreetScene(seed, width=size[0], height=size[1])
-        self.frame, self.published, self.started = 0, 0, time.time()
+        self.frame, self.published, self.ticks, self.started = 0, 0, 0, time.time()
         self.inside: set[int] = set()
         self.crossings = 0
 
@@ -128,8 +128,12 @@ class FakeCameras:
         k = self.keys
         if state == "running":
             image, truth = cam.scene.step()
-            cam.frame += int(self.fps * self.interval_s)
-            cam.published += int(self.fps * self.interval_s)
+            # frames due by this tick at fps, rounded on the total: int() per tick (0 below one frame a tick)
+            # left the frame number, and so the snapshot's version, standing still; each message a new frame
+            cam.ticks += 1
+            due = max(cam.frame + 1, round(cam.ticks * self.fps * self.interval_s))
+            cam.published += due - cam.frame
+            cam.frame = due
             dets = cam.detections(truth)
             size = (cam.scene.width, cam.scene.height)
             msg = detection_message(cam.id, cam.frame, cam.frame / self.fps, now - 0.05, 48.0, size, dets,

@@ -178,6 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give one --file or --pattern per --mount")
     if any(not m.startswith("/") for m in args.mount):
         p.error("a mount starts with '/'")
+    # x264's yuv420p needs even sizes: an odd one was READY and then answered every client 503, saying nothing
+    if any(kind == "pattern" for kind, _ in args.sources):
+        if args.width < 2 or args.height < 2 or args.width % 2 or args.height % 2:
+            p.error(f"--width and --height must be even and positive, got {args.width}x{args.height}")
+        if args.fps < 1:
+            p.error(f"--fps must be at least 1, got {args.fps}")
     return args
 
 

@@ -60,7 +60,8 @@ def encode_mp4(
 
 
 def _encode(path: Path, frames: Iterable[np.ndarray], fps: float, crf: int, gop: int | None) -> None:
-    rate = Fraction(fps).limit_denominator(1001)
+    # 1001 keeps NTSC rates exact; a rate under 1/1001 fps needs a larger denominator (0 made a 24 fps clip)
+    rate = Fraction(fps).limit_denominator(max(1001, math.ceil(1 / fps)))
     count = 0
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=rate)
