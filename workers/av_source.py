@@ -102,12 +102,34 @@ class AVSource(Source):
         self._eof = False
         self._index = 0
         self._since_seek = 0  # frames decoded since the last (re)start: a file without frames must not loop
+        self._pass_start: float | None = None  # pts of the first frame since the last (re)start
+        self._restart_timestamps()
         self._consecutive_errors = 0
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
         self._last_packet_corrupt = False  # FFmpeg flags a packet cut short by the end of the file
         self._end_error: SourceError | None = None  # raised instead of the normal end (a broken file)
         self._clock = PtsClock(None)
         self._pacer = Pacer()
+
+    def _restart_timestamps(self) -> None:
+        """What _frame_time counts, reset where FFmpeg resets it: at open and at a seek."""
+        self._last_pts: int | None = None
+        self._last_dts: int | None = None
+        self._faulty_pts = self._faulty_dts = 0
+
+    def _frame_time(self, frame: av.VideoFrame) -> float | None:
+        """The frame's time in seconds as FFmpeg's best_effort_timestamp picks it (PyAV does not expose that): its pts,
+        or its packet's dts once pts has gone backwards more often than dts. An AVI's B-frames carry their pts in
+        decode order: read as they are, each backward step re-anchored the clock and stream time ran ~2x fast."""
+        pts, dts = frame.pts, frame.dts
+        if dts is not None:
+            self._faulty_dts += self._last_dts is not None and dts <= self._last_dts
+            self._last_dts = dts
+        if pts is not None:
+            self._faulty_pts += self._last_pts is not None and pts <= self._last_pts
+            self._last_pts = pts
+        best = pts if pts is not None and (dts is None or self._faulty_pts <= self._faulty_dts) else dts
+        return None if best is None or frame.time_base is None else float(best * frame.time_base)
 
     def _error(self, kind: str, cause: str) -> SourceError:
         return SourceError.for_url(kind, self._raw_url, cause)
@@ -204,7 +226,9 @@ class AVSource(Source):
                 raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
             self._decode_next_packet()
         frame = self._pending.popleft()
-        pts = self._clock(frame.time)
+        pts = self._clock(self._frame_time(frame))
+        if self._pass_start is None:
+            self._pass_start = pts
         # A paced file's picture is "taken" when it is due, not when it was decoded ahead (the first paced frame
         # anchors the clock, so frames a resume skips first cost no waiting).
         if self._pace and self._index >= self.unpaced_until:
@@ -215,7 +239,12 @@ class AVSource(Source):
 
     def _decode_next_packet(self) -> None:
         assert self._container is not None and self._stream is not None and self._packets is not None
-        packet = self._call(next, self.read_timeout_s, self._packets, None)
+        try:
+            packet = self._call(next, self.read_timeout_s, self._packets, None)
+        except IndexError:
+            # PyAV's demux() ends with a flush packet per stream, found by index in the streams it knew at open: a
+            # stream the demuxer met mid-file (a TS whose program gained a track) fails that lookup. Ours came first.
+            packet = None
         if packet is None:
             self._at_end()
             return
@@ -256,9 +285,18 @@ class AVSource(Source):
         except (av.FFmpegError, OSError):
             self._eof = True  # not seekable (a pipe, a still image format): a normal end
             return
+        frames, clock = self._since_seek, self._clock
         self._since_seek = 0
-        self._clock.restart()
+        clock.restart()
+        self._restart_timestamps()
         self._packets = self._container.demux()
+        # A resume far into a looping file (a day of passes) would decode every pass only to skip it: count whole
+        # passes, and their stream time, without decoding them.
+        passes = (self.unpaced_until - self._index) // frames
+        if passes > 0 and clock.last is not None and self._pass_start is not None:
+            self._index += passes * frames
+            clock.last += passes * (clock.last - self._pass_start + clock.period)
+        self._pass_start = None
 
     def _broken_file(self) -> SourceError | None:
         """At the end of a file: the error that says why it ended early, None for a normal end.
@@ -272,6 +310,11 @@ class AVSource(Source):
                                    "(damaged, or not the codec it claims)")
             return self._error("not_video", "its video stream holds no pictures")
         listed = self._stream.frames or 0  # from the container's index; 0 when it has none (TS, raw, fragmented)
+        rate = self._stream.guessed_rate
+        if self._container.format.name == "avi" and rate:
+            # AVI's length counts ticks of its time base, a frame only where that is one: FFmpeg writes H.264 with
+            # B-frames at half a frame, and an intact file read as half missing.
+            listed = round(listed * self._stream.time_base * rate)
         if listed > self._video_packets or self._last_packet_corrupt:
             of = f" of the {listed} its index lists" if listed > self._video_packets else ""
             return self._error("decode", f"the file is truncated: it ends after {self._since_seek} frames{of}")

@@ -350,7 +350,9 @@ class Capture:
                             self.heartbeat = time.monotonic()
                     if self._stop.is_set():
                         return
-                    if not source.live:
+                    # A file's end, or a synthetic scene's of N frames: pacing makes it a live source, whose end
+                    # is otherwise a dropped connection (reconnected, and the same N frames played again, forever).
+                    if not source.live or not cam.is_live:
                         self.state = "ended"
                         self.on_event("stream_down", {"reason": END_OF_FILE})
                         return

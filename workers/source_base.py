@@ -72,7 +72,7 @@ class SourceError(Exception):
 class SourceFrame:
     """One decoded picture and where it sits in its stream."""
 
-    index: int  # 0-based count of frames this Source object has returned since open()
+    index: int  # 0-based count of frames this Source object has returned since open() (or skipped: see AVSource)
     pts: float  # seconds from the start of the stream; never decreases, keeps increasing when a file loops
     wall: float  # time.time() when it was decoded
     size: tuple[int, int]  # (height, width) of the source picture
