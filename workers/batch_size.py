@@ -10,11 +10,14 @@ the live batches rather than configured:
   when that is not one);
 - a **probe** happens only under load: after ``probe_after`` batches in a row that were full at the limit,
   the next batches may take twice as many. Once ``samples`` of those full larger batches have run, the larger
-  size is kept if its median time per frame beats the limit's by more than ``gain``; if not, the next probe
-  waits twice as long (up to 64x). A probe that the backlog does not fill within ``samples`` batches ends;
+  size is kept if its median time per frame beats the limit's by more than ``gain``, both before the probe
+  and in ``samples`` batches at the limit after it (a load that passed may have slowed the earlier); if not,
+  the next probe waits twice as long (up to 64x). A probe that the backlog does not fill within ``samples``
+  batches ends;
 - the limit goes back to the size it was raised from (half of it, bar a ceiling that is not a power of two)
   when the recent batches at that size ran faster per frame by more than ``gain`` (a wrong step up, or a
   machine whose load changed);
+- a probe's batch that fails (out of memory) ends the probe, and the ceiling comes down to the limit;
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
   first call (0.2-1 s on this CPU), which says nothing about the steady cost;
 - a probe's batches count only once ``steady(size)`` says that size runs at its steady cost: OpenVINO runs
@@ -52,6 +55,7 @@ class BatchSizer:
         self._probe_misses = 0
         self._steady = steady or (lambda size: True)
         self._probe_warming = 0  # probe batches run before the probed size was steady
+        self._confirming: int | None = None  # a probe's size that won, while the limit is timed again
 
     def allowed(self) -> int:
         """The largest batch the Batcher may take now."""
@@ -69,6 +73,8 @@ class BatchSizer:
             self._costs[size].append(seconds / size)
         if self.probing is not None:
             self._after_probe_batch(size, full)
+        elif self._confirming is not None:
+            self._after_confirming_batch(size, full)
         elif full and size == self.limit:
             self._streak += 1
             self._maybe_shrink()
@@ -79,6 +85,14 @@ class BatchSizer:
                 self._steady(self.probing)  # asking starts getting it there (OpenVINO: its compile)
         else:
             self._streak = 0  # the load does not fill the batches: no reason to grow them
+
+    def failed(self, size: int) -> None:
+        """A batch of ``size`` raised (a GPU out of memory). One larger than the limit was a probe's: the probe
+        ends and the ceiling comes down to the limit, since each try of that size would fail its batch's frames
+        (before, the probe went on and every batch it took failed)."""
+        if self.probing is not None and size > self.limit:
+            self.ceiling = self.limit
+            self._end_probe(adopt=False)
 
     def _probe_is_steady(self) -> bool:
         assert self.probing is not None
@@ -93,8 +107,25 @@ class BatchSizer:
             return
         probe, current = self._costs[self.probing], self._costs[self.limit]
         if len(probe) >= self.samples:
-            adopt = bool(current) and statistics.median(probe) < (1 - self.gain) * statistics.median(current)
-            self._end_probe(adopt)
+            if not (current and self._faster(probe, current)):
+                self._end_probe(adopt=False)
+                return
+            # It won against the limit's timings from before the probe. A burst of load then (another process
+            # busy) made those slow, and the halving rule compares with them later, so a wrong step up was never
+            # undone: the limit is timed afresh, and the probe's size kept only if it beats those too.
+            self._confirming, self.probing = self.probing, None
+            current.clear()
+
+    def _after_confirming_batch(self, size: int, full: bool) -> None:
+        assert self._confirming is not None
+        probe, current = self._costs[self._confirming], self._costs[self.limit]
+        if full and size == self.limit and len(current) >= self.samples:
+            self.probing, self._confirming = self._confirming, None
+            self._end_probe(self._faster(probe, current))
+
+    def _faster(self, a: collections.deque[float], b: collections.deque[float]) -> bool:
+        """Whether the median cost per frame of ``a`` beats that of ``b`` by more than ``gain``."""
+        return statistics.median(a) < (1 - self.gain) * statistics.median(b)
 
     def _end_probe(self, adopt: bool) -> None:
         assert self.probing is not None

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 import numpy as np
 import ray
 
+from models.files import written_aside
 from workers.batch_size import BatchSizer
 from workers.frames import FrameRequest, HeadArrays
 from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
@@ -271,6 +272,8 @@ class Batcher(Generic[T, R]):
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
+            if self.sizer:  # a probe of a larger batch that fails (out of memory) must end
+                self.sizer.failed(len(batch))
             return
         if self.sizer:
             self.sizer.record(len(batch), seconds, full)
@@ -442,9 +445,9 @@ def local_copy(data: bytes) -> Path:
     path = Path(tempfile.gettempdir()) / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
     if not path.is_file() or path.stat().st_size != len(data):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
+        # removed when the write fails (a full disk): Ray restarts the replica, and each try left one behind
+        with written_aside(path, Path(tmp)), os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
     return path
 
 

@@ -61,6 +61,7 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> model.precision's name
 
 
 @functools.cache
@@ -422,7 +423,8 @@ class ModelRunner:
     def info(self) -> dict:
         return {"input_size": list(self.input_size), "heads": self.heads,
                 "device": self.session.device if self.session else str(self.device),
-                "autocast": self.session.precision if self.session else str(self.autocast) if self.autocast else "fp32",
+                # the config's names, as the exported runtimes give theirs (it said "torch.bfloat16" beside "bf16")
+                "autocast": self.session.precision if self.session else PRECISIONS.get(self.autocast, "fp32"),
                 "backend": self.backend, "threads": torch.get_num_threads()}
 
     def evaluate(self, cfg=None, progress: bool = False) -> dict:
