@@ -107,7 +107,7 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _backend_runs_it(self) -> "ModelConfig":
-        if why := backend_problem(self.backend, self.precision, self.device):
+        if why := backend_problem(self.backend, self.precision, self.device, self.compile):
             raise ValueError(why)
         return self
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from workers.batch_size import BatchSizer
 from workers.inference import Batcher
 
@@ -98,3 +100,21 @@ def test_a_checkpoint_copy_that_fails_to_write_leaves_no_partial_file(tmp_path, 
     monkeypatch.setattr(os, "fdopen", fdopen)
     assert list(tmp_path.iterdir()) == []
     assert local_copy(b"weights").read_bytes() == b"weights"  # a later try on a freed disk writes it whole
+
+
+def test_settings_a_runtime_would_ignore_are_refused_naming_the_field(capsys):
+    """ONNX Runtime runs fp32 only and compile is torch.compile's: asked of another runtime, both were ignored."""
+    from pipeline.cli import main as cli_main
+    from pipeline.config import ConfigError, parse_config
+
+    cameras = [{"id": "a", "url": "synthetic://street"}]
+    with pytest.raises(ConfigError, match=r"model: backend onnxruntime runs precision fp32, not bf16"):
+        parse_config({"model": {"backend": "onnxruntime", "precision": "bf16"}, "cameras": cameras})
+    for model in ({"backend": "openvino", "compile": True}, {"backend": "onnxruntime", "compile": True},
+                  {"precision": "int8", "compile": True}):
+        with pytest.raises(ConfigError, match=r"model: compile is torch.compile, for backend torch"):
+            parse_config({"model": model, "cameras": cameras})
+    parse_config({"model": {"backend": "torch", "precision": "bf16", "compile": True}, "cameras": cameras})
+    parse_config({"model": {"backend": "onnxruntime", "precision": "fp32"}, "cameras": cameras})
+    assert cli_main(["eval", "--backend", "onnxruntime", "--precision", "fp16", "--no-progress"]) == 2
+    assert "backend onnxruntime runs precision fp32, not fp16" in capsys.readouterr().err

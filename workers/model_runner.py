@@ -97,7 +97,7 @@ def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | Non
     "ONNX Runtime by default on a CPU"); torch on a GPU (fp16 autocast; onnxruntime-gpu is another package),
     with compile, half precision the exports do not run, or LoRA adapters (the export has one pyramid).
     Precision int8 runs on OpenVINO only (the CPU's int8 kernels), also where the CPU has no native bf16."""
-    if why := backend_problem(backend, precision, device.type):
+    if why := backend_problem(backend, precision, device.type, compile):
         raise ValueError(why)
     if precision == "int8":
         return "openvino"

@@ -33,12 +33,18 @@ def runs_on_cpu_only(backend: str, precision: str) -> bool:
     return backend == "openvino" or precision == "int8"
 
 
-def backend_problem(backend: str, precision: str, device: str) -> str | None:
+def backend_problem(backend: str, precision: str, device: str, compile: bool = False) -> str | None:
     """Why ``backend`` cannot run ``precision`` on ``device`` ('auto', 'cpu', 'cuda', ...), or None. The one rule
     behind the config's check, `hydravision eval --backend`'s and ModelRunner's: OpenVINO runs on the CPU here
     and not in fp16; int8 is OpenVINO's (the CPU's int8 kernels), which ``backend: auto`` then picks. Device
-    'auto' is the CPU for both, also where a GPU is (ModelRunner resolves it so)."""
+    'auto' is the CPU for both, also where a GPU is (ModelRunner resolves it so). ONNX Runtime runs fp32 only,
+    and ``compile`` is torch.compile's: asked of another runtime, both were ignored without a word."""
     on_cpu = device in ("auto", "cpu")
+    if compile and (backend in ("onnxruntime", "openvino") or precision == "int8"):
+        runtime = "openvino (precision int8)" if precision == "int8" else backend
+        return f"compile is torch.compile, for backend torch; backend {runtime} does not use it"
+    if backend == "onnxruntime" and precision in ("fp16", "bf16"):
+        return f"backend onnxruntime runs precision fp32, not {precision} (backend torch runs it)"
     if backend == "openvino" and not on_cpu:
         return f"backend openvino runs the model on the CPU here, not on device {device}"
     if backend == "openvino" and precision not in OPENVINO_PRECISIONS:
