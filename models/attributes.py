@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.heads import default_groups
+
 
 @dataclass
 class AttributeConfig:
@@ -97,7 +99,7 @@ class AttributeHead(nn.Module):
         self.config, self.strides = config, tuple(strides)
         p = config.pool
         self.mlp = nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.GroupNorm(min(8, in_channels // 4), in_channels),
+            nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.GroupNorm(default_groups(in_channels), in_channels),
             nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(in_channels * p * p, config.hidden), nn.ReLU(inplace=True),
             nn.Linear(config.hidden, len(config.labels)))
         for m in self.modules():

@@ -28,7 +28,8 @@ class HeadConfig:
     classes: list[str]
     tower_convs: int = 2
     tower: str = "separable"  # "separable", "conv" or "split" (see the module docstring)
-    norm_groups: int | None = None  # GroupNorm groups in the tower; None: min(8, channels // 4)
+    # GroupNorm groups in the tower; None: default_groups(channels), up to 8 that divide the channels
+    norm_groups: int | None = None
     center_offset: float = 0.5  # a location's point sits at (i + offset) * stride; torchvision's FCOS: 0
     prior_prob: float = 0.01  # initial foreground probability, keeps early focal loss stable
     # Inference defaults; callers can override per call.
@@ -38,8 +39,8 @@ class HeadConfig:
     meta: dict = field(default_factory=dict)  # free-form: who trained it, on what
 
     def __post_init__(self) -> None:
-        if not self.classes:
-            raise ValueError("head classes must be a non-empty list of class names")
+        if not self.classes or isinstance(self.classes, str):  # a string would be a class per letter: 'car' -> c, a, r
+            raise ValueError(f"head classes must be a non-empty list of class names, got {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"head classes must be unique, got {self.classes}")
         if self.tower_convs < 0:
@@ -69,9 +70,15 @@ class HeadConfig:
 TOWERS = ("separable", "conv", "split")
 
 
+def default_groups(c: int) -> int:
+    """GroupNorm's groups for ``c`` channels: up to 8 of at least 4 channels, and a divisor of ``c`` (100
+    channels: 4, not 8, which failed); where min(8, c // 4) divides ``c`` it is that, so trained weights load."""
+    return math.gcd(c, max(1, min(8, c // 4)))
+
+
 def make_tower(c: int, config: HeadConfig) -> nn.Sequential:
     # GroupNorm rather than BatchNorm: the tower is shared by levels with different statistics.
-    groups = config.norm_groups or min(8, c // 4)
+    groups = config.norm_groups or default_groups(c)
     layers: list[nn.Module] = []
     for _ in range(config.tower_convs):
         if config.tower == "separable":  # depthwise + pointwise: ~1/8 of a full 3x3 conv's work at 64 channels
@@ -130,10 +137,9 @@ class DetectionHead(nn.Module):
                 tc, t = self.cls_tower(feat), self.box_tower(feat)
             else:
                 tc = t = self.tower(feat)
-            n = t.shape[0]
             cls.append(self.cls_logits(tc).flatten(2).transpose(1, 2))  # (N, HW, C)
             # relu keeps distances non-negative; x stride makes one set of conv weights fit all levels
             ltrb = torch.relu(scale(self.box_ltrb(t))) * stride
             box.append(ltrb.flatten(2).transpose(1, 2))  # (N, HW, 4)
-            ctr.append(self.centerness(t).reshape(n, -1))  # (N, HW)
+            ctr.append(self.centerness(t).flatten(1))  # (N, HW); reshape(n, -1) failed on an empty batch
         return {"cls_logits": torch.cat(cls, 1), "box_ltrb": torch.cat(box, 1), "centerness": torch.cat(ctr, 1)}

@@ -193,9 +193,12 @@ class HydraNet(nn.Module):
 
     def add_head(self, name: str, classes: Sequence[str], **options: Any) -> DetectionHead:
         """Adds a new, randomly initialised head (transfer learning: train it on frozen features)."""
+        if not isinstance(name, str) or not name.isidentifier():  # as HydraNetConfig: else the saved file cannot load
+            raise ConfigError(f"head name must be an identifier-like string, got {name!r}")
         if name in self.heads:
             raise ConfigError(f"head {name!r} already exists (heads: {self.head_names})")
-        spec = {"classes": list(classes), **options}
+        # a string stays one, for HeadConfig to refuse (as a list it was a class per letter)
+        spec = {"classes": classes if isinstance(classes, str) else list(classes), **options}
         self._attach_head(name, spec)
         self.config.heads[name] = {**spec, "tower": self.heads[name].config.tower}
         device = next(self.parameters()).device
@@ -328,6 +331,8 @@ class HydraNet(nn.Module):
         images: uint8 (N, 3, H, W) letterboxed RGB. heads_per_image: per image the head names
         (None = every head). Returns per image {head: detections in model-input pixels}.
         """
+        if images.ndim != 4 or images.shape[1] != 3:  # a CHW frame broadcast into 3 "images", an HWC one failed unnamed
+            raise ValueError(f"images must be a batch (N, 3, H, W) of RGB frames, got shape {tuple(images.shape)}")
         n = images.shape[0]
         wanted = self.wanted_heads(heads_per_image, n)
         device = self.mean.device

@@ -42,6 +42,9 @@ class LoRAConfig:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
         if self.stages < 1:
             raise ValueError(f"lora stages must be >= 1, got {self.stages}")
+        # 0 leaves an adapter that never trains; NaN or inf wipes its heads' features (every score NaN: no boxes)
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha != 0):
+            raise ValueError(f"lora alpha must be a finite non-zero number (or null), got {self.alpha}")
 
     @property
     def scale(self) -> float:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attributes import bin_grid, box_images, roi_features
+from models.heads import default_groups
 
 
 @dataclass
@@ -43,7 +44,7 @@ class EmbeddingHead(nn.Module):
         self.config, self.strides = config, tuple(strides)
         c, p = config.channels, config.pool
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, c, 3, padding=1), nn.GroupNorm(min(8, max(1, c // 4)), c), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, c, 3, padding=1), nn.GroupNorm(default_groups(c), c), nn.ReLU(inplace=True),
             nn.Flatten())
         self.mlp = nn.Sequential(nn.Linear(c * p * p + 3 * config.colour ** 2, config.hidden), nn.ReLU(inplace=True),
                                  nn.Linear(config.hidden, config.dim))

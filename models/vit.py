@@ -91,7 +91,9 @@ class SimplePyramid(nn.Module):
         self.up = nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2)
 
     def forward(self, m: torch.Tensor) -> list[torch.Tensor]:
-        return [self.up(m), m, F.max_pool2d(m, kernel_size=2, stride=2)]
+        # ceil_mode: an odd grid's last row and column keep a stride-32 cell (as a strided conv's do, so PAN's
+        # bottom-up sum fits); on an even grid it changes nothing
+        return [self.up(m), m, F.max_pool2d(m, kernel_size=2, stride=2, ceil_mode=True)]
 
 
 @dataclass
