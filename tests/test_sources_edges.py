@@ -245,3 +245,28 @@ def test_an_avi_whose_b_frames_carry_pts_in_decode_order_keeps_stream_time(tmp_p
     pts = np.array([f.pts for f in frames])
     assert np.allclose(np.diff(pts[2:-2]), 0.04), pts  # the first and last frames: pts before enough is known
     assert pts[-1] < 40 * 0.04 * 1.25
+
+
+# -- snapshots of an overloaded camera ---------------------------------------------------------------------------
+
+def test_a_due_picture_on_a_replaced_frame_goes_to_the_next_frame() -> None:
+    """A snapshot's picture rides on one frame; a live slot whose frames are replaced before they are taken (an
+    overloaded camera) threw it away with its frame, and the next picture came only at the next due time: at 25 fps
+    analysed at 5 the dashboard got about one snapshot in five. Nothing is taken here: every frame is replaced."""
+    async def main() -> tuple[Capture, object]:
+        slot = FrameSlot(asyncio.get_running_loop(), lossless=False)
+        camera = CameraConfig(id="cam", url="synthetic://street?frames=30&fps=25", realtime=False,
+                              snapshot={"fps": 1})
+        cap = Capture(camera, (96, 160), slot, lambda t, f: None)
+        cap.start()
+        end = time.monotonic() + 30
+        while cap.state not in ("ended", "failed") and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        item = await asyncio.wait_for(slot.get(), 5)
+        cap.stop()
+        return cap, item
+
+    cap, last = asyncio.run(main())
+    assert cap.state == "ended" and cap.slot.replaced == 29
+    # frame 25 (1.0 s) was due and replaced unseen, as was every frame after it: the frame left still carries one
+    assert last.index == 29 and last.picture is not None

@@ -125,6 +125,13 @@ class FrameSlot:
             self.loop.call_soon_threadsafe(self._ready.set)
         return True
 
+    def holds_picture(self) -> bool:
+        """Whether the next put() replaces a frame that carries a snapshot's picture (a live slot whose frame was
+        not taken yet): the next frame must carry one in its place, or an overloaded camera, most of its frames
+        replaced, drew a snapshot only every few due times."""
+        with self._cond:
+            return not self.lossless and any(item.picture is not None for item in self._items)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -338,6 +345,8 @@ class Capture:
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))
                         snapshot = self.camera.snapshot  # per frame too: a live change applies at once
+                        if self.slot.holds_picture():  # the due picture would be replaced unseen: this one keeps it
+                            self._picture_due = None
                         due, self._picture_due = picture_due(snapshot, pts, self._picture_due)
                         if due:  # at most snapshot.fps pictures a second are kept, never one per frame
                             item.picture = frame.to_picture(snapshot.max_width)
