@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import time
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
                                 inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
                                 replica_gpus, replica_room, replicas_per_node, stream_options)
+from workers.cores import usable_cores
 from workers.publish import event_message
 from workers.redact import redact_url
 from workers.settings import CameraConfig
@@ -37,7 +37,7 @@ def init_ray(config: Any, system_config: dict) -> None:
     namespace = namespace_for(rc.namespace, config.redis.prefix)
     if address == "local":
         replicas = replica_count(config.inference, "cpu", 0.0, None)  # the most it can become (no GPU known yet)
-        cpus = rc.num_cpus or max(os.cpu_count() or 1, local_cpus(rc, replicas, len(config.cameras)))
+        cpus = rc.num_cpus or max(usable_cores(), local_cpus(rc, replicas, len(config.cameras)))
         # The cameras' processes all reserve theirs at start: with fewer logical CPUs the last ones never start,
         # and the start waits its whole budget for them. (Replicas not counted: in the camera processes none starts.)
         if rc.num_cpus and (need := len(config.cameras) * rc.stream_cpus) > rc.num_cpus + 1e-9:
@@ -190,7 +190,7 @@ class Placement:
         self.nodes = alive_nodes(ray.nodes())
         # Every replica's options, once: they decide how many replicas there are and where they go.
         self.replica_options = inference_options(config.ray, replica_gpus(config.inference, config.model), self.nodes)
-        cores = os.cpu_count() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
+        cores = usable_cores() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
         self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores,
                                       replica_room(self.replica_options, self.nodes))
         # What the cameras' processes spread over: this machine's cores, or all the cluster's CPUs.

@@ -4,7 +4,6 @@ numbers reach /metrics under the process's name; a crashed process comes back wi
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from pipeline.config import ConfigError, parse_config
 from pipeline.metrics import ready
 from running import RunningApp, events, messages, wait_for
 from test_e2e import make_app, validate_all
+from workers.cores import usable_cores
 
 FRAMES = 30
 
@@ -75,7 +75,7 @@ def test_each_camera_process_runs_the_model_for_its_own_cameras(ray_local, any_r
 
     assert any("in each camera process" in line for line in said), said
     # Unset inference.threads: the cores shared by the two camera processes, as two replicas would.
-    assert [i["threads"] for i in infos] == [max(1, os.cpu_count() // 2)] * 2, infos
+    assert [i["threads"] for i in infos] == [max(1, usable_cores() // 2)] * 2, infos
     assert models["hv-camera-a+b"]["pid"] == camera_pids["a"] == camera_pids["b"] != camera_pids["c"]
     assert models["hv-camera-c"]["pid"] == camera_pids["c"]
     # Each process's model computed exactly its own cameras' frames, and nothing was refused.

@@ -3,13 +3,13 @@ and the batcher's rejections cross the process boundary as themselves."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import ray
 
 from test_e2e import make_app, validate_all
+from workers.cores import usable_cores
 from workers.inference import InferenceExpired
 
 FRAMES = 30
@@ -38,7 +38,7 @@ def test_four_cameras_over_two_replicas(ray_local, redis_server, tiny_checkpoint
     messages = validate_all(redis_server.client(), ids)
 
     assert replicas[0]["pid"] != replicas[1]["pid"]
-    assert threads == [max(1, os.cpu_count() // 2)] * 2, threads  # unset inference.threads: they split the cores
+    assert threads == [max(1, usable_cores() // 2)] * 2, threads  # unset inference.threads: they split the cores
     for r, s in enumerate(replicas):  # each replica computed exactly its own cameras' frames, none dropped
         assert s["frames"] == FRAMES * sum(1 for v in route.values() if v == r), (r, s)
         assert (s["shed"], s["expired"], s["cancelled"], s["queue_depth"]) == (0, 0, 0, 0), (r, s)

@@ -26,6 +26,7 @@ import ray
 
 from models.files import written_aside
 from workers.batch_size import BatchSizer
+from workers.cores import usable_cores
 from workers.frames import FrameRequest, HeadArrays
 from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
 from workers.thread_names import worker_thread
@@ -394,7 +395,7 @@ class InferenceActor:
         ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
-                                        threads or max(1, (os.cpu_count() or 1) // per_node), score_threshold, compile,
+                                        threads or max(1, usable_cores() // per_node), score_threshold, compile,
                                         max_pending, max_pending_per_camera, backend, adapt_batch)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
