@@ -205,7 +205,9 @@ def test_tensorrt_keeps_its_engines_on_disk(cache, tmp_path, monkeypatch):
         ModelRunner(path, device="auto", backend="onnxruntime", threads=1)
     (trt, options), (cuda, _), cpu = asked[0]
     assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    assert options["trt_engine_cache_enable"] and Path(options["trt_engine_cache_path"]).parent == cache / "onnx"
+    engines = Path(options["trt_engine_cache_path"])  # in the export's own compiled folder, pruned with it
+    assert options["trt_engine_cache_enable"] and engines.parent.parent == cache / "onnx"
+    assert engines.parent.name.endswith(".onnx.compiled") and engines.is_dir()
 
 
 def test_a_pool_of_threads_waits_without_spinning_unless_asked(cache, tmp_path, monkeypatch):
@@ -281,3 +283,22 @@ def test_cache_files_unused_for_a_month_are_removed_when_another_is_made(tmp_pat
     assert made == [folder / "new.onnx"]
     assert sorted(p.name for p in folder.iterdir()) == ["fresh.onnx.456.tmp", "new.onnx", "notes.txt",
                                                         "recent.onnx", "used.onnx", "used.onnx.compiled"]
+
+
+def test_tensorrt_engines_are_kept_per_export_and_pruned_with_it(tmp_path):
+    """TensorRT's engines (built per input shape, minutes each) went to one folder shared by every export, which
+    the cache's pruning never looked into: a service retrained weekly filled the disk with engines. They live in
+    their export's compiled folder now. (The providers are built here without a GPU; they only run on one.)"""
+    from models.export import prune_cache
+    from workers.model_runner import gpu_providers
+
+    export = tmp_path / "model.onnx"
+    export.write_bytes(b"x")
+    (trt, trt_options), (cuda, cuda_options) = gpu_providers(export, 1)
+    assert (trt, cuda) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    engines = Path(trt_options["trt_engine_cache_path"])
+    assert engines.is_dir() and engines.parent == export.with_name("model.onnx.compiled")
+    assert trt_options["device_id"] == cuda_options["device_id"] == 1 and trt_options["trt_engine_cache_enable"]
+    (engines / "TensorrtExecutionProvider_TRTKernel_graph_1.engine").write_bytes(b"e")
+    export.unlink()  # pruned for age (or by hand)
+    assert prune_cache(tmp_path) == [engines.parent] and not engines.exists()

@@ -146,6 +146,22 @@ class ExportedSession:
                                      images=torch.from_numpy(images))
 
 
+def gpu_providers(export: Path, device_id: int) -> list[tuple[str, dict]]:
+    """ONNX Runtime's TensorRT and CUDA providers for ``export``, best first. TensorRT builds an engine per input
+    shape (minutes each): kept on disk in the export's own compiled folder, so only the first start on a machine
+    pays it, and the cache's pruning removes them with their export (a folder shared by every export grew for
+    ever). Not run here (no GPU lent to this project)."""
+    folder = compiled_cache(export)
+    engines = folder / "tensorrt" if folder is not None else None
+    if engines is not None:
+        engines.mkdir(exist_ok=True)
+    cache = ({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
+              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engines)} if engines is not None
+             else {})  # a read-only cache: the engines are built at every start
+    return [("TensorrtExecutionProvider", {"device_id": device_id, **cache}),
+            ("CUDAExecutionProvider", {"device_id": device_id})]
+
+
 class OrtSession(ExportedSession):
     """ONNX Runtime, fp32: the CPU execution provider, or on a CUDA device its TensorRT / CUDA ones (package
     onnxruntime-gpu), else it refuses to start."""
@@ -165,13 +181,7 @@ class OrtSession(ExportedSession):
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         providers: list = ["CPUExecutionProvider"]
         if device.type == "cuda":
-            # TensorRT builds an engine per input shape (minutes each): kept on disk beside the ONNX file, so
-            # only the first start on a machine pays it. Not run here (no GPU lent to this project).
-            engines = str(self.path.parent / "tensorrt")
-            wanted = [("TensorrtExecutionProvider", {"device_id": device.index or 0, "trt_engine_cache_enable": True,
-                                                     "trt_engine_cache_path": engines, "trt_timing_cache_enable": True,
-                                                     "trt_timing_cache_path": engines}),
-                      ("CUDAExecutionProvider", {"device_id": device.index or 0})]
+            wanted = gpu_providers(self.path, device.index or 0)
             providers = [p for p in wanted if p[0] in ort.get_available_providers()] + providers
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and
