@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
@@ -73,6 +74,18 @@ def _reid_config(spec: dict) -> ReIDConfig:
     return _named_config("reid", ReIDConfig, "reid", spec)
 
 
+def _channel_values(name: str, values: Any, positive: bool = False) -> tuple[float, ...]:
+    """A per-channel (R, G, B) normalisation, checked: a 0 or NaN std made every score NaN (no boxes, no error),
+    a wrong length failed in a bare reshape when the model was built."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise ConfigError(f"{name} must be 3 finite numbers (R, G, B){', each > 0' if positive else ''}, got {values!r}")
+    return out
+
+
 @dataclass
 class HydraNetConfig:
     input_size: tuple[int, int] = (256, 448)  # (height, width) of the letterboxed model input
@@ -92,7 +105,7 @@ class HydraNetConfig:
         self.input_size = tuple(int(v) for v in self.input_size)
         if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
             raise ConfigError(f"input_size must be (height, width), each a positive multiple of 32, got {self.input_size}")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.mean, self.std = _channel_values("mean", self.mean), _channel_values("std", self.std, positive=True)
         # Written out in full (defaults too), so that a checkpoint names its architecture even if a default
         # changes; the values that were given come back unchanged.
         btype, bcfg = _build_part_config("backbone", self.backbone, BACKBONES)
@@ -353,7 +366,7 @@ class HydraNet(nn.Module):
             return self.decode(feats, raw, n, tuple(images.shape[-2:]), score_threshold, images=x)
 
     def wanted_heads(self, heads_per_image: Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:
-        wanted = [self._check_heads(h) for h in (heads_per_image or [None] * n)]
+        wanted = [self._check_heads(h) for h in ([None] * n if heads_per_image is None else heads_per_image)]
         if len(wanted) != n:
             raise ValueError(f"expected {n} head lists (one per image), got {len(wanted)}")
         return wanted

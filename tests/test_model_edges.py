@@ -115,3 +115,19 @@ def test_attribute_and_reid_heads_fit_widths_eight_groups_do_not_divide(channels
     for head in (attr, reid):
         norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
         assert norms and all(channels % m.num_groups == 0 and m.num_groups > 1 for m in norms)
+
+
+@pytest.mark.parametrize("field, value", [("std", (0.2, 0.0, 0.2)), ("std", (0.2, float("nan"), 0.2)),
+                                          ("mean", (0.5, 0.5)), ("std", "abc"), ("mean", (0.4, float("inf"), 0.4))])
+def test_a_normalisation_that_wipes_every_score_or_cannot_build_is_refused_by_name(field, value):
+    """A 0 or NaN std made every feature NaN (the NaN guard then dropped every box, no error); a wrong length
+    failed in a bare reshape while the model was built."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be 3 finite numbers"):
+        small_model(**{field: value})
+
+
+def test_an_empty_list_of_head_lists_is_refused_not_read_as_every_head():
+    model = small_model()
+    with pytest.raises(ValueError, match="expected 2 head lists"):
+        model.detect(torch.zeros(2, 3, 64, 96, dtype=torch.uint8), heads_per_image=[])
+    assert small_model(mean=[0, 0, 0], std=[1, 1, 1]).config.std == (1.0, 1.0, 1.0)  # ints and lists still do
