@@ -6,7 +6,8 @@
 Steps, in order; each has its share of the time limit (``--minutes``), records its own error instead of
 stopping the others, and prints one line per result as it goes:
 1. environment: torch and its CUDA, the GPU (name, memory, driver), ONNX Runtime's providers, PyAV's hardware
-   devices. Without a CUDA GPU the check stops here with exit status 2 and says why (``--dry-run-cpu`` runs
+   devices. Without a CUDA GPU, or with one torch lists but cannot run a kernel on, the check stops here with
+   exit status 2 and says why (``--dry-run-cpu`` runs
    every step on the CPU at toy sizes instead: it checks the code paths and measures nothing about a GPU).
 2. model ceiling: the demo checkpoint (or ``--checkpoint``) at batch 1..64 through ModelRunner, the serving
    path (host uint8 batch -> device, forward, decode + NMS, results back on the host), for each backend and
@@ -60,7 +61,9 @@ SHARES = {"model": 0.35, "decode": 0.15, "pipeline": 0.5}
 class GpuSampler:
     """nvidia-smi in loop mode (-lms), parsed as it prints; ``window()`` summarises the samples since a mark."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: str = "0") -> None:
+        """``gpu``: nvidia-smi's ``-i``; its index 0 is the first in PCI order, whatever CUDA_VISIBLE_DEVICES and
+        CUDA_DEVICE_ORDER made torch's device 0, so the check passes that device's UUID (``environment``)."""
         self.samples: list[tuple[float, float, float]] = []  # (time, utilisation %, memory used MiB)
         self.proc = None
         exe = shutil.which("nvidia-smi")
@@ -69,7 +72,7 @@ class GpuSampler:
             # samples here), and each sample is timestamped when it is read.
             line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
             self.proc = subprocess.Popen([*line_buffered, exe, "--query-gpu=utilization.gpu,memory.used",
-                                          "--format=csv,noheader,nounits", "-lms", "500", "-i", "0"],
+                                          "--format=csv,noheader,nounits", "-lms", "500", "-i", gpu],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             threading.Thread(target=self._read, daemon=True).start()
 
@@ -91,6 +94,13 @@ class GpuSampler:
     def close(self) -> None:
         if self.proc:
             self.proc.terminate()
+
+
+def _run_a_kernel() -> None:
+    """One tiny kernel on device 0, waited for: what tells a usable GPU from one torch merely lists."""
+    import torch
+
+    torch.ones(1, device="cuda").add_(1).item()
 
 
 def kit_mismatch(path: list[str] | None = None) -> str | None:
@@ -125,10 +135,21 @@ def environment(dry_run: bool) -> dict:
     except ImportError as e:
         env["onnxruntime"] = f"not importable: {e}"
     if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                      "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count(),
-                      "bf16": torch.cuda.is_bf16_supported()}
+        # A device torch lists can still be unusable (a driver fault, busy in exclusive mode, its memory full, a
+        # torch without kernels for its architecture): that stops the check here, named, not every step later.
+        try:
+            p = torch.cuda.get_device_properties(0)
+            _run_a_kernel()
+        except Exception as e:  # noqa: BLE001 - recorded, and the check stops with exit status 2 naming it
+            env["cuda_available"], env["cuda_error"] = False, f"{type(e).__name__}: {e}"[:500]
+        else:
+            uuid = str(getattr(p, "uuid", "") or "")
+            env["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                          "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count(),
+                          # native only: before Ampere torch emulates bf16, and its figures would be the emulation's
+                          "bf16": p.major >= 8,
+                          # nvidia-smi's form of the device's name, for GpuSampler
+                          "uuid": (uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}") if uuid else None}
     smi = shutil.which("nvidia-smi")
     if smi:
         try:  # a driver in a bad state can hang it: the check goes on, and says so
@@ -168,6 +189,9 @@ def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
 
 
 def no_gpu_reason(env: dict) -> str:
+    if env.get("cuda_error"):
+        return (f"torch {env['torch']} (CUDA {env['torch_cuda']}) lists a CUDA device but cannot use it: "
+                f"{env['cuda_error']}")
     if env["torch_cuda"] is None:
         return (f"torch {env['torch']} is a CPU-only build (torch.version.cuda is None); install a CUDA build of "
                 "torch on the GPU machine")
@@ -190,6 +214,11 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
         name = f"{backend}{' compile' if compiled else ''} {precision}"
         if time.time() > deadline:
             rows.append({"variant": name, "skipped": "out of time"})
+            continue
+        if precision == "bf16" and device == "cuda" and not _native_bf16():
+            rows.append({"variant": name, "skipped": "this GPU has no native bf16 (compute capability < 8.0): torch "
+                                                     "would emulate it"})
+            print(f"  {name}: {rows[-1]['skipped']}", flush=True)
             continue
         if backend == "onnxruntime" and device == "cuda" and not _ort_has_cuda():
             rows.append({"variant": name, "skipped": "no onnxruntime with a CUDA provider here (the GPU build is "
@@ -214,7 +243,7 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
             images = list(rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8))
             try:
                 start = time.time()
-                for _ in range(3):  # warm-up: cuDNN autotuning, allocator growth, compilation for this shape
+                for _ in range(3):  # warm-up: kernel selection, allocator growth, compilation for this shape
                     runner.run(images, [None] * batch)
                 warm_s = time.time() - start
                 mark, times = time.time(), []
@@ -239,6 +268,12 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
         free_gpu_memory()  # else the next variant's memory figures start from this one's cached blocks
         save()
     return rows
+
+
+def _native_bf16() -> bool:
+    import torch
+
+    return torch.cuda.get_device_capability()[0] >= 8  # Ampere on; torch emulates bf16 before
 
 
 def _ort_has_cuda() -> bool:
@@ -343,7 +378,14 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
                            "ray": {"placement_timeout_s": 30}})  # a run that cannot start must not eat the rest
     app = App(config, say=lambda m: None)
     started = time.time()
-    app.start()
+    try:
+        app.start()
+    except BaseException:  # what had started stops (as `hydravision run` does); the start's error is the run's
+        try:
+            app.shutdown(drain=False)
+        except Exception:  # noqa: BLE001 - the start's error is the one to report
+            logging.warning("stopping after a failed start failed too", exc_info=True)
+        raise
     client = redis.Redis.from_url(redis_url)
     settle = min(5.0, seconds / 3)  # the first batches pay allocation and autotuning
     try:
@@ -395,6 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="no GPU needed: every step on the CPU at toy sizes, to check this script (measures nothing)")
     args = p.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if unknown := [s for s in steps if s not in SHARES]:  # else the check measured nothing and said nothing
+        p.error(f"--steps: no step {', '.join(map(repr, unknown))} (the steps: {','.join(SHARES)})")
+    if args.json:  # a path that cannot be written fails now, not at the first save with minutes of figures lost
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "a"):
+                pass
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot write there ({e.strerror or e})")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t_start = time.time()
@@ -415,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT
     dry = args.dry_run_cpu
     device = "cpu" if dry else "cuda"
-    steps = args.steps.split(",")
-    sampler = GpuSampler()
+    sampler = GpuSampler(env.get("gpu", {}).get("uuid") or "0")
 
     def deadline(step: str) -> float:  # this step's share of what is left, the later steps' shares kept back
         later = [s for s in SHARES if s in steps and list(SHARES).index(s) > list(SHARES).index(step)]
@@ -530,7 +581,8 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
             r = rows[-1]
             print(f"  {r['frames_per_s']} frames/s, age p50/p95/p99 {r['age_p50_ms']}/{r['age_p95_ms']}/"
                   f"{r['age_p99_ms']} ms, lost {r['lost_in_window']}, GPU {r['gpu']}", flush=True)
-            if (r["age_p95_ms"] or 0) > args.budget_ms or r["lost_in_window"]:
+            # no message in the window (age None): the service stalled, which is not keeping the budget
+            if r["age_p95_ms"] is None or r["age_p95_ms"] > args.budget_ms or r["lost_in_window"]:
                 r["over_budget"] = True
                 break
             n *= 2
