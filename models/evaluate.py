@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Sequence
 
 import numpy as np
@@ -80,10 +81,10 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
         heads[name] = (cmap, MeanAveragePrecision())
     attrs = {name: AttributeScore(a.config.labels) for name, a in model.attributes.items()
              if a.config.on in heads and set(a.config.of) <= set(CLASS_NAMES)}
-    frames = list(held_out_frames(cfg))
-    bar = tqdm(total=len(frames), desc="eval", unit="frame", disable=not progress)
-    for start in range(0, len(frames), cfg.batch_size):
-        chunk = frames[start : start + cfg.batch_size]
+    frames, n = held_out_frames(cfg), 0  # a batch at a time: the whole set held at once grows with --scenes
+    bar = tqdm(total=cfg.scenes * cfg.frames_per_scene, desc="eval", unit="frame", disable=not progress)
+    while chunk := list(islice(frames, max(1, cfg.batch_size))):
+        n += len(chunk)
         boxed = [letterbox(img, model.config.input_size) for img, _ in chunk]
         results = detect(np.stack([b for b, _ in boxed]), [list(heads)] * len(chunk), cfg.score_threshold)
         for (img, truth), (_, lb), res in zip(chunk, boxed, results):
@@ -103,12 +104,12 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
                 score.update(res[attr.on], lb, truth, good, attr, model.heads[attr.on].config.score_threshold, name)
         bar.update(len(chunk))
     bar.close()
-    report = {"frames": len(frames), "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
+    report = {"frames": n, "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
     for name, (cmap, metric) in heads.items():
         r = metric.compute()
         classes = model.head_classes(name)
         if len(r.matched_classes) == 0:  # no target at all: supervision's mAP is its -1 sentinel, not a score
-            skipped[name] = f"no visible object of its classes ({', '.join(classes)}) in the {len(frames)} frames"
+            skipped[name] = f"no visible object of its classes ({', '.join(classes)}) in the {n} frames"
             continue
         per_class = {}
         for cid, ap in zip(r.matched_classes, r.ap_per_class):

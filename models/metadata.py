@@ -21,6 +21,8 @@ class CheckpointError(ValueError):
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded metadata of a checkpoint (config and training), without loading weights."""
     path = Path(path)
+    if path.is_dir():  # it exists: "no such file" sent users looking for a typo
+        raise CheckpointError(f"{path}: is a folder; name the checkpoint file (.safetensors) in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -36,11 +38,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         config, training = json.loads(meta["config"]), json.loads(meta.get("training", "{}"))
         base = json.loads(meta["base"]) if "base" in meta else None  # an adapter file: what it adds to
-    except (KeyError, json.JSONDecodeError) as e:
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({e})") from None
+    if "base" in meta and not (isinstance(base, dict) and all(isinstance(base.get(k), str)
+                                                              for k in ("path", "sha256"))):
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged (its base is not a path and a sha256)")
     if not isinstance(config, dict) or not isinstance(config.get("heads", {}), dict) or not isinstance(training, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config or heads are not a mapping)")
     for spec in config.get("heads", {}).values():
         if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
             spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
-    return {"config": config, "training": training, **({"base": base} if base else {})}
+    return {"config": config, "training": training, **({"base": base} if "base" in meta else {})}

@@ -33,6 +33,7 @@ from models.evaluate import EvalConfig, evaluate
 from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
+from models.train_attributes import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"lr (the learning rate) must be a positive number, got {self.lr}")
         if self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        check_seed(self.seed)
 
     @property
     def state_path(self) -> Path:

@@ -43,6 +43,13 @@ class AttributeTrainConfig:
         self.init, self.out = Path(self.init), Path(self.out)
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        check_seed(self.seed)
+
+
+def check_seed(seed: int) -> None:
+    """A seed both torch and numpy take: numpy refuses a negative one, deep in the first step."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed}")
 
 
 def targets(samples, cfg: AttributeTrainConfig, rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -9,6 +9,7 @@ tracker has to make. Boxes are the true ones jittered as a detector's would be.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
-from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT
+from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT, DatasetError
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
-from models.train_attributes import head_lr, head_only_optimizer
+from models.train_attributes import check_seed, head_lr, head_only_optimizer
 from synthetic.scene import StreetScene
 
 # Training scenes draw seeds from here up: the tracking benchmark's seeds (benchmarks/bench_reid.py) lie below.
@@ -51,6 +52,13 @@ class ReIDTrainConfig:
         if self.steps <= 0 or self.scenes_per_step <= 0 or self.views < 2:
             raise ValueError(f"steps and scenes_per_step must be positive and views at least 2, got "
                              f"{self.steps}, {self.scenes_per_step}, {self.views}")
+        if not 1 <= self.gap[0] <= self.gap[1]:  # 0 frames apart: a view would repeat the one before it
+            raise ValueError(f"gap must be (min, max) frames with 1 <= min <= max, got {self.gap}")
+        if not 0 < self.temperature < math.inf:  # 0 divides by zero: a head of NaN
+            raise ValueError(f"temperature must be positive and finite, got {self.temperature}")
+        if not 0 <= self.jitter < 0.5:  # half the box or more turns a box inside out
+            raise ValueError(f"jitter must be in [0, 0.5), got {self.jitter}")
+        check_seed(self.seed)
 
 
 def identity_views(input_size: tuple[int, int], cfg: ReIDTrainConfig, rng: np.random.Generator,
@@ -102,7 +110,7 @@ def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[
     head.train()
     groups = identity_views(model.config.input_size, cfg, rng)
     losses: list[float] = []
-    t0, seen = time.time(), 0
+    t0, seen, repeats = time.time(), 0, 0
     bar = tqdm(range(cfg.steps), desc="train reid", unit="step", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
@@ -122,11 +130,15 @@ def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[
             loss = loss + contrastive_loss(emb[start:start + n], ids, cfg.temperature) / len(batch)
             start += n
             seen += n
+            repeats += n - len(np.unique(np.concatenate(group_ids)))  # views of an object seen before: its positives
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    if not repeats:  # the loss was 0 on every step: the head never trained, and must not be saved as if it had
+        raise DatasetError(f"re-ID: in {cfg.steps} steps no object was seen in two views (density {cfg.density}); "
+                           "nothing to learn from")
     head.eval()
     history = list(training.get("history", []))
     history.append({"reid": cfg.heads, "dim": cfg.dim, "steps": cfg.steps, "seed": cfg.seed, "views_seen": seen,

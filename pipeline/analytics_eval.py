@@ -242,6 +242,9 @@ def match_tracks(run: SceneRun) -> list[dict[int, tuple[str, int]]]:
             if not len(gt) or not len(det):
                 continue
             iou = _iou_matrix(gt.xyxy, det.xyxy) * (gt.data["class_name"][:, None] == det.data["class_name"][None, :])
+            # pairs under the threshold count 0, as in MOT scoring: with their IoU the largest sum could pair a
+            # box with a neighbour it does not match and leave its real match unpaired
+            iou[iou < MATCH_IOU] = 0.0
             rows, cols = linear_sum_assignment(iou, maximize=True)
             for r, c in zip(rows, cols):
                 if iou[r, c] >= MATCH_IOU:
