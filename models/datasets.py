@@ -20,6 +20,8 @@ from synthetic.scene import CLASS_NAMES, StreetScene
 log = logging.getLogger(__name__)
 
 TRAIN_SEED_LIMIT = 1_000_000  # training scenes use seeds below this; evaluation uses seeds above
+# ... and from this up: the seeds below are the benchmarks' and checks' scenes (benchmarks/bench_*.py), never trained on
+FIRST_TRAIN_SEED = 1000
 MIN_VISIBILITY = 0.5  # objects less visible than this are neither targets nor background ("ignore")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -82,7 +84,7 @@ def place(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, dst_size: tu
 
 
 class SyntheticFrames(IterableDataset):
-    """Endless frames from a rotating pool of seeded street scenes (seeds below TRAIN_SEED_LIMIT)."""
+    """Endless frames from a rotating pool of seeded street scenes (seeds FIRST_TRAIN_SEED to TRAIN_SEED_LIMIT)."""
 
     classes = CLASS_NAMES
 
@@ -99,7 +101,7 @@ class SyntheticFrames(IterableDataset):
         h, w = self.scene_size
 
         def new_scene() -> list:
-            scene = StreetScene(int(rng.integers(TRAIN_SEED_LIMIT)), width=w, height=h,
+            scene = StreetScene(int(rng.integers(FIRST_TRAIN_SEED, TRAIN_SEED_LIMIT)), width=w, height=h,
                                 density=float(rng.uniform(0.6, 1.6)))
             return [scene, 0]
 

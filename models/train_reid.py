@@ -20,15 +20,11 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
-from models.datasets import MIN_VISIBILITY, TRAIN_SEED_LIMIT, DatasetError
+from models.datasets import FIRST_TRAIN_SEED, MIN_VISIBILITY, TRAIN_SEED_LIMIT, DatasetError
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
 from models.train_attributes import check_seed, head_lr, head_only_optimizer
 from synthetic.scene import StreetScene
-
-# Training scenes draw seeds from here up: the tracking benchmark's seeds (benchmarks/bench_reid.py) lie below.
-FIRST_TRAIN_SEED = 1000
-
 
 @dataclass
 class ReIDTrainConfig:

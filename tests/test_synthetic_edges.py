@@ -132,3 +132,26 @@ def test_fake_cameras_ticking_faster_than_their_fps_still_number_new_frames(redi
     assert len(frames) == 4 and all(b > a for a, b in zip(frames, frames[1:])), frames
     assert snapshot == frames[-1]
     assert steady_last["frame"] == 10  # 1 s at 10 fps
+
+
+def test_training_scenes_never_draw_a_benchmark_seed(monkeypatch):
+    """The detector's training drew scene seeds from 0 up, where the analytics and re-ID benchmarks' and checks'
+    scenes lie (seeds 100-999): a benchmark could score a scene the model had trained on."""
+    from itertools import islice
+
+    from models import datasets
+    from synthetic.scene import StreetScene
+
+    seeds: list[int] = []
+    scene = StreetScene(1000, width=96, height=64)
+
+    def recording(seed, **kwargs):  # one real scene serves them all: only the seeds drawn matter here
+        seeds.append(seed)
+        return scene
+
+    monkeypatch.setattr(datasets, "StreetScene", recording)
+    # 20000 draws: the old range (0 up) gave one under 1000 with all but certainty (1 - 0.999 ** 20000)
+    frames = datasets.SyntheticFrames((64, 96), seed=3, pool=20_000, frames_per_scene=4, frame_stride=1,
+                                      scene_size=(64, 96))
+    list(islice(iter(frames), 1))
+    assert len(seeds) == 20_000 and min(seeds) >= datasets.FIRST_TRAIN_SEED == 1000
