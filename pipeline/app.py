@@ -115,6 +115,8 @@ class App(LiveControl):
     telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
     _stop: threading.Event = field(default_factory=threading.Event)
     _signals_installed: bool = False
+    # A first SIGINT/SIGTERM came (``_stop`` alone is no sign of one: --duration and ended files set it too).
+    _signalled: bool = False
     _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
 
     # -- start -------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class App(LiveControl):
         try:
             cluster.init_ray(self.config, RAY_SYSTEM_CONFIG)
         except SystemExit:  # Ray's own SIGTERM handler, in place while ray.init runs: exit 15 and not a word
+            self._signalled = True
             self._stop.set()
             self.started_ray = ray.is_initialized()
             self.say("SIGTERM: stopping the start")
@@ -257,6 +260,7 @@ class App(LiveControl):
             d = self.config.dashboard
             self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
                                              d.allow_control, sock=self._dashboard_socket).start()
+            self._dashboard_socket = None  # the server's now (it closes it when it stops)
             self.say(f"Dashboard: {self.dashboard.url}")
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
@@ -574,10 +578,13 @@ class App(LiveControl):
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""
         def handler(signum: int, _frame: Any) -> None:
-            if self._stop.is_set():
+            # A stop already under way without a signal (--duration over, every file ended) still drains on
+            # the first one: it exited at once, losing what was not yet flushed.
+            if self._signalled:
                 os._exit(128 + signum)
             # Record the first signal before saying so: a second one arriving while the message prints
             # must find it recorded and exit at once.
+            self._signalled = True
             self._stop.set()
             if self._starting:  # nothing runs yet to drain: the start's waits (minutes on a busy cluster) end now
                 self.say(f"{signal.Signals(signum).name}: stopping the start (send it again to exit at once)")
@@ -605,7 +612,10 @@ class App(LiveControl):
         _wait_all(refs.values(), timeout)  # they stop together: one deadline, not one per camera
         for cid, ref in refs.items():
             try:
-                final = ray.get(ref, timeout=0)
+                # {}: Ray re-created its process and the camera was not started again (no camera, no state:
+                # a row "? ?" in the final table and the summary)
+                final = ray.get(ref, timeout=0) or {"camera": cid, "state": "unavailable", "last_error":
+                                                    "its process was restarted and the camera not started again"}
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
                 log.warning("camera %s: no final stats", cid, exc_info=True)
@@ -620,6 +630,9 @@ class App(LiveControl):
             self._reinstall_signal_handlers()
         if self.dashboard:
             self.dashboard.stop()
+        if self._dashboard_socket is not None:  # bound, never served (the start failed on the way)
+            self._dashboard_socket.close()
+            self._dashboard_socket = None
         if self.embedded:
             self.embedded.stop()
         if self.reaper:

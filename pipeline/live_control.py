@@ -217,6 +217,11 @@ class LiveControl:
                 try:
                     result = ray.get(handle.process.update.remote(camera_id, new), timeout=STOP_TIMEOUT_S)
                 except ray.exceptions.RayTaskError as e:  # the camera refused the change
+                    # A camera Ray re-created and the control loop has not started yet cannot take one: no 422
+                    # ("your change is wrong"), the change is fine once the camera runs again.
+                    if self._awaiting_restart(handle):
+                        raise CommandRejected(f"camera.id: camera {camera_id!r} is being restarted after a crash; "
+                                              "nothing was changed: send the change again", 409) from None
                     raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
                 except ray.exceptions.GetTimeoutError:  # the call still waits in the actor and may yet apply
                     raise CommandRejected(f"camera: its stream actor did not answer in {STOP_TIMEOUT_S:g} s; the "
@@ -288,6 +293,13 @@ class LiveControl:
         except (redis.RedisError, OSError, ValueError) as e:  # rare (Redis down right now); the log says so
             log.warning("camera %s: could not keep its track ids: %s", camera_id,
                         redact_text(str(e), [self.redis_settings.url]))
+
+    def _awaiting_restart(self, handle: Any) -> bool:
+        """Whether Ray re-created the camera's process and the control loop has not started the camera again."""
+        try:
+            return ray.get(handle.process.stats.remote(handle.id), timeout=5).get("state") == "created"
+        except Exception:  # no answer: nothing to tell
+            return False
 
     def _wait_gone(self, handle: Any, timeout_s: float = 10.0) -> None:
         """Until Ray has released the actor's name, so the same id can be added again at once."""

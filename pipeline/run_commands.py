@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     # checked before anything starts: found at the end of the run, it was a traceback ("a bug"), the stats lost
     if args.summary_json and not Path(args.summary_json).parent.is_dir():
         raise UserError(f"--summary-json {args.summary_json}: no such directory {Path(args.summary_json).parent}")
+    if args.summary_json and Path(args.summary_json).is_dir():  # as the write at the end says, but before the run
+        raise UserError(f"--summary-json {args.summary_json}: cannot write: Is a directory")
     if getattr(args, "api_port", None) is not None:
         config.api.port = args.api_port
     json_mode = getattr(args, "log_format", "text") == "json"
