@@ -28,6 +28,7 @@ import ctypes.util
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -39,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -425,14 +427,29 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
             "seconds": round(t1 - t0, 1)}
 
 
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--checkpoint", type=Path, default=DEMO)
-    p.add_argument("--minutes", type=float, default=7.5, help="time limit for the whole check")
-    p.add_argument("--budget-ms", type=float, default=300.0, help="frame age (p95 at XADD) the pipeline must keep")
-    p.add_argument("--max-cameras", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=20.0, help="measurement window per camera count")
+    p.add_argument("--minutes", type=positive(float), default=7.5, help="time limit for the whole check")
+    p.add_argument("--budget-ms", type=positive(float), default=300.0,
+                   help="frame age (p95 at XADD) the pipeline must keep")
+    p.add_argument("--max-cameras", type=positive(int), default=64)
+    # 0 was "no limit" to the run (until the watchdog stopped it), NaN a budget never passed
+    p.add_argument("--seconds", type=positive(float), default=20.0, help="measurement window per camera count")
     p.add_argument("--steps", default="model,decode,pipeline", help="which steps after the environment")
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="no GPU needed: every step on the CPU at toy sizes, to check this script (measures nothing)")

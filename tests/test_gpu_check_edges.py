@@ -203,3 +203,12 @@ def test_a_pipeline_run_whose_start_fails_stops_what_it_started(tmp_path, monkey
         gpu_check.pipeline_run(gpu_check.DEMO, clip, 1, "cpu", None, "redis://127.0.0.1:1/0", 3.0, None, 8,
                                end=time.time() + 60)
     assert stopped == [False]
+
+
+@pytest.mark.parametrize("option, value", [("--seconds", "0"), ("--budget-ms", "nan"), ("--minutes", "-1"),
+                                           ("--max-cameras", "0"), ("--seconds", "abc")])
+def test_limits_that_never_end_or_never_pass_are_refused_by_name(option, value, capsys):
+    """--seconds 0 ran each pipeline until the watchdog stopped it (0 read as "no limit"); a NaN budget never passed."""
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--dry-run-cpu", option, value])
+    assert stopped.value.code == 2 and option in capsys.readouterr().err
