@@ -619,6 +619,8 @@ class App(LiveControl):
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
                 log.warning("camera %s: no final stats", cid, exc_info=True)
+            # its counts are its last process's: how many came before, counted afresh, is said beside them
+            final["restarts"] = handles[cid].restarts
             handles[cid].final = final
             finals.append(final)
         self._kill(h.process for h in handles.values())

@@ -54,9 +54,12 @@ def test_a_camera_its_restarted_process_never_started_keeps_its_id_in_the_final_
         process = SimpleNamespace(stop=SimpleNamespace(remote=lambda camera_id, drain=True: answers[camera_id]))
         app.cameras[cid] = CameraHandle(cid, CameraConfig(id=cid, url="synthetic://street"), process,
                                         f"hv-camera-{cid}")
+    app.cameras["b"].restarts = 2
     finals = app.shutdown(drain=True)
     assert [(f["camera"], f["state"]) for f in finals] == [("a", "unavailable"), ("b", "stopped")], finals
     assert finals[1]["published"] == 7 and app.cameras["a"].final["camera"] == "a"
+    # b's counts are its third process's: the summary says there were two before (it said nothing of them)
+    assert [f["restarts"] for f in finals] == [0, 2]
 
 
 def test_a_start_that_fails_after_binding_the_dashboard_port_lets_it_go(monkeypatch):
