@@ -161,8 +161,7 @@ class CameraPipeline:
                     break
                 gate = self._motion_gate()
                 if gate is not None and not gate.wants(item.image, item.pts):
-                    self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
-                    results.put_nowait((item, None, 0))
+                    self._queue_skipped(item, results)
                     continue
                 self._holding = 1
                 await self._inflight.acquire()
@@ -220,16 +219,23 @@ class CameraPipeline:
                 results.put_nowait((item, call, place))
                 place += 1
             else:
-                self.skipped += 1  # an outcome of its own; in frame order behind the frames in flight
-                results.put_nowait((item, None, 0))
+                self._queue_skipped(item, results)
+
+    def _queue_skipped(self, item: CapturedFrame, results: asyncio.Queue) -> None:
+        """A frame the motion gate kept from inference: an outcome of its own, in frame order behind the frames
+        in flight. Queued without its model input, which nothing reads any more: behind a stalled call (a replica
+        restarting) every skipped frame's image was held until that call ended, ~0.3 MB a frame."""
+        self.skipped += 1
+        item.image = None  # type: ignore[assignment]
+        results.put_nowait((item, None, 0))
 
     async def _watchdog(self) -> None:
         """Brings the decoder back whatever stopped it: a thread stuck beyond its own timeouts (e.g. a hung
         DNS lookup inside FFmpeg) is abandoned, a thread that crashed on a bug is restarted after a backoff.
         The new capture continues the frame numbering (and, for files, the position)."""
-        stall_s = self.camera.stall_timeout
         while True:
-            await asyncio.sleep(min(1.0, stall_s / 4))
+            await asyncio.sleep(min(1.0, self.camera.stall_timeout / 4))
+            stall_s = self.camera.stall_timeout  # read each time: a live update of the timeouts applies at once
             cap = self._capture
             if cap is None or self._stopping:
                 continue
@@ -322,6 +328,11 @@ class CameraPipeline:
         return self.tracker.open_tracks() if self.tracker else 0
 
     @property
+    def source_ended(self) -> bool:
+        """The source ended or failed for good: the run is finishing (its slot is closed), whatever an update does."""
+        return self._capture is not None and self._capture.state in ("ended", "failed")
+
+    @property
     def _abandoning(self) -> bool:
         """Stopped without drain: frames not yet published are dropped (counted as shutdown)."""
         return self._stopping and not self._drain
@@ -372,12 +383,13 @@ class CameraPipeline:
                 self.shutdown_inflight += 1
                 continue
             try:
-                arrays = (await fut)[place]
+                arrays = fut.result()[place]  # done: a call cancelled under it (a CallMerger's) raises CancelledError
                 if isinstance(arrays, Exception):  # this frame failed, not the whole call
                     raise arrays
                 if isinstance(arrays, BaseException):  # e.g. its request was cancelled: a failure of this frame
                     raise RuntimeError(f"inference ended without a result: {type(arrays).__name__}")
-            except Exception as e:  # inference failed or timed out: count it, keep the camera going
+            # CancelledError too: it is the call's (nothing is awaited here), and ending this loop froze the camera
+            except (Exception, asyncio.CancelledError) as e:  # inference failed or timed out: count it, go on
                 self.dropped_error += 1
                 if self.gate is not None:  # its change was never analysed: no frame may be skipped against it
                     self.gate.failed(item.pts)
@@ -684,10 +696,12 @@ class CameraHost:
         # One start at a time: the controller retries a start that outlived its call's timeout (a replica
         # still loading its model), and two must not both get past the waits below and run the camera twice.
         self._starting = asyncio.Lock()
+        self._stop_asked = False  # a stop came while a start waited: that start runs nothing (the latest call wins)
 
     async def start(self, camera: CameraConfig | None = None) -> None:
         """Starts the camera and returns at once; ``wait`` returns when it ends. ``camera``: its current
         config, when the controller restarts an actor Ray re-created with the constructor's (older) one."""
+        self._stop_asked = False
         async with self._starting:
             if self.task is None:
                 await self._start(camera)
@@ -708,6 +722,11 @@ class CameraHost:
         if hasattr(replica, "ping"):
             await replica.ping.remote()
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
+        if self._stop_asked:  # stopped (removed, a start given up on) while waiting: it must not run unseen
+            log.info("camera %s: stopped before it started", self.camera.id)
+            await asyncio.get_running_loop().run_in_executor(None, self.publisher.close, 5.0)
+            self.publisher = None  # detached from the process's writer; a later start makes a new one
+            return
         if resume.first_index:
             log.info("camera %s: restarted; continuing after frame %d", self.camera.id, resume.first_index - 1)
         self._leave_merger()
@@ -755,7 +774,9 @@ class CameraHost:
                 else:  # a crash or a lost node: continue after this run's own last frame
                     resume = resume_point(self.instance, status, last)
                 return {str(k): int(v) for k, v in (ids or {}).items()}, resume
-            except (redis.RedisError, OSError, ValueError, AttributeError) as e:
+            # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
+            # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
+            except (redis.RedisError, OSError, ValueError, AttributeError, TypeError, KeyError, ArithmeticError) as e:
                 error = e
                 time.sleep(0.5 * (attempt + 1))
         base = int(time.time() * 1000)
@@ -780,6 +801,10 @@ class CameraHost:
         for good starts again with it (``restarted``: the controller waits on the new run)."""
         if self.pipeline is None or self.task is None:
             raise RuntimeError(f"camera {camera.id}: update before start")
+        if not self.task.done() and self.pipeline.source_ended:
+            # Its source ended for good just now and the run is finishing: a new decoder would find the slot
+            # closed and the update would be lost. Wait for the run's end, then start it again below.
+            await asyncio.wait([self.task])
         if not self.task.done():
             changed = self.pipeline.update(camera)
             self.camera = camera
@@ -794,6 +819,7 @@ class CameraHost:
 
     async def stop(self, drain: bool = True, timeout: float = 10.0) -> dict:
         if self.pipeline is None or self.task is None:
+            self._stop_asked = True  # a start still waiting (for its replica, for Redis) gives up
             return {}
         self.pipeline.stop(drain)
         try:
