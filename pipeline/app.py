@@ -536,9 +536,11 @@ class App(LiveControl):
         """True when every camera's source has ended (files); a crashed actor is not an ended camera."""
         with self._lock:
             pending = list(self.cameras.values())
+            busy = bool(self._busy)
         # A camera whose actor died (done None until stats() restarts it) has not ended: without this, the
-        # others' ending stopped the service before Ray had brought it back.
-        if not pending or any(h.done is None for h in pending):
+        # others' ending stopped the service before Ray had brought it back. Nor has one a command is changing
+        # (an update starting an ended file again): its old run's end is not the camera's.
+        if not pending or busy or any(h.done is None for h in pending):
             return False
         ready, _ = ray.wait([h.done for h in pending], num_returns=len(pending), timeout=0)
         if len(ready) < len(pending):

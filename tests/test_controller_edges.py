@@ -138,3 +138,16 @@ def test_an_update_that_reaches_a_camera_ray_restarted_but_the_loop_did_not_yet_
     with pytest.raises(CommandRejected) as refused:  # a running camera that refuses the change: as before
         app.update_camera("cam", {"fps": 5}, by="api:ops")
     assert refused.value.status == 422 and "update before start" in refused.value.reason
+
+
+def test_a_camera_a_command_is_changing_has_not_ended(monkeypatch):
+    """An update starting an ended file camera again waits for its old run's end: that end made finished() true,
+    and with every other source ended the service stopped while the update was bringing the camera back."""
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    app = App(parse_config({"cameras": CAMERAS}), say=lambda text: None)
+    app.cameras["a"] = CameraHandle("a", CameraConfig(id="a", url="synthetic://street"), None, "hv-camera-a")
+    app.cameras["a"].done = "ended"
+    assert app.finished()
+    app._busy.add("a")  # what update_camera holds while it works
+    assert not app.finished()
