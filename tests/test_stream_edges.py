@@ -10,6 +10,7 @@ import gc
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -282,3 +283,24 @@ def test_a_status_entry_holding_what_no_version_writes_does_not_keep_the_camera_
     ids_next, resume = host._previous_state(attempts=1)
     assert set(ids_next) == {"people"} and ids_next["people"] >= before, ids_next
     assert resume.first_index == 0
+
+
+def test_a_status_that_fails_to_publish_once_does_not_end_the_heartbeat(monkeypatch):
+    """One exception from publish_status() (a bug in stats()) ended the status loop for good: the camera ran on
+    and read as stale in `hydravision status` and the dashboard."""
+    calls: list[int] = []
+
+    class Pipeline:
+        def publish_status(self) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise ValueError("a bug in stats()")
+            if len(calls) == 3:
+                raise asyncio.CancelledError  # how the loop really ends: its task cancelled
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda seconds: real_sleep(0))
+    host = SimpleNamespace(pipeline=Pipeline(), camera=SimpleNamespace(id="cam"))
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(CameraHost._status_loop(host))
+    assert len(calls) == 3

@@ -787,10 +787,18 @@ class CameraHost:
         return {head: base for head in self.model_info["heads"]}, Resume()
 
     async def _status_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(1.0)
-            if self.pipeline:
+            if not self.pipeline:
+                continue
+            try:
                 self.pipeline.publish_status()
+                failing = False
+            except Exception:  # a bug in stats(): one error ended the heartbeat for good, a live camera read stale
+                if not failing:  # once per spell, not every second
+                    log.exception("camera %s: publishing its status failed", self.camera.id)
+                failing = True
 
     async def wait(self) -> dict:
         assert self.task is not None
