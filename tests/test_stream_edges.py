@@ -304,3 +304,39 @@ def test_a_status_that_fails_to_publish_once_does_not_end_the_heartbeat(monkeypa
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(CameraHost._status_loop(host))
     assert len(calls) == 3
+
+
+@pytest.mark.timeout(60)
+def test_the_next_track_ids_are_persisted_once_a_frame_before_its_message():
+    """Each track that began wrote (and JSON-encoded) the camera's whole status, once per track: a crowded frame
+    paid it as many times as tracks began. Once a frame does the same job: before the frame's message."""
+    boxes = np.array([[10, 10, 30, 60], [60, 10, 80, 60], [110, 10, 130, 60]], np.float32)
+
+    async def three(request):
+        return {h: {"boxes": boxes.copy(), "scores": np.full(3, 0.9, np.float32),
+                    "class_ids": np.zeros(3, np.int64)} for h in request.heads}
+
+    order: list[str] = []
+
+    class Recording(RecordingPublisher):
+        def publish_detections(self, message: dict) -> None:
+            order.append("message")
+            super().publish_detections(message)
+
+        def set_status(self, camera: str, status: dict) -> None:
+            order.append("status")
+            super().set_status(camera, status)
+
+    pub = Recording()
+    camera = {"id": "cam", "url": "synthetic://street?seed=1&frames=8&size=160x96", "realtime": False,
+              "heads": ["people"]}
+
+    async def main() -> None:
+        pipe = CameraPipeline(camera, three, MODEL_INFO, pub)
+        await asyncio.wait_for(pipe.run(), 30)
+
+    asyncio.run(main())
+    assert pub.event_types().count("track_started") == 3
+    # the three tracks began on the second frame: one status for them, just before that frame's message
+    between = " ".join(order).split("message")[1]
+    assert between.split() == ["status"], " ".join(order)

@@ -421,6 +421,7 @@ class CameraPipeline:
         tracked = []
         # The heads asked for now that ran on this frame (it may have been sent before an update of heads).
         ran = [h for h in self.heads if h in arrays]
+        new_ids = False
         for head in ran:
             det = to_detections(arrays[head], item.letterbox, self.classes[head])
             ids = None
@@ -428,17 +429,17 @@ class CameraPipeline:
                 det, events = self.tracker.update(head, det, item.index, item.pts)
                 ids = det.tracker_id
                 for ev in events:
-                    started = ev["type"] == "track_started"
+                    new_ids = new_ids or ev["type"] == "track_started"
                     self._event(ev.pop("type"), ev)
-                    if started:
-                        # Persist the next free id with this frame (same Redis round trip), so a
-                        # restarted camera never hands out an id consumers have already seen.
-                        self.publish_status()
                 if analytics:
                     for ev in analytics.update(head, det, item.index, item.pts):
                         self._event(ev.pop("type"), ev)
             tracked.append(det)
             records += detection_records(head, det, ids)
+        if new_ids:
+            # Persist the next free ids before this frame's message (same Redis round trip), so a restarted
+            # camera never hands out an id consumers have already seen; once a frame, however many tracks began.
+            self.publish_status()
         now = time.time()
         latency_ms = (now - item.wall) * 1000
         h, w = item.size
