@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().with_name("dashboard_static")
 KEEPALIVE_S = 15.0
+MAX_INTERVAL_S = 3600.0  # --interval; the config's dashboard.interval_s stops at 60
 
 
 # --- the web app -------------------------------------------------------------------------------------------
@@ -42,6 +43,15 @@ def create_app(hub: Hub):
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
+    class PageFiles(StaticFiles):
+        """The page's script and style, revalidated at every load (a 304 while unchanged): with no Cache-Control a
+        browser kept an old app.js for days after an upgrade (heuristic freshness), beside the new index.html."""
+
+        def file_response(self, *args: Any, **kwargs: Any) -> Response:
+            response = super().file_response(*args, **kwargs)
+            response.headers["Cache-Control"] = "no-cache"
+            return response
+
     async def index(request):
         # Text from Redis is only ever put into textContent; the policy is the second line of defence.
         return FileResponse(STATIC / "index.html", headers={
@@ -51,10 +61,12 @@ def create_app(hub: Hub):
 
     async def stream(request):
         q, hello = hub.subscribe()
+        # popped when sent: a hello holds every picture inline, and this closure lives as long as the page is open
+        opening = ["retry: 1000\n\n" + sse("hello", hello)]
 
         async def events():
             try:
-                yield "retry: 1000\n\n" + sse("hello", hello)
+                yield opening.pop()
                 while True:
                     try:
                         item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
@@ -92,7 +104,7 @@ def create_app(hub: Hub):
 
         def send() -> dict:
             with redis.Redis.from_url(hub.url, socket_connect_timeout=2, socket_timeout=5) as client:
-                return send_command(client, hub.prefix, command)
+                return send_command(client, hub.prefix, command, stop=hub.stopping)
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, send)
             code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
@@ -140,9 +152,10 @@ def create_app(hub: Hub):
 
     routes = [Route("/", index), Route("/api/stream", stream), Route("/api/state", state),
               Route("/api/cameras", add_camera, methods=["POST"]),
-              Route("/api/cameras/{camera}", remove_camera, methods=["DELETE"]),
-              Route("/api/cameras/{camera}/snapshot.jpg", snapshot), Route("/healthz", health),
-              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+              # :path: a camera id may hold a '/' (the page sends it as %2F, which the server decodes first)
+              Route("/api/cameras/{camera:path}", remove_camera, methods=["DELETE"]),
+              Route("/api/cameras/{camera:path}/snapshot.jpg", snapshot), Route("/healthz", health),
+              Mount("/static", PageFiles(directory=STATIC), name="static")]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -201,6 +214,8 @@ def command(args: Any) -> int:
     url = redis_url(args.redis_url)
     if not math.isfinite(args.interval) or args.interval <= 0:  # nan passed `<= 0` and busy-polled Redis
         raise UserError(f"--interval must be a number > 0, got {args.interval:g}")
+    if args.interval > MAX_INTERVAL_S:  # 1e20 ended the poller: no wait can be that long (threading.TIMEOUT_MAX)
+        raise UserError(f"--interval must be at most {MAX_INTERVAL_S:g} seconds, got {args.interval:g}")
     try:
         return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
                      say=lambda m: print(m, file=sys.stderr, flush=True))

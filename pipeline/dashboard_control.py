@@ -15,6 +15,7 @@ the dashboard was started with ``--allow-control``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -49,10 +50,11 @@ def control_reachable(client: redis.Redis, prefix: str) -> bool:
     return False
 
 
-def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: float = 30.0) -> dict:
+def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: float = 30.0,
+                 stop: threading.Event | None = None) -> dict:
     """Sends one command and waits for its answer; {"status": "timeout", ...} when none comes in time (the
     reason says whether a service read it: see control.unanswered). Starting a camera's actor takes seconds, more on
-    a busy machine: hence the long default."""
+    a busy machine: hence the long default. ``stop`` set (the dashboard is stopping) ends the wait within a second."""
     request_id = f"dashboard-{uuid.uuid4().hex[:12]}"
     top = client.xrevrange(results_key(prefix), count=1)
     last = top[0][0] if top else "0-0"
@@ -60,6 +62,9 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
     entry_id = client.xadd(control_key(prefix), {"data": json.dumps(body)})
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
+        if stop is not None and stop.is_set():  # else the dashboard's shutdown waited out the whole timeout
+            return {"status": "timeout", "request_id": request_id, "reason": "the dashboard stopped before the "
+                    "controller answered: " + unanswered(client, control_key(prefix), entry_id)}
         reply = client.xread({results_key(prefix): last}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
         for _, entries in reply or []:
             for result_id, fields in entries:

@@ -33,10 +33,30 @@ log = logging.getLogger(__name__)
 
 EVENTS_BACKLOG = 300  # events a page gets when it opens
 CLIENT_QUEUE = 256  # messages waiting for one page; more and it is disconnected (it reconnects afresh)
+MAX_DEPTH = 32  # arrays/objects nested deeper in an entry are refused: encoding them for the pages recurses per level
 
 
 def sse(kind: str, payload: str) -> str:
     return f"event: {kind}\ndata: {payload}\n\n"
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failed reads in a row: 0.5, 1, then 2 (the power is capped: 0.25 * 2 **
+    1024 is an OverflowError, which ended the reader threads half an hour into a Redis outage)."""
+    return 0.25 * 2 ** min(failures, 3)
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether arrays or objects nest deeper than ``limit`` in ``value`` (by hand, without recursion: a few hundred
+    levels that json.loads took failed scrub's recursion later, in every page's hello)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if depth >= limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 class Hub:
@@ -73,6 +93,11 @@ class Hub:
         for t in self._threads:
             t.join(5)
         self.close_pages()
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once the Hub stops (a control request waiting for its answer then gives up)."""
+        return self._stop
 
     def close_pages(self) -> None:
         """Ends every page's stream (from any thread); their EventSource reconnects to whoever serves next."""
@@ -137,7 +162,8 @@ class Hub:
                 q.put_nowait(message)
             except asyncio.QueueFull:  # a page that cannot keep up starts again from a fresh hello
                 self._queues.discard(q)
-                q.get_nowait()
+                while not q.empty():  # of no use to it now: not held while its connection stalls, maybe for hours
+                    q.get_nowait()
                 q.put_nowait(None)
 
     def _publish(self, kind: str, payload: Any) -> None:
@@ -176,7 +202,7 @@ class Hub:
                 self._redis_state(False, self.describe(e))
             except Exception:  # a bug must not end the page's data: log it, keep polling
                 log.exception("dashboard: poll failed")
-            wait = self.interval_s if not failures else min(2.0, 0.25 * 2 ** failures)
+            wait = self.interval_s if not failures else backoff(failures)
             self._stop.wait(max(0.0, wait - (time.monotonic() - began)))
         client.close()
 
@@ -197,7 +223,7 @@ class Hub:
             if isinstance(latest, list) and latest:
                 try:
                     detection = json.loads(latest[0][1][b"data"])
-                except (KeyError, ValueError, IndexError):
+                except (KeyError, ValueError, IndexError, RecursionError):  # RecursionError: nested too deep
                     detection = None
             try:
                 snap = data.read_snapshot(client, self.prefix, cam)
@@ -206,8 +232,11 @@ class Hub:
                     version = data.snapshot_version(snap[0], snap[1])
                     pictures[cam] = (version, snap[0])
                     meta = (version, snap[1], snap[2])
-                tiles.append(data.make_tile(s, detection if isinstance(detection, dict) else None,
-                                            data.parse_counts(counts) if isinstance(counts, dict) else None, meta))
+                tile = data.make_tile(s, detection if isinstance(detection, dict) else None,
+                                      data.parse_counts(counts) if isinstance(counts, dict) else None, meta)
+                if too_deep(tile):  # kept on the board, it would fail every page's hello
+                    raise ValueError(f"arrays or objects nested more than {MAX_DEPTH} deep")
+                tiles.append(tile)
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 raise  # Redis went away: the poller says so
             except Exception as e:  # one odd entry (another program's, a hand-made one) fails its tile, not the board
@@ -239,7 +268,7 @@ class Hub:
                 failures = 0
             except (redis.RedisError, OSError):
                 failures += 1  # the poller tells the pages; this one just comes back
-                self._stop.wait(min(2.0, 0.25 * 2 ** failures))
+                self._stop.wait(backoff(failures))
                 continue
             except Exception:  # a bug must not end the events feed until a restart: log it, keep reading
                 log.exception("dashboard: reading events failed")
@@ -286,9 +315,9 @@ class Hub:
     def _event(self, entry_id: bytes | str, fields: dict) -> dict | None:
         try:
             event = json.loads(fields[b"data"])
-            if not isinstance(event, dict):
+            if not isinstance(event, dict) or too_deep(event):  # kept, it would fail every page's hello
                 return None
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
             return None
         event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         return {**event, "id": event_id, "group": data.event_group(str(event.get("type")))}
