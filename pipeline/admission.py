@@ -44,6 +44,51 @@ _LOCAL = "this machine"
 MAX_BODY_BYTES = 1 << 20  # a command's body: a camera with zones and lines is a few kB; uvicorn would buffer any
 
 
+def is_loopback_name(host: str) -> bool:
+    """Whether a host name or address names this machine's loopback ('localhost', '127.0.0.5', '::1', ...)."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_header_name(header: str) -> str:
+    """The name in an HTTP Host header, without its port: 'example.com:80' -> 'example.com', '[::1]:80' -> '::1'."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class LoopbackHostsOnly:
+    """ASGI middleware for a server bound to loopback (the HTTP API's and the dashboard's default): a request
+    whose Host header names anything else is refused (403). DNS rebinding: any web page can have its own name
+    resolve to 127.0.0.1, and the browser then lets its script read and drive a loopback server as if it were
+    the page's own site (no token is needed on loopback); its requests still name that site in Host. A request
+    without a Host header (not a browser's) is let through, and so are the names in ``allowed`` (a proxy on the
+    same machine that passes its own Host on). Bound to anything else, the server checks nothing."""
+
+    def __init__(self, app: Any, bound_host: str, allowed: Any = ()) -> None:
+        self.app, self.active = app, is_loopback_name(bound_host)
+        self.allowed = {name.lower().rstrip(".") for name in allowed}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.active and scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            name = host_header_name(host)
+            if host and not is_loopback_name(name) and name.lower().rstrip(".") not in self.allowed:
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is not this machine's "
+                                         "loopback, which this server is bound to (DNS rebinding?); a proxy's name "
+                                         "can be allowed"}, status_code=403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class CommandRejected(UserError):
     """A control command refused; the message starts with the field it is about. ``status``: HTTP status."""
 

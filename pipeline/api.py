@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from pipeline.admission import MAX_BODY_BYTES, CommandRejected, strict_json
+from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, strict_json
 from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,14 @@ class ApiServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, sock: socket.socket, timeout_s: float = 10.0) -> "ApiServer":
+    def start(self, sock: socket.socket, timeout_s: float = 10.0, check_host: bool = True) -> "ApiServer":
+        """``check_host``: on loopback, refuse requests naming another Host (LoopbackHostsOnly); with a token
+        there is nothing a rebound page could do, and a proxy on the machine may pass its own Host on."""
         host, self.port = sock.getsockname()[:2]
         self.host = host
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
+        app = LoopbackHostsOnly(self.app, host) if check_host else self.app
+        config = uvicorn.Config(app, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http-api",
                                         daemon=True)

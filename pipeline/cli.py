@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--interval", type=float, default=1.0, metavar="S", help="read and push camera tiles every S seconds")
     db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
                     "the service's Redis control stream; anyone who reaches the page can)")
+    db.add_argument("--allowed-host", action="append", metavar="NAME", help="on loopback the page answers only "
+                    "requests naming a loopback Host (against DNS rebinding): a proxy's name it also answers; "
+                    "repeatable")
 
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=checkpoint, default=None, help="default ('demo'): the bundled checkpoint")

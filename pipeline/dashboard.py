@@ -13,12 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import redis
 
 from pipeline import dashboard_data as data
-from pipeline.admission import MAX_BODY_BYTES, strict_json
+from pipeline.admission import MAX_BODY_BYTES, LoopbackHostsOnly, strict_json
 from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
@@ -167,14 +167,17 @@ class DashboardServer:
     """The dashboard on uvicorn in a thread of its own: for the controller (``dashboard:`` enabled) and tests."""
 
     def __init__(self, redis_url: str, prefix: str = "hv", host: str = "127.0.0.1", port: int = 0,
-                 interval_s: float = 1.0, allow_control: bool = False, sock: socket.socket | None = None):
-        """``sock``: already bound to ``host``/``port`` (the controller binds it before anything starts)."""
+                 interval_s: float = 1.0, allow_control: bool = False, sock: socket.socket | None = None,
+                 allowed_hosts: Sequence[str] = ()):
+        """``sock``: already bound to ``host``/``port`` (the controller binds it before anything starts).
+        ``allowed_hosts``: Host names a loopback-bound page also answers (a proxy's; see LoopbackHostsOnly)."""
         import uvicorn
 
         self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
         self.socket = sock or _listen(host, port)  # bound now: port 0 tells its real port at once
         self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(self.hub), log_level="warning", access_log=False, lifespan="on",
+        app = LoopbackHostsOnly(create_app(self.hub), self.socket.getsockname()[0], allowed_hosts)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
@@ -218,13 +221,13 @@ def command(args: Any) -> int:
         raise UserError(f"--interval must be at most {MAX_INTERVAL_S:g} seconds, got {args.interval:g}")
     try:
         return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
-                     say=lambda m: print(m, file=sys.stderr, flush=True))
+                     say=lambda m: print(m, file=sys.stderr, flush=True), allowed_hosts=args.allowed_host or ())
     except OSError as e:  # the port is taken, the address is not ours
         raise UserError(f"cannot serve the dashboard on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
 def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, allow_control: bool = False,
-          say: Callable[[str], None] = print) -> int:
+          say: Callable[[str], None] = print, allowed_hosts: Sequence[str] = ()) -> int:
     """`hydravision dashboard`: serves until Ctrl-C / SIGTERM."""
     import uvicorn
 
@@ -232,8 +235,9 @@ def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, 
     sock = _listen(host, port)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
     say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")
-    server = uvicorn.Server(uvicorn.Config(create_app(hub), log_level="warning", access_log=False,
-                                           lifespan="on", timeout_graceful_shutdown=2))
+    app = LoopbackHostsOnly(create_app(hub), sock.getsockname()[0], allowed_hosts)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=2))
     original = server.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:

@@ -76,7 +76,7 @@ class LiveControl:
 
             tokens = api.all_tokens()
             sock, self._api_socket = self._api_socket, None
-            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
+            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock, check_host=not tokens)
             self.admission.forbid("HTTP API", api.host, self.api_server.port)
             auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
             self.say(f"HTTP API: {self.api_server.url} (OpenAPI at {self.api_server.url}/docs; {auth})")
