@@ -1,11 +1,13 @@
 """The YAML config, validated by pydantic. Every error names the field path and the offending value.
 
-Strings may use ``${VAR}`` or ``${VAR:-default}``; secrets (camera passwords, Redis passwords)
-come from the environment this way and never need to sit in the file.
+Strings may use ``${VAR}`` or ``${VAR:-default}`` (the default also where VAR is empty, as in the shell;
+any other ``${`` is refused); secrets (camera passwords, Redis passwords) come from the environment this
+way and never need to sit in the file.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -165,6 +167,14 @@ API_TOKEN_ENV = "HYDRAVISION_API_TOKEN"
 MIN_TOKEN_LENGTH = 16
 
 
+def _token_problem(token: str) -> str | None:
+    """Why no request can send ``token``: HTTP drops a header's surrounding whitespace and refuses control
+    characters, so every request was refused (e.g. a token read from a file with its final newline)."""
+    if token != token.strip() or not token.isprintable():
+        return "starts or ends with whitespace or holds a control character (a newline from a file?)"
+    return None
+
+
 class ApiConfig(Strict):
     """Live control: the HTTP API, and what a camera added or changed at run time (over HTTP or the Redis
     control stream) may read. Cameras from this file are trusted; those from a control channel are not."""
@@ -176,7 +186,8 @@ class ApiConfig(Strict):
         "an empty one (${VAR:-} unset) is no token. "
         f"${API_TOKEN_ENV}, when set, adds a token named 'env'. With any token, every request needs one"))
     media_roots: list[str] = Field(default_factory=list, description=(
-        "folders whose files a camera added at run time may read (symlinks resolved); none: no files"))
+        "folders whose files a camera added at run time may read (symlinks resolved); none: no files; "
+        "an empty one (${VAR:-} unset) is none"))
     devices: list[str] = Field(default_factory=list, description=(
         "capture devices a camera added at run time may open, e.g. [/dev/video0]; none: no devices"))
     max_cameras: int = Field(64, ge=1, description="a control channel cannot add cameras beyond this many")
@@ -186,11 +197,18 @@ class ApiConfig(Strict):
     def _tokens(cls, v: dict[str, str]) -> dict[str, str]:
         v = {name: token for name, token in v.items() if token}  # ${VAR:-} left empty: no such token
         for name, token in v.items():
-            if not re.match(r"^[A-Za-z0-9_.-]{1,32}$", name):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):  # not re.match with "$": it let "ops\n" through
                 raise ValueError(f"token name {name!r}: 1-32 letters, digits, '_', '-' or '.'")
             if len(token) < MIN_TOKEN_LENGTH:  # the value itself is never shown
                 raise ValueError(f"token {name!r} is shorter than {MIN_TOKEN_LENGTH} characters")
+            if problem := _token_problem(token):
+                raise ValueError(f"token {name!r} {problem}")
         return v
+
+    @field_validator("media_roots", "devices")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        return [p for p in v if p]  # ${VAR:-} left empty: no such entry (realpath("") is the working directory)
 
     def all_tokens(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """Configured tokens plus $HYDRAVISION_API_TOKEN as 'env'; raises ConfigError on a weak one."""
@@ -199,12 +217,17 @@ class ApiConfig(Strict):
         if value := env.get(API_TOKEN_ENV):
             if len(value) < MIN_TOKEN_LENGTH:
                 raise ConfigError(f"${API_TOKEN_ENV}: the token is shorter than {MIN_TOKEN_LENGTH} characters")
+            if problem := _token_problem(value):
+                raise ConfigError(f"${API_TOKEN_ENV}: the token {problem}")
             tokens["env"] = value
         return tokens
 
     @property
     def loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+        try:  # by address, not text: "127.example.com" is a name that may resolve anywhere
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
 
 class ControlConfig(Strict):
@@ -262,12 +285,22 @@ def interpolate_env(value: Any, path: str = "", env: dict[str, str] | None = Non
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
-        if name in env:
-            return env[name]
+        if default is not None and "${" in default:  # the default ends at the first '}': the rest became text
+            raise ConfigError(f"{path}: the default of ${{{name}:-...}} holds another ${{...}}; nested references "
+                              "are not read")
+        got = env.get(name)
+        if got or (got is not None and default is None):  # ${VAR:-default}: unset or empty, as in the shell
+            return got
         if default is not None:
             return default
         raise ConfigError(f"{path}: environment variable ${{{name}}} is not set (use ${{{name}:-default}} for a default)")
 
+    # ${VAR:default}, ${VAR-default}, ${ VAR }: left as text they became a literal password or URL without a word.
+    # Where, not what: the text after a stray '${' may be a password.
+    if (at := _ENV.sub(lambda m: " " * len(m.group()), value).find("${")) >= 0:
+        raise ConfigError(f"{path}: the '${{' at character {at + 1} starts no ${{VAR}} or ${{VAR:-default}} "
+                          "(${VAR:default}, ${VAR-default} and spaces are not read); a '${' meant as text is "
+                          "written %24{ in a URL")
     return _ENV.sub(sub, value)
 
 
@@ -292,7 +325,9 @@ def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling)"
-        if isinstance(value, dict) or e["type"] == "missing":
+        # An unknown field's value is no help and may be a secret (`redis.password: ${REDIS_PASSWORD}`); so is a token.
+        secret = e["type"] == "extra_forbidden" or "tokens" in e["loc"]
+        if isinstance(value, dict) or e["type"] == "missing" or secret:
             lines.append(f"{loc or 'config'}: {msg}")
         else:
             lines.append(f"{loc or 'config'}: {msg} (got {shown!r})")
@@ -322,7 +357,7 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_yaml(text: str) -> Any:
+def load_yaml(text: str | bytes) -> Any:
     """yaml.safe_load, refusing duplicate keys (_UniqueKeys)."""
     return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
 
@@ -342,7 +377,11 @@ def parse_config(data: Any, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     written = data.get("cameras")
-    data = interpolate_env(data)
+    try:
+        data = interpolate_env(data)
+    except RecursionError:  # `&a [*a]` is legal YAML: a list inside itself, endless to walk
+        raise ConfigError(f"{source}: a YAML alias refers to the list or mapping it is in "
+                          "(or it nests too deep)") from None
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
@@ -372,8 +411,9 @@ def parse_camera(data: Any, model_heads: dict[str, list[str]] | None = None, whe
         raise ConfigError("\n".join(out)) from None
     if model_heads is not None:
         unknown = [h for h in (cam.heads or []) if h not in model_heads]
-        problems = [f"heads: unknown heads {unknown} (the model has {list(model_heads)})"] if unknown else []
-        problems += analytics_errors(cam.zones, cam.lines, cam.heads, model_heads)
+        # zones and lines only against heads the model has: analytics_errors looks the camera's heads up in it
+        problems = ([f"heads: unknown heads {unknown} (the model has {list(model_heads)})"] if unknown
+                    else analytics_errors(cam.zones, cam.lines, cam.heads, model_heads))
         if problems:
             raise ConfigError("\n".join(f"{where}.{p}" for p in problems))
     return cam
@@ -381,10 +421,18 @@ def parse_camera(data: Any, model_heads: dict[str, list[str]] | None = None, whe
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # not is_file(): `run <(envsubst < c.yaml)` and /dev/stdin are pipes, and were "not found"
         raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     try:
-        data = load_yaml(path.read_text())
+        # bytes: the parser decodes them as YAML says (UTF-8/16, whatever the locale) and names a byte that
+        # is not text (a video given by mistake) as a YAML error, not a UnicodeDecodeError's traceback
+        data = load_yaml(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
+    except RecursionError:  # the parser recurses once per level of [ or {
+        raise ConfigError(f"{path}: not valid YAML: it nests too deep") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     return parse_config(data, str(path))

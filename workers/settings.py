@@ -17,7 +17,7 @@ from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig
                                         camera_analytics_problems)
 from workers.redact import redact_url
 
-CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "lobby\n" through, a second lobby
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
 REDIS_MAX_COUNT = 2**63 - 1  # Redis reads a count (MAXLEN) as a signed 64-bit integer
@@ -85,6 +85,17 @@ def redis_url_error(url: str) -> str | None:
     except ValueError:
         return ("no readable host:port; a password holding '/', '?', '#' or '@' must be percent-encoded "
                 "(%2F, %3F, %23, %40)")
+    from redis.connection import parse_url  # here: redis costs ~0.1 s to import, and only a URL needs it
+
+    try:  # redis-py's own reading: it refused a bad ?socket_timeout= only when the publisher started (a traceback)
+        options = parse_url(url)
+    except ValueError as e:
+        return str(e)  # names the option, not its value
+    db = urlsplit(url).path.strip("/")
+    if not url.startswith("unix://") and "db" not in options and db and not db.isdigit():
+        # redis-py ignores it and uses database 0: another program's data, without a word (the path is not
+        # quoted: a password holding a raw '/' ends up there)
+        return "the path after host:port must be a database number, e.g. /0 (a password holding '/' is written %2F)"
     return None
 
 
