@@ -259,7 +259,8 @@ class App(LiveControl):
 
             d = self.config.dashboard
             self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
-                                             d.allow_control, sock=self._dashboard_socket).start()
+                                             d.allow_control, sock=self._dashboard_socket,
+                                             allowed_hosts=d.allowed_hosts).start()
             self._dashboard_socket = None  # the server's now (it closes it when it stops)
             self.say(f"Dashboard: {self.dashboard.url}")
         if not self.cameras:

@@ -248,6 +248,8 @@ class DashboardConfig(Strict):
     interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
     allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
                                 "control stream); anyone who reaches the page can then use them")
+    allowed_hosts: list[str] = Field(default_factory=list, description="on loopback the page answers only requests "
+                                     "naming a loopback Host (against DNS rebinding); a proxy's names it also answers")
 
 
 class Config(Strict):

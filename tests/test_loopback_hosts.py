@@ -73,3 +73,11 @@ def test_the_dashboard_command_takes_a_proxys_names():
 
     args = build_parser().parse_args(["dashboard", "--allowed-host", "a.example", "--allowed-host", "b.example"])
     assert args.allowed_host == ["a.example", "b.example"]
+
+
+def test_the_services_dashboard_takes_a_proxys_names_from_its_config():
+    from pipeline.config import parse_config
+
+    config = parse_config({"dashboard": {"enabled": True, "allowed_hosts": ["cams.example.org"]},
+                           "cameras": [{"id": "a", "url": "synthetic://street"}]})
+    assert config.dashboard.allowed_hosts == ["cams.example.org"]
