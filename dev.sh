@@ -63,10 +63,12 @@ python_deps() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    if [ -d "$VENV" ]; then
+    if "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
         echo "dev.sh: pyproject.toml or dev.sh changed since $VENV was set up: updating its packages"
     else
-        "$PY" -m venv "$VENV"
+        # None yet, or one whose creation failed half-way (no python3-venv: a .venv without pip, which every
+        # later run would otherwise try to use): made afresh.
+        "$PY" -m venv --clear "$VENV"
         echo "dev.sh: installing Python packages into $VENV (the first time takes a few minutes)"
     fi
     # -qq: errors only. Warnings here are the machine's pip settings (an index folder without a package, pip
@@ -89,9 +91,20 @@ compose_up() {
             -e "s/^HV_METRICS_TOKEN=.*/HV_METRICS_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')/" \
             .env.example > .env
         echo "dev.sh: wrote .env with fresh secrets (REDIS_PASSWORD, RAY_AUTH_TOKEN, HV_METRICS_TOKEN)"
-    elif ! grep -q '^HV_METRICS_TOKEN=' .env; then  # a .env from before the API was on in the stack
-        echo "HV_METRICS_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')" >> .env
-        echo "dev.sh: added HV_METRICS_TOKEN to .env"
+    else
+        [ -z "$(tail -c1 .env)" ] || echo >> .env  # a last line without its newline would run into the next
+        if ! grep -q '^HV_METRICS_TOKEN=' .env; then  # a .env from before the API was on in the stack
+            echo "HV_METRICS_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')" >> .env
+            echo "dev.sh: added HV_METRICS_TOKEN to .env"
+        fi
+        # A .env copied from .env.example by hand: its placeholders are public, not secrets.
+        local placeholders
+        placeholders=$(grep -o '^[A-Z_]*=change-me' .env | cut -d= -f1 | tr '\n' ' ' || true)
+        if [ -n "$placeholders" ]; then
+            echo "dev.sh: .env still holds the placeholders of .env.example for: ${placeholders}- put secrets" \
+                 "there (hex), or remove .env and run ./dev.sh up again for fresh ones" >&2
+            exit 1
+        fi
     fi
     exec docker compose up --build "$@"
 }

@@ -34,14 +34,19 @@ function parseArgs(argv) {
       if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
       return argv[++i];
     };
+    const whole = () => {  // parseInt would take "abc" as NaN, which no count or time ever reaches
+      const v = next();
+      if (!/^\d+$/.test(v)) throw new Error(`${a}: expected a whole number >= 0, got ${JSON.stringify(v)}`);
+      return Number(v);
+    };
     if (a === "--redis-url") opts.redisUrl = next();
     else if (a === "--prefix") opts.prefix = next();
     else if (a === "--group") opts.group = next();
     else if (a === "--consumer") opts.consumer = next();
     else if (a === "--from-start") opts.fromStart = true;
-    else if (a === "--count") opts.count = parseInt(next(), 10);
-    else if (a === "--idle-exit-ms") opts.idleExitMs = parseInt(next(), 10);
-    else if (a === "--claim-idle-ms") opts.claimIdleMs = parseInt(next(), 10);
+    else if (a === "--count") opts.count = whole();
+    else if (a === "--idle-exit-ms") opts.idleExitMs = whole();
+    else if (a === "--claim-idle-ms") opts.claimIdleMs = whole();
     else if (a === "--counts") opts.counts = true;
     else if (a === "--schemas") opts.schemas = next();
     else throw new Error(`unknown option ${a}`);
@@ -55,6 +60,11 @@ function loadValidators(dir) {
   return { event: load("event"), counts: load("counts") };
 }
 
+function redact(url) {
+  // Credentials never reach the output: all up to the last @, as a password may hold / or @.
+  return url.replace(/\/\/.*@/, "//***@");
+}
+
 function describe(errors) {
   return (errors || []).map((e) => `${e.instancePath || "/"} ${e.message}`).join("; ");
 }
@@ -63,7 +73,18 @@ async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const validate = loadValidators(opts.schemas);
   const stream = `${opts.prefix}:events`;
-  const client = createClient({ url: opts.redisUrl });
+  let lastMessage = Date.now();
+  // The client retries forever while commands wait for it: with --idle-exit-ms an unreachable Redis ends the
+  // run as well. Until then it retries as its default strategy does (50 ms doubling to 2 s, plus jitter).
+  const reconnectStrategy = (retries) => (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs
+    ? new Error(`no answer from Redis at ${redact(opts.redisUrl)} for --idle-exit-ms ${opts.idleExitMs}`)
+    : Math.min(2 ** retries * 50, 2000) + Math.floor(Math.random() * 200));
+  let client;
+  try {
+    client = createClient({ url: opts.redisUrl, socket: { reconnectStrategy } });
+  } catch (err) {
+    throw new Error(`--redis-url ${redact(opts.redisUrl)}: ${err.message}`);
+  }
   client.on("error", (err) => console.error(`redis: ${err.message}`));
   clients.push(client);
   await client.connect();
@@ -104,7 +125,6 @@ async function main() {
 
   let cursor = "0"; // own pending first (a restart under the same --consumer), then new messages
   let claimFrom = "0-0";
-  let lastMessage = Date.now();
   const done = () => (opts.count !== null && crossings >= opts.count)
     || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
   while (!done()) {
@@ -120,14 +140,22 @@ async function main() {
         { COUNT: 100, BLOCK: cursor === ">" ? 500 : undefined });
       const messages = reply && reply.length ? reply[0].messages : [];
       if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
-      for (const m of messages) {
+      for (const [i, m] of messages.entries()) {
         if (!m || !m.message) {  // pending, but trimmed from the stream (MAXLEN): nothing left to handle
           if (m) await client.xAck(stream, opts.group, m.id);
           continue;
         }
         await handle(m.id, m.message);
         lastMessage = Date.now();
-        if (done()) break;
+        if (done()) {
+          // The rest was taken but not handled: claimable by any member now instead of after --claim-idle-ms
+          // (XCLAIM ... IDLE JUSTID keeps owner and delivery count), as pipeline/consumer.py hands it back.
+          const rest = messages.slice(i + 1).filter((r) => r && r.message).map((r) => r.id);
+          if (rest.length) {
+            await client.xClaimJustId(stream, opts.group, opts.consumer, 0, rest, { IDLE: opts.claimIdleMs });
+          }
+          break;
+        }
       }
     } catch (err) {
       const text = String(err && err.message);
@@ -136,6 +164,9 @@ async function main() {
         // everything the stream holds now is new, so the group starts again from its beginning.
         console.error(`redis: group ${opts.group} of ${stream} is gone; creating it again from the start`);
         await ensureGroup("0");
+      } else if (!client.isOpen) {  // the reconnect strategy gave up (--idle-exit-ms)
+        throw new Error(`no answer from Redis at ${redact(opts.redisUrl)} for --idle-exit-ms ${opts.idleExitMs}`
+          + ` (${text})`);
       } else if (client.isReady && !/socket closed|ECONN|EPIPE|connection|closed/i.test(text)) {
         throw err;
       } else {
@@ -170,5 +201,5 @@ main().catch((err) => {
   console.error(`error: ${err.stack || err}`);
   process.exitCode = 2;
   // A client left reconnecting would keep the process alive forever, consuming nothing.
-  for (const client of clients) client.destroy();
+  for (const client of clients) if (client.isOpen) client.destroy();
 });
