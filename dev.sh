@@ -117,5 +117,5 @@ case "$cmd" in
     demo) python_deps; demo_redis "$@"; exec "$VENV/bin/hydravision" demo "$@" ;;
     test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest "$@" ;;
     up) compose_up "$@" ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    *) sed -n '2,6p' "$0"; exit 2 ;;
 esac
