@@ -188,3 +188,15 @@ def test_endless_or_absurdly_deep_yaml_is_a_config_error(tmp_path, text, expecte
     p.write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_config(p)
+
+
+@pytest.mark.parametrize("url", ["rtsp://admin:pa/ss@cam.local:554/live", "rtsp://admin:pa#ss@cam.local/live",
+                                 "http://viewer:a?b@cam.local/mjpeg"])
+def test_a_camera_password_holding_a_url_delimiter_is_refused_unencoded_and_never_shown(url):
+    """The host ends at the first '/', '?' or '#' (for FFmpeg too): the camera dialled "admin" at run time, and
+    said only that it could not connect. Refused at load, naming the fix, the password masked."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"cameras": [{"id": "door", "url": url}]})
+    text = str(refused.value)
+    assert "cameras[0].url" in text and "percent-encoded" in text and "pa/ss" not in text and "a?b" not in text
+    parse_config({"cameras": [{"id": "door", "url": "rtsp://admin:pa%2Fss@cam.local:554/live"}]})

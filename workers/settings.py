@@ -231,6 +231,12 @@ class CameraConfig(Strict):
             raise ValueError(f"unsupported scheme {scheme!r} in {redact_url(v)!r} (use one of {', '.join(URL_SCHEMES)} or a file path)")
         if not v.strip():
             raise ValueError("must not be empty")
+        if scheme in LIVE_SCHEMES and scheme != "device":
+            try:
+                urlsplit(v).port
+            except ValueError:  # FFmpeg too ends the host at the first '/', '?' or '#': it dialled "admin" or so
+                raise ValueError(f"no readable host:port in {redact_url(v)!r}; a user or password holding '/', '?', "
+                                 "'#' or '@' must be percent-encoded (%2F, %3F, %23, %40)") from None
         return v
 
     @field_validator("heads")
