@@ -166,7 +166,7 @@ def _redis_errors_are_user_errors(command):
 @_redis_errors_are_user_errors
 def status(args: argparse.Namespace) -> int:
     """The cameras table from Redis, from any machine; entries no service refreshes any more show as stale."""
-    client, _ = _connect(args)
+    client, url = _connect(args)
     if client is None:
         return 2
     statuses = read_camera_statuses(client, args.prefix)
@@ -175,6 +175,9 @@ def status(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}"))
+    if not statuses:  # an empty table said nothing of why: no service yet, or another --prefix / database
+        print(f"no camera in {keys(args.prefix).cameras} at {redact_url(url)}: no service has "
+              "published there yet, or it uses another --prefix or database", file=sys.stderr)
     return 0
 
 

@@ -161,3 +161,10 @@ def test_the_service_refuses_such_a_url_from_its_variable(monkeypatch) -> None:
     with pytest.raises(UserError, match=r"no readable host:port") as refused:
         App(parse_config({}), say=lambda text: None).resolve_redis()
     assert "s3cr" not in str(refused.value)
+
+
+def test_status_of_an_empty_prefix_says_why_the_table_is_empty(redis_server, capsys: pytest.CaptureFixture) -> None:
+    """An empty table with exit 0 and nothing else: no service yet, or a wrong --prefix / database, looked alike."""
+    assert main(["status", "--redis-url", redis_server.url, "--prefix", "nobody"]) == 0
+    err = capsys.readouterr().err
+    assert "no camera in nobody:cameras" in err and "--prefix" in err, err
