@@ -17,6 +17,7 @@ from pipeline.app import App, CameraHandle
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.errors import UserError
+from test_cli_edges import StandInApp  # what `run` calls on the App, with no Ray, model or camera
 from workers.settings import CameraConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,27 +79,6 @@ def test_a_start_that_fails_after_binding_the_dashboard_port_lets_it_go(monkeypa
         assert sock.fileno() == -1, "the dashboard's socket is still open after the shutdown"
     finally:
         sock.close()
-
-
-class StandInApp:
-    """What `run` calls on the App, with no Ray, model or camera; ``started`` says whether start() was called."""
-
-    started = False
-
-    def __init__(self, config, redis_url=None, say=print, on_ray_started=None) -> None:
-        self.cameras: dict = {}
-
-    def install_signal_handlers(self) -> None:
-        pass
-
-    def start(self) -> None:
-        StandInApp.started = True
-
-    def run(self, duration=None, on_tick=None) -> list[dict]:
-        return []
-
-    def shutdown(self, drain: bool = True) -> list[dict]:
-        return [{"camera": "a", "state": "stopped", "published": 3}]
 
 
 def test_run_refuses_a_summary_json_that_is_a_directory_before_it_starts(tmp_path: Path, capsys, monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 
 import workers.capture
 from mot import read_stream
+from test_camera_update import until
 from test_capture_recovery import RecordingPublisher, ScriptedCamera
 from workers.inference import CallMerger
 from workers.motion import MotionGate
@@ -64,14 +65,6 @@ class Replica:
             return [empty_result(heads) for _ in images]
 
         self.ping, self.infer_image, self.infer_images = _Remote(ping), _Remote(infer_image), _Remote(infer_images)
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def decoder_threads(camera_id: str) -> int:
