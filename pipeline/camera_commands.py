@@ -129,8 +129,10 @@ class RedisChannel:
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
     def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
+        from pipeline.control import redis_now
+
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
-                                   "expires": time.time() + self.timeout}
+                                   "expires": redis_now(self.client) + self.timeout}  # the service checks on it
         if op == "add":
             command["camera"] = body
         elif op in ("update", "remove"):
@@ -143,8 +145,8 @@ class RedisChannel:
         deadline = time.monotonic() + self.timeout
         while (left := deadline - time.monotonic()) > 0:
             for _, entries in self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1) or []:
-                for entry_id, fields in entries:
-                    after = entry_id
+                for result_id, fields in entries:  # not entry_id: unanswered() below needs the command's
+                    after = result_id
                     try:  # another writer's entry, not JSON or not an object, is not our answer
                         answer = _answer(json.loads(fields[b"data"]))
                     except (KeyError, ValueError):
@@ -155,6 +157,7 @@ class RedisChannel:
 
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
                         + unanswered(self.client, self.key, entry_id))
+
 
 
 def _answer(value: Any) -> dict:
@@ -186,10 +189,16 @@ def _camera_fields(args: argparse.Namespace) -> dict:
     """The camera (add) or the changes (update) from --camera-json / --yaml, then the flags over them."""
     body: dict = {}
     if args.camera_json:
+        # Read as the service reads a command: json.loads kept the last of a key given twice, so the service,
+        # which refuses such a command (as --yaml's loader does), never saw the duplicate.
+        from pipeline.admission import strict_json
+
         try:
-            body = json.loads(args.camera_json)
-        except ValueError as e:
+            body = strict_json(args.camera_json)
+        except json.JSONDecodeError as e:
             raise UserError(f"--json: not valid JSON ({e})") from None
+        except ValueError as e:  # a key given twice, NaN, nesting too deep
+            raise UserError(f"--json: {e}") from None
     elif args.yaml:
         import yaml
 

@@ -33,6 +33,7 @@ Any Redis client in any language can do the same (examples/node-consumer/ does i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -56,8 +57,14 @@ class Message:
     claimed: bool = False  # taken over from another consumer (or redelivered): it may have been handled before
 
 
+_default_names = itertools.count(1)
+
+
 def default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """host-pid, and host-pid-N for the N-th in one process: consumers under one name share one pending list, so a
+    second one (one per thread) re-read the first's unacknowledged messages as its own and handled them too."""
+    n = next(_default_names)
+    return f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
 
 
 def _text(v: bytes | str) -> str:
@@ -312,7 +319,7 @@ class GroupConsumer:
         (break, return, an exception) hands the rest of the batch back at once, as ``read(limit)`` does: it would
         otherwise wait claim_idle_ms under this consumer's name."""
         while True:
-            batch = self.read()
+            batch = self._read_through_outages(None, lambda: False)
             for i, m in enumerate(batch):
                 try:
                     yield m
@@ -320,6 +327,26 @@ class GroupConsumer:
                     self._release_quietly(batch[i + 1:])
                     raise
                 self.ack(m)
+
+    def _read_through_outages(self, limit: int | None, stop: Callable[[], bool]) -> list[Message]:
+        """``read``, waiting out a Redis that went away (``stop`` ends the wait): a restart fails the read blocked
+        in it, and redis-py connects again only on the next command, so the loop ended there. Once Redis is
+        back, ``read`` creates the group again if the restart lost it."""
+        failures = 0
+        while True:
+            try:
+                batch = self.read(limit)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                failures += 1
+                if failures == 1:
+                    log.warning("consumer %s of group %r lost Redis (%s): retrying", self.consumer, self.group, e)
+                if stop():
+                    return []
+                time.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+                continue
+            if failures:
+                log.warning("consumer %s of group %r reads again", self.consumer, self.group)
+            return batch
 
     def _release_quietly(self, messages: list[Message]) -> None:
         """``_release`` where raising is no help (a generator being closed): a failure leaves them pending."""
@@ -338,7 +365,7 @@ class GroupConsumer:
         and the rest of the batch is handed back at once (as when an iterator's loop is left)."""
         handled = 0
         while not stop() and (max_messages is None or handled < max_messages):
-            batch = self.read(None if max_messages is None else max_messages - handled)
+            batch = self._read_through_outages(None if max_messages is None else max_messages - handled, stop)
             for i, m in enumerate(batch):
                 try:
                     handle(m)

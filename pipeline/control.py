@@ -43,6 +43,18 @@ def control_key(prefix: str) -> str:
     return f"{prefix}:control"
 
 
+def redis_now(client: redis.Redis) -> float:
+    """Unix seconds on Redis's clock, which a command's ``expires`` is written and checked on: the sender's and
+    the service's machines may disagree by minutes (every command expired on arrival, or one its sender had been
+    told expires unapplied was applied later); both reach Redis. The local clock where TIME is refused (an ACL
+    without it, as docs/architecture.md's example user)."""
+    try:
+        seconds, micros = client.time()
+    except redis.ResponseError:
+        return time.time()
+    return seconds + micros / 1_000_000
+
+
 def unanswered(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
     """What became of the command at ``entry_id`` that got no answer in time, for the sender to say: a service
     that read it may still be applying it (starting a camera takes seconds); one that reads it from now on
@@ -158,8 +170,10 @@ class ControlConsumer:
             try:
                 if failures or backlog:
                     self._ensure_group()
+                # Own unacknowledged commands one at a time: each read counts a delivery of all it returns, and
+                # with ten a command that took the controller down had its nine neighbours dropped with it.
                 reply = self._client.xreadgroup(self.group, self.consumer, {self.key: "0" if backlog else ">"},
-                                                count=10, block=None if backlog else self.block_ms)
+                                                count=1 if backlog else 10, block=None if backlog else self.block_ms)
                 entries = reply[0][1] if reply else []
                 if backlog and not entries:
                     backlog = False
@@ -171,6 +185,9 @@ class ControlConsumer:
                 failures = 0
             except (redis.RedisError, OSError) as e:
                 failures += 1
+                # A read whose reply was lost (a socket timeout, a reset) handed its commands to this consumer all
+                # the same: read those back first, or they waited, unapplied, for the next controller's start.
+                backlog = True
                 if failures == 1:
                     log.warning("control stream %s: %s; retrying", self.key,
                                 redact_text(f"{type(e).__name__}: {e}", [self.url]))
@@ -188,14 +205,15 @@ class ControlConsumer:
         try:
             if not fields:  # trimmed from the stream while pending: nothing left to apply
                 raise CommandRejected("data: the command was deleted from the stream before it was applied")
-            if redelivered and self._deliveries(entry_id) > MAX_DELIVERIES:
-                raise CommandRejected(f"data: dropped after {MAX_DELIVERIES} deliveries that never completed")
             cmd = parse_command(fields)
             by = f"redis:{cmd.user or 'unknown'}"
             camera = (cmd.camera or {}).get("id") if cmd.op == "add" else cmd.id  # what an add adds is camera.id
             result.update(request_id=cmd.request_id, op=cmd.op, camera=camera)
-            if cmd.expires is not None and time.time() > cmd.expires:
-                raise CommandRejected(f"data.expires: the command expired {time.time() - cmd.expires:.0f} s ago, "
+            # Read first, so that the answer names its request: a dropped command's sender waited out its timeout.
+            if redelivered and self._deliveries(entry_id) > MAX_DELIVERIES:
+                raise CommandRejected(f"data: dropped after {MAX_DELIVERIES} deliveries that never completed")
+            if cmd.expires is not None and (now := redis_now(self._client)) > cmd.expires:
+                raise CommandRejected(f"data.expires: the command expired {now - cmd.expires:.0f} s ago, "
                                       "unapplied")
             check_required(cmd)
             in_app = True

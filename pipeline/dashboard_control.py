@@ -21,7 +21,7 @@ import uuid
 
 import redis
 
-from pipeline.control import control_key, results_key, unanswered
+from pipeline.control import control_key, redis_now, results_key, unanswered
 
 ALIVE_MS = 5000
 USER = "dashboard"
@@ -58,7 +58,7 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
     request_id = f"dashboard-{uuid.uuid4().hex[:12]}"
     top = client.xrevrange(results_key(prefix), count=1)
     last = top[0][0] if top else "0-0"
-    body = {**command, "request_id": request_id, "user": USER, "expires": round(time.time() + timeout_s, 3)}
+    body = {**command, "request_id": request_id, "user": USER, "expires": round(redis_now(client) + timeout_s, 3)}
     entry_id = client.xadd(control_key(prefix), {"data": json.dumps(body)})
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
