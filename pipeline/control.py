@@ -36,7 +36,7 @@ from workers.settings import Strict
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES = 3  # a command that took the controller down this often is dropped, not tried forever
-SENDER = r"^[A-Za-z0-9_.@-]{1,64}$"
+SENDER = r"^[A-Za-z0-9_.@:+-]{1,64}$"  # Redis ACL user names such as team:ops too (the CLI sends its WHOAMI)
 
 
 def control_key(prefix: str) -> str:

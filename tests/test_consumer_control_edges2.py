@@ -331,3 +331,12 @@ def test_a_service_whose_clock_is_ahead_still_applies_a_fresh_command(redis_serv
     out, err = capsys.readouterr()
     assert code == 0, err
     assert app.removed == ["lobby"]
+
+
+def test_a_redis_user_named_with_a_colon_can_send_commands():
+    """`team:ops` is a common ACL user name; the CLI sends its WHOAMI as `user`, and the pattern refused it, so
+    every `hydravision cameras` command of that user was rejected on data.user."""
+    from pipeline.control import parse_command
+
+    cmd = parse_command({b"data": json.dumps({"op": "remove", "id": "lobby", "user": "team:ops"}).encode()})
+    assert cmd.user == "team:ops"
