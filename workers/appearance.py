@@ -5,10 +5,10 @@ each fix one kind of identity error (docs/architecture.md, "Re-ID", has what eac
 - ``AppearanceByteTrack``: swaps. ByteTrack's first association also ranks by appearance the pairs its IoU
   gate lets through, so two people whose boxes overlap as they cross keep their own tracks.
 - ``AppearanceLinker``: splits. A track that ByteTrack starts anew continues a recently lost track of the same
-  class that looks the same (an object hidden for a moment comes back where its Kalman prediction no longer
-  overlaps it). A layer after ByteTrack rather than a third association stage inside it: it needs no more of
-  ByteTrack's internals, and the re-link happens at the new track's confirmation, before its id was ever
-  published, so no published id changes.
+  class that looks the same and was lost before the new one was first seen (an object hidden for a moment comes
+  back where its Kalman prediction no longer overlaps it). A layer after ByteTrack rather than a third
+  association stage inside it: it needs no more of ByteTrack's internals, and the re-link happens at the new
+  track's confirmation, before its id was ever published, so no published id changes.
 
 Ids: ByteTrack's ids are the output ids unless re-linked; a re-linked ByteTrack id maps to the lost track's
 output id, and the lost track's tracklet is removed from ByteTrack (it could otherwise be matched again and
@@ -108,17 +108,21 @@ class AppearanceLinker:
         lost = [m for m in self.memory.values() if m.out_id not in seen and m.last_step < self.step]
         if not lost:
             return
-        sim = np.full((len(new), len(lost)), -np.inf)
-        for i, r in enumerate(new):
-            box, centre = tracked.xyxy[r], _centre(tracked.xyxy[r])
-            for j, m in enumerate(lost):
-                if m.class_name != str(names[r]):
-                    continue
-                gap = self.step - m.last_step
-                size = max(m.box[2] - m.box[0], m.box[3] - m.box[1], box[2] - box[0], box[3] - box[1])
-                if np.linalg.norm(_centre(m.box) + m.velocity * gap - centre) > s.max_distance * size:
-                    continue  # not where its motion would have taken it
-                sim[i, j] = float(emb[r] @ m.embedding)
+        # a track is confirmed only after consecutive sightings, so it was seen on every step since its tracklet's
+        # first: a lost track seen on one of them was another object beside it, not this one hidden
+        ages = {t.tracker_id: t.age for t in tracker.tracks}
+        first = self.step - np.array([ages.get(int(bt[r]), 0) for r in new])
+        # every (new, lost) pair at once: a loop over the pairs took a second of the camera's loop when hundreds
+        # of tracks started together (a camera shaken in a crowd)
+        boxes = tracked.xyxy[new].astype(np.float64)
+        old = np.stack([m.box for m in lost])
+        ahead = np.stack([_centre(m.box) + m.velocity * (self.step - m.last_step) for m in lost])  # its motion's way
+        size = np.maximum((boxes[:, 2:] - boxes[:, :2]).max(1)[:, None], (old[:, 2:] - old[:, :2]).max(1)[None])
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        near = np.linalg.norm(ahead[None] - centres[:, None], axis=2) <= s.max_distance * size
+        same = np.array([str(names[r]) for r in new])[:, None] == np.array([m.class_name for m in lost])[None]
+        before = np.array([m.last_step for m in lost])[None] < first[:, None]
+        sim = np.where(same & before & near, emb[new] @ np.stack([m.embedding for m in lost]).T, -np.inf)
         finite = np.where(np.isfinite(sim), sim, -10.0)
         for i, j in zip(*linear_sum_assignment(finite, maximize=True)):
             if sim[i, j] < s.min_similarity:
@@ -142,7 +146,7 @@ class AppearanceLinker:
             gap = self.step - m.last_step
             v = (_centre(box) - _centre(m.box)) / max(gap, 1)
             m.velocity = v if gap > 1 or not m.velocity.any() else 0.5 * m.velocity + 0.5 * v
-            m.box, m.last_step = box, self.step
+            m.box, m.last_step, m.class_name = box, self.step, str(names[r])  # a class may change within a track
             if not crowded[r]:
                 m.embedding = _unit(s.smoothing * m.embedding + (1 - s.smoothing) * emb[r])
 
