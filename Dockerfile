@@ -15,6 +15,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC="torch>=2.4"
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+# glibc's malloc arenas: 2 (default: 8 per core), or camera processes grow as cameras come and go (pipeline/cluster.py)
+ENV MALLOC_ARENA_MAX=2
 
 # ffmpeg: the sample camera's RTSP publisher. libgl1, libglib2.0-0: OpenCV (a dependency of trackers).
 RUN apt-get update \

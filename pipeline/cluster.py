@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 from typing import Any, Callable
@@ -44,6 +45,11 @@ def init_ray(config: Any, system_config: dict) -> None:
             raise UserError(f"ray.num_cpus: {rc.num_cpus} logical CPU(s), but the {len(config.cameras)} cameras "
                             f"reserve {need:g} (ray.stream_cpus {rc.stream_cpus:g} each): raise ray.num_cpus or lower "
                             "ray.stream_cpus (unset, ray.num_cpus follows the reservations)")
+        # Ray's processes inherit it (glibc reads it at their start): a camera process gives each decoder thread
+        # a malloc arena of its own, up to 8 per core, and cameras coming and going left their frames' freed
+        # memory behind in them, 150-180 MB per process over 26 add/update/remove cycles; with 2, it stayed flat
+        # (docs/architecture.md, "Memory of camera processes"). A value set by the user is kept.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         try:
             # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
             ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
