@@ -185,7 +185,7 @@ class LiveControl:
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
                 final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
-            self._retire_track_ids(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
+            self._retire_in_redis(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
             self.events.remove_status(camera_id)
             if self._let_go(handle):
                 self._wait_gone(handle)
@@ -272,10 +272,12 @@ class LiveControl:
         detail = f" ({', '.join(fields['changes'])})" if "changes" in fields else ""
         self.say(f"Camera {cam.id} {verb} by {by}: {url}{detail}")
 
-    def _retire_track_ids(self, camera_id: str, next_ids: dict | None) -> None:
+    def _retire_in_redis(self, camera_id: str, next_ids: dict | None) -> None:
         """Keeps the removed camera's next track ids, so that one added again under its id goes on from them:
         per head the highest of its final stats' (none when its process had crashed or was restarting), its
-        last status' and an earlier removal's."""
+        last status' and an earlier removal's. Deletes its snapshot and zone/line counts, what a camera shows
+        now, of one that is no more (they stayed for every id ever removed, ~100 KB each); its detections
+        stream stays, which consumers may still be reading."""
         retired_key = retired_track_ids_key(self.redis_settings.prefix)
         try:
             client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
@@ -288,10 +290,12 @@ class LiveControl:
                         merged[head] = max(merged.get(head, 0), n)
                 if merged:
                     client.hset(retired_key, camera_id, json.dumps(merged))
+                k = keys(self.redis_settings.prefix)
+                client.delete(k.snapshot(camera_id), k.counts(camera_id))
             finally:
                 client.close()
         except (redis.RedisError, OSError, ValueError) as e:  # rare (Redis down right now); the log says so
-            log.warning("camera %s: could not keep its track ids: %s", camera_id,
+            log.warning("camera %s: could not keep its track ids or delete its snapshot: %s", camera_id,
                         redact_text(str(e), [self.redis_settings.url]))
 
     def _awaiting_restart(self, handle: Any) -> bool:

@@ -277,8 +277,13 @@ def test_a_removed_camera_without_final_stats_keeps_its_track_ids_from_its_last_
     client = redis_server.client()
     client.hset("hv:cameras", "a", json.dumps({"state": "running", "track_ids_next": {"people": 7}}))
     client.hset("hv:track_ids", "a", json.dumps({"people": 3, "vehicles": 9}))  # an earlier removal's
-    app._retire_track_ids("a", None)
+    client.hset("hv:cam:a:snapshot", mapping={"jpeg": b"\xff\xd8", "frame": 3})
+    client.hset("hv:cam:a:counts", mapping={"zone:z:people:person": 1})
+    client.xadd("hv:cam:a:detections", {"data": "{}"})
+    app._retire_in_redis("a", None)
     assert json.loads(client.hget("hv:track_ids", "a")) == {"people": 7, "vehicles": 9}
+    # what it showed now goes (it stayed for every id ever removed); its stream stays for its consumers
+    assert not client.exists("hv:cam:a:snapshot", "hv:cam:a:counts") and client.xlen("hv:cam:a:detections") == 1
 
 
 def test_api_settings_refuse_weak_tokens(monkeypatch):

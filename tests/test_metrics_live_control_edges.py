@@ -28,7 +28,7 @@ def service(monkeypatch) -> App:
     app = App(parse_config({"api": {"max_cameras": 4}}), say=lambda text: None)
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
     monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
-    app._retire_track_ids = lambda camera_id, next_ids: None
+    app._retire_in_redis = lambda camera_id, next_ids: None
     app._let_go = lambda handle, stop=False: False
     app.events = SimpleNamespace(remove_status=lambda camera_id: None, publish_event=lambda message: None)
     return app
@@ -102,7 +102,7 @@ def test_an_add_refused_because_the_service_began_to_stop_is_logged_like_any_ref
 
 
 class FakeRedis:
-    """hget/hset on a dict: what _retire_track_ids reads and writes."""
+    """hget/hset/delete on a dict: what _retire_in_redis reads and writes."""
 
     def __init__(self, entries: dict) -> None:
         self.entries = dict(entries)
@@ -112,6 +112,9 @@ class FakeRedis:
 
     def hset(self, key: str, field: str, value: str) -> None:
         self.entries[(key, field)] = value.encode()
+
+    def delete(self, *names: str) -> None:
+        self.entries = {k: v for k, v in self.entries.items() if k[0] not in names}
 
     def close(self) -> None:
         pass
@@ -128,7 +131,7 @@ def test_a_removal_goes_on_past_track_ids_in_a_shape_it_never_wrote(monkeypatch,
     OverflowError in the middle of the removal: the answer was an internal error, no camera_removed, its status
     entry stayed, and its process was never let go (killed, or told to forget the camera)."""
     app = service(monkeypatch)
-    del app._retire_track_ids  # the real one, on the entries above
+    del app._retire_in_redis  # the real one, on the entries above
     app.redis_settings = RedisConfig(url="redis://127.0.0.1:1/0")
     fake = FakeRedis(entries)
     monkeypatch.setattr(redis.Redis, "from_url", lambda url, **kwargs: fake)
