@@ -270,3 +270,17 @@ def test_a_due_picture_on_a_replaced_frame_goes_to_the_next_frame() -> None:
     assert cap.state == "ended" and cap.slot.replaced == 29
     # frame 25 (1.0 s) was due and replaced unseen, as was every frame after it: the frame left still carries one
     assert last.index == 29 and last.picture is not None
+
+
+def test_a_time_base_taken_for_a_frame_rate_is_no_rate():
+    """A stream that says no rate can get its time base's as one (90000 for RTSP): read as the camera's rate,
+    the tracker kept lost tracks for hours; unknown, the pipeline measures the rate it delivers."""
+    from types import SimpleNamespace
+
+    from workers.av_source import nominal_rate
+
+    assert nominal_rate(SimpleNamespace(average_rate=None, guessed_rate=Fraction(90000), base_rate=None)) is None
+    assert nominal_rate(SimpleNamespace(average_rate=None, guessed_rate=None, base_rate=None)) is None
+    assert nominal_rate(SimpleNamespace(average_rate=Fraction(30000, 1001), guessed_rate=None, base_rate=None)) \
+        == pytest.approx(29.97, abs=0.01)
+    assert nominal_rate(SimpleNamespace(average_rate=None, guessed_rate=Fraction(240), base_rate=None)) == 240

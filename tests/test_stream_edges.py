@@ -333,3 +333,41 @@ def test_the_next_track_ids_are_persisted_once_a_frame_before_its_message():
     # the three tracks began on the second frame: one status for them, just before that frame's message
     between = " ".join(order).split("message")[1]
     assert between.split() == ["status"], " ".join(order)
+
+
+@pytest.mark.timeout(60)
+def test_the_tracker_is_retimed_once_the_rate_of_a_source_that_says_none_is_measured(monkeypatch):
+    """No rate from the source (an RTSP camera whose stream has no timing) and none configured: the tracker was
+    built for 25 fps and never told otherwise without a frame-age budget, so at 5 fps a lost track lived 5 times
+    too long. Here an 8 fps paced scene that says no rate: the tracker ends near 8, not at 25."""
+    import workers.synthetic_source as synthetic_source
+
+    source = synthetic_source.SyntheticSource
+    real_init, real_read = source.__init__, source.read
+
+    def says_no_rate(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.rate, self.nominal_fps = self.nominal_fps, None
+
+    def read(self):  # its own pts still need the rate
+        self.nominal_fps = self.rate
+        try:
+            return real_read(self)
+        finally:
+            self.nominal_fps = None
+
+    monkeypatch.setattr(source, "__init__", says_no_rate)
+    monkeypatch.setattr(source, "read", read)
+
+    async def nothing(request):
+        return empty_result(request.heads)
+
+    camera = {"id": "cam", "url": "synthetic://street?seed=1&frames=30&size=160x96&fps=8", "heads": ["people"]}
+
+    async def main() -> CameraPipeline:
+        pipe = CameraPipeline(camera, nothing, MODEL_INFO, RecordingPublisher())
+        await asyncio.wait_for(pipe.run(), 30)
+        return pipe
+
+    pipe = asyncio.run(main())
+    assert pipe.tracker is not None and 4 <= pipe.tracker.frame_rate <= 16, pipe.tracker.frame_rate

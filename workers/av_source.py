@@ -23,6 +23,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
+MAX_NOMINAL_FPS = 1000.0  # above: a time base taken for a frame rate (90000 for RTSP), not a camera's rate
 # Tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or Latin-1). PyAV < 19 decodes them
 # strictly unless told otherwise, raising UnicodeDecodeError out of av.open; 19 decodes them with
 # surrogateescape and no longer takes the argument (a TypeError). Nothing here reads the tags.
@@ -69,6 +70,14 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
         # FFmpeg reports an unknown host name, and an http body cut short, as EIO; details only in its log.
         return "unreachable", f"connection failed: host unknown or unreachable, or it hung up ({strerror})"
     return ("unreachable" if network else "decode"), strerror
+
+
+def nominal_rate(stream: Any) -> float | None:
+    """The frame rate a video stream says it has, None when it says none. One that says none can get its time
+    base's as one (90000 for RTSP): no camera runs at that, and read as one a tracker kept lost tracks for hours;
+    unknown, the pipeline measures the rate it delivers."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate and float(rate) <= MAX_NOMINAL_FPS else None
 
 
 class AVSource(Source):
@@ -204,8 +213,7 @@ class AVSource(Source):
         except BaseException:
             container.close()
             raise
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        self.nominal_fps = float(rate) if rate else None
+        self.nominal_fps = nominal_rate(stream)
         self._container, self._stream = container, stream
         self._clock = PtsClock(self.nominal_fps)
         self._pacer = Pacer(self.nominal_fps)

@@ -95,6 +95,7 @@ class CameraPipeline:
         self.budget: FrameAgeBudget | None = None  # made once the source's rate is known (max_frame_age_ms set)
         self._budget_since = 0.0  # time.monotonic() of the last reset: only frames captured since feed the budget
         self._rate_probe: tuple[float, int] | None = None  # (when, frames decoded): _base_fps's measured rate
+        self._tracker_rate_guessed = False  # the tracker was built on the 25 fps fallback: retimed once measured
         self.budget_options = budget_options or {}  # FrameAgeBudget's timing, for tests
         self._budget_fps: float | None = None  # the analysed rate the budget imposes; None: the configured one
         self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
@@ -416,6 +417,13 @@ class CameraPipeline:
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         if self.camera.tracker.enabled and self.tracker is None:
             self.tracker = CameraTracker(self.heads, self.camera.tracker, self._analysed_fps(), self.track_id_base)
+            self._tracker_rate_guessed = self._budget_fps is None and self._base_fps() is None
+        elif self._tracker_rate_guessed and (self._budget_fps is not None or self._base_fps() is not None):
+            # A source that says no rate and no fps configured: the tracker counted a lost track's life at 25 fps
+            # (a 5 fps camera kept them 5 times too long) until the rate was measured, and without a frame-age
+            # budget nothing else told it.
+            self._tracker_rate_guessed = False
+            self._retime_tracker()
         records: list[dict] = []
         analytics = self._current_analytics(item)
         tracked = []
