@@ -34,7 +34,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
 
-def _check_point(i: int, p: Point, units: str) -> None:
+def _check_point(i: int, p: Point, units: str | None) -> None:
     x, y = p
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"point {i} {_fmt(p)} is not finite")
@@ -45,7 +45,7 @@ def _check_point(i: int, p: Point, units: str) -> None:
         raise ValueError(f"point {i} {_fmt(p)} is outside the frame: pixel coordinates are 0..{MAX_PIXELS}")
 
 
-def _check_units(points: list[Point], units: str) -> None:
+def _check_units(points: list[Point], units: str | None) -> None:
     """Pixel points all within 0..1 are normalised ones under the wrong units: a zone or line inside one pixel
     that would count nothing, silently."""
     if units == "pixels" and all(0 <= c <= 1 for p in points for c in p):
@@ -144,7 +144,7 @@ class ZoneConfig(_Counted):
     @field_validator("polygon")
     @classmethod
     def _polygon(cls, v: list[Point], info: ValidationInfo) -> list[Point]:
-        units = info.data.get("units", "normalized")
+        units = info.data.get("units")  # None: units is invalid (its own error says so), the range is unknown
         for i, p in enumerate(v):
             _check_point(i, p, units)
         _check_units(v, units)
@@ -172,18 +172,18 @@ class LineConfig(_Counted):
     @field_validator("start")
     @classmethod
     def _start(cls, v: Point, info: ValidationInfo) -> Point:
-        _check_point(0, v, info.data.get("units", "normalized"))
+        _check_point(0, v, info.data.get("units"))
         return v
 
     @field_validator("end")
     @classmethod
     def _end(cls, v: Point, info: ValidationInfo) -> Point:
-        _check_point(1, v, info.data.get("units", "normalized"))
+        _check_point(1, v, info.data.get("units"))
         start = info.data.get("start")
         if start is not None and math.dist(start, v) == 0:
             raise ValueError(f"the line has length 0: start and end are both {_fmt(v)}")
         if start is not None:
-            _check_units([start, v], info.data.get("units", "normalized"))
+            _check_units([start, v], info.data.get("units"))
         return v
 
 
