@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -55,8 +56,9 @@ def test_compose_redis_drops_root_and_takes_its_password_from_stdin(tmp_path):
                     script.replace("$$", "$"))  # as compose passes it, with .env.example's values
     password = "a1" * 16
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "REDIS_PASSWORD": password}
+    # its own process group: sh runs the pipe's redis-server as a child of its own, which killing sh left running
     server = subprocess.Popen(["sh", "-c", script], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         client = redis.Redis(port=port, password=password, socket_timeout=5)
         deadline = time.monotonic() + 30
@@ -72,7 +74,7 @@ def test_compose_redis_drops_root_and_takes_its_password_from_stdin(tmp_path):
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert password not in " ".join(map(str, COMPOSE["services"]["redis"]["command"]))
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
 
 
