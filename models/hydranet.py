@@ -82,7 +82,8 @@ def _channel_values(name: str, values: Any, positive: bool = False) -> tuple[flo
     except (TypeError, ValueError):
         out = ()
     if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
-        raise ConfigError(f"{name} must be 3 finite numbers (R, G, B){', each > 0' if positive else ''}, got {values!r}")
+        each = ", each > 0" if positive else ""
+        raise ConfigError(f"{name} must be 3 finite numbers (R, G, B){each}, got {values!r}")
     return out
 
 
