@@ -198,24 +198,31 @@ def test_a_command_read_but_not_yet_answered_is_said_to_be_read_after_other_answ
     assert "a service read the command and may still apply it" in err, err
 
 
-def _skewed_clock(monkeypatch, offset_s: float) -> None:
-    """The CLI's machine's wall clock ``offset_s`` off (its monotonic clock, for waits, is fine)."""
-    from pipeline import camera_commands
+def _skewed_clock(monkeypatch, offset_s: float, module: str = "camera_commands") -> None:
+    """A machine's wall clock ``offset_s`` off (its monotonic clock, for waits, is fine): the CLI's by default,
+    the service's with module "control"."""
+    import importlib
 
     fake = types.SimpleNamespace(time=lambda: time.time() + offset_s, monotonic=time.monotonic, sleep=time.sleep)
-    monkeypatch.setattr(camera_commands, "time", fake)
+    monkeypatch.setattr(importlib.import_module(f"pipeline.{module}"), "time", fake)
+
+
+def _remove_lobby_through_a_service(url: str) -> tuple[int, "StandInApp"]:
+    """`hydravision cameras remove lobby` answered by a ControlConsumer: exit code, stderr, the stand-in app."""
+    app = StandInApp()
+    consumer = ControlConsumer(app, url, "hv").start()
+    try:
+        code = main(["cameras", "remove", "lobby", "--redis-url", url, "--timeout", "60"])
+    finally:
+        consumer.stop()
+    return code, app
 
 
 def test_a_sender_whose_clock_is_behind_is_not_told_its_commands_expired(redis_server, monkeypatch, capsys):
     """`expires` was the CLI machine's clock plus --timeout: with that clock 10 minutes behind the service's,
     every command was rejected on arrival, "data.expires: the command expired 540 s ago, unapplied"."""
     _skewed_clock(monkeypatch, -600)
-    app = StandInApp()
-    consumer = ControlConsumer(app, redis_server.url, "hv").start()
-    try:
-        code = main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "60"])
-    finally:
-        consumer.stop()
+    code, app = _remove_lobby_through_a_service(redis_server.url)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("removed camera lobby") and app.removed == ["lobby"]
@@ -318,18 +325,9 @@ def test_a_consumer_blocked_in_its_read_goes_on_after_a_redis_restart(redis_serv
 def test_a_service_whose_clock_is_ahead_still_applies_a_fresh_command(redis_server, monkeypatch, capsys):
     """The service compared `expires` with its own machine's clock: 10 minutes ahead of Redis's (which the
     sender writes `expires` on), it rejected every command as expired. Both sides read Redis's clock now."""
-    from pipeline import control
-
-    fake = types.SimpleNamespace(time=lambda: time.time() + 600, monotonic=time.monotonic, sleep=time.sleep)
-    monkeypatch.setattr(control, "time", fake)
-    app = StandInApp()
-    consumer = ControlConsumer(app, redis_server.url, "hv").start()
-    try:
-        code = main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "60"])
-    finally:
-        consumer.stop()
-    out, err = capsys.readouterr()
-    assert code == 0, err
+    _skewed_clock(monkeypatch, 600, module="control")
+    code, app = _remove_lobby_through_a_service(redis_server.url)
+    assert code == 0, capsys.readouterr().err
     assert app.removed == ["lobby"]
 
 
