@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -96,6 +97,10 @@ class GroupConsumer:
             # later, in arithmetic or in redis-py, with an error that did not name the setting.
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        if claim_every_s is not None and (isinstance(claim_every_s, bool) or not isinstance(claim_every_s, (int, float))
+                                          or not math.isfinite(claim_every_s) or claim_every_s < 0):
+            # NaN never claimed again (every comparison with it is false): a dead member's entries stayed its own
+            raise ValueError(f"claim_every_s must be a finite number of seconds >= 0 (or None), got {claim_every_s!r}")
         self.claim_every_s = claim_every_s if claim_every_s is not None else max(0.05, claim_idle_ms / 2000)
         timeout = getattr(client.connection_pool, "connection_kwargs", {}).get("socket_timeout")
         if timeout is not None and block_ms / 1000 >= timeout:

@@ -12,6 +12,7 @@ import threading
 import time
 import types
 
+import pytest
 import redis
 
 from pipeline.cli import main
@@ -338,3 +339,12 @@ def test_a_redis_user_named_with_a_colon_can_send_commands():
 
     cmd = parse_command({b"data": json.dumps({"op": "remove", "id": "lobby", "user": "team:ops"}).encode()})
     assert cmd.user == "team:ops"
+
+
+@pytest.mark.parametrize("every", [float("nan"), float("inf"), -1.0, "5", True])
+def test_a_claim_interval_that_never_claims_is_refused_by_name(redis_server, every):
+    """claim_every_s NaN: every comparison with it is false, so a dead member's entries were never claimed."""
+    from pipeline.consumer import GroupConsumer
+
+    with pytest.raises(ValueError, match="claim_every_s must be a finite number"):
+        GroupConsumer(redis_server.client(), "hv:events", "g", claim_every_s=every)
