@@ -148,8 +148,7 @@ def environment(dry_run: bool) -> dict:
             uuid = str(getattr(p, "uuid", "") or "")
             env["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                           "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count(),
-                          # native only: before Ampere torch emulates bf16, and its figures would be the emulation's
-                          "bf16": p.major >= 8,
+                          "bf16": _native_bf16(),
                           # nvidia-smi's form of the device's name, for GpuSampler
                           "uuid": (uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}") if uuid else None}
     smi = shutil.which("nvidia-smi")
@@ -273,9 +272,11 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
 
 
 def _native_bf16() -> bool:
+    """Whether device 0 runs bf16 natively (Ampere on): before, torch emulates it, and its figures would be the
+    emulation's. The one rule for the environment's report and the model step's bf16 variant."""
     import torch
 
-    return torch.cuda.get_device_capability()[0] >= 8  # Ampere on; torch emulates bf16 before
+    return torch.cuda.get_device_capability()[0] >= 8
 
 
 def _ort_has_cuda() -> bool:
