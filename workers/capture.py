@@ -345,7 +345,9 @@ class Capture:
                         item = CapturedFrame(self.decoded - 1, pts, frame.wall, frame.size, image, lb,
                                              getattr(frame, "truth", None))
                         snapshot = self.camera.snapshot  # per frame too: a live change applies at once
-                        if self.slot.holds_picture():  # the due picture would be replaced unseen: this one keeps it
+                        # the due picture would be replaced unseen: this one keeps it (the slot's lock only where
+                        # snapshots are on)
+                        if snapshot.enabled and self.slot.holds_picture():
                             self._picture_due = None
                         due, self._picture_due = picture_due(snapshot, pts, self._picture_due)
                         if due:  # at most snapshot.fps pictures a second are kept, never one per frame
