@@ -18,6 +18,7 @@ import redis
 from pipeline.cli import main
 from pipeline.consumer import GroupConsumer
 from pipeline.control import ControlConsumer
+from running import wait_for
 
 CONTROL, RESULTS = "hv:control", "hv:control:results"
 
@@ -65,14 +66,15 @@ def answers(client: redis.Redis) -> dict[str, dict]:
     return out
 
 
-def until(predicate, timeout_s: float, what: str):
-    """Polls ``predicate`` until it is true, or fails naming ``what`` (generous deadlines: the machine is shared)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
-    return value
+def _the_one_answer(client, url: str) -> tuple[dict, "StandInApp"]:
+    """A service started now (a ControlConsumer over a stand-in app): its one answer on the results stream."""
+    app = StandInApp()
+    consumer = ControlConsumer(app, url, "hv").start()
+    try:
+        [answer] = wait_for(lambda: list(answers(client).values()), 10, "the service's answer")
+    finally:
+        consumer.stop()
+    return answer, app
 
 
 # -- the control stream's reader -----------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def test_a_command_whose_read_reply_was_lost_is_applied_without_a_restart(redis_
     consumer.start()
     try:
         add(client, "lobby")
-        until(lambda: "lobby" in answers(client), 8, "the answer to the command whose reply was lost")
+        wait_for(lambda: "lobby" in answers(client), 8, "the answer to the command whose reply was lost")
     finally:
         consumer.stop()
     assert lost, "the reply was never lost: the test did not test it"
@@ -117,12 +119,12 @@ def test_a_command_that_takes_the_controller_down_is_dropped_alone(redis_server,
         add(client, camera)
     for _ in range(3):  # three controllers, each killed by the same command
         consumer = ControlConsumer(StandInApp(crash_on="bad"), redis_server.url, "hv").start()
-        until(lambda: not consumer._thread.is_alive(), 10, "the controller to die on the bad command")
+        wait_for(lambda: not consumer._thread.is_alive(), 10, "the controller to die on the bad command")
         consumer.stop()
     app = StandInApp(crash_on="bad")
     consumer = ControlConsumer(app, redis_server.url, "hv").start()
     try:
-        until(lambda: len(answers(client)) == 3, 10, "answers to the three commands")
+        wait_for(lambda: len(answers(client)) == 3, 10, "answers to the three commands")
     finally:
         consumer.stop()
     got = list(answers(client).values())
@@ -142,12 +144,7 @@ def test_a_dropped_command_is_answered_under_its_request_id(redis_server):
     client.xreadgroup("hydravision", "controller", {CONTROL: ">"}, count=1)
     for _ in range(3):  # three controllers that died on it
         client.xreadgroup("hydravision", "controller", {CONTROL: "0"}, count=1)
-    app = StandInApp()
-    consumer = ControlConsumer(app, redis_server.url, "hv").start()
-    try:
-        [answer] = until(lambda: list(answers(client).values()), 10, "the answer to the dropped command")
-    finally:
-        consumer.stop()
+    answer, app = _the_one_answer(client, redis_server.url)
     assert answer["reason"].startswith("data: dropped after 3 deliveries")
     assert (answer["request_id"], answer["op"], answer["camera"]) == ("bad", "add", "bad")
     assert app.added == []
@@ -162,14 +159,14 @@ def test_normal_path_guard_commands_are_applied_once_in_order(redis_server):
     try:
         for camera in ("a", "b", "c"):
             add(client, camera)
-        until(lambda: len(answers(client)) == 3, 10, "three answers")
+        wait_for(lambda: len(answers(client)) == 3, 10, "three answers")
     finally:
         consumer.stop()
     again = StandInApp()
     consumer = ControlConsumer(again, redis_server.url, "hv").start()
     try:
         add(client, "d")
-        until(lambda: len(answers(client)) == 4, 10, "the fourth answer")
+        wait_for(lambda: len(answers(client)) == 4, 10, "the fourth answer")
     finally:
         consumer.stop()
     assert app.added == ["a", "b", "c"] and again.added == ["d"]
@@ -238,12 +235,7 @@ def test_a_command_said_to_expire_unapplied_is_not_applied_later_whatever_the_se
     client = redis_server.client()
     assert main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "1"]) == 2
     assert "it expires unapplied" in capsys.readouterr().err
-    app = StandInApp()
-    consumer = ControlConsumer(app, redis_server.url, "hv").start()
-    try:
-        [answer] = until(lambda: list(answers(client).values()), 10, "the controller's answer")
-    finally:
-        consumer.stop()
+    answer, app = _the_one_answer(client, redis_server.url)
     assert answer["status"] == "rejected" and answer["reason"].startswith("data.expires: the command expired")
     assert app.removed == []
 
@@ -305,7 +297,7 @@ def test_a_consumer_blocked_in_its_read_goes_on_after_a_redis_restart(redis_serv
 
     def restart_under_the_blocked_read() -> None:
         with redis_server.client() as admin:
-            until(lambda: any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in admin.client_list()),
+            wait_for(lambda: any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in admin.client_list()),
                   10, "the consumer to block in XREADGROUP")
         redis_server.stop()
         redis_server.start()
