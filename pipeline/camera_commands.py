@@ -159,7 +159,6 @@ class RedisChannel:
                         + unanswered(self.client, self.key, entry_id))
 
 
-
 def _answer(value: Any) -> dict:
     """A decoded answer, which must be a JSON object (ValueError otherwise)."""
     if not isinstance(value, dict):
