@@ -3,6 +3,7 @@ only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
 import locale
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -128,17 +129,25 @@ def machine(request, tiny_checkpoint):
     from machine import measure
 
     demo = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
-    figures = measure(demo, tiny_checkpoint)
-    request.config.stash[_MACHINE] = figures
+    figures = measure(demo, tiny_checkpoint, workers=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    request.config.stash[_MACHINE] = [str(figures)]
+    if hasattr(request.config, "workeroutput"):  # a pytest-xdist worker: the controller prints the summary
+        request.config.workeroutput["machine"] = str(figures)
     return figures
 
 
-_MACHINE = pytest.StashKey[object]()
+_MACHINE = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: on the controller, as each worker ends
+def pytest_testnodedown(node, error) -> None:
+    if figures := getattr(node, "workeroutput", {}).get("machine"):
+        node.config.stash.setdefault(_MACHINE, []).append(f"{node.gateway.id}: {figures}")
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
-    if _MACHINE in config.stash:
-        terminalreporter.write_line(f"machine (measured for sizing tests): {config.stash[_MACHINE]}")
+    for figures in config.stash.get(_MACHINE, []):
+        terminalreporter.write_line(f"machine (measured for sizing tests): {figures}")
 
 
 _CTYPE = locale.setlocale(locale.LC_CTYPE)  # as the session began (C.UTF-8 here)

@@ -6,6 +6,11 @@ same assertions. The model is timed as the InferenceActor runs it: ``ModelRunner
 fused, called from a worker thread as the actor's Batcher calls it, on a real synthetic street frame. The
 figure includes whatever else the machine is busy with at the time.
 
+Under pytest-xdist (``./dev.sh test`` runs two workers) each worker measures alone at some moment but then runs
+its tests beside the other worker's, so the figures are divided by the number of workers: a test sized from them
+gets the share of the machine it has when both are busy (the regime the suite already passes in beside another
+busy process), not the whole machine it happened to see.
+
 The thread matters: beside a busy process, torch's OpenMP threads wait very differently when the model is
 called from a process's main thread. The demo model measured ~1.4 s per frame at batch 1 from the main
 thread against ~30 ms from a worker thread (and in the InferenceActor), on the same machine at the same time.
@@ -48,6 +53,7 @@ class Machine:
     cores: int
     demo: ModelSpeed
     tiny: ModelSpeed
+    shared_by: int = 1  # pytest-xdist workers sharing the machine; the speeds above are already divided by it
 
     @property
     def slowness(self) -> float:
@@ -65,7 +71,8 @@ class Machine:
         return int(max(floor, min(cap, math.floor(share * speed.batch1_fps))))
 
     def __str__(self) -> str:
-        return f"{self.cores} cores; {self.demo}; {self.tiny}; slowness {self.slowness:.2f}"
+        shared = f" (each of {self.shared_by} test workers' share)" if self.shared_by > 1 else ""
+        return f"{self.cores} cores; {self.demo}; {self.tiny}; slowness {self.slowness:.2f}{shared}"
 
 
 def model_input(size: tuple[int, int]):
@@ -112,5 +119,12 @@ def measure_model(checkpoint: Path, name: str, max_batch: int = 8, budget_s: flo
     return ModelSpeed(name, 1 / t1, max_batch / tb, max_batch)
 
 
-def measure(demo: Path, tiny: Path) -> Machine:
-    return Machine(os.cpu_count() or 1, measure_model(demo, "demo"), measure_model(tiny, "tiny"))
+def share(speed: ModelSpeed, workers: int) -> ModelSpeed:
+    return ModelSpeed(speed.name, speed.batch1_fps / workers, speed.batch_fps / workers, speed.max_batch)
+
+
+def measure(demo: Path, tiny: Path, workers: int = 1) -> Machine:
+    """The machine's figures; with ``workers`` > 1 test processes sharing it, each one's share (see above)."""
+    workers = max(1, workers)
+    return Machine(os.cpu_count() or 1, share(measure_model(demo, "demo"), workers),
+                   share(measure_model(tiny, "tiny"), workers), workers)
