@@ -104,6 +104,10 @@ class App(LiveControl):
     # Cameras that ``_joining`` sent to a running process and that are not in ``cameras`` yet (id -> a handle
     # of that process): concurrent adds count them, so two never take the last place of one process.
     _joins: dict = field(default_factory=dict)
+    # Cameras a removal took out of ``cameras`` and is not done with (id -> handle): their process may still hold
+    # its Ray name (a camera added meanwhile must not start a process under it: Ray refuses a name a live actor
+    # holds), and while one drains (no ``final`` yet), another camera's removal must not kill its process.
+    _leaving: dict = field(default_factory=dict)
     _last_stats: dict = field(default_factory=dict)
     # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
     # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
@@ -307,12 +311,12 @@ class App(LiveControl):
                 handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
                 starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
         with self._lock:
-            taken = {h.name for h in self.cameras.values()}
+            taken = {h.name for h in [*self.cameras.values(), *self._leaving.values()]}
         groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
         model = self._camera_process_model(len(groups))
         for group, options in groups:
             name, n = options["name"], 1
-            while name in taken:  # a process of ours still has it (its first camera was removed since)
+            while name in taken:  # a process of ours still has it (its first camera was removed since, or is now)
                 n += 1
                 name = f"{options['name']}-{n}"
             taken.add(name)
@@ -402,9 +406,11 @@ class App(LiveControl):
     def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
         """A camera no longer run (removed, or joined and never fully started): its process forgets it
         (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
-        with self._lock:  # a camera joining the process while this one goes counts too (see _joining)
-            shared = any(h.process is handle.process and cid != handle.id
-                         for cid, h in [*self.cameras.items(), *self._joins.items()])  # _joins: id -> a host's handle
+        with self._lock:  # a camera joining the process while this one goes counts too (see _joining), and one
+            # whose removal still drains there (no final stats yet): killing the process cut that drain short
+            others = [*self.cameras.items(), *self._joins.items(),  # _joins: id -> a host's handle
+                      *((cid, h) for cid, h in self._leaving.items() if h.final is None)]
+            shared = any(h.process is handle.process and cid != handle.id for cid, h in others)
         if shared:
             try:
                 if stop:
@@ -456,7 +462,7 @@ class App(LiveControl):
                     self._busy.add(cid)
             if restart:
                 try:
-                    s = self._restart_camera(handles[cid]) or s
+                    s = self._restart_camera(handles[cid], s.get("pid")) or s
                 finally:
                     with self._lock:
                         self._busy.discard(cid)
@@ -472,8 +478,9 @@ class App(LiveControl):
             self.node_watch.tick()
         return out
 
-    def _restart_camera(self, h: CameraHandle) -> dict | None:
-        """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again."""
+    def _restart_camera(self, h: CameraHandle, pid: int | None = None) -> dict | None:
+        """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again. ``pid``: the
+        process's, from the stats that said "created"."""
         try:
             ray.get(h.process.start.remote(h.id, h.config, h.inference), timeout=30)
         except Exception as e:
@@ -485,11 +492,12 @@ class App(LiveControl):
             stats = ray.get(h.process.stats.remote(h.id), timeout=10)
         except Exception as e:  # died again at once: the next tick sees it (an error here ended the whole service)
             log.warning("camera %s: no stats after its restart: %s", h.id, self._describe(e, h.id))
-            return None
+            stats = None  # restarted all the same: reported below (a camera crashing at each start went unreported)
+        pid = stats["pid"] if stats else pid
         # An event for each camera; the restarts metric counts processes (the cameras of one restart together).
-        counted = stats["pid"] in self._restarted_pids
-        if not counted:
-            self._restarted_pids.append(stats["pid"])
+        counted = pid is not None and pid in self._restarted_pids
+        if not counted and pid is not None:
+            self._restarted_pids.append(pid)
         self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id),
                              count=not counted)
         return stats
@@ -556,9 +564,11 @@ class App(LiveControl):
 
     def run(self, duration: float | None = None, on_tick: Callable[[list[dict]], None] | None = None,
             interval: float | None = None) -> list[dict]:
-        """Runs until ``duration`` seconds pass, every camera's source has ended, or stop() is called."""
+        """Runs until ``duration`` seconds pass, every camera's source has ended, or stop() is called; returns the
+        last tick's stats."""
         interval = interval or self.config.status.interval_s
         deadline = time.monotonic() + duration if duration else None
+        stats: list[dict] = []
         while not self._stop.is_set():
             if deadline and time.monotonic() >= deadline:
                 break
@@ -569,7 +579,9 @@ class App(LiveControl):
                 on_tick(stats)
             wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
             self._stop.wait(wait)
-        return self.stats()
+        # The last tick's: the final stats are shutdown()'s (one more tick here was a round trip to every camera
+        # for nothing, and could restart a crashed camera just to stop it).
+        return stats
 
     def request_stop(self) -> None:
         self._stop.set()

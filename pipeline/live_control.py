@@ -180,16 +180,20 @@ class LiveControl:
             # and /readyz for a stopped camera.
             with self._lock:
                 self.cameras.pop(camera_id, None)
+                self._leaving[camera_id] = handle  # until its process is gone or hosts it no more
             try:
                 final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
                 final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
+            handle.final = final  # drained: a neighbour's removal may take its process along now (see _let_go)
             self._retire_in_redis(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
             self.events.remove_status(camera_id)
             if self._let_go(handle):
                 self._wait_gone(handle)
         finally:
+            with self._lock:
+                self._leaving.pop(camera_id, None)
             self._release(camera_id)
         self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
         keep = ("state", "decoded", "published", "dropped", "decoder_threads", "open_tracks", "track_ids_next")
