@@ -3,21 +3,26 @@
 
 Plain classes, usable as context managers. Every process started here is reaped by ``stop()``/``kill()``, by
 the context manager, and by an ``atexit`` hook as a last resort, so a failed run does not leave servers
-behind. ``RedisServer`` differs from the demo's ``EmbeddedRedis`` in what it is for: restarts on the same
-port, kill/pause to play a crashed or stalled server, passwords and extra arguments; it shares that module's
-``free_port`` and its search for a redis-server binary.
+behind; on Linux the kernel SIGKILLs them too when the process that started them dies without running any of
+those (pytest SIGKILLed by a timeout, a cancelled CI job). ``RedisServer`` differs from the demo's
+``EmbeddedRedis`` in what it is for: restarts on the same port, kill/pause to play a crashed or stalled server,
+passwords and extra arguments; it shares that module's ``free_port`` and its search for a redis-server binary.
 """
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 from urllib.parse import quote
 
 from pipeline import embedded_redis
@@ -44,6 +49,51 @@ _Server = TypeVar("_Server", bound="ManagedProcess")
 def _kill_leftovers() -> None:
     for server in list(_running):
         server.kill()
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # not Linux: the atexit hook is all there is
+    _prctl = None
+_spawner: tuple[threading.Thread, queue.SimpleQueue] | None = None  # the thread, its queue of Popen calls
+_spawner_lock = threading.Lock()
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the kernel SIGKILLs the server when ``parent`` dies, SIGKILLed included (no atexit hook runs
+    then), and also when the server is paused (a stopped process never handles SIGTERM)."""
+
+    def preexec() -> None:
+        if _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the parent died before the prctl: no signal will come
+
+    return preexec
+
+
+def _spawn_loop(calls: queue.SimpleQueue) -> None:
+    while True:
+        done, args, kwargs = calls.get()
+        try:
+            done.set_result(subprocess.Popen(args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - the caller raises it
+            done.set_exception(exc)
+
+
+def _popen_tied_to_us(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen whose child dies with this process, forked by one thread that lives as long as the
+    process: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, and a test's helper thread that
+    restarts a server ends long before the test."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner[0].is_alive():  # not alive: this is a fork's child, its queue a copy
+            calls: queue.SimpleQueue = queue.SimpleQueue()
+            _spawner = (threading.Thread(target=_spawn_loop, args=(calls,), name="hv-testbed-spawn", daemon=True),
+                        calls)
+            _spawner[0].start()
+    done: Future[subprocess.Popen[bytes]] = Future()
+    _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
+    return done.result()
 
 
 class ManagedProcess:
@@ -92,7 +142,7 @@ class ManagedProcess:
     def _spawn_and_wait(self) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
+            self.process = _popen_tied_to_us(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.workdir, env=self.env(),
             )

@@ -117,7 +117,9 @@ class AppearanceConfig(Strict):
 
 class TrackerConfig(Strict):
     enabled: bool = True
-    lost_track_buffer: int = Field(30, ge=0)
+    # bounded like appearance.max_lost_s: a huge buffer kept every lost track of a long-running camera for ever
+    lost_track_buffer: int = Field(30, ge=0, le=1800, description="how long a lost track is kept, in frames at 30 "
+                                   "fps (trackers' unit, scaled to the analysed rate): 1800 is 60 s")
     # 0.6, not trackers' 0.5: chosen with the demo heads' thresholds on the analytics tuning seeds, where
     # it halved the line-count error (a track starts only on a confident box; weaker boxes still extend tracks)
     track_activation_threshold: float = Field(0.6, ge=0, le=1)

@@ -23,7 +23,7 @@ from workers.settings import TrackerConfig
 class TrackState:
     head: str
     track_id: int
-    class_name: str
+    class_name: str  # as last seen, as the messages, lines and re-links say: a far "person" may turn out a bicycle
     first_frame: int
     first_pts: float
     last_frame: int
@@ -147,7 +147,7 @@ class CameraTracker:
                 events.append({"type": "track_started", "head": head, "track_id": tid, "class": str(name),
                                "frame": frame, "pts": round(pts, 3)})
             else:
-                st.last_frame, st.last_pts, st.frames = frame, pts, st.frames + 1
+                st.last_frame, st.last_pts, st.frames, st.class_name = frame, pts, st.frames + 1, str(name)
             if voted:
                 self._vote(st, tracked, row, voted)
         alive = {t + ht.id_base for t in ht.alive()}
