@@ -85,8 +85,13 @@ def create_app(hub: Hub):
         return Response(hub.hello_text(pictures=False), media_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
+    def camera_of(request) -> str | None:
+        """The camera a request names: in its path, or in its ``camera`` query parameter (how the page sends the
+        ids "." and "..": a browser resolves such a path segment away, written as %2E too)."""
+        return request.path_params.get("camera", request.query_params.get("camera"))
+
     async def snapshot(request):
-        found = hub.snapshot(request.path_params["camera"])
+        found = hub.snapshot(camera_of(request))
         if found is None:
             return JSONResponse({"error": "no snapshot for this camera yet"}, status_code=404)
         version, jpeg = found
@@ -136,7 +141,10 @@ def create_app(hub: Hub):
         return await control(request, add_command(camera), [camera["url"]])
 
     async def remove_camera(request):
-        return await control(request, remove_command(request.path_params["camera"]), [])
+        if (camera := camera_of(request)) is None:
+            return JSONResponse({"status": "rejected", "reason": "camera: name it in the path or as ?camera=",
+                                 "field": "camera"}, status_code=400)
+        return await control(request, remove_command(camera), [])
 
     async def health(request):
         ok = hub.redis_ok()
@@ -155,6 +163,8 @@ def create_app(hub: Hub):
               # :path: a camera id may hold a '/' (the page sends it as %2F, which the server decodes first)
               Route("/api/cameras/{camera:path}", remove_camera, methods=["DELETE"]),
               Route("/api/cameras/{camera:path}/snapshot.jpg", snapshot), Route("/healthz", health),
+              # ?camera=: the ids "." and ".." (see camera_of)
+              Route("/api/cameras", remove_camera, methods=["DELETE"]), Route("/api/snapshot.jpg", snapshot),
               Mount("/static", PageFiles(directory=STATIC), name="static")]
     return Starlette(routes=routes, lifespan=lifespan)
 

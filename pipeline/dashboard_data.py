@@ -4,8 +4,9 @@ its latest detection message, its zone/line counts, its snapshot) and the events
 Plain functions and one small class (``Board``) that the tests call without a web server. The Redis layouts
 read here, besides the camera statuses and streams of schema v1 (workers/publish.py):
 
-- ``{prefix}:cam:{camera}:snapshot``: the latest annotated JPEG. Read by ``read_snapshot`` ONLY, which takes a
-  hash (``jpeg``, ``frame``, ``ts``, ...; schema snapshot-v1) or a plain string holding the JPEG.
+- ``{prefix}:cam:{camera}:snapshot``: the latest annotated JPEG. Read by ``read_snapshot`` and
+  ``queue_snapshot_marker`` ONLY, which take a hash (``jpeg``, ``frame``, ``ts``, ...; schema snapshot-v1) or a plain
+  string holding the JPEG.
 - ``{prefix}:cam:{camera}:counts``: a hash, ``zone:{zone}:{head}:{class}`` -> objects inside now and
   ``line:{line}:{head}:{class}:{in|out}`` -> crossings so far (schema counts-v1); other fields are ignored.
 """
@@ -64,6 +65,19 @@ def read_snapshot(client: redis.Redis, prefix: str, camera: str) -> tuple[bytes,
     if not jpeg:
         return None
     return jpeg, _number(fields.get(b"frame"), int), _number(fields.get(b"ts"), float)
+
+
+def queue_snapshot_marker(pipe: Any, prefix: str, camera: str) -> None:
+    """Queues on ``pipe`` the cheap read that tells whether a camera's snapshot changed: its ``frame`` and ``ts``,
+    not its JPEG (every poll read every picture whole, changed or not: 3 MB a poll for 32 cameras of 100 kB). Its
+    reply goes to ``snapshot_marker``."""
+    pipe.hmget(keys(prefix).snapshot(camera), "frame", "ts")
+
+
+def snapshot_marker(reply: Any) -> tuple | None:
+    """What a ``queue_snapshot_marker`` read answered, to compare with the last poll's; None when it cannot tell (no
+    hash, a plain string, a hash with no frame): then the picture is read whole, as before."""
+    return tuple(reply) if isinstance(reply, list) and reply and reply[0] is not None else None
 
 
 def snapshot_version(jpeg: bytes, frame: int | None) -> str:
@@ -179,12 +193,14 @@ class Board:
         # camera -> the first poll that read Redis and did not find its status: counted from there, not from the
         # last poll that did, a Redis outage longer than gone_after_s removed every tile at its first poll back
         self.missing_since: dict[str, float] = {}
-        self.removed_at: dict[str, float] = {}  # camera -> when its camera_removed arrived (see update)
+        self.removed_at: dict[str, float] = {}  # camera -> when its camera_removed arrived, until a poll after it
         self.history: dict[str, deque] = {}  # camera -> (t, fps, age_p50, age_p95)
 
     def update(self, tiles: list[dict], now: float | None = None) -> list[dict]:
         """Takes this poll's tiles; returns every tile to show, sorted by camera."""
         now = time.time() if now is None else now
+        # a removal matters only to polls that began before it (kept longer: one entry per camera ever removed)
+        self.removed_at = {cam: at for cam, at in self.removed_at.items() if at >= now}
         for t in tiles:
             cam = t["camera"]
             if self.removed_at.get(cam, now - 1) >= now:  # a poll that read it before its removal landed

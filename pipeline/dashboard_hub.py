@@ -71,6 +71,8 @@ class Hub:
         self.board = data.Board(history_s)
         self.events: deque[dict] = deque(maxlen=events_backlog)
         self.snapshots: dict[str, tuple[str, bytes]] = {}  # camera -> (version, jpeg)
+        # camera -> (marker, (version, frame, ts) or None, jpeg) of the picture last read whole (the poller's own)
+        self._snapshot_reads: dict[str, tuple[tuple, tuple | None, bytes | None]] = {}
         self.redis: dict[str, Any] = {"ok": None, "error": None, "since": None}
         self._lock = threading.Lock()  # guards board, events, snapshots, redis
         self._queues: set[asyncio.Queue] = set()  # touched on the loop only
@@ -214,11 +216,12 @@ class Hub:
         for s in statuses:
             pipe.xrevrange(self.keys.detections(s["camera"]), count=1)
             pipe.hgetall(self.keys.counts(s["camera"]))
+            data.queue_snapshot_marker(pipe, self.prefix, s["camera"])
         replies = pipe.execute(raise_on_error=False) if statuses else []
-        tiles, pictures = [], {}
+        tiles, pictures, reads = [], {}, {}
         for i, s in enumerate(statuses):
             cam = s["camera"]
-            latest, counts = replies[2 * i], replies[2 * i + 1]
+            latest, counts, mark = replies[3 * i], replies[3 * i + 1], data.snapshot_marker(replies[3 * i + 2])
             detection = None
             if isinstance(latest, list) and latest:
                 try:
@@ -226,12 +229,18 @@ class Hub:
                 except (KeyError, ValueError, IndexError, RecursionError):  # RecursionError: nested too deep
                     detection = None
             try:
-                snap = data.read_snapshot(client, self.prefix, cam)
-                meta = None
-                if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
-                    version = data.snapshot_version(snap[0], snap[1])
-                    pictures[cam] = (version, snap[0])
-                    meta = (version, snap[1], snap[2])
+                kept = self._snapshot_reads.get(cam)
+                if mark is not None and kept is not None and kept[0] == mark:  # unchanged: not read again
+                    _, meta, jpeg = kept
+                else:
+                    snap = data.read_snapshot(client, self.prefix, cam)
+                    meta, jpeg = None, None
+                    if snap is not None and len(snap[0]) <= data.MAX_SNAPSHOT_BYTES:
+                        meta, jpeg = (data.snapshot_version(snap[0], snap[1]), snap[1], snap[2]), snap[0]
+                if mark is not None:
+                    reads[cam] = (mark, meta, jpeg)
+                if meta is not None:
+                    pictures[cam] = (meta[0], jpeg)
                 tile = data.make_tile(s, detection if isinstance(detection, dict) else None,
                                       data.parse_counts(counts) if isinstance(counts, dict) else None, meta)
                 if too_deep(tile):  # kept on the board, it would fail every page's hello
@@ -251,6 +260,7 @@ class Hub:
             self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
                               if c in pictures or c in self.snapshots}
             self.polls += 1
+        self._snapshot_reads = reads
         self._publish("tick", {"cameras": shown, "now": now, "control": control})
         return shown
 

@@ -63,8 +63,14 @@ function stateLabel(tile) {
   return tile.detail && tile.detail !== own ? `${tile.state} · ${tile.detail}` : tile.state;
 }
 
+// A camera id "." or ".." goes in the query: as a path segment the browser resolves it away (as %2E too), and its
+// picture and removal went to another URL.
+const dotted = (camera) => camera === "." || camera === "..";
+
 function snapshotUrl(camera, version) {
-  return `api/cameras/${encodeURIComponent(camera)}/snapshot.jpg?v=${encodeURIComponent(version)}`;
+  const v = `v=${encodeURIComponent(version)}`;
+  return dotted(camera) ? `api/snapshot.jpg?camera=${encodeURIComponent(camera)}&${v}`
+    : `api/cameras/${encodeURIComponent(camera)}/snapshot.jpg?${v}`;
 }
 
 // --- the chart: fps and frame age p50 over the kept history, each on its own scale --------------------------
@@ -471,7 +477,8 @@ async function addCamera(event) {
 
 function removeCamera(camera, output) {
   if (!confirm(`Remove camera ${camera}? Its pipeline stops; its data stays in Redis.`)) return;
-  command("DELETE", `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
+  command("DELETE", dotted(camera) ? `api/cameras?camera=${encodeURIComponent(camera)}`
+    : `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
