@@ -19,7 +19,9 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
 - takeover: a new track (first seen after the occupant was last seen) of the same class appearing inside where
   an absent occupant would be now (its last box moved on by its last velocity, IoU >= 0.3) continues that
   occupant (a flickering detection that got a new track id is the same parked car): no events. Should a track
-  it took over from be seen again, that track carries the occupant again and the heir counts on its own.
+  it took over from be seen again, that track carries the occupant again and the heir counts on its own. The
+  track ids an occupant lists (zone_left's track_ids) are at most TRACK_IDS_KEPT, the entry's first, plus any
+  that the tracker may still give back.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import supervision as sv
 
 from workers.analytics_settings import LineConfig, Point, ZoneConfig, frame_errors
+from workers.settings import TrackerConfig
 
 REACQUIRE_IOU = 0.3  # a new track this close to an absent occupant's predicted box is that occupant
 MOVING = 0.25  # box heights per second: an occupant faster than this is moving (a parked car jitters far less)
@@ -45,6 +48,22 @@ _EPS = 1e-6  # pts are floats: a wait of exactly min_inside_s counts
 LINE_MEMORY_FRAMES = 30  # analysed frames a line remembers a missing track's side (the tracker's default buffer)
 LINE_MEMORY_S = 2.5  # and at least this long: the tracker gives a lost track its id back for up to 2 s (re-ID's
 # max_lost_s), 50 analysed frames at 25 fps
+MEMORY_PER_HORIZON = 1.25  # and this x the tracker's horizon (track_horizon_s), as 2.5 s is for its default 2 s:
+# the frames that confirm the track it comes back as come on top
+TRACK_IDS_KEPT = 64  # an occupant's track ids (zone_left's track_ids) beyond this many: those that can no longer
+# come back go, oldest first
+
+
+def track_horizon_s(tracker: TrackerConfig) -> float:
+    """How long after a track was last seen the tracker may still give it its id back: ByteTrack's lost-track
+    buffer (frames at 30 fps) or re-ID's wait for a re-link (max_lost_s, up to 60 s), whichever is longer."""
+    relink = tracker.appearance.max_lost_s if tracker.appearance.enabled and tracker.appearance.relink else 0.0
+    return max(tracker.lost_track_buffer / 30, relink)
+
+
+def track_memory_s(horizon_s: float) -> float:
+    """How long zones and lines remember a track that is not seen, for a tracker of that horizon."""
+    return max(LINE_MEMORY_S, MEMORY_PER_HORIZON * horizon_s)
 
 
 def _positions(anchors: list[str]) -> list[sv.Position]:
@@ -81,11 +100,13 @@ class Occupant:
     current_id: int  # the track that carries it now (differs after a takeover)
     outside_since: float | None = None
     track_ids: list[int] = field(default_factory=list)
+    carried: dict[int, float] = field(default_factory=dict)  # track id -> pts it last carried it (track_ids' only)
     trail: deque = field(default_factory=deque)  # (pts, box centre) over the last TRAIL_S[1] seconds
     missed: int = 0  # analysed frames in a row it was not seen on
 
     def seen(self, box: np.ndarray, pts: float) -> None:
         self.last_seen, self.box, self.missed = pts, box, 0
+        self.carried[self.current_id] = pts
         _extend(self.trail, box, pts)
 
     def velocity(self) -> np.ndarray:
@@ -107,6 +128,21 @@ def _extend(trail: deque, box: np.ndarray, pts: float) -> None:
         trail.popleft()
 
 
+class _Shift:
+    """Source pixels -> the pixels of a zone's own mask, which starts at ``origin`` (a CoordinatesTransformation
+    for sv.PolygonZone.trigger). Points are rounded to their pixel before the shift, as trigger does without one:
+    an exact integer shift then finds every anchor on the very pixel of the polygon it found without it."""
+
+    def __init__(self, origin: np.ndarray):
+        self.origin = origin
+
+    def rel_to_abs(self, points: np.ndarray) -> np.ndarray:
+        return np.rint(points) - self.origin
+
+    def abs_to_rel(self, points: np.ndarray) -> np.ndarray:
+        return points + self.origin
+
+
 @dataclass
 class Candidate:
     first_pts: float
@@ -121,8 +157,11 @@ class ZoneCounter:
         """``classes``: per head this zone watches, the class names that count in it."""
         self.config, self.name, self.classes = config, config.name, classes
         self.polygon = to_pixels(config.polygon, config.units, size)
-        self.zone = sv.PolygonZone(np.round(self.polygon).astype(np.int64),
-                                   triggering_anchors=_positions(config.anchors))
+        corners = np.round(self.polygon).astype(np.int64)
+        # supervision's mask spans the frame from 0,0 to the polygon's far corner (8 MB at 4K for a small zone in a
+        # corner): the zone is made on the polygon moved to near 0,0 and told that shift when it triggers
+        self._shift = _Shift(corners.min(0))
+        self.zone = sv.PolygonZone(corners - self._shift.origin, triggering_anchors=_positions(config.anchors))
         self._contour = self.polygon.astype(np.float32).reshape(-1, 1, 2)
         self.occupants: dict[int, Occupant] = {}  # by a serial number: track ids change on takeover
         self._serial = 0
@@ -131,6 +170,7 @@ class ZoneCounter:
         # an occupant vanished can take it over, not one that was walking beside it (a passer-by hiding it)
         self.tracks: dict[tuple[str, int], list[float]] = {}
         self._last_pts: dict[str, float] = {}
+        self.track_memory_s = LINE_MEMORY_S  # a track seen this recently may still come back (track_memory_s)
 
     def occupancy(self) -> Counter:
         """(head, class) -> objects inside now."""
@@ -152,7 +192,7 @@ class ZoneCounter:
         ids = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)
         keep = (ids >= 0) & np.isin(_names(det), self.classes[head])
         det = det[keep]
-        inside = self.zone.trigger(det) if len(det) else np.zeros(0, bool)
+        inside = self.zone.trigger(det, coord_transform=self._shift) if len(det) else np.zeros(0, bool)
         names, ids = _names(det), det.tracker_id if len(det) else np.zeros(0, int)
         for tid in ids:
             self.tracks.setdefault((head, int(tid)), [pts, pts])[1] = pts
@@ -162,8 +202,10 @@ class ZoneCounter:
             # a second time under the old id, and the heir's exit was reported as its own)
             back = [t for t in occ.track_ids[:-1] if t in present] if occ.head == head else []
             if back:
-                occ.current_id = back[-1]
-                del occ.track_ids[occ.track_ids.index(back[-1]) + 1:]
+                occ.current_id, heirs = back[-1], occ.track_ids.index(back[-1]) + 1
+                for t in occ.track_ids[heirs:]:
+                    del occ.carried[t]
+                del occ.track_ids[heirs:]
                 occ.trail.clear()  # the heir's path; it is seen again below, on this frame
         by_current = {(o.head, o.current_id): key for key, o in self.occupants.items()}
         seen: set[int] = set()
@@ -193,9 +235,10 @@ class ZoneCounter:
             heir_of = self._absent_occupant(head, name, box, pts, seen, self.tracks[ckey][0])
             if heir_of is not None:  # the same object under a new track id: no events
                 occ = self.occupants[heir_of]
-                occ.seen(box, pts)
                 occ.current_id, occ.last_inside, occ.outside_since = tid, pts, None
+                occ.seen(box, pts)
                 occ.track_ids.append(tid)
+                self._forget_ids(occ, pts)
                 seen.add(heir_of)
                 self.candidates.pop(ckey, None)
                 continue
@@ -206,7 +249,7 @@ class ZoneCounter:
                 del self.candidates[ckey]
                 self._serial += 1
                 self.occupants[self._serial] = Occupant(head, tid, name, cand.first_pts, pts, pts, box, tid,
-                                                        track_ids=[tid], trail=cand.trail)
+                                                        track_ids=[tid], carried={tid: pts}, trail=cand.trail)
                 seen.add(self._serial)
                 events.append(self._event("zone_entered", self.occupants[self._serial], frame, pts))
         for key, occ in list(self.occupants.items()):
@@ -223,6 +266,17 @@ class ZoneCounter:
                 del self.tracks[key]
         self._last_pts[head] = pts
         return events
+
+    def _forget_ids(self, occ: Occupant, pts: float) -> None:
+        """Past TRACK_IDS_KEPT, the oldest ids the tracker can no longer give back go (the entry's id stays): a
+        parked car that flickers hands its occupant on to a new track every few seconds, for hours."""
+        extra = len(occ.track_ids) - TRACK_IDS_KEPT
+        if extra <= 0:
+            return
+        gone = [t for t in occ.track_ids[1:-1] if pts - occ.carried[t] >= self.track_memory_s][:extra]
+        for t in gone:
+            del occ.carried[t]
+        occ.track_ids[:] = [t for t in occ.track_ids if t in occ.carried]
 
     def _patience(self, occ: Occupant) -> float:
         """How long an occupant may go unseen before it has left."""
@@ -304,7 +358,8 @@ class _Totals(sv.LineZone):
 
 class PatientLineZone(sv.LineZone):
     """sv.LineZone that remembers the side a track was on while the track goes undetected for up to
-    ``memory_frames`` analysed frames and ``memory_s`` of stream time (both); sv.LineZone alone forgets it
+    ``memory_frames`` analysed frames and ``memory_s`` of stream time (both; ``memory_s`` follows the tracker's
+    horizon, CameraAnalytics.set_horizon); sv.LineZone alone forgets it
     after minimum_crossing_threshold + 1 frames. The tracker keeps a track through such gaps, and an object
     whose detections drop out right at the line (a pole or a tree there) comes back on the other side:
     forgotten, its first side is then the far one and the crossing is never counted (7 of 20 on one held-out
@@ -389,10 +444,11 @@ class CameraAnalytics:
     """Every zone and line of one camera, built for its real frame size (known once the first frame arrives)."""
 
     def __init__(self, zones: list[ZoneConfig], lines: list[LineConfig], head_classes: dict[str, list[str]],
-                 size: tuple[int, int]):
-        """``head_classes``: the camera's heads -> their class names (model order); ``size``: (width, height).
+                 size: tuple[int, int], horizon_s: float = 0.0):
+        """``head_classes``: the camera's heads -> their class names (model order); ``size``: (width, height);
+        ``horizon_s``: the tracker's (track_horizon_s), zones and lines remember a missing track for longer.
         Zones and lines whose pixel points fall outside the frame are left out and listed in ``errors``."""
-        self.size, self.head_classes = size, head_classes
+        self.size, self.head_classes, self.horizon_s = size, head_classes, 0.0  # track_memory_s(0): the defaults
         self.errors = frame_errors(zones, lines, size)
         self.zones: dict[str, ZoneCounter] = {}
         self.lines: dict[str, LineCounter] = {}
@@ -406,6 +462,19 @@ class CameraAnalytics:
                     self.zones[item.name] = ZoneCounter(item, size, classes)
                 else:
                     self.lines[item.name] = LineCounter(item, size, classes, head_classes)
+        self.set_horizon(horizon_s)
+
+    def set_horizon(self, horizon_s: float) -> None:
+        """The tracker's horizon (track_horizon_s; its settings may change live): zones and lines remember a
+        missing track for as long as the tracker may give it back."""
+        if horizon_s == self.horizon_s:
+            return
+        self.horizon_s = horizon_s
+        for zone in self.zones.values():
+            zone.track_memory_s = track_memory_s(horizon_s)
+        for line in self.lines.values():
+            for lz in line.zones.values():
+                lz.memory_s = track_memory_s(horizon_s)
 
     def __bool__(self) -> bool:
         """Zones or lines configured, those switched off included: the camera's counts hash is still written
@@ -445,7 +514,7 @@ class CameraAnalytics:
         """The analytics for new zone/line settings (a live config change): zones and lines whose settings did
         not change keep their state (occupants, counts); a changed zone keeps its occupants (ZoneCounter.inherit);
         changed lines start afresh."""
-        new = CameraAnalytics(zones, lines, self.head_classes, self.size)
+        new = CameraAnalytics(zones, lines, self.head_classes, self.size, self.horizon_s)
         for name, zone in self.zones.items():
             if name in new.zones and new.zones[name].config == zone.config:
                 new.zones[name] = zone
@@ -461,7 +530,7 @@ class CameraAnalytics:
         and counts for the heads that stay; a new head starts at zero; a dropped head's occupants and counts
         go, without zone_left events (as on a stop: they did not leave, nobody watches them any more)."""
         new = CameraAnalytics([z.config for z in self.zones.values()], [ln.config for ln in self.lines.values()],
-                              head_classes, self.size)
+                              head_classes, self.size, self.horizon_s)
         new.errors = self.errors  # those zones and lines are off: not rebuilt, still reported
         for name, zone in self.zones.items():
             new.zones[name].inherit(zone)  # the same zone with other heads: what a live change of a zone keeps

@@ -16,9 +16,9 @@ know the model's heads): at start by the controller, and by anything that change
 from __future__ import annotations
 
 import math
-from itertools import combinations
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_PIXELS = 65_536  # no camera is larger; a bigger value is a typo (or normalised units mixed up)
@@ -69,16 +69,33 @@ def _cross(o: Point, a: Point, b: Point) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def _segments_meet(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
-    """True when the closed segments p1-p2 and q1-q2 share a point (crossing or touching)."""
-    d1, d2, d3, d4 = _cross(q1, q2, p1), _cross(q1, q2, p2), _cross(p1, p2, q1), _cross(p1, p2, q2)
-    if ((d1 > 0) != (d2 > 0)) and ((d3 > 0) != (d4 > 0)) and 0 not in (d1, d2, d3, d4):
-        return True
+def _first_edges_meeting(points: list[Point]) -> tuple[int, int] | None:
+    """The first pair (i, j), i < j, of non-adjacent edges (edge e runs from point e to the next) that share a
+    point (crossing or touching), or None. All pairs at once with numpy: a loop over the pairs took 7.5 s for 64
+    zones of 256 points at config load."""
+    n = len(points)
+    p = np.asarray(points, dtype=np.float64).reshape(n, 2)
+    q = np.roll(p, -1, axis=0)
+    ex, ey = (q - p).T
+    # side[k, e]: point k against edge e's line, _cross(p[e], q[e], p[k]) in the same float operations; edges i and
+    # j cross where each one's ends are strictly on either side of the other's line
+    side = ex * (p[:, 1, None] - p[:, 1]) - ey * (p[:, 0, None] - p[:, 0])
+    ahead = np.roll(side, -1, axis=0)  # [i, e]: point i + 1, the other end of edge i
+    left, ahead_left = side > 0, ahead > 0
+    zero = (side == 0) | (ahead == 0)
+    zero |= zero.T
+    pairs = np.triu(np.ones((n, n), bool), 2)  # each pair once, without neighbours (they share a vertex)
+    pairs[0, n - 1] = False
+    meet = pairs & (left != ahead_left) & (left.T != ahead_left.T) & ~zero
+    i, j = np.nonzero(pairs & zero)  # or touch: an end on the other edge's line, within the edge's box
+    lo, hi = np.minimum(p, q), np.maximum(p, q)
 
-    def on(a: Point, b: Point, c: Point, d: float) -> bool:  # c collinear with a-b and within its box
-        return d == 0 and min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
+    def on(e: np.ndarray, k: np.ndarray) -> np.ndarray:
+        return (side[k, e] == 0) & (lo[e] <= p[k]).all(1) & (p[k] <= hi[e]).all(1)
 
-    return on(q1, q2, p1, d1) or on(q1, q2, p2, d2) or on(p1, p2, q1, d3) or on(p1, p2, q2, d4)
+    meet[i, j] |= on(j, i) | on(j, (i + 1) % n) | on(i, j) | on(i, (j + 1) % n)
+    first = np.flatnonzero(meet)
+    return divmod(int(first[0]), n) if len(first) else None
 
 
 def polygon_problem(points: list[Point]) -> str | None:
@@ -92,12 +109,10 @@ def polygon_problem(points: list[Point]) -> str | None:
                max(p[1] for p in points) - min(p[1] for p in points))
     if all(abs(_cross(points[0], points[1], p)) <= 1e-9 * span ** 2 for p in points[2:]):
         return "encloses no area: its points are collinear (the polygon is degenerate)"
-    edges = [(i, (i + 1) % n) for i in range(n)]
-    for (a, b), (c, d) in combinations(edges, 2):
-        if len({a, b, c, d}) < 4:  # neighbours share a vertex by construction
-            continue
-        if _segments_meet(points[a], points[b], points[c], points[d]):
-            return f"edges {a}-{b} and {c}-{d} cross (the polygon is self-intersecting)"
+    crossing = _first_edges_meeting(points)
+    if crossing is not None:
+        a, c = crossing
+        return f"edges {a}-{(a + 1) % n} and {c}-{(c + 1) % n} cross (the polygon is self-intersecting)"
     # Neighbouring edges may still fold back onto each other (a spike): collinear and overlapping.
     for i in range(n):
         a, b, c = points[i - 1], points[i], points[(i + 1) % n]

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import redis
 
-from workers.analytics import CameraAnalytics
+from workers.analytics import CameraAnalytics, track_horizon_s
 from workers.analytics_settings import analytics_errors
 from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
@@ -540,6 +540,7 @@ class CameraPipeline:
                 self.last_error = reason
                 log.warning("camera %s: %s", self.id, reason)
                 self._event("analytics_error", {"reason": reason})
+        self.analytics.set_horizon(track_horizon_s(self.camera.tracker))  # a track it may give back is remembered
         return self.analytics
 
     def _motion_gate(self) -> MotionGate | None:
