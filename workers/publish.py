@@ -8,11 +8,14 @@ Delivery guarantees of one Publisher instance (a restarted StreamActor has a new
   sent again after a lost reply (a socket timeout on a frozen Redis) writes nothing twice. Every message
   ends in exactly one of stats()["sent"], ["rejected"] (Redis refused it for good, e.g. WRONGTYPE on its
   key: retrying cannot fix that and would block the rest), ["dropped"] or ["queued"]. Not covered: a
-  Redis that loses what it acknowledged (a restart without persistence, a failover to a lagging replica).
+  Redis that loses what it acknowledged (a restart without persistence, a failover to a lagging replica), or
+  that evicts the Publisher's state hash (under a `volatile-*` maxmemory-policy, the one key of ours with a
+  TTL): a resend after a lost reply may then write messages twice, which is logged (workers/redis_writer.py).
 - Bounded: at most `buffer` detection+event messages wait; when full the OLDEST is dropped and counted. Once
   the backlog is delivered, a `publisher_dropped` event says how many were lost. Its camera is the camera of
   all dropped messages, or "*" if they came from several. A message dropped after a send that may have
-  reached Redis is counted once the next write tells whether it did (at close, as dropped). Camera status is
+  reached Redis is counted once the next write tells whether it did (at close, as dropped); a send that
+  never left (Redis unreachable) or that Redis refused whole (out of memory) reached nothing. Camera status is
   not buffered: the latest value per camera wins, and it is written even while Redis is out of memory.
 - Failures are visible: stats() has failing / failing_since / last_error while writes fail, and when they
   succeed again one `publisher_error` event gives the first error (redacted), duration_s and retries.
@@ -27,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import secrets
 import threading
 import time
@@ -132,6 +136,17 @@ def validate(message: dict, kind: SchemaKind) -> None:
         reference.validate(message)
 
 
+def _hash_item(key: str, what: str, value: Any) -> HashValue:
+    """A hash field name or value as redis-py sends it. It refuses None, bool and numpy numbers only when the
+    send is packed, failing the whole round trip that every camera of the process shares (and every one after
+    it), and it writes a numpy float64 as 'np.float64(1.5)': so they are refused or converted here."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    raise TypeError(f"set_hash {key}: {what} is {type(value).__name__} {value!r}; expected str, bytes, int or float")
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy scalars and arrays
         return obj.tolist()
@@ -215,6 +230,9 @@ class _Round(NamedTuple):
     status_gen: int
     hashes: dict[str, dict[str, HashValue]]
     drained: bool  # after this batch, the backlog is delivered
+    keep_from: int  # the oldest seq whose refusal Redis must keep and report (an undecided entry's, or the batch's)
+    expected: bool  # it carries again what a send carried, and one was applied: the dedup state must be in Redis
+    sent_max_before: int  # the Publisher's _sent_max before this round
 
     @property
     def idle(self) -> bool:  # nothing to write: the send is a PING that tells whether Redis answers
@@ -248,6 +266,7 @@ class WriterThread:
         self._publishers: list[Publisher] = []
         self._stopping = False
         self.round_trips = 0  # sends, each carrying what every due Publisher had (written by the thread only)
+        self._ping_first = False  # the last round trip failed: the next send begins with a PING (see _send)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     def publisher(self, prefix: str = "hv", maxlen: int = 10_000, buffer: int = 2_000,
@@ -292,9 +311,10 @@ class WriterThread:
             if rounds is None:
                 break
             began = time.monotonic()
-            for (publisher, round_), outcome in zip(rounds, self._send(rounds)):
+            outcomes, sent = self._send(rounds)
+            for (publisher, round_), outcome in zip(rounds, outcomes):
                 try:
-                    publisher._finish(round_, outcome, began)
+                    publisher._finish(round_, outcome, began, sent)
                 except Exception:  # a bug in one camera's bookkeeping must not stop the other cameras' writes
                     log.exception("publisher: settling a send failed")
                     with self.work:
@@ -315,14 +335,21 @@ class WriterThread:
             self.work.wait(min([1.0, *later]))
         return None
 
-    def _send(self, rounds: list[tuple["Publisher", _Round]]) -> list[Any]:
+    def _send(self, rounds: list[tuple["Publisher", _Round]]) -> tuple[list[Any], bool]:
         """One round trip for all rounds (another after a script load): each round's WriteResult, None for an
-        idle round when Redis answered, or the exception its send failed with."""
+        idle round when Redis answered, or the exception its send failed with; and whether the calls were sent.
+        After a failed round trip a PING goes first: while Redis cannot be reached no send goes out, so the
+        messages the retries carry are not kept as maybe in Redis (for as long as the outage lasts)."""
         outcomes: list[Any] = [_UNSENT] * len(rounds)
         todo = [i for i, (_, r) in enumerate(rounds) if not r.idle]
+        sent = False
         try:
+            if self._ping_first and todo:
+                self.client.ping()
+            sent = True
             for attempt in range(3):  # a script load, then a switch to the bodies without shebang: twice at most
-                commands = [p._batch_writer.batch_command(r.trip, r.batch, r.statuses, r.hashes)
+                commands = [p._batch_writer.batch_command(r.trip, r.batch, r.statuses, r.hashes, r.keep_from,
+                                                          r.expected)
                             for p, r in (rounds[i] for i in todo)]
                 replies = self._execute(commands)
                 outcomes = [None if o is _UNSENT and r.idle else o for o, (_, r) in zip(outcomes, rounds)]
@@ -331,9 +358,11 @@ class WriterThread:
                 todo = [i for i in todo if outcomes[i] is _UNSENT]
                 if not todo:
                     break
+            self._ping_first = False
         except Exception as exc:  # noqa: BLE001 - the round trip failed (connection, timeout): what it carried failed
             outcomes = [exc if o is _UNSENT else o for o in outcomes]
-        return outcomes
+            self._ping_first = True
+        return outcomes, sent
 
     @staticmethod
     def _outcome(item: tuple["Publisher", _Round], reply: Any, last: bool) -> Any:
@@ -400,6 +429,7 @@ class Publisher:
         # The WriterThread's view, written by it: a send in flight, failures in a row, when the next try may
         # go (monotonic), the last send that reached Redis (monotonic).
         self._in_flight, self._failures, self._retry_at, self._last_ok = False, 0, 0.0, 0.0
+        self._applied = False  # a batch of it was applied: its dedup state must be in Redis from now on
 
     def start(self) -> "Publisher":
         """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
@@ -434,9 +464,12 @@ class Publisher:
     def set_hash(self, key: str, fields: dict[str, HashValue]) -> None:
         """Replaces the hash ``key`` with ``fields`` (bytes allowed): latest value wins, like set_status, and it
         is written inside the next batch's atomic script, so it never shows counts older than the events sent
-        with them. Not buffered beyond that latest value; not written while Redis is out of memory."""
+        with them. Not buffered beyond that latest value; not written while Redis is out of memory. Values are
+        str, bytes, int or float (numpy numbers are taken as theirs); others raise TypeError here."""
+        fields = {_hash_item(key, "field name", name): _hash_item(key, f"field {name!r}", value)
+                  for name, value in fields.items()}
         with self._lock:
-            self._hashes[key] = dict(fields)
+            self._hashes[key] = fields
             self._status_gen += 1
             self._work.notify()
 
@@ -536,15 +569,21 @@ class Publisher:
         batch = list(itertools.islice(self._queue, MAX_BATCH))
         statuses, status_gen = dict(self._status), self._status_gen
         hashes, self._hashes = self._hashes, {}
+        expected = self._applied and bool(batch) and batch[0].seq <= self._sent_max
+        sent_max_before = self._sent_max
         self._status.clear()
         self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
         self._trip += 1
         self._in_flight = True
-        return _Round(self._trip, batch, statuses, status_gen, hashes, len(batch) == len(self._queue))
+        keep_from = min([batch[0].seq] + [e.seq for e in self._undecided]) if batch else 0
+        return _Round(self._trip, batch, statuses, status_gen, hashes, len(batch) == len(self._queue), keep_from,
+                      expected, sent_max_before)
 
-    def _finish(self, round_: _Round, outcome: WriteResult | Exception | None, began: float) -> None:
+    def _finish(self, round_: _Round, outcome: WriteResult | Exception | None, began: float,
+                sent: bool = True) -> None:
         """The outcome of a send that began at ``began`` (monotonic): its result, None (a PING answered) or
-        the exception it failed with. Called by the WriterThread without the lock."""
+        the exception it failed with; ``sent``: False when it never left (Redis could not be reached). Called
+        by the WriterThread without the lock."""
         if not isinstance(outcome, Exception):
             self._failures, self._last_ok = 0, time.monotonic()
             self._succeeded(round_, outcome)
@@ -553,7 +592,9 @@ class Publisher:
             left = round_.statuses
             if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
                 left = self._write_statuses_despite_oom(round_.statuses)
-            self._failed(outcome, began, round_, left)
+            # Neither a send that never left nor one Redis refused whole for memory can have applied anything.
+            self._failed(outcome, began, round_, left,
+                         applied=sent and not isinstance(outcome, redis.exceptions.OutOfMemoryError))
         with self._lock:
             if self._closed and self not in self._writer._publishers:  # detached while this send was in flight
                 self._disconnected()
@@ -591,6 +632,7 @@ class Publisher:
                 log.warning("publisher reconnected to Redis")
             self._connected = True
             if result is not None:
+                self._applied = True
                 self._settle(round_.batch, result)
             self._status_done = max(self._status_done, round_.status_gen)
             if self._episode is not None:
@@ -615,7 +657,7 @@ class Publisher:
             if batch and batch[0].seq <= entry.seq <= batch[-1].seq:
                 continue  # this very send carried it: counted above
             if entry.seq <= result.prior_seq:  # an earlier send reached Redis after all
-                self._stats["sent"] += int(entry.own is None)
+                self._stats["rejected" if -entry.seq in rejected else "sent"] += int(entry.own is None)
             else:  # no send applied it, and none older can now (they are stale): lost
                 self._lost(entry)
         self._undecided.clear()
@@ -625,7 +667,7 @@ class Publisher:
             texts = [self._redact(t) for t in [r for _, r in result.rejected] + result.errors]
             self._last_error = texts[0]
             log.error("Redis rejected %d message(s) and %d other write(s) of a batch: %s",
-                      len(result.rejected), len(result.errors), texts[0])
+                      len(result.rejected), len(result.errors), "; ".join(list(dict.fromkeys(texts))[:3]))
 
     def _end_episode(self) -> None:
         episode, self._episode = self._episode, None
@@ -637,12 +679,20 @@ class Publisher:
         log.warning("publisher writes to Redis again after %.1f s and %d failed attempts (first error: %s)",
                     duration, episode.failures, episode.reason)
 
-    def _failed(self, exc: Exception, began: float, round_: _Round, left: dict[str, str | None]) -> None:
+    def _failed(self, exc: Exception, began: float, round_: _Round, left: dict[str, str | None],
+                applied: bool = True) -> None:
         """began: monotonic time the failed attempt started (a timeout is noticed seconds later); left: the
-        round's statuses still to write (none when written despite the error, see _finish)."""
+        round's statuses still to write (none when written despite the error, see _finish); applied: False
+        when the send certainly applied nothing."""
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._in_flight = False
+            if not applied:  # what only this send carried is not in Redis: dropped meanwhile, it is lost now
+                self._sent_max = round_.sent_max_before
+                lost = [e for e in self._undecided if e.seq > self._sent_max]
+                self._undecided = [e for e in self._undecided if e.seq <= self._sent_max]
+                for entry in lost:
+                    self._lost(entry)
             self._retry_at = time.monotonic() + self._backoff.compute(self._failures)
             for camera, data in left.items():  # put back unless a newer value came meanwhile
                 self._status.setdefault(camera, data)

@@ -19,8 +19,18 @@ entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or 
 a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
 a newer one, and the newer one carried everything it had (the queue is re-sent from its head, and
 statuses that failed are put back unless a newer one came). The hash expires a day after its last write.
-It also keeps the entries Redis refused (`rejected`) until a batch starts after them: a resend after a lost
-reply skips them, and reports them refused again, so they are not counted as sent.
+It also keeps the entries Redis refused (`rejected`) until a batch starts after them, or after ``keep_from``
+(the Publisher's oldest entry whose fate it has not heard of, one that left its full buffer while the send
+carrying it was unanswered): a resend after a lost reply skips them and reports them refused again, those
+before the batch as (-seq, reason), so they are not counted as sent.
+
+Not covered: Redis losing the state hash. Under a `volatile-*` maxmemory-policy it is the one key of ours with a
+TTL, so it is what Redis evicts first when memory is full; a resend after a lost reply then writes again what
+the lost send had written, and nothing can tell afterwards what that was. When the Publisher says the state
+must exist (a batch of it was applied, and this one carries again what an earlier send carried: ``expected``)
+and the script finds none, it says so among the errors, so that the possible duplicates are logged. Use
+`noeviction` (or `allkeys-lru`/`-lfu`: the state is written with every batch, so it is among the last keys
+they evict).
 
 Errors inside a running script do not roll back what it wrote, so every write in it goes through
 redis.pcall: an entry whose XADD fails (WRONGTYPE on its key) is rejected for good and the batch goes on; a
@@ -72,33 +82,43 @@ local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
 """ + _STATUSES_LUA
 
 # KEYS: state hash, camera status hash, then the stream of each entry, then each hash to replace.
-# ARGV: trip, maxlen, ttl_s, number of hashes, then seq, channel ('' = none), data per entry, then per hash
-# its number of fields and its field/value pairs, then status pairs.
+# ARGV: trip, maxlen, ttl_s, number of hashes, keep_from, expected ('1': the state must exist), then seq,
+# channel ('' = none), data per entry, then per hash its number of fields and its field/value pairs, then
+# status pairs.
 BATCH_BODY = _COMMON_LUA + """
 if stale then return {prior, 1, {}, {}, {}} end
 local m = tonumber(ARGV[4])
 local n = #KEYS - 2 - m
+local rejected, reasons, errors = {}, {}, {}
+if ARGV[6] == '1' and redis.call('EXISTS', state) == 0 then
+  errors[1] = 'publisher state ' .. state .. ' was gone (evicted under a volatile-* maxmemory-policy, or Redis '
+    .. 'restarted empty): what this send carried again after a lost reply may now be in Redis twice'
+end
 -- The state first, with redis.call: it is the write at which Redis < 7 refuses a script over maxmemory.
 -- Entries come in seq order and each one is applied or rejected for good, so the last seq is known now.
-local last = n > 0 and tonumber(ARGV[3 * n + 2]) or 0
+local last = n > 0 and tonumber(ARGV[3 * n + 4]) or 0
 redis.call('HSET', state, 'seq', math.max(prior, last), 'trip', trip)
 redis.call('EXPIRE', state, ARGV[3])
-local rejected, reasons, errors = {}, {}, {}
 -- Refusals of entries that a send whose reply was lost may have carried ({seq, reason, ...}, msgpack). They
--- come again (skipped below) and are reported refused again; kept until a batch starts after them.
-local first = n > 0 and tonumber(ARGV[5]) or 0
+-- come again (skipped below) and are reported refused again, and so are those before the batch (as -seq)
+-- from keep_from on: the Publisher has not heard of them yet. Kept until a batch starts after them.
+local first = n > 0 and tonumber(ARGV[7]) or 0
 local before, kept, refused, changed = redis.call('HGET', state, 'rejected'), {}, {}, false
 if before then
   before = cmsgpack.unpack(before)
   for j = 1, #before, 2 do
-    if before[j] >= first then
+    if before[j] >= tonumber(ARGV[5]) then
       refused[before[j]] = before[j + 1]
       kept[#kept + 1] = before[j]; kept[#kept + 1] = before[j + 1]
+      if before[j] < first then
+        rejected[#rejected + 1] = -before[j]
+        reasons[#reasons + 1] = before[j + 1]
+      end
     else changed = true end
   end
 end
 for i = 1, n do
-  local seq, channel, data = tonumber(ARGV[3 * i + 2]), ARGV[3 * i + 3], ARGV[3 * i + 4]
+  local seq, channel, data = tonumber(ARGV[3 * i + 4]), ARGV[3 * i + 5], ARGV[3 * i + 6]
   if seq > prior then
     local err = failed(redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV[2], '*', 'data', data))
     if err then
@@ -116,7 +136,7 @@ end
 if changed and #kept > 0 then redis.call('HSET', state, 'rejected', cmsgpack.pack(kept))
 elseif changed then redis.call('HDEL', state, 'rejected') end
 -- Hashes replaced whole (analytics counts, snapshots): latest value wins, a field that went away goes away.
-local a = 3 * n + 5
+local a = 3 * n + 7
 for j = 1, m do
   local key, count = KEYS[2 + n + j], tonumber(ARGV[a])
   errors[#errors + 1] = failed(redis.pcall('DEL', key))
@@ -149,7 +169,9 @@ class StreamEntry(Protocol):
 
 class WriteResult(NamedTuple):
     prior_seq: int  # the highest seq this Publisher had applied before this call
-    rejected: list[tuple[int, str]]  # (index in the batch, error) of entries Redis refused for good
+    # (index in the batch, error) of entries Redis refused for good; (-seq, error) for one before the batch
+    # (from keep_from on) that an earlier send carried
+    rejected: list[tuple[int, str]]
     errors: list[str]  # other writes that failed: a PUBLISH, a status HSET/HDEL
 
 
@@ -196,14 +218,18 @@ class BatchWriter:
         self.shebang, self._scripts = False, self._register(BATCH_BODY, STATUS_BODY)
 
     def batch_command(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
-                      hashes: dict[str, dict[str, HashValue]] | None = None) -> tuple:
+                      hashes: dict[str, dict[str, HashValue]] | None = None, keep_from: int | None = None,
+                      expected: bool = False) -> tuple:
         """The EVALSHA command of ``write``, for a pipeline; its reply goes to ``batch_result``."""
-        keys, args = self._batch_call(trip, entries, statuses, hashes or {})
+        keys, args = self._batch_call(trip, entries, statuses, hashes or {}, keep_from, expected)
         return ("EVALSHA", self._scripts["batch"].sha, len(keys), *keys, *args)
 
     def _batch_call(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
-                    hashes: dict[str, dict[str, HashValue]]) -> tuple[list, list]:
-        args: list[HashValue] = [trip, self.maxlen, STATE_TTL_S, len(hashes)]
+                    hashes: dict[str, dict[str, HashValue]], keep_from: int | None,
+                    expected: bool) -> tuple[list, list]:
+        if keep_from is None:
+            keep_from = entries[0].seq if entries else 0
+        args: list[HashValue] = [trip, self.maxlen, STATE_TTL_S, len(hashes), keep_from, int(expected)]
         for e in entries:
             args += [e.seq, e.live or "", e.data]
         for fields in hashes.values():
@@ -220,10 +246,13 @@ class BatchWriter:
                            [_text(e) for e in errors])
 
     def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
-              hashes: dict[str, dict[str, HashValue]] | None = None) -> WriteResult:
+              hashes: dict[str, dict[str, HashValue]] | None = None, keep_from: int | None = None,
+              expected: bool = False) -> WriteResult:
         """XADD (+ PUBLISH) every entry not yet applied, then replace each hash in ``hashes`` (key -> fields),
-        then the statuses; raises what Redis refused it for."""
-        keys, args = self._batch_call(trip, entries, statuses, hashes or {})
+        then the statuses; raises what Redis refused it for. ``keep_from``: refusals of entries before the batch
+        from this seq on are kept and reported (default: none); ``expected``: an earlier call applied, so the
+        state hash must exist (else an error says it was lost)."""
+        keys, args = self._batch_call(trip, entries, statuses, hashes or {}, keep_from, expected)
         return self.batch_result(trip, self._call("batch", keys, args))
 
     def write_statuses(self, trip: int, statuses: dict[str, str | None]) -> list[str]:
