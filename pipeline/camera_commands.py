@@ -129,6 +129,8 @@ class RedisChannel:
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
     def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
+        import redis
+
         from pipeline.control import redis_now
 
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
@@ -143,8 +145,17 @@ class RedisChannel:
         after = last[0][0] if last else "0-0"
         entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
         deadline = time.monotonic() + self.timeout
+        lost: Exception | None = None
         while (left := deadline - time.monotonic()) > 0:
-            for _, entries in self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1) or []:
+            try:
+                reply = self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                # Redis restarting while the service applies the command: the service answers once it is back
+                lost = e
+                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+                continue
+            lost = None
+            for _, entries in reply or []:
                 for result_id, fields in entries:  # not entry_id: unanswered() below needs the command's
                     after = result_id
                     try:  # another writer's entry, not JSON or not an object, is not our answer
@@ -153,10 +164,17 @@ class RedisChannel:
                         continue
                     if answer.get("request_id") == command["request_id"]:
                         return answer
+        if lost is not None:
+            raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
+                            f"({type(lost).__name__}): the command may have been applied (see `cameras list`)")
         from pipeline.control import unanswered  # only now: the command side's imports are not the CLI's
 
-        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
-                        + unanswered(self.client, self.key, entry_id))
+        what = unanswered(self.client, self.key, entry_id)
+        try:  # else it stays in the stream for ever (a camera password in it too); a service that read it has it
+            self.client.xdel(self.key, entry_id)
+        except redis.ResponseError:
+            pass  # an ACL without XDEL: it expires unapplied all the same
+        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: {what}")
 
 
 def _answer(value: Any) -> dict:

@@ -22,7 +22,9 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   handled again by whoever claims it. Make handlers idempotent (e.g. by the message's stream id).
 - Poison messages: an entry delivered more than ``max_deliveries`` times (its handler keeps failing or
   crashing the consumer), or one that is not valid JSON, is copied to ``{stream}:dead`` with its id and
-  delivery count, and acknowledged, so it stops blocking the group.
+  delivery count, and acknowledged, so it stops blocking the group. Redis counts a delivery of a whole batch at
+  once, so an entry delivered no more often than an older one of its batch is buried only once this consumer saw
+  it fail: a consumer crash-looping on one message does not bury the rest of its batch with it.
 - Entries trimmed away (MAXLEN) while still pending are acknowledged and counted in ``stats["trimmed"]``:
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
 - A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
@@ -109,6 +111,7 @@ class GroupConsumer:
         self._cursor = {s: "0" for s in self.streams}
         self._claim_cursor = {s: "0-0" for s in self.streams}
         self._next_claim = 0.0
+        self._tried: set[tuple[str, str]] = set()  # handed out by this consumer, not acknowledged nor handed back
         self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0}
         self.ensure_groups()
 
@@ -144,6 +147,7 @@ class GroupConsumer:
             # claim_idle_ms under this consumer's name.
             self._release(out[limit:])
             out = out[:limit]
+        self._tried.update((m.stream, m.id) for m in out)
         return out
 
     def _group_lost(self, error: redis.ResponseError) -> None:
@@ -168,6 +172,7 @@ class GroupConsumer:
         for m in messages:
             by_stream.setdefault(m.stream, []).append(m.id)
             self.stats["claimed" if m.claimed else "delivered"] -= 1
+            self._tried.discard((m.stream, m.id))
         for s, ids in by_stream.items():
             self.client.xclaim(s, self.group, self.consumer, 0, ids, idle=self.claim_idle_ms, justid=True)
 
@@ -271,6 +276,7 @@ class GroupConsumer:
     def _decode(self, stream: str, entries: list, history: bool) -> list[Message]:
         out = []
         deliveries = self._deliveries(stream, [_text(i) for i, _ in entries]) if history and entries else {}
+        most = 0  # the most deliveries of an entry older in this batch
         for entry_id, fields in entries:
             entry_id = _text(entry_id)
             if not fields:  # pending but trimmed or deleted from the stream: redis-py gives {} (XADD needs a field)
@@ -283,7 +289,11 @@ class GroupConsumer:
                 self._bury(stream, entry_id, fields, 0, f"not a JSON message: {type(e).__name__}")
                 continue
             n = deliveries.get(entry_id, 1)
-            if n > self.max_deliveries:
+            older, most = most, max(most, n)
+            # Redis counts a delivery of each entry a read returns, while the handler takes them one at a time: a
+            # consumer crash-looping on one had the younger ones of its batch, never handed to it, counted with it
+            # and buried with it. One delivered no more often than an older one is buried if it was seen to fail.
+            if n > self.max_deliveries and (n > older or (stream, entry_id) in self._tried):
                 self._bury(stream, entry_id, fields, n, f"delivered {n} times without being acknowledged")
                 continue
             out.append(Message(stream, entry_id, data, claimed=history))
@@ -306,6 +316,7 @@ class GroupConsumer:
         pipe.xadd(f"{stream}:dead", dead, maxlen=10_000, approximate=True)
         pipe.xack(stream, self.group, entry_id)
         pipe.execute()
+        self._tried.discard((stream, entry_id))
         self.stats["dead"] += 1
         log.warning("%s %s moved to %s:dead: %s", stream, entry_id, stream, reason)
 
@@ -314,6 +325,7 @@ class GroupConsumer:
         by_stream: dict[str, list[str]] = {}
         for m in messages:
             by_stream.setdefault(m.stream, []).append(m.id)
+            self._tried.discard((m.stream, m.id))
         for s, ids in by_stream.items():
             self.stats["acked"] += int(self.client.xack(s, self.group, *ids))
 

@@ -10,7 +10,7 @@ deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC, trie
 remembers what it acknowledged, and a command a crashed controller took but never acknowledged is applied by
 the next one (the cameras it started died with it).
 Commands sent while no controller runs wait for the next one, unless they carry ``expires`` (unix
-seconds): `hydravision cameras` sets it to its own timeout.
+seconds): `hydravision cameras` sets it to its own timeout, and deletes its command when that passed unanswered.
 
 Who may send commands is Redis's to decide (ACLs on the key); ``user`` is declared by the sender (the
 CLI sends its ``ACL WHOAMI``) and recorded as ``by: redis:<user>`` in the result and the audit event.
@@ -145,6 +145,7 @@ class ControlConsumer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-control", daemon=True)
         self.handled = 0
+        self._results: dict[str, dict[str, Any]] = {}  # the latest commands' results by entry id: see _handle
 
     def start(self) -> "ControlConsumer":
         self._thread.start()
@@ -194,7 +195,12 @@ class ControlConsumer:
                 self._stop.wait(_backoff(failures))
 
     def _handle(self, entry_id: str, fields: dict, redelivered: bool) -> None:
-        result = self._apply(entry_id, fields, redelivered)
+        # A command read again after it was applied: Redis came back from a restart without its delivery (its
+        # persistence a second behind), and without the answer. The same answer again, not a second application.
+        result = self._results.pop(entry_id, None) or self._apply(entry_id, fields, redelivered)
+        self._results[entry_id] = result
+        if len(self._results) > 1000:
+            del self._results[next(iter(self._results))]
         if self._answer(entry_id, result):
             self.handled += 1
 
@@ -235,7 +241,14 @@ class ControlConsumer:
         failures = 0
         while True:
             try:
-                if failures and not self._pending(entry_id):
+                pending = self._pending(entry_id) if failures else True
+                if pending is None:
+                    # The group is gone: Redis restarted empty under the failed try (or the stream was deleted), and
+                    # the command with it, but not its effect. The answer alone, or its sender waits out its timeout.
+                    self._client.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen,
+                                      approximate=True)
+                    return True
+                if not pending:
                     return True  # the failed try's EXEC ran, only its reply was lost: no second answer
                 # The answer and the acknowledgement, both or neither; and the command goes from the stream, so
                 # a camera password it carried does not stay in Redis (the answer holds none).
@@ -256,12 +269,13 @@ class ControlConsumer:
                                 self.key, entry_id, result.get("status"))
                     return False
 
-    def _pending(self, entry_id: str) -> bool:
+    def _pending(self, entry_id: str) -> bool | None:
+        """Whether the command still waits for its acknowledgement; None when the group is gone."""
         try:
             return bool(self._client.xpending_range(self.key, self.group, min=entry_id, max=entry_id, count=1))
         except redis.ResponseError as e:
             if "NOGROUP" in str(e):
-                return False  # the stream or its group was deleted: nothing is left to acknowledge
+                return None  # the stream or its group was deleted: nothing is left to acknowledge
             raise
 
     def _deliveries(self, entry_id: str) -> int:

@@ -295,15 +295,22 @@ def test_update_over_the_cli_heads_from_the_next_frame_url_reconnects_that_camer
     assert gap < MAX_GAP_S, gap
 
 
-def test_the_cli_without_a_service_says_so_and_its_command_expires_unapplied(redis_server, capsys):
+def test_the_cli_without_a_service_says_so_and_takes_its_command_back(redis_server, capsys):
+    import threading
+
     client = redis_server.client()
-    started = time.time()
+    started, read = time.time(), []
+    # what the stream held, read beside the CLI (a plain XREAD from the start: no group, so no service read it)
+    reader = threading.Thread(target=lambda: read.extend(client.xread({"hv:control": "0-0"}, block=10_000) or []))
+    reader.start()
     assert cli(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "1"]) == 2
+    reader.join()
     assert "no answer on hv:control:results within 1 s" in capsys.readouterr().err
-    (_, fields), = client.xrange("hv:control")
+    [(_, [(_, fields)])] = read
     command = json.loads(fields[b"data"])
     assert command["op"] == "remove" and command["id"] == "lobby" and command["user"] == "default"
-    assert started < command["expires"] <= time.time()  # a controller starting later rejects it unapplied
+    assert started < command["expires"] <= time.time()  # a controller that read it late rejects it unapplied
+    assert client.xlen("hv:control") == 0  # taken back at the timeout: it stays in Redis no longer
 
 
 @pytest.mark.timeout(180)
