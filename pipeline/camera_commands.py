@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,7 +130,8 @@ class RedisChannel:
     def _send(self, op: str, camera_id: str | None, body: dict | None) -> dict:
         import redis
 
-        from pipeline.control import redis_now
+        # only now: the command side's imports are not the CLI's
+        from pipeline.control import await_answer, redis_now, take_back, unanswered
 
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
                                    "expires": redis_now(self.client) + self.timeout}  # the service checks on it
@@ -144,36 +144,15 @@ class RedisChannel:
         last = self.client.xrevrange(self.results, count=1)
         after = last[0][0] if last else "0-0"
         entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
-        deadline = time.monotonic() + self.timeout
-        lost: Exception | None = None
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                reply = self.client.xread({self.results: after}, block=int(min(left, 5) * 1000) + 1)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                # Redis restarting while the service applies the command: the service answers once it is back
-                lost = e
-                time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-                continue
-            lost = None
-            for _, entries in reply or []:
-                for result_id, fields in entries:  # not entry_id: unanswered() below needs the command's
-                    after = result_id
-                    try:  # another writer's entry, not JSON or not an object, is not our answer
-                        answer = _answer(json.loads(fields[b"data"]))
-                    except (KeyError, ValueError):
-                        continue
-                    if answer.get("request_id") == command["request_id"]:
-                        return answer
-        if lost is not None:
+        try:
+            answer = await_answer(self.client, self.results, command["request_id"], after, self.timeout)
+        except (redis.ConnectionError, redis.TimeoutError) as lost:
             raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
-                            f"({type(lost).__name__}): the command may have been applied (see `cameras list`)")
-        from pipeline.control import unanswered  # only now: the command side's imports are not the CLI's
-
-        what = unanswered(self.client, self.key, entry_id)
-        try:  # else it stays in the stream for ever (a camera password in it too); a service that read it has it
-            self.client.xdel(self.key, entry_id)
-        except redis.ResponseError:
-            pass  # an ACL without XDEL: it expires unapplied all the same
+                            f"({type(lost).__name__}): the command may have been applied (see `cameras list`)") from None
+        if answer is not None:
+            return answer
+        what = unanswered(self.client, self.key, entry_id)  # before take_back: it reads where the command stands
+        take_back(self.client, self.key, entry_id)
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: {what}")
 
 

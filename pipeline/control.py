@@ -69,6 +69,45 @@ def unanswered(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
             "it expires unapplied)")
 
 
+def await_answer(client: redis.Redis, results: str, request_id: str, after: bytes | str, timeout_s: float,
+                 stop: threading.Event | None = None) -> dict | None:
+    """The answer (an entry on ``results`` after id ``after`` whose JSON carries ``request_id``) to a command a
+    sender just added, or None when none came within ``timeout_s`` or ``stop`` was set (checked every second).
+    A Redis restart meanwhile is waited out: the service answers once Redis is back; raises the connection
+    error when Redis is still away at the end (the command may have been applied)."""
+    deadline, lost = time.monotonic() + timeout_s, None
+    while (left := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
+        try:
+            reply = client.xread({results: after}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            lost = e
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            continue
+        lost = None
+        for _, entries in reply or []:
+            for result_id, fields in entries:
+                after = result_id
+                try:  # another writer's entry, not JSON or not an object, is not the answer
+                    answer = json.loads(fields[b"data"])
+                except (KeyError, ValueError):
+                    continue
+                if isinstance(answer, dict) and answer.get("request_id") == request_id:
+                    return answer
+    if lost is not None:
+        raise lost
+    return None
+
+
+def take_back(client: redis.Redis, key: str, entry_id: bytes | str) -> None:
+    """Deletes a sender's own command that got no answer in time (after ``unanswered``, which reads where it
+    stands): else it stays in the stream for ever, a camera password in it too. A service that read it has it;
+    one that reads it later would reject it as expired anyway. An ACL without XDEL leaves it to that."""
+    try:
+        client.xdel(key, entry_id)
+    except redis.ResponseError:
+        pass
+
+
 def results_key(prefix: str) -> str:
     return f"{prefix}:control:results"
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 
 import redis
 
-from pipeline.control import control_key, redis_now, results_key, unanswered
+from pipeline.control import await_answer, control_key, redis_now, results_key, take_back, unanswered
 
 ALIVE_MS = 5000
 USER = "dashboard"
@@ -60,24 +59,20 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
     last = top[0][0] if top else "0-0"
     body = {**command, "request_id": request_id, "user": USER, "expires": round(redis_now(client) + timeout_s, 3)}
     entry_id = client.xadd(control_key(prefix), {"data": json.dumps(body)})
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        if stop is not None and stop.is_set():  # else the dashboard's shutdown waited out the whole timeout
-            return {"status": "timeout", "request_id": request_id, "reason": "the dashboard stopped before the "
-                    "controller answered: " + unanswered(client, control_key(prefix), entry_id)}
-        reply = client.xread({results_key(prefix): last}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
-        for _, entries in reply or []:
-            for result_id, fields in entries:
-                last = result_id
-                try:
-                    result = json.loads(fields[b"data"])
-                except (KeyError, ValueError):
-                    continue
-                if isinstance(result, dict) and result.get("request_id") == request_id:
-                    return result
+    try:
+        answer = await_answer(client, results_key(prefix), request_id, last, timeout_s, stop)
+    except (redis.ConnectionError, redis.TimeoutError) as lost:
+        return {"status": "timeout", "request_id": request_id, "reason": f"lost Redis while waiting for the "
+                f"answer ({type(lost).__name__}): the command may have been applied (see the cameras)"}
+    if answer is not None:
+        return answer
+    what = unanswered(client, control_key(prefix), entry_id)  # before take_back: it reads where it stands
+    take_back(client, control_key(prefix), entry_id)
+    if stop is not None and stop.is_set():  # else the dashboard's shutdown waited out the whole timeout
+        return {"status": "timeout", "request_id": request_id,
+                "reason": "the dashboard stopped before the controller answered: " + what}
     return {"status": "timeout", "request_id": request_id,
-            "reason": f"no answer from the controller within {timeout_s:g} s: "
-                      + unanswered(client, control_key(prefix), entry_id)}
+            "reason": f"no answer from the controller within {timeout_s:g} s: " + what}
 
 
 def add_command(camera: dict) -> dict:
