@@ -53,11 +53,13 @@ def create_app(hub: Hub):
             return response
 
     async def index(request):
-        # Text from Redis is only ever put into textContent; the policy is the second line of defence.
+        # Text from Redis is only ever put into textContent; the policy is the second line of defence. form-action:
+        # default-src does not cover it, and the page's own form is sent by its script (a form injected could post
+        # anywhere); frame-ancestors: no other site frames the page to have its Remove buttons clicked.
         return FileResponse(STATIC / "index.html", headers={
             "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
-                                       "base-uri 'none'; frame-ancestors 'none'"})
+                                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"})
 
     async def stream(request):
         q, hello = hub.subscribe()

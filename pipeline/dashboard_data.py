@@ -196,34 +196,40 @@ class Board:
         self.removed_at: dict[str, float] = {}  # camera -> when its camera_removed arrived, until a poll after it
         self.history: dict[str, deque] = {}  # camera -> (t, fps, age_p50, age_p95)
 
-    def update(self, tiles: list[dict], now: float | None = None) -> list[dict]:
-        """Takes this poll's tiles; returns every tile to show, sorted by camera."""
+    def update(self, tiles: list[dict], now: float | None = None, clock: float | None = None) -> list[dict]:
+        """Takes this poll's tiles; returns every tile to show, sorted by camera. ``now``: wall time, on the chart's
+        points (people read it); ``clock``: when the poll began on a monotonic clock (``now`` when only that is
+        given), which removals and vanished cameras are timed on: on wall time an NTP step kept a re-added camera
+        hidden, or a removed one shown, until the clock caught up."""
+        clock = (time.monotonic() if now is None else now) if clock is None else clock
         now = time.time() if now is None else now
         # a removal matters only to polls that began before it (kept longer: one entry per camera ever removed)
-        self.removed_at = {cam: at for cam, at in self.removed_at.items() if at >= now}
+        self.removed_at = {cam: at for cam, at in self.removed_at.items() if at >= clock}
         for t in tiles:
             cam = t["camera"]
-            if self.removed_at.get(cam, now - 1) >= now:  # a poll that read it before its removal landed
+            if self.removed_at.get(cam, clock - 1) >= clock:  # a poll that read it before its removal landed
                 continue
             self.removed_at.pop(cam, None)  # read after it: added again
             self.tiles[cam] = t
             self.missing_since.pop(cam, None)
             h = self.history.setdefault(cam, deque())
+            if h and h[-1][0] > round(now, 1):  # the wall clock stepped back: a chart on both would draw backwards
+                h.clear()
             h.append((round(now, 1), t["fps"], t["age_p50"], t["age_p95"]))
             while h and h[0][0] < now - self.history_s:
                 h.popleft()
         current = {t["camera"] for t in tiles}
         for cam in list(self.tiles):
             if cam not in current:
-                if now - self.missing_since.setdefault(cam, now) > self.gone_after_s:
+                if clock - self.missing_since.setdefault(cam, clock) > self.gone_after_s:
                     self.remove(cam)
                 else:
                     self.tiles[cam] = {**self.tiles[cam], "missing": True}
         return self.all()
 
     def remove(self, camera: str, at: float | None = None) -> None:
-        """``at``: when the camera was removed for good (its camera_removed event): a poll that began earlier
-        does not bring it back."""
+        """``at``: when the camera was removed for good (its camera_removed event), on ``update``'s ``clock``: a
+        poll that began earlier does not bring it back."""
         for d in (self.tiles, self.missing_since, self.history):
             d.pop(camera, None)
         if at is not None:

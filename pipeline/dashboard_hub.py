@@ -210,7 +210,7 @@ class Hub:
 
     def poll(self, client: redis.Redis) -> list[dict]:
         """One read of every camera; pushes the tiles (and returns them)."""
-        now = time.time()
+        now, clock = time.time(), time.monotonic()  # wall time for the chart, monotonic for the removals
         statuses = read_camera_statuses(client, self.prefix)  # heartbeats against Redis's clock, not this host's
         pipe = client.pipeline(transaction=False)
         for s in statuses:
@@ -256,7 +256,7 @@ class Hub:
         control = self.allow_control and control_reachable(client, self.prefix)
         with self._lock:
             self.control = control
-            shown = self.board.update(tiles, now)
+            shown = self.board.update(tiles, now, clock)
             self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
                               if c in pictures or c in self.snapshots}
             self.polls += 1
@@ -338,6 +338,6 @@ class Hub:
             removed = [e["camera"] for e in events
                        if e.get("type") == "camera_removed" and isinstance(e.get("camera"), str)]
             for cam in removed:  # removed for good: no need to wait for its status to age out
-                self.board.remove(cam, at=time.time())
+                self.board.remove(cam, at=time.monotonic())  # the poll's clock: no NTP step in between
                 self.snapshots.pop(cam, None)
         self._publish("events", {"events": events})
