@@ -303,8 +303,8 @@ class Hub:
         events = [e for e in (self._event(i, f) for i, f in reversed(entries)) if e is not None]
         with self._lock:
             self.events.extend(events)
-        if events:
-            self._publish("events", {"events": events})
+        if events:  # old ones: a page opened while Redis was down must not take a camera_removed in them as news
+            self._publish("events", {"events": events, "backlog": True})
         return entries[0][0] if entries else "0-0"
 
     def _resume_after(self, client: redis.Redis, last: bytes | str) -> bytes | str:

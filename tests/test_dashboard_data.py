@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -325,3 +326,18 @@ def test_a_poll_that_read_a_camera_before_its_removal_does_not_bring_it_back():
     board.remove("b", at=105.0)
     assert [t["camera"] for t in board.update([tile("a"), tile("b")], now=104.9)] == ["a"]
     assert [t["camera"] for t in board.update([tile("a"), tile("b")], now=106)] == ["a", "b"]  # added again
+
+
+def test_the_backlog_read_after_an_outage_reaches_the_pages_marked_as_history(redis_server, monkeypatch):
+    """A dashboard started while Redis was down reads the events' backlog once Redis answers, with pages already
+    open: it went to them as live events, and the page dropped the tile of a camera whose old camera_removed was
+    among them (one since added again)."""
+    client, k = redis_server.client(), keys("hv")
+    client.xadd(k.events, {"data": encode(event_message("camera_removed", "c"))})
+    hub, sent = Hub(redis_server.url), []
+    monkeypatch.setattr(hub, "_publish", lambda kind, payload: sent.append((kind, payload)))
+    hub._backlog(client)
+    [(kind, payload)] = sent
+    assert kind == "events" and payload["backlog"] is True and payload["events"][0]["type"] == "camera_removed"
+    app_js = (Path(__file__).resolve().parent.parent / "pipeline" / "dashboard_static" / "app.js").read_text()
+    assert "addEvents(msg.events, !msg.backlog)" in app_js  # the page's side: not live, so no tile is dropped

@@ -433,7 +433,10 @@ function connect() {
     takeTiles(tick.cameras);
     renderTiles();
   });
-  source.addEventListener("events", (m) => addEvents(JSON.parse(m.data).events));
+  source.addEventListener("events", (m) => {
+    const msg = JSON.parse(m.data);
+    addEvents(msg.events, !msg.backlog);  // the stream's history, read after a Redis outage: not live news
+  });
   source.addEventListener("redis", (m) => setRedis(JSON.parse(m.data)));
   source.onerror = () => {
     if (source.readyState !== EventSource.OPEN) notice("offline", "Lost the connection to the dashboard server; reconnecting…");
