@@ -320,7 +320,7 @@ def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_ca
     hung, healthy = _HungProcess.remote(True), _HungProcess.remote(False)
     ray.get([hung.started.remote(), healthy.started.remote()])
     app.cameras = {cid: SimpleNamespace(id=cid, process=hung if cid != "ok" else healthy, restarts=0,
-                                        config=CameraConfig(id=cid, url="synthetic://x"))
+                                        config=CameraConfig(id=cid, url="synthetic://street"))
                    for cid in ("h1", "h2", "h3", "h4", "ok")}
     app._check_inference = lambda known=None: None
     started = time.monotonic()

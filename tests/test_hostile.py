@@ -173,14 +173,13 @@ def _sizes(name: str) -> Callable[[Env], list[tuple[int, int]]]:
 
 
 # Decisions: tiny, huge-aspect and resolution-changing streams are processed (boxes are mapped back to each
-# frame's own size); a stream without a frame rate is processed at the rate FFmpeg guesses; synthetic sizes
-# beyond 8192 are refused before anything is allocated.
+# frame's own size); a stream without a frame rate is processed at the rate FFmpeg guesses. (Synthetic sizes
+# beyond 8192 are refused at config load: CLI_CASES below.)
 CASES = [
     Case("missing-file", lambda env: str(env.tmp / "no-such-clip.mp4"), "failed", ("no such file",)),
     Case("text-as-mp4", _clip("text"), "failed", ("not a video",)),
     Case("cut-index-last", _clip("cut_index_last"), "failed", ("not a video", "truncated")),
     Case("garbage-h264", _clip("garbage"), "failed", ("could be decoded",)),
-    Case("synthetic-huge", lambda env: "synthetic://street?size=99999x99999", "failed", ("size", "8192")),
     Case("refused-port", lambda env: f"rtsp://{HOST}:{free_port()}/x", "retrying", ("connection refused",), LIVE),
     Case("silent-host", lambda env: f"rtsp://{HOST}:{env.blackhole}/x", "retrying", ("no answer within 2 s",), LIVE),
     Case("wrong-rtsp-path", lambda env: env.rtsp.url + "/no-such-path", "retrying", ("404", "path"), LIVE),
@@ -512,6 +511,8 @@ CLI_CASES = {
                       "cameras[0].fsp: unknown field"),
     "wrong-type": (_run("cameras:\n  - {id: a, url: 'synthetic://street', fps: fast}\n"), "cameras[0].fps"),
     "duplicate-ids": (_run(ONE_CAMERA + "  - {id: a, url: 'synthetic://street?seed=2'}\n"), "duplicate camera id"),
+    "synthetic-huge": (_run("cameras:\n  - {id: a, url: 'synthetic://street?size=99999x99999'}\n"),
+                       "cameras[0].url: parameter 'size' must be widthxheight, each 64..8192"),
     "checkpoint-not-ours": (_run("model: {checkpoint: 'TMP/other.safetensors'}\n" + ONE_CAMERA),
                             "not a hydravision checkpoint"),
     "unset-env": (_run("cameras:\n  - {id: a, url: 'rtsp://u:${HV_TEST_UNSET}@h/x'}\n"), "hv_test_unset"),

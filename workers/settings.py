@@ -239,6 +239,16 @@ class CameraConfig(Strict):
             except ValueError:  # FFmpeg too ends the host at the first '/', '?' or '#': it dialled "admin" or so
                 raise ValueError(f"no readable host:port in {redact_url(v)!r}; a user or password holding '/', '?', "
                                  "'#' or '@' must be percent-encoded (%2F, %3F, %23, %40)") from None
+        if scheme in ("synthetic", "file"):
+            # The source's own reading, at load and for live adds and updates: a typo failed only in the camera
+            from workers.sources import SourceError, file_url_path
+            from workers.synthetic_source import parse_synthetic_url
+
+            url = v.strip()  # as open_source reads it
+            try:
+                (parse_synthetic_url if scheme == "synthetic" else file_url_path)(url)
+            except SourceError as e:  # "<url, redacted>: <cause>": the field's error shows the URL already
+                raise ValueError(str(e).removeprefix(f"{redact_url(url)}: ")) from None
         return v
 
     @field_validator("heads")

@@ -85,7 +85,10 @@ def file_url_path(url: str) -> str:
     Admission (pipeline/admission.py) checks run-time cameras' files with the same reading."""
     from urllib.parse import unquote, urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "file://[x]/a.mp4": a '[' or ']' reads as an IPv6 host; it crashed the decoder thread
+        raise SourceError.for_url("unsupported", url, f"unreadable URL ({e}); give the plain path") from None
     if parts.netloc not in ("", "localhost"):
         # The URL (redacted) heads the message; its netloc is not quoted: a password with a raw '/' splits it.
         raise SourceError.for_url("unsupported", url, "file:// URLs must be local (this one names a host)")

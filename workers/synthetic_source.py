@@ -44,7 +44,10 @@ def parse_synthetic_url(url: str) -> dict:
     def bad(cause: str) -> SourceError:
         return SourceError.for_url("unsupported", url, cause)
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "synthetic://[street": a '[' or ']' reads as an IPv6 host; it crashed the decoder thread
+        raise bad(f"unreadable URL ({e})") from None
     scene = parts.netloc or "street"
     if scene not in SCENES or parts.path not in ("", "/"):  # named as written: "synthetic:///park" is no "street/park"
         raise bad(f"unknown synthetic scene {parts.netloc + parts.path!r} (known: {', '.join(SCENES)})")
