@@ -62,6 +62,21 @@ class Message:
 
 _default_names = itertools.count(1)
 
+# XGROUP DELCONSUMER only if the consumer still holds nothing pending and is still idle, atomically.
+# KEYS: stream. ARGV: group, consumer, idle_ms. No shebang: Redis 6.2 cannot compile one.
+_FORGET_IF_IDLE = """
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] == ARGV[2] then
+    if f['pending'] ~= 0 or f['idle'] < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+
 
 def default_consumer_name() -> str:
     """host-pid, and host-pid-N for the N-th in one process: consumers under one name share one pending list, so a
@@ -250,7 +265,7 @@ class GroupConsumer:
             start, self._claim_cursor[s] = self._claim_cursor[s], _text(next_id)
             if any(entry_id is None for entry_id, _ in entries):  # Redis 6.2: nil, without its id
                 entries = [e for e in entries if e[0] is not None]
-                deleted += self._claimed_deleted(s, start, _text(next_id), {_text(i) for i, _ in entries})
+                deleted += self._claimed_deleted(s, start, _text(next_id), {_text(i) for i, _ in entries}, page)
             if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
                 self.client.xack(s, self.group, *deleted)
                 self.stats["trimmed"] += len(deleted)
@@ -259,12 +274,14 @@ class GroupConsumer:
         self.stats["claimed"] += len(out)
         return out
 
-    def _claimed_deleted(self, stream: str, start: str, next_id: str, returned: set[str]) -> list[str]:
+    def _claimed_deleted(self, stream: str, start: str, next_id: str, returned: set[str], page: int) -> list[str]:
         """The ids of entries that Redis 6.2's XAUTOCLAIM just gave this consumer as nil (deleted from the
         stream while pending): this consumer's pending entries in the range it scanned, less those it
         returned, that the stream no longer holds."""
+        # XAUTOCLAIM scans at most 10 * COUNT pending entries: the cap follows the COUNT it was given (a claim(count)
+        # above self.count scanned past a cap of self.count's, and the nils beyond it stayed pending for good)
         rows = self.client.xpending_range(stream, self.group, min=start, max="+" if next_id == "0-0" else next_id,
-                                          count=10 * self.count + 100, consumername=self.consumer)
+                                          count=10 * page + 100, consumername=self.consumer)
         candidates = [_text(r["message_id"]) for r in rows if _text(r["message_id"]) not in returned]
         if not candidates:
             return []
@@ -343,7 +360,8 @@ class GroupConsumer:
                 except GeneratorExit:
                     self._release_quietly(batch[i + 1:])
                     raise
-                self.ack(m)
+                if not self._acked(m):
+                    break
 
     def _read_through_outages(self, limit: int | None, stop: Callable[[], bool]) -> list[Message]:
         """``read``, waiting out a Redis that went away (``stop`` ends the wait): a restart fails the read blocked
@@ -364,6 +382,18 @@ class GroupConsumer:
             if failures:
                 log.warning("consumer %s of group %r reads again", self.consumer, self.group)
             return batch
+
+    def _acked(self, m: Message) -> bool:
+        """``ack``, or False where Redis went away while the message was handled (the loops waited out an outage
+        met by a read only, and ended on one met here): the message stays pending and is handled again (at least
+        once), and once Redis is back own pending entries, the rest of its batch with them, are read first."""
+        try:
+            self.ack(m)
+            return True
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning("could not acknowledge %s %s (%s): it will be handled again", m.stream, m.id, e)
+            self._cursor = {s: "0" for s in self.streams}
+            return False
 
     def _release_quietly(self, messages: list[Message]) -> None:
         """``_release`` where raising is no help (a generator being closed): a failure leaves them pending."""
@@ -392,7 +422,8 @@ class GroupConsumer:
                 except BaseException:
                     self._release_quietly(batch[i + 1:])
                     raise
-                self.ack(m)
+                if not self._acked(m):
+                    break
                 handled += 1
                 if max_messages is not None and handled >= max_messages:
                     break
@@ -402,10 +433,13 @@ class GroupConsumer:
         """Removes consumers of the group that hold nothing pending and were idle for ``idle_ms`` (the names of
         consumers that died and whose entries were claimed); returns their names."""
         gone = []
+        forget = self.client.register_script(_FORGET_IF_IDLE)
         for s in self.streams:
             for c in self.client.xinfo_consumers(s, self.group):
                 name = _text(c["name"])
                 if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
-                    self.client.xgroup_delconsumer(s, self.group, name)
-                    gone.append(name)
+                    # checked again inside the delete: one that came back since XINFO and took entries keeps them
+                    # (XGROUP DELCONSUMER destroys a consumer's pending entries: lost to the group for good)
+                    if forget(keys=[s], args=[self.group, name, idle_ms]):
+                        gone.append(name)
         return gone
