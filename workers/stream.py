@@ -603,12 +603,15 @@ class CameraPipeline:
         return {"zones": sorted(a.zones) if a else [], "lines": sorted(a.lines) if a else [],
                 "motion": self.gate.stats() if self.gate else None, "snapshots": self.snapshots.stats()}
 
+    redis_clock: "RedisClock | None" = None  # what heartbeats are timed by (CameraHost sets it); None: time.time()
+
     def publish_status(self) -> None:
         """The camera's entry in {prefix}:cameras. ``heartbeat_ts`` and ``instance`` let readers tell a live
         entry from one left behind by a service that died (see pipeline/status.py)."""
         s = self.stats()
         status = {k: s[k] for k in self.STATUS_FIELDS}
-        status.update(heartbeat_ts=round(time.time(), 3), instance=self.instance, stream_mark=self.resume.stream_mark)
+        beat = self.redis_clock.now() if self.redis_clock else time.time()
+        status.update(heartbeat_ts=round(beat, 3), instance=self.instance, stream_mark=self.resume.stream_mark)
         if cap := self._capture:  # where a restarted actor resumes the file (resume_point)
             status["playback"] = {"start": cap.playback_start, "pts_offset": cap.pts_offset}
         self.publisher.set_status(self.id, status)
@@ -658,6 +661,43 @@ class CameraPipeline:
             "target_fps": self._budget_fps or self.camera.fps,
             "budget": self.budget.stats(time.monotonic()) if self.budget else None,  # the budget's own clock
         }
+
+
+class RedisClock:
+    """The Redis server's time as this process sees it, which heartbeats are written on: readers compare them
+    with Redis's TIME (pipeline/status.py), and this host's clock may be off by more than their 10 s (a camera
+    host 30 s behind read stale for ever, one 30 s ahead never read stale after it died). TIME is asked in a
+    thread at most every ``every_s`` (the heartbeat is written every second, no round trip of its own); the
+    offset is kept against the monotonic clock, so a step of this host's wall clock changes nothing. Until the
+    first answer, and where Redis is away or refuses TIME (an ACL), this host's clock."""
+
+    def __init__(self, url: str, every_s: float = 60.0) -> None:
+        self.url, self.every_s = url, every_s
+        self.offset: float | None = None  # Redis's time minus time.monotonic()
+        self._due, self._asking = 0.0, False
+        self.now()
+
+    def now(self) -> float:
+        mono = time.monotonic()
+        if mono >= self._due and not self._asking:
+            self._due, self._asking = mono + self.every_s, True
+            threading.Thread(target=self._ask, name="hv-redis-clock", daemon=True).start()
+        return time.time() if self.offset is None else mono + self.offset
+
+    def _ask(self) -> None:
+        try:
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                client.ping()  # connected first: only TIME's own round trip is in the measurement
+                before = time.monotonic()
+                seconds, micros = client.time()
+                self.offset = seconds + micros / 1e6 - (before + time.monotonic()) / 2
+            finally:
+                client.close()
+        except (redis.RedisError, OSError, ValueError):  # kept as it was; asked again in every_s
+            pass
+        finally:
+            self._asking = False
 
 
 def _seen(fut: asyncio.Future) -> None:
@@ -746,6 +786,7 @@ class CameraHost:
         self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
                                        track_id_base=id_base, instance=self.instance, resume=resume,
                                        infer_many=self.merger.call if self.merger else service_call(replica))
+        self.pipeline.redis_clock = RedisClock(self.redis.url)  # heartbeats on the readers' clock
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.task.add_done_callback(lambda task: self._leave_merger() if task is self.task else None)
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
