@@ -215,8 +215,8 @@ def tail(args: argparse.Namespace) -> int:
                     count += 1
                     if args.count is not None and count >= args.count:
                         break
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # stopped, not finished: a script tells it from a --count reached by 128 + SIGINT
+        return 130
     return 0
 
 
@@ -274,8 +274,8 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
 
     try:
         consumer.run(show, max_messages=args.count)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # as the plain tail: 128 + SIGINT
+        return 130
     except _ReaderGone:
         raise BrokenPipeError from None  # the CLI ends quietly, as the plain tail does
     return 0
