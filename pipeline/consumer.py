@@ -126,7 +126,7 @@ class GroupConsumer:
         self._cursor = {s: "0" for s in self.streams}
         self._claim_cursor = {s: "0-0" for s in self.streams}
         self._next_claim = 0.0
-        self._tried: set[tuple[str, str]] = set()  # handed out by this consumer, not acknowledged nor handed back
+        self._tried: set[tuple[str, str]] = set()  # handed out here, not acknowledged nor handed back, still its own
         self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0}
         self.ensure_groups()
 
@@ -149,6 +149,11 @@ class GroupConsumer:
         it took and did not handle would wait claim_idle_ms for another consumer)."""
         try:
             out = self._read(limit)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # A read whose reply was lost (a socket timeout, a reset) handed its entries to this consumer all the
+            # same: read own pending entries first, or they waited claim_idle_ms for a claim, late and out of order.
+            self._cursor = {s: "0" for s in self.streams}
+            raise
         except redis.ResponseError as e:
             # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
             # longer exists" (not NOGROUP): the group went with the stream.
@@ -191,10 +196,25 @@ class GroupConsumer:
         for s, ids in by_stream.items():
             self.client.xclaim(s, self.group, self.consumer, 0, ids, idle=self.claim_idle_ms, justid=True)
 
+    def _forget_tried(self) -> None:
+        """Drops from ``_tried`` the entries no longer pending under this consumer (another consumer claimed them,
+        then acknowledged or buried them), so that it holds no more than this consumer's pending list; one that comes
+        back from another consumer is buried once it failed here again."""
+        if not self._tried:
+            return
+        tried = list(self._tried)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, entry_id in tried:
+            pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1, consumername=self.consumer)
+        for key, rows in zip(tried, pipe.execute()):
+            if not rows:
+                self._tried.discard(key)
+
     def _read(self, limit: int | None) -> list[Message]:
         count = self.count if limit is None else max(1, min(self.count, limit))
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_every_s
+            self._forget_tried()
             claimed = self.claim(count, total=limit)
             if claimed:
                 return claimed
