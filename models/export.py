@@ -146,10 +146,15 @@ def cache_dir() -> Path:
 
 def cache_path(checkpoint: str | Path, group_norm: str = "export") -> Path:
     """Where ``cached_export`` keeps the ONNX file of this checkpoint content, torch version, opset, exporter
-    and GroupNorm form."""
+    and GroupNorm form: the file made for them under any checkpoint name, else one named after this one."""
     digest = hashlib.sha256(Path(checkpoint).read_bytes())
     digest.update(f"{torch.__version__}/{OPSET}/{EXPORTER}/{group_norm}".encode())  # each changes the graph
-    return cache_dir() / f"{Path(checkpoint).stem}-{digest.hexdigest()[:16]}.onnx"
+    key = digest.hexdigest()[:16]
+    # The stem is for people; the key finds the file: the same weights under another name (a replica's copy in
+    # its temp dir, a renamed or versioned file) found none and exported again beside the one there (the image's).
+    # The first by name: every name of these weights gets the same file, and so its compiled forms.
+    made = sorted(p for p in cache_dir().glob(f"*-{key}.onnx") if p.is_file())
+    return made[0] if made else cache_dir() / f"{Path(checkpoint).stem}-{key}.onnx"
 
 
 def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "export") -> Path:
@@ -240,7 +245,8 @@ def prune_cache(folder: Path, max_age_days: float = CACHE_MAX_AGE_DAYS, now: flo
         try:
             stat = path.stat()
             if orphan or now - stat.st_mtime > limit:
-                size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else stat.st_size
+                # rglob: TensorRT's engines are in a folder of their own inside (gpu_providers)
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else stat.st_size
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
                 why = "its export is gone" if orphan else f"unused for {(now - stat.st_mtime) / 86400:.0f} days"
