@@ -312,7 +312,8 @@ class LiveControl:
             return False
 
     def _wait_gone(self, handle: Any, timeout_s: float = 10.0) -> None:
-        """Until Ray has released the actor's name, so the same id can be added again at once."""
+        """Until Ray has released the actor's name, so the same id can be added again at once (one added while Ray
+        still holds it starts under a suffixed name: App._name_held)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -320,6 +321,8 @@ class LiveControl:
             except ValueError:
                 return
             time.sleep(0.05)
+        log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
+                    "again meanwhile takes another", handle.id, handle.name, timeout_s)
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

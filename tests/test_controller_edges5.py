@@ -128,3 +128,13 @@ def test_a_camera_added_again_while_ray_still_holds_its_old_process_name_starts_
     names.release()
     app.add_camera({"id": "a", "url": "synthetic://street"}, by="api:ops")
     assert app.cameras["a"].name == "hv-camera-a", app.cameras["a"].name
+
+
+def test_a_name_ray_keeps_past_the_removals_wait_is_said(monkeypatch, caplog):
+    """The removal's wait for Ray to release its process's name gave up after 10 s without a word."""
+    import pipeline.live_control as live_control
+
+    monkeypatch.setattr(live_control.ray, "get_actor", lambda name, namespace=None: object())  # never released
+    with caplog.at_level("WARNING", logger="pipeline.live_control"):
+        LiveControl._wait_gone(SimpleNamespace(placement=None), SimpleNamespace(id="a", name="hv-camera-a"), 0.1)
+    assert "Ray still holds the name hv-camera-a" in caplog.text
