@@ -116,6 +116,9 @@ class CameraPipeline:
         # Analytics (workers/analytics.py): built on the first frame, which tells the frame size.
         self.analytics: CameraAnalytics | None = None
         self._analytics_for: tuple | None = None  # the (zones, lines) settings it was built from
+        # A new URL's first frame number: frames before it (still in the slot or in inference at the update) are
+        # the old scene's; from it, tracks and analytics start afresh. None: no new scene pending.
+        self._scene_from: int | None = None
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
@@ -258,20 +261,23 @@ class CameraPipeline:
             self.last_error = reason
             self._replace_capture(resume=True)
 
-    def _replace_capture(self, resume: bool) -> None:
+    def _replace_capture(self, resume: bool) -> int:
         """A fresh decode thread continuing the frame numbering and pts; ``resume``: a file goes on where
         the old thread was (the watchdog), else the (new) source starts at its beginning (a URL change).
-        The old thread is abandoned: it exits whenever it wakes, and its frames no longer count."""
+        The old thread is abandoned: it exits whenever it wakes, and its frames no longer count. Returns the
+        new thread's first frame number."""
         cap = self._capture
         assert cap is not None and self._slot is not None
         cap.abandon()
         self.past_reconnects += cap.reconnects
         self._slot.lossless = self.camera.lossless
+        first = cap.decoded
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
-                                first_index=cap.decoded, first_pts=cap.last_pts, resume_at=None if resume else 0,
+                                first_index=first, first_pts=cap.last_pts, resume_at=None if resume else 0,
                                 pts_offset=cap.pts_offset)
         self._capture.budget_fps = self._budget_fps
         self._capture.start()
+        return first
 
     # Fields whose change needs a new decode thread (at the next open): the source and how it is read.
     # fps is read by the running thread per frame; heads and tracker only concern this side.
@@ -282,7 +288,8 @@ class CameraPipeline:
         """Applies a changed config of this camera while it runs (called on the event loop, which owns the
         state); returns the fields that changed. Heads apply from the next frame sent to inference (frames
         already there finish with the heads they were sent with); a dropped head's tracks end. A new URL
-        ends every track and restarts only the decoder; fps applies from the next decoded frame."""
+        ends every track and restarts only the decoder, and zones and lines start empty from the new source's
+        first frame (another scene, as after a change of frame size); fps applies from the next decoded frame."""
         old = self.camera
         if camera.id != old.id:
             raise ValueError(f"camera id cannot change ({old.id!r} -> {camera.id!r})")
@@ -306,7 +313,9 @@ class CameraPipeline:
             self._reset_budget()
         if self._capture is not None:
             if any(f in changed for f in self.CAPTURE_FIELDS):
-                self._replace_capture(resume="url" not in changed)
+                first = self._replace_capture(resume="url" not in changed)
+                if "url" in changed:
+                    self._scene_from = first
             else:
                 self._capture.camera = camera  # fps: from the next frame
         if changed:
@@ -415,6 +424,8 @@ class CameraPipeline:
                 log.exception("camera %s frame %d: %s", self.id, item.index, what)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
+        if self._scene_from is not None and item.index >= self._scene_from:
+            self._new_scene()
         if self.camera.tracker.enabled and self.tracker is None:
             self.tracker = CameraTracker(self.heads, self.camera.tracker, self._analysed_fps(), self.track_id_base)
             self._tracker_rate_guessed = self._budget_fps is None and self._base_fps() is None
@@ -462,6 +473,20 @@ class CameraPipeline:
         self.frame_age.observe(age_s)
         if self.camera.max_frame_age_ms is not None:
             self._keep_budget(age_s, time.monotonic())
+
+    def _new_scene(self) -> None:
+        """The first frame of a new URL's source. Its zones and lines start empty (their occupants and the
+        lines' track sides were the old scene's: an occupant "left" seconds later with a bogus dwell, or a new
+        object standing where it stood took it over), without events and with a new ``since``, as after a change
+        of frame size. Tracks that the old scene's last frames started since the update end here: an object of
+        the old scene must not go on as one of the new."""
+        self._scene_from = None
+        if self.tracker is not None:
+            ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
+            for ev in ended:
+                self._event(ev.pop("type"), ev)
+        if self.analytics is not None:
+            self.analytics, self._counts_since = None, time.time()
 
     # -- the frame-age budget (workers/budget.py decides, this applies) -------------------------
     def _base_fps(self) -> float | None:
