@@ -3,12 +3,12 @@ tracks (docs/architecture.md, "Analytics" and "Live control", invariant 4)."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
 
 from mot import read_stream
+from test_camera_update import until
 from test_pipeline import MODEL_INFO
 from workers.publish import Publisher, keys
 from workers.settings import CameraConfig
@@ -29,14 +29,6 @@ def walker(frame: int) -> dict:
     """Crosses the middle line on the first frames, then stands (in the old scene and, as far as the boxes go,
     in the new one: a different person standing where the first stood)."""
     return person(min(40 + 12 * frame, 240))
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def zone_events(client) -> list[dict]:
