@@ -42,8 +42,12 @@ def publishing_since(client, camera: str, seconds: float) -> bool:
 def test_camera_killed_and_restarted_reconnects_and_others_keep_their_rate(ray_local, redis_server, rtsp_server,
                                                                           street_clip, machine):
     server = rtsp_server(street_clip, loop=True)
+    # the steady camera's rate is compared before and during the outage: sized so that the machine keeps it
+    # with room to spare (a fixed 10 fps beside the RTSP camera fell to 6.7 on a machine loaded well past one
+    # busy core, outage or not)
+    steady_fps = machine.live_fps(machine.demo, share=0.3, cap=10, floor=4)
     cams = [{"id": "gate", "url": server.url, **FAST_TIMEOUTS},
-            {"id": "steady", "url": "synthetic://street?seed=2&fps=10"}]
+            {"id": "steady", "url": f"synthetic://street?seed=2&fps={steady_fps}"}]
     client = redis_server.client()
     with RunningApp(redis_server.url, DEMO, cams):
         wait_for(lambda: events(client, "gate", "track_started"), machine.deadline(40), "tracks on the RTSP camera")
