@@ -731,7 +731,8 @@ class App(LiveControl):
 
     def _wait_removals(self, deadline: float) -> None:
         """Until the removals under way are done, or ``deadline``: killing the process one drains in (shared with a
-        camera stopped here), or stopping Ray, cut its drain short: its tracks never ended, its final status was lost."""
+        camera stopped here), or stopping Ray, cut its drain short: its tracks never ended, its final status was
+        lost."""
         with self._lock:
             leaving = list(self._leaving)
         if not leaving:

@@ -1,6 +1,6 @@
 """The controller at its edges (third round): a camera added again while its old process is being removed, two
-cameras of one process removed together, a restart whose stats call fails, the run loop's end. Without Ray, cameras or models: the App with stand-ins for
-what it calls (as tests/test_controller_edges.py does)."""
+cameras of one process removed together, a restart whose stats call fails, the run loop's end. Without Ray,
+cameras or models: the App with stand-ins for what it calls (as tests/test_controller_edges.py does)."""
 
 from __future__ import annotations
 
