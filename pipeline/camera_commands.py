@@ -147,8 +147,9 @@ class RedisChannel:
         try:
             answer = await_answer(self.client, self.results, command["request_id"], after, self.timeout)
         except (redis.ConnectionError, redis.TimeoutError) as lost:
-            raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer ({type(lost).__name__}):"
-                            " the command may have been applied (see `cameras list`)") from None
+            raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
+                            f"({type(lost).__name__}): the command may have been applied (see `cameras list`)"
+                            ) from None
         if answer is not None:
             return answer
         what = unanswered(self.client, self.key, entry_id)  # before take_back: it reads where the command stands
