@@ -131,7 +131,7 @@ class RedisChannel:
         import redis
 
         # only now: the command side's imports are not the CLI's
-        from pipeline.control import await_answer, redis_now, take_back, unanswered
+        from pipeline.control import await_answer, redis_now, take_back
 
         command: dict[str, Any] = {"op": op, "request_id": uuid.uuid4().hex, "user": self.user,
                                    "expires": redis_now(self.client) + self.timeout}  # the service checks on it
@@ -152,9 +152,8 @@ class RedisChannel:
                             ) from None
         if answer is not None:
             return answer
-        what = unanswered(self.client, self.key, entry_id)  # before take_back: it reads where the command stands
-        take_back(self.client, self.key, entry_id)
-        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: {what}")
+        raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
+                        + take_back(self.client, self.key, entry_id))
 
 
 def _answer(value: Any) -> dict:

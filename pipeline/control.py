@@ -98,14 +98,17 @@ def await_answer(client: redis.Redis, results: str, request_id: str, after: byte
     return None
 
 
-def take_back(client: redis.Redis, key: str, entry_id: bytes | str) -> None:
-    """Deletes a sender's own command that got no answer in time (after ``unanswered``, which reads where it
-    stands): else it stays in the stream for ever, a camera password in it too. A service that read it has it;
-    one that reads it later would reject it as expired anyway. An ACL without XDEL leaves it to that."""
+def take_back(client: redis.Redis, key: str, entry_id: bytes | str) -> str:
+    """Deletes a sender's own command that got no answer in time, and returns what became of it (``unanswered``,
+    read before the delete): else it stays in the stream for ever, a camera password in it too. A service that
+    read it has it; one that reads it later would reject it as expired anyway. An ACL without XDEL leaves it to
+    that."""
+    what = unanswered(client, key, entry_id)
     try:
         client.xdel(key, entry_id)
     except redis.ResponseError:
         pass
+    return what
 
 
 def results_key(prefix: str) -> str:

@@ -20,7 +20,7 @@ import uuid
 
 import redis
 
-from pipeline.control import await_answer, control_key, redis_now, results_key, take_back, unanswered
+from pipeline.control import await_answer, control_key, redis_now, results_key, take_back
 
 ALIVE_MS = 5000
 USER = "dashboard"
@@ -66,8 +66,7 @@ def send_command(client: redis.Redis, prefix: str, command: dict, timeout_s: flo
                 f"answer ({type(lost).__name__}): the command may have been applied (see the cameras)"}
     if answer is not None:
         return answer
-    what = unanswered(client, control_key(prefix), entry_id)  # before take_back: it reads where it stands
-    take_back(client, control_key(prefix), entry_id)
+    what = take_back(client, control_key(prefix), entry_id)
     if stop is not None and stop.is_set():  # else the dashboard's shutdown waited out the whole timeout
         return {"status": "timeout", "request_id": request_id,
                 "reason": "the dashboard stopped before the controller answered: " + what}
