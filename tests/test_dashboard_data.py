@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -339,5 +338,7 @@ def test_the_backlog_read_after_an_outage_reaches_the_pages_marked_as_history(re
     hub._backlog(client)
     [(kind, payload)] = sent
     assert kind == "events" and payload["backlog"] is True and payload["events"][0]["type"] == "camera_removed"
-    app_js = (Path(__file__).resolve().parent.parent / "pipeline" / "dashboard_static" / "app.js").read_text()
+    from pipeline.dashboard import STATIC
+
+    app_js = (STATIC / "app.js").read_text()
     assert "addEvents(msg.events, !msg.backlog)" in app_js  # the page's side: not live, so no tile is dropped
