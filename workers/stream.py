@@ -300,8 +300,7 @@ class CameraPipeline:
         self.camera = camera
         ended: list[dict] = []
         if self.tracker is not None and ("url" in changed or "tracker" in changed or not camera.tracker.enabled):
-            # Another scene, or other tracker settings: tracks end; the next tracker continues the numbering.
-            ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
+            ended = self._end_tracker()  # another scene, or other tracker settings
         elif self.tracker is not None and heads != self.heads:
             ended = self.tracker.set_heads(heads)
         if heads != self.heads and self.analytics is not None:  # zones and lines count per head
@@ -474,6 +473,12 @@ class CameraPipeline:
         if self.camera.max_frame_age_ms is not None:
             self._keep_budget(age_s, time.monotonic())
 
+    def _end_tracker(self) -> list[dict]:
+        """Ends every track (their track_ended events, returned); the next tracker continues the numbering."""
+        assert self.tracker is not None
+        ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
+        return ended
+
     def _new_scene(self) -> None:
         """The first frame of a new URL's source. Its zones and lines start empty (their occupants and the
         lines' track sides were the old scene's: an occupant "left" seconds later with a bogus dwell, or a new
@@ -482,8 +487,7 @@ class CameraPipeline:
         the old scene must not go on as one of the new."""
         self._scene_from = None
         if self.tracker is not None:
-            ended, self.track_id_base, self.tracker = self.tracker.finish(), self.tracker.next_ids(), None
-            for ev in ended:
+            for ev in self._end_tracker():
                 self._event(ev.pop("type"), ev)
         if self.analytics is not None:
             self.analytics, self._counts_since = None, time.time()
