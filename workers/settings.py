@@ -68,6 +68,7 @@ class RedisConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
+        v = v.strip() if v else v  # " redis://..." (a quoted value, a ${VAR} from a file) was "must start with ..."
         if v in (None, ""):
             return None
         if problem := redis_url_error(v):
@@ -228,27 +229,47 @@ class CameraConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        # Surrounding whitespace is no part of it (a quoted YAML value, a ${VAR} read from a file with its final
+        # newline); the sources strip it too. " rtsp://cam/1" was refused as "unsupported scheme ' rtsp'".
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
         scheme = v.split("://", 1)[0].lower() if "://" in v else ""
         if scheme and scheme not in URL_SCHEMES:
             raise ValueError(f"unsupported scheme {scheme!r} in {redact_url(v)!r} (use one of {', '.join(URL_SCHEMES)} or a file path)")
-        if not v.strip():
-            raise ValueError("must not be empty")
+        if re.search(r"[\x00-\x1f\x7f]", v):
+            # urlsplit drops a newline without a word, FFmpeg sends it: a password with one failed (401) for ever
+            raise ValueError("holds a line break or another control character inside (a ${VAR} read from a file "
+                             "with its final newline?)")
+        if not scheme and (typo := re.match(r"(?i)(rtsps?|https?|file|synthetic|device):", v)):
+            # without '//' it is a file path: "rtsp:/cam/1" failed when the camera started, as "no such file"
+            raise ValueError(f"'{typo[1]}:' without '//' is read as a file name; write {typo[1].lower()}://...")
+        if scheme == "device" and not v.partition("://")[2].startswith("/"):
+            # FFmpeg opened "dev/video0" relative to the working directory: "no such device", retried for ever
+            raise ValueError("device:// takes an absolute path: device:///dev/video0 (three slashes), or just "
+                             "/dev/video0")
         if scheme in LIVE_SCHEMES and scheme != "device":
-            try:
-                urlsplit(v).port
-            except ValueError:  # FFmpeg too ends the host at the first '/', '?' or '#': it dialled "admin" or so
-                raise ValueError(f"no readable host:port in {redact_url(v)!r}; a user or password holding '/', '?', "
-                                 "'#' or '@' must be percent-encoded (%2F, %3F, %23, %40)") from None
+            try:  # FFmpeg too ends the host at the first '/', '?' or '#': it dialled "admin" or so
+                parts = urlsplit(v)
+                # port 0 and "host:" (FFmpeg reads it as 0) failed on each connect, retried for ever
+                bad_port = parts.port == 0 or parts.netloc.rpartition("@")[2].endswith(":")
+            except ValueError:
+                bad_port = True
+            if bad_port:
+                raise ValueError(f"no readable host:port in {redact_url(v)!r} (a port is a number 1-65535); a user "
+                                 "or password holding '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, "
+                                 "%40)") from None
+            if not parts.hostname:  # FFmpeg dialled this machine: "connection refused", retried for ever
+                raise ValueError(f"no host (e.g. {scheme}://camera.local/stream)")
         if scheme in ("synthetic", "file"):
             # The source's own reading, at load and for live adds and updates: a typo failed only in the camera
             from workers.sources import SourceError, file_url_path
             from workers.synthetic_source import parse_synthetic_url
 
-            url = v.strip()  # as open_source reads it
             try:
-                (parse_synthetic_url if scheme == "synthetic" else file_url_path)(url)
+                (parse_synthetic_url if scheme == "synthetic" else file_url_path)(v)
             except SourceError as e:  # "<url, redacted>: <cause>": the field's error shows the URL already
-                raise ValueError(str(e).removeprefix(f"{redact_url(url)}: ")) from None
+                raise ValueError(str(e).removeprefix(f"{redact_url(v)}: ")) from None
         return v
 
     @field_validator("heads")

@@ -9,6 +9,7 @@ PyAV sources (``workers.av_source``) and the synthetic ones (``workers.synthetic
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ def open_source(
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower() if sep else ""
+    url = f"{scheme}://{rest}" if sep else url  # FFmpeg knows "rtsp://", not "RTSP://" (a protocol not found)
     # Imported here, not at the top: the controller imports this module (through workers.stream) but never
     # decodes, and PyAV would cost it 16 MB and a few hundred ms at start-up.
     if scheme == "synthetic":
@@ -74,8 +76,9 @@ def open_source(
         return AVSource(url, "device", path=rest if sep else url, **common)
     if scheme == "file" or not sep:
         # A plain path is never parsed as a URL, so "clip:1.mp4" stays a file name.
-        return AVSource(url, "file", path=file_url_path(url) if sep else url, realtime=realtime, loop=loop,
-                        **common)
+        # "~/clips/a.mp4" as the checkpoint's path reads it (FFmpeg took "~" for a folder of the working directory)
+        return AVSource(url, "file", path=file_url_path(url) if sep else os.path.expanduser(url), realtime=realtime,
+                        loop=loop, **common)
     raise SourceError.for_url("unsupported", url, f"unsupported scheme {scheme!r} (use rtsp://, rtsps://, "
                               "http(s)://, file://, a path, /dev/videoN or synthetic://)")
 
