@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import json
+import math
 import os
 import socket
 from typing import Any
@@ -100,9 +101,10 @@ class CommandRejected(UserError):
 def strict_json(text: str | bytes) -> Any:
     """json.loads for commands from outside (the HTTP API, the dashboard, the Redis control stream), stricter:
     a key given twice (the last one silently won; the config's YAML refuses it), NaN and Infinity (Python
-    reads them, JSON has none) and nesting too deep for the parser are ValueErrors that name them."""
+    reads them, JSON has none; nor a number too large for a float, such as 1e999, which Python reads as
+    Infinity) and nesting too deep for the parser are ValueErrors that name them."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
 
@@ -118,6 +120,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"{number} is out of range for a number (it would be read as Infinity)")
+    return value
 
 
 def _validated(data: dict, urls: list[str]) -> CameraConfig:
@@ -231,6 +240,8 @@ class Admission:
         else:
             path = url
         shown = redact_text(path, [])
+        if "\0" in path:  # a %00 in a file:// URL: os.path raised ValueError, answered as an internal error
+            raise CommandRejected(f"camera.url: a file path cannot hold a NUL byte (%00) (got {shown!r})")
         if not os.path.isabs(path):
             raise CommandRejected(f"camera.url: a file must be given by its absolute path (got {shown!r})")
         roots = [os.path.realpath(r) for r in self.api.media_roots]

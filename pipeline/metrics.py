@@ -15,6 +15,7 @@ these routes are served whenever the API is on (api.port, --api-port).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -111,8 +112,8 @@ class HydravisionCollector(Collector):
                 fps.add_metric([cid], float(s["fps"]))
             if s.get("target_fps"):
                 target.add_metric([cid], float(s["target_fps"]))
-            if s.get("last_frame_ts"):
-                last.add_metric([cid], float(s["last_frame_ts"]))
+            if rec.last_frame_ts:  # kept while its actor is unavailable or its decoder replaced: staleness alerts
+                last.add_metric([cid], float(rec.last_frame_ts))
             if s.get("budget"):
                 budget.add_metric([cid], s["budget"]["max_frame_age_ms"] / 1000)
             for key in sorted(k for k in c.keys() if k.startswith("budget.")):
@@ -256,8 +257,12 @@ def ready(app: App, probe: RedisProbe | None = None) -> tuple[bool, dict]:
         down_for = 0.0 if rec is None else (snap.taken_at - rec.down_since if rec.down_since is not None else 0.0)
         grace = handle.config.stall_timeout
         ok = state in ("running", "ended") or (state not in ("failed", "stopped") and down_for <= grace)
-        cameras[cid] = {"ok": ok, "state": state, "down_for_s": round(down_for, 1), "grace_s": grace}
-    checks["cameras"] = {"ok": bool(cameras) and all(c["ok"] for c in cameras.values()), "cameras": cameras}
+        # stall_timeout_s: .inf is no number in JSON (the whole answer failed: 500)
+        cameras[cid] = {"ok": ok, "state": state, "down_for_s": round(down_for, 1),
+                        "grace_s": grace if math.isfinite(grace) else None}
+    # None yet is ready: a service started empty waits for its first camera through the API it serves (an
+    # orchestrator's readiness gate in front of that API kept it unreachable)
+    checks["cameras"] = {"ok": all(c["ok"] for c in cameras.values()), "cameras": cameras}
     stopping = app.stopping
     ok = not stopping and all(c["ok"] for c in checks.values())
     return ok, {"checks": checks, **({"stopping": True} if stopping else {})}

@@ -122,6 +122,7 @@ class CameraRecord:
     lost: int = 0  # frames a dead process held (slot + in flight) at its last report
     first_seen: float = 0.0
     down_since: float | None = None  # not running since (None: running now)
+    last_frame_ts: float | None = None  # the latest reported: an unavailable actor or a new decoder reports none
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Telemetry:
                 if rec is None:
                     rec = self._cameras[cid] = CameraRecord(first_seen=now, down_since=now)
                 rec.stats = dict(s)
+                rec.last_frame_ts = s.get("last_frame_ts") or rec.last_frame_ts
                 if "decoded" in s and s.get("pid") is not None:  # a started pipeline (not "created"/"unavailable")
                     before = dict(rec.counters.last)
                     if rec.counters.update(s["pid"], camera_counters(s)):

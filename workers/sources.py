@@ -99,4 +99,7 @@ def file_url_path(url: str) -> str:
         # urlsplit ends the path at either: "file:///v/cam #2.mp4" opened "/v/cam " (or another file there)
         raise SourceError.for_url("unsupported", url, "a file:// URL ends its path at '?' or '#': write them "
                                   "%3F and %23, or give the plain path")
-    return unquote(parts.path)
+    path = unquote(parts.path)
+    if "\0" in path:  # "%00": os.path and FFmpeg raise a bare "embedded null byte" ValueError
+        raise SourceError.for_url("unsupported", url, "a file path cannot hold a NUL byte (%00)")
+    return path
