@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import glob
 import hashlib
 import logging
 import os
@@ -144,43 +145,61 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYDRAVISION_CACHE", "~/.cache/hydravision")).expanduser() / "onnx"
 
 
-def cache_path(checkpoint: str | Path, group_norm: str = "export") -> Path:
-    """Where ``cached_export`` keeps the ONNX file of this checkpoint content, torch version, opset, exporter
-    and GroupNorm form: the file made for them under any checkpoint name, else one named after this one."""
-    digest = hashlib.sha256(Path(checkpoint).read_bytes())
+def cache_key(checkpoint: str | Path, group_norm: str = "export") -> str:
+    """What an export is made from: the checkpoint's content, torch version, opset, exporter and GroupNorm form."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:  # in chunks: read whole, a checkpoint of GBs took as much memory to hash
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # not hashlib.file_digest: Python 3.10 has none
+            digest.update(chunk)
     digest.update(f"{torch.__version__}/{OPSET}/{EXPORTER}/{group_norm}".encode())  # each changes the graph
-    key = digest.hexdigest()[:16]
+    return digest.hexdigest()[:16]
+
+
+def made_for(folder: Path, key: str) -> Path | None:
+    """The export made for ``key`` under any checkpoint name (the first by name), if there is one."""
+    made = sorted(p for p in folder.glob(f"*-{key}.onnx") if p.is_file())
+    return made[0] if made else None
+
+
+def cache_path(checkpoint: str | Path, group_norm: str = "export", key: str | None = None) -> Path:
+    """Where ``cached_export`` keeps the ONNX file of this checkpoint content, torch version, opset, exporter
+    and GroupNorm form (``key``: their ``cache_key``, if known): the file made for them under any checkpoint
+    name, else one named after this one."""
+    key = key or cache_key(checkpoint, group_norm)
     # The stem is for people; the key finds the file: the same weights under another name (a replica's copy in
     # its temp dir, a renamed or versioned file) found none and exported again beside the one there (the image's).
     # The first by name: every name of these weights gets the same file, and so its compiled forms.
-    made = sorted(p for p in cache_dir().glob(f"*-{key}.onnx") if p.is_file())
-    return made[0] if made else cache_dir() / f"{Path(checkpoint).stem}-{key}.onnx"
+    return made_for(cache_dir(), key) or cache_dir() / f"{Path(checkpoint).stem}-{key}.onnx"
 
 
 def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "export") -> Path:
     """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset, exporter
     and GroupNorm form."""
-    return cached(cache_path(checkpoint, group_norm), lambda path: export_onnx(model, path, group_norm=group_norm),
-                  f"exporting {checkpoint} to ONNX")
+    key = cache_key(checkpoint, group_norm)
+    return cached(cache_path(checkpoint, group_norm, key), lambda path: export_onnx(model, path, group_norm=group_norm),
+                  f"exporting {checkpoint} to ONNX", key)
 
 
-def cached(path: Path, make: Callable[[Path], object], what: str) -> Path:
+def cached(path: Path, make: Callable[[Path], object], what: str, key: str | None = None) -> Path:
     """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already; making one
-    removes the files of its folder not used for ``CACHE_MAX_AGE_DAYS`` (``prune_cache``)."""
+    removes the files of its folder not used for ``CACHE_MAX_AGE_DAYS`` (``prune_cache``). ``key``: an export's
+    ``cache_key``; the lock is then the key's, and the file made for it under another checkpoint name is taken."""
     if path.is_file():
         mark_used(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Replicas starting together on a fresh cache: one makes the file, the others wait for it (a file lock, as
-    # they are separate processes; the kernel releases it if the maker dies).
-    # Removing the lock file is safe because everyone checks for the file again once they hold a lock.
-    lock_path = path.with_name(path.name + ".lock")
-    with file_lock(lock_path):
+    # they are separate processes; the kernel releases it if the maker dies). An export's lock is its content's:
+    # one per file name let two names of the same weights (two replicas' temp copies) both export.
+    with file_lock(path.with_name(f"{key}.lock" if key else path.name + ".lock"), remove=True):
+        path = (made_for(path.parent, key) if key else None) or path  # made meanwhile, under another name?
         if not path.is_file():
+            # what makers killed half-way left (nobody else writes there: we hold its lock)
+            for leftover in path.parent.glob(f"*-{key}.onnx.*.tmp" if key else f"{glob.escape(path.name)}.*.tmp"):
+                leftover.unlink(missing_ok=True)
             log.info("%s (once; cached at %s)", what, path)
             make(path)
             prune_cache(path.parent)
-        lock_path.unlink(missing_ok=True)
     return path
 
 
@@ -204,16 +223,29 @@ def compiling(folder: Path) -> contextlib.AbstractContextManager[None]:
     """Holds ``folder``'s lock across processes while OpenVINO compiles into it: it writes a compiled form in
     place (no temporary file), so another process starting the same model meanwhile could read half of one.
     Under the lock, the first process writes it and the others find it whole."""
+    # removed since the session made it (by hand, a tmp cleaner): made again, or every later compile failed
+    folder.mkdir(parents=True, exist_ok=True)
     return file_lock(folder / "lock")
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing), held across processes; the kernel releases it
-    if the holder dies."""
-    with open(path, "w") as lock:
+    if the holder dies. ``remove``: the file is removed when the block ends (also when it fails)."""
+    while True:
+        lock = open(path, "a")
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        # A lock file removed while we waited is no one's lock: take the one now at ``path``, as the others do
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        lock.close()
+    with lock:
+        try:
+            yield
+        finally:
+            if remove:
+                path.unlink(missing_ok=True)
 
 
 def mark_used(path: Path) -> None:

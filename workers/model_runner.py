@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.export import RAW_KEYS, compiled_cache, compiling
+from models.export import COMPILED_SUFFIX, RAW_KEYS, compiled_cache, compiling, mark_used
 from models.postprocess import to_cpu
 from workers.frames import HeadArrays
 from workers.histograms import BATCH_SECONDS_BUCKETS, HEAD_SECONDS_BUCKETS, Histogram
@@ -110,6 +110,11 @@ def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | Non
     return "onnxruntime" if autocast is None else "torch"
 
 
+# The cache removes files nobody used for CACHE_MAX_AGE_DAYS (models/export.py), and a service runs longer than
+# that on the files it loaded at its start: a session marks them used again while it runs, this often.
+MARK_USED_EVERY_S = 86400.0
+
+
 class ExportedSession:
     """The model's backbone, neck and heads in a runtime that reads the ONNX export (exported once, cached);
     decoding, NMS and attribute heads stay in torch on the same raw outputs. Every head runs on every image
@@ -125,12 +130,26 @@ class ExportedSession:
         self.path = cached_export(model, checkpoint, group_norm)
         self.names = output_names(model)
         self.levels = len(model.strides)
+        self.cache_files = [self.path]  # what it runs from the cache (and what a restart would load again)
+        self._marked = time.monotonic()
+
+    def keep_cached(self) -> None:
+        """Marks the session's cache files and their compiled forms used, every ``MARK_USED_EVERY_S``: on
+        a service running past the cache's age limit, another export pruned them (then a size compiled
+        after it failed, and a restart exported again)."""
+        if time.monotonic() - self._marked < MARK_USED_EVERY_S:
+            return
+        self._marked = time.monotonic()
+        for path in self.cache_files:
+            mark_used(path)
+            mark_used(path.with_name(path.name + COMPILED_SUFFIX))  # where there is one
 
     def infer(self, images: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs, in ``self.names``' order."""
         raise NotImplementedError
 
     def detect(self, images: np.ndarray, heads: Sequence[Sequence[str] | None], score_threshold: float | None):
+        self.keep_cached()
         n = images.shape[0]
         wanted = self.model.wanted_heads(heads, n)
         outs = dict(zip(self.names, self.infer(images)))
@@ -314,6 +333,7 @@ class OpenVinoSession(ExportedSession):
             from models.quantize import cached_int8
 
             self.path = cached_int8(model, self.path, read_metadata(checkpoint)["training"].get("history", []))
+            self.cache_files.append(self.path)
         if precision in ("bf16", "int8"):
             self.precision = precision
         else:
