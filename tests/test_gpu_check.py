@@ -252,11 +252,17 @@ def test_a_step_past_the_time_limit_is_interrupted_and_the_json_kept(tmp_path, m
     for name, body in bodies.items():
         (tmp_path / name).mkdir()
         scripts[name] = _fake_step_script(tmp_path / name, body)
-    with ThreadPoolExecutor(3) as pool:
-        runs = {name: pool.submit(_run_check, script, script.parent / "gpu.json", minutes, name == "background")
-                for name, script in scripts.items()}
-        (code, result, seconds), (code2, result2, seconds2) = runs["python"].result(), runs["native"].result()
-        background = runs["background"].result()
+    for attempt in range(2):
+        with ThreadPoolExecutor(3) as pool:
+            runs = {name: pool.submit(_run_check, script, script.parent / "gpu.json", minutes, name == "background")
+                    for name, script in scripts.items()}
+            (code, result, seconds), (code2, result2, seconds2) = runs["python"].result(), runs["native"].result()
+            background = runs["background"].result()
+        if all("model" in r for r in (result, result2, background[1])):
+            break
+        # the limit came before a check reached its model step (a start slower than the machine's figures said,
+        # the machine loaded after they were taken): what is tested is the step's interruption, so again, longer
+        minutes = f"{float(minutes) * 3:.3f}"
     for code, result, seconds in ((code, result, seconds), background):
         assert code == gpu_check.TIME_EXIT and "a step overran it" in result["error"] and seconds < 60, result
         assert result["model"][0]["frames_per_s"] == 1.0

@@ -324,10 +324,11 @@ def test_outage_delivers_in_order_without_blocking_callers(redis_server: RedisSe
     assert frames[0] <= first_lost and outage_end - first_lost > 50
     stats = pub.stats()
     assert stats["dropped"] == 0 and stats["retries"] > 0 and stats["reconnects"] >= 1 and stats["connected"]
-    # A call that waited on Redis would take about the 0.5 s connect/socket timeout. On a loaded 2-core box
-    # the OS scheduler (or the GIL's 5 ms switch interval) can still stretch one call past 5 ms: allow 1%.
+    # A call that waited on Redis would take about the 0.5 s connect/socket timeout, or its retries' back-off,
+    # for each of the > 50 calls of the outage (> 8% of them). On a loaded 2-core box the OS scheduler (or the
+    # GIL's 5 ms switch interval) can still stretch a call past 5 ms: allow 3% (1% failed beside 5 other jobs).
     slow = [d for d in durations if d >= 0.005]
-    assert len(slow) <= len(durations) // 100 and max(durations) < 0.05, f"{len(slow)} calls >= 5 ms, " \
+    assert len(slow) <= len(durations) * 3 // 100 and max(durations) < 0.1, f"{len(slow)} calls >= 5 ms, " \
         f"slowest {max(durations) * 1e3:.1f} ms, of {len(durations)}"
 
 
