@@ -232,9 +232,16 @@ def compiling(folder: Path) -> contextlib.AbstractContextManager[None]:
 def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing), held across processes; the kernel releases it
     if the holder dies. ``remove``: the file is removed when the block ends (also when it fails)."""
+    said = False
     while True:
         lock = open(path, "a")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a replica waited minutes in silence for another's export of a large model
+            if not said:
+                log.info("waiting for another process that holds %s (making or compiling this model)", path)
+                said = True
+            fcntl.flock(lock, fcntl.LOCK_EX)
         # A lock file removed while we waited is no one's lock: take the one now at ``path``, as the others do
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:

@@ -207,3 +207,29 @@ def test_a_lock_file_removed_while_another_waits_for_it_is_never_held_twice(tmp_
     finally:
         release.set()
         waiter.join(DEADLINE_S)
+
+
+def test_a_process_waiting_for_another_ones_export_says_so(tmp_path, caplog):
+    """A replica waiting on another's export of a large model (minutes) said nothing meanwhile."""
+    import logging
+
+    path, got = tmp_path / "key.lock", threading.Event()
+
+    def wait_in_line():
+        with export.file_lock(path):
+            got.set()
+
+    with caplog.at_level(logging.INFO, logger=export.log.name):
+        with export.file_lock(path):
+            waiter = threading.Thread(target=wait_in_line, daemon=True)
+            waiter.start()
+            deadline = time.monotonic() + DEADLINE_S
+            while "waiting for another process" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "waiting for another process that holds" in caplog.text and not got.is_set()
+        assert got.wait(DEADLINE_S)
+    # the normal path: a free lock is taken without a word
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=export.log.name), export.file_lock(path):
+        pass
+    assert "waiting" not in caplog.text
