@@ -25,6 +25,7 @@ from workers.redact import redact_url
 from workers.settings import redis_url_error
 
 API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_API_TOKEN", "HYDRAVISION_REDIS_URL"
+WAIT_READ_S = 2.0  # a read of the answer's wait: control.await_answer blocks 1 s at most, and 1 s for a busy Redis
 
 
 def add_parser(sub: Any) -> None:
@@ -144,12 +145,17 @@ class RedisChannel:
         last = self.client.xrevrange(self.results, count=1)
         after = last[0][0] if last else "0-0"
         entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
+        # The wait on a client of its own, whose reads on a frozen Redis fail after WAIT_READ_S: with the 10 s of the
+        # commands above, a read begun just before --timeout ran out ended up to 10 s after it.
+        waiter = redis.Redis.from_url(self.url, socket_connect_timeout=WAIT_READ_S, socket_timeout=WAIT_READ_S)
         try:
-            answer = await_answer(self.client, self.results, command["request_id"], after, self.timeout)
+            answer = await_answer(waiter, self.results, command["request_id"], after, self.timeout)
         except (redis.ConnectionError, redis.TimeoutError) as lost:
             raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
                             f"({type(lost).__name__}): the command may have been applied (see `cameras list`)"
                             ) from None
+        finally:
+            waiter.close()
         if answer is not None:
             return answer
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "

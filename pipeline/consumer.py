@@ -1,9 +1,12 @@
 """Reading hydravision's Redis streams without ever losing a message: consumer groups, at least once.
 
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
     from pipeline.consumer import GroupConsumer
 
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=10)
+    # retry=...: no retries by redis-py itself (see "How nothing is lost"); the consumer waits out outages
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=10, retry=Retry(NoBackoff(), 0))
     consumer = GroupConsumer(client, "hv:events", group="alerts", consumer="alerts-1")
     for message in consumer:                      # blocks; a message is acknowledged once the loop body ends
         if message.data["type"] == "line_crossed":
@@ -29,6 +32,10 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
 - A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
   creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
+- A read whose reply was lost (a reset, a socket timeout) handed its entries to this consumer all the same: the
+  next read takes own pending entries first. A client that re-sends a failed command itself (redis-py's
+  ``Redis(host=...)`` does by default) re-sends such a read for new entries only: the lost ones wait claim_idle_ms,
+  then come late and out of order. Build it as above, with ``retry=Retry(NoBackoff(), 0)`` (a warning says so).
 
 Any Redis client in any language can do the same (examples/node-consumer/ does it in Node.js).
 """
@@ -85,6 +92,14 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
 
 
+def _retries(client: redis.Redis) -> int:
+    """How often the client's connections re-send a command that failed (as redis-py's Connection decides it)."""
+    kwargs = getattr(client.connection_pool, "connection_kwargs", {})
+    if kwargs.get("retry") is not None:
+        return getattr(kwargs["retry"], "_retries", 0)  # get_retries() is redis-py 6+; -1 is for ever
+    return 1 if kwargs.get("retry_on_timeout") or kwargs.get("retry_on_error") else 0
+
+
 def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -122,6 +137,11 @@ class GroupConsumer:
         timeout = getattr(client.connection_pool, "connection_kwargs", {}).get("socket_timeout")
         if timeout is not None and block_ms / 1000 >= timeout:
             raise ValueError(f"block_ms {block_ms} must be shorter than the client's socket_timeout ({timeout} s)")
+        if retries := _retries(client):
+            log.warning("consumer %s of group %r: its Redis client re-sends a failed command itself (retries: %d): the "
+                        "messages of a read whose reply was lost wait claim_idle_ms (%d ms), then come late and out "
+                        "of order; build the client with retry=Retry(NoBackoff(), 0)", self.consumer, group, retries,
+                        claim_idle_ms)
         # Own pending entries first (a restart under the same name), then new ones.
         self._cursor = {s: "0" for s in self.streams}
         self._claim_cursor = {s: "0-0" for s in self.streams}
@@ -148,19 +168,20 @@ class GroupConsumer:
         many entries in all, over all streams (a consumer that stops after N messages must not take more: what
         it took and did not handle would wait claim_idle_ms for another consumer)."""
         try:
-            out = self._read(limit)
+            try:
+                out = self._read(limit)
+            except redis.ResponseError as e:
+                # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
+                # longer exists" (not NOGROUP): the group went with the stream.
+                if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
+                    raise
+                self._group_lost(e)
+                out = self._read(limit)  # its reply can be lost too: the handler below covers it
         except (redis.ConnectionError, redis.TimeoutError):
             # A read whose reply was lost (a socket timeout, a reset) handed its entries to this consumer all the
             # same: read own pending entries first, or they waited claim_idle_ms for a claim, late and out of order.
             self._cursor = {s: "0" for s in self.streams}
             raise
-        except redis.ResponseError as e:
-            # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
-            # longer exists" (not NOGROUP): the group went with the stream.
-            if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
-                raise
-            self._group_lost(e)
-            out = self._read(limit)
         if limit is not None and len(out) > limit:
             # XREADGROUP's and XAUTOCLAIM's COUNT is per stream: with several streams a batch can hold more
             # than the caller will handle. Hand the rest back at once instead of leaving it to wait

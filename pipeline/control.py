@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import redis
 from pydantic import Field, ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pipeline.admission import CommandRejected, strict_json
 from pipeline.config import _format_errors
@@ -182,8 +184,11 @@ class ControlConsumer:
         # A blocking read must return before the socket times out (redis-py's default would be 5 s), and stop()
         # waits for it to return: a short block (an idle round trip every 0.25 s) keeps a shutdown from waiting
         # ~1 s on it, while a command still wakes the read the moment it lands.
+        # No retries by redis-py (a URL's ?retry_on_timeout=true asked for them): a read re-sent after its reply was
+        # lost read only new commands, and those of the lost reply waited, unapplied, for the next controller.
         self._client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=block_ms / 1000 + 10,
-                                            health_check_interval=30, client_name="hydravision-control")
+                                            health_check_interval=30, client_name="hydravision-control",
+                                            retry=Retry(NoBackoff(), 0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-control", daemon=True)
         self.handled = 0

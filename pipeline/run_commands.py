@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rich.console import Console
 from rich.live import Live
 
@@ -140,7 +142,9 @@ def _connect(args: argparse.Namespace) -> tuple[redis.Redis | None, str]:
     """A client for --redis-url / $HYDRAVISION_REDIS_URL (default: local Redis), or None after saying why."""
     url = redis_url(args.redis_url)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        # No retries by redis-py (a URL's ?retry_on_timeout=true asked for them): tail --group's read re-sent after
+        # its reply was lost took only new entries, and the lost ones waited --claim-idle-ms, then came out of order.
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, retry=Retry(NoBackoff(), 0))
         client.ping()
     except ValueError as e:  # not a Redis URL (http://..., a typo in the scheme)
         raise UserError(f"--redis-url {redact_url(url)}: {redact_text(str(e), [url])}") from None
