@@ -119,6 +119,7 @@ class CameraPipeline:
         # A new URL's first frame number: frames before it (still in the slot or in inference at the update) are
         # the old scene's; from it, tracks and analytics start afresh. None: no new scene pending.
         self._scene_from: int | None = None
+        self._gate_from: int | None = None  # the same for the motion gate (_motion_gate), which sees frames earlier
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
@@ -163,7 +164,7 @@ class CameraPipeline:
                 item = await self._slot.get()
                 if item is None:
                     break
-                gate = self._motion_gate()
+                gate = self._motion_gate(item)
                 if gate is not None and not gate.wants(item.image, item.pts):
                     self._queue_skipped(item, results)
                     continue
@@ -174,7 +175,7 @@ class CameraPipeline:
                     self._holding, self.shutdown_held = 0, self.shutdown_held + 1
                     break
                 self._holding = 0
-                self._send([(item, True), *await self._ready_frames(item, gate)], results)
+                self._send([(item, True), *await self._ready_frames(item)], results)
         finally:
             watchdog.cancel()
             results.put_nowait(None)
@@ -190,7 +191,7 @@ class CameraPipeline:
             self.publish_status()
         return self.stats()
 
-    async def _ready_frames(self, first: CapturedFrame, gate: MotionGate | None) -> list[tuple[CapturedFrame, bool]]:
+    async def _ready_frames(self, first: CapturedFrame) -> list[tuple[CapturedFrame, bool]]:
         """Frames already decoded that join ``first``'s call while inference slots are free and the call stays
         under CALL_BYTES, each with whether it goes to inference (False: the motion gate skips it; it keeps its
         place in frame order). A lossless camera's backlog travels in one Ray call instead of one per frame
@@ -202,6 +203,7 @@ class CameraPipeline:
             item = self._slot.take_ready()
             if item is None:
                 break
+            gate = self._motion_gate(item)
             wanted = gate is None or gate.wants(item.image, item.pts)
             if wanted:
                 await self._inflight.acquire()  # free (not locked): returns at once; released per frame as ever
@@ -269,6 +271,9 @@ class CameraPipeline:
         cap = self._capture
         assert cap is not None and self._slot is not None
         cap.abandon()
+        # Retired before its count is read: a frame it counted after the read (it was past its stop check) was
+        # numbered like the new thread's first, and the slot took it until the new thread's constructor retired it.
+        self._slot.new_generation()
         self.past_reconnects += cap.reconnects
         self._slot.lossless = self.camera.lossless
         first = cap.decoded
@@ -314,7 +319,7 @@ class CameraPipeline:
             if any(f in changed for f in self.CAPTURE_FIELDS):
                 first = self._replace_capture(resume="url" not in changed)
                 if "url" in changed:
-                    self._scene_from = first
+                    self._scene_from = self._gate_from = first
             else:
                 self._capture.camera = camera  # fps: from the next frame
         if changed:
@@ -491,6 +496,7 @@ class CameraPipeline:
                 self._event(ev.pop("type"), ev)
         if self.analytics is not None:
             self.analytics, self._counts_since = None, time.time()
+        self._tracked = []  # the old scene's boxes: a skipped frame's snapshot drew them on the new scene
 
     # -- the frame-age budget (workers/budget.py decides, this applies) -------------------------
     def _base_fps(self) -> float | None:
@@ -572,8 +578,12 @@ class CameraPipeline:
         self.analytics.set_horizon(track_horizon_s(self.camera.tracker))  # a track it may give back is remembered
         return self.analytics
 
-    def _motion_gate(self) -> MotionGate | None:
-        """The gate for the camera's current motion settings (a live change replaces ``self.camera``)."""
+    def _motion_gate(self, item: CapturedFrame) -> MotionGate | None:
+        """The gate for the camera's current motion settings (a live change replaces ``self.camera``), and a fresh
+        one from a new URL's first frame: compared with the old source's last frame, the same view (the camera by
+        another path) read as still and went unanalysed for up to max_skip_s, after the change ended every track."""
+        if self._gate_from is not None and item.index >= self._gate_from:
+            self._gate_from, self.gate = None, None
         if self.gate is None or self.gate.settings is not self.camera.motion:
             self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         return self.gate
@@ -596,7 +606,10 @@ class CameraPipeline:
 
     def _skipped_frame(self, item: CapturedFrame) -> None:
         """A frame the motion gate kept from inference: nothing moved, so tracks and occupants stay as they
-        were (the tracker does not see the frame, see workers/motion.py) and a due snapshot shows them."""
+        were (the tracker does not see the frame, see workers/motion.py) and a due snapshot shows them. A new
+        URL's frame skipped before any of its frames was analysed starts its scene: the old one's state is not its."""
+        if self._scene_from is not None and item.index >= self._scene_from:
+            self._new_scene()
         if self.analytics:
             self.analytics.hold(item.pts)
         if item.picture is not None:
@@ -698,13 +711,22 @@ class RedisClock:
     host 30 s behind read stale for ever, one 30 s ahead never read stale after it died). TIME is asked in a
     thread at most every ``every_s`` (the heartbeat is written every second, no round trip of its own); the
     offset is kept against the monotonic clock, so a step of this host's wall clock changes nothing. Until the
-    first answer, and where Redis is away or refuses TIME (an ACL), this host's clock."""
+    first answer (``asked``: a camera starts once it came), and where Redis is away or refuses TIME (an ACL),
+    this host's clock. One per Redis in a process (``shared``): its cameras share the measurement."""
 
     def __init__(self, url: str, every_s: float = 60.0) -> None:
         self.url, self.every_s = url, every_s
         self.offset: float | None = None  # Redis's time minus time.monotonic()
+        self.asked = threading.Event()  # the first question was answered (or refused, or failed)
         self._due, self._asking = 0.0, False
         self.now()
+
+    @classmethod
+    def shared(cls, url: str) -> "RedisClock":
+        """This process's clock of the Redis at ``url``."""
+        if url not in _CLOCKS:
+            _CLOCKS[url] = cls(url)
+        return _CLOCKS[url]
 
     def now(self) -> float:
         mono = time.monotonic()
@@ -727,6 +749,10 @@ class RedisClock:
             pass
         finally:
             self._asking = False
+            self.asked.set()
+
+
+_CLOCKS: dict[str, RedisClock] = {}  # RedisClock.shared: Redis URL -> its clock in this process
 
 
 def _seen(fut: asyncio.Future) -> None:
@@ -791,6 +817,7 @@ class CameraHost:
         if self.publisher is None:
             self.publisher = publisher_for(self.redis, f"hydravision-{self.camera.id}",
                                            self.writer() if self.writer else None).start()
+        clock = RedisClock.shared(self.redis.url)  # asks TIME (once per process) while the start waits below
         if self.model is not None:
             ref, replica = None, self.model
         else:  # stable spread of cameras over replicas (str hash() differs per process)
@@ -801,6 +828,9 @@ class CameraHost:
         if hasattr(replica, "ping"):
             await replica.ping.remote()
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
+        # The first heartbeat (the source's stream_up, within ms) on this host's clock read stale where it is
+        # behind Redis's by more than STALE_AFTER_S: the start waits for the answer, which normally came meanwhile.
+        await asyncio.get_running_loop().run_in_executor(None, clock.asked.wait, 5.0)
         if self._stop_asked:  # stopped (removed, a start given up on) while waiting: it must not run unseen
             log.info("camera %s: stopped before it started", self.camera.id)
             await asyncio.get_running_loop().run_in_executor(None, self.publisher.close, 5.0)
@@ -815,7 +845,7 @@ class CameraHost:
         self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
                                        track_id_base=id_base, instance=self.instance, resume=resume,
                                        infer_many=self.merger.call if self.merger else service_call(replica))
-        self.pipeline.redis_clock = RedisClock(self.redis.url)  # heartbeats on the readers' clock
+        self.pipeline.redis_clock = clock  # heartbeats on the readers' clock
         self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
         self.task.add_done_callback(lambda task: self._leave_merger() if task is self.task else None)
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
