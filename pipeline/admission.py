@@ -276,7 +276,7 @@ class Admission:
         shown = redact_url(url)
         found = _host_port(url, scheme)
         if found is None:
-            raise CommandRejected(f"camera.url: invalid host or port in {shown!r} (a port out of range 0-65535 or "
+            raise CommandRejected(f"camera.url: invalid host or port in {shown!r} (a port out of range 1-65535 or "
                                   "not a number, or a '/', '?' or '#' in a password that is not %-encoded)")
         host, port = found
         if not host:
