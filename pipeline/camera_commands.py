@@ -144,7 +144,11 @@ class RedisChannel:
                 command["changes"] = body
         last = self.client.xrevrange(self.results, count=1)
         after = last[0][0] if last else "0-0"
-        entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
+        try:
+            entry_id = self.client.xadd(self.key, {"data": json.dumps(command)})
+        except (redis.ConnectionError, redis.TimeoutError) as lost:  # Redis may have added it: the reply is lost
+            raise UserError(f"lost Redis at {redact_url(self.url)} while sending the command "
+                            f"({type(lost).__name__}): it may have been applied (see `cameras list`)") from None
         # The wait on a client of its own, whose reads on a frozen Redis fail after WAIT_READ_S: with the 10 s of the
         # commands above, a read begun just before --timeout ran out ended up to 10 s after it.
         waiter = redis.Redis.from_url(self.url, socket_connect_timeout=WAIT_READ_S, socket_timeout=WAIT_READ_S)

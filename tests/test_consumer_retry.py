@@ -197,3 +197,24 @@ def test_a_read_lost_right_after_the_group_was_created_again_is_read_back_first(
     while len(got) < 3 and time.monotonic() < deadline:
         got += [m.id for m in consumer.read()]
     assert got == ids
+
+
+def test_a_command_whose_send_lost_its_reply_is_said_to_be_maybe_applied(redis_server, monkeypatch):
+    """An XADD whose reply was lost may have added the command: the CLI said only "lost Redis at ...", and a user
+    sent it again (a camera added twice is refused, a removal repeated fails) without knowing why."""
+    import redis as redis_lib
+
+    from pipeline.camera_commands import RedisChannel
+    from pipeline.errors import UserError
+
+    channel = RedisChannel(redis_server.url, "hv", timeout=1)
+    real_xadd = channel.client.xadd
+
+    def xadd_then_lose(*args, **kwargs):
+        real_xadd(*args, **kwargs)
+        raise redis_lib.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(channel.client, "xadd", xadd_then_lose)
+    with pytest.raises(UserError, match="while sending the command .*it may have been applied"):
+        channel.send("list")
+    assert redis_server.client().xlen("hv:control") == 1  # it was added, as the message says it may have been
