@@ -291,8 +291,12 @@ class AVSource(Source):
             # seek() also flushes the decoder, which the end-of-file flush left draining.
             self._container.seek(0, backward=True, any_frame=False, stream=self._stream)
         except (av.FFmpegError, OSError):
-            self._eof = True  # not seekable (a pipe, a still image format): a normal end
-            return
+            try:
+                # A raw stream (an .h264 dump) has no timestamps to seek by (EPERM): its start is its first byte.
+                self._container.seek(0, unsupported_byte_offset=True)
+            except (av.FFmpegError, OSError):
+                self._eof = True  # not seekable (a pipe): a normal end
+                return
         frames, clock = self._since_seek, self._clock
         self._since_seek = 0
         clock.restart()

@@ -383,7 +383,9 @@ class Capture:
                 attempt += 1
                 self.reconnects += 1
                 self.state = "reconnecting"
-                delay = min(self.BACKOFF_MAX_S, self.BACKOFF_INITIAL_S * 2 ** (attempt - 1))
+                # attempt grows for as long as the camera stays away: 2 ** attempt past 1023 overflows a float (a
+                # camera away ~3 h crashed the thread), and 2 ** 20 is past the cap from any sane initial delay.
+                delay = min(self.BACKOFF_MAX_S, self.BACKOFF_INITIAL_S * 2 ** min(attempt - 1, 20))
                 delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
                 self.on_event("stream_down", {"reason": reason})
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})

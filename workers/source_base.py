@@ -73,7 +73,7 @@ class SourceFrame:
     """One decoded picture and where it sits in its stream."""
 
     index: int  # 0-based count of frames this Source object has returned since open() (or skipped: see AVSource)
-    pts: float  # seconds from the start of the stream; never decreases, keeps increasing when a file loops
+    pts: float  # seconds from the start of the stream; always increases, also when a file loops
     wall: float  # time.time() when it was decoded
     size: tuple[int, int]  # (height, width) of the source picture
     image: "av.VideoFrame | np.ndarray"  # decoded PyAV frame (not converted), or RGB uint8 HWC (synthetic)
@@ -162,8 +162,9 @@ class Source:
 
 class PtsClock:
     """Maps decoder timestamps (seconds, or None when a frame has none) to stream time that starts at 0 and
-    never goes backwards. A backward jump (a camera restarting its clock, a file looping) re-anchors the
-    clock so the next frame comes one frame period after the previous one."""
+    always moves forward. A backward jump (a camera restarting its clock, a file looping) re-anchors the clock
+    so the next frame comes one frame period after the previous one; a timestamp that repeats the last one
+    comes one period after it too (a stuck clock: every frame once said 0 s, and stream time stood still)."""
 
     def __init__(self, fps: float | None) -> None:
         self.period = 1.0 / fps if fps and fps > 0 else 0.04  # 25 fps when the stream does not say
@@ -182,8 +183,10 @@ class PtsClock:
             if self.origin is None:
                 self.origin = t - expected
             pts = t - self.origin
-            if self.last is not None and pts < self.last:
-                self.origin, pts = t - expected, expected
+            if self.last is not None and pts <= self.last:
+                if pts < self.last:
+                    self.origin = t - expected
+                pts = expected  # a repeat (a stuck clock, or one coarser than the frames) is one period on
         self.last = pts
         return pts
 
