@@ -84,6 +84,9 @@ class HydravisionCollector(Collector):
         up = GaugeMetricFamily("hydravision_camera_up", "1 when the camera's stream is being read", labels=["camera"])
         reconnects = CounterMetricFamily("hydravision_camera_reconnects_total",
                                          "Reconnects and decoder restarts, per camera", labels=["camera"])
+        packets = CounterMetricFamily("hydravision_camera_skipped_packets_total", "Packets that failed to decode "
+                                      "and were skipped (lost RTP packets, a damaged file), per camera",
+                                      labels=["camera"])
         fps = GaugeMetricFamily("hydravision_camera_fps", "Frames published per second (frames of the last 5 s over their capture span)", labels=["camera"])
         target = GaugeMetricFamily("hydravision_camera_target_fps", "Frames per second the camera analyses at "
                                    "most: its fps setting, or lower while its frame-age budget is exceeded "
@@ -108,6 +111,7 @@ class HydravisionCollector(Collector):
             pending.add_metric([cid], held)
             _histogram(age, [cid], c.histogram("age", FRAME_AGE_BUCKETS))
             reconnects.add_metric([cid], c.value("reconnects"))
+            packets.add_metric([cid], c.value("skipped_packets"))
             if s.get("fps") is not None:
                 fps.add_metric([cid], float(s["fps"]))
             if s.get("target_fps"):
@@ -118,7 +122,7 @@ class HydravisionCollector(Collector):
                 budget.add_metric([cid], s["budget"]["max_frame_age_ms"] / 1000)
             for key in sorted(k for k in c.keys() if k.startswith("budget.")):
                 actions.add_metric([cid, key.split(".", 1)[1]], c.value(key))
-        yield from (decoded, frames, pending, age, up, reconnects, fps, target, last, budget, actions)
+        yield from (decoded, frames, pending, age, up, reconnects, packets, fps, target, last, budget, actions)
 
     def _inference(self, snap: Snapshot) -> Iterator[Metric]:
         replicas = list(snap.replicas.values())

@@ -35,7 +35,8 @@ def _hist(out: dict[str, float], prefix: str, snapshot: dict | None) -> None:
 def camera_counters(s: dict) -> dict[str, float]:
     """The cumulative numbers of one camera's stats(), flat: what a restart of its actor would reset."""
     out: dict[str, float] = {"decoded": s.get("decoded", 0), "outcome.published": s.get("published", 0),
-                             "outcome.skipped": s.get("skipped", 0), "reconnects": s.get("reconnects", 0)}
+                             "outcome.skipped": s.get("skipped", 0), "reconnects": s.get("reconnects", 0),
+                             "skipped_packets": s.get("skipped_packets", 0)}
     for reason, n in (s.get("dropped") or {}).items():
         out[f"outcome.{reason}"] = n
     _hist(out, "age", s.get("frame_age"))

@@ -248,6 +248,8 @@ class Capture:
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         self.reconnects = 0
+        self._closed_skipped = 0  # packets the sources this capture closed skipped (see skipped_packets)
+        self._skipped_lock = threading.Lock()  # that and _source change together: a reader never counts one twice
         self.state = "starting"
         self.last_error: str | None = None
         self.last_frame_wall: float | None = None
@@ -260,6 +262,13 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name=capture_thread_name(camera.id, camera.url), daemon=True)
         self._source: Source | None = None
         self._picture_due: float | None = None  # stream time of the next frame that keeps a picture for a snapshot
+
+    @property
+    def skipped_packets(self) -> int:
+        """Packets that failed to decode and were skipped (lost RTP packets, a damaged file), over reconnects."""
+        with self._skipped_lock:
+            source = self._source
+            return self._closed_skipped + (source.decode_errors if source is not None else 0)
 
     def start(self) -> None:
         self._thread.start()
@@ -378,7 +387,9 @@ class Capture:
                 finally:
                     if source is not None:
                         source.close()
-                    self._source = None
+                    with self._skipped_lock:
+                        self._closed_skipped += source.decode_errors if source is not None else 0
+                        self._source = None
                 # A live camera that dropped or never answered: back off, then try again, forever.
                 attempt += 1
                 self.reconnects += 1

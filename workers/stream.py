@@ -102,7 +102,7 @@ class CameraPipeline:
         # (publish time, capture time) of the last frames published, for the fps in stats().
         self.publish_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=300)
         self.last_error: str | None = None
-        self.watchdog_restarts = self.capture_crashes = self.past_reconnects = 0
+        self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self.state = "created"
         self.started_at: float | None = None
         self._stopping = False
@@ -275,6 +275,7 @@ class CameraPipeline:
         # numbered like the new thread's first, and the slot took it until the new thread's constructor retired it.
         self._slot.new_generation()
         self.past_reconnects += cap.reconnects
+        self.past_skipped_packets += cap.skipped_packets
         self._slot.lossless = self.camera.lossless
         first = cap.decoded
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
@@ -690,6 +691,8 @@ class CameraPipeline:
             "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts
             + self.capture_crashes,
             "watchdog_restarts": self.watchdog_restarts, "capture_crashes": self.capture_crashes,
+            # packets that failed to decode and were skipped: a UDP camera's packet loss shows here, nowhere else
+            "skipped_packets": (cap.skipped_packets if cap else 0) + self.past_skipped_packets,
             "last_frame_ts": cap.last_frame_wall if cap else None,
             "last_error": self.last_error,
             "track_ids_next": self.tracker.next_ids() if self.tracker else dict(self.track_id_base),
