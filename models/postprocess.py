@@ -148,8 +148,9 @@ def postprocess(
     # so NaNs took the places of the k real detections that ``above`` counted
     scores = scores.nan_to_num(nan=-1.0)
     above = scores > score_threshold
-    # Trim K to what any image really has: the NMS cost is quadratic in K.
-    k = min(pre_nms_topk, int(above.sum(1).max().item()) if n else 0)
+    # Trim K to what any image really has: the NMS cost is quadratic in K. Never below max_detections: a head
+    # configured for 500 boxes a frame (a crowd) got at most pre_nms_topk, fewer after NMS, and no word of it.
+    k = min(max(pre_nms_topk, max_detections), int(above.sum(1).max().item()) if n else 0)
     if k == 0:
         empty = HeadDetections(cls.new_zeros((0, 4)), cls.new_zeros((0,)), torch.zeros(0, dtype=torch.long, device=cls.device))
         return [empty for _ in range(n)]
@@ -157,10 +158,12 @@ def postprocess(
     loc, labels = top_idx // c, top_idx % c
     sel_ltrb = torch.gather(ltrb.float(), 1, loc[..., None].expand(n, k, 4))
     boxes = decode_boxes(points[loc.reshape(-1)].reshape(n * k, 2), sel_ltrb.reshape(n * k, 4)).reshape(n, k, 4)
+    # a NaN box overlaps nothing (NMS kept it); an infinite distance (an fp16 overflow) clamped to the frame's edge
+    finite = boxes.isfinite().all(-1)
     h, w = image_size
     boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
     boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
-    valid = (top_scores > score_threshold) & ~boxes.isnan().any(-1)  # a NaN box overlaps nothing: NMS kept it
+    valid = (top_scores > score_threshold) & finite
     keep = nms_keep(boxes, labels, valid, nms_iou)
     keep = keep & (keep.cumsum(1) <= max_detections)  # the best max_detections of each image (rows are score-sorted)
     # the kept boxes of the whole batch in one selection, then split per image: two GPU syncs, not one an image

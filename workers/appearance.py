@@ -216,14 +216,16 @@ class AppearanceByteTrack(ByteTrackTracker):
         iou = self.iou.compute(predicted, boxes[high_idx])
         sim = iou
         if emb is not None and len(self.tracks) and len(high_idx):
-            looks = np.array([getattr(t, "embedding", None) is not None for t in self.tracks])
+            # a zero vector is no look (to_detections' for a non-finite one), not one unlike every other: cosine 0
+            # ranked such a box below any look-alike its track's box overlapped far less
+            looks = np.array([getattr(t, "embedding", None) is not None and t.embedding.any() for t in self.tracks])
             if looks.any():
                 track_emb = np.stack([t.embedding if ok else np.zeros(emb.shape[1], np.float32)
                                       for t, ok in zip(self.tracks, looks)])
                 cos = track_emb @ emb[high_idx].T
                 fused = (1 - self.weight) * iou + self.weight * cos
                 # the IoU gate decides what may match; appearance only ranks the candidates it let through
-                gate = looks[:, None] & (iou >= self.minimum_iou_threshold)
+                gate = looks[:, None] & emb[high_idx].any(1)[None] & (iou >= self.minimum_iou_threshold)
                 sim = np.where(gate, np.maximum(fused, self.minimum_iou_threshold), iou)
         matched, unmatched_tracks, unmatched_high = self._get_associated_indices(sim, self.minimum_iou_threshold)
         for row, col in matched:

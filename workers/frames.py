@@ -72,12 +72,16 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
             emb = emb.copy()
             emb[bad] = 0
         attrs["embedding"] = emb
-    return sv.Detections(
+    det = sv.Detections(
         xyxy=boxes_to_source(boxes, lb),
         confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),
         class_id=class_ids,
         data={"class_name": names, **attrs},
     )
+    # a box in the letterbox padding clips to no area, as does one the model gave no extent (relu'd distances):
+    # nothing there to publish, and at IoU 0 with everything no tracker can ever confirm it
+    seen = (det.xyxy[:, 2] > det.xyxy[:, 0]) & (det.xyxy[:, 3] > det.xyxy[:, 1])
+    return det if seen.all() else det[seen]
 
 
 def detection_records(head: str, det: sv.Detections, track_ids: np.ndarray | None) -> list[dict]:
