@@ -16,7 +16,8 @@ the live batches rather than configured:
   batches ends;
 - the limit goes back to the size it was raised from (half of it, bar a ceiling that is not a power of two)
   when the recent batches at that size ran faster per frame by more than ``gain`` (a wrong step up, or a
-  machine whose load changed);
+  machine whose load changed); a step up undone is a refused probe: the next probe waits twice as long as
+  the one that made it did;
 - a probe's batch that fails (out of memory) ends the probe, and the ceiling comes down to the limit;
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
   first call (0.2-1 s on this CPU), which says nothing about the steady cost;
@@ -47,7 +48,8 @@ class BatchSizer:
         self.limit = min(_power_of_two_at_most(start), ceiling)
         self.probing: int | None = None  # the larger size on trial, while a probe runs
         self.changes: list[tuple[int, int]] = []  # (from, to), every change of the limit
-        self._raised_from: list[int] = []  # the limits each adopted probe replaced: the sizes a shrink has timings of
+        # the limits each adopted probe replaced (the sizes a shrink has timings of), with the probes' backoff then
+        self._raised_from: list[tuple[int, int]] = []
         self._costs: dict[int, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=window))
         self._seen: set[int] = set()
         self._streak = 0  # full batches in a row at the limit
@@ -131,7 +133,7 @@ class BatchSizer:
         assert self.probing is not None
         if adopt:
             self.changes.append((self.limit, self.probing))
-            self._raised_from.append(self.limit)
+            self._raised_from.append((self.limit, self._backoff))
             self.limit, self._backoff = self.probing, 1
         else:
             self._backoff = min(MAX_BACKOFF, 2 * self._backoff)
@@ -142,13 +144,14 @@ class BatchSizer:
         # have timings (half of a ceiling of 12 is a 6 that never ran).
         if not self._raised_from:
             return
-        lower = self._raised_from[-1]
+        lower, backoff = self._raised_from[-1]
         here, there = self._costs[self.limit], self._costs[lower]
         if len(here) >= self.samples and len(there) >= self.samples and \
                 statistics.median(there) < (1 - self.gain) * statistics.median(here):
             self._raised_from.pop()
             self.changes.append((self.limit, lower))
             self.limit, self._streak = lower, 0
+            self._backoff = min(MAX_BACKOFF, 2 * backoff)  # a step up undone is a refused probe: retried less often
 
     def stats(self) -> dict:
         """For the replica's stats(): the limit now, the probe running (0: none), the changes so far, and the
