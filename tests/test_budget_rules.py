@@ -104,3 +104,31 @@ def test_frames_sent_before_a_live_update_do_not_feed_the_new_budget():
     for i in range(6, 40):  # the new settings' frames: 0.1 s old
         pipe._keep_budget(0.1, t + 0.04 * i)
     assert pipe.budget is not None and pipe.budget.actions == {} and publisher.events == [], publisher.events
+
+
+def test_a_camera_behind_the_motion_gate_gets_its_rate_back_when_the_load_falls():
+    """Frames the motion gate skips never reached the budget: a still scene publishes bursts of motion, each after
+    a gap longer than a calm's hold, which read as "no calm" (a stall). After an overload cut, 10 minutes of
+    motion 3 s in every 10 stepped up 0 times. Skipped frames now tell the budget the stream goes on."""
+    def scene(policy: FrameAgeBudget, start: float, with_alive: bool) -> None:
+        rng, t = random.Random(1), start
+        while t < start + 600:
+            moving = (t - start) % 10 < 3
+            if moving:
+                a = 0.1 * rng.uniform(0.9, 1.1)
+                policy.observe(a, t + a)
+                policy.decide(t + a)
+            elif with_alive:
+                policy.alive(t)
+            t += 1 / policy.fps
+
+    for with_alive in (False, True):
+        policy = FrameAgeBudget(BUDGET_S, base_fps=25)
+        run(policy, 60, lambda p: 0.6)  # an overload: the rate is cut
+        cut = policy.fps
+        assert cut < 25
+        scene(policy, 60, with_alive)
+        if with_alive:
+            assert policy.fps == 25 and not policy.adapted, policy.fps
+        else:  # the same scene without the skipped frames' word: the rate stays where the overload left it
+            assert policy.fps == cut, policy.fps

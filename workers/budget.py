@@ -112,6 +112,12 @@ class FrameAgeBudget:
         self._last_frame_at = now
         self._ages.append((now, age_s))
 
+    def alive(self, now: float) -> None:
+        """A frame read at ``now`` that the motion gate kept from inference: the stream goes on, so a calm begun
+        before it lasts (a still scene published only bursts, each after a gap that read as no calm: the rate
+        an overload cut never came back); its age says nothing of the load, so it is no sample."""
+        self._last_frame_at = max(self._last_frame_at, now)
+
     def p95(self, now: float) -> float | None:
         """p95 age of frames published in the ``window_s`` before ``now`` (at least the last ``min_samples`` of
         them: at a few frames per second the window reaches further back, up to ``max_window_s``), counting only

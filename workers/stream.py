@@ -613,6 +613,8 @@ class CameraPipeline:
             self._new_scene()
         if self.analytics:
             self.analytics.hold(item.pts)
+        if self.budget is not None:
+            self.budget.alive(time.monotonic())  # the budget's clock (_keep_budget)
         if item.picture is not None:
             self._after_analytics(item, self.analytics)
 
