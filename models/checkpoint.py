@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         config = HydraNetConfig.from_dict(meta["config"])
         model = HydraNet(config)
-    except (ConfigError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError among them; a ValueError: e.g. an input_size of letters
         raise CheckpointError(f"{path}: cannot build the architecture it describes: {e}") from None
     tensors = read_tensors(path, meta)
     problems = compare_state_dict(model.state_dict(), tensors)

@@ -131,6 +131,20 @@ def class_maps(heads: dict[str, list[str]], data_classes: list[str]) -> dict[str
     return maps
 
 
+def check_head_boxes(heads: dict[str, list[str]], ds: YoloFolder) -> None:
+    """Refuses a head none of whose classes has a box in the label files (it would learn to detect nothing, and
+    be saved as if trained); warns of a head's classes without one."""
+    found = {ds.classes[int(c)] for _, rows in ds.items for c in rows[:, 0]}
+    for head, classes in heads.items():
+        absent = [c for c in classes if c not in found]
+        if absent == classes:
+            raise DatasetError(f"head {head!r}: no label file in {ds.root} has a box of {classes} (the labels have "
+                               f"boxes of {sorted(found)} only)")
+        if absent:
+            log.warning("head %r: no label file in %s has a box of %s: it learns those as background", head,
+                        ds.root, absent)
+
+
 def build_model(cfg: TrainConfig) -> tuple[HydraNet, dict, list[str]]:
     """The model to train, its prior training history, and the names of the heads to train."""
     if cfg.init is None:
@@ -280,6 +294,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
         log.info("resuming %s from step %d", cfg.out, start)
     loader, data_classes = build_data(cfg, model.config.input_size, seed=cfg.seed * 1000 + start)
     cmaps = class_maps(cfg.heads, data_classes)
+    if isinstance(loader.dataset, YoloFolder):
+        check_head_boxes({h: cfg.heads[h] for h in trainable}, loader.dataset)
     if others and not start:  # after the data's checks: scoring takes minutes on a real model
         before = score_heads(model, others, cfg, progress)
         log.info("other heads' held-out mAP@0.5 before unfreezing %d stage(s): %s", cfg.unfreeze_stages, before)
@@ -306,8 +322,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
             for k, v in fcos_loss(model.heads[name](feats), model.points(feats, offset), cls_t, box_t).items():
                 losses[f"{name}/{k}"] = v
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at step {step}: {_fmt(losses)}")
+        if not torch.isfinite(total):  # step + 1: as the progress lines count them
+            raise FloatingPointError(f"loss became {total.item()} at step {step + 1}: {_fmt(losses)}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -329,7 +345,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                             "train_config": _jsonable(cfg), "other_heads_before": before, "init_weights": init_digest,
                             "seconds": seconds_before + time.time() - t0}, tmp)
     bar.close()
-    record = {"heads": trainable, "steps": cfg.steps, "data": cfg.data, "seed": cfg.seed,
+    # a folder absolute: int8 calibration reads it from the history wherever the service runs (models/quantize.py)
+    data = cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())
+    record = {"heads": trainable, "steps": cfg.steps, "data": data, "seed": cfg.seed,
               "frozen_shared": cfg.freeze_shared, "init": str(cfg.init) if cfg.init else None,
               "seconds": round(seconds_before + time.time() - t0, 1), "final_loss": smooth}
     if start:
@@ -366,4 +384,4 @@ def _jsonable(cfg: TrainConfig) -> dict:
 
 
 def _fmt(losses: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4f}" for k, v in losses.items())
+    return ", ".join(f"{k}={v.item():.4f}" for k, v in losses.items())

@@ -10,7 +10,8 @@ from typing import Iterator
 
 import torch
 
-from models.checkpoint import CheckpointError, import_backbone_weights, load_checkpoint, read_metadata, save_checkpoint
+from models.checkpoint import (CheckpointError, import_backbone_weights, load_checkpoint, prepare_output, read_metadata,
+                               save_checkpoint)
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
 from models.hydranet import ConfigError as ModelConfigError, HydraNet, HydraNetConfig
@@ -79,13 +80,18 @@ def train(args: argparse.Namespace) -> Path:
                 raise UserError("--import-backbone starts a new model; it cannot be combined with --from")
             refuse_architecture_options(args, given, cfg.init)
         if args.import_backbone:
+            if not args.out.is_file():  # a folder, or a file where its folder should be: refused before the imported
+                prepare_output(args.out)  # start is written beside it (an existing --out: train_model warns, once)
             torch.manual_seed(cfg.seed)  # the new heads' initial weights, as train_model seeds them without it
             model, _, _ = build_model(cfg)
             loaded = import_backbone_weights(model, args.import_backbone)
             cfg.init = args.out.with_name(args.out.stem + ".imported.safetensors")
             save_checkpoint(model, cfg.init,
                             {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
-        return train_model(cfg, progress=not args.no_progress)
+        try:
+            return train_model(cfg, progress=not args.no_progress)
+        except FloatingPointError as e:  # diverged: the learning rate given (or the data), not a bug
+            raise UserError(f"the training diverged: {e}; try a lower --lr (it is {cfg.lr:g})") from e
 
 
 # The train command's options that the parser leaves None (pipeline/cli.py), so that what the user gave is known.
