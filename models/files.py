@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +15,25 @@ def written_aside(path: Path, tmp: Path) -> Iterator[Path]:
     Ctrl-C: no half-written temporary left beside the output either)."""
     try:
         yield tmp
+        # on disk before the rename: after a power loss a renamed file can be empty where its data was not
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         tmp.replace(path)
+        _fsync_folder(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The rename itself on disk; a filesystem that cannot sync a folder is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
