@@ -64,7 +64,10 @@ def init_ray(config: Any, system_config: dict) -> None:
     _check_head(address, where, rc.placement_timeout_s)
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    # AuthenticationError: RAY_AUTH_MODE=token and no token here (a wrong one is a ConnectionError, after ~20 s);
+    # Rays before token auth have no such class
+    except (ConnectionError, RuntimeError, ValueError,
+            getattr(ray.exceptions, "AuthenticationError", ConnectionError)) as e:
         raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
 
 
@@ -72,7 +75,8 @@ def _check_head(address: str, where: str, timeout_s: float) -> None:
     """What ray.init cannot tell apart: given an address where nothing answers, or where a Redis does (Redis and
     `ray start --head` both default to port 6379), it retries for about 14 minutes (20 tries of ~40 s) and then
     blames the GCS. Waits up to ``timeout_s`` for something to answer where ray.init will connect (a head still
-    starting), and refuses a Redis at once: it answers PING with + or - (NOAUTH, DENIED), a GCS with HTTP/2."""
+    starting), and refuses a Redis at once: it answers PING with + or - (NOAUTH, DENIED), a GCS with HTTP/2; so is
+    any other server that answers in text (an HTTP port: ray.init retried one for minutes too)."""
     if "://" in address:  # ray:// (Ray Client): another protocol, left to ray.init
         return
     try:
@@ -92,6 +96,11 @@ def _check_head(address: str, where: str, timeout_s: float) -> None:
             raise UserError(f"{where}: {address!r} is a Redis server ({redis}), not a Ray cluster's head: Redis and "
                             "`ray start --head` both default to port 6379. Give the port the head was started with "
                             "(`ray start --head --port=...`; 6380 in docker-compose.yml)")
+        if text := next((t for t, first in answers.items() if first and 32 <= first[0] < 127), None):
+            raise UserError(f"{where}: {address!r} is not a Ray cluster's head: the server there ({text}) answers in "
+                            "text, a head's GCS in HTTP/2 (the dashboard's port 8265 is no head address either). Give "
+                            "the port the head was started with (`ray start --head --port=...`; 6380 in "
+                            "docker-compose.yml)")
         if answers[resolved] is not None:
             return
         if time.monotonic() >= deadline:

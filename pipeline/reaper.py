@@ -36,7 +36,10 @@ class Reaper:
 
     @classmethod
     def start(cls) -> "Reaper":
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())],
+        # From the folder that holds this package: `-m` looks in the working directory first, where a package of
+        # the user's own named pipeline was run instead (or none was found: no reaper)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())], cwd=root,
                                 stdin=subprocess.PIPE, start_new_session=True)  # Ctrl-C reaches the run, not it
         return cls(proc)
 
