@@ -12,7 +12,8 @@
 //   --claim-idle-ms MS (take over messages other members left unacknowledged this long; default 30000),
 //   --counts (at exit, also validate the counts hash of every camera seen).
 // Exit status: 0, or 1 when a message did not validate (it is reported on stderr and still acknowledged:
-// it is the producer's bug, and retrying will not fix it).
+// it is the producer's bug, and retrying will not fix it), or 2 on an error. SIGINT or SIGTERM ends the run after
+// the message in hand (a second one at once).
 "use strict";
 
 const fs = require("fs");
@@ -74,11 +75,19 @@ async function main() {
   const validate = loadValidators(opts.schemas);
   const stream = `${opts.prefix}:events`;
   let lastMessage = Date.now();
+  let gaveUp = null; // why the client stopped reconnecting
   // The client retries forever while commands wait for it: with --idle-exit-ms an unreachable Redis ends the
-  // run as well. Until then it retries as its default strategy does (50 ms doubling to 2 s, plus jitter).
-  const reconnectStrategy = (retries) => (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs
-    ? new Error(`no answer from Redis at ${redact(opts.redisUrl)} for --idle-exit-ms ${opts.idleExitMs}`)
-    : Math.min(2 ** retries * 50, 2000) + Math.floor(Math.random() * 200));
+  // run as well, and a password or database that Redis refuses ends it at once (it retried them forever).
+  // Until then it retries as its default strategy does (50 ms doubling to 2 s, plus jitter).
+  const reconnectStrategy = (retries, cause) => {
+    const text = String(cause && cause.message);
+    if (/WRONGPASS|NOAUTH|NOPERM|DB index is out of range/.test(text)) {
+      gaveUp = new Error(`Redis at ${redact(opts.redisUrl)} refused the connection: ${text}`);
+    } else if (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs) {
+      gaveUp = new Error(`no answer from Redis at ${redact(opts.redisUrl)} for --idle-exit-ms ${opts.idleExitMs}`);
+    }
+    return gaveUp || Math.min(2 ** retries * 50, 2000) + Math.floor(Math.random() * 200);
+  };
   let client;
   try {
     client = createClient({ url: opts.redisUrl, socket: { reconnectStrategy } });
@@ -96,6 +105,17 @@ async function main() {
     }
   };
   await ensureGroup(opts.fromStart ? "0" : "$");
+
+  let stopping = false;
+  for (const signal of ["SIGINT", "SIGTERM"]) {
+    // Without a handler Node dies at once (and ignores SIGTERM as a container's PID 1): the rest of the batch
+    // stayed pending under a name that does not come back, for --claim-idle-ms.
+    process.on(signal, () => {
+      if (stopping) process.exit(130);
+      console.error(`${signal}: stopping after the message in hand`);
+      stopping = true;
+    });
+  }
 
   let crossings = 0, invalid = 0, handled = 0;
   const cameras = new Set();
@@ -123,51 +143,67 @@ async function main() {
     handled++;
   };
 
+  // XREADGROUP by hand: node-redis' xReadGroup throws a TypeError on the nil that Redis 6.2 gives for an own
+  // pending entry deleted from the stream (MAXLEN), and each restart under the same --consumer failed on it again.
+  const readGroup = async (id) => {
+    const reply = await client.sendCommand(["XREADGROUP", "GROUP", opts.group, opts.consumer, "COUNT", "100",
+      ...(id === ">" ? ["BLOCK", "500"] : []), "STREAMS", stream, id]);
+    return (reply ? reply[0][1] : []).map(([entryId, fields]) => {
+      const message = fields ? Object.create(null) : null; // as node-redis builds it
+      for (let i = 0; fields && i < fields.length; i += 2) message[fields[i]] = fields[i + 1];
+      return { id: entryId, message };
+    });
+  };
+
   let cursor = "0"; // own pending first (a restart under the same --consumer), then new messages
   let claimFrom = "0-0";
-  const done = () => (opts.count !== null && crossings >= opts.count)
-    || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
+  const enough = () => stopping || (opts.count !== null && crossings >= opts.count);
+  const done = () => enough() || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
+  const handleAll = async (messages) => {
+    for (const [i, m] of messages.entries()) {
+      if (enough()) {
+        // The rest was taken but not handled: claimable by any member now instead of after --claim-idle-ms
+        // (XCLAIM ... IDLE JUSTID keeps owner and delivery count), as pipeline/consumer.py hands it back.
+        const rest = messages.slice(i).filter((r) => r.message).map((r) => r.id);
+        if (rest.length) {
+          await client.xClaimJustId(stream, opts.group, opts.consumer, 0, rest, { IDLE: opts.claimIdleMs });
+        }
+        return;
+      }
+      if (!m.message) {  // pending, but trimmed from the stream (MAXLEN): nothing left to handle
+        await client.xAck(stream, opts.group, m.id);
+        continue;
+      }
+      await handle(m.id, m.message);
+      lastMessage = Date.now();
+    }
+  };
   while (!done()) {
     try {
       // Take over what dead members of the group left unacknowledged.
       const claimed = await client.xAutoClaim(stream, opts.group, opts.consumer, opts.claimIdleMs, claimFrom,
         { COUNT: 100 });
       claimFrom = claimed.nextId;
-      for (const m of claimed.messages) {
-        if (m) { await handle(m.id, m.message); lastMessage = Date.now(); }
-      }
-      const reply = await client.xReadGroup(opts.group, opts.consumer, [{ key: stream, id: cursor }],
-        { COUNT: 100, BLOCK: cursor === ">" ? 500 : undefined });
-      const messages = reply && reply.length ? reply[0].messages : [];
+      // Redis 6.2 gives an entry deleted while pending as nil, without its id, and keeps it pending: the read
+      // of own pending entries acknowledges it.
+      if (claimed.messages.some((m) => !m)) cursor = "0";
+      await handleAll(claimed.messages.filter((m) => m));
+      if (enough()) continue;
+      const messages = await readGroup(cursor);
       if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
-      for (const [i, m] of messages.entries()) {
-        if (!m || !m.message) {  // pending, but trimmed from the stream (MAXLEN): nothing left to handle
-          if (m) await client.xAck(stream, opts.group, m.id);
-          continue;
-        }
-        await handle(m.id, m.message);
-        lastMessage = Date.now();
-        if (done()) {
-          // The rest was taken but not handled: claimable by any member now instead of after --claim-idle-ms
-          // (XCLAIM ... IDLE JUSTID keeps owner and delivery count), as pipeline/consumer.py hands it back.
-          const rest = messages.slice(i + 1).filter((r) => r && r.message).map((r) => r.id);
-          if (rest.length) {
-            await client.xClaimJustId(stream, opts.group, opts.consumer, 0, rest, { IDLE: opts.claimIdleMs });
-          }
-          break;
-        }
-      }
+      await handleAll(messages);
     } catch (err) {
       const text = String(err && err.message);
-      if (text.includes("NOGROUP")) {
-        // Redis restarted without persistence (the client reconnected on its own) or the stream was deleted:
-        // everything the stream holds now is new, so the group starts again from its beginning.
+      if (text.includes("NOGROUP") || text.includes("stream key no longer exists")) {
+        // Redis restarted without persistence (the client reconnected on its own) or the stream was deleted (Redis 7
+        // wakes a read blocked on it with "UNBLOCKED the stream key no longer exists", not NOGROUP): everything the
+        // stream holds now is new, so the group starts again from its beginning.
         console.error(`redis: group ${opts.group} of ${stream} is gone; creating it again from the start`);
         await ensureGroup("0");
-      } else if (!client.isOpen) {  // the reconnect strategy gave up (--idle-exit-ms)
-        throw new Error(`no answer from Redis at ${redact(opts.redisUrl)} for --idle-exit-ms ${opts.idleExitMs}`
-          + ` (${text})`);
-      } else if (client.isReady && !/socket closed|ECONN|EPIPE|connection|closed/i.test(text)) {
+      } else if (!client.isOpen) {  // the reconnect strategy gave up
+        throw new Error(`${gaveUp ? gaveUp.message : "the Redis client closed"} (${text})`);
+      } else if (client.isReady && !/socket closed|ECONN|EPIPE|connection|closed|^LOADING/i.test(text)) {
+        // LOADING: a Redis restarted with persistence answers so until its data is back (redis-py waits it out)
         throw err;
       } else {
         console.error(`redis: ${text}; going on once reconnected`);
@@ -191,7 +227,8 @@ async function main() {
     }
   }
   console.error(`handled ${handled} events, ${crossings} line crossings, ${invalid} invalid`);
-  await client.quit();
+  if (client.isReady) await client.quit();
+  else client.destroy(); // stopped by a signal while Redis is away: QUIT would wait for it
   process.exitCode = invalid ? 1 : 0;
 }
 
