@@ -26,6 +26,8 @@ from workers.analytics_settings import MotionConfig
 # Frames let through, newest last: those in flight and the last one analysed. When it runs short (more than
 # this many in flight, all failing), the gate has no reference and the next frame goes: always safe.
 SENT_KEPT = 8
+# Slack on max_skip_s: pts are floats (1.4 - 0.4 < 1.0), and the forced frame came one frame late
+PTS_SLACK_S = 1e-6
 
 
 class MotionGate:
@@ -50,7 +52,7 @@ class MotionGate:
         self.checked += 1
         small = self._small(image)
         ref_pts, ref = self._sent[-1] if self._sent else (0.0, None)
-        if ref is None or ref.shape != small.shape or pts - ref_pts >= self.settings.max_skip_s:
+        if ref is None or ref.shape != small.shape or pts - ref_pts >= self.settings.max_skip_s - PTS_SLACK_S:
             self._take(small, pts)
             return True
         changed = np.count_nonzero(cv2.absdiff(small, ref) > self.settings.threshold) / small.size
