@@ -181,11 +181,25 @@ def test_picture_of_a_decoded_video_frame_matches_its_rgb(tmp_path):
 @pytest.mark.parametrize("pts, next_pts, expected", [
     (0.0, None, (True, 1.0)),   # the first frame
     (0.5, 1.0, (False, 1.0)),
-    (1.04, 1.0, (True, 2.04)),
+    (1.04, 1.0, (True, 2.0)),   # on the grid: the frame's overshoot is not added to the next wait
+    (3.5, 1.0, (True, 4.5)),    # a frame past a whole period (a gap in the stream): the grid starts again there
     (0.2, 5.0, (True, 1.2)),    # the clock went back (a file looped): due at once
 ])
 def test_picture_due_at_most_fps_a_second(pts, next_pts, expected):
     assert picture_due(SnapshotConfig(fps=1.0), pts, next_pts) == expected
+
+
+@pytest.mark.parametrize("camera_fps, snapshot_fps", [(10, 5), (15, 10), (12, 10), (10, 1), (25, 2)])
+def test_a_camera_keeps_snapshot_fps_pictures_a_second(camera_fps, snapshot_fps):
+    """The next due time counted from the frame that fell due: every overshoot added to the wait, so a 10 fps
+    camera kept 4.69 pictures a second for snapshot.fps 5, a 12 fps one 6.0 for 10 (pts summed as the capture
+    does, float errors included)."""
+    settings, due_at, kept, pts = SnapshotConfig(fps=snapshot_fps), None, 0, 0.0
+    for _ in range(camera_fps * 100):  # 100 s
+        due, due_at = picture_due(settings, pts, due_at)
+        kept += due
+        pts += 1 / camera_fps
+    assert abs(kept / 100 - snapshot_fps) <= 0.02, kept / 100
 
 
 def test_snapshots_off_keep_no_picture():

@@ -137,6 +137,10 @@ def picture_due(settings: SnapshotConfig, pts: float, next_pts: float | None) ->
     A stream whose clock went back (a file looping, a camera restarting) is due at once."""
     if not settings.enabled:
         return False, next_pts
-    if next_pts is None or pts >= next_pts or next_pts - pts > 2.0 / settings.fps:
-        return True, pts + 1.0 / settings.fps
+    period = 1.0 / settings.fps
+    if next_pts is None or pts >= next_pts - 1e-6 or next_pts - pts > 2.0 * period:  # 1 us: float pts
+        # On a grid, not from the frame that fell due: each frame's overshoot added up (a 10 fps camera kept 4.7
+        # pictures a second for snapshot.fps 5, a 12 fps one 6 for 10); a frame past a whole period restarts it.
+        on_grid = next_pts is not None and 0 <= pts - next_pts < period
+        return True, (next_pts if on_grid else pts) + period
     return False, next_pts
