@@ -100,6 +100,9 @@ def pick_backend(backend: str, device: torch.device, autocast: torch.dtype | Non
     if why := backend_problem(backend, precision, device.type, compile):
         raise ValueError(why)
     if precision == "int8":
+        if model.adapters:  # the export's own refusal said "use the torch backend", which int8 is not
+            raise ValueError(f"precision int8 runs the ONNX export in OpenVINO, which does not carry LoRA adapters "
+                             f"({', '.join(model.adapters)}); set model.precision auto, bf16 or fp32")
         return "openvino"
     if backend != "auto":
         return backend
@@ -208,6 +211,9 @@ class OrtSession(ExportedSession):
         # replica's GPU sat idle.
         if self.session.get_providers()[0] != "CPUExecutionProvider":
             self.device = str(device)
+        elif device.type not in ("cuda", "cpu"):  # an Apple GPU (mps): ONNX Runtime ran on the CPU, unsaid
+            raise ValueError(f"backend onnxruntime runs on the CPU or a CUDA device, not on device {device}; set "
+                             "model.backend to torch, or model.device to cpu")
         elif device.type == "cuda":
             raise ValueError(f"backend onnxruntime cannot run on device {device} here: ONNX Runtime has no GPU "
                              f"provider it can load (it has {', '.join(ort.get_available_providers())}); install "
@@ -348,6 +354,11 @@ class OpenVinoSession(ExportedSession):
             self.config["CACHE_DIR"] = str(self.compiled)
         self._graph = openvino_core().read_model(str(self.path))  # read once; each exact size compiles a copy
         self.dynamic = self._compile(None)
+        ran = self.dynamic[2].get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if rest == "bf16" and ran != "bf16":  # the CPU plugin runs f32 on a CPU without bf16, and says nothing
+            capabilities = ", ".join(openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            log.warning("model.precision %s: this CPU does not run bf16 (OpenVINO's CPU capabilities: %s), so OpenVINO "
+                        "runs %s in %s, at fp32's speed", precision, capabilities, self.path.name, ran)
         # HYDRAVISION_OPENVINO_EXACT_SHAPES=0: the dynamic shape only, for benchmarks to measure against.
         exact = os.environ.get("HYDRAVISION_OPENVINO_EXACT_SHAPES", "1") != "0"
         self.exact_shapes = ExactShapes(self._compile) if exact else None
@@ -420,6 +431,11 @@ class ModelRunner:
             self.model.neck = torch.compile(self.model.neck, dynamic=True)
         self.score_threshold = score_threshold
         self.input_size = tuple(self.model.config.input_size)
+        if compile:  # torch.compile works at the first call, and again at the first batch of more than one (it
+            # specialises size 1): here, not in the cameras' first batches, whose frames expired while it did
+            for n in sorted({1, max_batch}):
+                x = torch.zeros((n, 3, *self.input_size), dtype=torch.uint8, device=self.device)
+                self.model.detect(x.contiguous(memory_format=torch.channels_last), autocast_dtype=self.autocast)
         self.heads = {name: self.model.head_classes(name) for name in self.model.head_names}
         # Page-locked staging buffer: host->GPU copies can then run asynchronously (non_blocking).
         self._staging = None
