@@ -160,6 +160,9 @@ class App(LiveControl):
         if meta["config"].get("adapters") and mc.backend in ("onnxruntime", "openvino"):
             raise ConfigError(f"model.backend: {path.name} has LoRA adapters, which the ONNX export does not carry; "
                               "use backend: torch")
+        if meta["config"].get("adapters") and mc.precision == "int8":  # before anything starts: int8 is OpenVINO's
+            raise ConfigError(f"model.precision: int8 runs the ONNX export in OpenVINO, which does not carry "
+                              f"{path.name}'s LoRA adapters; use precision auto, bf16 or fp32")
         if "base" in meta and (mc.distribute == "object_store" or (mc.distribute == "auto" and self.config.ray.cluster)):
             raise ConfigError(f"model.distribute: {path.name} is a LoRA adapter file that loads with its base "
                               f"({meta['base']['path']}), and the object store ships one file; use distribute: path "
