@@ -182,9 +182,14 @@ class LiveControl:
                 self.cameras.pop(camera_id, None)
                 self._leaving[camera_id] = handle  # until its process is gone or hosts it no more
             try:
-                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
+                # {}: Ray re-created its process and the camera was not started again (the answer's final
+                # stats were all null), as in App.shutdown
+                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S) or \
+                    {"state": "unavailable", "last_error": "its process was restarted and the camera not started again"}
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
-                final = {"state": "unavailable", "last_error": self._describe(e, camera_id)}
+                # its URL's secrets by name: out of ``cameras`` already, _describe no longer knows them
+                final = {"state": "unavailable",
+                         "last_error": redact_text(self._describe(e, camera_id), [handle.config.url])}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             handle.final = final  # drained: a neighbour's removal may take its process along now (see _let_go)
             self._retire_in_redis(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
@@ -198,7 +203,8 @@ class LiveControl:
             with self._lock:
                 self._leaving.pop(camera_id, None)
             self._release(camera_id)
-        keep = ("state", "decoded", "published", "dropped", "decoder_threads", "open_tracks", "track_ids_next")
+        keep = ("state", "last_error", "decoded", "published", "dropped", "decoder_threads", "open_tracks",
+                "track_ids_next")
         return {"id": camera_id, "final": {k: final.get(k) for k in keep}}
 
     def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:

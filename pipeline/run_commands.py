@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,11 +31,28 @@ log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+class _Console(Console):
+    """rich's Console, except when stdout's reader goes away (`run ... | tee log` ended by the same Ctrl-C,
+    `status | head`): rich raised SystemExit(1) out of whichever print it was, in a signal handler or the API's
+    thread too, which skipped the run's drain or its final stats and --summary-json (exit 1, not a word). The
+    output is dropped from then on instead, as main() does for a BrokenPipeError."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+        except (OSError, ValueError):  # a stdout with no file behind it (a test's capture): nothing to flush
+            pass
+        finally:
+            os.close(devnull)
+
+
 def _console() -> Console:
     """A terminal gets rich's own width; logs and pipes (docker logs, the journal, tests) get long lines,
     never an address wrapped in two or a table cut to 80 columns."""
-    console = Console()
-    return console if console.is_terminal else Console(width=250, soft_wrap=True)
+    console = _Console()
+    return console if console.is_terminal else _Console(width=250, soft_wrap=True)
 
 
 class Output:
@@ -52,10 +70,11 @@ class Output:
             self.console.print(message, highlight=False, markup=False)
 
     def status(self, stats: list[dict]) -> None:
+        line = status_line(stats) or "no cameras"  # a service run for its control channels: not an empty line
         if self.json_mode:
-            self.log.info(status_line(stats), extra={"data": {"event": "status", "cameras": _compact(stats)}})
+            self.log.info(line, extra={"data": {"event": "status", "cameras": _compact(stats)}})
         else:
-            self.console.print(status_line(stats), highlight=False, markup=False)
+            self.console.print(line, highlight=False, markup=False)
 
     def final(self, finals: list[dict]) -> None:
         if self.json_mode:
