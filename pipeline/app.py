@@ -641,7 +641,11 @@ class App(LiveControl):
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 
     def finished(self) -> bool:
-        """True when every camera's source has ended (files); a crashed actor is not an ended camera."""
+        """True when every camera's source has ended (files); a crashed actor is not an ended camera. Never for
+        a service started with no camera: run for its control channels, it ended (its API with it) when the first
+        file camera added to it did."""
+        if not self.config.cameras:
+            return False
         with self._lock:
             pending = list(self.cameras.values())
             busy = bool(self._busy)

@@ -131,3 +131,17 @@ def test_a_camera_a_command_is_changing_has_not_ended(monkeypatch):
     assert app.finished()
     app._busy.add("a")  # what update_camera holds while it works
     assert not app.finished()
+
+
+def test_a_service_started_with_no_camera_does_not_end_with_the_file_camera_added_to_it(monkeypatch):
+    """Run for its control channels (cameras: [] and the API), it shut down, API and all, as soon as the one file
+    camera added to it ended; a service with cameras in its config still ends with its files."""
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    app = App(parse_config({"cameras": [], "api": {"port": 0}}), say=lambda text: None)
+    app.cameras["a"] = CameraHandle("a", CameraConfig(id="a", url="synthetic://street"), None, "hv-camera-a")
+    app.cameras["a"].done = "ended"
+    assert not app.finished()
+    configured = App(parse_config({"cameras": CAMERAS}), say=lambda text: None)
+    configured.cameras["a"] = app.cameras["a"]
+    assert configured.finished()
