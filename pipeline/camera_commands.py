@@ -272,12 +272,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_list(cameras: list[dict]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()  # as run_commands._console(), without importing Ray for a table
-    console = console if console.is_terminal else Console(width=250, soft_wrap=True)
+    from pipeline.status import console as make_console  # without run_commands' Ray, for a table
+
+    console = make_console()
     table = Table(title="cameras", title_justify="left")
     for col in ("id", "state", "url", "fps", "heads", "added by"):
         table.add_column(col)

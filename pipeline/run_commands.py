@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,37 +21,13 @@ from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, quiet_ray
-from pipeline.status import read_camera_statuses, status_line, status_table
+from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-class _Console(Console):
-    """rich's Console, except when stdout's reader goes away (`run ... | tee log` ended by the same Ctrl-C,
-    `status | head`): rich raised SystemExit(1) out of whichever print it was, in a signal handler or the API's
-    thread too, which skipped the run's drain or its final stats and --summary-json (exit 1, not a word). The
-    output is dropped from then on instead, as main() does for a BrokenPipeError."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
-        except (OSError, ValueError):  # a stdout with no file behind it (a test's capture): nothing to flush
-            pass
-        finally:
-            os.close(devnull)
-
-
-def _console() -> Console:
-    """A terminal gets rich's own width; logs and pipes (docker logs, the journal, tests) get long lines,
-    never an address wrapped in two or a table cut to 80 columns."""
-    console = _Console()
-    return console if console.is_terminal else _Console(width=250, soft_wrap=True)
 
 
 class Output:
@@ -99,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "api_port", None) is not None:
         config.api.port = args.api_port
     json_mode = getattr(args, "log_format", "text") == "json"
-    console = _console()
+    console = make_console()
     interactive = not json_mode and console.is_terminal and config.status.table and not args.plain
     out = Output(console, json_mode)
     quiet_ray(getattr(args, "verbose", False))
@@ -196,7 +171,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(statuses, indent=2))
         return 0
-    console = _console()
+    console = make_console()
     console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}"))
     if not statuses:  # an empty table said nothing of why: no service yet, or another --prefix / database
         print(f"no camera in {keys(args.prefix).cameras} at {redact_url(url)}: no service has "

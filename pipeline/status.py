@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+
+class PipeSafeConsole(Console):
+    """rich's Console, except when stdout's reader goes away (`run ... | tee log` ended by the same Ctrl-C,
+    `status | head`): rich raised SystemExit(1) out of whichever print it was, in a signal handler or the API's
+    thread too, which skipped the run's drain or its final stats and --summary-json (exit 1, not a word). The
+    output is dropped from then on instead, as main() does for a BrokenPipeError."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+        except (OSError, ValueError):  # a stdout with no file behind it (a test's capture): nothing to flush
+            pass
+        finally:
+            os.close(devnull)
+
+
+def console() -> PipeSafeConsole:
+    """A terminal gets rich's own width; logs and pipes (docker logs, the journal, tests) get long lines,
+    never an address wrapped in two or a table cut to 80 columns."""
+    out = PipeSafeConsole()
+    return out if out.is_terminal else PipeSafeConsole(width=250, soft_wrap=True)
 
 
 def _number(v) -> bool:

@@ -164,3 +164,12 @@ def test_a_camera_removed_after_its_process_died_says_why_without_its_password(m
     final = app.remove_camera("cam", by="api:ops")["final"]
     assert final["state"] == "unavailable" and "The actor died: no stream at cam/x" in final["last_error"], final
     assert "pa/ss" not in final["last_error"] and "ss@x" not in final["last_error"], final
+
+
+def test_cameras_list_into_a_pipe_already_closed_ends_quietly(piped_stdout) -> None:
+    """`hydravision cameras list | head -1`: the same rich SystemExit(1) as status, from its own Console."""
+    from pipeline.camera_commands import _print_list
+
+    piped_stdout()()
+    _print_list([{"id": f"cam-{i}", "state": "running", "url": "synthetic://street", "fps": 10, "heads": ["people"]}
+                 for i in range(200)])  # more than a pipe's buffer: the write meets the closed end
