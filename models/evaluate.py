@@ -139,8 +139,10 @@ class AttributeScore:
         names = np.array([CLASS_NAMES[c] for c in truth.class_ids])
         mine = good & np.isin(names, attr.of) & np.isin(truth.kinds, self.labels)
         self.objects += int(mine.sum())
-        keep = d["scores"] >= threshold
-        if not mine.any() or not keep.any():
+        keep = np.flatnonzero(d["scores"] >= threshold)
+        # surest first: an FCOS location gives a car and a bicycle the very same box, and an IoU tie must go to the car
+        keep = keep[np.argsort(-d["scores"][keep], kind="stable")]
+        if not mine.any() or not len(keep):
             return
         boxes = torch.from_numpy(boxes_to_source(d["boxes"][keep], lb)).float()
         iou = box_iou(torch.from_numpy(truth.boxes[mine]).float(), boxes).numpy()
@@ -161,9 +163,10 @@ class AttributeScore:
 
 
 def greedy_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """One-to-one (row, column) pairs by descending IoU, each at least ``threshold``."""
+    """One-to-one (row, column) pairs by descending IoU, each at least ``threshold``; of equal IoUs the first row,
+    then the first column wins (numpy's default sort orders ties differently from one CPU to another)."""
     pairs, rows, cols = [], set(), set()
-    for flat in np.argsort(-iou, axis=None):
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
         r, c = divmod(int(flat), iou.shape[1])
         if iou[r, c] < threshold:
             break

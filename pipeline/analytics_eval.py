@@ -146,8 +146,9 @@ def parked_scene(seed: int, frames: int, cls: str = "car", at: tuple[float, floa
                  density: float = 0.0) -> Iterator[tuple[np.ndarray, FrameTruth]]:
     """A StreetScene (empty at the default density, so its sensor noise and light drift are all that change)
     with one object that never moves: ``at`` is where it stands (normalised bottom centre), ``length`` its
-    size as a fraction of the frame width. Truth: that object (id 10**6; its box clipped to the image, its
-    visibility the part inside; its kind) and the scene's own objects. Bad arguments raise ValueError at the call."""
+    size as a fraction of the frame width; it is painted over the scene's own objects. Truth: the scene's own
+    objects (visible as far as it leaves them), then that object (id 10**6; its box clipped to the image, its
+    visibility the part inside; its kind). Bad arguments raise ValueError at the call."""
     _check_count("frames", frames)
     if cls not in CLASS_NAMES:
         raise ValueError(f"cls: unknown class {cls!r}; allowed: {', '.join(CLASS_NAMES)}")
@@ -162,23 +163,17 @@ def parked_scene(seed: int, frames: int, cls: str = "car", at: tuple[float, floa
     x = round(at[0] * size[0] - sprite.anchor[0])
     y = round(at[1] * size[1] - sprite.anchor[1])
     labels = np.zeros((size[1], size[0]), np.int16)
-    x0, y0, x1, y1 = sprite.bbox
     # a FrameTruth holds objects with a pixel inside the image, boxes clipped to it
     inside = composite(np.zeros((size[1], size[0], 3), np.uint8), labels, [(sprite, x, y, 1)])[0][0]
     if not inside:
         raise ValueError(f"at: {tuple(at)} puts the {cls} outside the {size[0]}x{size[1]} frame")
-    box = np.clip(np.array([[x + x0, y + y0, x + x1, y + y1]], np.float32), 0, [*size, *size]).astype(np.float32)
-    visibility = np.array([inside / sprite.area], np.float32)
+    # in the scene, not pasted on its frames: pasted, it hid the passers-by under it while their truth still called
+    # them visible, and it alone had no sensor noise nor light drift
+    scene.park(cls, recipe, sprite, x, y, 10**6)
 
     def frames_of() -> Iterator[tuple[np.ndarray, FrameTruth]]:
         for _ in range(frames):
-            image, truth = scene.step()
-            composite(image, labels, [(sprite, x, y, 1)])
-            yield image, FrameTruth(truth.frame, np.concatenate([truth.boxes, box]),
-                                    np.concatenate([truth.class_ids, [CLASS_NAMES.index(cls)]]),
-                                    np.concatenate([truth.object_ids, [10**6]]),
-                                    np.concatenate([truth.visibility, visibility]),
-                                    np.concatenate([truth.kinds, [recipe.get("kind", "")]]).astype("<U8"))
+            yield scene.step()
 
     return frames_of()
 

@@ -274,6 +274,7 @@ class StreetScene:
         self._light = (rng.uniform(0.82, 1.02), rng.uniform(2, 16), rng.uniform(0.03, 0.1), rng.uniform(8, 30),
                        rng.uniform(0, 6.3))
         self._agents: list[_Agent] = []
+        self._parked: list[tuple[float, int, _Agent, Sprite, int, int]] = []  # see park()
         self._next_id, self._frame = 1, 0
         for c in self.classes:
             for _ in range(int(rng.poisson(self._target[c][0]))):
@@ -375,16 +376,19 @@ class StreetScene:
             self._move()
             self._spawn()
         rng, W, H = self._rng, self.width, self.height
-        agents = sorted(self._agents, key=lambda a: (a.y, a.id))  # painter's order: far (higher up) first
+        agents = sorted(self._agents, key=lambda a: (a.y, a.id))
         jitter = rng.normal(0.0, 1.0, (len(agents), 2)) * (0.35, 0.25)
+        objects = []  # (base row, id, agent, sprite, left, top)
+        for a, (jx, jy) in zip(agents, jitter):
+            sp = self._sprite(a)
+            objects.append((a.y, a.id, a, sp, round(a.x + jx - sp.anchor[0]), round(a.y + jy - sp.anchor[1])))
+        objects = sorted(objects + self._parked, key=lambda o: o[:2])  # painter's order: far (higher up) first
         placed, rects, fg = [], [], iter(self._foreground)
         item = next(fg, None)
-        for i, a in enumerate(agents):
-            while item is not None and item[3] <= a.y:
+        for i, (base, _, _, sp, x, y) in enumerate(objects):
+            while item is not None and item[3] <= base:
                 placed += self._cover(item, rects)
                 item = next(fg, None)
-            sp = self._sprite(a)
-            x, y = round(a.x + jitter[i, 0] - sp.anchor[0]), round(a.y + jitter[i, 1] - sp.anchor[1])
             placed.append((sp, x, y, i + 1))
             rects.append((x, y, x + sp.mask.shape[1], y + sp.mask.shape[0]))
         while item is not None:
@@ -396,7 +400,7 @@ class StreetScene:
         keep, boxes = [], []
         for (sp, x, y, label), n_in, n_vis in zip(placed, inside, visible):
             if label and n_in:
-                keep.append((agents[label - 1], n_vis / sp.area))
+                keep.append((objects[label - 1][2], n_vis / sp.area))
                 boxes.append((x + sp.bbox[0], y + sp.bbox[1], x + sp.bbox[2], y + sp.bbox[3]))
         image = self._light_and_noise()
         b = np.clip(np.array(boxes, np.float32).reshape(-1, 4), 0, [W, H, W, H]).astype(np.float32)
@@ -405,6 +409,13 @@ class StreetScene:
                            np.array([a.recipe.get("kind", "") for a, _ in keep], dtype="<U8"))
         self._frame += 1
         return image, truth
+
+    def park(self, cls: str, recipe: dict, sprite: Sprite, left: int, top: int, object_id: int) -> None:
+        """Adds an object that never moves (a parked car): ``sprite`` at (``left``, ``top``) on every frame, over all
+        else (the objects it covers lose that visibility) and under the light and sensor noise; last in the truth,
+        as ``object_id``."""
+        still = _Agent(object_id, cls, recipe, 1, left + sprite.anchor[0], top + sprite.anchor[1], 0.0, 1.0)
+        self._parked.append((math.inf, object_id, still, sprite, left, top))
 
     @staticmethod
     def _cover(item: tuple, rects: list) -> list:
