@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--host", default="127.0.0.1", help="address to bind (the page has no login: keep it local "
                     "or behind a proxy that has one)")
     db.add_argument("--port", type=port, default=8765, help="0: a free one")
-    db.add_argument("--interval", type=seconds, default=1.0, metavar="S", help="read and push camera tiles every S seconds")
+    db.add_argument("--interval", type=seconds, default=1.0, metavar="S",
+                    help="read and push camera tiles every S seconds")
     db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
                     "the service's Redis control stream; anyone who reaches the page can)")
     db.add_argument("--allowed-host", action="append", metavar="NAME", help="on loopback the page answers only "
