@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: sets up .venv and then runs the demo or the tests.
 #   ./dev.sh demo [hydravision demo options]   no GPU, no Redis server, no camera needed
 #   ./dev.sh test [pytest options]             also installs the test servers (redis-server, GStreamer RTSP);
-#                                              two pytest-xdist workers (-n 0: one process, as for -m slow)
+#                                              three pytest-xdist workers (-n 0: one process, as for -m slow)
 #   ./dev.sh up [docker compose up options]    the docker-compose.yml stack; writes .env with fresh secrets first
 #   ./dev.sh setup | system-deps               only the set-up steps
 set -euo pipefail
@@ -118,7 +118,7 @@ case "$cmd" in
     demo) python_deps; demo_redis "$@"; exec "$VENV/bin/hydravision" demo "$@" ;;
     # Two workers: much of a test's time is spent waiting on servers and processes it started, so two at once
     # on two cores take ~60% of the time of one after the other (tests/machine.py sizes each to its share).
-    test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest -n 2 "$@" ;;
+    test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest -n 3 "$@" ;;
     up) compose_up "$@" ;;
     *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

@@ -6,9 +6,9 @@ same assertions. The model is timed as the InferenceActor runs it: ``ModelRunner
 fused, called from a worker thread as the actor's Batcher calls it, on a real synthetic street frame. The
 figure includes whatever else the machine is busy with at the time.
 
-Under pytest-xdist (``./dev.sh test`` runs two workers) each worker measures alone at some moment but then runs
-its tests beside the other worker's, so the figures are divided by the number of workers: a test sized from them
-gets the share of the machine it has when both are busy (the regime the suite already passes in beside another
+Under pytest-xdist (``./dev.sh test`` runs three workers) each worker measures alone at some moment but then runs
+its tests beside the others', so the figures are divided by the number of workers: a test sized from them
+gets the share of the machine it has when all are busy (the regime the suite already passes in beside another
 busy process), not the whole machine it happened to see.
 
 The thread matters: beside a busy process, torch's OpenMP threads wait very differently when the model is
