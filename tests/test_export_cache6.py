@@ -228,6 +228,7 @@ def test_a_process_waiting_for_another_ones_export_says_so(tmp_path, caplog):
                 time.sleep(0.01)
             assert "waiting for another process that holds" in caplog.text and not got.is_set()
         assert got.wait(DEADLINE_S)
+    waiter.join(DEADLINE_S)  # it let the lock go (got is set while it still holds it)
     # the normal path: a free lock is taken without a word
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=export.log.name), export.file_lock(path):
