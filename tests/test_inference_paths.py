@@ -192,4 +192,6 @@ def test_a_one_thread_model_counts_its_own_cpu_not_its_neighbours(checkpoint, ba
     total, own = time.process_time() - p0, runner.stats["cpu_seconds"]
     assert burned[0] > 0.2, "the neighbour thread never ran"
     assert own <= total - burned[0] + 0.05, (own, total, burned)
-    assert own >= 0.5 * (total - burned[0]), (own, total, burned)  # and the model's own CPU is counted
+    # and the model's own CPU is counted: not all the rest, as a runtime's helper threads (OpenVINO's, spinning
+    # longer on a machine busy with other test workers) take some of it (0.49 of it once, beside two workers)
+    assert own >= 0.3 * (total - burned[0]), (own, total, burned)
