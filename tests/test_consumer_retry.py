@@ -17,6 +17,7 @@ import redis
 from pipeline.cli import main
 from pipeline.consumer import GroupConsumer
 from pipeline.control import ControlConsumer
+import test_control_stream
 from running import wait_for
 from servers import HOST
 
@@ -118,13 +119,8 @@ def test_tail_of_a_group_handles_a_lost_reply_at_once_when_its_url_asks_for_retr
     assert redis_server.client().xpending("hv:events", "g")["pending"] == 0
 
 
-class StandInApp:
-    def __init__(self) -> None:
-        self.added: list[str] = []
-
-    def add_camera(self, camera: dict, by: str) -> dict:
-        self.added.append(camera["id"])
-        return {"id": camera["id"]}
+class StandInApp(test_control_stream.StandInApp):
+    """test_control_stream's stand-in, taking a rejection quietly."""
 
     def note_rejected(self, op: str, by: str, reason: str) -> None:
         pass
