@@ -106,7 +106,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     """The files a checkpoint loads from: itself, the checkpoint it adds to (an adapter file's base), its base..."""
     files = [Path(path)]
     while files[-1].is_file() and "base" in (meta := read_metadata(files[-1])):
-        base = files[-1].parent / meta["base"]["path"]
+        base = files[-1].resolve().parent / meta["base"]["path"]  # relative to the file itself, as saved
         if base.resolve() in [f.resolve() for f in files]:
             break  # a loop: reading its tensors says what is wrong
         files.append(base)
@@ -121,7 +121,8 @@ def read_tensors(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "base" not in meta:
         return tensors
-    base = path.parent / meta["base"]["path"]
+    # relative to where the file really is (save_checkpoint wrote it so): a symlink to it elsewhere looked beside itself
+    base = path.resolve().parent / meta["base"]["path"]
     if not base.is_file():
         raise CheckpointError(f"{path}: adds to the checkpoint {base}, which is missing (keep the two files "
                               "where they were relative to each other)")

@@ -23,6 +23,11 @@ import torch
 from torch import nn
 
 
+# Up to this many candidates a frame go through NMS, whose (K, K) maps per image grow with its square (1000: 0.7 s
+# for a batch of 8 with every candidate above the threshold, one CPU thread); a crowd fits well under it.
+MAX_DETECTIONS = 1000
+
+
 @dataclass
 class HeadConfig:
     classes: list[str]
@@ -51,6 +56,8 @@ class HeadConfig:
             raise ValueError(f"head center_offset must be in [0, 1), got {self.center_offset}")
         if self.max_detections < 1:
             raise ValueError(f"head max_detections must be >= 1, got {self.max_detections}")
+        if self.max_detections > MAX_DETECTIONS:  # NMS is quadratic in it: 4000 took 2.2 GB and 14 s a batch of 8
+            raise ValueError(f"head max_detections must be at most {MAX_DETECTIONS}, got {self.max_detections}")
         # the checks below fail on NaN too: a NaN threshold passes no score, silently; 0 or 1 broke the bias init
         # (ZeroDivisionError, "math domain error") and 0 groups the divisibility check, neither naming the field
         if self.norm_groups is not None and self.norm_groups < 1:
