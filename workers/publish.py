@@ -15,8 +15,9 @@ Delivery guarantees of one Publisher instance (a restarted StreamActor has a new
   the backlog is delivered, a `publisher_dropped` event says how many were lost. Its camera is the camera of
   all dropped messages, or "*" if they came from several. A message dropped after a send that may have
   reached Redis is counted once the next write tells whether it did (at close, as dropped); a send that
-  never left (Redis unreachable) or that Redis refused whole (out of memory) reached nothing. Camera status is
-  not buffered: the latest value per camera wins, and it is written even while Redis is out of memory.
+  never left (Redis unreachable) or that Redis refused whole (out of memory, read-only) reached nothing.
+  Camera status is not buffered: the latest value per camera wins, and it is written even while Redis is out
+  of memory.
 - Failures are visible: stats() has failing / failing_since / last_error while writes fail, and when they
   succeed again one `publisher_error` event gives the first error (redacted), duration_s and retries.
 - publish_*/set_status never block on Redis: they encode JSON and append under a lock held only for
@@ -362,6 +363,10 @@ class WriterThread:
         except Exception as exc:  # noqa: BLE001 - the round trip failed (connection, timeout): what it carried failed
             outcomes = [exc if o is _UNSENT else o for o in outcomes]
             self._ping_first = True
+        if any(isinstance(o, redis.exceptions.ReadOnlyError) for o in outcomes):
+            # A replica now (a failover): a new connection reaches what the URL names now, as redis-py's
+            # Sentinel client does; this one would be refused until the process restarts.
+            self.client.connection_pool.disconnect()
         return outcomes, sent
 
     @staticmethod
@@ -534,6 +539,9 @@ class Publisher:
         if self._closed:
             return
         deadline = time.monotonic() + timeout
+        with self._lock:  # a retry after a failure may be due later than the timeout: one goes now
+            self._retry_at = 0.0
+            self._work.notify()
         self.flush(timeout * 0.8)
         with self._lock:
             self._closed = True
@@ -592,9 +600,10 @@ class Publisher:
             left = round_.statuses
             if round_.statuses and isinstance(outcome, redis.exceptions.OutOfMemoryError):
                 left = self._write_statuses_despite_oom(round_.statuses)
-            # Neither a send that never left nor one Redis refused whole for memory can have applied anything.
+            # Neither a send that never left nor one Redis answered with an error (refused whole: out of memory,
+            # a read-only replica, MISCONF, NOREPLICAS; or stopped at the script's first write) applied anything.
             self._failed(outcome, began, round_, left,
-                         applied=sent and not isinstance(outcome, redis.exceptions.OutOfMemoryError))
+                         applied=sent and not isinstance(outcome, redis.exceptions.ResponseError))
         with self._lock:
             if self._closed and self not in self._writer._publishers:  # detached while this send was in flight
                 self._disconnected()

@@ -212,6 +212,8 @@ class BatchWriter:
         text = str(exc)
         if "-OOM " in text:  # Redis < 7 refused the script at its first write: the error 7 gives up front
             raise redis.exceptions.OutOfMemoryError(text.split("-OOM ", 1)[1].strip()) from None
+        if "-READONLY " in text:  # the same for a read-only replica
+            raise redis.exceptions.ReadOnlyError(text.split("-READONLY ", 1)[1].strip()) from None
         if not (self.shebang and "compiling script" in text and "near '#'" in text):
             raise exc
         log.debug("Redis before 7.0: Lua scripts without flags (camera statuses wait while Redis is out of memory)")
