@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EVENTS_BACKLOG = 300  # events a page gets when it opens
 CLIENT_QUEUE = 256  # messages waiting for one page; more and it is disconnected (it reconnects afresh)
 MAX_DEPTH = 32  # arrays/objects nested deeper in an entry are refused: encoding them for the pages recurses per level
+MAX_EVENT_BYTES = 64 * 1024  # an event larger is kept cut down (the pipeline's are under 2 kB; 300 go in every hello)
 
 
 def sse(kind: str, payload: str) -> str:
@@ -327,6 +328,8 @@ class Hub:
             event = json.loads(fields[b"data"])
             if not isinstance(event, dict) or too_deep(event):  # kept, it would fail every page's hello
                 return None
+            if len(fields[b"data"]) > MAX_EVENT_BYTES:  # to what the page shows of it: no list or object, text cut
+                event = data.scrub({k: v for k, v in event.items() if not isinstance(v, (dict, list))}, [self.url])
         except (KeyError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
             return None
         event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

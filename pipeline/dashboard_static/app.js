@@ -440,6 +440,8 @@ function connect() {
   source.addEventListener("redis", (m) => setRedis(JSON.parse(m.data)));
   source.onerror = () => {
     if (source.readyState !== EventSource.OPEN) notice("offline", "Lost the connection to the dashboard server; reconnecting…");
+    // EventSource retries a lost connection, but an HTTP error (a proxy's 502 while the dashboard restarts) ends it
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 2000);
   };
 }
 
