@@ -11,6 +11,10 @@ parse that failed. So the rule here is the most cautious one:
     the userinfo is everything between ``scheme://`` and the LAST ``@`` of the URL,
     unless the URL has no authority (``file:///path@x.mp4``: ``/`` right after ``://``).
 
+The scheme is the first ``name:`` anywhere in the string, its ``//`` optional: a URL still in the quotes
+of an env file (``"redis://:pw@host"``), one with a slash missing (``rtsp:/admin:pw@cam``) or without
+its scheme (``admin:pw@cam``, read as a file name) is printed back in the error that refuses it.
+
 Every ``@`` a host can be preceded by is therefore inside the hidden part. The price: a URL without
 credentials whose path or query holds an ``@`` (``rtsp://cam/stream@main``) shows as ``rtsp://***@main``.
 Hiding too much is the side to err on: ``rtsp://u:a@b/c@cam/x`` (password ``a@b/c``) and
@@ -28,7 +32,7 @@ import re
 from urllib.parse import quote, unquote
 
 MASK = "***"
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
 _SECRET_PARAMS = re.compile(
     r"(?i)[?&][\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)=(?P<value>[^&]*)")
 # A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
@@ -39,7 +43,7 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 def _userinfo_span(url: str) -> tuple[int, int] | None:
     """(start, end) of the userinfo by the rule above, None when the URL has none (or an empty one)."""
-    m = _SCHEME.match(url)
+    m = _SCHEME.search(url)
     if not m or url.startswith("/", m.end()):
         return None
     at = url.rfind("@", m.end())
