@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -123,20 +124,27 @@ def environment(dry_run: bool) -> dict:
     import torch
     from av.codec.hwaccel import hwdevices_available
 
+    # Why CUDA did not start (a driver older than torch's CUDA, a container without the device) torch says only
+    # in a warning, once: kept for the reason, which is all the JSON would say ("sees no CUDA device").
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "pyav": av.__version__,
+           "cuda_available": available, "pyav": av.__version__,
            "pyav_hwdevices": list(hwdevices_available()), "cpus": os.cpu_count(), "dry_run_cpu": dry_run,
            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
            # NVDEC needs the driver's libnvcuvid, which a container gets only with the "video" capability
            "NVIDIA_DRIVER_CAPABILITIES": os.environ.get("NVIDIA_DRIVER_CAPABILITIES"),
            "libnvcuvid": ctypes.util.find_library("nvcuvid")}
+    if said:
+        env["cuda_warning"] = "; ".join(str(w.message) for w in said)[:500]
     try:
         import onnxruntime as ort
 
         env["onnxruntime"], env["ort_providers"] = ort.__version__, ort.get_available_providers()
     except ImportError as e:
         env["onnxruntime"] = f"not importable: {e}"
-    if torch.cuda.is_available():
+    if available:
         # A device torch lists can still be unusable (a driver fault, busy in exclusive mode, its memory full, a
         # torch without kernels for its architecture): that stops the check here, named, not every step later.
         try:
@@ -199,6 +207,8 @@ def no_gpu_reason(env: dict) -> str:
     hint = "" if env.get("nvidia_smi") else "; nvidia-smi is not on PATH either (no driver?)"
     if env["CUDA_VISIBLE_DEVICES"] is not None:
         hint += f"; CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}"
+    if env.get("cuda_warning"):
+        hint += f"; torch said: {env['cuda_warning']}"
     return f"torch {env['torch']} (CUDA {env['torch_cuda']}) sees no CUDA device{hint}"
 
 
@@ -336,8 +346,9 @@ def decode_rate(clip: Path, hwaccel: str | None, input_size: tuple[int, int] | N
             "frames_per_s": round(frames / seconds, 1) if seconds else None}
 
 
-def decode_rows(checkpoint: Path, clip: Path, dry: bool, end: float) -> list[dict]:
-    """decode_rate on the CPU and with NVDEC, each with and without the letterbox: a window each."""
+def decode_rows(checkpoint: Path, clip: Path, dry: bool, end: float, sampler: GpuSampler | None = None) -> list[dict]:
+    """decode_rate on the CPU and with NVDEC, each with and without the letterbox: a window each, with the GPU's
+    samples over it."""
     from models.checkpoint import read_metadata
 
     input_size = tuple(read_metadata(checkpoint)["config"]["input_size"])
@@ -345,10 +356,12 @@ def decode_rows(checkpoint: Path, clip: Path, dry: bool, end: float) -> list[dic
     rows = []
     for k, (hw, model_input) in enumerate(kinds):
         window = (end - time.time()) / (len(kinds) - k)  # what is left, shared by the rows still to run
+        mark = time.time()
         try:
             rows.append(decode_rate(clip, hw, model_input, time.time() + max(0.5, min(window, 2.0 if dry else 10.0))))
         except Exception as e:
             rows.append({"hwaccel_asked": hw, "error": f"{type(e).__name__}: {e}"})
+        rows[-1]["gpu"] = sampler.window(mark) if sampler else None
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -541,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = [s for s in steps if s not in ("decode", "pipeline")]
         if "decode" in steps:
             print(f"decode {clip.name}:", flush=True)
-            step("decode", lambda: decode_rows(args.checkpoint, clip, dry, deadline("decode")))
+            step("decode", lambda: decode_rows(args.checkpoint, clip, dry, deadline("decode"), sampler))
         decoded = result.get("decode") if isinstance(result.get("decode"), list) else []
         hwaccel = "cuda" if any(r.get("hwaccel_used") == "cuda" for r in decoded) else None  # NVDEC where it works
         if "pipeline" in steps:
