@@ -485,3 +485,22 @@ def test_too_many_decode_errors_is_a_decode_error(clips: dict[str, Path], tmp_pa
     path.write_bytes(bytes(data))
     frames, error = read_all(open_source(str(path), realtime=False))
     assert error is not None and error.kind == "decode" and "in a row" in str(error)
+
+
+def test_hwaccel_whose_device_fails_to_start_says_so_and_stops_naming_it(bikes_mp4: Path, caplog, monkeypatch) -> None:
+    """A CUDA library that loads but whose cuInit fails gives FFmpeg's ExternalError, not EPERM: the camera fell
+    back to the CPU in silence and went on reporting hwaccel "cuda" (gpu_check's audit, read from PyAV)."""
+    import av
+
+    real_open = av.open
+
+    def failing_device(*args, **kwargs):
+        if kwargs.get("hwaccel") is not None:
+            raise av.error.ExternalError(0, "Generic error in an external library")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", failing_device)
+    source = open_source(str(bikes_mp4), realtime=False, hwaccel="cuda")
+    frames, error = read_all(source, limit=5)
+    assert error is None and len(frames) == 5
+    assert source.hwaccel is None and "hardware decoding with cuda failed" in caplog.text

@@ -185,6 +185,7 @@ class AVSource(Source):
         limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
         common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s), **_TAGS)
         container = None
+        hw_failed: Exception | None = None
         if self.hwaccel:
             from av.codec.hwaccel import HWAccel
 
@@ -197,10 +198,16 @@ class AVSource(Source):
                     log.warning("%s: hardware decoding with %s is unavailable (%s); decoding on the CPU",
                                 self.url, self.hwaccel, e.strerror)
                     self.hwaccel = None
-            except av.FFmpegError:
-                pass
+            except av.FFmpegError as e:  # e.g. ExternalError: the CUDA library loads but cuInit fails
+                hw_failed = e
         if container is None:
             container = self._call(av.open, limit, target, **common)
+            # The URL opens without it, so the device failed: once said here, not a silent CPU decoder that the
+            # camera's stats still named as hardware decoding.
+            if hw_failed is not None:
+                log.warning("%s: hardware decoding with %s failed (%s); decoding on the CPU",
+                            self.url, self.hwaccel, hw_failed)
+                self.hwaccel = None
         try:
             if not container.streams.video:
                 raise self._error("not_video", "has no video stream")
