@@ -20,17 +20,19 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
 from workers.analytics_settings import analytics_errors
-from workers.settings import REDIS_MAX_COUNT, CameraConfig, RedisConfig, Strict, TrackerConfig, backend_problem
+from workers.settings import (RAY_RESOURCE_STEP, REDIS_MAX_COUNT, CameraConfig, RedisConfig, Strict, TrackerConfig,
+                              backend_problem)
 
 __all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_camera",
            "parse_config"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-RAY_RESOURCE_STEP = 0.0001  # Ray refuses a finer fraction of a resource, with a ValueError when the actor is made
 
 
 def _ray_amount(v: float | None) -> float | None:
-    """A resource amount an actor reserves: 0, or at least the step Ray counts in."""
+    """A resource amount an actor reserves: 0, or at least the step Ray counts in, and finite."""
+    if v is not None and v == math.inf:  # no node offers it: the start was refused only once Ray was up
+        raise ValueError("must be finite")
     if v is not None and 0 < v < RAY_RESOURCE_STEP:
         raise ValueError(f"Ray reserves resources in steps of {RAY_RESOURCE_STEP:g}: use 0 or at least that")
     return v
@@ -114,7 +116,9 @@ class ModelConfig(Strict):
         return self
 
     def checkpoint_path(self) -> Path:
-        return checkpoint_path(self.checkpoint)
+        """Absolute, from the controller's working directory: replicas (``distribute: path``) read the file the
+        controller checked, whatever their own process's working directory is."""
+        return checkpoint_path(self.checkpoint).absolute()
 
 
 def checkpoint_path(name: str) -> Path:

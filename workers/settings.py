@@ -7,6 +7,7 @@ They live here, beside the code that reads them, because `workers/` must not imp
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
 REDIS_MAX_COUNT = 2**63 - 1  # Redis reads a count (MAXLEN) as a signed 64-bit integer
 MAX_TIMEOUT_S = 3600.0  # finite: FFmpeg takes the timeouts as integer microseconds
+RAY_RESOURCE_STEP = 0.0001  # Ray refuses a finer fraction of a resource, with a ValueError when the actor is made
 
 
 OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -170,9 +172,10 @@ class CameraPlacement(Strict):
         reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(v)
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by ray.stream_cpus, not per camera")
-        bad = {k: n for k, n in v.items() if not n > 0}
+        # below Ray's step (a ValueError when the actor is made) or infinite (never placeable): refused here
+        bad = {k: n for k, n in v.items() if not RAY_RESOURCE_STEP <= n < math.inf}
         if bad:
-            raise ValueError(f"amounts must be > 0, got {bad}")
+            raise ValueError(f"amounts must be > 0 (at least {RAY_RESOURCE_STEP:g}, Ray's step) and finite, got {bad}")
         return v
 
 
