@@ -127,6 +127,7 @@ class App(LiveControl):
     # A first SIGINT/SIGTERM came (``_stop`` alone is no sign of one: --duration and ended files set it too).
     _signalled: bool = False
     _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
+    _said_dead: set = field(default_factory=set)  # cameras and replicas whose failed constructor was said (once)
 
     # -- start -------------------------------------------------------------------------------
     def resolve_redis(self) -> str:
@@ -231,7 +232,7 @@ class App(LiveControl):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,
                 mc.score_threshold, mc.compile, ic.max_pending, ic.max_pending_per_camera, mc.backend, ic.adapt_batch,
-                self.placement.per_node)
+                self.placement.per_node, self.model_expected())
             self.inference.append(actor)
         # The cameras' actors start while the replicas load the model (each is a process with seconds of
         # imports; together that was 2 s of the 10 s to a first message). What they need of the model is in
@@ -407,7 +408,13 @@ class App(LiveControl):
                 "max_batch": ic.max_batch, "max_wait_ms": ic.max_wait_ms, "threads": threads,
                 "score_threshold": mc.score_threshold, "compile": mc.compile, "max_pending": ic.max_pending,
                 "max_pending_per_camera": ic.max_pending_per_camera, "backend": mc.backend,
-                "adapt_batch": ic.adapt_batch}
+                "adapt_batch": ic.adapt_batch, "expect": self.model_expected()}
+
+    def model_expected(self) -> dict:
+        """What every model of this run must have (the cameras were configured for it): the checkpoint's input
+        size and heads as checked at the start. A replica or camera process that loads the file after it was
+        replaced refuses it (InferenceService's ``expect``)."""
+        return {k: self.model_info[k] for k in ("input_size", "heads")}
 
     @property
     def in_camera_process(self) -> bool:
@@ -549,6 +556,7 @@ class App(LiveControl):
             answer = answers[id(h.process)]
             if isinstance(answer, Exception):
                 out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(answer, cid)})
+                self._say_dead(f"camera {cid}", answer)
                 log.debug("camera %s: stats unavailable", cid, exc_info=answer)
                 continue
             s = answer["cameras"][cid]
@@ -612,8 +620,9 @@ class App(LiveControl):
                 continue
             try:
                 s = ray.get(actor.model_stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
-            except Exception:  # restarting right now; the next tick will see the new process
+            except Exception as e:  # restarting right now; the next tick will see the new process
                 self.telemetry.record_inference(i, None)
+                self._say_dead(f"inference replica {i}", e)
                 continue
             self.telemetry.record_inference(i, s)
             if self.in_camera_process:  # a camera process's restart is reported as its cameras'
@@ -627,9 +636,17 @@ class App(LiveControl):
     def _describe(self, exc: BaseException, camera: str) -> str:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""
         cause = getattr(exc, "cause", None) or exc
-        text = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
+        text = (cluster.init_value_error(exc) or f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
         handle = self.cameras.get(camera)
         return redact_text(text, [handle.config.url] if handle else [])
+
+    def _say_dead(self, who: str, exc: BaseException) -> None:
+        """Says once that ``who``'s actor is dead because its constructor refused to run (Ray does not restart
+        it): its camera showed "unavailable", or every frame failed, and nothing said why (a model file replaced
+        under the service: InferenceService's ``expect``)."""
+        if (why := cluster.init_value_error(exc)) and who not in self._said_dead:
+            self._said_dead.add(who)
+            self.say(f"{who} cannot run: {redact_text(why, [])}")
 
     def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None,
                         count: bool = True) -> None:

@@ -109,7 +109,10 @@ class RedisChannel:
 
         self.url, self.timeout = url, timeout
         self.key, self.results = control_key(prefix), results_key(prefix)
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        # No command may outlast --timeout either: on a frozen Redis (SIGSTOP) each of them (ACL WHOAMI, TIME,
+        # XREVRANGE, XADD) hung 10 s, whatever --timeout said.
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=min(3.0, timeout),
+                                           socket_timeout=min(10.0, timeout))
         try:
             user = self.client.acl_whoami()
         except redis.ResponseError:
@@ -150,8 +153,8 @@ class RedisChannel:
         except (redis.ConnectionError, redis.TimeoutError) as lost:  # Redis may have added it: the reply is lost
             raise UserError(f"lost Redis at {redact_url(self.url)} while sending the command "
                             f"({type(lost).__name__}): it may have been applied (see `cameras list`)") from None
-        # The wait on a client of its own, whose reads on a frozen Redis fail after WAIT_READ_S: with the 10 s of the
-        # commands above, a read begun just before --timeout ran out ended up to 10 s after it.
+        # The wait on a client of its own, whose reads on a frozen Redis fail after WAIT_READ_S: with the commands'
+        # socket timeout above, a read begun just before --timeout ran out ended up that long after it.
         waiter = redis.Redis.from_url(self.url, socket_connect_timeout=WAIT_READ_S, socket_timeout=WAIT_READ_S)
         try:
             answer = await_answer(waiter, self.results, command["request_id"], after, self.timeout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -50,13 +51,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def drop_stdout() -> None:
+    """stdout's reader went away (`run --log-format json | head -1`): what is written there from now on goes to
+    /dev/null, as the text output's console does (pipeline/status.py, PipeSafeConsole); the service runs on."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+    except (OSError, ValueError):  # a stdout with no file behind it (a test's capture): nothing to point elsewhere
+        pass
+    finally:
+        os.close(devnull)
+
+
+class StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on stdout that goes quiet once stdout's reader is gone: logging's own handler printed a
+    "--- Logging error ---" traceback on stderr for every later record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            drop_stdout()
+        else:
+            super().handleError(record)
+
+
 def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     """Root logging for the CLI: text on stderr (as before), or JSON lines on stdout."""
     level = logging.DEBUG if verbose else logging.INFO
     if log_format != "json":
         logging.basicConfig(level=level, format=TEXT_FORMAT, datefmt="%H:%M:%S")
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = StdoutHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -112,7 +136,13 @@ def json_worker_logs() -> bool:
             sys.stdout.write(json.dumps(record, default=str) + "\n")
         sys.stdout.flush()
 
+    def emit_or_drop(batch: dict) -> None:
+        try:
+            emit(batch)
+        except BrokenPipeError:  # raised into Ray's log thread, it ended the thread with an error record
+            drop_stdout()
+
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
-    dispatcher.add_handler("hydravision_json", emit)
+    dispatcher.add_handler("hydravision_json", emit_or_drop)
     return True

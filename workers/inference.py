@@ -25,6 +25,7 @@ import numpy as np
 import ray
 
 from models.files import written_aside
+from models.metadata import read_metadata
 from workers.batch_size import BatchSizer
 from workers.cores import usable_cores
 from workers.frames import FrameRequest, HeadArrays
@@ -309,21 +310,44 @@ def _timed(handler: Callable[[list[T]], list[R]], items: list[T]) -> tuple[list[
     return results, time.perf_counter() - t0
 
 
+def model_changes(checkpoint: str | Path, expect: dict) -> list[str]:
+    """How the checkpoint's input size and heads differ from ``expect`` (the controller's ``model_info``, what
+    the cameras were configured with); empty when they agree. Its metadata only: no torch, no weights."""
+    config = read_metadata(checkpoint)["config"]
+    heads = {name: spec["classes"] for name, spec in config["heads"].items()}
+    changes = [] if list(config["input_size"]) == list(expect["input_size"]) else [
+        f"input size {list(config['input_size'])}, not {list(expect['input_size'])}"]
+    for name in [*expect["heads"], *(h for h in heads if h not in expect["heads"])]:
+        if name not in heads:
+            changes.append(f"no head {name!r}")
+        elif name not in expect["heads"]:
+            changes.append(f"a new head {name!r}")
+        elif list(heads[name]) != list(expect["heads"][name]):
+            changes.append(f"head {name!r} has classes {heads[name]}, not {expect['heads'][name]}")
+    return changes
+
+
 class InferenceService:
     """ModelRunner + Batcher: what the InferenceActor serves, usable in-process by tests and benchmarks."""
 
     def __init__(self, checkpoint: str | Path | bytes, device: str = "auto", precision: str = "auto",
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
-                 max_pending_per_camera: int | None = None, backend: str = "auto", adapt_batch: bool = False):
+                 max_pending_per_camera: int | None = None, backend: str = "auto", adapt_batch: bool = False,
+                 expect: dict | None = None):
         """``checkpoint``: a path, or the file's bytes (what the controller puts in Ray's object store for other
         nodes: written to this node's temp dir first, ``local_copy``). ``adapt_batch``: batches grow only up to
         the size measured fastest per frame (workers/batch_size.py), ``max_batch`` being the ceiling; otherwise
-        up to ``max_batch``."""
-        from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
-
+        up to ``max_batch``. ``expect``: the input size and heads the service started with; a checkpoint that
+        differs is refused (a ValueError, as workers/ refuse a setting): a file replaced under a running service
+        was loaded by a restarted replica or a new camera process, and every frame then failed ("publishing
+        failed: IndexError")."""
         if isinstance(checkpoint, bytes):
             checkpoint = local_copy(checkpoint)
+        if expect is not None and (changes := model_changes(checkpoint, expect)):  # before torch's imports
+            raise ValueError(f"model.checkpoint {checkpoint}: replaced since the service started, refused "
+                             f"(restart the service to use it): {'; '.join(changes)}")
+        from workers.model_runner import ModelRunner  # torch: only in the process that runs the model
 
         self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
                                                compile=compile, backend=backend)
@@ -389,14 +413,15 @@ class InferenceActor:
     def __init__(self, checkpoint: str | bytes, device: str = "auto", precision: str = "auto", max_batch: int = 8,
                  max_wait_ms: float = 5.0, threads: int | None = None, score_threshold: float | None = None,
                  compile: bool = False, max_pending: int | None = None, max_pending_per_camera: int | None = None,
-                 backend: str = "auto", adapt_batch: bool = False, per_node: int = 1):
+                 backend: str = "auto", adapt_batch: bool = False, per_node: int = 1, expect: dict | None = None):
         """``checkpoint``: a path this node can read, or the checkpoint's bytes (the controller put them in
         Ray's object store, which copies them to whichever node runs this replica, also after a restart).
-        ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it."""
+        ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it. ``expect``: see
+        InferenceService."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or max(1, usable_cores() // per_node), score_threshold, compile,
-                                        max_pending, max_pending_per_camera, backend, adapt_batch)
+                                        max_pending, max_pending_per_camera, backend, adapt_batch, expect)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)
