@@ -103,8 +103,10 @@ def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: l
     pending: list[tuple[int, float, np.ndarray, object, bool]] = []
     last: dict[str, sv.Detections] = {h: _empty() for h in heads}
 
+    analysed = -1  # the last analysed frame: what the camera's motion gate waits on (CameraPipeline._undecided)
+
     def flush() -> None:
-        nonlocal last
+        nonlocal last, analysed
         images = [p[2] for p in pending if p[4]]
         results = iter(runner.run(images, [None] * len(images)) if images else [])
         for f, pts, _, lb, infer in pending:
@@ -116,6 +118,7 @@ def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: l
                     det, _ = camera_tracker.update(head, det, f, pts)
                     run.events += analytics.update(head, det, f, pts)
                     last[head] = det
+                analysed = f
             else:
                 run.skipped += 1
                 analytics.hold(pts)
@@ -133,7 +136,12 @@ def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: l
         run.truths.append(truth)
         image, lb = letterbox(rgb, runner.input_size)
         pts = f / fps
-        infer = gate.wants(image, pts) if gate else True
+        if gate is None:
+            infer = True
+        elif analytics.undecided() or camera_tracker.undecided(analysed):  # as the camera: analysed frames decide
+            infer = gate.force(image, pts)
+        else:
+            infer = gate.wants(image, pts)
         pending.append((f, pts, image, lb, infer))
         if sum(p[4] for p in pending) >= batch:
             flush()

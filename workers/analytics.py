@@ -305,6 +305,12 @@ class ZoneCounter:
         for head in self._last_pts:
             self._last_pts[head] = pts
 
+    def undecided(self) -> bool:
+        """An occupant was missed on the last analysed frame, or an object seen inside on it has not entered yet:
+        only analysed frames tell whether it left or entered (``hold`` keeps each as it is)."""
+        return any(occ.missed for occ in self.occupants.values()) or any(
+            cand.last_seen == self._last_pts.get(head) for (head, _), cand in self.candidates.items())
+
     def inherit(self, old: "ZoneCounter") -> None:
         """Takes over the objects of the zone's previous settings (a live change): who is inside stays inside,
         without a second zone_entered, and the new settings decide from the next frame whether it left. Objects
@@ -495,6 +501,11 @@ class CameraAnalytics:
         movement, no crossing."""
         for zone in self.zones.values():
             zone.hold(pts)
+
+    def undecided(self) -> bool:
+        """Some zone waits for analysed frames to decide whether an occupant it missed has left, or whether an
+        object inside has entered (the motion gate lets frames through meanwhile)."""
+        return any(zone.undecided() for zone in self.zones.values())
 
     def counts(self) -> dict[str, int]:
         """The fields of {prefix}:cam:{camera}:counts: ``zone:{zone}:{head}:{class}`` -> objects inside now,

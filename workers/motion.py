@@ -10,7 +10,9 @@ What a skipped frame means for the rest of the pipeline (docs/architecture.md, "
 does not see it (nothing moved, so its tracks are where they were; feeding it an empty frame instead would
 count as a miss, and a parked car's track would die after the tracker's lost-track buffer, exactly in the
 scenes where the gate skips most), zones keep their occupants (``CameraAnalytics.hold``), no detection
-message is published, and the frame is counted as ``skipped``.
+message is published, and the frame is counted as ``skipped``. So a skipped frame decides nothing: while the last
+analysed frame missed an object (a lost track not yet ended, a zone occupant not yet left), the camera sends every
+frame (``force``; CameraPipeline._undecided).
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ class MotionGate:
             return True
         self.skipped += 1
         return False
+
+    def force(self, image: np.ndarray, pts: float) -> bool:
+        """A frame that goes to inference whatever it shows (the camera waits on analysed frames to decide
+        something): the reference for the next ones, as if ``wants`` had let it through. Returns True."""
+        self.checked += 1
+        self._take(self._small(image), pts)
+        return True
 
     def _take(self, small: np.ndarray, pts: float) -> None:
         self._sent.append((pts, small))

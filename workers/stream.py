@@ -101,6 +101,8 @@ class CameraPipeline:
         self._batch_wait_s: float | None = None  # the budget's per-request batch wait; None: the replica's
         # (publish time, capture time) of the last frames published, for the fps in stats().
         self.publish_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=300)
+        # (time.monotonic(), frames decoded) at each stats() call, over the last DECODE_WINDOW_S: decode_fps
+        self._decode_samples: collections.deque[tuple[float, int]] = collections.deque()
         self.last_error: str | None = None
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self.state = "created"
@@ -124,6 +126,7 @@ class CameraPipeline:
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
         self._tracked: list = []  # the last analysed frame's tracked detections, drawn on skipped frames
+        self._analysed_frame = -1  # the last analysed frame's number: tracks not seen on it are lost (_undecided)
         self._counts_since = time.time()
 
     def _heads_of(self, camera: CameraConfig) -> tuple[list[str], dict[str, list[str]]]:
@@ -165,7 +168,7 @@ class CameraPipeline:
                 if item is None:
                     break
                 gate = self._motion_gate(item)
-                if gate is not None and not gate.wants(item.image, item.pts):
+                if gate is not None and not self._gate_wants(gate, item):
                     self._queue_skipped(item, results)
                     continue
                 self._holding = 1
@@ -204,7 +207,7 @@ class CameraPipeline:
             if item is None:
                 break
             gate = self._motion_gate(item)
-            wanted = gate is None or gate.wants(item.image, item.pts)
+            wanted = gate is None or self._gate_wants(gate, item)
             if wanted:
                 await self._inflight.acquire()  # free (not locked): returns at once; released per frame as ever
                 size += item.image.nbytes
@@ -472,7 +475,7 @@ class CameraPipeline:
         self.published += 1
         self.latencies.append(latency_ms)
         self.publish_times.append((now, item.wall))
-        self._tracked = tracked
+        self._tracked, self._analysed_frame = tracked, item.index
         self._after_analytics(item, analytics)
         age_s = max(0.0, now - item.wall)
         self.frame_age.observe(age_s)
@@ -589,6 +592,20 @@ class CameraPipeline:
             self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         return self.gate
 
+    def _gate_wants(self, gate: MotionGate, item: CapturedFrame) -> bool:
+        """Whether the motion gate lets the frame go to inference: always while something is undecided."""
+        return gate.force(item.image, item.pts) if self._undecided() else gate.wants(item.image, item.pts)
+
+    def _undecided(self) -> bool:
+        """The last analysed frame left an object for the next analysed frames to decide: a lost track not yet
+        ended, a new one not yet confirmed (the tracker keeps such a track only while it is seen), a zone occupant
+        not yet left or an object inside not yet entered. The motion gate lets frames through until then: the
+        tracker and the zones do not see a skipped frame, so an object that left a still scene left its zone
+        max_skip_s late and its track (its lost-track budget counted in analysed frames) ended many max_skip_s
+        late, and one that appeared and stood still (lights on) started and entered max_skip_s late."""
+        return bool(self.analytics and self.analytics.undecided()) or (
+            self.tracker is not None and self.tracker.undecided(self._analysed_frame))
+
     def _after_analytics(self, item: CapturedFrame, analytics: CameraAnalytics | None) -> None:
         if analytics:
             counts = {"v": 1, "frame": item.index, "pts": round(item.pts, 3), "ts": round(item.wall, 3),
@@ -661,6 +678,20 @@ class CameraPipeline:
             status["playback"] = {"start": cap.playback_start, "pts_offset": cap.pts_offset}
         self.publisher.set_status(self.id, status)
 
+    DECODE_WINDOW_S = 5.0  # decode_fps is the rate over about this long, like fps
+
+    def _decode_fps(self, decoded: int, now: float) -> float:
+        """Frames decoded a second lately, not since the start: a camera up an hour that then stopped sending
+        showed half its old rate an hour later. Until the samples span a second, the rate since the start."""
+        mono, samples = time.monotonic(), self._decode_samples
+        samples.append((mono, decoded))
+        while len(samples) > 2 and mono - samples[1][0] >= self.DECODE_WINDOW_S:
+            samples.popleft()
+        since, before = samples[0]
+        if mono - since >= 1.0:
+            return max(0, decoded - before) / (mono - since)
+        return decoded / max(1e-6, now - self.started_at) if self.started_at else 0.0
+
     def stats(self) -> dict[str, Any]:
         cap, slot = self._capture, self._slot
         now = time.time()
@@ -687,7 +718,7 @@ class CameraPipeline:
             "in_flight": self.submitted - self.published - self.dropped_error - self.shutdown_inflight,
             "skipped": self.skipped,
             "analytics": self._analytics_stats(),
-            "fps": round(fps, 2), "decode_fps": round(decoded / max(1e-6, now - self.started_at), 2) if self.started_at else 0.0,
+            "fps": round(fps, 2), "decode_fps": round(self._decode_fps(decoded, now), 2),
             "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
             "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat is not None else None,
             "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts

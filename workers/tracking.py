@@ -124,6 +124,12 @@ class CameraTracker:
     def open_tracks(self) -> int:
         return sum(len(ht.active) for ht in self.heads.values())
 
+    def undecided(self, frame: int) -> bool:
+        """A track not seen on ``frame`` (the last analysed one) that has not ended, or one not confirmed yet (kept
+        only while it is seen): only analysed frames decide either, so the motion gate lets frames through."""
+        return any(any(st.last_frame != frame for st in ht.active.values())
+                   or any(t.tracker_id < 0 for t in ht.tracker.tracks) for ht in self.heads.values())
+
     def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> tuple[sv.Detections, list[dict]]:
         """Returns detections with ``tracker_id`` (-1 = not confirmed) and events as dicts
         (``type`` track_started / track_ended with head, track_id, class and timing)."""
