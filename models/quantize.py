@@ -22,6 +22,7 @@ from models.export import cached
 from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet
 
+log = logging.getLogger(__name__)
 CALIBRATION_FRAMES = 64  # 32 or 128 moved the demo model's mAPs by under 0.003 (benchmarks/README.md)
 CALIBRATION_SEED = 7  # synthetic calibration scenes: training seeds, not the evaluation's
 VERSION = "int8-v1"  # in the cache name: change it when the recipe changes
@@ -60,6 +61,9 @@ def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = 
         folder = YoloFolder(data, model.config.input_size, augment=False)
         pick = np.random.default_rng(CALIBRATION_SEED).permutation(len(folder))[:want]
         frames += [folder[int(j)].image for j in pick]
+    if len(frames) < n:  # a training folder of a few pictures: ranges from so few can clip other scenes
+        log.warning("int8 calibrates on %d frames, not %d: the training data (%s) holds fewer pictures than its "
+                    "share", len(frames), n, ", ".join(sources))
     return frames
 
 

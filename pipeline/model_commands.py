@@ -74,6 +74,9 @@ def train(args: argparse.Namespace) -> Path:
         )
     except ValueError as e:
         raise UserError(str(e)) from e
+    if args.import_backbone and args.out.resolve() == args.import_backbone.resolve():  # replaced at the end
+        raise UserError(f"--out {args.out} is the --import-backbone file itself: the checkpoint would replace it; "
+                        "name another file")
     with _user_input_errors():
         if cfg.init is not None:
             if args.import_backbone:
@@ -165,7 +168,7 @@ def backbone_spec(args: argparse.Namespace) -> dict:
 def train_demo(args: argparse.Namespace) -> dict:
     base_steps, head_steps, attribute_steps, reid_steps = args.steps or (
         DEMO_BASE_STEPS, DEMO_HEAD_STEPS, DEMO_ATTRIBUTE_STEPS, DEMO_REID_STEPS)
-    out = Path(args.out)
+    out = prepare_output(args.out)  # a folder or an unwritable name fails now, not after three stages (an hour)
     base = out.with_name(out.stem + ".base.safetensors")
     heads = out.with_name(out.stem + ".heads.safetensors")
     attribute = out.with_name(out.stem + ".attribute.safetensors")
@@ -227,11 +230,15 @@ def train_reid(args: argparse.Namespace) -> str:
 
 
 def _check_out(out: str | Path, source: str | Path, source_name: str, written: str, suffix: str) -> None:
-    """Before any work: --out may be neither the file it is made from nor a folder."""
+    """Before any work: --out may be neither the file it is made from, nor a folder, nor named as the other kind of
+    model file (an export written over another checkpoint replaced it, exit 0)."""
     if Path(out).resolve() == Path(source).resolve():
         raise UserError(f"--out {out} is {source_name} itself: {written} would replace it; name another file")
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: name the {suffix} file to write")
+    other = ".safetensors" if suffix == ".onnx" else ".onnx"
+    if Path(out).suffix.lower() == other:
+        raise UserError(f"--out {out} is named as a {other} file, but {written} is written there; name a {suffix} file")
 
 
 def _cannot_write(where: str, e: OSError) -> UserError:
