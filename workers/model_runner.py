@@ -168,11 +168,15 @@ class ExportedSession:
                                      images=torch.from_numpy(images))
 
 
-def gpu_providers(export: Path, device_id: int) -> list[tuple[str, dict]]:
-    """ONNX Runtime's TensorRT and CUDA providers for ``export``, best first. TensorRT builds an engine per input
-    shape (minutes each): kept on disk in the export's own compiled folder, so only the first start on a machine
-    pays it, and the cache's pruning removes them with their export (a folder shared by every export grew for
-    ever). Not run here (no GPU lent to this project)."""
+def gpu_providers(export: Path, device_id: int, input_name: str = "images", input_size: Sequence[int] | None = None,
+                  max_batch: int | None = None) -> list[tuple[str, dict]]:
+    """ONNX Runtime's TensorRT and CUDA providers for ``export``, best first. TensorRT builds an engine (minutes):
+    kept on disk in the export's own compiled folder, so only the first start on a machine pays it, and the
+    cache's pruning removes them with their export (a folder shared by every export grew for ever). Given the
+    input's (H, W) and ``max_batch``, one engine covers batches 1 to ``max_batch`` (tuned for full ones, the
+    load where speed counts): without a profile the provider built another each time a batch outgrew the sizes
+    it had seen, up to 7 builds in the middle of serving as a load grew 1 -> 64. Not run here (no GPU lent to
+    this project)."""
     folder = compiled_cache(export)
     engines = folder / "tensorrt" if folder is not None else None
     if engines is not None:
@@ -180,7 +184,13 @@ def gpu_providers(export: Path, device_id: int) -> list[tuple[str, dict]]:
     cache = ({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engines)} if engines is not None
              else {})  # a read-only cache: the engines are built at every start
-    return [("TensorrtExecutionProvider", {"device_id": device_id, **cache}),
+    profile = {}
+    if input_size is not None and max_batch is not None:  # the export's batch axis is its only dynamic one
+        shape = "x".join(str(d) for d in (3, *input_size))
+        profile = {"trt_profile_min_shapes": f"{input_name}:1x{shape}",
+                   "trt_profile_opt_shapes": f"{input_name}:{max_batch}x{shape}",
+                   "trt_profile_max_shapes": f"{input_name}:{max_batch}x{shape}"}
+    return [("TensorrtExecutionProvider", {"device_id": device_id, **cache, **profile}),
             ("CUDAExecutionProvider", {"device_id": device_id})]
 
 
@@ -188,7 +198,7 @@ class OrtSession(ExportedSession):
     """ONNX Runtime, fp32: the CPU execution provider, or on a CUDA device its TensorRT / CUDA ones (package
     onnxruntime-gpu), else it refuses to start."""
 
-    def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None):
+    def __init__(self, model, checkpoint: str | Path, device: torch.device, threads: int | None, max_batch: int = 8):
         import onnxruntime as ort  # only where this backend is chosen
 
         super().__init__(model, checkpoint)
@@ -203,7 +213,7 @@ class OrtSession(ExportedSession):
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         providers: list = ["CPUExecutionProvider"]
         if device.type == "cuda":
-            wanted = gpu_providers(self.path, device.index or 0)
+            wanted = gpu_providers(self.path, device.index or 0, "images", model.config.input_size, max_batch)
             providers = [p for p in wanted if p[0] in ort.get_available_providers()] + providers
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and
@@ -413,7 +423,7 @@ class ModelRunner:
             # export itself) runs on the CPU beside them.
             self.model.to("cpu")
             try:
-                self.session = (OrtSession(self.model, checkpoint, self.device, threads)
+                self.session = (OrtSession(self.model, checkpoint, self.device, threads, max_batch)
                                 if self.backend == "onnxruntime"
                                 else OpenVinoSession(self.model, checkpoint, threads, precision))
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU

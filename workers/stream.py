@@ -411,7 +411,9 @@ class CameraPipeline:
                 self.dropped_error += 1
                 if self.gate is not None:  # its change was never analysed: no frame may be skipped against it
                     self.gate.failed(item.pts)
-                self.last_error = redact_text(f"inference failed: {type(e).__name__}: {e}", [self.camera.url])
+                why = refused_setting(e)  # a replica that refused to start: its reason, not Ray's traceback
+                why = f"inference replica could not start: {why}" if why else f"{type(e).__name__}: {e}"
+                self.last_error = redact_text(f"inference failed: {why}", [self.camera.url])
                 log.warning("camera %s frame %d: %s", self.id, item.index, self.last_error)
                 continue
             finally:
@@ -789,6 +791,17 @@ class RedisClock:
 
 
 _CLOCKS: dict[str, RedisClock] = {}  # RedisClock.shared: Redis URL -> its clock in this process
+
+
+def refused_setting(e: BaseException) -> str | None:
+    """The ValueError an actor's constructor raised (what workers/ raise for a setting they cannot run with),
+    from Ray's error for it, which keeps only its text, traceback and all; None for any other error. The same
+    reading as pipeline.cluster.init_value_error, which workers/ cannot import."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
+                None)
 
 
 def _seen(fut: asyncio.Future) -> None:
