@@ -166,6 +166,8 @@ def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
     Uses ``torch.load(weights_only=True)``, so a pickle that carries code is refused.
     """
     path = Path(path)
+    if path.is_dir():  # it exists: "no such weights file" sent users looking for a typo
+        raise CheckpointError(f"{path}: is a folder; name the weights file (.pth) in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:

@@ -114,3 +114,11 @@ def test_int8_calibration_on_fewer_frames_than_it_wants_says_so(tmp_path, caplog
     with caplog.at_level("WARNING", logger="models.quantize"):  # enough pictures: nothing to say
         assert len(quantize.calibration_frames(HydraNet(TINY), [{"data": str(data)}], n=2)) == 2
     assert "calibrates on" not in caplog.text
+
+
+def test_a_folder_given_as_backbone_weights_is_named_a_folder(tmp_path) -> None:
+    """It exists: "no such weights file" sent the user looking for a typo (read_metadata says "is a folder")."""
+    from models.checkpoint import CheckpointError, load_torch_weights
+
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_torch_weights(tmp_path)
