@@ -301,7 +301,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         if why := backend_problem(args.backend, args.precision, device):
             raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
 
-        runner = ModelRunner(path, device, args.precision, backend=args.backend)
+        # its batches are the eval's (a TensorRT engine covers batches up to max_batch, no more)
+        runner = ModelRunner(path, device, args.precision, max_batch=max(1, cfg.batch_size), backend=args.backend)
         report = runner.evaluate(cfg, progress=not args.no_progress)
         how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
     else:
