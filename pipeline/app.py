@@ -355,7 +355,9 @@ class App(LiveControl):
     def _create(self, cams: list[CameraConfig], run_time: bool = False) -> list[tuple[CameraHandle, Any]]:
         """Asks the cameras to start, in processes running already (``_joining``) or in new StreamActors,
         several cameras to one (``Placement.stream_processes``); (handle, start ref) each, in ``cams``' order.
-        ``run_time``: added at run time (at start, ``_say_camera_wait`` spoke for the config's cameras)."""
+        ``run_time``: added at run time (at start, ``_say_camera_wait`` spoke for the config's cameras). The
+        handles keep the cameras as their actors got them (``cluster.actor_camera``): a live update compares with it."""
+        cams = [cluster.actor_camera(cam) for cam in cams]
         with self._lock:  # cameras another add is starting (in _busy, not yet in cameras) keep their replica
             live = [*self.cameras, *self._busy, *(c.id for c in cams)]
         # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the

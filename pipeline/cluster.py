@@ -190,6 +190,16 @@ def camera_actor_name(camera_id: str) -> str:
     return f"hv-camera-{camera_id}"
 
 
+def actor_camera(camera: CameraConfig) -> CameraConfig:
+    """The camera as its StreamActor gets it: a relative file path made absolute from the controller's working
+    directory (``ModelConfig.checkpoint_path``'s rule), since on a joined cluster the actor's is where `ray start`
+    ran. "~" is left to the source; file:// URLs name absolute paths only."""
+    url = camera.url
+    if "://" in url or url.startswith(("/", "~")):
+        return camera
+    return camera.model_copy(update={"url": os.path.abspath(url)})
+
+
 def inference_name(index: int) -> str:
     """A replica's actor name, unique within the pipeline's Ray namespace; StreamActors look it up by it."""
     return f"hv-inference-{index}"

@@ -309,14 +309,17 @@ class Capture:
         try:
             while not self._stop.is_set():
                 source: Source | None = None
-                self.heartbeat = time.monotonic()
+                cam = self.camera
+                # Opening is not a stall: the source answers or fails within its open timeout, and its first picture
+                # (a live camera's first keyframe) comes within the read timeout; the watchdog's limit runs after.
+                self.heartbeat = time.monotonic() + cam.open_timeout_s
                 try:
-                    cam = self.camera
                     source = open_source(cam.url, transport=cam.transport, open_timeout_s=cam.open_timeout_s,
                                          read_timeout_s=cam.read_timeout_s, realtime=cam.realtime,
                                          loop=cam.loop, hwaccel=cam.hwaccel)
                     self._source = source
                     source.open()
+                    self.heartbeat = time.monotonic() + cam.read_timeout_s
                     if source.live:  # a camera (or a paced scene) shows what it shows now: skip nothing, only
                         self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
                     self.source_fps = source.nominal_fps
