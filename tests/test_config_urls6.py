@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.admission import CommandRejected, merge_changes
 from pipeline.admission import parse_camera as parse_live_camera
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_camera, parse_config
 from servers import HOST, encode_mp4, free_port
 from workers.settings import CameraConfig
 from workers.sources import SourceError, open_source
@@ -140,3 +140,10 @@ def test_a_redis_url_with_whitespace_around_it_loads():
     # refused "must start with redis://", though redis-py reads it (the camera URL's case, for Redis)
     config = parse_config({"redis": {"url": " redis://127.0.0.1:6379/0\n"}})
     assert config.redis.url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("url", ["file://", "file:///", "file://localhost/"])
+def test_a_file_url_naming_no_file_is_refused_at_load(url: str) -> None:
+    """A ${VAR} left empty ("file://${CLIP}"): accepted at load, it failed only once the camera started."""
+    with pytest.raises(ConfigError, match="names no file"):
+        parse_camera({"id": "a", "url": url})

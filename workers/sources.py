@@ -100,6 +100,8 @@ def file_url_path(url: str) -> str:
         raise SourceError.for_url("unsupported", url, "a file:// URL ends its path at '?' or '#': write them "
                                   "%3F and %23, or give the plain path")
     path = unquote(parts.path)
+    if path in ("", "/"):  # "file://" (a ${VAR} left empty): accepted at load, it failed only in the camera
+        raise SourceError.for_url("unsupported", url, "names no file (e.g. file:///videos/a.mp4)")
     if "\0" in path:  # "%00": os.path and FFmpeg raise a bare "embedded null byte" ValueError
         raise SourceError.for_url("unsupported", url, "a file path cannot hold a NUL byte (%00)")
     return path
