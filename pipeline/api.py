@@ -18,6 +18,7 @@ routes that want it (``dependencies=[Depends(api.state.auth)]``).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, strict_json
 from workers.redact import redact_text
@@ -77,6 +79,34 @@ def _rejected(status: int, reason: str, headers: dict | None = None) -> JSONResp
     return JSONResponse({"status": "rejected", "reason": reason}, status_code=status, headers=headers)
 
 
+CUT_SHORT = ("the service is shutting down; the command was still running when the API stopped (an add is undone, "
+             "an update or a removal may have applied)")
+
+
+class AnswerCutRequests:
+    """ASGI middleware: a request still running when the server stops is cancelled by uvicorn after its grace
+    period (a SIGTERM while a camera starts, which takes seconds); it is answered 503 with the reason, not with
+    uvicorn's bare 500 and a traceback in the service's log. The App's thread still finishes the command."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or started:
+                raise
+            await _rejected(503, CUT_SHORT)(scope, receive, send)
+
+
 def _validation_reason(exc: RequestValidationError) -> str:
     """FastAPI's validation errors (bad JSON, not an object) in the config's style: field path first."""
     lines = []
@@ -117,11 +147,14 @@ def _json_object_reader(auth: BearerAuth) -> Callable:
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise refuse(413, too_large)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise refuse(413, too_large)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise refuse(413, too_large)
+                chunks.append(chunk)
+        except ClientDisconnect:  # the sender went away mid-body: no bug (it was a 500 and a traceback in the log)
+            raise refuse(400, "body: the client disconnected before sending all of it") from None
         try:
             value = strict_json(b"".join(chunks).decode())
         except json.JSONDecodeError as e:
@@ -234,7 +267,7 @@ class ApiServer:
         there is nothing a rebound page could do, and a proxy on the machine may pass its own Host on."""
         host, self.port = sock.getsockname()[:2]
         self.host = host
-        app = LoopbackHostsOnly(self.app, host) if check_host else self.app
+        app = AnswerCutRequests(LoopbackHostsOnly(self.app, host) if check_host else self.app)
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)

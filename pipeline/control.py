@@ -272,10 +272,16 @@ class ControlConsumer:
             in_app = True
             result.update(status="accepted", result=execute(self.controller, cmd, by))
         except CommandRejected as e:
-            result.update(status="rejected", reason=e.reason)
+            # a command refused on one of its fields still names its request: its sender waited out its timeout,
+            # and was told the command may still apply
+            result.update(status="rejected", reason=e.reason, request_id=result["request_id"] or _request_id(fields))
             if not in_app:
                 self.controller.note_rejected(result["op"] or "command", by, e.reason)
         except Exception as e:  # a bug, or Ray failing: answer anyway, the controller keeps going
+            if not in_app and isinstance(e, (redis.RedisError, OSError)):
+                # Redis went away while the command was checked (TIME, its deliveries), before it was applied:
+                # _run reads it back once Redis answers (it was rejected as an internal error)
+                raise
             log.exception("control stream: command %s failed", entry_id)
             result.update(status="rejected", reason=redact_text(f"internal error: {type(e).__name__}: {e}", []))
         result.update(by=by, ts=round(time.time(), 3))
@@ -328,6 +334,16 @@ class ControlConsumer:
     def _deliveries(self, entry_id: str) -> int:
         info = self._client.xpending_range(self.key, self.group, min=entry_id, max=entry_id, count=1)
         return int(info[0]["times_delivered"]) if info else 0
+
+
+def _request_id(fields: dict) -> str | None:
+    """The request_id of a command that failed its checks, read leniently, for its answer (None if there is none)."""
+    try:
+        data = json.loads(fields.get(b"data", fields.get("data")))
+    except (TypeError, ValueError, RecursionError):
+        return None
+    request_id = data.get("request_id") if isinstance(data, dict) else None
+    return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
 
 
 def _backoff(failures: int) -> float:

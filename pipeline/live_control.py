@@ -155,13 +155,14 @@ class LiveControl:
                 if not stopping:
                     self.cameras[cam.id] = handle
                 self._registered([cam.id])
+            if not stopping:  # while its id is claimed: the next command's event on it comes after this one
+                self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         finally:  # only once it is in ``cameras``: a second add of its id in between was let through
             self._release(cam.id)
         if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
             self._let_go(handle, stop=True)
             self.note_rejected("add", by, "the service is shutting down")  # a refusal as any other: logged
             raise CommandRejected("the service is shutting down", 503)
-        self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
 
     def remove_camera(self, camera_id: str, by: str) -> dict:
@@ -245,13 +246,13 @@ class LiveControl:
                 handle.config = new
                 if result["restarted"]:
                     handle.done = handle.process.wait.remote(camera_id)
+            if result["changed"]:  # while its id is claimed: an update sent next was audited before this one
+                self._audit("camera_updated", new, by, changes=result["changed"])
         except CommandRejected as e:
             self.note_rejected("update", by, e.reason)
             raise
         finally:
             self._release(camera_id)
-        if result["changed"]:
-            self._audit("camera_updated", new, by, changes=result["changed"])
         return {**self.public(new), **result}
 
     def list_cameras(self) -> list[dict]:
