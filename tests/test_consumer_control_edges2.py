@@ -328,13 +328,22 @@ def test_a_service_whose_clock_is_ahead_still_applies_a_fresh_command(redis_serv
     assert app.removed == ["lobby"]
 
 
-def test_a_redis_user_named_with_a_colon_can_send_commands():
-    """`team:ops` is a common ACL user name; the CLI sends its WHOAMI as `user`, and the pattern refused it, so
-    every `hydravision cameras` command of that user was rejected on data.user."""
+@pytest.mark.parametrize("user", ["team:ops", "ops/eu", "a*b"])
+def test_a_redis_user_named_with_a_colon_can_send_commands(user):
+    """`team:ops` is a common ACL user name (Redis takes `ops/eu` too); the CLI sends its WHOAMI as `user`, and the
+    pattern refused it, so every `hydravision cameras` command of that user was rejected on data.user."""
     from pipeline.control import parse_command
 
-    cmd = parse_command({b"data": json.dumps({"op": "remove", "id": "lobby", "user": "team:ops"}).encode()})
-    assert cmd.user == "team:ops"
+    cmd = parse_command({b"data": json.dumps({"op": "remove", "id": "lobby", "user": user}).encode()})
+    assert cmd.user == user
+
+
+@pytest.mark.parametrize("user", ["two words", "line\nbreak", "", "x" * 65, "caf\u00e9"])
+def test_a_sender_that_could_forge_a_log_line_is_refused(user):
+    from pipeline.control import CommandRejected, parse_command
+
+    with pytest.raises(CommandRejected, match="data.user"):
+        parse_command({b"data": json.dumps({"op": "remove", "id": "lobby", "user": user}).encode()})
 
 
 @pytest.mark.parametrize("every", [float("nan"), float("inf"), -1.0, "5", True])
