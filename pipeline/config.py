@@ -103,7 +103,7 @@ class ModelConfig(Strict):
         "'onnxruntime' (the model exported to ONNX once and cached in ~/.cache/hydravision/onnx; fp32; decoding and "
         "NMS stay in torch), 'openvino' (the same export in OpenVINO on the CPU; bf16 or fp32) or 'auto': on a CPU "
         "openvino in bf16 where the CPU runs bf16 natively and precision is auto or bf16, else onnxruntime; torch "
-        "on a GPU, with compile, fp16 or LoRA adapters")
+        "on a GPU, with compile, fp16, LoRA adapters, or bf16 on a CPU without native bf16 (torch's autocast)")
     distribute: Literal["auto", "object_store", "path"] = Field(
         "auto", description="how inference replicas get the checkpoint: 'object_store' (the controller reads it and "
         "Ray copies it to each node), 'path' (every node reads the same path: shared storage or baked into the "

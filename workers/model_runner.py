@@ -80,7 +80,7 @@ def openvino_core():
 def native_bf16() -> bool:
     """Whether OpenVINO is installed and this CPU runs bf16 natively (AVX512-BF16 or AMX): there its bf16
     inference takes ~20% less CPU per frame than ONNX Runtime in fp32 (benchmarks/README.md, "OpenVINO in bf16
-    on a CPU"); without it OpenVINO would emulate bf16 or run fp32, slower than ONNX Runtime."""
+    on a CPU"); without it OpenVINO runs f32 (measured: no emulated bf16), slower than ONNX Runtime."""
     try:
         return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except ImportError:
