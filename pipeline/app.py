@@ -48,6 +48,7 @@ REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
 # named "controller" gets a series of its own instead of a duplicate.
 CONTROLLER_PUBLISHER = "_controller"
 RECENT_RESTARTED_PIDS = 256  # more processes than one restart can bring back at once
+COMMANDS_GRACE_S = 5.0  # how long a shutdown waits for commands still under way before it stops Ray
 
 
 def metrics_routes(api: Any, app: App) -> None:
@@ -103,9 +104,14 @@ class App(LiveControl):
     # only, never across a Ray call, so the control loop's ticks never wait for a camera to start.
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _busy: set = field(default_factory=set)
-    # Cameras that ``_joining`` sent to a running process and that are not in ``cameras`` yet (id -> a handle
-    # of that process): concurrent adds count them, so two never take the last place of one process.
+    # Cameras that ``_joining`` sent to a running process, or whose new process ``_create`` spawned at run time, and
+    # that are not in ``cameras`` yet (id -> a handle of that process): concurrent adds count them, so two never take
+    # the last place of one process, and join a process another add is creating instead of each creating one.
     _joins: dict = field(default_factory=dict)
+    # One add at a time chooses between joining a process and creating one (``_create``), so that it sees what the
+    # adds before it chose. Held across Ray's quick placement calls (nodes, names, actor creation), never across a
+    # camera's start.
+    _placing: threading.Lock = field(default_factory=threading.Lock)
     # Cameras a removal took out of ``cameras`` and is not done with (id -> handle): their process may still hold
     # its Ray name (a camera added meanwhile must not start a process under it: Ray refuses a name a live actor
     # holds), and while one drains (no ``final`` yet), another camera's removal must not kill its process.
@@ -367,29 +373,35 @@ class App(LiveControl):
                    for cam in cams}
         starting: list[tuple[CameraHandle, Any]] = []
         try:
-            joining = self._joining(cams)
-            for cam in cams:
-                if host := joining.get(cam.id):
-                    handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
-                    starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
-            with self._lock:
-                taken = {h.name for h in [*self.cameras.values(), *self._leaving.values()]}
-            groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
-            short = self._say_process_wait(groups, start_budget_s(len(cams))) if run_time and groups else ""
-            model = self._camera_process_model(len(groups))
-            for group, options in groups:
-                name, n = options["name"], 1
-                # a process of ours still has it (its first camera was removed since, or is now, or was killed)
-                while name in taken or self._name_held(name):
-                    n += 1
-                    name = f"{options['name']}-{n}"
-                taken.add(name)
-                process = self.placement.spawn(StreamActor, {**options, "name": name},
-                                               [(cam, replica[cam.id]) for cam in group], self.model_info,
-                                               self.redis_settings, self.instance,
-                                               self.config.inference.merge_window_ms / 1000, model)
-                starting += [(CameraHandle(cam.id, cam, process, name, replica[cam.id], short=short),
-                              process.start.remote(cam.id)) for cam in group]
+            # One add at a time from here: it sees the processes the adds before it joined or created. At run time a
+            # new process's cameras go into _joins at once, so adds placed next may join it before it has started.
+            with self._placing:
+                joining = self._joining(cams)
+                for cam in cams:
+                    if host := joining.get(cam.id):
+                        handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
+                        starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
+                with self._lock:
+                    taken = {h.name for h in [*self.cameras.values(), *self._leaving.values(), *self._joins.values()]}
+                groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
+                short = self._say_process_wait(groups, start_budget_s(len(cams))) if run_time and groups else ""
+                model = self._camera_process_model(len(groups))
+                for group, options in groups:
+                    name, n = options["name"], 1
+                    # a process of ours still has it (its first camera was removed since, or is now, or was killed)
+                    while name in taken or self._name_held(name):
+                        n += 1
+                        name = f"{options['name']}-{n}"
+                    taken.add(name)
+                    process = self.placement.spawn(StreamActor, {**options, "name": name},
+                                                   [(cam, replica[cam.id]) for cam in group], self.model_info,
+                                                   self.redis_settings, self.instance,
+                                                   self.config.inference.merge_window_ms / 1000, model)
+                    created = [CameraHandle(cam.id, cam, process, name, replica[cam.id], short=short) for cam in group]
+                    starting += [(handle, process.start.remote(handle.id)) for handle in created]
+                    if run_time:
+                        with self._lock:
+                            self._joins.update({handle.id: handle for handle in created})
         except BaseException:  # e.g. a later group's name held by another pipeline: the earlier ones ran on
             self._undo(starting)
             raise
@@ -437,9 +449,10 @@ class App(LiveControl):
         ``cameras_per_process`` for the cameras there will be, the fewest cameras first. Not cameras asking
         custom resources: the process reserved what the cameras it was created with ask. Camera id -> a
         handle of that process."""
-        per = cameras_per_process(self.config.ray, len(self.cameras) + len(cams), self.placement.cores)
         out = {}
-        with self._lock:
+        with self._lock:  # the cameras there will be: also those other adds are starting (in _busy), not removals
+            there = {*self.cameras, *self._busy, *(cam.id for cam in cams)} - self._leaving.keys()
+            per = cameras_per_process(self.config.ray, len(there), self.placement.cores)
             by_process: dict[int, list[CameraHandle]] = {}
             for h in [*self.cameras.values(), *self._joins.values()]:
                 by_process.setdefault(id(h.process), []).append(h)
@@ -475,15 +488,18 @@ class App(LiveControl):
         return [handle for handle, _ in starting]
 
     def _undo(self, starting: list[tuple[CameraHandle, Any]]) -> None:
-        """Stops what ``_create`` started; the caller raises its own error, so a failure here is only logged."""
+        """Stops what ``_create`` started; the caller raises its own error, so a failure here is only logged. A
+        process it created that another add has joined meanwhile forgets these cameras and runs on for that one."""
+        self._registered([h.id for h, _ in starting])  # first: of two adds failing together, the last kills it
+        killed: set = set()
         for handle, _ in starting:
-            if handle.joined:
-                try:
-                    self._let_go(handle, stop=True)
-                except Exception:
-                    log.warning("camera %s: could not let its process go", handle.id, exc_info=True)
-        self._killing(h.name for h, _ in starting if not h.joined)
-        self._kill(h.process for h, _ in starting if not h.joined)
+            if id(handle.process) in killed:  # its other cameras went with it
+                continue
+            try:
+                if self._let_go(handle, stop=True):
+                    killed.add(id(handle.process))
+            except Exception:
+                log.warning("camera %s: could not let its process go", handle.id, exc_info=True)
 
     def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
         """A camera no longer run (removed, or joined and never fully started): its process forgets it
@@ -767,6 +783,7 @@ class App(LiveControl):
         if self.events:
             self.events.close(5.0)
         if self.started_ray:
+            self._wait_commands(time.monotonic() + COMMANDS_GRACE_S)
             cluster.shutdown_ray()
             self._reinstall_signal_handlers()
         if self.dashboard:
@@ -779,6 +796,20 @@ class App(LiveControl):
         if self.reaper:
             self.reaper.release()  # everything is down: nothing left for it to clean up
         return finals
+
+    def _wait_commands(self, deadline: float) -> None:
+        """Until no command is under way (an add undoing its camera, an update's late answer), or ``deadline``: one
+        whose next Ray call came after Ray stopped started a new local Ray (ray.get, ray.kill and actor calls call
+        ray.init when Ray is not running)."""
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy:
+                    return
+            time.sleep(0.05)
+        with self._lock:
+            late = sorted(self._busy)
+        if late:
+            log.warning("camera(s) %s: a command still under way when Ray was stopped", ", ".join(late))
 
     def _wait_removals(self, deadline: float) -> None:
         """Until the removals under way are done, or ``deadline``: killing the process one drains in (shared with a

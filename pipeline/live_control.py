@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,12 +156,13 @@ class LiveControl:
                 if not stopping:
                     self.cameras[cam.id] = handle
                 self._registered([cam.id])
-            if not stopping:  # while its id is claimed: the next command's event on it comes after this one
+            if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
+                self._let_go(handle, stop=True)  # claimed still: the shutdown waits for it before it stops Ray
+            else:  # while its id is claimed: the next command's event on it comes after this one
                 self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
         finally:  # only once it is in ``cameras``: a second add of its id in between was let through
             self._release(cam.id)
-        if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
-            self._let_go(handle, stop=True)
+        if stopping:
             self.note_rejected("add", by, "the service is shutting down")  # a refusal as any other: logged
             raise CommandRejected("the service is shutting down", 503)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
@@ -216,6 +218,7 @@ class LiveControl:
         except CommandRejected as e:
             self.note_rejected("update", by, e.reason)
             raise
+        late = False  # its call timed out: the claim is released when it answers (_settle_late_update)
         try:
             old = handle.config
             new = merge_changes(old, changes)
@@ -227,8 +230,10 @@ class LiveControl:
                                           "(remove it and add it again)")
             result: dict = {"changed": [], "restarted": False}
             if new != old:
+                ref = None
                 try:
-                    result = ray.get(handle.process.update.remote(camera_id, new), timeout=STOP_TIMEOUT_S)
+                    ref = handle.process.update.remote(camera_id, new)
+                    result = ray.get(ref, timeout=STOP_TIMEOUT_S)
                 except ray.exceptions.RayTaskError as e:  # the camera refused the change
                     # A camera Ray re-created and the control loop has not started yet cannot take one: no 422
                     # ("your change is wrong"), the change is fine once the camera runs again.
@@ -237,9 +242,10 @@ class LiveControl:
                                               "nothing was changed: send the change again", 409) from None
                     raise CommandRejected(f"camera: {self._describe(e, camera_id)}") from None
                 except ray.exceptions.GetTimeoutError:  # the call still waits in the actor and may yet apply
+                    late = ref is not None and self._settle_late_update(handle, ref, new, by)
                     raise CommandRejected(f"camera: its stream actor did not answer in {STOP_TIMEOUT_S:g} s; the "
-                                          "change may still apply: read the camera back before sending it again",
-                                          503) from None
+                                          "change may still apply: the camera takes no other command until it "
+                                          f"answers (up to {STOP_TIMEOUT_S:g} s more); read it back then", 503) from None
                 except ray.exceptions.RayError as e:  # its actor is gone: nothing was changed
                     raise CommandRejected(f"camera: its stream actor did not answer: "
                                           f"{self._describe(e, camera_id)}", 503) from None
@@ -252,8 +258,31 @@ class LiveControl:
             self.note_rejected("update", by, e.reason)
             raise
         finally:
-            self._release(camera_id)
+            if not late:
+                self._release(camera_id)
         return {**self.public(new), **result}
+
+    def _settle_late_update(self, handle: Any, ref: Any, new: CameraConfig, by: str) -> bool:
+        """An update whose call timed out may still apply in the actor: its camera stays claimed (a next command
+        would interleave with it there) until the call answers, or another STOP_TIMEOUT_S passes; an answer that
+        applied it puts its settings in the handle (what list and export show) and is audited. True."""
+        def settle() -> None:
+            try:
+                result = ray.get(ref, timeout=STOP_TIMEOUT_S)
+            except Exception as e:  # refused, its actor gone, or still no answer: the handle keeps what it had
+                log.warning("camera %s: the update that timed out failed or still has not answered: %s", handle.id,
+                            self._describe(e, handle.id))
+            else:
+                handle.config = new
+                if result["restarted"]:
+                    handle.done = handle.process.wait.remote(handle.id)
+                if result["changed"]:
+                    self._audit("camera_updated", new, by, changes=result["changed"])
+            finally:
+                self._release(handle.id)
+
+        threading.Thread(target=settle, name=f"late-update-{handle.id}", daemon=True).start()
+        return True
 
     def list_cameras(self) -> list[dict]:
         """The running cameras as configured (URLs without credentials), with their last known state."""
