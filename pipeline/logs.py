@@ -107,6 +107,14 @@ def quiet_ray(verbose: bool) -> None:
         logging.getLogger(RAY_TOKEN_LOGGER).addFilter(_DropLine(RAY_TOKEN_NOTICE))
 
 
+def plain_ray_prefix() -> None:
+    """Where stdout or stderr is no terminal (a file, a pipe, the journal), the "(StreamActor pid=...)" prefix of the
+    lines Ray forwards from its workers comes without colour codes: they were written raw into log files. Ray reads
+    RAY_COLOR_PREFIX as it prints each line (ray/_private/worker.py, print_worker_logs); a value the user set stays."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def json_worker_logs() -> bool:
     """After ray.init(log_to_driver=True): the lines Ray forwards from its workers become JSON records too
     (Ray prints them raw, prefixed "(StreamActor pid=...)"). Uses Ray's log dispatcher, which is not a

@@ -16,11 +16,10 @@ from redis.retry import Retry
 from rich.console import Console
 from rich.live import Live
 
-from pipeline.app import App
 from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.logs import json_worker_logs, quiet_ray
+from pipeline.logs import json_worker_logs, plain_ray_prefix, quiet_ray
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
@@ -28,6 +27,32 @@ from workers.redact import redact_text, redact_url
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def App(*args, **kwargs):  # noqa: N802 (stands for the class; tests put a stand-in here)
+    """pipeline.app's App, imported when a run starts: its imports (supervision, scipy, the camera actors: ~1.7 s)
+    made `status` and `tail`, which only read Redis, take seconds to start, even to fail."""
+    from pipeline.app import App as app_class
+
+    return app_class(*args, **kwargs)
+
+
+class FailureWarnings:
+    """Called with each tick's stats: one WARNING when a camera turns failed, with why. The status line was all a
+    run said until its final table (nothing on stderr, nothing in the journal of a service run with --plain)."""
+
+    def __init__(self) -> None:
+        self.failed: set = set()
+
+    def __call__(self, stats: list[dict]) -> None:
+        for s in stats:
+            camera = s.get("camera")
+            if s.get("state") != "failed":
+                self.failed.discard(camera)  # started again (a live update): a new failure is said again
+            elif camera not in self.failed:
+                self.failed.add(camera)
+                why = redact_text(str(s.get("last_error") or "no reason given"), [])
+                log.warning("camera %s failed: %s", camera, why)
 
 
 class Output:
@@ -78,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     interactive = not json_mode and console.is_terminal and config.status.table and not args.plain
     out = Output(console, json_mode)
     quiet_ray(getattr(args, "verbose", False))
+    plain_ray_prefix()
     app = App(config, redis_url=args.redis_url, say=out.say, on_ray_started=json_worker_logs if json_mode else None)
     app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
     try:
@@ -91,14 +117,16 @@ def run(args: argparse.Namespace) -> int:
     processes = len({id(h.process) for h in app.cameras.values()})
     out.say(f"Running {len(app.cameras)} camera(s) in {processes} process(es) (ray.cameras_per_process)"
             + (f" for {args.duration:g} s" if args.duration else "") + "; Ctrl-C to stop.")
+    warn_failures = FailureWarnings()
     try:
         if interactive:
             with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live:
-                app.run(args.duration, on_tick=lambda s: live.update(status_table(s)))
+                app.run(args.duration, on_tick=lambda s: (warn_failures(s), live.update(status_table(s))))
         else:
             last = [0.0]
 
             def tick(stats: list[dict]) -> None:
+                warn_failures(stats)
                 if time.monotonic() - last[0] >= args.log_every:
                     last[0] = time.monotonic()
                     out.status(stats)
@@ -189,20 +217,27 @@ def tail(args: argparse.Namespace) -> int:
     stream = k.events if args.events else k.detections(args.camera)
     last = "0-0" if args.from_start else _newest_id(client, stream)
     count = 0
+    note = ""
     if args.camera:
-        try:  # only a note: an ACL that allows this camera's keys alone may refuse the statuses
+        try:  # only notes: an ACL that allows this camera's keys alone may refuse the statuses
             known = {s["camera"]: s for s in read_camera_statuses(client, args.prefix)}
+            unheard_of = args.camera not in known and not client.exists(stream)
         except redis.RedisError:
-            known = {}
+            known, unheard_of = {}, False
         s = known.get(args.camera)
         if s and s["stale"]:
             age = s["heartbeat_age_s"]
             print(f"note: camera {args.camera}'s status is stale (last heartbeat "
                   f"{'never' if age is None else f'{age:.0f} s ago'}, state {s.get('reported_state')!r}): "
                   "no running service publishes it", file=sys.stderr)
+        if unheard_of:  # a typo waited in silence for ever; the camera may still be added later, so wait on
+            note = (f"note: no camera {args.camera!r} in {k.cameras} at {redact_url(url)} "
+                    f"({_camera_names(sorted(known))}); waiting for it in case it is added")
     if args.group:
-        return _tail_group(client, url, stream, args)
+        return _tail_group(client, url, stream, args, note)
     print(f"tailing {stream} at {redact_url(url)} (Ctrl-C to stop)", file=sys.stderr)
+    if note:  # after the "tailing" line, which scripts wait for first
+        print(note, file=sys.stderr)
     try:
         while args.count is None or count < args.count:
             reply = client.xread({stream: last}, block=5000, count=100)
@@ -216,6 +251,13 @@ def tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # stopped, not finished: a script tells it from a --count reached by 128 + SIGINT
         return 130
     return 0
+
+
+def _camera_names(names: list[str], shown: int = 20) -> str:
+    if not names:
+        return "no camera there yet"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return "cameras there: " + ", ".join(names[:shown]) + more
 
 
 def _shown(entry_id: bytes | str, fields: dict, as_json: bool) -> str:
@@ -255,7 +297,7 @@ def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
     return newest[0][0] if newest else "0-0"
 
 
-def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Namespace) -> int:
+def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Namespace, note: str = "") -> int:
     """tail --group: at least once, through pipeline/consumer.py; a message is acknowledged once printed."""
     from pipeline.consumer import GroupConsumer
 
@@ -263,6 +305,8 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
                              block_ms=2000, claim_idle_ms=args.claim_idle_ms)
     print(f"tailing {stream} at {redact_url(url)} as {consumer.consumer!r} of group {args.group!r} "
           "(Ctrl-C to stop)", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
 
     def show(m) -> None:
         try:

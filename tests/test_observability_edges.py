@@ -73,7 +73,7 @@ def test_the_status_table_shows_numbers_too_large_for_a_float_instead_of_failing
     Console(file=out, width=250).print(status_table([odd, good]))
     assert "good" in out.getvalue() and "odd" in out.getvalue()
     line = status_line([odd, good])
-    assert "good: running 5.0 fps p50 40 ms pub 9 drop 2 (rate 2)" in line and "odd: running - fps p50 - ms" in line
+    assert "good: running 5.0 fps p50 40 ms pub 9 drop 0 skip 2" in line and "odd: running - fps p50 - ms" in line
 
 
 # -- telemetry: the counters behind /metrics --------------------------------------------------------------
