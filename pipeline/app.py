@@ -198,10 +198,10 @@ class App(LiveControl):
         except SystemExit:  # Ray's own SIGTERM handler, in place while ray.init runs: exit 15 and not a word
             self._signalled = True
             self._stop.set()
-            self.started_ray = ray.is_initialized()
             self.say("SIGTERM: stopping the start")
             raise KeyboardInterrupt from None
-        self.started_ray = True
+        finally:  # also a signal right after ray.init returned: the shutdown stops the Ray it left
+            self.started_ray = ray.is_initialized()
         if self.on_ray_started:
             self.on_ray_started()
         self._reinstall_signal_handlers()

@@ -8,12 +8,15 @@ lifecycle code stays the same on one machine and on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import ray
@@ -51,11 +54,13 @@ def init_ray(config: Any, system_config: dict) -> None:
         # (docs/architecture.md, "Memory of camera processes"). A value set by the user is kept.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         try:
-            # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
-            ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
-                     object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                     _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+            with _signals_held() as held:
+                # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
+                ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
+                         object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                         logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                         _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+                _stop_if_signalled(held)
         except ValueError as e:  # what we passed: e.g. an object store larger than the machine's memory
             raise UserError(f"ray: cannot start a local Ray with ray.object_store_mb {rc.object_store_mb} and "
                             f"{cpus} logical CPUs (ray.num_cpus): {e}".splitlines()[0]) from None
@@ -63,12 +68,57 @@ def init_ray(config: Any, system_config: dict) -> None:
     where = "ray.address" if rc.address else "$RAY_ADDRESS"  # the setting the user has to fix
     _check_head(address, where, rc.placement_timeout_s)
     try:
-        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
+        with _signals_held() as held:
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
+            _stop_if_signalled(held)
     # AuthenticationError: RAY_AUTH_MODE=token and no token here (a wrong one is a ConnectionError, after ~20 s);
     # Rays before token auth have no such class
     except (ConnectionError, RuntimeError, ValueError,
             getattr(ray.exceptions, "AuthenticationError", ConnectionError)) as e:
         raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[BaseException]]:
+    """SIGINT and SIGTERM take effect once ray.init has returned: raised inside it while it built the driver's core
+    worker, they left that worker's native threads running with no handle to stop them, and the interpreter's exit
+    then crashed (exit 139 or 134 instead of 130). The handler in place still runs at once (it says so; a second
+    signal still exits at once there); what it raises is held in the list. Ray's own SIGTERM handler (sys.exit)
+    is kept out meanwhile through Ray's private ``set_sigterm_handler`` (a Ray without it only holds SIGINT)."""
+    held: list[BaseException] = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: h for s, h in handlers.items() if callable(h)}  # a default action ends the process outright
+    if threading.current_thread() is not threading.main_thread() or not handlers:
+        yield held
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        try:
+            handlers[signum](signum, frame)
+        except (KeyboardInterrupt, SystemExit) as e:
+            held.append(e)
+
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    set_sigterm = getattr(utils, "set_sigterm_handler", None)
+    for s in handlers:
+        signal.signal(s, hold)
+    if set_sigterm is not None and signal.SIGTERM in handlers:
+        utils.set_sigterm_handler = lambda _handler: None
+    try:
+        yield held
+    finally:
+        if set_sigterm is not None:
+            utils.set_sigterm_handler = set_sigterm
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _stop_if_signalled(held: list[BaseException]) -> None:
+    """After ray.init: a signal held meanwhile stops the Ray just started (whole, so nothing native outlives
+    Python) and is raised."""
+    if held:
+        shutdown_ray()
+        raise held[0]
 
 
 def _check_head(address: str, where: str, timeout_s: float) -> None:
