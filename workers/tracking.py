@@ -141,19 +141,20 @@ class CameraTracker:
         ids = np.where(ids >= 0, ids + ht.id_base, -1)
         tracked.tracker_id = ids
         events: list[dict] = []
-        names = tracked.data.get("class_name", np.array([""] * len(tracked)))
+        names = np.asarray(tracked.data.get("class_name", [""] * len(tracked))).tolist()
         voted = [f"attr:{name}" for name in attribute_names(tracked)]
-        for row, (tid, name) in enumerate(zip(ids.tolist(), names)):
+        tids = ids.tolist()
+        ht.next_id = max(ht.next_id, max(tids, default=-1) + 1)
+        for row, tid in enumerate(tids):
             if tid < 0:
                 continue
-            st = ht.active.get(tid)
-            ht.next_id = max(ht.next_id, tid + 1)
+            st, name = ht.active.get(tid), str(names[row])
             if st is None:
-                st = ht.active[tid] = TrackState(head, tid, str(name), frame, pts, frame, pts)
-                events.append({"type": "track_started", "head": head, "track_id": tid, "class": str(name),
+                st = ht.active[tid] = TrackState(head, tid, name, frame, pts, frame, pts)
+                events.append({"type": "track_started", "head": head, "track_id": tid, "class": name,
                                "frame": frame, "pts": round(pts, 3)})
             else:
-                st.last_frame, st.last_pts, st.frames, st.class_name = frame, pts, st.frames + 1, str(name)
+                st.last_frame, st.last_pts, st.frames, st.class_name = frame, pts, st.frames + 1, name
             if voted:
                 self._vote(st, tracked, row, voted)
         alive = {t + ht.id_base for t in ht.alive()}
