@@ -245,7 +245,8 @@ class LiveControl:
                     late = ref is not None and self._settle_late_update(handle, ref, new, by)
                     raise CommandRejected(f"camera: its stream actor did not answer in {STOP_TIMEOUT_S:g} s; the "
                                           "change may still apply: the camera takes no other command until it "
-                                          f"answers (up to {STOP_TIMEOUT_S:g} s more); read it back then", 503) from None
+                                          f"answers (up to {STOP_TIMEOUT_S:g} s more); read it back then",
+                                          503) from None
                 except ray.exceptions.RayError as e:  # its actor is gone: nothing was changed
                     raise CommandRejected(f"camera: its stream actor did not answer: "
                                           f"{self._describe(e, camera_id)}", 503) from None

@@ -4,7 +4,6 @@ export, train --import-backbone writing its checkpoint over the backbone weights
 train-demo refusing a folder --out only after its first three training stages; and int8 calibrated on fewer
 frames than it wants without a word."""
 
-from pathlib import Path
 
 import pytest
 import torch

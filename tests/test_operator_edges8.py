@@ -202,7 +202,8 @@ def test_status_reads_redis_without_importing_the_service() -> None:
     """`status` and `tail` imported pipeline.app (supervision, scipy, the camera actors: ~1.7 s) to read Redis."""
     probe = ("import sys; from pipeline.cli import main; "
              "code = main(['status', '--redis-url', 'redis://127.0.0.1:1/0']); "
-             "print(code, sorted(m for m in ('pipeline.app', 'supervision', 'scipy', 'workers.stream') if m in sys.modules))")
+             "print(code, sorted(m for m in ('pipeline.app', 'supervision', 'scipy', 'workers.stream') "
+             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout, done.stderr)
 
