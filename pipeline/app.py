@@ -457,6 +457,8 @@ class App(LiveControl):
             for h in [*self.cameras.values(), *self._joins.values()]:
                 by_process.setdefault(id(h.process), []).append(h)
             count = {key: len(hs) for key, hs in by_process.items()}
+            # a process that runs a camera already first: one another add is still creating may never be placed
+            running = {id(h.process) for h in self.cameras.values()}
             for cam in cams:
                 wanted = stream_options(self.config.ray, cam)
                 if "resources" in wanted:
@@ -464,7 +466,8 @@ class App(LiveControl):
                 room = [key for key, hs in by_process.items()
                         if count[key] < per and stream_options(self.config.ray, hs[0].config) == wanted]
                 if room:
-                    key = min(room, key=lambda k: count[k])  # the fewest cameras; the oldest process on a tie
+                    # running first, then the fewest cameras; the oldest process on a tie
+                    key = min(room, key=lambda k: (k not in running, count[k]))
                     count[key] += 1
                     out[cam.id] = self._joins[cam.id] = by_process[key][0]
         return out
@@ -510,9 +513,12 @@ class App(LiveControl):
                       *((cid, h) for cid, h in self._leaving.items() if h.final is None)]
             shared = any(h.process is handle.process and cid != handle.id for cid, h in others)
         if shared:
-            try:
-                if stop:
+            if stop:
+                try:
                     ray.get(handle.process.stop.remote(handle.id, drain=False), timeout=10)
+                except Exception:  # not answering (not placed yet, restarting): it is still told to forget it
+                    log.warning("camera %s: its process did not stop it", handle.id, exc_info=True)
+            try:
                 ray.get(handle.process.forget.remote(handle.id), timeout=10)
             except Exception:  # being restarted: its constructor may bring the camera back, never started
                 log.warning("camera %s: its process did not forget it", handle.id, exc_info=True)
@@ -780,10 +786,11 @@ class App(LiveControl):
         self._wait_removals(deadline)  # under the same deadline: they drained meanwhile
         self._kill(h.process for h in handles.values())
         self._kill(self.inference)
+        if self.started_ray:  # before the events close: a command finishing meanwhile is audited
+            self._wait_commands(time.monotonic() + COMMANDS_GRACE_S)
         if self.events:
             self.events.close(5.0)
         if self.started_ray:
-            self._wait_commands(time.monotonic() + COMMANDS_GRACE_S)
             cluster.shutdown_ray()
             self._reinstall_signal_handlers()
         if self.dashboard:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import yaml
 
-from pipeline.config import ConfigError, interpolate_env
+from pipeline.config import ConfigError, absolute_path_url, interpolate_env
 from workers.redact import _hidden_spans, _userinfo_span  # the one rule of where a URL's secrets are
 from workers.settings import CameraConfig
 
@@ -63,7 +63,8 @@ def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) ->
         written = written_urls.get(cam.id)
         if written is not None:
             try:
-                if interpolate_env(written) == cam.url:
+                # a relative path runs absolute (cluster.actor_camera): still the file's own URL
+                if absolute_path_url(interpolate_env(written)) == cam.url:
                     url, literal = written, False
             except ConfigError:  # a variable no longer set: it cannot be the same URL
                 pass

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import ray
 
+from pipeline.config import absolute_path_url
 from pipeline.errors import UserError
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
                                 inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
@@ -55,12 +56,14 @@ def init_ray(config: Any, system_config: dict) -> None:
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         try:
             with _signals_held() as held:
-                # address="local": never join some other Ray that `ray start` left on this machine (ray.init() would).
-                ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
-                         object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                         logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                         _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
-                _stop_if_signalled(held)
+                try:
+                    # address="local": never join some other Ray that `ray start` left here (ray.init() would).
+                    ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
+                             object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                             logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                             _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+                finally:  # also when ray.init failed: the signal is not lost behind its error
+                    _stop_if_signalled(held)
         except ValueError as e:  # what we passed: e.g. an object store larger than the machine's memory
             raise UserError(f"ray: cannot start a local Ray with ray.object_store_mb {rc.object_store_mb} and "
                             f"{cpus} logical CPUs (ray.num_cpus): {e}".splitlines()[0]) from None
@@ -69,8 +72,10 @@ def init_ray(config: Any, system_config: dict) -> None:
     _check_head(address, where, rc.placement_timeout_s)
     try:
         with _signals_held() as held:
-            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
-            _stop_if_signalled(held)
+            try:
+                ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
+            finally:  # also when ray.init failed: the signal is not lost behind its error
+                _stop_if_signalled(held)
     # AuthenticationError: RAY_AUTH_MODE=token and no token here (a wrong one is a ConnectionError, after ~20 s);
     # Rays before token auth have no such class
     except (ConnectionError, RuntimeError, ValueError,
@@ -117,7 +122,7 @@ def _stop_if_signalled(held: list[BaseException]) -> None:
     """After ray.init: a signal held meanwhile stops the Ray just started (whole, so nothing native outlives
     Python) and is raised."""
     if held:
-        shutdown_ray()
+        shutdown_ray()  # also what a failed ray.init left started: ray.shutdown cleans up either
         raise held[0]
 
 
@@ -244,10 +249,8 @@ def actor_camera(camera: CameraConfig) -> CameraConfig:
     """The camera as its StreamActor gets it: a relative file path made absolute from the controller's working
     directory (``ModelConfig.checkpoint_path``'s rule), since on a joined cluster the actor's is where `ray start`
     ran. "~" is left to the source; file:// URLs name absolute paths only."""
-    url = camera.url
-    if "://" in url or url.startswith(("/", "~")):
-        return camera
-    return camera.model_copy(update={"url": os.path.abspath(url)})
+    url = absolute_path_url(camera.url)
+    return camera if url == camera.url else camera.model_copy(update={"url": url})
 
 
 def inference_name(index: int) -> str:

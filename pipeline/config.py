@@ -121,6 +121,12 @@ class ModelConfig(Strict):
         return checkpoint_path(self.checkpoint).absolute()
 
 
+def absolute_path_url(url: str) -> str:
+    """A camera URL that is a relative file path, made absolute from this process's working directory (what the
+    camera processes get: cluster.actor_camera); any other URL as it is ("~" is left to the source)."""
+    return url if "://" in url or url.startswith(("/", "~")) else os.path.abspath(url)
+
+
 def checkpoint_path(name: str) -> Path:
     """'demo': the bundled checkpoint; anything else a path."""
     if name == "demo":

@@ -57,3 +57,11 @@ def test_a_url_with_decoration_or_a_mangled_scheme_hides_its_password(url, shown
     if PASSWORD in url:
         assert PASSWORD in url_secrets(url)
         assert PASSWORD not in redact_text(f"cannot open {url!r}: 401 for {PASSWORD}", [url])
+
+
+@pytest.mark.parametrize("path", ["/videos/cam:1@front.mp4", "/srv/12:00@gate.mp4"])
+def test_a_file_path_with_a_colon_and_an_at_has_no_secret(path):
+    """The scheme is read at the start only: a path's "cam:1@" read as userinfo masked every "1" in its camera's
+    errors and logs, and made camera export write part of the path as a secret's placeholder."""
+    assert url_secrets(path) == [] and redact_url(path) == path
+    assert redact_text(f"could not open {path}: 1 frames", [path]) == f"could not open {path}: 1 frames"

@@ -188,3 +188,18 @@ def test_normal_path_guard_other_urls_reach_the_stream_actor_as_written(url):
     app, spawned = app_without_ray([{"id": "a", "url": url}])
     (handle, _), = app._create(app.config.cameras)
     assert spawned[0].cameras[0].url == handle.config.url == url
+
+
+def test_a_relative_path_written_with_a_variable_exports_as_written(monkeypatch, tmp_path):
+    """The camera runs with its path made absolute (actor_camera): the export compared that with the file's
+    relative URL, found them different, and wrote the absolute path as literal text, losing the ${VAR}."""
+    from pipeline.camera_export import export_cameras
+    from pipeline.config import parse_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPS", "clips")
+    config = parse_config({"cameras": [{"id": "a", "url": "${CLIPS}/a.mp4"}]})
+    running = cluster.actor_camera(config.cameras[0])
+    assert running.url == str(tmp_path / "clips" / "a.mp4")
+    cameras, needed = export_cameras([running], config._written_urls)
+    assert cameras[0]["url"] == "${CLIPS}/a.mp4", (cameras, needed)

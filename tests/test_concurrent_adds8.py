@@ -235,3 +235,20 @@ def test_a_shutdown_stops_ray_only_after_an_add_under_way_has_undone_its_camera(
     assert process.killed.is_set() and ray_down.is_set()
     assert after_ray == [], f"Ray calls after the shutdown stopped Ray (each would start a new local Ray): {after_ray}"
     assert not app._busy
+
+
+def test_an_add_joins_a_running_process_with_room_before_one_still_being_created(monkeypatch):
+    """A process another add is still creating (in ``_joins``, no camera registered yet) may never be placed (a
+    cluster short of CPU): an add that could join a running process with room waited on it instead, and failed
+    with it (the final review of these changes)."""
+    app = service(monkeypatch)
+    names = Names(monkeypatch, app.config)
+    app.placement = names.placement
+    cam = CameraConfig(id="c", url="synthetic://street")
+    running, creating = Process("hv-camera-r1"), Process("hv-camera-p1")
+    for cid in ("r1", "r2"):
+        app.cameras[cid] = CameraHandle(cid, cam.model_copy(update={"id": cid}), running, running.name, None)
+    app._joins["p1"] = CameraHandle("p1", cam.model_copy(update={"id": "p1"}), creating, creating.name, None)
+    app._busy.update({"p1", "x"})  # p1's add is still starting it; x, another add, has not been placed yet
+    joined = app._joining([cam])  # 5 cameras there will be on 2 cores: 3 a process
+    assert joined["c"].process is running, joined["c"].name

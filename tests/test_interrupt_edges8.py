@@ -115,3 +115,31 @@ def test_ctrl_c_at_moments_of_the_start_exits_130_and_leaves_nothing_running(tmp
     run.wait_line(after)
     run.proc.send_signal(signal.SIGINT)
     check_stopped(run, run.finish(), "SIGINT: stopping the start")
+
+
+def test_a_signal_held_while_ray_init_fails_is_not_lost_behind_its_error(monkeypatch):
+    """Ctrl-C while ray.init ran, and ray.init then failed (e.g. a ValueError of its own): the held interrupt was
+    dropped and the run ended with the UserError's exit code instead of 130 (the final review of these changes)."""
+    import signal
+
+    import ray
+
+    from pipeline import cluster
+    from pipeline.config import parse_config
+
+    def init_then_fail(*args, **kwargs):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what a Ctrl-C delivered now would run
+        raise ValueError("object_store_memory is larger than the machine's memory")
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", init_then_fail)
+    monkeypatch.setattr(cluster, "shutdown_ray", lambda: None)
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.init_ray(parse_config({"cameras": []}), {})
+        assert signal.getsignal(signal.SIGINT) is interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)

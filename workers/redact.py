@@ -11,9 +11,10 @@ parse that failed. So the rule here is the most cautious one:
     the userinfo is everything between ``scheme://`` and the LAST ``@`` of the URL,
     unless the URL has no authority (``file:///path@x.mp4``: ``/`` right after ``://``).
 
-The scheme is the first ``name:`` anywhere in the string, its ``//`` optional: a URL still in the quotes
-of an env file (``"redis://:pw@host"``), one with a slash missing (``rtsp:/admin:pw@cam``) or without
-its scheme (``admin:pw@cam``, read as a file name) is printed back in the error that refuses it.
+The scheme is a ``name:`` at the start (after spaces, a quote or bracket, or ``//``), its ``//`` optional:
+a URL still in the quotes of an env file (``"redis://:pw@host"``), one with a slash missing
+(``rtsp:/admin:pw@cam``) or without its scheme (``admin:pw@cam``, read as a file name) was printed back in
+the error that refuses it; a path (``/v/cam:1@front.mp4``) has none.
 
 Every ``@`` a host can be preceded by is therefore inside the hidden part. The price: a URL without
 credentials whose path or query holds an ``@`` (``rtsp://cam/stream@main``) shows as ``rtsp://***@main``.
@@ -32,7 +33,8 @@ import re
 from urllib.parse import quote, unquote
 
 MASK = "***"
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
+# at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
+_SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
 _SECRET_PARAMS = re.compile(
     r"(?i)[?&][\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)=(?P<value>[^&]*)")
 # A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
@@ -43,7 +45,7 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 def _userinfo_span(url: str) -> tuple[int, int] | None:
     """(start, end) of the userinfo by the rule above, None when the URL has none (or an empty one)."""
-    m = _SCHEME.search(url)
+    m = _SCHEME.match(url)  # at the start: a path "/v/cam:1@x.mp4" has no userinfo ("1" was masked everywhere)
     if not m or url.startswith("/", m.end()):
         return None
     at = url.rfind("@", m.end())
