@@ -20,10 +20,12 @@ older commit: ``git show REV:workers/tracking.py > DIR/tracking.py``); it is imp
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -85,7 +87,9 @@ def record(frames_per_scene: int) -> list[dict]:
 def load_copy(folder: Path, name: str):
     """workers/{tracking,appearance,frames}.py from ``folder`` as package ``name`` (its modules import each other
     under that name; everything else from the checkout)."""
-    pkg = Path(tempfile.mkdtemp(prefix="bench_tracking_")) / name
+    scratch = Path(tempfile.mkdtemp(prefix="bench_tracking_"))
+    atexit.register(shutil.rmtree, scratch, True)  # imported once; nothing reads the copy after the run
+    pkg = scratch / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     for module in ("tracking", "appearance", "frames"):

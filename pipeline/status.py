@@ -115,7 +115,7 @@ def status_line(stats: list[dict]) -> str:
         parts.append(f"{s.get('camera')}: {s.get('state')} {_fps(s.get('fps', 0))} fps "
                      f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}"
                      + (f" skip {skips}" if skips else "")
-                     + (f" NOT IN REDIS: {str(s['redis_error'])[:80]}" if s.get("redis_error") else "")
+                     + (f" NOT IN REDIS: {_short(s['redis_error'], 80)}" if s.get("redis_error") else "")
                      + (f" error: {_short(s['last_error'])}" if s.get("state") in DOWN_STATES and s.get("last_error")
                         else ""))
     return " | ".join(parts)
@@ -124,10 +124,10 @@ def status_line(stats: list[dict]) -> str:
 DOWN_STATES = ("failed", "reconnecting", "unavailable")  # why is news: the line said "failed" and no more
 
 
-def _short(error) -> str:
+def _short(error, limit: int = 100) -> str:
     """An error for the one-line status: redacted before it is cut (a cut URL's userinfo is no longer found)."""
     text = redact_text(" ".join(str(error).split()), [])
-    return text if len(text) <= 100 else text[:97] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --- camera statuses as stored in Redis ({prefix}:cameras), for readers on any machine ------------------------

@@ -216,3 +216,13 @@ def test_the_run_still_makes_the_real_app() -> None:
 
     app = run_commands.App(load_config(REPO / "configs/demo.yaml"), redis_url=None, say=lambda m: None)
     assert isinstance(app, App)
+
+
+def test_the_not_in_redis_text_is_redacted_before_it_is_cut() -> None:
+    """The Publisher redacts its own error, but the line cut whatever it was given at 80 characters unredacted:
+    a URL cut there is no longer found by the redaction further on."""
+    from pipeline.status import status_line
+
+    error = "ConnectionError: " + "x" * 40 + " redis://ops:s3cretpass@redis.example:6379/0 refused"
+    line = status_line([{"camera": "a", "state": "running", "redis_error": error}])
+    assert "s3cret" not in line and "NOT IN REDIS:" in line
