@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.letterbox import Letterbox
+from models.letterbox import Letterbox, boxes_to_source
 
 if TYPE_CHECKING:  # imported where detections are built: an inference replica never needs supervision (0.5 s)
     import supervision as sv
@@ -45,15 +45,6 @@ class FrameRequest:
             raise ValueError(f"image size {tuple(self.image.shape[1:])} does not match letterbox {self.letterbox.dst_size}")
 
 
-def _boxes_to_source(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """models.letterbox.boxes_to_source's float32 numbers, bit for bit (a test pins it), by whole rows instead of
-    strided halves: half its cost, which was an eighth of to_detections."""
-    sx, sy = lb.scales
-    sh, sw = lb.src_size
-    out = (boxes - np.array([lb.pad_x, lb.pad_y] * 2, np.float32)) / np.array([sx, sy] * 2, np.float32)
-    return np.clip(out, 0, np.array([sw, sh] * 2, np.float32), out=out)
-
-
 def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> sv.Detections:
     """One head's arrays (model-input pixels) -> sv.Detections in source pixels, with class names in data."""
     import supervision as sv
@@ -82,7 +73,7 @@ def to_detections(arrays: HeadArrays, lb: Letterbox, class_names: list[str]) -> 
             emb[bad] = 0
         attrs["embedding"] = emb
     det = sv.Detections(
-        xyxy=_boxes_to_source(boxes, lb),
+        xyxy=boxes_to_source(boxes, lb),
         confidence=np.asarray(arrays["scores"], np.float32).reshape(-1),
         class_id=class_ids,
         data={"class_name": names, **attrs},
