@@ -30,7 +30,7 @@ from workers.analytics_settings import analytics_errors
 from workers.inference import InferenceActor
 from workers.publish import Publisher, event_message
 from workers.redact import redact_text, redact_url
-from workers.settings import CameraConfig, RedisConfig, redis_url_error
+from workers.settings import CameraConfig, RedisConfig, redis_url_error, refused_setting
 from workers.inference import CALL_BYTES
 from workers.stream import StreamActor, publisher_for
 
@@ -660,7 +660,7 @@ class App(LiveControl):
     def _describe(self, exc: BaseException, camera: str) -> str:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""
         cause = getattr(exc, "cause", None) or exc
-        text = (cluster.init_value_error(exc) or f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
+        text = (refused_setting(exc) or f"{type(cause).__name__}: {cause}".splitlines()[0])[:300]
         handle = self.cameras.get(camera)
         return redact_text(text, [handle.config.url] if handle else [])
 
@@ -668,7 +668,7 @@ class App(LiveControl):
         """Says once that ``who``'s actor is dead because its constructor refused to run (Ray does not restart
         it): its camera showed "unavailable", or every frame failed, and nothing said why (a model file replaced
         under the service: InferenceService's ``expect``)."""
-        if (why := cluster.init_value_error(exc)) and who not in self._said_dead:
+        if (why := refused_setting(exc)) and who not in self._said_dead:
             self._said_dead.add(who)
             self.say(f"{who} cannot run: {redact_text(why, [])}")
 

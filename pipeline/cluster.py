@@ -29,7 +29,7 @@ from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placea
 from workers.cores import usable_cores
 from workers.publish import event_message
 from workers.redact import redact_url
-from workers.settings import CameraConfig
+from workers.settings import CameraConfig, refused_setting
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class Placement:
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.RayActorError as e:
-            if reason := init_value_error(e):  # a setting this node cannot honour, e.g. model.device cuda
+            if reason := refused_setting(e):  # a setting this node cannot honour, e.g. model.device cuda
                 raise UserError(f"{what} could not start: {reason}") from None
             raise
         except ray.exceptions.GetTimeoutError:
@@ -352,17 +352,6 @@ class Placement:
         if len(self.nodes) > 1 or self.config.ray.cluster:
             return NodeWatch(app, self.nodes)
         return None
-
-
-def init_value_error(e: Exception) -> str | None:
-    """The ValueError an actor's constructor raised, from Ray's error for it (Ray keeps only its text): what
-    workers/ raise for a setting they cannot run with (they cannot import pipeline's UserError). None for
-    anything else, which stays a bug with its traceback."""
-    if not getattr(e, "actor_init_failed", False):
-        return None
-    lines = [line.strip() for line in str(e).splitlines()]
-    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
-                None)
 
 
 def _free() -> str:

@@ -305,3 +305,14 @@ class CameraConfig(Strict):
     @property
     def stall_timeout(self) -> float:
         return self.stall_timeout_s or 3 * self.read_timeout_s + self.open_timeout_s
+
+
+def refused_setting(e: BaseException) -> str | None:
+    """The ValueError an actor's constructor raised (how workers/ refuse a setting they cannot run with: they cannot
+    import pipeline's UserError), from Ray's error for it, which keeps only its text, traceback and all; None for
+    anything else, which stays a bug with its traceback."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
+                None)

@@ -31,7 +31,7 @@ from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_
 from workers.motion import MotionGate
 from workers.publish import Publisher, WriterThread, detection_message, entry_order, event_message, keys
 from workers.redact import redact_text, redact_url
-from workers.settings import CameraConfig, RedisConfig
+from workers.settings import CameraConfig, RedisConfig, refused_setting
 from workers.snapshots import Snapshotter
 from workers.thread_names import worker_thread
 from workers.tracking import CameraTracker
@@ -791,17 +791,6 @@ class RedisClock:
 
 
 _CLOCKS: dict[str, RedisClock] = {}  # RedisClock.shared: Redis URL -> its clock in this process
-
-
-def refused_setting(e: BaseException) -> str | None:
-    """The ValueError an actor's constructor raised (what workers/ raise for a setting they cannot run with),
-    from Ray's error for it, which keeps only its text, traceback and all; None for any other error. The same
-    reading as pipeline.cluster.init_value_error, which workers/ cannot import."""
-    if not getattr(e, "actor_init_failed", False):
-        return None
-    lines = [line.strip() for line in str(e).splitlines()]
-    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
-                None)
 
 
 def _seen(fut: asyncio.Future) -> None:
