@@ -19,7 +19,6 @@ appearance.py and frames.py; ``... inputs`` records the inputs again, with the m
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -33,13 +32,11 @@ from workers import tracking as tracking_module
 from workers.appearance import _box_iou
 from workers.settings import AppearanceConfig, TrackerConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_tracking import MODES, load_copy  # noqa: E402  the benchmark's modes, and its copy of older code
+
 DATA = Path(__file__).resolve().parent / "data"
 INPUTS, GOLDEN = DATA / "tracking_inputs.npz", DATA / "tracking_golden.json"
-MODES = {  # name -> (tracker.appearance.enabled, the detections keep their embeddings)
-    "appearance": (True, True),
-    "appearance_no_embeddings": (True, False),
-    "motion_only": (False, True),
-}
 FIELDS = ("boxes", "scores", "class_ids", "attr:kind", "attr:kind:conf", "embedding")
 
 
@@ -292,18 +289,7 @@ def record_inputs(street_frames: int = 100, clip_frames: int = 80) -> None:
 def write_golden(folder: Path) -> None:
     """GOLDEN from copies of workers/tracking.py, appearance.py and frames.py in ``folder``, imported as a package
     of their own (they import each other under that name)."""
-    import tempfile
-
-    pkg = Path(tempfile.mkdtemp()) / "tracking_before"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for module in ("tracking", "appearance", "frames"):
-        text = (folder / f"{module}.py").read_text()
-        for other in ("appearance", "frames"):
-            text = text.replace(f"from workers.{other} import", f"from tracking_before.{other} import")
-        (pkg / f"{module}.py").write_text(text)
-    sys.path.insert(0, str(pkg.parent))
-    before = outputs(*(importlib.import_module(f"tracking_before.{m}") for m in ("tracking", "frames")))
+    before = outputs(*load_copy(folder, "tracking_before"))
     GOLDEN.write_text(json.dumps(before, separators=(",", ":")) + "\n")
 
 
