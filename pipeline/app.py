@@ -808,15 +808,8 @@ class App(LiveControl):
         """Until no command is under way (an add undoing its camera, an update's late answer), or ``deadline``: one
         whose next Ray call came after Ray stopped started a new local Ray (ray.get, ray.kill and actor calls call
         ray.init when Ray is not running)."""
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._busy:
-                    return
-            time.sleep(0.05)
-        with self._lock:
-            late = sorted(self._busy)
-        if late:
-            log.warning("camera(s) %s: a command still under way when Ray was stopped", ", ".join(late))
+        if late := self._wait_empty(self._busy, deadline):
+            log.warning("camera(s) %s: a command still under way when Ray was stopped", ", ".join(sorted(late)))
 
     def _wait_removals(self, deadline: float) -> None:
         """Until the removals under way are done, or ``deadline``: killing the process one drains in (shared with a
@@ -828,15 +821,18 @@ class App(LiveControl):
             return
         self.say(f"Waiting up to {max(0.0, deadline - time.monotonic()):.0f} s for the removal of camera(s) "
                  f"{', '.join(leaving)} to finish")
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._leaving:
-                    return
-            time.sleep(0.05)
-        with self._lock:
-            late = list(self._leaving)
-        if late:
+        if late := self._wait_empty(self._leaving, deadline):
             log.warning("camera(s) %s: removal not finished when the shutdown's time was up", ", ".join(late))
+
+    def _wait_empty(self, ids: set | dict, deadline: float) -> list[str]:
+        """Polls ``ids`` (one of the controller's sets, read under its lock) until it is empty or ``deadline``;
+        what it still holds then."""
+        while True:
+            with self._lock:
+                left = list(ids)
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
 
 
 def start_budget_s(cameras: int) -> int:
