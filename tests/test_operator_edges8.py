@@ -21,32 +21,17 @@ from rich.console import Console
 from pipeline.cli import main
 from pipeline.status import status_line, status_table
 from running import wait_for
+from test_live_cli_edges6 import StandInApp as RunStandInApp
 from workers.publish import keys
 
 REPO = Path(__file__).resolve().parent.parent
 K = keys("hv")
 
 
-class StandInApp:
-    """What `run` calls on the App: ticks as a run's control loop sees them; ``during_run`` runs inside run()."""
+class StandInApp(RunStandInApp):
+    """test_live_cli_edges6's stand-in App for `run`, with no ticks of its own and one camera failed at shutdown."""
 
     ticks: list = []
-    during_run = staticmethod(lambda: None)
-
-    def __init__(self, config, redis_url=None, say=print, on_ray_started=None) -> None:
-        self.cameras: dict = {}
-
-    def install_signal_handlers(self) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    def run(self, duration=None, on_tick=None) -> list[dict]:
-        for stats in self.ticks:
-            on_tick(stats)
-        self.during_run()
-        return []
 
     def shutdown(self, drain: bool = True) -> list[dict]:
         return [{"camera": "bikes-a", "state": "failed", "last_error": "nope.mp4: no such file"}]
@@ -56,7 +41,7 @@ class StandInApp:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[StandInApp]:
     monkeypatch.setattr("pipeline.run_commands.App", StandInApp)
     monkeypatch.setattr(StandInApp, "ticks", [])
-    monkeypatch.setattr(StandInApp, "during_run", staticmethod(lambda: None))
+    monkeypatch.setattr(StandInApp, "during_run", staticmethod(lambda say: None))
     return StandInApp
 
 
@@ -182,7 +167,7 @@ def test_ray_worker_lines_have_no_colour_codes_when_the_output_is_no_terminal(
     printed = io.StringIO()
     batch = {"pid": 4242, "actor_name": "StreamActor", "ip": "10.0.0.1", "localhost": "10.0.0.1",
              "lines": ["camera bikes-a: opened"], "is_err": True}
-    monkeypatch.setattr(StandInApp, "during_run", staticmethod(lambda: print_worker_logs(batch, printed)))
+    monkeypatch.setattr(StandInApp, "during_run", staticmethod(lambda say: print_worker_logs(batch, printed)))
     assert main(["run", str(REPO / "configs/demo.yaml"), "--plain"]) == 1
     assert printed.getvalue() == "(StreamActor pid=4242) camera bikes-a: opened\n", repr(printed.getvalue())
 

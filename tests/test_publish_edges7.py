@@ -8,6 +8,7 @@ import pytest
 from servers import HOST, RedisServer
 from test_consumer_retry import LosingProxy
 from test_publish import FAST, det, frames_of, wait_until
+from test_writer_edges4 import publish_in_bursts
 from workers.publish import Publisher, WriterThread
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,11 +30,7 @@ def test_messages_dropped_while_redis_refuses_writes_are_counted_and_not_kept(re
             admin.replicaof(HOST, 1)
         else:
             admin.config_set("min-replicas-to-write", "1")
-        for burst in range(30):  # 120 messages, 4 at a time: a retry carries each before it leaves the buffer
-            retries = pub.stats()["retries"]
-            for i in range(4):
-                pub.publish_detections(det(frame=1 + burst * 4 + i))
-            wait_until(lambda: pub.stats()["retries"] > retries, timeout=10)
+        publish_in_bursts(pub)
         stats = pub.stats()
         assert ("read only replica" if refusal == "replicaof" else "NOREPLICAS") in stats["last_error"]
         assert stats["queued"] == 5 and stats["dropped"] == 120 - 5 and not pub._undecided

@@ -132,6 +132,15 @@ def test_a_dedup_state_evicted_by_a_volatile_policy_is_reported(any_redis: Redis
         pub.close(1.0)
 
 
+def publish_in_bursts(pub: Publisher) -> None:
+    """Frames 1-120 while writes fail, 4 at a time: a retry carries each before it leaves the buffer."""
+    for burst in range(30):
+        retries = pub.stats()["retries"]
+        for i in range(4):
+            pub.publish_detections(det(frame=1 + burst * 4 + i))
+        wait_until(lambda: pub.stats()["retries"] > retries, timeout=10)
+
+
 def test_messages_dropped_while_redis_is_unreachable_are_counted_and_not_kept(redis_server: RedisServer) -> None:
     """Every retry while Redis was down raised the highest seq "a send may have carried", so each message that
     left the full buffer was kept (with its JSON) as maybe in Redis until Redis answered again: memory grew with
@@ -142,11 +151,7 @@ def test_messages_dropped_while_redis_is_unreachable_are_counted_and_not_kept(re
         pub.publish_detections(det(frame=0))
         assert pub.flush()
         redis_server.kill()
-        for burst in range(30):  # 120 messages, 4 at a time: a retry carries each before it leaves the buffer
-            retries = pub.stats()["retries"]
-            for i in range(4):
-                pub.publish_detections(det(frame=1 + burst * 4 + i))
-            wait_until(lambda: pub.stats()["retries"] > retries, timeout=10)
+        publish_in_bursts(pub)
         stats = pub.stats()
         assert stats["queued"] == 5 and stats["dropped"] >= 120 - 5 - 5  # the first failed send carried <= 5
         assert len(pub._undecided) <= 5
