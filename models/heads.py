@@ -44,6 +44,8 @@ class HeadConfig:
     meta: dict = field(default_factory=dict)  # free-form: who trained it, on what
 
     def __post_init__(self) -> None:
+        for name in ("tower_convs", "max_detections", "norm_groups"):
+            setattr(self, name, _whole(name, getattr(self, name)))
         if not self.classes or isinstance(self.classes, str):  # a string would be a class per letter: 'car' -> c, a, r
             raise ValueError(f"head classes must be a non-empty list of class names, got {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):
@@ -75,6 +77,16 @@ class HeadConfig:
 
 
 TOWERS = ("separable", "conv", "split")
+
+
+def _whole(name: str, value: object) -> object:
+    """An int field's value, 100.0 (YAML's 1e2, a hand-edited file) as 100, as the pydantic configs take it; a bool
+    or a fraction is refused by name (a float failed unnamed in torch.topk on a busy frame, True meant 1)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"head {name} must be a whole number, got {value!r}")
+    return value
 
 
 def default_groups(c: int) -> int:

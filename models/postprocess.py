@@ -151,9 +151,9 @@ def postprocess(
     # Trim K to what any image really has: the NMS cost is quadratic in K. Never below max_detections: a head
     # configured for 500 boxes a frame (a crowd) got at most pre_nms_topk, fewer after NMS, and no word of it.
     k = min(max(pre_nms_topk, max_detections), int(above.sum(1).max().item()) if n else 0)
-    if k == 0:
-        empty = HeadDetections(cls.new_zeros((0, 4)), cls.new_zeros((0,)), torch.zeros(0, dtype=torch.long, device=cls.device))
-        return [empty for _ in range(n)]
+    if k == 0:  # each image its own (a consumer may add to one), float32 as below: cls is fp16/bf16 under autocast
+        return [HeadDetections(scores.new_zeros((0, 4)), scores.new_zeros((0,)),
+                               torch.zeros(0, dtype=torch.long, device=cls.device)) for _ in range(n)]
     top_scores, top_idx = scores.topk(k, dim=1)  # sorted descending
     loc, labels = top_idx // c, top_idx % c
     sel_ltrb = torch.gather(ltrb.float(), 1, loc[..., None].expand(n, k, 4))

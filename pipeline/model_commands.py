@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from models.train_reid import FIRST_TRAIN_SEED, ReIDTrainConfig, match_accuracy,
 from pipeline.errors import UserError
 from workers.settings import backend_problem
 
+log = logging.getLogger(__name__)
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
 # What models/ raises for input the user gave (a file they named, their data, the architecture they asked
 # for). models/ cannot import pipeline.errors, so these become UserErrors here. Not ValueError as such,
@@ -257,7 +259,11 @@ def export(args: argparse.Namespace) -> str:
     if args.out:
         _check_out(args.out, path, "the checkpoint", "the ONNX file", ".onnx")
     t0 = time.time()
+    # on stderr, as the cache's own "exporting ... once" line: a large model's export is silent for tens of seconds
+    log.info("loading %s", path)
     model, _ = load_checkpoint(path)
+    if args.out:
+        log.info("exporting to ONNX (tracing the model, then writing %s; a large model takes a minute)", args.out)
     try:
         out = export_onnx(model, args.out) if args.out else cached_export(model, path)
     except OSError as e:
