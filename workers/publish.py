@@ -188,7 +188,7 @@ class Keys:
 
     def publisher(self, publisher_id: str) -> str:
         """Hash of one Publisher's last applied seq and trip, and refusals a resend must hear of
-        (workers/redis_writer.py); expires after a day."""
+        (workers/redis_writer.py); deleted by a clean close, else it expires after a day."""
         return f"{self.prefix}:publisher:{publisher_id}"
 
 
@@ -234,10 +234,11 @@ class _Round(NamedTuple):
     keep_from: int  # the oldest seq whose refusal Redis must keep and report (an undecided entry's, or the batch's)
     expected: bool  # it carries again what a send carried, and one was applied: the dedup state must be in Redis
     sent_max_before: int  # the Publisher's _sent_max before this round
+    forget: bool = False  # the DEL of its dedup state at a clean close, and nothing else
 
     @property
     def idle(self) -> bool:  # nothing to write: the send is a PING that tells whether Redis answers
-        return not (self.batch or self.statuses or self.hashes)
+        return not (self.batch or self.statuses or self.hashes or self.forget)
 
 
 _UNSENT = object()
@@ -349,7 +350,8 @@ class WriterThread:
                 self.client.ping()
             sent = True
             for attempt in range(3):  # a script load, then a switch to the bodies without shebang: twice at most
-                commands = [p._batch_writer.batch_command(r.trip, r.batch, r.statuses, r.hashes, r.keep_from,
+                commands = [p._batch_writer.forget_command() if r.forget else
+                            p._batch_writer.batch_command(r.trip, r.batch, r.statuses, r.hashes, r.keep_from,
                                                           r.expected)
                             for p, r in (rounds[i] for i in todo)]
                 replies = self._execute(commands)
@@ -377,6 +379,8 @@ class WriterThread:
             if isinstance(reply, redis.exceptions.ResponseError):
                 publisher._batch_writer.send_again_after(reply)  # raises unless the call applied nothing
                 return reply if last else _UNSENT
+            if round_.forget:
+                return None
             return publisher._batch_writer.batch_result(round_.trip, reply)
         except Exception as exc:  # noqa: BLE001 - this Publisher's send failed (out of memory, a stale trip)
             return exc
@@ -435,6 +439,9 @@ class Publisher:
         # go (monotonic), the last send that reached Redis (monotonic).
         self._in_flight, self._failures, self._retry_at, self._last_ok = False, 0, 0.0, 0.0
         self._applied = False  # a batch of it was applied: its dedup state must be in Redis from now on
+        # A send failed after it left (no reply): it may still reach Redis (a frozen one), so its dedup state
+        # must outlive close. _forget: close asks the thread to delete that state (nothing can need it).
+        self._unanswered = self._forget = False
 
     def start(self) -> "Publisher":
         """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
@@ -548,11 +555,29 @@ class Publisher:
             left = len(self._queue)
             # A send in flight decides what of it reached Redis: wait for it, within the time left.
             self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+            if not self._in_flight and self._clean():
+                self._forget = True
+                self._work.notify()
+                self._done.wait_for(lambda: not (self._forget or self._in_flight),
+                                    max(0.0, deadline - time.monotonic()))
+                self._forget = False
+            abandoned = self._in_flight
+        if abandoned:
+            # Redis froze mid-send. What it received already runs when it wakes, before anything written after
+            # close (camera_removed); the send's next step (its call after a reconnect or a PING) must never leave:
+            # cutting the connection fails the step blocked on it, and so the send, at once (the others retry).
+            self._writer.client.connection_pool.disconnect()
         self._writer._detach(self)
         if self._own_writer:
             self._writer.close(max(0.0, deadline - time.monotonic()))
         if left:
             log.warning("publisher closed with %d messages not delivered to Redis", left)
+
+    def _clean(self) -> bool:
+        """Under the lock: everything reached Redis and every send was answered, so none can still apply and
+        nothing needs the dedup state any more (a service adding and removing cameras left one per camera)."""
+        return (self._started and self._writer.alive and not self._unanswered
+                and not (self._queue or self._status or self._hashes or self._undecided))
 
     def stats(self) -> dict:
         """Counters, plus what a camera status needs: failing (writes fail now), failing_since (unix seconds of
@@ -568,8 +593,10 @@ class Publisher:
     def _due(self, now: float) -> bool:
         """Whether to send now: something waits, or (nothing waits) a PING tells whether Redis answers: at
         once for a new Publisher, after the backoff while failing, every IDLE_PING_S while connected."""
-        if self._in_flight or self._closed or now < self._retry_at:
+        if self._in_flight or now < self._retry_at:
             return False
+        if self._closed:
+            return self._forget
         return bool(self._queue or self._status or self._hashes) or not self._connected \
             or now - self._last_ok >= IDLE_PING_S
 
@@ -584,14 +611,23 @@ class Publisher:
         self._trip += 1
         self._in_flight = True
         keep_from = min([batch[0].seq] + [e.seq for e in self._undecided]) if batch else 0
+        forget, self._forget = self._forget, False
         return _Round(self._trip, batch, statuses, status_gen, hashes, len(batch) == len(self._queue), keep_from,
-                      expected, sent_max_before)
+                      expected, sent_max_before, forget)
 
     def _finish(self, round_: _Round, outcome: WriteResult | Exception | None, began: float,
                 sent: bool = True) -> None:
         """The outcome of a send that began at ``began`` (monotonic): its result, None (a PING answered) or
         the exception it failed with; ``sent``: False when it never left (Redis could not be reached). Called
         by the WriterThread without the lock."""
+        if round_.forget:  # the state's DEL at a clean close: if it failed, the state expires as before
+            with self._lock:
+                self._in_flight = False
+                self._done.notify_all()
+            if isinstance(outcome, Exception):
+                log.debug("publisher state %s not deleted: %s", self._batch_writer.state_key,
+                          self._redact(f"{type(outcome).__name__}: {outcome}"))
+            return
         if not isinstance(outcome, Exception):
             self._failures, self._last_ok = 0, time.monotonic()
             self._succeeded(round_, outcome)
@@ -626,6 +662,8 @@ class Publisher:
         try:
             errors = self._batch_writer.write_statuses(trip, statuses)
         except Exception as exc:  # noqa: BLE001 - they stay pending, like the batch
+            with self._lock:
+                self._unanswered = True
             log.debug("camera statuses not written either: %s", self._redact(f"{type(exc).__name__}: {exc}"))
             return statuses
         if errors:
@@ -696,6 +734,7 @@ class Publisher:
         text = self._redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._in_flight = False
+            self._unanswered |= applied
             if not applied:  # what only this send carried is not in Redis: dropped meanwhile, it is lost now
                 self._sent_max = round_.sent_max_before
                 lost = [e for e in self._undecided if e.seq > self._sent_max]

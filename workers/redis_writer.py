@@ -18,7 +18,8 @@ Idempotence: each Publisher has a random id and a state hash `{prefix}:publisher
 entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or below `seq` are skipped, and
 a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
 a newer one, and the newer one carried everything it had (the queue is re-sent from its head, and
-statuses that failed are put back unless a newer one came). The hash expires a day after its last write.
+statuses that failed are put back unless a newer one came). The hash expires a day after its last write; a
+Publisher that closes with everything delivered and every send answered deletes it (nothing can resend).
 It also keeps the entries Redis refused (`rejected`) until a batch starts after them, or after ``keep_from``
 (the Publisher's oldest entry whose fate it has not heard of, one that left its full buffer while the send
 carrying it was unanswered): a resend after a lost reply skips them and reports them refused again, those
@@ -225,6 +226,10 @@ class BatchWriter:
         """The EVALSHA command of ``write``, for a pipeline; its reply goes to ``batch_result``."""
         keys, args = self._batch_call(trip, entries, statuses, hashes or {}, keep_from, expected)
         return ("EVALSHA", self._scripts["batch"].sha, len(keys), *keys, *args)
+
+    def forget_command(self) -> tuple:
+        """The DEL of the state hash, for a pipeline: at a clean close, when no send of this id can still come."""
+        return ("DEL", self.state_key)
 
     def _batch_call(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
                     hashes: dict[str, dict[str, HashValue]], keep_from: int | None,
