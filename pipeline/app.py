@@ -11,8 +11,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -110,7 +111,8 @@ class App(LiveControl):
     _joins: dict = field(default_factory=dict)
     # One add at a time chooses between joining a process and creating one (``_create``), so that it sees what the
     # adds before it chose. Held across Ray's quick placement calls (nodes, names, actor creation), never across a
-    # camera's start.
+    # camera's start. Those calls take no timeout (a slow or gone GCS holds them): the adds behind wait for it within
+    # their start budget, or until a shutdown, only (``_placing_turn``).
     _placing: threading.Lock = field(default_factory=threading.Lock)
     # Cameras a removal took out of ``cameras`` and is not done with (id -> handle): their process may still hold
     # its Ray name (a camera added meanwhile must not start a process under it: Ray refuses a name a live actor
@@ -375,7 +377,7 @@ class App(LiveControl):
         try:
             # One add at a time from here: it sees the processes the adds before it joined or created. At run time a
             # new process's cameras go into _joins at once, so adds placed next may join it before it has started.
-            with self._placing:
+            with self._placing_turn(cams):
                 joining = self._joining(cams)
                 for cam in cams:
                     if host := joining.get(cam.id):
@@ -407,6 +409,25 @@ class App(LiveControl):
             raise
         order = {cam.id: i for i, cam in enumerate(cams)}
         return sorted(starting, key=lambda hs: order[hs[0].id])
+
+    @contextmanager
+    def _placing_turn(self, cams: list[CameraConfig]) -> Iterator[None]:
+        """Holds ``_placing``, waited for within the cameras' start budget, or until a shutdown: the add holding it
+        may wait on an unreachable GCS for ever, and the adds behind it waited with it (and after a shutdown's
+        stop of Ray, created their processes in a new local Ray)."""
+        budget_s = start_budget_s(len(cams))
+        deadline = time.monotonic() + budget_s
+        while not self._placing.acquire(timeout=0.1):
+            if self._stop.is_set():
+                raise UserError("the service is shutting down")
+            if time.monotonic() >= deadline:
+                raise UserError(f"camera {', '.join(cam.id for cam in cams)}: not placed within {budget_s} s: the "
+                                "adds before it still wait for Ray to create their processes (is the Ray GCS slow "
+                                "or unreachable?)")
+        try:
+            yield
+        finally:
+            self._placing.release()
 
     def _camera_process_model(self, new_processes: int) -> dict | None:
         """InferenceService's arguments for new camera processes that run the model themselves

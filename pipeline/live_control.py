@@ -36,6 +36,7 @@ from workers.stream import retired_track_ids_key
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+LATE_UPDATE_POLL_S = 0.25  # how soon a late update's wait sees a shutdown
 
 
 class LiveControl:
@@ -155,6 +156,9 @@ class LiveControl:
                 stopping = self._stop.is_set()
                 if not stopping:
                     self.cameras[cam.id] = handle
+                    # a camera of that id removed earlier had its refused constructor said: this one's is said too
+                    # (dropped here, not at the removal, which a status tick under way may follow with its say)
+                    self._said_dead.discard(f"camera {cam.id}")
                 self._registered([cam.id])
             if stopping:  # the service began to shut down while this camera started: shutdown no longer sees it
                 self._let_go(handle, stop=True)  # claimed still: the shutdown waits for it before it stops Ray
@@ -266,10 +270,18 @@ class LiveControl:
     def _settle_late_update(self, handle: Any, ref: Any, new: CameraConfig, by: str) -> bool:
         """An update whose call timed out may still apply in the actor: its camera stays claimed (a next command
         would interleave with it there) until the call answers, or another STOP_TIMEOUT_S passes; an answer that
-        applied it puts its settings in the handle (what list and export show) and is audited. True."""
+        applied it puts its settings in the handle (what list and export show) and is audited; a shutdown ends the
+        wait (it stops Ray once the claim is gone: a Ray call after that started a new local Ray). True."""
         def settle() -> None:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
             try:
-                result = ray.get(ref, timeout=STOP_TIMEOUT_S)
+                while True:  # short waits, not one of STOP_TIMEOUT_S: the shutdown waited that out, or stopped Ray
+                    try:
+                        result = ray.get(ref, timeout=LATE_UPDATE_POLL_S)
+                        break
+                    except ray.exceptions.GetTimeoutError:
+                        if self._stop.is_set() or time.monotonic() >= deadline:
+                            raise
             except Exception as e:  # refused, its actor gone, or still no answer: the handle keeps what it had
                 log.warning("camera %s: the update that timed out failed or still has not answered: %s", handle.id,
                             self._describe(e, handle.id))
