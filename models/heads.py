@@ -46,6 +46,10 @@ class HeadConfig:
     def __post_init__(self) -> None:
         for name in ("tower_convs", "max_detections", "norm_groups"):
             setattr(self, name, _whole(name, getattr(self, name)))
+        for name in ("center_offset", "prior_prob", "score_threshold", "nms_iou"):  # a string failed the range
+            value = getattr(self, name)  # check below unnamed: "'<=' not supported between 'str' and 'float'"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"head {name} must be a number, got {value!r}")
         if not self.classes or isinstance(self.classes, str):  # a string would be a class per letter: 'car' -> c, a, r
             raise ValueError(f"head classes must be a non-empty list of class names, got {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):

@@ -103,6 +103,8 @@ class HydraNetConfig:
     reid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in self.input_size):
+            raise ConfigError(f"input_size must be whole numbers, got {self.input_size}")  # int() cut 256.7 to 256
         self.input_size = tuple(int(v) for v in self.input_size)
         if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
             raise ConfigError(f"input_size must be (height, width), each a positive multiple of 32, got {self.input_size}")

@@ -96,3 +96,18 @@ def test_export_out_says_what_it_does_before_each_slow_stage(tiny_checkpoint, tm
     assert any("exporting to ONNX" in m and str(out) in m for m in seen["export"][len(seen["load"]):]), seen
     stdout = capsys.readouterr().out
     assert stdout.startswith(f"wrote {out} in ") and stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("field", ["score_threshold", "nms_iou", "prior_prob", "center_offset"])
+def test_a_string_for_a_number_head_field_is_refused_by_name(field):
+    """"0.5" quoted in a hand-edited config failed the range check with "'<=' not supported between instances of
+    'str' and 'float'", naming neither the field nor what it must be."""
+    with pytest.raises(ConfigError, match=f"{field} must be a number, got '0.5'"):
+        small_model(**{field: "0.5"})
+
+
+@pytest.mark.parametrize("size", [(64.5, 96), (True, 96)])
+def test_an_input_size_that_is_no_whole_number_is_refused(size):
+    """int() cut 256.7 to 256 (and True to 1) without a word: the model ran at a size nobody wrote."""
+    with pytest.raises(ConfigError, match="input_size must be whole numbers"):
+        HydraNetConfig(input_size=size, heads={"people": {"classes": ["person"]}})
