@@ -13,15 +13,20 @@ inference replicas' names rather than their handles (workers/stream.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from workers.redact import redact_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -90,6 +95,31 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers.clear()
     ray_logger.propagate = True
+
+
+@contextlib.contextmanager
+def logs_above(console: Console) -> Iterator[None]:
+    """While a rich Live draws on ``console``: log lines meant for the terminal print above its table. Handlers
+    keep the stream they were given (stderr, before Live put its proxy in sys.stderr): their lines went between
+    the table's redraws and tore it. rich's FileProxy hands each line to the console; a log redirected to a file
+    (``2>log``) stays there."""
+    from rich.file_proxy import FileProxy  # here: the CLI imports this module for every command, rich only for some
+
+    loggers = (logging.getLogger(), logging.getLogger("ray"))  # Ray's has a handler of its own, not propagated
+    handlers = list(dict.fromkeys(h for logger in loggers for h in logger.handlers if _on_terminal(h)))
+    streams = [h.setStream(FileProxy(console, h.stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)  # flushes what the proxy held of a line
+
+
+def _on_terminal(handler: logging.Handler) -> bool:
+    try:
+        return isinstance(handler, logging.StreamHandler) and handler.stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class _DropLine(logging.Filter):

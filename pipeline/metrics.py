@@ -238,8 +238,8 @@ def health(app: App) -> tuple[bool, dict]:
 def ready(app: App, probe: RedisProbe | None = None) -> tuple[bool, dict]:
     """Readiness: Redis answers a PING, the model is loaded (every inference replica answered the controller's
     latest call), and every enabled camera is up, or down (starting, reconnecting) for no longer than its
-    ``stall_timeout`` (3 x read_timeout_s + open_timeout_s by default). A file camera whose file has ended is
-    done, not failing. A service shutting down is not ready."""
+    ``stall_timeout`` (3 x read_timeout_s + open_timeout_s by default), and never less than open_timeout_s +
+    read_timeout_s. A file camera whose file has ended is done, not failing. A service shutting down is not ready."""
     snap = app.telemetry.snapshot()
     checks: dict[str, dict] = {}
     if probe is None and app.redis_settings and app.redis_settings.url:
@@ -259,7 +259,10 @@ def ready(app: App, probe: RedisProbe | None = None) -> tuple[bool, dict]:
         rec = snap.cameras.get(cid)
         state = rec.stats.get("state") if rec else "unknown"
         down_for = 0.0 if rec is None else (snap.taken_at - rec.down_since if rec.down_since is not None else 0.0)
-        grace = handle.config.stall_timeout
+        # An open may take its whole timeout and the first picture its read timeout before the capture's watchdog
+        # counts a stall (workers/capture.py): a stall_timeout_s set shorter read a camera still opening not ready.
+        cfg = handle.config
+        grace = max(cfg.stall_timeout, cfg.open_timeout_s + cfg.read_timeout_s)
         ok = state in ("running", "ended") or (state not in ("failed", "stopped") and down_for <= grace)
         # stall_timeout_s: .inf is no number in JSON (the whole answer failed: 500)
         cameras[cid] = {"ok": ok, "state": state, "down_for_s": round(down_for, 1),

@@ -19,7 +19,7 @@ from rich.live import Live
 from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.logs import json_worker_logs, plain_ray_prefix, quiet_ray
+from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
@@ -27,6 +27,7 @@ from workers.redact import redact_text, redact_url
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+UNDELIVERED_EXIT = 3  # messages left in the publishers' buffers at the stop (README: exit codes)
 
 
 def App(*args, **kwargs):  # noqa: N802 (stands for the class; tests put a stand-in here)
@@ -76,6 +77,13 @@ class Output:
         else:
             self.console.print(line, highlight=False, markup=False)
 
+    def warning(self, message: str, data: dict) -> None:
+        """A message beside the final table; in JSON a warning record, ``data`` as its fields."""
+        if self.json_mode:
+            self.log.warning(message, extra={"data": data})
+        else:
+            self.console.print(message, highlight=False, markup=False)
+
     def final(self, finals: list[dict]) -> None:
         if self.json_mode:
             self.log.info("final", extra={"data": {"event": "final", "cameras": finals}})
@@ -120,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     warn_failures = FailureWarnings()
     try:
         if interactive:
-            with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live:
+            with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live, \
+                    logs_above(live.console):
                 app.run(args.duration, on_tick=lambda s: (warn_failures(s), live.update(status_table(s))))
         else:
             last = [0.0]
@@ -136,12 +145,28 @@ def run(args: argparse.Namespace) -> int:
         finals = app.shutdown(drain=True)
     out.final(finals)
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
+    undelivered = _undelivered(finals, getattr(app, "events", None))
+    if undelivered:
+        out.warning(f"{sum(undelivered.values())} message(s) not delivered to Redis, left in the publishers' buffers "
+                    "at the stop: " + ", ".join(f"{who} {n}" for who, n in undelivered.items()),
+                    {"event": "undelivered", "undelivered": undelivered})
     if args.summary_json:
         try:
             Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))
         except OSError as e:  # no permission, a directory of that name: the final table above has the stats
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
-    return 1 if failed and len(failed) == len(finals) else 0
+    if failed and len(failed) == len(finals):
+        return 1
+    return UNDELIVERED_EXIT if undelivered else 0
+
+
+def _undelivered(finals: list[dict], events) -> dict[str, int]:
+    """Messages each publisher still held when it closed (camera id; "controller events" for its own), those
+    that held any. "published" counts frames handed to the publisher: exit 0 read as "all in Redis" without it."""
+    held = {f.get("camera"): (f.get("publisher") or {}).get("queued") or 0 for f in finals}
+    if events is not None:
+        held["controller events"] = events.stats().get("queued") or 0
+    return {str(who): n for who, n in held.items() if n}
 
 
 def demo(args: argparse.Namespace) -> int:
