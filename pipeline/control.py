@@ -11,6 +11,8 @@ remembers what it acknowledged, and a command a crashed controller took but neve
 the next one (the cameras it started died with it).
 Commands sent while no controller runs wait for the next one, unless they carry ``expires`` (unix
 seconds): `hydravision cameras` sets it to its own timeout, and deletes its command when that passed unanswered.
+Commands on different cameras (and list, export) are applied side by side, as the HTTP API's are: a camera that
+takes tens of seconds to start holds up no other command; those on one camera are applied in stream order.
 
 Who may send commands is Redis's to decide (ACLs on the key); ``user`` is declared by the sender (the
 CLI sends its ``ACL WHOAMI``) and recorded as ``by: redis:<user>`` in the result and the audit event.
@@ -22,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any, Literal
 
 import redis
@@ -41,6 +44,10 @@ MAX_DELIVERIES = 3  # a command that took the controller down this often is drop
 # Any Redis ACL user name (the CLI sends its WHOAMI: team:ops, ops/eu): printable ASCII without spaces, so it
 # cannot forge log lines or audit fields; a narrower set refused every command of such a user
 SENDER = r"^[!-~]{1,64}$"
+MAX_AT_ONCE = 8  # commands read and not yet answered: a flood waits in Redis, not in threads of the controller
+# How long the reader waits for a command before it goes on with the next beside it: a quick one keeps the
+# stream's order, and one that takes the controller down is dropped alone (its neighbours were never started)
+IN_ORDER_S = 0.5
 
 
 def control_key(prefix: str) -> str:
@@ -176,7 +183,8 @@ def execute(controller: Any, cmd: Command, by: str) -> Any:
 
 
 class ControlConsumer:
-    """Reads {prefix}:control in a thread of the controller and applies each command through the App."""
+    """Reads {prefix}:control in a thread of the controller and applies each command through the App, in a
+    thread per camera (at most MAX_AT_ONCE commands at once)."""
 
     def __init__(self, controller: Any, url: str, prefix: str, group: str = "hydravision",
                  results_maxlen: int = 1000, consumer: str = "controller", block_ms: int = 250):
@@ -195,15 +203,30 @@ class ControlConsumer:
         self._thread = threading.Thread(target=self._run, name="redis-control", daemon=True)
         self.handled = 0
         self._results: dict[str, dict[str, Any]] = {}  # the latest commands' results by entry id: see _handle
+        # Commands are applied in threads of their own, one per lane: a camera's commands, or one command that
+        # names no camera. Hand-written rather than a ThreadPoolExecutor: a lane must keep its order, and its
+        # threads must not hold up the interpreter's exit on a camera that never starts.
+        self._lock = threading.Lock()  # guards _lanes, _workers, _results, handled
+        self._lanes: dict[tuple[str, str], deque] = {}
+        self._workers: set[threading.Thread] = set()
+        self._room = threading.Semaphore(MAX_AT_ONCE)
+        self._read_back = threading.Event()  # a command met a Redis error before it was applied: read it back
+        self._died: BaseException | None = None  # what took a command's thread down: the reader ends with it
 
     def start(self) -> "ControlConsumer":
         self._thread.start()
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stops reading; a command being applied finishes first (within ``timeout_s``)."""
+        """Stops reading; commands being applied finish first (within ``timeout_s``), those waiting behind one on
+        their camera stay pending, for the next controller."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._thread.join(timeout_s)
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         self._client.close()
 
     def _ensure_group(self) -> None:
@@ -215,43 +238,115 @@ class ControlConsumer:
                 raise
 
     def _run(self) -> None:
-        failures, backlog = 0, True  # first this consumer's own unacknowledged commands, then new ones
+        # backlog: read this consumer's own unacknowledged commands after that id first, then new ones (None)
+        failures, backlog = 0, "0"
         while not self._stop.is_set():
             try:
+                if self._died is not None:
+                    raise self._died
+                if self._read_back.is_set():
+                    self._read_back.clear()
+                    backlog = "0"
                 if failures or backlog:
                     self._ensure_group()
                 # Own unacknowledged commands one at a time: each read counts a delivery of all it returns, and
                 # with ten a command that took the controller down had its nine neighbours dropped with it.
-                reply = self._client.xreadgroup(self.group, self.consumer, {self.key: "0" if backlog else ">"},
+                reply = self._client.xreadgroup(self.group, self.consumer, {self.key: backlog or ">"},
                                                 count=1 if backlog else 10, block=None if backlog else self.block_ms)
                 entries = reply[0][1] if reply else []
                 if backlog and not entries:
-                    backlog = False
+                    backlog = None
                 for entry_id, fields in entries:
-                    if self._stop.is_set():
+                    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    if self._stop.is_set() or not self._submit(entry_id, fields or {}, redelivered=bool(backlog)):
                         break
-                    self._handle(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields or {},
-                                 redelivered=backlog)
+                    if backlog:
+                        backlog = entry_id
                 failures = 0
             except (redis.RedisError, OSError) as e:
                 failures += 1
                 # A read whose reply was lost (a socket timeout, a reset) handed its commands to this consumer all
                 # the same: read those back first, or they waited, unapplied, for the next controller's start.
-                backlog = True
+                backlog = "0"
                 if failures == 1:
                     log.warning("control stream %s: %s; retrying", self.key,
                                 redact_text(f"{type(e).__name__}: {e}", [self.url]))
                 self._stop.wait(_backoff(failures))
 
+    def _submit(self, entry_id: str, fields: dict, redelivered: bool) -> bool:
+        """Hands a command to its lane, and waits for it: a moment, or to its end when ``redelivered`` (read back
+        one at a time, see _run). False when the consumer stopped first (the command stays pending)."""
+        while not self._room.acquire(timeout=0.05):
+            if self._stop.is_set():
+                return False
+        # A camera's commands keep their order (the App refuses a second command on a camera, 409); a command
+        # read again while it is still applied (a Redis blip) waits behind itself, and is answered from _results.
+        camera = _camera_of(fields)
+        key = ("camera", camera) if camera is not None else ("entry", entry_id)
+        done = threading.Event()
+        with self._lock:
+            lane = self._lanes.get(key)
+            queued = lane is not None
+            if queued:
+                lane.append((entry_id, fields, redelivered, done))
+            else:
+                self._lanes[key] = lane = deque([(entry_id, fields, redelivered, done)])
+                worker = threading.Thread(target=self._work, args=(key, lane), name="redis-control-command",
+                                          daemon=True)
+                self._workers.add(worker)
+        if not queued:
+            worker.start()
+            until = time.monotonic() + IN_ORDER_S
+            while not done.wait(0.05) and not self._stop.is_set() and (redelivered or time.monotonic() < until):
+                pass
+        if self._died is not None:
+            raise self._died
+        return True
+
+    def _work(self, key: tuple[str, str], lane: deque) -> None:
+        """Applies a lane's commands in stream order until it is empty or the consumer stops."""
+        try:
+            while not self._stop.is_set():
+                entry_id, fields, redelivered, done = lane[0]
+                try:
+                    self._handle(entry_id, fields, redelivered)
+                except (redis.RedisError, OSError) as e:
+                    # Redis went away while the command was checked, before it was applied (see _apply)
+                    log.warning("control stream %s: command %s: %s; reading it back", self.key, entry_id,
+                                redact_text(f"{type(e).__name__}: {e}", [self.url]))
+                    self._read_back.set()
+                except BaseException as e:  # took the controller down: nothing more is applied or answered
+                    self._died = e
+                    raise
+                finally:
+                    self._room.release()
+                    done.set()
+                with self._lock:
+                    lane.popleft()
+                    if not lane:
+                        del self._lanes[key]
+                        return
+        finally:
+            with self._lock:
+                if self._lanes.get(key) is lane:
+                    del self._lanes[key]
+                self._workers.discard(threading.current_thread())
+
     def _handle(self, entry_id: str, fields: dict, redelivered: bool) -> None:
         # A command read again after it was applied: Redis came back from a restart without its delivery (its
-        # persistence a second behind), and without the answer. The same answer again, not a second application.
-        result = self._results.pop(entry_id, None) or self._apply(entry_id, fields, redelivered)
-        self._results[entry_id] = result
-        if len(self._results) > 1000:
-            del self._results[next(iter(self._results))]
-        if self._answer(entry_id, result):
-            self.handled += 1
+        # persistence a second behind), and without the answer. The same answer again, not a second application;
+        # only if it is still pending (read again while it was applied, its answer may have landed since).
+        with self._lock:
+            result = self._results.pop(entry_id, None)
+        again = result is not None
+        result = result or self._apply(entry_id, fields, redelivered)
+        with self._lock:
+            self._results[entry_id] = result
+            if len(self._results) > 1000:
+                del self._results[next(iter(self._results))]
+        if self._answer(entry_id, result, check_first=again):
+            with self._lock:
+                self.handled += 1
 
     def _apply(self, entry_id: str, fields: dict, redelivered: bool) -> dict[str, Any]:
         """Checks and applies one command; its answer (accepted or rejected with a reason)."""
@@ -289,14 +384,14 @@ class ControlConsumer:
         result.update(by=by, ts=round(time.time(), 3))
         return result
 
-    def _answer(self, entry_id: str, result: dict[str, Any]) -> bool:
+    def _answer(self, entry_id: str, result: dict[str, Any], check_first: bool = False) -> bool:
         """Writes the answer and acknowledges the command, trying again through a Redis blip until that lands
         (True) or the consumer stops (False). The command is applied already: ``_run``'s own retry would read
         only new commands, leaving this one unanswered, and pending for the next controller to apply again."""
         failures = 0
         while True:
             try:
-                pending = self._pending(entry_id) if failures else True
+                pending = self._pending(entry_id) if failures or check_first else True
                 if pending is None:
                     # The group is gone: Redis restarted empty under the failed try (or the stream was deleted), and
                     # the command with it, but not its effect. The answer alone, or its sender waits out its timeout.
@@ -346,6 +441,20 @@ def _request_id(fields: dict) -> str | None:
         return None
     request_id = data.get("request_id") if isinstance(data, dict) else None
     return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+
+
+def _camera_of(fields: dict) -> str | None:
+    """The camera a command is for (an add's camera.id, else its id), read leniently; None for list, export and
+    a command that names none."""
+    try:
+        data = json.loads(fields.get(b"data", fields.get("data")))
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    camera = data.get("camera") if data.get("op") == "add" else None  # what an add adds is camera.id
+    camera_id = camera.get("id") if isinstance(camera, dict) else data.get("id")
+    return camera_id if isinstance(camera_id, str) else None
 
 
 def _backoff(failures: int) -> float:
