@@ -32,6 +32,8 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
 - A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
   creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
+- A failover behind one address (the old master, now a replica, answers READONLY) is waited out as an outage: the
+  consumer drops its connections, and the next ones reach the new master.
 - A read whose reply was lost (a reset, a socket timeout) handed its entries to this consumer all the same: the
   next read takes own pending entries first. A client that re-sends a failed command itself (redis-py's
   ``Redis(host=...)`` does by default) re-sends such a read for new entries only: the lost ones wait claim_idle_ms,
@@ -104,6 +106,15 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _raw(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
+
+
+# What a consumer waits out: Redis unreachable, or a replica now (a failover behind one address: a new connection
+# reaches the new master, as redis-py's Sentinel client and the Publisher do).
+_OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+
+
 class GroupConsumer:
     """One consumer of a consumer group over one or more streams. Not thread-safe: one per thread."""
 
@@ -159,6 +170,7 @@ class GroupConsumer:
                 if "Invalid stream ID" in str(e):
                     raise ValueError(f'start must be "$", "0" or a stream id, got {self.start!r}') from None
                 if "BUSYGROUP" not in str(e):
+                    e.args = (f"{s}: {e}",)  # WRONGTYPE, NOPERM name no key: which of the streams? (its type kept)
                     raise
 
     # --- reading
@@ -177,10 +189,10 @@ class GroupConsumer:
                     raise
                 self._group_lost(e)
                 out = self._read(limit)  # its reply can be lost too: the handler below covers it
-        except (redis.ConnectionError, redis.TimeoutError):
+        except _OUTAGES as e:
             # A read whose reply was lost (a socket timeout, a reset) handed its entries to this consumer all the
             # same: read own pending entries first, or they waited claim_idle_ms for a claim, late and out of order.
-            self._cursor = {s: "0" for s in self.streams}
+            self._lost(e)
             raise
         if limit is not None and len(out) > limit:
             # XREADGROUP's and XAUTOCLAIM's COUNT is per stream: with several streams a batch can hold more
@@ -190,6 +202,13 @@ class GroupConsumer:
             out = out[:limit]
         self._tried.update((m.stream, m.id) for m in out)
         return out
+
+    def _lost(self, error: Exception) -> None:
+        """After a failed command: own pending entries are read first; a connection to a replica is dropped (it
+        would answer READONLY until the process restarts)."""
+        self._cursor = {s: "0" for s in self.streams}
+        if isinstance(error, redis.exceptions.ReadOnlyError):
+            self.client.connection_pool.disconnect()
 
     def _group_lost(self, error: redis.ResponseError) -> None:
         """The group (or the stream) is gone: Redis restarted without persistence (redis-py reconnected on its
@@ -368,8 +387,9 @@ class GroupConsumer:
 
     def _bury(self, stream: str, entry_id: str, fields: dict, deliveries: int, reason: str) -> None:
         """Moves a poison entry to {stream}:dead (same fields plus where it came from) and acknowledges it."""
-        dead = {**{_text(k): v for k, v in fields.items()}, "source_id": entry_id, "deliveries": deliveries,
-                "reason": reason}
+        # bytes names: a foreign entry's field name need not be UTF-8 (decoding it raised, and the loop died on it)
+        dead = {**{_raw(k): v for k, v in fields.items()}, b"source_id": entry_id, b"deliveries": deliveries,
+                b"reason": reason}
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(f"{stream}:dead", dead, maxlen=10_000, approximate=True)
         pipe.xack(stream, self.group, entry_id)
@@ -412,7 +432,7 @@ class GroupConsumer:
         while True:
             try:
                 batch = self.read(limit)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except _OUTAGES as e:
                 failures += 1
                 if failures == 1:
                     log.warning("consumer %s of group %r lost Redis (%s): retrying", self.consumer, self.group, e)
@@ -431,9 +451,9 @@ class GroupConsumer:
         try:
             self.ack(m)
             return True
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except _OUTAGES as e:
             log.warning("could not acknowledge %s %s (%s): it will be handled again", m.stream, m.id, e)
-            self._cursor = {s: "0" for s in self.streams}
+            self._lost(e)
             return False
 
     def _release_quietly(self, messages: list[Message]) -> None:
