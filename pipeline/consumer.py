@@ -490,6 +490,13 @@ class GroupConsumer:
                     break
         return handled
 
+    def leave(self) -> bool:
+        """Takes this consumer's name out of the group if it holds nothing pending (a name made of host and pid
+        never comes back: each run of ``tail --group`` left one behind); True if it went. Entries it still holds
+        keep it, for another consumer to claim (DELCONSUMER would destroy them)."""
+        forget = self.client.register_script(_FORGET_IF_IDLE)
+        return all([forget(keys=[s], args=[self.group, self.consumer, 0]) for s in self.streams])
+
     def forget_idle_consumers(self, idle_ms: int = 3_600_000) -> list[str]:
         """Removes consumers of the group that hold nothing pending and were idle for ``idle_ms`` (the names of
         consumers that died and whose entries were claimed); returns their names."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -345,6 +346,10 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
         return 130
     except _ReaderGone:
         raise BrokenPipeError from None  # the CLI ends quietly, as the plain tail does
+    finally:
+        if args.consumer is None:  # its host-pid name is never used again
+            with contextlib.suppress(redis.RedisError):
+                consumer.leave()
     return 0
 
 

@@ -1,6 +1,6 @@
 """GroupConsumer (pipeline/consumer.py) where its loop died: on a foreign entry whose field name is not UTF-8 (burying
 it decoded the name), and on a failover behind one address (the old master, a replica now, answered READONLY to
-the read or the acknowledgement); and where a wrong key named no stream."""
+the read or the acknowledgement); where a wrong key named no stream; and `tail --group` leaving its host-pid consumer name behind."""
 
 from __future__ import annotations
 
@@ -117,3 +117,30 @@ def test_a_failover_while_a_handler_runs_hands_its_message_out_again(fail_over):
     assert consumer.run(handle, stop=lambda: time.monotonic() > deadline, max_messages=2) == 2
     assert handled == [ids[0], ids[0], ids[1]]
     assert fail_over.second.client().xpending(STREAM, "g")["pending"] == 0
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_tail_group_without_a_consumer_name_leaves_none_behind(redis_server, named, capsys):
+    """Each `tail --group` run without --consumer added a host-pid consumer to the group that nothing used again
+    (XINFO CONSUMERS grew by one per run); a name the user gave is theirs to keep."""
+    from pipeline.cli import main
+
+    client = redis_server.client()
+    for i in range(2):
+        client.xadd("hv:events", {"data": json.dumps({"v": 1, "type": "stream_up", "camera": "c1", "ts": i})})
+    extra = ["--consumer", "mine"] if named else []
+    assert main(["tail", "--events", "--group", "g", "--from-start", "--count", "2", *extra,
+                 "--redis-url", redis_server.url]) == 0
+    assert capsys.readouterr().out.count("stream_up") == 2
+    names = [c["name"].decode() for c in client.xinfo_consumers("hv:events", "g")]
+    assert names == (["mine"] if named else [])
+
+
+def test_a_consumer_holding_entries_does_not_leave(redis_server):
+    """leave() must not destroy what the consumer holds: DELCONSUMER drops its pending entries from the group."""
+    client = redis_server.client()
+    _fill(client, 2)
+    consumer = GroupConsumer(client, STREAM, "g", "w", start="0", block_ms=100)
+    assert len(consumer.read(1)) == 1  # read, not acknowledged
+    assert consumer.leave() is False
+    assert client.xpending(STREAM, "g")["pending"] == 1
