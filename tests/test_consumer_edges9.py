@@ -1,6 +1,7 @@
 """GroupConsumer (pipeline/consumer.py) where its loop died: on a foreign entry whose field name is not UTF-8 (burying
 it decoded the name), and on a failover behind one address (the old master, a replica now, answered READONLY to
-the read or the acknowledgement); where a wrong key named no stream; and `tail --group` leaving its host-pid consumer name behind."""
+the read or the acknowledgement); where a wrong key named no stream; and `tail --group` leaving its host-pid
+consumer name behind."""
 
 from __future__ import annotations
 
