@@ -36,12 +36,17 @@ def labelled(det: sv.Detections, scale: float) -> sv.Detections:
                          data={"label": np.array(labels)})
 
 
-def label_anchors(det: sv.Detections) -> sv.Detections:
-    """Where the labels go: each box's top-left corner moved into the picture as far as its label needs (the label
-    of a box at the picture's top or left edge was drawn outside it, and the object had no track id on the
-    dashboard). By hand: supervision's smart_position does it too, but also spreads overlapping labels apart,
-    at a cost that grows with the square of their number (300 ms for 200 boxes, on the camera's event loop)."""
-    return sv.Detections(xyxy=np.maximum(det.xyxy, (0, LABEL_HEIGHT, 0, 0)), class_id=det.class_id,
+def label_anchors(det: sv.Detections, width: int) -> sv.Detections:
+    """Where the labels go: each box's top-left corner moved into the picture (``width`` px wide) as far as its
+    label needs (the label of a box at the picture's top, left or right edge was drawn outside it, and the object
+    had no track id on the dashboard). By hand: supervision's smart_position does it too, but also spreads
+    overlapping labels apart, at a cost that grows with the square of their number (300 ms for 200 boxes, on the
+    camera's event loop)."""
+    label_widths = [cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0][0] + 2 * LABEL_PADDING
+                    for text in det.data["label"]]
+    xyxy = det.xyxy.copy()
+    xyxy[:, 0] = np.minimum(xyxy[:, 0], width - np.array(label_widths))
+    return sv.Detections(xyxy=np.maximum(xyxy, (0, LABEL_HEIGHT, 0, 0)), class_id=det.class_id,
                          tracker_id=det.tracker_id)
 
 
@@ -88,7 +93,8 @@ class Snapshotter:
         det = sv.Detections.merge(parts) if parts else sv.Detections.empty()
         if len(det):
             picture = self.boxes.annotate(picture, det)
-            picture = self.labels.annotate(picture, label_anchors(det), labels=list(det.data["label"]))
+            picture = self.labels.annotate(picture, label_anchors(det, picture.shape[1]),
+                                           labels=list(det.data["label"]))
         for kind, name, thing, annotator in self._geometry(analytics, scale):
             if kind == "zone":
                 total = sum(thing.occupancy().values())
