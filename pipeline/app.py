@@ -658,7 +658,11 @@ class App(LiveControl):
         """The models' numbers for /metrics, and a restart of a replica reported (a camera process's restart is
         its cameras'). ``known``: the numbers of camera processes, by name, already asked for (None: no answer)."""
         holders = self.model_holders()
-        self.telemetry.keep_inference(holders)  # a camera process gone with its last camera leaves /metrics
+        with self._lock:  # a process between its last camera's removal and a camera joining it stays: dropped for
+            # one tick, its counts went into the sums over models and came back whole with it, counted twice
+            passing = {h.name for h in [*self._joins.values(), *self._leaving.values()]} if self.in_camera_process \
+                else set()
+        self.telemetry.keep_inference([*holders, *passing])  # a camera process gone with its last camera leaves
         for i, actor in holders.items():
             if known is not None and i in known:
                 self.telemetry.record_inference(i, known[i])

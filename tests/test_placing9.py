@@ -211,3 +211,24 @@ def test_a_camera_added_again_whose_process_refuses_to_run_again_is_said_again(m
     app.stats()
     app.stats()
     assert sum("camera lobby cannot run" in line for line in said) == 2, said
+
+
+def test_a_camera_process_between_its_last_cameras_removal_and_a_join_keeps_its_model_counts(monkeypatch,
+                                                                                              fake_ray):
+    """Model in the camera processes: process P's only camera was being removed while a camera added at run time
+    joined P, and a status tick came between the two. P was in neither the running set nor kept, so its counts went
+    into the sums over models; back with the new camera, its whole count was counted a second time on /metrics."""
+    app = service(monkeypatch)
+    app.placement = SimpleNamespace(in_camera_process=True)
+    process = Process("hv-camera-a")
+    process.model_stats = SimpleNamespace(remote=lambda: {"pid": 4242, "batches": 10, "frames": 30})
+    app.telemetry.record_inference("hv-camera-a", {"pid": 4242, "batches": 10, "frames": 30})
+    cam = CameraConfig(id="b", url="synthetic://street")
+    app._leaving["a"] = CameraHandle("a", CameraConfig(id="a", url="synthetic://street"), process, "hv-camera-a")
+    app._joins["b"] = CameraHandle("b", cam, process, "hv-camera-a", joined=True)
+    app._check_inference()  # the tick between the two: no camera in the running set
+    del app._leaving["a"], app._joins["b"]
+    app.cameras["b"] = CameraHandle("b", cam, process, "hv-camera-a", joined=True)
+    app._check_inference()
+    snap = app.telemetry.snapshot()
+    assert "hv-camera-a" in snap.replicas and not snap.retired.keys()
