@@ -181,6 +181,13 @@ def resolve(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> set[s
     return {str(_canonical(info[4][0])) for info in infos}
 
 
+def _local_ips() -> set[str]:
+    """This machine's interface addresses now: a long-running service gains and loses them (one started before
+    DHCP or a VPN gave it its address, and read them once, counted only loopback as "here")."""
+    return {str(_canonical(a.address)) for addrs in psutil.net_if_addrs().values()
+            for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
 class Admission:
     """The run-time checks, for one running service: its policy, its model's heads, its own endpoints."""
 
@@ -188,8 +195,6 @@ class Admission:
                  own_endpoints: dict[str, tuple[str, int]] | None = None):
         """``own_endpoints``: what a camera must not connect to, e.g. {"Redis": (host, port)}."""
         self.api, self.model_heads = api, model_heads
-        self._local_ips = {str(_canonical(a.address)) for addrs in psutil.net_if_addrs().values()
-                           for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
         self._own: dict[tuple[str, int], str] = {}
         for name, (host, port) in (own_endpoints or {}).items():
             self.forbid(name, host, port)
@@ -204,7 +209,7 @@ class Admission:
             addr = _canonical(ip)
         except ValueError:
             return ip
-        local = addr.is_loopback or addr.is_unspecified or str(addr) in self._local_ips
+        local = addr.is_loopback or addr.is_unspecified or str(addr) in _local_ips()
         return _LOCAL if local else str(addr)
 
     # -- the checks ----------------------------------------------------------------------------------------
@@ -259,6 +264,8 @@ class Admission:
                 head = f.read(512)
         except OSError as e:
             raise CommandRejected(f"camera.url: {shown!r} cannot be read ({e.strerror})") from None
+        if not head:  # it has no NUL byte either: it was refused (403) as "a text file", which pointed at permissions
+            raise CommandRejected(f"camera.url: {shown!r} is empty (0 bytes), not a video")
         if _is_text(head):
             raise CommandRejected(f"camera.url: {shown!r} is a text file, not a video (playlists and "
                                   "scripts could make the decoder open other files and URLs)", 403)
