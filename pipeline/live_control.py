@@ -102,10 +102,12 @@ class LiveControl:
             self.control = None
 
     # -- commands ------------------------------------------------------------------------------------------
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
-        """A refused command, in the log (reasons never hold credentials: see pipeline/admission.py)."""
-        log.warning("control: rejected %s from %s: %s", op, by, reason)
-        self.say(f"Control: rejected {op} from {by}: {reason}")
+    def note_rejected(self, op: str, by: str, reason: str, camera: Any = None) -> None:
+        """A refused command, in the log (reasons never hold credentials: see pipeline/admission.py), naming its
+        camera where the command named one (the reason starts with the field at fault, not the camera)."""
+        what = f"{op} of camera {camera!r}" if isinstance(camera, str) and camera else op
+        log.warning("control: rejected %s from %s: %s", what, by, reason)
+        self.say(f"Control: rejected {what} from {by}: {reason}")
 
     def _claim(self, camera_id: Any, new: bool = False) -> Any:
         """Marks a camera busy for one command; its handle (None when ``new``)."""
@@ -140,7 +142,8 @@ class LiveControl:
             cam = self.admission.check(cam)
             self._claim(cam.id, new=True)
         except CommandRejected as e:
-            self.note_rejected("add", by, e.reason)
+            self.note_rejected("add", by, e.reason, camera.id if isinstance(camera, CameraConfig) else
+                               camera.get("id") if isinstance(camera, dict) else None)
             raise
         started = time.monotonic()
         try:
@@ -149,7 +152,7 @@ class LiveControl:
             except (UserError, ray.exceptions.RayError) as e:
                 reason = f"camera: {e}" if isinstance(e, UserError) else \
                     f"camera: its stream actor failed to start: {self._describe(e, cam.id)}"
-                self.note_rejected("add", by, reason)
+                self.note_rejected("add", by, reason, cam.id)
                 raise CommandRejected(reason, 503) from None
             handle.added_by = by
             with self._lock:
@@ -167,7 +170,7 @@ class LiveControl:
         finally:  # only once it is in ``cameras``: a second add of its id in between was let through
             self._release(cam.id)
         if stopping:
-            self.note_rejected("add", by, "the service is shutting down")  # a refusal as any other: logged
+            self.note_rejected("add", by, "the service is shutting down", cam.id)  # a refusal as any other
             raise CommandRejected("the service is shutting down", 503)
         return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
 
@@ -178,7 +181,7 @@ class LiveControl:
         try:
             handle = self._claim(camera_id)
         except CommandRejected as e:
-            self.note_rejected("remove", by, e.reason)
+            self.note_rejected("remove", by, e.reason, camera_id)
             raise
         try:
             # Out of ``cameras`` before its source stops: its drained run ends before the stop's answer comes
@@ -220,7 +223,7 @@ class LiveControl:
         try:
             handle = self._claim(camera_id)
         except CommandRejected as e:
-            self.note_rejected("update", by, e.reason)
+            self.note_rejected("update", by, e.reason, camera_id)
             raise
         late = False  # its call timed out: the claim is released when it answers (_settle_late_update)
         try:
@@ -260,7 +263,7 @@ class LiveControl:
             if result["changed"]:  # while its id is claimed: an update sent next was audited before this one
                 self._audit("camera_updated", new, by, changes=result["changed"])
         except CommandRejected as e:
-            self.note_rejected("update", by, e.reason)
+            self.note_rejected("update", by, e.reason, camera_id)
             raise
         finally:
             if not late:

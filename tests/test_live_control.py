@@ -202,8 +202,8 @@ def test_bad_and_hostile_commands_are_rejected_naming_the_field_and_change_nothi
         before = len(messages(client, "steady"))
         wait_for(lambda: len(messages(client, "steady")) > before + 10, 30, "the camera to go on publishing")
         log = "\n".join(run.log)
-        assert "rejected add from api:ops: camera.url: '/etc/passwd' is outside the media roots" in log
-        assert "rejected add from redis:unknown: camera.url: localhost:" in log
+        assert "rejected add of camera 'x' from api:ops: camera.url: '/etc/passwd' is outside the media roots" in log
+        assert "rejected add of camera 'x' from redis:unknown: camera.url: localhost:" in log
 
         # a camera with a password, accepted: nothing it answers, publishes or exports holds the password
         locked = {"id": "locked", "url": f"rtsp://admin:{SECRET}@127.0.0.1:{free_port()}/stream",

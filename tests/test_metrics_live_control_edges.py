@@ -98,7 +98,7 @@ def test_an_add_refused_because_the_service_began_to_stop_is_logged_like_any_ref
             app.add_camera({"id": "late", "url": "synthetic://street"}, by="api:ops")
     assert (refused.value.status, refused.value.reason) == (503, "the service is shutting down")
     assert let_go == [("late", True)] and not app.cameras and not app._busy
-    assert "control: rejected add from api:ops: the service is shutting down" in caplog.text
+    assert "control: rejected add of camera 'late' from api:ops: the service is shutting down" in caplog.text
 
 
 class FakeRedis:
