@@ -128,7 +128,7 @@ def read_class_names(root: Path) -> list[str] | None:
         p = root / name
         if p.is_file():
             try:
-                data = yaml.safe_load(p.read_text()) or {}
+                data = yaml.safe_load(read_text(p)) or {}
             except yaml.YAMLError as e:
                 raise DatasetError(f"{p}: not valid YAML ({e})") from None
             if not isinstance(data, dict):
@@ -144,15 +144,23 @@ def read_class_names(root: Path) -> list[str] | None:
             return [str(n) for n in names]
     p = root / "classes.txt"
     if p.is_file():
-        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        return [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     return None
+
+
+def read_text(path: Path) -> str:
+    """A text file of the dataset; "utf-8-sig": Windows editors (Notepad) start UTF-8 files with a byte-order mark."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a UTF-8 text file") from None
 
 
 def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
     """Rows of (class, cx, cy, w, h), normalized; raises DatasetError naming file:line on any bad row."""
     rows = []
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is no class
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not a text label file") from None
     for n, line in enumerate(text.splitlines(), 1):
@@ -161,10 +169,13 @@ def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
         parts = line.split()
         if len(parts) != 5:
             raise DatasetError(f"{path}:{n}: expected 5 values 'class cx cy w h', got {len(parts)}: {line.strip()!r}")
-        try:
-            cls, *vals = int(parts[0]), *map(float, parts[1:])
+        try:  # the class as a float too: numpy.savetxt writes 0 as 0.000000000000000000e+00
+            cls, *vals = float(parts[0]), *map(float, parts[1:])
         except ValueError:
             raise DatasetError(f"{path}:{n}: not numbers: {line.strip()!r}") from None
+        if not cls.is_integer():
+            raise DatasetError(f"{path}:{n}: class {parts[0]} is not a whole number: {line.strip()!r}")
+        cls = int(cls)
         if not 0 <= cls < num_classes:
             raise DatasetError(f"{path}:{n}: class {cls} out of range, the dataset has {num_classes} classes")
         if not all(0.0 <= v <= 1.0 for v in vals) or vals[2] <= 0 or vals[3] <= 0:

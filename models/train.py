@@ -106,7 +106,7 @@ def build_data(cfg: TrainConfig, input_size: tuple[int, int], seed: int) -> tupl
         return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers,
                           persistent_workers=cfg.workers > 0), list(ds.classes)
     ds = YoloFolder(cfg.data, input_size, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed % 2**64)  # seed * 1000 + step can pass torch's 64 bits; numpy takes any
     loader = DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                         num_workers=0, generator=gen)
     return loader, list(ds.classes)
@@ -125,8 +125,8 @@ def class_maps(heads: dict[str, list[str]], data_classes: list[str]) -> dict[str
         if missing:
             raise DatasetError(f"head {head!r}: classes {missing} are not in the data's classes {data_classes}")
         m = np.full(len(data_classes), -1, np.int64)
-        for i, c in enumerate(classes):
-            m[data_classes.index(c)] = i
+        for i, c in enumerate(classes):  # every id of the name: a merged dataset can list one class twice
+            m[[j for j, d in enumerate(data_classes) if d == c]] = i
         maps[head] = m
     return maps
 
@@ -221,9 +221,10 @@ def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig, progress: b
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    warmup = min(cfg.warmup_steps, cfg.steps // 2)  # a short run still decays: not its last step at the peak
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
