@@ -27,7 +27,7 @@ def test_a_wall_clock_set_back_does_not_stop_a_cameras_budget(monkeypatch):
     """An hour's NTP step back in the middle of an overload. CameraPipeline gave the budget time.time(): its p95
     and holds look only at times before ``now``, and frames captured before the last reset are ignored, so
     nothing was decided for an hour (and the evidence, pruned from its oldest end, grew all that while). The
-    budget's clock is time.monotonic() now; a frame's age is still measured on the wall clock."""
+    budget's clock is time.monotonic() now, and so is a frame's age (CapturedFrame.mono)."""
     import time
     import types
 
@@ -53,7 +53,8 @@ def test_a_wall_clock_set_back_does_not_stop_a_cameras_budget(monkeypatch):
         for i in range(first, first + int(seconds * 25)):
             clock["wall"] += 0.04
             clock["mono"] += 0.04
-            pipe._publish_frame(CapturedFrame(i, i * 0.04, clock["wall"] - 0.6, (360, 640), image, None), {})
+            pipe._publish_frame(CapturedFrame(i, i * 0.04, clock["wall"] - 0.6, (360, 640), image, None,
+                                              mono=clock["mono"] - 0.6), {})
             if i % 12 == 0:
                 pipe.stats()  # as the status heartbeat does: it reads the budget's p95 on the budget's clock
         return first + int(seconds * 25)

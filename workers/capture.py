@@ -37,6 +37,13 @@ class CapturedFrame:
     letterbox: Letterbox
     truth: Any = None
     picture: np.ndarray | None = None  # BGR source picture, only on frames a snapshot is due on (workers/snapshots.py)
+    # ``wall`` on the monotonic clock, for the frame's age (the budget, the histogram): with the wall clock, an
+    # NTP step or a resume from suspend aged every frame in flight by the step, and the budget cut the rate
+    mono: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mono is None:  # made right after the decode: the offset between the clocks is today's
+            self.mono = time.monotonic() - (time.time() - self.wall)
 
 
 class FrameSlot:

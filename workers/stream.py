@@ -479,10 +479,11 @@ class CameraPipeline:
         self.publish_times.append((now, item.wall))
         self._tracked, self._analysed_frame = tracked, item.index
         self._after_analytics(item, analytics)
-        age_s = max(0.0, now - item.wall)
+        mono = time.monotonic()
+        age_s = max(0.0, mono - item.mono)  # not the wall clock's: a step of it is no age (CapturedFrame.mono)
         self.frame_age.observe(age_s)
         if self.camera.max_frame_age_ms is not None:
-            self._keep_budget(age_s, time.monotonic())
+            self._keep_budget(age_s, mono)
 
     def _end_tracker(self) -> list[dict]:
         """Ends every track (their track_ended events, returned); the next tracker continues the numbering."""
