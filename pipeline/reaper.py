@@ -110,13 +110,8 @@ def watch(parent_pid: int) -> int:
     seen: dict[int, psutil.Process] = {}  # every descendant noticed, pruned of those that ended
     stdin = sys.stdin.buffer
     for tick in range(sys.maxsize):
-        ready, _, _ = select.select([stdin], [], [], POLL_S)
-        if ready:
-            line = stdin.readline()
-            if line == _RELEASE:
-                return 0
-            if not line:  # the pipe closed without a release: the run died
-                break
+        # A look before each wait, not after: the run starts its redis-server as soon as this watcher is started,
+        # and a run killed within the first wait left that server (its own session, no tie to us) running.
         if not parent.is_running():
             break
         try:
@@ -125,6 +120,13 @@ def watch(parent_pid: int) -> int:
             seen.update(_descendants(parent))
         except psutil.Error:
             break
+        ready, _, _ = select.select([stdin], [], [], POLL_S)
+        if ready:
+            line = stdin.readline()
+            if line == _RELEASE:
+                return 0
+            if not line:  # the pipe closed without a release: the run died
+                break
     killed = reap(seen)
     if killed:
         print(f"hydravision reaper: the run (pid {parent_pid}) died; stopped {killed} process(es) it had started",
@@ -134,4 +136,6 @@ def watch(parent_pid: int) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(watch(int(sys.argv[1])))
+    run_pid = int(sys.argv[1])
+    # Already reparented: the run died before this started, and its pid may be another process's by now
+    sys.exit(watch(run_pid) if os.getppid() == run_pid else 0)
