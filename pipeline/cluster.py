@@ -258,6 +258,17 @@ def inference_name(index: int) -> str:
     return f"hv-inference-{index}"
 
 
+def cpu_only_torch(nodes: list[Node]) -> bool:
+    """Whether a local Ray counted a GPU that this machine's torch cannot use (a CPU-only build): the replica
+    reserving it ran on the CPU all the same, and the model in the camera processes was off. torch is imported
+    only where a GPU was counted (the driver does not import it otherwise: start-up time)."""
+    if not any(n.resources.get("GPU", 0) for n in nodes):
+        return False
+    import torch
+
+    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+
+
 class Placement:
     """The placement of one pipeline's actors on the Ray this process is connected to."""
 
@@ -267,7 +278,11 @@ class Placement:
         wait_for_resources(config.ray.wait_for_resources, config.ray.placement_timeout_s, say)
         self.nodes = alive_nodes(ray.nodes())
         # Every replica's options, once: they decide how many replicas there are and where they go.
-        self.replica_options = inference_options(config.ray, replica_gpus(config.inference, config.model), self.nodes)
+        gpus = replica_gpus(config.inference, config.model)
+        if gpus is None and not config.ray.cluster and config.model.device == "auto" and cpu_only_torch(self.nodes):
+            gpus = 0.0
+            say("This machine has a GPU, but this torch build has no CUDA: the model runs on the CPU.")
+        self.replica_options = inference_options(config.ray, gpus, self.nodes)
         cores = usable_cores() if not config.ray.cluster else None  # a cluster's nodes: the replica's own count
         self.replicas = replica_count(config.inference, config.model.device, self.replica_options["num_gpus"], cores,
                                       replica_room(self.replica_options, self.nodes))

@@ -11,6 +11,7 @@ import time
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 from pipeline import reaper
 
@@ -91,3 +92,30 @@ def test_a_reaper_whose_run_died_before_it_started_stops_nothing():
         stranger.kill()
         stranger.wait(10)
         _kill(child_pid)
+
+
+@pytest.mark.parametrize("cuda", [None, "12.4"])
+def test_a_local_gpu_this_torch_cannot_use_is_not_reserved(monkeypatch, cuda):
+    """A laptop with an NVIDIA GPU and a CPU-only torch: a local Ray counts the GPU (it asks the driver, not
+    torch), so the one replica reserved it and ran on the CPU anyway, and the model in the camera processes (the
+    faster CPU mode) was off. A torch with CUDA keeps the GPU replica."""
+    import torch
+
+    import pipeline.cluster as cluster
+    from pipeline.config import parse_config
+    from pipeline.placement import Node
+
+    gpu_laptop = Node("g" * 56, "127.0.0.1", {"CPU": 8, "GPU": 1})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"NodeID": gpu_laptop.id, "Alive": True,
+                                                        "NodeManagerAddress": gpu_laptop.ip,
+                                                        "Resources": dict(gpu_laptop.resources), "Labels": {}}])
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    said: list[str] = []
+    placement = cluster.Placement(parse_config({"cameras": []}), say=said.append)
+    if cuda is None:
+        assert placement.replica_options["num_gpus"] == 0 and placement.in_camera_process
+        assert any("no CUDA" in s for s in said)
+    else:
+        assert placement.replica_options["num_gpus"] == 1 and not placement.in_camera_process and not said
