@@ -102,11 +102,18 @@ def strict_json(text: str | bytes) -> Any:
     """json.loads for commands from outside (the HTTP API, the dashboard, the Redis control stream), stricter:
     a key given twice (the last one silently won; the config's YAML refuses it), NaN and Infinity (Python
     reads them, JSON has none; nor a number too large for a float, such as 1e999, which Python reads as
-    Infinity) and nesting too deep for the parser are ValueErrors that name them."""
+    Infinity) and nesting too deep for the parser are ValueErrors that name them; so is a lone UTF-16 surrogate
+    ("\ud800" reads as one, and no answer, log line or Redis write can encode it: a camera added with one in its
+    URL made every later list answer 500)."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json, parse_float=_finite)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply)") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{e.object[e.start]!r} is a lone UTF-16 surrogate, not a character") from None
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

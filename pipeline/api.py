@@ -6,8 +6,10 @@ Every route under /cameras goes through ``BearerAuth``: when tokens are configur
 recorded as who sent the command; without tokens the API only binds loopback (App refuses anything else).
 ``GET /cameras/export`` is the export, so a camera with the (valid) id ``export`` is fetched with ``GET /cameras``;
 ``PATCH`` and ``DELETE /cameras/export`` change and remove it as any other (RESERVED_NOTE, in the OpenAPI docs).
-Routes are plain ``def`` functions: FastAPI runs them in its thread pool, so a slow Ray call (starting a
-camera's actor takes seconds) never blocks the server's event loop. The App does the work and the checks.
+A slow Ray call (starting a camera's actor takes seconds) never blocks the server's event loop: list and export
+are plain ``def`` routes that FastAPI runs in its thread pool, and add, update and remove run in threads of their
+own (at most COMMANDS_AT_ONCE), so commands waiting on Ray never hold that pool from /healthz, /readyz, /metrics
+or a list. The App does the work and the checks.
 A body is read only after the token check: one JSON object (Content-Type: application/json), at most
 MAX_BODY_BYTES, without a key given twice or NaN (``_json_object_reader``).
 
@@ -25,8 +27,10 @@ import logging
 import socket
 import threading
 import time
+from functools import partial
 from typing import Any, Callable, Iterable
 
+import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +49,9 @@ CAMERA_EXAMPLE = {"id": "lobby", "url": "rtsp://camera-host:554/stream", "fps": 
 # named export stays listed, changed and removed as any other.
 RESERVED_NOTE = ("`GET /cameras/export` is the export: a camera with the id `export` is listed by `GET /cameras`, "
                  "and `PATCH`/`DELETE /cameras/export` change and remove it.")
+# Commands running at once; more wait without a thread. Not FastAPI's pool (40 threads): 40 adds waiting for
+# their turn to place a camera held all of it, and /healthz went unanswered until they were done.
+COMMANDS_AT_ONCE = 32
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}
 
@@ -179,6 +186,11 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     auth = BearerAuth(tokens)
     api.state.auth = auth
     json_object = _json_object_reader(auth)
+    commands = anyio.CapacityLimiter(COMMANDS_AT_ONCE)
+
+    async def command(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` in a thread of the commands' own (see COMMANDS_AT_ONCE)."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=commands)
 
     @api.exception_handler(CommandRejected)
     async def _on_rejected(request: Request, exc: CommandRejected) -> JSONResponse:
@@ -207,8 +219,8 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.post("/cameras", status_code=201, summary="add a camera; the others keep running",
               openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))
-    def add_camera(by: str = Depends(auth), camera: dict[str, Any] = Depends(json_object)) -> dict:
-        result = controller.add_camera(camera, by=by)
+    async def add_camera(by: str = Depends(auth), camera: dict[str, Any] = Depends(json_object)) -> dict:
+        result = await command(controller.add_camera, camera, by=by)
         return accepted("add", result["id"], by, result)
 
     @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)",
@@ -225,12 +237,13 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)",
                openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"))
-    def update_camera(camera_id: str, by: str = Depends(auth), changes: dict[str, Any] = Depends(json_object)) -> dict:
-        return accepted("update", camera_id, by, controller.update_camera(camera_id, changes, by=by))
+    async def update_camera(camera_id: str, by: str = Depends(auth),
+                            changes: dict[str, Any] = Depends(json_object)) -> dict:
+        return accepted("update", camera_id, by, await command(controller.update_camera, camera_id, changes, by=by))
 
     @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes")
-    def remove_camera(camera_id: str, by: str = Depends(auth)) -> dict:
-        return accepted("remove", camera_id, by, controller.remove_camera(camera_id, by=by))
+    async def remove_camera(camera_id: str, by: str = Depends(auth)) -> dict:
+        return accepted("remove", camera_id, by, await command(controller.remove_camera, camera_id, by=by))
 
     for extend in extensions:
         extend(api, controller)
