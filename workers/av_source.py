@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import av
+import numpy as np
 
-from workers.redact import redact_url
+from workers.redact import redact_text, redact_url
 from workers.source_base import Pacer, PtsClock, Source, SourceError, SourceFrame
 
 T = TypeVar("T")
@@ -95,7 +96,9 @@ class AVSource(Source):
         self._network = kind in ("rtsp", "http")
         self._transport, self._threads = transport, threads
         self.open_timeout_s, self.read_timeout_s = float(open_timeout_s), float(read_timeout_s)
-        # Devices and RTSP cameras deliver at their own rate; pacing them would only add latency.
+        # Devices and RTSP cameras deliver at their own rate; pacing them would only add latency. Over http, open()
+        # tells a file (paced) from a live stream.
+        self._realtime = realtime
         self._pace = realtime and kind in ("file", "http")
         self._loop = loop and kind == "file"
         self._extra = dict(ffmpeg_options or {})
@@ -205,13 +208,15 @@ class AVSource(Source):
             # The URL opens without it, so the device failed: once said here, not a silent CPU decoder that the
             # camera's stats still named as hardware decoding.
             if hw_failed is not None:
+                # FFmpeg's text names what it opened: the raw URL, password and all (text logs are not redacted).
                 log.warning("%s: hardware decoding with %s failed (%s); decoding on the CPU",
-                            self.url, self.hwaccel, hw_failed)
+                            self.url, self.hwaccel, redact_text(str(hw_failed), [self._raw_url]))
                 self.hwaccel = None
         try:
             if not container.streams.video:
                 raise self._error("not_video", "has no video stream")
-            stream = container.streams.video[0]
+            # FFmpeg's pick, as ffmpeg's: not a cover picture or a one-frame track that happens to come first.
+            stream = container.streams.best("video") or container.streams.video[0]
             # PyAV has segfaulted decoding streams it found no codec for (truncated files): never try.
             if stream.codec_context is None:
                 raise self._error("unsupported", "no decoder for its video stream (unknown codec or damaged)")
@@ -224,6 +229,11 @@ class AVSource(Source):
         self._container, self._stream = container, stream
         self._clock = PtsClock(self.nominal_fps)
         self._pacer = Pacer(self.nominal_fps)
+        if self._kind == "http":
+            # A file on a web server has a length and downloads faster than its rate; a live stream (an IP camera's
+            # MJPEG, live HLS) has none and comes at the camera's rate: paced at the 25 fps FFmpeg guesses for MJPEG,
+            # a 30 fps camera fell further behind every second.
+            self._pace = self._realtime and container.duration is not None
         self._packets = container.demux()  # every stream: a video-less flood still reaches our deadline check
 
     def read(self) -> SourceFrame | None:
@@ -249,6 +259,12 @@ class AVSource(Source):
         if self._pace and self._index >= self.unpaced_until:
             self._pacer.wait(pts)
         out = SourceFrame(self._index, pts, time.time(), (frame.height, frame.width), frame)
+        # A phone records sideways and says how to show it (display matrix); players and ffmpeg turn the picture,
+        # and so must we: sideways people are not detected, and zones drawn on the shown picture would not fit.
+        turns = round(getattr(frame, "rotation", 0) / 90) % 4  # an older PyAV has no rotation: as before
+        if turns:
+            out.image = np.ascontiguousarray(np.rot90(out.to_rgb(), turns))  # rotation is counterclockwise, as rot90
+            out.size = out.image.shape[:2]
         self._index += 1
         return out
 

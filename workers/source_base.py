@@ -76,7 +76,7 @@ class SourceFrame:
     pts: float  # seconds from the start of the stream; always increases, also when a file loops
     wall: float  # time.time() when it was decoded
     size: tuple[int, int]  # (height, width) of the source picture
-    image: "av.VideoFrame | np.ndarray"  # decoded PyAV frame (not converted), or RGB uint8 HWC (synthetic)
+    image: "av.VideoFrame | np.ndarray"  # PyAV frame (not converted), or RGB uint8 HWC (synthetic; a turned video)
     truth: "FrameTruth | None" = None  # synthetic sources only
 
     def to_rgb(self) -> np.ndarray:

@@ -35,8 +35,9 @@ def open_source(
 ) -> Source:
     """Picks the Source for ``url`` without opening it.
 
-    ``transport``: RTSP lower transport (tcp, udp, ...). Timeouts in seconds. ``realtime`` paces files and
-    synthetic scenes at their frame rate (False: as fast as they decode, for batch jobs and benchmarks).
+    ``transport``: RTSP lower transport (tcp, udp, ...). Timeouts in seconds. ``realtime`` paces files (also over
+    http; a live http stream comes at its own rate) and synthetic scenes at their frame rate (False: as fast as
+    they decode, for batch jobs and benchmarks).
     ``loop``: files seek back to the start at their end. ``threads``: decoder threading, "AUTO"/"FRAME"
     (fastest, a few frames of delay), "SLICE" (lowest latency) or "NONE". ``ffmpeg_options`` override the
     demuxer options (e.g. {"fflags": "nobuffer"} for latency, "buffer_size" for UDP at high bitrates).
