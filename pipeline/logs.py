@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.redact import redact_text
+from workers.redact import log_to_stderr, redact_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -83,7 +83,7 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     """Root logging for the CLI: text on stderr (as before), or JSON lines on stdout."""
     level = logging.DEBUG if verbose else logging.INFO
     if log_format != "json":
-        logging.basicConfig(level=level, format=TEXT_FORMAT, datefmt="%H:%M:%S")
+        log_to_stderr(level, TEXT_FORMAT, datefmt="%H:%M:%S")
         return
     handler = StdoutHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())

@@ -29,6 +29,8 @@ what the other one hid.
 
 from __future__ import annotations
 
+import logging
+
 import re
 from urllib.parse import quote, unquote
 
@@ -106,3 +108,23 @@ def redact_text(text: str, urls: list[str]) -> str:
         for secret in url_secrets(url):
             text = text.replace(secret, MASK)
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group()), text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Text log lines with the userinfo of any URL in them masked (message, exception, stack), as the JSON logs
+    have it: the code redacts the URLs it knows, this is the net for text it passes on unread (FFmpeg's, Ray's)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record), [])
+
+
+def log_to_stderr(level: int, fmt: str, datefmt: str | None = None) -> None:
+    """``logging.basicConfig(level=, format=, datefmt=)`` with a RedactingFormatter: nothing where the root logger
+    has a handler already (pytest, a program embedding us), as basicConfig."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter(fmt, datefmt))
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -30,7 +30,7 @@ from workers.histograms import FRAME_AGE_BUCKETS, Histogram
 from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, WriterThread, detection_message, entry_order, event_message, keys
-from workers.redact import redact_text, redact_url
+from workers.redact import log_to_stderr, redact_text, redact_url
 from workers.settings import CameraConfig, RedisConfig, refused_setting
 from workers.snapshots import Snapshotter
 from workers.thread_names import worker_thread
@@ -1023,7 +1023,7 @@ class StreamActor:
         itself (``inference.in_camera_process``; their InferenceActors are then unused): loaded here, before
         any camera starts; ``checkpoint``: a path, or a reference to the file's bytes in Ray's object store
         (``model.distribute``), as an InferenceActor takes it."""
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_info, self.instance = model_info, instance
         self.redis = redis if isinstance(redis, RedisConfig) else RedisConfig.model_validate(redis)
         self.merge_window_s = merge_window_s
