@@ -50,7 +50,9 @@ def add_parser(sub: Any) -> None:
                         metavar="A,B", help="heads to run (default: all)")
     fields.add_argument("--json", dest="camera_json", metavar="JSON",
                         help="the camera (or the changes) as a JSON object")
-    fields.add_argument("--yaml", type=Path, metavar="FILE", help="the camera as YAML ('-': stdin)")
+    fields.add_argument("--yaml", type=Path, metavar="FILE",
+                        help="the camera as YAML ('-': stdin); an add takes a cameras: list too (an export), "
+                             "${VAR}s read from this environment")
 
     c = sub.add_parser("cameras", help="list, add, update, remove or export the cameras of a running service")
     actions = c.add_subparsers(dest="action", required=True)
@@ -88,6 +90,10 @@ class HttpChannel:
                 return _answer(json.loads(e.read()))
             except ValueError:
                 return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}"}
+        except TimeoutError:  # not wrapped in a URLError: the request was sent, its answer is what did not come
+            may = ": the command may still be applied (see `cameras list`)" if op in ("add", "update", "remove") else ""
+            raise UserError(f"no answer from the HTTP API at {redact_url(self.base)} within {self.timeout:g} s"
+                            f"{may}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise UserError(f"cannot reach the HTTP API at {redact_url(self.base)}: {reason}") from None
@@ -222,8 +228,26 @@ def _camera_fields(args: argparse.Namespace) -> dict:
             raise UserError(f"--yaml: cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
         except yaml.YAMLError as e:
             raise UserError(f"--yaml: {name} is not valid YAML: {_yaml_problem(e)}") from None
-        if isinstance(body, dict) and isinstance(body.get("cameras"), list) and len(body["cameras"]) == 1:
-            body = body["cameras"][0]
+        cameras = body.get("cameras") if isinstance(body, dict) else None
+        if isinstance(cameras, list) and len(cameras) > 1:
+            return _several(cameras, name, args)
+        body = _interpolated(cameras[0] if isinstance(cameras, list) and len(cameras) == 1 else body, name)
+    return _with_flags(body, args)
+
+
+def _interpolated(value: Any, name: str, path: str = "") -> Any:
+    """The camera(s) of --yaml with their ${VAR}s read from the sender's environment, as `run` reads a config (the
+    service interpolates nothing it receives): an export's ${HV_<CAMERA>_SECRET} reached the camera as its
+    password, "added" all the same. Only the cameras: a whole config's redis: and such are not sent."""
+    from pipeline.config import ConfigError, interpolate_env
+
+    try:
+        return interpolate_env(value, path)
+    except ConfigError as e:
+        raise UserError(f"--yaml: {name}: {e}") from None
+
+
+def _with_flags(body: Any, args: argparse.Namespace) -> dict:
     if not isinstance(body, dict):
         raise UserError("--json / --yaml: expected one camera as a mapping")
     for flag in ("url", "fps", "heads"):
@@ -232,6 +256,15 @@ def _camera_fields(args: argparse.Namespace) -> dict:
     if args.action == "add" and args.camera_id:
         body["id"] = args.camera_id
     return body
+
+
+def _several(cameras: list, name: str, args: argparse.Namespace) -> list[dict]:
+    """The cameras of a file that lists several (an export): each one added in turn, --fps / --heads over each.
+    They were one body with a `cameras` field, refused as a camera without an id."""
+    if args.action != "add" or args.camera_id or args.url:
+        raise UserError(f"--yaml: {name} lists {len(cameras)} cameras: "
+                        + ("give one to update" if args.action != "add" else "--id and --url name one camera"))
+    return [_with_flags(camera, args) for camera in _interpolated(cameras, name, "cameras")]
 
 
 def _yaml_problem(err: Any) -> str:
@@ -246,6 +279,8 @@ def main(args: argparse.Namespace) -> int:
     channel = _channel(args)
     camera_id = getattr(args, "camera_id", None)
     body = _camera_fields(args) if args.action in ("add", "update") else None
+    if isinstance(body, list):
+        return _add_each(channel, body)
     if args.action == "add" and not (body or {}).get("id"):
         raise UserError("cameras add: give the camera's --id (or an id in --json / --yaml)")
     answer = channel.send(args.action, camera_id, body)
@@ -271,6 +306,23 @@ def main(args: argparse.Namespace) -> int:
         verb = {"add": "added", "update": "updated", "remove": "removed"}[args.action]
         detail = f" ({', '.join(result['changed']) or 'nothing changed'})" if args.action == "update" else ""
         print(f"{verb} camera {answer.get('camera') or camera_id}{detail} (as {answer.get('by')})")
+    return 0
+
+
+def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
+    """Adds the cameras one by one, a line for each; a refused one does not stop the others, and the exit
+    status (2) and last line name every camera not added."""
+    refused = []
+    for i, camera in enumerate(cameras):
+        camera_id = str(camera.get("id") or f"cameras[{i}]")
+        answer = channel.send("add", None, camera)
+        if answer.get("status") == "accepted":
+            print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
+        else:
+            refused.append(camera_id)
+            print(f"camera {camera_id} rejected: {answer.get('reason', answer)}", file=sys.stderr)
+    if refused:
+        raise UserError(f"{len(refused)} of {len(cameras)} cameras not added: {', '.join(refused)}")
     return 0
 
 

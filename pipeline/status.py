@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -42,7 +43,8 @@ def _number(v) -> bool:
     such as a JSON integer too large for a float (formatting it as one raised OverflowError)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
-    return isinstance(v, float) or abs(v) <= sys.float_info.max
+    # NaN and inf (JSON's 1e999 reads as inf) are no rate or count: the table showed "nan" fps, "inf" drops
+    return math.isfinite(v) if isinstance(v, float) else abs(v) <= sys.float_info.max
 
 
 def _drops(d: dict | None) -> str:
@@ -74,6 +76,16 @@ def _fps(v: float | None) -> str:
     return f"{v:.1f}" if _number(v) else "-"
 
 
+def _cell(v) -> str:
+    """A value as the table's text: not markup ('[rtsp @ 0x55]' in an FFmpeg error is no tag, '[/x]' no closing
+    one), and without control characters: an entry anyone wrote to Redis could retitle or clear the reader's
+    terminal with an escape sequence, and the table counted it as width (its columns went askew)."""
+    return escape(_CONTROL.sub("?", str(v)))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # newlines and tabs stay: rich lays them out
+
+
 def _heads(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v or "")
 
@@ -92,18 +104,19 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
                       ("skipped (fps)", "right"), ("reconnects", "right"), ("heads", "left"), ("last error", "left")]:
         table.add_column(col, justify=just, overflow="fold")
     for s in stats:
-        # Values are text, not markup: '[rtsp @ 0x55]' in an FFmpeg error is no tag, '[/x]' no closing one.
-        state = escape(str(s.get("state", "?")))
+        state = _cell(s.get("state", "?"))
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         skipped = f" +{s['skipped']} skipped" if s.get("skipped") else ""  # frames the motion gate kept from inference
+        # a stale entry's rates are those of a service gone, maybe for days: not what the camera does now
+        now = {"fps": None, "decode_fps": None} if state == "stale" else s
         table.add_row(
-            escape(str(s.get("camera", "?"))), f"[{style}]{state}[/]" if style else state, _fps(s.get("fps", 0)),
-            _fps(s.get("decode_fps", 0)), f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
-            escape(str(s.get("published", 0)) + skipped),
-            escape(_drops(s.get("dropped"))), escape(_count(_rate_skips(s.get("dropped")))),
-            escape(str(s.get("reconnects", 0))),
-            escape(_heads(s.get("heads"))), escape(_error(s)[:120]),
+            _cell(s.get("camera", "?")), f"[{style}]{state}[/]" if style else state, _fps(now.get("fps", 0)),
+            _fps(now.get("decode_fps", 0)), f"{_ms(now.get('latency_ms_p50'))}/{_ms(now.get('latency_ms_p95'))}",
+            _cell(_count(s.get("published", 0)) + skipped),
+            _cell(_drops(s.get("dropped"))), _cell(_count(_rate_skips(s.get("dropped")))),
+            _cell(_count(s.get("reconnects", 0))),
+            _cell(_heads(s.get("heads"))), _cell(_error(s)[:120]),
         )
     return table
 
