@@ -18,7 +18,9 @@ the live batches rather than configured:
   when the recent batches at that size ran faster per frame by more than ``gain`` (a wrong step up, or a
   machine whose load changed); a step up undone is a refused probe: the next probe waits twice as long as
   the one that made it did;
-- a probe's batch that fails (out of memory) ends the probe, and the ceiling comes down to the limit;
+- a probe's batch that fails ends the probe; out of memory at the limit or above also brings the ceiling,
+  and the limit where it is not yet, below the size that failed (a limit that fitted can stop fitting on a
+  GPU: more heads asked for, another process took memory);
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
   first call (0.2-1 s on this CPU), which says nothing about the steady cost;
 - a probe's batches count only once ``steady(size)`` says that size runs at its steady cost: OpenVINO runs
@@ -88,13 +90,25 @@ class BatchSizer:
         else:
             self._streak = 0  # the load does not fill the batches: no reason to grow them
 
-    def failed(self, size: int) -> None:
-        """A batch of ``size`` raised (a GPU out of memory). One larger than the limit was a probe's: the probe
-        ends and the ceiling comes down to the limit, since each try of that size would fail its batch's frames
-        (before, the probe went on and every batch it took failed)."""
+    def failed(self, size: int, error: BaseException | None = None) -> None:
+        """A batch of ``size`` raised ``error``. A probe's batch (larger than the limit) ends the probe. Out of
+        memory (a GPU's) at the limit or above brings the limit and the ceiling below ``size``, since each try of
+        that size would fail its batch's frames: the probed size is not tried again, and a limit that no longer
+        fits (more heads asked for, another process took memory) steps down rather than fail every batch for good.
+        Another error (one bad frame) says nothing of the size: the ceiling stays."""
         if self.probing is not None and size > self.limit:
-            self.ceiling = self.limit
             self._end_probe(adopt=False)
+        if size > 1 and size >= self.limit and out_of_memory(error):
+            below = min(self.limit, _power_of_two_at_most(size - 1))
+            self.ceiling = min(self.ceiling, below)
+            if below < self.limit:
+                self.changes.append((self.limit, below))
+                self._raised_from = [(lower, b) for lower, b in self._raised_from if lower < below]
+                self.limit, self._streak = below, 0
+            if self._confirming is not None:  # a larger size's win, being confirmed: larger than the ceiling now
+                self.probing, self._confirming = self._confirming, None
+            if self.probing is not None:  # the limit ran out of memory during a probe: the larger size would too
+                self._end_probe(adopt=False)
 
     def _probe_is_steady(self) -> bool:
         assert self.probing is not None
@@ -159,6 +173,17 @@ class BatchSizer:
         return {"batch_limit": self.limit, "batch_probe": self.probing or 0, "batch_limit_changes": len(self.changes),
                 "ms_per_frame": {size: round(1000 * statistics.median(c), 3)
                                  for size, c in sorted(self._costs.items()) if c}}
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error`` is a device or host running out of memory: torch's ``OutOfMemoryError`` (CUDA, MPS) or
+    its CPU allocator's, ONNX Runtime's and OpenVINO's (their messages say so; none of them imported here), or
+    Python's MemoryError."""
+    if error is None:
+        return False
+    text = str(error).lower()
+    return (isinstance(error, MemoryError) or "OutOfMemory" in type(error).__name__
+            or any(words in text for words in ("out of memory", "allocate memory", "bad_alloc")))
 
 
 def _power_of_two_at_most(n: int) -> int:

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,11 +272,18 @@ class Batcher(Generic[T, R]):
                     p.future.set_exception(BatcherClosed(p.camera, "inference service closed while the batch ran"))
             raise
         except Exception as e:  # every waiting caller gets the error; none is left hanging
+            # The failed call's frames held its tensors (a GPU's memory: the batch, its features) for as long as a
+            # caller kept the error, while the next batch started at once and could run out of memory in turn.
+            traceback.clear_frames(e.__traceback__)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
-            if self.sizer:  # a probe of a larger batch that fails (out of memory) must end
-                self.sizer.failed(len(batch))
+            if self.sizer:  # a probe that fails must end; a size out of memory must not be tried again
+                limit = self.sizer.limit
+                self.sizer.failed(len(batch), e)
+                if self.sizer.limit < limit:
+                    log.warning("a batch of %d ran out of memory (%s: %s); batches take at most %d from now on",
+                                len(batch), type(e).__name__, e, self.sizer.limit)
             return
         if self.sizer:
             self.sizer.record(len(batch), seconds, full)
