@@ -31,6 +31,7 @@ from workers.batch_size import BatchSizer
 from workers.cores import usable_cores
 from workers.frames import FrameRequest, HeadArrays
 from workers.histograms import BATCH_WAIT_BUCKETS, Histogram
+from workers.redact import log_to_stderr
 from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
@@ -426,7 +427,7 @@ class InferenceActor:
         Ray's object store, which copies them to whichever node runs this replica, also after a restart).
         ``threads`` unset: this node's cores shared by the ``per_node`` replicas placed on it. ``expect``: see
         InferenceService."""
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or max(1, usable_cores() // per_node), score_threshold, compile,
                                         max_pending, max_pending_per_camera, backend, adapt_batch, expect)
