@@ -44,27 +44,11 @@ def test_an_empty_file_is_refused_as_empty_not_as_a_forbidden_text_file(tmp_path
 def test_a_wall_clock_step_forward_ages_no_frame(monkeypatch):
     """An NTP step (or a laptop resuming) moved the wall clock 30 s on while frames were in flight: their ages
     were measured on it, 30 s each, and the budget cut the camera's rate (budget_exceeded) for a calm stream."""
-    import time
-    import types
+    from test_control_logic_edges import budgeted_pipeline
 
-    import numpy as np
-    from test_capture_recovery import RecordingPublisher
-
-    from workers import capture, stream
     from workers.capture import CapturedFrame
-    from workers.stream import CameraPipeline
 
-    clock = {"wall": 1_800_000_000.0, "mono": 5000.0}
-    fake = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    fake.time, fake.monotonic = (lambda: clock["wall"]), (lambda: clock["mono"])
-    monkeypatch.setattr(stream, "time", fake)
-    monkeypatch.setattr(capture, "time", fake)
-    camera = {"id": "cam", "url": "synthetic://street?fps=25", "fps": 25, "max_frame_age_ms": 300,
-              "tracker": {"enabled": False}}
-    pipe = CameraPipeline(camera, None, {"input_size": [96, 160], "heads": {"people": ["person"]}},
-                          RecordingPublisher())
-    pipe._reset_budget()
-    image = np.zeros((3, 96, 160), np.uint8)
+    pipe, clock, image = budgeted_pipeline(monkeypatch)
     in_flight: list = []
     for i in range(25 * 48):  # 48 s at 25 fps, each frame published five frames (0.2 s) after its decode
         clock["wall"] += 0.04

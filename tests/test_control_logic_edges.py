@@ -4,6 +4,7 @@ model) in the middle of a calm."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from workers.budget import FrameAgeBudget
@@ -23,31 +24,38 @@ def publish(policy: FrameAgeBudget, start: float, seconds: float, age: float) ->
     return t, actions
 
 
-def test_a_wall_clock_set_back_does_not_stop_a_cameras_budget(monkeypatch):
-    """An hour's NTP step back in the middle of an overload. CameraPipeline gave the budget time.time(): its p95
-    and holds look only at times before ``now``, and frames captured before the last reset are ignored, so
-    nothing was decided for an hour (and the evidence, pruned from its oldest end, grew all that while). The
-    budget's clock is time.monotonic() now, and so is a frame's age (CapturedFrame.mono)."""
+def budgeted_pipeline(monkeypatch) -> tuple:
+    """A camera with a 300 ms frame-age budget at 25 fps whose ``time`` (its own and its capture's) reads a
+    clock the test moves: (pipeline, clock, a letterboxed image)."""
     import time
     import types
 
-    import numpy as np
     from test_capture_recovery import RecordingPublisher
 
-    from workers import stream
-    from workers.capture import CapturedFrame
+    from workers import capture, stream
     from workers.stream import CameraPipeline
 
     clock = {"wall": 1_800_000_000.0, "mono": 5000.0}
     fake = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     fake.time, fake.monotonic = (lambda: clock["wall"]), (lambda: clock["mono"])
     monkeypatch.setattr(stream, "time", fake)
+    monkeypatch.setattr(capture, "time", fake)
     camera = {"id": "cam", "url": "synthetic://street?fps=25", "fps": 25, "max_frame_age_ms": 300,
               "tracker": {"enabled": False}}
     pipe = CameraPipeline(camera, None, {"input_size": [96, 160], "heads": {"people": ["person"]}},
                           RecordingPublisher())
     pipe._reset_budget()
-    image = np.zeros((3, 96, 160), np.uint8)
+    return pipe, clock, np.zeros((3, 96, 160), np.uint8)
+
+
+def test_a_wall_clock_set_back_does_not_stop_a_cameras_budget(monkeypatch):
+    """An hour's NTP step back in the middle of an overload. CameraPipeline gave the budget time.time(): its p95
+    and holds look only at times before ``now``, and frames captured before the last reset are ignored, so
+    nothing was decided for an hour (and the evidence, pruned from its oldest end, grew all that while). The
+    budget's clock is time.monotonic() now, and so is a frame's age (CapturedFrame.mono)."""
+    from workers.capture import CapturedFrame
+
+    pipe, clock, image = budgeted_pipeline(monkeypatch)
 
     def overloaded(seconds: float, first: int) -> int:  # 25 frames a second, each 0.6 s old when published
         for i in range(first, first + int(seconds * 25)):

@@ -7,36 +7,13 @@ import os
 import select
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from pipeline import reaper
-
-SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
-
-
-def _gone(pid: int, deadline_s: float = 5.0) -> bool:
-    """Whether pid has ended (or is a zombie) within deadline_s."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-
-
-def _kill(pid: int) -> None:
-    try:
-        psutil.Process(pid).kill()
-    except psutil.Error:
-        pass
+from test_lifecycle_edges import SLEEPER, _gone, _kill
 
 
 def test_a_run_killed_before_the_reapers_first_look_leaves_no_server(monkeypatch):
@@ -64,7 +41,7 @@ def test_a_run_killed_before_the_reapers_first_look_leaves_no_server(monkeypatch
     try:
         assert reaper.watch(run.pid) == 0
         assert run.poll() is not None  # the run did die while the reaper waited
-        assert _gone(server_pid), "the run's redis-server outlived the run"
+        assert _gone(server_pid, 5.0), "the run's redis-server outlived the run"
     finally:
         run.kill()
         run.wait(10)

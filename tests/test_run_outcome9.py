@@ -18,6 +18,7 @@ from pipeline.embedded_redis import free_port
 from pipeline.logs import TEXT_FORMAT
 from pipeline.metrics import ready
 from pipeline.status import PipeSafeConsole
+import test_live_cli_edges6
 from test_metrics import Clock, FakeProbe, service, tick
 from workers.publish import Publisher
 from workers.settings import CameraConfig
@@ -25,26 +26,12 @@ from workers.settings import CameraConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-class StandInApp:
+class StandInApp(test_live_cli_edges6.StandInApp):
     """What `run` calls on the App; ``finals``: what its shutdown returns, ``ticks``: the stats run() reports."""
 
     finals: list = []
     ticks: list = []
     events = None
-
-    def __init__(self, config, redis_url=None, say=print, on_ray_started=None) -> None:
-        self.cameras: dict = {}
-
-    def install_signal_handlers(self) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    def run(self, duration=None, on_tick=None) -> list[dict]:
-        for stats in self.ticks:
-            on_tick(stats)
-        return []
 
     def shutdown(self, drain: bool = True) -> list[dict]:
         return self.finals
