@@ -24,7 +24,7 @@ from models.datasets import FIRST_TRAIN_SEED, MIN_VISIBILITY, TRAIN_SEED_LIMIT, 
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
 from models.train_attributes import check_seed, head_lr, head_only_optimizer
-from synthetic.scene import StreetScene
+from synthetic.scene import CLASS_NAMES, StreetScene
 
 @dataclass
 class ReIDTrainConfig:
@@ -148,7 +148,10 @@ def match_accuracy(model, seeds: list[int], pairs: int = 20, gap: int = 10, dens
                    scene_size: tuple[int, int] = (640, 360)) -> dict:
     """How often an object's nearest embedding (cosine), among the objects of its class in a frame ``gap``
     frames later (10 fps), is the object itself: the choice a re-link makes. True boxes, objects at least half
-    visible in both frames; on scenes of ``seeds`` (keep them out of training: below FIRST_TRAIN_SEED)."""
+    visible in both frames, of the classes of the heads it embeds (the service compares no other embeddings); on
+    scenes of ``seeds`` (keep them out of training: below FIRST_TRAIN_SEED)."""
+    embedded = {c for head in model.config.reid["heads"] for c in model.config.heads[head]["classes"]}
+    scored = np.array([c in embedded for c in CLASS_NAMES])  # per class id of the scenes
     hits = total = 0
     chance = 0.0
     for seed in seeds:
@@ -158,7 +161,7 @@ def match_accuracy(model, seeds: list[int], pairs: int = 20, gap: int = 10, dens
             for _ in range(2):
                 for _ in range(gap):
                     frame, truth = scene.step()
-                good = truth.visibility >= MIN_VISIBILITY
+                good = (truth.visibility >= MIN_VISIBILITY) & scored[truth.class_ids]
                 image, lb = letterbox(frame, model.config.input_size)
                 views.append((image, boxes_to_model(truth.boxes[good], lb).reshape(-1, 4).astype(np.float32),
                               truth.object_ids[good], truth.class_ids[good]))
