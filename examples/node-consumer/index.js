@@ -120,17 +120,18 @@ async function main() {
   let crossings = 0, invalid = 0, handled = 0;
   const cameras = new Set();
   const handle = async (id, fields) => {
-    let msg = null;
+    let msg = null, valid = false; // a flag, not msg === null: the JSON "null" was counted invalid unreported
     try {
       msg = JSON.parse(fields.data);
+      valid = true;
     } catch (err) {
       console.error(`${id}: not JSON: ${err.message}`);
     }
-    if (msg !== null && !validate.event(msg)) {
+    if (valid && !validate.event(msg)) {
       console.error(`${id}: does not match event-v1.json: ${describe(validate.event.errors)}`);
-      msg = null;
+      valid = false;
     }
-    if (msg === null) invalid++;
+    if (!valid) invalid++;
     else {
       cameras.add(msg.camera);
       if (msg.type === "line_crossed") {
