@@ -146,3 +146,13 @@ def test_node_example_asks_for_the_node_its_locked_packages_need():
     assert lock[""]["engines"]["node"] == own
     needed = max(_least(p["engines"]["node"]) for p in lock.values() if "node" in p.get("engines", {}))
     assert _least(own) + (0,) * (3 - len(_least(own))) >= needed, (own, needed)
+
+
+def test_a_budget_event_of_a_tiny_budget_or_rate_keeps_its_schema():
+    """round() made a max_frame_age_ms of 0.04 and an fps of 0.004 (both allowed settings) 0.0 in the event,
+    which event-v1.json refuses (both must be above 0): a validating consumer (the Node example) exited 1."""
+    from workers.budget import BudgetAction
+
+    fields = BudgetAction("fps", None, fps=0.004, batch_wait_s=None, p95_s=0.2).event_fields(0.00004, 25.0)
+    assert fields["fps"] == 0.004 and fields["budget_ms"] == 0.04
+    assert BudgetAction("fps", None, 12.345, None, 0.2).event_fields(0.3, 25.0)["fps"] == 12.35  # as before

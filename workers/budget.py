@@ -60,8 +60,14 @@ class BudgetAction:
     p95_s: float  # the p95 age the decision was taken on
 
     def event_fields(self, budget_s: float, configured_fps: float | None) -> dict:
-        return {"action": self.action, "p95_ms": round(self.p95_s * 1000, 1), "budget_ms": round(budget_s * 1000, 1),
-                "fps": round(self.fps, 2), "configured_fps": configured_fps}
+        return {"action": self.action, "p95_ms": round(self.p95_s * 1000, 1), "budget_ms": _rounded(budget_s * 1000, 1),
+                "fps": _rounded(self.fps, 2), "configured_fps": configured_fps}
+
+
+def _rounded(x: float, digits: int) -> float:
+    """``round(x, digits)``, but a small positive value keeps three significant digits: a budget of 0.04 ms or an
+    fps of 0.004 (both allowed) went out as 0.0, which the event's schema refuses (above 0)."""
+    return round(x, digits) or float(f"{x:.3g}")
 
 
 class FrameAgeBudget:
