@@ -171,6 +171,7 @@ class ZoneCounter:
         self.tracks: dict[tuple[str, int], list[float]] = {}
         self._last_pts: dict[str, float] = {}
         self.track_memory_s = LINE_MEMORY_S  # a track seen this recently may still come back (track_memory_s)
+        self._unseen = set(classes)  # heads no frame was analysed for under these settings yet (undecided)
 
     def occupancy(self) -> Counter:
         """(head, class) -> objects inside now."""
@@ -188,6 +189,7 @@ class ZoneCounter:
     def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
         if head not in self.classes:
             return []
+        self._unseen.discard(head)
         cfg, events = self.config, []
         ids = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)
         keep = (ids >= 0) & np.isin(_names(det), self.classes[head])
@@ -306,9 +308,12 @@ class ZoneCounter:
             self._last_pts[head] = pts
 
     def undecided(self) -> bool:
-        """An occupant was missed on the last analysed frame, or an object seen inside on it has not entered yet:
-        only analysed frames tell whether it left or entered (``hold`` keeps each as it is)."""
-        return any(occ.missed for occ in self.occupants.values()) or any(
+        """No frame analysed under these settings yet (a zone added or changed live), an occupant missed on the last
+        analysed frame or seen outside, waiting out min_outside_s, or an object seen inside on it that has not entered
+        yet: only analysed frames tell whether it left or entered (``hold`` keeps each as it is; a still car just past
+        the edge left max_skip_s late, and so did one that a live change left outside the zone)."""
+        waiting = any(occ.missed or occ.outside_since is not None for occ in self.occupants.values())
+        return bool(self._unseen) or waiting or any(
             cand.last_seen == self._last_pts.get(head) for (head, _), cand in self.candidates.items())
 
     def inherit(self, old: "ZoneCounter") -> None:
@@ -377,11 +382,13 @@ class PatientLineZone(sv.LineZone):
         self.memory_frames, self.memory_s = memory_frames, memory_s
         self.pts = 0.0
         self._seen: dict[int, float] = {}  # track -> pts it was last seen at
+        self._sides: tuple | None = None  # the last trigger's (tracker ids, in limits, left, right), for undecided()
 
     def _evict_stale_crossing_history(self, current_keys: set[int]) -> None:
         # supervision's own eviction (0.31's: its private state, which tests/test_analytics_edges2.py runs against
         # the installed version), with the horizon in frames and in time: frames alone were 1.2 s at 25 fps, and a
         # track hidden at the line for 1.5 s came back under its id uncounted
+        self._sides = None  # every trigger starts here; _compute_anchor_sides follows where there are tracks
         self._seen = {k: t for k, t in self._seen.items() if k in self.crossing_state_history}
         self._seen.update(dict.fromkeys(current_keys, self.pts))
         frames = max(self.crossing_history_length, self.memory_frames)
@@ -394,6 +401,22 @@ class PatientLineZone(sv.LineZone):
                 del self.crossing_state_history[key]
                 self._confirmed_crossing_side.pop(key, None)
                 self._tracker_frames_absent.pop(key, None)
+
+    def _compute_anchor_sides(self, detections: sv.Detections, coord_transform=None) -> tuple:
+        # supervision's side test of this trigger, kept: LineZone says which tracks crossed, not which are half-way
+        sides = super()._compute_anchor_sides(detections, coord_transform)
+        self._sides = (detections.tracker_id, *sides)
+        return sides
+
+    def undecided(self) -> bool:
+        """A track that the last trigger saw on the other side than its confirmed one, for fewer frames than
+        min_crossing_frames yet: only analysed frames count it (a car that stopped just past the line was counted
+        max_skip_s late for each frame it still needed, the motion gate skipping the still scene)."""
+        if self._sides is None:
+            return False
+        ids, in_limits, left, right = self._sides
+        return any(t >= 0 and ok and not (lt and rt) and bool(lt) != self._confirmed_crossing_side.get(t, bool(lt))
+                   for t, ok, lt, rt in zip(ids.tolist(), in_limits.tolist(), left.tolist(), right.tolist()))
 
 
 class LineCounter:
@@ -504,8 +527,10 @@ class CameraAnalytics:
 
     def undecided(self) -> bool:
         """Some zone waits for analysed frames to decide whether an occupant it missed has left, or whether an
-        object inside has entered (the motion gate lets frames through meanwhile)."""
-        return any(zone.undecided() for zone in self.zones.values())
+        object inside has entered, or a line whether a track has crossed (the motion gate lets frames through
+        meanwhile)."""
+        return any(zone.undecided() for zone in self.zones.values()) or any(
+            lz.undecided() for line in self.lines.values() for lz in line.zones.values())
 
     def counts(self) -> dict[str, int]:
         """The fields of {prefix}:cam:{camera}:counts: ``zone:{zone}:{head}:{class}`` -> objects inside now,

@@ -602,7 +602,8 @@ class CameraPipeline:
     def _undecided(self) -> bool:
         """The last analysed frame left an object for the next analysed frames to decide: a lost track not yet
         ended, a new one not yet confirmed (the tracker keeps such a track only while it is seen), a zone occupant
-        not yet left or an object inside not yet entered. The motion gate lets frames through until then: the
+        not yet left or an object inside not yet entered, a crossing not yet counted (CameraAnalytics.undecided).
+        The motion gate lets frames through until then: the
         tracker and the zones do not see a skipped frame, so an object that left a still scene left its zone
         max_skip_s late and its track (its lost-track budget counted in analysed frames) ended many max_skip_s
         late, and one that appeared and stood still (lights on) started and entered max_skip_s late."""
