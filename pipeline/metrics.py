@@ -316,6 +316,9 @@ def metrics_router(app: App, auth: Callable[..., Any] | None = None) -> APIRoute
         ok, details = ready(app, probe())
         return JSONResponse({"ok": ok, **details}, status_code=200 if ok else 503)
 
+    for path, probe_route in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors probe with HEAD: a
+        router.add_api_route(path, probe_route, methods=["HEAD"], include_in_schema=False)  # 405 read as down
+
     return router
 
 
