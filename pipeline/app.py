@@ -40,6 +40,7 @@ from workers.stream import StreamActor, publisher_for
 # frames/s with 8 cameras on 2 cores (benchmarks/README.md). A Ray cluster needs the same setting at `ray start`.
 # worker_niceness: Ray starts actor processes at nice 15, so any other busy program took the CPU from the
 # cameras and the model almost entirely (docs/architecture.md, "CPU under contention").
+TWIN_WATCH_S = 2.5  # cameras refresh their status every status.interval_s (1 s): a running service's moves
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness": 0}
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,39 @@ class App(LiveControl):
                      f"up to {self.config.redis.buffer} messages per camera")
         else:
             self.say(f"Redis: {redact_url(url)}")
+            self.refuse_a_twin(url)
         return url
+
+    def refuse_a_twin(self, url: str, watch_s: float = TWIN_WATCH_S) -> None:
+        """Refuses to start where another service runs cameras of this config under the same ``redis.prefix``:
+        both wrote the same keys (one camera's frames of two runs interleaved in its stream, its status switching
+        between them every second, track ids colliding, the control commands taken by either). Running is told
+        by a heartbeat that moves within ``watch_s``: a service killed a moment ago leaves fresh ones that do not
+        (its restart is not refused)."""
+        import redis
+
+        from pipeline.status import FINAL_STATES, read_camera_statuses
+
+        ids = {cam.id for cam in self.config.cameras}
+        prefix = self.config.redis.prefix
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            def beats() -> dict[str, Any]:
+                return {s["camera"]: s.get("heartbeat_ts") for s in read_camera_statuses(client, prefix)
+                        if s["camera"] in ids and s["state"] not in ("stale", *FINAL_STATES)}
+            first = beats()
+            if not first:
+                return
+            time.sleep(watch_s)
+            moved = sorted(cid for cid, beat in beats().items() if cid in first and beat != first[cid])
+        except redis.RedisError:  # as a Redis that does not answer: not fatal, the publishers retry
+            return
+        finally:
+            client.close()
+        if moved:
+            raise UserError(f"redis.prefix {prefix!r}: camera(s) {', '.join(moved)} run in another hydravision "
+                            f"service on {redact_url(url)} (their status is refreshed there): two services with one "
+                            "prefix write the same keys; give this one another redis.prefix, or stop that one")
 
     def check_model(self) -> dict:
         """The cameras' heads, zones and lines against the checkpoint's metadata; returns what the cameras need
