@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         out.say("Stopping: draining in-flight frames, flushing Redis ...")
         finals = app.shutdown(drain=True)
     out.final(finals)
+    warn_failures(finals)  # a camera that failed after the last tick (or all of them, the run ending at once) too
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
     undelivered = _undelivered(finals, getattr(app, "events", None))
     if undelivered:

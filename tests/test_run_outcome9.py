@@ -198,3 +198,13 @@ def test_an_uptime_monitor_probing_with_head_reads_the_probes_as_they_are(recwar
         assert client.get("/healthz").status_code == 200
         assert "/healthz" in api.openapi()["paths"]
     assert not [w for w in recwarn if "Duplicate Operation ID" in str(w.message)]
+
+
+def test_a_run_whose_every_camera_failed_before_a_tick_says_why(stand_in, monkeypatch, caplog):
+    """One camera whose file does not exist: the run ended (exit 1) before a tick saw it failed, and nothing said
+    why but the last column of the final table."""
+    monkeypatch.setattr(StandInApp, "finals", [{**final("cam-a", 0, state="failed"),
+                                                 "last_error": "/videos/nosuch.mp4: no such file"}])
+    with caplog.at_level(logging.WARNING):
+        assert run_commands.run(args()) == 1
+    assert "camera cam-a failed: /videos/nosuch.mp4: no such file" in caplog.text
