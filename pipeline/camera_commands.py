@@ -25,6 +25,7 @@ from workers.redact import redact_url
 from workers.settings import redis_url_error
 
 API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_API_TOKEN", "HYDRAVISION_REDIS_URL"
+QUIET_S = 3.0  # an answer later than this is waited for with a line saying so
 WAIT_READ_S = 2.0  # a read of the answer's wait: control.await_answer blocks 1 s at most, and 1 s for a busy Redis
 
 
@@ -163,7 +164,10 @@ class RedisChannel:
         # socket timeout above, a read begun just before --timeout ran out ended up that long after it.
         waiter = redis.Redis.from_url(self.url, socket_connect_timeout=WAIT_READ_S, socket_timeout=WAIT_READ_S)
         try:
-            answer = await_answer(waiter, self.results, command["request_id"], after, self.timeout)
+            answer = await_answer(waiter, self.results, command["request_id"], after, min(self.timeout, QUIET_S))
+            if answer is None and self.timeout > QUIET_S:  # a service starting up answers later: wait, but say so
+                print(self._waiting_note(), file=sys.stderr)
+                answer = await_answer(waiter, self.results, command["request_id"], after, self.timeout - QUIET_S)
         except (redis.ConnectionError, redis.TimeoutError) as lost:
             raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
                             f"({type(lost).__name__}): the command may have been applied (see `cameras list`)"
@@ -174,6 +178,25 @@ class RedisChannel:
             return answer
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
                         + take_back(self.client, self.key, entry_id))
+
+
+    def _waiting_note(self) -> str:
+        """What the wait past QUIET_S is for: with no service on this Redis it was 90 s of silence."""
+        import redis
+
+        from pipeline.control import CONTROL_GROUP
+
+        try:
+            read = any(_text(g["name"]) == CONTROL_GROUP for g in self.client.xinfo_groups(self.key))
+        except redis.RedisError:
+            read = True  # nothing to add
+        return (f"waiting up to {self.timeout - QUIET_S:g} s more for a hydravision service to answer on {self.key}"
+                + ("" if read else f" (no service has read {self.key} on this Redis yet: is one running, with "
+                   "this prefix?)"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _answer(value: Any) -> dict:
@@ -311,13 +334,16 @@ def main(args: argparse.Namespace) -> int:
 
 def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
     """Adds the cameras one by one, a line for each; a refused one does not stop the others, and the exit
-    status (2) and last line name every camera not added."""
+    status (2) and last line name every camera not added. One that runs already is left as it is, and said."""
     refused = []
     for i, camera in enumerate(cameras):
         camera_id = str(camera.get("id") or f"cameras[{i}]")
         answer = channel.send("add", None, camera)
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
+        elif str(answer.get("reason", "")).startswith(f"camera.id: camera {camera_id!r} already exists"):
+            # an export put back beside the cameras still running: those are no failure (the exit said 2)
+            print(f"camera {camera_id} already runs: left as it is (`cameras update` changes it)")
         else:
             refused.append(camera_id)
             print(f"camera {camera_id} rejected: {answer.get('reason', answer)}", file=sys.stderr)

@@ -85,16 +85,19 @@ def test_an_api_nobody_listens_on_is_still_said_to_be_unreachable(capsys: pytest
 # -- a file of several cameras ---------------------------------------------------------------------------------
 
 class StandInApp:
-    """What the HTTP API calls on the App: adds that refuse the ids in ``refuse``, and the cameras added."""
+    """What the HTTP API calls on the App: adds that refuse the ids in ``refuse``, refuse as the App does those
+    in ``running``, and the cameras added."""
 
     def __init__(self, refuse: set[str]) -> None:
-        self.refuse, self.added = refuse, []
+        self.refuse, self.added, self.running = refuse, [], set()
 
     def add_camera(self, camera: dict, by: str) -> dict:
         from pipeline.admission import CommandRejected
 
         if camera.get("id") in self.refuse:
-            raise CommandRejected(f"camera.id: a camera {camera['id']!r} is already running", 409)
+            raise CommandRejected(f"camera.url: {camera['id']!r}'s is outside the media roots", 403)
+        if camera.get("id") in self.running:
+            raise CommandRejected(f"camera.id: camera {camera['id']!r} already exists", 409)  # live_control's
         self.added.append(camera)
         return {"id": camera["id"]}
 
@@ -135,7 +138,7 @@ def test_an_export_of_several_cameras_is_added_back_one_by_one_naming_the_one_re
     assert all(c["heads"] == ["people"] for c in app.added) and app.added[0]["fps"] == 5.0
     assert app.added[1]["url"] == "rtsp://admin:hunter2@cam/live"  # the export's variable, from this environment
     assert out == "added camera street (as api:anonymous)\nadded camera yard (as api:anonymous)\n"
-    assert "camera door rejected: camera.id: a camera 'door' is already running" in err, err
+    assert "camera door rejected: camera.url: 'door''s is outside the media roots" in err, err
     assert _error_lines(err) == ["error: 1 of 3 cameras not added: door"], err
 
 
@@ -233,3 +236,32 @@ def test_a_terminal_escape_in_an_entry_does_not_reach_the_terminal(redis_server,
     assert "cam?]0;owned??[2J" in table and "bad?[31m stream" in table, table
     widths = {len(line) for line in table.splitlines() if line.startswith(("┏", "│", "└"))}
     assert len(widths) == 1, table  # every row as wide as the frame
+
+
+def test_an_export_put_back_beside_its_running_cameras_leaves_those_and_exits_0(
+        api_service, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export, remove one camera, add the export back: the removed one came back, and the command said "3 of 4
+    cameras not added" and exited 2 for the ones still running, which is what the operator wanted."""
+    url, app = api_service
+    app.refuse, app.running = set(), {"street", "door"}
+    monkeypatch.setenv("HV_YARD_SECRET", "admin:hunter2")
+    assert main(["cameras", "add", "--api", url, "--yaml", str(_exported(tmp_path))]) == 0
+    out, err = capsys.readouterr()
+    assert [c["id"] for c in app.added] == ["yard"] and not _error_lines(err), err
+    assert out.splitlines() == ["camera street already runs: left as it is (`cameras update` changes it)",
+                                "camera door already runs: left as it is (`cameras update` changes it)",
+                                "added camera yard (as api:anonymous)"]
+
+
+@pytest.mark.timeout(60)
+def test_a_command_no_service_answers_says_what_it_waits_for(redis_server, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cameras list --redis-url` with no service on that Redis: 90 s of silence, then the error. After a few
+    seconds it now says what it waits for, and that nothing ever read the control stream there."""
+    from pipeline import camera_commands
+
+    monkeypatch.setattr(camera_commands, "QUIET_S", 0.5)
+    assert main(["cameras", "list", "--redis-url", redis_server.url, "--timeout", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "waiting up to 1 s more for a hydravision service to answer on hv:control (no service has read" in err
+    assert "no answer on hv:control:results within 1.5 s" in err
