@@ -1,5 +1,5 @@
-"""The controller's HTTP API (FastAPI, served by uvicorn in a thread of `hydravision run`; OpenAPI at /docs):
-list, add, update, remove and export cameras while the others keep running.
+"""The controller's HTTP API (FastAPI, served by uvicorn in a thread of `hydravision run`; OpenAPI at /openapi.json,
+its page at /docs loads from a CDN): list, add, update, remove and export cameras while the others keep running.
 
 Every route under /cameras goes through ``BearerAuth``: when tokens are configured (``api.tokens``,
 ``$HYDRAVISION_API_TOKEN``) a request needs ``Authorization: Bearer <token>``, and the token's name is

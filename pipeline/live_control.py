@@ -81,7 +81,7 @@ class LiveControl:
             self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock, check_host=not tokens)
             self.admission.forbid("HTTP API", api.host, self.api_server.port)
             auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
-            self.say(f"HTTP API: {self.api_server.url} (OpenAPI at {self.api_server.url}/docs; {auth})")
+            self.say(f"HTTP API: {self.api_server.url} (OpenAPI: {self.api_server.url}/openapi.json; {auth})")
         if ctl.enabled:
             from pipeline.control import ControlConsumer, control_key, results_key
 
