@@ -44,7 +44,6 @@ MAX_DELIVERIES = 3  # a command that took the controller down this often is drop
 # Any Redis ACL user name (the CLI sends its WHOAMI: team:ops, ops/eu): printable ASCII without spaces, so it
 # cannot forge log lines or audit fields; a narrower set refused every command of such a user
 SENDER = r"^[!-~]{1,64}$"
-CONTROL_GROUP = "hydravision"  # the controllers' consumer group on {prefix}:control
 MAX_AT_ONCE = 8  # commands read and not yet answered: a flood waits in Redis, not in threads of the controller
 # How long the reader waits for a command before it goes on with the next beside it: a quick one keeps the
 # stream's order, and one that takes the controller down is dropped alone (its neighbours were never started)
@@ -187,7 +186,7 @@ class ControlConsumer:
     """Reads {prefix}:control in a thread of the controller and applies each command through the App, in a
     thread per camera (at most MAX_AT_ONCE commands at once)."""
 
-    def __init__(self, controller: Any, url: str, prefix: str, group: str = CONTROL_GROUP,
+    def __init__(self, controller: Any, url: str, prefix: str, group: str = "hydravision",
                  results_maxlen: int = 1000, consumer: str = "controller", block_ms: int = 250):
         self.controller, self.url, self.prefix, self.group = controller, url, prefix, group
         self.consumer, self.block_ms, self.results_maxlen = consumer, block_ms, results_maxlen
