@@ -289,6 +289,9 @@ def interpolate_env(value: Any, path: str = "", env: dict[str, str] | None = Non
     """Replaces ${VAR} / ${VAR:-default} in every string of a parsed YAML tree."""
     env = os.environ if env is None else env
     if isinstance(value, dict):
+        # keys are not read: a `resources: {${NODE}: 1}` waited for a resource named "${NODE}", never offered
+        if key := next((k for k in value if isinstance(k, str) and "${" in k), None):
+            raise ConfigError(f"{path or 'config'}: the key {key!r} holds a ${{...}}; only values are read, not keys")
         return {k: interpolate_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
@@ -325,24 +328,37 @@ def _urls_in(value: Any) -> list[str]:
     return [value] if isinstance(value, str) and "://" in value else []
 
 
+# YAML 1.1 (PyYAML) reads these unquoted: `id: 010` was "Input should be a valid string (got 8)"
+_UNQUOTED = "; quote it: YAML reads unquoted on/off/yes/no as true/false, 010 as the octal 8 and 12:30 as 750"
+
+
 def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str:
     """One line per error, each starting with the field path (under ``root``, e.g. "camera" -> camera.fps)."""
     lines = []
     for e in err.errors():
+        parts = list(e["loc"])
+        # a mapping's key: its path is the mapping's (an int key read as a list index: "labels[1].[key]")
+        key = e["type"] == "invalid_key" or parts[-1:] == ["[key]"]
+        if key:
+            parts = parts[:-2] if parts[-1] == "[key]" else parts[:-1]
         loc = root
-        for part in e["loc"]:
+        for part in parts:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         value = e.get("input")
         shown = redact_url(value) if isinstance(value, str) else value
         msg = e["msg"].removeprefix("Value error, ")
+        if key:
+            msg = f"the key {value!r}: {msg}"
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling)"
         # An unknown field's value is no help and may be a secret (`redis.password: ${REDIS_PASSWORD}`); so is a token.
         secret = e["type"] == "extra_forbidden" or "tokens" in e["loc"]
-        if isinstance(value, dict) or e["type"] == "missing" or secret:
-            lines.append(f"{loc or 'config'}: {msg}")
+        if isinstance(value, dict) or e["type"] == "missing" or secret or key:
+            line = f"{loc or 'config'}: {msg}"
         else:
-            lines.append(f"{loc or 'config'}: {msg} (got {shown!r})")
+            line = f"{loc or 'config'}: {msg} (got {shown!r})"
+        unquoted = e["type"] in ("string_type", "invalid_key") and isinstance(value, (bool, int, float))
+        lines.append(line + (_UNQUOTED if unquoted else ""))
     # a validator may echo a value, a list's repr may hold a URL: nothing of the input leaves unredacted
     return redact_text("\n".join(lines), urls)
 
