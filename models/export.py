@@ -198,8 +198,9 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
             for leftover in path.parent.glob(f"*-{key}.onnx.*.tmp" if key else f"{glob.escape(path.name)}.*.tmp"):
                 leftover.unlink(missing_ok=True)
             log.info("%s (once; cached at %s)", what, path)
-            make(path)
+            # before making: on a disk the cache filled, the old files' space is what lets the new one be written
             prune_cache(path.parent)
+            make(path)
     return path
 
 

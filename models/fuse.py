@@ -18,7 +18,8 @@ _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode
+                      ).to(conv.weight.device, conv.weight.dtype)
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)

@@ -43,8 +43,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if "base" in meta and not (isinstance(base, dict) and all(isinstance(base.get(k), str)
                                                               for k in ("path", "sha256"))):
         raise CheckpointError(f"{path}: checkpoint metadata is damaged (its base is not a path and a sha256)")
-    if not isinstance(config, dict) or not isinstance(config.get("heads", {}), dict) or not isinstance(training, dict):
-        raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config or heads are not a mapping)")
+    if not isinstance(config, dict) or not isinstance(training, dict) or not all(
+            isinstance(config.get(part, {}), dict) for part in ("heads", "attributes", "adapters", "reid")):
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config, heads, attributes, adapters or "
+                              "reid are not a mapping)")
     for spec in config.get("heads", {}).values():
         if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
             spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs
