@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.files import written_aside
+from models.files import file_identity, written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
 
@@ -89,6 +89,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuilds the model a checkpoint describes and loads its weights; returns (model in eval mode, training meta)."""
     path = Path(path)
     meta = read_metadata(path)
+    identity = file_identity(path)  # before its tensors are read: what an export of them is filed under must match
     try:
         config = HydraNetConfig.from_dict(meta["config"])
         model = HydraNet(config)
@@ -99,6 +100,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if problems:
         raise CheckpointError(f"{path}: weights do not match the architecture it describes: {problems}")
     model.load_state_dict(tensors)
+    model.checkpoint_identity = identity  # models/export.py:cached_export checks the file is still this one
     return model.to(device).eval(), meta["training"]
 
 

@@ -25,9 +25,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from models.files import written_aside
+from models.files import file_identity, written_aside
 from models.fuse import fuse_conv_bn
 from models.hydranet import ConfigError, HydraNet
+from models.metadata import CheckpointError
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -176,6 +177,11 @@ def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "ex
     """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset, exporter
     and GroupNorm form."""
     key = cache_key(checkpoint, group_norm)
+    # The key is the file's content now: a checkpoint copied over it since ``model`` was loaded from it had the old
+    # weights' graph filed under the new content, which every later start of the new checkpoint then ran.
+    loaded = getattr(model, "checkpoint_identity", None)
+    if loaded is not None and file_identity(checkpoint) != loaded:
+        raise CheckpointError(f"{checkpoint}: replaced while it was being loaded; start again to load the new one")
     return cached(cache_path(checkpoint, group_norm, key), lambda path: export_onnx(model, path, group_norm=group_norm),
                   f"exporting {checkpoint} to ONNX", key)
 

@@ -25,6 +25,12 @@ def written_aside(path: Path, tmp: Path) -> Iterator[Path]:
         raise
 
 
+def file_identity(path: str | Path) -> tuple[int, int, int]:
+    """What tells a file replaced (its inode) or rewritten in place (its size, its modification time in ns)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _fsync_folder(folder: Path) -> None:
     """The rename itself on disk; a filesystem that cannot sync a folder is left as it is."""
     try:

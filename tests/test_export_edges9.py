@@ -70,3 +70,26 @@ def test_damaged_optional_parts_of_the_metadata_are_refused_naming_the_file(part
         with pytest.raises(CheckpointError, match="metadata is damaged") as err:
             read(path)
         assert str(path) in str(err.value)
+
+
+def test_a_checkpoint_replaced_while_it_was_loaded_is_not_exported_under_the_new_content(tmp_path, monkeypatch):
+    """The export's cache key is the file's content when the export is asked for, after the model was loaded:
+    a new checkpoint copied over the file in between had the old weights' graph filed under the new content, and
+    every later start of the new checkpoint ran the old model (its logits 7e-3 from the new one's)."""
+    from models.checkpoint import save_checkpoint
+    from models.export import cached_export
+
+    monkeypatch.setenv("HYDRAVISION_CACHE", str(tmp_path / "cache"))
+    cfg = HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
+                         neck={"type": "fpn", "channels": 16}, heads={"people": {"classes": ["person"]}})
+    path = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(HydraNet(cfg), path)
+    old, _ = load_checkpoint(path)
+    torch.manual_seed(1)
+    save_checkpoint(HydraNet(cfg), path)  # the operator's copy of the new version lands now
+    with pytest.raises(CheckpointError, match="replaced while it was being loaded"):
+        cached_export(old, path)
+    assert not list((tmp_path / "cache").glob("**/*.onnx"))
+    new, _ = load_checkpoint(path)  # a start after it loads and exports the file as it is
+    assert cached_export(new, path).is_file()
