@@ -5,6 +5,7 @@
 #                                              three pytest-xdist workers (-n 0: one process, as for -m slow)
 #   ./dev.sh up [docker compose up options]    the docker-compose.yml stack; writes .env with fresh secrets first
 #   ./dev.sh setup | system-deps               only the set-up steps
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # `sh dev.sh ...` too (dash stopped at pipefail, saying only that)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,11 +19,18 @@ NODE_PACKAGES="nodejs npm"   # examples/node-consumer and its test; left alone w
 
 have_node() { command -v node >/dev/null && command -v npm >/dev/null; }
 
+have_gst_elements() {  # those the RTSP testbed runs, as tests/servers.py checks (x264enc alone missed -good, -bad)
+    local element
+    for element in appsrc qtdemux h264parse rtph264pay videotestsrc x264enc; do
+        gst-inspect-1.0 "$element" >/dev/null 2>&1 || return 1
+    done
+}
+
 system_deps() {
     # Test-only servers, and the browser of the dashboard's tests. Skipped when they are already there.
     if command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && have_node \
         && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
-        && gst-inspect-1.0 x264enc >/dev/null 2>&1 && command -v chromium >/dev/null; then
+        && have_gst_elements && command -v chromium >/dev/null; then
         return 0
     fi
     local packages="$APT_PACKAGES"
@@ -43,7 +51,9 @@ apt_install() {
         return 1
     fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+    # through env: sudo resets the environment, so a DEBIAN_FRONTEND before it never reached apt-get (a package's
+    # question then waited for an answer on a terminal whose output goes to /dev/null)
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 demo_redis() {
@@ -60,16 +70,26 @@ sys.exit(find_redis_server() is None)' && return 0
 python_deps() {
     local stamp="$VENV/.hv-installed"
     local want
-    want="$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    # The checkout's place too: a copied or moved one's .venv still ran the old place's code (the editable install
+    # and the scripts' #! name it), silently where that is still there; updating in place points them here.
+    want="$( (pwd -P; cat pyproject.toml dev.sh) | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
     if "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-        echo "dev.sh: pyproject.toml or dev.sh changed since $VENV was set up: updating its packages"
+        echo "dev.sh: pyproject.toml, dev.sh or the checkout's place changed since $VENV was set up: updating it"
     else
         # None yet, or one whose creation failed half-way (no python3-venv: a .venv without pip, which every
         # later run would otherwise try to use): made afresh.
         "$PY" -m venv --clear "$VENV"
+        # Not kept with a Python older than pyproject.toml's requires-python: it failed on torch first, naming the
+        # wrong cause, and every later run kept that .venv, PYTHON=... included.
+        if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+            echo "dev.sh: hydravision needs Python >= 3.10, $PY is $("$VENV/bin/python" -V 2>&1): name another" \
+                 "one with PYTHON=python3.11 ./dev.sh ..." >&2
+            rm -rf "$VENV"
+            exit 1
+        fi
         echo "dev.sh: installing Python packages into $VENV (the first time takes a few minutes)"
     fi
     # -qq: errors only. Warnings here are the machine's pip settings (an index folder without a package, pip
@@ -116,9 +136,9 @@ case "$cmd" in
     system-deps) system_deps ;;
     setup) python_deps ;;
     demo) python_deps; demo_redis "$@"; exec "$VENV/bin/hydravision" demo "$@" ;;
-    # Two workers: much of a test's time is spent waiting on servers and processes it started, so two at once
-    # on two cores take ~60% of the time of one after the other (tests/machine.py sizes each to its share).
+    # Three workers: much of a test's time is spent waiting on servers and processes it started, so several at
+    # once on two cores beat one after the other (tests/machine.py sizes each test to its worker's share).
     test) system_deps; python_deps; exec "$VENV/bin/python" -m pytest -n 3 "$@" ;;
     up) compose_up "$@" ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    *) sed -n '2,7p' "$(basename "$0")"; exit 2 ;;  # basename: this runs in the script's folder (cd above)
 esac

@@ -123,8 +123,10 @@ class ManagedProcess:
 
     # --- lifecycle
     def start(self: _Server) -> _Server:
-        if self.process is not None:
+        if self.running:
             raise RuntimeError(f"{self.name} is already running on port {self.port}")
+        if self.process is not None:  # it ended by itself (a crash, a SHUTDOWN): restartable like a killed one
+            self._reap()
         # A free_port() can be taken by someone else before we bind it: retry with a new port, but only
         # before the first start (a restart must keep its port, tests rely on that).
         attempts = 3 if self._auto_port and not self._started_once else 1

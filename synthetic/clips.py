@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
+import secrets
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -53,8 +54,10 @@ def encode_mp4(
     if gop is not None and (isinstance(gop, bool) or not isinstance(gop, numbers.Integral) or gop < 1):
         raise ValueError(f"gop must be a positive int (frames) or None, got {gop!r}")
     path = Path(path)
-    # same suffix: av picks the format by it
-    with written_aside(path, path.with_name(f".{path.stem}.partial{path.suffix}")) as part:
+    # same suffix: av picks the format by it; a name of its own, so two runs making one cached clip at once
+    # (two test workers, two benchmarks) do not write into one partial file and rename it from under each other
+    part_name = f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+    with written_aside(path, path.with_name(part_name)) as part:
         _encode(part, frames, fps, crf, gop)
     return path
 
