@@ -311,7 +311,7 @@ def make_clip(folder: Path, size: tuple[int, int], seconds: float, fps: float = 
         scene = StreetScene(7, width=640, height=360, fps=fps)
         frames = (cv2.resize(scene.step()[0], size, interpolation=cv2.INTER_LINEAR)
                   for _ in range(round(seconds * fps)))
-        encode_mp4(path.with_suffix(".tmp.mp4"), frames, fps).replace(path)
+        encode_mp4(path, frames, fps)  # written aside under a name of its own, renamed whole
     return path
 
 

@@ -93,14 +93,15 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("kinds", ["redis", "rtsp"])
-def test_servers_end_when_the_test_run_is_killed(kinds: str):
+def test_servers_end_when_the_test_run_is_killed(kinds: str, tmp_path):
     """pytest SIGKILLed (a timeout, a cancelled CI job) runs no atexit hook: its redis-servers went on for ever,
     and an RTSP server paused to play a stalled camera too (it watched its parent from its own main loop)."""
     require_binary("redis-server")
     if kinds == "rtsp":
         require_binary("gst-rtsp-server")
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, kinds], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              stdout=subprocess.PIPE,  # TMPDIR: its servers' folders, left by the kill, go too
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
     pids: list[int] = []
     try:
         line = holder.stdout.readline().decode()
