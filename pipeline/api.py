@@ -186,11 +186,13 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     auth = BearerAuth(tokens)
     api.state.auth = auth
     json_object = _json_object_reader(auth)
-    commands = anyio.CapacityLimiter(COMMANDS_AT_ONCE)
+    commands: list = []  # the limiter, made in the server's event loop: anyio < 4.2 refuses one made outside it
 
     async def command(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """``fn`` in a thread of the commands' own (see COMMANDS_AT_ONCE)."""
-        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=commands)
+        if not commands:
+            commands.append(anyio.CapacityLimiter(COMMANDS_AT_ONCE))
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=commands[0])
 
     @api.exception_handler(CommandRejected)
     async def _on_rejected(request: Request, exc: CommandRejected) -> JSONResponse:

@@ -40,8 +40,8 @@ from workers.stream import StreamActor, publisher_for
 # frames/s with 8 cameras on 2 cores (benchmarks/README.md). A Ray cluster needs the same setting at `ray start`.
 # worker_niceness: Ray starts actor processes at nice 15, so any other busy program took the CPU from the
 # cameras and the model almost entirely (docs/architecture.md, "CPU under contention").
-TWIN_WATCH_S = 2.5  # cameras refresh their status heartbeat every second: a running service's moves
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness": 0}
+TWIN_WATCH_S = 2.5  # cameras refresh their status heartbeat every second: a running service's moves
 
 log = logging.getLogger(__name__)
 

@@ -332,8 +332,9 @@ def _urls_in(value: Any) -> list[str]:
 _UNQUOTED = "; quote it: YAML reads unquoted on/off/yes/no as true/false, 010 as the octal 8 and 12:30 as 750"
 
 
-def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str:
-    """One line per error, each starting with the field path (under ``root``, e.g. "camera" -> camera.fps)."""
+def _format_errors(err: ValidationError, urls: list[str], root: str = "", yaml: bool = False) -> str:
+    """One line per error, each starting with the field path (under ``root``, e.g. "camera" -> camera.fps);
+    ``yaml``: the input was a YAML file (a number or boolean where text belongs gets the hint to quote it)."""
     lines = []
     for e in err.errors():
         parts = list(e["loc"])
@@ -357,7 +358,7 @@ def _format_errors(err: ValidationError, urls: list[str], root: str = "") -> str
             line = f"{loc or 'config'}: {msg}"
         else:
             line = f"{loc or 'config'}: {msg} (got {shown!r})"
-        unquoted = e["type"] in ("string_type", "invalid_key") and isinstance(value, (bool, int, float))
+        unquoted = yaml and e["type"] in ("string_type", "invalid_key") and isinstance(value, (bool, int, float))
         lines.append(line + (_UNQUOTED if unquoted else ""))
     # a validator may echo a value, a list's repr may hold a URL: nothing of the input leaves unredacted
     return redact_text("\n".join(lines), urls)
@@ -413,7 +414,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: invalid config:\n{_format_errors(e, _urls_in(data))}") from None
+        raise ConfigError(f"{source}: invalid config:\n{_format_errors(e, _urls_in(data), yaml=True)}") from None
     if isinstance(written, list):
         config._written_urls = {cam.id: raw["url"] for cam, raw in zip(config.cameras, written)
                                 if isinstance(raw, dict) and isinstance(raw.get("url"), str)}

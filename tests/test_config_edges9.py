@@ -27,8 +27,9 @@ def test_a_name_yaml_reads_as_a_number_or_boolean_says_to_quote_it(tmp_path, cam
         load_config(p)
 
 
-def test_a_camera_sent_with_a_number_for_its_id_says_to_quote_it():
-    with pytest.raises(ConfigError, match=r"^camera\.id: Input should be a valid string \(got 8\); quote it"):
+def test_a_camera_sent_as_json_with_a_number_for_its_id_gets_no_yaml_hint():
+    """The hint is the YAML file's: a command sent as JSON (the API, the control stream) never wrote YAML."""
+    with pytest.raises(ConfigError, match=r"^camera\.id: Input should be a valid string \(got 8\)$"):
         parse_camera({"id": 8, "url": "synthetic://street"})
 
 
