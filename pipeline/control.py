@@ -44,7 +44,8 @@ MAX_DELIVERIES = 3  # a command that took the controller down this often is drop
 # Any Redis ACL user name (the CLI sends its WHOAMI: team:ops, ops/eu): printable ASCII without spaces, so it
 # cannot forge log lines or audit fields; a narrower set refused every command of such a user
 SENDER = r"^[!-~]{1,64}$"
-MAX_AT_ONCE = 8  # commands read and not yet answered: a flood waits in Redis, not in threads of the controller
+MAX_AT_ONCE = 8  # cameras' commands applied at once, a thread each: a flood waits in Redis, not in threads
+MAX_READ = 64  # commands read and not yet answered, also those queued behind one on their camera (memory only)
 # How long the reader waits for a command before it goes on with the next beside it: a quick one keeps the
 # stream's order, and one that takes the controller down is dropped alone (its neighbours were never started)
 IN_ORDER_S = 0.5
@@ -184,7 +185,7 @@ def execute(controller: Any, cmd: Command, by: str) -> Any:
 
 class ControlConsumer:
     """Reads {prefix}:control in a thread of the controller and applies each command through the App, in a
-    thread per camera (at most MAX_AT_ONCE commands at once)."""
+    thread per camera (at most MAX_AT_ONCE cameras at once)."""
 
     def __init__(self, controller: Any, url: str, prefix: str, group: str = "hydravision",
                  results_maxlen: int = 1000, consumer: str = "controller", block_ms: int = 250):
@@ -209,7 +210,9 @@ class ControlConsumer:
         self._lock = threading.Lock()  # guards _lanes, _workers, _results, handled
         self._lanes: dict[tuple[str, str], deque] = {}
         self._workers: set[threading.Thread] = set()
-        self._room = threading.Semaphore(MAX_AT_ONCE)
+        # A lane's thread holds a room; a command read holds a read until it is answered. Commands queued behind
+        # a slow one on its camera hold no room: with one each, eight of them held up every other camera's again.
+        self._room, self._reads = threading.Semaphore(MAX_AT_ONCE), threading.Semaphore(MAX_READ)
         self._read_back = threading.Event()  # a command met a Redis error before it was applied: read it back
         self._died: BaseException | None = None  # what took a command's thread down: the reader ends with it
 
@@ -276,31 +279,40 @@ class ControlConsumer:
     def _submit(self, entry_id: str, fields: dict, redelivered: bool) -> bool:
         """Hands a command to its lane, and waits for it: a moment, or to its end when ``redelivered`` (read back
         one at a time, see _run). False when the consumer stopped first (the command stays pending)."""
-        while not self._room.acquire(timeout=0.05):
-            if self._stop.is_set():
-                return False
+        if not self._wait_for(self._reads):
+            return False
         # A camera's commands keep their order (the App refuses a second command on a camera, 409); a command
         # read again while it is still applied (a Redis blip) waits behind itself, and is answered from _results.
         camera = _camera_of(fields)
         key = ("camera", camera) if camera is not None else ("entry", entry_id)
         done = threading.Event()
-        with self._lock:
+        item = (entry_id, fields, redelivered, done)
+        with self._lock:  # only this reader thread makes lanes: one absent here stays absent until it makes it
             lane = self._lanes.get(key)
-            queued = lane is not None
-            if queued:
-                lane.append((entry_id, fields, redelivered, done))
-            else:
-                self._lanes[key] = lane = deque([(entry_id, fields, redelivered, done)])
+            if queued := lane is not None:
+                lane.append(item)
+        if not queued:
+            if not self._wait_for(self._room):
+                self._reads.release()
+                return False
+            with self._lock:
+                self._lanes[key] = lane = deque([item])
                 worker = threading.Thread(target=self._work, args=(key, lane), name="redis-control-command",
                                           daemon=True)
                 self._workers.add(worker)
-        if not queued:
             worker.start()
             until = time.monotonic() + IN_ORDER_S
             while not done.wait(0.05) and not self._stop.is_set() and (redelivered or time.monotonic() < until):
                 pass
         if self._died is not None:
             raise self._died
+        return True
+
+    def _wait_for(self, slots: threading.Semaphore) -> bool:
+        """Takes one of ``slots``; False when the consumer stopped first."""
+        while not slots.acquire(timeout=0.05):
+            if self._stop.is_set():
+                return False
         return True
 
     def _work(self, key: tuple[str, str], lane: deque) -> None:
@@ -319,7 +331,7 @@ class ControlConsumer:
                     self._died = e
                     raise
                 finally:
-                    self._room.release()
+                    self._reads.release()
                     done.set()
                 with self._lock:
                     lane.popleft()
@@ -331,6 +343,7 @@ class ControlConsumer:
                 if self._lanes.get(key) is lane:
                     del self._lanes[key]
                 self._workers.discard(threading.current_thread())
+            self._room.release()
 
     def _handle(self, entry_id: str, fields: dict, redelivered: bool) -> None:
         # A command read again after it was applied: Redis came back from a restart without its delivery (its

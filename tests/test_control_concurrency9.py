@@ -227,3 +227,23 @@ def test_a_redis_blip_while_a_slow_add_runs_neither_applies_nor_answers_it_twice
 def test_a_commands_camera_is_read_leniently(fields: dict, camera: str | None) -> None:
     """What orders a command after others on its camera: an add's camera.id (what it adds), else its id."""
     assert control._camera_of(fields) == camera
+
+
+def test_commands_queued_behind_a_slow_one_on_its_camera_hold_up_no_other_camera(redis_server):
+    """Each command read took one of the MAX_AT_ONCE slots, also those only queued behind a slow add on their
+    camera: a held add and eight removes of that camera (a script retrying) took them all, and a list and another
+    camera's remove waited for the slow add again."""
+    client = redis_server.client()
+    app = SlowApp(slow=("door",))
+    consumer = ControlConsumer(app, redis_server.url, "hv").start()
+    try:
+        add(client, "door")
+        wait_for(lambda: app.running == 1, 10, "door's add to run", poll=0.05)
+        for i in range(control.MAX_AT_ONCE):
+            send(client, f"remove door {i}", op="remove", id="door")
+        send(client, "list", op="list")
+        send(client, "remove lobby", op="remove", id="lobby")
+        wait_for(lambda: answered(client, "list", "remove lobby"), 10, "the list and lobby's remove", poll=0.05)
+    finally:
+        app.release.set()
+        consumer.stop()

@@ -30,12 +30,12 @@ def test_the_controllers_threads_say_where_http_commands_run():
     """architecture.md said uvicorn runs each request in its worker pool; since 6bbe42f add, update and remove
     run in threads of their own (at most COMMANDS_AT_ONCE), as 40 adds waiting on Ray held that whole pool."""
     from pipeline.api import COMMANDS_AT_ONCE
-    from pipeline.control import MAX_AT_ONCE
+    from pipeline.control import MAX_AT_ONCE, MAX_READ
 
     threads = _paragraph(ARCH, "**The threads of the controller.**")
     assert "runs each request in its worker pool" not in threads
     assert "COMMANDS_AT_ONCE" in threads and f"at most {COMMANDS_AT_ONCE} at once" in threads, threads[:400]
-    assert f"at most {MAX_AT_ONCE} commands at once" in threads
+    assert f"at most {MAX_AT_ONCE} cameras' commands at once, and {MAX_READ} read and unanswered" in threads
 
 
 def test_readme_backends_agree_with_pick_backend_and_this_readme(monkeypatch):
