@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,6 +52,9 @@ def create_app(hub: Hub):
             response.headers["Cache-Control"] = "no-cache"
             return response
 
+    # names this version of the page's files; a page open across an upgrade loads the new ones (see app.js)
+    build = f"{zlib.crc32(b''.join(p.read_bytes() for p in sorted(STATIC.iterdir()) if p.is_file())):08x}"
+
     async def index(request):
         # Text from Redis is only ever put into textContent; the policy is the second line of defence. form-action:
         # default-src does not cover it, and the page's own form is sent by its script (a form injected could post
@@ -63,7 +67,7 @@ def create_app(hub: Hub):
     async def stream(request):
         q, hello = hub.subscribe()
         # popped when sent: a hello holds every picture inline, and this closure lives as long as the page is open
-        opening = ["retry: 1000\n\n" + sse("hello", hello)]
+        opening = ["retry: 1000\n\n" + sse("build", build) + sse("hello", hello)]
 
         async def events():
             try:

@@ -134,6 +134,15 @@ def tile_state(status: dict) -> str:
     return _STATE.get(state, DOWN) if isinstance(state, str) else DOWN
 
 
+def _behind(detection: dict | None, ts: Any) -> float | None:
+    """Seconds a picture taken at ``ts`` is older than the camera's newest published frame, both capture times on
+    the camera's own clock (no other host's): a running camera whose pictures stopped (snapshots switched off
+    live leave the last one in Redis) showed that one as live."""
+    newest = (detection or {}).get("ts")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (newest, ts))
+    return round(max(0.0, newest - ts), 1) if numbers else None
+
+
 def make_tile(status: dict, detection: dict | None, counts: dict | None,
               snapshot: tuple[str, int | None, float | None] | None) -> dict:
     """One camera tile from its status (as read_camera_statuses returns it), latest detection message, parsed
@@ -151,10 +160,13 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
                     if isinstance(v, (int, float))},
         "published": s.get("published", 0), "reconnects": s.get("reconnects", 0),
         "heads": _names(s.get("heads")) or _names((detection or {}).get("heads")),
-        "tracks": tracks_by_head(detection) if live else {},
+        # its last message's tracks are tracks now only while it runs: a camera reconnecting for an hour (or added
+        # again, starting) showed the tracks of its last frame as the objects in view
+        "tracks": tracks_by_head(detection) if live and tile_state(s) == UP else {},
         "size": (detection or {}).get("size"),
         "counts": counts,
         "snapshot": None if snapshot is None else {"v": snapshot[0], "frame": snapshot[1], "ts": snapshot[2]},
+        "picture_behind_s": None if snapshot is None else _behind(detection, snapshot[2]),
         "heartbeat_age_s": s.get("heartbeat_age_s"), "stale": bool(s.get("stale")),
         "url": s.get("url"),  # redacted by the camera already; scrubbed again on the way out
     }

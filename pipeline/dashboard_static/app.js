@@ -12,9 +12,11 @@ const state = {
   pictures: new Map(),
   control: false,       // a controller listens and this dashboard may send it commands  // camera -> {v, data}: the pictures inlined in the last hello
   historyS: 300,
+  build: null,          // the version of the page's files its first stream named
   reconnectedTimer: null,
 };
 const MAX_EVENTS = 500;
+const PICTURE_LATE_S = 10;  // a picture this much older than the camera's newest frame is dated, not shown as live
 const $ = (sel) => document.querySelector(sel);
 
 function el(tag, attrs = {}, ...children) {
@@ -146,60 +148,79 @@ function makeTile(camera) {
 function showPicture(container, camera, snapshot) {
   const img = container.querySelector("img.snap");
   const placeholder = container.querySelector(".placeholder");
-  if (!snapshot) {
-    img.hidden = true; placeholder.hidden = false; img.removeAttribute("data-v");
-    return;
-  }
-  if (img.dataset.v === snapshot.v || img.dataset.loading === snapshot.v) return;
-  const inline = state.pictures.get(camera);
-  if (inline && inline.v === snapshot.v) {  // came with the hello: no request
-    img.src = inline.data;
+  const show = (src) => {
+    img.src = src;
     img.dataset.v = snapshot.v;
     img.dataset.frame = snapshot.frame ?? "";
     img.hidden = false; placeholder.hidden = true;
+  };
+  if (!snapshot) {
+    img.hidden = true; placeholder.hidden = false; img.removeAttribute("data-v"); delete img.dataset.loading;
     return;
   }
+  if (img.dataset.v === snapshot.v) return;
+  const inline = state.pictures.get(camera);
+  if (inline && inline.v === snapshot.v) {  // came with the hello: no request
+    delete img.dataset.loading;  // one still loading is older
+    show(inline.data);
+    return;
+  }
+  // one request at a time, the newest asked for once it is in: on a link slower than the pictures each tick
+  // started one more, for pictures long replaced, without end
+  if (img.dataset.loading) return;
   img.dataset.loading = snapshot.v;
   const next = new Image();  // decode first, then swap: no flicker
   next.onload = () => {
     if (img.dataset.loading !== snapshot.v) return;
-    img.src = next.src;
-    img.dataset.v = snapshot.v;
-    img.dataset.frame = snapshot.frame ?? "";
-    img.hidden = false; placeholder.hidden = true;
+    delete img.dataset.loading;
+    show(next.src);
+    const latest = (state.cameras.get(camera) || {}).snapshot;
+    if (img.isConnected && latest && latest.v !== snapshot.v) showPicture(container, camera, latest);
   };
   next.onerror = () => { if (img.dataset.loading === snapshot.v) delete img.dataset.loading; };
   next.src = snapshotUrl(camera, snapshot.v);
 }
 
+// Text set only when it changed: text replaced at every tick took away an operator's selection in it.
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
 function fillStats(root, tile) {
   root.dataset.state = tile.state;
   root.dataset.fps = tile.fps;
-  root.querySelector(".state").textContent = stateLabel(tile);
+  setText(root.querySelector(".state"), stateLabel(tile));
   root.querySelector(".state").title = tile.detail || "";
   const error = root.querySelector(".error");
   const problem = tile.state !== "up" ? tile.error : tile.redis_error;
   error.hidden = !problem;
-  error.textContent = problem ? `${tile.state === "up" ? "Redis: " : ""}${problem}` : "";
-  root.querySelector("dd.fps").textContent = `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`;
-  root.querySelector("dd.age").textContent = `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`;
-  root.querySelector("dd.drops").textContent = drops(tile);
-  const when = root.querySelector(".pic .when");  // a camera not up shows its last picture, dated
-  when.hidden = tile.state === "up" || !tile.snapshot || !tile.snapshot.ts;
-  if (!when.hidden) when.textContent = `last picture ${fmt.time(tile.snapshot.ts)}`;
-  root.querySelector("dd.tracks").textContent = tile.tracks ? fmt.pairs(tile.tracks) : "–";
+  setText(error, problem ? `${tile.state === "up" ? "Redis: " : ""}${problem}` : "");
+  setText(root.querySelector("dd.fps"), `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`);
+  setText(root.querySelector("dd.age"), `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`);
+  setText(root.querySelector("dd.drops"), drops(tile));
+  // a camera not up shows its last picture, dated; so does one up whose pictures stopped (it still sends frames)
+  const when = root.querySelector(".pic .when");
+  const late = tile.picture_behind_s > PICTURE_LATE_S;
+  when.hidden = (tile.state === "up" && !late) || !tile.snapshot || !tile.snapshot.ts;
+  if (!when.hidden) setText(when, `last picture ${fmt.time(tile.snapshot.ts)}`);
+  setText(root.querySelector("dd.tracks"), tile.tracks ? fmt.pairs(tile.tracks) : "–");
   for (const node of root.querySelectorAll(".counts-row")) node.hidden = !tile.counts;
-  if (tile.counts) root.querySelector("dd.counts").textContent = countsText(tile.counts);
+  if (tile.counts) setText(root.querySelector("dd.counts"), countsText(tile.counts));
 }
 
 function renderTiles() {
   const grid = $("#grid");
   const seen = new Set();
+  let before = null;  // the tile the next one goes after
   for (const [camera, tile] of [...state.cameras].sort(([a], [b]) => a.localeCompare(b))) {
     seen.add(camera);
     let node = grid.querySelector(`[data-camera="${CSS.escape(camera)}"]`);
     if (!node) node = makeTile(camera);
-    grid.append(node);  // keeps the order sorted as cameras come and go
+    // keeps the order sorted as cameras come and go, moving a tile only when out of place: a move takes the
+    // keyboard focus and the selection out of it (every tick, when every tile was appended again)
+    const place = before ? before.nextSibling : grid.firstChild;
+    if (node !== place) grid.insertBefore(node, place);
+    before = node;
     fillStats(node, tile);
     showPicture(node, camera, tile.snapshot);
   }
@@ -338,8 +359,8 @@ function renderDetail() {
     return;
   }
   fillStats(root, tile);
-  root.querySelector(".url").textContent = tile.url || "–";
-  root.querySelector(".reconnects").textContent = tile.reconnects ?? 0;
+  setText(root.querySelector(".url"), tile.url || "–");
+  setText(root.querySelector(".reconnects"), String(tile.reconnects ?? 0));
   const heads = root.querySelector("table.heads");
   heads.replaceChildren(el("tr", {}, el("th", {}, "head"), el("th", {}, "tracks now")),
     ...tile.heads.map((h) => el("tr", {}, el("td", {}, h), el("td", {}, String((tile.tracks || {})[h] ?? "–")))));
@@ -405,6 +426,12 @@ function takeTiles(tiles) {
 
 function connect() {
   const source = new EventSource("api/stream");
+  // the page's files as the server has them: changed (an upgrade), the page loads them anew, where the operator
+  // was; its stream reconnects by itself, and ran the old script against the new server until someone reloaded
+  source.addEventListener("build", (m) => {
+    if (state.build && state.build !== m.data) location.reload();
+    state.build = m.data;
+  });
   source.addEventListener("hello", (m) => {
     window.hvHelloAt = window.hvHelloAt || performance.now();  // for load-time measurements
     const hello = JSON.parse(m.data);
@@ -431,7 +458,9 @@ function connect() {
     const tick = JSON.parse(m.data);
     setControl(tick.control);
     takeTiles(tick.cameras);
-    renderTiles();
+    // a hidden tab (in the background, minimised) draws nothing and loads no picture (for days, 100 cameras' at
+    // every tick); it draws the newest state once shown
+    if (!document.hidden) renderTiles();
   });
   source.addEventListener("events", (m) => {
     const msg = JSON.parse(m.data);
@@ -458,7 +487,9 @@ async function command(method, path, body, output) {
   try {
     const response = await fetch(path, { method, headers: { "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body) });
-    const result = await response.json();
+    // a proxy's error page is no JSON: its HTTP status is the reason
+    const result = await response.json().catch(() => ({ status: "rejected",
+      reason: `HTTP ${response.status} ${response.statusText}`.trim() }));
     output.dataset.status = result.status;
     output.textContent = result.status === "accepted" ? "accepted" : `${result.status}: ${result.reason || ""}`;
     return result;
@@ -494,6 +525,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#filter-types").addEventListener("change", applyFilters);
   window.addEventListener("hashchange", renderDetail);
   window.addEventListener("resize", renderTiles);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) renderTiles(); });
   renderDetail();
   connect();
 });
