@@ -16,6 +16,8 @@ Measured with ``benchmarks/bench_heads.py`` (``results-heads-2core.json``).
 
 from __future__ import annotations
 
+import numbers
+
 import math
 from dataclasses import dataclass, field
 
@@ -48,7 +50,7 @@ class HeadConfig:
             setattr(self, name, _whole(name, getattr(self, name)))
         for name in ("center_offset", "prior_prob", "score_threshold", "nms_iou"):  # a string failed the range
             value = getattr(self, name)  # check below unnamed: "'<=' not supported between 'str' and 'float'"
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # Real: numpy's floats too
                 raise ValueError(f"head {name} must be a number, got {value!r}")
         if not self.classes or isinstance(self.classes, str):  # a string would be a class per letter: 'car' -> c, a, r
             raise ValueError(f"head classes must be a non-empty list of class names, got {self.classes!r}")
@@ -86,11 +88,11 @@ TOWERS = ("separable", "conv", "split")
 def _whole(name: str, value: object) -> object:
     """An int field's value, 100.0 (YAML's 1e2, a hand-edited file) as 100, as the pydantic configs take it; a bool
     or a fraction is refused by name (a float failed unnamed in torch.topk on a busy frame, True meant 1)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"head {name} must be a whole number, got {value!r}")
-    return value
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)  # numpy's ints and floats too (a sweep script's computed values)
+    raise ValueError(f"head {name} must be a whole number, got {value!r}")
 
 
 def default_groups(c: int) -> int:

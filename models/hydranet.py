@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
@@ -103,7 +104,8 @@ class HydraNetConfig:
     reid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in self.input_size):
+        if any(isinstance(v, bool) or (isinstance(v, numbers.Real) and not float(v).is_integer())
+               for v in self.input_size):
             raise ConfigError(f"input_size must be whole numbers, got {self.input_size}")  # int() cut 256.7 to 256
         self.input_size = tuple(int(v) for v in self.input_size)
         if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):

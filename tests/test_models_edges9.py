@@ -111,3 +111,16 @@ def test_an_input_size_that_is_no_whole_number_is_refused(size):
     """int() cut 256.7 to 256 (and True to 1) without a word: the model ran at a size nobody wrote."""
     with pytest.raises(ConfigError, match="input_size must be whole numbers"):
         HydraNetConfig(input_size=size, heads={"people": {"classes": ["person"]}})
+
+
+def test_numpy_numbers_stay_accepted_for_a_heads_fields():
+    """A head built in code from numpy values (a sweep script's computed max_detections, a threshold from an
+    array) was refused by the whole-number and number checks, which looked for Python's int and float."""
+    import numpy as np
+
+    from models.heads import HeadConfig
+
+    cfg = HeadConfig(classes=["car"], max_detections=np.int64(100), score_threshold=np.float32(0.3))
+    assert cfg.max_detections == 100 and type(cfg.max_detections) is int
+    with pytest.raises(ConfigError, match="input_size must be whole numbers"):
+        HydraNetConfig(input_size=(np.float32(64.5), 96), heads={"people": {"classes": ["person"]}})

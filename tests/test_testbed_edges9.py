@@ -192,3 +192,22 @@ def test_a_server_that_ended_by_itself_starts_again(redis_server):
     assert not redis_server.running
     redis_server.start()
     assert redis_server.port == port and redis_server.client().ping()
+
+
+def test_a_killed_runs_partial_clip_is_removed_by_the_next_one(tmp_path):
+    """Each run writes its own partial file (a random name), which a SIGKILL leaves behind for good: nothing
+    overwrites it as the fixed name was. One an hour old goes when the clip is made again; a fresh one (another
+    run's, under way) stays."""
+    import os
+    import time
+
+    import numpy as np
+
+    from synthetic.clips import encode_mp4
+
+    old, fresh = tmp_path / ".street.0badc0de.partial.mp4", tmp_path / ".street.1234abcd.partial.mp4"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"half a clip")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    encode_mp4(tmp_path / "street.mp4", (np.zeros((32, 32, 3), np.uint8) for _ in range(3)), 10)
+    assert not old.exists() and fresh.exists() and (tmp_path / "street.mp4").is_file()

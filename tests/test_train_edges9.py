@@ -85,3 +85,5 @@ def test_a_run_shorter_than_the_warmup_reaches_the_learning_rate_and_decays():
     assert lrs[-1] < 0.05 * cfg.lr
     long = TrainConfig(out=Path("unused.safetensors"), heads={"people": ["person"]}, steps=3000, lr=1e-3)
     assert [lr_at(s, long) for s in (0, 199, 200)] == [1e-3 / 200, 1e-3, 1e-3]  # a long run's schedule as before
+    middle = TrainConfig(out=Path("unused.safetensors"), heads={"people": ["person"]}, steps=300, lr=1e-3)
+    assert [lr_at(s, middle) for s in (149, 199)] == [1e-3 * 150 / 200, 1e-3]  # one that decayed already, too

@@ -18,8 +18,8 @@ the live batches rather than configured:
   when the recent batches at that size ran faster per frame by more than ``gain`` (a wrong step up, or a
   machine whose load changed); a step up undone is a refused probe: the next probe waits twice as long as
   the one that made it did;
-- a probe's batch that fails ends the probe; out of memory at the limit or above also brings the ceiling,
-  and the limit where it is not yet, below the size that failed (a limit that fitted can stop fitting on a
+- a probe's batch that fails ends the probe; out of memory at any size also brings the ceiling, and the
+  limit where it is not yet, below the size that failed (a limit that fitted can stop fitting on a
   GPU: more heads asked for, another process took memory);
 - the first batch of each size is not counted: oneDNN and cuDNN build their kernels for a new shape on its
   first call (0.2-1 s on this CPU), which says nothing about the steady cost;
@@ -92,13 +92,14 @@ class BatchSizer:
 
     def failed(self, size: int, error: BaseException | None = None) -> None:
         """A batch of ``size`` raised ``error``. A probe's batch (larger than the limit) ends the probe. Out of
-        memory (a GPU's) at the limit or above brings the limit and the ceiling below ``size``, since each try of
-        that size would fail its batch's frames: the probed size is not tried again, and a limit that no longer
-        fits (more heads asked for, another process took memory) steps down rather than fail every batch for good.
+        memory (a GPU's) brings the limit and the ceiling below ``size``, whatever size failed (batches that leave
+        part-full never reach the limit), since each try of that size would fail its batch's frames: the probed
+        size is not tried again, and a limit that no longer fits (more heads asked for, another process took
+        memory) steps down rather than fail every batch for good.
         Another error (one bad frame) says nothing of the size: the ceiling stays."""
         if self.probing is not None and size > self.limit:
             self._end_probe(adopt=False)
-        if size > 1 and size >= self.limit and out_of_memory(error):
+        if size > 1 and out_of_memory(error):
             below = min(self.limit, _power_of_two_at_most(size - 1))
             self.ceiling = min(self.ceiling, below)
             if below < self.limit:
