@@ -166,7 +166,7 @@ class RedisChannel:
         try:
             answer = await_answer(waiter, self.results, command["request_id"], after, min(self.timeout, QUIET_S))
             if answer is None and self.timeout > QUIET_S:  # a service starting up answers later: wait, but say so
-                print(self._waiting_note(), file=sys.stderr)
+                print(self._waiting_note(entry_id), file=sys.stderr)
                 answer = await_answer(waiter, self.results, command["request_id"], after, self.timeout - QUIET_S)
         except (redis.ConnectionError, redis.TimeoutError) as lost:
             raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
@@ -180,17 +180,26 @@ class RedisChannel:
                         + take_back(self.client, self.key, entry_id))
 
 
-    def _waiting_note(self) -> str:
-        """What the wait past QUIET_S is for: with no service on this Redis it was 90 s of silence."""
+    def _waiting_note(self, entry_id: Any) -> str:
+        """What the wait past QUIET_S is for: with no service on this Redis it was 90 s of silence. A service
+        that took the command applies it (an add can take tens of seconds); none took it, or none ever read here."""
         import redis
 
+        left = f"up to {self.timeout - QUIET_S:g} s more"
         try:  # any group: a service may read under another control.group
-            read = bool(self.client.xinfo_groups(self.key))
+            groups = self.client.xinfo_groups(self.key)
         except redis.RedisError:
-            read = True  # nothing to add
-        return (f"waiting up to {self.timeout - QUIET_S:g} s more for a hydravision service to answer on {self.key}"
-                + ("" if read else f" (no service has read {self.key} on this Redis yet: is one running, with "
+            return f"waiting {left} for the answer on {self.results}"
+        if any(_stream_id(g["last-delivered-id"]) >= _stream_id(entry_id) for g in groups):
+            return f"a hydravision service took the command and is applying it: waiting {left} for its answer"
+        return (f"waiting {left} for a hydravision service to answer on {self.key}"
+                + ("" if groups else f" (no service has read {self.key} on this Redis yet: is one running, with "
                    "this prefix?)"))
+
+
+def _stream_id(value: Any) -> tuple[int, ...]:
+    """A stream entry id ("1700000000000-3") as numbers, to compare."""
+    return tuple(int(part) for part in (value.decode() if isinstance(value, bytes) else str(value)).split("-"))
 
 
 def _answer(value: Any) -> dict:
@@ -332,7 +341,10 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
     refused = []
     for i, camera in enumerate(cameras):
         camera_id = str(camera.get("id") or f"cameras[{i}]")
-        answer = channel.send("add", None, camera)
+        try:
+            answer = channel.send("add", None, camera)
+        except UserError as e:  # no answer in time, Redis lost: it may apply yet; the rest are still tried
+            answer = {"reason": str(e)}
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
         elif str(answer.get("reason", "")).startswith(f"camera.id: camera {camera_id!r} already exists"):

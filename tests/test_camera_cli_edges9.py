@@ -265,3 +265,50 @@ def test_a_command_no_service_answers_says_what_it_waits_for(redis_server, capsy
     err = capsys.readouterr().err
     assert "waiting up to 1 s more for a hydravision service to answer on hv:control (no service has read" in err
     assert "no answer on hv:control:results within 1.5 s" in err
+
+
+def test_a_camera_of_a_file_whose_add_got_no_answer_does_not_stop_the_others(capsys, monkeypatch) -> None:
+    """One add of several timing out ended the whole --yaml add: the cameras after it were never tried, and
+    nothing named them."""
+    from pipeline import camera_commands
+    from pipeline.errors import UserError
+
+    sent: list[str] = []
+
+    class Channel:
+        def send(self, op, camera_id, body):
+            sent.append(body["id"])
+            if body["id"] == "b":
+                raise UserError("no answer from the HTTP API at http://h within 1 s: the command may still apply")
+            return {"status": "accepted", "camera": body["id"], "by": "api:ops"}
+
+    with pytest.raises(UserError, match=r"^1 of 3 cameras not added: b$"):
+        camera_commands._add_each(Channel(), [{"id": "a"}, {"id": "b"}, {"id": "c"}])
+    assert sent == ["a", "b", "c"]
+    assert "camera b rejected: no answer from the HTTP API" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_command_a_service_took_and_still_applies_says_so(redis_server, capsys, monkeypatch) -> None:
+    """An add takes longer than the few seconds before the note: it said "waiting for a hydravision service to
+    answer", as if none ran, while one was applying the command."""
+    import threading
+
+    from pipeline import camera_commands
+    from pipeline.control import ControlConsumer
+
+    class SlowList:
+        def list_cameras(self):
+            time.sleep(1.5)
+            return []
+
+        def note_rejected(self, *args, **kwargs) -> None:
+            pass
+
+    monkeypatch.setattr(camera_commands, "QUIET_S", 0.5)
+    consumer = ControlConsumer(SlowList(), redis_server.url, "hv").start()
+    try:
+        assert main(["cameras", "list", "--redis-url", redis_server.url, "--timeout", "20"]) == 0
+    finally:
+        consumer.stop()
+    assert "a hydravision service took the command and is applying it" in capsys.readouterr().err
