@@ -386,7 +386,8 @@ class ControlConsumer:
             # and was told the command may still apply
             result.update(status="rejected", reason=e.reason, request_id=result["request_id"] or _request_id(fields))
             if not in_app:
-                self.controller.note_rejected(result["op"] or "command", by, e.reason)
+                self.controller.note_rejected(result["op"] or "command", by, e.reason,
+                                              camera=result.get("camera") or _camera_of(fields))
         except Exception as e:  # a bug, or Ray failing: answer anyway, the controller keeps going
             if not in_app and isinstance(e, (redis.RedisError, OSError)):
                 # Redis went away while the command was checked (TIME, its deliveries), before it was applied:

@@ -261,5 +261,5 @@ class FakeController:
         self.client.xadd(k.events, {"data": encode(event_message("camera_removed", camera_id))})
         return {"id": camera_id}
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         self.rejected.append(reason)

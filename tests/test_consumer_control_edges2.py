@@ -41,7 +41,7 @@ class StandInApp:
         self.removed.append(camera_id)
         return {"id": camera_id}
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         pass
 
 

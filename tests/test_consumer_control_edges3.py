@@ -127,7 +127,7 @@ class RestartingApp:
         self.restarted.set()
         return {"id": camera_id}
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         pass
 
 

@@ -122,7 +122,7 @@ def test_tail_of_a_group_handles_a_lost_reply_at_once_when_its_url_asks_for_retr
 class StandInApp(test_control_stream.StandInApp):
     """test_control_stream's stand-in, taking a rejection quietly."""
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         pass
 
 

@@ -57,7 +57,7 @@ class SlowApp:
         with self.lock:
             return [{"id": camera_id} for op, camera_id in self.applied if op == "add"]
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         pass
 
 
@@ -247,3 +247,22 @@ def test_commands_queued_behind_a_slow_one_on_its_camera_hold_up_no_other_camera
     finally:
         app.release.set()
         consumer.stop()
+
+
+def test_a_command_the_stream_refuses_itself_names_its_camera(redis_server):
+    """An expired (or undeliverable) command is refused by the control stream before the App sees it: its log
+    line named no camera, while the App's own refusals did."""
+    client = redis_server.client()
+    refused: list[tuple] = []
+
+    class Recording(SlowApp):
+        def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
+            refused.append((op, camera, reason.split(":")[0]))
+
+    consumer = ControlConsumer(Recording(slow=()), redis_server.url, "hv").start()
+    try:
+        send(client, "remove door", op="remove", id="door", expires=1.0)  # long past
+        wait_for(lambda: answered(client, "remove door"), 10, "the expired remove's answer", poll=0.05)
+    finally:
+        consumer.stop()
+    assert refused == [("remove", "door", "data.expires")]

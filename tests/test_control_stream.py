@@ -24,7 +24,7 @@ class StandInApp:
         self.added.append(camera["id"])
         return {"id": camera["id"]}
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         raise AssertionError(f"rejected {op}: {reason}")
 
 
@@ -93,7 +93,7 @@ def test_an_add_answers_for_the_camera_it_adds(command: dict, camera: str, reaso
     """An add with a top-level id besides camera.id added camera.id and answered for the id: the sender read
     that camera x was added (a remove of x then failed: no such camera)."""
     app = StandInApp()
-    app.note_rejected = lambda op, by, text: None  # type: ignore[method-assign]
+    app.note_rejected = lambda op, by, text, camera=None: None  # type: ignore[method-assign]
     consumer = ControlConsumer(app, "redis://127.0.0.1:1/0", "hv")  # _apply needs no Redis for these
     result = consumer._apply("1-0", {b"data": json.dumps(command).encode()}, redelivered=False)
     assert result["camera"] == camera

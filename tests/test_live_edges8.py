@@ -42,7 +42,7 @@ class StandInApp:
         self.added.append(camera["id"])
         return {"id": camera["id"]}
 
-    def note_rejected(self, op: str, by: str, reason: str) -> None:
+    def note_rejected(self, op: str, by: str, reason: str, camera=None) -> None:
         self.rejected.append(reason)
 
 
