@@ -111,6 +111,7 @@ class CameraPipeline:
         self._drain = True
         self._abandoned: asyncio.Future | None = None  # made by run(); done once a stop without drain is asked for
         self._counts_gone = False  # the counts hash is deleted (no zones or lines): not again every frame
+        self._snapshot_gone = False  # the same for the snapshot hash (snapshots off)
         self._inflight: asyncio.Semaphore | None = None
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
@@ -616,6 +617,9 @@ class CameraPipeline:
                       "since": round(self._counts_since, 3), **analytics.counts()}
             self.publisher.set_hash(self.publisher.keys.counts(self.id), counts)
             self._counts_gone = False
+        if not self.camera.snapshot.enabled and not self._snapshot_gone:  # switched off (live, or since the last
+            self.publisher.set_hash(self.publisher.keys.snapshot(self.id), {})  # run): its last picture was
+            self._snapshot_gone = True  # shown as the camera's view for as long as it ran
         if item.picture is not None:
             if self.snapshots.settings is not self.camera.snapshot:
                 self.snapshots = Snapshotter(self.camera.snapshot)
@@ -625,6 +629,7 @@ class CameraPipeline:
             item.picture = None
             if snap is not None:
                 self.publisher.set_hash(self.publisher.keys.snapshot(self.id), snap)
+                self._snapshot_gone = False
 
     def _skipped_frame(self, item: CapturedFrame) -> None:
         """A frame the motion gate kept from inference: nothing moved, so tracks and occupants stay as they
