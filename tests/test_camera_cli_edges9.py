@@ -150,7 +150,8 @@ def test_a_variable_of_the_file_is_read_from_the_senders_environment_or_named_wh
     app.refuse = set()
     single = tmp_path / "one.yaml"
     # a whole config with one camera: only the camera is sent, so only its variables are read
-    single.write_text("redis:\n  url: ${HV_UNSET_REDIS_URL}\ncameras:\n  - id: gate\n    url: rtsp://viewer:${GATE_PW}@cam/2\n")
+    single.write_text("redis:\n  url: ${HV_UNSET_REDIS_URL}\n"
+                      "cameras:\n  - id: gate\n    url: rtsp://viewer:${GATE_PW}@cam/2\n")
     monkeypatch.delenv("HV_UNSET_REDIS_URL", raising=False)
     monkeypatch.setenv("GATE_PW", "s3cret")
     assert main(["cameras", "add", "--api", url, "--yaml", str(single)]) == 0

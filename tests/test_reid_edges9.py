@@ -45,7 +45,8 @@ def reid_model(heads: list[str]) -> HydraNet:
     torch.manual_seed(0)
     return HydraNet(HydraNetConfig(input_size=(64, 96), backbone={"type": "resnet", "depth": 10, "width": 8},
                                    neck={"type": "fpn", "channels": 16},
-                                   heads={"people": {"classes": ["person"]}, "vehicles": {"classes": ["car", "bicycle"]}},
+                                   heads={"people": {"classes": ["person"]},
+                                          "vehicles": {"classes": ["car", "bicycle"]}},
                                    reid={"heads": heads, "dim": 8, "channels": 8, "hidden": 16, "colour": 2})).eval()
 
 
