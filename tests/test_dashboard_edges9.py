@@ -174,7 +174,15 @@ def test_a_page_open_across_an_upgrade_loads_the_new_script(redis_server, browse
             f.write("\n.upgraded { color: red; }\n")
         monkeypatch.setattr(dashboard, "STATIC", upgraded)
         server = DashboardServer(redis_server.url, interval_s=0.2, port=port).start()
-        wait_for(lambda: page.evaluate("() => !window.hvOld && !!window.hvLoaded"), 30, "the page loaded anew")
+        from playwright.sync_api import Error as PageError
+
+        def loaded_anew() -> bool:
+            try:
+                return page.evaluate("() => !window.hvOld && !!window.hvLoaded")
+            except PageError:  # "Execution context was destroyed": the reload is under way
+                return False
+
+        wait_for(loaded_anew, 30, "the page loaded anew")
         assert page.url.endswith("#/camera/cam")  # where the operator was
         page.evaluate("() => { window.hvNew = true; }")
         time.sleep(0.5)

@@ -305,6 +305,9 @@ def test_router_status_codes_and_content_type():
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")  # no Redis configured: not ready, and it says why
         assert r.status_code == 503 and r.json()["checks"]["redis"]["ok"] is False
+        # uptime monitors probe with HEAD: 405 Method Not Allowed read as down
+        assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 503
+        assert "/healthz" in api.openapi()["paths"]  # one GET operation each: no duplicate operation ids
 
 
 def test_telemetry_snapshots_are_copies():

@@ -180,26 +180,6 @@ def test_a_warning_logged_while_the_live_table_draws_prints_above_it(stand_in, m
     assert handler.stream is term  # the handler has its own stream back after the run
 
 
-def test_an_uptime_monitor_probing_with_head_reads_the_probes_as_they_are(recwarn):
-    """Uptime monitors probe with HEAD: /healthz and /readyz answered 405 Method Not Allowed, read as down."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from pipeline.metrics import include_metrics
-
-    clock = Clock()
-    app = service(clock, {"a": CameraConfig(id="a", url="rtsp://cam/a")})
-    tick(app, clock, {"a": "running"})
-    api = FastAPI()
-    include_metrics(api, app)
-    with TestClient(api) as client:
-        assert client.head("/healthz").status_code == 200
-        assert client.head("/readyz").status_code == 503  # no Redis configured: as its GET says
-        assert client.get("/healthz").status_code == 200
-        assert "/healthz" in api.openapi()["paths"]
-    assert not [w for w in recwarn if "Duplicate Operation ID" in str(w.message)]
-
-
 def test_a_run_whose_every_camera_failed_before_a_tick_says_why(stand_in, monkeypatch, caplog):
     """One camera whose file does not exist: the run ended (exit 1) before a tick saw it failed, and nothing said
     why but the last column of the final table."""
