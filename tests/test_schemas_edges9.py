@@ -156,3 +156,11 @@ def test_a_budget_event_of_a_tiny_budget_or_rate_keeps_its_schema():
     fields = BudgetAction("fps", None, fps=0.004, batch_wait_s=None, p95_s=0.2).event_fields(0.00004, 25.0)
     assert fields["fps"] == 0.004 and fields["budget_ms"] == 0.04
     assert BudgetAction("fps", None, 12.345, None, 0.2).event_fields(0.3, 25.0)["fps"] == 12.35  # as before
+
+
+def test_a_detection_messages_pts_carries_no_float_noise():
+    """A looped file's pts are stitched by addition: consumers read 23.799999999999997 where the frame is at 23.8."""
+    from workers.publish import detection_message
+
+    msg = detection_message("cam", 595, 23.799999999999997, 1.8e9, 12.0, (640, 360), [], ["people"])
+    assert msg["pts"] == 23.8

@@ -97,7 +97,8 @@ def detection_message(camera: str, frame: int, pts: float, ts: float, latency_ms
                                     for k, v in d["attributes"].items()}
         out.append(record)
     # latency_ms is clamped at 0: a wall-clock step (NTP) can make capture time look like the future.
-    return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame), "pts": _finite("pts", pts),
+    # pts to the microsecond: a looped file's stitched pts read 23.799999999999997 in every consumer
+    return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame), "pts": round(_finite("pts", pts), 6),
             "ts": _finite("ts", ts), "latency_ms": round(max(0.0, _finite("latency_ms", latency_ms)), 3),
             "size": [int(size[0]), int(size[1])], "heads": ran, "detections": out}
 
