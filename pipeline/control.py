@@ -412,8 +412,14 @@ class ControlConsumer:
                     self._client.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen,
                                       approximate=True)
                     return True
-                if not pending:
+                if not pending and self._answered(entry_id):
                     return True  # the failed try's EXEC ran, only its reply was lost: no second answer
+                if not pending:
+                    # Redis restarted empty and the reader has made the group again meanwhile (it reads on while
+                    # commands are applied): the command is gone, its effect is not; the answer alone, as above.
+                    self._client.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen,
+                                      approximate=True)
+                    return True
                 # The answer and the acknowledgement, both or neither; and the command goes from the stream, so
                 # a camera password it carried does not stay in Redis (the answer holds none).
                 pipe = self._client.pipeline(transaction=True)
@@ -432,6 +438,16 @@ class ControlConsumer:
                                 "pending, and the next controller applies it again unless it expired",
                                 self.key, entry_id, result.get("status"))
                     return False
+
+    def _answered(self, entry_id: str) -> bool:
+        """Whether the results stream holds an answer to command ``entry_id`` (read after a failed try only)."""
+        for _, fields in self._client.xrevrange(self.results, count=self.results_maxlen):
+            try:
+                if json.loads(fields.get(b"data", b"")).get("command") == entry_id:
+                    return True
+            except (ValueError, AttributeError):  # another writer's entry
+                continue
+        return False
 
     def _pending(self, entry_id: str) -> bool | None:
         """Whether the command still waits for its acknowledgement; None when the group is gone."""

@@ -266,3 +266,37 @@ def test_a_command_the_stream_refuses_itself_names_its_camera(redis_server):
     finally:
         consumer.stop()
     assert refused == [("remove", "door", "data.expires")]
+
+
+def test_a_command_answered_after_redis_restarted_empty_and_the_reader_made_the_group_again(redis_server):
+    """The reader reads on while a command is applied: Redis restarted empty in the command's way, the reader made
+    the stream and its group again before the answer's retry, and that retry took "not pending" for "the failed
+    try went through": no answer was written, and the sender waited out its timeout (it failed once in the suite)."""
+    from test_consumer_control_edges3 import RestartingApp
+
+    class ReaderFirst(RestartingApp):
+        def _back(self) -> None:  # Redis back, and the group made again at once, as the reader does
+            self.server.start()
+            self.server.client().xgroup_create(CONTROL, "hydravision", id="0", mkstream=True)
+
+        def remove_camera(self, camera_id: str, by: str) -> dict:
+            if not self.restarted.is_set():
+                self.server.stop()
+                self.starter = threading.Timer(0.2, self._back)
+                self.starter.start()
+            self.removed.append(camera_id)
+            self.restarted.set()
+            return {"id": camera_id}
+
+    client = redis_server.client()
+    app = ReaderFirst(redis_server, back_after_s=0.2)
+    consumer = ControlConsumer(app, redis_server.url, "hv").start()
+    try:
+        send(client, "r1", op="remove", id="lobby")
+        assert app.restarted.wait(10)
+        app.starter.join(15)
+        client = redis_server.client()
+        wait_for(lambda: answered(client, "r1"), 10, "the answer", poll=0.05)
+    finally:
+        consumer.stop()
+    assert answers(client)["r1"]["status"] == "accepted" and app.removed == ["lobby"]
