@@ -185,21 +185,19 @@ class RedisChannel:
         that took the command applies it (an add can take tens of seconds); none took it, or none ever read here."""
         import redis
 
+        from workers.publish import entry_order
+
         left = f"up to {self.timeout - QUIET_S:g} s more"
         try:  # any group: a service may read under another control.group
             groups = self.client.xinfo_groups(self.key)
         except redis.RedisError:
             return f"waiting {left} for the answer on {self.results}"
-        if any(_stream_id(g["last-delivered-id"]) >= _stream_id(entry_id) for g in groups):
+        if any(entry_order(g["last-delivered-id"]) >= entry_order(entry_id) for g in groups):
             return f"a hydravision service took the command and is applying it: waiting {left} for its answer"
         return (f"waiting {left} for a hydravision service to answer on {self.key}"
                 + ("" if groups else f" (no service has read {self.key} on this Redis yet: is one running, with "
                    "this prefix?)"))
 
-
-def _stream_id(value: Any) -> tuple[int, ...]:
-    """A stream entry id ("1700000000000-3") as numbers, to compare."""
-    return tuple(int(part) for part in (value.decode() if isinstance(value, bytes) else str(value)).split("-"))
 
 
 def _answer(value: Any) -> dict:
