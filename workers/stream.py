@@ -110,8 +110,7 @@ class CameraPipeline:
         self._stopping = False
         self._drain = True
         self._abandoned: asyncio.Future | None = None  # made by run(); done once a stop without drain is asked for
-        self._counts_gone = False  # the counts hash is deleted (no zones or lines): not again every frame
-        self._snapshot_gone = False  # the same for the snapshot hash (snapshots off)
+        self._hashes_gone: set[str] = set()  # counts (no zones or lines), snapshot (off): deleted, not every frame
         self._inflight: asyncio.Semaphore | None = None
         self._capture: Capture | None = None
         self._slot: FrameSlot | None = None
@@ -562,9 +561,7 @@ class CameraPipeline:
         """The camera's zones and lines for this frame's size: built on the first frame, rebuilt (keeping the
         state of unchanged zones and lines) when the settings change, anew when the frame size does."""
         if not self.camera.tracker.enabled or not (self.camera.zones or self.camera.lines):
-            if not self._counts_gone:  # an earlier run's or setting's counts would be read as current forever
-                self.publisher.set_hash(self.publisher.keys.counts(self.id), {})
-                self._counts_gone = True
+            self._drop_hash(self.publisher.keys.counts(self.id))
             self.analytics = None
             return None
         h, w = item.size
@@ -615,11 +612,9 @@ class CameraPipeline:
         if analytics:
             counts = {"v": 1, "frame": item.index, "pts": round(item.pts, 3), "ts": round(item.wall, 3),
                       "since": round(self._counts_since, 3), **analytics.counts()}
-            self.publisher.set_hash(self.publisher.keys.counts(self.id), counts)
-            self._counts_gone = False
-        if not self.camera.snapshot.enabled and not self._snapshot_gone:  # switched off (live, or since the last
-            self.publisher.set_hash(self.publisher.keys.snapshot(self.id), {})  # run): its last picture was
-            self._snapshot_gone = True  # shown as the camera's view for as long as it ran
+            self._set_hash(self.publisher.keys.counts(self.id), counts)
+        if not self.camera.snapshot.enabled:
+            self._drop_hash(self.publisher.keys.snapshot(self.id))
         if item.picture is not None:
             if self.snapshots.settings is not self.camera.snapshot:
                 self.snapshots = Snapshotter(self.camera.snapshot)
@@ -628,8 +623,19 @@ class CameraPipeline:
                                          item.wall)
             item.picture = None
             if snap is not None:
-                self.publisher.set_hash(self.publisher.keys.snapshot(self.id), snap)
-                self._snapshot_gone = False
+                self._set_hash(self.publisher.keys.snapshot(self.id), snap)
+
+    def _set_hash(self, key: str, fields: dict) -> None:
+        self.publisher.set_hash(key, fields)
+        self._hashes_gone.discard(key)
+
+    def _drop_hash(self, key: str) -> None:
+        """Deletes a hash this camera no longer writes (counts without zones or lines, its snapshot switched off),
+        once: an earlier run's or setting's would be read as current forever (the dashboard showed the last
+        picture as the camera's view for as long as it ran)."""
+        if key not in self._hashes_gone:
+            self.publisher.set_hash(key, {})
+            self._hashes_gone.add(key)
 
     def _skipped_frame(self, item: CapturedFrame) -> None:
         """A frame the motion gate kept from inference: nothing moved, so tracks and occupants stay as they
