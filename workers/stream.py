@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -57,6 +57,9 @@ class Resume:
     # before the position was kept).
     position: int | None = None
     pts_offset: float = 0.0
+    # track_ended fields of the tracks the previous run had open as its last status said (it crashed, or its
+    # process was killed): ended by this start, before any new track.
+    open_tracks: tuple[dict, ...] = ()
 
 
 class CameraPipeline:
@@ -121,6 +124,7 @@ class CameraPipeline:
         # A new URL's first frame number: frames before it (still in the slot or in inference at the update) are
         # the old scene's; from it, tracks and analytics start afresh. None: no new scene pending.
         self._scene_from: int | None = None
+        self._tracker_size: tuple[int, int] | None = None  # the frame size (h, w) the tracker's boxes are in
         self._gate_from: int | None = None  # the same for the motion gate (_motion_gate), which sees frames earlier
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
@@ -155,6 +159,8 @@ class CameraPipeline:
                                 first_index=r.first_index, first_pts=r.first_pts,
                                 resume_at=r.first_index if r.position is None else r.position, pts_offset=r.pts_offset)
         self._capture.budget_fps = self._budget_fps
+        for fields in r.open_tracks:  # subscribers that keep open tracks would keep these for ever
+            self._event("track_ended", {**fields, "reason": "restart"})
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
         results: asyncio.Queue = asyncio.Queue()
         finisher = asyncio.create_task(self._finish_loop(results))
@@ -436,6 +442,12 @@ class CameraPipeline:
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         if self._scene_from is not None and item.index >= self._scene_from:
             self._new_scene()
+        if self.tracker is not None and item.size != self._tracker_size:
+            # Another frame size on the same URL (a camera switching resolution, an RTSP stream renegotiating):
+            # the tracks' boxes are the old size's pixels, and ByteTrack matched them across the change by IoU.
+            for ev in self._end_tracker():
+                self._event(ev.pop("type"), ev)
+        self._tracker_size = item.size
         if self.camera.tracker.enabled and self.tracker is None:
             self.tracker = CameraTracker(self.heads, self.camera.tracker, self._analysed_fps(), self.track_id_base)
             self._tracker_rate_guessed = self._budget_fps is None and self._base_fps() is None
@@ -691,6 +703,9 @@ class CameraPipeline:
         status.update(heartbeat_ts=round(beat, 3), instance=self.instance, stream_mark=self.resume.stream_mark)
         if cap := self._capture:  # where a restarted actor resumes the file (resume_point)
             status["playback"] = {"start": cap.playback_start, "pts_offset": cap.pts_offset}
+        # The tracks a restart after a crash ends (Resume.open_tracks); written with the status that already goes
+        # out on every frame a track starts and every second, so a track is in it from its first frame.
+        status["tracks_open"] = self.tracker.open_rows() if self.tracker else {}
         self.publisher.set_status(self.id, status)
 
     DECODE_WINDOW_S = 5.0  # decode_fps is the rate over about this long, like fps
@@ -934,6 +949,9 @@ class CameraHost:
                     resume = Resume(stream_mark=last[0][0].decode() if last else "0-0")
                 else:  # a crash or a lost node: continue after this run's own last frame
                     resume = resume_point(self.instance, status, last)
+                    # Tracks left open by a run that never finished them (crashed, or killed with its service).
+                    ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
+                    resume = replace(resume, open_tracks=tuple(ended))
                 return {str(k): int(v) for k, v in (ids or {}).items()}, resume
             # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.

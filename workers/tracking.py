@@ -8,6 +8,7 @@ consumers have already seen for other objects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,6 +193,32 @@ class CameraTracker:
                 fresh.linker.relinks = ht.linker.relinks  # a count for the camera's stats, not per tracker
             ht.tracker, ht.linker, ht.id_base = fresh.tracker, fresh.linker, fresh.id_base
         return events
+
+    OPEN_FIELDS = ("track_id", "class", "first_frame", "last_frame", "frames", "duration_s")
+
+    def open_rows(self) -> dict[str, list[list]]:
+        """Per head, the open tracks as rows of OPEN_FIELDS (compact: the camera's status carries them every second),
+        so that a run restarted after a crash can end them (``ended_from_rows``)."""
+        return {h: [[ended[f] for f in self.OPEN_FIELDS] for ended in map(self._ended, ht.active.values())]
+                for h, ht in self.heads.items() if ht.active}
+
+    @staticmethod
+    def ended_from_rows(rows: object) -> list[dict]:
+        """track_ended fields (no ``type``) of the tracks ``open_rows`` named; what does not parse is left out: a status
+        of another version must not stop the camera from starting."""
+        ended = []
+        for head, tracks in (rows.items() if isinstance(rows, dict) else []):
+            for row in tracks if isinstance(tracks, list) else []:
+                try:
+                    tid, name, first, last, frames, duration = row
+                    ev = {"head": str(head), "track_id": int(tid), "class": str(name), "frames": max(1, int(frames)),
+                          "duration_s": max(0.0, float(duration)), "first_frame": int(first), "last_frame": int(last)}
+                except (TypeError, ValueError, OverflowError):
+                    continue
+                if ev["track_id"] >= 0 and min(ev["first_frame"], ev["last_frame"]) >= 0 and head \
+                        and math.isfinite(ev["duration_s"]):
+                    ended.append(ev)
+        return ended
 
     @staticmethod
     def _ended(st: TrackState) -> dict:
