@@ -30,6 +30,8 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   it fail: a consumer crash-looping on one message does not bury the rest of its batch with it.
 - Entries trimmed away (MAXLEN) while still pending are acknowledged and counted in ``stats["trimmed"]``:
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
+  Entries trimmed before the group read them at all (a consumer stopped, or too slow) are said once per gap, with
+  how many on Redis 7 (``stats["skipped"]``), and the consumer goes on from the oldest entry left.
 - A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
   creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
 - A failover behind one address (the old master, now a replica, answers READONLY) is waited out as an outage: the
@@ -87,6 +89,45 @@ return 0
 """
 
 
+# Entries MAXLEN trimmed before the group read them: {the group's last-delivered id, the stream's first id, how many
+# (-1: not counted, Redis 6.2 or an invalid group counter)}, or nil. KEYS: stream. ARGV: group. On Redis 7 the
+# count is entries-added - length - the group's entries-read, which is then set to what it would be had they been
+# read (SETID to the same id, ENTRIESREAD): Redis 7.0 counts on from the old value, so the group's lag read the
+# gap for ever and a later gap would be said with this one in it.
+_TRIMMED_UNREAD = """
+local function fields(t) local m = {} for i = 1, #t, 2 do m[t[i]] = t[i + 1] end return m end
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local s = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+local first = s['first-entry']
+if not first then return nil end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  g = fields(g)
+  if g['name'] == ARGV[1] then
+    local last, added, read = g['last-delivered-id'], s['entries-added'], g['entries-read']
+    if not older(last, first[1]) then return nil end
+    if not added or not read then
+      if last == '0-0' then return nil end  -- nothing tells a trimmed stream from one the group began at 0
+      return {last, first[1], -1}
+    end
+    local removed = added - s['length']
+    if removed <= read then return nil end
+    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', removed)
+    return {last, first[1], removed - read}
+  end
+end
+return nil
+"""
+
+# A pause this long between two reads of new entries (a slow handler, a consumer stopped) may have let MAXLEN trim
+# entries the group had not read: the next read checks. Back-to-back reads (the steady state) do not.
+_GAP_CHECK_AFTER_S = 1.0
+
+
 def default_consumer_name() -> str:
     """host-pid, and host-pid-N for the N-th in one process: consumers under one name share one pending list, so a
     second one (one per thread) re-read the first's unacknowledged messages as its own and handled them too."""
@@ -110,6 +151,24 @@ def _raw(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 
 
+def _decodes(client) -> bool:
+    return bool(getattr(client.connection_pool, "connection_kwargs", {}).get("decode_responses"))
+
+
+class _Undecoded:
+    """The stream reads of a client (or pipeline) with their replies left as bytes (redis-py's NEVER_DECODE): a
+    ``decode_responses=True`` client decoded a foreign entry that is not UTF-8 while parsing the reply, and the
+    UnicodeDecodeError ended the read loop, on every restart again (own pending entries are read first)."""
+
+    xreadgroup, xautoclaim, xrange = redis.Redis.xreadgroup, redis.Redis.xautoclaim, redis.Redis.xrange
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def execute_command(self, *args, **options):
+        return self._client.execute_command(*args, **options, NEVER_DECODE=True)
+
+
 # What a consumer waits out: Redis unreachable, or a replica now (a failover behind one address: a new connection
 # reaches the new master, as redis-py's Sentinel client and the Publisher do).
 _OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
@@ -124,6 +183,7 @@ class GroupConsumer:
         """``start``: where a NEW group begins: "$" (only what arrives from now on) or "0" (everything the
         stream still holds). ``block_ms`` must stay below the client's socket_timeout."""
         self.client, self.group = client, group
+        self._reads = _Undecoded(client) if _decodes(client) else client
         # Names as redis-py hands them back (SCAN, KEYS) are bytes: list(b"hv:events") would be a list of ints,
         # and a bytes name never matched the (decoded) names of XREADGROUP's reply, so its entries went pending
         # unseen. A name given twice would hand out each of its entries twice.
@@ -158,7 +218,10 @@ class GroupConsumer:
         self._claim_cursor = {s: "0-0" for s in self.streams}
         self._next_claim = 0.0
         self._tried: set[tuple[str, str]] = set()  # handed out here, not acknowledged nor handed back, still its own
-        self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0}
+        self._read_at = -math.inf  # when the last read of new entries returned
+        self._check_gaps: set[str] = set()  # streams whose last read of new entries was a full batch (a backlog)
+        self._trimmed_unread: Callable | None = client.register_script(_TRIMMED_UNREAD)
+        self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0, "skipped": 0}
         self.ensure_groups()
 
     def ensure_groups(self) -> None:
@@ -281,8 +344,14 @@ class GroupConsumer:
         """One XREADGROUP over ``streams``; (the messages, whether it read own pending entries)."""
         cursors = {s: self._cursor[s] for s in streams}
         history = {s for s, c in cursors.items() if c != ">"}
-        reply = self.client.xreadgroup(self.group, self.consumer, cursors, count=count,
+        paused = time.monotonic() - self._read_at > _GAP_CHECK_AFTER_S
+        for s in streams:
+            if s not in history and (paused or s in self._check_gaps):
+                self._say_trimmed_unread(s)
+        reply = self._reads.xreadgroup(self.group, self.consumer, cursors, count=count,
                                        block=self.block_ms if blocking and not history else None)
+        if len(history) < len(streams):
+            self._read_at = time.monotonic()
         got = {_text(stream): entries for stream, entries in reply or []}
         out: list[Message] = []
         for stream in streams:
@@ -291,9 +360,37 @@ class GroupConsumer:
                 # Own pending entries, oldest first: go on after the last one seen (a message whose handler
                 # failed stays pending, and must not come back at once), then switch to new entries.
                 self._cursor[stream] = _text(entries[-1][0]) if entries else ">"
+            elif len(entries) >= count:
+                self._check_gaps.add(stream)  # behind: trimming may overtake the group before its next read
+            else:
+                self._check_gaps.discard(stream)
             out += self._decode(stream, entries, history=stream in history)
         self.stats["delivered"] += len(out)
         return out, bool(history)
+
+    def _say_trimmed_unread(self, stream: str) -> None:
+        """Says entries MAXLEN trimmed before the group read them (a gap the next read of new entries jumps)."""
+        if self._trimmed_unread is None:
+            return
+        try:
+            gap = self._trimmed_unread(keys=[stream], args=[self.group])
+        except redis.exceptions.ReadOnlyError:
+            raise
+        except redis.ResponseError as e:
+            if "no such key" not in str(e):  # the stream is gone: the read that follows finds the group gone too
+                # an ACL without EVALSHA or XINFO: reading goes on, unchecked
+                log.warning("consumer %s cannot check %s for entries trimmed unread (%s): not checking again",
+                            self.consumer, stream, e)
+                self._trimmed_unread = None
+            return
+        if not gap:
+            return
+        last, first, n = _text(gap[0]), _text(gap[1]), int(gap[2])
+        self.stats["skipped"] += max(n, 0)
+        what = (f"{n} entries were trimmed (MAXLEN) before group {self.group!r} read them (it had read up to {last})"
+                if n >= 0 else f"entries after {last}, if there were any, were trimmed (MAXLEN) before group "
+                               f"{self.group!r} read them (Redis did not count them)")
+        log.warning("%s: %s: going on from %s; size redis.maxlen for the slowest consumer", stream, what, first)
 
     def _server_version(self) -> str:
         try:
@@ -312,7 +409,7 @@ class GroupConsumer:
                     break
                 page = max(1, min(page, total - len(out)))
             try:
-                reply = self.client.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
+                reply = self._reads.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
                                                start_id=self._claim_cursor[s], count=page)
             except redis.ResponseError as e:
                 if "unknown command" not in str(e).lower():
@@ -346,8 +443,9 @@ class GroupConsumer:
         if not candidates:
             return []
         pipe = self.client.pipeline(transaction=False)
+        reads = _Undecoded(pipe) if _decodes(self.client) else pipe
         for entry_id in candidates:
-            pipe.xrange(stream, entry_id, entry_id, count=1)
+            reads.xrange(stream, entry_id, entry_id, count=1)
         return [i for i, found in zip(candidates, pipe.execute()) if not found]
 
     def _decode(self, stream: str, entries: list, history: bool) -> list[Message]:

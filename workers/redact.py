@@ -35,10 +35,11 @@ import re
 from urllib.parse import quote, unquote
 
 MASK = "***"
+FREE_TEXT_MIN = 3  # a secret this long or longer is hidden wherever it appears in free text
 # at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
 _SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
-_SECRET_PARAMS = re.compile(
-    r"(?i)[?&][\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)=(?P<value>[^&]*)")
+_SECRET_NAME = r"[\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)"
+_SECRET_PARAMS = re.compile(rf"(?i)[?&]{_SECRET_NAME}=(?P<value>[^&]*)")
 # A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
 # can only make the hidden part larger.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
@@ -100,13 +101,20 @@ def url_secrets(url: str) -> list[str]:
 def redact_text(text: str, urls: list[str]) -> str:
     """Hides the credentials of the given URLs inside free text, e.g. an FFmpeg error message: each URL as
     a whole, then its secrets alone in any form (FFmpeg may echo a decoded password), then the userinfo of
-    any other URL in the text."""
+    any other URL in the text. A secret shorter than ``FREE_TEXT_MIN`` characters is hidden only where it stands
+    as a credential (``user:1@``, ``//1@``, `` 1@``): hidden everywhere, a password "1" turned every 1 of a line
+    into ***."""
     for url in urls:
         if not url:
             continue
         text = text.replace(url, redact_url(url))
         for secret in url_secrets(url):
-            text = text.replace(secret, MASK)
+            if len(secret) >= FREE_TEXT_MIN:
+                text = text.replace(secret, MASK)
+            else:  # before a userinfo's "@", or a secret-looking parameter's whole value
+                text = re.sub(rf"(?<![^\s:/\"'(<\[]){re.escape(secret)}(?=@)", MASK, text)
+                text = re.sub(rf"(?i)(\b{_SECRET_NAME}=){re.escape(secret)}(?![\w.~%+/-])",
+                              lambda m: m.group(1) + MASK, text)
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group()), text)
 
 
