@@ -127,6 +127,20 @@ def _validation_reason(exc: RequestValidationError) -> str:
     return "\n".join(lines)
 
 
+def slash_hint(request: Request) -> str | None:
+    """For a path that ends in '/' and routes without it, what to say instead of Starlette's 307 redirect: curl
+    without -L, and many clients, showed it as an empty answer and the command was not applied."""
+    from starlette.routing import Match
+
+    path = request.url.path
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    scope = {**request.scope, "path": path.rstrip("/") or "/"}
+    if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+        return f"{request.method} {path}: no such path; without the trailing slash: {request.method} {scope['path']}"
+    return None
+
+
 def _json_body(example: dict, description: str) -> dict:
     """The OpenAPI entry of a body that ``_json_object_reader`` reads (FastAPI documents only its own Body)."""
     return {"requestBody": {"required": True, "description": description, "content": {
@@ -180,7 +194,7 @@ def _json_object_reader(auth: BearerAuth) -> Callable:
 
 def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Extension] = ()) -> FastAPI:
     """The FastAPI app over ``controller`` (a started App); ``extensions`` add their own routes."""
-    api = FastAPI(title="hydravision control API", version="1",
+    api = FastAPI(title="hydravision control API", version="1", redirect_slashes=False,  # see slash_hint
                   description="Add, update, remove and export cameras of a running hydravision service.\n\n"
                               + RESERVED_NOTE)
     auth = BearerAuth(tokens)
@@ -206,7 +220,8 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _rejected(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        hint = slash_hint(request) if exc.status_code == 404 else None
+        return _rejected(exc.status_code, hint or str(exc.detail), getattr(exc, "headers", None))
 
     @api.exception_handler(Exception)
     async def _on_bug(request: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback

@@ -85,12 +85,12 @@ class HttpChannel:
             if self.token:
                 req.add_header("Authorization", f"Bearer {self.token}")
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
+                raw, code = resp.read(), resp.status
+        except urllib.error.HTTPError as e:  # the status is the answer's code, as the control stream's field
             try:
-                return _answer(json.loads(e.read()))
+                return {**_answer(json.loads(e.read())), "code": e.code}
             except ValueError:
-                return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}"}
+                return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}", "code": e.code}
         except TimeoutError:  # not wrapped in a URLError: the request was sent, its answer is what did not come
             may = ": the command may still be applied (see `cameras list`)" if op in ("add", "update", "remove") else ""
             raise UserError(f"no answer from the HTTP API at {redact_url(self.base)} within {self.timeout:g} s"
@@ -102,7 +102,7 @@ class HttpChannel:
             detail = f" ({e})" if redact_url(self.base) == self.base else ""
             raise UserError(f"--api {redact_url(self.base)}: not a usable URL{detail}") from None
         try:  # another server on that port (the dashboard, a proxy's login page) answers 200 with HTML
-            return _answer(json.loads(raw))
+            return {**_answer(json.loads(raw)), "code": code}
         except ValueError:
             raise UserError(f"{redact_url(self.base + path)} answered something that is not hydravision's API "
                             f"(not a JSON object: {raw[:60]!r})") from None
@@ -345,8 +345,9 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
             answer = {"reason": str(e)}
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
-        elif str(answer.get("reason", "")).startswith(f"camera.id: camera {camera_id!r} already exists"):
-            # an export put back beside the cameras still running: those are no failure (the exit said 2)
+        elif answer.get("code") == 409 and _runs(channel, camera_id):
+            # an export put back beside the cameras still running: those are no failure (the exit said 2); by the
+            # code, not by the reason's text (which is for people)
             print(f"camera {camera_id} already runs: left as it is (`cameras update` changes it)")
         else:
             refused.append(camera_id)
@@ -354,6 +355,17 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
     if refused:
         raise UserError(f"{len(refused)} of {len(cameras)} cameras not added: {', '.join(refused)}")
     return 0
+
+
+def _runs(channel: HttpChannel | RedisChannel, camera_id: str) -> bool:
+    """Whether an add answered 409 was of a running camera: 409 is also "api.max_cameras run" and "being changed",
+    which the running set tells apart; where no list can be had, the 409 decides."""
+    try:
+        answer = channel.send("list")
+    except UserError:
+        return True
+    cameras = answer.get("result") if answer.get("status") == "accepted" else None
+    return not isinstance(cameras, list) or any(isinstance(c, dict) and c.get("id") == camera_id for c in cameras)
 
 
 def _print_list(cameras: list[dict]) -> None:

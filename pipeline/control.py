@@ -3,7 +3,8 @@
     XADD {prefix}:control * data '{"op": "remove", "id": "lobby", "request_id": "r1", "user": "ops"}'
 
 Each command is answered on ``{prefix}:control:results`` (field ``data``, JSON): ``status`` accepted or
-rejected, ``reason`` naming the field, the command's stream ``command`` id and its ``request_id``, ``by``.
+rejected, ``reason`` naming the field, ``code`` (the HTTP API's status for the same answer: 409 for an add of a
+running camera), the command's stream ``command`` id and its ``request_id``, ``by``.
 Commands are read through a consumer group; each one's result is written and the command acknowledged and
 deleted (a camera password in it must not stay in Redis) in one MULTI/EXEC, tried again through a Redis blip
 (the answer, never the command). So a command is applied once, also across a controller restart: the group
@@ -380,11 +381,13 @@ class ControlConsumer:
                                       "unapplied")
             check_required(cmd)
             in_app = True
-            result.update(status="accepted", result=execute(self.controller, cmd, by))
+            result.update(status="accepted", result=execute(self.controller, cmd, by),
+                          code=201 if cmd.op == "add" else 200)
         except CommandRejected as e:
             # a command refused on one of its fields still names its request: its sender waited out its timeout,
             # and was told the command may still apply
-            result.update(status="rejected", reason=e.reason, request_id=result["request_id"] or _request_id(fields))
+            result.update(status="rejected", reason=e.reason, code=e.status,
+                          request_id=result["request_id"] or _request_id(fields))
             if not in_app:
                 self.controller.note_rejected(result["op"] or "command", by, e.reason,
                                               camera=result.get("camera") or _camera_of(fields))
@@ -394,7 +397,8 @@ class ControlConsumer:
                 # _run reads it back once Redis answers (it was rejected as an internal error)
                 raise
             log.exception("control stream: command %s failed", entry_id)
-            result.update(status="rejected", reason=redact_text(f"internal error: {type(e).__name__}: {e}", []))
+            result.update(status="rejected", reason=redact_text(f"internal error: {type(e).__name__}: {e}", []),
+                          code=500)
         result.update(by=by, ts=round(time.time(), 3))
         return result
 

@@ -256,6 +256,9 @@ def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, 
     def handle_exit(sig: int, frame: Any) -> None:
         hub.close_pages()
         original(sig, frame)
+        # uvicorn raises the signal again after its graceful shutdown (exit 130 after Ctrl-C, killed by SIGTERM):
+        # a stop is this command's normal end, exit 0 as for `run` (README, exit codes)
+        getattr(server, "_captured_signals", []).clear()  # uvicorn >= 0.29 (pyproject); a renamed field: 130 again
     server.handle_exit = handle_exit  # type: ignore[method-assign]
     server.run(sockets=[sock])
     return 0

@@ -139,6 +139,11 @@ class LiveControl:
         """Starts a camera beside the running ones; returns it (URL without credentials)."""
         try:
             cam = camera if isinstance(camera, CameraConfig) else parse_camera(camera)
+            # the id before the checks: a config camera that reads a file, added back from an export, was refused
+            # as outside the media roots rather than named as running
+            with self._lock:
+                if cam.id in self.cameras:
+                    raise CommandRejected(f"camera.id: camera {cam.id!r} already exists", 409)
             cam = self.admission.check(cam)
             self._claim(cam.id, new=True)
         except CommandRejected as e:
