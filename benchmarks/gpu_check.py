@@ -10,15 +10,19 @@ stopping the others, and prints one line per result as it goes:
    exit status 2 and says why (``--dry-run-cpu`` runs
    every step on the CPU at toy sizes instead: it checks the code paths and measures nothing about a GPU).
 2. model ceiling: the demo checkpoint (or ``--checkpoint``) at batch 1..64 through ModelRunner, the serving
-   path (host uint8 batch -> device, forward, decode + NMS, results back on the host), for each backend and
-   precision: torch eager fp16 / bf16 / fp32, torch.compile fp16, ONNX Runtime (the provider it got).
+   path (host uint8 batch of synthetic street frames -> device, forward, decode + NMS, results back on the
+   host), for each backend and precision: torch eager fp16 / bf16 / fp32, torch.compile fp16, ONNX Runtime (the
+   provider it got).
 3. decode: a 1080p30 H.264 clip (made here from the synthetic street, upscaled) decoded by the project's
    file source, on the CPU and with ``hwaccel: cuda`` (NVDEC), with and without conversion to the model input.
 4. pipeline: the whole service with N 1080p30 file cameras (paced, looping, NVDEC when step 3 found it works),
    N = 1, 2, 4, ... until the p95 frame age at XADD exceeds ``--budget-ms`` or frames are dropped.
-GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2-4 (mean and max per result).
-The JSON is written after every model point, step and pipeline run. A step still running 5 s past ``--minutes``
-is interrupted, as is the check on SIGTERM, and the JSON keeps what was measured (exit status 4 at the limit).
+GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2-4 (mean and max per result;
+utilisation null where it reads "[N/A]", as on a MIG-partitioned GPU; why nvidia-smi gave nothing under
+``gpu_sampler``). The JSON is written after every model point, step and pipeline run. A step still running 5 s
+past its share of the time is interrupted, its error recorded, and the next step runs; past ``--minutes`` (the
+environment step included) the check is interrupted, as on SIGTERM, and the JSON keeps what was measured (exit
+status 4 at the limit).
 """
 
 from __future__ import annotations
@@ -67,36 +71,54 @@ class GpuSampler:
     def __init__(self, gpu: str = "0") -> None:
         """``gpu``: nvidia-smi's ``-i``; its index 0 is the first in PCI order, whatever CUDA_VISIBLE_DEVICES and
         CUDA_DEVICE_ORDER made torch's device 0, so the check passes that device's UUID (``environment``)."""
-        self.samples: list[tuple[float, float, float]] = []  # (time, utilisation %, memory used MiB)
-        self.proc = None
+        # (time, utilisation %, memory used MiB); either may be None: "[N/A]"
+        self.samples: list[tuple[float, float | None, float | None]] = []
+        self.proc, self.closed = None, False
+        # Why there are no samples, or fewer, for the JSON: else every "gpu" in it was null, with no word why.
+        self.problem: str | None = None
         exe = shutil.which("nvidia-smi")
-        if exe:
+        if not exe:
+            self.problem = "nvidia-smi is not on PATH"
+        else:
             # Line-buffered: a C program writing to a pipe may hold its lines in a 4 KiB buffer (minutes of
             # samples here), and each sample is timestamped when it is read.
             line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
             self.proc = subprocess.Popen([*line_buffered, exe, "--query-gpu=utilization.gpu,memory.used",
                                           "--format=csv,noheader,nounits", "-lms", "500", "-i", gpu],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                util, mem = (float(v) for v in line.split(","))
-            except ValueError:  # "[N/A]" on some virtualised GPUs
+                util, mem = (_reading(v) for v in line.split(","))
+            except ValueError:  # not a sample: its error ("No devices were found"), another driver's format
+                self.problem = self.problem or f"nvidia-smi printed {line.strip()[:200]!r}"
                 continue
-            self.samples.append((time.time(), util, mem))
+            if util is not None or mem is not None:
+                self.samples.append((time.time(), util, mem))
+        if not self.closed:
+            self.problem = f"{self.problem or 'nvidia-smi'}; it exited with status {self.proc.wait()}"
 
     def window(self, since: float, until: float | None = None) -> dict | None:
         got = [s for s in self.samples if s[0] >= since and (until is None or s[0] <= until)]
         if not got:
             return None
-        return {"util_mean": round(statistics.fmean(s[1] for s in got), 1), "util_max": max(s[1] for s in got),
-                "mem_max_mib": max(s[2] for s in got), "samples": len(got)}
+        util = [s[1] for s in got if s[1] is not None]
+        return {"util_mean": round(statistics.fmean(util), 1) if util else None, "util_max": max(util, default=None),
+                "mem_max_mib": max((s[2] for s in got if s[2] is not None), default=None), "samples": len(got)}
 
     def close(self) -> None:
+        self.closed = True
         if self.proc:
             self.proc.terminate()
+
+
+def _reading(value: str) -> float | None:
+    """One field of nvidia-smi's CSV: None for "[N/A]" or "[Not Supported]" (utilisation on a MIG-partitioned
+    or virtual GPU, whose memory is still read), a unit after the number ignored."""
+    value = value.strip()
+    return None if value.startswith("[") else float(value.partition(" ")[0])
 
 
 def _run_a_kernel() -> None:
@@ -175,21 +197,22 @@ def environment(dry_run: bool) -> dict:
 WATCHDOG_SIGNAL = signal.SIGUSR1
 
 
-def _time_limit(signum, frame) -> None:
-    raise KeyboardInterrupt("time limit")
+class StepOverran(Exception):
+    """A step still running ``OVERRUN_S`` past its share of the time: its error, and the next step runs."""
 
 
 def watchdog(at: float, on_hard_stop, done: threading.Event) -> None:
-    """Enforces the time limit on a step that overruns its own deadline: at ``at`` a KeyboardInterrupt in the
-    main thread (its finally blocks save the JSON and stop Redis and Ray); if the main thread is stuck in native
-    code ``HARD_S`` later, ``on_hard_stop()`` (save) and exit. Setting ``done`` calls it off."""
+    """Enforces the time limit on a step that overruns its own deadline: at ``at`` WATCHDOG_SIGNAL to the main
+    thread, whose handler raises there (past the time limit a KeyboardInterrupt: its finally blocks save the JSON
+    and stop Redis and Ray); if the main thread is stuck in native code ``HARD_S`` later, ``on_hard_stop()``
+    (save) and exit, unless it is None (a step's share of the time). Setting ``done`` calls it off."""
     def watch() -> None:
         if done.wait(max(0.0, at - time.time())):
             return
         # A real signal to the main thread: it also wakes a sleep or a blocking read (_thread.interrupt_main
         # only runs the handler at the next bytecode, after a time.sleep(60) has run out).
         signal.pthread_kill(threading.main_thread().ident, WATCHDOG_SIGNAL)
-        if done.wait(HARD_S):
+        if on_hard_stop is None or done.wait(HARD_S):
             return
         on_hard_stop()
         os._exit(TIME_EXIT)
@@ -215,9 +238,9 @@ def no_gpu_reason(env: dict) -> str:
 def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], variants, deadline: float,
                   sampler: GpuSampler, seconds_per_point: float = 1.5, rows: list[dict] | None = None,
                   save=lambda: None) -> list[dict]:
-    """Frames/s of ModelRunner.run on a full batch, per backend / precision / batch (random pixels: the
-    model's cost does not depend on them; decode + NMS see few boxes, as on a quiet street). Each row goes
-    into ``rows`` as it is measured, and ``save()`` is called: an error or a stop keeps what was measured."""
+    """Frames/s of ModelRunner.run on a full batch, per backend / precision / batch (frames of the synthetic
+    street, ``street_batch``: decode + NMS and the per-box heads see the few boxes of a quiet street). Each row
+    goes into ``rows`` as it is measured, and ``save()`` is called: an error or a stop keeps what was measured."""
     from workers.model_runner import ModelRunner
 
     rows = [] if rows is None else rows
@@ -245,13 +268,12 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
             print(f"  {name}: {rows[-1]['error']}", flush=True)
             continue
         provider = runner.session.session.get_providers()[0] if runner.session else None
-        h, w = runner.input_size
-        rng = np.random.default_rng(0)
+        street = street_batch(runner.input_size, max(batches))
         for batch in batches:
             if time.time() > deadline:
                 rows.append({"variant": name, "batch": batch, "skipped": "out of time"})
                 break
-            images = list(rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8))
+            images = street[:batch]
             try:
                 start = time.time()
                 for _ in range(3):  # warm-up: kernel selection, allocator growth, compilation for this shape
@@ -279,6 +301,17 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
         free_gpu_memory()  # else the next variant's memory figures start from this one's cached blocks
         save()
     return rows
+
+
+def street_batch(input_size: tuple[int, int], n: int) -> list[np.ndarray]:
+    """``n`` letterboxed frames of the synthetic street the other steps decode: what cameras hand the model. Not
+    random pixels: the model's cost does not depend on them, but its box decoding, NMS and per-box heads do, and
+    noise gave the demo model ~20 boxes per head and image against a street's ~5."""
+    from models.letterbox import letterbox
+    from synthetic.scene import StreetScene
+
+    scene = StreetScene(7, width=640, height=360, fps=30.0)
+    return [letterbox(scene.step()[0], input_size)[0] for _ in range(n)]
 
 
 def _native_bf16() -> bool:
@@ -486,19 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         save_json(args.json, {"error": problem})
         print(f"gpu_check: {problem}", file=sys.stderr)
         return KIT_EXIT
-    env = environment(args.dry_run_cpu)
+    env: dict = {}
     result: dict = {"environment": env, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(f"environment: {json.dumps(env)}", flush=True)
-    if not env["cuda_available"] and not args.dry_run_cpu:
-        reason = no_gpu_reason(env)
-        result["error"] = f"no CUDA GPU: {reason}"
-        save_json(args.json, result)
-        print(f"gpu_check: no CUDA GPU: {reason}. Nothing measured; run it on a machine with an NVIDIA GPU "
-              f"(or pass --dry-run-cpu to check the script on a CPU).", file=sys.stderr)
-        return NO_GPU_EXIT
     dry = args.dry_run_cpu
     device = "cpu" if dry else "cuda"
-    sampler = GpuSampler(env.get("gpu", {}).get("uuid") or "0")
+    sampler: GpuSampler | None = None
+    running: dict = {}  # the step running now and when it overruns its share of the time
 
     def deadline(step: str) -> float:  # this step's share of what is left, the later steps' shares kept back
         later = [s for s in SHARES if s in steps and list(SHARES).index(s) > list(SHARES).index(step)]
@@ -507,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every step, model point and pipeline run: a check cut short keeps what it measured
         result["seconds"] = round(time.time() - t_start, 1)
+        if sampler and sampler.problem:
+            result["gpu_sampler"] = sampler.problem
         for _ in range(3):  # from the watchdog's thread the main one may be adding a row meanwhile
             try:
                 return save_json(args.json, result)
@@ -517,9 +545,26 @@ def main(argv: list[str] | None = None) -> int:
         result["error"] = f"stopped at the time limit ({args.minutes:g} min): a step was stuck past it"
         save()
 
-    def step(name: str, run) -> None:  # a step that fails records why; the later steps still run
+    def interrupt(signum, frame) -> None:  # the watchdogs' signal
+        if time.time() > limit:
+            raise KeyboardInterrupt("time limit")
+        if running and time.time() >= running["until"]:
+            share = running.pop("share")
+            running.clear()  # once: what the step records, and the steps after it, are not interrupted
+            raise StepOverran(f"still running {OVERRUN_S:g} s past its share of the time ({share:.0f} s)")
+
+    def step(name: str, run) -> None:  # a step that fails or overruns its share records why; the later steps run
+        end = deadline(name)
+        finished = threading.Event()
+        if end + OVERRUN_S < limit:  # the last step's end is the time limit, which the check's watchdog keeps
+            running.update(until=end + OVERRUN_S, share=end - time.time())
+            watchdog(end + OVERRUN_S, None, finished)
         try:
-            result[name] = run()
+            try:
+                result[name] = run(end)
+            finally:
+                running.clear()
+                finished.set()
         except Exception as e:
             error = {"error": f"{type(e).__name__}: {e}"[:500]}
             if isinstance(result.get(name), list):  # the pipeline's runs so far stay
@@ -534,14 +579,24 @@ def main(argv: list[str] | None = None) -> int:
     try:  # from here on an interrupt lands in the except below
         # SIGTERM (a `timeout` around the check) as Ctrl-C: the finally blocks save what was measured
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(WATCHDOG_SIGNAL, _time_limit)
+        signal.signal(WATCHDOG_SIGNAL, interrupt)
+        # from the start: a CUDA driver or a first kernel that hangs in the environment step is stopped too
         watchdog(limit + OVERRUN_S, hard_stop, on_time)
+        env.update(environment(dry))
+        print(f"environment: {json.dumps(env)}", flush=True)
+        if not env["cuda_available"] and not dry:
+            reason = no_gpu_reason(env)
+            result["error"] = f"no CUDA GPU: {reason}"
+            print(f"gpu_check: no CUDA GPU: {reason}. Nothing measured; run it on a machine with an NVIDIA GPU "
+                  f"(or pass --dry-run-cpu to check the script on a CPU).", file=sys.stderr)
+            return NO_GPU_EXIT  # the finally below saves
+        sampler = GpuSampler(env.get("gpu", {}).get("uuid") or "0")
         if "model" in steps:
             print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
             variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False)) if dry else MODEL_VARIANTS
             result["model"] = model_rows = []  # filled point by point, saved after each
-            step("model", lambda: model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
-                                                deadline("model"), sampler, 0.2 if dry else 1.5, model_rows, save))
+            step("model", lambda end: model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
+                                                    end, sampler, 0.2 if dry else 1.5, model_rows, save))
             free_gpu_memory()  # what the model step cached is not the pipeline's
         clip = None
         if "decode" in steps or "pipeline" in steps:
@@ -554,14 +609,13 @@ def main(argv: list[str] | None = None) -> int:
                 steps = [s for s in steps if s not in ("decode", "pipeline")]
         if "decode" in steps:
             print(f"decode {clip.name}:", flush=True)
-            step("decode", lambda: decode_rows(args.checkpoint, clip, dry, deadline("decode"), sampler))
+            step("decode", lambda end: decode_rows(args.checkpoint, clip, dry, end, sampler))
         decoded = result.get("decode") if isinstance(result.get("decode"), list) else []
         hwaccel = "cuda" if any(r.get("hwaccel_used") == "cuda" for r in decoded) else None  # NVDEC where it works
         if "pipeline" in steps:
             rows: list[dict] = []
             result["pipeline"] = rows  # filled run by run, saved after each
-            step("pipeline", lambda: pipeline_ladder(args, clip, device, hwaccel, deadline("pipeline"), sampler, dry,
-                                                     rows, save))
+            step("pipeline", lambda end: pipeline_ladder(args, clip, device, hwaccel, end, sampler, dry, rows, save))
     except (KeyboardInterrupt, SystemExit):  # the watchdog's, Ctrl-C, SIGTERM (ours; once Ray is up, its sys.exit)
         late = time.time() > limit
         result["error"] = (f"stopped at the time limit ({args.minutes:g} min): a step overran it" if late
@@ -572,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         on_time.set()
         signal.signal(signal.SIGTERM, sigterm)
         signal.signal(WATCHDOG_SIGNAL, overrun)
-        sampler.close()
+        if sampler:
+            sampler.close()
         save()
     print(f"done in {result['seconds']} s{f'; results in {args.json}' if args.json else ''}", flush=True)
     return code

@@ -90,14 +90,18 @@ def run_frames(runner, frames: Iterable[tuple[np.ndarray, FrameTruth]], zones: l
                motion: MotionConfig | None = None, tracker: TrackerConfig | None = None, batch: int = 8) -> SceneRun:
     """As run_scene, for any (RGB image, truth) frames of ``size`` (width, height) at ``fps``. Zones and lines
     the pipeline would refuse, or switch off on the first frame, raise ValueError: left out, they would just be
-    missing from the scores."""
+    missing from the scores. So does a tracker switched off: such a camera publishes untracked detections and
+    counts nothing, and the scores here are of tracks."""
+    tracker = tracker or TrackerConfig()
+    if not tracker.enabled:  # before: tracked, counted and scored all the same, unlike the camera it stood for
+        raise ValueError("tracker.enabled: false: this harness scores a camera's tracks, zones and lines")
     heads = dict(runner.heads)
     problems = (camera_analytics_problems(zones, lines, None)
                 + analytics_errors(zones, lines, None, heads) + list(frame_errors(zones, lines, size).values()))
     if problems:
         raise ValueError("; ".join(problems))
     analytics = CameraAnalytics(zones, lines, heads, size)
-    camera_tracker = CameraTracker(list(heads), tracker or TrackerConfig(), fps)
+    camera_tracker = CameraTracker(list(heads), tracker, fps)
     gate = MotionGate(motion) if motion is not None and motion.enabled else None
     run = SceneRun(seed, fps, size, [], [], [], [], [], analytics, heads=heads)
     pending: list[tuple[int, float, np.ndarray, object, bool]] = []

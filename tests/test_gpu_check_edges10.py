@@ -1,0 +1,165 @@
+"""benchmarks/gpu_check.py audited again for its first run on a GPU machine, checked on the CPU with fakes:
+nvidia-smi on a MIG-partitioned GPU or failing, a hang in the environment step, a step past its share of the
+time, the model ceiling fed noise; and pipeline/analytics_eval.py given a tracker switched off."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling measure.py, as when run directly
+
+import gpu_check  # noqa: E402
+
+from pipeline.analytics_eval import STREET_LINES, STREET_ZONES, run_frames  # noqa: E402
+from synthetic.scene import FrameTruth  # noqa: E402
+from workers.settings import TrackerConfig  # noqa: E402
+
+UUID = "GPU-5ab1c0de-1234-5678-9abc-def012345678"
+
+
+def _fake_smi(tmp_path: Path, monkeypatch, script: str) -> None:
+    """An nvidia-smi on PATH that runs ``script`` (sh) whatever it is asked."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def _no_sampler() -> gpu_check.GpuSampler:
+    sampler = gpu_check.GpuSampler.__new__(gpu_check.GpuSampler)
+    sampler.samples, sampler.proc = [], None
+    return sampler
+
+
+def _wait(condition, seconds: float = 20.0) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_mig_gpu_s_memory_is_sampled_though_its_utilisation_reads_n_a(tmp_path, monkeypatch):
+    """With MIG on, nvidia-smi reads the GPU's utilisation as [N/A] and its memory still: every line was dropped,
+    and every result's "gpu" was null."""
+    _fake_smi(tmp_path, monkeypatch, "echo '[N/A], 30000'\necho '[N/A], 31000 MiB'\nsleep 30")
+    since = time.time() - 1
+    sampler = gpu_check.GpuSampler(UUID)
+    try:
+        _wait(lambda: len(sampler.samples) >= 2)
+        assert sampler.window(since) == {"util_mean": None, "util_max": None, "mem_max_mib": 31000.0, "samples": 2}
+        assert sampler.problem is None
+    finally:
+        sampler.close()
+
+
+def test_why_nvidia_smi_gave_no_samples_is_in_the_json(tmp_path, monkeypatch):
+    """nvidia-smi that cannot find the GPU (a MIG instance's UUID, a driver mismatch) prints why and exits: its
+    stderr went nowhere and its lines were skipped, so the JSON's "gpu" fields were all null with no word why."""
+    _fake_smi(tmp_path, monkeypatch, "echo 'No devices were found'\nexit 6")
+    env = {"torch": "2.11.0", "torch_cuda": "13.0", "cuda_available": True, "gpu": {"uuid": UUID}}
+    monkeypatch.setattr(gpu_check, "environment", lambda dry_run: env)
+
+    def model_ceiling(*args):  # no GPU here: the step only waits for nvidia-smi to have ended
+        sampler = args[5]
+        _wait(lambda: "exited" in (sampler.problem or ""))
+        return []
+
+    monkeypatch.setattr(gpu_check, "model_ceiling", model_ceiling)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--steps", "model", "--minutes", "1", "--json", str(out)]) == 0
+    said = json.loads(out.read_text())["gpu_sampler"]
+    assert "No devices were found" in said and "exited with status 6" in said
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    assert gpu_check.GpuSampler(UUID).problem == "nvidia-smi is not on PATH"
+
+
+def test_a_hang_in_the_environment_step_is_stopped_at_the_time_limit(tmp_path, monkeypatch):
+    """The watchdog started after the environment step: a CUDA driver or a first kernel that hung there held the
+    check past --minutes for as long as it hung."""
+    monkeypatch.setattr(gpu_check, "OVERRUN_S", 0.2)
+    monkeypatch.setattr(gpu_check, "HARD_S", 10.0)  # in this process: the interrupt alone must end it
+
+    def environment(dry_run):  # hangs, then finds no GPU
+        time.sleep(6)
+        return {"torch": "2.11.0", "torch_cuda": None, "cuda_available": False, "CUDA_VISIBLE_DEVICES": None}
+
+    monkeypatch.setattr(gpu_check, "environment", environment)
+    out = tmp_path / "gpu.json"
+    started = time.time()
+    code = gpu_check.main(["--steps", "model", "--minutes", "0.02", "--json", str(out)])
+    assert code == gpu_check.TIME_EXIT and time.time() - started < 5
+    assert "stopped at the time limit" in json.loads(out.read_text())["error"]
+
+
+def test_a_step_past_its_share_of_the_time_is_stopped_and_the_next_step_runs(tmp_path, monkeypatch):
+    """A step that overran its share (a compile, a hung call) ran on to --minutes, where the whole check stopped:
+    the steps after it, the pipeline's ladder among them, measured nothing."""
+    monkeypatch.setattr(gpu_check, "OVERRUN_S", 0.2)
+    monkeypatch.setattr(gpu_check, "SHARES", {"model": 0.05, "decode": 0.95, "pipeline": 0.5})
+    monkeypatch.setattr(gpu_check, "environment", lambda dry_run: {"cuda_available": False, "dry_run_cpu": True})
+
+    def model_ceiling(*args):  # one point, then stuck
+        rows, save = args[-2], args[-1]
+        rows.append({"variant": "torch fp32", "batch": 1, "frames_per_s": 1.0})
+        save()
+        time.sleep(30)
+
+    monkeypatch.setattr(gpu_check, "model_ceiling", model_ceiling)
+    monkeypatch.setattr(gpu_check, "make_clip", lambda folder, size, seconds: tmp_path / "clip.mp4")
+    monkeypatch.setattr(gpu_check, "decode_rows", lambda *args: [{"hwaccel_used": None, "frames": 1}])
+    out = tmp_path / "gpu.json"
+    started = time.time()
+    code = gpu_check.main(["--dry-run-cpu", "--steps", "model,decode", "--minutes", "0.2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and "error" not in result and time.time() - started < 8, result
+    assert result["model"][0]["frames_per_s"] == 1.0
+    assert "StepOverran" in result["model"][-1]["error"] and "past its share" in result["model"][-1]["error"]
+    assert result["decode"] == [{"hwaccel_used": None, "frames": 1}]
+
+
+class NoModel:
+    """A runner stand-in for checks that must fail before the model runs."""
+
+    heads, input_size = {"people": ["person"], "vehicles": ["car", "bicycle"]}, (256, 448)
+
+    def run(self, images, heads):
+        raise AssertionError("the model ran: the bad input was not refused")
+
+
+@pytest.mark.parametrize("zones, lines", [(STREET_ZONES, STREET_LINES), ([], [])])
+def test_the_analytics_harness_refuses_a_tracker_switched_off(zones, lines):
+    """The camera refuses zones and lines without tracking and publishes untracked detections; the harness
+    tracked, counted and scored all the same, figures for a camera that does not exist."""
+    empty = FrameTruth(0, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       np.zeros(0, np.float32))
+    frames = [(np.zeros((360, 640, 3), np.uint8), empty)]
+    with pytest.raises(ValueError, match="tracker.enabled: false"):
+        run_frames(NoModel(), frames, zones, lines, tracker=TrackerConfig(enabled=False))
+
+
+def test_the_model_ceiling_runs_frames_of_a_street_not_noise(monkeypatch):
+    """Random pixels gave the demo model ~20 boxes per head and image (a street ~5): the ceiling timed box
+    decoding, NMS and the per-box heads (attributes, re-ID) on 4 times the boxes of a camera's frames, while its
+    docstring said "few boxes, as on a quiet street"."""
+    from workers.model_runner import ModelRunner
+
+    boxes, run = [], ModelRunner.run
+
+    def counted(self, images, heads):
+        out = run(self, images, heads)
+        boxes.extend(len(arrays["boxes"]) for image in out for arrays in image.values())
+        return out
+
+    monkeypatch.setattr(ModelRunner, "run", counted)
+    rows = gpu_check.model_ceiling(gpu_check.DEMO, "cpu", (1, 2), (("torch", "fp32", False),), time.time() + 60,
+                                   _no_sampler(), 0.05)
+    assert [r["batch"] for r in rows if "frames_per_s" in r] == [1, 2]
+    assert 0 < sum(boxes) / len(boxes) < 10, boxes
