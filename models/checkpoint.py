@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,11 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
                                        "sha256": file_sha256(base)})
     if base is not None and path.resolve() in [p.resolve() for p in checkpoint_files(base)]:
         raise RuntimeError(f"{path}: would overwrite its own base")  # a caller's bug: TrainConfig, train() refuse it
-    with written_aside(path, path.with_suffix(path.suffix + ".tmp")) as tmp:
+    # A name of its own (mkstemp): with one fixed name, two trainings saving to the same file (or a second `train`
+    # started while one ran) wrote one temporary file at once, and a torn mix of them could be renamed into place.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    with written_aside(path, Path(tmp_name)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)

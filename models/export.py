@@ -183,21 +183,32 @@ def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "ex
     if loaded is not None and file_identity(checkpoint) != loaded:
         raise CheckpointError(f"{checkpoint}: replaced while it was being loaded; start again to load the new one")
     return cached(cache_path(checkpoint, group_norm, key), lambda path: export_onnx(model, path, group_norm=group_norm),
-                  f"exporting {checkpoint} to ONNX", key)
+                  f"exporting {checkpoint} to ONNX", key, damaged)
 
 
-def cached(path: Path, make: Callable[[Path], object], what: str, key: str | None = None) -> Path:
+def cached(path: Path, make: Callable[[Path], object], what: str, key: str | None = None,
+           check: Callable[[Path], str | None] | None = None) -> Path:
     """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already; making one
     removes the files of its folder not used for ``CACHE_MAX_AGE_DAYS`` (``prune_cache``). ``key``: an export's
-    ``cache_key``; the lock is then the key's, and the file made for it under another checkpoint name is taken."""
-    if path.is_file():
+    ``cache_key``; the lock is then the key's, and the file made for it under another checkpoint name is taken.
+    ``check``: why a file found there is not whole (e.g. ``damaged``), or None; one that is not is said, removed
+    with its compiled forms, and made again."""
+    # A damaged file (cut short on a copied or restored cache, a failing disk) failed every start that loaded it,
+    # or ran torch for good under 'auto': said once, removed and made again. One made while we waited is whole.
+    why = check(path) if check and path.is_file() else None
+    if path.is_file() and not why:
         mark_used(path)
         return path
+    found = file_identity(path) if why else None
     path.parent.mkdir(parents=True, exist_ok=True)
     # Replicas starting together on a fresh cache: one makes the file, the others wait for it (a file lock, as
     # they are separate processes; the kernel releases it if the maker dies). An export's lock is its content's:
     # one per file name let two names of the same weights (two replicas' temp copies) both export.
     with file_lock(path.with_name(f"{key}.lock" if key else path.name + ".lock"), remove=True):
+        if why and path.is_file() and file_identity(path) == found:  # not replaced by another process meanwhile
+            log.warning("%s in the model cache is damaged (%s): removed, making it again", path.name, why)
+            shutil.rmtree(path.with_name(path.name + COMPILED_SUFFIX), ignore_errors=True)  # compiled from it
+            path.unlink()
         path = (made_for(path.parent, key) if key else None) or path  # made meanwhile, under another name?
         if not path.is_file():
             # what makers killed half-way left (nobody else writes there: we hold its lock)
@@ -208,6 +219,49 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
             prune_cache(path.parent)
             make(path)
     return path
+
+
+def damaged(path: Path) -> str | None:
+    """Why the ONNX file ``path`` is not whole (cut short, empty, not an ONNX model), or None. Its top-level
+    protobuf fields only, skipped by their lengths: a few reads whatever the file's size. By hand: importing the
+    onnx package to check it cost every start 1.1-1.6 s."""
+    seen = set()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while f.tell() < size:
+                key = _varint(f)
+                field, kind = key >> 3, key & 7
+                if field == 0:  # no protobuf field is numbered 0 (a file of zeros: said at once, not read through)
+                    return f"not an ONNX model (field 0 at byte {f.tell()})"
+                if kind == 0:
+                    _varint(f)
+                elif kind in (1, 2, 5):
+                    f.seek({1: 8, 5: 4}.get(kind) or _varint(f), os.SEEK_CUR)
+                else:
+                    return f"not an ONNX model (wire type {kind} at byte {f.tell()})"
+                if f.tell() > size:
+                    return f"cut short: {size} bytes, its field {field} ends at byte {f.tell()}"
+                seen.add(field)
+    except EOFError:
+        return f"cut short: {size} bytes, the last field unfinished"
+    except OSError:  # gone meanwhile, or unreadable: not judged here (the runtime's load says why)
+        return None
+    needed = {1: "ir_version", 7: "graph", 8: "opset_import"}  # ModelProto's fields every runtime reads
+    missing = [name for field, name in needed.items() if field not in seen]
+    return f"not an ONNX model: no {', '.join(missing)} ({size} bytes)" if missing else None
+
+
+def _varint(f) -> int:
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise EOFError
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
 
 
 def compiled_cache(export: Path) -> Path | None:

@@ -1,0 +1,159 @@
+"""Model edges a long-running service meets: a damaged file in the export cache, two trainings saving one
+checkpoint at once, and an exported runtime that loads but cannot run the model."""
+
+import asyncio
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from models import checkpoint, export
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.export import cache_path, cached_export
+from workers import model_runner
+from workers.inference import InferenceService
+from workers.model_runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def seeded(tiny_checkpoint, tmp_path_factory):
+    """A cache holding the tiny model's real export, made once for the tests that copy it (an export takes seconds)."""
+    seed = tmp_path_factory.mktemp("seed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRAVISION_CACHE", str(seed))
+        cached_export(load_checkpoint(tiny_checkpoint)[0], tiny_checkpoint)
+    return seed / "onnx"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAVISION_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx"
+
+
+def damage(data: bytes, how: str) -> bytes:
+    return {"half": data[:len(data) // 2], "empty": b"", "zeros": bytes(len(data)), "last byte": data[:-1]}[how]
+
+
+@pytest.mark.parametrize("how", ["half", "empty", "zeros", "last byte"])
+def test_a_damaged_cached_export_is_said_once_removed_and_made_again(how, tiny_checkpoint, seeded, cache,
+                                                                     monkeypatch, caplog):
+    """A cached export cut short (a cache copied or restored half-way, a failing disk) was taken as it was at every
+    start: ONNX Runtime refused it ('Protobuf parsing failed') and the start failed, or 'auto' ran torch for good.
+    Now it is said once, removed with its compiled forms, and exported again; the next start takes the new file.
+    (A stand-in exporter writing the real export's bytes: what is tested is the cache around it.)"""
+    whole = next(seeded.glob("*.onnx")).read_bytes()
+    path = cache_path(tiny_checkpoint)
+    cache.mkdir(parents=True)
+    path.write_bytes(damage(whole, how))
+    compiled = path.with_name(path.name + export.COMPILED_SUFFIX)
+    compiled.mkdir()
+    (compiled / "form.blob").write_bytes(b"compiled from the damaged file")
+    made = []
+    monkeypatch.setattr(export, "export_onnx", lambda model, p, **kw: (made.append(p), p.write_bytes(whole)))
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        assert cached_export(None, tiny_checkpoint) == path
+        assert cached_export(None, tiny_checkpoint) == path  # the next start: the new file, as it is
+    assert made == [path] and path.read_bytes() == whole and not compiled.exists()
+    said = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(said) == 1 and path.name in said[0], said
+
+
+def test_a_service_starts_on_onnxruntime_over_a_cut_short_cached_export(tiny_checkpoint, seeded, cache, caplog):
+    """The whole start, real export and ONNX Runtime: 'backend: onnxruntime' failed at every start on the half
+    file left in the cache; now the runner exports afresh and runs."""
+    shutil.copytree(seeded, cache)
+    path = next(cache.glob("*.onnx"))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        runner = ModelRunner(tiny_checkpoint, device="cpu", precision="fp32", backend="onnxruntime", threads=1)
+    assert runner.backend == "onnxruntime" and runner.session.path == path
+    assert export.damaged(path) is None and path.stat().st_size == len(whole)
+    assert sorted(runner.run([np.zeros((3, *runner.input_size), np.uint8)], [None])[0]) == ["people", "vehicles"]
+    assert sum("damaged" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_two_trainings_saving_one_checkpoint_at_once_each_write_their_own_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """Both wrote through the same temporary name: the second training's save, between the first's write and its
+    rename, took the first's temporary file (the first then failed with FileNotFoundError, its model lost, or, the
+    other way round, renamed the other's half-written bytes into place). Each now writes a file of its own, and
+    the checkpoint is whole: the last one renamed. A save that fails leaves no temporary file behind."""
+    first, second = load_checkpoint(tiny_checkpoint)[0], load_checkpoint(tiny_checkpoint)[0]
+    with torch.no_grad():
+        next(second.parameters()).add_(1.0)
+    path = tmp_path / "out" / "model.safetensors"
+    real, written = checkpoint.save_file, []
+
+    def interleaved(tensors, filename, metadata=None):
+        written.append(filename)
+        real(tensors, filename, metadata=metadata)
+        if len(written) == 1:  # the other training saves while this one is between its write and its rename
+            save_checkpoint(second, path, {"run": "second"})
+
+    monkeypatch.setattr(checkpoint, "save_file", interleaved)
+    save_checkpoint(first, path, {"run": "first"})
+    loaded, training = load_checkpoint(path)
+    assert training == {"run": "first"} and len(set(written)) == 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), first.state_dict().values()))
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(second, path, {"run": "second"})
+    assert [p.name for p in path.parent.iterdir()] == [path.name] and load_checkpoint(path)[1] == {"run": "first"}
+
+
+@pytest.fixture
+def ort_fails_at_its_first_call(monkeypatch):
+    """ONNX Runtime loading the export fine but failing when it runs (an op or provider it cannot run here)."""
+    calls = []
+
+    def failing(self, images):
+        calls.append(images.shape)
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                           "running Conv node")
+
+    monkeypatch.setattr(model_runner.OrtSession, "infer", failing)
+    return calls
+
+
+def infer_one(service: InferenceService) -> dict:
+    async def one():
+        try:
+            return await service.infer_image(np.zeros((3, *service.runner.input_size), np.uint8), None, "cam",
+                                              timeout_s=60.0)
+        finally:
+            service.batcher.close()
+
+    return asyncio.run(one())
+
+
+def test_auto_runs_torch_when_the_exported_runtime_fails_its_first_call(tiny_checkpoint, seeded, cache,
+                                                                         ort_fails_at_its_first_call, caplog):
+    """'auto' picked ONNX Runtime, which loaded the export and then failed every batch of the run: the cameras
+    published nothing and counted every frame an error. A blank frame at start now finds it out, says so once,
+    and the model runs in torch, as when the runtime fails to load (docs/architecture.md, "Backends")."""
+    shutil.copytree(seeded, cache)
+    with caplog.at_level(logging.WARNING, logger="workers.inference"):
+        service = InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="auto", threads=1)
+    assert service.info()["backend"] == "torch" and len(ort_fails_at_its_first_call) == 1
+    assert sorted(infer_one(service)) == ["people", "vehicles"]
+    said = [r.getMessage() for r in caplog.records if "running the model in torch" in r.getMessage()]
+    assert len(said) == 1 and "onnxruntime" in said[0] and "RUNTIME_EXCEPTION" in said[0], said
+
+
+def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start(tiny_checkpoint, seeded, cache,
+                                                                                  ort_fails_at_its_first_call):
+    """'backend: onnxruntime' asked for by name started, then failed every batch; a fallback would hide what was
+    asked for, so the start is refused, naming the backend, its error and what to set instead."""
+    shutil.copytree(seeded, cache)
+    refused = r"model\.backend onnxruntime.*RUNTIME_EXCEPTION.*set model\.backend to torch"
+    with pytest.raises(RuntimeError, match=refused):
+        InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="onnxruntime", threads=1)
