@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.export import cached
+from models.export import cached, damaged
 from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet
 
@@ -36,7 +36,7 @@ def int8_path(export: Path) -> Path:
 def cached_int8(model: HydraNet, export: Path, history: list[dict[str, Any]]) -> Path:
     """The quantized copy of ``export`` (the model's cached ONNX export), made once (seconds) and cached."""
     return cached(int8_path(export), lambda path: quantize(export, path, calibration_frames(model, history)),
-                  f"quantizing {export.name} to int8")
+                  f"quantizing {export.name} to int8", check=damaged)  # a damaged copy is made again
 
 
 def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = CALIBRATION_FRAMES) -> list[np.ndarray]:

@@ -157,3 +157,21 @@ def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start
     refused = r"model\.backend onnxruntime.*RUNTIME_EXCEPTION.*set model\.backend to torch"
     with pytest.raises(RuntimeError, match=refused):
         InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="onnxruntime", threads=1)
+
+
+def test_a_damaged_cached_int8_model_is_made_again(tmp_path, monkeypatch, caplog):
+    """The int8 copy beside the export is cached the same way: one cut short failed every int8 start for good."""
+    from models import quantize
+
+    exported = tmp_path / "model-abc.onnx"
+    exported.write_bytes(b"the export")
+    made = []
+    whole = bytes([0x08, 0x07, 0x3A, 0x00, 0x42, 0x00])  # ir_version 7, an empty graph, an empty opset_import
+    target = quantize.int8_path(exported)
+    target.write_bytes(whole[:3])  # cut short in the graph's field
+    monkeypatch.setattr(quantize, "calibration_frames", lambda model, history: [])
+    monkeypatch.setattr(quantize, "quantize", lambda src, dst, frames: (made.append(dst), dst.write_bytes(whole)))
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        assert quantize.cached_int8(None, exported, []) == target
+    assert made == [target] and target.read_bytes() == whole
+    assert any("damaged" in r.getMessage() for r in caplog.records)
