@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import psutil
 
+from models.files import written_aside
 from synthetic.clips import encode_mp4
 from synthetic.scene import StreetScene
 
@@ -216,5 +218,8 @@ def save_json(path: str | None, data: dict) -> None:
     """Writes the figures, with the machine's CPU facts added under ``machine``."""
     if path:
         data = {**data, "machine": {"cpus": os.cpu_count(), **cpu_facts(), **data.get("machine", {})}}
-        Path(path).write_text(json.dumps(data, indent=2, default=str))
+        # Aside, then renamed: gpu_check saves after every point, and a kill (or its watchdog's hard stop, racing the
+        # main thread's save) mid-write left a cut-short file in place of what had been measured.
+        with written_aside(Path(path), Path(f"{path}.{os.getpid()}.{threading.get_ident()}.tmp")) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
         print(f"wrote {path}")

@@ -163,3 +163,26 @@ def test_the_model_ceiling_runs_frames_of_a_street_not_noise(monkeypatch):
                                    _no_sampler(), 0.05)
     assert [r["batch"] for r in rows if "frames_per_s" in r] == [1, 2]
     assert 0 < sum(boxes) / len(boxes) < 10, boxes
+
+
+def test_a_save_cut_short_keeps_the_json_saved_before(tmp_path, monkeypatch):
+    """gpu_check saves after every point, its watchdog's hard stop can race the main thread's save: a write cut short
+    left a truncated JSON in place of what had been measured. Written aside and renamed now."""
+    from pathlib import Path
+
+    from benchmarks import measure
+
+    out = tmp_path / "results.json"
+    measure.save_json(str(out), {"points": [1]})
+
+    def cut_short(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt  # the hard stop, or a second Ctrl-C, mid-write
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        measure.save_json(str(out), {"points": [1, 2]})
+    monkeypatch.undo()
+    assert json.loads(out.read_text())["points"] == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left beside it
