@@ -39,6 +39,7 @@ import statistics
 from typing import Callable
 
 MAX_BACKOFF = 64  # the longest wait between probes, in multiples of probe_after
+KEPT_CHANGES = 64  # the latest changes of the limit kept in ``changes``; ``changed`` counts them all
 
 
 class BatchSizer:
@@ -49,7 +50,8 @@ class BatchSizer:
         self.ceiling, self.probe_after, self.samples, self.gain = ceiling, probe_after, samples, gain
         self.limit = min(_power_of_two_at_most(start), ceiling)
         self.probing: int | None = None  # the larger size on trial, while a probe runs
-        self.changes: list[tuple[int, int]] = []  # (from, to), every change of the limit
+        self.changes: list[tuple[int, int]] = []  # (from, to), the latest KEPT_CHANGES changes of the limit
+        self.changed = 0  # changes of the limit so far
         # the limits each adopted probe replaced (the sizes a shrink has timings of), with the probes' backoff then
         self._raised_from: list[tuple[int, int]] = []
         self._costs: dict[int, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=window))
@@ -103,9 +105,8 @@ class BatchSizer:
             below = min(self.limit, _power_of_two_at_most(size - 1))
             self.ceiling = min(self.ceiling, below)
             if below < self.limit:
-                self.changes.append((self.limit, below))
                 self._raised_from = [(lower, b) for lower, b in self._raised_from if lower < below]
-                self.limit, self._streak = below, 0
+                self._set_limit(below)
             if self._confirming is not None:  # a larger size's win, being confirmed: larger than the ceiling now
                 self.probing, self._confirming = self._confirming, None
             if self.probing is not None:  # the limit ran out of memory during a probe: the larger size would too
@@ -147,9 +148,9 @@ class BatchSizer:
     def _end_probe(self, adopt: bool) -> None:
         assert self.probing is not None
         if adopt:
-            self.changes.append((self.limit, self.probing))
             self._raised_from.append((self.limit, self._backoff))
-            self.limit, self._backoff = self.probing, 1
+            self._set_limit(self.probing)
+            self._backoff = 1
         else:
             self._backoff = min(MAX_BACKOFF, 2 * self._backoff)
         self.probing, self._streak = None, 0
@@ -164,14 +165,22 @@ class BatchSizer:
         if len(here) >= self.samples and len(there) >= self.samples and \
                 statistics.median(there) < (1 - self.gain) * statistics.median(here):
             self._raised_from.pop()
-            self.changes.append((self.limit, lower))
-            self.limit, self._streak = lower, 0
+            self._set_limit(lower)
             self._backoff = min(MAX_BACKOFF, 2 * backoff)  # a step up undone is a refused probe: retried less often
+
+    def _set_limit(self, limit: int) -> None:
+        """Changes the limit and records it. Only the latest changes are kept: a step up that does not last
+        recurs every ~1000 full batches at the longest backoff for as long as the service runs, and the list of
+        every change grew with it (~1 MB a day at 100 batches/s)."""
+        self.changes.append((self.limit, limit))
+        del self.changes[:-KEPT_CHANGES]
+        self.changed += 1
+        self.limit, self._streak = limit, 0
 
     def stats(self) -> dict:
         """For the replica's stats(): the limit now, the probe running (0: none), the changes so far, and the
         median milliseconds per frame by batch size (full batches only)."""
-        return {"batch_limit": self.limit, "batch_probe": self.probing or 0, "batch_limit_changes": len(self.changes),
+        return {"batch_limit": self.limit, "batch_probe": self.probing or 0, "batch_limit_changes": self.changed,
                 "ms_per_frame": {size: round(1000 * statistics.median(c), 3)
                                  for size, c in sorted(self._costs.items()) if c}}
 
