@@ -3,6 +3,8 @@ fix."""
 
 from __future__ import annotations
 
+import pytest
+
 from workers.batch_size import BatchSizer
 
 
@@ -18,3 +20,38 @@ def test_the_record_of_limit_changes_stays_bounded_while_the_count_goes_on():
     assert len(sizer.changes) <= 64  # batch_size.KEPT_CHANGES
     assert sizer.stats()["batch_limit_changes"] > 128
     assert sizer.changes[-2:] in ([(8, 16), (16, 8)], [(16, 8), (8, 16)])  # the latest, in order
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_a_lost_cuda_context_ends_the_process_for_ray_to_restart(exits, monkeypatch):
+    """After an illegal memory access (or a device-side assert) the process's CUDA context fails every call after
+    it, while the actor, alive, was never restarted: every frame of the run failed. A replica or camera process
+    (exit_on_device_loss) exits instead; other errors, and a service used in-process, raise as before."""
+    from workers import inference
+    from workers.inference import DEVICE_LOST_EXIT, InferenceService
+
+    class Runner:
+        def __init__(self, error):
+            self.error = error
+
+        def run(self, images, heads):
+            raise self.error
+
+    exited = []
+    monkeypatch.setattr(inference.os, "_exit", lambda code: (exited.append(code), (_ for _ in ()).throw(SystemExit)))
+    service = InferenceService.__new__(InferenceService)
+    service.exit_on_device_loss = exits
+    lost = RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                        "asynchronously reported at some other API call")
+    for error in (RuntimeError("input has 4 channels, expected 3"), torch_oom()):
+        service.runner = Runner(error)
+        with pytest.raises(type(error)):
+            service._run_batch([(None, None)])
+    service.runner = Runner(lost)
+    with pytest.raises(SystemExit if exits else RuntimeError):
+        service._run_batch([(None, None)])
+    assert exited == ([DEVICE_LOST_EXIT] if exits else [])
+
+
+def torch_oom() -> BaseException:
+    return MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # the batch sizer's, not a lost context

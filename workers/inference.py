@@ -355,6 +355,20 @@ def runs_a_frame(runner: Any, backend: str, precision: str) -> bool:
         return False
 
 
+# CUDA errors after which the process's CUDA context cannot run anything again: every later batch failed the same
+# way while the process, still alive, was never restarted. Matched in the error's text (torch raises them as
+# RuntimeError or AcceleratorError with CUDA's own words).
+DEVICE_LOST = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+               "illegal instruction", "CUBLAS_STATUS_EXECUTION_FAILED")
+DEVICE_LOST_EXIT = 75  # EX_TEMPFAIL: Ray restarts the process (max_restarts=-1) with a fresh CUDA context
+
+
+def device_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a CUDA error that leaves the process's context unusable (DEVICE_LOST)."""
+    text = str(e)
+    return "CUDA" in text.upper() and any(words in text for words in DEVICE_LOST)
+
+
 class InferenceService:
     """ModelRunner + Batcher: what the InferenceActor serves, usable in-process by tests and benchmarks."""
 
@@ -362,14 +376,16 @@ class InferenceService:
                  max_batch: int = 8, max_wait_ms: float = 5.0, threads: int | None = None,
                  score_threshold: float | None = None, compile: bool = False, max_pending: int | None = None,
                  max_pending_per_camera: int | None = None, backend: str = "auto", adapt_batch: bool = False,
-                 expect: dict | None = None):
+                 expect: dict | None = None, exit_on_device_loss: bool = False):
         """``checkpoint``: a path, or the file's bytes (what the controller puts in Ray's object store for other
         nodes: written to this node's temp dir first, ``local_copy``). ``adapt_batch``: batches grow only up to
         the size measured fastest per frame (workers/batch_size.py), ``max_batch`` being the ceiling; otherwise
         up to ``max_batch``. ``expect``: the input size and heads the service started with; a checkpoint that
         differs is refused (a ValueError, as workers/ refuse a setting): a file replaced under a running service
         was loaded by a restarted replica or a new camera process, and every frame then failed ("publishing
-        failed: IndexError")."""
+        failed: IndexError"). ``exit_on_device_loss``: a lost CUDA context ends the process (a Ray actor's, which
+        Ray restarts) instead of failing every batch after it (``device_lost``)."""
+        self.exit_on_device_loss = exit_on_device_loss
         if isinstance(checkpoint, bytes):
             checkpoint = local_copy(checkpoint)
         if expect is not None and (changes := model_changes(checkpoint, expect)):  # before torch's imports
@@ -388,7 +404,15 @@ class InferenceService:
         self.calls = 0  # infer calls received (one may carry several frames of a camera: infer_images)
 
     def _run_batch(self, items: list[tuple[np.ndarray, list[str] | None]]) -> list[dict[str, HeadArrays]]:
-        return self.runner.run([image for image, _ in items], [heads for _, heads in items])
+        try:
+            return self.runner.run([image for image, _ in items], [heads for _, heads in items])
+        except Exception as e:
+            if self.exit_on_device_loss and device_lost(e):
+                log.critical("the GPU's CUDA context is lost (%s: %s): every batch would fail the same way; this "
+                             "process exits so that Ray starts it afresh", type(e).__name__, e)
+                logging.shutdown()
+                os._exit(DEVICE_LOST_EXIT)
+            raise
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         self.calls += 1
@@ -452,7 +476,8 @@ class InferenceActor:
         log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.service = InferenceService(checkpoint, device, precision, max_batch, max_wait_ms,
                                         threads or max(1, usable_cores() // per_node), score_threshold, compile,
-                                        max_pending, max_pending_per_camera, backend, adapt_batch, expect)
+                                        max_pending, max_pending_per_camera, backend, adapt_batch, expect,
+                                        exit_on_device_loss=True)
 
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)

@@ -1061,7 +1061,7 @@ class StreamActor:
         if model is not None:
             if isinstance(model["checkpoint"], ray.ObjectRef):  # Ray resolves top-level arguments only
                 model = {**model, "checkpoint": ray.get(model["checkpoint"])}
-            self.model = InferenceService(**model)
+            self.model = InferenceService(**model, exit_on_device_loss=True)  # its cameras restart with the process
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
         self.writer: WriterThread | None = None  # the Redis connection and thread of its cameras' Publishers
