@@ -1,4 +1,5 @@
-"""Training data: endless synthetic street scenes, or a YOLO-format folder (images/ + labels/)."""
+"""Training data: endless synthetic street scenes, or a YOLO-format dataset (images/ + labels/, or a data.yaml's
+splits as Ultralytics and Roboflow lay them out)."""
 
 from __future__ import annotations
 
@@ -122,30 +123,74 @@ class SyntheticFrames(IterableDataset):
                          {"kind": truth.kinds[good][keep]})
 
 
+def find_data_yaml(root: Path) -> Path | None:
+    """The dataset's YAML file: ``root`` itself when it names one, else data.yaml or dataset.yaml in it."""
+    if root.is_file() and root.suffix.lower() in (".yaml", ".yml"):
+        return root
+    return next((p for name in ("data.yaml", "dataset.yaml") if (p := root / name).is_file()), None)
+
+
+def read_data_yaml(p: Path) -> dict:
+    try:
+        data = yaml.safe_load(read_text(p)) or {}
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{p}: expected a mapping with 'names', got {type(data).__name__}")
+    return data
+
+
 def read_class_names(root: Path) -> list[str] | None:
     """Class names from data.yaml (``names`` list or {id: name}) or classes.txt, if present."""
-    for name in ("data.yaml", "dataset.yaml"):
-        p = root / name
-        if p.is_file():
-            try:
-                data = yaml.safe_load(read_text(p)) or {}
-            except yaml.YAMLError as e:
-                raise DatasetError(f"{p}: not valid YAML ({e})") from None
-            if not isinstance(data, dict):
-                raise DatasetError(f"{p}: expected a mapping with 'names', got {type(data).__name__}")
-            names = data.get("names")
-            if isinstance(names, dict):  # {id: name}: the ids are the label files' class numbers, so 0..n-1 exactly
-                ids = [int(k) if isinstance(k, int) or str(k).strip().isdigit() else -1 for k in names]
-                if sorted(ids) != list(range(len(names))):
-                    raise DatasetError(f"{p}: 'names' ids must be 0..{len(names) - 1}, got {sorted(names, key=str)}")
-                names = [name for _, name in sorted(zip(ids, names.values()))]
-            if not isinstance(names, list) or not names:
-                raise DatasetError(f"{p}: expected 'names' to be a non-empty list or mapping of class names")
-            return [str(n) for n in names]
+    if p := find_data_yaml(root):
+        names = read_data_yaml(p).get("names")
+        if isinstance(names, dict):  # {id: name}: the ids are the label files' class numbers, so 0..n-1 exactly
+            ids = [int(k) if isinstance(k, int) or str(k).strip().isdigit() else -1 for k in names]
+            if sorted(ids) != list(range(len(names))):
+                raise DatasetError(f"{p}: 'names' ids must be 0..{len(names) - 1}, got {sorted(names, key=str)}")
+            names = [name for _, name in sorted(zip(ids, names.values()))]
+        if not isinstance(names, list) or not names:
+            raise DatasetError(f"{p}: expected 'names' to be a non-empty list or mapping of class names")
+        return [str(n) for n in names]
     p = root / "classes.txt"
     if p.is_file():
         return [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     return None
+
+
+def split_images(data_yaml: Path, data: dict, split: str) -> list[Path]:
+    """The images of a split named in data.yaml (a folder, an image list .txt, or a list of them), found as
+    Ultralytics finds them: relative to ``path:`` (itself relative to the YAML's folder) if given, else to the
+    YAML's folder; a Roboflow export's ``../train/images`` is also tried without its ``../``."""
+    value = data[split]
+    entries = value if isinstance(value, list) else [value]
+    if not entries or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise DatasetError(f"{data_yaml}: '{split}' must name a folder of images (or a list of them), got {value!r}")
+    here = data_yaml.parent
+    bases = ([here / data["path"]] if isinstance(data.get("path"), str) and data["path"].strip() else []) + [here]
+    images: list[Path] = []
+    for entry in entries:
+        tries = list(dict.fromkeys(b / e for b in bases for e in (entry, entry[3:] if entry.startswith("../") else "")
+                                   if e))
+        found = next((t for t in tries if t.exists()), None)
+        if found is None:
+            raise DatasetError(f"{data_yaml}: '{split}: {entry}' is missing (looked for "
+                               f"{', '.join(map(str, tries))})")
+        if found.is_dir():
+            images += sorted(p for p in found.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:  # an image list, one path a line, relative to the list's folder (COCO's train2017.txt)
+            images += [found.parent / ln.strip() for ln in read_text(found).splitlines() if ln.strip()]
+    return images
+
+
+def label_of(image: Path) -> Path:
+    """Ultralytics' rule: the image's path with its last images/ folder named labels/, and .txt."""
+    parts = image.parts
+    if "images" not in parts[:-1]:
+        raise DatasetError(f"{image}: no images/ folder in its path, so no labels/ folder beside it to read its "
+                           "label file from")
+    i = len(parts) - 2 - parts[-2::-1].index("images")
+    return Path(*parts[:i], "labels", *parts[i + 1:]).with_suffix(".txt")
 
 
 def read_text(path: Path) -> str:
@@ -185,24 +230,36 @@ def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
 
 
 class YoloFolder(Dataset):
-    """A folder with images/ and labels/ (same relative paths, .txt), plus data.yaml or classes.txt."""
+    """A folder with images/ and labels/ (same relative paths, .txt), plus data.yaml or classes.txt; or a data.yaml
+    (or its folder) naming the split's images, as Ultralytics and Roboflow lay them out (labels/ beside images/)."""
 
     def __init__(self, root: str | Path, input_size: tuple[int, int], augment: bool = True,
-                 class_names: Sequence[str] | None = None, seed: int = 0):
+                 class_names: Sequence[str] | None = None, seed: int = 0, split: str = "train"):
         self.root = Path(root)
         self.input_size, self.augment = input_size, augment
         self.rng = np.random.default_rng(seed)
-        images_dir, labels_dir = self.root / "images", self.root / "labels"
-        if not images_dir.is_dir() or not labels_dir.is_dir():
-            raise DatasetError(f"{self.root}: a YOLO dataset needs images/ and labels/ folders")
+        data_yaml = find_data_yaml(self.root)
+        data = read_data_yaml(data_yaml) if data_yaml else {}
+        if split in data:
+            images = split_images(data_yaml, data, split)
+            pairs = [(img, label_of(img)) for img in images]
+            images_at = labels_at = f"{data_yaml} '{split}'"
+        else:
+            folder = self.root.parent if data_yaml == self.root else self.root
+            images_dir, labels_dir = folder / "images", folder / "labels"
+            if not images_dir.is_dir() or not labels_dir.is_dir():
+                raise DatasetError(f"{self.root}: a YOLO dataset needs images/ and labels/ folders, or a data.yaml "
+                                   f"naming its '{split}' images")
+            pairs = [(img, labels_dir / img.relative_to(images_dir).with_suffix(".txt"))
+                     for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)]
+            images_at, labels_at = images_dir, labels_dir
         names = list(class_names) if class_names else read_class_names(self.root)
         if not names:
             raise DatasetError(f"{self.root}: no class names: add data.yaml with 'names: [...]' or classes.txt")
         self.classes = names
         self.items: list[tuple[Path, np.ndarray]] = []
         empty = []
-        for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            label = labels_dir / img.relative_to(images_dir).with_suffix(".txt")
+        for img, label in pairs:
             if not label.is_file():
                 raise DatasetError(f"{img}: no label file (expected {label})")
             rows = parse_yolo_labels(label, len(names))
@@ -211,9 +268,9 @@ class YoloFolder(Dataset):
             check_image(img)
             self.items.append((img, rows))
         if not self.items:
-            raise DatasetError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DatasetError(f"{images_at}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         if len(empty) == len(self.items):
-            raise DatasetError(f"{labels_dir}: every label file is empty, nothing to learn from")
+            raise DatasetError(f"{labels_at}: every label file is empty, nothing to learn from")
         if empty:  # YOLO's convention: an empty label file is a background image. Say so, since it may be a mistake.
             log.warning("%d of %d label files are empty and used as background images, e.g. %s",
                         len(empty), len(self.items), empty[0])

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     t.add_argument("--head", dest="heads", type=parse_head, action="append", required=True,
                    metavar="NAME=CLASSES", help="a head and its classes, e.g. people=person (repeatable)")
-    t.add_argument("--data", default="synthetic", help="'synthetic' or a YOLO folder with images/ and labels/")
+    t.add_argument("--data", default="synthetic", help="'synthetic', a YOLO folder with images/ and labels/, or a data.yaml (or its "
+                   "folder) naming its splits, as Roboflow and Ultralytics write them (README)")
     t.add_argument("--from", dest="init", type=checkpoint, help="start from this checkpoint ('demo': the bundled one)")
     mode = t.add_mutually_exclusive_group()  # the fine-tuning modes (with --from)
     mode.add_argument("--freeze-shared", action="store_true",
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
     d.add_argument("--steps", type=positive_int, nargs=4, default=None, metavar=("BASE", "HEAD", "ATTRIBUTE", "REID"),
                    help="training steps of the four stages")
+    d.add_argument("--fresh", action="store_true",
+                   help="train every stage again, also those a stopped run finished (their files beside --out)")
     d.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("import-detector", help="make a checkpoint from torchvision's COCO FCOS weights (a file you "

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from models.checkpoint import (CheckpointError, import_backbone_weights, load_checkpoint, prepare_output, read_metadata,
-                               save_checkpoint)
+                               read_tensors, save_checkpoint)
 from models.datasets import DatasetError
 from models.evaluate import EvalConfig, evaluate as evaluate_model
 from models.hydranet import ConfigError as ModelConfigError, HydraNet, HydraNetConfig
@@ -174,22 +174,65 @@ def train_demo(args: argparse.Namespace) -> dict:
     base = out.with_name(out.stem + ".base.safetensors")
     heads = out.with_name(out.stem + ".heads.safetensors")
     attribute = out.with_name(out.stem + ".attribute.safetensors")
+    progress = not args.no_progress
     t0 = time.time()
-    train_model(TrainConfig(out=base, heads={"people": ["person"]}, steps=base_steps, seed=0),
-                progress=not args.no_progress)
-    train_model(TrainConfig(out=heads, heads={"vehicles": ["car", "bicycle"]}, init=base, freeze_shared=True,
-                            steps=head_steps, seed=1), progress=not args.no_progress)
-    train_attribute_head(AttributeTrainConfig(init=heads, out=attribute, steps=attribute_steps, seed=2,
-                                              **DEMO_ATTRIBUTE), progress=not args.no_progress)
-    train_reid_head(ReIDTrainConfig(init=attribute, out=out, steps=reid_steps, **DEMO_REID), progress=not args.no_progress)
+    # Each stage with what its file's last history record says of it: a run killed in a later stage (an hour
+    # in) reuses the stages it finished, unless ``args.fresh`` (--fresh) redoes all.
+    stages = [
+        (base, {"heads": ["people"], "steps": base_steps, "seed": 0, "data": "synthetic", "frozen_shared": False,
+                "init": None},
+         lambda: train_model(TrainConfig(out=base, heads={"people": ["person"]}, steps=base_steps, seed=0),
+                             progress=progress)),
+        (heads, {"heads": ["vehicles"], "steps": head_steps, "seed": 1, "data": "synthetic", "frozen_shared": True,
+                 "init": str(base)},
+         lambda: train_model(TrainConfig(out=heads, heads={"vehicles": ["car", "bicycle"]}, init=base,
+                                         freeze_shared=True, steps=head_steps, seed=1), progress=progress)),
+        (attribute, {"attribute": DEMO_ATTRIBUTE["name"], **{k: DEMO_ATTRIBUTE[k] for k in ("labels", "on", "of")},
+                     "steps": attribute_steps, "seed": 2, "init": str(heads)},
+         lambda: train_attribute_head(AttributeTrainConfig(init=heads, out=attribute, steps=attribute_steps, seed=2,
+                                                           **DEMO_ATTRIBUTE), progress=progress)),
+    ]
+    redo, made_from = args.fresh, None
+    for number, (path, settings, run) in enumerate(stages, 1):
+        if not redo and stage_made_by(path, number, settings, made_from):
+            log.info("stage %d of 4: reusing %s, made by the same settings (steps %d, seed %d)", number, path,
+                     settings["steps"], settings["seed"])
+        else:  # the stages after it start from its new weights
+            redo = True
+            run()
+        made_from = path
+    train_reid_head(ReIDTrainConfig(init=attribute, out=out, steps=reid_steps, **DEMO_REID), progress=progress)
     set_score_thresholds(out, DEMO_SCORE_THRESHOLDS)
     for stage in (base, heads, attribute):
         stage.unlink()
     model, _ = load_checkpoint(out)
-    report = evaluate_model(model, EvalConfig(), progress=not args.no_progress)
+    report = evaluate_model(model, EvalConfig(), progress=progress)
     report["checkpoint"] = str(out)
     report["train_minutes"] = round((time.time() - t0) / 60, 1)
     return report
+
+
+def stage_made_by(path: Path, number: int, settings: dict, made_from: Path | None) -> bool:
+    """Whether a train-demo stage's file is whole and was made by ``settings`` (its last history record, the
+    ``number``-th) from ``made_from`` as that file is now: the frozen weights it started from, unchanged in it."""
+    if not path.is_file():
+        return False
+    try:
+        model, training = load_checkpoint(path)
+        history = training.get("history")
+        if not (isinstance(history, list) and len(history) == number and isinstance(history[-1], dict)
+                and all(history[-1].get(k) == v for k, v in settings.items())):
+            log.info("stage %d of 4: %s was made by other settings: training it again", number, path)
+            return False
+        weights = model.state_dict()
+        if made_from is not None and not all(k in weights and torch.equal(v, weights[k])
+                                             for k, v in read_tensors(made_from).items()):
+            log.info("stage %d of 4: %s was made from another %s: training it again", number, path, made_from)
+            return False
+        return True
+    except CheckpointError as e:
+        log.warning("stage %d of 4: %s cannot be reused (%s): training it again", number, path, e)
+        return False
 
 
 def set_score_thresholds(path: Path, thresholds: dict[str, float]) -> None:
