@@ -21,6 +21,7 @@ from models.train import TrainConfig, build_model, train as train_model
 from models.train_attributes import AttributeTrainConfig, train_attribute as train_attribute_head
 from models.train_reid import FIRST_TRAIN_SEED, ReIDTrainConfig, match_accuracy, train_reid as train_reid_head
 from pipeline.errors import UserError
+from workers.cores import usable_cores
 from workers.settings import backend_problem
 
 log = logging.getLogger(__name__)
@@ -351,7 +352,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
 
         # its batches are the eval's (a TensorRT engine covers batches up to max_batch, no more)
-        runner = ModelRunner(path, device, args.precision, max_batch=max(1, cfg.batch_size), backend=args.backend)
+        # its threads as the service's: the runtimes' own default took every core a container's quota does not allow
+        runner = ModelRunner(path, device, args.precision, threads=usable_cores(), max_batch=max(1, cfg.batch_size),
+                             backend=args.backend)
         report = runner.evaluate(cfg, progress=not args.no_progress)
         how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
     else:

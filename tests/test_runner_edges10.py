@@ -55,3 +55,26 @@ def test_a_lost_cuda_context_ends_the_process_for_ray_to_restart(exits, monkeypa
 
 def torch_oom() -> BaseException:
     return MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # the batch sizer's, not a lost context
+
+
+def test_eval_through_the_serving_path_sizes_its_threads_as_the_service_does(monkeypatch):
+    """`hydravision eval --backend` made its ModelRunner without threads: torch, ONNX Runtime and OpenVINO then took
+    every core of the machine, past a container's CPU quota the service respects (usable_cores)."""
+    import argparse
+
+    from pipeline import model_commands
+    from workers import model_runner
+
+    made = {}
+
+    class Runner:
+        def __init__(self, *args, **kwargs):
+            made.update(kwargs)
+            raise RuntimeError("made")
+
+    monkeypatch.setattr(model_runner, "ModelRunner", Runner)
+    monkeypatch.setattr(model_commands, "usable_cores", lambda: 3)
+    args = argparse.Namespace(checkpoint=None, scenes=1, frames=1, backend="torch", precision="fp32", no_progress=True)
+    with pytest.raises(Exception, match="made"):
+        model_commands.evaluate(args)
+    assert made["threads"] == 3
