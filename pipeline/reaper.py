@@ -5,7 +5,11 @@ interpreter) runs no handler: Ray's GCS and raylet notice within seconds, but it
 minute and an embedded redis-server would answer forever. So `App.start()` first starts this reaper, a
 small process in its own session that watches the run: every half second it notes the run's descendants
 (redis-server, Ray's GCS, raylet, workers, agents), and once the run is gone (the pipe it holds closes,
-or its process disappears) it sends them SIGTERM, then SIGKILL to those still alive 3 s later.
+or its process disappears) it sends them SIGTERM, then SIGKILL to those still alive 3 s later. What the run
+started after the watcher's last look (or before its first: a run killed in its first moments) was no longer
+its descendant by then (reparented): every process the run starts inherits a token in ``HYDRAVISION_RUN``
+(``/proc/PID/environ``), and those holding this run's token go too; a twin run's have a token of their own.
+(Ray's agents overwrite their environment with their title: they are found as the raylet's children.)
 
 Written by hand: `prctl(PR_SET_PDEATHSIG)` reaches only direct children (not Ray's workers and agents,
 whose parent is the raylet), and nothing in Ray ties a local cluster to its driver's life.
@@ -16,6 +20,7 @@ manager does the same job; the reaper is for everywhere else.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -26,22 +31,25 @@ import psutil
 POLL_S = 0.5
 GRACE_S = 3.0
 _RELEASE = b"release\n"
+RUN_ENV = "HYDRAVISION_RUN"  # the run's token, inherited by every process it starts
 
 
 class Reaper:
     """The run's side: start the watcher, and ``release()`` it after a clean shutdown."""
 
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
+    def __init__(self, proc: subprocess.Popen, token: str = "") -> None:
+        self.proc, self.token = proc, token
 
     @classmethod
     def start(cls) -> "Reaper":
         # From the folder that holds this package: `-m` looks in the working directory first, where a package of
         # the user's own named pipeline was run instead (or none was found: no reaper)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid())], cwd=root,
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid()), token], cwd=root,
                                 stdin=subprocess.PIPE, start_new_session=True)  # Ctrl-C reaches the run, not it
-        return cls(proc)
+        os.environ[RUN_ENV] = token  # after the watcher's start: from here on, what the run starts carries it
+        return cls(proc, token)
 
     def release(self, timeout: float = 5.0) -> None:
         """Everything was shut down cleanly: the watcher exits without killing anything."""
@@ -58,6 +66,8 @@ class Reaper:
                 self.proc.stdin.close()
             except OSError:  # the unsent release line, into a pipe nobody reads
                 pass
+            if os.environ.get(RUN_ENV) == self.token:  # what this process starts later is no released run's
+                del os.environ[RUN_ENV]
 
 
 def _descendants(root: psutil.Process) -> dict[int, psutil.Process]:
@@ -76,6 +86,18 @@ def _alive(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return alive
+
+
+def _marked(token: str) -> dict[int, psutil.Process]:
+    """pid -> every process that carries the run's token in its environment, reparented ones included."""
+    me, out = os.getpid(), {}
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me and p.environ().get(RUN_ENV) == token:
+                out[p.pid] = p
+        except psutil.Error:  # another user's, or ended meanwhile
+            continue
+    return out
 
 
 def reap(pids: dict[int, psutil.Process], grace_s: float = GRACE_S) -> int:
@@ -102,11 +124,11 @@ def reap(pids: dict[int, psutil.Process], grace_s: float = GRACE_S) -> int:
     return len(procs)
 
 
-def watch(parent_pid: int) -> int:
+def watch(parent_pid: int, token: str = "") -> int:
     try:
         parent = psutil.Process(parent_pid)
     except psutil.NoSuchProcess:
-        return 0
+        return _reap_marked(parent_pid, token)
     seen: dict[int, psutil.Process] = {}  # every descendant noticed, pruned of those that ended
     stdin = sys.stdin.buffer
     for tick in range(sys.maxsize):
@@ -127,7 +149,12 @@ def watch(parent_pid: int) -> int:
                 return 0
             if not line:  # the pipe closed without a release: the run died
                 break
-    killed = reap(seen)
+    return _reap_marked(parent_pid, token, seen)
+
+
+def _reap_marked(parent_pid: int, token: str, seen: dict[int, psutil.Process] | None = None) -> int:
+    """Stops what the run left: the descendants seen, and every process holding its token."""
+    killed = reap({**(seen or {}), **(_marked(token) if token else {})})
     if killed:
         print(f"hydravision reaper: the run (pid {parent_pid}) died; stopped {killed} process(es) it had started",
               file=sys.stderr, flush=True)
@@ -136,6 +163,7 @@ def watch(parent_pid: int) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run_pid = int(sys.argv[1])
-    # Already reparented: the run died before this started, and its pid may be another process's by now
-    sys.exit(watch(run_pid) if os.getppid() == run_pid else 0)
+    run_pid, run_token = int(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "")
+    # Already reparented: the run died before this started, and its pid may be another process's by now (what it
+    # started is told by its token alone)
+    sys.exit(watch(run_pid, run_token) if os.getppid() == run_pid else _reap_marked(run_pid, run_token))
