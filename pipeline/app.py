@@ -50,6 +50,11 @@ REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
 # named "controller" gets a series of its own instead of a duplicate.
 CONTROLLER_PUBLISHER = "_controller"
 RECENT_RESTARTED_PIDS = 256  # more processes than one restart can bring back at once
+# A camera process down again within CRASH_LOOP_S of its restart is restarted after a back-off doubling from 1 s to
+# RESTART_BACKOFF_MAX_S: one crashing at every start was restarted at every tick for ever (a process, a model load,
+# a worker_restarted event and a line each second).
+CRASH_LOOP_S = 60.0
+RESTART_BACKOFF_MAX_S = 60.0
 COMMANDS_GRACE_S = 5.0  # how long a shutdown waits for commands still under way before it stops Ray
 
 
@@ -74,6 +79,9 @@ class CameraHandle:
     restarts: int = 0
     added_by: str | None = None  # who added it at run time (None: from the config)
     short: str = ""  # added at run time: what its new process lacked then (_say_process_wait), for a timeout's error
+    restarted_at: float | None = None  # monotonic time of its last restart (done or failed)
+    retry_at: float | None = None  # its process is down again: restarted from then (``App._restart_due``)
+    backoff_s: float = 0.0
 
 
 @dataclass
@@ -123,6 +131,9 @@ class App(LiveControl):
     # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
     # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
+    # Restarts whose start has not answered yet (camera -> (its handle, the start's ObjectRef)): looked at again at
+    # the next tick, not sent again. The control loop's only.
+    _restarting: dict = field(default_factory=dict)
     # Ray names of camera processes this run killed: Ray may hold one longer than a removal waits (10 s), and a
     # camera added again then took it for another pipeline's. The latest only; an older one is long released.
     _killed_names: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
@@ -538,6 +549,10 @@ class App(LiveControl):
                     raise UserError(f"camera {handle.id}: its stream actor did not start within {budget_s} s "
                                     + (f"({handle.short})" if handle.short else
                                        "(is the Ray cluster short of CPUs or memory?)")) from None
+                except ray.exceptions.RayError:
+                    if self._stop.is_set():  # the shutdown killed its new process (see shutdown)
+                        raise UserError("the service is shutting down") from None
+                    raise
                 handle.done = handle.process.wait.remote(handle.id)
         except BaseException:  # none of them runs half-started
             self._undo(starting)
@@ -630,6 +645,7 @@ class App(LiveControl):
             except Exception as e:  # an actor being restarted, hung (or removed right now): its cameras show it
                 answers[key] = e
         out = []
+        to_restart: dict[str, int | None] = {}  # camera -> the pid its "created" stats named
         for cid, h in handles.items():
             answer = answers[id(h.process)]
             if isinstance(answer, Exception):
@@ -638,20 +654,27 @@ class App(LiveControl):
                 log.debug("camera %s: stats unavailable", cid, exc_info=answer)
                 continue
             s = answer["cameras"][cid]
+            # a start sent at an earlier tick is seen to its end, whatever the state now (running, once it answered)
+            due = self._restarting.get(cid, (None,))[0] is h or (
+                s.get("state") == "created" and not self._stop.is_set() and self._restart_due(h))
             with self._lock:
                 # Removed meanwhile (its process, still hosting others, forgot it and answers "created"):
                 # not a camera to restart.
                 busy = cid in self._busy or self.cameras.get(cid) is not handles[cid]
-                restart = s.get("state") == "created" and not self._stop.is_set() and not busy
+                restart = due and not self._stop.is_set() and not busy
                 if restart:  # claimed as a command claims it: a removal meanwhile left it running, forgotten
                     self._busy.add(cid)
             if restart:
-                try:
-                    s = self._restart_camera(handles[cid], s.get("pid")) or s
-                finally:
-                    with self._lock:
-                        self._busy.discard(cid)
+                to_restart[cid] = s.get("pid")
             out.append(s)
+        if to_restart:
+            try:
+                fresh = self._restart_cameras({cid: handles[cid] for cid in to_restart}, to_restart, timeout)
+            finally:
+                with self._lock:
+                    self._busy.difference_update(to_restart)
+            out = [fresh.get(s["camera"], s) for s in out]
+        self._restarting = {cid: hr for cid, hr in self._restarting.items() if handles.get(cid) is hr[0]}  # removed
         self._last_stats = {s["camera"]: s for s in out}
         self.telemetry.record_cameras(out, present=list(handles))
         if self.events:
@@ -663,18 +686,59 @@ class App(LiveControl):
             self.node_watch.tick()
         return out
 
-    def _restart_camera(self, h: CameraHandle, pid: int | None = None) -> dict | None:
+    def _restart_due(self, h: CameraHandle) -> bool:
+        """Whether a camera whose process Ray re-created is started again now: at once, unless that process went
+        down again within CRASH_LOOP_S of its last restart (a crash loop): then after a back-off."""
+        now = time.monotonic()
+        if h.retry_at is None:  # this time down seen first
+            quick = h.restarted_at is not None and now - h.restarted_at < CRASH_LOOP_S
+            h.backoff_s = min(RESTART_BACKOFF_MAX_S, max(1.0, 2 * h.backoff_s)) if quick else 0.0
+            h.retry_at = now + h.backoff_s
+            if quick:
+                self.say(f"camera {h.id}: its restart {now - h.restarted_at:.0f} s ago did not last (its process "
+                         f"keeps crashing?); restarting it again in {h.backoff_s:g} s")
+        return now >= h.retry_at
+
+    def _restart_cameras(self, handles: dict[str, CameraHandle], pids: dict[str, int | None],
+                         timeout: float) -> dict[str, dict]:
+        """``_restart_camera`` for the cameras of one tick, their starts sent together and waited for under one
+        deadline: a start waits for its replica (maybe restarting too, on a lost node), and 30 s per camera held
+        the tick, /metrics and /healthz for minutes. Their fresh stats, by camera."""
+        deadline = time.monotonic() + timeout
+        _wait_all([self._restart_sent(h) for h in handles.values()], timeout)
+        fresh = {}
+        for cid, h in handles.items():
+            if s := self._restart_camera(h, pids[cid], max(0.0, deadline - time.monotonic())):
+                fresh[cid] = s
+        return fresh
+
+    def _restart_sent(self, h: CameraHandle) -> Any:
+        """The start of ``h``'s restart: the one an earlier tick sent, not answered yet, or a new one."""
+        if self._restarting.get(h.id, (None,))[0] is not h:
+            self._restarting[h.id] = (h, h.process.start.remote(h.id, h.config, h.inference))
+        return self._restarting[h.id][1]
+
+    def _restart_camera(self, h: CameraHandle, pid: int | None = None, wait_s: float = 30) -> dict | None:
         """Ray re-ran the actor's constructor after a crash; give it its camera (as it is now) again. ``pid``: the
-        process's, from the stats that said "created"."""
+        process's, from the stats that said "created". A start not answered within ``wait_s`` is looked at again
+        at the next tick (``_restarting``)."""
+        failed = None
         try:
-            ray.get(h.process.start.remote(h.id, h.config, h.inference), timeout=30)
+            ray.get(self._restart_sent(h), timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:  # its replica not answering yet: the start goes on in the actor
+            log.info("camera %s: still starting after its restart", h.id)
+            return None
         except Exception as e:
-            log.warning("camera %s: restart failed: %s", h.id, self._describe(e, h.id), exc_info=True)
+            failed = e
+        del self._restarting[h.id]
+        h.restarted_at, h.retry_at = time.monotonic(), None  # a start that failed counts for the back-off too
+        if failed is not None:
+            log.warning("camera %s: restart failed: %s", h.id, self._describe(failed, h.id), exc_info=failed)
             return None
         h.restarts += 1
         h.done = h.process.wait.remote(h.id)
         try:
-            stats = ray.get(h.process.stats.remote(h.id), timeout=10)
+            stats = ray.get(h.process.stats.remote(h.id), timeout=min(10.0, wait_s))
         except Exception as e:  # died again at once: the next tick sees it (an error here ended the whole service)
             log.warning("camera %s: no stats after its restart: %s", h.id, self._describe(e, h.id))
             stats = None  # restarted all the same: reported below (a camera crashing at each start went unreported)
@@ -696,12 +760,15 @@ class App(LiveControl):
             passing = {h.name for h in [*self._joins.values(), *self._leaving.values()]} if self.in_camera_process \
                 else set()
         self.telemetry.keep_inference([*holders, *passing])  # a camera process gone with its last camera leaves
+        # asked together, under one deadline: a replica that hangs costs a tick 2 s, not 2 s each
+        refs = {i: actor.model_stats.remote() for i, actor in holders.items() if known is None or i not in known}
+        _wait_all(refs.values(), 2)
         for i, actor in holders.items():
             if known is not None and i in known:
                 self.telemetry.record_inference(i, known[i])
                 continue
             try:
-                s = ray.get(actor.model_stats.remote(), timeout=2)  # its pid, and its numbers for /metrics
+                s = ray.get(refs[i], timeout=0)  # its pid, and its numbers for /metrics
             except Exception as e:  # restarting right now; the next tick will see the new process
                 self.telemetry.record_inference(i, None)
                 self._say_dead(f"inference replica {i}", e)
@@ -826,6 +893,11 @@ class App(LiveControl):
         deadline = time.monotonic() + timeout
         with self._lock:  # a removal the API had not finished (it waits 5 s for its requests) may still pop one
             handles = dict(self.cameras)
+            running = {id(h.process) for h in handles.values()}
+            # New processes of adds still waiting for them (a busy machine: up to start_budget_s): such an add went on
+            # waiting after Ray was stopped (COMMANDS_GRACE_S below), and its undo then started a new local Ray.
+            creating = [h.process for h in self._joins.values() if id(h.process) not in running]
+        self._kill(creating)  # their adds end now, undoing what they started while Ray still runs
         refs = {cid: h.process.stop.remote(cid, drain=drain) for cid, h in handles.items()}
         _wait_all(refs.values(), timeout)  # they stop together: one deadline, not one per camera
         for cid, ref in refs.items():
