@@ -45,6 +45,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refusal(url: str, timeout: float = 1.0) -> str | None:
+    """Why the server at ``url`` cannot serve as the service's Redis however long it is waited for, or None (it
+    answers, or not yet: an outage is waited out). A wrong password, a database it does not have, or no Redis at
+    all there (Ray's head, whose port is also 6379 by default) ran a service that published nothing, ever."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except redis.AuthenticationError as e:  # a ConnectionError too: before the outages below
+        return f"the server refused the credentials ({e}); check the password and user in the URL"
+    except redis.exceptions.InvalidResponse:
+        return "the server there does not speak Redis's protocol (a Ray head's port? both default to 6379)"
+    except redis.ResponseError as e:
+        if "DB index" in str(e):
+            return f"the server has no such database ({e})"
+    except (redis.RedisError, OSError, ValueError):
+        pass
+    finally:
+        client.close()
+    return None
+
+
 def reachable(url: str, timeout: float = 1.0) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
