@@ -39,8 +39,8 @@ def create_app(hub: Hub):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-    from starlette.routing import Mount, Route
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Match, Mount, Route
     from starlette.staticfiles import StaticFiles
 
     class PageFiles(StaticFiles):
@@ -95,6 +95,22 @@ def create_app(hub: Hub):
         ids "." and "..": a browser resolves such a path segment away, written as %2E too)."""
         return request.path_params.get("camera", request.query_params.get("camera"))
 
+    def slash_hint(request) -> JSONResponse | None:
+        """A 404 naming the path for one written with a trailing '/' that routes without it (as the control API's
+        slash_hint, pipeline/api.py: a FastAPI module): POST /api/cameras/ answered 405 Method Not Allowed, and
+        DELETE /api/cameras/ sent the controller a remove of camera "". Its raw path: an id ending in '/' is %2F."""
+        path = request.url.path
+        if len(path) < 2 or not request.scope.get("raw_path", path.encode()).endswith(b"/"):
+            return None
+        scope = {**request.scope, "path": path.rstrip("/") or "/"}
+        if not any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            return None
+        return JSONResponse({"status": "rejected", "reason": f"{request.method} {path}: no such path; without the "
+                             f"trailing slash: {request.method} {scope['path']}"}, status_code=404)
+
+    async def method_not_allowed(request, exc):
+        return slash_hint(request) or PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
+
     async def snapshot(request):
         found = hub.snapshot(camera_of(request))
         if found is None:
@@ -146,9 +162,11 @@ def create_app(hub: Hub):
         return await control(request, add_command(camera), [camera["url"]])
 
     async def remove_camera(request):
-        if (camera := camera_of(request)) is None:
-            return JSONResponse({"status": "rejected", "reason": "camera: name it in the path or as ?camera=",
-                                 "field": "camera"}, status_code=400)
+        if hint := slash_hint(request):
+            return hint
+        if not (camera := camera_of(request)):  # also "": no camera has that id, the controller refused it
+            return JSONResponse({"status": "rejected", "reason": "camera: name it in the path or as ?camera= "
+                                 "(a non-empty id)", "field": "camera"}, status_code=400)
         return await control(request, remove_command(camera), [])
 
     async def health(request):
@@ -171,7 +189,7 @@ def create_app(hub: Hub):
               # ?camera=: the ids "." and ".." (see camera_of)
               Route("/api/cameras", remove_camera, methods=["DELETE"]), Route("/api/snapshot.jpg", snapshot),
               Mount("/static", PageFiles(directory=STATIC), name="static")]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={405: method_not_allowed})
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 EVENTS_BACKLOG = 300  # events a page gets when it opens
 CLIENT_QUEUE = 256  # messages waiting for one page; more and it is disconnected (it reconnects afresh)
+CLIENT_QUEUE_BYTES = 32 * 2**20  # and their size (JSON, ASCII): 256 ticks of 2000 cameras are 300 MB
 MAX_DEPTH = 32  # arrays/objects nested deeper in an entry are refused: encoding them for the pages recurses per level
 MAX_EVENT_BYTES = 64 * 1024  # an event larger is kept cut down (the pipeline's are under 2 kB; 300 go in every hello)
+HELLO_PICTURES_BYTES = 8 * 2**20  # JPEG bytes inlined in one hello (32 cameras of 100 kB); the page fetches the rest
 
 
 def sse(kind: str, payload: str) -> str:
@@ -58,6 +60,27 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
                 return True
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
     return False
+
+
+class PageQueue(asyncio.Queue):
+    """One page's messages, full at CLIENT_QUEUE of them or CLIENT_QUEUE_BYTES: counted in messages alone, a page
+    that stopped reading (a laptop asleep) held 256 ticks, 1.2 MB each with 2000 cameras, for minutes."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_QUEUE)
+        self.chars = 0
+
+    def full(self) -> bool:
+        return super().full() or self.chars >= CLIENT_QUEUE_BYTES
+
+    def _put(self, item: str | None) -> None:
+        self.chars += len(item or "")
+        super()._put(item)
+
+    def _get(self) -> str | None:
+        item = super()._get()
+        self.chars -= len(item or "")
+        return item
 
 
 class Hub:
@@ -124,7 +147,7 @@ class Hub:
         """A queue for a new page and the ``hello`` it starts from; call on the loop, with no await between
         the two (the fan-out also runs on the loop, so nothing falls between them; events may come twice and
         the page drops repeats by their stream id)."""
-        q: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        q = PageQueue()
         self._queues.add(q)
         return q, self.hello_text()
 
@@ -139,16 +162,26 @@ class Hub:
                     "now": time.time()}
 
     def hello_text(self, pictures: bool = True) -> str:
-        """The hello, with every camera's current picture inline (as a data: URL): a page opening on 32
-        cameras draws them all from this one response instead of 32 requests queued behind the browser's
-        six connections per host (one of them held by the stream)."""
-        text = self._encode(self.hello())
+        """The hello, with the cameras' current pictures inline (as data: URLs) up to HELLO_PICTURES_BYTES: a page
+        opening on 32 cameras draws them all from this one response instead of 32 requests queued behind the
+        browser's six connections per host (one of them held by the stream). Past it the page fetches them as for
+        a tick: with every picture inline, 2000 cameras' hello was 150 MB, built on the server's loop per page."""
+        hello = self.hello()
+        history = {data.scrub(c, [self.url]): points for c, points in hello.pop("history").items()}
+        # the chart points are numbers only (Board.update): scrubbed with the rest they took seconds per page
+        text = f'{self._encode(hello)[:-1]},"history":{json.dumps(history, separators=(",", ":"), allow_nan=False)}}}'
         if not pictures:
             return text
         with self._lock:
-            inline = {c: (v, base64.b64encode(jpeg).decode()) for c, (v, jpeg) in self.snapshots.items()}
-        extra = json.dumps({c: {"v": v, "data": f"data:image/jpeg;base64,{b64}"} for c, (v, b64) in inline.items()},
-                           separators=(",", ":"))
+            inline, budget = {}, HELLO_PICTURES_BYTES
+            for c in sorted(self.snapshots):  # by camera id, as the page lays its tiles out: the first come inline
+                v, jpeg = self.snapshots[c]
+                if len(jpeg) > budget:
+                    break
+                budget -= len(jpeg)
+                inline[c] = (v, base64.b64encode(jpeg).decode())
+        extra = json.dumps({data.scrub(c, [self.url]): {"v": v, "data": f"data:image/jpeg;base64,{b64}"}
+                            for c, (v, b64) in inline.items()}, separators=(",", ":"))  # ids as in the tiles
         return f'{text[:-1]},"pictures":{extra}}}'
 
     def redis_ok(self) -> bool:
@@ -258,8 +291,11 @@ class Hub:
         with self._lock:
             self.control = control
             shown = self.board.update(tiles, now, clock)
+            # the last picture is kept only for a camera this poll did not read (its tile kept the grace): one whose
+            # snapshot went (switched off) was still served, and went inline in every hello
+            read = {t["camera"] for t in tiles}
             self.snapshots = {c: pictures.get(c, self.snapshots.get(c)) for c in self.board.tiles
-                              if c in pictures or c in self.snapshots}
+                              if c in pictures or (c in self.snapshots and c not in read)}
             self.polls += 1
         self._snapshot_reads = reads
         self._publish("tick", {"cameras": shown, "now": now, "control": control})
@@ -277,8 +313,10 @@ class Hub:
                 # short: stop() joins this thread, and an event still wakes the read the moment it lands
                 reply = client.xread({self.keys.events: last}, block=250, count=500)
                 failures = 0
-            except (redis.RedisError, OSError):
-                failures += 1  # the poller tells the pages; this one just comes back
+            except (redis.RedisError, OSError) as e:
+                failures += 1  # the poller tells the pages of an outage; this one just comes back
+                if failures == 1:  # said once: an events key of another type, or one this user may not read, was silent
+                    log.warning("dashboard: cannot read %s: %s", self.keys.events, self.describe(e))
                 self._stop.wait(backoff(failures))
                 continue
             except Exception:  # a bug must not end the events feed until a restart: log it, keep reading
