@@ -5,7 +5,9 @@ fewer calls would save.
 - idle: CPU per second of async actors that do nothing (as a StreamActor between frames), read from /proc;
 - calls: a caller actor sends a letterboxed frame (3x256x448 uint8, 344 KB, as ``infer_images`` carries it)
   to a callee that answers a small array, at a steady rate, with 1 and with 4 frames per call: CPU per call
-  on each side, beyond the idle cost measured first.
+  on each side, beyond the idle cost measured first; each also to a method declared with Ray's task events off
+  (``@ray.method(enable_task_events=False)``: what Ray records of every call for its dashboard and state API),
+  the two alternating over ``--rounds`` rounds (medians).
 
     .venv/bin/python benchmarks/bench_ray_overhead.py --json out.json   # ~1.5 min
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import time
 
 import numpy as np
@@ -36,6 +39,7 @@ def main() -> None:
     p.add_argument("--cameras", type=int, default=8, help="for the estimate: camera processes")
     p.add_argument("--fps", type=float, default=62.0, help="for the estimate: frames per second in all")
     p.add_argument("--replicas", type=int, default=2, help="for the estimate: inference processes")
+    p.add_argument("--rounds", type=int, default=1, help="measuring rounds, task events on and off alternating")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -46,6 +50,10 @@ def main() -> None:
     @ray.remote
     class Callee:
         async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+            return [np.zeros((4, 6), np.float32) for _ in images]
+
+        @ray.method(enable_task_events=False)
+        async def infer_quiet(self, images: list[np.ndarray]) -> list[np.ndarray]:
             return [np.zeros((4, 6), np.float32) for _ in images]
 
         async def pid(self) -> int:
@@ -59,12 +67,13 @@ def main() -> None:
         async def pid(self) -> int:
             return os.getpid()
 
-        async def calls(self, n: int, rate: float, frames: int) -> None:
+        async def calls(self, n: int, rate: float, frames: int, quiet: bool = False) -> None:
             images = [np.zeros(FRAME, np.uint8) for _ in range(frames)]
+            method = self.callee.infer_quiet if quiet else self.callee.infer
             loop = asyncio.get_running_loop()
             start = loop.time()
             for i in range(n):  # paced, as a camera: the idle cost between calls stays the same in each window
-                await self.callee.infer.remote(images)
+                await method.remote(images)
                 await asyncio.sleep(max(0.0, start + (i + 1) / rate - loop.time()))
 
     callee = Callee.remote()
@@ -82,17 +91,31 @@ def main() -> None:
     out = {"machine": {"cpus": os.cpu_count()}, "idle_actor_cpu_ms_per_s": round(idle_ms, 2),
            "idle_callee_cpu_ms_per_s": round(callee_idle_ms, 2), "calls": {}}
     n = max(1, int(args.rate * args.seconds))
+    rounds: dict[tuple[int, bool], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for frames in (1, 4):
+            for quiet in ((False, True) if r % 2 == 0 else (True, False)):  # neither always measured first
+                c0, k0, t0 = cpu_seconds(*procs), cpu_seconds(callee_proc), time.monotonic()
+                ray.get([a.calls.remote(n, args.rate, frames, quiet) for a in callers])
+                wall = time.monotonic() - t0
+                calls = n * args.actors
+                caller_ms = ((cpu_seconds(*procs) - c0) - idle_ms / 1000 * wall * args.actors) / calls * 1000
+                callee_ms = ((cpu_seconds(callee_proc) - k0) - callee_idle_ms / 1000 * wall) / calls * 1000
+                rounds.setdefault((frames, quiet), []).append((caller_ms, callee_ms))
+                print(f"round {r + 1}, {frames} frame(s) per call, task events {'off' if quiet else 'on'}, {calls} "
+                      f"calls: caller {caller_ms:.2f} ms, callee {callee_ms:.2f} ms of CPU per call beyond idle",
+                      flush=True)
+    out["calls_without_task_events"] = {}
+    for (frames, quiet), got in sorted(rounds.items()):
+        caller_ms, callee_ms = (statistics.median(g[i] for g in got) for i in (0, 1))
+        out["calls_without_task_events" if quiet else "calls"][frames] = {
+            "calls": n * args.actors * len(got), "caller_cpu_ms_per_call": round(caller_ms, 2),
+            "callee_cpu_ms_per_call": round(callee_ms, 2), "rounds": [[round(a, 3), round(b, 3)] for a, b in got]}
     for frames in (1, 4):
-        c0, k0, t0 = cpu_seconds(*procs), cpu_seconds(callee_proc), time.monotonic()
-        ray.get([a.calls.remote(n, args.rate, frames) for a in callers])
-        wall = time.monotonic() - t0
-        calls = n * args.actors
-        caller_ms = ((cpu_seconds(*procs) - c0) - idle_ms / 1000 * wall * args.actors) / calls * 1000
-        callee_ms = ((cpu_seconds(callee_proc) - k0) - callee_idle_ms / 1000 * wall) / calls * 1000
-        out["calls"][frames] = {"calls": calls, "caller_cpu_ms_per_call": round(caller_ms, 2),
-                                "callee_cpu_ms_per_call": round(callee_ms, 2)}
-        print(f"{frames} frame(s) per call, {calls} calls: caller {caller_ms:.2f} ms, callee {callee_ms:.2f} ms of CPU "
-              "per call beyond idle", flush=True)
+        on, off = out["calls"][frames], out["calls_without_task_events"][frames]
+        both = [x["caller_cpu_ms_per_call"] + x["callee_cpu_ms_per_call"] for x in (on, off)]
+        print(f"{frames} frame(s) per call, medians of {args.rounds} round(s): {both[0]:.2f} ms of CPU per call with "
+              f"task events, {both[1]:.2f} without ({both[1] / both[0]:.2f}x)", flush=True)
 
     idle_per_frame = (args.cameras * idle_ms + args.replicas * callee_idle_ms) / args.fps
     per_frame = {k: round((v["caller_cpu_ms_per_call"] + v["callee_cpu_ms_per_call"]) / k, 2)
