@@ -143,7 +143,8 @@ def read_data_yaml(p: Path) -> dict:
 def read_class_names(root: Path) -> list[str] | None:
     """Class names from data.yaml (``names`` list or {id: name}) or classes.txt, if present."""
     if p := find_data_yaml(root):
-        names = read_data_yaml(p).get("names")
+        data = read_data_yaml(p)
+        names = data.get("names")
         if isinstance(names, dict):  # {id: name}: the ids are the label files' class numbers, so 0..n-1 exactly
             ids = [int(k) if isinstance(k, int) or str(k).strip().isdigit() else -1 for k in names]
             if sorted(ids) != list(range(len(names))):
@@ -151,6 +152,8 @@ def read_class_names(root: Path) -> list[str] | None:
             names = [name for _, name in sorted(zip(ids, names.values()))]
         if not isinstance(names, list) or not names:
             raise DatasetError(f"{p}: expected 'names' to be a non-empty list or mapping of class names")
+        if "nc" in data and data["nc"] != len(names):  # one of them is wrong: which class a label's number means
+            raise DatasetError(f"{p}: 'nc' is {data['nc']!r} but 'names' lists {len(names)} classes")
         return [str(n) for n in names]
     p = root / "classes.txt"
     if p.is_file():
@@ -274,6 +277,8 @@ class YoloFolder(Dataset):
         if empty:  # YOLO's convention: an empty label file is a background image. Say so, since it may be a mistake.
             log.warning("%d of %d label files are empty and used as background images, e.g. %s",
                         len(empty), len(self.items), empty[0])
+        # which data it is: a copied data.yaml's `path:` read the original's images without a word
+        log.info("%d images from %s (labels in %s), classes %s", len(self.items), images_at, labels_at, names)
 
     def __len__(self) -> int:
         return len(self.items)

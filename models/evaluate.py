@@ -81,6 +81,8 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
         heads[name] = (cmap, MeanAveragePrecision())
     attrs = {name: AttributeScore(a.config.labels) for name, a in model.attributes.items()
              if a.config.on in heads and set(a.config.of) <= set(CLASS_NAMES)}
+    if not heads and not attrs:  # nothing these scenes can score: said at once, not after rendering them all
+        return {"frames": 0, "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}, "skipped": skipped}
     frames, n = held_out_frames(cfg), 0  # a batch at a time: the whole set held at once grows with --scenes
     bar = tqdm(total=cfg.scenes * cfg.frames_per_scene, desc="eval", unit="frame", disable=not progress)
     while chunk := list(islice(frames, max(1, cfg.batch_size))):

@@ -309,6 +309,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("cameras add: give the camera's --id (or an id in --json / --yaml)")
     answer = channel.send(args.action, camera_id, body)
     if answer.get("status") != "accepted":
+        if getattr(args, "as_json", False):  # a script reads the refusal's code and reason too (exit 2 still)
+            print(json.dumps(answer, indent=2))
         raise UserError(f"rejected: {answer.get('reason', answer)}")
     result = answer.get("result")
     if getattr(args, "as_json", False):

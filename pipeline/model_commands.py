@@ -200,6 +200,8 @@ def train_demo(args: argparse.Namespace) -> dict:
                      settings["steps"], settings["seed"])
         else:  # the stages after it start from its new weights
             redo = True
+            log.info("stage %d of 4: training %s (steps %d, seed %d)", number, path, settings["steps"],
+                     settings["seed"])
             run()
         made_from = path
     train_reid_head(ReIDTrainConfig(init=attribute, out=out, steps=reid_steps, **DEMO_REID), progress=progress)

@@ -244,3 +244,18 @@ def test_two_trainings_to_one_out_at_once_each_write_their_own_resume_state(tmp_
     assert len(set(written)) == 2 and all(w.endswith(".tmp") for w in written)
     assert load_checkpoint(cfg.out)[1]["history"][-1]["seed"] == 0  # the last one to finish
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_the_data_trained_on_is_said_and_nc_disagreeing_with_names_is_refused(tmp_path, caplog):
+    """A copied data.yaml's `path:` trained on the original dataset without a word (only `wrote X` was printed);
+    `nc: 3` beside two names was taken silently, which Ultralytics refuses (which class a label's number means)."""
+    root = roboflow_export(tmp_path / "rf")
+    with caplog.at_level(logging.INFO, logger="models.datasets"):
+        YoloFolder(root, (64, 96), augment=False)
+    said = [r.getMessage() for r in caplog.records if "images from" in r.getMessage()]
+    assert said and "2 images from" in said[0] and "data.yaml" in said[0] and "['car', 'person']" in said[0]
+    text = (root / "data.yaml").read_text()
+    assert "nc: 2\n" in text
+    (root / "data.yaml").write_text(text.replace("nc: 2\n", "nc: 3\n"))
+    with pytest.raises(DatasetError, match=r"'nc' is 3 but 'names' lists 2 classes"):
+        YoloFolder(root, (64, 96), augment=False)

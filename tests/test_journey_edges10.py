@@ -1,0 +1,65 @@
+"""What a user walking today's features hit: a refusal printed nothing with --json, train-demo trained stages
+without a word, eval rendered scenes it could not score."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import pytest
+
+from pipeline import camera_commands, model_commands
+from pipeline.cli import build_parser
+
+
+def test_a_refused_command_with_json_prints_the_answer_code_included(monkeypatch, capsys):
+    """`cameras remove nope --json` printed nothing on stdout: the code README promises never reached a script."""
+    answer = {"status": "rejected", "code": 404, "reason": "camera.id: no camera 'nope' is running", "by": "cli"}
+
+    class Channel:
+        def send(self, op, camera_id=None, body=None):
+            return answer
+
+    monkeypatch.setattr(camera_commands, "_channel", lambda args: Channel())
+    args = build_parser().parse_args(["cameras", "remove", "nope", "--api", "http://127.0.0.1:9", "--json"])
+    with pytest.raises(camera_commands.UserError, match="rejected: camera.id: no camera 'nope'"):
+        camera_commands.main(args)
+    assert json.loads(capsys.readouterr().out) == answer
+
+
+def test_train_demo_says_each_stage_it_trains(tmp_path, monkeypatch, caplog):
+    """Reused stages were said, trained ones were not: with --no-progress a long stage ran in silence."""
+    trained = []
+    monkeypatch.setattr(model_commands, "train_model", lambda cfg, progress: trained.append(cfg.out))
+    monkeypatch.setattr(model_commands, "train_attribute_head", lambda cfg, progress: trained.append(cfg.out))
+
+    class Stop(Exception):
+        pass
+
+    def reid(cfg, progress):
+        raise Stop  # the stages before it are what is checked
+
+    monkeypatch.setattr(model_commands, "train_reid_head", reid)
+    args = build_parser().parse_args(["train-demo", "--out", str(tmp_path / "demo.safetensors"), "--steps",
+                                      "2", "2", "2", "2", "--no-progress"])
+    with caplog.at_level(logging.INFO, logger="pipeline.model_commands"), pytest.raises(Stop):
+        model_commands.train_demo(args)
+    said = [r.getMessage() for r in caplog.records if "training" in r.getMessage()]
+    assert len(trained) == 3 and [m.split(":")[0] for m in said] == [f"stage {i} of 4" for i in (1, 2, 3)], said
+
+
+def test_eval_of_heads_the_scenes_cannot_score_answers_at_once(tmp_path, monkeypatch):
+    """A head of one's own classes: eval rendered every held-out scene (10 s here) to report nothing."""
+    from models import evaluate as evaluate_module
+    from models.checkpoint import save_checkpoint
+    from models.hydranet import HydraNet, HydraNetConfig
+
+    path = tmp_path / "forklifts.safetensors"
+    model = HydraNet(HydraNetConfig(heads={"forklifts": {"classes": ["forklift", "pallet"]}}, input_size=(64, 96)))
+    save_checkpoint(model, path, {"history": []})
+    monkeypatch.setattr(evaluate_module, "held_out_frames", lambda cfg: pytest.fail("rendered scenes for nothing"))
+    args = argparse.Namespace(checkpoint=str(path), scenes=2, frames=2, backend=None, precision="auto",
+                              no_progress=True, json=True)
+    report = model_commands.evaluate(args)
+    assert report["heads"] == {} and "forklifts" in report["skipped"] and report["frames"] == 0
+    assert "not scored" in model_commands.format_report(report)
