@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import redis
 from pydantic import Field, ValidationError
@@ -386,7 +386,7 @@ class ControlConsumer:
         except CommandRejected as e:
             # a command refused on one of its fields still names its request: its sender waited out its timeout,
             # and was told the command may still apply
-            result.update(status="rejected", reason=e.reason, code=e.status,
+            result.update(status="rejected", reason=e.reason, code=e.status, op=result["op"] or _op_of(fields),
                           request_id=result["request_id"] or _request_id(fields))
             if not in_app:
                 self.controller.note_rejected(result["op"] or "command", by, e.reason,
@@ -467,25 +467,31 @@ class ControlConsumer:
         return int(info[0]["times_delivered"]) if info else 0
 
 
-def _request_id(fields: dict) -> str | None:
-    """The request_id of a command that failed its checks, read leniently, for its answer (None if there is none)."""
+def _lenient(fields: dict) -> dict:
+    """A command's JSON object read leniently, for the answer of one that failed its checks ({} if none)."""
     try:
         data = json.loads(fields.get(b"data", fields.get("data")))
     except (TypeError, ValueError, RecursionError):
-        return None
-    request_id = data.get("request_id") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _request_id(fields: dict) -> str | None:
+    """The request_id of a command that failed its checks, read leniently, for its answer (None if there is none)."""
+    request_id = _lenient(fields).get("request_id")
     return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+
+
+def _op_of(fields: dict) -> str | None:
+    """The op of a command that failed its checks, if it is one of the ops (an answer said "op": null)."""
+    op = _lenient(fields).get("op")
+    return op if op in get_args(Command.model_fields["op"].annotation) else None
 
 
 def _camera_of(fields: dict) -> str | None:
     """The camera a command is for (an add's camera.id, else its id), read leniently; None for list, export and
     a command that names none."""
-    try:
-        data = json.loads(fields.get(b"data", fields.get("data")))
-    except (TypeError, ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    data = _lenient(fields)
     camera = data.get("camera") if data.get("op") == "add" else None  # what an add adds is camera.id
     camera_id = camera.get("id") if isinstance(camera, dict) else data.get("id")
     return camera_id if isinstance(camera_id, str) else None

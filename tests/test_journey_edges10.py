@@ -63,3 +63,22 @@ def test_eval_of_heads_the_scenes_cannot_score_answers_at_once(tmp_path, monkeyp
     report = model_commands.evaluate(args)
     assert report["heads"] == {} and "forklifts" in report["skipped"] and report["frames"] == 0
     assert "not scored" in model_commands.format_report(report)
+
+
+@pytest.mark.parametrize("command, op", [({"op": "remove", "camera": "nope"}, "remove"),
+                                         ({"op": "update", "id": "a", "changes": "fps=5"}, "update"),
+                                         ({"op": "drop", "id": "a"}, None)])
+def test_a_command_refused_on_its_fields_is_answered_with_its_op(command, op):
+    """A remove with `camera` for `id` was answered `"op": null`: its sender could not tell which of its commands
+    the answer was for. The op is read leniently, as the request_id already was (an unknown op stays null)."""
+    from pipeline.control import ControlConsumer
+
+    class App:
+        def note_rejected(self, op, by, reason, camera=None):
+            self.noted = op
+
+    app = App()
+    consumer = ControlConsumer(app, "redis://127.0.0.1:1/0", "hv")  # _apply needs no Redis for these
+    result = consumer._apply("1-0", {b"data": json.dumps(command).encode()}, redelivered=False)
+    assert result["status"] == "rejected" and result["code"] == 422 and result["op"] == op
+    assert app.noted == (op or "command")

@@ -64,7 +64,8 @@ class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// or rediss:// URL; None: start an embedded server")
     prefix: str = Field("hv", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     maxlen: int = Field(10_000, ge=100, le=REDIS_MAX_COUNT,
-                        description="approximate MAXLEN of each camera's detection stream")
+                        description="approximate MAXLEN of each camera's detection stream and of the events "
+                                    "stream (all cameras together)")
     buffer: int = Field(2_000, ge=10, description="messages kept per camera while Redis is unreachable")
 
     @field_validator("url")
