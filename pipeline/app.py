@@ -148,6 +148,7 @@ class App(LiveControl):
     _signalled: bool = False
     _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
     _said_dead: set = field(default_factory=set)  # cameras and replicas whose failed constructor was said (once)
+    _ended_seen: set = field(default_factory=set)  # ``done`` refs of the cameras ``finished`` last saw ended
 
     # -- start -------------------------------------------------------------------------------
     def resolve_redis(self) -> str:
@@ -809,9 +810,9 @@ class App(LiveControl):
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 
     def finished(self) -> bool:
-        """True when every camera's source has ended (files); a crashed actor is not an ended camera. Never for
-        a service started with no camera: run for its control channels, it ended (its API with it) when the first
-        file camera added to it did."""
+        """True when every camera's source has ended (files), the last of them since the last call; a crashed actor
+        is not an ended camera, nor is a removed one. Never for a service started with no camera: run for its control
+        channels, it ended (its API with it) when the first file camera added to it did."""
         if not self.config.cameras:
             return False
         with self._lock:
@@ -823,6 +824,7 @@ class App(LiveControl):
         if not pending or busy or any(h.done is None for h in pending):
             return False
         ready, _ = ray.wait([h.done for h in pending], num_returns=len(pending), timeout=0)
+        ended_before, self._ended_seen = self._ended_seen, set(ready)
         if len(ready) < len(pending):
             return False
         for h in pending:
@@ -831,7 +833,9 @@ class App(LiveControl):
             except Exception:  # the actor died; Ray restarts it and stats() re-arms it
                 h.done = None
                 return False
-        return True
+        # A removal is no end: the live camera removed beside a file camera that had ended stopped the service (its API
+        # with it), as a service whose cameras were all removed is not stopped.
+        return any(h.done not in ended_before for h in pending)
 
     def run(self, duration: float | None = None, on_tick: Callable[[list[dict]], None] | None = None,
             interval: float | None = None) -> list[dict]:

@@ -8,6 +8,7 @@ lifecycle code stays the same on one machine and on a cluster.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
@@ -32,6 +33,9 @@ from workers.redact import redact_url
 from workers.settings import CameraConfig, refused_setting
 
 log = logging.getLogger(__name__)
+# How long a status tick waits for Ray's node list (Ray's own timeout is ~60 s: a slow or restarting GCS held the
+# tick, so /metrics, /healthz and the status hash, that long at every poll).
+NODES_ANSWER_S = 1.0
 
 
 def init_ray(config: Any, system_config: dict) -> None:
@@ -381,7 +385,7 @@ class NodeWatch:
     replicas were on it (a ``node_lost`` event; Ray restarts them on the nodes that remain), and once a worker
     answers again ``moved()`` says from where to where."""
 
-    def __init__(self, app: Any, nodes: list[Node], poll_s: float = 1.0) -> None:
+    def __init__(self, app: Any, nodes: list[Node], poll_s: float = 1.0, answer_s: float = NODES_ANSWER_S) -> None:
         self.app = app
         self.nodes = {n.id: n for n in nodes}
         self.where: dict[tuple[str, Any], str] = {}  # (kind, camera id / replica index) -> node id
@@ -389,6 +393,10 @@ class NodeWatch:
         self._asked: dict[tuple[str, Any], Any] = {}
         self._whose: dict[tuple[str, Any], Any] = {}  # the actor handle that ``where`` and the rest are about
         self.poll_s, self._last_poll = poll_s, 0.0
+        self.answer_s = answer_s
+        self._question: concurrent.futures.Future | None = None  # ray.nodes() under way in its thread
+        self._asked_at = 0.0
+        self._unanswered = False  # said so, until the GCS answers again
 
     def _actors(self) -> dict[tuple[str, Any], Any]:
         with self.app._lock:  # the control threads add and remove cameras meanwhile
@@ -407,13 +415,42 @@ class NodeWatch:
     def _poll(self, actors: dict) -> None:
         """Reports the nodes gone from ``ray.nodes()`` (once each) and notes those that joined."""
         self._last_poll = time.monotonic()
-        alive = {n.id: n for n in alive_nodes(ray.nodes())}
+        if (alive := self._alive_now()) is None:
+            return
         for node_id in [n for n in self.nodes if n not in alive]:
             self._lost(self.nodes.pop(node_id), actors)
         for node_id, node in alive.items():
             if node_id not in self.nodes:
                 self.nodes[node_id] = node
                 self.app.say(f"Ray node joined: {node.describe()}")
+
+    def _alive_now(self) -> dict[str, Node] | None:
+        """The alive nodes by id, from ``ray.nodes()`` asked in a thread of its own and waited for ``answer_s`` in all:
+        None while it has not answered (it stays asked, no second question meanwhile; a later poll takes its answer)
+        or when it failed, said once until the GCS answers again."""
+        if self._question is None:
+            self._question, self._asked_at = concurrent.futures.Future(), time.monotonic()
+            threading.Thread(target=_ask_nodes, args=(self._question,), name="hv-node-poll", daemon=True).start()
+        try:
+            nodes = self._question.result(timeout=max(0.0, self._asked_at + self.answer_s - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            self._say_unanswered(f"has not answered for {time.monotonic() - self._asked_at:.0f} s")
+            return None
+        except Exception as e:
+            self._question = None
+            self._say_unanswered(f"failed ({type(e).__name__}: {str(e)[:200]})")
+            return None
+        self._question = None
+        if self._unanswered:
+            self._unanswered = False
+            self.app.say("Ray: the node list answers again")
+        return {n.id: n for n in nodes}
+
+    def _say_unanswered(self, what: str) -> None:
+        if not self._unanswered:
+            self._unanswered = True
+            self.app.say(f"Ray: the node list (ray.nodes(), from the GCS) {what}: is the GCS slow or restarting? "
+                         "Lost nodes are reported once it answers")
 
     def learn(self, timeout_s: float = 10.0) -> None:
         """Asks every actor where it runs and waits (up to ``timeout_s``) for the answers. Called once the
@@ -426,6 +463,9 @@ class NodeWatch:
             self._learn_locations(actors)
 
     def _learn_locations(self, actors: dict) -> None:
+        for known in (self.where, self.lost_from, self._asked, self._whose):  # cameras removed since: forgotten
+            for key in [k for k in known if k not in actors]:  # (each removed id's entry and process handle stayed)
+                del known[key]
         for key, actor in actors.items():
             if self._whose.get(key) is not actor:  # new, or another process now (removed and added again)
                 self._whose[key] = actor
@@ -480,10 +520,14 @@ class NodeWatch:
             self._asked.pop(key, None)
             out["node"] = here
         # Unknown now, but it surely moved if its node is gone (the node poll may not have seen it yet).
-        if previous and previous != here and (here or lost or not _alive(previous)):
+        if previous and previous != here and (here or lost or previous not in self.nodes):
             out["from_node"] = previous
         return out
 
 
-def _alive(node_id: str) -> bool:
-    return any(n.id == node_id for n in alive_nodes(ray.nodes()))
+def _ask_nodes(answer: concurrent.futures.Future) -> None:
+    """``NodeWatch``'s question, in its own thread: the alive nodes, or why not."""
+    try:
+        answer.set_result(alive_nodes(ray.nodes()))
+    except BaseException as e:  # the poll says it
+        answer.set_exception(e)
