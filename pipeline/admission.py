@@ -8,10 +8,11 @@ otherwise make the service read any file it can (``/etc/passwd``, a key under ``
 - gets no ``${VAR}`` interpolation: a remote user must not read the controller's environment through it;
 - may read only regular files under ``api.media_roots`` (symlinks and ``..`` resolved first, and the camera
   then reads the resolved path), and no text file (HLS playlists, concat scripts and SDP files make FFmpeg
-  open further files and URLs);
+  open further files and URLs), nor one with a playlist's mark before a NUL byte;
 - may open only the devices listed in ``api.devices``;
-- may not connect to this service's own Redis, HTTP API or Ray GCS (the host is resolved; loopback, the
-  unspecified address and this machine's interface addresses all count as "here");
+- may not connect to this service's own Redis, HTTP API or Ray GCS (the host is resolved, and so are theirs,
+  at each check; loopback, the unspecified address and this machine's interface addresses all count as "here");
+- may run a synthetic scene of at most a 4K camera's pixels, and give a URL of at most 4096 characters;
 - may ask only for heads the model has, and count (zones, lines) only classes those heads have.
 
 Cameras from the config file are the operator's and trusted: none of the run-time checks apply to them.
@@ -38,11 +39,19 @@ from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 from workers.source_base import SourceError
 from workers.sources import file_url_path
+from workers.synthetic_source import parse_synthetic_url
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 RESOLVE_TIMEOUT_S = 3.0
 _LOCAL = "this machine"
 MAX_BODY_BYTES = 1 << 20  # a command's body: a camera with zones and lines is a few kB; uvicorn would buffer any
+# FFmpeg cuts a longer URL's path at 4095 bytes (its MAX_URL_SIZE); the camera's status carries the URL every
+# second: a 1 MiB one (the API's body limit; the control stream has none) is 1 MiB/s into Redis per camera
+MAX_URL_CHARS = 4096
+# A 4K camera's picture: a scene of 8192x8192 took 2.8 GB and 27 s of CPU to start, in a process it may share
+MAX_SYNTHETIC_PIXELS = 3840 * 2160
+# Playlists and scripts whose demuxers open further files (HLS, ffconcat, DASH), as FFmpeg's probes find them
+PLAYLIST_MARKS = (b"#extm3u", b"ffconcat", b"<mpd")
 
 
 def is_loopback_name(host: str) -> bool:
@@ -202,14 +211,22 @@ class Admission:
                  own_endpoints: dict[str, tuple[str, int]] | None = None):
         """``own_endpoints``: what a camera must not connect to, e.g. {"Redis": (host, port)}."""
         self.api, self.model_heads = api, model_heads
-        self._own: dict[tuple[str, int], str] = {}
+        self._own: list[tuple[str, str, int, set[str]]] = []
         for name, (host, port) in (own_endpoints or {}).items():
             self.forbid(name, host, port)
 
     def forbid(self, name: str, host: str, port: int) -> None:
         """Adds an endpoint of this service that cameras must not point at."""
-        for ip in resolve(host, port) or {host}:
-            self._own[(self._where(ip), port)] = name
+        self._own.append((name, host, port, resolve(host, port) or {host}))
+
+    def _own_now(self) -> dict[tuple[str, int], str]:
+        """This service's endpoints at the addresses their names resolve to now, and did when forbidden: resolved
+        once, a Redis named 'redis' (compose) whose container was re-created elsewhere was let through by name."""
+        own = {}
+        for name, host, port, first in self._own:
+            for ip in first | resolve(host, port):
+                own[(self._where(ip), port)] = name
+        return own
 
     def _where(self, ip: str) -> str:
         try:
@@ -230,6 +247,8 @@ class Admission:
             raise CommandRejected("; ".join(f"camera.{p}" for p in problems))
         if not url_changed:
             return camera
+        if len(camera.url) > MAX_URL_CHARS:  # not quoted: it may hold a password
+            raise CommandRejected(f"camera.url: at most {MAX_URL_CHARS} characters, got {len(camera.url)}")
         url = camera.url.strip()
         scheme, sep, rest = url.partition("://")
         scheme = scheme.lower() if sep else ""
@@ -239,7 +258,9 @@ class Admission:
             self._check_device(rest if sep else url, redact_url(url))
         elif scheme == "file" or not sep:
             return camera.model_copy(update={"url": self._check_file(url, scheme == "file")})
-        return camera  # synthetic://: generated in-process, reads nothing
+        elif scheme == "synthetic":  # generated in-process, reads nothing; but its size is its cost
+            self._check_synthetic(url)
+        return camera
 
     def _check_file(self, url: str, is_url: bool) -> str:
         if is_url:
@@ -278,6 +299,17 @@ class Admission:
                                   "scripts could make the decoder open other files and URLs)", 403)
         return resolved
 
+    def _check_synthetic(self, url: str) -> None:
+        try:
+            params = parse_synthetic_url(url)
+        except SourceError as e:
+            raise CommandRejected(f"camera.url: {e}") from None
+        width, height = params["width"], params["height"]
+        if width * height > MAX_SYNTHETIC_PIXELS:
+            raise CommandRejected(f"camera.url: a synthetic scene added at run time has at most "
+                                  f"{MAX_SYNTHETIC_PIXELS} pixels (3840x2160, a 4K camera's); got {width}x{height}",
+                                  403)
+
     def _check_device(self, path: str, shown: str) -> None:
         allowed = {os.path.realpath(d) for d in self.api.devices}
         if os.path.realpath(path) not in allowed:
@@ -301,8 +333,9 @@ class Admission:
             named = f"host {host!r}" if visible else f"the host of {shown!r}"
             raise CommandRejected(f"camera.url: {named} does not resolve (a camera added at run time must, "
                                   "so that it can be checked not to point at this service)")
+        own = self._own_now()
         for ip in ips:
-            what = self._own.get((self._where(ip), port))
+            what = own.get((self._where(ip), port))
             if what:
                 named = f"{host}:{port}" if visible else repr(shown)
                 raise CommandRejected(f"camera.url: {named} is this service's own {what}; a camera "
@@ -313,8 +346,11 @@ def _is_text(head: bytes) -> bool:
     """Whether a file's first bytes are text rather than a video. Every video container has a NUL byte in its
     first 512 (sizes, start codes, header fields) except raw YUV4MPEG2, whose header line is text; a text file
     has none, whatever its encoding: an HLS playlist is still one to FFmpeg with a Latin-1 byte in a comment,
-    or with a UTF-8 character cut at byte 512, neither of which decodes as UTF-8."""
-    return b"\0" not in head and not head.startswith(b"YUV4MPEG2 ")
+    or with a UTF-8 character cut at byte 512, neither of which decodes as UTF-8. A playlist's or script's mark
+    before its first NUL makes it one too: FFmpeg's probes read C strings, which end there, and its parsers take
+    a NUL for a line's end (an HLS playlist with one in a comment, let through, read a video outside the roots)."""
+    before_nul = head.split(b"\0", 1)[0].lower()
+    return (b"\0" not in head and not head.startswith(b"YUV4MPEG2 ")) or any(m in before_nul for m in PLAYLIST_MARKS)
 
 
 def _host_port(url: str, scheme: str) -> tuple[str | None, int] | None:
