@@ -78,3 +78,13 @@ def test_eval_through_the_serving_path_sizes_its_threads_as_the_service_does(mon
     with pytest.raises(Exception, match="made"):
         model_commands.evaluate(args)
     assert made["threads"] == 3
+
+
+def test_the_calls_made_per_frame_leave_no_task_events_in_ray():
+    """Ray recorded every infer call (for its dashboard's task list, which no one reads for these): 16-26% of a
+    call's CPU on both sides in benchmarks/bench_ray_overhead.py. The per-frame methods are declared without."""
+    from workers.inference import InferenceActor
+
+    actor_class = InferenceActor.__ray_actor_class__
+    for name in ("infer", "infer_image", "infer_images", "infer_groups"):
+        assert getattr(getattr(actor_class, name), "__ray_enable_task_events__", True) is False, name

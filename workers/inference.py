@@ -461,6 +461,11 @@ class InferenceService:
         return s
 
 
+# Ray records every call for its dashboard and state API (`ray list tasks`): off for the calls made per frame,
+# whose records cost 16-26% of a call's CPU on both sides (benchmarks/bench_ray_overhead.py) and that no one reads.
+TASK_EVENTS = False
+
+
 @ray.remote(max_restarts=-1)
 class InferenceActor:
     """Ray shell around InferenceService. Async, so many cameras' calls wait in one batch at once."""
@@ -479,9 +484,11 @@ class InferenceActor:
                                         max_pending, max_pending_per_camera, backend, adapt_batch, expect,
                                         exit_on_device_loss=True)
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def infer(self, request: FrameRequest) -> dict[str, HeadArrays]:
         return await self.service.infer(request)
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def infer_image(self, image: np.ndarray, heads: list[str] | None, camera: str = "",
                           timeout_s: float | None = None, max_wait_s: float | None = None) -> dict[str, HeadArrays]:
         """What StreamActors call: only the image (a Ray-serialized array, no pickled objects), the heads and
@@ -491,6 +498,7 @@ class InferenceActor:
         wait for its batch to fill (a camera over its frame-age budget sends 0)."""
         return await self.service.infer_image(image, heads, camera, timeout_s, max_wait_s)
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def infer_images(self, images: list[np.ndarray], heads: list[str] | None, camera: str = "",
                            timeout_s: float | None = None,
                            max_wait_s: float | None = None) -> list[dict[str, HeadArrays] | BaseException]:
@@ -498,6 +506,7 @@ class InferenceActor:
         instead of one per frame; a call costs ~1.5 ms of CPU on each side whatever it carries."""
         return await self.service.infer_images(images, heads, camera, timeout_s, max_wait_s)
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def infer_groups(self, groups: list[tuple]) -> list[list[dict[str, HeadArrays] | BaseException]]:
         """``infer_images`` of several cameras in one call (a CallMerger's: the cameras of one process)."""
         return await self.service.infer_groups(groups)
