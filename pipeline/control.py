@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pipeline.admission import CommandRejected, strict_json
+from pipeline.admission import MAX_BODY_BYTES, CommandRejected, strict_json
 from pipeline.config import _format_errors
 from workers.publish import encode, entry_order
 from workers.redact import redact_text
@@ -143,6 +143,8 @@ def parse_command(fields: dict) -> Command:
     raw = fields.get(b"data", fields.get("data"))
     if raw is None:
         raise CommandRejected("data: missing (XADD {prefix}:control * data '<JSON command>')")
+    if len(raw) > MAX_BODY_BYTES:  # as the HTTP API's body: parsed, a huge one held the loop and its memory
+        raise CommandRejected(f"data: larger than {MAX_BODY_BYTES} bytes", 413)
     try:
         data = strict_json(raw)
     except json.JSONDecodeError as e:
@@ -468,9 +470,13 @@ class ControlConsumer:
 
 
 def _lenient(fields: dict) -> dict:
-    """A command's JSON object read leniently, for the answer of one that failed its checks ({} if none)."""
+    """A command's JSON object read leniently, for the answer of one that failed its checks ({} if none, or too
+    large to be read at all)."""
+    raw = fields.get(b"data", fields.get("data"))
+    if raw is not None and len(raw) > MAX_BODY_BYTES:
+        return {}
     try:
-        data = json.loads(fields.get(b"data", fields.get("data")))
+        data = json.loads(raw)
     except (TypeError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}

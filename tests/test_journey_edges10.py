@@ -82,3 +82,22 @@ def test_a_command_refused_on_its_fields_is_answered_with_its_op(command, op):
     result = consumer._apply("1-0", {b"data": json.dumps(command).encode()}, redelivered=False)
     assert result["status"] == "rejected" and result["code"] == 422 and result["op"] == op
     assert app.noted == (op or "command")
+
+
+def test_a_control_stream_command_larger_than_the_apis_body_limit_is_refused_unparsed(monkeypatch):
+    """The HTTP API refuses a body over MAX_BODY_BYTES (413); the stream parsed any size (a 64 MB camera took the
+    control loop's memory and time), and a URL inside it was then written into the camera's status every second."""
+    from pipeline import control
+    from pipeline.admission import MAX_BODY_BYTES
+    from pipeline.control import ControlConsumer
+
+    class App:
+        def note_rejected(self, op, by, reason, camera=None):
+            pass
+
+    parsed = []
+    monkeypatch.setattr(control, "strict_json", lambda raw: parsed.append(raw) or {})
+    big = json.dumps({"op": "add", "camera": {"id": "x", "url": "synthetic://street#" + "a" * MAX_BODY_BYTES}})
+    result = ControlConsumer(App(), "redis://127.0.0.1:1/0", "hv")._apply("1-0", {b"data": big.encode()}, False)
+    assert result["status"] == "rejected" and result["code"] == 413 and "larger than" in result["reason"]
+    assert parsed == [] and result["op"] is None  # not even read leniently (nor for its lane)
