@@ -141,12 +141,14 @@ def test_auto_runs_torch_when_the_exported_runtime_fails_its_first_call(tiny_che
     published nothing and counted every frame an error. A blank frame at start now finds it out, says so once,
     and the model runs in torch, as when the runtime fails to load (docs/architecture.md, "Backends")."""
     shutil.copytree(seeded, cache)
-    with caplog.at_level(logging.WARNING, logger="workers.inference"):
+    with caplog.at_level(logging.WARNING, logger="workers.model_runner"):
         service = InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="auto", threads=1)
     assert service.info()["backend"] == "torch" and len(ort_fails_at_its_first_call) == 1
     assert sorted(infer_one(service)) == ["people", "vehicles"]
-    said = [r.getMessage() for r in caplog.records if "running the model in torch" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "running it in torch" in r.getMessage()]
     assert len(said) == 1 and "onnxruntime" in said[0] and "RUNTIME_EXCEPTION" in said[0], said
+    # whoever builds the runner (eval --backend, the benchmarks), not the service alone
+    assert ModelRunner(tiny_checkpoint, device="cpu", precision="fp32", backend="auto", threads=1).backend == "torch"
 
 
 def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start(tiny_checkpoint, seeded, cache,

@@ -336,25 +336,6 @@ def model_changes(checkpoint: str | Path, expect: dict) -> list[str]:
     return changes
 
 
-def runs_a_frame(runner: Any, backend: str, precision: str) -> bool:
-    """Whether ``runner``'s exported runtime (ONNX Runtime, OpenVINO) runs a blank frame at start; torch is not
-    tried. One that loaded but failed at its first call (an op or a provider it cannot run) failed every batch
-    of the run: under ``auto`` it is said and False is returned (run torch, as when the runtime fails to load);
-    a backend asked for by name (or int8, which only OpenVINO runs) refuses the start instead, naming the error."""
-    if runner.session is None:
-        return True
-    try:  # the session itself: a model step's stats must not count it
-        runner.session.detect(np.zeros((1, 3, *runner.input_size), np.uint8), [None], runner.score_threshold)
-        return True
-    except Exception as e:  # a blank frame of the model's own size: no caller's input to blame
-        why = f"{runner.backend} failed on a blank frame at start ({type(e).__name__}: {e})"
-        if backend != "auto" or precision == "int8":
-            raise RuntimeError(f"model.backend {backend}, precision {precision}: {why}; set model.backend to torch "
-                               "(precision fp32, bf16 or fp16) to run the model in torch") from e
-        log.warning("%s; running the model in torch", why)
-        return False
-
-
 # CUDA errors after which the process's CUDA context cannot run anything again: every later batch failed the same
 # way while the process, still alive, was never restarted. Matched in the error's text (torch raises them as
 # RuntimeError or AcceleratorError with CUDA's own words).
@@ -395,9 +376,6 @@ class InferenceService:
 
         self.runner: ModelRunner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
                                                compile=compile, backend=backend)
-        if not runs_a_frame(self.runner, backend, precision):
-            self.runner = ModelRunner(checkpoint, device, precision, threads, score_threshold, max_batch,
-                                      compile=compile, backend="torch")
         self.batcher: Batcher[tuple[np.ndarray, list[str] | None], dict[str, HeadArrays]] = Batcher(
             self._run_batch, max_batch, max_wait_ms, max_pending, max_pending_per_camera,
             BatchSizer(max_batch, steady=self.runner.steady) if adapt_batch else None)

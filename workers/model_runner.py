@@ -426,12 +426,20 @@ class ModelRunner:
                 self.session = (OrtSession(self.model, checkpoint, self.device, threads, max_batch)
                                 if self.backend == "onnxruntime"
                                 else OpenVinoSession(self.model, checkpoint, threads, precision))
+                # One blank frame of its own size: a runtime that loaded but failed its first call (an op or a
+                # provider it cannot run) failed every batch of the run; no caller's input to blame here.
+                self.session.detect(np.zeros((1, 3, *self.model.config.input_size), np.uint8), [None],
+                                    score_threshold)
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
                 if backend != "auto" or precision == "int8":  # int8 was asked for, and torch does not run it
+                    if self.session is not None:
+                        raise RuntimeError(f"model.backend {backend}, precision {precision}: {self.backend} failed "
+                                           f"on a blank frame at start ({type(e).__name__}: {e}); set model.backend "
+                                           "to torch (precision fp32, bf16 or fp16) to run the model in torch") from e
                     raise
                 log.warning("%s could not run %s (%s: %s); running it in torch", self.backend, Path(checkpoint).name,
                             type(e).__name__, e)
-                self.backend = "torch"
+                self.backend, self.session = "torch", None
                 self.model.to(self.device)
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
             self.model.fuse_batchnorm()
