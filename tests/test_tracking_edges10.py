@@ -173,3 +173,40 @@ def test_open_tracks_go_through_the_status_and_what_does_not_parse_is_left_out()
                        [5, "person", 1, 2, 3, float("inf")]]
     assert CameraTracker.ended_from_rows(rows) == ended
     assert CameraTracker.ended_from_rows({"people": "nonsense"}) == CameraTracker.ended_from_rows(None) == []
+
+
+class InOrder(MessagesPublisher):
+    """Events and statuses in the order the pipeline hands them over (one Redis round trip keeps that order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[tuple] = []
+
+    def publish_event(self, message: dict) -> None:
+        super().publish_event(message)
+        self.order.append(("event", message["type"], message.get("track_id")))
+
+    def set_status(self, camera: str, status: dict) -> None:
+        super().set_status(camera, status)
+        self.order.append(("status", status.get("tracks_open")))
+
+
+@pytest.mark.timeout(60)
+def test_a_track_that_ends_leaves_the_open_tracks_of_the_status_with_its_frame(monkeypatch):
+    """The status (its tracks_open) went out when a track started and once a second, not when one ended: a crash
+    before the next status made the restart end it a second time (reason restart). It goes out with the frame
+    whose tracks ended now, as with one whose tracks began."""
+    class Leaving(Resizing):
+        AT, FRAMES = 10_000, 60  # one size throughout
+
+    async def present_early(request):
+        return person(request.heads) if request.frame < 10 else {
+            h: {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                "class_ids": np.zeros(0, np.int64)} for h in request.heads}
+
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: Leaving(url))
+    publisher = InOrder()
+    camera = CameraConfig(id="leaving", url="/clips/leaving.mp4", realtime=False, heads=["people"])
+    asyncio.run(asyncio.wait_for(CameraPipeline(camera, present_early, MODEL_INFO, publisher).run(), 30))
+    ended = next(i for i, row in enumerate(publisher.order) if row[:2] == ("event", "track_ended"))
+    assert publisher.order[ended + 1] == ("status", {}), publisher.order  # before anything else goes out

@@ -440,13 +440,16 @@ class CameraPipeline:
                 log.exception("camera %s frame %d: %s", self.id, item.index, what)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
+        tracks_changed = False  # a track started or ended: the status goes out with this frame (below)
         if self._scene_from is not None and item.index >= self._scene_from:
             self._new_scene()
+            tracks_changed = True
         if self.tracker is not None and item.size != self._tracker_size:
             # Another frame size on the same URL (a camera switching resolution, an RTSP stream renegotiating):
             # the tracks' boxes are the old size's pixels, and ByteTrack matched them across the change by IoU.
             for ev in self._end_tracker():
                 self._event(ev.pop("type"), ev)
+            tracks_changed = True
         self._tracker_size = item.size
         if self.camera.tracker.enabled and self.tracker is None:
             self.tracker = CameraTracker(self.heads, self.camera.tracker, self._analysed_fps(), self.track_id_base)
@@ -462,24 +465,24 @@ class CameraPipeline:
         tracked = []
         # The heads asked for now that ran on this frame (it may have been sent before an update of heads).
         ran = [h for h in self.heads if h in arrays]
-        new_ids = False
         for head in ran:
             det = to_detections(arrays[head], item.letterbox, self.classes[head])
             ids = None
             if self.tracker is not None:
                 det, events = self.tracker.update(head, det, item.index, item.pts)
                 ids = det.tracker_id
-                for ev in events:
-                    new_ids = new_ids or ev["type"] == "track_started"
+                for ev in events:  # a track's end too: else a crash before the next status ended it twice
+                    tracks_changed = True
                     self._event(ev.pop("type"), ev)
                 if analytics:
                     for ev in analytics.update(head, det, item.index, item.pts):
                         self._event(ev.pop("type"), ev)
             tracked.append(det)
             records += detection_records(head, det, ids)
-        if new_ids:
-            # Persist the next free ids before this frame's message (same Redis round trip), so a restarted
-            # camera never hands out an id consumers have already seen; once a frame, however many tracks began.
+        if tracks_changed:
+            # Persist the next free ids and the open tracks before this frame's message (same Redis round trip), so
+            # a restarted camera never hands out an id consumers have already seen nor ends a track twice; once a
+            # frame, however many tracks began or ended.
             self.publish_status()
         now = time.time()
         latency_ms = (now - item.wall) * 1000
