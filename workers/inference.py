@@ -439,9 +439,10 @@ class InferenceService:
         return s
 
 
-# Ray records every call for its dashboard and state API (`ray list tasks`): off for the calls made per frame,
-# whose records cost 16-26% of a call's CPU on both sides (benchmarks/bench_ray_overhead.py) and that no one reads.
-TASK_EVENTS = False
+# Ray records every call for its dashboard and state API (`ray list tasks`, `ray timeline`): off for the calls made
+# per frame, whose records cost a call 4-26% of its CPU on both sides (benchmarks/README.md, "Ray task events").
+# HYDRAVISION_RAY_TASK_EVENTS=1 in the driver's environment records them again (to debug with Ray's tools).
+TASK_EVENTS = os.environ.get("HYDRAVISION_RAY_TASK_EVENTS") == "1"
 
 
 @ray.remote(max_restarts=-1)
