@@ -22,7 +22,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.files import file_identity, written_aside
+from models.files import aside_of, file_identity, written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
 
@@ -78,11 +77,7 @@ def save_checkpoint(model: HydraNet, path: str | Path, training: dict[str, Any] 
                                        "sha256": file_sha256(base)})
     if base is not None and path.resolve() in [p.resolve() for p in checkpoint_files(base)]:
         raise RuntimeError(f"{path}: would overwrite its own base")  # a caller's bug: TrainConfig, train() refuse it
-    # A name of its own (mkstemp): with one fixed name, two trainings saving to the same file (or a second `train`
-    # started while one ran) wrote one temporary file at once, and a torn mix of them could be renamed into place.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    with written_aside(path, Path(tmp_name)) as tmp:
+    with written_aside(path, aside_of(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +25,30 @@ def written_aside(path: Path, tmp: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+STALE_ASIDE_S = 86_400.0  # a temporary file beside its output this old was left by a kill: no save takes a day
+
+
+def aside_of(path: Path) -> Path:
+    """A temporary file of its own beside ``path``, for ``written_aside``: with one fixed name, two writers of one
+    path (two trainings to one --out) wrote one temporary file at once, and one renamed the other's, or half of it.
+    Its mode is the umask's, as a plain open's (mkstemp's 0600 was left on the file renamed into place); ones a
+    kill left there a day ago are removed (each kill left one the size of the model)."""
+    for stale in path.parent.glob(f"{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_ASIDE_S:
+                stale.unlink()
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
+    return Path(name)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def file_identity(path: str | Path) -> tuple[int, int, int]:

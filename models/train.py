@@ -17,8 +17,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from tqdm import tqdm
 from models.checkpoint import checkpoint_files, load_checkpoint, prepare_output, read_tensors, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
-from models.files import written_aside
+from models.files import aside_of, written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
 from models.train_attributes import check_seed
@@ -343,11 +341,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                      ", ".join(f"{k} {v:.3f}" for k, v in smooth.items()), rate)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            # a kill mid-save leaves the last good state; a name of its own (mkstemp), as save_checkpoint's: two
-            # trainings to one --out wrote one fixed .tmp at once, and one renamed the other's file or half of it
-            fd, tmp_name = tempfile.mkstemp(dir=cfg.state_path.parent, prefix=cfg.state_path.name + ".", suffix=".tmp")
-            os.close(fd)
-            with written_aside(cfg.state_path, Path(tmp_name)) as tmp:
+            with written_aside(cfg.state_path, aside_of(cfg.state_path)) as tmp:  # killed mid-save: the last state stays
                 torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "train_config": _jsonable(cfg), "other_heads_before": before, "init_weights": init_digest,
                             "seconds": seconds_before + time.time() - t0}, tmp)

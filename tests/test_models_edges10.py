@@ -177,3 +177,26 @@ def test_a_damaged_cached_int8_model_is_made_again(tmp_path, monkeypatch, caplog
         assert quantize.cached_int8(None, exported, []) == target
     assert made == [target] and target.read_bytes() == whole
     assert any("damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_written_aside_has_the_umasks_mode_and_old_leftovers_go(tmp_path):
+    """Each writer's temporary name of its own (mkstemp) made the training state 0600 where it followed the umask,
+    and each kill left a model-sized file beside --out for good; one helper now for both savers."""
+    import os
+    import time
+
+    from models.files import STALE_ASIDE_S, aside_of, written_aside
+
+    out = tmp_path / "m.safetensors.train-state.pt"
+    old, fresh = tmp_path / "m.safetensors.train-state.pt.abc123.tmp", tmp_path / "m.safetensors.train-state.pt.x.tmp"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"left by a kill")
+    os.utime(old, (time.time() - STALE_ASIDE_S - 60,) * 2)
+    umask = os.umask(0o022)
+    try:
+        with written_aside(out, aside_of(out)) as tmp:
+            tmp.write_bytes(b"state")
+    finally:
+        os.umask(umask)
+    assert out.read_bytes() == b"state" and out.stat().st_mode & 0o777 == 0o644
+    assert not old.exists() and fresh.exists()  # one a writer may be writing now is left alone
