@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict]
                      ", ".join(f"{k} {v:.3f}" for k, v in smooth.items()), rate)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with written_aside(cfg.state_path, aside_of(cfg.state_path)) as tmp:  # killed mid-save: the last state stays
+            with written_aside(cfg.state_path, aside_of(cfg.state_path)) as tmp:  # killed mid-save: the last one stays
                 torch.save({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "train_config": _jsonable(cfg), "other_heads_before": before, "init_weights": init_digest,
                             "seconds": seconds_before + time.time() - t0}, tmp)
