@@ -243,8 +243,16 @@ class YoloFolder(Dataset):
         self.rng = np.random.default_rng(seed)
         data_yaml = find_data_yaml(self.root)
         data = read_data_yaml(data_yaml) if data_yaml else {}
+        images = None
         if split in data:
-            images = split_images(data_yaml, data, split)
+            try:
+                images = split_images(data_yaml, data, split)
+            except DatasetError as e:  # a data.yaml carried over from another machine: its paths are not here
+                beside = data_yaml.parent
+                if not ((beside / "images").is_dir() and (beside / "labels").is_dir()):
+                    raise
+                log.warning("%s; reading the images/ and labels/ beside it instead", e)
+        if images is not None:
             pairs = [(img, label_of(img)) for img in images]
             images_at = labels_at = f"{data_yaml} '{split}'"
         else:

@@ -259,3 +259,18 @@ def test_the_data_trained_on_is_said_and_nc_disagreeing_with_names_is_refused(tm
     (root / "data.yaml").write_text(text.replace("nc: 2\n", "nc: 3\n"))
     with pytest.raises(DatasetError, match=r"'nc' is 3 but 'names' lists 2 classes"):
         YoloFolder(root, (64, 96), augment=False)
+
+
+def test_a_data_yaml_carried_over_with_paths_of_another_machine_reads_the_folders_beside_it(tmp_path, caplog):
+    """A plain images/ + labels/ folder whose data.yaml names a `train:` of another machine trained on images/
+    before the data.yaml layouts were read; it was refused since. Said, and the folders beside it are read."""
+    root = tmp_path / "ds"
+    write_split(root / "images", root / "labels", 2, "1 0.5 0.5 0.4 0.6", "img")
+    (root / "data.yaml").write_text("train: /home/someone/ds/images\nnames: [car, person]\n")
+    with caplog.at_level(logging.WARNING, logger="models.datasets"):
+        ds = YoloFolder(root, (64, 96), augment=False)
+    assert [p.name for p, _ in ds.items] == ["img0.jpg", "img1.jpg"]
+    assert any("/home/someone/ds/images" in r.getMessage() and "beside it" in r.getMessage() for r in caplog.records)
+    (root / "labels").rename(root / "elsewhere")  # nothing beside it either: refused as before, naming the key
+    with pytest.raises(DatasetError, match="'train: /home/someone/ds/images' is missing"):
+        YoloFolder(root, (64, 96), augment=False)
