@@ -433,10 +433,10 @@ class NodeWatch:
             threading.Thread(target=_ask_nodes, args=(self._question,), name="hv-node-poll", daemon=True).start()
         try:
             nodes = self._question.result(timeout=max(0.0, self._asked_at + self.answer_s - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            self._say_unanswered(f"has not answered for {time.monotonic() - self._asked_at:.0f} s")
-            return None
         except Exception as e:
+            if not self._question.done():  # by its state: on 3.11 a TimeoutError ray.nodes() raised is the same class
+                self._say_unanswered(f"has not answered for {time.monotonic() - self._asked_at:.0f} s")
+                return None
             self._question = None
             self._say_unanswered(f"failed ({type(e).__name__}: {str(e)[:200]})")
             return None
@@ -519,7 +519,7 @@ class NodeWatch:
             self.where[key] = here
             self._asked.pop(key, None)
             out["node"] = here
-        # Unknown now, but it surely moved if its node is gone (the node poll may not have seen it yet).
+        # Unknown now, but it surely moved if its node is gone (as of the node poll's last answer).
         if previous and previous != here and (here or lost or previous not in self.nodes):
             out["from_node"] = previous
         return out
