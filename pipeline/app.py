@@ -741,7 +741,8 @@ class App(LiveControl):
         h.restarts += 1
         h.done = h.process.wait.remote(h.id)
         try:
-            stats = ray.get(h.process.stats.remote(h.id), timeout=min(10.0, wait_s))
+            # at least a second: another camera's hung start may have used the tick's deadline up
+            stats = ray.get(h.process.stats.remote(h.id), timeout=min(10.0, max(1.0, wait_s)))
         except Exception as e:  # died again at once: the next tick sees it (an error here ended the whole service)
             log.warning("camera %s: no stats after its restart: %s", h.id, self._describe(e, h.id))
             stats = None  # restarted all the same: reported below (a camera crashing at each start went unreported)

@@ -237,3 +237,45 @@ def test_an_add_still_waiting_for_its_new_process_when_a_shutdown_begins_is_undo
     assert isinstance(refused, CommandRejected) and refused.status == 503 and "shutting down" in refused.reason, out
     assert process.killed.is_set() and ray_down.is_set()
     assert not app.cameras and not app._busy and not app._joins
+
+
+def test_a_camera_restarted_beside_one_whose_start_hangs_gets_its_stats_in_the_same_tick(monkeypatch):
+    """a's start hangs (its replica restarting) and uses the tick's deadline up; b's start answered, but its fresh
+    stats were asked with no time left (timeout 0: a call just sent never answers that fast), so b showed the
+    stale "created" row and a warning "no stats after its restart"."""
+    clock = Clock()
+    monkeypatch.setattr(app_module, "time", clock)
+    asked = []
+
+    class Sent:  # a call just sent
+        pass
+
+    def get(ref, timeout=None):
+        if isinstance(ref, Sent):
+            asked.append(timeout)
+            if not timeout:
+                raise ray.exceptions.GetTimeoutError("Get timed out")
+            return {"camera": "b", "state": "running", "pid": 5151}
+        if isinstance(ref, Pending):
+            if not ref.done:
+                clock.now += timeout
+                raise ray.exceptions.GetTimeoutError("Get timed out")
+            return ref.value
+        return ref
+
+    def wait(refs, num_returns=1, timeout=None):
+        refs = list(refs)
+        ready = [r for r in refs if not isinstance(r, Pending) or r.done]
+        if len(ready) < num_returns:
+            clock.now += timeout
+        return ready, [r for r in refs if r not in ready]
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "wait", wait)
+    hanging, answering = Process("created", 1), Process("created", 2)
+    hanging.started = Pending()
+    answering.stats = SimpleNamespace(remote=lambda cid: Sent())
+    app = service([], hanging, "a")
+    app.cameras["b"] = CameraHandle("b", CameraConfig(id="b", url="synthetic://street"), answering, "hv-camera-y")
+    rows = {r["camera"]: r for r in app.stats()}
+    assert rows["b"]["state"] == "running" and asked and asked[0] >= 1.0, (rows, asked)
