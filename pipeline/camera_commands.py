@@ -338,7 +338,8 @@ def main(args: argparse.Namespace) -> int:
 def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
     """Adds the cameras one by one, a line for each; a refused one does not stop the others, and the exit
     status (2) and last line name every camera not added. One that runs already is left as it is, and said."""
-    refused = []
+    refused: list[str] = []
+    running: list | None = None  # the service's cameras, listed once at the first 409 (not one list per camera)
     for i, camera in enumerate(cameras):
         camera_id = str(camera.get("id") or f"cameras[{i}]")
         try:
@@ -347,27 +348,35 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
             answer = {"reason": str(e)}
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
-        elif answer.get("code") == 409 and _runs(channel, camera_id):
-            # an export put back beside the cameras still running: those are no failure (the exit said 2); by the
-            # code, not by the reason's text (which is for people)
-            print(f"camera {camera_id} already runs: left as it is (`cameras update` changes it)")
-        else:
-            refused.append(camera_id)
-            print(f"camera {camera_id} rejected: {answer.get('reason', answer)}", file=sys.stderr)
+            continue
+        if answer.get("code") == 409:  # by the code, not by the reason's text (which is for people)
+            running = _running(channel) if running is None else running
+            if camera_id in running:  # an export put back beside the cameras still running: no failure
+                print(f"camera {camera_id} already runs: left as it is (`cameras update` changes it)")
+                continue
+        refused.append(camera_id)
+        print(f"camera {camera_id} rejected: {answer.get('reason', answer)}", file=sys.stderr)
     if refused:
         raise UserError(f"{len(refused)} of {len(cameras)} cameras not added: {', '.join(refused)}")
     return 0
 
 
-def _runs(channel: HttpChannel | RedisChannel, camera_id: str) -> bool:
-    """Whether an add answered 409 was of a running camera: 409 is also "api.max_cameras run" and "being changed",
-    which the running set tells apart; where no list can be had, the 409 decides."""
+def _running(channel: HttpChannel | RedisChannel) -> "list[str] | _Everyone":
+    """The ids of the running cameras, which tell an add answered 409 for a running camera from one refused for
+    api.max_cameras or "being changed" (409 too); where no list can be had, every 409 is taken as running."""
     try:
         answer = channel.send("list")
     except UserError:
-        return True
+        return _Everyone()
     cameras = answer.get("result") if answer.get("status") == "accepted" else None
-    return not isinstance(cameras, list) or any(isinstance(c, dict) and c.get("id") == camera_id for c in cameras)
+    if not isinstance(cameras, list):
+        return _Everyone()
+    return [c.get("id") for c in cameras if isinstance(c, dict)]
+
+
+class _Everyone:
+    def __contains__(self, camera_id: object) -> bool:
+        return True
 
 
 def _print_list(cameras: list[dict]) -> None:

@@ -101,3 +101,19 @@ def test_a_control_stream_command_larger_than_the_apis_body_limit_is_refused_unp
     result = ControlConsumer(App(), "redis://127.0.0.1:1/0", "hv")._apply("1-0", {b"data": big.encode()}, False)
     assert result["status"] == "rejected" and result["code"] == 413 and "larger than" in result["reason"]
     assert parsed == [] and result["op"] is None  # not even read leniently (nor for its lane)
+
+
+def test_an_export_put_back_lists_the_running_cameras_once(capsys):
+    """Each 409 sent a `list` of every camera: 200 running cameras put back were 200 lists of 200 rows."""
+    sent = []
+
+    class Channel:
+        def send(self, op, camera_id=None, body=None):
+            sent.append(op)
+            if op == "list":
+                return {"status": "accepted", "code": 200, "result": [{"id": f"c{i}"} for i in range(200)]}
+            return {"status": "rejected", "code": 409, "reason": "runs"}
+
+    assert camera_commands._add_each(Channel(), [{"id": f"c{i}"} for i in range(200)]) == 0
+    assert sent.count("list") == 1 and sent.count("add") == 200
+    assert capsys.readouterr().out.count("already runs") == 200
