@@ -398,8 +398,10 @@ class _FastUniqueKeys(_RefuseKeysTwice, getattr(yaml, "CSafeLoader", yaml.SafeLo
 def load_yaml(text: str | bytes) -> Any:
     """yaml.safe_load, refusing duplicate keys; a text libyaml refuses is parsed again by the pure-Python
     parser, whose error (without the file's snippet, see _yaml_problem) is the one raised."""
+    if ("\t" if isinstance(text, str) else b"\t") in text:  # libyaml takes tabs the pure parser refuses: one rule
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (SafeLoader subclasses)
     try:
-        return yaml.load(text, Loader=_FastUniqueKeys)  # noqa: S506 (SafeLoader subclasses)
+        return yaml.load(text, Loader=_FastUniqueKeys)  # noqa: S506
     except (yaml.YAMLError, ValueError):  # ValueError: bytes that are not UTF-8
         return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506
 
