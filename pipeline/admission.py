@@ -72,6 +72,22 @@ def host_header_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def slash_hint(request: Any) -> str | None:
+    """For a request whose path ends in '/' and routes without it, what to answer (404) instead of Starlette's 307
+    redirect (curl without -L showed an empty answer, the command not applied) or a 405 where a route's
+    ``{camera:path}`` took the empty rest; None otherwise. By the raw path: an id ending in '/' is sent as %2F.
+    The HTTP API's and the dashboard's (Starlette requests)."""
+    from starlette.routing import Match
+
+    path = request.url.path
+    if len(path) < 2 or not request.scope.get("raw_path", path.encode()).endswith(b"/"):
+        return None
+    scope = {**request.scope, "path": path.rstrip("/") or "/"}
+    if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+        return f"{request.method} {path}: no such path; without the trailing slash: {request.method} {scope['path']}"
+    return None
+
+
 class LoopbackHostsOnly:
     """ASGI middleware for a server bound to loopback (the HTTP API's and the dashboard's default): a request
     whose Host header names anything else is refused (403). DNS rebinding: any web page can have its own name

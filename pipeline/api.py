@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, strict_json
+from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, slash_hint, strict_json
 from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -126,19 +126,6 @@ def _validation_reason(exc: RequestValidationError) -> str:
             lines.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     return "\n".join(lines)
 
-
-def slash_hint(request: Request) -> str | None:
-    """For a path that ends in '/' and routes without it, what to say instead of Starlette's 307 redirect: curl
-    without -L, and many clients, showed it as an empty answer and the command was not applied."""
-    from starlette.routing import Match
-
-    path = request.url.path
-    if len(path) < 2 or not path.endswith("/"):
-        return None
-    scope = {**request.scope, "path": path.rstrip("/") or "/"}
-    if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
-        return f"{request.method} {path}: no such path; without the trailing slash: {request.method} {scope['path']}"
-    return None
 
 
 def _json_body(example: dict, description: str) -> dict:

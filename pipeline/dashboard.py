@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import redis
 
 from pipeline import dashboard_data as data
-from pipeline.admission import MAX_BODY_BYTES, LoopbackHostsOnly, strict_json
+from pipeline.admission import MAX_BODY_BYTES, LoopbackHostsOnly, slash_hint, strict_json
 from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
@@ -40,7 +40,7 @@ def create_app(hub: Hub):
 
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.routing import Match, Mount, Route
+    from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
     class PageFiles(StaticFiles):
@@ -95,21 +95,12 @@ def create_app(hub: Hub):
         ids "." and "..": a browser resolves such a path segment away, written as %2E too)."""
         return request.path_params.get("camera", request.query_params.get("camera"))
 
-    def slash_hint(request) -> JSONResponse | None:
-        """A 404 naming the path for one written with a trailing '/' that routes without it (as the control API's
-        slash_hint, pipeline/api.py: a FastAPI module): POST /api/cameras/ answered 405 Method Not Allowed, and
-        DELETE /api/cameras/ sent the controller a remove of camera "". Its raw path: an id ending in '/' is %2F."""
-        path = request.url.path
-        if len(path) < 2 or not request.scope.get("raw_path", path.encode()).endswith(b"/"):
-            return None
-        scope = {**request.scope, "path": path.rstrip("/") or "/"}
-        if not any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
-            return None
-        return JSONResponse({"status": "rejected", "reason": f"{request.method} {path}: no such path; without the "
-                             f"trailing slash: {request.method} {scope['path']}"}, status_code=404)
+    def slash_refusal(request) -> JSONResponse | None:
+        hint = slash_hint(request)  # POST /api/cameras/ answered 405; DELETE /api/cameras/ removed camera ""
+        return JSONResponse({"status": "rejected", "reason": hint}, status_code=404) if hint else None
 
     async def method_not_allowed(request, exc):
-        return slash_hint(request) or PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
+        return slash_refusal(request) or PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
 
     async def snapshot(request):
         found = hub.snapshot(camera_of(request))
@@ -162,7 +153,7 @@ def create_app(hub: Hub):
         return await control(request, add_command(camera), [camera["url"]])
 
     async def remove_camera(request):
-        if hint := slash_hint(request):
+        if hint := slash_refusal(request):
             return hint
         if not (camera := camera_of(request)):  # also "": no camera has that id, the controller refused it
             return JSONResponse({"status": "rejected", "reason": "camera: name it in the path or as ?camera= "
