@@ -43,11 +43,13 @@ def test_the_inference_replica_sizes_its_threads_by_them(monkeypatch):
     seen = {}
 
     class Service:
-        def __init__(self, checkpoint, device, precision, max_batch, max_wait_ms, threads, *rest):
+        def __init__(self, checkpoint, device, precision, max_batch, max_wait_ms, threads, *rest, **options):
             seen["threads"] = threads
+            seen.update(options)
 
     monkeypatch.setattr(inference, "InferenceService", Service)
     monkeypatch.setattr(inference, "usable_cores", lambda: 4)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     inference.InferenceActor.__ray_metadata__.modified_class("demo", per_node=2)  # the class behind ray.remote
     assert seen["threads"] == 2
+    assert seen["exit_on_device_loss"] is True  # a lost CUDA context ends the replica's process, for Ray to restart
