@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pipeline import reaper
+from test_lifecycle_edges import _gone, _kill
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 RUN_ENV = "HYDRAVISION_RUN"  # pipeline/reaper.py: the token every process of a run inherits
@@ -27,27 +26,6 @@ RUN_KILLED_AFTER_A_START = (
     f"child = subprocess.Popen({SLEEPER!r}, start_new_session=True)\n"
     "print(reaper.proc.pid, child.pid, flush=True)\n"
     "os.kill(os.getpid(), signal.SIGKILL)\n")
-
-
-def _gone(pid: int, deadline_s: float) -> bool:
-    """Whether pid has ended (or is a zombie) within deadline_s."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
-def _kill(pid: int) -> None:
-    try:
-        psutil.Process(pid).kill()
-    except psutil.Error:
-        pass
 
 
 @pytest.mark.parametrize("delay", [0.0, 4 * reaper.POLL_S], ids=["before-its-first-look", "after-its-last-look"])
