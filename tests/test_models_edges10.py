@@ -14,17 +14,8 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.export import cache_path, cached_export
 from workers import model_runner
 from workers.inference import InferenceService
+from test_export_cache6 import exported  # noqa: F401 (a fixture: the tiny model's export, made once)
 from workers.model_runner import ModelRunner
-
-
-@pytest.fixture(scope="module")
-def seeded(tiny_checkpoint, tmp_path_factory):
-    """A cache holding the tiny model's real export, made once for the tests that copy it (an export takes seconds)."""
-    seed = tmp_path_factory.mktemp("seed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRAVISION_CACHE", str(seed))
-        cached_export(load_checkpoint(tiny_checkpoint)[0], tiny_checkpoint)
-    return seed / "onnx"
 
 
 @pytest.fixture
@@ -38,13 +29,13 @@ def damage(data: bytes, how: str) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["half", "empty", "zeros", "last byte"])
-def test_a_damaged_cached_export_is_said_once_removed_and_made_again(how, tiny_checkpoint, seeded, cache,
+def test_a_damaged_cached_export_is_said_once_removed_and_made_again(how, tiny_checkpoint, exported, cache,
                                                                      monkeypatch, caplog):
     """A cached export cut short (a cache copied or restored half-way, a failing disk) was taken as it was at every
     start: ONNX Runtime refused it ('Protobuf parsing failed') and the start failed, or 'auto' ran torch for good.
     Now it is said once, removed with its compiled forms, and exported again; the next start takes the new file.
     (A stand-in exporter writing the real export's bytes: what is tested is the cache around it.)"""
-    whole = next(seeded.glob("*.onnx")).read_bytes()
+    whole = next(exported.glob("*.onnx")).read_bytes()
     path = cache_path(tiny_checkpoint)
     cache.mkdir(parents=True)
     path.write_bytes(damage(whole, how))
@@ -61,10 +52,10 @@ def test_a_damaged_cached_export_is_said_once_removed_and_made_again(how, tiny_c
     assert len(said) == 1 and path.name in said[0], said
 
 
-def test_a_service_starts_on_onnxruntime_over_a_cut_short_cached_export(tiny_checkpoint, seeded, cache, caplog):
+def test_a_service_starts_on_onnxruntime_over_a_cut_short_cached_export(tiny_checkpoint, exported, cache, caplog):
     """The whole start, real export and ONNX Runtime: 'backend: onnxruntime' failed at every start on the half
     file left in the cache; now the runner exports afresh and runs."""
-    shutil.copytree(seeded, cache)
+    shutil.copytree(exported, cache)
     path = next(cache.glob("*.onnx"))
     whole = path.read_bytes()
     path.write_bytes(whole[:len(whole) // 2])
@@ -135,12 +126,12 @@ def infer_one(service: InferenceService) -> dict:
     return asyncio.run(one())
 
 
-def test_auto_runs_torch_when_the_exported_runtime_fails_its_first_call(tiny_checkpoint, seeded, cache,
+def test_auto_runs_torch_when_the_exported_runtime_fails_its_first_call(tiny_checkpoint, exported, cache,
                                                                          ort_fails_at_its_first_call, caplog):
     """'auto' picked ONNX Runtime, which loaded the export and then failed every batch of the run: the cameras
     published nothing and counted every frame an error. A blank frame at start now finds it out, says so once,
     and the model runs in torch, as when the runtime fails to load (docs/architecture.md, "Backends")."""
-    shutil.copytree(seeded, cache)
+    shutil.copytree(exported, cache)
     with caplog.at_level(logging.WARNING, logger="workers.model_runner"):
         service = InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="auto", threads=1)
     assert service.info()["backend"] == "torch" and len(ort_fails_at_its_first_call) == 1
@@ -151,11 +142,11 @@ def test_auto_runs_torch_when_the_exported_runtime_fails_its_first_call(tiny_che
     assert ModelRunner(tiny_checkpoint, device="cpu", precision="fp32", backend="auto", threads=1).backend == "torch"
 
 
-def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start(tiny_checkpoint, seeded, cache,
+def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start(tiny_checkpoint, exported, cache,
                                                                                   ort_fails_at_its_first_call):
     """'backend: onnxruntime' asked for by name started, then failed every batch; a fallback would hide what was
     asked for, so the start is refused, naming the backend, its error and what to set instead."""
-    shutil.copytree(seeded, cache)
+    shutil.copytree(exported, cache)
     refused = r"model\.backend onnxruntime.*RUNTIME_EXCEPTION.*set model\.backend to torch"
     with pytest.raises(RuntimeError, match=refused):
         InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="onnxruntime", threads=1)
