@@ -244,6 +244,7 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
     from workers.model_runner import ModelRunner
 
     rows = [] if rows is None else rows
+    streets: dict[tuple[int, int], list[np.ndarray]] = {}  # per input size: built once, not in every variant's time
     for backend, precision, compiled in variants:
         name = f"{backend}{' compile' if compiled else ''} {precision}"
         if time.time() > deadline:
@@ -268,7 +269,9 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
             print(f"  {name}: {rows[-1]['error']}", flush=True)
             continue
         provider = runner.session.session.get_providers()[0] if runner.session else None
-        street = street_batch(runner.input_size, max(batches))
+        if runner.input_size not in streets:
+            streets[runner.input_size] = street_batch(runner.input_size, max(batches))
+        street = streets[runner.input_size]
         for batch in batches:
             if time.time() > deadline:
                 rows.append({"variant": name, "batch": batch, "skipped": "out of time"})
@@ -673,9 +676,11 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
                 break
             n *= 2
     finally:  # also when the time limit interrupts a run
-        if ours:
-            ray.shutdown()
-        server.stop()
+        try:
+            if ours:
+                ray.shutdown()
+        finally:  # the time limit or a SIGTERM landing in Ray's shutdown still stops Redis
+            server.stop()
     return rows
 
 

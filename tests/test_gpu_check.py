@@ -85,7 +85,7 @@ def test_a_kit_built_for_another_python_is_refused_before_it_is_imported(tmp_pat
 
 def test_gpu_sampler_parses_nvidia_smi_and_skips_what_it_cannot(tmp_path, monkeypatch):
     fake = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=... -lms 500` prints, then waits
-    fake.write_text("#!/bin/sh\necho '37, 1024'\necho '[N/A], [N/A]'\necho '81, 2048'\nsleep 30\n")
+    fake.write_text("#!/bin/sh\necho '37, 1024'\necho '[N/A], [N/A]'\necho '81, 2048'\nexec sleep 30\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     since = time.time() - 1

@@ -88,7 +88,7 @@ def test_nvidia_smi_samples_the_gpu_torch_uses_not_its_index_0(tmp_path, monkeyp
     argv_file = tmp_path / "argv"
     fake = tmp_path / "nvidia-smi"  # records its arguments, prints one sample, then waits
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {argv_file}.tmp && mv {argv_file}.tmp {argv_file}\n"
-                    "echo '50, 512'\nsleep 30\n")
+                    "echo '50, 512'\nexec sleep 30\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     env = {"torch": "2.13.0", "torch_cuda": "12.8", "cuda_available": True, "gpu": {"uuid": f"GPU-{UUID}"}}

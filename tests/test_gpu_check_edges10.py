@@ -1,14 +1,17 @@
 """benchmarks/gpu_check.py audited again for its first run on a GPU machine, checked on the CPU with fakes:
 nvidia-smi on a MIG-partitioned GPU or failing, a hang in the environment step, a step past its share of the
-time, the model ceiling fed noise; and pipeline/analytics_eval.py given a tracker switched off."""
+time, the model ceiling fed noise, an interrupt in the pipeline's teardown; and pipeline/analytics_eval.py given a
+tracker switched off."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,18 @@ def _no_sampler() -> gpu_check.GpuSampler:
     return sampler
 
 
+def _processes_with(token: str) -> list[int]:
+    """The processes whose environment holds ``token``: what a fake started, its children included."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or another user's
+            pass
+    return found
+
+
 def _wait(condition, seconds: float = 20.0) -> None:
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline:
@@ -48,16 +63,22 @@ def _wait(condition, seconds: float = 20.0) -> None:
 
 def test_a_mig_gpu_s_memory_is_sampled_though_its_utilisation_reads_n_a(tmp_path, monkeypatch):
     """With MIG on, nvidia-smi reads the GPU's utilisation as [N/A] and its memory still: every line was dropped,
-    and every result's "gpu" was null."""
-    _fake_smi(tmp_path, monkeypatch, "echo '[N/A], 30000'\necho '[N/A], 31000 MiB'\nsleep 30")
+    and every result's "gpu" was null. The fake ends with close() (a `sleep` it forked ran on for 30 s after)."""
+    token = uuid.uuid4().hex
+    monkeypatch.setenv("HV_FAKE_SMI_RUN", token)  # marks the fake's processes
+    # exec: the sleep is the process close() terminates, as the real nvidia-smi (stdbuf execs it) is
+    _fake_smi(tmp_path, monkeypatch, "echo '[N/A], 30000'\necho '[N/A], 31000 MiB'\nexec sleep 30")
     since = time.time() - 1
     sampler = gpu_check.GpuSampler(UUID)
     try:
         _wait(lambda: len(sampler.samples) >= 2)
         assert sampler.window(since) == {"util_mean": None, "util_max": None, "mem_max_mib": 31000.0, "samples": 2}
         assert sampler.problem is None
+        assert _processes_with(token)
     finally:
         sampler.close()
+    _wait(lambda: not _processes_with(token), 10.0)
+    assert not _processes_with(token)
 
 
 def test_why_nvidia_smi_gave_no_samples_is_in_the_json(tmp_path, monkeypatch):
@@ -186,3 +207,65 @@ def test_a_save_cut_short_keeps_the_json_saved_before(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(out.read_text())["points"] == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left beside it
+
+
+def test_the_model_ceiling_builds_the_street_frames_once_per_input_size(monkeypatch):
+    """Each variant rebuilt the 64 street frames (~0.3 s here) inside its own share of the model step's time."""
+    from workers import model_runner
+
+    class Runner:  # what model_ceiling uses of a ModelRunner; the input size from the variant's precision
+        session = None
+
+        def __init__(self, checkpoint, precision, **kwargs):
+            self.input_size = (64, 96) if precision == "fp16" else (96, 64)
+
+        def run(self, images, heads):
+            return [{} for _ in images]
+
+    built, street_batch = [], gpu_check.street_batch
+
+    def counted(input_size, n):
+        built.append(input_size)
+        return street_batch(input_size, n)
+
+    monkeypatch.setattr(model_runner, "ModelRunner", Runner)
+    monkeypatch.setattr(gpu_check, "street_batch", counted)
+    variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False), ("torch", "fp16", False))
+    rows = gpu_check.model_ceiling(gpu_check.DEMO, "cpu", (1, 2), variants, time.time() + 60, _no_sampler(), 0.01)
+    assert len([r for r in rows if "frames_per_s" in r]) == 6, rows
+    assert built == [(96, 64), (64, 96)]
+
+
+def test_an_interrupt_in_ray_s_shutdown_still_stops_redis(tmp_path, monkeypatch):
+    """The time limit's interrupt (or a SIGTERM) landing in the pipeline step's ray.shutdown() skipped the
+    embedded Redis's stop: a redis-server ran on after the check returned (until the interpreter's exit)."""
+    import measure
+    import ray
+
+    from pipeline.embedded_redis import EmbeddedRedis
+
+    servers, start = [], EmbeddedRedis.start
+
+    def started(self, *args, **kwargs):
+        servers.append(self)
+        return start(self, *args, **kwargs)
+
+    def slow_shutdown(*args, **kwargs):  # interrupted in the middle, as a `timeout` around the check does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    monkeypatch.setattr(EmbeddedRedis, "start", started)
+    monkeypatch.setattr(measure, "start_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the check's own Ray: it shuts it down
+    monkeypatch.setattr(ray, "shutdown", slow_shutdown)
+    monkeypatch.setattr(gpu_check, "environment", lambda dry_run: {"cuda_available": False, "dry_run_cpu": True})
+    monkeypatch.setattr(gpu_check, "make_clip", lambda folder, size, seconds: tmp_path / "clip.mp4")
+    out = tmp_path / "gpu.json"
+    # 30 s: too short for a pipeline run (its window and ~40 s), so the step goes straight to its teardown
+    code = gpu_check.main(["--dry-run-cpu", "--steps", "pipeline", "--minutes", "0.5", "--json", str(out)])
+    try:
+        assert code == 130 and json.loads(out.read_text())["error"] == "interrupted"
+        assert len(servers) == 1 and servers[0].proc.poll() is not None, "redis-server still running"
+    finally:
+        for server in servers:
+            server.stop()
