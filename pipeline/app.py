@@ -678,8 +678,11 @@ class App(LiveControl):
                     self._busy.difference_update(to_restart)
             out = [fresh.get(s["camera"], s) for s in out]
         self._restarting = {cid: hr for cid, hr in self._restarting.items() if handles.get(cid) is hr[0]}  # removed
-        self._last_stats = {s["camera"]: s for s in out}
         self.telemetry.record_cameras(out, present=list(handles))
+        # the counts of the whole run (a restarted process's start from 0), and how often it was restarted
+        out = [{**s, "restarts": h.restarts} if h.restarts else s
+               for h, s in zip(handles.values(), self.telemetry.whole_run(out))]
+        self._last_stats = {s["camera"]: s for s in out}
         if self.events:
             self.telemetry.record_publisher(CONTROLLER_PUBLISHER, self.events.stats())
         # a camera process's model numbers came with its cameras' stats
@@ -916,10 +919,12 @@ class App(LiveControl):
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
                 log.warning("camera %s: no final stats", cid, exc_info=True)
-            # its counts are its last process's: how many came before, counted afresh, is said beside them
-            final["restarts"] = handles[cid].restarts
-            handles[cid].final = final
+            final["restarts"] = handles[cid].restarts  # its counts are the whole run's (below), over its processes
             finals.append(final)
+        self.telemetry.record_cameras(finals, final=True)
+        finals = self.telemetry.whole_run(finals)
+        for cid, final in zip(refs, finals):
+            handles[cid].final = final
         self._wait_removals(deadline)  # under the same deadline: they drained meanwhile
         self._kill(h.process for h in handles.values())
         self._kill(self.inference)

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--log-every", type=seconds, default=5.0, metavar="S",
                        help="with --plain: a status line every S seconds")
         r.add_argument("--summary-json", type=Path, default=None,
-                       help="write the final per-camera stats here (a camera's counts are its last process's; "
-                       "'restarts': how many crashed processes came before)")
+                       help="write the final per-camera stats here (a camera's counts are the whole run's, over "
+                       "the restarts of its process; 'restarts': how many times it was restarted)")
         r.add_argument("--log-format", choices=FORMATS, default="text",
                        help="json: one JSON object per line (log records, status lines, the final stats) on stdout")
         r.add_argument("--api-port", type=port, default=None, metavar="PORT",

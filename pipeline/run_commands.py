@@ -94,7 +94,7 @@ class Output:
 
 def _compact(stats: list[dict]) -> list[dict]:
     keep = ("camera", "state", "fps", "decode_fps", "latency_ms_p50", "latency_ms_p95", "decoded", "published",
-            "dropped", "reconnects", "last_error", "redis_error")
+            "dropped", "reconnects", "restarts", "last_error", "redis_error")
     return [{k: s.get(k) for k in keep if k in s} for s in stats]
 
 

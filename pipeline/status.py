@@ -97,6 +97,12 @@ def _error(s: dict) -> str:
     return "; ".join(str(e) for e in (redis_error, s.get("last_error")) if e)
 
 
+def _restarted(s: dict) -> str:
+    """Said after the state of a camera whose process crashed and was restarted (its counts span them all)."""
+    n = s.get("restarts")
+    return f" (restarted {n}x)" if _number(n) and n > 0 else ""
+
+
 def status_table(stats: list[dict], title: str = "hydravision") -> Table:
     table = Table(title=title, title_justify="left", expand=False)
     for col, just in [("camera", "left"), ("state", "left"), ("fps", "right"), ("decode fps", "right"),
@@ -111,7 +117,8 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
         # a stale entry's rates are those of a service gone, maybe for days: not what the camera does now
         now = {"fps": None, "decode_fps": None} if state == "stale" else s
         table.add_row(
-            _cell(s.get("camera", "?")), f"[{style}]{state}[/]" if style else state, _fps(now.get("fps", 0)),
+            _cell(s.get("camera", "?")), (f"[{style}]{state}[/]" if style else state) + _cell(_restarted(s)),
+            _fps(now.get("fps", 0)),
             _fps(now.get("decode_fps", 0)), f"{_ms(now.get('latency_ms_p50'))}/{_ms(now.get('latency_ms_p95'))}",
             _cell(_count(s.get("published", 0)) + skipped),
             _cell(_drops(s.get("dropped"))), _cell(_count(_rate_skips(s.get("dropped")))),
@@ -125,7 +132,7 @@ def status_line(stats: list[dict]) -> str:
     parts = []
     for s in stats:
         skips = _rate_skips(s.get("dropped"))
-        parts.append(f"{s.get('camera')}: {s.get('state')} {_fps(s.get('fps', 0))} fps "
+        parts.append(f"{s.get('camera')}: {s.get('state')}{_restarted(s)} {_fps(s.get('fps', 0))} fps "
                      f"p50 {_ms(s.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}"
                      + (f" skip {skips}" if skips else "")
                      + (f" NOT IN REDIS: {_short(s['redis_error'], 80)}" if s.get("redis_error") else "")

@@ -162,9 +162,11 @@ class Telemetry:
         self._publishers: dict[str, dict] = {}
         self.last_tick: float | None = None
 
-    def record_cameras(self, stats: Iterable[dict], present: Iterable[str] | None = None) -> None:
+    def record_cameras(self, stats: Iterable[dict], present: Iterable[str] | None = None,
+                       final: bool = False) -> None:
         """One tick's camera stats. ``present``: the cameras the service has now; others' series are dropped
-        (a removed camera disappears from /metrics)."""
+        (a removed camera disappears from /metrics). ``final``: stats of a stop, which name no pid: they are of the
+        process seen last (one whose counters went backwards is still told for a new one)."""
         now = self.clock()
         with self._lock:
             for s in stats:
@@ -176,9 +178,10 @@ class Telemetry:
                     rec = self._cameras[cid] = CameraRecord(first_seen=now, down_since=now)
                 rec.stats = dict(s)
                 rec.last_frame_ts = s.get("last_frame_ts") or rec.last_frame_ts
-                if "decoded" in s and s.get("pid") is not None:  # a started pipeline (not "created"/"unavailable")
+                pid = s.get("pid", rec.counters.incarnation if final else None)
+                if "decoded" in s and pid is not None:  # a started pipeline (not "created"/"unavailable")
                     before = dict(rec.counters.last)
-                    if rec.counters.update(s["pid"], camera_counters(s)):
+                    if rec.counters.update(pid, camera_counters(s)):
                         rec.lost += int(self._held(before))
                 if s.get("state") in UP_STATES:
                     rec.down_since = None
@@ -189,6 +192,28 @@ class Telemetry:
                 for cid in [c for c in self._cameras if c not in keep]:
                     del self._cameras[cid]
             self.last_tick = now
+
+    def whole_run(self, stats: Iterable[dict]) -> list[dict]:
+        """Camera stats (recorded here already) with their frame counts over the service's life, as /metrics has
+        them: a camera process Ray restarted counts from 0 again, and the final table said "published 218" after
+        1284 before the crash. Frames a dead process held are ``dropped.lost``, so the counts still add up."""
+        with self._lock:
+            out = []
+            for s in stats:
+                rec = self._cameras.get(s.get("camera"))
+                if rec is None or not rec.counters.keys():
+                    out.append(s)
+                    continue
+                c = rec.counters
+                s = {**s, **{k: int(c.value(k)) for k in ("decoded", "reconnects", "skipped_packets")},
+                     "published": int(c.value("outcome.published")), "skipped": int(c.value("outcome.skipped"))}
+                reasons = {k.split(".", 1)[1] for k in c.keys() if k.startswith("outcome.")} - {"published", "skipped"}
+                s["dropped"] = {r: int(c.value(f"outcome.{r}")) for r in [*DROP_OUTCOMES, *sorted(reasons)]
+                                if r in reasons}
+                if rec.lost:
+                    s["dropped"]["lost"] = rec.lost
+                out.append(s)
+            return out
 
     @staticmethod
     def _held(last: dict[str, float]) -> float:

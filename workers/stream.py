@@ -1031,6 +1031,7 @@ class CameraHost:
         mine = capture_thread_name(self.camera.id, "")
         stats["decoder_threads"] = sum(t.name.startswith(mine) for t in threading.enumerate())
         stats["open_tracks"] = self.pipeline.open_tracks()
+        stats["pid"] = os.getpid()  # as stats(): the controller's whole-run counts tell processes apart by it
         return stats
 
     async def stats(self) -> dict:
