@@ -112,6 +112,10 @@ class GpuSampler:
         self.closed = True
         if self.proc:
             self.proc.terminate()
+            try:  # reaped, not left a zombie for the rest of the check
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def _reading(value: str) -> float | None:

@@ -349,7 +349,10 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
             continue
-        if answer.get("code") == 409:  # by the code, not by the reason's text (which is for people)
+        code = answer.get("code")
+        if code is None and "already exists" in str(answer.get("reason", "")):  # a service from before answers had one
+            code = 409
+        if code == 409:  # by the code, not by the reason's text (which is for people)
             running = _running(channel) if running is None else running
             if camera_id in running:  # an export put back beside the cameras still running: no failure
                 print(f"camera {camera_id} already runs: left as it is (`cameras update` changes it)")

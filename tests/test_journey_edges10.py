@@ -117,3 +117,16 @@ def test_an_export_put_back_lists_the_running_cameras_once(capsys):
     assert camera_commands._add_each(Channel(), [{"id": f"c{i}"} for i in range(200)]) == 0
     assert sent.count("list") == 1 and sent.count("add") == 200
     assert capsys.readouterr().out.count("already runs") == 200
+
+
+def test_an_export_put_back_to_a_service_whose_answers_have_no_code_still_says_the_running_ones(capsys):
+    """A CLI of this version against a service from before answers carried `code` (the Redis channel's answer has
+    none): its running cameras were counted as refused (exit 2). Its reason's words decide there, as they did."""
+    class Channel:
+        def send(self, op, camera_id=None, body=None):
+            if op == "list":
+                return {"status": "accepted", "result": [{"id": "a"}]}
+            return {"status": "rejected", "reason": f"camera.id: camera {body['id']!r} already exists"}
+
+    assert camera_commands._add_each(Channel(), [{"id": "a"}]) == 0
+    assert "camera a already runs" in capsys.readouterr().out
