@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import time
@@ -35,7 +36,7 @@ def aside_of(path: Path) -> Path:
     path (two trainings to one --out) wrote one temporary file at once, and one renamed the other's, or half of it.
     Its mode is the umask's, as a plain open's (mkstemp's 0600 was left on the file renamed into place); ones a
     kill left there a day ago are removed (each kill left one the size of the model)."""
-    for stale in path.parent.glob(f"{glob_escape(path.name)}.*.tmp"):
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > STALE_ASIDE_S:
                 stale.unlink()
@@ -45,10 +46,6 @@ def aside_of(path: Path) -> Path:
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)
     return Path(name)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def file_identity(path: str | Path) -> tuple[int, int, int]:
