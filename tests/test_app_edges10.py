@@ -16,6 +16,7 @@ from pipeline import cluster
 from pipeline.app import App, CameraHandle
 from pipeline.config import parse_config
 from pipeline.live_control import CommandRejected
+import test_concurrent_adds8 as concurrent_adds
 from workers.settings import CameraConfig
 
 HEALTHZ_WINDOW_S = 30  # /healthz fails once the control loop's last tick is older (docs/architecture.md)
@@ -219,21 +220,14 @@ def test_an_add_still_waiting_for_its_new_process_when_a_shutdown_begins_is_undo
     monkeypatch.setattr(ray, "kill", kill)
     monkeypatch.setattr(ray, "get", get)
     monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
-    out: list = []
-
-    def add() -> None:
-        try:
-            out.append(app.add_camera({"id": "late", "url": "synthetic://street"}, by="api:ops"))
-        except CommandRejected as e:
-            out.append(e)
-
-    adder = threading.Thread(target=add, daemon=True)
+    out: dict = {}
+    adder = concurrent_adds.adding(app, "late", out)
     adder.start()
     assert adding.wait(20), "the add never waited for its camera"
     app.shutdown(timeout=1.0)
     adder.join(20)
     assert after_ray == [], f"Ray calls after the shutdown stopped Ray (each would start a new local Ray): {after_ray}"
-    [refused] = out
+    [refused] = out.values()
     assert isinstance(refused, CommandRejected) and refused.status == 503 and "shutting down" in refused.reason, out
     assert process.killed.is_set() and ray_down.is_set()
     assert not app.cameras and not app._busy and not app._joins

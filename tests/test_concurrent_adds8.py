@@ -51,18 +51,23 @@ def starts(monkeypatch, names: Names, get_start) -> tuple[list[Process], list[st
     return spawned, sent
 
 
-def add_at_once(app, ids: str, sent: list[str] | None = None) -> dict[str, object]:
-    """Adds the cameras ``ids`` from a thread each, as HTTP requests and control-stream commands come in; each
-    one's answer or refusal. With ``sent`` (of ``starts``), each add begins once the one before sent its start."""
-    out: dict[str, object] = {}
-
-    def add(cid: str) -> None:
+def adding(app, cid: str, out: dict[str, object]) -> threading.Thread:
+    """A thread (not started) that adds camera ``cid``, as an HTTP request or a control-stream command does; its
+    answer or refusal goes to ``out[cid]``."""
+    def add() -> None:
         try:
             out[cid] = app.add_camera({"id": cid, "url": "synthetic://street"}, by="api:ops")
         except CommandRejected as e:
             out[cid] = e
 
-    threads = [threading.Thread(target=add, args=(cid,), daemon=True) for cid in ids]
+    return threading.Thread(target=add, daemon=True)
+
+
+def add_at_once(app, ids: str, sent: list[str] | None = None) -> dict[str, object]:
+    """Adds the cameras ``ids`` from a thread each, as HTTP requests and control-stream commands come in; each
+    one's answer or refusal. With ``sent`` (of ``starts``), each add begins once the one before sent its start."""
+    out: dict[str, object] = {}
+    threads = [adding(app, cid, out) for cid in ids]
     for i, thread in enumerate(threads):
         if sent is not None and i:
             wait_for(lambda: ids[i - 1] in sent, 20, f"camera {ids[i - 1]}'s start", poll=0.02)
@@ -208,28 +213,21 @@ def test_a_shutdown_stops_ray_only_after_an_add_under_way_has_undone_its_camera(
         kill(actor, no_restart)
 
     monkeypatch.setattr(ray, "kill", watched_kill)
-    adding = threading.Event()
+    add_waits = threading.Event()
 
     def get_start(camera_id: str) -> None:  # its process starts once the shutdown has begun
-        adding.set()
+        add_waits.set()
         app._stop.wait(20)
         ray_down.wait(1.5)  # or as soon as Ray is stopped, whichever comes first
 
     spawned, _ = starts(monkeypatch, names, get_start)
-    out: list[object] = []
-
-    def add() -> None:
-        try:
-            out.append(app.add_camera({"id": "late", "url": "synthetic://street"}, by="api:ops"))
-        except CommandRejected as e:
-            out.append(e)
-
-    adder = threading.Thread(target=add, daemon=True)
+    out: dict[str, object] = {}
+    adder = adding(app, "late", out)
     adder.start()
-    assert adding.wait(20), "the add never started its camera"
+    assert add_waits.wait(20), "the add never started its camera"
     app.shutdown(timeout=2.0)
     adder.join(20)
-    [refused] = out
+    [refused] = out.values()
     assert isinstance(refused, CommandRejected) and refused.status == 503, out
     [process] = spawned
     assert process.killed.is_set() and ray_down.is_set()
