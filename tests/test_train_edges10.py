@@ -185,40 +185,29 @@ def test_train_demo_redoes_a_stage_made_otherwise_or_damaged_and_all_with_fresh(
                                                                                  caplog):
     out = tmp_path / "demo.safetensors"
     base, heads, attribute = (tmp_path / f"demo.{s}.safetensors" for s in ("base", "heads", "attribute"))
-    killed_in("train_reid_head", monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        model_commands.train_demo(demo_args(out))
-    assert demo_stages == [base.name, heads.name, attribute.name]  # killed in the re-ID stage
-    del demo_stages[:]
-    killed_in("train_reid_head", monkeypatch)  # the vehicles stage asked for with other steps: it and the next redone
-    with pytest.raises(KeyboardInterrupt):
-        model_commands.train_demo(demo_args(out, steps=(3, 5, 2, 1)))
-    assert demo_stages == [heads.name, attribute.name]
-    del demo_stages[:]
-    killed_in("train_reid_head", monkeypatch)  # everything as made: nothing redone
-    with pytest.raises(KeyboardInterrupt):
-        model_commands.train_demo(demo_args(out, steps=(3, 5, 2, 1), fresh=False))
-    assert demo_stages == []
-    del demo_stages[:]
+
+    def trained_before_a_kill(steps=(3, 2, 2, 1)) -> list[str]:
+        """The stage files train-demo trains when it is killed in its re-ID stage."""
+        del demo_stages[:]
+        killed_in("train_reid_head", monkeypatch)
+        with caplog.at_level(logging.INFO, logger="pipeline.model_commands"), pytest.raises(KeyboardInterrupt):
+            model_commands.train_demo(demo_args(out, steps=steps))
+        return list(demo_stages)
+
+    assert trained_before_a_kill() == [base.name, heads.name, attribute.name]  # killed in the re-ID stage
+    # the vehicles stage asked for with other steps: it and the next redone
+    assert trained_before_a_kill(steps=(3, 5, 2, 1)) == [heads.name, attribute.name]
+    assert trained_before_a_kill(steps=(3, 5, 2, 1)) == []  # everything as made: nothing redone
     heads_made = read_tensors(heads)
     model, training = load_checkpoint(base)  # the base replaced by other weights with the same record
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     save_checkpoint(model, base, training)
-    killed_in("train_reid_head", monkeypatch)
-    with caplog.at_level(logging.INFO, logger="pipeline.model_commands"):
-        with pytest.raises(KeyboardInterrupt):
-            model_commands.train_demo(demo_args(out, steps=(3, 5, 2, 1)))
-    assert demo_stages == [heads.name, attribute.name]
+    assert trained_before_a_kill(steps=(3, 5, 2, 1)) == [heads.name, attribute.name]
     assert f"{heads} was made from another {base}: training it again" in caplog.text
     assert not torch.equal(read_tensors(heads)["backbone.conv1.weight"], heads_made["backbone.conv1.weight"])
-    del demo_stages[:]
     heads.write_bytes(heads.read_bytes()[:100])  # cut short
-    killed_in("train_reid_head", monkeypatch)
-    with caplog.at_level(logging.INFO, logger="pipeline.model_commands"):
-        with pytest.raises(KeyboardInterrupt):
-            model_commands.train_demo(demo_args(out, steps=(3, 5, 2, 1)))
-    assert demo_stages == [heads.name, attribute.name]
+    assert trained_before_a_kill(steps=(3, 5, 2, 1)) == [heads.name, attribute.name]
     assert f"stage 2 of 4: {heads} cannot be reused" in caplog.text
     del demo_stages[:]
     model_commands.train_demo(demo_args(out, steps=(3, 5, 2, 1), fresh=True))
