@@ -57,25 +57,38 @@ def chart_value(v: Any) -> float | None:
 
 def read_snapshot(client: redis.Redis, prefix: str, camera: str) -> tuple[bytes, int | None, float | None] | None:
     """(jpeg bytes, frame index, capture unix seconds) of a camera's latest snapshot, or None when it has none.
-    The one place that knows the snapshot's layout: a hash with ``jpeg``/``frame``/``ts`` fields, or a plain
-    string value (then frame and ts are None). ``client`` must return bytes (no decode_responses)."""
-    key = keys(prefix).snapshot(camera)
+    ``client`` must return bytes (no decode_responses)."""
     try:
-        fields = client.hgetall(key)
+        reply = client.hgetall(keys(prefix).snapshot(camera))
     except redis.ResponseError as e:
-        if "WRONGTYPE" not in str(e):
-            raise
+        reply = e
+    return snapshot_reply(client, prefix, camera, reply)
+
+
+def queue_snapshot(pipe: Any, prefix: str, camera: str) -> None:
+    """Queues on ``pipe`` the read of a camera's snapshot (a poll reads the changed ones in pipelines); its reply
+    goes to ``snapshot_reply``."""
+    pipe.hgetall(keys(prefix).snapshot(camera))
+
+
+def snapshot_reply(client: redis.Redis, prefix: str, camera: str, reply: Any) -> tuple | None:
+    """``read_snapshot``'s answer from the snapshot key's HGETALL reply (its error too, as a pipeline hands it back).
+    The one place that knows the snapshot's layout: a hash with ``jpeg``/``frame``/``ts`` fields, or a plain
+    string value (then frame and ts are None, read with a GET on ``client``)."""
+    if isinstance(reply, Exception):
+        if not isinstance(reply, redis.ResponseError) or "WRONGTYPE" not in str(reply):
+            raise reply
         try:
-            value = client.get(key)
+            value = client.get(keys(prefix).snapshot(camera))
         except redis.ResponseError as e:  # a list, a set...: not a snapshot, and no reason to fail the whole poll
             if "WRONGTYPE" not in str(e):
                 raise
             return None
         return (value, None, None) if isinstance(value, bytes) and value else None
-    jpeg = fields.get(b"jpeg")
+    jpeg = reply.get(b"jpeg")
     if not jpeg:
         return None
-    return jpeg, _number(fields.get(b"frame"), int), _number(fields.get(b"ts"), float)
+    return jpeg, _number(reply.get(b"frame"), int), _number(reply.get(b"ts"), float)
 
 
 def queue_snapshot_marker(pipe: Any, prefix: str, camera: str) -> None:

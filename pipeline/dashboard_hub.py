@@ -95,22 +95,6 @@ class PageQueue(asyncio.Queue):
         return item
 
 
-class _Answered:
-    """A client whose HGETALL answers with a reply already read in a pipeline: ``read_snapshot`` stays the one place
-    that knows a snapshot's layout; anything else it asks (a plain string's GET) goes to ``client``."""
-
-    def __init__(self, client: redis.Redis, reply: Any):
-        self.client, self.reply = client, reply
-
-    def hgetall(self, key: str) -> Any:
-        if isinstance(self.reply, Exception):
-            raise self.reply
-        return self.reply
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.client, name)
-
-
 class Hub:
     """Reads Redis in two threads and fans what it read out to the pages' queues on the web server's loop."""
 
@@ -335,17 +319,17 @@ class Hub:
         return shown
 
     def _read_snapshots(self, client: redis.Redis, cameras: list[str]) -> dict[str, Any]:
-        """Each camera's snapshot as ``read_snapshot`` reads it, or the error it raised: their HGETALLs pipelined,
+        """Each camera's snapshot as ``read_snapshot`` reads it, or the error it raised: their reads pipelined,
         SNAPSHOT_READS_PER_TRIP a round trip (a trip each, 2000 new pictures added 0.6 s to a poll due every 1 s)."""
         snaps: dict[str, Any] = {}
         for start in range(0, len(cameras), SNAPSHOT_READS_PER_TRIP):
             chunk = cameras[start:start + SNAPSHOT_READS_PER_TRIP]
             pipe = client.pipeline(transaction=False)
             for cam in chunk:
-                pipe.hgetall(self.keys.snapshot(cam))
+                data.queue_snapshot(pipe, self.prefix, cam)
             for cam, reply in zip(chunk, pipe.execute(raise_on_error=False)):
                 try:
-                    snaps[cam] = data.read_snapshot(_Answered(client, reply), self.prefix, cam)
+                    snaps[cam] = data.snapshot_reply(client, self.prefix, cam, reply)
                 except (redis.ConnectionError, redis.TimeoutError, OSError):
                     raise
                 except Exception as e:  # that camera's tile says so
