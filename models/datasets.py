@@ -162,9 +162,10 @@ def read_class_names(root: Path) -> list[str] | None:
 
 
 def split_images(data_yaml: Path, data: dict, split: str) -> list[Path]:
-    """The images of a split named in data.yaml (a folder, an image list .txt, or a list of them), found as
-    Ultralytics finds them: relative to ``path:`` (itself relative to the YAML's folder) if given, else to the
-    YAML's folder; a Roboflow export's ``../train/images`` is also tried without its ``../``."""
+    """The images of a split named in data.yaml (a folder, an image list .txt, or a list of them): relative to
+    ``path:`` (itself relative to the YAML's folder, where Ultralytics reads a relative one under its datasets
+    folder) if given, else to the YAML's folder; a Roboflow export's ``../train/images`` is also tried without
+    its ``../``."""
     value = data[split]
     entries = value if isinstance(value, list) else [value]
     if not entries or not all(isinstance(e, str) and e.strip() for e in entries):
@@ -180,10 +181,15 @@ def split_images(data_yaml: Path, data: dict, split: str) -> list[Path]:
             raise DatasetError(f"{data_yaml}: '{split}: {entry}' is missing (looked for "
                                f"{', '.join(map(str, tries))})")
         if found.is_dir():
-            images += sorted(p for p in found.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            images += images_in(found)
         else:  # an image list, one path a line, relative to the list's folder (COCO's train2017.txt)
             images += [found.parent / ln.strip() for ln in read_text(found).splitlines() if ln.strip()]
     return images
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The images under ``folder``, its subfolders included, in name order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def label_of(image: Path) -> Path:
@@ -262,7 +268,7 @@ class YoloFolder(Dataset):
                 raise DatasetError(f"{self.root}: a YOLO dataset needs images/ and labels/ folders, or a data.yaml "
                                    f"naming its '{split}' images")
             pairs = [(img, labels_dir / img.relative_to(images_dir).with_suffix(".txt"))
-                     for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)]
+                     for img in images_in(images_dir)]
             images_at, labels_at = images_dir, labels_dir
         names = list(class_names) if class_names else read_class_names(self.root)
         if not names:
