@@ -706,8 +706,8 @@ class CameraPipeline:
         status.update(heartbeat_ts=round(beat, 3), instance=self.instance, stream_mark=self.resume.stream_mark)
         if cap := self._capture:  # where a restarted actor resumes the file (resume_point)
             status["playback"] = {"start": cap.playback_start, "pts_offset": cap.pts_offset}
-        # The tracks a restart after a crash ends (Resume.open_tracks); written with the status that already goes
-        # out on every frame a track starts and every second, so a track is in it from its first frame.
+        # The tracks a restart after a crash ends (Resume.open_tracks); written with the status that goes out every
+        # second and on every frame a track starts or ends, so a track is in it from its first frame to its last.
         status["tracks_open"] = self.tracker.open_rows() if self.tracker else {}
         self.publisher.set_status(self.id, status)
 
