@@ -266,9 +266,21 @@ def tail(args: argparse.Namespace) -> int:
     if note:  # after the "tailing" line, which scripts wait for first
         print(note, file=sys.stderr)
     try:
+        # Entries MAXLEN trims before tail reads them are said (a slow or paused terminal): counted by the stream's
+        # numbering (entries-added, Redis 7), from the number of the entry read last, known from the start.
+        number, numbered = _number_of(client, stream, last)
+        read_at = time.monotonic()
         while args.count is None or count < args.count:
+            before, paused = last, time.monotonic() - read_at > 1.0  # printing held it
             reply = client.xread({stream: last}, block=5000, count=100)
+            read_at = time.monotonic()
             for _, entries in reply or []:
+                if number is not None and (paused or len(entries) == 100):  # behind: trimmed past us?
+                    number = _say_trimmed(client, stream, before, number, entries)
+                elif number is not None:
+                    number += len(entries)
+                elif numbered and len(entries) < 100 and not paused:  # caught up: count again from here
+                    number, _ = _number_of(client, stream, entries[-1][0])
                 for entry_id, fields in entries:
                     last = entry_id
                     _print_line(_shown(entry_id, fields, args.json), args.json)
@@ -278,6 +290,54 @@ def tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # stopped, not finished: a script tells it from a --count reached by 128 + SIGINT
         return 130
     return 0
+
+
+def _number_of(client: redis.Redis, stream: str, last: bytes | str) -> tuple[int | None, bool]:
+    """The stream's number (entries-added) of entry ``last`` ("0-0": before the first), None where not known now;
+    and whether this server numbers entries at all (Redis 7)."""
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.ResponseError:  # no stream yet: its first entry will be number 1
+        return (0 if _text(last) == "0-0" else None), True
+    except redis.RedisError:
+        return None, False
+    added, length = info.get("entries-added"), info["length"]
+    if added is None:
+        return None, False
+    if _text(last) == "0-0":
+        return added - length, True
+    newest = info["last-entry"][0] if info["last-entry"] else None
+    return (added if newest is not None and _id(newest) == _id(last) else None), True
+
+
+def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: int, entries: list) -> int | None:
+    """Says how many entries after ``last`` (the stream's entry ``number``) MAXLEN trimmed before the read that
+    returned ``entries``; the number of the last of them (None where it can no longer be told)."""
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.RedisError:
+        return None
+    first = _id(info["first-entry"][0]) if info.get("first-entry") else None
+    if first is not None and first <= _id(last):  # ``last`` is still there: the read went on from it
+        return number + len(entries)
+    if first != _id(entries[0][0]):  # trimmed on since the read: how far before it, no longer told
+        print(f"note: tail fell behind {stream}: entries after {_text(last)} may have been trimmed (MAXLEN) "
+              "before it read them", file=sys.stderr, flush=True)
+        return None
+    first_number = info["entries-added"] - info["length"] + 1
+    if (lost := first_number - number - 1) > 0:
+        print(f"note: {lost} entries of {stream} after {_text(last)} were trimmed (MAXLEN) before tail read them "
+              f"(it prints slower than they arrive); going on from {_text(entries[0][0])}", file=sys.stderr, flush=True)
+    return first_number + len(entries) - 1
+
+
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _camera_names(names: list[str], shown: int = 20) -> str:
