@@ -4,6 +4,7 @@ splits as Ultralytics and Roboflow lay them out)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +25,7 @@ TRAIN_SEED_LIMIT = 1_000_000  # training scenes use seeds below this; evaluation
 # ... and from this up: the seeds below are the benchmarks' and checks' scenes (benchmarks/bench_*.py), never trained on
 FIRST_TRAIN_SEED = 1000
 MIN_VISIBILITY = 0.5  # objects less visible than this are neither targets nor background ("ignore")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # those of Ultralytics that cv2 reads
 
 
 class DatasetError(ValueError):
@@ -189,7 +190,16 @@ def split_images(data_yaml: Path, data: dict, split: str) -> list[Path]:
 
 def images_in(folder: Path) -> list[Path]:
     """The images under ``folder``, its subfolders included, in name order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # os.walk, not rglob: rglob does not enter a symlinked subfolder (Ultralytics' glob does); each real folder once,
+    # so a link back up is no loop
+    images, seen = [], set()
+    for top, subs, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(top)) in seen:
+            subs.clear()
+            continue
+        seen.add(real)
+        images += [Path(top, f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(images)
 
 
 def label_of(image: Path) -> Path:
@@ -210,8 +220,10 @@ def read_text(path: Path) -> str:
         raise DatasetError(f"{path}: not a UTF-8 text file") from None
 
 
-def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
-    """Rows of (class, cx, cy, w, h), normalized; raises DatasetError naming file:line on any bad row."""
+def parse_yolo_labels(path: Path, num_classes: int, keypoints: bool = False) -> np.ndarray:
+    """Rows of (class, cx, cy, w, h), normalized; a polygon row (class x1 y1 ... xn yn, a segmentation label) becomes
+    its bounding box, as Ultralytics reads it, and with ``keypoints`` (a pose dataset) a row's points after its box
+    are left out; raises DatasetError naming file:line on any bad row."""
     rows = []
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is no class
@@ -220,9 +232,11 @@ def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split()
-        if len(parts) != 5:
-            raise DatasetError(f"{path}:{n}: expected 5 values 'class cx cy w h', got {len(parts)}: {line.strip()!r}")
+        parts = line.split()[:5] if keypoints else line.split()
+        polygon = len(parts) >= 7 and len(parts) % 2 == 1  # a class and 3 or more x y points
+        if len(parts) != 5 and not polygon:
+            raise DatasetError(f"{path}:{n}: expected 5 values 'class cx cy w h', got {len(parts)}: {line.strip()!r} "
+                               "(or a polygon 'class x1 y1 x2 y2 x3 y3 ...')")
         try:  # the class as a float too: numpy.savetxt writes 0 as 0.000000000000000000e+00
             cls, *vals = float(parts[0]), *map(float, parts[1:])
         except ValueError:
@@ -232,7 +246,11 @@ def parse_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
         cls = int(cls)
         if not 0 <= cls < num_classes:
             raise DatasetError(f"{path}:{n}: class {cls} out of range, the dataset has {num_classes} classes")
-        if not all(0.0 <= v <= 1.0 for v in vals) or vals[2] <= 0 or vals[3] <= 0:
+        normalized = all(0.0 <= v <= 1.0 for v in vals)
+        if polygon:
+            xs, ys = vals[0::2], vals[1::2]
+            vals = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+        if not normalized or vals[2] <= 0 or vals[3] <= 0:
             raise DatasetError(f"{path}:{n}: box values must be normalized to [0, 1] with positive size: {line.strip()!r}")
         rows.append([cls, *vals])
     return np.array(rows, np.float64).reshape(-1, 5)
@@ -279,7 +297,7 @@ class YoloFolder(Dataset):
         for img, label in pairs:
             if not label.is_file():
                 raise DatasetError(f"{img}: no label file (expected {label})")
-            rows = parse_yolo_labels(label, len(names))
+            rows = parse_yolo_labels(label, len(names), keypoints="kpt_shape" in data)
             if len(rows) == 0:
                 empty.append(label)
             check_image(img)
