@@ -337,3 +337,5 @@ def check_image(path: Path) -> None:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"{path}: not an image ({e})") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against a huge picture: said, not a traceback
+        raise DatasetError(f"{path}: {e}") from None

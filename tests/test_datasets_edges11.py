@@ -64,3 +64,17 @@ def test_tiff_images_are_read(tmp_path):
     (root / "images" / "b.tif").rename(root / "images" / "b.TIFF")
     ds = YoloFolder(root, (64, 96), augment=False)
     assert [p.name for p, _ in ds.items] == ["a.tif", "b.TIFF"] and ds[1].image.shape == (3, 64, 96)
+
+
+def test_an_image_too_large_for_pil_is_a_dataset_error(tmp_path, monkeypatch) -> None:
+    """PIL refuses a picture over twice its MAX_IMAGE_PIXELS (a decompression bomb): a DatasetError naming the
+    file, not a traceback."""
+    from PIL import Image
+
+    from models.datasets import DatasetError, check_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DatasetError, match="big.png"):
+        check_image(path)
