@@ -269,7 +269,9 @@ class WriterThread:
         self._publishers: list[Publisher] = []
         self._stopping = False
         self.round_trips = 0  # sends, each carrying what every due Publisher had (written by the thread only)
-        self._ping_first = False  # the last round trip failed: the next send begins with a PING (see _send)
+        # The last round trip failed, or none was made yet (Redis may be down at start): the next send begins
+        # with a PING (see _send)
+        self._ping_first = True
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     def publisher(self, prefix: str = "hv", maxlen: int = 10_000, buffer: int = 2_000,
@@ -341,8 +343,9 @@ class WriterThread:
     def _send(self, rounds: list[tuple["Publisher", _Round]]) -> tuple[list[Any], bool]:
         """One round trip for all rounds (another after a script load): each round's WriteResult, None for an
         idle round when Redis answered, or the exception its send failed with; and whether the calls were sent.
-        After a failed round trip a PING goes first: while Redis cannot be reached no send goes out, so the
-        messages the retries carry are not kept as maybe in Redis (for as long as the outage lasts)."""
+        After a failed round trip (and before the first) a PING goes first: while Redis cannot be reached no send
+        goes out, so the messages the retries carry are not kept as maybe in Redis (for as long as the outage
+        lasts)."""
         outcomes: list[Any] = [_UNSENT] * len(rounds)
         todo = [i for i, (_, r) in enumerate(rounds) if not r.idle]
         sent = False
@@ -640,7 +643,8 @@ class Publisher:
             # Neither a send that never left nor one Redis answered with an error (refused whole: out of memory,
             # a read-only replica, MISCONF, NOREPLICAS; or stopped at the script's first write) applied anything.
             self._failed(outcome, began, round_, left,
-                         applied=sent and not isinstance(outcome, redis.exceptions.ResponseError))
+                         applied=sent and not round_.idle  # a PING alone carried nothing
+                         and not isinstance(outcome, redis.exceptions.ResponseError))
         with self._lock:
             if self._closed and self not in self._writer._publishers:  # detached while this send was in flight
                 self._disconnected()

@@ -31,7 +31,10 @@ the lost send had written, and nothing can tell afterwards what that was. When t
 must exist (a batch of it was applied, and this one carries again what an earlier send carried: ``expected``)
 and the script finds none, it says so among the errors, so that the possible duplicates are logged. Use
 `noeviction` (or `allkeys-lru`/`-lfu`: the state is written with every batch, so it is among the last keys
-they evict).
+they evict). Any allkeys-* policy evicts whole keys, not old entries: a camera's detections stream (its
+consumer groups with it), `{prefix}:events` or `{prefix}:cameras` disappear while the Publisher counts its
+messages sent; `allkeys-random` may evict the state too (then as above). Under `volatile-*` the states are
+evicted first and then every batch is refused (out of memory), as under `noeviction`.
 
 Errors inside a running script do not roll back what it wrote, so every write in it goes through
 redis.pcall: an entry whose XADD fails (WRONGTYPE on its key) is rejected for good and the batch goes on; a

@@ -9,6 +9,7 @@ measures what it cost.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 import cv2
@@ -25,10 +26,28 @@ LABEL_SCALE, LABEL_PADDING = 0.4, 3
 LABEL_HEIGHT = cv2.getTextSize("Tg", cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0][1] + 2 * LABEL_PADDING
 
 
+@functools.lru_cache(maxsize=1024)
+def _has_glyph(char: str) -> bool:
+    """Whether cv2's font can draw ``char``: it draws '?' for one it has no glyph for (CJK and Greek in OpenCV 5,
+    all but ASCII in 4.x)."""
+    def drawn(text: str) -> np.ndarray:
+        canvas = np.zeros((24, 32), np.uint8)
+        return cv2.putText(canvas, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 255, 1)
+
+    return char == "?" or not np.array_equal(drawn(char), drawn("?"))
+
+
+def class_label(name: str, class_id: object) -> str:
+    """A class as drawn: its name, or "class N" when the font lacks a character of it (every class of a model
+    with Chinese names was drawn "??", all alike)."""
+    return name if all(c.isascii() or _has_glyph(c) for c in name) else f"class {class_id}"
+
+
 def labelled(det: sv.Detections, scale: float) -> sv.Detections:
     """A scaled copy whose only data is the text drawn on each box: "#track class attribute-labels"."""
     tracks = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)  # untracked: "unconfirmed" colour
-    names = det.data.get("class_name", [""] * len(det))
+    classes = det.class_id if det.class_id is not None else ["?"] * len(det)
+    names = [class_label(str(n), c) for n, c in zip(det.data.get("class_name", [""] * len(det)), classes)]
     attrs = [det.data[f"attr:{name}"] for name in attribute_names(det)]
     labels = [" ".join(p for p in (f"#{t}" if t >= 0 else "", str(n), *(str(a[i]) for a in attrs)) if p)
               for i, (t, n) in enumerate(zip(tracks, names))]
