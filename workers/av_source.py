@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
 MAX_NOMINAL_FPS = 1000.0  # above: a time base taken for a frame rate (90000 for RTSP), not a camera's rate
+AVFMT_NOTIMESTAMPS = 0x0080  # FFmpeg's flag of a format whose packets carry no timestamps (MJPEG, raw H.264)
 # Tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or Latin-1). PyAV < 19 decodes them
 # strictly unless told otherwise, raising UnicodeDecodeError out of av.open; 19 decodes them with
 # surrogateescape and no longer takes the argument (a TypeError). Nothing here reads the tags.
@@ -117,6 +118,7 @@ class AVSource(Source):
         self._pass_start: float | None = None  # pts of the first frame since the last (re)start
         self._restart_timestamps()
         self._consecutive_errors = 0
+        self._arrival = False  # frames timed as they arrive (see open)
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
         self._last_packet_corrupt = False  # FFmpeg flags a packet cut short by the end of the file
         self._end_error: SourceError | None = None  # raised instead of the normal end (a broken file)
@@ -225,6 +227,12 @@ class AVSource(Source):
         except BaseException:
             container.close()
             raise
+        if self.hwaccel and not stream.codec_context.is_hwaccel:
+            # PyAV decodes on the CPU in silence where the codec has no decoder on that device (FFmpeg's own H.264
+            # decoder on qsv or drm, a raw webcam's frames): said here, as for a device that cannot be created.
+            log.warning("%s: hardware decoding with %s is not available to its %s decoder; decoding on the CPU",
+                        self.url, self.hwaccel, stream.codec_context.name)
+            self.hwaccel = None
         self.nominal_fps = nominal_rate(stream)
         self._container, self._stream = container, stream
         self._clock = PtsClock(self.nominal_fps)
@@ -234,6 +242,13 @@ class AVSource(Source):
             # MJPEG, live HLS) has none and comes at the camera's rate: paced at the 25 fps FFmpeg guesses for MJPEG,
             # a 30 fps camera fell further behind every second.
             self._pace = self._realtime and container.duration is not None
+        # A live stream in a format without timestamps (an IP camera's MJPEG over http, a raw H.264 feed): FFmpeg
+        # numbers its frames at a guessed 25 fps, and a 5 fps camera's stream time ran at a fifth of real time (the
+        # analysed fps, dwell times and snapshots follow it). Its frames are timed as they arrive, its rate measured.
+        self._arrival = (self.live and container.duration is None
+                         and bool(int(container.format.flags) & AVFMT_NOTIMESTAMPS))
+        if self._arrival:
+            self.nominal_fps = None  # FFmpeg's guess, not the camera's rate
         self._packets = container.demux()  # every stream: a video-less flood still reaches our deadline check
 
     def read(self) -> SourceFrame | None:
@@ -251,7 +266,7 @@ class AVSource(Source):
                 raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
             self._decode_next_packet()
         frame = self._pending.popleft()
-        pts = self._clock(self._frame_time(frame))
+        pts = self._clock(time.monotonic() if self._arrival else self._frame_time(frame))
         if self._pass_start is None:
             self._pass_start = pts
         # A paced file's picture is "taken" when it is due, not when it was decoded ahead (the first paced frame
