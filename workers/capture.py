@@ -245,7 +245,7 @@ class Capture:
         its ``fps`` and ``snapshot`` apply from the next frame, everything else at the next (re)open."""
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
         self.generation, position = slot.new_generation(resume_at)
-        self.decoded = first_index  # frames read so far (a replacement capture continues the numbering)
+        self.decoded = self.first_index = first_index  # frames read so far (a replacement continues the numbering)
         # frames to skip after opening a file: those its predecessor already handed over
         self.resume_at = position if not camera.is_live else 0
         # The frame number of the file's first frame (frame number - position, for every frame this capture

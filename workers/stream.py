@@ -108,6 +108,7 @@ class CameraPipeline:
         self._decode_samples: collections.deque[tuple[float, int]] = collections.deque()
         self.last_error: str | None = None
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
+        self._crash_streak = 0  # crashes since a capture last delivered a frame: the restart's back-off
         self.state = "created"
         self.started_at: float | None = None
         self._stopping = False
@@ -260,11 +261,16 @@ class CameraPipeline:
                 self._event("stream_down", {"reason": reason})
                 cap.abandon()
             elif not cap.alive and cap.state == "crashed":
-                # Crashing again and again (a bug tied to this stream) must not spin: back off like a reconnect.
-                delay = min(Capture.BACKOFF_MAX_S, Capture.BACKOFF_INITIAL_S * 2 ** min(self.capture_crashes, 5))
+                # Crashing again and again (a bug tied to this stream) must not spin: back off like a reconnect, from
+                # the start again once a capture delivered frames (by the whole run's count, every crash after the
+                # fifth, days apart, waited 15 s).
+                if cap.decoded > cap.first_index:
+                    self._crash_streak = 0
+                delay = min(Capture.BACKOFF_MAX_S, Capture.BACKOFF_INITIAL_S * 2 ** min(self._crash_streak, 5))
                 if time.monotonic() - (cap.ended_at or 0.0) < delay:
                     continue
                 self.capture_crashes += 1
+                self._crash_streak += 1
                 reason = f"{cap.last_error}; decoder restarted"
             else:
                 continue
