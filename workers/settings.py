@@ -114,7 +114,9 @@ class AppearanceConfig(Strict):
     relink: bool = Field(True, description="re-link a new track to a recently lost one that looks the same")
     min_similarity: float = Field(0.9, ge=-1, le=1, description="least cosine similarity for a re-link")
     max_lost_s: float = Field(2.0, gt=0, le=60, description="how long a lost track waits for a re-link")
-    max_distance: float = Field(1.0, ge=0, description="in box sizes, from where its last velocity would have taken it")
+    # finite, as every float of a camera: an infinite one loaded, then every JSON copy of the camera failed
+    max_distance: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                description="in box sizes, from where its last velocity would have taken it")
     max_overlap: float = Field(0.3, ge=0, le=1, description="views overlapped more (IoU) do not update an appearance")
     smoothing: float = Field(0.9, ge=0, lt=1, description="weight of a track's past appearance in each update")
 
@@ -192,7 +194,8 @@ class CameraConfig(Strict):
     realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
-    stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
+    stall_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,  # finite: as max_distance
+                                          description="watchdog: restart the decoder after this long "
                                           "without progress; default 3 x read_timeout_s + open_timeout_s")
     hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
                                 "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
