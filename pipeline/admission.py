@@ -36,7 +36,7 @@ from pipeline.config import ApiConfig, _format_errors
 from pipeline.errors import UserError
 from workers.analytics_settings import analytics_errors
 from workers.redact import redact_text, redact_url
-from workers.settings import CameraConfig
+from workers.settings import CameraConfig, is_device_path
 from workers.source_base import SourceError
 from workers.sources import file_url_path
 from workers.synthetic_source import parse_synthetic_url
@@ -270,7 +270,7 @@ class Admission:
         scheme = scheme.lower() if sep else ""
         if scheme in DEFAULT_PORTS:
             self._check_network(url, scheme)
-        elif scheme == "device" or (not sep and url.startswith("/dev/video")):
+        elif scheme == "device" or (not sep and is_device_path(url)):
             self._check_device(rest if sep else url, redact_url(url))
         elif scheme == "file" or not sep:
             return camera.model_copy(update={"url": self._check_file(url, scheme == "file")})

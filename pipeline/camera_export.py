@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import ConfigError, absolute_path_url, interpolate_env
 from workers.redact import _hidden_spans, _userinfo_span  # the one rule of where a URL's secrets are
-from workers.settings import CameraConfig
+from workers.settings import CameraConfig, is_device_path
 
 
 # One ${VAR} (or ${VAR:-}) and nothing else: the default of ${VAR:-default} would be a password in the file.
@@ -73,7 +73,7 @@ def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) ->
     taken = {m for url, literal in urls if not literal for m in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", url)}
     out, needed = [], []
     for cam, (url, literal) in zip(cameras, urls):
-        if literal and url.startswith("/") and "${" in url and not url.startswith("/dev/video"):
+        if literal and url.startswith("/") and "${" in url and not is_device_path(url):
             # A plain path is opened as written, never percent-decoded: "%24{" would name another file. As a
             # file:// URL, quoted, it loads back as the same path (workers/sources.py unquotes it).
             url = "file://" + quote(url)

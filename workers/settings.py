@@ -21,6 +21,13 @@ from workers.redact import redact_url
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "lobby\n" through, a second lobby
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that never end by themselves
+# Plain paths that name a capture device: /dev/videoN and udev's stable names for it (/dev/v4l/by-id/..., by-path/...)
+DEVICE_PATHS = ("/dev/video", "/dev/v4l/")
+
+
+def is_device_path(url: str) -> bool:
+    """A plain path to a capture device (a camera that never ends by itself), not a file."""
+    return url.startswith(DEVICE_PATHS)
 REDIS_MAX_COUNT = 2**63 - 1  # Redis reads a count (MAXLEN) as a signed 64-bit integer
 MAX_TIMEOUT_S = 3600.0  # finite: FFmpeg takes the timeouts as integer microseconds
 RAY_RESOURCE_STEP = 0.0001  # Ray refuses a finer fraction of a resource, with a ValueError when the actor is made
@@ -299,7 +306,7 @@ class CameraConfig(Strict):
     def is_live(self) -> bool:
         """A camera, device or stream: its end of stream means a disconnect, so it reconnects forever."""
         scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
-        return scheme in LIVE_SCHEMES or self.url.startswith("/dev/video")
+        return scheme in LIVE_SCHEMES or is_device_path(self.url)
 
     @property
     def lossless(self) -> bool:

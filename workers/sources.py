@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from workers.settings import is_device_path
 from workers.source_base import ERROR_KINDS, Pacer, PtsClock, Source, SourceError, SourceFrame
 
 __all__ = ["ERROR_KINDS", "Pacer", "PtsClock", "Source", "SourceError", "SourceFrame", "open_source"]
@@ -73,7 +74,7 @@ def open_source(
         return AVSource(url, "rtsp", transport=transport, **common)
     if scheme in ("http", "https"):
         return AVSource(url, "http", realtime=realtime, **common)
-    if scheme == "device" or (not sep and url.startswith("/dev/video")):
+    if scheme == "device" or (not sep and is_device_path(url)):
         return AVSource(url, "device", path=rest if sep else url, **common)
     if scheme == "file" or not sep:
         # A plain path is never parsed as a URL, so "clip:1.mp4" stays a file name.
