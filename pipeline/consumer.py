@@ -19,8 +19,8 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
 - A consumer starting under a name it used before first re-reads its own pending entries (id 0), then new ones.
 - Every ``claim_every_s`` a consumer takes over entries that another consumer (or itself) left pending for
   longer than ``claim_idle_ms`` (XAUTOCLAIM): a consumer killed with SIGKILL under a name that never comes back
-  loses nothing; its entries go to a live one. Set claim_idle_ms above the slowest handler, or a slow but
-  live consumer's entries are handled twice.
+  loses nothing; its entries go to a live one. Set claim_idle_ms above twice the slowest handler, or a slow but
+  live consumer's entries are handled twice (the rest of a batch is renewed every claim_idle_ms / 2 while it waits).
 - At least once, not exactly once: a message handled but not yet acknowledged when the consumer died is
   handled again by whoever claims it. Make handlers idempotent (e.g. by the message's stream id).
 - Poison messages: an entry delivered more than ``max_deliveries`` times (its handler keeps failing or
@@ -53,6 +53,7 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -513,11 +514,11 @@ class GroupConsumer:
         otherwise wait claim_idle_ms under this consumer's name."""
         while True:
             batch = self._read_through_outages(None, lambda: False)
-            for i, m in enumerate(batch):
+            for m, rest in self._in_turn(batch):
                 try:
                     yield m
                 except GeneratorExit:
-                    self._release_quietly(batch[i + 1:])
+                    self._release_quietly(list(rest))
                     raise
                 if not self._acked(m):
                     break
@@ -554,6 +555,55 @@ class GroupConsumer:
             self._lost(e)
             return False
 
+    def _in_turn(self, batch: list[Message]) -> Iterator[tuple[Message, deque[Message]]]:
+        """The messages of a batch one at a time, each with those after it. Once the batch has waited claim_idle_ms / 2
+        here (slow handlers), the rest is renewed first: idle for claim_idle_ms, a batch's tail was claimed by another
+        member and handled by both at once, with every handler well under claim_idle_ms."""
+        rest, held = deque(batch), time.monotonic()
+        while rest:
+            waited_ms = (time.monotonic() - held) * 1000
+            if self.claim_idle_ms and waited_ms >= self.claim_idle_ms / 2:
+                rest, held = deque(self._renew(list(rest), waited_ms)), time.monotonic()
+                continue
+            yield rest.popleft(), rest
+
+    def _renew(self, messages: list[Message], waited_ms: float) -> list[Message]:
+        """Those of ``messages`` still pending under this consumer, their idle time restarted (XCLAIM JUSTID: the
+        delivery count stays); the others another member took. An outage keeps none (pending: read again first)."""
+        by_stream: dict[str, list[str]] = {}
+        for m in messages:
+            by_stream.setdefault(m.stream, []).append(m.id)
+        # Ours have been idle for waited_ms at least; one that another member claimed since, for claim_idle_ms less.
+        min_idle = max(0, int(waited_ms) - self.claim_idle_ms // 2)
+        pipe = self.client.pipeline(transaction=True)
+        for s, ids in by_stream.items():
+            for entry_id in ids:  # before the XCLAIM: Redis 7 drops an entry trimmed while pending from the list
+                pipe.xpending_range(s, self.group, min=entry_id, max=entry_id, count=1, consumername=self.consumer)
+            pipe.xclaim(s, self.group, self.consumer, min_idle, ids, justid=True)
+        try:
+            replies = iter(pipe.execute())
+        except _OUTAGES as e:
+            log.warning("could not renew %d messages in hand (%s): they will be read again", len(messages), e)
+            self._lost(e)
+            return []
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            return messages  # the group is gone: the next read creates it again
+        own: set[tuple[str, str]] = set()
+        for s, ids in by_stream.items():
+            own.update((s, _text(r["message_id"])) for _ in ids for r in next(replies))
+            next(replies)  # the XCLAIM's
+        kept = [m for m in messages if (m.stream, m.id) in own]
+        if taken := [m for m in messages if (m.stream, m.id) not in own]:
+            for m in taken:
+                self.stats["claimed" if m.claimed else "delivered"] -= 1
+                self._tried.discard((m.stream, m.id))
+            log.warning("consumer %s: %d messages of its batch were taken by another member while it handled the "
+                        "ones before (a handler slower than claim_idle_ms / 2 = %d ms?)", self.consumer, len(taken),
+                        self.claim_idle_ms // 2)
+        return kept
+
     def _release_quietly(self, messages: list[Message]) -> None:
         """``_release`` where raising is no help (a generator being closed): a failure leaves them pending."""
         if not messages:
@@ -572,14 +622,14 @@ class GroupConsumer:
         handled = 0
         while not stop() and (max_messages is None or handled < max_messages):
             batch = self._read_through_outages(None if max_messages is None else max_messages - handled, stop)
-            for i, m in enumerate(batch):
+            for m, rest in self._in_turn(batch):
                 try:
                     handle(m)
                 except Exception:  # noqa: BLE001 - a bad message must not stop the consumer
                     log.exception("handler failed on %s %s; it stays pending", m.stream, m.id)
                     continue
                 except BaseException:
-                    self._release_quietly(batch[i + 1:])
+                    self._release_quietly(list(rest))
                     raise
                 if not self._acked(m):
                     break

@@ -7,7 +7,8 @@
 //
 //   npm ci && node index.js --redis-url redis://127.0.0.1:6379/0 --group lines
 //
-// Options: --redis-url URL (or $REDIS_URL), --prefix hv, --group NAME, --consumer NAME, --from-start,
+// Options: --redis-url URL (or $REDIS_URL), --prefix hv, --group NAME, --consumer NAME (default host-pid, a name
+//   taken out of the group at exit unless it still holds messages; keep one across restarts), --from-start,
 //   --count N (exit after N line crossings), --idle-exit-ms MS (exit once nothing arrived for MS),
 //   --claim-idle-ms MS (take over messages other members left unacknowledged this long; default 30000),
 //   --counts (at exit, also validate the counts hash of every camera seen).
@@ -25,7 +26,7 @@ const { createClient } = require("redis");
 function parseArgs(argv) {
   const opts = {
     redisUrl: process.env.REDIS_URL || "redis://127.0.0.1:6379/0", prefix: "hv", group: "node-consumer",
-    consumer: `${os.hostname()}-${process.pid}`, fromStart: false, count: null, idleExitMs: null,
+    consumer: `${os.hostname()}-${process.pid}`, named: false, fromStart: false, count: null, idleExitMs: null,
     claimIdleMs: 30000, counts: false,
     schemas: process.env.HV_SCHEMAS || path.join(__dirname, "..", "..", "workers", "schemas"),
   };
@@ -43,7 +44,7 @@ function parseArgs(argv) {
     if (a === "--redis-url") opts.redisUrl = next();
     else if (a === "--prefix") opts.prefix = next();
     else if (a === "--group") opts.group = next();
-    else if (a === "--consumer") opts.consumer = next();
+    else if (a === "--consumer") [opts.consumer, opts.named] = [next(), true];
     else if (a === "--from-start") opts.fromStart = true;
     else if (a === "--count") opts.count = whole();
     else if (a === "--idle-exit-ms") opts.idleExitMs = whole();
@@ -60,6 +61,21 @@ function loadValidators(dir) {
   const load = (kind) => ajv.compile(JSON.parse(fs.readFileSync(path.join(dir, `${kind}-v1.json`), "utf8")));
   return { event: load("event"), counts: load("counts") };
 }
+
+// XGROUP DELCONSUMER only if the consumer holds nothing pending (it would destroy those entries), atomically: the
+// script of pipeline/consumer.py. KEYS: stream. ARGV: group, consumer, idle ms. No shebang: Redis 6.2 has none.
+const FORGET_IF_IDLE = `
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] == ARGV[2] then
+    if f['pending'] ~= 0 or f['idle'] < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+`;
 
 function redact(url) {
   // Credentials never reach the output: all up to the last @, as a password may hold / or @.
@@ -228,6 +244,14 @@ async function main() {
     }
   }
   console.error(`handled ${handled} events, ${crossings} line crossings, ${invalid} invalid`);
+  if (!opts.named && client.isReady) {
+    // A host-pid name never comes back: each run left one behind in the group (as `hydravision tail --group` did).
+    try {
+      await client.eval(FORGET_IF_IDLE, { keys: [stream], arguments: [opts.group, opts.consumer, "0"] });
+    } catch (err) {
+      console.error(`redis: could not take ${opts.consumer} out of group ${opts.group}: ${err.message}`);
+    }
+  }
   if (client.isReady) await client.quit();
   else client.destroy(); // stopped by a signal while Redis is away: QUIT would wait for it
   process.exitCode = invalid ? 1 : 0;
