@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -271,7 +272,7 @@ def _interpolated(value: Any, name: str, path: str = "") -> Any:
         raise UserError(f"--yaml: {name}: {e}") from None
 
 
-def _with_flags(body: Any, args: argparse.Namespace) -> dict:
+def _with_flags(body: Any, args: argparse.Namespace, path: str = "camera") -> dict:
     if not isinstance(body, dict):
         raise UserError("--json / --yaml: expected one camera as a mapping")
     for flag in ("url", "fps", "heads"):
@@ -279,7 +280,18 @@ def _with_flags(body: Any, args: argparse.Namespace) -> dict:
             body[flag] = getattr(args, flag)
     if args.action == "add" and args.camera_id:
         body["id"] = args.camera_id
+    _finite(body, path)
     return body
+
+
+def _finite(value: Any, path: str) -> None:
+    """Refuses NaN and Infinity (``--fps nan``, a YAML ``.inf``) naming the field: sent, they made the body invalid
+    JSON, and the service refused it as a whole ("body: NaN is not JSON") without saying which field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{path}: {value!r} is not a finite number (JSON has no NaN or Infinity)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _finite(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}")
 
 
 def _several(cameras: list, name: str, args: argparse.Namespace) -> list[dict]:
@@ -288,7 +300,8 @@ def _several(cameras: list, name: str, args: argparse.Namespace) -> list[dict]:
     if args.action != "add" or args.camera_id or args.url:
         raise UserError(f"--yaml: {name} lists {len(cameras)} cameras: "
                         + ("give one to update" if args.action != "add" else "--id and --url name one camera"))
-    return [_with_flags(camera, args) for camera in _interpolated(cameras, name, "cameras")]
+    cameras = _interpolated(cameras, name, "cameras")
+    return [_with_flags(camera, args, f"cameras[{i}]") for i, camera in enumerate(cameras)]
 
 
 def _yaml_problem(err: Any) -> str:

@@ -206,7 +206,7 @@ class ControlConsumer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-control", daemon=True)
         self.handled = 0
-        self._results: dict[str, dict[str, Any]] = {}  # the latest commands' results by entry id: see _handle
+        self._results: dict[str, tuple[int, dict[str, Any]]] = {}  # the latest commands (hash), results by id
         # Commands are applied in threads of their own, one per lane: a camera's commands, or one command that
         # names no camera. Hand-written rather than a ThreadPoolExecutor: a lane must keep its order, and its
         # threads must not hold up the interpreter's exit on a camera that never starts.
@@ -352,12 +352,16 @@ class ControlConsumer:
         # A command read again after it was applied: Redis came back from a restart without its delivery (its
         # persistence a second behind), and without the answer. The same answer again, not a second application;
         # only if it is still pending (read again while it was applied, its answer may have landed since).
+        # The same command, not only the same id (its fields' hash: bodies of up to 1 MiB are not kept): a stream
+        # deleted (or a Redis restarted empty) takes explicit ids again, and a new command at an old one was
+        # answered with the old one's result, unapplied. One deleted since (its sender took it back) has no fields.
+        sent = hash(tuple(sorted(fields.items())))
         with self._lock:
-            result = self._results.pop(entry_id, None)
-        again = result is not None
-        result = result or self._apply(entry_id, fields, redelivered)
+            before, result = self._results.pop(entry_id, (None, None))
+        again = result is not None and (before == sent or not fields)
+        result = result if again else self._apply(entry_id, fields, redelivered)
         with self._lock:
-            self._results[entry_id] = result
+            self._results[entry_id] = (sent, result)
             if len(self._results) > 1000:
                 del self._results[next(iter(self._results))]
         if self._answer(entry_id, result, check_first=again):
@@ -387,12 +391,14 @@ class ControlConsumer:
                           code=201 if cmd.op == "add" else 200)
         except CommandRejected as e:
             # a command refused on one of its fields still names its request: its sender waited out its timeout,
-            # and was told the command may still apply
-            result.update(status="rejected", reason=e.reason, code=e.status, op=result["op"] or _op_of(fields),
-                          request_id=result["request_id"] or _request_id(fields))
+            # and was told the command may still apply. Read leniently once, and only where the strict read failed
+            # (a body of up to MAX_BODY_BYTES was parsed three more times).
+            sent = _lenient(fields) if result["op"] is None else {}
+            result.update(status="rejected", reason=e.reason, code=e.status, op=result["op"] or _op_of(sent),
+                          request_id=result["request_id"] or _request_id(sent))
             if not in_app:
                 self.controller.note_rejected(result["op"] or "command", by, e.reason,
-                                              camera=result.get("camera") or _camera_of(fields))
+                                              camera=result.get("camera") or _camera_in(sent))
         except Exception as e:  # a bug, or Ray failing: answer anyway, the controller keeps going
             if not in_app and isinstance(e, (redis.RedisError, OSError)):
                 # Redis went away while the command was checked (TIME, its deliveries), before it was applied:
@@ -482,22 +488,28 @@ def _lenient(fields: dict) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _request_id(fields: dict) -> str | None:
-    """The request_id of a command that failed its checks, read leniently, for its answer (None if there is none)."""
-    request_id = _lenient(fields).get("request_id")
+def _request_id(data: dict) -> str | None:
+    """The request_id of a command that failed its checks (its ``_lenient`` object), for its answer (None if there
+    is none)."""
+    request_id = data.get("request_id")
     return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
 
 
-def _op_of(fields: dict) -> str | None:
-    """The op of a command that failed its checks, if it is one of the ops (an answer said "op": null)."""
-    op = _lenient(fields).get("op")
+def _op_of(data: dict) -> str | None:
+    """The op of a command that failed its checks (its ``_lenient`` object), if it is one of the ops (an answer said
+    "op": null)."""
+    op = data.get("op")
     return op if op in get_args(Command.model_fields["op"].annotation) else None
 
 
 def _camera_of(fields: dict) -> str | None:
     """The camera a command is for (an add's camera.id, else its id), read leniently; None for list, export and
     a command that names none."""
-    data = _lenient(fields)
+    return _camera_in(_lenient(fields))
+
+
+def _camera_in(data: dict) -> str | None:
+    """``_camera_of`` a command's ``_lenient`` object."""
     camera = data.get("camera") if data.get("op") == "add" else None  # what an add adds is camera.id
     camera_id = camera.get("id") if isinstance(camera, dict) else data.get("id")
     return camera_id if isinstance(camera_id, str) else None
