@@ -29,11 +29,11 @@ def test_guard_normal_path_a_long_finite_max_skip_s_loads_and_is_valid_json():
 
 
 @pytest.mark.parametrize("setting, field", [
-    ("stall_timeout_s: .inf", r"cameras\[0\]\.stall_timeout_s"),
     ("tracker: {appearance: {max_distance: .inf}}", r"cameras\[0\]\.tracker\.appearance\.max_distance"),
 ])
 def test_the_other_unbounded_floats_of_a_camera_are_finite_too(setting, field):
-    """The same as max_skip_s for the two other floats of a camera with no upper bound."""
+    """The same as max_skip_s for the other float of a camera with no upper bound, but for stall_timeout_s: .inf,
+    a watchdog that never restarts the decoder, on purpose (tests/test_service_edges6.py)."""
     text = f"cameras: [{{id: c1, url: 'synthetic://street', {setting}}}]"
     with pytest.raises(ConfigError, match=field + ": Input should be a finite number"):
         parse_config(yaml.safe_load(text))

@@ -201,8 +201,7 @@ class CameraConfig(Strict):
     realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
-    stall_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,  # finite: as max_distance
-                                          description="watchdog: restart the decoder after this long "
+    stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "
                                           "without progress; default 3 x read_timeout_s + open_timeout_s")
     hwaccel: str | None = Field(None, description="decode on an FFmpeg hardware device: 'cuda' (NVDEC), 'vaapi', "
                                 "'qsv', ...; falls back to the CPU decoder when the device cannot be created")
