@@ -180,7 +180,8 @@ class HydravisionCollector(Collector):
 
     def _redis(self, snap: Snapshot) -> Iterator[Metric]:
         errors = CounterMetricFamily("hydravision_redis_errors_total", "Failed Redis write attempts (each is "
-                                     "retried), by publisher: a camera id or 'controller'", labels=["publisher"])
+                                     "retried), by publisher: a camera id or '_controller' (the controller's "
+                                     "events)", labels=["publisher"])
         dropped = CounterMetricFamily("hydravision_redis_messages_dropped_total", "Messages dropped because the "
                                       "buffer for an unreachable Redis was full", labels=["publisher"])
         for cid, rec in sorted(snap.cameras.items()):
@@ -250,7 +251,10 @@ def ready(app: App, probe: RedisProbe | None = None) -> tuple[bool, dict]:
         ok, error = probe.check()
         checks["redis"] = {"ok": ok} if ok else {"ok": False, "error": error}
     replies = [answered(snap.replicas.get(key)) for key in app.model_holders()]
-    checks["model"] = {"ok": bool(app.model_info) and bool(replies) and all(replies),
+    # Where the camera processes run the model, it loads with their cameras: with none yet there is nothing to wait
+    # for (a service started empty on CPUs answered 503 until a first camera came, through the API that 503 gated).
+    none_needed = not replies and getattr(app, "in_camera_process", False)
+    checks["model"] = {"ok": bool(app.model_info) and (none_needed or bool(replies) and all(replies)),
                        "replicas": len(replies), "answering": sum(replies)}
     cameras: dict[str, dict] = {}
     for cid, handle in list(app.cameras.items()):

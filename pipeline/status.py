@@ -183,6 +183,13 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")  # Python's json reads NaN and Infinity, other parsers do not
 
 
+def _finite(text: str) -> float | None:
+    """A JSON number too large for a float (1e999) as None, not inf: `status --json` wrote inf out as Infinity,
+    which JSON parsers other than Python's refuse (the dashboard's scrub makes it None too)."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def redis_now(client) -> float:
     """The Redis server's clock, which heartbeats are compared with: this machine's may be off by more than
     STALE_AFTER_S (a laptop reading a server's Redis), which showed every live camera stale or a dead one
@@ -211,7 +218,8 @@ def read_camera_statuses(client, prefix: str, now: float | None = None) -> list[
     for cam, raw in sorted(client.hgetall(keys(prefix).cameras).items()):
         cam = cam.decode(errors="replace") if isinstance(cam, bytes) else cam
         try:
-            status = json.loads(raw.decode() if isinstance(raw, bytes) else raw, parse_constant=_not_json)
+            status = json.loads(raw.decode() if isinstance(raw, bytes) else raw, parse_constant=_not_json,
+                                parse_float=_finite)
             if not isinstance(status, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as e:  # RecursionError: arrays or objects nested too deep to parse
