@@ -79,7 +79,7 @@ def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) ->
             url = "file://" + quote(url)
         url, names = _placeholders(url, cam.id, literal, taken)
         needed += names
-        data = cam.model_dump(mode="json", exclude_defaults=True)
+        data = cam.as_json()
         data = {"id": cam.id, "url": url, **{k: v for k, v in data.items() if k not in ("id", "url")}}
         out.append(data)
     return out, needed

@@ -324,7 +324,7 @@ class LiveControl:
         return {"cameras": cameras, "variables": variables, "yaml": export_yaml(cameras, variables)}
 
     def public(self, cam: CameraConfig) -> dict:
-        data = cam.model_dump(mode="json", exclude_defaults=True)
+        data = cam.as_json()
         return {**data, "id": cam.id, "url": redact_url(cam.url), "heads": cam.heads or list(self.model_heads)}
 
     # -- helpers -------------------------------------------------------------------------------------------

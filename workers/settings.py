@@ -223,6 +223,14 @@ class CameraConfig(Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    def as_json(self) -> dict:
+        """The camera as JSON data, its defaults left out; ``stall_timeout_s: .inf`` (a watchdog that never restarts)
+        as "inf", which reads back as inf: JSON has no Infinity (GET /cameras answered 500)."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        if data.get("stall_timeout_s") == math.inf:
+            data["stall_timeout_s"] = "inf"
+        return data
+
     @field_validator("hwaccel")
     @classmethod
     def _hwaccel(cls, v: str | None) -> str | None:
