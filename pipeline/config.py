@@ -332,6 +332,9 @@ def _urls_in(value: Any) -> list[str]:
 _UNQUOTED = "; quote it: YAML reads unquoted on/off/yes/no as true/false, 010 as the octal 8 and 12:30 as 750"
 
 
+MAX_ERROR_LINE = 1000  # characters of one error line; the rest is said by its length
+
+
 def _format_errors(err: ValidationError, urls: list[str], root: str = "", yaml: bool = False) -> str:
     """One line per error, each starting with the field path (under ``root``, e.g. "camera" -> camera.fps);
     ``yaml``: the input was a YAML file (a number or boolean where text belongs gets the hint to quote it)."""
@@ -360,8 +363,13 @@ def _format_errors(err: ValidationError, urls: list[str], root: str = "", yaml: 
             line = f"{loc or 'config'}: {msg} (got {shown!r})"
         unquoted = yaml and e["type"] in ("string_type", "invalid_key") and isinstance(value, (bool, int, float))
         lines.append(line + (_UNQUOTED if unquoted else ""))
-    # a validator may echo a value, a list's repr may hold a URL: nothing of the input leaves unredacted
-    return redact_text("\n".join(lines), urls)
+    # a validator may echo a value, a list's repr may hold a URL: nothing of the input leaves unredacted; then each
+    # line cut (a refused value of 1 MiB came back whole in the answer, and in the log)
+    return "\n".join(_cut(line) for line in redact_text("\n".join(lines), urls).split("\n"))
+
+
+def _cut(line: str, most: int = MAX_ERROR_LINE) -> str:
+    return line if len(line) <= most else f"{line[:most]}... ({len(line)} characters)"
 
 
 class _RefuseKeysTwice:

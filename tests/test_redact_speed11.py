@@ -3,6 +3,7 @@ its value in the message) held the controller's core for half an hour in two reg
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -31,3 +32,14 @@ def test_what_the_faster_patterns_still_hide() -> None:
                         + "://user:secret@host/x", ["rtsp://u:pw@cam/x"])
     assert "hunter2" not in shown and "secret" not in shown and "pw" not in shown.replace("pwd", "")
     assert "pwd=***" in shown and "token=***&x=1" in shown and "***@cam," in shown
+
+
+def test_a_refused_value_of_a_mebibyte_is_cut_in_the_error() -> None:
+    """The value came back whole in the answer to the command and in the log line (2 MiB for a remove's id)."""
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"cameras": [{"id": "a" * 1_000_000, "url": "rtsp://u:pw@cam/x"}]})
+    text = str(err.value)
+    assert "cameras[0].id: must be 1-64 letters" in text and re.search(r"\.\.\. \(\d{7} characters\)$", text)
+    assert len(text) < 3000
