@@ -51,7 +51,7 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1, description="local mode: logical CPUs of the Ray it starts")
     object_store_mb: int = Field(512, ge=75)  # Ray refuses less than 75 MiB (a ValueError at ray.init)
     stream_cpus: float = Field(0.1, ge=0, le=64, description="CPU each camera reserves, its StreamActor the sum "
-                               "(~0.06 measured for 640x360 at 10 fps; more for 1080p or high fps)")
+                               "(~0.04 measured for 640x360 at 10 fps, docs/scaling.md; more for 1080p or high fps)")
     cameras_per_process: int | None = Field(None, ge=1, le=256, description="cameras that share one StreamActor "
                                             "process (a crash restarts them together); None: as few processes as "
                                             "spread the cameras over the cores (1 per process on a machine with as "
