@@ -127,6 +127,7 @@ class CameraPipeline:
         self._scene_from: int | None = None
         self._tracker_size: tuple[int, int] | None = None  # the frame size (h, w) the tracker's boxes are in
         self._gate_from: int | None = None  # the same for the motion gate (_motion_gate), which sees frames earlier
+        self._gate_size: tuple[int, int] | None = None  # the source size (h, w) of the frames the gate compares
         self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         self.skipped = 0
         self.snapshots = Snapshotter(self.camera.snapshot)
@@ -160,6 +161,9 @@ class CameraPipeline:
                                 first_index=r.first_index, first_pts=r.first_pts,
                                 resume_at=r.first_index if r.position is None else r.position, pts_offset=r.pts_offset)
         self._capture.budget_fps = self._budget_fps
+        if self._stopping:  # stop() came before this first step (a removal right after the start): nothing to read
+            self._capture.stop_reading()
+            self._slot.close()
         for fields in r.open_tracks:  # subscribers that keep open tracks would keep these for ever
             self._event("track_ended", {**fields, "reason": "restart"})
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
@@ -610,6 +614,9 @@ class CameraPipeline:
         another path) read as still and went unanalysed for up to max_skip_s, after the change ended every track."""
         if self._gate_from is not None and item.index >= self._gate_from:
             self._gate_from, self.gate = None, None
+        if item.size != self._gate_size:  # another source size: its letterboxed input can look the same (same
+            # aspect), and the first frames at the new size went unanalysed for max_skip_s behind old-size tracks
+            self._gate_size, self.gate = item.size, None
         if self.gate is None or self.gate.settings is not self.camera.motion:
             self.gate = MotionGate(self.camera.motion) if self.camera.motion.enabled else None
         return self.gate
