@@ -49,3 +49,27 @@ def test_a_class_name_the_font_cannot_draw_is_drawn_as_its_class_id() -> None:
     fields = Snapshotter(SnapshotConfig()).render(np.zeros((100, 200, 3), np.uint8), (200, 100), [det], None,
                                                   1, 0.1, 0.0)
     assert fields is not None and fields["bytes"] > 0
+
+
+def test_a_long_outage_backs_off_without_overflowing_redis_py_5_0s_backoff(redis_server: RedisServer,
+                                                                             monkeypatch) -> None:
+    """redis-py 5.0 (pyproject allows it) computed FullJitterBackoff as base * 2**failures, which no float holds past
+    ~1024 failures in a row: the writer thread raised OverflowError on every later failure of the outage."""
+    import random
+
+    from redis.backoff import FullJitterBackoff
+
+    monkeypatch.setattr(FullJitterBackoff, "compute",  # redis-py 5.0's, unbounded
+                        lambda self, failures: random.uniform(0, min(self._cap, self._base * 2 ** failures)))
+    redis_server.kill()
+    pub = Publisher(redis_server.url, **{**FAST, "max_backoff_s": 0.01})
+    try:
+        pub.start()
+        pub._failures = 5000  # an outage of hours, without waiting for it
+        wait_until(lambda: pub.stats()["retries"] >= 3, timeout=10)
+        redis_server.start()
+        pub.publish_detections(det(frame=1))
+        assert pub.flush(10), pub.stats()
+        assert frames_of(redis_server.client()) == [1]
+    finally:
+        pub.close(1.0)

@@ -746,7 +746,9 @@ class Publisher:
                 self._undecided = [e for e in self._undecided if e.seq <= self._sent_max]
                 for entry in lost:
                     self._lost(entry)
-            self._retry_at = time.monotonic() + self._backoff.compute(self._failures)
+            # at most 2**32 x base, far past the cap: redis-py 5.0 computed base * 2**failures, a float overflow
+            # (OverflowError in the writer thread) after ~1000 failures in a row, some 40 minutes of an outage
+            self._retry_at = time.monotonic() + self._backoff.compute(min(self._failures, 32))
             for camera, data in left.items():  # put back unless a newer value came meanwhile
                 self._status.setdefault(camera, data)
             for key, fields in round_.hashes.items():
