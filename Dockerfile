@@ -28,7 +28,12 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --upgrade pip && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
 WORKDIR /opt/hydravision
-COPY pyproject.toml README.md ./
+# The dependencies in a layer of their own, from pyproject.toml alone: after the code's COPY, an edit to one line
+# of it downloaded and installed all of them again (~1 GB). tomllib: Python >= 3.11, as on both bases.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], \
+sep='\n')" > /tmp/requirements.txt && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY README.md ./
 COPY pipeline pipeline
 COPY workers workers
 COPY models models
