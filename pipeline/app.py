@@ -128,6 +128,9 @@ class App(LiveControl):
     # holds), and while one drains (no ``final`` yet), another camera's removal must not kill its process.
     _leaving: dict = field(default_factory=dict)
     _last_stats: dict = field(default_factory=dict)
+    # Removed cameras whose next track ids Redis did not take (down, out of memory): id -> their final next ids. Their
+    # status, which holds those ids too, stays until the control loop's retry keeps them (``retire_pending``).
+    _unretired: dict = field(default_factory=dict)
     # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
     # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
@@ -691,6 +694,7 @@ class App(LiveControl):
                                for h in handles.values()} if self.in_camera_process else None)
         if self.node_watch:
             self.node_watch.tick()
+        self.retire_pending()
         return out
 
     def _restart_due(self, h: CameraHandle) -> bool:

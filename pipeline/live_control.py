@@ -207,8 +207,13 @@ class LiveControl:
                          "last_error": redact_text(self._describe(e, camera_id), [handle.config.url])}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             handle.final = final  # drained: a neighbour's removal may take its process along now (see _let_go)
-            self._retire_in_redis(camera_id, final.get("track_ids_next"))  # before its status goes: it reads it
-            self.events.remove_status(camera_id)
+            # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
+            # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
+            if self._retire_in_redis(camera_id, final.get("track_ids_next")):
+                self.events.remove_status(camera_id)
+            else:
+                with self._lock:
+                    self._unretired[camera_id] = final.get("track_ids_next")
             if self._let_go(handle):
                 self._wait_gone(handle)
             # before it leaves ``_leaving``: a shutdown waiting for it closes the events' Publisher next (the event,
@@ -335,7 +340,21 @@ class LiveControl:
         detail = f" ({', '.join(fields['changes'])})" if "changes" in fields else ""
         self.say(f"Camera {cam.id} {verb} by {by}: {url}{detail}")
 
-    def _retire_in_redis(self, camera_id: str, next_ids: dict | None) -> None:
+    def retire_pending(self) -> None:
+        """The control loop's retry of removals whose next track ids Redis did not take: kept now, the status goes.
+        One added again meanwhile goes on from that status itself (and is retired at its own removal)."""
+        with self._lock:
+            pending = {cid: ids for cid, ids in self._unretired.items() if cid not in self.cameras}
+            for cid in [c for c in self._unretired if c in self.cameras]:
+                del self._unretired[cid]
+        for cid, ids in pending.items():
+            if self._retire_in_redis(cid, ids, quiet=True):
+                with self._lock:
+                    done = self._unretired.pop(cid, None) is not None and cid not in self.cameras
+                if done:
+                    self.events.remove_status(cid)
+
+    def _retire_in_redis(self, camera_id: str, next_ids: dict | None, quiet: bool = False) -> bool:
         """Keeps the removed camera's next track ids, so that one added again under its id goes on from them:
         per head the highest of its final stats' (none when its process had crashed or was restarting), its
         last status' and an earlier removal's. Deletes its snapshot and zone/line counts, what a camera shows
@@ -358,8 +377,11 @@ class LiveControl:
             finally:
                 client.close()
         except (redis.RedisError, OSError, ValueError) as e:  # rare (Redis down right now); the log says so
-            log.warning("camera %s: could not keep its track ids or delete its snapshot: %s", camera_id,
-                        redact_text(str(e), [self.redis_settings.url]))
+            if not quiet:
+                log.warning("camera %s: could not keep its track ids or delete its snapshot (retried while the "
+                            "service runs): %s", camera_id, redact_text(str(e), [self.redis_settings.url]))
+            return False
+        return True
 
     def _awaiting_restart(self, handle: Any) -> bool:
         """Whether Ray re-created the camera's process and the control loop has not started the camera again."""
