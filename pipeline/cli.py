@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "acknowledged is taken over by another (pipeline/consumer.py)")
     tl.add_argument("--consumer", default=None, help="with --group: this member's name (default: host-pid; reuse "
                     "a name to resume its unacknowledged messages first)")
-    tl.add_argument("--claim-idle-ms", type=positive_int, default=30_000, metavar="MS",
-                    help="with --group: take over messages other members left unacknowledged this long")
+    tl.add_argument("--claim-idle-ms", type=positive_int, default=None, metavar="MS",
+                    help="with --group: take over messages other members left unacknowledged this long "
+                    "(default 30000)")
 
     st = sub.add_parser("status", help="the cameras table from Redis (stale entries marked), from any machine")
     st.add_argument("--redis-url", default=None)
@@ -243,7 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"], default="auto",
                    help="with --backend: model.precision")
     e.add_argument("--no-progress", action="store_true")
+    _verbose_after_command(p)
     return p
+
+
+def _verbose_after_command(parser: argparse.ArgumentParser) -> None:
+    """-v after the command too (`hydravision run my.yaml -v`, as the bug message's "run with -v" is read): argparse
+    takes a main parser's option only before the command, and refused it after with "unrecognized arguments"."""
+    for action in parser._actions:  # argparse keeps no public list of a parser's subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                # SUPPRESS: left out, it leaves the main parser's value (`hydravision -v run ...`) as it is
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="debug logging")
+                _verbose_after_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.events and not args.camera:
                 raise UserError("tail needs a CAMERA id, or --events")
+            if not args.group and (alone := [f"--{k.replace('_', '-')}" for k in ("consumer", "claim_idle_ms")
+                                             if getattr(args, k) is not None]):  # ignored, a plain tail ran
+                raise UserError(f"{alone[0]} is for a member of a consumer group: it needs --group GROUP")
             return run_commands.tail(args)
         if args.command == "status":
             from pipeline import run_commands

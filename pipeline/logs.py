@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,18 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers.clear()
     ray_logger.propagate = True
+    # A library's warnings.warn() and an exception that ends a thread were printed raw on stderr, in text over
+    # several lines: as records they are JSON lines too (logger "py.warnings"; "hydravision" with "exc")
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(hook: threading.ExceptHookArgs) -> None:
+    """threading.excepthook with --log-format json: the exception that ended a thread as one error record."""
+    if hook.exc_type is not SystemExit:  # as threading's own hook: a thread's SystemExit is no error
+        name = hook.thread.name if hook.thread is not None else "?"
+        logging.getLogger("hydravision").error("thread %s failed", name,
+                                               exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
 
 
 @contextlib.contextmanager

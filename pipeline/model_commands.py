@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from models.checkpoint import (CheckpointError, import_backbone_weights, load_checkpoint, prepare_output, read_metadata,
                                read_tensors, save_checkpoint)
@@ -54,6 +57,30 @@ def _user_input_errors() -> Iterator[None]:
         raise UserError(str(e)) from e
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """The progress bar, on a terminal only: in a log file or a pipe (nohup, CI, the journal) it wrote ~10 redraws a
+    second joined by carriage returns, in place of the step lines models/ logs there when the bar is off."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _write_errors(command):
+    """A model file that cannot be written in --out's folder (a full disk, a file size limit) is one error line
+    naming --out: safetensors raises SafetensorError and torch.save a RuntimeError of its zip writer for it, not an
+    OSError, and an hour of training ended in "a bug in hydravision" and its traceback."""
+    @functools.wraps(command)
+    def wrapped(args: argparse.Namespace):
+        try:
+            return command(args)
+        except (SafetensorError, RuntimeError) as e:
+            text = f"{e} {e.__context__ or ''}"
+            if not any(s in text for s in ("Error while serializing", "PytorchStreamWriter", "unexpected pos")):
+                raise
+            raise UserError(f"--out {args.out}: a file could not be written in its folder ({str(e).splitlines()[0]}); "
+                            "is the disk full?") from e
+    return wrapped
+
+
+@_write_errors
 def train(args: argparse.Namespace) -> Path:
     names = [name for name, _ in args.heads]
     if repeated := sorted({name for name in names if names.count(name) > 1}):  # dict() would keep only the last
@@ -95,7 +122,7 @@ def train(args: argparse.Namespace) -> Path:
             save_checkpoint(model, cfg.init,
                             {"history": [{"imported_backbone": str(args.import_backbone), "keys": len(loaded)}]})
         try:
-            return train_model(cfg, progress=not args.no_progress)
+            return train_model(cfg, progress=_progress(args))
         except FloatingPointError as e:  # diverged: the learning rate given (or the data), not a bug
             raise UserError(f"the training diverged: {e}; try a lower --lr (it is {cfg.lr:g})") from e
 
@@ -167,6 +194,7 @@ def backbone_spec(args: argparse.Namespace) -> dict:
     return spec
 
 
+@_write_errors
 @_user_input_errors()
 def train_demo(args: argparse.Namespace) -> dict:
     base_steps, head_steps, attribute_steps, reid_steps = args.steps or (
@@ -175,7 +203,7 @@ def train_demo(args: argparse.Namespace) -> dict:
     base = out.with_name(out.stem + ".base.safetensors")
     heads = out.with_name(out.stem + ".heads.safetensors")
     attribute = out.with_name(out.stem + ".attribute.safetensors")
-    progress = not args.no_progress
+    progress = _progress(args)
     t0 = time.time()
     # Each stage with what its file's last history record says of it: a run killed in a later stage (an hour
     # in) reuses the stages it finished, unless ``args.fresh`` (--fresh) redoes all.
@@ -250,6 +278,7 @@ def set_score_thresholds(path: Path, thresholds: dict[str, float]) -> None:
     save_checkpoint(tuned, path, training)
 
 
+@_write_errors
 @_user_input_errors()
 def train_attribute(args: argparse.Namespace) -> Path:
     (name, labels), (on, of) = args.attribute, args.on
@@ -258,9 +287,10 @@ def train_attribute(args: argparse.Namespace) -> Path:
                                    steps=args.steps, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from e
-    return train_attribute_head(cfg, progress=not args.no_progress)
+    return train_attribute_head(cfg, progress=_progress(args))
 
 
+@_write_errors
 @_user_input_errors()
 def train_reid(args: argparse.Namespace) -> str:
     """``hydravision train-reid``: the head trained, saved, and checked on scenes training never saw."""
@@ -268,7 +298,7 @@ def train_reid(args: argparse.Namespace) -> str:
         cfg = ReIDTrainConfig(init=args.init, out=args.out, heads=args.heads, steps=args.steps, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from e
-    path, _ = train_reid_head(cfg, progress=not args.no_progress)
+    path, _ = train_reid_head(cfg, progress=_progress(args))
     model, training = load_checkpoint(path)
     check = match_accuracy(model, REID_CHECK_SEEDS)
     record = training["history"][-1]
@@ -319,6 +349,7 @@ def export(args: argparse.Namespace) -> str:
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
 
+@_write_errors
 @_user_input_errors()
 def import_detector(args: argparse.Namespace) -> str:
     t0 = time.time()
@@ -357,11 +388,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         # its threads as the service's: the runtimes' own default took every core a container's quota does not allow
         runner = ModelRunner(path, device, args.precision, threads=usable_cores(), max_batch=max(1, cfg.batch_size),
                              backend=args.backend)
-        report = runner.evaluate(cfg, progress=not args.no_progress)
+        report = runner.evaluate(cfg, progress=_progress(args))
         how = {"backend": runner.info()["backend"], "precision": runner.info()["autocast"]}
     else:
         model, _ = load_checkpoint(path, device=device)
-        report = evaluate_model(model, cfg, progress=not args.no_progress)
+        report = evaluate_model(model, cfg, progress=_progress(args))
         how = {"backend": "torch", "precision": "fp32"}
     report.update(checkpoint=str(path), **how)
     return report

@@ -153,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
                     "at the stop: " + ", ".join(f"{who} {n}" for who, n in undelivered.items()),
                     {"event": "undelivered", "undelivered": undelivered})
     if args.summary_json:
-        try:
-            Path(args.summary_json).write_text(json.dumps(finals, indent=2, default=str))
+        from models.files import aside_of, written_aside  # no torch in there
+
+        try:  # written beside and renamed: a full disk left a cut JSON file under the name, the last run's gone
+            with written_aside(Path(args.summary_json), aside_of(Path(args.summary_json))) as tmp:
+                tmp.write_text(json.dumps(finals, indent=2, default=str))
         except OSError as e:  # no permission, a directory of that name: the final table above has the stats
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
     if failed and len(failed) == len(finals):
@@ -389,7 +392,7 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
     from pipeline.consumer import GroupConsumer
 
     consumer = GroupConsumer(client, stream, args.group, args.consumer, start="0" if args.from_start else "$",
-                             block_ms=2000, claim_idle_ms=args.claim_idle_ms)
+                             block_ms=2000, claim_idle_ms=args.claim_idle_ms or 30_000)
     print(f"tailing {stream} at {redact_url(url)} as {consumer.consumer!r} of group {args.group!r} "
           "(Ctrl-C to stop)", file=sys.stderr)
     if note:

@@ -80,7 +80,8 @@ def test_readme_lists_every_dashboard_option():
     to a loopback-bound page are refused (403), was missing."""
     section = re.sub(r"\s+", " ", _section("Dashboard"))
     for action in _subparser("dashboard")._actions:
-        for flag in (f for f in action.option_strings if f.startswith("--") and f not in ("--help", "--redis-url")):
+        shared = ("--help", "--redis-url", "--verbose")  # --verbose: debug logging, an option of every command
+        for flag in (f for f in action.option_strings if f.startswith("--") and f not in shared):
             assert f"`{flag}" in section, f"README, Dashboard: `hydravision dashboard {flag}` is not described"
 
 
