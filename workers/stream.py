@@ -875,6 +875,7 @@ class CameraHost:
         self.inference, self.model_info, self.instance = inference, model_info, instance
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
         self.model, self.writer = model, writer
+        self.reconstructed = False  # its process is one Ray re-created (a crash): see _previous_state
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
@@ -944,9 +945,12 @@ class CameraHost:
         status is this run's own (the actor was restarted, on this node or another), where to resume.
 
         When Redis cannot be read, numbering from 0 could reuse ids consumers have already seen, so every
-        head starts above any id a previous run can have handed out (ids from the clock, in ms)."""
+        head starts above any id a previous run can have handed out (ids from the clock, in ms). A camera whose
+        process Ray re-created waits for an unreachable Redis instead (while not stopped): numbered from 0, it
+        published its run's frames a second time (Redis paused while a camera process crashed)."""
         names = keys(self.redis.prefix)
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
             try:
                 client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2, socket_timeout=2)
                 try:
@@ -972,8 +976,15 @@ class CameraHost:
             # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
             except (redis.RedisError, OSError, ValueError, AttributeError, TypeError, KeyError, ArithmeticError) as e:
-                error = e
-                time.sleep(0.5 * (attempt + 1))
+                error, attempt = e, attempt + 1
+                unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError))
+                if attempt >= attempts and not (self.reconstructed and unreachable and not self._stop_asked):
+                    break
+                if attempt == attempts:
+                    log.warning("camera %s: restarted while Redis cannot be read (%s); waiting for it, so that its "
+                                "frames are numbered on from the last one published", self.camera.id,
+                                redact_text(str(e), [self.redis.url or ""]))
+                time.sleep(min(0.5 * attempt, 5.0))
         base = int(time.time() * 1000)
         log.warning("camera %s: could not read previous track ids (%s: %s); numbering from %d so that no "
                     "id is reused", self.camera.id, type(error).__name__,
@@ -1055,6 +1066,14 @@ class CameraHost:
         return s
 
 
+def _reconstructed() -> bool:
+    """Whether this process is an actor Ray re-created (after a crash); False outside an actor."""
+    try:
+        return ray.get_runtime_context().was_current_actor_reconstructed
+    except AssertionError:  # not a Ray worker (the class driven without Ray)
+        return False
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StreamActor:
     """The Ray actor, one process, that hosts one or more cameras (``ray.cameras_per_process``): every
@@ -1088,6 +1107,7 @@ class StreamActor:
     def _add(self, camera: CameraConfig, inference: list) -> None:
         host = CameraHost(camera, inference, self.model_info, self.redis, self.instance,
                           self._merger if self.merge_window_s > 0 else None, self.model, self._writer)
+        host.reconstructed = _reconstructed()
         self.hosts[host.camera.id] = host
 
     def _writer(self) -> WriterThread:
