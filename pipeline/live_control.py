@@ -218,14 +218,19 @@ class LiveControl:
                 self._wait_gone(handle)
             # before it leaves ``_leaving``: a shutdown waiting for it closes the events' Publisher next (the event,
             # sent after, was dropped)
-            self._audit("camera_removed", handle.config, by, published=final.get("published", 0))
+            # Messages its publisher could not deliver before it stopped (Redis down or full): lost with it, and said
+            # (the answer and the event said only what it had published)
+            undelivered = (final.get("publisher") or {}).get("queued") or 0
+            self._audit("camera_removed", handle.config, by, published=final.get("published", 0),
+                        **({"undelivered": undelivered} if undelivered else {}))
         finally:
             with self._lock:
                 self._leaving.pop(camera_id, None)
             self._release(camera_id)
         keep = ("state", "last_error", "decoded", "published", "dropped", "decoder_threads", "open_tracks",
                 "track_ids_next")
-        return {"id": camera_id, "final": {k: final.get(k) for k in keep}}
+        return {"id": camera_id, "final": {**{k: final.get(k) for k in keep},
+                                           "undelivered": (final.get("publisher") or {}).get("queued")}}
 
     def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:
         """Changes a running camera: heads from its next frame, a new URL reconnects it alone (see
@@ -338,6 +343,8 @@ class LiveControl:
         self.events.publish_event(event_message(type_, cam.id, by=by, url=url, **fields))
         verb = type_.removeprefix("camera_")
         detail = f" ({', '.join(fields['changes'])})" if "changes" in fields else ""
+        if fields.get("undelivered"):
+            detail += f" ({fields['undelivered']} of its messages not delivered to Redis: lost)"
         self.say(f"Camera {cam.id} {verb} by {by}: {url}{detail}")
 
     def retire_pending(self) -> None:

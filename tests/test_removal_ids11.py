@@ -53,3 +53,27 @@ def test_a_removal_while_redis_is_out_of_memory_keeps_the_cameras_next_track_ids
     finally:
         app.events.close(2.0)
 
+
+
+def test_a_removal_says_the_messages_its_publisher_could_not_deliver(redis_server, monkeypatch):
+    """Removed while Redis refused writes, a camera's buffered messages (268 in the operator's run) went with it:
+    the answer and camera_removed said only what it had published, a worker log line without the camera's id the
+    rest. Both say what was lost now."""
+    app = App(parse_config({}), say=lambda text: None)
+    settings = RedisConfig(url=redis_server.url)
+    app.redis_settings = settings
+    app.events = publisher_for(settings, name="removal-controller").start()
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    app._let_go = lambda handle, stop=False: False
+    stop = SimpleNamespace(remote=lambda camera_id, drain=True: {"state": "stopped", "published": 247,
+                                                                "publisher": {"queued": 268}})
+    app.cameras["cam"] = CameraHandle("cam", CameraConfig(id="cam", url="synthetic://street"),
+                                      SimpleNamespace(stop=stop), "hv-camera-cam", done="done-cam")
+    try:
+        answer = app.remove_camera("cam", by="test")
+        assert answer["final"]["published"] == 247 and answer["final"]["undelivered"] == 268
+        assert app.events.flush(10.0)
+        removed = [json.loads(f[b"data"]) for _, f in redis_server.client().xrange("hv:events")]
+        assert [(e["type"], e.get("undelivered")) for e in removed] == [("camera_removed", 268)]
+    finally:
+        app.events.close(2.0)

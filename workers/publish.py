@@ -417,6 +417,7 @@ class Publisher:
         if buffer < 1 or maxlen < 1:
             raise ValueError(f"buffer and maxlen must be >= 1, got {buffer} and {maxlen}")
         self._url, self.keys, self.maxlen, self.buffer = url, Keys(prefix), maxlen, buffer
+        self.name = name  # in its log lines: whose messages (a camera's publisher is "hydravision-<camera id>")
         self._own_writer = writer is None
         self._writer = writer or WriterThread(url, name, connect_timeout_s, socket_timeout_s, **redis_kwargs)
         self.id = secrets.token_hex(8)  # names this instance's dedup state in Redis (workers/redis_writer.py)
@@ -575,7 +576,7 @@ class Publisher:
         if self._own_writer:
             self._writer.close(max(0.0, deadline - time.monotonic()))
         if left:
-            log.warning("publisher closed with %d messages not delivered to Redis", left)
+            log.warning("publisher %s closed with %d messages not delivered to Redis", self.name, left)
 
     def _clean(self) -> bool:
         """Under the lock: everything reached Redis and every send was answered, so none can still apply and
