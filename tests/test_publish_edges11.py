@@ -73,3 +73,27 @@ def test_a_long_outage_backs_off_without_overflowing_redis_py_5_0s_backoff(redis
         assert frames_of(redis_server.client()) == [1]
     finally:
         pub.close(1.0)
+
+
+def test_the_recovery_line_says_the_messages_dropped_during_the_outage(redis_server: RedisServer, caplog) -> None:
+    """A buffer that overflowed during an outage was counted (stats, publisher_dropped events, /metrics) but no log
+    line said so: the operator read "writes to Redis again" as a clean recovery."""
+    import logging
+
+    redis_server.kill()
+    pub = Publisher(redis_server.url, **{**FAST, "max_backoff_s": 0.05, "buffer": 5}, name="hydravision-cam7")
+    try:
+        pub.start()
+        pub.publish_detections(det(frame=0))
+        wait_until(lambda: pub.stats()["retries"] >= 1, timeout=10)  # the outage has begun
+        for frame in range(1, 20):
+            pub.publish_detections(det(frame=frame))
+        redis_server.start()
+        with caplog.at_level(logging.WARNING, logger="workers.publish"):
+            assert pub.flush(10)
+        recovered = [r.getMessage() for r in caplog.records if "writes to Redis again" in r.getMessage()]
+        assert len(recovered) == 1 and "hydravision-cam7" in recovered[0], recovered
+        assert f"{pub.stats()['dropped']} messages dropped meanwhile" in recovered[0], recovered
+        assert pub.stats()["dropped"] == 15
+    finally:
+        pub.close(1.0)

@@ -222,6 +222,7 @@ class _Episode:
     reason: str  # the first error, redacted
     failures: int = 0
     cameras: set[str] = field(default_factory=set)
+    dropped_before: int = 0  # the publisher's dropped count when it began: its drops are said at its end
 
 
 class _Round(NamedTuple):
@@ -729,8 +730,12 @@ class Publisher:
         camera = next(iter(episode.cameras)) if len(episode.cameras) == 1 else ALL_CAMERAS
         self._publish_own(event_message("publisher_error", camera, reason=episode.reason, duration_s=duration,
                                         retries=episode.failures))
-        log.warning("publisher writes to Redis again after %.1f s and %d failed attempts (first error: %s)",
-                    duration, episode.failures, episode.reason)
+        # the drops too: counted in stats and publisher_dropped events, no log line said them (a buffer that overflowed
+        # during an outage read as a clean recovery)
+        dropped = self._stats["dropped"] - episode.dropped_before
+        log.warning("publisher %s writes to Redis again after %.1f s and %d failed attempts (first error: %s)%s",
+                    self.name, duration, episode.failures, episode.reason,
+                    f"; {dropped} messages dropped meanwhile (its buffer of {self.buffer} was full)" if dropped else "")
 
     def _failed(self, exc: Exception, began: float, round_: _Round, left: dict[str, str | None],
                 applied: bool = True) -> None:
@@ -760,7 +765,8 @@ class Publisher:
             was_connected, self._connected, self._last_error = self._connected, False, text
             first = self._episode is None
             if first:
-                self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text)
+                self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text,
+                                         dropped_before=self._stats["dropped"])
             self._episode.failures += 1
             self._episode.cameras.update([e.camera for e in round_.batch if e.own is None] + list(round_.statuses))
             self._done.notify_all()
