@@ -23,27 +23,28 @@ def _fill(client, n: int) -> list[str]:
 
 @pytest.mark.parametrize("loop", ["run", "iterator"])
 def test_the_tail_of_a_slow_batch_is_not_claimed_and_handled_twice(any_redis, loop):
-    """Each handler takes 0.2 s, under claim_idle_ms (0.3 s), but four of them take 0.8 s: the last entries of the
-    batch had been idle 0.4 s when the other member claimed, and both members handled them. The rest of a batch is
-    renewed while it waits; a message another member did take is left to it."""
+    """Each handler takes 0.25 s, a quarter of claim_idle_ms (1 s), but eight of them take 2 s: the last entries of
+    the batch had been idle a second when the other member claimed, and both members handled them. The rest of a
+    batch is renewed while it waits; a message another member did take is left to it. (A message in hand is at
+    most ~0.5 s idle now: half a second of margin on a slow machine.)"""
     client = any_redis.client()
-    ids = _fill(client, 4)
-    slow = GroupConsumer(client, STREAM, "g", "slow", start="0", count=4, block_ms=100, claim_idle_ms=300)
-    other = GroupConsumer(any_redis.client(), STREAM, "g", "other", block_ms=100, claim_idle_ms=300)
+    ids = _fill(client, 8)
+    slow = GroupConsumer(client, STREAM, "g", "slow", start="0", count=8, block_ms=100, claim_idle_ms=1000)
+    other = GroupConsumer(any_redis.client(), STREAM, "g", "other", block_ms=100, claim_idle_ms=1000)
     by_slow: list[str] = []
     by_other: list[str] = []
 
     def handle(m) -> None:
         by_slow.append(m.id)
-        time.sleep(0.2)
+        time.sleep(0.25)
         for taken in other.claim():  # the other member's periodic claim, while this handler runs
             by_other.append(taken.id)
             other.ack(taken)
 
     deadline = time.monotonic() + 20  # were some taken by the other member (a slow machine), the rest is read on
-    done = lambda: len({*by_slow, *by_other}) >= 4 or time.monotonic() > deadline  # noqa: E731
+    done = lambda: len({*by_slow, *by_other}) >= 8 or time.monotonic() > deadline  # noqa: E731
     if loop == "run":
-        slow.run(handle, stop=done, max_messages=4)
+        slow.run(handle, stop=done, max_messages=8)
     else:
         for m in slow:
             handle(m)
