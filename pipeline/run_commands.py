@@ -7,6 +7,8 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
 from workers.publish import keys
 from workers.redact import redact_text, redact_url
+from workers.redis_writer import _text  # an entry id as text, from a client that decodes or not
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +156,8 @@ def run(args: argparse.Namespace) -> int:
                     "at the stop: " + ", ".join(f"{who} {n}" for who, n in undelivered.items()),
                     {"event": "undelivered", "undelivered": undelivered})
     if args.summary_json:
-        from models.files import aside_of, written_aside  # no torch in there
-
-        try:  # written beside and renamed: a full disk left a cut JSON file under the name, the last run's gone
-            with written_aside(Path(args.summary_json), aside_of(Path(args.summary_json))) as tmp:
-                tmp.write_text(json.dumps(finals, indent=2, default=str))
+        try:
+            _write_summary(Path(args.summary_json), json.dumps(finals, indent=2, default=str))
         except OSError as e:  # no permission, a directory of that name: the final table above has the stats
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
     if failed and len(failed) == len(finals):
@@ -237,6 +237,23 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_summary(path: Path, text: str) -> None:
+    """A file written beside and renamed (a full disk left a cut JSON file under the name, the last run's gone), at
+    the file a symlink names; anything else (/dev/stdout, a pipe: ``>(jq ...)``) written to as it is."""
+    from models.files import aside_of, written_aside  # no torch in there
+
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        regular = True  # a new file
+    if not regular:
+        path.write_text(text)
+        return
+    real = Path(os.path.realpath(path))
+    with written_aside(real, aside_of(real)) as tmp:
+        tmp.write_text(text)
+
+
 @_redis_errors_are_user_errors
 def tail(args: argparse.Namespace) -> int:
     """Prints messages of one camera (or the events stream) as they arrive in Redis."""
@@ -270,19 +287,16 @@ def tail(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     try:
         # Entries MAXLEN trims before tail reads them are said (a slow or paused terminal): counted by the stream's
-        # numbering (entries-added, Redis 7), from the number of the entry read last, known from the start.
+        # numbering (entries-added, Redis 7), from the number of the entry read last, known from the start and
+        # checked after every read (XINFO STREAM: one more round trip, for a reader that prints anyway)
         number, numbered = _number_of(client, stream, last)
-        read_at = time.monotonic()
         while args.count is None or count < args.count:
-            before, paused = last, time.monotonic() - read_at > 1.0  # printing held it
+            before = last
             reply = client.xread({stream: last}, block=5000, count=100)
-            read_at = time.monotonic()
             for _, entries in reply or []:
-                if number is not None and (paused or len(entries) == 100):  # behind: trimmed past us?
+                if number is not None:
                     number = _say_trimmed(client, stream, before, number, entries)
-                elif number is not None:
-                    number += len(entries)
-                elif numbered and len(entries) < 100 and not paused:  # caught up: count again from here
+                elif numbered and len(entries) < 100:  # caught up: count again from here
                     number, _ = _number_of(client, stream, entries[-1][0])
                 for entry_id, fields in entries:
                     last = entry_id
@@ -337,10 +351,6 @@ def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: in
 def _id(entry_id: bytes | str) -> tuple[int, int]:
     ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _camera_names(names: list[str], shown: int = 20) -> str:

@@ -178,3 +178,20 @@ def test_training_draws_its_progress_bar_only_on_a_terminal(tmp_path, monkeypatc
         assert cli_main(argv) == 0
         assert cli_main([*argv, "--no-progress"]) == 0
     assert asked == [False, True, False]
+
+
+def test_a_summary_json_to_a_pipe_or_through_a_symlink_is_written_where_it_points(tmp_path, monkeypatch, capsys):
+    """Written aside and renamed, a summary to /dev/fd/N (``--summary-json >(jq ...)``) failed ("cannot write": no
+    file can be made beside it), and one through a symlink replaced the link with a file, the real one left stale."""
+    monkeypatch.setattr("pipeline.run_commands.App", StandInApp)
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("[]")
+    link.symlink_to(real)
+    assert cli_main(["run", str(ROOT / "configs/demo.yaml"), "--plain", "--summary-json", str(link)]) == 0
+    assert link.is_symlink() and len(json.loads(real.read_text())) == 200
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as reader:
+        code = cli_main(["run", str(ROOT / "configs/demo.yaml"), "--plain", "--summary-json", f"/dev/fd/{write}"])
+        os.close(write)
+        assert code == 0, capsys.readouterr().err
+        assert len(json.loads(reader.read())) == 200
