@@ -131,6 +131,8 @@ class App(LiveControl):
     # Removed cameras whose next track ids Redis did not take (down, out of memory): id -> their final next ids. Their
     # status, which holds those ids too, stays until the control loop's retry keeps them (``retire_pending``).
     _unretired: dict = field(default_factory=dict)
+    _retire_at: float = 0.0  # when the retry may ask Redis again (monotonic), after _retire_failures in a row
+    _retire_failures: int = 0
     # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
     # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))

@@ -349,17 +349,24 @@ class LiveControl:
 
     def retire_pending(self) -> None:
         """The control loop's retry of removals whose next track ids Redis did not take: kept now, the status goes.
-        One added again meanwhile goes on from that status itself (and is retired at its own removal)."""
+        One added again meanwhile (or being added) goes on from that status itself, and is retired at its own
+        removal. Until the first failure, then after a back-off (a frozen Redis cost each a 2 s timeout a tick)."""
+        if not self._unretired or time.monotonic() < self._retire_at:
+            return
         with self._lock:
-            pending = {cid: ids for cid, ids in self._unretired.items() if cid not in self.cameras}
-            for cid in [c for c in self._unretired if c in self.cameras]:
+            for cid in [c for c in self._unretired if c in self.cameras or c in self._busy]:
                 del self._unretired[cid]
+            pending = dict(self._unretired)
         for cid, ids in pending.items():
-            if self._retire_in_redis(cid, ids, quiet=True):
-                with self._lock:
-                    done = self._unretired.pop(cid, None) is not None and cid not in self.cameras
-                if done:
-                    self.events.remove_status(cid)
+            if not self._retire_in_redis(cid, ids, quiet=True):
+                self._retire_failures += 1
+                self._retire_at = time.monotonic() + min(60.0, 2.0 ** self._retire_failures)
+                return
+            self._retire_failures = 0
+            with self._lock:
+                done = self._unretired.pop(cid, None) is not None and cid not in self.cameras and cid not in self._busy
+            if done:
+                self.events.remove_status(cid)
 
     def _retire_in_redis(self, camera_id: str, next_ids: dict | None, quiet: bool = False) -> bool:
         """Keeps the removed camera's next track ids, so that one added again under its id goes on from them:

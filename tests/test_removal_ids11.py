@@ -77,3 +77,42 @@ def test_a_removal_says_the_messages_its_publisher_could_not_deliver(redis_serve
         assert [(e["type"], e.get("undelivered")) for e in removed] == [("camera_removed", 268)]
     finally:
         app.events.close(2.0)
+
+
+def test_the_retry_costs_a_frozen_redis_one_timeout_and_then_backs_off():
+    """Against a Redis that takes connections and never answers (frozen, SIGSTOP) each pending removal cost a 2 s
+    timeout at every tick of the control loop: 15 of them held it past /healthz's 30 s."""
+    import socket
+    import threading
+    import time
+
+    server, held = socket.create_server(("127.0.0.1", 0)), []
+    threading.Thread(target=lambda: held.extend(iter(lambda: server.accept()[0], None)), daemon=True).start()
+    app = App(parse_config({}), say=lambda text: None)
+    app.redis_settings = RedisConfig(url=f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+    app.events = SimpleNamespace(remove_status=lambda camera_id: None)
+    app._unretired.update({f"cam{i}": {"people": 10} for i in range(5)})
+    try:
+        t0 = time.monotonic()
+        app.retire_pending()
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        app.retire_pending()  # the next tick, within the back-off
+        assert first < 5.0 and time.monotonic() - t0 < 0.5, first  # one timeout (~2 s), not five
+        assert len(app._unretired) == 5
+    finally:
+        server.close()
+
+
+def test_the_retry_leaves_a_camera_being_added_again_alone(redis_server):
+    """An add of the id still in progress (in ``_busy``) is already publishing: the retry deleted its fresh status,
+    snapshot and counts."""
+    app = App(parse_config({}), say=lambda text: None)
+    app.redis_settings = RedisConfig(url=redis_server.url)
+    removed = []
+    app.events = SimpleNamespace(remove_status=removed.append)
+    app._unretired["cam"] = {"people": 74}
+    app._busy.add("cam")
+    redis_server.client().hset("hv:cam:cam:counts", "x", 1)
+    app.retire_pending()
+    assert removed == [] and not app._unretired and redis_server.client().exists("hv:cam:cam:counts")
