@@ -82,12 +82,19 @@ def test_a_removal_says_the_messages_its_publisher_could_not_deliver(redis_serve
 def test_the_retry_costs_a_frozen_redis_one_timeout_and_then_backs_off():
     """Against a Redis that takes connections and never answers (frozen, SIGSTOP) each pending removal cost a 2 s
     timeout at every tick of the control loop: 15 of them held it past /healthz's 30 s."""
+    import contextlib
     import socket
     import threading
     import time
 
     server, held = socket.create_server(("127.0.0.1", 0)), []
-    threading.Thread(target=lambda: held.extend(iter(lambda: server.accept()[0], None)), daemon=True).start()
+
+    def accept() -> None:  # takes every connection, answers none
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
     app = App(parse_config({}), say=lambda text: None)
     app.redis_settings = RedisConfig(url=f"redis://127.0.0.1:{server.getsockname()[1]}/0")
     app.events = SimpleNamespace(remove_status=lambda camera_id: None)
