@@ -29,10 +29,12 @@ RUN pip install --upgrade pip && pip install --index-url "${TORCH_INDEX}" "${TOR
 
 WORKDIR /opt/hydravision
 # The dependencies in a layer of their own, from pyproject.toml alone: after the code's COPY, an edit to one line
-# of it downloaded and installed all of them again (~1 GB). tomllib: Python >= 3.11, as on both bases.
+# of it downloaded and installed all of them again (~1 GB). tomllib: Python >= 3.11; on a 3.10 base (Ubuntu 22.04,
+# which pyproject allows) pip's own copy of it, tomli.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], \
-sep='\n')" > /tmp/requirements.txt && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+RUN python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', \
+fromlist=['load']); print(*t.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+> /tmp/requirements.txt && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY README.md ./
 COPY pipeline pipeline
 COPY workers workers
