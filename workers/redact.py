@@ -38,13 +38,14 @@ MASK = "***"
 FREE_TEXT_MIN = 3  # a secret this long or longer is hidden wherever it appears in free text
 # at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
 _SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
-_SECRET_NAME = r"[\w.-]*(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)"
+_SECRET_WORDS = r"(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)"
+_SECRET_NAME = rf"[\w.-]*{_SECRET_WORDS}"
 _SECRET_PARAMS = re.compile(rf"(?i)[?&]{_SECRET_NAME}=(?P<value>[^&]*)")
 # A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
 # can only make the hidden part larger. Its scheme is taken as at most 32 characters (a longer one is matched from
 # inside it): unbounded, each letter of a long word began a scan to the word's end, 18 s for 100 KB of letters.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://\S+")
-_NAMED = re.compile(rf"(?i)\b{_SECRET_NAME}$")  # a secret-looking parameter's name, just before its "="
+_NAMED = re.compile(rf"(?i){_SECRET_WORDS}$")  # the end of a secret-looking name ([\w.-]* before it: any)
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
@@ -120,12 +121,12 @@ def redact_text(text: str, urls: list[str]) -> str:
 
 
 def _hide_named_value(text: str, secret: str) -> str:
-    """``secret`` where it is the whole value of a secret-looking name (``pwd=1``), masked. Found by its ``=``, the
-    name checked in the 100 characters before it: one pattern from any word start (\\b) rescanned the text after
-    each, quadratic in a long "a.a.a..." (11 s for 10 KB)."""
+    """``secret`` where it is the whole value of a secret-looking name (``pwd=1``, ``camera_token=1``), masked. Found
+    by its ``=``, the name by how it ends (the 10 characters before): one pattern from any word start (\\b)
+    rescanned the text after each, quadratic in a long "a.a.a..." (11 s for 10 KB)."""
     out, done = [], 0
     for m in re.finditer(rf"={re.escape(secret)}(?![\w.~%+/-])", text):
-        if _NAMED.search(text, max(0, m.start() - 100), m.start()):
+        if _NAMED.search(text, max(0, m.start() - 10), m.start()):
             out += [text[done:m.start() + 1], MASK]
             done = m.end()
     return "".join(out) + text[done:]
