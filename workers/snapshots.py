@@ -28,13 +28,14 @@ LABEL_HEIGHT = cv2.getTextSize("Tg", cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0
 
 @functools.lru_cache(maxsize=1024)
 def _has_glyph(char: str) -> bool:
-    """Whether cv2's font can draw ``char``: it draws '?' for one it has no glyph for (CJK and Greek in OpenCV 5,
-    all but ASCII in 4.x)."""
+    """Whether cv2's font can draw ``char``: it draws '?' for one it has no glyph for (CJK and Greek in OpenCV 5),
+    or a '?' for each of its UTF-8 bytes (all but ASCII in 4.x)."""
     def drawn(text: str) -> np.ndarray:
-        canvas = np.zeros((24, 32), np.uint8)
+        canvas = np.zeros((24, 48), np.uint8)
         return cv2.putText(canvas, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 255, 1)
 
-    return char == "?" or not np.array_equal(drawn(char), drawn("?"))
+    picture = drawn(char)
+    return char == "?" or not any(np.array_equal(picture, drawn("?" * n)) for n in {1, len(char.encode())})
 
 
 def class_label(name: str, class_id: object) -> str:
