@@ -728,7 +728,7 @@ class App(LiveControl):
     def _restart_sent(self, h: CameraHandle) -> Any:
         """The start of ``h``'s restart: the one an earlier tick sent, not answered yet, or a new one."""
         if self._restarting.get(h.id, (None,))[0] is not h:
-            self._restarting[h.id] = (h, h.process.start.remote(h.id, h.config, h.inference))
+            self._restarting[h.id] = (h, h.process.start.remote(h.id, h.config, h.inference, restart=True))
         return self._restarting[h.id][1]
 
     def _restart_camera(self, h: CameraHandle, pid: int | None = None, wait_s: float = 30) -> dict | None:

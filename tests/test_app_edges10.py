@@ -87,7 +87,7 @@ class Process:
     def row(self, camera_id: str) -> dict:
         return {"camera": camera_id, "state": self.state, "pid": self.pid}
 
-    def _start(self, camera_id, camera=None, inference=None):
+    def _start(self, camera_id, camera=None, inference=None, restart=False):
         self.starts.append(camera_id)
         return self.started
 

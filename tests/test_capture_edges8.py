@@ -133,7 +133,8 @@ class FakeProcess:
         self.cameras = [cam for cam, _ in cameras]
         self.start = SimpleNamespace(remote=self._start)
 
-    def _start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None) -> str:
+    def _start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None,
+               restart: bool = False) -> str:
         if camera is not None:  # a camera joining a running process
             self.cameras.append(camera)
         return camera_id

@@ -37,7 +37,7 @@ class Process:
         self.name, self.pid = name, pid
         self.killed = threading.Event()
         self.forgot: list[str] = []
-        self.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None: None)
+        self.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None, restart=False: None)
         self.wait = SimpleNamespace(remote=lambda camera_id: f"done-{camera_id}")
         self.stop = SimpleNamespace(remote=lambda camera_id, drain=True: {"camera": camera_id, "state": "stopped"})
         self.forget = SimpleNamespace(remote=lambda camera_id: self.forgot.append(camera_id) or 0)

@@ -128,7 +128,8 @@ def test_an_add_that_joined_a_process_and_then_failed_leaves_no_camera_running_t
     app.placement = names.placement
     process = names.held["hv-camera-x"] = Process("hv-camera-x")
     started: list[str] = []
-    process.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None: started.append(camera_id))
+    process.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None, restart=False:
+                                    started.append(camera_id))
     stopped: list[str] = []
     process.stop = SimpleNamespace(remote=lambda camera_id, drain=True: stopped.append(camera_id) or {})
     app.cameras["x"] = CameraHandle("x", CameraConfig(id="x", url="synthetic://street"), process, "hv-camera-x")

@@ -39,7 +39,7 @@ class Process:
 
     def __init__(self, row: dict):
         self.row, self.final = row, {}
-        self.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None: None)
+        self.start = SimpleNamespace(remote=lambda camera_id, camera=None, inference=None, restart=False: None)
         self.wait = SimpleNamespace(remote=lambda camera_id: f"done-{camera_id}")
         self.stats = SimpleNamespace(remote=lambda camera_id: dict(self.row))
         self.stats_many = SimpleNamespace(remote=lambda ids, model=False: {

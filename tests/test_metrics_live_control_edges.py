@@ -150,7 +150,7 @@ def test_a_removal_during_a_crash_restart_is_refused_until_the_restart_is_done(m
     app = service(monkeypatch)
     refused = []
 
-    def start(camera_id, camera, inference):  # the restart, under way: a removal comes in
+    def start(camera_id, camera, inference, restart=False):  # the restart, under way: a removal comes in
         try:
             app.remove_camera(camera_id, by="api:ops")
         except CommandRejected as e:

@@ -38,9 +38,10 @@ def test_a_camera_restarted_by_ray_waits_for_redis_to_number_on(redis_server) ->
     redis_server.kill()
     host = CameraHost(CameraConfig(id="cam", url="synthetic://street", heads=["people"]), [], MODEL_INFO,
                       RedisConfig(url=redis_server.url), instance="run-1")
-    host.reconstructed = True  # what StreamActor sets from Ray's runtime context in a re-created process
-    back = _redis_back_with_the_runs_state(redis_server, after_s=5.0)
-    ids, resume = host._previous_state(attempts=3)  # 3 s of attempts: it gave up and numbered from 0 before
+    host.restarted = True  # as StreamActor.start(..., restart=True), the controller's restart after a crash
+    # back between two attempts (at 3.0 and 5.0 s): one at the moment Redis listens would find it still empty
+    back = _redis_back_with_the_runs_state(redis_server, after_s=4.0)
+    ids, resume = host._previous_state(attempts=3)  # 1.5 s of attempts: it gave up and numbered from 0 before
     back.join(10)
     assert resume.first_index == 247 and resume.first_pts == pytest.approx(9.84)
     assert ids == {"people": 40}
@@ -63,9 +64,26 @@ def test_a_restarted_camera_stopped_while_it_waits_for_redis_gives_up(redis_serv
     redis_server.kill()
     host = CameraHost(CameraConfig(id="cam", url="synthetic://street", heads=["people"]), [], MODEL_INFO,
                       RedisConfig(url=redis_server.url), instance="run-1")
-    host.reconstructed = True
+    host.restarted = True
     threading.Timer(4.0, lambda: setattr(host, "_stop_asked", True)).start()  # as stop() sets it
     t0 = time.monotonic()
     host._previous_state(attempts=3)
     assert time.monotonic() - t0 < 20
+    redis_server.start()
+
+
+@pytest.mark.timeout(60)
+def test_only_the_restart_after_a_crash_waits(redis_server) -> None:
+    """A start that is not the controller's restart (an add, an update's new source: its process numbers on by
+    itself) gives up on an unreachable Redis after its attempts, as before."""
+    from types import SimpleNamespace
+
+    redis_server.kill()
+    host = CameraHost(CameraConfig(id="cam", url="synthetic://street", heads=["people"]), [], MODEL_INFO,
+                      RedisConfig(url=redis_server.url), instance="run-1")
+    host.pipeline = SimpleNamespace(tracker=None, track_id_base={"people": 7})  # an update's restart
+    host.restarted = True
+    t0 = time.monotonic()
+    host._previous_state(attempts=3)
+    assert time.monotonic() - t0 < 10
     redis_server.start()

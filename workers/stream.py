@@ -875,7 +875,7 @@ class CameraHost:
         self.inference, self.model_info, self.instance = inference, model_info, instance
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
         self.model, self.writer = model, writer
-        self.reconstructed = False  # its process is one Ray re-created (a crash): see _previous_state
+        self.restarted = False  # the next start is the controller's restart of it after a crash: see _previous_state
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
@@ -946,8 +946,9 @@ class CameraHost:
 
         When Redis cannot be read, numbering from 0 could reuse ids consumers have already seen, so every
         head starts above any id a previous run can have handed out (ids from the clock, in ms). A camera whose
-        process Ray re-created waits for an unreachable Redis instead (while not stopped): numbered from 0, it
-        published its run's frames a second time (Redis paused while a camera process crashed)."""
+        process Ray re-created waits for an unreachable Redis instead, at the controller's restart of it (while not
+        stopped): numbered from 0, it published its run's frames a second time (Redis paused while a camera process
+        crashed)."""
         names = keys(self.redis.prefix)
         attempt = 0
         while True:
@@ -977,8 +978,10 @@ class CameraHost:
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
             except (redis.RedisError, OSError, ValueError, AttributeError, TypeError, KeyError, ArithmeticError) as e:
                 error, attempt = e, attempt + 1
-                unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError))
-                if attempt >= attempts and not (self.reconstructed and unreachable and not self._stop_asked):
+                unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)) and \
+                    not isinstance(e, redis.AuthenticationError)  # a wrong password does not pass with time
+                waits = self.restarted and self.pipeline is None and unreachable and not self._stop_asked
+                if attempt >= attempts and not waits:
                     break
                 if attempt == attempts:
                     log.warning("camera %s: restarted while Redis cannot be read (%s); waiting for it, so that its "
@@ -1066,14 +1069,6 @@ class CameraHost:
         return s
 
 
-def _reconstructed() -> bool:
-    """Whether this process is an actor Ray re-created (after a crash); False outside an actor."""
-    try:
-        return ray.get_runtime_context().was_current_actor_reconstructed
-    except AssertionError:  # not a Ray worker (the class driven without Ray)
-        return False
-
-
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StreamActor:
     """The Ray actor, one process, that hosts one or more cameras (``ray.cameras_per_process``): every
@@ -1107,7 +1102,6 @@ class StreamActor:
     def _add(self, camera: CameraConfig, inference: list) -> None:
         host = CameraHost(camera, inference, self.model_info, self.redis, self.instance,
                           self._merger if self.merge_window_s > 0 else None, self.model, self._writer)
-        host.reconstructed = _reconstructed()
         self.hosts[host.camera.id] = host
 
     def _writer(self) -> WriterThread:
@@ -1130,12 +1124,15 @@ class StreamActor:
         except KeyError:
             raise KeyError(f"camera {camera_id} is not hosted by this process ({sorted(self.hosts)})") from None
 
-    async def start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None) -> None:
+    async def start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None,
+                    restart: bool = False) -> None:
         """Starts a camera; one this process does not host yet joins it when ``camera`` and ``inference`` come
-        along (a camera added at run time, or one that had joined before Ray restarted this process)."""
+        along (a camera added at run time, or one that had joined before Ray restarted this process). ``restart``:
+        the controller's start of a camera whose process Ray re-created (it waits for Redis to number on)."""
         if camera_id not in self.hosts and camera is not None and inference is not None:
             self._add(camera, inference)
         host = self._host(camera_id)
+        host.restarted = restart
         if inference is not None and host.task is None:  # the replica it has now, not the constructor's
             host.inference = inference
         await host.start(camera)
