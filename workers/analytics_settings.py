@@ -209,8 +209,7 @@ class MotionConfig(_Strict):
     enabled: bool = False
     threshold: int = Field(18, ge=1, le=255, description="grey-level change that counts a pixel as changed")
     min_changed: float = Field(0.0004, gt=0, le=1, description="fraction of changed pixels that means motion")
-    # finite: an infinite one loaded, but every JSON copy of the camera failed (GET /cameras answered 500)
-    max_skip_s: float = Field(10.0, gt=0, allow_inf_nan=False, description="infer at least this often, motion or not")
+    max_skip_s: float = Field(10.0, gt=0, description="infer at least this often, motion or not (.inf: on motion only)")
     scale: int = Field(2, ge=1, le=8, description="downscale factor of the model input before comparing")
 
 

@@ -25,6 +25,16 @@ LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https", "device")  # sources that neve
 DEVICE_PATHS = ("/dev/video", "/dev/v4l/")
 
 
+def _infinite_as_text(value: object) -> object:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _infinite_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_infinite_as_text(v) for v in value]
+    return value
+
+
 def is_device_path(url: str) -> bool:
     """A plain path to a capture device (a camera that never ends by itself), not a file."""
     return url.startswith(DEVICE_PATHS)
@@ -121,9 +131,7 @@ class AppearanceConfig(Strict):
     relink: bool = Field(True, description="re-link a new track to a recently lost one that looks the same")
     min_similarity: float = Field(0.9, ge=-1, le=1, description="least cosine similarity for a re-link")
     max_lost_s: float = Field(2.0, gt=0, le=60, description="how long a lost track waits for a re-link")
-    # finite, as every float of a camera: an infinite one loaded, then every JSON copy of the camera failed
-    max_distance: float = Field(1.0, ge=0, allow_inf_nan=False,
-                                description="in box sizes, from where its last velocity would have taken it")
+    max_distance: float = Field(1.0, ge=0, description="in box sizes, from where its last velocity would have taken it")
     max_overlap: float = Field(0.3, ge=0, le=1, description="views overlapped more (IoU) do not update an appearance")
     smoothing: float = Field(0.9, ge=0, lt=1, description="weight of a track's past appearance in each update")
 
@@ -224,12 +232,10 @@ class CameraConfig(Strict):
         return self
 
     def as_json(self) -> dict:
-        """The camera as JSON data, its defaults left out; ``stall_timeout_s: .inf`` (a watchdog that never restarts)
-        as "inf", which reads back as inf: JSON has no Infinity (GET /cameras answered 500)."""
-        data = self.model_dump(mode="json", exclude_defaults=True)
-        if data.get("stall_timeout_s") == math.inf:
-            data["stall_timeout_s"] = "inf"
-        return data
+        """The camera as JSON data, its defaults left out; an infinite setting (``stall_timeout_s: .inf``, a watchdog
+        that never restarts; ``motion.max_skip_s: .inf``, inference on motion only) as "inf", which reads back as
+        inf: JSON has no Infinity (GET /cameras answered 500)."""
+        return _infinite_as_text(self.model_dump(mode="json", exclude_defaults=True))
 
     @field_validator("hwaccel")
     @classmethod
