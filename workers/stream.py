@@ -162,8 +162,7 @@ class CameraPipeline:
                                 resume_at=r.first_index if r.position is None else r.position, pts_offset=r.pts_offset)
         self._capture.budget_fps = self._budget_fps
         if self._stopping:  # stop() came before this first step (a removal right after the start): nothing to read
-            self._capture.stop_reading()
-            self._slot.close()
+            self.stop(self._drain)
         for fields in r.open_tracks:  # subscribers that keep open tracks would keep these for ever
             self._event("track_ended", {**fields, "reason": "restart"})
         self._inflight = asyncio.Semaphore(self.camera.max_inflight)
