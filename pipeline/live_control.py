@@ -354,9 +354,10 @@ class LiveControl:
         if not self._unretired or time.monotonic() < self._retire_at:
             return
         with self._lock:
-            for cid in [c for c in self._unretired if c in self.cameras or c in self._busy]:
+            for cid in [c for c in self._unretired if c in self.cameras]:
                 del self._unretired[cid]
-            pending = dict(self._unretired)
+            # one in _busy is being added again, or its removal is still under way (retried once that is done)
+            pending = {cid: ids for cid, ids in self._unretired.items() if cid not in self._busy}
         for cid, ids in pending.items():
             if not self._retire_in_redis(cid, ids, quiet=True):
                 self._retire_failures += 1

@@ -122,4 +122,8 @@ def test_the_retry_leaves_a_camera_being_added_again_alone(redis_server):
     app._busy.add("cam")
     redis_server.client().hset("hv:cam:cam:counts", "x", 1)
     app.retire_pending()
+    assert removed == [] and "cam" in app._unretired and redis_server.client().exists("hv:cam:cam:counts")
+    app._busy.discard("cam")
+    app.cameras["cam"] = object()  # added: it goes on from its status itself, and is retired at its own removal
+    app.retire_pending()
     assert removed == [] and not app._unretired and redis_server.client().exists("hv:cam:cam:counts")
