@@ -306,7 +306,7 @@ def test_restarts_count_processes_and_remember_only_recent_ones(monkeypatch):
     pids = iter([7, 7] + list(range(100, 100 + 3 * app_module.RECENT_RESTARTED_PIDS)))
 
     class Process:  # the StreamActor handle: each method's .remote() answers at once (ray.get passes it on)
-        start = SimpleNamespace(remote=lambda *a: None)
+        start = SimpleNamespace(remote=lambda *a, **kw: None)
         wait = SimpleNamespace(remote=lambda *a: None)
         stats = SimpleNamespace(remote=lambda *a: {"pid": next(pids)})
 
