@@ -106,12 +106,17 @@ def redis_url_error(url: str) -> str | None:
     except ValueError:
         return ("no readable host:port; a password holding '/', '?', '#' or '@' must be percent-encoded "
                 "(%2F, %3F, %23, %40)")
-    from redis.connection import parse_url  # here: redis costs ~0.1 s to import, and only a URL needs it
+    from redis.connection import ConnectionPool, parse_url  # here: redis costs ~0.1 s to import; only a URL needs it
 
     try:  # redis-py's own reading: it refused a bad ?socket_timeout= only when the publisher started (a traceback)
         options = parse_url(url)
+        ConnectionPool.from_url(url).make_connection()  # an option no connection takes: a TypeError (connects not)
     except ValueError as e:
         return str(e)  # names the option, not its value
+    except TypeError as e:  # "... got an unexpected keyword argument 'foo'": every command ended in "a bug"
+        name = str(e).rsplit(" ", 1)[-1].strip("'")
+        return (f"unknown option ?{name}= (redis-py takes no such option"
+                + ("; TLS options need rediss://)" if name.startswith("ssl") else ")"))
     db = urlsplit(url).path.strip("/")
     if not url.startswith("unix://") and "db" not in options and db and not db.isdigit():
         # redis-py ignores it and uses database 0: another program's data, without a word (the path is not
