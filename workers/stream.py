@@ -106,6 +106,11 @@ class CameraPipeline:
         self.publish_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=300)
         # (time.monotonic(), frames decoded) at each stats() call, over the last DECODE_WINDOW_S: decode_fps
         self._decode_samples: collections.deque[tuple[float, int]] = collections.deque()
+        # (seconds, frames) of the latest intervals between stats() calls in which frames came, with the quiet ones
+        # before them but for an outage (quiet for read_timeout_s or more): _base_fps's rate of a source that does
+        # not say its own
+        self._delivering: collections.deque[tuple[float, int]] = collections.deque(maxlen=30)
+        self._quiet_s = 0.0
         self.last_error: str | None = None
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self._crash_streak = 0  # crashes since a capture last delivered a frame: the restart's back-off
@@ -353,6 +358,8 @@ class CameraPipeline:
         a new one from the camera's config if it still has ``max_frame_age_ms``."""
         self.budget, self._budget_fps, self._batch_wait_s = None, None, None
         self._budget_since, self._rate_probe = time.monotonic(), None
+        self._delivering.clear()
+        self._quiet_s = 0.0
         if self._capture is not None:
             self._capture.budget_fps = None
         self._retime_tracker()  # also what a change of fps itself needs
@@ -533,7 +540,12 @@ class CameraPipeline:
     def _base_fps(self) -> float | None:
         """The analysed rate the budget starts from: the configured fps, capped by what the source delivers."""
         known = [f for f in (self.camera.fps, self._capture.source_fps if self._capture else None) if f]
-        if not known and self._slot:  # a source that does not say its rate: what it has delivered since its
+        seconds, frames = sum(dt for dt, _ in self._delivering), sum(n for _, n in self._delivering)
+        if not known and seconds >= 2.0 and frames >= 10:  # a source that does not say its rate, while it delivers:
+            # since its first frame (below), an hour's outage read as a rate near 0, and a tracker retimed then
+            # ended lost tracks far too early
+            known = [frames / seconds]
+        elif not known and self._slot:  # a source that does not say its rate: what it has delivered since its
             # first frame was published (counted from the start, the seconds of opening the source made a
             # 25 fps stream read as a few fps)
             decoded, now = self._slot.snapshot()["decoded"], time.monotonic()
@@ -729,6 +741,14 @@ class CameraPipeline:
         """Frames decoded a second lately, not since the start: a camera up an hour that then stopped sending
         showed half its old rate an hour later. Until the samples span a second, the rate since the start."""
         mono, samples = time.monotonic(), self._decode_samples
+        if samples and mono > samples[-1][0]:
+            dt, frames = mono - samples[-1][0], decoded - samples[-1][1]
+            if frames <= 0:
+                self._quiet_s += dt
+            else:  # a slow camera's quiet seconds between frames count; an outage's do not
+                quiet = self._quiet_s if self._quiet_s < self.camera.read_timeout_s else 0.0
+                self._delivering.append((dt + quiet, frames))
+                self._quiet_s = 0.0
         samples.append((mono, decoded))
         while len(samples) > 2 and mono - samples[1][0] >= self.DECODE_WINDOW_S:
             samples.popleft()
