@@ -426,12 +426,9 @@ class ControlConsumer:
                     return True
                 if not pending and self._answered(entry_id):
                     return True  # the failed try's EXEC ran, only its reply was lost: no second answer
-                if not pending:
-                    # Redis restarted empty and the reader has made the group again meanwhile (it reads on while
-                    # commands are applied): the command is gone, its effect is not; the answer alone, as above.
-                    self._client.xadd(self.results, {"data": encode(result)}, maxlen=self.results_maxlen,
-                                      approximate=True)
-                    return True
+                # Not pending: Redis restarted empty and the reader made the group again (the command is gone, its
+                # effect is not), or from persistence a moment behind (the command is there, not read yet: it goes
+                # with the answer, or the reader read it again and it was answered twice).
                 # The answer and the acknowledgement, both or neither; and the command goes from the stream, so
                 # a camera password it carried does not stay in Redis (the answer holds none).
                 pipe = self._client.pipeline(transaction=True)

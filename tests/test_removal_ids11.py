@@ -127,3 +127,18 @@ def test_the_retry_leaves_a_camera_being_added_again_alone(redis_server):
     app.cameras["cam"] = object()  # added: it goes on from its status itself, and is retired at its own removal
     app.retire_pending()
     assert removed == [] and not app._unretired and redis_server.client().exists("hv:cam:cam:counts")
+
+
+def test_an_answer_after_redis_came_back_a_moment_behind_takes_the_command_with_it(redis_server):
+    """Redis restarted from persistence a moment behind holds the command, not read yet: the first application's
+    answer, retried, wrote the answer alone and left the command, which the reader read again and answered a
+    second time (the operator's suite, busy, saw two answers to one remove). The command goes with its answer."""
+    from pipeline.control import ControlConsumer
+
+    client = redis_server.client()
+    entry = client.xadd("hv:control", {"data": json.dumps({"op": "remove", "id": "lobby"})}).decode()
+    client.xgroup_create("hv:control", "hydravision", id="0")  # not read: as in the snapshot Redis came back with
+    consumer = ControlConsumer(SimpleNamespace(), redis_server.url, "hv")
+    assert consumer._answer(entry, {"v": 1, "command": entry, "status": "accepted"}, check_first=True)
+    assert client.xlen("hv:control") == 0  # nothing left to read again
+    assert len(client.xrange("hv:control:results")) == 1
