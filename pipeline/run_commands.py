@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
-from workers.publish import keys
+from workers.publish import entry_order, keys
 from workers.redact import redact_text, redact_url
 from workers.redis_writer import _text  # an entry id as text, from a client that decodes or not
 
@@ -324,7 +324,7 @@ def _number_of(client: redis.Redis, stream: str, last: bytes | str) -> tuple[int
     if _text(last) == "0-0":
         return added - length, True
     newest = info["last-entry"][0] if info["last-entry"] else None
-    return (added if newest is not None and _id(newest) == _id(last) else None), True
+    return (added if newest is not None and entry_order(newest) == entry_order(last) else None), True
 
 
 def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: int, entries: list) -> int | None:
@@ -334,10 +334,10 @@ def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: in
         info = client.xinfo_stream(stream)
     except redis.RedisError:
         return None
-    first = _id(info["first-entry"][0]) if info.get("first-entry") else None
-    if first is not None and first <= _id(last):  # ``last`` is still there: the read went on from it
+    first = entry_order(info["first-entry"][0]) if info.get("first-entry") else None
+    if first is not None and first <= entry_order(last):  # ``last`` is still there: the read went on from it
         return number + len(entries)
-    if first != _id(entries[0][0]):  # trimmed on since the read: how far before it, no longer told
+    if first != entry_order(entries[0][0]):  # trimmed on since the read: how far before it, no longer told
         print(f"note: tail fell behind {stream}: entries after {_text(last)} may have been trimmed (MAXLEN) "
               "before it read them", file=sys.stderr, flush=True)
         return None
@@ -346,11 +346,6 @@ def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: in
         print(f"note: {lost} entries of {stream} after {_text(last)} were trimmed (MAXLEN) before tail read them "
               f"(it prints slower than they arrive); going on from {_text(entries[0][0])}", file=sys.stderr, flush=True)
     return first_number + len(entries) - 1
-
-
-def _id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _camera_names(names: list[str], shown: int = 20) -> str:
