@@ -109,6 +109,8 @@ class Batcher(Generic[T, R]):
     def __init__(self, handler: Callable[[list[T]], list[R]], max_batch: int = 8, max_wait_ms: float = 5.0,
                  max_pending: int | None = None, max_pending_per_camera: int | None = None,
                  sizer: BatchSizer | None = None):
+        if max_batch < 1:  # a batch could take nothing: the collector would spin on the event loop, never yielding
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.handler, self.max_batch, self.max_wait, self.sizer = handler, max_batch, max_wait_ms / 1000, sizer
         # Defaults: a camera may have up to 16 frames in flight (the config's max_inflight ceiling), so a
         # well-behaved camera never hits its own cap; the total stays within a few batches of work.
