@@ -158,7 +158,8 @@ class InferenceConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: the node's "
                                 "cores shared among the replicas placed on it)")
     max_pending: int | None = Field(None, ge=1, description="requests waiting per replica; beyond it the oldest of "
-                                    "the camera holding the most is shed (default: 8 x max_batch)")
+                                    "the camera holding the most is shed (default: 8 x max_batch, at least "
+                                    "max_pending_per_camera)")
     max_pending_per_camera: int | None = Field(None, ge=1, description="requests of one camera waiting per replica "
                                                "(default: max(16, max_batch))")
 
