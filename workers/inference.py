@@ -14,6 +14,7 @@ import collections
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 import traceback
@@ -513,14 +514,39 @@ class InferenceActor:
 
 def local_copy(data: bytes) -> Path:
     """The checkpoint's bytes as a file of this node's temp dir, named by content: replicas and restarts on one
-    node share it, and a half-written file is never read (written aside, then renamed)."""
-    path = Path(tempfile.gettempdir()) / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
-    if not path.is_file() or path.stat().st_size != len(data):
+    node share it, and a half-written file is never read (written aside, then renamed). In a folder of this
+    user's own (``_own_folder``), and taken only when it holds exactly these bytes: in the shared temp dir another
+    user's copy (mode 0600) of the same checkpoint made every start fail to read it, and a file of the same size
+    planted there by anyone was loaded as the model."""
+    path = _own_folder() / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
+    if not _holds(path, data):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
         # removed when the write fails (a full disk): Ray restarts the replica, and each try left one behind
         with written_aside(path, Path(tmp)), os.fdopen(fd, "wb") as f:
             f.write(data)
     return path
+
+
+def _own_folder() -> Path:
+    """``hydravision-<uid>`` in the temp dir, mode 0700; a fresh one when that name is taken by another user or
+    is not a plain folder (a symlink, a file)."""
+    uid = os.getuid()
+    folder = Path(tempfile.gettempdir()) / f"hydravision-{uid}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
+            return folder
+    except OSError:  # a file of that name
+        pass
+    return Path(tempfile.mkdtemp(prefix="hydravision-"))
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 # The most image bytes one call carries: what Ray sends inside the call rather than through the object store
