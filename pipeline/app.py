@@ -133,8 +133,8 @@ class App(LiveControl):
     _unretired: dict = field(default_factory=dict)
     _retire_at: float = 0.0  # when the retry may ask Redis again (monotonic), after _retire_failures in a row
     _retire_failures: int = 0
-    # Camera processes whose restart the metric has counted. Only the latest matter (a process's cameras
-    # restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
+    # Camera processes (Ray name, pid) whose restart the metric has counted. Only the latest matter (a process's
+    # cameras restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
     # Restarts whose start has not answered yet (camera -> (its handle, the start's ObjectRef)): looked at again at
     # the next tick, not sent again. The control loop's only.
@@ -457,6 +457,10 @@ class App(LiveControl):
                     if run_time:
                         with self._lock:
                             self._joins.update({handle.id: handle for handle in created})
+            # A shutdown sets _stop before it kills the processes in _joins: one that began while Ray created ours
+            # (a slow GCS) did not see them, and this add then waited for them while Ray was stopped.
+            if run_time and self._stop.is_set():
+                raise UserError("the service is shutting down")
         except BaseException:  # e.g. a later group's name held by another pipeline: the earlier ones ran on
             self._undo(starting)
             raise
@@ -757,10 +761,11 @@ class App(LiveControl):
             log.warning("camera %s: no stats after its restart: %s", h.id, self._describe(e, h.id))
             stats = None  # restarted all the same: reported below (a camera crashing at each start went unreported)
         pid = stats["pid"] if stats else pid
-        # An event for each camera; the restarts metric counts processes (the cameras of one restart together).
-        counted = pid is not None and pid in self._restarted_pids
+        # An event for each camera; the restarts metric counts processes (the cameras of one restart together). A
+        # process by its Ray name too: two restarted on two nodes (containers alike) may get the same pid.
+        counted = pid is not None and (h.name, pid) in self._restarted_pids
         if not counted and pid is not None:
-            self._restarted_pids.append(pid)
+            self._restarted_pids.append((h.name, pid))
         self._report_restart("stream", h.id, f"stream actor of camera {h.id} crashed and was restarted", ("camera", h.id),
                              count=not counted)
         return stats
