@@ -186,6 +186,13 @@ function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
 
+// The same for rows (the detail view's tables and recent events): ``key`` names what they show, rows() builds them.
+function setRows(node, key, rows) {
+  if (node.dataset.key === key) return;
+  node.dataset.key = key;
+  node.replaceChildren(...rows());
+}
+
 function fillStats(root, tile) {
   root.dataset.state = tile.state;
   root.dataset.fps = tile.fps;
@@ -365,14 +372,14 @@ function renderDetail() {
   fillStats(root, tile);
   setText(root.querySelector(".url"), tile.url || "–");
   setText(root.querySelector(".reconnects"), String(tile.reconnects ?? 0));
-  const heads = root.querySelector("table.heads");
-  heads.replaceChildren(el("tr", {}, el("th", {}, "head"), el("th", {}, "tracks now")),
-    ...tile.heads.map((h) => el("tr", {}, el("td", {}, h), el("td", {}, String((tile.tracks || {})[h] ?? "–")))));
-  const zones = root.querySelector("table.zones");
+  setRows(root.querySelector("table.heads"), JSON.stringify([tile.heads, tile.tracks]), () => [
+    el("tr", {}, el("th", {}, "head"), el("th", {}, "tracks now")),
+    ...tile.heads.map((h) => el("tr", {}, el("td", {}, h), el("td", {}, String((tile.tracks || {})[h] ?? "–"))))]);
   if (tile.counts) {
-    zones.replaceChildren(el("tr", {}, el("th", {}, "zone / line"), el("th", {}, "head"), el("th", {}, "class"), el("th", {}, "count")),
+    setRows(root.querySelector("table.zones"), JSON.stringify(tile.counts), () => [
+      el("tr", {}, el("th", {}, "zone / line"), el("th", {}, "head"), el("th", {}, "class"), el("th", {}, "count")),
       ...tile.counts.zones.map((z) => el("tr", {}, el("td", {}, `zone ${z.zone}`), el("td", {}, z.head), el("td", {}, z["class"]), el("td", {}, `${z.inside} inside`))),
-      ...tile.counts.lines.map((l) => el("tr", {}, el("td", {}, `line ${l.line}`), el("td", {}, l.head), el("td", {}, l["class"]), el("td", {}, `${l["in"]} in / ${l["out"]} out`))));
+      ...tile.counts.lines.map((l) => el("tr", {}, el("td", {}, `line ${l.line}`), el("td", {}, l.head), el("td", {}, l["class"]), el("td", {}, `${l["in"]} in / ${l["out"]} out`)))]);
   }
   showPicture(root, camera, tile.snapshot);
   scheduleCharts();
@@ -384,7 +391,7 @@ function renderDetailEvents() {
   const list = $("#detail .recent");
   if (!list) return;
   const mine = state.events.filter((e) => e.camera === camera).slice(-50).reverse();
-  list.replaceChildren(...mine.map(eventItem));
+  setRows(list, mine.map((e) => e.id).join(" "), () => mine.map(eventItem));
 }
 
 // --- the Redis notice and the stream ---------------------------------------------------------------------------
@@ -472,7 +479,12 @@ function connect() {
   });
   source.addEventListener("redis", (m) => setRedis(JSON.parse(m.data)));
   source.onerror = () => {
-    if (source.readyState !== EventSource.OPEN) notice("offline", "Lost the connection to the dashboard server; reconnecting…");
+    if (source.readyState !== EventSource.OPEN) {
+      notice("offline", "Lost the connection to the dashboard server; reconnecting… Tiles show the last values read.");
+      // greyed as when Redis is away (the next hello says how Redis is): with many cameras the notice is out of view,
+      // and the tiles of the moment the dashboard went read as live for as long as it stayed away
+      document.body.classList.add("frozen");
+    }
     // EventSource retries a lost connection, but an HTTP error (a proxy's 502 while the dashboard restarts) ends it
     if (source.readyState === EventSource.CLOSED) setTimeout(connect, 2000);
   };
