@@ -47,6 +47,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             isinstance(config.get(part, {}), dict) for part in ("heads", "attributes", "adapters", "reid")):
         raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config, heads, attributes, adapters or "
                               "reid are not a mapping)")
+    # what the service reads of the metadata alone, before any weights (its cameras' heads and input size): a
+    # config without them ended the start in a KeyError
+    missing = [key for key in ("input_size", "heads") if key not in config]
+    missing += [f"heads.{name}.classes" for name, spec in config.get("heads", {}).items()
+                if not (isinstance(spec, dict) and "classes" in spec)]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged (its config has no {', '.join(missing)})")
     for spec in config.get("heads", {}).values():
         if isinstance(spec, dict) and spec.get("type", "fcos") == "fcos":
             spec.setdefault("tower", "conv")  # saved before heads had a choice of tower: FCOS's full convs

@@ -54,7 +54,7 @@ def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = 
             stream = iter(SyntheticFrames(model.config.input_size, seed=CALIBRATION_SEED, augment=False))
             frames += [next(stream).image for _ in range(want)]
             continue
-        if not Path(data).is_dir():
+        if not Path(data).exists():  # a folder, or the data.yaml a training was given (YoloFolder reads either)
             raise ConfigError(f"model.precision int8 calibrates on the model's training data; {data} (from the "
                               "checkpoint's history) is not here. Use precision auto, bf16 or fp32, or run where "
                               "that folder is")
