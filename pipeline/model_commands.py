@@ -162,7 +162,7 @@ def refuse_architecture_options(args: argparse.Namespace, given: set[str], init:
 
 def format_fine_tune(path: Path) -> str:
     """What the last training run of a checkpoint did to the heads it did not train ('' if nothing to say)."""
-    record = read_metadata(path)["training"].get("history", [{}])[-1]
+    record = (read_metadata(path)["training"].get("history") or [{}])[-1]
     lines = []
     if "other_heads_map50" in record:
         scores = record["other_heads_map50"]
@@ -326,10 +326,12 @@ def _cannot_write(where: str, e: OSError) -> UserError:
 
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
-    from models.export import cache_path, cached_export, export_onnx, mark_used, output_names  # seconds of imports
+    from models.export import (cache_path, cached_export, damaged, export_onnx, mark_used,  # seconds of imports
+                               output_names)
 
     path = args.checkpoint or DEMO_CHECKPOINT
-    if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file():  # no model to load
+    # no model to load; a cached file cut short (a full disk, a kill) is made again, as the service's start does
+    if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file() and not damaged(cached):
         mark_used(cached)
         return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
     if args.out:
