@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().with_name("dashboard_static")
 KEEPALIVE_S = 15.0
 MAX_INTERVAL_S = 3600.0  # --interval; the config's dashboard.interval_s stops at 60
+# --interval 0.001 polled Redis a thousand times a second and kept 300,000 chart points per camera (history_s / it)
+MIN_INTERVAL_S = 0.1
 
 
 # --- the web app -------------------------------------------------------------------------------------------
@@ -241,6 +243,8 @@ def command(args: Any) -> int:
     url = redis_url(args.redis_url)
     if args.interval > MAX_INTERVAL_S:  # 1e20 ended the poller: no wait can be that long (threading.TIMEOUT_MAX)
         raise UserError(f"--interval must be at most {MAX_INTERVAL_S:g} seconds, got {args.interval:g}")
+    if args.interval < MIN_INTERVAL_S:
+        raise UserError(f"--interval must be at least {MIN_INTERVAL_S:g} seconds, got {args.interval:g}")
     try:
         return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
                      say=lambda m: print(m, file=sys.stderr, flush=True), allowed_hosts=args.allowed_host or ())
