@@ -219,6 +219,7 @@ class DashboardServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()  # a slow start given up on: its server, poller and socket did not stop with the caller
                 raise RuntimeError(f"the dashboard did not start on {self.url}")
             time.sleep(0.02)
         return self

@@ -13,3 +13,23 @@ def test_an_interval_below_a_tenth_of_a_second_is_refused_naming_it(capsys, monk
     assert main(["dashboard", "--interval", "0.001", "--redis-url", NOWHERE]) == 2
     assert "--interval must be at least 0.1 seconds, got 0.001" in capsys.readouterr().err
     assert main(["dashboard", "--interval", "0.1", "--redis-url", NOWHERE]) == 0
+
+
+def test_a_start_given_up_on_stops_what_it_started(monkeypatch):
+    """A dashboard slower to start than its timeout (a loaded machine) raised and left its server thread, the
+    Hub's poller and the listening socket running under a controller that went on without them."""
+    import threading
+
+    import pytest
+    import uvicorn
+
+    def slow_run(self, sockets=None):  # never says it started; ends when told to
+        while not self.should_exit:
+            threading.Event().wait(0.01)
+
+    monkeypatch.setattr(uvicorn.Server, "run", slow_run)
+    server = dashboard.DashboardServer(NOWHERE, interval_s=5)
+    with pytest.raises(RuntimeError, match="the dashboard did not start"):
+        server.start(timeout=0.3)
+    server._thread.join(5)
+    assert not server._thread.is_alive() and server.socket.fileno() == -1
