@@ -219,7 +219,9 @@ class ApiConfig(Strict):
     @field_validator("media_roots", "devices")
     @classmethod
     def _paths(cls, v: list[str]) -> list[str]:
-        return [p for p in v if p]  # ${VAR:-} left empty: no such entry (realpath("") is the working directory)
+        # ${VAR:-} left empty: no such entry (realpath("") is the working directory). "~" is the home folder, as in
+        # a camera's file path and model.checkpoint: realpath kept it as a folder named "~", and no file was allowed.
+        return [os.path.expanduser(p) for p in v if p]
 
     def all_tokens(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """Configured tokens plus $HYDRAVISION_API_TOKEN as 'env'; raises ConfigError on a weak one."""
@@ -230,6 +232,9 @@ class ApiConfig(Strict):
                 raise ConfigError(f"${API_TOKEN_ENV}: the token is shorter than {MIN_TOKEN_LENGTH} characters")
             if problem := _token_problem(value):
                 raise ConfigError(f"${API_TOKEN_ENV}: the token {problem}")
+            if tokens.get("env", value) != value:  # it replaced the configured one without a word: that token failed
+                raise ConfigError(f"api.tokens.env: ${API_TOKEN_ENV} is the token named 'env' too, and another; "
+                                  "rename the one in the config")
             tokens["env"] = value
         return tokens
 
@@ -256,7 +261,8 @@ class DashboardConfig(Strict):
     host: str = Field("127.0.0.1", description="address to bind; the page has no login, keep it on loopback "
                       "or behind a proxy that has one")
     port: int = Field(8765, ge=0, le=65535, description="0: a free port")
-    interval_s: float = Field(1.0, gt=0, le=60, description="how often camera tiles are read and pushed")
+    interval_s: float = Field(1.0, ge=0.1, le=60, description="how often camera tiles are read and pushed "
+                              "(0.1 s at least: as `hydravision dashboard --interval`)")
     allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
                                 "control stream); anyone who reaches the page can then use them")
     allowed_hosts: list[str] = Field(default_factory=list, description="on loopback the page answers only requests "
@@ -472,6 +478,9 @@ def parse_camera(data: Any, model_heads: dict[str, list[str]] | None = None, whe
     return cam
 
 
+MAX_CONFIG_BYTES = 64 * 2**20  # 10,000 cameras with a zone each are 2.5 MB; more is a video given by mistake
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.exists():  # not is_file(): `run <(envsubst < c.yaml)` and /dev/stdin are pipes, and were "not found"
@@ -481,6 +490,9 @@ def load_config(path: str | Path) -> Config:
     try:
         # bytes: the parser decodes them as YAML says (UTF-8/16, whatever the locale) and names a byte that
         # is not text (a video given by mistake) as a YAML error, not a UnicodeDecodeError's traceback
+        if (size := path.stat().st_size) > MAX_CONFIG_BYTES:  # read whole, it took 2.2x its size in memory
+            raise ConfigError(f"{path}: {size / 2**20:.1f} MiB, larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a "
+                              "config file (a video given by mistake?)")
         data = load_yaml(path.read_bytes())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None

@@ -33,3 +33,13 @@ def test_a_start_given_up_on_stops_what_it_started(monkeypatch):
         server.start(timeout=0.3)
     server._thread.join(5)
     assert not server._thread.is_alive() and server.socket.fileno() == -1
+
+
+def test_the_configs_dashboard_interval_has_the_same_floor():
+    import pytest
+
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"dashboard\.interval_s"):
+        parse_config({"cameras": [], "dashboard": {"enabled": True, "interval_s": 0.001}})
+    assert parse_config({"cameras": [], "dashboard": {"interval_s": 0.1}}).dashboard.interval_s == 0.1
