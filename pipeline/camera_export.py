@@ -64,7 +64,7 @@ def export_cameras(cameras: list[CameraConfig], written_urls: dict[str, str]) ->
         if written is not None:
             try:
                 # a relative path runs absolute (cluster.actor_camera): still the file's own URL
-                if absolute_path_url(interpolate_env(written)) == cam.url:
+                if absolute_path_url(interpolate_env(written).strip()) == cam.url:  # stripped, as the URL was
                     url, literal = written, False
             except ConfigError:  # a variable no longer set: it cannot be the same URL
                 pass
