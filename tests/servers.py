@@ -64,6 +64,8 @@ def require_binary(name: str) -> None:
     `name` is an executable, or "gst-rtsp-server" for the GStreamer RTSP server under /usr/bin/python3.
     """
     if not _have(name):
+        if name == "redis-server" and os.environ.get("HV_REDIS_SERVER"):  # installing one would not help
+            skip_or_fail(f"HV_REDIS_SERVER={os.environ['HV_REDIS_SERVER']}: no such program to run")
         what = f"GStreamer's RTSP server for {SYSTEM_PYTHON}" if name == "gst-rtsp-server" else name
         package = _DEBIAN_PACKAGES.get(name, name)
         skip_or_fail(f"{what} is not installed; on Debian/Ubuntu: sudo apt-get install {package}")
