@@ -562,6 +562,9 @@ class CameraPipeline:
     def _retime_tracker(self) -> None:
         """Tells the tracker a new analysed rate: it counts a lost track's life in frames."""
         if self.tracker is not None:
+            # On the 25 fps fallback (a source that says no rate, its measurement dropped by _reset_budget): retimed
+            # again once measured (_publish_frame), else a 5 fps camera's lost tracks lived 5 times too long for good
+            self._tracker_rate_guessed = self._budget_fps is None and self._base_fps() is None
             self.tracker.set_frame_rate(self._analysed_fps())
 
     def _keep_budget(self, age_s: float, now: float) -> None:
@@ -608,8 +611,9 @@ class CameraPipeline:
             if same_size:
                 self.analytics = self.analytics.reconfigured(self.camera.zones, self.camera.lines)
             else:
-                if self.analytics is not None:  # another size (a new URL, a camera reconfigured): counts from 0,
-                    self._counts_since = time.time()  # which `since` tells consumers, as after a restart
+                # Counts from 0, which `since` tells consumers, as after a restart: another size (a new URL, a camera
+                # reconfigured), and zones or lines set live on a camera that had none (first, or again)
+                self._counts_since = time.time()
                 self.analytics = CameraAnalytics(self.camera.zones, self.camera.lines, self.classes, (w, h))
             self._analytics_for = want
             for reason in self.analytics.errors.values():  # pixel points outside the real frame
@@ -1056,6 +1060,11 @@ class CameraHost:
     async def stop(self, drain: bool = True, timeout: float = 10.0) -> dict:
         if self.pipeline is None or self.task is None:
             self._stop_asked = True  # a start still waiting (for its replica, for Redis) gives up
+            if self.publisher is not None and not self._starting.locked():
+                # A start that failed (its replica refused or absent) left its Publisher attached to the writer the
+                # process's cameras share: one more for every failed add. Detached first: a later start makes its own.
+                publisher, self.publisher = self.publisher, None
+                await asyncio.get_running_loop().run_in_executor(None, publisher.close, 5.0)
             return {}
         self.pipeline.stop(drain)
         try:
