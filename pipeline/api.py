@@ -114,6 +114,32 @@ class AnswerCutRequests:
             await _rejected(503, CUT_SHORT)(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET without the body (HTTP requires it of every server; FastAPI's routes,
+    unlike Starlette's, take GET alone: a monitor probing /healthz with HEAD, as uptime checkers do by default, was
+    answered 405 and took the service for down). A new scope: the server's own still says HEAD, and it sends no body."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
+def _allowed(request: Request) -> str:
+    """The methods a path takes, for a 405's Allow: Starlette names those of the first route on the path only
+    (``Allow: GET`` for PUT /cameras/lobby, whose PATCH and DELETE are routes of their own)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+
+
 def _validation_reason(exc: RequestValidationError) -> str:
     """FastAPI's validation errors (bad JSON, not an object) in the config's style: field path first."""
     lines = []
@@ -208,7 +234,11 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     @api.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
         hint = slash_hint(request) if exc.status_code == 404 else None
-        return _rejected(exc.status_code, hint or str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+            hint = f"{request.method} {request.url.path}: method not allowed (allowed: {headers['Allow']})"
+        return _rejected(exc.status_code, hint or str(exc.detail), headers)
 
     @api.exception_handler(Exception)
     async def _on_bug(request: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
@@ -251,6 +281,7 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     for extend in extensions:
         extend(api, controller)
+    api.add_middleware(HeadAsGet)
     return api
 
 
@@ -295,6 +326,9 @@ class ApiServer:
         while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self._server.started:
+            # a slow start given up on: its server and socket must not go on under a caller that went on without them
+            self.stop()
+            sock.close()
             raise RuntimeError(f"the HTTP API did not start on {self.url} within {timeout_s:g} s")
         return self
 

@@ -35,8 +35,8 @@ def add_parser(sub: Any) -> None:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", default=None, metavar="URL",
-                        help=f"the service's HTTP API, e.g. http://127.0.0.1:8470 (default: ${API_URL_ENV}; "
-                             "without either, the Redis control stream)")
+                        help=f"the service's HTTP API, e.g. http://127.0.0.1:8470 (default: ${API_URL_ENV}, unless "
+                             "--redis-url is given; without either, the Redis control stream)")
     common.add_argument("--token", default=None, help=f"bearer token for --api (better: ${API_TOKEN_ENV})")
     common.add_argument("--redis-url", default=None, help=f"Redis of the service (default: ${REDIS_URL_ENV})")
     common.add_argument("--prefix", default="hv", help="the service's Redis key prefix")
@@ -71,6 +71,15 @@ def add_parser(sub: Any) -> None:
 
 # -- the two channels ------------------------------------------------------------------------------------------
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as what it is (the API itself never redirects: a proxy's http -> https, a moved
+    host): urllib re-sent a POST as a GET, so an add answered by the list said "added camera", nothing added; and
+    it sent the token along to wherever the redirect pointed."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
 class HttpChannel:
     def __init__(self, base: str, token: str | None, timeout: float):
         self.base, self.token, self.timeout = base.rstrip("/"), token, timeout
@@ -83,15 +92,20 @@ class HttpChannel:
         try:  # 'http://[::1' (a ValueError) or 'http://host:port8470' (InvalidURL): the user's URL, not our bug
             req = urllib.request.Request(self.base + path, data=data, method=method)
             req.add_header("Content-Type", "application/json")
-            if self.token:
-                req.add_header("Authorization", f"Bearer {self.token}")
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            if self.token:  # its UTF-8 bytes, as the API reads them (http.client writes a header as latin-1)
+                req.add_header("Authorization", f"Bearer {self.token}".encode().decode("latin-1"))
+            with urllib.request.build_opener(_NoRedirects).open(req, timeout=self.timeout) as resp:
                 raw, code = resp.read(), resp.status
         except urllib.error.HTTPError as e:  # the status is the answer's code, as the control stream's field
             try:
                 return {**_answer(json.loads(e.read())), "code": e.code}
             except ValueError:
-                return {"status": "rejected", "reason": f"HTTP {e.code} {e.reason}", "code": e.code}
+                reason = f"HTTP {e.code} {e.reason}"
+                if 300 <= e.code < 400:  # not followed (_NoRedirects): the command went no further
+                    moved = e.headers.get("Location")
+                    reason += f", not followed to {redact_url(moved)}" if moved else ", not followed"
+                    reason += " (give the API's own URL as --api)"
+                return {"status": "rejected", "reason": reason, "code": e.code}
         except TimeoutError:  # not wrapped in a URLError: the request was sent, its answer is what did not come
             may = ": the command may still be applied (see `cameras list`)" if op in ("add", "update", "remove") else ""
             raise UserError(f"no answer from the HTTP API at {redact_url(self.base)} within {self.timeout:g} s"
@@ -209,7 +223,9 @@ def _answer(value: Any) -> dict:
 
 
 def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
-    api = args.api or os.environ.get(API_URL_ENV)
+    # a --redis-url given is the channel asked for: $HYDRAVISION_API_URL (a shell's default) sent the command to
+    # whichever service that names instead, without a word
+    api = args.api or (None if args.redis_url else os.environ.get(API_URL_ENV))
     if api:
         return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout)
     return RedisChannel(redis_url(args.redis_url), args.prefix, args.timeout)
