@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -952,9 +953,22 @@ class CameraHost:
                                        track_id_base=id_base, instance=self.instance, resume=resume,
                                        infer_many=self.merger.call if self.merger else service_call(replica))
         self.pipeline.redis_clock = clock  # heartbeats on the readers' clock
-        self.task = asyncio.get_running_loop().create_task(self.pipeline.run())
+        self.task = asyncio.get_running_loop().create_task(self._run(self.pipeline))
         self.task.add_done_callback(lambda task: self._leave_merger() if task is self.task else None)
         self.status_task = asyncio.get_running_loop().create_task(self._status_loop())
+
+    async def _run(self, pipeline: CameraPipeline) -> dict:
+        """``pipeline.run()``; a bug that ends it is this camera's failure, said as one: its status went on saying
+        running with fresh heartbeats, its ``wait`` raised (a service over files never ended) and so did its stop."""
+        try:
+            return await pipeline.run()
+        except Exception as e:
+            log.exception("camera %s: its pipeline failed", self.camera.id)
+            pipeline.last_error = redact_text(f"pipeline failed: {type(e).__name__}: {e}", [self.camera.url])
+            pipeline.state = "failed"
+            with contextlib.suppress(Exception):  # the status loop says it within a second anyway
+                pipeline.publish_status()
+            return pipeline.stats()
 
     def _leave_merger(self) -> None:
         """This camera sends no more frames through its merger, whose calls stop waiting for it."""
