@@ -73,6 +73,7 @@ class Accumulated:
     base: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
     incarnation: Any = None
+    run: Any = None  # which run of the camera in that process (CameraHost.runs): a file started again by an update
 
     # Counters of a part a live update replaces while the camera runs on (the frame-age budget): one that goes
     # backwards started again from 0, which is no restart of the process (that doubled all the camera's totals).
@@ -82,21 +83,24 @@ class Accumulated:
     # them too doubled redis_errors_total and redis_messages_dropped_total).
     PROCESS_LIVED = ("redis.",)
 
-    def update(self, incarnation: Any, values: dict[str, float]) -> bool:
+    def update(self, incarnation: Any, values: dict[str, float], run: Any = None) -> bool:
         """True when this is a new process (another pid, or a counter it reports went backwards): its
         predecessor's last values are folded into the base first (in the same process, all but PROCESS_LIVED
         that did not go backwards). A counter missing from the same process's values went away with what
         counted it (the frame-age budget a live update drops): its last value is folded into the base, so it
         keeps its total and counts on from there if it comes back; so is one of REPLACEABLE that went
-        backwards (replaced between two reads)."""
+        backwards (replaced between two reads). ``run``: another run in the same process is a restart too, said
+        by it and not only by counters going backwards (the new run of a short file had counted past the old one's
+        totals by the next tick, and those vanished from /metrics)."""
         backwards = {k for k, v in self.last.items() if k in values and values[k] < v}
         new_process = self.incarnation is not None and incarnation != self.incarnation
-        restarted = new_process or (self.incarnation is not None
-                                    and any(not k.startswith(self.REPLACEABLE) for k in backwards))
+        new_run = self.incarnation is not None and self.run is not None and run is not None and run != self.run
+        restarted = new_process or new_run or (self.incarnation is not None
+                                               and any(not k.startswith(self.REPLACEABLE) for k in backwards))
         gone = {k: v for k, v in self.last.items() if new_process or k not in values or k in backwards
                 or (restarted and not k.startswith(self.PROCESS_LIVED))}
         self.add(gone)
-        self.incarnation, self.last = incarnation, dict(values)
+        self.incarnation, self.run, self.last = incarnation, run, dict(values)
         return restarted
 
     def add(self, totals: dict[str, float]) -> None:
@@ -181,7 +185,7 @@ class Telemetry:
                 pid = s.get("pid", rec.counters.incarnation if final else None)
                 if "decoded" in s and pid is not None:  # a started pipeline (not "created"/"unavailable")
                     before = dict(rec.counters.last)
-                    if rec.counters.update(pid, camera_counters(s)):
+                    if rec.counters.update(pid, camera_counters(s), s.get("run", rec.counters.run if final else None)):
                         rec.lost += int(self._held(before))
                 if s.get("state") in UP_STATES:
                     rec.down_since = None

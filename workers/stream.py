@@ -900,6 +900,7 @@ class CameraHost:
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
         self.model, self.writer = model, writer
         self.restarted = False  # the next start is the controller's restart of it after a crash: see _previous_state
+        self.runs = 0  # pipelines started in this process (an update starts an ended file again): in stats as "run"
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
         self.task: asyncio.Task | None = None
@@ -949,6 +950,7 @@ class CameraHost:
         if self.merger_for is not None and self.model is None:  # an in-process model takes no Ray calls
             self.merger = self.merger_for(ref, replica)
             self.merger.cameras.add(self.camera.id)
+        self.runs += 1
         self.pipeline = CameraPipeline(self.camera, None, self.model_info, self.publisher,
                                        track_id_base=id_base, instance=self.instance, resume=resume,
                                        infer_many=self.merger.call if self.merger else service_call(replica))
@@ -1100,7 +1102,7 @@ class CameraHost:
         mine = capture_thread_name(self.camera.id, "")
         stats["decoder_threads"] = sum(t.name.startswith(mine) for t in threading.enumerate())
         stats["open_tracks"] = self.pipeline.open_tracks()
-        stats["pid"] = os.getpid()  # as stats(): the controller's whole-run counts tell processes apart by it
+        stats["pid"], stats["run"] = os.getpid(), self.runs  # as stats()
         return stats
 
     async def stats(self) -> dict:
@@ -1108,6 +1110,8 @@ class CameraHost:
         if self.publisher:
             s["publisher"] = self.publisher.stats()
         s["pid"] = os.getpid()  # the controller tells a restarted actor's counters from the old one's by it
+        if self.pipeline:
+            s["run"] = self.runs  # and a run started again in the same process (telemetry.Accumulated)
         return s
 
 
