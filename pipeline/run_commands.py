@@ -92,7 +92,7 @@ class Output:
         if self.json_mode:
             self.log.info("final", extra={"data": {"event": "final", "cameras": finals}})
         else:
-            self.console.print(status_table(finals, title="final"))
+            self.console.print(status_table(finals, title="final", final=True))
 
 
 def _compact(stats: list[dict]) -> list[dict]:

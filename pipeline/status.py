@@ -103,7 +103,8 @@ def _restarted(s: dict) -> str:
     return f" (restarted {n}x)" if _number(n) and n > 0 else ""
 
 
-def status_table(stats: list[dict], title: str = "hydravision") -> Table:
+def status_table(stats: list[dict], title: str = "hydravision", final: bool = False) -> Table:
+    """``final``: the stats of a stop (the run's last table), whose rates are those of its last seconds."""
     table = Table(title=title, title_justify="left", expand=False)
     for col, just in [("camera", "left"), ("state", "left"), ("fps", "right"), ("decode fps", "right"),
                       ("latency p50/p95 ms", "right"), ("published", "right"), ("dropped", "right"),
@@ -114,8 +115,10 @@ def status_table(stats: list[dict], title: str = "hydravision") -> Table:
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         skipped = f" +{s['skipped']} skipped" if s.get("skipped") else ""  # frames the motion gate kept from inference
-        # a stale entry's rates are those of a service gone, maybe for days: not what the camera does now
-        now = {"fps": None, "decode_fps": None} if state == "stale" else s
+        # a stale entry's rates are those of a service gone, maybe for days, and a finished camera's (stopped, ended,
+        # failed: never stale) those of its last seconds: not what the camera does now (as the dashboard's tiles)
+        gone = state == "stale" or (state in FINAL_STATES and not final)
+        now = {"fps": None, "decode_fps": None} if gone else s
         table.add_row(
             _cell(s.get("camera", "?")), (f"[{style}]{state}[/]" if style else state) + _cell(_restarted(s)),
             _fps(now.get("fps", 0)),

@@ -1,0 +1,34 @@
+"""`hydravision status` (and the run's live table) showed a finished camera's last rates as what it does now: a
+camera stopped by the last run read "5.0 fps, 9.9 decode, 36/113 ms" for as long as its entry stayed in Redis
+(the dashboard's tiles already showed none). The run's final table keeps them: they are its last seconds."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from pipeline.status import status_table
+
+
+def shown(stats: list[dict], **kwargs) -> str:
+    out = io.StringIO()
+    Console(file=out, width=250).print(status_table(stats, **kwargs))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("state", ["stopped", "ended", "failed"])
+def test_a_finished_camera_shows_no_rate_or_latency(state):
+    row = {"camera": "cam-syn", "state": state, "fps": 5.04, "decode_fps": 9.93, "latency_ms_p50": 36.2,
+           "latency_ms_p95": 113.7, "published": 1234}
+    text = shown([row])
+    assert "5.0" not in text and "9.9" not in text and "36" not in text and "113" not in text, text
+    assert "1234" in text.replace(",", "")
+    final = shown([row], title="final", final=True)
+    assert "5.0" in final and "9.9" in final and "36" in final
+
+
+def test_a_running_camera_shows_its_rates():
+    text = shown([{"camera": "c", "state": "running", "fps": 5.04, "decode_fps": 9.93, "latency_ms_p50": 36.2,
+                   "latency_ms_p95": 113.7}])
+    assert "5.0" in text and "9.9" in text and "36" in text
