@@ -43,8 +43,11 @@ const fmt = {
 };
 
 function drops(tile) {
-  const total = Object.values(tile.dropped || {}).reduce((a, b) => a + b, 0);
-  return total ? `${total} (${fmt.pairs(tile.dropped, true)})` : "0";
+  // not the frames the camera's fps setting leaves out by design ("rate"), as `hydravision status`: a 25 fps file
+  // at fps 10 read as 60% dropped
+  const lost = Object.fromEntries(Object.entries(tile.dropped || {}).filter(([reason]) => reason !== "rate"));
+  const total = Object.values(lost).reduce((a, b) => a + b, 0);
+  return total ? `${total} (${fmt.pairs(lost, true)})` : "0";
 }
 
 function countsText(counts) {
