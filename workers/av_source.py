@@ -122,6 +122,7 @@ class AVSource(Source):
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
         self._last_packet_corrupt = False  # FFmpeg flags a packet cut short by the end of the file
         self._end_error: SourceError | None = None  # raised instead of the normal end (a broken file)
+        self._quiet_since: float | None = None  # monotonic: the start of a wait FFmpeg's own timeout ended (read)
         self._clock = PtsClock(None)
         self._pacer = Pacer()
 
@@ -256,7 +257,10 @@ class AVSource(Source):
         stream, a closed source)."""
         if self._container is None:
             raise self._error("ended", "the source is closed" if self._closed else "the source is not open")
-        deadline = time.monotonic() + self.read_timeout_s
+        # Counted from when the source went quiet: a frozen camera's last frame, held by FFmpeg's parser until the
+        # next one began, came out only when FFmpeg's own timeout ended the wait, and restarted the count (the camera
+        # was found frozen after twice read_timeout_s)
+        deadline = (self._quiet_since or time.monotonic()) + self.read_timeout_s
         while not self._pending:
             if self._eof:
                 if self._end_error is not None:
@@ -266,14 +270,17 @@ class AVSource(Source):
                 raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
             self._decode_next_packet()
         frame = self._pending.popleft()
-        pts = self._clock(time.monotonic() if self._arrival else self._frame_time(frame))
+        # came before the source went quiet (held, see above): its age counts from then, not from its release
+        arrived = self._quiet_since or time.monotonic()
+        pts = self._clock(arrived if self._arrival else self._frame_time(frame))
         if self._pass_start is None:
             self._pass_start = pts
         # A paced file's picture is "taken" when it is due, not when it was decoded ahead (the first paced frame
         # anchors the clock, so frames a resume skips first cost no waiting).
         if self._pace and self._index >= self.unpaced_until:
             self._pacer.wait(pts)
-        out = SourceFrame(self._index, pts, time.time(), (frame.height, frame.width), frame)
+        out = SourceFrame(self._index, pts, time.time() - (time.monotonic() - arrived), (frame.height, frame.width),
+                          frame)
         # A phone records sideways and says how to show it (display matrix); players and ffmpeg turn the picture,
         # and so must we: sideways people are not detected, and zones drawn on the shown picture would not fit.
         turns = round(getattr(frame, "rotation", 0) / 90) % 4  # an older PyAV has no rotation: as before
@@ -285,12 +292,17 @@ class AVSource(Source):
 
     def _decode_next_packet(self) -> None:
         assert self._container is not None and self._stream is not None and self._packets is not None
+        asked = time.monotonic()
         try:
             packet = self._call(next, self.read_timeout_s, self._packets, None)
         except IndexError:
             # PyAV's demux() ends with a flush packet per stream, found by index in the streams it knew at open: a
             # stream the demuxer met mid-file (a TS whose program gained a track) fails that lookup. Ours came first.
             packet = None
+        if time.monotonic() - asked >= 0.95 * self.read_timeout_s:  # a wait FFmpeg's timeout ended: quiet since then
+            self._quiet_since = self._quiet_since or asked
+        else:
+            self._quiet_since = None
         if packet is None:
             self._at_end()
             return
