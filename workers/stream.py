@@ -39,6 +39,10 @@ from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
 
+# The same inference failure is logged once per this many seconds per camera, with the count of the frames it failed
+# meanwhile: a replica restarting failed every frame in flight, a warning each (20 a camera for a 6 s restart).
+FAILURE_LOG_S = 5.0
+
 InferFn = Callable[[FrameRequest], Awaitable[dict[str, HeadArrays]]]
 InferManyFn = Callable[[list[FrameRequest]], Awaitable[list["dict[str, HeadArrays] | BaseException"]]]
 
@@ -113,6 +117,7 @@ class CameraPipeline:
         self._delivering: collections.deque[tuple[float, int]] = collections.deque(maxlen=30)
         self._quiet_s = 0.0
         self.last_error: str | None = None
+        self._failure_said: tuple[str | None, float, int] = (None, 0.0, 0)  # last logged, when, frames since unsaid
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self._crash_streak = 0  # crashes since a capture last delivered a frame: the restart's back-off
         self.state = "created"
@@ -437,7 +442,7 @@ class CameraPipeline:
                 why = refused_setting(e)  # a replica that refused to start: its reason, not Ray's traceback
                 why = f"inference replica could not start: {why}" if why else f"{type(e).__name__}: {e}"
                 self.last_error = redact_text(f"inference failed: {why}", [self.camera.url])
-                log.warning("camera %s frame %d: %s", self.id, item.index, self.last_error)
+                self._say_failure(item.index)
                 continue
             finally:
                 assert self._inflight is not None
@@ -455,6 +460,18 @@ class CameraPipeline:
                 what = "after publishing" if sent else "publishing failed"
                 self.last_error = redact_text(f"{what}: {type(e).__name__}: {e}", [self.camera.url])
                 log.exception("camera %s frame %d: %s", self.id, item.index, what)
+
+    def _say_failure(self, index: int) -> None:
+        """Logs last_error, an inference failure, unless the same was logged less than FAILURE_LOG_S ago."""
+        said, at, unsaid = self._failure_said
+        now = time.monotonic()
+        if said == self.last_error and now - at < FAILURE_LOG_S:
+            self._failure_said = (said, at, unsaid + 1)
+            return
+        more = f" ({unsaid} more frame(s) failed so since the last such line)" if unsaid and said == self.last_error \
+            else ""
+        log.warning("camera %s frame %d: %s%s", self.id, index, self.last_error, more)
+        self._failure_said = (self.last_error, now, 0)
 
     def _publish_frame(self, item: CapturedFrame, arrays: dict[str, HeadArrays]) -> None:
         tracks_changed = False  # a track started or ended: the status goes out with this frame (below)
