@@ -144,7 +144,7 @@ class Case:
     """One camera of the hostile run.
 
     expect: "failed"  - a file/config problem: one final stream_down, state failed
-            "retrying" - a live camera that cannot connect: stream_down + stream_reconnecting, again and again
+            "retrying" - a live camera that cannot connect: stream_down, then stream_reconnecting again and again
             "processed" - odd but valid: frames published with the right size, then a normal end
             "partial"  - a recording cut mid-write: the frames before the cut, then a final stream_down saying so
     reason: fragments (lower case) that the event reason and the status' last_error must contain.

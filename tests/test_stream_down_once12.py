@@ -1,0 +1,48 @@
+"""One stream_down per outage: a live camera that stays away is retried with back-off, each attempt a
+stream_reconnecting with its reason; stream_down went out at every attempt too, so an alert on it counted one
+outage of a camera frozen for 36 s as five (an operator's run). A final stream_down and a file's end still go
+out, and the next outage after a stream_up has its own."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import workers.capture
+from test_capture_recovery import MODEL_INFO, RecordingPublisher, ScriptedCamera, no_detections, run_until
+from workers.source_base import SourceError
+from workers.stream import CameraPipeline
+
+
+class AwayCamera(ScriptedCamera):
+    """ScriptedCamera whose opens number ``fail_opens`` fail (counted over the run)."""
+
+    opens = 0
+    fail_opens: set[int] = set()
+
+    def open(self) -> None:
+        n = type(self).opens
+        type(self).opens += 1
+        if n in self.fail_opens:
+            raise SourceError("timeout", "rtsp://cam/x: no answer within 2 s")
+        super().open()
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_of_several_attempts_is_one_stream_down(monkeypatch):
+    AwayCamera.reads, AwayCamera.opens = 0, 0
+    # read 10 fails (the stream drops), opens 1-3 fail (away), open 4 works; read 40 fails: a second outage
+    AwayCamera.script = {10: SourceError("timeout", "rtsp://cam/x: no picture within 2 s"),
+                         40: SourceError("ended", "rtsp://cam/x: end of stream")}
+    AwayCamera.fail_opens = {1, 2, 3}
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: AwayCamera(url))
+    monkeypatch.setattr(workers.capture.Capture, "BACKOFF_INITIAL_S", 0.01)
+    pub = RecordingPublisher()
+    pipe = CameraPipeline({"id": "cam", "url": "rtsp://cam/x"}, no_detections(), MODEL_INFO, pub)
+    asyncio.run(run_until(pipe, lambda: pub.event_types().count("stream_up") >= 3 and len(pub.frames) >= 45, 30,
+                          "two outages and frames after them"))
+    kinds = [t for t in pub.event_types() if t.startswith("stream_")]
+    first_back = kinds.index("stream_up", 1)
+    assert kinds[:first_back + 1] == ["stream_up", "stream_down", "stream_reconnecting", "stream_reconnecting",
+                                      "stream_reconnecting", "stream_reconnecting", "stream_up"], kinds
+    assert kinds[first_back + 1:first_back + 4] == ["stream_down", "stream_reconnecting", "stream_up"], kinds
