@@ -46,3 +46,30 @@ def test_an_outage_of_several_attempts_is_one_stream_down(monkeypatch):
     assert kinds[:first_back + 1] == ["stream_up", "stream_down", "stream_reconnecting", "stream_reconnecting",
                                       "stream_reconnecting", "stream_reconnecting", "stream_up"], kinds
     assert kinds[first_back + 1:first_back + 4] == ["stream_down", "stream_reconnecting", "stream_up"], kinds
+
+
+@pytest.mark.timeout(60)
+def test_a_new_url_does_not_carry_the_old_ones_error(monkeypatch):
+    """A camera switched to a bad URL and back kept saying the bad URL's error (its address in it) while it ran
+    healthy on the good one, in its status, the dashboard and `hydravision status`."""
+    AwayCamera.reads, AwayCamera.opens = 0, 0
+    AwayCamera.script = {5: SourceError("refused", "rtsp://cam/nothing: connection refused")}
+    AwayCamera.fail_opens = set()
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: AwayCamera(url))
+    monkeypatch.setattr(workers.capture.Capture, "BACKOFF_INITIAL_S", 0.01)
+    pub = RecordingPublisher()
+    pipe = CameraPipeline({"id": "cam", "url": "rtsp://cam/nothing"}, no_detections(), MODEL_INFO, pub)
+
+    async def main() -> tuple[str | None, dict]:
+        task = asyncio.ensure_future(pipe.run())
+        while pub.event_types().count("stream_up") < 2:
+            await asyncio.sleep(0.02)
+        before = pipe.last_error
+        pipe.update(pipe.camera.model_copy(update={"url": "rtsp://cam/good"}))
+        await asyncio.sleep(0.3)
+        pipe.stop()
+        return before, await task
+
+    before, final = asyncio.run(main())
+    assert before == "rtsp://cam/nothing: connection refused"
+    assert final["last_error"] is None, final["last_error"]

@@ -354,6 +354,8 @@ class CameraPipeline:
                     self._scene_from = self._gate_from = first
             else:
                 self._capture.camera = camera  # fps: from the next frame
+        if "url" in changed:  # the old URL's error (its address in it) is not the new one's: a healthy camera showed it
+            self.last_error = None
         if changed:
             self.publish_status()
         return changed
