@@ -35,7 +35,14 @@ def test_bn_folding_gives_the_same_features(depth, pairs):
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
         for a, b in zip(model.features(x), fused.features(x)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            # float32 rounding through 53 folded convs grows with the values (ResNet-50's maps reach ~175): the
+            # two differ by ~1e-6 of a map's largest value, and how the kernels round depends on the CPU (measured
+            # at depth 50: 1.5e-4 with AVX-512, 2.0e-4 with AVX2, 2.4e-4 with AVX-only oneDNN and ATen kernels,
+            # which failed a fixed atol of 1e-4). 1e-5 of the largest value stays 8x above all of those; a fold
+            # that drops BN's eps (1e-5 against variances of 0.5-2) is still over it at depths 18 and 50, and one
+            # 1e-4 off its scale at every depth.
+            atol = max(1e-4, 1e-5 * float(a.abs().max()))
+            torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
 
 
 def test_bn_folding_covers_mobilenets_conv_bn_activation_blocks():
