@@ -187,13 +187,15 @@ class BatchSizer:
 
 def out_of_memory(error: BaseException | None) -> bool:
     """Whether ``error`` is a device or host running out of memory: torch's ``OutOfMemoryError`` (CUDA, MPS) or
-    its CPU allocator's, ONNX Runtime's and OpenVINO's (their messages say so; none of them imported here), or
-    Python's MemoryError."""
+    its CPU allocator's, ONNX Runtime's and OpenVINO's (their messages say so; none of them imported here), cuBLAS's
+    and cuDNN's (``CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)``: a RuntimeError torch raises when
+    the GPU's memory is full as a library creates its handle or workspace), or Python's MemoryError."""
     if error is None:
         return False
     text = str(error).lower()
     return (isinstance(error, MemoryError) or "OutOfMemory" in type(error).__name__
-            or any(words in text for words in ("out of memory", "allocate memory", "bad_alloc")))
+            or any(words in text for words in ("out of memory", "allocate memory", "bad_alloc",
+                                                "status_alloc_failed")))
 
 
 def _power_of_two_at_most(n: int) -> int:
