@@ -73,3 +73,29 @@ def test_a_new_url_does_not_carry_the_old_ones_error(monkeypatch):
     before, final = asyncio.run(main())
     assert before == "rtsp://cam/nothing: connection refused"
     assert final["last_error"] is None, final["last_error"]
+
+
+@pytest.mark.timeout(60)
+def test_a_decoder_crash_during_an_outage_still_says_so(monkeypatch):
+    """The review of the first version: the once-per-outage rule also swallowed the stream_down of a decoder thread
+    that crashed while the camera was away (no stream_reconnecting carries that one's reason), so no event said it."""
+    AwayCamera.reads, AwayCamera.opens = 0, 0
+    AwayCamera.script = {10: SourceError("timeout", "rtsp://cam/x: no picture within 2 s")}
+    AwayCamera.fail_opens = {1}
+    opens = AwayCamera.open
+
+    def crash_on_the_third(self):
+        if type(self).opens == 2:
+            type(self).opens += 1
+            raise RuntimeError("a bug in a decoder path")
+        opens(self)
+
+    monkeypatch.setattr(AwayCamera, "open", crash_on_the_third)
+    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: AwayCamera(url))
+    monkeypatch.setattr(workers.capture.Capture, "BACKOFF_INITIAL_S", 0.01)
+    pub = RecordingPublisher()
+    pipe = CameraPipeline({"id": "cam", "url": "rtsp://cam/x"}, no_detections(), MODEL_INFO, pub)
+    asyncio.run(run_until(pipe, lambda: pub.event_types().count("stream_up") >= 2 and len(pub.frames) >= 15, 30,
+                          "the crash, the restart and frames after it"))
+    downs = [e["reason"] for e in pub.events if e["type"] == "stream_down"]
+    assert len(downs) == 2 and "no picture" in downs[0] and "decoder thread crashed: RuntimeError" in downs[1], downs

@@ -311,6 +311,7 @@ class Capture:
     def _run(self) -> None:
         worker_thread(f"hv-cap {self.camera.id}")
         attempt = 0
+        down_said = False  # a stream_down went out since the last stream_up (or the start)
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         last_pts = self.last_pts
         try:
@@ -332,6 +333,7 @@ class Capture:
                     self.source_fps = source.nominal_fps
                     self.state = "running"
                     self.on_event("stream_up", {"attempt": attempt} if attempt else {})
+                    down_said = False
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
                     if not self.resume_at:
                         self.pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
@@ -408,7 +410,11 @@ class Capture:
                 # camera away ~3 h crashed the thread), and 2 ** 20 is past the cap from any sane initial delay.
                 delay = min(self.BACKOFF_MAX_S, self.BACKOFF_INITIAL_S * 2 ** min(attempt - 1, 20))
                 delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
-                self.on_event("stream_down", {"reason": reason})
+                # One stream_down per outage (its first failure), each attempt a stream_reconnecting with its reason:
+                # one at every attempt made an alert on it count one 36 s freeze as five outages.
+                if not down_said:
+                    self.on_event("stream_down", {"reason": reason})
+                    down_said = True
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
                 # Waiting out the backoff is not a stall: the thread promises its next sign of life by then.
                 self.heartbeat = time.monotonic() + delay

@@ -118,7 +118,6 @@ class CameraPipeline:
         self._quiet_s = 0.0
         self.last_error: str | None = None
         self._failure_said: tuple[str | None, float, int] = (None, 0.0, 0)  # last logged, when, frames since unsaid
-        self._down_said = False  # a stream_down went out since the last stream_up (see _goes_out)
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self._crash_streak = 0  # crashes since a capture last delivered a frame: the restart's back-off
         self.state = "created"
@@ -273,8 +272,7 @@ class CameraPipeline:
             if cap.alive and cap.silent_for() > stall_s:
                 self.watchdog_restarts += 1
                 reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
-                if self._goes_out("stream_down", {"reason": reason}):
-                    self._event("stream_down", {"reason": reason})
+                self._event("stream_down", {"reason": reason})
                 cap.abandon()
             elif not cap.alive and cap.state == "crashed":
                 # Crashing again and again (a bug tied to this stream) must not spin: back off like a reconnect, from
@@ -723,26 +721,13 @@ class CameraPipeline:
         """Called from the decode thread. The event goes out at once (the publisher is thread-safe, and this
         keeps the thread's events in order); everything that reads pipeline state runs on the event loop,
         which owns it (stats() iterating deques the loop appends to once killed the decode thread)."""
-        if self._goes_out(type_, fields):
-            self._event(type_, dict(fields))
+        self._event(type_, dict(fields))
         try:
             assert self._loop is not None
             reason = fields.get("reason")
             self._loop.call_soon_threadsafe(self._after_capture_event, None if reason == END_OF_FILE else reason)
         except RuntimeError:  # the loop is closed: the camera is gone, nobody reads its status any more
             pass
-
-    def _goes_out(self, type_: str, fields: dict) -> bool:
-        """One stream_down per outage: the first failure after the stream was up (or at the start); the attempts
-        after it are stream_reconnecting, each with its reason. An outage of a camera retried every 15 s sent a
-        stream_down per attempt (an alert on it saw 5 outages in a 36 s freeze). A final one, and a file's end,
-        always go out."""
-        if type_ == "stream_up":
-            self._down_said = False
-        elif type_ == "stream_down" and not fields.get("final") and fields.get("reason") != END_OF_FILE:
-            said, self._down_said = self._down_said, True
-            return not said
-        return True
 
     def _after_capture_event(self, reason: str | None) -> None:
         if reason:
