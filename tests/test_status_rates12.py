@@ -32,3 +32,14 @@ def test_a_running_camera_shows_its_rates():
     text = shown([{"camera": "c", "state": "running", "fps": 5.04, "decode_fps": 9.93, "latency_ms_p50": 36.2,
                    "latency_ms_p95": 113.7}])
     assert "5.0" in text and "9.9" in text and "36" in text
+
+
+def test_the_plain_status_line_shows_no_rate_of_a_finished_camera():
+    """The line a run without a terminal (logs) prints every few seconds had the same fault (the review)."""
+    from pipeline.status import status_line
+
+    line = status_line([{"camera": "file", "state": "ended", "fps": 5.04, "latency_ms_p50": 36.2, "published": 9},
+                        {"camera": "live", "state": "running", "fps": 4.96, "latency_ms_p50": 41.0, "published": 7}])
+    ended, running = line.split(" | ")
+    assert "5.0" not in ended and "36" not in ended and "- fps" in ended, ended
+    assert "5.0 fps" in running and "41" in running, running
