@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -39,15 +40,35 @@ def test_the_copy_lives_in_a_folder_only_its_user_can_enter(temp_dir):
     assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
 
 
-def test_a_folder_of_that_name_others_can_write_to_is_not_used(temp_dir):
+def test_a_folder_of_that_name_open_to_others_is_closed_and_a_link_is_refused_naming_it(temp_dir):
+    """A folder of this user's that others may write to (made under another umask) is closed to them; a symlink
+    or another user's folder is refused naming it. (The first version took a fresh folder at each start instead,
+    and a crash-looping replica left a copy of the checkpoint behind at each restart: the review.)"""
     shared = temp_dir / f"hydravision-{os.getuid()}"
     shared.mkdir()
-    shared.chmod(0o777)  # e.g. made by someone else's umask, or on purpose
+    shared.chmod(0o777)
     path = local_copy(WEIGHTS)
-    assert path.parent != shared and path.read_bytes() == WEIGHTS
+    assert path.parent == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700
+    assert path.read_bytes() == WEIGHTS
     target = temp_dir / "elsewhere"
     target.mkdir()
+    for f in shared.iterdir():
+        f.unlink()
     shared.rmdir()
     shared.symlink_to(target)  # a link to a folder chosen by whoever made it
-    path = local_copy(WEIGHTS)
-    assert target not in path.parents and path.read_bytes() == WEIGHTS
+    with pytest.raises(RuntimeError, match=f"{shared}, where replicas keep their copy of the checkpoint, is not a "
+                                           "folder of this user"):
+        local_copy(WEIGHTS)
+    assert list(target.iterdir()) == [] and sorted(p.name for p in temp_dir.iterdir()) == ["elsewhere", shared.name]
+
+
+def test_a_large_copy_is_compared_a_chunk_at_a_time():
+    from workers.inference import _holds
+
+    data = bytes(range(256)) * 10_000
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        assert _holds(Path(f.name), data, chunk=4096)
+        assert not _holds(Path(f.name), data[:-1] + b"x", chunk=4096)
+        assert not _holds(Path(f.name), data + b"x", chunk=4096)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -528,23 +529,30 @@ def local_copy(data: bytes) -> Path:
 
 
 def _own_folder() -> Path:
-    """``hydravision-<uid>`` in the temp dir, mode 0700; a fresh one when that name is taken by another user or
-    is not a plain folder (a symlink, a file)."""
+    """``hydravision-<uid>`` in the temp dir, mode 0700 (made so if this user's and open to others). One that is
+    another user's, or no plain folder (a symlink, a file), is refused naming it: a fresh folder at each start
+    instead left a copy of the checkpoint behind at each of a crash-looping replica's restarts."""
     uid = os.getuid()
     folder = Path(tempfile.gettempdir()) / f"hydravision-{uid}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        st = folder.lstat()
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
-            return folder
-    except OSError:  # a file of that name
-        pass
-    return Path(tempfile.mkdtemp(prefix="hydravision-"))
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        raise RuntimeError(f"{folder}, where replicas keep their copy of the checkpoint, is not a folder of this user "
+                           f"(uid {uid}): remove it, or give the service another temp dir ($TMPDIR)")
+    if st.st_mode & 0o077:
+        folder.chmod(0o700)
+    return folder
 
 
-def _holds(path: Path, data: bytes) -> bool:
+def _holds(path: Path, data: bytes, chunk: int = 2**20) -> bool:
+    """Whether the file holds exactly ``data``, read a MiB at a time (a whole read doubled a large model in memory)."""
     try:
-        return path.stat().st_size == len(data) and path.read_bytes() == data
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != len(data):
+                return False
+            view = memoryview(data)
+            return all(f.read(chunk) == view[at:at + chunk] for at in range(0, len(data), chunk))
     except OSError:
         return False
 
