@@ -34,8 +34,9 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   how many on Redis 7 (``stats["skipped"]``), and the consumer goes on from the oldest entry left.
 - A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
   creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
-- A failover behind one address (the old master, now a replica, answers READONLY) is waited out as an outage: the
-  consumer drops its connections, and the next ones reach the new master.
+- A failover behind one address (the old master, now a replica, answers READONLY, or wakes a read blocked on it with
+  "UNBLOCKED ... instance state changed") is waited out as an outage: the consumer drops its connections, and the
+  next ones reach the new master.
 - A read whose reply was lost (a reset, a socket timeout) handed its entries to this consumer all the same: the
   next read takes own pending entries first. A client that re-sends a failed command itself (redis-py's
   ``Redis(host=...)`` does by default) re-sends such a read for new entries only: the lost ones wait claim_idle_ms,
@@ -152,6 +153,20 @@ def _raw(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 
 
+def _stream_entries(reply) -> list[tuple]:
+    """XREADGROUP's reply as (stream, entries) pairs, whichever shape redis-py gave it: pairs (RESP2), or a dict of
+    stream -> [entries] (``protocol=3``) or stream -> entries (``legacy_responses=False``). Iterating a dict as pairs
+    unpacked each stream's name (ValueError), and the entries the read had handed to this consumer were never seen."""
+    if not isinstance(reply, dict):
+        return reply or []
+    return [(stream, value[0] if _wrapped(value) else value) for stream, value in reply.items()]
+
+
+def _wrapped(value) -> bool:
+    """Whether ``value`` is [entries] (RESP3's), not the entries themselves (each [id, fields], its id a string)."""
+    return bool(value) and isinstance(value[0], list) and (not value[0] or isinstance(value[0][0], (list, tuple)))
+
+
 def _decodes(client) -> bool:
     return bool(getattr(client.connection_pool, "connection_kwargs", {}).get("decode_responses"))
 
@@ -247,6 +262,10 @@ class GroupConsumer:
             try:
                 out = self._read(limit)
             except redis.ResponseError as e:
+                if "instance state changed" in str(e):
+                    # A failover woke the read blocked on the old master ("UNBLOCKED force unblock ... (master ->
+                    # replica?)"): a replica now, as when it answers READONLY (the steady state of an idle consumer)
+                    raise redis.exceptions.ReadOnlyError(*e.args) from None
                 # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
                 # longer exists" (not NOGROUP): the group went with the stream.
                 if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
@@ -353,7 +372,7 @@ class GroupConsumer:
                                        block=self.block_ms if blocking and not history else None)
         if len(history) < len(streams):
             self._read_at = time.monotonic()
-        got = {_text(stream): entries for stream, entries in reply or []}
+        got = {_text(stream): entries for stream, entries in _stream_entries(reply)}
         out: list[Message] = []
         for stream in streams:
             entries = got.get(stream) or []

@@ -130,6 +130,9 @@ async function main() {
       if (stopping) process.exit(130);
       console.error(`${signal}: stopping after the message in hand`);
       stopping = true;
+      // Redis away: node-redis holds every command until it is back, and the loop waited with them (the signal
+      // was seen only once Redis returned). Its commands fail now; what it holds stays pending (at least once).
+      if (client.isOpen && !client.isReady) client.destroy();
     });
   }
 
@@ -211,12 +214,20 @@ async function main() {
       await handleAll(messages);
     } catch (err) {
       const text = String(err && err.message);
+      if (stopping && !client.isOpen) break; // the signal handler closed it: Redis was away
       if (text.includes("NOGROUP") || text.includes("stream key no longer exists")) {
         // Redis restarted without persistence (the client reconnected on its own) or the stream was deleted (Redis 7
         // wakes a read blocked on it with "UNBLOCKED the stream key no longer exists", not NOGROUP): everything the
         // stream holds now is new, so the group starts again from its beginning.
         console.error(`redis: group ${opts.group} of ${stream} is gone; creating it again from the start`);
         await ensureGroup("0");
+      } else if (/^READONLY|instance state changed/.test(text)) {
+        // A failover behind one address: the old master, a replica now, refuses this connection's writes for good
+        // (and woke its blocked read with "UNBLOCKED ... instance state changed"); a new connection reaches the new
+        // master, as pipeline/consumer.py does. It ended the run (status 2).
+        console.error(`redis: ${text}; connecting again`);
+        client.destroy();
+        await client.connect();
       } else if (!client.isOpen) {  // the reconnect strategy gave up
         throw new Error(`${gaveUp ? gaveUp.message : "the Redis client closed"} (${text})`);
       } else if (client.isReady && !/socket closed|ECONN|EPIPE|connection|closed|^LOADING/i.test(text)) {
@@ -232,7 +243,8 @@ async function main() {
     }
   }
 
-  if (opts.counts) {
+  if (opts.counts && !client.isOpen) console.error("counts not checked: stopped while Redis was away");
+  else if (opts.counts) {
     for (const camera of cameras) {
       if (camera === "*") continue;
       const counts = await client.hGetAll(`${opts.prefix}:cam:${camera}:counts`);
@@ -253,7 +265,7 @@ async function main() {
     }
   }
   if (client.isReady) await client.quit();
-  else client.destroy(); // stopped by a signal while Redis is away: QUIT would wait for it
+  else if (client.isOpen) client.destroy(); // stopped by a signal while Redis is away: QUIT would wait for it
   process.exitCode = invalid ? 1 : 0;
 }
 
