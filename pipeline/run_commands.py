@@ -21,6 +21,7 @@ from rich.live import Live
 
 from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
+from pipeline.consumer import _stream_entries  # one reading of XREAD(GROUP)'s reply shapes
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
@@ -293,7 +294,7 @@ def tail(args: argparse.Namespace) -> int:
         while args.count is None or count < args.count:
             before = last
             reply = client.xread({stream: last}, block=5000, count=100)
-            for _, entries in reply or []:
+            for _, entries in _stream_entries(reply):  # any reply shape: a RESP3 client's (?protocol=3) is a dict
                 if number is not None:
                     number = _say_trimmed(client, stream, before, number, entries)
                 elif numbered and len(entries) < 100:  # caught up: count again from here
