@@ -8,8 +8,10 @@ import functools
 import json
 import logging
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -393,6 +395,26 @@ def _newest_id(client: redis.Redis, stream: str) -> bytes | str:
     return newest[0][0] if newest else "0-0"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, ending tail --group as Ctrl-C does: its default action killed the process where it stood, so the
+    messages it held were not handed back and its host-pid consumer name stayed in the group."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    def interrupt(signum, frame):
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Namespace, note: str = "") -> int:
     """tail --group: at least once, through pipeline/consumer.py; a message is acknowledged once printed."""
     from pipeline.consumer import GroupConsumer
@@ -411,7 +433,10 @@ def _tail_group(client: redis.Redis, url: str, stream: str, args: argparse.Names
             raise _ReaderGone from None
 
     try:
-        consumer.run(show, max_messages=args.count)
+        with _sigterm_interrupts():
+            consumer.run(show, max_messages=args.count)
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # as the plain tail: 128 + SIGINT
         return 130
     except _ReaderGone:
