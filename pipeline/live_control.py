@@ -28,6 +28,7 @@ from pipeline.admission import Admission, CommandRejected, merge_changes, parse_
 from pipeline.camera_export import export_cameras, export_yaml
 from pipeline.config import API_TOKEN_ENV, ConfigError
 from pipeline.errors import UserError
+from pipeline.status import FINAL_STATES, mark_stale
 from workers.publish import event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
@@ -186,6 +187,8 @@ class LiveControl:
         try:
             handle = self._claim(camera_id)
         except CommandRejected as e:
+            if e.status == 404 and (gone := self._remove_leftover(camera_id, by)) is not None:
+                return gone
             self.note_rejected("remove", by, e.reason, camera_id)
             raise
         try:
@@ -231,6 +234,39 @@ class LiveControl:
                 "track_ids_next")
         return {"id": camera_id, "final": {**{k: final.get(k) for k in keep},
                                            "undelivered": (final.get("publisher") or {}).get("queued")}}
+
+    def _remove_leftover(self, camera_id: str, by: str) -> dict | None:
+        """A camera this service does not run whose status an earlier run left in Redis (its final word, or one
+        gone stale): a remove takes that status out, its next track ids kept as at any removal. A camera added at
+        run time and not in the config stayed 'down' on the dashboard for good after the service restarted, and
+        its remove was refused ("no camera is running"). None where there is no such status."""
+        if self.redis_settings is None:  # not started: no Redis known yet
+            return None
+        try:
+            client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                raw = client.hget(keys(self.redis_settings.prefix).cameras, camera_id)
+            finally:
+                client.close()
+            status = mark_stale(json.loads(raw), time.time()) if raw else None
+        except (redis.RedisError, OSError, ValueError):  # unreadable: the refusal as before says no camera runs
+            return None
+        if not isinstance(status, dict) or not (status["stale"] or status.get("state") in FINAL_STATES):
+            return None  # refreshed by someone: not ours to remove
+        with self._lock:  # taken as a command's camera: no add of this id meanwhile
+            if camera_id in self._busy or camera_id in self.cameras:
+                return None
+            self._busy.add(camera_id)
+        try:
+            if not self._retire_in_redis(camera_id, None):
+                raise CommandRejected(f"camera.id: {camera_id!r} is not running, and the status an earlier run "
+                                      "left could not be removed (Redis): send it again", 503)
+            self.events.remove_status(camera_id)
+        finally:
+            self._release(camera_id)
+        self.say(f"Camera {camera_id} removed by {by}: not running here, the status an earlier run left")
+        return {"id": camera_id, "final": {"state": status.get("reported_state") or status.get("state"),
+                                           "last_error": status.get("last_error"), "leftover": True}}
 
     def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:
         """Changes a running camera: heads from its next frame, a new URL reconnects it alone (see
