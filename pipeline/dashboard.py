@@ -126,7 +126,7 @@ def create_app(hub: Hub):
                 return send_command(client, hub.prefix, command, stop=hub.stopping)
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, send)
-            code = {"accepted": 200, "timeout": 504}.get(result.get("status"), 400)
+            code = {"accepted": 200, "timeout": 504}.get(result.get("status")) or refusal_code(result.get("code"))
         except (redis.RedisError, OSError) as e:  # the dashboard's Redis failed: no mistake of the user's
             result, code = {"status": "rejected", "reason": f"Redis: {hub.describe(e)}"}, 503
         return JSONResponse(data.scrub(result, [hub.url, *urls]), status_code=code)
@@ -183,6 +183,12 @@ def create_app(hub: Hub):
               Route("/api/cameras", remove_camera, methods=["DELETE"]), Route("/api/snapshot.jpg", snapshot),
               Mount("/static", PageFiles(directory=STATIC), name="static")]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={405: method_not_allowed})
+
+
+def refusal_code(code: Any) -> int:
+    """The HTTP status of a refused command: the controller's own (its answer's ``code``: 409 for an id in use, 404
+    for no such camera, 422 for a bad field, ...; every refusal was a 400), where it is an error status."""
+    return code if type(code) is int and 400 <= code <= 599 else 400
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -32,7 +32,7 @@ _STATE = {"running": UP, "reconnecting": RECONNECTING, "starting": RECONNECTING,
 EVENT_GROUPS = {"track_started": "track", "track_ended": "track", "zone_entered": "zone", "zone_left": "zone",
                 "line_crossed": "line", "stream_up": "stream", "stream_down": "stream",
                 "stream_reconnecting": "stream", "camera_added": "stream", "camera_removed": "stream",
-                "budget_exceeded": "budget", "budget_recovered": "budget"}
+                "camera_updated": "stream", "budget_exceeded": "budget", "budget_recovered": "budget"}
 MAX_SNAPSHOT_BYTES = 4 * 2**20  # larger values are not a dashboard snapshot: not cached, not served
 GONE_AFTER_S = 10.0  # a camera whose status vanished keeps its tile this long (a Redis restart empties it)
 MAX_TEXT = 1000  # characters of one string sent to the page (an error, a name, an event field): longer ones are cut

@@ -52,7 +52,7 @@ def test_the_server_takes_the_ids_dot_and_dotdot_as_a_query_parameter(redis_serv
             resp = http.get("/api/snapshot.jpg", params={"camera": camera, "v": "f7"})
             assert resp.status_code == 200 and resp.content == _jpeg(camera), (camera, resp.status_code)
             resp = http.delete("/api/cameras", params={"camera": camera})  # the controller runs no such camera
-            assert resp.status_code == 400 and resp.json()["reason"] == f"id: no camera {camera!r}", resp.text
+            assert resp.status_code == 404 and resp.json()["reason"] == f"id: no camera {camera!r}", resp.text
         assert http.delete("/api/cameras").status_code == 400  # no camera named at all: never sent
         assert http.get("/api/snapshot.jpg").status_code == 404
 

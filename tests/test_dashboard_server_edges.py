@@ -118,7 +118,7 @@ def test_a_camera_id_with_a_slash_has_its_picture_and_can_be_removed(redis_serve
         assert resp.status_code == 200 and resp.content == b"\xff\xd8site-lobby\xff\xd9"
         assert http.get("/api/cameras/lobby/snapshot.jpg?v=f7").content == b"\xff\xd8lobby\xff\xd9"
         resp = http.delete("/api/cameras/site%2Flobby")  # the controller's answer: it runs no such camera
-        assert resp.status_code == 400 and resp.json()["reason"] == "id: no camera 'site/lobby'", resp.text
+        assert resp.status_code == 404 and resp.json()["reason"] == "id: no camera 'site/lobby'", resp.text
 
 
 def _open_page(server: DashboardServer) -> socket.socket:

@@ -38,7 +38,7 @@ const fmt = {
   time: (ts) => new Date(ts * 1000).toLocaleTimeString([], { hour12: false }),
   pairs: (obj, skipZero) => {
     const parts = Object.entries(obj || {}).filter(([, v]) => !skipZero || v).map(([k, v]) => `${iso(k)} ${v}`);
-    return parts.length ? parts.join(" · ") : "none";
+    return parts.length ? parts.join(" · ") : "–";  // as every other empty value
   },
 };
 
@@ -168,6 +168,9 @@ function showPicture(container, camera, snapshot) {
     show(inline.data);
     return;
   }
+  // none for a picture out of view (the grid's tiles behind the detail view): every tile's was downloaded at every
+  // tick for nothing; they are fetched when the grid shows again (see the hashchange listener)
+  if (container.closest("[hidden]")) return;
   // one request at a time, the newest asked for once it is in: on a link slower than the pictures each tick
   // started one more, for pictures long replaced, without end
   if (img.dataset.loading) return;
@@ -259,9 +262,14 @@ function describe(e) {
   if (e.zone !== undefined) parts.push(`zone ${iso(e.zone)}`);
   if (e.line !== undefined) parts.push(`line ${iso(e.line)} ${iso(e.direction ?? "")}`);
   for (const k of ["head", "class", "track_id", "zone", "line", "direction"]) skip.add(k);
+  const plain = (v) => v !== null && typeof v !== "object";
+  const text = (v) => iso(typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v);
   for (const [k, v] of Object.entries(e)) {
-    if (skip.has(k) || v === null || typeof v === "object") continue;
-    parts.push(`${iso(k)} ${iso(typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : v)}`);
+    if (skip.has(k)) continue;
+    // a list of plain values is shown joined (camera_updated's changes, camera_added's heads); an object, or a list
+    // holding one, is for programs
+    if (Array.isArray(v) && v.length && v.every(plain)) parts.push(`${iso(k)} ${v.map(text).join(", ")}`);
+    else if (plain(v)) parts.push(`${iso(k)} ${text(v)}`);
   }
   return parts.join(" · ");
 }
@@ -314,11 +322,13 @@ function applyFilters() {
 
 // one option per camera that a tile or a kept event names. An event's camera may be anything (none, a number:
 // never equal to an option's value, one more option at every tick) or a new name each time: options are removed
-// with the last event and tile that named them (the one selected stays), so the list stays bounded.
+// with the last event and tile that named them (the one selected stays), so the list stays bounded. "*" names
+// no camera: the service's events about all of them (publisher_error, node_lost), shown under "all".
+const ALL_CAMERAS = "*";
 function updateCameraFilter() {
   const select = $("#filter-camera");
   const names = new Set([...state.cameras.keys(), ...state.events.map((e) => e.camera)]
-    .filter((name) => typeof name === "string" && name));
+    .filter((name) => typeof name === "string" && name && name !== ALL_CAMERAS));
   for (const o of [...select.options]) if (o.value && !names.has(o.value) && !o.selected) o.remove();
   const known = new Set([...select.options].map((o) => o.value));
   for (const name of [...names].sort()) {
@@ -358,7 +368,7 @@ function renderDetail() {
             el("dt", { class: "counts-row" }, "zones/lines"), el("dd", { class: "counts counts-row" }),
             el("dt", {}, "source"), el("dd", { class: "url" }),
             el("dt", {}, "reconnects"), el("dd", { class: "reconnects" })),
-          el("h2", {}, "Heads"), el("table", { class: "heads" }),
+          el("h2", { class: "heads-row" }, "Heads"), el("table", { class: "heads heads-row" }),
           el("h2", { class: "counts-row" }, "Zones and lines"), el("table", { class: "zones counts-row" }),
           el("p", {}, el("button", { type: "button", class: "remove", hidden: "" }, "Remove camera"), " ",
             el("span", { class: "result", role: "status" })),
@@ -368,8 +378,13 @@ function renderDetail() {
   const tile = state.cameras.get(camera);
   root.querySelector("button.remove").hidden = !state.control || !tile;
   root.dataset.state = tile ? tile.state : "down";
+  // a camera gone (removed) keeps nothing of its last status beside the badge: its error, source, reconnects and
+  // heads read as the camera's now
+  for (const node of root.querySelectorAll(".stats, .heads-row")) node.hidden = !tile;
   if (!tile) {
-    root.querySelector(".state").textContent = "not in Redis (removed?)";
+    setText(root.querySelector(".state"), "not in Redis (removed?)");
+    root.querySelector(".state").title = "";
+    for (const node of root.querySelectorAll(".error, .counts-row")) node.hidden = true;
     return;
   }
   fillStats(root, tile);
@@ -542,7 +557,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#add-camera").addEventListener("submit", addCamera);
   $("#filter-camera").addEventListener("change", applyFilters);
   $("#filter-types").addEventListener("change", applyFilters);
-  window.addEventListener("hashchange", renderDetail);
+  window.addEventListener("hashchange", () => { renderDetail(); if (!currentDetail()) renderTiles(); });
   window.addEventListener("resize", renderTiles);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) renderTiles(); });
   renderDetail();
