@@ -142,7 +142,14 @@ def _hash_item(key: str, what: str, value: Any) -> HashValue:
     """A hash field name or value as redis-py sends it. It refuses None, bool and numpy numbers only when the
     send is packed, failing the whole round trip that every camera of the process shares (and every one after
     it), and it writes a numpy float64 as 'np.float64(1.5)': so they are refused or converted here."""
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, str):
+        try:  # a lone surrogate (a non-UTF-8 file or class name as Python reads it) fails the packing as above
+            value.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"set_hash {key}: {what} {value!r} holds {value[e.start]!r}, which UTF-8 cannot "
+                             "encode") from None
+        return value
+    if isinstance(value, bytes):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return int(value) if isinstance(value, numbers.Integral) else float(value)
@@ -558,9 +565,9 @@ class Publisher:
         self.flush(timeout * 0.8)
         with self._lock:
             self._closed = True
-            left = len(self._queue)
             # A send in flight decides what of it reached Redis: wait for it, within the time left.
             self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+            left = len(self._queue)  # after that send: what it delivered is no longer queued
             if not self._in_flight and self._clean():
                 self._forget = True
                 self._work.notify()

@@ -9,7 +9,10 @@ but it is still typed, and then printed in the error that follows; the redactor 
 parse that failed. So the rule here is the most cautious one:
 
     the userinfo is everything between ``scheme://`` and the LAST ``@`` of the URL,
-    unless the URL has no authority (``file:///path@x.mp4``: ``/`` right after ``://``).
+    unless the URL names a local path (``file:///path@x.mp4``, ``device:``, ``unix:``: ``/`` right after ``://``).
+
+A network URL with ``/`` right after ``://`` (``rtsp:///admin:pw@cam``, a slash too many) is a typo, refused
+with the URL in its error: its userinfo is hidden like any other.
 
 The scheme is a ``name:`` at the start (after spaces, a quote or bracket, or ``//``), its ``//`` optional:
 a URL still in the quotes of an env file (``"redis://:pw@host"``), one with a slash missing
@@ -37,7 +40,8 @@ from urllib.parse import quote, unquote
 MASK = "***"
 FREE_TEXT_MIN = 3  # a secret this long or longer is hidden wherever it appears in free text
 # at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
-_SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
+_SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}(?P<name>[A-Za-z][A-Za-z0-9+.-]*):/{0,2}")
+_LOCAL_SCHEMES = ("file", "device", "unix")  # the schemes whose URLs may have no authority (a path after ://)
 _SECRET_WORDS = r"(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)"
 _SECRET_NAME = rf"[\w.-]*{_SECRET_WORDS}"
 _SECRET_PARAMS = re.compile(rf"(?i)[?&]{_SECRET_NAME}=(?P<value>[^&]*)")
@@ -52,7 +56,7 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 def _userinfo_span(url: str) -> tuple[int, int] | None:
     """(start, end) of the userinfo by the rule above, None when the URL has none (or an empty one)."""
     m = _SCHEME.match(url)  # at the start: a path "/v/cam:1@x.mp4" has no userinfo ("1" was masked everywhere)
-    if not m or url.startswith("/", m.end()):
+    if not m or (url.startswith("/", m.end()) and m["name"].lower() in _LOCAL_SCHEMES):
         return None
     at = url.rfind("@", m.end())
     return (m.end(), at) if at > m.end() else None
