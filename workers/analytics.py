@@ -263,8 +263,11 @@ class ZoneCounter:
         for key, cand in list(self.candidates.items()):
             if key[0] == head and pts - cand.last_seen >= cfg.lost_s - _EPS:
                 del self.candidates[key]
+        # A track the tracker may still give back is remembered as long: forgotten, it would come back as a new
+        # track and could take over the occupant it was hidden behind
+        forget_s = max(cfg.lost_s, self.track_memory_s)
         for key, (_, last) in list(self.tracks.items()):
-            if key[0] == head and pts - last >= cfg.lost_s - _EPS:
+            if key[0] == head and pts - last >= forget_s - _EPS:
                 del self.tracks[key]
         self._last_pts[head] = pts
         return events

@@ -113,10 +113,12 @@ def polygon_problem(points: list[Point]) -> str | None:
     if crossing is not None:
         a, c = crossing
         return f"edges {a}-{(a + 1) % n} and {c}-{(c + 1) % n} cross (the polygon is self-intersecting)"
-    # Neighbouring edges may still fold back onto each other (a spike): collinear and overlapping.
+    # Neighbouring edges may still fold back onto each other (a spike): collinear and overlapping. Collinear within
+    # the float error, as above: decimals such as (0.3, 0.9), (0.6, 0.96), (0.4, 0.92) do not cross to exactly 0
     for i in range(n):
         a, b, c = points[i - 1], points[i], points[(i + 1) % n]
-        if _cross(a, b, c) == 0 and (b[0] - a[0]) * (c[0] - b[0]) + (b[1] - a[1]) * (c[1] - b[1]) < 0:
+        back = (b[0] - a[0]) * (c[0] - b[0]) + (b[1] - a[1]) * (c[1] - b[1]) < 0
+        if back and abs(_cross(a, b, c)) <= 1e-9 * span ** 2:
             return f"edges at point {i} {_fmt(b)} fold back onto each other (the polygon is self-intersecting)"
     area = 0.5 * abs(sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1]
                          for i in range(n)))
