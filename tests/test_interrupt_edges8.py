@@ -31,8 +31,8 @@ def sending(self, *args, **kwargs):
     os.kill(os.getpid(), signal.{sig})
     init(self, *args, **kwargs)
 gc_manager.PythonGCThread.__init__ = sending
-from pipeline.cli import main
-sys.exit(main())
+from pipeline.cli import entry
+entry()
 """
 
 
