@@ -156,10 +156,11 @@ class AppearanceLinker:
         near = np.linalg.norm(ahead[None] - centres[:, None], axis=2) <= s.max_distance * size
         same = np.array([str(names[r]) for r in new])[:, None] == np.array([m.class_name for m in lost])[None]
         before = np.array([m.last_step for m in lost])[None] < first[:, None]
-        # a box without a look (a zero embedding) has a cosine of 0 with every look: at a min_similarity of 0 or
-        # below it took a lost track's id on position and class alone
-        looks = np.any(emb[new] != 0, axis=1)[:, None]
-        sim = np.where(same & before & near & looks, emb[new] @ np.stack([m.embedding for m in lost]).T, -np.inf)
+        # a box without a look (a zero embedding) has a cosine of 0 with every look, and so has a lost track that
+        # kept none: at a min_similarity of 0 or below one took the other's id on position and class alone
+        lost_looks = np.stack([m.embedding for m in lost])
+        looks = np.any(emb[new] != 0, axis=1)[:, None] & np.any(lost_looks != 0, axis=1)[None]
+        sim = np.where(same & before & near & looks, emb[new] @ lost_looks.T, -np.inf)
         finite = np.where(np.isfinite(sim), sim, -10.0)
         for i, j in zip(*linear_sum_assignment(finite, maximize=True)):
             if sim[i, j] < s.min_similarity:
