@@ -258,6 +258,9 @@ class Capture:
         self._closed_skipped = 0  # packets the sources this capture closed skipped (see skipped_packets)
         self._skipped_lock = threading.Lock()  # that and _source change together: a reader never counts one twice
         self.state = "starting"
+        # a stream_down went out since the last stream_up: one per outage (see _run). Set before start() for a
+        # capture that replaces one whose end was just said (a crash, the watchdog), in the middle of an outage
+        self.down_said = False
         self.last_error: str | None = None
         self.last_frame_wall: float | None = None
         self.source_fps: float | None = None
@@ -311,7 +314,6 @@ class Capture:
     def _run(self) -> None:
         worker_thread(f"hv-cap {self.camera.id}")
         attempt = 0
-        down_said = False  # a stream_down went out since the last stream_up (or the start)
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         last_pts = self.last_pts
         try:
@@ -333,7 +335,7 @@ class Capture:
                     self.source_fps = source.nominal_fps
                     self.state = "running"
                     self.on_event("stream_up", {"attempt": attempt} if attempt else {})
-                    down_said = False
+                    self.down_said = False
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
                     if not self.resume_at:
                         self.pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
@@ -412,9 +414,9 @@ class Capture:
                 delay = random.uniform(delay / 2, delay)  # jitter: cameras behind one switch don't retry in lockstep
                 # One stream_down per outage (its first failure), each attempt a stream_reconnecting with its reason:
                 # one at every attempt made an alert on it count one 36 s freeze as five outages.
-                if not down_said:
+                if not self.down_said:
                     self.on_event("stream_down", {"reason": reason})
-                    down_said = True
+                    self.down_said = True
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})
                 # Waiting out the backoff is not a stall: the thread promises its next sign of life by then.
                 self.heartbeat = time.monotonic() + delay

@@ -290,9 +290,9 @@ class CameraPipeline:
                 continue
             log.warning("camera %s: %s", self.id, reason)
             self.last_error = reason
-            self._replace_capture(resume=True)
+            self._replace_capture(resume=True, down_said=True)
 
-    def _replace_capture(self, resume: bool) -> int:
+    def _replace_capture(self, resume: bool, down_said: bool = False) -> int:
         """A fresh decode thread continuing the frame numbering and pts; ``resume``: a file goes on where
         the old thread was (the watchdog), else the (new) source starts at its beginning (a URL change).
         The old thread is abandoned: it exits whenever it wakes, and its frames no longer count. Returns the
@@ -311,6 +311,7 @@ class CameraPipeline:
                                 first_index=first, first_pts=cap.last_pts, resume_at=None if resume else 0,
                                 pts_offset=cap.pts_offset)
         self._capture.budget_fps = self._budget_fps
+        self._capture.down_said = down_said  # its predecessor's end was said: the outage goes on, not a new one
         self._capture.start()
         return first
 
