@@ -264,7 +264,10 @@ class LiveControl:
             self.events.remove_status(camera_id)
         finally:
             self._release(camera_id)
-        self.say(f"Camera {camera_id} removed by {by}: not running here, the status an earlier run left")
+        # an accepted command is an audit event as any other (and the dashboard drops a tile at camera_removed)
+        why = "not running: the status an earlier run left"
+        self.events.publish_event(event_message("camera_removed", camera_id, by=by, reason=why))
+        self.say(f"Camera {camera_id} removed by {by}: {why}")
         return {"id": camera_id, "final": {"state": status.get("reported_state") or status.get("state"),
                                            "last_error": status.get("last_error"), "leftover": True}}
 

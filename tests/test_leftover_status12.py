@@ -35,6 +35,10 @@ def test_the_status_an_earlier_run_left_is_removed_and_its_ids_kept(app, redis_s
     assert app.events.flush(10.0)
     assert client.hget("hv:cameras", "street-4") is None and not client.exists("hv:cam:street-4:counts")
     assert json.loads(client.hget("hv:track_ids", "street-4")) == {"people": 31}  # added again: goes on from 31
+    [(_, fields)] = client.xrange("hv:events")  # audited as every accepted command (the review)
+    event = json.loads(fields[b"data"])
+    assert (event["type"], event["camera"], event["by"]) == ("camera_removed", "street-4", "dashboard"), event
+    assert event["reason"] == "not running: the status an earlier run left"
     with pytest.raises(CommandRejected, match="no camera 'street-4' is running") as e:
         app.remove_camera("street-4", by="dashboard")  # nothing left to remove
     assert e.value.status == 404
