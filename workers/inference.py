@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import logging
 import os
@@ -529,27 +528,35 @@ def local_copy(data: bytes) -> Path:
 
 
 def _own_folder() -> Path:
-    """``hydravision-<uid>`` in the temp dir, mode 0700 (made so if this user's and open to others). One that is
-    another user's, or no plain folder (a symlink, a file), is refused naming it: a fresh folder at each start
-    instead left a copy of the checkpoint behind at each of a crash-looping replica's restarts."""
+    """``hydravision-<uid>`` in the temp dir, mode 0700 (made so if this user's and open to others). Where that name
+    is another user's, or no plain folder (a symlink, a file), ``~/.cache/hydravision/checkpoints`` instead: anyone
+    on the node can take the name first, and refusing then stopped every replica start (a fresh temp folder per
+    start left a copy of the checkpoint behind at each restart of a crash-looping replica)."""
     uid = os.getuid()
-    folder = Path(tempfile.gettempdir()) / f"hydravision-{uid}"
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
-    st = folder.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-        raise RuntimeError(f"{folder}, where replicas keep their copy of the checkpoint, is not a folder of this user "
-                           f"(uid {uid}): remove it, or give the service another temp dir ($TMPDIR)")
-    if st.st_mode & 0o077:
-        folder.chmod(0o700)
-    return folder
+    tmp = Path(tempfile.gettempdir()) / f"hydravision-{uid}"
+    for folder in (tmp, Path.home() / ".cache" / "hydravision" / "checkpoints"):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = folder.lstat()
+        except OSError:  # FileExistsError of a file by that name, a home that cannot be written
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+            if st.st_mode & 0o077:
+                folder.chmod(0o700)
+            return folder
+    raise RuntimeError(f"{tmp}, where replicas keep their copy of the checkpoint, is not a folder of this user "
+                       f"(uid {uid}), and ~/.cache/hydravision cannot be used either: remove it, or give the service "
+                       "another temp dir ($TMPDIR)")
 
 
 def _holds(path: Path, data: bytes, chunk: int = 2**20) -> bool:
     """Whether the file holds exactly ``data``, read a MiB at a time (a whole read doubled a large model in memory)."""
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != len(data):
+            st = os.fstat(f.fileno())
+            # this user's own file and no other name of it (a hard link planted while the folder was open to others
+            # could change under the model's load)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1 or st.st_size != len(data):
                 return False
             view = memoryview(data)
             return all(f.read(chunk) == view[at:at + chunk] for at in range(0, len(data), chunk))
