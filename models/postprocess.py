@@ -155,6 +155,12 @@ def postprocess(
         return [HeadDetections(scores.new_zeros((0, 4)), scores.new_zeros((0,)),
                                torch.zeros(0, dtype=torch.long, device=cls.device)) for _ in range(n)]
     top_scores, top_idx = scores.topk(k, dim=1)  # sorted descending
+    # topk orders equal scores differently for another k, and k follows the batch's busiest image: equal scores
+    # (saturated or fp16 logits) ranked by location as well, or NMS kept another of two equal boxes for a frame
+    # depending on what else was in its batch
+    top_idx, order = top_idx.sort(dim=1)
+    top_scores, order = top_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
+    top_idx = top_idx.gather(1, order)
     loc, labels = top_idx // c, top_idx % c
     sel_ltrb = torch.gather(ltrb.float(), 1, loc[..., None].expand(n, k, 4))
     boxes = decode_boxes(points[loc.reshape(-1)].reshape(n * k, 2), sel_ltrb.reshape(n * k, 4)).reshape(n, k, 4)
