@@ -75,39 +75,12 @@ def test_a_new_url_does_not_carry_the_old_ones_error(monkeypatch):
     assert final["last_error"] is None, final["last_error"]
 
 
-@pytest.mark.timeout(60)
-def test_a_decoder_crash_during_an_outage_still_says_so(monkeypatch):
-    """The review of the first version: the once-per-outage rule also swallowed the stream_down of a decoder thread
-    that crashed while the camera was away (no stream_reconnecting carries that one's reason), so no event said it."""
+def outage_with_a_crash(monkeypatch, fail_opens: set[int]) -> RecordingPublisher:
+    """A camera that drops at its 11th read and is away after: ``fail_opens`` fail, open 2 crashes the decoder
+    thread on a bug; it runs until the camera is back with frames after it. Its publisher, events and all."""
     AwayCamera.reads, AwayCamera.opens = 0, 0
     AwayCamera.script = {10: SourceError("timeout", "rtsp://cam/x: no picture within 2 s")}
-    AwayCamera.fail_opens = {1}
-    opens = AwayCamera.open
-
-    def crash_on_the_third(self):
-        if type(self).opens == 2:
-            type(self).opens += 1
-            raise RuntimeError("a bug in a decoder path")
-        opens(self)
-
-    monkeypatch.setattr(AwayCamera, "open", crash_on_the_third)
-    monkeypatch.setattr(workers.capture, "open_source", lambda url, **kw: AwayCamera(url))
-    monkeypatch.setattr(workers.capture.Capture, "BACKOFF_INITIAL_S", 0.01)
-    pub = RecordingPublisher()
-    pipe = CameraPipeline({"id": "cam", "url": "rtsp://cam/x"}, no_detections(), MODEL_INFO, pub)
-    asyncio.run(run_until(pipe, lambda: pub.event_types().count("stream_up") >= 2 and len(pub.frames) >= 15, 30,
-                          "the crash, the restart and frames after it"))
-    downs = [e["reason"] for e in pub.events if e["type"] == "stream_down"]
-    assert len(downs) == 2 and "no picture" in downs[0] and "decoder thread crashed: RuntimeError" in downs[1], downs
-
-
-@pytest.mark.timeout(60)
-def test_the_capture_replacing_a_crashed_one_in_an_outage_says_no_second_stream_down(monkeypatch):
-    """The review of c87f468: the capture replacing a crashed one (or one the watchdog gave up on) started as if
-    the stream were up, and its first failed open sent one more stream_down for the same outage."""
-    AwayCamera.reads, AwayCamera.opens = 0, 0
-    AwayCamera.script = {10: SourceError("timeout", "rtsp://cam/x: no picture within 2 s")}
-    AwayCamera.fail_opens = {1, 3, 4}  # open 2 crashes (below), opens 3-4 fail: still away; open 5 works
+    AwayCamera.fail_opens = fail_opens
     opens = AwayCamera.open
 
     def crash_on_the_third(self):
@@ -123,6 +96,23 @@ def test_the_capture_replacing_a_crashed_one_in_an_outage_says_no_second_stream_
     pipe = CameraPipeline({"id": "cam", "url": "rtsp://cam/x"}, no_detections(), MODEL_INFO, pub)
     asyncio.run(run_until(pipe, lambda: pub.event_types().count("stream_up") >= 2 and len(pub.frames) >= 15, 30,
                           "the crash, the camera back and frames after it"))
+    return pub
+
+
+@pytest.mark.timeout(60)
+def test_a_decoder_crash_during_an_outage_still_says_so(monkeypatch):
+    """The review of the first version: the once-per-outage rule also swallowed the stream_down of a decoder thread
+    that crashed while the camera was away (no stream_reconnecting carries that one's reason), so no event said it."""
+    pub = outage_with_a_crash(monkeypatch, {1})
+    downs = [e["reason"] for e in pub.events if e["type"] == "stream_down"]
+    assert len(downs) == 2 and "no picture" in downs[0] and "decoder thread crashed: RuntimeError" in downs[1], downs
+
+
+@pytest.mark.timeout(60)
+def test_the_capture_replacing_a_crashed_one_in_an_outage_says_no_second_stream_down(monkeypatch):
+    """The review of c87f468: the capture replacing a crashed one (or one the watchdog gave up on) started as if
+    the stream were up, and its first failed open sent one more stream_down for the same outage."""
+    pub = outage_with_a_crash(monkeypatch, {1, 3, 4})  # opens 3-4 fail: still away after the crash; open 5 works
     downs = [e["reason"] for e in pub.events if e["type"] == "stream_down"]
     assert len(downs) == 2 and "decoder thread crashed" in downs[1], downs
     retries = [e for e in pub.events if e["type"] == "stream_reconnecting"]
