@@ -193,7 +193,8 @@ class ApiConfig(Strict):
     port: int | None = Field(None, ge=0, le=65535,
                              description="HTTP API port; None: no HTTP API; 0: a free port (printed at start)")
     tokens: dict[str, str] = Field(default_factory=dict, description=(
-        "bearer tokens by name, e.g. {ops: \"${HV_OPS_TOKEN}\"} (quoted: YAML reads { as a mapping); the name is recorded as who sent a command; "
+        "bearer tokens by name, e.g. {ops: \"${HV_OPS_TOKEN}\"} (quoted: YAML reads { as a mapping); "
+        "the name is recorded as who sent a command; "
         "an empty one (${VAR:-} unset) is no token. "
         f"${API_TOKEN_ENV}, when set, adds a token named 'env'. With any token, every request needs one"))
     media_roots: list[str] = Field(default_factory=list, description=(

@@ -137,7 +137,8 @@ def status_line(stats: list[dict]) -> str:
         skips = _rate_skips(s.get("dropped"))
         now = {} if s.get("state") in FINAL_STATES else s  # a finished camera's rates are its last seconds' (table)
         parts.append(f"{s.get('camera')}: {s.get('state')}{_restarted(s)} {_fps(now.get('fps'))} fps "
-                     f"p50 {_ms(now.get('latency_ms_p50'))} ms pub {s.get('published', 0)} drop {_drops(s.get('dropped'))}"
+                     f"p50 {_ms(now.get('latency_ms_p50'))} ms pub {s.get('published', 0)} "
+                     f"drop {_drops(s.get('dropped'))}"
                      + (f" skip {skips}" if skips else "")
                      + (f" NOT IN REDIS: {_short(s['redis_error'], 80)}" if s.get("redis_error") else "")
                      + (f" error: {_short(s['last_error'])}" if s.get("state") in DOWN_STATES and s.get("last_error")

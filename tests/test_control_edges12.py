@@ -82,8 +82,8 @@ def test_the_cli_sends_a_non_ascii_token_as_the_api_reads_it(monkeypatch, capsys
 
 
 def test_a_redis_url_given_is_used_over_an_api_url_in_the_environment(monkeypatch, capsys):
-    """`cameras add ... --redis-url redis://other` (README's form) went to $HYDRAVISION_API_URL where a shell set it: the
-    flag given on the command line was ignored without a word, and the camera added to another service."""
+    """`cameras add ... --redis-url redis://other` (README's form) went to $HYDRAVISION_API_URL where a shell set
+    it: the flag given on the command line was ignored without a word, and the camera added to another service."""
     monkeypatch.setenv("HYDRAVISION_API_URL", "http://127.0.0.1:1")  # nothing listens on port 1
     assert main(["cameras", "list", "--redis-url", "redis://127.0.0.1:1/0", "--timeout", "2"]) == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
