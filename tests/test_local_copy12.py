@@ -42,10 +42,10 @@ def test_the_copy_lives_in_a_folder_only_its_user_can_enter(temp_dir):
 
 def test_a_folder_of_that_name_open_to_others_is_closed_and_one_not_ours_is_passed_by(temp_dir, monkeypatch):
     """A folder of this user's that others may write to (made under another umask) is closed to them; where the name
-    is a symlink or another user's folder (anyone may take it first), ~/.cache/hydravision/checkpoints is used.
+    is a symlink or another user's folder (anyone may take it first), the cache's checkpoints folder is used.
     (The first version took a fresh temp folder at each start, and a crash-looping replica left a copy of the
     checkpoint behind at each restart; the second refused, and anyone could stop every replica: the reviews.)"""
-    monkeypatch.setenv("HOME", str(temp_dir / "home"))
+    monkeypatch.setenv("HYDRAVISION_CACHE", str(temp_dir / "cache"))
     shared = temp_dir / f"hydravision-{os.getuid()}"
     shared.mkdir()
     shared.chmod(0o777)
@@ -59,7 +59,7 @@ def test_a_folder_of_that_name_open_to_others_is_closed_and_one_not_ours_is_pass
     shared.rmdir()
     shared.symlink_to(target)  # a link to a folder chosen by whoever made it
     path = local_copy(WEIGHTS)
-    assert path.parent == temp_dir / "home" / ".cache" / "hydravision" / "checkpoints" and list(target.iterdir()) == []
+    assert path.parent == temp_dir / "cache" / "checkpoints" and list(target.iterdir()) == []
     assert path.read_bytes() == WEIGHTS and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert local_copy(WEIGHTS) == path  # the next start takes that copy: nothing more is left behind
 
@@ -81,3 +81,16 @@ def test_a_large_copy_is_compared_a_chunk_at_a_time():
         assert _holds(Path(f.name), data, chunk=4096)
         assert not _holds(Path(f.name), data[:-1] + b"x", chunk=4096)
         assert not _holds(Path(f.name), data + b"x", chunk=4096)
+
+
+def test_a_usable_temp_folder_needs_no_home(temp_dir, monkeypatch):
+    """Where HOME is unset and the uid has no passwd entry (an arbitrary-uid container), Path.home() raises: it was
+    asked at every start, also where the temp dir's folder was fine (the third review)."""
+    from pathlib import Path as P
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HYDRAVISION_CACHE", raising=False)
+    monkeypatch.setattr(P, "home", staticmethod(no_home))
+    assert local_copy(WEIGHTS).parent == temp_dir / f"hydravision-{os.getuid()}"

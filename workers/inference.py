@@ -513,11 +513,11 @@ class InferenceActor:
 
 
 def local_copy(data: bytes) -> Path:
-    """The checkpoint's bytes as a file of this node's temp dir, named by content: replicas and restarts on one
-    node share it, and a half-written file is never read (written aside, then renamed). In a folder of this
-    user's own (``_own_folder``), and taken only when it holds exactly these bytes: in the shared temp dir another
-    user's copy (mode 0600) of the same checkpoint made every start fail to read it, and a file of the same size
-    planted there by anyone was loaded as the model."""
+    """The checkpoint's bytes as a file of this node's temp dir (or its cache: _own_folder), named by content:
+    replicas and restarts on one node share it, and a half-written file is never read (written aside, then
+    renamed). In a folder of this user's own (``_own_folder``), and taken only when it holds exactly these bytes:
+    in the shared temp dir another user's copy (mode 0600) of the same checkpoint made every start fail to read it,
+    and a file of the same size planted there by anyone was loaded as the model."""
     path = _own_folder() / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
     if not _holds(path, data):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
@@ -529,24 +529,37 @@ def local_copy(data: bytes) -> Path:
 
 def _own_folder() -> Path:
     """``hydravision-<uid>`` in the temp dir, mode 0700 (made so if this user's and open to others). Where that name
-    is another user's, or no plain folder (a symlink, a file), ``~/.cache/hydravision/checkpoints`` instead: anyone
-    on the node can take the name first, and refusing then stopped every replica start (a fresh temp folder per
-    start left a copy of the checkpoint behind at each restart of a crash-looping replica)."""
+    is another user's, or no plain folder (a symlink, a file), ``checkpoints`` in the cache ($HYDRAVISION_CACHE,
+    default ~/.cache/hydravision) instead: anyone on the node can take the name first, and refusing then stopped
+    every replica start (a fresh temp folder per start left a copy of the checkpoint behind at each restart of a
+    crash-looping replica)."""
     uid = os.getuid()
     tmp = Path(tempfile.gettempdir()) / f"hydravision-{uid}"
-    for folder in (tmp, Path.home() / ".cache" / "hydravision" / "checkpoints"):
-        try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = folder.lstat()
-        except OSError:  # FileExistsError of a file by that name, a home that cannot be written
-            continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
-            if st.st_mode & 0o077:
-                folder.chmod(0o700)
-            return folder
+    if _usable(tmp, uid):
+        return tmp
+    try:  # only now: Path.home() raises where HOME is unset and the uid has no passwd entry
+        cache = Path(os.environ.get("HYDRAVISION_CACHE", "~/.cache/hydravision")).expanduser() / "checkpoints"
+    except RuntimeError:
+        cache = None
+    if cache is not None and _usable(cache, uid):
+        return cache
     raise RuntimeError(f"{tmp}, where replicas keep their copy of the checkpoint, is not a folder of this user "
-                       f"(uid {uid}), and ~/.cache/hydravision cannot be used either: remove it, or give the service "
-                       "another temp dir ($TMPDIR)")
+                       f"(uid {uid}), and the cache ({cache or '$HYDRAVISION_CACHE'}) cannot be used either: remove "
+                       "it, or give the service another temp dir ($TMPDIR)")
+
+
+def _usable(folder: Path, uid: int) -> bool:
+    """Whether ``folder`` is (made) a plain folder of ``uid``'s, closed to others."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            return False
+        if st.st_mode & 0o077:
+            folder.chmod(0o700)
+        return True
+    except OSError:  # FileExistsError of a file by that name, a folder that cannot be written
+        return False
 
 
 def _holds(path: Path, data: bytes, chunk: int = 2**20) -> bool:
