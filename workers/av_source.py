@@ -306,9 +306,10 @@ class AVSource(Source):
         if packet is None:
             self._at_end()
             return
-        # by its stream too: PyAV's demux() ends with each stream's empty flush packet, and an audio stream's came
-        # with stream_index 0, so the video decoder took it and counted a decode error per pass of a file with audio
-        if packet.stream_index != self._stream.index or getattr(packet.stream, "index", None) != self._stream.index:
+        # by its stream, not stream_index: PyAV's demux() ends with each stream's empty flush packet, all of them with
+        # stream_index 0: an audio stream's reached the video decoder (a decode error per pass of a file with audio),
+        # and where video was not stream 0 its own was dropped, its decoder never drained (the last frames lost)
+        if getattr(packet.stream, "index", packet.stream_index) != self._stream.index:
             return
         if packet.size:
             self._video_packets += 1
