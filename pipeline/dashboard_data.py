@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from pipeline.status import FINAL_STATES
+from pipeline.status import rates_now
 from workers.publish import keys
 from workers.redact import redact_text, url_secrets
 
@@ -173,9 +173,7 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
     """One camera tile from its status (as read_camera_statuses returns it), latest detection message, parsed
     counts and snapshot (version, frame, ts). Only what the page shows: a status's other fields stay out."""
     s = status
-    # a status nobody refreshes (stale, or a camera's final word: stopped, ended, failed): its last rates and ages
-    # are no rate or age now (an ended file's tile read the fps of its last 5 s, and its chart drew it, for days)
-    live = not s.get("stale") and s.get("state") not in FINAL_STATES
+    live = rates_now(s)
     return {
         "camera": s["camera"], "state": tile_state(s), "detail": s.get("state"),
         "error": s.get("last_error") or None, "redis_error": s.get("redis_error") or None,

@@ -115,9 +115,7 @@ def status_table(stats: list[dict], title: str = "hydravision", final: bool = Fa
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         skipped = f" +{s['skipped']} skipped" if s.get("skipped") else ""  # frames the motion gate kept from inference
-        # a stale entry's rates are those of a service gone, maybe for days, and a finished camera's (stopped, ended,
-        # failed: never stale) those of its last seconds: not what the camera does now (as the dashboard's tiles)
-        gone = state == "stale" or (state in FINAL_STATES and not final)
+        gone = not rates_now(s) and not (final and state in FINAL_STATES)
         now = {"fps": None, "decode_fps": None} if gone else s
         table.add_row(
             _cell(s.get("camera", "?")), (f"[{style}]{state}[/]" if style else state) + _cell(_restarted(s)),
@@ -135,7 +133,7 @@ def status_line(stats: list[dict]) -> str:
     parts = []
     for s in stats:
         skips = _rate_skips(s.get("dropped"))
-        now = {} if s.get("state") in FINAL_STATES else s  # a finished camera's rates are its last seconds' (table)
+        now = s if rates_now(s) else {}
         parts.append(f"{s.get('camera')}: {s.get('state')}{_restarted(s)} {_fps(now.get('fps'))} fps "
                      f"p50 {_ms(now.get('latency_ms_p50'))} ms pub {s.get('published', 0)} "
                      f"drop {_drops(s.get('dropped'))}"
@@ -159,6 +157,13 @@ def _short(error, limit: int = 100) -> str:
 
 STALE_AFTER_S = 10.0  # cameras refresh their status every second; ten missed refreshes means nobody runs it
 FINAL_STATES = ("stopped", "ended", "failed")  # written once by a camera that finished: never stale
+
+
+def rates_now(status: dict) -> bool:
+    """Whether a status's rates and frame ages are what its camera does now: not a stale one's (a service gone, maybe
+    for days) nor a finished camera's (stopped, ended, failed: those of its last seconds, which an ended file's tile
+    and `hydravision status` showed as live for as long as the entry stayed)."""
+    return not status.get("stale") and status.get("state") not in ("stale", *FINAL_STATES)
 
 
 def mark_stale(status: dict, now: float, stale_after_s: float = STALE_AFTER_S) -> dict:
