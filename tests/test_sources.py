@@ -230,14 +230,17 @@ def test_synthetic_realtime_pacing() -> None:
     source.open()
     try:
         source.read()
-        start = time.monotonic()
-        count = 0
+        times = [time.monotonic()]
         while source.read() is not None:
-            count += 1
-        elapsed = time.monotonic() - start
+            times.append(time.monotonic())
     finally:
         source.close()
-    assert count == 25 and 0.4 < elapsed < 0.9, f"25 frames at 50 fps took {elapsed:.2f} s"
+    # Never faster than real time; the median gap, not the total, says 50 fps: one stall of a loaded machine (load
+    # 10 took the total past 0.9 s once) is caught up on by the pacer's clock, a pacer at 25 fps or none is not.
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    elapsed = times[-1] - times[0]
+    assert len(gaps) == 25 and elapsed > 0.4, f"25 frames at 50 fps took {elapsed:.2f} s"
+    assert 0.012 < gaps[len(gaps) // 2] < 0.03, f"median gap {gaps[len(gaps) // 2] * 1000:.1f} ms at 50 fps"
 
 
 def test_pts_clock_starts_at_zero_and_never_goes_back() -> None:
