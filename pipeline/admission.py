@@ -26,6 +26,7 @@ import json
 import math
 import os
 import socket
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -203,14 +204,23 @@ def _canonical(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def resolve(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> set[str]:
     """Every address ``host`` resolves to (empty when it does not resolve within the timeout)."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
+    answer: concurrent.futures.Future = concurrent.futures.Future()
+    # A lookup stuck in the resolver is left to finish on its own, in a daemon thread: the interpreter's exit joins
+    # a ThreadPoolExecutor's threads, and a service told to stop waited out every lookup still stuck (a DNS timeout)
+    threading.Thread(target=_lookup, args=(answer, host, port), name="hv-resolve", daemon=True).start()
     try:
-        infos = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(timeout_s)
+        infos = answer.result(timeout_s)
     except (OSError, UnicodeError, concurrent.futures.TimeoutError):
         return set()
-    finally:
-        pool.shutdown(wait=False)  # a lookup stuck in the resolver is left to finish on its own
     return {str(_canonical(info[4][0])) for info in infos}
+
+
+def _lookup(answer: concurrent.futures.Future, host: str, port: int) -> None:
+    """``resolve``'s question, in its own thread: getaddrinfo's answer, or its error."""
+    try:
+        answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    except BaseException as e:  # resolve says it
+        answer.set_exception(e)
 
 
 def _local_ips() -> set[str]:
