@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 DROP_OUTCOMES = ("rate", "budget", "overload", "error", "shutdown")
 REJECT_REASONS = ("shed", "expired", "cancelled")  # the Batcher's requests answered without computing
 UP_STATES = ("running",)
+ENDED = "ended"  # a file camera's source ended: done, not down (an update may start it again)
 ROLES = ("stream", "inference")
 
 
@@ -180,7 +181,7 @@ class Telemetry:
                 rec = self._cameras.get(cid)
                 if rec is None:
                     rec = self._cameras[cid] = CameraRecord(first_seen=now, down_since=now)
-                rec.stats = dict(s)
+                previous, rec.stats = rec.stats.get("state"), dict(s)
                 rec.last_frame_ts = s.get("last_frame_ts") or rec.last_frame_ts
                 pid = s.get("pid", rec.counters.incarnation if final else None)
                 if "decoded" in s and pid is not None:  # a started pipeline (not "created"/"unavailable")
@@ -189,7 +190,9 @@ class Telemetry:
                         rec.lost += int(self._held(before))
                 if s.get("state") in UP_STATES:
                     rec.down_since = None
-                elif rec.down_since is None:
+                elif rec.down_since is None or (previous == ENDED and s.get("state") != ENDED):
+                    # A file started again by an update is down from the new run's start: timed from the old run's
+                    # end (maybe hours ago), /readyz read it past its stall budget while it opened.
                     rec.down_since = now
             if present is not None:
                 keep = set(present)
