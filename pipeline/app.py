@@ -50,6 +50,7 @@ REDIS_URL_ENV = "HYDRAVISION_REDIS_URL"
 # named "controller" gets a series of its own instead of a duplicate.
 CONTROLLER_PUBLISHER = "_controller"
 RECENT_RESTARTED_PIDS = 256  # more processes than one restart can bring back at once
+RECENT_REMOVALS = 1000  # removed cameras kept for the final table (``App.removed``)
 # A camera process down again within CRASH_LOOP_S of its restart is restarted after a back-off doubling from 1 s to
 # RESTART_BACKOFF_MAX_S: one crashing at every start was restarted at every tick for ever (a process, a model load,
 # a worker_restarted event and a line each second).
@@ -127,6 +128,10 @@ class App(LiveControl):
     # its Ray name (a camera added meanwhile must not start a process under it: Ray refuses a name a live actor
     # holds), and while one drains (no ``final`` yet), another camera's removal must not kill its process.
     _leaving: dict = field(default_factory=dict)
+    # The final stats of the cameras removed at run time, one each removal, state "removed" (``remove_camera``):
+    # `run`'s final table and --summary-json show them beside the cameras the shutdown stopped. The latest only: a
+    # service whose cameras come and go for months must not grow by a few KB at every removal for ever.
+    removed: deque = field(default_factory=lambda: deque(maxlen=RECENT_REMOVALS))
     _last_stats: dict = field(default_factory=dict)
     # Removed cameras whose next track ids Redis did not take (down, out of memory): id -> their final next ids. Their
     # status, which holds those ids too, stays until the control loop's retry keeps them (``retire_pending``).
@@ -248,6 +253,10 @@ class App(LiveControl):
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from an offline service
+        # seconds to tens of seconds on a small or busy machine, which the start spent without a word
+        address = self.config.ray.resolved_address()
+        self.say("Starting a local Ray ..." if address == "local" else
+                 f"Joining the Ray cluster at {redact_url(address)} ...")
         try:
             cluster.init_ray(self.config, RAY_SYSTEM_CONFIG)
         except SystemExit:  # Ray's own SIGTERM handler, in place while ray.init runs: exit 15 and not a word
@@ -289,6 +298,13 @@ class App(LiveControl):
         ic, mc = self.config.inference, self.config.model
         self._say_replica_wait()
         self._say_camera_wait()
+        # the other long wait before the "Model:" line: new processes' imports, then the model's load (its first
+        # compile too: an ONNX export); none with the model in the camera processes and no camera to start yet
+        if not self.in_camera_process:
+            self.say(f"Loading the model {mc.checkpoint_path().name} in {self.placement.replicas} inference "
+                     "replica(s) ...")
+        elif self.config.cameras:
+            self.say(f"Loading the model {mc.checkpoint_path().name} in the camera processes ...")
         for i in range(0 if self.in_camera_process else self.placement.replicas):
             actor = self.placement.spawn(InferenceActor, self.placement.inference_options(i),
                 self.placement.checkpoint_arg(), mc.device, mc.precision, ic.max_batch, ic.max_wait_ms, ic.threads,

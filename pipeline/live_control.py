@@ -210,6 +210,13 @@ class LiveControl:
                          "last_error": redact_text(self._describe(e, camera_id), [handle.config.url])}
                 log.warning("camera %s: no final stats at removal", camera_id, exc_info=True)
             handle.final = final  # drained: a neighbour's removal may take its process along now (see _let_go)
+            # Its counts over its processes, as the final table has a stopped camera's (a process restarted before
+            # the removal counted from 0 again: the row had only the last one's frames), while its id is claimed.
+            row = {**final, "camera": camera_id}
+            self.telemetry.record_cameras([row], final=True)
+            [row] = self.telemetry.whole_run([row])
+            with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
+                self.removed.append({**row, "state": "removed", "restarts": handle.restarts})
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):

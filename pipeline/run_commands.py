@@ -150,8 +150,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         out.say("Stopping: draining in-flight frames, flushing Redis ...")
         finals = app.shutdown(drain=True)
-    out.final(finals)
-    warn_failures(finals)  # a camera that failed after the last tick (or all of them, the run ending at once) too
+    # before the table, which is the last thing read: a camera that failed after the last tick (or all of them,
+    # the run ending at once)
+    warn_failures(finals)
+    # The cameras removed at run time have their rows too (state "removed", their counts at the removal), after
+    # the running set's. Not in the exit code (neither failed nor not) nor in the undelivered messages: their
+    # publisher closed at the removal, whose answer and camera_removed event said what it had not delivered.
+    removed = list(getattr(app, "removed", []))
+    out.final(finals + removed)
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
     undelivered = _undelivered(finals, getattr(app, "events", None))
     if undelivered:
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                     {"event": "undelivered", "undelivered": undelivered})
     if args.summary_json:
         try:
-            _write_summary(Path(args.summary_json), json.dumps(finals, indent=2, default=str))
+            _write_summary(Path(args.summary_json), json.dumps(finals + removed, indent=2, default=str))
         except OSError as e:  # no permission, a directory of that name: the final table above has the stats
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
     if failed and len(failed) == len(finals):

@@ -162,8 +162,9 @@ FINAL_STATES = ("stopped", "ended", "failed")  # written once by a camera that f
 def rates_now(status: dict) -> bool:
     """Whether a status's rates and frame ages are what its camera does now: not a stale one's (a service gone, maybe
     for days) nor a finished camera's (stopped, ended, failed: those of its last seconds, which an ended file's tile
-    and `hydravision status` showed as live for as long as the entry stayed)."""
-    return not status.get("stale") and status.get("state") not in ("stale", *FINAL_STATES)
+    and `hydravision status` showed as live for as long as the entry stayed); nor a camera removed at run time (a row
+    of `run`'s final table: its rates were those of its last seconds before the removal, maybe hours before the end)."""
+    return not status.get("stale") and status.get("state") not in ("stale", "removed", *FINAL_STATES)
 
 
 def mark_stale(status: dict, now: float, stale_after_s: float = STALE_AFTER_S) -> dict:
