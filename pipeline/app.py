@@ -437,11 +437,14 @@ class App(LiveControl):
         cams = [cluster.actor_camera(cam) for cam in cams]
         with self._lock:  # cameras another add is starting (in _busy, not yet in cameras) keep their replica
             live = [*self.cameras, *self._busy, *(c.id for c in cams)]
-        # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
-        # object store for the actor's restarts (Ray warns about it). None with the model in the camera processes.
-        replica = {cam.id: [] if self.in_camera_process else
-                   [(self.placement.namespace, cluster.inference_name(self.placement.replica_index(cam.id, live)))]
-                   for cam in cams}
+            # Named replicas, looked up by the StreamActor: a handle as a constructor argument would sit in the
+            # object store for the actor's restarts (Ray warns about it). None with the model in the camera
+            # processes. Under the lock: two adds at once each counted the replicas' loads without the other's
+            # camera (both went to one replica), and one's assignment could be lost from the assigner's table.
+            replica = {cam.id: [] if self.in_camera_process else
+                       [(self.placement.namespace,
+                         cluster.inference_name(self.placement.replica_index(cam.id, live)))]
+                       for cam in cams}
         starting: list[tuple[CameraHandle, Any]] = []
         try:
             # One add at a time from here: it sees the processes the adds before it joined or created. At run time a
