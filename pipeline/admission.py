@@ -95,11 +95,13 @@ class LoopbackHostsOnly:
     resolve to 127.0.0.1, and the browser then lets its script read and drive a loopback server as if it were
     the page's own site (no token is needed on loopback); its requests still name that site in Host. A request
     without a Host header (not a browser's) is let through, and so are the names in ``allowed`` (a proxy on the
-    same machine that passes its own Host on). Bound to anything else, the server checks nothing."""
+    same machine that passes its own Host on). Bound to anything else, the server checks nothing unless names are
+    ``allowed``: then it answers those and loopback's only (a container's server, bound to 0.0.0.0 and published
+    on the host's loopback, as the Compose stack's dashboard: a rebound page reached it through the host)."""
 
     def __init__(self, app: Any, bound_host: str, allowed: Any = ()) -> None:
-        self.app, self.active = app, is_loopback_name(bound_host)
         self.allowed = {name.lower().rstrip(".") for name in allowed}
+        self.app, self.active = app, is_loopback_name(bound_host) or bool(self.allowed)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.active and scope["type"] in ("http", "websocket"):

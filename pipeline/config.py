@@ -267,7 +267,8 @@ class DashboardConfig(Strict):
     allow_control: bool = Field(False, description="offer add/remove camera on the page (through the Redis "
                                 "control stream); anyone who reaches the page can then use them")
     allowed_hosts: list[str] = Field(default_factory=list, description="on loopback the page answers only requests "
-                                     "naming a loopback Host (against DNS rebinding); a proxy's names it also answers")
+                                     "naming a loopback Host (against DNS rebinding); a proxy's names it also answers. "
+                                     "Given, the check holds bound to any address (a container's 0.0.0.0)")
 
 
 class Config(Strict):

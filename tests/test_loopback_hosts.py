@@ -81,3 +81,20 @@ def test_the_services_dashboard_takes_a_proxys_names_from_its_config():
     config = parse_config({"dashboard": {"enabled": True, "allowed_hosts": ["cams.example.org"]},
                            "cameras": [{"id": "a", "url": "synthetic://street"}]})
     assert config.dashboard.allowed_hosts == ["cams.example.org"]
+
+
+def test_a_dashboard_bound_to_every_address_checks_the_host_when_given_names():
+    """The Compose stack's dashboard: bound to 0.0.0.0 in its container, published on the host's loopback. It
+    checked no Host there, so a page that rebound its name to 127.0.0.1 read the cameras' pictures and events."""
+    server = DashboardServer("redis://127.0.0.1:1/0", host="0.0.0.0", port=0, allowed_hosts=["localhost"]).start()
+    try:
+        assert status(server.port, f"localhost:{server.port}", "/healthz") != 403
+        assert status(server.port, f"127.0.0.1:{server.port}", "/healthz") != 403
+        assert status(server.port, f"rebound.example:{server.port}", "/api/state") == 403
+    finally:
+        server.stop()
+    server = DashboardServer("redis://127.0.0.1:1/0", host="0.0.0.0", port=0).start()
+    try:  # no names given: as before, its legitimate names are not known here
+        assert status(server.port, "camera-box.example", "/healthz") != 403
+    finally:
+        server.stop()
