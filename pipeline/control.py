@@ -35,6 +35,7 @@ from redis.retry import Retry
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, strict_json
 from pipeline.config import _format_errors
+from pipeline.consumer import _stream_entries  # one reading of XREAD(GROUP)'s reply shapes
 from workers.publish import encode, entry_order
 from workers.redact import redact_text
 from workers.settings import Strict
@@ -97,12 +98,12 @@ def await_answer(client: redis.Redis, results: str, request_id: str, after: byte
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
             continue
         lost = None
-        for _, entries in reply or []:
+        for _, entries in _stream_entries(reply):  # a RESP3 client's (?protocol=3) is a dict: unpacked, a ValueError
             for result_id, fields in entries:
                 after = result_id
                 try:  # another writer's entry, not JSON or not an object, is not the answer
-                    answer = json.loads(fields[b"data"])
-                except (KeyError, ValueError):
+                    answer = json.loads(fields.get(b"data", fields.get("data")))  # "data": a decode_responses client
+                except (TypeError, ValueError):
                     continue
                 if isinstance(answer, dict) and answer.get("request_id") == request_id:
                     return answer
@@ -259,7 +260,9 @@ class ControlConsumer:
                 # with ten a command that took the controller down had its nine neighbours dropped with it.
                 reply = self._client.xreadgroup(self.group, self.consumer, {self.key: backlog or ">"},
                                                 count=1 if backlog else 10, block=None if backlog else self.block_ms)
-                entries = reply[0][1] if reply else []
+                # any reply shape: a RESP3 client's (?protocol=3 in the URL) is a dict, and reply[0] a KeyError
+                # that ended this thread at the first command, leaving every command unapplied
+                entries = [entry for _, got in _stream_entries(reply) for entry in got]
                 if backlog and not entries:
                     backlog = None
                 for entry_id, fields in entries:
