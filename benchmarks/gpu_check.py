@@ -49,7 +49,9 @@ from typing import Callable
 
 import numpy as np
 
-from measure import DEMO, pct, save_json
+# measure (pct, save_json) is imported only after kit_mismatch: it imports PyAV, a compiled package of the kit, which
+# on another Python failed at this script's import with a traceback instead of the refusal (exit 3) naming why.
+DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"  # measure.DEMO
 
 NO_GPU_EXIT = 2
 KIT_EXIT = 3  # the packages on sys.path (benchmarks/gpu_kit.py) were built for another Python
@@ -423,6 +425,7 @@ def pipeline_run(checkpoint: Path, clip: Path, n: int, device: str, hwaccel: str
     The wait for every camera's first message ends in time for the window to end by ``end`` (the step's)."""
     import redis
 
+    from measure import pct
     from pipeline.app import App
     from pipeline.config import parse_config
     from workers.publish import keys
@@ -523,9 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     limit = t_start + args.minutes * 60
     if problem := kit_mismatch():
-        save_json(args.json, {"error": problem})
+        if args.json:
+            Path(args.json).write_text(json.dumps({"error": problem}, indent=2))
         print(f"gpu_check: {problem}", file=sys.stderr)
         return KIT_EXIT
+    from measure import save_json
     env: dict = {}
     result: dict = {"environment": env, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     dry = args.dry_run_cpu

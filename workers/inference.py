@@ -341,9 +341,12 @@ def model_changes(checkpoint: str | Path, expect: dict) -> list[str]:
 
 # CUDA errors after which the process's CUDA context cannot run anything again: every later batch failed the same
 # way while the process, still alive, was never restarted. Matched in the error's text (torch raises them as
-# RuntimeError or AcceleratorError with CUDA's own words).
-DEVICE_LOST = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
-               "illegal instruction", "CUBLAS_STATUS_EXECUTION_FAILED")
+# RuntimeError or AcceleratorError with CUDA's own words). "device-side assert triggered" whole: every CUDA error
+# torch raises ends "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.", and "device-side
+# assert" alone took a recoverable "CUDA error: out of memory" for a lost context (the process exited, and
+# restarted into the same batch size, instead of the BatchSizer stepping down).
+DEVICE_LOST = ("illegal memory access", "device-side assert triggered", "unspecified launch failure",
+               "misaligned address", "illegal instruction", "CUBLAS_STATUS_EXECUTION_FAILED")
 DEVICE_LOST_EXIT = 75  # EX_TEMPFAIL: Ray restarts the process (max_restarts=-1) with a fresh CUDA context
 
 
