@@ -24,9 +24,10 @@ import ray
 
 from pipeline.config import absolute_path_url
 from pipeline.errors import UserError
-from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, fits, group_cameras,
-                                inference_options, local_cpus, model_in_camera_process, namespace_for, replica_count,
-                                replica_gpus, replica_room, replicas_per_node, stream_options)
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, describe_needs, fits,
+                                group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
+                                node_needs, replica_count, replica_gpus, replica_room, replicas_per_node,
+                                stream_options)
 from workers.cores import usable_cores
 from workers.publish import event_message
 from workers.redact import redact_url
@@ -298,6 +299,7 @@ class Placement:
         self.in_camera_process = model_in_camera_process(config.inference, config.model.device,
                                                          self.replica_options["num_gpus"], config.ray.cluster)
         self._checkpoint_ref: Any = None
+        self.reserved: dict[str, dict[str, Any]] = {}  # actor name -> the options it was created with (``spawn``)
         if len(self.nodes) > 1 or config.ray.cluster:
             self.say(f"Ray cluster: {len(self.nodes)} node(s), namespace {self.namespace}\n  "
                      + "\n  ".join(n.describe() for n in self.nodes))
@@ -339,7 +341,7 @@ class Placement:
     def spawn(self, actor_class: Any, options: dict[str, Any], *args: Any) -> Any:
         """``actor_class.options(**options).remote(*args)``; a name another pipeline holds is a UserError."""
         try:
-            return actor_class.options(**options).remote(*args)
+            actor = actor_class.options(**options).remote(*args)
         except ValueError as e:
             if "already taken" not in str(e):
                 raise
@@ -350,6 +352,10 @@ class Placement:
             raise UserError(f"actor {options.get('name')} already exists in Ray namespace {self.namespace}: another "
                             f"pipeline with Redis prefix {self.config.redis.prefix!r} runs on this cluster. Give "
                             "this one its own redis.prefix (or ray.namespace)") from None
+        # For NodeWatch: what a lost node's actors need of the nodes left (a process reserves its cameras' sum).
+        # vars(): stand-ins built without __init__ call this too. One entry per name ever used.
+        vars(self).setdefault("reserved", {})[options.get("name")] = options
+        return actor
 
     def ready(self, ref: Any, what: str) -> Any:
         """``ray.get`` within ``ray.placement_timeout_s``; a timeout becomes a UserError that says whether the
@@ -369,7 +375,7 @@ class Placement:
     def watch(self, app: Any) -> "NodeWatch | None":
         """A NodeWatch on a cluster (one node cannot lose another)."""
         if len(self.nodes) > 1 or self.config.ray.cluster:
-            return NodeWatch(app, self.nodes)
+            return NodeWatch(app, self.nodes, placement=self)
         return None
 
 
@@ -382,11 +388,15 @@ def _free() -> str:
 
 class NodeWatch:
     """Follows where each actor runs and which nodes are alive. When a node dies it says which cameras and
-    replicas were on it (a ``node_lost`` event; Ray restarts them on the nodes that remain), and once a worker
-    answers again ``moved()`` says from where to where."""
+    replicas were on it (a ``node_lost`` event; Ray restarts them on the nodes that remain, or, where none of those
+    could host one, it waits for a node that can: said with what that node needs), and once a worker answers
+    again ``moved()`` says from where to where. ``placement``: the Placement whose ``reserved`` tells what each
+    actor needs (None: not said)."""
 
-    def __init__(self, app: Any, nodes: list[Node], poll_s: float = 1.0, answer_s: float = NODES_ANSWER_S) -> None:
+    def __init__(self, app: Any, nodes: list[Node], poll_s: float = 1.0, answer_s: float = NODES_ANSWER_S,
+                 placement: Any = None) -> None:
         self.app = app
+        self.placement = placement
         self.nodes = {n.id: n for n in nodes}
         self.where: dict[tuple[str, Any], str] = {}  # (kind, camera id / replica index) -> node id
         self.lost_from: dict[tuple[str, Any], str] = {}  # moved off a lost node, not yet seen elsewhere
@@ -418,7 +428,7 @@ class NodeWatch:
         if (alive := self._alive_now()) is None:
             return
         for node_id in [n for n in self.nodes if n not in alive]:
-            self._lost(self.nodes.pop(node_id), actors)
+            self._lost(self.nodes.pop(node_id), actors, list(alive.values()))
         for node_id, node in alive.items():
             if node_id not in self.nodes:
                 self.nodes[node_id] = node
@@ -486,18 +496,56 @@ class NodeWatch:
             except Exception:  # died before answering: ask again next tick
                 continue
 
-    def _lost(self, node: Node, actors: dict) -> None:
+    def _lost(self, node: Node, actors: dict, alive: list[Node]) -> None:
         on_it = sorted((k for k, n in self.where.items() if n == node.id and k in actors), key=str)
         for key in on_it:
             self.lost_from[key] = self.where.pop(key)
             self._asked.pop(key, None)
         cameras = [k[1] for k in on_it if k[0] == "camera"]
         replicas = [k[1] for k in on_it if k[0] == "inference"]
+        # Ray keeps an actor no alive node can host pending (RESTARTING) until such a node joins, for ever if none
+        # does: the controller only saw a camera "still starting" (waiting for its replica) or running at 0 fps.
+        waiting = {key: needs for key in on_it if (needs := self._needs_elsewhere(key, alive)) is not None}
         self.app.say(f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference replicas "
-                     f"{replicas or 'none'}; Ray restarts them on the remaining nodes")
+                     f"{replicas or 'none'}; {self._fate(on_it, waiting, actors)}")
         if self.app.events:
+            extra = {"waiting": [{key[0]: key[1], "needs": {"resources": r, "labels": labels}}
+                                 for key, (r, labels) in waiting.items()]} if waiting else {}
             self.app.events.publish_event(event_message("node_lost", "*", node=node.id, ip=node.ip,
-                                                        cameras=cameras, inference=replicas))
+                                                        cameras=cameras, inference=replicas, **extra))
+
+    def _needs_elsewhere(self, key: tuple[str, Any], alive: list[Node]) -> tuple[dict, dict] | None:
+        """What a node must offer for this actor to run again, where no ``alive`` node could ever host it
+        (``placement.fits``, as the start's check); None where one could, or where its options are unknown."""
+        reserved = getattr(self.placement, "reserved", None) or {}
+        if key[0] == "inference":
+            options = reserved.get(inference_name(key[1]))
+        else:
+            with self.app._lock:
+                options = reserved.get(getattr(self.app.cameras.get(key[1]), "name", None))
+        if options is None or any(fits(n, options) for n in alive):
+            return None
+        return node_needs(options, alive)
+
+    def _fate(self, on_it: list[tuple[str, Any]], waiting: dict, actors: dict) -> str:
+        """The node_lost line's end: what Ray restarts on the remaining nodes, and what waits for a node to join."""
+        def name(key: tuple[str, Any]) -> str:
+            return f"camera {key[1]}" if key[0] == "camera" else f"inference replica {key[1]}"
+
+        restarted = [k for k in on_it if k not in waiting]
+        parts = []
+        if not waiting:
+            parts.append("Ray restarts them on the remaining nodes")
+        elif restarted:
+            parts.append(f"Ray restarts {', '.join(map(name, restarted))} on the remaining nodes")
+        with self.app._lock:  # the adds assign replicas under it
+            of = dict(getattr(getattr(self.placement, "assigner", None), "of", {}))  # camera -> its replica
+        for key, needs in waiting.items():
+            part = f"{name(key)} waits for a node with {describe_needs(*needs)} to join"
+            if served := sorted(c for c, r in of.items() if key == ("inference", r) and ("camera", c) in actors):
+                part += f" (cameras {served}, which it serves, publish no frames until then)"
+            parts.append(part)
+        return "; ".join(parts)
 
     def moved(self, key: tuple[str, Any]) -> dict[str, str]:
         """For a ``worker_restarted`` event: the node the worker runs on now and, if it ran elsewhere before

@@ -96,8 +96,42 @@ def check_placeable(what: str, options: Mapping[str, Any], nodes: list[Node]) ->
         wants += "; labels " + ", ".join(f"{k}={v}" for k, v in options["label_selector"].items())
     listing = "\n  ".join(n.describe() for n in nodes) or "(no alive node)"
     raise UserError(f"{what} cannot be placed: it needs {wants}, and no node of the Ray cluster has that.\n"
-                    f"Nodes:\n  {listing}\n(start a node that offers it, e.g. `ray start --address ... "
-                    f"--resources '{{\"NAME\": 1}}'`, or change the config)")
+                    f"Nodes:\n  {listing}\n({node_hint(*node_needs(options, nodes))}, or change the config)")
+
+
+def node_needs(options: Mapping[str, Any], nodes: list[Node]) -> tuple[dict[str, float], dict[str, str]]:
+    """What a node must offer to host the actor, as (resources with their amounts, hard labels): its whole demand,
+    but CPU only where no node in ``nodes`` has enough (`ray start` gives a node its machine's CPUs). For a
+    message about an actor that fits none of ``nodes``: what the node that would take it has to bring."""
+    resources = demand(options)
+    if "CPU" in resources and any(fits(n, {"num_cpus": resources["CPU"]}) for n in nodes):
+        del resources["CPU"]
+    return resources, {} if options.get("fallback_strategy") else dict(options.get("label_selector") or {})
+
+
+def describe_needs(resources: Mapping[str, float], labels: Mapping[str, str]) -> str:
+    """``node_needs``' answer in words: "hydravision_inference=1", "label site=z", ..."""
+    parts = [f"{k}={v:g}" for k, v in resources.items()]
+    if labels:
+        parts.append(("label " if len(labels) == 1 else "labels ") + ", ".join(f"{k}={v}" for k, v in labels.items()))
+    return " and ".join(parts) or "nothing"
+
+
+def node_hint(resources: Mapping[str, float], labels: Mapping[str, str]) -> str:
+    """How a node offering what ``node_needs`` found joins: `ray start` with the flags for it (a label is given
+    with --labels, Ray 2.60; --resources takes custom resources only)."""
+    if any(k.startswith("ray.io/") for k in labels):
+        return "start a node that Ray gives that label (ray.io/ labels are Ray's own: --labels cannot set them)"
+    flags = ["ray start --address=HEAD:6380"]
+    if "CPU" in resources:
+        flags.append(f"--num-cpus={math.ceil(resources['CPU'])}")
+    if "GPU" in resources:
+        flags.append(f"--num-gpus={math.ceil(resources['GPU'])}")
+    if custom := {k: int(v) if v == int(v) else v for k, v in resources.items() if k not in ("CPU", "GPU")}:
+        flags.append(f"--resources='{json.dumps(custom)}'")
+    if labels:
+        flags.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+    return f"start a node that offers it, e.g. `{' '.join(flags)}`"
 
 
 def short_together(options: Iterable[Mapping[str, Any]], nodes: list[Node]) -> dict[str, tuple[float, float]]:

@@ -24,6 +24,12 @@ REJECT_REASONS = ("shed", "expired", "cancelled")  # the Batcher's requests answ
 UP_STATES = ("running",)
 ENDED = "ended"  # a file camera's source ended: done, not down (an update may start it again)
 ROLES = ("stream", "inference")
+# A camera's cumulative counts outside its frame outcomes, kept over its processes for the whole-run figures.
+CAMERA_COUNTS = ("decoded", "submitted", "reconnects", "watchdog_restarts", "capture_crashes", "skipped_packets")
+# Its Publisher's cumulative counts (stats()["publisher"]) by their counter's name; the rest of them (queued,
+# connected, failing...) are its state now.
+PUBLISHER_COUNTS = {"sent": "redis.sent", "retries": "redis.errors", "dropped": "redis.dropped",
+                    "rejected": "redis.rejected", "reconnects": "redis.reconnects", "round_trips": "redis.round_trips"}
 
 
 def _hist(out: dict[str, float], prefix: str, snapshot: dict | None) -> None:
@@ -35,15 +41,13 @@ def _hist(out: dict[str, float], prefix: str, snapshot: dict | None) -> None:
 
 def camera_counters(s: dict) -> dict[str, float]:
     """The cumulative numbers of one camera's stats(), flat: what a restart of its actor would reset."""
-    out: dict[str, float] = {"decoded": s.get("decoded", 0), "outcome.published": s.get("published", 0),
-                             "outcome.skipped": s.get("skipped", 0), "reconnects": s.get("reconnects", 0),
-                             "skipped_packets": s.get("skipped_packets", 0)}
+    out: dict[str, float] = {k: s.get(k, 0) for k in CAMERA_COUNTS}
+    out.update({"outcome.published": s.get("published", 0), "outcome.skipped": s.get("skipped", 0)})
     for reason, n in (s.get("dropped") or {}).items():
         out[f"outcome.{reason}"] = n
     _hist(out, "age", s.get("frame_age"))
     pub = s.get("publisher") or {}
-    out["redis.errors"] = pub.get("retries", 0)
-    out["redis.dropped"] = pub.get("dropped", 0)
+    out.update({key: pub.get(name, 0) for name, key in PUBLISHER_COUNTS.items()})
     for action, n in ((s.get("budget") or {}).get("actions") or {}).items():
         out[f"budget.{action}"] = n
     return out
@@ -201,9 +205,12 @@ class Telemetry:
             self.last_tick = now
 
     def whole_run(self, stats: Iterable[dict]) -> list[dict]:
-        """Camera stats (recorded here already) with their frame counts over the service's life, as /metrics has
+        """Camera stats (recorded here already) with their counts over the service's life, as /metrics has
         them: a camera process Ray restarted counts from 0 again, and the final table said "published 218" after
-        1284 before the crash. Frames a dead process held are ``dropped.lost``, so the counts still add up."""
+        1284 before the crash. Frames a dead process held are ``dropped.lost``, so the counts still add up. Every
+        count is whole-run (frame outcomes, CAMERA_COUNTS, the publisher's PUBLISHER_COUNTS: "submitted" 1535
+        stood beside "published" 2010); what is there now stays the last process's (in_slot, in_flight, fps,
+        the publisher's queued, connected, failing), as do analytics, appearance and budget."""
         with self._lock:
             out = []
             for s in stats:
@@ -212,8 +219,11 @@ class Telemetry:
                     out.append(s)
                     continue
                 c = rec.counters
-                s = {**s, **{k: int(c.value(k)) for k in ("decoded", "reconnects", "skipped_packets")},
+                s = {**s, **{k: int(c.value(k)) for k in CAMERA_COUNTS},
                      "published": int(c.value("outcome.published")), "skipped": int(c.value("outcome.skipped"))}
+                if isinstance(pub := s.get("publisher"), dict):  # the counts it carries
+                    whole = {k: int(c.value(key)) for k, key in PUBLISHER_COUNTS.items() if k in pub}
+                    s["publisher"] = {**pub, **whole}
                 reasons = {k.split(".", 1)[1] for k in c.keys() if k.startswith("outcome.")} - {"published", "skipped"}
                 s["dropped"] = {r: int(c.value(f"outcome.{r}")) for r in [*DROP_OUTCOMES, *sorted(reasons)]
                                 if r in reasons}
