@@ -63,3 +63,41 @@ def test_a_kit_for_another_python_is_refused_before_the_check_imports_any_of_it(
     assert done.returncode == 3, done.stderr[-2000:]
     assert "built for CPython 3.9.1" in done.stderr and "Traceback" not in done.stderr
     assert "gpu_kit.py --python" in json.loads(out.read_text())["error"]
+
+
+def test_tensorrt_engines_are_built_under_the_cache_folders_lock(tiny_checkpoint, tmp_path, monkeypatch):
+    """TensorRT writes the engines it builds at a session's start into the export's cache folder, in place: replicas
+    sharing a GPU and a fresh cache built them at once, and one could load another's half-written engine. The
+    session is made under the folder's lock (as OpenVINO's compiles): here another process holds it meanwhile."""
+    import fcntl
+
+    import onnxruntime as ort
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from workers import model_runner
+
+    monkeypatch.setenv("HYDRAVISION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_runner, "load_checkpoint", lambda p, device: load_checkpoint(p, device="cpu"))
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    held = []
+    real = ort.InferenceSession
+
+    def session(path, options, providers):
+        (_, trt), _, _ = providers
+        lock = open(Path(trt["trt_engine_cache_path"]) / "lock", "a")
+        try:  # another process (a replica) trying the lock now: it must wait
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            lock.close()
+        return real(path, options)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):  # it fell back to the CPU provider: refused, as before
+        model_runner.ModelRunner(tiny_checkpoint, device="auto", backend="onnxruntime", threads=1, max_batch=8)
+    assert held == [True]

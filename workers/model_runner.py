@@ -215,7 +215,13 @@ class OrtSession(ExportedSession):
         if device.type == "cuda":
             wanted = gpu_providers(self.path, device.index or 0, "images", model.config.input_size, max_batch)
             providers = [p for p in wanted if p[0] in ort.get_available_providers()] + providers
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        # TensorRT builds its engines into the export's cache folder at the session's start, writing them in place:
+        # replicas sharing a GPU and a fresh cache built at once, and one could load another's half-written engine.
+        # Under the folder's lock the first builds, the others find the engines whole (as OpenVINO's compiles).
+        engines = next((o.get("trt_engine_cache_path") for p in providers if isinstance(p, tuple)
+                        and p[0] == "TensorrtExecutionProvider" for o in [p[1]]), None)
+        with compiling(Path(engines)) if engines else contextlib.nullcontext():
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and
         # onnxruntime-gpu's does not load without its CUDA libraries): the model would take the CPU while the
         # replica's GPU sat idle.
