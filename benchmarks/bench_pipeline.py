@@ -38,7 +38,7 @@ from pipeline.embedded_redis import EmbeddedRedis
 from pipeline.testbed import RtspServer
 from workers.frames import detection_records, to_detections
 from workers.model_runner import ModelRunner
-from workers.publish import detection_message, encode, keys
+from workers.publish import encode, keys, records_message
 from workers.sources import open_source
 from workers.settings import TrackerConfig
 from workers.tracking import CameraTracker
@@ -125,8 +125,8 @@ def tracked_message(heads: dict[str, list[str]], tracker: CameraTracker, camera:
     for head, classes in heads.items():
         det, _ = tracker.update(head, to_detections(arrays[head], lb, classes), frame.index, frame.pts)
         records += detection_records(head, det, det.tracker_id)
-    return detection_message(camera, frame.index, frame.pts, frame.wall, (time.time() - frame.wall) * 1000,
-                             (frame.size[1], frame.size[0]), records, list(heads))
+    return records_message(camera, frame.index, frame.pts, frame.wall, (time.time() - frame.wall) * 1000,
+                           (frame.size[1], frame.size[0]), records, list(heads))
 
 
 def bench_naive(checkpoint: Path, clips: list[Path], cameras: int, redis_url: str, seconds: float) -> dict:

@@ -103,6 +103,32 @@ def detection_message(camera: str, frame: int, pts: float, ts: float, latency_ms
             "size": [int(size[0]), int(size[1])], "heads": ran, "detections": out}
 
 
+def records_message(camera: str, frame: int, pts: float, ts: float, latency_ms: float,
+                    size: tuple[int, int], records: list[dict], heads: list[str]) -> dict:
+    """``detection_message`` for records as ``workers.frames.detection_records`` makes them, and the same dict:
+    their numbers are already plain, rounded as the message rounds them (rounding again changes nothing) and
+    their keys in its order, so they go in as they are instead of being built again (a camera's event loop did
+    it for every detection of every frame). Where a number is not finite or a head did not run, the message is
+    ``detection_message``'s, which raises what it raises."""
+    ran = list(dict.fromkeys(heads))
+    total = 0.0  # finite only if every number is (NaN and infinities stay in a sum, or make it NaN)
+    for d in records:
+        if d["head"] not in ran:
+            break
+        x1, y1, x2, y2 = d["box"]
+        total += x1 + y1 + x2 + y2 + d["conf"]
+        if "attributes" in d:
+            for a in d["attributes"].values():
+                total += a["conf"]
+    else:
+        if math.isfinite(total):
+            return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame),
+                    "pts": round(_finite("pts", pts), 6), "ts": _finite("ts", ts),
+                    "latency_ms": round(max(0.0, _finite("latency_ms", latency_ms)), 3),
+                    "size": [int(size[0]), int(size[1])], "heads": ran, "detections": records}
+    return detection_message(camera, frame, pts, ts, latency_ms, size, records, heads)
+
+
 def event_message(type: str, camera: str, ts: float | None = None, **fields: Any) -> dict:
     """A v1 event; ts defaults to now (unix seconds). Type-specific fields as keyword arguments; since
     `class` is a Python keyword, pass it as class_ (or **{"class": ...})."""
