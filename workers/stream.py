@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -65,6 +65,30 @@ class Resume:
     # track_ended fields of the tracks the previous run had open as its last status said (it crashed, or its
     # process was killed): ended by this start, before any new track.
     open_tracks: tuple[dict, ...] = ()
+    # What the camera's status had counted before this pipeline in this service run (its earlier processes and
+    # runs: status_base); the status adds its own counts to it (CameraPipeline.status_counts), stats() does not.
+    counts: dict = field(default_factory=dict)
+
+
+# The cumulative counts of a camera's status in Redis besides ``dropped`` (by reason) and ``restarts``.
+STATUS_COUNTS = ("decoded", "published", "skipped", "reconnects")
+
+
+def status_base(status: dict) -> dict:
+    """The counts a new pipeline's status starts from: those of ``status``, the last one its predecessor in this
+    service run wrote (or its final counts), with the frames it held then (decoded, no outcome yet: in its slot or
+    in flight) as dropped ``lost``, as telemetry counts them; so decoded = published + skipped + sum(dropped) +
+    in_slot + in_flight holds in the status too. A count that is no whole number (no version writes one) is 0."""
+    def count(v: Any) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    base: dict[str, Any] = {k: count(status.get(k)) for k in STATUS_COUNTS}
+    dropped = status.get("dropped")
+    base["dropped"] = {str(r): count(n) for r, n in dropped.items()} if isinstance(dropped, dict) else {}
+    held = base["decoded"] - base["published"] - base["skipped"] - sum(base["dropped"].values())
+    if held > 0:
+        base["dropped"]["lost"] = base["dropped"].get("lost", 0) + held
+    base["restarts"] = count(status.get("restarts"))
+    return base
 
 
 class CameraPipeline:
@@ -751,6 +775,7 @@ class CameraPipeline:
         entry from one left behind by a service that died (see pipeline/status.py)."""
         s = self.stats()
         status = {k: s[k] for k in self.STATUS_FIELDS}
+        status.update(self.status_counts(s))
         beat = self.redis_clock.now() if self.redis_clock else time.time()
         status.update(heartbeat_ts=round(beat, 3), instance=self.instance, stream_mark=self.resume.stream_mark)
         if cap := self._capture:  # where a restarted actor resumes the file (resume_point)
@@ -759,6 +784,20 @@ class CameraPipeline:
         # second and on every frame a track starts or ends, so a track is in it from its first frame to its last.
         status["tracks_open"] = self.tracker.open_rows() if self.tracker else {}
         self.publisher.set_status(self.id, status)
+
+    def status_counts(self, s: dict | None = None) -> dict:
+        """The status's cumulative counts (STATUS_COUNTS, dropped, restarts): this pipeline's (``s``: its stats())
+        added to what this service run's earlier processes and runs of the camera had counted (Resume.counts), so
+        that readers of the status (`hydravision status`, the dashboard) see the whole run's, as the final table
+        does: a restarted process's said "published 1535" beside the table's 2010. stats() stays this pipeline's
+        own: the controller's telemetry folds those per process and run (adding the base there counted it twice)."""
+        s = self.stats() if s is None else s
+        base = self.resume.counts
+        dropped = dict(s["dropped"])
+        for reason, n in base.get("dropped", {}).items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        return {**{k: s[k] + base.get(k, 0) for k in STATUS_COUNTS}, "dropped": dropped,
+                "restarts": base.get("restarts", 0)}
 
     DECODE_WINDOW_S = 5.0  # decode_fps is the rate over about this long, like fps
 
@@ -958,6 +997,9 @@ class CameraHost:
         if hasattr(replica, "ping"):
             await replica.ping.remote()
         id_base, resume = await asyncio.get_running_loop().run_in_executor(None, self._previous_state)
+        if self.pipeline is not None:  # a new run in this process (an update started an ended file again): its
+            # status counts on from the last run's, as from a crashed process's (_previous_state)
+            resume = replace(resume, counts=status_base(self.pipeline.status_counts()))
         # The first heartbeat (the source's stream_up, within ms) on this host's clock read stale where it is
         # behind Redis's by more than STALE_AFTER_S: the start waits for the answer, which normally came meanwhile.
         await asyncio.get_running_loop().run_in_executor(None, clock.asked.wait, 5.0)
@@ -1034,6 +1076,10 @@ class CameraHost:
                     # Tracks left open by a run that never finished them (crashed, or killed with its service).
                     ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
                     resume = replace(resume, open_tracks=tuple(ended))
+                    if self.instance and status.get("instance") == self.instance:  # this run's, as resume_point
+                        # tells: its process was restarted, and the status counts on from the crashed one's
+                        base = status_base(status)
+                        resume = replace(resume, counts={**base, "restarts": base["restarts"] + 1})
                 return {str(k): int(v) for k, v in (ids or {}).items()}, resume
             # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
