@@ -343,5 +343,9 @@ def refused_setting(e: BaseException) -> str | None:
     if not getattr(e, "actor_init_failed", False):
         return None
     lines = [line.strip() for line in str(e).splitlines()]
-    return next((line.removeprefix("ValueError: ") for line in reversed(lines) if line.startswith("ValueError: ")),
-                None)
+    # ValueError's own subclasses of models/ too, which Ray's text names by module: a checkpoint whose weights or
+    # LoRA base do not load, int8 without its calibration data (found only when the model loads, in the actor)
+    return next((line.split(": ", 1)[1] for line in reversed(lines) if line.startswith(REFUSALS)), None)
+
+
+REFUSALS = ("ValueError: ", "models.metadata.CheckpointError: ", "models.hydranet.ConfigError: ")
