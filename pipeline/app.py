@@ -85,6 +85,17 @@ class CameraHandle:
     backoff_s: float = 0.0
 
 
+def model_extras(config: dict) -> str:
+    """What a checkpoint's config has besides its detection heads, for the start's "Model:" line: its attribute
+    heads and re-ID (which showed only in their outputs, or in --summary-json)."""
+    parts = [f"attribute {name} ({', '.join(spec.get('labels') or [])}) of {spec.get('on')}"
+             + (f": {', '.join(spec['of'])}" if spec.get("of") else "")
+             for name, spec in (config.get("attributes") or {}).items()]
+    if reid := config.get("reid"):
+        parts.append(f"re-ID of {', '.join(reid.get('heads') or [])}")
+    return "".join(f", {p}" for p in parts)
+
+
 @dataclass
 class App(LiveControl):
     """Lifecycle here (start, watch, shut down); changes to the running set at run time in LiveControl."""
@@ -94,6 +105,7 @@ class App(LiveControl):
     cameras: dict[str, CameraHandle] = field(default_factory=dict)
     inference: list = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
+    model_extras: str = ""  # the "Model:" line's attribute and re-ID heads (model_extras)
     embedded: EmbeddedRedis | None = None
     started_ray: bool = False
     events: Publisher | None = None  # the controller's own events (worker_restarted)
@@ -239,6 +251,7 @@ class App(LiveControl):
                               "load its own copy of the model onto the GPU, which Ray does not reserve for it; on GPUs "
                               "use the shared replicas (in_camera_process: false)")
         heads = {name: spec["classes"] for name, spec in meta["config"]["heads"].items()}
+        self.model_extras = model_extras(meta["config"])
         for i, cam in enumerate(self.config.cameras):
             unknown = [h for h in (cam.heads or []) if h not in heads]
             if unknown:
@@ -340,7 +353,8 @@ class App(LiveControl):
                      else "in each camera process, loaded with its first camera")
         self.say(f"Model: {mc.checkpoint_path().name} on {self.model_info.get('device', mc.device)} "
                  f"({self.model_info.get('backend', mc.backend)}, {self.model_info.get('autocast', mc.precision)}), "
-                 f"heads {self.model_info['heads']}, {where}, batches up to {ic.max_batch} / {ic.max_wait_ms} ms"
+                 f"heads {self.model_info['heads']}{self.model_extras}, {where}, batches up to {ic.max_batch} / "
+                 f"{ic.max_wait_ms} ms"
                  + (" (each model keeps the size it measures fastest per frame)" if ic.adapt_batch else ""))
         self.add_cameras(starting)
         if self.node_watch:
