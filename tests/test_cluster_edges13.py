@@ -5,10 +5,12 @@ docs/scaling.md says a camera waiting for its node reads as. Ray's calls are fak
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import jsonschema
 import pytest
 
 import pipeline.cluster as cluster
@@ -90,6 +92,8 @@ def test_a_lost_node_says_what_waits_for_a_node_that_can_host_it(monkeypatch):
     assert (event["cameras"], event["inference"]) == (["free", "gate"], [0])
     assert event["waiting"] == [{"camera": "gate", "needs": {"resources": {}, "labels": {"site": "z"}}},
                                 {"inference": 0, "needs": {"resources": {"hydravision_inference": 1.0}, "labels": {}}}]
+    schema = json.loads((Path(__file__).resolve().parent.parent / "workers/schemas/event-v1.json").read_text())
+    jsonschema.validate(event, schema)  # the field is in the event schema, as subscribers read it
 
 
 def test_a_lost_node_whose_actors_fit_the_remaining_nodes_says_they_restart_there(monkeypatch):
