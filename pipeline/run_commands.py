@@ -161,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
     failed = [f["camera"] for f in finals if f.get("state") == "failed"]
     undelivered = _undelivered(finals, getattr(app, "events", None))
     if undelivered:
-        out.warning(f"{sum(undelivered.values())} message(s) not delivered to Redis, left in the publishers' buffers "
-                    "at the stop: " + ", ".join(f"{who} {n}" for who, n in undelivered.items()),
-                    {"event": "undelivered", "undelivered": undelivered})
+        totals = {who: sum(why.values()) for who, why in undelivered.items()}
+        reasons = {who: "; ".join(f"{n} {UNDELIVERED_WHY[k]}" for k, n in why.items())
+                   for who, why in undelivered.items()}
+        out.warning(f"{sum(totals.values())} message(s) not delivered to Redis: "
+                    + ", ".join(f"{who} {totals[who]} ({reasons[who]})" for who in undelivered),
+                    {"event": "undelivered", "undelivered": totals, "reasons": undelivered})
     if args.summary_json:
         try:
             _write_summary(Path(args.summary_json), json.dumps(finals + removed, indent=2, default=str))
@@ -174,13 +177,23 @@ def run(args: argparse.Namespace) -> int:
     return UNDELIVERED_EXIT if undelivered else 0
 
 
-def _undelivered(finals: list[dict], events) -> dict[str, int]:
-    """Messages each publisher still held when it closed (camera id; "controller events" for its own), those
-    that held any. "published" counts frames handed to the publisher: exit 0 read as "all in Redis" without it."""
-    held = {f.get("camera"): (f.get("publisher") or {}).get("queued") or 0 for f in finals}
+UNDELIVERED_WHY = {"dropped": "dropped, its buffer full while Redis was unreachable", "rejected": "refused by Redis",
+                   "left": "left in its buffer at the stop"}
+
+
+def _undelivered(finals: list[dict], events) -> dict[str, dict[str, int]]:
+    """The messages of each publisher (camera id; "controller events" for its own) that never reached Redis, by
+    why (UNDELIVERED_WHY), those with any. "published" counts frames handed to the publisher: exit 0 read as "all in
+    Redis" without it. Not only those left at the stop: a long outage's overflow (dropped) went unsaid at the end,
+    only in the summary's publisher.dropped and in a publisher_dropped event once Redis was back, if ever."""
+    def lost(publisher: dict) -> dict[str, int]:
+        why = {"dropped": publisher.get("dropped"), "rejected": publisher.get("rejected"),
+               "left": publisher.get("queued")}
+        return {k: n for k, n in why.items() if n}
+    held = {str(f.get("camera")): lost(f.get("publisher") or {}) for f in finals}
     if events is not None:
-        held["controller events"] = events.stats().get("queued") or 0
-    return {str(who): n for who, n in held.items() if n}
+        held["controller events"] = lost(events.stats())
+    return {who: why for who, why in held.items() if why}
 
 
 def demo(args: argparse.Namespace) -> int:

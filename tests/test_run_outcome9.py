@@ -74,7 +74,8 @@ def test_a_run_whose_messages_never_reached_redis_says_so_and_exits_3(stand_in, 
     assert code == 3, out
     held = events.stats()["queued"]
     assert f"{103 + held} message(s) not delivered to Redis" in out, out
-    assert f"street-1 103, controller events {held}" in out and "street-2 0" not in out, out
+    assert (f"street-1 103 (103 left in its buffer at the stop), controller events {held} ({held} left in its "
+            "buffer at the stop)") in out and "street-2" not in out.split("not delivered")[1], out
     assert [f["publisher"]["queued"] for f in json.loads(summary.read_text())] == [103, 0]
 
 
@@ -95,8 +96,22 @@ def test_the_same_run_in_json_says_so_in_a_warning_record_with_the_counts(stand_
         assert run_commands.run(args(log_format="json")) == 3
     said = [r for r in caplog.records if "not delivered" in r.getMessage()]
     assert [(r.levelname, r.getMessage(), r.data) for r in said] == [(
-        "WARNING", "7 message(s) not delivered to Redis, left in the publishers' buffers at the stop: street-1 7",
-        {"event": "undelivered", "undelivered": {"street-1": 7}})], caplog.records
+        "WARNING", "7 message(s) not delivered to Redis: street-1 7 (7 left in its buffer at the stop)",
+        {"event": "undelivered", "undelivered": {"street-1": 7}, "reasons": {"street-1": {"left": 7}}})], caplog.records
+
+
+def test_messages_dropped_in_an_outage_are_not_delivered_either(stand_in, monkeypatch, capsys):
+    """Redis away for long: the publisher's buffer (redis.buffer, 50 here) overflowed, the oldest dropped (398), and
+    50 were left at the stop. The run said "50 message(s) not delivered" and the table "dropped 0": the 398 showed
+    only in --summary-json's publisher.dropped (and a publisher_dropped event, had Redis come back)."""
+    lost = dict(final("s1", 50), publisher={"sent": 110, "dropped": 398, "rejected": 2, "queued": 50})
+    monkeypatch.setattr(StandInApp, "finals", [lost, final("s2", 0)])
+    assert run_commands.run(args()) == 3
+    out = capsys.readouterr().out
+    assert ("450 message(s) not delivered to Redis: s1 450 (398 dropped, its buffer full while Redis was "
+            "unreachable; 2 refused by Redis; 50 left in its buffer at the stop)") in " ".join(out.split()), out
+    monkeypatch.setattr(StandInApp, "finals", [dict(final("s1", 0), publisher={"sent": 110, "dropped": 3})])
+    assert run_commands.run(args()) == 3  # none left at the stop, but 3 never reached Redis
 
 
 def test_readyz_waits_out_a_camera_opening_within_its_timeouts():
