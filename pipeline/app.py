@@ -678,6 +678,9 @@ class App(LiveControl):
         """Per-camera stats; also restarts cameras whose actor Ray has restarted, and reports restarts."""
         with self._lock:
             handles = dict(self.cameras)
+            # Being removed (out of ``cameras``, draining): still present for telemetry, whose record holds the
+            # counts of its earlier processes until the removal has taken its whole-run row (LiveControl).
+            leaving = list(self._leaving)
         processes: dict[int, tuple[Any, list[str]]] = {}  # one call per process, its cameras' handles share it
         for cid, h in handles.items():
             processes.setdefault(id(h.process), (h.process, []))[1].append(cid)
@@ -721,7 +724,7 @@ class App(LiveControl):
                     self._busy.difference_update(to_restart)
             out = [fresh.get(s["camera"], s) for s in out]
         self._restarting = {cid: hr for cid, hr in self._restarting.items() if handles.get(cid) is hr[0]}  # removed
-        self.telemetry.record_cameras(out, present=list(handles))
+        self.telemetry.record_cameras(out, present=[*handles, *leaving])
         # the counts of the whole run (a restarted process's start from 0), and how often it was restarted
         out = [{**s, "restarts": h.restarts} if h.restarts else s
                for h, s in zip(handles.values(), self.telemetry.whole_run(out))]

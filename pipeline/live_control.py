@@ -213,8 +213,9 @@ class LiveControl:
             # Its counts over its processes, as the final table has a stopped camera's (a process restarted before
             # the removal counted from 0 again: the row had only the last one's frames), while its id is claimed.
             row = {**final, "camera": camera_id}
-            self.telemetry.record_cameras([row], final=True)
+            self.telemetry.record_cameras([row], final=True, tick=False)
             [row] = self.telemetry.whole_run([row])
+            self.telemetry.forget(camera_id)  # the same id added again is another camera
             with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
                 self.removed.append({**row, "state": "removed", "restarts": handle.restarts})
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next

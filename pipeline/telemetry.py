@@ -172,10 +172,11 @@ class Telemetry:
         self.last_tick: float | None = None
 
     def record_cameras(self, stats: Iterable[dict], present: Iterable[str] | None = None,
-                       final: bool = False) -> None:
+                       final: bool = False, tick: bool = True) -> None:
         """One tick's camera stats. ``present``: the cameras the service has now; others' series are dropped
         (a removed camera disappears from /metrics). ``final``: stats of a stop, which name no pid: they are of the
-        process seen last (one whose counters went backwards is still told for a new one)."""
+        process seen last (one whose counters went backwards is still told for a new one). ``tick``: from the
+        control loop, whose age /healthz reads (a removal's final stats are not: each one made a wedged loop live)."""
         now = self.clock()
         with self._lock:
             for s in stats:
@@ -202,7 +203,14 @@ class Telemetry:
                 keep = set(present)
                 for cid in [c for c in self._cameras if c not in keep]:
                     del self._cameras[cid]
-            self.last_tick = now
+            if tick:
+                self.last_tick = now
+
+    def forget(self, camera: str) -> None:
+        """Drops a removed camera's record at once: the same id added again before the next tick was taken for a
+        restart of the removed one's process, and its run's counts were folded into the new camera's."""
+        with self._lock:
+            self._cameras.pop(camera, None)
 
     def whole_run(self, stats: Iterable[dict]) -> list[dict]:
         """Camera stats (recorded here already) with their counts over the service's life, as /metrics has

@@ -262,3 +262,43 @@ def test_a_removed_camera_whose_process_was_restarted_has_its_whole_runs_counts(
     app.remove_camera("cam", by="test")
     [row] = app.removed
     assert (row["state"], row["decoded"], row["published"], row["restarts"]) == ("removed", 53, 47, 1), row
+
+
+def test_a_tick_while_the_removed_camera_drains_keeps_its_earlier_processes_counts(no_ray):
+    """The control loop ticks every second and a drain takes up to 30 s: a tick then dropped the camera's telemetry
+    record (no longer in ``cameras``), and with it the 40 frames of its first process (row: "published 7")."""
+    app = service()
+    process = Process({"camera": "cam", "state": "running", "pid": 100, **counts(45, 40)})
+    running(app, "cam", process, "hv-camera-cam")
+    app.stats()
+    process.row = {"camera": "cam", "state": "running", "pid": 101, **counts(6, 5)}
+    app.stats()
+    process.final = {"camera": "cam", "state": "stopped", **counts(8, 7)}
+    stop = process._stop
+
+    def draining(camera_id: str, drain: bool = True) -> dict:
+        app.stats()  # the control loop's tick, while the camera drains
+        return stop(camera_id, drain)
+    process.stop = SimpleNamespace(remote=draining)
+    app.remove_camera("cam", by="test")
+    [row] = app.removed
+    assert (row["decoded"], row["published"]) == (53, 47), row
+
+
+def test_a_removal_is_no_tick_of_the_control_loop_and_the_same_id_added_again_is_another_camera(no_ray):
+    """/healthz reads the control loop's age from telemetry's last tick: a removal's final stats set it, so removals
+    kept a wedged loop 'live'. And the id added again before the next tick was taken for a restart of the removed
+    camera's process: the new camera's row said published 64 (55 + its own 9)."""
+    app = service()
+    first = Process({"camera": "cam", "state": "running", "pid": 100, **counts(50, 45)})
+    running(app, "cam", first, "hv-camera-cam")
+    app.stats()
+    app.telemetry.last_tick = wedged = app.telemetry.last_tick - 100
+    first.final = {"camera": "cam", "state": "stopped", **counts(60, 55)}
+    app.remove_camera("cam", by="test")
+    assert app.telemetry.last_tick == wedged
+    second = Process({"camera": "cam", "state": "running", "pid": 200, **counts(12, 9)})
+    running(app, "cam", second, "hv-camera-cam-2")  # no tick in between
+    second.final = {"camera": "cam", "state": "stopped", **counts(12, 9)}
+    [final] = app.shutdown(drain=True)
+    assert (final["decoded"], final["published"]) == (12, 9), final
