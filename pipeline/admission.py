@@ -96,26 +96,39 @@ class LoopbackHostsOnly:
     the page's own site (no token is needed on loopback); its requests still name that site in Host. A request
     without a Host header (not a browser's) is let through, and so are the names in ``allowed`` (a proxy on the
     same machine that passes its own Host on). Bound to anything else, the server checks nothing unless names are
-    ``allowed``: then it answers those and loopback's only (a container's server, bound to 0.0.0.0 and published
-    on the host's loopback, as the Compose stack's dashboard: a rebound page reached it through the host)."""
+    ``allowed``: then it answers those, loopback's and any address (a rebound page names its site, never an IP:
+    a LAN user or a load balancer's health check by address is no rebinding) (a container's server, bound to
+    0.0.0.0 and published on the host's loopback, as the Compose stack's dashboard: a rebound page reached it
+    through the host)."""
 
     def __init__(self, app: Any, bound_host: str, allowed: Any = ()) -> None:
         self.allowed = {name.lower().rstrip(".") for name in allowed}
-        self.app, self.active = app, is_loopback_name(bound_host) or bool(self.allowed)
+        self.on_loopback = is_loopback_name(bound_host)
+        self.app, self.active = app, self.on_loopback or bool(self.allowed)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.active and scope["type"] in ("http", "websocket"):
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             name = host_header_name(host)
-            if host and not is_loopback_name(name) and name.lower().rstrip(".") not in self.allowed:
+            if host and not self._allowed(name):
                 from starlette.responses import JSONResponse
 
-                response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is not this machine's "
-                                         "loopback, which this server is bound to (DNS rebinding?); a proxy's name "
-                                         "can be allowed"}, status_code=403)
+                bound = "loopback, which this server is bound to" if self.on_loopback else "a name it is given"
+                response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is neither this machine's "
+                                         f"loopback nor {bound} (DNS rebinding?); a proxy's name can be allowed"},
+                                        status_code=403)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _allowed(self, name: str) -> bool:
+        if is_loopback_name(name) or name.lower().rstrip(".") in self.allowed:
+            return True
+        try:  # an address (bound elsewhere than loopback): reached by IP, no rebound name
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return not self.on_loopback
 
 
 class CommandRejected(UserError):

@@ -455,7 +455,8 @@ class ControlConsumer:
         """Whether the results stream holds an answer to command ``entry_id`` (read after a failed try only)."""
         for _, fields in self._client.xrevrange(self.results, count=self.results_maxlen):
             try:
-                if json.loads(fields.get(b"data", b"")).get("command") == entry_id:
+                # "data": a decode_responses client's (?decode_responses=true): never found, the command answered twice
+                if json.loads(fields.get(b"data", fields.get("data", b""))).get("command") == entry_id:
                     return True
             except (ValueError, AttributeError):  # another writer's entry
                 continue

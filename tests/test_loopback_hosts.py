@@ -91,6 +91,14 @@ def test_a_dashboard_bound_to_every_address_checks_the_host_when_given_names():
         assert status(server.port, f"localhost:{server.port}", "/healthz") != 403
         assert status(server.port, f"127.0.0.1:{server.port}", "/healthz") != 403
         assert status(server.port, f"rebound.example:{server.port}", "/api/state") == 403
+        # a LAN user or a load balancer's health check by address: a rebound page names its site, never an IP
+        assert status(server.port, f"10.0.0.5:{server.port}", "/healthz") != 403
+        assert status(server.port, f"[fe80::1]:{server.port}", "/healthz") != 403
+    finally:
+        server.stop()
+    server = DashboardServer("redis://127.0.0.1:1/0", port=0, allowed_hosts=["cams.example.org"]).start()
+    try:  # on loopback an address other than loopback's is refused, as before
+        assert status(server.port, f"10.0.0.5:{server.port}", "/healthz") == 403
     finally:
         server.stop()
     server = DashboardServer("redis://127.0.0.1:1/0", host="0.0.0.0", port=0).start()
