@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Sequence
@@ -18,7 +20,11 @@ from models.letterbox import boxes_to_source, letterbox
 from models.postprocess import box_iou
 from synthetic.scene import CLASS_NAMES, StreetScene
 
+log = logging.getLogger(__name__)
 EVAL_SEED_BASE = TRAIN_SEED_LIMIT + 1  # never used for training
+# Without the bar (a log, a pipe; train --unfreeze-stages scoring the other heads twice) a line every this many
+# frames: a large model's scoring is minutes, which were silent there.
+PROGRESS_EVERY = 100
 
 
 @dataclass
@@ -84,7 +90,8 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
     if not heads and not attrs:  # nothing these scenes can score: said at once, not after rendering them all
         return {"frames": 0, "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}, "skipped": skipped}
     frames, n = held_out_frames(cfg), 0  # a batch at a time: the whole set held at once grows with --scenes
-    bar = tqdm(total=cfg.scenes * cfg.frames_per_scene, desc="eval", unit="frame", disable=not progress)
+    t0, total = time.time(), cfg.scenes * cfg.frames_per_scene
+    bar = tqdm(total=total, desc="eval", unit="frame", disable=not progress)
     while chunk := list(islice(frames, max(1, cfg.batch_size))):
         n += len(chunk)
         boxed = [letterbox(img, model.config.input_size) for img, _ in chunk]
@@ -105,6 +112,8 @@ def evaluate(model: HydraNet, cfg: EvalConfig | None = None, progress: bool = Fa
                 attr = model.attributes[name].config
                 score.update(res[attr.on], lb, truth, good, attr, model.heads[attr.on].config.score_threshold, name)
         bar.update(len(chunk))
+        if not progress and n // PROGRESS_EVERY > (n - len(chunk)) // PROGRESS_EVERY:  # passed a multiple of it
+            log.info("eval: frame %d/%d, %.2f frames/s", n, total, n / max(1e-6, time.time() - t0))
     bar.close()
     report = {"frames": n, "scenes": cfg.scenes, "seed_base": cfg.seed_base, "heads": {}}
     for name, (cmap, metric) in heads.items():
@@ -158,7 +167,9 @@ class AttributeScore:
 
     def report(self) -> dict:
         scored = int(self.confusion.sum())
-        return {"accuracy": round(float(np.trace(self.confusion) / max(1, scored)), 4), "scored": scored,
+        # None, not 0.0, where no object was scored: a script cannot tell 0 of 0 from every label wrong
+        accuracy = round(float(np.trace(self.confusion) / scored), 4) if scored else None
+        return {"accuracy": accuracy, "scored": scored,
                 "objects": self.objects, "matched_without_label": self.unlabelled,
                 "confusion_truth_x_predicted": {t: dict(zip(self.labels, map(int, row)))
                                                 for t, row in zip(self.labels, self.confusion)}}

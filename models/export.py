@@ -96,6 +96,14 @@ EXPORTER = "torchscript"  # the one the cache holds
 GROUP_NORMS = ("export", "torch")  # GroupNormForExport, or torch's own export of nn.GroupNorm
 
 
+def check_exportable(model: HydraNet) -> None:
+    """Refuses a model the export cannot carry: before any "exporting ..." line is logged for it. (A stand-in
+    for the model, with no ``adapters``, has none.)"""
+    if getattr(model, "adapters", None):  # the graph computes every head from one pyramid; adapter heads need their own
+        raise ConfigError(f"models with LoRA adapters ({', '.join(model.adapters)}) are not exported to ONNX; "
+                          "use the torch backend")
+
+
 def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, group_norm: str = "export") -> Path:
     """Writes ``path`` (atomically); BatchNorm is folded first, as the eager serving path does, and GroupNorm
     written as ``GroupNormForExport`` (``group_norm="torch"``: as torch exports it).
@@ -108,9 +116,7 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
         raise ValueError(f"exporter: {exporter!r} is not one of {EXPORTERS}")
     if group_norm not in GROUP_NORMS:
         raise ValueError(f"group_norm: {group_norm!r} is not one of {GROUP_NORMS}")
-    if model.adapters:  # the graph computes every head from one pyramid; adapter heads need their own
-        raise ConfigError(f"models with LoRA adapters ({', '.join(model.adapters)}) are not exported to ONNX; "
-                          "use the torch backend")
+    check_exportable(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     serving = copy.deepcopy(model).float().cpu().eval()  # the example input below is a host tensor
@@ -173,9 +179,11 @@ def cache_path(checkpoint: str | Path, group_norm: str = "export", key: str | No
     return made_for(cache_dir(), key) or cache_dir() / f"{Path(checkpoint).stem}-{key}.onnx"
 
 
-def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "export") -> Path:
+def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "export",
+                  made: list[Path] | None = None) -> Path:
     """The ONNX file for this checkpoint, exported once per checkpoint content, torch version, opset, exporter
-    and GroupNorm form."""
+    and GroupNorm form. ``made``: as ``cached``'s."""
+    check_exportable(model)  # refused before the cache's "exporting ... (once; cached at ...)" line
     key = cache_key(checkpoint, group_norm)
     # The key is the file's content now: a checkpoint copied over it since ``model`` was loaded from it had the old
     # weights' graph filed under the new content, which every later start of the new checkpoint then ran.
@@ -183,16 +191,17 @@ def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "ex
     if loaded is not None and file_identity(checkpoint) != loaded:
         raise CheckpointError(f"{checkpoint}: replaced while it was being loaded; start again to load the new one")
     return cached(cache_path(checkpoint, group_norm, key), lambda path: export_onnx(model, path, group_norm=group_norm),
-                  f"exporting {checkpoint} to ONNX", key, damaged)
+                  f"exporting {checkpoint} to ONNX", key, damaged, made)
 
 
 def cached(path: Path, make: Callable[[Path], object], what: str, key: str | None = None,
-           check: Callable[[Path], str | None] | None = None) -> Path:
+           check: Callable[[Path], str | None] | None = None, made: list[Path] | None = None) -> Path:
     """``path``, made by ``make(path)`` (which writes it atomically) unless it is there already; making one
     removes the files of its folder not used for ``CACHE_MAX_AGE_DAYS`` (``prune_cache``). ``key``: an export's
     ``cache_key``; the lock is then the key's, and the file made for it under another checkpoint name is taken.
     ``check``: why a file found there is not whole (e.g. ``damaged``), or None; one that is not is said, removed
-    with its compiled forms, and made again."""
+    with its compiled forms, and made again. ``made``: the path is appended to it when this call made the file (not
+    when it found it, made before or by another process while this one waited for the lock)."""
     # A damaged file (cut short on a copied or restored cache, a failing disk) failed every start that loaded it,
     # or ran torch for good under 'auto': said once, removed and made again. One made while we waited is whole.
     why = check(path) if check and path.is_file() else None
@@ -218,6 +227,10 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
             # before making: on a disk the cache filled, the old files' space is what lets the new one be written
             prune_cache(path.parent)
             make(path)
+            if made is not None:
+                made.append(path)
+        else:  # not there before the lock: the process we waited for made it
+            log.info("%s was made meanwhile by another process: using it", path)
     return path
 
 
@@ -290,15 +303,19 @@ def compiling(folder: Path) -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
+def file_lock(path: Path, remove: bool = False, wait: bool = True) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing), held across processes; the kernel releases it
-    if the holder dies. ``remove``: the file is removed when the block ends (also when it fails)."""
+    if the holder dies. ``remove``: the file is removed when the block ends (also when it fails). ``wait``: False
+    raises BlockingIOError at once where another process holds it."""
     said = False
     while True:
         lock = open(path, "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a replica waited minutes in silence for another's export of a large model
+            if not wait:
+                lock.close()
+                raise
             if not said:
                 log.info("waiting for another process that holds %s (making or compiling this model)", path)
                 said = True

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from models.checkpoint import checkpoint_files, load_checkpoint, prepare_output, read_tensors, save_checkpoint
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
+from models.export import file_lock
 from models.files import aside_of, written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
@@ -216,7 +218,8 @@ def score_heads(model: HydraNet, heads: list[str], cfg: TrainConfig, progress: b
     report = evaluate(model, EvalConfig(scenes=cfg.eval_scenes, frames_per_scene=cfg.eval_frames), only=heads,
                       progress=progress)  # minutes for a large model: the bar says it is not stuck
     return {**{h: r["map50"] for h, r in report["heads"].items()},
-            **{f"attribute {a}": r["accuracy"] for a, r in report.get("attributes", {}).items()},
+            **{f"attribute {a}": r["accuracy"] if r["scored"] else "not scored: no detected objects to score"
+               for a, r in report.get("attributes", {}).items()},
             **{h: f"not scored: {why}" for h, why in report.get("skipped", {}).items()}}
 
 
@@ -259,9 +262,25 @@ def memory_format_for(model: HydraNet, device: torch.device) -> torch.memory_for
 
 def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
     """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
+    if not (cfg.out.parent.is_dir() and os.access(cfg.out.parent, os.W_OK)):
+        prepare_output(cfg.out)  # makes the folder the lock below is made in, or says why it cannot be written
+    # One run per --out at a time: two both trained, shared (and overwrote) the resume state, and the last to finish
+    # replaced the other's model, both exit 0. A file lock (the kernel releases it if the run dies), as exports take.
+    lock = cfg.out.with_name(cfg.out.name + ".lock")
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock, remove=True, wait=False))
+        except BlockingIOError:
+            raise ConfigError(f"--out {cfg.out}: another training run is writing it now (it holds {lock}); wait for "
+                              "it to finish, or name another --out") from None
+        # before any training: the resume state is written beside it every checkpoint_every steps
+        prepare_output(cfg.out)
+        return _train(cfg, progress, on_step)
+
+
+def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, dict], None] | None) -> Path:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prepare_output(cfg.out)  # before any training: the resume state is written beside it every checkpoint_every steps
     if cfg.lora is not None and cfg.out.resolve() in [p.resolve() for p in checkpoint_files(cfg.init)[1:]]:
         raise ConfigError(f"--out {cfg.out} is a checkpoint that --from {cfg.init} adds to: the new adapter's file "
                           "loads together with both, and would replace one of them; write it to another file")

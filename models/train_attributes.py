@@ -25,6 +25,9 @@ from synthetic.scene import CAR_KINDS, CLASS_NAMES
 log = logging.getLogger(__name__)
 # what the synthetic scenes label, per attribute: the classes that carry it and its values ("" for other classes)
 DATA_ATTRIBUTES = {"kind": (("car",), CAR_KINDS)}
+# Without the bar (a log, a pipe, CI) a line every this many steps, as models/train.py logs: 150 steps of the
+# README's attribute example ran 104 s in silence, its 600 ~7 minutes.
+PROGRESS_EVERY = 100
 
 
 @dataclass
@@ -85,6 +88,12 @@ def head_lr(lr: float, step: int, steps: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
+def log_progress(step: int, steps: int, loss: float, t0: float) -> None:
+    """The bar's place where it is off: every ``PROGRESS_EVERY`` steps, the step, smoothed loss and speed."""
+    if (step + 1) % PROGRESS_EVERY == 0:
+        log.info("step %d/%d loss %.3f %.2f steps/s", step + 1, steps, loss, (step + 1) / max(1e-6, time.time() - t0))
+
+
 def check_data(cfg: AttributeTrainConfig) -> None:
     """Refuses before any training an attribute the data cannot teach: every step skipped boxes it never labels,
     and the refusal came after the whole run (8 min at the defaults on a CPU); a head shown one label was saved."""
@@ -112,26 +121,27 @@ def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
                         collate_fn=collate, num_workers=1)
     batches = iter(loader)
     bar = tqdm(range(cfg.steps), desc=f"train attribute {cfg.name}", unit="step", disable=not progress)
-    t0, smooth, seen = time.time(), None, 0
+    t0, smooth, seen, losses = time.time(), None, 0, []
     per_label = np.zeros(len(cfg.labels), np.int64)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = head_lr(cfg.lr, step, cfg.steps)
         images, samples = next(batches)
         boxes, labels = targets(samples, cfg, rng)
-        if len(labels) == 0:
-            continue
-        with torch.no_grad():
-            feats = model.features(model.normalize(images.to(device)))
-        loss = F.cross_entropy(head(feats, [b.to(device) for b in boxes]), labels.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += len(labels)
-        per_label += np.bincount(labels.numpy(), minlength=len(cfg.labels))
-        value = loss.item()
-        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        bar.set_postfix(loss=f"{smooth:.3f}")
+        if len(labels):  # a batch without a box to label is skipped
+            with torch.no_grad():
+                feats = model.features(model.normalize(images.to(device)))
+            loss = F.cross_entropy(head(feats, [b.to(device) for b in boxes]), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(labels)
+            per_label += np.bincount(labels.numpy(), minlength=len(cfg.labels))
+            losses.append(loss.item())
+            smooth = losses[-1] if smooth is None else 0.95 * smooth + 0.05 * losses[-1]
+            bar.set_postfix(loss=f"{smooth:.3f}")
+        if not progress and smooth is not None:  # progress for logs and pipes, where the bar is off
+            log_progress(step, cfg.steps, smooth, t0)
     if not seen:  # every step was skipped: the head never trained, and must not be saved as if it had
         raise DatasetError(f"attribute {cfg.name!r}: in {cfg.steps} steps of training data no box of {cfg.on!r} "
                            f"({', '.join(cfg.of)}) had one of the labels {cfg.labels}; nothing to learn from")
@@ -141,5 +151,6 @@ def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
     history = list(training.get("history", []))
     history.append({"attribute": cfg.name, "labels": cfg.labels, "on": cfg.on, "of": cfg.of, "steps": cfg.steps,
                     "seed": cfg.seed, "objects_seen": seen, "seconds": round(time.time() - t0, 1),
-                    "final_loss": smooth, "frozen_shared": True, "init": str(cfg.init)})
+                    "first_loss": float(np.mean(losses[:20])), "final_loss": smooth, "frozen_shared": True,
+                    "init": str(cfg.init)})
     return save_checkpoint(model, cfg.out, {**training, "history": history})

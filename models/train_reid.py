@@ -23,7 +23,7 @@ from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
 from models.datasets import FIRST_TRAIN_SEED, MIN_VISIBILITY, TRAIN_SEED_LIMIT, DatasetError
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
-from models.train_attributes import check_seed, head_lr, head_only_optimizer
+from models.train_attributes import check_seed, head_lr, head_only_optimizer, log_progress
 from synthetic.scene import CLASS_NAMES, StreetScene
 
 @dataclass
@@ -132,6 +132,8 @@ def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if not progress:  # progress for logs and pipes, where the bar is off
+            log_progress(step, cfg.steps, float(np.mean(losses[-20:])), t0)
     if not repeats:  # the loss was 0 on every step: the head never trained, and must not be saved as if it had
         raise DatasetError(f"re-ID: in {cfg.steps} steps no object was seen in two views (density {cfg.density}); "
                            "nothing to learn from")
@@ -178,4 +180,6 @@ def match_accuracy(model, seeds: list[int], pairs: int = 20, gap: int = 10, dens
                 hits += int(idb[int(np.argmax(sims))] == oid)
                 total += 1
                 chance += 1.0 / same.sum()
-    return {"accuracy": round(hits / max(total, 1), 4), "chance": round(float(chance) / max(total, 1), 4), "scored": total}
+    if not total:  # None, not 0.0: nothing compared is not every match wrong
+        return {"accuracy": None, "chance": None, "scored": 0}
+    return {"accuracy": round(hits / total, 4), "chance": round(float(chance) / total, 4), "scored": total}

@@ -169,8 +169,10 @@ def format_fine_tune(path: Path) -> str:
         lines.append(f"the backbone's last {record['unfrozen_stages']} stage(s) changed; the other heads, not "
                      "trained, on held-out synthetic scenes (mAP@0.5; attribute accuracy):")
         for head, before in scores["before"].items():
-            after = scores["after"][head]
-            change = f"{before:.3f} -> {after:.3f}" if isinstance(before, float) else before
+            # a score or why there is none ("not scored: ...") on either side (an attribute head can score
+            # objects before and none after); the same reason on both sides is said once
+            shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (before, scores["after"].get(head))]
+            change = shown[0] if shown[0] == shown[1] and not isinstance(before, float) else " -> ".join(shown)
             lines.append(f"  {head:<12} {change}")
     if "lora" in record:
         lines.append(f"adapter {record['lora']['adapter']!r} (rank {record['lora']['rank']}) for heads "
@@ -280,14 +282,20 @@ def set_score_thresholds(path: Path, thresholds: dict[str, float]) -> None:
 
 @_write_errors
 @_user_input_errors()
-def train_attribute(args: argparse.Namespace) -> Path:
+def train_attribute(args: argparse.Namespace) -> str:
+    """``hydravision train-attribute``: the path written and what the training did (the CLI prints "wrote " and
+    this): it printed the path alone, where train-reid says its time and loss."""
     (name, labels), (on, of) = args.attribute, args.on
     try:
         cfg = AttributeTrainConfig(init=args.init, out=args.out, name=name, labels=labels, on=on, of=of,
                                    steps=args.steps, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from e
-    return train_attribute_head(cfg, progress=_progress(args))
+    path = train_attribute_head(cfg, progress=_progress(args))
+    record = read_metadata(path)["training"]["history"][-1]
+    return (f"{path}: attribute head {name!r} ({', '.join(labels)}) on {on!r} boxes of {', '.join(of)} "
+            f"({record['seconds']:.0f} s, {record['objects_seen']} objects, loss {record['first_loss']:.2f} -> "
+            f"{record['final_loss']:.2f})")
 
 
 @_write_errors
@@ -302,9 +310,11 @@ def train_reid(args: argparse.Namespace) -> str:
     model, training = load_checkpoint(path)
     check = match_accuracy(model, REID_CHECK_SEEDS)
     record = training["history"][-1]
+    checked = ("no object was seen twice among others of its class to compare" if check["accuracy"] is None else
+               f"an object's nearest embedding 1 s later, among its class, is its own in {check['accuracy']:.1%} of "
+               f"{check['scored']} cases (chance {check['chance']:.1%})")
     return (f"wrote {path}: re-ID head on {args.heads} ({record['seconds']:.0f} s, loss {record['first_loss']:.2f} -> "
-            f"{record['final_loss']:.2f}); on unseen streets an object's nearest embedding 1 s later, among its class, "
-            f"is its own in {check['accuracy']:.1%} of {check['scored']} cases (chance {check['chance']:.1%})")
+            f"{record['final_loss']:.2f}); on unseen streets {checked}")
 
 
 def _check_out(out: str | Path, source: str | Path, source_name: str, written: str, suffix: str) -> None:
@@ -326,8 +336,8 @@ def _cannot_write(where: str, e: OSError) -> UserError:
 
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
-    from models.export import (cache_path, cached_export, damaged, export_onnx, mark_used,  # seconds of imports
-                               output_names)
+    from models.export import (cache_path, cached_export, check_exportable, damaged, export_onnx,  # seconds of imports
+                               mark_used, output_names)
 
     path = args.checkpoint or DEMO_CHECKPOINT
     # no model to load; a cached file cut short (a full disk, a kill) is made again, as the service's start does
@@ -340,13 +350,17 @@ def export(args: argparse.Namespace) -> str:
     # on stderr, as the cache's own "exporting ... once" line: a large model's export is silent for tens of seconds
     log.info("loading %s", path)
     model, _ = load_checkpoint(path)
+    check_exportable(model)  # a model the export refuses is refused before a line says it is being exported
     if args.out:
         log.info("exporting to ONNX (tracing the model, then writing %s; a large model takes a minute)", args.out)
+    made: list[Path] = []
     try:
-        out = export_onnx(model, args.out) if args.out else cached_export(model, path)
+        out = export_onnx(model, args.out) if args.out else cached_export(model, path, made=made)
     except OSError as e:
         raise _cannot_write(f"--out {args.out}" if args.out else f"the export cache {cache_path(path).parent}",
                             e) from e
+    if not args.out and not made:  # another export of the same checkpoint made it while this one waited for it
+        return f"{out} is up to date (exported meanwhile by another process for this checkpoint)"
     return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
@@ -385,6 +399,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
         if why := backend_problem(args.backend, args.precision, device):
             raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
+        if args.precision == "int8":
+            check_calibration_data(path)
 
         # its batches are the eval's (a TensorRT engine covers batches up to max_batch, no more)
         # its threads as the service's: the runtimes' own default took every core a container's quota does not allow
@@ -400,6 +416,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def check_calibration_data(path: str | Path) -> None:
+    """Refuses int8 where the checkpoint's training data, which int8 calibrates on, is not at hand: before any work
+    (the refusal came after an export and a "quantizing ... to int8 (once; cached at ...)" line). In
+    models.quantize's own words: ``calibration_frames`` given just the history records it refuses (or none, where
+    no record names data) refuses them before it touches the model or reads a frame."""
+    from models.quantize import calibration_frames
+
+    history = read_metadata(path)["training"].get("history", [])
+    sources = [r for r in history if r.get("data")]
+    refused = [r for r in sources if r["data"] != "synthetic" and not Path(str(r["data"])).exists()]
+    if refused or not sources:
+        calibration_frames(None, refused, n=0)  # raises its ConfigError (a user error here)
+
+
 def format_report(report: dict) -> str:
     how = f"{report.get('backend', 'torch')}, {report.get('precision', 'fp32')}"
     lines = [f"{report['checkpoint']} ({how}): {report['frames']} held-out frames from {report['scenes']} scenes"]
@@ -410,8 +440,12 @@ def format_report(report: dict) -> str:
             per += f"; no targets of {', '.join(missing)}"
         lines.append(f"{name:<12} {r['map50']:>8.3f} {r['map50_95']:>10.3f}  {per}")
     for name, r in report.get("attributes", {}).items():
-        lines.append(f"attribute {name}: accuracy {r['accuracy']:.3f} on {r['scored']} detected objects "
-                     f"(of {r['objects']} in the frames)")
+        if r["accuracy"] is None:  # not "accuracy 0.000 on 0": nothing was scored, not everything wrong
+            lines.append(f"attribute {name}: not scored: no detected objects to score "
+                         f"(of {r['objects']} in the frames)")
+        else:
+            lines.append(f"attribute {name}: accuracy {r['accuracy']:.3f} on {r['scored']} detected objects "
+                         f"(of {r['objects']} in the frames)")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"{name:<12} not scored: {why}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 from models import train as train_module
 from models.checkpoint import load_checkpoint, read_tensors, save_checkpoint
 from models.datasets import DatasetError, YoloFolder
-from models.hydranet import HydraNet, HydraNetConfig
+from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.train import TrainConfig, train
 from models.train_attributes import AttributeTrainConfig
 from pipeline import model_commands
@@ -215,24 +215,29 @@ def test_train_demo_redoes_a_stage_made_otherwise_or_damaged_and_all_with_fresh(
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
-def test_two_trainings_to_one_out_at_once_each_write_their_own_resume_state(tmp_path, monkeypatch):
+def test_two_trainings_to_one_out_at_once_the_second_is_refused_and_the_first_keeps_its_resume_state(
+        tmp_path, monkeypatch):
     """Both wrote the resume state through one fixed '.train-state.pt.tmp': the second, saving while the first
     was between its write and its rename, renamed the first's temporary file away (the first then failed with
-    FileNotFoundError after its training), or the first renamed the other's half-written file into place."""
+    FileNotFoundError after its training), or the first renamed the other's half-written file into place. Since
+    then a second run into the same --out is refused while the first holds its lock (both had exited 0, the last
+    to finish replacing the other's model)."""
     cfg = TrainConfig(out=tmp_path / "m.safetensors", heads={"people": ["person"]}, steps=1, **TINY)
-    real, written = torch.save, []
+    real, written, refused = torch.save, [], []
 
     def interleaved(obj, f, *args, **kwargs):
         written.append(str(f))
         real(obj, f, *args, **kwargs)
-        if len(written) == 1:  # the other training saves while this one is between its write and its rename
-            train(TrainConfig(out=cfg.out, heads=cfg.heads, steps=1, seed=1, **TINY), progress=False)
+        if len(written) == 1:  # the other training starts while this one is between its write and its rename
+            with pytest.raises(ConfigError, match="another training run is writing it now"):
+                train(TrainConfig(out=cfg.out, heads=cfg.heads, steps=1, seed=1, **TINY), progress=False)
+            refused.append(True)
 
     monkeypatch.setattr(train_module.torch, "save", interleaved)
-    assert train(cfg, progress=False) == cfg.out
-    assert len(set(written)) == 2 and all(w.endswith(".tmp") for w in written)
-    assert load_checkpoint(cfg.out)[1]["history"][-1]["seed"] == 0  # the last one to finish
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert train(cfg, progress=False) == cfg.out and refused == [True]
+    assert len(written) == 1 and written[0].endswith(".tmp")
+    assert load_checkpoint(cfg.out)[1]["history"][-1]["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # the lock file gone too
 
 
 def test_the_data_trained_on_is_said_and_nc_disagreeing_with_names_is_refused(tmp_path, caplog):
