@@ -65,7 +65,9 @@ function countsText(counts) {
 function stateLabel(tile) {
   if (tile.missing) return `${tile.state} · no status`;
   const own = { up: "running", reconnecting: "reconnecting" }[tile.state];
-  return tile.detail && tile.detail !== own ? `${tile.state} · ${tile.detail}` : tile.state;
+  const label = tile.detail && tile.detail !== own ? `${tile.state} · ${tile.detail}` : tile.state;
+  // as `hydravision status` says it: its counts span its processes
+  return tile.restarts > 0 ? `${label} (restarted ${tile.restarts}x)` : label;
 }
 
 // A camera id "." or ".." goes in the query: as a path segment the browser resolves it away (as %2E too), and its
