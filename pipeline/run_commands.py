@@ -34,7 +34,7 @@ from workers.redis_writer import _text  # an entry id as text, from a client tha
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-UNDELIVERED_EXIT = 3  # messages left in the publishers' buffers at the stop (README: exit codes)
+UNDELIVERED_EXIT = 3  # messages that never reached Redis: dropped, refused, or left at the stop (README: exit codes)
 
 
 def App(*args, **kwargs):  # noqa: N802 (stands for the class; tests put a stand-in here)
