@@ -648,6 +648,9 @@ class App(LiveControl):
             for name in names:
                 if name not in self._killed_names:
                     self._killed_names.append(name)
+                # what it reserved is no node's concern any more (NodeWatch): a service adding and removing cameras
+                # for months kept every name's options
+                getattr(self.placement, "reserved", {}).pop(name, None)
 
     def _name_held(self, name: str) -> bool:
         """Whether Ray still holds ``name`` for a process of ours that was killed (``_killing``)."""

@@ -302,3 +302,12 @@ def test_a_removal_is_no_tick_of_the_control_loop_and_the_same_id_added_again_is
     second.final = {"camera": "cam", "state": "stopped", **counts(12, 9)}
     [final] = app.shutdown(drain=True)
     assert (final["decoded"], final["published"]) == (12, 9), final
+
+
+def test_a_killed_camera_process_leaves_what_it_reserved_out_of_the_placements_book():
+    """NodeWatch reads each actor's options from Placement.reserved to say what a lost node's actors need; a
+    service adding and removing cameras for months kept every process name's options there."""
+    app = service()
+    app.placement = SimpleNamespace(reserved={"hv-camera-a": {"num_cpus": 1}, "hv-inference-0": {"num_cpus": 1}})
+    app._killing(["hv-camera-a"])
+    assert list(app.placement.reserved) == ["hv-inference-0"]
