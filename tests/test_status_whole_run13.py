@@ -45,11 +45,12 @@ def crashed_process(client, instance: str) -> None:
     client.xadd(K.detections("cam"), {"data": json.dumps({"frame": 1283, "pts": 51.32})})
 
 
-def run_restarted(redis_server) -> tuple[dict, dict]:
-    """The controller's restart of the camera in a process Ray re-created: (its stats() at the end, its status)."""
+def run_restarted(redis_server, restart: bool = True) -> tuple[dict, dict]:
+    """The controller's restart of the camera in a process Ray re-created: (its stats() at the end, its status).
+    ``restart`` False: the camera added again (a removal's status that Redis kept, see below)."""
     async def main() -> dict:
         host = CameraHost(file_camera(), [Replica()], MODEL_INFO, RedisConfig(url=redis_server.url), instance="run-1")
-        host.restarted = True  # as StreamActor.start(..., restart=True)
+        host.restarted = restart  # as StreamActor.start(..., restart=True)
         await host.start()
         try:
             await asyncio.wait_for(host.wait(), 30)
@@ -109,3 +110,12 @@ def test_the_base_reads_what_no_version_writes_as_zero():
     assert status_base({"decoded": 9, "published": 4, "dropped": {"error": 2, "lost": 1}, "restarts": 2}) == {
         "decoded": 9, "published": 4, "skipped": 0, "reconnects": 0, "dropped": {"error": 2, "lost": 3},
         "restarts": 2}
+
+
+@pytest.mark.timeout(90)
+def test_the_same_id_added_again_counts_from_zero_though_redis_kept_the_removed_ones_status(redis_server):
+    """A removal whose status Redis could not delete (down then: kept until a retry): the same id added again read
+    it as its own crashed process's, and said "(restarted 1x)" with the removed camera's counts."""
+    crashed_process(redis_server.client(), "run-1")  # this run's status, left by the removed camera
+    own, s = run_restarted(redis_server, restart=False)
+    assert (s["decoded"], s["published"], s["restarts"]) == (FRAMES, FRAMES, 0), s

@@ -1076,8 +1076,9 @@ class CameraHost:
                     # Tracks left open by a run that never finished them (crashed, or killed with its service).
                     ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
                     resume = replace(resume, open_tracks=tuple(ended))
-                    if self.instance and status.get("instance") == self.instance:  # this run's, as resume_point
-                        # tells: its process was restarted, and the status counts on from the crashed one's
+                    # this run's, as resume_point tells, and the controller's restart of it (not the same id added
+                    # again after a removal whose status Redis kept): the status counts on from the crashed one's
+                    if self.restarted and self.instance and status.get("instance") == self.instance:
                         base = status_base(status)
                         resume = replace(resume, counts={**base, "restarts": base["restarts"] + 1})
                 return {str(k): int(v) for k, v in (ids or {}).items()}, resume
