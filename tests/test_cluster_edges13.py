@@ -19,22 +19,10 @@ from pipeline.config import RayConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.placement import Node, ReplicaAssigner, check_placeable, inference_options, stream_options
 from pipeline.telemetry import Telemetry
+from test_cluster_bookkeeping import Process  # an actor handle answering where() at once
 from workers.settings import CameraConfig
 
 HEAD, A, B = "h" * 56, "a" * 56, "b" * 56
-
-
-class Ref:
-    def __init__(self, value):
-        self.value = value
-
-
-class Process:
-    """An actor handle whose where() answers the node it runs on now."""
-
-    def __init__(self, node: str):
-        self.node = node
-        self.where = SimpleNamespace(remote=lambda: Ref({"node": self.node}))
 
 
 def entry(node: Node, alive: bool = True) -> dict:
