@@ -446,7 +446,9 @@ class InferenceService:
 
 
 # Ray records every call for its dashboard and state API (`ray list tasks`, `ray timeline`): off for the calls made
-# per frame, whose records cost a call 4-26% of its CPU on both sides (benchmarks/README.md, "Ray task events").
+# per frame, whose records cost a call 4-26% of its CPU on both sides (benchmarks/README.md, "Ray task events"),
+# and for the controller's polls every tick (stats, where), whose records grew the GCS's memory by ~4 KB a call
+# (+12 MB in a 33-minute soak, until Ray's cap of task events kept in the GCS).
 # HYDRAVISION_RAY_TASK_EVENTS=1 in the driver's environment records them again (to debug with Ray's tools).
 TASK_EVENTS = os.environ.get("HYDRAVISION_RAY_TASK_EVENTS") == "1"
 
@@ -499,9 +501,11 @@ class InferenceActor:
     async def info(self) -> dict:
         return self.service.info()
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def stats(self) -> dict:
         return self.service.stats()
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def model_stats(self) -> dict:
         """``stats``, under the name a camera process that runs its own model answers it too (App.model_holders)."""
         return self.service.stats()
@@ -509,6 +513,7 @@ class InferenceActor:
     async def ping(self) -> int:
         return os.getpid()
 
+    @ray.method(enable_task_events=TASK_EVENTS)
     async def where(self) -> dict:
         """The node and process this replica runs in (it moves when its node dies)."""
         return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),

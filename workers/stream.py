@@ -28,7 +28,7 @@ from workers.budget import FrameAgeBudget
 from workers.capture import END_OF_FILE, Capture, CapturedFrame, FrameSlot, capture_thread_name
 from workers.frames import FrameRequest, HeadArrays, detection_records, to_detections
 from workers.histograms import FRAME_AGE_BUCKETS, Histogram
-from workers.inference import CALL_BYTES, CallMerger, InferenceService, service_call
+from workers.inference import CALL_BYTES, TASK_EVENTS, CallMerger, InferenceService, service_call
 from workers.motion import MotionGate
 from workers.publish import Publisher, WriterThread, entry_order, event_message, keys, records_message
 from workers.redact import log_to_stderr, redact_text, redact_url
@@ -1266,6 +1266,7 @@ class StreamActor:
             return {"camera": camera_id, "state": "created", "pid": os.getpid()}
         return await self._host(camera_id).stats()
 
+    @ray.method(enable_task_events=TASK_EVENTS)  # polled every tick: see TASK_EVENTS
     async def stats_many(self, camera_ids: list[str], model: bool = False) -> dict:
         """The controller's tick: ``stats`` of each camera and (``model``) ``model_stats``, in one call (a call per
         camera and per model cost 10-23 ms more CPU per tick at 8 cameras in 2 processes: docs/architecture.md)."""
@@ -1289,6 +1290,7 @@ class StreamActor:
         """This process's own model (``inference.in_camera_process``), as InferenceActor.info; else None."""
         return self.model.info() if self.model else None
 
+    @ray.method(enable_task_events=TASK_EVENTS)  # polled every tick: see TASK_EVENTS
     async def model_stats(self) -> dict | None:
         """This process's own model's numbers, as InferenceActor.stats (batches, model CPU, queue); else None."""
         return self.model.stats() if self.model else None
@@ -1298,6 +1300,7 @@ class StreamActor:
         self.hosts.pop(camera_id, None)
         return len(self.hosts)
 
+    @ray.method(enable_task_events=TASK_EVENTS)  # polled every tick: see TASK_EVENTS
     async def where(self) -> dict:
         """The node and process this actor runs in (it moves when its node dies)."""
         return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
