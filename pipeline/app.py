@@ -727,7 +727,11 @@ class App(LiveControl):
                     self._busy.difference_update(to_restart)
             out = [fresh.get(s["camera"], s) for s in out]
         self._restarting = {cid: hr for cid, hr in self._restarting.items() if handles.get(cid) is hr[0]}  # removed
-        self.telemetry.record_cameras(out, present=[*handles, *leaving])
+        with self._lock:  # with a removal's end (forget, under this lock): one that ended during this tick's calls
+            # must not have its stats of before recorded again, the same id added back read as its restart
+            current = [s for s in out if self.cameras.get(s["camera"]) is handles[s["camera"]]
+                       or s["camera"] in self._leaving]
+            self.telemetry.record_cameras(current, present=[*handles, *leaving])
         # the counts of the whole run (a restarted process's start from 0), and how often it was restarted
         out = [{**s, "restarts": h.restarts} if h.restarts else s
                for h, s in zip(handles.values(), self.telemetry.whole_run(out))]

@@ -215,7 +215,6 @@ class LiveControl:
             row = {**final, "camera": camera_id}
             self.telemetry.record_cameras([row], final=True, tick=False)
             [row] = self.telemetry.whole_run([row])
-            self.telemetry.forget(camera_id)  # the same id added again is another camera
             with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
                 self.removed.append({**row, "state": "removed", "restarts": handle.restarts})
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
@@ -237,6 +236,8 @@ class LiveControl:
         finally:
             with self._lock:
                 self._leaving.pop(camera_id, None)
+                # the same id added again is another camera; under the lock a tick records its stats with (App.stats)
+                self.telemetry.forget(camera_id)
             self._release(camera_id)
         keep = ("state", "last_error", "decoded", "published", "dropped", "decoder_threads", "open_tracks",
                 "track_ids_next")

@@ -311,3 +311,26 @@ def test_a_killed_camera_process_leaves_what_it_reserved_out_of_the_placements_b
     app.placement = SimpleNamespace(reserved={"hv-camera-a": {"num_cpus": 1}, "hv-inference-0": {"num_cpus": 1}})
     app._killing(["hv-camera-a"])
     assert list(app.placement.reserved) == ["hv-inference-0"]
+
+
+def test_a_removal_ending_during_a_ticks_calls_leaves_no_record_for_the_same_id_added_again(no_ray):
+    """The tick takes its list of cameras, then waits for their processes' answers (up to 5 s where one hangs): a
+    removal that ended meanwhile had its camera's stats of before recorded again after it forgot them, and the same
+    id added back before the next tick counted on from the removed camera's (62 decoded, not 12)."""
+    app = service()
+    first = Process({"camera": "cam", "state": "running", "pid": 100, **counts(50, 45)})
+    running(app, "cam", first, "hv-camera-cam")
+    app.stats()
+    first.final = {"camera": "cam", "state": "stopped", **counts(60, 55)}
+    answer = first.stats_many.remote
+
+    def removed_meanwhile(ids, model=False):
+        reply = answer(ids, model)
+        app.remove_camera("cam", by="test")  # the whole removal, while this tick waits for the answers
+        return reply
+    first.stats_many = SimpleNamespace(remote=removed_meanwhile)
+    app.stats()
+    second = Process({"camera": "cam", "state": "running", "pid": 200, **counts(12, 9)})
+    running(app, "cam", second, "hv-camera-cam-2")
+    [row] = app.stats()
+    assert (row["decoded"], row["published"]) == (12, 9), row
