@@ -116,6 +116,10 @@ def test_the_base_reads_what_no_version_writes_as_zero():
 def test_the_same_id_added_again_counts_from_zero_though_redis_kept_the_removed_ones_status(redis_server):
     """A removal whose status Redis could not delete (down then: kept until a retry): the same id added again read
     it as its own crashed process's, and said "(restarted 1x)" with the removed camera's counts."""
-    crashed_process(redis_server.client(), "run-1")  # this run's status, left by the removed camera
+    client = redis_server.client()
+    crashed_process(client, "run-1")  # this run's status, left by the removed camera
     own, s = run_restarted(redis_server, restart=False)
     assert (s["decoded"], s["published"], s["restarts"]) == (FRAMES, FRAMES, 0), s
+    # and its file from its start, numbered afresh, as a camera added anew (not after the removed one's frame 1283)
+    frames = [json.loads(f[b"data"])["frame"] for _, f in client.xrange(K.detections("cam"))][1:]
+    assert frames == list(range(FRAMES)), frames

@@ -1072,7 +1072,9 @@ class CameraHost:
                 if self.pipeline:  # an update restarts the source: a new playback, numbered afresh
                     resume = Resume(stream_mark=last[0][0].decode() if last else "0-0")
                 else:  # a crash or a lost node: continue after this run's own last frame
-                    resume = resume_point(self.instance, status, last)
+                    # the controller's restart only: the same id added again after a removal whose status Redis
+                    # kept started its file where the removed camera had stopped (as a fresh add does, from 0 now)
+                    resume = resume_point(self.instance if self.restarted else None, status, last)
                     # Tracks left open by a run that never finished them (crashed, or killed with its service).
                     ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
                     resume = replace(resume, open_tracks=tuple(ended))
