@@ -257,3 +257,18 @@ def test_a_training_alone_takes_and_leaves_its_lock(tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     assert cli_main(["train", "--out", str(out), "--head", "people=person", *TINY_ARGS]) == 0
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]
+
+
+def test_int8_quantized_before_needs_no_calibration_data(base, cache, tmp_path):
+    """The int8 copy is made once and cached; its training data moved since (or the cache copied to another
+    machine): `run` ran it, and the check before an int8 eval refused it for data it no longer needed."""
+    from models.checkpoint import load_checkpoint
+    from models.export import export_onnx
+    from models.quantize import int8_path
+
+    model, _ = load_checkpoint(base)
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", {"history": [{"data": str(tmp_path / "gone")}]})
+    with pytest.raises(ConfigError, match="is not here"):  # nothing cached: refused before any work, as before
+        model_commands.check_calibration_data(ckpt)
+    export_onnx(model, int8_path(cache_path(ckpt, "torch")))  # stands for the int8 copy an earlier run made
+    model_commands.check_calibration_data(ckpt)  # no calibration needed
