@@ -113,10 +113,10 @@ class LoopbackHostsOnly:
             if host and not self._allowed(name):
                 from starlette.responses import JSONResponse
 
-                bound = "loopback, which this server is bound to" if self.on_loopback else "a name it is given"
+                bound = " (which this server is bound to)" if self.on_loopback else ""
                 response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is neither this machine's "
-                                         f"loopback nor {bound} (DNS rebinding?); a proxy's name can be allowed"},
-                                        status_code=403)
+                                         f"loopback{bound} nor a name it is given (DNS rebinding?); a proxy's name "
+                                         "can be allowed"}, status_code=403)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -268,7 +268,8 @@ class DashboardConfig(Strict):
                                 "control stream); anyone who reaches the page can then use them")
     allowed_hosts: list[str] = Field(default_factory=list, description="on loopback the page answers only requests "
                                      "naming a loopback Host (against DNS rebinding); a proxy's names it also answers. "
-                                     "Given, the check holds bound to any address (a container's 0.0.0.0)")
+                                     "Given, the check holds bound to any address (a container's 0.0.0.0), which "
+                                     "then also answers a Host that is an IP address (no rebound page sends one)")
 
 
 class Config(Strict):

@@ -52,3 +52,12 @@ def test_cameras_over_redis_read_the_answer_on_a_url_asking_for_another_reply_sh
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["result"][0]["id"] == "lobby"
+
+
+@pytest.mark.parametrize("query", ["decode_responses=true", "protocol=3&decode_responses=true"])
+def test_a_service_on_a_decoding_url_finds_its_own_answer(redis_server, query):
+    """After a lost reply the service looks for its answer before answering again (`_answered`): on a URL with
+    ?decode_responses=true it read only b"data", never found it, and answered the command twice."""
+    consumer = ControlConsumer(ListingApp(), f"{redis_server.url}?{query}", "hv")
+    redis_server.client().xadd(consumer.results, {"data": json.dumps({"command": "1-1", "status": "accepted"})})
+    assert consumer._answered("1-1") and not consumer._answered("2-2")
