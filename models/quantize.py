@@ -39,6 +39,21 @@ def cached_int8(model: HydraNet, export: Path, history: list[dict[str, Any]]) ->
                   f"quantizing {export.name} to int8", check=damaged)  # a damaged copy is made again
 
 
+def check_sources(checkpoint: str | Path, history: list[dict[str, Any]]) -> None:
+    """Refuses int8 (``calibration_frames``' ConfigError) where its quantized copy is not cached whole and the
+    training data it calibrates on is not at hand: before the export and the "quantizing ... (once; cached at
+    ...)" line, which both came before the refusal. A copy quantized before runs without that data."""
+    from models.export import cache_path
+
+    made = int8_path(cache_path(checkpoint, "torch"))  # int8 is quantized from torch's GroupNorm form
+    if made.is_file() and damaged(made) is None:
+        return
+    sources = [r for r in history if r.get("data")]
+    missing = [r for r in sources if r["data"] != "synthetic" and not Path(str(r["data"])).exists()]
+    if missing or not sources:
+        calibration_frames(None, missing, n=0)  # raises, before it touches a model or reads a frame
+
+
 def calibration_frames(model: HydraNet, history: list[dict[str, Any]], n: int = CALIBRATION_FRAMES) -> list[np.ndarray]:
     """``n`` letterboxed (3, H, W) uint8 frames, shared out among the training data the history names."""
     from models.datasets import SyntheticFrames, YoloFolder

@@ -417,21 +417,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def check_calibration_data(path: str | Path) -> None:
-    """Refuses int8 where the checkpoint's training data, which int8 calibrates on, is not at hand: before any work
-    (the refusal came after an export and a "quantizing ... to int8 (once; cached at ...)" line). In
-    models.quantize's own words: ``calibration_frames`` given just the history records it refuses (or none, where
-    no record names data) refuses them before it touches the model or reads a frame."""
-    from models.export import cache_path, damaged
-    from models.quantize import calibration_frames, int8_path
+    """Refuses int8 where the checkpoint's training data, which int8 calibrates on, is not at hand and no quantized
+    copy is cached: before any work (the refusal came after an export and a "quantizing ... to int8 (once; cached
+    at ...)" line). ``models.quantize.check_sources``, which the service's OpenVINO session asks too."""
+    from models.quantize import check_sources
 
-    made = int8_path(cache_path(path, "torch"))  # the int8 export is of the torch GroupNorm form (cached_int8)
-    if made.is_file() and damaged(made) is None:  # quantized before: no calibration needed, as the service runs it
-        return
-    history = read_metadata(path)["training"].get("history", [])
-    sources = [r for r in history if r.get("data")]
-    refused = [r for r in sources if r["data"] != "synthetic" and not Path(str(r["data"])).exists()]
-    if refused or not sources:
-        calibration_frames(None, refused, n=0)  # raises its ConfigError (a user error here)
+    check_sources(path, read_metadata(path)["training"].get("history", []))
 
 
 def format_report(report: dict) -> str:

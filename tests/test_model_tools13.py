@@ -272,3 +272,17 @@ def test_int8_quantized_before_needs_no_calibration_data(base, cache, tmp_path):
         model_commands.check_calibration_data(ckpt)
     export_onnx(model, int8_path(cache_path(ckpt, "torch")))  # stands for the int8 copy an earlier run made
     model_commands.check_calibration_data(ckpt)  # no calibration needed
+
+
+def test_the_services_int8_without_its_calibration_data_is_refused_before_any_export_or_quantizing(
+        base, cache, tmp_path, caplog):
+    """`run` with precision int8 (OpenVINO): it exported, logged 'quantizing ... (once; cached at ...)', then
+    refused; eval was mended first. The service's session asks the same check before its export now."""
+    from models.checkpoint import load_checkpoint
+    from workers.model_runner import ModelRunner
+
+    model, _ = load_checkpoint(base)
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", {"history": [{"data": str(tmp_path / "gone")}]})
+    with caplog.at_level(logging.INFO), pytest.raises(ConfigError, match="is not here"):
+        ModelRunner(ckpt, "cpu", "int8", threads=1, max_batch=2, backend="openvino")
+    assert "quantizing" not in caplog.text and "exporting" not in caplog.text and not cache.exists()

@@ -349,12 +349,15 @@ class OpenVinoSession(ExportedSession):
     def __init__(self, model, checkpoint: str | Path, threads: int | None, precision: str):
         # on the CPU, in a precision it runs: ModelRunner's pick_backend checked that (backend_problem)
         # int8 is quantized from torch's form of GroupNorm: from the faster one it lost accuracy (models/export.py)
-        super().__init__(model, checkpoint, "torch" if precision == "int8" else "export")
         if precision == "int8":
             from models.metadata import read_metadata
-            from models.quantize import cached_int8
+            from models.quantize import cached_int8, check_sources
 
-            self.path = cached_int8(model, self.path, read_metadata(checkpoint)["training"].get("history", []))
+            history = read_metadata(checkpoint)["training"].get("history", [])
+            check_sources(checkpoint, history)  # refused before an export and a "quantizing" line are said
+        super().__init__(model, checkpoint, "torch" if precision == "int8" else "export")
+        if precision == "int8":
+            self.path = cached_int8(model, self.path, history)
             self.cache_files.append(self.path)
         if precision in ("bf16", "int8"):
             self.precision = precision
