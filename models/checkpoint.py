@@ -16,6 +16,7 @@ its SHA-256 must still match: an adapter trained on other weights would silently
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -34,6 +35,27 @@ from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.metadata import FORMAT, FORMAT_VERSION, CheckpointError, read_metadata  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def training_into(out: Path) -> Iterator[None]:
+    """Held while a training writes ``out`` (and its resume state beside it); ``prepare_output`` done. One run per
+    output at a time: two both trained, shared (and overwrote) the resume state, and the last to finish replaced
+    the other's model, both exit 0. A file lock beside it (the kernel releases it if the run dies), as exports
+    take; a second run is refused at once."""
+    from models.export import file_lock  # the exports' lock
+
+    if not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        prepare_output(out)  # makes the folder the lock is made in, or says why it cannot be written
+    lock = out.with_name(out.name + ".lock")
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock, remove=True, wait=False))
+        except BlockingIOError:
+            raise ConfigError(f"--out {out}: another training run is writing it now (it holds {lock}); wait for "
+                              "it to finish, or name another --out") from None
+        prepare_output(out)  # before any training: not when its result is saved
+        yield
 
 
 def prepare_output(path: str | Path) -> Path:

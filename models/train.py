@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import checkpoint_files, load_checkpoint, prepare_output, read_tensors, save_checkpoint
+from models.checkpoint import checkpoint_files, load_checkpoint, read_tensors, save_checkpoint, training_into
 from models.datasets import DatasetError, Sample, SyntheticFrames, YoloFolder, collate
 from models.evaluate import EvalConfig, evaluate
-from models.export import file_lock
 from models.files import aside_of, written_aside
 from models.hydranet import ConfigError, HydraNet, HydraNetConfig
 from models.losses import assign_targets, fcos_loss, size_ranges
@@ -262,19 +260,7 @@ def memory_format_for(model: HydraNet, device: torch.device) -> torch.memory_for
 
 def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Path:
     """Trains and writes a checkpoint to ``cfg.out``; returns its path."""
-    if not (cfg.out.parent.is_dir() and os.access(cfg.out.parent, os.W_OK)):
-        prepare_output(cfg.out)  # makes the folder the lock below is made in, or says why it cannot be written
-    # One run per --out at a time: two both trained, shared (and overwrote) the resume state, and the last to finish
-    # replaced the other's model, both exit 0. A file lock (the kernel releases it if the run dies), as exports take.
-    lock = cfg.out.with_name(cfg.out.name + ".lock")
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(file_lock(lock, remove=True, wait=False))
-        except BlockingIOError:
-            raise ConfigError(f"--out {cfg.out}: another training run is writing it now (it holds {lock}); wait for "
-                              "it to finish, or name another --out") from None
-        # before any training: the resume state is written beside it every checkpoint_every steps
-        prepare_output(cfg.out)
+    with training_into(cfg.out):  # one run per --out; the resume state is written beside it every few steps
         return _train(cfg, progress, on_step)
 
 

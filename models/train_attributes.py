@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint, training_into
 from models.datasets import DatasetError, SyntheticFrames, collate
 from synthetic.scene import CAR_KINDS, CLASS_NAMES
 
@@ -108,10 +108,14 @@ def check_data(cfg: AttributeTrainConfig) -> None:
 
 def train_attribute(cfg: AttributeTrainConfig, progress: bool = True) -> Path:
     check_data(cfg)
+    with training_into(cfg.out):  # one run per --out, as `train`
+        return _train_attribute(cfg, progress)
+
+
+def _train_attribute(cfg: AttributeTrainConfig, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prepare_output(cfg.out)  # before the training, not when its result is saved
     model, training = load_checkpoint(cfg.init, device=device)
     head = model.add_attribute(cfg.name, cfg.labels, cfg.on, cfg.of)
     opt = head_only_optimizer(model, head, cfg.lr)

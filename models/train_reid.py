@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, prepare_output, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint, training_into
 from models.datasets import FIRST_TRAIN_SEED, MIN_VISIBILITY, TRAIN_SEED_LIMIT, DatasetError
 from models.letterbox import boxes_to_model, letterbox
 from models.reid import contrastive_loss
@@ -92,10 +92,14 @@ def identity_views(input_size: tuple[int, int], cfg: ReIDTrainConfig, rng: np.ra
 def train_reid(cfg: ReIDTrainConfig, progress: bool = True) -> tuple[Path, list[float]]:
     """Adds a re-ID head to ``cfg.init``, trains it, saves the whole model to ``cfg.out``; returns the path and
     the loss of every step."""
+    with training_into(cfg.out):  # one run per --out, as `train`
+        return _train_reid(cfg, progress)
+
+
+def _train_reid(cfg: ReIDTrainConfig, progress: bool) -> tuple[Path, list[float]]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prepare_output(cfg.out)  # before the training, not when its result is saved
     model, training = load_checkpoint(cfg.init, device=device)
     # Features come from a copy with BatchNorm folded (the frozen backbone's arithmetic as served, and faster);
     # the file written is the model as loaded plus the head.

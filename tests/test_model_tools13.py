@@ -286,3 +286,18 @@ def test_the_services_int8_without_its_calibration_data_is_refused_before_any_ex
     with caplog.at_level(logging.INFO), pytest.raises(ConfigError, match="is not here"):
         ModelRunner(ckpt, "cpu", "int8", threads=1, max_batch=2, backend="openvino")
     assert "quantizing" not in caplog.text and "exporting" not in caplog.text and not cache.exists()
+
+
+@pytest.mark.parametrize("command", ["train-attribute", "train-reid"])
+def test_a_head_trained_into_an_out_another_run_writes_is_refused(base, tmp_path, command):
+    """`train` took a lock on its --out; train-attribute and train-reid wrote beside a running training (the last to
+    finish replacing the other's model, both exit 0)."""
+    out = tmp_path / "o.safetensors"
+    with file_lock(out.with_name(out.name + ".lock")), pytest.raises(ConfigError, match="another training run"):
+        if command == "train-attribute":
+            train_attribute(AttributeTrainConfig(init=base, out=out, name="kind", labels=["sedan", "hatch", "van"],
+                                                 on="vehicles", of=["car"], steps=1, batch_size=2), progress=False)
+        else:
+            train_reid(ReIDTrainConfig(init=base, out=out, heads=["people"], steps=1, scenes_per_step=1, views=2),
+                       progress=False)
+    assert not out.exists()
