@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def training_into(out: Path) -> Iterator[None]:
+def training_into(out: str | Path) -> Iterator[None]:
     """Held while a training writes ``out`` (and its resume state beside it); ``prepare_output`` done. One run per
     output at a time: two both trained, shared (and overwrote) the resume state, and the last to finish replaced
     the other's model, both exit 0. A file lock beside it (the kernel releases it if the run dies), as exports
     take; a second run is refused at once."""
     from models.export import file_lock  # the exports' lock
 
+    out = Path(out)
     if not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
         prepare_output(out)  # makes the folder the lock is made in, or says why it cannot be written
     lock = out.with_name(out.name + ".lock")
