@@ -96,11 +96,17 @@ def detection_message(camera: str, frame: int, pts: float, ts: float, latency_ms
             record["attributes"] = {str(k): {"label": str(v["label"]), "conf": round(_finite("conf", v["conf"]), 4)}
                                     for k, v in d["attributes"].items()}
         out.append(record)
+    return _frame_message(camera, frame, pts, ts, latency_ms, size, ran, out)
+
+
+def _frame_message(camera: str, frame: int, pts: float, ts: float, latency_ms: float, size: tuple[int, int],
+                   ran: list[str], detections: list[dict]) -> dict:
+    """The message around a frame's detections (already checked and rounded)."""
     # latency_ms is clamped at 0: a wall-clock step (NTP) can make capture time look like the future.
     # pts to the microsecond: a looped file's stitched pts read 23.799999999999997 in every consumer
     return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame), "pts": round(_finite("pts", pts), 6),
             "ts": _finite("ts", ts), "latency_ms": round(max(0.0, _finite("latency_ms", latency_ms)), 3),
-            "size": [int(size[0]), int(size[1])], "heads": ran, "detections": out}
+            "size": [int(size[0]), int(size[1])], "heads": ran, "detections": detections}
 
 
 def records_message(camera: str, frame: int, pts: float, ts: float, latency_ms: float,
@@ -122,10 +128,7 @@ def records_message(camera: str, frame: int, pts: float, ts: float, latency_ms: 
                 total += a["conf"]
     else:
         if math.isfinite(total):
-            return {"v": SCHEMA_VERSION, "camera": camera, "frame": int(frame),
-                    "pts": round(_finite("pts", pts), 6), "ts": _finite("ts", ts),
-                    "latency_ms": round(max(0.0, _finite("latency_ms", latency_ms)), 3),
-                    "size": [int(size[0]), int(size[1])], "heads": ran, "detections": records}
+            return _frame_message(camera, frame, pts, ts, latency_ms, size, ran, records)
     return detection_message(camera, frame, pts, ts, latency_ms, size, records, heads)
 
 
