@@ -199,10 +199,7 @@ class CameraTracker:
     def open_rows(self) -> dict[str, list[list]]:
         """Per head, the open tracks as rows of OPEN_FIELDS (compact: the camera's status carries them every second),
         so that a run restarted after a crash can end them (``ended_from_rows``)."""
-        # The row _ended's fields would make, without its dict (a status goes out on every frame a track starts
-        # or ends, with every open track in it)
-        return {h: [[st.track_id, st.class_name, st.first_frame, st.last_frame, st.frames,
-                     round(max(0.0, st.last_pts - st.first_pts), 3)] for st in ht.active.values()]
+        return {h: [[ended[f] for f in self.OPEN_FIELDS] for ended in map(self._ended, ht.active.values())]
                 for h, ht in self.heads.items() if ht.active}
 
     @staticmethod
