@@ -399,8 +399,6 @@ def evaluate(args: argparse.Namespace) -> dict:
 
         if why := backend_problem(args.backend, args.precision, device):
             raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
-        if args.precision == "int8":
-            check_calibration_data(path)
 
         # its batches are the eval's (a TensorRT engine covers batches up to max_batch, no more)
         # its threads as the service's: the runtimes' own default took every core a container's quota does not allow
@@ -414,15 +412,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         how = {"backend": "torch", "precision": "fp32"}
     report.update(checkpoint=str(path), **how)
     return report
-
-
-def check_calibration_data(path: str | Path) -> None:
-    """Refuses int8 where the checkpoint's training data, which int8 calibrates on, is not at hand and no quantized
-    copy is cached: before any work (the refusal came after an export and a "quantizing ... to int8 (once; cached
-    at ...)" line). ``models.quantize.check_sources``, which the service's OpenVINO session asks too."""
-    from models.quantize import check_sources
-
-    check_sources(path, read_metadata(path)["training"].get("history", []))
 
 
 def format_report(report: dict) -> str:

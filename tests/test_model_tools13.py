@@ -264,14 +264,15 @@ def test_int8_quantized_before_needs_no_calibration_data(base, cache, tmp_path):
     machine): `run` ran it, and the check before an int8 eval refused it for data it no longer needed."""
     from models.checkpoint import load_checkpoint
     from models.export import export_onnx
-    from models.quantize import int8_path
+    from models.quantize import check_sources, int8_path
 
     model, _ = load_checkpoint(base)
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors", {"history": [{"data": str(tmp_path / "gone")}]})
+    history = [{"data": str(tmp_path / "gone")}]
     with pytest.raises(ConfigError, match="is not here"):  # nothing cached: refused before any work, as before
-        model_commands.check_calibration_data(ckpt)
+        check_sources(ckpt, history)
     export_onnx(model, int8_path(cache_path(ckpt, "torch")))  # stands for the int8 copy an earlier run made
-    model_commands.check_calibration_data(ckpt)  # no calibration needed
+    check_sources(ckpt, history)  # no calibration needed
 
 
 def test_the_services_int8_without_its_calibration_data_is_refused_before_any_export_or_quantizing(
