@@ -218,8 +218,8 @@ class OrtSession(ExportedSession):
         # TensorRT builds its engines into the export's cache folder at the session's start, writing them in place:
         # replicas sharing a GPU and a fresh cache built at once, and one could load another's half-written engine.
         # Under the folder's lock the first builds, the others find the engines whole (as OpenVINO's compiles).
-        engines = next((o.get("trt_engine_cache_path") for p in providers if isinstance(p, tuple)
-                        and p[0] == "TensorrtExecutionProvider" for o in [p[1]]), None)
+        engines = dict(p for p in providers if isinstance(p, tuple)).get("TensorrtExecutionProvider", {}).get(
+            "trt_engine_cache_path")
         with compiling(Path(engines)) if engines else contextlib.nullcontext():
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # ONNX Runtime falls back to its CPU provider without failing (plain onnxruntime has no GPU one, and

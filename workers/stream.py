@@ -1073,14 +1073,13 @@ class CameraHost:
                     resume = Resume(stream_mark=last[0][0].decode() if last else "0-0")
                 else:  # a crash or a lost node: continue after this run's own last frame
                     # the controller's restart only: the same id added again after a removal whose status Redis
-                    # kept started its file where the removed camera had stopped (as a fresh add does, from 0 now)
-                    resume = resume_point(self.instance if self.restarted else None, status, last)
+                    # kept started its file where the removed camera had stopped, and counted on from its counts
+                    own = self.instance if self.restarted else None
+                    resume = resume_point(own, status, last)
                     # Tracks left open by a run that never finished them (crashed, or killed with its service).
                     ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
                     resume = replace(resume, open_tracks=tuple(ended))
-                    # this run's, as resume_point tells, and the controller's restart of it (not the same id added
-                    # again after a removal whose status Redis kept): the status counts on from the crashed one's
-                    if self.restarted and self.instance and status.get("instance") == self.instance:
+                    if own and status.get("instance") == own:  # this run's: the status counts on from the crashed one's
                         base = status_base(status)
                         resume = replace(resume, counts={**base, "restarts": base["restarts"] + 1})
                 return {str(k): int(v) for k, v in (ids or {}).items()}, resume
