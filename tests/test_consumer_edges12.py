@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from pipeline.consumer import GroupConsumer
+from running import wait_for
 from servers import HOST, RedisServer
 from test_consumer_edges9 import STREAM as FAILOVER_STREAM
 from test_consumer_edges9 import _FailOver
@@ -37,13 +38,6 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _until(check, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.mark.timeout(60)
 def test_node_example_stops_on_sigterm_while_redis_is_away(redis_server, tmp_path):
     """node-redis holds every command while it reconnects, and the read loop waited in one: SIGTERM said "stopping
@@ -55,11 +49,13 @@ def test_node_example_stops_on_sigterm_while_redis_is_away(redis_server, tmp_pat
         node = subprocess.Popen(["node", "index.js", "--redis-url", redis_server.url, "--group", "g"],
                                 cwd=node_example(), stdout=subprocess.PIPE, stderr=stderr, encoding="utf-8")
     try:
-        _until(lambda: any(c.get("cmd") == "xreadgroup" for c in client.client_list()), "the consumer to read")
+        wait_for(lambda: any(c.get("cmd") == "xreadgroup" for c in client.client_list()), 20, "the consumer to read",
+                 poll=0.02)
         redis_server.stop()
         # Its read failed, it waits 200 ms, then the loop's next command waits for Redis. Reconnect attempts back
         # off 50, 100, 200 ms...: on Node's own clock the fourth comes at least 350 ms after the read failed.
-        _until(lambda: err.read_text().count("ECONNREFUSED") >= 4, "the consumer to try to reconnect")
+        wait_for(lambda: err.read_text().count("ECONNREFUSED") >= 4, 20, "the consumer to try to reconnect",
+                 poll=0.02)
         node.send_signal(signal.SIGTERM)
         try:
             node.wait(timeout=15)
@@ -123,7 +119,7 @@ def test_a_consumer_blocked_in_its_read_reads_on_after_a_failover(fail_over):
 
     def fail_over_once_blocked() -> None:
         old = fail_over.first.client()
-        _until(lambda: _blocked_in_xreadgroup(old), "the consumer to block in XREADGROUP")
+        wait_for(lambda: _blocked_in_xreadgroup(old), 20, "the consumer to block in XREADGROUP", poll=0.02)
         fail_over()  # within the 20 s the read blocks: it is woken by the failover, not by its timeout
         ids.append(fail_over.second.client().xadd(FAILOVER_STREAM, {"data": "{}"}).decode())
 
@@ -157,7 +153,8 @@ def test_node_example_reads_on_after_a_failover(fail_over):
         first = node.stdout.readline()
         assert json.loads(first)["id"] == ids[0], node.stderr.read()
         # acknowledged before the new master copies the data (it would be handed out again: at least once)
-        _until(lambda: fail_over.first.client().xpending(events, "g")["pending"] == 0, "the acknowledgement")
+        wait_for(lambda: fail_over.first.client().xpending(events, "g")["pending"] == 0, 20, "the acknowledgement",
+                 poll=0.02)
         fail_over()
         ids.append(fail_over.second.client().xadd(events, crossing(1)).decode())
         out, err = node.communicate(timeout=40)

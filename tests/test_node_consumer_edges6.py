@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
+from running import wait_for
 from test_consumer_recovery import node_example
 from workers.publish import event_message, keys
 
@@ -45,13 +45,6 @@ def _pending(client) -> dict[str, tuple[int, int]]:
     """id -> (idle ms, deliveries) of every pending entry of group g."""
     rows = client.xpending_range(STREAM, "g", min="-", max="+", count=10_000)
     return {r["message_id"].decode(): (int(r["time_since_delivered"]), int(r["times_delivered"])) for r in rows}
-
-
-def _until(check, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(60)
@@ -105,7 +98,7 @@ def test_stream_deleted_under_a_blocked_read(redis_server):
 
     node = _start("--redis-url", redis_server.url, "--group", "g", "--count", "1", "--idle-exit-ms", "20000")
     try:
-        _until(blocked, "the consumer to block in XREADGROUP")
+        wait_for(blocked, 20, "the consumer to block in XREADGROUP", poll=0.02)
         client.delete(STREAM)
         ids = _publish(client, 1)
     finally:
@@ -125,7 +118,8 @@ def test_redis_loading_its_data_is_waited_out(redis_server):
     pipe.execute()
     node = _start("--redis-url", redis_server.url, "--group", "g", "--count", "1", "--idle-exit-ms", "30000")
     try:
-        _until(lambda: any(c.get("cmd") == "xreadgroup" for c in client.client_list()), "the consumer to read")
+        wait_for(lambda: any(c.get("cmd") == "xreadgroup" for c in client.client_list()), 20, "the consumer to read",
+                 poll=0.02)
         client.save()  # dump.rdb in the server's --dir, which it loads when it starts
         redis_server.stop()
         # ~3 s of loading (1.2 ms a key), answering clients meanwhile: longer than the client's longest retry delay
