@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -203,10 +203,15 @@ class RedisProbe:
 
     def __init__(self, url: str, timeout_s: float = 1.0, cache_s: float = 0.5):
         import redis  # here: the HTTP side only needs it when it probes
+        from redis.connection import parse_url
 
         self.url, self.cache_s = url, cache_s
-        # from_url gives connections no retries (redis-py 8): a stopped server fails at once.
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        # The probe's timeouts and one try, whatever the URL's query says: from_url lets a ?socket_timeout= (set for
+        # the writers) or ?retry_on_timeout= win, and /readyz waited that long on a frozen Redis, the other probes
+        # queued behind the lock. No retries otherwise (redis-py 8): a stopped server fails at once.
+        options = {**parse_url(url), "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
+                   "retry_on_timeout": False, "retry_on_error": []}
+        self.client = redis.Redis(connection_pool=redis.ConnectionPool(**options))
         self._errors = (redis.RedisError, OSError)
         self._lock = threading.Lock()
         self._cached: tuple[float, bool, str | None] | None = None
@@ -307,7 +312,11 @@ def metrics_router(app: App, auth: Callable[..., Any] | None = None) -> APIRoute
     @router.get("/metrics", dependencies=[Depends(auth)] if auth else [])
     def metrics(request: Request) -> Response:
         # The format the scraper asks for: Prometheus text 0.0.4 by default, OpenMetrics when accepted.
-        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        try:
+            encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        except (TypeError, ValueError):  # a version that is no number (version=abc, version="1.0.0"): prometheus-
+            # client compares its parts with ints and raises; the default format, not a 500 that loses the scrape
+            encode, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
         return Response(encode(registry), headers={"Content-Type": content_type})
 
     @router.get("/healthz")
