@@ -230,7 +230,7 @@ class LiveControl:
             # sent after, was dropped)
             # Messages its publisher could not deliver before it stopped (Redis down or full): lost with it, and said
             # (the answer and the event said only what it had published)
-            undelivered = (final.get("publisher") or {}).get("queued") or 0
+            undelivered = _undelivered(final.get("publisher"))
             self._audit("camera_removed", handle.config, by, published=final.get("published", 0),
                         **({"undelivered": undelivered} if undelivered else {}))
         finally:
@@ -241,8 +241,7 @@ class LiveControl:
             self._release(camera_id)
         keep = ("state", "last_error", "decoded", "published", "dropped", "decoder_threads", "open_tracks",
                 "track_ids_next")
-        return {"id": camera_id, "final": {**{k: final.get(k) for k in keep},
-                                           "undelivered": (final.get("publisher") or {}).get("queued")}}
+        return {"id": camera_id, "final": {**{k: final.get(k) for k in keep}, "undelivered": undelivered}}
 
     def _remove_leftover(self, camera_id: str, by: str) -> dict | None:
         """A camera this service does not run whose status an earlier run left in Redis (its final word, or one
@@ -257,10 +256,13 @@ class LiveControl:
                 raw = client.hget(keys(self.redis_settings.prefix).cameras, camera_id)
             finally:
                 client.close()
-            status = mark_stale(json.loads(raw), time.time()) if raw else None
+            status = json.loads(raw) if raw else None
         except (redis.RedisError, OSError, ValueError):  # unreadable: the refusal as before says no camera runs
             return None
-        if not isinstance(status, dict) or not (status["stale"] or status.get("state") in FINAL_STATES):
+        if not isinstance(status, dict):  # not a status (null, a number, a list): as unreadable, not a 500
+            return None
+        status = mark_stale(status, time.time())
+        if not (status["stale"] or status.get("state") in FINAL_STATES):
             return None  # refreshed by someone: not ours to remove
         with self._lock:  # taken as a command's camera: no add of this id meanwhile
             if camera_id in self._busy or camera_id in self.cameras:
@@ -465,6 +467,15 @@ class LiveControl:
             time.sleep(0.05)
         log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
                     "again meanwhile takes another", handle.id, handle.name, timeout_s)
+
+
+def _undelivered(publisher: dict | None) -> int | None:
+    """The messages a publisher never delivered to Redis: dropped (its buffer full during an outage), refused by
+    Redis and left in its buffer at the stop, as the end of a run counts them (pipeline/run_commands.py); those left
+    alone said 0 for a removal during an outage that had dropped hundreds. None: no publisher stats (a crash)."""
+    if not publisher:
+        return None
+    return sum(publisher.get(k) or 0 for k in ("dropped", "rejected", "queued"))
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

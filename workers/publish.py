@@ -35,7 +35,7 @@ import numbers
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, NamedTuple, Sequence
@@ -61,6 +61,9 @@ EVENT_TYPES = (
 MAX_BATCH = 500  # messages per pipeline: one round trip, yet small enough that a retry is cheap
 ALL_CAMERAS = "*"
 IDLE_PING_S = 10.0  # with nothing to send, check the connection this often
+REFUSALS_LOG_S = 60.0  # what Redis refuses is logged at once, then at most this often with the counts since: a
+# refusal that comes with every batch (PUBLISH denied to a Redis 7 ACL user made without channels) logged an error
+# line per batch, ten a second per camera for as long as the service ran
 SchemaKind = Literal["detection", "event", "counts", "snapshot"]
 
 
@@ -484,6 +487,8 @@ class Publisher:
         # A send failed after it left (no reply): it may still reach Redis (a frozen one), so its dedup state
         # must outlive close. _forget: close asks the thread to delete that state (nothing can need it).
         self._unanswered = self._forget = False
+        self._refusals_logged_at = -math.inf  # monotonic; see REFUSALS_LOG_S
+        self._refusals = Counter()  # refused messages, other writes and batches not logged yet
 
     def start(self) -> "Publisher":
         """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
@@ -756,8 +761,19 @@ class Publisher:
             # those messages are lost, counted and logged. A failed PUBLISH or status write is logged.
             texts = [self._redact(t) for t in [r for _, r in result.rejected] + result.errors]
             self._last_error = texts[0]
-            log.error("Redis rejected %d message(s) and %d other write(s) of a batch: %s",
-                      len(result.rejected), len(result.errors), "; ".join(list(dict.fromkeys(texts))[:3]))
+            self._log_refusals(len(result.rejected), len(result.errors), texts)
+
+    def _log_refusals(self, messages: int, writes: int, texts: list[str]) -> None:
+        """Logs a batch's refusals (``texts``, redacted): the first at once, then at most every REFUSALS_LOG_S,
+        counting the batches in between. Under the lock."""
+        self._refusals.update(messages=messages, writes=writes, batches=1)
+        now = time.monotonic()
+        if now - self._refusals_logged_at < REFUSALS_LOG_S:
+            return
+        n, self._refusals, self._refusals_logged_at = self._refusals, Counter(), now
+        log.error("Redis rejected %d message(s) and %d other write(s) of %s: %s", n["messages"], n["writes"],
+                  "a batch" if n["batches"] == 1 else f"{n['batches']} batches since the last such report",
+                  "; ".join(list(dict.fromkeys(texts))[:3]))
 
     def _end_episode(self) -> None:
         episode, self._episode = self._episode, None
