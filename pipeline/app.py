@@ -170,6 +170,10 @@ class App(LiveControl):
     _signalled: bool = False
     _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
     _said_dead: set = field(default_factory=set)  # cameras and replicas whose failed constructor was said (once)
+    # The last tick's stats_many call to each camera process (by id of its handle) and model_stats call to each model
+    # holder, sent again only once answered (``_held_or_sent``)
+    _stats_calls: dict = field(default_factory=dict)
+    _model_calls: dict = field(default_factory=dict)
     _ended_seen: set = field(default_factory=set)  # ``done`` refs of the cameras ``finished`` last saw ended
 
     # -- start -------------------------------------------------------------------------------
@@ -687,8 +691,10 @@ class App(LiveControl):
         processes: dict[int, tuple[Any, list[str]]] = {}  # one call per process, its cameras' handles share it
         for cid, h in handles.items():
             processes.setdefault(id(h.process), (h.process, []))[1].append(cid)
-        refs = {key: process.stats_many.remote(cids, self.in_camera_process)
-                for key, (process, cids) in processes.items()}
+        before, self._stats_calls = self._stats_calls, {}
+        for key, (process, cids) in processes.items():
+            self._stats_calls[key] = _held_or_sent(before.get(key), process, "stats_many", cids, self.in_camera_process)
+        refs = {key: call[2] for key, call in self._stats_calls.items()}
         _wait_all(refs.values(), timeout)  # one deadline: a hung process must not hold up watching the others
         answers: dict[int, dict | Exception] = {}
         for key, ref in refs.items():
@@ -701,7 +707,9 @@ class App(LiveControl):
         for cid, h in handles.items():
             answer = answers[id(h.process)]
             if isinstance(answer, Exception):
-                out.append({"camera": cid, "state": "unavailable", "last_error": self._describe(answer, cid)})
+                # a process Ray keeps pending until a node that can host it joins: its calls only time out
+                why = self.node_watch.waits_for(cid) if self.node_watch else ""
+                out.append({"camera": cid, "state": "unavailable", "last_error": why or self._describe(answer, cid)})
                 self._say_dead(f"camera {cid}", answer)
                 log.debug("camera %s: stats unavailable", cid, exc_info=answer)
                 continue
@@ -786,7 +794,8 @@ class App(LiveControl):
         try:
             ray.get(self._restart_sent(h), timeout=wait_s)
         except ray.exceptions.GetTimeoutError:  # its replica not answering yet: the start goes on in the actor
-            log.info("camera %s: still starting after its restart", h.id)
+            why = self.node_watch.waits_for(h.id) if self.node_watch else ""
+            log.info("camera %s: still starting after its restart%s", h.id, f": {why}" if why else "")
             return None
         except Exception as e:
             failed = e
@@ -823,7 +832,11 @@ class App(LiveControl):
                 else set()
         self.telemetry.keep_inference([*holders, *passing])  # a camera process gone with its last camera leaves
         # asked together, under one deadline: a replica that hangs costs a tick 2 s, not 2 s each
-        refs = {i: actor.model_stats.remote() for i, actor in holders.items() if known is None or i not in known}
+        before, self._model_calls = self._model_calls, {}
+        for i, actor in holders.items():
+            if known is None or i not in known:
+                self._model_calls[i] = _held_or_sent(before.get(i), actor, "model_stats")
+        refs = {i: call[2] for i, call in self._model_calls.items()}
         _wait_all(refs.values(), 2)
         for i, actor in holders.items():
             if known is not None and i in known:
@@ -1057,6 +1070,16 @@ def shortage(short: dict[str, tuple[float, float]], nodes: list[Node]) -> str:
         text += ", node by node " + ", ".join(f"{k} " + " + ".join(f"{n.resources.get(k, 0.0):g}" for n in nodes)
                                               for k in short)
     return text
+
+
+def _held_or_sent(held: tuple | None, actor: Any, method: str, *args: Any) -> tuple:
+    """(actor, args, ref) of ``actor.method.remote(*args)``: ``held``, the same call an earlier tick sent, while it
+    has not answered, else a new call. Ray queues every call to an actor that does not run (pending until a node
+    that can host it joins, or hung), ~4.4 KB each in this process: a call at every tick grew the controller ~60 MB
+    a day for as long as a node stayed away, and the actor ran them all once it came back."""
+    if held is not None and held[0] is actor and held[1] == args and not ray.wait([held[2]], timeout=0)[0]:
+        return held
+    return actor, args, getattr(actor, method).remote(*args)
 
 
 def _wait_all(refs: Any, timeout: float) -> None:

@@ -116,6 +116,12 @@ class HttpChannel:
         except (ValueError, http.client.InvalidURL) as e:  # its text can hold a piece of a password: "port 'pw@h'"
             detail = f" ({e})" if redact_url(self.base) == self.base else ""
             raise UserError(f"--api {redact_url(self.base)}: not a usable URL{detail}") from None
+        except http.client.IncompleteRead:  # the request was sent; its answer stopped short (a proxy, a restart)
+            may = ": the command may still be applied (see `cameras list`)" if op in ("add", "update", "remove") else ""
+            raise UserError(f"the HTTP API at {redact_url(self.base)} cut its answer short{may}") from None
+        except http.client.HTTPException as e:  # BadStatusLine: another service's port (SSH, Redis) was "a bug"
+            raise UserError(f"{redact_url(self.base + path)} answered something that is not hydravision's API "
+                            f"(not HTTP: {str(e).strip()[:60]!r})") from None
         try:  # another server on that port (the dashboard, a proxy's login page) answers 200 with HTML
             return {**_answer(json.loads(raw)), "code": code}
         except ValueError:

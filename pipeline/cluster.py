@@ -209,15 +209,18 @@ def require_redis_url(config: Any) -> None:
 
 
 def redis_warning(url: str, nodes: list[Node]) -> str | None:
-    """A loopback Redis URL on a cluster whose nodes have several addresses: actors elsewhere cannot reach it."""
-    host = urlsplit(url).hostname or ""
+    """A loopback Redis URL (or a Unix socket, as local) on a cluster whose nodes have several addresses: actors
+    elsewhere cannot reach it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     ips = sorted({n.ip for n in nodes})
-    if loopback and len(ips) > 1:
-        return (f"Redis at {redact_url(url)} is on loopback, but the Ray nodes are at {', '.join(ips)}: actors on "
+    if (loopback or parts.scheme == "unix") and len(ips) > 1:
+        where = "a Unix socket of this machine" if parts.scheme == "unix" else "on loopback"
+        return (f"Redis at {redact_url(url)} is {where}, but the Ray nodes are at {', '.join(ips)}: actors on "
                 "other machines cannot reach it; use an address all nodes can reach")
     return None
 
@@ -400,6 +403,9 @@ class NodeWatch:
         self.nodes = {n.id: n for n in nodes}
         self.where: dict[tuple[str, Any], str] = {}  # (kind, camera id / replica index) -> node id
         self.lost_from: dict[tuple[str, Any], str] = {}  # moved off a lost node, not yet seen elsewhere
+        # Lost with a node and pending in Ray until a node that can host them joins: what that node needs, until
+        # they answer again (``waits_for``: the controller said only "still starting" or a timeout meanwhile)
+        self.waiting: dict[tuple[str, Any], str] = {}
         self._asked: dict[tuple[str, Any], Any] = {}
         self._whose: dict[tuple[str, Any], Any] = {}  # the actor handle that ``where`` and the rest are about
         self.poll_s, self._last_poll = poll_s, 0.0
@@ -473,13 +479,13 @@ class NodeWatch:
             self._learn_locations(actors)
 
     def _learn_locations(self, actors: dict) -> None:
-        for known in (self.where, self.lost_from, self._asked, self._whose):  # cameras removed since: forgotten
+        for known in (self.where, self.lost_from, self._asked, self._whose, self.waiting):  # removed: forgotten
             for key in [k for k in known if k not in actors]:  # (each removed id's entry and process handle stayed)
                 del known[key]
         for key, actor in actors.items():
             if self._whose.get(key) is not actor:  # new, or another process now (removed and added again)
                 self._whose[key] = actor
-                for known in (self.where, self.lost_from, self._asked):
+                for known in (self.where, self.lost_from, self._asked, self.waiting):
                     known.pop(key, None)
             if key not in self.where and key not in self._asked:
                 self._asked[key] = actor.where.remote()
@@ -495,6 +501,7 @@ class NodeWatch:
                 self.where[key] = ray.get(ref, timeout=0)["node"]
             except Exception:  # died before answering: ask again next tick
                 continue
+            self.waiting.pop(key, None)  # it runs again: a node took it
 
     def _lost(self, node: Node, actors: dict, alive: list[Node]) -> None:
         on_it = sorted((k for k, n in self.where.items() if n == node.id and k in actors), key=str)
@@ -506,6 +513,7 @@ class NodeWatch:
         # Ray keeps an actor no alive node can host pending (RESTARTING) until such a node joins, for ever if none
         # does: the controller only saw a camera "still starting" (waiting for its replica) or running at 0 fps.
         waiting = {key: needs for key in on_it if (needs := self._needs_elsewhere(key, alive)) is not None}
+        self.waiting.update({key: describe_needs(*needs) for key, needs in waiting.items()})
         self.app.say(f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference replicas "
                      f"{replicas or 'none'}; {self._fate(on_it, waiting, actors)}")
         if self.app.events:
@@ -547,6 +555,18 @@ class NodeWatch:
             parts.append(part)
         return "; ".join(parts)
 
+    def waits_for(self, camera_id: str) -> str:
+        """Why a camera cannot run until a node joins, where a lost node left its process or the replica it sends
+        its frames to waiting for one (``_lost``), e.g. "inference replica 0, which it sends its frames to, waits for
+        a node with hydravision_inference=1 to join"; "" when neither waits."""
+        if needs := self.waiting.get(("camera", camera_id)):
+            return f"its process waits for a node with {needs} to join"
+        with self.app._lock:  # the adds assign replicas under it
+            replica = getattr(getattr(self.placement, "assigner", None), "of", {}).get(camera_id)
+        if replica is not None and (needs := self.waiting.get(("inference", replica))):
+            return f"inference replica {replica}, which it sends its frames to, waits for a node with {needs} to join"
+        return ""
+
     def moved(self, key: tuple[str, Any]) -> dict[str, str]:
         """For a ``worker_restarted`` event: the node the worker runs on now and, if it ran elsewhere before
         (it left a lost node), that node. Asks the (just restarted, so answering) actor where it is."""
@@ -566,6 +586,7 @@ class NodeWatch:
         if here:
             self.where[key] = here
             self._asked.pop(key, None)
+            self.waiting.pop(key, None)
             out["node"] = here
         # Unknown now, but it surely moved if its node is gone (as of the node poll's last answer).
         if previous and previous != here and (here or lost or previous not in self.nodes):
