@@ -10,7 +10,7 @@ otherwise make the service read any file it can (``/etc/passwd``, a key under ``
   then reads the resolved path), and no text file (HLS playlists, concat scripts and SDP files make FFmpeg
   open further files and URLs), nor one with a playlist's mark before a NUL byte;
 - may open only the devices listed in ``api.devices``;
-- may not connect to this service's own Redis, HTTP API or Ray GCS (the host is resolved, and so are theirs,
+- may not connect to this service's own Redis, HTTP API, dashboard or Ray GCS (the host is resolved, and so are theirs,
   at each check; loopback, the unspecified address and this machine's interface addresses all count as "here");
 - may run a synthetic scene of at most a 4K camera's pixels, and give a URL of at most 4096 characters;
 - may ask only for heads the model has, and count (zones, lines) only classes those heads have.

@@ -365,16 +365,21 @@ class App(LiveControl):
             self.node_watch.learn()
         self.start_control()
         if self.config.dashboard.enabled:
-            from pipeline.dashboard import DashboardServer  # the web stack only when asked for
-
-            d = self.config.dashboard
-            self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
-                                             d.allow_control, sock=self._dashboard_socket,
-                                             allowed_hosts=d.allowed_hosts).start()
-            self._dashboard_socket = None  # the server's now (it closes it when it stops)
-            self.say(f"Dashboard: {self.dashboard.url}")
+            self.start_dashboard(redis_url)
         if not self.cameras:
             self.say("No cameras yet: add them with `hydravision cameras add` (see README, Operating it)")
+
+    def start_dashboard(self, redis_url: str) -> None:
+        from pipeline.dashboard import DashboardServer  # the web stack only when asked for
+
+        d = self.config.dashboard
+        self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
+                                         d.allow_control, sock=self._dashboard_socket,
+                                         allowed_hosts=d.allowed_hosts).start()
+        self._dashboard_socket = None  # the server's now (it closes it when it stops)
+        if self.admission is not None:  # a camera added at run time must not read it either, as the HTTP API
+            self.admission.forbid("dashboard", d.host, self.dashboard.port)
+        self.say(f"Dashboard: {self.dashboard.url}")
 
     def _say_replica_wait(self) -> None:
         """Says at once when ``inference.replicas`` asks more replicas than the nodes hold: the start then waits
@@ -747,7 +752,7 @@ class App(LiveControl):
         if self.events:
             self.telemetry.record_publisher(CONTROLLER_PUBLISHER, self.events.stats())
         # a camera process's model numbers came with its cameras' stats
-        self._check_inference({h.name: a["model"] if isinstance(a := answers[id(h.process)], dict) else None
+        self._check_inference({h.name: a["model"] if isinstance(a := answers[id(h.process)], dict) else a
                                for h in handles.values()} if self.in_camera_process else None)
         if self.node_watch:
             self.node_watch.tick()
@@ -822,9 +827,10 @@ class App(LiveControl):
                              count=not counted)
         return stats
 
-    def _check_inference(self, known: dict[str, dict | None] | None = None) -> None:
+    def _check_inference(self, known: dict[str, dict | Exception] | None = None) -> None:
         """The models' numbers for /metrics, and a restart of a replica reported (a camera process's restart is
-        its cameras'). ``known``: the numbers of camera processes, by name, already asked for (None: no answer)."""
+        its cameras'). ``known``: the numbers of camera processes, by name, already asked for (or why they did not
+        answer)."""
         holders = self.model_holders()
         with self._lock:  # a process between its last camera's removal and a camera joining it stays: dropped for
             # one tick, its counts went into the sums over models and came back whole with it, counted twice
@@ -840,12 +846,17 @@ class App(LiveControl):
         _wait_all(refs.values(), 2)
         for i, actor in holders.items():
             if known is not None and i in known:
-                self.telemetry.record_inference(i, known[i])
+                answer = known[i]
+                if isinstance(answer, Exception):
+                    self.telemetry.record_inference(i, None, gone=isinstance(answer, ray.exceptions.ActorDiedError))
+                else:
+                    self.telemetry.record_inference(i, answer)
                 continue
             try:
                 s = ray.get(refs[i], timeout=0)  # its pid, and its numbers for /metrics
             except Exception as e:  # restarting right now; the next tick will see the new process
-                self.telemetry.record_inference(i, None)
+                # a dead process's queue is not there any more (its last gauges read on for ever before)
+                self.telemetry.record_inference(i, None, gone=isinstance(e, ray.exceptions.ActorDiedError))
                 self._say_dead(f"inference replica {i}", e)
                 continue
             self.telemetry.record_inference(i, s)

@@ -246,13 +246,16 @@ class Telemetry:
         outcomes = sum(v for k, v in last.items() if k.startswith("outcome."))
         return max(0.0, last.get("decoded", 0) - outcomes)
 
-    def record_inference(self, index: int | str, stats: dict | None) -> None:
+    def record_inference(self, index: int | str, stats: dict | None, gone: bool = False) -> None:
         """One replica's stats (or a camera process's model's, by the process's name), or None when it did not
-        answer (restarting, or busy past the timeout)."""
+        answer (restarting, or busy past the timeout). ``gone``: it did not answer because its process died: its
+        gauges (queue depth, batch limit) go until a new process answers, counters stay; a slow one's stay."""
         with self._lock:
             rec = self._replicas.setdefault(index, ReplicaRecord())
             rec.answering = stats is not None
             if stats is None:
+                if gone:
+                    rec.stats = {}
                 return
             rec.stats, rec.seen_at = dict(stats), self.clock()
             rec.counters.update(stats.get("pid"), inference_counters(stats))

@@ -1,0 +1,50 @@
+"""The service's own endpoints that a camera added at run time may not point at: its dashboard too."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+import test_app_edges10 as app_edges
+from pipeline.admission import Admission, CommandRejected
+from pipeline.app import App
+from pipeline.config import ApiConfig, parse_config
+from workers.settings import CameraConfig
+
+clock = app_edges.clock  # the fixture: Ray's waits move a clock of the test's own
+NOWHERE = "redis://127.0.0.1:1/0"  # nothing listens: the dashboard starts all the same and says Redis is down
+
+
+def test_a_camera_added_at_run_time_may_not_read_the_services_own_dashboard():
+    """The HTTP API, Redis and Ray's GCS were forbidden to cameras from a control channel, the dashboard (its
+    pictures, its state and, with allow_control, its command routes) was not: an http camera could read it."""
+    app = App(parse_config({"dashboard": {"enabled": True, "port": 0}, "cameras": []}), say=lambda text: None)
+    app.admission = Admission(ApiConfig(), {"people": ["person"]}, {})
+    app.start_dashboard(NOWHERE)
+    try:
+        port = app.dashboard.port
+        with pytest.raises(CommandRejected, match="own dashboard"):
+            app.admission.check(CameraConfig(id="x", url=f"http://localhost:{port}/api/state"))
+    finally:
+        app.dashboard.stop()
+
+
+def test_a_dead_replicas_gauges_go_a_slow_ones_stay(clock):
+    """A replica whose process died kept its last queue depth and batch limit in /metrics until a new process
+    answered (for ever if none did): a dashboard read a queue that was not there. One that only did not answer in
+    time (busy, a long batch) keeps them; their counters stay in both cases."""
+    app = app_edges.service([], app_edges.Process("running"), "")
+    stats = {"pid": 7, "batches": 3, "frames": 9, "queue_depth": 5, "batch_limit": 8}
+    answers = {0: stats, 1: stats}
+    app.inference = [SimpleNamespace(model_stats=SimpleNamespace(remote=lambda i=i: answers[i])) for i in (0, 1)]
+    app.inference_pids = [7, 7]
+    app._check_inference()
+    answers[0] = ray.exceptions.ActorDiedError()  # its process died
+    answers[1] = app_edges.Pending()  # slow: no answer within the tick's wait
+    app._check_inference()
+    replicas = app.telemetry.snapshot().replicas
+    assert replicas[0].stats == {} and not replicas[0].answering
+    assert replicas[1].stats["queue_depth"] == 5 and not replicas[1].answering
+    assert replicas[0].counters.value("frames") == 9  # what it counted stays
