@@ -104,10 +104,10 @@ class LiveControl:
 
     # -- commands ------------------------------------------------------------------------------------------
     def note_rejected(self, op: str, by: str, reason: str, camera: Any = None) -> None:
-        """A refused command, in the log (reasons never hold credentials: see pipeline/admission.py), naming its
-        camera where the command named one (the reason starts with the field at fault, not the camera)."""
+        """A refused command, said once (reasons never hold credentials: see pipeline/admission.py), naming its
+        camera where the command named one (the reason starts with the field at fault, not the camera). Said, not
+        logged as well: the log's warning and the said line printed every refusal twice (two records in JSON)."""
         what = f"{op} of camera {camera!r}" if isinstance(camera, str) and camera else op
-        log.warning("control: rejected %s from %s: %s", what, by, reason)
         self.say(f"Control: rejected {what} from {by}: {reason}")
 
     def _claim(self, camera_id: Any, new: bool = False) -> Any:
