@@ -172,6 +172,9 @@ def create_app(hub: Hub):
         try:
             yield
         finally:
+            # first: control requests waiting for an answer hold the executor's threads (30 s each), and with all of
+            # them taken hub.stop, queued behind, waited theirs out; told of the stop, they end within a second
+            hub.stopping.set()
             await asyncio.get_running_loop().run_in_executor(None, hub.stop)
 
     routes = [Route("/", index), Route("/api/stream", stream), Route("/api/state", state),

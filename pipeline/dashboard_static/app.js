@@ -74,8 +74,15 @@ function stateLabel(tile) {
 // picture and removal went to another URL.
 const dotted = (camera) => camera === "." || camera === "..";
 
-function snapshotUrl(camera, version) {
-  const v = `v=${encodeURIComponent(version)}`;
+// A picture as the page tells it from another: its version (the frame) and its capture time. The frame alone comes
+// again when a camera starts again (a service restart, a camera removed and added again: frames count from 0), and
+// the browser shows a URL it loaded before from its own copy, unasked: the earlier run's picture, as the live one.
+const pictureKey = (snapshot) => (snapshot.ts === null || snapshot.ts === undefined ? snapshot.v
+  : `${snapshot.v}@${snapshot.ts}`);
+
+function snapshotUrl(camera, snapshot) {
+  const t = snapshot.ts === null || snapshot.ts === undefined ? "" : `t=${encodeURIComponent(snapshot.ts)}&`;
+  const v = `${t}v=${encodeURIComponent(snapshot.v)}`;
   return dotted(camera) ? `api/snapshot.jpg?camera=${encodeURIComponent(camera)}&${v}`
     : `api/cameras/${encodeURIComponent(camera)}/snapshot.jpg?${v}`;
 }
@@ -155,7 +162,7 @@ function showPicture(container, camera, snapshot) {
   const placeholder = container.querySelector(".placeholder");
   const show = (src) => {
     img.src = src;
-    img.dataset.v = snapshot.v;
+    img.dataset.v = key;
     img.dataset.frame = snapshot.frame ?? "";
     img.hidden = false; placeholder.hidden = true;
   };
@@ -163,7 +170,8 @@ function showPicture(container, camera, snapshot) {
     img.hidden = true; placeholder.hidden = false; img.removeAttribute("data-v"); delete img.dataset.loading;
     return;
   }
-  if (img.dataset.v === snapshot.v) return;
+  const key = pictureKey(snapshot);
+  if (img.dataset.v === key) return;
   const inline = state.pictures.get(camera);
   if (inline && inline.v === snapshot.v) {  // came with the hello: no request
     delete img.dataset.loading;  // one still loading is older
@@ -176,17 +184,17 @@ function showPicture(container, camera, snapshot) {
   // one request at a time, the newest asked for once it is in: on a link slower than the pictures each tick
   // started one more, for pictures long replaced, without end
   if (img.dataset.loading) return;
-  img.dataset.loading = snapshot.v;
+  img.dataset.loading = key;
   const next = new Image();  // decode first, then swap: no flicker
   next.onload = () => {
-    if (img.dataset.loading !== snapshot.v) return;
+    if (img.dataset.loading !== key) return;
     delete img.dataset.loading;
     show(next.src);
     const latest = (state.cameras.get(camera) || {}).snapshot;
-    if (img.isConnected && latest && latest.v !== snapshot.v) showPicture(container, camera, latest);
+    if (img.isConnected && latest && pictureKey(latest) !== key) showPicture(container, camera, latest);
   };
-  next.onerror = () => { if (img.dataset.loading === snapshot.v) delete img.dataset.loading; };
-  next.src = snapshotUrl(camera, snapshot.v);
+  next.onerror = () => { if (img.dataset.loading === key) delete img.dataset.loading; };
+  next.src = snapshotUrl(camera, snapshot);
 }
 
 // Text set only when it changed: text replaced at every tick took away an operator's selection in it.
@@ -341,7 +349,12 @@ function updateCameraFilter() {
 // --- the camera detail view ------------------------------------------------------------------------------------
 function currentDetail() {
   const m = location.hash.match(/^#\/camera\/(.+)$/);
-  return m ? decodeURIComponent(m[1]) : null;
+  if (!m) return null;
+  try {
+    return decodeURIComponent(m[1]);
+  } catch (err) {  // a link cut short or written by hand ("cam%"): the id as written, not a page that never connects
+    return m[1];
+  }
 }
 
 function renderDetail() {
@@ -432,7 +445,9 @@ function setRedis(redis) {
       "Tiles show the last values read.");
   } else if (redis.ok && was === false) {
     notice("reconnected", `Reconnected to Redis at ${fmt.time(redis.since)}; live data again.`);
-    state.reconnectedTimer = setTimeout(() => notice("ok", ""), 10000);
+    // only that notice: an "offline" said since (the dashboard lost) stays; hidden, the tiles were greyed unexplained
+    state.reconnectedTimer = setTimeout(() => { if ($("#notice").dataset.state === "reconnected") notice("ok", ""); },
+      10000);
   } else if (redis.ok) {
     notice("ok", "");
   }
