@@ -6,11 +6,13 @@ Delivery guarantees of one Publisher instance (a restarted StreamActor has a new
 - Exactly once: each batch is one Lua script call (workers/redis_writer.py) that Redis runs whole or not at
   all (out of memory refuses the whole call), and that skips what this instance already wrote, so a batch
   sent again after a lost reply (a socket timeout on a frozen Redis) writes nothing twice. Every message
-  ends in exactly one of stats()["sent"], ["rejected"] (Redis refused it for good, e.g. WRONGTYPE on its
-  key: retrying cannot fix that and would block the rest), ["dropped"] or ["queued"]. Not covered: a
-  Redis that loses what it acknowledged (a restart without persistence, a failover to a lagging replica), or
-  that evicts the Publisher's state hash (under a `volatile-*` maxmemory-policy, the one key of ours with a
-  TTL): a resend after a lost reply may then write messages twice, which is logged (workers/redis_writer.py).
+  handed to it ends in exactly one of stats()["sent"], ["rejected"] (Redis refused it for good, e.g. WRONGTYPE
+  on its key: retrying cannot fix that and would block the rest), ["dropped"] or ["queued"]. Its own
+  publisher_dropped / publisher_error events, which report on those messages, are in none of them: Redis holds
+  them besides the `sent` ones. Not covered: a Redis that loses what it acknowledged (a restart without
+  persistence, a failover to a lagging replica; logged where a resend after a lost reply finds it so), or that
+  evicts the Publisher's state hash (under a `volatile-*` maxmemory-policy, the one key of ours with a TTL): a
+  resend after a lost reply may then write messages twice, which is logged (workers/redis_writer.py).
 - Bounded: at most `buffer` detection+event messages wait; when full the OLDEST is dropped and counted. Once
   the backlog is delivered, a `publisher_dropped` event says how many were lost. Its camera is the camera of
   all dropped messages, or "*" if they came from several. A message dropped after a send that may have
@@ -46,7 +48,7 @@ from redis.backoff import FullJitterBackoff
 from redis.retry import Retry
 
 from workers.redact import redact_text
-from workers.redis_writer import BatchWriter, HashValue, WriteResult
+from workers.redis_writer import BatchWriter, HashValue, StateGone, WriteResult
 from workers.thread_names import worker_thread
 
 log = logging.getLogger(__name__)
@@ -315,9 +317,10 @@ class WriterThread:
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     def publisher(self, prefix: str = "hv", maxlen: int = 10_000, buffer: int = 2_000,
-                  max_backoff_s: float = 5.0) -> "Publisher":
-        """A (not yet started) Publisher that writes through this thread and connection."""
-        return Publisher(self.url, prefix, maxlen, buffer, max_backoff_s=max_backoff_s, writer=self)
+                  max_backoff_s: float = 5.0, name: str = "hydravision") -> "Publisher":
+        """A (not yet started) Publisher that writes through this thread and connection; ``name`` is in its log
+        lines (a camera's: the cameras of a process share the thread, and each one's outage and drops are its own)."""
+        return Publisher(self.url, prefix, maxlen, buffer, name=name, max_backoff_s=max_backoff_s, writer=self)
 
     @property
     def alive(self) -> bool:
@@ -361,7 +364,7 @@ class WriterThread:
                 try:
                     publisher._finish(round_, outcome, began, sent)
                 except Exception:  # a bug in one camera's bookkeeping must not stop the other cameras' writes
-                    log.exception("publisher: settling a send failed")
+                    log.exception("publisher %s: settling a send failed", publisher.name)
                     with self.work:
                         publisher._in_flight = False
         with self.work:
@@ -468,6 +471,7 @@ class Publisher:
         # during I/O. _work wakes the thread; _done wakes flush() and close() after a send.
         self._lock, self._work, self._done = self._writer.work, self._writer.work, self._writer.done
         self._queue: deque[_Entry] = deque()
+        self._own_queued = 0  # of them the Publisher's own events, which stats()["queued"] leaves out as "sent" does
         self._status: dict[str, str | None] = {}  # camera -> JSON, or None to delete
         self._hashes: dict[str, dict[str, HashValue]] = {}  # key -> fields, see set_hash
         self._status_gen = self._status_done = 0
@@ -549,13 +553,19 @@ class Publisher:
                 own: dict[str, int] | None = None) -> None:
         self._seq += 1
         self._queue.append(_Entry(self._seq, camera, stream, live, data, own))
+        self._own_queued += own is not None
         while len(self._queue) > self.buffer:
-            oldest = self._queue.popleft()
+            oldest = self._popleft()
             if oldest.seq <= self._sent_max:  # a send that may have reached Redis carried it
                 self._undecided.append(oldest)
             else:
                 self._lost(oldest)
         self._work.notify()
+
+    def _popleft(self) -> _Entry:
+        entry = self._queue.popleft()
+        self._own_queued -= entry.own is not None
+        return entry
 
     def _publish_own(self, event: dict, drops: dict[str, int] | None = None) -> None:
         """Queue one of the Publisher's own events; flush() waits for it too. Call with the lock held. A closed
@@ -601,7 +611,7 @@ class Publisher:
             self._closed = True
             # A send in flight decides what of it reached Redis: wait for it, within the time left.
             self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
-            left = len(self._queue)  # after that send: what it delivered is no longer queued
+            left = len(self._queue) - self._own_queued  # after that send: what it delivered is no longer queued
             if not self._in_flight and self._clean():
                 self._forget = True
                 self._work.notify()
@@ -633,7 +643,7 @@ class Publisher:
             return {**self._stats, "connected": self._connected, "last_error": self._last_error,
                     "failing": self._episode is not None,
                     "failing_since": self._episode.since if self._episode else None,
-                    "queued": len(self._queue), "statuses_pending": len(self._status),
+                    "queued": len(self._queue) - self._own_queued, "statuses_pending": len(self._status),
                     "hashes_pending": len(self._hashes)}
 
     # --- the WriterThread's side: _due and _take under the lock, the send outside it, then _finish
@@ -672,7 +682,7 @@ class Publisher:
                 self._in_flight = False
                 self._done.notify_all()
             if isinstance(outcome, Exception):
-                log.debug("publisher state %s not deleted: %s", self._batch_writer.state_key,
+                log.debug("publisher %s: state %s not deleted: %s", self.name, self._batch_writer.state_key,
                           self._redact(f"{type(outcome).__name__}: {outcome}"))
             return
         if not isinstance(outcome, Exception):
@@ -712,10 +722,11 @@ class Publisher:
         except Exception as exc:  # noqa: BLE001 - they stay pending, like the batch
             with self._lock:
                 self._unanswered = True
-            log.debug("camera statuses not written either: %s", self._redact(f"{type(exc).__name__}: {exc}"))
+            log.debug("publisher %s: camera statuses not written either: %s", self.name,
+                      self._redact(f"{type(exc).__name__}: {exc}"))
             return statuses
         if errors:
-            log.error("Redis rejected a camera status write: %s", self._redact(errors[0]))
+            log.error("publisher %s: Redis rejected a camera status write: %s", self.name, self._redact(errors[0]))
         return {}
 
     def _succeeded(self, round_: _Round, result: WriteResult | None) -> None:
@@ -724,7 +735,7 @@ class Publisher:
             self._stats["round_trips"] += 1
             if not self._connected and self._stats["retries"]:
                 self._stats["reconnects"] += 1
-                log.warning("publisher reconnected to Redis")
+                log.warning("publisher %s reconnected to Redis", self.name)
             self._connected = True
             if result is not None:
                 self._applied = True
@@ -743,7 +754,7 @@ class Publisher:
         rejected = {i for i, _ in result.rejected}
         if batch:
             while self._queue and self._queue[0].seq <= batch[-1].seq:
-                self._queue.popleft()
+                self._popleft()
             self._acked = max(self._acked, batch[-1].seq)
             mine = [i not in rejected for i, e in enumerate(batch) if e.own is None]
             self._stats["sent"] += sum(mine)
@@ -756,12 +767,24 @@ class Publisher:
             else:  # no send applied it, and none older can now (they are stale): lost
                 self._lost(entry)
         self._undecided.clear()
-        if result.rejected or result.errors:
+        errors = [e for e in result.errors if not isinstance(e, StateGone)]
+        for gone in result.errors:
+            if isinstance(gone, StateGone):  # no refusal: said apart, at the level of what it may have done
+                self._log_state_gone(gone)
+        if result.rejected or errors:
             # Permanent (wrong key type): retrying cannot help and would block everything behind it, so
             # those messages are lost, counted and logged. A failed PUBLISH or status write is logged.
-            texts = [self._redact(t) for t in [r for _, r in result.rejected] + result.errors]
+            texts = [self._redact(t) for t in [r for _, r in result.rejected] + errors]
             self._last_error = texts[0]
-            self._log_refusals(len(result.rejected), len(result.errors), texts)
+            self._log_refusals(len(result.rejected), len(errors), texts)
+
+    def _log_state_gone(self, gone: StateGone) -> None:
+        """A resend found the dedup state gone. Under the lock."""
+        if not gone.doubled:  # a restart without persistence took the lost send's writes too: a loss, not a double
+            log.warning("publisher %s: Redis lost its data: %s", self.name, gone)
+            return
+        self._last_error = str(gone)
+        log.error("publisher %s: %s", self.name, gone)
 
     def _log_refusals(self, messages: int, writes: int, texts: list[str]) -> None:
         """Logs a batch's refusals (``texts``, redacted): the first at once, then at most every REFUSALS_LOG_S,
@@ -771,7 +794,8 @@ class Publisher:
         if now - self._refusals_logged_at < REFUSALS_LOG_S:
             return
         n, self._refusals, self._refusals_logged_at = self._refusals, Counter(), now
-        log.error("Redis rejected %d message(s) and %d other write(s) of %s: %s", n["messages"], n["writes"],
+        log.error("publisher %s: Redis rejected %d message(s) and %d other write(s) of %s: %s",
+                  self.name, n["messages"], n["writes"],
                   "a batch" if n["batches"] == 1 else f"{n['batches']} batches since the last such report",
                   "; ".join(list(dict.fromkeys(texts))[:3]))
 
@@ -823,8 +847,8 @@ class Publisher:
             self._episode.cameras.update([e.camera for e in round_.batch if e.own is None] + list(round_.statuses))
             self._done.notify_all()
         if was_connected or first:
-            log.warning("publisher cannot write to Redis (%s); keeping up to %d messages, retrying",
-                        text, self.buffer)
+            log.warning("publisher %s cannot write to Redis (%s); keeping up to %d messages, retrying",
+                        self.name, text, self.buffer)
 
     def _redact(self, text: str) -> str:
         return redact_text(text, [self._url])

@@ -29,7 +29,8 @@ Not covered: Redis losing the state hash. Under a `volatile-*` maxmemory-policy 
 TTL, so it is what Redis evicts first when memory is full; a resend after a lost reply then writes again what
 the lost send had written, and nothing can tell afterwards what that was. When the Publisher says the state
 must exist (a batch of it was applied, and this one carries again what an earlier send carried: ``expected``)
-and the script finds none, it says so among the errors, so that the possible duplicates are logged. Use
+and the script finds none, it says whether it was evicted alone (the possible duplicates are logged) or went
+with all of Redis's data (a restart without persistence, a flush: what the lost send wrote went too). Use
 `noeviction` (or `allkeys-lru`/`-lfu`: the state is written with every batch, so it is among the last keys
 they evict). Any allkeys-* policy evicts whole keys, not old entries: a camera's detections stream (its
 consumer groups with it), `{prefix}:events` or `{prefix}:cameras` disappear while the Publisher counts its
@@ -90,13 +91,18 @@ local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
 # channel ('' = none), data per entry, then per hash its number of fields and its field/value pairs, then
 # status pairs.
 BATCH_BODY = _COMMON_LUA + """
-if stale then return {prior, 1, {}, {}, {}} end
+if stale then return {prior, 1, {}, {}, {}, ''} end
 local m = tonumber(ARGV[4])
 local n = #KEYS - 2 - m
 local rejected, reasons, errors = {}, {}, {}
+-- The state must exist and does not: evicted alone ('evicted': what the send whose reply was lost wrote is still
+-- there, and is written again below), or Redis lost all its data ('emptied': restarted empty, flushed; that send's
+-- writes went with the state, nothing is written twice). Only an eviction counts in evicted_keys; where INFO is
+-- refused (an ACL), 'evicted' as the worse of the two.
+local gone = ''
 if ARGV[6] == '1' and redis.call('EXISTS', state) == 0 then
-  errors[1] = 'publisher state ' .. state .. ' was gone (evicted under a volatile-* maxmemory-policy, or Redis '
-    .. 'restarted empty): what this send carried again after a lost reply may now be in Redis twice'
+  local info = redis.pcall('INFO', 'stats')
+  gone = (type(info) == 'string' and string.match(info, 'evicted_keys:(%d+)') == '0') and 'emptied' or 'evicted'
 end
 -- The state first, with redis.call: it is the write at which Redis < 7 refuses a script over maxmemory.
 -- Entries come in seq order and each one is applied or rejected for good, so the last seq is known now.
@@ -148,7 +154,7 @@ for j = 1, m do
   a = a + 2 * count + 1
 end
 for _, err in ipairs(write_statuses(a)) do errors[#errors + 1] = err end
-return {prior, 0, rejected, reasons, errors}
+return {prior, 0, rejected, reasons, errors, gone}
 """
 
 # Statuses only, allowed while Redis is out of memory: a status replaces its hash field, so it needs next to
@@ -176,7 +182,27 @@ class WriteResult(NamedTuple):
     # (index in the batch, error) of entries Redis refused for good; (-seq, error) for one before the batch
     # (from keep_from on) that an earlier send carried
     rejected: list[tuple[int, str]]
-    errors: list[str]  # other writes that failed: a PUBLISH, a status HSET/HDEL
+    errors: list[str]  # other writes that failed: a PUBLISH, a status HSET/HDEL; and a StateGone
+
+
+class StateGone(str):
+    """Among WriteResult.errors, no failed write: the state hash that the call expected was missing. ``doubled``: it
+    was evicted alone, so what the call carried again may now be in Redis twice; False: Redis had lost all its data
+    (restarted empty, flushed), what the send whose reply was lost wrote with it."""
+
+    doubled: bool
+
+    def __new__(cls, state_key: str, how: str) -> "StateGone":
+        """``how``: the batch script's word for it, "evicted" or "emptied"."""
+        if how == "emptied":
+            why = ("with everything else (Redis restarted empty, or was flushed): what was written before is gone "
+                   "too, nothing was written twice")
+        else:
+            why = ("(evicted under a volatile-* maxmemory-policy): what this send carried again after a lost reply "
+                   "may now be in Redis twice")
+        gone = super().__new__(cls, f"publisher state {state_key} was gone {why}")
+        gone.doubled = how != "emptied"
+        return gone
 
 
 class StaleWrite(Exception):
@@ -249,11 +275,11 @@ class BatchWriter:
         return [self.state_key, self.cameras_key, *(e.stream for e in entries), *hashes], args + _status_args(statuses)
 
     def batch_result(self, trip: int, reply: list) -> WriteResult:
-        prior, stale, rejected, reasons, errors = reply
+        prior, stale, rejected, reasons, errors, gone = reply
         if stale:
             raise StaleWrite(f"{self.state_key} holds a newer trip than {trip}")
         return WriteResult(int(prior), [(int(i), _text(r)) for i, r in zip(rejected, reasons)],
-                           [_text(e) for e in errors])
+                           [_text(e) for e in errors] + ([StateGone(self.state_key, _text(gone))] if gone else []))
 
     def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
               hashes: dict[str, dict[str, HashValue]] | None = None, keep_from: int | None = None,

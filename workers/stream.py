@@ -939,7 +939,7 @@ def publisher_for(settings: RedisConfig, name: str, writer: WriterThread | None 
     the thread and connection it shares with the other cameras of its process; None: its own."""
     assert settings.url, "the controller resolves the Redis URL before anything publishes"
     if writer is not None:
-        return writer.publisher(prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer)
+        return writer.publisher(prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer, name=name)
     return Publisher(settings.url, prefix=settings.prefix, maxlen=settings.maxlen, buffer=settings.buffer, name=name)
 
 
