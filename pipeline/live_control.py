@@ -104,11 +104,11 @@ class LiveControl:
 
     # -- commands ------------------------------------------------------------------------------------------
     def note_rejected(self, op: str, by: str, reason: str, camera: Any = None) -> None:
-        """A refused command, said once (reasons never hold credentials: see pipeline/admission.py), naming its
-        camera where the command named one (the reason starts with the field at fault, not the camera). Said, not
-        logged as well: the log's warning and the said line printed every refusal twice (two records in JSON)."""
+        """A refused command, one warning in the log (reasons never hold credentials: see pipeline/admission.py),
+        naming its camera where the command named one (the reason starts with the field at fault, not the camera).
+        Not said besides: that printed every refusal twice (two records in JSON, one at INFO)."""
         what = f"{op} of camera {camera!r}" if isinstance(camera, str) and camera else op
-        self.say(f"Control: rejected {what} from {by}: {reason}")
+        log.warning("control: rejected %s from %s: %s", what, by, reason)
 
     def _claim(self, camera_id: Any, new: bool = False) -> Any:
         """Marks a camera busy for one command; its handle (None when ``new``)."""

@@ -4,6 +4,7 @@ with stand-ins for the stream actors (their calls answered at once), as tests/te
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -79,12 +80,10 @@ def test_readyz_stays_ready_while_a_camera_is_being_removed(monkeypatch):
     assert answers[0]["ok"] and list(answers[0]["cameras"]) == ["other"], answers
 
 
-def test_an_add_refused_because_the_service_began_to_stop_is_logged_like_any_refusal(monkeypatch):
+def test_an_add_refused_because_the_service_began_to_stop_is_logged_like_any_refusal(monkeypatch, caplog):
     """The camera had started when the shutdown began: it was let go and the sender got 503, but no log line
-    said so (every other refusal says ``Control: rejected <op> from <by>: <reason>``)."""
+    said so (every other refusal writes ``control: rejected <op> from <by>: <reason>``)."""
     app = service(monkeypatch)
-    said: list[str] = []
-    app.say = said.append
     app.admission = SimpleNamespace(check=lambda cam: cam)
     let_go = []
     app._let_go = lambda handle, stop=False: let_go.append((handle.id, stop))
@@ -94,11 +93,12 @@ def test_an_add_refused_because_the_service_began_to_stop_is_logged_like_any_ref
         return [CameraHandle(cams[0].id, cams[0], SimpleNamespace(), f"hv-camera-{cams[0].id}")]
 
     app._spawn = spawn
-    with pytest.raises(CommandRejected) as refused:
-        app.add_camera({"id": "late", "url": "synthetic://street"}, by="api:ops")
+    with caplog.at_level(logging.WARNING, logger="pipeline.live_control"):
+        with pytest.raises(CommandRejected) as refused:
+            app.add_camera({"id": "late", "url": "synthetic://street"}, by="api:ops")
     assert (refused.value.status, refused.value.reason) == (503, "the service is shutting down")
     assert let_go == [("late", True)] and not app.cameras and not app._busy
-    assert "Control: rejected add of camera 'late' from api:ops: the service is shutting down" in said
+    assert "control: rejected add of camera 'late' from api:ops: the service is shutting down" in caplog.text
 
 
 class FakeRedis:
