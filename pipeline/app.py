@@ -848,7 +848,7 @@ class App(LiveControl):
             if known is not None and i in known:
                 answer = known[i]
                 if isinstance(answer, Exception):
-                    self.telemetry.record_inference(i, None, gone=isinstance(answer, ray.exceptions.ActorDiedError))
+                    self.telemetry.record_inference(i, None, gone=isinstance(answer, ray.exceptions.RayActorError))
                 else:
                     self.telemetry.record_inference(i, answer)
                 continue
@@ -856,7 +856,7 @@ class App(LiveControl):
                 s = ray.get(refs[i], timeout=0)  # its pid, and its numbers for /metrics
             except Exception as e:  # restarting right now; the next tick will see the new process
                 # a dead process's queue is not there any more (its last gauges read on for ever before)
-                self.telemetry.record_inference(i, None, gone=isinstance(e, ray.exceptions.ActorDiedError))
+                self.telemetry.record_inference(i, None, gone=self._replica_gone(i, e))
                 self._say_dead(f"inference replica {i}", e)
                 continue
             self.telemetry.record_inference(i, s)
@@ -867,6 +867,13 @@ class App(LiveControl):
                 self.inference_pids[i] = pid
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted",
                                      ("inference", i))
+
+    def _replica_gone(self, index: int, exc: BaseException) -> bool:
+        """Whether a replica that did not answer has no process now, rather than a slow one: its process died
+        (Ray restarts it: ActorDiedError, or ActorUnavailableError while it restarts), or a lost node left it
+        waiting for a node that can host it (its calls only time out, for as long as none joins)."""
+        waiting = self.node_watch.waiting if self.node_watch else {}
+        return isinstance(exc, ray.exceptions.RayActorError) or ("inference", index) in waiting
 
     def _describe(self, exc: BaseException, camera: str) -> str:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""

@@ -31,17 +31,24 @@ def test_a_camera_added_at_run_time_may_not_read_the_services_own_dashboard():
         app.dashboard.stop()
 
 
-def test_a_dead_replicas_gauges_go_a_slow_ones_stay(clock):
+@pytest.mark.parametrize("dead", [ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, "waiting"])
+def test_a_dead_replicas_gauges_go_a_slow_ones_stay(clock, dead):
     """A replica whose process died kept its last queue depth and batch limit in /metrics until a new process
-    answered (for ever if none did): a dashboard read a queue that was not there. One that only did not answer in
-    time (busy, a long batch) keeps them; their counters stay in both cases."""
+    answered (for ever if none did): a dashboard read a queue that was not there. Ray restarts a replica
+    (max_restarts=-1): a call to it raises ActorDiedError or, while it restarts, ActorUnavailableError; one that a
+    lost node left waiting for a node only times out, and NodeWatch knows it waits. One that only did not answer in
+    time (busy, a long batch) keeps its gauges; their counters stay in every case."""
     app = app_edges.service([], app_edges.Process("running"), "")
     stats = {"pid": 7, "batches": 3, "frames": 9, "queue_depth": 5, "batch_limit": 8}
     answers = {0: stats, 1: stats}
     app.inference = [SimpleNamespace(model_stats=SimpleNamespace(remote=lambda i=i: answers[i])) for i in (0, 1)]
     app.inference_pids = [7, 7]
     app._check_inference()
-    answers[0] = ray.exceptions.ActorDiedError()  # its process died
+    if dead == "waiting":
+        app.node_watch = SimpleNamespace(waiting={("inference", 0): "resource hydravision_inference=1"})
+        answers[0] = app_edges.Pending()
+    else:
+        answers[0] = dead("its process is restarting", None) if dead is ray.exceptions.ActorUnavailableError else dead()
     answers[1] = app_edges.Pending()  # slow: no answer within the tick's wait
     app._check_inference()
     replicas = app.telemetry.snapshot().replicas
