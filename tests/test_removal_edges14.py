@@ -96,3 +96,39 @@ def test_a_refusal_that_comes_with_every_batch_is_not_logged_once_a_batch(redis_
             assert len(lines) == 2 and "0 message(s) and 20 other write(s) of 20 batches" in lines[1], lines
     finally:
         p.close(2.0)
+
+
+@pytest.mark.parametrize("ending", ["close", "refusals stop"])
+def test_refusals_counted_after_the_first_line_are_said_when_they_stop_or_at_the_close(redis_server, monkeypatch,
+                                                                                        caplog, ending):
+    """The refusals after the first line were said only by a later refusal past REFUSALS_LOG_S: refused for 30 s
+    (a wrong ACL, fixed), then fine, the log held the first batch's line alone; the other batches' refused PUBLISHes
+    were nowhere. They are said at the close, or by the first clean batch once the period has passed."""
+    import logging
+
+    import workers.publish as publish
+
+    monkeypatch.setattr(publish, "REFUSALS_LOG_S", 3600.0, raising=False)
+    admin = redis_server.client()
+    admin.acl_setuser("cams2", enabled=True, passwords=["+cams-Pa55"], keys=["hv:*"], commands=["+@all"])
+    p = publish.Publisher(f"redis://cams2:cams-Pa55@127.0.0.1:{redis_server.port}/0").start()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "Redis rejected" in r.getMessage()]
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="workers.publish"):
+            for frame in range(5):
+                p.publish_detections(_frame(frame))
+                assert p.flush(10.0)
+            assert len(said()) == 1
+            if ending == "refusals stop":
+                admin.acl_setuser("cams2", channels=["*"])  # fixed: PUBLISH allowed
+                monkeypatch.setattr(publish, "REFUSALS_LOG_S", 0.0)
+                p.publish_detections(_frame(5))
+                assert p.flush(10.0)
+            else:
+                p.close(5.0)
+            assert len(said()) == 2 and "0 message(s) and 4 other write(s) of 4 batches" in said()[1], said()
+    finally:
+        p.close(2.0)

@@ -493,6 +493,7 @@ class Publisher:
         self._unanswered = self._forget = False
         self._refusals_logged_at = -math.inf  # monotonic; see REFUSALS_LOG_S
         self._refusals = Counter()  # refused messages, other writes and batches not logged yet
+        self._refusal_texts: list[str] = []  # the reasons of the latest batch with refusals
 
     def start(self) -> "Publisher":
         """From now on the WriterThread sends what this Publisher queued (also what it queued before)."""
@@ -611,6 +612,8 @@ class Publisher:
             self._closed = True
             # A send in flight decides what of it reached Redis: wait for it, within the time left.
             self._done.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+            if self._refusals:  # counted since the last such line: said before the end, not never
+                self._say_refusals()
             left = len(self._queue) - self._own_queued  # after that send: what it delivered is no longer queued
             if not self._in_flight and self._clean():
                 self._forget = True
@@ -777,6 +780,8 @@ class Publisher:
             texts = [self._redact(t) for t in [r for _, r in result.rejected] + errors]
             self._last_error = texts[0]
             self._log_refusals(len(result.rejected), len(errors), texts)
+        elif self._refusals and time.monotonic() - self._refusals_logged_at >= REFUSALS_LOG_S:
+            self._say_refusals()  # refusals that stopped: those counted since the last line, said once
 
     def _log_state_gone(self, gone: StateGone) -> None:
         """A resend found the dedup state gone. Under the lock."""
@@ -790,14 +795,17 @@ class Publisher:
         """Logs a batch's refusals (``texts``, redacted): the first at once, then at most every REFUSALS_LOG_S,
         counting the batches in between. Under the lock."""
         self._refusals.update(messages=messages, writes=writes, batches=1)
-        now = time.monotonic()
-        if now - self._refusals_logged_at < REFUSALS_LOG_S:
-            return
-        n, self._refusals, self._refusals_logged_at = self._refusals, Counter(), now
+        self._refusal_texts = texts
+        if time.monotonic() - self._refusals_logged_at >= REFUSALS_LOG_S:
+            self._say_refusals()
+
+    def _say_refusals(self) -> None:
+        """The refusals counted since the last such line, in one (the latest batch's reasons). Under the lock."""
+        n, self._refusals, self._refusals_logged_at = self._refusals, Counter(), time.monotonic()
         log.error("publisher %s: Redis rejected %d message(s) and %d other write(s) of %s: %s",
                   self.name, n["messages"], n["writes"],
                   "a batch" if n["batches"] == 1 else f"{n['batches']} batches since the last such report",
-                  "; ".join(list(dict.fromkeys(texts))[:3]))
+                  "; ".join(list(dict.fromkeys(self._refusal_texts))[:3]))
 
     def _end_episode(self) -> None:
         episode, self._episode = self._episode, None
