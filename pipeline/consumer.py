@@ -32,8 +32,10 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
   Entries trimmed before the group read them at all (a consumer stopped, or too slow) are said once per gap, with
   how many on Redis 7 (``stats["skipped"]``), and the consumer goes on from the oldest entry left.
-- A Redis that restarted without persistence (redis-py reconnects by itself) has lost the group: the consumer
-  creates it again from the start of the new stream (id 0) and goes on, losing nothing published since.
+- A group that is gone (a Redis restarted without persistence, redis-py reconnecting by itself; XGROUP DESTROY) is
+  created again by the first member to find it gone: after the last entry it saw the group deliver where the stream
+  still holds that, else from the start of the new stream (id 0), losing nothing published since. Each member says
+  it once, and which; a batch another member held then may be handled twice.
 - A failover behind one address (the old master, now a replica, answers READONLY, or wakes a read blocked on it with
   "UNBLOCKED ... instance state changed") is waited out as an outage: the consumer drops its connections, and the
   next ones reach the new master.
@@ -125,8 +127,9 @@ end
 return nil
 """
 
-# A pause this long between two reads of new entries (a slow handler, a consumer stopped) may have let MAXLEN trim
-# entries the group had not read: the next read checks. Back-to-back reads (the steady state) do not.
+# A pause this long between sending two reads of new entries (a slow handler, a consumer stopped, a read that waited
+# in Redis) may have let MAXLEN trim entries the group had not read: the next read checks. Back-to-back reads (the
+# steady state) do not.
 _GAP_CHECK_AFTER_S = 1.0
 
 
@@ -234,11 +237,16 @@ class GroupConsumer:
         self._claim_cursor = {s: "0-0" for s in self.streams}
         self._next_claim = 0.0
         self._tried: set[tuple[str, str]] = set()  # handed out here, not acknowledged nor handed back, still its own
-        self._read_at = -math.inf  # when the last read of new entries returned
+        self._read_sent: dict[str, float] = {}  # when the last read of each stream's new entries was sent
         self._check_gaps: set[str] = set()  # streams whose last read of new entries was a full batch (a backlog)
         self._trimmed_unread: Callable | None = client.register_script(_TRIMMED_UNREAD)
+        self._member: set[str] = set()  # streams where this consumer read in the group
+        self._looking = True  # False once Redis refused XGROUP CREATECONSUMER (see _look)
+        self._look_due = False  # after a failed command: Redis may have restarted empty
         self.stats = {"delivered": 0, "acked": 0, "claimed": 0, "dead": 0, "trimmed": 0, "skipped": 0}
         self.ensure_groups()
+        # The last entry this consumer knows the group delivered, per stream: where a lost group is created again
+        self._last = self._groups_last_delivered()
 
     def ensure_groups(self) -> None:
         """XGROUP CREATE ... MKSTREAM for every stream; an existing group is left as it is."""
@@ -251,6 +259,19 @@ class GroupConsumer:
                 if "BUSYGROUP" not in str(e):
                     e.args = (f"{s}: {e}",)  # WRONGTYPE, NOPERM name no key: which of the streams? (its type kept)
                     raise
+
+    def _groups_last_delivered(self) -> dict[str, str]:
+        """The group's last-delivered id on each stream now (none where XINFO is refused): a consumer that has read
+        nothing yet (a quiet stream) knows where a lost group was all the same."""
+        pipe = self.client.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.xinfo_groups(s)
+        last = {}
+        for s, groups in zip(self.streams, pipe.execute(raise_on_error=False)):
+            for g in [] if isinstance(groups, Exception) else groups:
+                if _text(g["name"]) == self.group:
+                    last[s] = _text(g["last-delivered-id"])
+        return last
 
     # --- reading
     def read(self, limit: int | None = None) -> list[Message]:
@@ -290,21 +311,33 @@ class GroupConsumer:
         """After a failed command: own pending entries are read first; a connection to a replica is dropped (it
         would answer READONLY until the process restarts)."""
         self._cursor = {s: "0" for s in self.streams}
+        self._look_due = True
         if isinstance(error, redis.exceptions.ReadOnlyError):
             self.client.connection_pool.disconnect()
 
     def _group_lost(self, error: redis.ResponseError) -> None:
-        """The group (or the stream) is gone: Redis restarted without persistence (redis-py reconnected on its
-        own), or someone deleted it. Everything the stream holds now arrived after that, so the group is
-        created again from its start (id 0), not from "$": what was published meanwhile is not lost."""
-        log.warning("consumer group %r is gone (%s): creating it again from the start of %s", self.group,
-                    error, ", ".join(self.streams))
+        """The group (or the stream) is gone: someone destroyed it (XGROUP DESTROY, DEL), or Redis restarted without
+        persistence (redis-py reconnected on its own). It is created again after the last entry this consumer saw the
+        group deliver where the stream still holds an entry that old (created from the start, it handed out all the
+        stream held once more), else from the start (id 0): a new stream, whose entries all arrived after that, so
+        nothing published meanwhile is lost. Each member that finds it gone says so once."""
+        made = []
         for s in self.streams:
+            last = self._last.get(s, "0-0")
+            held = last != "0-0" and self._reads.xrange(s, "-", last, count=1)
             try:
-                self.client.xgroup_create(s, self.group, id="0", mkstream=True)
+                self.client.xgroup_create(s, self.group, id=last if held else "0", mkstream=True)
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+                continue  # never gone here, or another member created it again first
+            made.append(f"on {s} after {last}, the last entry it saw the group deliver" if held else
+                        f"on {s} from the start: no entry there is as old as {last}, the last it saw the group deliver "
+                        "(Redis restarted empty, or MAXLEN trimmed past it)" if last != "0-0" else
+                        f"on {s} from the start (it saw the group deliver nothing)")
+        log.warning("consumer %s: group %r is gone (%s): %s", self.consumer, self.group, error,
+                    "created again " + "; ".join(made) if made else "another member created it again")
+        self._member.difference_update(self.streams)  # so that _look does not take the group it made for another's
         self._cursor = {s: "0" for s in self.streams}
         self._claim_cursor = {s: "0-0" for s in self.streams}
 
@@ -335,6 +368,9 @@ class GroupConsumer:
 
     def _read(self, limit: int | None) -> list[Message]:
         count = self.count if limit is None else max(1, min(self.count, limit))
+        if self._look_due and self._looking and self._member:
+            self._look()
+        self._look_due = False
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_every_s
             self._forget_tried()
@@ -364,14 +400,22 @@ class GroupConsumer:
         """One XREADGROUP over ``streams``; (the messages, whether it read own pending entries)."""
         cursors = {s: self._cursor[s] for s in streams}
         history = {s for s, c in cursors.items() if c != ">"}
-        paused = time.monotonic() - self._read_at > _GAP_CHECK_AFTER_S
-        for s in streams:
-            if s not in history and (paused or s in self._check_gaps):
+        # A pause is timed from when the last read was SENT: one blocked in Redis while the process was stopped
+        # (SIGSTOP, a long GC pause, a laptop asleep) returns only once it goes on, and timed from its return the
+        # pause went unseen, so the next read jumped the entries trimmed meanwhile without a word.
+        now = time.monotonic()
+        check = [s for s in streams if s not in history
+                 and (now - self._read_sent.get(s, -math.inf) > _GAP_CHECK_AFTER_S or s in self._check_gaps)]
+        while check:
+            for s in check:
                 self._say_trimmed_unread(s)
+            checked, now = now, time.monotonic()
+            if now - checked <= _GAP_CHECK_AFTER_S:
+                break  # else a stop under the checks may have let more be trimmed: check again
+        self._read_sent.update((s, now) for s in streams if s not in history)
         reply = self._reads.xreadgroup(self.group, self.consumer, cursors, count=count,
                                        block=self.block_ms if blocking and not history else None)
-        if len(history) < len(streams):
-            self._read_at = time.monotonic()
+        self._member.update(streams)
         got = {_text(stream): entries for stream, entries in _stream_entries(reply)}
         out: list[Message] = []
         for stream in streams:
@@ -384,6 +428,8 @@ class GroupConsumer:
                 self._check_gaps.add(stream)  # behind: trimming may overtake the group before its next read
             else:
                 self._check_gaps.discard(stream)
+            if entries and stream not in history:
+                self._last[stream] = _text(entries[-1][0])
             out += self._decode(stream, entries, history=stream in history)
         self.stats["delivered"] += len(out)
         return out, bool(history)
@@ -539,7 +585,7 @@ class GroupConsumer:
                 except GeneratorExit:
                     self._release_quietly(list(rest))
                     raise
-                if not self._acked(m):
+                if not self._acked(m, last=not rest):
                     break
 
     def _read_through_outages(self, limit: int | None, stop: Callable[[], bool]) -> list[Message]:
@@ -562,17 +608,54 @@ class GroupConsumer:
                 log.warning("consumer %s of group %r reads again", self.consumer, self.group)
             return batch
 
-    def _acked(self, m: Message) -> bool:
+    def _acked(self, m: Message, last: bool = False) -> bool:
         """``ack``, or False where Redis went away while the message was handled (the loops waited out an outage
         met by a read only, and ended on one met here): the message stays pending and is handled again (at least
-        once), and once Redis is back own pending entries, the rest of its batch with them, are read first."""
+        once), and once Redis is back own pending entries, the rest of its batch with them, are read first.
+        ``last``: the last of its batch, acknowledged with a look at the group (``_look``)."""
         try:
-            self.ack(m)
+            if last and self._looking and self._member:
+                self._look(m)
+            else:
+                self.ack(m)
             return True
         except _OUTAGES as e:
             log.warning("could not acknowledge %s %s (%s): it will be handled again", m.stream, m.id, e)
             self._lost(e)
             return False
+
+    def _look(self, ack: Message | None = None) -> None:
+        """XGROUP CREATECONSUMER on each stream this consumer read, in one round trip with the acknowledgement of
+        ``ack`` if given. It answers 1 where the consumer is no member (any more): another member found the group gone
+        and created it again since this one last read; NOGROUP where the group is gone. A member that was handling
+        its batch when the group was destroyed, or Redis restarted, read on in the group another member made without
+        a word, while the batch it held was handed out again."""
+        streams = sorted(self._member)
+        pipe = self.client.pipeline(transaction=False)
+        if ack:
+            pipe.xack(ack.stream, self.group, ack.id)
+        for s in streams:
+            pipe.xgroup_createconsumer(s, self.group, self.consumer)
+        answers = pipe.execute(raise_on_error=False)
+        if ack:
+            acked, answers = answers[0], answers[1:]
+            if isinstance(acked, Exception):
+                raise acked
+            self._tried.discard((ack.stream, ack.id))
+            self.stats["acked"] += int(acked)
+        errors = [a for a in answers if isinstance(a, redis.ResponseError)]
+        if replica := [e for e in errors if isinstance(e, redis.exceptions.ReadOnlyError)]:
+            raise replica[0]  # an outage: waited out
+        if gone := [e for e in errors if "NOGROUP" in str(e) or "requires the key to exist" in str(e)]:
+            self._group_lost(gone[0])  # now: another member may create it again before this one's next read
+        elif again := [s for s, a in zip(streams, answers) if a == 1]:
+            log.warning("consumer %s: group %r was created again on %s by another member since this one last read "
+                        "(destroyed, or Redis restarted empty): the messages it held then may be handled twice",
+                        self.consumer, self.group, ", ".join(again))
+        elif refused := [e for e in errors if "NOPERM" in str(e)]:  # an ACL without XGROUP CREATECONSUMER
+            log.warning("consumer %s cannot tell whether group %r was created again (%s): not asking again",
+                        self.consumer, self.group, refused[0])
+            self._looking = False
 
     def _in_turn(self, batch: list[Message]) -> Iterator[tuple[Message, deque[Message]]]:
         """The messages of a batch one at a time, each with those after it. Once the batch has waited claim_idle_ms / 2
@@ -650,7 +733,7 @@ class GroupConsumer:
                 except BaseException:
                     self._release_quietly(list(rest))
                     raise
-                if not self._acked(m):
+                if not self._acked(m, last=not rest):
                     break
                 handled += 1
                 if max_messages is not None and handled >= max_messages:
@@ -662,6 +745,7 @@ class GroupConsumer:
         never comes back: each run of ``tail --group`` left one behind); True if it went. Entries it still holds
         keep it, for another consumer to claim (DELCONSUMER would destroy them)."""
         forget = self.client.register_script(_FORGET_IF_IDLE)
+        self._member.clear()  # read again, it joins anew: no group created again behind it
         return all([forget(keys=[s], args=[self.group, self.consumer, 0]) for s in self.streams])
 
     def forget_idle_consumers(self, idle_ms: int = 3_600_000) -> list[str]:
