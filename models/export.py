@@ -208,7 +208,10 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
     if path.is_file() and not why:
         mark_used(path)
         return path
-    found = file_identity(path) if why else None
+    try:
+        found = file_identity(path) if why else None
+    except FileNotFoundError:  # another process that found it damaged too removed it meanwhile (and makes it again)
+        found = None
     path.parent.mkdir(parents=True, exist_ok=True)
     # Replicas starting together on a fresh cache: one makes the file, the others wait for it (a file lock, as
     # they are separate processes; the kernel releases it if the maker dies). An export's lock is its content's:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -528,11 +529,31 @@ def local_copy(data: bytes) -> Path:
     and a file of the same size planted there by anyone was loaded as the model."""
     path = _own_folder() / f"hydravision-{hashlib.sha256(data).hexdigest()[:20]}.safetensors"
     if not _holds(path, data):
+        _prune_copies(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
         # removed when the write fails (a full disk): Ray restarts the replica, and each try left one behind
         with written_aside(path, Path(tmp)), os.fdopen(fd, "wb") as f:
             f.write(data)
     return path
+
+
+# A copy written this long ago is removed when another is written: each checkpoint a service ran left its copy on
+# every node for good (a model retrained weekly: one more copy a week), and each write killed half-way (an OOM kill,
+# a lost node) its part. Its mtime is not refreshed when a copy is taken: a replica loading it compares it with what
+# it loaded (cached_export), and a neighbour's touch read as the file replaced. A copy removed that a later restart
+# wants is written again from the object store. The ONNX cache's age (models/export.py; not imported here: torch).
+COPY_MAX_AGE_DAYS = 30
+
+
+def _prune_copies(folder: Path) -> None:
+    """Removes the checkpoint copies in ``folder`` written over COPY_MAX_AGE_DAYS ago, and parts of copies (``.part``:
+    a write that died) older than a day."""
+    now = time.time()
+    for path in [*folder.glob("hydravision-*.safetensors"), *folder.glob("*.part")]:
+        limit = 86400.0 if path.suffix == ".part" else COPY_MAX_AGE_DAYS * 86400.0
+        with contextlib.suppress(OSError):  # removed meanwhile by another replica's start
+            if now - path.lstat().st_mtime > limit:
+                path.unlink()
 
 
 def _own_folder() -> Path:
