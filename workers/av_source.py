@@ -163,17 +163,22 @@ class AVSource(Source):
 
     def _options(self) -> tuple[str, str | None, dict[str, str]]:
         """(what to open, FFmpeg format or None, demuxer options)."""
+        # FFmpeg's socket I/O timeout (microseconds) bounds every wait of the open too: set to read_timeout_s, an open
+        # failed after read_timeout_s whatever open_timeout_s said. The longer of the two: PyAV's timeout=(open, read)
+        # ends each wait first (the open's, and every read's, on TCP and UDP alike); FFmpeg's stays as the bound
+        # where PyAV sets none (the TEARDOWN of a close).
+        socket_timeout = str(int(max(self.open_timeout_s, self.read_timeout_s) * 1e6))
         if self._kind == "rtsp":
             opts = {
                 "rtsp_transport": self._transport,
-                "timeout": str(int(self.read_timeout_s * 1e6)),  # socket I/O timeout, microseconds
+                "timeout": socket_timeout,
                 "fflags": "+genpts+discardcorrupt",
                 "allowed_media_types": "video",  # no audio SETUP: less traffic, no packets to skip
                 "analyzeduration": "500000",  # 0.5 s probing instead of up to 5 s: opens ~2x faster
             }
             return self._raw_url, None, {**opts, **self._extra}
         if self._kind == "http":
-            opts = {"timeout": str(int(self.read_timeout_s * 1e6)), "fflags": "+genpts+discardcorrupt"}
+            opts = {"timeout": socket_timeout, "fflags": "+genpts+discardcorrupt"}
             return self._raw_url, None, {**opts, **self._extra}
         assert self._path is not None
         if self._kind == "device":
@@ -187,8 +192,6 @@ class AVSource(Source):
         self._closed = False
         self._reset_state()
         target, fmt, options = self._options()
-        # The timeout that fires first: PyAV's open timeout, or FFmpeg's socket timeout (read_timeout_s).
-        limit = min(self.open_timeout_s, self.read_timeout_s) if self._network else self.open_timeout_s
         common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s), **_TAGS)
         container = None
         hw_failed: Exception | None = None
@@ -207,7 +210,8 @@ class AVSource(Source):
             except av.FFmpegError as e:  # e.g. ExternalError: the CUDA library loads but cuInit fails
                 hw_failed = e
         if container is None:
-            container = self._call(av.open, limit, target, **common)
+            # PyAV's open timeout ends the wait (FFmpeg's socket timeout is no shorter: _options)
+            container = self._call(av.open, self.open_timeout_s, target, **common)
             # The URL opens without it, so the device failed: once said here, not a silent CPU decoder that the
             # camera's stats still named as hardware decoding.
             if hw_failed is not None:

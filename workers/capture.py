@@ -254,6 +254,8 @@ class Capture:
         self.pts_offset = pts_offset  # keeps pts increasing across reconnects and new URLs
         self.last_pts = first_pts
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
+        # The outages this capture said, one per stream_down (their first failure) however many attempts each took: it
+        # counted attempts, and one 20 s outage read 6. The owner counts those it says itself (watchdog, crash).
         self.reconnects = 0
         self._closed_skipped = 0  # packets the sources this capture closed skipped (see skipped_packets)
         self._skipped_lock = threading.Lock()  # that and _source change together: a reader never counts one twice
@@ -406,7 +408,6 @@ class Capture:
                         self._source = None
                 # A live camera that dropped or never answered: back off, then try again, forever.
                 attempt += 1
-                self.reconnects += 1
                 self.state = "reconnecting"
                 # attempt grows for as long as the camera stays away: 2 ** attempt past 1023 overflows a float (a
                 # camera away ~3 h crashed the thread), and 2 ** 20 is past the cap from any sane initial delay.
@@ -415,6 +416,7 @@ class Capture:
                 # One stream_down per outage (its first failure), each attempt a stream_reconnecting with its reason:
                 # one at every attempt made an alert on it count one 36 s freeze as five outages.
                 if not self.down_said:
+                    self.reconnects += 1  # before the event: the status it sends counts this outage
                     self.on_event("stream_down", {"reason": reason})
                     self.down_said = True
                 self.on_event("stream_reconnecting", {"attempt": attempt, "delay_s": round(delay, 2), "reason": reason})

@@ -209,8 +209,11 @@ class CameraConfig(Strict):
     heads: list[str] | None = Field(None, description="heads to run; None: all heads of the model")
     tracker: TrackerConfig = TrackerConfig()
     transport: Literal["tcp", "udp"] = "tcp"
-    open_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
-    read_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
+    open_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="how long an open waits on a silent "
+                                  "camera: the connection and handshake, then FFmpeg's first look at the stream, "
+                                  "each up to this long (whatever read_timeout_s says)")
+    read_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="a running camera that sends no "
+                                  "picture for this long is reconnected")
     realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
