@@ -42,6 +42,9 @@ from workers.stream import StreamActor, publisher_for
 # cameras and the model almost entirely (docs/architecture.md, "CPU under contention").
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": CALL_BYTES, "worker_niceness": 0}
 TWIN_WATCH_S = 2.5  # cameras refresh their status heartbeat every second: a running service's moves
+# A run killed a moment ago (kill -9) leaves camera processes that beat on until its reaper (or, on a cluster, Ray)
+# ends them, 2-4 s: heartbeats that moved are watched again after this long, and only those still moving refuse
+TWIN_SETTLE_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +203,18 @@ class App(LiveControl):
             self.refuse_a_twin(url)
         return url
 
-    def refuse_a_twin(self, url: str, watch_s: float = TWIN_WATCH_S) -> None:
+    def refuse_a_twin(self, url: str, watch_s: float = TWIN_WATCH_S, settle_s: float | None = None) -> None:
         """Refuses to start where another service runs cameras of this config under the same ``redis.prefix``:
         both wrote the same keys (one camera's frames of two runs interleaved in its stream, its status switching
         between them every second, track ids colliding, the control commands taken by either). Running is told
         by a heartbeat that moves within ``watch_s``: a service killed a moment ago leaves fresh ones that do not
-        (its restart is not refused)."""
+        (its restart is not refused), or that move only until its processes are ended, within ``settle_s`` (a
+        restart right after a kill -9 was refused as a twin)."""
         import redis
 
         from pipeline.status import FINAL_STATES, read_camera_statuses
 
+        settle_s = TWIN_SETTLE_S if settle_s is None else settle_s
         ids = {cam.id for cam in self.config.cameras}
         prefix = self.config.redis.prefix
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
@@ -222,6 +227,13 @@ class App(LiveControl):
                 return
             time.sleep(watch_s)
             moved = sorted(cid for cid, beat in beats().items() if cid in first and beat != first[cid])
+            if moved:
+                self.say(f"Camera(s) {', '.join(moved)} still beat in Redis: waiting up to {settle_s + watch_s:g} s "
+                         "for the processes of a run killed a moment ago to end ...")
+                time.sleep(settle_s)
+                again = beats()
+                time.sleep(watch_s)
+                moved = sorted(cid for cid, beat in beats().items() if cid in again and beat != again[cid])
         except redis.RedisError:  # as a Redis that does not answer: not fatal, the publishers retry
             return
         finally:
@@ -848,7 +860,7 @@ class App(LiveControl):
             if known is not None and i in known:
                 answer = known[i]
                 if isinstance(answer, Exception):
-                    self.telemetry.record_inference(i, None, gone=isinstance(answer, ray.exceptions.RayActorError))
+                    self.telemetry.record_inference(i, None, gone=self._replica_gone(i, answer))
                 else:
                     self.telemetry.record_inference(i, answer)
                 continue
@@ -868,12 +880,18 @@ class App(LiveControl):
                 self._report_restart("inference", "*", f"inference replica {i} crashed and was restarted",
                                      ("inference", i))
 
-    def _replica_gone(self, index: int, exc: BaseException) -> bool:
-        """Whether a replica that did not answer has no process now, rather than a slow one: its process died
-        (Ray restarts it: ActorDiedError, or ActorUnavailableError while it restarts), or a lost node left it
-        waiting for a node that can host it (its calls only time out, for as long as none joins)."""
+    def _replica_gone(self, key: int | str, exc: BaseException) -> bool:
+        """Whether a model that did not answer (a replica by index, a camera process's by its name) has no process
+        now, rather than a slow one: its process died (Ray restarts it: ActorDiedError, or ActorUnavailableError
+        while it restarts), or a lost node left it waiting for a node that can host it (its calls only time out,
+        for as long as none joins)."""
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return True
         waiting = self.node_watch.waiting if self.node_watch else {}
-        return isinstance(exc, ray.exceptions.RayActorError) or ("inference", index) in waiting
+        if isinstance(key, int):
+            return ("inference", key) in waiting
+        with self._lock:
+            return any(("camera", cid) in waiting for cid, h in self.cameras.items() if h.name == key)
 
     def _describe(self, exc: BaseException, camera: str) -> str:
         """An exception as one line with its cause (Ray wraps the actor's own error), credentials masked."""

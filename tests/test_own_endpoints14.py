@@ -55,3 +55,20 @@ def test_a_dead_replicas_gauges_go_a_slow_ones_stay(clock, dead):
     assert replicas[0].stats == {} and not replicas[0].answering
     assert replicas[1].stats["queue_depth"] == 5 and not replicas[1].answering
     assert replicas[0].counters.value("frames") == 9  # what it counted stays
+
+
+def test_a_camera_process_left_waiting_for_a_node_loses_its_models_gauges(clock):
+    """Model in the camera processes: a process a lost node left waiting for a node only times out (its cameras'
+    stats_many answers are GetTimeoutErrors), and its model's queue depth read on; NodeWatch knows its cameras
+    wait (the review of the first fix, which covered the replicas only)."""
+    app = app_edges.service([], app_edges.Process("running"), "a")
+    app.placement = SimpleNamespace(in_camera_process=True)
+    name = app.cameras["a"].name
+    app.telemetry.record_inference(name, {"pid": 7, "batches": 3, "frames": 9, "queue_depth": 5, "batch_limit": 8})
+    app.node_watch = SimpleNamespace(waiting={("camera", "a"): "label site=z"})
+    app._check_inference({name: ray.exceptions.GetTimeoutError("Get timed out")})
+    assert app.telemetry.snapshot().replicas[name].stats == {}
+    app.node_watch.waiting.clear()  # slow, not waiting: its gauges stay
+    app.telemetry.record_inference(name, {"pid": 7, "queue_depth": 5})
+    app._check_inference({name: ray.exceptions.GetTimeoutError("Get timed out")})
+    assert app.telemetry.snapshot().replicas[name].stats["queue_depth"] == 5

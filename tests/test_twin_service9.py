@@ -22,7 +22,8 @@ def status(state: str = "running", instance: str = "other0000001") -> dict:
     return {"state": state, "heartbeat_ts": round(time.time(), 3), "instance": instance}
 
 
-def test_a_second_service_on_the_cameras_another_runs_is_refused_naming_them(redis_server):
+def test_a_second_service_on_the_cameras_another_runs_is_refused_naming_them(redis_server, monkeypatch):
+    monkeypatch.setattr("pipeline.app.TWIN_SETTLE_S", 0.5)  # the start's own watch, shorter
     client = redis_server.client()
     stop = threading.Event()
 
@@ -61,3 +62,31 @@ def test_nothing_to_watch_costs_no_wait(redis_server):
     t0 = time.monotonic()
     app.refuse_a_twin(redis_server.url, watch_s=5.0)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_a_run_killed_a_moment_ago_whose_processes_beat_on_a_while_does_not_refuse_its_restart(redis_server):
+    """kill -9 of the controller: its camera processes beat on for ~2 s until its reaper ends them, and a restart
+    right after the kill (a supervisor's) was refused as "run in another hydravision service"."""
+    client = redis_server.client()
+    gone = threading.Event()  # the killed run's processes ended: set once the start said it waits for that
+
+    def dying_run() -> None:  # beats every 0.3 s until its processes are gone
+        while not gone.is_set():
+            client.hset("hv:cameras", mapping={"street-1": json.dumps(status())})
+            gone.wait(0.3)
+
+    beating = threading.Thread(target=dying_run, daemon=True)
+    beating.start()
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        gone.set()
+
+    try:
+        app = App(parse_config({"cameras": CAMERAS}), say=say)
+        app.refuse_a_twin(redis_server.url, watch_s=1.5, settle_s=1.0)  # not refused
+    finally:
+        gone.set()
+        beating.join(5)
+    assert any("still beat in Redis: waiting" in line for line in said), said
