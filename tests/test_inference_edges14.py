@@ -55,3 +55,19 @@ def test_checkpoint_copies_written_long_ago_and_dead_parts_are_removed_when_a_co
     assert not old.exists() and not part.exists()
     assert kept.read_bytes() == b"this week's weights" and writing.exists()
     assert local_copy(b"this week's weights") == kept
+
+
+def test_a_copy_written_long_ago_but_taken_lately_is_kept(temp_dir):
+    """Copies' ages were their mtimes, which taking a copy does not refresh (a neighbour's touch reads as the file
+    replaced): a copy a long-running service's replica was restarting on, written 40 days ago, was removed under it
+    by another checkpoint's copy. A copy taken is marked beside it; the mark of a removed copy goes with it."""
+    used = local_copy(b"the weights of a service that runs for months")
+    os.utime(used, (MONTHS_AGO, MONTHS_AGO))
+    assert local_copy(b"the weights of a service that runs for months") == used  # a restart takes it
+    written = used.stat().st_mtime
+    local_copy(b"another service's weights")  # writes a copy: prunes
+    assert used.exists() and used.stat().st_mtime == written  # kept, and its own mtime untouched
+    mark = used.with_name(used.name + ".used")
+    os.utime(mark, (MONTHS_AGO, MONTHS_AGO))  # not taken since
+    local_copy(b"a third service's weights")
+    assert not used.exists() and not mark.exists()

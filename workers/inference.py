@@ -534,26 +534,48 @@ def local_copy(data: bytes) -> Path:
         # removed when the write fails (a full disk): Ray restarts the replica, and each try left one behind
         with written_aside(path, Path(tmp)), os.fdopen(fd, "wb") as f:
             f.write(data)
+    else:
+        with contextlib.suppress(OSError):  # its use, beside it (see COPY_MAX_AGE_DAYS)
+            _used_mark(path).touch()
     return path
 
 
-# A copy written this long ago is removed when another is written: each checkpoint a service ran left its copy on
-# every node for good (a model retrained weekly: one more copy a week), and each write killed half-way (an OOM kill,
-# a lost node) its part. Its mtime is not refreshed when a copy is taken: a replica loading it compares it with what
-# it loaded (cached_export), and a neighbour's touch read as the file replaced. A copy removed that a later restart
-# wants is written again from the object store. The ONNX cache's age (models/export.py; not imported here: torch).
+def _used_mark(copy: Path) -> Path:
+    return copy.with_name(copy.name + ".used")
+
+
+# A copy neither written nor taken for this long is removed when another is written: each checkpoint a service ran
+# left its copy on every node for good (a model retrained weekly: one more copy a week), and each write killed
+# half-way (an OOM kill, a lost node) its part. A copy taken is marked in a file beside it (``.used``), not by its own
+# mtime: a replica loading it compares it with what it loaded (cached_export), and a neighbour's touch read as the
+# file replaced; by its mtime alone, a copy a restart was loading after 30 days of use was removed under it. A copy
+# removed that a later restart wants is written again from the object store. The ONNX cache's age (models/export.py;
+# not imported here: torch).
 COPY_MAX_AGE_DAYS = 30
 
 
 def _prune_copies(folder: Path) -> None:
-    """Removes the checkpoint copies in ``folder`` written over COPY_MAX_AGE_DAYS ago, and parts of copies (``.part``:
-    a write that died) older than a day."""
+    """Removes the checkpoint copies in ``folder`` neither written nor taken for COPY_MAX_AGE_DAYS (with their
+    ``.used`` mark, and marks left without a copy), and parts of copies (``.part``: a write that died) older than a
+    day."""
     now = time.time()
-    for path in [*folder.glob("hydravision-*.safetensors"), *folder.glob("*.part")]:
-        limit = 86400.0 if path.suffix == ".part" else COPY_MAX_AGE_DAYS * 86400.0
+
+    def age(path: Path) -> float:  # since it was written, or last taken
+        mark = _used_mark(path)
+        return now - max(path.lstat().st_mtime, mark.lstat().st_mtime if mark.exists() else 0.0)
+
+    for path in folder.glob("*.part"):
         with contextlib.suppress(OSError):  # removed meanwhile by another replica's start
-            if now - path.lstat().st_mtime > limit:
+            if now - path.lstat().st_mtime > 86400.0:
                 path.unlink()
+    for path in folder.glob("hydravision-*.safetensors"):
+        with contextlib.suppress(OSError):
+            if age(path) > COPY_MAX_AGE_DAYS * 86400.0:
+                path.unlink()
+                _used_mark(path).unlink(missing_ok=True)
+    for mark in folder.glob("hydravision-*.safetensors.used"):
+        if not mark.with_name(mark.name.removesuffix(".used")).exists():
+            mark.unlink(missing_ok=True)
 
 
 def _own_folder() -> Path:
