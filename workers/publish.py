@@ -275,7 +275,9 @@ class _Round(NamedTuple):
     hashes: dict[str, dict[str, HashValue]]
     drained: bool  # after this batch, the backlog is delivered
     keep_from: int  # the oldest seq whose refusal Redis must keep and report (an undecided entry's, or the batch's)
-    expected: bool  # it carries again what a send carried, and one was applied: the dedup state must be in Redis
+    # not 0: it carries again what a send carried (up to this seq), and one was applied: the dedup state must be in
+    # Redis, and where it is not, the script looks for what those sends wrote (workers/redis_writer.py)
+    expected: int
     sent_max_before: int  # the Publisher's _sent_max before this round
     forget: bool = False  # the DEL of its dedup state at a clean close, and nothing else
 
@@ -664,8 +666,8 @@ class Publisher:
         batch = list(itertools.islice(self._queue, MAX_BATCH))
         statuses, status_gen = dict(self._status), self._status_gen
         hashes, self._hashes = self._hashes, {}
-        expected = self._applied and bool(batch) and batch[0].seq <= self._sent_max
         sent_max_before = self._sent_max
+        expected = sent_max_before if self._applied and batch and batch[0].seq <= sent_max_before else 0
         self._status.clear()
         self._sent_max = max(self._sent_max, batch[-1].seq if batch else 0)
         self._trip += 1

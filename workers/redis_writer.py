@@ -30,7 +30,8 @@ TTL, so it is what Redis evicts first when memory is full; a resend after a lost
 the lost send had written, and nothing can tell afterwards what that was. When the Publisher says the state
 must exist (a batch of it was applied, and this one carries again what an earlier send carried: ``expected``)
 and the script finds none, it says whether it was evicted alone (the possible duplicates are logged) or went
-with all of Redis's data (a restart without persistence, a flush: what the lost send wrote went too). Use
+with what the lost send wrote (a restart without persistence or from an older save, a flush), which it tells
+from the batch's own streams: Redis's eviction counter is reset by any restart and by CONFIG RESETSTAT. Use
 `noeviction` (or `allkeys-lru`/`-lfu`: the state is written with every batch, so it is among the last keys
 they evict). Any allkeys-* policy evicts whole keys, not old entries: a camera's detections stream (its
 consumer groups with it), `{prefix}:events` or `{prefix}:cameras` disappear while the Publisher counts its
@@ -87,22 +88,48 @@ local stale = trip <= tonumber(redis.call('HGET', state, 'trip') or '0')
 """ + _STATUSES_LUA
 
 # KEYS: state hash, camera status hash, then the stream of each entry, then each hash to replace.
-# ARGV: trip, maxlen, ttl_s, number of hashes, keep_from, expected ('1': the state must exist), then seq,
-# channel ('' = none), data per entry, then per hash its number of fields and its field/value pairs, then
-# status pairs.
+# ARGV: trip, maxlen, ttl_s, number of hashes, keep_from, expected (not 0: the state must exist, and the entries up
+# to this seq are carried again), then seq, channel ('' = none), data per entry, then per hash its number of fields
+# and its field/value pairs, then status pairs.
 BATCH_BODY = _COMMON_LUA + """
 if stale then return {prior, 1, {}, {}, {}, ''} end
 local m = tonumber(ARGV[4])
 local n = #KEYS - 2 - m
 local rejected, reasons, errors = {}, {}, {}
 -- The state must exist and does not: evicted alone ('evicted': what the send whose reply was lost wrote is still
--- there, and is written again below), or Redis lost all its data ('emptied': restarted empty, flushed; that send's
--- writes went with the state, nothing is written twice). Only an eviction counts in evicted_keys; where INFO is
--- refused (an ACL), 'evicted' as the worse of the two.
+-- there, and is written again below), or gone with that send's writes ('emptied': Redis restarted empty or from an
+-- older save, or was flushed; nothing is written twice). INFO's evicted_keys cannot tell them apart: a restart
+-- (with persistence too), CONFIG RESETSTAT and a replica's promotion reset it. The data can: what this Publisher
+-- wrote last to a stream is one of the batch's entries if any of them is there (a resend carries on from its
+-- queue's head, as far as any earlier send). So 'emptied' only where no stream of the batch ends with one of its
+-- entries and one that an earlier send carried (seq <= ARGV[6]) is not in Redis: its stream is missing or empty,
+-- or is a detections stream (entries with a channel), which only this Publisher writes. Else 'evicted', the worse
+-- case, and so where an eviction was counted (allkeys-* evicts a stream whole, as a restart loses it) or INFO is
+-- refused (an ACL).
+local function gone_how()
+  local streams, lost = {}, false
+  for i = 1, n do
+    local key = KEYS[i + 2]
+    local s = streams[key] or {data = {}}
+    streams[key] = s
+    s.data[ARGV[3 * i + 6]] = true
+    if tonumber(ARGV[3 * i + 4]) <= tonumber(ARGV[6]) then
+      s.carried, s.own = true, s.own or ARGV[3 * i + 5] ~= ''
+    end
+  end
+  for key, s in pairs(streams) do
+    local last = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    if type(last) == 'table' and not last.err then  -- not a stream: no send wrote there (WRONGTYPE)
+      if last[1] and s.data[last[1][2][2]] then return 'evicted' end  -- its one field, data
+      lost = lost or (s.carried and (last[1] == nil or s.own))
+    end
+  end
+  return lost and 'emptied' or 'evicted'
+end
 local gone = ''
-if ARGV[6] == '1' and redis.call('EXISTS', state) == 0 then
+if tonumber(ARGV[6]) > 0 and redis.call('EXISTS', state) == 0 then
   local info = redis.pcall('INFO', 'stats')
-  gone = (type(info) == 'string' and string.match(info, 'evicted_keys:(%d+)') == '0') and 'emptied' or 'evicted'
+  gone = (type(info) == 'string' and string.match(info, 'evicted_keys:(%d+)') == '0') and gone_how() or 'evicted'
 end
 -- The state first, with redis.call: it is the write at which Redis < 7 refuses a script over maxmemory.
 -- Entries come in seq order and each one is applied or rejected for good, so the last seq is known now.
@@ -187,16 +214,16 @@ class WriteResult(NamedTuple):
 
 class StateGone(str):
     """Among WriteResult.errors, no failed write: the state hash that the call expected was missing. ``doubled``: it
-    was evicted alone, so what the call carried again may now be in Redis twice; False: Redis had lost all its data
-    (restarted empty, flushed), what the send whose reply was lost wrote with it."""
+    was evicted alone, so what the call carried again may now be in Redis twice; False: Redis had lost its data
+    (restarted empty or from an older save, flushed), what the send whose reply was lost wrote with it."""
 
     doubled: bool
 
     def __new__(cls, state_key: str, how: str) -> "StateGone":
         """``how``: the batch script's word for it, "evicted" or "emptied"."""
         if how == "emptied":
-            why = ("with everything else (Redis restarted empty, or was flushed): what was written before is gone "
-                   "too, nothing was written twice")
+            why = ("with what the send whose reply was lost wrote (Redis restarted empty or from an older save, "
+                   "or was flushed): nothing was written twice")
         else:
             why = ("(evicted under a volatile-* maxmemory-policy): what this send carried again after a lost reply "
                    "may now be in Redis twice")
@@ -251,7 +278,7 @@ class BatchWriter:
 
     def batch_command(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
                       hashes: dict[str, dict[str, HashValue]] | None = None, keep_from: int | None = None,
-                      expected: bool = False) -> tuple:
+                      expected: int = 0) -> tuple:
         """The EVALSHA command of ``write``, for a pipeline; its reply goes to ``batch_result``."""
         keys, args = self._batch_call(trip, entries, statuses, hashes or {}, keep_from, expected)
         return ("EVALSHA", self._scripts["batch"].sha, len(keys), *keys, *args)
@@ -262,7 +289,7 @@ class BatchWriter:
 
     def _batch_call(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
                     hashes: dict[str, dict[str, HashValue]], keep_from: int | None,
-                    expected: bool) -> tuple[list, list]:
+                    expected: int) -> tuple[list, list]:
         if keep_from is None:
             keep_from = entries[0].seq if entries else 0
         args: list[HashValue] = [trip, self.maxlen, STATE_TTL_S, len(hashes), keep_from, int(expected)]
@@ -283,11 +310,12 @@ class BatchWriter:
 
     def write(self, trip: int, entries: Sequence[StreamEntry], statuses: dict[str, str | None],
               hashes: dict[str, dict[str, HashValue]] | None = None, keep_from: int | None = None,
-              expected: bool = False) -> WriteResult:
+              expected: int = 0) -> WriteResult:
         """XADD (+ PUBLISH) every entry not yet applied, then replace each hash in ``hashes`` (key -> fields),
         then the statuses; raises what Redis refused it for. ``keep_from``: refusals of entries before the batch
-        from this seq on are kept and reported (default: none); ``expected``: an earlier call applied, so the
-        state hash must exist (else an error says it was lost)."""
+        from this seq on are kept and reported (default: none); ``expected``: not 0, an earlier call applied, so the
+        state hash must exist (else a StateGone says it was lost), and this one carries again the entries earlier
+        calls carried up to this seq."""
         keys, args = self._batch_call(trip, entries, statuses, hashes or {}, keep_from, expected)
         return self.batch_result(trip, self._call("batch", keys, args))
 
