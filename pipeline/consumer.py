@@ -33,9 +33,11 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   Entries trimmed before the group read them at all (a consumer stopped, or too slow) are said once per gap, with
   how many on Redis 7 (``stats["skipped"]``), and the consumer goes on from the oldest entry left.
 - A group that is gone (a Redis restarted without persistence, redis-py reconnecting by itself; XGROUP DESTROY) is
-  created again by the first member to find it gone: after the last entry it saw the group deliver where the stream
-  still holds that, else from the start of the new stream (id 0), losing nothing published since. Each member says
-  it once, and which; a batch another member held then may be handled twice.
+  created again by the first member to find it gone: after the last entry it saw the group deliver (to itself, or
+  before it started) where the stream still holds that, else from the start of the new stream (id 0), losing
+  nothing published since. All after that entry is handed out again: what other members read after it, handled and
+  acknowledged or not, may be handled twice; what was still pending from before it (a dead member's entries waiting
+  for a claim) went with the group. Each member says it once, and which.
 - A failover behind one address (the old master, now a replica, answers READONLY, or wakes a read blocked on it with
   "UNBLOCKED ... instance state changed") is waited out as an outage: the consumer drops its connections, and the
   next ones reach the new master.
@@ -127,9 +129,9 @@ end
 return nil
 """
 
-# A pause this long between sending two reads of new entries (a slow handler, a consumer stopped, a read that waited
-# in Redis) may have let MAXLEN trim entries the group had not read: the next read checks. Back-to-back reads (the
-# steady state) do not.
+# A pause this long since Redis answered the last read of new entries (a slow handler, a consumer stopped, under its
+# read too) may have let MAXLEN trim entries the group had not read: the next read checks. Back-to-back reads (the
+# steady state) do not, nor those after a read that waited out block_ms on a quiet stream.
 _GAP_CHECK_AFTER_S = 1.0
 
 
@@ -237,7 +239,7 @@ class GroupConsumer:
         self._claim_cursor = {s: "0-0" for s in self.streams}
         self._next_claim = 0.0
         self._tried: set[tuple[str, str]] = set()  # handed out here, not acknowledged nor handed back, still its own
-        self._read_sent: dict[str, float] = {}  # when the last read of each stream's new entries was sent
+        self._answered: dict[str, float] = {}  # the earliest Redis can have answered each stream's last new read
         self._check_gaps: set[str] = set()  # streams whose last read of new entries was a full batch (a backlog)
         self._trimmed_unread: Callable | None = client.register_script(_TRIMMED_UNREAD)
         self._member: set[str] = set()  # streams where this consumer read in the group
@@ -318,9 +320,12 @@ class GroupConsumer:
     def _group_lost(self, error: redis.ResponseError) -> None:
         """The group (or the stream) is gone: someone destroyed it (XGROUP DESTROY, DEL), or Redis restarted without
         persistence (redis-py reconnected on its own). It is created again after the last entry this consumer saw the
-        group deliver where the stream still holds an entry that old (created from the start, it handed out all the
-        stream held once more), else from the start (id 0): a new stream, whose entries all arrived after that, so
-        nothing published meanwhile is lost. Each member that finds it gone says so once."""
+        group deliver (its own reads, the group's place when it started) where the stream still holds an entry that
+        old (created from the start, it handed out all the stream held once more), else from the start (id 0): a new
+        stream, whose entries all arrived after that, so nothing published meanwhile is lost. What other members read
+        after that entry is handed out again, acknowledged or not: this consumer does not see their reads (and from
+        the group's own last-delivered id, were it known, the entries they still held pending after this one's last, a
+        dead member's among them, were lost for good). Each member that finds it gone says so once."""
         made = []
         for s in self.streams:
             last = self._last.get(s, "0-0")
@@ -331,7 +336,8 @@ class GroupConsumer:
                 if "BUSYGROUP" not in str(e):
                     raise
                 continue  # never gone here, or another member created it again first
-            made.append(f"on {s} after {last}, the last entry it saw the group deliver" if held else
+            made.append(f"on {s} after {last}, the last entry it saw the group deliver: all after it is handed out "
+                        "again, what other members read since too" if held else
                         f"on {s} from the start: no entry there is as old as {last}, the last it saw the group deliver "
                         "(Redis restarted empty, or MAXLEN trimmed past it)" if last != "0-0" else
                         f"on {s} from the start (it saw the group deliver nothing)")
@@ -400,23 +406,24 @@ class GroupConsumer:
         """One XREADGROUP over ``streams``; (the messages, whether it read own pending entries)."""
         cursors = {s: self._cursor[s] for s in streams}
         history = {s for s, c in cursors.items() if c != ">"}
-        # A pause is timed from when the last read was SENT: one blocked in Redis while the process was stopped
-        # (SIGSTOP, a long GC pause, a laptop asleep) returns only once it goes on, and timed from its return the
-        # pause went unseen, so the next read jumped the entries trimmed meanwhile without a word.
+        new = [s for s in streams if s not in history]
         now = time.monotonic()
-        check = [s for s in streams if s not in history
-                 and (now - self._read_sent.get(s, -math.inf) > _GAP_CHECK_AFTER_S or s in self._check_gaps)]
-        while check:
-            for s in check:
-                self._say_trimmed_unread(s)
-            checked, now = now, time.monotonic()
-            if now - checked <= _GAP_CHECK_AFTER_S:
-                break  # else a stop under the checks may have let more be trimmed: check again
-        self._read_sent.update((s, now) for s in streams if s not in history)
-        reply = self._reads.xreadgroup(self.group, self.consumer, cursors, count=count,
-                                       block=self.block_ms if blocking and not history else None)
+        self._say_gaps([s for s in new if now - self._answered.get(s, -math.inf) > _GAP_CHECK_AFTER_S
+                        or s in self._check_gaps])
+        block = self.block_ms if blocking and not history else None
+        sent = time.monotonic()
+        reply = self._reads.xreadgroup(self.group, self.consumer, cursors, count=count, block=block)
+        returned = time.monotonic()
         self._member.update(streams)
         got = {_text(stream): entries for stream, entries in _stream_entries(reply)}
+        # The next pause is timed from the earliest moment Redis can have answered this read. From its return, a read
+        # blocked in Redis while the process was stopped (SIGSTOP, a long GC pause, a laptop asleep) hid the stop, and
+        # the next read jumped the entries trimmed meanwhile without a word; from when it was sent, every read that
+        # waited out block_ms on a quiet stream counted as a pause, and the next one checked each stream. Redis
+        # answers a blocked read as soon as an entry comes: one that returned none waited block_ms there (or less:
+        # CLIENT UNBLOCK), one that returned some may have been answered at once.
+        answered = sent if not block or any(got.get(s) for s in streams) else min(returned, sent + block / 1000)
+        self._answered.update((s, answered) for s in new)
         out: list[Message] = []
         for stream in streams:
             entries = got.get(stream) or []
@@ -433,6 +440,20 @@ class GroupConsumer:
             out += self._decode(stream, entries, history=stream in history)
         self.stats["delivered"] += len(out)
         return out, bool(history)
+
+    def _say_gaps(self, streams: list[str]) -> None:
+        """``_say_trimmed_unread`` for each of ``streams``, and once more for those checked over _GAP_CHECK_AFTER_S
+        before the checks ended (a stop under them, or many streams at a long round trip: MAXLEN may have trimmed
+        more meanwhile). Once more only: checked again until one round took less, 25 streams at 40 ms a check (a
+        remote Redis) were checked for ever, and the read never came."""
+        began = {}
+        for s in streams:
+            began[s] = time.monotonic()
+            self._say_trimmed_unread(s)
+        ended = time.monotonic()
+        for s in streams:
+            if ended - began[s] > _GAP_CHECK_AFTER_S:
+                self._say_trimmed_unread(s)
 
     def _say_trimmed_unread(self, stream: str) -> None:
         """Says entries MAXLEN trimmed before the group read them (a gap the next read of new entries jumps)."""
@@ -650,8 +671,9 @@ class GroupConsumer:
             self._group_lost(gone[0])  # now: another member may create it again before this one's next read
         elif again := [s for s, a in zip(streams, answers) if a == 1]:
             log.warning("consumer %s: group %r was created again on %s by another member since this one last read "
-                        "(destroyed, or Redis restarted empty): the messages it held then may be handled twice",
-                        self.consumer, self.group, ", ".join(again))
+                        "(destroyed, or Redis restarted empty): all after the last entry that member had seen it "
+                        "deliver is handed out again, so what this one held then, or handled since that entry, may "
+                        "be handled twice", self.consumer, self.group, ", ".join(again))
         elif refused := [e for e in errors if "NOPERM" in str(e)]:  # an ACL without XGROUP CREATECONSUMER
             log.warning("consumer %s cannot tell whether group %r was created again (%s): not asking again",
                         self.consumer, self.group, refused[0])

@@ -271,3 +271,167 @@ def test_a_member_whose_batch_ends_with_the_group_gone_creates_it_again_itself(r
     assert "group 'G' is gone" in said and f"created again on {STREAM} after {ids[-1]}" in said, said
     new = _fill(admin, 2)
     assert [m.id for m in b.read()] == new
+
+
+# --- 3. the review of the above --------------------------------------------------------------------------------
+
+def test_gap_checks_slower_in_all_than_a_pause_end_and_the_read_comes(redis_server, caplog, monkeypatch):
+    """Five streams whose gap checks took 0.25 s each (a remote Redis; 25 cameras at 40 ms): a round of checks took
+    over 1 s, so it was made again, and again: read() never returned. Now a stream checked over 1 s before the round
+    ended is checked once more, then the read comes; a gap trimmed in that second is still said."""
+    caplog.set_level(logging.WARNING, logger="pipeline.consumer")
+    admin, clock = redis_server.client(), _clock(monkeypatch)
+    streams = [f"{STREAM}:{i}" for i in range(5)]
+    consumer = GroupConsumer(admin, streams, "g", "w", block_ms=100, claim_idle_ms=60_000)
+    for s in streams:
+        _fill(admin, 2, s)
+    consumer.ack(*consumer.read())
+    clock.now += 3  # a pause: the next read checks every stream
+    checks: list[str] = []
+    kept: list[str] = []
+    check = consumer._say_trimmed_unread
+
+    def slow(stream: str) -> None:
+        assert len(checks) < 20, f"checked {len(checks)} times, and on: {checks}"
+        check(stream)
+        checks.append(stream)
+        if len(checks) == 1:  # checked: then 5 entries of it are trimmed before the group reads them
+            kept.extend(_fill(admin, 10, streams[0])[-5:])
+            _trim(admin, 5, streams[0])
+        clock.now += 0.25
+
+    monkeypatch.setattr(consumer, "_say_trimmed_unread", slow)
+    assert [m.id for m in consumer.read()] == kept
+    assert checks == streams + streams[:1]  # the first, checked 1.25 s before the round ended, once more
+    [said] = _gaps(caplog, "g")
+    assert said.startswith(f"{streams[0]}: ") and kept[0] in said, said
+    if _counted(admin):
+        assert "5 entries were trimmed" in said and consumer.stats["skipped"] == 5
+
+
+def _waiting_out_client(server, clock: _Clock, block_s: float, stops: list):
+    """A client whose every XREADGROUP that blocks in Redis waits out its block_ms on the module's clock (``block_s``),
+    at once: CLIENT UNBLOCK ends it as its timeout would. A function in ``stops`` runs after Redis answered such a
+    read, the process stopped before it reads the answer (one per read, while there are some)."""
+    admin = server.client()
+
+    class WaitingOut(redis.Connection):
+        blocked = False
+
+        def send_command(self, *args, **kwargs):
+            words = [(a.decode() if isinstance(a, bytes) else str(a)).upper() for a in args]
+            self.blocked = words[0] == "XREADGROUP" and "BLOCK" in words
+            return super().send_command(*args, **kwargs)
+
+        def read_response(self, *args, **kwargs):
+            waited, deadline = False, time.monotonic() + 10
+            while self.blocked and not waited and not self.can_read(timeout=0):  # else answered at once
+                waited = any(admin.client_unblock(c["id"]) for c in admin.client_list()
+                             if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+                assert waited or time.monotonic() < deadline, "Redis neither answered XREADGROUP nor blocked it"
+                time.sleep(0 if waited else 0.01)
+            self.blocked = False
+            if waited:
+                assert self.can_read(timeout=10), "Redis did not answer XREADGROUP"
+                clock.now += block_s
+                if stops:
+                    stops.pop(0)()
+            return super().read_response(*args, **kwargs)
+
+    return server.client(connection_class=WaitingOut, socket_timeout=10)
+
+
+def _evalsha_calls(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_reads_that_waited_out_block_ms_on_quiet_streams_are_not_followed_by_gap_checks(redis_server, caplog,
+                                                                                       monkeypatch):
+    """Five quiet streams, block_ms 2000: each read waited out its 2 s in Redis, and a pause timed from when that
+    read was sent was over 1 s, so every read after it checked each stream first (4 reads: 20 EVALSHA, none before).
+    A read that returned nothing cannot have jumped anything: no check now. A stop under such a read, after Redis
+    answered it, is still seen: the next read checks, and says what was trimmed meanwhile."""
+    caplog.set_level(logging.WARNING, logger="pipeline.consumer")
+    admin, clock, stops = redis_server.client(), _clock(monkeypatch), []
+    streams = [f"{STREAM}:{i}" for i in range(5)]
+    consumer = GroupConsumer(_waiting_out_client(redis_server, clock, 2.0, stops), streams, "g", "w",
+                             block_ms=2000, claim_idle_ms=60_000)
+    for s in streams:
+        _fill(admin, 1, s)
+    consumer.ack(*consumer.read())  # the first read checks (nothing read before it)
+    calls = _evalsha_calls(admin)
+    for _ in range(4):
+        assert consumer.read() == []
+    assert _evalsha_calls(admin) == calls
+    assert not _gaps(caplog, "g")
+    kept: list[str] = []
+
+    def stopped_3_s() -> None:  # after Redis answered the read (nothing new): 15 added, 10 trimmed unread
+        kept.extend(_fill(admin, 15, streams[2])[-5:])
+        _trim(admin, 5, streams[2])
+        clock.now += 3
+
+    stops.append(stopped_3_s)
+    assert consumer.read() == []
+    assert not stops and kept
+    assert [m.id for m in consumer.read()] == kept
+    [said] = _gaps(caplog, "g")
+    assert said.startswith(f"{streams[2]}: "), said
+    if _counted(admin):
+        assert "10 entries were trimmed" in said and consumer.stats["skipped"] == 10
+
+
+def test_a_stop_under_a_read_answered_at_once_is_seen_however_long_block_ms_is(redis_server, caplog, monkeypatch):
+    """A read that returned entries may have been answered at once: a stop after that, shorter than block_ms, is a
+    pause all the same, and what MAXLEN trimmed in it is said."""
+    caplog.set_level(logging.WARNING, logger="pipeline.consumer")
+    admin, clock, stops = redis_server.client(), _clock(monkeypatch), []
+    consumer = GroupConsumer(_stopping_client(redis_server, "XREADGROUP", stops), STREAM, "g", "w", block_ms=5000,
+                             claim_idle_ms=60_000)
+    ids = _fill(admin, 3)
+    kept: list[str] = []
+
+    def stopped_1_5_s() -> None:  # Redis answered with 3 entries; meanwhile 20 more, 15 trimmed unread
+        kept.extend(_fill(admin, 20)[-5:])
+        _trim(admin, 5)
+        clock.now += 1.5
+
+    stops.extend([lambda: None, stopped_1_5_s])  # the first read is of its own pending entries (none)
+    got = consumer.read()
+    assert [m.id for m in got] == ids and not stops
+    consumer.ack(*got)
+    assert [m.id for m in consumer.read()] == kept
+    [said] = _gaps(caplog, "g")
+    assert ids[-1] in said and kept[0] in said, said
+    if _counted(admin):
+        assert "15 entries were trimmed" in said
+
+
+def test_a_destroyed_group_hands_out_again_all_other_members_read_after_where_it_is_made_and_says_so(any_redis,
+                                                                                                    caplog):
+    """The docs and the warnings said that the batch another member held may be handled twice; all that other members
+    read after the entry where the group is created again comes again, what they handled and acknowledged too."""
+    caplog.set_level(logging.WARNING, logger="pipeline.consumer")
+    admin = any_redis.client()
+    ids = _fill(admin, 30)
+    a, b = (GroupConsumer(admin, STREAM, "G", name, start="0", count=10, block_ms=100, claim_idle_ms=60_000)
+            for name in ("a", "b"))
+    a.ack(*a.read())  # 0..9
+    b.ack(*b.read())  # 10..19, handled and acknowledged
+    again: list[str] = []
+
+    def handle(m) -> None:  # b's next batch, 20..29
+        if m.id == ids[20]:
+            admin.xgroup_destroy(STREAM, "G")
+            while taken := a.read():  # a finds the group gone
+                again.extend(x.id for x in taken)
+                a.ack(*taken)
+
+    assert b.run(handle, max_messages=10) == 10
+    assert again == ids[10:30]
+    [said_a] = _said(caplog, "consumer a:")
+    assert (f"created again on {STREAM} after {ids[9]}" in said_a
+            and "all after it is handed out again, what other members read since too" in said_a), said_a
+    [said_b] = _said(caplog, "consumer b:")
+    assert ("all after the last entry that member had seen it deliver is handed out again, so what this one held "
+            "then, or handled since that entry, may be handled twice" in said_b), said_b
