@@ -33,6 +33,7 @@ from workers.publish import event_message, keys
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 from workers.stream import retired_track_ids_key
+from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +273,20 @@ class LiveControl:
             if not self._retire_in_redis(camera_id, None):
                 raise CommandRejected(f"camera.id: {camera_id!r} is not running, and the status an earlier run "
                                       "left could not be removed (Redis): send it again", 503)
+            # The tracks a killed run left open (tracks_open) end here, as the camera's next start ends them
+            # (workers/stream.py): none comes, and their list went with the status (they never ended).
+            # Queued on the one publisher before the status's removal: the batch that deletes it writes them first.
+            ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
+            for fields in ended:
+                self.events.publish_event(event_message("track_ended", camera_id, **fields, reason="restart"))
             self.events.remove_status(camera_id)
         finally:
             self._release(camera_id)
         # an accepted command is an audit event as any other (and the dashboard drops a tile at camera_removed)
         why = "not running: the status an earlier run left"
         self.events.publish_event(event_message("camera_removed", camera_id, by=by, reason=why))
-        self.say(f"Camera {camera_id} removed by {by}: {why}")
+        self.say(f"Camera {camera_id} removed by {by}: {why}"
+                 + (f" (the {len(ended)} track(s) it had open ended)" if ended else ""))
         return {"id": camera_id, "final": {"state": status.get("reported_state") or status.get("state"),
                                            "last_error": status.get("last_error"), "leftover": True}}
 

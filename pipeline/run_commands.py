@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import signal
 import stat
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -61,6 +63,88 @@ class FailureWarnings:
                 self.failed.add(camera)
                 why = redact_text(str(s.get("last_error") or "no reason given"), [])
                 log.warning("camera %s failed: %s", camera, why)
+
+
+class Signals:
+    """What `run` adds to App's signal handlers (pipeline/app.py: a first SIGINT or SIGTERM drains and stops, a
+    second exits at once), each time App puts them in (at the start, and again after ray.init and ray.shutdown
+    replaced them):
+
+    - SIGHUP (its terminal closed, an ssh session dropped) stops the run as SIGTERM does: its default action ended
+      the controller as a crash does (exit 129: no drain, no final table, no summary, statuses left running until
+      they read stale). One ignored from the start (nohup) stays ignored.
+    - A second signal says, before App's exit at once, that the drain is abandoned and what it loses: the log ended
+      at "Stopping: draining ..." without a word. Its numbers are the last tick's, what the controller holds then
+      (the frames and messages themselves are in the camera processes, out of a signal handler's reach)."""
+
+    def __init__(self, app, out: Output) -> None:
+        self.app, self.out = app, out
+        self.stats: list[dict] | None = None  # the last tick's
+        self._ours: dict[int, object] = {}
+        self._app_install = app.install_signal_handlers
+        app.install_signal_handlers = self.install  # App calls it again after ray.init and ray.shutdown
+
+    def tick(self, stats: list[dict]) -> None:
+        self.stats = stats
+
+    def install(self) -> None:
+        self._app_install()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler) and handler is not self._ours.get(signum):  # App's, not ours wrapped again
+                self._ours[signum] = functools.partial(self._second_said, handler)
+                signal.signal(signum, self._ours[signum])
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, self._hang_up)
+
+    def _second_said(self, handler, signum: int, frame) -> None:
+        try:
+            if getattr(self.app, "_signalled", False):  # the handler exits at once now (os._exit): no final table
+                self.out.say(self.abandoned(signum))
+        finally:
+            handler(signum, frame)
+
+    def _hang_up(self, signum: int, frame) -> None:
+        if not getattr(self.app, "_signalled", False):
+            _leave_hung_up_terminal()
+            with contextlib.suppress(OSError):
+                self.out.say("SIGHUP (the terminal or session closed): stopping as on SIGTERM")
+        # Through SIGTERM's handler in place now: ours and App's, or while ray.init runs the one that holds what it
+        # raises until ray.init has returned (cluster._signals_held)
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, frame)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def abandoned(self, signum: int) -> str:
+        exiting = f"A second signal: exiting at once (exit {128 + signum})"
+        if self.stats is None:  # no tick yet: the start, or its undo after the first signal
+            return f"{exiting}, the stop abandoned: the run's reaper ends the processes it had started"
+        frames = sum(_count(s.get("in_slot")) + _count(s.get("in_flight")) for s in self.stats)
+        held = sum(_count((s.get("publisher") or {}).get("queued")) for s in self.stats)
+        return (f"{exiting}, the drain abandoned: the frames still in flight and the messages not yet in Redis are "
+                f"lost (at the last status: {frames} frame(s) in flight, {held} message(s) not yet in Redis); "
+                "no final table")
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _leave_hung_up_terminal() -> None:
+    """Points stdout and stderr at /dev/null where they were a terminal that hung up: every write to it fails
+    (EIO), and the first one, a line of the drain, raised out of it and ended the run before its shutdown."""
+    for fd in (1, 2):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as e:
+            if e.args[0] == errno.EIO:  # a terminal, hung up (another file is no terminal: ENOTTY)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 class Output:
@@ -120,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_ray(getattr(args, "verbose", False))
     plain_ray_prefix()
     app = App(config, redis_url=args.redis_url, say=out.say, on_ray_started=json_worker_logs if json_mode else None)
-    app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App
+    signals = Signals(app, out)
+    app.install_signal_handlers()  # kept across ray.init() / ray.shutdown() by App (with Signals' beside them)
     try:
         app.start()
     except BaseException:  # what had started stops (cameras write their final status); the start's error shows
@@ -137,12 +222,14 @@ def run(args: argparse.Namespace) -> int:
         if interactive:
             with Live(status_table([]), console=console, refresh_per_second=2, transient=False) as live, \
                     logs_above(live.console):
-                app.run(args.duration, on_tick=lambda s: (warn_failures(s), live.update(status_table(s))))
+                app.run(args.duration, on_tick=lambda s: (warn_failures(s), signals.tick(s),
+                                                          live.update(status_table(s))))
         else:
             last = [0.0]
 
             def tick(stats: list[dict]) -> None:
                 warn_failures(stats)
+                signals.tick(stats)
                 if time.monotonic() - last[0] >= args.log_every:
                     last[0] = time.monotonic()
                     out.status(stats)
