@@ -24,10 +24,12 @@ credentials whose path or query holds an ``@`` (``rtsp://cam/stream@main``) show
 Hiding too much is the side to err on: ``rtsp://u:a@b/c@cam/x`` (password ``a@b/c``) and
 ``rtsp://cam/stream@main`` cannot be told apart.
 
-Secret-looking query parameters (``?token=...``, ``&api_key=...``) are hidden up to the next ``&``
-(a raw ``#`` in the value is hidden too). Both rules mark spans of the ORIGINAL string and the union is
-hidden, so a password holding ``&key=`` or a query value holding ``@`` cannot make one rule expose
-what the other one hid.
+Secret-looking query parameters (``?token=...``, ``&api_key=...``, a Foscam camera's ``&loginpas=...``: the
+names are listed at ``_SECRET_WORDS``) are hidden up to the next ``&`` (a raw ``#`` in the value is hidden too).
+A query value holding ``%``-escapes is decoded once and read by both rules again: a nested URL
+(``?to=http%3A%2F%2Fadmin%3Apw%40host``) shows as ``?to=http%3A%2F%2F***%40host``. All rules mark spans of the
+ORIGINAL string and the union is hidden, so a password holding ``&key=`` or a query value holding ``@`` cannot
+make one rule expose what the other one hid.
 """
 
 from __future__ import annotations
@@ -42,9 +44,21 @@ FREE_TEXT_MIN = 3  # a secret this long or longer is hidden wherever it appears 
 # at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
 _SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}(?P<name>[A-Za-z][A-Za-z0-9+.-]*):/{0,2}")
 _LOCAL_SCHEMES = ("file", "device", "unix")  # the schemes whose URLs may have no authority (a path after ://)
-_SECRET_WORDS = r"(?:password|passwd|pwd|pass|token|key|secret|auth|signature|sig|credential)"
+# How the names of secret parameters END (case ignored; fps, resolution, channel, subtype, user end otherwise), from
+# what IP cameras and signed URLs use: password/passwd/pwd/psw/pass/pw (Hikvision, Dahua, Reolink, Blue Iris,
+# Xiongmai), Foscam's and Amcrest's CGI loginpas (loginuse is the user), auth (Hikvision's base64 user:password,
+# ZoneMinder), token/access_token, key/apikey, sig/signature (Azure SAS, X-Amz-Signature), credential(s), Synology's
+# _sid and other session ids.
+_SECRET_WORDS = (r"(?:password|passwd|passphrase|pwd|pswd|psw|pass|pas|pw|token|key|secret|auth|signature|sig"
+                 r"|credentials?|sid|session(?:[_-]?id)?|jwt)")
 _SECRET_NAME = rf"[\w.-]*{_SECRET_WORDS}"
-_SECRET_PARAMS = re.compile(rf"(?i)[?&]{_SECRET_NAME}=(?P<value>[^&]*)")
+# After "?" or "&" (also a name "p": cgi-bin/snapshot.cgi?u=admin&p=pw), or Xiongmai's "_" (its RTSP path
+# user=admin_password=pw_channel=1). A value that is the mask then punctuation ("***:", a URL already redacted, then
+# the ":" of an error message) is the mask: read as the value, a second redaction dropped the ":".
+_SECRET_PARAMS = re.compile(
+    rf"(?i)(?:[?&](?:{_SECRET_NAME}|p)|_{_SECRET_WORDS})=(?P<value>{re.escape(MASK)}(?=[^\w&%]*$)|[^&]*)")
+_QUERY_VALUE = re.compile(r"[?&][^=&?]*=(?P<value>[^&]*)")  # names never span a "?": linear in "???..."
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 # A URL inside free text ends at whitespace; quotes and punctuation after it stay in its path, which
 # can only make the hidden part larger. Its scheme is taken as at most 32 characters (a longer one is matched from
 # inside it): unbounded, each letter of a long word began a scan to the word's end, 18 s for 100 KB of letters.
@@ -62,13 +76,42 @@ def _userinfo_span(url: str) -> tuple[int, int] | None:
     return (m.end(), at) if at > m.end() else None
 
 
-def _hidden_spans(url: str) -> list[tuple[int, int]]:
-    spans = [m.span("value") for m in _SECRET_PARAMS.finditer(url) if m.group("value")]
+def _spans(url: str, nested: bool = True) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(hidden, secrets) of ``url``: the spans to hide, and those of the secrets alone (a userinfo's password, not
+    its user name). With ``nested``, also those of each query value that holds ``%``-escapes, decoded once (not
+    again: an escape left in it is text, whatever it encodes), and read as a URL of its own."""
+    params = [m.span("value") for m in _SECRET_PARAMS.finditer(url) if m.group("value")]
+    hidden, secrets = list(params), list(params)
     userinfo = _userinfo_span(url)
     if userinfo:
-        spans.append(userinfo)
+        hidden.append(userinfo)
+        colon = url.find(":", *userinfo)
+        secrets.append((colon + 1, userinfo[1]) if colon >= 0 else userinfo)
+    for m in _QUERY_VALUE.finditer(url) if nested else ():
+        if "%" in m.group("value"):
+            decoded, where = _decode_once(m.group("value"), m.start("value"))
+            inner_hidden, inner_secrets = _spans(decoded, nested=False)
+            hidden += [(where[start], where[end]) for start, end in inner_hidden]
+            secrets += [(where[start], where[end]) for start, end in inner_secrets]
+    return hidden, secrets
+
+
+def _decode_once(value: str, offset: int) -> tuple[str, list[int]]:
+    """``value`` with each ``%XX`` decoded to one character (so that ``%3A%2F%2F`` reads ``://``), and where each
+    character of that, and its end, is in the original (``offset`` + its index in ``value``)."""
+    chars, where, pos = [], [], 0
+    for m in _ESCAPE.finditer(value):
+        chars += [value[pos:m.start()], chr(int(m.group()[1:], 16))]
+        where += [offset + i for i in range(pos, m.start())] + [offset + m.start()]
+        pos = m.end()
+    chars.append(value[pos:])
+    where += [offset + i for i in range(pos, len(value) + 1)]
+    return "".join(chars), where
+
+
+def _hidden_spans(url: str) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
-    for start, end in sorted(spans):
+    for start, end in sorted(_spans(url)[0]):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
         else:
@@ -91,12 +134,9 @@ def redact_url(url: str) -> str:
 def url_secrets(url: str) -> list[str]:
     """The secrets of ``url`` in every form a message may print them: as written, %-decoded, %-encoded
     (upper- and lower-case hex); longest first. The password of ``user:password`` (not the user name),
-    a whole userinfo without ``:`` (a token), and the values of secret-looking query parameters."""
-    found = [m.group("value") for m in _SECRET_PARAMS.finditer(url)]
-    userinfo = _userinfo_span(url)
-    if userinfo:
-        user, colon, password = url[userinfo[0]:userinfo[1]].partition(":")
-        found.append(password if colon else user)
+    a whole userinfo without ``:`` (a token), and the values of secret-looking query parameters, also those of a
+    URL %-encoded in a query value."""
+    found = [url[start:end] for start, end in _spans(url)[1]]
     forms: set[str] = set()
     for secret in filter(None, found):
         decoded = unquote(secret)
