@@ -12,6 +12,11 @@ otherwise make the service read any file it can (``/etc/passwd``, a key under ``
 - may open only the devices listed in ``api.devices``;
 - may not connect to this service's own Redis, HTTP API, dashboard or Ray GCS (the host is resolved, and so are theirs,
   at each check; loopback, the unspecified address and this machine's interface addresses all count as "here");
+  only the host the URL names is checked, so over http(s) the camera follows no redirect and opens no playlist or
+  manifest (HLS, DASH, concat, SDP), which would take FFmpeg to any host: ``check`` marks it
+  (``CameraConfig.untrusted``) and its source refuses them (workers/av_source.py). Left: a name that resolves
+  elsewhere when FFmpeg looks it up itself (DNS rebinding), and an rtsp:// server's redirect, which FFmpeg follows
+  with no option to refuse it (its OPTIONS request is no command Redis knows, nor HTTP our API and dashboard take);
 - may run a synthetic scene of at most a 4K camera's pixels, and give a URL of at most 4096 characters;
 - may ask only for heads the model has, and count (zones, lines) only classes those heads have.
 
@@ -198,7 +203,9 @@ def merge_changes(current: CameraConfig, changes: Any) -> CameraConfig:
     if "id" in changes and changes["id"] != current.id:
         raise CommandRejected(f"camera.id: cannot change (remove {current.id!r} and add a camera instead)")
     urls = [current.url] + ([changes["url"]] if isinstance(changes.get("url"), str) else [])
-    return _validated(_merged(current.model_dump(), changes), urls)
+    merged = _validated(_merged(current.model_dump(), changes), urls)
+    # a camera added at run time stays untrusted through any change (a config camera, until its URL changes: check)
+    return merged.as_untrusted() if current.untrusted else merged
 
 
 def _merged(base: dict, changes: dict) -> dict:
@@ -279,7 +286,8 @@ class Admission:
 
     # -- the checks ----------------------------------------------------------------------------------------
     def check(self, camera: CameraConfig, url_changed: bool = True) -> CameraConfig:
-        """The camera as it may run (a file's path resolved), or CommandRejected naming the field."""
+        """The camera as it may run (a file's path resolved), or CommandRejected naming the field. A new URL is
+        marked untrusted: its source follows no redirect and opens no playlist (see CameraConfig.untrusted)."""
         unknown = [h for h in camera.heads or [] if h not in self.model_heads]
         if unknown:
             raise CommandRejected(f"camera.heads: unknown heads {unknown} (the model has {list(self.model_heads)})")
@@ -288,6 +296,7 @@ class Admission:
             raise CommandRejected("; ".join(f"camera.{p}" for p in problems))
         if not url_changed:
             return camera
+        camera = camera.as_untrusted()
         if len(camera.url) > MAX_URL_CHARS:  # not quoted: it may hold a password
             raise CommandRejected(f"camera.url: at most {MAX_URL_CHARS} characters, got {len(camera.url)}")
         url = camera.url.strip()

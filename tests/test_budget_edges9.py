@@ -29,7 +29,8 @@ def test_an_address_the_machine_gains_or_loses_after_the_start_counts_as_here_or
         admission.check(CameraConfig(id="c", url="rtsp://192.0.2.44:6399/stream"))
     assert refused.value.status == 403
     elsewhere = CameraConfig(id="c", url="rtsp://192.0.2.45:6399/stream")
-    assert admission.check(elsewhere) is elsewhere
+    accepted = admission.check(elsewhere)  # a copy, marked untrusted (CameraConfig.untrusted)
+    assert accepted.model_dump() == elsewhere.model_dump() and accepted.untrusted
 
 
 def test_an_empty_file_is_refused_as_empty_not_as_a_forbidden_text_file(tmp_path):

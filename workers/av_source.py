@@ -35,9 +35,10 @@ _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno
 
 
 def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: float,
-             device: bool = False) -> tuple[str, str]:
+             device: bool = False, opened: bool = False) -> tuple[str, str]:
     """(kind, cause) for an exception PyAV raised; ``elapsed_s`` is how long the failed call took, because a
-    timeout on open surfaces as InvalidDataError, told apart from a garbled answer only by the time it took."""
+    timeout on open surfaces as InvalidDataError, told apart from a garbled answer only by the time it took.
+    ``opened``: the source had opened (the host answered), so the failure came while reading."""
     strerror = getattr(exc, "strerror", None) or type(exc).__name__
     code = getattr(exc, "errno", None)
     if isinstance(exc, av.HTTPUnauthorizedError):
@@ -70,6 +71,9 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
         return "not_video", "not a video capture device"
     if network and (code in _NETWORK_ERRNOS or isinstance(exc, ConnectionError)):
         # FFmpeg reports an unknown host name, and an http body cut short, as EIO; details only in its log.
+        if opened:  # it answered as a video server: not an unknown host. A seek the server refused is EIO too
+            return "unreachable", ("the connection failed after the stream opened: the server hung up, or cannot "
+                                   f"seek in a file (no Range support; an mp4 with its index at its end) ({strerror})")
         return "unreachable", f"connection failed: host unknown or unreachable, or it hung up ({strerror})"
     return ("unreachable" if network else "decode"), strerror
 
@@ -80,6 +84,60 @@ def nominal_rate(stream: Any) -> float | None:
     unknown, the pipeline measures the rate it delivers."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate and float(rate) <= MAX_NOMINAL_FPS else None
+
+
+# A camera added at run time was checked for the host its URL names (pipeline/admission.py), and FFmpeg goes on to
+# any other: a redirect's, or those a playlist (HLS), a manifest (DASH, IMF), a script (concat) or a session
+# description (SDP) names. These demuxers fetch further URLs (or open devices and sockets); FFmpeg has a format
+# whitelist but no blacklist.
+FETCHING_FORMATS = frozenset({"hls", "dash", "imf", "concat", "sdp", "rtp", "rtsp", "sap", "lavfi"})
+# How an http(s) reply that is one of them starts (FFmpeg's probes find them so)
+_FETCHING_MARKS = (b"#extm3u", b"ffconcat", b"<mpd", b"v=0")
+
+
+def confined_options() -> dict[str, str]:
+    """The demuxer options of an http(s) source that must stay on the host its URL names: no redirect (FFmpeg fails a
+    3xx with EIO) and every demuxer of this build but FETCHING_FORMATS (one of those probed: EINVAL)."""
+    formats = (name for name in av.formats_available if not FETCHING_FORMATS & set(name.split(",")))
+    return {"max_redirects": "0", "format_whitelist": ",".join(sorted(formats))}
+
+
+def confined_refusal(url: str, timeout_s: float) -> str | None:
+    """Why a source with confined_options failed to open, where the cause is them: FFmpeg says only EIO or EINVAL,
+    so its server is asked once more, as FFmpeg asked it (same host, path and credentials; no certificate check,
+    as FFmpeg's default). None when it neither redirects nor serves a playlist: the open's own error stands."""
+    import base64
+    import http.client
+    import ssl
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout_s,
+                                                                        context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+    headers = {}
+    if parts.username is not None:
+        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        reply = conn.getresponse()
+        head = b"" if 300 <= reply.status < 400 else reply.read(16).lstrip().lower()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if 300 <= reply.status < 400:
+        return (f"the server redirects it (HTTP {reply.status}), and redirects are not followed for a camera added at "
+                "run time; put it in the config file, or add the camera by the URL it redirects to")
+    if head.startswith(_FETCHING_MARKS):
+        return ("a playlist or manifest (HLS, DASH, concat, SDP), which a camera added at run time does not open: "
+                "FFmpeg would fetch the URLs it names from any host; put it in the config file")
+    return None
 
 
 class AVSource(Source):
@@ -156,7 +214,8 @@ class AVSource(Source):
             return fn(*args, **kwargs)
         except (av.FFmpegError, OSError) as exc:
             kind, cause = classify(exc, network=self._network, elapsed_s=time.monotonic() - started,
-                                   timeout_s=timeout_s, device=self._kind == "device")
+                                   timeout_s=timeout_s, device=self._kind == "device",
+                                   opened=self._container is not None)
         # Raised outside the except block, so the FFmpeg exception (its text holds the raw URL, credentials
         # included) is neither the cause nor the context of ours and no traceback can print it.
         raise self._error(kind, cause)
@@ -211,7 +270,15 @@ class AVSource(Source):
                 hw_failed = e
         if container is None:
             # PyAV's open timeout ends the wait (FFmpeg's socket timeout is no shorter: _options)
-            container = self._call(av.open, self.open_timeout_s, target, **common)
+            try:
+                container = self._call(av.open, self.open_timeout_s, target, **common)
+            except SourceError as e:
+                refused = None  # with confined_options (a camera added at run time): a redirect or playlist, said so
+                if e.kind == "unreachable" and options.get("max_redirects") == "0":
+                    refused = confined_refusal(self._raw_url, self.open_timeout_s)
+                if refused is None:
+                    raise
+                raise self._error("unsupported", refused) from None
             # The URL opens without it, so the device failed: once said here, not a silent CPU decoder that the
             # camera's stats still named as hardware decoding.
             if hw_failed is not None:
@@ -229,6 +296,12 @@ class AVSource(Source):
                 raise self._error("unsupported", "no decoder for its video stream (unknown codec or damaged)")
             stream.thread_type = self._threads
             stream.thread_count = DECODER_THREADS
+            if stream.codec_context.name == "mjpeg":
+                # Each picture stands alone: one cut short (an IP camera's MJPEG part truncated, lost RTP packets)
+                # fails to decode and is skipped and counted (decode_errors), instead of FFmpeg concealing the
+                # damage with the previous picture's data, analysed as a whole picture. A whole picture decodes as
+                # before, also without its EOI marker or with bytes after it.
+                stream.codec_context.options = {**stream.codec_context.options, "err_detect": "explode"}
         except BaseException:
             container.close()
             raise
@@ -243,10 +316,12 @@ class AVSource(Source):
         self._clock = PtsClock(self.nominal_fps)
         self._pacer = Pacer(self.nominal_fps)
         if self._kind == "http":
-            # A file on a web server has a length and downloads faster than its rate; a live stream (an IP camera's
-            # MJPEG, live HLS) has none and comes at the camera's rate: paced at the 25 fps FFmpeg guesses for MJPEG,
-            # a 30 fps camera fell further behind every second.
-            self._pace = self._realtime and container.duration is not None
+            # A file on a web server (an mp4, a finished HLS playlist) has a length and downloads faster than its
+            # rate; a live stream (an IP camera's MJPEG, live HLS) has none and comes at the camera's rate: paced at
+            # the 25 fps FFmpeg guesses for MJPEG, a 30 fps camera fell further behind every second. A file is not
+            # live: its end is the end (Capture), not a dropped connection replayed from the start, an outage a pass.
+            self.live = not (container.duration or 0) > 0  # a live FLV says duration 0
+            self._pace = self._realtime and not self.live
         # A live stream in a format without timestamps (an IP camera's MJPEG over http, a raw H.264 feed): FFmpeg
         # numbers its frames at a guessed 25 fps, and a 5 fps camera's stream time ran at a fifth of real time (the
         # analysed fps, dwell times and snapshots follow it). Its frames are timed as they arrive, its rate measured.

@@ -316,6 +316,7 @@ class Capture:
     def _run(self) -> None:
         worker_thread(f"hv-cap {self.camera.id}")
         attempt = 0
+        up = False  # a stream_up went out, and no stream_down since
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         last_pts = self.last_pts
         try:
@@ -328,25 +329,30 @@ class Capture:
                 try:
                     source = open_source(cam.url, transport=cam.transport, open_timeout_s=cam.open_timeout_s,
                                          read_timeout_s=cam.read_timeout_s, realtime=cam.realtime,
-                                         loop=cam.loop, hwaccel=cam.hwaccel)
+                                         loop=cam.loop, hwaccel=cam.hwaccel, untrusted=cam.untrusted)
                     self._source = source
                     source.open()
                     self.heartbeat = time.monotonic() + cam.read_timeout_s
                     if source.live:  # a camera (or a paced scene) shows what it shows now: skip nothing, only
                         self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
                     self.source_fps = source.nominal_fps
-                    self.state = "running"
-                    self.on_event("stream_up", {"attempt": attempt} if attempt else {})
-                    self.down_said = False
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
                     if not self.resume_at:
                         self.pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
                     source.unpaced_until = self.resume_at  # skipping what was handed over takes no real time
+                    decoded_at_open = self.decoded
                     while not self._stop.is_set():
                         frame = source.read()
                         self.heartbeat = time.monotonic()
                         if frame is None or self._stop.is_set():
                             break
+                        if not up:
+                            # Up with its first picture, not at the open: a source that opened and failed before one
+                            # (an mp4 over http from a server without Range, its index at its end) said stream_up and
+                            # stream_down at every attempt.
+                            self.state = "running"
+                            self.on_event("stream_up", {"attempt": attempt} if attempt else {})
+                            self.down_said, up = False, True
                         # Only a source that gives frames counts as up again: one that opens and hangs up at
                         # once keeps backing off (and does not flood the events with stream_up/down).
                         attempt = 0
@@ -389,6 +395,11 @@ class Capture:
                     # A file's end, or a synthetic scene's of N frames: pacing makes it a live source, whose end
                     # is otherwise a dropped connection (reconnected, and the same N frames played again, forever).
                     if not source.live or not cam.is_live:
+                        # A file over http(s) (not live once open: AVSource.open) does not seek back by itself (a
+                        # server may not take Range requests): `loop` opens it again, no outage said. Not a pass
+                        # without pictures: that would open it again and again at once.
+                        if cam.loop and cam.is_live and self.decoded > decoded_at_open:
+                            continue
                         self.state = "ended"
                         self.on_event("stream_down", {"reason": END_OF_FILE})
                         return
@@ -396,7 +407,9 @@ class Capture:
                 except SourceError as e:
                     reason = redact_text(str(e), [cam.url])
                     self.last_error = reason
-                    if source is None or not source.live or e.kind in ("unsupported", "not_video"):
+                    # A file over http(s) that fails is retried as a camera is (the network may come back)
+                    if (source is None or (not source.live and not cam.is_live)
+                            or e.kind in ("unsupported", "not_video")):
                         self.state = "failed"
                         self.on_event("stream_down", {"reason": reason, "final": True})
                         return
@@ -407,7 +420,7 @@ class Capture:
                         self._closed_skipped += source.decode_errors if source is not None else 0
                         self._source = None
                 # A live camera that dropped or never answered: back off, then try again, forever.
-                attempt += 1
+                attempt, up = attempt + 1, False
                 self.state = "reconnecting"
                 # attempt grows for as long as the camera stays away: 2 ** attempt past 1023 overflows a float (a
                 # camera away ~3 h crashed the thread), and 2 ** 20 is past the cap from any sane initial delay.

@@ -12,7 +12,7 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig, ZoneConfig,
                                         camera_analytics_problems)
@@ -231,6 +231,21 @@ class CameraConfig(Strict):
     lines: list[LineConfig] = Field(default_factory=list, max_length=64)
     motion: MotionConfig = MotionConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
+    # Set only by admission (pipeline/admission.py), never read from a config or a command: a private attribute
+    # travels with copies and pickles (to the camera's actor), and no export, status or answer shows it
+    _untrusted: bool = PrivateAttr(False)
+
+    @property
+    def untrusted(self) -> bool:
+        """A camera whose URL came from a control channel: its source follows no redirect and opens no playlist
+        (workers/av_source.py), since admission checked only the host the URL names."""
+        return self._untrusted
+
+    def as_untrusted(self) -> "CameraConfig":
+        """A copy marked ``untrusted``."""
+        camera = self.model_copy()
+        camera._untrusted = True
+        return camera
 
     @model_validator(mode="after")
     def _analytics(self) -> "CameraConfig":

@@ -131,7 +131,8 @@ class Source:
     thread is inside read() would free FFmpeg state under it; reads are bounded, so stop between them)."""
 
     url: str  # redacted, for display
-    live: bool  # True for cameras, devices, http(s) and realtime synthetic scenes; False for files
+    live: bool  # True for cameras, devices, live http(s) streams and realtime synthetic scenes; False for files
+    # (also one over http(s), whose container has a duration: AVSource.open)
     nominal_fps: float | None  # frames per second the stream announces; None until known
     decode_errors: int = 0  # packets that failed to decode and were skipped (for metrics)
     unpaced_until: int = 0  # a paced file returns frames before this index at once (a resume skips them)

@@ -33,6 +33,7 @@ def open_source(
     threads: str = "AUTO",
     ffmpeg_options: Mapping[str, str] | None = None,
     hwaccel: str | None = None,
+    untrusted: bool = False,
 ) -> Source:
     """Picks the Source for ``url`` without opening it.
 
@@ -44,6 +45,8 @@ def open_source(
     demuxer options (e.g. {"fflags": "nobuffer"} for latency, "buffer_size" for UDP at high bitrates).
     ``hwaccel``: decode on an FFmpeg hardware device ("cuda" for NVDEC, "vaapi", "qsv", ...); a device that
     cannot be created falls back to the CPU decoder with a warning. Ignored by synthetic sources.
+    ``untrusted``: a camera added at run time (CameraConfig.untrusted): over http(s) it follows no redirect and opens
+    no playlist (av_source.confined_options), which would take FFmpeg to hosts admission did not check.
     Raises SourceError("unsupported") for an unknown scheme or bad synthetic parameters, ValueError for a
     bad argument.
     """
@@ -66,8 +69,10 @@ def open_source(
 
         return SyntheticSource(url, realtime=realtime)
 
-    from workers.av_source import AVSource
+    from workers.av_source import AVSource, confined_options
 
+    if untrusted and scheme in ("http", "https"):
+        ffmpeg_options = {**(ffmpeg_options or {}), **confined_options()}
     common: dict[str, Any] = dict(open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, threads=threads,
                                   ffmpeg_options=ffmpeg_options, hwaccel=hwaccel)
     if scheme in ("rtsp", "rtsps"):

@@ -826,9 +826,15 @@ class CameraPipeline:
         now = time.time()
         # Frames published in the last 5 s, over the span of their capture times: the publish times of one
         # batch are all but equal, so the first two frames published would have shown a rate far too high.
-        recent = [wall for t, wall in self.publish_times if now - t <= 5.0]
-        span = recent[-1] - recent[0] if len(recent) > 1 else 0.0
-        fps = (len(recent) - 1) / span if span > 0 else 0.0
+        # The span runs on to now, as decode_fps's window does, by however long the camera is overdue (its longest
+        # gap between publishes lately counts as usual): ending at its last frame, a camera that stalled read its old
+        # rate for 5 s, then 0, and a final table "fps 10.0, decode fps 0.3". A steady camera reads as before.
+        recent = [(t, wall) for t, wall in self.publish_times if now - t <= 5.0]
+        fps = 0.0
+        if len(recent) > 1:
+            usual = max(b[0] - a[0] for a, b in zip(recent, recent[1:]))
+            span = recent[-1][1] - recent[0][1] + max(0.0, now - recent[-1][0] - usual)
+            fps = (len(recent) - 1) / span if span > 0 else 0.0
         # Both percentiles in one call: one partition of the latencies, a third of two calls' CPU (a status goes
         # out every second and on every frame a track starts or ends); the same values as a call each.
         lat = np.percentile(np.array(self.latencies), (50, 95)).tolist() if self.latencies else None
