@@ -251,7 +251,8 @@ def test_an_answer_cut_short_says_the_command_may_still_be_applied(capsys):
         server.close()
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
-        f"error: the HTTP API at {url} cut its answer short: the command may still be applied (see `cameras list`)"], err
+        f"error: the HTTP API at {url} cut its answer short: the command may still be applied "
+        "(see `cameras list`)"], err
 
 
 # -- a Redis only this machine reaches --------------------------------------------------------------------------
