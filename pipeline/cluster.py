@@ -90,6 +90,23 @@ def init_ray(config: Any, system_config: dict) -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[list[BaseException]]:
+    """``_int_term_held`` with SIGHUP blocked in this thread meanwhile: the processes ray.init starts here (a local
+    Ray's GCS, raylet and agents, in this process group) inherit the mask, so a terminal's hang-up, sent to the
+    whole group, leaves them running under a controller that drains on it (pipeline/run_commands.py: Signals); with
+    SIGHUP's default action they died under it, and a hang-up during the start hung it 60 s on a dead GCS. A SIGHUP
+    meanwhile comes once the mask is back, or sooner through another thread (held, as SIGINT's and SIGTERM's)."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}) if main else None
+    try:
+        with _int_term_held() as held:
+            yield held
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
+def _int_term_held() -> Iterator[list[BaseException]]:
     """SIGINT and SIGTERM take effect once ray.init has returned: raised inside it while it built the driver's core
     worker, they left that worker's native threads running with no handle to stop them, and the interpreter's exit
     then crashed (exit 139 or 134 instead of 130). The handler in place still runs at once (it says so; a second

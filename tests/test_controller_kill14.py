@@ -210,3 +210,22 @@ def test_a_second_signal_before_the_first_tick_says_the_stop_is_abandoned():
                                                 "the run's reaper ends the processes it had started")
     signals.tick([])  # a service with no camera yet
     assert "the drain abandoned" in signals.abandoned(signal.SIGTERM) and "(exit 143)" in signals.abandoned(15)
+
+
+def test_what_ray_init_starts_outlives_a_hang_up_of_the_terminal():
+    """A local Ray's GCS, raylet and agents are started by ray.init in the controller's process group: a terminal's
+    hang-up (SIGHUP to the whole group) ended them under a controller that now drains on it, and during the start it
+    hung 60 s on a dead GCS. What starts inside cluster._signals_held has SIGHUP blocked (checked with real Ray: the
+    GCS, the raylet and the agents inherit the mask); the controller's own mask is back after it."""
+    from pipeline import cluster
+
+    with cluster._signals_held():
+        child = subprocess.Popen(["sleep", "30"])
+    try:
+        status = open(f"/proc/{child.pid}/status").read()
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk")), 16)
+        assert blocked & (1 << (signal.SIGHUP - 1)), f"SIGHUP not blocked in the child: SigBlk {blocked:x}"
+        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        child.kill()
+        child.wait()
