@@ -5,11 +5,13 @@ no longer move). Against a real redis-server; no Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 
 import pytest
+import redis
 
 from pipeline.app import App
 from pipeline.config import parse_config
@@ -27,10 +29,12 @@ def test_a_second_service_on_the_cameras_another_runs_is_refused_naming_them(red
     client = redis_server.client()
     stop = threading.Event()
 
-    def other_service() -> None:  # refreshes its cameras' status every half second, as a running one does
+    def other_service() -> None:  # refreshes its cameras' status, as a running one does (every second; here 0.2 s,
+        # so that a loaded machine's stall of a second or two cannot pass for a run that stopped beating)
         while not stop.is_set():
-            client.hset("hv:cameras", mapping={"street-1": json.dumps(status()), "street-9": json.dumps(status())})
-            stop.wait(0.5)
+            with contextlib.suppress(redis.RedisError):  # a slow reply under load: the next beat goes on
+                client.hset("hv:cameras", mapping={"street-1": json.dumps(status()), "street-9": json.dumps(status())})
+            stop.wait(0.2)
 
     beating = threading.Thread(target=other_service, daemon=True)
     beating.start()
