@@ -159,3 +159,72 @@ def test_a_camera_added_at_run_time_stays_untrusted_and_the_mark_shows_nowhere()
 
     with pytest.raises(Exception, match="_untrusted"):
         parse_camera({"id": "cam", "url": "rtsp://192.0.2.1/cam", "_untrusted": False})
+
+
+class Guarded(http.server.BaseHTTPRequestHandler):
+    """A camera behind Digest authentication that redirects once logged in: records every Authorization header."""
+
+    seen: list[str | None] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        Guarded.seen.append(self.headers.get("Authorization"))
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Digest realm="cam", nonce="abc", qop="auth"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_the_second_look_at_a_refused_open_sends_no_credentials_and_says_both_possibilities():
+    """The look that tells a redirect or a playlist apart (FFmpeg says EIO) sent the camera's user and password in
+    Basic on its first request, over plain http, where FFmpeg sends them only when asked, in the scheme asked for
+    (Digest here): the password went out readable. It sends none now; a server that asks for them gets an answer
+    that names both causes."""
+    from workers.av_source import confined_refusal
+
+    Guarded.seen = []
+    server = http.server.ThreadingHTTPServer((HOST, 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        why = confined_refusal(f"http://admin:s3cret@{HOST}:{server.server_address[1]}/cam.mjpeg", 5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert Guarded.seen == [None], Guarded.seen
+    assert why is not None and "asks for credentials" in why and "follows no redirect" in why, why
+
+
+def test_the_second_look_is_bounded_by_its_deadline_whatever_the_server_drips():
+    """http.client's timeout is per read: a server dripping a byte at a time held the capture thread as long as it
+    liked (the watchdog then started another capture, which did the same). The look ends at its deadline."""
+    import socket
+
+    from workers.av_source import confined_refusal
+
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    try:
+        why = confined_refusal(f"http://{HOST}:{listener.getsockname()[1]}/cam.mjpeg", 1.0)
+    finally:
+        stop.set()
+        listener.close()
+    assert why is None and time.monotonic() - started < 5.0, time.monotonic() - started

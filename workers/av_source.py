@@ -6,6 +6,7 @@ included); ``classify`` turns them into a SourceError kind and a plain-words cau
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -104,12 +105,17 @@ def confined_options() -> dict[str, str]:
 
 def confined_refusal(url: str, timeout_s: float) -> str | None:
     """Why a source with confined_options failed to open, where the cause is them: FFmpeg says only EIO or EINVAL,
-    so its server is asked once more, as FFmpeg asked it (same host, path and credentials; no certificate check,
-    as FFmpeg's default). None when it neither redirects nor serves a playlist: the open's own error stands."""
-    import base64
+    so its server is asked once more (same host, path and query; no certificate check, as FFmpeg's default). None
+    when it neither redirects nor serves a playlist, or does not say within ``timeout_s``: the open's own error
+    stands. No credentials are sent: FFmpeg sends them only when asked and in the scheme asked for (a Digest
+    camera's password went out in Basic, readable, over plain http); a server that wants them gets an answer
+    naming both possibilities. Asked in a daemon thread, its socket shut at the deadline: http.client's timeout is
+    per read, and a server dripping bytes held the capture thread as long as it liked."""
     import http.client
+    import socket
     import ssl
-    from urllib.parse import unquote, urlsplit
+    import threading
+    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme == "https":
@@ -119,24 +125,36 @@ def confined_refusal(url: str, timeout_s: float) -> str | None:
                                                                         context=context)
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
-    headers = {}
-    if parts.username is not None:
-        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
-    try:
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
-        reply = conn.getresponse()
-        head = b"" if 300 <= reply.status < 400 else reply.read(16).lstrip().lower()
-    except (OSError, http.client.HTTPException):
+    answer: list[tuple[int, bytes]] = []
+
+    def ask() -> None:
+        try:
+            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+            reply = conn.getresponse()
+            answer.append((reply.status, b"" if 300 <= reply.status < 400 else reply.read(16).lstrip().lower()))
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+
+    asking = threading.Thread(target=ask, name="hv-confined-probe", daemon=True)
+    asking.start()
+    asking.join(timeout_s)
+    if asking.is_alive():  # past the deadline: its socket shut, so that the thread ends now
+        with contextlib.suppress(OSError, AttributeError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    if not answer:
         return None
-    finally:
-        conn.close()
-    if 300 <= reply.status < 400:
-        return (f"the server redirects it (HTTP {reply.status}), and redirects are not followed for a camera added at "
+    status, head = answer[0]
+    if 300 <= status < 400:
+        return (f"the server redirects it (HTTP {status}), and redirects are not followed for a camera added at "
                 "run time; put it in the config file, or add the camera by the URL it redirects to")
     if head.startswith(_FETCHING_MARKS):
         return ("a playlist or manifest (HLS, DASH, concat, SDP), which a camera added at run time does not open: "
                 "FFmpeg would fetch the URLs it names from any host; put it in the config file")
+    if status == 401:
+        return ("it did not open, and a camera added at run time follows no redirect and opens no playlist or "
+                "manifest (HLS, DASH, concat, SDP): if this URL leads to one, put the camera in the config file "
+                "(the server asks for credentials, which this check does not send)")
     return None
 
 
