@@ -108,8 +108,8 @@ def confined_refusal(url: str, timeout_s: float) -> str | None:
     so its server is asked once more (same host, path and query; no certificate check, as FFmpeg's default). None
     when it neither redirects nor serves a playlist, or does not say within ``timeout_s``: the open's own error
     stands. No credentials are sent: FFmpeg sends them only when asked and in the scheme asked for (a Digest
-    camera's password went out in Basic, readable, over plain http); a server that wants them gets an answer
-    naming both possibilities. Asked in a daemon thread, its socket shut at the deadline: http.client's timeout is
+    camera's password went out in Basic, readable, over plain http); a camera that wants them keeps its own error.
+    Asked in a daemon thread, its socket shut at the deadline: http.client's timeout is
     per read, and a server dripping bytes held the capture thread as long as it liked."""
     import http.client
     import socket
@@ -151,11 +151,8 @@ def confined_refusal(url: str, timeout_s: float) -> str | None:
     if head.startswith(_FETCHING_MARKS):
         return ("a playlist or manifest (HLS, DASH, concat, SDP), which a camera added at run time does not open: "
                 "FFmpeg would fetch the URLs it names from any host; put it in the config file")
-    if status == 401:
-        return ("it did not open, and a camera added at run time follows no redirect and opens no playlist or "
-                "manifest (HLS, DASH, concat, SDP): if this URL leads to one, put the camera in the config file "
-                "(the server asks for credentials, which this check does not send)")
-    return None
+    return None  # also a 401: the server wants the credentials this look does not send; the open's error stands,
+    # retried as it was (a camera behind a login whose server failed for a moment is not failed for good)
 
 
 class AVSource(Source):
