@@ -38,6 +38,9 @@ def test_a_second_service_on_the_cameras_another_runs_is_refused_naming_them(red
 
     beating = threading.Thread(target=other_service, daemon=True)
     beating.start()
+    deadline = time.monotonic() + 30
+    while client.hget("hv:cameras", "street-1") is None and time.monotonic() < deadline:  # its first beat is in: a
+        time.sleep(0.05)  # check before it read no camera to watch, so no twin (failed once on a loaded machine)
     try:
         app = App(parse_config({"cameras": CAMERAS}), redis_url=redis_server.url, say=lambda text: None)
         with pytest.raises(UserError, match=r"redis.prefix 'hv': camera\(s\) street-1 run in another"):
@@ -81,6 +84,9 @@ def test_a_run_killed_a_moment_ago_whose_processes_beat_on_a_while_does_not_refu
 
     beating = threading.Thread(target=dying_run, daemon=True)
     beating.start()
+    deadline = time.monotonic() + 30
+    while client.hget("hv:cameras", "street-1") is None and time.monotonic() < deadline:  # its first beat is in
+        time.sleep(0.05)
     said: list[str] = []
 
     def say(line: str) -> None:
