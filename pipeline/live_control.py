@@ -29,7 +29,7 @@ from pipeline.camera_export import export_cameras, export_yaml
 from pipeline.config import API_TOKEN_ENV, ConfigError
 from pipeline.errors import UserError
 from pipeline.status import FINAL_STATES, mark_stale
-from workers.publish import event_message, keys
+from workers.publish import event_message, keys, undelivered as publisher_undelivered
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
 from workers.stream import retired_track_ids_key
@@ -231,7 +231,9 @@ class LiveControl:
             # sent after, was dropped)
             # Messages its publisher could not deliver before it stopped (Redis down or full): lost with it, and said
             # (the answer and the event said only what it had published)
-            undelivered = _undelivered(final.get("publisher"))
+            # (dropped, refused, left: as the end of a run counts them; None: no publisher stats, a crash)
+            publisher = final.get("publisher")
+            undelivered = sum(publisher_undelivered(publisher).values()) if publisher else None
             self._audit("camera_removed", handle.config, by, published=final.get("published", 0),
                         **({"undelivered": undelivered} if undelivered else {}))
         finally:
@@ -475,15 +477,6 @@ class LiveControl:
             time.sleep(0.05)
         log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
                     "again meanwhile takes another", handle.id, handle.name, timeout_s)
-
-
-def _undelivered(publisher: dict | None) -> int | None:
-    """The messages a publisher never delivered to Redis: dropped (its buffer full during an outage), refused by
-    Redis and left in its buffer at the stop, as the end of a run counts them (pipeline/run_commands.py); those left
-    alone said 0 for a removal during an outage that had dropped hundreds. None: no publisher stats (a crash)."""
-    if not publisher:
-        return None
-    return sum(publisher.get(k) or 0 for k in ("dropped", "rejected", "queued"))
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

@@ -29,7 +29,7 @@ from pipeline.consumer import _stream_entries  # one reading of XREAD(GROUP)'s r
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
 from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
-from workers.publish import entry_order, keys
+from workers.publish import entry_order, keys, undelivered as publisher_undelivered
 from workers.redact import redact_text, redact_url
 from workers.redis_writer import _text  # an entry id as text, from a client that decodes or not
 
@@ -273,13 +273,9 @@ def _undelivered(finals: list[dict], events) -> dict[str, dict[str, int]]:
     why (UNDELIVERED_WHY), those with any. "published" counts frames handed to the publisher: exit 0 read as "all in
     Redis" without it. Not only those left at the stop: a long outage's overflow (dropped) went unsaid at the end,
     only in the summary's publisher.dropped and in a publisher_dropped event once Redis was back, if ever."""
-    def lost(publisher: dict) -> dict[str, int]:
-        why = {"dropped": publisher.get("dropped"), "rejected": publisher.get("rejected"),
-               "left": publisher.get("queued")}
-        return {k: n for k, n in why.items() if n}
-    held = {str(f.get("camera")): lost(f.get("publisher") or {}) for f in finals}
+    held = {str(f.get("camera")): publisher_undelivered(f.get("publisher") or {}) for f in finals}
     if events is not None:
-        held["controller events"] = lost(events.stats())
+        held["controller events"] = publisher_undelivered(events.stats())
     return {who: why for who, why in held.items() if why}
 
 

@@ -234,6 +234,14 @@ class Keys:
         return f"{self.prefix}:publisher:{publisher_id}"
 
 
+def undelivered(stats: dict) -> dict[str, int]:
+    """What a Publisher's ``stats()`` counted as never reaching Redis, by why, those with any: dropped (its buffer
+    full during an outage), rejected (refused by Redis), left (in its buffer at the stop). The end of a run and a
+    camera's removal both count these (pipeline/run_commands.py, pipeline/live_control.py)."""
+    why = {"dropped": stats.get("dropped"), "rejected": stats.get("rejected"), "left": stats.get("queued")}
+    return {k: n for k, n in why.items() if n}
+
+
 def keys(prefix: str) -> Keys:
     return Keys(prefix)
 
