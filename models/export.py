@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from models.files import file_identity, written_aside
+from models.files import STALE_ASIDE_S, file_identity, written_aside
 from models.fuse import fuse_conv_bn
 from models.hydranet import ConfigError, HydraNet
 from models.metadata import CheckpointError
@@ -353,7 +353,7 @@ def prune_cache(folder: Path, max_age_days: float = CACHE_MAX_AGE_DAYS, now: flo
     for path in sorted(folder.iterdir(), key=lambda p: p.name.endswith(COMPILED_SUFFIX)):  # exports first
         orphan = False
         if path.name.endswith(".tmp"):
-            limit = 86400.0
+            limit = STALE_ASIDE_S
         elif path.name.endswith(".onnx"):
             limit = max_age_days * 86400.0
         elif path.name.endswith(COMPILED_SUFFIX) and path.is_dir():

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 import numpy as np
 import ray
 
-from models.files import written_aside
+from models.files import STALE_ASIDE_S, written_aside
 from models.metadata import read_metadata
 from workers.batch_size import BatchSizer
 from workers.cores import usable_cores
@@ -556,8 +556,8 @@ COPY_MAX_AGE_DAYS = 30
 
 def _prune_copies(folder: Path) -> None:
     """Removes the checkpoint copies in ``folder`` neither written nor taken for COPY_MAX_AGE_DAYS (with their
-    ``.used`` mark, and marks left without a copy), and parts of copies (``.part``: a write that died) older than a
-    day."""
+    ``.used`` mark, and marks left without a copy), and parts of copies (``.part``: a write that died) older than
+    STALE_ASIDE_S (a day)."""
     now = time.time()
 
     def age(path: Path) -> float:  # since it was written, or last taken
@@ -566,7 +566,7 @@ def _prune_copies(folder: Path) -> None:
 
     for path in folder.glob("*.part"):
         with contextlib.suppress(OSError):  # removed meanwhile by another replica's start
-            if now - path.lstat().st_mtime > 86400.0:
+            if now - path.lstat().st_mtime > STALE_ASIDE_S:
                 path.unlink()
     for path in folder.glob("hydravision-*.safetensors"):
         with contextlib.suppress(OSError):
