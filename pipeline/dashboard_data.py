@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from pipeline.status import rates_now
+from pipeline.status import rates_now, whole_count
 from workers.publish import keys
 from workers.redact import redact_text, url_secrets
 
@@ -185,7 +185,7 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
                     if isinstance(v, (int, float))},
         "published": s.get("published", 0), "reconnects": s.get("reconnects", 0),
         # its process restarted this many times in this service run (its counts span them): "(restarted Nx)"
-        "restarts": s["restarts"] if isinstance(s.get("restarts"), int) and not isinstance(s["restarts"], bool) else 0,
+        "restarts": whole_count(s.get("restarts")),
         "heads": _names(s.get("heads")) or _names((detection or {}).get("heads")),
         # its last message's tracks are tracks now only while it runs: a camera reconnecting for an hour (or added
         # again, starting) showed the tracks of its last frame as the objects in view

@@ -28,7 +28,7 @@ from pipeline.config import load_config
 from pipeline.consumer import _stream_entries  # one reading of XREAD(GROUP)'s reply shapes
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
-from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table
+from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table, whole_count
 from workers.publish import entry_order, keys, undelivered as publisher_undelivered
 from workers.redact import redact_text, redact_url
 from workers.redis_writer import _text  # an entry id as text, from a client that decodes or not
@@ -121,15 +121,11 @@ class Signals:
         exiting = f"A second signal: exiting at once (exit {128 + signum})"
         if self.stats is None:  # no tick yet: the start, or its undo after the first signal
             return f"{exiting}, the stop abandoned: the run's reaper ends the processes it had started"
-        frames = sum(_count(s.get("in_slot")) + _count(s.get("in_flight")) for s in self.stats)
-        held = sum(_count((s.get("publisher") or {}).get("queued")) for s in self.stats)
+        frames = sum(whole_count(s.get("in_slot")) + whole_count(s.get("in_flight")) for s in self.stats)
+        held = sum(whole_count((s.get("publisher") or {}).get("queued")) for s in self.stats)
         return (f"{exiting}, the drain abandoned: the frames still in flight and the messages not yet in Redis are "
                 f"lost (at the last status: {frames} frame(s) in flight, {held} message(s) not yet in Redis); "
                 "no final table")
-
-
-def _count(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _leave_hung_up_terminal() -> None:

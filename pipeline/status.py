@@ -47,6 +47,12 @@ def _number(v) -> bool:
     return math.isfinite(v) if isinstance(v, float) else abs(v) <= sys.float_info.max
 
 
+def whole_count(v) -> int:
+    """A count read from a status or stats (written by hand or by another program, it may hold anything): ``v``
+    where it is an integer (a bool is none), else 0."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
 def _drops(d: dict | None) -> str:
     """Frames lost, by reason; not those the camera's fps setting leaves out by design (``rate``: "not analysed"
     on /metrics), which read as 60% drops for a 25 fps file at fps: 10. Those are ``_rate_skips``."""
