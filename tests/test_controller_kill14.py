@@ -26,25 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.app import App
-from pipeline.config import parse_config
+from test_leftover_status12 import app  # noqa: F401 (a fixture: an App whose events go to redis_server)
 from workers.publish import validate
-from workers.settings import RedisConfig
-from workers.stream import publisher_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- 1. a leftover status's open tracks ---------------------------------------------------------------------------
-@pytest.fixture
-def app(redis_server):
-    app = App(parse_config({}), say=lambda text: None)
-    app.redis_settings = RedisConfig(url=redis_server.url)
-    app.events = publisher_for(app.redis_settings, name="kill14-controller").start()
-    yield app
-    app.events.close(2.0)
-
-
 def test_removing_a_killed_runs_leftover_status_ends_the_tracks_it_had_open(app, redis_server):
     client = redis_server.client()
     status = {"state": "running", "heartbeat_ts": time.time() - 600, "track_ids_next": {"people": 12, "vehicles": 4},
