@@ -40,7 +40,8 @@ def crashed_process(client, instance: str) -> None:
     10 held in its slot and in flight) and its last published frame, 1283; its file's playback began at 0."""
     client.hset(K.cameras, "cam", json.dumps({
         "state": "running", "instance": instance, "stream_mark": "0-0", "decoded": 1300, "published": 1284,
-        "skipped": 0, "reconnects": 2, "track_ids_next": {"people": 40}, "playback": {"start": 1284, "pts_offset": 0},
+        "skipped": 0, "reconnects": 2, "skipped_packets": 7, "track_ids_next": {"people": 40},
+        "playback": {"start": 1284, "pts_offset": 0},
         "dropped": {"rate": 0, "budget": 0, "overload": 5, "error": 1, "shutdown": 0}}))
     client.xadd(K.detections("cam"), {"data": json.dumps({"frame": 1283, "pts": 51.32})})
 
@@ -68,6 +69,7 @@ def test_a_restarted_cameras_status_counts_on_from_its_crashed_process(redis_ser
     own, s = run_restarted(redis_server)
     assert (own["decoded"], own["published"]) == (FRAMES, FRAMES), own  # the controller's: this process's own
     assert (s["decoded"], s["published"], s["reconnects"]) == (1300 + FRAMES, 1284 + FRAMES, 2), s
+    assert s["skipped_packets"] == 7, s  # a UDP camera's loss: in the status too, over its processes
     assert s["dropped"]["overload"] == 5 and s["dropped"]["error"] == 1, s
     assert s["dropped"]["lost"] == 10 and adds_up(s), s  # what the crashed process held at its last status
     assert s["restarts"] == 1, s  # the status table's "(restarted 1x)"
@@ -106,10 +108,11 @@ def test_the_base_reads_what_no_version_writes_as_zero():
 
     base = status_base({"decoded": "12", "published": None, "skipped": True, "reconnects": -3, "dropped": [1],
                         "restarts": 2.5})
-    assert base == {"decoded": 0, "published": 0, "skipped": 0, "reconnects": 0, "dropped": {}, "restarts": 0}
+    assert base == {"decoded": 0, "published": 0, "skipped": 0, "reconnects": 0, "skipped_packets": 0, "dropped": {},
+                    "restarts": 0}
     assert status_base({"decoded": 9, "published": 4, "dropped": {"error": 2, "lost": 1}, "restarts": 2}) == {
-        "decoded": 9, "published": 4, "skipped": 0, "reconnects": 0, "dropped": {"error": 2, "lost": 3},
-        "restarts": 2}
+        "decoded": 9, "published": 4, "skipped": 0, "reconnects": 0, "skipped_packets": 0,
+        "dropped": {"error": 2, "lost": 3}, "restarts": 2}
 
 
 @pytest.mark.timeout(90)

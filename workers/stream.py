@@ -70,8 +70,9 @@ class Resume:
     counts: dict = field(default_factory=dict)
 
 
-# The cumulative counts of a camera's status in Redis besides ``dropped`` (by reason) and ``restarts``.
-STATUS_COUNTS = ("decoded", "published", "skipped", "reconnects")
+# The cumulative counts of a camera's status in Redis besides ``dropped`` (by reason) and ``restarts``;
+# skipped_packets: packets that failed to decode (a UDP camera's loss), in /metrics alone until then.
+STATUS_COUNTS = ("decoded", "published", "skipped", "reconnects", "skipped_packets")
 
 
 def status_base(status: dict) -> dict:
