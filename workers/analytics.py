@@ -26,6 +26,7 @@ occupant by a new track at the same place. The rule (docs/architecture.md, "Anal
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -431,6 +432,7 @@ class LineCounter:
         in class-id order (LineZone counts by class id)."""
         self.config, self.name, self.classes, self.head_classes = config, config.name, classes, head_classes
         self.start, self.end = to_pixels([config.start, config.end], config.units, size)
+        self.since: float | None = None  # unix seconds its counts started, when after the camera's (a live change)
         self.zones = {h: PatientLineZone(sv.Point(*self.start), sv.Point(*self.end),
                                          triggering_anchors=_positions(config.anchors),
                                          minimum_crossing_threshold=config.min_crossing_frames) for h in classes}
@@ -484,6 +486,7 @@ class CameraAnalytics:
         self.errors = frame_errors(zones, lines, size)
         self.zones: dict[str, ZoneCounter] = {}
         self.lines: dict[str, LineCounter] = {}
+        self.removed: list[ZoneCounter] = []  # zones a live change removed: their occupants leave on the next update
         for kind, items in (("zones", zones), ("lines", lines)):
             for i, item in enumerate(items):
                 if f"{kind}[{i}]" in self.errors:
@@ -515,12 +518,26 @@ class CameraAnalytics:
 
     def update(self, head: str, det: sv.Detections, frame: int, pts: float) -> list[dict]:
         """Tracked detections of one head on one analysed frame (source pixels) -> events, in a stable order."""
-        events = []
+        events = self._end_removed(frame, pts)
         for zone in self.zones.values():
             events += zone.update(head, det, frame, pts)
         for line in self.lines.values():
             events += line.update(head, det, frame, pts)
         return events
+
+    def _end_removed(self, frame: int, pts: float) -> list[dict]:
+        """zone_left (reason ``removed``) for the occupants of the zones a live change removed or switched off, on
+        the first analysed frame under the new settings: a consumer that keeps occupancy from the events had them
+        inside for ever. Those of a head the camera dropped since go without, as on a head's drop (with_heads)."""
+        events = [zone._leave(key, frame, pts, "removed") for zone in self.removed for key, occ in
+                  list(zone.occupants.items()) if occ.head in self.head_classes]
+        self.removed = []
+        return events
+
+    def ended(self, frame: int, pts: float) -> list[dict]:
+        """zone_left (reason ``removed``) for every occupant: the camera's last zones and lines went in a live change,
+        and CameraPipeline drops its analytics on that frame (no update follows to say it)."""
+        return self.reconfigured([], [])._end_removed(frame, pts)
 
     def hold(self, pts: float) -> None:
         """A frame skipped by the motion gate (nothing moved): see ZoneCounter.hold. Lines need nothing: no
@@ -531,14 +548,16 @@ class CameraAnalytics:
     def undecided(self) -> bool:
         """Some zone waits for analysed frames to decide whether an occupant it missed has left, or whether an
         object inside has entered, or a line whether a track has crossed (the motion gate lets frames through
-        meanwhile)."""
-        return any(zone.undecided() for zone in self.zones.values()) or any(
+        meanwhile), or a removed zone's occupants wait for their zone_left."""
+        return bool(self.removed) or any(zone.undecided() for zone in self.zones.values()) or any(
             lz.undecided() for line in self.lines.values() for lz in line.zones.values())
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         """The fields of {prefix}:cam:{camera}:counts: ``zone:{zone}:{head}:{class}`` -> objects inside now,
-        ``line:{line}:{head}:{class}:in`` / ``:out`` -> crossings so far (schema: workers/schemas/counts-v1.json)."""
-        out: dict[str, int] = {}
+        ``line:{line}:{head}:{class}:in`` / ``:out`` -> crossings so far, ``since:line:{line}`` -> unix seconds
+        that line's counts started, for a line changed or added live (the hash's ``since`` is the camera's)
+        (schema: workers/schemas/counts-v1.json)."""
+        out: dict[str, float] = {}
         for name, zone in self.zones.items():
             occupied = zone.occupancy()
             for head, classes in zone.classes.items():
@@ -547,21 +566,29 @@ class CameraAnalytics:
         for name, line in self.lines.items():
             for (head, c), n in line.counts().items():
                 out[f"line:{name}:{head}:{c}:in"], out[f"line:{name}:{head}:{c}:out"] = n["in"], n["out"]
+            if line.since is not None:
+                out[f"since:line:{name}"] = round(line.since, 3)
         return out
 
-    def reconfigured(self, zones: list[ZoneConfig], lines: list[LineConfig]) -> "CameraAnalytics":
-        """The analytics for new zone/line settings (a live config change): zones and lines whose settings did
-        not change keep their state (occupants, counts); a changed zone keeps its occupants (ZoneCounter.inherit);
-        changed lines start afresh."""
+    def reconfigured(self, zones: list[ZoneConfig], lines: list[LineConfig],
+                     now: float | None = None) -> "CameraAnalytics":
+        """The analytics for new zone/line settings (a live config change, at unix time ``now``): zones and lines
+        whose settings did not change keep their state (occupants, counts); a changed zone keeps its occupants
+        (ZoneCounter.inherit); a removed one's leave on the next update (_end_removed); changed and new lines
+        start afresh, their counts since ``now``."""
+        now = time.time() if now is None else now
         new = CameraAnalytics(zones, lines, self.head_classes, self.size, self.horizon_s)
+        new.removed = self.removed + [zone for name, zone in self.zones.items() if name not in new.zones]
         for name, zone in self.zones.items():
             if name in new.zones and new.zones[name].config == zone.config:
                 new.zones[name] = zone
             elif name in new.zones:  # changed: its occupants must not enter a second time
                 new.zones[name].inherit(zone)
-        for name, line in self.lines.items():
-            if name in new.lines and new.lines[name].config == line.config:
-                new.lines[name] = line
+        for name, line in new.lines.items():
+            if name in self.lines and self.lines[name].config == line.config:
+                new.lines[name] = self.lines[name]
+            else:  # counts from 0 from now on: the hash's since (the camera's start) would say it counted all along
+                line.since = now
         return new
 
     def with_heads(self, head_classes: dict[str, list[str]]) -> "CameraAnalytics":
@@ -576,4 +603,6 @@ class CameraAnalytics:
         for name, line in self.lines.items():
             kept = new.lines[name]
             kept.zones.update({h: z for h, z in line.zones.items() if h in kept.zones})  # their crossing counts
+            kept.since = line.since
+        new.removed = self.removed  # _end_removed leaves out the occupants of the heads dropped
         return new

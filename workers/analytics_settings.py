@@ -6,7 +6,10 @@ checked when the config is loaded. ``pixels`` is source pixels (what supervision
 user reads off a screenshot); at load only what needs no frame is checked (finite, >= 0, below MAX_PIXELS),
 and the points are checked against the real frame size when the camera's first frame arrives
 (``frame_errors``): a zone or line that does not fit is switched off and named in the camera's last_error
-and an ``analytics_error`` event, while the camera keeps running.
+and an ``analytics_error`` event, while the camera keeps running. One rule for what cannot count, a zone or
+line within one pixel or a line along an edge of the frame (boxes are clipped to it): refused at load where the
+frame's size does not matter to it (a normalised line on an edge, pixels within a pixel), else switched off so
+on the first frame (a normalised zone or line within one of its pixels, a pixel line on its right edge).
 
 Every message names the field, e.g. ``cameras[0].zones[1].polygon: edges 0-1 and 2-3 cross (the polygon is
 self-intersecting)``. Heads are checked against the model by ``analytics_errors`` (the config alone does not
@@ -55,6 +58,28 @@ def _check_units(points: list[Point], units: str | None) -> None:
 
 def _fmt(p: Point) -> str:
     return f"({p[0]:g}, {p[1]:g})"
+
+
+def _within_a_pixel(points: list[Point], zone: bool, frame: str = "") -> str | None:
+    """Why points (in pixels) that all lie within one pixel make no zone or line, or None: supervision rounds
+    anchors and corners to whole pixels, so such a zone holds no object and no object crosses such a line."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    w, h = pts.max(0) - pts.min(0)
+    if w >= 1 or h >= 1:
+        return None
+    span = f"lies within one pixel{frame} ({w:.2g} x {h:.2g} px)"
+    return f"the zone {span}: it can hold no object" if zone else f"the line {span}: no object can cross it"
+
+
+def _along_edge(start: Point, end: Point, size: tuple[float, float] | None, frame: str = "the frame") -> str | None:
+    """Why a line along an edge of the frame (both its points on it) counts nothing, or None: boxes are clipped
+    to the frame, so no object gets past it (on the left or top edge supervision counted only a box lying on the
+    line, a tie it puts on one side). ``size``: the frame's (width, height); None: the far edges are unknown."""
+    w, h = size or (None, None)
+    for edge, axis, at in (("left", 0, 0), ("top", 1, 0), ("right", 0, w), ("bottom", 1, h)):
+        if at is not None and start[axis] == end[axis] == at:
+            return f"the line lies along the {edge} edge of {frame} ({'xy'[axis]} = {at:g}): no object gets past it"
+    return None
 
 
 def _check_names(v: list[str] | None) -> list[str] | None:
@@ -168,6 +193,9 @@ class ZoneConfig(_Counted):
         problem = polygon_problem(v)
         if problem:
             raise ValueError(problem)
+        small = _within_a_pixel(v, True) if units == "pixels" else None  # normalised: frame_errors
+        if small:
+            raise ValueError(small)
         return v
 
 
@@ -200,7 +228,13 @@ class LineConfig(_Counted):
         if start is not None and math.dist(start, v) == 0:
             raise ValueError(f"the line has length 0: start and end are both {_fmt(v)}")
         if start is not None:
-            _check_units([start, v], info.data.get("units"))
+            units = info.data.get("units")
+            _check_units([start, v], units)
+            # What needs no frame size: the top and left edges (normalised: every edge), pixels within a pixel
+            problem = _along_edge(start, v, (1, 1) if units == "normalized" else None) or (
+                _within_a_pixel([start, v], False) if units == "pixels" else None)
+            if problem:
+                raise ValueError(problem)
         return v
 
 
@@ -271,7 +305,9 @@ def analytics_errors(zones: list[ZoneConfig], lines: list[LineConfig], camera_he
 
 
 def frame_errors(zones: list[ZoneConfig], lines: list[LineConfig], size: tuple[int, int]) -> dict[str, str]:
-    """Pixel coordinates outside the real frame, ``size`` (width, height): {"zones[0]": "zones[0].polygon: ..."}."""
+    """Zones and lines that cannot count in the real frame, ``size`` (width, height): pixel coordinates outside
+    it, a line along its right or bottom edge, a zone or line (either units) within one of its pixels.
+    {"zones[0]": "zones[0].polygon: ..."}."""
     w, h = size
     out = {}
 
@@ -280,14 +316,19 @@ def frame_errors(zones: list[ZoneConfig], lines: list[LineConfig], size: tuple[i
 
     for kind, items in (("zones", zones), ("lines", lines)):
         for i, item in enumerate(items):
-            if item.units != "pixels":
-                continue
-            if isinstance(item, ZoneConfig):
-                field, bad = "polygon", outside(item.polygon)
-            else:
-                bad = outside([item.start, item.end])
-                field = ("start", "end")[bad[0]] if bad else ""
+            zone = isinstance(item, ZoneConfig)
+            points = item.polygon if zone else [item.start, item.end]
+            scale = (w, h) if item.units == "normalized" else (1, 1)
+            pixels = [(x * scale[0], y * scale[1]) for x, y in points]
+            bad = outside(points) if item.units == "pixels" else None
+            field = "polygon" if zone else ("start", "end")[bad[0]] if bad else "end"
+            frame = f"the {w}x{h} frame"
             if bad:
-                out[f"{kind}[{i}]"] = (f"{kind}[{i}].{field}: point {_fmt(bad[1])} is outside the {w}x{h} frame; "
-                                       f"{kind[:-1]} {item.name!r} is off")
+                why = f"point {_fmt(bad[1])} is outside {frame}"
+            elif zone:
+                why = _within_a_pixel(pixels, True, f" of {frame}")
+            else:
+                why = _along_edge(*pixels, size, frame) or _within_a_pixel(pixels, False, f" of {frame}")
+            if why:
+                out[f"{kind}[{i}]"] = f"{kind}[{i}].{field}: {why}; {kind[:-1]} {item.name!r} is off"
     return out

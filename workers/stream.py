@@ -646,6 +646,9 @@ class CameraPipeline:
         """The camera's zones and lines for this frame's size: built on the first frame, rebuilt (keeping the
         state of unchanged zones and lines) when the settings change, anew when the frame size does."""
         if not self.camera.tracker.enabled or not (self.camera.zones or self.camera.lines):
+            if self.analytics is not None:  # its last zones went live: their occupants leave, as a removed zone's do
+                for ev in self.analytics.ended(item.index, item.pts):
+                    self._event(ev.pop("type"), ev)
             self._drop_hash(self.publisher.keys.counts(self.id))
             self.analytics = None
             return None
