@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.logs import FORMATS, setup_logging
+from pipeline.logs import FORMATS, setup_logging, worker_lines_apart
 from workers.redact import redact_text
 
 log = logging.getLogger("hydravision")
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command in ("run", "demo"):
+            worker_lines_apart()
             from pipeline import run_commands  # imports Ray; keep `train`/`eval` start-up fast
 
             return run_commands.run(args) if args.command == "run" else run_commands.demo(args)

@@ -194,6 +194,14 @@ def json_worker_logs() -> bool:
             drop_stdout()
 
     dispatcher.remove_handler("ray_print_logs")
+
+
+def worker_lines_apart() -> None:
+    """Before Ray is imported (it reads RAY_DEDUP_LOGS once, at import): every line a camera process logs reaches the
+    controller's output. Ray's deduplication takes words with digits for noise, so "camera street-1: ..." and
+    "camera street-2: ..." were one line, "[repeated 9x across cluster]": 67 budget actions of five cameras showed
+    as 16 lines, most cameras' none (and the marker came with colour codes in files). A value the user set stays."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
     dispatcher.add_handler("hydravision_json", emit_or_drop)
     return True

@@ -1,0 +1,48 @@
+"""What `hydravision run` prints, a fifteenth look: the lines camera processes log reach the controller's output
+each on its own (Ray's log deduplication took "camera street-1: ..." and "camera street-2: ..." for one line)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# After `run`'s start-up (here: a config that is not there, after Ray was imported), two cameras' lines that differ
+# in the camera's id alone go through Ray's deduplicator as the driver prints its workers' lines.
+PROBE = """
+import time
+from pipeline.cli import main
+assert main(["run", "/nonexistent/hydravision.yaml"]) == 2
+from ray._private.ray_logging import stdout_deduplicator
+batch = lambda pid, cam: {"ip": "127.0.0.1", "pid": pid, "lines": [f"camera {cam}: frame-age budget fps (p95 917 ms)"]}
+out = []
+for pid, cam in ((11, "street-1"), (12, "street-2"), (13, "street-3")):
+    out += [line for b in stdout_deduplicator.deduplicate(batch(pid, cam)) for line in b["lines"]]
+out += [line for b in stdout_deduplicator.flush() for line in b["lines"]]
+print(repr(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_every_cameras_line_reaches_the_output_on_its_own():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=110)
+    assert done.returncode == 0, done.stderr
+    lines = eval(done.stdout.strip().splitlines()[-1])
+    assert [line.split(":")[0] for line in lines] == ["camera street-1", "camera street-2", "camera street-3"], lines
+    assert not [line for line in lines if "repeated" in line], lines
+
+
+@pytest.mark.timeout(120)
+def test_a_dedup_setting_of_the_users_stays():
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
+    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main(['run', '/nonexistent.yaml']); "
+                           "import ray._private.ray_constants as c; print(c.RAY_DEDUP_LOGS)"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    assert done.stdout.strip().splitlines()[-1] == "True", (done.stdout, done.stderr)
