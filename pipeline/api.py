@@ -24,6 +24,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, slash_hint, strict_json
+from pipeline.logs import cut_lines, route_uvicorn
 from workers.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class BearerAuth:
 
 
 def _rejected(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"status": "rejected", "reason": reason}, status_code=status, headers=headers)
+    return JSONResponse({"status": "rejected", "reason": cut_lines(reason)}, status_code=status, headers=headers)
 
 
 CUT_SHORT = ("the service is shutting down; the command was still running when the API stopped (an add is undone, "
@@ -128,16 +130,34 @@ class HeadAsGet:
         await self.app(scope, receive, send)
 
 
-def _allowed(request: Request) -> str:
-    """The methods a path takes, for a 405's Allow: Starlette names those of the first route on the path only
-    (``Allow: GET`` for PUT /cameras/lobby, whose PATCH and DELETE are routes of their own)."""
+def _routes(request: Request, **changes: str) -> bool:
+    """Whether a route takes ``request`` with ``changes`` to its scope (another method, another path)."""
     from starlette.routing import Match
 
-    methods = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
+    scope = {**request.scope, **changes}
+    return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
+
+
+def _allowed(request: Request) -> str:
+    """The methods a path takes, for a 405's Allow, each method tried: Starlette names those of the first route on
+    the path only (``Allow: GET`` for PUT /cameras/lobby, whose PATCH and DELETE are routes of their own), and an
+    included router's routes sit behind one entry with no ``methods`` (/healthz, /readyz, /metrics: ``Allow:``)."""
+    methods = {m for m in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT") if _routes(request, method=m)}
     return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+
+
+def _not_found(request: Request) -> str | None:
+    """What a 404 names where a route was meant (Starlette's bare "Not Found" named nothing; None elsewhere): a path
+    with a doubled '/' that routes with single ones, or a camera id holding '/' (sent as %2F or not: no route's
+    {camera_id} takes it, and no camera id holds one), as the control stream names it."""
+    path, method = request.url.path, request.method
+    single = re.sub("/{2,}", "/", path)
+    if single != path and _routes(request, path=single):
+        return f"{method} {path}: no such path; with single slashes: {method} {single}"
+    camera_id = path.removeprefix("/cameras/")
+    if camera_id != path and _routes(request, path="/cameras/id"):
+        return f"camera.id: no camera {camera_id!r} is running"
+    return None
 
 
 def _validation_reason(exc: RequestValidationError) -> str:
@@ -233,7 +253,7 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        hint = slash_hint(request) if exc.status_code == 404 else None
+        hint = (slash_hint(request) or _not_found(request)) if exc.status_code == 404 else None
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed(request)}
@@ -316,8 +336,10 @@ class ApiServer:
         host, self.port = sock.getsockname()[:2]
         self.host = host
         app = AnswerCutRequests(LoopbackHostsOnly(self.app, host) if check_host else self.app)
-        config = uvicorn.Config(app, log_level="warning", access_log=False,
+        # log_config None: uvicorn sets up no logging of its own; its records go through the service's (route_uvicorn)
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
+        route_uvicorn()
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http-api",
                                         daemon=True)

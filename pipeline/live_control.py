@@ -107,9 +107,13 @@ class LiveControl:
     def note_rejected(self, op: str, by: str, reason: str, camera: Any = None) -> None:
         """A refused command, one warning in the log (reasons never hold credentials: see pipeline/admission.py),
         naming its camera where the command named one (the reason starts with the field at fault, not the camera).
-        Not said besides: that printed every refusal twice (two records in JSON, one at INFO)."""
-        what = f"{op} of camera {camera!r}" if isinstance(camera, str) and camera else op
-        log.warning("control: rejected %s from %s: %s", what, by, reason)
+        Not said besides: that printed every refusal twice (two records in JSON, one at INFO). A camera id that is
+        none (a remove's of 5000 characters) is not named: its reason names it, cut as the config's errors are."""
+        from pipeline.logs import cut_lines
+        from workers.settings import CAMERA_ID
+
+        what = f"{op} of camera {camera!r}" if isinstance(camera, str) and CAMERA_ID.match(camera) else op
+        log.warning("control: rejected %s from %s: %s", what, by, cut_lines(reason))
 
     def _claim(self, camera_id: Any, new: bool = False) -> Any:
         """Marks a camera busy for one command; its handle (None when ``new``)."""

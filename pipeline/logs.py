@@ -102,6 +102,44 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     threading.excepthook = _log_thread_exception
 
 
+_ALREADY_CUT = re.compile(r"(.*)\.\.\. \(\d+ characters\)", re.S)
+
+
+def cut_lines(text: str) -> str:
+    """``text`` with each line cut as the config's errors are (pipeline/config.py:_cut): a reason that quotes what
+    was sent (a remove's id of 5000 characters) in an answer or a log line. A line cut already (a refusal's
+    _format_errors) is left as it is: cut again, it told its cut length, not the length sent."""
+    from pipeline.config import MAX_ERROR_LINE, _cut
+
+    def cut(line: str) -> str:
+        done = len(line) > MAX_ERROR_LINE and _ALREADY_CUT.fullmatch(line)
+        return line if done and len(done[1]) == MAX_ERROR_LINE else _cut(line)
+
+    return "\n".join(cut(line) for line in text.split("\n"))
+
+
+class _ThroughService(logging.Filter):
+    """On uvicorn's logger "uvicorn.error" (its server's and connections' records): each record goes to the service's
+    handlers, the root logger's, and no further. A uvicorn.Config made with uvicorn's default logging (the
+    dashboard's, made after the API's) gives logger "uvicorn" a handler of its own, not propagated, that wrote
+    "ERROR:    Cancel 1 running task(s), ..." in its own format on stderr beside the JSON lines; a logger's
+    filters outlast that. That ERROR, requests still running when a stop's grace period ends, is part of a
+    normal stop, a WARNING: they are answered 503, saying so (pipeline/api.py:AnswerCutRequests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and "timeout graceful shutdown exceeded" in str(record.msg):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        logging.getLogger().handle(record)
+        return False
+
+
+def route_uvicorn() -> None:
+    """uvicorn's records through the service's logging (JSON lines with --log-format json), as Ray's are."""
+    errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ThroughService) for f in errors.filters):
+        errors.addFilter(_ThroughService())
+
+
 def _log_thread_exception(hook: threading.ExceptHookArgs) -> None:
     """threading.excepthook with --log-format json: the exception that ended a thread as one error record."""
     if hook.exc_type is not SystemExit:  # as threading's own hook: a thread's SystemExit is no error
@@ -158,6 +196,14 @@ def plain_ray_prefix() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+def worker_lines_apart() -> None:
+    """Before Ray is imported (it reads RAY_DEDUP_LOGS once, at import): every line a camera process logs reaches the
+    controller's output. Ray's deduplication takes words with digits for noise, so "camera street-1: ..." and
+    "camera street-2: ..." were one line, "[repeated 9x across cluster]": 67 budget actions of five cameras showed
+    as 16 lines, most cameras' none (and the marker came with colour codes in files). A value the user set stays."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def json_worker_logs() -> bool:
     """After ray.init(log_to_driver=True): the lines Ray forwards from its workers become JSON records too
     (Ray prints them raw, prefixed "(StreamActor pid=...)"). Uses Ray's log dispatcher, which is not a
@@ -194,14 +240,6 @@ def json_worker_logs() -> bool:
             drop_stdout()
 
     dispatcher.remove_handler("ray_print_logs")
-
-
-def worker_lines_apart() -> None:
-    """Before Ray is imported (it reads RAY_DEDUP_LOGS once, at import): every line a camera process logs reaches the
-    controller's output. Ray's deduplication takes words with digits for noise, so "camera street-1: ..." and
-    "camera street-2: ..." were one line, "[repeated 9x across cluster]": 67 budget actions of five cameras showed
-    as 16 lines, most cameras' none (and the marker came with colour codes in files). A value the user set stays."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
     dispatcher.add_handler("hydravision_json", emit_or_drop)
     return True

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from types import UnionType
+from typing import Annotated, Any, Iterator, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig, ZoneConfig,
                                         camera_analytics_problems)
@@ -73,8 +76,53 @@ def backend_problem(backend: str, precision: str, device: str, compile: bool = F
     return None
 
 
+def _options(annotation: Any) -> tuple:
+    """The types a field takes: a union's members, each without its Annotated metadata."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return tuple(get_args(t)[0] if get_origin(t) is Annotated else t for t in options)
+
+
+def _bools_for_numbers(annotation: Any, value: Any, loc: tuple = ()) -> Iterator[tuple[tuple, bool]]:
+    """(where, value) for each true or false in ``value`` that stands for a number ``annotation`` takes, in lists,
+    tuples, mappings and models whose base is not Strict (the analytics settings'); a Strict model checks its own."""
+    options = _options(annotation)
+    if isinstance(value, bool):
+        if bool not in options and (int in options or float in options):
+            yield loc, value
+        return
+    for option in options:
+        origin, args = get_origin(option), get_args(option)
+        if isinstance(value, dict) and origin is dict and len(args) == 2:
+            for key, item in value.items():
+                yield from _bools_for_numbers(args[1], item, (*loc, key))
+        elif isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
+            for i, item in enumerate(value):
+                each = args[0] if origin is list or args[-1] is Ellipsis else args[min(i, len(args) - 1)]
+                yield from _bools_for_numbers(each, item, (*loc, i))
+        elif isinstance(value, dict) and isinstance(option, type) and issubclass(option, BaseModel) \
+                and not issubclass(option, Strict):
+            for name, field in option.model_fields.items():
+                if name in value:
+                    yield from _bools_for_numbers(field.annotation, value[name], (*loc, name))
+        else:
+            continue
+        return
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """true or false where a number belongs is refused: pydantic's lax mode read them as 1 and 0, so a client's
+        `"fps": true` (or YAML's unquoted yes, on, no, off) ran a camera at 1 fps without a word."""
+        found = list(_bools_for_numbers(cls.model_fields[info.field_name].annotation, v))
+        if found:  # where each one is, under this field (a ValidationError raised here keeps its locations)
+            error = PydanticCustomError("bool_for_number", "must be a number, not true or false")
+            raise ValidationError.from_exception_data(cls.__name__, [
+                InitErrorDetails(type=error, loc=loc, input=given) for loc, given in found])
+        return v
 
 
 class RedisConfig(Strict):
@@ -273,7 +321,8 @@ class CameraConfig(Strict):
     @classmethod
     def _id(cls, v: str) -> str:
         if not CAMERA_ID.match(v):
-            raise ValueError(f"must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; got {v!r}")
+            # the value is not echoed here: every error's line shows it, cut short (pipeline/config.py:_format_errors)
+            raise ValueError("must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
         return v
 
     @field_validator("url")
