@@ -153,6 +153,9 @@ class App(LiveControl):
     _unretired: dict = field(default_factory=dict)
     _retire_at: float = 0.0  # when the retry may ask Redis again (monotonic), after _retire_failures in a row
     _retire_failures: int = 0
+    # Next track ids of the cameras removed in this run (id -> head -> next id, ``_retire_in_redis``), handed to one
+    # added again (``_create``): Redis's copy is lost when it restarts without persistence. A few bytes per id.
+    _retired_ids: dict = field(default_factory=dict)
     # Camera processes (Ray name, pid) whose restart the metric has counted. Only the latest matter (a process's
     # cameras restart within seconds of each other), so a crash-looping camera cannot grow it for ever.
     _restarted_pids: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
@@ -480,6 +483,9 @@ class App(LiveControl):
                        [(self.placement.namespace,
                          cluster.inference_name(self.placement.replica_index(cam.id, live)))]
                        for cam in cams}
+            # one removed earlier in this run goes on from its next track ids at least (Redis may have lost them)
+            more = {cam.id: {"track_ids": dict(self._retired_ids[cam.id])} for cam in cams
+                    if self._retired_ids.get(cam.id)}
         starting: list[tuple[CameraHandle, Any]] = []
         try:
             # One add at a time from here: it sees the processes the adds before it joined or created. At run time a
@@ -489,7 +495,8 @@ class App(LiveControl):
                 for cam in cams:
                     if host := joining.get(cam.id):
                         handle = CameraHandle(cam.id, cam, host.process, host.name, replica[cam.id], joined=True)
-                        starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id])))
+                        starting.append((handle, host.process.start.remote(cam.id, cam, replica[cam.id],
+                                                                            **more.get(cam.id, {}))))
                 with self._lock:
                     taken = {h.name for h in [*self.cameras.values(), *self._leaving.values(), *self._joins.values()]}
                 groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
@@ -507,7 +514,8 @@ class App(LiveControl):
                                                    self.redis_settings, self.instance,
                                                    self.config.inference.merge_window_ms / 1000, model)
                     created = [CameraHandle(cam.id, cam, process, name, replica[cam.id], short=short) for cam in group]
-                    starting += [(handle, process.start.remote(handle.id)) for handle in created]
+                    starting += [(handle, process.start.remote(handle.id, **more.get(handle.id, {})))
+                                 for handle in created]
                     if run_time:
                         with self._lock:
                             self._joins.update({handle.id: handle for handle in created})

@@ -436,19 +436,24 @@ class LiveControl:
     def _retire_in_redis(self, camera_id: str, next_ids: dict | None, quiet: bool = False) -> bool:
         """Keeps the removed camera's next track ids, so that one added again under its id goes on from them:
         per head the highest of its final stats' (none when its process had crashed or was restarting), its
-        last status' and an earlier removal's. Deletes its snapshot and zone/line counts, what a camera shows
-        now, of one that is no more (they stayed for every id ever removed, ~100 KB each); its detections
-        stream stays, which consumers may still be reading."""
+        last status' and an earlier removal's (in Redis, or remembered by this service run). Deletes its snapshot
+        and zone/line counts, what a camera shows now, of one that is no more (they stayed for every id ever
+        removed, ~100 KB each); its detections stream stays, which consumers may still be reading."""
         retired_key = retired_track_ids_key(self.redis_settings.prefix)
+        # Remembered for this service run as well, Redis or not (App._create hands them to the camera added again):
+        # a Redis without persistence that restarted had lost them, and that camera numbered from 0 again.
+        with self._lock:
+            remembered = _merge_ids(self._retired_ids.setdefault(camera_id, {}), _next_ids(next_ids)).copy()
         try:
             client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
             try:
                 status, before = client.hget(keys(self.redis_settings.prefix).cameras, camera_id), \
                     client.hget(retired_key, camera_id)
                 merged: dict[str, int] = {}
-                for ids in (_next_ids(next_ids), _next_ids(status, "track_ids_next"), _next_ids(before)):
-                    for head, n in ids.items():
-                        merged[head] = max(merged.get(head, 0), n)
+                for ids in (remembered, _next_ids(status, "track_ids_next"), _next_ids(before)):
+                    _merge_ids(merged, ids)
+                with self._lock:
+                    _merge_ids(self._retired_ids[camera_id], merged)
                 if merged:
                     client.hset(retired_key, camera_id, json.dumps(merged))
                 k = keys(self.redis_settings.prefix)
@@ -481,6 +486,13 @@ class LiveControl:
             time.sleep(0.05)
         log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
                     "again meanwhile takes another", handle.id, handle.name, timeout_s)
+
+
+def _merge_ids(into: dict[str, int], ids: dict[str, int]) -> dict[str, int]:
+    """``into`` with each head's next id the larger of its own and ``ids``'."""
+    for head, n in ids.items():
+        into[head] = max(into.get(head, 0), n)
+    return into
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

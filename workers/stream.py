@@ -971,6 +971,9 @@ class CameraHost:
         self.merger_for = merger_for  # the process's CallMerger of a replica; None: a call per camera
         self.model, self.writer = model, writer
         self.restarted = False  # the next start is the controller's restart of it after a crash: see _previous_state
+        # Next track ids the controller remembers of this id's camera removed earlier in its run: at least these
+        # (Redis restarted without persistence had lost them, and the camera added again numbered from 0).
+        self.retired_ids: dict[str, int] = {}
         self.runs = 0  # pipelines started in this process (an update starts an ended file again): in stats as "run"
         self.merger: CallMerger | None = None
         self.pipeline: CameraPipeline | None = None
@@ -1092,7 +1095,10 @@ class CameraHost:
                     if own and status.get("instance") == own:  # this run's: the status counts on from the crashed one's
                         base = status_base(status)
                         resume = replace(resume, counts={**base, "restarts": base["restarts"] + 1})
-                return {str(k): int(v) for k, v in (ids or {}).items()}, resume
+                ids = {str(k): int(v) for k, v in (ids or {}).items()}
+                for head, n in self.retired_ids.items():
+                    ids[head] = max(ids.get(head, 0), int(n))
+                return ids, resume
             # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
             except (redis.RedisError, OSError, ValueError, AttributeError, TypeError, KeyError, ArithmeticError) as e:
@@ -1251,14 +1257,17 @@ class StreamActor:
             raise KeyError(f"camera {camera_id} is not hosted by this process ({sorted(self.hosts)})") from None
 
     async def start(self, camera_id: str, camera: CameraConfig | None = None, inference: list | None = None,
-                    restart: bool = False) -> None:
+                    restart: bool = False, track_ids: dict[str, int] | None = None) -> None:
         """Starts a camera; one this process does not host yet joins it when ``camera`` and ``inference`` come
         along (a camera added at run time, or one that had joined before Ray restarted this process). ``restart``:
-        the controller's start of a camera whose process Ray re-created (it waits for Redis to number on)."""
+        the controller's start of a camera whose process Ray re-created (it waits for Redis to number on).
+        ``track_ids``: next track id per head it numbers from at least (its id's removal earlier in the run)."""
         if camera_id not in self.hosts and camera is not None and inference is not None:
             self._add(camera, inference)
         host = self._host(camera_id)
         host.restarted = restart
+        if track_ids:  # a camera removed earlier in the controller's run, added again: see CameraHost.retired_ids
+            host.retired_ids = track_ids
         if inference is not None and host.task is None:  # the replica it has now, not the constructor's
             host.inference = inference
         await host.start(camera)
