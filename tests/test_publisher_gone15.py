@@ -74,6 +74,8 @@ class _Event(NamedTuple):
     (1000, 1200, 5000, "evicted"),
     (None, 20, 20, "unknown"),  # at maxlen: ours may have been trimmed away as well as never written
     (6, 20, 20, "evicted"),  # ... and where ours is still there, it is
+    (None, 21000, 10**6, "unknown"),  # searched 20,000 deep at most: a script that read a 1M stream blocked Redis 4 s
+    (19900, 21000, 10**6, "evicted"),
 ])
 def test_the_batch_script_searches_the_shared_events_stream_for_what_a_resend_carries_again(
         any_redis: RedisServer, ours_at: int | None, total: int, maxlen: int, how: str) -> None:

@@ -42,7 +42,8 @@ def test_every_cameras_line_reaches_the_output_on_its_own():
 @pytest.mark.timeout(120)
 def test_a_dedup_setting_of_the_users_stays():
     env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
-    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main(['run', '/nonexistent.yaml']); "
+    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; "
+                           "assert main(['run', '/nonexistent.yaml']) == 2; "
                            "import ray._private.ray_constants as c; print(c.RAY_DEDUP_LOGS)"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
     assert done.stdout.strip().splitlines()[-1] == "True", (done.stdout, done.stderr)

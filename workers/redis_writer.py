@@ -97,12 +97,14 @@ if stale then return {prior, 1, {}, {}, {}, ''} end
 local m = tonumber(ARGV[4])
 local n = #KEYS - 2 - m
 local rejected, reasons, errors = {}, {}, {}
--- Whether a stream holds an entry whose data is in `data`, else false and its length: read newest first, 500 a call
--- (each after the first starts with the entry the one before ended with); no XLEN, one command fewer to allow. Not
--- holding it, 10,000 events of 300 bytes took Redis 7.0 20-100 ms: once per Publisher, after its state was lost.
+-- Whether a stream holds an entry whose data is in `data` (true), not (false, its length), or cannot say (nil):
+-- read newest first, 500 a call (each after the first starts with the entry the one before ended with; no XLEN, one
+-- command fewer to allow), at most 20,000 entries: a script blocks Redis, and a stream sized for a long outage
+-- (maxlen 1M: 4.4 s) passed Redis's busy limit and failed every client's commands. 10,000 events of 300 bytes
+-- took Redis 7.0 20-100 ms; once per Publisher, after its state was lost.
 local function holds(key, data)
   local from, skip, length = '+', 0, 0
-  while true do
+  while length < 20000 do
     local page = redis.call('XREVRANGE', key, from, '-', 'COUNT', 500)
     for j = skip + 1, #page do
       if data[page[j][2][2]] then return true end
@@ -111,6 +113,7 @@ local function holds(key, data)
     if #page < 500 then return false, length end
     from, skip = page[#page][1], 1
   end
+  return nil
 end
 -- The state must exist and does not: evicted alone ('evicted': what the send whose reply was lost wrote is still
 -- there, and is written again below), or gone with that send's writes ('emptied': Redis restarted empty or from an
@@ -125,7 +128,7 @@ end
 -- 'unknown' where a full shared stream may have trimmed them away, or no stream tells. 'evicted' where an
 -- eviction was counted (allkeys-* evicts a stream whole, as a restart loses it) or INFO is refused (an ACL).
 local function gone_how()
-  local streams, lost = {}, false
+  local streams, shared, lost = {}, {}, false
   for i = 1, n do
     local key = KEYS[i + 2]
     local s = streams[key] or {data = {}}
@@ -140,12 +143,14 @@ local function gone_how()
     if type(last) == 'table' and not last.err then  -- not a stream: no send wrote there (WRONGTYPE)
       if last[1] and s.data[last[1][2][2]] then return 'evicted' end  -- its one field, data
       if s.carried and (last[1] == nil or s.own) then lost = true
-      elseif s.carried then
-        local found, length = holds(key, s.data)
-        if found then return 'evicted' end
-        lost = lost or length < tonumber(ARGV[2])
-      end
+      elseif s.carried then shared[#shared + 1] = key end
     end
+  end
+  -- Searched only where no stream of its own told already: Redis lost what that one held, so it lost these too
+  for _, key in ipairs(lost and {} or shared) do
+    local found, length = holds(key, streams[key].data)
+    if found then return 'evicted' end
+    lost = lost or (found == false and length < tonumber(ARGV[2]))
   end
   return lost and 'emptied' or 'unknown'
 end
