@@ -174,6 +174,7 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
     counts and snapshot (version, frame, ts). Only what the page shows: a status's other fields stay out."""
     s = status
     live = rates_now(s)
+    current = live and tile_state(s) == UP  # what its last frame saw is what is there now
     return {
         "camera": s["camera"], "state": tile_state(s), "detail": s.get("state"),
         "error": s.get("last_error") or None, "redis_error": s.get("redis_error") or None,
@@ -189,10 +190,15 @@ def make_tile(status: dict, detection: dict | None, counts: dict | None,
         "heads": _names(s.get("heads")) or _names((detection or {}).get("heads")),
         # its last message's tracks are tracks now only while it runs: a camera reconnecting for an hour (or added
         # again, starting) showed the tracks of its last frame as the objects in view
-        "tracks": tracks_by_head(detection) if live and tile_state(s) == UP else {},
+        "tracks": tracks_by_head(detection) if current else {},
         "size": (detection or {}).get("size"),
         "counts": counts,
+        # the same for its zones' occupancy (objects inside now), which the page marks "(last frame)" when false: a
+        # car park camera stopped for minutes read "mid: 2 car" as if now; line totals are crossings so far, history
+        "occupancy_now": current,
         "snapshot": None if snapshot is None else {"v": snapshot[0], "frame": snapshot[1], "ts": snapshot[2]},
+        # its snapshots switched off (only where its status says so): the page said "no snapshot yet" for ever
+        "snapshots_off": s.get("snapshot_enabled") is False,
         "picture_behind_s": None if snapshot is None else _behind(detection, snapshot[2]),
         "heartbeat_age_s": s.get("heartbeat_age_s"), "stale": bool(s.get("stale")),
         "url": s.get("url"),  # redacted by the camera already; scrubbed again on the way out

@@ -787,6 +787,8 @@ class CameraPipeline:
         # The tracks a restart after a crash ends (Resume.open_tracks); written with the status that goes out every
         # second and on every frame a track starts or ends, so a track is in it from its first frame to its last.
         status["tracks_open"] = self.tracker.open_rows() if self.tracker else {}
+        # the dashboard's placeholder says "snapshots off" by it, not "no snapshot yet" for ever (a live switch too)
+        status["snapshot_enabled"] = self.camera.snapshot.enabled
         self.publisher.set_status(self.id, status)
 
     def status_counts(self, s: dict | None = None) -> dict:

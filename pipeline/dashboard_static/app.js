@@ -50,15 +50,16 @@ function drops(tile) {
   return total ? `${total} (${fmt.pairs(lost, true)})` : "0";
 }
 
-function countsText(counts) {
-  // zone: objects inside now by class; line: crossings in / out so far, all classes together
+function countsText(counts, now) {
+  // zone: objects inside now by class; line: crossings in / out so far, all classes together. ``now`` false (a
+  // camera not up): the zones' objects are those of its last frame, and say so
   const zones = new Map(), lines = new Map();
   for (const z of counts.zones) zones.set(z.zone, [...(zones.get(z.zone) || []), `${z.inside} ${iso(z["class"])}`]);
   for (const l of counts.lines) {
     const [i, o] = lines.get(l.line) || [0, 0];
     lines.set(l.line, [i + l["in"], o + l["out"]]);
   }
-  return [...[...zones].map(([name, parts]) => `${iso(name)}: ${parts.join(", ")}`),
+  return [...[...zones].map(([name, parts]) => `${iso(name)}: ${parts.join(", ")}${now ? "" : " (last frame)"}`),
     ...[...lines].map(([name, [i, o]]) => `${iso(name)}: ${i} in, ${o} out`)].join(" · ");
 }
 
@@ -226,9 +227,12 @@ function fillStats(root, tile) {
   const late = tile.picture_behind_s > PICTURE_LATE_S;
   when.hidden = (tile.state === "up" && !late) || !tile.snapshot || !tile.snapshot.ts;
   if (!when.hidden) setText(when, `last picture ${fmt.time(tile.snapshot.ts)}`);
+  // "yet" promised a picture to a camera whose snapshots were switched off
+  setText(root.querySelector(".pic .placeholder"), tile.snapshots_off ? "snapshots off for this camera"
+    : "no snapshot yet");
   setText(root.querySelector("dd.tracks"), tile.tracks ? fmt.pairs(tile.tracks) : "–");
   for (const node of root.querySelectorAll(".counts-row")) node.hidden = !tile.counts;
-  if (tile.counts) setText(root.querySelector("dd.counts"), countsText(tile.counts));
+  if (tile.counts) setText(root.querySelector("dd.counts"), countsText(tile.counts, tile.occupancy_now));
 }
 
 // camera -> its tile in the grid: a search of the grid for each camera made a tick's work grow with the square of
@@ -409,9 +413,11 @@ function renderDetail() {
     el("tr", {}, el("th", {}, "head"), el("th", {}, "tracks now")),
     ...tile.heads.map((h) => el("tr", {}, el("td", {}, h), el("td", {}, String((tile.tracks || {})[h] ?? "–"))))]);
   if (tile.counts) {
-    setRows(root.querySelector("table.zones"), JSON.stringify(tile.counts), () => [
+    const inside = tile.occupancy_now ? "inside" : "inside at its last frame";  // a camera not up
+    setRows(root.querySelector("table.zones"), JSON.stringify([tile.counts, inside]), () => [
       el("tr", {}, el("th", {}, "zone / line"), el("th", {}, "head"), el("th", {}, "class"), el("th", {}, "count")),
-      ...tile.counts.zones.map((z) => el("tr", {}, el("td", {}, `zone ${z.zone}`), el("td", {}, z.head), el("td", {}, z["class"]), el("td", {}, `${z.inside} inside`))),
+      ...tile.counts.zones.map((z) => el("tr", {}, el("td", {}, `zone ${z.zone}`), el("td", {}, z.head),
+        el("td", {}, z["class"]), el("td", {}, `${z.inside} ${inside}`))),
       ...tile.counts.lines.map((l) => el("tr", {}, el("td", {}, `line ${l.line}`), el("td", {}, l.head), el("td", {}, l["class"]), el("td", {}, `${l["in"]} in / ${l["out"]} out`)))]);
   }
   showPicture(root, camera, tile.snapshot);
