@@ -10,9 +10,11 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from fractions import Fraction
 from typing import Any, TypeVar
 
 import av
@@ -27,6 +29,8 @@ DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
 MAX_NOMINAL_FPS = 1000.0  # above: a time base taken for a frame rate (90000 for RTSP), not a camera's rate
 AVFMT_NOTIMESTAMPS = 0x0080  # FFmpeg's flag of a format whose packets carry no timestamps (MJPEG, raw H.264)
+V4L_MAJOR = 81  # Linux's device number of video4linux devices: a capture device under a name of its own (a udev link)
+MAX_SAR = 8  # a pixel aspect beyond 8:1 (or 1:8) is a damaged header's, not a format's (HDV's is 4:3, a DVD's 64:45)
 # Tags are not always UTF-8 (a damaged file, a camera's SDP title in GBK or Latin-1). PyAV < 19 decodes them
 # strictly unless told otherwise, raising UnicodeDecodeError out of av.open; 19 decodes them with
 # surrogateescape and no longer takes the argument (a TypeError). Nothing here reads the tags.
@@ -85,6 +89,14 @@ def nominal_rate(stream: Any) -> float | None:
     unknown, the pipeline measures the rate it delivers."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate and float(rate) <= MAX_NOMINAL_FPS else None
+
+
+def shown_size(height: int, width: int, sar: Fraction) -> tuple[int, int]:
+    """(height, width) of a picture of non-square pixels as players show it (mpv's rule): wider where its pixels are
+    wide, taller where they are narrow, never smaller (480x272 at 4:3 is 640x272, 720x480 at 8:9 is 720x540)."""
+    if sar > 1:
+        return height, max(1, round(width * sar))
+    return max(1, round(height / sar)), width
 
 
 # A camera added at run time was checked for the host its URL names (pipeline/admission.py), and FFmpeg goes on to
@@ -188,6 +200,9 @@ class AVSource(Source):
         self._eof = False
         self._index = 0
         self._since_seek = 0  # frames decoded since the last (re)start: a file without frames must not loop
+        self._sought = False  # a loop's seek came (after a pass with frames): a pass without any then is the end
+        self._file_id: tuple[int, int, int] | None = None  # the open file's (device, inode, mtime): _replaced
+        self._sar: Fraction | None = None  # the stream's pixel aspect where its pixels are not square (open)
         self._pass_start: float | None = None  # pts of the first frame since the last (re)start
         self._restart_timestamps()
         self._consecutive_errors = 0
@@ -260,11 +275,46 @@ class AVSource(Source):
         # "file:" keeps FFmpeg from reading "name:with:colons.mp4" as a protocol.
         return "file:" + os.path.abspath(self._path), None, {"fflags": "+genpts", **self._extra}
 
+    def _check_file(self) -> tuple[int, int, int] | None:
+        """The file's (device, inode, mtime) before FFmpeg opens it, None where it cannot be looked at (FFmpeg's open
+        says why: no such file, permission denied). SourceError for a path that is neither a regular file nor a
+        capture device: FFmpeg's open() of a FIFO without a writer, or of a terminal, blocks, and PyAV's timeout
+        cannot interrupt it (a config camera said `starting` for ever, and each watchdog restart left a blocked
+        thread and an fd behind; admission refuses such paths for cameras added at run time)."""
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)  # stat opens nothing: it cannot block on a FIFO
+        except OSError:
+            return None
+        if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == V4L_MAJOR:
+            return st.st_dev, st.st_ino, st.st_mtime_ns
+        if stat.S_ISDIR(st.st_mode):
+            cause = "is a directory, not a video"
+        elif stat.S_ISFIFO(st.st_mode):
+            cause = "is a FIFO (named pipe), not a file: opening it waits for a writer, past any timeout"
+        elif stat.S_ISCHR(st.st_mode):
+            cause = "is a character device, not a file nor a video capture device (/dev/videoN, device://)"
+        else:
+            cause = "is not a regular file (a block device or a socket)"
+        raise self._error("not_video", cause)
+
+    def _replaced(self) -> bool:
+        """The path names another file than the open one (a new file renamed over it, log-rotation style), or the
+        open one was written since it was opened. False where the path cannot be looked at now: the open one goes on."""
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return False
+        return self._file_id is not None and (st.st_dev, st.st_ino, st.st_mtime_ns) != self._file_id
+
     def open(self) -> None:
         """Opens (or reopens) the container; raises SourceError within the open timeout."""
         self.close()
         self._closed = False
         self._reset_state()
+        if self._kind == "file":
+            self._file_id = self._check_file()
         target, fmt, options = self._options()
         common = dict(format=fmt, options=options, timeout=(self.open_timeout_s, self.read_timeout_s), **_TAGS)
         container = None
@@ -327,6 +377,12 @@ class AVSource(Source):
                         self.url, self.hwaccel, stream.codec_context.name)
             self.hwaccel = None
         self.nominal_fps = nominal_rate(stream)
+        # Non-square pixels (a DVD's 720x576, HDV's 1440x1080, a 480x272 at 4:3): players show the picture widened
+        # (or, below 1, made taller) to its display aspect, and so does read(), in each frame's size: to_model_input and
+        # to_picture scale to it in the conversion they make anyway, so that the model, the snapshot and pixel zones
+        # see what the user sees. Square pixels: None, nothing changes.
+        sar = stream.sample_aspect_ratio  # FFmpeg's guess, as ffprobe's: the container's, else the codec's
+        self._sar = sar if sar and sar != 1 and 1 / MAX_SAR <= sar <= MAX_SAR else None
         self._container, self._stream = container, stream
         self._clock = PtsClock(self.nominal_fps)
         self._pacer = Pacer(self.nominal_fps)
@@ -373,8 +429,8 @@ class AVSource(Source):
         # anchors the clock, so frames a resume skips first cost no waiting).
         if self._pace and self._index >= self.unpaced_until:
             self._pacer.wait(pts)
-        out = SourceFrame(self._index, pts, time.time() - (time.monotonic() - arrived), (frame.height, frame.width),
-                          frame)
+        size = (frame.height, frame.width) if self._sar is None else shown_size(frame.height, frame.width, self._sar)
+        out = SourceFrame(self._index, pts, time.time() - (time.monotonic() - arrived), size, frame)
         # A phone records sideways and says how to show it (display matrix); players and ffmpeg turn the picture,
         # and so must we: sideways people are not detected, and zones drawn on the shown picture would not fit.
         turns = round(getattr(frame, "rotation", 0) / 90) % 4  # an older PyAV has no rotation: as before
@@ -429,14 +485,33 @@ class AVSource(Source):
 
     def _at_end(self) -> None:
         assert self._container is not None and self._stream is not None
+        if self._sought and not self._since_seek:
+            # No picture after the loop's seek, where the pass before had some: a demuxer that took the seek and
+            # did not go back. A normal end, not a file that "holds no pictures".
+            self._eof = True
+            return
         if not (self._loop and self._since_seek):
             self._eof = True
             if self._kind == "file":
                 self._end_error = self._broken_file()
             return
+        if self._replaced():
+            # The next pass reads the file now at the path (a new one renamed over it, log-rotation style): the
+            # open one, deleted, played for ever and held its disk space. Numbering and stream time go on; the new
+            # file's own failure (not a video, no such file) is the source's, as at a first open.
+            index, clock, pacer = self._index, self._clock, self._pacer
+            self.open()
+            self._index, self._clock, self._pacer = index, clock, pacer
+            clock.restart()
+            return
         try:
             # seek() also flushes the decoder, which the end-of-file flush left draining.
             self._container.seek(0, backward=True, any_frame=False, stream=self._stream)
+            if self._container.format.name == "image2":
+                # image2 seeks by picture number but reads a lone picture (a .jpg) through the handle the
+                # pass left at its end: the next pass had no packets and "held no pictures" (PNG's demuxer reads
+                # bytes, and looped). Its first byte too.
+                self._container.seek(0, unsupported_byte_offset=True)
         except (av.FFmpegError, OSError):
             try:
                 # A raw stream (an .h264 dump) has no timestamps to seek by (EPERM): its start is its first byte.
@@ -445,7 +520,7 @@ class AVSource(Source):
                 self._eof = True  # not seekable (a pipe): a normal end
                 return
         frames, clock = self._since_seek, self._clock
-        self._since_seek = 0
+        self._since_seek, self._sought = 0, True
         clock.restart()
         self._restart_timestamps()
         self._packets = self._container.demux()

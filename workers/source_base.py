@@ -75,15 +75,17 @@ class SourceFrame:
     index: int  # 0-based count of frames this Source object has returned since open() (or skipped: see AVSource)
     pts: float  # seconds from the start of the stream; always increases, also when a file loops
     wall: float  # time.time() when it was decoded
-    size: tuple[int, int]  # (height, width) of the source picture
+    size: tuple[int, int]  # (height, width) of the picture as players show it: turned, and at its display aspect
+    # where its pixels are not square (AVSource.open); the conversions below scale ``image`` to it
     image: "av.VideoFrame | np.ndarray"  # PyAV frame (not converted), or RGB uint8 HWC (synthetic; a turned video)
     truth: "FrameTruth | None" = None  # synthetic sources only
 
     def to_rgb(self) -> np.ndarray:
-        """The full-size picture as RGB uint8 (H, W, 3)."""
+        """The full-size picture as RGB uint8 (H, W, 3), of ``size``."""
         if isinstance(self.image, np.ndarray):
             return self.image
-        return _reformatter().reformat(self.image, format="rgb24", threads=1).to_ndarray()
+        h, w = self.size  # the frame's own where its pixels are square (the same call as without them)
+        return _reformatter().reformat(self.image, width=w, height=h, format="rgb24", threads=1).to_ndarray()
 
     def to_picture(self, max_width: int) -> np.ndarray:
         """The picture for a snapshot: BGR uint8 (h, w, 3), scaled down to at most ``max_width`` (a copy, never a
