@@ -253,6 +253,9 @@ class Capture:
         self.playback_start = first_index - self.resume_at
         self.pts_offset = pts_offset  # keeps pts increasing across reconnects and new URLs
         self.last_pts = first_pts
+        # time.monotonic() when the last frame came (a replacement gets its predecessor's, set before start()): a live
+        # source's stream time goes on by the wall time since then across an outage (_run)
+        self.last_frame_mono: float | None = None
         self.heartbeat = time.monotonic()  # last sign of life of the thread, for the stall watchdog
         # The outages this capture said, one per stream_down (their first failure) however many attempts each took: it
         # counted attempts, and one 20 s outage read 6. The owner counts those it says itself (watchdog, crash).
@@ -271,6 +274,7 @@ class Capture:
         self._in_put = False  # blocked handing a frame to a busy pipeline (lossless): alive, not stalled
         self._stop = threading.Event()
         self._abandoned = False
+        self.abandoned_at: float | None = None  # time.monotonic() when abandoned (its owner waits on a blocked one)
         self._thread = threading.Thread(target=self._run, name=capture_thread_name(camera.id, camera.url), daemon=True)
         self._source: Source | None = None
         self._picture_due: float | None = None  # stream time of the next frame that keeps a picture for a snapshot
@@ -298,6 +302,7 @@ class Capture:
     def abandon(self) -> None:
         """Tells a stuck thread to exit whenever it wakes, without closing the shared slot."""
         self._abandoned = True
+        self.abandoned_at = self.abandoned_at or time.monotonic()
         self._stop.set()
 
     def silent_for(self) -> float:
@@ -337,8 +342,13 @@ class Capture:
                         self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
                     self.source_fps = source.nominal_fps
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
+                    period = 1 / self.source_fps if self.source_fps else 0.04
                     if not self.resume_at:
-                        self.pts_offset = last_pts + (1 / self.source_fps if self.source_fps else 0.04) if self.decoded else 0.0
+                        self.pts_offset = last_pts + period if self.decoded else 0.0
+                    # A live camera went on showing while we were away: its first frame now is as far after the last
+                    # one in stream time as in wall time (one period on, an outage of 50 s vanished from dwell times
+                    # and zone timeouts). A file (looping too) goes on where it was.
+                    clock_from = self.last_frame_mono if source.live and cam.is_live else None
                     source.unpaced_until = self.resume_at  # skipping what was handed over takes no real time
                     decoded_at_open = self.decoded
                     while not self._stop.is_set():
@@ -360,6 +370,11 @@ class Capture:
                             continue
                         self.decoded += 1
                         self.last_frame_wall = time.time()
+                        came = time.monotonic() - max(0.0, self.last_frame_wall - frame.wall)  # when it came (wall)
+                        if clock_from is not None:  # the first frame after a live source's reconnect
+                            self.pts_offset = last_pts + max(period, came - clock_from) - frame.pts
+                            clock_from = None
+                        self.last_frame_mono = came
                         pts = self.pts_offset + frame.pts
                         last_pts = self.last_pts = pts
                         # self.camera read per frame: a live update of fps applies from the next one

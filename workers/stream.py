@@ -145,6 +145,8 @@ class CameraPipeline:
         self._failure_said: tuple[str | None, float, int] = (None, 0.0, 0)  # last logged, when, frames since unsaid
         self.watchdog_restarts = self.capture_crashes = self.past_reconnects = self.past_skipped_packets = 0
         self._crash_streak = 0  # crashes since a capture last delivered a frame: the restart's back-off
+        self._left_behind: list[Capture] = []  # captures the watchdog abandoned, their threads maybe still blocked
+        self._held: Capture | None = None  # the stalled capture the watchdog said it keeps (one said once)
         self.state = "created"
         self.started_at: float | None = None
         self._stopping = False
@@ -286,8 +288,8 @@ class CameraPipeline:
 
     async def _watchdog(self) -> None:
         """Brings the decoder back whatever stopped it: a thread stuck beyond its own timeouts (e.g. a hung
-        DNS lookup inside FFmpeg) is abandoned, a thread that crashed on a bug is restarted after a backoff.
-        The new capture continues the frame numbering (and, for files, the position)."""
+        DNS lookup inside FFmpeg) is abandoned (one at a time, see below), a thread that crashed on a bug is restarted
+        after a backoff. The new capture continues the frame numbering (and, for files, the position)."""
         while True:
             await asyncio.sleep(min(1.0, self.camera.stall_timeout / 4))
             stall_s = self.camera.stall_timeout  # read each time: a live update of the timeouts applies at once
@@ -295,10 +297,27 @@ class CameraPipeline:
             if cap is None or self._stopping:
                 continue
             if cap.alive and cap.silent_for() > stall_s:
+                # A thread blocked where no timeout reaches (an open of a path that never answers) holds its fd for
+                # as long as it stays blocked, and a new one blocked the same way: one more per stall period, for
+                # ever. One at a time: while the one the watchdog abandoned before is still blocked, this one is kept
+                # (it may yet return by itself), said once, and restarted once that one has returned. (A thread a
+                # live update replaced is not counted: one per update, and the update's new decoder must start.)
+                self._left_behind = [c for c in self._left_behind if c.alive]
+                if self._left_behind:
+                    if self._held is not cap:
+                        self._held = cap
+                        stuck_s = time.monotonic() - (self._left_behind[-1].abandoned_at or 0.0)
+                        self.last_error = (f"decoder made no progress for {cap.silent_for():.0f} s; not restarted "
+                                           f"while the decoder thread abandoned {stuck_s:.0f} s ago is still blocked")
+                        log.warning("camera %s: %s", self.id, self.last_error)
+                    continue
                 self.watchdog_restarts += 1
                 reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
-                self._event("stream_down", {"reason": reason})
+                if not cap.down_said:  # one stream_down per outage: not again for a decoder that never came back
+                    self.past_reconnects += 1  # the outage the status counts (its restarts are watchdog_restarts)
+                    self._event("stream_down", {"reason": reason})
                 cap.abandon()
+                self._left_behind.append(cap)
             elif not cap.alive and cap.state == "crashed":
                 # Crashing again and again (a bug tied to this stream) must not spin: back off like a reconnect, from
                 # the start again once a capture delivered frames (by the whole run's count, every crash after the
@@ -337,6 +356,7 @@ class CameraPipeline:
                                 pts_offset=cap.pts_offset)
         self._capture.budget_fps = self._budget_fps
         self._capture.down_said = down_said  # its predecessor's end was said: the outage goes on, not a new one
+        self._capture.last_frame_mono = cap.last_frame_mono  # a live camera's stream time goes on by the wall clock
         self._capture.start()
         return first
 
@@ -864,8 +884,8 @@ class CameraPipeline:
             "fps": round(fps, 2), "decode_fps": round(self._decode_fps(decoded, now), 2),
             "latency_ms_p50": round(lat[0], 1) if lat is not None else None,
             "latency_ms_p95": round(lat[1], 1) if lat is not None else None,
-            "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.watchdog_restarts
-            + self.capture_crashes,
+            # the watchdog's outages are in past_reconnects (_watchdog): its restarts within one outage are not more
+            "reconnects": (cap.reconnects if cap else 0) + self.past_reconnects + self.capture_crashes,
             "watchdog_restarts": self.watchdog_restarts, "capture_crashes": self.capture_crashes,
             # packets that failed to decode and were skipped: a UDP camera's packet loss shows here, nowhere else
             "skipped_packets": (cap.skipped_packets if cap else 0) + self.past_skipped_packets,
