@@ -8,6 +8,7 @@ way and never need to sit in the file.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -20,11 +21,14 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pipeline.errors import UserError
 from workers.redact import redact_text, redact_url
 from workers.analytics_settings import analytics_errors
+from workers.budget import COUNTING_MIN_FPS
 from workers.settings import (RAY_RESOURCE_STEP, REDIS_MAX_COUNT, CameraConfig, RedisConfig, Strict, TrackerConfig,
                               backend_problem)
 
 __all__ = ["CameraConfig", "Config", "ConfigError", "RedisConfig", "TrackerConfig", "load_config", "parse_camera",
            "parse_config"]
+
+log = logging.getLogger(__name__)
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -451,7 +455,20 @@ def parse_config(data: Any, source: str = "config") -> Config:
     if isinstance(written, list):
         config._written_urls = {cam.id: raw["url"] for cam, raw in zip(config.cameras, written)
                                 if isinstance(raw, dict) and isinstance(raw.get("url"), str)}
+    for cam in config.cameras:
+        if warning := counting_rate_warning(cam):
+            log.warning("%s: %s", source, warning)
     return config
+
+
+def counting_rate_warning(cam: CameraConfig) -> str | None:
+    """What to say of a camera whose lines or zones analyse fewer frames a second than counting needs
+    (workers/budget.py: COUNTING_MIN_FPS); said, not refused: slower objects than the street's count at less."""
+    if not (cam.lines or cam.zones) or cam.fps is None or cam.fps >= COUNTING_MIN_FPS:
+        return None
+    return (f"camera {cam.id}: fps {cam.fps:g} is below the {COUNTING_MIN_FPS:g} fps its lines and zones need to "
+            "count right: an object that moves farther than its own width between analysed frames is never tracked "
+            "from one to the next, and is not counted")
 
 
 def parse_camera(data: Any, model_heads: dict[str, list[str]] | None = None, where: str = "camera") -> CameraConfig:

@@ -26,7 +26,7 @@ import redis
 
 from pipeline.admission import Admission, CommandRejected, merge_changes, parse_camera
 from pipeline.camera_export import export_cameras, export_yaml
-from pipeline.config import API_TOKEN_ENV, ConfigError
+from pipeline.config import API_TOKEN_ENV, ConfigError, counting_rate_warning
 from pipeline.errors import UserError
 from pipeline.status import FINAL_STATES, mark_stale
 from workers.publish import event_message, keys, undelivered as publisher_undelivered
@@ -178,6 +178,8 @@ class LiveControl:
                 self._let_go(handle, stop=True)  # claimed still: the shutdown waits for it before it stops Ray
             else:  # while its id is claimed: the next command's event on it comes after this one
                 self._audit("camera_added", cam, by, heads=cam.heads or list(self.model_heads), fps=cam.fps)
+                if warning := counting_rate_warning(cam):  # as at the config's load: said, not refused
+                    log.warning("control: %s", warning)
         finally:  # only once it is in ``cameras``: a second add of its id in between was let through
             self._release(cam.id)
         if stopping:
@@ -341,6 +343,8 @@ class LiveControl:
                     handle.done = handle.process.wait.remote(camera_id)
             if result["changed"]:  # while its id is claimed: an update sent next was audited before this one
                 self._audit("camera_updated", new, by, changes=result["changed"])
+            if {"fps", "lines", "zones"} & set(result["changed"]) and (warning := counting_rate_warning(new)):
+                log.warning("control: %s", warning)
         except CommandRejected as e:
             self.note_rejected("update", by, e.reason, camera_id)
             raise

@@ -9,8 +9,9 @@ its own probes (below) overshoot for a second or two, and those frames must fit 
 While the p95 age is over that target, one action per decision, ``hold_s`` apart (a cut needs time to drain):
   1. ``batch_wait``: this camera's frames stop waiting for a batch to fill (a per-request max wait of 0);
   2. ``fps``: the analysed rate is multiplied by ``STEP`` (0.8), down to ``min_fps``; the decoder keeps
-     reading every frame, the skipped ones count as ``dropped.budget``, and the tracker's constant-velocity
-     filter, stepped once per analysed frame, carries its tracks across the longer gaps;
+     reading every frame, the skipped ones count as ``dropped.budget``. The tracker links a detection to a
+     track by IoU: where objects move farther than their own width between analysed frames, no detection
+     links to the next, every track lives one frame and no line or zone counts it (COUNTING_MIN_FPS);
   3. ``min_fps``: nothing is left to give; said once.
 Each raises a ``budget_exceeded`` event. Once the p95 has stayed at or under ``recover_ratio`` x budget for
 ``recover_hold_s`` (counted from the first frame published that was captured after the last step up: frames
@@ -48,6 +49,14 @@ import numpy as np
 
 BudgetEvent = Literal["budget_exceeded", "budget_recovered"]
 
+# The lowest analysed rate at which a camera's lines and zones count right, so the budget's floor for a camera with
+# any (its configured fps where lower). Below it the tracker loses fast objects (moving farther than their width
+# between frames: every track one frame long), silently. With perfect boxes on the synthetic street (seeds 31-36,
+# 60 s each, from a 10 and a 25 fps source; 58-71 crossings and zone entries each), against every frame analysed:
+# 5 fps missed at most 2 of either, as 6-8 fps did; 4 fps of the 25 fps source up to 4 crossings, 3.5 fps up to
+# 11, 3 fps up to 26, 2 fps 35-63 (docs/architecture.md, "Frame-age budget").
+COUNTING_MIN_FPS = 5.0
+
 
 @dataclass(frozen=True)
 class BudgetAction:
@@ -77,14 +86,17 @@ class FrameAgeBudget:
 
     def __init__(self, budget_s: float, base_fps: float, *, min_fps: float | None = None, window_s: float = 2.0,
                  min_samples: int = 8, hold_s: float = 2.0, target_ratio: float = 0.9, recover_ratio: float = 0.7,
-                 recover_hold_s: float = 4.0, max_recover_hold_s: float = 60.0, decide_every: float = 0.5):
+                 recover_hold_s: float = 4.0, max_recover_hold_s: float = 60.0, decide_every: float = 0.5,
+                 counts: bool = False):
+        """``counts``: the camera has lines or zones, whose counts need COUNTING_MIN_FPS (the default floor)."""
         if budget_s <= 0 or base_fps <= 0 or (min_fps is not None and min_fps <= 0):
             raise ValueError(f"budget and fps must be > 0, got {budget_s} s, {base_fps} fps and min_fps {min_fps}")
         if not 0 < recover_ratio < target_ratio <= 1:
             raise ValueError(f"need 0 < recover_ratio < target_ratio <= 1, got recover_ratio {recover_ratio} and "
                              f"target_ratio {target_ratio}")
         self.budget_s, self.base_fps = budget_s, base_fps
-        self.min_fps = min(base_fps, max(1.0, 0.1 * base_fps)) if min_fps is None else min(min_fps, base_fps)
+        floor = max(1.0, 0.1 * base_fps, COUNTING_MIN_FPS if counts else 0.0)
+        self.min_fps = min(base_fps, floor) if min_fps is None else min(min_fps, base_fps)
         self.window_s, self.min_samples, self.hold_s, self.decide_every = window_s, min_samples, hold_s, decide_every
         # at a few frames per second the evidence reaches further back: far enough to hold min_samples frames
         self.max_window_s = max(10 * window_s, 2 * min_samples / self.min_fps)

@@ -123,7 +123,8 @@ class CameraPipeline:
         self.submitted = self.published = self.dropped_error = 0
         self.shutdown_held = self.shutdown_inflight = 0  # frames abandoned by a stop without drain
         self._holding = 0  # a frame taken from the slot, waiting for a free inference slot
-        self.latencies: collections.deque[float] = collections.deque(maxlen=300)
+        # (time.monotonic(), ms capture to publish) of the frames published lately: stats()'s latency percentiles
+        self.latencies: collections.deque[tuple[float, float]] = collections.deque()
         self.frame_age = Histogram(FRAME_AGE_BUCKETS)  # capture to publish, seconds: hydravision_frame_age_seconds
         self.budget: FrameAgeBudget | None = None  # made once the source's rate is known (max_frame_age_ms set)
         self._budget_since = 0.0  # time.monotonic() of the last reset: only frames captured since feed the budget
@@ -389,7 +390,7 @@ class CameraPipeline:
         self.heads, self.classes = heads, classes
         for ev in ended:
             self._event(ev.pop("type"), ev)
-        if any(f in changed for f in self.BUDGET_FIELDS):
+        if any(f in changed for f in self.BUDGET_FIELDS) or self._counts(camera) != self._counts(old):
             self._reset_budget()
         if self._capture is not None:
             if any(f in changed for f in self.CAPTURE_FIELDS):
@@ -404,8 +405,14 @@ class CameraPipeline:
             self.publish_status()
         return changed
 
-    # Fields the frame-age budget was sized from: a change starts it afresh from the new configuration.
+    # Fields the frame-age budget was sized from: a change starts it afresh from the new configuration (as does
+    # a change between having lines or zones and having none: its floor, _counts).
     BUDGET_FIELDS = ("url", "fps", "max_frame_age_ms")
+
+    @staticmethod
+    def _counts(camera: CameraConfig) -> bool:
+        """Whether the camera counts (lines or zones): the frame-age budget keeps the rate counting needs."""
+        return bool(camera.lines or camera.zones)
 
     def _reset_budget(self) -> None:
         """Drops the budget's state and what it imposed (rate, batch wait); the next published frame makes
@@ -572,11 +579,11 @@ class CameraPipeline:
         msg = records_message(self.id, item.index, item.pts, item.wall, latency_ms, (w, h), records, ran)
         self.publisher.publish_detections(msg)
         self.published += 1
-        self.latencies.append(latency_ms)
         self.publish_times.append((now, item.wall))
         self._tracked, self._analysed_frame = tracked, item.index
         self._after_analytics(item, analytics)
         mono = time.monotonic()
+        self._keep_latency(latency_ms, mono)
         age_s = max(0.0, mono - item.mono)  # not the wall clock's: a step of it is no age (CapturedFrame.mono)
         self.frame_age.observe(age_s)
         if self.camera.max_frame_age_ms is not None:
@@ -645,7 +652,9 @@ class CameraPipeline:
             base = self._base_fps()
             if base is None:
                 return
-            self.budget = FrameAgeBudget(self.camera.max_frame_age_ms / 1000, base, **self.budget_options)
+            # a camera with lines or zones keeps the rate they need to count (workers/budget.py: COUNTING_MIN_FPS)
+            self.budget = FrameAgeBudget(self.camera.max_frame_age_ms / 1000, base, counts=self._counts(self.camera),
+                                         **self.budget_options)
         self.budget.observe(age_s, now)
         action = self.budget.decide(now)
         if action is None:
@@ -826,6 +835,30 @@ class CameraPipeline:
                 "restarts": base.get("restarts", 0)}
 
     DECODE_WINDOW_S = 5.0  # decode_fps is the rate over about this long, like fps
+    # The latency percentiles are those of the frames published in the last LATENCY_WINDOW_S, like fps: over the
+    # last 300 frames they were 2 minutes old at the budget's 2.5 fps floor (a p95 of 2770 ms said for over a
+    # minute after an overload had ended, every frame since <= 250 ms). Fewer frames than LATENCY_MIN_SAMPLES in
+    # it (a camera analysing 1 or 2 fps): the latest that many published within LATENCY_MAX_AGE_S.
+    LATENCY_WINDOW_S, LATENCY_MIN_SAMPLES, LATENCY_MAX_AGE_S = 5.0, 10, 30.0
+
+    def _keep_latency(self, latency_ms: float, mono: float) -> None:
+        """A published frame's latency (capture to publish), kept as long as _latency_percentiles may use it."""
+        samples = self.latencies
+        samples.append((mono, latency_ms))
+        while len(samples) > self.LATENCY_MIN_SAMPLES and samples[0][0] < mono - self.LATENCY_WINDOW_S:
+            samples.popleft()
+
+    def _latency_percentiles(self, mono: float) -> list[float] | None:
+        """p50 and p95 of recent latencies (see LATENCY_WINDOW_S); with 10 frames the p95 lies between the two
+        slowest. None: no frame published in the last LATENCY_MAX_AGE_S (a stalled or ended camera, whose fps reads
+        0 too)."""
+        recent = [ms for t, ms in self.latencies if t >= mono - self.LATENCY_WINDOW_S]
+        if len(recent) < self.LATENCY_MIN_SAMPLES:
+            latest = list(self.latencies)[-self.LATENCY_MIN_SAMPLES:]
+            recent = [ms for t, ms in latest if t >= mono - self.LATENCY_MAX_AGE_S]
+        # Both percentiles in one call: one partition of the latencies, a third of two calls' CPU (a status goes
+        # out every second and on every frame a track starts or ends); the same values as a call each.
+        return np.percentile(np.array(recent), (50, 95)).tolist() if recent else None
 
     def _decode_fps(self, decoded: int, now: float) -> float:
         """Frames decoded a second lately, not since the start: a camera up an hour that then stopped sending
@@ -861,9 +894,7 @@ class CameraPipeline:
             usual = max(b[0] - a[0] for a, b in zip(recent, recent[1:]))
             span = recent[-1][1] - recent[0][1] + max(0.0, now - recent[-1][0] - usual)
             fps = (len(recent) - 1) / span if span > 0 else 0.0
-        # Both percentiles in one call: one partition of the latencies, a third of two calls' CPU (a status goes
-        # out every second and on every frame a track starts or ends); the same values as a call each.
-        lat = np.percentile(np.array(self.latencies), (50, 95)).tolist() if self.latencies else None
+        lat = self._latency_percentiles(time.monotonic())
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
             state = "reconnecting" if cap.state == "crashed" else cap.state
