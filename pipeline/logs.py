@@ -83,6 +83,7 @@ class StdoutHandler(logging.StreamHandler):
 def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     """Root logging for the CLI: text on stderr (as before), or JSON lines on stdout."""
     level = logging.DEBUG if verbose else logging.INFO
+    route_uvicorn()  # the API's and the dashboard's servers both: uvicorn's own format beside ours otherwise
     if log_format != "json":
         log_to_stderr(level, TEXT_FORMAT, datefmt="%H:%M:%S")
         return

@@ -150,7 +150,9 @@ def status_line(stats: list[dict]) -> str:
     return " | ".join(parts)
 
 
-DOWN_STATES = ("failed", "reconnecting", "unavailable")  # why is news: the line said "failed" and no more
+# why is news: the line said "failed" and no more; "starting" with an error is a decoder restarted by the watchdog,
+# or held stalled (an open that blocks): the line said "starting" for ever where `hydravision status` said why
+DOWN_STATES = ("failed", "reconnecting", "unavailable", "starting")
 
 
 def _short(error, limit: int = 100) -> str:

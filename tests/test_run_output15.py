@@ -3,6 +3,7 @@ each on its own (Ray's log deduplication took "camera street-1: ..." and "camera
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,3 +48,35 @@ def test_a_dedup_setting_of_the_users_stays():
                            "import ray._private.ray_constants as c; print(c.RAY_DEDUP_LOGS)"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
     assert done.stdout.strip().splitlines()[-1] == "True", (done.stdout, done.stderr)
+
+
+# The dashboard's server (uvicorn with its own logging set up), with no HTTP API: uvicorn's lines came in its own
+# format on stderr beside the JSON lines (route_uvicorn was the API's alone).
+UVICORN = """
+import logging, sys, uvicorn
+from pipeline.logs import setup_logging
+setup_logging(log_format="json")
+uvicorn.Config(lambda scope, receive, send: None)  # as pipeline/dashboard.py makes its server's
+logging.getLogger("uvicorn.error").error("Exception in ASGI application")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_uvicorns_lines_are_json_lines_with_the_dashboard_alone():
+    done = subprocess.run([sys.executable, "-c", UVICORN], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert not done.stderr.strip(), done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (record["logger"], record["level"], record["msg"]) == (
+        "uvicorn.error", "error", "Exception in ASGI application"), record
+
+
+def test_the_status_line_says_why_a_camera_is_still_starting():
+    """A decoder the watchdog restarted, or holds stalled (an open that blocks): the line said "starting" for ever,
+    where `hydravision status` said why."""
+    from pipeline.status import status_line
+
+    line = status_line([{"camera": "tty", "state": "starting", "published": 0, "last_error":
+                         "decoder made no progress for 8 s; restarted by the watchdog"}])
+    assert line.endswith("error: decoder made no progress for 8 s; restarted by the watchdog"), line
+    assert "error" not in status_line([{"camera": "cam", "state": "starting", "published": 0}])
