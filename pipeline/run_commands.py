@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -551,7 +552,16 @@ class _ReaderGone(BaseException):
     (which logs an Exception and goes on) stops and hands the rest of its batch back."""
 
 
+# Control characters (newlines too: one line per message) shown as "?": an entry anyone wrote to Redis could retitle
+# or clear the reader's terminal with an escape sequence in a camera id or an event's type (status's _cell does so)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _summarize(msg: dict) -> str:
+    return _CONTROL.sub("?", _summary(msg))
+
+
+def _summary(msg: dict) -> str:
     if "type" in msg:
         extra = {k: v for k, v in msg.items() if k not in ("v", "type", "camera", "ts")}
         return f"{msg['ts']:.3f} {msg['camera']} {msg['type']} {json.dumps(extra)}"

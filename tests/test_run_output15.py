@@ -80,3 +80,16 @@ def test_the_status_line_says_why_a_camera_is_still_starting():
                          "decoder made no progress for 8 s; restarted by the watchdog"}])
     assert line.endswith("error: decoder made no progress for 8 s; restarted by the watchdog"), line
     assert "error" not in status_line([{"camera": "cam", "state": "starting", "published": 0}])
+
+
+def test_tail_shows_no_escape_sequence_anyone_wrote_to_redis():
+    """`hydravision tail --events` printed a camera id and an event type from Redis as they were: an entry with
+    "\\x1b]0;PWNED\\x07\\x1b[2J" in its type retitled and cleared the reader's terminal (status already cleaned it)."""
+    from pipeline.run_commands import _message_line
+
+    event = {"v": 1, "ts": 1.0, "camera": "cam-a\x1b[31mRED", "type": "zone_entered\x1b]0;PWNED\x07\x1b[2J"}
+    line = _message_line("1-0", event, as_json=False)
+    assert line == "1.000 cam-a?[31mRED zone_entered?]0;PWNED??[2J {}", repr(line)
+    frame = {"camera": "c", "frame": 1, "pts": 0.0, "latency_ms": 3.0,
+             "detections": [{"head": "people\x9b", "class": "person\n", "track_id": None, "conf": 0.5}]}
+    assert _message_line("1-0", frame, as_json=False).endswith("people?/person?#- 0.50"), frame
