@@ -104,3 +104,20 @@ def test_the_batch_script_searches_the_shared_events_stream_for_what_a_resend_ca
             "unknown": "was gone and nothing tells whether alone (evicted under a volatile-* maxmemory-policy) or "
                        "with what the send whose reply was lost wrote (Redis lost its data)"}[how]
     assert gone[0].startswith(f"publisher state {state} {said}"), gone[0]
+
+
+def test_a_shared_stream_is_not_searched_where_the_publishers_own_stream_told_already(any_redis: RedisServer) -> None:
+    """Its own detections stream is gone, so Redis lost what it held, the batch's entries in the events stream too:
+    'emptied' without reading the events stream (which, long, cost the script seconds), though an entry of the same
+    data is there (another's, or one the loss left: the own stream decides)."""
+    client = any_redis.client()
+    state, events, detections = "hv:publisher:t", keys("hv").events, keys("hv").detections("cam")
+    writer = BatchWriter(client, state, "hv:cameras", maxlen=10**6)
+    ours = [_Event(2, detections, "hv:live:cam", "frame 2"), _Event(3, events, None, "ours 3")]
+    pipe = client.pipeline()
+    for i in range(2000, 0, -1):
+        pipe.xadd(events, {"data": ours[1].data if i == 1900 else f"another publisher's {i}"})
+    pipe.execute()
+    assert not client.exists(detections) and not client.exists(state)
+    gone = [e for e in writer.write(1, ours, {}, expected=3).errors if isinstance(e, StateGone)]
+    assert len(gone) == 1 and not gone[0].doubled, gone
