@@ -9,9 +9,7 @@ import json
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-import supervision as sv
 
 from pipeline.config import ConfigError, parse_config
 from workers.analytics import CameraAnalytics
@@ -20,17 +18,9 @@ from workers.publish import Publisher, keys
 from workers.settings import CameraConfig
 from workers.stream import CameraPipeline
 
-HEADS = {"people": ["person"], "vehicles": ["car", "bicycle"]}
+from test_analytics_edges12 import HEADS, SIZE, SQUARE, cars
+
 MODEL_INFO = {"input_size": [192, 320], "heads": HEADS}
-SIZE = (640, 360)
-SQUARE = [[0.25, 0.25], [0.75, 0.25], [0.75, 0.75], [0.25, 0.75]]  # normalised: x 160..480, y 90..270
-
-
-def cars(boxes, ids):
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return sv.Detections(xyxy=boxes, confidence=np.full(len(boxes), 0.9), class_id=np.zeros(len(boxes), int),
-                         tracker_id=np.asarray(ids, int).reshape(-1),
-                         data={"class_name": np.array(["car"] * len(boxes))})
 
 
 def across(a: CameraAnalytics, frames: range = range(38)) -> list[dict]:
