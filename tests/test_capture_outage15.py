@@ -306,3 +306,32 @@ def test_normal_path_guard_a_files_stream_time_goes_on_where_it_was_across_a_wat
     frames = [m["frame"] for m in messages]
     assert frames == list(range(len(frames)))  # none lost, none twice
     assert np.allclose(np.diff(pts), 0.04, atol=1e-3), pts
+
+
+@pytest.mark.timeout(90)
+def test_a_decoder_held_stalled_after_it_was_up_is_an_outage_said_and_not_running(camera):
+    """The first open blocks (abandoned, left blocked); the second decoder comes up, then stalls in a read: the
+    watchdog holds it (the first still blocked) and said nothing but a log line, the camera "running" and ready,
+    reconnects unchanged (review). Now a stream_down, counted, state reconnecting; its next frame says stream_up."""
+    camera.block_opens, camera.block_reads = {0}, {20}
+    pub = RecordingPublisher()
+    pipe = pipeline(pub, **STALLING)
+
+    async def main() -> tuple[dict, dict]:
+        task = asyncio.ensure_future(pipe.run())
+        try:
+            await until(lambda: "still blocked" in (pipe.last_error or ""), 30, "the watchdog holding the decoder")
+            held = dict(pipe.stats())
+            camera.gate("read", 20).set()  # the held decoder's read returns: frames again
+            await until(lambda: len(pub.frames) >= 25, 30, "frames after the stall")
+        finally:
+            pipe.stop()
+            final = await task
+            camera.gate("open", 0).set()
+        return held, final
+
+    held, final = asyncio.run(main())
+    kinds = [t for t in pub.event_types() if t.startswith("stream_")]
+    assert held["state"] == "reconnecting" and held["reconnects"] == 2, held
+    assert kinds == ["stream_down", "stream_up", "stream_down", "stream_up"], kinds
+    assert "still blocked" in downs(pub)[-1], downs(pub)

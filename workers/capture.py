@@ -356,7 +356,7 @@ class Capture:
                         self.heartbeat = time.monotonic()
                         if frame is None or self._stop.is_set():
                             break
-                        if not up:
+                        if not up or self.down_said:  # down_said: the watchdog said its stall an outage (held)
                             # Up with its first picture, not at the open: a source that opened and failed before one
                             # (an mp4 over http from a server without Range, its index at its end) said stream_up and
                             # stream_down at every attempt.

@@ -311,6 +311,11 @@ class CameraPipeline:
                         self.last_error = (f"decoder made no progress for {cap.silent_for():.0f} s; not restarted "
                                            f"while the decoder thread abandoned {stuck_s:.0f} s ago is still blocked")
                         log.warning("camera %s: %s", self.id, self.last_error)
+                        if not cap.down_said:  # an outage all the same (a decoder that had been up, stalled in a
+                            # read): said and counted once, as a restart's, and not running; its next frame says up
+                            cap.down_said, cap.state = True, "reconnecting"
+                            self.past_reconnects += 1
+                            self._event("stream_down", {"reason": self.last_error})
                     continue
                 self.watchdog_restarts += 1
                 reason = f"decoder made no progress for {cap.silent_for():.0f} s; restarted by the watchdog"
