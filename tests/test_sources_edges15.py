@@ -256,3 +256,41 @@ def test_normal_path_guard_a_looping_file_left_alone_is_not_reopened(tmp_path: P
     real_open = av.open
     monkeypatch.setattr(av, "open", lambda *a, **k: opens.append(a) or real_open(*a, **k))
     assert len(looping(clip, 10)) == 10 and len(opens) == 1
+
+
+def test_a_looping_file_deleted_fails_at_its_next_pass_saying_so(tmp_path: Path) -> None:
+    """`rm` of a looping camera's file: it played the deleted file for ever, its disk space held, nothing said."""
+    path = encode_mp4(tmp_path / "cam.mp4", [flat(40)] * 3, fps=25)
+    source = open_source(str(path), realtime=False, loop=True)
+    source.open()
+    try:
+        assert source.read() is not None
+        path.unlink()
+        with pytest.raises(SourceError) as info:
+            for _ in range(20):
+                source.read()
+        assert deleted_open_files(tmp_path) == []
+    finally:
+        source.close()
+    assert str(info.value).startswith(str(path)) and "no such file" in str(info.value).lower(), str(info.value)
+
+
+def test_normal_path_guard_a_looping_file_overwritten_in_place_reads_the_new_file_at_its_next_pass(
+        tmp_path: Path) -> None:
+    """The same inode written over (`cp new.mp4 cam.mp4`): the next pass reads the new file. A guard (it passed
+    before too): the case a review found, a pass whose every packet fails on the new bytes ending as a normal end
+    of file, needs the overwrite between the seek and the first packet, which the read-ahead hides here."""
+    path = encode_mp4(tmp_path / "cam.mp4", [flat(40)] * 5, fps=25)
+    new = encode_mp4(tmp_path / "new.mp4", [flat(200, 96, 64)] * 3, fps=25)
+    source = open_source(str(path), realtime=False, loop=True)
+    source.open()
+    frames = []
+    try:
+        frames.append(source.read())
+        path.write_bytes(new.read_bytes())
+        for _ in range(12):
+            frames.append(source.read())
+    finally:
+        source.close()
+    assert frames[-1] is not None and frames[-1].size == (64, 96), [f and f.size for f in frames]
+    assert abs(float(frames[-1].to_rgb().mean()) - 200) < 6

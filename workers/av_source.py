@@ -299,11 +299,14 @@ class AVSource(Source):
         raise self._error("not_video", cause)
 
     def _replaced(self) -> bool:
-        """The path names another file than the open one (a new file renamed over it, log-rotation style), or the
-        open one was written since it was opened. False where the path cannot be looked at now: the open one goes on."""
+        """The path names another file than the open one (a new file renamed over it, log-rotation style), or none
+        (deleted: the next open says so; it played for ever, its disk space held), or the open one was written since
+        it was opened. False where the path cannot be looked at now (no permission): the open one goes on."""
         assert self._path is not None
         try:
             st = os.stat(self._path)
+        except FileNotFoundError:
+            return self._file_id is not None
         except OSError:
             return False
         return self._file_id is not None and (st.st_dev, st.st_ino, st.st_mtime_ns) != self._file_id
@@ -485,17 +488,8 @@ class AVSource(Source):
 
     def _at_end(self) -> None:
         assert self._container is not None and self._stream is not None
-        if self._sought and not self._since_seek:
-            # No picture after the loop's seek, where the pass before had some: a demuxer that took the seek and
-            # did not go back. A normal end, not a file that "holds no pictures".
-            self._eof = True
-            return
-        if not (self._loop and self._since_seek):
-            self._eof = True
-            if self._kind == "file":
-                self._end_error = self._broken_file()
-            return
-        if self._replaced():
+        # First: a pass cut short or failing because its file changed under it (overwritten in place) reads it anew
+        if self._loop and (self._since_seek or self._sought) and self._replaced():
             # The next pass reads the file now at the path (a new one renamed over it, log-rotation style): the
             # open one, deleted, played for ever and held its disk space. Numbering and stream time go on; the new
             # file's own failure (not a video, no such file) is the source's, as at a first open.
@@ -503,6 +497,16 @@ class AVSource(Source):
             self.open()
             self._index, self._clock, self._pacer = index, clock, pacer
             clock.restart()
+            return
+        if self._sought and not self._since_seek and not self._consecutive_errors:
+            # No picture after the loop's seek, where the pass before had some: a demuxer that took the seek and
+            # did not go back. A normal end, not a file that "holds no pictures" (one whose packets failed is).
+            self._eof = True
+            return
+        if not (self._loop and self._since_seek):
+            self._eof = True
+            if self._kind == "file":
+                self._end_error = self._broken_file()
             return
         try:
             # seek() also flushes the decoder, which the end-of-file flush left draining.
