@@ -59,6 +59,8 @@ def init_ray(config: Any, system_config: dict) -> None:
         # memory behind in them, 150-180 MB per process over 26 add/update/remove cycles; with 2, it stayed flat
         # (docs/architecture.md, "Memory of camera processes"). A value set by the user is kept.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+        if warning := unguarded_ray():
+            log.warning("%s", warning)
         try:
             with _signals_held() as held:
                 try:
@@ -86,6 +88,18 @@ def init_ray(config: Any, system_config: dict) -> None:
     except (ConnectionError, RuntimeError, ValueError,
             getattr(ray.exceptions, "AuthenticationError", ConnectionError)) as e:
         raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+
+
+def unguarded_ray() -> str | None:
+    """What to say where the local Ray starts without authentication: its node's ports (GCS, raylet, workers)
+    listen on every interface, and Ray's token authentication, on by default unless RAY_AUTH_MODE says otherwise
+    (Ray's own start-up notice tells how to turn it off), is what guards them."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None or mode.strip().lower() == "token":
+        return None
+    return (f"RAY_AUTH_MODE={mode}: the local Ray's ports (its GCS, raylet and workers) listen on every interface "
+            "without authentication, and whoever reaches this machine can run code in it: unset it, or firewall "
+            "the machine")
 
 
 @contextlib.contextmanager

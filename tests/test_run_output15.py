@@ -93,3 +93,15 @@ def test_tail_shows_no_escape_sequence_anyone_wrote_to_redis():
     frame = {"camera": "c", "frame": 1, "pts": 0.0, "latency_ms": 3.0,
              "detections": [{"head": "people\x9b", "class": "person\n", "track_id": None, "conf": 0.5}]}
     assert _message_line("1-0", frame, as_json=False).endswith("people?/person?#- 0.50"), frame
+
+
+def test_a_local_ray_without_authentication_is_warned_of(monkeypatch):
+    """Its ports listen on every interface (the docs said 127.0.0.1); Ray's token auth guards them unless turned off."""
+    from pipeline.cluster import unguarded_ray
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert unguarded_ray() is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert unguarded_ray() is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert unguarded_ray().startswith("RAY_AUTH_MODE=disabled: the local Ray's ports")

@@ -294,3 +294,14 @@ def test_normal_path_guard_a_looping_file_overwritten_in_place_reads_the_new_fil
         source.close()
     assert frames[-1] is not None and frames[-1].size == (64, 96), [f and f.size for f in frames]
     assert abs(float(frames[-1].to_rgb().mean()) - 200) < 6
+
+
+def test_the_widening_of_non_square_pixels_is_said_once(tmp_path: Path, caplog) -> None:
+    """A camera whose pixel zones were drawn on the stored picture (an analog encoder's 704x576 at 12:11) is told
+    why its frames are wider now (review: silently misplaced zones)."""
+    clip = anamorphic(tmp_path / "wide.mp4", np.full((48, 64, 3), 90, np.uint8), Fraction(4, 3))
+    with caplog.at_level("INFO", logger="workers.av_source"):
+        looping(clip, 2)
+        looping(clip, 2)  # opened again (a reconnect, a restart): not said again
+    said = [r.getMessage() for r in caplog.records if "non-square pixels" in r.getMessage()]
+    assert len(said) == 1 and "frames shown 85x48, stored 64x48" in said[0], said

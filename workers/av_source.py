@@ -91,6 +91,9 @@ def nominal_rate(stream: Any) -> float | None:
     return float(rate) if rate and float(rate) <= MAX_NOMINAL_FPS else None
 
 
+_WIDENED: set[str] = set()  # the URLs whose widening was said (AVSource.open), once a process
+
+
 def shown_size(height: int, width: int, sar: Fraction) -> tuple[int, int]:
     """(height, width) of a picture of non-square pixels as players show it (mpv's rule): wider where its pixels are
     wide, taller where they are narrow, never smaller (480x272 at 4:3 is 640x272, 720x480 at 8:9 is 720x540)."""
@@ -386,6 +389,12 @@ class AVSource(Source):
         # see what the user sees. Square pixels: None, nothing changes.
         sar = stream.sample_aspect_ratio  # FFmpeg's guess, as ffprobe's: the container's, else the codec's
         self._sar = sar if sar and sar != 1 and 1 / MAX_SAR <= sar <= MAX_SAR else None
+        if self._sar is not None and self.url not in _WIDENED:  # said once a URL: its pixel zones are of this size
+            _WIDENED.add(self.url)
+            shown = shown_size(stream.height, stream.width, self._sar)
+            log.info("%s: non-square pixels (%s): frames shown %dx%d, stored %dx%d; boxes and pixel zones and "
+                     "lines are of the shown picture", self.url, self._sar, shown[1], shown[0], stream.width,
+                     stream.height)
         self._container, self._stream = container, stream
         self._clock = PtsClock(self.nominal_fps)
         self._pacer = Pacer(self.nominal_fps)
