@@ -32,7 +32,7 @@ import math
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import psutil
@@ -104,24 +104,29 @@ class LoopbackHostsOnly:
     ``allowed``: then it answers those, loopback's and any address (a rebound page names its site, never an IP:
     a LAN user or a load balancer's health check by address is no rebinding) (a container's server, bound to
     0.0.0.0 and published on the host's loopback, as the Compose stack's dashboard: a rebound page reached it
-    through the host)."""
+    through the host). ``vouched(scope)``: whether a request passes whatever its Host (the HTTP API's: it carries
+    a valid token, which a rebound page has not; its probes and schema, which need none, stay behind the check)."""
 
-    def __init__(self, app: Any, bound_host: str, allowed: Any = ()) -> None:
+    def __init__(self, app: Any, bound_host: str, allowed: Any = (),
+                 vouched: Callable[[dict], bool] | None = None) -> None:
         self.allowed = {name.lower().rstrip(".") for name in allowed}
         self.on_loopback = is_loopback_name(bound_host)
         self.app, self.active = app, self.on_loopback or bool(self.allowed)
+        self.vouched = vouched
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.active and scope["type"] in ("http", "websocket"):
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             name = host_header_name(host)
-            if host and not self._allowed(name):
+            if host and not self._allowed(name) and not (self.vouched and self.vouched(scope)):
                 from starlette.responses import JSONResponse
 
                 bound = " (which this server is bound to)" if self.on_loopback else ""
+                hint = ("a request with a valid bearer token is answered through any Host" if self.vouched
+                        else "a proxy's name can be allowed")
                 response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is neither this machine's "
-                                         f"loopback{bound} nor a name it is given (DNS rebinding?); a proxy's name "
-                                         "can be allowed"}, status_code=403)
+                                         f"loopback{bound} nor a name it is given (DNS rebinding?); {hint}"},
+                                        status_code=403)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

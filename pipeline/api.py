@@ -36,6 +36,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -58,29 +59,47 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
+# Control characters (C0, C1) and the bidi controls, in what a client chose (a path arrives percent-decoded: a
+# %1B[31m in it recoloured the operator's terminal, a %E2%80%AE (U+202E) turned the rest of the log line backwards)
+_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """What a client chose (a path, a header), for a log line: those characters escaped as Python writes them
+    ('\\x1b', '\\u202e'), and cut as the config's errors are (a path of 100,000 characters was one log line)."""
+    return cut_lines(_UNSHOWN.sub(lambda m: ascii(m[0])[1:-1], text))
+
+
 class BearerAuth:
     """FastAPI dependency: the sender's name ("api:<token name>", or "api:anonymous" without tokens)."""
 
     def __init__(self, tokens: dict[str, str]):
         self._tokens = {name: token.encode() for name, token in tokens.items()}
 
+    def _check(self, header: str) -> tuple[str | None, str]:
+        """The name of the token an Authorization header carries, or None and why not."""
+        scheme, _, value = header.partition(" ")
+        if not header:
+            return None, "Authorization: missing bearer token"
+        if scheme.lower() != "bearer" or not value.strip():
+            return None, "Authorization: expected 'Bearer <token>'"
+        given = value.encode("latin-1").strip()  # the bytes sent (Starlette decodes headers as latin-1)
+        matched = [name for name, token in self._tokens.items() if hmac.compare_digest(given, token)]
+        return (matched[0], "") if matched else (None, "Authorization: invalid token")
+
+    def vouches(self, scope: dict) -> bool:
+        """Whether a request carries a valid token (for LoopbackHostsOnly: a rebound page has none)."""
+        return bool(self._tokens) and self._check(Headers(scope=scope).get("authorization", ""))[0] is not None
+
     def __call__(self, request: Request) -> str:
         if not self._tokens:
             return "api:anonymous"
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if not header:
-            reason = "Authorization: missing bearer token"
-        elif scheme.lower() != "bearer" or not value.strip():
-            reason = "Authorization: expected 'Bearer <token>'"
-        else:
-            given = value.encode("latin-1").strip()  # the bytes sent (Starlette decodes headers as latin-1)
-            matched = [name for name, token in self._tokens.items() if hmac.compare_digest(given, token)]
-            if matched:
-                return f"api:{matched[0]}"
-            reason = "Authorization: invalid token"
-        client = request.client.host if request.client else "?"
-        log.warning("HTTP API: refused %s %s from %s: %s", request.method, request.url.path, client, reason)
+        name, reason = self._check(request.headers.get("authorization", ""))
+        if name is not None:
+            return f"api:{name}"
+        client = request.client.host if request.client else "?"  # X-Forwarded-For's, from a proxy on the machine
+        log.warning("HTTP API: refused %s from %s: %s", shown(f"{request.method} {request.url.path}"), shown(client),
+                    reason)
         raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -188,7 +207,7 @@ def _json_object_reader(auth: BearerAuth) -> Callable:
 
     async def json_object(request: Request, by: str = Depends(auth)) -> dict[str, Any]:  # the token first
         def refuse(status: int, reason: str) -> HTTPException:
-            log.warning("HTTP API: rejected %s %s: %s", request.method, request.url.path, reason)
+            log.warning("HTTP API: rejected %s: %s", shown(f"{request.method} {request.url.path}"), shown(reason))
             return HTTPException(status, reason)
 
         content_type = request.headers.get("content-type", "")
@@ -248,7 +267,7 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     @api.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         reason = _validation_reason(exc)
-        log.warning("HTTP API: rejected %s %s: %s", request.method, request.url.path, reason)
+        log.warning("HTTP API: rejected %s: %s", shown(f"{request.method} {request.url.path}"), shown(reason))
         return _rejected(422, reason)
 
     @api.exception_handler(HTTPException)
@@ -331,11 +350,14 @@ class ApiServer:
         self._thread: threading.Thread | None = None
 
     def start(self, sock: socket.socket, timeout_s: float = 10.0, check_host: bool = True) -> "ApiServer":
-        """``check_host``: on loopback, refuse requests naming another Host (LoopbackHostsOnly); with a token
-        there is nothing a rebound page could do, and a proxy on the machine may pass its own Host on."""
+        """``check_host``: on loopback, refuse requests naming another Host (LoopbackHostsOnly), but for those with
+        a valid token (tokens configured): a rebound page has none, and a proxy on the machine may pass its own Host
+        on. The probes and the schema need no token: with the check off, a rebound page read /readyz's cameras."""
         host, self.port = sock.getsockname()[:2]
         self.host = host
-        app = AnswerCutRequests(LoopbackHostsOnly(self.app, host) if check_host else self.app)
+        auth = getattr(getattr(self.app, "state", None), "auth", None)  # build_api's; another ASGI app has none
+        vouched = auth.vouches if isinstance(auth, BearerAuth) else None
+        app = AnswerCutRequests(LoopbackHostsOnly(self.app, host, vouched=vouched) if check_host else self.app)
         # log_config None: uvicorn sets up no logging of its own; its records go through the service's (route_uvicorn)
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)

@@ -14,6 +14,7 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import redis
 
@@ -36,8 +37,9 @@ MIN_INTERVAL_S = 0.1
 
 # --- the web app -------------------------------------------------------------------------------------------
 
-def create_app(hub: Hub):
-    """The Starlette app: the page, its static files, the SSE stream, the JSON state and the snapshots."""
+def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
+    """The Starlette app: the page, its static files, the SSE stream, the JSON state and the snapshots.
+    ``allowed_hosts``: the names a proxy serves the page under (see ``cross_origin``)."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -112,14 +114,31 @@ def create_app(hub: Hub):
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": "no-cache", "ETag": f'"{version}"', "X-Snapshot": version})
 
+    allowed = {name.lower().rstrip(".") for name in allowed_hosts}
+
+    def cross_origin(request) -> str | None:
+        """Why a control request comes from another site's page (None when it does not): its Origin is neither the
+        Host it was sent to nor a name the operator allowed. Behind a proxy that passes its upstream's Host (nginx's
+        default), the page served as https://cams.example.org sends that Origin with Host 127.0.0.1:8765."""
+        origin, host = request.headers.get("origin"), request.headers.get("host", "")
+        if not origin or origin.split("://", 1)[-1] == host:
+            return None
+        try:
+            name = urlsplit(origin).hostname
+        except ValueError:  # a port that is no number
+            name = None
+        if name and name.rstrip(".") in allowed:
+            return None
+        return (f"cross-origin request: Origin {origin!r} is not the Host it was sent to ({host!r}) nor a name in "
+                "dashboard.allowed_hosts (hydravision dashboard --allowed-host NAME), which would allow it")
+
     async def control(request, command: dict, urls: list[str]):
         """Runs one control command (in a thread: it waits for the controller's answer)."""
         if not hub.allow_control:
             return JSONResponse({"status": "rejected", "reason": "control is off: start the dashboard with "
                                  "--allow-control"}, status_code=403)
-        origin = request.headers.get("origin")
-        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
-            return JSONResponse({"status": "rejected", "reason": "cross-origin request"}, status_code=403)
+        if refusal := cross_origin(request):
+            return JSONResponse({"status": "rejected", "reason": refusal}, status_code=403)
 
         def send() -> dict:
             with redis.Redis.from_url(hub.url, socket_connect_timeout=2, socket_timeout=5) as client:
@@ -211,7 +230,7 @@ class DashboardServer:
         self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
         self.socket = sock or _listen(host, port)  # bound now: port 0 tells its real port at once
         self.host, self.port = host, self.socket.getsockname()[1]
-        app = LoopbackHostsOnly(create_app(self.hub), self.socket.getsockname()[0], allowed_hosts)
+        app = LoopbackHostsOnly(create_app(self.hub, allowed_hosts), self.socket.getsockname()[0], allowed_hosts)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
@@ -271,7 +290,7 @@ def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, 
     sock = _listen(host, port)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
     say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")
-    app = LoopbackHostsOnly(create_app(hub), sock.getsockname()[0], allowed_hosts)
+    app = LoopbackHostsOnly(create_app(hub, allowed_hosts), sock.getsockname()[0], allowed_hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=2))
     original = server.handle_exit

@@ -80,7 +80,9 @@ class LiveControl:
 
             tokens = api.all_tokens()
             sock, self._api_socket = self._api_socket, None
-            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock, check_host=not tokens)
+            # the Host check stays on with tokens: a request with one passes through any Host (a proxy), but
+            # /readyz, /openapi.json and /docs need none, and a rebound page read them
+            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
             self.admission.forbid("HTTP API", api.host, self.api_server.port)
             auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
             self.say(f"HTTP API: {self.api_server.url} (OpenAPI: {self.api_server.url}/openapi.json; {auth})")

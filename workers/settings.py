@@ -340,6 +340,11 @@ class CameraConfig(Strict):
             # urlsplit drops a newline without a word, FFmpeg sends it: a password with one failed (401) for ever
             raise ValueError("holds a line break or another control character inside (a ${VAR} read from a file "
                              "with its final newline?)")
+        if hidden := re.search(r"[\x80-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", v):
+            # invisible, and no URL needs one: a U+202E turned the dashboard's error text backwards, a U+009B (CSI)
+            # reached the log raw (a URL shows in errors, statuses, events and log lines)
+            raise ValueError(f"holds the invisible control character U+{ord(hidden[0]):04X} (a C1 control or a "
+                             "bidirectional one: it reorders or hides the text where the URL is shown)")
         if not scheme and (typo := re.match(r"(?i)(rtsps?|https?|file|synthetic|device):", v)):
             # without '//' it is a file path: "rtsp:/cam/1" failed when the camera started, as "no such file"
             raise ValueError(f"'{typo[1]}:' without '//' is read as a file name; write {typo[1].lower()}://...")

@@ -30,6 +30,7 @@ function el(tag, attrs = {}, ...children) {
 
 // A name from Redis inside a line of text, bidi-isolated (U+2068 ... U+2069, invisible): a right-to-left override
 // in it (a camera or zone named "x\u202e") no longer reverses the rest of the line ("zone_entered" as "deretne_enoz").
+// Text from Redis in an element of its own is isolated as the element (dir=auto, or <bdi>): the same, its text as sent.
 const iso = (v) => `\u2068${v}\u2069`;
 
 const fmt = {
@@ -141,11 +142,11 @@ function scheduleCharts() {
 function makeTile(camera) {
   const img = el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" });
   const tile = el("article", { class: "tile", "data-camera": camera },
-    el("header", {}, el("a", { class: "name", href: `#/camera/${encodeURIComponent(camera)}` }, camera),
+    el("header", {}, el("a", { class: "name", href: `#/camera/${encodeURIComponent(camera)}`, dir: "auto" }, camera),
       el("span", { class: "state" }, "")),
     el("a", { class: "pic", href: `#/camera/${encodeURIComponent(camera)}` }, img,
       el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
-    el("div", { class: "error", hidden: "" }),
+    el("div", { class: "error", hidden: "" }, el("span", { class: "prefix" }), el("bdi")),
     el("dl", { class: "stats" },
       el("dt", {}, "fps"), el("dd", { class: "fps" }),
       el("dt", {}, "frame age"), el("dd", { class: "age" }),
@@ -218,7 +219,9 @@ function fillStats(root, tile) {
   const error = root.querySelector(".error");
   const problem = tile.state !== "up" ? tile.error : tile.redis_error;
   error.hidden = !problem;
-  setText(error, problem ? `${tile.state === "up" ? "Redis: " : ""}${problem}` : "");
+  // the error is text from Redis (its camera's URL in it): in a <bdi>, a bidi control in it reorders none of the page's
+  setText(error.querySelector(".prefix"), problem && tile.state === "up" ? "Redis: " : "");
+  setText(error.querySelector("bdi"), problem || "");
   setText(root.querySelector("dd.fps"), `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`);
   setText(root.querySelector("dd.age"), `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`);
   setText(root.querySelector("dd.drops"), drops(tile));
@@ -371,14 +374,14 @@ function renderDetail() {
     root.replaceChildren();
     root.dataset.camera = camera;
     root.append(
-      el("h2", {}, camera, " ", el("span", { class: "state" })),
+      el("h2", {}, el("bdi", {}, camera), " ", el("span", { class: "state" })),
       el("div", { class: "cols" },
         el("div", {}, el("div", { class: "pic" }, el("img", { class: "snap", alt: `latest picture of ${camera}`, hidden: "" }),
           el("div", { class: "placeholder" }, "no snapshot yet"), el("span", { class: "when", hidden: "" })),
           el("canvas", { class: "chart" }),
           el("div", { class: "legend" }, el("span", { class: "fps" }, "— fps"), "  ", el("span", { class: "age" }, "— frame age p50"))),
         el("div", {},
-          el("div", { class: "error", hidden: "" }),
+          el("div", { class: "error", hidden: "" }, el("span", { class: "prefix" }), el("bdi")),
           el("dl", { class: "stats" },
             el("dt", {}, "fps"), el("dd", { class: "fps" }),
             el("dt", {}, "frame age"), el("dd", { class: "age" }),
@@ -447,8 +450,8 @@ function setRedis(redis) {
   clearTimeout(state.reconnectedTimer);
   document.body.classList.toggle("frozen", redis.ok === false);
   if (redis.ok === false) {
-    notice("down", `Redis unreachable since ${fmt.time(redis.since)} (${redis.error || "no answer"}); reconnecting… ` +
-      "Tiles show the last values read.");
+    notice("down", `Redis unreachable since ${fmt.time(redis.since)} (${iso(redis.error || "no answer")}); ` +
+      "reconnecting… Tiles show the last values read.");
   } else if (redis.ok && was === false) {
     notice("reconnected", `Reconnected to Redis at ${fmt.time(redis.since)}; live data again.`);
     // only that notice: an "offline" said since (the dashboard lost) stays; hidden, the tiles were greyed unexplained
@@ -569,7 +572,7 @@ async function addCamera(event) {
 }
 
 function removeCamera(camera, output) {
-  if (!confirm(`Remove camera ${camera}? Its pipeline stops; its data stays in Redis.`)) return;
+  if (!confirm(`Remove camera ${iso(camera)}? Its pipeline stops; its data stays in Redis.`)) return;
   command("DELETE", dotted(camera) ? `api/cameras?camera=${encodeURIComponent(camera)}`
     : `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
 }
