@@ -94,7 +94,8 @@ def test_the_placeholder_of_a_camera_whose_snapshots_are_off_says_so(redis_serve
     last picture deleted) showed "no snapshot yet" for ever, in its tile and its detail view, as if one were
     coming; a camera that has none yet still says so."""
     client = redis_server.client()
-    client.hset(K.cameras, mapping={"off": _status(snapshot_enabled=False), "new": _status()})
+    client.hset(K.cameras, mapping={"off": _status(snapshot_enabled=False), "new": _status(),
+                                    "fifo": _status(state="failed", last_error="is a FIFO (named pipe)")})
     placeholder = '.tile[data-camera="{}"] .placeholder'
     with DashboardServer(redis_server.url, interval_s=0.2) as server:
         page = test_dashboard_browser.new_page(browser)
@@ -104,6 +105,7 @@ def test_the_placeholder_of_a_camera_whose_snapshots_are_off_says_so(redis_serve
             assert page.is_visible(placeholder.format("off"))
             assert page.inner_text(placeholder.format("off")) == "snapshots off for this camera"
             assert page.inner_text(placeholder.format("new")) == "no snapshot yet"
+            assert page.inner_text(placeholder.format("fifo")) == "no picture (failed)"  # none is coming (op15g)
             page.goto(f"{server.url}#/camera/off")
             page.wait_for_selector('#detail[data-camera="off"] dd.fps:not(:empty)')
             assert page.is_visible("#detail .placeholder")

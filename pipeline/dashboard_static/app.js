@@ -230,9 +230,10 @@ function fillStats(root, tile) {
   const late = tile.picture_behind_s > PICTURE_LATE_S;
   when.hidden = (tile.state === "up" && !late) || !tile.snapshot || !tile.snapshot.ts;
   if (!when.hidden) setText(when, `last picture ${fmt.time(tile.snapshot.ts)}`);
-  // "yet" promised a picture to a camera whose snapshots were switched off
+  // "yet" promised a picture to a camera whose snapshots were switched off, or that failed or ended for good
+  const over = ["failed", "ended", "stopped"].includes(tile.detail);
   setText(root.querySelector(".pic .placeholder"), tile.snapshots_off ? "snapshots off for this camera"
-    : "no snapshot yet");
+    : over ? `no picture (${tile.detail})` : "no snapshot yet");
   setText(root.querySelector("dd.tracks"), tile.tracks ? fmt.pairs(tile.tracks) : "–");
   for (const node of root.querySelectorAll(".counts-row")) node.hidden = !tile.counts;
   if (tile.counts) setText(root.querySelector("dd.counts"), countsText(tile.counts, tile.occupancy_now));
