@@ -105,10 +105,12 @@ class LoopbackHostsOnly:
     a LAN user or a load balancer's health check by address is no rebinding) (a container's server, bound to
     0.0.0.0 and published on the host's loopback, as the Compose stack's dashboard: a rebound page reached it
     through the host). ``vouched(scope)``: whether a request passes whatever its Host (the HTTP API's: it carries
-    a valid token, which a rebound page has not; its probes and schema, which need none, stay behind the check)."""
+    a valid token, which a rebound page has not; its probes and schema, which need none, stay behind the check);
+    a text instead: it carries a token that is not valid, refused 401 with that reason (a proxy's client with a
+    rotated token read "DNS rebinding?", and its refusal went unlogged)."""
 
     def __init__(self, app: Any, bound_host: str, allowed: Any = (),
-                 vouched: Callable[[dict], bool] | None = None) -> None:
+                 vouched: Callable[[dict], bool | str] | None = None) -> None:
         self.allowed = {name.lower().rstrip(".") for name in allowed}
         self.on_loopback = is_loopback_name(bound_host)
         self.app, self.active = app, self.on_loopback or bool(self.allowed)
@@ -118,7 +120,8 @@ class LoopbackHostsOnly:
         if self.active and scope["type"] in ("http", "websocket"):
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             name = host_header_name(host)
-            if host and not self._allowed(name) and not (self.vouched and self.vouched(scope)):
+            vouched = bool(host) and not self._allowed(name) and self.vouched is not None and self.vouched(scope)
+            if host and not self._allowed(name) and vouched is not True:
                 from starlette.responses import JSONResponse
 
                 bound = " (which this server is bound to)" if self.on_loopback else ""
@@ -127,6 +130,9 @@ class LoopbackHostsOnly:
                 response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is neither this machine's "
                                          f"loopback{bound} nor a name it is given (DNS rebinding?); {hint}"},
                                         status_code=403)
+                if isinstance(vouched, str):
+                    response = JSONResponse({"status": "rejected", "reason": vouched}, status_code=401,
+                                            headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -87,9 +87,20 @@ class BearerAuth:
         matched = [name for name, token in self._tokens.items() if hmac.compare_digest(given, token)]
         return (matched[0], "") if matched else (None, "Authorization: invalid token")
 
-    def vouches(self, scope: dict) -> bool:
-        """Whether a request carries a valid token (for LoopbackHostsOnly: a rebound page has none)."""
-        return bool(self._tokens) and self._check(Headers(scope=scope).get("authorization", ""))[0] is not None
+    def vouches(self, scope: dict) -> bool | str:
+        """For LoopbackHostsOnly, a request through a Host not loopback's: True where it carries a valid token (a
+        rebound page has none), False where none, else why its token is refused (said in the log, as __call__ does:
+        a rotated token behind a proxy read "DNS rebinding?" and left no trace)."""
+        header = Headers(scope=scope).get("authorization", "")
+        if not header:
+            return False
+        name, reason = self._check(header)
+        if name is not None:
+            return True
+        client = (scope.get("client") or ("?",))[0]
+        log.warning("HTTP API: refused %s from %s: %s", shown(f"{scope.get('method')} {scope.get('path')}"),
+                    shown(str(client)), reason)
+        return reason
 
     def __call__(self, request: Request) -> str:
         if not self._tokens:
@@ -356,7 +367,7 @@ class ApiServer:
         host, self.port = sock.getsockname()[:2]
         self.host = host
         auth = getattr(getattr(self.app, "state", None), "auth", None)  # build_api's; another ASGI app has none
-        vouched = auth.vouches if isinstance(auth, BearerAuth) else None
+        vouched = auth.vouches if isinstance(auth, BearerAuth) and auth._tokens else None  # tokenless: none vouch
         app = AnswerCutRequests(LoopbackHostsOnly(self.app, host, vouched=vouched) if check_host else self.app)
         # log_config None: uvicorn sets up no logging of its own; its records go through the service's (route_uvicorn)
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,

@@ -115,9 +115,11 @@ def test_a_rebound_page_reads_neither_the_probes_nor_the_schema_of_an_api_with_a
     port = service.api_server.port
     rebound = {"Host": f"rebind.example:{port}"}
     for path in ("/readyz", "/healthz", "/openapi.json", "/docs", "/nothing-here"):
-        for headers in (rebound, {**rebound, "Authorization": "Bearer made-up-by-the-page-0123456789"}):
-            status, answer = request(port, "GET", path, headers)
-            assert status == 403 and "DNS rebinding" in answer["reason"], (path, headers, status, answer)
+        status, answer = request(port, "GET", path, rebound)
+        assert status == 403 and "DNS rebinding" in answer["reason"], (path, status, answer)
+        made_up = {**rebound, "Authorization": "Bearer made-up-by-the-page-0123456789"}  # refused as a wrong token
+        status, answer = request(port, "GET", path, made_up)
+        assert (status, answer["reason"]) == (401, "Authorization: invalid token"), (path, status, answer)
         assert request(port, "GET", path, {"Host": f"localhost:{port}"})[0] in (200, 404, 503), path  # answered
 
 
@@ -136,6 +138,27 @@ def test_the_token_guarded_routes_still_answer_through_a_proxys_host(service):
     status, answer = request(port, "GET", "/cameras", proxied)
     assert status == 403 and "a request with a valid bearer token is answered through any Host" in answer["reason"]
     assert request(port, "GET", "/cameras", {"Host": f"127.0.0.1:{port}"})[0] == 401  # on loopback: as before
+
+
+def test_a_wrong_token_through_a_proxys_host_is_refused_as_a_wrong_token_and_logged(service, caplog):
+    """A rotated token behind a proxy that passes its own Host read 403 "DNS rebinding?" and left no log line
+    (review); a made-up token still passes nothing, the probes included."""
+    port = service.api_server.port
+    with caplog.at_level("WARNING", logger="pipeline.api"):
+        for path in ("/cameras", "/readyz"):
+            status, answer = request(port, "GET", path, {"Host": "cams.example.org", "Authorization": "Bearer junk"})
+            assert (status, answer["reason"]) == (401, "Authorization: invalid token"), (path, status, answer)
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 2 and all(m.endswith("Authorization: invalid token") for m in said), said
+
+
+def test_a_tokenless_apis_host_refusal_does_not_speak_of_tokens():
+    server = ApiServer(build_api(Controller(), {})).start(bind("127.0.0.1", 0))
+    try:
+        status, answer = request(server.port, "GET", "/cameras", {"Host": "proxy.example"})
+    finally:
+        server.stop()
+    assert status == 403 and "bearer token" not in answer["reason"], answer
 
 
 def test_an_api_with_a_token_bound_to_every_address_still_checks_no_host():
