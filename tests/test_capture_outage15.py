@@ -313,7 +313,7 @@ def test_a_decoder_held_stalled_after_it_was_up_is_an_outage_said_and_not_runnin
     """The first open blocks (abandoned, left blocked); the second decoder comes up, then stalls in a read: the
     watchdog holds it (the first still blocked) and said nothing but a log line, the camera "running" and ready,
     reconnects unchanged (review). Now a stream_down, counted, state reconnecting; its next frame says stream_up."""
-    camera.block_opens, camera.block_reads = {0}, {20}
+    camera.block_opens, camera.block_reads = {0}, {20, 40}
     pub = RecordingPublisher()
     pipe = pipeline(pub, **STALLING)
 
@@ -323,15 +323,21 @@ def test_a_decoder_held_stalled_after_it_was_up_is_an_outage_said_and_not_runnin
             await until(lambda: "still blocked" in (pipe.last_error or ""), 30, "the watchdog holding the decoder")
             held = dict(pipe.stats())
             camera.gate("read", 20).set()  # the held decoder's read returns: frames again
-            await until(lambda: len(pub.frames) >= 25, 30, "frames after the stall")
+            await until(lambda: pub.event_types().count("stream_up") == 2, 30, "frames after the stall")
+            # ... and it stalls again (read 40), the first abandoned thread still blocked: said again (review)
+            await until(lambda: pub.event_types().count("stream_down") == 3, 30, "the second stall said")
+            again = dict(pipe.stats())
+            camera.gate("read", 40).set()
+            await until(lambda: pub.event_types().count("stream_up") == 3, 30, "frames after the second stall")
         finally:
             pipe.stop()
-            final = await task
+            await task
             camera.gate("open", 0).set()
-        return held, final
+        return held, again
 
-    held, final = asyncio.run(main())
+    held, again = asyncio.run(main())
     kinds = [t for t in pub.event_types() if t.startswith("stream_")]
     assert held["state"] == "reconnecting" and held["reconnects"] == 2, held
-    assert kinds == ["stream_down", "stream_up", "stream_down", "stream_up"], kinds
+    assert again["state"] == "reconnecting" and again["reconnects"] == 3, again
+    assert kinds == ["stream_down", "stream_up"] * 3, kinds
     assert "still blocked" in downs(pub)[-1], downs(pub)

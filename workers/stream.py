@@ -297,6 +297,8 @@ class CameraPipeline:
             cap = self._capture
             if cap is None or self._stopping:
                 continue
+            if self._held is cap and cap.silent_for() <= stall_s:
+                self._held = None  # the held decoder came back: a stall of it again is said again
             if cap.alive and cap.silent_for() > stall_s:
                 # A thread blocked where no timeout reaches (an open of a path that never answers) holds its fd for
                 # as long as it stays blocked, and a new one blocked the same way: one more per stall period, for
