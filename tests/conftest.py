@@ -157,8 +157,11 @@ _CTYPE = locale.setlocale(locale.LC_CTYPE)  # as the session began (C.UTF-8 here
 def pytest_runtest_teardown(item) -> None:
     """Once (2026-12-06), a test read a child's UTF-8 output (the final table's box characters) as ASCII: with
     `text=True`, subprocess decodes with the locale's encoding, and something in this process had set the C
-    locale (not found: no code of ours calls setlocale). Children are now read as UTF-8 explicitly, and a test
-    that leaves the locale changed is named in the warnings summary and the locale put back."""
+    locale. Children are now read as UTF-8 explicitly, and a test that leaves the locale changed is named in the
+    warnings summary and the locale put back. Found since (2026-12-07, gdb on setlocale under tests/test_pipeline.py):
+    OpenVINO's compile_model sets LC_ALL "C" for its duration (workers/model_runner.py, _COMPILE_LOCK), and an
+    InferenceService a test left behind still compiles its exact batch shapes in a background thread when a later
+    test ends: the warning names that test, the locale read mid-compile."""
     now = locale.setlocale(locale.LC_CTYPE)
     if now != _CTYPE:
         locale.setlocale(locale.LC_CTYPE, _CTYPE)
