@@ -110,11 +110,12 @@ class LoopbackHostsOnly:
     rotated token read "DNS rebinding?", and its refusal went unlogged)."""
 
     def __init__(self, app: Any, bound_host: str, allowed: Any = (),
-                 vouched: Callable[[dict], bool | str] | None = None) -> None:
+                 vouched: Callable[[dict], bool | str] | None = None,
+                 hint: str = "a proxy's name can be allowed") -> None:
         self.allowed = {name.lower().rstrip(".") for name in allowed}
         self.on_loopback = is_loopback_name(bound_host)
         self.app, self.active = app, self.on_loopback or bool(self.allowed)
-        self.vouched = vouched
+        self.vouched, self.hint = vouched, hint  # hint: what a refused Host can do (the dashboard: allow a name)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.active and scope["type"] in ("http", "websocket"):
@@ -125,10 +126,8 @@ class LoopbackHostsOnly:
                 from starlette.responses import JSONResponse
 
                 bound = " (which this server is bound to)" if self.on_loopback else ""
-                hint = ("a request with a valid bearer token is answered through any Host" if self.vouched
-                        else "a proxy's name can be allowed")
                 response = JSONResponse({"status": "rejected", "reason": f"Host {host!r} is neither this machine's "
-                                         f"loopback{bound} nor a name it is given (DNS rebinding?); {hint}"},
+                                         f"loopback{bound} nor a name it is given (DNS rebinding?); {self.hint}"},
                                         status_code=403)
                 if isinstance(vouched, str):
                     response = JSONResponse({"status": "rejected", "reason": vouched}, status_code=401,

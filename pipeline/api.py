@@ -91,15 +91,17 @@ class BearerAuth:
         """For LoopbackHostsOnly, a request through a Host not loopback's: True where it carries a valid token (a
         rebound page has none), False where none, else why its token is refused (said in the log, as __call__ does:
         a rotated token behind a proxy read "DNS rebinding?" and left no trace)."""
-        header = Headers(scope=scope).get("authorization", "")
-        if not header:
+        headers = Headers(scope=scope)
+        header = headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):  # none, or another scheme: the Host refusal, unlogged, as before
             return False
         name, reason = self._check(header)
         if name is not None:
             return True
         client = (scope.get("client") or ("?",))[0]
-        log.warning("HTTP API: refused %s from %s: %s", shown(f"{scope.get('method')} {scope.get('path')}"),
-                    shown(str(client)), reason)
+        log.warning("HTTP API: refused %s from %s through Host %s: %s",
+                    shown(f"{scope.get('method')} {scope.get('path')}"), shown(str(client)),
+                    shown(headers.get("host", "")), reason)
         return reason
 
     def __call__(self, request: Request) -> str:
@@ -368,7 +370,12 @@ class ApiServer:
         self.host = host
         auth = getattr(getattr(self.app, "state", None), "auth", None)  # build_api's; another ASGI app has none
         vouched = auth.vouches if isinstance(auth, BearerAuth) and auth._tokens else None  # tokenless: none vouch
-        app = AnswerCutRequests(LoopbackHostsOnly(self.app, host, vouched=vouched) if check_host else self.app)
+        # what a refused Host can do (the API has no allowed-hosts setting, as the dashboard has)
+        hint = ("a request with a valid bearer token is answered through any Host" if vouched else
+                "have a proxy send a loopback Host (proxy_set_header Host localhost), or set api.tokens: a request "
+                "with a valid bearer token is answered through any Host")
+        app = AnswerCutRequests(LoopbackHostsOnly(self.app, host, vouched=vouched, hint=hint) if check_host
+                                else self.app)
         # log_config None: uvicorn sets up no logging of its own; its records go through the service's (route_uvicorn)
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
