@@ -32,7 +32,7 @@ from pipeline.status import FINAL_STATES, mark_stale
 from workers.publish import event_message, keys, undelivered as publisher_undelivered
 from workers.redact import redact_text, redact_url
 from workers.settings import CameraConfig
-from workers.stream import retired_track_ids_key
+from workers.stream import merge_next_ids, retired_track_ids_key
 from workers.tracking import CameraTracker
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class LiveControl:
         # Remembered for this service run as well, Redis or not (App._create hands them to the camera added again):
         # a Redis without persistence that restarted had lost them, and that camera numbered from 0 again.
         with self._lock:
-            remembered = _merge_ids(self._retired_ids.setdefault(camera_id, {}), _next_ids(next_ids)).copy()
+            remembered = merge_next_ids(self._retired_ids.setdefault(camera_id, {}), _next_ids(next_ids)).copy()
         try:
             client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
             try:
@@ -457,9 +457,9 @@ class LiveControl:
                     client.hget(retired_key, camera_id)
                 merged: dict[str, int] = {}
                 for ids in (remembered, _next_ids(status, "track_ids_next"), _next_ids(before)):
-                    _merge_ids(merged, ids)
+                    merge_next_ids(merged, ids)
                 with self._lock:
-                    _merge_ids(self._retired_ids[camera_id], merged)
+                    merge_next_ids(self._retired_ids[camera_id], merged)
                 if merged:
                     client.hset(retired_key, camera_id, json.dumps(merged))
                 k = keys(self.redis_settings.prefix)
@@ -492,13 +492,6 @@ class LiveControl:
             time.sleep(0.05)
         log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
                     "again meanwhile takes another", handle.id, handle.name, timeout_s)
-
-
-def _merge_ids(into: dict[str, int], ids: dict[str, int]) -> dict[str, int]:
-    """``into`` with each head's next id the larger of its own and ``ids``'."""
-    for head, n in ids.items():
-        into[head] = max(into.get(head, 0), n)
-    return into
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

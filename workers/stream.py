@@ -1004,6 +1004,14 @@ def retired_track_ids_key(prefix: str) -> str:
     return f"{prefix}:track_ids"
 
 
+def merge_next_ids(into: dict[str, int], ids: dict[str, int]) -> dict[str, int]:
+    """``into`` with each head's next track id the larger of its own and ``ids``' (what a camera added again
+    numbers from: the removal's, Redis's, the controller's memory of them)."""
+    for head, n in ids.items():
+        into[head] = max(into.get(head, 0), int(n))
+    return into
+
+
 def publisher_for(settings: RedisConfig, name: str, writer: WriterThread | None = None) -> Publisher:
     """A (not yet started) Publisher for resolved Redis settings: the cameras' and the controller's. ``writer``:
     the thread and connection it shares with the other cameras of its process; None: its own."""
@@ -1155,9 +1163,7 @@ class CameraHost:
                     if own and status.get("instance") == own:  # this run's: the status counts on from the crashed one's
                         base = status_base(status)
                         resume = replace(resume, counts={**base, "restarts": base["restarts"] + 1})
-                ids = {str(k): int(v) for k, v in (ids or {}).items()}
-                for head, n in self.retired_ids.items():
-                    ids[head] = max(ids.get(head, 0), int(n))
+                ids = merge_next_ids({str(k): int(v) for k, v in (ids or {}).items()}, self.retired_ids)
                 return ids, resume
             # TypeError, KeyError, ArithmeticError: an entry holding what no version writes (a null, Infinity, a
             # message without its frame) is as unreadable as a Redis that does not answer; it failed every start.
