@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, slash_hint, strict_json
 from pipeline.logs import cut_lines, route_uvicorn
-from workers.redact import redact_text
+from workers.redact import BIDI_CONTROLS, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
 
 # Control characters (C0, C1) and the bidi controls, in what a client chose (a path arrives percent-decoded: a
 # %1B[31m in it recoloured the operator's terminal, a %E2%80%AE (U+202E) turned the rest of the log line backwards)
-_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSHOWN = re.compile(rf"[\x00-\x1f\x7f-\x9f{BIDI_CONTROLS}]")
 
 
 def shown(text: str) -> str:

@@ -40,6 +40,10 @@ import re
 from urllib.parse import quote, unquote
 
 MASK = "***"
+# The bidirectional controls, as a regex class's body: invisible, they reorder the text around them where it is shown
+# (a U+202E turned the dashboard's error text backwards). Refused in camera URLs (workers/settings.py), escaped in
+# log lines of what an HTTP client chose (pipeline/api.py).
+BIDI_CONTROLS = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
 FREE_TEXT_MIN = 3  # a secret this long or longer is hidden wherever it appears in free text
 # at the start, after spaces, a quote or bracket, or "//" (a scheme lost): not a path's "/v/cam:1@x.mp4"
 _SCHEME = re.compile(r"\s*[\"'<(\[]?/{0,2}(?P<name>[A-Za-z][A-Za-z0-9+.-]*):/{0,2}")

@@ -19,7 +19,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.analytics_settings import (LineConfig, MotionConfig, SnapshotConfig, ZoneConfig,
                                         camera_analytics_problems)
-from workers.redact import redact_url
+from workers.redact import BIDI_CONTROLS, redact_url
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "lobby\n" through, a second lobby
 URL_SCHEMES = ("rtsp", "rtsps", "file", "synthetic", "http", "https", "device")
@@ -340,7 +340,7 @@ class CameraConfig(Strict):
             # urlsplit drops a newline without a word, FFmpeg sends it: a password with one failed (401) for ever
             raise ValueError("holds a line break or another control character inside (a ${VAR} read from a file "
                              "with its final newline?)")
-        if hidden := re.search(r"[\x80-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", v):
+        if hidden := re.search(rf"[\x80-\x9f{BIDI_CONTROLS}]", v):
             # invisible, and no URL needs one: a U+202E turned the dashboard's error text backwards, a U+009B (CSI)
             # reached the log raw (a URL shows in errors, statuses, events and log lines)
             raise ValueError(f"holds the invisible control character U+{ord(hidden[0]):04X} (a C1 control or a "
