@@ -5,12 +5,15 @@ imports its helpers from one module.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 
 from pipeline.testbed import (HOST, SYSTEM_PYTHON, ManagedProcess, RedisServer, RtspServer, find_redis_server,
                               free_port)
@@ -99,3 +102,17 @@ class BlackHole:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def serving(handler: type) -> Iterator[str]:
+    """An http.server handler class served on HOST at a free port, in a thread: its base URL ("http://HOST:PORT");
+    shut down after (serve_forever looks for that every 0.05 s: its default 0.5 s was each test's teardown)."""
+    server = ThreadingHTTPServer((HOST, 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.admission import Admission, merge_changes, parse_camera
 from pipeline.config import ApiConfig
-from servers import HOST, RedisServer
+from servers import HOST, RedisServer, serving
 from workers.capture import Capture, FrameSlot
 from workers.settings import CameraConfig
 
@@ -69,12 +69,8 @@ class Web(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def web() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer((HOST, 0), Web)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://{HOST}:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Web) as url:
+        yield url
 
 
 def accepted(client) -> int:
@@ -185,13 +181,8 @@ def test_the_second_look_at_a_refused_open_sends_no_credentials_and_keeps_the_op
     from workers.av_source import confined_refusal
 
     Guarded.seen = []
-    server = http.server.ThreadingHTTPServer((HOST, 0), Guarded)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        why = confined_refusal(f"http://admin:s3cret@{HOST}:{server.server_address[1]}/cam.mjpeg", 5.0)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Guarded) as url:
+        why = confined_refusal(url.replace("http://", "http://admin:s3cret@") + "/cam.mjpeg", 5.0)
     assert Guarded.seen == [None], Guarded.seen
     assert why is None, why
 
@@ -252,14 +243,9 @@ def test_a_camera_behind_a_login_failing_for_a_moment_stays_retried():
     from workers.av_source import AVSource, confined_options
     from workers.source_base import SourceError
 
-    server = http.server.ThreadingHTTPServer((HOST, 0), LoginThenDown)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    source = AVSource(f"http://admin:pw@{HOST}:{server.server_address[1]}/video.mjpeg", "http", open_timeout_s=3,
-                      read_timeout_s=3, ffmpeg_options=confined_options())
-    try:
+    with serving(LoginThenDown) as url:
+        source = AVSource(url.replace("http://", "http://admin:pw@") + "/video.mjpeg", "http", open_timeout_s=3,
+                          read_timeout_s=3, ffmpeg_options=confined_options())
         with pytest.raises(SourceError) as failed:
             source.open()
-    finally:
-        server.shutdown()
-        server.server_close()
     assert failed.value.kind != "unsupported", (failed.value.kind, str(failed.value))

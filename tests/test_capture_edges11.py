@@ -17,7 +17,7 @@ import av
 import numpy as np
 import pytest
 
-from servers import HOST
+from servers import HOST, serving
 from workers.capture import RateGate
 from workers.sources import SourceError, SourceFrame, open_source
 
@@ -76,12 +76,8 @@ def mjpeg_camera() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((HOST, 0), Camera)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://{HOST}:{server.server_address[1]}/video.mjpg"
-    server.shutdown()
-    server.server_close()
+    with serving(Camera) as url:
+        yield f"{url}/video.mjpg"
 
 
 @pytest.mark.timeout(30)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import pytest
 import ray
 
-from servers import HOST
+from servers import serving
 from workers.redact import RedactingFormatter, redact_text, redact_url, url_secrets
 from workers.sources import SourceError, open_source
 
@@ -143,12 +142,8 @@ def refusing_camera() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((HOST, 0), Camera)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://{HOST}:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Camera) as url:
+        yield url
 
 
 @pytest.mark.timeout(60)
