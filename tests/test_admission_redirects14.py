@@ -98,31 +98,33 @@ def added_at_run_time(redis: RedisServer, url: str) -> CameraConfig:
     return admission.check(parse_camera({"id": "cam", "url": url}))
 
 
-def test_a_camera_added_at_run_time_does_not_follow_a_redirect_to_the_services_own_redis(redis_server, web):
-    """POST /cameras {"url": "http://web/redirect?to=http://<its Redis>/x.mjpeg"} was accepted (the web server is
-    not the service), and FFmpeg followed the 302 into Redis within a millisecond; the camera retried for ever."""
-    camera = added_at_run_time(redis_server, f"{web}/redirect?to=http://{HOST}:{redis_server.port}/x.mjpeg")
+def refused_sparing_redis(redis_server, url: str):
+    """The capture of a camera added at run time at ``url``, at its first failure, which must be a refusal (failed,
+    not an outage retried for ever) made without any connection to the service's own Redis."""
+    camera = added_at_run_time(redis_server, url)
     with redis_server.client() as client:
         before = accepted(client)
         cap = first_failure(camera)
         assert accepted(client) == before, "the camera connected to the service's own Redis"
+    assert cap.state == "failed", (cap.state, cap.last_error)
+    return cap
+
+
+def test_a_camera_added_at_run_time_does_not_follow_a_redirect_to_the_services_own_redis(redis_server, web):
+    """POST /cameras {"url": "http://web/redirect?to=http://<its Redis>/x.mjpeg"} was accepted (the web server is
+    not the service), and FFmpeg followed the 302 into Redis within a millisecond; the camera retried for ever."""
+    cap = refused_sparing_redis(redis_server, f"{web}/redirect?to=http://{HOST}:{redis_server.port}/x.mjpeg")
     assert "redirects are not followed for a camera added at run time" in (cap.last_error or ""), cap.last_error
     assert "put it in the config file" in cap.last_error
-    assert cap.state == "failed", (cap.state, cap.last_error)  # a refusal, not an outage retried for ever
 
 
 def test_a_camera_added_at_run_time_does_not_open_a_playlist_naming_the_services_own_redis(redis_server, web):
     """An HLS playlist passed admission by the web server's host; FFmpeg's HLS demuxer then fetched its segment,
     http://<its Redis>/probe.ts."""
     segment = f"http://{HOST}:{redis_server.port}/probe.ts"
-    camera = added_at_run_time(redis_server, f"{web}/hls/evil2.m3u8?segment={segment}")
-    with redis_server.client() as client:
-        before = accepted(client)
-        cap = first_failure(camera)
-        assert accepted(client) == before, "the camera connected to the service's own Redis"
+    cap = refused_sparing_redis(redis_server, f"{web}/hls/evil2.m3u8?segment={segment}")
     assert "a playlist or manifest" in (cap.last_error or ""), cap.last_error
     assert "a camera added at run time does not open" in cap.last_error
-    assert cap.state == "failed", (cap.state, cap.last_error)
 
 
 @pytest.mark.parametrize("path", ["/x.mjpeg", "/redirect?to={web}/x.mjpeg"])
