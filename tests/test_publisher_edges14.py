@@ -116,9 +116,6 @@ def test_a_dedup_state_lost_with_a_restart_is_no_refusal_and_no_double(any_redis
     pub = Publisher(any_redis.url, **FAST, name="hydravision-lobby").start()
     state = keys("hv").publisher(pub.id)
     try:
-        pub.publish_detections(det(frame=0))
-        assert pub.flush()
-
         def restart_empty() -> None:  # the send was applied; Redis dies and comes back without its data
             any_redis.kill()
             any_redis.start()
@@ -127,31 +124,31 @@ def test_a_dedup_state_lost_with_a_restart_is_no_refusal_and_no_double(any_redis
             admin.config_set("maxmemory", "1")
             admin.config_set("maxmemory", "0")
 
-        AfterSend(monkeypatch, restart_empty if lost == "restart" else memory_full)
-        with caplog.at_level(logging.WARNING, logger="workers.publish"):
-            with pub._lock:  # one send
-                for frame in (1, 2):
-                    pub.publish_detections(det(frame=frame))
-            assert pub.flush(20)
+        records = _lost_reply(pub, monkeypatch, caplog, restart_empty if lost == "restart" else memory_full)
         admin = any_redis.client()
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
         assert not [m for m in errors if "rejected" in m], errors
         if lost == "restart":
             assert frames_of(admin) == [1, 2]  # frame 0 went with the restart; none twice
             assert errors == []
-            said = [r.getMessage() for r in caplog.records if "lost its data" in r.getMessage()]
+            said = [r.getMessage() for r in records if "lost its data" in r.getMessage()]
             assert len(said) == 1 and said[0].startswith("publisher hydravision-lobby: Redis lost its data: "
                                                          f"publisher state {state} was gone"), said
             assert "restarted empty" in said[0] and "nothing was written twice" in said[0], said
             assert "twice" not in (pub.stats()["last_error"] or "")
         else:
             assert frames_of(admin) == [0, 1, 2, 1, 2]  # the resend wrote them again: nothing tells what was applied
-            assert len(errors) == 1 and errors[0].startswith(f"publisher hydravision-lobby: publisher state {state} "
-                                                             "was gone (evicted under a volatile-*"), errors
-            assert "may now be in Redis twice" in errors[0] and "was gone" in pub.stats()["last_error"]
+            _said_evicted(errors, pub, state)
     finally:
         any_redis.client().config_set("maxmemory", "0")
         pub.close(1.0)
+
+
+def _said_evicted(errors: list[str], pub: Publisher, state: str) -> None:
+    """The ERROR about doubles of a dedup state evicted alone, said once, and the publisher's last_error with it."""
+    assert len(errors) == 1 and errors[0].startswith(f"publisher hydravision-lobby: publisher state {state} "
+                                                     "was gone (evicted under a volatile-*"), errors
+    assert "may now be in Redis twice" in errors[0] and "was gone" in pub.stats()["last_error"]
 
 
 def _lost_reply(pub: Publisher, monkeypatch, caplog, then) -> list[logging.LogRecord]:
@@ -196,10 +193,7 @@ def test_a_dedup_state_evicted_is_the_error_about_doubles_after_the_eviction_cou
         admin = any_redis.client()
         assert admin.info("stats")["evicted_keys"] == 0 and frames_of(admin) == [0, 1, 2, 1, 2]
         assert not [r for r in records if "nothing was written twice" in r.getMessage()], records
-        errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and errors[0].startswith(f"publisher hydravision-lobby: publisher state {state} "
-                                                         "was gone (evicted under a volatile-*"), errors
-        assert "may now be in Redis twice" in errors[0] and "was gone" in pub.stats()["last_error"]
+        _said_evicted([r.getMessage() for r in records if r.levelno >= logging.ERROR], pub, state)
     finally:
         any_redis.client().config_set("maxmemory", "0")
         pub.close(1.0)
