@@ -367,6 +367,7 @@ def main(args: argparse.Namespace) -> int:
         verb = {"add": "added", "update": "updated", "remove": "removed"}[args.action]
         detail = f" ({', '.join(result['changed']) or 'nothing changed'})" if args.action == "update" else ""
         print(f"{verb} camera {answer.get('camera') or camera_id}{detail} (as {answer.get('by')})")
+        _print_warnings(result)
     return 0
 
 
@@ -383,6 +384,7 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
             answer = {"reason": str(e)}
         if answer.get("status") == "accepted":
             print(f"added camera {answer.get('camera') or camera_id} (as {answer.get('by')})")
+            _print_warnings(answer.get("result"))
             continue
         code = answer.get("code")
         if code is None and "already exists" in str(answer.get("reason", "")):  # a service from before answers had one
@@ -397,6 +399,12 @@ def _add_each(channel: HttpChannel | RedisChannel, cameras: list[dict]) -> int:
     if refused:
         raise UserError(f"{len(refused)} of {len(cameras)} cameras not added: {', '.join(refused)}")
     return 0
+
+
+def _print_warnings(result: Any) -> None:
+    """What the service accepted but warned of (a rate too low for the camera's lines to count)."""
+    for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _running(channel: HttpChannel | RedisChannel) -> "list[str] | _Everyone":

@@ -187,7 +187,9 @@ class LiveControl:
         if stopping:
             self.note_rejected("add", by, "the service is shutting down", cam.id)  # a refusal as any other
             raise CommandRejected("the service is shutting down", 503)
-        return {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
+        # the warning in the answer too: the client that asked is who can act on it, not only the service's log
+        answer = {**self.public(cam), "start_s": round(time.monotonic() - started, 2)}
+        return answer | _warnings(counting_rate_warning(cam))
 
     def remove_camera(self, camera_id: str, by: str) -> dict:
         """Stops a camera: it leaves the running set (its id stays claimed), in-flight frames drain, its tracks
@@ -309,6 +311,7 @@ class LiveControl:
             self.note_rejected("update", by, e.reason, camera_id)
             raise
         late = False  # its call timed out: the claim is released when it answers (_settle_late_update)
+        warning = None
         try:
             old = handle.config
             new = merge_changes(old, changes)
@@ -353,7 +356,7 @@ class LiveControl:
         finally:
             if not late:
                 self._release(camera_id)
-        return {**self.public(new), **result}
+        return {**self.public(new), **result} | _warnings(warning)
 
     def _settle_late_update(self, handle: Any, ref: Any, new: CameraConfig, by: str) -> bool:
         """An update whose call timed out may still apply in the actor: its camera stays claimed (a next command
@@ -492,6 +495,11 @@ class LiveControl:
             time.sleep(0.05)
         log.warning("camera %s: Ray still holds the name %s %g s after its process was killed; a camera added "
                     "again meanwhile takes another", handle.id, handle.name, timeout_s)
+
+
+def _warnings(*said: str | None) -> dict:
+    """An answer's "warnings" (what was accepted but will not work as the caller may think), where there are any."""
+    return {"warnings": [w for w in said if w]} if any(said) else {}
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

@@ -1,0 +1,60 @@
+"""What a command's answer says beyond its result (s38): a camera added or updated below the rate its lines and
+zones need to count was warned of in the service's log only, which the API's client does not read; the answer
+carries the warning now, and `hydravision cameras add/update` prints it. The App with stand-ins, no Ray."""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import ray
+
+import pipeline.camera_commands as camera_commands
+from pipeline.app import CameraHandle
+from test_controller_edges3 import Process, answer, service
+
+LINE = {"name": "gate", "start": [0.5, 0.3], "end": [0.5, 1.0]}
+
+
+def test_an_add_or_update_below_the_counting_rate_answers_with_the_warning(monkeypatch):
+    app = service(monkeypatch)
+    changed = ["fps"]
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: {"changed": list(changed), "restarted": False}
+                        if ref == "update" else answer(ref))
+    process = Process("hv-camera-gate")
+    process.update = SimpleNamespace(remote=lambda camera_id, camera: "update")
+    monkeypatch.setattr(app, "_spawn", lambda cams, **kw: [CameraHandle(c.id, c, process, process.name) for c in cams])
+    added = app.add_camera({"id": "gate", "url": "synthetic://street", "fps": 2, "lines": [LINE]}, by="api:ops")
+    assert [w.split(" is below")[0] for w in added["warnings"]] == ["camera gate: fps 2"]
+    assert "warnings" not in app.update_camera("gate", {"fps": 8}, by="api:ops")  # fast enough: nothing to say
+    slow = app.update_camera("gate", {"fps": 3}, by="api:ops")
+    assert [w.split(" is below")[0] for w in slow["warnings"]] == ["camera gate: fps 3"]
+    changed[:] = ["heads"]  # a change that does not touch the rate: not said again on every update
+    assert "warnings" not in app.update_camera("gate", {"heads": ["people"]}, by="api:ops")
+    assert "warnings" not in app.add_camera({"id": "plain", "url": "synthetic://street", "fps": 1}, by="api:ops")
+
+
+class Channel:
+    """Stands in for the HTTP / Redis channel: answers every command with ``result``."""
+
+    def __init__(self, result: dict) -> None:
+        self.result = result
+
+    def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        return {"status": "accepted", "op": op, "camera": "gate", "by": "cli", "result": self.result}
+
+
+def test_cameras_add_and_update_print_the_answer_s_warnings(monkeypatch, capsys):
+    warning = "camera gate: fps 2 is below the 5 fps its lines and zones need to count right"
+    monkeypatch.setattr(camera_commands, "_channel", lambda args: Channel({"id": "gate", "changed": ["fps"],
+                                                                       "warnings": [warning]}))
+    monkeypatch.setattr(camera_commands, "_camera_fields", lambda args: {"id": "gate", "fps": 2})
+    for action in ("add", "update"):
+        assert camera_commands.main(argparse.Namespace(action=action, camera_id="gate", as_json=False)) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith(("added camera gate", "updated camera gate")) and warning not in out
+        assert err == f"warning: {warning}\n"
+    # several cameras (a YAML list): each one's warning under its line
+    monkeypatch.setattr(camera_commands, "_camera_fields", lambda args: [{"id": "gate"}, {"id": "gate"}])
+    assert camera_commands.main(argparse.Namespace(action="add", camera_id=None, as_json=False)) == 0
+    assert capsys.readouterr().err == f"warning: {warning}\n" * 2
