@@ -227,7 +227,8 @@ class LiveControl:
             self.telemetry.record_cameras([row], final=True, tick=False)
             [row] = self.telemetry.whole_run([row])
             with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
-                self.removed.append({**row, "state": "removed", "restarts": handle.restarts})
+                self.removed.append({**row, "state": "removed", "restarts": handle.restarts,
+                                     "removed_at": round(time.time(), 3)})
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -109,6 +110,14 @@ def _restarted(s: dict) -> str:
     return f" (restarted {n}x)" if _number(n) and n > 0 else ""
 
 
+def _removed_when(s: dict) -> str:
+    """Said after "removed": the same camera removed, added again and removed again had rows nothing told apart."""
+    try:
+        return f" {time.strftime('%H:%M:%S', time.localtime(s['removed_at']))}" if _number(s.get("removed_at")) else ""
+    except (OverflowError, OSError, ValueError):  # an entry not of ours: a time no clock shows
+        return ""
+
+
 def status_table(stats: list[dict], title: str = "hydravision", final: bool = False) -> Table:
     """``final``: the stats of a stop (the run's last table), whose rates are those of its last seconds."""
     table = Table(title=title, title_justify="left", expand=False)
@@ -118,13 +127,14 @@ def status_table(stats: list[dict], title: str = "hydravision", final: bool = Fa
         table.add_column(col, justify=just, overflow="fold")
     for s in stats:
         state = _cell(s.get("state", "?"))
+        when = _removed_when(s)
         style = {"running": "green", "reconnecting": "yellow", "failed": "red", "unavailable": "red",
                  "stale": "red"}.get(state, "")
         skipped = f" +{s['skipped']} skipped" if s.get("skipped") else ""  # frames the motion gate kept from inference
         gone = not rates_now(s) and not (final and state in FINAL_STATES)
         now = {"fps": None, "decode_fps": None} if gone else s
         table.add_row(
-            _cell(s.get("camera", "?")), (f"[{style}]{state}[/]" if style else state) + _cell(_restarted(s)),
+            _cell(s.get("camera", "?")), (f"[{style}]{state}[/]" if style else state) + when + _cell(_restarted(s)),
             _fps(now.get("fps", 0)),
             _fps(now.get("decode_fps", 0)), f"{_ms(now.get('latency_ms_p50'))}/{_ms(now.get('latency_ms_p95'))}",
             _cell(_count(s.get("published", 0)) + skipped),

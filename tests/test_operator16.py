@@ -1,17 +1,24 @@
-"""What a command's answer says beyond its result (s38): a camera added or updated below the rate its lines and
-zones need to count was warned of in the service's log only, which the API's client does not read; the answer
-carries the warning now, and `hydravision cameras add/update` prints it. The App with stand-ins, no Ray."""
+"""What an operator reads (s38): a camera added or updated below the rate its lines and zones need to count was
+warned of in the service's log only, which the API's client does not read: the answer carries the warning now, and
+`hydravision cameras add/update` prints it. A camera removed twice had two final rows nothing told apart: each says
+when. The App with stand-ins, no Ray."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from types import SimpleNamespace
 
 import ray
 
 import pipeline.camera_commands as camera_commands
 from pipeline.app import CameraHandle
+from pipeline.status import status_table
+from rich.console import Console
 from test_controller_edges3 import Process, answer, service
+import test_run_final13
+from test_run_final13 import counts, running, service as removing_service
+from test_run_final13 import Process as FinalProcess
 
 LINE = {"name": "gate", "start": [0.5, 0.3], "end": [0.5, 1.0]}
 
@@ -58,3 +65,25 @@ def test_cameras_add_and_update_print_the_answer_s_warnings(monkeypatch, capsys)
     monkeypatch.setattr(camera_commands, "_camera_fields", lambda args: [{"id": "gate"}, {"id": "gate"}])
     assert camera_commands.main(argparse.Namespace(action="add", camera_id=None, as_json=False)) == 0
     assert capsys.readouterr().err == f"warning: {warning}\n" * 2
+
+
+def test_each_removal_s_final_row_says_when(monkeypatch):
+    test_run_final13.no_ray.__wrapped__(monkeypatch)  # its Ray stand-ins
+    app = removing_service()
+    for pid in (100, 200):
+        process = FinalProcess({"camera": "cam", "state": "running", "pid": pid, **counts(5, 5)})
+        running(app, "cam", process, f"hv-camera-cam-{pid}")
+        app.stats()
+        process.final = {"camera": "cam", "state": "stopped", **counts(6, 6)}
+        before = time.time()
+        app.remove_camera("cam", by="test")
+        assert before - 0.001 <= app.removed[-1]["removed_at"] <= time.time() + 0.001  # rounded to ms
+    console = Console(width=200, record=True)
+    console.print(status_table(app.removed, title="final", final=True))
+    rows = [line for line in console.export_text().splitlines() if "cam " in line]
+    times = [time.strftime("%H:%M:%S", time.localtime(r["removed_at"])) for r in app.removed]
+    assert len(rows) == 2 and all(f"removed {t}" in row for row, t in zip(rows, times)), rows
+    # an entry not of ours (`hydravision status` reads what anyone wrote): no time, no error
+    odd = Console(width=200, record=True)
+    odd.print(status_table([{"camera": "x", "state": "removed", "removed_at": 1e300}], final=True))
+    assert "│ x      │ removed │" in odd.export_text()
