@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from pipeline.camera_commands import redis_url
 from pipeline.config import load_config
@@ -146,7 +147,9 @@ def _leave_hung_up_terminal() -> None:
 
 class Output:
     """What `run` tells the operator: messages, status lines, the final table; or, with ``--log-format
-    json``, the same as JSON records through logging (pipeline/logs.py), the stats as fields."""
+    json``, the same as JSON records through logging (pipeline/logs.py), the stats as fields. Text as rich Text,
+    not markup=False: a print while the live table draws redraws it with the print's options, and every state's
+    colour markup showed raw ("[green]running[/]") in that frame."""
 
     def __init__(self, console: Console, json_mode: bool):
         self.console, self.json_mode = console, json_mode
@@ -156,21 +159,21 @@ class Output:
         if self.json_mode:
             self.log.info(message)
         else:
-            self.console.print(message, highlight=False, markup=False)
+            self.console.print(Text(message), highlight=False)
 
     def status(self, stats: list[dict]) -> None:
         line = status_line(stats) or "no cameras"  # a service run for its control channels: not an empty line
         if self.json_mode:
             self.log.info(line, extra={"data": {"event": "status", "cameras": _compact(stats)}})
         else:
-            self.console.print(line, highlight=False, markup=False)
+            self.console.print(Text(line), highlight=False)
 
     def warning(self, message: str, data: dict) -> None:
         """A message beside the final table; in JSON a warning record, ``data`` as its fields."""
         if self.json_mode:
             self.log.warning(message, extra={"data": data})
         else:
-            self.console.print(message, highlight=False, markup=False)
+            self.console.print(Text(message), highlight=False)
 
     def final(self, finals: list[dict]) -> None:
         if self.json_mode:

@@ -1,11 +1,12 @@
 """What an operator reads (s38): a camera added or updated below the rate its lines and zones need to count was
 warned of in the service's log only, which the API's client does not read: the answer carries the warning now, and
 `hydravision cameras add/update` prints it. A camera removed twice had two final rows nothing told apart: each says
-when. The App with stand-ins, no Ray."""
+when. A line said while the live table drew showed its colour markup raw. The App with stand-ins, no Ray."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from types import SimpleNamespace
 
@@ -13,8 +14,10 @@ import ray
 
 import pipeline.camera_commands as camera_commands
 from pipeline.app import CameraHandle
+from pipeline.run_commands import Output
 from pipeline.status import status_table
 from rich.console import Console
+from rich.live import Live
 from test_controller_edges3 import Process, answer, service
 import test_run_final13
 from test_run_final13 import counts, running, service as removing_service
@@ -87,3 +90,19 @@ def test_each_removal_s_final_row_says_when(monkeypatch):
     odd = Console(width=200, record=True)
     odd.print(status_table([{"camera": "x", "state": "removed", "removed_at": 1e300}], final=True))
     assert "│ x      │ removed │" in odd.export_text()
+
+
+def test_a_line_said_while_the_live_table_draws_leaves_its_markup_rendered():
+    """The frame drawn with `SIGINT: draining ...` had every row's state as `[green]running[/]` (32 cameras)."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    out = Output(console, json_mode=False)
+    with Live(status_table([{"camera": "lot-00", "state": "running"}]), console=console, auto_refresh=False):
+        out.say("SIGINT: draining in-flight frames [not markup] :fire:")
+        out.status([{"camera": "cam[1]", "state": "running"}])
+        out.warning("2 message(s) not delivered [x]", {})
+    shown = screen.getvalue()
+    assert "[green]" not in shown and "running" in shown
+    # what is said stays as written: no markup, no emoji codes
+    for text in ("draining in-flight frames [not markup] :fire:", "cam[1]: running", "not delivered [x]"):
+        assert text in shown, text
