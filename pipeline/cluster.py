@@ -24,7 +24,7 @@ import ray
 
 from pipeline.config import absolute_path_url
 from pipeline.errors import UserError
-from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, describe_needs, fits,
+from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, demand, describe_needs, fits,
                                 group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
                                 node_needs, replica_count, replica_gpus, replica_room, replicas_per_node,
                                 stream_options)
@@ -334,6 +334,7 @@ class Placement:
                                                          self.replica_options["num_gpus"], config.ray.cluster)
         self._checkpoint_ref: Any = None
         self.reserved: dict[str, dict[str, Any]] = {}  # actor name -> the options it was created with (``spawn``)
+        self.node_watch: NodeWatch | None = None  # ``watch``'s, once the service runs
         if len(self.nodes) > 1 or config.ray.cluster:
             self.say(f"Ray cluster: {len(self.nodes)} node(s), namespace {self.namespace}\n  "
                      + "\n  ".join(n.describe() for n in self.nodes))
@@ -359,8 +360,14 @@ class Placement:
                          "namespace": self.namespace}) for group, opts in out]
 
     def replica_index(self, camera: str, live: Any = ()) -> int:
-        """The replica a camera sends its frames to: the one serving the fewest of the ``live`` cameras."""
-        return self.assigner.assign(camera, live)
+        """The replica a camera sends its frames to: the one serving the fewest of the ``live`` cameras, but for a
+        new camera not one that a lost node left waiting for a node (``NodeWatch.waiting``): the camera's start
+        pings its replica, and one Ray keeps pending failed every add with ActorUnavailableError, another replica
+        running with room. None running: a UserError that says what they wait for."""
+        watch = getattr(self, "node_watch", None)
+        waiting = {key[1]: needs for key, needs in list(watch.waiting.items())
+                   if key[0] == "inference"} if watch is not None else {}
+        return self.assigner.assign(camera, live, waiting)
 
     def checkpoint_arg(self) -> str | Any:
         """What InferenceActor gets as its checkpoint: a path every node reads, or an ObjectRef of its bytes."""
@@ -409,7 +416,8 @@ class Placement:
     def watch(self, app: Any) -> "NodeWatch | None":
         """A NodeWatch on a cluster (one node cannot lose another)."""
         if len(self.nodes) > 1 or self.config.ray.cluster:
-            return NodeWatch(app, self.nodes, placement=self)
+            self.node_watch = NodeWatch(app, self.nodes, placement=self)  # replica_index reads what waits
+            return self.node_watch
         return None
 
 
@@ -423,7 +431,7 @@ def _free() -> str:
 class NodeWatch:
     """Follows where each actor runs and which nodes are alive. When a node dies it says which cameras and
     replicas were on it (a ``node_lost`` event; Ray restarts them on the nodes that remain, or, where none of those
-    could host one, it waits for a node that can: said with what that node needs), and once a worker answers
+    has room for one, it waits for a node that has: said with what that node needs), and once a worker answers
     again ``moved()`` says from where to where. ``placement``: the Placement whose ``reserved`` tells what each
     actor needs (None: not said)."""
 
@@ -543,7 +551,15 @@ class NodeWatch:
         replicas = [k[1] for k in on_it if k[0] == "inference"]
         # Ray keeps an actor no alive node can host pending (RESTARTING) until such a node joins, for ever if none
         # does: the controller only saw a camera "still starting" (waiting for its replica) or running at 0 fps.
-        waiting = {key: needs for key in on_it if (needs := self._needs_elsewhere(key, alive)) is not None}
+        # Whether a node can: by what is free there, not by its totals (the one inference node left had its one
+        # hydravision_inference unit held by replica 1, and the line said Ray restarts replica 0 there).
+        free = self._free(alive, actors)
+        reservations = {key: self._reservation(key) for key in on_it}
+        answer: dict[Any, tuple[dict, dict] | None] = {}  # actor name -> its needs (a process's cameras: one answer)
+        for name, options in reservations.values():
+            if name not in answer:
+                answer[name] = self._needs_elsewhere(options, free)
+        waiting = {key: needs for key, (name, _) in reservations.items() if (needs := answer[name]) is not None}
         self.waiting.update({key: describe_needs(*needs) for key, needs in waiting.items()})
         self.app.say(f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference replicas "
                      f"{replicas or 'none'}; {self._fate(on_it, waiting, actors)}")
@@ -553,18 +569,46 @@ class NodeWatch:
             self.app.events.publish_event(event_message("node_lost", "*", node=node.id, ip=node.ip,
                                                         cameras=cameras, inference=replicas, **extra))
 
-    def _needs_elsewhere(self, key: tuple[str, Any], alive: list[Node]) -> tuple[dict, dict] | None:
-        """What a node must offer for this actor to run again, where no ``alive`` node could ever host it
-        (``placement.fits``, as the start's check); None where one could, or where its options are unknown."""
-        reserved = getattr(self.placement, "reserved", None) or {}
+    def _reservation(self, key: tuple[str, Any]) -> tuple[str | None, dict | None]:
+        """The Ray name of the actor behind ``key`` and the options it was created with (None: unknown)."""
         if key[0] == "inference":
-            options = reserved.get(inference_name(key[1]))
+            name = inference_name(key[1])
         else:
             with self.app._lock:
-                options = reserved.get(getattr(self.app.cameras.get(key[1]), "name", None))
-        if options is None or any(fits(n, options) for n in alive):
+                name = getattr(self.app.cameras.get(key[1]), "name", None)
+        return name, (getattr(self.placement, "reserved", None) or {}).get(name)
+
+    def _free(self, alive: list[Node], actors: dict) -> list[Node]:
+        """Copies of the ``alive`` nodes with what this pipeline's actors on each (``where``) reserved taken off
+        (``placement.reserved``; cameras sharing a process counted once). Not Ray's free figures: by the time the
+        loss is seen Ray may have restarted a lost actor on a node already, and its own room would read as taken.
+        Other pipelines' actors are not counted."""
+        held: dict[str, dict[Any, dict]] = {}  # node id -> actor name -> its options
+        for key, node_id in list(self.where.items()):
+            name, options = self._reservation(key)
+            if key in actors and options is not None:
+                held.setdefault(node_id, {})[name] = options
+        out = []
+        for n in alive:
+            left = dict(n.resources)
+            for options in held.get(n.id, {}).values():
+                for k, v in demand(options).items():
+                    left[k] = left.get(k, 0.0) - v
+            out.append(Node(n.id, n.ip, left, n.labels))
+        return out
+
+    @staticmethod
+    def _needs_elsewhere(options: dict | None, free: list[Node]) -> tuple[dict, dict] | None:
+        """What a node must offer for an actor with these options to run again, where none of the ``free`` nodes
+        (``_free``'s) has room for it (``placement.fits``); None where one has, which then has that much less for
+        the next lost actor, or where its options are unknown."""
+        if options is None:
             return None
-        return node_needs(options, alive)
+        if node := next((n for n in free if fits(n, options)), None):
+            for k, v in demand(options).items():
+                node.resources[k] -= v  # type: ignore[index]  # _free's copy
+            return None
+        return node_needs(options, free)
 
     def _fate(self, on_it: list[tuple[str, Any]], waiting: dict, actors: dict) -> str:
         """The node_lost line's end: what Ray restarts on the remaining nodes, and what waits for a node to join."""

@@ -14,7 +14,8 @@ Pure functions over a snapshot of the nodes (``Node``), so the unit tests need n
 - ``inference.replicas`` unset: one replica where the replicas get a GPU, two on CPUs (two one-thread model
   processes beat one two-thread process on a 2-core machine: docs/architecture.md, "Two replicas on a CPU");
   unset ``inference.threads``: a replica takes its node's cores divided by the replicas placed per node;
-- each camera is served by the replica with the fewest cameras (stable: a camera keeps its replica);
+- each camera is served by the replica with the fewest cameras (stable: a camera keeps its replica), not by one
+  that a lost node left waiting for a node to join;
 - ``inference.in_camera_process`` unset: on the CPUs of one machine there are no replicas, each camera
   process runs the model for its own cameras (``model_in_camera_process``);
 - a demand that no alive node could ever meet is refused at once with a ``UserError`` naming the nodes,
@@ -288,10 +289,20 @@ class ReplicaAssigner:
         self.replicas = replicas
         self.of: dict[str, int] = {}
 
-    def assign(self, camera: str, live: Iterable[str] = ()) -> int:
-        keep = set(live) | {camera}
+    def assign(self, camera: str, live: Iterable[str] = (), waiting: Mapping[int, str] | None = None) -> int:
+        """``waiting``: replicas a lost node left waiting for a node to join -> what that node needs; a new camera
+        is given none of them (its start would fail on the pending replica), and with all of them waiting it is
+        refused (a UserError). A camera that has its replica keeps it."""
+        keep, waiting = set(live) | {camera}, waiting or {}
         self.of = {c: r for c, r in self.of.items() if c in keep}
         if camera not in self.of:
+            running = [r for r in range(self.replicas) if r not in waiting]
+            if not running:
+                raise UserError(f"camera {camera}: no inference replica runs to send its frames to: "
+                                + "; ".join(f"inference replica {r} waits for a node with {needs} to join"
+                                            for r, needs in sorted(waiting.items()))
+                                + f" (lost with {'its node' if len(waiting) == 1 else 'their nodes'}). "
+                                "Add the camera once such a node has joined")
             load = collections.Counter(self.of.values())
-            self.of[camera] = min(range(self.replicas), key=lambda r: (load[r], r))
+            self.of[camera] = min(running, key=lambda r: (load[r], r))
         return self.of[camera]
