@@ -39,9 +39,10 @@ def add_parser(sub: Any) -> None:
                              "--redis-url is given; without either, the Redis control stream)")
     common.add_argument("--token", default=None, help=f"bearer token for --api (better: ${API_TOKEN_ENV})")
     common.add_argument("--redis-url", default=None, help=f"Redis of the service (default: ${REDIS_URL_ENV})")
-    common.add_argument("--prefix", default="hv", help="the service's Redis key prefix")
+    common.add_argument("--prefix", default="hv", help="the service's Redis key prefix (default hv)")
     # 90: an add's camera may take the service's start budget for one camera (65 s) to start, then answers
-    common.add_argument("--timeout", type=seconds, default=90.0, metavar="S", help="wait this long for the answer")
+    common.add_argument("--timeout", type=seconds, default=90.0, metavar="S",
+                        help="wait this long for the answer (default 90)")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", dest="as_json", action="store_true", help="print the service's answer as JSON")
 

@@ -78,6 +78,10 @@ def parse_head(text: str) -> tuple[str, list[str]]:
     return name.strip(), names
 
 
+REDIS_URL_HELP = "the service's Redis (default: $HYDRAVISION_REDIS_URL, else redis://127.0.0.1:6379/0)"
+PREFIX_HELP = "the service's redis.prefix (default hv)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hydravision", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "backbone's last N stages (default 1; the adapter's heads run those stages a second time)")
     t.add_argument("--eval-scenes", type=positive_int, default=8, help="with --unfreeze-stages: held-out scenes")
     t.add_argument("--eval-frames", type=positive_int, default=40, help="with --unfreeze-stages: frames per scene")
-    t.add_argument("--steps", type=positive_int, default=3000)
-    t.add_argument("--batch-size", type=positive_int, default=16)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="images per step (default 16)")
+    t.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default 0)")
     # The architecture options default to None (TRAIN_DEFAULTS in pipeline/model_commands.py fills them): with
     # --from the checkpoint's architecture is kept, and an option the user gave that differs is refused.
     t.add_argument("--input-size", type=parse_size, default=None, metavar="HxW", help="a new model's input "
@@ -131,28 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "body type) to a model and train it on its frozen features")
     a.add_argument("--from", dest="init", type=checkpoint, required=True,
                    help="the model to add it to ('demo': the bundled one)")
-    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     a.add_argument("--attribute", type=parse_head, required=True, metavar="NAME=LABELS",
                    help="e.g. kind=sedan,hatch,van (synthetic scenes know a car's 'kind')")
     a.add_argument("--on", type=parse_head, required=True, metavar="HEAD=CLASSES",
                    help="the detection head and its classes it labels, e.g. vehicles=car")
-    a.add_argument("--steps", type=positive_int, default=600)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
+    a.add_argument("--seed", type=int, default=0, help="default 0")
     a.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser("train-reid", help="add a re-ID head (an appearance embedding of some heads' boxes, which "
                        "the tracker uses to keep identities) to a model and train it on its frozen features")
     r.add_argument("--from", dest="init", type=checkpoint, required=True,
                    help="the model to add it to ('demo': the bundled one)")
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     r.add_argument("--heads", type=lambda v: [h for h in v.split(",") if h], required=True, metavar="HEAD,...",
                    help="detection heads whose boxes it embeds, e.g. people,vehicles")
-    r.add_argument("--steps", type=positive_int, default=600)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
+    r.add_argument("--seed", type=int, default=0, help="default 0")
     r.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("train-demo", help="reproduce the bundled demo checkpoint (four stages, seeded)")
-    d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"))
+    d.add_argument("--out", type=Path, default=Path("models/checkpoints/demo.safetensors"),
+                   help="default: models/checkpoints/demo.safetensors under this directory (in a checkout: the "
+                   "bundled one, replaced)")
     d.add_argument("--steps", type=positive_int, nargs=4, default=None, metavar=("BASE", "HEAD", "ATTRIBUTE", "REID"),
                    help="training steps of the four stages")
     d.add_argument("--fresh", action="store_true",
@@ -162,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("import-detector", help="make a checkpoint from torchvision's COCO FCOS weights (a file you "
                        "downloaded: fcos_resnet50_fpn_coco-99b0c9b7.pth)")
     m.add_argument("weights", type=Path, help="torchvision's fcos_resnet50_fpn state dict (.pth)")
-    m.add_argument("--out", type=Path, default=Path("models/checkpoints/coco-fcos.safetensors"))
+    m.add_argument("--out", type=Path, default=Path("models/checkpoints/coco-fcos.safetensors"),
+                   help="default: models/checkpoints/coco-fcos.safetensors under this directory")
     m.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="model input, multiples of 128 (default 512x896; torchvision uses ~800 on the short side)")
 
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Redis to publish to (overrides the config and $HYDRAVISION_REDIS_URL)")
         r.add_argument("--plain", action="store_true", help="log status lines instead of the live table")
         r.add_argument("--log-every", type=seconds, default=5.0, metavar="S",
-                       help="with --plain: a status line every S seconds")
+                       help="with --plain: a status line every S seconds (default 5)")
         r.add_argument("--summary-json", type=Path, default=None,
                        help="write the final per-camera stats here (a camera's counts are the whole run's, over "
                        "the restarts of its process; 'restarts': how many times it was restarted)")
@@ -189,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the HTTP control API on this port (0: a free one); overrides api.port")
 
     r = sub.add_parser("run", help="run the pipeline described by a config file")
-    r.add_argument("config", type=Path)
+    r.add_argument("config", type=Path, help="the YAML file (configs/ has examples; README: 'Running on real "
+                   "cameras'); relative paths in it are of the working directory")
     run_options(r)
     dm = sub.add_parser("demo", help="run configs/demo.yaml: synthetic cameras, embedded Redis, CPU")
     run_options(dm)
@@ -197,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl = sub.add_parser("tail", help="print a camera's messages from Redis as they arrive")
     tl.add_argument("camera", nargs="?", default=None)
     tl.add_argument("--events", action="store_true", help="tail the events stream instead of a camera")
-    tl.add_argument("--redis-url", default=None)
-    tl.add_argument("--prefix", default="hv")
+    tl.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    tl.add_argument("--prefix", default="hv", help=PREFIX_HELP)
     tl.add_argument("--from-start", action="store_true", help="start at the oldest message kept")
     tl.add_argument("--count", type=positive_int, default=None, help="stop after N messages")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
@@ -212,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 30000)")
 
     st = sub.add_parser("status", help="the cameras table from Redis (stale entries marked), from any machine")
-    st.add_argument("--redis-url", default=None)
-    st.add_argument("--prefix", default="hv")
+    st.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    st.add_argument("--prefix", default="hv", help=PREFIX_HELP)
     st.add_argument("--json", action="store_true", help="print the statuses as JSON")
 
     from pipeline.camera_commands import add_parser as add_cameras_parser  # no heavy imports in there
@@ -221,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_cameras_parser(sub)
 
     db = sub.add_parser("dashboard", help="a live web page of the cameras and events, read from Redis alone")
-    db.add_argument("--redis-url", default=None, help="default: $HYDRAVISION_REDIS_URL, else redis://127.0.0.1:6379/0")
-    db.add_argument("--prefix", default="hv")
-    db.add_argument("--host", default="127.0.0.1", help="address to bind (the page has no login: keep it local "
-                    "or behind a proxy that has one)")
-    db.add_argument("--port", type=port, default=8765, help="0: a free one")
+    db.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    db.add_argument("--prefix", default="hv", help=PREFIX_HELP)
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the page has no login: "
+                    "keep it local or behind a proxy that has one)")
+    db.add_argument("--port", type=port, default=8765, help="default 8765; 0: a free one")
     db.add_argument("--interval", type=seconds, default=1.0, metavar="S",
-                    help="read and push camera tiles every S seconds")
+                    help="read and push camera tiles every S seconds (default 1)")
     db.add_argument("--allow-control", action="store_true", help="let the page add and remove cameras (through "
                     "the service's Redis control stream; anyone who reaches the page can)")
     db.add_argument("--allowed-host", action="append", metavar="NAME", help="on loopback the page answers only "
@@ -237,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score every head on held-out synthetic scenes (mAP@0.5, mAP@0.5:0.95)")
     e.add_argument("--checkpoint", type=checkpoint, default=None, help="default ('demo'): the bundled checkpoint")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--scenes", type=positive_int, default=8)
+    e.add_argument("--scenes", type=positive_int, default=8, help="held-out scenes (default 8)")
     e.add_argument("--frames", type=positive_int, default=40, help="frames scored per scene")
     e.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
                    help="score through the service's model path on this backend (model.backend), to check a faster "

@@ -1,7 +1,9 @@
 """What an operator reads (s38): a camera added or updated below the rate its lines and zones need to count was
 warned of in the service's log only, which the API's client does not read: the answer carries the warning now, and
 `hydravision cameras add/update` prints it. A camera removed twice had two final rows nothing told apart: each says
-when. A line said while the live table drew showed its colour markup raw. The App with stand-ins, no Ray."""
+when. A line said while the live table drew showed its colour markup raw. A first-time user's: `--help` without the
+defaults, a Redis port out of range told about passwords, `demo.safetensors` not found without a word of 'demo'.
+The App with stand-ins, no Ray."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import time
 from types import SimpleNamespace
 
+import pytest
 import ray
 
 import pipeline.camera_commands as camera_commands
@@ -106,3 +109,42 @@ def test_a_line_said_while_the_live_table_draws_leaves_its_markup_rendered():
     # what is said stays as written: no markup, no emoji codes
     for text in ("draining in-flight frames [not markup] :fire:", "cam[1]: running", "not delivered [x]"):
         assert text in shown, text
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["run"], ["(default 5)", "relative paths in it are of the working directory"]),
+    (["dashboard"], ["(default 127.0.0.1", "default 8765", "(default 1)", "$HYDRAVISION_REDIS_URL", "(default hv)"]),
+    (["tail"], ["$HYDRAVISION_REDIS_URL", "(default hv)"]),
+    (["status"], ["$HYDRAVISION_REDIS_URL", "(default hv)"]),
+    (["cameras", "list"], ["(default 90)", "(default hv)"]),
+    (["train"], ["(default 3000)", "(default 16)", "(default 2e-3)", "(default 0)"]),
+    (["train-attribute"], ["(default 600)", "checkpoint to write"]),
+    (["train-reid"], ["(default 600)", "checkpoint to write"]),
+    (["train-demo"], ["models/checkpoints/demo.safetensors"]),
+    (["import-detector"], ["models/checkpoints/coco-fcos.safetensors"]),
+    (["eval"], ["(default 8)"]),
+])
+def test_help_says_the_defaults(command, shown, capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(s in text for s in shown), (command, [s for s in shown if s not in text])
+
+
+def test_a_redis_port_out_of_range_is_said_so():
+    from workers.settings import redis_url_error
+
+    assert redis_url_error("redis://localhost:263910/0").startswith("the port is out of range (a port is a number")
+    assert redis_url_error("redis://:ab/cd@db:6379/0").startswith("no readable host:port; a password holding '/'")
+
+
+def test_a_missing_demo_safetensors_names_the_bundled_checkpoint(tmp_path):
+    from models.metadata import CheckpointError, read_metadata
+
+    with pytest.raises(CheckpointError, match=r"demo.safetensors: no such checkpoint file \(the bundled checkpoint "
+                       r"is named 'demo'\)"):
+        read_metadata(tmp_path / "demo.safetensors")
+    with pytest.raises(CheckpointError, match=r"mine.safetensors: no such checkpoint file$"):
+        read_metadata(tmp_path / "mine.safetensors")

@@ -151,9 +151,11 @@ def redis_url_error(url: str) -> str | None:
         return "must start with redis://, rediss:// or unix://"
     try:
         urlsplit(url).port
-    except ValueError:
-        return ("no readable host:port; a password holding '/', '?', '#' or '@' must be percent-encoded "
-                "(%2F, %3F, %23, %40)")
+    except ValueError as e:
+        # a port of digits too many ("redis://localhost:263910/0") was told about passwords alone
+        what = "the port is out of range (a port is a number 1-65535)" if "out of range" in str(e) else \
+            "no readable host:port"
+        return f"{what}; a password holding '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, %40)"
     from redis.connection import ConnectionPool, parse_url  # here: redis costs ~0.1 s to import; only a URL needs it
 
     try:  # redis-py's own reading: it refused a bad ?socket_timeout= only when the publisher started (a traceback)
