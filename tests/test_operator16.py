@@ -148,3 +148,15 @@ def test_a_missing_demo_safetensors_names_the_bundled_checkpoint(tmp_path):
         read_metadata(tmp_path / "demo.safetensors")
     with pytest.raises(CheckpointError, match=r"mine.safetensors: no such checkpoint file$"):
         read_metadata(tmp_path / "mine.safetensors")
+
+
+@pytest.mark.parametrize("polygon", [[0.1, 0.1, 0.5, 0.1, 0.5, 0.5], [{"x": 0.1, "y": 0.1}, {"x": 0.5, "y": 0.1},
+                                                                     {"x": 0.5, "y": 0.5}]])
+def test_a_polygon_in_another_form_is_one_error_naming_the_form(polygon):
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"cameras": [{"id": "a", "url": "synthetic://street",
+                                   "zones": [{"name": "z", "polygon": polygon}]}]}, "my.yaml")
+    lines = str(refused.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].startswith("cameras[0].zones[0].polygon: expected a list of [x, y] points")

@@ -19,7 +19,7 @@ know the model's heads): at start by the controller, and by anything that change
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -182,6 +182,15 @@ class ZoneConfig(_Counted):
                                                             "edge an anchor must be to count as outside")
     lost_s: float = Field(3.0, gt=0, le=600, description="an occupant that stood still, not seen for this long, "
                                                          "has left; until then a new track at its place takes it over")
+
+    @field_validator("polygon", mode="before")
+    @classmethod
+    def _points(cls, v: Any) -> Any:
+        """A flat list of numbers or {x:, y:} points: one error naming the form, not "Input should be a valid tuple"
+        once per number."""
+        if isinstance(v, list) and v and all(isinstance(p, (int, float, dict)) for p in v):
+            raise ValueError("expected a list of [x, y] points, e.g. [[0.1, 0.5], [0.9, 0.5], [0.9, 1.0]]")
+        return v
 
     @field_validator("polygon")
     @classmethod
