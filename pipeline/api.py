@@ -338,13 +338,18 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
 
 def bind(host: str, port: int, what: str = "api") -> socket.socket:
-    """The API's (or the dashboard's) listening socket, bound at once: a port in use fails before anything
-    starts, and port 0 gets a free port. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
+    """The API's (or the dashboard's) listening socket, bound and listening at once: a port in use fails before
+    anything starts, and port 0 gets a free port; uvicorn serves it once the cameras run, and until then
+    connections wait in its backlog. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening now, not when uvicorn starts (a minute later on a loaded machine): a socket only bound
+        # (SO_REUSEADDR) does not hold the port, and another program that bound and listened on it in between
+        # took it, the API's start failing with EADDRINUSE. uvicorn's default backlog, as it would set.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         from pipeline.config import ConfigError

@@ -44,6 +44,34 @@ def class_label(name: str, class_id: object) -> str:
     return name if all(c.isascii() or _has_glyph(c) for c in name) else f"class {class_id}"
 
 
+def _luminance(color: sv.Color) -> float:
+    """WCAG's relative luminance of ``color`` (0 black .. 1 white)."""
+    channels = np.array([color.r, color.g, color.b]) / 255
+    linear = np.where(channels <= 0.04045, channels / 12.92, ((channels + 0.055) / 1.055) ** 2.4)
+    return float(linear @ (0.2126, 0.7152, 0.0722))
+
+
+def readable_on(background: sv.Color) -> sv.Color:
+    """Black or white, whichever contrasts more with ``background`` (WCAG's contrast ratio: at least 4.5:1)."""
+    luminance = _luminance(background)
+    return sv.Color.BLACK if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else sv.Color.WHITE
+
+
+# A label's background: its track's colour, as its box's (BoxAnnotator's palette), and after them grey for an
+# unconfirmed detection (tracker id -1), as supervision draws its box; the text black or white on each, whichever
+# reads. supervision's own lookup drew the text of an unconfirmed one in the same grey as its background (its
+# pending colour overrides text_color too): most labels at 1-2 fps were blank grey boxes. And white text on the
+# palette's light colours (yellow, light green) hardly read.
+LABEL_COLORS = sv.ColorPalette([*sv.ColorPalette.DEFAULT.colors, sv.Color.GREY])
+TEXT_COLORS = sv.ColorPalette([readable_on(c) for c in LABEL_COLORS.colors])
+
+
+def label_colors(tracker_id: np.ndarray) -> np.ndarray:
+    """Each label's index in LABEL_COLORS and TEXT_COLORS (a lookup supervision takes as it is)."""
+    tracks = len(LABEL_COLORS.colors) - 1
+    return np.where(tracker_id >= 0, tracker_id % tracks, tracks)
+
+
 def labelled(det: sv.Detections, scale: float) -> sv.Detections:
     """A scaled copy whose only data is the text drawn on each box: "#track class attribute-labels"."""
     tracks = det.tracker_id if det.tracker_id is not None else np.full(len(det), -1)  # untracked: "unconfirmed" colour
@@ -77,8 +105,8 @@ class Snapshotter:
     def __init__(self, settings: SnapshotConfig):
         self.settings = settings
         self.boxes = sv.BoxAnnotator(thickness=2, color_lookup=sv.ColorLookup.TRACK)
-        self.labels = sv.LabelAnnotator(text_scale=LABEL_SCALE, text_padding=LABEL_PADDING,
-                                        color_lookup=sv.ColorLookup.TRACK)
+        self.labels = sv.LabelAnnotator(color=LABEL_COLORS, text_color=TEXT_COLORS, text_scale=LABEL_SCALE,
+                                        text_padding=LABEL_PADDING)  # coloured by label_colors
         # (scale, analytics, annotators): built once. The object itself, compared with `is`: an id can be reused
         # by the analytics that replaced a freed one, and the old zones would be drawn.
         self._drawings: tuple[float, CameraAnalytics | None, list] | None = None
@@ -114,7 +142,8 @@ class Snapshotter:
         if len(det):
             picture = self.boxes.annotate(picture, det)
             picture = self.labels.annotate(picture, label_anchors(det, picture.shape[1]),
-                                           labels=list(det.data["label"]))
+                                           labels=list(det.data["label"]),
+                                           custom_color_lookup=label_colors(det.tracker_id))
         for kind, name, thing, annotator in self._geometry(analytics, scale):
             if kind == "zone":
                 total = sum(thing.occupancy().values())

@@ -842,6 +842,11 @@ class CameraPipeline:
                 "restarts": base.get("restarts", 0)}
 
     DECODE_WINDOW_S = 5.0  # decode_fps is the rate over about this long, like fps
+    # fps is the rate of the frames published in the last FPS_WINDOW_S. Fewer than FPS_MIN_SAMPLES in it (a camera
+    # analysed below about 0.5 fps, which read 0.0 there, as a stalled one does): the rate over the last that many
+    # published within FPS_MAX_AGE_S, as the latency's. One that published nothing for FPS_WINDOW_S and twice its
+    # usual gap has stopped, and reads 0 (at most FPS_MAX_AGE_S after its last frame).
+    FPS_WINDOW_S, FPS_MIN_SAMPLES, FPS_MAX_AGE_S = 5.0, 3, 30.0
     # The latency percentiles are those of the frames published in the last LATENCY_WINDOW_S, like fps: over the
     # last 300 frames they were 2 minutes old at the budget's 2.5 fps floor (a p95 of 2770 ms said for over a
     # minute after an overload had ended, every frame since <= 250 ms). Fewer frames than LATENCY_MIN_SAMPLES in
@@ -890,17 +895,22 @@ class CameraPipeline:
     def stats(self) -> dict[str, Any]:
         cap, slot = self._capture, self._slot
         now = time.time()
-        # Frames published in the last 5 s, over the span of their capture times: the publish times of one
+        # Frames published lately (FPS_WINDOW_S), over the span of their capture times: the publish times of one
         # batch are all but equal, so the first two frames published would have shown a rate far too high.
         # The span runs on to now, as decode_fps's window does, by however long the camera is overdue (its longest
         # gap between publishes lately counts as usual): ending at its last frame, a camera that stalled read its old
         # rate for 5 s, then 0, and a final table "fps 10.0, decode fps 0.3". A steady camera reads as before.
-        recent = [(t, wall) for t, wall in self.publish_times if now - t <= 5.0]
+        recent = [(t, wall) for t, wall in self.publish_times if now - t <= self.FPS_WINDOW_S]
+        if len(recent) < self.FPS_MIN_SAMPLES:
+            latest = list(self.publish_times)[-self.FPS_MIN_SAMPLES:]
+            recent = [(t, wall) for t, wall in latest if now - t <= self.FPS_MAX_AGE_S]
         fps = 0.0
         if len(recent) > 1:
             usual = max(b[0] - a[0] for a, b in zip(recent, recent[1:]))
-            span = recent[-1][1] - recent[0][1] + max(0.0, now - recent[-1][0] - usual)
-            fps = (len(recent) - 1) / span if span > 0 else 0.0
+            quiet = now - recent[-1][0]
+            span = recent[-1][1] - recent[0][1] + max(0.0, quiet - usual)
+            if quiet <= max(self.FPS_WINDOW_S, 2 * usual) and span > 0:
+                fps = (len(recent) - 1) / span
         lat = self._latency_percentiles(time.monotonic())
         state = self.state
         if cap is not None and state == "running" and cap.state in ("reconnecting", "starting", "failed", "crashed"):
