@@ -60,6 +60,80 @@ RECENT_REMOVALS = 1000  # removed cameras kept for the final table (``App.remove
 CRASH_LOOP_S = 60.0
 RESTART_BACKOFF_MAX_S = 60.0
 COMMANDS_GRACE_S = 5.0  # how long a shutdown waits for commands still under way before it stops Ray
+# Losing the Ray head: Ray ends a process whose GCS has not answered for gcs_rpc_server_reconnect_timeout_s (60 s
+# by default; "Failed to connect to GCS within 60 seconds ... The program will terminate", exit 1, nothing said).
+GCS_RECONNECT_SETTING = "gcs_rpc_server_reconnect_timeout_s"
+GCS_RECONNECT_DEFAULT_S = 60.0
+HEAD_STOP_S = 35.0  # what the stop after losing the head keeps of Ray's limit: its drain (below), Redis, ray.shutdown
+HEAD_LOST_DRAIN_S = 10.0  # the cameras' drain then (their processes on the nodes left still answer)
+
+
+def gcs_limit_s(system_config: dict, environ: Any = os.environ) -> float:
+    """Ray's own limit on a silent GCS, resolved as Ray resolves it: the cluster's system config (the head's
+    ``--system-config``), else $RAY_gcs_rpc_server_reconnect_timeout_s, else 60 s."""
+    for raw in (system_config.get(GCS_RECONNECT_SETTING), environ.get(f"RAY_{GCS_RECONNECT_SETTING}")):
+        try:
+            if raw is not None and 0 < (value := float(raw)) < float("inf"):
+                return value
+        except (TypeError, ValueError):
+            continue
+    return GCS_RECONNECT_DEFAULT_S
+
+
+def head_lost_after_s(limit_s: float) -> float:
+    """How long the GCS may stay silent before the service stops: HEAD_STOP_S before Ray's limit, and never sooner
+    than 40 % of it (24 s of Ray's default 60; a GCS restarting, with fault tolerance, comes back within it)."""
+    return max(0.4 * limit_s, limit_s - HEAD_STOP_S)
+
+
+def head_lost(answered_at: float, now: float, limit_s: float) -> bool:
+    """The watch's decision: the GCS, last answering at ``answered_at``, is lost by ``now`` (monotonic seconds)."""
+    return now - answered_at >= head_lost_after_s(limit_s)
+
+
+class HeadWatch:
+    """Asks the GCS (the Ray head) a trivial question every ``poll_s`` in a thread of its own, each with a timeout,
+    and keeps when it last answered; the control loop reads ``lost()``. On a cluster the node list's poll (NodeWatch)
+    only said once that it did not answer, and the service went on until Ray ended it."""
+
+    def __init__(self, ask: Callable[[float], Any], limit_s: float, poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ask, self.limit_s, self.poll_s, self.clock = ask, limit_s, poll_s, clock
+        self.answered_at = clock()
+        self._stop = threading.Event()
+
+    @classmethod
+    def of_ray(cls) -> "HeadWatch":
+        """Watching the GCS this process is connected to, under the limit the cluster's Ray has."""
+        try:  # the cluster's system config, from the GCS (a private API: without it, the environment's or 60 s)
+            system_config = ray._private.state.state.get_system_config()
+        except Exception:
+            log.debug("could not read Ray's system config", exc_info=True)
+            system_config = {}
+        client = ray._private.worker.global_worker.gcs_client
+        return cls(lambda timeout: client.internal_kv_exists(b"hydravision-head-watch", namespace=None,
+                                                             timeout=timeout), gcs_limit_s(system_config))
+
+    def start(self) -> "HeadWatch":
+        threading.Thread(target=self._run, name="hv-head-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.ask(max(1.0, self.poll_s))
+                self.answered_at = self.clock()
+            except Exception:  # no answer: the silence grows (the decision is lost()'s)
+                log.debug("the GCS did not answer", exc_info=True)
+            self._stop.wait(self.poll_s)
+
+    def lost(self) -> float | None:
+        """Seconds the GCS has not answered, once that is past ``head_lost_after_s``; None until then."""
+        now = self.clock()
+        return now - self.answered_at if head_lost(self.answered_at, now, self.limit_s) else None
 
 
 def metrics_routes(api: Any, app: App) -> None:
@@ -167,6 +241,8 @@ class App(LiveControl):
     _killed_names: deque = field(default_factory=lambda: deque(maxlen=RECENT_RESTARTED_PIDS))
     placement: cluster.Placement | None = None  # where actors run (pipeline/cluster.py, pipeline/placement.py)
     node_watch: cluster.NodeWatch | None = None
+    head_watch: HeadWatch | None = None  # whether the Ray head (GCS) still answers
+    head_lost: float | None = None  # seconds the GCS had not answered when the run stopped for it (None: it did not)
     dashboard: Any = None  # pipeline.dashboard.DashboardServer when config.dashboard.enabled
     _dashboard_socket: Any = None  # bound at start, served once the cameras run
     telemetry: Telemetry = field(default_factory=Telemetry)  # the actors' stats for /metrics and /readyz
@@ -324,6 +400,10 @@ class App(LiveControl):
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
         self.start_ray()
+        try:
+            self.head_watch = HeadWatch.of_ray().start()
+        except Exception:  # Ray's private API changed: the run goes on unwatched, as before
+            log.warning("cannot watch the Ray head (GCS): a lost head ends the run at Ray's own limit", exc_info=True)
         self.placement = cluster.Placement(self.config, self.say)
         if warning := cluster.redis_warning(redis_url, self.placement.nodes):
             self.say(warning)
@@ -968,11 +1048,23 @@ class App(LiveControl):
             stats = self.stats()
             if on_tick:
                 on_tick(stats)
+            if self.head_watch and (silent := self.head_watch.lost()) is not None:
+                self._head_lost(silent)
+                break
             wait = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
             self._stop.wait(wait)
         # The last tick's: the final stats are shutdown()'s (one more tick here was a round trip to every camera
         # for nothing, and could restart a crashed camera just to stop it).
         return stats
+
+    def _head_lost(self, silent: float) -> None:
+        """The GCS has not answered for ``silent`` s: the run stops as on a signal, before Ray ends the process at its
+        limit (no final table, no summary, exit 1: "every camera failed"). /readyz says stopping from now."""
+        self.head_lost = silent
+        self._stop.set()
+        self.say(f"Ray: the head (GCS) has not answered for {silent:.0f} s, and Ray ends this process at "
+                 f"{self.head_watch.limit_s:g} s ({GCS_RECONNECT_SETTING}): lost. Stopping as on SIGTERM; the final "
+                 "stats are the last status's where a camera no longer answers")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -1012,6 +1104,8 @@ class App(LiveControl):
         self._stop.set()  # commands still arriving are refused (503), a camera still starting is undone
         self.stop_control()  # first: no command may change the running set while it is taken down
         finals = []
+        if self.head_lost is not None:  # Ray ends this process at its limit: what is left of it is the whole stop's
+            timeout = min(timeout, HEAD_LOST_DRAIN_S)
         deadline = time.monotonic() + timeout
         with self._lock:  # a removal the API had not finished (it waits 5 s for its requests) may still pop one
             handles = dict(self.cameras)
@@ -1030,6 +1124,9 @@ class App(LiveControl):
                                                     "its process was restarted and the camera not started again"}
             except Exception as e:
                 final = {"camera": cid, "state": "unavailable", "last_error": self._describe(e, cid)}
+                if self.head_lost is not None:  # its counts (whole_run, below) are the telemetry's: the last tick's
+                    final.update(as_of="last status", last_error="no final stats, the Ray head lost: counts as of "
+                                 f"the last status ({final['last_error']})")
                 log.warning("camera %s: no final stats", cid, exc_info=True)
             final["restarts"] = handles[cid].restarts  # its counts are the whole run's (below), over its processes
             finals.append(final)
@@ -1044,6 +1141,8 @@ class App(LiveControl):
             self._wait_commands(time.monotonic() + COMMANDS_GRACE_S)
         if self.events:
             self.events.close(5.0)
+        if self.head_watch:
+            self.head_watch.stop()
         if self.started_ray:
             cluster.shutdown_ray()
             self._reinstall_signal_handlers()

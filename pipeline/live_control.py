@@ -226,12 +226,23 @@ class LiveControl:
             row = {**final, "camera": camera_id}
             self.telemetry.record_cameras([row], final=True, tick=False)
             [row] = self.telemetry.whole_run([row])
+            # A run that did not drain (its process died, with its node or in a crash, or Ray re-created it and the
+            # camera was not started again) ended none of its tracks, and its final stats count nothing: its last
+            # status, read before it goes, names the tracks it had open and what it had published (the whole run's,
+            # for one no tick saw; the answer said null, camera_removed 0 where the status line had said 129).
+            last = None if "open_tracks" in final else self._stored_status(camera_id)
+            if row.get("published") is None and last is not None and _count(last.get("published")) is not None:
+                row["published"] = last["published"]
             with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
                 self.removed.append({**row, "state": "removed", "restarts": handle.restarts,
                                      "removed_at": round(time.time(), 3)})
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):
+                if last is not None:  # as a leftover's (_remove_leftover): queued before the status's removal
+                    if ended := self._end_left_open(camera_id, last):
+                        log.info("camera %s: the %d track(s) its last status named open ended (its run did not "
+                                 "drain)", camera_id, len(ended))
                 self.events.remove_status(camera_id)
             else:
                 with self._lock:
@@ -245,8 +256,9 @@ class LiveControl:
             # (dropped, refused, left: as the end of a run counts them; None: no publisher stats, a crash)
             publisher = final.get("publisher")
             undelivered = sum(publisher_undelivered(publisher).values()) if publisher else None
-            self._audit("camera_removed", handle.config, by, published=final.get("published", 0),
-                        **({"undelivered": undelivered} if undelivered else {}))
+            # as its row (whole-run); unknown (no tick saw it, no status): not said, where it said 0
+            said = {"published": _count(row.get("published")), "undelivered": undelivered or None}
+            self._audit("camera_removed", handle.config, by, **{k: v for k, v in said.items() if v is not None})
         finally:
             with self._lock:
                 self._leaving.pop(camera_id, None)
@@ -255,7 +267,8 @@ class LiveControl:
             self._release(camera_id)
         keep = ("state", "last_error", "decoded", "published", "dropped", "decoder_threads", "open_tracks",
                 "track_ids_next")
-        return {"id": camera_id, "final": {**{k: final.get(k) for k in keep}, "undelivered": undelivered}}
+        # the counts of its row (whole-run; not null for a process that died: the telemetry or its status knew them)
+        return {"id": camera_id, "final": {**{k: row.get(k) for k in keep}, "undelivered": undelivered}}
 
     def _remove_leftover(self, camera_id: str, by: str) -> dict | None:
         """A camera this service does not run whose status an earlier run left in Redis (its final word, or one
@@ -264,16 +277,8 @@ class LiveControl:
         its remove was refused ("no camera is running"). None where there is no such status."""
         if self.redis_settings is None:  # not started: no Redis known yet
             return None
-        try:
-            client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
-            try:
-                raw = client.hget(keys(self.redis_settings.prefix).cameras, camera_id)
-            finally:
-                client.close()
-            status = json.loads(raw) if raw else None
-        except (redis.RedisError, OSError, ValueError):  # unreadable: the refusal as before says no camera runs
-            return None
-        if not isinstance(status, dict):  # not a status (null, a number, a list): as unreadable, not a 500
+        # unreadable, none, or not a status (null, a number, a list): the refusal as before says no camera runs
+        if (status := self._stored_status(camera_id)) is None:
             return None
         status = mark_stale(status, time.time())
         if not (status["stale"] or status.get("state") in FINAL_STATES):
@@ -286,12 +291,7 @@ class LiveControl:
             if not self._retire_in_redis(camera_id, None):
                 raise CommandRejected(f"camera.id: {camera_id!r} is not running, and the status an earlier run "
                                       "left could not be removed (Redis): send it again", 503)
-            # The tracks a killed run left open (tracks_open) end here, as the camera's next start ends them
-            # (workers/stream.py): none comes, and their list went with the status (they never ended).
-            # Queued on the one publisher before the status's removal: the batch that deletes it writes them first.
-            ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
-            for fields in ended:
-                self.events.publish_event(event_message("track_ended", camera_id, **fields, reason="restart"))
+            ended = self._end_left_open(camera_id, status)
             self.events.remove_status(camera_id)
         finally:
             self._release(camera_id)
@@ -302,6 +302,31 @@ class LiveControl:
                  + (f" (the {len(ended)} track(s) it had open ended)" if ended else ""))
         return {"id": camera_id, "final": {"state": status.get("reported_state") or status.get("state"),
                                            "last_error": status.get("last_error"), "leftover": True}}
+
+    def _stored_status(self, camera_id: str) -> dict | None:
+        """The camera's status in Redis; None where there is none, or it cannot be read, or it is no object."""
+        if self.redis_settings is None:  # not started: no Redis known yet
+            return None
+        try:
+            client = redis.Redis.from_url(self.redis_settings.url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                raw = client.hget(keys(self.redis_settings.prefix).cameras, camera_id)
+            finally:
+                client.close()
+            status = json.loads(raw) if raw else None
+        except (redis.RedisError, OSError, ValueError):
+            return None
+        return status if isinstance(status, dict) else None
+
+    def _end_left_open(self, camera_id: str, status: dict) -> list[dict]:
+        """track_ended (``reason: restart``) for the tracks a run that never finished them left open in its status
+        (tracks_open), as the camera's next start ends them (workers/stream.py): none comes, and their list goes with
+        the status (they never ended). Call it before the status's removal: queued on the one publisher, the batch
+        that deletes it writes them first. The fields of each."""
+        ended = CameraTracker.ended_from_rows(status.get("tracks_open"))
+        for fields in ended:
+            self.events.publish_event(event_message("track_ended", camera_id, **fields, reason="restart"))
+        return ended
 
     def update_camera(self, camera_id: str, changes: dict, by: str) -> dict:
         """Changes a running camera: heads from its next frame, a new URL reconnects it alone (see
@@ -501,6 +526,12 @@ class LiveControl:
 def _warnings(*said: str | None) -> dict:
     """An answer's "warnings" (what was accepted but will not work as the caller may think), where there are any."""
     return {"warnings": [w for w in said if w]} if any(said) else {}
+
+
+def _count(value: Any) -> int | None:
+    """A count as an event carries it (an integer, at least 0), or None: a status edited by hand or of another
+    version must not fail the removal."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _next_ids(raw: Any, field: str | None = None) -> dict[str, int]:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 UNDELIVERED_EXIT = 3  # messages that never reached Redis: dropped, refused, or left at the stop (README: exit codes)
+HEAD_LOST_EXIT = 4  # the Ray head (GCS) stopped answering: the run stopped before Ray ended it (App._head_lost)
 
 
 def App(*args, **kwargs):  # noqa: N802 (stands for the class; tests put a stand-in here)
@@ -259,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
             _write_summary(Path(args.summary_json), json.dumps(finals + removed, indent=2, default=str))
         except OSError as e:  # no permission, a directory of that name: the final table above has the stats
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
+    # before exit 1: the cameras whose processes went with the head did not fail, and none that ran on answers now
+    if getattr(app, "head_lost", None) is not None:
+        return HEAD_LOST_EXIT
     if failed and len(failed) == len(finals):
         return 1
     return UNDELIVERED_EXIT if undelivered else 0
