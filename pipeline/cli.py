@@ -324,21 +324,29 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2) if args.json else model_commands.format_report(report))
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fatal(args, "interrupted", 130)
     except BrokenPipeError:  # `hydravision tail cam | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 0
     except UserError as e:  # ConfigError and the model commands' translated errors among them
         log.debug("where the error was raised:\n%s", _traceback())
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fatal(args, f"error: {e}", 2)
     except Exception as e:  # a bug, whatever its type: a ValueError here is not the user's bad input
         log.error("%s failed:\n%s", args.command, _traceback())
-        print(f"error: {redact_text(f'{type(e).__name__}: {e}', [])}\n"
-              "This is a bug in hydravision, not a problem with your input: the traceback is above "
-              "(run with -v for debug logs too); please report it.", file=sys.stderr)
-        return 1
+        return _fatal(args, f"error: {redact_text(f'{type(e).__name__}: {e}', [])}\n"
+                      "This is a bug in hydravision, not a problem with your input: the traceback is above "
+                      "(run with -v for debug logs too); please report it.", 1)
+
+
+def _fatal(args: argparse.Namespace, message: str, code: int) -> int:
+    """Why the command ends, said last; returns ``code``. With ``--log-format json`` an error record on the JSON
+    lines (``event: exit``, ``exit_code``) rather than plain text on stderr: a log collector parsing the output as
+    JSON missed why the service ended."""
+    if getattr(args, "log_format", "text") == "json":
+        log.error(message, extra={"data": {"event": "exit", "exit_code": code}})
+    else:
+        print(message, file=sys.stderr)
+    return code
 
 
 def _traceback() -> str:

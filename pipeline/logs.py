@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from workers.redact import log_to_stderr, redact_text
@@ -82,6 +82,8 @@ class StdoutHandler(logging.StreamHandler):
 
 def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     """Root logging for the CLI: text on stderr (as before), or JSON lines on stdout."""
+    global _ray_in_json
+    _ray_in_json = log_format == "json"
     level = logging.DEBUG if verbose else logging.INFO
     route_uvicorn()  # the API's and the dashboard's servers both: uvicorn's own format beside ours otherwise
     if log_format != "json":
@@ -92,15 +94,40 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Ray gives its logger a handler of its own (plain text, not propagated) when it is imported: route its
-    # records through ours instead. Its level stays Ray's to set (ray.init(logging_level=...)).
-    ray_logger = logging.getLogger("ray")
-    ray_logger.handlers.clear()
-    ray_logger.propagate = True
+    _route_ray()  # Ray imported already
+    # Ray imported later (run_commands imports pipeline/app.py lazily) gives its logger its handler back: routed
+    # again at its next record, or its warnings came out as plain text on stderr
+    if not getattr(logging.getLogRecordFactory(), "routes_ray", False):
+        logging.setLogRecordFactory(_routing_ray(logging.getLogRecordFactory()))
     # A library's warnings.warn() and an exception that ends a thread were printed raw on stderr, in text over
     # several lines: as records they are JSON lines too (logger "py.warnings"; "hydravision" with "exc")
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
+
+
+_ray_in_json = False  # setup_logging's JSON lines: Ray's logger goes through them
+
+
+def _route_ray() -> None:
+    """Ray gives its logger a handler of its own (plain text on stderr, not propagated) when it is imported: its
+    records go through the root's handler instead. Its level stays Ray's to set (ray.init(logging_level=...))."""
+    ray_logger = logging.getLogger("ray")
+    if ray_logger.handlers or not ray_logger.propagate:
+        ray_logger.handlers.clear()
+        ray_logger.propagate = True
+
+
+def _routing_ray(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory around ``make`` that routes Ray's logger before each record of a ``ray.*`` logger is
+    handled, whenever Ray was imported: the record factory is the one hook every record passes, those of a logger
+    that does not propagate included (Ray's own factory, set at its import, calls this one)."""
+    def factory(name: str, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        if _ray_in_json and (name == "ray" or name.startswith("ray.")):
+            _route_ray()
+        return make(name, *args, **kwargs)
+
+    factory.routes_ray = True  # type: ignore[attr-defined]
+    return factory
 
 
 _ALREADY_CUT = re.compile(r"(.*)\.\.\. \(\d+ characters\)", re.S)

@@ -75,7 +75,11 @@ class Signals:
 
     - SIGHUP (its terminal closed, an ssh session dropped) stops the run as SIGTERM does: its default action ended
       the controller as a crash does (exit 129: no drain, no final table, no summary, statuses left running until
-      they read stale). One ignored from the start (nohup) stays ignored.
+      they read stale). One ignored from the start (nohup) stays ignored. There is no reload (a config edit needs a
+      restart; cameras change live through the API): SIGHUP is no reload either.
+    - SIGQUIT (Ctrl-\\ at a terminal) stops the run as SIGTERM does too: its default action was such a crash.
+    - SIGUSR1 and SIGUSR2 (logrotate's "reopen your logs") are answered with one line and the run goes on: the logs go
+      to stdout and stderr, there is nothing to reopen; their default action ended the controller as a crash does.
     - A second signal says, before App's exit at once, that the drain is abandoned and what it loses: the log ended
       at "Stopping: draining ..." without a word. Its numbers are the last tick's, what the controller holds then
       (the frames and messages themselves are in the camera processes, out of a signal handler's reach)."""
@@ -97,8 +101,10 @@ class Signals:
             if callable(handler) and handler is not self._ours.get(signum):  # App's, not ours wrapped again
                 self._ours[signum] = functools.partial(self._second_said, handler)
                 signal.signal(signum, self._ours[signum])
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            signal.signal(signal.SIGHUP, self._hang_up)
+        for signum, handler in ((signal.SIGHUP, self._hang_up), (signal.SIGQUIT, self._hang_up),
+                                (signal.SIGUSR1, self._carry_on), (signal.SIGUSR2, self._carry_on)):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, handler)
 
     def _second_said(self, handler, signum: int, frame) -> None:
         try:
@@ -108,10 +114,14 @@ class Signals:
             handler(signum, frame)
 
     def _hang_up(self, signum: int, frame) -> None:
+        """SIGHUP or SIGQUIT: a stop as on SIGTERM."""
         if not getattr(self.app, "_signalled", False):
-            _leave_hung_up_terminal()
+            hang_up = signum == signal.SIGHUP
+            if hang_up:
+                _leave_hung_up_terminal()
             with contextlib.suppress(OSError):
-                self.out.say("SIGHUP (the terminal or session closed): stopping as on SIGTERM")
+                self.out.say(f"{signal.Signals(signum).name}{' (the terminal or session closed)' if hang_up else ''}"
+                             ": stopping as on SIGTERM")
         # Through SIGTERM's handler in place now: ours and App's, or while ray.init runs the one that holds what it
         # raises until ray.init has returned (cluster._signals_held)
         handler = signal.getsignal(signal.SIGTERM)
@@ -119,6 +129,11 @@ class Signals:
             handler(signal.SIGTERM, frame)
         elif handler == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def _carry_on(self, signum: int, _frame) -> None:
+        with contextlib.suppress(OSError):
+            self.out.say(f"{signal.Signals(signum).name} ignored: no log file to reopen (the logs go to stdout and "
+                         "stderr) and no config to reload (a change to it needs a restart)")
 
     def abandoned(self, signum: int) -> str:
         exiting = f"A second signal: exiting at once (exit {128 + signum})"
