@@ -28,8 +28,10 @@ How nothing is lost (Redis streams with consumer groups; FIELD-NOTES.md "Redis")
   delivery count, and acknowledged, so it stops blocking the group. Redis counts a delivery of a whole batch at
   once, so an entry delivered no more often than an older one of its batch is buried only once this consumer saw
   it fail: a consumer crash-looping on one message does not bury the rest of its batch with it.
-- Entries trimmed away (MAXLEN) while still pending are acknowledged and counted in ``stats["trimmed"]``:
-  they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest outage.
+- Entries trimmed away (MAXLEN) while still pending (delivered, never acknowledged: their consumer died) are
+  acknowledged, counted in ``stats["trimmed"]`` and said as a WARNING once per read that meets them (how many,
+  which stream): they were lost to the stream's length limit, not to a crash; size ``redis.maxlen`` for the longest
+  outage.
   Entries trimmed before the group read them at all (a consumer stopped, or too slow) are said once per gap, with
   how many on Redis 7 (``stats["skipped"]``), and the consumer goes on from the oldest entry left.
 - A group that is gone (a Redis restarted without persistence, redis-py reconnecting by itself; XGROUP DESTROY) is
@@ -282,19 +284,20 @@ class GroupConsumer:
         many entries in all, over all streams (a consumer that stops after N messages must not take more: what
         it took and did not handle would wait claim_idle_ms for another consumer)."""
         try:
-            try:
-                out = self._read(limit)
-            except redis.ResponseError as e:
-                if "instance state changed" in str(e):
-                    # A failover woke the read blocked on the old master ("UNBLOCKED force unblock ... (master ->
-                    # replica?)"): a replica now, as when it answers READONLY (the steady state of an idle consumer)
-                    raise redis.exceptions.ReadOnlyError(*e.args) from None
-                # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
-                # longer exists" (not NOGROUP): the group went with the stream.
-                if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
-                    raise
-                self._group_lost(e)
-                out = self._read(limit)  # its reply can be lost too: the handler below covers it
+            while True:  # the group can go again during the read after it was created again (DEL twice, eviction)
+                try:
+                    out = self._read(limit)  # its reply can be lost too: the handler below covers it
+                    break
+                except redis.ResponseError as e:
+                    if "instance state changed" in str(e):
+                        # A failover woke the read blocked on the old master ("UNBLOCKED force unblock ... (master ->
+                        # replica?)"): a replica now, as when it answers READONLY (the steady state of an idle one)
+                        raise redis.exceptions.ReadOnlyError(*e.args) from None
+                    # Redis 7 wakes a reader blocked on a stream that was deleted with "UNBLOCKED the stream key no
+                    # longer exists" (not NOGROUP): the group went with the stream.
+                    if "NOGROUP" not in str(e) and "stream key no longer exists" not in str(e):
+                        raise
+                    self._group_lost(e)
         except _OUTAGES as e:
             # A read whose reply was lost (a socket timeout, a reset) handed its entries to this consumer all the
             # same: read own pending entries first, or they waited claim_idle_ms for a claim, late and out of order.
@@ -513,6 +516,7 @@ class GroupConsumer:
             if deleted:  # trimmed by MAXLEN while pending: nothing left to hand out
                 self.client.xack(s, self.group, *deleted)
                 self.stats["trimmed"] += len(deleted)
+                self._say_trimmed_pending(s, len(deleted))
             if entries:
                 out += self._decode(s, entries, history=True)
         self.stats["claimed"] += len(out)
@@ -539,11 +543,13 @@ class GroupConsumer:
         out = []
         deliveries = self._deliveries(stream, [_text(i) for i, _ in entries]) if history and entries else {}
         most = 0  # the most deliveries of an entry older in this batch
+        gone = 0
         for entry_id, fields in entries:
             entry_id = _text(entry_id)
             if not fields:  # pending but trimmed or deleted from the stream: redis-py gives {} (XADD needs a field)
                 self.client.xack(stream, self.group, entry_id)
                 self.stats["trimmed"] += 1
+                gone += 1
                 continue
             try:
                 data = json.loads(fields.get(b"data", fields.get("data")))
@@ -559,7 +565,17 @@ class GroupConsumer:
                 self._bury(stream, entry_id, fields, n, f"delivered {n} times without being acknowledged")
                 continue
             out.append(Message(stream, entry_id, data, claimed=history))
+        if gone:
+            self._say_trimmed_pending(stream, gone)
         return out
+
+    def _say_trimmed_pending(self, stream: str, n: int) -> None:
+        """Says entries trimmed (MAXLEN) or deleted while pending, once per read that meets them: handed to a member
+        that never acknowledged them (it died or was stopped first), they are gone unhandled. Only counted in
+        stats["trimmed"], they vanished without a word, beside the WARNING for entries trimmed before any read."""
+        log.warning("%s: %d entries delivered to group %r but never acknowledged (their consumer died or stopped "
+                    "before handling them) were trimmed (MAXLEN) or deleted while pending: they are gone, never "
+                    "handled; size redis.maxlen for the longest outage", stream, n, self.group)
 
     def _deliveries(self, stream: str, ids: list[str]) -> dict[str, int]:
         # One XPENDING per id: over the range ids[0]..ids[-1], the other pending entries (another consumer's,

@@ -414,14 +414,15 @@ def tail(args: argparse.Namespace) -> int:
         # numbering (entries-added, Redis 7), from the number of the entry read last, known from the start and
         # checked after every read (XINFO STREAM: one more round trip, for a reader that prints anyway)
         number, numbered = _number_of(client, stream, last)
+        since = last  # where the entries not yet said trimmed begin (_say_trimmed)
         while args.count is None or count < args.count:
-            before = last
             reply = client.xread({stream: last}, block=5000, count=100)
             for _, entries in _stream_entries(reply):  # any reply shape: a RESP3 client's (?protocol=3) is a dict
                 if number is not None:
-                    number = _say_trimmed(client, stream, before, number, entries)
+                    number, since = _say_trimmed(client, stream, since, number, entries)
                 elif numbered and len(entries) < 100:  # caught up: count again from here
                     number, _ = _number_of(client, stream, entries[-1][0])
+                    since = entries[-1][0]
                 for entry_id, fields in entries:
                     last = entry_id
                     _print_line(_shown(entry_id, fields, args.json), args.json)
@@ -451,25 +452,37 @@ def _number_of(client: redis.Redis, stream: str, last: bytes | str) -> tuple[int
     return (added if newest is not None and entry_order(newest) == entry_order(last) else None), True
 
 
-def _say_trimmed(client: redis.Redis, stream: str, last: bytes | str, number: int, entries: list) -> int | None:
-    """Says how many entries after ``last`` (the stream's entry ``number``) MAXLEN trimmed before the read that
-    returned ``entries``; the number of the last of them (None where it can no longer be told)."""
+def _say_trimmed(client: redis.Redis, stream: str, since: bytes | str, number: int,
+                 entries: list) -> tuple[int | None, bytes | str]:
+    """Says how many entries after ``since`` MAXLEN trimmed before tail read them, once the read that returned
+    ``entries`` tells. ``number``: the stream's number of ``since`` plus the entries tail read after it (the number of
+    the entry read last, where nothing was trimmed). Returns the same pair after ``entries`` (None: no longer told)."""
     try:
         info = client.xinfo_stream(stream)
     except redis.RedisError:
-        return None
+        return None, since
+    ids = [entry_order(entry_id) for entry_id, _ in entries]
     first = entry_order(info["first-entry"][0]) if info.get("first-entry") else None
-    if first is not None and first <= entry_order(last):  # ``last`` is still there: the read went on from it
-        return number + len(entries)
-    if first != entry_order(entries[0][0]):  # trimmed on since the read: how far before it, no longer told
-        print(f"note: tail fell behind {stream}: entries after {_text(last)} may have been trimmed (MAXLEN) "
-              "before it read them", file=sys.stderr, flush=True)
-        return None
-    first_number = info["entries-added"] - info["length"] + 1
-    if (lost := first_number - number - 1) > 0:
-        print(f"note: {lost} entries of {stream} after {_text(last)} were trimmed (MAXLEN) before tail read them "
-              f"(it prints slower than they arrive); going on from {_text(entries[0][0])}", file=sys.stderr, flush=True)
-    return first_number + len(entries) - 1
+    if first is not None and first <= entry_order(since):  # ``since`` is still there: the read went on from it
+        return number + len(entries), entries[-1][0]
+    if first is None or first > ids[-1]:
+        # All of the reply trimmed since Redis sent it: it waited in the socket while tail was stopped (SIGSTOP, a
+        # laptop asleep). Counted at the next read, which begins at the stream's oldest entry, from ``since`` still
+        return number + len(entries), since
+    if first not in ids:  # between the reply's entries but none of them: not the stream that sent it (deleted, made
+        # again), whose numbers tell nothing of what tail missed
+        print(f"note: tail fell behind {stream}: entries after {_text(since)} may have been trimmed (MAXLEN) "
+              "before it read them (not counted: the stream was made again since)", file=sys.stderr, flush=True)
+        return None, entries[-1][0]
+    # The reply's entries are consecutive in the stream, whose oldest one now is the one numbered
+    # entries-added - length + 1: that numbers the reply's first one, trimmed since or not (a reply that sat in the
+    # socket while tail was stopped, or one trimmed into before this XINFO)
+    numbered = info["entries-added"] - info["length"] + 1 - ids.index(first)
+    if (lost := numbered - number - 1) > 0:
+        print(f"note: {lost} entries of {stream} after {_text(since)} were trimmed (MAXLEN) before tail read them "
+              f"(it prints slower than they arrive, or was stopped); going on from {_text(entries[0][0])}",
+              file=sys.stderr, flush=True)
+    return numbered + len(entries) - 1, entries[-1][0]
 
 
 def _camera_names(names: list[str], shown: int = 20) -> str:
