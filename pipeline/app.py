@@ -26,6 +26,7 @@ from pipeline.live_control import LiveControl
 from pipeline.placement import (Node, cameras_per_process, demand, free_nodes, replica_room, short_together,
                                 stream_options)
 from pipeline.reaper import Reaper
+from pipeline.service_lease import ServiceLease, Taken
 from pipeline.telemetry import Telemetry
 from workers.analytics_settings import analytics_errors
 from workers.inference import InferenceActor
@@ -191,6 +192,7 @@ class App(LiveControl):
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     redis_settings: RedisConfig | None = None  # config.redis with the URL resolved
     reaper: Reaper | None = None
+    lease: ServiceLease | None = None  # this run's hold on redis.prefix (refuse_a_twin), from resolve_redis on
     model_heads: dict = field(default_factory=dict)  # head -> class names, from the checkpoint
     # Called with (FastAPI app, this App) when the HTTP API is built: more routes. By default /metrics,
     # /healthz and /readyz (pipeline.metrics.include_metrics), so they are served whenever the API is on.
@@ -274,21 +276,24 @@ class App(LiveControl):
         answered, problem = probe(url)  # one PING for both questions
         if problem:
             raise UserError(f"Redis URL {redact_url(url)}: {problem}")
+        self.lease = ServiceLease(url, self.config.redis.prefix, self.instance, say=self.say)
         if not answered:
             self.say(f"Redis at {redact_url(url)} is not reachable yet; publishers will retry and buffer "
                      f"up to {self.config.redis.buffer} messages per camera")
         else:
             self.say(f"Redis: {redact_url(url)}")
             self.refuse_a_twin(url)
+        self.lease.start()  # renews it; takes it first where Redis did not answer the start
         return url
 
     def refuse_a_twin(self, url: str, watch_s: float = TWIN_WATCH_S, settle_s: float | None = None) -> None:
-        """Refuses to start where another service runs cameras of this config under the same ``redis.prefix``:
-        both wrote the same keys (one camera's frames of two runs interleaved in its stream, its status switching
-        between them every second, track ids colliding, the control commands taken by either). Running is told
-        by a heartbeat that moves within ``watch_s``: a service killed a moment ago leaves fresh ones that do not
-        (its restart is not refused), or that move only until its processes are ended, within ``settle_s`` (a
-        restart right after a kill -9 was refused as a twin)."""
+        """Refuses to start where another service runs under the same ``redis.prefix``: both wrote the same keys
+        (one camera's frames of two runs interleaved in its stream, its status switching between them every second,
+        track ids colliding, the control commands taken by either). First by the prefix's lease (``self.lease``,
+        pipeline/service_lease.py), which also sees a twin still starting or with no cameras; then, for a service
+        of a version that takes no lease, by a heartbeat of a camera of this config that moves within ``watch_s``:
+        a service killed a moment ago leaves fresh ones that do not (its restart is not refused), or that move only
+        until its processes are ended, within ``settle_s`` (a restart right after a kill -9 was refused as a twin)."""
         import redis
 
         from pipeline.status import FINAL_STATES, read_camera_statuses
@@ -296,6 +301,17 @@ class App(LiveControl):
         settle_s = TWIN_SETTLE_S if settle_s is None else settle_s
         ids = {cam.id for cam in self.config.cameras}
         prefix = self.config.redis.prefix
+        if self.lease is not None:
+            try:
+                self.lease.acquire()  # a holder killed a moment ago is waited out (at most LEASE_TTL_S)
+            except Taken as e:
+                hint = f" (its key {self.lease.key} has no expiry: delete it if no service runs)" if e.no_expiry else ""
+                raise UserError(f"redis.prefix {prefix!r}: another hydravision service runs with this prefix on "
+                                f"{redact_url(url)} ({e.who}){hint}: two services with one prefix write the same keys "
+                                "and read the same control stream; give this one another redis.prefix, or stop that "
+                                "one") from None
+            except redis.RedisError:  # Redis stopped answering: the lease's renewals take it once it answers
+                log.debug("lease of %r not taken at the start", prefix, exc_info=True)
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
             def beats() -> dict[str, Any]:
@@ -308,7 +324,8 @@ class App(LiveControl):
             moved = sorted(cid for cid, beat in beats().items() if cid in first and beat != first[cid])
             if moved:
                 self.say(f"Camera(s) {', '.join(moved)} still beat in Redis: waiting up to {settle_s + watch_s:g} s "
-                         "for the processes of a run killed a moment ago to end ...")
+                         "to tell another service that runs them (this start is then refused) from a run killed a "
+                         "moment ago whose processes are still ending ...")
                 time.sleep(settle_s)
                 again = beats()
                 time.sleep(watch_s)
@@ -318,6 +335,8 @@ class App(LiveControl):
         finally:
             client.close()
         if moved:
+            if self.lease is not None:  # a twin of a version that takes no lease: this run does not start
+                self.lease.release()
             raise UserError(f"redis.prefix {prefix!r}: camera(s) {', '.join(moved)} run in another hydravision "
                             f"service on {redact_url(url)} (their status is refreshed there): two services with one "
                             "prefix write the same keys; give this one another redis.prefix, or stop that one")
@@ -1151,6 +1170,8 @@ class App(LiveControl):
         if self._dashboard_socket is not None:  # bound, never served (the start failed on the way)
             self._dashboard_socket.close()
             self._dashboard_socket = None
+        if self.lease:  # last but the Redis: nothing of this run writes any more, a next service may start
+            self.lease.release()
         if self.embedded:
             self.embedded.stop()
         if self.reaper:

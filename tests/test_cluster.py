@@ -221,16 +221,20 @@ def _config(redis_url: str, checkpoint: Path, prefix: str) -> object:
 @pytest.mark.timeout(180)
 def test_two_pipelines_on_one_cluster_do_not_collide(ray_local, redis_server, tiny_checkpoint):
     """Same camera id, same Ray, same Redis: different prefixes keep actors and keys apart; a second
-    pipeline with the same prefix is refused with a clear error instead of taking over the first one's actors."""
+    pipeline with the same prefix is refused with a clear error instead of taking over the first one's actors: on
+    the same Redis by the prefix's lease, on another Redis (database 1 here) by the Ray namespace."""
     first, second = (App(_config(redis_server.url, tiny_checkpoint, p), say=lambda m: None) for p in ("shop1", "shop2"))
     clash = App(_config(redis_server.url, tiny_checkpoint, "shop1"), say=lambda m: None)
+    elsewhere = App(_config(redis_server.url.rsplit("/", 1)[0] + "/1", tiny_checkpoint, "shop1"), say=lambda m: None)
     started = []
     try:
         for app in (first, second):
             app.start()
             started.append(app)
-        with pytest.raises(UserError, match="already exists in Ray namespace hydravision-shop1"):
+        with pytest.raises(UserError, match="redis.prefix 'shop1': another hydravision service runs with this prefix"):
             clash.start()
+        with pytest.raises(UserError, match="already exists in Ray namespace hydravision-shop1"):
+            elsewhere.start()
         assert first.placement.namespace != second.placement.namespace
         for app in (first, second):
             app.run(duration=90)  # returns when the camera's 30 frames are done
@@ -238,6 +242,7 @@ def test_two_pipelines_on_one_cluster_do_not_collide(ray_local, redis_server, ti
     finally:
         finals = [app.shutdown() for app in started]
         clash.shutdown()  # releases its reaper; it created no actor
+        elsewhere.shutdown()
     client = redis_server.client()
     for prefix, final in zip(("shop1", "shop2"), finals):
         frames = [m["frame"] for m in messages(client, "lobby", prefix)]
