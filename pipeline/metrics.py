@@ -85,8 +85,8 @@ class HydravisionCollector(Collector):
         reconnects = CounterMetricFamily("hydravision_camera_reconnects_total",
                                          "Reconnects and decoder restarts, per camera", labels=["camera"])
         packets = CounterMetricFamily("hydravision_camera_skipped_packets_total", "Packets that failed to decode "
-                                      "and were skipped (lost RTP packets, a damaged file), per camera",
-                                      labels=["camera"])
+                                      "and were skipped, and pictures decoded damaged (concealed, still analysed): "
+                                      "lost RTP packets, a damaged file; per camera", labels=["camera"])
         fps = GaugeMetricFamily("hydravision_camera_fps", "Frames published per second (frames of the last 5 s over their capture span)", labels=["camera"])
         target = GaugeMetricFamily("hydravision_camera_target_fps", "Frames per second the camera analyses at "
                                    "most: its fps setting, or lower while its frame-age budget is exceeded "

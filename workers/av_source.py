@@ -27,6 +27,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 DECODER_THREADS = 1  # the box decoding many cameras has few cores: more threads per camera only contend
 MAX_CONSECUTIVE_DECODE_ERRORS = 50  # ~2 s of garbage at 25 fps: a broken stream, not a glitch
+# A live camera joined mid-GOP sends video packets that decode to nothing until its next key frame, which a camera
+# with a long GOP (a "smart codec") sends every 20 s or more: while its packets keep coming, its first picture may
+# take up to this long (read_timeout_s where that is longer). One sending nothing still fails in read_timeout_s.
+FIRST_PICTURE_WAIT_S = 30.0
 MAX_NOMINAL_FPS = 1000.0  # above: a time base taken for a frame rate (90000 for RTSP), not a camera's rate
 AVFMT_NOTIMESTAMPS = 0x0080  # FFmpeg's flag of a format whose packets carry no timestamps (MJPEG, raw H.264)
 V4L_MAJOR = 81  # Linux's device number of video4linux devices: a capture device under a name of its own (a udev link)
@@ -40,10 +44,11 @@ _NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno
 
 
 def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: float,
-             device: bool = False, opened: bool = False) -> tuple[str, str]:
+             device: bool = False, opened: bool = False, transport: str | None = None) -> tuple[str, str]:
     """(kind, cause) for an exception PyAV raised; ``elapsed_s`` is how long the failed call took, because a
     timeout on open surfaces as InvalidDataError, told apart from a garbled answer only by the time it took.
-    ``opened``: the source had opened (the host answered), so the failure came while reading."""
+    ``opened``: the source had opened (the host answered), so the failure came while reading. ``transport``: an
+    RTSP source's (tcp, udp), None for others."""
     strerror = getattr(exc, "strerror", None) or type(exc).__name__
     code = getattr(exc, "errno", None)
     if isinstance(exc, av.HTTPUnauthorizedError):
@@ -62,9 +67,11 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
         return "not_found", "no such device" if device else "no such file"
     if isinstance(exc, IsADirectoryError):
         return "not_video", "is a directory, not a video"
-    if isinstance(exc, PermissionError):
-        return "auth", "permission denied"
-    if isinstance(exc, (av.InvalidDataError, av.EOFError)):
+    if isinstance(exc, PermissionError) and not network:
+        return "auth", "permission denied"  # a file's or a device's
+    # FFmpeg's RTSP code fails with a bare -1, which PyAV raises as EPERM, where the server hangs up (or says nothing
+    # until the timeout) after PLAY: no permission was asked for, and it read "permission denied"
+    if isinstance(exc, (av.InvalidDataError, av.EOFError, PermissionError)):
         if network and elapsed_s >= 0.9 * timeout_s:
             return "timeout", f"no answer within {timeout_s:g} s"
         if network:
@@ -72,6 +79,10 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
         return "not_video", "not a video FFmpeg can read (or truncated before its first picture)"
     if isinstance(exc, av.ProtocolNotFoundError):
         return "unsupported", "FFmpeg in this build does not support that protocol"
+    if transport is not None and code == errno.EPROTONOSUPPORT:  # FFmpeg's word for an RTSP SETUP's 461
+        other = "udp" if transport == "tcp" else "tcp"
+        return "unreachable", (f"the camera does not offer this transport (461 Unsupported transport): try "
+                               f"transport: {other}")
     if device and code == errno.ENOTTY:
         return "not_video", "not a video capture device"
     if network and (code in _NETWORK_ERRNOS or isinstance(exc, ConnectionError)):
@@ -192,6 +203,10 @@ class AVSource(Source):
         self._loop = loop and kind == "file"
         self._extra = dict(ffmpeg_options or {})
         self.decode_errors = 0
+        # Pictures FFmpeg decoded damaged (lost RTP packets, a damaged file: the H.264 decoder conceals the loss
+        # from neighbouring pictures and flags the picture); analysed all the same. Capture adds them to
+        # skipped_packets, which counted decode exceptions alone: a UDP camera losing 2% of its packets read 0.
+        self.corrupt_frames = 0
         self._container: av.container.InputContainer | None = None
         self._closed = False
         self._reset_state()
@@ -211,6 +226,8 @@ class AVSource(Source):
         self._consecutive_errors = 0
         self._arrival = False  # frames timed as they arrive (see open)
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
+        self._last_video_packet: float | None = None  # monotonic: when the last of them came (read)
+        self._opened_at = time.monotonic()  # the first picture's allowance counts from here (read)
         self._last_packet_corrupt = False  # FFmpeg flags a packet cut short by the end of the file
         self._end_error: SourceError | None = None  # raised instead of the normal end (a broken file)
         self._quiet_since: float | None = None  # monotonic: the start of a wait FFmpeg's own timeout ended (read)
@@ -248,7 +265,8 @@ class AVSource(Source):
         except (av.FFmpegError, OSError) as exc:
             kind, cause = classify(exc, network=self._network, elapsed_s=time.monotonic() - started,
                                    timeout_s=timeout_s, device=self._kind == "device",
-                                   opened=self._container is not None)
+                                   opened=self._container is not None,
+                                   transport=self._transport if self._kind == "rtsp" else None)
         # Raised outside the except block, so the FFmpeg exception (its text holds the raw URL, credentials
         # included) is neither the cause nor the context of ours and no traceback can print it.
         raise self._error(kind, cause)
@@ -413,6 +431,7 @@ class AVSource(Source):
         if self._arrival:
             self.nominal_fps = None  # FFmpeg's guess, not the camera's rate
         self._packets = container.demux()  # every stream: a video-less flood still reaches our deadline check
+        self._opened_at = time.monotonic()
 
     def read(self) -> SourceFrame | None:
         """Next frame, None at the end; raises SourceError (no frame within the read timeout, a broken
@@ -428,8 +447,9 @@ class AVSource(Source):
                 if self._end_error is not None:
                     raise self._end_error
                 return None
-            if time.monotonic() > deadline:
-                raise self._error("timeout", f"no picture within {self.read_timeout_s:g} s")
+            now = time.monotonic()
+            if now > deadline and not self._awaiting_key_frame(now):
+                raise self._error("timeout", self._no_picture(now))
             self._decode_next_packet()
         frame = self._pending.popleft()
         # came before the source went quiet (held, see above): its age counts from then, not from its release
@@ -451,6 +471,27 @@ class AVSource(Source):
             out.size = out.image.shape[:2]
         self._index += 1
         return out
+
+    @property
+    def first_picture_wait_s(self) -> float:
+        """How long the first picture after an open may take while video packets keep coming (FIRST_PICTURE_WAIT_S)."""
+        return max(self.read_timeout_s, FIRST_PICTURE_WAIT_S)
+
+    def _awaiting_key_frame(self, now: float) -> bool:
+        """No picture since the open, video packets still coming (the last within read_timeout_s) and the first
+        picture's allowance not spent: a camera joined mid-GOP, its packets undecodable until its next key frame."""
+        return (not self._since_seek and self._last_video_packet is not None
+                and now - self._last_video_packet <= self.read_timeout_s
+                and now - self._opened_at <= self.first_picture_wait_s)
+
+    def _no_picture(self, now: float) -> str:
+        """Why read() gave up waiting for a picture."""
+        flowing = self._last_video_packet is not None and now - self._last_video_packet <= self.read_timeout_s
+        if not self._since_seek and flowing:
+            waited = self.first_picture_wait_s
+            return (f"{self._video_packets} video packets received but no decodable picture within {waited:g} s: "
+                    f"waiting for a key frame (GOP longer than {waited:g} s? shorten the camera's key frame interval)")
+        return f"no picture within {self.read_timeout_s:g} s"
 
     def _decode_next_packet(self) -> None:
         assert self._container is not None and self._stream is not None and self._packets is not None
@@ -475,6 +516,7 @@ class AVSource(Source):
             return
         if packet.size:
             self._video_packets += 1
+            self._last_video_packet = time.monotonic()
             self._last_packet_corrupt = packet.is_corrupt
         cause = None
         try:
@@ -492,6 +534,7 @@ class AVSource(Source):
             raise self._error("decode", cause)
         if frames:
             self._consecutive_errors = 0
+            self.corrupt_frames += sum(frame.is_corrupt for frame in frames)  # a flag of each: cheap
             self._since_seek += len(frames)
             self._pending.extend(frames)
 

@@ -279,12 +279,18 @@ class Capture:
         self._source: Source | None = None
         self._picture_due: float | None = None  # stream time of the next frame that keeps a picture for a snapshot
 
+    @staticmethod
+    def _damage(source: Source | None) -> int:
+        """A source's packets that failed to decode and were skipped, and pictures it decoded damaged (AVSource's
+        corrupt_frames: FFmpeg concealed the loss and the picture is analysed all the same)."""
+        return 0 if source is None else source.decode_errors + getattr(source, "corrupt_frames", 0)
+
     @property
     def skipped_packets(self) -> int:
-        """Packets that failed to decode and were skipped (lost RTP packets, a damaged file), over reconnects."""
+        """Packets that failed to decode and were skipped (lost RTP packets, a damaged file), and pictures decoded
+        damaged (FFmpeg concealed the loss: still analysed), over reconnects."""
         with self._skipped_lock:
-            source = self._source
-            return self._closed_skipped + (source.decode_errors if source is not None else 0)
+            return self._closed_skipped + self._damage(self._source)
 
     def start(self) -> None:
         self._thread.start()
@@ -337,7 +343,8 @@ class Capture:
                                          loop=cam.loop, hwaccel=cam.hwaccel, untrusted=cam.untrusted)
                     self._source = source
                     source.open()
-                    self.heartbeat = time.monotonic() + cam.read_timeout_s
+                    # a camera joined mid-GOP may wait longer for its first key frame while its packets come
+                    self.heartbeat = time.monotonic() + getattr(source, "first_picture_wait_s", cam.read_timeout_s)
                     if source.live:  # a camera (or a paced scene) shows what it shows now: skip nothing, only
                         self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
                     self.source_fps = source.nominal_fps
@@ -432,7 +439,7 @@ class Capture:
                     if source is not None:
                         source.close()
                     with self._skipped_lock:
-                        self._closed_skipped += source.decode_errors if source is not None else 0
+                        self._closed_skipped += self._damage(source)
                         self._source = None
                 # A live camera that dropped or never answered: back off, then try again, forever.
                 attempt, up = attempt + 1, False
