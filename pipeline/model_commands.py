@@ -234,6 +234,7 @@ def train_demo(args: argparse.Namespace) -> dict:
                      settings["seed"])
             run()
         made_from = path
+    log.info("stage 4 of 4: training %s (steps %d, seed %d)", out, reid_steps, DEMO_REID["seed"])
     train_reid_head(ReIDTrainConfig(init=attribute, out=out, steps=reid_steps, **DEMO_REID), progress=progress)
     set_score_thresholds(out, DEMO_SCORE_THRESHOLDS)
     for stage in (base, heads, attribute):
