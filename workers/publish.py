@@ -265,11 +265,13 @@ class _Entry(NamedTuple):
 
 @dataclass
 class _Episode:
-    """A run of failed writes, from the first failure to the next success."""
+    """A run of failed writes, from the first failure to the next success (a write's, see ``writes``)."""
     since: float  # unix seconds when the first failed attempt began
     start: float  # the same, monotonic
     reason: str  # the first error, redacted
     failures: int = 0
+    writes: bool = False  # a failed round carried something: only a write ends it then, not a PING that Redis
+    # answers (out of memory, it answers PINGs and refuses writes; its statuses may have been written alone)
     cameras: set[str] = field(default_factory=set)
     dropped_before: int = 0  # the publisher's dropped count when it began: its drops are said at its end
 
@@ -754,7 +756,7 @@ class Publisher:
                 self._applied = True
                 self._settle(round_.batch, result)
             self._status_done = max(self._status_done, round_.status_gen)
-            if self._episode is not None:
+            if self._episode is not None and not (round_.idle and self._episode.writes):
                 self._end_episode()
             if round_.drained and self._unreported:  # announce drops after what was kept
                 report, self._unreported = self._unreported, {}
@@ -856,15 +858,20 @@ class Publisher:
             if round_.statuses and not left and not round_.hashes:  # written despite the error (out of memory)
                 self._status_done = max(self._status_done, round_.status_gen)
             self._stats["retries"] += 1
-            was_connected, self._connected, self._last_error = self._connected, False, text
+            # Redis answered with a refusal (out of memory, MISCONF): still connected, so no PING is due and no
+            # "reconnected" follows; a read-only replica's connection is cut (WriterThread._send)
+            self._connected = (isinstance(exc, redis.exceptions.ResponseError)
+                               and not isinstance(exc, redis.exceptions.ReadOnlyError))
+            self._last_error = text
             first = self._episode is None
             if first:
                 self._episode = _Episode(since=time.time() - (time.monotonic() - began), start=began, reason=text,
                                          dropped_before=self._stats["dropped"])
             self._episode.failures += 1
+            self._episode.writes |= not round_.idle
             self._episode.cameras.update([e.camera for e in round_.batch if e.own is None] + list(round_.statuses))
             self._done.notify_all()
-        if was_connected or first:
+        if first:
             log.warning("publisher %s cannot write to Redis (%s); keeping up to %d messages, retrying",
                         self.name, text, self.buffer)
 
