@@ -15,11 +15,13 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
+import psutil
 import ray
 
 from pipeline.config import absolute_path_url
@@ -37,6 +39,14 @@ log = logging.getLogger(__name__)
 # How long a status tick waits for Ray's node list (Ray's own timeout is ~60 s: a slow or restarting GCS held the
 # tick, so /metrics, /healthz and the status hash, that long at every poll).
 NODES_ANSWER_S = 1.0
+# What a local ray.init starts first, by process name: the start cannot finish once one of them has ended
+RAY_CORE_PROCESSES = ("gcs_server", "raylet")
+# This project's top-level packages (pyproject.toml, packages.find). Ray puts the driver's working directory first
+# on every worker's sys.path (ray/_private/worker.py, connect(): py_driver_sys_path), so a folder of the user's
+# holding a package of the same common name (an ML project's models/) was imported in the camera processes instead
+# and every camera failed; imported as each worker starts (Ray's preload_python_modules, before that path is
+# added), they are this installation's whatever the working directory, and what they import after is too.
+OWN_PACKAGES = ("pipeline", "workers", "models", "synthetic")
 
 
 def init_ray(config: Any, system_config: dict) -> None:
@@ -64,11 +74,12 @@ def init_ray(config: Any, system_config: dict) -> None:
         try:
             with _signals_held() as held:
                 try:
-                    # address="local": never join some other Ray that `ray start` left here (ray.init() would).
-                    ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
-                             object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
-                             logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
-                             _system_config=dict(system_config))  # a copy: ray.init adds its own keys to the dict
+                    with _exit_if_ray_killed(held):  # left before the stop below, whose end of Ray is no kill
+                        # address="local": never join some other Ray that `ray start` left here (ray.init() would).
+                        ray.init(address="local", namespace=namespace, num_cpus=cpus, include_dashboard=False,
+                                 object_store_memory=rc.object_store_mb * 2**20, _node_ip_address="127.0.0.1",
+                                 logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                                 _system_config=_with_own_packages(system_config))
                 finally:  # also when ray.init failed: the signal is not lost behind its error
                     _stop_if_signalled(held)
         except ValueError as e:  # what we passed: e.g. an object store larger than the machine's memory
@@ -160,6 +171,68 @@ def _stop_if_signalled(held: list[BaseException]) -> None:
     if held:
         shutdown_ray()  # also what a failed ray.init left started: ray.shutdown cleans up either
         raise held[0]
+
+
+@contextlib.contextmanager
+def _exit_if_ray_killed(held: list[BaseException], poll_s: float = 0.1) -> Iterator[None]:
+    """While a local ray.init runs: once a signal is held (``_int_term_held``) and the GCS or the raylet that
+    ray.init started here has died, this process exits at once, 130 as for any signal during the start. Such a
+    signal went to the whole process group (`kill -- -PGID`, `timeout`, systemd stopping a unit still starting:
+    KillMode=control-group) and ended Ray's fresh processes too; ray.init then returned only after Ray's 60 s wait
+    for its GCS, and Ray ended the process with exit 1. It cannot be left from Python (it waits in Ray's C++ code,
+    and raised inside it a signal crashed the exit), hence os._exit; the run's reaper (pipeline/reaper.py) ends
+    what the run had started. SIGTERM is not blocked in Ray's processes as SIGHUP is (``_signals_held``): blocked,
+    ray.shutdown's and the reaper's SIGTERM would each wait out their timeout and SIGKILL them (ray.shutdown
+    measured 1.8 -> 5.4 s), and a service manager stopping the running service (it signals every process of the
+    unit) would leave them to its final SIGKILL."""
+    done = threading.Event()
+    known = {child.pid for child in psutil.Process().children()}  # an earlier Ray's, stopped: not this start's
+    watch = threading.Thread(target=_watch_ray_start, args=(held, done, known, poll_s), name="hv-ray-start",
+                             daemon=True)
+    watch.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watch.join()
+
+
+def _watch_ray_start(held: list[BaseException], done: threading.Event, known: set[int], poll_s: float) -> None:
+    """``_exit_if_ray_killed``'s thread: finds the GCS and the raylet among this process's new children (not in
+    ``known``) and exits once a signal is held and one of them has ended."""
+    me, core = psutil.Process(), {}  # process -> its name
+    while not done.wait(poll_s):
+        try:
+            for child in me.children():  # named again at each poll: one just forked is "python" until its exec
+                if child.pid not in known and child not in core and (name := child.name()) in RAY_CORE_PROCESSES:
+                    core[child] = name
+        except psutil.Error:  # one ended meanwhile: the others are looked at at the next poll
+            pass
+        if held and (ended := next((n for c, n in core.items() if _ended(c)), None)) and not done.is_set():
+            log.error("interrupted: the signal reached Ray's %s too (sent to the whole process group: `kill -- "
+                      "-PGID`, `timeout`, a service manager's stop), and Ray's start could only end in its 60 s wait "
+                      "for the GCS: exiting at once; the run's reaper ends what it had started", ended,
+                      extra={"data": {"event": "exit", "exit_code": 130}})
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(130)
+
+
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE  # not yet reaped by Ray
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _with_own_packages(system_config: dict) -> dict:
+    """A copy of ``system_config`` (ray.init adds its own keys to the dict) that has each Ray worker process
+    import ``OWN_PACKAGES`` as it starts (Ray's ``preload_python_modules``)."""
+    preload = list(system_config.get("preload_python_modules", []))
+    return {**system_config, "preload_python_modules": preload + [p for p in OWN_PACKAGES if p not in preload]}
 
 
 def _check_head(address: str, where: str, timeout_s: float) -> None:
