@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, slash_hint, strict_json
+from pipeline.limits import quiet_accept_errors
 from pipeline.logs import cut_lines, route_uvicorn
 from workers.redact import BIDI_CONTROLS, redact_text
 
@@ -385,6 +386,7 @@ class ApiServer:
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
         route_uvicorn()
+        quiet_accept_errors()  # out of file descriptors: one warning, not a traceback per failed accept
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http-api",
                                         daemon=True)

@@ -26,6 +26,7 @@ import ray
 
 from pipeline.config import absolute_path_url
 from pipeline.errors import UserError
+from pipeline.limits import raise_open_files_limit
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, demand, describe_needs, fits,
                                 group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
                                 node_needs, replica_count, replica_gpus, replica_room, replicas_per_node,
@@ -52,6 +53,7 @@ OWN_PACKAGES = ("pipeline", "workers", "models", "synthetic")
 def init_ray(config: Any, system_config: dict) -> None:
     """Starts a private local Ray (``ray.address: local``) or joins the cluster at ``ray.address`` /
     ``$RAY_ADDRESS``; the pipeline's namespace becomes the driver's."""
+    raise_open_files_limit()  # before Ray starts processes: they inherit it (ray.init's own stops at 65536)
     rc = config.ray
     address = rc.resolved_address()
     namespace = namespace_for(rc.namespace, config.redis.prefix)
@@ -85,6 +87,14 @@ def init_ray(config: Any, system_config: dict) -> None:
         except ValueError as e:  # what we passed: e.g. an object store larger than the machine's memory
             raise UserError(f"ray: cannot start a local Ray with ray.object_store_mb {rc.object_store_mb} and "
                             f"{cpus} logical CPUs (ray.num_cpus): {e}".splitlines()[0]) from None
+        except OSError as e:  # Ray's token setup, before anything starts: it writes ~/.ray/auth_token
+            ray_dir, path = os.path.expanduser("~/.ray"), os.path.abspath(os.fsdecode(e.filename or "/"))
+            if os.path.commonpath([ray_dir, path]) not in (ray_dir, path) or path == "/":
+                raise
+            raise UserError(f"ray: cannot start a local Ray: it saves its authentication token in {ray_dir}/auth_token"
+                            f" and cannot write {path} ({e.strerror}): run hydravision with a writable HOME, or set "
+                            "RAY_AUTH_TOKEN_PATH to a file holding a token of your own (`openssl rand -hex 32`), "
+                            "which Ray reads instead") from None
         return
     where = "ray.address" if rc.address else "$RAY_ADDRESS"  # the setting the user has to fix
     _check_head(address, where, rc.placement_timeout_s)

@@ -23,6 +23,7 @@ from pipeline.admission import MAX_BODY_BYTES, LoopbackHostsOnly, slash_hint, st
 from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
+from pipeline.limits import quiet_accept_errors
 from workers.publish import keys
 from workers.redact import redact_url
 
@@ -233,6 +234,7 @@ class DashboardServer:
         app = LoopbackHostsOnly(create_app(self.hub, allowed_hosts), self.socket.getsockname()[0], allowed_hosts)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
+        quiet_accept_errors()  # out of file descriptors: one warning, not a traceback per failed accept
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                         name="dashboard", daemon=True)
@@ -293,6 +295,7 @@ def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, 
     app = LoopbackHostsOnly(create_app(hub, allowed_hosts), sock.getsockname()[0], allowed_hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=2))
+    quiet_accept_errors()
     original = server.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import stat
 import time
 from collections import deque
@@ -51,6 +52,8 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
     RTSP source's (tcp, udp), None for others."""
     strerror = getattr(exc, "strerror", None) or type(exc).__name__
     code = getattr(exc, "errno", None)
+    if code in (errno.EMFILE, errno.ENFILE):  # this process's, or the machine's, not the camera's
+        return ("unreachable" if network else "decode"), open_files_cause(code)
     if isinstance(exc, av.HTTPUnauthorizedError):
         return "auth", "not authorized (401): wrong or missing user name or password"
     if isinstance(exc, av.HTTPForbiddenError):
@@ -92,6 +95,18 @@ def classify(exc: BaseException, *, network: bool, elapsed_s: float, timeout_s: 
                                    f"seek in a file (no Range support; an mp4 with its index at its end) ({strerror})")
         return "unreachable", f"connection failed: host unknown or unreachable, or it hung up ({strerror})"
     return ("unreachable" if network else "decode"), strerror
+
+
+def open_files_cause(code: int) -> str:
+    """EMFILE's or ENFILE's cause: "Too many open files" named neither the process nor the limit nor its fix.
+    (The controller says the same of its own: pipeline/limits.py.)"""
+    if code == errno.ENFILE:
+        return "too many open files on this machine: its open-file table is full (sysctl fs.file-max)"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"too many open files: this camera process (pid {os.getpid()}) has reached its open-file limit ({soft}, "
+            f"hard limit {hard}): raise it where the service starts (`ulimit -n 65536` before `hydravision run` "
+            "or `ray start`, LimitNOFILE= in a systemd unit, --ulimit nofile=65536 for docker), or put fewer "
+            "cameras in each process (ray.cameras_per_process)")
 
 
 def nominal_rate(stream: Any) -> float | None:
