@@ -304,6 +304,7 @@ class App(LiveControl):
         if self.lease is not None:
             try:
                 self.lease.acquire()  # a holder killed a moment ago is waited out (at most LEASE_TTL_S)
+                self.lease.start()  # renewed from now: the heartbeat watch below takes up to 10 s, past its TTL
             except Taken as e:
                 hint = f" (its key {self.lease.key} has no expiry: delete it if no service runs)" if e.no_expiry else ""
                 raise UserError(f"redis.prefix {prefix!r}: another hydravision service runs with this prefix on "

@@ -122,6 +122,9 @@ class ServiceLease:
             time.sleep(min(POLL_S, ttl / 1000 + 0.01))
 
     def start(self) -> "ServiceLease":
+        """Renews the lease from now on (once: a second call changes nothing)."""
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(target=_renewing, args=(weakref.ref(self), self._stop, self.renew_s),
                                         name="hydravision-lease", daemon=True)
         self._thread.start()

@@ -19,7 +19,7 @@ import redis
 from pipeline.app import App
 from pipeline.config import parse_config
 from pipeline.errors import UserError
-from pipeline.service_lease import ServiceLease, lease_key
+from pipeline.service_lease import LEASE_TTL_S, ServiceLease, lease_key
 from pipeline.testbed import RedisServer
 from servers import require_binary
 
@@ -230,3 +230,30 @@ def test_a_renewal_redis_refuses_is_said_once(redis_server, caplog):
     finally:
         lease.release()
         client.execute_command("ACL", "DELUSER", "noscript")
+
+
+def test_the_lease_is_renewed_while_the_start_watches_heartbeats_longer_than_its_ttl(redis_server):
+    """The renewals began only after the heartbeat watch (up to 10 s, after a kill -9 of a version that takes no
+    lease), past the 6 s TTL: the lease expired under the start, and a second service took it and ran too."""
+    client = redis_server.client()
+    stop = threading.Event()
+
+    def killed_older_run() -> None:  # its processes beat a moment more, then end
+        until = time.monotonic() + 1.0
+        while not stop.is_set() and time.monotonic() < until:
+            client.hset("tw:cameras", "cam-t", json.dumps({"state": "running", "heartbeat_ts": time.time(),
+                                                           "instance": "older0000002"}))
+            stop.wait(0.2)
+
+    beating = threading.Thread(target=killed_older_run, daemon=True)
+    beating.start()
+    starting = app(redis_server.url)
+    try:
+        with released(starting):
+            began = time.monotonic()
+            assert starting.resolve_redis() == redis_server.url  # passes: its heartbeats stopped
+            assert time.monotonic() - began > LEASE_TTL_S  # the watch outlasted the lease's TTL
+            assert holder_of(client) == starting.instance  # still this run's: renewed meanwhile
+    finally:
+        stop.set()
+        beating.join(5)
