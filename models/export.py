@@ -14,8 +14,10 @@ import copy
 import fcntl
 import glob
 import hashlib
+import io
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -38,6 +40,9 @@ OPSET = 18
 CACHE_MAX_AGE_DAYS = 30
 RAW_KEYS = ("cls_logits", "box_ltrb", "centerness")
 COMPILED_SUFFIX = ".compiled"  # beside an export: the folder of OpenVINO's compiled forms of it (compiled_cache)
+# An export's metadata_props entry naming what it was made from (its ``cache_key``): a cache copied or restored from
+# elsewhere can hold another checkpoint's export under this one's name, which every start then ran (or failed on).
+FINGERPRINT = "hydravision.cache_key"
 
 
 def output_names(model: HydraNet) -> list[str]:
@@ -104,9 +109,11 @@ def check_exportable(model: HydraNet) -> None:
                           "use the torch backend")
 
 
-def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, group_norm: str = "export") -> Path:
+def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, group_norm: str = "export",
+                metadata: dict[str, str] | None = None) -> Path:
     """Writes ``path`` (atomically); BatchNorm is folded first, as the eager serving path does, and GroupNorm
-    written as ``GroupNormForExport`` (``group_norm="torch"``: as torch exports it).
+    written as ``GroupNormForExport`` (``group_norm="torch"``: as torch exports it). ``metadata``: added to the
+    model's metadata_props (the cache's ``FINGERPRINT``).
 
     ``exporter``: torch's TorchScript exporter (the default) or its torch.export one ("dynamo"). The first is
     deprecated since torch 2.9 but still in the pinned 2.13, and exports the demo model 7.5x faster (1.3
@@ -142,6 +149,7 @@ def export_onnx(model: HydraNet, path: str | Path, exporter: str = EXPORTER, gro
                     "dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)})
             torch.onnx.export(_Graph(serving), (example,), str(tmp), input_names=["images"], output_names=names,
                               opset_version=OPSET, **how)
+            append_metadata(tmp, metadata or {})
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -190,8 +198,11 @@ def cached_export(model: HydraNet, checkpoint: str | Path, group_norm: str = "ex
     loaded = getattr(model, "checkpoint_identity", None)
     if loaded is not None and file_identity(checkpoint) != loaded:
         raise CheckpointError(f"{checkpoint}: replaced while it was being loaded; start again to load the new one")
-    return cached(cache_path(checkpoint, group_norm, key), lambda path: export_onnx(model, path, group_norm=group_norm),
-                  f"exporting {checkpoint} to ONNX", key, damaged, made)
+    # A whole file can still be another model's (a cache copied or restored from elsewhere): its fingerprint says
+    # so (damaged), and for one exported before fingerprints its inputs and outputs (unlike).
+    return cached(cache_path(checkpoint, group_norm, key),
+                  lambda path: export_onnx(model, path, group_norm=group_norm, metadata={FINGERPRINT: key}),
+                  f"exporting {checkpoint} to ONNX", key, lambda path: damaged(path) or unlike(path, model), made)
 
 
 def cached(path: Path, make: Callable[[Path], object], what: str, key: str | None = None,
@@ -218,7 +229,7 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
     # one per file name let two names of the same weights (two replicas' temp copies) both export.
     with file_lock(path.with_name(f"{key}.lock" if key else path.name + ".lock"), remove=True):
         if why and path.is_file() and file_identity(path) == found:  # not replaced by another process meanwhile
-            log.warning("%s in the model cache is damaged (%s): removed, making it again", path.name, why)
+            log.warning("%s in the model cache is damaged or stale (%s): removed, making it again", path.name, why)
             shutil.rmtree(path.with_name(path.name + COMPILED_SUFFIX), ignore_errors=True)  # compiled from it
             path.unlink()
         path = (made_for(path.parent, key) if key else None) or path  # made meanwhile, under another name?
@@ -238,10 +249,12 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
 
 
 def damaged(path: Path) -> str | None:
-    """Why the ONNX file ``path`` is not whole (cut short, empty, not an ONNX model), or None. Its top-level
-    protobuf fields only, skipped by their lengths: a few reads whatever the file's size. By hand: importing the
-    onnx package to check it cost every start 1.1-1.6 s."""
+    """Why the ONNX file ``path`` is not whole (cut short, empty, not an ONNX model), or not the export its cache
+    name says (its ``FINGERPRINT`` is another key than the name's: another checkpoint's export copied over it),
+    or None. Its top-level protobuf fields only, skipped by their lengths: a few reads whatever the file's size.
+    By hand: importing the onnx package to check it cost every start 1.1-1.6 s."""
     seen = set()
+    metadata: dict[str, str] = {}
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -252,6 +265,11 @@ def damaged(path: Path) -> str | None:
                     return f"not an ONNX model (field 0 at byte {f.tell()})"
                 if kind == 0:
                     _varint(f)
+                elif field == 14 and kind == 2:  # a metadata_props entry: a few bytes, read
+                    length, start = _varint(f), f.tell()
+                    if length <= 4096:
+                        _read_entry(f.read(length), metadata)
+                    f.seek(start + length)  # past the end where the file is cut short: said below
                 elif kind in (1, 2, 5):
                     f.seek({1: 8, 5: 4}.get(kind) or _varint(f), os.SEEK_CUR)
                 else:
@@ -265,7 +283,141 @@ def damaged(path: Path) -> str | None:
         return None
     needed = {1: "ir_version", 7: "graph", 8: "opset_import"}  # ModelProto's fields every runtime reads
     missing = [name for field, name in needed.items() if field not in seen]
-    return f"not an ONNX model: no {', '.join(missing)} ({size} bytes)" if missing else None
+    if missing:
+        return f"not an ONNX model: no {', '.join(missing)} ({size} bytes)"
+    named = re.fullmatch(r".*-([0-9a-f]{16})\.onnx", path.name)  # a cache name (cache_path), not an int8 copy's
+    made_from = metadata.get(FINGERPRINT)
+    if named and made_from and made_from != named[1]:
+        return f"exported from other weights: its fingerprint is {made_from}, its name's {named[1]}"
+    return None
+
+
+def _read_entry(data: bytes, into: dict[str, str]) -> None:
+    """A StringStringEntryProto's key and value into ``into`` (one that does not read as such is left out: it
+    judges nothing)."""
+    fields = dict(_message_fields(data))
+    if isinstance(fields.get(1), bytes) and isinstance(fields.get(2), bytes):
+        with contextlib.suppress(UnicodeDecodeError):
+            into[fields[1].decode()] = fields[2].decode()
+
+
+def _message_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field, value) of a protobuf message held in memory: varints as ints, length-delimited fields as bytes
+    (others skipped); stops where the data does not read as one."""
+    f = io.BytesIO(data)
+    try:
+        while f.tell() < len(data):
+            key = _varint(f)
+            kind = key & 7
+            if kind == 0:
+                yield key >> 3, _varint(f)
+            elif kind == 2:
+                length = _varint(f)
+                value = f.read(length)
+                if len(value) < length:
+                    return
+                yield key >> 3, value
+            elif kind in (1, 5):
+                f.seek({1: 8, 5: 4}[kind], os.SEEK_CUR)
+            else:
+                return
+    except EOFError:
+        return
+
+
+def append_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Adds ``metadata`` to the ONNX file's metadata_props by appending to the file: protobuf reads a message's
+    fields in any order and adds up repeated ones, so nothing is parsed (nor the onnx package imported)."""
+    with open(path, "ab") as f:
+        for key, value in metadata.items():
+            f.write(_length_field(14, _length_field(1, key.encode()) + _length_field(2, value.encode())))
+
+
+def _length_field(number: int, data: bytes) -> bytes:
+    return _varint_bytes(number << 3 | 2) + _varint_bytes(len(data)) + data
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def graph_io(path: Path) -> tuple[dict[str, list[int | str]], list[str]]:
+    """The ONNX file's graph inputs ({name: dims, a dynamic one by its name}) and output names, read by hand as
+    ``damaged`` does: the graph's nodes and weights are skipped by their lengths."""
+    inputs: dict[str, list[int | str]] = {}
+    outputs: list[str] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for field, kind, length in _fields(f, size):
+            if field != 7 or kind != 2:
+                continue
+            for part, part_kind, part_length in _fields(f, f.tell() + length):
+                if part in (11, 12) and part_kind == 2:  # GraphProto.input / .output: ValueInfoProto
+                    info = dict(_message_fields(f.read(part_length)))
+                    name = info.get(1, b"").decode(errors="replace")
+                    if part == 12:
+                        outputs.append(name)
+                    else:
+                        inputs[name] = _dims(info.get(2, b""))
+    return inputs, outputs
+
+
+def _fields(f, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field, wire type, length of a length-delimited one) of the message from ``f``'s position to ``end``; the
+    caller may read a field's bytes, what it leaves is skipped."""
+    while f.tell() < end:
+        key = _varint(f)
+        kind = key & 7
+        if kind == 0:
+            _varint(f)
+            continue
+        if kind != 2:
+            f.seek({1: 8, 5: 4}.get(kind, 0), os.SEEK_CUR)
+            continue
+        length = _varint(f)
+        start = f.tell()
+        yield key >> 3, kind, length
+        f.seek(start + length)
+
+
+def _dims(type_proto: bytes) -> list[int | str]:
+    """A TypeProto's tensor dims: each dim_value, or its dim_param's name."""
+    tensor = dict(_message_fields(type_proto)).get(1, b"")  # TypeProto.tensor_type
+    shape = dict(_message_fields(tensor)).get(2, b"")  # .shape
+    dims: list[int | str] = []
+    for field, dim in _message_fields(shape):
+        if field == 1:  # TensorShapeProto.dim
+            value = dict(_message_fields(dim))
+            dims.append(value[1] if 1 in value else value.get(2, b"?").decode(errors="replace"))
+    return dims
+
+
+def unlike(path: Path, model: HydraNet | None) -> str | None:
+    """How the whole ONNX file ``path`` differs from ``model``'s export (its heads or other outputs, its input
+    size), or None; None without a model (a stand-in). What an export made before ``FINGERPRINT`` existed is
+    judged by; one with a fingerprint is judged by that too (``damaged``)."""
+    if model is None:
+        return None
+    try:
+        inputs, outputs = graph_io(path)
+    except (OSError, EOFError) as e:  # gone meanwhile, unreadable: the runtime's load says why
+        log.debug("%s: graph not read (%s)", path, e)
+        return None
+    names, (h, w) = output_names(model), model.config.input_size
+    if outputs != names:
+        theirs, ours = (list(dict.fromkeys(n.split(".")[0] for n in o if "." in n)) for o in (outputs, names))
+        if theirs != ours:
+            return f"another model's export: its heads are {', '.join(theirs)}, this checkpoint's {', '.join(ours)}"
+        return f"another model's export: its outputs are {', '.join(outputs)}, this checkpoint's {', '.join(names)}"
+    dims = inputs.get("images")
+    if dims is None or [str(d) for d in dims[1:]] != ["3", str(h), str(w)]:
+        return (f"another model's export: its input is {', '.join(f'{k} {dims}' for k, dims in inputs.items())}, "
+                f"this checkpoint's images [batch, 3, {h}, {w}]")
+    return None
 
 
 def _varint(f) -> int:

@@ -148,7 +148,7 @@ def test_a_backend_asked_for_by_name_that_fails_its_first_call_refuses_the_start
     asked for, so the start is refused, naming the backend, its error and what to set instead."""
     shutil.copytree(exported, cache)
     refused = r"model\.backend onnxruntime.*RUNTIME_EXCEPTION.*set model\.backend to torch"
-    with pytest.raises(RuntimeError, match=refused):
+    with pytest.raises(ValueError, match=refused):  # the user's setting (ConfigError): an error line, exit 2
         InferenceService(tiny_checkpoint, device="cpu", precision="fp32", backend="onnxruntime", threads=1)
 
 

@@ -442,9 +442,15 @@ class ModelRunner:
             except Exception as e:  # chosen by 'auto' only: torch runs every model, slower on a CPU
                 if backend != "auto" or precision == "int8":  # int8 was asked for, and torch does not run it
                     if self.session is not None:
-                        raise RuntimeError(f"model.backend {backend}, precision {precision}: {self.backend} failed "
-                                           f"on a blank frame at start ({type(e).__name__}: {e}); set model.backend "
-                                           "to torch (precision fp32, bf16 or fp16) to run the model in torch") from e
+                        # The backend setting is the user's to change: a ConfigError ends `run` (from Ray's text:
+                        # workers.settings.refused_setting, which reads one line) and `eval` with one `error:` line,
+                        # exit 2, where a RuntimeError was called a bug in hydravision, with a 94-line traceback.
+                        from models.hydranet import ConfigError
+
+                        said = next(iter(str(e).strip().splitlines()), "")
+                        raise ConfigError(f"model.backend {backend}, precision {precision}: {self.backend} failed on a "
+                                          f"blank frame at start ({type(e).__name__}: {said}); set model.backend to "
+                                          "torch (precision fp32, bf16 or fp16) to run the model in torch") from e
                     raise
                 log.warning("%s could not run %s (%s: %s); running it in torch", self.backend, Path(checkpoint).name,
                             type(e).__name__, e)
