@@ -24,7 +24,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if path.is_dir():  # it exists: "no such file" sent users looking for a typo
         raise CheckpointError(f"{path}: is a folder; name the checkpoint file (.safetensors) in it")
     if not path.is_file():  # a relative path is of the working directory; the bundled one is named "demo"
-        hint = " (the bundled checkpoint is named 'demo')" if path.name == "demo.safetensors" else ""
+        bundled = Path(__file__).resolve().parent / "checkpoints" / "demo.safetensors"
+        hint = " (the bundled checkpoint is named 'demo')" if path.name == "demo.safetensors" and \
+            path.resolve() != bundled else ""  # 'demo' itself, missing: no hint to write what was written
         raise CheckpointError(f"{path}: no such checkpoint file{hint}")
     try:
         with safe_open(str(path), framework="numpy") as f:

@@ -140,7 +140,7 @@ def test_a_redis_port_out_of_range_is_said_so():
     assert redis_url_error("redis://:ab/cd@db:6379/0").startswith("no readable host:port; a password holding '/'")
 
 
-def test_a_missing_demo_safetensors_names_the_bundled_checkpoint(tmp_path):
+def test_a_missing_demo_safetensors_names_the_bundled_checkpoint(tmp_path, monkeypatch):
     from models.metadata import CheckpointError, read_metadata
 
     with pytest.raises(CheckpointError, match=r"demo.safetensors: no such checkpoint file \(the bundled checkpoint "
@@ -148,6 +148,12 @@ def test_a_missing_demo_safetensors_names_the_bundled_checkpoint(tmp_path):
         read_metadata(tmp_path / "demo.safetensors")
     with pytest.raises(CheckpointError, match=r"mine.safetensors: no such checkpoint file$"):
         read_metadata(tmp_path / "mine.safetensors")
+    # 'demo' itself missing (a checkout without its checkpoint): no hint to write what was written
+    import models.metadata
+
+    monkeypatch.setattr(models.metadata, "__file__", str(tmp_path / "models" / "metadata.py"))
+    with pytest.raises(CheckpointError, match=r"demo.safetensors: no such checkpoint file$"):
+        read_metadata(tmp_path / "models" / "checkpoints" / "demo.safetensors")
 
 
 @pytest.mark.parametrize("polygon", [[0.1, 0.1, 0.5, 0.1, 0.5, 0.5], [{"x": 0.1, "y": 0.1}, {"x": 0.5, "y": 0.1},
