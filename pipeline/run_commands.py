@@ -103,13 +103,19 @@ class Signals:
                 signal.signal(signum, self._ours[signum])
         for signum, handler in ((signal.SIGHUP, self._hang_up), (signal.SIGQUIT, self._hang_up),
                                 (signal.SIGUSR1, self._carry_on), (signal.SIGUSR2, self._carry_on)):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
+            # nohup's ignored SIGHUP stays ignored; the others are ours whatever was inherited (a shell starts a
+            # background job of a script with SIGQUIT ignored, as SIGINT, and SIGQUIT then did nothing)
+            if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, handler)
 
     def _second_said(self, handler, signum: int, frame) -> None:
         try:
             if getattr(self.app, "_signalled", False):  # the handler exits at once now (os._exit): no final table
-                self.out.say(self.abandoned(signum))
+                if self.out.json_mode:  # why the run ended, as the CLI's other early ends say it (cli._fatal)
+                    self.out.log.error(self.abandoned(signum),
+                                       extra={"data": {"event": "exit", "exit_code": 128 + signum}})
+                else:
+                    self.out.say(self.abandoned(signum))
         finally:
             handler(signum, frame)
 

@@ -103,10 +103,15 @@ class ServiceLease:
         last_ttl = 0
         expires = 0.0
         while True:
-            if self._client.set(self.key, self.value, nx=True, px=self.ttl_ms):
-                return
-            value, ttl = self._client.pipeline(transaction=True).get(self.key).pttl(self.key).execute()
-            if value is None:  # expired (or released) between the two calls: try again at once
+            try:
+                if self._client.set(self.key, self.value, nx=True, px=self.ttl_ms):
+                    return
+            except redis.ResponseError:  # refused (Redis out of memory refuses SET NX whether or not the key is
+                if not self._client.exists(self.key):  # there): a held lease is still read and told apart below
+                    raise  # nobody's: the start goes on, the renewals take it once Redis accepts writes
+            # not MULTI: Redis out of memory refuses a transaction, reads and all
+            value, ttl = self._client.pipeline(transaction=False).get(self.key).pttl(self.key).execute()
+            if value is None or ttl == -2:  # expired (or released) meanwhile: try again at once
                 continue
             if ttl < 0:  # set without an expiry, not by a hydravision service: it would refuse every start for ever
                 raise Taken(holder(value), no_expiry=True)
@@ -155,8 +160,9 @@ class ServiceLease:
         elif got != self.lost_to:
             self.lost_to = got
             log.error("redis.prefix %r on %s is held by another hydravision service (%s; Redis restarted without "
-                      "its data, or was not reachable when this one started?): both write the same keys and read "
-                      "the same control stream; stop one of them", self.prefix, redact_url(self.url), holder(got))
+                      "its data, or was not reachable or out of memory when this one started?): both write the same "
+                      "keys and read the same control stream; stop one of them", self.prefix, redact_url(self.url),
+                      holder(got))
 
     def release(self) -> None:
         """Stops the renewals and deletes the lease where it is still this run's: a restart need not wait."""
