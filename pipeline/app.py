@@ -67,6 +67,7 @@ GCS_RECONNECT_SETTING = "gcs_rpc_server_reconnect_timeout_s"
 GCS_RECONNECT_DEFAULT_S = 60.0
 HEAD_STOP_S = 35.0  # what the stop after losing the head keeps of Ray's limit: its drain (below), Redis, ray.shutdown
 HEAD_LOST_DRAIN_S = 10.0  # the cameras' drain then (their processes on the nodes left still answer)
+HEAD_CONFIRM_S = 5.0  # the timeout of the last question before the head is said lost (the others: 1 s)
 
 
 def gcs_limit_s(system_config: dict, environ: Any = os.environ) -> float:
@@ -87,20 +88,36 @@ def head_lost_after_s(limit_s: float) -> float:
     return max(0.4 * limit_s, limit_s - HEAD_STOP_S)
 
 
-def head_lost(answered_at: float, now: float, limit_s: float) -> bool:
-    """The watch's decision: the GCS, last answering at ``answered_at``, is lost by ``now`` (monotonic seconds)."""
-    return now - answered_at >= head_lost_after_s(limit_s)
+def head_lost(silent_since: float | None, now: float, limit_s: float) -> bool:
+    """The watch's decision: a GCS silent since ``silent_since`` (the first question that went unanswered after its
+    last answer; None: it answers) is lost by ``now`` (monotonic seconds), once one more question, with a longer
+    timeout (HEAD_CONFIRM_S), goes unanswered too (``HeadWatch.check``). From the first failure, not from the last
+    answer: a process stopped for a while (Ctrl-Z, a VM paused) asked nothing meanwhile, which is no silence."""
+    return silent_since is not None and now - silent_since >= head_lost_after_s(limit_s)
+
+
+def gcs_unanswered(error: BaseException) -> bool:
+    """Whether a question's error means the GCS did not answer (unreachable, restarting, or not within the
+    timeout), which is what Ray's limit is about; any other (an error the GCS answered, Ray's private API changed)
+    is no silence."""
+    if isinstance(error, ray.exceptions.RpcError):  # Ray's: "Timed out while waiting for GCS to become available"
+        return error.rpc_code in (ray._raylet.GRPC_STATUS_CODE_UNAVAILABLE,
+                                  ray._raylet.GRPC_STATUS_CODE_DEADLINE_EXCEEDED)
+    return isinstance(error, (TimeoutError, ConnectionError))
 
 
 class HeadWatch:
     """Asks the GCS (the Ray head) a trivial question every ``poll_s`` in a thread of its own, each with a timeout,
-    and keeps when it last answered; the control loop reads ``lost()``. On a cluster the node list's poll (NodeWatch)
-    only said once that it did not answer, and the service went on until Ray ended it."""
+    and keeps since when it has not answered (``head_lost``); the control loop reads ``lost()``. On a cluster the
+    node list's poll (NodeWatch) only said once that it did not answer, and the service went on until Ray ended it."""
 
     def __init__(self, ask: Callable[[float], Any], limit_s: float, poll_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ask, self.limit_s, self.poll_s, self.clock = ask, limit_s, poll_s, clock
         self.answered_at = clock()
+        self.silent_since: float | None = None  # the first unanswered question after the last answer
+        self.lost_for: float | None = None  # the silence once confirmed (check)
+        self._odd = False  # an error that is no silence, logged once
         self._stop = threading.Event()
 
     @classmethod
@@ -123,18 +140,59 @@ class HeadWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.ask(max(1.0, self.poll_s))
-                self.answered_at = self.clock()
-            except Exception:  # no answer: the silence grows (the decision is lost()'s)
-                log.debug("the GCS did not answer", exc_info=True)
+        while not self._stop.is_set() and self.lost_for is None:
+            self.check()
             self._stop.wait(self.poll_s)
 
+    def _answers(self, timeout: float) -> bool | None:
+        """One question: True answered, False unanswered (``gcs_unanswered``), None failed otherwise."""
+        try:
+            self.ask(timeout)
+        except Exception as e:
+            if gcs_unanswered(e):
+                log.debug("the GCS did not answer", exc_info=True)
+                return False
+            if not self._odd:
+                self._odd = True
+                log.warning("the Ray head watch's question failed, not counted as silence: %s: %s",
+                            type(e).__name__, e)
+            return None
+        return True
+
+    def check(self) -> None:
+        """One round of the thread: a question (``max(1, poll_s)`` s timeout) and, once ``head_lost`` says the
+        silence is long enough, one more with HEAD_CONFIRM_S: a head alive but slow (busy, a GCS restarting with
+        fault tolerance) answers that one, and the silence starts again at its next failure."""
+        answered = self._answers(max(1.0, self.poll_s))
+        if answered is False:
+            now = self.clock()
+            if self.silent_since is None:
+                self.silent_since = now
+            elif head_lost(self.silent_since, now, self.limit_s):
+                answered = self._answers(HEAD_CONFIRM_S)
+                if answered is False:
+                    self.lost_for = self.clock() - self.silent_since
+        if answered:
+            self.answered_at, self.silent_since = self.clock(), None
+
     def lost(self) -> float | None:
-        """Seconds the GCS has not answered, once that is past ``head_lost_after_s``; None until then."""
-        now = self.clock()
-        return now - self.answered_at if head_lost(self.answered_at, now, self.limit_s) else None
+        """Seconds the GCS has not answered, once ``check`` confirmed it lost; None until then."""
+        return self.lost_for
+
+
+def watch_head(address: str) -> HeadWatch | None:
+    """A started HeadWatch on the GCS of the Ray this process joined at ``address``; None where there is none to
+    watch, said in one line."""
+    if address.startswith("ray://"):
+        # Ray Client: this process holds no GCS connection (no gcs_client to ask: every start logged a traceback),
+        # and Ray's limit on a silent GCS is not its own; its link to the head is the client's proxy
+        log.info("Ray Client (ray://): the Ray head (GCS) is not watched")
+        return None
+    try:
+        return HeadWatch.of_ray().start()
+    except Exception:  # Ray's private API changed: the run goes on unwatched, as before
+        log.warning("cannot watch the Ray head (GCS): a lost head ends the run at Ray's own limit", exc_info=True)
+        return None
 
 
 def metrics_routes(api: Any, app: App) -> None:
@@ -420,10 +478,7 @@ class App(LiveControl):
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
         self.start_ray()
-        try:
-            self.head_watch = HeadWatch.of_ray().start()
-        except Exception:  # Ray's private API changed: the run goes on unwatched, as before
-            log.warning("cannot watch the Ray head (GCS): a lost head ends the run at Ray's own limit", exc_info=True)
+        self.head_watch = watch_head(self.config.ray.resolved_address())
         self.placement = cluster.Placement(self.config, self.say)
         if warning := cluster.redis_warning(redis_url, self.placement.nodes):
             self.say(warning)

@@ -556,8 +556,13 @@ class NodeWatch:
         self._last_poll = time.monotonic()
         if (alive := self._alive_now()) is None:
             return
+        # One free room for every node lost in this poll: a room one's actors take is not there for the next's
+        # (each judged alone, two lost replicas both read as restarted on the one free unit left)
+        free: list[Node] | None = None
         for node_id in [n for n in self.nodes if n not in alive]:
-            self._lost(self.nodes.pop(node_id), actors, list(alive.values()))
+            if free is None:
+                free = self._free(list(alive.values()), actors)
+            self._lost(self.nodes.pop(node_id), actors, free)
         for node_id, node in alive.items():
             if node_id not in self.nodes:
                 self.nodes[node_id] = node
@@ -626,7 +631,9 @@ class NodeWatch:
                 continue
             self.waiting.pop(key, None)  # it runs again: a node took it
 
-    def _lost(self, node: Node, actors: dict, alive: list[Node]) -> None:
+    def _lost(self, node: Node, actors: dict, free: list[Node]) -> None:
+        """Says what ran on ``node``, lost, and what of it waits for a node to join: ``free`` is ``_free``'s, shared
+        by the nodes lost in one poll (what one's actors take is taken off it)."""
         on_it = sorted((k for k, n in self.where.items() if n == node.id and k in actors), key=str)
         for key in on_it:
             self.lost_from[key] = self.where.pop(key)
@@ -637,7 +644,6 @@ class NodeWatch:
         # does: the controller only saw a camera "still starting" (waiting for its replica) or running at 0 fps.
         # Whether a node can: by what is free there, not by its totals (the one inference node left had its one
         # hydravision_inference unit held by replica 1, and the line said Ray restarts replica 0 there).
-        free = self._free(alive, actors)
         reservations = {key: self._reservation(key) for key in on_it}
         answer: dict[Any, tuple[dict, dict] | None] = {}  # actor name -> its needs (a process's cameras: one answer)
         for name, options in reservations.values():

@@ -213,9 +213,16 @@ class LiveControl:
             try:
                 # {}: Ray re-created its process and the camera was not started again (the answer's final
                 # stats were all null), as in App.shutdown
-                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S) or \
+                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
+                gone = not final  # the process that ran it is gone: its tracks never end but here
+                final = final or \
                     {"state": "unavailable", "last_error": "its process was restarted and the camera not started again"}
             except Exception as e:  # a crashed actor: there is nothing left to drain, remove it anyway
+                # Its process gone (died, with its node or in a crash) or not: late (GetTimeoutError), its stop
+                # failed (a RayTaskError, also one of a RayActorError the stop met), or out of reach for now
+                # (ActorUnavailableError), it is alive and its own drain ends its tracks (twice, ended here too)
+                gone = isinstance(e, ray.exceptions.RayActorError) and not isinstance(
+                    e, (ray.exceptions.RayTaskError, ray.exceptions.ActorUnavailableError))
                 # its URL's secrets by name: out of ``cameras`` already, _describe no longer knows them
                 final = {"state": "unavailable",
                          "last_error": redact_text(self._describe(e, camera_id), [handle.config.url])}
@@ -228,8 +235,9 @@ class LiveControl:
             [row] = self.telemetry.whole_run([row])
             # A run that did not drain (its process died, with its node or in a crash, or Ray re-created it and the
             # camera was not started again) ended none of its tracks, and its final stats count nothing: its last
-            # status, read before it goes, names the tracks it had open and what it had published (the whole run's,
-            # for one no tick saw; the answer said null, camera_removed 0 where the status line had said 129).
+            # status, read before it goes, names the tracks it had open (ended below only where its process is
+            # gone) and what it had published (the whole run's, for one no tick saw; the answer said null,
+            # camera_removed 0 where the status line had said 129).
             last = None if "open_tracks" in final else self._stored_status(camera_id)
             if row.get("published") is None and last is not None and _count(last.get("published")) is not None:
                 row["published"] = last["published"]
@@ -239,7 +247,7 @@ class LiveControl:
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):
-                if last is not None:  # as a leftover's (_remove_leftover): queued before the status's removal
+                if last is not None and gone:  # as a leftover's (_remove_leftover): queued before the status's removal
                     if ended := self._end_left_open(camera_id, last):
                         log.info("camera %s: the %d track(s) its last status named open ended (its run did not "
                                  "drain)", camera_id, len(ended))
