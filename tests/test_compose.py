@@ -67,7 +67,7 @@ def test_the_stack_has_its_services():
     default = [n for n, s in SERVICES.items() if "profiles" not in s]  # what a plain `docker compose up` starts
     assert sorted(default) == ["camera", "ray-head", "ray-worker", "redis", "rtsp"]
     gpu = SERVICES["ray-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
+    assert gpu["capabilities"] == ["gpu", "compute", "utility", "video"] and gpu["count"] == 1  # video: NVDEC
     assert "--num-gpus=1" in words("ray-worker-gpu")
 
 

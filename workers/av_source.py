@@ -363,8 +363,12 @@ class AVSource(Source):
 
             # Any failure falls through to the plain open below, which classifies the URL's own problems (a
             # bad URL is thus tried twice; only cameras with hwaccel set pay that).
+            # CUDA: the device's primary context, shared by the process's decoders (and torch), where FFmpeg made
+            # a context of its own per decoder, hundreds of MB of GPU memory each
+            device_options = {"primary_ctx": "1"} if self.hwaccel == "cuda" else None
             try:
-                container = av.open(target, hwaccel=HWAccel(self.hwaccel, allow_software_fallback=True), **common)
+                container = av.open(target, hwaccel=HWAccel(self.hwaccel, allow_software_fallback=True,
+                                                            options=device_options), **common)
             except OSError as e:
                 if e.errno == errno.EPERM:  # FFmpeg could not create the device (no GPU, no driver)
                     log.warning("%s: hardware decoding with %s is unavailable (%s); decoding on the CPU",

@@ -169,14 +169,15 @@ class ExportedSession:
 
 
 def gpu_providers(export: Path, device_id: int, input_name: str = "images", input_size: Sequence[int] | None = None,
-                  max_batch: int | None = None) -> list[tuple[str, dict]]:
+                  max_batch: int | None = None, fp16: bool = False) -> list[tuple[str, dict]]:
     """ONNX Runtime's TensorRT and CUDA providers for ``export``, best first. TensorRT builds an engine (minutes):
     kept on disk in the export's own compiled folder, so only the first start on a machine pays it, and the
     cache's pruning removes them with their export (a folder shared by every export grew for ever). Given the
     input's (H, W) and ``max_batch``, one engine covers batches 1 to ``max_batch`` (tuned for full ones, the
     load where speed counts): without a profile the provider built another each time a batch outgrew the sizes
-    it had seen, up to 7 builds in the middle of serving as a load grew 1 -> 64. Not run here (no GPU lent to
-    this project)."""
+    it had seen, up to 7 builds in the middle of serving as a load grew 1 -> 64. ``fp16``: TensorRT's engines in
+    fp16 (benchmarks/gpu_check.py's; the CUDA provider has no such option and stays fp32). Not run here (no GPU
+    lent to this project)."""
     folder = compiled_cache(export)
     engines = folder / "tensorrt" if folder is not None else None
     if engines is not None:
@@ -190,7 +191,8 @@ def gpu_providers(export: Path, device_id: int, input_name: str = "images", inpu
         profile = {"trt_profile_min_shapes": f"{input_name}:1x{shape}",
                    "trt_profile_opt_shapes": f"{input_name}:{max_batch}x{shape}",
                    "trt_profile_max_shapes": f"{input_name}:{max_batch}x{shape}"}
-    return [("TensorrtExecutionProvider", {"device_id": device_id, **cache, **profile}),
+    trt = {"device_id": device_id, **cache, **profile, **({"trt_fp16_enable": True} if fp16 else {})}
+    return [("TensorrtExecutionProvider", trt),
             ("CUDAExecutionProvider", {"device_id": device_id})]
 
 
@@ -423,6 +425,11 @@ class ModelRunner:
         # OpenVINO and int8: 'auto' is the CPU, also on a machine with a GPU (as the config's check reads it)
         self.device = pick_device("cpu" if device == "auto" and runs_on_cpu_only(backend, precision) else device)
         self.autocast = pick_autocast(precision, self.device)
+        if self.device.type == "cuda" and self.autocast is None:
+            # fp32 asked for: cuDNN runs fp32 convolutions in TF32 (10-bit mantissa) on Ampere and later by default,
+            # so "fp32" was not fp32. Process-wide, turned off and never back on: fp16/bf16 runs barely use it.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.backend = pick_backend(backend, self.device, self.autocast, compile, self.model, precision)
         self.session: ExportedSession | None = None
