@@ -23,6 +23,7 @@ from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.placement import Node, ReplicaAssigner, inference_options
 from workers.settings import CameraConfig
+from test_cluster_edges14 import _get, _wait  # stand-ins for ray.get / ray.wait on Ref-like answers
 
 HEAD, A, B = "h" * 56, "a" * 56, "b" * 56
 SCALING = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
@@ -57,17 +58,6 @@ class Actor:
                     raise ray.exceptions.RayError(f"ActorUnavailableError: The actor {name} is unavailable: "
                                                   "The actor is restarting..")
         return Ref(self, answer)
-
-
-def _wait(refs, num_returns=1, timeout=None):
-    refs = list(refs)
-    return [r for r in refs if r.ready()], [r for r in refs if not r.ready()]
-
-
-def _get(ref, timeout=None):
-    if not ref.ready():
-        raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
-    return ref.answer()
 
 
 @pytest.fixture
