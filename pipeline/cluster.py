@@ -125,11 +125,12 @@ def unguarded_ray() -> str | None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[list[BaseException]]:
-    """``_int_term_held`` with SIGHUP (and SIGQUIT) blocked in this thread meanwhile: the processes ray.init starts here (a local
-    Ray's GCS, raylet and agents, in this process group) inherit the mask, so a terminal's hang-up, sent to the
-    whole group, leaves them running under a controller that drains on it (pipeline/run_commands.py: Signals); with
-    SIGHUP's default action they died under it, and a hang-up during the start hung it 60 s on a dead GCS. A SIGHUP
-    meanwhile comes once the mask is back, or sooner through another thread (held, as SIGINT's and SIGTERM's)."""
+    """``_int_term_held`` with SIGHUP (and SIGQUIT) blocked in this thread meanwhile: the processes ray.init starts
+    here (a local Ray's GCS, raylet and agents, in this process group) inherit the mask, so a terminal's hang-up,
+    sent to the whole group, leaves them running under a controller that drains on it (pipeline/run_commands.py:
+    Signals); with SIGHUP's default action they died under it, and a hang-up during the start hung it 60 s on a dead
+    GCS. A SIGHUP meanwhile comes once the mask is back, or sooner through another thread (held, as SIGINT's and
+    SIGTERM's)."""
     main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
     # SIGQUIT alike: Ctrl-\ at a terminal goes to the whole group too, and the controller drains on it (Signals)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGQUIT}) if main else None
