@@ -161,15 +161,19 @@ class HeadWatch:
 
     def check(self) -> None:
         """One round of the thread: a question (``max(1, poll_s)`` s timeout) and, once ``head_lost`` says the
-        silence is long enough, one more with HEAD_CONFIRM_S: a head alive but slow (busy, a GCS restarting with
+        silence is long enough, one more with HEAD_CONFIRM_S (at most a tenth of Ray's limit): a head alive but slow (busy, a GCS restarting with
         fault tolerance) answers that one, and the silence starts again at its next failure."""
-        answered = self._answers(max(1.0, self.poll_s))
+        timeout = max(1.0, self.poll_s)
+        answered = self._answers(timeout)
         if answered is False:
             now = self.clock()
+            confirm = min(HEAD_CONFIRM_S, 0.1 * self.limit_s)
             if self.silent_since is None:
                 self.silent_since = now
-            elif head_lost(self.silent_since, now, self.limit_s):
-                answered = self._answers(HEAD_CONFIRM_S)
+            # Asked early enough that the confirmation, and the question that first failed, fit in head_lost_after_s:
+            # on top of it they took the stop's margin (HEAD_STOP_S) down to 27.5 s of 60, and past Ray's limit at 10
+            elif head_lost(self.silent_since, now + confirm + timeout, self.limit_s):
+                answered = self._answers(confirm)
                 if answered is False:
                     self.lost_for = self.clock() - self.silent_since
         if answered:
@@ -804,15 +808,18 @@ class App(LiveControl):
             except Exception:
                 log.warning("camera %s: could not let its process go", handle.id, exc_info=True)
 
-    def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
-        """A camera no longer run (removed, or joined and never fully started): its process forgets it
-        (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
+    def _shares_process(self, handle: CameraHandle) -> bool:
+        """Whether ``handle``'s process hosts another camera of the service's (``_let_go`` then lets it live)."""
         with self._lock:  # a camera joining the process while this one goes counts too (see _joining), and one
             # whose removal still drains there (no final stats yet): killing the process cut that drain short
             others = [*self.cameras.items(), *self._joins.items(),  # _joins: id -> a host's handle
                       *((cid, h) for cid, h in self._leaving.items() if h.final is None)]
-            shared = any(h.process is handle.process and cid != handle.id for cid, h in others)
-        if shared:
+            return any(h.process is handle.process and cid != handle.id for cid, h in others)
+
+    def _let_go(self, handle: CameraHandle, stop: bool = False) -> bool:
+        """A camera no longer run (removed, or joined and never fully started): its process forgets it
+        (stopping it first when ``stop``) or, hosting no other camera of the service's, is killed (True)."""
+        if self._shares_process(handle):
             if stop:
                 try:
                     ray.get(handle.process.stop.remote(handle.id, drain=False), timeout=10)

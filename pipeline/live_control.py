@@ -247,7 +247,9 @@ class LiveControl:
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):
-                if last is not None and gone:  # as a leftover's (_remove_leftover): queued before the status's removal
+                # as a leftover's (_remove_leftover): queued before the status's removal. Alive, a process that
+                # hosts no other camera is killed below (_let_go), cutting short the drain that would end them
+                if last is not None and (gone or not self._shares_process(handle)):
                     if ended := self._end_left_open(camera_id, last):
                         log.info("camera %s: the %d track(s) its last status named open ended (its run did not "
                                  "drain)", camera_id, len(ended))
