@@ -236,24 +236,31 @@ def test_the_lease_is_renewed_while_the_start_watches_heartbeats_longer_than_its
     """The renewals began only after the heartbeat watch (up to 10 s, after a kill -9 of a version that takes no
     lease), past the 6 s TTL: the lease expired under the start, and a second service took it and ran too."""
     client = redis_server.client()
-    stop = threading.Event()
+    seen_moving = threading.Event()  # the start's first watch saw the heartbeat move: the older run "is killed" then
 
-    def killed_older_run() -> None:  # its processes beat a moment more, then end
-        until = time.monotonic() + 1.0
-        while not stop.is_set() and time.monotonic() < until:
+    def killed_older_run() -> None:  # its processes beat until the start has seen them beat, then end
+        while not seen_moving.is_set():
             client.hset("tw:cameras", "cam-t", json.dumps({"state": "running", "heartbeat_ts": time.time(),
                                                            "instance": "older0000002"}))
-            stop.wait(0.2)
+            seen_moving.wait(0.2)
 
     beating = threading.Thread(target=killed_older_run, daemon=True)
     beating.start()
-    starting = app(redis_server.url)
+    deadline = time.monotonic() + 30
+    while client.hget("tw:cameras", "cam-t") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def said(line: str) -> None:
+        if "still beat in Redis" in line:
+            seen_moving.set()
+
+    starting = App(parse_config({"redis": {"url": redis_server.url, "prefix": "tw"}, "cameras": CAMERAS}), say=said)
     try:
         with released(starting):
             began = time.monotonic()
             assert starting.resolve_redis() == redis_server.url  # passes: its heartbeats stopped
-            assert time.monotonic() - began > LEASE_TTL_S  # the watch outlasted the lease's TTL
+            assert seen_moving.is_set() and time.monotonic() - began > LEASE_TTL_S  # the watch outlasted the TTL
             assert holder_of(client) == starting.instance  # still this run's: renewed meanwhile
     finally:
-        stop.set()
+        seen_moving.set()
         beating.join(5)
