@@ -297,7 +297,7 @@ def test_openvino_settings_it_cannot_run_are_refused_naming_the_field(capsys):
         parse_config({"model": {"backend": "onnxruntime", "precision": "int8"}, "cameras": cameras})
     assert cli_main(["eval", "--backend", "torch", "--precision", "int8", "--no-progress"]) == 2
     assert ("--backend torch --precision int8: precision int8 runs on backend openvino on the CPU, not on backend "
-            "torch with device cpu") in capsys.readouterr().err
+            "torch with device auto") in capsys.readouterr().err  # eval's --backend path runs as the service: auto
     with pytest.raises(ValueError, match="precision int8 runs on backend openvino on the CPU, not on backend torch"):
         pick_backend("torch", torch.device("cpu"), None, False, one_head_model(), "int8")
     with pytest.raises(ValueError, match="precision int8 runs on backend openvino on the CPU, not on backend auto "
