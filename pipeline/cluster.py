@@ -199,7 +199,16 @@ def _exit_if_ray_killed(held: list[BaseException], poll_s: float = 0.1) -> Itera
     unit) would leave them to its final SIGKILL."""
     done = threading.Event()
     known = {child.pid for child in psutil.Process().children()}  # an earlier Ray's, stopped: not this start's
-    watch = threading.Thread(target=_watch_ray_start, args=(held, done, known, poll_s), name="hv-ray-start",
+    # The signal as it arrives, not when its Python handler runs: that waits until ray.init is back in Python code,
+    # and while it waits in Ray's C++ code (for the GCS) the handler, so ``held``, came only with its return (35 s)
+    notice, tell = os.pipe()
+    os.set_blocking(notice, False)
+    os.set_blocking(tell, False)
+    try:
+        before = signal.set_wakeup_fd(tell, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: no handler of ours runs here anyway
+        before = None
+    watch = threading.Thread(target=_watch_ray_start, args=(held, done, known, poll_s, notice), name="hv-ray-start",
                              daemon=True)
     watch.start()
     try:
@@ -207,20 +216,31 @@ def _exit_if_ray_killed(held: list[BaseException], poll_s: float = 0.1) -> Itera
     finally:
         done.set()
         watch.join()
+        if before is not None:
+            signal.set_wakeup_fd(before)
+        os.close(notice)
+        os.close(tell)
 
 
-def _watch_ray_start(held: list[BaseException], done: threading.Event, known: set[int], poll_s: float) -> None:
+def _watch_ray_start(held: list[BaseException], done: threading.Event, known: set[int], poll_s: float,
+                     notice: int | None = None) -> None:
     """``_exit_if_ray_killed``'s thread: finds the GCS and the raylet among this process's new children (not in
-    ``known``) and exits once a signal is held and one of them has ended."""
+    ``known``) and exits once a signal came (held by its handler, or told through ``notice``, the signal wakeup
+    fd's reading end: SIGINT or SIGTERM) and one of them has ended."""
     me, core = psutil.Process(), {}  # process -> its name
+    signalled = False
     while not done.wait(poll_s):
+        if notice is not None and not signalled:
+            with contextlib.suppress(BlockingIOError):
+                signalled = bool({signal.SIGINT, signal.SIGTERM} & set(os.read(notice, 64)))
         try:
             for child in me.children():  # named again at each poll: one just forked is "python" until its exec
                 if child.pid not in known and child not in core and (name := child.name()) in RAY_CORE_PROCESSES:
                     core[child] = name
         except psutil.Error:  # one ended meanwhile: the others are looked at at the next poll
             pass
-        if held and (ended := next((n for c, n in core.items() if _ended(c)), None)) and not done.is_set():
+        if (held or signalled) and (ended := next((n for c, n in core.items() if _ended(c)), None)) \
+                and not done.is_set():
             log.error("interrupted: the signal reached Ray's %s too (sent to the whole process group: `kill -- "
                       "-PGID`, `timeout`, a service manager's stop), and Ray's start could only end in its 60 s wait "
                       "for the GCS: exiting at once; the run's reaper ends what it had started", ended,
