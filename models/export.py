@@ -230,8 +230,11 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
     with file_lock(path.with_name(f"{key}.lock" if key else path.name + ".lock"), remove=True):
         if why and path.is_file() and file_identity(path) == found:  # not replaced by another process meanwhile
             log.warning("%s in the model cache is damaged or stale (%s): removed, making it again", path.name, why)
-            shutil.rmtree(path.with_name(path.name + COMPILED_SUFFIX), ignore_errors=True)  # compiled from it
-            path.unlink()
+            # with what was made from it: its int8 copies (models/quantize.py:int8_path), kept, were another model's
+            # graph run beside the new export ("Output for tensor name ... is not found"), and their compiled forms
+            for gone in [path, *path.parent.glob(f"{glob.escape(path.stem)}-int8-*.onnx")]:
+                shutil.rmtree(gone.with_name(gone.name + COMPILED_SUFFIX), ignore_errors=True)
+                gone.unlink(missing_ok=True)
         path = (made_for(path.parent, key) if key else None) or path  # made meanwhile, under another name?
         if not path.is_file():
             # what makers killed half-way left (nobody else writes there: we hold its lock)
@@ -249,10 +252,10 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
 
 
 def damaged(path: Path) -> str | None:
-    """Why the ONNX file ``path`` is not whole (cut short, empty, not an ONNX model), or not the export its cache
-    name says (its ``FINGERPRINT`` is another key than the name's: another checkpoint's export copied over it),
-    or None. Its top-level protobuf fields only, skipped by their lengths: a few reads whatever the file's size.
-    By hand: importing the onnx package to check it cost every start 1.1-1.6 s."""
+    """Why the ONNX file ``path`` is not whole (cut short, empty, not an ONNX model), or not the export (or int8
+    copy) its cache name says (its ``FINGERPRINT`` is another key than the name's: another checkpoint's export
+    copied over it), or None. Its top-level protobuf fields only, skipped by their lengths: a few reads whatever
+    the file's size. By hand: importing the onnx package to check it cost every start 1.1-1.6 s."""
     seen = set()
     metadata: dict[str, str] = {}
     try:
@@ -285,7 +288,8 @@ def damaged(path: Path) -> str | None:
     missing = [name for field, name in needed.items() if field not in seen]
     if missing:
         return f"not an ONNX model: no {', '.join(missing)} ({size} bytes)"
-    named = re.fullmatch(r".*-([0-9a-f]{16})\.onnx", path.name)  # a cache name (cache_path), not an int8 copy's
+    # a cache name (cache_path) or its int8 copy's (models/quantize.py:int8_path; the quantizer keeps the metadata)
+    named = re.fullmatch(r".*-([0-9a-f]{16})(-int8-v[0-9]+-[0-9]+)?\.onnx", path.name)
     made_from = metadata.get(FINGERPRINT)
     if named and made_from and made_from != named[1]:
         return f"exported from other weights: its fingerprint is {made_from}, its name's {named[1]}"
@@ -299,6 +303,20 @@ def _read_entry(data: bytes, into: dict[str, str]) -> None:
     if isinstance(fields.get(1), bytes) and isinstance(fields.get(2), bytes):
         with contextlib.suppress(UnicodeDecodeError):
             into[fields[1].decode()] = fields[2].decode()
+
+
+def fingerprint(path: Path) -> str | None:
+    """The ONNX file's ``FINGERPRINT`` (the ``cache_key`` it was exported for), or None: none (exported before
+    fingerprints, or by hand) or not readable."""
+    metadata: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            for field, kind, length in _fields(f, os.fstat(f.fileno()).st_size):
+                if field == 14 and kind == 2 and length <= 4096:  # metadata_props, as ``damaged`` reads them
+                    _read_entry(f.read(length), metadata)
+    except (OSError, EOFError):
+        return None
+    return metadata.get(FINGERPRINT)
 
 
 def _message_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models.export import cached, damaged
+from models.export import cached, damaged, unlike
 from models.files import written_aside
 from models.hydranet import ConfigError, HydraNet
 
@@ -35,8 +35,10 @@ def int8_path(export: Path) -> Path:
 
 def cached_int8(model: HydraNet, export: Path, history: list[dict[str, Any]]) -> Path:
     """The quantized copy of ``export`` (the model's cached ONNX export), made once (seconds) and cached."""
+    # a damaged copy is made again, and as the export one of another model (a cache copied or restored from
+    # elsewhere): its fingerprint, kept from the export it was quantized from (damaged), or its inputs and outputs
     return cached(int8_path(export), lambda path: quantize(export, path, calibration_frames(model, history)),
-                  f"quantizing {export.name} to int8", check=damaged)  # a damaged copy is made again
+                  f"quantizing {export.name} to int8", check=lambda path: damaged(path) or unlike(path, model))
 
 
 def check_sources(checkpoint: str | Path, history: list[dict[str, Any]]) -> None:

@@ -337,14 +337,21 @@ def _cannot_write(where: str, e: OSError) -> UserError:
 
 @_user_input_errors()
 def export(args: argparse.Namespace) -> str:
-    from models.export import (cache_path, cached_export, check_exportable, damaged, export_onnx,  # seconds of imports
-                               mark_used, output_names)
+    from models.export import (cache_key, cache_path, cached_export, check_exportable, damaged,  # seconds of imports
+                               export_onnx, fingerprint, mark_used, output_names)
 
     path = args.checkpoint or DEMO_CHECKPOINT
-    # no model to load; a cached file cut short (a full disk, a kill) is made again, as the service's start does
-    if not args.out and Path(path).is_file() and (cached := cache_path(path)).is_file() and not damaged(cached):
-        mark_used(cached)
-        return f"{cached} is up to date (exported before for this checkpoint, torch version and exporter)"
+    up_to_date = "is up to date (exported before for this checkpoint, torch version and exporter)"
+    whole = False  # the cached file was there and whole before the model was loaded
+    if not args.out and Path(path).is_file():
+        key = cache_key(path)
+        cached = cache_path(path, key=key)
+        whole = cached.is_file() and not damaged(cached)
+        # no model to load only where its fingerprint is this checkpoint's key: one without (every export made before
+        # fingerprints) can be another model's, judged against the loaded model (cached_export) as a start does
+        if whole and fingerprint(cached) == key:
+            mark_used(cached)
+            return f"{cached} {up_to_date}"
     if args.out:
         _check_out(args.out, path, "the checkpoint", "the ONNX file", ".onnx")
     t0 = time.time()
@@ -360,8 +367,9 @@ def export(args: argparse.Namespace) -> str:
     except OSError as e:
         raise _cannot_write(f"--out {args.out}" if args.out else f"the export cache {cache_path(path).parent}",
                             e) from e
-    if not args.out and not made:  # another export of the same checkpoint made it while this one waited for it
-        return f"{out} is up to date (exported meanwhile by another process for this checkpoint)"
+    if not args.out and not made:  # this checkpoint's without a fingerprint, or made meanwhile by another export
+        return f"{out} {up_to_date}" if whole else \
+            f"{out} is up to date (exported meanwhile by another process for this checkpoint)"
     return (f"wrote {out} in {time.time() - t0:.1f} s: input 'images' uint8 (batch, 3, "
             f"{model.config.input_size[0]}, {model.config.input_size[1]}); outputs {', '.join(output_names(model))}")
 
