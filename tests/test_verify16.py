@@ -57,3 +57,40 @@ def test_a_second_signal_s_exit_is_an_exit_record_in_json_mode(tmp_path):
     last = json_lines(done.stdout)[-1]
     assert last["msg"].startswith("A second signal: exiting at once (exit 143)"), last
     assert (last["level"], last.get("event"), last.get("exit_code")) == ("error", "exit", 143), last
+
+
+def test_redis_back_but_full_after_a_lost_connection_is_a_reconnect(caplog):
+    """Review: a refusal kept the publisher 'connected' (out of memory it answers PINGs), so Redis killed, then back
+    full, then freed, counted no reconnect and said none, where the connection really had been lost."""
+    import logging
+    import time
+
+    from pipeline.testbed import RedisServer
+    from servers import require_binary
+    from test_publish import FAST, det
+    from workers.publish import Publisher
+
+    require_binary("redis-server")
+    server = RedisServer(extra_args=["--maxmemory", "1", "--maxmemory-policy", "noeviction"])  # full at each start
+    server.start()
+    try:
+        server.client().config_set("maxmemory", "0")
+        with caplog.at_level(logging.WARNING, logger="workers.publish"), \
+                Publisher(server.url, name="cam-a", **FAST) as pub:
+            pub.publish_detections(det(frame=0))
+            assert pub.flush(10)
+            server.kill()
+            pub.publish_detections(det(frame=1))
+            deadline = time.monotonic() + 30
+            while pub.stats()["retries"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            server.start()  # back, and full: it answers, and refuses writes
+            retries = pub.stats()["retries"]
+            while pub.stats()["retries"] < retries + 2 and time.monotonic() < deadline:  # refused since
+                time.sleep(0.05)
+            server.client().config_set("maxmemory", "0")
+            assert pub.flush(10)
+            assert pub.stats()["reconnects"] == 1, pub.stats()
+        assert caplog.text.count("publisher cam-a reconnected to Redis") == 1, caplog.text
+    finally:
+        server.kill()

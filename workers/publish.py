@@ -859,9 +859,14 @@ class Publisher:
                 self._status_done = max(self._status_done, round_.status_gen)
             self._stats["retries"] += 1
             # Redis answered with a refusal (out of memory, MISCONF): still connected, so no PING is due and no
-            # "reconnected" follows; a read-only replica's connection is cut (WriterThread._send)
-            self._connected = (isinstance(exc, redis.exceptions.ResponseError)
-                               and not isinstance(exc, redis.exceptions.ReadOnlyError))
+            # "reconnected" follows; a read-only replica's connection is cut (WriterThread._send). An answer after a
+            # lost connection, a refusal too (Redis back, and full), is its reconnect: counted and said once.
+            answered = (isinstance(exc, redis.exceptions.ResponseError)
+                        and not isinstance(exc, redis.exceptions.ReadOnlyError))
+            if answered and not self._connected and self._stats["retries"] > 1:  # a failure before this one
+                self._stats["reconnects"] += 1
+                log.warning("publisher %s reconnected to Redis", self.name)
+            self._connected = answered
             self._last_error = text
             first = self._episode is None
             if first:
