@@ -60,6 +60,29 @@ def resolve_together(apps: list[App]) -> list[str | Exception]:
 
 
 @contextlib.contextmanager
+def beating_older_run(client: redis.Redis, until: threading.Event):
+    """A service of a version that takes no lease: camera cam-t's status beats every 0.2 s until ``until`` is set
+    (or the block ends); entered once its first beat is in Redis."""
+    def beat() -> None:
+        while not until.is_set():
+            with contextlib.suppress(redis.RedisError):
+                client.hset("tw:cameras", "cam-t", json.dumps({"state": "running", "heartbeat_ts": time.time(),
+                                                               "instance": "older0000001"}))
+            until.wait(0.2)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    deadline = time.monotonic() + 30
+    while client.hget("tw:cameras", "cam-t") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        until.set()
+        beating.join(5)
+
+
+@contextlib.contextmanager
 def released(*apps: App):
     try:
         yield
@@ -185,29 +208,11 @@ def test_redis_not_reachable_at_the_start_the_lease_is_taken_once_it_answers():
 def test_a_twin_of_a_version_without_the_lease_is_not_told_it_was_killed_a_moment_ago(redis_server):
     """Heartbeats still moving after the first watch: the line said a run killed a moment ago was ending, to a
     live twin too; it cannot tell them apart yet, and says so."""
-    client = redis_server.client()
-    stop = threading.Event()
-
-    def older_twin() -> None:  # beats every 0.2 s and takes no lease
-        while not stop.is_set():
-            with contextlib.suppress(redis.RedisError):
-                client.hset("tw:cameras", "cam-t", json.dumps({"state": "running", "heartbeat_ts": time.time(),
-                                                               "instance": "older0000001"}))
-            stop.wait(0.2)
-
-    beating = threading.Thread(target=older_twin, daemon=True)
-    beating.start()
-    deadline = time.monotonic() + 30
-    while client.hget("tw:cameras", "cam-t") is None and time.monotonic() < deadline:
-        time.sleep(0.05)
     said: list[str] = []
     twin = app(redis_server.url, said=said)
-    try:
+    with beating_older_run(redis_server.client(), threading.Event()):  # beats throughout, takes no lease
         with pytest.raises(UserError, match=r"camera\(s\) cam-t run in another hydravision service"):
             twin.refuse_a_twin(redis_server.url, watch_s=1.5, settle_s=0.5)
-    finally:
-        stop.set()
-        beating.join(5)
     line = next(line for line in said if "still beat in Redis" in line)
     assert "to tell another service that runs them (this start is then refused) from a run killed a moment ago" in line
     assert "for the processes of a run killed a moment ago to end" not in line
@@ -238,29 +243,14 @@ def test_the_lease_is_renewed_while_the_start_watches_heartbeats_longer_than_its
     client = redis_server.client()
     seen_moving = threading.Event()  # the start's first watch saw the heartbeat move: the older run "is killed" then
 
-    def killed_older_run() -> None:  # its processes beat until the start has seen them beat, then end
-        while not seen_moving.is_set():
-            client.hset("tw:cameras", "cam-t", json.dumps({"state": "running", "heartbeat_ts": time.time(),
-                                                           "instance": "older0000002"}))
-            seen_moving.wait(0.2)
-
-    beating = threading.Thread(target=killed_older_run, daemon=True)
-    beating.start()
-    deadline = time.monotonic() + 30
-    while client.hget("tw:cameras", "cam-t") is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-
     def said(line: str) -> None:
         if "still beat in Redis" in line:
             seen_moving.set()
 
     starting = App(parse_config({"redis": {"url": redis_server.url, "prefix": "tw"}, "cameras": CAMERAS}), say=said)
-    try:
-        with released(starting):
-            began = time.monotonic()
-            assert starting.resolve_redis() == redis_server.url  # passes: its heartbeats stopped
-            assert seen_moving.is_set() and time.monotonic() - began > LEASE_TTL_S  # the watch outlasted the TTL
-            assert holder_of(client) == starting.instance  # still this run's: renewed meanwhile
-    finally:
-        seen_moving.set()
-        beating.join(5)
+    # its processes beat until the start has seen them beat, then end
+    with beating_older_run(client, seen_moving), released(starting):
+        began = time.monotonic()
+        assert starting.resolve_redis() == redis_server.url  # passes: its heartbeats stopped
+        assert seen_moving.is_set() and time.monotonic() - began > LEASE_TTL_S  # the watch outlasted the TTL
+        assert holder_of(client) == starting.instance  # still this run's: renewed meanwhile
