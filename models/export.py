@@ -257,7 +257,6 @@ def damaged(path: Path) -> str | None:
     copied over it), or None. Its top-level protobuf fields only, skipped by their lengths: a few reads whatever
     the file's size. By hand: importing the onnx package to check it cost every start 1.1-1.6 s."""
     seen = set()
-    metadata: dict[str, str] = {}
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -268,11 +267,6 @@ def damaged(path: Path) -> str | None:
                     return f"not an ONNX model (field 0 at byte {f.tell()})"
                 if kind == 0:
                     _varint(f)
-                elif field == 14 and kind == 2:  # a metadata_props entry: a few bytes, read
-                    length, start = _varint(f), f.tell()
-                    if length <= 4096:
-                        _read_entry(f.read(length), metadata)
-                    f.seek(start + length)  # past the end where the file is cut short: said below
                 elif kind in (1, 2, 5):
                     f.seek({1: 8, 5: 4}.get(kind) or _varint(f), os.SEEK_CUR)
                 else:
@@ -290,7 +284,7 @@ def damaged(path: Path) -> str | None:
         return f"not an ONNX model: no {', '.join(missing)} ({size} bytes)"
     # a cache name (cache_path) or its int8 copy's (models/quantize.py:int8_path; the quantizer keeps the metadata)
     named = re.fullmatch(r".*-([0-9a-f]{16})(-int8-v[0-9]+-[0-9]+)?\.onnx", path.name)
-    made_from = metadata.get(FINGERPRINT)
+    made_from = fingerprint(path) if named else None  # whole now: its few top-level fields read again
     if named and made_from and made_from != named[1]:
         return f"exported from other weights: its fingerprint is {made_from}, its name's {named[1]}"
     return None
