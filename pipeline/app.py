@@ -114,7 +114,6 @@ class HeadWatch:
     def __init__(self, ask: Callable[[float], Any], limit_s: float, poll_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ask, self.limit_s, self.poll_s, self.clock = ask, limit_s, poll_s, clock
-        self.answered_at = clock()
         self.silent_since: float | None = None  # the first unanswered question after the last answer
         self.lost_for: float | None = None  # the silence once confirmed (check)
         self._odd = False  # an error that is no silence, logged once
@@ -177,7 +176,7 @@ class HeadWatch:
                 if answered is False:
                     self.lost_for = self.clock() - self.silent_since
         if answered:
-            self.answered_at, self.silent_since = self.clock(), None
+            self.silent_since = None
 
     def lost(self) -> float | None:
         """Seconds the GCS has not answered, once ``check`` confirmed it lost; None until then."""
