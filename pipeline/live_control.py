@@ -244,12 +244,16 @@ class LiveControl:
             with self._lock:  # a row of its own: the same id added again is another camera's run, not this one's
                 self.removed.append({**row, "state": "removed", "restarts": handle.restarts,
                                      "removed_at": round(time.time(), 3)})
+            # Killed (hosting no other camera) or let live, decided once: a second look after the first could differ
+            # (two cameras of one hung process removed together: each saw the other, then one killed it) and no one
+            # ended the first's tracks. Killed by a neighbour's removal while it forgot this one: as killed here.
+            killed = self._let_go(handle) or self._was_killed(handle)
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):
-                # as a leftover's (_remove_leftover): queued before the status's removal. Alive, a process that
-                # hosts no other camera is killed below (_let_go), cutting short the drain that would end them
-                if last is not None and (gone or not self._shares_process(handle)):
+                # as a leftover's (_remove_leftover): queued before the status's removal. Alive, its process drains
+                # it and ends them; killed, that drain was cut short
+                if last is not None and (gone or killed):
                     if ended := self._end_left_open(camera_id, last):
                         log.info("camera %s: the %d track(s) its last status named open ended (its run did not "
                                  "drain)", camera_id, len(ended))
@@ -257,7 +261,7 @@ class LiveControl:
             else:
                 with self._lock:
                     self._unretired[camera_id] = final.get("track_ids_next")
-            if self._let_go(handle):
+            if killed:
                 self._wait_gone(handle)
             # before it leaves ``_leaving``: a shutdown waiting for it closes the events' Publisher next (the event,
             # sent after, was dropped)
@@ -511,6 +515,11 @@ class LiveControl:
                             "service runs): %s", camera_id, redact_text(str(e), [self.redis_settings.url]))
             return False
         return True
+
+    def _was_killed(self, handle: Any) -> bool:
+        """Whether the service killed the camera's process (``App._killing`` noted its name)."""
+        with self._lock:
+            return handle.name in self._killed_names
 
     def _awaiting_restart(self, handle: Any) -> bool:
         """Whether Ray re-created the camera's process and the control loop has not started the camera again."""
