@@ -118,6 +118,10 @@ def _removed_when(s: dict) -> str:
         return ""
 
 
+# the column folds: cut at 120 (after a URL of 50), an error lost what to do about it ("put it in the config file")
+ERROR_CELL_CHARS = 400
+
+
 def status_table(stats: list[dict], title: str = "hydravision", final: bool = False) -> Table:
     """``final``: the stats of a stop (the run's last table), whose rates are those of its last seconds."""
     table = Table(title=title, title_justify="left", expand=False)
@@ -140,7 +144,7 @@ def status_table(stats: list[dict], title: str = "hydravision", final: bool = Fa
             _cell(_count(s.get("published", 0)) + skipped),
             _cell(_drops(s.get("dropped"))), _cell(_count(_rate_skips(s.get("dropped")))),
             _cell(_count(s.get("reconnects", 0))),
-            _cell(_heads(s.get("heads"))), _cell(_error(s)[:120]),
+            _cell(_heads(s.get("heads"))), _cell(_short(_error(s), ERROR_CELL_CHARS)),
         )
     return table
 
