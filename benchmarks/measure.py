@@ -68,14 +68,14 @@ def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 
 
 
 def ray_processes() -> list[psutil.Process]:
-    """This machine's Ray processes (raylet, GCS, workers) plus this process."""
+    """The Ray processes this process started (raylet, GCS, workers: its descendants) plus this process. Not the
+    machine's: another session's `hydravision run` beside a benchmark had its CPU counted as the benchmark's."""
     procs = [psutil.Process()]
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in procs[0].children(recursive=True):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            name = p.info["name"] or ""
-            if p.pid != os.getpid() and ("ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server")
-                                         or "ray/_private" in cmd or "ray/dashboard" in cmd):
+            cmd, name = " ".join(p.cmdline()), p.name()
+            if "ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server") \
+                    or "ray/_private" in cmd or "ray/dashboard" in cmd:
                 procs.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

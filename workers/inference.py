@@ -137,6 +137,13 @@ class Batcher(Generic[T, R]):
         """``item``'s result. ``timeout_s``: how long the caller waits, from now; after that the request
         is dropped unless its batch has already started. ``max_wait_s``: the longest this request may wait
         for its batch to fill (capped by ``max_wait_ms``). Raises InferenceOverloaded / InferenceExpired."""
+        return await self.enqueue(item, camera, timeout_s, max_wait_s)
+
+    def enqueue(self, item: T, camera: str = "", timeout_s: float | None = None,
+                max_wait_s: float | None = None) -> asyncio.Future:
+        """``submit`` without a coroutine: queues ``item`` now and returns the future of its result (cancel it to
+        withdraw the request). What a camera's frames go through (InferenceService._submit_each): a coroutine
+        per frame put into ``asyncio.gather`` cost a Task, its steps and its callbacks per frame."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -157,7 +164,7 @@ class Batcher(Generic[T, R]):
         self.depth_max = max(self.depth_max, self.depth)
         assert self._wake is not None
         self._wake.set()
-        return await p.future
+        return p.future
 
     def stats(self) -> dict:
         """Counters for metrics: requests shed (queue full), expired (caller's timeout passed while waiting),
@@ -426,7 +433,7 @@ class InferenceService:
     def _submit_each(self, images: list[np.ndarray], heads: list[str] | None, camera: str, timeout_s: float | None,
                      max_wait_s: float | None) -> Awaitable[list]:
         """Each image its own request to the batcher; their results or exceptions, in order."""
-        return asyncio.gather(*(self.batcher.submit((image, heads), camera, timeout_s, max_wait_s)
+        return asyncio.gather(*(self.batcher.enqueue((image, heads), camera, timeout_s, max_wait_s)
                                 for image in images), return_exceptions=True)
 
     def info(self) -> dict:
