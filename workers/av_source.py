@@ -135,6 +135,7 @@ def shown_size(height: int, width: int, sar: Fraction) -> tuple[int, int]:
 FETCHING_FORMATS = frozenset({"hls", "dash", "imf", "concat", "sdp", "rtp", "rtsp", "sap", "lavfi"})
 # How an http(s) reply that is one of them starts (FFmpeg's probes find them so)
 _FETCHING_MARKS = (b"#extm3u", b"ffconcat", b"<mpd", b"v=0")
+SEGMENTED_FORMATS = frozenset({"hls", "dash"})  # live, they come a segment (seconds of frames) at a time
 
 
 def confined_options() -> dict[str, str]:
@@ -240,6 +241,10 @@ class AVSource(Source):
         self._restart_timestamps()
         self._consecutive_errors = 0
         self._arrival = False  # frames timed as they arrive (see open)
+        self._segmented = False  # an HLS or DASH stream (see open)
+        # A live segmented stream that said its end (an HLS playlist's #EXT-X-ENDLIST): Capture ends the camera
+        # instead of reconnecting (see _at_end)
+        self.finished = False
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
         self._last_video_packet: float | None = None  # monotonic: when the last of them came (read)
         self._opened_at = time.monotonic()  # the first picture's allowance counts from here (read)
@@ -441,7 +446,11 @@ class AVSource(Source):
             # the 25 fps FFmpeg guesses for MJPEG, a 30 fps camera fell further behind every second. A file is not
             # live: its end is the end (Capture), not a dropped connection replayed from the start, an outage a pass.
             self.live = not (container.duration or 0) > 0  # a live FLV says duration 0
-            self._pace = self._realtime and not self.live
+            # A live HLS or DASH stream comes a segment at a time, faster than real time: unpaced, each segment's
+            # frames came at once and the newest-wins slot dropped most of them as "overload" (2.6 of 5 fps analysed,
+            # pts jumping 1-2 s). Paced to its timestamps as a file is; a live socket (MJPEG, FLV) stays unpaced.
+            self._segmented = bool(SEGMENTED_FORMATS & set(container.format.name.split(",")))
+            self._pace = self._realtime and (not self.live or self._segmented)
         # A live stream in a format without timestamps (an IP camera's MJPEG over http, a raw H.264 feed): FFmpeg
         # numbers its frames at a guessed 25 fps, and a 5 fps camera's stream time ran at a fifth of real time (the
         # analysed fps, dwell times and snapshots follow it). Its frames are timed as they arrive, its rate measured.
@@ -578,6 +587,8 @@ class AVSource(Source):
             self._eof = True
             if self._kind == "file":
                 self._end_error = self._broken_file()
+            elif self.live and self._segmented:
+                self.finished = self._playlist_ended()
             return
         try:
             # seek() also flushes the decoder, which the end-of-file flush left draining.
@@ -606,6 +617,21 @@ class AVSource(Source):
             self._index += passes * frames
             clock.last += passes * (clock.last - self._pass_start + clock.period)
         self._pass_start = None
+
+    def _playlist_ended(self) -> bool:
+        """At the end of a live HLS (or DASH) stream: whether its playlist now says it ended (#EXT-X-ENDLIST; it then
+        opens as a file, with a duration) rather than a dropped connection. FFmpeg ends both alike and keeps the
+        playlist to itself: it is opened once more to look (where it does not open, the stream dropped)."""
+        target, fmt, options = self._options()
+        try:
+            probe = self._call(av.open, self.open_timeout_s, target, format=fmt, options=options,
+                               timeout=(self.open_timeout_s, self.read_timeout_s), **_TAGS)
+        except SourceError:
+            return False
+        try:
+            return (probe.duration or 0) > 0
+        finally:
+            probe.close()
 
     def _broken_file(self) -> SourceError | None:
         """At the end of a file: the error that says why it ended early, None for a normal end.

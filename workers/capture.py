@@ -246,8 +246,9 @@ class Capture:
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
         self.generation, position = slot.new_generation(resume_at)
         self.decoded = self.first_index = first_index  # frames read so far (a replacement continues the numbering)
-        # frames to skip after opening a file: those its predecessor already handed over
-        self.resume_at = position if not camera.is_live else 0
+        # frames to skip after opening a file: those its predecessor already handed over. An http(s) URL may be a
+        # file (known at the open, which zeroes this for a live source): from 0, the file played again as new frames.
+        self.resume_at = position if not camera.is_live or camera.url.lower().startswith(("http:", "https:")) else 0
         # The frame number of the file's first frame (frame number - position, for every frame this capture
         # reads): kept in the status, so a restarted actor resumes a file whose URL changed live at its position.
         self.playback_start = first_index - self.resume_at
@@ -334,6 +335,7 @@ class Capture:
             while not self._stop.is_set():
                 source: Source | None = None
                 cam = self.camera
+                position = self.resume_at  # the source's index after the last frame handed over (a file's resume)
                 # Opening is not a stall: the source answers or fails within its open timeout, and its first picture
                 # (a live camera's first keyframe) comes within the read timeout; the watchdog's limit runs after.
                 self.heartbeat = time.monotonic() + cam.open_timeout_s
@@ -363,6 +365,8 @@ class Capture:
                         self.heartbeat = time.monotonic()
                         if frame is None or self._stop.is_set():
                             break
+                        if frame.index < self.resume_at:  # handed over already: by the capture this one replaced,
+                            continue  # or before this file's reconnect. Not progress: no stream_up, the backoff grows
                         if not up or self.down_said:  # down_said: the watchdog said its stall an outage (held)
                             # Up with its first picture, not at the open: a source that opened and failed before one
                             # (an mp4 over http from a server without Range, its index at its end) said stream_up and
@@ -373,8 +377,6 @@ class Capture:
                         # Only a source that gives frames counts as up again: one that opens and hangs up at
                         # once keeps backing off (and does not flood the events with stream_up/down).
                         attempt = 0
-                        if frame.index < self.resume_at:  # handed over by the capture this one replaced
-                            continue
                         self.decoded += 1
                         self.last_frame_wall = time.time()
                         came = time.monotonic() - max(0.0, self.last_frame_wall - frame.wall)  # when it came (wall)
@@ -416,11 +418,16 @@ class Capture:
                         return
                     # A file's end, or a synthetic scene's of N frames: pacing makes it a live source, whose end
                     # is otherwise a dropped connection (reconnected, and the same N frames played again, forever).
-                    if not source.live or not cam.is_live:
+                    # A live stream that said its end (an HLS playlist's #EXT-X-ENDLIST: AVSource.finished) ends too:
+                    # reopened, the finished playlist was a file, its last window played again.
+                    finished = getattr(source, "finished", False)
+                    if not source.live or not cam.is_live or finished:
                         # A file over http(s) (not live once open: AVSource.open) does not seek back by itself (a
                         # server may not take Range requests): `loop` opens it again, no outage said. Not a pass
-                        # without pictures: that would open it again and again at once.
-                        if cam.loop and cam.is_live and self.decoded > decoded_at_open:
+                        # without pictures (a resumed pass's skipped ones count): that would open it again and again.
+                        if cam.loop and cam.is_live and not finished and (self.decoded > decoded_at_open
+                                                                          or self.resume_at):
+                            self.resume_at, self.playback_start = 0, self.decoded  # the next pass from its start
                             continue
                         self.state = "ended"
                         self.on_event("stream_down", {"reason": END_OF_FILE})
@@ -435,6 +442,8 @@ class Capture:
                         self.state = "failed"
                         self.on_event("stream_down", {"reason": reason, "final": True})
                         return
+                    if not source.live:  # a file over http(s) cut short: the next open goes on where this one stopped
+                        self.resume_at = position
                 finally:
                     if source is not None:
                         source.close()
