@@ -3,7 +3,9 @@
 // every message against the repo's JSON Schemas (workers/schemas/*.json) with ajv, prints each line
 // crossing as one JSON line, and acknowledges a message only after handling it. Messages a dead member of the
 // group had taken but not acknowledged are taken over with XAUTOCLAIM, so a crash loses nothing (the same
-// protocol as pipeline/consumer.py; see its docstring).
+// protocol as pipeline/consumer.py; see its docstring). Entries the stream's MAXLEN trimmed before they were handled
+// (the group read too slowly, or the member holding them died) are said on stderr, as pipeline/consumer.py says them,
+// and counted as lost in the summary line at exit.
 //
 //   npm ci && node index.js --redis-url redis://127.0.0.1:6379/0 --group lines
 //
@@ -77,6 +79,41 @@ end
 return 0
 `;
 
+// Entries MAXLEN trimmed before the group read them: {the group's last-delivered id, the stream's first id, how many
+// (-1: not counted, Redis 6.2)}, or nil; on Redis 7 the group's entries-read is set past the gap, so that it is said
+// once. The script of pipeline/consumer.py (_TRIMMED_UNREAD, which says why). KEYS: stream. ARGV: group.
+const TRIMMED_UNREAD = `
+local function fields(t) local m = {} for i = 1, #t, 2 do m[t[i]] = t[i + 1] end return m end
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local s = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+local first = s['first-entry']
+if not first then return nil end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  g = fields(g)
+  if g['name'] == ARGV[1] then
+    local last, added, read = g['last-delivered-id'], s['entries-added'], g['entries-read']
+    if not older(last, first[1]) then return nil end
+    if not added or not read then
+      if last == '0-0' then return nil end
+      return {last, first[1], -1}
+    end
+    local removed = added - s['length']
+    if removed <= read then return nil end
+    redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', removed)
+    return {last, first[1], removed - read}
+  end
+end
+return nil
+`;
+// A pause this long since Redis answered the last read of new entries (the process stopped, a slow handler) may have
+// let MAXLEN trim entries the group had not read: the next read checks (as pipeline/consumer.py, _GAP_CHECK_AFTER_S).
+const GAP_CHECK_AFTER_MS = 1000;
+
 function redact(url) {
   // Credentials never reach the output: all up to the last @, as a password may hold / or @.
   return url.replace(/\/\/.*@/, "//***@");
@@ -137,6 +174,9 @@ async function main() {
   }
 
   let crossings = 0, invalid = 0, handled = 0;
+  // Lost to MAXLEN: trimmed before the group read them (skipped; uncounted: gaps Redis 6.2 does not count), or
+  // trimmed while pending under a member that never acknowledged them (trimmed); said as pipeline/consumer.py does.
+  let skipped = 0, trimmed = 0, uncounted = 0;
   const cameras = new Set();
   const handle = async (id, fields) => {
     let msg = null, valid = false; // a flag, not msg === null: the JSON "null" was counted invalid unreported
@@ -175,11 +215,53 @@ async function main() {
     });
   };
 
+  // Before a read of new entries: says the entries MAXLEN trimmed before the group read them, which that read jumps
+  // without a word (its output jumped, and the run counted nothing lost). Checked on the first read, after a pause
+  // (GAP_CHECK_AFTER_MS since Redis can have answered the last one) or after a full batch (behind the producers).
+  let answered = -Infinity, behind = false, checkGaps = true;
+  const sayTrimmedUnread = async () => {
+    let gap;
+    try {
+      gap = await client.eval(TRIMMED_UNREAD, { keys: [stream], arguments: [opts.group] });
+    } catch (err) {
+      const text = String(err && err.message);
+      if (text.includes("no such key")) return; // the stream is gone: the read finds the group gone too
+      if (!/NOPERM|NOSCRIPT|unknown command/i.test(text)) throw err;
+      console.error(`redis: cannot check ${stream} for entries trimmed unread (${text}): not checking again`);
+      checkGaps = false;
+      return;
+    }
+    if (!gap) return;
+    const [last, first, n] = gap;
+    if (n >= 0) skipped += n; else uncounted++;
+    const what = n >= 0 ? `${n} entries were trimmed (MAXLEN) before group '${opts.group}' read them (it had read up `
+      + `to ${last})` : `entries after ${last}, if there were any, were trimmed (MAXLEN) before group '${opts.group}' `
+      + "read them (Redis did not count them)";
+    console.error(`warning: ${stream}: ${what}: going on from ${first}; size redis.maxlen for the slowest consumer`);
+  };
+  const sayTrimmedPending = (n) => {
+    trimmed += n;
+    console.error(`warning: ${stream}: ${n} entries delivered to group '${opts.group}' but never acknowledged (their `
+      + "consumer died or stopped before handling them) were trimmed (MAXLEN) or deleted while pending: they are "
+      + "gone, never handled; size redis.maxlen for the longest outage");
+  };
+  const readNew = async () => {
+    if (checkGaps && (behind || performance.now() - answered > GAP_CHECK_AFTER_MS)) await sayTrimmedUnread();
+    const sent = performance.now();
+    const messages = await readGroup(">");
+    // Timed from the earliest moment Redis can have answered (see pipeline/consumer.py's _xread): a read that waited
+    // out its BLOCK on a quiet stream is no pause, and one answered while the process was stopped (SIGSTOP) is.
+    answered = messages.length ? sent : Math.min(performance.now(), sent + 500);
+    behind = messages.length >= 100;
+    return messages;
+  };
+
   let cursor = "0"; // own pending first (a restart under the same --consumer), then new messages
   let claimFrom = "0-0";
   const enough = () => stopping || (opts.count !== null && crossings >= opts.count);
   const done = () => enough() || (opts.idleExitMs !== null && Date.now() - lastMessage >= opts.idleExitMs);
   const handleAll = async (messages) => {
+    let gone = 0;
     for (const [i, m] of messages.entries()) {
       if (enough()) {
         // The rest was taken but not handled: claimable by any member now instead of after --claim-idle-ms
@@ -188,15 +270,17 @@ async function main() {
         if (rest.length) {
           await client.xClaimJustId(stream, opts.group, opts.consumer, 0, rest, { IDLE: opts.claimIdleMs });
         }
-        return;
+        break;
       }
       if (!m.message) {  // pending, but trimmed from the stream (MAXLEN): nothing left to handle
         await client.xAck(stream, opts.group, m.id);
+        gone++;
         continue;
       }
       await handle(m.id, m.message);
       lastMessage = Date.now();
     }
+    if (gone) sayTrimmedPending(gone);
   };
   while (!done()) {
     try {
@@ -204,12 +288,15 @@ async function main() {
       const claimed = await client.xAutoClaim(stream, opts.group, opts.consumer, opts.claimIdleMs, claimFrom,
         { COUNT: 100 });
       claimFrom = claimed.nextId;
+      // Redis 7 takes entries deleted while pending (MAXLEN trimmed them) out of the pending list itself, and lists
+      // them third: they went without a word.
+      if (claimed.deletedMessages && claimed.deletedMessages.length) sayTrimmedPending(claimed.deletedMessages.length);
       // Redis 6.2 gives an entry deleted while pending as nil, without its id, and keeps it pending: the read
       // of own pending entries acknowledges it.
       if (claimed.messages.some((m) => !m)) cursor = "0";
       await handleAll(claimed.messages.filter((m) => m));
       if (enough()) continue;
-      const messages = await readGroup(cursor);
+      const messages = cursor === ">" ? await readNew() : await readGroup(cursor);
       if (cursor !== ">") cursor = messages.length ? messages[messages.length - 1].id : ">";
       await handleAll(messages);
     } catch (err) {
@@ -255,7 +342,9 @@ async function main() {
       } else console.log(JSON.stringify({ counts: camera, fields: Object.keys(counts).length }));
     }
   }
-  console.error(`handled ${handled} events, ${crossings} line crossings, ${invalid} invalid`);
+  const notCounted = uncounted ? ` and ${uncounted} gaps Redis did not count` : "";
+  console.error(`handled ${handled} events, ${crossings} line crossings, ${invalid} invalid, `
+    + `${skipped + trimmed} lost to MAXLEN (${skipped} trimmed unread${notCounted}, ${trimmed} trimmed while pending)`);
   if (!opts.named && client.isReady) {
     // A host-pid name never comes back: each run left one behind in the group (as `hydravision tail --group` did).
     try {

@@ -65,7 +65,9 @@ function countsText(counts, now) {
 }
 
 function stateLabel(tile) {
-  if (tile.missing) return `${tile.state} · no status`;
+  // its status gone (a Redis restart empties the hash until the cameras write again): the state and numbers shown are
+  // the last ones read, held for 10 s; "up · no status" on a green badge read as live
+  if (tile.missing) return `no status · last ${tile.state}, held`;
   const own = { up: "running", reconnecting: "reconnecting" }[tile.state];
   const label = tile.detail && tile.detail !== own ? `${tile.state} · ${tile.detail}` : tile.state;
   // as `hydravision status` says it: its counts span its processes
@@ -222,8 +224,13 @@ function fillStats(root, tile) {
   // the error is text from Redis (its camera's URL in it): in a <bdi>, a bidi control in it reorders none of the page's
   setText(error.querySelector(".prefix"), problem && tile.state === "up" ? "Redis: " : "");
   setText(error.querySelector("bdi"), problem || "");
-  setText(root.querySelector("dd.fps"), `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded`);
-  setText(root.querySelector("dd.age"), `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms`);
+  const held = tile.missing ? " (held)" : "";  // its last values, no fresh status: greyed below, and said
+  setText(root.querySelector("dd.fps"), `${fmt.num(tile.fps)} analysed · ${fmt.num(tile.decode_fps)} decoded${held}`);
+  setText(root.querySelector("dd.age"), `p50 ${fmt.ms(tile.age_p50)} / p95 ${fmt.ms(tile.age_p95)} ms${held}`);
+  // set as a property (CSSOM), which the page's Content-Security-Policy allows, unlike a style attribute
+  for (const node of [root.querySelector(".state"), ...root.querySelectorAll(".stats dd")]) {
+    node.style.opacity = held ? "0.5" : "";
+  }
   setText(root.querySelector("dd.drops"), drops(tile));
   // a camera not up shows its last picture, dated; so does one up whose pictures stopped (it still sends frames)
   const when = root.querySelector(".pic .when");
@@ -573,7 +580,10 @@ async function addCamera(event) {
 }
 
 function removeCamera(camera, output) {
-  if (!confirm(`Remove camera ${iso(camera)}? Its pipeline stops; its data stays in Redis.`)) return;
+  // what the service's removal does (pipeline/live_control.py): it deletes the camera's status, latest picture and
+  // zone/line counts; its detections stream and its events stay in Redis
+  if (!confirm(`Remove camera ${iso(camera)}? Its pipeline stops, and its status, latest picture and zone/line counts `
+    + "are deleted from Redis; its detections stream and its events stay.")) return;
   command("DELETE", dotted(camera) ? `api/cameras?camera=${encodeURIComponent(camera)}`
     : `api/cameras/${encodeURIComponent(camera)}`, undefined, output);
 }
