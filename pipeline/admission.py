@@ -397,7 +397,8 @@ class Admission:
         for ip in ips:
             what = own.get((self._where(ip), port))
             if what:
-                named = f"{host}:{port}" if visible else repr(shown)
+                # an IPv6 address bracketed, as in a URL ('::1:16417' read as one address)
+                named = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}") if visible else repr(shown)
                 raise CommandRejected(f"camera.url: {named} is this service's own {what}; a camera "
                                       "may not point at it", 403)
 

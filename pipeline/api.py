@@ -32,13 +32,16 @@ from functools import partial
 from typing import Any, Callable, Iterable
 
 import anyio
+import h11
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.admission import MAX_BODY_BYTES, CommandRejected, LoopbackHostsOnly, slash_hint, strict_json
 from pipeline.limits import quiet_accept_errors
@@ -58,6 +61,14 @@ RESERVED_NOTE = ("`GET /cameras/export` is the export: a camera with the id `exp
 COMMANDS_AT_ONCE = 32
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}
+_REJECTED = {"application/json": {"schema": {"type": "object", "required": ["status", "reason"], "properties": {
+    "status": {"type": "string", "enum": ["rejected"]}, "reason": {"type": "string"}}}}}
+# What a /cameras route answers before it runs, for the OpenAPI schema (FastAPI lists only 200/201 and 422)
+AUTH_ANSWERS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no valid bearer token, where tokens are configured (the reason says which: missing, "
+                         "not 'Bearer <token>', invalid)", "content": _REJECTED},
+    403: {"description": "on loopback, a Host that is not loopback's, without a valid token (DNS rebinding?)",
+          "content": _REJECTED}}
 
 
 # Control characters (C0, C1) and the bidi controls, in what a client chose (a path arrives percent-decoded: a
@@ -71,11 +82,44 @@ def shown(text: str) -> str:
     return cut_lines(_UNSHOWN.sub(lambda m: ascii(m[0])[1:-1], text))
 
 
-class BearerAuth:
-    """FastAPI dependency: the sender's name ("api:<token name>", or "api:anonymous" without tokens)."""
+# A refused request's log lines, per client address: the first few of a minute said (someone fixing a header sees
+# each new reason), then how many more with the next line said after that minute (300 requests were 300 lines)
+REFUSALS_SAID = 3
+REFUSALS_EVERY_S = 60.0
+_REFUSERS_KEPT = 4096  # client addresses remembered; past it, those of a past minute go
+
+
+class BearerAuth(HTTPBearer):
+    """FastAPI dependency: the sender's name ("api:<token name>", or "api:anonymous" without tokens). An HTTPBearer
+    only for the OpenAPI schema (its security scheme: /docs' "Authorize" and generated clients send the token);
+    the check, its answers and its log lines are its own."""
 
     def __init__(self, tokens: dict[str, str]):
+        super().__init__(scheme_name="BearerAuth", auto_error=False,
+                         description="`Authorization: Bearer <token>`, a token of `api.tokens` (or "
+                                     "`$HYDRAVISION_API_TOKEN`); needed only where tokens are configured")
         self._tokens = {name: token.encode() for name, token in tokens.items()}
+        self._clock = time.monotonic
+        # client address: (when its minute began, lines said in it, refusals held back)
+        self._refusers: dict[str, tuple[float, int, int]] = {}
+        self._refusers_lock = threading.Lock()  # __call__ runs in FastAPI's threads, vouches in the event loop
+
+    def _say_refused(self, client: str, message: str, *args: Any) -> None:
+        """Logs a refusal from ``client`` unless REFUSALS_SAID were said in its minute: then it is counted, and the
+        count said with its next line after that minute (as pipeline.limits says a full file table)."""
+        now = self._clock()
+        with self._refusers_lock:
+            began, said, held = self._refusers.get(client, (None, 0, 0))
+            if began is None or now - began >= REFUSALS_EVERY_S:  # its first, or a minute on: a new minute
+                if len(self._refusers) >= _REFUSERS_KEPT:
+                    self._refusers = {c: v for c, v in self._refusers.items() if now - v[0] < REFUSALS_EVERY_S}
+                began, said = now, 0
+            elif said >= REFUSALS_SAID:
+                self._refusers[client] = (began, said, held + 1)
+                return
+            self._refusers[client] = (began, said + 1, 0)
+        more = f" ({held} more from this address held back: said at most {REFUSALS_SAID} a minute)" if held else ""
+        log.warning(message + "%s", *args, more)
 
     def _check(self, header: str) -> tuple[str | None, str]:
         """The name of the token an Authorization header carries, or None and why not."""
@@ -99,10 +143,10 @@ class BearerAuth:
         name, reason = self._check(header)
         if name is not None:
             return True
-        client = (scope.get("client") or ("?",))[0]
-        log.warning("HTTP API: refused %s from %s through Host %s: %s",
-                    shown(f"{scope.get('method')} {scope.get('path')}"), shown(str(client)),
-                    shown(headers.get("host", "")), reason)
+        client = str((scope.get("client") or ("?",))[0])
+        self._say_refused(client, "HTTP API: refused %s from %s through Host %s: %s",
+                          shown(f"{scope.get('method')} {scope.get('path')}"), shown(client),
+                          shown(headers.get("host", "")), reason)
         return reason
 
     def __call__(self, request: Request) -> str:
@@ -112,8 +156,8 @@ class BearerAuth:
         if name is not None:
             return f"api:{name}"
         client = request.client.host if request.client else "?"  # X-Forwarded-For's, from a proxy on the machine
-        log.warning("HTTP API: refused %s from %s: %s", shown(f"{request.method} {request.url.path}"), shown(client),
-                    reason)
+        self._say_refused(client, "HTTP API: refused %s from %s: %s", shown(f"{request.method} {request.url.path}"),
+                          shown(client), reason)
         raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -300,22 +344,23 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     def accepted(op: str, camera: str | None, by: str, result: Any) -> dict:
         return {"status": "accepted", "op": op, "camera": camera, "by": by, "result": result}
 
-    @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state")
+    @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state",
+             responses=AUTH_ANSWERS)
     def list_cameras(by: str = Depends(auth)) -> dict:
         return accepted("list", None, by, controller.list_cameras())
 
-    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running",
+    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running", responses=AUTH_ANSWERS,
               openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))
     async def add_camera(by: str = Depends(auth), camera: dict[str, Any] = Depends(json_object)) -> dict:
         result = await command(controller.add_camera, camera, by=by)
         return accepted("add", result["id"], by, result)
 
     @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)",
-             description=RESERVED_NOTE)
+             description=RESERVED_NOTE, responses=AUTH_ANSWERS)
     def export_cameras(by: str = Depends(auth)) -> dict:
         return accepted("export", None, by, controller.export_cameras())
 
-    @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE)
+    @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE, responses=AUTH_ANSWERS)
     def get_camera(camera_id: str, by: str = Depends(auth)) -> dict:
         found = [c for c in controller.list_cameras() if c["id"] == camera_id]
         if not found:
@@ -323,12 +368,14 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
         return accepted("get", camera_id, by, found[0])
 
     @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)",
-               openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"))
+               openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"),
+               responses=AUTH_ANSWERS)
     async def update_camera(camera_id: str, by: str = Depends(auth),
                             changes: dict[str, Any] = Depends(json_object)) -> dict:
         return accepted("update", camera_id, by, await command(controller.update_camera, camera_id, changes, by=by))
 
-    @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes")
+    @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes",
+                responses=AUTH_ANSWERS)
     async def remove_camera(camera_id: str, by: str = Depends(auth)) -> dict:
         return accepted("remove", camera_id, by, await command(controller.remove_camera, camera_id, by=by))
 
@@ -359,6 +406,48 @@ def bind(host: str, port: int, what: str = "api") -> socket.socket:
     return sock
 
 
+# How long a request's head (its request line and headers) may take to arrive, from its connection or from the
+# answer before it on a kept-alive one (see HeadDeadline)
+HEAD_TIMEOUT_S = 10.0
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol (the HTTP API's and the dashboard's), closing a connection whose next request's head
+    is not complete within HEAD_TIMEOUT_S. uvicorn has no such timeout (its keep-alive timer starts after a first
+    answer, and any byte stops it): connections that never finished a head (slowloris, or connect and send nothing)
+    stayed open for good, and 200 of them locked a dashboard under `ulimit -n 160` out. A request whose head is in
+    has no deadline here: a command waiting on Ray, the dashboard's event stream."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch_head()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._watch_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _watch_head(self) -> None:
+        """A deadline while a request's head is awaited (h11: the client IDLE), from when the wait began."""
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting and self._head_timer is None:
+            # uvicorn's own idle close: the connection has sent no request yet, nothing is cut short
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.timeout_keep_alive_handler)
+        elif not waiting and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+
 class ApiServer:
     """uvicorn serving an app in a daemon thread, on a socket from ``bind``."""
 
@@ -383,7 +472,7 @@ class ApiServer:
         app = AnswerCutRequests(LoopbackHostsOnly(self.app, host, vouched=vouched, hint=hint) if check_host
                                 else self.app)
         # log_config None: uvicorn sets up no logging of its own; its records go through the service's (route_uvicorn)
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, http=HeadDeadline,
                                 lifespan="off", timeout_graceful_shutdown=5)
         route_uvicorn()
         quiet_accept_errors()  # out of file descriptors: one warning, not a traceback per failed accept

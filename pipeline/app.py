@@ -473,6 +473,7 @@ class App(LiveControl):
         self.model_info = self.check_model()
         self.model_heads = self.model_info["heads"]
         self.check_api_settings()
+        self.check_dashboard_settings()
         if self.config.dashboard.enabled:  # its port too is taken before anything starts, or the start fails
             from pipeline.api import bind
 

@@ -6,6 +6,7 @@ this module serves the page, its Server-Sent Events stream, its pictures and its
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import sys
@@ -19,7 +20,8 @@ from urllib.parse import urlsplit
 import redis
 
 from pipeline import dashboard_data as data
-from pipeline.admission import MAX_BODY_BYTES, LoopbackHostsOnly, slash_hint, strict_json
+from pipeline.admission import (MAX_BODY_BYTES, LoopbackHostsOnly, host_header_name, is_loopback_name, slash_hint,
+                                strict_json)
 from pipeline.camera_commands import redis_url
 from pipeline.dashboard_control import add_command, remove_command, send_command
 from pipeline.dashboard_hub import Hub, sse
@@ -133,12 +135,23 @@ def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
         return (f"cross-origin request: Origin {origin!r} is not the Host it was sent to ({host!r}) nor a name in "
                 "dashboard.allowed_hosts (hydravision dashboard --allowed-host NAME), which would allow it")
 
+    def rebound(request) -> str | None:
+        """Why a control request that came in over loopback names another Host (None when it does not): a rebound
+        page's, whose Origin names the same site (cross_origin lets it by). LoopbackHostsOnly checks no Host where
+        the server is bound to every address (0.0.0.0), and such a page reached it through 127.0.0.1."""
+        host = request.headers.get("host", "")
+        name = host_header_name(host).lower().rstrip(".")
+        if not host or not _loopback_address(request.scope) or is_loopback_name(name) or name in allowed:
+            return None
+        return (f"Host {host!r} is not this machine's loopback, which the request came in over, nor a name in "
+                "dashboard.allowed_hosts (DNS rebinding?)")
+
     async def control(request, command: dict, urls: list[str]):
         """Runs one control command (in a thread: it waits for the controller's answer)."""
         if not hub.allow_control:
             return JSONResponse({"status": "rejected", "reason": "control is off: start the dashboard with "
                                  "--allow-control"}, status_code=403)
-        if refusal := cross_origin(request):
+        if refusal := rebound(request) or cross_origin(request):
             return JSONResponse({"status": "rejected", "reason": refusal}, status_code=403)
 
         def send() -> dict:
@@ -146,7 +159,8 @@ def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
                 return send_command(client, hub.prefix, command, stop=hub.stopping)
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, send)
-            code = {"accepted": 200, "timeout": 504}.get(result.get("status")) or refusal_code(result.get("code"))
+            code = ({"accepted": accepted_code(result.get("code")), "timeout": 504}.get(result.get("status"))
+                    or refusal_code(result.get("code")))
         except (redis.RedisError, OSError) as e:  # the dashboard's Redis failed: no mistake of the user's
             result, code = {"status": "rejected", "reason": f"Redis: {hub.describe(e)}"}, 503
         return JSONResponse(data.scrub(result, [hub.url, *urls]), status_code=code)
@@ -208,10 +222,37 @@ def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={405: method_not_allowed})
 
 
+def _loopback_address(scope: dict) -> bool:
+    """Whether a request came in at a loopback address of this server's (IPv4's as IPv6 too: '::' takes both)."""
+    try:
+        address = ipaddress.ip_address(str((scope.get("server") or ("",))[0]).split("%", 1)[0])
+    except ValueError:  # none, or a Unix socket's path
+        return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def accepted_code(code: Any) -> int:
+    """The HTTP status of an accepted command: the controller's own (201 for an add, as the HTTP API's), else 200."""
+    return code if type(code) is int and 200 <= code <= 299 else 200
+
+
 def refusal_code(code: Any) -> int:
     """The HTTP status of a refused command: the controller's own (its answer's ``code``: 409 for an id in use, 404
     for no such camera, 422 for a bad field, ...; every refusal was a 400), where it is an error status."""
     return code if type(code) is int and 400 <= code <= 599 else 400
+
+
+def control_reachable_refusal(host: str, allow_control: bool, host_setting: str = "--host",
+                              control_setting: str = "--allow-control") -> str | None:
+    """Why a dashboard must not start (None when it may): control on a page other machines reach. The page has no
+    login: anyone on the network added and removed cameras, past the HTTP API's tokens. The API bound there without
+    a token is refused at start too (LiveControl.check_api_settings); the dashboard has no token to set."""
+    if not allow_control or is_loopback_name(host):
+        return None
+    return (f"{host_setting}: {host or '(every address)'} is reachable from other machines, and {control_setting} "
+            "would let anyone there add and remove cameras (the page has no login): bind 127.0.0.1 (behind a proxy "
+            "on this machine that has a login, for other machines), or leave control off and use the HTTP API, "
+            "which takes a token")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -228,11 +269,13 @@ class DashboardServer:
         ``allowed_hosts``: Host names a loopback-bound page also answers (a proxy's; see LoopbackHostsOnly)."""
         import uvicorn
 
+        from pipeline.api import HeadDeadline
+
         self.hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
         self.socket = sock or _listen(host, port)  # bound now: port 0 tells its real port at once
         self.host, self.port = host, self.socket.getsockname()[1]
         app = LoopbackHostsOnly(create_app(self.hub, allowed_hosts), self.socket.getsockname()[0], allowed_hosts)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=HeadDeadline,
                                 timeout_graceful_shutdown=2)
         quiet_accept_errors()  # out of file descriptors: one warning, not a traceback per failed accept
         self.server = uvicorn.Server(config)
@@ -276,6 +319,8 @@ def command(args: Any) -> int:
         raise UserError(f"--interval must be at most {MAX_INTERVAL_S:g} seconds, got {args.interval:g}")
     if args.interval < MIN_INTERVAL_S:
         raise UserError(f"--interval must be at least {MIN_INTERVAL_S:g} seconds, got {args.interval:g}")
+    if refusal := control_reachable_refusal(args.host, args.allow_control):
+        raise UserError(refusal)
     try:
         return serve(url, args.prefix, args.host, args.port, args.interval, args.allow_control,
                      say=lambda m: print(m, file=sys.stderr, flush=True), allowed_hosts=args.allowed_host or ())
@@ -288,13 +333,15 @@ def serve(redis_url: str, prefix: str, host: str, port: int, interval_s: float, 
     """`hydravision dashboard`: serves until Ctrl-C / SIGTERM."""
     import uvicorn
 
+    from pipeline.api import HeadDeadline
+
     hub = Hub(redis_url, prefix, interval_s, allow_control=allow_control)
     sock = _listen(host, port)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/"
     say(f"Dashboard of {keys(prefix).cameras} at {redact_url(redis_url)}: {where} (Ctrl-C to stop)")
     app = LoopbackHostsOnly(create_app(hub, allowed_hosts), sock.getsockname()[0], allowed_hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=2))
+                                           http=HeadDeadline, timeout_graceful_shutdown=2))
     quiet_accept_errors()
     original = server.handle_exit
 

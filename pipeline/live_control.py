@@ -59,6 +59,17 @@ class LiveControl:
 
         self._api_socket = bind(api.host, api.port)
 
+    def check_dashboard_settings(self) -> None:
+        """Before anything starts: a dashboard reachable from other machines must not offer control (its page has
+        no login, no token to set: anyone there added and removed cameras, past the API's tokens)."""
+        d = self.config.dashboard
+        if not (d.enabled and d.allow_control):
+            return
+        from pipeline.dashboard import control_reachable_refusal  # the web stack only when the page is served
+
+        if refusal := control_reachable_refusal(d.host, True, "dashboard.host", "dashboard.allow_control"):
+            raise ConfigError(refusal)
+
     def _own_endpoints(self) -> dict[str, tuple[str, int]]:
         own = {}
         parts = urlsplit(self.redis_settings.url)

@@ -184,7 +184,7 @@ def test_a_refused_command_keeps_the_services_http_status(redis_server, monkeypa
              ({"status": "rejected", "reason": "r"}, 400), ({"status": "rejected", "code": 200}, 400),
              ({"status": "rejected", "code": "409"}, 400), ({"status": "rejected", "code": True}, 400),
              ({"status": "rejected", "code": 999}, 400), ({"status": "rejected", "code": 409.0}, 400),
-             ({"status": "accepted", "code": 201, "result": {"id": "x"}}, 200), ({"status": "timeout"}, 504)]
+             ({"status": "accepted", "code": 201, "result": {"id": "x"}}, 201), ({"status": "timeout"}, 504)]
     with TestClient(create_app(hub)) as http:
         for answer, code in cases:
             answers.append(answer)
