@@ -400,13 +400,15 @@ class WriterThread:
         idle round when Redis answered, or the exception its send failed with; and whether the calls were sent.
         After a failed round trip (and before the first) a PING goes first: while Redis cannot be reached no send
         goes out, so the messages the retries carry are not kept as maybe in Redis (for as long as the outage
-        lasts)."""
+        lasts). Else the connection is made ready first (``_connect``): a send refused there did not leave either."""
         outcomes: list[Any] = [_UNSENT] * len(rounds)
         todo = [i for i, (_, r) in enumerate(rounds) if not r.idle]
         sent = False
         try:
             if self._ping_first and todo:
                 self.client.ping()
+            elif todo:
+                self._connect()
             sent = True
             for attempt in range(3):  # a script load, then a switch to the bodies without shebang: twice at most
                 commands = [p._batch_writer.forget_command() if r.forget else
@@ -429,6 +431,17 @@ class WriterThread:
             # Sentinel client does; this one would be refused until the process restarts.
             self.client.connection_pool.disconnect()
         return outcomes, sent
+
+    def _connect(self) -> None:
+        """Checks out a connection and gives it back: the pool makes it again where Redis closed it (a restart).
+        A failure here sent nothing, which one inside the call cannot tell: the first batch after a restart,
+        refused at connecting, counted as a send whose reply was lost, and its state outlived a clean close."""
+        pool = self.client.connection_pool
+        try:
+            connection = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 asks for a command name
+            connection = pool.get_connection("PING")
+        pool.release(connection)
 
     @staticmethod
     def _outcome(item: tuple["Publisher", _Round], reply: Any, last: bool) -> Any:
@@ -501,7 +514,8 @@ class Publisher:
         self._in_flight, self._failures, self._retry_at, self._last_ok = False, 0, 0.0, 0.0
         self._applied = False  # a batch of it was applied: its dedup state must be in Redis from now on
         # A send failed after it left (no reply): it may still reach Redis (a frozen one), so its dedup state
-        # must outlive close. _forget: close asks the thread to delete that state (nothing can need it).
+        # must outlive close, unless Redis is found to have lost its data since (_settle). _forget: close asks
+        # the thread to delete that state (nothing can need it).
         self._unanswered = self._forget = False
         self._refusals_logged_at = -math.inf  # monotonic; see REFUSALS_LOG_S
         self._refusals = Counter()  # refused messages, other writes and batches not logged yet
@@ -786,6 +800,11 @@ class Publisher:
         for gone in result.errors:
             if isinstance(gone, StateGone):  # no refusal: said apart, at the level of what it may have done
                 self._log_state_gone(gone)
+                if not gone.doubled:  # Redis lost its data (a restart): the sends whose reply was lost went with
+                    # the Redis that had them, none can still apply, so the state this batch wrote anew need not
+                    # outlive a clean close (a flush with one still on its way: a loss not covered, module docstring).
+                    # Evicted alone, they may still come: it must.
+                    self._unanswered = False
         if result.rejected or errors:
             # Permanent (wrong key type): retrying cannot help and would block everything behind it, so
             # those messages are lost, counted and logged. A failed PUBLISH or status write is logged.
