@@ -243,7 +243,10 @@ def cached(path: Path, make: Callable[[Path], object], what: str, key: str | Non
             log.info("%s (once; cached at %s)", what, path)
             # before making: on a disk the cache filled, the old files' space is what lets the new one be written
             prune_cache(path.parent)
+            started = time.monotonic()
             make(path)
+            # its end too: an export (48 s) or a first int8 quantization (36 s) was silent until the next line
+            log.info("%s: done in %.0f s", what, time.monotonic() - started)
             if made is not None:
                 made.append(path)
         else:  # not there before the lock: the process we waited for made it

@@ -48,6 +48,8 @@ RAY_CORE_PROCESSES = ("gcs_server", "raylet")
 # and every camera failed; imported as each worker starts (Ray's preload_python_modules, before that path is
 # added), they are this installation's whatever the working directory, and what they import after is too.
 OWN_PACKAGES = ("pipeline", "workers", "models", "synthetic")
+# What a start with model.compile: true needs of ray.placement_timeout_s on a CPU (README, after "Backends")
+COMPILE_PLACEMENT_TIMEOUT_S = 600
 
 
 def init_ray(config: Any, system_config: dict) -> None:
@@ -505,7 +507,7 @@ class Placement:
 
     def ready(self, ref: Any, what: str) -> Any:
         """``ray.get`` within ``ray.placement_timeout_s``; a timeout becomes a UserError that says whether the
-        nodes are full or gone."""
+        nodes are full or gone, or the actors were placed and were still starting (loading the model)."""
         timeout = self.config.ray.placement_timeout_s
         try:
             return ray.get(ref, timeout=timeout)
@@ -514,9 +516,25 @@ class Placement:
                 raise UserError(f"{what} could not start: {reason}") from None
             raise
         except ray.exceptions.GetTimeoutError:
+            # The timeout covers the actor's constructor, the model's load: placed with room to spare, a model
+            # that compiles at start (torch.compile: minutes) ran past it, and the error said the nodes may be full.
+            if where := _started(ref):
+                raise UserError(f"{what} did not start within {timeout:g} s (ray.placement_timeout_s): it was "
+                                f"placed ({'; '.join(where)}) and was still starting, {self._start_work()}") from None
             nodes = "\n  ".join(n.describe() for n in alive_nodes(ray.nodes())) or "(no alive node)"
             raise UserError(f"{what} did not start within {timeout:g} s (ray.placement_timeout_s): the nodes "
                             f"that could host it may be full. Free resources now:\n  {_free()}\nNodes:\n  {nodes}") from None
+
+    def _start_work(self) -> str:
+        """What the model's start does that can outlast ``ray.placement_timeout_s`` (as far as the config says),
+        and what to set."""
+        mc = self.config.model
+        if mc.compile:  # the demo model: 82-143 s on 2 busy cores, for one process alone
+            return ("compiling the model (model.compile: true: torch.compile's warm-up, minutes on a CPU, in each "
+                    f"process that loads it). Raise ray.placement_timeout_s (e.g. to {COMPILE_PLACEMENT_TIMEOUT_S:g}) "
+                    "or set model.compile: false")
+        what = "exports and quantizes it to int8" if mc.precision == "int8" else "may export it (ONNX)"
+        return f"loading the model (its first start {what}; cached after). Raise ray.placement_timeout_s"
 
     def watch(self, app: Any) -> "NodeWatch | None":
         """A NodeWatch on a cluster (one node cannot lose another)."""
@@ -524,6 +542,27 @@ class Placement:
             self.node_watch = NodeWatch(app, self.nodes, placement=self)  # replica_index reads what waits
             return self.node_watch
         return None
+
+
+def _started(refs: Any) -> list[str]:
+    """Where the actors behind ``refs`` (calls of their methods) not answered yet run: "node IP, pid N" each, if
+    every one of them was placed (a process runs its constructor), else []. Read from the GCS's actor table, a
+    quick local call: the state API (ray.util.state) needs the dashboard, which a local Ray runs without. Not
+    readable (a Ray without that table): [], the "may be full" text as before."""
+    refs = refs if isinstance(refs, list) else [refs]
+    try:
+        from ray._private import state
+
+        where = []
+        for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+            actor = state.actors(ref.task_id().actor_id().hex())
+            # PENDING_CREATION is also an actor waiting for a node; one placed has a worker process (Pid)
+            if actor.get("State") not in ("PENDING_CREATION", "ALIVE") or not actor.get("Pid"):
+                return []
+            where.append(f"node {actor['Address']['IPAddress']}, pid {actor['Pid']}")
+        return where
+    except Exception:
+        return []
 
 
 def _free() -> str:

@@ -60,6 +60,8 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+# torch's fp16 against fp32 on a CPU: the demo model took 163-166 against 27-29 ms of CPU per frame (one thread)
+FP16_CPU_COST = "~6x"
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # autocast dtype -> model.precision's name
 
@@ -463,6 +465,11 @@ class ModelRunner:
                             type(e).__name__, e)
                 self.backend, self.session = "torch", None
                 self.model.to(self.device)
+        if self.autocast == torch.float16 and self.device.type == "cpu":  # was accepted without a word
+            # one line per process that loads the model (camera processes each load their own)
+            log.warning("model.precision fp16 on the CPU (%s): torch runs half precision there on slow kernels, %s "
+                        "the CPU per frame of fp32, and cameras drop frames as overload; on a CPU set model.precision "
+                        "auto (the exported backends), bf16 or fp32", Path(checkpoint).name, FP16_CPU_COST)
         if fuse_bn:  # serving copy only: one conv instead of conv + BatchNorm, same numbers
             self.model.fuse_batchnorm()
         self.model.to(memory_format=torch.channels_last)  # NHWC convs are faster on oneDNN and cuDNN
