@@ -265,3 +265,19 @@ def test_a_tile_without_a_fresh_status_shows_its_numbers_held(redis_server, brow
             assert not page.errors, page.errors
         finally:
             page.close()
+
+
+def _lua(text: str) -> list[str]:
+    """A Lua script's lines without comments and indentation: what runs."""
+    lines = (re.sub(r"\s*--.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_the_node_consumer_runs_the_same_gap_script_as_pipeline_consumer():
+    """index.js carries its own copy of pipeline/consumer.py's script (the example stands alone, no Python): the two
+    must not drift apart, or the two consumers count the same gap differently."""
+    from pipeline.consumer import _TRIMMED_UNREAD
+
+    index_js = (APP_JS.parent.parent.parent / "examples" / "node-consumer" / "index.js").read_text()
+    node = re.search(r"const TRIMMED_UNREAD = `(.*?)`;", index_js, re.S)
+    assert node and _lua(node[1]) == _lua(_TRIMMED_UNREAD)
