@@ -280,6 +280,10 @@ class App(LiveControl):
     # its Ray name (a camera added meanwhile must not start a process under it: Ray refuses a name a live actor
     # holds), and while one drains (no ``final`` yet), another camera's removal must not kill its process.
     _leaving: dict = field(default_factory=dict)
+    # Cameras removed from a process that did not answer their stop and was let live, hosting others (process name ->
+    # camera -> (its last status, the stop's ObjectRef)): its drain was to end their tracks; a later kill of that
+    # process ends those the drain has not (``LiveControl._end_undrained``). A few per hung process.
+    _undrained: dict = field(default_factory=dict)
     # The final stats of the cameras removed at run time, one each removal, state "removed" (``remove_camera``):
     # `run`'s final table and --summary-json show them beside the cameras the shutdown stopped. The latest only: a
     # service whose cameras come and go for months must not grow by a few KB at every removal for ever.

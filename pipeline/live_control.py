@@ -221,10 +221,12 @@ class LiveControl:
             with self._lock:
                 self.cameras.pop(camera_id, None)
                 self._leaving[camera_id] = handle  # until its process is gone or hosts it no more
+            stop = None  # the stop's ObjectRef (see _undrained)
             try:
                 # {}: Ray re-created its process and the camera was not started again (the answer's final
                 # stats were all null), as in App.shutdown
-                final = ray.get(handle.process.stop.remote(camera_id, drain=True), timeout=STOP_TIMEOUT_S)
+                stop = handle.process.stop.remote(camera_id, drain=True)
+                final = ray.get(stop, timeout=STOP_TIMEOUT_S)
                 gone = not final  # the process that ran it is gone: its tracks never end but here
                 final = final or \
                     {"state": "unavailable", "last_error": "its process was restarted and the camera not started again"}
@@ -257,8 +259,19 @@ class LiveControl:
                                      "removed_at": round(time.time(), 3)})
             # Killed (hosting no other camera) or let live, decided once: a second look after the first could differ
             # (two cameras of one hung process removed together: each saw the other, then one killed it) and no one
-            # ended the first's tracks. Killed by a neighbour's removal while it forgot this one: as killed here.
-            killed = self._let_go(handle) or self._was_killed(handle)
+            # ended the first's tracks.
+            try:
+                killed = self._let_go(handle)
+            except Exception:  # Ray out of reach (its GCS): the Redis side of the removal is done all the same
+                log.warning("camera %s: could not let its process go", camera_id, exc_info=True)
+                killed = False
+            with self._lock:  # the lock a neighbour's kill notes the name under (App._killing), before its ray.kill
+                # killed by a neighbour's removal while this one forgot it: as killed here
+                killed = killed or handle.name in self._killed_names
+                if not (killed or gone) and last is not None:  # let live, undrained: until its drain or a kill
+                    self._undrained.setdefault(handle.name, {})[camera_id] = (last, stop)
+            if killed:  # the cameras removed from it earlier whose drain never came
+                self._end_undrained(handle.name)
             # before its status goes: it reads it. Not kept (Redis down or full): the status, which holds the next
             # ids too, stays until a retry keeps them (deleted, a camera added again under the id reused ids)
             if self._retire_in_redis(camera_id, final.get("track_ids_next")):
@@ -527,10 +540,20 @@ class LiveControl:
             return False
         return True
 
-    def _was_killed(self, handle: Any) -> bool:
-        """Whether the service killed the camera's process (``App._killing`` noted its name)."""
+    def _end_undrained(self, name: str) -> None:
+        """The process ``name`` was killed: the cameras removed from it earlier while it hung (their stop not
+        answered, the process let live for the others: ``_undrained``) whose drain has not answered since never end
+        their tracks but here (a second removal killed it seconds or minutes after the first)."""
         with self._lock:
-            return handle.name in self._killed_names
+            left = self._undrained.pop(name, {})
+        for camera_id, (status, stop) in left.items():
+            try:  # answered meanwhile: its drain ended them
+                drained = "open_tracks" in (ray.get(stop, timeout=0) or {})
+            except Exception:  # still not (killed now), or failed: none ended
+                drained = False
+            if not drained and (ended := self._end_left_open(camera_id, status)):
+                log.info("camera %s (removed before): the %d track(s) its last status named open ended (its process "
+                         "was killed before it drained)", camera_id, len(ended))
 
     def _awaiting_restart(self, handle: Any) -> bool:
         """Whether Ray re-created the camera's process and the control loop has not started the camera again."""

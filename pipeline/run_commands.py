@@ -31,7 +31,8 @@ from pipeline.config import load_config
 from pipeline.consumer import _stream_entries  # one reading of XREAD(GROUP)'s reply shapes
 from pipeline.errors import UserError
 from pipeline.logs import json_worker_logs, logs_above, plain_ray_prefix, quiet_ray
-from pipeline.status import console as make_console, read_camera_statuses, status_line, status_table, whole_count
+from pipeline.status import (ERROR_CELL_CHARS, console as make_console, read_camera_statuses, status_line,
+                             status_table, whole_count)
 from workers.publish import entry_order, keys, undelivered as publisher_undelivered
 from workers.redact import redact_text, redact_url
 from workers.redis_writer import _text  # an entry id as text, from a client that decodes or not
@@ -361,7 +362,8 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(statuses, indent=2))
         return 0
     console = make_console()
-    console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}"))
+    console.print(status_table(statuses, title=f"cameras in {keys(args.prefix).cameras}",
+                               error_chars=ERROR_CELL_CHARS))
     if not statuses:  # an empty table said nothing of why: no service yet, or another --prefix / database
         print(f"no camera in {keys(args.prefix).cameras} at {redact_url(url)}: no service has "
               "published there yet, or it uses another --prefix or database", file=sys.stderr)

@@ -118,12 +118,17 @@ def _removed_when(s: dict) -> str:
         return ""
 
 
-# the column folds: cut at 120 (after a URL of 50), an error lost what to do about it ("put it in the config file")
-ERROR_CELL_CHARS = 400
+# The column folds. Printed once (the final table, `hydravision status`): cut at 120 (after a URL of 50), an error
+# lost what to do about it ("put it in the config file"). Redrawn live, rows past the terminal's height are cut off,
+# so an error there takes at most a line or two.
+ERROR_CELL_CHARS, LIVE_ERROR_CHARS = 400, 120
 
 
-def status_table(stats: list[dict], title: str = "hydravision", final: bool = False) -> Table:
-    """``final``: the stats of a stop (the run's last table), whose rates are those of its last seconds."""
+def status_table(stats: list[dict], title: str = "hydravision", final: bool = False,
+                 error_chars: int | None = None) -> Table:
+    """``final``: the stats of a stop (the run's last table), whose rates are those of its last seconds.
+    ``error_chars``: where the last error is cut (ERROR_CELL_CHARS for a final table, else LIVE_ERROR_CHARS)."""
+    error_chars = error_chars or (ERROR_CELL_CHARS if final else LIVE_ERROR_CHARS)
     table = Table(title=title, title_justify="left", expand=False)
     for col, just in [("camera", "left"), ("state", "left"), ("fps", "right"), ("decode fps", "right"),
                       ("latency p50/p95 ms", "right"), ("published", "right"), ("dropped", "right"),
@@ -144,7 +149,7 @@ def status_table(stats: list[dict], title: str = "hydravision", final: bool = Fa
             _cell(_count(s.get("published", 0)) + skipped),
             _cell(_drops(s.get("dropped"))), _cell(_count(_rate_skips(s.get("dropped")))),
             _cell(_count(s.get("reconnects", 0))),
-            _cell(_heads(s.get("heads"))), _cell(_short(_error(s), ERROR_CELL_CHARS)),
+            _cell(_heads(s.get("heads"))), _cell(_short(_error(s), error_chars)),
         )
     return table
 

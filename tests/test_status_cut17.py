@@ -27,3 +27,12 @@ def test_an_error_longer_than_the_cell_says_it_was_cut():
     text = _render([{"camera": "x", "state": "failed", "last_error": "y" * 1000}])
     squeezed = text.replace("│", "").replace(" ", "")
     assert "y" * 390 in squeezed and "y" * 400 not in squeezed and "..." in squeezed
+
+
+def test_the_live_table_keeps_an_error_to_a_line_or_two():
+    """Review: redrawn live, a table taller than the terminal loses its bottom rows (the healthy cameras below a
+    failing one): there the error is cut at LIVE_ERROR_CHARS, as before, but says it was cut."""
+    console = Console(width=200, record=True, color_system=None)
+    console.print(status_table([{"camera": "x", "state": "failed", "last_error": "y" * 1000}]))
+    squeezed = " ".join(console.export_text().split()).replace("│", "").replace(" ", "")
+    assert "y" * 117 in squeezed and "y" * 118 not in squeezed and "..." in squeezed
