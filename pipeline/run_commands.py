@@ -16,7 +16,6 @@ import sys
 import termios
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import redis
@@ -424,9 +423,6 @@ def tail(args: argparse.Namespace) -> int:
         # checked after every read (XINFO STREAM: one more round trip, for a reader that prints anyway)
         number, numbered = _number_of(client, stream, last)
         since = last  # where the entries not yet said trimmed begin (_say_trimmed)
-        # The ids printed last (and where tail began): after an outage they tell a Redis restored from disk short of
-        # its last entries (read on after its top) from one restarted empty, whose new stream's ids may lie below.
-        printed = deque([] if _text(last) == "0-0" else [last], maxlen=10_000)
         while args.count is None or count < args.count:
             try:
                 reply = client.xread({stream: last}, block=5000, count=100)
@@ -435,7 +431,7 @@ def tail(args: argparse.Namespace) -> int:
                 # Node consumer do (it ended the tail with exit 2). A refused password is no outage: it stays an error.
                 if isinstance(e, redis.AuthenticationError):
                     raise
-                resumed = _wait_for_redis(client, url, stream, last, printed, e)
+                resumed = _wait_for_redis(client, url, stream, last, e)
                 if _text(resumed) != _text(last):  # another stream than the one counted so far: count it anew
                     last = since = resumed
                     number, numbered = _number_of(client, stream, last)
@@ -448,7 +444,6 @@ def tail(args: argparse.Namespace) -> int:
                     since = entries[-1][0]
                 for entry_id, fields in entries:
                     last = entry_id
-                    printed.append(entry_id)
                     _print_line(_shown(entry_id, fields, args.json), args.json)
                     count += 1
                     if args.count is not None and count >= args.count:
@@ -458,8 +453,7 @@ def tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_redis(client: redis.Redis, url: str, stream: str, last: bytes | str, printed: deque,
-                    error: Exception) -> bytes | str:
+def _wait_for_redis(client: redis.Redis, url: str, stream: str, last: bytes | str, error: Exception) -> bytes | str:
     """Says that Redis went away, retries (backoff up to 2 s) until it answers again, and returns where tail reads on
     (``_resume_after``, which says what was lost)."""
     print(f"note: lost Redis at {redact_url(url)} ({type(error).__name__}: {redact_text(str(error), [url])}); "
@@ -470,7 +464,7 @@ def _wait_for_redis(client: redis.Redis, url: str, stream: str, last: bytes | st
         time.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
         try:
             client.ping()
-            resumed = _resume_after(client, stream, last, printed)
+            resumed = _resume_after(client, stream, last)
             break
         except redis.AuthenticationError:  # the Redis that came back refuses our password: no outage
             raise
@@ -480,31 +474,29 @@ def _wait_for_redis(client: redis.Redis, url: str, stream: str, last: bytes | st
     return resumed
 
 
-def _resume_after(client: redis.Redis, stream: str, last: bytes | str, printed: deque) -> bytes | str:
-    """Where tail reads on after an outage, having printed up to ``last``, saying what it cannot show: the same
-    stream (it still holds ``last``), or one trimmed past it, reads on after ``last`` (``_say_trimmed`` counts a
-    trim); one restored from disk short of its last entries (its top is an entry tail printed) after its top; a new
-    one (Redis restarted without its data: its ids may lie below ``last``, and a read after ``last`` printed nothing
-    until they passed it) from its start, as pipeline/consumer.py creates a group again that it finds gone."""
+def _resume_after(client: redis.Redis, stream: str, last: bytes | str) -> bytes | str:
+    """Where tail reads on after an outage, having printed up to ``last``, saying what it cannot show. Entry ids are
+    the writer's clock: a stream that still holds ``last``, or whose top is past it (trimmed past it, or Redis
+    restarted without its data and written to since), reads on after ``last``; one whose top is older (restored
+    from disk short of its last entries, or a clock stepped back) after its top; an empty one from its start."""
     if _text(last) == "0-0" or client.xrange(stream, last, last, count=1):
         return last
     top = client.xrevrange(stream, count=1)
-    top_id = top[0][0] if top else None
-    if top_id is not None and entry_order(top_id) >= entry_order(last):
+    if not top:
+        print(f"note: {stream} is empty (Redis restarted without its data): reading it from its start; what the old "
+              f"one held after {_text(last)} that tail had not read yet, if anything, is lost", file=sys.stderr,
+              flush=True)
+        return "0-0"
+    top_id = top[0][0]
+    if entry_order(top_id) >= entry_order(last):
         print(f"note: {stream} no longer holds {_text(last)}, the last entry tail printed (MAXLEN trimmed past it, "
               "or Redis restarted without its data): reading on after it; what it held after that entry that tail "
               "had not read yet, if anything, is lost", file=sys.stderr, flush=True)
         return last
-    if top_id is not None and _text(top_id) in {_text(i) for i in printed}:
-        print(f"note: Redis came back with {stream} only up to {_text(top_id)}, older than {_text(last)}, the last "
-              "entry tail printed (restored from disk short of its last entries): reading on after it",
-              file=sys.stderr, flush=True)
-        return top_id
-    why = "it is empty" if top_id is None else f"its ids lie below {_text(last)}, the last entry tail printed"
-    print(f"note: {stream} is a new stream (Redis restarted without its data: {why}): reading it from its start; "
-          f"what the old one held after {_text(last)} that tail had not read yet, if anything, is lost",
-          file=sys.stderr, flush=True)
-    return "0-0"
+    print(f"note: Redis came back with {stream} only up to {_text(top_id)}, older than {_text(last)}, the last entry "
+          "tail printed (restored from disk short of its last entries): reading on after it", file=sys.stderr,
+          flush=True)
+    return top_id
 
 
 def _number_of(client: redis.Redis, stream: str, last: bytes | str) -> tuple[int | None, bool]:

@@ -165,8 +165,8 @@ def test_plain_tail_reads_on_across_a_redis_restart(redis_server, restart):
     """`hydravision tail --events` (no group) ended with "error: Redis: ConnectionError: Connection closed by
     server." and exit 2 when Redis restarted, where tail --group, the dashboard and the Node consumer go on. It now
     says Redis went away, waits for it and reads on: a Redis restarted empty has a new stream, whose ids here lie
-    below the last one printed (read from its start, saying what may be lost); one restored from disk short of its
-    last entries is read on after its top (nothing printed twice)."""
+    below the last one printed (empty when tail is back: read from its start, saying what may be lost); one
+    restored from disk short of its last entries is read on after its top (nothing printed twice)."""
     client = redis_server.client()
     if restart == "empty":  # ids above those the new stream will get (a clock stepped back, or set ahead before)
         for i in range(3):
@@ -194,10 +194,41 @@ def test_plain_tail_reads_on_across_a_redis_restart(redis_server, restart):
     assert _track_ids(out.splitlines()) == [3, 4]
     assert "note: lost Redis at" in err, err
     if restart == "empty":
-        assert "is a new stream (Redis restarted without its data" in err, err
+        assert "is empty (Redis restarted without its data" in err, err
         assert "reading it from its start" in err and "if anything, is lost" in err, err
     else:
         assert "restored from disk short of its last entries" in err, err
+
+
+@pytest.mark.timeout(90)
+def test_plain_tail_reads_on_after_a_stream_restored_from_before_it_began(redis_server):
+    """Review: tail without --from-start, begun after Redis's last save; Redis killed and restored from that save:
+    the restored top was no entry tail had printed, so it took the stream for a new one and printed all of it again
+    from its start. An older top is a restore: read on after it."""
+    client = redis_server.client()
+    _publish(client, 2)
+    client.save()  # what Redis comes back with: entries 0 and 1
+    _publish(client, 1, first=2)
+    tail = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tail", "--events", "--count", "3", "--redis-url",
+                             redis_server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
+    try:
+        said = [tail.stderr.readline()]
+        assert said[-1].startswith("tailing "), said
+        _publish(client, 1, first=3)
+        assert _track_ids([tail.stdout.readline()]) == [3]
+        redis_server.stop()
+        redis_server.start()
+        while "note: Redis is back" not in said[-1]:
+            said.append(tail.stderr.readline())
+            assert said[-1], "".join(said)
+        _publish(redis_server.client(), 2, first=4)
+        out, err = tail.communicate(timeout=60)
+        err = "".join(said) + err
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, err
+    assert _track_ids(out.splitlines()) == [4, 5], err  # not 0 and 1 again
+    assert "restored from disk short of its last entries" in err, err
 
 
 # --- 4. the Remove confirm said the camera's data stays in Redis -----------------------------------------------------

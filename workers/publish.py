@@ -660,8 +660,9 @@ class Publisher:
             log.warning("publisher %s closed with %d messages not delivered to Redis", self.name, left)
 
     def _clean(self) -> bool:
-        """Under the lock: everything reached Redis and every send was answered, so none can still apply and
-        nothing needs the dedup state any more (a service adding and removing cameras left one per camera)."""
+        """Under the lock: everything reached Redis and every send was answered (or lost with a Redis that restarted
+        without its data since: _settle), so none can still apply and nothing needs the dedup state any more (a
+        service adding and removing cameras left one per camera)."""
         return (self._started and self._writer.alive and not self._unanswered
                 and not (self._queue or self._status or self._hashes or self._undecided))
 

@@ -19,7 +19,8 @@ entry `seq` and the highest `trip` (send attempt) it has applied. Entries at or 
 a call whose trip is not newer than `trip` is skipped whole: it is an older send that reached Redis after
 a newer one, and the newer one carried everything it had (the queue is re-sent from its head, and
 statuses that failed are put back unless a newer one came). The hash expires a day after its last write; a
-Publisher that closes with everything delivered and every send answered deletes it (nothing can resend).
+Publisher that closes with everything delivered and every send answered (or lost with a Redis that restarted
+without its data since) deletes it (nothing can resend).
 It also keeps the entries Redis refused (`rejected`) until a batch starts after them, or after ``keep_from``
 (the Publisher's oldest entry whose fate it has not heard of, one that left its full buffer while the send
 carrying it was unanswered): a resend after a lost reply skips them and reports them refused again, those
