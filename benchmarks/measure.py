@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -67,19 +68,44 @@ def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 
     return clips
 
 
+def _is_ray(p: psutil.Process) -> bool:
+    cmd, name = " ".join(p.cmdline()), p.name()
+    return ("ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server") or "ray/_private" in cmd
+            or "ray/dashboard" in cmd)
+
+
 def ray_processes() -> list[psutil.Process]:
     """The Ray processes this process started (raylet, GCS, workers: its descendants) plus this process. Not the
-    machine's: another session's `hydravision run` beside a benchmark had its CPU counted as the benchmark's."""
-    procs = [psutil.Process()]
-    for p in procs[0].children(recursive=True):
+    machine's: another session's `hydravision run` beside a benchmark had its CPU counted as the benchmark's. A Ray
+    this process joined ($RAY_ADDRESS) has no raylet among them: then the machine's, with a warning (its workers
+    counted for nothing made the CPU per frame far too low)."""
+    me = psutil.Process()
+    procs = [me]
+    for p in me.children(recursive=True):
         try:
-            cmd, name = " ".join(p.cmdline()), p.name()
-            if "ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server") \
-                    or "ray/_private" in cmd or "ray/dashboard" in cmd:
+            if _is_ray(p):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    if any(_name(p) == "raylet" for p in procs):
+        return procs
+    print("warning: no Ray started by this process (a joined cluster?): counting every Ray process of this machine, "
+          "other runs' too", file=sys.stderr)
+    procs = [me]
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me.pid and _is_ray(p):
                 procs.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return procs
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
 
 def role(p: psutil.Process) -> str:

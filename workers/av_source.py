@@ -213,7 +213,7 @@ class AVSource(Source):
         self._transport, self._threads = transport, threads
         self.open_timeout_s, self.read_timeout_s = float(open_timeout_s), float(read_timeout_s)
         # Devices and RTSP cameras deliver at their own rate; pacing them would only add latency. Over http, open()
-        # tells a file (paced) from a live stream.
+        # tells a file or live HLS/DASH (paced) from a live stream over a socket.
         self._realtime = realtime
         self._pace = realtime and kind in ("file", "http")
         self._loop = loop and kind == "file"

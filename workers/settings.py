@@ -264,7 +264,8 @@ class CameraConfig(Strict):
                                   "each up to this long (whatever read_timeout_s says)")
     read_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="a running camera that sends no "
                                   "picture for this long is reconnected")
-    realtime: bool = Field(True, description="files: pace at native rate (True) or decode as fast as possible, losslessly (False)")
+    realtime: bool = Field(True, description="files and live HLS/DASH: pace at their timestamps (True) or decode "
+                           "as fast as possible (False: losslessly, for files)")
     loop: bool = Field(False, description="files: start again at the end")
     max_inflight: int = Field(2, ge=1, le=16, description="frames of this camera inside inference at once")
     stall_timeout_s: float | None = Field(None, gt=0, description="watchdog: restart the decoder after this long "

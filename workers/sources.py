@@ -38,8 +38,8 @@ def open_source(
     """Picks the Source for ``url`` without opening it.
 
     ``transport``: RTSP lower transport (tcp, udp, ...). Timeouts in seconds. ``realtime`` paces files (also over
-    http; a live http stream comes at its own rate) and synthetic scenes at their frame rate (False: as fast as
-    they decode, for batch jobs and benchmarks).
+    http), live HLS/DASH (a segment comes at once) and synthetic scenes at their frame rate (False: as fast as
+    they decode, for batch jobs and benchmarks); a live stream over a socket (MJPEG, FLV) comes at its own rate.
     ``loop``: files seek back to the start at their end. ``threads``: decoder threading, "AUTO"/"FRAME"
     (fastest, a few frames of delay), "SLICE" (lowest latency) or "NONE". ``ffmpeg_options`` override the
     demuxer options (e.g. {"fflags": "nobuffer"} for latency, "buffer_size" for UDP at high bitrates).
