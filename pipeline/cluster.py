@@ -529,6 +529,12 @@ class Placement:
         """What the model's start does that can outlast ``ray.placement_timeout_s`` (as far as the config says),
         and what to set."""
         mc = self.config.model
+        # 'auto' is the CPU in the camera processes, a GPU in replicas that reserve one
+        gpu = mc.device.startswith(("cuda", "mps")) or (
+            mc.device == "auto" and not self.in_camera_process and bool(self.replica_options.get("num_gpus")))
+        if mc.compile and gpu:  # not measured on a GPU: no figure, and 600 s is the CPU's advice
+            return ("compiling the model (model.compile: true: torch.compile's warm-up on the GPU, in each process "
+                    "that loads it). Raise ray.placement_timeout_s or set model.compile: false")
         if mc.compile:  # the demo model: 82-143 s on 2 busy cores, for one process alone
             return ("compiling the model (model.compile: true: torch.compile's warm-up, minutes on a CPU, in each "
                     f"process that loads it). Raise ray.placement_timeout_s (e.g. to {COMPILE_PLACEMENT_TIMEOUT_S:g}) "
