@@ -28,6 +28,7 @@ import re
 import socket
 import threading
 import time
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable, Iterable
 
@@ -86,7 +87,10 @@ def shown(text: str) -> str:
 # each new reason), then how many more with the next line said after that minute (300 requests were 300 lines)
 REFUSALS_SAID = 3
 REFUSALS_EVERY_S = 60.0
-_REFUSERS_KEPT = 4096  # client addresses remembered; past it, those of a past minute go
+# Client addresses remembered, the one whose minute began first forgotten first once that minute is over; past it, a
+# new address's refusals are counted with the other addresses', one line a minute for all (from an IPv6 /64's worth
+# the whole table was rebuilt for each new address, 35 s of the event loop for 20,480, and each one was said)
+_REFUSERS_KEPT = 4096
 
 
 class BearerAuth(HTTPBearer):
@@ -100,25 +104,44 @@ class BearerAuth(HTTPBearer):
                                      "`$HYDRAVISION_API_TOKEN`); needed only where tokens are configured")
         self._tokens = {name: token.encode() for name, token in tokens.items()}
         self._clock = time.monotonic
-        # client address: (when its minute began, lines said in it, refusals held back)
-        self._refusers: dict[str, tuple[float, int, int]] = {}
+        # client address: (when its minute began, lines said in it, refusals held back), in the order their minutes
+        # began (an address moves to the end as a new one begins): the first is the one to forget
+        self._refusers: OrderedDict[str, tuple[float, int, int]] = OrderedDict()
+        self._others: tuple[float | None, int, int] = (None, 0, 0)  # the same, of the addresses not remembered
         self._refusers_lock = threading.Lock()  # __call__ runs in FastAPI's threads, vouches in the event loop
 
     def _say_refused(self, client: str, message: str, *args: Any) -> None:
         """Logs a refusal from ``client`` unless REFUSALS_SAID were said in its minute: then it is counted, and the
-        count said with its next line after that minute (as pipeline.limits says a full file table)."""
+        count said with its next line after that minute (as pipeline.limits says a full file table). With
+        _REFUSERS_KEPT addresses refused within a minute, a new one's are counted with the other addresses': one
+        line a minute for them all."""
         now = self._clock()
         with self._refusers_lock:
-            began, said, held = self._refusers.get(client, (None, 0, 0))
+            refusers, others = self._refusers, False
+            if client not in refusers and len(refusers) >= _REFUSERS_KEPT:
+                if now - next(iter(refusers.values()))[0] >= REFUSALS_EVERY_S:
+                    refusers.popitem(last=False)  # the first minute to begin is over: its address is forgotten
+                else:
+                    others = True
+            most = 1 if others else REFUSALS_SAID
+            began, said, held = self._others if others else refusers.get(client, (None, 0, 0))
             if began is None or now - began >= REFUSALS_EVERY_S:  # its first, or a minute on: a new minute
-                if len(self._refusers) >= _REFUSERS_KEPT:
-                    self._refusers = {c: v for c, v in self._refusers.items() if now - v[0] < REFUSALS_EVERY_S}
                 began, said = now, 0
-            elif said >= REFUSALS_SAID:
-                self._refusers[client] = (began, said, held + 1)
-                return
-            self._refusers[client] = (began, said + 1, 0)
-        more = f" ({held} more from this address held back: said at most {REFUSALS_SAID} a minute)" if held else ""
+                refusers.pop(client, None)  # back in at the end, where the latest minutes are
+            entry = (began, said, held + 1) if said >= most else (began, said + 1, 0)
+            if others:
+                self._others = entry
+            else:
+                refusers[client] = entry
+        if said >= most:
+            return
+        if not held:
+            more = ""
+        elif others:
+            more = (f" ({held} more from other addresses held back: past {_REFUSERS_KEPT} addresses refused in a "
+                    "minute, one line a minute for them)")
+        else:
+            more = f" ({held} more from this address held back: said at most {REFUSALS_SAID} a minute)"
         log.warning(message + "%s", *args, more)
 
     def _check(self, header: str) -> tuple[str | None, str]:
@@ -407,45 +430,70 @@ def bind(host: str, port: int, what: str = "api") -> socket.socket:
 
 
 # How long a request's head (its request line and headers) may take to arrive, from its connection or from the
-# answer before it on a kept-alive one (see HeadDeadline)
+# answer before it on a kept-alive one, and its body (at most MAX_BODY_BYTES) from its head (see HeadDeadline)
 HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 
 
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol (the HTTP API's and the dashboard's), closing a connection whose next request's head
-    is not complete within HEAD_TIMEOUT_S. uvicorn has no such timeout (its keep-alive timer starts after a first
-    answer, and any byte stops it): connections that never finished a head (slowloris, or connect and send nothing)
-    stayed open for good, and 200 of them locked a dashboard under `ulimit -n 160` out. A request whose head is in
-    has no deadline here: a command waiting on Ray, the dashboard's event stream."""
+    is not complete within HEAD_TIMEOUT_S, or whose body is not within BODY_TIMEOUT_S of its head. uvicorn has
+    neither (its keep-alive timer starts after a first answer, and any byte stops it): connections that never
+    finished a head (slowloris, or connect and send nothing), or a body they declared, stayed open for good, and 200
+    of them locked a dashboard under `ulimit -n 160` out. A request that is all in has no deadline here: a command
+    waiting on Ray, the dashboard's event stream. One answered before its body was all in (a 401 or a 413 before
+    the body is read) is closed once the rest of its body is in (read and dropped), or at the body's deadline."""
 
-    _head_timer: asyncio.TimerHandle | None = None
+    _deadline: asyncio.TimerHandle | None = None
+    _deadline_of: Any = None  # the client's h11 state the deadline is for: IDLE (a head) or SEND_BODY (a body)
+    _answered_early = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._watch_head()
+        self._watch()
 
     def handle_events(self) -> None:
-        super().handle_events()
-        self._watch_head()
+        if not self._answered_early:
+            super().handle_events()
+        else:
+            # the rest of a body answered before it came: dropped, then closed (uvicorn would go on to read a next
+            # request); not closed at once: a client still sending would be reset, and could lose the answer
+            try:
+                while self.conn.their_state is h11.SEND_BODY and self.conn.next_event() is not h11.NEED_DATA:
+                    pass
+            except h11.RemoteProtocolError:  # a body not as its head said: closed all the same
+                pass
+            if self.conn.their_state is not h11.SEND_BODY:
+                self.transport.close()
+        self._watch()
 
     def on_response_complete(self) -> None:
+        # before uvicorn's: where the request was all in, it reads the next one, whose body may be under way
+        self._answered_early = self.conn.their_state is h11.SEND_BODY
         super().on_response_complete()
-        self._watch_head()
+        self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
         super().connection_lost(exc)
 
-    def _watch_head(self) -> None:
-        """A deadline while a request's head is awaited (h11: the client IDLE), from when the wait began."""
-        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-        if waiting and self._head_timer is None:
+    def _watch(self) -> None:
+        """A deadline while the client owes a request's head (h11: the client IDLE), from when the wait began, or
+        its body (SEND_BODY), from its head; none once the request is all in."""
+        state = None if self.transport.is_closing() else self.conn.their_state
+        if state is self._deadline_of:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._deadline_of = state
+        if state is h11.IDLE:
             # uvicorn's own idle close: the connection has sent no request yet, nothing is cut short
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.timeout_keep_alive_handler)
-        elif not waiting and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+            self._deadline = self.loop.call_later(HEAD_TIMEOUT_S, self.timeout_keep_alive_handler)
+        elif state is h11.SEND_BODY:
+            # the route reading the body is told the client disconnected (Starlette's ClientDisconnect)
+            self._deadline = self.loop.call_later(BODY_TIMEOUT_S, self.transport.close)
 
 
 class ApiServer:

@@ -46,6 +46,7 @@ def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -175,6 +176,8 @@ def create_app(hub: Hub, allowed_hosts: Sequence[str] = ()):
                                  f"{MAX_BODY_BYTES} bytes"}, status_code=413 if length.isdigit() else 411)
         try:
             camera = strict_json(await request.body())
+        except ClientDisconnect:  # gone, or closed with its body not in (pipeline.api.HeadDeadline): none to answer
+            return Response(status_code=400)
         except ValueError as e:  # also a key given twice or NaN: the controller would take the last one, or NaN
             return JSONResponse({"status": "rejected", "reason": f"the body is not JSON: {e}"}, status_code=400)
         if not isinstance(camera, dict):

@@ -230,6 +230,95 @@ def test_the_dashboard_closes_them_too_but_not_its_event_streams(deadline, redis
             sock.close()
 
 
+@pytest.fixture
+def body_deadline(deadline, monkeypatch):
+    monkeypatch.setattr(api_module, "BODY_TIMEOUT_S", 2.0)
+
+
+async def _slow_post(request: Request) -> PlainTextResponse:
+    import asyncio
+
+    body = await request.body()
+    await asyncio.sleep(3.0)  # past the body's deadline: a request all in is answered however long it takes
+    return PlainTextResponse(f"{len(body)} bytes")
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """The head of what the server answers on ``sock`` (its first bytes)."""
+    sock.settimeout(10)
+    return sock.recv(65536)
+
+
+def test_the_api_closes_connections_whose_declared_body_never_comes(body_deadline):
+    """Before: the deadline ran only while a head was awaited. A POST declaring Content-Length: 100000 without a
+    token got its 401 at once and stayed open for good while a byte came now and then (any byte stops uvicorn's
+    keep-alive timer), a GET with a Content-Length as well; without tokens the API's body reader waited on the body
+    for good. Now the body must be in within BODY_TIMEOUT_S of its head, and a connection answered before its body
+    was all in is closed once the rest is in."""
+    def extension(api, controller) -> None:
+        api.add_api_route("/slow", _slow_post, methods=["POST"])
+    server = ApiServer(build_api(Controller(), {"ops": TOKEN}, [extension])).start(bind("127.0.0.1", 0))
+    post = b"POST /cameras HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    try:
+        refused = _connect(server.port, post + b"Content-Length: 100000\r\n\r\n")
+        assert _answer(refused).startswith(b"HTTP/1.1 401 ")
+        assert _closed_within(refused, CLOSE_WAIT_S, dribble=b"x")
+        listed = _connect(server.port, b"GET /cameras HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode())
+        assert _answer(listed).startswith(b"HTTP/1.1 200 ")
+        assert _closed_within(listed, CLOSE_WAIT_S, dribble=b"x")
+        # answered before its body came, then the body: the whole answer read, then closed (not reset)
+        late = _connect(server.port, post + b"Content-Length: 2\r\n\r\n")
+        answer = _answer(late)
+        late.sendall(b"{}")
+        while not answer.endswith(b"}"):
+            answer += late.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"missing bearer token" in answer
+        assert _closed_within(late, CLOSE_WAIT_S)
+        # a body that comes within the deadline, and an answer that takes longer than it, are fine
+        status, _ = request(server.port, "POST", "/slow", {"Host": "127.0.0.1"}, b"{}")
+        assert status == 200
+        for sock in (refused, listed, late):
+            sock.close()
+    finally:
+        server.stop()
+    server = ApiServer(build_api(Controller(), {})).start(bind("127.0.0.1", 0))  # no tokens: the body is read
+    try:
+        silent = _connect(server.port, post + b"Content-Length: 1000\r\n\r\n")
+        dribbling = _connect(server.port, post + b"Content-Length: 1000\r\n\r\n")
+        assert _closed_within(silent, CLOSE_WAIT_S) and _closed_within(dribbling, CLOSE_WAIT_S, dribble=b" ")
+        for sock in (silent, dribbling):
+            sock.close()
+    finally:
+        server.stop()
+
+
+def test_the_dashboard_closes_connections_whose_declared_body_never_comes(body_deadline, redis_server):
+    """Before: POST /api/cameras with Content-Length: 1000 and no body waited on it for good (control off too): still
+    open and unanswered after 12 s, and 200 of them locked the dashboard out as slow heads had. The body reader's
+    ClientDisconnect, once closed, is no traceback in the log."""
+    with DashboardServer(redis_server.url, interval_s=0.2) as server:
+        failed: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = failed.append  # type: ignore[method-assign]
+        logging.getLogger("uvicorn.error").addHandler(handler)  # the dashboard's uvicorn logs there, not propagated
+        try:
+            post = (b"POST /api/cameras HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n")
+            silent, dribbling = _connect(server.port, post), _connect(server.port, post)
+            assert _closed_within(silent, CLOSE_WAIT_S) and _closed_within(dribbling, CLOSE_WAIT_S, dribble=b" ")
+            # a body all in is answered as before (control is off)
+            camera = json.dumps({"id": "lobby", "url": "synthetic://street"}).encode()
+            status, answer = request(server.port, "POST", "/api/cameras",
+                                     {"Host": "127.0.0.1", "Content-Type": "application/json"}, camera)
+            assert status == 403 and "control is off" in answer["reason"], answer
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+        assert [r.getMessage() for r in failed if r.levelno >= logging.ERROR] == []
+        for sock in (silent, dribbling):
+            sock.close()
+
+
 # -- 3. the token in the OpenAPI schema -------------------------------------------------------------------------
 
 def test_the_schema_declares_the_bearer_token_and_the_refusals():
@@ -308,6 +397,43 @@ def test_refusals_are_logged_a_few_a_minute_per_client_then_counted(caplog):
                               "a minute)"), said()[-1]
         refuse("192.0.2.2")
         assert said()[-1].endswith(": Authorization: missing bearer token") and len(said()) == 6
+
+
+def test_refusals_from_many_addresses_keep_a_bounded_table_and_few_lines(caplog):
+    """Before: past 4096 remembered addresses each new one rebuilt the whole table (in the event loop, for vouches),
+    and each was said: 20,480 addresses of an IPv6 /64 in a minute took 35 s of CPU, 20,480 lines. Now the table
+    keeps 4096, the first minute to begin forgotten first once it is over, and with all of them refused within a
+    minute a new address's refusals are counted with the other addresses': one line a minute for them."""
+    auth = BearerAuth({"ops": TOKEN})
+    now = [1000.0]
+    auth._clock = lambda: now[0]
+    kept = api_module._REFUSERS_KEPT
+
+    def refuse(client: str) -> None:
+        with pytest.raises(HTTPException):
+            auth(_request_from(client))
+        now[0] += 0.001
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "pipeline.api"]
+
+    refused = "HTTP API: refused GET /cameras from {}: Authorization: missing bearer token"
+    with caplog.at_level(logging.WARNING, logger="pipeline.api"):
+        for i in range(3 * kept):
+            refuse(f"2001:db8::{i:x}")
+        assert len(auth._refusers) == kept
+        assert len(said()) == kept + 1 and said()[-1] == refused.format(f"2001:db8::{kept:x}")
+        refuse("2001:db8::5")  # remembered: its own few lines still
+        assert len(said()) == kept + 2 and said()[-1] == refused.format("2001:db8::5")
+        # a minute on: new addresses take the places of those whose minute is over, then the others' count is said
+        now[0] += 60
+        for i in range(kept + 1):
+            refuse(f"2001:db8:1::{i:x}")
+        assert len(auth._refusers) == kept and "2001:db8::5" not in auth._refusers
+        assert len(said()) == 2 * kept + 3
+        assert said()[-1] == refused.format(f"2001:db8:1::{kept:x}") + (
+            f" ({2 * kept - 1} more from other addresses held back: past {kept} addresses refused in a minute, one "
+            "line a minute for them)"), said()[-1]
 
 
 # -- 5. nits ---------------------------------------------------------------------------------------------------
