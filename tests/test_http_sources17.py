@@ -8,6 +8,10 @@
    finished playlist, opened as a file, played its last window again. Now its end ends the camera, as a file's.
 3. A live HLS stream came a segment at a time, unpaced: the newest-wins slot dropped most of each burst as
    "overload". Now a live segmented stream is paced to its timestamps; a live socket (MJPEG) stays unpaced.
+4. A live HLS playlist that stopped growing past read_timeout_s (an encoder restarting) reconnected, and FFmpeg,
+   starting the reopened playlist 3 segments back, had its last segments analysed again as new frames (new stream
+   time, tracks and events twice). Now what was handed over is skipped by the stream's own timestamps, within a
+   window: an encoder restarted with timestamps from 0 is analysed.
 
 The web server is Python's, on a free port, in a thread of the test; clips and segments are made here with PyAV.
 The pipeline runs without Ray, publishing to an in-memory publisher.
@@ -18,6 +22,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -54,16 +59,19 @@ def mp4(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def segments(directory: Path, n: int) -> list[bytes]:
-    """``n`` MPEG-TS segments of SEGMENT_FRAMES pictures each, cut by FFmpeg's HLS muxer from one stream."""
-    rng = np.random.default_rng(2)
+def segments(directory: Path, n: int, start_s: int = 0, seed: int = 2) -> list[bytes]:
+    """``n`` MPEG-TS segments of SEGMENT_FRAMES pictures each, cut by FFmpeg's HLS muxer from one stream whose
+    timestamps start at ``start_s`` (an encoder running that long); ``seed``: other pictures."""
+    rng = np.random.default_rng(seed)
     options = {"hls_time": str(SEGMENT_FRAMES / FPS), "hls_list_size": "0",
                "hls_segment_filename": str(directory / "seg%d.ts")}
     with av.open(str(directory / "all.m3u8"), "w", format="hls", options=options) as out:
         stream = out.add_stream("libx264", rate=FPS, options={"preset": "ultrafast", "g": str(SEGMENT_FRAMES)})
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        for _ in range(n * SEGMENT_FRAMES):
-            out.mux(stream.encode(noise(rng)))
+        for i in range(n * SEGMENT_FRAMES):
+            frame = noise(rng)
+            frame.pts, frame.time_base = start_s * FPS + i, Fraction(1, FPS)
+            out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return [(directory / f"seg{s}.ts").read_bytes() for s in range(n)]
 
@@ -336,3 +344,74 @@ def test_normal_path_guard_a_live_mjpeg_stream_stays_unpaced_and_live_hls_is_pac
     finally:
         source.close()
     assert CountingPacer.waits == 2
+
+
+# -- 4. a live HLS stream that reconnects goes on after the frames it handed over -------------------------------------
+
+def fed(web: Web, pub: Messages, last: int):
+    """A run_camera condition: once the camera reconnected, adds segments to the playlist two ahead of the one the
+    camera is at (FFmpeg finds the next listed when it needs it: none waits for a reload, its last frame held), up
+    to ``last`` segments, then #EXT-X-ENDLIST. Never true."""
+    def feed(pipe: CameraPipeline) -> bool:
+        if (pub.of("stream_reconnecting") and web.shown < last
+                and pipe.stats()["decoded"] >= (web.shown - 2) * SEGMENT_FRAMES):
+            web.shown += 1
+            web.ended = web.shown == last
+        return False
+    return feed
+
+
+@pytest.mark.timeout(90)
+def test_a_live_hls_playlist_that_pauses_past_the_read_timeout_analyses_every_frame_once(web, tmp_path,
+                                                                                        quick_backoff) -> None:
+    """Live with three segments that stop there (an encoder restarting) past read_timeout_s: the camera reconnects,
+    and FFmpeg starts the reopened playlist 3 segments back, at what was analysed already. Then the playlist goes
+    on to 8 segments and ends. Every frame is read once and analysed at most once, in order, its stream time the
+    stream's own (no gap for the outage: nothing of the video was missed), in one outage. Before: the reopened
+    window's frames were analysed again as new ones, their stream time seconds later (the outage's wall time)."""
+    web.segments = segments(tmp_path, 8)
+    web.shown = 3
+    pub, images = Messages(), []
+    camera = {**hls_camera(web, realtime=True), "read_timeout_s": 3}
+    final = run_camera(camera, fed(web, pub, 8), pub, images)
+    # each frame read once; analysed, or (a loaded machine) replaced unseen in the newest-wins slot
+    assert final["state"] == "ended" and final["decoded"] == 8 * SEGMENT_FRAMES, final
+    assert final["published"] + final["dropped"]["overload"] == final["decoded"], final
+    assert len(set(images)) == len(images) == final["published"], "a picture analysed twice"
+    assert pub.frames == sorted(set(pub.frames)) and pub.frames[-1] == 8 * SEGMENT_FRAMES - 1, pub.frames
+    assert np.allclose(pub.pts, np.array(pub.frames) / FPS, atol=1e-3), pub.pts  # no gap, no replay: its own time
+    kinds = [e["type"] for e in pub.of(*STREAM_EVENTS) if e["type"] != "stream_reconnecting"]
+    assert kinds == ["stream_up", "stream_down", "stream_up", "stream_down"], kinds
+    assert pub.of("stream_down")[-1]["reason"] == workers.capture.END_OF_FILE and final["reconnects"] == 1, final
+
+
+@pytest.mark.timeout(90)
+def test_normal_path_guard_a_live_hls_encoder_restarted_with_timestamps_from_0_is_analysed(web, tmp_path,
+                                                                                         quick_backoff) -> None:
+    """An encoder whose timestamps had reached 100 s has its playlist gone (404) after three segments; back, the
+    playlist lists a restarted encoder's segments, timestamps from 0, and ends after five of them. All five are
+    analysed: far more than a few segments back from the last frame handed over, they are new, not a replay of it
+    to skip (skipping every frame up to it would skip the restarted stream's first 100 s)."""
+    old = segments(tmp_path, 3, start_s=100)
+    (tmp_path / "restarted").mkdir()
+    restarted = segments(tmp_path / "restarted", 5, seed=3)
+    web.segments = old
+    web.shown = 3
+
+    def switch(pipe: CameraPipeline) -> bool:
+        if web.segments is not old:
+            return feed(pipe)
+        web.gone = web.gone or pipe.stats()["decoded"] >= 3 * SEGMENT_FRAMES - 1
+        if web.gone and pub.of("stream_reconnecting"):
+            # back with the restarted encoder's first three segments (the playlist's window)
+            web.segments, web.shown, web.gone = old + restarted, 6, False
+        return False
+
+    pub, images = Messages(), []
+    feed = fed(web, pub, 8)
+    final = run_camera({**hls_camera(web, realtime=True), "read_timeout_s": 3}, switch, pub, images)
+    assert final["state"] == "ended" and final["reconnects"] == 1, final
+    assert len(set(images)) == len(images) == final["published"], "a picture analysed twice"
+    # all 50 of the restarted encoder's; the old one's last frame may be held by FFmpeg when the playlist went
+    assert 3 * SEGMENT_FRAMES - 1 + 5 * SEGMENT_FRAMES <= final["decoded"] <= 8 * SEGMENT_FRAMES, final
+    assert pub.pts == sorted(set(pub.pts)), pub.pts

@@ -136,6 +136,9 @@ FETCHING_FORMATS = frozenset({"hls", "dash", "imf", "concat", "sdp", "rtp", "rts
 # How an http(s) reply that is one of them starts (FFmpeg's probes find them so)
 _FETCHING_MARKS = (b"#extm3u", b"ffconcat", b"<mpd", b"v=0")
 SEGMENTED_FORMATS = frozenset({"hls", "dash"})  # live, they come a segment (seconds of frames) at a time
+# How far back a live HLS/DASH stream reopened after a reconnect may replay what was handed over (FFmpeg starts it
+# live_start_index, 3, segments before its live edge): a frame further back is new (an encoder restarted from 0)
+REPLAY_WINDOW_S = 60
 
 
 def confined_options() -> dict[str, str]:
@@ -225,6 +228,9 @@ class AVSource(Source):
         self.corrupt_frames = 0
         self._container: av.container.InputContainer | None = None
         self._closed = False
+        # A live HLS/DASH stream's own time (exact, seconds) of the last frame its user handed over before a reconnect,
+        # set before reading the reopened stream: the frames up to it are skipped (_replayed). Kept across open().
+        self.resume_after: Fraction | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -245,6 +251,10 @@ class AVSource(Source):
         # A live segmented stream that said its end (an HLS playlist's #EXT-X-ENDLIST): Capture ends the camera
         # instead of reconnecting (see _at_end)
         self.finished = False
+        self.last_stamp: Fraction | None = None  # a live HLS/DASH stream's own time of the last frame read returned
+        # The stream's own time from resume_after to the first frame after it, where that follows on within
+        # REPLAY_WINDOW_S (the stream resumed: its user's stream time can go on by it); else None
+        self.resumed_s: float | None = None
         self._video_packets = 0  # non-empty video packets demuxed since the last (re)start
         self._last_video_packet: float | None = None  # monotonic: when the last of them came (read)
         self._opened_at = time.monotonic()  # the first picture's allowance counts from here (read)
@@ -260,10 +270,11 @@ class AVSource(Source):
         self._last_dts: int | None = None
         self._faulty_pts = self._faulty_dts = 0
 
-    def _frame_time(self, frame: av.VideoFrame) -> float | None:
-        """The frame's time in seconds as FFmpeg's best_effort_timestamp picks it (PyAV does not expose that): its pts,
-        or its packet's dts once pts has gone backwards more often than dts. An AVI's B-frames carry their pts in
-        decode order: read as they are, each backward step re-anchored the clock and stream time ran ~2x fast."""
+    def _frame_time(self, frame: av.VideoFrame) -> Fraction | None:
+        """The frame's time in seconds, exact (a count of its time base), as FFmpeg's best_effort_timestamp picks it
+        (PyAV does not expose that): its pts, or its packet's dts once pts has gone backwards more often than dts. An
+        AVI's B-frames carry their pts in decode order: read as they are, each backward step re-anchored the clock
+        and stream time ran ~2x fast."""
         pts, dts = frame.pts, frame.dts
         if dts is not None:
             self._faulty_dts += self._last_dts is not None and dts <= self._last_dts
@@ -272,7 +283,7 @@ class AVSource(Source):
             self._faulty_pts += self._last_pts is not None and pts <= self._last_pts
             self._last_pts = pts
         best = pts if pts is not None and (dts is None or self._faulty_pts <= self._faulty_dts) else dts
-        return None if best is None or frame.time_base is None else float(best * frame.time_base)
+        return None if best is None or frame.time_base is None else best * frame.time_base
 
     def _error(self, kind: str, cause: str) -> SourceError:
         return SourceError.for_url(kind, self._raw_url, cause)
@@ -466,23 +477,29 @@ class AVSource(Source):
         stream, a closed source)."""
         if self._container is None:
             raise self._error("ended", "the source is closed" if self._closed else "the source is not open")
-        # Counted from when the source went quiet: a frozen camera's last frame, held by FFmpeg's parser until the
-        # next one began, came out only when FFmpeg's own timeout ended the wait, and restarted the count (the camera
-        # was found frozen after twice read_timeout_s)
-        deadline = (self._quiet_since or time.monotonic()) + self.read_timeout_s
-        while not self._pending:
-            if self._eof:
-                if self._end_error is not None:
-                    raise self._end_error
-                return None
-            now = time.monotonic()
-            if now > deadline and not self._awaiting_key_frame(now):
-                raise self._error("timeout", self._no_picture(now))
-            self._decode_next_packet()
-        frame = self._pending.popleft()
+        while True:  # until a frame not handed over before a reconnect (_replayed; each skipped one is a picture)
+            # Counted from when the source went quiet: a frozen camera's last frame, held by FFmpeg's parser until the
+            # next one began, came out only when FFmpeg's own timeout ended the wait, and restarted the count (the
+            # camera was found frozen after twice read_timeout_s)
+            deadline = (self._quiet_since or time.monotonic()) + self.read_timeout_s
+            while not self._pending:
+                if self._eof:
+                    if self._end_error is not None:
+                        raise self._end_error
+                    return None
+                now = time.monotonic()
+                if now > deadline and not self._awaiting_key_frame(now):
+                    raise self._error("timeout", self._no_picture(now))
+                self._decode_next_packet()
+            frame = self._pending.popleft()
+            stamp = None if self._arrival else self._frame_time(frame)
+            if not self._replayed(stamp):
+                break
+        if self.live and self._segmented:
+            self.last_stamp = stamp
         # came before the source went quiet (held, see above): its age counts from then, not from its release
         arrived = self._quiet_since or time.monotonic()
-        pts = self._clock(arrived if self._arrival else self._frame_time(frame))
+        pts = self._clock(arrived if self._arrival else None if stamp is None else float(stamp))
         if self._pass_start is None:
             self._pass_start = pts
         # A paced file's picture is "taken" when it is due, not when it was decoded ahead (the first paced frame
@@ -499,6 +516,21 @@ class AVSource(Source):
             out.size = out.image.shape[:2]
         self._index += 1
         return out
+
+    def _replayed(self, stamp: Fraction | None) -> bool:
+        """Whether a frame of a live HLS/DASH stream reopened after a reconnect was handed over before it: FFmpeg
+        starts a live playlist a few segments back, and they were analysed again as new frames (new stream time,
+        new tracks, zone and line events again). By the stream's own time (MPEG-TS timestamps run on across
+        segments, exact in its time base): at or before resume_after and within REPLAY_WINDOW_S of it; the first
+        frame past it ends the resume, so an encoder restarted from 0 or timestamps that jumped skip nothing more."""
+        if self.resume_after is None or not (self.live and self._segmented):
+            return False
+        if stamp is not None and self.resume_after - REPLAY_WINDOW_S < stamp <= self.resume_after:
+            return True
+        gap = None if stamp is None else stamp - self.resume_after
+        self.resumed_s = float(gap) if gap is not None and 0 < gap <= REPLAY_WINDOW_S else None
+        self.resume_after = None
+        return False
 
     @property
     def first_picture_wait_s(self) -> float:

@@ -331,6 +331,7 @@ class Capture:
         up = False  # a stream_up went out, and no stream_down since
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         last_pts = self.last_pts
+        stamp = None  # a live HLS/DASH stream's own time of the last frame handed over (AVSource.last_stamp)
         try:
             while not self._stop.is_set():
                 source: Source | None = None
@@ -349,6 +350,10 @@ class Capture:
                     self.heartbeat = time.monotonic() + getattr(source, "first_picture_wait_s", cam.read_timeout_s)
                     if source.live:  # a camera (or a paced scene) shows what it shows now: skip nothing, only
                         self.resume_at = 0  # continue the numbering (skipping through a paced source takes real time)
+                        # but live HLS/DASH reopens a few segments back: it skips what was handed over, by its own
+                        # timestamps (analysed again, ~3 segments' tracks and zone and line events came twice)
+                        if hasattr(source, "resume_after"):
+                            source.resume_after = stamp
                     self.source_fps = source.nominal_fps
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
                     period = 1 / self.source_fps if self.source_fps else 0.04
@@ -381,13 +386,18 @@ class Capture:
                         self.last_frame_wall = time.time()
                         came = time.monotonic() - max(0.0, self.last_frame_wall - frame.wall)  # when it came (wall)
                         if clock_from is not None:  # the first frame after a live source's reconnect
-                            self.pts_offset = last_pts + max(period, came - clock_from) - frame.pts
+                            # one that went on after the frames handed over (live HLS/DASH) follows them by its own
+                            # timestamps: nothing of it was missed, and the outage's wall time is no gap in it
+                            resumed = getattr(source, "resumed_s", None)
+                            gap = resumed if resumed is not None else max(period, came - clock_from)
+                            self.pts_offset = last_pts + gap - frame.pts
                             clock_from = None
                         self.last_frame_mono = came
                         pts = self.pts_offset + frame.pts
                         last_pts = self.last_pts = pts
                         # self.camera read per frame: a live update of fps applies from the next one
                         position = frame.index + 1
+                        stamp = getattr(source, "last_stamp", None)
                         if not configured.admit(pts, self.camera.fps):
                             if not self.slot.skip(self.generation, position=position):
                                 return
