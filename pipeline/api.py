@@ -370,7 +370,10 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state",
              responses=AUTH_ANSWERS)
     def list_cameras(by: str = Depends(auth)) -> dict:
-        return accepted("list", None, by, controller.list_cameras())
+        # and the service's redis.prefix: `cameras --api URL --prefix P` refuses another prefix's service
+        prefix = getattr(getattr(getattr(controller, "config", None), "redis", None), "prefix", None)
+        return {**accepted("list", None, by, controller.list_cameras()),
+                "prefix": prefix if isinstance(prefix, str) else None}
 
     @api.post("/cameras", status_code=201, summary="add a camera; the others keep running", responses=AUTH_ANSWERS,
               openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))

@@ -13,7 +13,9 @@ import http.client
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,10 +30,11 @@ from workers.settings import redis_url_error
 API_URL_ENV, API_TOKEN_ENV, REDIS_URL_ENV = "HYDRAVISION_API_URL", "HYDRAVISION_API_TOKEN", "HYDRAVISION_REDIS_URL"
 QUIET_S = 3.0  # an answer later than this is waited for with a line saying so
 WAIT_READ_S = 2.0  # a read of the answer's wait: control.await_answer blocks 1 s at most, and 1 s for a busy Redis
+READ_LATELY_S = 10.0  # a service's control stream consumer reads every 250 ms: one idle longer is taken as stopped
 
 
 def add_parser(sub: Any) -> None:
-    from pipeline.cli import seconds  # the CLI's own checks; it imports this module only when building its parser
+    from pipeline.cli import prefix, seconds  # the CLI's own checks; it imports this module only to build its parser
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", default=None, metavar="URL",
@@ -39,7 +42,9 @@ def add_parser(sub: Any) -> None:
                              "--redis-url is given; without either, the Redis control stream)")
     common.add_argument("--token", default=None, help=f"bearer token for --api (better: ${API_TOKEN_ENV})")
     common.add_argument("--redis-url", default=None, help=f"Redis of the service (default: ${REDIS_URL_ENV})")
-    common.add_argument("--prefix", default="hv", help="the service's Redis key prefix (default hv)")
+    # None unless given: an explicit one is checked against the service behind --api (HttpChannel)
+    common.add_argument("--prefix", type=prefix, default=None,
+                        help="the service's Redis key prefix (default hv); with --api, the service there must have it")
     # 90: an add's camera may take the service's start budget for one camera (65 s) to start, then answers
     common.add_argument("--timeout", type=seconds, default=90.0, metavar="S",
                         help="wait this long for the answer (default 90)")
@@ -82,10 +87,35 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class HttpChannel:
-    def __init__(self, base: str, token: str | None, timeout: float):
+    def __init__(self, base: str, token: str | None, timeout: float, prefix: str | None = None,
+                 source: str = "--api"):
         self.base, self.token, self.timeout = base.rstrip("/"), token, timeout
+        # An explicit --prefix, which the service behind the API must have: ignored, `--prefix pa` with pb's API in
+        # $HYDRAVISION_API_URL changed pb's camera. Checked once, on a list (it changes nothing), before any command.
+        self.prefix, self.source = prefix, source
 
     def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        if self.prefix is not None:
+            listed = self._send("list")
+            if listed.get("status") != "accepted":  # a token refused, say: the command's answer too
+                return listed
+            self._check_prefix(listed.get("prefix"))
+            self.prefix = None
+            if op == "list":
+                return listed
+        return self._send(op, camera_id, body)
+
+    def _check_prefix(self, served: Any) -> None:
+        api = f"the HTTP API at {redact_url(self.base)} ({self.source})"
+        other = f"give --redis-url to reach prefix {self.prefix!r}'s control stream"
+        if served is None:  # a service of a version whose answers do not name it
+            raise UserError(f"--prefix {self.prefix}: {api} does not say its service's prefix (an older version): "
+                            f"nothing sent. Leave --prefix out to send the command there, or {other}")
+        if served != self.prefix:
+            raise UserError(f"--prefix {self.prefix}: {api} is the service of prefix {served!r}, not "
+                            f"{self.prefix!r}: nothing sent. Give that prefix's own API, or {other}")
+
+    def _send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
         one = f"/cameras/{urllib.parse.quote(camera_id or '', safe='')}"  # 'lobby?x' is not camera lobby
         method, path = {"list": ("GET", "/cameras"), "add": ("POST", "/cameras"),
                         "export": ("GET", "/cameras/export"), "update": ("PATCH", one), "remove": ("DELETE", one)}[op]
@@ -136,7 +166,7 @@ class RedisChannel:
 
         from pipeline.control import control_key, results_key
 
-        self.url, self.timeout = url, timeout
+        self.url, self.prefix, self.timeout = url, prefix, timeout
         self.key, self.results = control_key(prefix), results_key(prefix)
         # No command may outlast --timeout either: on a frozen Redis (SIGSTOP) each of them (ACL WHOAMI, TIME,
         # XREVRANGE, XADD) hung 10 s, whatever --timeout said.
@@ -175,6 +205,7 @@ class RedisChannel:
             command["id"] = camera_id
             if op == "update":
                 command["changes"] = body
+        self._refuse_without_service()
         last = self.client.xrevrange(self.results, count=1)
         after = last[0][0] if last else "0-0"
         try:
@@ -194,6 +225,12 @@ class RedisChannel:
             raise UserError(f"lost Redis at {redact_url(self.url)} while waiting for the answer "
                             f"({type(lost).__name__}): the command may have been applied (see `cameras list`)"
                             ) from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main): taken back as at the timeout, not left for ever
+            try:
+                take_back(self.client, self.key, entry_id)
+            except redis.RedisError:
+                pass
+            raise
         finally:
             waiter.close()
         if answer is not None:
@@ -201,6 +238,55 @@ class RedisChannel:
         raise UserError(f"no answer on {self.results} within {self.timeout:g} s: "
                         + take_back(self.client, self.key, entry_id))
 
+
+    def _refuse_without_service(self) -> None:
+        """No lease {prefix}:service (pipeline/service_lease.py): no service runs on this prefix now (one starting
+        takes it first, one stopped cleanly deletes it), so none will answer: said at once, nothing written. The
+        command waited its whole --timeout (90 s) for nobody. Where the lease cannot be read (an ACL), it waits."""
+        import redis
+
+        from pipeline.service_lease import lease_key
+
+        try:
+            if self.client.exists(lease_key(self.prefix)) or self._read_lately():
+                return  # a service runs, busy or starting: its answer is waited for
+        except redis.ResponseError:
+            return
+        held = self._leased_prefixes()
+        there = (f"prefixes with a service there: {', '.join(held)}" if held else
+                 "no service holds any prefix there" if held is not None else "")
+        raise UserError(f"no hydravision service runs on prefix {self.prefix!r} at {redact_url(self.url)} now (no "
+                        f"lease {lease_key(self.prefix)}, which a running service holds): nothing sent"
+                        + (f"; {there}" if there else ""))
+
+    def _read_lately(self) -> bool:
+        """Whether a consumer read {prefix}:control in the last READ_LATELY_S: a service of a version before the
+        lease holds none, yet reads it (every 250 ms) and answers."""
+        if not self.client.exists(self.key):
+            return False
+        return any(consumer["idle"] < READ_LATELY_S * 1000 for group in self.client.xinfo_groups(self.key)
+                   for consumer in self.client.xinfo_consumers(self.key, group["name"]))
+
+    def _leased_prefixes(self) -> list[str] | None:
+        """The prefixes whose lease is held on this Redis, or None where that is not cheap to tell (a SCAN
+        refused, or more keys than a few SCANs look through)."""
+        import redis
+
+        keys: list[bytes] = []
+        cursor = 0
+        try:
+            for _ in range(10):  # up to ~10,000 keys: a Redis of a few services; a bigger one is not looked through
+                cursor, found = self.client.scan(cursor, match="*:service", count=1000)
+                keys += found
+                if not cursor:
+                    break
+            else:
+                return None
+            values = self.client.mget(keys) if keys else []
+        except redis.ResponseError:
+            return None
+        return sorted(k.decode(errors="replace").removesuffix(":service") for k, v in zip(keys, values)
+                      if _is_lease(v))
 
     def _waiting_note(self, entry_id: Any) -> str:
         """What the wait past QUIET_S is for: with no service on this Redis it was 90 s of silence. A service
@@ -222,6 +308,14 @@ class RedisChannel:
 
 
 
+def _is_lease(value: Any) -> bool:
+    """Whether a key's value is a service lease (pipeline/service_lease.py writes {"run": ..., "pid": ...})."""
+    try:
+        return isinstance(lease := json.loads(value), dict) and "run" in lease
+    except (TypeError, ValueError):
+        return False
+
+
 def _answer(value: Any) -> dict:
     """A decoded answer, which must be a JSON object (ValueError otherwise)."""
     if not isinstance(value, dict):
@@ -234,8 +328,9 @@ def _channel(args: argparse.Namespace) -> HttpChannel | RedisChannel:
     # whichever service that names instead, without a word
     api = args.api or (None if args.redis_url else os.environ.get(API_URL_ENV))
     if api:
-        return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout)
-    return RedisChannel(redis_url(args.redis_url), args.prefix, args.timeout)
+        return HttpChannel(api, args.token or os.environ.get(API_TOKEN_ENV), args.timeout, args.prefix,
+                           "--api" if args.api else f"${API_URL_ENV}")
+    return RedisChannel(redis_url(args.redis_url), args.prefix or "hv", args.timeout)
 
 
 def redis_url(given: str | None) -> str:
@@ -336,6 +431,25 @@ def _yaml_problem(err: Any) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # as Ctrl-C: a command waiting for its answer is taken back
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    # the main thread only can set a handler (a program calling main() from another thread keeps SIGTERM's)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        return _command(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if terminated:  # then ended by SIGTERM, as before
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _command(args: argparse.Namespace) -> int:
     channel = _channel(args)
     camera_id = getattr(args, "camera_id", None)
     body = _camera_fields(args) if args.action in ("add", "update") else None

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -67,6 +68,18 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
+
+
+def prefix(text: str) -> str:
+    """A --prefix a service can have: the config's redis.prefix pattern (`status --prefix ''` read ":cameras",
+    and `cameras list --prefix 'a b'` left a stream "a b:control" behind)."""
+    from workers.settings import RedisConfig  # the pattern's one home; imported by the CLI's parser already
+
+    pattern = next(m.pattern for m in RedisConfig.model_fields["prefix"].metadata if getattr(m, "pattern", None))
+    if not re.fullmatch(pattern, text):
+        raise argparse.ArgumentTypeError(f"expected a redis.prefix (1-32 letters, digits, '_', '.' or '-', as the "
+                                         f"config takes), got {text!r}")
+    return text
 
 
 def parse_head(text: str) -> tuple[str, list[str]]:
@@ -206,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("camera", nargs="?", default=None)
     tl.add_argument("--events", action="store_true", help="tail the events stream instead of a camera")
     tl.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
-    tl.add_argument("--prefix", default="hv", help=PREFIX_HELP)
+    tl.add_argument("--prefix", type=prefix, default="hv", help=PREFIX_HELP)
     tl.add_argument("--from-start", action="store_true", help="start at the oldest message kept")
     tl.add_argument("--count", type=positive_int, default=None, help="stop after N messages")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
@@ -221,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="the cameras table from Redis (stale entries marked), from any machine")
     st.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
-    st.add_argument("--prefix", default="hv", help=PREFIX_HELP)
+    st.add_argument("--prefix", type=prefix, default="hv", help=PREFIX_HELP)
     st.add_argument("--json", action="store_true", help="print the statuses as JSON")
 
     from pipeline.camera_commands import add_parser as add_cameras_parser  # no heavy imports in there
@@ -230,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("dashboard", help="a live web page of the cameras and events, read from Redis alone")
     db.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
-    db.add_argument("--prefix", default="hv", help=PREFIX_HELP)
+    db.add_argument("--prefix", type=prefix, default="hv", help=PREFIX_HELP)
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the page has no login: "
                     "keep it local or behind a proxy that has one)")
     db.add_argument("--port", type=port, default=8765, help="default 8765; 0: a free one")

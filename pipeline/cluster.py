@@ -110,7 +110,32 @@ def init_ray(config: Any, system_config: dict) -> None:
     # Rays before token auth have no such class
     except (ConnectionError, RuntimeError, ValueError,
             getattr(ray.exceptions, "AuthenticationError", ConnectionError)) as e:
+        if _refused_for_token(e):
+            raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {_token_advice()}") from None
         raise UserError(f"{where}: cannot join the Ray cluster at {address!r}: {e}".splitlines()[0]) from None
+
+
+def _refused_for_token(error: BaseException | None) -> bool:
+    """Whether ray.init failed because the cluster's GCS refused this driver's token (InvalidAuthToken): Ray says
+    only "Failed to connect to Ray cluster at ..." after ~20 s, and the GCS's refusal is in the text of the
+    RuntimeError it raised that from. (No token at all with RAY_AUTH_MODE=token is Ray's own clear error.)"""
+    while error is not None:
+        if "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _token_advice() -> str:
+    """What to set where the cluster requires Ray's token auth (`ray start --head` turns it on by default)."""
+    if (os.environ.get("RAY_AUTH_MODE") or "").strip().lower() != "token":
+        # with an explicit address and RAY_AUTH_MODE unset, ray.init sends no token, even with ~/.ray/auth_token
+        why = "RAY_AUTH_MODE is not 'token' here, so no token was sent"
+    else:
+        why = "the token here is not the cluster's"
+    return (f"the cluster requires Ray's token authentication and {why}: set RAY_AUTH_MODE=token and the "
+            "cluster's token (its head's ~/.ray/auth_token, in ~/.ray/auth_token here or in RAY_AUTH_TOKEN), "
+            "as docs/scaling.md ('Token auth') says")
 
 
 def unguarded_ray() -> str | None:

@@ -116,3 +116,10 @@ def serving(handler: type) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def hold_lease(client, prefix: str = "hv") -> None:
+    """Holds ``{prefix}:service`` as a running service does (pipeline/service_lease.py): the `cameras` CLI over Redis
+    refuses at once, nothing sent, where no service holds it. For tests of a service that holds it and does not
+    answer (busy, hung, or a reader of the test's own)."""
+    client.set(f"{prefix}:service", '{"run": "test", "pid": 0, "host": "test"}', px=600_000)

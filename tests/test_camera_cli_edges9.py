@@ -17,6 +17,7 @@ from rich.console import Console
 
 from pipeline.cli import main
 from pipeline.status import status_table
+from servers import hold_lease
 
 
 def _error_lines(err: str) -> list[str]:
@@ -259,6 +260,7 @@ def test_a_command_no_service_answers_says_what_it_waits_for(redis_server, capsy
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """`cameras list --redis-url` with no service on that Redis: 90 s of silence, then the error. After a few
     seconds it now says what it waits for, and that nothing ever read the control stream there."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     from pipeline import camera_commands
 
     monkeypatch.setattr(camera_commands, "QUIET_S", 0.5)

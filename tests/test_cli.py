@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from servers import hold_lease
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET_URL = "rtsp://admin:p@ss:w0rd@cam/x"
@@ -252,6 +253,7 @@ def test_cameras_list_and_status_show_brackets_in_urls_and_errors_as_written(
 ])
 def test_a_command_left_unanswered_is_said_to_expire_only_if_no_service_read_it(
         read: bool, message: str, redis_server, capsys: pytest.CaptureFixture) -> None:
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     import threading
 
     client = redis_server.client()

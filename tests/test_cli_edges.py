@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from workers.publish import keys
+from servers import hold_lease
 
 REPO = Path(__file__).resolve().parent.parent
 K = keys("hv")
@@ -181,6 +182,7 @@ def test_cameras_export_says_which_out_file_it_cannot_write(http_stand_in, tmp_p
 
 def test_cameras_over_redis_say_what_redis_refused_in_one_line(redis_server, capsys: pytest.CaptureFixture) -> None:
     """An ACL user that may not XADD, or a results key of another type: redis-py's ResponseError was "a bug"."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     client = redis_server.client()
     client.execute_command("ACL", "SETUSER", "reader", "on", ">readerpw", "~*", "+@read", "+ping", "+acl|whoami")
     reader_url = redis_server.url.replace("redis://", "redis://reader:readerpw@")
@@ -201,6 +203,7 @@ def test_cameras_over_redis_say_what_redis_refused_in_one_line(redis_server, cap
 def test_cameras_over_redis_read_past_entries_that_are_not_answers(redis_server, capsys: pytest.CaptureFixture) -> None:
     """Another writer's entry on the results stream (not JSON, no data field, a JSON list) ended the command with
     JSONDecodeError, "a bug", though the service's answer came right after it."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     client = redis_server.client()
 
     def service() -> None:  # a stand-in for the controller: junk first, then the answer

@@ -19,6 +19,7 @@ from pipeline.cli import main
 from pipeline.consumer import GroupConsumer
 from pipeline.control import ControlConsumer
 from running import wait_for
+from servers import hold_lease
 
 CONTROL, RESULTS = "hv:control", "hv:control:results"
 
@@ -179,6 +180,7 @@ def test_a_command_read_but_not_yet_answered_is_said_to_be_read_after_other_answ
     (another sender's command, answered while ours was being applied), the timeout looked up that answer's id
     and said "no service read the command: it expires unapplied" of a command the service had read and was still
     applying. The user sent it again, and the camera was added twice."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     client = redis_server.client()
     client.xgroup_create(CONTROL, "hydravision", id="$", mkstream=True)
 
@@ -233,6 +235,7 @@ def test_a_command_said_to_expire_unapplied_is_not_applied_later_whatever_the_se
     """The other way round: the CLI's clock 10 minutes ahead. No service ran; the CLI said the command "expires
     unapplied", and the controller started a minute later applied it all the same (it expired only 10 minutes
     later on the service's clock)."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     _skewed_clock(monkeypatch, 600)
     client = redis_server.client()
     assert main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "1"]) == 2

@@ -15,6 +15,7 @@ from pipeline.cli import main
 from pipeline.consumer import GroupConsumer
 from pipeline.control import ControlConsumer
 from running import wait_for
+from servers import hold_lease
 
 STREAM, CONTROL, RESULTS = "edges3:events", "hv:control", "hv:control:results"
 
@@ -82,6 +83,7 @@ def test_normal_path_guard_messages_a_handler_keeps_failing_on_are_buried_togeth
 def test_a_command_nobody_answered_is_taken_back_at_the_timeout(redis_server, capsys) -> None:
     """No controller read the command: the CLI said it "expires unapplied" and left it in hv:control for ever,
     with the camera's password in its URL."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     client = redis_server.client()
     camera = '{"id": "door", "url": "rtsp://admin:s3cret-pw@cam.local/live"}'
     assert main(["cameras", "add", "--json", camera, "--redis-url", redis_server.url, "--timeout", "1"]) == 2
@@ -166,6 +168,7 @@ def test_the_cli_gets_its_answer_through_a_redis_restart(redis_server, capsys) -
 
 def test_the_cli_says_its_command_may_have_been_applied_when_redis_stays_away(redis_server, capsys) -> None:
     """Redis gone for the rest of the wait: the CLI says so, and that the command may have been applied."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     with redis_server.client() as client:
 
         def stop_once_sent() -> None:

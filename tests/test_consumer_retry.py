@@ -19,7 +19,7 @@ from pipeline.consumer import GroupConsumer
 from pipeline.control import ControlConsumer
 import test_control_stream
 from running import wait_for
-from servers import HOST
+from servers import HOST, hold_lease
 
 STREAM = "retry:events"
 
@@ -149,6 +149,7 @@ def test_a_control_command_whose_read_reply_was_lost_is_applied_when_the_url_ask
 def test_cameras_waits_no_longer_than_its_timeout_on_a_frozen_redis(redis_server, capsys):
     """`hydravision cameras list --timeout 1` against a Redis that froze once the command was sent (SIGSTOP): the
     wait's read hung for the client's 10 s socket timeout, 10 s past --timeout. Now it ends one short read after."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     admin = redis_server.client()
     frozen_at: list[float] = []
 
@@ -198,6 +199,7 @@ def test_a_read_lost_right_after_the_group_was_created_again_is_read_back_first(
 def test_a_command_whose_send_lost_its_reply_is_said_to_be_maybe_applied(redis_server, monkeypatch):
     """An XADD whose reply was lost may have added the command: the CLI said only "lost Redis at ...", and a user
     sent it again (a camera added twice is refused, a removal repeated fails) without knowing why."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     import redis as redis_lib
 
     from pipeline.camera_commands import RedisChannel

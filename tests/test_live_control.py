@@ -16,7 +16,7 @@ import ray
 from mot import read_stream
 from pipeline.cli import main as cli
 from running import RunningApp, events, messages, wait_for
-from servers import free_port
+from servers import free_port, hold_lease
 from workers.publish import keys, validate
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "demo.safetensors"
@@ -297,6 +297,7 @@ def test_update_over_the_cli_heads_from_the_next_frame_url_reconnects_that_camer
 
 
 def test_the_cli_without_a_service_says_so_and_takes_its_command_back(redis_server, capsys):
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     import threading
 
     client = redis_server.client()
