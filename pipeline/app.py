@@ -1110,7 +1110,9 @@ class App(LiveControl):
         if count:
             self.telemetry.record_restart(worker)
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
-        self.say(reason + (f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""))
+        where = f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""
+        # a WARNING record in JSON logs, what an alert on level >= warning watches (run's say takes a level)
+        self.say(reason + where, **({"level": logging.WARNING} if getattr(self.say, "takes_level", False) else {}))
         if self.events:
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 
@@ -1173,7 +1175,8 @@ class App(LiveControl):
         self._stop.set()
         self.say(f"Ray: the head (GCS) has not answered for {silent:.0f} s, and Ray ends this process at "
                  f"{self.head_watch.limit_s:g} s ({GCS_RECONNECT_SETTING}): lost. Stopping as on SIGTERM; the final "
-                 "stats are the last status's where a camera no longer answers")
+                 "stats are the last status's where a camera no longer answers",
+                 **({"level": logging.ERROR} if getattr(self.say, "takes_level", False) else {}))  # as _report_restart
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -247,6 +247,7 @@ class ControlConsumer:
     def _run(self) -> None:
         # backlog: read this consumer's own unacknowledged commands after that id first, then new ones (None)
         failures, backlog = 0, "0"
+        failing_since = 0.0  # monotonic time of the first failure in a row: the recovery line says how long
         while not self._stop.is_set():
             try:
                 if self._died is not None:
@@ -271,6 +272,9 @@ class ControlConsumer:
                         break
                     if backlog:
                         backlog = entry_id
+                if failures:  # the failure was said once: its end is said too (the publishers' "writes again")
+                    log.info("control stream %s reads again after %.1f s and %d failed attempts", self.key,
+                             time.monotonic() - failing_since, failures)
                 failures = 0
             except (redis.RedisError, OSError) as e:
                 failures += 1
@@ -278,6 +282,7 @@ class ControlConsumer:
                 # the same: read those back first, or they waited, unapplied, for the next controller's start.
                 backlog = "0"
                 if failures == 1:
+                    failing_since = time.monotonic()
                     log.warning("control stream %s: %s; retrying", self.key,
                                 redact_text(f"{type(e).__name__}: {e}", [self.url]))
                 self._stop.wait(_backoff(failures))

@@ -178,11 +178,15 @@ class Output:
         self.console, self.json_mode = console, json_mode
         self.log = logging.getLogger("hydravision")
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        """A line for the operator; in JSON a record at ``level``: App says a crash and restart at WARNING and the
+        Ray head lost at ERROR (all were INFO, missed by an alert on level >= warning). Text is the same at any."""
         if self.json_mode:
-            self.log.info(message)
+            self.log.log(level, message)
         else:
             self.console.print(Text(message), highlight=False)
+
+    say.takes_level = True  # App passes a level only to a say that takes one (print and tests' stand-ins do not)
 
     def status(self, stats: list[dict]) -> None:
         line = status_line(stats) or "no cameras"  # a service run for its control channels: not an empty line
@@ -284,7 +288,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--summary-json {args.summary_json}: cannot write: {e.strerror or e}") from None
     # before exit 1: the cameras whose processes went with the head did not fail, and none that ran on answers now
     if getattr(app, "head_lost", None) is not None:
-        return HEAD_LOST_EXIT
+        from pipeline.cli import _fatal  # the other early ends' last line: in JSON the exit record (event: exit)
+
+        return _fatal(args, f"Ray: the head (GCS) was lost ({app.head_lost:.0f} s unanswered): the run stopped "
+                      "before Ray ended it", HEAD_LOST_EXIT)
     if failed and len(failed) == len(finals):
         return 1
     return UNDELIVERED_EXIT if undelivered else 0
