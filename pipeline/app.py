@@ -1170,7 +1170,8 @@ class App(LiveControl):
 
     def _head_lost(self, silent: float) -> None:
         """The GCS has not answered for ``silent`` s: the run stops as on a signal, before Ray ends the process at its
-        limit (no final table, no summary, exit 1: "every camera failed"). /readyz says stopping from now."""
+        limit (which left no final table, no summary, exit 1: "every camera failed"); `run` then exits 4
+        (HEAD_LOST_EXIT) after them. /readyz says stopping from now."""
         self.head_lost = silent
         self._stop.set()
         self.say(f"Ray: the head (GCS) has not answered for {silent:.0f} s, and Ray ends this process at "

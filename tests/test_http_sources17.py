@@ -228,10 +228,13 @@ def test_an_http_file_that_stalls_once_resumes_after_the_frames_it_handed_over(w
     web.cut, web.stalls = len(web.mp4) * 2 // 5, 1
     pub, images = Messages(), []
     final = run_camera(file_camera(web), lambda pipe: False, pub, images)
-    assert final["state"] == "ended" and final["decoded"] == FRAMES == final["published"], final
-    assert len(set(images)) == FRAMES, len(set(images))
-    assert pub.frames == list(range(FRAMES)), pub.frames
-    assert np.allclose(pub.pts, np.arange(FRAMES) / FPS, atol=1e-3), pub.pts
+    # a loaded machine drops a few as overload (the newest-wins slot): none twice, none missing otherwise
+    assert final["state"] == "ended" and final["decoded"] == FRAMES, final
+    assert final["published"] + final["dropped"]["overload"] == FRAMES, final
+    assert final["dropped"]["overload"] <= FRAMES // 4, final
+    assert len(set(images)) == len(images) == final["published"], (len(set(images)), final)
+    assert pub.frames == sorted(set(pub.frames)) and set(pub.frames) <= set(range(FRAMES)), pub.frames
+    assert np.allclose(pub.pts, np.array(pub.frames) / FPS, atol=1e-3), pub.pts
     kinds = [e["type"] for e in pub.of(*STREAM_EVENTS)]
     assert kinds == ["stream_up", "stream_down", "stream_reconnecting", "stream_up", "stream_down"], kinds
     assert pub.of("stream_down")[-1]["reason"] == workers.capture.END_OF_FILE
