@@ -70,6 +70,10 @@ try:
 except (OSError, AttributeError):  # not Linux: atexit hooks are all there is
     _prctl = None
 _spawner: tuple[threading.Thread, queue.SimpleQueue] | None = None  # the thread, its queue of Popen calls
+# util-linux's setpriv (Debian's essential util-linux) sets PR_SET_PDEATHSIG and execs the server. A preexec_fn runs
+# Python in the forked child of a threaded process: a test process's forked child freed a PyAV reformatter there
+# (a decoder thread's, gone in the child) and hung for good in FFmpeg's thread pool teardown, before its exec.
+_SETPRIV = shutil.which("setpriv") if _prctl is not None else None
 _spawner_lock = threading.Lock()
 
 
@@ -106,7 +110,11 @@ def popen_tied_to_us(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
                         calls)
             _spawner[0].start()
     done: Future[subprocess.Popen[bytes]] = Future()
-    _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
+    path = (kwargs.get("env") or os.environ).get("PATH")
+    if _SETPRIV and shutil.which(args[0], path=path):  # the tie set by the child's first program: no Python
+        _spawner[1].put((done, [_SETPRIV, "--pdeathsig", "KILL", "--", *args], kwargs))  # between fork and exec
+    else:
+        _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
     return done.result()
 
 
