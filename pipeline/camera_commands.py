@@ -226,8 +226,8 @@ class RedisChannel:
                             f"({type(lost).__name__}): the command may have been applied (see `cameras list`)"
                             ) from None
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main): taken back as at the timeout, not left for ever
-            try:
-                take_back(self.client, self.key, entry_id)
+            try:  # and what became of it: one a service read already may still be applied
+                print(f"interrupted: {take_back(self.client, self.key, entry_id)}", file=sys.stderr)
             except redis.RedisError:
                 pass
             raise
@@ -438,12 +438,14 @@ def main(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     # the main thread only can set a handler (a program calling main() from another thread keeps SIGTERM's)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    # an inherited SIG_IGN (nohup-like launchers) stays ignored
+    handled = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handled else None
     try:
         return _command(args)
     finally:
-        if main_thread:
+        if handled:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             if terminated:  # then ended by SIGTERM, as before
                 os.kill(os.getpid(), signal.SIGTERM)

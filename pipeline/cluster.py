@@ -27,6 +27,7 @@ import ray
 from pipeline.config import absolute_path_url
 from pipeline.errors import UserError
 from pipeline.limits import raise_open_files_limit
+from pipeline.logs import say_at
 from pipeline.placement import (Node, ReplicaAssigner, alive_nodes, check_placeable, demand, describe_needs, fits,
                                 group_cameras, inference_options, local_cpus, model_in_camera_process, namespace_for,
                                 node_needs, replica_count, replica_gpus, replica_room, replicas_per_node,
@@ -742,8 +743,8 @@ class NodeWatch:
                 answer[name] = self._needs_elsewhere(options, free)
         waiting = {key: needs for key, (name, _) in reservations.items() if (needs := answer[name]) is not None}
         self.waiting.update({key: describe_needs(*needs) for key, needs in waiting.items()})
-        self.app.say(f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference replicas "
-                     f"{replicas or 'none'}; {self._fate(on_it, waiting, actors)}")
+        say_at(self.app.say, f"Ray node {node.id[:8]} ({node.ip}) lost: cameras {cameras or 'none'}, inference "
+               f"replicas {replicas or 'none'}; {self._fate(on_it, waiting, actors)}", logging.WARNING)
         if self.app.events:
             extra = {"waiting": [{key[0]: key[1], "needs": {"resources": r, "labels": labels}}
                                  for key, (r, labels) in waiting.items()]} if waiting else {}

@@ -271,3 +271,9 @@ def json_worker_logs() -> bool:
     dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
     dispatcher.add_handler("hydravision_json", emit_or_drop)
     return True
+
+
+def say_at(say: Callable[..., Any], text: str, level: int) -> None:
+    """``say(text)`` at ``level`` where that say takes one (`run`'s Output.say: a JSON record's level, what an alert
+    on level >= warning watches), else the text alone (print, tests' stand-ins)."""
+    say(text, **({"level": level} if getattr(say, "takes_level", False) else {}))

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.control import ControlConsumer, await_answer
+from servers import hold_lease
 
 
 class ListingApp:
@@ -44,6 +45,7 @@ def test_cameras_over_redis_read_the_answer_on_a_url_asking_for_another_reply_sh
     await_answer unpacked as pairs: "ValueError ... This is a bug in hydravision", after the service had applied the
     command. With `?decode_responses=true` the answer's field is "data", not b"data": the CLI waited out its
     timeout, said "no answer" and exited 2 for a command the service had applied and answered."""
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     consumer = ControlConsumer(ListingApp(), redis_server.url, "hv").start()
     try:
         code = main(["cameras", "list", "--json", "--timeout", "15", "--redis-url", f"{redis_server.url}?{query}"])

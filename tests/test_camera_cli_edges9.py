@@ -309,6 +309,7 @@ def test_a_command_a_service_took_and_still_applies_says_so(redis_server, capsys
             pass
 
     monkeypatch.setattr(camera_commands, "QUIET_S", 0.5)
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     consumer = ControlConsumer(SlowList(), redis_server.url, "hv").start()
     try:
         assert main(["cameras", "list", "--redis-url", redis_server.url, "--timeout", "20"]) == 0

@@ -212,6 +212,7 @@ def _skewed_clock(monkeypatch, offset_s: float, module: str = "camera_commands")
 def _remove_lobby_through_a_service(url: str) -> tuple[int, "StandInApp"]:
     """`hydravision cameras remove lobby` answered by a ControlConsumer: exit code, stderr, the stand-in app."""
     app = StandInApp()
+    hold_lease(redis.Redis.from_url(url))  # a service holds its lease (none: the CLI refuses at once)
     consumer = ControlConsumer(app, url, "hv").start()
     try:
         code = main(["cameras", "remove", "lobby", "--redis-url", url, "--timeout", "60"])

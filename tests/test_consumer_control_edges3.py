@@ -156,6 +156,7 @@ def test_the_cli_gets_its_answer_through_a_redis_restart(redis_server, capsys) -
     """The controller answered in the restarted Redis, but the CLI had given up at the restart: "error: lost Redis
     at ...: ConnectionError" for a camera that was removed; sent again, it was refused as unknown."""
     app = RestartingApp(redis_server)
+    hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
     consumer = ControlConsumer(app, redis_server.url, "hv").start()
     try:
         code = main(["cameras", "remove", "lobby", "--redis-url", redis_server.url, "--timeout", "30"])

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.cli import main
+from servers import hold_lease
 
 HEADS = {"people": ["person"]}
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,7 @@ def test_an_export_added_back_leaves_a_running_file_camera_and_names_the_one_ref
         server = ApiServer(build_api(app, {})).start(bind("127.0.0.1", 0))
         argv, stop = ["--api", server.url], server.stop
     else:
+        hold_lease(redis_server.client())  # a service holds its lease (none: the CLI refuses at once)
         consumer = ControlConsumer(app, redis_server.url, "hv").start()
         argv, stop = ["--redis-url", redis_server.url], consumer.stop
     try:

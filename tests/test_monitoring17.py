@@ -154,3 +154,21 @@ def test_readme_says_what_a_removal_does_to_metrics_and_how_to_rotate_a_log_file
     assert "a removed camera's series leave /metrics at once" in flat
     assert "rate() and increase()" in flat
     assert "copytruncate" in flat and "a rename plus SIGUSR1 rotates nothing" in flat
+
+
+def test_say_at_gives_a_level_only_to_a_say_that_takes_one():
+    """What App and NodeWatch say a node lost (WARNING), a crash loop (WARNING) and an actor Ray will not restart
+    (ERROR) through: a JSON record at that level, the text alone for a say without levels."""
+    import logging as logging_module
+
+    from pipeline.logs import say_at
+
+    said: list = []
+
+    def say(text, level=logging_module.INFO):
+        said.append((level, text))
+
+    say.takes_level = True
+    say_at(say, "x", logging_module.ERROR)
+    say_at(said.append, "y", logging_module.ERROR)  # a say without levels gets the text alone
+    assert said == [(logging_module.ERROR, "x"), "y"]

@@ -249,3 +249,20 @@ def test_a_command_ended_by_sigterm_while_it_waits_is_taken_back(redis_server) -
             proc.wait()
     assert proc.returncode == -signal.SIGTERM, err
     assert client.xlen("pa:control") == 0, err
+
+
+def test_a_service_on_its_embedded_redis_holds_the_lease_from_the_start():
+    """Review: a service on the embedded Redis (no redis.url: the demo) took no lease, so `cameras ... --redis-url`
+    to it said "no hydravision service runs" until its control stream was first read (20-60 s into the start)."""
+    import redis
+
+    from pipeline.app import App
+    from pipeline.config import parse_config
+
+    app = App(parse_config({}), say=lambda text: None)
+    url = app.resolve_redis()
+    try:
+        assert redis.Redis.from_url(url).exists("hv:service")
+    finally:
+        app.lease.release()
+        app.embedded.stop()
