@@ -445,34 +445,22 @@ class HeadDeadline(H11Protocol):
     finished a head (slowloris, or connect and send nothing), or a body they declared, stayed open for good, and 200
     of them locked a dashboard under `ulimit -n 160` out. A request that is all in has no deadline here: a command
     waiting on Ray, the dashboard's event stream. One answered before its body was all in (a 401 or a 413 before
-    the body is read) is closed once the rest of its body is in (read and dropped), or at the body's deadline."""
+    the body is read) goes on once the rest is in (dropped by uvicorn), or is closed at the body's deadline."""
 
     _deadline: asyncio.TimerHandle | None = None
     _deadline_of: Any = None  # the client's h11 state the deadline is for: IDLE (a head) or SEND_BODY (a body)
-    _answered_early = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._watch()
 
     def handle_events(self) -> None:
-        if not self._answered_early:
-            super().handle_events()
-        else:
-            # the rest of a body answered before it came: dropped, then closed (uvicorn would go on to read a next
-            # request); not closed at once: a client still sending would be reset, and could lose the answer
-            try:
-                while self.conn.their_state is h11.SEND_BODY and self.conn.next_event() is not h11.NEED_DATA:
-                    pass
-            except h11.RemoteProtocolError:  # a body not as its head said: closed all the same
-                pass
-            if self.conn.their_state is not h11.SEND_BODY:
-                self.transport.close()
+        super().handle_events()
         self._watch()
 
     def on_response_complete(self) -> None:
-        # before uvicorn's: where the request was all in, it reads the next one, whose body may be under way
-        self._answered_early = self.conn.their_state is h11.SEND_BODY
+        # one answered before its body was all in (a 401, a 413): uvicorn drops the rest of it and reads the next
+        # request on the connection (a keep-alive client's); the body deadline still bounds a body that never comes
         super().on_response_complete()
         self._watch()
 

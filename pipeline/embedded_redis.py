@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -74,6 +75,12 @@ _spawner: tuple[threading.Thread, queue.SimpleQueue] | None = None  # the thread
 # Python in the forked child of a threaded process: a test process's forked child freed a PyAV reformatter there
 # (a decoder thread's, gone in the child) and hung for good in FFmpeg's thread pool teardown, before its exec.
 _SETPRIV = shutil.which("setpriv") if _prctl is not None else None
+if _SETPRIV:  # util-linux 2.33 and later only (not BusyBox's): else the preexec_fn as before
+    try:
+        if subprocess.run([_SETPRIV, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=10).returncode:
+            _SETPRIV = None
+    except (OSError, subprocess.SubprocessError):
+        _SETPRIV = None
 _spawner_lock = threading.Lock()
 
 
@@ -191,6 +198,9 @@ class EmbeddedRedis:
         """Runs the server on self.port: True once it answers, False when the port was taken."""
         with open(Path(self.dir) / "redis.log", "wb") as log:  # the server keeps its own copy open
             try:
+                # Runs at all: through setpriv (popen_tied_to_us) an exec that fails is setpriv's exit, not an OSError
+                with contextlib.suppress(subprocess.TimeoutExpired):  # it runs, whatever keeps it busy
+                    subprocess.run([self.binary, "--version"], capture_output=True, timeout=2, check=False)
                 # Tied to us: atexit alone left it listening for ever after a SIGKILL (a benchmark has no reaper).
                 self.proc = popen_tied_to_us(
                     [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly",

@@ -253,8 +253,8 @@ def test_the_api_closes_connections_whose_declared_body_never_comes(body_deadlin
     """Before: the deadline ran only while a head was awaited. A POST declaring Content-Length: 100000 without a
     token got its 401 at once and stayed open for good while a byte came now and then (any byte stops uvicorn's
     keep-alive timer), a GET with a Content-Length as well; without tokens the API's body reader waited on the body
-    for good. Now the body must be in within BODY_TIMEOUT_S of its head, and a connection answered before its body
-    was all in is closed once the rest is in."""
+    for good. Now the body must be in within BODY_TIMEOUT_S of its head; a connection answered before its body was
+    all in goes on once the rest is in."""
     def extension(api, controller) -> None:
         api.add_api_route("/slow", _slow_post, methods=["POST"])
     server = ApiServer(build_api(Controller(), {"ops": TOKEN}, [extension])).start(bind("127.0.0.1", 0))
@@ -267,14 +267,16 @@ def test_the_api_closes_connections_whose_declared_body_never_comes(body_deadlin
                           + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode())
         assert _answer(listed).startswith(b"HTTP/1.1 200 ")
         assert _closed_within(listed, CLOSE_WAIT_S, dribble=b"x")
-        # answered before its body came, then the body: the whole answer read, then closed (not reset)
+        # answered before its body came, then the body: the whole answer read, and the connection goes on (review:
+        # closed there, a keep-alive client's next request on it was lost)
         late = _connect(server.port, post + b"Content-Length: 2\r\n\r\n")
         answer = _answer(late)
         late.sendall(b"{}")
         while not answer.endswith(b"}"):
             answer += late.recv(65536)
         assert answer.startswith(b"HTTP/1.1 401 ") and b"missing bearer token" in answer
-        assert _closed_within(late, CLOSE_WAIT_S)
+        late.sendall(b"GET /cameras HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _answer(late).startswith(b"HTTP/1.1 401 ")
         # a body that comes within the deadline, and an answer that takes longer than it, are fine
         status, _ = request(server.port, "POST", "/slow", {"Host": "127.0.0.1"}, b"{}")
         assert status == 200
