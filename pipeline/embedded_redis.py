@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -117,12 +118,26 @@ def popen_tied_to_us(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
                         calls)
             _spawner[0].start()
     done: Future[subprocess.Popen[bytes]] = Future()
-    path = (kwargs.get("env") or os.environ).get("PATH")
-    if _SETPRIV and shutil.which(args[0], path=path):  # the tie set by the child's first program: no Python
-        _spawner[1].put((done, [_SETPRIV, "--pdeathsig", "KILL", "--", *args], kwargs))  # between fork and exec
+    if _SETPRIV:  # the tie set by the child's first program: no Python between fork and exec
+        _runnable(args[0], kwargs)
+        _spawner[1].put((done, [_SETPRIV, "--pdeathsig", "KILL", "--", *args], kwargs))
     else:
         _spawner[1].put((done, args, {**kwargs, "preexec_fn": _die_with(os.getpid())}))
     return done.result()
+
+
+def _runnable(program: str, kwargs: dict) -> None:
+    """Raises Popen's own error where ``program`` is not found or not executable: through setpriv it would be
+    setpriv's exit, and no fall back to the preexec_fn here (the hang it avoids: a test of a missing program, sent
+    that way, hung a suite's worker)."""
+    if os.sep in program:
+        where = os.path.join(kwargs.get("cwd") or "", program)
+        if not os.path.exists(where):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if not os.access(where, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    elif shutil.which(program, path=(kwargs.get("env") or os.environ).get("PATH")) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def probe(url: str, timeout: float = 1.0) -> tuple[bool, str | None]:

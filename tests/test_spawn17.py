@@ -37,3 +37,15 @@ def test_a_server_is_tied_to_us_without_a_preexec_fn(monkeypatch):
 def test_a_program_not_found_is_still_popens_own_error():
     with pytest.raises(FileNotFoundError):
         embedded_redis.popen_tied_to_us(["no-such-program-hv17"])
+
+
+def test_a_program_not_found_is_refused_without_a_fork(monkeypatch):
+    """The fallback for a program setpriv could not find forked with the preexec_fn: the very hang setpriv avoids
+    (a fresh clone's suite hung in that fork, after this file's test of a missing program)."""
+    if embedded_redis._SETPRIV is None:
+        pytest.skip("needs Linux and util-linux's setpriv")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("forked"))
+    with pytest.raises(FileNotFoundError):
+        embedded_redis.popen_tied_to_us(["no-such-program-hv17"])
+    with pytest.raises(FileNotFoundError):
+        embedded_redis.popen_tied_to_us(["./no-such-program-hv17"])
