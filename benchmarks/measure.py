@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import psutil
@@ -68,10 +68,18 @@ def make_clips(folder: Path, count: int = 4, seconds: float = 8.0, fps: float = 
     return clips
 
 
-def _is_ray(p: psutil.Process) -> bool:
-    cmd, name = " ".join(p.cmdline()), p.name()
-    return ("ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server") or "ray/_private" in cmd
-            or "ray/dashboard" in cmd)
+def _ray_among(candidates: Iterable[psutil.Process]) -> list[tuple[psutil.Process, str]]:
+    """Those of ``candidates`` that are Ray's (raylet, GCS, workers, its agents), with their names; not this one."""
+    found = []
+    for p in candidates:
+        try:
+            cmd, name = " ".join(p.cmdline()), p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if p.pid != os.getpid() and ("ray::" in cmd or "ray::" in name or name in ("raylet", "gcs_server")
+                                     or "ray/_private" in cmd or "ray/dashboard" in cmd):
+            found.append((p, name))
+    return found
 
 
 def ray_processes() -> list[psutil.Process]:
@@ -80,32 +88,12 @@ def ray_processes() -> list[psutil.Process]:
     this process joined ($RAY_ADDRESS) has no raylet among them: then the machine's, with a warning (its workers
     counted for nothing made the CPU per frame far too low)."""
     me = psutil.Process()
-    procs = [me]
-    for p in me.children(recursive=True):
-        try:
-            if _is_ray(p):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    if any(_name(p) == "raylet" for p in procs):
-        return procs
-    print("warning: no Ray started by this process (a joined cluster?): counting every Ray process of this machine, "
-          "other runs' too", file=sys.stderr)
-    procs = [me]
-    for p in psutil.process_iter():
-        try:
-            if p.pid != me.pid and _is_ray(p):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return procs
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return ""
+    found = _ray_among(me.children(recursive=True))
+    if not any(name == "raylet" for _, name in found):
+        print("warning: no Ray started by this process (a joined cluster?): counting every Ray process of this "
+              "machine, other runs' too", file=sys.stderr)
+        found = _ray_among(psutil.process_iter())
+    return [me, *(p for p, _ in found)]
 
 
 def role(p: psutil.Process) -> str:
