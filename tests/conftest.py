@@ -2,6 +2,7 @@
 only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
+import faulthandler
 import locale
 import os
 import sys
@@ -148,6 +149,35 @@ def pytest_testnodedown(node, error) -> None:
 def pytest_terminal_summary(terminalreporter, config) -> None:
     for figures in config.stash.get(_MACHINE, []):
         terminalreporter.write_line(f"machine (measured for sizing tests): {figures}")
+
+
+_STDERR = sys.__stderr__  # the terminal's, not a test's capture: pytest_configure below takes a copy of fd 2
+_BACKSTOP_S = 60  # past a test's own timeout: pytest-timeout's SIGALRM had its chance
+
+
+def pytest_configure(config) -> None:
+    global _STDERR
+    _STDERR = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")  # here: while conftest loads, pytest captures fd 2
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A hang that pytest-timeout cannot end: its SIGALRM only runs between bytecodes, and a thread stuck in C (a
+    lock in a library, a child's pipe) never gets there. CI then showed a run that stopped at 96% with no failure
+    and no trace, until its 90 minutes ran out. Here faulthandler's watchdog (a C thread) prints every thread's
+    stack to the terminal and ends this process: pytest-xdist reports the test as one that crashed its worker."""
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 300)
+    faulthandler.dump_traceback_later(limit + _BACKSTOP_S, exit=True, file=_STDERR)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_unconfigure(config) -> None:
+    """The same for what runs after the last test: session fixtures' ends, atexit hooks (Ray's shutdown)."""
+    faulthandler.dump_traceback_later(300, exit=True, file=_STDERR)
 
 
 _CTYPE = locale.setlocale(locale.LC_CTYPE)  # as the session began (C.UTF-8 here)
