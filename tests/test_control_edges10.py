@@ -180,9 +180,9 @@ def test_the_dashboard_stopped_by_ctrl_c_or_sigterm_exits_0_as_run_does(sig: int
     """uvicorn raises the signal again after its graceful shutdown: exit 130 after Ctrl-C, and SIGTERM (docker
     stop, systemd) killed it, which a supervisor reads as a failure."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", redis_server.url, "--port", "0"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell in the background ignores it
+        ["env", "--default-signal=INT",  # a shell in the background ignores it; no preexec_fn: tests/conftest.py
+         sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", redis_server.url, "--port", "0"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stderr.readline()  # "Dashboard of ... at ...: http://127.0.0.1:PORT/ (Ctrl-C to stop)"
         found = re.search(r"(http://127\.0\.0\.1:\d+/)", line)

@@ -134,8 +134,7 @@ def test_sighup_drains_and_stops_as_sigterm_does(tmp_path):
 
 
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):
-    done = run(command(tmp_path, "SIGTERM", mode="nohup"),
-               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    done = run(["env", "--ignore-signal=HUP", *command(tmp_path, "SIGTERM", mode="nohup")])
     assert done.returncode == 0 and "SIGHUP ignored: True" in done.stdout, done.stdout + done.stderr
 
 
@@ -143,17 +142,11 @@ def test_a_terminal_that_hung_up_still_lets_the_run_drain(tmp_path):
     """The terminal closed: the run is sent SIGHUP and every write to the terminal fails (EIO) from then on. The
     first such write, a line of the drain, raised out of it: no shutdown, the statuses left running."""
     master, slave = pty.openpty()
-
-    def own_terminal() -> None:  # a session whose controlling terminal is the pty, as a login shell's job
-        import fcntl
-        import termios
-
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # stdin: the pty
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command(tmp_path, "-"), cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
-                            preexec_fn=own_terminal)
+    # util-linux's setsid: a session whose controlling terminal is the pty (stdin), as a login shell's job; it execs
+    # the run (not the child of a group leader: no fork). No preexec_fn: tests/conftest.py says why.
+    proc = subprocess.Popen(["setsid", "--ctty", *command(tmp_path, "-")], cwd=ROOT, env=env, stdin=slave,
+                            stdout=slave, stderr=slave)
     os.close(slave)
     seen = b""
     try:

@@ -209,12 +209,10 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 
 def _run_check(script: Path, out: Path, minutes: str, sigint_ignored: bool = False) -> tuple[int, dict, float]:
     """``sigint_ignored``: started as a background job from a script is (`cmd &`: SIGINT ignored from the start)."""
-    import signal
-
     started = time.time()
-    proc = subprocess.run([sys.executable, str(script), "--dry-run-cpu", "--steps", "model", "--minutes", minutes,
-                           "--json", str(out)], capture_output=True, encoding="utf-8", timeout=120, cwd=ROOT,
-                          preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
+    ignored = ["env", "--ignore-signal=INT"] if sigint_ignored else []  # no preexec_fn: see tests/conftest.py
+    proc = subprocess.run([*ignored, sys.executable, str(script), "--dry-run-cpu", "--steps", "model", "--minutes",
+                           minutes, "--json", str(out)], capture_output=True, encoding="utf-8", timeout=120, cwd=ROOT)
     return proc.returncode, json.loads(out.read_text()), time.time() - started
 
 

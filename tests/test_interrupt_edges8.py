@@ -48,9 +48,8 @@ class Run:
         env = {k: v for k, v in os.environ.items() if k != "HYDRAVISION_REDIS_URL"}
         env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), HV_TEST_RUN=self.marker)
         cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "pipeline.cli"]
-        self.proc = subprocess.Popen(cmd + ["run", str(cfg), "--plain"], cwd=tmp_path, env=env, encoding="utf-8",
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.proc = subprocess.Popen(["env", "--default-signal=INT", *cmd, "run", str(cfg), "--plain"], cwd=tmp_path,
+                                     env=env, encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-    def no_core() -> None:  # a signal whose default action dumps core (SIGQUIT, before the fix) leaves no file
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=180, preexec_fn=no_core)
+    # prlimit: a signal whose default action dumps core (SIGQUIT, before the fix) leaves no file (no preexec_fn:
+    # tests/conftest.py says why)
+    return subprocess.run(["prlimit", "--core=0", "--", sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
 
 
 def json_lines(stdout: str) -> list[dict]:
