@@ -11,6 +11,7 @@ URL.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -32,15 +33,31 @@ ERROR_KINDS = ("not_found", "refused", "unreachable", "timeout", "auth", "not_vi
 # filters costs 5-10x the conversion itself (1.3 ms vs 0.19 ms for 640x272 -> 320x136 AREA). A reformatter
 # kept per thread reuses its context while the sizes stay the same, which they do for a camera's thread.
 _reformatters = threading.local()
+_kept_in_forked_child: list = []  # see _ThreadReformatter
+
+
+class _ThreadReformatter:
+    """One thread's VideoReformatter. A child forked to run Python before its exec (a ``preexec_fn``: Ray starts
+    its processes so) frees every other thread's thread-locals there; freeing a reformatter waits on FFmpeg's
+    scaling locks, which a converting thread may have held at the fork, and one such child hung a test run for
+    good. In a child it is kept instead: the child execs at once, and the parent's threads go on using theirs."""
+
+    def __init__(self) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self.reformatter = VideoReformatter()
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() != self.pid:
+            _kept_in_forked_child.append(self.reformatter)
 
 
 def _reformatter() -> "av.video.reformatter.VideoReformatter":
-    r = getattr(_reformatters, "r", None)
-    if r is None:
-        from av.video.reformatter import VideoReformatter
-
-        r = _reformatters.r = VideoReformatter()
-    return r
+    holder = getattr(_reformatters, "holder", None)
+    if holder is None:
+        holder = _reformatters.holder = _ThreadReformatter()
+    return holder.reformatter
 
 
 class SourceError(Exception):
