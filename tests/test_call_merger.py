@@ -218,7 +218,7 @@ def test_cameras_of_one_stream_actor_share_calls_and_publish_everything(ray_loca
         try:
             ray.get([actor.start.remote(c["id"]) for c in cams], timeout=60)
             finals = ray.get([actor.wait.remote(c["id"]) for c in cams], timeout=90)
-            merged[window] = ray.get(inference.merged.remote())
+            merged[window] = ray.get(inference.merged.remote(), timeout=60)
         finally:
             ray.kill(actor, no_restart=True)
             ray.kill(inference, no_restart=True)

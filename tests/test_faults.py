@@ -328,7 +328,7 @@ def test_a_hung_process_holds_up_a_status_tick_and_the_stop_once_not_once_per_ca
 
     app = App(parse_config({"control": {"enabled": False}, "cameras": [{"id": "ok", "url": "synthetic://street"}]}))
     hung, healthy = _HungProcess.remote(True), _HungProcess.remote(False)
-    ray.get([hung.started.remote(), healthy.started.remote()])
+    ray.get([hung.started.remote(), healthy.started.remote()], timeout=120)
     app.cameras = {cid: SimpleNamespace(id=cid, process=hung if cid != "ok" else healthy, restarts=0,
                                         config=CameraConfig(id=cid, url="synthetic://street"))
                    for cid in ("h1", "h2", "h3", "h4", "ok")}

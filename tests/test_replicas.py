@@ -61,4 +61,4 @@ def test_actors_run_at_the_priority_of_every_other_program(ray_local):
     def niceness() -> int:
         return os.nice(0)
 
-    assert ray.get(niceness.remote()) == os.nice(0)
+    assert ray.get(niceness.remote(), timeout=120) == os.nice(0)

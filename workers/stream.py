@@ -1303,7 +1303,8 @@ class StreamActor:
         self.model: InferenceService | None = None
         if model is not None:
             if isinstance(model["checkpoint"], ray.ObjectRef):  # Ray resolves top-level arguments only
-                model = {**model, "checkpoint": ray.get(model["checkpoint"])}
+                # bounded, as every ray.get here (tests/test_hang_guards18.py): its owner gone, it would wait for ever
+                model = {**model, "checkpoint": ray.get(model["checkpoint"], timeout=300)}
             self.model = InferenceService(**model, exit_on_device_loss=True)  # its cameras restart with the process
         self.hosts: dict[str, CameraHost] = {}
         self.mergers: dict[Any, CallMerger] = {}  # per inference replica, shared by this process's cameras
