@@ -237,6 +237,7 @@ def json_worker_logs() -> bool:
     (Ray prints them raw, prefixed "(StreamActor pid=...)"). Uses Ray's log dispatcher, which is not a
     public API: when it is missing, Ray's own printing stays and False is returned."""
     try:
+        from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         from ray._private.worker import filter_autoscaler_events
     except ImportError:
@@ -252,6 +253,8 @@ def json_worker_logs() -> bool:
             m = _WORKER_LEVEL.match(line)
             if m:
                 level = m.group(1).lower() if m.group(1) else _CORE_LEVELS[m.group(2)]
+            elif batch.get("pid") == "raylet":  # a notice ("A worker died ...", yellow in Ray's print) a warning,
+                level = "info" if _INFO_MESSAGE in line else "warning"  # an ":info_message:" ("Spilled ...") info
             else:
                 level = "warning" if stream == "stderr" else "info"
             if _INFO_MESSAGE in line:
@@ -270,7 +273,27 @@ def json_worker_logs() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("hydravision_json")  # Ray started again in this process: one handler, not two
     dispatcher.add_handler("hydravision_json", emit_or_drop)
+    # The raylet's notices ("A worker died or was killed ...": a camera's or a replica's process crashed) pass no
+    # dispatcher: Ray's error listener thread (listen_error_messages) calls print_to_stdstream itself, which
+    # printed them as plain text among the JSON lines. Ray looks that function up at each call.
+    ray_print = getattr(ray_worker, "print_to_stdstream", None)
+    if ray_print is not None and not getattr(ray_print, "through_dispatcher", False):
+        ray_worker.print_to_stdstream = _through_dispatcher(ray_print, dispatcher)
     return True
+
+
+def _through_dispatcher(ray_print: Callable[..., None], dispatcher: Any) -> Callable[..., None]:
+    """Ray's print_to_stdstream, which hands each batch to json_worker_logs' handler while that is on Ray's
+    dispatcher (Ray's printing again once it is not: a test's dispatcher put back as it was)."""
+    def print_to_stdstream(data: dict, ignore_prefix: bool = False) -> None:
+        ours = dict(dispatcher.handlers).get("hydravision_json")
+        if ours is None:
+            ray_print(data, ignore_prefix=ignore_prefix)
+        else:
+            ours(data)
+
+    print_to_stdstream.through_dispatcher = True  # type: ignore[attr-defined]
+    return print_to_stdstream
 
 
 def say_at(say: Callable[..., Any], text: str, level: int) -> None:
