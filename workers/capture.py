@@ -237,11 +237,12 @@ class Capture:
 
     def __init__(self, camera: CameraConfig, input_size: tuple[int, int], slot: FrameSlot,
                  on_event: Callable[[str, dict], None], first_index: int = 0, first_pts: float = 0.0,
-                 resume_at: int | None = None, pts_offset: float = 0.0):
+                 resume_at: int | None = None, pts_offset: float = 0.0, resume_after: Any = None):
         """``resume_at``: the source position a file starts at (0: a new source, e.g. the camera's URL
         changed; None: where the capture this one replaces stopped handing frames over); the frame numbering
         and pts continue from ``first_index`` and ``first_pts`` either way. ``pts_offset``: what the resumed
-        file's own timestamps are shifted by (the predecessor's). ``camera`` may be replaced while running:
+        file's own timestamps are shifted by (the predecessor's). ``resume_after``: the predecessor's
+        ``last_stamp`` (None: a new source). ``camera`` may be replaced while running:
         its ``fps`` and ``snapshot`` apply from the next frame, everything else at the next (re)open."""
         self.camera, self.input_size, self.slot, self._on_event = camera, input_size, slot, on_event
         self.generation, position = slot.new_generation(resume_at)
@@ -254,6 +255,10 @@ class Capture:
         self.playback_start = first_index - self.resume_at
         self.pts_offset = pts_offset  # keeps pts increasing across reconnects and new URLs
         self.last_pts = first_pts
+        # A live HLS/DASH stream's own time of the last frame handed over (AVSource.last_stamp), its reopening skips up
+        # to. A replacement starts from its predecessor's: FFmpeg opens a live playlist ~3 segments back, and a thread
+        # the watchdog or a crash replaced had those analysed again (tracks, zone and line events twice).
+        self.last_stamp = resume_after
         # time.monotonic() when the last frame came (a replacement gets its predecessor's, set before start()): a live
         # source's stream time goes on by the wall time since then across an outage (_run)
         self.last_frame_mono: float | None = None
@@ -331,7 +336,6 @@ class Capture:
         up = False  # a stream_up went out, and no stream_down since
         configured, budget = RateGate(), RateGate()  # the camera's fps, then the budget's lower one
         last_pts = self.last_pts
-        stamp = None  # a live HLS/DASH stream's own time of the last frame handed over (AVSource.last_stamp)
         try:
             while not self._stop.is_set():
                 source: Source | None = None
@@ -353,7 +357,7 @@ class Capture:
                         # but live HLS/DASH reopens a few segments back: it skips what was handed over, by its own
                         # timestamps (analysed again, ~3 segments' tracks and zone and line events came twice)
                         if hasattr(source, "resume_after"):
-                            source.resume_after = stamp
+                            source.resume_after = self.last_stamp
                     self.source_fps = source.nominal_fps
                     # The predecessor's offset is right for the frames we resume at; else continue after last_pts.
                     period = 1 / self.source_fps if self.source_fps else 0.04
@@ -397,7 +401,7 @@ class Capture:
                         last_pts = self.last_pts = pts
                         # self.camera read per frame: a live update of fps applies from the next one
                         position = frame.index + 1
-                        stamp = getattr(source, "last_stamp", None)
+                        self.last_stamp = getattr(source, "last_stamp", None)
                         if not configured.admit(pts, self.camera.fps):
                             if not self.slot.skip(self.generation, position=position):
                                 return

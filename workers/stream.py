@@ -361,7 +361,7 @@ class CameraPipeline:
         first = cap.decoded
         self._capture = Capture(self.camera, self.input_size, self._slot, self._on_capture_event,
                                 first_index=first, first_pts=cap.last_pts, resume_at=None if resume else 0,
-                                pts_offset=cap.pts_offset)
+                                pts_offset=cap.pts_offset, resume_after=cap.last_stamp if resume else None)
         self._capture.budget_fps = self._budget_fps
         self._capture.down_said = down_said  # its predecessor's end was said: the outage goes on, not a new one
         self._capture.last_frame_mono = cap.last_frame_mono  # a live camera's stream time goes on by the wall clock
