@@ -2,6 +2,7 @@
 only tie it to pytest's lifetimes."""
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import locale
 import os
@@ -160,24 +161,31 @@ def pytest_configure(config) -> None:
     _STDERR = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")  # here: while conftest loads, pytest captures fd 2
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings) -> None:
     """A hang that pytest-timeout cannot end: its SIGALRM only runs between bytecodes, and a thread stuck in C (a
     lock in a library, a child's pipe) never gets there. CI then showed a run that stopped at 96% with no failure
     and no trace, until its 90 minutes ran out. Here faulthandler's watchdog (a C thread) prints every thread's
-    stack to the terminal and ends this process: pytest-xdist reports the test as one that crashed its worker."""
-    marker = item.get_closest_marker("timeout")
-    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 300)
-    faulthandler.dump_traceback_later(limit + _BACKSTOP_S, exit=True, file=_STDERR)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    stack to the terminal and ends this process: pytest-xdist reports the test as one that crashed its worker.
+    Armed with pytest-timeout's own timer (its marker, --timeout, $PYTEST_TIMEOUT or ini; none where that is 0),
+    cancelled with it (also when pdb starts); None: pytest-timeout's hook sets its timer as well."""
+    faulthandler.dump_traceback_later(settings.timeout + _BACKSTOP_S, exit=True, file=_STDERR)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item) -> None:
+    faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_enter_pdb() -> None:  # breakpoint(): pytest-timeout holds its timeout off meanwhile
+    faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_unconfigure(config) -> None:
-    """The same for what runs after the last test: session fixtures' ends, atexit hooks (Ray's shutdown)."""
-    faulthandler.dump_traceback_later(300, exit=True, file=_STDERR)
+    """The same for what runs after the last test when the interpreter exits: atexit hooks (Ray's shutdown, which
+    registered its hook before, so runs after this one). Not armed before that: pytest.main() called by a program
+    that goes on must not end it."""
+    atexit.register(faulthandler.dump_traceback_later, 300, exit=True, file=_STDERR)
 
 
 _CTYPE = locale.setlocale(locale.LC_CTYPE)  # as the session began (C.UTF-8 here)
