@@ -180,7 +180,8 @@ def test_the_dashboard_stopped_by_ctrl_c_or_sigterm_exits_0_as_run_does(sig: int
     """uvicorn raises the signal again after its graceful shutdown: exit 130 after Ctrl-C, and SIGTERM (docker
     stop, systemd) killed it, which a supervisor reads as a failure."""
     proc = subprocess.Popen(
-        ["env", "--default-signal=INT",  # a shell in the background ignores it; no preexec_fn: tests/conftest.py
+        # a shell in the background ignores SIGINT; env puts it back (no preexec_fn: docs/architecture.md, Hangs)
+        ["env", "--default-signal=INT",
          sys.executable, "-m", "pipeline.cli", "dashboard", "--redis-url", redis_server.url, "--port", "0"],
         cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

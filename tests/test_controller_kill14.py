@@ -144,7 +144,7 @@ def test_a_terminal_that_hung_up_still_lets_the_run_drain(tmp_path):
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     # util-linux's setsid: a session whose controlling terminal is the pty (stdin), as a login shell's job; it execs
-    # the run (not the child of a group leader: no fork). No preexec_fn: tests/conftest.py says why.
+    # the run (not the child of a group leader: no fork). No preexec_fn: docs/architecture.md, Hangs.
     proc = subprocess.Popen(["setsid", "--ctty", *command(tmp_path, "-")], cwd=ROOT, env=env, stdin=slave,
                             stdout=slave, stderr=slave)
     os.close(slave)

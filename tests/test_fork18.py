@@ -19,17 +19,21 @@ with av.open(sys.argv[1]) as container:
     picture = next(container.decode(video=0))
 converted, release = threading.Event(), threading.Event()
 
+used = []  # the id of the thread's reformatter (no reference: the thread-local must hold the only one)
+
 def camera_thread():  # converts as a decode thread does, then lives on (its reformatter kept in its thread-local)
     SourceFrame(index=0, pts=0.0, wall=0.0, size=(picture.height, picture.width), image=picture).to_model_input(
         (256, 448))
+    used.append(id(source_base._reformatter()))
     converted.set()
     release.wait(60)
 
 threading.Thread(target=camera_thread, daemon=True).start()
 assert converted.wait(60)
 
-def in_child():  # after CPython freed the other threads' thread-locals in this child: was the reformatter kept?
-    os._exit(0 if source_base._kept_in_forked_child else 3)
+def in_child():  # after CPython freed the other threads' thread-locals in this child: is that reformatter alive?
+    kept = getattr(source_base, "_kept_in_forked_child", [])  # (before the fix: no such list, it was freed)
+    os._exit(0 if [id(r) for r in kept] == used else 3)
 
 print("child exit", subprocess.run(["true"], preexec_fn=in_child).returncode)
 release.set()

@@ -210,7 +210,7 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 def _run_check(script: Path, out: Path, minutes: str, sigint_ignored: bool = False) -> tuple[int, dict, float]:
     """``sigint_ignored``: started as a background job from a script is (`cmd &`: SIGINT ignored from the start)."""
     started = time.time()
-    ignored = ["env", "--ignore-signal=INT"] if sigint_ignored else []  # no preexec_fn: see tests/conftest.py
+    ignored = ["env", "--ignore-signal=INT"] if sigint_ignored else []  # no preexec_fn: docs/architecture.md, Hangs
     proc = subprocess.run([*ignored, sys.executable, str(script), "--dry-run-cpu", "--steps", "model", "--minutes",
                            minutes, "--json", str(out)], capture_output=True, encoding="utf-8", timeout=120, cwd=ROOT)
     return proc.returncode, json.loads(out.read_text()), time.time() - started

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     # prlimit: a signal whose default action dumps core (SIGQUIT, before the fix) leaves no file (no preexec_fn:
-    # tests/conftest.py says why)
+    # docs/architecture.md, "Hangs of the test suite", says why)
     return subprocess.run(["prlimit", "--core=0", "--", sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 

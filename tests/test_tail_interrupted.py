@@ -18,7 +18,8 @@ from test_tail import REPO, K, frame_message, tail, xadd
 def test_ctrl_c_ends_tail_with_130_after_what_it_printed(redis_server) -> None:
     client = redis_server.client()
     # a test run started as a background job (`./dev.sh test &`, nohup) ignores SIGINT, and its children with it:
-    # Ctrl-C at a terminal reaches a tail as the default handler (env sets it, no preexec_fn: tests/conftest.py)
+    # Ctrl-C at a terminal reaches a tail as the default handler (env sets it; no preexec_fn: docs/architecture.md,
+    # Hangs)
     proc = subprocess.Popen(["env", "--default-signal=INT", sys.executable, "-m", "pipeline.cli", "tail", "lobby",
                              "--count", "5", "--redis-url", redis_server.url], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, encoding="utf-8", env={**os.environ, "PYTHONUNBUFFERED": "1"})
