@@ -116,7 +116,7 @@ def _cli_flags(text: str) -> list[str]:
 
 
 # a key of results-split-2core.json, named as such; Ray's own functions (`ray` is also a config section)
-NOT_CONFIG = {"model.split", "ray.init", "ray.put", "ray.shutdown"}
+NOT_CONFIG = {"model.split", "ray.get", "ray.init", "ray.put", "ray.shutdown", "ray.wait"}
 
 
 def _config_keys(text: str) -> list[str]:
