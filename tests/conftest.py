@@ -161,7 +161,7 @@ def pytest_configure(config) -> None:
     _STDERR = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")  # here: while conftest loads, pytest captures fd 2
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hooks (a test dependency)
 def pytest_timeout_set_timer(item, settings) -> None:
     """A hang that pytest-timeout cannot end: its SIGALRM only runs between bytecodes, and a thread stuck in C (a
     lock in a library, a child's pipe) never gets there. CI then showed a run that stopped at 96% with no failure
@@ -172,7 +172,7 @@ def pytest_timeout_set_timer(item, settings) -> None:
     faulthandler.dump_traceback_later(settings.timeout + _BACKSTOP_S, exit=True, file=_STDERR)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_cancel_timer(item) -> None:
     faulthandler.cancel_dump_traceback_later()
 
