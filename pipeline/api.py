@@ -188,6 +188,11 @@ def _rejected(status: int, reason: str, headers: dict | None = None) -> JSONResp
     return JSONResponse({"status": "rejected", "reason": cut_lines(reason)}, status_code=status, headers=headers)
 
 
+# What the command routes answer while the App starts (the API is served from the start's first seconds: its probes
+# answer "starting"); a start takes seconds to minutes, and the answer changes nothing
+STARTING = "the service is starting: it takes commands once its start is done (its /readyz says when)"
+STARTING_RETRY_S = 5
+
 CUT_SHORT = ("the service is shutting down; the command was still running when the API stopped (an add is undone, "
              "an update or a removal may have applied)")
 
@@ -333,6 +338,14 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     auth = BearerAuth(tokens)
     api.state.auth = auth
     json_object = _json_object_reader(auth)
+
+    async def taking_commands(by: str = Depends(auth)) -> str:
+        """``auth`` (the token's answers first, as ever), then 503 while the App starts (App.starting): no command may
+        reach it while its start builds what the commands use (the admission, the placement, the running set)."""
+        if getattr(controller, "starting", False):
+            raise HTTPException(503, STARTING, headers={"Retry-After": str(STARTING_RETRY_S)})
+        return by
+
     commands: list = []  # the limiter, made in the server's event loop: anyio < 4.2 refuses one made outside it
 
     async def command(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -369,7 +382,7 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state",
              responses=AUTH_ANSWERS)
-    def list_cameras(by: str = Depends(auth)) -> dict:
+    def list_cameras(by: str = Depends(taking_commands)) -> dict:
         # and the service's redis.prefix: `cameras --api URL --prefix P` refuses another prefix's service
         prefix = getattr(getattr(getattr(controller, "config", None), "redis", None), "prefix", None)
         return {**accepted("list", None, by, controller.list_cameras()),
@@ -377,17 +390,17 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.post("/cameras", status_code=201, summary="add a camera; the others keep running", responses=AUTH_ANSWERS,
               openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))
-    async def add_camera(by: str = Depends(auth), camera: dict[str, Any] = Depends(json_object)) -> dict:
+    async def add_camera(by: str = Depends(taking_commands), camera: dict[str, Any] = Depends(json_object)) -> dict:
         result = await command(controller.add_camera, camera, by=by)
         return accepted("add", result["id"], by, result)
 
     @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)",
              description=RESERVED_NOTE, responses=AUTH_ANSWERS)
-    def export_cameras(by: str = Depends(auth)) -> dict:
+    def export_cameras(by: str = Depends(taking_commands)) -> dict:
         return accepted("export", None, by, controller.export_cameras())
 
     @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE, responses=AUTH_ANSWERS)
-    def get_camera(camera_id: str, by: str = Depends(auth)) -> dict:
+    def get_camera(camera_id: str, by: str = Depends(taking_commands)) -> dict:
         found = [c for c in controller.list_cameras() if c["id"] == camera_id]
         if not found:
             raise CommandRejected(f"camera.id: no camera {camera_id!r} is running", 404)
@@ -396,13 +409,13 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
     @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)",
                openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"),
                responses=AUTH_ANSWERS)
-    async def update_camera(camera_id: str, by: str = Depends(auth),
+    async def update_camera(camera_id: str, by: str = Depends(taking_commands),
                             changes: dict[str, Any] = Depends(json_object)) -> dict:
         return accepted("update", camera_id, by, await command(controller.update_camera, camera_id, changes, by=by))
 
     @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes",
                 responses=AUTH_ANSWERS)
-    async def remove_camera(camera_id: str, by: str = Depends(auth)) -> dict:
+    async def remove_camera(camera_id: str, by: str = Depends(taking_commands)) -> dict:
         return accepted("remove", camera_id, by, await command(controller.remove_camera, camera_id, by=by))
 
     for extend in extensions:
@@ -413,8 +426,9 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
 def bind(host: str, port: int, what: str = "api") -> socket.socket:
     """The API's (or the dashboard's) listening socket, bound and listening at once: a port in use fails before
-    anything starts, and port 0 gets a free port; uvicorn serves it once the cameras run, and until then
-    connections wait in its backlog. (Not inherited by child processes: Python sockets are not, PEP 446.)"""
+    anything starts, and port 0 gets a free port; uvicorn serves it later (the API right after the start's checks,
+    the dashboard once the cameras run), and until then connections wait in its backlog. (Not inherited by child
+    processes: Python sockets are not, PEP 446.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

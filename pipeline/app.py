@@ -263,7 +263,7 @@ class App(LiveControl):
     on_ray_started: Callable[[], None] | None = None  # e.g. route Ray's worker output (pipeline/logs.py)
     api_server: Any = None  # pipeline.api.ApiServer while the HTTP API runs
     control: Any = None  # pipeline.control.ControlConsumer while the Redis control stream is read
-    _api_socket: Any = None  # bound at start, served once the config's cameras run
+    _api_socket: Any = None  # bound at start, served right after the start's checks (start_api)
     admission: Any = None  # pipeline.admission.Admission: the run-time checks of cameras
     # Guards ``cameras`` and ``_busy`` (ids being added, removed or updated): held for dict operations
     # only, never across a Ray call, so the control loop's ticks never wait for a camera to start.
@@ -320,6 +320,7 @@ class App(LiveControl):
     # A first SIGINT/SIGTERM came (``_stop`` alone is no sign of one: --duration and ended files set it too).
     _signalled: bool = False
     _starting: bool = False  # inside start(): a signal raises KeyboardInterrupt there (run() undoes the start)
+    _start_failed: bool = False  # start() raised: the App is half built, the shutdown follows (``starting``)
     _said_dead: set = field(default_factory=set)  # cameras and replicas whose failed constructor was said (once)
     # The last tick's stats_many call to each camera process (by id of its handle) and model_stats call to each model
     # holder, sent again only once answered (``_held_or_sent``)
@@ -474,6 +475,10 @@ class App(LiveControl):
         self._starting = True  # a signal now ends the start where it is (see install_signal_handlers)
         try:
             self._start()
+        except BaseException:
+            self._start_failed = True
+            self._stop.set()  # what the shutdown, which follows, sets first: /readyz says "stopping" meanwhile
+            raise
         finally:
             self._starting = False
 
@@ -489,6 +494,9 @@ class App(LiveControl):
             from pipeline.api import bind
 
             self._dashboard_socket = bind(self.config.dashboard.host, self.config.dashboard.port, "dashboard")
+        # Served now, not once the cameras run (seconds to minutes on): a probe of /healthz was left unanswered
+        # meanwhile, and an orchestrator killed a service that was only starting. Commands wait for the start's end.
+        self.start_api()
         # First, before any child process exists: whatever this run starts dies with it, even on SIGKILL.
         self.reaper = Reaper.start()
         redis_url = self.resolve_redis()
@@ -1189,6 +1197,12 @@ class App(LiveControl):
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def starting(self) -> bool:
+        """Inside start(), or after it failed: the HTTP API, served from the start's first seconds on (``_start``),
+        answers its probes "starting" and refuses commands (503) meanwhile; none reaches a half-built App."""
+        return self._starting or self._start_failed
 
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: drain and stop cleanly. Second: exit at once."""

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -116,6 +117,22 @@ class HttpChannel:
                             f"{self.prefix!r}: nothing sent. Give that prefix's own API, or {other}")
 
     def _send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        """One command; asked again while the service answers that it is starting (503 with Retry-After: its API
+        is served from the start's first seconds and takes commands once the start is done), within --timeout.
+        Before, the request waited in the socket's backlog for the start's end: `run &` then `cameras add` worked."""
+        deadline, said = time.monotonic() + self.timeout, False
+        while True:
+            answer = self._request(op, camera_id, body)
+            wait = answer.pop("retry_after", None)
+            if wait is None or time.monotonic() + wait > deadline:
+                return answer
+            if not said:
+                print(f"the service at {redact_url(self.base)} is starting: waiting for it (up to {self.timeout:g} s, "
+                      "--timeout)", file=sys.stderr)
+                said = True
+            time.sleep(wait)
+
+    def _request(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
         one = f"/cameras/{urllib.parse.quote(camera_id or '', safe='')}"  # 'lobby?x' is not camera lobby
         method, path = {"list": ("GET", "/cameras"), "add": ("POST", "/cameras"),
                         "export": ("GET", "/cameras/export"), "update": ("PATCH", one), "remove": ("DELETE", one)}[op]
@@ -129,7 +146,10 @@ class HttpChannel:
                 raw, code = resp.read(), resp.status
         except urllib.error.HTTPError as e:  # the status is the answer's code, as the control stream's field
             try:
-                return {**_answer(json.loads(e.read())), "code": e.code}
+                answer = {**_answer(json.loads(e.read())), "code": e.code}
+                if e.code == 503 and (e.headers.get("Retry-After") or "").isdigit():  # a service starting (_send)
+                    answer["retry_after"] = int(e.headers["Retry-After"])
+                return answer
             except ValueError:
                 reason = f"HTTP {e.code} {e.reason}"
                 if 300 <= e.code < 400:  # not followed (_NoRedirects): the command went no further

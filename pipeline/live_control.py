@@ -47,7 +47,7 @@ class LiveControl:
     # -- the control channels ------------------------------------------------------------------------------
     def check_api_settings(self) -> None:
         """Before anything starts: an API reachable from other machines must demand a token, and its port
-        must be free (it is bound here, and served once the config's cameras run)."""
+        must be free (it is bound here, and served right after the start's checks: start_api)."""
         api = self.config.api
         if api.port is None:
             return
@@ -82,21 +82,31 @@ class LiveControl:
             log.debug("no Ray GCS address to protect", exc_info=True)
         return own
 
-    def start_control(self) -> None:
-        """The HTTP API (when api.port is set) and the Redis control stream (when control.enabled)."""
-        api, ctl = self.config.api, self.config.control
-        self.admission = Admission(api, self.model_heads, self._own_endpoints())
-        if api.port is not None:
-            from pipeline.api import ApiServer, build_api  # FastAPI and uvicorn load only when the API is on
+    def start_api(self) -> None:
+        """The HTTP API (when api.port is set), on the socket check_api_settings bound. App._start serves it right
+        after its checks: until the start is done its probes answer "starting" and its commands 503 (App.starting)."""
+        api = self.config.api
+        if api.port is None or self.api_server is not None:
+            return
+        from pipeline.api import ApiServer, build_api  # FastAPI and uvicorn load only when the API is on
 
-            tokens = api.all_tokens()
-            sock, self._api_socket = self._api_socket, None
-            # the Host check stays on with tokens: a request with one passes through any Host (a proxy), but
-            # /readyz, /openapi.json and /docs need none, and a rebound page read them
-            self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
+        tokens = api.all_tokens()
+        sock, self._api_socket = self._api_socket, None
+        # the Host check stays on with tokens: a request with one passes through any Host (a proxy), but
+        # /readyz, /openapi.json and /docs need none, and a rebound page read them
+        self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
+        auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
+        self.say(f"HTTP API: {self.api_server.url} (OpenAPI: {self.api_server.url}/openapi.json; {auth})")
+
+    def start_control(self) -> None:
+        """The HTTP API (when api.port is set; already served where App._start began it) and the Redis control
+        stream (when control.enabled)."""
+        api, ctl = self.config.api, self.config.control
+        # before any command is taken: App._start's API refuses them until the start returns
+        self.admission = Admission(api, self.model_heads, self._own_endpoints())
+        self.start_api()
+        if self.api_server is not None:
             self.admission.forbid("HTTP API", api.host, self.api_server.port)
-            auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
-            self.say(f"HTTP API: {self.api_server.url} (OpenAPI: {self.api_server.url}/openapi.json; {auth})")
         if ctl.enabled:
             from pipeline.control import ControlConsumer, control_key, results_key
 

@@ -319,13 +319,20 @@ def metrics_router(app: App, auth: Callable[..., Any] | None = None) -> APIRoute
             encode, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
         return Response(encode(registry), headers={"Content-Type": content_type})
 
+    # While the App starts (App.starting: Ray, the model, the cameras; seconds to minutes), the API already answers:
+    # alive (the start has budgets of its own and fails the run past them), not ready, and nothing else to check yet.
     @router.get("/healthz")
     def healthz() -> JSONResponse:
+        if getattr(app, "starting", False):
+            return JSONResponse({"ok": True, "starting": True})
         ok, details = health(app)
         return JSONResponse({"ok": ok, **details}, status_code=200 if ok else 503)
 
     @router.get("/readyz")
     def readyz() -> JSONResponse:
+        if getattr(app, "starting", False):
+            return JSONResponse({"ok": False, "starting": True, **({"stopping": True} if app.stopping else {})},
+                                status_code=503)
         ok, details = ready(app, probe())
         return JSONResponse({"ok": ok, **details}, status_code=200 if ok else 503)
 

@@ -196,7 +196,8 @@ def _seconds(duration: str) -> int:
 def test_compose_controller_has_a_liveness_check_on_its_api(monkeypatch):
     """The ray-head service had no healthcheck: a controller whose loop had stuck showed `Up` in `docker compose ps`
     for ever (and `up --wait` waited for nothing). Its check asks the API's /healthz on the port configs/compose.yaml
-    serves it on; run here against a stand-in server: 200 passes, 503 and nothing listening fail."""
+    serves it on; run here against a stand-in server: 200 passes, 503 and nothing listening fail, and so does 200
+    "starting" (the API answers during the start; `up --wait` must still wait for its end, round 18)."""
     import http.server
     import threading
 
@@ -211,12 +212,13 @@ def test_compose_controller_has_a_liveness_check_on_its_api(monkeypatch):
     url = re.search(r"http://127\.0\.0\.1:(\d+)(/[\w/]*)", check["test"][-1])
     assert url and int(url.group(1)) == config.api.port and url.group(2) == "/healthz", check["test"]
     assert _seconds(check["start_period"]) >= config.ray.placement_timeout_s  # a start waiting for the workers
-    status = {"code": 200}
+    status = {"code": 200, "body": b'{"ok": true}'}
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
             self.send_response(status["code"] if self.path == "/healthz" else 404)
             self.end_headers()
+            self.wfile.write(status["body"])
 
         def log_message(self, *args):
             pass
@@ -230,7 +232,9 @@ def test_compose_controller_has_a_liveness_check_on_its_api(monkeypatch):
 
     try:
         assert probe(server.server_address[1]) == 0
-        status["code"] = 503
+        status["body"] = b'{"ok": true, "starting": true}'
+        assert probe(server.server_address[1]) != 0
+        status["code"], status["body"] = 503, b'{"ok": false}'
         assert probe(server.server_address[1]) != 0
     finally:
         server.shutdown()
