@@ -65,11 +65,13 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
 _REJECTED = {"application/json": {"schema": {"type": "object", "required": ["status", "reason"], "properties": {
     "status": {"type": "string", "enum": ["rejected"]}, "reason": {"type": "string"}}}}}
 # What a /cameras route answers before it runs, for the OpenAPI schema (FastAPI lists only 200/201 and 422)
-AUTH_ANSWERS: dict[int | str, dict[str, Any]] = {
+COMMAND_ANSWERS: dict[int | str, dict[str, Any]] = {
     401: {"description": "no valid bearer token, where tokens are configured (the reason says which: missing, "
                          "not 'Bearer <token>', invalid)", "content": _REJECTED},
     403: {"description": "on loopback, a Host that is not loopback's, without a valid token (DNS rebinding?)",
-          "content": _REJECTED}}
+          "content": _REJECTED},
+    503: {"description": "the service is starting (its start takes seconds to minutes): nothing changed; ask again "
+                         "after Retry-After", "content": _REJECTED}}
 
 
 # Control characters (C0, C1) and the bidi controls, in what a client chose (a path arrives percent-decoded: a
@@ -381,25 +383,25 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
         return {"status": "accepted", "op": op, "camera": camera, "by": by, "result": result}
 
     @api.get("/cameras", summary="the running cameras (URLs without credentials) and their last state",
-             responses=AUTH_ANSWERS)
+             responses=COMMAND_ANSWERS)
     def list_cameras(by: str = Depends(taking_commands)) -> dict:
         # and the service's redis.prefix: `cameras --api URL --prefix P` refuses another prefix's service
         prefix = getattr(getattr(getattr(controller, "config", None), "redis", None), "prefix", None)
         return {**accepted("list", None, by, controller.list_cameras()),
                 "prefix": prefix if isinstance(prefix, str) else None}
 
-    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running", responses=AUTH_ANSWERS,
+    @api.post("/cameras", status_code=201, summary="add a camera; the others keep running", responses=COMMAND_ANSWERS,
               openapi_extra=_json_body(CAMERA_EXAMPLE, "a camera, as in the config's cameras: list"))
     async def add_camera(by: str = Depends(taking_commands), camera: dict[str, Any] = Depends(json_object)) -> dict:
         result = await command(controller.add_camera, camera, by=by)
         return accepted("add", result["id"], by, result)
 
     @api.get("/cameras/export", summary="the running set as a config's cameras: section (no credentials)",
-             description=RESERVED_NOTE, responses=AUTH_ANSWERS)
+             description=RESERVED_NOTE, responses=COMMAND_ANSWERS)
     def export_cameras(by: str = Depends(taking_commands)) -> dict:
         return accepted("export", None, by, controller.export_cameras())
 
-    @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE, responses=AUTH_ANSWERS)
+    @api.get("/cameras/{camera_id}", summary="one camera", description=RESERVED_NOTE, responses=COMMAND_ANSWERS)
     def get_camera(camera_id: str, by: str = Depends(taking_commands)) -> dict:
         found = [c for c in controller.list_cameras() if c["id"] == camera_id]
         if not found:
@@ -408,13 +410,13 @@ def build_api(controller: Any, tokens: dict[str, str], extensions: Iterable[Exte
 
     @api.patch("/cameras/{camera_id}", summary="change fields of a camera (url, fps, heads, tracker, ...)",
                openapi_extra=_json_body({"fps": 5, "heads": ["people"]}, "the fields to change"),
-               responses=AUTH_ANSWERS)
+               responses=COMMAND_ANSWERS)
     async def update_camera(camera_id: str, by: str = Depends(taking_commands),
                             changes: dict[str, Any] = Depends(json_object)) -> dict:
         return accepted("update", camera_id, by, await command(controller.update_camera, camera_id, changes, by=by))
 
     @api.delete("/cameras/{camera_id}", summary="remove a camera: its tracks end, its status entry goes",
-                responses=AUTH_ANSWERS)
+                responses=COMMAND_ANSWERS)
     async def remove_camera(camera_id: str, by: str = Depends(taking_commands)) -> dict:
         return accepted("remove", camera_id, by, await command(controller.remove_camera, camera_id, by=by))
 

@@ -118,6 +118,10 @@ def test_while_the_service_starts_its_probes_say_starting_and_its_commands_answe
         assert client.get("/metrics", headers=AUTH).status_code == 200
         assert client.get("/metrics").status_code == 401  # its token, as ever
         assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+        schema = client.get("/openapi.json").json()["paths"]
+        assert all("503" in schema[path][method]["responses"] for path, method in (  # documented, as 401 and 403
+            ("/cameras", "get"), ("/cameras", "post"), ("/cameras/export", "get"), ("/cameras/{camera_id}", "get"),
+            ("/cameras/{camera_id}", "patch"), ("/cameras/{camera_id}", "delete")))
         add = client.post("/cameras", headers=AUTH, json={"id": "a", "url": "synthetic://street"})
         assert add.status_code == 503 and add.headers["retry-after"].isdigit(), (add.status_code, add.headers)
         assert add.json()["status"] == "rejected" and "the service is starting" in add.json()["reason"], add.json()
