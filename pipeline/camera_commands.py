@@ -87,6 +87,11 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+# How pipeline.api.STARTING begins: the 503 that the API answers while its service starts (asked again, _send);
+# another server's 503 (a gateway's) is an answer as it is.
+STARTING = "the service is starting"
+
+
 class HttpChannel:
     def __init__(self, base: str, token: str | None, timeout: float, prefix: str | None = None,
                  source: str = "--api"):
@@ -96,6 +101,7 @@ class HttpChannel:
         self.prefix, self.source = prefix, source
 
     def send(self, op: str, camera_id: str | None = None, body: dict | None = None) -> dict:
+        self._deadline = time.monotonic() + self.timeout  # the whole command's: --prefix's list and retries within it
         if self.prefix is not None:
             listed = self._send("list")
             if listed.get("status") != "accepted":  # a token refused, say: the command's answer too
@@ -120,11 +126,11 @@ class HttpChannel:
         """One command; asked again while the service answers that it is starting (503 with Retry-After: its API
         is served from the start's first seconds and takes commands once the start is done), within --timeout.
         Before, the request waited in the socket's backlog for the start's end: `run &` then `cameras add` worked."""
-        deadline, said = time.monotonic() + self.timeout, False
+        said = False
         while True:
             answer = self._request(op, camera_id, body)
             wait = answer.pop("retry_after", None)
-            if wait is None or time.monotonic() + wait > deadline:
+            if wait is None or time.monotonic() + wait > self._deadline:
                 return answer
             if not said:
                 print(f"the service at {redact_url(self.base)} is starting: waiting for it (up to {self.timeout:g} s, "
@@ -142,13 +148,15 @@ class HttpChannel:
             req.add_header("Content-Type", "application/json")
             if self.token:  # its UTF-8 bytes, as the API reads them (http.client writes a header as latin-1)
                 req.add_header("Authorization", f"Bearer {self.token}".encode().decode("latin-1"))
-            with urllib.request.build_opener(_NoRedirects).open(req, timeout=self.timeout) as resp:
+            left = max(1.0, self._deadline - time.monotonic())  # what --timeout leaves after retries while starting
+            with urllib.request.build_opener(_NoRedirects).open(req, timeout=left) as resp:
                 raw, code = resp.read(), resp.status
         except urllib.error.HTTPError as e:  # the status is the answer's code, as the control stream's field
             try:
                 answer = {**_answer(json.loads(e.read())), "code": e.code}
-                if e.code == 503 and (e.headers.get("Retry-After") or "").isdigit():  # a service starting (_send)
-                    answer["retry_after"] = int(e.headers["Retry-After"])
+                if (e.code == 503 and str(answer.get("reason", "")).startswith(STARTING)
+                        and (e.headers.get("Retry-After") or "").isdigit()):  # hydravision starting (_send)
+                    answer["retry_after"] = max(1, int(e.headers["Retry-After"]))
                 return answer
             except ValueError:
                 reason = f"HTTP {e.code} {e.reason}"

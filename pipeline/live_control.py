@@ -94,7 +94,13 @@ class LiveControl:
         sock, self._api_socket = self._api_socket, None
         # the Host check stays on with tokens: a request with one passes through any Host (a proxy), but
         # /readyz, /openapi.json and /docs need none, and a rebound page read them
-        self.api_server = ApiServer(build_api(self, tokens, self.api_extensions)).start(sock)
+        server = ApiServer(build_api(self, tokens, self.api_extensions))
+        try:
+            self.api_server = server.start(sock)
+        except BaseException:  # a signal while it waits for uvicorn (the first second): no thread, no socket left
+            server.stop()
+            sock.close()
+            raise
         auth = f"bearer tokens: {', '.join(tokens)}" if tokens else "no token, loopback only"
         self.say(f"HTTP API: {self.api_server.url} (OpenAPI: {self.api_server.url}/openapi.json; {auth})")
 

@@ -154,6 +154,7 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
 
 _STDERR = sys.__stderr__  # the terminal's, not a test's capture: pytest_configure below takes a copy of fd 2
 _BACKSTOP_S = 60  # past a test's own timeout: pytest-timeout's SIGALRM had its chance
+_backstop_s: float | None = None  # the running test's (pytest_exception_interact arms it again)
 
 
 def pytest_configure(config) -> None:
@@ -169,7 +170,9 @@ def pytest_timeout_set_timer(item, settings) -> None:
     stack to the terminal and ends this process: pytest-xdist reports the test as one that crashed its worker.
     Armed with pytest-timeout's own timer (its marker, --timeout, $PYTEST_TIMEOUT or ini; none where that is 0),
     cancelled with it (also when pdb starts); None: pytest-timeout's hook sets its timer as well."""
-    faulthandler.dump_traceback_later(settings.timeout + _BACKSTOP_S, exit=True, file=_STDERR)
+    global _backstop_s
+    _backstop_s = settings.timeout + _BACKSTOP_S
+    faulthandler.dump_traceback_later(_backstop_s, exit=True, file=_STDERR)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -179,6 +182,14 @@ def pytest_timeout_cancel_timer(item) -> None:
 
 def pytest_enter_pdb() -> None:  # breakpoint(): pytest-timeout holds its timeout off meanwhile
     faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_exception_interact(node, call, report) -> None:
+    """pytest-timeout and pytest's faulthandler cancel their timers on a failure (for pdb's post-mortem): the
+    teardown that follows, stuck in C, hung with no trace. Armed again for it, where no pdb runs."""
+    if isinstance(node, pytest.Item) and _backstop_s is not None and not node.config.getoption("usepdb", False):
+        faulthandler.dump_traceback_later(_backstop_s, exit=True, file=_STDERR)
 
 
 def pytest_unconfigure(config) -> None:

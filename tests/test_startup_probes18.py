@@ -222,13 +222,13 @@ def test_cameras_cli_waits_while_the_service_starts_then_sends(capsys) -> None:
     from pipeline.camera_commands import HttpChannel
 
     asked: list[str] = []
+    first = {"status": "rejected", "reason": STARTING}  # the first answer; then accepted
 
     class Starting(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
             asked.append(self.path)
             starting = len(asked) == 1
-            body = json.dumps({"status": "rejected", "reason": STARTING} if starting
-                              else {"status": "accepted", "cameras": []}).encode()
+            body = json.dumps(first if starting else {"status": "accepted", "cameras": []}).encode()
             self.send_response(503 if starting else 200)
             if starting:
                 self.send_header("Retry-After", "1")
@@ -249,6 +249,10 @@ def test_cameras_cli_waits_while_the_service_starts_then_sends(capsys) -> None:
         asked.clear()
         answer = HttpChannel(base, None, timeout=0.5).send("list")  # Retry-After 1 s is past its --timeout
         assert answer == {"status": "rejected", "reason": STARTING, "code": 503} and asked == ["/cameras"], answer
+        asked.clear()
+        first["reason"] = "down for maintenance"  # another server's 503 (a gateway's): its answer, not asked again
+        answer = HttpChannel(base, None, timeout=30).send("list")
+        assert answer["code"] == 503 and asked == ["/cameras"], answer
     finally:
         server.shutdown()
         server.server_close()
