@@ -110,6 +110,9 @@ class LiveControl:
         api, ctl = self.config.api, self.config.control
         # before any command is taken: App._start's API refuses them until the start returns
         self.admission = Admission(api, self.model_heads, self._own_endpoints())
+        dashboard = getattr(self, "_dashboard_socket", None)  # bound at the start, served after the control stream:
+        if dashboard is not None:  # an add read from the stream meanwhile could point a camera at it
+            self.admission.forbid("dashboard", self.config.dashboard.host, dashboard.getsockname()[1])
         self.start_api()
         if self.api_server is not None:
             self.admission.forbid("HTTP API", api.host, self.api_server.port)

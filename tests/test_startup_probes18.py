@@ -256,3 +256,25 @@ def test_cameras_cli_waits_while_the_service_starts_then_sends(capsys) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_dashboards_port_is_forbidden_to_cameras_before_the_control_stream_is_read() -> None:
+    """The Redis control stream is read from start_control on, the dashboard served (and forbidden to cameras) only
+    after it: an add read from the stream in between could point a camera at the service's own dashboard (the
+    review of round 18). Its socket is bound at the start: start_control forbids its port at once."""
+    from pipeline.admission import CommandRejected
+    from pipeline.api import bind
+    from workers.settings import CameraConfig
+
+    app = app_module.App(parse_config({"dashboard": {"enabled": True, "port": 0}, "control": {"enabled": False},
+                                       "cameras": []}), say=lambda text: None)
+    app.model_heads = {"people": ["person"]}
+    app.redis_settings = app.config.redis.model_copy(update={"url": "redis://127.0.0.1:1/0"})
+    app._dashboard_socket = bind("127.0.0.1", 0, "dashboard")
+    try:
+        app.start_control()
+        port = app._dashboard_socket.getsockname()[1]
+        with pytest.raises(CommandRejected, match="own dashboard"):
+            app.admission.check(CameraConfig(id="x", url=f"http://localhost:{port}/api/state"))
+    finally:
+        app._dashboard_socket.close()
