@@ -566,11 +566,12 @@ class App(LiveControl):
         from pipeline.dashboard import DashboardServer  # the web stack only when asked for
 
         d = self.config.dashboard
+        forbidden = self._dashboard_socket is not None  # bound at the start: start_control forbade its port already
         self.dashboard = DashboardServer(redis_url, self.config.redis.prefix, d.host, d.port, d.interval_s,
                                          d.allow_control, sock=self._dashboard_socket,
                                          allowed_hosts=d.allowed_hosts).start()
         self._dashboard_socket = None  # the server's now (it closes it when it stops)
-        if self.admission is not None:  # a camera added at run time must not read it either, as the HTTP API
+        if self.admission is not None and not forbidden:  # a camera added at run time must not read it either
             self.admission.forbid("dashboard", d.host, self.dashboard.port)
         self.say(f"Dashboard: {self.dashboard.url}")
 
